@@ -1,0 +1,23 @@
+//! hilrig-device: what every part of hilrig shares about the reference device.
+//!
+//! - [`regmap`]: the register table, the one source of truth for decode, policies
+//!   and docs;
+//! - [`device`]: the `Device` trait every backend implements, and the access rules;
+//! - [`model`]: the fast behavioural model;
+//! - [`state`]: nonvolatile state and its atomic, checksummed state file;
+//! - [`oob`]: the framed out-of-band protocol, device and requester sides.
+//!
+//! This crate has no HDL dependency, so the VMM, the rig and the counters service
+//! use it without compiling rust-hdl.
+#![deny(missing_docs)]
+
+pub mod device;
+pub mod model;
+pub mod oob;
+pub mod regmap;
+pub mod state;
+
+pub use device::{Device, DeviceError, ResetKind};
+pub use model::Model;
+pub use regmap::{Reg, Region};
+pub use state::{DeviceConfig, NvState};

@@ -1,0 +1,167 @@
+//! `hilrig bench <name>`: figures with ratios against a baseline measured in the same run.
+
+use anyhow::{bail, Result};
+use hilrig_device::regmap::{Reg, BUFFER_BASE, BUFFER_SIZE};
+use hilrig_device::{Device, DeviceConfig, Model};
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+/// One measured figure.
+pub struct Figure {
+    /// What was measured.
+    pub name: String,
+    /// The value.
+    pub value: f64,
+    /// Its unit.
+    pub unit: &'static str,
+    /// Index of the figure this one is compared with, if any.
+    pub baseline: Option<usize>,
+    /// The target, in words, if the issue names one.
+    pub target: Option<String>,
+}
+
+/// The registered benchmarks: (name, what it measures).
+pub const BENCHES: &[(&str, &str)] = &[(
+    "model",
+    "MMIO register ops/s through the behavioural model vs a plain memory loop",
+)];
+
+/// Run one benchmark by name and print its table.
+pub fn run(name: &str, seconds: f64) -> Result<Vec<Figure>> {
+    let budget = Duration::from_secs_f64(seconds.max(0.05));
+    let figures = match name {
+        "model" => bench_model(budget)?,
+        other => {
+            let names: Vec<_> = BENCHES.iter().map(|(n, _)| *n).collect();
+            bail!("unknown benchmark {other:?}; known: {}", names.join(", "))
+        }
+    };
+    print_table(name, &figures);
+    Ok(figures)
+}
+
+/// Print figures as a table with ratios to their baselines.
+pub fn print_table(name: &str, figures: &[Figure]) {
+    println!("bench {name}");
+    println!(
+        "{:<52} {:>16} {:<10} {:>10}  target",
+        "figure", "value", "unit", "ratio"
+    );
+    for f in figures {
+        let ratio = f
+            .baseline
+            .and_then(|b| figures.get(b))
+            .map(|b| format!("{:.3}", f.value / b.value))
+            .unwrap_or_else(|| "baseline".into());
+        println!(
+            "{:<52} {:>16} {:<10} {:>10}  {}",
+            f.name,
+            fmt_num(f.value),
+            f.unit,
+            ratio,
+            f.target.as_deref().unwrap_or("")
+        );
+    }
+}
+
+fn fmt_num(v: f64) -> String {
+    if v >= 1e6 {
+        format!("{:.2}M", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{:.1}k", v / 1e3)
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// Run `op` in batches until `budget` is spent; returns ops per second.
+fn rate(budget: Duration, batch: u64, mut op: impl FnMut(u64)) -> f64 {
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < budget {
+        for i in 0..batch {
+            op(n + i);
+        }
+        n += batch;
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// The access pattern both loops run: alternate 4-byte writes and reads over scratch
+/// registers and the buffer area.
+fn offset_for(i: u64) -> u32 {
+    if i & 4 == 0 {
+        Reg::Scratch.offset() + ((i as u32) & 7) * 4
+    } else {
+        BUFFER_BASE
+            + (((i as u32).wrapping_mul(2654435761) as usize % (BUFFER_SIZE / 4)) * 4) as u32
+    }
+}
+
+fn bench_model(budget: Duration) -> Result<Vec<Figure>> {
+    // Baseline: the same access pattern on plain memory (a Vec of 16 K words).
+    let mut mem = vec![0u32; 0x1_0000 / 4];
+    let base = rate(budget, 4096, |i| {
+        let w = (offset_for(i) / 4) as usize;
+        if i & 1 == 0 {
+            mem[w] = black_box(i as u32);
+        } else {
+            black_box(mem[w]);
+        }
+    });
+
+    let mut model = Model::new(hilrig_fw::factory::device(DeviceConfig::default(), 1)?)?;
+    let dev: &mut dyn Device = &mut model;
+    let mut errors = 0u64;
+    let model_rate = rate(budget, 4096, |i| {
+        let off = offset_for(i) as u64;
+        let r = if i & 1 == 0 {
+            dev.mmio_write(off, &(i as u32).to_le_bytes())
+        } else {
+            let mut b = [0u8; 4];
+            dev.mmio_read(off, &mut b).map(|_| {
+                black_box(b);
+            })
+        };
+        errors += r.is_err() as u64;
+    });
+    let split_rate = rate(budget, 4096, |i| {
+        // 8-byte accesses at 4-aligned offsets: each is split into two registers.
+        let off = offset_for(i) as u64 & !7;
+        let r = if i & 1 == 0 {
+            dev.mmio_write(off, &i.to_le_bytes())
+        } else {
+            let mut b = [0u8; 8];
+            dev.mmio_read(off, &mut b).map(|_| {
+                black_box(b);
+            })
+        };
+        errors += r.is_err() as u64;
+    });
+    if errors > 0 {
+        bail!("{errors} model accesses failed during the benchmark");
+    }
+    Ok(vec![
+        Figure {
+            name: "plain memory read/write loop (baseline)".into(),
+            value: base,
+            unit: "ops/s",
+            baseline: None,
+            target: None,
+        },
+        Figure {
+            name: "model MMIO 4-byte ops (dyn Device, scratch+buffers)".into(),
+            value: model_rate,
+            unit: "ops/s",
+            baseline: Some(0),
+            target: Some(">= 10M ops/s".into()),
+        },
+        Figure {
+            name: "model MMIO 8-byte ops (split into 2 registers)".into(),
+            value: split_rate,
+            unit: "ops/s",
+            baseline: Some(0),
+            target: None,
+        },
+    ])
+}

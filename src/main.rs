@@ -1,0 +1,316 @@
+//! `hilrig`: the one command-line tool for users of the rig.
+
+mod bench;
+mod smoke;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use hilrig_device::oob::{self, OobClient, Request, Response};
+use hilrig_device::{regmap, Device, DeviceConfig, Model, Region};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "hilrig",
+    version,
+    about = "Hardware-in-the-loop test rig with an FPGA-backed reference device"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The main job on embedded defaults (today: a smoke run of the model device).
+    Run {
+        /// Keep the run's files in this directory instead of a temporary one.
+        #[arg(long)]
+        keep: Option<PathBuf>,
+    },
+    /// The reference device: register map, state files, OOB, flashing.
+    #[command(subcommand)]
+    Device(DeviceCmd),
+    /// Firmware images.
+    #[command(subcommand)]
+    Fw(FwCmd),
+    /// Benchmarks: figures with ratios against a baseline measured in the same run.
+    Bench {
+        /// Benchmark name (see --list).
+        name: Option<String>,
+        /// List the benchmarks.
+        #[arg(long)]
+        list: bool,
+        /// Seconds per measured loop.
+        #[arg(long, default_value_t = 0.5)]
+        seconds: f64,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCmd {
+    /// Print the register map generated from the register table.
+    Regmap {
+        /// As Markdown (docs/registers.md).
+        #[arg(long, conflicts_with = "json")]
+        markdown: bool,
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create a factory-fresh device state file.
+    Init {
+        /// The state file to create (refuses to replace an existing one).
+        state: PathBuf,
+        /// Counter budget (thermometer width, 1..=64).
+        #[arg(long, default_value_t = 64)]
+        width: u8,
+        /// Serial number.
+        #[arg(long, default_value_t = 1)]
+        serial: u64,
+    },
+    /// Send an OOB request to a device: a state file (in-process model) or a serial port.
+    Oob {
+        /// A state file, or a serial port / PTY path (a character device).
+        target: PathBuf,
+        /// identify | counters | hash | physical-reset
+        request: String,
+        /// Region for `hash`: vbios, firmware, config.
+        #[arg(long)]
+        region: Option<String>,
+        /// Key for `physical-reset`, 64 hex digits.
+        #[arg(long)]
+        key: Option<String>,
+        /// Baud rate for a serial target.
+        #[arg(long, default_value_t = oob::DEFAULT_BAUD)]
+        baud: u32,
+        /// Response timeout in milliseconds for a serial target.
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
+    /// Program an image into a region through the in-band flash controller, as an operator.
+    Flash {
+        /// The device's state file.
+        state: PathBuf,
+        /// vbios, firmware or config.
+        #[arg(long)]
+        region: String,
+        /// The image file.
+        image: PathBuf,
+    },
+    /// Serve a state-file device's OOB port on a new PTY; prints the PTY's path.
+    ServeOob {
+        /// The device's state file.
+        state: PathBuf,
+        /// Stop after this many seconds (default: run until killed).
+        #[arg(long)]
+        seconds: Option<f64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum FwCmd {
+    /// Build a VBIOS (PCI expansion ROM) for the reference device.
+    BuildVbios {
+        /// Output file.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Revision level of the code.
+        #[arg(long, default_value_t = 1)]
+        revision: u16,
+        /// A file whose bytes become the ROM's payload.
+        #[arg(long)]
+        payload: Option<PathBuf>,
+    },
+    /// Parse and validate an expansion ROM; print its images.
+    Inspect {
+        /// The ROM file.
+        rom: PathBuf,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match dispatch(cli.cmd) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+fn dispatch(cmd: Cmd) -> Result<std::process::ExitCode> {
+    use std::process::ExitCode;
+    match cmd {
+        Cmd::Run { keep } => return smoke::run(keep.as_deref()),
+        Cmd::Device(d) => device(d)?,
+        Cmd::Fw(f) => fw(f)?,
+        Cmd::Bench {
+            name,
+            list,
+            seconds,
+        } => match (name, list) {
+            (Some(n), false) => {
+                bench::run(&n, seconds)?;
+            }
+            _ => {
+                for (n, what) in bench::BENCHES {
+                    println!("{n:<12} {what}");
+                }
+            }
+        },
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_region(s: &str) -> Result<Region> {
+    Region::parse(s).with_context(|| format!("unknown region {s:?}; use vbios, firmware or config"))
+}
+
+fn device(cmd: DeviceCmd) -> Result<()> {
+    match cmd {
+        DeviceCmd::Regmap { json, .. } => {
+            if json {
+                println!("{}", regmap::to_json());
+            } else {
+                print!("{}", regmap::to_markdown());
+            }
+        }
+        DeviceCmd::Init {
+            state,
+            width,
+            serial,
+        } => {
+            let nv = hilrig_fw::factory::device(DeviceConfig::with_width(width), serial)?;
+            Model::create(&state, nv)?;
+            println!(
+                "created {} (serial {serial}, counter width {width})",
+                state.display()
+            );
+        }
+        DeviceCmd::Oob {
+            target,
+            request,
+            region,
+            key,
+            baud,
+            timeout_ms,
+        } => {
+            let req = match request.as_str() {
+                "identify" => Request::Identify,
+                "counters" => Request::ReadCounters,
+                "hash" => Request::ReadHash(parse_region(
+                    region.as_deref().context("`hash` needs --region")?,
+                )?),
+                "physical-reset" => {
+                    let k = key.context("`physical-reset` needs --key (64 hex digits)")?;
+                    let bytes = hex::decode(k.trim()).context("--key is not hex")?;
+                    let arr: [u8; 32] = bytes.try_into().map_err(|b: Vec<u8>| {
+                        anyhow::anyhow!("--key has {} bytes, needs 32", b.len())
+                    })?;
+                    Request::PhysicalReset(arr)
+                }
+                other => bail!(
+                    "unknown OOB request {other:?}; use identify, counters, hash or physical-reset"
+                ),
+            };
+            let resp = oob_request(&target, &req, baud, Duration::from_millis(timeout_ms))?;
+            println!("{}", serde_json::to_string_pretty(&resp)?);
+        }
+        DeviceCmd::Flash {
+            state,
+            region,
+            image,
+        } => {
+            let region = parse_region(&region)?;
+            let img = std::fs::read(&image)
+                .with_context(|| format!("reading image {}", image.display()))?;
+            let mut m = Model::open(&state)?;
+            let size = m.nv().config.region_size(region);
+            if img.is_empty() || img.len() > size as usize {
+                bail!(
+                    "image {} is {} bytes; the {region} region holds 1 to {size}",
+                    image.display(),
+                    img.len()
+                );
+            }
+            let before = oob::read_counters(&mut m)?;
+            let attempts = hilrig_device::model::ops::flash_region(&mut m, region, &img)
+                .with_context(|| format!("flashing {} into {region}", image.display()))?;
+            let after = oob::read_counters(&mut m)?;
+            println!(
+                "flashed {} bytes into {region} with {attempts} attempts; {region} counter {} -> {}, master {} -> {}, slots left {}",
+                img.len(),
+                before.counters[region as usize],
+                after.counters[region as usize],
+                before.master,
+                after.master,
+                after.slots_left
+            );
+        }
+        DeviceCmd::ServeOob { state, seconds } => {
+            let mut m = Model::open(&state)?;
+            let server = oob::PtyServer::new().context("creating a PTY")?;
+            println!("{}", server.path());
+            use std::io::Write;
+            std::io::stdout().flush()?;
+            let deadline = seconds.map(|s| std::time::Instant::now() + Duration::from_secs_f64(s));
+            server.serve(&mut m, &|| {
+                deadline.is_some_and(|d| std::time::Instant::now() > d)
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Send one OOB request to a state file (in-process model) or a serial port.
+fn oob_request(target: &Path, req: &Request, baud: u32, timeout: Duration) -> Result<Response> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta =
+        std::fs::metadata(target).with_context(|| format!("OOB target {}", target.display()))?;
+    if meta.file_type().is_char_device() {
+        let path = target.to_str().context("serial path is not UTF-8")?;
+        let mut c = OobClient::open_serial(path, baud, timeout)?;
+        Ok(c.request(req)?)
+    } else {
+        let mut m = Model::open(target)?;
+        let dev: &mut dyn Device = &mut m;
+        Ok(oob::request_device(dev, req)?)
+    }
+}
+
+fn fw(cmd: FwCmd) -> Result<()> {
+    match cmd {
+        FwCmd::BuildVbios {
+            output,
+            revision,
+            payload,
+        } => {
+            let p = match payload {
+                Some(f) => std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?,
+                None => hilrig_fw::factory::FACTORY_VBIOS_PAYLOAD.to_vec(),
+            };
+            let rom =
+                hilrig_fw::vbios::build(&hilrig_fw::vbios::VbiosSpec::reference(revision, &p))?;
+            std::fs::write(&output, &rom)
+                .with_context(|| format!("writing {}", output.display()))?;
+            println!("wrote {} ({} bytes)", output.display(), rom.len());
+        }
+        FwCmd::Inspect { rom } => {
+            let bytes =
+                std::fs::read(&rom).with_context(|| format!("reading {}", rom.display()))?;
+            let images =
+                hilrig_fw::vbios::parse(&bytes).with_context(|| format!("{}", rom.display()))?;
+            println!("{}", serde_json::to_string_pretty(&images)?);
+        }
+    }
+    Ok(())
+}
