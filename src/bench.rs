@@ -1,24 +1,11 @@
 //! `hilrig bench <name>`: figures with ratios against a baseline measured in the same run.
 
 use anyhow::{bail, Result};
+use hilrig_device::bench::{rate, Figure};
 use hilrig_device::regmap::{Reg, BUFFER_BASE, BUFFER_SIZE};
 use hilrig_device::{Device, DeviceConfig, Model};
 use std::hint::black_box;
-use std::time::{Duration, Instant};
-
-/// One measured figure.
-pub struct Figure {
-    /// What was measured.
-    pub name: String,
-    /// The value.
-    pub value: f64,
-    /// Its unit.
-    pub unit: &'static str,
-    /// Index of the figure this one is compared with, if any.
-    pub baseline: Option<usize>,
-    /// The target, in words, if the issue names one.
-    pub target: Option<String>,
-}
+use std::time::Duration;
 
 /// The registered benchmarks: (name, what it measures).
 pub const BENCHES: &[(&str, &str)] = &[(
@@ -72,19 +59,6 @@ fn fmt_num(v: f64) -> String {
     } else {
         format!("{v:.2}")
     }
-}
-
-/// Run `op` in batches until `budget` is spent; returns ops per second.
-fn rate(budget: Duration, batch: u64, mut op: impl FnMut(u64)) -> f64 {
-    let start = Instant::now();
-    let mut n = 0u64;
-    while start.elapsed() < budget {
-        for i in 0..batch {
-            op(n + i);
-        }
-        n += batch;
-    }
-    n as f64 / start.elapsed().as_secs_f64()
 }
 
 /// The access pattern both loops run: alternate 4-byte writes and reads over scratch
@@ -142,26 +116,19 @@ fn bench_model(budget: Duration) -> Result<Vec<Figure>> {
         bail!("{errors} model accesses failed during the benchmark");
     }
     Ok(vec![
-        Figure {
-            name: "plain memory read/write loop (baseline)".into(),
-            value: base,
-            unit: "ops/s",
-            baseline: None,
-            target: None,
-        },
-        Figure {
-            name: "model MMIO 4-byte ops (dyn Device, scratch+buffers)".into(),
-            value: model_rate,
-            unit: "ops/s",
-            baseline: Some(0),
-            target: Some(">= 10M ops/s".into()),
-        },
-        Figure {
-            name: "model MMIO 8-byte ops (split into 2 registers)".into(),
-            value: split_rate,
-            unit: "ops/s",
-            baseline: Some(0),
-            target: None,
-        },
+        Figure::new("plain memory read/write loop (baseline)", base, "ops/s"),
+        Figure::new(
+            "model MMIO 4-byte ops (dyn Device, scratch+buffers)",
+            model_rate,
+            "ops/s",
+        )
+        .vs(0)
+        .target(">= 10M ops/s"),
+        Figure::new(
+            "model MMIO 8-byte ops (split into 2 registers)",
+            split_rate,
+            "ops/s",
+        )
+        .vs(0),
     ])
 }

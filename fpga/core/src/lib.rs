@@ -11,6 +11,7 @@
 //! use it without compiling rust-hdl.
 #![deny(missing_docs)]
 
+pub mod bench;
 pub mod device;
 pub mod model;
 pub mod oob;
