@@ -306,7 +306,8 @@ mod tests {
     #[test]
     fn each_defect_is_named() {
         let rom = build(&VbiosSpec::reference(1, &[1, 2, 3])).unwrap();
-        let cases: Vec<(Box<dyn Fn(&mut Vec<u8>)>, &str)> = vec![
+        type Mutation = Box<dyn Fn(&mut Vec<u8>)>;
+        let cases: Vec<(Mutation, &str)> = vec![
             (Box::new(|r| r[0] = 0), "signature"),
             (Box::new(|r| r[100] ^= 1), "checksum"),
             (Box::new(|r| r[0x20] = b'X'), "PCIR signature"),

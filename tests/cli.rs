@@ -1,0 +1,204 @@
+//! The `hilrig` binary end to end: the main job, device state files, OOB over a
+//! state file and over a real PTY, flashing, firmware images, bad input.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+fn hilrig(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hilrig"))
+        .args(args)
+        .output()
+        .expect("spawn hilrig")
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = hilrig(args);
+    assert!(
+        o.status.success(),
+        "hilrig {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn fails(args: &[&str]) -> String {
+    let o = hilrig(args);
+    assert!(!o.status.success(), "hilrig {args:?} should fail");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+#[test]
+fn main_job_passes_and_prints_counters_and_verdict() {
+    let out = ok(&["run"]);
+    assert!(out.contains("verdict: trusted"), "{out}");
+    assert!(
+        out.contains("counters (OOB): vbios 0 firmware 2 config 1 | master 3"),
+        "{out}"
+    );
+    assert!(out.contains("6 passed, 0 failed"), "{out}");
+}
+
+#[test]
+fn init_flash_and_oob_over_a_state_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = dir.path().join("d.state");
+    ok(&["device", "init", p(&st), "--width", "8", "--serial", "42"]);
+    // Refuses to replace it.
+    assert!(fails(&["device", "init", p(&st)]).contains("already exists"));
+    let img = dir.path().join("fw.bin");
+    std::fs::write(&img, vec![0x11u8; 3000]).unwrap();
+    let out = ok(&["device", "flash", p(&st), "--region", "firmware", p(&img)]);
+    assert!(
+        out.contains("firmware counter 0 -> 2, master 0 -> 2, slots left 6"),
+        "{out}"
+    );
+    let c: serde_json::Value =
+        serde_json::from_str(&ok(&["device", "oob", p(&st), "counters"])).unwrap();
+    assert_eq!(c["counters"], serde_json::json!([0, 2, 0]));
+    assert_eq!(c["master"], 2);
+    let id: serde_json::Value =
+        serde_json::from_str(&ok(&["device", "oob", p(&st), "identify"])).unwrap();
+    assert_eq!(id["serial"], 42);
+    // The region hash is the SHA-256 of the programmed bytes, erased (0xff) after them.
+    let h: serde_json::Value = serde_json::from_str(&ok(&[
+        "device",
+        "oob",
+        p(&st),
+        "hash",
+        "--region",
+        "firmware",
+    ]))
+    .unwrap();
+    let mut region = vec![0x11u8; 3000];
+    region.resize(32 * 1024, 0xff);
+    use sha2::Digest;
+    assert_eq!(h["sha256"], hex::encode(sha2::Sha256::digest(&region)));
+}
+
+#[test]
+fn bad_input_is_named_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = dir.path().join("d.state");
+    ok(&["device", "init", p(&st)]);
+    let img = dir.path().join("big.bin");
+    std::fs::write(&img, vec![0u8; 5000]).unwrap();
+    let e = fails(&["device", "flash", p(&st), "--region", "config", p(&img)]);
+    assert!(e.contains("5000 bytes") && e.contains("config"), "{e}");
+    assert!(
+        fails(&["device", "flash", p(&st), "--region", "bogus", p(&img)])
+            .contains("unknown region")
+    );
+    assert!(fails(&["device", "oob", p(&st), "frobnicate"]).contains("unknown OOB request"));
+    assert!(
+        fails(&["device", "oob", p(&st), "physical-reset", "--key", "00"]).contains("needs 32")
+    );
+    let e = fails(&[
+        "device",
+        "oob",
+        p(&st),
+        "physical-reset",
+        "--key",
+        &"00".repeat(32),
+    ]);
+    assert!(e.contains("BadKey"), "{e}");
+    // A corrupt state file: a clear error naming it, and the file is left as it was.
+    let mut bytes = std::fs::read(&st).unwrap();
+    bytes[200] ^= 0x40;
+    std::fs::write(&st, &bytes).unwrap();
+    let e = fails(&["device", "oob", p(&st), "counters"]);
+    assert!(e.contains("d.state") && e.contains("checksum"), "{e}");
+    let e = fails(&["device", "flash", p(&st), "--region", "config", p(&img)]);
+    assert!(e.contains("checksum"), "{e}");
+    assert_eq!(std::fs::read(&st).unwrap(), bytes);
+}
+
+#[test]
+fn oob_over_a_pty_reads_the_same_as_the_state_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = dir.path().join("d.state");
+    ok(&["device", "init", p(&st), "--width", "5", "--serial", "7"]);
+    let img = dir.path().join("cfg.bin");
+    std::fs::write(&img, b"config!!").unwrap();
+    ok(&["device", "flash", p(&st), "--region", "config", p(&img)]);
+    let direct = ok(&["device", "oob", p(&st), "counters"]);
+
+    let mut server = Command::new(env!("CARGO_BIN_EXE_hilrig"))
+        .args(["device", "serve-oob", p(&st), "--seconds", "20"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let pty = line.trim().to_string();
+    assert!(pty.starts_with("/dev/pts/"), "serve-oob printed {pty:?}");
+    let over_serial = ok(&["device", "oob", &pty, "counters"]);
+    let hash_serial = ok(&["device", "oob", &pty, "hash", "--region", "config"]);
+    let e = fails(&[
+        "device",
+        "oob",
+        &pty,
+        "physical-reset",
+        "--key",
+        &"ab".repeat(32),
+    ]);
+    server.kill().unwrap();
+    server.wait().unwrap();
+    assert_eq!(over_serial, direct);
+    assert_eq!(
+        hash_serial,
+        ok(&["device", "oob", p(&st), "hash", "--region", "config"])
+    );
+    assert!(e.contains("BadKey"), "{e}");
+}
+
+#[test]
+fn regmap_exports_and_vbios_tools() {
+    let v: serde_json::Value = serde_json::from_str(&ok(&["device", "regmap", "--json"])).unwrap();
+    assert_eq!(v["registers"][0]["name"], "ID");
+    let md = ok(&["device", "regmap", "--markdown"]);
+    let on_disk =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/registers.md"))
+            .unwrap();
+    assert_eq!(md, on_disk);
+
+    let dir = tempfile::tempdir().unwrap();
+    let rom = dir.path().join("vbios.rom");
+    ok(&["fw", "build-vbios", "-o", p(&rom), "--revision", "9"]);
+    let imgs: serde_json::Value = serde_json::from_str(&ok(&["fw", "inspect", p(&rom)])).unwrap();
+    assert_eq!(imgs[0]["revision"], 9);
+    let mut bytes = std::fs::read(&rom).unwrap();
+    bytes[0x40] ^= 1;
+    std::fs::write(&rom, &bytes).unwrap();
+    let e = fails(&["fw", "inspect", p(&rom)]);
+    assert!(e.contains("checksum at offset 0x1ff"), "{e}");
+}
+
+#[test]
+fn bench_model_prints_figures_with_ratios() {
+    let out = ok(&["bench", "model", "--seconds", "0.05"]);
+    assert!(
+        out.contains("plain memory read/write loop (baseline)"),
+        "{out}"
+    );
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("model MMIO 4-byte ops"))
+        .expect(&out);
+    let ratio: f64 = line
+        .split_whitespace()
+        .rev()
+        .nth(3)
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("{line}"));
+    assert!(ratio > 0.0, "{line}");
+    assert!(fails(&["bench", "nope"]).contains("unknown benchmark"));
+}
