@@ -1,6 +1,7 @@
 //! `hilrig`: the one command-line tool for users of the rig.
 
 mod bench;
+mod fw;
 mod smoke;
 
 use anyhow::{bail, Context, Result};
@@ -34,7 +35,7 @@ enum Cmd {
     Device(DeviceCmd),
     /// Firmware images.
     #[command(subcommand)]
-    Fw(FwCmd),
+    Fw(fw::FwCmd),
     /// Benchmarks: figures with ratios against a baseline measured in the same run.
     Bench {
         /// Benchmark name (see --list).
@@ -109,27 +110,6 @@ enum DeviceCmd {
     },
 }
 
-#[derive(Subcommand)]
-enum FwCmd {
-    /// Build a VBIOS (PCI expansion ROM) for the reference device.
-    BuildVbios {
-        /// Output file.
-        #[arg(short, long)]
-        output: PathBuf,
-        /// Revision level of the code.
-        #[arg(long, default_value_t = 1)]
-        revision: u16,
-        /// A file whose bytes become the ROM's payload.
-        #[arg(long)]
-        payload: Option<PathBuf>,
-    },
-    /// Parse and validate an expansion ROM; print its images.
-    Inspect {
-        /// The ROM file.
-        rom: PathBuf,
-    },
-}
-
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -152,7 +132,7 @@ fn dispatch(cmd: Cmd) -> Result<std::process::ExitCode> {
     match cmd {
         Cmd::Run { keep } => return smoke::run(keep.as_deref()),
         Cmd::Device(d) => device(d)?,
-        Cmd::Fw(f) => fw(f)?,
+        Cmd::Fw(f) => fw::run(f)?,
         Cmd::Bench {
             name,
             list,
@@ -285,32 +265,4 @@ fn oob_request(target: &Path, req: &Request, baud: u32, timeout: Duration) -> Re
         let dev: &mut dyn Device = &mut m;
         Ok(oob::request_device(dev, req)?)
     }
-}
-
-fn fw(cmd: FwCmd) -> Result<()> {
-    match cmd {
-        FwCmd::BuildVbios {
-            output,
-            revision,
-            payload,
-        } => {
-            let p = match payload {
-                Some(f) => std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?,
-                None => hilrig_fw::factory::FACTORY_VBIOS_PAYLOAD.to_vec(),
-            };
-            let rom =
-                hilrig_fw::vbios::build(&hilrig_fw::vbios::VbiosSpec::reference(revision, &p))?;
-            std::fs::write(&output, &rom)
-                .with_context(|| format!("writing {}", output.display()))?;
-            println!("wrote {} ({} bytes)", output.display(), rom.len());
-        }
-        FwCmd::Inspect { rom } => {
-            let bytes =
-                std::fs::read(&rom).with_context(|| format!("reading {}", rom.display()))?;
-            let images =
-                hilrig_fw::vbios::parse(&bytes).with_context(|| format!("{}", rom.display()))?;
-            println!("{}", serde_json::to_string_pretty(&images)?);
-        }
-    }
-    Ok(())
 }

@@ -173,7 +173,8 @@ fn regmap_exports_and_vbios_tools() {
     let rom = dir.path().join("vbios.rom");
     ok(&["fw", "build-vbios", "-o", p(&rom), "--revision", "9"]);
     let imgs: serde_json::Value = serde_json::from_str(&ok(&["fw", "inspect", p(&rom)])).unwrap();
-    assert_eq!(imgs[0]["revision"], 9);
+    assert_eq!(imgs["kind"], "expansion-rom");
+    assert_eq!(imgs["images"][0]["revision"], 9);
     let mut bytes = std::fs::read(&rom).unwrap();
     bytes[0x40] ^= 1;
     std::fs::write(&rom, &bytes).unwrap();
@@ -201,4 +202,128 @@ fn bench_model_prints_figures_with_ratios() {
         .unwrap_or_else(|_| panic!("{line}"));
     assert!(ratio > 0.0, "{line}");
     assert!(fails(&["bench", "nope"]).contains("unknown benchmark"));
+}
+
+#[test]
+fn signed_images_and_bundles_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n);
+    ok(&["fw", "keygen", p(&d("vendor"))]);
+    ok(&["fw", "keygen", p(&d("other"))]);
+    ok(&["fw", "keygen", "--encryption", p(&d("vmm"))]);
+    assert!(fails(&["fw", "keygen", p(&d("vendor"))]).contains("vendor.key"));
+    std::fs::write(d("fw.bin"), vec![0xabu8; 1000]).unwrap();
+    ok(&[
+        "fw",
+        "sign",
+        "--key",
+        p(&d("vendor.key")),
+        "--region",
+        "firmware",
+        "--version",
+        "5",
+        "-o",
+        p(&d("fw.img")),
+        p(&d("fw.bin")),
+    ]);
+    let out = ok(&[
+        "fw",
+        "verify",
+        "--pubkey",
+        p(&d("vendor.pub")),
+        p(&d("fw.img")),
+    ]);
+    assert!(out.contains("signature OK (firmware v5"), "{out}");
+    let e = fails(&[
+        "fw",
+        "verify",
+        "--pubkey",
+        p(&d("other.pub")),
+        p(&d("fw.img")),
+    ]);
+    assert!(
+        e.contains("fw.img") && e.contains("signer") && e.contains("not a trusted key"),
+        "{e}"
+    );
+    let mut img = std::fs::read(d("fw.img")).unwrap();
+    img[8] ^= 1; // the version field: parses, but the signature no longer verifies
+    std::fs::write(d("bad.img"), &img).unwrap();
+    let e = fails(&[
+        "fw",
+        "verify",
+        "--pubkey",
+        p(&d("vendor.pub")),
+        p(&d("bad.img")),
+    ]);
+    assert!(e.contains("signature at offset 80"), "{e}");
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(&["fw", "inspect", p(&d("fw.img"))])).unwrap();
+    assert_eq!(info["image"]["version"], 5);
+
+    // The signed image flashes into a device like any image.
+    let st = d("dev.state");
+    ok(&["device", "init", p(&st)]);
+    ok(&[
+        "device",
+        "flash",
+        p(&st),
+        "--region",
+        "firmware",
+        p(&d("fw.img")),
+    ]);
+
+    std::fs::write(d("rules.toml"), b"[rules]\n").unwrap();
+    ok(&[
+        "fw",
+        "bundle",
+        "--key",
+        p(&d("vendor.key")),
+        "--component",
+        "policy",
+        "--version",
+        "2",
+        "--target-vmm-file",
+        env!("CARGO_BIN_EXE_hilrig"),
+        "--encrypt-to",
+        p(&d("vmm.pub")),
+        "-o",
+        p(&d("p.bundle")),
+        p(&d("rules.toml")),
+    ]);
+    let out = ok(&[
+        "fw",
+        "verify",
+        "--pubkey",
+        p(&d("vendor.pub")),
+        "--decrypt-key",
+        p(&d("vmm.key")),
+        p(&d("p.bundle")),
+    ]);
+    assert!(
+        out.contains("signature OK (policy v2, 1 payloads checked)"),
+        "{out}"
+    );
+    let m: serde_json::Value =
+        serde_json::from_str(&ok(&["fw", "inspect", p(&d("p.bundle"))])).unwrap();
+    assert_eq!(m["manifest"]["payloads"][0]["name"], "rules.toml");
+    assert!(m["manifest"]["encryption"]["ephemeral_public"].is_string());
+    let mut b = std::fs::read(d("p.bundle")).unwrap();
+    let n = b.len();
+    b[n - 1] ^= 1;
+    std::fs::write(d("t.bundle"), &b).unwrap();
+    let e = fails(&[
+        "fw",
+        "verify",
+        "--pubkey",
+        p(&d("vendor.pub")),
+        "--decrypt-key",
+        p(&d("vmm.key")),
+        p(&d("t.bundle")),
+    ]);
+    assert!(
+        e.contains("payload rules.toml") && e.contains("decrypt"),
+        "{e}"
+    );
+    std::fs::write(d("junk"), b"hello").unwrap();
+    assert!(fails(&["fw", "inspect", p(&d("junk"))]).contains("not a firmware file"));
 }

@@ -1,9 +1,15 @@
 //! hilrig-fw: firmware images for the reference device.
 //!
 //! - [`vbios`]: PCI expansion-ROM images (builder and strict parser);
+//! - [`image`]: signed flash images for the FIRMWARE and CONFIG regions;
+//! - [`bundle`]: signed (optionally encrypted) patch bundles for live patching;
+//! - [`keys`]: Ed25519 and X25519 key files;
 //! - [`factory`]: the contents a factory-fresh reference device ships with.
 #![deny(missing_docs)]
 
+pub mod bundle;
+pub mod image;
+pub mod keys;
 pub mod vbios;
 
 /// Factory contents of a reference device.
