@@ -8,16 +8,23 @@ use std::hint::black_box;
 use std::time::Duration;
 
 /// The registered benchmarks: (name, what it measures).
-pub const BENCHES: &[(&str, &str)] = &[(
-    "model",
-    "MMIO register ops/s through the behavioural model vs a plain memory loop",
-)];
+pub const BENCHES: &[(&str, &str)] = &[
+    (
+        "model",
+        "MMIO register ops/s through the behavioural model vs a plain memory loop",
+    ),
+    (
+        "vm-exit",
+        "hilrig-vmm's MMIO path vs a raw KVM exit loop; exits on an unrestricted page; VM start time",
+    ),
+];
 
 /// Run one benchmark by name and print its table.
 pub fn run(name: &str, seconds: f64) -> Result<Vec<Figure>> {
     let budget = Duration::from_secs_f64(seconds.max(0.05));
     let figures = match name {
         "model" => bench_model(budget)?,
+        "vm-exit" => hilrig_vmm::bench_vm_exit(budget)?,
         other => {
             let names: Vec<_> = BENCHES.iter().map(|(n, _)| *n).collect();
             bail!("unknown benchmark {other:?}; known: {}", names.join(", "))
@@ -31,7 +38,7 @@ pub fn run(name: &str, seconds: f64) -> Result<Vec<Figure>> {
 pub fn print_table(name: &str, figures: &[Figure]) {
     println!("bench {name}");
     println!(
-        "{:<52} {:>16} {:<10} {:>10}  target",
+        "{:<64} {:>16} {:<10} {:>10}  target",
         "figure", "value", "unit", "ratio"
     );
     for f in figures {
@@ -41,7 +48,7 @@ pub fn print_table(name: &str, figures: &[Figure]) {
             .map(|b| format!("{:.3}", f.value / b.value))
             .unwrap_or_else(|| "baseline".into());
         println!(
-            "{:<52} {:>16} {:<10} {:>10}  {}",
+            "{:<64} {:>16} {:<10} {:>10}  {}",
             f.name,
             fmt_num(f.value),
             f.unit,

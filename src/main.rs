@@ -36,6 +36,9 @@ enum Cmd {
     /// Firmware images.
     #[command(subcommand)]
     Fw(fw::FwCmd),
+    /// The KVM VMM: boot guest payloads with the reference device on PCI.
+    #[command(subcommand)]
+    Vm(VmCmd),
     /// Benchmarks: figures with ratios against a baseline measured in the same run.
     Bench {
         /// Benchmark name (see --list).
@@ -47,6 +50,12 @@ enum Cmd {
         #[arg(long, default_value_t = 0.5)]
         seconds: f64,
     },
+}
+
+#[derive(Subcommand)]
+enum VmCmd {
+    /// Boot a guest payload with the device (same as the `hilrig-vmm` binary).
+    Run(hilrig_vmm::VmArgs),
 }
 
 #[derive(Subcommand)]
@@ -133,6 +142,7 @@ fn dispatch(cmd: Cmd) -> Result<std::process::ExitCode> {
         Cmd::Run { keep } => return smoke::run(keep.as_deref()),
         Cmd::Device(d) => device(d)?,
         Cmd::Fw(f) => fw::run(f)?,
+        Cmd::Vm(VmCmd::Run(args)) => return hilrig_vmm::run_cli(args),
         Cmd::Bench {
             name,
             list,

@@ -1,1 +1,30 @@
-//! Placeholder; see README.md.
+//! hilrig-vmm: a KVM VMM that boots bare-metal x86-64 payloads with the reference
+//! device on PCI. See README.md.
+//!
+//! - [`vm`]: the VM, vCPU threads, exit dispatch, watchdog, [`Verdict`];
+//! - [`layout`]: guest-physical layout, long-mode setup, the entry ABI;
+//! - [`pci`]: configuration mechanism #1, host bridge and the device function;
+//! - [`plan`]: which BAR0 pages are mapped and which trap ([`PagePlan`]);
+//! - [`backend`]: device backends (model, rtl, lockstep, vfio) behind one type;
+//! - [`vfio`]: the VFIO backend;
+//! - [`payload`]: guest payloads built with iced-x86;
+//! - [`cli`]: [`VmArgs`] and [`run_cli`]; [`bench`]: [`bench_vm_exit`].
+#![deny(missing_docs)]
+
+pub mod backend;
+pub mod bench;
+pub mod cli;
+pub mod error;
+pub mod layout;
+pub mod payload;
+pub mod pci;
+pub mod plan;
+pub mod vfio;
+pub mod vm;
+
+pub use backend::{open_backend, Backend, DeviceSpec};
+pub use bench::bench_vm_exit;
+pub use cli::{run_cli, VmArgs};
+pub use error::VmmError;
+pub use plan::{DirectWindow, PageMap, PagePlan, TrapSet};
+pub use vm::{Console, ExitCounts, RunReport, StopHandle, Verdict, Vm, VmConfig};

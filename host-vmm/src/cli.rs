@@ -1,0 +1,188 @@
+//! The command-line surface: `hilrig vm run` and the `hilrig-vmm` binary share it.
+
+use crate::backend::{open_backend, DeviceSpec};
+use crate::payload;
+use crate::plan::TrapSet;
+use crate::vm::{Console, Vm, VmConfig};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+/// Arguments of `hilrig vm run` / `hilrig-vmm`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct VmArgs {
+    /// Guest payload: a built-in name (see --list-payloads) or a raw binary file,
+    /// loaded at 0x100000 and entered in 64-bit mode.
+    #[arg(long, default_value = "pci-enum")]
+    pub payload: String,
+    /// Device backend: model | rtl | lockstep | vfio=<sysfs path of a vfio-pci function>.
+    #[arg(long, default_value = "model")]
+    pub device: String,
+    /// Model backend: device state file (created factory-fresh if missing).
+    #[arg(long)]
+    pub device_state: Option<PathBuf>,
+    /// Number of vCPUs (1..=8), each on its own thread.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u8,
+    /// Guest RAM, e.g. 64M, 1G, 4194304.
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    pub mem: u64,
+    /// MMIO policy file (accepted and recorded; enforcement arrives with the policy engine).
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
+    /// Serial console (COM1) output file; default: standard output (standard error with --json).
+    #[arg(long)]
+    pub console: Option<PathBuf>,
+    /// Wall-clock watchdog, e.g. 10s, 500ms, 2m.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Trap every BAR0 page (no direct mappings), e.g. to compare with the fast path.
+    #[arg(long)]
+    pub trap_all: bool,
+    /// Print the BAR0 page plan (which pages are mapped, which trap).
+    #[arg(long)]
+    pub show_plan: bool,
+    /// Print the result as one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// List the built-in payloads and exit.
+    #[arg(long)]
+    pub list_payloads: bool,
+}
+
+/// Parse a size: bytes, or with a K/M/G suffix (binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                _ => return Err(format!("`{s}`: unknown size suffix `{c}` (use K, M or G)")),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("`{s}` is not a size (e.g. 64M)"))
+}
+
+/// Parse a duration: seconds, or with an ms/s/m suffix.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let bad = || format!("`{s}` is not a duration (e.g. 10s, 500ms)");
+    let (num, unit) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (t, 1.0)
+    };
+    let v: f64 = num.trim().parse().map_err(|_| bad())?;
+    if !v.is_finite() || v <= 0.0 || v * unit > 86_400.0 {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs_f64(v * unit))
+}
+
+/// Run a VM as the CLI does: print the verdict, exit counts by kind and wall time;
+/// the exit code is the verdict's ([`crate::Verdict::exit_status`]). Setup errors
+/// (bad payload, backend, KVM) are returned as `Err`; callers exit with 2.
+pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
+    if args.list_payloads {
+        for (name, what) in payload::BUILTINS {
+            println!("{name:14} {what}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let t0 = Instant::now();
+    let spec: DeviceSpec = args.device.parse()?;
+    let (name, bytes) = payload::load(&args.payload)?;
+    if let Some(p) = &args.policy {
+        std::fs::metadata(p).map_err(|e| anyhow::anyhow!("policy file {}: {e}", p.display()))?;
+        eprintln!(
+            "note: policy {} recorded; rules are not enforced yet (policy engine pending)",
+            p.display()
+        );
+    }
+    let backend = open_backend(&spec, args.device_state.as_deref())?;
+    let config = VmConfig {
+        vcpus: args.vcpus,
+        mem_size: args.mem,
+        payload: bytes,
+        payload_name: name.clone(),
+        timeout: args.timeout,
+        console: match &args.console {
+            Some(p) => Console::File(p.clone()),
+            // Keep standard output a single JSON object with --json.
+            None if args.json => Console::Stderr,
+            None => Console::Stdout,
+        },
+        trap: if args.trap_all {
+            TrapSet::all()
+        } else {
+            TrapSet::none()
+        },
+        policy: args.policy.clone(),
+    };
+    let vm = Vm::new(config, backend)?;
+    if args.show_plan && !args.json {
+        eprint!("{}", vm.plan().describe());
+    }
+    let report = vm.run()?;
+    let wall = t0.elapsed();
+    if args.json {
+        let v = serde_json::json!({
+            "payload": name,
+            "device": spec.to_string(),
+            "verdict": report.verdict.to_string(),
+            "passed": report.verdict.passed(),
+            "exit_status": report.verdict.exit_status(),
+            "exits": report.exits,
+            "wall_ms": wall.as_secs_f64() * 1e3,
+            "first_exit_ms": report.first_exit.map(|d| d.as_secs_f64() * 1e3),
+            "direct_pages": report.plan.direct_pages(),
+        });
+        println!("{v}");
+    } else {
+        eprintln!("verdict: {}", report.verdict);
+        eprintln!("exits:   {}", report.exits);
+        eprintln!(
+            "wall:    {:.3} ms (payload {name}, device {spec}, {} direct BAR0 pages)",
+            wall.as_secs_f64() * 1e3,
+            report.plan.direct_pages()
+        );
+    }
+    Ok(ExitCode::from(report.verdict.exit_status()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("99999999999999999999G").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+}

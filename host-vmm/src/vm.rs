@@ -1,0 +1,1019 @@
+//! The VM: KVM setup, vCPU threads, exit dispatch, watchdog and verdicts.
+
+use crate::backend::Backend;
+use crate::error::VmmError;
+use crate::layout::*;
+use crate::pci::{PciBus, Route};
+use crate::plan::{PagePlan, SlotRange, TrapSet};
+use hilrig_device::regmap::BAR0_SIZE;
+use hilrig_device::Device;
+use kvm_bindings::{kvm_run, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use std::cell::Cell;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, Once};
+use std::time::{Duration, Instant};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+/// Where the guest's serial console goes.
+#[derive(Debug, Clone, Default)]
+pub enum Console {
+    /// The VMM's standard output.
+    #[default]
+    Stdout,
+    /// The VMM's standard error.
+    Stderr,
+    /// A file (created or truncated).
+    File(PathBuf),
+    /// Discarded.
+    Null,
+    /// Kept in memory and returned in the [`RunReport`].
+    Capture,
+}
+
+/// Everything a VM run needs besides the device.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Number of vCPUs (1..=[`MAX_VCPUS`]).
+    pub vcpus: u8,
+    /// Guest RAM in bytes ([`MIN_MEM`]..=[`MAX_MEM`], a multiple of 4 KiB).
+    pub mem_size: u64,
+    /// The flat payload, loaded at [`PAYLOAD_ADDR`].
+    pub payload: Vec<u8>,
+    /// Name of the payload for messages.
+    pub payload_name: String,
+    /// Wall-clock watchdog.
+    pub timeout: Duration,
+    /// Serial console destination.
+    pub console: Console,
+    /// Pages of BAR0 that must trap (from the policy; empty today).
+    pub trap: TrapSet,
+    /// Policy file (accepted and recorded; the policy engine is issue 6).
+    pub policy: Option<PathBuf>,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            vcpus: 1,
+            mem_size: 64 << 20,
+            payload: Vec::new(),
+            payload_name: String::new(),
+            timeout: Duration::from_secs(10),
+            console: Console::Stdout,
+            trap: TrapSet::none(),
+            policy: None,
+        }
+    }
+}
+
+/// How a VM run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The payload wrote 0 to the exit port.
+    Pass,
+    /// The payload wrote a non-zero code to the exit port.
+    Fail {
+        /// The code.
+        code: u32,
+        /// Which vCPU reported it.
+        vcpu: u8,
+    },
+    /// The watchdog stopped the guest.
+    Timeout {
+        /// The limit that was exceeded.
+        after: Duration,
+    },
+    /// KVM_EXIT_SHUTDOWN: a triple fault (or a guest-requested shutdown).
+    TripleFault {
+        /// The vCPU.
+        vcpu: u8,
+        /// RIP as KVM reports it after the shutdown.
+        rip: u64,
+    },
+    /// An MMIO access nothing claims, or one the device refused.
+    BadAccess {
+        /// The vCPU.
+        vcpu: u8,
+        /// Guest-physical address.
+        addr: u64,
+        /// Length in bytes.
+        len: usize,
+        /// Write (true) or read.
+        write: bool,
+        /// Why.
+        detail: String,
+        /// Guest RIP of the access.
+        rip: u64,
+        /// The instruction at RIP, decoded (Intel syntax), or why it could not be.
+        insn: String,
+    },
+    /// An exit the VMM does not handle.
+    UnknownExit {
+        /// The vCPU.
+        vcpu: u8,
+        /// The exit, as KVM reported it.
+        exit: String,
+    },
+    /// Every vCPU halted without a verdict.
+    NoVerdict,
+    /// The VMM itself failed while the guest ran (KVM error, device transport).
+    Internal(String),
+    /// Stopped from outside through a [`StopHandle`] (teardown, operator).
+    Stopped(String),
+}
+
+impl Verdict {
+    /// The process exit status for this verdict: 0 pass, 1 guest failure code,
+    /// 3 watchdog, 4 triple fault, 5 bad access, 6 unknown exit, 7 no verdict,
+    /// 8 internal error, 9 stopped from outside (2 is left to usage errors at the CLI edge).
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            Verdict::Pass => 0,
+            Verdict::Fail { .. } => 1,
+            Verdict::Timeout { .. } => 3,
+            Verdict::TripleFault { .. } => 4,
+            Verdict::BadAccess { .. } => 5,
+            Verdict::UnknownExit { .. } => 6,
+            Verdict::NoVerdict => 7,
+            Verdict::Internal(_) => 8,
+            Verdict::Stopped(_) => 9,
+        }
+    }
+
+    /// Whether the guest passed.
+    pub fn passed(&self) -> bool {
+        *self == Verdict::Pass
+    }
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Verdict::Pass => write!(f, "PASS"),
+            Verdict::Fail { code, vcpu } => {
+                write!(f, "FAIL: the payload reported code {code} (vCPU {vcpu})")
+            }
+            Verdict::Timeout { after } => write!(
+                f,
+                "TIMEOUT: the watchdog stopped the guest after {:.3} s without a verdict",
+                after.as_secs_f64()
+            ),
+            Verdict::TripleFault { vcpu, rip } => {
+                write!(
+                    f,
+                    "TRIPLE FAULT: vCPU {vcpu} shut down (KVM_EXIT_SHUTDOWN, rip {rip:#x})"
+                )
+            }
+            Verdict::BadAccess {
+                vcpu,
+                addr,
+                len,
+                write,
+                detail,
+                rip,
+                insn,
+            } => write!(
+                f,
+                "BAD ACCESS: vCPU {vcpu} {} of {len} bytes at {addr:#x} by `{insn}` at rip {rip:#x}: {detail}",
+                if *write { "write" } else { "read" }
+            ),
+            Verdict::UnknownExit { vcpu, exit } => {
+                write!(f, "UNKNOWN EXIT: vCPU {vcpu}: {exit}")
+            }
+            Verdict::NoVerdict => write!(f, "NO VERDICT: every vCPU halted without reporting"),
+            Verdict::Internal(e) => write!(f, "VMM ERROR: {e}"),
+            Verdict::Stopped(why) => write!(f, "STOPPED: {why}"),
+        }
+    }
+}
+
+/// Exit counts by kind (summed over vCPUs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ExitCounts {
+    /// MMIO reads that trapped.
+    pub mmio_read: u64,
+    /// MMIO writes that trapped.
+    pub mmio_write: u64,
+    /// Port reads.
+    pub io_in: u64,
+    /// Port writes.
+    pub io_out: u64,
+    /// HLT.
+    pub hlt: u64,
+    /// Interrupted KVM_RUN (kicks).
+    pub intr: u64,
+    /// Shutdown, unknown and failed entries.
+    pub other: u64,
+}
+
+impl ExitCounts {
+    fn add(&mut self, o: &ExitCounts) {
+        self.mmio_read += o.mmio_read;
+        self.mmio_write += o.mmio_write;
+        self.io_in += o.io_in;
+        self.io_out += o.io_out;
+        self.hlt += o.hlt;
+        self.intr += o.intr;
+        self.other += o.other;
+    }
+
+    /// All MMIO exits.
+    pub fn mmio(&self) -> u64 {
+        self.mmio_read + self.mmio_write
+    }
+
+    /// All exits.
+    pub fn total(&self) -> u64 {
+        self.mmio() + self.io_in + self.io_out + self.hlt + self.intr + self.other
+    }
+}
+
+impl std::fmt::Display for ExitCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "mmio-read {}, mmio-write {}, io-in {}, io-out {}, hlt {}, intr {}, other {} (total {})",
+            self.mmio_read,
+            self.mmio_write,
+            self.io_in,
+            self.io_out,
+            self.hlt,
+            self.intr,
+            self.other,
+            self.total()
+        )
+    }
+}
+
+/// What a finished run tells.
+pub struct RunReport {
+    /// How it ended.
+    pub verdict: Verdict,
+    /// Exits by kind.
+    pub exits: ExitCounts,
+    /// From the start of VM creation to the end of the run.
+    pub wall: Duration,
+    /// From the start of VM creation to the first exit of any vCPU (the first guest
+    /// instruction that exits, e.g. a payload's first `out`).
+    pub first_exit: Option<Duration>,
+    /// From the first trapped MMIO exit to the last vCPU leaving its run loop (for
+    /// exit-rate figures).
+    pub mmio_span: Option<Duration>,
+    /// The console output, with [`Console::Capture`].
+    pub console: Vec<u8>,
+    /// The page plan BAR0 ran with.
+    pub plan: PagePlan,
+    /// The device, back from the VM (for inspection after the run).
+    pub device: Option<Box<dyn Device>>,
+}
+
+struct NoTrigger;
+impl vm_superio::Trigger for NoTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> Result<(), Self::E> {
+        Ok(())
+    }
+}
+
+#[derive(Clone, Default)]
+struct CaptureBuf(Arc<Mutex<Vec<u8>>>);
+impl Write for CaptureBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        lock(&self.0).extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+type SerialDev = vm_superio::Serial<NoTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>;
+
+/// Lock a mutex, recovering from poisoning (a panicked vCPU thread must not wedge
+/// the rest of the VMM).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// BAR0 memory slots: where the direct pages are registered now.
+struct Mapper {
+    vm: Arc<VmFd>,
+    slots: Vec<SlotRange>,
+    active: Vec<u32>,
+    mem_size: u64,
+}
+
+const FIRST_BAR_SLOT: u32 = 1;
+
+impl Mapper {
+    /// Re-register the direct pages at `bar0` (None: unmapped, all accesses trap).
+    fn apply(&mut self, bar0: Option<u64>) -> Result<(), VmmError> {
+        for &slot in &self.active {
+            let r = kvm_userspace_memory_region {
+                slot,
+                guest_phys_addr: 0,
+                memory_size: 0,
+                userspace_addr: 0,
+                flags: 0,
+            };
+            // SAFETY: deleting a slot we created; no host memory is handed to KVM.
+            unsafe { self.vm.set_user_memory_region(r) }
+                .map_err(VmmError::kvm("deleting a BAR memory slot"))?;
+        }
+        self.active.clear();
+        let Some(base) = bar0 else { return Ok(()) };
+        // The window must not overlap RAM or wrap the 32-bit space.
+        let tss = TSS_ADDR as u64..TSS_ADDR as u64 + 0x3000;
+        let overlaps_tss = base < tss.end && tss.start < base + BAR0_SIZE;
+        if base < self.mem_size || base + BAR0_SIZE > 1 << 32 || overlaps_tss {
+            tracing::warn!(
+                base,
+                "BAR0 placed over RAM, KVM's TSS pages or past 4 GiB: direct pages not mapped"
+            );
+            return Ok(());
+        }
+        for (i, s) in self.slots.iter().enumerate() {
+            let slot = FIRST_BAR_SLOT + i as u32;
+            let r = kvm_userspace_memory_region {
+                slot,
+                guest_phys_addr: base + s.bar_offset,
+                memory_size: s.len,
+                userspace_addr: s.host_addr,
+                flags: 0,
+            };
+            // SAFETY: host_addr..+len is a shared mapping the backend keeps alive for
+            // the VM's lifetime (Backend::keep), and the slot is deleted above before
+            // any remap; the guest may write it at any time, which the backend expects.
+            unsafe { self.vm.set_user_memory_region(r) }
+                .map_err(VmmError::kvm("registering a BAR memory slot"))?;
+            self.active.push(slot);
+        }
+        Ok(())
+    }
+}
+
+struct PciState {
+    bus: PciBus,
+    mapper: Mapper,
+}
+
+struct Shared {
+    mem: GuestMemoryMmap,
+    device: Mutex<Box<dyn Device>>,
+    pci: Mutex<PciState>,
+    serial: Mutex<SerialDev>,
+    stop: AtomicBool,
+    verdict: Mutex<Option<Verdict>>,
+    threads: Mutex<Vec<libc::pthread_t>>,
+    start: Instant,
+}
+
+impl Shared {
+    /// Record `v` (the first verdict wins), stop every vCPU.
+    fn finish(&self, v: Verdict) {
+        {
+            let mut g = lock(&self.verdict);
+            if g.is_none() {
+                *g = Some(v);
+            }
+        }
+        self.stop.store(true, Ordering::SeqCst);
+        self.kick_all();
+    }
+
+    fn kick_all(&self) {
+        for &t in lock(&self.threads).iter() {
+            // SAFETY: the thread ids are of threads not yet joined (joins happen after
+            // the last kick, in `Vm::run`); the signal's handler only sets immediate_exit.
+            unsafe {
+                libc::pthread_kill(t, kick_signal());
+            }
+        }
+    }
+}
+
+thread_local! {
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN()
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let p = KVM_RUN.with(|c| c.get());
+    if !p.is_null() {
+        // SAFETY: the pointer is this thread's kvm_run mapping, set while the VcpuFd
+        // is alive and cleared before it is dropped.
+        unsafe { std::ptr::write_volatile(std::ptr::addr_of_mut!((*p).immediate_exit), 1) };
+    }
+}
+
+fn install_kick_handler() -> Result<(), VmmError> {
+    static ONCE: Once = Once::new();
+    static mut RESULT: i32 = 0;
+    ONCE.call_once(|| {
+        // SAFETY: a plain sigaction with an async-signal-safe handler (one volatile
+        // store through a thread-local pointer), no SA_RESTART so KVM_RUN returns EINTR.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = kick_handler as *const () as usize;
+            sa.sa_flags = libc::SA_SIGINFO;
+            libc::sigemptyset(&mut sa.sa_mask);
+            RESULT = libc::sigaction(kick_signal(), &sa, std::ptr::null_mut());
+        }
+    });
+    // SAFETY: written once inside call_once, which happens-before this read.
+    let r = unsafe { RESULT };
+    if r != 0 {
+        return Err(VmmError::Thread(
+            "installing the vCPU kick signal handler".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Stops a running VM from another thread: every vCPU is kicked out of KVM_RUN and
+/// the run ends with [`Verdict::Stopped`] (unless a verdict came first).
+#[derive(Clone)]
+pub struct StopHandle(std::sync::Weak<Shared>);
+
+impl StopHandle {
+    /// Stop the VM, giving `why`; a no-op once the VM has finished.
+    pub fn stop(&self, why: impl Into<String>) {
+        if let Some(s) = self.0.upgrade() {
+            s.finish(Verdict::Stopped(why.into()));
+        }
+    }
+}
+
+/// A VM ready to run.
+pub struct Vm {
+    config: VmConfig,
+    vcpus: Vec<VcpuFd>,
+    shared: Arc<Shared>,
+    capture: Option<CaptureBuf>,
+    plan: PagePlan,
+    // Drop order: the VM fd before the memory it maps, the backend's mappings last.
+    _vm: Arc<VmFd>,
+    _mem: GuestMemoryMmap,
+    _backend_keep: Vec<Box<dyn Send>>,
+}
+
+/// Check a VM configuration and payload before anything is created.
+pub fn check_config(config: &VmConfig) -> Result<(), VmmError> {
+    if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
+        return Err(VmmError::Config(format!(
+            "{} vCPUs: 1 to {MAX_VCPUS} are supported",
+            config.vcpus
+        )));
+    }
+    if config.mem_size < MIN_MEM || config.mem_size > MAX_MEM || config.mem_size % 4096 != 0 {
+        return Err(VmmError::Config(format!(
+            "guest memory of {} bytes: must be a multiple of 4 KiB from {} MiB to {} GiB",
+            config.mem_size,
+            MIN_MEM >> 20,
+            MAX_MEM >> 30
+        )));
+    }
+    let room = config.mem_size - PAYLOAD_ADDR;
+    if config.payload.is_empty() {
+        return Err(VmmError::Payload {
+            what: config.payload_name.clone(),
+            detail: "is empty (0 bytes)".into(),
+        });
+    }
+    if config.payload.len() as u64 > room {
+        return Err(VmmError::Payload {
+            what: config.payload_name.clone(),
+            detail: format!(
+                "is {} bytes; guest memory of {} bytes has room for {room} bytes at {PAYLOAD_ADDR:#x}",
+                config.payload.len(),
+                config.mem_size
+            ),
+        });
+    }
+    Ok(())
+}
+
+impl Vm {
+    /// Create the VM: KVM, guest memory, system tables, payload, PCI, vCPUs.
+    pub fn new(config: VmConfig, backend: Backend) -> Result<Vm, VmmError> {
+        let start = Instant::now();
+        check_config(&config)?;
+        install_kick_handler()?;
+        let kvm = Kvm::new().map_err(VmmError::kvm("opening /dev/kvm"))?;
+        let vm = Arc::new(kvm.create_vm().map_err(VmmError::kvm("KVM_CREATE_VM"))?);
+        vm.set_tss_address(TSS_ADDR)
+            .map_err(VmmError::kvm("KVM_SET_TSS_ADDR"))?;
+        let mem_size = usize::try_from(config.mem_size)
+            .map_err(|_| VmmError::Config("guest memory size".into()))?;
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size)])
+            .map_err(|e| VmmError::Memory(format!("allocating {mem_size} bytes: {e}")))?;
+        for (slot, region) in mem.iter().enumerate() {
+            let host = mem
+                .get_host_address(region.start_addr())
+                .map_err(|e| VmmError::Memory(e.to_string()))?;
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is owned by `mem`, which the Vm keeps until the VM fd
+            // is dropped (field order: _mem is dropped after the vCPUs and with _vm).
+            unsafe { vm.set_user_memory_region(r) }
+                .map_err(VmmError::kvm("registering guest RAM"))?;
+        }
+        write_system_tables(&mem)?;
+        mem.write_slice(&config.payload, GuestAddress(PAYLOAD_ADDR))
+            .map_err(|e| VmmError::Memory(format!("loading the payload: {e}")))?;
+
+        let plan = PagePlan::decide(config.trap, &backend.windows);
+        let mut bus = PciBus::new(backend.device.rom_size());
+        bus.assign(BAR0_DEFAULT, ROM_DEFAULT);
+        let mut mapper = Mapper {
+            vm: vm.clone(),
+            slots: plan.slots(),
+            active: Vec::new(),
+            mem_size: config.mem_size,
+        };
+        mapper.apply(bus.decode().bar0)?;
+
+        let (out, capture): (Box<dyn Write + Send>, Option<CaptureBuf>) = match &config.console {
+            Console::Stdout => (Box::new(std::io::stdout()), None),
+            Console::Stderr => (Box::new(std::io::stderr()), None),
+            Console::Null => (Box::new(std::io::sink()), None),
+            Console::Capture => {
+                let c = CaptureBuf::default();
+                (Box::new(c.clone()), Some(c))
+            }
+            Console::File(p) => (
+                Box::new(std::fs::File::create(p).map_err(|source| VmmError::Io {
+                    path: p.clone(),
+                    source,
+                })?),
+                None,
+            ),
+        };
+
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(VmmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut vcpus = Vec::new();
+        for i in 0..config.vcpus {
+            let vcpu = vm
+                .create_vcpu(u64::from(i))
+                .map_err(VmmError::kvm("KVM_CREATE_VCPU"))?;
+            let mut c = cpuid.clone();
+            for e in c.as_mut_slice() {
+                if e.function == 1 {
+                    e.ebx = (e.ebx & 0x00ff_ffff) | (u32::from(i) << 24);
+                }
+                if e.function == 0xb {
+                    e.edx = u32::from(i);
+                }
+            }
+            vcpu.set_cpuid2(&c)
+                .map_err(VmmError::kvm("KVM_SET_CPUID2"))?;
+            let sregs = vcpu.get_sregs().map_err(VmmError::kvm("KVM_GET_SREGS"))?;
+            vcpu.set_sregs(&long_mode_sregs(sregs))
+                .map_err(VmmError::kvm("KVM_SET_SREGS"))?;
+            vcpu.set_fpu(&entry_fpu())
+                .map_err(VmmError::kvm("KVM_SET_FPU"))?;
+            vcpu.set_regs(&entry_regs(BAR0_DEFAULT, i, config.vcpus, config.mem_size))
+                .map_err(VmmError::kvm("KVM_SET_REGS"))?;
+            vcpus.push(vcpu);
+        }
+
+        let Backend { device, keep, .. } = backend;
+        let shared = Arc::new(Shared {
+            mem: mem.clone(),
+            device: Mutex::new(device),
+            pci: Mutex::new(PciState { bus, mapper }),
+            serial: Mutex::new(vm_superio::Serial::new(NoTrigger, out)),
+            stop: AtomicBool::new(false),
+            verdict: Mutex::new(None),
+            threads: Mutex::new(Vec::new()),
+            start,
+        });
+        Ok(Vm {
+            config,
+            vcpus,
+            shared,
+            capture,
+            plan,
+            _vm: vm,
+            _mem: mem,
+            _backend_keep: keep,
+        })
+    }
+
+    /// A handle that stops the VM from another thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle(Arc::downgrade(&self.shared))
+    }
+
+    /// The page plan BAR0 runs with.
+    pub fn plan(&self) -> &PagePlan {
+        &self.plan
+    }
+
+    /// Run every vCPU on its own thread until a verdict, all halt, or the watchdog.
+    pub fn run(mut self) -> Result<RunReport, VmmError> {
+        let (tx, rx) = mpsc::channel::<VcpuResult>();
+        let mut handles = Vec::new();
+        let vcpus = std::mem::take(&mut self.vcpus);
+        for (i, vcpu) in vcpus.into_iter().enumerate() {
+            let shared = self.shared.clone();
+            let tx = tx.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("vcpu{i}"))
+                .spawn(move || {
+                    let r = vcpu_loop(i as u8, vcpu, &shared);
+                    let _ = tx.send(r);
+                })
+                .map_err(|e| VmmError::Thread(e.to_string()));
+            match h {
+                Ok(h) => {
+                    use std::os::unix::thread::JoinHandleExt;
+                    lock(&self.shared.threads).push(h.as_pthread_t());
+                    handles.push(h);
+                }
+                Err(e) => {
+                    self.shared.finish(Verdict::Internal(e.to_string()));
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        // Wait in slices: on each slice, if the VM is stopping, kick again (a kick can
+        // race a thread's registration or its entry into KVM_RUN); past the deadline,
+        // the watchdog stops the guest. A timeout too large to represent never fires.
+        let deadline = self.shared.start.checked_add(self.config.timeout);
+        let slice = Duration::from_millis(100);
+        let mut results = Vec::new();
+        let mut timed_out = false;
+        while results.len() < handles.len() {
+            let wait = deadline.map_or(slice, |d| {
+                d.saturating_duration_since(Instant::now()).min(slice)
+            });
+            match rx.recv_timeout(wait) {
+                Ok(r) => results.push(r),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if self.shared.stop.load(Ordering::SeqCst) {
+                        self.shared.kick_all();
+                    } else if !timed_out && deadline.is_some_and(|d| Instant::now() >= d) {
+                        timed_out = true;
+                        tracing::warn!(
+                            "watchdog: stopping the guest after {:?}",
+                            self.config.timeout
+                        );
+                        self.shared.finish(Verdict::Timeout {
+                            after: self.config.timeout,
+                        });
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        lock(&self.shared.threads).clear();
+        for h in handles {
+            if h.join().is_err() {
+                self.shared
+                    .finish(Verdict::Internal("a vCPU thread panicked".into()));
+            }
+        }
+        let end = Instant::now();
+        let mut exits = ExitCounts::default();
+        let mut first_exit: Option<Instant> = None;
+        let mut first_mmio: Option<Instant> = None;
+        let mut last_end: Option<Instant> = None;
+        for r in &results {
+            last_end = Some(last_end.map_or(r.end, |e: Instant| e.max(r.end)));
+            exits.add(&r.counts);
+            first_exit = min_opt(first_exit, r.first_exit);
+            first_mmio = min_opt(first_mmio, r.first_mmio);
+        }
+        let verdict = lock(&self.shared.verdict).take();
+        let verdict = verdict.unwrap_or(Verdict::NoVerdict);
+        let _ = lock(&self.shared.serial).writer_mut().flush();
+        let console = self
+            .capture
+            .as_ref()
+            .map(|c| lock(&c.0).clone())
+            .unwrap_or_default();
+        let start = self.shared.start;
+        let device = Arc::try_unwrap(self.shared)
+            .ok()
+            .map(|s| s.device.into_inner().unwrap_or_else(|p| p.into_inner()));
+        Ok(RunReport {
+            verdict,
+            exits,
+            wall: end - start,
+            first_exit: first_exit.map(|t| t - start),
+            mmio_span: first_mmio.map(|t| last_end.unwrap_or(end).saturating_duration_since(t)),
+            console,
+            plan: self.plan,
+            device,
+        })
+    }
+}
+
+fn min_opt(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, None) => a,
+        (None, b) => b,
+    }
+}
+
+struct VcpuResult {
+    counts: ExitCounts,
+    end: Instant,
+    first_exit: Option<Instant>,
+    first_mmio: Option<Instant>,
+}
+
+/// What the exit handler wants the loop to do next.
+enum Next {
+    Continue,
+    /// End the VM with this verdict, after filling in the guest's RIP.
+    Bad(Box<Verdict>),
+    Halt,
+    Stop,
+    Shutdown,
+}
+
+fn vcpu_loop(idx: u8, mut vcpu: VcpuFd, shared: &Shared) -> VcpuResult {
+    KVM_RUN.with(|c| c.set(vcpu.get_kvm_run() as *mut kvm_run));
+    let mut counts = ExitCounts::default();
+    let mut first_exit = None;
+    let mut first_mmio = None;
+    loop {
+        if shared.stop.load(Ordering::Acquire) {
+            break;
+        }
+        let next = match vcpu.run() {
+            Ok(exit) => {
+                if first_exit.is_none() {
+                    first_exit = Some(Instant::now());
+                }
+                handle_exit(idx, exit, shared, &mut counts, &mut first_mmio)
+            }
+            Err(e) if e.errno() == libc::EINTR => {
+                counts.intr += 1;
+                Next::Continue
+            }
+            Err(e) if e.errno() == libc::EAGAIN => Next::Continue,
+            Err(e) => {
+                shared.finish(Verdict::Internal(format!("vCPU {idx}: KVM_RUN: {e}")));
+                Next::Stop
+            }
+        };
+        match next {
+            Next::Continue => {}
+            Next::Halt => break,
+            Next::Stop => break,
+            Next::Bad(mut v) => {
+                if let Verdict::BadAccess { rip, insn, .. } = v.as_mut() {
+                    match vcpu.get_regs() {
+                        Ok(r) => {
+                            *rip = r.rip;
+                            *insn = describe_insn(&shared.mem, r.rip);
+                        }
+                        Err(e) => *insn = format!("(registers unavailable: {e})"),
+                    }
+                }
+                shared.finish(*v);
+                break;
+            }
+            Next::Shutdown => {
+                let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                shared.finish(Verdict::TripleFault { vcpu: idx, rip });
+                break;
+            }
+        }
+    }
+    KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+    drop(vcpu);
+    VcpuResult {
+        counts,
+        end: Instant::now(),
+        first_exit,
+        first_mmio,
+    }
+}
+
+#[inline]
+fn handle_exit(
+    idx: u8,
+    exit: VcpuExit<'_>,
+    shared: &Shared,
+    counts: &mut ExitCounts,
+    first_mmio: &mut Option<Instant>,
+) -> Next {
+    match exit {
+        VcpuExit::MmioWrite(addr, data) => {
+            counts.mmio_write += 1;
+            if first_mmio.is_none() {
+                *first_mmio = Some(Instant::now());
+            }
+            mmio(idx, shared, addr, MmioData::Write(data))
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            counts.mmio_read += 1;
+            if first_mmio.is_none() {
+                *first_mmio = Some(Instant::now());
+            }
+            mmio(idx, shared, addr, MmioData::Read(data))
+        }
+        VcpuExit::IoOut(port, data) => {
+            counts.io_out += 1;
+            io_out(idx, shared, port, data)
+        }
+        VcpuExit::IoIn(port, data) => {
+            counts.io_in += 1;
+            io_in(shared, port, data);
+            Next::Continue
+        }
+        VcpuExit::Hlt => {
+            counts.hlt += 1;
+            Next::Halt
+        }
+        VcpuExit::Intr => {
+            counts.intr += 1;
+            Next::Continue
+        }
+        VcpuExit::Shutdown => {
+            counts.other += 1;
+            Next::Shutdown
+        }
+        VcpuExit::FailEntry(reason, cpu) => {
+            counts.other += 1;
+            shared.finish(Verdict::Internal(format!(
+                "vCPU {idx}: VM entry failed (hardware reason {reason:#x}, cpu {cpu})"
+            )));
+            Next::Stop
+        }
+        VcpuExit::InternalError => {
+            counts.other += 1;
+            shared.finish(Verdict::Internal(format!(
+                "vCPU {idx}: KVM internal error (often an instruction KVM cannot emulate on MMIO)"
+            )));
+            Next::Stop
+        }
+        other => {
+            counts.other += 1;
+            shared.finish(unknown_exit(idx, &other));
+            Next::Stop
+        }
+    }
+}
+
+/// The instruction at guest address `rip` (identity-mapped: virtual = physical),
+/// decoded in Intel syntax; a description of the problem if it cannot be read.
+pub fn describe_insn(mem: &GuestMemoryMmap, rip: u64) -> String {
+    use iced_x86::Formatter;
+    let mut buf = [0u8; 15];
+    let n = match mem.read(&mut buf, GuestAddress(rip)) {
+        Ok(n) => n,
+        Err(_) => return format!("(rip {rip:#x} is not in guest RAM)"),
+    };
+    let mut d = iced_x86::Decoder::with_ip(64, &buf[..n], rip, iced_x86::DecoderOptions::NONE);
+    let insn = d.decode();
+    if insn.is_invalid() {
+        return format!("(undecodable bytes {:02x?})", &buf[..n.min(8)]);
+    }
+    let mut out = String::new();
+    iced_x86::IntelFormatter::new().format(&insn, &mut out);
+    out
+}
+
+/// The verdict for an exit the VMM does not handle.
+pub fn unknown_exit(vcpu: u8, exit: &VcpuExit<'_>) -> Verdict {
+    Verdict::UnknownExit {
+        vcpu,
+        exit: format!("{exit:?}"),
+    }
+}
+
+enum MmioData<'a> {
+    Read(&'a mut [u8]),
+    Write(&'a [u8]),
+}
+
+#[inline]
+fn mmio(idx: u8, shared: &Shared, addr: u64, data: MmioData<'_>) -> Next {
+    let (len, write) = match &data {
+        MmioData::Read(d) => (d.len(), false),
+        MmioData::Write(d) => (d.len(), true),
+    };
+    let route = lock(&shared.pci).bus.route(addr);
+    let bad = |detail: String| {
+        Next::Bad(Box::new(Verdict::BadAccess {
+            vcpu: idx,
+            addr,
+            len,
+            write,
+            detail,
+            rip: 0,
+            insn: String::new(),
+        }))
+    };
+    match route {
+        Route::Bar0(off) => {
+            let r = {
+                let mut dev = lock(&shared.device);
+                match data {
+                    MmioData::Read(d) => dev.mmio_read(off, d),
+                    MmioData::Write(d) => dev.mmio_write(off, d),
+                }
+            };
+            match r {
+                Ok(()) => Next::Continue,
+                Err(e) => bad(e.to_string()),
+            }
+        }
+        Route::Rom(off) => {
+            if let MmioData::Read(d) = data {
+                let rom_size = lock(&shared.pci).bus.rom_size();
+                d.fill(0xff);
+                // Bytes of the window past the image read as all-ones.
+                let avail = rom_size.saturating_sub(off).min(d.len() as u64) as usize;
+                if avail > 0 {
+                    if let Err(e) = lock(&shared.device).rom_read(off, &mut d[..avail]) {
+                        return bad(e.to_string());
+                    }
+                }
+            }
+            Next::Continue
+        }
+        Route::Disabled => {
+            if let MmioData::Read(d) = data {
+                d.fill(0xff);
+            }
+            Next::Continue
+        }
+        Route::Unclaimed => bad("no RAM or device claims this address".into()),
+    }
+}
+
+fn io_out(idx: u8, shared: &Shared, port: u16, data: &[u8]) -> Next {
+    match port {
+        PORT_EXIT => {
+            let mut b = [0u8; 4];
+            for (d, s) in b.iter_mut().zip(data) {
+                *d = *s;
+            }
+            let code = u32::from_le_bytes(b);
+            shared.finish(if code == 0 {
+                Verdict::Pass
+            } else {
+                Verdict::Fail { code, vcpu: idx }
+            });
+            Next::Stop
+        }
+        PORT_DEBUG => {
+            tracing::debug!(vcpu = idx, ?data, "guest debug port");
+            Next::Continue
+        }
+        p if (PORT_COM1..PORT_COM1 + 8).contains(&p) => {
+            if let Some(&b) = data.first() {
+                let _ = lock(&shared.serial).write((p - PORT_COM1) as u8, b);
+            }
+            Next::Continue
+        }
+        PORT_PCI_ADDR..=0xcff => {
+            let mut pci = lock(&shared.pci);
+            if pci.bus.io_write(port, data) {
+                let d = pci.bus.decode();
+                if let Err(e) = pci.mapper.apply(d.bar0) {
+                    drop(pci);
+                    shared.finish(Verdict::Internal(format!("remapping BAR0: {e}")));
+                    return Next::Stop;
+                }
+            }
+            Next::Continue
+        }
+        _ => Next::Continue,
+    }
+}
+
+fn io_in(shared: &Shared, port: u16, data: &mut [u8]) {
+    match port {
+        p if (PORT_COM1..PORT_COM1 + 8).contains(&p) => {
+            let v = lock(&shared.serial).read((p - PORT_COM1) as u8);
+            data.fill(0);
+            if let Some(d) = data.first_mut() {
+                *d = v;
+            }
+        }
+        PORT_PCI_ADDR..=0xcff => lock(&shared.pci).bus.io_read(port, data),
+        _ => data.fill(0xff),
+    }
+}
