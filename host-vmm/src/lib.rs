@@ -19,6 +19,7 @@ pub mod layout;
 pub mod payload;
 pub mod pci;
 pub mod plan;
+pub mod policy;
 pub mod vfio;
 pub mod vm;
 
