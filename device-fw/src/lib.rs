@@ -21,20 +21,18 @@ pub mod factory {
     pub const FACTORY_VBIOS_PAYLOAD: &[u8] = b"hilrig reference VBIOS 1.0\0";
 
     /// The factory VBIOS image (revision 1).
-    pub fn vbios() -> Vec<u8> {
-        // The reference payload is tiny; building it cannot fail.
+    pub fn vbios() -> Result<Vec<u8>, super::vbios::RomError> {
         super::vbios::build(&super::vbios::VbiosSpec::reference(
             1,
             FACTORY_VBIOS_PAYLOAD,
         ))
-        .unwrap_or_default()
     }
 
     /// A factory-fresh device: the factory VBIOS programmed at manufacture (not an
     /// attempt: counting starts when the device ships), the rest erased.
     pub fn device(config: DeviceConfig, serial: u64) -> Result<NvState, StateError> {
         let mut nv = NvState::factory(config, serial)?;
-        let rom = vbios();
+        let rom = vbios().map_err(|e| StateError::Config(format!("factory VBIOS: {e}")))?;
         let flash = &mut nv.flash[Region::Vbios as usize];
         if rom.len() > flash.len() {
             return Err(StateError::Config(format!(

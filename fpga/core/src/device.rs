@@ -49,6 +49,15 @@ pub enum DeviceError {
     /// Two backends disagreed (lockstep).
     #[error("backends diverged: {0}")]
     Divergence(String),
+    /// The backend does not offer this operation (e.g. OOB on a VFIO function: the
+    /// rig reaches that device's OOB port separately).
+    #[error("{backend} backend does not support {what}")]
+    Unsupported {
+        /// The backend.
+        backend: &'static str,
+        /// The operation.
+        what: &'static str,
+    },
 }
 
 /// Why an MMIO access was refused.
@@ -154,7 +163,9 @@ pub fn byte_mask_bits(mask: u8) -> u32 {
 /// Backends implement the word-level methods (`read_word`/`write_word`, like the
 /// hardware bus with byte enables); the byte-level `mmio_read`/`mmio_write` are provided
 /// and apply the documented access rules (`regmap::ACCESS_RULES`) identically for
-/// every backend:
+/// every simulated backend. A pass-through backend (VFIO, where the real device must
+/// see the guest's exact access width) may override them, but must keep the same
+/// bounds checks (`check_access`):
 /// - 1 to 8 bytes at any offset wholly inside BAR0, else an `Access` error and no effect;
 /// - split into the 32-bit registers touched, ascending, each with a byte mask;
 /// - reads have no side effects.
@@ -177,8 +188,15 @@ pub trait Device: Send {
     fn reset(&mut self, kind: ResetKind) -> Result<(), DeviceError>;
 
     /// Handle one OOB request frame and return the response frame. Malformed frames
-    /// get an error frame (see `oob`), never an `Err`; `Err` means the transport failed.
-    fn oob(&mut self, request: &[u8]) -> Result<Vec<u8>, DeviceError>;
+    /// get an error frame (see `oob`), never an `Err`; `Err` means the transport failed
+    /// or the backend has no OOB path of its own (the default).
+    fn oob(&mut self, request: &[u8]) -> Result<Vec<u8>, DeviceError> {
+        let _ = request;
+        Err(DeviceError::Unsupported {
+            backend: "this",
+            what: "out-of-band requests",
+        })
+    }
 
     /// A file descriptor of the device's data-buffer memory (pages 4..=15,
     /// `regmap::BUFFER_SIZE` bytes at offset 0), if the backend keeps it in shared
