@@ -1,14 +1,40 @@
-//! hilrig-counters: counter semantics and verdicts.
+//! hilrig-counters: the counters attestation service.
 //!
-//! This crate will hold the attestation service (issue 5). It starts with the
-//! comparison every verdict is built on: expected counters against actual ones.
+//! - [`compare`]: the bare comparison of expected and actual counters;
+//! - [`decide`]: the full verdict decision (counters, images, catalog, intents);
+//! - [`store`]: the database (SQLite or PostgreSQL) with schema migrations and a MAC
+//!   on every row;
+//! - [`service`]: enrol, catalog, verify, authorised updates, history, master sums,
+//!   the VMM cross-check;
+//! - [`source`]: where observations come from (OOB serial port, model state file,
+//!   any in-process device);
+//! - [`conformance`]: the vendor conformance suite;
+//! - [`cli`]: the `hilrig counters ...` subcommands;
+//! - [`bench`]: verifications per second on SQLite and PostgreSQL.
 #![deny(missing_docs)]
+
+pub mod bench;
+pub mod cli;
+pub mod conformance;
+pub mod crash;
+pub mod decide;
+mod error;
+pub mod mac;
+pub mod service;
+pub mod source;
+pub mod store;
+
+pub use bench::bench_counters;
+pub use cli::{run, CountersCmd};
+pub use decide::{decide, Decision, DeviceState, Expected, Observation, Severity};
+pub use error::{Error, Result};
+pub use service::Service;
 
 use hilrig_device::oob::CounterReport;
 use serde::Serialize;
 
 /// The outcome of comparing a device's counters with what was expected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Verdict {
     /// Counters equal the expected values.
@@ -20,6 +46,43 @@ pub enum Verdict {
     RolledBack,
     /// The fuse is blown: the device is locked for good; page a human.
     Locked,
+    /// Counters advanced and every region image is in the catalog: the new values
+    /// were recorded.
+    AcceptedUpdate,
+    /// An authorised update left an image that is not in the catalog: reflash.
+    NeedsReflash,
+    /// Taken out of service: unauthorised image, bypassed counter, tampered record.
+    Quarantined,
+    /// EPOCH advanced: the keyed physical reset happened.
+    PhysicalReset,
+    /// The hardware counted attempts the VMM never saw: its trap was bypassed.
+    BypassedTrap,
+    /// The VMM passed attempts to the device that the hardware did not count.
+    Undercount,
+    /// The device could not be read or the service failed: fail closed, not trusted.
+    Unverifiable,
+}
+
+impl Verdict {
+    /// Every verdict.
+    pub const ALL: [Verdict; 11] = [
+        Verdict::Trusted,
+        Verdict::Changed,
+        Verdict::RolledBack,
+        Verdict::Locked,
+        Verdict::AcceptedUpdate,
+        Verdict::NeedsReflash,
+        Verdict::Quarantined,
+        Verdict::PhysicalReset,
+        Verdict::BypassedTrap,
+        Verdict::Undercount,
+        Verdict::Unverifiable,
+    ];
+
+    /// Parse a verdict's name.
+    pub fn parse(s: &str) -> Option<Verdict> {
+        Verdict::ALL.into_iter().find(|v| v.to_string() == s)
+    }
 }
 
 impl std::fmt::Display for Verdict {
@@ -29,6 +92,13 @@ impl std::fmt::Display for Verdict {
             Verdict::Changed => "changed",
             Verdict::RolledBack => "rolled-back",
             Verdict::Locked => "locked",
+            Verdict::AcceptedUpdate => "accepted-update",
+            Verdict::NeedsReflash => "needs-reflash",
+            Verdict::Quarantined => "quarantined",
+            Verdict::PhysicalReset => "physical-reset",
+            Verdict::BypassedTrap => "bypassed-trap",
+            Verdict::Undercount => "undercount",
+            Verdict::Unverifiable => "unverifiable",
         })
     }
 }
@@ -106,5 +176,15 @@ mod tests {
         let mut after_reset = rep([0, 0, 0], 1, false);
         after_reset.master = 3;
         assert_eq!(compare(&e, &after_reset).0, Verdict::Changed);
+    }
+
+    #[test]
+    fn verdict_names_round_trip() {
+        for v in Verdict::ALL {
+            assert_eq!(Verdict::parse(&v.to_string()), Some(v));
+            let j = serde_json::to_string(&v).unwrap_or_default();
+            assert_eq!(j, format!("\"{v}\""));
+        }
+        assert_eq!(Verdict::parse("nope"), None);
     }
 }

@@ -1,0 +1,746 @@
+//! `hilrig counters ...`: the command line of the attestation service. The `hilrig`
+//! binary embeds [`CountersCmd`] as a subcommand and calls [`run`].
+//!
+//! Exit status: 0 = success (verify: trusted; conformance: every property held),
+//! 1 = the answer is "no" (not trusted, a property failed), errors via `Err`.
+
+// Flattened option groups need no docs of their own (clap shows their fields').
+#![allow(missing_docs)]
+
+use crate::conformance::{self, DeviceTarget, SerialTarget};
+use crate::decide::{parse_hash, parse_region, Expected};
+use crate::mac::Key;
+use crate::service::{parse_serial, Enrollment, GroupBy, Service, VerifyReport};
+use crate::source::open_source;
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use hilrig_device::oob::{CounterReport, DEFAULT_BAUD};
+use hilrig_device::Region;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Options every command shares.
+#[derive(Args, Debug, Clone)]
+pub struct Common {
+    /// Database: a SQLite file or a postgresql:// URL [default: $HILRIG_COUNTERS_DB,
+    /// else counters.db in the data dir ($HILRIG_DATA_DIR, $XDG_DATA_HOME/hilrig or
+    /// ~/.local/share/hilrig)].
+    #[arg(long)]
+    pub db: Option<String>,
+    /// MAC key file [default: $HILRIG_COUNTERS_KEY, else counters.key in the data dir].
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Where the device is read from.
+#[derive(Args, Debug, Clone)]
+pub struct SourceArgs {
+    /// model:STATE_FILE (a model device) or serial:PORT (an OOB UART or PTY).
+    #[arg(long)]
+    pub source: String,
+    /// Baud rate of a serial source.
+    #[arg(long, default_value_t = DEFAULT_BAUD)]
+    pub baud: u32,
+    /// Per-request timeout of a serial source, ms.
+    #[arg(long, default_value_t = 2000)]
+    pub timeout_ms: u64,
+}
+
+/// `hilrig counters ...`.
+#[derive(Subcommand, Debug, Clone)]
+pub enum CountersCmd {
+    /// Create the MAC key file (mode 0600) if missing and the database, applying its
+    /// schema migrations.
+    Init {
+        #[command(flatten)]
+        c: Common,
+    },
+    /// Enrol a device: expected counters and known-good region hashes, read from the
+    /// device (--source) or given (--counters/--master/--epoch/--hash).
+    Enroll {
+        #[command(flatten)]
+        c: Common,
+        /// Serial (decimal or 0x-hex), as the device's OOB IDENTIFY reports it.
+        serial: String,
+        /// Host the device is in.
+        #[arg(long, default_value = "")]
+        host: String,
+        /// Rack the host is in.
+        #[arg(long, default_value = "")]
+        rack: String,
+        /// Read the expected values from the device: model:STATE_FILE or serial:PORT.
+        #[arg(long, conflicts_with_all = ["counters", "master", "epoch", "hash"])]
+        source: Option<String>,
+        /// Expected region counters VBIOS,FIRMWARE,CONFIG.
+        #[arg(long)]
+        counters: Option<String>,
+        /// Expected MASTER [default: sum of the counters].
+        #[arg(long)]
+        master: Option<u32>,
+        /// Expected EPOCH.
+        #[arg(long, default_value_t = 0)]
+        epoch: u32,
+        /// Known-good hash per region, REGION=SHA256 (all three regions).
+        #[arg(long)]
+        hash: Vec<String>,
+        /// Re-baseline an enrolled device on purpose (clears a quarantine hold).
+        #[arg(long)]
+        replace: bool,
+    },
+    /// The catalog of known-good images.
+    Catalog {
+        #[command(subcommand)]
+        cmd: CatalogCmd,
+    },
+    /// Read a device out of band and decide a verdict (exit 0 only when trusted).
+    Verify {
+        #[command(flatten)]
+        c: Common,
+        /// Serial.
+        serial: String,
+        #[command(flatten)]
+        s: SourceArgs,
+    },
+    /// Show enrolled devices and their states.
+    Status {
+        #[command(flatten)]
+        c: Common,
+        /// One device.
+        serial: Option<String>,
+    },
+    /// Stored verdicts, newest first.
+    History {
+        #[command(flatten)]
+        c: Common,
+        /// One device.
+        serial: Option<String>,
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+    },
+    /// MASTER sums per host or rack, with the devices in each.
+    Master {
+        #[command(flatten)]
+        c: Common,
+        /// host or rack.
+        #[arg(long, default_value = "host")]
+        by: String,
+    },
+    /// Record the intent to flash a catalog image, BEFORE flashing; prints the intent id.
+    BeginUpdate {
+        #[command(flatten)]
+        c: Common,
+        /// Serial.
+        serial: String,
+        /// vbios, firmware or config.
+        #[arg(long)]
+        region: String,
+        /// The catalog image's SHA-256.
+        #[arg(long)]
+        hash: String,
+    },
+    /// After flashing: verify and close the intent.
+    CommitUpdate {
+        #[command(flatten)]
+        c: Common,
+        /// Serial.
+        serial: String,
+        /// Intent id from begin-update.
+        #[arg(long)]
+        intent: i64,
+        #[command(flatten)]
+        s: SourceArgs,
+    },
+    /// Compare the VMM's count of flash attempts over a tenancy with the hardware's
+    /// MASTER delta (exit 0 when they agree).
+    CrossCheck {
+        #[command(flatten)]
+        c: Common,
+        /// Serial.
+        serial: String,
+        /// MASTER at the tenancy's start.
+        #[arg(long)]
+        start_master: u32,
+        /// EPOCH at the tenancy's start.
+        #[arg(long, default_value_t = 0)]
+        start_epoch: u32,
+        /// Attempts the VMM passed to the device.
+        #[arg(long)]
+        vmm_attempts: u64,
+        #[command(flatten)]
+        s: SourceArgs,
+    },
+    /// The vendor conformance suite against a model state file or a serial device.
+    Conformance {
+        /// A model device's state file.
+        #[arg(long, conflicts_with = "serial")]
+        model: Option<PathBuf>,
+        /// A vendor device's OOB serial port.
+        #[arg(long)]
+        serial: Option<String>,
+        /// Serial target: command making one attempt ({region} {op} {mode}).
+        #[arg(long)]
+        attempt_cmd: Option<String>,
+        /// Serial target: command resetting the device ({kind}).
+        #[arg(long)]
+        reset_cmd: Option<String>,
+        /// Serial target: command making an attempt then cutting power ({region}).
+        #[arg(long)]
+        cut_cmd: Option<String>,
+        /// Run the budget-and-fuse property (uses up the counter budget).
+        #[arg(long)]
+        burn_fuse: bool,
+        /// OOB physical-reset key, 64 hex digits (enables the physical-reset
+        /// property; recovers the device after the fuse property).
+        #[arg(long)]
+        reset_key: Option<String>,
+        /// Baud rate of a serial target.
+        #[arg(long, default_value_t = DEFAULT_BAUD)]
+        baud: u32,
+        /// Response timeout of a serial target, ms.
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `hilrig counters catalog ...`.
+#[derive(Subcommand, Debug, Clone)]
+pub enum CatalogCmd {
+    /// Add a known-good image.
+    Add {
+        #[command(flatten)]
+        c: Common,
+        /// vbios, firmware or config.
+        #[arg(long)]
+        region: String,
+        /// SHA-256 of the whole region as the device reports it (64 hex digits).
+        sha256: String,
+        /// Version label.
+        #[arg(long, default_value = "")]
+        version: String,
+        /// Who approved it.
+        #[arg(long)]
+        approved_by: String,
+    },
+    /// List the catalog.
+    List {
+        #[command(flatten)]
+        c: Common,
+    },
+    /// Remove an image.
+    Remove {
+        #[command(flatten)]
+        c: Common,
+        /// vbios, firmware or config.
+        #[arg(long)]
+        region: String,
+        /// SHA-256.
+        sha256: String,
+    },
+}
+
+/// The data directory.
+pub fn data_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("HILRIG_DATA_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(d).join("hilrig");
+    }
+    if let Some(h) = std::env::var_os("HOME") {
+        return PathBuf::from(h).join(".local/share/hilrig");
+    }
+    PathBuf::from(".hilrig")
+}
+
+impl Common {
+    fn db_spec(&self) -> String {
+        self.db
+            .clone()
+            .or_else(|| std::env::var("HILRIG_COUNTERS_DB").ok())
+            .unwrap_or_else(|| data_dir().join("counters.db").display().to_string())
+    }
+    fn key_path(&self) -> PathBuf {
+        self.key
+            .clone()
+            .or_else(|| std::env::var_os("HILRIG_COUNTERS_KEY").map(PathBuf::from))
+            .unwrap_or_else(|| data_dir().join("counters.key"))
+    }
+    fn open(&self) -> Result<Service> {
+        let key = Key::load(&self.key_path())?;
+        let spec = self.db_spec();
+        Service::open(&spec, key)
+            .with_context(|| format!("opening database {}", crate::store::redact(&spec)))
+    }
+}
+
+/// Milliseconds since the Unix epoch as an RFC 3339 UTC time.
+pub fn fmt_ms(ms: i64) -> String {
+    if ms <= 0 {
+        return "never".into();
+    }
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        ms.rem_euclid(1000)
+    )
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn print_verify(r: &VerifyReport, json: bool) -> Result<ExitCode> {
+    if json {
+        print_json(r)?;
+    } else {
+        let d = &r.decision;
+        println!(
+            "device {}: {} (state {}, severity {}, {})",
+            r.serial,
+            d.verdict,
+            d.state,
+            d.severity,
+            if d.recoverable {
+                "recoverable"
+            } else {
+                "not recoverable: page a human"
+            }
+        );
+        if let Some(o) = &r.observed {
+            println!(
+                "  observed: counters {:?} master {} epoch {} fuse {} slots left {}",
+                o.report.counters,
+                o.report.master,
+                o.report.epoch,
+                o.report.fuse as u8,
+                o.report.slots_left
+            );
+        }
+        if let Some(e) = &r.expected {
+            println!(
+                "  expected: counters {:?} master {} epoch {}",
+                e.counters, e.master, e.epoch
+            );
+        }
+        for x in &d.reasons {
+            println!("  - {x}");
+        }
+    }
+    Ok(if r.trusted() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn parse_counters(s: &str) -> Result<[u32; 3]> {
+    let v: Vec<&str> = s.split(',').map(str::trim).collect();
+    if v.len() != 3 {
+        bail!("--counters {s:?}: give three numbers VBIOS,FIRMWARE,CONFIG");
+    }
+    let mut out = [0u32; 3];
+    for (o, x) in out.iter_mut().zip(&v) {
+        *o = x
+            .parse()
+            .with_context(|| format!("--counters {s:?}: {x:?} is not a number"))?;
+    }
+    Ok(out)
+}
+
+fn source_of(s: &SourceArgs) -> Result<Box<dyn crate::source::CounterSource>> {
+    Ok(open_source(
+        &s.source,
+        s.baud,
+        Duration::from_millis(s.timeout_ms),
+    )?)
+}
+
+/// Run one `hilrig counters` command.
+pub fn run(cmd: CountersCmd) -> Result<ExitCode> {
+    match cmd {
+        CountersCmd::Init { c } => {
+            let kp = c.key_path();
+            let created = if kp.exists() {
+                Key::load(&kp)?;
+                false
+            } else {
+                Key::init(&kp)?;
+                true
+            };
+            let svc = c.open()?;
+            let spec = c.db_spec();
+            if c.json {
+                print_json(&serde_json::json!({
+                    "key": kp, "key_created": created,
+                    "db": crate::store::redact(&spec), "db_kind": svc.db_kind(),
+                    "schema_version": crate::store::latest_version(),
+                }))?;
+            } else {
+                println!(
+                    "key {} ({}); database {} ({}) at schema version {}",
+                    kp.display(),
+                    if created {
+                        "created, mode 0600"
+                    } else {
+                        "exists, kept"
+                    },
+                    crate::store::redact(&spec),
+                    svc.db_kind(),
+                    crate::store::latest_version()
+                );
+            }
+        }
+        CountersCmd::Enroll {
+            c,
+            serial,
+            host,
+            rack,
+            source,
+            counters,
+            master,
+            epoch,
+            hash,
+            replace,
+        } => {
+            let serial = parse_serial(&serial)?;
+            let expected = match source {
+                Some(src) => {
+                    let mut s = open_source(&src, DEFAULT_BAUD, Duration::from_secs(2))?;
+                    let id = s.serial()?;
+                    if id != serial {
+                        bail!("{src} identifies as {id:#x}, not {serial:#x}");
+                    }
+                    s.observe()?.as_expected()
+                }
+                None => {
+                    let counters =
+                        parse_counters(counters.as_deref().context(
+                            "give --source, or --counters with --hash for every region",
+                        )?)?;
+                    let mut hashes: [Option<[u8; 32]>; 3] = [None; 3];
+                    for h in &hash {
+                        let (r, x) = h
+                            .split_once('=')
+                            .with_context(|| format!("--hash {h:?}: use REGION=SHA256"))?;
+                        let r = parse_region(r)?;
+                        hashes[r as usize] = Some(parse_hash(x)?);
+                    }
+                    let mut hs = [[0u8; 32]; 3];
+                    for (i, r) in Region::ALL.iter().enumerate() {
+                        hs[i] =
+                            hashes[i].with_context(|| format!("--hash {r}=SHA256 is missing"))?;
+                    }
+                    Expected {
+                        counters,
+                        master: master.unwrap_or(counters.iter().sum()),
+                        epoch,
+                        hashes: hs,
+                    }
+                }
+            };
+            let mut svc = c.open()?;
+            svc.enroll(
+                &Enrollment {
+                    serial,
+                    host,
+                    rack,
+                    expected: expected.clone(),
+                },
+                replace,
+            )?;
+            if c.json {
+                print_json(&svc.device(serial)?)?;
+            } else {
+                println!(
+                    "enrolled {serial:#x}: counters {:?} master {} epoch {}; state unknown until its first verify",
+                    expected.counters, expected.master, expected.epoch
+                );
+            }
+        }
+        CountersCmd::Catalog { cmd } => match cmd {
+            CatalogCmd::Add {
+                c,
+                region,
+                sha256,
+                version,
+                approved_by,
+            } => {
+                let r = parse_region(&region)?;
+                c.open()?.catalog_add(r, &sha256, &version, &approved_by)?;
+                println!("added {r} image {}", sha256.trim());
+            }
+            CatalogCmd::List { c } => {
+                let l = c.open()?.catalog_list()?;
+                if c.json {
+                    print_json(&l)?;
+                } else {
+                    println!(
+                        "{:<9} {:<64} {:<12} {:<12} intact",
+                        "region", "sha256", "version", "approved by"
+                    );
+                    for e in l {
+                        println!(
+                            "{:<9} {:<64} {:<12} {:<12} {}",
+                            e.region.name(),
+                            e.sha256,
+                            e.version,
+                            e.approved_by,
+                            if e.intact {
+                                "yes"
+                            } else {
+                                "NO: MAC mismatch, ignored"
+                            }
+                        );
+                    }
+                }
+            }
+            CatalogCmd::Remove { c, region, sha256 } => {
+                let r = parse_region(&region)?;
+                c.open()?.catalog_remove(r, &sha256)?;
+                println!("removed {r} image {}", sha256.trim());
+            }
+        },
+        CountersCmd::Verify { c, serial, s } => {
+            let serial = parse_serial(&serial)?;
+            let mut svc = c.open()?;
+            // Fail closed: a source that cannot even be opened is recorded as such.
+            let r = match source_of(&s) {
+                Ok(mut src) => svc.verify(serial, &mut *src)?,
+                Err(e) => svc.verify_observation(serial, Err(format!("{e:#}")))?,
+            };
+            return print_verify(&r, c.json);
+        }
+        CountersCmd::Status { c, serial } => {
+            let mut svc = c.open()?;
+            let rows = match serial {
+                Some(s) => {
+                    let s = parse_serial(&s)?;
+                    match svc.device(s) {
+                        Ok(d) => vec![(d, true)],
+                        Err(crate::Error::Tampered { .. }) => svc
+                            .devices()?
+                            .into_iter()
+                            .filter(|(d, _)| d.serial == crate::service::serial_key(s))
+                            .collect(),
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                None => svc.devices()?,
+            };
+            if c.json {
+                let v: Vec<_> = rows
+                    .iter()
+                    .map(|(d, ok)| serde_json::json!({"device": d, "intact": ok}))
+                    .collect();
+                print_json(&v)?;
+            } else {
+                for (d, ok) in rows {
+                    println!(
+                        "{:<20} {:<14} host {:<12} rack {:<8} counters {:?} master {} epoch {} verified {}{}",
+                        d.serial,
+                        if ok { d.state.name() } else { "TAMPERED" },
+                        d.host,
+                        d.rack,
+                        d.expected.counters,
+                        d.expected.master,
+                        d.expected.epoch,
+                        fmt_ms(d.verified_at),
+                        if d.hold.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" HOLD: {}", d.hold)
+                        }
+                    );
+                }
+            }
+        }
+        CountersCmd::History { c, serial, limit } => {
+            let serial = serial.as_deref().map(parse_serial).transpose()?;
+            let h = c.open()?.history(serial, limit)?;
+            if c.json {
+                print_json(&h)?;
+            } else {
+                for e in h {
+                    println!(
+                        "#{} {} {} {} ({}, {}){}",
+                        e.id,
+                        fmt_ms(e.at),
+                        e.serial,
+                        e.verdict,
+                        e.severity,
+                        e.state,
+                        if e.intact {
+                            ""
+                        } else {
+                            " [MAC MISMATCH: edited outside the service]"
+                        }
+                    );
+                    for r in e.reasons {
+                        println!("    - {r}");
+                    }
+                }
+            }
+        }
+        CountersCmd::Master { c, by } => {
+            let by = match by.as_str() {
+                "host" => GroupBy::Host,
+                "rack" => GroupBy::Rack,
+                other => bail!("--by {other:?}: use host or rack"),
+            };
+            let sums = c.open()?.master_sums(by)?;
+            if c.json {
+                print_json(&sums)?;
+            } else {
+                for g in sums {
+                    println!(
+                        "{:<16} master {}",
+                        if g.group.is_empty() {
+                            "(none)"
+                        } else {
+                            &g.group
+                        },
+                        g.master
+                    );
+                    for (s, m, st, ok) in g.devices {
+                        println!(
+                            "    {s:<20} {m:>8} {st}{}",
+                            if ok { "" } else { " TAMPERED (not summed)" }
+                        );
+                    }
+                }
+            }
+        }
+        CountersCmd::BeginUpdate {
+            c,
+            serial,
+            region,
+            hash,
+        } => {
+            let serial = parse_serial(&serial)?;
+            let r = parse_region(&region)?;
+            let id = c.open()?.begin_update(serial, r, &hash)?;
+            if c.json {
+                print_json(&serde_json::json!({"intent": id}))?;
+            } else {
+                println!("intent {id}: flash {r} of {serial:#x} with {}, then commit-update --intent {id}", hash.trim());
+            }
+        }
+        CountersCmd::CommitUpdate {
+            c,
+            serial,
+            intent,
+            s,
+        } => {
+            let serial = parse_serial(&serial)?;
+            let mut svc = c.open()?;
+            let mut src = source_of(&s)?;
+            let r = svc.commit_update(serial, intent, &mut *src)?;
+            return print_verify(&r, c.json);
+        }
+        CountersCmd::CrossCheck {
+            c,
+            serial,
+            start_master,
+            start_epoch,
+            vmm_attempts,
+            s,
+        } => {
+            let serial = parse_serial(&serial)?;
+            let mut svc = c.open()?;
+            let end = source_of(&s)?.counters()?;
+            let start = CounterReport {
+                master: start_master,
+                epoch: start_epoch,
+                ..end
+            };
+            let d = svc.cross_check(serial, &start, &end, vmm_attempts)?;
+            if c.json {
+                print_json(&d)?;
+            } else {
+                println!("device {serial:#x}: {} ({})", d.verdict, d.severity);
+                for r in &d.reasons {
+                    println!("  - {r}");
+                }
+            }
+            return Ok(if d.verdict == crate::Verdict::Trusted {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            });
+        }
+        CountersCmd::Conformance {
+            model,
+            serial,
+            attempt_cmd,
+            reset_cmd,
+            cut_cmd,
+            burn_fuse,
+            reset_key,
+            baud,
+            timeout_ms,
+            json,
+        } => {
+            let reset_key = reset_key.as_deref().map(parse_hash).transpose()?;
+            let opts = conformance::Options {
+                burn_fuse,
+                reset_key,
+            };
+            let report = match (model, serial) {
+                (Some(p), None) => {
+                    let mut t = DeviceTarget::model_file(&p)?;
+                    conformance::run(&mut t, &opts)
+                }
+                (None, Some(port)) => {
+                    let (Some(a), Some(r)) = (attempt_cmd, reset_cmd) else {
+                        bail!("a serial target needs --attempt-cmd and --reset-cmd (see the counters README)");
+                    };
+                    let mut t = SerialTarget::open(
+                        &port,
+                        baud,
+                        Duration::from_millis(timeout_ms),
+                        a,
+                        r,
+                        cut_cmd,
+                    )
+                    .map_err(anyhow::Error::msg)?;
+                    conformance::run(&mut t, &opts)
+                }
+                _ => bail!("give --model STATE_FILE or --serial PORT"),
+            };
+            if json {
+                print_json(&report)?;
+            } else {
+                print!("{}", report.text());
+            }
+            return Ok(if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

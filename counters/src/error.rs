@@ -1,0 +1,115 @@
+//! The library's error type.
+
+use std::path::PathBuf;
+
+/// Everything the counters service can fail with. Every variant names what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The database failed (SQLite or PostgreSQL).
+    #[error("database {what}: {detail}")]
+    Db {
+        /// Which operation.
+        what: String,
+        /// The driver's message.
+        detail: String,
+    },
+    /// The database holds a schema newer than this build understands.
+    #[error(
+        "database schema version {found} is newer than this build's {supported}; upgrade hilrig"
+    )]
+    SchemaTooNew {
+        /// Version found.
+        found: i64,
+        /// Newest this build knows.
+        supported: i64,
+    },
+    /// The key file could not be read or created.
+    #[error("key file {path}: {detail}")]
+    Key {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// Bad input from the caller (a wrong-length hash, an unknown region ...).
+    #[error("{0}")]
+    Input(String),
+    /// The device is not enrolled.
+    #[error("device {0} is not enrolled")]
+    UnknownDevice(String),
+    /// The device is already enrolled.
+    #[error("device {0} is already enrolled (use --replace to re-baseline it on purpose)")]
+    DuplicateDevice(String),
+    /// The catalog already holds this image.
+    #[error("catalog already holds {region} image {sha256}")]
+    DuplicateImage {
+        /// Region.
+        region: String,
+        /// Hash, hex.
+        sha256: String,
+    },
+    /// No such catalog entry.
+    #[error("catalog holds no {region} image {sha256}")]
+    UnknownImage {
+        /// Region.
+        region: String,
+        /// Hash, hex.
+        sha256: String,
+    },
+    /// No such update intent.
+    #[error("no open update intent {id} for device {serial}")]
+    UnknownIntent {
+        /// Device.
+        serial: String,
+        /// Intent id.
+        id: i64,
+    },
+    /// Too many update attempts.
+    #[error("device {serial}: update rate limit reached ({count} attempts in the last {window_s} s, limit {limit}); try later")]
+    RateLimited {
+        /// Device.
+        serial: String,
+        /// Attempts in the window.
+        count: i64,
+        /// Limit.
+        limit: i64,
+        /// Window in seconds.
+        window_s: i64,
+    },
+    /// A stored row failed its MAC check.
+    #[error("{table} row {row}: MAC mismatch (edited outside the service)")]
+    Tampered {
+        /// Table.
+        table: &'static str,
+        /// Row key.
+        row: String,
+    },
+    /// Reading the device failed.
+    #[error("reading device {source_name}: {detail}")]
+    Source {
+        /// The source (port, state file).
+        source_name: String,
+        /// What went wrong.
+        detail: String,
+    },
+    /// An update could not be committed as asked.
+    #[error("update of device {serial}: {detail}")]
+    Update {
+        /// Device.
+        serial: String,
+        /// Why.
+        detail: String,
+    },
+}
+
+impl Error {
+    pub(crate) fn db(what: &str, e: impl std::fmt::Display) -> Error {
+        Error::Db {
+            what: what.to_string(),
+            detail: e.to_string(),
+        }
+    }
+}
+
+/// Result with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,1304 @@
+//! The attestation service: enrolment, the known-good catalog, verification,
+//! authorised updates, history, master sums and the VMM cross-check.
+//!
+//! Every write runs in one transaction, so nothing is stored half-way; every row
+//! carries a MAC checked on read. Fail closed: a device is trusted only after a
+//! fresh passing verify, and any error leaves it untrusted.
+
+use crate::crash::point;
+use crate::decide::{
+    decide, parse_hash, Decision, DeviceState, Expected, Hash, Intent, IntentOutcome, Observation,
+    Severity,
+};
+use crate::mac::{hex32, Key, MacInput};
+use crate::source::CounterSource;
+use crate::store::{self, now_ms, Db, Val};
+use crate::{Error, Result, Verdict};
+use hilrig_device::oob::CounterReport;
+use hilrig_device::Region;
+use serde::Serialize;
+
+/// A device to enrol.
+#[derive(Debug, Clone)]
+pub struct Enrollment {
+    /// Serial (as the OOB IDENTIFY reports it).
+    pub serial: u64,
+    /// Host it is in.
+    pub host: String,
+    /// Rack the host is in.
+    pub rack: String,
+    /// Expected counters, master, epoch and known-good region hashes.
+    pub expected: Expected,
+}
+
+/// A stored device.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceRecord {
+    /// Serial, as stored (`0x...`).
+    pub serial: String,
+    /// Host.
+    pub host: String,
+    /// Rack.
+    pub rack: String,
+    /// State.
+    pub state: DeviceState,
+    /// Expected values.
+    pub expected: Expected,
+    /// Why it is in its state.
+    pub reason: String,
+    /// Non-empty: quarantined until an operator re-enrols it.
+    pub hold: String,
+    /// Last passing verify (ms since the Unix epoch; 0 = never).
+    pub verified_at: i64,
+}
+
+/// A known-good image.
+#[derive(Debug, Clone, Serialize)]
+pub struct CatalogEntry {
+    /// Region.
+    pub region: Region,
+    /// SHA-256, hex.
+    pub sha256: String,
+    /// Version label.
+    pub version: String,
+    /// Who approved it.
+    pub approved_by: String,
+    /// When it was added (ms).
+    pub added_at: i64,
+    /// MAC intact (a tampered entry is never used).
+    pub intact: bool,
+}
+
+/// One stored verdict.
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryEntry {
+    /// Row id.
+    pub id: i64,
+    /// Device.
+    pub serial: String,
+    /// When (ms).
+    pub at: i64,
+    /// Verdict name.
+    pub verdict: String,
+    /// Severity.
+    pub severity: String,
+    /// Recoverable.
+    pub recoverable: bool,
+    /// State the device went to.
+    pub state: String,
+    /// Observation (JSON); "same" when it equalled the expected values (and no fuse
+    /// was blown); "" when the device could not be read.
+    pub observed: String,
+    /// Expected values before the verdict (JSON).
+    pub expected: String,
+    /// Reasons.
+    pub reasons: Vec<String>,
+    /// MAC intact.
+    pub intact: bool,
+}
+
+/// The outcome of a verify.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    /// Device.
+    pub serial: String,
+    /// The decision.
+    #[serde(flatten)]
+    pub decision: Decision,
+    /// What was read, if anything.
+    pub observed: Option<Observation>,
+    /// What was expected before.
+    pub expected: Option<Expected>,
+}
+
+impl VerifyReport {
+    /// Passing: the device may be used.
+    pub fn trusted(&self) -> bool {
+        self.decision.state == DeviceState::Trusted
+    }
+}
+
+/// Sum of MASTER counters over a group of devices.
+#[derive(Debug, Clone, Serialize)]
+pub struct MasterSum {
+    /// Host or rack name.
+    pub group: String,
+    /// Sum of the devices' expected MASTER values (last verified).
+    pub master: u64,
+    /// Devices: (serial, master, state, intact).
+    pub devices: Vec<(String, u32, String, bool)>,
+}
+
+/// Group master sums by host or rack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupBy {
+    /// Per host.
+    Host,
+    /// Per rack.
+    Rack,
+}
+
+/// Per-device limit on update attempts.
+#[derive(Debug, Clone, Copy)]
+pub struct RateLimit {
+    /// Attempts allowed in the window.
+    pub max: i64,
+    /// Window, seconds.
+    pub window_s: i64,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        RateLimit {
+            max: 8,
+            window_s: 3600,
+        }
+    }
+}
+
+/// The canonical stored form of a serial.
+pub fn serial_key(serial: u64) -> String {
+    format!("{serial:#x}")
+}
+
+/// Parse a serial: decimal or 0x-hex.
+pub fn parse_serial(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let r = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => t.parse(),
+    };
+    r.map_err(|_| Error::Input(format!("serial {s:?}: use a decimal or 0x-hex number")))
+}
+
+const DEV_COLS: &str =
+    "serial, host, rack, state, c0, c1, c2, master, epoch, h0, h1, h2, reason, hold, verified_at, mac";
+
+/// The service over a database.
+pub struct Service {
+    db: Box<dyn Db>,
+    key: Key,
+    /// Update rate limit.
+    pub rate_limit: RateLimit,
+    /// During `verify_batch`: device rows read up front (taken once each).
+    prefetched: Option<std::collections::HashMap<String, (DeviceRecord, bool)>>,
+    /// During `verify_batch`: history rows written together before the commit.
+    pending_history: Option<Vec<Vec<Val>>>,
+}
+
+struct RawDevice {
+    rec: DeviceRecord,
+    mac: String,
+}
+
+impl Service {
+    /// Open the database named by `spec` (SQLite path or postgresql:// URL) and
+    /// migrate it.
+    pub fn open(spec: &str, key: Key) -> Result<Service> {
+        Service::with_db(store::open(spec)?, key)
+    }
+
+    /// Use an open database; migrates it.
+    pub fn with_db(mut db: Box<dyn Db>, key: Key) -> Result<Service> {
+        store::migrate(&mut *db)?;
+        Ok(Service {
+            db,
+            key,
+            rate_limit: RateLimit::default(),
+            prefetched: None,
+            pending_history: None,
+        })
+    }
+
+    /// The database's kind.
+    pub fn db_kind(&self) -> &'static str {
+        self.db.kind()
+    }
+
+    /// Direct access to the database (tests: tampering from outside).
+    pub fn db_mut(&mut self) -> &mut dyn Db {
+        &mut *self.db
+    }
+
+    /// Run `f` in a transaction: committed if it returns Ok, rolled back otherwise.
+    fn tx<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        self.db.begin()?;
+        match f(self) {
+            Ok(v) => {
+                point("before commit");
+                self.db.commit()?;
+                point("after commit");
+                Ok(v)
+            }
+            Err(e) => {
+                self.db.rollback();
+                Err(e)
+            }
+        }
+    }
+
+    // ---- devices ---------------------------------------------------------
+
+    fn device_input(r: &DeviceRecord) -> MacInput {
+        let e = &r.expected;
+        let mut i = MacInput::new("devices");
+        i.s(&r.serial)
+            .s(&r.host)
+            .s(&r.rack)
+            .s(r.state.name())
+            .n(e.counters[0] as i64)
+            .n(e.counters[1] as i64)
+            .n(e.counters[2] as i64)
+            .n(e.master as i64)
+            .n(e.epoch as i64)
+            .s(&hex32(&e.hashes[0]))
+            .s(&hex32(&e.hashes[1]))
+            .s(&hex32(&e.hashes[2]))
+            .s(&r.reason)
+            .s(&r.hold)
+            .n(r.verified_at);
+        i
+    }
+
+    fn device_mac(&self, r: &DeviceRecord) -> String {
+        self.key.mac_input(&Self::device_input(r))
+    }
+
+    fn device_params(&self, r: &DeviceRecord) -> Vec<Val> {
+        let e = &r.expected;
+        vec![
+            Val::Text(r.serial.clone()),
+            Val::Text(r.host.clone()),
+            Val::Text(r.rack.clone()),
+            Val::from(r.state.name()),
+            e.counters[0].into(),
+            e.counters[1].into(),
+            e.counters[2].into(),
+            e.master.into(),
+            e.epoch.into(),
+            Val::Text(hex32(&e.hashes[0])),
+            Val::Text(hex32(&e.hashes[1])),
+            Val::Text(hex32(&e.hashes[2])),
+            Val::Text(r.reason.clone()),
+            Val::Text(r.hold.clone()),
+            Val::I64(r.verified_at),
+            Val::Text(self.device_mac(r)),
+        ]
+    }
+
+    fn parse_device(row: &[Val]) -> Result<RawDevice> {
+        if row.len() != 16 {
+            return Err(Error::db("reading devices", "wrong column count"));
+        }
+        let u = |i: usize, c: &str| -> Result<u32> {
+            let v = row[i].i64(c)?;
+            u32::try_from(v).map_err(|_| Error::db("reading devices", format!("{c} = {v}")))
+        };
+        let h = |i: usize, c: &str| -> Result<Hash> {
+            parse_hash(&row[i].text(c)?).map_err(|e| Error::db("reading devices", e))
+        };
+        let state_s = row[3].text("state")?;
+        Ok(RawDevice {
+            rec: DeviceRecord {
+                serial: row[0].text("serial")?,
+                host: row[1].text("host")?,
+                rack: row[2].text("rack")?,
+                state: DeviceState::parse(&state_s).unwrap_or(DeviceState::Unknown),
+                expected: Expected {
+                    counters: [u(4, "c0")?, u(5, "c1")?, u(6, "c2")?],
+                    master: u(7, "master")?,
+                    epoch: u(8, "epoch")?,
+                    hashes: [h(9, "h0")?, h(10, "h1")?, h(11, "h2")?],
+                },
+                reason: row[12].text("reason")?,
+                hold: row[13].text("hold")?,
+                verified_at: row[14].i64("verified_at")?,
+            },
+            mac: row[15].text("mac")?,
+        })
+    }
+
+    /// Load a device row and check its MAC. Ok(None): not enrolled. Err(Tampered)
+    /// carries no record; `load_raw` gives the row for quarantining.
+    fn load_raw(&mut self, serial: &str, lock: bool) -> Result<Option<(DeviceRecord, bool)>> {
+        if let Some(hit) = self.prefetched.as_mut().and_then(|p| p.remove(serial)) {
+            return Ok(Some(hit));
+        }
+        let sql = format!(
+            "SELECT {DEV_COLS} FROM devices WHERE serial = $1{}",
+            if lock { self.db.for_update() } else { "" }
+        );
+        let rows = self.db.query(&sql, &[Val::from(serial)])?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        match Self::parse_device(row) {
+            Ok(raw) => {
+                let intact = self
+                    .key
+                    .check_input(&Self::device_input(&raw.rec), &raw.mac);
+                Ok(Some((raw.rec, intact)))
+            }
+            // A row the service cannot even parse was edited outside it.
+            Err(_) => Ok(Some((
+                DeviceRecord {
+                    serial: serial.to_string(),
+                    host: String::new(),
+                    rack: String::new(),
+                    state: DeviceState::Quarantined,
+                    expected: Expected {
+                        counters: [u32::MAX; 3],
+                        master: u32::MAX,
+                        epoch: u32::MAX,
+                        hashes: [[0; 32]; 3],
+                    },
+                    reason: String::new(),
+                    hold: String::new(),
+                    verified_at: 0,
+                },
+                false,
+            ))),
+        }
+    }
+
+    /// A device record, MAC-checked.
+    pub fn device(&mut self, serial: u64) -> Result<DeviceRecord> {
+        let key = serial_key(serial);
+        match self.load_raw(&key, false)? {
+            None => Err(Error::UnknownDevice(key)),
+            Some((_, false)) => Err(Error::Tampered {
+                table: "devices",
+                row: key,
+            }),
+            Some((r, true)) => Ok(r),
+        }
+    }
+
+    /// Every device with whether its MAC is intact.
+    pub fn devices(&mut self) -> Result<Vec<(DeviceRecord, bool)>> {
+        let rows = self.db.query(
+            &format!("SELECT {DEV_COLS} FROM devices ORDER BY serial"),
+            &[],
+        )?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            match Self::parse_device(&row) {
+                Ok(raw) => {
+                    let ok = self
+                        .key
+                        .check_input(&Self::device_input(&raw.rec), &raw.mac);
+                    out.push((raw.rec, ok));
+                }
+                Err(_) => continue,
+            }
+        }
+        Ok(out)
+    }
+
+    fn write_device(&mut self, r: &DeviceRecord, insert: bool) -> Result<()> {
+        let p = self.device_params(r);
+        if insert {
+            self.db.exec(
+                &format!(
+                    "INSERT INTO devices ({DEV_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16)"
+                ),
+                &p,
+            )?;
+        } else {
+            let n = self.db.exec(
+                "UPDATE devices SET host=$2, rack=$3, state=$4, c0=$5, c1=$6, c2=$7, master=$8, epoch=$9, h0=$10, h1=$11, h2=$12, reason=$13, hold=$14, verified_at=$15, mac=$16 WHERE serial=$1",
+                &p,
+            )?;
+            if n != 1 {
+                return Err(Error::UnknownDevice(r.serial.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Enrol a device. A duplicate is refused unless `replace` (an operator
+    /// re-baselining a device on purpose, e.g. after investigating a quarantine).
+    /// The device is `unknown` until its first passing verify.
+    pub fn enroll(&mut self, e: &Enrollment, replace: bool) -> Result<()> {
+        let key = serial_key(e.serial);
+        for (what, v) in [("host", &e.host), ("rack", &e.rack)] {
+            if v.len() > 256 || v.chars().any(|c| c.is_control()) {
+                return Err(Error::Input(format!(
+                    "{what} {v:?}: at most 256 printable characters"
+                )));
+            }
+        }
+        self.tx(|s| {
+            point("enroll: start");
+            let exists = s.load_raw(&key, true)?.is_some();
+            if exists && !replace {
+                return Err(Error::DuplicateDevice(key.clone()));
+            }
+            point("enroll: checked");
+            let rec = DeviceRecord {
+                serial: key.clone(),
+                host: e.host.clone(),
+                rack: e.rack.clone(),
+                state: DeviceState::Unknown,
+                expected: e.expected.clone(),
+                reason: if exists { "re-enrolled" } else { "enrolled" }.into(),
+                hold: String::new(),
+                verified_at: 0,
+            };
+            s.write_device(&rec, !exists).map_err(|err| match err {
+                Error::Db { detail, .. }
+                    if detail.contains("UNIQUE") || detail.contains("duplicate") =>
+                {
+                    Error::DuplicateDevice(key.clone())
+                }
+                other => other,
+            })?;
+            point("enroll: written");
+            Ok(())
+        })
+    }
+
+    /// Enrol many devices in one transaction: all or none (bulk provisioning).
+    pub fn enroll_many(&mut self, list: &[Enrollment]) -> Result<()> {
+        self.tx(|s| {
+            for e in list {
+                let key = serial_key(e.serial);
+                if s.load_raw(&key, true)?.is_some() {
+                    return Err(Error::DuplicateDevice(key));
+                }
+                let rec = DeviceRecord {
+                    serial: key,
+                    host: e.host.clone(),
+                    rack: e.rack.clone(),
+                    state: DeviceState::Unknown,
+                    expected: e.expected.clone(),
+                    reason: "enrolled".into(),
+                    hold: String::new(),
+                    verified_at: 0,
+                };
+                s.write_device(&rec, true)?;
+            }
+            Ok(())
+        })
+    }
+
+    // ---- catalog ---------------------------------------------------------
+
+    fn catalog_mac(&self, region: &str, sha: &str, version: &str, by: &str, at: i64) -> String {
+        self.key.mac(
+            "catalog",
+            &[
+                region.as_bytes(),
+                sha.as_bytes(),
+                version.as_bytes(),
+                by.as_bytes(),
+                at.to_string().as_bytes(),
+            ],
+        )
+    }
+
+    /// Add a known-good image. A hash of the wrong length, or a duplicate, is an error.
+    pub fn catalog_add(
+        &mut self,
+        region: Region,
+        sha256: &str,
+        version: &str,
+        approved_by: &str,
+    ) -> Result<()> {
+        let h = hex::encode(parse_hash(sha256)?);
+        if approved_by.trim().is_empty() {
+            return Err(Error::Input(
+                "approved_by must name who approved the image".into(),
+            ));
+        }
+        let at = now_ms();
+        let mac = self.catalog_mac(region.name(), &h, version, approved_by, at);
+        self.tx(|s| {
+            let rows = s.db.query(
+                "SELECT sha256 FROM catalog WHERE region = $1 AND sha256 = $2",
+                &[region.name().into(), h.clone().into()],
+            )?;
+            if !rows.is_empty() {
+                return Err(Error::DuplicateImage {
+                    region: region.name().into(),
+                    sha256: h.clone(),
+                });
+            }
+            s.db.exec(
+                "INSERT INTO catalog (region, sha256, version, approved_by, added_at, mac) VALUES ($1,$2,$3,$4,$5,$6)",
+                &[
+                    region.name().into(),
+                    h.clone().into(),
+                    version.into(),
+                    approved_by.into(),
+                    Val::I64(at),
+                    mac.clone().into(),
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Remove a known-good image.
+    pub fn catalog_remove(&mut self, region: Region, sha256: &str) -> Result<()> {
+        let h = hex::encode(parse_hash(sha256)?);
+        self.tx(|s| {
+            let n = s.db.exec(
+                "DELETE FROM catalog WHERE region = $1 AND sha256 = $2",
+                &[region.name().into(), h.clone().into()],
+            )?;
+            if n == 0 {
+                return Err(Error::UnknownImage {
+                    region: region.name().into(),
+                    sha256: h.clone(),
+                });
+            }
+            Ok(())
+        })
+    }
+
+    fn catalog_rows(&mut self, sql: &str, params: &[Val]) -> Result<Vec<CatalogEntry>> {
+        let rows = self.db.query(sql, params)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            if r.len() != 6 {
+                continue;
+            }
+            let region_s = r[0].text("region")?;
+            let Some(region) = Region::parse(&region_s) else {
+                continue;
+            };
+            let (sha, version, by, at, mac) = (
+                r[1].text("sha256")?,
+                r[2].text("version")?,
+                r[3].text("approved_by")?,
+                r[4].i64("added_at")?,
+                r[5].text("mac")?,
+            );
+            let intact = self.key.check(
+                "catalog",
+                &[
+                    region_s.as_bytes(),
+                    sha.as_bytes(),
+                    version.as_bytes(),
+                    by.as_bytes(),
+                    at.to_string().as_bytes(),
+                ],
+                &mac,
+            );
+            out.push(CatalogEntry {
+                region,
+                sha256: sha,
+                version,
+                approved_by: by,
+                added_at: at,
+                intact,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The catalog.
+    pub fn catalog_list(&mut self) -> Result<Vec<CatalogEntry>> {
+        self.catalog_rows(
+            "SELECT region, sha256, version, approved_by, added_at, mac FROM catalog ORDER BY region, added_at, sha256",
+            &[],
+        )
+    }
+
+    /// Intact catalog entries for the given hashes.
+    fn catalog_lookup(&mut self, hashes: &[Hash; 3]) -> Result<Vec<CatalogEntry>> {
+        let hs: Vec<Val> = hashes.iter().map(|h| Val::Text(hex::encode(h))).collect();
+        self.catalog_rows(
+            "SELECT region, sha256, version, approved_by, added_at, mac FROM catalog WHERE sha256 IN ($1, $2, $3)",
+            &hs,
+        )
+    }
+
+    // ---- history ---------------------------------------------------------
+
+    fn record_history(
+        &mut self,
+        serial: &str,
+        d: &Decision,
+        observed: &str,
+        expected: &str,
+    ) -> Result<()> {
+        let at = now_ms();
+        let reasons = serde_json::to_string(&d.reasons).unwrap_or_else(|_| "[]".into());
+        let verdict = d.verdict.to_string();
+        let sev = d.severity.to_string();
+        let rec = (d.recoverable as i64).to_string();
+        let mac = self.key.mac(
+            "history",
+            &[
+                serial.as_bytes(),
+                at.to_string().as_bytes(),
+                verdict.as_bytes(),
+                sev.as_bytes(),
+                rec.as_bytes(),
+                d.state.name().as_bytes(),
+                observed.as_bytes(),
+                expected.as_bytes(),
+                reasons.as_bytes(),
+            ],
+        );
+        let row = vec![
+            serial.into(),
+            Val::I64(at),
+            verdict.into(),
+            sev.into(),
+            Val::I64(d.recoverable as i64),
+            d.state.name().into(),
+            observed.into(),
+            expected.into(),
+            reasons.into(),
+            mac.into(),
+        ];
+        if let Some(p) = &mut self.pending_history {
+            p.push(row);
+            return Ok(());
+        }
+        self.insert_history(vec![row])
+    }
+
+    fn insert_history(&mut self, rows: Vec<Vec<Val>>) -> Result<()> {
+        let mut rows = rows.into_iter().peekable();
+        while rows.peek().is_some() {
+            let chunk: Vec<Vec<Val>> = rows.by_ref().take(100).collect();
+            let mut sql = String::from(
+                "INSERT INTO history (serial, at, verdict, severity, recoverable, state, observed, expected, reasons, mac) VALUES ",
+            );
+            let mut params = Vec::with_capacity(chunk.len() * 10);
+            for (r, row) in chunk.into_iter().enumerate() {
+                if r > 0 {
+                    sql.push(',');
+                }
+                sql.push('(');
+                for c in 0..10 {
+                    if c > 0 {
+                        sql.push(',');
+                    }
+                    sql.push_str(&format!("${}", r * 10 + c + 1));
+                }
+                sql.push(')');
+                params.extend(row);
+            }
+            self.db.exec(&sql, &params)?;
+        }
+        Ok(())
+    }
+
+    /// Read many device rows (locked for the transaction) in a few queries.
+    fn prefetch(
+        &mut self,
+        keys: &[String],
+    ) -> Result<std::collections::HashMap<String, (DeviceRecord, bool)>> {
+        let mut out = std::collections::HashMap::with_capacity(keys.len());
+        for chunk in keys.chunks(500) {
+            let list: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "SELECT {DEV_COLS} FROM devices WHERE serial IN ({}){}",
+                list.join(","),
+                self.db.for_update()
+            );
+            let params: Vec<Val> = chunk.iter().map(|k| Val::Text(k.clone())).collect();
+            for row in self.db.query(&sql, &params)? {
+                // Rows that do not even parse are left to the one-by-one path.
+                if let Ok(raw) = Self::parse_device(&row) {
+                    let intact = self
+                        .key
+                        .check_input(&Self::device_input(&raw.rec), &raw.mac);
+                    out.insert(raw.rec.serial.clone(), (raw.rec, intact));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stored verdicts, newest first; `serial` filters, `limit` bounds.
+    pub fn history(&mut self, serial: Option<u64>, limit: i64) -> Result<Vec<HistoryEntry>> {
+        let cols = "id, serial, at, verdict, severity, recoverable, state, observed, expected, reasons, mac";
+        let rows = match serial {
+            Some(s) => self.db.query(
+                &format!("SELECT {cols} FROM history WHERE serial = $1 ORDER BY id DESC LIMIT $2"),
+                &[serial_key(s).into(), Val::I64(limit.max(0))],
+            )?,
+            None => self.db.query(
+                &format!("SELECT {cols} FROM history ORDER BY id DESC LIMIT $1"),
+                &[Val::I64(limit.max(0))],
+            )?,
+        };
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            if r.len() != 11 {
+                continue;
+            }
+            let serial = r[1].text("serial")?;
+            let at = r[2].i64("at")?;
+            let verdict = r[3].text("verdict")?;
+            let severity = r[4].text("severity")?;
+            let recoverable = r[5].i64("recoverable")?;
+            let state = r[6].text("state")?;
+            let observed = r[7].text("observed")?;
+            let expected = r[8].text("expected")?;
+            let reasons_s = r[9].text("reasons")?;
+            let mac = r[10].text("mac")?;
+            let intact = self.key.check(
+                "history",
+                &[
+                    serial.as_bytes(),
+                    at.to_string().as_bytes(),
+                    verdict.as_bytes(),
+                    severity.as_bytes(),
+                    recoverable.to_string().as_bytes(),
+                    state.as_bytes(),
+                    observed.as_bytes(),
+                    expected.as_bytes(),
+                    reasons_s.as_bytes(),
+                ],
+                &mac,
+            );
+            out.push(HistoryEntry {
+                id: r[0].i64("id")?,
+                serial,
+                at,
+                verdict,
+                severity,
+                recoverable: recoverable != 0,
+                state,
+                observed,
+                expected,
+                reasons: serde_json::from_str(&reasons_s).unwrap_or_else(|_| vec![reasons_s]),
+                intact,
+            });
+        }
+        Ok(out)
+    }
+
+    // ---- intents ---------------------------------------------------------
+
+    /// MAC of an intent row; `text` = [serial, region, target, status],
+    /// `nums` = [id, created_at, closed_at].
+    fn intent_mac(&self, text: [&str; 4], nums: [i64; 3]) -> String {
+        let [serial, region, target, status] = text;
+        let [id, created, closed] = nums;
+        self.key.mac(
+            "intents",
+            &[
+                id.to_string().as_bytes(),
+                serial.as_bytes(),
+                region.as_bytes(),
+                target.as_bytes(),
+                created.to_string().as_bytes(),
+                status.as_bytes(),
+                closed.to_string().as_bytes(),
+            ],
+        )
+    }
+
+    /// Open intents of a device; Err(Tampered) if any row fails its MAC.
+    fn open_intents(&mut self, serial: &str) -> Result<Vec<Intent>> {
+        let rows = self.db.query(
+            "SELECT id, region, target, created_at, status, closed_at, mac FROM intents WHERE serial = $1 AND status = 'open' ORDER BY id",
+            &[serial.into()],
+        )?;
+        let mut out = Vec::new();
+        for r in rows {
+            if r.len() != 7 {
+                continue;
+            }
+            let id = r[0].i64("id")?;
+            let region_s = r[1].text("region")?;
+            let target_s = r[2].text("target")?;
+            let created = r[3].i64("created_at")?;
+            let status = r[4].text("status")?;
+            let closed = r[5].i64("closed_at")?;
+            let mac = r[6].text("mac")?;
+            let want = self.intent_mac(
+                [serial, &region_s, &target_s, &status],
+                [id, created, closed],
+            );
+            let tampered = || Error::Tampered {
+                table: "intents",
+                row: id.to_string(),
+            };
+            if want != mac {
+                return Err(tampered());
+            }
+            let region = Region::parse(&region_s).ok_or_else(tampered)?;
+            let target = parse_hash(&target_s).map_err(|_| tampered())?;
+            out.push(Intent { id, region, target });
+        }
+        Ok(out)
+    }
+
+    fn close_intent(&mut self, serial: &str, it: &Intent, outcome: IntentOutcome) -> Result<()> {
+        let rows = self.db.query(
+            "SELECT created_at FROM intents WHERE id = $1",
+            &[Val::I64(it.id)],
+        )?;
+        let created = match rows.first().and_then(|r| r.first()) {
+            Some(v) => v.i64("created_at")?,
+            None => return Ok(()),
+        };
+        let closed = now_ms();
+        let target = hex::encode(it.target);
+        let mac = self.intent_mac(
+            [serial, it.region.name(), &target, outcome.name()],
+            [it.id, created, closed],
+        );
+        self.db.exec(
+            "UPDATE intents SET status = $2, closed_at = $3, mac = $4 WHERE id = $1",
+            &[
+                Val::I64(it.id),
+                outcome.name().into(),
+                Val::I64(closed),
+                mac.into(),
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn log_update(&mut self, serial: &str, region: Region, outcome: &str) -> Result<()> {
+        let at = now_ms();
+        let mac = self.key.mac(
+            "update_log",
+            &[
+                serial.as_bytes(),
+                at.to_string().as_bytes(),
+                region.name().as_bytes(),
+                outcome.as_bytes(),
+            ],
+        );
+        self.db.exec(
+            "INSERT INTO update_log (serial, at, region, outcome, mac) VALUES ($1,$2,$3,$4,$5)",
+            &[
+                serial.into(),
+                Val::I64(at),
+                region.name().into(),
+                outcome.into(),
+                mac.into(),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Record the intent to flash `region` of a device with the catalog image
+    /// `target`, BEFORE flashing. Refused for an unknown device, a held device, an
+    /// image not in the catalog, or past the rate limit. The device is not trusted
+    /// again until a verify (or [`Service::commit_update`]) passes.
+    pub fn begin_update(&mut self, serial: u64, region: Region, target: &str) -> Result<i64> {
+        let key = serial_key(serial);
+        let target_h = parse_hash(target)?;
+        let target_s = hex::encode(target_h);
+        let limit = self.rate_limit;
+        self.tx(|s| {
+            point("begin_update: start");
+            let (mut rec, intact) = s
+                .load_raw(&key, true)?
+                .ok_or_else(|| Error::UnknownDevice(key.clone()))?;
+            if !intact {
+                return Err(Error::Tampered { table: "devices", row: key.clone() });
+            }
+            if !rec.hold.is_empty() {
+                return Err(Error::Update {
+                    serial: key.clone(),
+                    detail: format!("device is held in quarantine: {}", rec.hold),
+                });
+            }
+            if rec.state == DeviceState::Locked {
+                return Err(Error::Update {
+                    serial: key.clone(),
+                    detail: "the device is locked (fuse blown): every flash command would be refused; page a human".into(),
+                });
+            }
+            let cat = s.catalog_lookup(&[target_h; 3])?;
+            if !cat.iter().any(|c| c.intact && c.region == region && c.sha256 == target_s) {
+                return Err(Error::Update {
+                    serial: key.clone(),
+                    detail: format!("{region} image {target_s} is not in the catalog"),
+                });
+            }
+            let since = now_ms().saturating_sub(limit.window_s.saturating_mul(1000));
+            let rows = s.db.query(
+                "SELECT COUNT(*) FROM update_log WHERE serial = $1 AND at > $2 AND outcome = 'begun'",
+                &[key.clone().into(), Val::I64(since)],
+            )?;
+            let count = match rows.first().and_then(|r| r.first()) {
+                Some(v) => v.i64("count")?,
+                None => 0,
+            };
+            if count >= limit.max {
+                return Err(Error::RateLimited {
+                    serial: key.clone(),
+                    count,
+                    limit: limit.max,
+                    window_s: limit.window_s,
+                });
+            }
+            point("begin_update: checked");
+            let created = now_ms();
+            s.db.exec(
+                "INSERT INTO intents (serial, region, target, created_at, status, closed_at, mac) VALUES ($1,$2,$3,$4,'open',0,'')",
+                &[key.clone().into(), region.name().into(), target_s.clone().into(), Val::I64(created)],
+            )?;
+            let rows = s.db.query(
+                "SELECT MAX(id) FROM intents WHERE serial = $1",
+                &[key.clone().into()],
+            )?;
+            let id = match rows.first().and_then(|r| r.first()) {
+                Some(v) => v.i64("id")?,
+                None => return Err(Error::db("recording the intent", "no id")),
+            };
+            let mac = s.intent_mac([&key, region.name(), &target_s, "open"], [id, created, 0]);
+            s.db.exec("UPDATE intents SET mac = $2 WHERE id = $1", &[Val::I64(id), mac.into()])?;
+            point("begin_update: intent");
+            s.log_update(&key, region, "begun")?;
+            if rec.state == DeviceState::Trusted {
+                rec.state = DeviceState::Unknown;
+            }
+            rec.reason = format!("update {id} of {region} in progress");
+            s.write_device(&rec, false)?;
+            point("begin_update: device");
+            Ok(id)
+        })
+    }
+
+    /// After flashing: read the device and close intent `id` if the region holds the
+    /// intended image (the same decision a verify makes, so a crash between flashing
+    /// and this call is resolved by the next verify).
+    pub fn commit_update(
+        &mut self,
+        serial: u64,
+        id: i64,
+        source: &mut dyn CounterSource,
+    ) -> Result<VerifyReport> {
+        let key = serial_key(serial);
+        let open = self.open_intents(&key)?;
+        if !open.iter().any(|i| i.id == id) {
+            return Err(Error::UnknownIntent { serial: key, id });
+        }
+        let mut rep = self.verify(serial, source)?;
+        if !rep
+            .decision
+            .intents
+            .iter()
+            .any(|(i, o)| *i == id && *o == IntentOutcome::Committed)
+        {
+            rep.decision.reasons.push(format!(
+                "intent {id} not committed: the device does not hold its image"
+            ));
+        }
+        Ok(rep)
+    }
+
+    // ---- verify ----------------------------------------------------------
+
+    /// Read the device through `source` and decide. Fail closed: an unreadable
+    /// device is recorded as `unverifiable`, never trusted. Err only when the device
+    /// is not enrolled or the database itself fails (also never trusted).
+    pub fn verify(&mut self, serial: u64, source: &mut dyn CounterSource) -> Result<VerifyReport> {
+        let obs = (|| {
+            let id = source.serial()?;
+            if id != serial {
+                return Err(Error::Source {
+                    source_name: source.name(),
+                    detail: format!(
+                        "the device there identifies as {}, not {}",
+                        serial_key(id),
+                        serial_key(serial)
+                    ),
+                });
+            }
+            source.observe()
+        })();
+        point("verify: observed");
+        self.verify_observation(serial, obs.map_err(|e| e.to_string()))
+    }
+
+    /// Decide on an observation already read (or the error that prevented it).
+    pub fn verify_observation(
+        &mut self,
+        serial: u64,
+        obs: std::result::Result<Observation, String>,
+    ) -> Result<VerifyReport> {
+        let key = serial_key(serial);
+        self.tx(|s| s.verify_in_tx(&key, obs))
+    }
+
+    /// Verify many devices in one transaction (a rack after a campaign; the benchmark).
+    /// Every device must be enrolled: an unknown one fails the whole batch (nothing
+    /// is stored). Rows are read up front and history rows written together, so a
+    /// batch costs few round trips on PostgreSQL.
+    pub fn verify_batch(&mut self, items: &[(u64, Observation)]) -> Result<Vec<VerifyReport>> {
+        let r = self.tx(|s| {
+            let keys: Vec<String> = items.iter().map(|(k, _)| serial_key(*k)).collect();
+            let pre = s.prefetch(&keys)?;
+            s.prefetched = Some(pre);
+            s.pending_history = Some(Vec::with_capacity(items.len()));
+            let mut out = Vec::with_capacity(items.len());
+            for (key, (_, obs)) in keys.iter().zip(items) {
+                out.push(s.verify_in_tx(key, Ok(obs.clone()))?);
+            }
+            s.prefetched = None;
+            let rows = s.pending_history.take().unwrap_or_default();
+            s.insert_history(rows)?;
+            point("verify_batch: history");
+            Ok(out)
+        });
+        self.prefetched = None;
+        self.pending_history = None;
+        r
+    }
+
+    fn verify_in_tx(
+        &mut self,
+        key: &str,
+        obs: std::result::Result<Observation, String>,
+    ) -> Result<VerifyReport> {
+        point("verify: start");
+        let (mut rec, intact) = self
+            .load_raw(key, true)?
+            .ok_or_else(|| Error::UnknownDevice(key.to_string()))?;
+        let expected_before = rec.expected.clone();
+        let expected_json = serde_json::to_string(&rec.expected).unwrap_or_default();
+        // History keeps the observation; "same" when it equals the expected values
+        // (the common case), "" when the device could not be read.
+        let observed_json = match &obs {
+            Ok(o) if o.as_expected() == rec.expected && !o.report.fuse => "same".to_string(),
+            Ok(o) => serde_json::to_string(o).unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        let mut d = if !intact {
+            Decision::tampered(format!(
+                "device record {key}: MAC mismatch (edited outside the service); held until re-enrolled"
+            ))
+        } else if !rec.hold.is_empty() {
+            let mut d = Decision::tampered(format!("held in quarantine: {}", rec.hold));
+            d.reasons
+                .push("re-enrol the device (--replace) after investigating".into());
+            d
+        } else {
+            match &obs {
+                Err(e) => Decision::unverifiable(format!("device could not be read: {e}")),
+                Ok(o) => match self.decide_for(key, &rec.expected, o) {
+                    Ok(d) => d,
+                    Err(Error::Tampered { table, row }) => Decision::tampered(format!(
+                        "{table} row {row}: MAC mismatch (edited outside the service); held until re-enrolled"
+                    )),
+                    Err(e) => return Err(e),
+                },
+            }
+        };
+        point("verify: decided");
+        // Apply.
+        let old_state = rec.state;
+        // Tampering, rollback and a bypassed counter hold the device until an
+        // operator re-enrols it (the stored values are kept for the investigation).
+        if rec.hold.is_empty()
+            && (!intact
+                || d.verdict == Verdict::RolledBack
+                || (d.verdict == Verdict::Quarantined && !d.recoverable))
+        {
+            rec.hold = d.reasons.join("; ");
+        }
+        rec.state = match d.verdict {
+            // Fail closed, but never soften a worse state.
+            Verdict::Unverifiable => match old_state {
+                DeviceState::Quarantined | DeviceState::Locked | DeviceState::NeedsReflash => {
+                    old_state
+                }
+                _ => DeviceState::Unknown,
+            },
+            _ => d.state,
+        };
+        d.state = rec.state;
+        if d.rebaseline {
+            if let Ok(o) = &obs {
+                rec.expected = o.as_expected();
+            }
+        }
+        if rec.state == DeviceState::Trusted {
+            rec.verified_at = now_ms();
+        }
+        rec.reason = if d.reasons.is_empty() {
+            d.verdict.to_string()
+        } else {
+            format!("{}: {}", d.verdict, d.reasons.join("; "))
+        };
+        if intact || d.verdict == Verdict::Quarantined {
+            // A tampered row is rewritten with state quarantined and a hold.
+            if !intact {
+                rec.state = DeviceState::Quarantined;
+            }
+            self.write_device(&rec, false)?;
+        }
+        point("verify: device written");
+        if intact && !d.intents.is_empty() {
+            let open = self.open_intents(key)?;
+            for (id, outcome) in d.intents.clone() {
+                if let Some(it) = open.iter().find(|i| i.id == id) {
+                    self.close_intent(key, it, outcome)?;
+                    point("verify: intent closed");
+                }
+            }
+        }
+        self.record_history(key, &d, &observed_json, &expected_json)?;
+        point("verify: history");
+        Ok(VerifyReport {
+            serial: key.to_string(),
+            decision: d,
+            observed: obs.ok(),
+            expected: Some(expected_before),
+        })
+    }
+
+    fn decide_for(&mut self, key: &str, exp: &Expected, o: &Observation) -> Result<Decision> {
+        // Intents only matter when something was counted (decide closes or weighs
+        // them only then); skip the query on the common, unchanged path.
+        let unchanged = o.report.counters == exp.counters
+            && o.report.master == exp.master
+            && o.report.epoch == exp.epoch;
+        let intents = if unchanged {
+            Vec::new()
+        } else {
+            self.open_intents(key)?
+        };
+        let need_catalog = o.hashes != exp.hashes;
+        let cat = if need_catalog {
+            self.catalog_lookup(&o.hashes)?
+        } else {
+            Vec::new()
+        };
+        let mut tampered_cat = Vec::new();
+        for c in &cat {
+            if !c.intact {
+                tampered_cat.push(format!(
+                    "catalog entry {} {} fails its MAC: ignored",
+                    c.region, c.sha256
+                ));
+            }
+        }
+        let lookup = |r: Region, h: &Hash| {
+            let hs = hex::encode(h);
+            cat.iter()
+                .any(|c| c.intact && c.region == r && c.sha256 == hs)
+        };
+        let mut d = decide(exp, o, &lookup, &intents);
+        d.reasons.extend(tampered_cat);
+        Ok(d)
+    }
+
+    /// Whether a device is trusted now: its last verify passed and is no older than
+    /// `max_age`.
+    pub fn is_trusted(&mut self, serial: u64, max_age: std::time::Duration) -> Result<bool> {
+        let r = self.device(serial)?;
+        Ok(r.state == DeviceState::Trusted
+            && r.hold.is_empty()
+            && now_ms() - r.verified_at <= max_age.as_millis() as i64)
+    }
+
+    // ---- master sums and the VMM cross-check -----------------------------
+
+    /// MASTER sums per host or per rack, with the devices in each.
+    pub fn master_sums(&mut self, by: GroupBy) -> Result<Vec<MasterSum>> {
+        let mut groups: std::collections::BTreeMap<String, MasterSum> = Default::default();
+        for (d, intact) in self.devices()? {
+            let g = match by {
+                GroupBy::Host => d.host.clone(),
+                GroupBy::Rack => d.rack.clone(),
+            };
+            let e = groups.entry(g.clone()).or_insert_with(|| MasterSum {
+                group: g,
+                master: 0,
+                devices: Vec::new(),
+            });
+            if intact {
+                e.master += d.expected.master as u64;
+            }
+            e.devices.push((
+                d.serial,
+                d.expected.master,
+                d.state.name().to_string(),
+                intact,
+            ));
+        }
+        Ok(groups.into_values().collect())
+    }
+
+    /// Compare the VMM's count of flash-update attempts it passed to the device over
+    /// a tenancy with the hardware's MASTER delta (`start`, `end` read out of band
+    /// before and after). More hardware attempts than the VMM saw: its trap was
+    /// bypassed; fewer: the device undercounts. Either quarantines the device.
+    pub fn cross_check(
+        &mut self,
+        serial: u64,
+        start: &CounterReport,
+        end: &CounterReport,
+        vmm_attempts: u64,
+    ) -> Result<Decision> {
+        let key = serial_key(serial);
+        let mut d = if end.master < start.master || end.epoch < start.epoch {
+            let mut d = Decision::tampered(format!(
+                "master {} -> {}, epoch {} -> {} over the tenancy: counters went backwards",
+                start.master, end.master, start.epoch, end.epoch
+            ));
+            d.verdict = Verdict::RolledBack;
+            d
+        } else {
+            let hw = (end.master - start.master) as u64;
+            if hw > vmm_attempts {
+                let mut d = Decision::tampered(format!(
+                    "hardware counted {hw} attempts, the VMM saw {vmm_attempts}: {} attempts bypassed the trap",
+                    hw - vmm_attempts
+                ));
+                d.verdict = Verdict::BypassedTrap;
+                d
+            } else if hw < vmm_attempts {
+                let mut d = Decision::tampered(format!(
+                    "the VMM passed {vmm_attempts} attempts, the hardware counted {hw}: the device undercounts"
+                ));
+                d.verdict = Verdict::Undercount;
+                d
+            } else {
+                let mut d = Decision::unverifiable("");
+                d.verdict = Verdict::Trusted;
+                d.severity = Severity::Info;
+                d.reasons = vec![format!("hardware and VMM agree: {hw} attempts")];
+                d
+            }
+        };
+        let obs = serde_json::json!({"start": start, "end": end, "vmm_attempts": vmm_attempts})
+            .to_string();
+        self.tx(|s| {
+            let (mut rec, intact) = s
+                .load_raw(&key, true)?
+                .ok_or_else(|| Error::UnknownDevice(key.clone()))?;
+            let exp = serde_json::to_string(&rec.expected).unwrap_or_default();
+            if d.verdict != Verdict::Trusted {
+                rec.state = DeviceState::Quarantined;
+                rec.hold = d.reasons.join("; ");
+                rec.reason = format!("{}: {}", d.verdict, rec.hold);
+                if !intact {
+                    d.reasons
+                        .push(format!("device record {key} also fails its MAC"));
+                }
+                s.write_device(&rec, false)?;
+            } else {
+                // Agreement does not establish trust by itself: keep the state.
+                d.state = if intact {
+                    rec.state
+                } else {
+                    DeviceState::Quarantined
+                };
+            }
+            if d.verdict != Verdict::Trusted {
+                d.state = DeviceState::Quarantined;
+            }
+            s.record_history(&key, &d, &obs, &exp)?;
+            Ok(())
+        })?;
+        Ok(d)
+    }
+}
