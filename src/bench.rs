@@ -14,6 +14,10 @@ pub const BENCHES: &[(&str, &str)] = &[
         "MMIO register ops/s through the behavioural model vs a plain memory loop",
     ),
     (
+        "counters",
+        "verifications/s over 100,000 enrolled devices: SQLite and PostgreSQL ($HILRIG_TEST_PG) vs the bare decision",
+    ),
+    (
         "vm-exit",
         "hilrig-vmm's MMIO path vs a raw KVM exit loop; exits on an unrestricted page; VM start time",
     ),
@@ -25,6 +29,13 @@ pub fn run(name: &str, seconds: f64) -> Result<Vec<Figure>> {
     let figures = match name {
         "model" => bench_model(budget)?,
         "vm-exit" => hilrig_vmm::bench_vm_exit(budget)?,
+        "counters" => hilrig_counters::bench_counters(
+            budget,
+            std::env::var("HILRIG_TEST_PG")
+                .ok()
+                .filter(|s| !s.is_empty())
+                .as_deref(),
+        )?,
         other => {
             let names: Vec<_> = BENCHES.iter().map(|(n, _)| *n).collect();
             bail!("unknown benchmark {other:?}; known: {}", names.join(", "))

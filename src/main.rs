@@ -36,6 +36,9 @@ enum Cmd {
     /// Firmware images.
     #[command(subcommand)]
     Fw(fw::FwCmd),
+    /// Counters attestation service: enroll, catalog, verify, history, conformance.
+    #[command(subcommand)]
+    Counters(hilrig_counters::CountersCmd),
     /// The KVM VMM: boot guest payloads with the reference device on PCI.
     #[command(subcommand)]
     Vm(VmCmd),
@@ -143,6 +146,7 @@ fn dispatch(cmd: Cmd) -> Result<std::process::ExitCode> {
         Cmd::Device(d) => device(d)?,
         Cmd::Fw(f) => fw::run(f)?,
         Cmd::Vm(VmCmd::Run(args)) => return hilrig_vmm::run_cli(args),
+        Cmd::Counters(c) => return hilrig_counters::run(c),
         Cmd::Bench {
             name,
             list,

@@ -327,3 +327,83 @@ fn signed_images_and_bundles_end_to_end() {
     std::fs::write(d("junk"), b"hello").unwrap();
     assert!(fails(&["fw", "inspect", p(&d("junk"))]).contains("not a firmware file"));
 }
+
+#[test]
+fn counters_service_through_the_hilrig_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n);
+    let db = d("c.db");
+    let key = d("c.key");
+    let st = d("dev.state");
+    let common = |args: &[&str]| {
+        let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        v.extend(["--db".into(), p(&db).into(), "--key".into(), p(&key).into()]);
+        v
+    };
+    let run = |args: Vec<String>| {
+        let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        hilrig(&refs)
+    };
+    ok(&["device", "init", p(&st), "--serial", "77"]);
+    let src = format!("model:{}", p(&st));
+    assert!(run(common(&["counters", "init"])).status.success());
+    assert!(run(common(&["counters", "enroll", "77", "--source", &src]))
+        .status
+        .success());
+    let o = run(common(&["counters", "verify", "77", "--source", &src]));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("trusted"));
+    // Keep the state file as it is now, update the firmware.
+    let old = std::fs::read(&st).unwrap();
+    std::fs::write(d("fw.bin"), [1u8; 64]).unwrap();
+    ok(&[
+        "device",
+        "flash",
+        p(&st),
+        "--region",
+        "firmware",
+        p(&d("fw.bin")),
+    ]);
+    let o = run(common(&["counters", "verify", "77", "--source", &src]));
+    assert!(
+        !o.status.success(),
+        "an image not in the catalog is not trusted"
+    );
+    // The operator approves the image; the next verify accepts the update.
+    let h: serde_json::Value = serde_json::from_str(&ok(&[
+        "device",
+        "oob",
+        p(&st),
+        "hash",
+        "--region",
+        "firmware",
+    ]))
+    .unwrap();
+    let hash = h["sha256"].as_str().unwrap().to_string();
+    let add = common(&[
+        "counters",
+        "catalog",
+        "add",
+        "--region",
+        "firmware",
+        "--approved-by",
+        "test",
+        &hash,
+    ]);
+    assert!(run(add).status.success());
+    let o = run(common(&["counters", "verify", "77", "--source", &src]));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("accepted-update"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let o = run(common(&["counters", "verify", "77", "--source", &src]));
+    assert!(o.status.success(), "trusted after the accepted update");
+    // Restore the old state file: an attack only the simulation allows. Counters went
+    // backwards, which the service must call a rollback.
+    std::fs::write(&st, &old).unwrap();
+    let o = run(common(&["counters", "verify", "77", "--source", &src]));
+    assert!(!o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("rolled-back"), "{out}");
+}
