@@ -1,1 +1,49 @@
-//! Placeholder; see README.md.
+//! hilrig-fpga: the reference device in rust-hdl (see README.md).
+//!
+//! - [`core::DeviceCore`]: the synthesizable device core, decoded from the register
+//!   table; [`bram`], [`uart`]: its building blocks;
+//! - [`Rtl`]: the `rtl` backend, the core simulated in-process;
+//! - [`Lockstep`]: the `lockstep` backend, model and RTL compared on every operation;
+//! - [`difftest`]: seeded random differential testing through `Lockstep`;
+//! - [`bench_rtl`]: the figures of `hilrig bench rtl`.
+#![deny(missing_docs)]
+
+pub mod bench;
+pub mod bram;
+pub mod core;
+pub mod counter;
+pub mod difftest;
+pub mod lockstep;
+pub mod rtl;
+pub mod uart;
+
+pub use bench::bench_rtl;
+pub use lockstep::Lockstep;
+pub use rtl::Rtl;
+
+use hilrig_device::device::{Device, DeviceError};
+use std::path::Path;
+
+/// The device backends this crate provides, by their command-line names
+/// (`--backend rtl|lockstep`).
+pub const BACKENDS: &[&str] = &["rtl", "lockstep"];
+
+/// Why a backend could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The name is not one of `BACKENDS`.
+    #[error("unknown device backend {0:?} (this crate provides: rtl, lockstep)")]
+    Unknown(String),
+    /// Opening failed (state file, configuration).
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+}
+
+/// Open the backend named `name` on the state file at `state`.
+pub fn open_backend(name: &str, state: &Path) -> Result<Box<dyn Device>, BackendError> {
+    Ok(match name {
+        "rtl" => Box::new(Rtl::open(state)?),
+        "lockstep" => Box::new(Lockstep::open(state)?),
+        other => return Err(BackendError::Unknown(other.to_string())),
+    })
+}

@@ -206,7 +206,8 @@ pub struct RegisterDef {
     pub tenant: Perm,
     /// What an operator may do.
     pub operator: Perm,
-    /// Value after reset (for nonvolatile/derived registers: the factory value).
+    /// Value after reset. For nonvolatile registers: the factory value. For derived
+    /// registers it is computed (e.g. FLASH_DATA reads flash); the doc says from what.
     pub reset: u32,
     /// Volatile, nonvolatile or derived.
     pub persistence: Persistence,
@@ -327,7 +328,7 @@ registers! {
         "Selected flash region: 0 VBIOS, 1 FIRMWARE, 2 CONFIG (bits 1:0 stored)";
     FlashAddr "FLASH_ADDR" @ 0x1004 x 1: Rw, tenant None, operator Rw, reset 0, Volatile, "flash",
         "Byte offset in the selected region (for FLASH_DATA and PROGRAM)";
-    FlashData "FLASH_DATA" @ 0x1008 x 1: Ro, tenant None, operator R, reset 0, Volatile, "flash",
+    FlashData "FLASH_DATA" @ 0x1008 x 1: Ro, tenant None, operator R, reset 0, Derived, "flash",
         "Read window: the flash word at FLASH_ADDR (rounded down to 4) in the selected region; all-ones past its end";
     FlashLen "FLASH_LEN" @ 0x100C x 1: Rw, tenant None, operator Rw, reset 0, Volatile, "flash",
         "PROGRAM length in bytes (multiple of 4)";
@@ -354,7 +355,7 @@ registers! {
     Fuse "FUSE" @ 0x2010 x 1: Ro, tenant R, operator R, reset 0, Nonvolatile, "counters",
         "1 when the fuse is blown (a region counter reached WIDTH)";
     SlotsLeft "SLOTS_LEFT" @ 0x2014 x 1: Ro, tenant R, operator R, reset 0, Derived, "counters",
-        "WIDTH minus the largest region counter: attempts left before the fuse blows";
+        "WIDTH minus the largest region counter: attempts left before the fuse blows (WIDTH on a fresh device)";
     Width "WIDTH" @ 0x2018 x 1: Ro, tenant R, operator R, reset 0, Nonvolatile, "counters",
         "Counter budget: thermometer width in bits (1..=64)";
     Epoch "EPOCH" @ 0x201C x 1: Ro, tenant R, operator R, reset 0, Nonvolatile, "counters",

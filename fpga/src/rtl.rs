@@ -1,0 +1,438 @@
+//! The `rtl` backend: the rust-hdl device core simulated in-process, driven
+//! directly (set inputs, settle, toggle the clock) — no `simple_sim!` threads.
+
+use crate::core::{CoreParams, DeviceCore};
+use crate::counter::settle;
+use hilrig_device::device::{Device, DeviceError, ResetKind};
+use hilrig_device::regmap::{Region, BAR0_SIZE};
+use hilrig_device::state::{NvState, StateError};
+use rust_hdl::prelude::*;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// Cycles a single access may take before the backend gives up (a hung state
+/// machine would otherwise spin forever).
+const MAX_CYCLES_PER_ACCESS: u64 = 50_000_000;
+
+/// A growable byte buffer shared with a VCD writer.
+#[derive(Clone, Default)]
+struct SharedBuf(Arc<Mutex<Vec<u8>>>);
+
+impl SharedBuf {
+    fn take(&self) -> Vec<u8> {
+        self.0
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default()
+    }
+    fn snapshot(&self) -> Vec<u8> {
+        self.0.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+}
+
+impl Write for SharedBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .map_err(|_| std::io::Error::other("VCD buffer poisoned"))?
+            .extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Records the last cycles as VCD: a window of `window` cycles, plus the one before.
+struct Tracer {
+    window: u64,
+    start: u64,
+    buf: SharedBuf,
+    probe: Option<rust_hdl::core::vcd_probe::VCDProbe<SharedBuf>>,
+    prev: Vec<u8>,
+}
+
+/// Simulated time of one clock period in the VCD (10 ns: 100 MHz).
+const PERIOD_PS: u64 = 10_000;
+
+impl Tracer {
+    fn begin(&mut self, core: &DeviceCore, cycle: u64) {
+        self.probe = None;
+        self.prev = self.buf.take();
+        let mut p = write_vcd_header(self.buf.clone(), core);
+        let _ = p.timestamp(cycle * PERIOD_PS);
+        self.probe = Some(write_vcd_dump(p, core));
+        self.start = cycle;
+    }
+    fn sample(&mut self, core: &DeviceCore, ts: u64) {
+        if let Some(mut p) = self.probe.take() {
+            let _ = p.timestamp(ts);
+            self.probe = Some(write_vcd_change(p, core));
+        }
+    }
+}
+
+/// The RTL backend.
+pub struct Rtl {
+    core: Box<DeviceCore>,
+    /// The parts of the nonvolatile state that live outside the core's registers and
+    /// RAMs (geometry, serial, keys), and a cache of the rest.
+    nv: NvState,
+    store: Option<PathBuf>,
+    cycles: u64,
+    saves: u64,
+    inputs_dirty: bool,
+    tracer: Option<Box<Tracer>>,
+}
+
+impl Rtl {
+    /// An RTL device of `nv` kept in memory only (no state file).
+    pub fn new(nv: NvState) -> Result<Rtl, DeviceError> {
+        nv.config
+            .validate()
+            .map_err(|e| DeviceError::State(StateError::Config(e)))?;
+        let mut core = Box::new(DeviceCore::new(CoreParams::of(&nv)));
+        core.flash0.load_bytes(&nv.flash[0]);
+        core.flash1.load_bytes(&nv.flash[1]);
+        core.flash2.load_bytes(&nv.flash[2]);
+        core.keys.load_bytes(&nv.device_key);
+        core.connect_all();
+        let mut rtl = Rtl {
+            core,
+            nv,
+            store: None,
+            cycles: 0,
+            saves: 0,
+            inputs_dirty: true,
+            tracer: None,
+        };
+        rtl.settle_inputs();
+        let nv = rtl.nv.clone();
+        rtl.load_nv(&nv);
+        Ok(rtl)
+    }
+
+    /// Open the device whose nonvolatile state is in `path` (the same state-file
+    /// format as the model). A bad file is refused and left untouched.
+    pub fn open(path: &Path) -> Result<Rtl, DeviceError> {
+        let nv = NvState::load(path)?;
+        let mut r = Rtl::new(nv)?;
+        r.store = Some(path.to_path_buf());
+        Ok(r)
+    }
+
+    /// Create a new state file at `path` holding `nv` and open it. Refuses to replace
+    /// an existing file.
+    pub fn create(path: &Path, nv: NvState) -> Result<Rtl, DeviceError> {
+        if path.exists() {
+            return Err(DeviceError::State(StateError::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "already exists; refusing to replace a device's state",
+                ),
+            }));
+        }
+        let mut r = Rtl::new(nv)?;
+        r.store = Some(path.to_path_buf());
+        r.persist()?;
+        Ok(r)
+    }
+
+    /// Clock cycles simulated so far.
+    pub fn cycles(&self) -> u64 {
+        self.cycles
+    }
+
+    /// State-file saves so far.
+    pub fn saves(&self) -> u64 {
+        self.saves
+    }
+
+    /// The state file, if any.
+    pub fn store(&self) -> Option<&Path> {
+        self.store.as_deref()
+    }
+
+    /// Whether the device is wedged by the hang magic.
+    pub fn is_hung(&self) -> bool {
+        self.core.hung_out.val()
+    }
+
+    /// The Verilog of this device's core, with the RAMs' current contents (flash,
+    /// keys, buffers) as initial values: generate it before simulating to get the
+    /// device as configured.
+    pub fn verilog(&self) -> String {
+        generate_verilog(&*self.core)
+    }
+
+    /// The simulated circuit (for test benches).
+    pub fn core(&self) -> &DeviceCore {
+        &self.core
+    }
+
+    /// The nonvolatile state, read back from the circuit's registers and RAMs.
+    pub fn nv(&self) -> NvState {
+        let c = &self.core;
+        let mut nv = self.nv.clone();
+        let join = |lo: u32, hi: u32| ((hi as u64) << 32) | lo as u64;
+        nv.counters = [
+            join(c.nv_ctr0_lo.val().to_u32(), c.nv_ctr0_hi.val().to_u32()),
+            join(c.nv_ctr1_lo.val().to_u32(), c.nv_ctr1_hi.val().to_u32()),
+            join(c.nv_ctr2_lo.val().to_u32(), c.nv_ctr2_hi.val().to_u32()),
+        ];
+        nv.master = c.nv_master.val().to_u32();
+        nv.fuse = c.nv_fuse.val();
+        nv.epoch = c.nv_epoch.val().to_u32();
+        c.flash0.copy_to(&mut nv.flash[0]);
+        c.flash1.copy_to(&mut nv.flash[1]);
+        c.flash2.copy_to(&mut nv.flash[2]);
+        nv
+    }
+
+    fn settle_inputs(&mut self) {
+        if self.inputs_dirty {
+            settle(&mut *self.core);
+            self.inputs_dirty = false;
+        }
+    }
+
+    /// One clock cycle: settle changed inputs, rising edge, falling edge.
+    ///
+    /// The top-level clock input is moved on its own before the rising-edge settle
+    /// (it drives nothing but the clock inputs below it), which saves a pass. The
+    /// falling edge acts on nothing: `DeviceCore::clock_low` fans it out without a
+    /// pass.
+    #[inline]
+    pub fn tick(&mut self) {
+        self.settle_inputs();
+        let c = &mut *self.core;
+        c.clock.next = Clock { clk: true };
+        c.clock.update_all();
+        settle(c);
+        c.clock_low();
+        if let Some(t) = &mut self.tracer {
+            if self.cycles - t.start >= t.window {
+                t.begin(c, self.cycles);
+            }
+            t.sample(c, self.cycles * PERIOD_PS + PERIOD_PS / 2);
+        }
+        self.cycles += 1;
+    }
+
+    /// Record the last `window` to `2 x window` cycles as VCD (slow: every signal is
+    /// visited each cycle). See `write_vcd`.
+    pub fn trace_vcd(&mut self, window: u64) {
+        let mut t = Box::new(Tracer {
+            window: window.max(1),
+            start: 0,
+            buf: SharedBuf::default(),
+            probe: None,
+            prev: Vec::new(),
+        });
+        t.begin(&self.core, self.cycles);
+        self.tracer = Some(t);
+    }
+
+    /// Write the recorded cycles: the current window to `path` and, if there is one,
+    /// the window before it to `path` with `.prev.vcd` appended. Returns the files
+    /// written (none if tracing is off).
+    pub fn write_vcd(&self, path: &Path) -> std::io::Result<Vec<PathBuf>> {
+        let Some(t) = &self.tracer else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        hilrig_device::state::write_atomic(path, &t.buf.snapshot())?;
+        out.push(path.to_path_buf());
+        if !t.prev.is_empty() {
+            let mut p = path.as_os_str().to_owned();
+            p.push(".prev.vcd");
+            let p = PathBuf::from(p);
+            hilrig_device::state::write_atomic(&p, &t.prev)?;
+            out.push(p);
+        }
+        Ok(out)
+    }
+
+    /// Load the nonvolatile registers from `nv` (counters, MASTER, fuse, EPOCH).
+    fn load_nv(&mut self, nv: &NvState) {
+        let c = &mut *self.core;
+        let lo = |v: u64| -> Bits<32> { (v & 0xffff_ffff).into() };
+        let hi = |v: u64| -> Bits<32> { (v >> 32).into() };
+        c.nv_ctr0_lo_in.next = lo(nv.counters[0]);
+        c.nv_ctr0_hi_in.next = hi(nv.counters[0]);
+        c.nv_ctr1_lo_in.next = lo(nv.counters[1]);
+        c.nv_ctr1_hi_in.next = hi(nv.counters[1]);
+        c.nv_ctr2_lo_in.next = lo(nv.counters[2]);
+        c.nv_ctr2_hi_in.next = hi(nv.counters[2]);
+        let cnt = nv.counter_values();
+        c.nv_cnt0_in.next = (cnt[0] as u64).into();
+        c.nv_cnt1_in.next = (cnt[1] as u64).into();
+        c.nv_cnt2_in.next = (cnt[2] as u64).into();
+        c.nv_master_in.next = (nv.master as u64).into();
+        c.nv_fuse_in.next = nv.fuse;
+        c.nv_epoch_in.next = (nv.epoch as u64).into();
+        c.nv_load.next = true;
+        self.inputs_dirty = true;
+        self.tick();
+        self.core.nv_load.next = false;
+        self.inputs_dirty = true;
+    }
+
+    fn persist(&mut self) -> Result<(), DeviceError> {
+        if let Some(p) = &self.store {
+            let nv = self.nv();
+            nv.save(p).map_err(|source| DeviceError::Persist {
+                path: p.clone(),
+                source,
+            })?;
+            self.saves += 1;
+        }
+        Ok(())
+    }
+
+    /// Run until the core is ready for an access, serving persist requests.
+    fn run_until_ready(&mut self) -> Result<(), DeviceError> {
+        let start = self.cycles;
+        while !self.core.ready.val() {
+            if self.core.persist_req.val() {
+                let r = self.persist();
+                if r.is_ok() {
+                    self.core.persist_ack.next = true;
+                } else {
+                    self.core.persist_nak.next = true;
+                }
+                self.inputs_dirty = true;
+                self.tick();
+                self.core.persist_ack.next = false;
+                self.core.persist_nak.next = false;
+                self.inputs_dirty = true;
+                r?;
+                continue;
+            }
+            if self.cycles - start > MAX_CYCLES_PER_ACCESS {
+                return Err(DeviceError::Transport {
+                    what: "rtl simulation".into(),
+                    detail: format!(
+                        "the core did not become ready within {MAX_CYCLES_PER_ACCESS} cycles"
+                    ),
+                });
+            }
+            self.tick();
+        }
+        Ok(())
+    }
+
+    /// One bus access: returns the read data (0 for writes).
+    fn access(
+        &mut self,
+        rom: bool,
+        addr: u32,
+        we: bool,
+        wdata: u32,
+        be: u8,
+    ) -> Result<u32, DeviceError> {
+        self.run_until_ready()?;
+        let c = &mut *self.core;
+        c.strobe.next = true;
+        c.addr.next = ((addr >> 2) as u64).into();
+        c.we.next = we;
+        c.wdata.next = (wdata as u64).into();
+        c.be.next = (be as u64).into();
+        c.rom_sel.next = rom;
+        self.inputs_dirty = true;
+        self.tick();
+        // ack and rdata come from registers: settled by the rising edge. Dropping the
+        // strobe is settled at the start of the next tick.
+        self.core.strobe.next = false;
+        self.core.rom_sel.next = false;
+        self.inputs_dirty = true;
+        if !self.core.ack.val() {
+            return Err(DeviceError::Transport {
+                what: "rtl simulation".into(),
+                detail: format!("no ack for the access at {addr:#x}"),
+            });
+        }
+        let v = self.core.rdata.val().to_u32();
+        self.tick();
+        self.run_until_ready()?;
+        Ok(v)
+    }
+}
+
+impl Device for Rtl {
+    fn read_word(&mut self, word: u32, mask: u8) -> Result<u32, DeviceError> {
+        debug_assert!((word as u64) < BAR0_SIZE && word % 4 == 0);
+        self.access(false, word, false, 0, mask)
+    }
+
+    fn write_word(&mut self, word: u32, value: u32, mask: u8) -> Result<(), DeviceError> {
+        debug_assert!((word as u64) < BAR0_SIZE && word % 4 == 0);
+        self.access(false, word, true, value, mask).map(|_| ())
+    }
+
+    fn rom_size(&self) -> u64 {
+        self.nv.config.region_size(Region::Vbios) as u64
+    }
+
+    fn rom_read(&mut self, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+        let size = self.rom_size();
+        let end = offset.checked_add(data.len() as u64);
+        if end.is_none_or(|e| e > size) {
+            return Err(DeviceError::RomRange {
+                offset,
+                len: data.len(),
+                size,
+            });
+        }
+        let mut pos = offset;
+        let mut i = 0;
+        while i < data.len() {
+            let word = pos & !3;
+            let v = self.access(true, word as u32, false, 0, 0xf)?.to_le_bytes();
+            let b = (pos - word) as usize;
+            let n = (4 - b).min(data.len() - i);
+            data[i..i + n].copy_from_slice(&v[b..b + n]);
+            i += n;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self, _kind: ResetKind) -> Result<(), DeviceError> {
+        // Reset, FLR and power cycle all clear volatile state (the core's Clear state
+        // walks the buffer RAM); nonvolatile registers and RAMs are kept, and are
+        // already durable.
+        self.run_until_ready()?;
+        self.core.reset.next = true;
+        self.inputs_dirty = true;
+        self.tick();
+        self.core.reset.next = false;
+        self.inputs_dirty = true;
+        self.tick();
+        self.run_until_ready()
+    }
+
+    fn oob(&mut self, request: &[u8]) -> Result<Vec<u8>, DeviceError> {
+        // Served from the nonvolatile state read back from the circuit (the OOB UART
+        // RTL is not written yet); a physical reset is loaded back into the core.
+        self.run_until_ready()?;
+        let mut nv = self.nv();
+        let before = nv.clone();
+        let store = self.store.clone();
+        let mut saves = 0;
+        let out = hilrig_device::oob::serve(&mut nv, request, &mut |nv| match &store {
+            Some(p) => {
+                saves += 1;
+                nv.save(p).is_ok()
+            }
+            None => true,
+        });
+        self.saves += saves;
+        if nv != before {
+            self.load_nv(&nv);
+        }
+        Ok(out)
+    }
+}
