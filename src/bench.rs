@@ -14,6 +14,10 @@ pub const BENCHES: &[(&str, &str)] = &[
         "MMIO register ops/s through the behavioural model vs a plain memory loop",
     ),
     (
+        "rtl",
+        "RTL cycles/s and MMIO ops/s vs the model, and the simple_sim! harness rate",
+    ),
+    (
         "counters",
         "verifications/s over 100,000 enrolled devices: SQLite and PostgreSQL ($HILRIG_TEST_PG) vs the bare decision",
     ),
@@ -29,6 +33,7 @@ pub fn run(name: &str, seconds: f64) -> Result<Vec<Figure>> {
     let figures = match name {
         "model" => bench_model(budget)?,
         "vm-exit" => hilrig_vmm::bench_vm_exit(budget)?,
+        "rtl" => hilrig_fpga::bench_rtl(budget)?,
         "counters" => hilrig_counters::bench_counters(
             budget,
             std::env::var("HILRIG_TEST_PG")

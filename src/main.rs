@@ -29,6 +29,9 @@ enum Cmd {
         /// Keep the run's files in this directory instead of a temporary one.
         #[arg(long)]
         keep: Option<PathBuf>,
+        /// Device backend: model, rtl or lockstep.
+        #[arg(long, default_value = "model")]
+        backend: String,
     },
     /// The reference device: register map, state files, OOB, flashing.
     #[command(subcommand)]
@@ -101,6 +104,9 @@ enum DeviceCmd {
         /// Response timeout in milliseconds for a serial target.
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
+        /// Backend for a state-file target: model, rtl or lockstep.
+        #[arg(long, default_value = "model")]
+        backend: String,
     },
     /// Program an image into a region through the in-band flash controller, as an operator.
     Flash {
@@ -111,6 +117,9 @@ enum DeviceCmd {
         region: String,
         /// The image file.
         image: PathBuf,
+        /// Device backend: model, rtl or lockstep.
+        #[arg(long, default_value = "model")]
+        backend: String,
     },
     /// Serve a state-file device's OOB port on a new PTY; prints the PTY's path.
     ServeOob {
@@ -119,6 +128,9 @@ enum DeviceCmd {
         /// Stop after this many seconds (default: run until killed).
         #[arg(long)]
         seconds: Option<f64>,
+        /// Device backend: model, rtl or lockstep.
+        #[arg(long, default_value = "model")]
+        backend: String,
     },
 }
 
@@ -142,7 +154,7 @@ fn main() -> std::process::ExitCode {
 fn dispatch(cmd: Cmd) -> Result<std::process::ExitCode> {
     use std::process::ExitCode;
     match cmd {
-        Cmd::Run { keep } => return smoke::run(keep.as_deref()),
+        Cmd::Run { keep, backend } => return smoke::run(keep.as_deref(), &backend),
         Cmd::Device(d) => device(d)?,
         Cmd::Fw(f) => fw::run(f)?,
         Cmd::Vm(VmCmd::Run(args)) => return hilrig_vmm::run_cli(args),
@@ -197,6 +209,7 @@ fn device(cmd: DeviceCmd) -> Result<()> {
             key,
             baud,
             timeout_ms,
+            backend,
         } => {
             let req = match request.as_str() {
                 "identify" => Request::Identify,
@@ -216,19 +229,28 @@ fn device(cmd: DeviceCmd) -> Result<()> {
                     "unknown OOB request {other:?}; use identify, counters, hash or physical-reset"
                 ),
             };
-            let resp = oob_request(&target, &req, baud, Duration::from_millis(timeout_ms))?;
+            let resp = oob_request(
+                &target,
+                &req,
+                baud,
+                Duration::from_millis(timeout_ms),
+                &backend,
+            )?;
             println!("{}", serde_json::to_string_pretty(&resp)?);
         }
         DeviceCmd::Flash {
             state,
             region,
             image,
+            backend,
         } => {
             let region = parse_region(&region)?;
             let img = std::fs::read(&image)
                 .with_context(|| format!("reading image {}", image.display()))?;
-            let mut m = Model::open(&state)?;
-            let size = m.nv().config.region_size(region);
+            let size = hilrig_device::NvState::load(&state)?
+                .config
+                .region_size(region);
+            let mut m = open_device(&backend, &state)?;
             if img.is_empty() || img.len() > size as usize {
                 bail!(
                     "image {} is {} bytes; the {region} region holds 1 to {size}",
@@ -236,10 +258,10 @@ fn device(cmd: DeviceCmd) -> Result<()> {
                     img.len()
                 );
             }
-            let before = oob::read_counters(&mut m)?;
-            let attempts = hilrig_device::model::ops::flash_region(&mut m, region, &img)
+            let before = oob::read_counters(&mut *m)?;
+            let attempts = hilrig_device::model::ops::flash_region(&mut *m, region, &img)
                 .with_context(|| format!("flashing {} into {region}", image.display()))?;
-            let after = oob::read_counters(&mut m)?;
+            let after = oob::read_counters(&mut *m)?;
             println!(
                 "flashed {} bytes into {region} with {attempts} attempts; {region} counter {} -> {}, master {} -> {}, slots left {}",
                 img.len(),
@@ -250,14 +272,18 @@ fn device(cmd: DeviceCmd) -> Result<()> {
                 after.slots_left
             );
         }
-        DeviceCmd::ServeOob { state, seconds } => {
-            let mut m = Model::open(&state)?;
+        DeviceCmd::ServeOob {
+            state,
+            seconds,
+            backend,
+        } => {
+            let mut m = open_device(&backend, &state)?;
             let server = oob::PtyServer::new().context("creating a PTY")?;
             println!("{}", server.path());
             use std::io::Write;
             std::io::stdout().flush()?;
             let deadline = seconds.map(|s| std::time::Instant::now() + Duration::from_secs_f64(s));
-            server.serve(&mut m, &|| {
+            server.serve(&mut *m, &|| {
                 deadline.is_some_and(|d| std::time::Instant::now() > d)
             })?;
         }
@@ -265,8 +291,25 @@ fn device(cmd: DeviceCmd) -> Result<()> {
     Ok(())
 }
 
-/// Send one OOB request to a state file (in-process model) or a serial port.
-fn oob_request(target: &Path, req: &Request, baud: u32, timeout: Duration) -> Result<Response> {
+/// Open the device in state file `state` on backend `backend` (model, rtl, lockstep).
+pub fn open_device(backend: &str, state: &Path) -> Result<Box<dyn Device>> {
+    match backend {
+        "model" => Ok(Box::new(Model::open(state)?)),
+        other if hilrig_fpga::BACKENDS.contains(&other) => {
+            Ok(hilrig_fpga::open_backend(other, state)?)
+        }
+        other => bail!("unknown device backend {other:?}; use model, rtl or lockstep"),
+    }
+}
+
+/// Send one OOB request to a state file (in-process device) or a serial port.
+fn oob_request(
+    target: &Path,
+    req: &Request,
+    baud: u32,
+    timeout: Duration,
+    backend: &str,
+) -> Result<Response> {
     use std::os::unix::fs::FileTypeExt;
     let meta =
         std::fs::metadata(target).with_context(|| format!("OOB target {}", target.display()))?;
@@ -275,8 +318,7 @@ fn oob_request(target: &Path, req: &Request, baud: u32, timeout: Duration) -> Re
         let mut c = OobClient::open_serial(path, baud, timeout)?;
         Ok(c.request(req)?)
     } else {
-        let mut m = Model::open(target)?;
-        let dev: &mut dyn Device = &mut m;
-        Ok(oob::request_device(dev, req)?)
+        let mut dev = open_device(backend, target)?;
+        Ok(oob::request_device(&mut *dev, req)?)
     }
 }

@@ -20,7 +20,7 @@ struct Step {
 
 /// Run the smoke job; exit status 0 when every check passed and the verdict is the
 /// expected one.
-pub fn run(keep: Option<&Path>) -> Result<ExitCode> {
+pub fn run(keep: Option<&Path>, backend: &str) -> Result<ExitCode> {
     let tmp;
     let dir = match keep {
         Some(d) => {
@@ -38,18 +38,19 @@ pub fn run(keep: Option<&Path>) -> Result<ExitCode> {
             .with_context(|| format!("removing old {}", state.display()))?;
     }
     println!(
-        "hilrig smoke run (model device, state file {})",
+        "hilrig smoke run ({backend} device, state file {})",
         state.display()
     );
     let nv = hilrig_fw::factory::device(DeviceConfig::with_width(16), 0x5eed)?;
-    let mut m = Model::create(&state, nv)?;
+    drop(Model::create(&state, nv)?);
+    let mut m = crate::open_device(backend, &state)?;
     let mut steps = Vec::new();
-    let expected0 = oob::read_counters(&mut m)?;
+    let expected0 = oob::read_counters(&mut *m)?;
 
     // 1. An operator updates the firmware region: erase + program = 2 attempts.
     let image: Vec<u8> = (0..8192u32).map(|i| (i * 7) as u8).collect();
-    let attempts = ops::flash_region(&mut m, Region::Firmware, &image)?;
-    let back = ops::read_region(&mut m, Region::Firmware, image.len() as u32)?;
+    let attempts = ops::flash_region(&mut *m, Region::Firmware, &image)?;
+    let back = ops::read_region(&mut *m, Region::Firmware, image.len() as u32)?;
     steps.push(Step {
         what: "operator firmware update reads back",
         ok: back == image && attempts == 2,
@@ -57,7 +58,7 @@ pub fn run(keep: Option<&Path>) -> Result<ExitCode> {
     });
 
     // 2. A program attempt while locked is refused but counted.
-    let r = ops::program(&mut m, Region::Config, 0, 0, &[0u8; 16])?;
+    let r = ops::program(&mut *m, Region::Config, 0, 0, &[0u8; 16])?;
     steps.push(Step {
         what: "locked program refused",
         ok: !r.done(),
@@ -71,7 +72,7 @@ pub fn run(keep: Option<&Path>) -> Result<ExitCode> {
     // 3. The hang magic wedges the device until FLR; OOB still answers.
     m.write32(Reg::HangTrigger.offset(), HANG_MAGIC)?;
     let wedged = m.read32(Reg::Id.offset())? == u32::MAX;
-    let oob_alive = oob::read_counters(&mut m).is_ok();
+    let oob_alive = oob::read_counters(&mut *m).is_ok();
     m.reset(ResetKind::Flr)?;
     let back_up = m.read32(Reg::Id.offset())? != u32::MAX;
     steps.push(Step {
@@ -83,7 +84,7 @@ pub fn run(keep: Option<&Path>) -> Result<ExitCode> {
     // 4. Power cycle: volatile state lost, counters kept (reopen the state file).
     m.write32(Reg::Scratch.offset(), 0xfeed)?;
     drop(m);
-    let mut m = Model::open(&state)?;
+    let mut m = crate::open_device(backend, &state)?;
     let scratch = m.read32(Reg::Scratch.offset())?;
     steps.push(Step {
         what: "power cycle clears volatile state",
@@ -92,13 +93,13 @@ pub fn run(keep: Option<&Path>) -> Result<ExitCode> {
     });
 
     // 5. Read the counters out of band and compare with what the run expects.
-    let actual = oob::read_counters(&mut m)?;
+    let actual = oob::read_counters(&mut *m)?;
     let mut expected = expected0;
     expected.counters[Region::Firmware as usize] += 2;
     expected.counters[Region::Config as usize] += 1;
     expected.master += 3;
     expected.slots_left -= 2;
-    let inband = in_band_counters(&mut m)?;
+    let inband = in_band_counters(&mut *m)?;
     steps.push(Step {
         what: "OOB counters equal in-band counters",
         ok: inband == actual,
