@@ -158,7 +158,11 @@ fn dispatch(cmd: Cmd) -> Result<std::process::ExitCode> {
         Cmd::Device(d) => device(d)?,
         Cmd::Fw(f) => fw::run(f)?,
         Cmd::Vm(VmCmd::Run(args)) => return hilrig_vmm::run_cli(args),
-        Cmd::Counters(c) => return hilrig_counters::run(c),
+        Cmd::Counters(c) => {
+            return hilrig_counters::cli::run_with(c, |b, p| {
+                open_device(b, p).map_err(|e| format!("{e:#}"))
+            })
+        }
         Cmd::Bench {
             name,
             list,

@@ -451,3 +451,25 @@ fn rtl_and_lockstep_backends_behave_like_the_model() {
     assert_eq!(c["counters"], serde_json::json!([0, 0, 2]));
     assert!(fails(&["run", "--backend", "fpga9"]).contains("unknown device backend"));
 }
+
+#[test]
+fn counter_conformance_passes_on_model_and_rtl() {
+    let dir = tempfile::tempdir().unwrap();
+    for b in ["model", "rtl"] {
+        let st = dir.path().join(format!("{b}.state"));
+        ok(&["device", "init", p(&st), "--width", "32", "--serial", "9"]);
+        let out = ok(&[
+            "counters",
+            "conformance",
+            "--target",
+            &format!("{b}:{}", p(&st)),
+        ]);
+        assert!(out.contains("0 failed"), "{b}: {out}");
+        assert!(
+            out.contains("PASS  count-before-act") && out.contains("PASS  persistence"),
+            "{b}: {out}"
+        );
+    }
+    let e = fails(&["counters", "conformance", "--target", "bogus"]);
+    assert!(e.contains("KIND:PATH"), "{e}");
+}

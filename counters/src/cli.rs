@@ -174,14 +174,12 @@ pub enum CountersCmd {
         #[command(flatten)]
         s: SourceArgs,
     },
-    /// The vendor conformance suite against a model state file or a serial device.
+    /// The vendor conformance suite against a simulated device or a vendor's serial device.
     Conformance {
-        /// A model device's state file.
-        #[arg(long, conflicts_with = "serial")]
-        model: Option<PathBuf>,
-        /// A vendor device's OOB serial port.
+        /// model:STATE_FILE, rtl:STATE_FILE, lockstep:STATE_FILE (simulated devices)
+        /// or serial:PORT[,BAUD] (a vendor device's OOB UART).
         #[arg(long)]
-        serial: Option<String>,
+        target: String,
         /// Serial target: command making one attempt ({region} {op} {mode}).
         #[arg(long)]
         attempt_cmd: Option<String>,
@@ -380,6 +378,31 @@ fn source_of(s: &SourceArgs) -> Result<Box<dyn crate::source::CounterSource>> {
 
 /// Run one `hilrig counters` command.
 pub fn run(cmd: CountersCmd) -> Result<ExitCode> {
+    run_with(cmd, model_only)
+}
+
+/// Opens a simulated device by backend name on a state file (for conformance
+/// targets); the `hilrig` binary passes one that knows rtl and lockstep too.
+pub type DeviceOpener =
+    fn(&str, &std::path::Path) -> std::result::Result<Box<dyn hilrig_device::Device>, String>;
+
+/// The opener that knows the model only.
+pub fn model_only(
+    backend: &str,
+    path: &std::path::Path,
+) -> std::result::Result<Box<dyn hilrig_device::Device>, String> {
+    match backend {
+        "model" => hilrig_device::Model::open(path)
+            .map(|m| Box::new(m) as Box<dyn hilrig_device::Device>)
+            .map_err(|e| e.to_string()),
+        other => Err(format!(
+            "backend {other:?} is not available here (this build opens: model)"
+        )),
+    }
+}
+
+/// Run a `hilrig counters` command, opening simulated conformance targets with `open`.
+pub fn run_with(cmd: CountersCmd, open: DeviceOpener) -> Result<ExitCode> {
     match cmd {
         CountersCmd::Init { c } => {
             let kp = c.key_path();
@@ -692,8 +715,7 @@ pub fn run(cmd: CountersCmd) -> Result<ExitCode> {
             });
         }
         CountersCmd::Conformance {
-            model,
-            serial,
+            target,
             attempt_cmd,
             reset_cmd,
             cut_cmd,
@@ -708,12 +730,20 @@ pub fn run(cmd: CountersCmd) -> Result<ExitCode> {
                 burn_fuse,
                 reset_key,
             };
-            let report = match (model, serial) {
-                (Some(p), None) => {
-                    let mut t = DeviceTarget::model_file(&p)?;
-                    conformance::run(&mut t, &opts)
-                }
-                (None, Some(port)) => {
+            let (kind, rest) = target.split_once(':').with_context(|| {
+                format!("--target {target:?}: use KIND:PATH (model, rtl, lockstep or serial)")
+            })?;
+            let report = match kind {
+                "serial" => {
+                    let (port, baud) = match rest.split_once(',') {
+                        Some((p, b)) => (
+                            p.to_string(),
+                            b.parse::<u32>().with_context(|| {
+                                format!("--target {target:?}: baud {b:?} is not a number")
+                            })?,
+                        ),
+                        None => (rest.to_string(), baud),
+                    };
                     let (Some(a), Some(r)) = (attempt_cmd, reset_cmd) else {
                         bail!("a serial target needs --attempt-cmd and --reset-cmd (see the counters README)");
                     };
@@ -728,7 +758,21 @@ pub fn run(cmd: CountersCmd) -> Result<ExitCode> {
                     .map_err(anyhow::Error::msg)?;
                     conformance::run(&mut t, &opts)
                 }
-                _ => bail!("give --model STATE_FILE or --serial PORT"),
+                backend => {
+                    let path = PathBuf::from(rest);
+                    let dev = open(backend, &path)
+                        .map_err(|e| anyhow::anyhow!("--target {target:?}: {e}"))?;
+                    let p2 = path.clone();
+                    let b2 = backend.to_string();
+                    let mut t = DeviceTarget::new(dev, format!("{backend} {}", path.display()))
+                        .with_reopen(Box::new(move || {
+                            open(&b2, &p2).map_err(|e| hilrig_device::DeviceError::Transport {
+                                what: p2.display().to_string(),
+                                detail: e,
+                            })
+                        }));
+                    conformance::run(&mut t, &opts)
+                }
             };
             if json {
                 print_json(&report)?;

@@ -148,8 +148,8 @@ fn init_enroll_catalog_verify_history() {
     assert_eq!(
         go(&[
             "conformance",
-            "--model",
-            &q.display().to_string(),
+            "--target",
+            &format!("model:{}", q.display()),
             "--burn-fuse",
             "--reset-key",
             &key_hex
