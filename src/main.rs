@@ -45,6 +45,8 @@ enum Cmd {
     /// The KVM VMM: boot guest payloads with the reference device on PCI.
     #[command(subcommand)]
     Vm(VmCmd),
+    /// Render JUnit XML, JSON and HTML reports of a campaign run.
+    Report(hilrig_reports::ReportCmd),
     /// Benchmarks: figures with ratios against a baseline measured in the same run.
     Bench {
         /// Benchmark name (see --list).
@@ -158,6 +160,7 @@ fn dispatch(cmd: Cmd) -> Result<std::process::ExitCode> {
         Cmd::Device(d) => device(d)?,
         Cmd::Fw(f) => fw::run(f)?,
         Cmd::Vm(VmCmd::Run(args)) => return hilrig_vmm::run_cli(args),
+        Cmd::Report(r) => return hilrig_reports::run(r),
         Cmd::Counters(c) => {
             return hilrig_counters::cli::run_with(c, |b, p| {
                 open_device(b, p).map_err(|e| format!("{e:#}"))

@@ -1,1 +1,103 @@
-//! Placeholder; see README.md.
+//! `hilrig-reports`: the results model of a campaign run and the reports rendered
+//! from it — JUnit XML for CI, JSON, one self-contained HTML page with inline SVG
+//! plots — plus the run-to-run diff. See README.md.
+
+pub mod cli;
+pub mod diff;
+pub mod error;
+pub mod html;
+pub mod json;
+pub mod junit;
+pub mod model;
+pub mod sample;
+pub mod stats;
+pub mod svg;
+
+pub use cli::{run, ReportCmd};
+pub use diff::{diff, CaseChange, HostFlake, RunDiff};
+pub use error::{Error, Result};
+pub use html::{to_html, HtmlOptions};
+pub use json::{to_json, to_json_report, JsonReport, RunSummary};
+pub use junit::to_junit;
+pub use model::{
+    Artifact, ArtifactKind, Attempt, CaseResult, CounterReading, Counts, Histogram, Host, Latency,
+    Metrics, Outcome, Run, SCHEMA_VERSION,
+};
+pub use sample::sample_run;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Where [`write_reports`] put its files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportPaths {
+    /// `junit.xml`.
+    pub junit: PathBuf,
+    /// `report.json`.
+    pub json: PathBuf,
+    /// `report.html`.
+    pub html: PathBuf,
+}
+
+/// Write `junit.xml`, `report.json` and `report.html` into `out_dir` (created if
+/// missing), diffing against `prev` when given. Artifact links in the HTML are
+/// relative to `out_dir`, i.e. this assumes `out_dir` is the run directory; use
+/// [`write_reports_with`] to point them elsewhere. Each file is written atomically.
+pub fn write_reports(run: &Run, prev: Option<&Run>, out_dir: &Path) -> Result<ReportPaths> {
+    write_reports_with(run, prev, out_dir, &HtmlOptions::default())
+}
+
+/// [`write_reports`] with HTML options.
+pub fn write_reports_with(
+    run: &Run,
+    prev: Option<&Run>,
+    out_dir: &Path,
+    opts: &HtmlOptions,
+) -> Result<ReportPaths> {
+    std::fs::create_dir_all(out_dir).map_err(|source| Error::Io {
+        what: "creating directory",
+        path: out_dir.to_path_buf(),
+        source,
+    })?;
+    let d = prev.map(|p| diff(p, run));
+    let paths = ReportPaths {
+        junit: out_dir.join("junit.xml"),
+        json: out_dir.join("report.json"),
+        html: out_dir.join("report.html"),
+    };
+    write_atomic(&paths.junit, to_junit(run)?.as_bytes())?;
+    write_atomic(&paths.json, to_json(run, d.as_ref())?.as_bytes())?;
+    write_atomic(&paths.html, to_html(run, d.as_ref(), prev, opts).as_bytes())?;
+    Ok(paths)
+}
+
+/// Write `bytes` to `path` atomically: a temporary file in the same directory,
+/// flushed and synced, then renamed over `path`. A crash leaves the old file or
+/// the new one, never half of one.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "report".into());
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let io = |what, source| Error::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    };
+    let res = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io("writing", e));
+    }
+    Ok(())
+}
