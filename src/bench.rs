@@ -14,6 +14,10 @@ pub const BENCHES: &[(&str, &str)] = &[
         "MMIO register ops/s through the behavioural model vs a plain memory loop",
     ),
     (
+        "policy",
+        "trapped accesses/s through the MMIO policy vs the raw KVM exit loop; decision cost in ns",
+    ),
+    (
         "rtl",
         "RTL cycles/s and MMIO ops/s vs the model, and the simple_sim! harness rate",
     ),
@@ -34,6 +38,7 @@ pub fn run(name: &str, seconds: f64) -> Result<Vec<Figure>> {
         "model" => bench_model(budget)?,
         "vm-exit" => hilrig_vmm::bench_vm_exit(budget)?,
         "rtl" => hilrig_fpga::bench_rtl(budget)?,
+        "policy" => hilrig_vmm::bench_policy(budget)?,
         "counters" => hilrig_counters::bench_counters(
             budget,
             std::env::var("HILRIG_TEST_PG")

@@ -1,11 +1,14 @@
 //! The command-line surface: `hilrig vm run` and the `hilrig-vmm` binary share it.
 
 use crate::backend::{open_backend, DeviceSpec};
+use crate::engine::AlarmConfig;
 use crate::payload;
 use crate::plan::TrapSet;
+use crate::policy::{load_profile, PolicyError, Profile};
 use crate::vm::{Console, Vm, VmConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Arguments of `hilrig vm run` / `hilrig-vmm`.
@@ -27,9 +30,24 @@ pub struct VmArgs {
     /// Guest RAM, e.g. 64M, 1G, 4194304.
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     pub mem: u64,
-    /// MMIO policy file (accepted and recorded; enforcement arrives with the policy engine).
+    /// MMIO policy file (TOML; see the README); default: the built-in policy
+    /// generated from the register table. Refused at load (exit 2) if invalid.
     #[arg(long)]
     pub policy: Option<PathBuf>,
+    /// Privilege profile of the policy to run the guest under.
+    #[arg(long, default_value = "tenant")]
+    pub profile: String,
+    /// Override the policy's global enforce switch: off = every access allowed,
+    /// alarms still raised.
+    #[arg(long, value_parser = parse_on_off)]
+    pub enforce: Option<bool>,
+    /// Alarm sink: JSON lines, one alarm per line (rate-limited, see --alarm-rate).
+    #[arg(long)]
+    pub alarms: Option<PathBuf>,
+    /// Alarms written per second (bursts of a tenth of it); the rest are counted as
+    /// suppressed (per-register counters still count them all).
+    #[arg(long, default_value_t = 1000)]
+    pub alarm_rate: u32,
     /// Serial console (COM1) output file; default: standard output (standard error with --json).
     #[arg(long)]
     pub console: Option<PathBuf>,
@@ -71,6 +89,25 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("`{s}` is not a size (e.g. 64M)"))
 }
 
+/// Parse `on`/`off` (also true/false, yes/no, 1/0).
+pub fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => Err(format!("`{s}`: expected on or off")),
+    }
+}
+
+/// Load and compile the profile `args` name, with the enforce override applied.
+/// Errors name the file, the rule and the reason.
+pub fn load_policy(args: &VmArgs) -> Result<Profile, PolicyError> {
+    let mut p = load_profile(args.policy.as_deref(), &args.profile)?;
+    if let Some(e) = args.enforce {
+        p.enforce = e;
+    }
+    Ok(p)
+}
+
 /// Parse a duration: seconds, or with an ms/s/m suffix.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
@@ -99,18 +136,15 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
         for (name, what) in payload::BUILTINS {
             println!("{name:14} {what}");
         }
+        for (name, what) in crate::attacks::ATTACKS {
+            println!("{name:24} {what}");
+        }
         return Ok(ExitCode::SUCCESS);
     }
     let t0 = Instant::now();
     let spec: DeviceSpec = args.device.parse()?;
     let (name, bytes) = payload::load(&args.payload)?;
-    if let Some(p) = &args.policy {
-        std::fs::metadata(p).map_err(|e| anyhow::anyhow!("policy file {}: {e}", p.display()))?;
-        eprintln!(
-            "note: policy {} recorded; rules are not enforced yet (policy engine pending)",
-            p.display()
-        );
-    }
+    let profile = Arc::new(load_policy(&args)?);
     let backend = open_backend(&spec, args.device_state.as_deref())?;
     let config = VmConfig {
         vcpus: args.vcpus,
@@ -129,7 +163,14 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
         } else {
             TrapSet::none()
         },
-        policy: args.policy.clone(),
+        policy: Some(profile.clone()),
+        alarms: AlarmConfig {
+            file: args.alarms.clone(),
+            capture: false,
+            rate: args.alarm_rate,
+            burst: (args.alarm_rate / 10).max(10),
+        },
+        record_decisions: false,
     };
     let vm = Vm::new(config, backend)?;
     if args.show_plan && !args.json {
@@ -148,6 +189,7 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
             "wall_ms": wall.as_secs_f64() * 1e3,
             "first_exit_ms": report.first_exit.map(|d| d.as_secs_f64() * 1e3),
             "direct_pages": report.plan.direct_pages(),
+            "policy": report.policy,
         });
         println!("{v}");
     } else {
@@ -158,6 +200,23 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
             wall.as_secs_f64() * 1e3,
             report.plan.direct_pages()
         );
+        if let Some(p) = &report.policy {
+            eprintln!(
+                "policy:  profile {} from {} (enforce {}): {} alarms ({} written, {} suppressed), {} dropped, {} shadowed, {} faults",
+                p.profile,
+                p.source,
+                if p.enforce { "on" } else { "off" },
+                p.alarms,
+                p.alarms_written,
+                p.alarms_suppressed,
+                p.dropped,
+                p.shadowed,
+                p.faults
+            );
+            for (reg, n) in &p.per_register {
+                eprintln!("         {reg}: {n} alarms");
+            }
+        }
     }
     Ok(ExitCode::from(report.verdict.exit_status()))
 }

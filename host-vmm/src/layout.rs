@@ -54,6 +54,17 @@ pub const TSS_ADDR: usize = 0xfffb_d000;
 pub const PORT_EXIT: u16 = 0xf4;
 /// Debug port: writes are logged (tracing, debug level) and otherwise ignored.
 pub const PORT_DEBUG: u16 = 0xf5;
+/// Result port: each `out` of 1, 2 or 4 bytes appends the value (zero-extended)
+/// to [`crate::RunReport::results`], in order, for tests to inspect what the guest saw.
+pub const PORT_RESULT: u16 = 0xf6;
+/// Most values the result port keeps per run (later ones are counted, not kept).
+pub const MAX_RESULTS: usize = 1 << 20;
+/// Where [`crate::payload::Payload::install_fault_handler`] builds its IDT (256 gates).
+pub const FAULT_IDT_ADDR: u64 = 0x1000;
+/// The fault area the payload library's exception handler fills (see the README's
+/// fault ABI): `+0` count (u64), `+8` last vector, `+16` last error code, `+24` last
+/// faulting RIP, `+32` resume address (0: report the fault as a verdict instead).
+pub const FAULT_AREA: u64 = 0x2000;
 /// COM1 base.
 pub const PORT_COM1: u16 = 0x3f8;
 /// PCI configuration address register.
@@ -70,6 +81,8 @@ const X86_CR0_PG: u64 = 1 << 31;
 const X86_CR4_PAE: u64 = 1 << 5;
 const X86_CR4_OSFXSR: u64 = 1 << 9;
 const X86_CR4_OSXMMEXCPT: u64 = 1 << 10;
+/// CR4.OSXSAVE: XSAVE/XGETBV and the AVX state enabled (set when the CPU has XSAVE).
+pub const X86_CR4_OSXSAVE: u64 = 1 << 18;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 
@@ -192,6 +205,37 @@ pub fn entry_regs(bar0: u64, vcpu: u8, vcpus: u8, mem_size: u64) -> kvm_regs {
 /// The initial stack pointer of vCPU `vcpu`.
 pub fn stack_top(vcpu: u8) -> u64 {
     STACK_TOP - u64::from(vcpu) * STACK_SIZE
+}
+
+/// What the (KVM-supported) CPUID offers for vector state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VectorFeatures {
+    /// XSAVE (CPUID.1:ECX.26): the VMM sets CR4.OSXSAVE and XCR0.
+    pub xsave: bool,
+    /// AVX (CPUID.1:ECX.28) with YMM state in XCR0 (CPUID.0xD:EAX.2).
+    pub avx: bool,
+    /// The XCR0 value the VMM sets (x87 | SSE, plus AVX when available).
+    pub xcr0: u64,
+}
+
+/// Vector features from CPUID entries `(function, index, eax, ecx)`.
+pub fn vector_features(entries: impl IntoIterator<Item = (u32, u32, u32, u32)>) -> VectorFeatures {
+    let (mut ecx1, mut eax_d) = (0u32, 0u32);
+    for (f, i, eax, ecx) in entries {
+        if f == 1 {
+            ecx1 = ecx;
+        }
+        if f == 0xd && i == 0 {
+            eax_d = eax;
+        }
+    }
+    let xsave = ecx1 & (1 << 26) != 0;
+    let avx = xsave && ecx1 & (1 << 28) != 0 && eax_d & 0x4 != 0;
+    VectorFeatures {
+        xsave,
+        avx,
+        xcr0: if avx { 0x7 } else { 0x3 },
+    }
 }
 
 /// FPU/SSE state at entry.

@@ -7,24 +7,38 @@
 //! - [`plan`]: which BAR0 pages are mapped and which trap ([`PagePlan`]);
 //! - [`backend`]: device backends (model, rtl, lockstep, vfio) behind one type;
 //! - [`vfio`]: the VFIO backend;
-//! - [`payload`]: guest payloads built with iced-x86;
-//! - [`cli`]: [`VmArgs`] and [`run_cli`]; [`bench`]: [`bench_vm_exit`].
+//! - [`payload`]: guest payloads built with iced-x86 (and the fault handler);
+//! - [`policy`]: MMIO policy files and compiled profiles; [`engine`]: the per-access
+//!   policy engine, shadow store and alarm sink; [`attacks`]: attack payloads;
+//! - [`cli`]: [`VmArgs`] and [`run_cli`]; [`bench`](mod@bench): [`bench_vm_exit`];
+//!   [`bench_policy`](mod@bench_policy): [`bench_policy()`].
 #![deny(missing_docs)]
 
+pub mod attacks;
 pub mod backend;
 pub mod bench;
+pub mod bench_policy;
 pub mod cli;
+pub mod control;
+pub mod engine;
 pub mod error;
+pub(crate) mod fault;
 pub mod layout;
+pub mod modules;
+pub mod patch;
 pub mod payload;
 pub mod pci;
 pub mod plan;
 pub mod policy;
+pub mod quiesce;
+pub mod rollout;
+pub mod teardown;
 pub mod vfio;
 pub mod vm;
 
 pub use backend::{open_backend, Backend, DeviceSpec};
 pub use bench::bench_vm_exit;
+pub use bench_policy::bench_policy;
 pub use cli::{run_cli, VmArgs};
 pub use error::VmmError;
 pub use plan::{DirectWindow, PageMap, PagePlan, TrapSet};

@@ -7,7 +7,9 @@
 //! write to port [`PORT_EXIT`] (0 = pass). The helpers below keep `rdi` intact.
 
 use crate::error::VmmError;
-use crate::layout::{PAYLOAD_ADDR, PORT_COM1, PORT_EXIT, PORT_PCI_ADDR, PORT_PCI_DATA};
+use crate::layout::{
+    PAYLOAD_ADDR, PORT_COM1, PORT_EXIT, PORT_PCI_ADDR, PORT_PCI_DATA, PORT_RESULT,
+};
 use hilrig_device::regmap::{
     Reg, BUFFER_BASE, DEVICE_ID_VALUE, PCI_CLASS_CODE, PCI_DEVICE_ID, PCI_VENDOR_ID,
 };
@@ -179,6 +181,138 @@ impl Payload {
     }
 }
 
+/// Guest code's view of the fault ABI (see the README): the exception handler that
+/// [`Payload::install_fault_handler`] installs fills [`crate::layout::FAULT_AREA`].
+pub mod fault_abi {
+    use crate::layout::FAULT_AREA;
+    /// Faults taken so far (u64).
+    pub const COUNT: u64 = FAULT_AREA;
+    /// Vector of the last fault.
+    pub const VECTOR: u64 = FAULT_AREA + 8;
+    /// Error code of the last fault (0 for vectors without one).
+    pub const ERROR: u64 = FAULT_AREA + 16;
+    /// RIP the last fault pushed.
+    pub const RIP: u64 = FAULT_AREA + 24;
+    /// Where the handler resumes (set by [`super::Payload::guard`]); 0: the handler
+    /// reports verdict [`VERDICT_BASE`] + vector through the exit port.
+    pub const RESUME: u64 = FAULT_AREA + 32;
+    /// Verdict code of an unguarded fault: `0xFA00 + vector` (#GP: 0xFA0D).
+    pub const VERDICT_BASE: u32 = 0xFA00;
+}
+
+impl Payload {
+    /// Install an IDT (at [`crate::layout::FAULT_IDT_ADDR`], vectors 0..32) whose handler counts the
+    /// fault in the fault area, records vector, error code and RIP, and resumes at
+    /// the resume address (see [`Payload::guard`]) or, when none is set, reports
+    /// verdict `0xFA00 + vector`. Clobbers rax, rbx, rcx; keeps rdi.
+    pub fn install_fault_handler(&mut self) -> R {
+        use crate::layout::{FAULT_AREA, FAULT_IDT_ADDR};
+        let mut setup = self.a.create_label();
+        let mut common = self.a.create_label();
+        let mut fatal = self.a.create_label();
+        self.a.jmp(setup)?;
+        let mut stubs = Vec::new();
+        for v in 0..32u32 {
+            let mut l = self.a.create_label();
+            self.a.set_label(&mut l)?;
+            // Vectors that push an error code: #DF, #TS, #NP, #SS, #GP, #PF, #AC, #CP, #VC, #SX.
+            if !matches!(v, 8 | 10..=14 | 17 | 21 | 29 | 30) {
+                self.a.push(0)?;
+            }
+            self.a.push(v as i32)?;
+            self.a.jmp(common)?;
+            stubs.push(l);
+        }
+        // [rsp]=rbx [8]=rax [16]=vector [24]=error [32]=rip [40]=cs [48]=rflags ...
+        self.a.set_label(&mut common)?;
+        self.a.push(rax)?;
+        self.a.push(rbx)?;
+        self.a.mov(rbx, FAULT_AREA)?;
+        self.a.inc(qword_ptr(rbx))?;
+        self.a.mov(rax, qword_ptr(rsp + 16))?;
+        self.a.mov(qword_ptr(rbx + 8), rax)?;
+        self.a.mov(rax, qword_ptr(rsp + 24))?;
+        self.a.mov(qword_ptr(rbx + 16), rax)?;
+        self.a.mov(rax, qword_ptr(rsp + 32))?;
+        self.a.mov(qword_ptr(rbx + 24), rax)?;
+        self.a.mov(rax, qword_ptr(rbx + 32))?;
+        self.a.test(rax, rax)?;
+        self.a.jz(fatal)?;
+        self.a.mov(qword_ptr(rsp + 32), rax)?;
+        self.a.pop(rbx)?;
+        self.a.pop(rax)?;
+        self.a.add(rsp, 16)?;
+        self.a.iretq()?;
+        self.a.set_label(&mut fatal)?;
+        self.a.mov(rax, qword_ptr(rsp + 16))?;
+        self.a.or(eax, fault_abi::VERDICT_BASE)?;
+        self.report_eax()?;
+        self.a.set_label(&mut setup)?;
+        self.a.mov(rbx, FAULT_IDT_ADDR)?;
+        for (v, l) in stubs.iter().enumerate() {
+            let g = 16 * v as i32;
+            self.a.lea(rax, ptr(*l))?;
+            self.a.mov(ecx, eax)?;
+            self.a.and(ecx, 0xffff)?;
+            self.a.or(ecx, 0x0008_0000)?;
+            self.a.mov(dword_ptr(rbx + g), ecx)?;
+            self.a.mov(ecx, eax)?;
+            self.a.and(ecx, 0xffff_0000u32)?;
+            self.a.or(ecx, 0x8e00)?;
+            self.a.mov(dword_ptr(rbx + g + 4), ecx)?;
+            self.a.shr(rax, 32)?;
+            self.a.mov(dword_ptr(rbx + g + 8), eax)?;
+            self.a.mov(dword_ptr(rbx + g + 12), 0)?;
+        }
+        self.a.mov(word_ptr(rbx + 0x800), 32 * 16 - 1)?;
+        self.a.mov(qword_ptr(rbx + 0x802), rbx)?;
+        self.a.lidt(ptr(rbx + 0x800))?;
+        self.a.mov(rbx, FAULT_AREA)?;
+        for i in 0..5 {
+            self.a.mov(qword_ptr(rbx + 8 * i), 0)?;
+        }
+        Ok(())
+    }
+
+    /// Run `body` with the fault handler's resume address set to just after it: a
+    /// fault in `body` skips the rest of it (see [`Payload::install_fault_handler`]).
+    /// The direction flag is cleared after. Clobbers rax, rbx around `body`.
+    pub fn guard(&mut self, body: impl FnOnce(&mut Payload) -> R) -> R {
+        let mut after = self.a.create_label();
+        self.a.lea(rax, ptr(after))?;
+        self.a.mov(rbx, fault_abi::RESUME)?;
+        self.a.mov(qword_ptr(rbx), rax)?;
+        body(self)?;
+        self.a.set_label(&mut after)?;
+        self.a.cld()?;
+        self.a.mov(rbx, fault_abi::RESUME)?;
+        self.a.mov(qword_ptr(rbx), 0)?;
+        Ok(())
+    }
+
+    /// Send `eax` to the result port. Clobbers dx.
+    pub fn result_eax(&mut self) -> R {
+        self.a.mov(dx, PORT_RESULT as u32)?;
+        self.a.out(dx, eax)?;
+        Ok(())
+    }
+
+    /// Send a 64-bit register to the result port, low dword then high. Clobbers rax, dx.
+    pub fn result64(&mut self, r: AsmRegister64) -> R {
+        self.a.mov(rax, r)?;
+        self.result_eax()?;
+        self.a.shr(rax, 32)?;
+        self.result_eax()
+    }
+
+    /// Send the fault count to the result port. Clobbers rax, rbx, dx.
+    pub fn result_fault_count(&mut self) -> R {
+        self.a.mov(rbx, fault_abi::COUNT)?;
+        self.a.mov(rax, qword_ptr(rbx))?;
+        self.result_eax()
+    }
+}
+
 /// Failure codes of `pci-enum`.
 pub mod pci_enum_codes {
     /// The device's vendor/device IDs were not found on bus 0.
@@ -337,7 +471,7 @@ pub fn mmio_widths() -> R<Vec<u8>> {
 }
 
 /// `buffer-loop`: `n` 8-byte writes spread over the first data-buffer page
-/// (unrestricted: mapped, zero exits), then one write of `0x600d` to SCRATCH[0]
+/// (unrestricted: mapped, zero exits), then one write of `0x600d` to `SCRATCH[0]`
 /// (a trapping page: exactly one exit), then pass. The buffer's qword `k` ends up
 /// holding the last loop count `c` with `c % 512 == k`.
 pub fn buffer_loop(n: u64) -> R<Vec<u8>> {
@@ -426,7 +560,7 @@ pub fn straddle_bar() -> R<Vec<u8>> {
     p.build()
 }
 
-/// `smp-scratch`: every vCPU *i* writes *i + 1* to SCRATCH[i] (concurrently, from
+/// `smp-scratch`: every vCPU *i* writes *i + 1* to `SCRATCH[i]` (concurrently, from
 /// its own thread); vCPU 0 waits until it sees every vCPU's write, then passes.
 pub fn smp_scratch() -> R<Vec<u8>> {
     let s = Reg::Scratch.offset() as i32;
@@ -526,7 +660,7 @@ pub fn builtin(name: &str) -> Option<R<Vec<u8>>> {
         "spin" => spin(),
         "past-bar" => past_bar(),
         "straddle-bar" => straddle_bar(),
-        _ => return None,
+        _ => return crate::attacks::attack(name),
     })
 }
 

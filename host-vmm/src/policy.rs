@@ -294,6 +294,15 @@ impl Profile {
         }
     }
 
+    /// Whether any rule (filtered or not) with action `fault` covers `(word, write)`.
+    #[inline]
+    pub fn may_fault(&self, word: u32, write: bool) -> bool {
+        let (a, b) = self.lookup(word, write);
+        [a, b]
+            .iter()
+            .any(|&id| id != NONE && self.rules[id as usize].action == Action::Fault)
+    }
+
     /// The shadow-store index of `word` under shadow rule `rule`.
     #[inline]
     pub fn shadow_slot(&self, rule: u16, word: u32) -> usize {

@@ -1,10 +1,12 @@
 //! The VM: KVM setup, vCPU threads, exit dispatch, watchdog and verdicts.
 
 use crate::backend::Backend;
+use crate::engine::{AlarmConfig, Outcome, PolicyEngine, PolicyReport};
 use crate::error::VmmError;
 use crate::layout::*;
 use crate::pci::{PciBus, Route};
-use crate::plan::{PagePlan, SlotRange, TrapSet};
+use crate::plan::{DirectWindow, PagePlan, SlotRange, TrapSet};
+use crate::policy::Profile;
 use hilrig_device::regmap::BAR0_SIZE;
 use hilrig_device::Device;
 use kvm_bindings::{kvm_run, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
@@ -48,10 +50,17 @@ pub struct VmConfig {
     pub timeout: Duration,
     /// Serial console destination.
     pub console: Console,
-    /// Pages of BAR0 that must trap (from the policy; empty today).
+    /// Pages of BAR0 that must trap besides those the policy traps (e.g. all, for
+    /// a debug run).
     pub trap: TrapSet,
-    /// Policy file (accepted and recorded; the policy engine is issue 6).
-    pub policy: Option<PathBuf>,
+    /// The MMIO policy profile: pages it has rules on trap and every access there
+    /// is decided per register. None: no policy engine (every access reaches the
+    /// device; what `Vm` did before issue 6).
+    pub policy: Option<Arc<Profile>>,
+    /// Where alarms go.
+    pub alarms: AlarmConfig,
+    /// Record every decided part in the [`PolicyReport`] (tests, oracles).
+    pub record_decisions: bool,
 }
 
 impl Default for VmConfig {
@@ -65,6 +74,8 @@ impl Default for VmConfig {
             console: Console::Stdout,
             trap: TrapSet::none(),
             policy: None,
+            alarms: AlarmConfig::default(),
+            record_decisions: false,
         }
     }
 }
@@ -268,6 +279,12 @@ pub struct RunReport {
     pub plan: PagePlan,
     /// The device, back from the VM (for inspection after the run).
     pub device: Option<Box<dyn Device>>,
+    /// What the policy engine did (None without a policy).
+    pub policy: Option<PolicyReport>,
+    /// Values the guest wrote to the result port ([`PORT_RESULT`]), in order.
+    pub results: Vec<u32>,
+    /// Vector features the guest was given (AVX availability).
+    pub vector: VectorFeatures,
 }
 
 struct NoTrigger;
@@ -358,6 +375,10 @@ impl Mapper {
 struct PciState {
     bus: PciBus,
     mapper: Mapper,
+    /// Pages trapped besides the policy's ([`VmConfig::trap`]).
+    base_trap: TrapSet,
+    /// The memory the backend offers for BAR0.
+    windows: Vec<DirectWindow>,
 }
 
 struct Shared {
@@ -369,6 +390,10 @@ struct Shared {
     verdict: Mutex<Option<Verdict>>,
     threads: Mutex<Vec<libc::pthread_t>>,
     start: Instant,
+    policy: Option<Arc<PolicyEngine>>,
+    results: Mutex<Vec<u32>>,
+    /// KVM copies the registers into `kvm_run` on every exit (for alarms' RIP).
+    sync_regs: bool,
 }
 
 impl Shared {
@@ -450,8 +475,59 @@ impl StopHandle {
     }
 }
 
+/// Reads or replaces the MMIO policy of a running VM (for the control socket and
+/// live patching, issue 9).
+#[derive(Clone)]
+pub struct PolicyHandle(std::sync::Weak<Shared>);
+
+impl PolicyHandle {
+    /// The active profile (None once the VM is gone).
+    pub fn profile(&self) -> Option<Arc<Profile>> {
+        let s = self.0.upgrade()?;
+        s.policy.as_ref().map(|e| e.profile())
+    }
+
+    /// Live policy figures (alarms per register, actions, faults) for metrics.
+    pub fn metrics(&self) -> Option<PolicyReport> {
+        let s = self.0.upgrade()?;
+        s.policy.as_ref().map(|e| e.metrics())
+    }
+
+    /// Replace the active profile. Atomic for the guest: while the engine's write
+    /// lock is held no trapped access can be decided (vCPUs wait), the BAR0 memory
+    /// slots are re-planned for the new profile's trapping pages (a page that is
+    /// about to gain rules stops being mapped before the new profile is visible),
+    /// then the profile and a fresh shadow store take effect. Every access is
+    /// decided entirely by the old or entirely by the new profile. Returns the old
+    /// one. Safe with vCPUs running; issue 9 calls it with them quiesced.
+    pub fn replace(&self, profile: Arc<Profile>) -> Result<Arc<Profile>, VmmError> {
+        let s = self
+            .0
+            .upgrade()
+            .ok_or_else(|| VmmError::Config("the VM has finished".into()))?;
+        let engine = s
+            .policy
+            .as_ref()
+            .ok_or_else(|| VmmError::Config("the VM runs without a policy".into()))?;
+        let mut pci = lock(&s.pci);
+        let mut trap = pci.base_trap;
+        for p in profile.trapping_pages() {
+            trap.insert(p);
+        }
+        let plan = PagePlan::decide(trap, &pci.windows);
+        let bar0 = pci.bus.decode().bar0;
+        let mut result = Ok(());
+        let old = engine.replace_with(profile, || {
+            pci.mapper.slots = plan.slots();
+            result = pci.mapper.apply(bar0);
+        });
+        result.map(|()| old)
+    }
+}
+
 /// A VM ready to run.
 pub struct Vm {
+    vector: VectorFeatures,
     config: VmConfig,
     vcpus: Vec<VcpuFd>,
     shared: Arc<Shared>,
@@ -533,7 +609,24 @@ impl Vm {
         mem.write_slice(&config.payload, GuestAddress(PAYLOAD_ADDR))
             .map_err(|e| VmmError::Memory(format!("loading the payload: {e}")))?;
 
-        let plan = PagePlan::decide(config.trap, &backend.windows);
+        let mut trap = config.trap;
+        if let Some(p) = &config.policy {
+            for page in p.trapping_pages() {
+                trap.insert(page);
+            }
+        }
+        let engine = match &config.policy {
+            Some(p) => Some(Arc::new(
+                PolicyEngine::new(p.clone(), &config.alarms)
+                    .map_err(|source| VmmError::Io {
+                        path: config.alarms.file.clone().unwrap_or_default(),
+                        source,
+                    })?
+                    .record_decisions(config.record_decisions),
+            )),
+            None => None,
+        };
+        let plan = PagePlan::decide(trap, &backend.windows);
         let mut bus = PciBus::new(backend.device.rom_size());
         bus.assign(BAR0_DEFAULT, ROM_DEFAULT);
         let mut mapper = Mapper {
@@ -564,9 +657,18 @@ impl Vm {
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(VmmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+        let vector = vector_features(
+            cpuid
+                .as_slice()
+                .iter()
+                .map(|e| (e.function, e.index, e.eax, e.ecx)),
+        );
+        // With a policy, have KVM copy the registers into kvm_run on every exit, so
+        // an alarm's RIP costs no ioctl.
+        let sync_regs = config.policy.is_some() && kvm.check_extension(kvm_ioctls::Cap::SyncRegs);
         let mut vcpus = Vec::new();
         for i in 0..config.vcpus {
-            let vcpu = vm
+            let mut vcpu = vm
                 .create_vcpu(u64::from(i))
                 .map_err(VmmError::kvm("KVM_CREATE_VCPU"))?;
             let mut c = cpuid.clone();
@@ -581,27 +683,57 @@ impl Vm {
             vcpu.set_cpuid2(&c)
                 .map_err(VmmError::kvm("KVM_SET_CPUID2"))?;
             let sregs = vcpu.get_sregs().map_err(VmmError::kvm("KVM_GET_SREGS"))?;
-            vcpu.set_sregs(&long_mode_sregs(sregs))
+            let mut sregs = long_mode_sregs(sregs);
+            if vector.xsave {
+                sregs.cr4 |= X86_CR4_OSXSAVE;
+            }
+            vcpu.set_sregs(&sregs)
                 .map_err(VmmError::kvm("KVM_SET_SREGS"))?;
+            if vector.xsave {
+                let mut x = kvm_bindings::kvm_xcrs {
+                    nr_xcrs: 1,
+                    ..Default::default()
+                };
+                x.xcrs[0].xcr = 0;
+                x.xcrs[0].value = vector.xcr0;
+                vcpu.set_xcrs(&x).map_err(VmmError::kvm("KVM_SET_XCRS"))?;
+            }
             vcpu.set_fpu(&entry_fpu())
                 .map_err(VmmError::kvm("KVM_SET_FPU"))?;
             vcpu.set_regs(&entry_regs(BAR0_DEFAULT, i, config.vcpus, config.mem_size))
                 .map_err(VmmError::kvm("KVM_SET_REGS"))?;
+            if sync_regs {
+                vcpu.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
+            }
             vcpus.push(vcpu);
         }
 
-        let Backend { device, keep, .. } = backend;
+        let Backend {
+            device,
+            keep,
+            windows: backend_windows,
+            ..
+        } = backend;
         let shared = Arc::new(Shared {
             mem: mem.clone(),
             device: Mutex::new(device),
-            pci: Mutex::new(PciState { bus, mapper }),
+            pci: Mutex::new(PciState {
+                bus,
+                mapper,
+                base_trap: config.trap,
+                windows: backend_windows,
+            }),
             serial: Mutex::new(vm_superio::Serial::new(NoTrigger, out)),
             stop: AtomicBool::new(false),
             verdict: Mutex::new(None),
             threads: Mutex::new(Vec::new()),
             start,
+            policy: engine,
+            results: Mutex::new(Vec::new()),
+            sync_regs,
         });
         Ok(Vm {
+            vector,
             config,
             vcpus,
             shared,
@@ -621,6 +753,20 @@ impl Vm {
     /// The page plan BAR0 runs with.
     pub fn plan(&self) -> &PagePlan {
         &self.plan
+    }
+
+    /// A handle on the policy (None without a policy): read or replace the active
+    /// profile while the VM runs.
+    pub fn policy_handle(&self) -> Option<PolicyHandle> {
+        self.shared
+            .policy
+            .as_ref()
+            .map(|_| PolicyHandle(Arc::downgrade(&self.shared)))
+    }
+
+    /// The vector features the guest gets.
+    pub fn vector_features(&self) -> VectorFeatures {
+        self.vector
     }
 
     /// Run every vCPU on its own thread until a verdict, all halt, or the watchdog.
@@ -708,6 +854,8 @@ impl Vm {
             .map(|c| lock(&c.0).clone())
             .unwrap_or_default();
         let start = self.shared.start;
+        let policy = self.shared.policy.as_ref().map(|e| e.report());
+        let results = std::mem::take(&mut *lock(&self.shared.results));
         let device = Arc::try_unwrap(self.shared)
             .ok()
             .map(|s| s.device.into_inner().unwrap_or_else(|p| p.into_inner()));
@@ -720,8 +868,155 @@ impl Vm {
             console,
             plan: self.plan,
             device,
+            policy,
+            results,
+            vector: self.vector,
         })
     }
+}
+
+/// Carry out a trapped BAR0 access through the policy engine. Ok(false): stop.
+fn policy_exit(
+    idx: u8,
+    vcpu: &mut VcpuFd,
+    shared: &Shared,
+    p: Pending,
+    cache: &mut crate::fault::SiteCache,
+) -> Result<bool, Verdict> {
+    let Some(engine) = shared.policy.as_deref() else {
+        return Ok(true);
+    };
+    let ctx = crate::fault::Ctx {
+        mem: &shared.mem,
+        engine,
+        stop: &shared.stop,
+        sync: shared.sync_regs,
+    };
+    if p.write && p.len == 8 && engine.write_may_fault(p.off + 8, p.off + 32) {
+        if let Some(next) = split_store(idx, vcpu, shared, engine, &ctx, p, cache)? {
+            return Ok(next);
+        }
+    }
+    let mut buf = p.buf;
+    let r = {
+        let mut dev = lock(&shared.device);
+        engine.access(&mut **dev, p.off, &mut buf[..p.len], p.write)
+    };
+    let out: Outcome = match r {
+        Ok(o) => o,
+        Err(e) => {
+            let (rip, insn) = match vcpu.get_regs() {
+                Ok(r) => (r.rip, describe_insn(&shared.mem, r.rip)),
+                Err(e) => (0, format!("(registers unavailable: {e})")),
+            };
+            return Err(Verdict::BadAccess {
+                vcpu: idx,
+                addr: p.addr,
+                len: p.len,
+                write: p.write,
+                detail: e.to_string(),
+                rip,
+                insn,
+            });
+        }
+    };
+    if !p.write {
+        // A faulting read is finished by KVM before the fault is delivered: give it
+        // zeros, never stale bytes of an earlier exit.
+        if out.fault {
+            buf = [0; 8];
+        }
+        let run = vcpu.get_kvm_run();
+        // SAFETY: the exit being answered is KVM_EXIT_MMIO, so `mmio` is the union's
+        // active member; `len` is at most 8, the size of its data array.
+        unsafe {
+            run.__bindgen_anon_1.mmio.data[..p.len].copy_from_slice(&buf[..p.len]);
+        }
+    }
+    if out.hits.iter().any(Option::is_some) {
+        ctx.raise_alarms(idx, vcpu, p.addr, p.len, p.write, &out, cache);
+    }
+    if out.fault {
+        return ctx.inject_gp(idx, vcpu);
+    }
+    Ok(true)
+}
+
+/// A 16/32-byte store reaches the VMM as 8-byte exits, the instruction already
+/// retired. When a fault rule lies just ahead, gather the remaining pieces first
+/// (KVM_RUN with `immediate_exit`: KVM hands over the next piece without running the
+/// guest) and decide them together, so a fault in a later piece keeps the earlier
+/// ones from the device too. None: not a split store (handle the exit as usual).
+#[allow(clippy::too_many_arguments)]
+fn split_store(
+    idx: u8,
+    vcpu: &mut VcpuFd,
+    shared: &Shared,
+    engine: &PolicyEngine,
+    ctx: &crate::fault::Ctx<'_>,
+    p: Pending,
+    cache: &mut crate::fault::SiteCache,
+) -> Result<Option<bool>, Verdict> {
+    let Some(size @ (16 | 32)) = crate::fault::store_size(&shared.mem, vcpu, p.addr, p.len) else {
+        return Ok(None);
+    };
+    let mut pieces = [(0u64, [0u8; 8], 0usize); 4];
+    pieces[0] = (p.off, p.buf, p.len);
+    let mut n = 1;
+    while n < size / 8 {
+        vcpu.set_kvm_immediate_exit(1);
+        let r = vcpu.run();
+        let next = match r {
+            Ok(VcpuExit::MmioWrite(addr, d)) if addr == p.addr + 8 * n as u64 && d.len() == 8 => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(d);
+                Some(b)
+            }
+            Ok(VcpuExit::MmioWrite(addr, d)) => {
+                let e = format!(
+                    "vCPU {idx}: piece {n} of a {size}-byte store at {:#x} came as {} bytes at {addr:#x}",
+                    p.addr,
+                    d.len()
+                );
+                vcpu.set_kvm_immediate_exit(0);
+                return Err(Verdict::Internal(e));
+            }
+            // The store ended early (the rest went to RAM) or a kick: decide what came.
+            Err(_) => None,
+            Ok(other) => {
+                let e = format!("vCPU {idx}: gathering a split store: unexpected {other:?}");
+                vcpu.set_kvm_immediate_exit(0);
+                return Err(Verdict::Internal(e));
+            }
+        };
+        vcpu.set_kvm_immediate_exit(0);
+        let Some(b) = next else { break };
+        pieces[n] = (p.off + 8 * n as u64, b, 8);
+        n += 1;
+    }
+    let mut outs = [Outcome::default(); 4];
+    let r = {
+        let mut dev = lock(&shared.device);
+        engine.access_split(&mut **dev, &mut pieces[..n], &mut outs[..n])
+    };
+    let fault = r.map_err(|e| Verdict::BadAccess {
+        vcpu: idx,
+        addr: p.addr,
+        len: size,
+        write: true,
+        detail: e.to_string(),
+        rip: 0,
+        insn: String::new(),
+    })?;
+    for (i, out) in outs[..n].iter().enumerate() {
+        if out.hits.iter().any(Option::is_some) {
+            ctx.raise_alarms(idx, vcpu, p.addr + 8 * i as u64, 8, true, out, cache);
+        }
+    }
+    if fault {
+        return ctx.inject_gp(idx, vcpu).map(Some);
+    }
+    Ok(Some(true))
 }
 
 fn min_opt(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
@@ -747,6 +1042,20 @@ enum Next {
     Halt,
     Stop,
     Shutdown,
+    /// KVM_EXIT_INTERNAL_ERROR (usually an instruction KVM cannot emulate on MMIO).
+    Emulation,
+    /// A BAR0 access for the policy engine (needs the vCPU: read data, RIP, faults).
+    Policy(Pending),
+}
+
+/// A trapped BAR0 access copied out of `kvm_run`.
+#[derive(Clone, Copy)]
+struct Pending {
+    addr: u64,
+    off: u64,
+    len: usize,
+    write: bool,
+    buf: [u8; 8],
 }
 
 fn vcpu_loop(idx: u8, mut vcpu: VcpuFd, shared: &Shared) -> VcpuResult {
@@ -754,6 +1063,7 @@ fn vcpu_loop(idx: u8, mut vcpu: VcpuFd, shared: &Shared) -> VcpuResult {
     let mut counts = ExitCounts::default();
     let mut first_exit = None;
     let mut first_mmio = None;
+    let mut site_cache = crate::fault::SiteCache::default();
     loop {
         if shared.stop.load(Ordering::Acquire) {
             break;
@@ -797,6 +1107,28 @@ fn vcpu_loop(idx: u8, mut vcpu: VcpuFd, shared: &Shared) -> VcpuResult {
                 shared.finish(Verdict::TripleFault { vcpu: idx, rip });
                 break;
             }
+            Next::Emulation => {
+                let at = match vcpu.get_regs() {
+                    Ok(r) => format!(
+                        " at rip {:#x}: `{}`",
+                        r.rip,
+                        describe_insn(&shared.mem, r.rip)
+                    ),
+                    Err(_) => String::new(),
+                };
+                shared.finish(Verdict::Internal(format!(
+                    "vCPU {idx}: KVM internal error{at} (often an instruction KVM cannot emulate on MMIO)"
+                )));
+                break;
+            }
+            Next::Policy(p) => match policy_exit(idx, &mut vcpu, shared, p, &mut site_cache) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(v) => {
+                    shared.finish(v);
+                    break;
+                }
+            },
         }
     }
     KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
@@ -862,10 +1194,7 @@ fn handle_exit(
         }
         VcpuExit::InternalError => {
             counts.other += 1;
-            shared.finish(Verdict::Internal(format!(
-                "vCPU {idx}: KVM internal error (often an instruction KVM cannot emulate on MMIO)"
-            )));
-            Next::Stop
+            Next::Emulation
         }
         other => {
             counts.other += 1;
@@ -926,6 +1255,19 @@ fn mmio(idx: u8, shared: &Shared, addr: u64, data: MmioData<'_>) -> Next {
         }))
     };
     match route {
+        Route::Bar0(off) if shared.policy.is_some() => {
+            let mut p = Pending {
+                addr,
+                off,
+                len: len.min(8),
+                write,
+                buf: [0; 8],
+            };
+            if let MmioData::Write(d) = &data {
+                p.buf[..p.len].copy_from_slice(&d[..p.len]);
+            }
+            Next::Policy(p)
+        }
         Route::Bar0(off) => {
             let r = {
                 let mut dev = lock(&shared.device);
@@ -980,6 +1322,17 @@ fn io_out(idx: u8, shared: &Shared, port: u16, data: &[u8]) -> Next {
         }
         PORT_DEBUG => {
             tracing::debug!(vcpu = idx, ?data, "guest debug port");
+            Next::Continue
+        }
+        PORT_RESULT => {
+            let mut b = [0u8; 4];
+            for (d, s) in b.iter_mut().zip(data) {
+                *d = *s;
+            }
+            let mut r = lock(&shared.results);
+            if r.len() < MAX_RESULTS {
+                r.push(u32::from_le_bytes(b));
+            }
             Next::Continue
         }
         p if (PORT_COM1..PORT_COM1 + 8).contains(&p) => {

@@ -98,3 +98,83 @@ fn bad_input_is_refused_with_status_2() {
     let (code, _, _) = vmm(&["--mem", "lots"]);
     assert_eq!(code, 2);
 }
+
+#[test]
+fn bad_policies_are_refused_before_any_vm_starts() {
+    let dir = tempfile::tempdir().expect("tmp");
+    for (i, (text, want)) in [
+        (
+            "[[profile.tenant]]\nregister = \"NO_SUCH_REG\"\naccess = \"write\"\naction = \"drop\"\n",
+            "profile tenant rule 1 (NO_SUCH_REG): unknown register",
+        ),
+        (
+            "[[profile.tenant]]\nregister = \"CONTROL\"\naccess = \"write\"\naction = \"fault\"\n[[profile.tenant]]\nrange = [0x0, 0x40]\naccess = \"both\"\naction = \"drop\"\n",
+            "rule 2 (0x0..0x40): conflicts with rule 1",
+        ),
+        (
+            "[[profile.tenant]]\nrange = [0xf000, 0x10100]\naccess = \"read\"\naction = \"drop\"\n",
+            "is not a range inside BAR0",
+        ),
+        (
+            "[[profile.tenant]]\nregister = \"CONTROL\"\naccess = \"write\"\naction = \"fault\"\nfilter = { deny = [0x100000000] }\n",
+            "wider than the 32-bit register",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let f = dir.path().join(format!("bad{i}.toml"));
+        std::fs::write(&f, text).expect("write");
+        let fs = f.to_string_lossy().into_owned();
+        let (code, out, err) = vmm(&["--payload", "hello", "--policy", &fs]);
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains(&fs), "names the file: {err}");
+        assert!(err.contains(want), "{want:?} in {err}");
+        assert!(!out.contains("hello from"), "a VM ran: {out}");
+    }
+    let (code, _, err) = vmm(&["--payload", "hello", "--profile", "root"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("no profile \"root\""), "{err}");
+    let (code, _, err) = vmm(&["--payload", "hello", "--enforce", "maybe"]);
+    assert_eq!(code, 2, "{err}");
+}
+
+#[test]
+fn alarms_go_to_a_json_lines_file() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let alarms = dir.path().join("alarms.jsonl");
+    let a = alarms.to_string_lossy().into_owned();
+    let (code, _, err) = vmm(&["--payload", "attack-hang", "--alarms", &a]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("policy:  profile tenant"), "{err}");
+    assert!(err.contains("HANG_TRIGGER: 1 alarms"), "{err}");
+    let text = std::fs::read_to_string(&alarms).expect("alarms file");
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["register"], "HANG_TRIGGER");
+    assert_eq!(lines[0]["action"], "drop");
+    assert_eq!(lines[0]["profile"], "tenant");
+    assert_eq!(lines[0]["insn"], "mov [rdi+38h],eax");
+    // Operator may hang the device; enforce off lets the tenant do it (and alarms).
+    let (code, out, err) = vmm(&[
+        "--payload",
+        "attack-hang",
+        "--profile",
+        "operator",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    assert_eq!(v["policy"]["alarms"], 0);
+    let (code, out, err) = vmm(&["--payload", "attack-hang", "--enforce", "off", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    assert_eq!(v["policy"]["enforce"], false);
+    assert_eq!(v["policy"]["alarms"], 1);
+}

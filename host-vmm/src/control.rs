@@ -1,0 +1,374 @@
+//! The control socket: a unix socket, owner-only (mode 0600, created without a window
+//! in which it has other permissions), every connection checked with SO_PEERCRED (the
+//! VMM's own uid or root, else refused and logged). JSON lines: one request object per
+//! line, one reply object per line.
+//!
+//! Requests: `{"op":"status"}`, `{"op":"pause"}`, `{"op":"resume"}`,
+//! `{"op":"patch","bundle":"/path/to/bundle"}`, `{"op":"teardown"}`,
+//! `{"op":"metrics"}`. Replies: `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
+//! Malformed, oversized (over [`MAX_LINE`]) or unknown requests get an error reply;
+//! the VM is unaffected.
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Longest request line accepted.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// A control request.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Request {
+    /// VM state, versions, counters.
+    Status {},
+    /// Park every vCPU.
+    Pause {},
+    /// Resume after a pause.
+    Resume {},
+    /// Apply a signed patch bundle.
+    Patch {
+        /// Path of the bundle file.
+        bundle: PathBuf,
+    },
+    /// Secure teardown of the tenant.
+    Teardown {},
+    /// Exit counts, alarms, blackouts.
+    Metrics {},
+}
+
+/// What answers requests (the VM).
+pub trait Control: Send + Sync {
+    /// Handle a request; `Ok` values are merged into `{"ok":true,...}`.
+    fn handle(&self, req: Request) -> Result<Value, String>;
+}
+
+/// Whether a peer with `uid` may use a socket owned by `owner`.
+pub fn peer_allowed(uid: u32, owner: u32) -> bool {
+    uid == owner || uid == 0
+}
+
+/// The uid of the process at the other end of `s`.
+pub fn peer_uid(s: &UnixStream) -> std::io::Result<u32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            &mut cred as *mut libc::ucred as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
+/// Bind the control socket at `path` with mode 0600: bound under a temporary name in
+/// the same directory, chmod'ed, then renamed into place, so it never exists at
+/// `path` with wider permissions. Refuses to replace anything but a stale socket.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if !m.file_type().is_socket() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("{} is in use by a running VMM", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".hilrig-ctl-{}-{}.tmp",
+        std::process::id(),
+        rand_suffix()
+    ));
+    let l = UnixListener::bind(&tmp)?;
+    let r = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .and_then(|_| std::fs::rename(&tmp, path));
+    if let Err(e) = r {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(l)
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
+    );
+    h.finish()
+}
+
+/// Serve `listener` on a thread until `stop`; each connection on its own thread.
+pub fn serve(
+    listener: UnixListener,
+    control: Arc<dyn Control>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        // SAFETY: geteuid has no preconditions.
+        let owner = unsafe { libc::geteuid() };
+        if let Err(e) = listener.set_nonblocking(true) {
+            tracing::error!("control socket: {e}");
+            return;
+        }
+        while !stop.load(Ordering::Acquire) {
+            match listener.accept() {
+                Ok((s, _)) => {
+                    let c = control.clone();
+                    std::thread::spawn(move || connection(s, owner, &*c));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => {
+                    tracing::warn!("control socket accept: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    })
+}
+
+fn reply(s: &mut UnixStream, v: &Value) -> std::io::Result<()> {
+    let mut line = v.to_string();
+    line.push('\n');
+    s.write_all(line.as_bytes())
+}
+
+fn error(msg: impl Into<String>) -> Value {
+    json!({"ok": false, "error": msg.into()})
+}
+
+fn connection(mut s: UnixStream, owner: u32, control: &dyn Control) {
+    let _ = s.set_nonblocking(false);
+    match peer_uid(&s) {
+        Ok(uid) if peer_allowed(uid, owner) => {}
+        Ok(uid) => {
+            tracing::warn!("control socket: refused a connection from uid {uid} (owner {owner})");
+            let _ = reply(
+                &mut s,
+                &error(format!(
+                    "permission denied: uid {uid} is not the VMM's owner"
+                )),
+            );
+            return;
+        }
+        Err(e) => {
+            tracing::warn!("control socket: no peer credentials: {e}");
+            return;
+        }
+    }
+    let Ok(rs) = s.try_clone() else { return };
+    let mut reader = BufReader::new(rs);
+    loop {
+        let mut buf = Vec::new();
+        // Read at most MAX_LINE + 1 bytes of one line.
+        let n = match (&mut reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut buf)
+        {
+            Ok(n) => n,
+            Err(_) => return,
+        };
+        if n == 0 {
+            return;
+        }
+        if buf.len() > MAX_LINE {
+            let _ = reply(
+                &mut s,
+                &error(format!("request longer than {MAX_LINE} bytes")),
+            );
+            return;
+        }
+        let text = String::from_utf8_lossy(&buf);
+        let text = text.trim();
+        if text.is_empty() {
+            continue;
+        }
+        let out = match serde_json::from_str::<Request>(text) {
+            Err(e) => error(format!("bad request: {e}")),
+            Ok(req) => match control.handle(req) {
+                Ok(Value::Object(mut m)) => {
+                    m.insert("ok".into(), Value::Bool(true));
+                    Value::Object(m)
+                }
+                Ok(v) => json!({"ok": true, "result": v}),
+                Err(e) => error(e),
+            },
+        };
+        if reply(&mut s, &out).is_err() {
+            return;
+        }
+    }
+}
+
+/// Client: send one request line, return the reply.
+pub fn request(path: &Path, line: &str, timeout: Duration) -> std::io::Result<Value> {
+    let mut s = UnixStream::connect(path)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(line.trim().as_bytes())?;
+    s.write_all(b"\n")?;
+    let mut r = BufReader::new(s);
+    let mut out = String::new();
+    r.read_line(&mut out)?;
+    serde_json::from_str(&out).map_err(|e| std::io::Error::other(format!("bad reply {out:?}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    struct Echo(Mutex<Vec<Request>>);
+    impl Control for Echo {
+        fn handle(&self, req: Request) -> Result<Value, String> {
+            self.0.lock().unwrap().push(req.clone());
+            match req {
+                Request::Teardown {} => Err("not now".into()),
+                r => Ok(json!({"op": format!("{r:?}")})),
+            }
+        }
+    }
+
+    #[test]
+    fn requests_replies_and_bad_input() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("vm.sock");
+        let l = bind(&p).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let echo = Arc::new(Echo(Mutex::new(vec![])));
+        let stop = Arc::new(AtomicBool::new(false));
+        let t = serve(l, echo.clone(), stop.clone());
+        let ask = |line: &str| request(&p, line, Duration::from_secs(5)).unwrap();
+        assert_eq!(ask(r#"{"op":"status"}"#)["ok"], true);
+        assert_eq!(
+            ask(r#"{"op":"patch","bundle":"/x"}"#)["op"],
+            "Patch { bundle: \"/x\" }"
+        );
+        assert_eq!(
+            ask(r#"{"op":"teardown"}"#),
+            json!({"ok": false, "error": "not now"})
+        );
+        for bad in [
+            r#"{"op":"reboot"}"#,
+            "not json",
+            r#"{"op":"patch"}"#,
+            r#"{"op":"status","x":1}"#,
+        ] {
+            let r = ask(bad);
+            assert_eq!(r["ok"], false, "{bad}");
+            assert!(
+                r["error"].as_str().unwrap().starts_with("bad request"),
+                "{r}"
+            );
+        }
+        let huge = format!("{{\"op\":\"status\",\"pad\":\"{}\"}}", "x".repeat(MAX_LINE));
+        assert!(ask(&huge)["error"]
+            .as_str()
+            .unwrap()
+            .contains("longer than"));
+        // Only the three well-formed requests reached the VM.
+        assert_eq!(echo.0.lock().unwrap().len(), 3);
+        // A second VMM cannot take over a live socket.
+        assert!(bind(&p).is_err());
+        stop.store(true, Ordering::Release);
+        t.join().unwrap();
+        // A stale socket (no server) is replaced.
+        drop(bind(&p).unwrap());
+    }
+
+    #[test]
+    fn peer_credentials_are_checked() {
+        assert!(peer_allowed(1000, 1000));
+        assert!(peer_allowed(0, 1000));
+        assert!(!peer_allowed(1001, 1000));
+        // SAFETY: no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED: peer_credentials_are_checked needs root to connect as another uid");
+            return;
+        }
+        let Ok(py) = which_python() else {
+            eprintln!(
+                "SKIPPED: peer_credentials_are_checked needs python3 to connect as another uid"
+            );
+            return;
+        };
+        let d = tempfile::tempdir().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let p = d.path().join("vm.sock");
+        let l = bind(&p).unwrap();
+        // Open the file permissions so only SO_PEERCRED stands in the way.
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let echo = Arc::new(Echo(Mutex::new(vec![])));
+        let stop = Arc::new(AtomicBool::new(false));
+        let t = serve(l, echo.clone(), stop.clone());
+        use std::os::unix::process::CommandExt;
+        let out = std::process::Command::new(py)
+            .uid(65534)
+            .gid(65534)
+            .arg("-c")
+            .arg(format!(
+                "import socket;s=socket.socket(socket.AF_UNIX);s.connect({:?});s.sendall(b'{{\"op\":\"status\"}}\\n');print(s.makefile().readline())",
+                p.to_str().unwrap()
+            ))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("permission denied: uid 65534"),
+            "{text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            echo.0.lock().unwrap().is_empty(),
+            "the request never reached the VM"
+        );
+        stop.store(true, Ordering::Release);
+        t.join().unwrap();
+    }
+
+    fn which_python() -> Result<&'static str, ()> {
+        for p in ["/usr/bin/python3", "/usr/local/bin/python3"] {
+            if Path::new(p).exists() {
+                return Ok(p);
+            }
+        }
+        Err(())
+    }
+}

@@ -1,0 +1,779 @@
+//! The MMIO policy engine at run time: every trapped BAR0 access is split into
+//! register-sized parts, each part decided by the active [`Profile`], and the
+//! decision carried out (allow, drop, shadow, fault), with alarms counted per
+//! register and written, rate-limited, to a JSON-lines sink.
+//!
+//! - [`PolicyEngine`] holds the active profile and its shadow store behind one
+//!   lock: [`PolicyEngine::replace`] (and `vm::PolicyHandle::replace`, which also
+//!   re-plans the BAR0 mappings) swaps both at once, and an access in flight
+//!   holds the read side for its whole decision and effect, so no access is ever
+//!   decided by no policy (or half by the old and half by the new one).
+//! - [`PolicyEngine::access`] is the per-access path: it allocates nothing. A
+//!   fault anywhere in an access means no part of it reaches the device.
+//! - [`AlarmSink`]: a token bucket (`rate` per second, `burst`) in front of the
+//!   file; alarms past it are counted as suppressed, the per-register counters
+//!   count every alarm.
+
+use crate::policy::{merges_writes, register_name, Action, Profile};
+use hilrig_device::device::{byte_mask_bits, check_access, split_access};
+use hilrig_device::regmap::BAR0_SIZE;
+use hilrig_device::{Device, DeviceError};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+/// Where alarms go and how fast.
+#[derive(Debug, Clone)]
+pub struct AlarmConfig {
+    /// JSON-lines file (created or truncated), if any.
+    pub file: Option<PathBuf>,
+    /// Keep the recorded alarms in memory for the [`PolicyReport`].
+    pub capture: bool,
+    /// Alarms written per second, sustained.
+    pub rate: u32,
+    /// Alarms written in a burst.
+    pub burst: u32,
+}
+
+impl Default for AlarmConfig {
+    fn default() -> Self {
+        AlarmConfig {
+            file: None,
+            capture: false,
+            rate: 1000,
+            burst: 100,
+        }
+    }
+}
+
+/// One alarm as written to the sink (one JSON object per line).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Alarm {
+    /// Microseconds since the VM started.
+    pub t_us: u64,
+    /// The vCPU.
+    pub vcpu: u8,
+    /// Guest RIP: of the instruction for reads; for writes KVM has already retired
+    /// the instruction, so this is where the guest resumes (see `insn_rip`).
+    pub rip: u64,
+    /// Address of the instruction that made the access (equal to `rip` for reads;
+    /// for writes found by decoding backwards from `rip` and checking the operand's
+    /// address against the access), if known.
+    pub insn_rip: Option<u64>,
+    /// The instruction, decoded (Intel syntax), fetched through the guest's page
+    /// tables, or why it could not be.
+    pub insn: String,
+    /// Register name, e.g. `HANG_TRIGGER` or `DEVICE_KEY[3]`.
+    pub register: String,
+    /// BAR0 offset of the first byte of this part.
+    pub offset: u32,
+    /// Bytes of this register the access touched.
+    pub width: u8,
+    /// Length of the whole (KVM) access.
+    pub access_len: u8,
+    /// `read` or `write`.
+    pub access: String,
+    /// The bytes of this part: written (writes) or returned to the guest (reads).
+    pub value: u32,
+    /// What was done (`allow` when enforcement is off).
+    pub action: Action,
+    /// The profile.
+    pub profile: String,
+    /// The rule (1-based, as written in the file).
+    pub rule: usize,
+    /// Whether enforcement was on.
+    pub enforce: bool,
+}
+
+/// An alarm the engine raised, before the vCPU adds RIP and instruction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AlarmHit {
+    /// BAR0 offset of the first byte of the part.
+    pub offset: u32,
+    /// Bytes in the part.
+    pub width: u8,
+    /// Write or read.
+    pub write: bool,
+    /// Part value (see [`Alarm::value`]).
+    pub value: u32,
+    /// Action taken.
+    pub action: Action,
+    /// Rule index (0-based).
+    pub rule: u16,
+}
+
+/// What an access came to.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Outcome {
+    /// The access faults: the guest gets an exception, nothing reached the device.
+    pub fault: bool,
+    /// Alarms raised (at most 3 parts per access).
+    pub hits: [Option<AlarmHit>; 3],
+}
+
+/// One decided part, for an oracle (recorded only with [`PolicyEngine::record_decisions`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decided {
+    /// Register word.
+    pub word: u32,
+    /// Byte mask within the word.
+    pub mask: u8,
+    /// Write or read.
+    pub write: bool,
+    /// The value the filter saw.
+    pub filter_value: u32,
+    /// Bytes written (in place in the word) or returned (in place).
+    pub bits: u32,
+    /// The action the profile decided for this part.
+    pub action: Action,
+    /// The rule.
+    pub rule: Option<u16>,
+    /// Another part of the same access (or this one) faulted: nothing happened.
+    pub faulted: bool,
+}
+
+/// Rate-limited alarm sink.
+pub struct AlarmSink {
+    state: Mutex<SinkState>,
+}
+
+struct SinkState {
+    file: Option<std::io::BufWriter<std::fs::File>>,
+    capture: Option<Vec<Alarm>>,
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+    written: u64,
+    suppressed: u64,
+    error: Option<String>,
+}
+
+impl AlarmSink {
+    /// A sink per `cfg` (creates the file).
+    pub fn new(cfg: &AlarmConfig) -> std::io::Result<AlarmSink> {
+        let file = match &cfg.file {
+            Some(p) => Some(std::io::BufWriter::new(std::fs::File::create(p)?)),
+            None => None,
+        };
+        Ok(AlarmSink {
+            state: Mutex::new(SinkState {
+                file,
+                capture: cfg.capture.then(Vec::new),
+                rate: f64::from(cfg.rate),
+                burst: f64::from(cfg.burst.max(1)),
+                tokens: f64::from(cfg.burst.max(1)),
+                last: Instant::now(),
+                written: 0,
+                suppressed: 0,
+                error: None,
+            }),
+        })
+    }
+
+    /// Take a token: true if an alarm may be written now; false counts it suppressed.
+    pub fn admit(&self) -> bool {
+        let mut s = lock(&self.state);
+        let now = Instant::now();
+        let dt = now.saturating_duration_since(s.last).as_secs_f64();
+        s.last = now;
+        s.tokens = (s.tokens + dt * s.rate).min(s.burst);
+        if s.tokens >= 1.0 {
+            s.tokens -= 1.0;
+            true
+        } else {
+            s.suppressed += 1;
+            false
+        }
+    }
+
+    /// Write an admitted alarm.
+    pub fn push(&self, a: Alarm) {
+        let mut s = lock(&self.state);
+        s.written += 1;
+        if let Some(f) = s.file.as_mut() {
+            let r = serde_json::to_writer(&mut *f, &a)
+                .map_err(std::io::Error::from)
+                .and_then(|_| f.write_all(b"\n"));
+            if let Err(e) = r {
+                if s.error.is_none() {
+                    tracing::error!("alarm sink: {e}");
+                    s.error = Some(e.to_string());
+                }
+            }
+        }
+        if let Some(c) = s.capture.as_mut() {
+            c.push(a);
+        }
+    }
+
+    fn counts(&self) -> (u64, u64, Option<String>) {
+        let s = lock(&self.state);
+        (s.written, s.suppressed, s.error.clone())
+    }
+
+    fn finish(&self) -> (u64, u64, Vec<Alarm>, Option<String>) {
+        let mut s = lock(&self.state);
+        if let Some(f) = s.file.as_mut() {
+            if let Err(e) = f.flush() {
+                s.error.get_or_insert(e.to_string());
+            }
+        }
+        (
+            s.written,
+            s.suppressed,
+            s.capture.take().unwrap_or_default(),
+            s.error.clone(),
+        )
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The active profile with its shadow store.
+struct Active {
+    profile: Arc<Profile>,
+    shadow: Box<[AtomicU32]>,
+}
+
+impl Active {
+    fn new(profile: Arc<Profile>) -> Active {
+        let shadow = profile
+            .shadow_init
+            .iter()
+            .map(|&v| AtomicU32::new(v))
+            .collect();
+        Active { profile, shadow }
+    }
+}
+
+const WORDS: usize = (BAR0_SIZE / 4) as usize;
+
+/// The policy engine of one VM.
+pub struct PolicyEngine {
+    active: RwLock<Active>,
+    /// The alarm sink.
+    pub alarms: AlarmSink,
+    per_word_alarms: Box<[AtomicU64]>,
+    actions: [AtomicU64; 4],
+    alarms_total: AtomicU64,
+    faults: AtomicU64,
+    record: Option<Mutex<Vec<Decided>>>,
+    start: Instant,
+}
+
+fn action_index(a: Action) -> usize {
+    match a {
+        Action::Allow => 0,
+        Action::Drop => 1,
+        Action::Shadow => 2,
+        Action::Fault => 3,
+    }
+}
+
+/// What the policy did during a run.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PolicyReport {
+    /// Profile name.
+    pub profile: String,
+    /// Where it came from.
+    pub source: String,
+    /// Enforcement on?
+    pub enforce: bool,
+    /// Decided parts that matched a rule, by action taken.
+    pub allowed: u64,
+    /// Dropped parts.
+    pub dropped: u64,
+    /// Shadowed parts.
+    pub shadowed: u64,
+    /// Accesses that faulted (exceptions injected).
+    pub faults: u64,
+    /// Every alarm raised.
+    pub alarms: u64,
+    /// Alarms written to the sink.
+    pub alarms_written: u64,
+    /// Alarms the rate limit kept out of the sink (still counted per register).
+    pub alarms_suppressed: u64,
+    /// Alarms per register.
+    pub per_register: BTreeMap<String, u64>,
+    /// The sink's first write error, if any.
+    pub sink_error: Option<String>,
+    /// Alarms kept in memory ([`AlarmConfig::capture`]).
+    #[serde(skip)]
+    pub captured: Vec<Alarm>,
+    /// Every decided part ([`PolicyEngine::record_decisions`]).
+    #[serde(skip)]
+    pub decided: Vec<Decided>,
+}
+
+/// Phase 1 of an access: every register-sized part decided, nothing done yet.
+struct Plan {
+    /// (word, byte mask, byte in word, data start, len)
+    parts: [(u32, u8, usize, usize, usize); 3],
+    decs: [crate::policy::Decision; 3],
+    /// (bits written in place / device value, filter value, device value known)
+    vals: [(u32, u32, bool); 3],
+    n: usize,
+    fault: bool,
+}
+
+#[inline(always)]
+fn plan(
+    p: &Profile,
+    dev: &mut dyn Device,
+    off: u64,
+    data: &[u8],
+    write: bool,
+) -> Result<Plan, DeviceError> {
+    let mut pl = Plan {
+        parts: [(0, 0, 0, 0, 0); 3],
+        decs: [crate::policy::Decision::ALLOW; 3],
+        vals: [(0, 0, false); 3],
+        n: 0,
+        fault: false,
+    };
+    for part in split_access(off, data.len()) {
+        let (w, m) = (part.word, byte_mask_bits(part.mask));
+        let (bits, fv, known) = if write {
+            let mut b = [0u8; 4];
+            b[part.byte_in_word..part.byte_in_word + part.len]
+                .copy_from_slice(&data[part.data_start..part.data_start + part.len]);
+            let bits = u32::from_le_bytes(b);
+            let fv = if p.needs_value(w, true) && merges_writes(w) {
+                (dev.read_word(w, 0xf)? & !m) | bits
+            } else {
+                bits
+            };
+            (bits, fv, false)
+        } else if p.needs_value(w, false) {
+            let v = dev.read_word(w, part.mask)?;
+            (v, v, true)
+        } else {
+            (0, 0, false)
+        };
+        let d = p.decide(w, write, fv);
+        pl.fault |= d.action == Action::Fault;
+        pl.parts[pl.n] = (w, part.mask, part.byte_in_word, part.data_start, part.len);
+        pl.decs[pl.n] = d;
+        pl.vals[pl.n] = (bits, fv, known);
+        pl.n += 1;
+    }
+    Ok(pl)
+}
+
+impl PolicyEngine {
+    /// An engine running `profile`, alarms per `alarms`.
+    pub fn new(profile: Arc<Profile>, alarms: &AlarmConfig) -> std::io::Result<PolicyEngine> {
+        Ok(PolicyEngine {
+            active: RwLock::new(Active::new(profile)),
+            alarms: AlarmSink::new(alarms)?,
+            per_word_alarms: (0..WORDS).map(|_| AtomicU64::new(0)).collect(),
+            actions: Default::default(),
+            alarms_total: AtomicU64::new(0),
+            faults: AtomicU64::new(0),
+            record: None,
+            start: Instant::now(),
+        })
+    }
+
+    /// Record every decided part (for tests and oracles; allocates per access).
+    pub fn record_decisions(mut self, on: bool) -> Self {
+        self.record = on.then(|| Mutex::new(Vec::new()));
+        self
+    }
+
+    /// The active profile.
+    pub fn profile(&self) -> Arc<Profile> {
+        self.active
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .profile
+            .clone()
+    }
+
+    /// Replace the active profile (and its shadow store) atomically: accesses in
+    /// flight finish under the old profile, every later one is decided by the new.
+    /// The caller keeps the page plan in step (pages the new profile traps must trap
+    /// before it takes effect; see `Vm` / issue 9). Returns the old profile.
+    pub fn replace(&self, profile: Arc<Profile>) -> Arc<Profile> {
+        self.replace_with(profile, || {})
+    }
+
+    /// [`PolicyEngine::replace`], running `during` while no access can be decided
+    /// (the caller re-plans the page mappings there).
+    pub fn replace_with(&self, profile: Arc<Profile>, during: impl FnOnce()) -> Arc<Profile> {
+        let new = Active::new(profile);
+        let mut g = self.active.write().unwrap_or_else(|p| p.into_inner());
+        during();
+        std::mem::replace(&mut *g, new).profile
+    }
+
+    /// Microseconds since the engine started.
+    pub fn elapsed_us(&self) -> u64 {
+        self.start.elapsed().as_micros() as u64
+    }
+
+    /// Carry out one trapped access of `data.len()` bytes at BAR0 offset `off`:
+    /// a write of `data`, or a read into `data`. Allocates nothing (unless
+    /// recording decisions).
+    #[inline]
+    pub fn access(
+        &self,
+        dev: &mut dyn Device,
+        off: u64,
+        data: &mut [u8],
+        write: bool,
+    ) -> Result<Outcome, DeviceError> {
+        check_access(off, data.len())?;
+        let active = self.active.read().unwrap_or_else(|p| p.into_inner());
+        let plan = plan(&active.profile, dev, off, data, write)?;
+        if plan.fault {
+            self.faults.fetch_add(1, Ordering::Relaxed);
+        }
+        self.apply(&active, &plan, dev, data, write, plan.fault)
+    }
+
+    /// Carry out the pieces of one store that KVM split into several exits
+    /// (`(offset, bytes, len)`, in order), all or nothing: if any part of any
+    /// piece faults, none reaches the device. One outcome per piece.
+    pub fn access_split(
+        &self,
+        dev: &mut dyn Device,
+        pieces: &mut [(u64, [u8; 8], usize)],
+        outs: &mut [Outcome],
+    ) -> Result<bool, DeviceError> {
+        for (off, _, len) in pieces.iter() {
+            check_access(*off, *len)?;
+        }
+        let active = self.active.read().unwrap_or_else(|p| p.into_inner());
+        let mut fault = false;
+        for (off, buf, len) in pieces.iter() {
+            fault |= plan(&active.profile, dev, *off, &buf[..*len], true)?.fault;
+        }
+        if fault {
+            self.faults.fetch_add(1, Ordering::Relaxed);
+        }
+        for ((off, buf, len), out) in pieces.iter_mut().zip(outs.iter_mut()) {
+            let plan = plan(&active.profile, dev, *off, &buf[..*len], true)?;
+            *out = self.apply(&active, &plan, dev, &mut buf[..*len], true, fault)?;
+        }
+        Ok(fault)
+    }
+
+    /// Whether a write fault rule covers any word in `start..end` (cheap; decides
+    /// whether a split store must be gathered before deciding).
+    pub fn write_may_fault(&self, start: u64, end: u64) -> bool {
+        let active = self.active.read().unwrap_or_else(|p| p.into_inner());
+        let p = &active.profile;
+        p.enforce
+            && (start & !3..end.min(BAR0_SIZE))
+                .step_by(4)
+                .any(|w| p.may_fault(w as u32, true))
+    }
+
+    /// Phase 2: carry out the decided parts (none if `fault`), count, alarm, record.
+    #[inline(always)]
+    fn apply(
+        &self,
+        active: &Active,
+        plan: &Plan,
+        dev: &mut dyn Device,
+        data: &mut [u8],
+        write: bool,
+        fault: bool,
+    ) -> Result<Outcome, DeviceError> {
+        let p = &*active.profile;
+        let mut out = Outcome {
+            fault,
+            hits: [None; 3],
+        };
+        for i in 0..plan.n {
+            let (w, mask, biw, ds, len) = plan.parts[i];
+            let d = plan.decs[i];
+            let m = byte_mask_bits(mask);
+            let (bits, fv, known) = plan.vals[i];
+            let mut shown = bits;
+            if !fault {
+                if write {
+                    match d.action {
+                        Action::Allow => dev.write_word(w, bits, mask)?,
+                        Action::Drop | Action::Fault => {}
+                        Action::Shadow => {
+                            if let Some(rule) = d.rule {
+                                let s = &active.shadow[p.shadow_slot(rule, w)];
+                                let old = s.load(Ordering::Relaxed);
+                                s.store((old & !m) | (bits & m), Ordering::Relaxed);
+                            }
+                        }
+                    }
+                } else {
+                    let v = match (d.action, d.rule) {
+                        (Action::Drop, Some(r)) => p.rules[r as usize].value,
+                        (Action::Shadow, Some(r)) => {
+                            active.shadow[p.shadow_slot(r, w)].load(Ordering::Relaxed)
+                        }
+                        _ if known => bits,
+                        _ => dev.read_word(w, mask)?,
+                    };
+                    data[ds..ds + len].copy_from_slice(&v.to_le_bytes()[biw..biw + len]);
+                    shown = v;
+                }
+            }
+            if d.rule.is_some() {
+                let ai = if fault { 3 } else { action_index(d.action) };
+                self.actions[ai].fetch_add(1, Ordering::Relaxed);
+            }
+            if d.alarm {
+                self.alarms_total.fetch_add(1, Ordering::Relaxed);
+                self.per_word_alarms[(w / 4) as usize].fetch_add(1, Ordering::Relaxed);
+                out.hits[i] = d.rule.map(|rule| AlarmHit {
+                    offset: w + biw as u32,
+                    width: len as u8,
+                    write,
+                    value: (shown & m) >> (8 * biw),
+                    action: if fault { Action::Fault } else { d.action },
+                    rule,
+                });
+            }
+            if let Some(rec) = &self.record {
+                lock(rec).push(Decided {
+                    word: w,
+                    mask,
+                    write,
+                    filter_value: fv,
+                    bits: shown & m,
+                    action: d.action,
+                    rule: d.rule,
+                    faulted: fault,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Build the alarm for `hit` (RIP and instruction supplied by the vCPU).
+    pub fn alarm(
+        &self,
+        vcpu: u8,
+        rip: u64,
+        insn_rip: Option<u64>,
+        insn: String,
+        access_len: usize,
+        hit: &AlarmHit,
+    ) -> Alarm {
+        let p = self.profile();
+        Alarm {
+            t_us: self.elapsed_us(),
+            vcpu,
+            rip,
+            insn_rip,
+            insn,
+            register: register_name(hit.offset),
+            offset: hit.offset,
+            width: hit.width,
+            access_len: access_len as u8,
+            access: if hit.write { "write" } else { "read" }.into(),
+            value: hit.value,
+            action: hit.action,
+            profile: p.name.clone(),
+            rule: hit.rule as usize + 1,
+            enforce: p.enforce,
+        }
+    }
+
+    /// Live figures for metrics (no captured alarms or decisions; drains nothing).
+    pub fn metrics(&self) -> PolicyReport {
+        let (written, suppressed, sink_error) = self.alarms.counts();
+        self.build_report(written, suppressed, Vec::new(), sink_error, Vec::new())
+    }
+
+    /// The run's figures (flushes the sink, drains captured alarms and the decision
+    /// record).
+    pub fn report(&self) -> PolicyReport {
+        let (written, suppressed, captured, sink_error) = self.alarms.finish();
+        let decided = self
+            .record
+            .as_ref()
+            .map(|r| std::mem::take(&mut *lock(r)))
+            .unwrap_or_default();
+        self.build_report(written, suppressed, captured, sink_error, decided)
+    }
+
+    fn build_report(
+        &self,
+        written: u64,
+        suppressed: u64,
+        captured: Vec<Alarm>,
+        sink_error: Option<String>,
+        decided: Vec<Decided>,
+    ) -> PolicyReport {
+        let p = self.profile();
+        let mut per_register = BTreeMap::new();
+        for (i, c) in self.per_word_alarms.iter().enumerate() {
+            let c = c.load(Ordering::Relaxed);
+            if c > 0 {
+                *per_register.entry(register_name(i as u32 * 4)).or_insert(0) += c;
+            }
+        }
+        PolicyReport {
+            profile: p.name.clone(),
+            source: p.source.clone(),
+            enforce: p.enforce,
+            allowed: self.actions[0].load(Ordering::Relaxed),
+            dropped: self.actions[1].load(Ordering::Relaxed),
+            shadowed: self.actions[2].load(Ordering::Relaxed),
+            faults: self.faults.load(Ordering::Relaxed),
+            alarms: self.alarms_total.load(Ordering::Relaxed),
+            alarms_written: written,
+            alarms_suppressed: suppressed,
+            per_register,
+            sink_error,
+            captured,
+            decided,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{load_profile, PolicyFile};
+    use hilrig_device::regmap::{Reg, HANG_MAGIC};
+
+    fn model() -> Box<dyn Device> {
+        Box::new(crate::backend::fresh_model(7).expect("model"))
+    }
+
+    fn engine(profile: &str) -> PolicyEngine {
+        let p = load_profile(None, profile).expect("profile");
+        PolicyEngine::new(Arc::new(p), &AlarmConfig::default()).expect("engine")
+    }
+
+    #[test]
+    fn tenant_drops_hang_and_key_and_allows_scratch() {
+        let e = engine("tenant");
+        let mut d = model();
+        let hang = Reg::HangTrigger.offset() as u64;
+        let mut buf = HANG_MAGIC.to_le_bytes();
+        let o = e.access(&mut *d, hang, &mut buf, true).expect("access");
+        assert!(!o.fault);
+        assert_eq!(o.hits[0].map(|h| h.action), Some(Action::Drop));
+        assert_ne!(
+            d.read32(Reg::Id.offset()).expect("id"),
+            u32::MAX,
+            "not hung"
+        );
+        // An 8-byte read straddling SERIAL[1] (allowed) and the next word.
+        let key = Reg::DeviceKey.offset() as u64;
+        let mut k = [0xaau8; 8];
+        e.access(&mut *d, key + 2, &mut k, false).expect("read");
+        assert_eq!(k, [0; 8]);
+        let mut s = 0x1234_5678u32.to_le_bytes();
+        e.access(&mut *d, Reg::Scratch.offset() as u64, &mut s, true)
+            .expect("scratch");
+        assert_eq!(d.read32(Reg::Scratch.offset()).expect("r"), 0x1234_5678);
+        // 8 bytes over SCRATCH[7] and DOORBELL both allowed; 8 over SOFT_RESET+SERIAL:
+        // the SOFT_RESET half is dropped, the SERIAL half read.
+        let mut x = [0u8; 8];
+        e.access(&mut *d, Reg::SoftReset.offset() as u64, &mut x, false)
+            .expect("read");
+        let serial = d.read32(Reg::Serial.offset()).expect("serial");
+        assert_eq!(&x[4..], &serial.to_le_bytes());
+        let r = e.report();
+        assert_eq!(r.alarms, 1 + 3 + 1);
+        assert_eq!(r.per_register.get("HANG_TRIGGER"), Some(&1));
+        assert_eq!(r.per_register.get("DEVICE_KEY[0]"), Some(&1));
+        assert_eq!(r.per_register.get("DEVICE_KEY[2]"), Some(&1));
+    }
+
+    #[test]
+    fn shadow_and_fault_rules() {
+        let f = PolicyFile::parse(
+            r#"
+            [[profile.t]]
+            register = "SCRATCH[0]"
+            access = "both"
+            action = "shadow"
+            [[profile.t]]
+            register = "SCRATCH[1]"
+            access = "write"
+            action = "fault"
+            alarm = true
+            "#,
+            "t.toml",
+        )
+        .expect("parse");
+        let p = f.compile("t", "t.toml").expect("compile");
+        let e = PolicyEngine::new(Arc::new(p), &AlarmConfig::default()).expect("engine");
+        let mut d = model();
+        let s0 = Reg::Scratch.offset();
+        let mut b = 0xdead_beefu32.to_le_bytes();
+        e.access(&mut *d, s0 as u64, &mut b, true).expect("w");
+        assert_eq!(
+            d.read32(s0).expect("r"),
+            0,
+            "shadowed: the device never saw it"
+        );
+        let mut r = [0u8; 2];
+        e.access(&mut *d, s0 as u64 + 2, &mut r, false).expect("r");
+        assert_eq!(r, [0xad, 0xde]);
+        // An 8-byte write over SCRATCH[0] (shadow) and SCRATCH[1] (fault): nothing.
+        let mut w = [1u8; 8];
+        let o = e.access(&mut *d, s0 as u64, &mut w, true).expect("w");
+        assert!(o.fault);
+        assert_eq!(d.read32(s0 + 4).expect("r"), 0);
+        let mut r = [0u8; 4];
+        e.access(&mut *d, s0 as u64, &mut r, false).expect("r");
+        assert_eq!(
+            u32::from_le_bytes(r),
+            0xdead_beef,
+            "shadow untouched by the fault"
+        );
+        // Replacing the profile resets the shadow store.
+        e.replace(Arc::new(load_profile(None, "operator").expect("op")));
+        e.access(&mut *d, s0 as u64, &mut r, false).expect("r");
+        assert_eq!(u32::from_le_bytes(r), 0);
+        assert_eq!(e.report().faults, 1);
+    }
+
+    #[test]
+    fn sink_rate_limits_and_counts_suppressed() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("alarms.jsonl");
+        let cfg = AlarmConfig {
+            file: Some(path.clone()),
+            capture: false,
+            rate: 1,
+            burst: 5,
+        };
+        let e = PolicyEngine::new(Arc::new(load_profile(None, "tenant").expect("p")), &cfg)
+            .expect("engine");
+        let mut d = model();
+        for _ in 0..100 {
+            let mut b = [1u8; 4];
+            let o = e
+                .access(&mut *d, Reg::HangTrigger.offset() as u64, &mut b, true)
+                .expect("a");
+            for h in o.hits.iter().flatten() {
+                if e.alarms.admit() {
+                    e.alarms
+                        .push(e.alarm(0, 0x1000, Some(0x1000), "mov".into(), 4, h));
+                }
+            }
+        }
+        let r = e.report();
+        assert_eq!(r.alarms, 100);
+        assert!(r.alarms_written >= 5 && r.alarms_written <= 6, "{r:?}");
+        assert_eq!(r.alarms_written + r.alarms_suppressed, 100);
+        let text = std::fs::read_to_string(&path).expect("read");
+        let first: Alarm = serde_json::from_str(text.lines().next().expect("line")).expect("json");
+        assert_eq!(first.register, "HANG_TRIGGER");
+        assert_eq!(first.action, Action::Drop);
+        assert_eq!(first.profile, "tenant");
+    }
+}

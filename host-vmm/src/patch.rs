@@ -1,0 +1,423 @@
+//! Live patches: a signed bundle (hilrig_fw::bundle) is verified completely BEFORE
+//! anything is touched — signature by a trusted patch authority, every payload's
+//! SHA-256, the target VMM build (SHA-256 of the running executable), a component this
+//! VMM has, a version newer than the installed one — and turned into a ready module
+//! ([`Prepared`]). Only then does the VMM quiesce its vCPUs and [`commit`] the swap,
+//! which is a pointer exchange. A refused patch leaves the VM running and unchanged.
+
+use crate::modules::{LoadError, NativeHandler, Slot};
+use crate::policy::{PolicyError, PolicyFile, Profile};
+use ed25519_dalek::VerifyingKey;
+use hilrig_fw::bundle::{self, BundleError};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Component name of the policy rules (a data module).
+pub const POLICY: &str = "policy";
+/// Component name of the native device handler routines.
+pub const DEVICE_HANDLER: &str = "device-handler";
+
+/// Why a patch was refused. Nothing was changed.
+#[derive(Debug, thiserror::Error)]
+pub enum PatchError {
+    /// The bundle's framing, signature or payloads are bad.
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    /// Built for another VMM.
+    #[error("the bundle targets VMM build {want}, this VMM is {running}")]
+    WrongBuild {
+        /// Target in the manifest.
+        want: String,
+        /// The running build.
+        running: String,
+    },
+    /// Same or older version.
+    #[error("{component} v{offered} is not newer than the installed v{installed}")]
+    NotNewer {
+        /// Component.
+        component: String,
+        /// Installed version.
+        installed: u64,
+        /// Offered version.
+        offered: u64,
+    },
+    /// Not a component of this VMM.
+    #[error("unknown component {0:?} (this VMM patches \"policy\" and \"device-handler\")")]
+    UnknownComponent(String),
+    /// The payloads are not what the component needs.
+    #[error("{component} bundle: {reason}")]
+    Payload {
+        /// Component.
+        component: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The policy payload does not compile.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// The native module does not load.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// Writing the module file.
+    #[error("module directory {path}: {source}")]
+    Io {
+        /// Path.
+        path: PathBuf,
+        /// Error.
+        source: std::io::Error,
+    },
+}
+
+/// The patchable components.
+pub struct ModuleTable {
+    /// The MMIO policy rules.
+    pub policy: Arc<Slot<Arc<Profile>>>,
+    /// The native device handler (None: no handler installed, v0).
+    pub handler: Arc<Slot<Option<NativeHandler>>>,
+}
+
+impl ModuleTable {
+    /// A table with `profile` as policy v`policy_version` and no device handler.
+    pub fn new(
+        profile: Profile,
+        policy_version: u64,
+        alarm: impl Fn(&crate::modules::CallError) + Send + Sync + Clone + 'static,
+    ) -> ModuleTable {
+        ModuleTable {
+            policy: Slot::new(
+                POLICY,
+                Arc::new(profile),
+                policy_version,
+                Box::new(alarm.clone()),
+            ),
+            handler: Slot::new(DEVICE_HANDLER, None, 0, Box::new(alarm)),
+        }
+    }
+
+    /// Installed version of `component`.
+    pub fn version(&self, component: &str) -> Option<u64> {
+        match component {
+            POLICY => Some(self.policy.version()),
+            DEVICE_HANDLER => Some(self.handler.version()),
+            _ => None,
+        }
+    }
+
+    /// (component, version) of everything installed.
+    pub fn versions(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            (POLICY, self.policy.version()),
+            (DEVICE_HANDLER, self.handler.version()),
+        ]
+    }
+}
+
+/// A verified patch, ready to swap in.
+pub enum Prepared {
+    /// New policy rules.
+    Policy {
+        /// Version.
+        version: u64,
+        /// Compiled profile.
+        profile: Profile,
+    },
+    /// A new native device handler.
+    Handler {
+        /// Version.
+        version: u64,
+        /// Loaded module.
+        handler: NativeHandler,
+    },
+}
+
+impl Prepared {
+    /// Component name.
+    pub fn component(&self) -> &'static str {
+        match self {
+            Prepared::Policy { .. } => POLICY,
+            Prepared::Handler { .. } => DEVICE_HANDLER,
+        }
+    }
+    /// Version.
+    pub fn version(&self) -> u64 {
+        match self {
+            Prepared::Policy { version, .. } | Prepared::Handler { version, .. } => *version,
+        }
+    }
+}
+
+/// What a VMM trusts and is.
+pub struct PatchAuthority {
+    /// Trusted patch-authority keys.
+    pub trusted: Vec<VerifyingKey>,
+    /// X25519 secret for encrypted bundles.
+    pub decrypt_key: Option<[u8; 32]>,
+    /// SHA-256 of the running VMM executable.
+    pub build_sha256: [u8; 32],
+    /// Private directory (0700) where native modules are written before loading.
+    pub module_dir: PathBuf,
+}
+
+/// SHA-256 of the running executable.
+pub fn running_build_sha256() -> std::io::Result<[u8; 32]> {
+    let mut f = std::fs::File::open("/proc/self/exe")?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(h.finalize().into())
+}
+
+impl PatchAuthority {
+    /// Verify `bundle` completely and build the module it carries. `profile` is the
+    /// profile name to compile a policy payload for. Touches nothing in `table`.
+    pub fn prepare(
+        &self,
+        bytes: &[u8],
+        table: &ModuleTable,
+        profile: &str,
+    ) -> Result<Prepared, PatchError> {
+        let b = bundle::parse(bytes)?;
+        b.verify(&self.trusted)?;
+        let m = &b.manifest;
+        let target = b.target_vmm_sha256().unwrap_or_default();
+        if target != self.build_sha256 {
+            return Err(PatchError::WrongBuild {
+                want: m.target_vmm_sha256.clone(),
+                running: hex::encode(self.build_sha256),
+            });
+        }
+        let installed = table
+            .version(&m.component)
+            .ok_or_else(|| PatchError::UnknownComponent(m.component.clone()))?;
+        if m.version <= installed {
+            return Err(PatchError::NotNewer {
+                component: m.component.clone(),
+                installed,
+                offered: m.version,
+            });
+        }
+        let payloads = b.payloads(self.decrypt_key.as_ref())?;
+        let bad = |reason: String| PatchError::Payload {
+            component: m.component.clone(),
+            reason,
+        };
+        if payloads.len() != 1 {
+            return Err(bad(format!(
+                "{} payloads; exactly one is expected",
+                payloads.len()
+            )));
+        }
+        let (name, data) = &payloads[0];
+        match m.component.as_str() {
+            POLICY => {
+                let text = std::str::from_utf8(data)
+                    .map_err(|_| bad(format!("{name} is not UTF-8 TOML")))?;
+                let file = format!("bundle {} v{} payload {name}", m.component, m.version);
+                let profile = PolicyFile::parse(text, &file)?.compile(profile, &file)?;
+                Ok(Prepared::Policy {
+                    version: m.version,
+                    profile,
+                })
+            }
+            DEVICE_HANDLER => {
+                let want = m.payloads[0].sha256.to_ascii_lowercase();
+                let path = self.write_module(name, data, &want, m.version)?;
+                let handler = NativeHandler::load(&path, DEVICE_HANDLER, m.version)?;
+                Ok(Prepared::Handler {
+                    version: m.version,
+                    handler,
+                })
+            }
+            other => Err(PatchError::UnknownComponent(other.to_string())),
+        }
+    }
+
+    /// Write a module into the private module directory and check the written file's
+    /// SHA-256 against the manifest before it may be loaded.
+    fn write_module(
+        &self,
+        name: &str,
+        data: &[u8],
+        sha256: &str,
+        version: u64,
+    ) -> Result<PathBuf, PatchError> {
+        use std::io::Write;
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| PatchError::Io { path, source }
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.module_dir)
+            .map_err(io(&self.module_dir))?;
+        let safe: String = name
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '.' || *c == '-' || *c == '_')
+            .collect();
+        let path = self.module_dir.join(format!(
+            "v{version}-{}-{safe}",
+            &sha256[..16.min(sha256.len())]
+        ));
+        if !path.exists() {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(io(&path))?;
+            f.write_all(data).map_err(io(&path))?;
+            f.sync_all().map_err(io(&path))?;
+        }
+        let written = std::fs::read(&path).map_err(io(&path))?;
+        if hex::encode(Sha256::digest(&written)) != sha256 {
+            return Err(PatchError::Payload {
+                component: DEVICE_HANDLER.into(),
+                reason: format!(
+                    "{} does not hash to the signed manifest's SHA-256",
+                    path.display()
+                ),
+            });
+        }
+        Ok(path)
+    }
+}
+
+/// Swap a prepared module in. Call with every vCPU parked. Returns (component, old
+/// version, new version).
+pub fn commit(table: &ModuleTable, p: Prepared) -> (&'static str, u64, u64) {
+    match p {
+        Prepared::Policy { version, profile } => (
+            POLICY,
+            table.policy.replace(Arc::new(profile), version),
+            version,
+        ),
+        Prepared::Handler { version, handler } => (
+            DEVICE_HANDLER,
+            table.handler.replace(Some(handler), version),
+            version,
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::load_profile;
+    use ed25519_dalek::SigningKey;
+
+    const BUILD: [u8; 32] = [7; 32];
+
+    fn table() -> ModuleTable {
+        ModuleTable::new(load_profile(None, "tenant").unwrap(), 1, |_| {})
+    }
+
+    fn authority(dir: &Path) -> PatchAuthority {
+        PatchAuthority {
+            trusted: vec![SigningKey::from_bytes(&[1; 32]).verifying_key()],
+            decrypt_key: None,
+            build_sha256: BUILD,
+            module_dir: dir.join("modules"),
+        }
+    }
+
+    fn bundle(
+        component: &str,
+        version: u64,
+        payload: (&str, Vec<u8>),
+        key: u8,
+        build: [u8; 32],
+    ) -> Vec<u8> {
+        bundle::build(
+            &bundle::BundleSpec {
+                component,
+                version,
+                target_vmm_sha256: build,
+                payloads: vec![(payload.0.to_string(), payload.1)],
+                encrypt_to: None,
+            },
+            &SigningKey::from_bytes(&[key; 32]),
+        )
+        .unwrap()
+    }
+
+    const RULES: &str = "[[profile.tenant]]\nregister = \"SCRATCH[0]\"\naccess = \"write\"\naction = \"drop\"\nalarm = true\n";
+
+    #[test]
+    fn policy_patch_applies_and_bad_bundles_are_refused_unchanged() {
+        let d = tempfile::tempdir().unwrap();
+        let (t, a) = (table(), authority(d.path()));
+        let good = bundle(POLICY, 2, ("rules.toml", RULES.into()), 1, BUILD);
+        let mut truncated = good.clone();
+        truncated.truncate(good.len() - 3);
+        let mut tampered = good.clone();
+        let n = tampered.len();
+        tampered[n - 2] ^= 1;
+        for (b, want) in [
+            (bundle(POLICY, 2, ("rules.toml", RULES.into()), 9, BUILD), "not a trusted key"),
+            (bundle(POLICY, 2, ("rules.toml", RULES.into()), 1, [8; 32]), "targets VMM build"),
+            (bundle(POLICY, 1, ("rules.toml", RULES.into()), 1, BUILD), "not newer than the installed v1"),
+            (bundle("gpu", 5, ("x", vec![1]), 1, BUILD), "unknown component"),
+            (bundle(POLICY, 2, ("rules.toml", b"[[profile.tenant]]\nregister = \"NOPE\"\naccess = \"read\"\naction = \"drop\"".to_vec()), 1, BUILD), "unknown register"),
+            (truncated, "truncated"),
+            (tampered, "SHA-256 does not match"),
+        ] {
+            let e = a.prepare(&b, &t, "tenant").err().expect(want).to_string();
+            assert!(e.contains(want), "wanted {want:?}: {e}");
+            assert_eq!(t.policy.version(), 1, "a refused patch changed nothing");
+        }
+        let p = a.prepare(&good, &t, "tenant").unwrap();
+        assert_eq!(commit(&t, p), (POLICY, 1, 2));
+        let scratch0 = hilrig_device::Reg::Scratch.offset();
+        assert_eq!(
+            t.policy
+                .call(|p| p.decide(scratch0, true, 0).action)
+                .unwrap(),
+            crate::policy::Action::Drop
+        );
+        // The same bundle again is now "not newer".
+        assert!(a
+            .prepare(&good, &t, "tenant")
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("not newer"));
+    }
+
+    #[test]
+    fn native_handler_patch_loads_after_hash_check() {
+        let d = tempfile::tempdir().unwrap();
+        let (t, a) = (table(), authority(d.path()));
+        let lib = crate::modules::tests::build_demo_module(d.path(), 3, 0x0001_0003);
+        let so = std::fs::read(&lib).unwrap();
+        let b = bundle(DEVICE_HANDLER, 3, ("libdemo.so", so), 1, BUILD);
+        let p = a.prepare(&b, &t, "tenant").unwrap();
+        assert_eq!(commit(&t, p), (DEVICE_HANDLER, 0, 3));
+        let v = t
+            .handler
+            .call(|h| {
+                h.as_ref()
+                    .map(|h| h.on_access(hilrig_device::Reg::Version.offset(), false, 0))
+            })
+            .unwrap();
+        assert_eq!(
+            v,
+            Some(Ok(crate::modules::HandlerAction::Complete(0x0001_0003)))
+        );
+        // A bundle whose manifest says v4 but whose library declares v3 is refused.
+        let so = std::fs::read(&lib).unwrap();
+        let b = bundle(DEVICE_HANDLER, 4, ("libdemo.so", so), 1, BUILD);
+        let e = a.prepare(&b, &t, "tenant").err().unwrap().to_string();
+        assert!(e.contains("declares \"device-handler\" v3"), "{e}");
+        assert_eq!(t.handler.version(), 3);
+    }
+
+    #[test]
+    fn running_build_hash_is_stable() {
+        assert_eq!(
+            running_build_sha256().unwrap(),
+            running_build_sha256().unwrap()
+        );
+    }
+}

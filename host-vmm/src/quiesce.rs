@@ -1,0 +1,341 @@
+//! Quiescing: every vCPU is kicked out of KVM_RUN and parks at a rendezvous, the
+//! controller acts, then all resume. The blackout — first kick to last resume — is
+//! measured every time.
+//!
+//! vCPU threads [`Rendezvous::register`] when they start and call
+//! [`Rendezvous::checkpoint`] between exits (after KVM_RUN returns, before the next
+//! one). A parked vCPU is between two exits, so no MMIO access is half-decided while
+//! the controller acts: every access is decided entirely before or entirely after.
+//! A vCPU that leaves its loop (halt, stop) deregisters and no longer counts.
+//!
+//! The kick is the caller's (immediate_exit + a real-time signal, as Firecracker and
+//! cloud-hypervisor do); it is repeated every [`REKICK`] until all have parked, so a
+//! kick that races a vCPU entering KVM_RUN cannot be lost. A vCPU that does not arrive
+//! within the bound aborts the pause: everyone is released, nothing was done.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// How often the kick is repeated while waiting for vCPUs to park.
+pub const REKICK: Duration = Duration::from_millis(2);
+
+/// Why a pause failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QuiesceError {
+    /// Not every vCPU parked in time; the pause was aborted and all were released.
+    #[error(
+        "{parked} of {live} vCPUs parked within {bound:?}; pause aborted, guest state unchanged"
+    )]
+    Timeout {
+        /// vCPUs that arrived.
+        parked: usize,
+        /// vCPUs running.
+        live: usize,
+        /// The bound.
+        bound: Duration,
+    },
+    /// Another pause is in progress.
+    #[error("a pause is already in progress")]
+    Busy,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    live: usize,
+    parked: usize,
+    /// Incremented on every release, so parked vCPUs know to leave.
+    generation: u64,
+    pausing: bool,
+}
+
+/// The rendezvous every vCPU of a VM shares.
+#[derive(Debug, Default)]
+pub struct Rendezvous {
+    requested: AtomicBool,
+    state: Mutex<State>,
+    cv: Condvar,
+}
+
+/// A vCPU's membership; dropping it deregisters the vCPU.
+pub struct Member<'a>(&'a Rendezvous);
+
+impl Drop for Member<'_> {
+    fn drop(&mut self) {
+        let mut s = self.0.lock();
+        s.live = s.live.saturating_sub(1);
+        self.0.cv.notify_all();
+    }
+}
+
+/// Proof that every vCPU is parked. Resume with [`Paused::resume`]; dropping it
+/// resumes too.
+pub struct Paused<'a> {
+    rv: &'a Rendezvous,
+    first_kick: Instant,
+    parked_at: Instant,
+    vcpus: usize,
+    done: bool,
+}
+
+/// What a completed pause measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Blackout {
+    /// vCPUs that were parked.
+    pub vcpus: usize,
+    /// First kick to the last vCPU parked.
+    pub park: Duration,
+    /// First kick to the last vCPU resumed.
+    pub total: Duration,
+}
+
+impl Rendezvous {
+    /// A rendezvous with no members.
+    pub fn new() -> Rendezvous {
+        Rendezvous::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Register the calling vCPU.
+    pub fn register(&self) -> Member<'_> {
+        self.lock().live += 1;
+        Member(self)
+    }
+
+    /// vCPUs registered.
+    pub fn live(&self) -> usize {
+        self.lock().live
+    }
+
+    /// Called by a vCPU between exits; parks while a pause is requested. Returns true
+    /// if it parked (the caller then clears its immediate_exit before KVM_RUN).
+    #[inline]
+    pub fn checkpoint(&self) -> bool {
+        if !self.requested.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut s = self.lock();
+        if !s.pausing {
+            return false;
+        }
+        let generation = s.generation;
+        s.parked += 1;
+        self.cv.notify_all();
+        while s.generation == generation {
+            s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        s.parked -= 1;
+        self.cv.notify_all();
+        true
+    }
+
+    /// Park every vCPU: request, `kick()` (repeated every [`REKICK`]), and wait up to
+    /// `bound` for all registered vCPUs to arrive. On timeout everyone is released.
+    pub fn pause(&self, kick: &dyn Fn(), bound: Duration) -> Result<Paused<'_>, QuiesceError> {
+        let first_kick = Instant::now();
+        {
+            let mut s = self.lock();
+            if s.pausing {
+                return Err(QuiesceError::Busy);
+            }
+            s.pausing = true;
+        }
+        self.requested.store(true, Ordering::Release);
+        kick();
+        let deadline = first_kick + bound;
+        let mut s = self.lock();
+        loop {
+            if s.parked >= s.live {
+                let vcpus = s.parked;
+                return Ok(Paused {
+                    rv: self,
+                    first_kick,
+                    parked_at: Instant::now(),
+                    vcpus,
+                    done: false,
+                });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let (parked, live) = (s.parked, s.live);
+                drop(s);
+                self.release();
+                return Err(QuiesceError::Timeout {
+                    parked,
+                    live,
+                    bound,
+                });
+            }
+            let wait = REKICK.min(deadline - now);
+            s = self
+                .cv
+                .wait_timeout(s, wait)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+            if s.parked < s.live {
+                drop(s);
+                kick();
+                s = self.lock();
+            }
+        }
+    }
+
+    fn release(&self) {
+        self.requested.store(false, Ordering::Release);
+        let mut s = self.lock();
+        s.pausing = false;
+        s.generation += 1;
+        self.cv.notify_all();
+    }
+}
+
+impl Paused<'_> {
+    /// vCPUs parked.
+    pub fn vcpus(&self) -> usize {
+        self.vcpus
+    }
+
+    /// Release every vCPU and wait (briefly) until all have left the rendezvous;
+    /// returns the blackout.
+    pub fn resume(mut self) -> Blackout {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Blackout {
+        self.done = true;
+        self.rv.release();
+        let bound = Instant::now() + Duration::from_secs(1);
+        let mut s = self.rv.lock();
+        while s.parked > 0 && Instant::now() < bound {
+            s = self
+                .rv
+                .cv
+                .wait_timeout(s, Duration::from_millis(1))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        Blackout {
+            vcpus: self.vcpus,
+            park: self.parked_at - self.first_kick,
+            total: self.first_kick.elapsed(),
+        }
+    }
+}
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.finish();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Arc;
+
+    /// Threads that "run" (increment a counter) and checkpoint, like vCPUs.
+    fn spawn(
+        rv: &Arc<Rendezvous>,
+        n: usize,
+        stop: &Arc<AtomicBool>,
+        work: &Arc<AtomicU64>,
+    ) -> Vec<std::thread::JoinHandle<()>> {
+        (0..n)
+            .map(|_| {
+                let (rv, stop, work) = (rv.clone(), stop.clone(), work.clone());
+                std::thread::spawn(move || {
+                    let _m = rv.register();
+                    while !stop.load(Ordering::Acquire) {
+                        work.fetch_add(1, Ordering::Relaxed);
+                        rv.checkpoint();
+                    }
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn nothing_runs_while_paused_and_all_resume() {
+        let rv = Arc::new(Rendezvous::new());
+        let stop = Arc::new(AtomicBool::new(false));
+        let work = Arc::new(AtomicU64::new(0));
+        let hs = spawn(&rv, 4, &stop, &work);
+        while rv.live() < 4 {
+            std::thread::yield_now();
+        }
+        for _ in 0..50 {
+            let p = rv.pause(&|| {}, Duration::from_secs(5)).unwrap();
+            assert_eq!(p.vcpus(), 4);
+            let before = work.load(Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(1));
+            assert_eq!(
+                work.load(Ordering::SeqCst),
+                before,
+                "a vCPU ran while paused"
+            );
+            let b = p.resume();
+            assert!(b.total >= b.park);
+        }
+        let before = work.load(Ordering::SeqCst);
+        while work.load(Ordering::SeqCst) == before {
+            std::thread::yield_now();
+        }
+        stop.store(true, Ordering::Release);
+        for h in hs {
+            h.join().unwrap();
+        }
+        assert_eq!(rv.live(), 0);
+    }
+
+    #[test]
+    fn a_vcpu_that_never_arrives_aborts_the_pause() {
+        let rv = Arc::new(Rendezvous::new());
+        let _stuck = rv.register(); // registered, never checkpoints
+        let stop = Arc::new(AtomicBool::new(false));
+        let work = Arc::new(AtomicU64::new(0));
+        let hs = spawn(&rv, 2, &stop, &work);
+        while rv.live() < 3 {
+            std::thread::yield_now();
+        }
+        let kicks = AtomicU64::new(0);
+        let e = rv
+            .pause(
+                &|| {
+                    kicks.fetch_add(1, Ordering::Relaxed);
+                },
+                Duration::from_millis(30),
+            )
+            .err()
+            .unwrap();
+        assert!(matches!(e, QuiesceError::Timeout { live: 3, .. }), "{e}");
+        assert!(kicks.load(Ordering::Relaxed) > 1, "the kick is repeated");
+        // Released: the others run again, and a later pause without the stuck one works.
+        let before = work.load(Ordering::SeqCst);
+        while work.load(Ordering::SeqCst) == before {
+            std::thread::yield_now();
+        }
+        drop(_stuck);
+        rv.pause(&|| {}, Duration::from_secs(5)).unwrap().resume();
+        stop.store(true, Ordering::Release);
+        for h in hs {
+            h.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn pause_with_no_vcpus_and_busy() {
+        let rv = Rendezvous::new();
+        let p = rv.pause(&|| {}, Duration::from_millis(10)).unwrap();
+        assert_eq!(
+            rv.pause(&|| {}, Duration::from_millis(10)).err(),
+            Some(QuiesceError::Busy)
+        );
+        assert_eq!(p.resume().vcpus, 0);
+    }
+}

@@ -1,0 +1,264 @@
+//! Fleet rollout of a patch bundle: the rig acts as the patch authority for many VMMs.
+//! Canary hosts first, then waves; every host's result and blackout is recorded; the
+//! rollout stops at the first refused or failed patch and reports which hosts run
+//! which version.
+
+use serde::Serialize;
+use serde_json::Value;
+use std::path::Path;
+use std::time::Duration;
+
+/// One VMM to patch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Target {
+    /// Host name (from the inventory) or the socket path.
+    pub name: String,
+    /// Its control socket.
+    pub socket: std::path::PathBuf,
+}
+
+/// How a host's patch went.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "result", rename_all = "kebab-case")]
+pub enum HostOutcome {
+    /// Applied.
+    Applied {
+        /// Component.
+        component: String,
+        /// Version before.
+        from: u64,
+        /// Version after.
+        to: u64,
+        /// Blackout in microseconds.
+        blackout_us: u64,
+    },
+    /// The VMM refused the patch (bad signature, wrong build, not newer...).
+    Refused {
+        /// Its reason.
+        reason: String,
+    },
+    /// The VMM could not be reached or answered nonsense: an infrastructure fault.
+    Failed {
+        /// What went wrong.
+        reason: String,
+    },
+    /// Not attempted: the rollout stopped before this host's wave.
+    Skipped,
+}
+
+/// One host's line in the report.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HostReport {
+    /// The host.
+    pub target: Target,
+    /// Wave number (0 = canary).
+    pub wave: usize,
+    /// Outcome.
+    pub outcome: HostOutcome,
+    /// Installed versions after the rollout, from the host's status (None: unreachable).
+    pub versions: Option<Value>,
+}
+
+/// The rollout report.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Report {
+    /// Per host, in rollout order.
+    pub hosts: Vec<HostReport>,
+    /// Whether every host applied the patch.
+    pub complete: bool,
+    /// Why the rollout stopped, if it did.
+    pub stopped: Option<String>,
+}
+
+/// Split `n` hosts into waves: `canary` first, then waves of `wave` hosts.
+pub fn waves(n: usize, canary: usize, wave: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut at = canary.min(n);
+    if at > 0 {
+        out.push(0..at);
+    }
+    let wave = wave.max(1);
+    while at < n {
+        let end = (at + wave).min(n);
+        out.push(at..end);
+        at = end;
+    }
+    out
+}
+
+/// What talks to one VMM (the control socket in production; fakes in tests).
+pub trait Fleet {
+    /// Apply the bundle; Ok(reply) or Err(transport failure).
+    fn patch(&self, t: &Target, bundle: &Path) -> Result<Value, String>;
+    /// Installed versions.
+    fn status(&self, t: &Target) -> Result<Value, String>;
+}
+
+/// The production fleet: VMM control sockets.
+pub struct Sockets {
+    /// Per-request timeout.
+    pub timeout: Duration,
+}
+
+impl Fleet for Sockets {
+    fn patch(&self, t: &Target, bundle: &Path) -> Result<Value, String> {
+        let req = serde_json::json!({"op": "patch", "bundle": bundle});
+        crate::control::request(&t.socket, &req.to_string(), self.timeout)
+            .map_err(|e| format!("{}: {e}", t.socket.display()))
+    }
+    fn status(&self, t: &Target) -> Result<Value, String> {
+        crate::control::request(&t.socket, r#"{"op":"status"}"#, self.timeout)
+            .map_err(|e| format!("{}: {e}", t.socket.display()))
+    }
+}
+
+fn outcome(reply: Result<Value, String>) -> HostOutcome {
+    match reply {
+        Err(reason) => HostOutcome::Failed { reason },
+        Ok(v) if v["ok"] == true => {
+            let n = |k: &str| v[k].as_u64();
+            match (
+                v["component"].as_str(),
+                n("from"),
+                n("to"),
+                n("blackout_us"),
+            ) {
+                (Some(c), Some(from), Some(to), Some(blackout_us)) => HostOutcome::Applied {
+                    component: c.to_string(),
+                    from,
+                    to,
+                    blackout_us,
+                },
+                _ => HostOutcome::Failed {
+                    reason: format!("malformed patch reply: {v}"),
+                },
+            }
+        }
+        Ok(v) => HostOutcome::Refused {
+            reason: v["error"]
+                .as_str()
+                .unwrap_or("refused without a reason")
+                .to_string(),
+        },
+    }
+}
+
+/// Roll `bundle` out over `targets`: `canary` hosts first, then waves of `wave`.
+/// Stops at the first refused or failed host; then reads every host's versions.
+pub fn rollout(
+    fleet: &dyn Fleet,
+    targets: &[Target],
+    bundle: &Path,
+    canary: usize,
+    wave: usize,
+) -> Report {
+    let mut hosts: Vec<HostReport> = targets
+        .iter()
+        .map(|t| HostReport {
+            target: t.clone(),
+            wave: 0,
+            outcome: HostOutcome::Skipped,
+            versions: None,
+        })
+        .collect();
+    let mut stopped = None;
+    'waves: for (w, range) in waves(targets.len(), canary, wave).into_iter().enumerate() {
+        for i in range.clone() {
+            hosts[i].wave = w;
+        }
+        for i in range {
+            let o = outcome(fleet.patch(&targets[i], bundle));
+            let bad = !matches!(o, HostOutcome::Applied { .. });
+            hosts[i].outcome = o;
+            if bad {
+                stopped = Some(format!(
+                    "{} in wave {w}: {}",
+                    targets[i].name,
+                    match &hosts[i].outcome {
+                        HostOutcome::Refused { reason } => format!("refused: {reason}"),
+                        HostOutcome::Failed { reason } => format!("failed: {reason}"),
+                        _ => String::new(),
+                    }
+                ));
+                break 'waves;
+            }
+        }
+    }
+    for h in &mut hosts {
+        h.versions = fleet.status(&h.target).ok().map(|v| v["versions"].clone());
+    }
+    let complete = hosts
+        .iter()
+        .all(|h| matches!(h.outcome, HostOutcome::Applied { .. }));
+    Report {
+        hosts,
+        complete,
+        stopped,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::sync::Mutex;
+
+    struct Fake {
+        bad: &'static str,
+        log: Mutex<Vec<String>>,
+    }
+    impl Fleet for Fake {
+        fn patch(&self, t: &Target, _: &Path) -> Result<Value, String> {
+            self.log.lock().unwrap().push(t.name.clone());
+            if t.name == self.bad {
+                return Ok(json!({"ok": false, "error": "wrong build"}));
+            }
+            Ok(json!({"ok": true, "component": "policy", "from": 1, "to": 2, "blackout_us": 80}))
+        }
+        fn status(&self, t: &Target) -> Result<Value, String> {
+            let patched = self.log.lock().unwrap().contains(&t.name) && t.name != self.bad;
+            Ok(json!({"ok": true, "versions": {"policy": if patched { 2 } else { 1 }}}))
+        }
+    }
+
+    fn targets(n: usize) -> Vec<Target> {
+        (0..n)
+            .map(|i| Target {
+                name: format!("h{i}"),
+                socket: format!("/run/h{i}.sock").into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn wave_split() {
+        assert_eq!(waves(7, 1, 3), vec![0..1, 1..4, 4..7]);
+        assert_eq!(waves(2, 5, 3), vec![0..2]);
+        assert_eq!(waves(3, 0, 0), vec![0..1, 1..2, 2..3]);
+        assert!(waves(0, 1, 1).is_empty());
+    }
+
+    #[test]
+    fn stops_at_the_first_refusal_and_reports_versions() {
+        let f = Fake {
+            bad: "h3",
+            log: Mutex::new(vec![]),
+        };
+        let r = rollout(&f, &targets(6), Path::new("b"), 1, 2);
+        assert_eq!(*f.log.lock().unwrap(), vec!["h0", "h1", "h2", "h3"]);
+        assert!(!r.complete);
+        assert!(r
+            .stopped
+            .as_deref()
+            .unwrap()
+            .starts_with("h3 in wave 2: refused: wrong build"));
+        assert_eq!(r.hosts[4].outcome, HostOutcome::Skipped);
+        assert_eq!(r.hosts[0].versions, Some(json!({"policy": 2})));
+        assert_eq!(r.hosts[5].versions, Some(json!({"policy": 1})));
+        let f = Fake {
+            bad: "none",
+            log: Mutex::new(vec![]),
+        };
+        assert!(rollout(&f, &targets(4), Path::new("b"), 1, 2).complete);
+    }
+}
