@@ -63,6 +63,25 @@ pub struct VmArgs {
     /// Print the result as one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Serve the control socket here (owner-only; JSON lines: status, pause, resume,
+    /// patch, teardown, metrics).
+    #[arg(long)]
+    pub control: Option<std::path::PathBuf>,
+    /// Accept live patches signed by this Ed25519 public key file (repeatable).
+    #[arg(long = "patch-pubkey")]
+    pub patch_pubkeys: Vec<std::path::PathBuf>,
+    /// X25519 secret key file to decrypt encrypted patch bundles.
+    #[arg(long)]
+    pub patch_decrypt_key: Option<std::path::PathBuf>,
+    /// Ed25519 secret key file that signs teardown records (default: an ephemeral key).
+    #[arg(long)]
+    pub vmm_key: Option<std::path::PathBuf>,
+    /// Tear the tenant down when the VM exits (scrub, reset, counters, signed record).
+    #[arg(long)]
+    pub teardown_on_exit: bool,
+    /// Write the teardown record (JSON) here.
+    #[arg(long)]
+    pub teardown_record: Option<std::path::PathBuf>,
     /// List the built-in payloads and exit.
     #[arg(long)]
     pub list_payloads: bool,
@@ -171,6 +190,8 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
             burst: (args.alarm_rate / 10).max(10),
         },
         record_decisions: false,
+        control: args.control.clone(),
+        lifecycle: lifecycle_config(&args)?,
     };
     let vm = Vm::new(config, backend)?;
     if args.show_plan && !args.json {
@@ -219,6 +240,47 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::from(report.verdict.exit_status()))
+}
+
+/// Live-patch and teardown settings from the command line.
+pub fn lifecycle_config(args: &VmArgs) -> anyhow::Result<crate::lifecycle::LifecycleConfig> {
+    use anyhow::Context;
+    let patch = if args.patch_pubkeys.is_empty() {
+        None
+    } else {
+        let trusted = args
+            .patch_pubkeys
+            .iter()
+            .map(|p| hilrig_fw::keys::verifying_key(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let decrypt_key = args
+            .patch_decrypt_key
+            .as_deref()
+            .map(|p| hilrig_fw::keys::read_key(p, hilrig_fw::keys::KeyKind::BoxSecret))
+            .transpose()?;
+        let build_sha256 = crate::patch::running_build_sha256()
+            .context("hashing the running VMM executable (/proc/self/exe)")?;
+        Some(Arc::new(crate::patch::PatchAuthority {
+            trusted,
+            decrypt_key,
+            build_sha256,
+            module_dir: std::env::temp_dir()
+                .join(format!("hilrig-vmm-modules-{}", std::process::id())),
+        }))
+    };
+    let vmm_key = args
+        .vmm_key
+        .as_deref()
+        .map(hilrig_fw::keys::signing_key)
+        .transpose()?;
+    Ok(crate::lifecycle::LifecycleConfig {
+        patch,
+        vmm_key,
+        teardown_record: args.teardown_record.clone(),
+        teardown_on_exit: args.teardown_on_exit || args.teardown_record.is_some(),
+        profile_name: args.profile.clone(),
+        ..Default::default()
+    })
 }
 
 #[cfg(test)]

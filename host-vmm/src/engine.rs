@@ -261,6 +261,7 @@ pub struct PolicyEngine {
     pub alarms: AlarmSink,
     per_word_alarms: Box<[AtomicU64]>,
     actions: [AtomicU64; 4],
+    parts: AtomicU64,
     alarms_total: AtomicU64,
     faults: AtomicU64,
     record: Option<Mutex<Vec<Decided>>>,
@@ -285,6 +286,8 @@ pub struct PolicyReport {
     pub source: String,
     /// Enforcement on?
     pub enforce: bool,
+    /// Every decided register part (with or without a rule).
+    pub parts: u64,
     /// Decided parts that matched a rule, by action taken.
     pub allowed: u64,
     /// Dropped parts.
@@ -374,6 +377,7 @@ impl PolicyEngine {
             alarms: AlarmSink::new(alarms)?,
             per_word_alarms: (0..WORDS).map(|_| AtomicU64::new(0)).collect(),
             actions: Default::default(),
+            parts: AtomicU64::new(0),
             alarms_total: AtomicU64::new(0),
             faults: AtomicU64::new(0),
             record: None,
@@ -524,6 +528,7 @@ impl PolicyEngine {
                     shown = v;
                 }
             }
+            self.parts.fetch_add(1, Ordering::Relaxed);
             if d.rule.is_some() {
                 let ai = if fault { 3 } else { action_index(d.action) };
                 self.actions[ai].fetch_add(1, Ordering::Relaxed);
@@ -624,6 +629,7 @@ impl PolicyEngine {
             profile: p.name.clone(),
             source: p.source.clone(),
             enforce: p.enforce,
+            parts: self.parts.load(Ordering::Relaxed),
             allowed: self.actions[0].load(Ordering::Relaxed),
             dropped: self.actions[1].load(Ordering::Relaxed),
             shadowed: self.actions[2].load(Ordering::Relaxed),

@@ -71,26 +71,21 @@ pub enum PatchError {
 
 /// The patchable components.
 pub struct ModuleTable {
-    /// The MMIO policy rules.
-    pub policy: Arc<Slot<Arc<Profile>>>,
+    /// The MMIO policy rules (None: the VM runs without a policy engine, v0).
+    pub policy: Arc<Slot<Option<Arc<Profile>>>>,
     /// The native device handler (None: no handler installed, v0).
     pub handler: Arc<Slot<Option<NativeHandler>>>,
 }
 
 impl ModuleTable {
-    /// A table with `profile` as policy v`policy_version` and no device handler.
+    /// A table with `profile` as policy v1 (v0 when None) and no device handler (v0).
     pub fn new(
-        profile: Profile,
-        policy_version: u64,
+        profile: Option<Arc<Profile>>,
         alarm: impl Fn(&crate::modules::CallError) + Send + Sync + Clone + 'static,
     ) -> ModuleTable {
+        let v = profile.is_some() as u64;
         ModuleTable {
-            policy: Slot::new(
-                POLICY,
-                Arc::new(profile),
-                policy_version,
-                Box::new(alarm.clone()),
-            ),
+            policy: Slot::new(POLICY, profile, v, Box::new(alarm.clone())),
             handler: Slot::new(DEVICE_HANDLER, None, 0, Box::new(alarm)),
         }
     }
@@ -148,6 +143,7 @@ impl Prepared {
 }
 
 /// What a VMM trusts and is.
+#[derive(Debug, Clone)]
 pub struct PatchAuthority {
     /// Trusted patch-authority keys.
     pub trusted: Vec<VerifyingKey>,
@@ -290,7 +286,7 @@ pub fn commit(table: &ModuleTable, p: Prepared) -> (&'static str, u64, u64) {
     match p {
         Prepared::Policy { version, profile } => (
             POLICY,
-            table.policy.replace(Arc::new(profile), version),
+            table.policy.replace(Some(Arc::new(profile)), version),
             version,
         ),
         Prepared::Handler { version, handler } => (
@@ -310,7 +306,10 @@ mod tests {
     const BUILD: [u8; 32] = [7; 32];
 
     fn table() -> ModuleTable {
-        ModuleTable::new(load_profile(None, "tenant").unwrap(), 1, |_| {})
+        ModuleTable::new(
+            Some(Arc::new(load_profile(None, "tenant").unwrap())),
+            |_| {},
+        )
     }
 
     fn authority(dir: &Path) -> PatchAuthority {
@@ -370,12 +369,11 @@ mod tests {
         let p = a.prepare(&good, &t, "tenant").unwrap();
         assert_eq!(commit(&t, p), (POLICY, 1, 2));
         let scratch0 = hilrig_device::Reg::Scratch.offset();
-        assert_eq!(
-            t.policy
-                .call(|p| p.decide(scratch0, true, 0).action)
-                .unwrap(),
-            crate::policy::Action::Drop
-        );
+        let action = t
+            .policy
+            .call(|p| p.as_ref().map(|p| p.decide(scratch0, true, 0).action))
+            .unwrap();
+        assert_eq!(action, Some(crate::policy::Action::Drop));
         // The same bundle again is now "not newer".
         assert!(a
             .prepare(&good, &t, "tenant")

@@ -587,6 +587,90 @@ pub fn smp_scratch() -> R<Vec<u8>> {
     p.build()
 }
 
+/// `storm`: an MMIO storm on the trapping identity page: every vCPU *i* writes
+/// 1, 2, 3, ... to `SCRATCH[i]` forever (each value once, so every access can be told
+/// apart in a decision log). Stopped from outside.
+pub fn storm() -> R<Vec<u8>> {
+    let s = Reg::Scratch.offset() as i32;
+    let mut p = Payload::new()?;
+    let mut l = p.a.create_label();
+    p.a.mov(ecx, 1u32)?;
+    p.a.set_label(&mut l)?;
+    p.a.mov(dword_ptr(rdi + rsi * 4 + s), ecx)?;
+    p.a.inc(ecx)?;
+    p.a.jmp(l)?;
+    p.build()
+}
+
+/// The pattern `canary-write` leaves and `canary-scan` looks for.
+pub const CANARY: u32 = 0xC0FF_EE5A;
+/// Where `canary-write` puts its RAM canary (2 MiB from 2 MiB; needs >= 4 MiB RAM).
+pub const CANARY_RAM: (u64, u64) = (2 << 20, 2 << 20);
+
+/// `canary-write`: a tenant leaves [`CANARY`] in RAM ([`CANARY_RAM`]), in every
+/// SCRATCH register and in every data-buffer word, then passes. (vCPU 0 only.)
+pub fn canary_write() -> R<Vec<u8>> {
+    let mut p = Payload::new()?;
+    p.park_secondaries()?;
+    p.a.mov(r8, rdi)?;
+    p.a.mov(eax, CANARY)?;
+    p.a.cld()?;
+    // RAM.
+    p.a.mov(rdi, CANARY_RAM.0)?;
+    p.a.mov(rcx, CANARY_RAM.1 / 4)?;
+    p.a.rep().stosd()?;
+    // Buffers (mapped pages: no exits).
+    p.a.lea(rdi, qword_ptr(r8 + BUFFER_BASE as i32))?;
+    p.a.mov(rcx, (hilrig_device::regmap::BUFFER_SIZE / 4) as u64)?;
+    p.a.rep().stosd()?;
+    // Scratch registers (trapped, allowed for a tenant).
+    for i in 0..8 {
+        p.a.mov(dword_ptr(r8 + (Reg::Scratch.offset() + 4 * i) as i32), eax)?;
+    }
+    p.report(0)?;
+    p.build()
+}
+
+/// `canary-scan`: a second tenant looks for [`CANARY`] in all RAM above 2 MiB, in the
+/// SCRATCH registers and in the data buffers. Verdict 0: none found; 0x0C in RAM,
+/// 0x0D in SCRATCH, 0x0E in the buffers. (vCPU 0 only.)
+pub fn canary_scan() -> R<Vec<u8>> {
+    let mut p = Payload::new()?;
+    p.park_secondaries()?;
+    p.a.mov(r8, rdi)?;
+    p.a.mov(r9, rcx)?; // RAM size
+    p.a.cld()?;
+    let mut ram_hit = p.a.create_label();
+    let mut scratch_hit = p.a.create_label();
+    let mut buf_hit = p.a.create_label();
+    // RAM: repne scasd from 2 MiB to the end.
+    p.a.mov(eax, CANARY)?;
+    p.a.mov(rdi, CANARY_RAM.0)?;
+    p.a.mov(rcx, r9)?;
+    p.a.sub(rcx, CANARY_RAM.0 as i32)?;
+    p.a.shr(rcx, 2)?;
+    p.a.repne().scasd()?;
+    p.a.je(ram_hit)?;
+    // Buffers.
+    p.a.lea(rdi, qword_ptr(r8 + BUFFER_BASE as i32))?;
+    p.a.mov(rcx, (hilrig_device::regmap::BUFFER_SIZE / 4) as u64)?;
+    p.a.repne().scasd()?;
+    p.a.je(buf_hit)?;
+    // Scratch.
+    for i in 0..8 {
+        p.a.cmp(dword_ptr(r8 + (Reg::Scratch.offset() + 4 * i) as i32), eax)?;
+        p.a.je(scratch_hit)?;
+    }
+    p.report(0)?;
+    p.a.set_label(&mut ram_hit)?;
+    p.report(0x0C)?;
+    p.a.set_label(&mut scratch_hit)?;
+    p.report(0x0D)?;
+    p.a.set_label(&mut buf_hit)?;
+    p.report(0x0E)?;
+    p.build()
+}
+
 /// Where `bar-move` moves BAR0.
 pub const BAR_MOVE_TARGET: u32 = 0xd000_0000;
 
@@ -643,6 +727,18 @@ pub const BUILTINS: &[(&str, &str)] = &[
     ("hello", "print a line on the serial console and pass"),
     ("triple-fault", "ud2 with no IDT: KVM_EXIT_SHUTDOWN"),
     ("spin", "loop forever (watchdog)"),
+    (
+        "storm",
+        "every vCPU writes 1, 2, 3, ... to SCRATCH[index] forever",
+    ),
+    (
+        "canary-write",
+        "leave a canary in RAM, SCRATCH and the buffers",
+    ),
+    (
+        "canary-scan",
+        "look for the canary in RAM, SCRATCH and the buffers",
+    ),
     ("past-bar", "read just past BAR0's end"),
     ("straddle-bar", "8-byte read straddling BAR0's end"),
 ];
@@ -658,6 +754,9 @@ pub fn builtin(name: &str) -> Option<R<Vec<u8>>> {
         "hello" => hello(),
         "triple-fault" => triple_fault(),
         "spin" => spin(),
+        "storm" => storm(),
+        "canary-write" => canary_write(),
+        "canary-scan" => canary_scan(),
         "past-bar" => past_bar(),
         "straddle-bar" => straddle_bar(),
         _ => return crate::attacks::attack(name),

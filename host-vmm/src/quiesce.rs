@@ -14,7 +14,7 @@
 //! within the bound aborts the pause: everyone is released, nothing was done.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// How often the kick is repeated while waiting for vCPUs to park.
@@ -69,9 +69,10 @@ impl Drop for Member<'_> {
 }
 
 /// Proof that every vCPU is parked. Resume with [`Paused::resume`]; dropping it
-/// resumes too.
-pub struct Paused<'a> {
-    rv: &'a Rendezvous,
+/// resumes too. It owns a reference to the rendezvous, so a pause can outlive the
+/// request that made it (a control-socket `pause` followed by `resume`).
+pub struct Paused {
+    rv: Arc<Rendezvous>,
     first_kick: Instant,
     parked_at: Instant,
     vcpus: usize,
@@ -134,7 +135,11 @@ impl Rendezvous {
 
     /// Park every vCPU: request, `kick()` (repeated every [`REKICK`]), and wait up to
     /// `bound` for all registered vCPUs to arrive. On timeout everyone is released.
-    pub fn pause(&self, kick: &dyn Fn(), bound: Duration) -> Result<Paused<'_>, QuiesceError> {
+    pub fn pause(
+        self: &Arc<Self>,
+        kick: &dyn Fn(),
+        bound: Duration,
+    ) -> Result<Paused, QuiesceError> {
         let first_kick = Instant::now();
         {
             let mut s = self.lock();
@@ -151,7 +156,7 @@ impl Rendezvous {
             if s.parked >= s.live {
                 let vcpus = s.parked;
                 return Ok(Paused {
-                    rv: self,
+                    rv: self.clone(),
                     first_kick,
                     parked_at: Instant::now(),
                     vcpus,
@@ -192,7 +197,7 @@ impl Rendezvous {
     }
 }
 
-impl Paused<'_> {
+impl Paused {
     /// vCPUs parked.
     pub fn vcpus(&self) -> usize {
         self.vcpus
@@ -225,7 +230,7 @@ impl Paused<'_> {
     }
 }
 
-impl Drop for Paused<'_> {
+impl Drop for Paused {
     fn drop(&mut self) {
         if !self.done {
             self.finish();
@@ -330,7 +335,7 @@ mod tests {
 
     #[test]
     fn pause_with_no_vcpus_and_busy() {
-        let rv = Rendezvous::new();
+        let rv = Arc::new(Rendezvous::new());
         let p = rv.pause(&|| {}, Duration::from_millis(10)).unwrap();
         assert_eq!(
             rv.pause(&|| {}, Duration::from_millis(10)).err(),

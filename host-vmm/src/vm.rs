@@ -61,6 +61,10 @@ pub struct VmConfig {
     pub alarms: AlarmConfig,
     /// Record every decided part in the [`PolicyReport`] (tests, oracles).
     pub record_decisions: bool,
+    /// The control socket to serve (owner-only, JSON lines), if any.
+    pub control: Option<std::path::PathBuf>,
+    /// Live patching and teardown settings.
+    pub lifecycle: crate::lifecycle::LifecycleConfig,
 }
 
 impl Default for VmConfig {
@@ -76,6 +80,8 @@ impl Default for VmConfig {
             policy: None,
             alarms: AlarmConfig::default(),
             record_decisions: false,
+            control: None,
+            lifecycle: crate::lifecycle::LifecycleConfig::default(),
         }
     }
 }
@@ -285,9 +291,15 @@ pub struct RunReport {
     pub results: Vec<u32>,
     /// Vector features the guest was given (AVX availability).
     pub vector: VectorFeatures,
+    /// The teardown record, if the tenant was torn down.
+    pub teardown: Option<crate::teardown::TeardownRecord>,
+    /// Blackouts of pauses and patches.
+    pub blackouts: Vec<crate::quiesce::Blackout>,
+    /// Patches applied.
+    pub patches: Vec<crate::lifecycle::PatchEvent>,
 }
 
-struct NoTrigger;
+pub(crate) struct NoTrigger;
 impl vm_superio::Trigger for NoTrigger {
     type E = std::io::Error;
     fn trigger(&self) -> Result<(), Self::E> {
@@ -372,7 +384,7 @@ impl Mapper {
     }
 }
 
-struct PciState {
+pub(crate) struct PciState {
     bus: PciBus,
     mapper: Mapper,
     /// Pages trapped besides the policy's ([`VmConfig::trap`]).
@@ -381,24 +393,30 @@ struct PciState {
     windows: Vec<DirectWindow>,
 }
 
-struct Shared {
-    mem: GuestMemoryMmap,
-    device: Mutex<Box<dyn Device>>,
-    pci: Mutex<PciState>,
-    serial: Mutex<SerialDev>,
-    stop: AtomicBool,
-    verdict: Mutex<Option<Verdict>>,
-    threads: Mutex<Vec<libc::pthread_t>>,
-    start: Instant,
-    policy: Option<Arc<PolicyEngine>>,
-    results: Mutex<Vec<u32>>,
+pub(crate) struct Shared {
+    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) device: Mutex<Box<dyn Device>>,
+    pub(crate) pci: Mutex<PciState>,
+    pub(crate) serial: Mutex<SerialDev>,
+    pub(crate) stop: AtomicBool,
+    pub(crate) verdict: Mutex<Option<Verdict>>,
+    pub(crate) threads: Mutex<Vec<libc::pthread_t>>,
+    pub(crate) start: Instant,
+    pub(crate) policy: Option<Arc<PolicyEngine>>,
+    pub(crate) results: Mutex<Vec<u32>>,
     /// KVM copies the registers into `kvm_run` on every exit (for alarms' RIP).
-    sync_regs: bool,
+    pub(crate) sync_regs: bool,
+    /// Where vCPUs park while the VMM acts (pause, patch, teardown).
+    pub(crate) rv: Arc<crate::quiesce::Rendezvous>,
+    /// The patchable components.
+    pub(crate) modules: crate::patch::ModuleTable,
+    /// Pause/patch/teardown state and settings.
+    pub(crate) life: crate::lifecycle::Life,
 }
 
 impl Shared {
     /// Record `v` (the first verdict wins), stop every vCPU.
-    fn finish(&self, v: Verdict) {
+    pub(crate) fn finish(&self, v: Verdict) {
         {
             let mut g = lock(&self.verdict);
             if g.is_none() {
@@ -409,7 +427,7 @@ impl Shared {
         self.kick_all();
     }
 
-    fn kick_all(&self) {
+    pub(crate) fn kick_all(&self) {
         for &t in lock(&self.threads).iter() {
             // SAFETY: the thread ids are of threads not yet joined (joins happen after
             // the last kick, in `Vm::run`); the signal's handler only sets immediate_exit.
@@ -505,11 +523,18 @@ impl PolicyHandle {
             .0
             .upgrade()
             .ok_or_else(|| VmmError::Config("the VM has finished".into()))?;
-        let engine = s
+        s.replace_policy(profile)
+    }
+}
+
+impl Shared {
+    /// Replace the active policy profile (see [`PolicyHandle::replace`]).
+    pub(crate) fn replace_policy(&self, profile: Arc<Profile>) -> Result<Arc<Profile>, VmmError> {
+        let engine = self
             .policy
             .as_ref()
             .ok_or_else(|| VmmError::Config("the VM runs without a policy".into()))?;
-        let mut pci = lock(&s.pci);
+        let mut pci = lock(&self.pci);
         let mut trap = pci.base_trap;
         for p in profile.trapping_pages() {
             trap.insert(p);
@@ -522,6 +547,29 @@ impl PolicyHandle {
             result = pci.mapper.apply(bar0);
         });
         result.map(|()| old)
+    }
+
+    /// Remove every guest mapping of the device's BAR0 (teardown). Returns how many
+    /// memory slots were removed; afterwards none is left.
+    pub(crate) fn unmap_device(&self) -> Result<usize, VmmError> {
+        let mut pci = lock(&self.pci);
+        let n = pci.mapper.active.len();
+        pci.mapper.slots.clear();
+        pci.mapper.apply(None)?;
+        if !pci.mapper.active.is_empty() {
+            return Err(VmmError::Config(
+                "BAR0 memory slots still mapped after unmapping".into(),
+            ));
+        }
+        Ok(n)
+    }
+
+    /// Guest RAM regions as (host pointer, length), for scrubbing.
+    pub(crate) fn guest_ram(&self) -> Vec<(*mut u8, usize)> {
+        self.mem
+            .iter()
+            .map(|r| (r.as_ptr(), r.len() as usize))
+            .collect()
     }
 }
 
@@ -714,7 +762,17 @@ impl Vm {
             windows: backend_windows,
             ..
         } = backend;
+        let modules =
+            crate::patch::ModuleTable::new(config.policy.clone(), crate::lifecycle::module_alarm);
+        let device: Box<dyn Device> = Box::new(crate::handled::HandledDevice::new(
+            device,
+            modules.handler.clone(),
+        ));
+        let life = crate::lifecycle::Life::new(config.lifecycle.clone());
         let shared = Arc::new(Shared {
+            rv: Arc::new(crate::quiesce::Rendezvous::new()),
+            modules,
+            life,
             mem: mem.clone(),
             device: Mutex::new(device),
             pci: Mutex::new(PciState {
@@ -771,6 +829,21 @@ impl Vm {
 
     /// Run every vCPU on its own thread until a verdict, all halt, or the watchdog.
     pub fn run(mut self) -> Result<RunReport, VmmError> {
+        self.shared.record_baseline();
+        let control_stop = Arc::new(AtomicBool::new(false));
+        let control = match &self.config.control {
+            Some(path) => {
+                let l = crate::control::bind(path).map_err(|e| {
+                    VmmError::Config(format!("control socket {}: {e}", path.display()))
+                })?;
+                let ctl = Arc::new(crate::lifecycle::VmControl(Arc::downgrade(&self.shared)));
+                Some((
+                    path.clone(),
+                    crate::control::serve(l, ctl, control_stop.clone()),
+                ))
+            }
+            None => None,
+        };
         let (tx, rx) = mpsc::channel::<VcpuResult>();
         let mut handles = Vec::new();
         let vcpus = std::mem::take(&mut self.vcpus);
@@ -834,6 +907,17 @@ impl Vm {
                     .finish(Verdict::Internal("a vCPU thread panicked".into()));
             }
         }
+        if self.config.lifecycle.teardown_on_exit {
+            self.shared.teardown();
+        }
+        if let Some((path, t)) = control {
+            control_stop.store(true, Ordering::Release);
+            let _ = t.join();
+            let _ = std::fs::remove_file(&path);
+        }
+        let teardown = self.shared.life.teardown_record();
+        let blackouts = self.shared.life.blackouts();
+        let patches = self.shared.life.patches();
         let end = Instant::now();
         let mut exits = ExitCounts::default();
         let mut first_exit: Option<Instant> = None;
@@ -871,6 +955,9 @@ impl Vm {
             policy,
             results,
             vector: self.vector,
+            teardown,
+            blackouts,
+            patches,
         })
     }
 }
@@ -1064,7 +1151,10 @@ fn vcpu_loop(idx: u8, mut vcpu: VcpuFd, shared: &Shared) -> VcpuResult {
     let mut first_exit = None;
     let mut first_mmio = None;
     let mut site_cache = crate::fault::SiteCache::default();
+    let _member = shared.rv.register();
     loop {
+        // Park here while the VMM acts (between exits: no access is half-decided).
+        shared.rv.checkpoint();
         if shared.stop.load(Ordering::Acquire) {
             break;
         }
@@ -1076,7 +1166,10 @@ fn vcpu_loop(idx: u8, mut vcpu: VcpuFd, shared: &Shared) -> VcpuResult {
                 handle_exit(idx, exit, shared, &mut counts, &mut first_mmio)
             }
             Err(e) if e.errno() == libc::EINTR => {
+                // A kick (pause or stop): the request flag was set before the kick, so
+                // the loop top sees it; clear immediate_exit or KVM_RUN keeps failing.
                 counts.intr += 1;
+                vcpu.set_kvm_immediate_exit(0);
                 Next::Continue
             }
             Err(e) if e.errno() == libc::EAGAIN => Next::Continue,

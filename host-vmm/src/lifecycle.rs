@@ -1,0 +1,449 @@
+//! A running VM's lifecycle operations: pause/resume (quiesce), live patching through
+//! the module table, secure teardown, status and metrics — what the control socket
+//! exposes, and what the VMM does itself when a VM exits (teardown on exit).
+
+use crate::control::{Control, Request};
+use crate::modules::CallError;
+use crate::patch::{PatchAuthority, Prepared};
+use crate::quiesce::{Blackout, Paused};
+use crate::teardown::{self, TeardownOps, TeardownRecord, VerdictSummary};
+use crate::vm::Shared;
+use ed25519_dalek::SigningKey;
+use hilrig_device::oob::{self, CounterReport};
+use hilrig_device::regmap::{Reg, BUFFER_BASE, BUFFER_SIZE, DEVICE_ID_VALUE};
+use hilrig_device::ResetKind;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+/// Largest bundle file a patch request may name.
+pub const MAX_BUNDLE: u64 = 64 << 20;
+
+/// Stale-module-handle alarms raised in this process.
+pub static MODULE_ALARMS: AtomicU64 = AtomicU64::new(0);
+
+/// The module table's alarm: a stale handle was called.
+pub fn module_alarm(e: &CallError) {
+    MODULE_ALARMS.fetch_add(1, Ordering::Relaxed);
+    tracing::error!("module alarm: {e}");
+}
+
+/// Live patching and teardown settings of a VM.
+#[derive(Debug, Clone)]
+pub struct LifecycleConfig {
+    /// Who may patch this VMM (None: patches are refused).
+    pub patch: Option<Arc<PatchAuthority>>,
+    /// The VMM's key for signing teardown records (None: an ephemeral key, whose public
+    /// half is in the record).
+    pub vmm_key: Option<SigningKey>,
+    /// Write the teardown record here.
+    pub teardown_record: Option<PathBuf>,
+    /// Tear the tenant down when the VM exits.
+    pub teardown_on_exit: bool,
+    /// How long vCPUs get to park before a pause is aborted.
+    pub pause_bound: Duration,
+    /// The policy profile name patches compile for.
+    pub profile_name: String,
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        LifecycleConfig {
+            patch: None,
+            vmm_key: None,
+            teardown_record: None,
+            teardown_on_exit: false,
+            pause_bound: Duration::from_millis(250),
+            profile_name: "tenant".into(),
+        }
+    }
+}
+
+/// One applied patch.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PatchEvent {
+    /// Component.
+    pub component: String,
+    /// Version before.
+    pub from: u64,
+    /// Version after.
+    pub to: u64,
+    /// Blackout (None when the operator already held the vCPUs paused).
+    pub blackout_us: Option<u64>,
+}
+
+/// Lifecycle state of a VM.
+pub struct Life {
+    /// Settings.
+    pub cfg: LifecycleConfig,
+    key: SigningKey,
+    paused: Mutex<Option<Paused>>,
+    blackouts: Mutex<Vec<Blackout>>,
+    patches: Mutex<Vec<PatchEvent>>,
+    teardown: Mutex<Option<TeardownRecord>>,
+    baseline: Mutex<Option<CounterReport>>,
+    /// Serialises pause/patch/teardown.
+    op: Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn us(d: Duration) -> u64 {
+    d.as_micros().min(u64::MAX as u128) as u64
+}
+
+impl Life {
+    /// Lifecycle state from settings.
+    pub fn new(cfg: LifecycleConfig) -> Life {
+        let key = cfg.vmm_key.clone().unwrap_or_else(|| {
+            let seed = hilrig_fw::keys::random32().unwrap_or_else(|_| {
+                // No OS randomness: a per-process key still signs; it is only ever
+                // trusted through the public key in the record.
+                let t = Instant::now().elapsed().as_nanos() as u8 ^ std::process::id() as u8;
+                [t; 32]
+            });
+            SigningKey::from_bytes(&seed)
+        });
+        Life {
+            cfg,
+            key,
+            paused: Mutex::new(None),
+            blackouts: Mutex::new(Vec::new()),
+            patches: Mutex::new(Vec::new()),
+            teardown: Mutex::new(None),
+            baseline: Mutex::new(None),
+            op: Mutex::new(()),
+        }
+    }
+
+    /// Blackouts measured so far (pauses and patches).
+    pub fn blackouts(&self) -> Vec<Blackout> {
+        lock(&self.blackouts).clone()
+    }
+
+    /// The teardown record, once torn down.
+    pub fn teardown_record(&self) -> Option<TeardownRecord> {
+        lock(&self.teardown).clone()
+    }
+
+    /// Patches applied.
+    pub fn patches(&self) -> Vec<PatchEvent> {
+        lock(&self.patches).clone()
+    }
+}
+
+/// Median and p99 of blackouts in microseconds.
+pub fn percentiles(v: &[Blackout]) -> (u64, u64, u64) {
+    if v.is_empty() {
+        return (0, 0, 0);
+    }
+    let mut t: Vec<u64> = v.iter().map(|b| us(b.total)).collect();
+    t.sort_unstable();
+    let at = |q: f64| t[((t.len() - 1) as f64 * q).round() as usize];
+    (at(0.5), at(0.99), t[t.len() - 1])
+}
+
+impl Shared {
+    /// Read the device's counters at VM start (the teardown verdict's baseline).
+    pub(crate) fn record_baseline(&self) {
+        let mut dev = self.device.lock().unwrap_or_else(|e| e.into_inner());
+        let c = oob::read_counters(&mut **dev).ok();
+        *lock(&self.life.baseline) = c;
+    }
+
+    fn pause_now(&self) -> Result<Paused, String> {
+        self.rv
+            .pause(&|| self.kick_all(), self.life.cfg.pause_bound)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Park every vCPU until [`Shared::resume`] (control `pause`).
+    pub(crate) fn pause(&self) -> Result<Value, String> {
+        let _op = lock(&self.life.op);
+        if lock(&self.life.paused).is_some() {
+            return Err("already paused".into());
+        }
+        let p = self.pause_now()?;
+        let v = json!({"vcpus": p.vcpus()});
+        *lock(&self.life.paused) = Some(p);
+        Ok(v)
+    }
+
+    /// Resume after [`Shared::pause`]; returns the blackout.
+    pub(crate) fn resume(&self) -> Result<Value, String> {
+        let _op = lock(&self.life.op);
+        let p = lock(&self.life.paused).take().ok_or("not paused")?;
+        let b = p.resume();
+        lock(&self.life.blackouts).push(b);
+        Ok(json!({"vcpus": b.vcpus, "blackout_us": us(b.total)}))
+    }
+
+    /// Apply a signed patch bundle: verify and prepare everything first (a refused
+    /// patch leaves the VM running and unchanged), then quiesce, swap, resume.
+    pub(crate) fn patch(&self, bytes: &[u8]) -> Result<PatchEvent, String> {
+        let _op = lock(&self.life.op);
+        let auth = self
+            .life
+            .cfg
+            .patch
+            .as_ref()
+            .ok_or("this VMM accepts no patches (started without a patch key)")?;
+        let prepared = auth
+            .prepare(bytes, &self.modules, &self.life.cfg.profile_name)
+            .map_err(|e| e.to_string())?;
+        if matches!(prepared, Prepared::Policy { .. }) && self.policy.is_none() {
+            return Err(
+                "this VM runs without a policy engine; a policy patch has nothing to replace"
+                    .into(),
+            );
+        }
+        let held = lock(&self.life.paused).take();
+        let was_held = held.is_some();
+        let paused = match held {
+            Some(p) => p,
+            None => self.pause_now()?,
+        };
+        // Every vCPU is parked between exits: swap.
+        let (component, from, to) = match prepared {
+            Prepared::Policy { version, profile } => {
+                let profile = Arc::new(profile);
+                if let Err(e) = self.replace_policy(profile.clone()) {
+                    drop(paused);
+                    return Err(format!("replacing the policy: {e}"));
+                }
+                let from = self.modules.policy.replace(Some(profile), version);
+                (crate::patch::POLICY, from, version)
+            }
+            Prepared::Handler { version, handler } => {
+                let from = self.modules.handler.replace(Some(handler), version);
+                (crate::patch::DEVICE_HANDLER, from, version)
+            }
+        };
+        let blackout_us = if was_held {
+            *lock(&self.life.paused) = Some(paused);
+            None
+        } else {
+            let b = paused.resume();
+            lock(&self.life.blackouts).push(b);
+            Some(us(b.total))
+        };
+        let ev = PatchEvent {
+            component: component.to_string(),
+            from,
+            to,
+            blackout_us,
+        };
+        lock(&self.life.patches).push(ev.clone());
+        tracing::info!(component, from, to, ?blackout_us, "patch applied");
+        Ok(ev)
+    }
+
+    /// Secure teardown (see `teardown`); ends the VM. Idempotent: a second call
+    /// returns the first record.
+    pub(crate) fn teardown(&self) -> TeardownRecord {
+        let _op = lock(&self.life.op);
+        if let Some(r) = lock(&self.life.teardown).clone() {
+            return r;
+        }
+        let held = lock(&self.life.paused).take();
+        let mut ops = VmTeardown {
+            shared: self,
+            paused: held,
+        };
+        let name = format!("hilrig-vmm pid {}", std::process::id());
+        let record = teardown::run(&mut ops, &name, &self.life.key);
+        // The tenant is gone: end the VM, then let the parked vCPUs go (they see stop).
+        self.stop.store(true, Ordering::SeqCst);
+        drop(ops);
+        self.finish(crate::vm::Verdict::Stopped("torn down".into()));
+        if let Some(p) = &self.life.cfg.teardown_record {
+            match serde_json::to_vec_pretty(&record) {
+                Ok(bytes) => {
+                    if let Err(e) = hilrig_device::state::write_atomic(p, &bytes) {
+                        tracing::error!("writing the teardown record {}: {e}", p.display());
+                    }
+                }
+                Err(e) => tracing::error!("teardown record: {e}"),
+            }
+        }
+        *lock(&self.life.teardown) = Some(record.clone());
+        record
+    }
+
+    fn status(&self) -> Value {
+        let verdict = lock(&self.verdict).as_ref().map(|v| v.to_string());
+        json!({
+            "state": if verdict.is_some() { "finished" } else { "running" },
+            "verdict": verdict,
+            "uptime_ms": self.start.elapsed().as_millis() as u64,
+            "vcpus": self.rv.live(),
+            "paused": lock(&self.life.paused).is_some(),
+            "profile": self.life.cfg.profile_name,
+            "versions": {
+                crate::patch::POLICY: self.modules.policy.version(),
+                crate::patch::DEVICE_HANDLER: self.modules.handler.version(),
+            },
+            "patchable": self.life.cfg.patch.is_some(),
+            "torn_down": lock(&self.life.teardown).is_some(),
+        })
+    }
+
+    fn metrics(&self) -> Value {
+        let b = self.life.blackouts();
+        let (median, p99, max) = percentiles(&b);
+        json!({
+            "blackouts": {"count": b.len(), "median_us": median, "p99_us": p99, "max_us": max},
+            "patches": self.life.patches(),
+            "policy": self.policy.as_ref().map(|e| e.metrics()),
+            "module_alarms": MODULE_ALARMS.load(Ordering::Relaxed),
+            "module_retries": self.modules.policy.retries() + self.modules.handler.retries(),
+            "stale_module_calls": self.modules.policy.stale_calls() + self.modules.handler.stale_calls(),
+        })
+    }
+}
+
+struct VmTeardown<'a> {
+    shared: &'a Shared,
+    paused: Option<Paused>,
+}
+
+impl VmTeardown<'_> {
+    fn dev(&self) -> MutexGuard<'_, Box<dyn hilrig_device::Device>> {
+        self.shared.device.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl TeardownOps for VmTeardown<'_> {
+    fn pause(&mut self) -> Result<(), String> {
+        if self.paused.is_none() {
+            self.paused = Some(self.shared.pause_now()?);
+        }
+        Ok(())
+    }
+
+    fn unmap_device(&mut self) -> Result<(), String> {
+        self.shared
+            .unmap_device()
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    fn scrub_guest_memory(&mut self) -> Result<u64, String> {
+        let mut total = 0u64;
+        for (ptr, len) in self.shared.guest_ram() {
+            // SAFETY: guest RAM mappings of this VM; every vCPU is parked or stopped and
+            // the device is unmapped, so nothing else uses the memory.
+            unsafe { teardown::scrub(ptr, len) }.map_err(|at| {
+                format!("guest memory byte {at:#x} of a region is not zero after scrubbing")
+            })?;
+            total += len as u64;
+        }
+        Ok(total)
+    }
+
+    fn scrub_device_state(&mut self) -> Result<u64, String> {
+        let mut dev = self.dev();
+        let e = |x: hilrig_device::DeviceError| x.to_string();
+        let scratch = Reg::Scratch.def();
+        let mut words: Vec<u32> = (0..scratch.count).map(|i| scratch.offset + 4 * i).collect();
+        words.push(Reg::Doorbell.offset());
+        words.push(Reg::Control.offset());
+        for &w in &words {
+            dev.write32(w, 0).map_err(e)?;
+        }
+        dev.write32(Reg::IrqStatus.offset(), u32::MAX).map_err(e)?;
+        for i in 0..(BUFFER_SIZE / 4) as u32 {
+            dev.write_word(BUFFER_BASE + 4 * i, 0, 0xf).map_err(e)?;
+        }
+        // Check: nothing of the tenant's is readable any more.
+        for &w in &words {
+            let v = dev.read32(w).map_err(e)?;
+            if v != 0 {
+                return Err(format!(
+                    "{} reads {v:#x} after scrubbing",
+                    crate::policy::register_name(w)
+                ));
+            }
+        }
+        for i in 0..(BUFFER_SIZE / 4) as u32 {
+            let v = dev.read_word(BUFFER_BASE + 4 * i, 0xf).map_err(e)?;
+            if v != 0 {
+                return Err(format!("BUFFER[{i}] reads {v:#x} after scrubbing"));
+            }
+        }
+        Ok(((words.len() + 1) * 4 + BUFFER_SIZE) as u64)
+    }
+
+    fn reset_device(&mut self) -> Result<(), String> {
+        let mut dev = self.dev();
+        dev.reset(ResetKind::Flr).map_err(|e| e.to_string())?;
+        let id = dev.read32(Reg::Id.offset()).map_err(|e| e.to_string())?;
+        if id != DEVICE_ID_VALUE {
+            return Err(format!(
+                "after FLR the ID register reads {id:#x}, not {DEVICE_ID_VALUE:#x}"
+            ));
+        }
+        Ok(())
+    }
+
+    fn read_counters(&mut self) -> Result<CounterReport, String> {
+        let mut dev = self.dev();
+        oob::read_counters(&mut **dev).map_err(|e| format!("reading counters out of band: {e}"))
+    }
+
+    fn verdict(&mut self, counters: &CounterReport) -> Result<VerdictSummary, String> {
+        let Some(base) = *lock(&self.shared.life.baseline) else {
+            return Ok(VerdictSummary {
+                verdict: "unverifiable".into(),
+                handoff_ok: false,
+                reasons: vec!["no counter baseline was read at VM start".into()],
+            });
+        };
+        let (v, reasons) = hilrig_counters::compare(&base, counters);
+        Ok(VerdictSummary {
+            verdict: v.to_string(),
+            handoff_ok: v == hilrig_counters::Verdict::Trusted,
+            reasons,
+        })
+    }
+}
+
+/// The control socket's view of a VM.
+pub struct VmControl(pub(crate) Weak<Shared>);
+
+impl Control for VmControl {
+    fn handle(&self, req: Request) -> Result<Value, String> {
+        let s = self.0.upgrade().ok_or("the VM has finished")?;
+        match req {
+            Request::Status {} => Ok(s.status()),
+            Request::Metrics {} => Ok(s.metrics()),
+            Request::Pause {} => s.pause(),
+            Request::Resume {} => s.resume(),
+            Request::Patch { bundle } => {
+                let meta = std::fs::metadata(&bundle)
+                    .map_err(|e| format!("bundle {}: {e}", bundle.display()))?;
+                if meta.len() > MAX_BUNDLE {
+                    return Err(format!(
+                        "bundle {} is {} bytes; at most {MAX_BUNDLE}",
+                        bundle.display(),
+                        meta.len()
+                    ));
+                }
+                let bytes = std::fs::read(&bundle)
+                    .map_err(|e| format!("bundle {}: {e}", bundle.display()))?;
+                let ev = s.patch(&bytes)?;
+                serde_json::to_value(ev).map_err(|e| e.to_string())
+            }
+            Request::Teardown {} => {
+                let r = s.teardown();
+                serde_json::to_value(r)
+                    .map(|r| json!({"record": r}))
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+}

@@ -1,0 +1,545 @@
+//! Live patching and secure teardown on real KVM, driven through the control socket.
+//! Each test skips loudly when /dev/kvm is absent.
+
+use ed25519_dalek::SigningKey;
+use hilrig_device::regmap::Reg;
+use hilrig_vmm::control;
+use hilrig_vmm::lifecycle::LifecycleConfig;
+use hilrig_vmm::patch::PatchAuthority;
+use hilrig_vmm::policy::{default_policy_toml, load_profile, Action};
+use hilrig_vmm::{open_backend, payload, Console, DeviceSpec, RunReport, Verdict, Vm, VmConfig};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const BUILD: [u8; 32] = [7; 32];
+
+fn kvm_available() -> bool {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+    {
+        return true;
+    }
+    eprintln!("SKIPPED: /dev/kvm not available");
+    false
+}
+
+fn authority(dir: &Path) -> Arc<PatchAuthority> {
+    Arc::new(PatchAuthority {
+        trusted: vec![SigningKey::from_bytes(&[1; 32]).verifying_key()],
+        decrypt_key: None,
+        build_sha256: BUILD,
+        module_dir: dir.join("modules"),
+    })
+}
+
+fn bundle(
+    dir: &Path,
+    name: &str,
+    component: &str,
+    version: u64,
+    payload: (&str, Vec<u8>),
+    key: u8,
+    build: [u8; 32],
+) -> PathBuf {
+    let b = hilrig_fw::bundle::build(
+        &hilrig_fw::bundle::BundleSpec {
+            component,
+            version,
+            target_vmm_sha256: build,
+            payloads: vec![(payload.0.to_string(), payload.1)],
+            encrypt_to: None,
+        },
+        &SigningKey::from_bytes(&[key; 32]),
+    )
+    .unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, b).unwrap();
+    p
+}
+
+/// The default tenant policy plus: writes to SCRATCH[0] and SCRATCH[1] dropped with an alarm.
+fn policy_v2() -> Vec<u8> {
+    let mut t = default_policy_toml();
+    for i in 0..2 {
+        t.push_str(&format!(
+            "\n[[profile.tenant]]\nregister = \"SCRATCH[{i}]\"\naccess = \"write\"\naction = \"drop\"\nalarm = true\n"
+        ));
+    }
+    t.into_bytes()
+}
+
+struct Running {
+    sock: PathBuf,
+    thread: std::thread::JoinHandle<RunReport>,
+    stop: hilrig_vmm::StopHandle,
+}
+
+fn start(
+    dir: &Path,
+    payload: Vec<u8>,
+    vcpus: u8,
+    record: bool,
+    life: LifecycleConfig,
+    backend: hilrig_vmm::Backend,
+) -> Running {
+    let sock = dir.join("vm.sock");
+    let cfg = VmConfig {
+        vcpus,
+        mem_size: 8 << 20,
+        payload,
+        payload_name: "test".into(),
+        timeout: Duration::from_secs(60),
+        console: Console::Capture,
+        policy: Some(Arc::new(load_profile(None, "tenant").unwrap())),
+        record_decisions: record,
+        control: Some(sock.clone()),
+        lifecycle: life,
+        ..VmConfig::default()
+    };
+    let vm = Vm::new(cfg, backend).expect("vm");
+    let stop = vm.stop_handle();
+    let thread = std::thread::spawn(move || vm.run().expect("run"));
+    let t0 = Instant::now();
+    while !sock.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "control socket never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Running { sock, thread, stop }
+}
+
+fn ask(sock: &Path, line: &str) -> Value {
+    control::request(sock, line, Duration::from_secs(20)).expect("control request")
+}
+
+fn patch(sock: &Path, bundle: &Path) -> Value {
+    ask(
+        sock,
+        &serde_json::json!({"op": "patch", "bundle": bundle}).to_string(),
+    )
+}
+
+fn model() -> hilrig_vmm::Backend {
+    open_backend(&DeviceSpec::Model, None).expect("model backend")
+}
+
+/// Wait until the guest has made progress (decided accesses keep growing).
+fn settle(sock: &Path) {
+    let t0 = Instant::now();
+    loop {
+        let m = ask(sock, r#"{"op":"metrics"}"#);
+        if m["policy"]["parts"].as_u64().unwrap_or(0) > 20 {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the guest made no progress: {m}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn policy_patch_under_an_mmio_storm_is_atomic_per_access() {
+    if !kvm_available() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let life = LifecycleConfig {
+        patch: Some(authority(d.path())),
+        ..Default::default()
+    };
+    let r = start(d.path(), payload::storm().unwrap(), 2, true, life, model());
+    settle(&r.sock);
+    let b = bundle(
+        d.path(),
+        "p2.bundle",
+        "policy",
+        2,
+        ("rules.toml", policy_v2()),
+        1,
+        BUILD,
+    );
+    let reply = patch(&r.sock, &b);
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(
+        (reply["from"].as_u64(), reply["to"].as_u64()),
+        (Some(1), Some(2))
+    );
+    assert!(reply["blackout_us"].as_u64().is_some(), "{reply}");
+    // Let the storm run under the new rules, then stop.
+    let before = ask(&r.sock, r#"{"op":"metrics"}"#)["policy"]["dropped"]
+        .as_u64()
+        .unwrap_or(0);
+    let t0 = Instant::now();
+    while ask(&r.sock, r#"{"op":"metrics"}"#)["policy"]["dropped"]
+        .as_u64()
+        .unwrap_or(0)
+        < before + 20
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no access decided by the new rules"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    r.stop.stop("test done");
+    let mut rep = r.thread.join().unwrap();
+    assert!(
+        matches!(rep.verdict, Verdict::Stopped(_)),
+        "the guest saw no fault: {}",
+        rep.verdict
+    );
+    let pol = rep.policy.take().unwrap();
+    for vcpu in 0..2u32 {
+        let word = Reg::Scratch.offset() + 4 * vcpu;
+        let writes: Vec<_> = pol
+            .decided
+            .iter()
+            .filter(|x| x.write && x.word == word)
+            .collect();
+        // Every value 1..=n decided exactly once, in order: none lost, none twice.
+        for (i, w) in writes.iter().enumerate() {
+            assert_eq!(
+                w.bits,
+                i as u32 + 1,
+                "vCPU {vcpu}: access {i} decided out of order or twice"
+            );
+        }
+        // Allowed by the old rules up to a point, dropped by the new ones after it.
+        let switch = writes
+            .iter()
+            .position(|w| w.action == Action::Drop)
+            .expect("the new rules decided some");
+        assert!(switch > 0, "the old rules decided some");
+        assert!(writes[..switch].iter().all(|w| w.action == Action::Allow));
+        assert!(writes[switch..]
+            .iter()
+            .all(|w| w.action == Action::Drop && w.rule.is_some()));
+        // The device holds the last value the old rules let through.
+        let mut dev = rep.device.take().unwrap();
+        assert_eq!(dev.read32(word).unwrap(), switch as u32, "vCPU {vcpu}");
+        rep.device = Some(dev);
+    }
+    assert_eq!(rep.patches.len(), 1);
+    assert_eq!(rep.blackouts.len(), 1);
+    assert_eq!(rep.blackouts[0].vcpus, 2);
+}
+
+#[test]
+fn bad_bundles_are_refused_and_the_vm_runs_on_unchanged() {
+    if !kvm_available() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let life = LifecycleConfig {
+        patch: Some(authority(d.path())),
+        ..Default::default()
+    };
+    let r = start(d.path(), payload::storm().unwrap(), 1, false, life, model());
+    settle(&r.sock);
+    let good = std::fs::read(bundle(
+        d.path(),
+        "good",
+        "policy",
+        3,
+        ("r.toml", policy_v2()),
+        1,
+        BUILD,
+    ))
+    .unwrap();
+    let write = |name: &str, bytes: &[u8]| {
+        let p = d.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    };
+    let mut tampered = good.clone();
+    let n = tampered.len();
+    tampered[n - 3] ^= 1;
+    let cases = [
+        (
+            bundle(
+                d.path(),
+                "sig",
+                "policy",
+                3,
+                ("r.toml", policy_v2()),
+                9,
+                BUILD,
+            ),
+            "not a trusted key",
+        ),
+        (write("hash", &tampered), "SHA-256 does not match"),
+        (
+            bundle(
+                d.path(),
+                "build",
+                "policy",
+                3,
+                ("r.toml", policy_v2()),
+                1,
+                [8; 32],
+            ),
+            "targets VMM build",
+        ),
+        (
+            bundle(
+                d.path(),
+                "same",
+                "policy",
+                1,
+                ("r.toml", policy_v2()),
+                1,
+                BUILD,
+            ),
+            "not newer",
+        ),
+        (
+            bundle(
+                d.path(),
+                "older",
+                "policy",
+                0,
+                ("r.toml", policy_v2()),
+                1,
+                BUILD,
+            ),
+            "not newer",
+        ),
+        (write("trunc", &good[..good.len() / 2]), "truncated"),
+        (d.path().join("missing"), "No such file"),
+    ];
+    for (path, want) in cases {
+        let reply = patch(&r.sock, &path);
+        assert_eq!(reply["ok"], false, "{path:?} was accepted");
+        assert!(
+            reply["error"].as_str().unwrap().contains(want),
+            "{path:?}: {reply}"
+        );
+        let st = ask(&r.sock, r#"{"op":"status"}"#);
+        assert_eq!(st["state"], "running", "{st}");
+        assert_eq!(st["versions"]["policy"], 1, "{st}");
+    }
+    // Still running and still deciding accesses under the original rules.
+    let m0 = ask(&r.sock, r#"{"op":"metrics"}"#)["policy"]["parts"]
+        .as_u64()
+        .unwrap();
+    let t0 = Instant::now();
+    while ask(&r.sock, r#"{"op":"metrics"}"#)["policy"]["parts"]
+        .as_u64()
+        .unwrap()
+        <= m0
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the VM stopped making progress"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        ask(&r.sock, r#"{"op":"metrics"}"#)["blackouts"]["count"],
+        0,
+        "a refused patch never paused the VM"
+    );
+    r.stop.stop("test done");
+    let rep = r.thread.join().unwrap();
+    assert!(rep.patches.is_empty());
+}
+
+fn run_tenant(payload: Vec<u8>, backend: hilrig_vmm::Backend, teardown: bool) -> RunReport {
+    let cfg = VmConfig {
+        vcpus: 1,
+        mem_size: 8 << 20,
+        payload,
+        payload_name: "tenant".into(),
+        timeout: Duration::from_secs(60),
+        console: Console::Capture,
+        policy: Some(Arc::new(load_profile(None, "tenant").unwrap())),
+        lifecycle: LifecycleConfig {
+            teardown_on_exit: teardown,
+            vmm_key: Some(SigningKey::from_bytes(&[5; 32])),
+            ..Default::default()
+        },
+        ..VmConfig::default()
+    };
+    Vm::new(cfg, backend).expect("vm").run().expect("run")
+}
+
+#[test]
+fn no_canary_survives_teardown_for_the_next_tenant() {
+    if !kvm_available() {
+        return;
+    }
+    // Negative control: without teardown the next tenant finds the first one's data.
+    let first = run_tenant(payload::canary_write().unwrap(), model(), false);
+    assert_eq!(first.verdict, Verdict::Pass, "{}", first.verdict);
+    let dev = first.device.expect("device back");
+    let second = run_tenant(
+        payload::canary_scan().unwrap(),
+        hilrig_vmm::Backend::trapping("model", dev),
+        false,
+    );
+    assert!(
+        matches!(
+            second.verdict,
+            Verdict::Fail {
+                code: 0x0D | 0x0E,
+                ..
+            }
+        ),
+        "the scanner must see leftovers: {}",
+        second.verdict
+    );
+
+    // With teardown: nothing is left in RAM, SCRATCH or the buffers.
+    let first = run_tenant(payload::canary_write().unwrap(), model(), true);
+    assert_eq!(first.verdict, Verdict::Pass, "{}", first.verdict);
+    let rec = first.teardown.clone().expect("teardown record");
+    assert!(rec.complete, "{rec:?}");
+    assert_eq!(rec.guest_bytes_scrubbed, 8 << 20);
+    assert!(rec.device_bytes_scrubbed >= hilrig_device::regmap::BUFFER_SIZE as u64);
+    assert_eq!(
+        rec.steps
+            .iter()
+            .map(|s| s.step.as_str())
+            .collect::<Vec<_>>(),
+        hilrig_vmm::teardown::STEPS.to_vec()
+    );
+    assert_eq!(
+        rec.verdict.as_ref().unwrap().verdict,
+        "trusted",
+        "no update attempts: counters unchanged"
+    );
+    rec.verify(&SigningKey::from_bytes(&[5; 32]).verifying_key())
+        .unwrap();
+    let dev = first.device.expect("device back");
+    let second = run_tenant(
+        payload::canary_scan().unwrap(),
+        hilrig_vmm::Backend::trapping("model", dev),
+        false,
+    );
+    assert_eq!(
+        second.verdict,
+        Verdict::Pass,
+        "canary found after teardown: {}",
+        second.verdict
+    );
+}
+
+#[test]
+fn teardown_under_a_flooding_or_spinning_guest_finishes_within_its_bound() {
+    if !kvm_available() {
+        return;
+    }
+    // A storm of trapped writes on 2 vCPUs, and a guest spinning with interrupts off.
+    let mut spin = hilrig_vmm::payload::Payload::new().unwrap();
+    {
+        let mut l = spin.a.create_label();
+        spin.a.cli().unwrap();
+        spin.a.set_label(&mut l).unwrap();
+        spin.a.jmp(l).unwrap();
+    }
+    for (name, code) in [
+        ("storm", payload::storm().unwrap()),
+        ("cli-spin", spin.build().unwrap()),
+    ] {
+        let d = tempfile::tempdir().unwrap();
+        let life = LifecycleConfig {
+            teardown_record: Some(d.path().join("teardown.json")),
+            ..Default::default()
+        };
+        let r = start(d.path(), code, 2, false, life, model());
+        std::thread::sleep(Duration::from_millis(200));
+        let reply = ask(&r.sock, r#"{"op":"teardown"}"#);
+        assert_eq!(reply["ok"], true, "{name}: {reply}");
+        let rec: hilrig_vmm::teardown::TeardownRecord =
+            serde_json::from_value(reply["record"].clone()).unwrap();
+        assert!(rec.complete, "{name}: {rec:?}");
+        // The pause is bounded by the rendezvous bound (250 ms) whatever the guest does.
+        let pause = rec.steps[0].micros;
+        assert!(pause < 250_000, "{name}: pausing took {pause} us");
+        let rep = r.thread.join().unwrap();
+        assert_eq!(rep.verdict, Verdict::Stopped("torn down".into()), "{name}");
+        let on_disk: hilrig_vmm::teardown::TeardownRecord =
+            serde_json::from_slice(&std::fs::read(d.path().join("teardown.json")).unwrap())
+                .unwrap();
+        assert_eq!(on_disk, rec);
+    }
+}
+
+#[test]
+fn a_native_device_handler_patch_lands_in_the_running_guest() {
+    if !kvm_available() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    // The guest reads VERSION until it changes, reports the new value, and passes.
+    let mut p = hilrig_vmm::payload::Payload::new().unwrap();
+    {
+        use iced_x86::code_asm::*;
+        let mut l = p.a.create_label();
+        p.a.set_label(&mut l).unwrap();
+        p.a.mov(eax, dword_ptr(rdi + Reg::Version.offset() as i32))
+            .unwrap();
+        p.a.cmp(eax, hilrig_device::regmap::DEVICE_VERSION_VALUE)
+            .unwrap();
+        p.a.je(l).unwrap();
+        p.a.mov(dx, hilrig_vmm::layout::PORT_RESULT as u32).unwrap();
+        p.a.out(dx, eax).unwrap();
+    }
+    p.report(0).unwrap();
+    let life = LifecycleConfig {
+        patch: Some(authority(d.path())),
+        ..Default::default()
+    };
+    let r = start(d.path(), p.build().unwrap(), 1, false, life, model());
+    settle(&r.sock);
+    let lib = build_demo_module(d.path(), 2, 0x0001_0002);
+    let b = bundle(
+        d.path(),
+        "h.bundle",
+        "device-handler",
+        2,
+        ("libdemo.so", std::fs::read(lib).unwrap()),
+        1,
+        BUILD,
+    );
+    let reply = patch(&r.sock, &b);
+    assert_eq!(reply["ok"], true, "{reply}");
+    let rep = r.thread.join().unwrap();
+    assert_eq!(rep.verdict, Verdict::Pass, "{}", rep.verdict);
+    assert_eq!(
+        rep.results,
+        vec![0x0001_0002],
+        "the guest saw the new module's VERSION"
+    );
+}
+
+fn build_demo_module(dir: &Path, version: u64, reg: u32) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("modules/demo_handler.rs");
+    let out = dir.join(format!("libdemo_v{version}.so"));
+    let st = std::process::Command::new(std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
+        .args([
+            "--edition=2021",
+            "--crate-type=cdylib",
+            "-O",
+            "--crate-name",
+            "demo_handler",
+            "-o",
+        ])
+        .arg(&out)
+        .arg(&src)
+        .env("DEMO_VERSION", version.to_string())
+        .env("DEMO_VERSION_REG", format!("{reg:#x}"))
+        .status()
+        .expect("rustc");
+    assert!(st.success());
+    out
+}
