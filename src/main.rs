@@ -45,6 +45,11 @@ enum Cmd {
     /// The KVM VMM: boot guest payloads with the reference device on PCI.
     #[command(subcommand)]
     Vm(VmCmd),
+    /// Rig controller: inventory, power, consoles, OOB, leases, boards.
+    Rig {
+        #[command(subcommand)]
+        cmd: hilrig_rig::RigCmd,
+    },
     /// Render JUnit XML, JSON and HTML reports of a campaign run.
     Report(hilrig_reports::ReportCmd),
     /// Benchmarks: figures with ratios against a baseline measured in the same run.
@@ -161,6 +166,7 @@ fn dispatch(cmd: Cmd) -> Result<std::process::ExitCode> {
         Cmd::Fw(f) => fw::run(f)?,
         Cmd::Vm(VmCmd::Run(args)) => return hilrig_vmm::run_cli(args),
         Cmd::Report(r) => return hilrig_reports::run(r),
+        Cmd::Rig { cmd } => return hilrig_rig::run(cmd),
         Cmd::Counters(c) => {
             return hilrig_counters::cli::run_with(c, |b, p| {
                 open_device(b, p).map_err(|e| format!("{e:#}"))

@@ -473,3 +473,20 @@ fn counter_conformance_passes_on_model_and_rtl() {
     let e = fails(&["counters", "conformance", "--target", "bogus"]);
     assert!(e.contains("KIND:PATH"), "{e}");
 }
+
+#[test]
+fn rig_check_of_the_sample_inventory_is_all_healthy() {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        eprintln!("SKIPPED: /dev/kvm not available (simulated hosts run hilrig-vmm)");
+        return;
+    }
+    let inv = Path::new(env!("CARGO_MANIFEST_DIR")).join("rig/inventory/sim.toml");
+    let out = ok(&["rig", "check", p(&inv)]);
+    assert!(out.contains("3/3 hosts healthy"), "{out}");
+    assert!(!out.contains("UNHEALTHY"), "{out}");
+}

@@ -1,1 +1,21 @@
-//! Placeholder; see README.md.
+//! hilrig-rig: the rig controller's hardware side. An [`inventory::Inventory`] says
+//! what hosts exist and how their power, consoles, OOB port and boards are wired;
+//! [`rig::Rig`] turns it into drivers (real or simulated), checks their health,
+//! captures consoles, reads counters out of band, and [`lease`] hands each host to
+//! one runner at a time. See README.md.
+
+pub mod board;
+pub mod cli;
+pub mod console;
+pub mod error;
+pub mod inventory;
+pub mod lease;
+pub mod power;
+pub mod rig;
+pub mod sim;
+
+pub use cli::{run, RigCmd};
+pub use error::{ErrorKind, Outcome, RigError};
+pub use inventory::Inventory;
+pub use power::{Power, PowerState};
+pub use rig::{check, HealthTable, Rig};

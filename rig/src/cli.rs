@@ -1,0 +1,376 @@
+//! `hilrig rig ...`: the command-line edge (anyhow lives only here).
+
+use crate::lease::{default_holder, LeaseStore};
+use crate::power::PowerState;
+use crate::rig::Rig;
+use anyhow::{Context, Result};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+/// Power actions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PowerAction {
+    /// Power on (read back).
+    On,
+    /// Power off (read back).
+    Off,
+    /// Off then on (both read back).
+    Cycle,
+    /// Read the state back.
+    Status,
+}
+
+/// OOB requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OobAction {
+    /// Counters, master, fuse, slots left, width, epoch (JSON).
+    Counters,
+    /// Device identity.
+    Identify,
+}
+
+/// Lease commands.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum LeaseCmd {
+    /// Every lease row.
+    List,
+    /// Take a host (fails if someone else holds it).
+    Acquire {
+        /// The host.
+        host: String,
+        /// Holder name (default: hostname:pid:nonce, printed).
+        #[arg(long)]
+        holder: Option<String>,
+        /// Lease time, e.g. 60s, 10m.
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        ttl: Duration,
+    },
+    /// Give a host back.
+    Release {
+        /// The host.
+        host: String,
+        /// The holder that took it.
+        #[arg(long)]
+        holder: String,
+    },
+}
+
+/// Board commands.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum BoardCmd {
+    /// Attach through the probe and identify the target.
+    Probe,
+    /// Flash an ELF or binary (default: the inventory's image) and reset.
+    Flash {
+        /// The image.
+        image: Option<PathBuf>,
+    },
+    /// Reset the target.
+    Reset,
+}
+
+/// `hilrig rig` subcommands.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum RigCmd {
+    /// Probe every driver of every host and print a health table (exit 1 if any
+    /// host is unhealthy).
+    Check {
+        /// Inventory file (TOML).
+        inventory: PathBuf,
+    },
+    /// List hosts carrying all the given tags.
+    Hosts {
+        /// Inventory file.
+        inventory: PathBuf,
+        /// Required tags.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+    },
+    /// Power a host on/off/cycle, or read its state; every action is read back.
+    Power {
+        /// Inventory file.
+        inventory: PathBuf,
+        /// Host name.
+        host: String,
+        /// Action.
+        action: PowerAction,
+    },
+    /// Capture a host's console (timestamped lines) to a file or standard output.
+    Console {
+        /// Inventory file.
+        inventory: PathBuf,
+        /// Host name.
+        host: String,
+        /// Console name (default: the host's first console).
+        #[arg(long)]
+        console: Option<String>,
+        /// Capture file (default: standard output at the end).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// How long to capture, e.g. 10s.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        duration: Duration,
+    },
+    /// Ask a host's device over its OOB UART.
+    Oob {
+        /// Inventory file.
+        inventory: PathBuf,
+        /// Host name.
+        host: String,
+        /// Request.
+        action: OobAction,
+    },
+    /// Host leases in a results database (SQLite path or postgres:// URL).
+    Lease {
+        /// Database.
+        db: String,
+        /// Command.
+        #[command(subcommand)]
+        cmd: LeaseCmd,
+    },
+    /// List attached debug probes (probe-rs).
+    Probes,
+    /// A host's MCU/FPGA board through its debug probe.
+    Board {
+        /// Inventory file.
+        inventory: PathBuf,
+        /// Host name.
+        host: String,
+        /// Command.
+        #[command(subcommand)]
+        cmd: BoardCmd,
+    },
+}
+
+/// Parse `500ms`, `10s`, `2m`, `1h` or plain seconds.
+pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    let t = s.trim();
+    let bad = || format!("`{s}` is not a duration (e.g. 10s, 500ms, 2m)");
+    let (n, mult) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = t.strip_suffix('h') {
+        (n, 3600.0)
+    } else {
+        (t, 1.0)
+    };
+    let v: f64 = n.trim().parse().map_err(|_| bad())?;
+    if !v.is_finite() || v <= 0.0 || v * mult > 7.0 * 86_400.0 {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs_f64(v * mult))
+}
+
+/// Run a `hilrig rig` command.
+pub fn run(cmd: RigCmd) -> Result<ExitCode> {
+    match cmd {
+        RigCmd::Check { inventory } => {
+            let rig = Rig::load(&inventory)?;
+            let t = rig.check();
+            println!("{t}");
+            Ok(if t.all_healthy() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        RigCmd::Hosts { inventory, tags } => {
+            let rig = Rig::load(&inventory)?;
+            for h in rig.inv.select(&tags) {
+                let tags: Vec<&str> = h.tags.iter().map(String::as_str).collect();
+                println!("{}\t{}\t{}", h.name, h.power.driver_name(), tags.join(","));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RigCmd::Power {
+            inventory,
+            host,
+            action,
+        } => {
+            let rig = Rig::load(&inventory)?;
+            let mut p = rig.power(&host)?;
+            match action {
+                PowerAction::On => p.on()?,
+                PowerAction::Off => p.off()?,
+                PowerAction::Cycle => p.cycle()?,
+                PowerAction::Status => {}
+            }
+            let s = p.status()?;
+            println!("{host}: {s}");
+            Ok(ExitCode::SUCCESS)
+        }
+        RigCmd::Console {
+            inventory,
+            host,
+            console,
+            out,
+            duration,
+        } => {
+            let rig = Rig::load(&inventory)?;
+            let h = rig.host(&host)?;
+            let name = match console {
+                Some(c) => c,
+                None => h
+                    .consoles
+                    .first()
+                    .map(|c| c.name.clone())
+                    .with_context(|| format!("host `{host}` has no console"))?,
+            };
+            let tmp;
+            let path = match &out {
+                Some(p) => p.clone(),
+                None => {
+                    tmp = tempfile_path(&host, &name);
+                    tmp.clone()
+                }
+            };
+            let src = rig.console_source(&host, &name)?;
+            let cap = crate::console::Capture::start(&host, &name, src, &path)?;
+            let end = Instant::now() + duration;
+            while Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let sum = cap.stop()?;
+            if out.is_none() {
+                print!("{}", std::fs::read_to_string(&sum.path)?);
+                let _ = std::fs::remove_file(&sum.path);
+            } else {
+                eprintln!("{} lines -> {}", sum.lines, sum.path.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RigCmd::Oob {
+            inventory,
+            host,
+            action,
+        } => {
+            let rig = Rig::load(&inventory)?;
+            match action {
+                OobAction::Counters => {
+                    let c = rig.read_counters(&host)?;
+                    println!(
+                        "{{\"host\":\"{host}\",\"counters\":[{},{},{}],\"master\":{},\"fuse\":{},\"slots_left\":{},\"width\":{},\"epoch\":{}}}",
+                        c.counters[0], c.counters[1], c.counters[2], c.master, c.fuse, c.slots_left, c.width, c.epoch
+                    );
+                }
+                OobAction::Identify => {
+                    let (id, version, serial, width) = rig.identify(&host)?;
+                    println!("{host}: id {id:#010x} version {version:#010x} serial {serial} width {width}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RigCmd::Lease { db, cmd } => {
+            let store = LeaseStore::open(&db)?;
+            match cmd {
+                LeaseCmd::List => {
+                    for r in store.list()? {
+                        println!(
+                            "{}\t{}\t{}\tgeneration {}\texpires {}",
+                            r.host,
+                            if r.active { "HELD" } else { "free" },
+                            if r.holder.is_empty() { "-" } else { &r.holder },
+                            r.generation,
+                            r.expires_unix_ms
+                        );
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                LeaseCmd::Acquire { host, holder, ttl } => {
+                    let holder = holder.unwrap_or_else(default_holder);
+                    let l = store.acquire(&host, &holder, ttl)?;
+                    println!(
+                        "{}\t{}\tgeneration {}\texpires {}",
+                        l.host, l.holder, l.generation, l.expires_unix_ms
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                LeaseCmd::Release { host, holder } => {
+                    if store.release_host(&host, &holder, None)? {
+                        println!("{host}: released");
+                        Ok(ExitCode::SUCCESS)
+                    } else {
+                        eprintln!("{host}: not held by {holder}");
+                        Ok(ExitCode::from(1))
+                    }
+                }
+            }
+        }
+        RigCmd::Probes => {
+            for p in crate::board::list_probes()? {
+                println!("{}\t{}", p.selector(), p.identifier);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RigCmd::Board {
+            inventory,
+            host,
+            cmd,
+        } => {
+            let rig = Rig::load(&inventory)?;
+            let b = rig.board(&host)?.with_context(|| {
+                format!("host `{host}` has no board in {}", inventory.display())
+            })?;
+            match cmd {
+                BoardCmd::Probe => println!("{host}: {}", b.probe()?),
+                BoardCmd::Flash { image } => {
+                    b.flash(image.as_deref())?;
+                    println!("{host}: flashed and reset");
+                }
+                BoardCmd::Reset => {
+                    b.reset()?;
+                    println!("{host}: reset");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn tempfile_path(host: &str, console: &str) -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "hilrig-console-{host}-{console}-{}.log",
+        std::process::id()
+    ))
+}
+
+/// Power a host from code the way the CLI does (for the runner).
+pub fn power(rig: &Rig, host: &str, state: PowerState) -> crate::error::Result<()> {
+    rig.power(host)?.set(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(subcommand)]
+        cmd: RigCmd,
+    }
+
+    #[test]
+    fn parses() {
+        let t = T::try_parse_from(["t", "power", "lab.toml", "sim-1", "cycle"]).unwrap();
+        assert!(matches!(
+            t.cmd,
+            RigCmd::Power {
+                action: PowerAction::Cycle,
+                ..
+            }
+        ));
+        let t =
+            T::try_parse_from(["t", "lease", "l.db", "acquire", "sim-1", "--ttl", "5m"]).unwrap();
+        assert!(
+            matches!(t.cmd, RigCmd::Lease { cmd: LeaseCmd::Acquire { ttl, .. }, .. } if ttl == Duration::from_secs(300))
+        );
+        assert!(T::try_parse_from(["t", "power", "lab.toml", "sim-1", "explode"]).is_err());
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("soon").is_err());
+    }
+}

@@ -1,0 +1,299 @@
+//! Console capture: every line timestamped, one capture file per case per
+//! console, started BEFORE power on so nothing of the boot is lost.
+//!
+//! Line format: `[2026-11-21T07:50:12.345678Z +1.234567] text` (UTC wall clock of
+//! the line's first byte, seconds since the capture started). A partial last line
+//! is flushed when the capture stops.
+
+use crate::error::RigError;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Where console bytes come from.
+pub enum Source {
+    /// A serial port (opened when the capture starts).
+    Serial {
+        /// Device path.
+        path: String,
+        /// Baud rate.
+        baud: u32,
+    },
+    /// A file another process appends to (a simulated host's COM1), read from
+    /// its length at capture start onwards.
+    Tail(PathBuf),
+}
+
+/// UTC timestamp `YYYY-MM-DDTHH:MM:SS.ffffffZ`.
+pub fn utc_stamp(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil from days (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_micros()
+    )
+}
+
+/// Splits bytes into timestamped lines.
+pub struct LineStamper<W: Write> {
+    out: W,
+    start: Instant,
+    line: Vec<u8>,
+    line_t: Option<(SystemTime, Instant)>,
+    /// Lines written.
+    pub lines: u64,
+}
+
+impl<W: Write> LineStamper<W> {
+    /// Stamp into `out`, times relative to now.
+    pub fn new(out: W) -> Self {
+        LineStamper {
+            out,
+            start: Instant::now(),
+            line: Vec::new(),
+            line_t: None,
+            lines: 0,
+        }
+    }
+
+    /// Feed bytes.
+    pub fn feed(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        for &b in bytes {
+            if self.line_t.is_none() {
+                self.line_t = Some((SystemTime::now(), Instant::now()));
+            }
+            match b {
+                b'\n' => self.emit()?,
+                b'\r' => {}
+                _ => self.line.push(b),
+            }
+        }
+        self.out.flush()
+    }
+
+    fn emit(&mut self) -> std::io::Result<()> {
+        let (wall, mono) = self
+            .line_t
+            .take()
+            .unwrap_or((SystemTime::now(), Instant::now()));
+        let rel = mono.duration_since(self.start).as_secs_f64();
+        let text = String::from_utf8_lossy(&self.line);
+        writeln!(self.out, "[{} +{rel:.6}] {text}", utc_stamp(wall))?;
+        self.line.clear();
+        self.lines += 1;
+        Ok(())
+    }
+
+    /// Flush a partial line; return the writer.
+    pub fn finish(mut self) -> std::io::Result<W> {
+        if !self.line.is_empty() {
+            self.emit()?;
+        }
+        self.out.flush()?;
+        Ok(self.out)
+    }
+}
+
+/// What a finished capture holds.
+#[derive(Debug, Clone)]
+pub struct CaptureSummary {
+    /// The capture file.
+    pub path: PathBuf,
+    /// Lines captured.
+    pub lines: u64,
+}
+
+/// A running capture of one console into one file.
+pub struct Capture {
+    host: String,
+    console: String,
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Result<u64, String>>,
+}
+
+impl Capture {
+    /// Start capturing `source` (console `console` of `host`) into `path`
+    /// (created/truncated). Returns once the source is open and reading, so a
+    /// power-on after this call is captured from its first byte.
+    pub fn start(
+        host: &str,
+        console: &str,
+        source: Source,
+        path: &Path,
+    ) -> Result<Capture, RigError> {
+        let label = format!("console/{console}");
+        let file = std::fs::File::create(path)
+            .map_err(|e| RigError::io(format!("creating capture {}", path.display()), e))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let st = stop.clone();
+        let mut reader: Box<dyn Read + Send> = match source {
+            Source::Serial { path: dev, baud } => Box::new(
+                serialport::new(&dev, baud)
+                    .timeout(Duration::from_millis(20))
+                    .open()
+                    .map_err(|e| {
+                        RigError::driver(host, &label, format!("cannot open {dev}: {e}"))
+                    })?,
+            ),
+            Source::Tail(p) => {
+                let mut f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .append(true)
+                    .create(true)
+                    .open(&p)
+                    .map_err(|e| {
+                        RigError::driver(host, &label, format!("cannot open {}: {e}", p.display()))
+                    })?;
+                f.seek(SeekFrom::End(0)).map_err(|e| {
+                    RigError::driver(host, &label, format!("seeking {}: {e}", p.display()))
+                })?;
+                Box::new(f)
+            }
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("console-{host}-{console}"))
+            .spawn(move || {
+                let mut stamper = LineStamper::new(std::io::BufWriter::new(file));
+                let mut buf = [0u8; 4096];
+                loop {
+                    // Drain what is there before honouring stop, so bytes written
+                    // before stop() are kept.
+                    let stopping = st.load(Ordering::Relaxed);
+                    let n = match reader.read(&mut buf) {
+                        Ok(n) => n,
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::TimedOut
+                                    | std::io::ErrorKind::WouldBlock
+                                    | std::io::ErrorKind::Interrupted
+                            ) =>
+                        {
+                            0
+                        }
+                        Err(e) => return Err(format!("reading: {e}")),
+                    };
+                    if n > 0 {
+                        stamper
+                            .feed(&buf[..n])
+                            .map_err(|e| format!("writing capture: {e}"))?;
+                        continue;
+                    }
+                    if stopping {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                let lines = stamper.lines;
+                let extra = stamper
+                    .finish()
+                    .map_err(|e| format!("writing capture: {e}"));
+                extra.map(|_| lines)
+            })
+            .map_err(|e| RigError::io("starting a console thread", e))?;
+        Ok(Capture {
+            host: host.to_string(),
+            console: console.to_string(),
+            path: path.to_path_buf(),
+            stop,
+            thread,
+        })
+    }
+
+    /// The capture file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Stop, flush and close; errors name the host and console.
+    pub fn stop(self) -> Result<CaptureSummary, RigError> {
+        self.stop.store(true, Ordering::Relaxed);
+        let label = format!("console/{}", self.console);
+        let r = self
+            .thread
+            .join()
+            .map_err(|_| RigError::driver(&self.host, &label, "capture thread panicked"))?;
+        let lines = r.map_err(|e| RigError::driver(&self.host, &label, e))?;
+        // Count the flushed partial line too.
+        let lines = std::fs::read_to_string(&self.path)
+            .map(|s| s.lines().count() as u64)
+            .unwrap_or(lines);
+        Ok(CaptureSummary {
+            path: self.path,
+            lines,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps() {
+        assert_eq!(
+            utc_stamp(SystemTime::UNIX_EPOCH),
+            "1970-01-01T00:00:00.000000Z"
+        );
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+        assert_eq!(utc_stamp(t), "2026-11-18T11:06:40.000000Z");
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert!(utc_stamp(t).starts_with("2000-02-29T00:00:00"));
+    }
+
+    #[test]
+    fn lines_are_stamped_and_partial_lines_kept() {
+        let mut s = LineStamper::new(Vec::new());
+        s.feed(b"one\r\ntw").unwrap();
+        s.feed(b"o\nthr").unwrap();
+        let out = String::from_utf8(s.finish().unwrap()).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(
+            lines[0].starts_with('[') && lines[0].ends_with("] one"),
+            "{out}"
+        );
+        assert!(
+            lines[1].ends_with("] two") && lines[2].ends_with("] thr"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn tail_capture_keeps_everything_written_after_start() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("com1");
+        std::fs::write(&src, "old boot\n").unwrap();
+        let cap = Capture::start(
+            "h",
+            "com1",
+            Source::Tail(src.clone()),
+            &d.path().join("case.log"),
+        )
+        .unwrap();
+        let mut f = std::fs::OpenOptions::new().append(true).open(&src).unwrap();
+        f.write_all(b"first\nsecond\nno newline").unwrap();
+        let sum = cap.stop().unwrap();
+        let text = std::fs::read_to_string(&sum.path).unwrap();
+        assert_eq!(sum.lines, 3, "{text}");
+        assert!(!text.contains("old boot"));
+        assert!(text.contains("] first") && text.contains("] no newline"));
+    }
+}

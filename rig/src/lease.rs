@@ -1,0 +1,546 @@
+//! Host leases: a host is held by one runner at a time through a row in the
+//! results database, with an expiry the holder renews by heartbeat. A runner that
+//! dies stops renewing and its lease expires by itself; nothing needs cleaning up
+//! by hand. Every acquisition bumps the row's `generation`, so a runner that lost
+//! its lease (expired, taken over) finds out at its next renewal and must stop.
+//!
+//! Backends: SQLite (a file; one controller, any number of runner processes on
+//! it; `BEGIN IMMEDIATE` serialises acquisitions; the controller's clock) and
+//! PostgreSQL (several controllers sharing one database; rows locked with
+//! `SELECT ... FOR UPDATE SKIP LOCKED`; the database server's clock, so
+//! controllers' clocks need not agree).
+//!
+//! Table `rig_leases(host PRIMARY KEY, holder, generation, acquired_ms,
+//! expires_ms)`; times are Unix milliseconds.
+
+use crate::error::RigError;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A lease held (at the time it was granted or last renewed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The host.
+    pub host: String,
+    /// Who holds it.
+    pub holder: String,
+    /// Acquisition number of this host's row; changes when someone else takes it.
+    pub generation: i64,
+    /// Expiry, Unix ms (database clock for PostgreSQL).
+    pub expires_unix_ms: i64,
+}
+
+/// A row of the lease table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRow {
+    /// The host.
+    pub host: String,
+    /// Last holder ("" if never held).
+    pub holder: String,
+    /// Acquisitions so far.
+    pub generation: i64,
+    /// Expiry, Unix ms.
+    pub expires_unix_ms: i64,
+    /// Whether it is held now (not expired).
+    pub active: bool,
+}
+
+enum Db {
+    Sqlite(rusqlite::Connection),
+    Pg(Box<postgres::Client>),
+}
+
+/// A connection to the lease table.
+pub struct LeaseStore {
+    db: Mutex<Db>,
+    label: String,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+const PG_NOW: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
+
+/// A default holder name: `hostname:pid:nanos` (unique per runner).
+pub fn default_holder() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{host}:{}:{nanos:08x}", std::process::id())
+}
+
+/// Hide a password in a URL for messages.
+fn redact(spec: &str) -> String {
+    match (spec.find("://"), spec.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &spec[s + 3..at];
+            match creds.split_once(':') {
+                Some((u, _)) => format!("{}{u}:***{}", &spec[..s + 3], &spec[at..]),
+                None => spec.to_string(),
+            }
+        }
+        _ => spec.to_string(),
+    }
+}
+
+fn open_sqlite(path: &str) -> rusqlite::Result<rusqlite::Connection> {
+    let c = rusqlite::Connection::open(path)?;
+    c.busy_timeout(Duration::from_secs(10))?;
+    c.pragma_update(None, "journal_mode", "WAL")?;
+    c.execute_batch(
+        "CREATE TABLE IF NOT EXISTS rig_leases (
+            host TEXT PRIMARY KEY,
+            holder TEXT NOT NULL,
+            generation INTEGER NOT NULL,
+            acquired_ms INTEGER NOT NULL,
+            expires_ms INTEGER NOT NULL)",
+    )?;
+    Ok(c)
+}
+
+impl LeaseStore {
+    /// Open `spec`: a `postgres://` / `postgresql://` URL (or a `host=... ` key-value
+    /// string containing `dbname=`), else a SQLite file path (created if missing).
+    pub fn open(spec: &str) -> Result<LeaseStore, RigError> {
+        let label = redact(spec);
+        let err = |d: String| RigError::Lease {
+            store: label.clone(),
+            detail: d,
+        };
+        let is_pg = spec.starts_with("postgres://")
+            || spec.starts_with("postgresql://")
+            || (spec.contains("dbname=") && spec.contains('='));
+        let db = if is_pg {
+            let mut c = postgres::Client::connect(spec, postgres::NoTls)
+                .map_err(|e| err(format!("connecting: {e}")))?;
+            let mut tx = c.transaction().map_err(|e| err(e.to_string()))?;
+            // Serialise schema creation between controllers starting together.
+            tx.execute("SELECT pg_advisory_xact_lock(7468656572)", &[])
+                .map_err(|e| err(e.to_string()))?;
+            tx.batch_execute(
+                "CREATE TABLE IF NOT EXISTS rig_leases (
+                    host TEXT PRIMARY KEY,
+                    holder TEXT NOT NULL,
+                    generation BIGINT NOT NULL,
+                    acquired_ms BIGINT NOT NULL,
+                    expires_ms BIGINT NOT NULL)",
+            )
+            .map_err(|e| err(format!("creating rig_leases: {e}")))?;
+            tx.commit().map_err(|e| err(e.to_string()))?;
+            Db::Pg(Box::new(c))
+        } else {
+            // Switching to WAL and creating the table take a write lock that
+            // the busy handler does not always wait for: retry, bounded.
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            let c = loop {
+                match open_sqlite(spec) {
+                    Ok(c) => break c,
+                    Err(e)
+                        if matches!(
+                            e.sqlite_error_code(),
+                            Some(
+                                rusqlite::ErrorCode::DatabaseBusy
+                                    | rusqlite::ErrorCode::DatabaseLocked
+                            )
+                        ) && std::time::Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => return Err(err(format!("opening: {e}"))),
+                }
+            };
+            Db::Sqlite(c)
+        };
+        Ok(LeaseStore {
+            db: Mutex::new(db),
+            label,
+        })
+    }
+
+    /// The store's name for messages (password hidden).
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    fn err(&self, d: impl std::fmt::Display) -> RigError {
+        RigError::Lease {
+            store: self.label.clone(),
+            detail: d.to_string(),
+        }
+    }
+
+    fn db(&self) -> std::sync::MutexGuard<'_, Db> {
+        self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Take `host` for `holder` for `ttl`. Free, expired, or already held by
+    /// `holder`: granted (the last extends it). Held by someone else:
+    /// [`RigError::Leased`].
+    pub fn acquire(&self, host: &str, holder: &str, ttl: Duration) -> Result<Lease, RigError> {
+        match self.acquire_any(&[host], holder, ttl)? {
+            Some(l) => Ok(l),
+            None => {
+                let row = self.list()?.into_iter().find(|r| r.host == host);
+                // An inactive row here means another controller held the row lock
+                // (SKIP LOCKED) while acquiring it.
+                let holder = match &row {
+                    Some(r) if r.active && r.holder != holder => r.holder.clone(),
+                    _ => "(another runner, acquiring it now)".to_string(),
+                };
+                Err(RigError::Leased {
+                    host: host.into(),
+                    holder,
+                    expires_unix_ms: row.map(|r| r.expires_unix_ms).unwrap_or(0),
+                })
+            }
+        }
+    }
+
+    /// Take the first free host of `hosts` (in order); `None` when all are held.
+    pub fn acquire_any(
+        &self,
+        hosts: &[&str],
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, RigError> {
+        if holder.is_empty() {
+            return Err(self.err("empty holder name"));
+        }
+        let ttl_ms = ttl.as_millis().min(i64::MAX as u128) as i64;
+        let mut db = self.db();
+        match &mut *db {
+            Db::Sqlite(c) => {
+                let tx = c
+                    .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                    .map_err(|e| self.err(e))?;
+                let now = now_ms();
+                let mut got = None;
+                for &h in hosts {
+                    let row: Option<(String, i64, i64)> = tx
+                        .query_row(
+                            "SELECT holder, generation, expires_ms FROM rig_leases WHERE host = ?1",
+                            [h],
+                            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                        )
+                        .map(Some)
+                        .or_else(|e| match e {
+                            rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                            e => Err(e),
+                        })
+                        .map_err(|e| self.err(e))?;
+                    let gen = match row {
+                        None => {
+                            tx.execute(
+                                "INSERT INTO rig_leases (host, holder, generation, acquired_ms, expires_ms) VALUES (?1, ?2, 1, ?3, ?4)",
+                                rusqlite::params![h, holder, now, now + ttl_ms],
+                            )
+                            .map_err(|e| self.err(e))?;
+                            1
+                        }
+                        Some((who, gen, exp)) if who == holder && exp > now => {
+                            tx.execute(
+                                "UPDATE rig_leases SET expires_ms = ?2 WHERE host = ?1",
+                                rusqlite::params![h, now + ttl_ms],
+                            )
+                            .map_err(|e| self.err(e))?;
+                            gen
+                        }
+                        Some((_, gen, exp)) if exp <= now => {
+                            tx.execute(
+                                "UPDATE rig_leases SET holder = ?2, generation = ?3, acquired_ms = ?4, expires_ms = ?5 WHERE host = ?1",
+                                rusqlite::params![h, holder, gen + 1, now, now + ttl_ms],
+                            )
+                            .map_err(|e| self.err(e))?;
+                            gen + 1
+                        }
+                        Some(_) => continue,
+                    };
+                    got = Some(Lease {
+                        host: h.to_string(),
+                        holder: holder.to_string(),
+                        generation: gen,
+                        expires_unix_ms: now + ttl_ms,
+                    });
+                    break;
+                }
+                tx.commit().map_err(|e| self.err(e))?;
+                Ok(got)
+            }
+            Db::Pg(c) => {
+                // Make sure every host has a row to lock (outside the transaction).
+                for &h in hosts {
+                    c.execute(
+                        "INSERT INTO rig_leases (host, holder, generation, acquired_ms, expires_ms) VALUES ($1, '', 0, 0, 0) ON CONFLICT (host) DO NOTHING",
+                        &[&h],
+                    )
+                    .map_err(|e| self.err(e))?;
+                }
+                let names: Vec<String> = hosts.iter().map(|s| s.to_string()).collect();
+                let mut tx = c.transaction().map_err(|e| self.err(e))?;
+                // Rows another controller is acquiring right now are skipped,
+                // never waited for.
+                let q = format!(
+                    "SELECT host, generation FROM rig_leases
+                     WHERE host = ANY($1) AND (expires_ms <= {PG_NOW} OR holder = $2)
+                     ORDER BY array_position($1, host) LIMIT 1 FOR UPDATE SKIP LOCKED"
+                );
+                let rows = tx.query(&q, &[&names, &holder]).map_err(|e| self.err(e))?;
+                let Some(r) = rows.first() else {
+                    tx.commit().map_err(|e| self.err(e))?;
+                    return Ok(None);
+                };
+                let h: String = r.get(0);
+                let u = format!(
+                    "UPDATE rig_leases SET
+                        generation = CASE WHEN holder = $2 AND expires_ms > {PG_NOW} THEN generation ELSE generation + 1 END,
+                        acquired_ms = CASE WHEN holder = $2 AND expires_ms > {PG_NOW} THEN acquired_ms ELSE {PG_NOW} END,
+                        holder = $2,
+                        expires_ms = {PG_NOW} + $3
+                     WHERE host = $1 RETURNING generation, expires_ms"
+                );
+                let row = tx
+                    .query_one(&u, &[&h, &holder, &ttl_ms])
+                    .map_err(|e| self.err(e))?;
+                let lease = Lease {
+                    host: h,
+                    holder: holder.to_string(),
+                    generation: row.get(0),
+                    expires_unix_ms: row.get(1),
+                };
+                tx.commit().map_err(|e| self.err(e))?;
+                Ok(Some(lease))
+            }
+        }
+    }
+
+    /// Extend a lease by `ttl` from now. Fails when it was lost: expired (even if
+    /// nobody took it yet) or taken over (generation changed).
+    pub fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease, RigError> {
+        let ttl_ms = ttl.as_millis().min(i64::MAX as u128) as i64;
+        let mut db = self.db();
+        let updated: Option<i64> = match &mut *db {
+            Db::Sqlite(c) => {
+                let now = now_ms();
+                let n = c
+                    .execute(
+                        "UPDATE rig_leases SET expires_ms = ?4 WHERE host = ?1 AND holder = ?2 AND generation = ?3 AND expires_ms > ?5",
+                        rusqlite::params![lease.host, lease.holder, lease.generation, now + ttl_ms, now],
+                    )
+                    .map_err(|e| self.err(e))?;
+                (n == 1).then_some(now + ttl_ms)
+            }
+            Db::Pg(c) => {
+                let q = format!(
+                    "UPDATE rig_leases SET expires_ms = {PG_NOW} + $4
+                     WHERE host = $1 AND holder = $2 AND generation = $3 AND expires_ms > {PG_NOW}
+                     RETURNING expires_ms"
+                );
+                let rows = c
+                    .query(
+                        &q,
+                        &[&lease.host, &lease.holder, &lease.generation, &ttl_ms],
+                    )
+                    .map_err(|e| self.err(e))?;
+                rows.first().map(|r| r.get(0))
+            }
+        };
+        drop(db);
+        match updated {
+            Some(exp) => Ok(Lease {
+                expires_unix_ms: exp,
+                ..lease.clone()
+            }),
+            None => Err(RigError::Infra {
+                host: lease.host.clone(),
+                detail: format!(
+                    "lease of `{}` (generation {}) was lost: expired or taken over",
+                    lease.holder, lease.generation
+                ),
+            }),
+        }
+    }
+
+    /// Give a lease back (no-op if it was already lost).
+    pub fn release(&self, lease: &Lease) -> Result<(), RigError> {
+        self.release_host(&lease.host, &lease.holder, Some(lease.generation))
+            .map(|_| ())
+    }
+
+    /// Release `host` if `holder` (and `generation`, when given) hold it; returns
+    /// whether a lease was released.
+    pub fn release_host(
+        &self,
+        host: &str,
+        holder: &str,
+        generation: Option<i64>,
+    ) -> Result<bool, RigError> {
+        let mut db = self.db();
+        let n = match &mut *db {
+            Db::Sqlite(c) => c
+                .execute(
+                    "UPDATE rig_leases SET expires_ms = 0 WHERE host = ?1 AND holder = ?2 AND (?3 IS NULL OR generation = ?3)",
+                    rusqlite::params![host, holder, generation],
+                )
+                .map_err(|e| self.err(e))? as u64,
+            Db::Pg(c) => c
+                .execute(
+                    "UPDATE rig_leases SET expires_ms = 0 WHERE host = $1 AND holder = $2 AND ($3::BIGINT IS NULL OR generation = $3)",
+                    &[&host, &holder, &generation],
+                )
+                .map_err(|e| self.err(e))?,
+        };
+        Ok(n > 0)
+    }
+
+    /// Every row, by host.
+    pub fn list(&self) -> Result<Vec<LeaseRow>, RigError> {
+        let mut db = self.db();
+        match &mut *db {
+            Db::Sqlite(c) => {
+                let now = now_ms();
+                let mut st = c
+                    .prepare(
+                        "SELECT host, holder, generation, expires_ms FROM rig_leases ORDER BY host",
+                    )
+                    .map_err(|e| self.err(e))?;
+                let rows = st
+                    .query_map([], |r| {
+                        let exp: i64 = r.get(3)?;
+                        Ok(LeaseRow {
+                            host: r.get(0)?,
+                            holder: r.get(1)?,
+                            generation: r.get(2)?,
+                            expires_unix_ms: exp,
+                            active: exp > now,
+                        })
+                    })
+                    .map_err(|e| self.err(e))?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
+            }
+            Db::Pg(c) => {
+                let q = format!(
+                    "SELECT host, holder, generation, expires_ms, expires_ms > {PG_NOW} FROM rig_leases ORDER BY host"
+                );
+                Ok(c.query(&q, &[])
+                    .map_err(|e| self.err(e))?
+                    .iter()
+                    .map(|r| LeaseRow {
+                        host: r.get(0),
+                        holder: r.get(1),
+                        generation: r.get(2),
+                        expires_unix_ms: r.get(3),
+                        active: r.get(4),
+                    })
+                    .collect())
+            }
+        }
+    }
+}
+
+/// Renews a lease in the background every `ttl / 3` until dropped or the lease
+/// is lost. A runner checks [`Heartbeat::lost`] before acting on the host (and
+/// treats a lost lease as an infrastructure fault of the case).
+pub struct Heartbeat {
+    stop: Arc<AtomicBool>,
+    lost: Arc<Mutex<Option<String>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Heartbeat {
+    /// Start renewing `lease` in `store`.
+    pub fn start(store: Arc<LeaseStore>, lease: Lease, ttl: Duration) -> Heartbeat {
+        let stop = Arc::new(AtomicBool::new(false));
+        let lost = Arc::new(Mutex::new(None));
+        let (st, lo) = (stop.clone(), lost.clone());
+        let period = (ttl / 3).max(Duration::from_millis(10));
+        let thread = std::thread::spawn(move || {
+            let mut lease = lease;
+            let mut next = std::time::Instant::now() + period;
+            while !st.load(Ordering::Relaxed) {
+                if std::time::Instant::now() < next {
+                    std::thread::sleep(Duration::from_millis(10).min(period));
+                    continue;
+                }
+                next += period;
+                match store.renew(&lease, ttl) {
+                    Ok(l) => lease = l,
+                    Err(e) => {
+                        *lo.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                        return;
+                    }
+                }
+            }
+        });
+        Heartbeat {
+            stop,
+            lost,
+            thread: Some(thread),
+        }
+    }
+
+    /// Why the lease was lost, if it was.
+    pub fn lost(&self) -> Option<String> {
+        self.lost.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_acquire_renew_release() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("leases.db");
+        let s = LeaseStore::open(p.to_str().unwrap()).unwrap();
+        let ttl = Duration::from_secs(60);
+        let a = s.acquire("h1", "alice", ttl).unwrap();
+        assert_eq!(a.generation, 1);
+        let e = s.acquire("h1", "bob", ttl).unwrap_err();
+        assert!(
+            matches!(&e, RigError::Leased { holder, .. } if holder == "alice"),
+            "{e}"
+        );
+        // Re-entrant for the same holder.
+        assert_eq!(s.acquire("h1", "alice", ttl).unwrap().generation, 1);
+        let b = s.acquire_any(&["h1", "h2"], "bob", ttl).unwrap().unwrap();
+        assert_eq!(b.host, "h2");
+        assert!(s
+            .acquire_any(&["h1", "h2"], "carol", ttl)
+            .unwrap()
+            .is_none());
+        s.renew(&a, ttl).unwrap();
+        s.release(&a).unwrap();
+        let c = s.acquire("h1", "carol", ttl).unwrap();
+        assert_eq!(c.generation, 2);
+        // Alice's old lease is gone for good.
+        assert!(s.renew(&a, ttl).is_err());
+        let rows = s.list().unwrap();
+        assert_eq!(rows.len(), 2);
+        assert!(rows.iter().all(|r| r.active));
+    }
+
+    #[test]
+    fn passwords_are_hidden() {
+        assert_eq!(redact("postgres://u:secret@db/x"), "postgres://u:***@db/x");
+        assert_eq!(redact("/tmp/l.db"), "/tmp/l.db");
+    }
+}
