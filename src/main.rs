@@ -45,6 +45,9 @@ enum Cmd {
     /// The KVM VMM: boot guest payloads with the reference device on PCI.
     #[command(subcommand)]
     Vm(VmCmd),
+    /// Live patches for a fleet of VMMs.
+    #[command(subcommand)]
+    Patch(PatchCmd),
     /// Rig controller: inventory, power, consoles, OOB, leases, boards.
     Rig {
         #[command(subcommand)]
@@ -62,6 +65,35 @@ enum Cmd {
         /// Seconds per measured loop.
         #[arg(long, default_value_t = 0.5)]
         seconds: f64,
+    },
+}
+
+#[derive(Subcommand)]
+enum PatchCmd {
+    /// Roll a signed bundle out over many VMMs: canary hosts first, then waves; stops
+    /// at the first refused or failed patch and reports which host runs which version.
+    Rollout {
+        /// An inventory: its simulated hosts' VMMs (optionally --tag filtered).
+        #[arg(long, conflicts_with = "vmm")]
+        inventory: Option<PathBuf>,
+        /// Hosts with all these tags (with --inventory).
+        #[arg(long)]
+        tag: Vec<String>,
+        /// VMM control sockets (repeatable).
+        #[arg(long)]
+        vmm: Vec<PathBuf>,
+        /// The signed bundle.
+        #[arg(long)]
+        bundle: PathBuf,
+        /// Canary hosts patched first.
+        #[arg(long, default_value_t = 1)]
+        canary: usize,
+        /// Hosts per wave after the canaries.
+        #[arg(long, default_value_t = 2)]
+        wave: usize,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -167,6 +199,25 @@ fn dispatch(cmd: Cmd) -> Result<std::process::ExitCode> {
         Cmd::Vm(VmCmd::Run(args)) => return hilrig_vmm::run_cli(args),
         Cmd::Report(r) => return hilrig_reports::run(r),
         Cmd::Rig { cmd } => return hilrig_rig::run(cmd),
+        Cmd::Patch(PatchCmd::Rollout {
+            inventory,
+            tag,
+            vmm,
+            bundle,
+            canary,
+            wave,
+            json,
+        }) => {
+            return rollout(
+                inventory.as_deref(),
+                &tag,
+                &vmm,
+                &bundle,
+                canary,
+                wave,
+                json,
+            )
+        }
         Cmd::Counters(c) => {
             return hilrig_counters::cli::run_with(c, |b, p| {
                 open_device(b, p).map_err(|e| format!("{e:#}"))
@@ -302,6 +353,91 @@ fn device(cmd: DeviceCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn rollout(
+    inventory: Option<&Path>,
+    tags: &[String],
+    vmm: &[PathBuf],
+    bundle: &Path,
+    canary: usize,
+    wave: usize,
+    json: bool,
+) -> Result<std::process::ExitCode> {
+    use hilrig_vmm::rollout::{self, HostOutcome, Target};
+    let bundle =
+        std::fs::canonicalize(bundle).with_context(|| format!("bundle {}", bundle.display()))?;
+    let targets: Vec<Target> = match inventory {
+        Some(inv_path) => {
+            let inv = hilrig_rig::Inventory::load(inv_path)?;
+            let mut out = Vec::new();
+            for h in inv.select(tags) {
+                if !h.is_sim() {
+                    bail!(
+                        "host {} in {}: only simulated hosts' VMM control sockets are reachable from the controller; use --vmm SOCKET for others",
+                        h.name,
+                        inv_path.display()
+                    );
+                }
+                out.push(Target {
+                    name: h.name.clone(),
+                    socket: hilrig_rig::sim::SimHost::new(&inv, h).control_path(),
+                });
+            }
+            out
+        }
+        None => vmm
+            .iter()
+            .map(|s| Target {
+                name: s.display().to_string(),
+                socket: s.clone(),
+            })
+            .collect(),
+    };
+    if targets.is_empty() {
+        bail!("no VMMs to patch: give --vmm SOCKET... or --inventory FILE (with matching --tag)");
+    }
+    let fleet = rollout::Sockets {
+        timeout: Duration::from_secs(30),
+    };
+    let report = rollout::rollout(&fleet, &targets, &bundle, canary, wave);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for h in &report.hosts {
+            let what = match &h.outcome {
+                HostOutcome::Applied {
+                    component,
+                    from,
+                    to,
+                    blackout_us,
+                } => {
+                    format!("applied {component} v{from} -> v{to}, blackout {blackout_us} us")
+                }
+                HostOutcome::Refused { reason } => format!("REFUSED: {reason}"),
+                HostOutcome::Failed { reason } => format!("FAILED: {reason}"),
+                HostOutcome::Skipped => "skipped".into(),
+            };
+            let versions = h
+                .versions
+                .as_ref()
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "unreachable".into());
+            println!(
+                "wave {} {:<24} {what}; now {versions}",
+                h.wave, h.target.name
+            );
+        }
+        match &report.stopped {
+            Some(why) => println!("rollout stopped: {why}"),
+            None => println!("rollout complete: {} hosts patched", report.hosts.len()),
+        }
+    }
+    Ok(if report.complete {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::from(1)
+    })
 }
 
 /// Open the device in state file `state` on backend `backend` (model, rtl, lockstep).

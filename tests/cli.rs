@@ -490,3 +490,131 @@ fn rig_check_of_the_sample_inventory_is_all_healthy() {
     assert!(out.contains("3/3 hosts healthy"), "{out}");
     assert!(!out.contains("UNHEALTHY"), "{out}");
 }
+
+struct Kill(Vec<std::process::Child>);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn patch_rollout_across_three_vmms_stops_at_the_bad_host() {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        eprintln!("SKIPPED: /dev/kvm not available");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n);
+    ok(&["fw", "keygen", p(&d("authority"))]);
+    ok(&["fw", "keygen", p(&d("other"))]);
+    // Three VMMs; the second trusts another patch authority.
+    let mut vmms = Kill(Vec::new());
+    for (i, key) in ["authority.pub", "other.pub", "authority.pub"]
+        .iter()
+        .enumerate()
+    {
+        let sock = d(&format!("vm{i}.sock"));
+        vmms.0.push(
+            Command::new(env!("CARGO_BIN_EXE_hilrig"))
+                .args([
+                    "vm",
+                    "run",
+                    "--payload",
+                    "spin",
+                    "--mem",
+                    "8M",
+                    "--timeout",
+                    "120s",
+                ])
+                .args(["--control", p(&sock), "--patch-pubkey", p(&d(key))])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+    }
+    let t0 = std::time::Instant::now();
+    while !(0..3).all(|i| d(&format!("vm{i}.sock")).exists()) {
+        assert!(
+            t0.elapsed().as_secs() < 20,
+            "VMM control sockets never appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::fs::write(
+        d("rules.toml"),
+        "[[profile.tenant]]\nregister = \"HANG_TRIGGER\"\naccess = \"write\"\naction = \"drop\"\nalarm = true\n",
+    )
+    .unwrap();
+    ok(&[
+        "fw",
+        "bundle",
+        "--key",
+        p(&d("authority.key")),
+        "--component",
+        "policy",
+        "--version",
+        "2",
+        "--target-vmm-file",
+        env!("CARGO_BIN_EXE_hilrig"),
+        "-o",
+        p(&d("p.bundle")),
+        p(&d("rules.toml")),
+    ]);
+    let o = hilrig(&[
+        "patch",
+        "rollout",
+        "--vmm",
+        p(&d("vm0.sock")),
+        "--vmm",
+        p(&d("vm1.sock")),
+        "--vmm",
+        p(&d("vm2.sock")),
+        "--bundle",
+        p(&d("p.bundle")),
+        "--canary",
+        "1",
+        "--wave",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "an incomplete rollout exits 1");
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["hosts"][0]["outcome"]["result"], "applied", "{r}");
+    assert!(r["hosts"][0]["outcome"]["blackout_us"].as_u64().is_some());
+    assert_eq!(r["hosts"][1]["outcome"]["result"], "refused", "{r}");
+    assert!(
+        r["hosts"][1]["outcome"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not a trusted key"),
+        "{r}"
+    );
+    assert_eq!(
+        r["hosts"][2]["outcome"]["result"], "skipped",
+        "the rollout stopped at the bad host: {r}"
+    );
+    let versions: Vec<_> = (0..3)
+        .map(|i| r["hosts"][i]["versions"]["policy"].as_u64())
+        .collect();
+    assert_eq!(versions, vec![Some(2), Some(1), Some(1)], "{r}");
+    // The remaining good host on its own.
+    let out = ok(&[
+        "patch",
+        "rollout",
+        "--vmm",
+        p(&d("vm2.sock")),
+        "--bundle",
+        p(&d("p.bundle")),
+    ]);
+    assert!(out.contains("rollout complete: 1 hosts patched"), "{out}");
+}

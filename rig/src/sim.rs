@@ -212,6 +212,11 @@ impl SimHost {
         }
     }
 
+    /// The control socket of this host's running VMM (status, pause, patch, teardown).
+    pub fn control_path(&self) -> PathBuf {
+        self.file("vmm.sock")
+    }
+
     /// The `hilrig-vmm` binary this host would start.
     pub fn vmm_path(&self) -> Result<PathBuf, String> {
         find_vmm(self.vmm.as_deref())
@@ -374,6 +379,8 @@ impl SimHost {
             .arg("16M")
             .arg("--timeout")
             .arg(format!("{}s", self.max_on_s))
+            .arg("--control")
+            .arg(self.control_path())
             .args(&self.vmm_args)
             .stdin(Stdio::null())
             .stdout(out)
