@@ -18,6 +18,14 @@ pub const BENCHES: &[(&str, &str)] = &[
         "trapped accesses/s through the MMIO policy vs the raw KVM exit loop; decision cost in ns",
     ),
     (
+        "patch",
+        "live-patch blackout median/p99 over >= 100 patches under an MMIO storm, 1/2/4 vCPUs",
+    ),
+    (
+        "teardown",
+        "scrub bandwidth vs memset (256 MiB); total teardown of a 256 MiB guest",
+    ),
+    (
         "rtl",
         "RTL cycles/s and MMIO ops/s vs the model, and the simple_sim! harness rate",
     ),
@@ -39,6 +47,8 @@ pub fn run(name: &str, seconds: f64) -> Result<Vec<Figure>> {
         "vm-exit" => hilrig_vmm::bench_vm_exit(budget)?,
         "rtl" => hilrig_fpga::bench_rtl(budget)?,
         "policy" => hilrig_vmm::bench_policy(budget)?,
+        "patch" => hilrig_vmm::bench_lifecycle::bench_patch(budget)?,
+        "teardown" => hilrig_vmm::bench_lifecycle::bench_teardown(budget)?,
         "counters" => hilrig_counters::bench_counters(
             budget,
             std::env::var("HILRIG_TEST_PG")

@@ -3,7 +3,7 @@
 //! VMM's own uid or root, else refused and logged). JSON lines: one request object per
 //! line, one reply object per line.
 //!
-//! Requests: `{"op":"status"}`, `{"op":"pause"}`, `{"op":"resume"}`,
+//! Requests: `{"op":"status"}`, `{"op":"pause"}`, `{"op":"resume"}`, `{"op":"quiesce"}`,
 //! `{"op":"patch","bundle":"/path/to/bundle"}`, `{"op":"teardown"}`,
 //! `{"op":"metrics"}`. Replies: `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
 //! Malformed, oversized (over [`MAX_LINE`]) or unknown requests get an error reply;
@@ -31,6 +31,8 @@ pub enum Request {
     Pause {},
     /// Resume after a pause.
     Resume {},
+    /// Pause and resume at once, changing nothing: measures the bare blackout.
+    Quiesce {},
     /// Apply a signed patch bundle.
     Patch {
         /// Path of the bundle file.

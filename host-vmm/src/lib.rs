@@ -17,6 +17,7 @@
 pub mod attacks;
 pub mod backend;
 pub mod bench;
+pub mod bench_lifecycle;
 pub mod bench_policy;
 pub mod cli;
 pub mod control;

@@ -182,6 +182,17 @@ impl Shared {
         Ok(json!({"vcpus": b.vcpus, "blackout_us": us(b.total)}))
     }
 
+    /// Pause and resume at once (the bare blackout, for measurements).
+    pub(crate) fn quiesce(&self) -> Result<Value, String> {
+        let _op = lock(&self.life.op);
+        if lock(&self.life.paused).is_some() {
+            return Err("paused by an operator; resume first".into());
+        }
+        let b = self.pause_now()?.resume();
+        lock(&self.life.blackouts).push(b);
+        Ok(json!({"vcpus": b.vcpus, "blackout_us": us(b.total), "park_us": us(b.park)}))
+    }
+
     /// Apply a signed patch bundle: verify and prepare everything first (a refused
     /// patch leaves the VM running and unchanged), then quiesce, swap, resume.
     pub(crate) fn patch(&self, bytes: &[u8]) -> Result<PatchEvent, String> {
@@ -319,10 +330,33 @@ impl VmTeardown<'_> {
 
 impl TeardownOps for VmTeardown<'_> {
     fn pause(&mut self) -> Result<(), String> {
-        if self.paused.is_none() {
-            self.paused = Some(self.shared.pause_now()?);
+        if self.paused.is_some() {
+            return Ok(());
         }
-        Ok(())
+        match self.shared.pause_now() {
+            Ok(p) => {
+                self.paused = Some(p);
+                Ok(())
+            }
+            Err(e) => {
+                // The tenant is going away: escalate from parking to stopping. Every
+                // vCPU is kicked until its thread has left the run loop.
+                tracing::warn!("teardown: {e}; stopping the vCPUs instead");
+                self.shared.stop.store(true, Ordering::SeqCst);
+                let deadline = Instant::now() + 4 * self.shared.life.cfg.pause_bound;
+                while self.shared.rv.live() > 0 {
+                    if Instant::now() > deadline {
+                        return Err(format!(
+                            "{e}; {} vCPUs still running after stopping them",
+                            self.shared.rv.live()
+                        ));
+                    }
+                    self.shared.kick_all();
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Ok(())
+            }
+        }
     }
 
     fn unmap_device(&mut self) -> Result<(), String> {
@@ -335,11 +369,11 @@ impl TeardownOps for VmTeardown<'_> {
     fn scrub_guest_memory(&mut self) -> Result<u64, String> {
         let mut total = 0u64;
         for (ptr, len) in self.shared.guest_ram() {
-            // SAFETY: guest RAM mappings of this VM; every vCPU is parked or stopped and
-            // the device is unmapped, so nothing else uses the memory.
-            unsafe { teardown::scrub(ptr, len) }.map_err(|at| {
-                format!("guest memory byte {at:#x} of a region is not zero after scrubbing")
-            })?;
+            // SAFETY: guest RAM: private anonymous mappings of this VM (vm-memory's
+            // from_ranges); every vCPU is parked or stopped and the device is unmapped,
+            // so nothing else uses the memory.
+            unsafe { teardown::scrub_anonymous(ptr, len) }
+                .map_err(|e| format!("guest memory at {ptr:p}: {e}"))?;
             total += len as u64;
         }
         Ok(total)
@@ -423,6 +457,7 @@ impl Control for VmControl {
             Request::Metrics {} => Ok(s.metrics()),
             Request::Pause {} => s.pause(),
             Request::Resume {} => s.resume(),
+            Request::Quiesce {} => s.quiesce(),
             Request::Patch { bundle } => {
                 let meta = std::fs::metadata(&bundle)
                     .map_err(|e| format!("bundle {}: {e}", bundle.display()))?;

@@ -44,6 +44,10 @@ pub enum QuiesceError {
 struct State {
     live: usize,
     parked: usize,
+    /// When the last vCPU parked / resumed, stamped by the vCPUs themselves (so the
+    /// controller's own scheduling delay is not counted as blackout).
+    last_parked: Option<Instant>,
+    last_resumed: Option<Instant>,
     /// Incremented on every release, so parked vCPUs know to leave.
     generation: u64,
     pausing: bool,
@@ -124,11 +128,13 @@ impl Rendezvous {
         }
         let generation = s.generation;
         s.parked += 1;
+        s.last_parked = Some(Instant::now());
         self.cv.notify_all();
         while s.generation == generation {
             s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
         }
         s.parked -= 1;
+        s.last_resumed = Some(Instant::now());
         self.cv.notify_all();
         true
     }
@@ -147,6 +153,8 @@ impl Rendezvous {
                 return Err(QuiesceError::Busy);
             }
             s.pausing = true;
+            s.last_parked = None;
+            s.last_resumed = None;
         }
         self.requested.store(true, Ordering::Release);
         kick();
@@ -158,7 +166,7 @@ impl Rendezvous {
                 return Ok(Paused {
                     rv: self.clone(),
                     first_kick,
-                    parked_at: Instant::now(),
+                    parked_at: s.last_parked.unwrap_or_else(Instant::now),
                     vcpus,
                     done: false,
                 });
@@ -212,7 +220,8 @@ impl Paused {
     fn finish(&mut self) -> Blackout {
         self.done = true;
         self.rv.release();
-        let bound = Instant::now() + Duration::from_secs(1);
+        let released = Instant::now();
+        let bound = released + Duration::from_secs(1);
         let mut s = self.rv.lock();
         while s.parked > 0 && Instant::now() < bound {
             s = self
@@ -222,10 +231,16 @@ impl Paused {
                 .map(|(g, _)| g)
                 .unwrap_or_else(|e| e.into_inner().0);
         }
+        // The last vCPU's own resume stamp; with none parked, the release itself.
+        let last = match s.last_resumed {
+            Some(t) if s.parked == 0 && t >= released => t,
+            _ if self.vcpus == 0 => released,
+            _ => Instant::now(),
+        };
         Blackout {
             vcpus: self.vcpus,
-            park: self.parked_at - self.first_kick,
-            total: self.first_kick.elapsed(),
+            park: self.parked_at.saturating_duration_since(self.first_kick),
+            total: last.saturating_duration_since(self.first_kick),
         }
     }
 }

@@ -540,11 +540,17 @@ impl Shared {
             trap.insert(p);
         }
         let plan = PagePlan::decide(trap, &pci.windows);
+        let slots = plan.slots();
         let bar0 = pci.bus.decode().bar0;
         let mut result = Ok(());
+        // Re-map only when the trapping pages change: memslot ioctls are the expensive
+        // part of a swap (tens of microseconds each under nested virtualisation).
+        let remap = slots != pci.mapper.slots;
         let old = engine.replace_with(profile, || {
-            pci.mapper.slots = plan.slots();
-            result = pci.mapper.apply(bar0);
+            if remap {
+                pci.mapper.slots = slots;
+                result = pci.mapper.apply(bar0);
+            }
         });
         result.map(|()| old)
     }

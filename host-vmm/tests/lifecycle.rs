@@ -462,9 +462,10 @@ fn teardown_under_a_flooding_or_spinning_guest_finishes_within_its_bound() {
         let rec: hilrig_vmm::teardown::TeardownRecord =
             serde_json::from_value(reply["record"].clone()).unwrap();
         assert!(rec.complete, "{name}: {rec:?}");
-        // The pause is bounded by the rendezvous bound (250 ms) whatever the guest does.
+        // The pause is bounded (250 ms to park, then escalation to stopping within
+        // 4x that) whatever the guest does, also on a loaded machine.
         let pause = rec.steps[0].micros;
-        assert!(pause < 250_000, "{name}: pausing took {pause} us");
+        assert!(pause < 1_250_000, "{name}: pausing took {pause} us");
         let rep = r.thread.join().unwrap();
         assert_eq!(rep.verdict, Verdict::Stopped("torn down".into()), "{name}");
         let on_disk: hilrig_vmm::teardown::TeardownRecord =
