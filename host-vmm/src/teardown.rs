@@ -389,7 +389,7 @@ mod tests {
         // SAFETY: our own anonymous mapping.
         let zeroed = unsafe { scrub_anonymous(m.as_mut_ptr(), len) }.unwrap();
         assert!(
-            zeroed >= 5 * 4096 && zeroed < 64 * 4096,
+            (5 * 4096..64 * 4096).contains(&zeroed),
             "only resident pages are zeroed: {zeroed}"
         );
         assert!(m.iter().step_by(97).all(|&b| b == 0));
