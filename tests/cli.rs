@@ -618,3 +618,112 @@ fn patch_rollout_across_three_vmms_stops_at_the_bad_host() {
     ]);
     assert!(out.contains("rollout complete: 1 hosts patched"), "{out}");
 }
+
+#[test]
+fn an_overwritten_vbios_is_refused_until_it_is_in_the_catalog() {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        eprintln!("SKIPPED: /dev/kvm not available");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n);
+    let st = d("dev.state");
+    ok(&["device", "init", p(&st)]);
+    // The factory VBIOS is known: the guest gets the device.
+    ok(&[
+        "vm",
+        "run",
+        "--payload",
+        "pci-enum",
+        "--device-state",
+        p(&st),
+    ]);
+    ok(&[
+        "fw",
+        "build-vbios",
+        "-o",
+        p(&d("new.rom")),
+        "--revision",
+        "9",
+    ]);
+    ok(&[
+        "device",
+        "flash",
+        p(&st),
+        "--region",
+        "vbios",
+        p(&d("new.rom")),
+    ]);
+    let o = hilrig(&[
+        "vm",
+        "run",
+        "--payload",
+        "pci-enum",
+        "--device-state",
+        p(&st),
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(10), "an unknown VBIOS is refused");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["verdict"], "device refused");
+    let hash = v["vbios"]["sha256"].as_str().unwrap().to_string();
+    // The operator may run anyway; the output records it.
+    let o = hilrig(&[
+        "vm",
+        "run",
+        "--payload",
+        "pci-enum",
+        "--device-state",
+        p(&st),
+        "--allow-unknown-vbios",
+        "--json",
+    ]);
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["vbios"]["overridden"], true);
+    // Once approved in the counters catalog, it is accepted.
+    let (db, key) = (d("c.db"), d("c.key"));
+    ok(&["counters", "init", "--db", p(&db), "--key", p(&key)]);
+    ok(&[
+        "counters",
+        "catalog",
+        "add",
+        "--db",
+        p(&db),
+        "--key",
+        p(&key),
+        "--region",
+        "vbios",
+        "--approved-by",
+        "qa",
+        &hash,
+    ]);
+    let o = hilrig(&[
+        "vm",
+        "run",
+        "--payload",
+        "pci-enum",
+        "--device-state",
+        p(&st),
+        "--vbios-catalog",
+        p(&db),
+        "--counters-key",
+        p(&key),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        v["vbios"]["known_as"]
+            .as_str()
+            .unwrap()
+            .contains("approved by qa"),
+        "{v}"
+    );
+    assert_eq!(v["vbios"]["overridden"], false);
+}

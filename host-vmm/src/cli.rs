@@ -82,6 +82,17 @@ pub struct VmArgs {
     /// Write the teardown record (JSON) here.
     #[arg(long)]
     pub teardown_record: Option<std::path::PathBuf>,
+    /// Also accept VBIOS hashes from this counters-service catalog (SQLite path or
+    /// postgresql:// URL; needs --counters-key). The factory VBIOS is always known.
+    #[arg(long)]
+    pub vbios_catalog: Option<String>,
+    /// MAC key file of the counters service (with --vbios-catalog).
+    #[arg(long)]
+    pub counters_key: Option<std::path::PathBuf>,
+    /// Hand the device to the guest even if its measured VBIOS is invalid or unknown
+    /// (recorded in the output).
+    #[arg(long)]
+    pub allow_unknown_vbios: bool,
     /// List the built-in payloads and exit.
     #[arg(long)]
     pub list_payloads: bool,
@@ -164,7 +175,34 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
     let spec: DeviceSpec = args.device.parse()?;
     let (name, bytes) = payload::load(&args.payload)?;
     let profile = Arc::new(load_policy(&args)?);
-    let backend = open_backend(&spec, args.device_state.as_deref())?;
+    let mut backend = open_backend(&spec, args.device_state.as_deref())?;
+    // Measured VBIOS: refuse a device whose expansion ROM is invalid or unknown.
+    let catalog = crate::measured::CatalogSpec {
+        counters: match (&args.vbios_catalog, &args.counters_key) {
+            (Some(db), Some(k)) => Some((db.clone(), k.clone())),
+            (Some(_), None) => anyhow::bail!("--vbios-catalog needs --counters-key"),
+            _ => None,
+        },
+    };
+    let mut vbios = crate::measured::measure(&mut *backend.device, &catalog)
+        .map_err(|e| anyhow::anyhow!("measuring the device's VBIOS: {e}"))?;
+    if !vbios.acceptable() {
+        if !args.allow_unknown_vbios {
+            eprintln!("{}", vbios.describe());
+            eprintln!(
+                "refusing to hand the device to a guest (run anyway with --allow-unknown-vbios)"
+            );
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"verdict": "device refused", "exit_status": EXIT_REFUSED, "vbios": vbios})
+                );
+            }
+            return Ok(ExitCode::from(EXIT_REFUSED));
+        }
+        vbios.overridden = true;
+        tracing::warn!("{}", vbios.describe());
+    }
     let config = VmConfig {
         vcpus: args.vcpus,
         mem_size: args.mem,
@@ -211,9 +249,24 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
             "first_exit_ms": report.first_exit.map(|d| d.as_secs_f64() * 1e3),
             "direct_pages": report.plan.direct_pages(),
             "policy": report.policy,
+            "vbios": vbios,
+            "teardown": report.teardown,
+            "patches": report.patches,
         });
         println!("{v}");
     } else {
+        eprintln!("{}", vbios.describe());
+        if let Some(t) = &report.teardown {
+            eprintln!(
+                "teardown: {} in {} us, verdict {}",
+                if t.complete { "complete" } else { "INCOMPLETE" },
+                t.total_micros,
+                t.verdict
+                    .as_ref()
+                    .map(|v| v.verdict.as_str())
+                    .unwrap_or("none")
+            );
+        }
         eprintln!("verdict: {}", report.verdict);
         eprintln!("exits:   {}", report.exits);
         eprintln!(
@@ -241,6 +294,9 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
     }
     Ok(ExitCode::from(report.verdict.exit_status()))
 }
+
+/// Exit status when the device is refused before the guest starts (measured VBIOS).
+pub const EXIT_REFUSED: u8 = 10;
 
 /// Live-patch and teardown settings from the command line.
 pub fn lifecycle_config(args: &VmArgs) -> anyhow::Result<crate::lifecycle::LifecycleConfig> {

@@ -27,6 +27,7 @@ pub(crate) mod fault;
 pub mod handled;
 pub mod layout;
 pub mod lifecycle;
+pub mod measured;
 pub mod modules;
 pub mod patch;
 pub mod payload;

@@ -17,7 +17,7 @@ use crate::inventory::{HostSpec, Inventory};
 use crate::power::{PowerBackend, PowerState};
 use hilrig_device::device::{Device, DeviceError};
 use hilrig_device::model::Model;
-use hilrig_device::state::{DeviceConfig, NvState};
+use hilrig_device::state::DeviceConfig;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -254,8 +254,12 @@ impl SimHost {
         std::fs::create_dir_all(&self.dir)
             .map_err(|e| RigError::io(format!("creating {}", self.dir.display()), e))?;
         if !self.state.exists() {
-            let nv = NvState::factory(DeviceConfig::with_width(self.counter_width), self.serial)
-                .map_err(|e| self.infra(format!("factory state: {e}")))?;
+            // Factory-fresh: the factory VBIOS programmed (the VMM measures it).
+            let nv = hilrig_fw::factory::device(
+                DeviceConfig::with_width(self.counter_width),
+                self.serial,
+            )
+            .map_err(|e| self.infra(format!("factory state: {e}")))?;
             Model::create(&self.state, nv)
                 .map_err(|e| self.infra(format!("creating {}: {e}", self.state.display())))?;
         }
