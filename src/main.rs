@@ -101,6 +101,20 @@ enum PatchCmd {
 enum VmCmd {
     /// Boot a guest payload with the device (same as the `hilrig-vmm` binary).
     Run(hilrig_vmm::VmArgs),
+    /// Send one request to a running VMM's control socket and print the reply.
+    Ctl {
+        /// The control socket.
+        socket: PathBuf,
+        /// status | pause | resume | quiesce | metrics | teardown | patch (with
+        /// --bundle), or a raw JSON request object.
+        request: String,
+        /// Bundle file for `patch`.
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+        /// Reply timeout in seconds.
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -197,6 +211,35 @@ fn dispatch(cmd: Cmd) -> Result<std::process::ExitCode> {
         Cmd::Device(d) => device(d)?,
         Cmd::Fw(f) => fw::run(f)?,
         Cmd::Vm(VmCmd::Run(args)) => return hilrig_vmm::run_cli(args),
+        Cmd::Vm(VmCmd::Ctl {
+            socket,
+            request,
+            bundle,
+            timeout,
+        }) => {
+            let line = if request.trim_start().starts_with('{') {
+                request
+            } else if request == "patch" {
+                let b = bundle.context("`patch` needs --bundle FILE")?;
+                let b =
+                    std::fs::canonicalize(&b).with_context(|| format!("bundle {}", b.display()))?;
+                serde_json::json!({"op": "patch", "bundle": b}).to_string()
+            } else {
+                serde_json::json!({ "op": request }).to_string()
+            };
+            let reply = hilrig_vmm::control::request(
+                &socket,
+                &line,
+                Duration::from_secs_f64(timeout.max(0.1)),
+            )
+            .with_context(|| format!("control socket {}", socket.display()))?;
+            println!("{}", serde_json::to_string_pretty(&reply)?);
+            return Ok(if reply["ok"] == true {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            });
+        }
         Cmd::Report(r) => return hilrig_reports::run(r),
         Cmd::Rig { cmd } => return hilrig_rig::run(cmd),
         Cmd::Patch(PatchCmd::Rollout {

@@ -607,6 +607,13 @@ fn patch_rollout_across_three_vmms_stops_at_the_bad_host() {
         .map(|i| r["hosts"][i]["versions"]["policy"].as_u64())
         .collect();
     assert_eq!(versions, vec![Some(2), Some(1), Some(1)], "{r}");
+    // The control client: status shows the new version; a malformed request is refused.
+    let st: serde_json::Value =
+        serde_json::from_str(&ok(&["vm", "ctl", p(&d("vm0.sock")), "status"])).unwrap();
+    assert_eq!(st["versions"]["policy"], 2, "{st}");
+    let o = hilrig(&["vm", "ctl", p(&d("vm0.sock")), "reboot"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("bad request"));
     // The remaining good host on its own.
     let out = ok(&[
         "patch",
