@@ -100,7 +100,7 @@ enum PatchCmd {
 #[derive(Subcommand)]
 enum VmCmd {
     /// Boot a guest payload with the device (same as the `hilrig-vmm` binary).
-    Run(hilrig_vmm::VmArgs),
+    Run(Box<hilrig_vmm::VmArgs>),
     /// Send one request to a running VMM's control socket and print the reply.
     Ctl {
         /// The control socket.
@@ -210,7 +210,7 @@ fn dispatch(cmd: Cmd) -> Result<std::process::ExitCode> {
         Cmd::Run { keep, backend } => return smoke::run(keep.as_deref(), &backend),
         Cmd::Device(d) => device(d)?,
         Cmd::Fw(f) => fw::run(f)?,
-        Cmd::Vm(VmCmd::Run(args)) => return hilrig_vmm::run_cli(args),
+        Cmd::Vm(VmCmd::Run(args)) => return hilrig_vmm::run_cli(*args),
         Cmd::Vm(VmCmd::Ctl {
             socket,
             request,
