@@ -129,12 +129,32 @@ pub fn open_backend(spec: &DeviceSpec, state: Option<&Path>) -> Result<Backend, 
             };
             Backend::model(model)
         }
-        DeviceSpec::Rtl | DeviceSpec::Lockstep => Err(VmmError::Backend {
-            backend: spec.to_string(),
-            detail:
-                "not built yet: the RTL backend lands with the rust-hdl device (use --device model)"
-                    .into(),
-        }),
+        DeviceSpec::Rtl | DeviceSpec::Lockstep => {
+            // The RTL keeps its buffers in block RAM: every BAR0 page traps.
+            let name = spec.to_string();
+            let dev: Box<dyn Device> = match state {
+                Some(p) => {
+                    if !p.exists() {
+                        let nv = hilrig_fw::factory::device(DeviceConfig::default(), 1)
+                            .map_err(|e| VmmError::Device(e.into()))?;
+                        drop(Model::create(p, nv)?);
+                    }
+                    hilrig_fpga::open_backend(&name, p).map_err(|e| VmmError::Backend {
+                        backend: name.clone(),
+                        detail: e.to_string(),
+                    })?
+                }
+                None => {
+                    let nv = hilrig_fw::factory::device(DeviceConfig::default(), 1)
+                        .map_err(|e| VmmError::Device(e.into()))?;
+                    match spec {
+                        DeviceSpec::Rtl => Box::new(hilrig_fpga::Rtl::new(nv)?),
+                        _ => Box::new(hilrig_fpga::Lockstep::new(nv)?),
+                    }
+                }
+            };
+            Ok(Backend::trapping(name, dev))
+        }
         DeviceSpec::Vfio(path) => crate::vfio::open(path),
     }
 }
@@ -158,10 +178,17 @@ mod tests {
     }
 
     #[test]
-    fn rtl_and_lockstep_say_not_built() {
+    fn rtl_and_lockstep_open_and_trap_everything() {
         for s in [DeviceSpec::Rtl, DeviceSpec::Lockstep] {
-            let e = open_backend(&s, None).err().map(|e| e.to_string());
-            assert!(e.is_some_and(|e| e.contains("not built yet")));
+            let mut b = open_backend(&s, None).expect("rtl backend");
+            assert!(
+                b.windows.is_empty(),
+                "no direct windows: buffers are block RAM"
+            );
+            assert_eq!(
+                b.device.read32(hilrig_device::Reg::Id.offset()).unwrap(),
+                hilrig_device::regmap::DEVICE_ID_VALUE
+            );
         }
     }
 

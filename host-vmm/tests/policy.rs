@@ -31,6 +31,10 @@ fn profile(name: &str, enforce: bool) -> Arc<Profile> {
 }
 
 fn run_with(name: &str, code: Vec<u8>, p: Arc<Profile>) -> RunReport {
+    run_on(&DeviceSpec::Model, name, code, p)
+}
+
+fn run_on(spec: &DeviceSpec, name: &str, code: Vec<u8>, p: Arc<Profile>) -> RunReport {
     let cfg = VmConfig {
         vcpus: 1,
         mem_size: 16 << 20,
@@ -45,7 +49,7 @@ fn run_with(name: &str, code: Vec<u8>, p: Arc<Profile>) -> RunReport {
         },
         ..VmConfig::default()
     };
-    let backend = open_backend(&DeviceSpec::Model, None).expect("model backend");
+    let backend = open_backend(spec, None).expect("backend");
     Vm::new(cfg, backend).expect("vm").run().expect("run")
 }
 
@@ -135,57 +139,60 @@ fn attacks_under_each_profile() {
         return;
     }
     let (key, fresh_counters) = fresh();
-    for (name, _) in attacks::ATTACKS {
-        for (prof, enforce) in [("tenant", true), ("operator", true), ("tenant", false)] {
-            let what = format!("{name} under {prof} (enforce {enforce})");
-            let code = attacks::attack(name).expect("listed").expect("assembles");
-            let r = run_with(name, code, profile(prof, enforce));
-            if *name == "attack-avx" {
-                if !r.vector.avx {
-                    eprintln!("SKIPPED: {what}: this CPU/KVM offers no AVX (CPUID)");
-                    continue;
+    // The same matrix on the behavioural model and on the RTL (every page traps there).
+    for spec in [DeviceSpec::Model, DeviceSpec::Rtl] {
+        for (name, _) in attacks::ATTACKS {
+            for (prof, enforce) in [("tenant", true), ("operator", true), ("tenant", false)] {
+                let what = format!("{name} on {spec} under {prof} (enforce {enforce})");
+                let code = attacks::attack(name).expect("listed").expect("assembles");
+                let r = run_on(&spec, name, code, profile(prof, enforce));
+                if *name == "attack-avx" {
+                    if !r.vector.avx {
+                        eprintln!("SKIPPED: {what}: this CPU/KVM offers no AVX (CPUID)");
+                        continue;
+                    }
+                    if let Verdict::Internal(e) = &r.verdict {
+                        // KVM's instruction emulator cannot emulate VEX-encoded moves on
+                        // MMIO here: the guest is stopped before any byte moves.
+                        eprintln!("SKIPPED (loudly): {what}: KVM cannot emulate vmovdqu on MMIO on this host: {e}");
+                        let mut dev = r.device.expect("device back");
+                        assert!(!hung(&mut dev), "{what}");
+                        assert!(r.results.is_empty(), "{what}");
+                        continue;
+                    }
                 }
-                if let Verdict::Internal(e) = &r.verdict {
-                    // KVM's instruction emulator cannot emulate VEX-encoded moves on
-                    // MMIO here: the guest is stopped before any byte moves.
-                    eprintln!("SKIPPED (loudly): {what}: KVM cannot emulate vmovdqu on MMIO on this host: {e}");
-                    let mut dev = r.device.expect("device back");
-                    assert!(!hung(&mut dev), "{what}");
-                    assert!(r.results.is_empty(), "{what}");
-                    continue;
+                assert_eq!(r.verdict, Verdict::Pass, "{what}: {}", r.verdict);
+                let (restricted, allowed) = expected(name, &key);
+                let restricted_run = prof == "tenant" && enforce;
+                let mut want = if restricted_run { restricted } else { allowed };
+                want.push(0); // no faults: the default profiles drop
+                assert_eq!(r.results, want, "{what}: results");
+                let pol = r.policy.as_ref().expect("policy report");
+                let mut dev = r.device.expect("device back");
+                if prof == "tenant" {
+                    // Every attack touches a register the tenant may not: alarms, named.
+                    assert!(pol.alarms > 0, "{what}: no alarm");
+                    assert_eq!(pol.alarms, pol.captured.len() as u64, "{what}");
+                    for a in &pol.captured {
+                        assert_eq!(a.profile, "tenant");
+                        assert_eq!(a.enforce, enforce);
+                        assert!(!a.insn.starts_with('('), "{what}: {a:?}");
+                        assert!(a.rip >= hilrig_vmm::layout::PAYLOAD_ADDR, "{what}: {a:?}");
+                    }
                 }
-            }
-            assert_eq!(r.verdict, Verdict::Pass, "{what}: {}", r.verdict);
-            let (restricted, allowed) = expected(name, &key);
-            let restricted_run = prof == "tenant" && enforce;
-            let mut want = if restricted_run { restricted } else { allowed };
-            want.push(0); // no faults: the default profiles drop
-            assert_eq!(r.results, want, "{what}: results");
-            let pol = r.policy.as_ref().expect("policy report");
-            let mut dev = r.device.expect("device back");
-            if prof == "tenant" {
-                // Every attack touches a register the tenant may not: alarms, named.
-                assert!(pol.alarms > 0, "{what}: no alarm");
-                assert_eq!(pol.alarms, pol.captured.len() as u64, "{what}");
-                for a in &pol.captured {
-                    assert_eq!(a.profile, "tenant");
-                    assert_eq!(a.enforce, enforce);
-                    assert!(!a.insn.starts_with('('), "{what}: {a:?}");
-                    assert!(a.rip >= hilrig_vmm::layout::PAYLOAD_ADDR, "{what}: {a:?}");
+                if restricted_run {
+                    // The device saw none of it: not hung, counters as fresh, no key
+                    // bytes to the guest.
+                    assert!(!hung(&mut dev), "{what}: device hung");
+                    assert_eq!(counters(&mut dev), fresh_counters, "{what}: counters moved");
+                    for v in &r.results {
+                        assert!(
+                            !key.contains(v) || *v == 0,
+                            "{what}: key word {v:#x} leaked"
+                        );
+                    }
+                    assert_eq!(pol.faults, 0);
                 }
-            }
-            if restricted_run {
-                // The device saw none of it: not hung, counters as fresh, no key
-                // bytes to the guest.
-                assert!(!hung(&mut dev), "{what}: device hung");
-                assert_eq!(counters(&mut dev), fresh_counters, "{what}: counters moved");
-                for v in &r.results {
-                    assert!(
-                        !key.contains(v) || *v == 0,
-                        "{what}: key word {v:#x} leaked"
-                    );
-                }
-                assert_eq!(pol.faults, 0);
             }
         }
     }
@@ -784,6 +791,10 @@ struct FuzzOutcome {
 }
 
 fn fuzz(seed: u64, ops: usize, prof: Arc<Profile>) -> FuzzOutcome {
+    fuzz_on(&DeviceSpec::Model, seed, ops, prof)
+}
+
+fn fuzz_on(spec: &DeviceSpec, seed: u64, ops: usize, prof: Arc<Profile>) -> FuzzOutcome {
     let (key, fresh_counters) = fresh();
     let key_bytes: Vec<u8> = key.iter().flat_map(|w| w.to_le_bytes()).collect();
     // A fill byte that is no key byte: a register left untouched can never look
@@ -810,9 +821,7 @@ fn fuzz(seed: u64, ops: usize, prof: Arc<Profile>) -> FuzzOutcome {
     let code = g.p.build().expect("assemble");
     let writes = Arc::new(Mutex::new(Vec::new()));
     let spy = Spy {
-        inner: open_backend(&DeviceSpec::Model, None)
-            .expect("model")
-            .device,
+        inner: open_backend(spec, None).expect("backend").device,
         writes: writes.clone(),
     };
     let cfg = VmConfig {
@@ -897,6 +906,13 @@ fn policy_fuzzer() {
     assert!(a.decided >= 10_000, "only {} decided accesses", a.decided);
     let b = fuzz(0x5eed_0002, 3000, strict());
     assert!(b.faults > 0);
+    // The same oracle with the RTL behind the policy.
+    let c = fuzz_on(&DeviceSpec::Rtl, 0x5eed_0003, 2000, profile("tenant", true));
+    assert!(
+        c.decided >= 3_000,
+        "only {} decided accesses on rtl",
+        c.decided
+    );
     eprintln!(
         "fuzz: {} + {} decided accesses ({} faults) in {:.1} s",
         a.decided,
