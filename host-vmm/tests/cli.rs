@@ -89,9 +89,19 @@ fn bad_input_is_refused_with_status_2() {
     let (code, _, err) = vmm(&["--payload", &big.to_string_lossy(), "--mem", "2M"]);
     assert_eq!(code, 2);
     assert!(err.contains("3145728 bytes"), "{err}");
-    let (code, _, err) = vmm(&["--device", "lockstep"]);
+    let (code, _, err) = vmm(&["--device", "fpga"]);
     assert_eq!(code, 2);
-    assert!(err.contains("not built yet"), "{err}");
+    assert!(err.contains("fpga"), "{err}");
+    let bad_state = dir.path().join("bad.state");
+    std::fs::write(&bad_state, b"not a state file").expect("write");
+    let (code, _, err) = vmm(&[
+        "--device",
+        "rtl",
+        "--device-state",
+        &bad_state.to_string_lossy(),
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("bad.state"), "{err}");
     let (code, _, err) = vmm(&["--device", "vfio=/nonexistent"]);
     assert_eq!(code, 2);
     assert!(err.contains("iommu_group"), "{err}");
