@@ -8,14 +8,28 @@
 //! the controller acts: every access is decided entirely before or entirely after.
 //! A vCPU that leaves its loop (halt, stop) deregisters and no longer counts.
 //!
+//! A vCPU thread that is inside KVM_RUN when the pause is requested counts as parked
+//! without having to run: it was kicked, so the guest stops at the next instruction
+//! boundary the signal reaches, and the thread touches no VMM state before KVM_RUN
+//! returns. The controller claims it (IN_RUN -> CLAIMED); on return the thread sees
+//! the claim and parks before handling its exit ([`Member::left_run`]). This keeps the
+//! blackout independent of the host scheduler when there are more vCPUs than cores.
+//!
 //! The kick is the caller's (immediate_exit + a real-time signal, as Firecracker and
 //! cloud-hypervisor do); it is repeated every [`REKICK`] until all have parked, so a
 //! kick that races a vCPU entering KVM_RUN cannot be lost. A vCPU that does not arrive
 //! within the bound aborts the pause: everyone is released, nothing was done.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+/// Most vCPUs a rendezvous tracks.
+pub const MAX_MEMBERS: usize = 64;
+const USER: u8 = 0;
+const IN_RUN: u8 = 1;
+const CLAIMED: u8 = 2;
+const FREE: u8 = 3;
 
 /// How often the kick is repeated while waiting for vCPUs to park.
 pub const REKICK: Duration = Duration::from_millis(2);
@@ -54,21 +68,84 @@ struct State {
 }
 
 /// The rendezvous every vCPU of a VM shares.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Rendezvous {
     requested: AtomicBool,
     state: Mutex<State>,
     cv: Condvar,
+    /// Per member: USER (in the VMM), IN_RUN (in KVM_RUN), CLAIMED (in KVM_RUN and
+    /// counted as parked by the controller), FREE (slot unused).
+    slots: Box<[AtomicU8]>,
+}
+
+impl Default for Rendezvous {
+    fn default() -> Self {
+        Rendezvous {
+            requested: AtomicBool::new(false),
+            state: Mutex::new(State::default()),
+            cv: Condvar::new(),
+            slots: (0..MAX_MEMBERS).map(|_| AtomicU8::new(FREE)).collect(),
+        }
+    }
 }
 
 /// A vCPU's membership; dropping it deregisters the vCPU.
-pub struct Member<'a>(&'a Rendezvous);
+pub struct Member<'a> {
+    rv: &'a Rendezvous,
+    slot: Option<usize>,
+}
 
 impl Drop for Member<'_> {
     fn drop(&mut self) {
-        let mut s = self.0.lock();
+        let mut s = self.rv.lock();
+        if let Some(i) = self.slot {
+            self.rv.slots[i].store(FREE, Ordering::SeqCst);
+        }
         s.live = s.live.saturating_sub(1);
-        self.0.cv.notify_all();
+        self.rv.cv.notify_all();
+    }
+}
+
+impl Member<'_> {
+    /// Call right before KVM_RUN. Returns false if a pause is requested: then do not
+    /// enter KVM_RUN; go back to the checkpoint.
+    #[inline]
+    pub fn enter_run(&self) -> bool {
+        let Some(i) = self.slot else { return true };
+        self.rv.slots[i].store(IN_RUN, Ordering::SeqCst);
+        if self.rv.requested.load(Ordering::SeqCst) {
+            // Back out unless the controller already claimed us (then we must wait).
+            if self.rv.slots[i]
+                .compare_exchange(IN_RUN, USER, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+            {
+                self.left_run();
+            }
+            return false;
+        }
+        true
+    }
+
+    /// Call right after KVM_RUN returns, before handling the exit. If the controller
+    /// counted this vCPU as parked while it was in KVM_RUN, wait here until the
+    /// pause ends.
+    #[inline]
+    pub fn left_run(&self) {
+        let Some(i) = self.slot else { return };
+        if self.rv.slots[i]
+            .compare_exchange(IN_RUN, USER, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            return;
+        }
+        // CLAIMED: park until the pause that claimed us is over.
+        let mut s = self.rv.lock();
+        while s.pausing {
+            s = self.rv.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        self.rv.slots[i].store(USER, Ordering::SeqCst);
+        s.last_resumed = Some(Instant::now());
+        self.rv.cv.notify_all();
     }
 }
 
@@ -106,8 +183,25 @@ impl Rendezvous {
 
     /// Register the calling vCPU.
     pub fn register(&self) -> Member<'_> {
-        self.lock().live += 1;
-        Member(self)
+        let mut s = self.lock();
+        s.live += 1;
+        let slot = self.slots.iter().position(|x| {
+            x.compare_exchange(FREE, USER, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        });
+        Member { rv: self, slot }
+    }
+
+    /// Claim every member that is in KVM_RUN; returns how many are claimed now.
+    fn claim(&self) -> usize {
+        let mut n = 0;
+        for x in self.slots.iter() {
+            let _ = x.compare_exchange(IN_RUN, CLAIMED, Ordering::SeqCst, Ordering::SeqCst);
+            if x.load(Ordering::SeqCst) == CLAIMED {
+                n += 1;
+            }
+        }
+        n
     }
 
     /// vCPUs registered.
@@ -156,13 +250,17 @@ impl Rendezvous {
             s.last_parked = None;
             s.last_resumed = None;
         }
-        self.requested.store(true, Ordering::Release);
+        self.requested.store(true, Ordering::SeqCst);
         kick();
         let deadline = first_kick + bound;
         let mut s = self.lock();
         loop {
-            if s.parked >= s.live {
-                let vcpus = s.parked;
+            let claimed = self.claim();
+            if s.parked + claimed >= s.live {
+                if claimed > 0 {
+                    s.last_parked = Some(Instant::now());
+                }
+                let vcpus = s.parked + claimed;
                 return Ok(Paused {
                     rv: self.clone(),
                     first_kick,
@@ -173,7 +271,7 @@ impl Rendezvous {
             }
             let now = Instant::now();
             if now >= deadline {
-                let (parked, live) = (s.parked, s.live);
+                let (parked, live) = (s.parked + self.claim(), s.live);
                 drop(s);
                 self.release();
                 return Err(QuiesceError::Timeout {
@@ -188,7 +286,7 @@ impl Rendezvous {
                 .wait_timeout(s, wait)
                 .map(|(g, _)| g)
                 .unwrap_or_else(|e| e.into_inner().0);
-            if s.parked < s.live {
+            if s.parked + self.claim() < s.live {
                 drop(s);
                 kick();
                 s = self.lock();
@@ -342,6 +440,71 @@ mod tests {
         }
         drop(_stuck);
         rv.pause(&|| {}, Duration::from_secs(5)).unwrap().resume();
+        stop.store(true, Ordering::Release);
+        for h in hs {
+            h.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn vcpus_inside_kvm_run_are_claimed_without_running() {
+        let rv = Arc::new(Rendezvous::new());
+        let stop = Arc::new(AtomicBool::new(false));
+        let handled = Arc::new(AtomicU64::new(0));
+        // Each "vCPU" spends 200 ms in "KVM_RUN" (as if descheduled), then handles
+        // an exit: the handling must never happen while a pause holds.
+        let paused_flag = Arc::new(AtomicBool::new(false));
+        let hs: Vec<_> = (0..3)
+            .map(|_| {
+                let (rv, stop, handled, pf) = (
+                    rv.clone(),
+                    stop.clone(),
+                    handled.clone(),
+                    paused_flag.clone(),
+                );
+                std::thread::spawn(move || {
+                    let m = rv.register();
+                    while !stop.load(Ordering::Acquire) {
+                        rv.checkpoint();
+                        if !m.enter_run() {
+                            continue;
+                        }
+                        std::thread::sleep(Duration::from_millis(200));
+                        m.left_run();
+                        assert!(
+                            !pf.load(Ordering::SeqCst),
+                            "an exit was handled during a pause"
+                        );
+                        handled.fetch_add(1, Ordering::SeqCst);
+                    }
+                })
+            })
+            .collect();
+        while rv.live() < 3 {
+            std::thread::yield_now();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        let t = std::time::Instant::now();
+        let p = rv.pause(&|| {}, Duration::from_secs(5)).unwrap();
+        assert!(
+            t.elapsed() < Duration::from_millis(150),
+            "claimed, not waited for: {:?}",
+            t.elapsed()
+        );
+        assert_eq!(p.vcpus(), 3);
+        paused_flag.store(true, Ordering::SeqCst);
+        let before = handled.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(450));
+        assert_eq!(
+            handled.load(Ordering::SeqCst),
+            before,
+            "no exit handled while paused"
+        );
+        paused_flag.store(false, Ordering::SeqCst);
+        p.resume();
+        while handled.load(Ordering::SeqCst) == before {
+            std::thread::yield_now();
+        }
         stop.store(true, Ordering::Release);
         for h in hs {
             h.join().unwrap();

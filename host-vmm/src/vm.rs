@@ -1157,14 +1157,21 @@ fn vcpu_loop(idx: u8, mut vcpu: VcpuFd, shared: &Shared) -> VcpuResult {
     let mut first_exit = None;
     let mut first_mmio = None;
     let mut site_cache = crate::fault::SiteCache::default();
-    let _member = shared.rv.register();
+    let member = shared.rv.register();
     loop {
         // Park here while the VMM acts (between exits: no access is half-decided).
         shared.rv.checkpoint();
         if shared.stop.load(Ordering::Acquire) {
             break;
         }
-        let next = match vcpu.run() {
+        if !member.enter_run() {
+            continue;
+        }
+        let ran = vcpu.run();
+        // If the VMM counted this vCPU as parked while it was in KVM_RUN, wait here
+        // before handling the exit.
+        member.left_run();
+        let next = match ran {
             Ok(exit) => {
                 if first_exit.is_none() {
                     first_exit = Some(Instant::now());
