@@ -717,7 +717,7 @@ fn an_overwritten_vbios_is_refused_until_it_is_in_the_catalog() {
         "pci-enum",
         "--device-state",
         p(&st),
-        "--vbios-catalog",
+        "--counters-db",
         p(&db),
         "--counters-key",
         p(&key),
@@ -733,4 +733,59 @@ fn an_overwritten_vbios_is_refused_until_it_is_in_the_catalog() {
         "{v}"
     );
     assert_eq!(v["vbios"]["overridden"], false);
+    // Teardown asks the counters service for the verdict: enrolled and unchanged
+    // during the tenancy, the device is trusted for the next tenant.
+    let src = format!("model:{}", p(&st));
+    ok(&[
+        "counters",
+        "enroll",
+        "1",
+        "--source",
+        &src,
+        "--db",
+        p(&db),
+        "--key",
+        p(&key),
+    ]);
+    let mut a = vec![
+        "vm",
+        "run",
+        "--payload",
+        "pci-enum",
+        "--device-state",
+        p(&st),
+    ];
+    a.extend_from_slice(&[
+        "--counters-db",
+        p(&db),
+        "--counters-key",
+        p(&key),
+        "--teardown-on-exit",
+        "--json",
+    ]);
+    let o = hilrig(&a);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["teardown"]["complete"], true, "{v}");
+    assert_eq!(v["teardown"]["verdict"]["verdict"], "trusted", "{v}");
+    assert_eq!(v["teardown"]["verdict"]["handoff_ok"], true);
+    // A device the service cannot vouch for (never enrolled) is never "trusted".
+    let other = d("other.state");
+    ok(&["device", "init", p(&other), "--serial", "99"]);
+    let o = hilrig(&[
+        "vm",
+        "run",
+        "--payload",
+        "pci-enum",
+        "--device-state",
+        p(&other),
+        "--counters-db",
+        p(&db),
+        "--counters-key",
+        p(&key),
+        "--teardown-on-exit",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["teardown"]["verdict"]["verdict"], "unverifiable", "{v}");
+    assert_eq!(v["teardown"]["verdict"]["handoff_ok"], false);
 }

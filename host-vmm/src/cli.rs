@@ -82,11 +82,12 @@ pub struct VmArgs {
     /// Write the teardown record (JSON) here.
     #[arg(long)]
     pub teardown_record: Option<std::path::PathBuf>,
-    /// Also accept VBIOS hashes from this counters-service catalog (SQLite path or
-    /// postgresql:// URL; needs --counters-key). The factory VBIOS is always known.
+    /// The counters service's database (SQLite path or postgresql:// URL; needs
+    /// --counters-key): its catalog also vouches for VBIOS hashes (the factory VBIOS
+    /// is always known), and teardown asks it for the verdict on the device.
     #[arg(long)]
-    pub vbios_catalog: Option<String>,
-    /// MAC key file of the counters service (with --vbios-catalog).
+    pub counters_db: Option<String>,
+    /// MAC key file of the counters service (with --counters-db).
     #[arg(long)]
     pub counters_key: Option<std::path::PathBuf>,
     /// Hand the device to the guest even if its measured VBIOS is invalid or unknown
@@ -178,9 +179,9 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
     let mut backend = open_backend(&spec, args.device_state.as_deref())?;
     // Measured VBIOS: refuse a device whose expansion ROM is invalid or unknown.
     let catalog = crate::measured::CatalogSpec {
-        counters: match (&args.vbios_catalog, &args.counters_key) {
+        counters: match (&args.counters_db, &args.counters_key) {
             (Some(db), Some(k)) => Some((db.clone(), k.clone())),
-            (Some(_), None) => anyhow::bail!("--vbios-catalog needs --counters-key"),
+            (Some(_), None) => anyhow::bail!("--counters-db needs --counters-key"),
             _ => None,
         },
     };
@@ -333,6 +334,7 @@ pub fn lifecycle_config(args: &VmArgs) -> anyhow::Result<crate::lifecycle::Lifec
         patch,
         vmm_key,
         teardown_record: args.teardown_record.clone(),
+        counters: args.counters_db.clone().zip(args.counters_key.clone()),
         teardown_on_exit: args.teardown_on_exit || args.teardown_record.is_some(),
         profile_name: args.profile.clone(),
         ..Default::default()

@@ -46,6 +46,9 @@ pub struct LifecycleConfig {
     pub pause_bound: Duration,
     /// The policy profile name patches compile for.
     pub profile_name: String,
+    /// The counters service (database, MAC key file) that gives teardown verdicts;
+    /// without it the verdict compares with the counters read at VM start.
+    pub counters: Option<(String, PathBuf)>,
 }
 
 impl Default for LifecycleConfig {
@@ -57,6 +60,7 @@ impl Default for LifecycleConfig {
             teardown_on_exit: false,
             pause_bound: Duration::from_millis(250),
             profile_name: "tenant".into(),
+            counters: None,
         }
     }
 }
@@ -430,6 +434,16 @@ impl TeardownOps for VmTeardown<'_> {
     }
 
     fn verdict(&mut self, counters: &CounterReport) -> Result<VerdictSummary, String> {
+        if let Some((db, key)) = self.shared.life.cfg.counters.clone() {
+            return Ok(self
+                .service_verdict(&db, &key, counters)
+                .unwrap_or_else(|e| VerdictSummary {
+                    // Fail closed: an unreachable or failing service is never "trusted".
+                    verdict: "unverifiable".into(),
+                    handoff_ok: false,
+                    reasons: vec![e],
+                }));
+        }
         let Some(base) = *lock(&self.shared.life.baseline) else {
             return Ok(VerdictSummary {
                 verdict: "unverifiable".into(),
@@ -442,6 +456,48 @@ impl TeardownOps for VmTeardown<'_> {
             verdict: v.to_string(),
             handoff_ok: v == hilrig_counters::Verdict::Trusted,
             reasons,
+        })
+    }
+}
+
+impl VmTeardown<'_> {
+    /// Ask the counters service: identity and region hashes out of band, then verify.
+    fn service_verdict(
+        &mut self,
+        db: &str,
+        key: &std::path::Path,
+        counters: &CounterReport,
+    ) -> Result<VerdictSummary, String> {
+        use hilrig_device::oob::{Request, Response};
+        let mut dev = self.dev();
+        let serial =
+            match oob::request_device(&mut **dev, &Request::Identify).map_err(|e| e.to_string())? {
+                Response::Identity { serial, .. } => serial,
+                other => return Err(format!("IDENTIFY answered {other:?}")),
+            };
+        let mut hashes = [[0u8; 32]; 3];
+        for r in hilrig_device::Region::ALL {
+            match oob::request_device(&mut **dev, &Request::ReadHash(r))
+                .map_err(|e| e.to_string())?
+            {
+                Response::Hash { sha256, .. } => hashes[r as usize] = sha256,
+                other => return Err(format!("READ_HASH {r} answered {other:?}")),
+            }
+        }
+        drop(dev);
+        let key = hilrig_counters::mac::Key::load(key).map_err(|e| e.to_string())?;
+        let mut svc = hilrig_counters::Service::open(db, key).map_err(|e| e.to_string())?;
+        let obs = hilrig_counters::Observation {
+            report: *counters,
+            hashes,
+        };
+        let r = svc
+            .verify_observation(serial, Ok(obs))
+            .map_err(|e| e.to_string())?;
+        Ok(VerdictSummary {
+            verdict: r.decision.verdict.to_string(),
+            handoff_ok: r.trusted(),
+            reasons: r.decision.reasons.clone(),
         })
     }
 }
