@@ -264,6 +264,14 @@ impl Shared {
         if let Some(r) = lock(&self.life.teardown).clone() {
             return r;
         }
+        // The run ends as "torn down" (unless it already had a verdict). Recorded before
+        // any vCPU can leave its loop, so the run never ends without a verdict.
+        {
+            let mut v = lock(&self.verdict);
+            if v.is_none() {
+                *v = Some(crate::vm::Verdict::Stopped("torn down".into()));
+            }
+        }
         let held = lock(&self.life.paused).take();
         let mut ops = VmTeardown {
             shared: self,
