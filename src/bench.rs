@@ -76,7 +76,14 @@ pub fn print_table(name: &str, figures: &[Figure]) {
         let ratio = f
             .baseline
             .and_then(|b| figures.get(b))
-            .map(|b| format!("{:.3}", f.value / b.value))
+            .map(|b| {
+                let r = f.value / b.value;
+                if r != 0.0 && r.abs() < 0.01 {
+                    format!("{r:.2e}")
+                } else {
+                    format!("{r:.3}")
+                }
+            })
             .unwrap_or_else(|| "baseline".into());
         println!(
             "{:<64} {:>16} {:<10} {:>10}  {}",
