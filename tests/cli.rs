@@ -476,13 +476,7 @@ fn counter_conformance_passes_on_model_and_rtl() {
 
 #[test]
 fn rig_check_of_the_sample_inventory_is_all_healthy() {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        eprintln!("SKIPPED: /dev/kvm not available (simulated hosts run hilrig-vmm)");
+    if !hilrig_vmm::kvm_available() {
         return;
     }
     let inv = Path::new(env!("CARGO_MANIFEST_DIR")).join("rig/inventory/sim.toml");
@@ -503,13 +497,7 @@ impl Drop for Kill {
 
 #[test]
 fn patch_rollout_across_three_vmms_stops_at_the_bad_host() {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        eprintln!("SKIPPED: /dev/kvm not available");
+    if !hilrig_vmm::kvm_available() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -628,13 +616,7 @@ fn patch_rollout_across_three_vmms_stops_at_the_bad_host() {
 
 #[test]
 fn an_overwritten_vbios_is_refused_until_it_is_in_the_catalog() {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        eprintln!("SKIPPED: /dev/kvm not available");
+    if !hilrig_vmm::kvm_available() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -119,7 +119,8 @@ pub fn vmm_mmio_loop(n: u64, timeout: Duration) -> Result<(u64, Duration), VmmEr
     Ok((r.exits.mmio_write, r.mmio_span.unwrap_or_default()))
 }
 
-fn rate(exits: u64, span: Duration) -> f64 {
+/// Exits per second over `span` (0 for an empty span).
+pub(crate) fn rate(exits: u64, span: Duration) -> f64 {
     if span.is_zero() {
         0.0
     } else {

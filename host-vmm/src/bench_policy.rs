@@ -46,13 +46,7 @@ pub fn policy_mmio_loop(
     Ok((r.exits.mmio_write, r.mmio_span.unwrap_or_default()))
 }
 
-fn rate(exits: u64, span: Duration) -> f64 {
-    if span.is_zero() {
-        0.0
-    } else {
-        exits as f64 / span.as_secs_f64()
-    }
-}
+use crate::bench::rate;
 
 /// A device that does nothing: isolates the policy's own cost.
 struct NullDevice;

@@ -47,3 +47,18 @@ pub use cli::{run_cli, VmArgs};
 pub use error::VmmError;
 pub use plan::{DirectWindow, PageMap, PagePlan, TrapSet};
 pub use vm::{Console, ExitCounts, RunReport, StopHandle, Verdict, Vm, VmConfig};
+
+/// Whether /dev/kvm can be opened. When it cannot, says so loudly on stderr
+/// (`SKIPPED: ...`), so tests that need KVM skip visibly, never silently.
+pub fn kvm_available() -> bool {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+    {
+        return true;
+    }
+    eprintln!("SKIPPED: /dev/kvm not available");
+    false
+}

@@ -2,18 +2,7 @@
 
 use std::process::Command;
 
-fn kvm_available() -> bool {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-    {
-        return true;
-    }
-    eprintln!("SKIPPED: /dev/kvm not available");
-    false
-}
+use hilrig_vmm::kvm_available;
 
 fn vmm(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_hilrig-vmm"))

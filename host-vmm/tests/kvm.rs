@@ -6,18 +6,7 @@ use hilrig_vmm::payload;
 use hilrig_vmm::{open_backend, Console, DeviceSpec, RunReport, Verdict, Vm, VmConfig};
 use std::time::Duration;
 
-fn kvm_available() -> bool {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-    {
-        return true;
-    }
-    eprintln!("SKIPPED: /dev/kvm not available");
-    false
-}
+use hilrig_vmm::kvm_available;
 
 fn run(name: &str, bytes: Vec<u8>, vcpus: u8, timeout: Duration) -> RunReport {
     let cfg = VmConfig {

@@ -15,18 +15,7 @@ use std::time::{Duration, Instant};
 
 const BUILD: [u8; 32] = [7; 32];
 
-fn kvm_available() -> bool {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-    {
-        return true;
-    }
-    eprintln!("SKIPPED: /dev/kvm not available");
-    false
-}
+use hilrig_vmm::kvm_available;
 
 fn authority(dir: &Path) -> Arc<PatchAuthority> {
     Arc::new(PatchAuthority {

@@ -11,18 +11,7 @@ use hilrig_vmm::{open_backend, Console, DeviceSpec, RunReport, Verdict, Vm, VmCo
 use std::sync::Arc;
 use std::time::Duration;
 
-fn kvm_available() -> bool {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-    {
-        return true;
-    }
-    eprintln!("SKIPPED: /dev/kvm not available");
-    false
-}
+use hilrig_vmm::kvm_available;
 
 fn profile(name: &str, enforce: bool) -> Arc<Profile> {
     let mut p = load_profile(None, name).expect("builtin profile");
