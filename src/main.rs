@@ -24,14 +24,26 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// The main job on embedded defaults (today: a smoke run of the model device).
+    /// The main job on embedded defaults: the smoke campaign on simulated hosts
+    /// (SQLite results, model and rtl backends), ending with the HTML report's path.
     Run {
-        /// Keep the run's files in this directory instead of a temporary one.
+        /// Where the run's results, artifacts and reports go.
+        #[arg(long, default_value = "hilrig-out")]
+        out: PathBuf,
+        /// Instead: a quick smoke run of one device, without VMs.
         #[arg(long)]
+        device_only: bool,
+        /// With --device-only: keep its files in this directory.
+        #[arg(long, requires = "device_only")]
         keep: Option<PathBuf>,
-        /// Device backend: model, rtl or lockstep.
+        /// With --device-only: the device backend (model, rtl or lockstep).
         #[arg(long, default_value = "model")]
         backend: String,
+    },
+    /// Campaigns: run, validate, list the attack library.
+    Campaign {
+        #[command(subcommand)]
+        cmd: hilrig_campaigns::CampaignCmd,
     },
     /// The reference device: register map, state files, OOB, flashing.
     #[command(subcommand)]
@@ -207,7 +219,19 @@ fn main() -> std::process::ExitCode {
 fn dispatch(cmd: Cmd) -> Result<std::process::ExitCode> {
     use std::process::ExitCode;
     match cmd {
-        Cmd::Run { keep, backend } => return smoke::run(keep.as_deref(), &backend),
+        Cmd::Run {
+            out,
+            device_only,
+            keep,
+            backend,
+        } => {
+            return if device_only {
+                smoke::run(keep.as_deref(), &backend)
+            } else {
+                hilrig_campaigns::main_job(Some(&out))
+            }
+        }
+        Cmd::Campaign { cmd } => return hilrig_campaigns::run(cmd),
         Cmd::Device(d) => device(d)?,
         Cmd::Fw(f) => fw::run(f)?,
         Cmd::Vm(VmCmd::Run(args)) => return hilrig_vmm::run_cli(*args),

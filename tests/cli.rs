@@ -35,7 +35,7 @@ fn p(path: &Path) -> &str {
 
 #[test]
 fn main_job_passes_and_prints_counters_and_verdict() {
-    let out = ok(&["run"]);
+    let out = ok(&["run", "--device-only"]);
     assert!(out.contains("verdict: trusted"), "{out}");
     assert!(
         out.contains("counters (OOB): vbios 0 firmware 2 config 1 | master 3"),
@@ -411,7 +411,7 @@ fn counters_service_through_the_hilrig_binary() {
 #[test]
 fn rtl_and_lockstep_backends_behave_like_the_model() {
     for b in ["rtl", "lockstep"] {
-        let out = ok(&["run", "--backend", b]);
+        let out = ok(&["run", "--device-only", "--backend", b]);
         assert!(out.contains(&format!("smoke run ({b} device")), "{out}");
         assert!(
             out.contains("verdict: trusted") && out.contains("6 passed, 0 failed"),
@@ -449,7 +449,9 @@ fn rtl_and_lockstep_backends_behave_like_the_model() {
     let c: serde_json::Value =
         serde_json::from_str(&ok(&["device", "oob", p(&st), "counters"])).unwrap();
     assert_eq!(c["counters"], serde_json::json!([0, 0, 2]));
-    assert!(fails(&["run", "--backend", "fpga9"]).contains("unknown device backend"));
+    assert!(
+        fails(&["run", "--device-only", "--backend", "fpga9"]).contains("unknown device backend")
+    );
 }
 
 #[test]

@@ -1,1 +1,14 @@
-//! Placeholder; see README.md.
+//! hilrig-campaigns: the campaign file format, the attack library and the campaign
+//! runner (simulated hosts running `hilrig-vmm`), results store and reports.
+//! See README.md.
+
+pub mod attacks;
+pub mod attest;
+pub mod cli;
+pub mod format;
+pub mod runner;
+pub mod store;
+
+pub use cli::{main_job, run, CampaignCmd};
+pub use format::{load, Campaign, CampaignError, Case, Expect, HostSpec};
+pub use runner::{run_campaign, RunOptions, RunSummary};

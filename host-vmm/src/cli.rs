@@ -236,7 +236,13 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
     if args.show_plan && !args.json {
         eprint!("{}", vm.plan().describe());
     }
-    let report = vm.run()?;
+    let mut report = vm.run()?;
+    // Whether the device is wedged after the run (after teardown's reset, if any:
+    // the teardown record says what it found).
+    let device_hung = report.device.as_mut().map(|d| {
+        d.read32(hilrig_device::Reg::Id.offset()).ok()
+            != Some(hilrig_device::regmap::DEVICE_ID_VALUE)
+    });
     let wall = t0.elapsed();
     if args.json {
         let v = serde_json::json!({
@@ -253,6 +259,8 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
             "vbios": vbios,
             "teardown": report.teardown,
             "patches": report.patches,
+            "results": report.results,
+            "device_hung": device_hung,
         });
         println!("{v}");
     } else {

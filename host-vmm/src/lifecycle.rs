@@ -394,6 +394,11 @@ impl TeardownOps for VmTeardown<'_> {
     fn scrub_device_state(&mut self) -> Result<u64, String> {
         let mut dev = self.dev();
         let e = |x: hilrig_device::DeviceError| x.to_string();
+        // A wedged device (the hang magic) ignores writes and reads all-ones: reset it
+        // first so the scrub can act and be checked (the reset step follows anyway).
+        if dev.read32(Reg::Id.offset()).map_err(e)? != DEVICE_ID_VALUE {
+            dev.reset(ResetKind::Flr).map_err(e)?;
+        }
         let scratch = Reg::Scratch.def();
         let mut words: Vec<u32> = (0..scratch.count).map(|i| scratch.offset + 4 * i).collect();
         words.push(Reg::Doorbell.offset());

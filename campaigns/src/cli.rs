@@ -1,0 +1,151 @@
+//! `hilrig campaign ...` and the main job (the embedded smoke campaign).
+
+use crate::runner::{run_campaign, RunOptions, RunSummary};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// The smoke campaign, embedded (the file ships as `campaigns/smoke.toml`).
+pub const SMOKE: &str = include_str!("../smoke.toml");
+/// The nightly campaign, embedded (`campaigns/nightly.toml`).
+pub const NIGHTLY: &str = include_str!("../nightly.toml");
+
+/// `hilrig campaign`: run, validate and list.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum CampaignCmd {
+    /// Run a campaign file on simulated hosts; writes junit.xml, report.json and
+    /// report.html into the run directory. Exit: 0 all PASS/FLAKY, 1 any
+    /// FAIL/TIMEOUT, 3 INFRA/SKIPPED left (no failure), 2 errors.
+    Run {
+        /// The campaign file (TOML).
+        file: PathBuf,
+        /// Simulated hosts (cases run in parallel, one per host).
+        #[arg(long, default_value_t = 2)]
+        hosts: usize,
+        /// Rig inventory: run on its simulated hosts (with their tags) instead.
+        #[arg(long)]
+        inventory: Option<PathBuf>,
+        /// Output directory; the run goes into `<out>/<run id>/`.
+        #[arg(long, default_value = "hilrig-out")]
+        out: PathBuf,
+        /// Results store (SQLite); default `<out>/results.sqlite`.
+        #[arg(long)]
+        db: Option<PathBuf>,
+        /// Resume an interrupted run: finished cases are kept, the rest run.
+        #[arg(long)]
+        resume: Option<String>,
+        /// The hilrig-vmm executable (default: HILRIG_VMM, next to this binary, target/).
+        #[arg(long)]
+        vmm: Option<PathBuf>,
+    },
+    /// Check a campaign file and list the cases it expands to.
+    Validate {
+        /// The campaign file (TOML).
+        file: PathBuf,
+        /// Simulated hosts to validate against.
+        #[arg(long, default_value_t = 2)]
+        hosts: usize,
+        /// Rig inventory to validate against (its simulated hosts and tags).
+        #[arg(long)]
+        inventory: Option<PathBuf>,
+    },
+    /// List the attack library.
+    ListAttacks,
+}
+
+/// Print a run's summary and the report path.
+pub fn print_summary(s: &RunSummary) {
+    let c = &s.counts;
+    let mins = s.wall.as_secs_f64() / 60.0;
+    eprintln!(
+        "run {}: {} cases: {} pass, {} fail, {} timeout, {} infra, {} flaky, {} skipped in {:.1} s ({:.0} cases/min)",
+        s.run_id,
+        c.total,
+        c.pass,
+        c.fail,
+        c.timeout,
+        c.infra,
+        c.flaky,
+        c.skipped,
+        s.wall.as_secs_f64(),
+        if mins > 0.0 { c.total as f64 / mins } else { 0.0 }
+    );
+    for case in &s.run.cases {
+        if case.outcome != hilrig_reports::Outcome::Pass {
+            eprintln!("  {:7} {}: {}", case.outcome, case.id, case.message);
+        }
+    }
+    if !s.unhealthy_hosts.is_empty() {
+        eprintln!("unhealthy hosts: {}", s.unhealthy_hosts.join(", "));
+    }
+    eprintln!("junit:  {}", s.junit.display());
+    println!("{}", s.report_html.display());
+}
+
+/// Run `cmd`; the process exit code (errors are returned; the caller exits 2).
+pub fn run(cmd: CampaignCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        CampaignCmd::Run {
+            file,
+            hosts,
+            inventory,
+            out,
+            db,
+            resume,
+            vmm,
+        } => {
+            let mut opts = RunOptions::new(file);
+            opts.hosts = hosts;
+            opts.inventory = inventory;
+            opts.out_dir = out;
+            opts.db = db;
+            opts.resume = resume;
+            opts.vmm = vmm;
+            let s = run_campaign(opts)?;
+            print_summary(&s);
+            Ok(ExitCode::from(s.exit_status()))
+        }
+        CampaignCmd::Validate {
+            file,
+            hosts,
+            inventory,
+        } => {
+            let c = crate::runner::validate(&file, inventory.as_deref(), hosts)?;
+            for case in &c.cases {
+                println!("{:50} expect {}", case.id, case.expect.describe());
+            }
+            eprintln!(
+                "{}: campaign {} is valid: {} cases",
+                file.display(),
+                c.name,
+                c.cases.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        CampaignCmd::ListAttacks => {
+            for a in crate::attacks::library() {
+                let steps: Vec<&str> = a.steps.iter().map(|s| s.payload).collect();
+                println!(
+                    "{:26} @{:11} [{}] {}",
+                    a.name,
+                    a.group,
+                    steps.join(" -> "),
+                    a.summary
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The main job: the embedded smoke campaign on 2 simulated hosts, results store
+/// and reports under `out_dir` (default `hilrig-out`); prints the report path.
+pub fn main_job(out_dir: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let mut opts = RunOptions::new("<embedded>/campaigns/smoke.toml");
+    opts.campaign_text = Some(SMOKE.to_string());
+    opts.out_dir = out_dir
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("hilrig-out"));
+    let s = run_campaign(opts)?;
+    print_summary(&s);
+    Ok(ExitCode::from(s.exit_status()))
+}

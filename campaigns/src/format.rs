@@ -1,0 +1,786 @@
+//! The campaign file (TOML): parsing, validation against the attack library and a
+//! host set, and expansion of the matrix into concrete cases with stable ids.
+
+use crate::attacks::{self, Attack};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Device backends a simulated host can run.
+pub const BACKENDS: &[&str] = &["model", "rtl", "lockstep"];
+/// Policy profiles of the built-in policy.
+pub const PROFILES: &[&str] = &["tenant", "operator"];
+/// Counter regions a `counter_delta` may name.
+pub const REGIONS: &[&str] = &["vbios", "firmware", "config", "master"];
+
+/// A campaign file as written.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CampaignFile {
+    /// Campaign name (runs of the same name are diffed against each other).
+    pub name: String,
+    /// One line of description.
+    #[serde(default)]
+    pub description: String,
+    /// Defaults for every case.
+    #[serde(default)]
+    pub defaults: Defaults,
+    /// Case matrices.
+    #[serde(default, rename = "case")]
+    pub cases: Vec<CaseSpec>,
+}
+
+/// Campaign-wide defaults.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Defaults {
+    /// Whole campaign wall-clock bound; cases not started by then are SKIPPED.
+    pub campaign_timeout: String,
+    /// One attempt of a case (all its steps); exceeded: the VMM is killed, TIMEOUT.
+    pub case_timeout: String,
+    /// One VMM step (the VMM's own watchdog, `--timeout`).
+    pub step_timeout: String,
+    /// Times each case runs; all must end well.
+    pub repeats: u32,
+    /// Re-runs of a FAIL/TIMEOUT attempt; a later pass makes the case FLAKY.
+    pub retries: u32,
+    /// Re-runs of an INFRA attempt, each on another host when there is one.
+    pub infra_retries: u32,
+    /// Host tags cases run on when they name none.
+    pub tags: Vec<String>,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Defaults {
+            campaign_timeout: "30m".into(),
+            case_timeout: "60s".into(),
+            step_timeout: "20s".into(),
+            repeats: 1,
+            retries: 0,
+            infra_retries: 2,
+            tags: vec!["sim".into()],
+        }
+    }
+}
+
+/// One `[[case]]` block: attacks x backends x profiles x tags.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaseSpec {
+    /// Attack names, or `@group` for a whole library group (e.g. `@restricted`).
+    pub attacks: Vec<String>,
+    /// Attacks to leave out of `attacks` (e.g. one of a `@group`).
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Device backends (default `["model"]`).
+    #[serde(default)]
+    pub backends: Vec<String>,
+    /// Policy profiles (default `["tenant"]`).
+    #[serde(default)]
+    pub profiles: Vec<String>,
+    /// Host tags (default: `defaults.tags`).
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Policy enforcement (default on); off adds `+enforce-off` to the profile in ids.
+    #[serde(default)]
+    pub enforce: Option<bool>,
+    /// Override of `defaults.repeats`.
+    #[serde(default)]
+    pub repeats: Option<u32>,
+    /// Override of `defaults.retries`.
+    #[serde(default)]
+    pub retries: Option<u32>,
+    /// Override of `defaults.case_timeout`.
+    #[serde(default)]
+    pub timeout: Option<String>,
+    /// Expected outcome; fields left out come from the attack library.
+    #[serde(default)]
+    pub expect: Expect,
+}
+
+/// The verdict a step must end with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verdict {
+    /// Exit 0.
+    Pass,
+    /// Exit 1: the payload reported failure.
+    Fail,
+    /// Exit 3: the VMM's watchdog stopped the guest.
+    Timeout,
+    /// Exit 4.
+    TripleFault,
+    /// Exit 5.
+    BadAccess,
+    /// Exit 10: the device was refused (measured VBIOS unknown or invalid).
+    Refused,
+}
+
+impl Verdict {
+    /// The VMM exit status of this verdict.
+    pub fn exit_status(self) -> i32 {
+        match self {
+            Verdict::Pass => 0,
+            Verdict::Fail => 1,
+            Verdict::Timeout => 3,
+            Verdict::TripleFault => 4,
+            Verdict::BadAccess => 5,
+            Verdict::Refused => 10,
+        }
+    }
+}
+
+/// Alarm count expectation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlarmExp {
+    /// No alarm (`== 0`).
+    None,
+    /// At least one (`> 0`).
+    Some,
+}
+
+/// Expected outcome of a case; every field is optional (unchecked when absent).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expect {
+    /// Verdict of the last step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<Verdict>,
+    /// Exact VMM exit status of the last step (alternative to `verdict`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_status: Option<i32>,
+    /// Alarm count: `none` (== 0) or `some` (> 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alarms: Option<AlarmExp>,
+    /// Registers that must each have raised at least one alarm.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alarm_registers: Option<Vec<String>>,
+    /// Counter increments over the whole case, per region (`vbios`, `firmware`,
+    /// `config`, `master`), read from the device state file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counter_delta: Option<BTreeMap<String, u64>>,
+    /// Counters verdict of the teardown record (`trusted`, `quarantined` ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counters_verdict: Option<String>,
+    /// The teardown record says complete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teardown_complete: Option<bool>,
+    /// The counters service's verdict on the device after the case (`trusted`,
+    /// `accepted-update`, `quarantined` ...; see hilrig-counters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_verdict: Option<String>,
+}
+
+impl Expect {
+    /// `self`, with the fields it leaves out taken from `base`.
+    pub fn over(&self, base: &Expect) -> Expect {
+        Expect {
+            verdict: self.verdict.or(if self.exit_status.is_some() {
+                None
+            } else {
+                base.verdict
+            }),
+            exit_status: self.exit_status.or(if self.verdict.is_some() {
+                None
+            } else {
+                base.exit_status
+            }),
+            alarms: self.alarms.or(base.alarms),
+            alarm_registers: self
+                .alarm_registers
+                .clone()
+                .or(base.alarm_registers.clone()),
+            counter_delta: self.counter_delta.clone().or(base.counter_delta.clone()),
+            counters_verdict: self
+                .counters_verdict
+                .clone()
+                .or(base.counters_verdict.clone()),
+            teardown_complete: self.teardown_complete.or(base.teardown_complete),
+            service_verdict: self
+                .service_verdict
+                .clone()
+                .or(base.service_verdict.clone()),
+        }
+    }
+
+    /// Why these expectations cannot all hold, if they cannot.
+    pub fn contradictions(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let (Some(v), Some(s)) = (self.verdict, self.exit_status) {
+            if v.exit_status() != s {
+                out.push(format!(
+                    "verdict {v:?} means exit status {}, but exit_status = {s}",
+                    v.exit_status()
+                ));
+            }
+        }
+        let refused = self.verdict == Some(Verdict::Refused) || self.exit_status == Some(10);
+        if self.alarms == Some(AlarmExp::None)
+            && self.alarm_registers.as_ref().is_some_and(|r| !r.is_empty())
+        {
+            out.push("alarms = \"none\" but alarm_registers expects alarms".into());
+        }
+        if refused {
+            if self.alarms == Some(AlarmExp::Some)
+                || self.alarm_registers.as_ref().is_some_and(|r| !r.is_empty())
+            {
+                out.push("a refused device runs no guest, so it cannot raise alarms".into());
+            }
+            if self.teardown_complete == Some(true) || self.counters_verdict.is_some() {
+                out.push("a refused device is never handed out, so there is no teardown".into());
+            }
+            if self
+                .counter_delta
+                .as_ref()
+                .is_some_and(|d| d.values().any(|v| *v > 0))
+            {
+                out.push("a refused device runs no guest, so no counter can move".into());
+            }
+        }
+        if self.teardown_complete == Some(false) && self.counters_verdict.is_some() {
+            out.push(
+                "counters_verdict comes from a complete teardown, but teardown_complete = false"
+                    .into(),
+            );
+        }
+        if let Some(d) = &self.counter_delta {
+            for k in d.keys() {
+                if !REGIONS.contains(&k.as_str()) {
+                    out.push(format!(
+                        "counter_delta names unknown region `{k}` (known: {})",
+                        REGIONS.join(", ")
+                    ));
+                }
+            }
+            let regions: u64 = ["vbios", "firmware", "config"]
+                .iter()
+                .filter_map(|r| d.get(*r))
+                .sum();
+            if let Some(m) = d.get("master") {
+                if ["vbios", "firmware", "config"]
+                    .iter()
+                    .all(|r| d.contains_key(*r))
+                    && (*m > regions || (*m == 0) != (regions == 0))
+                {
+                    out.push(format!("counter_delta: master +{m} cannot go with region increments summing to {regions} (MASTER moves with every region increment)"));
+                }
+            }
+        }
+        out
+    }
+
+    /// Short human form, for reports (`verdict pass, alarms some, ...`).
+    pub fn describe(&self) -> String {
+        let mut p = Vec::new();
+        if let Some(v) = self.verdict {
+            p.push(format!("verdict {v:?}").to_lowercase());
+        }
+        if let Some(s) = self.exit_status {
+            p.push(format!("exit {s}"));
+        }
+        if let Some(a) = self.alarms {
+            p.push(format!(
+                "alarms {}",
+                if a == AlarmExp::Some { ">0" } else { "==0" }
+            ));
+        }
+        if let Some(r) = &self.alarm_registers {
+            p.push(format!("alarms on {}", r.join("+")));
+        }
+        if let Some(d) = &self.counter_delta {
+            let s: Vec<String> = d.iter().map(|(k, v)| format!("{k}+{v}")).collect();
+            p.push(format!("counters {}", s.join(" ")));
+        }
+        if let Some(v) = &self.counters_verdict {
+            p.push(format!("counters verdict {v}"));
+        }
+        if let Some(t) = self.teardown_complete {
+            p.push(format!("teardown complete={t}"));
+        }
+        if let Some(v) = &self.service_verdict {
+            p.push(format!("service verdict {v}"));
+        }
+        p.join(", ")
+    }
+}
+
+/// A simulated or real host the runner may use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostSpec {
+    /// Host name.
+    pub name: String,
+    /// Tags campaigns select hosts by.
+    pub tags: Vec<String>,
+    /// Backends the host can run.
+    pub backends: Vec<String>,
+    /// Counter width of the simulated device (factory state of each attempt).
+    pub counter_width: u8,
+    /// Serial number of the simulated device.
+    pub serial: u64,
+}
+
+impl HostSpec {
+    /// `n` simulated hosts `sim-1..=n`, tagged `sim`, running model, rtl and lockstep.
+    pub fn sim(n: usize) -> Vec<HostSpec> {
+        (1..=n.max(1))
+            .map(|i| HostSpec {
+                name: format!("sim-{i}"),
+                tags: vec!["sim".into()],
+                backends: BACKENDS.iter().map(|s| s.to_string()).collect(),
+                counter_width: 64,
+                serial: 1,
+            })
+            .collect()
+    }
+
+    /// The hosts of a rig inventory this runner can drive: the simulated ones
+    /// (model, rtl and lockstep; device counter width and serial from the
+    /// inventory). Hardware hosts are left out (and named in the second list):
+    /// running attacks on them needs the remote runner.
+    pub fn from_inventory(inv: &hilrig_rig::inventory::Inventory) -> (Vec<HostSpec>, Vec<String>) {
+        let (mut sim, mut other) = (Vec::new(), Vec::new());
+        for h in &inv.hosts {
+            if h.is_sim() {
+                sim.push(HostSpec {
+                    name: h.name.clone(),
+                    tags: h.tags.iter().cloned().collect(),
+                    backends: BACKENDS.iter().map(|s| s.to_string()).collect(),
+                    counter_width: h.sim.counter_width,
+                    serial: h.sim.serial.unwrap_or(1),
+                });
+            } else {
+                other.push(h.name.clone());
+            }
+        }
+        (sim, other)
+    }
+}
+
+/// One concrete case of an expanded campaign.
+#[derive(Debug, Clone)]
+pub struct Case {
+    /// `attack/backend/profile@tag` (profile gets `+enforce-off` when enforcement is off).
+    pub id: String,
+    /// The attack.
+    pub attack: Attack,
+    /// Device backend.
+    pub backend: String,
+    /// Policy profile.
+    pub profile: String,
+    /// Enforcement.
+    pub enforce: bool,
+    /// Host tag.
+    pub tag: String,
+    /// Expected outcome (campaign over library defaults).
+    pub expect: Expect,
+    /// Runs of the case.
+    pub repeats: u32,
+    /// FAIL/TIMEOUT re-runs.
+    pub retries: u32,
+    /// INFRA re-runs.
+    pub infra_retries: u32,
+    /// One attempt's bound.
+    pub timeout: Duration,
+    /// One VMM step's watchdog.
+    pub step_timeout: Duration,
+}
+
+/// A validated, expanded campaign.
+#[derive(Debug, Clone)]
+pub struct Campaign {
+    /// Campaign name.
+    pub name: String,
+    /// Where it was read from.
+    pub file: PathBuf,
+    /// Whole-campaign bound.
+    pub timeout: Duration,
+    /// Cases, in file order.
+    pub cases: Vec<Case>,
+}
+
+/// One reason a campaign file was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// `case[i]` (and the case id when known), or empty for the file as a whole.
+    pub case: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// Errors reading a campaign.
+#[derive(Debug, thiserror::Error)]
+pub enum CampaignError {
+    /// The file could not be read.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Not valid campaign TOML.
+    #[error("{}: {message}", path.display())]
+    Parse {
+        /// File.
+        path: PathBuf,
+        /// The TOML/serde error (names line and field).
+        message: String,
+    },
+    /// Parsed, but refused by validation.
+    #[error("{}: campaign refused:\n{}", path.display(), problems.iter().map(|p| if p.case.is_empty() { format!("  {}", p.reason) } else { format!("  {}: {}", p.case, p.reason) }).collect::<Vec<_>>().join("\n"))]
+    Invalid {
+        /// File.
+        path: PathBuf,
+        /// Every problem found.
+        problems: Vec<Problem>,
+    },
+}
+
+fn dur(s: &str, what: &str) -> Result<Duration, String> {
+    hilrig_vmm::cli::parse_duration(s).map_err(|e| format!("{what}: {e}"))
+}
+
+impl fmt::Display for Case {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.id)
+    }
+}
+
+/// Read, validate and expand the campaign at `path` for `hosts`.
+pub fn load(path: &Path, hosts: &[HostSpec]) -> Result<Campaign, CampaignError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CampaignError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(&text, path, hosts)
+}
+
+/// [`load`] from text (`path` names it in errors).
+pub fn parse(text: &str, path: &Path, hosts: &[HostSpec]) -> Result<Campaign, CampaignError> {
+    let file: CampaignFile = toml::from_str(text).map_err(|e| CampaignError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    expand(&file, path, hosts)
+}
+
+/// Validate `file` and expand its matrices.
+pub fn expand(
+    file: &CampaignFile,
+    path: &Path,
+    hosts: &[HostSpec],
+) -> Result<Campaign, CampaignError> {
+    let mut problems = Vec::new();
+    let mut top = |reason: String| {
+        problems.push(Problem {
+            case: String::new(),
+            reason,
+        })
+    };
+    if file.name.trim().is_empty()
+        || !file
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        top(format!(
+            "name `{}` must be non-empty letters, digits, - and _",
+            file.name
+        ));
+    }
+    let d = &file.defaults;
+    let timeout = dur(&d.campaign_timeout, "defaults.campaign_timeout").unwrap_or_else(|e| {
+        top(e);
+        Duration::from_secs(1)
+    });
+    let case_timeout = dur(&d.case_timeout, "defaults.case_timeout").unwrap_or_else(|e| {
+        top(e);
+        Duration::from_secs(1)
+    });
+    let step_timeout = dur(&d.step_timeout, "defaults.step_timeout").unwrap_or_else(|e| {
+        top(e);
+        Duration::from_secs(1)
+    });
+    if d.repeats == 0 {
+        top("defaults.repeats must be at least 1".into());
+    }
+    if file.cases.is_empty() {
+        top("no [[case]]: nothing to run".into());
+    }
+    let known_tags: BTreeSet<&str> = hosts
+        .iter()
+        .flat_map(|h| h.tags.iter().map(|t| t.as_str()))
+        .collect();
+    let mut cases = Vec::new();
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, spec) in file.cases.iter().enumerate() {
+        let at = format!("case[{i}]");
+        let mut bad = |reason: String| {
+            problems.push(Problem {
+                case: at.clone(),
+                reason,
+            })
+        };
+        let mut attacks_v: Vec<Attack> = Vec::new();
+        if spec.attacks.is_empty() {
+            bad("attacks is empty".into());
+        }
+        for a in &spec.attacks {
+            if let Some(g) = a.strip_prefix('@') {
+                let names = attacks::group(g);
+                if names.is_empty() {
+                    bad(format!("unknown attack group `@{g}`"));
+                }
+                attacks_v.extend(names.into_iter().filter_map(attacks::find));
+            } else {
+                match attacks::find(a) {
+                    Some(x) => attacks_v.push(x),
+                    None => bad(format!(
+                        "unknown attack `{a}` (see `hilrig campaign list-attacks`)"
+                    )),
+                }
+            }
+        }
+        for x in &spec.exclude {
+            if attacks::find(x).is_none() {
+                bad(format!("exclude names unknown attack `{x}`"));
+            }
+        }
+        attacks_v.retain(|a| !spec.exclude.iter().any(|x| x == a.name));
+        let backends = if spec.backends.is_empty() {
+            vec!["model".to_string()]
+        } else {
+            spec.backends.clone()
+        };
+        for b in &backends {
+            if !BACKENDS.contains(&b.as_str()) {
+                bad(format!(
+                    "unknown backend `{b}` (known: {})",
+                    BACKENDS.join(", ")
+                ));
+            }
+        }
+        let profiles = if spec.profiles.is_empty() {
+            vec!["tenant".to_string()]
+        } else {
+            spec.profiles.clone()
+        };
+        for p in &profiles {
+            if !PROFILES.contains(&p.as_str()) {
+                bad(format!(
+                    "unknown profile `{p}` (known: {})",
+                    PROFILES.join(", ")
+                ));
+            }
+        }
+        let tags = if spec.tags.is_empty() {
+            d.tags.clone()
+        } else {
+            spec.tags.clone()
+        };
+        for t in &tags {
+            if !known_tags.contains(t.as_str()) {
+                bad(format!(
+                    "unknown host tag `{t}` (the hosts have: {})",
+                    known_tags.iter().copied().collect::<Vec<_>>().join(", ")
+                ));
+            }
+        }
+        let case_timeout = match &spec.timeout {
+            Some(t) => dur(t, "timeout").unwrap_or_else(|e| {
+                bad(e);
+                case_timeout
+            }),
+            None => case_timeout,
+        };
+        let repeats = spec.repeats.unwrap_or(d.repeats);
+        if repeats == 0 {
+            bad("repeats must be at least 1".into());
+        }
+        let enforce = spec.enforce.unwrap_or(true);
+        for a in &attacks_v {
+            for b in &backends {
+                for p in &profiles {
+                    for t in &tags {
+                        let prof_id = if enforce {
+                            p.clone()
+                        } else {
+                            format!("{p}+enforce-off")
+                        };
+                        let id = format!("{}/{b}/{prof_id}@{t}", a.name);
+                        let expect = spec.expect.over(&attacks::default_expect(a, p, enforce));
+                        for c in expect.contradictions() {
+                            bad(format!("{id}: contradictory expectations: {c}"));
+                        }
+                        if known_tags.contains(t.as_str())
+                            && BACKENDS.contains(&b.as_str())
+                            && !hosts
+                                .iter()
+                                .any(|h| h.tags.contains(t) && h.backends.contains(b))
+                        {
+                            bad(format!("{id}: no host tagged `{t}` can run backend `{b}`"));
+                        }
+                        if let Some(j) = seen.insert(id.clone(), i) {
+                            bad(format!("{id}: duplicate of a case in case[{j}]"));
+                        }
+                        cases.push(Case {
+                            id,
+                            attack: a.clone(),
+                            backend: b.clone(),
+                            profile: p.clone(),
+                            enforce,
+                            tag: t.clone(),
+                            expect,
+                            repeats: repeats.max(1),
+                            retries: spec.retries.unwrap_or(d.retries),
+                            infra_retries: d.infra_retries,
+                            timeout: case_timeout,
+                            step_timeout,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(CampaignError::Invalid {
+            path: path.to_path_buf(),
+            problems,
+        });
+    }
+    Ok(Campaign {
+        name: file.name.clone(),
+        file: path.to_path_buf(),
+        timeout,
+        cases,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(text: &str) -> Result<Campaign, CampaignError> {
+        parse(text, Path::new("t.toml"), &HostSpec::sim(2))
+    }
+
+    #[test]
+    fn expands_matrix_with_stable_ids() {
+        let c = p(r#"
+name = "t"
+[[case]]
+attacks = ["attack-hang", "pci-enum"]
+backends = ["model", "rtl"]
+profiles = ["tenant", "operator"]
+"#)
+        .unwrap();
+        assert_eq!(c.cases.len(), 8);
+        assert_eq!(c.cases[0].id, "attack-hang/model/tenant@sim");
+        assert!(c.cases.iter().any(|k| k.id == "pci-enum/rtl/operator@sim"));
+        let hang = &c.cases[0];
+        assert_eq!(hang.expect.alarms, Some(AlarmExp::Some));
+    }
+
+    #[test]
+    fn groups_expand() {
+        let c = p("name = \"t\"\n[[case]]\nattacks = [\"@restricted\"]\n").unwrap();
+        assert_eq!(c.cases.len(), hilrig_vmm::attacks::ATTACKS.len());
+    }
+
+    fn problems(e: CampaignError) -> Vec<Problem> {
+        match e {
+            CampaignError::Invalid { problems, .. } => problems,
+            other => panic!("expected Invalid, got {other}"),
+        }
+    }
+
+    #[test]
+    fn unknown_attack_backend_profile_tag_refused() {
+        let e = p(r#"
+name = "t"
+[[case]]
+attacks = ["attack-nope"]
+backends = ["fpga9000"]
+profiles = ["root"]
+tags = ["rack7"]
+"#)
+        .unwrap_err();
+        let text = e.to_string();
+        assert!(text.starts_with("t.toml: campaign refused"), "{text}");
+        let pr = problems(e);
+        assert!(pr.iter().all(|p| p.case == "case[0]"));
+        for w in ["attack-nope", "fpga9000", "root", "rack7"] {
+            assert!(pr.iter().any(|p| p.reason.contains(w)), "{w}: {pr:?}");
+        }
+    }
+
+    #[test]
+    fn contradictory_expectations_refused() {
+        let e = p(r#"
+name = "t"
+[[case]]
+attacks = ["attack-hang"]
+expect = { alarms = "none", alarm_registers = ["HANG_TRIGGER"] }
+[[case]]
+attacks = ["vbios-overwrite"]
+expect = { alarms = "some" }
+[[case]]
+attacks = ["pci-enum"]
+expect = { verdict = "pass", exit_status = 3 }
+"#)
+        .unwrap_err();
+        let pr = problems(e);
+        assert!(pr.iter().any(|p| p.case == "case[0]"
+            && p.reason.contains("attack-hang/model/tenant@sim")
+            && p.reason.contains("alarm_registers")));
+        assert!(pr
+            .iter()
+            .any(|p| p.case == "case[1]" && p.reason.contains("refused")));
+        assert!(pr
+            .iter()
+            .any(|p| p.case == "case[2]" && p.reason.contains("exit_status = 3")));
+    }
+
+    #[test]
+    fn host_set_that_cannot_run_refused() {
+        let hosts = vec![HostSpec {
+            name: "h".into(),
+            tags: vec!["sim".into()],
+            backends: vec!["model".into()],
+            counter_width: 64,
+            serial: 1,
+        }];
+        let e = parse(
+            "name = \"t\"\n[[case]]\nattacks = [\"pci-enum\"]\nbackends = [\"rtl\"]\n",
+            Path::new("t.toml"),
+            &hosts,
+        )
+        .unwrap_err();
+        assert!(e
+            .to_string()
+            .contains("no host tagged `sim` can run backend `rtl`"));
+    }
+
+    #[test]
+    fn unknown_fields_and_duplicates_refused() {
+        let e = p("name = \"t\"\n[[case]]\nattacks = [\"pci-enum\"]\nbogus = 1\n").unwrap_err();
+        assert!(matches!(e, CampaignError::Parse { .. }), "{e}");
+        assert!(e.to_string().contains("bogus"));
+        let e = p("name = \"t\"\n[[case]]\nattacks = [\"pci-enum\"]\n[[case]]\nattacks = [\"pci-enum\"]\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("duplicate"), "{e}");
+    }
+
+    #[test]
+    fn shipped_campaigns_validate() {
+        for f in ["smoke.toml", "nightly.toml"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
+            let c = load(&path, &HostSpec::sim(2)).unwrap_or_else(|e| panic!("{e}"));
+            assert!(!c.cases.is_empty());
+        }
+    }
+}

@@ -1,0 +1,990 @@
+//! The campaign runner: cases spread over (simulated) hosts in parallel with tokio;
+//! each attempt runs `hilrig-vmm --json` as a child process on a fresh device state
+//! file; outcomes are classified PASS / FAIL / INFRA / TIMEOUT / FLAKY, stored as
+//! they finish, and reported at the end.
+
+use crate::attacks::Setup;
+use crate::format::{self, AlarmExp, Campaign, Case, HostSpec};
+use crate::store::{RunRow, Store};
+use hilrig_device::state::{DeviceConfig, NvState};
+use hilrig_device::Region;
+use hilrig_reports::{
+    Artifact, ArtifactKind, Attempt, CaseResult, CounterReading, Counts, Host, Metrics, Outcome,
+    Run,
+};
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// What to run and where.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The campaign file (also names the campaign in errors when `campaign_text` is set).
+    pub campaign: PathBuf,
+    /// The campaign's text, when it is embedded rather than read from `campaign`.
+    pub campaign_text: Option<String>,
+    /// Number of simulated hosts (parallel cases) when there is no inventory.
+    pub hosts: usize,
+    /// A rig inventory (TOML): its simulated hosts, with their tags, are used
+    /// instead of `hosts` anonymous ones; its `lab.vmm` is the default VMM.
+    pub inventory: Option<PathBuf>,
+    /// Output directory; each run gets `<out>/<run id>/`.
+    pub out_dir: PathBuf,
+    /// Results store (SQLite); default `<out>/results.sqlite`.
+    pub db: Option<PathBuf>,
+    /// Resume this run: skip its finished cases.
+    pub resume: Option<String>,
+    /// The `hilrig-vmm` executable; default: found like the rig finds it
+    /// (`HILRIG_VMM`, next to the running executable, the workspace target dir).
+    pub vmm: Option<PathBuf>,
+    /// Progress: `None` = a bar on a terminal, plain lines otherwise.
+    pub progress: Option<bool>,
+}
+
+impl RunOptions {
+    /// Options for `campaign` with defaults: 2 hosts, out dir `hilrig-out`.
+    pub fn new(campaign: impl Into<PathBuf>) -> RunOptions {
+        RunOptions {
+            campaign: campaign.into(),
+            campaign_text: None,
+            hosts: 2,
+            inventory: None,
+            out_dir: PathBuf::from("hilrig-out"),
+            db: None,
+            resume: None,
+            vmm: None,
+            progress: None,
+        }
+    }
+}
+
+/// What a run produced.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// Run id.
+    pub run_id: String,
+    /// Run directory (artifacts, reports).
+    pub run_dir: PathBuf,
+    /// `report.html`.
+    pub report_html: PathBuf,
+    /// `junit.xml`.
+    pub junit: PathBuf,
+    /// Counts by outcome.
+    pub counts: Counts,
+    /// The results model written to the reports.
+    pub run: Run,
+    /// Wall time of this invocation.
+    pub wall: Duration,
+    /// Hosts that ended the run unhealthy (too many INFRA attempts in a row).
+    pub unhealthy_hosts: Vec<String>,
+}
+
+impl RunSummary {
+    /// Process exit status: 0 when every case is PASS or FLAKY (flaky cases are
+    /// listed loudly but do not fail the job), 1 when any case FAILed or TIMEd OUT,
+    /// 3 when none failed but some could not run (INFRA after retries, SKIPPED).
+    pub fn exit_status(&self) -> u8 {
+        let c = &self.counts;
+        if c.fail + c.timeout > 0 {
+            1
+        } else if c.infra + c.skipped > 0 {
+            3
+        } else {
+            0
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// `YYYYMMDD-HHMMSS` (UTC) of unix milliseconds.
+fn stamp(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// File-system-safe form of a case id.
+pub fn safe_id(id: &str) -> String {
+    id.replace('/', "__")
+}
+
+/// Progress output.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    total: usize,
+    done: Mutex<usize>,
+}
+
+impl Progress {
+    fn new(total: usize, tty: bool) -> Progress {
+        let bar = tty.then(|| {
+            let b = indicatif::ProgressBar::new(total as u64);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] {pos}/{len} {msg}",
+            ) {
+                b.set_style(style.progress_chars("=> "));
+            }
+            b
+        });
+        Progress {
+            bar,
+            total,
+            done: Mutex::new(0),
+        }
+    }
+
+    fn line(&self, s: &str) {
+        match &self.bar {
+            Some(b) => b.println(s),
+            None => eprintln!("{s}"),
+        }
+    }
+
+    fn finished(&self, c: &CaseResult) {
+        let n = {
+            let mut d = self.done.lock().unwrap_or_else(|p| p.into_inner());
+            *d += 1;
+            *d
+        };
+        let mut s = format!(
+            "[{n}/{}] {:7} {} on {} ({} ms)",
+            self.total, c.outcome, c.id, c.host, c.duration_ms
+        );
+        if !c.message.is_empty() && c.outcome != Outcome::Pass {
+            s.push_str(&format!(": {}", c.message));
+        }
+        self.line(&s);
+        if let Some(b) = &self.bar {
+            b.inc(1);
+            b.set_message(c.id.clone());
+        }
+    }
+
+    fn done(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// Consecutive INFRA attempts after which a host is unhealthy: not used while a
+/// healthy host could run the case.
+pub const UNHEALTHY_AFTER: u32 = 3;
+
+/// Hosts, leased to one case at a time, with their health.
+struct Pool {
+    all: Vec<HostSpec>,
+    free: Mutex<Vec<HostSpec>>,
+    infra_streak: Mutex<BTreeMap<String, u32>>,
+    sem: tokio::sync::Semaphore,
+}
+
+impl Pool {
+    fn new(hosts: Vec<HostSpec>) -> Pool {
+        let n = hosts.len();
+        Pool {
+            all: hosts.clone(),
+            free: Mutex::new(hosts),
+            infra_streak: Mutex::new(BTreeMap::new()),
+            sem: tokio::sync::Semaphore::new(n),
+        }
+    }
+
+    fn healthy(&self, name: &str) -> bool {
+        self.infra_streak
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .copied()
+            .unwrap_or(0)
+            < UNHEALTHY_AFTER
+    }
+
+    /// Hosts marked unhealthy.
+    fn unhealthy(&self) -> Vec<String> {
+        self.all
+            .iter()
+            .filter(|h| !self.healthy(&h.name))
+            .map(|h| h.name.clone())
+            .collect()
+    }
+
+    /// A free host for `case`: a healthy one not in `avoid` (waiting for one if
+    /// there is such a host), else a healthy one; an unhealthy one only when no
+    /// healthy host can run the case at all.
+    async fn acquire(&self, case: &Case, avoid: &[String]) -> HostSpec {
+        let fits = |h: &HostSpec| h.tags.contains(&case.tag) && h.backends.contains(&case.backend);
+        loop {
+            let any_healthy = self.all.iter().any(|h| fits(h) && self.healthy(&h.name));
+            let permit = self.sem.acquire().await;
+            {
+                let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+                let ok = |h: &HostSpec| fits(h) && (!any_healthy || self.healthy(&h.name));
+                // A retry waits for a host it has not failed on, when there is one.
+                let other_exists = self.all.iter().any(|h| ok(h) && !avoid.contains(&h.name));
+                let pick = free
+                    .iter()
+                    .position(|h| ok(h) && !avoid.contains(&h.name))
+                    .or_else(|| {
+                        if other_exists {
+                            None
+                        } else {
+                            free.iter().position(ok)
+                        }
+                    });
+                if let Some(i) = pick {
+                    if let Ok(p) = permit {
+                        p.forget();
+                    }
+                    return free.remove(i);
+                }
+            }
+            drop(permit);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Give `h` back after an attempt that ended `outcome`.
+    fn release(&self, h: HostSpec, outcome: Outcome) {
+        {
+            let mut st = self.infra_streak.lock().unwrap_or_else(|p| p.into_inner());
+            let n = st.entry(h.name.clone()).or_insert(0);
+            if outcome == Outcome::Infra {
+                *n += 1;
+                if *n == UNHEALTHY_AFTER {
+                    tracing::warn!(
+                        "host {} unhealthy after {n} INFRA attempts in a row",
+                        h.name
+                    );
+                }
+            } else if outcome != Outcome::Skipped {
+                *n = 0;
+            }
+        }
+        self.free.lock().unwrap_or_else(|p| p.into_inner()).push(h);
+        self.sem.add_permits(1);
+    }
+}
+
+/// Result of one attempt.
+#[derive(Debug, Clone)]
+pub struct AttemptResult {
+    /// Verdict.
+    pub outcome: Outcome,
+    /// Why (mismatches, error text).
+    pub message: String,
+    /// What was observed (short).
+    pub observed: String,
+    /// Measurements.
+    pub metrics: Metrics,
+    /// Files kept, relative to the run directory.
+    pub artifacts: Vec<Artifact>,
+}
+
+impl AttemptResult {
+    fn new(outcome: Outcome, message: impl Into<String>) -> AttemptResult {
+        AttemptResult {
+            outcome,
+            message: message.into(),
+            observed: String::new(),
+            metrics: Metrics::default(),
+            artifacts: Vec::new(),
+        }
+    }
+}
+
+/// Prepare the device state file for `setup`.
+pub fn prepare_state(setup: Setup, host: &HostSpec, path: &Path) -> Result<NvState, String> {
+    let mut nv =
+        hilrig_fw::factory::device(DeviceConfig::with_width(host.counter_width), host.serial)
+            .map_err(|e| format!("factory device of {}: {e}", host.name))?;
+    if setup == Setup::ForeignVbios {
+        let rom = hilrig_fw::vbios::build(&hilrig_fw::vbios::VbiosSpec::reference(
+            0x7e57,
+            b"hilrig campaign: a VBIOS no catalog knows\0",
+        ))
+        .map_err(|e| format!("building the foreign VBIOS: {e}"))?;
+        let flash = &mut nv.flash[Region::Vbios as usize];
+        if rom.len() > flash.len() {
+            return Err("the foreign VBIOS does not fit the vbios region".into());
+        }
+        flash.fill(0xff);
+        flash[..rom.len()].copy_from_slice(&rom);
+    }
+    nv.save(path)
+        .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    Ok(nv)
+}
+
+fn reading(nv: &NvState) -> CounterReading {
+    let c = nv.counter_values();
+    CounterReading {
+        t_ms: now_ms(),
+        regions: [("vbios", c[0]), ("firmware", c[1]), ("config", c[2])]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), u64::from(v)))
+            .collect(),
+        master: u64::from(nv.master),
+    }
+}
+
+fn rel(run_dir: &Path, p: &Path) -> String {
+    p.strip_prefix(run_dir)
+        .unwrap_or(p)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Run one attempt of `case` on `host` in `dir` (inside `run_dir`).
+pub async fn run_attempt(
+    case: &Case,
+    host: &HostSpec,
+    vmm: &Path,
+    run_dir: &Path,
+    dir: &Path,
+) -> AttemptResult {
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        return AttemptResult::new(Outcome::Infra, format!("creating {}: {e}", dir.display()));
+    }
+    let state = dir.join("state.bin");
+    let before = match prepare_state(case.attack.setup, host, &state) {
+        Ok(nv) => nv,
+        Err(e) => return AttemptResult::new(Outcome::Infra, e),
+    };
+    if let Err(e) = crate::attest::provision(dir, &state, host) {
+        return AttemptResult::new(Outcome::Infra, format!("provisioning: {e}"));
+    }
+    let deadline = Instant::now() + case.timeout;
+    let mut artifacts = Vec::new();
+    let mut last: Option<(i32, serde_json::Value)> = None;
+    let n = case.attack.steps.len();
+    for (k, step) in case.attack.steps.iter().enumerate() {
+        let f = |name: &str| dir.join(format!("{k}-{}-{name}", step.payload));
+        let (alarms, console, record) = (f("alarms.jsonl"), f("console.txt"), f("teardown.json"));
+        let mut cmd = tokio::process::Command::new(vmm);
+        cmd.arg("--payload")
+            .arg(step.payload)
+            .arg("--device")
+            .arg(&case.backend)
+            .arg("--device-state")
+            .arg(&state)
+            .arg("--profile")
+            .arg(&case.profile)
+            .arg("--enforce")
+            .arg(if case.enforce { "on" } else { "off" })
+            .arg("--alarms")
+            .arg(&alarms)
+            .arg("--console")
+            .arg(&console)
+            .arg("--timeout")
+            .arg(format!("{}ms", case.step_timeout.as_millis().max(1)))
+            .arg("--json")
+            .args(step.flags);
+        if step.flags.contains(&"--teardown-on-exit") {
+            cmd.arg("--teardown-record").arg(&record);
+        }
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                return AttemptResult::new(
+                    Outcome::Infra,
+                    format!("spawning {}: {e}", vmm.display()),
+                )
+            }
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        let out = match tokio::time::timeout(left, child.wait_with_output()).await {
+            Err(_) => {
+                // The child is killed when the future holding it is dropped.
+                let mut r = AttemptResult::new(
+                    Outcome::Timeout,
+                    format!(
+                        "step {k} ({}) still running after the case timeout of {:?}: killed",
+                        step.payload, case.timeout
+                    ),
+                );
+                r.artifacts = artifacts;
+                return r;
+            }
+            Ok(Err(e)) => {
+                return AttemptResult::new(
+                    Outcome::Infra,
+                    format!("waiting for {}: {e}", vmm.display()),
+                )
+            }
+            Ok(Ok(o)) => o,
+        };
+        let json_path = f("vmm.json");
+        let stderr_path = f("stderr.txt");
+        let _ = std::fs::write(&json_path, &out.stdout);
+        let _ = std::fs::write(&stderr_path, &out.stderr);
+        for (p, kind) in [
+            (&json_path, ArtifactKind::Other),
+            (&stderr_path, ArtifactKind::Other),
+            (&console, ArtifactKind::Console),
+            (&alarms, ArtifactKind::Alarms),
+            (&record, ArtifactKind::Teardown),
+        ] {
+            if p.exists() {
+                artifacts.push(Artifact {
+                    kind,
+                    path: rel(run_dir, p),
+                });
+            }
+        }
+        let stderr_tail = {
+            let s = String::from_utf8_lossy(&out.stderr);
+            let t: Vec<&str> = s.lines().rev().take(3).collect();
+            t.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        };
+        let Some(code) = out.status.code() else {
+            let mut r = AttemptResult::new(
+                Outcome::Infra,
+                format!(
+                    "step {k} ({}): the VMM died with no verdict ({}); {stderr_tail}",
+                    step.payload, out.status
+                ),
+            );
+            r.artifacts = artifacts;
+            return r;
+        };
+        let parsed: Option<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str::<serde_json::Value>(l.trim()).ok())
+            .filter(|v| v.get("verdict").is_some());
+        let Some(json) = parsed else {
+            let mut r = AttemptResult::new(
+                Outcome::Infra,
+                format!(
+                    "step {k} ({}): the VMM exited {code} with no verdict JSON; {stderr_tail}",
+                    step.payload
+                ),
+            );
+            r.artifacts = artifacts;
+            return r;
+        };
+        if k + 1 < n && code != 0 {
+            let mut r = AttemptResult::new(
+                Outcome::Fail,
+                format!(
+                    "step {k} ({}) ended {} (exit {code}), expected pass",
+                    step.payload, json["verdict"]
+                ),
+            );
+            r.artifacts = artifacts;
+            return r;
+        }
+        last = Some((code, json));
+    }
+    let Some((code, json)) = last else {
+        return AttemptResult::new(Outcome::Infra, "the attack has no steps");
+    };
+    let after = match NvState::load(&state) {
+        Ok(nv) => nv,
+        Err(e) => {
+            let mut r = AttemptResult::new(
+                Outcome::Infra,
+                format!("reading the device state after the case: {e}"),
+            );
+            r.artifacts = artifacts;
+            return r;
+        }
+    };
+    let service = match crate::attest::verdict_after(dir, &state, host) {
+        Ok(v) => v,
+        Err(e) => {
+            let mut r = AttemptResult::new(Outcome::Infra, e);
+            r.artifacts = artifacts;
+            return r;
+        }
+    };
+    let mut r = check(case, code, &json, &before, &after, Some(&service));
+    r.artifacts = artifacts;
+    r
+}
+
+/// Compare what was observed with `case.expect`.
+pub fn check(
+    case: &Case,
+    code: i32,
+    json: &serde_json::Value,
+    before: &NvState,
+    after: &NvState,
+    service: Option<&(String, String)>,
+) -> AttemptResult {
+    let e = &case.expect;
+    let mut bad: Vec<String> = Vec::new();
+    let mut obs: Vec<String> = vec![format!("exit {code}")];
+    let mut outcome = Outcome::Pass;
+    let want_code = e.verdict.map(|v| v.exit_status()).or(e.exit_status);
+    if let Some(w) = want_code {
+        if w != code {
+            bad.push(format!(
+                "exit status {code} ({}), expected {w}",
+                json["verdict"].as_str().unwrap_or("?")
+            ));
+            if code == 3 {
+                outcome = Outcome::Timeout;
+            }
+        }
+    }
+    let alarms = json["policy"]["alarms"].as_u64();
+    if let Some(a) = alarms {
+        obs.push(format!("alarms {a}"));
+    }
+    if let Some(want) = e.alarms {
+        match (want, alarms.unwrap_or(0)) {
+            (AlarmExp::Some, 0) => bad.push("no alarm raised, expected some".into()),
+            (AlarmExp::None, n) if n > 0 => bad.push(format!("{n} alarms raised, expected none")),
+            _ => {}
+        }
+    }
+    if let Some(regs) = &e.alarm_registers {
+        for reg in regs {
+            let n = json["policy"]["per_register"][reg].as_u64().unwrap_or(0);
+            if n == 0 {
+                bad.push(format!("no alarm on {reg}"));
+            }
+        }
+    }
+    let b = reading(before);
+    let a = reading(after);
+    let mut delta: BTreeMap<String, i64> = BTreeMap::new();
+    for (k, v) in &a.regions {
+        delta.insert(
+            k.clone(),
+            *v as i64 - *b.regions.get(k).unwrap_or(&0) as i64,
+        );
+    }
+    delta.insert("master".into(), a.master as i64 - b.master as i64);
+    let moved: Vec<String> = delta
+        .iter()
+        .filter(|(_, v)| **v != 0)
+        .map(|(k, v)| format!("{k}{v:+}"))
+        .collect();
+    obs.push(if moved.is_empty() {
+        "counters unchanged".into()
+    } else {
+        format!("counters {}", moved.join(" "))
+    });
+    if let Some(want) = &e.counter_delta {
+        for (k, w) in want {
+            let got = delta.get(k).copied().unwrap_or(0);
+            if got != *w as i64 {
+                bad.push(format!("counter {k} moved {got:+}, expected {w:+}"));
+            }
+        }
+    }
+    let td = &json["teardown"];
+    let verdict = td["verdict"]["verdict"].as_str();
+    if let Some(v) = verdict {
+        obs.push(format!("counters verdict {v}"));
+    }
+    if let Some(w) = &e.counters_verdict {
+        if verdict != Some(w.as_str()) {
+            bad.push(format!(
+                "counters verdict {}, expected {w}",
+                verdict.unwrap_or("(none)")
+            ));
+        }
+    }
+    let complete = td["complete"].as_bool();
+    if let Some(w) = e.teardown_complete {
+        if complete != Some(w) {
+            bad.push(format!(
+                "teardown complete = {}, expected {w}",
+                complete.map_or("(no teardown)".to_string(), |c| c.to_string())
+            ));
+        }
+    }
+    if let Some((v, why)) = service {
+        obs.push(format!("service verdict {v}"));
+        if let Some(w) = &e.service_verdict {
+            if v != w {
+                bad.push(format!(
+                    "counters service verdict {v} ({why}), expected {w}"
+                ));
+            }
+        }
+    }
+    if !bad.is_empty() && outcome == Outcome::Pass {
+        outcome = Outcome::Fail;
+    }
+    let mut metrics = Metrics {
+        counters: vec![b, a],
+        alarms: alarms.unwrap_or(0),
+        ..Metrics::default()
+    };
+    if let Some(us) = td["total_micros"].as_f64() {
+        metrics.teardown_us.push(us);
+    }
+    AttemptResult {
+        outcome,
+        message: bad.join("; "),
+        observed: obs.join(", "),
+        metrics,
+        artifacts: Vec::new(),
+    }
+}
+
+/// Shared state of one run.
+struct Ctx {
+    pool: Pool,
+    vmm: PathBuf,
+    run_dir: PathBuf,
+    run_id: String,
+    store: Mutex<Store>,
+    progress: Progress,
+    deadline: Instant,
+}
+
+/// Run every repeat of `case` with its retries; the final verdict.
+async fn run_case(ctx: Arc<Ctx>, case: Case) -> CaseResult {
+    let t0 = Instant::now();
+    let mut attempts: Vec<Attempt> = Vec::new();
+    let mut rep_outcomes = Vec::new();
+    let mut last: Option<AttemptResult> = None;
+    let mut host_name = String::new();
+    let mut any_failed_attempt = false;
+    'reps: for rep in 0..case.repeats {
+        let (mut infra_used, mut retries_used) = (0u32, 0u32);
+        let mut avoid: Vec<String> = Vec::new();
+        loop {
+            let host = ctx.pool.acquire(&case, &avoid).await;
+            if Instant::now() >= ctx.deadline {
+                ctx.pool.release(host, Outcome::Skipped);
+                rep_outcomes.push(Outcome::Skipped);
+                last = Some(AttemptResult::new(
+                    Outcome::Skipped,
+                    "campaign timeout reached before the case could run",
+                ));
+                break 'reps;
+            }
+            let n = attempts.len();
+            let dir = ctx
+                .run_dir
+                .join("cases")
+                .join(safe_id(&case.id))
+                .join(format!("r{rep}-a{n}-{}", host.name));
+            let t = Instant::now();
+            let r = run_attempt(&case, &host, &ctx.vmm, &ctx.run_dir, &dir).await;
+            host_name = host.name.clone();
+            attempts.push(Attempt {
+                outcome: r.outcome,
+                host: host.name.clone(),
+                duration_ms: t.elapsed().as_millis() as u64,
+                message: r.message.clone(),
+            });
+            let outcome = r.outcome;
+            if outcome == Outcome::Infra {
+                avoid.push(host.name.clone());
+            }
+            ctx.pool.release(host, outcome);
+            last = Some(r);
+            match outcome {
+                Outcome::Pass => {
+                    rep_outcomes.push(Outcome::Pass);
+                    break;
+                }
+                Outcome::Infra if infra_used < case.infra_retries => infra_used += 1,
+                Outcome::Fail | Outcome::Timeout if retries_used < case.retries => {
+                    any_failed_attempt = true;
+                    retries_used += 1;
+                }
+                other => {
+                    if other.is_failure() {
+                        any_failed_attempt = true;
+                    }
+                    rep_outcomes.push(other);
+                    break;
+                }
+            }
+        }
+    }
+    let outcome = if let Some(o) = rep_outcomes.iter().find(|o| o.is_failure()) {
+        *o
+    } else if rep_outcomes.contains(&Outcome::Infra) {
+        Outcome::Infra
+    } else if rep_outcomes.contains(&Outcome::Skipped) {
+        Outcome::Skipped
+    } else if any_failed_attempt {
+        Outcome::Flaky
+    } else {
+        Outcome::Pass
+    };
+    let last = last.unwrap_or_else(|| AttemptResult::new(Outcome::Skipped, "not run"));
+    let message = match outcome {
+        Outcome::Flaky => {
+            let first = attempts
+                .iter()
+                .find(|a| a.outcome.is_failure())
+                .map(|a| a.message.clone())
+                .unwrap_or_default();
+            format!("failed, then passed on retry: {first}")
+        }
+        _ => last.message.clone(),
+    };
+    CaseResult {
+        id: case.id.clone(),
+        attack: case.attack.name.to_string(),
+        backend: case.backend.clone(),
+        profile: if case.enforce {
+            case.profile.clone()
+        } else {
+            format!("{}+enforce-off", case.profile)
+        },
+        host_tag: case.tag.clone(),
+        host: host_name,
+        outcome,
+        attempts,
+        duration_ms: t0.elapsed().as_millis() as u64,
+        message,
+        expected: case.expect.describe(),
+        observed: last.observed,
+        metrics: last.metrics,
+        artifacts: last.artifacts,
+    }
+}
+
+/// Run a campaign: validate, run (or resume), store, report.
+pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
+    let t0 = Instant::now();
+    let (hosts, lab_vmm) = hosts_for(opts.inventory.as_deref(), opts.hosts)?;
+    let campaign = match &opts.campaign_text {
+        Some(text) => format::parse(text, &opts.campaign, &hosts)?,
+        None => format::load(&opts.campaign, &hosts)?,
+    };
+    let vmm = match &opts.vmm {
+        Some(p) => p.clone(),
+        None => hilrig_rig::sim::find_vmm(lab_vmm.as_deref()).map_err(|e| {
+            anyhow::anyhow!("finding hilrig-vmm: {e} (build it: cargo build -p hilrig-vmm)")
+        })?,
+    };
+    std::fs::create_dir_all(&opts.out_dir)
+        .map_err(|e| anyhow::anyhow!("creating {}: {e}", opts.out_dir.display()))?;
+    let db = opts
+        .db
+        .clone()
+        .unwrap_or_else(|| opts.out_dir.join("results.sqlite"));
+    let store = Store::open(&db)?;
+    let report_hosts: Vec<Host> = hosts
+        .iter()
+        .map(|h| Host {
+            name: h.name.clone(),
+            tags: h.tags.clone(),
+            simulated: true,
+        })
+        .collect();
+    let (row, done) = match &opts.resume {
+        Some(id) => {
+            let row = store
+                .run(id)?
+                .ok_or_else(|| anyhow::anyhow!("--resume {id}: no such run in {}", db.display()))?;
+            if row.campaign != campaign.name {
+                anyhow::bail!(
+                    "--resume {id}: that run is of campaign `{}`, not `{}`",
+                    row.campaign,
+                    campaign.name
+                );
+            }
+            let done = store.cases(id)?;
+            (row, done)
+        }
+        None => {
+            let started_ms = now_ms();
+            let base = format!("{}-{}", campaign.name, stamp(started_ms));
+            let mut id = base.clone();
+            let mut i = 2;
+            while store.run(&id)?.is_some() || opts.out_dir.join(&id).exists() {
+                id = format!("{base}-{i}");
+                i += 1;
+            }
+            let row = RunRow {
+                run_dir: opts.out_dir.join(&id).to_string_lossy().into_owned(),
+                id,
+                campaign: campaign.name.clone(),
+                file: campaign.file.to_string_lossy().into_owned(),
+                started_ms,
+                finished_ms: None,
+            };
+            store.create_run(&row, &report_hosts)?;
+            (row, Vec::new())
+        }
+    };
+    let run_dir = PathBuf::from(&row.run_dir);
+    std::fs::create_dir_all(&run_dir)
+        .map_err(|e| anyhow::anyhow!("creating {}: {e}", run_dir.display()))?;
+    let todo: Vec<Case> = campaign
+        .cases
+        .iter()
+        .filter(|c| !done.iter().any(|d| d.id == c.id))
+        .cloned()
+        .collect();
+    let tty = opts
+        .progress
+        .unwrap_or_else(|| std::io::stderr().is_terminal());
+    let progress = Progress::new(todo.len(), tty);
+    progress.line(&format!(
+        "campaign {} ({}): run {}, {} cases ({} already finished), {} hosts, vmm {}",
+        campaign.name,
+        campaign.file.display(),
+        row.id,
+        campaign.cases.len(),
+        done.len(),
+        hosts.len(),
+        vmm.display()
+    ));
+    let ctx = Arc::new(Ctx {
+        pool: Pool::new(hosts),
+        vmm,
+        run_dir: run_dir.clone(),
+        run_id: row.id.clone(),
+        store: Mutex::new(store),
+        progress,
+        deadline: Instant::now() + campaign.timeout,
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(run_all(ctx.clone(), todo))?;
+    drop(rt);
+    ctx.progress.done();
+    let unhealthy_hosts = ctx.pool.unhealthy();
+    let store = ctx.store.lock().unwrap_or_else(|p| p.into_inner());
+    let finished_ms = now_ms();
+    store.finish_run(&row.id, finished_ms)?;
+    // Campaign order, finished earlier (resume) or now.
+    let stored = store.cases(&row.id)?;
+    let mut cases = Vec::new();
+    for c in &campaign.cases {
+        if let Some(r) = stored.iter().find(|s| s.id == c.id) {
+            cases.push(r.clone());
+        }
+    }
+    let run = Run {
+        schema: hilrig_reports::SCHEMA_VERSION,
+        id: row.id.clone(),
+        campaign: campaign.name.clone(),
+        started_ms: row.started_ms,
+        finished_ms,
+        hosts: report_hosts,
+        cases,
+    };
+    let prev = store.previous_run(&campaign.name, &row.id, row.started_ms)?;
+    let paths = hilrig_reports::write_reports(&run, prev.as_ref(), &run_dir)
+        .map_err(|e| anyhow::anyhow!("writing reports: {e}"))?;
+    let counts = Counts::of(&run);
+    Ok(RunSummary {
+        run_id: row.id,
+        run_dir,
+        report_html: paths.html,
+        junit: paths.junit,
+        counts,
+        run,
+        wall: t0.elapsed(),
+        unhealthy_hosts,
+    })
+}
+
+async fn run_all(ctx: Arc<Ctx>, todo: Vec<Case>) -> anyhow::Result<()> {
+    let mut set = tokio::task::JoinSet::new();
+    for case in todo {
+        let ctx = ctx.clone();
+        set.spawn(async move {
+            let r = run_case(ctx.clone(), case).await;
+            let stored = ctx
+                .store
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .put_case(&ctx.run_id, &r);
+            ctx.progress.finished(&r);
+            stored
+        });
+    }
+    while let Some(j) = set.join_next().await {
+        j.map_err(|e| anyhow::anyhow!("case task: {e}"))??;
+    }
+    Ok(())
+}
+
+/// The hosts to run on: the simulated hosts of `inventory`, or `n` anonymous
+/// simulated hosts; and the inventory's configured VMM.
+pub fn hosts_for(
+    inventory: Option<&Path>,
+    n: usize,
+) -> anyhow::Result<(Vec<HostSpec>, Option<PathBuf>)> {
+    let Some(path) = inventory else {
+        return Ok((HostSpec::sim(n), None));
+    };
+    let inv = hilrig_rig::inventory::Inventory::load(path)
+        .map_err(|e| anyhow::anyhow!("inventory {}: {e}", path.display()))?;
+    let (hosts, other) = HostSpec::from_inventory(&inv);
+    if !other.is_empty() {
+        tracing::warn!(
+            "inventory {}: hardware hosts {} left out (this runner drives simulated hosts only)",
+            path.display(),
+            other.join(", ")
+        );
+    }
+    if hosts.is_empty() {
+        anyhow::bail!(
+            "inventory {}: no simulated host (this runner drives simulated hosts only)",
+            path.display()
+        );
+    }
+    let vmm = inv.lab.vmm.clone().map(|v| {
+        if v.is_relative() {
+            inv.base_dir().join(v)
+        } else {
+            v
+        }
+    });
+    Ok((hosts, vmm))
+}
+
+/// Validate a campaign file against the hosts (see [`hosts_for`]); the cases.
+pub fn validate(path: &Path, inventory: Option<&Path>, hosts: usize) -> anyhow::Result<Campaign> {
+    let (hosts, _) = hosts_for(inventory, hosts)?;
+    Ok(format::load(path, &hosts)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps() {
+        assert_eq!(stamp(0), "19700101-000000");
+        assert_eq!(stamp(1_795_250_980_000), "20261121-084940");
+    }
+}

@@ -1,0 +1,536 @@
+//! The runner end to end: classification (PASS, FAIL, INFRA, TIMEOUT, FLAKY) with
+//! stand-in VMMs (shell scripts: no KVM needed), resume, and the real smoke
+//! campaign (needs /dev/kvm and the built hilrig-vmm; skips loudly otherwise).
+
+use hilrig_campaigns::runner::{run_campaign, RunOptions};
+use hilrig_campaigns::store::{RunRow, Store};
+use hilrig_reports::{CaseResult, Outcome};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+/// A verdict line as the real VMM prints it (pass, alarms, trusted teardown).
+const PASS_JSON: &str = r#"{"verdict":"PASS","exit_status":0,"policy":{"alarms":1,"per_register":{"HANG_TRIGGER":1}},"teardown":{"complete":true,"total_micros":10,"verdict":{"verdict":"trusted"}}}"#;
+const FAIL_JSON: &str = r#"{"verdict":"FAIL: code 1","exit_status":1,"policy":{"alarms":0,"per_register":{}},"teardown":{"complete":true,"verdict":{"verdict":"trusted"}}}"#;
+
+/// Write an executable stand-in VMM running `body` (sh; "$@" are the VMM flags).
+fn fake_vmm(dir: &Path, body: &str) -> PathBuf {
+    let p = dir.join("fake-vmm");
+    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+fn campaign(dir: &Path, body: &str) -> PathBuf {
+    let p = dir.join("c.toml");
+    std::fs::write(&p, body).unwrap();
+    p
+}
+
+const ONE_CASE: &str = r#"
+name = "t"
+[defaults]
+retries = 1
+infra_retries = 2
+case_timeout = "2s"
+[[case]]
+attacks = ["attack-hang"]
+"#;
+
+fn opts(dir: &Path, file: PathBuf, vmm: PathBuf) -> RunOptions {
+    let mut o = RunOptions::new(file);
+    o.out_dir = dir.join("out");
+    o.vmm = Some(vmm);
+    o.progress = Some(false);
+    o
+}
+
+fn only(s: &hilrig_campaigns::RunSummary) -> &CaseResult {
+    assert_eq!(s.run.cases.len(), 1, "{:?}", s.run.cases);
+    &s.run.cases[0]
+}
+
+#[test]
+fn pass_and_fail_are_told_apart() {
+    let t = tempfile::tempdir().unwrap();
+    let c = campaign(t.path(), ONE_CASE);
+    let v = fake_vmm(t.path(), &format!("echo '{PASS_JSON}'"));
+    let s = run_campaign(opts(t.path(), c.clone(), v)).unwrap();
+    assert_eq!(only(&s).outcome, Outcome::Pass, "{:?}", only(&s));
+    assert_eq!(s.exit_status(), 0);
+    assert!(s.report_html.is_file());
+
+    let v = fake_vmm(t.path(), &format!("echo '{FAIL_JSON}'; exit 1"));
+    let s = run_campaign(opts(t.path(), c, v)).unwrap();
+    let case = only(&s);
+    assert_eq!(case.outcome, Outcome::Fail);
+    assert_eq!(case.attempts.len(), 2, "retried once: {case:?}");
+    assert!(case.message.contains("exit status 1"), "{}", case.message);
+    assert!(case.message.contains("no alarm"), "{}", case.message);
+    assert_eq!(s.exit_status(), 1);
+}
+
+#[test]
+fn missing_vmm_is_infra_retried_on_other_hosts() {
+    let t = tempfile::tempdir().unwrap();
+    let c = campaign(t.path(), ONE_CASE);
+    let mut o = opts(t.path(), c, t.path().join("no-such-vmm"));
+    o.hosts = 3;
+    let s = run_campaign(o).unwrap();
+    let case = only(&s);
+    assert_eq!(case.outcome, Outcome::Infra);
+    assert_eq!(case.attempts.len(), 3, "1 + 2 infra retries: {case:?}");
+    assert!(case.attempts.iter().all(|a| a.outcome == Outcome::Infra));
+    let hosts: std::collections::BTreeSet<&str> =
+        case.attempts.iter().map(|a| a.host.as_str()).collect();
+    assert_eq!(hosts.len(), 3, "each retry on another host: {case:?}");
+    assert!(case.message.contains("spawning"), "{}", case.message);
+    assert_eq!(s.exit_status(), 3, "INFRA is not a test failure");
+}
+
+#[test]
+fn vmm_killed_mid_case_is_infra_not_fail() {
+    let t = tempfile::tempdir().unwrap();
+    let c = campaign(t.path(), ONE_CASE);
+    let v = fake_vmm(t.path(), "echo booting >&2; kill -9 $$");
+    let s = run_campaign(opts(t.path(), c, v)).unwrap();
+    let case = only(&s);
+    assert_eq!(case.outcome, Outcome::Infra, "{case:?}");
+    assert!(case.message.contains("no verdict"), "{}", case.message);
+    // A VMM that exits without its JSON (a crash) is INFRA too.
+    let c = campaign(t.path(), ONE_CASE);
+    let v = fake_vmm(t.path(), "echo 'thread main panicked' >&2; exit 101");
+    let s = run_campaign(opts(t.path(), c, v)).unwrap();
+    assert_eq!(only(&s).outcome, Outcome::Infra);
+    assert!(
+        only(&s).message.contains("panicked"),
+        "{}",
+        only(&s).message
+    );
+}
+
+#[test]
+fn hung_vmm_is_killed_as_timeout() {
+    let t = tempfile::tempdir().unwrap();
+    let c = campaign(t.path(), &ONE_CASE.replace("retries = 1", "retries = 0"));
+    let v = fake_vmm(t.path(), "exec sleep 600");
+    let s = run_campaign(opts(t.path(), c, v)).unwrap();
+    let case = only(&s);
+    assert_eq!(case.outcome, Outcome::Timeout, "{case:?}");
+    assert!(case.message.contains("killed"), "{}", case.message);
+    assert_eq!(s.exit_status(), 1);
+}
+
+#[test]
+fn fail_then_pass_is_flaky() {
+    let t = tempfile::tempdir().unwrap();
+    let c = campaign(t.path(), ONE_CASE);
+    let marker = t.path().join("ran-once");
+    let v = fake_vmm(
+        t.path(),
+        &format!(
+            "if [ -e {m} ]; then echo '{PASS_JSON}'; else touch {m}; echo '{FAIL_JSON}'; exit 1; fi",
+            m = marker.display()
+        ),
+    );
+    let s = run_campaign(opts(t.path(), c, v)).unwrap();
+    let case = only(&s);
+    assert_eq!(case.outcome, Outcome::Flaky, "{case:?}");
+    assert_eq!(case.attempts[0].outcome, Outcome::Fail);
+    assert_eq!(case.attempts[1].outcome, Outcome::Pass);
+    assert_eq!(s.exit_status(), 0, "FLAKY does not fail the job");
+    assert_eq!(s.counts.flaky, 1);
+}
+
+#[test]
+fn resume_skips_finished_cases_and_keeps_them() {
+    let t = tempfile::tempdir().unwrap();
+    let c = campaign(
+        t.path(),
+        "name = \"t\"\n[[case]]\nattacks = [\"attack-hang\", \"attack-key-read\", \"attack-xchg\"]\n",
+    );
+    let out = t.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    // A runner that died after finishing one case.
+    let store = Store::open(&out.join("results.sqlite")).unwrap();
+    let id = "t-killed";
+    store
+        .create_run(
+            &RunRow {
+                id: id.into(),
+                campaign: "t".into(),
+                file: c.to_string_lossy().into(),
+                run_dir: out.join(id).to_string_lossy().into(),
+                started_ms: 1,
+                finished_ms: None,
+            },
+            &[],
+        )
+        .unwrap();
+    let kept = CaseResult {
+        id: "attack-key-read/model/tenant@sim".into(),
+        attack: "attack-key-read".into(),
+        backend: "model".into(),
+        profile: "tenant".into(),
+        host_tag: "sim".into(),
+        host: "sim-9".into(),
+        outcome: Outcome::Pass,
+        attempts: vec![],
+        duration_ms: 5,
+        message: "from before the kill".into(),
+        expected: String::new(),
+        observed: String::new(),
+        metrics: Default::default(),
+        artifacts: vec![],
+    };
+    store.put_case(id, &kept).unwrap();
+    drop(store);
+    let log = t.path().join("calls.log");
+    let v = fake_vmm(
+        t.path(),
+        &format!("echo \"$@\" >> {}; echo '{PASS_JSON}'", log.display()),
+    );
+    let mut o = opts(t.path(), c, v);
+    o.resume = Some(id.into());
+    let s = run_campaign(o).unwrap();
+    assert_eq!(s.run_id, id);
+    assert_eq!(s.run.cases.len(), 3);
+    let calls = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !calls.contains("attack-key-read"),
+        "finished case re-run: {calls}"
+    );
+    assert!(calls.contains("attack-hang") && calls.contains("attack-xchg"));
+    let k = s.run.cases.iter().find(|c| c.id == kept.id).unwrap();
+    assert_eq!(k.message, "from before the kill");
+    assert!(s.run.cases.iter().all(|c| c.outcome == Outcome::Pass));
+    // The store knows the run finished; resuming it again runs nothing.
+    let store = Store::open(&t.path().join("out/results.sqlite")).unwrap();
+    assert!(store.run(id).unwrap().unwrap().finished_ms.is_some());
+}
+
+#[test]
+fn second_run_is_diffed_against_the_first() {
+    let t = tempfile::tempdir().unwrap();
+    let c = campaign(t.path(), ONE_CASE);
+    let v = fake_vmm(t.path(), &format!("echo '{PASS_JSON}'"));
+    let first = run_campaign(opts(t.path(), c.clone(), v.clone())).unwrap();
+    let second = run_campaign(opts(t.path(), c, v)).unwrap();
+    assert_ne!(first.run_id, second.run_id);
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(second.run_dir.join("report.json")).unwrap())
+            .unwrap();
+    let diff = json["diff"].to_string();
+    assert!(
+        diff.contains(&first.run_id),
+        "no diff against the previous run: {diff}"
+    );
+}
+
+fn kvm_and_vmm() -> Option<PathBuf> {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        eprintln!("SKIPPED: /dev/kvm not available");
+        return None;
+    }
+    match hilrig_rig::sim::find_vmm(None) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            eprintln!("SKIPPED: hilrig-vmm not built ({e}); cargo build -p hilrig-vmm");
+            None
+        }
+    }
+}
+
+/// Count `<testcase>`s and `<failure>`s in a JUnit file (and check it parses).
+fn junit_counts(path: &Path) -> (usize, usize, String) {
+    use quick_xml::events::Event;
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut r = quick_xml::Reader::from_str(&text);
+    let (mut cases, mut failures) = (0, 0);
+    let mut tests_attr = String::new();
+    loop {
+        match r.read_event().expect("junit.xml parses") {
+            Event::Start(e) | Event::Empty(e) => match e.name().as_ref() {
+                b"testcase" => cases += 1,
+                b"failure" | b"error" => failures += 1,
+                b"testsuites" => {
+                    for a in e.attributes().flatten() {
+                        if a.key.as_ref() == b"tests" {
+                            tests_attr = String::from_utf8_lossy(&a.value).into_owned();
+                        }
+                    }
+                }
+                _ => {}
+            },
+            Event::Eof => break,
+            _ => {}
+        }
+    }
+    (cases, failures, tests_attr)
+}
+
+#[test]
+fn smoke_campaign_end_to_end() {
+    let Some(vmm) = kvm_and_vmm() else { return };
+    let t = tempfile::tempdir().unwrap();
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("smoke.toml");
+    let s = run_campaign(opts(t.path(), file, vmm)).unwrap();
+    for c in &s.run.cases {
+        assert_eq!(c.outcome, Outcome::Pass, "{}: {}", c.id, c.message);
+        assert!(!c.artifacts.is_empty(), "{}: no artifacts", c.id);
+        for a in &c.artifacts {
+            assert!(s.run_dir.join(&a.path).is_file(), "{}: {}", c.id, a.path);
+        }
+    }
+    assert!(s.run.cases.iter().any(|c| c.backend == "rtl"));
+    let refused = s
+        .run
+        .cases
+        .iter()
+        .find(|c| c.attack == "vbios-overwrite")
+        .unwrap();
+    assert!(refused.observed.contains("exit 10"), "{}", refused.observed);
+    let op = s
+        .run
+        .cases
+        .iter()
+        .find(|c| c.id == "attack-flash-program/model/operator@sim")
+        .unwrap();
+    assert!(op.observed.contains("firmware+1"), "{}", op.observed);
+    assert!(
+        op.observed.contains("service verdict quarantined"),
+        "{}",
+        op.observed
+    );
+    assert_eq!(s.exit_status(), 0);
+    let (cases, failures, tests) = junit_counts(&s.junit);
+    assert_eq!(cases, s.run.cases.len());
+    assert_eq!(failures, 0);
+    assert_eq!(tests, s.run.cases.len().to_string());
+    assert!(s.report_html.is_file());
+}
+
+#[test]
+fn a_broken_host_is_retried_around_and_marked_unhealthy() {
+    let t = tempfile::tempdir().unwrap();
+    let c = campaign(
+        t.path(),
+        "name = \"t\"\n[defaults]\ninfra_retries = 2\n[[case]]\nattacks = [\"@restricted\"]\n",
+    );
+    // Host sim-1's VMM dies without a verdict (the attempt directory names the host).
+    let v = fake_vmm(
+        t.path(),
+        &format!("case \"$*\" in *-sim-1/*) kill -9 $$;; esac; echo '{PASS_JSON}'"),
+    );
+    let s = run_campaign(opts(t.path(), c, v)).unwrap();
+    for c in &s.run.cases {
+        assert_eq!(c.outcome, Outcome::Pass, "{c:?}");
+        assert_eq!(c.host, "sim-2");
+    }
+    let on_bad: usize = s
+        .run
+        .cases
+        .iter()
+        .flat_map(|c| &c.attempts)
+        .filter(|a| a.host == "sim-1")
+        .count();
+    assert!(
+        on_bad <= hilrig_campaigns::runner::UNHEALTHY_AFTER as usize + 1,
+        "kept using the broken host: {on_bad} attempts"
+    );
+    assert_eq!(s.unhealthy_hosts, vec!["sim-1".to_string()]);
+    assert_eq!(s.exit_status(), 0);
+}
+
+#[test]
+fn main_job_runs_the_embedded_smoke_campaign() {
+    if kvm_and_vmm().is_none() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let code = hilrig_campaigns::main_job(Some(t.path())).unwrap();
+    assert_eq!(code, std::process::ExitCode::SUCCESS);
+    let runs: Vec<_> = std::fs::read_dir(t.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("smoke-"))
+        .collect();
+    assert_eq!(runs.len(), 1);
+    assert!(runs[0].path().join("report.html").is_file());
+    assert!(t.path().join("results.sqlite").is_file());
+}
+
+#[test]
+fn cli_validate_refuses_a_bad_file() {
+    use hilrig_campaigns::CampaignCmd;
+    let t = tempfile::tempdir().unwrap();
+    let bad = campaign(
+        t.path(),
+        "name = \"t\"\n[[case]]\nattacks = [\"attack-nope\"]\n",
+    );
+    let e = hilrig_campaigns::run(CampaignCmd::Validate {
+        file: bad.clone(),
+        hosts: 2,
+        inventory: None,
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains(&bad.display().to_string())
+            && e.contains("case[0]")
+            && e.contains("attack-nope"),
+        "{e}"
+    );
+    let good = Path::new(env!("CARGO_MANIFEST_DIR")).join("nightly.toml");
+    hilrig_campaigns::run(CampaignCmd::Validate {
+        file: good,
+        hosts: 2,
+        inventory: None,
+    })
+    .unwrap();
+    // Running refuses the same file before touching the VMM or the out dir.
+    let mut o = opts(t.path(), bad, t.path().join("no-vmm"));
+    o.out_dir = t.path().join("never");
+    assert!(run_campaign(o).is_err());
+    assert!(!t.path().join("never").exists());
+}
+
+#[test]
+fn inventory_hosts_and_tags_are_used() {
+    let t = tempfile::tempdir().unwrap();
+    let inv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../rig/inventory/sim.toml");
+    let c = campaign(
+        t.path(),
+        "name = \"t\"\n[[case]]\nattacks = [\"attack-hang\"]\ntags = [\"small-budget\"]\n",
+    );
+    let v = fake_vmm(t.path(), &format!("echo '{PASS_JSON}'"));
+    let mut o = opts(t.path(), c, v);
+    o.inventory = Some(inv.clone());
+    let s = run_campaign(o).unwrap();
+    let case = only(&s);
+    assert_eq!(case.id, "attack-hang/model/tenant@small-budget");
+    assert_eq!(case.host, "sim-3", "only sim-3 has the tag");
+    let state = std::fs::read_dir(
+        s.run_dir
+            .join("cases")
+            .join(hilrig_campaigns::runner::safe_id(&case.id)),
+    )
+    .unwrap()
+    .flatten()
+    .next()
+    .unwrap()
+    .path()
+    .join("state.bin");
+    let nv = hilrig_device::state::NvState::load(&state).unwrap();
+    assert_eq!(nv.config.counter_width, 4, "the inventory's device config");
+    assert_eq!(nv.serial, 1003);
+    // A tag no inventory host has is refused before anything runs.
+    let bad = campaign(
+        t.path(),
+        "name = \"t\"\n[[case]]\nattacks = [\"attack-hang\"]\ntags = [\"ice40\"]\n",
+    );
+    let e = hilrig_campaigns::runner::validate(&bad, Some(&inv), 2)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unknown host tag `ice40`"), "{e}");
+}
+
+/// The runner half of `killed_runner_resumes`: only does something when the parent
+/// test re-executes this binary with `HILRIG_TEST_CHILD_DIR` set.
+#[test]
+fn child_runner_for_kill_test() {
+    let Some(dir) = std::env::var_os("HILRIG_TEST_CHILD_DIR") else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let mut o = opts(&dir, dir.join("c.toml"), dir.join("fake-vmm"));
+    o.hosts = 3;
+    let _ = run_campaign(o);
+}
+
+#[test]
+fn killed_runner_resumes_without_losing_finished_cases() {
+    let t = tempfile::tempdir().unwrap();
+    campaign(
+        t.path(),
+        "name = \"t\"\n[defaults]\ncase_timeout = \"600s\"\n[[case]]\nattacks = [\"attack-hang\", \"attack-key-read\", \"attack-xchg\"]\n",
+    );
+    let release = t.path().join("release");
+    // attack-hang passes at once; the others block until released, the test
+    // directory is gone, or 30 s passed.
+    fake_vmm(
+        t.path(),
+        &format!(
+            "case \"$*\" in *attack-hang*) echo '{PASS_JSON}'; exit 0;; esac\n\
+             i=0; while [ ! -e {r} ] && [ -e {c} ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done\n\
+             echo '{PASS_JSON}'",
+            r = release.display(),
+            c = t.path().join("c.toml").display()
+        ),
+    );
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_runner_for_kill_test", "--nocapture"])
+        .env("HILRIG_TEST_CHILD_DIR", t.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let db = t.path().join("out/results.sqlite");
+    let mut run_id = None;
+    for _ in 0..600 {
+        if db.exists() {
+            if let Ok(store) = Store::open(&db) {
+                if let Some(r) = store
+                    .runs(Some("t"))
+                    .ok()
+                    .and_then(|r| r.into_iter().next())
+                {
+                    if store.cases(&r.id).map(|c| c.len()).unwrap_or(0) >= 1 {
+                        run_id = Some(r.id);
+                        break;
+                    }
+                }
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    std::fs::write(&release, b"").unwrap();
+    let run_id = run_id.expect("the runner stored a finished case");
+    let store = Store::open(&db).unwrap();
+    let row = store.run(&run_id).unwrap().unwrap();
+    assert!(row.finished_ms.is_none(), "killed before finishing");
+    let before = store.cases(&run_id).unwrap();
+    assert_eq!(before.len(), 1);
+    assert_eq!(before[0].id, "attack-hang/model/tenant@sim");
+    drop(store);
+    // Resume with a VMM that logs what it runs.
+    let log = t.path().join("calls.log");
+    let v = fake_vmm(
+        t.path(),
+        &format!("echo \"$@\" >> {}; echo '{PASS_JSON}'", log.display()),
+    );
+    let mut o = opts(t.path(), t.path().join("c.toml"), v);
+    o.resume = Some(run_id.clone());
+    let s = run_campaign(o).unwrap();
+    assert_eq!(s.run.cases.len(), 3);
+    assert!(s.run.cases.iter().all(|c| c.outcome == Outcome::Pass));
+    let calls = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !calls.contains("attack-hang"),
+        "finished case re-run: {calls}"
+    );
+    assert_eq!(calls.lines().count(), 2);
+    let kept = s
+        .run
+        .cases
+        .iter()
+        .find(|c| c.attack == "attack-hang")
+        .unwrap();
+    assert_eq!(kept, &before[0], "the stored result is kept as it was");
+}
