@@ -30,6 +30,10 @@ pub const BENCHES: &[(&str, &str)] = &[
         "RTL cycles/s and MMIO ops/s vs the model, and the simple_sim! harness rate",
     ),
     (
+        "campaign",
+        "smoke campaign cases/min vs bare hilrig-vmm runs; the controller's CPU time per host-hour",
+    ),
+    (
         "counters",
         "verifications/s over 100,000 enrolled devices: SQLite and PostgreSQL ($HILRIG_TEST_PG) vs the bare decision",
     ),
@@ -46,6 +50,7 @@ pub fn run(name: &str, seconds: f64) -> Result<Vec<Figure>> {
         "model" => bench_model(budget)?,
         "vm-exit" => hilrig_vmm::bench_vm_exit(budget)?,
         "rtl" => hilrig_fpga::bench_rtl(budget)?,
+        "campaign" => bench_campaign()?,
         "policy" => hilrig_vmm::bench_policy(budget)?,
         "patch" => hilrig_vmm::bench_lifecycle::bench_patch(budget)?,
         "teardown" => hilrig_vmm::bench_lifecycle::bench_teardown(budget)?,
@@ -175,5 +180,77 @@ fn bench_model(budget: Duration) -> Result<Vec<Figure>> {
             "ops/s",
         )
         .vs(0),
+    ])
+}
+
+fn cpu_time_self() -> Duration {
+    // SAFETY: getrusage fills the struct we pass.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+/// The embedded smoke campaign on 2 simulated hosts, against the same number of bare
+/// `hilrig-vmm --payload pci-enum` runs, 2 at a time, in the same run.
+fn bench_campaign() -> Result<Vec<Figure>> {
+    let dir = tempfile::tempdir()?;
+    let mut opts = hilrig_campaigns::RunOptions::new("<embedded>/campaigns/smoke.toml");
+    opts.campaign_text = Some(hilrig_campaigns::cli::SMOKE.to_string());
+    opts.out_dir = dir.path().to_path_buf();
+    opts.progress = Some(false);
+    // This executable is the VMM (`hilrig vm run`), for the campaign and the baseline.
+    let exe = std::env::current_exe()?;
+    opts.vmm = Some(exe.clone());
+    opts.vmm_args = vec!["vm".into(), "run".into()];
+    let hosts = opts.hosts;
+    let cpu0 = cpu_time_self();
+    let summary = hilrig_campaigns::run_campaign(opts)?;
+    let cpu = cpu_time_self() - cpu0;
+    let cases = summary.run.cases.len();
+    if summary.exit_status() != 0 {
+        bail!("the smoke campaign did not pass: {:?}", summary.counts);
+    }
+    let per_min = cases as f64 / summary.wall.as_secs_f64() * 60.0;
+    // Baseline: the same number of bare VMM runs, `hosts` in parallel.
+    let t = std::time::Instant::now();
+    for _ in 0..cases.div_ceil(hosts) {
+        let kids: Vec<_> = (0..hosts)
+            .map(|_| {
+                std::process::Command::new(&exe)
+                    .args(["vm", "run", "--payload", "pci-enum", "--json"])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+            })
+            .collect::<Result<_, _>>()?;
+        for mut k in kids {
+            k.wait()?;
+        }
+    }
+    let bare = (cases.div_ceil(hosts) * hosts) as f64 / t.elapsed().as_secs_f64() * 60.0;
+    let host_hours = hosts as f64 * summary.wall.as_secs_f64() / 3600.0;
+    Ok(vec![
+        Figure::new(
+            format!("bare `hilrig vm run --payload pci-enum`, {hosts} at a time (baseline)"),
+            bare,
+            "cases/min",
+        ),
+        Figure::new(
+            format!("smoke campaign: {cases} cases on {hosts} simulated hosts"),
+            per_min,
+            "cases/min",
+        )
+        .vs(0),
+        Figure::new(
+            "controller CPU time (runner process itself)",
+            cpu.as_secs_f64() * 1e3,
+            "ms",
+        ),
+        Figure::new(
+            "controller CPU time per host-hour",
+            cpu.as_secs_f64() / host_hours,
+            "s/host-h",
+        ),
     ])
 }

@@ -773,3 +773,28 @@ fn an_overwritten_vbios_is_refused_until_it_is_in_the_catalog() {
     assert_eq!(v["teardown"]["verdict"]["verdict"], "unverifiable", "{v}");
     assert_eq!(v["teardown"]["verdict"]["handoff_ok"], false);
 }
+
+#[test]
+fn the_main_job_runs_the_smoke_campaign_and_writes_the_report() {
+    if !hilrig_vmm::kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let o = hilrig(&["run", "--out", p(dir.path())]);
+    let stdout = String::from_utf8_lossy(&o.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{stdout}\n{stderr}");
+    let last = stdout.lines().last().unwrap_or("");
+    assert!(
+        last.ends_with("report.html") && Path::new(last).is_file(),
+        "{stdout}"
+    );
+    assert!(stderr.contains("0 fail, 0 timeout, 0 infra"), "{stderr}");
+    // The cases ran on this executable's own VMM (`hilrig vm run`).
+    assert!(stderr.contains(env!("CARGO_BIN_EXE_hilrig")), "{stderr}");
+    let junit = std::fs::read_to_string(Path::new(last).with_file_name("junit.xml")).unwrap();
+    assert!(
+        junit.contains("<testsuite") && !junit.contains("<failure"),
+        "{junit}"
+    );
+}

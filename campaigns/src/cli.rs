@@ -100,6 +100,7 @@ pub fn run(cmd: CampaignCmd) -> anyhow::Result<ExitCode> {
             opts.db = db;
             opts.resume = resume;
             opts.vmm = vmm;
+            self_as_vmm(&mut opts);
             let s = run_campaign(opts)?;
             print_summary(&s);
             Ok(ExitCode::from(s.exit_status()))
@@ -137,6 +138,23 @@ pub fn run(cmd: CampaignCmd) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// When this process is the `hilrig` binary (whose `vm run` is the VMM) and no VMM
+/// was named (`--vmm`, `HILRIG_VMM`, an inventory's `lab.vmm`), run cases with this
+/// very executable: no separate `hilrig-vmm` build is needed, and the VMM is always
+/// the same build as the runner.
+fn self_as_vmm(opts: &mut RunOptions) {
+    if opts.vmm.is_some() || std::env::var_os("HILRIG_VMM").is_some() || opts.inventory.is_some() {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    if exe.file_stem().and_then(|s| s.to_str()) == Some("hilrig") {
+        opts.vmm = Some(exe);
+        opts.vmm_args = vec!["vm".into(), "run".into()];
+    }
+}
+
 /// The main job: the embedded smoke campaign on 2 simulated hosts, results store
 /// and reports under `out_dir` (default `hilrig-out`); prints the report path.
 pub fn main_job(out_dir: Option<&Path>) -> anyhow::Result<ExitCode> {
@@ -145,6 +163,7 @@ pub fn main_job(out_dir: Option<&Path>) -> anyhow::Result<ExitCode> {
     opts.out_dir = out_dir
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("hilrig-out"));
+    self_as_vmm(&mut opts);
     let s = run_campaign(opts)?;
     print_summary(&s);
     Ok(ExitCode::from(s.exit_status()))

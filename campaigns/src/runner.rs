@@ -39,6 +39,9 @@ pub struct RunOptions {
     /// The `hilrig-vmm` executable; default: found like the rig finds it
     /// (`HILRIG_VMM`, next to the running executable, the workspace target dir).
     pub vmm: Option<PathBuf>,
+    /// Arguments put before the VMM flags (e.g. `["vm", "run"]` when `vmm` is the
+    /// `hilrig` executable itself, whose `vm run` is the VMM).
+    pub vmm_args: Vec<String>,
     /// Progress: `None` = a bar on a terminal, plain lines otherwise.
     pub progress: Option<bool>,
 }
@@ -55,6 +58,7 @@ impl RunOptions {
             db: None,
             resume: None,
             vmm: None,
+            vmm_args: Vec::new(),
             progress: None,
         }
     }
@@ -364,6 +368,7 @@ pub async fn run_attempt(
     case: &Case,
     host: &HostSpec,
     vmm: &Path,
+    vmm_args: &[String],
     run_dir: &Path,
     dir: &Path,
 ) -> AttemptResult {
@@ -386,7 +391,8 @@ pub async fn run_attempt(
         let f = |name: &str| dir.join(format!("{k}-{}-{name}", step.payload));
         let (alarms, console, record) = (f("alarms.jsonl"), f("console.txt"), f("teardown.json"));
         let mut cmd = tokio::process::Command::new(vmm);
-        cmd.arg("--payload")
+        cmd.args(vmm_args)
+            .arg("--payload")
             .arg(step.payload)
             .arg("--device")
             .arg(&case.backend)
@@ -660,6 +666,7 @@ pub fn check(
 struct Ctx {
     pool: Pool,
     vmm: PathBuf,
+    vmm_args: Vec<String>,
     run_dir: PathBuf,
     run_id: String,
     store: Mutex<Store>,
@@ -696,7 +703,7 @@ async fn run_case(ctx: Arc<Ctx>, case: Case) -> CaseResult {
                 .join(safe_id(&case.id))
                 .join(format!("r{rep}-a{n}-{}", host.name));
             let t = Instant::now();
-            let r = run_attempt(&case, &host, &ctx.vmm, &ctx.run_dir, &dir).await;
+            let r = run_attempt(&case, &host, &ctx.vmm, &ctx.vmm_args, &ctx.run_dir, &dir).await;
             host_name = host.name.clone();
             attempts.push(Attempt {
                 outcome: r.outcome,
@@ -866,6 +873,7 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
     let ctx = Arc::new(Ctx {
         pool: Pool::new(hosts),
         vmm,
+        vmm_args: opts.vmm_args.clone(),
         run_dir: run_dir.clone(),
         run_id: row.id.clone(),
         store: Mutex::new(store),
