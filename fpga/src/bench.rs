@@ -32,6 +32,7 @@ pub fn simple_sim_device(cycles: u64) -> f64 {
         region_sizes: d.region_sizes,
         serial: 1,
         buffer_words: BUF_WORDS,
+        oob_divisor: crate::core::OOB_DIVISOR,
     });
     let mut sim = simple_sim!(DeviceCore, clock, 100_000_000, ep, {
         let mut x = ep.init()?;

@@ -23,6 +23,8 @@
 //! in block RAMs loaded at configuration.
 
 use crate::bram::Bram;
+use crate::oob::OobEngine;
+use crate::uart::{UartRx, UartTx};
 use hilrig_device::regmap::{self, Reg, BUFFER_SIZE};
 use rust_hdl::prelude::*;
 
@@ -45,7 +47,12 @@ pub struct CoreParams {
     /// Words of data-buffer RAM (the full area for simulation; fewer for a small
     /// synthesis build, where the rest of the area reads 0).
     pub buffer_words: usize,
+    /// Clock cycles per bit of the OOB UART (115200 baud at 12 MHz: 104).
+    pub oob_divisor: u16,
 }
+
+/// The default OOB UART divisor: 115200 baud from a 12 MHz clock.
+pub const OOB_DIVISOR: u16 = 104;
 
 impl CoreParams {
     /// The device `nv` describes, with the full data-buffer area (for simulation).
@@ -55,6 +62,7 @@ impl CoreParams {
             region_sizes: nv.config.region_sizes,
             serial: nv.serial,
             buffer_words: BUF_WORDS,
+            oob_divisor: OOB_DIVISOR,
         }
     }
 
@@ -66,6 +74,7 @@ impl CoreParams {
             region_sizes: [2048, 1024, 256],
             serial,
             buffer_words: 256,
+            oob_divisor: OOB_DIVISOR,
         }
     }
 }
@@ -93,6 +102,11 @@ pub enum CoreState {
     PersistDone,
     /// Walking the data-buffer RAM to zero (when the buffer generation wraps).
     Clear,
+    /// An OOB PHYSICAL_RESET: the cleared state is offered for saving (`nv_*` show
+    /// it) and committed on `persist_ack`; `persist_nak` leaves everything as it was.
+    OobPersist,
+    /// An OOB READ_HASH: the flash read port belongs to the SHA-256 unit.
+    OobHash,
 }
 
 /// The device core.
@@ -174,6 +188,30 @@ pub struct DeviceCore {
     pub nv_epoch: Signal<Out, Bits<32>>,
     /// Hung (for tests and the backend).
     pub hung_out: Signal<Out, Bit>,
+    /// OOB byte interface: request byte (bypassing the UART).
+    pub oob_rx_data: Signal<In, Bits<8>>,
+    /// OOB byte interface: `oob_rx_data` holds a byte.
+    pub oob_rx_valid: Signal<In, Bit>,
+    /// OOB byte interface: the request is complete.
+    pub oob_rx_end: Signal<In, Bit>,
+    /// OOB byte interface: response byte.
+    pub oob_tx_data: Signal<Out, Bits<8>>,
+    /// OOB byte interface: `oob_tx_data` holds a byte.
+    pub oob_tx_valid: Signal<Out, Bit>,
+    /// OOB byte interface: the response byte is taken (when `oob_uart` is low).
+    pub oob_tx_ready: Signal<In, Bit>,
+    /// Send OOB responses on the UART (`uart_tx`) instead of the byte interface.
+    pub oob_uart: Signal<In, Bit>,
+    /// OOB UART receive line (idle high).
+    pub uart_rx: Signal<In, Bit>,
+    /// OOB UART transmit line.
+    pub uart_tx: Signal<Out, Bit>,
+    /// The OOB protocol engine.
+    pub oob: OobEngine,
+    /// OOB UART receiver.
+    pub urx: UartRx,
+    /// OOB UART transmitter.
+    pub utx: UartTx,
 
     /// Flash region RAMs (VBIOS, FIRMWARE, CONFIG).
     pub flash0: Bram<FLASH_ABITS>,
@@ -240,6 +278,15 @@ pub struct DeviceCore {
     nwords: DFF<Bits<20>>,
     dst_w: DFF<Bits<20>>,
     src_w: DFF<Bits<20>>,
+    idle: DFF<Bits<32>>,
+    // Inputs of the OOB engine, each assigned once a pass (a sub-block input written
+    // twice in one Verilog evaluation glitches, and the engine answers combinationally).
+    o_rx_data: Signal<Local, Bits<8>>,
+    o_tx_ready: Signal<Local, Bit>,
+    o_pr_ok: Signal<Local, Bit>,
+    o_pr_fail: Signal<Local, Bit>,
+    o_hash_grant: Signal<Local, Bit>,
+    o_hash_rdata: Signal<Local, Bits<32>>,
 
     // Combinational helpers.
     bm0: Signal<Local, Bits<32>>,
@@ -365,6 +412,7 @@ pub struct DeviceCore {
     k_bm3: Constant<Bits<32>>,
     k_gen_last: Constant<Bits<8>>,
     k_ones: Constant<Bits<32>>,
+    k_idle: Constant<Bits<32>>,
 }
 
 fn c20(v: u32) -> Constant<Bits<20>> {
@@ -429,6 +477,18 @@ impl DeviceCore {
             nv_fuse: Default::default(),
             nv_epoch: Default::default(),
             hung_out: Default::default(),
+            oob_rx_data: Default::default(),
+            oob_rx_valid: Default::default(),
+            oob_rx_end: Default::default(),
+            oob_tx_data: Default::default(),
+            oob_tx_valid: Default::default(),
+            oob_tx_ready: Default::default(),
+            oob_uart: Default::default(),
+            uart_rx: Default::default(),
+            uart_tx: Default::default(),
+            oob: OobEngine::new(p.width, p.serial, p.region_sizes),
+            urx: UartRx::new(p.oob_divisor),
+            utx: UartTx::new(p.oob_divisor),
             flash0: Bram::new(words[0]),
             flash1: Bram::new(words[1]),
             flash2: Bram::new(words[2]),
@@ -482,6 +542,13 @@ impl DeviceCore {
             nwords: Default::default(),
             dst_w: Default::default(),
             src_w: Default::default(),
+            idle: Default::default(),
+            o_rx_data: Default::default(),
+            o_tx_ready: Default::default(),
+            o_pr_ok: Default::default(),
+            o_pr_fail: Default::default(),
+            o_hash_grant: Default::default(),
+            o_hash_rdata: Default::default(),
             bm0: Default::default(),
             bm1: Default::default(),
             bm2: Default::default(),
@@ -603,6 +670,8 @@ impl DeviceCore {
             k_bm3: c32(0xff00_0000),
             k_gen_last: Constant::new(255u64.into()),
             k_ones: c32(u32::MAX),
+            // Two character times of silence end an OOB request on the UART.
+            k_idle: c32(20 * p.oob_divisor as u32),
         }
     }
 }
@@ -662,14 +731,16 @@ pub fn verilog(p: CoreParams) -> String {
     generate_verilog(&uut)
 }
 
+/// Take the clock low on the named registers and RAMs (for `clock_low` methods).
 macro_rules! clock_low {
-    ($s:ident, $($f:ident),* $(,)?) => {
+    ($lvl:expr; $s:expr, $($f:ident),* $(,)?) => {
         $(
-            $s.$f.clock.next = Clock { clk: false };
+            $s.$f.clock.next = Clock { clk: $lvl };
             $s.$f.clock.update_all();
         )*
     };
 }
+pub(crate) use clock_low;
 
 impl DeviceCore {
     /// Take the clock low everywhere without a full evaluation pass. On a settled
@@ -681,12 +752,30 @@ impl DeviceCore {
         self.clock.next = Clock { clk: false };
         self.clock.update_all();
         clock_low!(
-            self, faddr_w, control, scratch0, scratch1, scratch2, scratch3, scratch4, scratch5,
+            false; self, faddr_w, control, scratch0, scratch1, scratch2, scratch3, scratch4, scratch5,
             scratch6, scratch7, doorbell, irq, hung, fregion, faddr, flen, fsrc, fresult, unlocked,
             ustage, badkey, ctr0_lo, ctr0_hi, ctr1_lo, ctr1_hi, ctr2_lo, ctr2_hi, cnt0, cnt1, cnt2,
             master, fuse, epoch, state, q_addr, q_we, q_wdata, q_be, q_rom, fwb, is_prog, cregion,
-            ptr, nwords, dst_w, src_w, gen, flash0, flash1, flash2, bufram, tags, keys,
+            ptr, nwords, dst_w, src_w, gen, idle, flash0, flash1, flash2, bufram, tags, keys,
         );
+        self.oob.clock_to(false);
+        self.urx.clock_to(false);
+        self.utx.clock_to(false);
+    }
+
+    /// Take the clock high on the OOB port's registers (engine, SHA-256, UARTs)
+    /// at once, before the rising-edge settle: otherwise the edge reaches each level
+    /// of sub-blocks one evaluation pass later, and every cycle pays the extra passes.
+    pub fn clock_high_oob(&mut self) {
+        self.oob.clock.next = Clock { clk: true };
+        self.oob.clock.update_all();
+        self.oob.clock_to(true);
+        self.urx.clock.next = Clock { clk: true };
+        self.urx.clock.update_all();
+        self.urx.clock_to(true);
+        self.utx.clock.next = Clock { clk: true };
+        self.utx.clock.update_all();
+        self.utx.clock_to(true);
     }
 }
 
@@ -698,9 +787,49 @@ impl Logic for DeviceCore {
             scratch5, scratch6, scratch7, doorbell, irq, hung, fregion, faddr, flen, fsrc, fresult,
             unlocked, ustage, badkey, ctr0_lo, ctr0_hi, ctr1_lo, ctr1_hi, ctr2_lo, ctr2_hi, cnt0,
             cnt1, cnt2, master, fuse, epoch, state, q_addr, q_we, q_wdata, q_be, q_rom, fwb,
-            is_prog, cregion, ptr, nwords, dst_w, src_w, gen
+            is_prog, cregion, ptr, nwords, dst_w, src_w, gen, idle
         );
-        clock!(self, clock, flash0, flash1, flash2, bufram, tags, keys);
+        clock!(self, clock, flash0, flash1, flash2, bufram, tags, keys, oob, urx, utx);
+
+        // OOB: requests from the byte interface or the UART; a request on the UART
+        // ends after two character times of silence; responses to the byte
+        // interface or the UART.
+        self.urx.rx.next = self.uart_rx.val();
+        self.o_rx_data.next = self.oob_rx_data.val();
+        if self.urx.valid.val() {
+            self.o_rx_data.next = self.urx.data.val();
+        }
+        self.oob.rx_valid.next = self.oob_rx_valid.val() | self.urx.valid.val();
+        self.idle.d.next = 0.into();
+        if self.oob.pending.val() & !self.urx.valid.val() {
+            self.idle.d.next = self.idle.q.val() + 1;
+        }
+        self.oob.rx_end.next = self.oob_rx_end.val() | (self.idle.q.val() == self.k_idle.val());
+        self.utx.data.next = self.oob.tx_data.val();
+        self.utx.start.next = self.oob_uart.val() & self.oob.tx_valid.val();
+        self.o_tx_ready.next = self.oob_tx_ready.val();
+        if self.oob_uart.val() {
+            self.o_tx_ready.next = self.utx.ready.val();
+        }
+        self.uart_tx.next = self.utx.tx.val();
+        self.oob_tx_data.next = self.oob.tx_data.val();
+        self.oob_tx_valid.next = self.oob.tx_valid.val() & !self.oob_uart.val();
+        self.oob.cnt0.next = self.cnt0.q.val();
+        self.oob.cnt1.next = self.cnt1.q.val();
+        self.oob.cnt2.next = self.cnt2.q.val();
+        self.oob.master.next = self.master.q.val();
+        self.oob.fuse.next = self.fuse.q.val();
+        self.oob.epoch.next = self.epoch.q.val();
+        self.o_pr_ok.next = false;
+        self.o_pr_fail.next = false;
+        self.o_hash_grant.next = false;
+        self.o_hash_rdata.next = self.flash0.rdata.val();
+        if self.oob.hash_region.val() == 1 {
+            self.o_hash_rdata.next = self.flash1.rdata.val();
+        }
+        if self.oob.hash_region.val() == 2 {
+            self.o_hash_rdata.next = self.flash2.rdata.val();
+        }
 
         // Byte enables of the latched access, as a bit mask; the trigger value.
         self.bm0.next = 0.into();
@@ -792,6 +921,7 @@ impl Logic for DeviceCore {
         if self.k_width.val() > self.max_cnt.val() {
             self.slots_v.next = bit_cast::<32, 8>(self.k_width.val() - self.max_cnt.val());
         }
+        self.oob.slots.next = self.slots_v.val();
         // FLASH_DATA: the selected region's word at FLASH_ADDR, all-ones past its end.
         self.fdata_v.next = self.k_ones.val();
         if (self.fregion.q.val() == 0) & (self.faddr_w.q.val() < self.k_words0.val()) {
@@ -1002,6 +1132,20 @@ impl Logic for DeviceCore {
                     self.q_be.d.next = self.be.val();
                     self.q_rom.d.next = self.rom_sel.val();
                     self.state.d.next = CoreState::Access;
+                }
+                if self.oob.pr_req.val()
+                    & !self.strobe.val()
+                    & !self.nv_load.val()
+                    & !self.reset.val()
+                {
+                    self.state.d.next = CoreState::OobPersist;
+                }
+                if self.oob.hash_req.val()
+                    & !self.strobe.val()
+                    & !self.nv_load.val()
+                    & !self.reset.val()
+                {
+                    self.state.d.next = CoreState::OobHash;
                 }
                 if self.nv_load.val() {
                     self.ctr0_lo.d.next = self.nv_ctr0_lo_in.val();
@@ -1233,6 +1377,45 @@ impl Logic for DeviceCore {
                     self.state.d.next = CoreState::Idle;
                 }
             }
+            CoreState::OobPersist => {
+                // The state after the physical reset: counters and fuse cleared,
+                // EPOCH + 1, MASTER kept.
+                self.persist_req.next = true;
+                self.nv_ctr0_lo.next = 0.into();
+                self.nv_ctr0_hi.next = 0.into();
+                self.nv_ctr1_lo.next = 0.into();
+                self.nv_ctr1_hi.next = 0.into();
+                self.nv_ctr2_lo.next = 0.into();
+                self.nv_ctr2_hi.next = 0.into();
+                self.nv_fuse.next = false;
+                self.nv_epoch.next = self.epoch.q.val() + 1;
+                if self.persist_ack.val() {
+                    self.ctr0_lo.d.next = 0.into();
+                    self.ctr0_hi.d.next = 0.into();
+                    self.ctr1_lo.d.next = 0.into();
+                    self.ctr1_hi.d.next = 0.into();
+                    self.ctr2_lo.d.next = 0.into();
+                    self.ctr2_hi.d.next = 0.into();
+                    self.cnt0.d.next = 0.into();
+                    self.cnt1.d.next = 0.into();
+                    self.cnt2.d.next = 0.into();
+                    self.fuse.d.next = false;
+                    self.epoch.d.next = self.epoch.q.val() + 1;
+                    self.o_pr_ok.next = true;
+                    self.state.d.next = CoreState::Idle;
+                }
+                if self.persist_nak.val() {
+                    self.o_pr_fail.next = true;
+                    self.state.d.next = CoreState::Idle;
+                }
+            }
+            CoreState::OobHash => {
+                self.o_hash_grant.next = true;
+                self.fl_raddr.next = self.oob.hash_raddr.val();
+                if !self.oob.hash_req.val() {
+                    self.state.d.next = CoreState::Idle;
+                }
+            }
             CoreState::Clear => {
                 self.bufram.waddr.next = bit_cast::<BUF_ABITS, 20>(self.ptr.q.val());
                 self.bufram.wdata.next = 0.into();
@@ -1247,6 +1430,13 @@ impl Logic for DeviceCore {
                 }
             }
         }
+
+        self.oob.rx_data.next = self.o_rx_data.val();
+        self.oob.tx_ready.next = self.o_tx_ready.val();
+        self.oob.pr_ok.next = self.o_pr_ok.val();
+        self.oob.pr_fail.next = self.o_pr_fail.val();
+        self.oob.hash_grant.next = self.o_hash_grant.val();
+        self.oob.hash_rdata.next = self.o_hash_rdata.val();
 
         // Flash RAM ports: the command's region is written.
         self.flash0.raddr.next = self.fl_raddr.val();
@@ -1312,6 +1502,7 @@ mod tests {
             region_sizes: [2048, 1024, 256],
             serial: 1,
             buffer_words: 16,
+            oob_divisor: 4,
         });
         c.connect_all();
         settle(&mut c);

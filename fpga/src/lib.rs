@@ -1,7 +1,8 @@
 //! hilrig-fpga: the reference device in rust-hdl (see README.md).
 //!
 //! - [`core::DeviceCore`]: the synthesizable device core, decoded from the register
-//!   table; [`bram`], [`uart`]: its building blocks;
+//!   table; [`bram`], [`uart`], [`oob`] (the OOB protocol engine), [`sha`]
+//!   (SHA-256 of a region): its building blocks;
 //! - [`Rtl`]: the `rtl` backend, the core simulated in-process;
 //! - [`Lockstep`]: the `lockstep` backend, model and RTL compared on every operation;
 //! - [`difftest`]: seeded random differential testing through `Lockstep`;
@@ -14,7 +15,9 @@ pub mod core;
 pub mod counter;
 pub mod difftest;
 pub mod lockstep;
+pub mod oob;
 pub mod rtl;
+pub mod sha;
 pub mod uart;
 
 pub use bench::bench_rtl;

@@ -11,6 +11,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+/// Cycles an OOB exchange may take once the request is in (READ_HASH of the
+/// largest region, 1 MiB, takes about 1.07M).
+const MAX_OOB_CYCLES: u64 = 2_000_000;
+
 /// Cycles a single access may take before the backend gives up (a hung state
 /// machine would otherwise spin forever).
 const MAX_CYCLES_PER_ACCESS: u64 = 50_000_000;
@@ -84,20 +88,35 @@ pub struct Rtl {
     saves: u64,
     inputs_dirty: bool,
     tracer: Option<Box<Tracer>>,
+    oob_divisor: u16,
 }
 
 impl Rtl {
     /// An RTL device of `nv` kept in memory only (no state file).
     pub fn new(nv: NvState) -> Result<Rtl, DeviceError> {
+        Rtl::with_oob_divisor(nv, crate::core::OOB_DIVISOR)
+    }
+
+    /// An RTL device of `nv` whose OOB UART sends a bit every `divisor` cycles
+    /// (2 and up; see [`Rtl::oob_uart`]).
+    pub fn with_oob_divisor(nv: NvState, divisor: u16) -> Result<Rtl, DeviceError> {
         nv.config
             .validate()
             .map_err(|e| DeviceError::State(StateError::Config(e)))?;
-        let mut core = Box::new(DeviceCore::new(CoreParams::of(&nv)));
+        let params = CoreParams {
+            oob_divisor: divisor,
+            ..CoreParams::of(&nv)
+        };
+        let mut core = Box::new(DeviceCore::new(params));
         core.flash0.load_bytes(&nv.flash[0]);
         core.flash1.load_bytes(&nv.flash[1]);
         core.flash2.load_bytes(&nv.flash[2]);
         core.keys.load_bytes(&nv.device_key);
+        core.oob.load_key(&nv.reset_key);
         core.connect_all();
+        // The OOB UART line idles high; responses go to the byte interface.
+        core.uart_rx.next = true;
+        core.oob_tx_ready.next = true;
         let mut rtl = Rtl {
             core,
             nv,
@@ -106,6 +125,7 @@ impl Rtl {
             saves: 0,
             inputs_dirty: true,
             tracer: None,
+            oob_divisor: divisor,
         };
         rtl.settle_inputs();
         let nv = rtl.nv.clone();
@@ -210,6 +230,7 @@ impl Rtl {
         let c = &mut *self.core;
         c.clock.next = Clock { clk: true };
         c.clock.update_all();
+        c.clock_high_oob();
         settle(c);
         c.clock_low();
         if let Some(t) = &mut self.tracer {
@@ -292,23 +313,29 @@ impl Rtl {
         Ok(())
     }
 
+    /// Serve a persist request: save, answer `persist_ack` (or `persist_nak` when
+    /// saving failed) for one cycle.
+    fn serve_persist(&mut self) -> Result<(), DeviceError> {
+        let r = self.persist();
+        if r.is_ok() {
+            self.core.persist_ack.next = true;
+        } else {
+            self.core.persist_nak.next = true;
+        }
+        self.inputs_dirty = true;
+        self.tick();
+        self.core.persist_ack.next = false;
+        self.core.persist_nak.next = false;
+        self.inputs_dirty = true;
+        r
+    }
+
     /// Run until the core is ready for an access, serving persist requests.
     fn run_until_ready(&mut self) -> Result<(), DeviceError> {
         let start = self.cycles;
         while !self.core.ready.val() {
             if self.core.persist_req.val() {
-                let r = self.persist();
-                if r.is_ok() {
-                    self.core.persist_ack.next = true;
-                } else {
-                    self.core.persist_nak.next = true;
-                }
-                self.inputs_dirty = true;
-                self.tick();
-                self.core.persist_ack.next = false;
-                self.core.persist_nak.next = false;
-                self.inputs_dirty = true;
-                r?;
+                self.serve_persist()?;
                 continue;
             }
             if self.cycles - start > MAX_CYCLES_PER_ACCESS {
@@ -414,25 +441,187 @@ impl Device for Rtl {
         self.run_until_ready()
     }
 
+    /// Served entirely by the RTL OOB engine (`crate::oob::OobEngine`) through the
+    /// core's OOB byte interface ([`Rtl::oob_rtl`]): IDENTIFY, READ_COUNTERS,
+    /// READ_HASH (the SHA-256 unit hashes the region's flash RAM), PHYSICAL_RESET
+    /// (key compared in RTL; the core clears counters and fuse and increments EPOCH,
+    /// saved like every nonvolatile change; a failed save is an `Internal` error
+    /// frame and changes nothing) and every error frame (bad sync, CRC, truncated,
+    /// oversized, unknown command, bad length, bad key, bad region).
     fn oob(&mut self, request: &[u8]) -> Result<Vec<u8>, DeviceError> {
-        // Served from the nonvolatile state read back from the circuit (the OOB UART
-        // RTL is not written yet); a physical reset is loaded back into the core.
         self.run_until_ready()?;
-        let mut nv = self.nv();
-        let before = nv.clone();
-        let store = self.store.clone();
-        let mut saves = 0;
-        let out = hilrig_device::oob::serve(&mut nv, request, &mut |nv| match &store {
-            Some(p) => {
-                saves += 1;
-                nv.save(p).is_ok()
-            }
-            None => true,
-        });
-        self.saves += saves;
-        if nv != before {
-            self.load_nv(&nv);
+        self.oob_rtl(request)
+    }
+}
+
+impl Rtl {
+    /// One OOB exchange through the core's OOB byte interface: the request bytes
+    /// (one every other cycle), the end of the request, then the response bytes as
+    /// the engine sends them. An error if no complete response comes in time.
+    pub fn oob_rtl(&mut self, request: &[u8]) -> Result<Vec<u8>, DeviceError> {
+        for &b in request {
+            self.core.oob_rx_data.next = (b as u64).into();
+            self.core.oob_rx_valid.next = true;
+            self.inputs_dirty = true;
+            self.tick();
+            self.core.oob_rx_valid.next = false;
+            self.inputs_dirty = true;
+            self.tick();
         }
-        Ok(out)
+        self.core.oob_rx_end.next = true;
+        self.inputs_dirty = true;
+        self.tick();
+        self.core.oob_rx_end.next = false;
+        self.inputs_dirty = true;
+        let start = self.cycles;
+        let mut out = Vec::new();
+        loop {
+            self.settle_inputs();
+            if self.core.persist_req.val() {
+                // PHYSICAL_RESET: a failed save is answered by the engine (an
+                // Internal error frame), not by the backend.
+                let _ = self.serve_persist();
+                continue;
+            }
+            if self.core.oob_tx_valid.val() {
+                out.push(self.core.oob_tx_data.val().to_u32() as u8);
+            }
+            self.tick();
+            if out.len() >= 2 && out.len() == out[1] as usize + hilrig_device::oob::OVERHEAD {
+                return Ok(out);
+            }
+            if self.cycles - start > MAX_OOB_CYCLES {
+                return Err(DeviceError::Transport {
+                    what: "rtl simulation".into(),
+                    detail: format!(
+                        "no complete OOB response within {MAX_OOB_CYCLES} cycles (got {})",
+                        hilrig_device::oob::hex_string(&out)
+                    ),
+                });
+            }
+        }
+    }
+
+    /// One OOB exchange through the core's UART, end to end: the request is sent bit
+    /// by bit on `uart_rx` (8N1, back to back, at the core's divisor), the core's
+    /// idle timer ends it, and the response is decoded from `uart_tx` by a software
+    /// receiver sampling mid-bit. An error on a framing error or if no complete
+    /// response comes in time.
+    pub fn oob_uart(&mut self, request: &[u8]) -> Result<Vec<u8>, DeviceError> {
+        self.run_until_ready()?;
+        let d = self.oob_divisor as u64;
+        self.core.oob_uart.next = true;
+        self.inputs_dirty = true;
+        let mut rx = SoftRx::new(d);
+        let fail = |detail: String| DeviceError::Transport {
+            what: "rtl simulation (OOB UART)".into(),
+            detail,
+        };
+        let mut bits = Vec::with_capacity(request.len() * 10);
+        for &b in request {
+            bits.push(false);
+            bits.extend((0..8).map(|i| b & (1 << i) != 0));
+            bits.push(true);
+        }
+        for bit in bits {
+            self.core.uart_rx.next = bit;
+            self.inputs_dirty = true;
+            for _ in 0..d {
+                self.tick();
+                rx.sample(self.core.uart_tx.val());
+            }
+        }
+        self.core.uart_rx.next = true;
+        self.inputs_dirty = true;
+        let start = self.cycles;
+        let budget = MAX_OOB_CYCLES + 1000 * d;
+        let result = loop {
+            if let Some(e) = rx.error {
+                break Err(fail(e));
+            }
+            let out = &rx.bytes;
+            if out.len() >= 2 && out.len() == out[1] as usize + hilrig_device::oob::OVERHEAD {
+                break Ok(rx.bytes.clone());
+            }
+            if self.cycles - start > budget {
+                break Err(fail(format!(
+                    "no complete response within {budget} cycles (got {})",
+                    hilrig_device::oob::hex_string(out)
+                )));
+            }
+            self.settle_inputs();
+            if self.core.persist_req.val() {
+                let _ = self.serve_persist();
+            } else {
+                self.tick();
+            }
+            rx.sample(self.core.uart_tx.val());
+        };
+        // Let the stop bit finish before handing the line back.
+        for _ in 0..d {
+            self.tick();
+        }
+        self.core.oob_uart.next = false;
+        self.inputs_dirty = true;
+        result
+    }
+}
+
+/// A software 8N1 receiver sampling a line once a cycle (for `Rtl::oob_uart`).
+struct SoftRx {
+    d: u64,
+    busy: bool,
+    n: u64,
+    shift: u8,
+    bytes: Vec<u8>,
+    error: Option<String>,
+}
+
+impl SoftRx {
+    fn new(d: u64) -> SoftRx {
+        SoftRx {
+            d,
+            busy: false,
+            n: 0,
+            shift: 0,
+            bytes: Vec::new(),
+            error: None,
+        }
+    }
+
+    fn sample(&mut self, level: bool) {
+        if !self.busy {
+            if !level {
+                self.busy = true;
+                self.n = 0;
+                self.shift = 0;
+            }
+            return;
+        }
+        self.n += 1;
+        let half = self.d / 2;
+        if self.n < half || (self.n - half) % self.d != 0 {
+            return;
+        }
+        match (self.n - half) / self.d {
+            0 => {
+                if level {
+                    self.busy = false; // a glitch, not a start bit
+                }
+            }
+            k @ 1..=8 => {
+                if level {
+                    self.shift |= 1 << (k - 1);
+                }
+            }
+            _ => {
+                if level {
+                    self.bytes.push(self.shift);
+                } else {
+                    self.error = Some(format!("framing error after {} bytes", self.bytes.len()));
+                }
+                self.busy = false;
+            }
+        }
     }
 }

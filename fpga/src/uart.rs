@@ -1,8 +1,8 @@
 //! A UART (8N1) for the OOB port: transmitter and receiver with an elaboration-time
 //! baud divisor (clock cycles per bit). rust-hdl has no UART widget.
 //!
-//! The OOB protocol engine behind it is not RTL yet: the `rtl` backend serves OOB
-//! frames from the nonvolatile state read back from the core (see `Rtl::oob`).
+//! `DeviceCore` instantiates both at `CoreParams::oob_divisor` in front of the OOB
+//! protocol engine (`crate::oob`); see `Rtl::oob_uart` for an end-to-end exchange.
 
 use rust_hdl::prelude::*;
 
@@ -44,6 +44,16 @@ impl UartTx {
             k_div_last: Constant::new(((divisor - 1) as u64).into()),
             k_stop: Constant::new(0x200u64.into()),
         }
+    }
+}
+
+impl UartTx {
+    /// Move the clock (falling edge, or the rising edge fanned out) on the transmitter's registers without a pass (see
+    /// `DeviceCore::clock_low`).
+    pub fn clock_to(&mut self, clk: bool) {
+        self.clock.next = Clock { clk };
+        self.clock.update_all();
+        crate::core::clock_low!(clk; self, busy, shift, bitcnt, divcnt);
     }
 }
 
@@ -129,6 +139,20 @@ impl UartRx {
             k_half_last: Constant::new(((divisor / 2).max(1) as u64 - 1).into()),
             k_msb: Constant::new(0x80u64.into()),
         }
+    }
+}
+
+impl UartRx {
+    /// Move the clock (falling edge, or the rising edge fanned out) on the receiver's registers without a pass (see
+    /// `DeviceCore::clock_low`).
+    pub fn clock_to(&mut self, clk: bool) {
+        self.clock.next = Clock { clk };
+        self.clock.update_all();
+        crate::core::clock_low!(clk; self.sync1, dff);
+        crate::core::clock_low!(clk; self.sync2, dff);
+        crate::core::clock_low!(
+            clk; self, sync1, sync2, busy, divcnt, bitcnt, shift, out, valid_r, ferr_r
+        );
     }
 }
 
