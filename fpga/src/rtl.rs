@@ -145,15 +145,7 @@ impl Rtl {
     /// Create a new state file at `path` holding `nv` and open it. Refuses to replace
     /// an existing file.
     pub fn create(path: &Path, nv: NvState) -> Result<Rtl, DeviceError> {
-        if path.exists() {
-            return Err(DeviceError::State(StateError::Io {
-                path: path.to_path_buf(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::AlreadyExists,
-                    "already exists; refusing to replace a device's state",
-                ),
-            }));
-        }
+        hilrig_device::state::refuse_existing(path)?;
         let mut r = Rtl::new(nv)?;
         r.store = Some(path.to_path_buf());
         r.persist()?;
@@ -302,12 +294,8 @@ impl Rtl {
     }
 
     fn persist(&mut self) -> Result<(), DeviceError> {
-        if let Some(p) = &self.store {
-            let nv = self.nv();
-            nv.save(p).map_err(|source| DeviceError::Persist {
-                path: p.clone(),
-                source,
-            })?;
+        if self.store.is_some() && hilrig_device::state::persist(&self.nv(), self.store.as_deref())?
+        {
             self.saves += 1;
         }
         Ok(())

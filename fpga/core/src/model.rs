@@ -3,7 +3,7 @@
 
 use crate::device::{byte_mask_bits, Device, DeviceError, ResetKind};
 use crate::regmap::*;
-use crate::state::{NvState, StateError};
+use crate::state::NvState;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
@@ -145,15 +145,7 @@ impl Model {
     /// Create a new state file at `path` holding `nv` and open it. Refuses to replace
     /// an existing file.
     pub fn create(path: &Path, nv: NvState) -> Result<Model, DeviceError> {
-        if path.exists() {
-            return Err(DeviceError::State(StateError::Io {
-                path: path.to_path_buf(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::AlreadyExists,
-                    "already exists; refusing to replace a device's state",
-                ),
-            }));
-        }
+        crate::state::refuse_existing(path)?;
         let mut m = Model::new(nv)?;
         m.store = Some(path.to_path_buf());
         m.persist()?;
@@ -186,11 +178,7 @@ impl Model {
     }
 
     fn persist(&mut self) -> Result<(), DeviceError> {
-        if let Some(p) = &self.store {
-            self.nv.save(p).map_err(|source| DeviceError::Persist {
-                path: p.clone(),
-                source,
-            })?;
+        if crate::state::persist(&self.nv, self.store.as_deref())? {
             self.stats.saves += 1;
         }
         Ok(())

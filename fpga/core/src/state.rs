@@ -393,6 +393,33 @@ impl NvState {
     }
 }
 
+/// Refuse to create a device's state file where one already exists (a device's
+/// nonvolatile state is never replaced by accident).
+pub fn refuse_existing(path: &Path) -> Result<(), StateError> {
+    if path.exists() {
+        return Err(StateError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "already exists; refusing to replace a device's state",
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Save `nv` to the state file `store`, if the device has one (every backend's
+/// persist step); the error names the file.
+pub fn persist(nv: &NvState, store: Option<&Path>) -> Result<bool, crate::device::DeviceError> {
+    let Some(p) = store else { return Ok(false) };
+    nv.save(p)
+        .map_err(|source| crate::device::DeviceError::Persist {
+            path: p.to_path_buf(),
+            source,
+        })?;
+    Ok(true)
+}
+
 /// Write `bytes` to `path` atomically (temporary file, fsync, rename, fsync dir).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = match path.parent() {
