@@ -229,6 +229,9 @@ pub struct Installed<T> {
 pub struct Slot<T> {
     name: String,
     current: RwLock<Arc<Installed<T>>>,
+    /// The installed version, readable without the lock (the hot trap path asks
+    /// whether any device handler is installed on every access).
+    version: AtomicU64,
     stale_calls: AtomicU64,
     retries: AtomicU64,
     alarm: Box<dyn Fn(&CallError) + Send + Sync>,
@@ -256,6 +259,7 @@ impl<T> Slot<T> {
                 version,
                 valid: AtomicBool::new(true),
             })),
+            version: AtomicU64::new(version),
             stale_calls: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             alarm,
@@ -275,8 +279,9 @@ impl<T> Slot<T> {
     }
 
     /// The installed version.
+    #[inline]
     pub fn version(&self) -> u64 {
-        self.load().version
+        self.version.load(Ordering::Acquire)
     }
 
     /// A handle to the current version.
@@ -295,10 +300,10 @@ impl<T> Slot<T> {
             version,
             valid: AtomicBool::new(true),
         });
-        let old = std::mem::replace(
-            &mut *self.current.write().unwrap_or_else(|e| e.into_inner()),
-            new,
-        );
+        let mut cur = self.current.write().unwrap_or_else(|e| e.into_inner());
+        let old = std::mem::replace(&mut *cur, new);
+        self.version.store(version, Ordering::Release);
+        drop(cur);
         old.valid.store(false, Ordering::Release);
         old.version
     }
