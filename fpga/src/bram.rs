@@ -6,7 +6,6 @@
 use rust_hdl::prelude::*;
 
 /// Block RAM with `2^A` addressable words, of which `words()` exist.
-#[derive(LogicBlock)]
 pub struct Bram<const A: usize> {
     /// Clock.
     pub clock: Signal<In, Clock>,
@@ -24,6 +23,17 @@ pub struct Bram<const A: usize> {
     pub we: Signal<In, Bit>,
     _mem: Vec<u32>,
 }
+
+crate::sim::sim_block!(manual_clocked impl[const A: usize] Bram<A>, Bram {
+    clock: clock,
+    raddr: edge,
+    rdata: output,
+    waddr: edge,
+    wdata: edge,
+    wbe: edge,
+    we: edge,
+    _mem: skip,
+});
 
 impl<const A: usize> Bram<A> {
     /// A RAM of `words` words (at most `2^A`), all zero.
@@ -68,6 +78,16 @@ impl<const A: usize> Bram<A> {
         for (w, c) in self._mem.iter().zip(out.chunks_exact_mut(4)) {
             c.copy_from_slice(&w.to_le_bytes());
         }
+    }
+}
+
+impl<const A: usize> crate::sim::Clocked for Bram<A> {
+    fn clock_to(&mut self, clk: bool, silent: bool) {
+        crate::sim::move_clock(&mut self.clock, clk, silent);
+    }
+    fn edge_is_noop(&self) -> bool {
+        let r = self.raddr.val().index();
+        !self.we.val() && self.rdata.val().to_u32() == self._mem.get(r).copied().unwrap_or(0)
     }
 }
 

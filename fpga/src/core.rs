@@ -24,6 +24,7 @@
 
 use crate::bram::Bram;
 use crate::oob::OobEngine;
+use crate::sim::Clocked;
 use crate::uart::{UartRx, UartTx};
 use hilrig_device::regmap::{self, Reg, BUFFER_SIZE};
 use rust_hdl::prelude::*;
@@ -110,7 +111,6 @@ pub enum CoreState {
 }
 
 /// The device core.
-#[derive(LogicBlock)]
 pub struct DeviceCore {
     /// Clock.
     pub clock: Signal<In, Clock>,
@@ -414,6 +414,241 @@ pub struct DeviceCore {
     k_ones: Constant<Bits<32>>,
     k_idle: Constant<Bits<32>>,
 }
+
+crate::sim::sim_block!(impl[] DeviceCore, DeviceCore {
+    clock: clock,
+    reset: input,
+    strobe: input,
+    addr: input,
+    we: input,
+    wdata: input,
+    be: input,
+    rom_sel: input,
+    ready: output,
+    ack: output,
+    rdata: output,
+    busy: output,
+    persist_req: output,
+    persist_ack: input,
+    persist_nak: input,
+    nv_load: input,
+    nv_ctr0_lo_in: input,
+    nv_ctr0_hi_in: input,
+    nv_ctr1_lo_in: input,
+    nv_ctr1_hi_in: input,
+    nv_ctr2_lo_in: input,
+    nv_ctr2_hi_in: input,
+    nv_cnt0_in: input,
+    nv_cnt1_in: input,
+    nv_cnt2_in: input,
+    nv_master_in: input,
+    nv_fuse_in: input,
+    nv_epoch_in: input,
+    nv_ctr0_lo: output,
+    nv_ctr0_hi: output,
+    nv_ctr1_lo: output,
+    nv_ctr1_hi: output,
+    nv_ctr2_lo: output,
+    nv_ctr2_hi: output,
+    nv_master: output,
+    nv_fuse: output,
+    nv_epoch: output,
+    hung_out: output,
+    oob_rx_data: input,
+    oob_rx_valid: input,
+    oob_rx_end: input,
+    oob_tx_data: output,
+    oob_tx_valid: output,
+    oob_tx_ready: input,
+    oob_uart: input,
+    uart_rx: input,
+    uart_tx: output,
+    oob: block,
+    urx: block,
+    utx: block,
+    flash0: block,
+    flash1: block,
+    flash2: block,
+    bufram: block,
+    tags: block,
+    keys: block,
+    control: dff,
+    scratch0: dff,
+    scratch1: dff,
+    scratch2: dff,
+    scratch3: dff,
+    scratch4: dff,
+    scratch5: dff,
+    scratch6: dff,
+    scratch7: dff,
+    doorbell: dff,
+    irq: dff,
+    hung: dff,
+    fregion: dff,
+    faddr: dff,
+    flen: dff,
+    fsrc: dff,
+    fresult: dff,
+    unlocked: dff,
+    ustage: dff,
+    badkey: dff,
+    ctr0_lo: dff,
+    ctr0_hi: dff,
+    ctr1_lo: dff,
+    ctr1_hi: dff,
+    ctr2_lo: dff,
+    ctr2_hi: dff,
+    cnt0: dff,
+    cnt1: dff,
+    cnt2: dff,
+    master: dff,
+    fuse: dff,
+    epoch: dff,
+    state: dff,
+    q_addr: dff,
+    faddr_w: dff,
+    q_we: dff,
+    q_wdata: dff,
+    q_be: dff,
+    q_rom: dff,
+    fwb: dff,
+    gen: dff,
+    is_prog: dff,
+    cregion: dff,
+    ptr: dff,
+    nwords: dff,
+    dst_w: dff,
+    src_w: dff,
+    idle: dff,
+    o_rx_data: local,
+    o_tx_ready: local,
+    o_pr_ok: local,
+    o_pr_fail: local,
+    o_hash_grant: local,
+    o_hash_rdata: local,
+    bm0: local,
+    bm1: local,
+    bm2: local,
+    bm3: local,
+    bmask: local,
+    trig: local,
+    s_id: local,
+    s_version: local,
+    s_status: local,
+    s_control: local,
+    s_scratch: local,
+    s_doorbell: local,
+    s_irq: local,
+    s_hang: local,
+    s_softreset: local,
+    s_serial: local,
+    s_fregion: local,
+    s_faddr: local,
+    s_fdata: local,
+    s_flen: local,
+    s_fsrc: local,
+    s_fcmd: local,
+    s_fstatus: local,
+    s_funlock: local,
+    s_counter: local,
+    s_master: local,
+    s_fuse: local,
+    s_slots: local,
+    s_width: local,
+    s_epoch: local,
+    s_key: local,
+    s_buffer: local,
+    sc_idx: local,
+    se_idx: local,
+    co_idx: local,
+    rd: local,
+    status_v: local,
+    st_f: local,
+    st_u: local,
+    st_i: local,
+    fs_u: local,
+    fs_b: local,
+    fdata_v: local,
+    max_cnt: local,
+    slots_v: local,
+    cur_top: local,
+    cur_cnt: local,
+    new_cnt: local,
+    r_words: local,
+    r_rdata: local,
+    args_ok: local,
+    do_clear: local,
+    stale: local,
+    buf_v: local,
+    fl_raddr: local,
+    fl_waddr: local,
+    fl_wdata: local,
+    fl_we: local,
+    a_id: konst,
+    a_version: konst,
+    a_status: konst,
+    a_control: konst,
+    a_scratch: konst,
+    e_scratch: konst,
+    a_doorbell: konst,
+    a_irq: konst,
+    a_hang: konst,
+    a_softreset: konst,
+    a_serial: konst,
+    e_serial: konst,
+    a_fregion: konst,
+    a_faddr: konst,
+    a_fdata: konst,
+    a_flen: konst,
+    a_fsrc: konst,
+    a_fcmd: konst,
+    a_fstatus: konst,
+    a_funlock: konst,
+    a_counter: konst,
+    e_counter: konst,
+    a_master: konst,
+    a_fuse: konst,
+    a_slots: konst,
+    a_width: konst,
+    a_epoch: konst,
+    a_key: konst,
+    e_key: konst,
+    a_buffer: konst,
+    e_buffer: konst,
+    k_id: konst,
+    k_version: konst,
+    k_hang: konst,
+    k_softreset: konst,
+    k_key1: konst,
+    k_key2: konst,
+    k_erase: konst,
+    k_program: konst,
+    k_lock: konst,
+    k_done: konst,
+    k_ref_locked: konst,
+    k_ref_fuse: konst,
+    k_ref_args: konst,
+    k_fs_unlocked: konst,
+    k_fs_badkey: konst,
+    k_st_fuse: konst,
+    k_st_unlocked: konst,
+    k_st_irq: konst,
+    k_width: konst,
+    k_words0: konst,
+    k_words1: konst,
+    k_words2: konst,
+    k_size0: konst,
+    k_size1: konst,
+    k_size2: konst,
+    k_bufsize: konst,
+    k_bufwords: konst,
+    k_serial_lo: konst,
+    k_serial_hi: konst,
+    k_bm3: konst,
+    k_gen_last: konst,
+    k_ones: konst,
+    k_idle: konst,
+});
 
 fn c20(v: u32) -> Constant<Bits<20>> {
     Constant::new((v as u64).into())
@@ -731,51 +966,11 @@ pub fn verilog(p: CoreParams) -> String {
     generate_verilog(&uut)
 }
 
-/// Take the clock low on the named registers and RAMs (for `clock_low` methods).
-macro_rules! clock_low {
-    ($lvl:expr; $s:expr, $($f:ident),* $(,)?) => {
-        $(
-            $s.$f.clock.next = Clock { clk: $lvl };
-            $s.$f.clock.update_all();
-        )*
-    };
-}
-pub(crate) use clock_low;
-
 impl DeviceCore {
-    /// Take the clock low everywhere without a full evaluation pass. On a settled
-    /// circuit the falling edge changes nothing but the clock wires (every register
-    /// acts on the rising edge), so this is what a pass would do, at a fraction of
-    /// the cost. `tests::falling_edge_fanout_is_complete` keeps the list in step
-    /// with `dff_setup!`/`clock!` in `update`.
-    pub fn clock_low(&mut self) {
-        self.clock.next = Clock { clk: false };
-        self.clock.update_all();
-        clock_low!(
-            false; self, faddr_w, control, scratch0, scratch1, scratch2, scratch3, scratch4, scratch5,
-            scratch6, scratch7, doorbell, irq, hung, fregion, faddr, flen, fsrc, fresult, unlocked,
-            ustage, badkey, ctr0_lo, ctr0_hi, ctr1_lo, ctr1_hi, ctr2_lo, ctr2_hi, cnt0, cnt1, cnt2,
-            master, fuse, epoch, state, q_addr, q_we, q_wdata, q_be, q_rom, fwb, is_prog, cregion,
-            ptr, nwords, dst_w, src_w, gen, idle, flash0, flash1, flash2, bufram, tags, keys,
-        );
-        self.oob.clock_to(false);
-        self.urx.clock_to(false);
-        self.utx.clock_to(false);
-    }
-
-    /// Take the clock high on the OOB port's registers (engine, SHA-256, UARTs)
-    /// at once, before the rising-edge settle: otherwise the edge reaches each level
-    /// of sub-blocks one evaluation pass later, and every cycle pays the extra passes.
-    pub fn clock_high_oob(&mut self) {
-        self.oob.clock.next = Clock { clk: true };
-        self.oob.clock.update_all();
-        self.oob.clock_to(true);
-        self.urx.clock.next = Clock { clk: true };
-        self.urx.clock.update_all();
-        self.urx.clock_to(true);
-        self.utx.clock.next = Clock { clk: true };
-        self.utx.clock.update_all();
-        self.utx.clock_to(true);
+    /// Move the clock on every register and RAM at once, without an evaluation
+    /// pass (see [`Clocked::clock_to`]): what the `rtl` backend does on each edge.
+    pub fn clock_to(&mut self, clk: bool) {
+        Clocked::clock_to(self, clk, false);
     }
 }
 
@@ -1495,8 +1690,7 @@ mod tests {
     use super::*;
     use crate::counter::settle;
 
-    #[test]
-    fn falling_edge_fanout_is_complete() {
+    fn small_core() -> DeviceCore {
         let mut c = DeviceCore::new(CoreParams {
             width: 4,
             region_sizes: [2048, 1024, 256],
@@ -1506,16 +1700,69 @@ mod tests {
         });
         c.connect_all();
         settle(&mut c);
+        c
+    }
+
+    #[test]
+    fn clock_fanout_is_complete() {
+        let mut c = small_core();
         for _ in 0..3 {
             c.clock.next = Clock { clk: true };
             settle(&mut c);
-            c.clock_low();
+            c.clock_to(false);
             // A full pass now must find nothing left to change.
             c.update_all();
             assert!(
                 !c.has_changed(),
-                "a register's clock is missing from clock_low"
+                "a register's clock is missing from clock_to"
             );
+        }
+    }
+
+    /// Fanning the rising edge out before the settle latches the same values as
+    /// letting the clock propagate pass by pass: two cores, one clocked each way,
+    /// driven with the same bus traffic, agree on every output after every edge.
+    #[test]
+    fn rising_edge_fanout_matches_propagation() {
+        let mut a = small_core();
+        let mut b = small_core();
+        let mut x = 0x1234_5678u32;
+        for cycle in 0..4000 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            for c in [&mut a, &mut b] {
+                c.strobe.next = x & 3 == 0;
+                c.addr.next = (((x >> 8) % 0x1100) as u64).into();
+                c.we.next = x & 4 != 0;
+                c.wdata.next = ((x.rotate_left(7)) as u64).into();
+                c.be.next = (((x >> 4) & 0xf) as u64).into();
+                c.persist_ack.next = c.persist_req.val();
+                c.oob_rx_valid.next = x & 0x30 == 0x30;
+                c.oob_rx_data.next = (((x >> 20) & 0xff) as u64).into();
+                c.oob_tx_ready.next = true;
+                settle(c);
+            }
+            a.clock_to(true);
+            settle(&mut a);
+            a.clock_to(false);
+            b.clock.next = Clock { clk: true };
+            settle(&mut b);
+            b.clock.next = Clock { clk: false };
+            settle(&mut b);
+            let out = |c: &DeviceCore| {
+                (
+                    c.ready.val(),
+                    c.ack.val(),
+                    c.rdata.val(),
+                    c.persist_req.val(),
+                    c.oob_tx_valid.val(),
+                    c.oob_tx_data.val(),
+                    c.nv_master.val(),
+                    c.nv_ctr0_lo.val(),
+                )
+            };
+            assert_eq!(out(&a), out(&b), "cycle {cycle}");
         }
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! - [`core::DeviceCore`]: the synthesizable device core, decoded from the register
 //!   table; [`bram`], [`uart`], [`oob`] (the OOB protocol engine), [`sha`]
-//!   (SHA-256 of a region): its building blocks;
+//!   (SHA-256 of a region): its building blocks; [`sim`]: how they are simulated
+//!   fast (hand-written `Block` impls, gated blocks, clock fan-out);
 //! - [`Rtl`]: the `rtl` backend, the core simulated in-process;
 //! - [`Lockstep`]: the `lockstep` backend, model and RTL compared on every operation;
 //! - [`difftest`]: seeded random differential testing through `Lockstep`;
@@ -18,6 +19,7 @@ pub mod lockstep;
 pub mod oob;
 pub mod rtl;
 pub mod sha;
+pub mod sim;
 pub mod uart;
 
 pub use bench::bench_rtl;

@@ -2,7 +2,6 @@
 //! directly (set inputs, settle, toggle the clock) — no `simple_sim!` threads.
 
 use crate::core::{CoreParams, DeviceCore};
-use crate::counter::settle;
 use hilrig_device::device::{Device, DeviceError, ResetKind};
 use hilrig_device::regmap::{Region, BAR0_SIZE};
 use hilrig_device::state::{NvState, StateError};
@@ -18,6 +17,20 @@ const MAX_OOB_CYCLES: u64 = 2_000_000;
 /// Cycles a single access may take before the backend gives up (a hung state
 /// machine would otherwise spin forever).
 const MAX_CYCLES_PER_ACCESS: u64 = 50_000_000;
+
+/// Run evaluation passes until nothing inside the core changed (its outputs are
+/// read by this backend, not by the circuit); returns the passes run.
+#[inline]
+fn settle(c: &mut DeviceCore) -> u64 {
+    let mut n = 0;
+    loop {
+        c.update_all();
+        n += 1;
+        if !c.changed_within() {
+            return n;
+        }
+    }
+}
 
 /// A growable byte buffer shared with a VCD writer.
 #[derive(Clone, Default)]
@@ -85,6 +98,7 @@ pub struct Rtl {
     nv: NvState,
     store: Option<PathBuf>,
     cycles: u64,
+    passes: u64,
     saves: u64,
     inputs_dirty: bool,
     tracer: Option<Box<Tracer>>,
@@ -122,6 +136,7 @@ impl Rtl {
             nv,
             store: None,
             cycles: 0,
+            passes: 0,
             saves: 0,
             inputs_dirty: true,
             tracer: None,
@@ -155,6 +170,12 @@ impl Rtl {
     /// Clock cycles simulated so far.
     pub fn cycles(&self) -> u64 {
         self.cycles
+    }
+
+    /// Evaluation passes over the whole circuit so far (the cost of simulation:
+    /// each settle runs passes until nothing changes).
+    pub fn passes(&self) -> u64 {
+        self.passes
     }
 
     /// State-file saves so far.
@@ -205,26 +226,24 @@ impl Rtl {
 
     fn settle_inputs(&mut self) {
         if self.inputs_dirty {
-            settle(&mut *self.core);
+            self.core.move_inputs();
+            self.passes += settle(&mut self.core);
             self.inputs_dirty = false;
         }
     }
 
     /// One clock cycle: settle changed inputs, rising edge, falling edge.
     ///
-    /// The top-level clock input is moved on its own before the rising-edge settle
-    /// (it drives nothing but the clock inputs below it), which saves a pass. The
-    /// falling edge acts on nothing: `DeviceCore::clock_low` fans it out without a
-    /// pass.
+    /// Both edges are fanned out to every register at once
+    /// (`DeviceCore::clock_to`): the rising edge is latched in the first pass of the
+    /// settle, and the falling edge, which acts on nothing, takes no pass.
     #[inline]
     pub fn tick(&mut self) {
         self.settle_inputs();
         let c = &mut *self.core;
-        c.clock.next = Clock { clk: true };
-        c.clock.update_all();
-        c.clock_high_oob();
-        settle(c);
-        c.clock_low();
+        c.clock_to(true);
+        self.passes += settle(c);
+        c.clock_to(false);
         if let Some(t) = &mut self.tracer {
             if self.cycles - t.start >= t.window {
                 t.begin(c, self.cycles);

@@ -7,7 +7,6 @@
 use rust_hdl::prelude::*;
 
 /// UART transmitter, 8 data bits, no parity, 1 stop bit, LSB first.
-#[derive(LogicBlock)]
 pub struct UartTx {
     /// Clock.
     pub clock: Signal<In, Clock>,
@@ -25,7 +24,24 @@ pub struct UartTx {
     divcnt: DFF<Bits<16>>,
     k_div_last: Constant<Bits<16>>,
     k_stop: Constant<Bits<10>>,
+    /// Simulation only: the last evaluation changed nothing (see `crate::sim`).
+    _quiet: bool,
 }
+
+crate::sim::sim_block!(gated(_quiet) impl[] UartTx, UartTx {
+    clock: clock,
+    data: input,
+    start: input,
+    ready: output,
+    tx: output,
+    busy: dff,
+    shift: dff,
+    bitcnt: dff,
+    divcnt: dff,
+    k_div_last: konst,
+    k_stop: konst,
+    _quiet: skip,
+});
 
 impl UartTx {
     /// A transmitter sending one bit every `divisor` clock cycles (2..=65535).
@@ -43,17 +59,8 @@ impl UartTx {
             divcnt: Default::default(),
             k_div_last: Constant::new(((divisor - 1) as u64).into()),
             k_stop: Constant::new(0x200u64.into()),
+            _quiet: false,
         }
-    }
-}
-
-impl UartTx {
-    /// Move the clock (falling edge, or the rising edge fanned out) on the transmitter's registers without a pass (see
-    /// `DeviceCore::clock_low`).
-    pub fn clock_to(&mut self, clk: bool) {
-        self.clock.next = Clock { clk };
-        self.clock.update_all();
-        crate::core::clock_low!(clk; self, busy, shift, bitcnt, divcnt);
     }
 }
 
@@ -89,7 +96,6 @@ impl Logic for UartTx {
 
 /// UART receiver, 8N1: a two-flop synchronizer, start-bit check at mid-bit, data
 /// sampled mid-bit, stop bit checked.
-#[derive(LogicBlock)]
 pub struct UartRx {
     /// Clock.
     pub clock: Signal<In, Clock>,
@@ -113,13 +119,37 @@ pub struct UartRx {
     k_div_last: Constant<Bits<16>>,
     k_half_last: Constant<Bits<16>>,
     k_msb: Constant<Bits<8>>,
+    /// Simulation only: the last evaluation changed nothing (see `crate::sim`).
+    _quiet: bool,
 }
+
+crate::sim::sim_block!(gated(_quiet) impl[] UartRx, UartRx {
+    clock: clock,
+    rx: input,
+    data: output,
+    valid: output,
+    frame_error: output,
+    sync1: block,
+    sync2: block,
+    busy: dff,
+    divcnt: dff,
+    bitcnt: dff,
+    shift: dff,
+    out: dff,
+    valid_r: dff,
+    ferr_r: dff,
+    k_div_last: konst,
+    k_half_last: konst,
+    k_msb: konst,
+    _quiet: skip,
+});
 
 impl UartRx {
     /// A receiver for one bit every `divisor` clock cycles (2..=65535).
     pub fn new(divisor: u16) -> UartRx {
         assert!(divisor >= 2, "baud divisor {divisor} is below 2");
         UartRx {
+            _quiet: false,
             clock: Default::default(),
             rx: Default::default(),
             data: Default::default(),
@@ -139,20 +169,6 @@ impl UartRx {
             k_half_last: Constant::new(((divisor / 2).max(1) as u64 - 1).into()),
             k_msb: Constant::new(0x80u64.into()),
         }
-    }
-}
-
-impl UartRx {
-    /// Move the clock (falling edge, or the rising edge fanned out) on the receiver's registers without a pass (see
-    /// `DeviceCore::clock_low`).
-    pub fn clock_to(&mut self, clk: bool) {
-        self.clock.next = Clock { clk };
-        self.clock.update_all();
-        crate::core::clock_low!(clk; self.sync1, dff);
-        crate::core::clock_low!(clk; self.sync2, dff);
-        crate::core::clock_low!(
-            clk; self, sync1, sync2, busy, divcnt, bitcnt, shift, out, valid_r, ferr_r
-        );
     }
 }
 
