@@ -1,0 +1,2 @@
+//! hilrig-flow: the iCE40 tool flow and the MPSSE flash programmer (see README.md).
+#![deny(missing_docs)]
