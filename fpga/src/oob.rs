@@ -210,6 +210,8 @@ pub struct OobEngine {
     ereq: DFF<Bits<8>>,
     ti: DFF<Bits<8>>,
     hstarted: DFF<Bit>,
+    /// The flash read port was granted last cycle (its read data is valid now).
+    gprev: DFF<Bit>,
 
     want: Signal<Local, Bits<8>>,
     body_end: Signal<Local, Bits<8>>,
@@ -285,6 +287,7 @@ crate::sim::sim_block!(gated(_quiet) impl[] OobEngine, OobEngine {
     ereq: dff,
     ti: dff,
     hstarted: dff,
+    gprev: dff,
     want: local,
     body_end: local,
     kbyte: local,
@@ -351,6 +354,7 @@ impl OobEngine {
             hash_raddr: Default::default(),
             hash_rdata: Default::default(),
             hstarted: Default::default(),
+            gprev: Default::default(),
             st: Default::default(),
             cnt: Default::default(),
             len: Default::default(),
@@ -406,7 +410,7 @@ impl Logic for OobEngine {
     fn update(&mut self) {
         dff_setup!(
             self, clock, st, cnt, len, seq, rcmd_in, arg, sync_bad, crc, rcrc_lo, rcrc_hi, kbad,
-            kword, klane, rtype, rcmd, rlen, ecode, ereq, ti, hstarted
+            kword, klane, rtype, rcmd, rlen, ecode, ereq, ti, hstarted, gprev
         );
         clock!(self, clock, rkey, sha);
 
@@ -435,6 +439,10 @@ impl Logic for OobEngine {
         self.hash_region.next = bit_cast::<2, 8>(self.arg.q.val());
         self.hash_raddr.next = self.sha.raddr.val();
         self.sha.rdata.next = self.hash_rdata.val();
+        // The core may take the flash port back mid-hash (a host reset moves it to
+        // Idle): the unit stalls until the port has been back for a cycle.
+        self.gprev.d.next = self.hash_grant.val();
+        self.sha.en.next = self.hash_grant.val() & self.gprev.q.val();
         self.sha.start.next = false;
         self.sha.dsel.next = bit_cast::<5, 8>(self.p.val() - 1);
         self.nw.next = self.k_words0.val();

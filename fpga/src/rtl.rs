@@ -466,6 +466,27 @@ impl Rtl {
     /// (one every other cycle), the end of the request, then the response bytes as
     /// the engine sends them. An error if no complete response comes in time.
     pub fn oob_rtl(&mut self, request: &[u8]) -> Result<Vec<u8>, DeviceError> {
+        self.oob_rtl_with_host_resets(request, &[])
+    }
+
+    /// [`Rtl::oob_rtl`] with host resets (the core's `reset` input, as a PCIe reset
+    /// or FLR drives it) pulsed `reset_at` cycles after the request is in, while the
+    /// engine works on it. The OOB port does not belong to the host: the response
+    /// must be the same as without them.
+    pub fn oob_rtl_with_host_resets(
+        &mut self,
+        request: &[u8],
+        reset_at: &[u64],
+    ) -> Result<Vec<u8>, DeviceError> {
+        let r = self.oob_exchange(request, reset_at);
+        if self.core.reset.val() {
+            self.core.reset.next = false;
+            self.inputs_dirty = true;
+        }
+        r
+    }
+
+    fn oob_exchange(&mut self, request: &[u8], reset_at: &[u64]) -> Result<Vec<u8>, DeviceError> {
         for &b in request {
             self.core.oob_rx_data.next = (b as u64).into();
             self.core.oob_rx_valid.next = true;
@@ -492,6 +513,12 @@ impl Rtl {
             }
             if self.core.oob_tx_valid.val() {
                 out.push(self.core.oob_tx_data.val().to_u32() as u8);
+            }
+            let pulse = reset_at.contains(&(self.cycles - start));
+            if pulse != self.core.reset.val() {
+                self.core.reset.next = pulse;
+                self.inputs_dirty = true;
+                self.settle_inputs();
             }
             self.tick();
             if out.len() >= 2 && out.len() == out[1] as usize + hilrig_device::oob::OVERHEAD {

@@ -44,6 +44,21 @@ struct ShaRegs {
     v: [u32; 8],
     w: [u32; 16],
     done: bool,
+    /// The address whose word the next step consumes (the one presented in the
+    /// cycle before the last step): presented again while stalled, so that the
+    /// word is in the RAM's output register when the unit is enabled again.
+    need: u32,
+}
+
+impl ShaRegs {
+    /// The read address for the word the step after the next one consumes.
+    fn ahead(&self) -> u32 {
+        match self.st {
+            2 => self.base + self.t + 1,
+            3 => self.base + 16,
+            _ => self.base,
+        }
+    }
 }
 
 /// The SHA-256 unit.
@@ -53,6 +68,10 @@ pub struct Sha256Unit {
     pub clock: Signal<In, Clock>,
     /// Start hashing (while idle).
     pub start: Signal<In, Bit>,
+    /// Step (while hashing): low stalls the unit, e.g. while the message RAM's read
+    /// port is lent to someone else. `rdata` must hold the word at `raddr` as of the
+    /// edge `en` is high on, so it goes high one cycle after the port comes back.
+    pub en: Signal<In, Bit>,
     /// Message length in 32-bit words (sampled throughout: hold it).
     pub nwords: Signal<In, Bits<20>>,
     /// Message RAM read address.
@@ -82,6 +101,7 @@ impl Sha256Unit {
         Sha256Unit {
             clock: Default::default(),
             start: Default::default(),
+            en: Default::default(),
             nwords: Default::default(),
             raddr: Default::default(),
             rdata: Default::default(),
@@ -175,22 +195,26 @@ impl crate::sim::Clocked for Sha256Unit {
         crate::sim::move_clock(&mut self.clock, clk, silent);
     }
     fn edge_is_noop(&self) -> bool {
-        // Idle, no digest to retire, not started: `step` would change nothing.
-        self._r.st == 0 && !self._r.done && !self.start.val()
+        // Idle, no digest to retire, not started, `need` current: an edge would
+        // change nothing.
+        let r = &self._r;
+        r.st == 0 && !r.done && !self.start.val() && r.need == r.ahead()
     }
 }
 
 impl Logic for Sha256Unit {
     fn update(&mut self) {
         if self.clock.pos_edge() {
-            self.step();
+            if self._r.st == 0 || self.en.val() {
+                let a = self._r.ahead();
+                self.step();
+                self._r.need = a;
+            } else {
+                self._r.done = false;
+            }
         }
         let r = &self._r;
-        let a = match r.st {
-            2 => r.base + r.t + 1,
-            3 => r.base + 16,
-            _ => r.base,
-        };
+        let a = if self.en.val() { r.ahead() } else { r.need };
         self.raddr.next = ((a & 0x3_ffff) as u64).into();
         self.done.next = r.done;
         self.busy.next = r.st != 0;
@@ -213,7 +237,7 @@ impl Logic for Sha256Unit {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        v.push_str("reg [1:0] st = 0;\nreg [5:0] t = 0;\nreg [19:0] base = 0;\nreg done_r = 0;\n");
+        v.push_str("reg [1:0] st = 0;\nreg [5:0] t = 0;\nreg [19:0] base = 0;\nreg done_r = 0;\nreg [19:0] need = 0;\nreg [19:0] ra;\n");
         v.push_str(&format!("reg [31:0] {};\n", regs("h", 8)));
         v.push_str(&format!("reg [31:0] {};\n", regs("v", 8)));
         v.push_str(&format!("reg [31:0] {};\n", regs("w", 16)));
@@ -260,6 +284,8 @@ wire [31:0] maj = (v0 & v1) ^ (v0 & v2) ^ (v1 & v2);
 wire [31:0] t2 = bs0 + maj;
 always @(posedge clock) begin
    done_r <= 1'b0;
+   if (st == 2'd0 || en) begin
+   need <= ra;
    case (st)
    2'd0: if (start) begin
 ",
@@ -299,15 +325,15 @@ always @(posedge clock) begin
          else st <= 2'd2;
       end
    endcase
+   end
 end
-reg [19:0] ra;
 always @(*) begin
    case (st)
       2'd2: ra = base + {14'd0, t} + 20'd1;
       2'd3: ra = base + 20'd16;
       default: ra = base;
    endcase
-   raddr = ra[17:0];
+   raddr = en ? ra[17:0] : need[17:0];
    done = done_r;
    busy = st != 2'd0;
    case (dsel)
@@ -361,6 +387,7 @@ mod tests {
         fn update(&mut self) {
             clock!(self, clock, sha, ram);
             self.sha.start.next = self.start.val();
+            self.sha.en.next = true;
             self.sha.nwords.next = self.k_n.val();
             self.sha.dsel.next = self.dsel.val();
             self.ram.raddr.next = self.sha.raddr.val();

@@ -5,7 +5,8 @@
 //! - [`device`]: the `Device` trait every backend implements, and the access rules;
 //! - [`model`]: the fast behavioural model;
 //! - [`state`]: nonvolatile state and its atomic, checksummed state file;
-//! - [`oob`]: the framed out-of-band protocol, device and requester sides.
+//! - [`oob`]: the framed out-of-band protocol, device and requester sides;
+//! - `testkit` (feature `testkit`): the property tests every backend runs.
 //!
 //! This crate has no HDL dependency, so the VMM, the rig and the counters service
 //! use it without compiling rust-hdl.
@@ -17,6 +18,8 @@ pub mod model;
 pub mod oob;
 pub mod regmap;
 pub mod state;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 pub use device::{Device, DeviceError, ResetKind};
 pub use model::Model;
