@@ -13,9 +13,9 @@ use std::str::FromStr;
 pub enum DeviceSpec {
     /// The behavioural model (in-process).
     Model,
-    /// The rust-hdl RTL driven in-process (not built yet).
+    /// The rust-hdl RTL driven in-process.
     Rtl,
-    /// Model and RTL side by side (not built yet).
+    /// Model and RTL side by side, compared on every operation.
     Lockstep,
     /// A PCI function bound to vfio-pci, by its sysfs path.
     Vfio(PathBuf),
