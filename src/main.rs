@@ -1,6 +1,7 @@
 //! `hilrig`: the one command-line tool for users of the rig.
 
 mod bench;
+mod fpga;
 mod fw;
 mod smoke;
 
@@ -54,6 +55,10 @@ enum Cmd {
     /// Counters attestation service: enroll, catalog, verify, history, conformance.
     #[command(subcommand)]
     Counters(hilrig_counters::CountersCmd),
+    /// The device on an FPGA board: Verilog, iCE40 flow, programming, a simulated
+    /// board on PTYs.
+    #[command(subcommand)]
+    Fpga(fpga::FpgaCmd),
     /// The KVM VMM: boot guest payloads with the reference device on PCI.
     #[command(subcommand)]
     Vm(VmCmd),
@@ -234,6 +239,7 @@ fn dispatch(cmd: Cmd) -> Result<std::process::ExitCode> {
         Cmd::Campaign { cmd } => return hilrig_campaigns::run(cmd),
         Cmd::Device(d) => device(d)?,
         Cmd::Fw(f) => fw::run(f)?,
+        Cmd::Fpga(f) => fpga::run(f)?,
         Cmd::Vm(VmCmd::Run(args)) => return hilrig_vmm::run_cli(*args),
         Cmd::Vm(VmCmd::Ctl {
             socket,

@@ -78,3 +78,21 @@ pub fn verdict_after(
         r.decision.reasons.join("; "),
     ))
 }
+
+/// An authorised update as the rig records it before flashing: `image` (the whole
+/// region after the update) is added to the catalog and the intent recorded.
+pub fn begin_update(
+    dir: &Path,
+    host: &HostSpec,
+    region: hilrig_device::Region,
+    image: &[u8],
+) -> Result<String, String> {
+    let mut svc = open(dir, false)?;
+    let sha = crate::scenario::sha_hex(image);
+    svc.catalog_add(region, &sha, "campaign-target", "hilrig-campaigns")
+        .map_err(|e| format!("adding the target image to the catalog: {e}"))?;
+    let intent = svc
+        .begin_update(host.serial, region, &sha)
+        .map_err(|e| format!("recording the update intent: {e}"))?;
+    Ok(format!("intent {intent}: {region:?} -> {}", &sha[..12]))
+}

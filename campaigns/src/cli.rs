@@ -27,7 +27,8 @@ pub enum CampaignCmd {
         /// Output directory; the run goes into `<out>/<run id>/`.
         #[arg(long, default_value = "hilrig-out")]
         out: PathBuf,
-        /// Results store (SQLite); default `<out>/results.sqlite`.
+        /// Results store: a SQLite file or a `postgresql://` URL (the counters
+        /// service's choice); default `<out>/results.sqlite`.
         #[arg(long)]
         db: Option<PathBuf>,
         /// Resume an interrupted run: finished cases are kept, the rest run.

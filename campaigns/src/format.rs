@@ -96,6 +96,11 @@ pub struct CaseSpec {
     /// Override of `defaults.case_timeout`.
     #[serde(default)]
     pub timeout: Option<String>,
+    /// Run each attempt alone on the machine: simulated hosts share its CPUs, and
+    /// a timing bound (blackouts) measures the host scheduler when other cases run
+    /// beside it. Default: the attack's (on for `patch-under-storm`).
+    #[serde(default)]
+    pub exclusive: Option<bool>,
     /// Expected outcome; fields left out come from the attack library.
     #[serde(default)]
     pub expect: Expect,
@@ -173,6 +178,16 @@ pub struct Expect {
     /// `accepted-update`, `quarantined` ...; see hilrig-counters).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_verdict: Option<String>,
+    /// The device's fuse is blown (`true`) or intact (`false`) after the case.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fuse: Option<bool>,
+    /// Every flash region's contents are the same after the case as before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flash_unchanged: Option<bool>,
+    /// Live-patch blackouts: at least one was measured and none exceeded this
+    /// many microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blackout_max_us: Option<u64>,
 }
 
 impl Expect {
@@ -204,6 +219,9 @@ impl Expect {
                 .service_verdict
                 .clone()
                 .or(base.service_verdict.clone()),
+            fuse: self.fuse.or(base.fuse),
+            flash_unchanged: self.flash_unchanged.or(base.flash_unchanged),
+            blackout_max_us: self.blackout_max_us.or(base.blackout_max_us),
         }
     }
 
@@ -239,6 +257,28 @@ impl Expect {
                 .is_some_and(|d| d.values().any(|v| *v > 0))
             {
                 out.push("a refused device runs no guest, so no counter can move".into());
+            }
+            if self.blackout_max_us.is_some() {
+                out.push("a refused device runs no guest, so no patch can land".into());
+            }
+        }
+        if self.blackout_max_us == Some(0) {
+            out.push("blackout_max_us = 0: no blackout can be that short".into());
+        }
+        if self.flash_unchanged == Some(true)
+            && self.service_verdict.as_deref() == Some("needs-reflash")
+        {
+            out.push(
+                "needs-reflash means a region's image changed, but flash_unchanged = true".into(),
+            );
+        }
+        if self.fuse == Some(true) {
+            if let Some(v) = self.service_verdict.as_deref() {
+                if !["locked", "rolled-back", "quarantined", "unverifiable"].contains(&v) {
+                    out.push(format!(
+                        "a blown fuse is reported `locked` by the counters service, not `{v}`"
+                    ));
+                }
             }
         }
         if self.teardown_complete == Some(false) && self.counters_verdict.is_some() {
@@ -303,6 +343,15 @@ impl Expect {
         }
         if let Some(v) = &self.service_verdict {
             p.push(format!("service verdict {v}"));
+        }
+        if let Some(f) = self.fuse {
+            p.push(format!("fuse {}", if f { "blown" } else { "intact" }));
+        }
+        if let Some(f) = self.flash_unchanged {
+            p.push(format!("flash unchanged={f}"));
+        }
+        if let Some(b) = self.blackout_max_us {
+            p.push(format!("blackout <= {b} us"));
         }
         p.join(", ")
     }
@@ -387,6 +436,8 @@ pub struct Case {
     pub timeout: Duration,
     /// One VMM step's watchdog.
     pub step_timeout: Duration,
+    /// Attempts run alone on the machine.
+    pub exclusive: bool,
 }
 
 /// A validated, expanded campaign.
@@ -612,6 +663,17 @@ pub fn expand(
                             format!("{p}+enforce-off")
                         };
                         let id = format!("{}/{b}/{prof_id}@{t}", a.name);
+                        if enforce
+                            && !a.profiles.is_empty()
+                            && PROFILES.contains(&p.as_str())
+                            && !a.profiles.contains(&p.as_str())
+                        {
+                            bad(format!(
+                                "{id}: attack `{}` needs profile {} or enforce = false (it drives the flash controller)",
+                                a.name,
+                                a.profiles.join(" or ")
+                            ));
+                        }
                         let expect = spec.expect.over(&attacks::default_expect(a, p, enforce));
                         for c in expect.contradictions() {
                             bad(format!("{id}: contradictory expectations: {c}"));
@@ -640,6 +702,7 @@ pub fn expand(
                             infra_retries: d.infra_retries,
                             timeout: case_timeout,
                             step_timeout,
+                            exclusive: spec.exclusive.unwrap_or(a.exclusive),
                         });
                     }
                 }
@@ -773,6 +836,55 @@ expect = { verdict = "pass", exit_status = 3 }
         let e = p("name = \"t\"\n[[case]]\nattacks = [\"pci-enum\"]\n[[case]]\nattacks = [\"pci-enum\"]\n")
             .unwrap_err();
         assert!(e.to_string().contains("duplicate"), "{e}");
+    }
+
+    #[test]
+    fn operator_only_attacks_refused_for_an_enforced_tenant() {
+        let e = p(
+            "name = \"t\"\n[[case]]\nattacks = [\"fuse-exhaustion\"]\nprofiles = [\"tenant\"]\n",
+        )
+        .unwrap_err();
+        let pr = problems(e);
+        assert!(
+            pr.iter().any(|p| p.case == "case[0]"
+                && p.reason.contains("fuse-exhaustion/model/tenant@sim")
+                && p.reason.contains("needs profile operator")),
+            "{pr:?}"
+        );
+        // Enforcement off lets the tenant reach the flash controller: allowed.
+        p("name = \"t\"\n[[case]]\nattacks = [\"fuse-exhaustion\"]\nprofiles = [\"tenant\"]\nenforce = false\n")
+            .unwrap();
+        let e = p("name = \"t\"\n[[case]]\nattacks = [\"patch-under-storm\"]\nexpect = { blackout_max_us = 0 }\n[[case]]\nattacks = [\"fuse-exhaustion\"]\nprofiles = [\"operator\"]\nexpect = { service_verdict = \"trusted\" }\n")
+            .unwrap_err();
+        let pr = problems(e);
+        assert!(
+            pr.iter()
+                .any(|p| p.case == "case[0]" && p.reason.contains("blackout_max_us = 0")),
+            "{pr:?}"
+        );
+        assert!(
+            pr.iter()
+                .any(|p| p.case == "case[1]" && p.reason.contains("blown fuse")),
+            "{pr:?}"
+        );
+    }
+
+    #[test]
+    fn timing_sensitive_attacks_are_exclusive_by_default() {
+        let c = p("name = \"t\"\n[[case]]\nattacks = [\"patch-under-storm\", \"pci-enum\"]\n[[case]]\nattacks = [\"patch-under-storm\"]\nprofiles = [\"operator\"]\nexclusive = false\n").unwrap();
+        let ex: Vec<(&str, bool)> = c
+            .cases
+            .iter()
+            .map(|k| (k.id.as_str(), k.exclusive))
+            .collect();
+        assert_eq!(
+            ex,
+            vec![
+                ("patch-under-storm/model/tenant@sim", true),
+                ("pci-enum/model/tenant@sim", false),
+                ("patch-under-storm/model/operator@sim", false),
+            ]
+        );
     }
 
     #[test]

@@ -3,10 +3,12 @@
 //! See README.md.
 
 pub mod attacks;
+pub mod attempt;
 pub mod attest;
 pub mod cli;
 pub mod format;
 pub mod runner;
+pub mod scenario;
 pub mod store;
 
 pub use cli::{main_job, run, CampaignCmd};

@@ -9,8 +9,7 @@ use crate::store::{RunRow, Store};
 use hilrig_device::state::{DeviceConfig, NvState};
 use hilrig_device::Region;
 use hilrig_reports::{
-    Artifact, ArtifactKind, Attempt, CaseResult, CounterReading, Counts, Host, Metrics, Outcome,
-    Run,
+    Artifact, Attempt, CaseResult, CounterReading, Counts, Host, Metrics, Outcome, Run,
 };
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -32,7 +31,8 @@ pub struct RunOptions {
     pub inventory: Option<PathBuf>,
     /// Output directory; each run gets `<out>/<run id>/`.
     pub out_dir: PathBuf,
-    /// Results store (SQLite); default `<out>/results.sqlite`.
+    /// Results store: a SQLite file or a `postgresql://` URL; default
+    /// `<out>/results.sqlite`.
     pub db: Option<PathBuf>,
     /// Resume this run: skip its finished cases.
     pub resume: Option<String>,
@@ -294,6 +294,49 @@ impl Pool {
     }
 }
 
+/// The lock file simulated hosts of every runner on this machine share.
+pub fn machine_lock_path() -> PathBuf {
+    std::env::temp_dir().join("hilrig-sim-machine.lock")
+}
+
+/// Hold this machine's CPUs shared (ordinary attempts) or alone (exclusive ones)
+/// across processes: `flock` on [`machine_lock_path`]. `None` (and a warning) when
+/// the lock file cannot be used: the attempt runs anyway.
+async fn machine_lock(exclusive: bool) -> Option<std::fs::File> {
+    let path = machine_lock_path();
+    let r = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)?;
+        let op = if exclusive {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_SH
+        };
+        // SAFETY: flock on a descriptor we own; released when the file is closed.
+        if unsafe { libc::flock(f.as_raw_fd(), op) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(f)
+    })
+    .await;
+    match r {
+        Ok(Ok(f)) => Some(f),
+        Ok(Err(e)) => {
+            tracing::warn!("machine lock {}: {e}", machine_lock_path().display());
+            None
+        }
+        Err(e) => {
+            tracing::warn!("machine lock task: {e}");
+            None
+        }
+    }
+}
+
 /// Result of one attempt.
 #[derive(Debug, Clone)]
 pub struct AttemptResult {
@@ -323,9 +366,12 @@ impl AttemptResult {
 
 /// Prepare the device state file for `setup`.
 pub fn prepare_state(setup: Setup, host: &HostSpec, path: &Path) -> Result<NvState, String> {
-    let mut nv =
-        hilrig_fw::factory::device(DeviceConfig::with_width(host.counter_width), host.serial)
-            .map_err(|e| format!("factory device of {}: {e}", host.name))?;
+    let width = match setup {
+        Setup::Width(w) => w,
+        _ => host.counter_width,
+    };
+    let mut nv = hilrig_fw::factory::device(DeviceConfig::with_width(width), host.serial)
+        .map_err(|e| format!("factory device of {}: {e}", host.name))?;
     if setup == Setup::ForeignVbios {
         let rom = hilrig_fw::vbios::build(&hilrig_fw::vbios::VbiosSpec::reference(
             0x7e57,
@@ -344,7 +390,8 @@ pub fn prepare_state(setup: Setup, host: &HostSpec, path: &Path) -> Result<NvSta
     Ok(nv)
 }
 
-fn reading(nv: &NvState) -> CounterReading {
+/// A counter reading of a device state.
+pub fn reading(nv: &NvState) -> CounterReading {
     let c = nv.counter_values();
     CounterReading {
         t_ms: now_ms(),
@@ -356,186 +403,48 @@ fn reading(nv: &NvState) -> CounterReading {
     }
 }
 
-fn rel(run_dir: &Path, p: &Path) -> String {
+/// `p` relative to the run directory.
+pub fn rel(run_dir: &Path, p: &Path) -> String {
     p.strip_prefix(run_dir)
         .unwrap_or(p)
         .to_string_lossy()
         .into_owned()
 }
 
-/// Run one attempt of `case` on `host` in `dir` (inside `run_dir`).
-pub async fn run_attempt(
-    case: &Case,
-    host: &HostSpec,
-    vmm: &Path,
-    vmm_args: &[String],
-    run_dir: &Path,
-    dir: &Path,
-) -> AttemptResult {
-    if let Err(e) = std::fs::create_dir_all(dir) {
-        return AttemptResult::new(Outcome::Infra, format!("creating {}: {e}", dir.display()));
+pub use crate::attempt::run_attempt;
+
+/// What an attempt observed besides the last step's JSON: counter readings after
+/// each step, blackouts, teardown times and the steps' own notes.
+#[derive(Debug, Clone, Default)]
+pub struct Observed {
+    /// Counter readings: before the first step and after each.
+    pub readings: Vec<CounterReading>,
+    /// Live-patch blackouts (patches applied), microseconds.
+    pub patch_blackouts_us: Vec<f64>,
+    /// Bare quiesce blackouts (pause + resume, nothing changed), microseconds.
+    pub quiesce_blackouts_us: Vec<f64>,
+    /// Secure teardown times of every VMM run, microseconds.
+    pub teardown_us: Vec<f64>,
+    /// Trapped-MMIO round trips (per-window means under a storm), microseconds.
+    pub trap_latency_us: Vec<f64>,
+    /// What the steps saw (for the observed column).
+    pub notes: Vec<String>,
+}
+
+impl Observed {
+    /// The measurements for the results store and the reports.
+    pub fn metrics(&self, alarms: u64) -> Metrics {
+        Metrics {
+            counters: self.readings.clone(),
+            blackouts_us: self.patch_blackouts_us.clone(),
+            trap_latency: hilrig_reports::Latency {
+                samples_us: self.trap_latency_us.clone(),
+                histogram: None,
+            },
+            teardown_us: self.teardown_us.clone(),
+            alarms,
+        }
     }
-    let state = dir.join("state.bin");
-    let before = match prepare_state(case.attack.setup, host, &state) {
-        Ok(nv) => nv,
-        Err(e) => return AttemptResult::new(Outcome::Infra, e),
-    };
-    if let Err(e) = crate::attest::provision(dir, &state, host) {
-        return AttemptResult::new(Outcome::Infra, format!("provisioning: {e}"));
-    }
-    let deadline = Instant::now() + case.timeout;
-    let mut artifacts = Vec::new();
-    let mut last: Option<(i32, serde_json::Value)> = None;
-    let n = case.attack.steps.len();
-    for (k, step) in case.attack.steps.iter().enumerate() {
-        let f = |name: &str| dir.join(format!("{k}-{}-{name}", step.payload));
-        let (alarms, console, record) = (f("alarms.jsonl"), f("console.txt"), f("teardown.json"));
-        let mut cmd = tokio::process::Command::new(vmm);
-        cmd.args(vmm_args)
-            .arg("--payload")
-            .arg(step.payload)
-            .arg("--device")
-            .arg(&case.backend)
-            .arg("--device-state")
-            .arg(&state)
-            .arg("--profile")
-            .arg(&case.profile)
-            .arg("--enforce")
-            .arg(if case.enforce { "on" } else { "off" })
-            .arg("--alarms")
-            .arg(&alarms)
-            .arg("--console")
-            .arg(&console)
-            .arg("--timeout")
-            .arg(format!("{}ms", case.step_timeout.as_millis().max(1)))
-            .arg("--json")
-            .args(step.flags);
-        if step.flags.contains(&"--teardown-on-exit") {
-            cmd.arg("--teardown-record").arg(&record);
-        }
-        cmd.stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true);
-        let child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(e) => {
-                return AttemptResult::new(
-                    Outcome::Infra,
-                    format!("spawning {}: {e}", vmm.display()),
-                )
-            }
-        };
-        let left = deadline.saturating_duration_since(Instant::now());
-        let out = match tokio::time::timeout(left, child.wait_with_output()).await {
-            Err(_) => {
-                // The child is killed when the future holding it is dropped.
-                let mut r = AttemptResult::new(
-                    Outcome::Timeout,
-                    format!(
-                        "step {k} ({}) still running after the case timeout of {:?}: killed",
-                        step.payload, case.timeout
-                    ),
-                );
-                r.artifacts = artifacts;
-                return r;
-            }
-            Ok(Err(e)) => {
-                return AttemptResult::new(
-                    Outcome::Infra,
-                    format!("waiting for {}: {e}", vmm.display()),
-                )
-            }
-            Ok(Ok(o)) => o,
-        };
-        let json_path = f("vmm.json");
-        let stderr_path = f("stderr.txt");
-        let _ = std::fs::write(&json_path, &out.stdout);
-        let _ = std::fs::write(&stderr_path, &out.stderr);
-        for (p, kind) in [
-            (&json_path, ArtifactKind::Other),
-            (&stderr_path, ArtifactKind::Other),
-            (&console, ArtifactKind::Console),
-            (&alarms, ArtifactKind::Alarms),
-            (&record, ArtifactKind::Teardown),
-        ] {
-            if p.exists() {
-                artifacts.push(Artifact {
-                    kind,
-                    path: rel(run_dir, p),
-                });
-            }
-        }
-        let stderr_tail = {
-            let s = String::from_utf8_lossy(&out.stderr);
-            let t: Vec<&str> = s.lines().rev().take(3).collect();
-            t.into_iter().rev().collect::<Vec<_>>().join(" | ")
-        };
-        let Some(code) = out.status.code() else {
-            let mut r = AttemptResult::new(
-                Outcome::Infra,
-                format!(
-                    "step {k} ({}): the VMM died with no verdict ({}); {stderr_tail}",
-                    step.payload, out.status
-                ),
-            );
-            r.artifacts = artifacts;
-            return r;
-        };
-        let parsed: Option<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .rev()
-            .find_map(|l| serde_json::from_str::<serde_json::Value>(l.trim()).ok())
-            .filter(|v| v.get("verdict").is_some());
-        let Some(json) = parsed else {
-            let mut r = AttemptResult::new(
-                Outcome::Infra,
-                format!(
-                    "step {k} ({}): the VMM exited {code} with no verdict JSON; {stderr_tail}",
-                    step.payload
-                ),
-            );
-            r.artifacts = artifacts;
-            return r;
-        };
-        if k + 1 < n && code != 0 {
-            let mut r = AttemptResult::new(
-                Outcome::Fail,
-                format!(
-                    "step {k} ({}) ended {} (exit {code}), expected pass",
-                    step.payload, json["verdict"]
-                ),
-            );
-            r.artifacts = artifacts;
-            return r;
-        }
-        last = Some((code, json));
-    }
-    let Some((code, json)) = last else {
-        return AttemptResult::new(Outcome::Infra, "the attack has no steps");
-    };
-    let after = match NvState::load(&state) {
-        Ok(nv) => nv,
-        Err(e) => {
-            let mut r = AttemptResult::new(
-                Outcome::Infra,
-                format!("reading the device state after the case: {e}"),
-            );
-            r.artifacts = artifacts;
-            return r;
-        }
-    };
-    let service = match crate::attest::verdict_after(dir, &state, host) {
-        Ok(v) => v,
-        Err(e) => {
-            let mut r = AttemptResult::new(Outcome::Infra, e);
-            r.artifacts = artifacts;
-            return r;
-        }
-    };
-    let mut r = check(case, code, &json, &before, &after, Some(&service));
-    r.artifacts = artifacts;
-    r
 }
 
 /// Compare what was observed with `case.expect`.
@@ -546,6 +455,7 @@ pub fn check(
     before: &NvState,
     after: &NvState,
     service: Option<&(String, String)>,
+    seen: &Observed,
 ) -> AttemptResult {
     let e = &case.expect;
     let mut bad: Vec<String> = Vec::new();
@@ -642,17 +552,71 @@ pub fn check(
             }
         }
     }
+    if let Some(w) = e.fuse {
+        obs.push(format!(
+            "fuse {}",
+            if after.fuse { "blown" } else { "intact" }
+        ));
+        if after.fuse != w {
+            bad.push(format!("fuse blown = {}, expected {w}", after.fuse));
+        }
+    }
+    let changed: Vec<String> = Region::ALL
+        .iter()
+        .filter(|r| before.flash[**r as usize] != after.flash[**r as usize])
+        .map(|r| format!("{r:?}").to_lowercase())
+        .collect();
+    if let Some(w) = e.flash_unchanged {
+        obs.push(if changed.is_empty() {
+            "flash unchanged".into()
+        } else {
+            format!("flash changed: {}", changed.join(" "))
+        });
+        if changed.is_empty() != w {
+            bad.push(if w {
+                format!("flash changed ({}), expected unchanged", changed.join(", "))
+            } else {
+                "flash unchanged, expected a change".into()
+            });
+        }
+    }
+    let blackouts = &seen.patch_blackouts_us;
+    if !blackouts.is_empty() {
+        let max = blackouts.iter().cloned().fold(0.0, f64::max);
+        obs.push(format!(
+            "{} patch blackouts, max {max:.0} us",
+            blackouts.len()
+        ));
+    }
+    let q = &seen.quiesce_blackouts_us;
+    if !q.is_empty() {
+        let max = q.iter().cloned().fold(0.0, f64::max);
+        obs.push(format!("{} bare quiesces, max {max:.0} us", q.len()));
+    }
+    if let Some(bound) = e.blackout_max_us {
+        let max = blackouts.iter().cloned().fold(0.0, f64::max);
+        if blackouts.is_empty() {
+            bad.push("no live-patch blackout was measured (no patch applied)".into());
+        } else if max > bound as f64 {
+            bad.push(format!(
+                "blackout {max:.0} us exceeds the bound of {bound} us"
+            ));
+        }
+    }
+    obs.extend(seen.notes.iter().cloned());
     if !bad.is_empty() && outcome == Outcome::Pass {
         outcome = Outcome::Fail;
     }
-    let mut metrics = Metrics {
-        counters: vec![b, a],
-        alarms: alarms.unwrap_or(0),
-        ..Metrics::default()
-    };
-    if let Some(us) = td["total_micros"].as_f64() {
-        metrics.teardown_us.push(us);
+    let mut seen = seen.clone();
+    if seen.readings.is_empty() {
+        seen.readings = vec![b, a];
     }
+    if seen.teardown_us.is_empty() {
+        if let Some(us) = td["total_micros"].as_f64() {
+            seen.teardown_us.push(us);
+        }
+    }
+    let metrics = seen.metrics(alarms.unwrap_or(0));
     AttemptResult {
         outcome,
         message: bad.join("; "),
@@ -672,11 +636,13 @@ struct Ctx {
     store: Mutex<Store>,
     progress: Progress,
     deadline: Instant,
+    /// The machine the simulated hosts share: attempts hold it shared, exclusive
+    /// cases alone.
+    machine: tokio::sync::RwLock<()>,
 }
 
 /// Run every repeat of `case` with its retries; the final verdict.
 async fn run_case(ctx: Arc<Ctx>, case: Case) -> CaseResult {
-    let t0 = Instant::now();
     let mut attempts: Vec<Attempt> = Vec::new();
     let mut rep_outcomes = Vec::new();
     let mut last: Option<AttemptResult> = None;
@@ -702,8 +668,19 @@ async fn run_case(ctx: Arc<Ctx>, case: Case) -> CaseResult {
                 .join("cases")
                 .join(safe_id(&case.id))
                 .join(format!("r{rep}-a{n}-{}", host.name));
-            let t = Instant::now();
-            let r = run_attempt(&case, &host, &ctx.vmm, &ctx.vmm_args, &ctx.run_dir, &dir).await;
+            let (r, t) = {
+                let (_alone, _shared) = if case.exclusive {
+                    (Some(ctx.machine.write().await), None)
+                } else {
+                    (None, Some(ctx.machine.read().await))
+                };
+                // The same between runners on this machine (other runs, CI jobs).
+                let _machine = machine_lock(case.exclusive).await;
+                let t = Instant::now();
+                let r =
+                    run_attempt(&case, &host, &ctx.vmm, &ctx.vmm_args, &ctx.run_dir, &dir).await;
+                (r, t)
+            };
             host_name = host.name.clone();
             attempts.push(Attempt {
                 outcome: r.outcome,
@@ -772,8 +749,9 @@ async fn run_case(ctx: Arc<Ctx>, case: Case) -> CaseResult {
         host_tag: case.tag.clone(),
         host: host_name,
         outcome,
+        // Time on hosts (not the wait for one): the attempts' durations.
+        duration_ms: attempts.iter().map(|a| a.duration_ms).sum(),
         attempts,
-        duration_ms: t0.elapsed().as_millis() as u64,
         message,
         expected: case.expect.describe(),
         observed: last.observed,
@@ -802,7 +780,7 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
         .db
         .clone()
         .unwrap_or_else(|| opts.out_dir.join("results.sqlite"));
-    let store = Store::open(&db)?;
+    let mut store = Store::open(&db)?;
     let report_hosts: Vec<Host> = hosts
         .iter()
         .map(|h| Host {
@@ -879,6 +857,7 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
         store: Mutex::new(store),
         progress,
         deadline: Instant::now() + campaign.timeout,
+        machine: tokio::sync::RwLock::new(()),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -888,7 +867,7 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
     drop(rt);
     ctx.progress.done();
     let unhealthy_hosts = ctx.pool.unhealthy();
-    let store = ctx.store.lock().unwrap_or_else(|p| p.into_inner());
+    let mut store = ctx.store.lock().unwrap_or_else(|p| p.into_inner());
     let finished_ms = now_ms();
     store.finish_run(&row.id, finished_ms)?;
     // Campaign order, finished earlier (resume) or now.
@@ -930,13 +909,20 @@ async fn run_all(ctx: Arc<Ctx>, todo: Vec<Case>) -> anyhow::Result<()> {
         let ctx = ctx.clone();
         set.spawn(async move {
             let r = run_case(ctx.clone(), case).await;
-            let stored = ctx
-                .store
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .put_case(&ctx.run_id, &r);
+            // The PostgreSQL client blocks (and runs its own runtime): off the workers.
+            let c = ctx.clone();
+            let (stored, r) = tokio::task::spawn_blocking(move || {
+                let s = c
+                    .store
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .put_case(&c.run_id, &r);
+                (s, r)
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("storing a case: {e}"))?;
             ctx.progress.finished(&r);
-            stored
+            stored.map_err(anyhow::Error::from)
         });
     }
     while let Some(j) = set.join_next().await {

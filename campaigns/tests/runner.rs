@@ -151,7 +151,7 @@ fn resume_skips_finished_cases_and_keeps_them() {
     let out = t.path().join("out");
     std::fs::create_dir_all(&out).unwrap();
     // A runner that died after finishing one case.
-    let store = Store::open(&out.join("results.sqlite")).unwrap();
+    let mut store = Store::open(&out.join("results.sqlite")).unwrap();
     let id = "t-killed";
     store
         .create_run(
@@ -204,7 +204,7 @@ fn resume_skips_finished_cases_and_keeps_them() {
     assert_eq!(k.message, "from before the kill");
     assert!(s.run.cases.iter().all(|c| c.outcome == Outcome::Pass));
     // The store knows the run finished; resuming it again runs nothing.
-    let store = Store::open(&t.path().join("out/results.sqlite")).unwrap();
+    let mut store = Store::open(&t.path().join("out/results.sqlite")).unwrap();
     assert!(store.run(id).unwrap().unwrap().finished_ms.is_some());
 }
 
@@ -483,7 +483,7 @@ fn killed_runner_resumes_without_losing_finished_cases() {
     let mut run_id = None;
     for _ in 0..600 {
         if db.exists() {
-            if let Ok(store) = Store::open(&db) {
+            if let Ok(mut store) = Store::open(&db) {
                 if let Some(r) = store
                     .runs(Some("t"))
                     .ok()
@@ -502,7 +502,7 @@ fn killed_runner_resumes_without_losing_finished_cases() {
     child.wait().unwrap();
     std::fs::write(&release, b"").unwrap();
     let run_id = run_id.expect("the runner stored a finished case");
-    let store = Store::open(&db).unwrap();
+    let mut store = Store::open(&db).unwrap();
     let row = store.run(&run_id).unwrap().unwrap();
     assert!(row.finished_ms.is_none(), "killed before finishing");
     let before = store.cases(&run_id).unwrap();
@@ -533,4 +533,317 @@ fn killed_runner_resumes_without_losing_finished_cases() {
         .find(|c| c.attack == "attack-hang")
         .unwrap();
     assert_eq!(kept, &before[0], "the stored result is kept as it was");
+}
+
+/// Whether process `pid` is gone (or a zombie waiting to be reaped).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(s) => s
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+#[test]
+fn killed_runner_takes_its_vmms_down() {
+    let t = tempfile::tempdir().unwrap();
+    campaign(
+        t.path(),
+        "name = \"t\"\n[defaults]\ncase_timeout = \"600s\"\n[[case]]\nattacks = [\"attack-hang\", \"attack-key-read\"]\n",
+    );
+    let pids = t.path().join("pids");
+    std::fs::create_dir_all(&pids).unwrap();
+    // Each VMM records its pid and becomes a long sleep (same process: exec).
+    fake_vmm(
+        t.path(),
+        &format!("echo $$ > {}/$$; exec sleep 600", pids.display()),
+    );
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_runner_for_kill_test", "--nocapture"])
+        .env("HILRIG_TEST_CHILD_DIR", t.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let read_pids = || -> Vec<u32> {
+        std::fs::read_dir(&pids)
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
+            .collect()
+    };
+    let t0 = std::time::Instant::now();
+    while read_pids().len() < 2 {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(60),
+            "the runner never started its VMMs"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let vmms = read_pids();
+    assert!(
+        vmms.iter().all(|p| !gone(*p)),
+        "VMMs running before the kill"
+    );
+    child.kill().unwrap(); // SIGKILL: no destructor, no kill_on_drop runs
+    child.wait().unwrap();
+    let t0 = std::time::Instant::now();
+    let mut left: Vec<u32> = vmms.clone();
+    while !left.is_empty() && t0.elapsed() < std::time::Duration::from_secs(10) {
+        left.retain(|p| !gone(*p));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    for p in &left {
+        // Clean up what this test started before failing.
+        unsafe {
+            libc::kill(*p as i32, libc::SIGKILL);
+        }
+    }
+    assert!(
+        left.is_empty(),
+        "VMMs {left:?} outlived the SIGKILLed runner"
+    );
+}
+
+/// The multi-step attacks on the real VMM: rollback (registers, OOB, state file),
+/// power cut, fuse, live patching, bad bundles, fleet rollout; their measurements
+/// reach the results store; a wrong expectation on the rollback is a FAIL.
+#[test]
+fn scenario_attacks_end_to_end() {
+    let Some(vmm) = kvm_and_vmm() else { return };
+    let t = tempfile::tempdir().unwrap();
+    let c = campaign(
+        t.path(),
+        r#"
+name = "scen"
+[defaults]
+case_timeout = "120s"
+step_timeout = "60s"
+[[case]]
+attacks = ["@rollback", "@power", "@fuse", "@patch"]
+profiles = ["operator"]
+[[case]]
+attacks = ["rollback-registers"]
+profiles = ["tenant"]
+# Wrong on purpose: restoring the old state file IS a rollback.
+[[case]]
+attacks = ["rollback-state-file"]
+profiles = ["tenant"]
+enforce = false
+expect = { service_verdict = "trusted" }
+"#,
+    );
+    let mut o = opts(t.path(), c, vmm);
+    o.hosts = 2;
+    let s = run_campaign(o).unwrap();
+    let get = |id: &str| {
+        s.run
+            .cases
+            .iter()
+            .find(|c| c.id == id)
+            .unwrap_or_else(|| panic!("{id} missing"))
+    };
+    for c in &s.run.cases {
+        if c.profile != "tenant+enforce-off" {
+            assert_eq!(
+                c.outcome,
+                Outcome::Pass,
+                "{}: {} | {}",
+                c.id,
+                c.message,
+                c.observed
+            );
+        }
+    }
+    let wrong = get("rollback-state-file/model/tenant+enforce-off@sim");
+    assert_eq!(wrong.outcome, Outcome::Fail);
+    assert!(
+        wrong.message.contains("verdict rolled-back") && wrong.message.contains("expected trusted"),
+        "{}",
+        wrong.message
+    );
+    let rb = get("rollback-state-file/model/operator@sim");
+    assert!(
+        rb.observed.contains("service verdict rolled-back"),
+        "{}",
+        rb.observed
+    );
+    assert!(rb.metrics.counters.len() >= 4, "a reading per step");
+    let regs = get("rollback-registers/model/operator@sim");
+    assert!(
+        regs.observed.contains("counters page unchanged"),
+        "{}",
+        regs.observed
+    );
+    let oob = get("rollback-oob/model/operator@sim");
+    assert!(
+        oob.observed
+            .contains("11 forged/malformed OOB requests refused (7 on the model device's port, 4 over the rig's OOB PTY)"),
+        "{}",
+        oob.observed
+    );
+    let cut = get("power-cut-program/model/operator@sim");
+    assert!(cut.observed.contains("power cut after"), "{}", cut.observed);
+    assert!(
+        cut.observed.contains("service verdict needs-reflash"),
+        "{}",
+        cut.observed
+    );
+    let fuse = get("fuse-exhaustion/model/operator@sim");
+    assert!(fuse.observed.contains("fuse blown"), "{}", fuse.observed);
+    assert!(
+        fuse.observed.contains("service verdict locked"),
+        "{}",
+        fuse.observed
+    );
+    let storm = get("patch-under-storm/model/operator@sim");
+    assert_eq!(
+        storm.metrics.blackouts_us.len(),
+        1,
+        "one patch: {:?}",
+        storm.metrics
+    );
+    assert!(storm.metrics.blackouts_us[0] > 0.0);
+    assert!(!storm.metrics.trap_latency.samples_us.is_empty());
+    assert!(!storm.metrics.teardown_us.is_empty());
+    let bad = get("patch-bad-bundles/model/operator@sim");
+    for w in [
+        "not a trusted key",
+        "targets VMM build",
+        "not newer",
+        "truncated",
+    ] {
+        assert!(bad.observed.contains(w), "{w}: {}", bad.observed);
+    }
+    let roll = get("patch-rollout-bad-host/model/operator@sim");
+    assert!(
+        roll.observed.contains("stopped at fleet-2 in wave 1"),
+        "{}",
+        roll.observed
+    );
+    assert_eq!(roll.metrics.blackouts_us.len(), 2, "two hosts patched");
+    // What the store kept is what the reports got.
+    let mut store = Store::open(&t.path().join("out/results.sqlite")).unwrap();
+    let stored = store.cases(&s.run_id).unwrap();
+    let st = stored.iter().find(|c| c.id == storm.id).unwrap();
+    assert_eq!(st.metrics, storm.metrics);
+    assert_eq!(
+        store.samples(&s.run_id, &storm.id, "blackout_us").unwrap(),
+        storm.metrics.blackouts_us
+    );
+    assert_eq!(
+        store
+            .samples(&s.run_id, &roll.id, "teardown_us")
+            .unwrap()
+            .len(),
+        4,
+        "the fleet's four teardowns"
+    );
+    let html = std::fs::read_to_string(&s.report_html).unwrap();
+    assert!(html.contains("<svg"), "plots in the report");
+}
+
+#[test]
+fn results_store_on_postgresql() {
+    let Some(url) = std::env::var("HILRIG_TEST_PG")
+        .ok()
+        .filter(|s| !s.is_empty())
+    else {
+        eprintln!("SKIPPED results_store_on_postgresql: HILRIG_TEST_PG not set");
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let name = format!(
+        "pg_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos()
+    );
+    let c = campaign(
+        t.path(),
+        &format!("name = \"{name}\"\n[[case]]\nattacks = [\"attack-hang\", \"attack-key-read\"]\n"),
+    );
+    let v = fake_vmm(t.path(), &format!("echo '{PASS_JSON}'"));
+    let mut o = opts(t.path(), c.clone(), v.clone());
+    o.db = Some(PathBuf::from(&url));
+    let s1 = run_campaign(o).unwrap();
+    assert_eq!(s1.counts.pass, 2);
+    assert!(
+        !t.path().join("out/results.sqlite").exists(),
+        "PostgreSQL named: no SQLite file"
+    );
+    let mut store = Store::open(Path::new(&url)).unwrap();
+    assert_eq!(store.kind(), "postgresql");
+    let runs = store.runs(Some(&name)).unwrap();
+    assert_eq!(runs.len(), 1);
+    assert!(runs[0].finished_ms.is_some());
+    let mut cases = store.cases(&s1.run_id).unwrap();
+    cases.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut want = s1.run.cases.clone();
+    want.sort_by(|a, b| a.id.cmp(&b.id));
+    assert_eq!(cases, want);
+    assert_eq!(
+        store
+            .samples(&s1.run_id, "attack-hang/model/tenant@sim", "teardown_us")
+            .unwrap(),
+        vec![10.0]
+    );
+    // A second run is diffed against the first, from the same database.
+    let mut o = opts(t.path(), c, v);
+    o.db = Some(PathBuf::from(&url));
+    let s2 = run_campaign(o).unwrap();
+    let prev = store
+        .previous_run(&name, &s2.run_id, s2.run.started_ms)
+        .unwrap()
+        .expect("the first run");
+    assert_eq!(prev.id, s1.run_id);
+    assert_eq!(store.runs(Some(&name)).unwrap()[0].id, s2.run_id);
+    // Resuming a run stored in PostgreSQL runs nothing already finished.
+    let log = t.path().join("calls.log");
+    let v = fake_vmm(
+        t.path(),
+        &format!("echo \"$@\" >> {}; echo '{PASS_JSON}'", log.display()),
+    );
+    let mut o = opts(t.path(), t.path().join("c.toml"), v);
+    o.db = Some(PathBuf::from(&url));
+    o.resume = Some(s2.run_id.clone());
+    let s3 = run_campaign(o).unwrap();
+    assert_eq!(s3.run.cases.len(), 2);
+    assert!(!log.exists(), "finished cases re-run");
+}
+
+#[test]
+fn exclusive_cases_run_alone_on_the_machine() {
+    let run = |exclusive: bool| -> usize {
+        let t = tempfile::tempdir().unwrap();
+        let c = campaign(
+            t.path(),
+            &format!(
+                "name = \"t\"\n[[case]]\nattacks = [\"attack-hang\", \"attack-key-read\", \"attack-xchg\", \"attack-lock-rmw\"]\nexclusive = {exclusive}\n"
+            ),
+        );
+        let busy = t.path().join("busy");
+        let overlaps = t.path().join("overlaps");
+        let v = fake_vmm(
+            t.path(),
+            &format!(
+                "if ! mkdir {b} 2>/dev/null; then echo x >> {o}; sleep 0.2; else sleep 0.2; rmdir {b}; fi; echo '{PASS_JSON}'",
+                b = busy.display(),
+                o = overlaps.display()
+            ),
+        );
+        let mut o = opts(t.path(), c, v);
+        o.hosts = 2;
+        let s = run_campaign(o).unwrap();
+        assert_eq!(s.counts.pass, 4, "{:?}", s.run.cases);
+        std::fs::read_to_string(&overlaps)
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    };
+    assert_eq!(run(true), 0, "exclusive attempts overlapped");
+    assert!(run(false) > 0, "2 hosts never ran 2 cases at once");
 }

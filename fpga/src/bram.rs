@@ -24,7 +24,7 @@ pub struct Bram<const A: usize> {
     _mem: Vec<u32>,
 }
 
-crate::sim::sim_block!(manual_clocked impl[const A: usize] Bram<A>, Bram {
+crate::sim_block!(manual_clocked impl[const A: usize] Bram<A>, Bram {
     clock: clock,
     raddr: edge,
     rdata: output,

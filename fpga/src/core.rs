@@ -415,7 +415,7 @@ pub struct DeviceCore {
     k_idle: Constant<Bits<32>>,
 }
 
-crate::sim::sim_block!(impl[] DeviceCore, DeviceCore {
+crate::sim_block!(impl[] DeviceCore, DeviceCore {
     clock: clock,
     reset: input,
     strobe: input,

@@ -29,7 +29,6 @@ use hilrig_device::regmap::{DEVICE_ID_VALUE, DEVICE_VERSION_VALUE};
 use rust_hdl::prelude::*;
 
 /// One byte of CRC-16/CCITT-FALSE (poly 0x1021, MSB first), combinational.
-#[derive(LogicBlock)]
 pub struct Crc16Step {
     /// CRC before the byte.
     pub crc_in: Signal<In, Bits<16>>,
@@ -45,7 +44,24 @@ pub struct Crc16Step {
     x6: Signal<Local, Bits<16>>,
     x7: Signal<Local, Bits<16>>,
     k_poly: Constant<Bits<16>>,
+    /// Simulation only: the last evaluation changed nothing (see `crate::sim`).
+    _quiet: bool,
 }
+
+crate::sim_block!(gated(_quiet) impl[] Crc16Step, Crc16Step {
+    crc_in: input,
+    byte: input,
+    crc_out: output,
+    x1: local,
+    x2: local,
+    x3: local,
+    x4: local,
+    x5: local,
+    x6: local,
+    x7: local,
+    k_poly: konst,
+    _quiet: skip,
+});
 
 impl Default for Crc16Step {
     fn default() -> Self {
@@ -68,14 +84,8 @@ impl Crc16Step {
             x6: Default::default(),
             x7: Default::default(),
             k_poly: Constant::new(0x1021u64.into()),
+            _quiet: false,
         }
-    }
-}
-
-impl crate::sim::Clocked for Crc16Step {
-    fn clock_to(&mut self, _clk: bool, _silent: bool) {}
-    fn edge_is_noop(&self) -> bool {
-        true
     }
 }
 
@@ -240,7 +250,7 @@ pub struct OobEngine {
     _quiet: bool,
 }
 
-crate::sim::sim_block!(gated(_quiet) impl[] OobEngine, OobEngine {
+crate::sim_block!(gated(_quiet) impl[] OobEngine, OobEngine {
     clock: clock,
     rx_data: input,
     rx_valid: input,

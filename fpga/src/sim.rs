@@ -64,6 +64,11 @@ impl<T: Synth + BitXor<Output = T>> Clocked for DFFWithInit<T> {
 /// sub-block), `skip` (not a circuit element: simulation-only state).
 /// `gated(field)`: skip evaluations while quiet (see the module docs);
 /// `manual_clocked`: the block implements [`Clocked`] itself.
+///
+/// Exported (`hilrig_fpga::sim_block!`) for blocks of other crates built on the
+/// core, e.g. the board's host bridge. The invoking scope needs
+/// `rust_hdl::prelude::*`.
+#[macro_export]
 macro_rules! sim_block {
     (@changed $s:ident . $f:ident input) => { $s.$f.has_changed() };
     (@changed $s:ident . $f:ident clock) => { $s.$f.has_changed() };
@@ -75,7 +80,7 @@ macro_rules! sim_block {
     (@changed $s:ident . $f:ident block) => { $s.$f.has_changed() };
     (@changed $s:ident . $f:ident skip) => { false };
     (@inside $s:ident . $f:ident output) => { false };
-    (@inside $s:ident . $f:ident $k:ident) => { $crate::sim::sim_block!(@changed $s.$f $k) };
+    (@inside $s:ident . $f:ident $k:ident) => { $crate::sim_block!(@changed $s.$f $k) };
     (@steady $s:ident . $f:ident input) => { $s.$f.next == $s.$f.val() };
     (@steady $s:ident . $f:ident clock) => { $s.$f.next == $s.$f.val() };
     (@steady $s:ident . $f:ident edge) => { $s.$f.next == $s.$f.val() };
@@ -99,14 +104,14 @@ macro_rules! sim_block {
             /// read by nothing in the circuit).
             #[allow(dead_code)]
             pub fn changed_within(&self) -> bool {
-                false $(|| $crate::sim::sim_block!(@inside self.$f $k))*
+                false $(|| $crate::sim_block!(@inside self.$f $k))*
             }
             /// Move the input ports (all but the clock) to the values set on them, so
             /// that the next evaluation pass already sees them (otherwise the block's
             /// logic runs once on the old inputs before they move).
             #[allow(dead_code)]
             pub fn move_inputs(&mut self) {
-                $($crate::sim::sim_block!(@move self.$f $k);)*
+                $($crate::sim_block!(@move self.$f $k);)*
             }
             #[allow(dead_code, clippy::needless_pass_by_value)]
             fn exhaustive_field_list(x: $ty) {
@@ -118,72 +123,72 @@ macro_rules! sim_block {
         impl<$($g)*> Block for $ty {
             fn connect_all(&mut self) {
                 self.connect();
-                $($crate::sim::sim_block!(@visit self.$f $k; connect_all);)*
+                $($crate::sim_block!(@visit self.$f $k; connect_all);)*
             }
             fn update_all(&mut self) {
                 self.update();
-                $($crate::sim::sim_block!(@visit self.$f $k; update_all);)*
+                $($crate::sim_block!(@visit self.$f $k; update_all);)*
             }
             fn has_changed(&self) -> bool {
-                false $(|| $crate::sim::sim_block!(@changed self.$f $k))*
+                false $(|| $crate::sim_block!(@changed self.$f $k))*
             }
             fn accept(&self, name: &str, probe: &mut dyn Probe) {
                 probe.visit_start_scope(name, self);
-                $($crate::sim::sim_block!(@visit self.$f $k; accept stringify!($f), probe);)*
+                $($crate::sim_block!(@visit self.$f $k; accept stringify!($f), probe);)*
                 probe.visit_end_scope(name, self);
             }
         }
-        $crate::sim::sim_block!(@common [$($g)*] $ty, $name { $($f: $k),* });
+        $crate::sim_block!(@common [$($g)*] $ty, $name { $($f: $k),* });
     };
     (impl[$($g:tt)*] $ty:ty, $name:ident { $($f:ident : $k:ident),* $(,)? }) => {
         impl<$($g)*> Block for $ty {
             fn connect_all(&mut self) {
                 self.connect();
-                $($crate::sim::sim_block!(@visit self.$f $k; connect_all);)*
+                $($crate::sim_block!(@visit self.$f $k; connect_all);)*
             }
             fn update_all(&mut self) {
                 self.update();
-                $($crate::sim::sim_block!(@visit self.$f $k; update_all);)*
+                $($crate::sim_block!(@visit self.$f $k; update_all);)*
             }
             fn has_changed(&self) -> bool {
-                false $(|| $crate::sim::sim_block!(@changed self.$f $k))*
+                false $(|| $crate::sim_block!(@changed self.$f $k))*
             }
             fn accept(&self, name: &str, probe: &mut dyn Probe) {
                 probe.visit_start_scope(name, self);
-                $($crate::sim::sim_block!(@visit self.$f $k; accept stringify!($f), probe);)*
+                $($crate::sim_block!(@visit self.$f $k; accept stringify!($f), probe);)*
                 probe.visit_end_scope(name, self);
             }
         }
         impl<$($g)*> $crate::sim::Clocked for $ty {
             fn clock_to(&mut self, clk: bool, silent: bool) {
-                $($crate::sim::sim_block!(@clk self.$f $k, clk, silent);)*
+                $($crate::sim_block!(@clk self.$f $k, clk, silent);)*
             }
             fn edge_is_noop(&self) -> bool {
-                true $(&& $crate::sim::sim_block!(@noop self.$f $k))*
+                true $(&& $crate::sim_block!(@noop self.$f $k))*
             }
         }
-        $crate::sim::sim_block!(@common [$($g)*] $ty, $name { $($f: $k),* });
+        $crate::sim_block!(@common [$($g)*] $ty, $name { $($f: $k),* });
     };
     (gated($q:ident) impl[$($g:tt)*] $ty:ty, $name:ident { $($f:ident : $k:ident),* $(,)? }) => {
         impl<$($g)*> Block for $ty {
             fn connect_all(&mut self) {
                 self.connect();
-                $($crate::sim::sim_block!(@visit self.$f $k; connect_all);)*
+                $($crate::sim_block!(@visit self.$f $k; connect_all);)*
             }
             fn update_all(&mut self) {
-                if self.$q $(&& $crate::sim::sim_block!(@steady self.$f $k))* {
+                if self.$q $(&& $crate::sim_block!(@steady self.$f $k))* {
                     return;
                 }
                 self.update();
-                $($crate::sim::sim_block!(@visit self.$f $k; update_all);)*
+                $($crate::sim_block!(@visit self.$f $k; update_all);)*
                 self.$q = !self.has_changed();
             }
             fn has_changed(&self) -> bool {
-                false $(|| $crate::sim::sim_block!(@changed self.$f $k))*
+                false $(|| $crate::sim_block!(@changed self.$f $k))*
             }
             fn accept(&self, name: &str, probe: &mut dyn Probe) {
                 probe.visit_start_scope(name, self);
-                $($crate::sim::sim_block!(@visit self.$f $k; accept stringify!($f), probe);)*
+                $($crate::sim_block!(@visit self.$f $k; accept stringify!($f), probe);)*
                 probe.visit_end_scope(name, self);
             }
         }
@@ -193,13 +198,12 @@ macro_rules! sim_block {
                 if clk && !silent {
                     self.$q = false;
                 }
-                $($crate::sim::sim_block!(@clk self.$f $k, clk, silent);)*
+                $($crate::sim_block!(@clk self.$f $k, clk, silent);)*
             }
             fn edge_is_noop(&self) -> bool {
-                true $(&& $crate::sim::sim_block!(@noop self.$f $k))*
+                true $(&& $crate::sim_block!(@noop self.$f $k))*
             }
         }
-        $crate::sim::sim_block!(@common [$($g)*] $ty, $name { $($f: $k),* });
+        $crate::sim_block!(@common [$($g)*] $ty, $name { $($f: $k),* });
     };
 }
-pub(crate) use sim_block;

@@ -28,7 +28,7 @@ pub struct UartTx {
     _quiet: bool,
 }
 
-crate::sim::sim_block!(gated(_quiet) impl[] UartTx, UartTx {
+crate::sim_block!(gated(_quiet) impl[] UartTx, UartTx {
     clock: clock,
     data: input,
     start: input,
@@ -123,7 +123,7 @@ pub struct UartRx {
     _quiet: bool,
 }
 
-crate::sim::sim_block!(gated(_quiet) impl[] UartRx, UartRx {
+crate::sim_block!(gated(_quiet) impl[] UartRx, UartRx {
     clock: clock,
     rx: input,
     data: output,

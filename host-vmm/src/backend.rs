@@ -19,6 +19,53 @@ pub enum DeviceSpec {
     Lockstep,
     /// A PCI function bound to vfio-pci, by its sysfs path.
     Vfio(PathBuf),
+    /// The device on an FPGA board, through its host bridge on a serial port
+    /// (`fpga=PORT[,oob=PORT][,baud=N]`; see `hilrig_board`).
+    Fpga {
+        /// The bridge's serial port (the board's FTDI UART).
+        port: String,
+        /// The board's OOB UART, if wired.
+        oob: Option<String>,
+        /// Baud rate of both.
+        baud: u32,
+    },
+}
+
+/// Baud rate of the board's UARTs unless `baud=` says otherwise.
+pub const FPGA_BAUD: u32 = 115_200;
+
+fn parse_fpga(rest: &str) -> Result<DeviceSpec, VmmError> {
+    let bad = |why: String| VmmError::Config(format!("device backend `fpga={rest}`: {why}"));
+    let mut parts = rest.split(',');
+    let port = parts.next().unwrap_or_default();
+    if port.is_empty() {
+        return Err(bad(
+            "no serial port (expected fpga=PORT[,oob=PORT][,baud=N])".into(),
+        ));
+    }
+    let (mut oob, mut baud) = (None, FPGA_BAUD);
+    for part in parts {
+        match part.split_once('=') {
+            Some(("oob", p)) if !p.is_empty() => oob = Some(p.to_string()),
+            Some(("baud", b)) => {
+                baud = b
+                    .parse()
+                    .ok()
+                    .filter(|&b| b > 0)
+                    .ok_or_else(|| bad(format!("bad baud rate `{b}`")))?
+            }
+            _ => {
+                return Err(bad(format!(
+                    "unknown option `{part}` (expected oob=PORT or baud=N)"
+                )))
+            }
+        }
+    }
+    Ok(DeviceSpec::Fpga {
+        port: port.to_string(),
+        oob,
+        baud,
+    })
 }
 
 impl FromStr for DeviceSpec {
@@ -28,12 +75,17 @@ impl FromStr for DeviceSpec {
             "model" => Ok(DeviceSpec::Model),
             "rtl" => Ok(DeviceSpec::Rtl),
             "lockstep" => Ok(DeviceSpec::Lockstep),
-            _ => match s.strip_prefix("vfio=") {
-                Some(p) if !p.is_empty() => Ok(DeviceSpec::Vfio(PathBuf::from(p))),
-                _ => Err(VmmError::Config(format!(
-                    "unknown device backend `{s}` (expected model, rtl, lockstep or vfio=<sysfs-path>)"
-                ))),
-            },
+            _ => {
+                if let Some(rest) = s.strip_prefix("fpga=") {
+                    return parse_fpga(rest);
+                }
+                match s.strip_prefix("vfio=") {
+                    Some(p) if !p.is_empty() => Ok(DeviceSpec::Vfio(PathBuf::from(p))),
+                    _ => Err(VmmError::Config(format!(
+                        "unknown device backend `{s}` (expected model, rtl, lockstep, vfio=<sysfs-path> or fpga=<serial port>[,oob=<port>][,baud=N])"
+                    ))),
+                }
+            }
         }
     }
 }
@@ -45,6 +97,16 @@ impl std::fmt::Display for DeviceSpec {
             DeviceSpec::Rtl => f.write_str("rtl"),
             DeviceSpec::Lockstep => f.write_str("lockstep"),
             DeviceSpec::Vfio(p) => write!(f, "vfio={}", p.display()),
+            DeviceSpec::Fpga { port, oob, baud } => {
+                write!(f, "fpga={port}")?;
+                if let Some(o) = oob {
+                    write!(f, ",oob={o}")?;
+                }
+                if *baud != FPGA_BAUD {
+                    write!(f, ",baud={baud}")?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -156,6 +218,23 @@ pub fn open_backend(spec: &DeviceSpec, state: Option<&Path>) -> Result<Backend, 
             Ok(Backend::trapping(name, dev))
         }
         DeviceSpec::Vfio(path) => crate::vfio::open(path),
+        DeviceSpec::Fpga { port, oob, baud } => {
+            // The board keeps its nonvolatile state itself: no state file here.
+            if let Some(p) = state {
+                return Err(VmmError::Config(format!(
+                    "--device-state {} does not apply to the fpga backend (the board keeps its own state)",
+                    p.display()
+                )));
+            }
+            let mut dev = hilrig_board::backend::Fpga::open_serial(port, *baud)?;
+            if let Some(o) = oob {
+                dev.set_oob(Box::new(hilrig_board::backend::SerialTransport::open(
+                    o, *baud,
+                )?));
+            }
+            // Buffers live in the board's block RAM: every BAR0 page traps.
+            Ok(Backend::trapping(spec.to_string(), Box::new(dev)))
+        }
     }
 }
 
@@ -174,6 +253,36 @@ mod tests {
             Some(DeviceSpec::Vfio("/sys/bus/pci/devices/0000:01:00.0".into()))
         );
         assert!("vfio=".parse::<DeviceSpec>().is_err());
+        for (text, port, oob, baud) in [
+            ("fpga=/dev/ttyUSB1", "/dev/ttyUSB1", None, FPGA_BAUD),
+            (
+                "fpga=/dev/ttyUSB1,oob=/dev/ttyUSB2,baud=1000000",
+                "/dev/ttyUSB1",
+                Some("/dev/ttyUSB2"),
+                1_000_000,
+            ),
+        ] {
+            let spec = text.parse::<DeviceSpec>().unwrap();
+            assert_eq!(
+                spec,
+                DeviceSpec::Fpga {
+                    port: port.into(),
+                    oob: oob.map(String::from),
+                    baud
+                }
+            );
+            assert_eq!(spec.to_string(), text, "round trip");
+        }
+        for bad in [
+            "fpga=",
+            "fpga=/dev/x,baud=0",
+            "fpga=/dev/x,baud=fast",
+            "fpga=/dev/x,speed=1",
+            "fpga=/dev/x,oob=",
+        ] {
+            let e = bad.parse::<DeviceSpec>().unwrap_err().to_string();
+            assert!(e.contains("fpga="), "{bad}: {e}");
+        }
         assert!("fpga".parse::<DeviceSpec>().is_err());
     }
 

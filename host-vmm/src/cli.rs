@@ -18,7 +18,8 @@ pub struct VmArgs {
     /// loaded at 0x100000 and entered in 64-bit mode.
     #[arg(long, default_value = "pci-enum")]
     pub payload: String,
-    /// Device backend: model | rtl | lockstep | vfio=<sysfs path of a vfio-pci function>.
+    /// Device backend: model | rtl | lockstep | vfio=<sysfs path of a vfio-pci function> |
+    /// fpga=<bridge serial port>[,oob=<OOB serial port>][,baud=N] (a board, see hilrig-board).
     #[arg(long, default_value = "model")]
     pub device: String,
     /// Model backend: device state file (created factory-fresh if missing).

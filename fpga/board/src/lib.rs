@@ -1,2 +1,20 @@
 //! hilrig-board: the reference device on an FPGA dev board (see README.md).
+//!
+//! - [`proto`]: the host-bridge framed protocol (host side, and the spec);
+//! - [`bridge::HostBridge`]: the bridge in rust-hdl (UART, parser, bus master);
+//! - [`top::BoardTop`]: device core + bridge + OOB UART + LEDs + power-on reset;
+//! - [`backend::Fpga`]: the `fpga` device backend over a byte transport;
+//! - [`simboard`]: the board simulated in-process, over a pipe or a PTY;
+//! - [`uartsim`]: software UART line ends for simulation drivers.
 #![deny(missing_docs)]
+
+pub mod backend;
+pub mod bridge;
+pub mod proto;
+pub mod simboard;
+pub mod top;
+pub mod uartsim;
+
+pub use backend::{Fpga, FpgaOptions, SerialTransport, Transport};
+pub use simboard::{PtyBoard, SimBoard, SimPipe};
+pub use top::{board_top_verilog, BoardParams, BoardTop};

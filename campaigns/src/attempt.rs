@@ -1,0 +1,1104 @@
+//! One attempt of a case: the attack's steps in order on one device state file —
+//! VMM runs (built-in or generated payloads), state snapshots and restores, counters
+//! service verifies and update intents, forged OOB requests, a power cut in the
+//! middle of a program sequence, live patches through the control socket and a
+//! fleet rollout — then the expectations checked against what was observed.
+
+use crate::attacks::{Gen, Setup, Step, StepKind};
+use crate::format::{Case, HostSpec};
+use crate::runner::{check, prepare_state, reading, rel, AttemptResult, Observed};
+use crate::scenario;
+use hilrig_device::state::NvState;
+use hilrig_device::Region;
+use hilrig_reports::{Artifact, ArtifactKind, Outcome};
+use serde_json::{json, Value};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncReadExt;
+
+/// How long a VMM may take to put up its control socket.
+const SOCKET_WAIT: Duration = Duration::from_secs(20);
+/// Per control request.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(20);
+/// Bare quiesces after the storm's patch (more blackout samples).
+const QUIESCES: usize = 5;
+/// VMMs of the rollout fleet, and the one that does not trust the signing key.
+const FLEET: usize = 4;
+const BAD_HOST: usize = 2;
+
+/// An attempt ended early (boxed: it is large and travels through many `?`).
+type Stop = Box<AttemptResult>;
+type StepOut = Result<(i32, Value), Stop>;
+
+fn fail(o: Outcome, msg: impl Into<String>) -> Stop {
+    Box::new(AttemptResult {
+        outcome: o,
+        message: msg.into(),
+        observed: String::new(),
+        metrics: Default::default(),
+        artifacts: Vec::new(),
+    })
+}
+
+fn synthetic() -> Value {
+    json!({"verdict": "PASS", "passed": true, "exit_status": 0})
+}
+
+/// Make `cmd`'s child die with the runner: SIGKILL on the runner's death
+/// (PR_SET_PDEATHSIG), checked against a runner that died before the child got
+/// there; and killed when the handle is dropped.
+pub fn die_with_runner(cmd: &mut tokio::process::Command) {
+    let parent = std::process::id();
+    // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() as u32 != parent {
+                libc::_exit(70);
+            }
+            Ok(())
+        });
+    }
+    cmd.kill_on_drop(true);
+}
+
+struct Att<'a> {
+    case: &'a Case,
+    host: &'a HostSpec,
+    vmm: &'a Path,
+    vmm_args: &'a [String],
+    run_dir: &'a Path,
+    dir: &'a Path,
+    state: PathBuf,
+    deadline: Instant,
+    artifacts: Vec<Artifact>,
+    seen: Observed,
+    /// A short directory for control sockets (a unix socket path must fit 108 bytes;
+    /// attempt directories are deep).
+    sockets: Option<tempfile::TempDir>,
+}
+
+impl Att<'_> {
+    fn socket(&mut self, name: &str) -> Result<PathBuf, Stop> {
+        if self.sockets.is_none() {
+            let d = tempfile::Builder::new()
+                .prefix("hilrig-ctl-")
+                .tempdir()
+                .map_err(|e| fail(Outcome::Infra, format!("socket directory: {e}")))?;
+            self.sockets = Some(d);
+        }
+        let d = self
+            .sockets
+            .as_ref()
+            .map(|d| d.path().to_path_buf())
+            .unwrap_or_default();
+        Ok(d.join(format!("{name}.sock")))
+    }
+
+    /// Kill a driven VMM that failed a check and keep its stderr.
+    async fn abandon(
+        &mut self,
+        k: usize,
+        label: &str,
+        child: &mut tokio::process::Child,
+        err: Pipe,
+    ) {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+        let p = self.file(k, label, "stderr.txt");
+        let _ = std::fs::write(&p, err.await.unwrap_or_default());
+        self.keep(&p, ArtifactKind::Other);
+        let c = self.file(k, label, "console.txt");
+        self.keep(&c, ArtifactKind::Console);
+    }
+
+    fn file(&self, k: usize, label: &str, name: &str) -> PathBuf {
+        self.dir.join(format!("{k}-{label}-{name}"))
+    }
+
+    fn keep(&mut self, p: &Path, kind: ArtifactKind) {
+        if p.exists()
+            && !self
+                .artifacts
+                .iter()
+                .any(|a| a.path == rel(self.run_dir, p))
+        {
+            self.artifacts.push(Artifact {
+                kind,
+                path: rel(self.run_dir, p),
+            });
+        }
+    }
+
+    fn left(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+
+    /// The VMM command of step `k` (`label` names its files) on `state`.
+    fn command(
+        &self,
+        k: usize,
+        label: &str,
+        payload: &std::ffi::OsStr,
+        flags: &[&str],
+        extra: &[OsString],
+        state: &Path,
+    ) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(self.vmm);
+        cmd.args(self.vmm_args)
+            .arg("--payload")
+            .arg(payload)
+            .arg("--device")
+            .arg(&self.case.backend)
+            .arg("--device-state")
+            .arg(state)
+            .arg("--profile")
+            .arg(&self.case.profile)
+            .arg("--enforce")
+            .arg(if self.case.enforce { "on" } else { "off" })
+            .arg("--alarms")
+            .arg(self.file(k, label, "alarms.jsonl"))
+            .arg("--console")
+            .arg(self.file(k, label, "console.txt"))
+            .arg("--timeout")
+            .arg(format!("{}ms", self.case.step_timeout.as_millis().max(1)))
+            .arg("--json")
+            .args(flags);
+        if flags.contains(&"--teardown-on-exit") {
+            cmd.arg("--teardown-record")
+                .arg(self.file(k, label, "teardown.json"));
+        }
+        cmd.args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        die_with_runner(&mut cmd);
+        cmd
+    }
+
+    /// Keep a finished VMM's output and read its verdict JSON.
+    fn collect(&mut self, k: usize, label: &str, out: std::process::Output) -> StepOut {
+        let json_path = self.file(k, label, "vmm.json");
+        let stderr_path = self.file(k, label, "stderr.txt");
+        let _ = std::fs::write(&json_path, &out.stdout);
+        let _ = std::fs::write(&stderr_path, &out.stderr);
+        for (name, kind) in [
+            ("vmm.json", ArtifactKind::Other),
+            ("stderr.txt", ArtifactKind::Other),
+            ("console.txt", ArtifactKind::Console),
+            ("alarms.jsonl", ArtifactKind::Alarms),
+            ("teardown.json", ArtifactKind::Teardown),
+        ] {
+            let p = self.file(k, label, name);
+            self.keep(&p, kind);
+        }
+        let stderr_tail = {
+            let s = String::from_utf8_lossy(&out.stderr);
+            let t: Vec<&str> = s.lines().rev().take(3).collect();
+            t.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        };
+        let Some(code) = out.status.code() else {
+            return Err(fail(
+                Outcome::Infra,
+                format!(
+                    "step {k} ({label}): the VMM died with no verdict ({}); {stderr_tail}",
+                    out.status
+                ),
+            ));
+        };
+        let parsed: Option<Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
+            .filter(|v| v.get("verdict").is_some());
+        match parsed {
+            Some(json) => {
+                self.note_vmm(&json);
+                Ok((code, json))
+            }
+            None => Err(fail(
+                Outcome::Infra,
+                format!(
+                    "step {k} ({label}): the VMM exited {code} with no verdict JSON; {stderr_tail}"
+                ),
+            )),
+        }
+    }
+
+    /// Blackouts and teardown times of a VMM's JSON.
+    fn note_vmm(&mut self, json: &Value) {
+        if let Some(ps) = json["patches"].as_array() {
+            for p in ps {
+                if let Some(us) = p["blackout_us"].as_f64() {
+                    self.seen.patch_blackouts_us.push(us);
+                }
+            }
+        }
+        if let Some(us) = json["teardown"]["total_micros"].as_f64() {
+            self.seen.teardown_us.push(us);
+        }
+    }
+
+    /// Run a VMM to its end within the case deadline.
+    async fn run_vmm(
+        &mut self,
+        k: usize,
+        label: &str,
+        payload: &std::ffi::OsStr,
+        flags: &[&str],
+    ) -> StepOut {
+        let state = self.state.clone();
+        let mut cmd = self.command(k, label, payload, flags, &[], &state);
+        let child = cmd.spawn().map_err(|e| {
+            fail(
+                Outcome::Infra,
+                format!("spawning {}: {e}", self.vmm.display()),
+            )
+        })?;
+        match tokio::time::timeout(self.left(), child.wait_with_output()).await {
+            Err(_) => Err(fail(
+                Outcome::Timeout,
+                format!(
+                    "step {k} ({label}) still running after the case timeout of {:?}: killed",
+                    self.case.timeout
+                ),
+            )),
+            Ok(Err(e)) => Err(fail(
+                Outcome::Infra,
+                format!("waiting for {}: {e}", self.vmm.display()),
+            )),
+            Ok(Ok(out)) => self.collect(k, label, out),
+        }
+    }
+
+    fn load(&self) -> Result<NvState, Stop> {
+        NvState::load(&self.state)
+            .map_err(|e| fail(Outcome::Infra, format!("reading the device state: {e}")))
+    }
+
+    async fn step(&mut self, k: usize, step: &Step) -> StepOut {
+        let label = step.payload;
+        match step.kind {
+            StepKind::Vmm => self.run_vmm(k, label, label.as_ref(), step.flags).await,
+            StepKind::Gen(g) => {
+                let nv = self.load()?;
+                let bin = self.file(k, label, "payload.bin");
+                let code = scenario::payload(g, &nv).map_err(|e| fail(Outcome::Infra, e))?;
+                std::fs::write(&bin, code)
+                    .map_err(|e| fail(Outcome::Infra, format!("writing {}: {e}", bin.display())))?;
+                let (code, json) = self.run_vmm(k, label, bin.as_os_str(), step.flags).await?;
+                if code == 0 {
+                    let results: Vec<u64> = json["results"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(Value::as_u64).collect())
+                        .unwrap_or_default();
+                    let s = scenario::check_results(g, &results, nv.config.counter_width)
+                        .map_err(|e| fail(Outcome::Fail, format!("step {k} ({label}): {e}")))?;
+                    if !s.is_empty() {
+                        self.seen.notes.push(s);
+                    }
+                }
+                Ok((code, json))
+            }
+            StepKind::Snapshot => {
+                let snap = self.dir.join("snapshot.bin");
+                std::fs::copy(&self.state, &snap)
+                    .map_err(|e| fail(Outcome::Infra, format!("snapshot: {e}")))?;
+                self.seen.notes.push("state snapshot taken".into());
+                Ok((0, synthetic()))
+            }
+            StepKind::Restore => {
+                let snap = self.dir.join("snapshot.bin");
+                let nv = NvState::load(&snap)
+                    .map_err(|e| fail(Outcome::Infra, format!("reading the snapshot: {e}")))?;
+                // The attack: the old state put back in place, as a file copy would.
+                nv.save(&self.state)
+                    .map_err(|e| fail(Outcome::Infra, format!("restoring the snapshot: {e}")))?;
+                self.seen.notes.push("old state file restored".into());
+                Ok((0, synthetic()))
+            }
+            StepKind::Verify(want) => {
+                let (v, why) = crate::attest::verdict_after(self.dir, &self.state, self.host)
+                    .map_err(|e| fail(Outcome::Infra, e))?;
+                if v != want {
+                    return Err(fail(
+                        Outcome::Fail,
+                        format!("step {k} ({label}): counters service said {v} ({why}), expected {want}"),
+                    ));
+                }
+                self.seen.notes.push(format!("service {v} after step {k}"));
+                Ok((0, synthetic()))
+            }
+            StepKind::OobForge => {
+                let (backend, state) = (self.case.backend.clone(), self.state.clone());
+                let r = tokio::task::spawn_blocking(move || {
+                    let direct = scenario::oob_forge(&backend, &state)?;
+                    let pty = scenario::oob_forge_pty(&state)?;
+                    Ok::<_, String>((direct, pty))
+                })
+                .await
+                .map_err(|e| fail(Outcome::Infra, format!("OOB task: {e}")))?;
+                let (direct, pty) =
+                    r.map_err(|e| fail(Outcome::Fail, format!("step {k} ({label}): {e}")))?;
+                let log = self.file(k, label, "oob.txt");
+                let _ = std::fs::write(
+                    &log,
+                    [direct.clone(), pty.clone()].concat().join("\n") + "\n",
+                );
+                self.keep(&log, ArtifactKind::Oob);
+                self.seen.notes.push(format!(
+                    "{} forged/malformed OOB requests refused ({} on the {} device's port, {} over the rig's OOB PTY)",
+                    direct.len() + pty.len(),
+                    direct.len(),
+                    self.case.backend,
+                    pty.len()
+                ));
+                Ok((0, synthetic()))
+            }
+            StepKind::BeginUpdate(Gen::ProgramSeq(n)) => {
+                let nv = self.load()?;
+                let image =
+                    scenario::program_image(&nv, n, n).map_err(|e| fail(Outcome::Infra, e))?;
+                let s = crate::attest::begin_update(self.dir, self.host, Region::Firmware, &image)
+                    .map_err(|e| fail(Outcome::Infra, e))?;
+                self.seen.notes.push(s);
+                Ok((0, synthetic()))
+            }
+            StepKind::BeginUpdate(g) => Err(fail(
+                Outcome::Infra,
+                format!("begin-update of {g:?}: only program sequences have a target image"),
+            )),
+            StepKind::PowerCut {
+                gen: Gen::ProgramSeq(n),
+                cut_after,
+            } => self.power_cut(k, label, n, cut_after).await,
+            StepKind::PowerCut { gen, .. } => Err(fail(
+                Outcome::Infra,
+                format!("power cut during {gen:?}: only program sequences announce their steps"),
+            )),
+            StepKind::PatchStorm => self.patch_storm(k, label, false).await,
+            StepKind::BadBundles => self.patch_storm(k, label, true).await,
+            StepKind::Rollout => self.rollout(k, label).await,
+        }
+    }
+
+    /// The program sequence, power cut (SIGKILL) once the guest has announced
+    /// `cut_after` finished PROGRAMs; then the state file must account for every
+    /// PROGRAM the flash shows (and every one announced), MASTER with it.
+    async fn power_cut(&mut self, k: usize, label: &str, n: u32, cut_after: u32) -> StepOut {
+        let before = self.load()?;
+        let bin = self.file(k, label, "payload.bin");
+        let code =
+            scenario::payload(Gen::ProgramSeq(n), &before).map_err(|e| fail(Outcome::Infra, e))?;
+        std::fs::write(&bin, code)
+            .map_err(|e| fail(Outcome::Infra, format!("writing {}: {e}", bin.display())))?;
+        let images: Vec<Vec<u8>> = (0..=n)
+            .map(|i| scenario::program_image(&before, n, i))
+            .collect::<Result<_, _>>()
+            .map_err(|e| fail(Outcome::Infra, e))?;
+        let state = self.state.clone();
+        let console = self.file(k, label, "console.txt");
+        let mut cmd = self.command(k, label, bin.as_os_str(), &[], &[], &state);
+        let mut child = cmd.spawn().map_err(|e| {
+            fail(
+                Outcome::Infra,
+                format!("spawning {}: {e}", self.vmm.display()),
+            )
+        })?;
+        let markers = |p: &Path| {
+            std::fs::read_to_string(p)
+                .map(|s| s.lines().filter(|l| l.starts_with('P')).count() as u32)
+                .unwrap_or(0)
+        };
+        let cut = loop {
+            if markers(&console) >= cut_after {
+                break true;
+            }
+            if let Ok(Some(_)) = child.try_wait() {
+                break false;
+            }
+            if Instant::now() >= self.deadline {
+                return Err(fail(
+                    Outcome::Timeout,
+                    format!("step {k} ({label}): the guest never reached step {cut_after}"),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        // Power off: the simulated host's VMM is killed, as the rig's sim power driver does.
+        let _ = child.start_kill();
+        let out = child
+            .wait_with_output()
+            .await
+            .map_err(|e| fail(Outcome::Infra, format!("waiting for the VMM: {e}")))?;
+        let _ = std::fs::write(self.file(k, label, "stderr.txt"), &out.stderr);
+        self.keep(&console, ArtifactKind::Console);
+        if !cut {
+            return Err(fail(
+                Outcome::Infra,
+                format!(
+                    "step {k} ({label}): the VMM ended ({}) before the rig could cut power",
+                    out.status
+                ),
+            ));
+        }
+        let announced = markers(&console);
+        let after = self.load()?;
+        let fw = &after.flash[Region::Firmware as usize];
+        let Some(acted) = images.iter().position(|im| im == fw) else {
+            return Err(fail(
+                Outcome::Fail,
+                format!("step {k} ({label}): after the cut FIRMWARE is none of the sequence's states (torn write)"),
+            ));
+        };
+        let acted = acted as u32;
+        let c = |nv: &NvState| nv.counter(Region::Firmware);
+        let counted = c(&after).saturating_sub(c(&before));
+        let master = after.master.saturating_sub(before.master);
+        let mut bad = Vec::new();
+        if counted < acted {
+            bad.push(format!(
+                "UNDERCOUNT: {acted} PROGRAMs reached the flash but the counter moved {counted}"
+            ));
+        }
+        if counted < announced {
+            bad.push(format!("UNDERCOUNT: the guest finished {announced} PROGRAMs but the counter moved {counted}"));
+        }
+        if counted > n {
+            bad.push(format!("the counter moved {counted} for {n} PROGRAMs"));
+        }
+        if master != counted {
+            bad.push(format!(
+                "MASTER moved {master}, the FIRMWARE counter {counted}"
+            ));
+        }
+        if acted >= n {
+            return Err(fail(
+                Outcome::Infra,
+                format!("step {k} ({label}): the cut came after the whole sequence ({acted}/{n} PROGRAMs)"),
+            ));
+        }
+        if !bad.is_empty() {
+            return Err(fail(
+                Outcome::Fail,
+                format!("step {k} ({label}): {}", bad.join("; ")),
+            ));
+        }
+        self.seen.notes.push(format!(
+            "power cut after {announced}/{n} PROGRAMs announced: {acted} reached the flash, {counted} counted"
+        ));
+        Ok((0, synthetic()))
+    }
+
+    async fn wait_socket(
+        &self,
+        sock: &Path,
+        child: &mut tokio::process::Child,
+    ) -> Result<(), Stop> {
+        let t0 = Instant::now();
+        while !sock.exists() {
+            if let Ok(Some(st)) = child.try_wait() {
+                return Err(fail(
+                    Outcome::Infra,
+                    format!("the VMM ended ({st}) before its control socket appeared"),
+                ));
+            }
+            if t0.elapsed() > SOCKET_WAIT || Instant::now() >= self.deadline {
+                return Err(fail(
+                    Outcome::Infra,
+                    format!("control socket {} never appeared", sock.display()),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+
+    /// A storm guest with a control socket; then a good patch and quiesces
+    /// (`bad` = false) or every kind of bad bundle (`bad` = true); then teardown
+    /// over the socket.
+    async fn patch_storm(&mut self, k: usize, label: &str, bad: bool) -> StepOut {
+        let prefix = self.dir.join("patch-signer");
+        let pubkey = scenario::keygen(&prefix).map_err(|e| fail(Outcome::Infra, e))?;
+        let build = hash_vmm(self.vmm).await?;
+        let good = self.dir.join("policy-v2.bundle");
+        let good_bytes = scenario::write_bundle(&prefix, 2, build, &good)
+            .map_err(|e| fail(Outcome::Infra, e))?;
+        let sock = self.socket(label)?;
+        let record = self.file(k, label, "teardown.json");
+        let extra: Vec<OsString> = vec![
+            "--vcpus".into(),
+            STORM_VCPUS.to_string().into(),
+            "--control".into(),
+            sock.clone().into(),
+            "--patch-pubkey".into(),
+            pubkey.into(),
+            "--teardown-record".into(),
+            record.into(),
+        ];
+        let state = self.state.clone();
+        let mut cmd = self.command(k, label, "storm".as_ref(), &[], &extra, &state);
+        let mut child = cmd.spawn().map_err(|e| {
+            fail(
+                Outcome::Infra,
+                format!("spawning {}: {e}", self.vmm.display()),
+            )
+        })?;
+        let (out_task, err_task) = drain(&mut child);
+        let left = self.left();
+        let case_timeout = self.case.timeout;
+        let driven = async {
+            self.wait_socket(&sock, &mut child).await?;
+            settle(&sock).await?;
+            let mut notes = Vec::new();
+            if !bad {
+                let lat = trap_windows(&sock, STORM_VCPUS).await?;
+                notes.push(format!(
+                    "trap path under the storm: {:.1} us per trapped access (median of {} windows)",
+                    median(&lat),
+                    lat.len()
+                ));
+                self.seen.trap_latency_us.extend(lat);
+            }
+            if bad {
+                notes.extend(self.bad_bundles(&sock, &prefix, build, &good_bytes).await?);
+            } else {
+                let r = ask(&sock, json!({"op": "patch", "bundle": good})).await?;
+                if r["ok"] != true || r["to"] != 2 {
+                    return Err(fail(
+                        Outcome::Fail,
+                        format!("the signed patch was not applied: {r}"),
+                    ));
+                }
+                notes.push(format!(
+                    "patch policy {} -> {} in {} us blackout",
+                    r["from"], r["to"], r["blackout_us"]
+                ));
+                for _ in 0..QUIESCES {
+                    // Bare quiesces: recorded apart from patch blackouts (not bounded).
+                    let q = ask(&sock, json!({"op": "quiesce"})).await?;
+                    match q["blackout_us"].as_f64() {
+                        Some(us) if q["ok"] == true => self.seen.quiesce_blackouts_us.push(us),
+                        _ => return Err(fail(Outcome::Fail, format!("quiesce failed: {q}"))),
+                    }
+                }
+                // The new rules are in force: the storm's SCRATCH writes now alarm.
+                let t0 = Instant::now();
+                loop {
+                    let m = ask(&sock, json!({"op": "metrics"})).await?;
+                    if m["policy"]["alarms"].as_u64().unwrap_or(0) > 0 {
+                        notes.push(format!(
+                            "patched rules in force: {} alarms, {} blackouts (max {} us)",
+                            m["policy"]["alarms"],
+                            m["blackouts"]["count"],
+                            m["blackouts"]["max_us"]
+                        ));
+                        break;
+                    }
+                    if t0.elapsed() > Duration::from_secs(10) {
+                        return Err(fail(
+                            Outcome::Fail,
+                            format!("the patched rules never raised an alarm: {m}"),
+                        ));
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            let t = ask(&sock, json!({"op": "teardown"})).await?;
+            if t["ok"] != true {
+                return Err(fail(
+                    Outcome::Fail,
+                    format!("teardown over the control socket failed: {t}"),
+                ));
+            }
+            Ok(notes)
+        };
+        let notes = match tokio::time::timeout(left, driven).await {
+            Err(_) => {
+                return Err(fail(
+                    Outcome::Timeout,
+                    format!("step {k} ({label}) still running after the case timeout of {case_timeout:?}: killed"),
+                ))
+            }
+            Ok(Err(e)) => {
+                self.abandon(k, label, &mut child, err_task).await;
+                return Err(e);
+            }
+            Ok(Ok(n)) => n,
+        };
+        self.seen.notes.extend(notes);
+        let status = match tokio::time::timeout(self.left(), child.wait()).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(fail(Outcome::Infra, format!("waiting for the VMM: {e}"))),
+            Err(_) => {
+                return Err(fail(
+                    Outcome::Timeout,
+                    "the VMM did not end after its teardown",
+                ))
+            }
+        };
+        let out = std::process::Output {
+            status,
+            stdout: out_task.await.unwrap_or_default(),
+            stderr: err_task.await.unwrap_or_default(),
+        };
+        self.collect(k, label, out)
+    }
+
+    async fn bad_bundles(
+        &mut self,
+        sock: &Path,
+        prefix: &Path,
+        build: [u8; 32],
+        good: &[u8],
+    ) -> Result<Vec<String>, Stop> {
+        let d = self.dir;
+        let infra = |e: String| fail(Outcome::Infra, e);
+        let foreign = d.join("foreign-signer");
+        scenario::keygen(&foreign).map_err(infra)?;
+        let mut other_build = build;
+        other_build[0] ^= 0xff;
+        let mut tampered = good.to_vec();
+        let n = tampered.len();
+        if n > 3 {
+            tampered[n - 3] ^= 1;
+        }
+        let write = |name: &str, b: &[u8]| -> Result<PathBuf, Stop> {
+            let p = d.join(name);
+            std::fs::write(&p, b)
+                .map_err(|e| fail(Outcome::Infra, format!("{}: {e}", p.display())))?;
+            Ok(p)
+        };
+        let bundle = |name: &str, pre: &Path, version: u64, b: [u8; 32]| {
+            let p = d.join(name);
+            scenario::write_bundle(pre, version, b, &p)
+                .map(|_| p)
+                .map_err(|e| fail(Outcome::Infra, e))
+        };
+        let cases: Vec<(&str, PathBuf, &str)> = vec![
+            (
+                "bad signature",
+                bundle("bad-signature.bundle", &foreign, 2, build)?,
+                "not a trusted key",
+            ),
+            (
+                "tampered payload",
+                write("tampered.bundle", &tampered)?,
+                "SHA-256 does not match",
+            ),
+            (
+                "wrong build",
+                bundle("wrong-build.bundle", prefix, 2, other_build)?,
+                "targets VMM build",
+            ),
+            (
+                "same version",
+                bundle("same-version.bundle", prefix, 1, build)?,
+                "not newer",
+            ),
+            (
+                "downgrade",
+                bundle("downgrade.bundle", prefix, 0, build)?,
+                "not newer",
+            ),
+            (
+                "truncated",
+                write("truncated.bundle", &good[..good.len() / 2])?,
+                "truncated",
+            ),
+        ];
+        let mut notes = Vec::new();
+        let mut bad = Vec::new();
+        for (what, path, want) in cases {
+            let r = ask(sock, json!({"op": "patch", "bundle": path})).await?;
+            let err = r["error"].as_str().unwrap_or("");
+            if r["ok"] != false || !err.contains(want) {
+                bad.push(format!("{what}: {r} (expected a refusal with `{want}`)"));
+            } else {
+                notes.push(format!("{what}: refused ({want})"));
+            }
+            let st = ask(sock, json!({"op": "status"})).await?;
+            if st["state"] != "running" || st["versions"]["policy"] != 1 {
+                bad.push(format!(
+                    "after the {what} bundle the VM is not serving unchanged: {st}"
+                ));
+            }
+        }
+        let m0 = ask(sock, json!({"op": "metrics"})).await?;
+        if m0["blackouts"]["count"] != 0 {
+            bad.push(format!(
+                "a refused patch paused the VM: {}",
+                m0["blackouts"]
+            ));
+        }
+        let parts = |m: &Value| m["policy"]["parts"].as_u64().unwrap_or(0);
+        let t0 = Instant::now();
+        loop {
+            let m = ask(sock, json!({"op": "metrics"})).await?;
+            if parts(&m) > parts(&m0) {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(10) {
+                bad.push("the guest stopped making progress after the bad bundles".into());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if bad.is_empty() {
+            Ok(notes)
+        } else {
+            Err(fail(Outcome::Fail, bad.join("; ")))
+        }
+    }
+
+    /// A fleet of VMMs, host [`BAD_HOST`] not trusting the signer; rollout canary
+    /// 1, waves of 2: stops at the bad host, earlier hosts patched, later untouched.
+    async fn rollout(&mut self, k: usize, label: &str) -> StepOut {
+        let prefix = self.dir.join("patch-signer");
+        let pubkey = scenario::keygen(&prefix).map_err(|e| fail(Outcome::Infra, e))?;
+        let other = scenario::keygen(&self.dir.join("other-signer"))
+            .map_err(|e| fail(Outcome::Infra, e))?;
+        let build = hash_vmm(self.vmm).await?;
+        let bundle = self.dir.join("policy-v2.bundle");
+        scenario::write_bundle(&prefix, 2, build, &bundle).map_err(|e| fail(Outcome::Infra, e))?;
+        let mut children = Vec::new();
+        let mut targets = Vec::new();
+        for i in 0..FLEET {
+            let name = format!("fleet-{i}");
+            let state = self.dir.join(format!("{name}.state"));
+            prepare_state(Setup::Factory, self.host, &state)
+                .map_err(|e| fail(Outcome::Infra, e))?;
+            let sock = self.socket(&name)?;
+            let key = if i == BAD_HOST { &other } else { &pubkey };
+            let extra: Vec<OsString> = vec![
+                "--control".into(),
+                sock.clone().into(),
+                "--patch-pubkey".into(),
+                key.into(),
+            ];
+            let mut cmd = self.command(k, &name, "spin".as_ref(), &[], &extra, &state);
+            let mut child = cmd.spawn().map_err(|e| {
+                fail(
+                    Outcome::Infra,
+                    format!("spawning {}: {e}", self.vmm.display()),
+                )
+            })?;
+            let pipes = drain(&mut child);
+            children.push((name.clone(), child, pipes));
+            targets.push(hilrig_vmm::rollout::Target { name, socket: sock });
+        }
+        let mut up = Ok(());
+        for ((_, child, _), t) in children.iter_mut().zip(&targets) {
+            up = self.wait_socket(&t.socket, child).await;
+            if up.is_err() {
+                break;
+            }
+        }
+        if let Err(e) = up {
+            for (name, mut child, (_, err)) in children {
+                self.abandon(k, &name, &mut child, err).await;
+            }
+            return Err(e);
+        }
+        let ts = targets.clone();
+        let b = bundle.clone();
+        let report = tokio::task::spawn_blocking(move || {
+            hilrig_vmm::rollout::rollout(
+                &hilrig_vmm::rollout::Sockets {
+                    timeout: CONTROL_TIMEOUT,
+                },
+                &ts,
+                &b,
+                1,
+                2,
+            )
+        })
+        .await
+        .map_err(|e| fail(Outcome::Infra, format!("rollout task: {e}")))?;
+        let rpath = self.file(k, label, "rollout.json");
+        let _ = std::fs::write(
+            &rpath,
+            serde_json::to_vec_pretty(&report).unwrap_or_default(),
+        );
+        self.keep(&rpath, ArtifactKind::Other);
+        use hilrig_vmm::rollout::HostOutcome;
+        let mut bad = Vec::new();
+        let bad_name = &targets[BAD_HOST].name;
+        if report.complete {
+            bad.push("the rollout says complete although a host refused".into());
+        }
+        match &report.stopped {
+            Some(s) if s.starts_with(&format!("{bad_name} in wave 1: refused")) => {}
+            other => bad.push(format!(
+                "rollout stopped {other:?}, expected at {bad_name} in wave 1"
+            )),
+        }
+        for (i, h) in report.hosts.iter().enumerate() {
+            let v = h.versions.as_ref().map(|v| v["policy"].clone());
+            let (ok, want_v) = match (&h.outcome, i) {
+                // (Its blackout is taken from the VMM's own JSON at teardown.)
+                (HostOutcome::Applied { .. }, i) if i < BAD_HOST => (true, 2),
+                (HostOutcome::Refused { reason }, i) if i == BAD_HOST => {
+                    (reason.contains("not a trusted key"), 1)
+                }
+                (HostOutcome::Skipped, i) if i > BAD_HOST => (true, 1),
+                _ => (false, 0),
+            };
+            if !ok || v != Some(json!(want_v)) {
+                bad.push(format!(
+                    "{} (wave {}): {:?}, policy version {v:?}, expected version {want_v}",
+                    h.target.name, h.wave, h.outcome
+                ));
+            }
+        }
+        // Tear the fleet down.
+        for ((name, mut child, (o, e)), t) in children.into_iter().zip(&targets) {
+            let reply = ask(&t.socket, json!({"op": "teardown"})).await;
+            match &reply {
+                Ok(r) if r["ok"] == true => {}
+                Ok(r) => bad.push(format!("{name}: teardown refused: {r}")),
+                Err(e) => bad.push(format!("{name}: teardown: {}", e.message)),
+            }
+            let status = match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
+                Ok(Ok(s)) => s,
+                _ => {
+                    let _ = child.start_kill();
+                    match child.wait().await {
+                        Ok(s) => s,
+                        Err(e) => return Err(fail(Outcome::Infra, format!("{name}: {e}"))),
+                    }
+                }
+            };
+            let out = std::process::Output {
+                status,
+                stdout: o.await.unwrap_or_default(),
+                stderr: e.await.unwrap_or_default(),
+            };
+            match self.collect(k, &name, out) {
+                Err(e) => bad.push(format!("{name}: {}", e.message)),
+                Ok((code, json)) => {
+                    if code != 9 || json["teardown"]["complete"] != true {
+                        bad.push(format!(
+                            "{name}: ended {code} ({}) after its teardown, teardown complete = {}",
+                            json["verdict"], json["teardown"]["complete"]
+                        ));
+                    }
+                }
+            }
+        }
+        if !bad.is_empty() {
+            return Err(fail(
+                Outcome::Fail,
+                format!("step {k} ({label}): {}", bad.join("; ")),
+            ));
+        }
+        self.seen.notes.push(format!(
+            "rollout stopped at {bad_name} in wave 1; {BAD_HOST} hosts patched, {} untouched",
+            FLEET - BAD_HOST - 1
+        ));
+        Ok((0, synthetic()))
+    }
+}
+
+type Pipe = tokio::task::JoinHandle<Vec<u8>>;
+
+/// Read a child's stdout and stderr to their ends in the background.
+fn drain(child: &mut tokio::process::Child) -> (Pipe, Pipe) {
+    fn read<R: tokio::io::AsyncRead + Unpin + Send + 'static>(r: Option<R>) -> Pipe {
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf).await;
+            }
+            buf
+        })
+    }
+    (read(child.stdout.take()), read(child.stderr.take()))
+}
+
+async fn ask(sock: &Path, req: Value) -> Result<Value, Stop> {
+    let s = sock.to_path_buf();
+    let line = req.to_string();
+    tokio::task::spawn_blocking(move || hilrig_vmm::control::request(&s, &line, CONTROL_TIMEOUT))
+        .await
+        .map_err(|e| fail(Outcome::Infra, format!("control task: {e}")))?
+        .map_err(|e| {
+            fail(
+                Outcome::Infra,
+                format!("control socket {}: {req}: {e}", sock.display()),
+            )
+        })
+}
+
+/// vCPUs of the storm guest.
+const STORM_VCPUS: u32 = 2;
+/// Windows sampled for the trap latency, and their length.
+const TRAP_WINDOWS: usize = 10;
+const TRAP_WINDOW: Duration = Duration::from_millis(40);
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    s.get(s.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// The trapped-MMIO round trip under the storm, one sample per window: window
+/// time x vCPUs / trapped accesses decided in it (every storm access traps, and
+/// each vCPU does nothing else), from the control socket's policy counters.
+async fn trap_windows(sock: &Path, vcpus: u32) -> Result<Vec<f64>, Stop> {
+    let parts = |m: &Value| m["policy"]["parts"].as_u64().unwrap_or(0);
+    let mut out = Vec::new();
+    let mut prev = (
+        Instant::now(),
+        parts(&ask(sock, json!({"op": "metrics"})).await?),
+    );
+    for _ in 0..TRAP_WINDOWS {
+        tokio::time::sleep(TRAP_WINDOW).await;
+        let now = (
+            Instant::now(),
+            parts(&ask(sock, json!({"op": "metrics"})).await?),
+        );
+        let n = now.1.saturating_sub(prev.1);
+        if n > 0 {
+            let us = (now.0 - prev.0).as_secs_f64() * 1e6 * f64::from(vcpus) / n as f64;
+            out.push(us);
+        }
+        prev = now;
+    }
+    Ok(out)
+}
+
+/// Wait until the guest makes progress (decided accesses keep coming).
+async fn settle(sock: &Path) -> Result<(), Stop> {
+    let t0 = Instant::now();
+    loop {
+        let m = ask(sock, json!({"op": "metrics"})).await?;
+        if m["policy"]["parts"].as_u64().unwrap_or(0) > 20 {
+            return Ok(());
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            return Err(fail(
+                Outcome::Infra,
+                format!("the guest made no progress: {m}"),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn hash_vmm(vmm: &Path) -> Result<[u8; 32], Stop> {
+    let p = vmm.to_path_buf();
+    tokio::task::spawn_blocking(move || scenario::file_sha256(&p))
+        .await
+        .map_err(|e| fail(Outcome::Infra, format!("hash task: {e}")))?
+        .map_err(|e| fail(Outcome::Infra, format!("hashing the VMM build: {e}")))
+}
+
+/// Run one attempt of `case` on `host` in `dir` (inside `run_dir`).
+pub async fn run_attempt(
+    case: &Case,
+    host: &HostSpec,
+    vmm: &Path,
+    vmm_args: &[String],
+    run_dir: &Path,
+    dir: &Path,
+) -> AttemptResult {
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        return *fail(Outcome::Infra, format!("creating {}: {e}", dir.display()));
+    }
+    let state = dir.join("state.bin");
+    let before = match prepare_state(case.attack.setup, host, &state) {
+        Ok(nv) => nv,
+        Err(e) => return *fail(Outcome::Infra, e),
+    };
+    if let Err(e) = crate::attest::provision(dir, &state, host) {
+        return *fail(Outcome::Infra, format!("provisioning: {e}"));
+    }
+    let mut att = Att {
+        case,
+        host,
+        vmm,
+        vmm_args,
+        run_dir,
+        dir,
+        state,
+        deadline: Instant::now() + case.timeout,
+        artifacts: Vec::new(),
+        seen: Observed::default(),
+        sockets: None,
+    };
+    att.seen.readings.push(reading(&before));
+    let n = case.attack.steps.len();
+    let mut last: Option<(i32, Value)> = None;
+    for (k, step) in case.attack.steps.iter().enumerate() {
+        let r = att.step(k, step).await;
+        if let Ok(nv) = NvState::load(&att.state) {
+            att.seen.readings.push(reading(&nv));
+        }
+        let (code, json) = match r {
+            Ok(x) => x,
+            Err(e) => {
+                let mut e = *e;
+                e.artifacts = std::mem::take(&mut att.artifacts);
+                e.metrics = att.seen.metrics(0);
+                return e;
+            }
+        };
+        if k + 1 < n && code != 0 {
+            let mut r = *fail(
+                Outcome::Fail,
+                format!(
+                    "step {k} ({}) ended {} (exit {code}), expected pass",
+                    step.payload, json["verdict"]
+                ),
+            );
+            r.artifacts = att.artifacts;
+            return r;
+        }
+        last = Some((code, json));
+    }
+    let Some((code, json)) = last else {
+        return *fail(Outcome::Infra, "the attack has no steps");
+    };
+    let after = match NvState::load(&att.state) {
+        Ok(nv) => nv,
+        Err(e) => {
+            let mut r = *fail(
+                Outcome::Infra,
+                format!("reading the device state after the case: {e}"),
+            );
+            r.artifacts = att.artifacts;
+            return r;
+        }
+    };
+    let service = match crate::attest::verdict_after(dir, &att.state, host) {
+        Ok(v) => v,
+        Err(e) => {
+            let mut r = *fail(Outcome::Infra, e);
+            r.artifacts = att.artifacts;
+            return r;
+        }
+    };
+    let mut r = check(
+        case,
+        code,
+        &json,
+        &before,
+        &after,
+        Some(&service),
+        &att.seen,
+    );
+    r.artifacts = att.artifacts;
+    r
+}

@@ -1,0 +1,518 @@
+//! The pieces of the multi-step attacks that are not "run the VMM with a built-in
+//! payload": generated guest payloads (from the device state they will run on), the
+//! reference images a program sequence produces (computed by the behavioural model,
+//! the device's own semantics), forged OOB requests, patch bundles and keys.
+
+use crate::attacks::Gen;
+use hilrig_device::model::ops;
+use hilrig_device::oob::{self, Request, Response};
+use hilrig_device::regmap::{
+    Reg, BUFFER_BASE, FLASH_CMD_PROGRAM, SOFT_RESET_MAGIC, UNLOCK_KEY1, UNLOCK_KEY2,
+};
+use hilrig_device::{Device, Model, NvState, Region};
+use hilrig_vmm::payload::{Payload, Width};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+type R<T> = Result<T, String>;
+
+fn asm<T>(r: Result<T, hilrig_vmm::VmmError>) -> R<T> {
+    r.map_err(|e| format!("assembling the payload: {e}"))
+}
+
+/// MMIO reads of ID between two steps of [`Gen::ProgramSeq`] (each a trapped exit,
+/// ~10 µs here: a pause of ~20 ms the rig can cut power in).
+pub const STEP_DELAY_READS: u64 = 2000;
+
+/// Counters-page words read before and after [`Gen::CounterWrites`]' writes:
+/// COUNTER[0..3], MASTER, FUSE, SLOTS_LEFT, WIDTH, EPOCH.
+pub const COUNTER_PAGE_WORDS: u32 = 8;
+
+fn w(p: &mut Payload, reg: Reg, v: u32) -> R<()> {
+    asm(p.guard(|p| p.mmio_write(Width::B4, reg.offset(), v as u64)))
+}
+
+/// Report the register at `off` (a faulting read reports `attacks::MARK`).
+fn report_reg(p: &mut Payload, off: u32) -> R<()> {
+    asm(p.guard(|p| {
+        p.a.mov(iced_x86::code_asm::eax, hilrig_vmm::attacks::MARK)?;
+        p.mmio_read(Width::B4, off)
+    }))?;
+    asm(p.result_eax())
+}
+
+/// One locked PROGRAM attempt on FIRMWARE: refused and counted.
+fn locked_attempt(p: &mut Payload) -> R<()> {
+    w(p, Reg::FlashRegion, Region::Firmware as u32)?;
+    w(p, Reg::FlashAddr, 0)?;
+    w(p, Reg::FlashLen, 4)?;
+    w(p, Reg::FlashSrc, 0)?;
+    w(p, Reg::FlashCmd, FLASH_CMD_PROGRAM)
+}
+
+/// The FIRMWARE words [`Gen::ProgramSeq`] programs (zeros into words that are not
+/// zero, so every step changes the image).
+pub fn program_words(nv: &NvState, n: u32) -> R<Vec<u32>> {
+    let fw = &nv.flash[Region::Firmware as usize];
+    let words: Vec<u32> = fw
+        .chunks_exact(4)
+        .enumerate()
+        .filter(|(_, c)| c.iter().any(|b| *b != 0))
+        .map(|(i, _)| 4 * i as u32)
+        .take(n as usize)
+        .collect();
+    if words.len() < n as usize {
+        return Err(format!(
+            "the FIRMWARE image has only {} non-zero words, the sequence needs {n}",
+            words.len()
+        ));
+    }
+    Ok(words)
+}
+
+/// The FIRMWARE image after the first `k` PROGRAMs of [`Gen::ProgramSeq`]`(n)` on
+/// `nv`, as the behavioural model computes it.
+pub fn program_image(nv: &NvState, n: u32, k: u32) -> R<Vec<u8>> {
+    let words = program_words(nv, n)?;
+    let mut m = Model::new(nv.clone()).map_err(|e| format!("model: {e}"))?;
+    let d: &mut dyn Device = &mut m;
+    ops::unlock(d).map_err(|e| format!("model: {e}"))?;
+    for addr in words.iter().take(k as usize) {
+        let r = ops::program(d, Region::Firmware, *addr, 0, &[0; 4])
+            .map_err(|e| format!("model: {e}"))?;
+        if !r.done() {
+            return Err(format!(
+                "model refused PROGRAM at {addr:#x}: status {:#x}",
+                r.status
+            ));
+        }
+    }
+    Ok(m.nv().flash[Region::Firmware as usize].clone())
+}
+
+/// The generated payload `gen` for a device in state `nv`.
+pub fn payload(gen: Gen, nv: &NvState) -> R<Vec<u8>> {
+    let mut p = asm(Payload::new())?;
+    asm(p.park_secondaries())?;
+    asm(p.install_fault_handler())?;
+    let counters = Reg::Counter.offset();
+    match gen {
+        Gen::FlashAttempts(n) => {
+            for _ in 0..n {
+                locked_attempt(&mut p)?;
+            }
+        }
+        Gen::CounterWrites => {
+            locked_attempt(&mut p)?;
+            for i in 0..COUNTER_PAGE_WORDS {
+                report_reg(&mut p, counters + 4 * i)?;
+            }
+            for i in 0..COUNTER_PAGE_WORDS {
+                for v in [0u64, 1, 0xffff_ffff, 0x8000_0000] {
+                    asm(p.guard(|p| p.mmio_write(Width::B4, counters + 4 * i, v)))?;
+                }
+            }
+            for i in 0..COUNTER_PAGE_WORDS / 2 {
+                for v in [0u64, u64::MAX] {
+                    asm(p.guard(|p| p.mmio_write(Width::B8, counters + 8 * i, v)))?;
+                }
+            }
+            w(&mut p, Reg::SoftReset, SOFT_RESET_MAGIC)?;
+            for i in 0..COUNTER_PAGE_WORDS {
+                report_reg(&mut p, counters + 4 * i)?;
+            }
+        }
+        Gen::ProgramSeq(n) => {
+            let words = program_words(nv, n)?;
+            w(&mut p, Reg::FlashUnlock, UNLOCK_KEY1)?;
+            w(&mut p, Reg::FlashUnlock, UNLOCK_KEY2)?;
+            asm(p.mmio_write(Width::B4, BUFFER_BASE, 0))?;
+            w(&mut p, Reg::FlashRegion, Region::Firmware as u32)?;
+            w(&mut p, Reg::FlashLen, 4)?;
+            w(&mut p, Reg::FlashSrc, 0)?;
+            for (i, addr) in words.iter().enumerate() {
+                w(&mut p, Reg::FlashAddr, *addr)?;
+                w(&mut p, Reg::FlashCmd, FLASH_CMD_PROGRAM)?;
+                asm(p.print(&format!("P{}\n", i + 1)))?;
+                asm(p.repeat(STEP_DELAY_READS, |p| {
+                    p.mmio_read(Width::B4, Reg::Id.offset())
+                }))?;
+            }
+        }
+        Gen::FuseBurn(n) => {
+            for _ in 0..n {
+                locked_attempt(&mut p)?;
+            }
+            w(&mut p, Reg::FlashUnlock, UNLOCK_KEY1)?;
+            w(&mut p, Reg::FlashUnlock, UNLOCK_KEY2)?;
+            asm(p.mmio_write(Width::B4, BUFFER_BASE, 0))?;
+            w(&mut p, Reg::FlashCmd, FLASH_CMD_PROGRAM)?;
+            for r in [Reg::FlashStatus, Reg::Fuse, Reg::SlotsLeft, Reg::Master] {
+                report_reg(&mut p, r.offset())?;
+            }
+        }
+    }
+    asm(p.report(0))?;
+    asm(p.build())
+}
+
+/// What the guest's results must show for `gen` (the payload's own report).
+pub fn check_results(gen: Gen, results: &[u64], width: u8) -> R<String> {
+    match gen {
+        Gen::CounterWrites => {
+            let n = COUNTER_PAGE_WORDS as usize;
+            if results.len() < 2 * n {
+                return Err(format!(
+                    "the guest reported {} words, expected {} (the counters page before and after)",
+                    results.len(),
+                    2 * n
+                ));
+            }
+            let (before, after) = (&results[..n], &results[n..2 * n]);
+            if before != after {
+                return Err(format!(
+                    "the counters page changed under the guest's writes: {before:x?} -> {after:x?}"
+                ));
+            }
+            Ok(format!("guest saw the counters page unchanged {before:x?}"))
+        }
+        Gen::FuseBurn(_) => {
+            let [status, fuse, slots, master] = results else {
+                return Err(format!(
+                    "the guest reported {results:x?}, expected FLASH_STATUS, FUSE, SLOTS_LEFT, MASTER"
+                ));
+            };
+            let refused = u64::from(hilrig_device::regmap::FLASH_STATUS_REFUSED_FUSE);
+            let mut bad = Vec::new();
+            if status & refused == 0 {
+                bad.push(format!(
+                    "the unlocked PROGRAM after the fuse blew ended FLASH_STATUS {status:#x}, not REFUSED_FUSE"
+                ));
+            }
+            if *fuse != 1 {
+                bad.push(format!("FUSE reads {fuse}, expected 1"));
+            }
+            if *slots != 0 {
+                bad.push(format!("SLOTS_LEFT reads {slots}, expected 0"));
+            }
+            if *master != u64::from(width) {
+                bad.push(format!(
+                    "MASTER reads {master}, expected {width} (the width: later attempts are not counted)"
+                ));
+            }
+            if bad.is_empty() {
+                Ok(format!(
+                    "guest saw FLASH_STATUS {status:#x} (fuse refused), FUSE 1, SLOTS_LEFT 0, MASTER {master}"
+                ))
+            } else {
+                Err(bad.join("; "))
+            }
+        }
+        _ => Ok(String::new()),
+    }
+}
+
+/// Forged and malformed requests on the OOB port of the device in `state`
+/// (opened with `backend`): every one must get an error frame, no counter, fuse or
+/// epoch may move. The observations, or why the device failed.
+pub fn oob_forge(backend: &str, state: &Path) -> R<Vec<String>> {
+    let spec: hilrig_vmm::DeviceSpec = backend
+        .parse()
+        .map_err(|e| format!("backend `{backend}`: {e}"))?;
+    let mut b = hilrig_vmm::open_backend(&spec, Some(state))
+        .map_err(|e| format!("opening the {backend} device: {e}"))?;
+    let dev: &mut dyn Device = b.device.as_mut();
+    let before = oob::read_counters(dev).map_err(|e| format!("reading counters: {e}"))?;
+    let nv = NvState::load(state).map_err(|e| format!("reading the state: {e}"))?;
+    let (_, other_key) = hilrig_device::state::dev_keys(nv.serial.wrapping_add(1));
+    let mut one_bit = nv.reset_key;
+    one_bit[31] ^= 1;
+    let good_read = oob::encode_request(7, &Request::ReadCounters);
+    let mut bad_crc = good_read.clone();
+    if let Some(last) = bad_crc.last_mut() {
+        *last ^= 0x55;
+    }
+    let mut forged_crc = oob::encode_request(8, &Request::PhysicalReset([0; 32]));
+    if let Some(last) = forged_crc.last_mut() {
+        *last ^= 1;
+    }
+    let frames: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "PHYSICAL_RESET with an all-zero key",
+            oob::encode_request(1, &Request::PhysicalReset([0; 32])),
+        ),
+        (
+            "PHYSICAL_RESET with another device's key",
+            oob::encode_request(2, &Request::PhysicalReset(other_key)),
+        ),
+        (
+            "PHYSICAL_RESET with the key one bit off",
+            oob::encode_request(3, &Request::PhysicalReset(one_bit)),
+        ),
+        ("READ_COUNTERS with a bad CRC", bad_crc),
+        ("PHYSICAL_RESET (zero key) with a bad CRC", forged_crc),
+        ("an unknown command", oob::frame(4, 0x7e, &[0; 4])),
+        (
+            "PHYSICAL_RESET with a short key",
+            oob::frame(5, oob::cmd::PHYSICAL_RESET, &[0xa5; 16]),
+        ),
+    ];
+    let mut obs = Vec::new();
+    let mut bad = Vec::new();
+    for (what, f) in &frames {
+        match dev.oob(f) {
+            Ok(reply) => match oob::decode_response(&reply) {
+                Ok((_, Response::Error { code, .. })) => {
+                    obs.push(format!("{what}: refused ({code:?})"))
+                }
+                Ok((_, other)) => bad.push(format!("{what}: answered {other:?}, not an error")),
+                Err(e) => bad.push(format!("{what}: undecodable reply ({e})")),
+            },
+            Err(e) => bad.push(format!("{what}: no error frame ({e})")),
+        }
+        let now = oob::read_counters(dev).map_err(|e| format!("reading counters: {e}"))?;
+        if now != before {
+            bad.push(format!("after {what}: counters {before:?} -> {now:?}"));
+        }
+    }
+    if bad.is_empty() {
+        Ok(obs)
+    } else {
+        Err(bad.join("; "))
+    }
+}
+
+/// Read one frame from a byte stream within `timeout`.
+fn read_frame(port: &mut dyn serialport::SerialPort, timeout: Duration) -> R<Vec<u8>> {
+    let deadline = Instant::now() + timeout;
+    let mut reader = oob::FrameReader::default();
+    let mut buf = [0u8; 64];
+    while Instant::now() < deadline {
+        let n = match port.read(&mut buf) {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                0
+            }
+            Err(e) => return Err(format!("reading the OOB port: {e}")),
+        };
+        for &b in &buf[..n] {
+            if let Some(oob::StreamEvent::Frame(f)) = reader.push(b) {
+                return Ok(f);
+            }
+        }
+    }
+    Err(format!("no answer on the OOB port within {timeout:?}"))
+}
+
+/// The same forgeries over the rig's OOB path: the device's OOB UART as the rig
+/// serves a simulated host's (`hilrig_rig::sim::serve_state_oob`: a PTY opened
+/// through the serialport code real UARTs use, 115200 8N1), plus what only a byte
+/// stream carries: garbage before a forged frame, an oversized frame, a frame cut
+/// short (answered after the inter-byte timeout). Counters read back over the
+/// same port after each.
+pub fn oob_forge_pty(state: &Path) -> R<Vec<String>> {
+    let path = hilrig_rig::sim::serve_state_oob(state)?;
+    let r = forge_on(&path, state);
+    hilrig_rig::sim::stop_state_oob(state);
+    r
+}
+
+fn forge_on(path: &str, state: &Path) -> R<Vec<String>> {
+    let timeout = Duration::from_secs(3);
+    let mut port = serialport::new(path, oob::DEFAULT_BAUD)
+        .timeout(Duration::from_millis(20))
+        .open()
+        .map_err(|e| format!("opening the OOB port {path}: {e}"))?;
+    let counters = |port: &mut dyn serialport::SerialPort, seq: u8| -> R<oob::CounterReport> {
+        port.write_all(&oob::encode_request(seq, &Request::ReadCounters))
+            .map_err(|e| format!("writing the OOB port: {e}"))?;
+        match oob::decode_response(&read_frame(port, timeout)?) {
+            Ok((_, Response::Counters(c))) => Ok(c),
+            other => Err(format!("READ_COUNTERS answered {other:?}")),
+        }
+    };
+    let before = counters(port.as_mut(), 0x40)?;
+    let nv = NvState::load(state).map_err(|e| format!("reading the state: {e}"))?;
+    let (_, other_key) = hilrig_device::state::dev_keys(nv.serial.wrapping_add(1));
+    let mut garbage_then_forged = b"\x00\xffAT+RESET\r\n".to_vec();
+    garbage_then_forged.extend(oob::encode_request(
+        0x41,
+        &Request::PhysicalReset(other_key),
+    ));
+    let mut bad_crc = oob::encode_request(0x42, &Request::PhysicalReset([0; 32]));
+    if let Some(last) = bad_crc.last_mut() {
+        *last ^= 1;
+    }
+    let full = oob::encode_request(0x43, &Request::PhysicalReset([0; 32]));
+    let streams: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "garbage, then PHYSICAL_RESET with another device's key",
+            garbage_then_forged,
+        ),
+        ("PHYSICAL_RESET (zero key) with a bad CRC", bad_crc),
+        (
+            "a frame announcing a 200-byte payload",
+            vec![oob::SYNC, 200, 0x44, oob::cmd::PHYSICAL_RESET],
+        ),
+        ("PHYSICAL_RESET cut short", full[..full.len() / 2].to_vec()),
+    ];
+    let (mut obs, mut bad) = (Vec::new(), Vec::new());
+    for (i, (what, bytes)) in streams.iter().enumerate() {
+        port.write_all(bytes)
+            .map_err(|e| format!("writing the OOB port: {e}"))?;
+        match read_frame(port.as_mut(), timeout).map(|f| oob::decode_response(&f)) {
+            Ok(Ok((_, Response::Error { code, .. }))) => {
+                obs.push(format!("{what} (over the PTY): refused ({code:?})"))
+            }
+            Ok(other) => bad.push(format!(
+                "{what} (over the PTY): answered {other:?}, not an error"
+            )),
+            Err(e) => bad.push(format!("{what} (over the PTY): {e}")),
+        }
+        let now = counters(port.as_mut(), 0x50 + i as u8)?;
+        if now != before {
+            bad.push(format!(
+                "after {what} (over the PTY): counters {before:?} -> {now:?}"
+            ));
+        }
+    }
+    if bad.is_empty() {
+        Ok(obs)
+    } else {
+        Err(bad.join("; "))
+    }
+}
+
+/// SHA-256 of a file (the VMM executable a bundle targets), cached per path.
+pub fn file_sha256(path: &Path) -> R<[u8; 32]> {
+    static CACHE: Mutex<BTreeMap<PathBuf, [u8; 32]>> = Mutex::new(BTreeMap::new());
+    let key = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    if let Some(h) = CACHE.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return Ok(*h);
+    }
+    let mut f = std::fs::File::open(&key).map_err(|e| format!("{}: {e}", key.display()))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).map_err(|e| format!("{}: {e}", key.display()))?;
+    let h: [u8; 32] = h.finalize().into();
+    CACHE
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key, h);
+    Ok(h)
+}
+
+/// The default tenant policy plus writes to SCRATCH[0] and SCRATCH[1] dropped with
+/// an alarm: what the storm's patch installs (its effect is visible as alarms).
+pub fn policy_v2() -> Vec<u8> {
+    let mut t = hilrig_vmm::policy::default_policy_toml();
+    for i in 0..2 {
+        t.push_str(&format!(
+            "\n[[profile.tenant]]\nregister = \"SCRATCH[{i}]\"\naccess = \"write\"\naction = \"drop\"\nalarm = true\n\n[[profile.operator]]\nregister = \"SCRATCH[{i}]\"\naccess = \"write\"\naction = \"drop\"\nalarm = true\n"
+        ));
+    }
+    t.into_bytes()
+}
+
+/// A policy bundle of `version` for the VMM build `build`, signed with the key
+/// `<prefix>.key`; written to `out`.
+pub fn write_bundle(prefix: &Path, version: u64, build: [u8; 32], out: &Path) -> R<Vec<u8>> {
+    let key = hilrig_fw::keys::signing_key(&hilrig_fw::keys::with_ext(prefix, "key"))
+        .map_err(|e| format!("signing key: {e}"))?;
+    let b = hilrig_fw::bundle::build(
+        &hilrig_fw::bundle::BundleSpec {
+            component: "policy",
+            version,
+            target_vmm_sha256: build,
+            payloads: vec![("policy.toml".to_string(), policy_v2())],
+            encrypt_to: None,
+        },
+        &key,
+    )
+    .map_err(|e| format!("building the bundle: {e}"))?;
+    std::fs::write(out, &b).map_err(|e| format!("{}: {e}", out.display()))?;
+    Ok(b)
+}
+
+/// A signing key pair `<prefix>.key` / `<prefix>.pub`.
+pub fn keygen(prefix: &Path) -> R<PathBuf> {
+    hilrig_fw::keys::keygen_sign(prefix).map_err(|e| format!("patch key: {e}"))?;
+    Ok(hilrig_fw::keys::with_ext(prefix, "pub"))
+}
+
+/// SHA-256 hex of bytes.
+pub fn sha_hex(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn factory(width: u8) -> NvState {
+        hilrig_fw::factory::device(hilrig_device::DeviceConfig::with_width(width), 1).unwrap()
+    }
+
+    #[test]
+    fn generated_payloads_assemble() {
+        let nv = factory(64);
+        for g in [
+            Gen::FlashAttempts(2),
+            Gen::CounterWrites,
+            Gen::ProgramSeq(12),
+            Gen::FuseBurn(6),
+        ] {
+            assert!(payload(g, &nv).unwrap().len() > 50, "{g:?}");
+        }
+    }
+
+    #[test]
+    fn program_images_step_by_step() {
+        let nv = factory(64);
+        let images: Vec<Vec<u8>> = (0..=4).map(|k| program_image(&nv, 4, k).unwrap()).collect();
+        assert_eq!(images[0], nv.flash[Region::Firmware as usize]);
+        for k in 1..=4 {
+            assert_ne!(images[k], images[k - 1], "step {k} changed nothing");
+        }
+    }
+
+    #[test]
+    fn forged_oob_requests_are_refused_by_the_model() {
+        let d = tempfile::tempdir().unwrap();
+        let state = d.path().join("s.bin");
+        let mut nv = factory(64);
+        nv.count_attempt(Region::Firmware);
+        nv.save(&state).unwrap();
+        let obs = oob_forge("model", &state).unwrap();
+        assert_eq!(obs.len(), 7, "{obs:?}");
+        assert_eq!(NvState::load(&state).unwrap().counter_values(), [0, 1, 0]);
+        let obs = oob_forge_pty(&state).unwrap();
+        assert_eq!(obs.len(), 4, "{obs:?}");
+        assert!(
+            obs[3].contains("cut short") && obs[3].contains("Truncated"),
+            "{obs:?}"
+        );
+        assert_eq!(NvState::load(&state).unwrap().counter_values(), [0, 1, 0]);
+    }
+
+    #[test]
+    fn results_checks_catch_a_moved_counter() {
+        let mut r = vec![0, 1, 0, 1, 0, 63, 64, 0];
+        r.extend([0, 0, 0, 1, 0, 63, 64, 0]);
+        assert!(check_results(Gen::CounterWrites, &r, 64).is_err());
+        r[9] = 1;
+        assert!(check_results(Gen::CounterWrites, &r, 64).is_ok());
+        assert!(check_results(Gen::FuseBurn(6), &[0x8, 1, 0, 4], 4).is_ok());
+        assert!(check_results(Gen::FuseBurn(6), &[0x2, 1, 0, 4], 4).is_err());
+    }
+}
