@@ -248,6 +248,7 @@ impl Att<'_> {
         if let Some(us) = json["teardown"]["total_micros"].as_f64() {
             self.seen.teardown_us.push(us);
         }
+        self.seen.add_trap_latency(json);
     }
 
     /// Run a VMM to its end within the case deadline.

@@ -427,11 +427,39 @@ pub struct Observed {
     pub teardown_us: Vec<f64>,
     /// Trapped-MMIO round trips (per-window means under a storm), microseconds.
     pub trap_latency_us: Vec<f64>,
+    /// Every trapped MMIO access's handling time in the VMMs, as their log2-ns
+    /// histograms (`exits.trap_latency` of the VMM's JSON), summed.
+    pub trap_log2_ns: Vec<u64>,
     /// What the steps saw (for the observed column).
     pub notes: Vec<String>,
 }
 
 impl Observed {
+    /// Add a VMM run's trap-latency histogram (`exits.trap_latency.log2_ns`).
+    pub fn add_trap_latency(&mut self, json: &serde_json::Value) {
+        let Some(b) = json["exits"]["trap_latency"]["log2_ns"].as_array() else {
+            return;
+        };
+        if self.trap_log2_ns.len() < b.len() {
+            self.trap_log2_ns.resize(b.len(), 0);
+        }
+        for (acc, v) in self.trap_log2_ns.iter_mut().zip(b) {
+            *acc += v.as_u64().unwrap_or(0);
+        }
+    }
+
+    /// The summed trap-latency histogram over its non-empty range, in microseconds.
+    pub fn trap_histogram(&self) -> Option<hilrig_reports::Histogram> {
+        let lo = self.trap_log2_ns.iter().position(|&c| c > 0)?;
+        let hi = self.trap_log2_ns.iter().rposition(|&c| c > 0)?;
+        Some(hilrig_reports::Histogram {
+            edges_us: (lo..=hi + 1)
+                .map(|i| (1u64 << i.min(63)) as f64 / 1000.0)
+                .collect(),
+            counts: self.trap_log2_ns[lo..=hi].to_vec(),
+        })
+    }
+
     /// The measurements for the results store and the reports.
     pub fn metrics(&self, alarms: u64) -> Metrics {
         Metrics {
@@ -439,7 +467,7 @@ impl Observed {
             blackouts_us: self.patch_blackouts_us.clone(),
             trap_latency: hilrig_reports::Latency {
                 samples_us: self.trap_latency_us.clone(),
-                histogram: None,
+                histogram: self.trap_histogram(),
             },
             teardown_us: self.teardown_us.clone(),
             alarms,
@@ -615,6 +643,9 @@ pub fn check(
         if let Some(us) = td["total_micros"].as_f64() {
             seen.teardown_us.push(us);
         }
+    }
+    if seen.trap_log2_ns.is_empty() {
+        seen.add_trap_latency(json);
     }
     let metrics = seen.metrics(alarms.unwrap_or(0));
     AttemptResult {

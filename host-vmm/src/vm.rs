@@ -224,10 +224,61 @@ pub struct ExitCounts {
     pub intr: u64,
     /// Shutdown, unknown and failed entries.
     pub other: u64,
+    /// How long the VMM took to handle each trapped MMIO access.
+    pub trap_latency: TrapLatency,
+}
+
+/// MMIO trap handling times (from the exit reaching the VMM to the access done,
+/// policy, device and all): a log2 histogram, bucket `i` counting accesses handled
+/// in `[2^i, 2^(i+1))` ns.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TrapLatency {
+    /// Counts per log2-nanosecond bucket.
+    pub log2_ns: [u64; 32],
+}
+
+impl TrapLatency {
+    /// Count one access handled in `d`.
+    #[inline]
+    pub fn record(&mut self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1);
+        let i = (63 - ns.leading_zeros() as usize).min(31);
+        self.log2_ns[i] += 1;
+    }
+
+    fn add(&mut self, o: &TrapLatency) {
+        for (a, b) in self.log2_ns.iter_mut().zip(o.log2_ns) {
+            *a += b;
+        }
+    }
+
+    /// Accesses counted.
+    pub fn count(&self) -> u64 {
+        self.log2_ns.iter().sum()
+    }
+
+    /// The upper bound (ns) of the bucket holding the `q` quantile (0..=1), or 0
+    /// with nothing counted.
+    pub fn quantile_ns(&self, q: f64) -> u64 {
+        let n = self.count();
+        if n == 0 {
+            return 0;
+        }
+        let want = ((q.clamp(0.0, 1.0) * n as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, c) in self.log2_ns.iter().enumerate() {
+            seen += c;
+            if seen >= want {
+                return 1u64 << (i + 1);
+            }
+        }
+        1u64 << 32
+    }
 }
 
 impl ExitCounts {
     fn add(&mut self, o: &ExitCounts) {
+        self.trap_latency.add(&o.trap_latency);
         self.mmio_read += o.mmio_read;
         self.mmio_write += o.mmio_write;
         self.io_in += o.io_in;
@@ -1258,17 +1309,23 @@ fn handle_exit(
     match exit {
         VcpuExit::MmioWrite(addr, data) => {
             counts.mmio_write += 1;
+            let t = Instant::now();
             if first_mmio.is_none() {
-                *first_mmio = Some(Instant::now());
+                *first_mmio = Some(t);
             }
-            mmio(idx, shared, addr, MmioData::Write(data))
+            let next = mmio(idx, shared, addr, MmioData::Write(data));
+            counts.trap_latency.record(t.elapsed());
+            next
         }
         VcpuExit::MmioRead(addr, data) => {
             counts.mmio_read += 1;
+            let t = Instant::now();
             if first_mmio.is_none() {
-                *first_mmio = Some(Instant::now());
+                *first_mmio = Some(t);
             }
-            mmio(idx, shared, addr, MmioData::Read(data))
+            let next = mmio(idx, shared, addr, MmioData::Read(data));
+            counts.trap_latency.record(t.elapsed());
+            next
         }
         VcpuExit::IoOut(port, data) => {
             counts.io_out += 1;
@@ -1474,5 +1531,31 @@ fn io_in(shared: &Shared, port: u16, data: &mut [u8]) {
         }
         PORT_PCI_ADDR..=0xcff => lock(&shared.pci).bus.io_read(port, data),
         _ => data.fill(0xff),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trap_latency_buckets_and_quantiles() {
+        let mut t = TrapLatency::default();
+        assert_eq!(t.quantile_ns(0.5), 0);
+        for ns in [0u64, 1, 2, 3, 1000, 1023, 1024, 5000, u64::MAX] {
+            t.record(Duration::from_nanos(ns));
+        }
+        assert_eq!(t.log2_ns[0], 2, "0 and 1 ns");
+        assert_eq!(t.log2_ns[1], 2, "2 and 3 ns");
+        assert_eq!(t.log2_ns[9], 2, "1000 and 1023 ns");
+        assert_eq!(t.log2_ns[10], 1);
+        assert_eq!(t.log2_ns[12], 1);
+        assert_eq!(t.log2_ns[31], 1, "huge values land in the last bucket");
+        assert_eq!(t.count(), 9);
+        assert_eq!(t.quantile_ns(0.5), 1 << 10);
+        assert_eq!(t.quantile_ns(0.0), 1 << 1);
+        let mut u = t;
+        u.add(&t);
+        assert_eq!(u.count(), 18);
     }
 }

@@ -93,6 +93,12 @@ fn mmio_widths_reach_the_model() {
     // Four writes and eight reads (one per access, whatever its width).
     assert_eq!(r.exits.mmio_write, 4);
     assert_eq!(r.exits.mmio_read, 7);
+    // Every trapped access is timed; handling one takes more than a nanosecond and
+    // (on the model) less than a second.
+    let lat = r.exits.trap_latency;
+    assert_eq!(lat.count(), 11, "{lat:?}");
+    assert_eq!(lat.log2_ns[0], 0);
+    assert!(lat.quantile_ns(1.0) <= 1 << 30, "{lat:?}");
 }
 
 #[test]

@@ -474,11 +474,11 @@ fn plots_section(h: &mut String, run: &Run) {
             .collect()
     };
     h.push_str(&svg::dot_plot(
-        "Live-patch blackouts (bound 1 ms)",
+        "Live-patch blackouts (each case's bound: its expected column)",
         "cases",
         "µs",
         &groups(&|c| &c.metrics.blackouts_us),
-        Some(("bound", 1000.0)),
+        None,
     ));
     let teardown_ms: Vec<(String, Vec<f64>)> = groups(&|c| &c.metrics.teardown_us)
         .into_iter()
