@@ -37,6 +37,7 @@ pub mod policy;
 pub mod quiesce;
 pub mod rollout;
 pub mod teardown;
+pub mod ticks;
 pub mod vfio;
 pub mod vm;
 

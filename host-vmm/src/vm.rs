@@ -241,8 +241,13 @@ impl TrapLatency {
     /// Count one access handled in `d`.
     #[inline]
     pub fn record(&mut self, d: Duration) {
-        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1);
-        let i = (63 - ns.leading_zeros() as usize).min(31);
+        self.record_ns(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    }
+
+    /// Count one access handled in `ns` nanoseconds.
+    #[inline]
+    pub fn record_ns(&mut self, ns: u64) {
+        let i = (63 - ns.max(1).leading_zeros() as usize).min(31);
         self.log2_ns[i] += 1;
     }
 
@@ -683,6 +688,7 @@ pub fn check_config(config: &VmConfig) -> Result<(), VmmError> {
 impl Vm {
     /// Create the VM: KVM, guest memory, system tables, payload, PCI, vCPUs.
     pub fn new(config: VmConfig, backend: Backend) -> Result<Vm, VmmError> {
+        crate::ticks::calibrate();
         let start = Instant::now();
         check_config(&config)?;
         install_kick_handler()?;
@@ -1309,22 +1315,22 @@ fn handle_exit(
     match exit {
         VcpuExit::MmioWrite(addr, data) => {
             counts.mmio_write += 1;
-            let t = Instant::now();
             if first_mmio.is_none() {
-                *first_mmio = Some(t);
+                *first_mmio = Some(Instant::now());
             }
+            let t = crate::ticks::now();
             let next = mmio(idx, shared, addr, MmioData::Write(data));
-            counts.trap_latency.record(t.elapsed());
+            counts.trap_latency.record_ns(crate::ticks::ns_since(t));
             next
         }
         VcpuExit::MmioRead(addr, data) => {
             counts.mmio_read += 1;
-            let t = Instant::now();
             if first_mmio.is_none() {
-                *first_mmio = Some(t);
+                *first_mmio = Some(Instant::now());
             }
+            let t = crate::ticks::now();
             let next = mmio(idx, shared, addr, MmioData::Read(data));
-            counts.trap_latency.record(t.elapsed());
+            counts.trap_latency.record_ns(crate::ticks::ns_since(t));
             next
         }
         VcpuExit::IoOut(port, data) => {
