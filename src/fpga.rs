@@ -24,6 +24,55 @@ pub enum FpgaCmd {
         #[arg(long, default_value_t = 1)]
         serial: u64,
     },
+    /// Build the board's bitstream: the board top's Verilog (device core, host
+    /// bridge, OOB UART, LEDs), yosys `synth_ice40` (no latches, no undriven wires),
+    /// nextpnr-ice40 with the board's pins and clock, icepack. Prints LUTs, BRAMs
+    /// and fmax against the clock; fails if timing is not met.
+    Synth {
+        /// Board name (see `hilrig fpga boards`).
+        #[arg(long, default_value = "alchitry-cu")]
+        board: String,
+        /// Output directory (Verilog, reports, bitstream).
+        #[arg(short, long, default_value = "hilrig-fpga")]
+        out: PathBuf,
+        /// Core clock in MHz, from the board's PLL (default: the board clock when
+        /// the design meets it, else 25 MHz from the PLL).
+        #[arg(long)]
+        core_mhz: Option<f64>,
+        /// Counter width of the build.
+        #[arg(long, default_value_t = 8)]
+        width: u8,
+        /// Serial number of the build.
+        #[arg(long, default_value_t = 1)]
+        serial: u64,
+        /// nextpnr placer seeds, tried in order while routing stalls.
+        #[arg(long = "seed", num_args = 1.., default_values_t = [1u64, 2, 3, 4])]
+        seeds: Vec<u64>,
+    },
+    /// `verilator --lint-only -Wall` on the board top's Verilog (rust-hdl's generated
+    /// code gets only the waivers documented in hilrig-flow).
+    Lint {
+        /// Output directory (Verilog, log, waivers).
+        #[arg(short, long, default_value = "hilrig-fpga-lint")]
+        out: PathBuf,
+    },
+    /// Write a bitstream into a board's SPI flash over its FTDI chip (MPSSE), read it
+    /// back and verify.
+    Program {
+        /// Board name (see `hilrig fpga boards`).
+        #[arg(long)]
+        board: String,
+        /// The bitstream (`.bin` from `hilrig fpga synth`).
+        bitstream: PathBuf,
+        /// Only read back and compare.
+        #[arg(long)]
+        verify_only: bool,
+        /// The FTDI chip's USB serial number, when several boards are attached.
+        #[arg(long)]
+        usb_serial: Option<String>,
+    },
+    /// The boards the flow knows: part, package, clock, pins, programmer.
+    Boards,
     /// Serve a simulated board (the board top's RTL, bit-accurate UARTs) on two new
     /// PTYs and print their paths: use them as `--device fpga=HOST,oob=OOB` or with
     /// `hilrig_board::Fpga`, exactly as a board's USB-serial ports.
@@ -44,8 +93,109 @@ pub enum FpgaCmd {
 /// means nothing).
 const SIM_DIVISOR: u16 = 4;
 
+/// Baud rate of both board UARTs (host bridge and OOB).
+const BOARD_BAUD: u32 = 115_200;
+
+/// Core clock from the PLL when the design cannot meet the board clock.
+const PLL_MHZ: f64 = 25.0;
+
+/// The design meets timing up to about this (nextpnr on an HX8K: ~35 MHz).
+const DESIGN_MHZ: f64 = 30.0;
+
 pub fn run(cmd: FpgaCmd) -> Result<()> {
     match cmd {
+        FpgaCmd::Synth {
+            board,
+            out,
+            core_mhz,
+            width,
+            serial,
+            seeds,
+        } => {
+            check_width(width)?;
+            let mut b = hilrig_flow::board::board(&board)?;
+            let mhz = core_mhz.unwrap_or(if b.clock_mhz > DESIGN_MHZ {
+                PLL_MHZ
+            } else {
+                b.clock_mhz
+            });
+            let pll = (mhz - b.clock_mhz).abs() > 1e-9;
+            if pll {
+                b = b.with_core_clock(mhz)?;
+            }
+            // The UART divisors follow the clock the core actually runs at.
+            let hz = (b.core_clock_mhz() * 1e6).round() as u32;
+            let p = BoardParams::for_clock(width, serial, hz, BOARD_BAUD);
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let v = out.join("board_top.v");
+            std::fs::write(&v, hilrig_board::board_top_verilog(p))
+                .with_context(|| format!("writing {}", v.display()))?;
+            let opts = hilrig_flow::flow::PnrOptions {
+                seeds,
+                wrap_pll: pll,
+                ..Default::default()
+            };
+            let r = hilrig_flow::flow::build(&[v], "top", &b, &out, &opts)?;
+            println!("{r}");
+            if !r.timing_met() {
+                anyhow::bail!(
+                    "timing not met on {} at {:.2} MHz (bitstream written anyway: {})",
+                    b.name,
+                    r.core_clock_mhz,
+                    r.bitstream.display()
+                );
+            }
+        }
+        FpgaCmd::Lint { out } => {
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let v = out.join("board_top.v");
+            std::fs::write(
+                &v,
+                hilrig_board::board_top_verilog(BoardParams::board(8, 1)),
+            )
+            .with_context(|| format!("writing {}", v.display()))?;
+            let waivers = hilrig_flow::flow::rust_hdl_waivers("*/board_top.v");
+            let r = hilrig_flow::flow::lint(&[v], "top", &waivers, &out)?;
+            println!(
+                "lint clean ({} waivers for rust-hdl's generated code); log {}",
+                waivers.len(),
+                r.log.display()
+            );
+        }
+        FpgaCmd::Program {
+            board,
+            bitstream,
+            verify_only,
+            usb_serial,
+        } => {
+            let b = hilrig_flow::board::board(&board)?;
+            let bits = std::fs::read(&bitstream)
+                .with_context(|| format!("reading the bitstream {}", bitstream.display()))?;
+            let opts = hilrig_flow::program::ProgramOptions {
+                serial: usb_serial,
+                verify_only,
+                ..Default::default()
+            };
+            let r = hilrig_flow::program::program(&b, &bits, &opts)?;
+            println!(
+                "{} {} bytes on {} (flash JEDEC id {:02x?}); CDONE {}; {:.1} s",
+                if verify_only {
+                    "verified"
+                } else {
+                    "programmed and verified"
+                },
+                r.verified,
+                b.name,
+                r.jedec_id,
+                if r.cdone { "high" } else { "low" },
+                r.elapsed.as_secs_f64()
+            );
+        }
+        FpgaCmd::Boards => {
+            for b in hilrig_flow::board::boards() {
+                println!("{b}");
+            }
+        }
         FpgaCmd::Verilog { out, width, serial } => {
             check_width(width)?;
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;

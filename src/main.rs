@@ -215,10 +215,27 @@ fn main() -> std::process::ExitCode {
     match dispatch(cli.cmd) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             std::process::ExitCode::from(2)
         }
     }
+}
+
+/// The error and its causes in one line, leaving out a cause whose text the line
+/// already holds (library errors often quote their source in their own message).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 fn dispatch(cmd: Cmd) -> Result<std::process::ExitCode> {

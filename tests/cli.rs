@@ -798,3 +798,142 @@ fn the_main_job_runs_the_smoke_campaign_and_writes_the_report() {
         "{junit}"
     );
 }
+
+fn tool_missing(test: &str, tools: &[&str]) -> bool {
+    for t in tools {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(t).is_file()))
+            .unwrap_or(false);
+        if !found {
+            eprintln!("SKIPPED {test}: {t} is not installed");
+            return true;
+        }
+    }
+    false
+}
+
+#[test]
+fn fpga_verilog_writes_core_bridge_and_board_top() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = hilrig(&["fpga", "verilog", "-o", p(dir.path())]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in ["device_core.v", "host_bridge.v", "board_top.v"] {
+        let v = std::fs::read_to_string(dir.path().join(f)).unwrap();
+        assert!(v.contains("module top"), "{f}");
+    }
+    let top = std::fs::read_to_string(dir.path().join("board_top.v")).unwrap();
+    for port in ["clock", "uart_rx", "uart_tx", "oob_rx", "oob_tx", "leds"] {
+        assert!(top.contains(port), "the board top has no port {port}");
+    }
+    let o = hilrig(&["fpga", "verilog", "-o", p(dir.path()), "--width", "0"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--width 0"));
+}
+
+/// The board's bitstream, built in CI exactly as `hilrig fpga synth` builds it for
+/// a user: board top Verilog, yosys, nextpnr-ice40 for the Alchitry Cu's HX8K with
+/// its pins, the PLL at 25 MHz, icepack. Timing must be met.
+#[test]
+fn fpga_synth_builds_the_alchitry_cu_bitstream_and_meets_timing() {
+    let test = "fpga_synth_builds_the_alchitry_cu_bitstream_and_meets_timing";
+    if tool_missing(test, &["yosys", "nextpnr-ice40", "icepack"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let o = hilrig(&[
+        "fpga",
+        "synth",
+        "--board",
+        "alchitry-cu",
+        "-o",
+        p(dir.path()),
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("timing:     met"), "{out}");
+    assert!(out.contains("BRAM:"), "{out}");
+    let bin = out
+        .lines()
+        .find_map(|l| l.strip_prefix("bitstream:"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let len = std::fs::metadata(&bin).map(|m| m.len()).unwrap_or(0);
+    // An iCE40-HX8K bitstream is 135,100 bytes.
+    assert_eq!(len, 135_100, "bitstream {bin}: {len} bytes\n{out}");
+    eprintln!("{out}");
+}
+
+#[test]
+fn fpga_lint_of_the_board_top_is_clean() {
+    if tool_missing("fpga_lint_of_the_board_top_is_clean", &["verilator"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let o = hilrig(&["fpga", "lint", "-o", p(dir.path())]);
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).contains("lint clean"));
+}
+
+#[test]
+fn fpga_program_without_a_board_says_which_device_it_looked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("x.bin");
+    std::fs::write(&bin, vec![0u8; 1024]).unwrap();
+    let o = hilrig(&["fpga", "program", "--board", "alchitry-cu", p(&bin)]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("0403:6010") && err.contains("alchitry-cu"),
+        "{err}"
+    );
+    let o = hilrig(&["fpga", "program", "--board", "nope", p(&bin)]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("known boards: alchitry-cu, icebreaker"));
+}
+
+/// A guest on the VMM reaches the device through the `fpga` backend: the host
+/// bridge and the board top's RTL behind two PTYs (`hilrig fpga serve-sim`), the
+/// same serial code path as a board's USB-serial ports. The OOB port answers too.
+#[test]
+fn a_guest_uses_the_device_on_the_simulated_board() {
+    if !hilrig_vmm::kvm_available() {
+        return;
+    }
+    let mut sim = Command::new(env!("CARGO_BIN_EXE_hilrig"))
+        .args(["fpga", "serve-sim", "--seconds", "120"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(sim.stdout.take().unwrap()).lines();
+    let host = lines.next().unwrap().unwrap();
+    let oob = lines.next().unwrap().unwrap();
+    let host = host.strip_prefix("host ").unwrap().to_string();
+    let oob = oob.strip_prefix("oob ").unwrap().to_string();
+    let o = hilrig(&[
+        "vm",
+        "run",
+        "--payload",
+        "mmio-widths",
+        "--device",
+        &format!("fpga={host},oob={oob}"),
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stderr)));
+    assert_eq!(v["verdict"], "PASS", "{v}");
+    assert_eq!(v["vbios"]["known_as"], "builtin factory VBIOS", "{v}");
+    let o = hilrig(&["device", "oob", &oob, "counters"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let c: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(c["width"], 8, "{c}");
+    let _ = sim.kill();
+    let _ = sim.wait();
+}

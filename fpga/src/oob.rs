@@ -28,38 +28,24 @@ use hilrig_device::oob::{MAX_PAYLOAD, SYNC};
 use hilrig_device::regmap::{DEVICE_ID_VALUE, DEVICE_VERSION_VALUE};
 use rust_hdl::prelude::*;
 
-/// One byte of CRC-16/CCITT-FALSE (poly 0x1021, MSB first), combinational.
+/// One byte of CRC-16/CCITT-FALSE (poly 0x1021, MSB first), combinational: the
+/// byte-wise closed form (XORs of shifted copies, no adders), simulated as plain
+/// integer arithmetic and written out as hand-made Verilog.
 pub struct Crc16Step {
     /// CRC before the byte.
     pub crc_in: Signal<In, Bits<16>>,
     /// The byte.
-    pub byte: Signal<In, Bits<8>>,
+    pub data_in: Signal<In, Bits<8>>,
     /// CRC after the byte.
     pub crc_out: Signal<Out, Bits<16>>,
-    x1: Signal<Local, Bits<16>>,
-    x2: Signal<Local, Bits<16>>,
-    x3: Signal<Local, Bits<16>>,
-    x4: Signal<Local, Bits<16>>,
-    x5: Signal<Local, Bits<16>>,
-    x6: Signal<Local, Bits<16>>,
-    x7: Signal<Local, Bits<16>>,
-    k_poly: Constant<Bits<16>>,
     /// Simulation only: the last evaluation changed nothing (see `crate::sim`).
     _quiet: bool,
 }
 
 crate::sim_block!(gated(_quiet) impl[] Crc16Step, Crc16Step {
     crc_in: input,
-    byte: input,
+    data_in: input,
     crc_out: output,
-    x1: local,
-    x2: local,
-    x3: local,
-    x4: local,
-    x5: local,
-    x6: local,
-    x7: local,
-    k_poly: konst,
     _quiet: skip,
 });
 
@@ -74,56 +60,44 @@ impl Crc16Step {
     pub fn new() -> Crc16Step {
         Crc16Step {
             crc_in: Default::default(),
-            byte: Default::default(),
+            data_in: Default::default(),
             crc_out: Default::default(),
-            x1: Default::default(),
-            x2: Default::default(),
-            x3: Default::default(),
-            x4: Default::default(),
-            x5: Default::default(),
-            x6: Default::default(),
-            x7: Default::default(),
-            k_poly: Constant::new(0x1021u64.into()),
             _quiet: false,
         }
     }
 }
 
+/// CRC-16/CCITT-FALSE of one more byte: `x = (crc >> 8) ^ b; x ^= x >> 4;
+/// crc = (crc << 8) ^ (x << 12) ^ (x << 5) ^ x`.
+pub fn crc16_step(crc: u16, b: u8) -> u16 {
+    let mut x = ((crc >> 8) as u8) ^ b;
+    x ^= x >> 4;
+    let x = x as u16;
+    (crc << 8) ^ (x << 12) ^ (x << 5) ^ x
+}
+
 impl Logic for Crc16Step {
-    #[hdl_gen]
     fn update(&mut self) {
-        self.x1.next = self.crc_in.val() + self.crc_in.val();
-        if self.crc_in.val().get_bit(15) ^ self.byte.val().get_bit(7) {
-            self.x1.next = (self.crc_in.val() + self.crc_in.val()) ^ self.k_poly.val();
-        }
-        self.x2.next = self.x1.val() + self.x1.val();
-        if self.x1.val().get_bit(15) ^ self.byte.val().get_bit(6) {
-            self.x2.next = (self.x1.val() + self.x1.val()) ^ self.k_poly.val();
-        }
-        self.x3.next = self.x2.val() + self.x2.val();
-        if self.x2.val().get_bit(15) ^ self.byte.val().get_bit(5) {
-            self.x3.next = (self.x2.val() + self.x2.val()) ^ self.k_poly.val();
-        }
-        self.x4.next = self.x3.val() + self.x3.val();
-        if self.x3.val().get_bit(15) ^ self.byte.val().get_bit(4) {
-            self.x4.next = (self.x3.val() + self.x3.val()) ^ self.k_poly.val();
-        }
-        self.x5.next = self.x4.val() + self.x4.val();
-        if self.x4.val().get_bit(15) ^ self.byte.val().get_bit(3) {
-            self.x5.next = (self.x4.val() + self.x4.val()) ^ self.k_poly.val();
-        }
-        self.x6.next = self.x5.val() + self.x5.val();
-        if self.x5.val().get_bit(15) ^ self.byte.val().get_bit(2) {
-            self.x6.next = (self.x5.val() + self.x5.val()) ^ self.k_poly.val();
-        }
-        self.x7.next = self.x6.val() + self.x6.val();
-        if self.x6.val().get_bit(15) ^ self.byte.val().get_bit(1) {
-            self.x7.next = (self.x6.val() + self.x6.val()) ^ self.k_poly.val();
-        }
-        self.crc_out.next = self.x7.val() + self.x7.val();
-        if self.x7.val().get_bit(15) ^ self.byte.val().get_bit(0) {
-            self.crc_out.next = (self.x7.val() + self.x7.val()) ^ self.k_poly.val();
-        }
+        let c = crc16_step(
+            self.crc_in.val().to_u32() as u16,
+            self.data_in.val().to_u32() as u8,
+        );
+        self.crc_out.next = (c as u64).into();
+    }
+
+    fn connect(&mut self) {
+        self.crc_out.connect();
+    }
+
+    fn hdl(&self) -> Verilog {
+        Verilog::Custom(
+            "\
+wire [7:0] x0 = crc_in[15:8] ^ data_in;
+wire [7:0] x = x0 ^ {4'b0, x0[7:4]};
+always @(*) crc_out = {crc_in[7:0], 8'b0} ^ {x[3:0], 12'b0} ^ {3'b0, x, 5'b0} ^ {8'b0, x};
+"
+            .into(),
+        )
     }
 }
 
@@ -716,7 +690,37 @@ impl Logic for OobEngine {
         }
         self.rkey.raddr.next = self.kw_next.val();
         // Sub-block inputs are assigned once a pass (see `DeviceCore`'s `o_*`).
-        self.crc16.byte.next = self.cbyte.val();
+        self.crc16.data_in.next = self.cbyte.val();
         self.sha.nwords.next = self.nw.val();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc_step_is_ccitt_false() {
+        let mut x = 0x1234_5678u32;
+        for len in 0..64 {
+            let data: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x as u8
+                })
+                .collect();
+            let c = data.iter().fold(0xffff, |c, &b| crc16_step(c, b));
+            assert_eq!(c, hilrig_device::oob::crc16(&data), "{data:02x?}");
+        }
+        // The block computes the same as the function.
+        let mut s = Crc16Step::new();
+        s.connect_all();
+        s.crc_in.next = 0xbeefu64.into();
+        s.data_in.next = 0x5au64.into();
+        s.update_all();
+        s.update_all();
+        assert_eq!(s.crc_out.val().to_u32() as u16, crc16_step(0xbeef, 0x5a));
     }
 }

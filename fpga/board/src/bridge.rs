@@ -535,9 +535,9 @@ impl Logic for HostBridge {
 
         // Sub-block inputs, each assigned once (see the fpga crate's Verilog rule).
         self.crx.crc_in.next = self.crc.q.val();
-        self.crx.byte.next = self.urx.data.val();
+        self.crx.data_in.next = self.urx.data.val();
         self.ctx.crc_in.next = self.tcrc.q.val();
-        self.ctx.byte.next = self.tx_byte.val();
+        self.ctx.data_in.next = self.tx_byte.val();
         self.utx.data.next = self.tx_byte.val();
         self.utx.start.next = self.tx_go.val();
     }
