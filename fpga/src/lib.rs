@@ -4,6 +4,7 @@
 //!   table; [`bram`], [`uart`], [`oob`] (the OOB protocol engine), [`sha`]
 //!   (SHA-256 of a region): its building blocks; [`sim`]: how they are simulated
 //!   fast (hand-written `Block` impls, gated blocks, clock fan-out);
+//! - [`uartsim`]: software ends of a UART line, for simulation drivers;
 //! - [`Rtl`]: the `rtl` backend, the core simulated in-process;
 //! - [`Lockstep`]: the `lockstep` backend, model and RTL compared on every operation;
 //! - [`difftest`]: seeded random differential testing through `Lockstep`;
@@ -21,6 +22,7 @@ pub mod rtl;
 pub mod sha;
 pub mod sim;
 pub mod uart;
+pub mod uartsim;
 
 pub use bench::bench_rtl;
 pub use lockstep::Lockstep;

@@ -2,6 +2,7 @@
 //! directly (set inputs, settle, toggle the clock) — no `simple_sim!` threads.
 
 use crate::core::{CoreParams, DeviceCore};
+use crate::uartsim::{LineDriver, SoftRx};
 use hilrig_device::device::{Device, DeviceError, ResetKind};
 use hilrig_device::regmap::{Region, BAR0_SIZE};
 use hilrig_device::state::{NvState, StateError};
@@ -412,26 +413,9 @@ impl Device for Rtl {
 
     fn rom_read(&mut self, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
         let size = self.rom_size();
-        let end = offset.checked_add(data.len() as u64);
-        if end.is_none_or(|e| e > size) {
-            return Err(DeviceError::RomRange {
-                offset,
-                len: data.len(),
-                size,
-            });
-        }
-        let mut pos = offset;
-        let mut i = 0;
-        while i < data.len() {
-            let word = pos & !3;
-            let v = self.access(true, word as u32, false, 0, 0xf)?.to_le_bytes();
-            let b = (pos - word) as usize;
-            let n = (4 - b).min(data.len() - i);
-            data[i..i + n].copy_from_slice(&v[b..b + n]);
-            i += n;
-            pos += n as u64;
-        }
-        Ok(())
+        hilrig_device::device::rom_read_by_words(offset, data, size, |w| {
+            self.access(true, w as u32, false, 0, 0xf)
+        })
     }
 
     fn reset(&mut self, _kind: ResetKind) -> Result<(), DeviceError> {
@@ -546,41 +530,42 @@ impl Rtl {
         let d = self.oob_divisor as u64;
         self.core.oob_uart.next = true;
         self.inputs_dirty = true;
-        let mut rx = SoftRx::new(d);
+        let mut rx = SoftRx::new(self.oob_divisor);
+        let mut line = LineDriver::new(self.oob_divisor);
+        line.push(request);
         let fail = |detail: String| DeviceError::Transport {
             what: "rtl simulation (OOB UART)".into(),
             detail,
         };
-        let mut bits = Vec::with_capacity(request.len() * 10);
-        for &b in request {
-            bits.push(false);
-            bits.extend((0..8).map(|i| b & (1 << i) != 0));
-            bits.push(true);
-        }
-        for bit in bits {
-            self.core.uart_rx.next = bit;
-            self.inputs_dirty = true;
-            for _ in 0..d {
-                self.tick();
-                rx.sample(self.core.uart_tx.val());
+        while !line.is_idle() {
+            if self.core.uart_rx.val() != line.level() {
+                self.core.uart_rx.next = line.level();
+                self.inputs_dirty = true;
             }
+            self.tick();
+            rx.sample(self.core.uart_tx.val());
+            line.advance();
         }
         self.core.uart_rx.next = true;
         self.inputs_dirty = true;
         let start = self.cycles;
         let budget = MAX_OOB_CYCLES + 1000 * d;
+        let mut out = Vec::new();
         let result = loop {
-            if let Some(e) = rx.error {
-                break Err(fail(e));
+            if rx.framing_errors() > 0 {
+                break Err(fail(format!(
+                    "framing error after {} bytes",
+                    out.len() + rx.take().len()
+                )));
             }
-            let out = &rx.bytes;
+            out.extend(rx.take());
             if out.len() >= 2 && out.len() == out[1] as usize + hilrig_device::oob::OVERHEAD {
-                break Ok(rx.bytes.clone());
+                break Ok(out);
             }
             if self.cycles - start > budget {
                 break Err(fail(format!(
                     "no complete response within {budget} cycles (got {})",
-                    hilrig_device::oob::hex_string(out)
+                    hilrig_device::oob::hex_string(&out)
                 )));
             }
             self.settle_inputs();
@@ -598,64 +583,5 @@ impl Rtl {
         self.core.oob_uart.next = false;
         self.inputs_dirty = true;
         result
-    }
-}
-
-/// A software 8N1 receiver sampling a line once a cycle (for `Rtl::oob_uart`).
-struct SoftRx {
-    d: u64,
-    busy: bool,
-    n: u64,
-    shift: u8,
-    bytes: Vec<u8>,
-    error: Option<String>,
-}
-
-impl SoftRx {
-    fn new(d: u64) -> SoftRx {
-        SoftRx {
-            d,
-            busy: false,
-            n: 0,
-            shift: 0,
-            bytes: Vec::new(),
-            error: None,
-        }
-    }
-
-    fn sample(&mut self, level: bool) {
-        if !self.busy {
-            if !level {
-                self.busy = true;
-                self.n = 0;
-                self.shift = 0;
-            }
-            return;
-        }
-        self.n += 1;
-        let half = self.d / 2;
-        if self.n < half || (self.n - half) % self.d != 0 {
-            return;
-        }
-        match (self.n - half) / self.d {
-            0 => {
-                if level {
-                    self.busy = false; // a glitch, not a start bit
-                }
-            }
-            k @ 1..=8 => {
-                if level {
-                    self.shift |= 1 << (k - 1);
-                }
-            }
-            _ => {
-                if level {
-                    self.bytes.push(self.shift);
-                } else {
-                    self.error = Some(format!("framing error after {} bytes", self.bytes.len()));
-                }
-                self.busy = false;
-            }
-        }
     }
 }

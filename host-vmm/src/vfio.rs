@@ -193,16 +193,7 @@ impl Device for VfioBackend {
     }
 
     fn rom_read(&mut self, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
-        if offset
-            .checked_add(data.len() as u64)
-            .is_none_or(|e| e > self.rom_size)
-        {
-            return Err(DeviceError::RomRange {
-                offset,
-                len: data.len(),
-                size: self.rom_size,
-            });
-        }
+        hilrig_device::device::check_rom(offset, data.len(), self.rom_size)?;
         self.pread(data, self.rom_offset + offset)
     }
 

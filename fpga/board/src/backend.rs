@@ -343,30 +343,11 @@ impl Device for Fpga {
 
     fn rom_read(&mut self, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
         let size = self.rom_size();
-        let end = offset.checked_add(data.len() as u64);
-        if end.is_none_or(|e| e > size) {
-            return Err(DeviceError::RomRange {
-                offset,
-                len: data.len(),
-                size,
-            });
-        }
-        let mut pos = offset;
-        let mut i = 0;
-        while i < data.len() {
-            let word = pos & !3;
-            let v = self
-                .request(Request::RomRead {
-                    addr: (word / 4) as u32,
-                })?
-                .to_le_bytes();
-            let b = (pos - word) as usize;
-            let n = (4 - b).min(data.len() - i);
-            data[i..i + n].copy_from_slice(&v[b..b + n]);
-            i += n;
-            pos += n as u64;
-        }
-        Ok(())
+        hilrig_device::device::rom_read_by_words(offset, data, size, |w| {
+            self.request(Request::RomRead {
+                addr: (w / 4) as u32,
+            })
+        })
     }
 
     /// All three kinds clear the device's volatile state (RESET over the bridge); a

@@ -5,7 +5,7 @@
 //! - [`top::BoardTop`]: device core + bridge + OOB UART + LEDs + power-on reset;
 //! - [`backend::Fpga`]: the `fpga` device backend over a byte transport;
 //! - [`simboard`]: the board simulated in-process, over a pipe or a PTY;
-//! - [`uartsim`]: software UART line ends for simulation drivers.
+//! - [`uartsim`]: software UART line ends for simulation drivers (from `hilrig_fpga`).
 #![deny(missing_docs)]
 
 pub mod backend;
@@ -13,7 +13,8 @@ pub mod bridge;
 pub mod proto;
 pub mod simboard;
 pub mod top;
-pub mod uartsim;
+/// Software ends of a UART line (moved to `hilrig_fpga`; re-exported).
+pub use hilrig_fpga::uartsim;
 
 pub use backend::{Fpga, FpgaOptions, SerialTransport, Transport};
 pub use simboard::{PtyBoard, SimBoard, SimPipe};

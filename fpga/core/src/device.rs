@@ -84,6 +84,38 @@ pub enum ResetKind {
     PowerCycle,
 }
 
+/// Validate an expansion-ROM read of `len` bytes at `offset` against the ROM's `size`.
+pub fn check_rom(offset: u64, len: usize, size: u64) -> Result<(), DeviceError> {
+    if offset.checked_add(len as u64).is_none_or(|e| e > size) {
+        return Err(DeviceError::RomRange { offset, len, size });
+    }
+    Ok(())
+}
+
+/// A ROM read for backends that fetch the ROM a 32-bit word at a time:
+/// `word(byte offset of an aligned word)` returns it; `data` is filled from
+/// `offset` on, any alignment. The range is checked against `size` first.
+pub fn rom_read_by_words(
+    offset: u64,
+    data: &mut [u8],
+    size: u64,
+    mut word: impl FnMut(u64) -> Result<u32, DeviceError>,
+) -> Result<(), DeviceError> {
+    check_rom(offset, data.len(), size)?;
+    let mut pos = offset;
+    let mut i = 0;
+    while i < data.len() {
+        let w = pos & !3;
+        let v = word(w)?.to_le_bytes();
+        let b = (pos - w) as usize;
+        let n = (4 - b).min(data.len() - i);
+        data[i..i + n].copy_from_slice(&v[b..b + n]);
+        i += n;
+        pos += n as u64;
+    }
+    Ok(())
+}
+
 /// Validate an MMIO access against BAR0.
 #[inline]
 pub fn check_access(offset: u64, len: usize) -> Result<(), DeviceError> {

@@ -416,15 +416,7 @@ impl Device for Model {
     }
 
     fn rom_read(&mut self, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
-        let size = self.rom_size();
-        let end = offset.checked_add(data.len() as u64);
-        if end.is_none_or(|e| e > size) {
-            return Err(DeviceError::RomRange {
-                offset,
-                len: data.len(),
-                size,
-            });
-        }
+        crate::device::check_rom(offset, data.len(), self.rom_size())?;
         if self.vol.hung {
             data.fill(0xff);
         } else {
