@@ -38,6 +38,10 @@ pub const BENCHES: &[(&str, &str)] = &[
         "verifications/s over 100,000 enrolled devices: SQLite and PostgreSQL ($HILRIG_TEST_PG) vs the bare decision",
     ),
     (
+        "board",
+        "fpga backend ops/s through the host-bridge RTL (pipe and PTY) vs the core driven directly",
+    ),
+    (
         "vm-exit",
         "hilrig-vmm's MMIO path vs a raw KVM exit loop; exits on an unrestricted page; VM start time",
     ),
@@ -50,6 +54,7 @@ pub fn run(name: &str, seconds: f64) -> Result<Vec<Figure>> {
         "model" => bench_model(budget)?,
         "vm-exit" => hilrig_vmm::bench_vm_exit(budget)?,
         "rtl" => hilrig_fpga::bench_rtl(budget)?,
+        "board" => hilrig_board::bench::bench_board(budget)?,
         "campaign" => bench_campaign()?,
         "policy" => hilrig_vmm::bench_policy(budget)?,
         "patch" => hilrig_vmm::bench_lifecycle::bench_patch(budget)?,
