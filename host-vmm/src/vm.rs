@@ -1228,11 +1228,16 @@ fn vcpu_loop(idx: u8, mut vcpu: VcpuFd, shared: &Shared) -> VcpuResult {
         // If the VMM counted this vCPU as parked while it was in KVM_RUN, wait here
         // before handling the exit.
         member.left_run();
+        // A trapped access is timed from here to the end of its handling (device,
+        // policy and all).
+        let t0 = crate::ticks::now();
+        let mut trapped = false;
         let next = match ran {
             Ok(exit) => {
                 if first_exit.is_none() {
                     first_exit = Some(Instant::now());
                 }
+                trapped = matches!(exit, VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..));
                 handle_exit(idx, exit, shared, &mut counts, &mut first_mmio)
             }
             Err(e) if e.errno() == libc::EINTR => {
@@ -1293,6 +1298,9 @@ fn vcpu_loop(idx: u8, mut vcpu: VcpuFd, shared: &Shared) -> VcpuResult {
                 }
             },
         }
+        if trapped {
+            counts.trap_latency.record_ns(crate::ticks::ns_since(t0));
+        }
     }
     KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
     drop(vcpu);
@@ -1318,20 +1326,14 @@ fn handle_exit(
             if first_mmio.is_none() {
                 *first_mmio = Some(Instant::now());
             }
-            let t = crate::ticks::now();
-            let next = mmio(idx, shared, addr, MmioData::Write(data));
-            counts.trap_latency.record_ns(crate::ticks::ns_since(t));
-            next
+            mmio(idx, shared, addr, MmioData::Write(data))
         }
         VcpuExit::MmioRead(addr, data) => {
             counts.mmio_read += 1;
             if first_mmio.is_none() {
                 *first_mmio = Some(Instant::now());
             }
-            let t = crate::ticks::now();
-            let next = mmio(idx, shared, addr, MmioData::Read(data));
-            counts.trap_latency.record_ns(crate::ticks::ns_since(t));
-            next
+            mmio(idx, shared, addr, MmioData::Read(data))
         }
         VcpuExit::IoOut(port, data) => {
             counts.io_out += 1;
