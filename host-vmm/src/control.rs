@@ -131,13 +131,21 @@ fn rand_suffix() -> u64 {
     h.finish()
 }
 
+/// Requests being handled or answered right now (see [`serve`]).
+pub type InFlight = Arc<std::sync::atomic::AtomicUsize>;
+
 /// Serve `listener` on a thread until `stop`; each connection on its own thread.
+/// The count of requests not yet answered is returned with the thread, so that the
+/// VMM can let a reply (e.g. to the teardown that ended the VM) go out before the
+/// process exits.
 pub fn serve(
     listener: UnixListener,
     control: Arc<dyn Control>,
     stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
+) -> (std::thread::JoinHandle<()>, InFlight) {
+    let in_flight = InFlight::default();
+    let counter = in_flight.clone();
+    let handle = std::thread::spawn(move || {
         // SAFETY: geteuid has no preconditions.
         let owner = unsafe { libc::geteuid() };
         if let Err(e) = listener.set_nonblocking(true) {
@@ -148,7 +156,8 @@ pub fn serve(
             match listener.accept() {
                 Ok((s, _)) => {
                     let c = control.clone();
-                    std::thread::spawn(move || connection(s, owner, &*c));
+                    let n = counter.clone();
+                    std::thread::spawn(move || connection(s, owner, &*c, &n));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     std::thread::sleep(Duration::from_millis(5));
@@ -159,7 +168,16 @@ pub fn serve(
                 }
             }
         }
-    })
+    });
+    (handle, in_flight)
+}
+
+/// Wait (at most `limit`) until no request is being handled or answered.
+pub fn drain(in_flight: &InFlight, limit: Duration) {
+    let t = std::time::Instant::now();
+    while in_flight.load(Ordering::Acquire) > 0 && t.elapsed() < limit {
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 fn reply(s: &mut UnixStream, v: &Value) -> std::io::Result<()> {
@@ -172,7 +190,7 @@ fn error(msg: impl Into<String>) -> Value {
     json!({"ok": false, "error": msg.into()})
 }
 
-fn connection(mut s: UnixStream, owner: u32, control: &dyn Control) {
+fn connection(mut s: UnixStream, owner: u32, control: &dyn Control, in_flight: &InFlight) {
     let _ = s.set_nonblocking(false);
     match peer_uid(&s) {
         Ok(uid) if peer_allowed(uid, owner) => {}
@@ -218,6 +236,7 @@ fn connection(mut s: UnixStream, owner: u32, control: &dyn Control) {
         if text.is_empty() {
             continue;
         }
+        in_flight.fetch_add(1, Ordering::AcqRel);
         let out = match serde_json::from_str::<Request>(text) {
             Err(e) => error(format!("bad request: {e}")),
             Ok(req) => match control.handle(req) {
@@ -229,7 +248,9 @@ fn connection(mut s: UnixStream, owner: u32, control: &dyn Control) {
                 Err(e) => error(e),
             },
         };
-        if reply(&mut s, &out).is_err() {
+        let sent = reply(&mut s, &out);
+        in_flight.fetch_sub(1, Ordering::AcqRel);
+        if sent.is_err() {
             return;
         }
     }
@@ -275,7 +296,7 @@ mod tests {
         );
         let echo = Arc::new(Echo(Mutex::new(vec![])));
         let stop = Arc::new(AtomicBool::new(false));
-        let t = serve(l, echo.clone(), stop.clone());
+        let (t, _) = serve(l, echo.clone(), stop.clone());
         let ask = |line: &str| request(&p, line, Duration::from_secs(5)).unwrap();
         assert_eq!(ask(r#"{"op":"status"}"#)["ok"], true);
         assert_eq!(
@@ -339,7 +360,7 @@ mod tests {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666)).unwrap();
         let echo = Arc::new(Echo(Mutex::new(vec![])));
         let stop = Arc::new(AtomicBool::new(false));
-        let t = serve(l, echo.clone(), stop.clone());
+        let (t, _) = serve(l, echo.clone(), stop.clone());
         use std::os::unix::process::CommandExt;
         let out = std::process::Command::new(py)
             .uid(65534)

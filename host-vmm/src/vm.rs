@@ -973,9 +973,11 @@ impl Vm {
         if self.config.lifecycle.teardown_on_exit {
             self.shared.teardown();
         }
-        if let Some((path, t)) = control {
+        if let Some((path, (t, in_flight))) = control {
             control_stop.store(true, Ordering::Release);
             let _ = t.join();
+            // A request that ended the VM (teardown) is still being answered.
+            crate::control::drain(&in_flight, Duration::from_secs(5));
             let _ = std::fs::remove_file(&path);
         }
         let teardown = self.shared.life.teardown_record();
