@@ -8,6 +8,7 @@
 //! - [`Rtl`]: the `rtl` backend, the core simulated in-process;
 //! - [`Lockstep`]: the `lockstep` backend, model and RTL compared on every operation;
 //! - [`difftest`]: seeded random differential testing through `Lockstep`;
+//! - [`icarus`]: the generated Verilog run under Icarus Verilog, for test benches;
 //! - [`bench_rtl`]: the figures of `hilrig bench rtl`.
 #![deny(missing_docs)]
 
@@ -16,6 +17,7 @@ pub mod bram;
 pub mod core;
 pub mod counter;
 pub mod difftest;
+pub mod icarus;
 pub mod lockstep;
 pub mod oob;
 pub mod rtl;

@@ -1,7 +1,8 @@
-//! The core elaborates to Verilog (rust-hdl's checks pass) at a small synthesis size.
+//! The core elaborates to Verilog (rust-hdl's checks pass) at a small synthesis size,
+//! and the Verilog behaves like the simulation under Icarus. (Its synthesis for the
+//! iCE40 is tested by hilrig-flow and by `hilrig fpga synth` in tests/cli.rs.)
 
-use hilrig_fpga::core::{CoreParams, DeviceCore};
-use rust_hdl::prelude::*;
+use hilrig_fpga::core::CoreParams;
 
 #[test]
 fn core_generates_verilog() {
@@ -12,42 +13,6 @@ fn core_generates_verilog() {
         "flash RAM sized by the configuration"
     );
     std::fs::write(std::env::temp_dir().join("hilrig_core.v"), &v).ok();
-}
-
-/// With yosys installed (CI installs it), the small build synthesizes for iCE40 and
-/// maps the RAMs to block RAM. Without it the test says loudly that it skipped.
-#[test]
-fn core_synthesizes_for_ice40_with_yosys() {
-    if std::process::Command::new("yosys")
-        .arg("-V")
-        .output()
-        .is_err()
-    {
-        eprintln!("SKIPPED core_synthesizes_for_ice40_with_yosys: yosys is not installed");
-        return;
-    }
-    let mut uut = DeviceCore::new(CoreParams::small(8, 7));
-    uut.connect_all();
-    let dir = tempfile::tempdir().unwrap();
-    let v = dir.path().join("core.v");
-    std::fs::write(&v, generate_verilog(&uut)).unwrap();
-    let out = std::process::Command::new("yosys")
-        .arg("-p")
-        .arg(format!(
-            "read_verilog {}; synth_ice40 -top top; stat",
-            v.display()
-        ))
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "yosys failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        &log[log.len().saturating_sub(3000)..]
-    );
-    assert!(log.contains("SB_RAM40_4K"), "RAMs are block RAM");
-    assert!(log.contains("SB_LUT4"));
 }
 
 /// The generated Verilog behaves like the rust-hdl simulation: the same seeded
@@ -62,12 +27,7 @@ fn generated_verilog_matches_the_simulation_under_iverilog() {
     use hilrig_fpga::difftest::Rng;
     use std::fmt::Write;
 
-    if std::process::Command::new("iverilog")
-        .arg("-V")
-        .output()
-        .is_err()
-    {
-        eprintln!("SKIPPED generated_verilog_matches_the_simulation_under_iverilog: iverilog is not installed");
+    if !hilrig_fpga::icarus::available("generated_verilog_matches_the_simulation_under_iverilog") {
         return;
     }
     enum Op {
@@ -227,28 +187,7 @@ module tb;
     }
     tb.push_str("    @(negedge clock); while (!ready) @(negedge clock);\n    $display(\"DONE\");\n    $finish;\n  end\nendmodule\n");
     let dir = tempfile::tempdir().unwrap();
-    let core_v = dir.path().join("core.v");
-    let tb_v = dir.path().join("tb.v");
-    let exe = dir.path().join("sim");
-    std::fs::write(&core_v, verilog).unwrap();
-    std::fs::write(&tb_v, &tb).unwrap();
-    let out = std::process::Command::new("iverilog")
-        .arg("-o")
-        .arg(&exe)
-        .arg(&tb_v)
-        .arg(&core_v)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "iverilog: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = std::process::Command::new("vvp")
-        .arg(&exe)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = hilrig_fpga::icarus::run(dir.path(), &tb, &verilog).unwrap();
     assert!(text.contains("DONE"), "vvp: {text}");
     assert!(!text.contains("NOACK"), "an access was not acknowledged");
     let got: Vec<u32> = text
@@ -275,14 +214,7 @@ fn generated_verilog_serves_oob_like_the_simulation() {
     use hilrig_fpga::difftest::Rng;
     use std::fmt::Write;
 
-    if std::process::Command::new("iverilog")
-        .arg("-V")
-        .output()
-        .is_err()
-    {
-        eprintln!(
-            "SKIPPED generated_verilog_serves_oob_like_the_simulation: iverilog is not installed"
-        );
+    if !hilrig_fpga::icarus::available("generated_verilog_serves_oob_like_the_simulation") {
         return;
     }
     let cfg = DeviceConfig {
@@ -375,30 +307,7 @@ module tb;
     }
     tb.push_str("    $display(\"DONE\");\n    $finish;\n  end\nendmodule\n");
     let dir = tempfile::tempdir().unwrap();
-    let core_v = dir.path().join("core.v");
-    let tb_v = dir.path().join("tb.v");
-    let exe = dir.path().join("sim");
-    std::fs::write(&core_v, verilog).unwrap();
-    std::fs::write(&tb_v, &tb).unwrap();
-    std::fs::write(std::env::temp_dir().join("hilrig_oob_tb.v"), &tb).ok();
-    std::fs::copy(&core_v, std::env::temp_dir().join("hilrig_oob_core.v")).ok();
-    let out = std::process::Command::new("iverilog")
-        .arg("-o")
-        .arg(&exe)
-        .arg(&tb_v)
-        .arg(&core_v)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "iverilog: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = std::process::Command::new("vvp")
-        .arg(&exe)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = hilrig_fpga::icarus::run(dir.path(), &tb, &verilog).unwrap();
     assert!(text.contains("DONE"), "vvp: {text}");
     let got: String = text
         .lines()

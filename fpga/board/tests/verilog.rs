@@ -13,12 +13,6 @@ use hilrig_board::{board_top_verilog, BoardParams, SimBoard};
 use hilrig_device::oob;
 use hilrig_device::regmap::*;
 use std::fmt::Write;
-use std::process::Command;
-
-fn have(tool: &str, arg: &str) -> bool {
-    Command::new(tool).arg(arg).output().is_ok()
-}
-
 #[test]
 fn board_top_generates_verilog() {
     let v = board_top_verilog(BoardParams::board(8, 7));
@@ -32,37 +26,23 @@ fn board_top_generates_verilog() {
     );
 }
 
+/// The bridge alone synthesizes for iCE40 through the project's flow, which fails
+/// on latches and undriven wires.
 #[test]
 fn bridge_synthesizes_without_latches() {
-    if !have("yosys", "-V") {
+    use hilrig_flow::flow;
+    if !flow::tool_available(flow::YOSYS) {
         eprintln!("SKIPPED bridge_synthesizes_without_latches: yosys is not installed");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let v = dir.path().join("bridge.v");
     std::fs::write(&v, bridge_verilog(BridgeParams::new(104, 512))).unwrap();
-    let out = Command::new("yosys")
-        .arg("-p")
-        .arg(format!(
-            "read_verilog {}; synth_ice40 -top top; select -assert-none t:$dlatch t:$_DLATCH_*; stat",
-            v.display()
-        ))
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "yosys failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        &log[log.len().saturating_sub(3000)..]
-    );
-    assert!(!log.contains("Latch inferred"), "a latch was inferred");
-    let luts = log
-        .lines()
-        .rfind(|l| l.contains("SB_LUT4"))
-        .unwrap_or_default()
-        .to_string();
-    eprintln!("bridge alone: {}", luts.trim());
+    let board = hilrig_flow::board::board("alchitry-cu").unwrap();
+    let r = flow::synth(&[v], "top", &board, &dir.path().join("synth"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("bridge alone: {} LUT4, {} flip-flops", r.luts, r.flip_flops);
+    assert!(r.luts > 0);
 }
 
 enum Step {
@@ -95,8 +75,7 @@ fn r(seq: u8, reg: u32) -> Step {
 
 #[test]
 fn board_verilog_answers_uart_traffic_like_the_simulation() {
-    if !have("iverilog", "-V") {
-        eprintln!("SKIPPED board_verilog_answers_uart_traffic_like_the_simulation: iverilog is not installed");
+    if !hilrig_fpga::icarus::available("board_verilog_answers_uart_traffic_like_the_simulation") {
         return;
     }
     let width = 3;
@@ -299,25 +278,7 @@ module tb;
         "    $display(\"L %h\", leds);\n    $display(\"DONE\");\n    $finish;\n  end\nendmodule\n",
     );
     let dir = tempfile::tempdir().unwrap();
-    let top_v = dir.path().join("top.v");
-    let tb_v = dir.path().join("tb.v");
-    let exe = dir.path().join("sim");
-    std::fs::write(&top_v, verilog).unwrap();
-    std::fs::write(&tb_v, &tb).unwrap();
-    let out = Command::new("iverilog")
-        .arg("-o")
-        .arg(&exe)
-        .arg(&tb_v)
-        .arg(&top_v)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "iverilog: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = Command::new("vvp").arg(&exe).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = hilrig_fpga::icarus::run(dir.path(), &tb, &verilog).unwrap();
     assert!(text.contains("DONE"), "vvp: {text}");
     assert!(
         !text.contains("TIMEOUT"),
@@ -337,45 +298,4 @@ module tb;
     );
     // The directed vectors did what they say (checked on the simulation's bytes).
     assert!(want.contains("L 03"), "MASTER 3 on the LEDs:\n{want}");
-}
-
-/// The whole board top (width 64) synthesizes for iCE40 with yosys, maps the RAMs to
-/// block RAM, and fits an HX8K. Slow (a minute or two): ignored by default;
-/// `cargo nextest run -p hilrig-board --run-ignored only board_top_synthesizes`.
-#[test]
-#[ignore]
-fn board_top_synthesizes_for_an_hx8k() {
-    if !have("yosys", "-V") {
-        eprintln!("SKIPPED board_top_synthesizes_for_an_hx8k: yosys is not installed");
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let v = dir.path().join("top.v");
-    std::fs::write(&v, board_top_verilog(BoardParams::board(64, 1))).unwrap();
-    let out = Command::new("yosys")
-        .arg("-p")
-        .arg(format!(
-            "read_verilog {}; synth_ice40 -top top; select -assert-none t:$dlatch t:$_DLATCH_*; stat",
-            v.display()
-        ))
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "yosys failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        &log[log.len().saturating_sub(3000)..]
-    );
-    let count = |cell: &str| -> u64 {
-        log.lines()
-            .rfind(|l| l.trim_start().starts_with(cell))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
-    };
-    let (luts, rams) = (count("SB_LUT4"), count("SB_RAM40_4K"));
-    eprintln!("board top: {luts} SB_LUT4, {rams} SB_RAM40_4K");
-    assert!(rams > 0, "RAMs are block RAM");
-    assert!(luts > 0 && luts < 7680, "{luts} LUTs do not fit an HX8K");
 }
