@@ -31,77 +31,8 @@ pub use error::{Error, Result};
 pub use service::Service;
 
 use hilrig_device::oob::CounterReport;
-use serde::Serialize;
 
-/// The outcome of comparing a device's counters with what was expected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Verdict {
-    /// Counters equal the expected values.
-    Trusted,
-    /// Counters advanced: updates happened that must be checked against the catalog.
-    Changed,
-    /// A counter is lower than expected within the same epoch: tampering or a
-    /// restored state file.
-    RolledBack,
-    /// The fuse is blown: the device is locked for good; page a human.
-    Locked,
-    /// Counters advanced and every region image is in the catalog: the new values
-    /// were recorded.
-    AcceptedUpdate,
-    /// An authorised update left an image that is not in the catalog: reflash.
-    NeedsReflash,
-    /// Taken out of service: unauthorised image, bypassed counter, tampered record.
-    Quarantined,
-    /// EPOCH advanced: the keyed physical reset happened.
-    PhysicalReset,
-    /// The hardware counted attempts the VMM never saw: its trap was bypassed.
-    BypassedTrap,
-    /// The VMM passed attempts to the device that the hardware did not count.
-    Undercount,
-    /// The device could not be read or the service failed: fail closed, not trusted.
-    Unverifiable,
-}
-
-impl Verdict {
-    /// Every verdict.
-    pub const ALL: [Verdict; 11] = [
-        Verdict::Trusted,
-        Verdict::Changed,
-        Verdict::RolledBack,
-        Verdict::Locked,
-        Verdict::AcceptedUpdate,
-        Verdict::NeedsReflash,
-        Verdict::Quarantined,
-        Verdict::PhysicalReset,
-        Verdict::BypassedTrap,
-        Verdict::Undercount,
-        Verdict::Unverifiable,
-    ];
-
-    /// Parse a verdict's name.
-    pub fn parse(s: &str) -> Option<Verdict> {
-        Verdict::ALL.into_iter().find(|v| v.to_string() == s)
-    }
-}
-
-impl std::fmt::Display for Verdict {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Verdict::Trusted => "trusted",
-            Verdict::Changed => "changed",
-            Verdict::RolledBack => "rolled-back",
-            Verdict::Locked => "locked",
-            Verdict::AcceptedUpdate => "accepted-update",
-            Verdict::NeedsReflash => "needs-reflash",
-            Verdict::Quarantined => "quarantined",
-            Verdict::PhysicalReset => "physical-reset",
-            Verdict::BypassedTrap => "bypassed-trap",
-            Verdict::Undercount => "undercount",
-            Verdict::Unverifiable => "unverifiable",
-        })
-    }
-}
+pub use hilrig_device::attest::Verdict;
 
 /// Compare actual counters with expected ones. Rollback is checked first (counters
 /// never go backwards, and a lower MASTER or EPOCH is a rollback too), then the fuse.

@@ -1,5 +1,7 @@
 //! hilrig-device: what every part of hilrig shares about the reference device.
 //!
+//! - [`attest`]: the counters service's [`attest::Verdict`];
+//! - [`backend`]: [`BackendKind`], the in-process backends by name;
 //! - [`regmap`]: the register table, the one source of truth for decode, policies
 //!   and docs;
 //! - [`device`]: the `Device` trait every backend implements, and the access rules;
@@ -12,6 +14,8 @@
 //! use it without compiling rust-hdl.
 #![deny(missing_docs)]
 
+pub mod attest;
+pub mod backend;
 pub mod bench;
 pub mod device;
 pub mod model;
@@ -21,6 +25,7 @@ pub mod state;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
+pub use backend::{BackendKind, UnknownBackend};
 pub use device::{Device, DeviceError, ResetKind};
 pub use model::Model;
 pub use regmap::{Reg, Region};
