@@ -264,27 +264,43 @@ fn dispatch(cmd: Cmd) -> Result<std::process::ExitCode> {
             bundle,
             timeout,
         }) => {
-            let line = if request.trim_start().starts_with('{') {
-                request
-            } else if request == "patch" {
-                let b = bundle.context("`patch` needs --bundle FILE")?;
-                let b =
-                    std::fs::canonicalize(&b).with_context(|| format!("bundle {}", b.display()))?;
-                serde_json::json!({"op": "patch", "bundle": b}).to_string()
+            use hilrig_vmm_api::control::Request;
+            let req: Request = if request.trim_start().starts_with('{') {
+                serde_json::from_str(&request)
+                    .with_context(|| format!("request {request}: not a control request"))?
             } else {
-                serde_json::json!({ "op": request }).to_string()
+                match request.as_str() {
+                    "status" => Request::Status {},
+                    "pause" => Request::Pause {},
+                    "resume" => Request::Resume {},
+                    "quiesce" => Request::Quiesce {},
+                    "teardown" => Request::Teardown {},
+                    "metrics" => Request::Metrics {},
+                    "patch" => {
+                        let b = bundle.context("`patch` needs --bundle FILE")?;
+                        let bundle = std::fs::canonicalize(&b)
+                            .with_context(|| format!("bundle {}", b.display()))?;
+                        Request::Patch { bundle }
+                    }
+                    other => anyhow::bail!(
+                        "unknown request `{other}` (status, pause, resume, quiesce, patch, teardown, metrics)"
+                    ),
+                }
             };
-            let reply = hilrig_vmm::control::request(
+            let response = hilrig_vmm_api::control::request(
                 &socket,
-                &line,
+                &req,
                 Duration::from_secs_f64(timeout.max(0.1)),
-            )
-            .with_context(|| format!("control socket {}", socket.display()))?;
-            println!("{}", serde_json::to_string_pretty(&reply)?);
-            return Ok(if reply["ok"] == true {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
+            )?;
+            return Ok(match response {
+                Ok(reply) => {
+                    println!("{}", serde_json::to_string_pretty(&reply)?);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("refused: {e}");
+                    ExitCode::from(1)
+                }
             });
         }
         Cmd::Report(r) => return hilrig_reports::run(r),
@@ -454,7 +470,7 @@ fn rollout(
     wave: usize,
     json: bool,
 ) -> Result<std::process::ExitCode> {
-    use hilrig_vmm::rollout::{self, HostOutcome, Target};
+    use hilrig_rig::rollout::{self, HostOutcome, Target};
     let bundle =
         std::fs::canonicalize(bundle).with_context(|| format!("bundle {}", bundle.display()))?;
     let targets: Vec<Target> = match inventory {

@@ -33,6 +33,11 @@ fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
+/// The VMM's run summary in a `vm run --json` output.
+fn summary(stdout: &[u8]) -> hilrig_vmm_api::RunSummary {
+    hilrig_vmm_api::RunSummary::from_output(stdout).expect("a run summary")
+}
+
 #[test]
 fn main_job_passes_and_prints_counters_and_verdict() {
     let out = ok(&["run", "--device-only"]);
@@ -597,13 +602,19 @@ fn patch_rollout_across_three_vmms_stops_at_the_bad_host() {
         .map(|i| r["hosts"][i]["versions"]["policy"].as_u64())
         .collect();
     assert_eq!(versions, vec![Some(2), Some(1), Some(1)], "{r}");
-    // The control client: status shows the new version; a malformed request is refused.
-    let st: serde_json::Value =
+    // The control client: status shows the new version (a typed reply); a request
+    // that is not one is refused before anything is sent.
+    let st: hilrig_vmm_api::Reply =
         serde_json::from_str(&ok(&["vm", "ctl", p(&d("vm0.sock")), "status"])).unwrap();
-    assert_eq!(st["versions"]["policy"], 2, "{st}");
+    match st {
+        hilrig_vmm_api::Reply::Status(st) => assert_eq!(st.versions.policy, 2, "{st:?}"),
+        other => panic!("status answered {other:?}"),
+    }
     let o = hilrig(&["vm", "ctl", p(&d("vm0.sock")), "reboot"]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("bad request"));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown request `reboot`"));
+    let o = hilrig(&["vm", "ctl", p(&d("vm0.sock")), r#"{"op":"reboot"}"#]);
+    assert_eq!(o.status.code(), Some(2));
     // The remaining good host on its own.
     let out = ok(&[
         "patch",
@@ -660,9 +671,9 @@ fn an_overwritten_vbios_is_refused_until_it_is_in_the_catalog() {
         "--json",
     ]);
     assert_eq!(o.status.code(), Some(10), "an unknown VBIOS is refused");
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v["verdict"], "device refused");
-    let hash = v["vbios"]["sha256"].as_str().unwrap().to_string();
+    let v = hilrig_vmm_api::RunSummary::from_output(&o.stdout).unwrap();
+    assert_eq!(v.exit_status, hilrig_vmm_api::ExitStatus::DeviceRefused);
+    let hash = v.vbios.as_ref().unwrap().sha256.clone();
     // The operator may run anyway; the output records it.
     let o = hilrig(&[
         "vm",
@@ -675,8 +686,8 @@ fn an_overwritten_vbios_is_refused_until_it_is_in_the_catalog() {
         "--json",
     ]);
     assert!(o.status.success());
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v["vbios"]["overridden"], true);
+    let v = hilrig_vmm_api::RunSummary::from_output(&o.stdout).unwrap();
+    assert!(v.vbios.unwrap().overridden);
     // Once approved in the counters catalog, it is accepted.
     let (db, key) = (d("c.db"), d("c.key"));
     ok(&["counters", "init", "--db", p(&db), "--key", p(&key)]);
@@ -708,15 +719,16 @@ fn an_overwritten_vbios_is_refused_until_it_is_in_the_catalog() {
         "--json",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let v = summary(&o.stdout);
     assert!(
-        v["vbios"]["known_as"]
-            .as_str()
-            .unwrap()
+        v.vbios
+            .as_ref()
+            .and_then(|m| m.known_as.as_deref())
+            .unwrap_or("")
             .contains("approved by qa"),
-        "{v}"
+        "{v:?}"
     );
-    assert_eq!(v["vbios"]["overridden"], false);
+    assert!(!v.vbios.as_ref().unwrap().overridden);
     // Teardown asks the counters service for the verdict: enrolled and unchanged
     // during the tenancy, the device is trusted for the next tenant.
     let src = format!("model:{}", p(&st));
@@ -748,10 +760,11 @@ fn an_overwritten_vbios_is_refused_until_it_is_in_the_catalog() {
         "--json",
     ]);
     let o = hilrig(&a);
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v["teardown"]["complete"], true, "{v}");
-    assert_eq!(v["teardown"]["verdict"]["verdict"], "trusted", "{v}");
-    assert_eq!(v["teardown"]["verdict"]["handoff_ok"], true);
+    let t = summary(&o.stdout).teardown.expect("a teardown record");
+    assert!(t.complete, "{t:?}");
+    let verdict = t.verdict.expect("a verdict");
+    assert_eq!(verdict.verdict, hilrig_vmm_api::CountersVerdict::Trusted);
+    assert!(verdict.handoff_ok);
     // A device the service cannot vouch for (never enrolled) is never "trusted".
     let other = d("other.state");
     ok(&["device", "init", p(&other), "--serial", "99"]);
@@ -769,9 +782,13 @@ fn an_overwritten_vbios_is_refused_until_it_is_in_the_catalog() {
         "--teardown-on-exit",
         "--json",
     ]);
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v["teardown"]["verdict"]["verdict"], "unverifiable", "{v}");
-    assert_eq!(v["teardown"]["verdict"]["handoff_ok"], false);
+    let t = summary(&o.stdout).teardown.expect("a teardown record");
+    let verdict = t.verdict.expect("a verdict");
+    assert_eq!(
+        verdict.verdict,
+        hilrig_vmm_api::CountersVerdict::Unverifiable
+    );
+    assert!(!verdict.handoff_ok);
 }
 
 #[test]
@@ -926,10 +943,13 @@ fn a_guest_uses_the_device_on_the_simulated_board() {
         &format!("fpga={host},oob={oob}"),
         "--json",
     ]);
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout)
+    let v = hilrig_vmm_api::RunSummary::from_output(&o.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stderr)));
-    assert_eq!(v["verdict"], "PASS", "{v}");
-    assert_eq!(v["vbios"]["known_as"], "builtin factory VBIOS", "{v}");
+    assert_eq!(v.exit_status, hilrig_vmm_api::ExitStatus::Pass, "{v:?}");
+    assert_eq!(
+        v.vbios.and_then(|m| m.known_as).as_deref(),
+        Some("builtin factory VBIOS")
+    );
     let o = hilrig(&["device", "oob", &oob, "counters"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let c: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();

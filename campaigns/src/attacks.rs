@@ -2,7 +2,9 @@
 //! `hilrig-vmm` steps with their flags) and the outcome expected by default per
 //! policy profile. Campaign files override expectations field by field.
 
-use crate::format::{Expect, Verdict};
+use crate::format::{Counter, Expect, Verdict};
+use hilrig_device::attest::Verdict as CountersVerdict;
+use hilrig_vmm_api::ExitStatus;
 use std::collections::BTreeMap;
 
 /// How the device state file is prepared before the first step.
@@ -51,7 +53,7 @@ pub enum StepKind {
     /// Put the copy back over the state file (only a simulation allows this).
     Restore,
     /// Ask the counters service for a verdict now; it must be this one.
-    Verify(&'static str),
+    Verify(CountersVerdict),
     /// Forged and malformed requests on the device's OOB port: each must be
     /// answered with an error frame, and the counters must not move.
     OobForge,
@@ -82,23 +84,42 @@ pub enum StepKind {
 /// Attacks that need the operator's rights (the flash controller) to mean anything.
 pub const OPERATOR_ONLY: &[&str] = &["operator"];
 
+/// How a step's VMM runs, beyond the case's device, profile and timeouts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepVm {
+    /// Tear the tenant down when the VM exits (the record is kept as an artifact).
+    pub teardown: bool,
+    /// Guest RAM in bytes (None: the VMM's default).
+    pub mem: Option<u64>,
+}
+
+impl StepVm {
+    /// Apply to a VMM spec.
+    pub fn apply(&self, spec: &mut hilrig_vmm_api::VmSpec) {
+        spec.teardown_on_exit = self.teardown;
+        if let Some(m) = self.mem {
+            spec.mem = m;
+        }
+    }
+}
+
 /// One `hilrig-vmm` invocation of an attack.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Step {
     /// Built-in payload name (`--payload`).
     pub payload: &'static str,
-    /// Extra VMM flags.
-    pub flags: &'static [&'static str],
+    /// How the VMM runs.
+    pub vm: StepVm,
     /// What the step does.
     pub kind: StepKind,
 }
 
 impl Step {
     /// A VMM step with a built-in payload.
-    pub const fn vmm(payload: &'static str, flags: &'static [&'static str]) -> Step {
+    pub const fn vmm(payload: &'static str, vm: StepVm) -> Step {
         Step {
             payload,
-            flags,
+            vm,
             kind: StepKind::Vmm,
         }
     }
@@ -107,7 +128,7 @@ impl Step {
     pub const fn of(label: &'static str, kind: StepKind) -> Step {
         Step {
             payload: label,
-            flags: TEARDOWN,
+            vm: TEARDOWN,
             kind,
         }
     }
@@ -134,9 +155,20 @@ pub struct Attack {
     pub exclusive: bool,
 }
 
-const TEARDOWN: &[&str] = &["--teardown-on-exit"];
+const TEARDOWN: StepVm = StepVm {
+    teardown: true,
+    mem: None,
+};
 /// canary-scan walks all guest RAM; 16 MiB keeps it fast (the canary lies below).
-const RESIDUE: &[&str] = &["--teardown-on-exit", "--mem", "16M"];
+const RESIDUE: StepVm = StepVm {
+    teardown: true,
+    mem: Some(16 << 20),
+};
+/// No teardown (the device is refused before any guest runs).
+const PLAIN: StepVm = StepVm {
+    teardown: false,
+    mem: None,
+};
 
 /// Every attack of the library.
 pub fn library() -> Vec<Attack> {
@@ -178,7 +210,7 @@ pub fn library() -> Vec<Attack> {
         summary: "flash a well-formed but non-catalog VBIOS into the state file; the VMM must refuse the device (exit 10)".into(),
         group: "vbios",
         setup: Setup::ForeignVbios,
-        steps: vec![Step::vmm("pci-enum", &[])],
+        steps: vec![Step::vmm("pci-enum", PLAIN)],
         profiles: &[],
         exclusive: false,
     });
@@ -226,7 +258,7 @@ fn scenario_attacks() -> Vec<Attack> {
             Setup::Factory,
             vec![
                 Step::of("flash-attempts", StepKind::Gen(Gen::FlashAttempts(2))),
-                Step::of("verify", StepKind::Verify("accepted-update")),
+                Step::of("verify", StepKind::Verify(CountersVerdict::AcceptedUpdate)),
                 Step::of("oob-forge", StepKind::OobForge),
             ],
             OPERATOR_ONLY,
@@ -239,7 +271,7 @@ fn scenario_attacks() -> Vec<Attack> {
             vec![
                 Step::of("snapshot", StepKind::Snapshot),
                 Step::of("flash-attempts", StepKind::Gen(Gen::FlashAttempts(2))),
-                Step::of("verify", StepKind::Verify("accepted-update")),
+                Step::of("verify", StepKind::Verify(CountersVerdict::AcceptedUpdate)),
                 Step::of("restore", StepKind::Restore),
             ],
             OPERATOR_ONLY,
@@ -311,11 +343,8 @@ pub fn group(group: &str) -> Vec<&'static str> {
         .collect()
 }
 
-fn zero_delta() -> BTreeMap<String, u64> {
-    ["vbios", "firmware", "config", "master"]
-        .into_iter()
-        .map(|r| (r.to_string(), 0))
-        .collect()
+fn zero_delta() -> BTreeMap<Counter, u64> {
+    Counter::ALL.into_iter().map(|c| (c, 0)).collect()
 }
 
 /// What the library expects of `attack` under `profile` with enforcement `enforce`.
@@ -333,8 +362,8 @@ pub fn default_expect(attack: &Attack, profile: &str, enforce: bool) -> Expect {
                 if enforce {
                     // Blocked: the device saw none of it.
                     e.counter_delta = Some(zero_delta());
-                    e.counters_verdict = Some("trusted".into());
-                    e.service_verdict = Some("trusted".into());
+                    e.counters_verdict = Some(CountersVerdict::Trusted);
+                    e.service_verdict = Some(CountersVerdict::Trusted);
                 }
             } else if attack.name != "attack-flash-program" {
                 e.counter_delta = Some(zero_delta());
@@ -343,15 +372,15 @@ pub fn default_expect(attack: &Attack, profile: &str, enforce: bool) -> Expect {
         "pci" | "teardown" => {
             e.teardown_complete = Some(true);
             e.counter_delta = Some(zero_delta());
-            e.counters_verdict = Some("trusted".into());
-            e.service_verdict = Some("trusted".into());
+            e.counters_verdict = Some(CountersVerdict::Trusted);
+            e.service_verdict = Some(CountersVerdict::Trusted);
         }
         "rollback" | "power" | "fuse" => {
             let reaches_flash = profile == "operator" || !enforce;
             let delta = |n: u64| {
                 let mut d = zero_delta();
-                d.insert("firmware".into(), n);
-                d.insert("master".into(), n);
+                d.insert(Counter::Firmware, n);
+                d.insert(Counter::Master, n);
                 d
             };
             match attack.name {
@@ -361,11 +390,11 @@ pub fn default_expect(attack: &Attack, profile: &str, enforce: bool) -> Expect {
                     if reaches_flash {
                         // The one counted attempt moved them; nothing lowered them.
                         e.counter_delta = Some(delta(1));
-                        e.service_verdict = Some("accepted-update".into());
+                        e.service_verdict = Some(CountersVerdict::AcceptedUpdate);
                     } else {
                         e.counter_delta = Some(zero_delta());
-                        e.counters_verdict = Some("trusted".into());
-                        e.service_verdict = Some("trusted".into());
+                        e.counters_verdict = Some(CountersVerdict::Trusted);
+                        e.service_verdict = Some(CountersVerdict::Trusted);
                     }
                 }
                 "rollback-oob" => {
@@ -373,37 +402,37 @@ pub fn default_expect(attack: &Attack, profile: &str, enforce: bool) -> Expect {
                     e.fuse = Some(false);
                     e.flash_unchanged = Some(true);
                     // Re-baselined at the intermediate verify; the forgeries moved nothing.
-                    e.service_verdict = Some("trusted".into());
+                    e.service_verdict = Some(CountersVerdict::Trusted);
                 }
                 "rollback-state-file" => {
                     e.counter_delta = Some(zero_delta());
-                    e.service_verdict = Some("rolled-back".into());
+                    e.service_verdict = Some(CountersVerdict::RolledBack);
                 }
                 "power-cut-program" => {
                     e.teardown_complete = Some(true);
-                    e.counters_verdict = Some("trusted".into());
+                    e.counters_verdict = Some(CountersVerdict::Trusted);
                     e.flash_unchanged = Some(false);
-                    e.service_verdict = Some("needs-reflash".into());
+                    e.service_verdict = Some(CountersVerdict::NeedsReflash);
                 }
                 "fuse-exhaustion" => {
                     e.counter_delta = Some(delta(FUSE_WIDTH as u64));
                     e.fuse = Some(true);
                     e.flash_unchanged = Some(true);
-                    e.service_verdict = Some("locked".into());
+                    e.service_verdict = Some(CountersVerdict::Locked);
                 }
                 _ => {}
             }
         }
         "patch" => {
             e.counter_delta = Some(zero_delta());
-            e.service_verdict = Some("trusted".into());
+            e.service_verdict = Some(CountersVerdict::Trusted);
             e.flash_unchanged = Some(true);
             if attack.name != "patch-rollout-bad-host" {
                 // Ended by a teardown over the control socket: STOPPED.
                 e.verdict = None;
-                e.exit_status = Some(9);
+                e.exit_status = Some(ExitStatus::Stopped);
                 e.teardown_complete = Some(true);
-                e.counters_verdict = Some("trusted".into());
+                e.counters_verdict = Some(CountersVerdict::Trusted);
             }
             if attack.name == "patch-under-storm" {
                 e.blackout_max_us = Some(DEFAULT_BLACKOUT_BOUND_US);
@@ -413,7 +442,7 @@ pub fn default_expect(attack: &Attack, profile: &str, enforce: bool) -> Expect {
             // Refused before any guest ran: the device is as it was enrolled.
             e.verdict = Some(Verdict::Refused);
             e.counter_delta = Some(zero_delta());
-            e.service_verdict = Some("trusted".into());
+            e.service_verdict = Some(CountersVerdict::Trusted);
         }
         _ => {}
     }

@@ -4,15 +4,15 @@
 //! middle of a program sequence, live patches through the control socket and a
 //! fleet rollout — then the expectations checked against what was observed.
 
-use crate::attacks::{Gen, Setup, Step, StepKind};
+use crate::attacks::{Gen, Setup, Step, StepKind, StepVm};
 use crate::format::{Case, HostSpec};
 use crate::runner::{check, prepare_state, reading, rel, AttemptResult, Observed};
 use crate::scenario;
 use hilrig_device::state::NvState;
 use hilrig_device::Region;
 use hilrig_reports::{Artifact, ArtifactKind, Outcome};
-use serde_json::{json, Value};
-use std::ffi::OsString;
+use hilrig_vmm_api::control::{Metrics, Reply, Request, Response, VmState};
+use hilrig_vmm_api::{ExitStatus, RunSummary, VmSpec};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -30,7 +30,7 @@ const BAD_HOST: usize = 2;
 
 /// An attempt ended early (boxed: it is large and travels through many `?`).
 type Stop = Box<AttemptResult>;
-type StepOut = Result<(i32, Value), Stop>;
+type StepOut = Result<RunSummary, Stop>;
 
 fn fail(o: Outcome, msg: impl Into<String>) -> Stop {
     Box::new(AttemptResult {
@@ -42,8 +42,8 @@ fn fail(o: Outcome, msg: impl Into<String>) -> Stop {
     })
 }
 
-fn synthetic() -> Value {
-    json!({"verdict": "PASS", "passed": true, "exit_status": 0})
+fn synthetic() -> RunSummary {
+    RunSummary::synthetic("rig step")
 }
 
 /// Make `cmd`'s child die with the runner: SIGKILL on the runner's death
@@ -145,41 +145,42 @@ impl Att<'_> {
         self.deadline.saturating_duration_since(Instant::now())
     }
 
-    /// The VMM command of step `k` (`label` names its files) on `state`.
-    fn command(
+    /// The VMM run of step `k` (`label` names its files) on `state`: the case's
+    /// device, profile and timeouts, the step's settings, then `tweak`.
+    fn spec(
         &self,
         k: usize,
         label: &str,
-        payload: &std::ffi::OsStr,
-        flags: &[&str],
-        extra: &[OsString],
+        payload: &Path,
+        vm: StepVm,
         state: &Path,
-    ) -> tokio::process::Command {
+        tweak: impl FnOnce(&mut VmSpec),
+    ) -> VmSpec {
+        let mut spec = VmSpec {
+            payload: payload.to_string_lossy().into_owned(),
+            device: self.case.backend.into(),
+            device_state: Some(state.to_path_buf()),
+            profile: self.case.profile.clone(),
+            enforce: Some(self.case.enforce),
+            alarms: Some(self.file(k, label, "alarms.jsonl")),
+            console: Some(self.file(k, label, "console.txt")),
+            timeout: self.case.step_timeout.max(Duration::from_millis(1)),
+            json: true,
+            ..VmSpec::default()
+        };
+        vm.apply(&mut spec);
+        if spec.teardown_on_exit {
+            spec.teardown_record = Some(self.file(k, label, "teardown.json"));
+        }
+        tweak(&mut spec);
+        spec
+    }
+
+    /// The VMM command running `spec`.
+    fn command(&self, spec: &VmSpec) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(self.vmm);
         cmd.args(self.vmm_args)
-            .arg("--payload")
-            .arg(payload)
-            .arg("--device")
-            .arg(&self.case.backend)
-            .arg("--device-state")
-            .arg(state)
-            .arg("--profile")
-            .arg(&self.case.profile)
-            .arg("--enforce")
-            .arg(if self.case.enforce { "on" } else { "off" })
-            .arg("--alarms")
-            .arg(self.file(k, label, "alarms.jsonl"))
-            .arg("--console")
-            .arg(self.file(k, label, "console.txt"))
-            .arg("--timeout")
-            .arg(format!("{}ms", self.case.step_timeout.as_millis().max(1)))
-            .arg("--json")
-            .args(flags);
-        if flags.contains(&"--teardown-on-exit") {
-            cmd.arg("--teardown-record")
-                .arg(self.file(k, label, "teardown.json"));
-        }
-        cmd.args(extra)
+            .args(spec.to_args())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -217,50 +218,43 @@ impl Att<'_> {
                 ),
             ));
         };
-        let parsed: Option<Value> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .rev()
-            .find_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
-            .filter(|v| v.get("verdict").is_some());
-        match parsed {
-            Some(json) => {
-                self.note_vmm(&json);
-                Ok((code, json))
+        match RunSummary::from_output(&out.stdout) {
+            Ok(summary) if i32::from(summary.exit_status.code()) == code => {
+                self.note_vmm(&summary);
+                Ok(summary)
             }
-            None => Err(fail(
+            Ok(summary) => Err(fail(
                 Outcome::Infra,
                 format!(
-                    "step {k} ({label}): the VMM exited {code} with no verdict JSON; {stderr_tail}"
+                    "step {k} ({label}): the VMM exited {code} but its summary says {}; {stderr_tail}",
+                    summary.exit_status
                 ),
+            )),
+            Err(e) => Err(fail(
+                Outcome::Infra,
+                format!("step {k} ({label}): the VMM exited {code}: {e}; {stderr_tail}"),
             )),
         }
     }
 
     /// Blackouts and teardown times of a VMM's JSON.
-    fn note_vmm(&mut self, json: &Value) {
-        if let Some(ps) = json["patches"].as_array() {
-            for p in ps {
-                if let Some(us) = p["blackout_us"].as_f64() {
-                    self.seen.patch_blackouts_us.push(us);
-                }
+    fn note_vmm(&mut self, summary: &RunSummary) {
+        for p in &summary.patches {
+            if let Some(us) = p.blackout_us {
+                self.seen.patch_blackouts_us.push(us as f64);
             }
         }
-        if let Some(us) = json["teardown"]["total_micros"].as_f64() {
-            self.seen.teardown_us.push(us);
+        if let Some(t) = &summary.teardown {
+            self.seen.teardown_us.push(t.total_micros as f64);
         }
-        self.seen.add_trap_latency(json);
+        self.seen.add_trap_latency(summary);
     }
 
     /// Run a VMM to its end within the case deadline.
-    async fn run_vmm(
-        &mut self,
-        k: usize,
-        label: &str,
-        payload: &std::ffi::OsStr,
-        flags: &[&str],
-    ) -> StepOut {
+    async fn run_vmm(&mut self, k: usize, label: &str, payload: &Path, vm: StepVm) -> StepOut {
         let state = self.state.clone();
-        let mut cmd = self.command(k, label, payload, flags, &[], &state);
+        let spec = self.spec(k, label, payload, vm, &state, |_| {});
+        let mut cmd = self.command(&spec);
         let child = cmd.spawn().map_err(|e| {
             fail(
                 Outcome::Infra,
@@ -291,33 +285,30 @@ impl Att<'_> {
     async fn step(&mut self, k: usize, step: &Step) -> StepOut {
         let label = step.payload;
         match step.kind {
-            StepKind::Vmm => self.run_vmm(k, label, label.as_ref(), step.flags).await,
+            StepKind::Vmm => self.run_vmm(k, label, label.as_ref(), step.vm).await,
             StepKind::Gen(g) => {
                 let nv = self.load()?;
                 let bin = self.file(k, label, "payload.bin");
                 let code = scenario::payload(g, &nv).map_err(|e| fail(Outcome::Infra, e))?;
                 std::fs::write(&bin, code)
                     .map_err(|e| fail(Outcome::Infra, format!("writing {}: {e}", bin.display())))?;
-                let (code, json) = self.run_vmm(k, label, bin.as_os_str(), step.flags).await?;
-                if code == 0 {
-                    let results: Vec<u64> = json["results"]
-                        .as_array()
-                        .map(|a| a.iter().filter_map(Value::as_u64).collect())
-                        .unwrap_or_default();
+                let summary = self.run_vmm(k, label, &bin, step.vm).await?;
+                if summary.exit_status == ExitStatus::Pass {
+                    let results: Vec<u64> = summary.results.iter().map(|&r| u64::from(r)).collect();
                     let s = scenario::check_results(g, &results, nv.config.counter_width)
                         .map_err(|e| fail(Outcome::Fail, format!("step {k} ({label}): {e}")))?;
                     if !s.is_empty() {
                         self.seen.notes.push(s);
                     }
                 }
-                Ok((code, json))
+                Ok(summary)
             }
             StepKind::Snapshot => {
                 let snap = self.dir.join("snapshot.bin");
                 std::fs::copy(&self.state, &snap)
                     .map_err(|e| fail(Outcome::Infra, format!("snapshot: {e}")))?;
                 self.seen.notes.push("state snapshot taken".into());
-                Ok((0, synthetic()))
+                Ok(synthetic())
             }
             StepKind::Restore => {
                 let snap = self.dir.join("snapshot.bin");
@@ -327,11 +318,11 @@ impl Att<'_> {
                 nv.save(&self.state)
                     .map_err(|e| fail(Outcome::Infra, format!("restoring the snapshot: {e}")))?;
                 self.seen.notes.push("old state file restored".into());
-                Ok((0, synthetic()))
+                Ok(synthetic())
             }
             StepKind::Verify(want) => {
                 let (v, why) = crate::attest::verdict_after(self.dir, &self.state, self.host)
-                    .map_err(|e| fail(Outcome::Infra, e))?;
+                    .map_err(|e| fail(Outcome::Infra, e.to_string()))?;
                 if v != want {
                     return Err(fail(
                         Outcome::Fail,
@@ -339,12 +330,12 @@ impl Att<'_> {
                     ));
                 }
                 self.seen.notes.push(format!("service {v} after step {k}"));
-                Ok((0, synthetic()))
+                Ok(synthetic())
             }
             StepKind::OobForge => {
-                let (backend, state) = (self.case.backend.clone(), self.state.clone());
+                let (backend, state) = (self.case.backend, self.state.clone());
                 let r = tokio::task::spawn_blocking(move || {
-                    let direct = scenario::oob_forge(&backend, &state)?;
+                    let direct = scenario::oob_forge(backend, &state)?;
                     let pty = scenario::oob_forge_pty(&state)?;
                     Ok::<_, String>((direct, pty))
                 })
@@ -365,16 +356,16 @@ impl Att<'_> {
                     self.case.backend,
                     pty.len()
                 ));
-                Ok((0, synthetic()))
+                Ok(synthetic())
             }
             StepKind::BeginUpdate(Gen::ProgramSeq(n)) => {
                 let nv = self.load()?;
                 let image =
                     scenario::program_image(&nv, n, n).map_err(|e| fail(Outcome::Infra, e))?;
                 let s = crate::attest::begin_update(self.dir, self.host, Region::Firmware, &image)
-                    .map_err(|e| fail(Outcome::Infra, e))?;
+                    .map_err(|e| fail(Outcome::Infra, e.to_string()))?;
                 self.seen.notes.push(s);
-                Ok((0, synthetic()))
+                Ok(synthetic())
             }
             StepKind::BeginUpdate(g) => Err(fail(
                 Outcome::Infra,
@@ -410,7 +401,8 @@ impl Att<'_> {
             .map_err(|e| fail(Outcome::Infra, e))?;
         let state = self.state.clone();
         let console = self.file(k, label, "console.txt");
-        let mut cmd = self.command(k, label, bin.as_os_str(), &[], &[], &state);
+        let spec = self.spec(k, label, &bin, StepVm::default(), &state, |_| {});
+        let mut cmd = self.command(&spec);
         let mut child = cmd.spawn().map_err(|e| {
             fail(
                 Outcome::Infra,
@@ -499,7 +491,7 @@ impl Att<'_> {
         self.seen.notes.push(format!(
             "power cut after {announced}/{n} PROGRAMs announced: {acted} reached the flash, {counted} counted"
         ));
-        Ok((0, synthetic()))
+        Ok(synthetic())
     }
 
     async fn wait_socket(
@@ -538,18 +530,14 @@ impl Att<'_> {
             .map_err(|e| fail(Outcome::Infra, e))?;
         let sock = self.socket(label)?;
         let record = self.file(k, label, "teardown.json");
-        let extra: Vec<OsString> = vec![
-            "--vcpus".into(),
-            STORM_VCPUS.to_string().into(),
-            "--control".into(),
-            sock.clone().into(),
-            "--patch-pubkey".into(),
-            pubkey.into(),
-            "--teardown-record".into(),
-            record.into(),
-        ];
         let state = self.state.clone();
-        let mut cmd = self.command(k, label, "storm".as_ref(), &[], &extra, &state);
+        let spec = self.spec(k, label, "storm".as_ref(), StepVm::default(), &state, |s| {
+            s.vcpus = STORM_VCPUS as u8;
+            s.control = Some(sock.clone());
+            s.patch_pubkeys = vec![pubkey];
+            s.teardown_record = Some(record);
+        });
+        let mut cmd = self.command(&spec);
         let mut child = cmd.spawn().map_err(|e| {
             fail(
                 Outcome::Infra,
@@ -575,53 +563,63 @@ impl Att<'_> {
             if bad {
                 notes.extend(self.bad_bundles(&sock, &prefix, build, &good_bytes).await?);
             } else {
-                let r = ask(&sock, json!({"op": "patch", "bundle": good})).await?;
-                if r["ok"] != true || r["to"] != 2 {
-                    return Err(fail(
-                        Outcome::Fail,
-                        format!("the signed patch was not applied: {r}"),
-                    ));
-                }
+                let ev = match ask(&sock, Request::Patch { bundle: good }).await? {
+                    Ok(Reply::Patch(ev)) if ev.to == 2 => ev,
+                    other => {
+                        return Err(fail(
+                            Outcome::Fail,
+                            format!("the signed patch was not applied: {other:?}"),
+                        ))
+                    }
+                };
                 notes.push(format!(
                     "patch policy {} -> {} in {} us blackout",
-                    r["from"], r["to"], r["blackout_us"]
+                    ev.from,
+                    ev.to,
+                    ev.blackout_us
+                        .map_or("(held)".to_string(), |b| b.to_string())
                 ));
                 for _ in 0..QUIESCES {
                     // Bare quiesces: recorded apart from patch blackouts (not bounded).
-                    let q = ask(&sock, json!({"op": "quiesce"})).await?;
-                    match q["blackout_us"].as_f64() {
-                        Some(us) if q["ok"] == true => self.seen.quiesce_blackouts_us.push(us),
-                        _ => return Err(fail(Outcome::Fail, format!("quiesce failed: {q}"))),
+                    match ask(&sock, Request::Quiesce {}).await? {
+                        Ok(Reply::Quiesce(q)) if q.blackout_us.is_some() => self
+                            .seen
+                            .quiesce_blackouts_us
+                            .push(q.blackout_us.unwrap_or(0) as f64),
+                        other => {
+                            return Err(fail(Outcome::Fail, format!("quiesce failed: {other:?}")))
+                        }
                     }
                 }
                 // The new rules are in force: the storm's SCRATCH writes now alarm.
                 let t0 = Instant::now();
                 loop {
-                    let m = ask(&sock, json!({"op": "metrics"})).await?;
-                    if m["policy"]["alarms"].as_u64().unwrap_or(0) > 0 {
+                    let m = metrics(&sock).await?;
+                    let alarms = m.policy.as_ref().map_or(0, |p| p.alarms);
+                    if alarms > 0 {
                         notes.push(format!(
-                            "patched rules in force: {} alarms, {} blackouts (max {} us)",
-                            m["policy"]["alarms"],
-                            m["blackouts"]["count"],
-                            m["blackouts"]["max_us"]
+                            "patched rules in force: {alarms} alarms, {} blackouts (max {} us)",
+                            m.blackouts.count, m.blackouts.max_us
                         ));
                         break;
                     }
                     if t0.elapsed() > Duration::from_secs(10) {
                         return Err(fail(
                             Outcome::Fail,
-                            format!("the patched rules never raised an alarm: {m}"),
+                            format!("the patched rules never raised an alarm: {m:?}"),
                         ));
                     }
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }
-            let t = ask(&sock, json!({"op": "teardown"})).await?;
-            if t["ok"] != true {
-                return Err(fail(
-                    Outcome::Fail,
-                    format!("teardown over the control socket failed: {t}"),
-                ));
+            match ask(&sock, Request::Teardown {}).await? {
+                Ok(Reply::Teardown(_)) => {}
+                other => {
+                    return Err(fail(
+                        Outcome::Fail,
+                        format!("teardown over the control socket failed: {other:?}"),
+                    ))
+                }
             }
             Ok(notes)
         };
@@ -722,32 +720,28 @@ impl Att<'_> {
         let mut notes = Vec::new();
         let mut bad = Vec::new();
         for (what, path, want) in cases {
-            let r = ask(sock, json!({"op": "patch", "bundle": path})).await?;
-            let err = r["error"].as_str().unwrap_or("");
-            if r["ok"] != false || !err.contains(want) {
-                bad.push(format!("{what}: {r} (expected a refusal with `{want}`)"));
-            } else {
-                notes.push(format!("{what}: refused ({want})"));
+            match ask(sock, Request::Patch { bundle: path }).await? {
+                Err(err) if err.contains(want) => notes.push(format!("{what}: refused ({want})")),
+                other => bad.push(format!(
+                    "{what}: {other:?} (expected a refusal with `{want}`)"
+                )),
             }
-            let st = ask(sock, json!({"op": "status"})).await?;
-            if st["state"] != "running" || st["versions"]["policy"] != 1 {
-                bad.push(format!(
-                    "after the {what} bundle the VM is not serving unchanged: {st}"
-                ));
+            match ask(sock, Request::Status {}).await? {
+                Ok(Reply::Status(st))
+                    if st.state == VmState::Running && st.versions.policy == 1 => {}
+                other => bad.push(format!(
+                    "after the {what} bundle the VM is not serving unchanged: {other:?}"
+                )),
             }
         }
-        let m0 = ask(sock, json!({"op": "metrics"})).await?;
-        if m0["blackouts"]["count"] != 0 {
-            bad.push(format!(
-                "a refused patch paused the VM: {}",
-                m0["blackouts"]
-            ));
+        let m0 = metrics(sock).await?;
+        if m0.blackouts.count != 0 {
+            bad.push(format!("a refused patch paused the VM: {:?}", m0.blackouts));
         }
-        let parts = |m: &Value| m["policy"]["parts"].as_u64().unwrap_or(0);
         let t0 = Instant::now();
         loop {
-            let m = ask(sock, json!({"op": "metrics"})).await?;
-            if parts(&m) > parts(&m0) {
+            let m = metrics(sock).await?;
+            if m.parts() > m0.parts() {
                 break;
             }
             if t0.elapsed() > Duration::from_secs(10) {
@@ -782,13 +776,11 @@ impl Att<'_> {
                 .map_err(|e| fail(Outcome::Infra, e))?;
             let sock = self.socket(&name)?;
             let key = if i == BAD_HOST { &other } else { &pubkey };
-            let extra: Vec<OsString> = vec![
-                "--control".into(),
-                sock.clone().into(),
-                "--patch-pubkey".into(),
-                key.into(),
-            ];
-            let mut cmd = self.command(k, &name, "spin".as_ref(), &[], &extra, &state);
+            let spec = self.spec(k, &name, "spin".as_ref(), StepVm::default(), &state, |s| {
+                s.control = Some(sock.clone());
+                s.patch_pubkeys = vec![key.clone()];
+            });
+            let mut cmd = self.command(&spec);
             let mut child = cmd.spawn().map_err(|e| {
                 fail(
                     Outcome::Infra,
@@ -797,7 +789,7 @@ impl Att<'_> {
             })?;
             let pipes = drain(&mut child);
             children.push((name.clone(), child, pipes));
-            targets.push(hilrig_vmm::rollout::Target { name, socket: sock });
+            targets.push(hilrig_rig::rollout::Target { name, socket: sock });
         }
         let mut up = Ok(());
         for ((_, child, _), t) in children.iter_mut().zip(&targets) {
@@ -815,8 +807,8 @@ impl Att<'_> {
         let ts = targets.clone();
         let b = bundle.clone();
         let report = tokio::task::spawn_blocking(move || {
-            hilrig_vmm::rollout::rollout(
-                &hilrig_vmm::rollout::Sockets {
+            hilrig_rig::rollout::rollout(
+                &hilrig_rig::rollout::Sockets {
                     timeout: CONTROL_TIMEOUT,
                 },
                 &ts,
@@ -833,7 +825,7 @@ impl Att<'_> {
             serde_json::to_vec_pretty(&report).unwrap_or_default(),
         );
         self.keep(&rpath, ArtifactKind::Other);
-        use hilrig_vmm::rollout::HostOutcome;
+        use hilrig_rig::rollout::HostOutcome;
         let mut bad = Vec::new();
         let bad_name = &targets[BAD_HOST].name;
         if report.complete {
@@ -846,7 +838,7 @@ impl Att<'_> {
             )),
         }
         for (i, h) in report.hosts.iter().enumerate() {
-            let v = h.versions.as_ref().map(|v| v["policy"].clone());
+            let v = h.versions.map(|v| v.policy);
             let (ok, want_v) = match (&h.outcome, i) {
                 // (Its blackout is taken from the VMM's own JSON at teardown.)
                 (HostOutcome::Applied { .. }, i) if i < BAD_HOST => (true, 2),
@@ -856,7 +848,7 @@ impl Att<'_> {
                 (HostOutcome::Skipped, i) if i > BAD_HOST => (true, 1),
                 _ => (false, 0),
             };
-            if !ok || v != Some(json!(want_v)) {
+            if !ok || v != Some(want_v) {
                 bad.push(format!(
                     "{} (wave {}): {:?}, policy version {v:?}, expected version {want_v}",
                     h.target.name, h.wave, h.outcome
@@ -865,10 +857,9 @@ impl Att<'_> {
         }
         // Tear the fleet down.
         for ((name, mut child, (o, e)), t) in children.into_iter().zip(&targets) {
-            let reply = ask(&t.socket, json!({"op": "teardown"})).await;
-            match &reply {
-                Ok(r) if r["ok"] == true => {}
-                Ok(r) => bad.push(format!("{name}: teardown refused: {r}")),
+            match ask(&t.socket, Request::Teardown {}).await {
+                Ok(Ok(Reply::Teardown(_))) => {}
+                Ok(r) => bad.push(format!("{name}: teardown refused: {r:?}")),
                 Err(e) => bad.push(format!("{name}: teardown: {}", e.message)),
             }
             let status = match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
@@ -888,11 +879,12 @@ impl Att<'_> {
             };
             match self.collect(k, &name, out) {
                 Err(e) => bad.push(format!("{name}: {}", e.message)),
-                Ok((code, json)) => {
-                    if code != 9 || json["teardown"]["complete"] != true {
+                Ok(summary) => {
+                    let complete = summary.teardown.as_ref().map(|t| t.complete);
+                    if summary.exit_status != ExitStatus::Stopped || complete != Some(true) {
                         bad.push(format!(
-                            "{name}: ended {code} ({}) after its teardown, teardown complete = {}",
-                            json["verdict"], json["teardown"]["complete"]
+                            "{name}: ended {} ({}) after its teardown, teardown complete = {complete:?}",
+                            summary.exit_status, summary.verdict
                         ));
                     }
                 }
@@ -908,7 +900,7 @@ impl Att<'_> {
             "rollout stopped at {bad_name} in wave 1; {BAD_HOST} hosts patched, {} untouched",
             FLEET - BAD_HOST - 1
         ));
-        Ok((0, synthetic()))
+        Ok(synthetic())
     }
 }
 
@@ -928,18 +920,26 @@ fn drain(child: &mut tokio::process::Child) -> (Pipe, Pipe) {
     (read(child.stdout.take()), read(child.stderr.take()))
 }
 
-async fn ask(sock: &Path, req: Value) -> Result<Value, Stop> {
+/// One control request: the VMM's response (a reply or its refusal); no
+/// well-formed response at all is an infrastructure fault.
+async fn ask(sock: &Path, req: Request) -> Result<Response, Stop> {
     let s = sock.to_path_buf();
-    let line = req.to_string();
-    tokio::task::spawn_blocking(move || hilrig_vmm::control::request(&s, &line, CONTROL_TIMEOUT))
+    let op = req.op();
+    tokio::task::spawn_blocking(move || hilrig_vmm_api::control::request(&s, &req, CONTROL_TIMEOUT))
         .await
         .map_err(|e| fail(Outcome::Infra, format!("control task: {e}")))?
-        .map_err(|e| {
-            fail(
-                Outcome::Infra,
-                format!("control socket {}: {req}: {e}", sock.display()),
-            )
-        })
+        .map_err(|e| fail(Outcome::Infra, format!("{op}: {e}")))
+}
+
+/// The VMM's metrics (a refusal is an infrastructure fault).
+async fn metrics(sock: &Path) -> Result<Metrics, Stop> {
+    match ask(sock, Request::Metrics {}).await? {
+        Ok(Reply::Metrics(m)) => Ok(*m),
+        other => Err(fail(
+            Outcome::Infra,
+            format!("metrics from {}: {other:?}", sock.display()),
+        )),
+    }
 }
 
 /// vCPUs of the storm guest.
@@ -958,18 +958,11 @@ fn median(v: &[f64]) -> f64 {
 /// time x vCPUs / trapped accesses decided in it (every storm access traps, and
 /// each vCPU does nothing else), from the control socket's policy counters.
 async fn trap_windows(sock: &Path, vcpus: u32) -> Result<Vec<f64>, Stop> {
-    let parts = |m: &Value| m["policy"]["parts"].as_u64().unwrap_or(0);
     let mut out = Vec::new();
-    let mut prev = (
-        Instant::now(),
-        parts(&ask(sock, json!({"op": "metrics"})).await?),
-    );
+    let mut prev = (Instant::now(), metrics(sock).await?.parts());
     for _ in 0..TRAP_WINDOWS {
         tokio::time::sleep(TRAP_WINDOW).await;
-        let now = (
-            Instant::now(),
-            parts(&ask(sock, json!({"op": "metrics"})).await?),
-        );
+        let now = (Instant::now(), metrics(sock).await?.parts());
         let n = now.1.saturating_sub(prev.1);
         if n > 0 {
             let us = (now.0 - prev.0).as_secs_f64() * 1e6 * f64::from(vcpus) / n as f64;
@@ -984,14 +977,14 @@ async fn trap_windows(sock: &Path, vcpus: u32) -> Result<Vec<f64>, Stop> {
 async fn settle(sock: &Path) -> Result<(), Stop> {
     let t0 = Instant::now();
     loop {
-        let m = ask(sock, json!({"op": "metrics"})).await?;
-        if m["policy"]["parts"].as_u64().unwrap_or(0) > 20 {
+        let m = metrics(sock).await?;
+        if m.parts() > 20 {
             return Ok(());
         }
         if t0.elapsed() > Duration::from_secs(20) {
             return Err(fail(
                 Outcome::Infra,
-                format!("the guest made no progress: {m}"),
+                format!("the guest made no progress: {m:?}"),
             ));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1041,13 +1034,13 @@ pub async fn run_attempt(
     };
     att.seen.readings.push(reading(&before));
     let n = case.attack.steps.len();
-    let mut last: Option<(i32, Value)> = None;
+    let mut last: Option<RunSummary> = None;
     for (k, step) in case.attack.steps.iter().enumerate() {
         let r = att.step(k, step).await;
         if let Ok(nv) = NvState::load(&att.state) {
             att.seen.readings.push(reading(&nv));
         }
-        let (code, json) = match r {
+        let summary = match r {
             Ok(x) => x,
             Err(e) => {
                 let mut e = *e;
@@ -1056,20 +1049,20 @@ pub async fn run_attempt(
                 return e;
             }
         };
-        if k + 1 < n && code != 0 {
+        if k + 1 < n && summary.exit_status != ExitStatus::Pass {
             let mut r = *fail(
                 Outcome::Fail,
                 format!(
-                    "step {k} ({}) ended {} (exit {code}), expected pass",
-                    step.payload, json["verdict"]
+                    "step {k} ({}) ended {} (exit {}), expected pass",
+                    step.payload, summary.verdict, summary.exit_status
                 ),
             );
             r.artifacts = att.artifacts;
             return r;
         }
-        last = Some((code, json));
+        last = Some(summary);
     }
-    let Some((code, json)) = last else {
+    let Some(summary) = last else {
         return *fail(Outcome::Infra, "the attack has no steps");
     };
     let after = match NvState::load(&att.state) {
@@ -1086,20 +1079,12 @@ pub async fn run_attempt(
     let service = match crate::attest::verdict_after(dir, &att.state, host) {
         Ok(v) => v,
         Err(e) => {
-            let mut r = *fail(Outcome::Infra, e);
+            let mut r = *fail(Outcome::Infra, e.to_string());
             r.artifacts = att.artifacts;
             return r;
         }
     };
-    let mut r = check(
-        case,
-        code,
-        &json,
-        &before,
-        &after,
-        Some(&service),
-        &att.seen,
-    );
+    let mut r = check(case, &summary, &before, &after, Some(&service), &att.seen);
     r.artifacts = att.artifacts;
     r
 }

@@ -8,30 +8,58 @@ use hilrig_counters::mac::Key;
 use hilrig_counters::service::Enrollment;
 use hilrig_counters::source::{CounterSource, DeviceSource};
 use hilrig_counters::Service;
+use hilrig_device::attest::Verdict;
 use std::path::Path;
 
-fn open(dir: &Path, create: bool) -> Result<Service, String> {
+/// Why the counters service could not be asked, or said no.
+#[derive(Debug, thiserror::Error)]
+pub enum AttestError {
+    /// A service call failed.
+    #[error("{what}: {source}")]
+    Service {
+        /// What was being done.
+        what: &'static str,
+        /// The service's error.
+        source: hilrig_counters::Error,
+    },
+    /// The device is not trusted before the case.
+    #[error("device {serial} not trusted before the case: {verdict} ({reasons})")]
+    NotTrusted {
+        /// Its serial number.
+        serial: u64,
+        /// The verdict.
+        verdict: Verdict,
+        /// Why.
+        reasons: String,
+    },
+}
+
+fn ctx(what: &'static str) -> impl FnOnce(hilrig_counters::Error) -> AttestError {
+    move |source| AttestError::Service { what, source }
+}
+
+fn open(dir: &Path, create: bool) -> Result<Service, AttestError> {
     let key_path = dir.join("counters.key");
     let key = if create {
         Key::init(&key_path)
     } else {
         Key::load(&key_path)
     }
-    .map_err(|e| format!("counters key: {e}"))?;
+    .map_err(ctx("counters key"))?;
     let db = dir.join("counters.sqlite");
-    Service::open(&db.to_string_lossy(), key).map_err(|e| format!("counters service: {e}"))
+    Service::open(&db.to_string_lossy(), key).map_err(ctx("counters service"))
 }
 
-fn source(state: &Path) -> Result<DeviceSource<hilrig_device::Model>, String> {
-    DeviceSource::model_file(state).map_err(|e| format!("reading the device: {e}"))
+fn source(state: &Path) -> Result<DeviceSource<hilrig_device::Model>, AttestError> {
+    DeviceSource::model_file(state).map_err(ctx("reading the device"))
 }
 
 /// Enroll the device of `state` and verify it; an error unless it is trusted.
-pub fn provision(dir: &Path, state: &Path, host: &HostSpec) -> Result<(), String> {
+pub fn provision(dir: &Path, state: &Path, host: &HostSpec) -> Result<(), AttestError> {
     let mut svc = open(dir, true)?;
     let obs = source(state)?
         .observe()
-        .map_err(|e| format!("reading the device's counters: {e}"))?;
+        .map_err(ctx("reading the device's counters"))?;
     svc.enroll(
         &Enrollment {
             serial: host.serial,
@@ -41,26 +69,18 @@ pub fn provision(dir: &Path, state: &Path, host: &HostSpec) -> Result<(), String
         },
         true,
     )
-    .map_err(|e| format!("enrolling the device: {e}"))?;
+    .map_err(ctx("enrolling the device"))?;
     let r = svc
         .verify(host.serial, &mut source(state)?)
-        .map_err(|e| format!("verifying the device before the case: {e}"))?;
+        .map_err(ctx("verifying the device before the case"))?;
     if !r.trusted() {
-        return Err(format!(
-            "device {} not trusted before the case: {} ({})",
-            host.serial,
-            verdict_name(&r.decision.verdict),
-            r.decision.reasons.join("; ")
-        ));
+        return Err(AttestError::NotTrusted {
+            serial: host.serial,
+            verdict: r.decision.verdict,
+            reasons: r.decision.reasons.join("; "),
+        });
     }
     Ok(())
-}
-
-fn verdict_name(v: &hilrig_counters::Verdict) -> String {
-    serde_json::to_value(v)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_else(|| format!("{v:?}"))
 }
 
 /// The service's verdict on the device after the case, with its reasons.
@@ -68,15 +88,12 @@ pub fn verdict_after(
     dir: &Path,
     state: &Path,
     host: &HostSpec,
-) -> Result<(String, String), String> {
+) -> Result<(Verdict, String), AttestError> {
     let mut svc = open(dir, false)?;
     let r = svc
         .verify(host.serial, &mut source(state)?)
-        .map_err(|e| format!("verifying the device after the case: {e}"))?;
-    Ok((
-        verdict_name(&r.decision.verdict),
-        r.decision.reasons.join("; "),
-    ))
+        .map_err(ctx("verifying the device after the case"))?;
+    Ok((r.decision.verdict, r.decision.reasons.join("; ")))
 }
 
 /// An authorised update as the rig records it before flashing: `image` (the whole
@@ -86,13 +103,13 @@ pub fn begin_update(
     host: &HostSpec,
     region: hilrig_device::Region,
     image: &[u8],
-) -> Result<String, String> {
+) -> Result<String, AttestError> {
     let mut svc = open(dir, false)?;
     let sha = crate::scenario::sha_hex(image);
     svc.catalog_add(region, &sha, "campaign-target", "hilrig-campaigns")
-        .map_err(|e| format!("adding the target image to the catalog: {e}"))?;
+        .map_err(ctx("adding the target image to the catalog"))?;
     let intent = svc
         .begin_update(host.serial, region, &sha)
-        .map_err(|e| format!("recording the update intent: {e}"))?;
+        .map_err(ctx("recording the update intent"))?;
     Ok(format!("intent {intent}: {region:?} -> {}", &sha[..12]))
 }

@@ -8,12 +8,74 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use hilrig_device::attest::Verdict as CountersVerdict;
+use hilrig_device::{BackendKind, Region};
+use hilrig_vmm_api::ExitStatus;
+
 /// Device backends a simulated host can run.
-pub const BACKENDS: &[&str] = &["model", "rtl", "lockstep"];
+pub const BACKENDS: [BackendKind; 3] =
+    [BackendKind::Model, BackendKind::Rtl, BackendKind::Lockstep];
 /// Policy profiles of the built-in policy.
 pub const PROFILES: &[&str] = &["tenant", "operator"];
-/// Counter regions a `counter_delta` may name.
-pub const REGIONS: &[&str] = &["vbios", "firmware", "config", "master"];
+
+/// A counter a `counter_delta` may name: a region's, or MASTER.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Counter {
+    /// The VBIOS region's counter.
+    Vbios,
+    /// The FIRMWARE region's counter.
+    Firmware,
+    /// The CONFIG region's counter.
+    Config,
+    /// MASTER.
+    Master,
+}
+
+impl Counter {
+    /// Every counter.
+    pub const ALL: [Counter; 4] = [
+        Counter::Vbios,
+        Counter::Firmware,
+        Counter::Config,
+        Counter::Master,
+    ];
+
+    /// The region this counter counts (None for MASTER).
+    pub fn region(self) -> Option<Region> {
+        match self {
+            Counter::Vbios => Some(Region::Vbios),
+            Counter::Firmware => Some(Region::Firmware),
+            Counter::Config => Some(Region::Config),
+            Counter::Master => None,
+        }
+    }
+
+    /// The counter of `region`.
+    pub fn of(region: Region) -> Counter {
+        match region {
+            Region::Vbios => Counter::Vbios,
+            Region::Firmware => Counter::Firmware,
+            Region::Config => Counter::Config,
+        }
+    }
+
+    /// Its name in campaign files and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Counter::Vbios => "vbios",
+            Counter::Firmware => "firmware",
+            Counter::Config => "config",
+            Counter::Master => "master",
+        }
+    }
+}
+
+impl fmt::Display for Counter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// A campaign file as written.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -126,14 +188,14 @@ pub enum Verdict {
 
 impl Verdict {
     /// The VMM exit status of this verdict.
-    pub fn exit_status(self) -> i32 {
+    pub fn exit_status(self) -> ExitStatus {
         match self {
-            Verdict::Pass => 0,
-            Verdict::Fail => 1,
-            Verdict::Timeout => 3,
-            Verdict::TripleFault => 4,
-            Verdict::BadAccess => 5,
-            Verdict::Refused => 10,
+            Verdict::Pass => ExitStatus::Pass,
+            Verdict::Fail => ExitStatus::Fail,
+            Verdict::Timeout => ExitStatus::Timeout,
+            Verdict::TripleFault => ExitStatus::TripleFault,
+            Verdict::BadAccess => ExitStatus::BadAccess,
+            Verdict::Refused => ExitStatus::DeviceRefused,
         }
     }
 }
@@ -157,7 +219,7 @@ pub struct Expect {
     pub verdict: Option<Verdict>,
     /// Exact VMM exit status of the last step (alternative to `verdict`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exit_status: Option<i32>,
+    pub exit_status: Option<ExitStatus>,
     /// Alarm count: `none` (== 0) or `some` (> 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alarms: Option<AlarmExp>,
@@ -167,17 +229,17 @@ pub struct Expect {
     /// Counter increments over the whole case, per region (`vbios`, `firmware`,
     /// `config`, `master`), read from the device state file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub counter_delta: Option<BTreeMap<String, u64>>,
+    pub counter_delta: Option<BTreeMap<Counter, u64>>,
     /// Counters verdict of the teardown record (`trusted`, `quarantined` ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub counters_verdict: Option<String>,
+    pub counters_verdict: Option<CountersVerdict>,
     /// The teardown record says complete.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub teardown_complete: Option<bool>,
     /// The counters service's verdict on the device after the case (`trusted`,
     /// `accepted-update`, `quarantined` ...; see hilrig-counters).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub service_verdict: Option<String>,
+    pub service_verdict: Option<CountersVerdict>,
     /// The device's fuse is blown (`true`) or intact (`false`) after the case.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fuse: Option<bool>,
@@ -210,15 +272,9 @@ impl Expect {
                 .clone()
                 .or(base.alarm_registers.clone()),
             counter_delta: self.counter_delta.clone().or(base.counter_delta.clone()),
-            counters_verdict: self
-                .counters_verdict
-                .clone()
-                .or(base.counters_verdict.clone()),
+            counters_verdict: self.counters_verdict.or(base.counters_verdict),
             teardown_complete: self.teardown_complete.or(base.teardown_complete),
-            service_verdict: self
-                .service_verdict
-                .clone()
-                .or(base.service_verdict.clone()),
+            service_verdict: self.service_verdict.or(base.service_verdict),
             fuse: self.fuse.or(base.fuse),
             flash_unchanged: self.flash_unchanged.or(base.flash_unchanged),
             blackout_max_us: self.blackout_max_us.or(base.blackout_max_us),
@@ -236,7 +292,8 @@ impl Expect {
                 ));
             }
         }
-        let refused = self.verdict == Some(Verdict::Refused) || self.exit_status == Some(10);
+        let refused = self.verdict == Some(Verdict::Refused)
+            || self.exit_status == Some(ExitStatus::DeviceRefused);
         if self.alarms == Some(AlarmExp::None)
             && self.alarm_registers.as_ref().is_some_and(|r| !r.is_empty())
         {
@@ -266,15 +323,22 @@ impl Expect {
             out.push("blackout_max_us = 0: no blackout can be that short".into());
         }
         if self.flash_unchanged == Some(true)
-            && self.service_verdict.as_deref() == Some("needs-reflash")
+            && self.service_verdict == Some(CountersVerdict::NeedsReflash)
         {
             out.push(
                 "needs-reflash means a region's image changed, but flash_unchanged = true".into(),
             );
         }
         if self.fuse == Some(true) {
-            if let Some(v) = self.service_verdict.as_deref() {
-                if !["locked", "rolled-back", "quarantined", "unverifiable"].contains(&v) {
+            if let Some(v) = self.service_verdict {
+                if ![
+                    CountersVerdict::Locked,
+                    CountersVerdict::RolledBack,
+                    CountersVerdict::Quarantined,
+                    CountersVerdict::Unverifiable,
+                ]
+                .contains(&v)
+                {
                     out.push(format!(
                         "a blown fuse is reported `locked` by the counters service, not `{v}`"
                     ));
@@ -288,22 +352,12 @@ impl Expect {
             );
         }
         if let Some(d) = &self.counter_delta {
-            for k in d.keys() {
-                if !REGIONS.contains(&k.as_str()) {
-                    out.push(format!(
-                        "counter_delta names unknown region `{k}` (known: {})",
-                        REGIONS.join(", ")
-                    ));
-                }
-            }
-            let regions: u64 = ["vbios", "firmware", "config"]
+            let regions: u64 = Region::ALL
                 .iter()
-                .filter_map(|r| d.get(*r))
+                .filter_map(|r| d.get(&Counter::of(*r)))
                 .sum();
-            if let Some(m) = d.get("master") {
-                if ["vbios", "firmware", "config"]
-                    .iter()
-                    .all(|r| d.contains_key(*r))
+            if let Some(m) = d.get(&Counter::Master) {
+                if Region::ALL.iter().all(|r| d.contains_key(&Counter::of(*r)))
                     && (*m > regions || (*m == 0) != (regions == 0))
                 {
                     out.push(format!("counter_delta: master +{m} cannot go with region increments summing to {regions} (MASTER moves with every region increment)"));
@@ -365,7 +419,7 @@ pub struct HostSpec {
     /// Tags campaigns select hosts by.
     pub tags: Vec<String>,
     /// Backends the host can run.
-    pub backends: Vec<String>,
+    pub backends: Vec<BackendKind>,
     /// Counter width of the simulated device (factory state of each attempt).
     pub counter_width: u8,
     /// Serial number of the simulated device.
@@ -379,7 +433,7 @@ impl HostSpec {
             .map(|i| HostSpec {
                 name: format!("sim-{i}"),
                 tags: vec!["sim".into()],
-                backends: BACKENDS.iter().map(|s| s.to_string()).collect(),
+                backends: BACKENDS.to_vec(),
                 counter_width: 64,
                 serial: 1,
             })
@@ -397,7 +451,7 @@ impl HostSpec {
                 sim.push(HostSpec {
                     name: h.name.clone(),
                     tags: h.tags.iter().cloned().collect(),
-                    backends: BACKENDS.iter().map(|s| s.to_string()).collect(),
+                    backends: BACKENDS.to_vec(),
                     counter_width: h.sim.counter_width,
                     serial: h.sim.serial.unwrap_or(1),
                 });
@@ -417,7 +471,7 @@ pub struct Case {
     /// The attack.
     pub attack: Attack,
     /// Device backend.
-    pub backend: String,
+    pub backend: BackendKind,
     /// Policy profile.
     pub profile: String,
     /// Enforcement.
@@ -602,17 +656,18 @@ pub fn expand(
             }
         }
         attacks_v.retain(|a| !spec.exclude.iter().any(|x| x == a.name));
-        let backends = if spec.backends.is_empty() {
-            vec!["model".to_string()]
-        } else {
-            spec.backends.clone()
-        };
-        for b in &backends {
-            if !BACKENDS.contains(&b.as_str()) {
-                bad(format!(
-                    "unknown backend `{b}` (known: {})",
-                    BACKENDS.join(", ")
-                ));
+        let mut backends = Vec::new();
+        if spec.backends.is_empty() {
+            backends.push(BackendKind::Model);
+        }
+        for b in &spec.backends {
+            match b.parse::<BackendKind>() {
+                Ok(k) if BACKENDS.contains(&k) => backends.push(k),
+                Ok(k) => bad(format!(
+                    "backend `{k}` cannot run in campaigns yet (campaign backends: {})",
+                    BACKENDS.map(BackendKind::name).join(", ")
+                )),
+                Err(e) => bad(e.to_string()),
             }
         }
         let profiles = if spec.profiles.is_empty() {
@@ -679,7 +734,6 @@ pub fn expand(
                             bad(format!("{id}: contradictory expectations: {c}"));
                         }
                         if known_tags.contains(t.as_str())
-                            && BACKENDS.contains(&b.as_str())
                             && !hosts
                                 .iter()
                                 .any(|h| h.tags.contains(t) && h.backends.contains(b))
@@ -692,7 +746,7 @@ pub fn expand(
                         cases.push(Case {
                             id,
                             attack: a.clone(),
-                            backend: b.clone(),
+                            backend: *b,
                             profile: p.clone(),
                             enforce,
                             tag: t.clone(),
@@ -813,7 +867,7 @@ expect = { verdict = "pass", exit_status = 3 }
         let hosts = vec![HostSpec {
             name: "h".into(),
             tags: vec!["sim".into()],
-            backends: vec!["model".into()],
+            backends: vec![BackendKind::Model],
             counter_width: 64,
             serial: 1,
         }];

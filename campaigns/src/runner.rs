@@ -4,13 +4,15 @@
 //! they finish, and reported at the end.
 
 use crate::attacks::Setup;
-use crate::format::{self, AlarmExp, Campaign, Case, HostSpec};
+use crate::format::{self, AlarmExp, Campaign, Case, Counter, HostSpec};
 use crate::store::{RunRow, Store};
+use hilrig_device::attest::Verdict as CountersVerdict;
 use hilrig_device::state::{DeviceConfig, NvState};
 use hilrig_device::Region;
 use hilrig_reports::{
     Artifact, Attempt, CaseResult, CounterReading, Counts, Host, Metrics, Outcome, Run,
 };
+use hilrig_vmm_api::{ExitStatus, RunSummary as VmSummary};
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -436,15 +438,13 @@ pub struct Observed {
 
 impl Observed {
     /// Add a VMM run's trap-latency histogram (`exits.trap_latency.log2_ns`).
-    pub fn add_trap_latency(&mut self, json: &serde_json::Value) {
-        let Some(b) = json["exits"]["trap_latency"]["log2_ns"].as_array() else {
-            return;
-        };
+    pub fn add_trap_latency(&mut self, summary: &VmSummary) {
+        let b = &summary.exits.trap_latency.log2_ns;
         if self.trap_log2_ns.len() < b.len() {
             self.trap_log2_ns.resize(b.len(), 0);
         }
         for (acc, v) in self.trap_log2_ns.iter_mut().zip(b) {
-            *acc += v.as_u64().unwrap_or(0);
+            *acc += v;
         }
     }
 
@@ -478,30 +478,32 @@ impl Observed {
 /// Compare what was observed with `case.expect`.
 pub fn check(
     case: &Case,
-    code: i32,
-    json: &serde_json::Value,
+    summary: &VmSummary,
     before: &NvState,
     after: &NvState,
-    service: Option<&(String, String)>,
+    service: Option<&(CountersVerdict, String)>,
     seen: &Observed,
 ) -> AttemptResult {
     let e = &case.expect;
+    let code = summary.exit_status;
     let mut bad: Vec<String> = Vec::new();
-    let mut obs: Vec<String> = vec![format!("exit {code}")];
+    let mut obs: Vec<String> = vec![format!("exit {}", code.code())];
     let mut outcome = Outcome::Pass;
     let want_code = e.verdict.map(|v| v.exit_status()).or(e.exit_status);
     if let Some(w) = want_code {
         if w != code {
             bad.push(format!(
-                "exit status {code} ({}), expected {w}",
-                json["verdict"].as_str().unwrap_or("?")
+                "exit status {} ({}), expected {}",
+                code.code(),
+                summary.verdict,
+                w.code()
             ));
-            if code == 3 {
+            if code == ExitStatus::Timeout {
                 outcome = Outcome::Timeout;
             }
         }
     }
-    let alarms = json["policy"]["alarms"].as_u64();
+    let alarms = summary.policy.as_ref().map(|p| p.alarms);
     if let Some(a) = alarms {
         obs.push(format!("alarms {a}"));
     }
@@ -514,7 +516,7 @@ pub fn check(
     }
     if let Some(regs) = &e.alarm_registers {
         for reg in regs {
-            let n = json["policy"]["per_register"][reg].as_u64().unwrap_or(0);
+            let n = summary.policy.as_ref().map_or(0, |p| p.alarms_on(reg));
             if n == 0 {
                 bad.push(format!("no alarm on {reg}"));
             }
@@ -522,14 +524,14 @@ pub fn check(
     }
     let b = reading(before);
     let a = reading(after);
-    let mut delta: BTreeMap<String, i64> = BTreeMap::new();
-    for (k, v) in &a.regions {
+    let mut delta: BTreeMap<Counter, i64> = BTreeMap::new();
+    for r in Region::ALL {
         delta.insert(
-            k.clone(),
-            *v as i64 - *b.regions.get(k).unwrap_or(&0) as i64,
+            Counter::of(r),
+            after.counter(r) as i64 - before.counter(r) as i64,
         );
     }
-    delta.insert("master".into(), a.master as i64 - b.master as i64);
+    delta.insert(Counter::Master, after.master as i64 - before.master as i64);
     let moved: Vec<String> = delta
         .iter()
         .filter(|(_, v)| **v != 0)
@@ -548,20 +550,20 @@ pub fn check(
             }
         }
     }
-    let td = &json["teardown"];
-    let verdict = td["verdict"]["verdict"].as_str();
+    let td = summary.teardown.as_ref();
+    let verdict = td.and_then(|t| t.counters_verdict());
     if let Some(v) = verdict {
         obs.push(format!("counters verdict {v}"));
     }
-    if let Some(w) = &e.counters_verdict {
-        if verdict != Some(w.as_str()) {
+    if let Some(w) = e.counters_verdict {
+        if verdict != Some(w) {
             bad.push(format!(
                 "counters verdict {}, expected {w}",
-                verdict.unwrap_or("(none)")
+                verdict.map_or("(none)".to_string(), |v| v.to_string())
             ));
         }
     }
-    let complete = td["complete"].as_bool();
+    let complete = td.map(|t| t.complete);
     if let Some(w) = e.teardown_complete {
         if complete != Some(w) {
             bad.push(format!(
@@ -640,12 +642,12 @@ pub fn check(
         seen.readings = vec![b, a];
     }
     if seen.teardown_us.is_empty() {
-        if let Some(us) = td["total_micros"].as_f64() {
-            seen.teardown_us.push(us);
+        if let Some(t) = td {
+            seen.teardown_us.push(t.total_micros as f64);
         }
     }
     if seen.trap_log2_ns.is_empty() {
-        seen.add_trap_latency(json);
+        seen.add_trap_latency(summary);
     }
     let metrics = seen.metrics(alarms.unwrap_or(0));
     AttemptResult {
@@ -771,7 +773,7 @@ async fn run_case(ctx: Arc<Ctx>, case: Case) -> CaseResult {
     CaseResult {
         id: case.id.clone(),
         attack: case.attack.name.to_string(),
-        backend: case.backend.clone(),
+        backend: case.backend.to_string(),
         profile: if case.enforce {
             case.profile.clone()
         } else {

@@ -219,10 +219,8 @@ pub fn check_results(gen: Gen, results: &[u64], width: u8) -> R<String> {
 /// Forged and malformed requests on the OOB port of the device in `state`
 /// (opened with `backend`): every one must get an error frame, no counter, fuse or
 /// epoch may move. The observations, or why the device failed.
-pub fn oob_forge(backend: &str, state: &Path) -> R<Vec<String>> {
-    let spec: hilrig_vmm::DeviceSpec = backend
-        .parse()
-        .map_err(|e| format!("backend `{backend}`: {e}"))?;
+pub fn oob_forge(backend: hilrig_device::BackendKind, state: &Path) -> R<Vec<String>> {
+    let spec = hilrig_vmm::DeviceSpec::from(backend);
     let mut b = hilrig_vmm::open_backend(&spec, Some(state))
         .map_err(|e| format!("opening the {backend} device: {e}"))?;
     let dev: &mut dyn Device = b.device.as_mut();
@@ -493,7 +491,7 @@ mod tests {
         let mut nv = factory(64);
         nv.count_attempt(Region::Firmware);
         nv.save(&state).unwrap();
-        let obs = oob_forge("model", &state).unwrap();
+        let obs = oob_forge(hilrig_device::BackendKind::Model, &state).unwrap();
         assert_eq!(obs.len(), 7, "{obs:?}");
         assert_eq!(NvState::load(&state).unwrap().counter_values(), [0, 1, 0]);
         let obs = oob_forge_pty(&state).unwrap();

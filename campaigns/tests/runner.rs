@@ -9,8 +9,16 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 /// A verdict line as the real VMM prints it (pass, alarms, trusted teardown).
-const PASS_JSON: &str = r#"{"verdict":"PASS","exit_status":0,"policy":{"alarms":1,"per_register":{"HANG_TRIGGER":1}},"teardown":{"complete":true,"total_micros":10,"verdict":{"verdict":"trusted"}}}"#;
-const FAIL_JSON: &str = r#"{"verdict":"FAIL: code 1","exit_status":1,"policy":{"alarms":0,"per_register":{}},"teardown":{"complete":true,"verdict":{"verdict":"trusted"}}}"#;
+/// (`hilrig_vmm_api::RunSummary`; the test `fake_lines_are_run_summaries` keeps them so.)
+const PASS_JSON: &str = r#"{"payload":"attack-hang","device":"model","verdict":"PASS","passed":true,"exit_status":0,"policy":{"alarms":1,"per_register":{"HANG_TRIGGER":1}},"teardown":{"vm":"fake","started_unix":0,"steps":[],"complete":true,"total_micros":10,"guest_bytes_scrubbed":0,"device_bytes_scrubbed":0,"counters":null,"verdict":{"verdict":"trusted","handoff_ok":true,"reasons":[]},"signer":"","signature":""}}"#;
+const FAIL_JSON: &str = r#"{"payload":"attack-hang","device":"model","verdict":"FAIL: code 1","passed":false,"exit_status":1,"policy":{"alarms":0,"per_register":{}},"teardown":{"vm":"fake","started_unix":0,"steps":[],"complete":true,"total_micros":10,"guest_bytes_scrubbed":0,"device_bytes_scrubbed":0,"counters":null,"verdict":{"verdict":"trusted","handoff_ok":true,"reasons":[]},"signer":"","signature":""}}"#;
+
+#[test]
+fn fake_lines_are_run_summaries() {
+    for l in [PASS_JSON, FAIL_JSON] {
+        hilrig_vmm_api::RunSummary::from_output(l.as_bytes()).expect("a RunSummary line");
+    }
+}
 
 /// Write an executable stand-in VMM running `body` (sh; "$@" are the VMM flags).
 fn fake_vmm(dir: &Path, body: &str) -> PathBuf {

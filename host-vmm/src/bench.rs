@@ -1,10 +1,10 @@
 //! `hilrig bench vm-exit`: exit-path figures, as ratios within one run.
 
-use crate::backend::{open_backend, DeviceSpec};
+use crate::devices::backend::{open_backend, DeviceSpec};
 use crate::error::VmmError;
-use crate::layout::*;
 use crate::payload;
-use crate::vm::{Console, Vm, VmConfig};
+use crate::vstate::layout::*;
+use crate::vstate::vm::{Console, Vm, VmConfig};
 use hilrig_device::bench::Figure;
 use hilrig_device::regmap::Reg;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};

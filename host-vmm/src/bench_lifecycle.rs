@@ -1,26 +1,25 @@
 //! `hilrig bench patch` and `hilrig bench teardown`.
 
-use crate::control;
+use crate::lifecycle::control;
+use crate::lifecycle::patch::PatchAuthority;
 use crate::lifecycle::LifecycleConfig;
-use crate::patch::PatchAuthority;
 use crate::policy::{default_policy_toml, load_profile};
 use crate::{open_backend, payload, Console, DeviceSpec, Vm, VmConfig};
 use anyhow::{bail, Context, Result};
 use ed25519_dalek::SigningKey;
 use hilrig_device::bench::Figure;
-use serde_json::Value;
+use hilrig_vmm_api::control::{Reply, Request};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const BUILD: [u8; 32] = [0xb1; 32];
 
-fn ask(sock: &Path, line: &str) -> Result<Value> {
-    let v = control::request(sock, line, Duration::from_secs(30))?;
-    if v["ok"] != true {
-        bail!("control request {line} failed: {v}");
+fn ask(sock: &Path, req: Request) -> Result<Reply> {
+    match control::request(sock, &req, Duration::from_secs(30))? {
+        Ok(r) => Ok(r),
+        Err(e) => bail!("control request {} failed: {e}", req.op()),
     }
-    Ok(v)
 }
 
 fn pct(mut v: Vec<u64>, q: f64) -> f64 {
@@ -111,24 +110,19 @@ pub fn bench_patch(budget: Duration) -> Result<Vec<Figure>> {
         std::thread::sleep(Duration::from_millis(100));
         let mut pauses = Vec::with_capacity(n);
         for _ in 0..n {
-            let v = ask(&r.sock, r#"{"op":"quiesce"}"#)?;
-            pauses.push(
-                v["blackout_us"]
-                    .as_u64()
-                    .context("quiesce reply without blackout")?,
-            );
+            let v = match ask(&r.sock, Request::Quiesce {})? {
+                Reply::Quiesce(q) => q.blackout_us,
+                _ => None,
+            };
+            pauses.push(v.context("quiesce reply without blackout")?);
         }
         let mut patches = Vec::with_capacity(n);
         for b in &bundles {
-            let v = ask(
-                &r.sock,
-                &serde_json::json!({"op": "patch", "bundle": b}).to_string(),
-            )?;
-            patches.push(
-                v["blackout_us"]
-                    .as_u64()
-                    .context("patch reply without blackout")?,
-            );
+            let v = match ask(&r.sock, Request::Patch { bundle: b.clone() })? {
+                Reply::Patch(ev) => ev.blackout_us,
+                _ => None,
+            };
+            patches.push(v.context("patch reply without blackout")?);
         }
         r.stop.stop("benchmark done");
         let _ = r.thread.join();
@@ -179,7 +173,7 @@ pub fn bench_teardown(budget: Duration) -> Result<Vec<Figure>> {
         mem[12345] = 7;
         let t = Instant::now();
         // SAFETY: our own mapping.
-        unsafe { crate::teardown::scrub(mem.as_mut_ptr(), SIZE) }
+        unsafe { crate::lifecycle::teardown::scrub(mem.as_mut_ptr(), SIZE) }
             .map_err(|at| anyhow::anyhow!("scrub left byte {at}"))?;
         scrub = scrub.min(t.elapsed().as_secs_f64());
     }
@@ -195,9 +189,11 @@ pub fn bench_teardown(budget: Duration) -> Result<Vec<Figure>> {
         LifecycleConfig::default(),
     )?;
     std::thread::sleep(Duration::from_millis(100));
-    let rec = ask(&r.sock, r#"{"op":"teardown"}"#)?;
+    let rec = ask(&r.sock, Request::Teardown {})?;
     let _ = r.thread.join();
-    let rec: crate::teardown::TeardownRecord = serde_json::from_value(rec["record"].clone())?;
+    let Reply::Teardown(rec) = rec else {
+        bail!("teardown answered with {rec:?}");
+    };
     if !rec.complete {
         bail!("the benchmark teardown did not complete: {rec:?}");
     }

@@ -1,13 +1,13 @@
 //! `hilrig bench policy`: the MMIO policy path against the raw KVM exit loop, in
 //! one run, and the decision cost alone.
 
-use crate::backend::{open_backend, DeviceSpec};
 use crate::bench::raw_mmio_loop;
-use crate::engine::{AlarmConfig, PolicyEngine};
+use crate::devices::backend::{open_backend, DeviceSpec};
 use crate::error::VmmError;
 use crate::payload;
+use crate::policy::engine::{AlarmConfig, PolicyEngine};
 use crate::policy::{load_profile, PolicyFile, Profile};
-use crate::vm::{Console, Vm, VmConfig};
+use crate::vstate::vm::{Console, Vm, VmConfig};
 use hilrig_device::bench::Figure;
 use hilrig_device::regmap::{Reg, HANG_MAGIC};
 use hilrig_device::{Device, DeviceError, ResetKind};

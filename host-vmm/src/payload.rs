@@ -7,7 +7,7 @@
 //! write to port [`PORT_EXIT`] (0 = pass). The helpers below keep `rdi` intact.
 
 use crate::error::VmmError;
-use crate::layout::{
+use crate::vstate::layout::{
     PAYLOAD_ADDR, PORT_COM1, PORT_EXIT, PORT_PCI_ADDR, PORT_PCI_DATA, PORT_RESULT,
 };
 use hilrig_device::regmap::{
@@ -182,9 +182,9 @@ impl Payload {
 }
 
 /// Guest code's view of the fault ABI (see the README): the exception handler that
-/// [`Payload::install_fault_handler`] installs fills [`crate::layout::FAULT_AREA`].
+/// [`Payload::install_fault_handler`] installs fills [`crate::vstate::layout::FAULT_AREA`].
 pub mod fault_abi {
-    use crate::layout::FAULT_AREA;
+    use crate::vstate::layout::FAULT_AREA;
     /// Faults taken so far (u64).
     pub const COUNT: u64 = FAULT_AREA;
     /// Vector of the last fault.
@@ -201,12 +201,12 @@ pub mod fault_abi {
 }
 
 impl Payload {
-    /// Install an IDT (at [`crate::layout::FAULT_IDT_ADDR`], vectors 0..32) whose handler counts the
+    /// Install an IDT (at [`crate::vstate::layout::FAULT_IDT_ADDR`], vectors 0..32) whose handler counts the
     /// fault in the fault area, records vector, error code and RIP, and resumes at
     /// the resume address (see [`Payload::guard`]) or, when none is set, reports
     /// verdict `0xFA00 + vector`. Clobbers rax, rbx, rcx; keeps rdi.
     pub fn install_fault_handler(&mut self) -> R {
-        use crate::layout::{FAULT_AREA, FAULT_IDT_ADDR};
+        use crate::vstate::layout::{FAULT_AREA, FAULT_IDT_ADDR};
         let mut setup = self.a.create_label();
         let mut common = self.a.create_label();
         let mut fatal = self.a.create_label();
@@ -679,7 +679,7 @@ pub const BAR_MOVE_TARGET: u32 = 0xd000_0000;
 /// read the word back (mapped again: no exit) and ID (trapped) at the new address.
 /// Failure codes: 30 decode-off read not all-ones, 31 buffer word lost, 32 ID wrong.
 pub fn bar_move() -> R<Vec<u8>> {
-    let dev = crate::layout::DEVICE_CONFIG_BASE;
+    let dev = crate::vstate::layout::DEVICE_CONFIG_BASE;
     let mut p = Payload::new()?;
     p.park_secondaries()?;
     p.mmio_write(Width::B4, BUFFER_BASE, 0x1234_5678)?;

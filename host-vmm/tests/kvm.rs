@@ -3,7 +3,7 @@
 use hilrig_device::regmap::Reg;
 use hilrig_device::Device;
 use hilrig_vmm::payload;
-use hilrig_vmm::{open_backend, Console, DeviceSpec, RunReport, Verdict, Vm, VmConfig};
+use hilrig_vmm::{open_backend, Console, DeviceSpec, ExitStatus, RunReport, Verdict, Vm, VmConfig};
 use std::time::Duration;
 
 use hilrig_vmm::kvm_available;
@@ -39,7 +39,7 @@ fn hello_prints_and_passes() {
         String::from_utf8_lossy(&r.console),
         "hello from hilrig-vmm\n"
     );
-    assert_eq!(r.verdict.exit_status(), 0);
+    assert_eq!(r.verdict.exit_status(), ExitStatus::Pass);
 }
 
 #[test]
@@ -142,7 +142,7 @@ fn triple_fault_is_a_verdict() {
         "{}",
         r.verdict
     );
-    assert_ne!(r.verdict.exit_status(), 0);
+    assert_ne!(r.verdict.exit_status(), ExitStatus::Pass);
 }
 
 #[test]
@@ -162,7 +162,7 @@ fn watchdog_stops_a_spinning_guest() {
         r.verdict
     );
     assert!(r.verdict.to_string().contains("watchdog"));
-    assert_ne!(r.verdict.exit_status(), 0);
+    assert_ne!(r.verdict.exit_status(), ExitStatus::Pass);
 }
 
 #[test]
@@ -180,7 +180,7 @@ fn access_past_bar0_is_a_verdict() {
             "{name}: {}",
             r.verdict
         );
-        assert_ne!(r.verdict.exit_status(), 0);
+        assert_ne!(r.verdict.exit_status(), ExitStatus::Pass);
     }
 }
 
@@ -196,7 +196,7 @@ fn failure_code_is_reported() {
         Duration::from_secs(20),
     );
     assert_eq!(r.verdict, Verdict::Fail { code: 42, vcpu: 0 });
-    assert_eq!(r.verdict.exit_status(), 1);
+    assert_eq!(r.verdict.exit_status(), ExitStatus::Fail);
 }
 
 #[test]
@@ -261,10 +261,10 @@ fn guest_moves_bar0_and_mappings_follow() {
 #[test]
 fn unknown_exit_is_a_verdict() {
     let exit = kvm_ioctls::VcpuExit::Watchdog;
-    let v = hilrig_vmm::vm::unknown_exit(3, &exit);
+    let v = hilrig_vmm::vstate::vm::unknown_exit(3, &exit);
     assert!(matches!(v, Verdict::UnknownExit { vcpu: 3, .. }));
     assert!(v.to_string().contains("Watchdog"));
-    assert_ne!(v.exit_status(), 0);
+    assert_ne!(v.exit_status(), ExitStatus::Pass);
 }
 
 #[test]
@@ -363,6 +363,6 @@ fn stop_handle_ends_a_running_vm() {
     let r = vm.run().expect("run");
     t.join().expect("stopper");
     assert_eq!(r.verdict, Verdict::Stopped("test teardown".into()));
-    assert_eq!(r.verdict.exit_status(), 9);
+    assert_eq!(r.verdict.exit_status(), ExitStatus::Stopped);
     assert!(r.device.is_some(), "the device comes back after a stop");
 }

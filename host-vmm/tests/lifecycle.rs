@@ -3,9 +3,8 @@
 
 use ed25519_dalek::SigningKey;
 use hilrig_device::regmap::Reg;
-use hilrig_vmm::control;
+use hilrig_vmm::lifecycle::patch::PatchAuthority;
 use hilrig_vmm::lifecycle::LifecycleConfig;
-use hilrig_vmm::patch::PatchAuthority;
 use hilrig_vmm::policy::{default_policy_toml, load_profile, Action};
 use hilrig_vmm::{open_backend, payload, Console, DeviceSpec, RunReport, Verdict, Vm, VmConfig};
 use serde_json::Value;
@@ -104,8 +103,17 @@ fn start(
     Running { sock, thread, stop }
 }
 
+/// One raw request line, its raw reply: these tests check the wire format itself.
 fn ask(sock: &Path, line: &str) -> Value {
-    control::request(sock, line, Duration::from_secs(20)).expect("control request")
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("control socket");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut out = String::new();
+    std::io::BufReader::new(s)
+        .read_line(&mut out)
+        .expect("control reply");
+    serde_json::from_str(&out).expect("a JSON reply")
 }
 
 fn patch(sock: &Path, bundle: &Path) -> Value {
@@ -399,11 +407,11 @@ fn no_canary_survives_teardown_for_the_next_tenant() {
             .iter()
             .map(|s| s.step.as_str())
             .collect::<Vec<_>>(),
-        hilrig_vmm::teardown::STEPS.to_vec()
+        hilrig_vmm::lifecycle::teardown::STEPS.to_vec()
     );
     assert_eq!(
         rec.verdict.as_ref().unwrap().verdict,
-        "trusted",
+        hilrig_device::attest::Verdict::Trusted,
         "no update attempts: counters unchanged"
     );
     rec.verify(&SigningKey::from_bytes(&[5; 32]).verifying_key())
@@ -448,8 +456,8 @@ fn teardown_under_a_flooding_or_spinning_guest_finishes_within_its_bound() {
         std::thread::sleep(Duration::from_millis(200));
         let reply = ask(&r.sock, r#"{"op":"teardown"}"#);
         assert_eq!(reply["ok"], true, "{name}: {reply}");
-        let rec: hilrig_vmm::teardown::TeardownRecord =
-            serde_json::from_value(reply["record"].clone()).unwrap();
+        let rec: hilrig_vmm::lifecycle::teardown::TeardownRecord =
+            serde_json::from_value(reply.clone()).unwrap();
         assert!(rec.complete, "{name}: {rec:?}");
         // The pause is bounded (250 ms to park, then escalation to stopping within
         // 4x that) whatever the guest does, also on a loaded machine.
@@ -457,7 +465,7 @@ fn teardown_under_a_flooding_or_spinning_guest_finishes_within_its_bound() {
         assert!(pause < 1_250_000, "{name}: pausing took {pause} us");
         let rep = r.thread.join().unwrap();
         assert_eq!(rep.verdict, Verdict::Stopped("torn down".into()), "{name}");
-        let on_disk: hilrig_vmm::teardown::TeardownRecord =
+        let on_disk: hilrig_vmm::lifecycle::teardown::TeardownRecord =
             serde_json::from_slice(&std::fs::read(d.path().join("teardown.json")).unwrap())
                 .unwrap();
         assert_eq!(on_disk, rec);
@@ -481,7 +489,8 @@ fn a_native_device_handler_patch_lands_in_the_running_guest() {
         p.a.cmp(eax, hilrig_device::regmap::DEVICE_VERSION_VALUE)
             .unwrap();
         p.a.je(l).unwrap();
-        p.a.mov(dx, hilrig_vmm::layout::PORT_RESULT as u32).unwrap();
+        p.a.mov(dx, hilrig_vmm::vstate::layout::PORT_RESULT as u32)
+            .unwrap();
         p.a.out(dx, eax).unwrap();
     }
     p.report(0).unwrap();

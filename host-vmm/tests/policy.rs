@@ -5,7 +5,7 @@
 use hilrig_device::regmap::Reg;
 use hilrig_device::Device;
 use hilrig_vmm::attacks;
-use hilrig_vmm::engine::AlarmConfig;
+use hilrig_vmm::policy::engine::AlarmConfig;
 use hilrig_vmm::policy::{load_profile, PolicyFile, Profile};
 use hilrig_vmm::{open_backend, Console, DeviceSpec, RunReport, Verdict, Vm, VmConfig};
 use std::sync::Arc;
@@ -166,7 +166,10 @@ fn attacks_under_each_profile() {
                         assert_eq!(a.profile, "tenant");
                         assert_eq!(a.enforce, enforce);
                         assert!(!a.insn.starts_with('('), "{what}: {a:?}");
-                        assert!(a.rip >= hilrig_vmm::layout::PAYLOAD_ADDR, "{what}: {a:?}");
+                        assert!(
+                            a.rip >= hilrig_vmm::vstate::layout::PAYLOAD_ADDR,
+                            "{what}: {a:?}"
+                        );
                     }
                 }
                 if restricted_run {

@@ -2,7 +2,8 @@
 //! what hosts exist and how their power, consoles, OOB port and boards are wired;
 //! [`rig::Rig`] turns it into drivers (real or simulated), checks their health,
 //! captures consoles, reads counters out of band, and [`lease`] hands each host to
-//! one runner at a time. See README.md.
+//! one runner at a time; [`rollout`] rolls a live patch out over a fleet of VMMs
+//! (canaries, then waves). See README.md.
 
 pub mod board;
 pub mod cli;
@@ -12,6 +13,7 @@ pub mod inventory;
 pub mod lease;
 pub mod power;
 pub mod rig;
+pub mod rollout;
 pub mod sim;
 
 pub use cli::{run, RigCmd};

@@ -18,46 +18,20 @@ pub struct CatalogSpec {
 }
 
 /// The measurement of a device's VBIOS.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Measurement {
-    /// ROM window size.
-    pub size: u64,
-    /// SHA-256 of the whole ROM window, hex.
-    pub sha256: String,
-    /// Why the ROM is not a valid expansion ROM, if it is not.
-    pub invalid: Option<String>,
-    /// Revision of the first image, if valid.
-    pub revision: Option<u16>,
-    /// Which catalog knows it ("builtin factory", "counters <db> (version, approver)").
-    pub known_as: Option<String>,
-    /// The operator ran the device anyway although it was refused.
-    pub overridden: bool,
-}
+pub type Measurement = hilrig_vmm_api::VbiosMeasurement;
 
-impl Measurement {
-    /// Whether the device may be handed to a guest without an override.
-    pub fn acceptable(&self) -> bool {
-        self.invalid.is_none() && self.known_as.is_some()
-    }
-
-    /// One line for the run's output.
-    pub fn describe(&self) -> String {
-        let state = match (&self.invalid, &self.known_as) {
-            (Some(why), _) => format!("INVALID ({why})"),
-            (None, Some(k)) => format!("known-good: {k}"),
-            (None, None) => "NOT in the catalog".into(),
-        };
-        format!(
-            "vbios: {} bytes, sha256 {}: {state}{}",
-            self.size,
-            self.sha256,
-            if self.overridden {
-                "; handed to the guest anyway by operator override"
-            } else {
-                ""
-            }
-        )
-    }
+/// Why a device's VBIOS could not be measured.
+#[derive(Debug, thiserror::Error)]
+pub enum MeasureError {
+    /// The ROM BAR's size is unusable.
+    #[error("expansion ROM size {0} is not usable (1 byte to 16 MiB)")]
+    RomSize(u64),
+    /// Reading the ROM failed.
+    #[error("reading the expansion ROM: {0}")]
+    Read(hilrig_device::DeviceError),
+    /// The counters service's catalog could not be read.
+    #[error("the counters service's catalog: {0}")]
+    Catalog(#[from] hilrig_counters::Error),
 }
 
 /// The hash of the factory VBIOS in a ROM window of `size` bytes (erased padding).
@@ -71,17 +45,15 @@ pub fn factory_hash(size: u64) -> Option<String> {
 }
 
 /// Measure `dev`'s VBIOS and look it up in `catalog`.
-pub fn measure(dev: &mut dyn Device, catalog: &CatalogSpec) -> Result<Measurement, String> {
+pub fn measure(dev: &mut dyn Device, catalog: &CatalogSpec) -> Result<Measurement, MeasureError> {
     let size = dev.rom_size();
     if size == 0 || size > 16 << 20 {
-        return Err(format!(
-            "expansion ROM size {size} is not usable (1 byte to 16 MiB)"
-        ));
+        return Err(MeasureError::RomSize(size));
     }
     let mut rom = vec![0u8; size as usize];
     for (i, chunk) in rom.chunks_mut(4096).enumerate() {
         dev.rom_read(i as u64 * 4096, chunk)
-            .map_err(|e| format!("reading the expansion ROM: {e}"))?;
+            .map_err(MeasureError::Read)?;
     }
     let sha256 = hex::encode(Sha256::digest(&rom));
     let (invalid, revision) = match hilrig_fw::vbios::parse(&rom) {
@@ -92,9 +64,9 @@ pub fn measure(dev: &mut dyn Device, catalog: &CatalogSpec) -> Result<Measuremen
         .then(|| "builtin factory VBIOS".to_string());
     if known_as.is_none() {
         if let Some((db, key)) = &catalog.counters {
-            let key = hilrig_counters::mac::Key::load(key).map_err(|e| e.to_string())?;
-            let mut svc = hilrig_counters::Service::open(db, key).map_err(|e| e.to_string())?;
-            let list = svc.catalog_list().map_err(|e| e.to_string())?;
+            let key = hilrig_counters::mac::Key::load(key)?;
+            let mut svc = hilrig_counters::Service::open(db, key)?;
+            let list = svc.catalog_list()?;
             known_as = list
                 .iter()
                 .find(|c| {

@@ -5,7 +5,7 @@
 //! ([`Prepared`]). Only then does the VMM quiesce its vCPUs and [`commit`] the swap,
 //! which is a pointer exchange. A refused patch leaves the VM running and unchanged.
 
-use crate::modules::{LoadError, NativeHandler, Slot};
+use crate::lifecycle::modules::{LoadError, NativeHandler, Slot};
 use crate::policy::{PolicyError, PolicyFile, Profile};
 use ed25519_dalek::VerifyingKey;
 use hilrig_fw::bundle::{self, BundleError};
@@ -81,7 +81,7 @@ impl ModuleTable {
     /// A table with `profile` as policy v1 (v0 when None) and no device handler (v0).
     pub fn new(
         profile: Option<Arc<Profile>>,
-        alarm: impl Fn(&crate::modules::CallError) + Send + Sync + Clone + 'static,
+        alarm: impl Fn(&crate::lifecycle::modules::CallError) + Send + Sync + Clone + 'static,
     ) -> ModuleTable {
         let v = profile.is_some() as u64;
         ModuleTable {
@@ -387,7 +387,7 @@ mod tests {
     fn native_handler_patch_loads_after_hash_check() {
         let d = tempfile::tempdir().unwrap();
         let (t, a) = (table(), authority(d.path()));
-        let lib = crate::modules::tests::build_demo_module(d.path(), 3, 0x0001_0003);
+        let lib = crate::lifecycle::modules::tests::build_demo_module(d.path(), 3, 0x0001_0003);
         let so = std::fs::read(&lib).unwrap();
         let b = bundle(DEVICE_HANDLER, 3, ("libdemo.so", so), 1, BUILD);
         let p = a.prepare(&b, &t, "tenant").unwrap();
@@ -401,7 +401,9 @@ mod tests {
             .unwrap();
         assert_eq!(
             v,
-            Some(Ok(crate::modules::HandlerAction::Complete(0x0001_0003)))
+            Some(Ok(crate::lifecycle::modules::HandlerAction::Complete(
+                0x0001_0003
+            )))
         );
         // A bundle whose manifest says v4 but whose library declares v3 is refused.
         let so = std::fs::read(&lib).unwrap();

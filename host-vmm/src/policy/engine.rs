@@ -277,42 +277,32 @@ fn action_index(a: Action) -> usize {
     }
 }
 
-/// What the policy did during a run.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+/// What the policy did during a run: the [`PolicySummary`] every client reads (its
+/// fields are reachable directly, `report.alarms`), plus what stays in process.
+#[derive(Debug, Clone, Default)]
 pub struct PolicyReport {
-    /// Profile name.
-    pub profile: String,
-    /// Where it came from.
-    pub source: String,
-    /// Enforcement on?
-    pub enforce: bool,
-    /// Every decided register part (with or without a rule).
-    pub parts: u64,
-    /// Decided parts that matched a rule, by action taken.
-    pub allowed: u64,
-    /// Dropped parts.
-    pub dropped: u64,
-    /// Shadowed parts.
-    pub shadowed: u64,
-    /// Accesses that faulted (exceptions injected).
-    pub faults: u64,
-    /// Every alarm raised.
-    pub alarms: u64,
-    /// Alarms written to the sink.
-    pub alarms_written: u64,
-    /// Alarms the rate limit kept out of the sink (still counted per register).
-    pub alarms_suppressed: u64,
-    /// Alarms per register.
-    pub per_register: BTreeMap<String, u64>,
-    /// The sink's first write error, if any.
-    pub sink_error: Option<String>,
+    /// The counters (what `--json` and the control socket carry).
+    pub summary: PolicySummary,
     /// Alarms kept in memory ([`AlarmConfig::capture`]).
-    #[serde(skip)]
     pub captured: Vec<Alarm>,
     /// Every decided part ([`PolicyEngine::record_decisions`]).
-    #[serde(skip)]
     pub decided: Vec<Decided>,
 }
+
+impl std::ops::Deref for PolicyReport {
+    type Target = PolicySummary;
+    fn deref(&self) -> &PolicySummary {
+        &self.summary
+    }
+}
+
+impl std::ops::DerefMut for PolicyReport {
+    fn deref_mut(&mut self) -> &mut PolicySummary {
+        &mut self.summary
+    }
+}
+
+pub use hilrig_vmm_api::PolicySummary;
 
 /// Phase 1 of an access: every register-sized part decided, nothing done yet.
 struct Plan {
@@ -626,19 +616,21 @@ impl PolicyEngine {
             }
         }
         PolicyReport {
-            profile: p.name.clone(),
-            source: p.source.clone(),
-            enforce: p.enforce,
-            parts: self.parts.load(Ordering::Relaxed),
-            allowed: self.actions[0].load(Ordering::Relaxed),
-            dropped: self.actions[1].load(Ordering::Relaxed),
-            shadowed: self.actions[2].load(Ordering::Relaxed),
-            faults: self.faults.load(Ordering::Relaxed),
-            alarms: self.alarms_total.load(Ordering::Relaxed),
-            alarms_written: written,
-            alarms_suppressed: suppressed,
-            per_register,
-            sink_error,
+            summary: PolicySummary {
+                profile: p.name.clone(),
+                source: p.source.clone(),
+                enforce: p.enforce,
+                parts: self.parts.load(Ordering::Relaxed),
+                allowed: self.actions[0].load(Ordering::Relaxed),
+                dropped: self.actions[1].load(Ordering::Relaxed),
+                shadowed: self.actions[2].load(Ordering::Relaxed),
+                faults: self.faults.load(Ordering::Relaxed),
+                alarms: self.alarms_total.load(Ordering::Relaxed),
+                alarms_written: written,
+                alarms_suppressed: suppressed,
+                per_register,
+                sink_error,
+            },
             captured,
             decided,
         }
@@ -652,7 +644,7 @@ mod tests {
     use hilrig_device::regmap::{Reg, HANG_MAGIC};
 
     fn model() -> Box<dyn Device> {
-        Box::new(crate::backend::fresh_model(7).expect("model"))
+        Box::new(crate::devices::backend::fresh_model(7).expect("model"))
     }
 
     fn engine(profile: &str) -> PolicyEngine {

@@ -14,9 +14,9 @@
 //!
 //! The reference device does not DMA, so guest memory is not mapped into the IOMMU.
 
-use crate::backend::Backend;
+use crate::devices::backend::Backend;
+use crate::devices::plan::DirectWindow;
 use crate::error::VmmError;
-use crate::plan::DirectWindow;
 use hilrig_device::device::check_access;
 use hilrig_device::regmap::{BAR0_SIZE, PAGE_SIZE, PCI_DEVICE_ID, PCI_VENDOR_ID};
 use hilrig_device::{Device, DeviceError, ResetKind};
@@ -363,7 +363,7 @@ mod tests {
 
     #[test]
     fn sparse_areas_feed_the_page_plan() {
-        use crate::plan::{PagePlan, TrapSet};
+        use crate::devices::plan::{PagePlan, TrapSet};
         let caps = [VfioRegionInfoCap::SparseMmap(VfioRegionInfoCapSparseMmap {
             areas: vec![VfioRegionSparseMmapArea {
                 offset: 0x4000,

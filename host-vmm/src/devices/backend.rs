@@ -1,115 +1,13 @@
 //! Device backends behind one type: the VMM dispatches MMIO to a `Box<dyn Device>`
 //! and maps the memory windows the backend offers.
 
+use crate::devices::plan::DirectWindow;
 use crate::error::VmmError;
-use crate::plan::DirectWindow;
 use hilrig_device::regmap::{BUFFER_BASE, BUFFER_SIZE};
 use hilrig_device::{Device, DeviceConfig, Model};
-use std::path::{Path, PathBuf};
-use std::str::FromStr;
+use std::path::Path;
 
-/// Which backend to use (`--device`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DeviceSpec {
-    /// The behavioural model (in-process).
-    Model,
-    /// The rust-hdl RTL driven in-process.
-    Rtl,
-    /// Model and RTL side by side, compared on every operation.
-    Lockstep,
-    /// A PCI function bound to vfio-pci, by its sysfs path.
-    Vfio(PathBuf),
-    /// The device on an FPGA board, through its host bridge on a serial port
-    /// (`fpga=PORT[,oob=PORT][,baud=N]`; see `hilrig_board`).
-    Fpga {
-        /// The bridge's serial port (the board's FTDI UART).
-        port: String,
-        /// The board's OOB UART, if wired.
-        oob: Option<String>,
-        /// Baud rate of both.
-        baud: u32,
-    },
-}
-
-/// Baud rate of the board's UARTs unless `baud=` says otherwise.
-pub const FPGA_BAUD: u32 = 115_200;
-
-fn parse_fpga(rest: &str) -> Result<DeviceSpec, VmmError> {
-    let bad = |why: String| VmmError::Config(format!("device backend `fpga={rest}`: {why}"));
-    let mut parts = rest.split(',');
-    let port = parts.next().unwrap_or_default();
-    if port.is_empty() {
-        return Err(bad(
-            "no serial port (expected fpga=PORT[,oob=PORT][,baud=N])".into(),
-        ));
-    }
-    let (mut oob, mut baud) = (None, FPGA_BAUD);
-    for part in parts {
-        match part.split_once('=') {
-            Some(("oob", p)) if !p.is_empty() => oob = Some(p.to_string()),
-            Some(("baud", b)) => {
-                baud = b
-                    .parse()
-                    .ok()
-                    .filter(|&b| b > 0)
-                    .ok_or_else(|| bad(format!("bad baud rate `{b}`")))?
-            }
-            _ => {
-                return Err(bad(format!(
-                    "unknown option `{part}` (expected oob=PORT or baud=N)"
-                )))
-            }
-        }
-    }
-    Ok(DeviceSpec::Fpga {
-        port: port.to_string(),
-        oob,
-        baud,
-    })
-}
-
-impl FromStr for DeviceSpec {
-    type Err = VmmError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "model" => Ok(DeviceSpec::Model),
-            "rtl" => Ok(DeviceSpec::Rtl),
-            "lockstep" => Ok(DeviceSpec::Lockstep),
-            _ => {
-                if let Some(rest) = s.strip_prefix("fpga=") {
-                    return parse_fpga(rest);
-                }
-                match s.strip_prefix("vfio=") {
-                    Some(p) if !p.is_empty() => Ok(DeviceSpec::Vfio(PathBuf::from(p))),
-                    _ => Err(VmmError::Config(format!(
-                        "unknown device backend `{s}` (expected model, rtl, lockstep, vfio=<sysfs-path> or fpga=<serial port>[,oob=<port>][,baud=N])"
-                    ))),
-                }
-            }
-        }
-    }
-}
-
-impl std::fmt::Display for DeviceSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            DeviceSpec::Model => f.write_str("model"),
-            DeviceSpec::Rtl => f.write_str("rtl"),
-            DeviceSpec::Lockstep => f.write_str("lockstep"),
-            DeviceSpec::Vfio(p) => write!(f, "vfio={}", p.display()),
-            DeviceSpec::Fpga { port, oob, baud } => {
-                write!(f, "fpga={port}")?;
-                if let Some(o) = oob {
-                    write!(f, ",oob={o}")?;
-                }
-                if *baud != FPGA_BAUD {
-                    write!(f, ",baud={baud}")?;
-                }
-                Ok(())
-            }
-        }
-    }
-}
+pub use hilrig_vmm_api::spec::{DeviceSpec, FPGA_BAUD};
 
 /// An opened backend: the device, the host memory it offers for BAR0, and whatever
 /// keeps that memory mapped.
@@ -217,7 +115,11 @@ pub fn open_backend(spec: &DeviceSpec, state: Option<&Path>) -> Result<Backend, 
             };
             Ok(Backend::trapping(name, dev))
         }
-        DeviceSpec::Vfio(path) => crate::vfio::open(path),
+        DeviceSpec::Verilator => Err(VmmError::Backend {
+            backend: spec.to_string(),
+            detail: "the verilator backend is not built into this VMM yet".into(),
+        }),
+        DeviceSpec::Vfio(path) => crate::devices::vfio::open(path),
         DeviceSpec::Fpga { port, oob, baud } => {
             // The board keeps its nonvolatile state itself: no state file here.
             if let Some(p) = state {

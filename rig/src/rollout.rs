@@ -3,8 +3,8 @@
 //! rollout stops at the first refused or failed patch and reports which hosts run
 //! which version.
 
+use hilrig_vmm_api::control::{self, ControlError, ModuleVersions, Reply, Request, Response};
 use serde::Serialize;
-use serde_json::Value;
 use std::path::Path;
 use std::time::Duration;
 
@@ -56,7 +56,7 @@ pub struct HostReport {
     /// Outcome.
     pub outcome: HostOutcome,
     /// Installed versions after the rollout, from the host's status (None: unreachable).
-    pub versions: Option<Value>,
+    pub versions: Option<ModuleVersions>,
 }
 
 /// The rollout report.
@@ -88,10 +88,10 @@ pub fn waves(n: usize, canary: usize, wave: usize) -> Vec<std::ops::Range<usize>
 
 /// What talks to one VMM (the control socket in production; fakes in tests).
 pub trait Fleet {
-    /// Apply the bundle; Ok(reply) or Err(transport failure).
-    fn patch(&self, t: &Target, bundle: &Path) -> Result<Value, String>;
+    /// Apply the bundle: the VMM's response, or why none came back.
+    fn patch(&self, t: &Target, bundle: &Path) -> Result<Response, ControlError>;
     /// Installed versions.
-    fn status(&self, t: &Target) -> Result<Value, String>;
+    fn status(&self, t: &Target) -> Result<ModuleVersions, ControlError>;
 }
 
 /// The production fleet: VMM control sockets.
@@ -101,45 +101,48 @@ pub struct Sockets {
 }
 
 impl Fleet for Sockets {
-    fn patch(&self, t: &Target, bundle: &Path) -> Result<Value, String> {
-        let req = serde_json::json!({"op": "patch", "bundle": bundle});
-        crate::control::request(&t.socket, &req.to_string(), self.timeout)
-            .map_err(|e| format!("{}: {e}", t.socket.display()))
+    fn patch(&self, t: &Target, bundle: &Path) -> Result<Response, ControlError> {
+        let req = Request::Patch {
+            bundle: bundle.to_path_buf(),
+        };
+        control::request(&t.socket, &req, self.timeout)
     }
-    fn status(&self, t: &Target) -> Result<Value, String> {
-        crate::control::request(&t.socket, r#"{"op":"status"}"#, self.timeout)
-            .map_err(|e| format!("{}: {e}", t.socket.display()))
+    fn status(&self, t: &Target) -> Result<ModuleVersions, ControlError> {
+        match control::request(&t.socket, &Request::Status {}, self.timeout)? {
+            Ok(Reply::Status(s)) => Ok(s.versions),
+            Ok(_) => Err(ControlError::Mismatch {
+                path: t.socket.clone(),
+                op: "status",
+                got: "another reply".into(),
+            }),
+            Err(e) => Err(ControlError::Io {
+                path: t.socket.clone(),
+                source: std::io::Error::other(e),
+            }),
+        }
     }
 }
 
-fn outcome(reply: Result<Value, String>) -> HostOutcome {
+fn outcome(reply: Result<Response, ControlError>) -> HostOutcome {
     match reply {
-        Err(reason) => HostOutcome::Failed { reason },
-        Ok(v) if v["ok"] == true => {
-            let n = |k: &str| v[k].as_u64();
-            match (
-                v["component"].as_str(),
-                n("from"),
-                n("to"),
-                n("blackout_us"),
-            ) {
-                (Some(c), Some(from), Some(to), Some(blackout_us)) => HostOutcome::Applied {
-                    component: c.to_string(),
-                    from,
-                    to,
-                    blackout_us,
-                },
-                _ => HostOutcome::Failed {
-                    reason: format!("malformed patch reply: {v}"),
-                },
-            }
-        }
-        Ok(v) => HostOutcome::Refused {
-            reason: v["error"]
-                .as_str()
-                .unwrap_or("refused without a reason")
-                .to_string(),
+        Err(e) => HostOutcome::Failed {
+            reason: e.to_string(),
         },
+        Ok(Ok(Reply::Patch(ev))) => match ev.blackout_us {
+            Some(blackout_us) => HostOutcome::Applied {
+                component: ev.component,
+                from: ev.from,
+                to: ev.to,
+                blackout_us,
+            },
+            None => HostOutcome::Failed {
+                reason: "the patch was applied while an operator held the VM paused: no blackout measured".into(),
+            },
+        },
+        Ok(Ok(other)) => HostOutcome::Failed {
+            reason: format!("a patch answered with {other:?}"),
+        },
+        Ok(Err(reason)) => HostOutcome::Refused { reason },
     }
 }
 
@@ -185,7 +188,7 @@ pub fn rollout(
         }
     }
     for h in &mut hosts {
-        h.versions = fleet.status(&h.target).ok().map(|v| v["versions"].clone());
+        h.versions = fleet.status(&h.target).ok();
     }
     let complete = hosts
         .iter()
@@ -200,7 +203,7 @@ pub fn rollout(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use hilrig_vmm_api::PatchEvent;
     use std::sync::Mutex;
 
     struct Fake {
@@ -208,16 +211,24 @@ mod tests {
         log: Mutex<Vec<String>>,
     }
     impl Fleet for Fake {
-        fn patch(&self, t: &Target, _: &Path) -> Result<Value, String> {
+        fn patch(&self, t: &Target, _: &Path) -> Result<Response, ControlError> {
             self.log.lock().unwrap().push(t.name.clone());
             if t.name == self.bad {
-                return Ok(json!({"ok": false, "error": "wrong build"}));
+                return Ok(Err("wrong build".into()));
             }
-            Ok(json!({"ok": true, "component": "policy", "from": 1, "to": 2, "blackout_us": 80}))
+            Ok(Ok(Reply::Patch(PatchEvent {
+                component: "policy".into(),
+                from: 1,
+                to: 2,
+                blackout_us: Some(80),
+            })))
         }
-        fn status(&self, t: &Target) -> Result<Value, String> {
+        fn status(&self, t: &Target) -> Result<ModuleVersions, ControlError> {
             let patched = self.log.lock().unwrap().contains(&t.name) && t.name != self.bad;
-            Ok(json!({"ok": true, "versions": {"policy": if patched { 2 } else { 1 }}}))
+            Ok(ModuleVersions {
+                policy: if patched { 2 } else { 1 },
+                device_handler: 0,
+            })
         }
     }
 
@@ -253,8 +264,8 @@ mod tests {
             .unwrap()
             .starts_with("h3 in wave 2: refused: wrong build"));
         assert_eq!(r.hosts[4].outcome, HostOutcome::Skipped);
-        assert_eq!(r.hosts[0].versions, Some(json!({"policy": 2})));
-        assert_eq!(r.hosts[5].versions, Some(json!({"policy": 1})));
+        assert_eq!(r.hosts[0].versions.map(|v| v.policy), Some(2));
+        assert_eq!(r.hosts[5].versions.map(|v| v.policy), Some(1));
         let f = Fake {
             bad: "none",
             log: Mutex::new(vec![]),

@@ -9,45 +9,19 @@
 //! Malformed, oversized (over [`MAX_LINE`]) or unknown requests get an error reply;
 //! the VM is unaffected.
 
-use serde::Deserialize;
-use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Longest request line accepted.
-pub const MAX_LINE: usize = 64 * 1024;
-
-/// A control request.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
-pub enum Request {
-    /// VM state, versions, counters.
-    Status {},
-    /// Park every vCPU.
-    Pause {},
-    /// Resume after a pause.
-    Resume {},
-    /// Pause and resume at once, changing nothing: measures the bare blackout.
-    Quiesce {},
-    /// Apply a signed patch bundle.
-    Patch {
-        /// Path of the bundle file.
-        bundle: PathBuf,
-    },
-    /// Secure teardown of the tenant.
-    Teardown {},
-    /// Exit counts, alarms, blackouts.
-    Metrics {},
-}
+pub use hilrig_vmm_api::control::{request, Reply, Request, Response, MAX_LINE};
 
 /// What answers requests (the VM).
 pub trait Control: Send + Sync {
-    /// Handle a request; `Ok` values are merged into `{"ok":true,...}`.
-    fn handle(&self, req: Request) -> Result<Value, String>;
+    /// Handle a request: a reply, or the refusal in words.
+    fn handle(&self, req: Request) -> Response;
 }
 
 /// Whether a peer with `uid` may use a socket owned by `owner`.
@@ -180,14 +154,14 @@ pub fn drain(in_flight: &InFlight, limit: Duration) {
     }
 }
 
-fn reply(s: &mut UnixStream, v: &Value) -> std::io::Result<()> {
-    let mut line = v.to_string();
+fn reply(s: &mut UnixStream, r: &Response) -> std::io::Result<()> {
+    let mut line = hilrig_vmm_api::control::encode(r);
     line.push('\n');
     s.write_all(line.as_bytes())
 }
 
-fn error(msg: impl Into<String>) -> Value {
-    json!({"ok": false, "error": msg.into()})
+fn error(msg: impl Into<String>) -> Response {
+    Err(msg.into())
 }
 
 fn connection(mut s: UnixStream, owner: u32, control: &dyn Control, in_flight: &InFlight) {
@@ -239,14 +213,7 @@ fn connection(mut s: UnixStream, owner: u32, control: &dyn Control, in_flight: &
         in_flight.fetch_add(1, Ordering::AcqRel);
         let out = match serde_json::from_str::<Request>(text) {
             Err(e) => error(format!("bad request: {e}")),
-            Ok(req) => match control.handle(req) {
-                Ok(Value::Object(mut m)) => {
-                    m.insert("ok".into(), Value::Bool(true));
-                    Value::Object(m)
-                }
-                Ok(v) => json!({"ok": true, "result": v}),
-                Err(e) => error(e),
-            },
+            Ok(req) => control.handle(req),
         };
         let sent = reply(&mut s, &out);
         in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -256,32 +223,44 @@ fn connection(mut s: UnixStream, owner: u32, control: &dyn Control, in_flight: &
     }
 }
 
-/// Client: send one request line, return the reply.
-pub fn request(path: &Path, line: &str, timeout: Duration) -> std::io::Result<Value> {
-    let mut s = UnixStream::connect(path)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.write_all(line.trim().as_bytes())?;
-    s.write_all(b"\n")?;
-    let mut r = BufReader::new(s);
-    let mut out = String::new();
-    r.read_line(&mut out)?;
-    serde_json::from_str(&out).map_err(|e| std::io::Error::other(format!("bad reply {out:?}: {e}")))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::Mutex;
 
+    use hilrig_vmm_api::control::PauseReply;
+    use serde_json::{json, Value};
+
     struct Echo(Mutex<Vec<Request>>);
     impl Control for Echo {
-        fn handle(&self, req: Request) -> Result<Value, String> {
+        fn handle(&self, req: Request) -> Response {
             self.0.lock().unwrap().push(req.clone());
             match req {
                 Request::Teardown {} => Err("not now".into()),
-                r => Ok(json!({"op": format!("{r:?}")})),
+                Request::Patch { bundle } => Ok(Reply::Patch(hilrig_vmm_api::PatchEvent {
+                    component: bundle.display().to_string(),
+                    from: 1,
+                    to: 2,
+                    blackout_us: None,
+                })),
+                _ => Ok(Reply::Pause(PauseReply {
+                    vcpus: 3,
+                    blackout_us: None,
+                    park_us: None,
+                })),
             }
         }
+    }
+
+    /// One raw line to the socket, its raw reply (the wire format itself).
+    fn raw(path: &Path, line: &str) -> Value {
+        let mut s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(line.as_bytes()).unwrap();
+        s.write_all(b"\n").unwrap();
+        let mut out = String::new();
+        BufReader::new(s).read_line(&mut out).unwrap();
+        serde_json::from_str(&out).unwrap()
     }
 
     #[test]
@@ -297,12 +276,21 @@ mod tests {
         let echo = Arc::new(Echo(Mutex::new(vec![])));
         let stop = Arc::new(AtomicBool::new(false));
         let (t, _) = serve(l, echo.clone(), stop.clone());
-        let ask = |line: &str| request(&p, line, Duration::from_secs(5)).unwrap();
+        let ask = |line: &str| raw(&p, line);
         assert_eq!(ask(r#"{"op":"status"}"#)["ok"], true);
-        assert_eq!(
-            ask(r#"{"op":"patch","bundle":"/x"}"#)["op"],
-            "Patch { bundle: \"/x\" }"
-        );
+        assert_eq!(ask(r#"{"op":"status"}"#)["vcpus"], 3);
+        // The typed client: a reply of the request's kind.
+        let r = request(
+            &p,
+            &Request::Patch {
+                bundle: "/x".into(),
+            },
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert!(matches!(r, Ok(Reply::Patch(ev)) if ev.component == "/x"));
+        // A reply of another kind is not taken for an answer.
+        assert!(request(&p, &Request::Metrics {}, Duration::from_secs(5)).is_err());
         assert_eq!(
             ask(r#"{"op":"teardown"}"#),
             json!({"ok": false, "error": "not now"})
@@ -325,8 +313,8 @@ mod tests {
             .as_str()
             .unwrap()
             .contains("longer than"));
-        // Only the three well-formed requests reached the VM.
-        assert_eq!(echo.0.lock().unwrap().len(), 3);
+        // Only the five well-formed requests reached the VM.
+        assert_eq!(echo.0.lock().unwrap().len(), 5);
         // A second VMM cannot take over a live socket.
         assert!(bind(&p).is_err());
         stop.store(true, Ordering::Release);

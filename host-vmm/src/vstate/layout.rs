@@ -45,7 +45,7 @@ pub const BAR0_DEFAULT: u64 = 0xE000_0000;
 /// The address the VMM assigns the expansion-ROM BAR (not enabled) before the payload runs.
 pub const ROM_DEFAULT: u64 = 0xE010_0000;
 /// CONFIG_ADDRESS of the reference device (bus 0, device 1, function 0), register 0.
-pub const DEVICE_CONFIG_BASE: u32 = 0x8000_0000 | ((crate::pci::DEVICE_SLOT as u32) << 11);
+pub const DEVICE_CONFIG_BASE: u32 = 0x8000_0000 | ((crate::devices::pci::DEVICE_SLOT as u32) << 11);
 /// TSS address KVM wants for its real-mode emulation (unused in long mode).
 pub const TSS_ADDR: usize = 0xfffb_d000;
 

@@ -10,8 +10,8 @@
 //! already retired the instruction when it exits, so RIP is past it (mid-`rep`, at
 //! it with the registers of the remaining iterations).
 
-use crate::engine::{Outcome, PolicyEngine};
-use crate::vm::Verdict;
+use crate::policy::engine::{Outcome, PolicyEngine};
+use crate::vstate::vm::Verdict;
 use iced_x86::{
     Decoder, DecoderOptions, Formatter, Instruction, InstructionInfoFactory, IntelFormatter,
     OpAccess, Register,
@@ -431,9 +431,9 @@ mod tests {
     /// Identity-mapped guest (the VMM's own tables) with `code` at 0x10_0000.
     fn guest(code: &[u8]) -> (GuestMemoryMmap, kvm_sregs) {
         let m = mem();
-        crate::layout::write_system_tables(&m).expect("tables");
+        crate::vstate::layout::write_system_tables(&m).expect("tables");
         m.write_slice(code, GuestAddress(0x10_0000)).expect("code");
-        let sregs = crate::layout::long_mode_sregs(kvm_sregs::default());
+        let sregs = crate::vstate::layout::long_mode_sregs(kvm_sregs::default());
         (m, sregs)
     }
 

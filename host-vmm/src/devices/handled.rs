@@ -4,7 +4,7 @@
 //! through the module table, so a handler patched in while vCPUs are quiesced takes
 //! effect on the next access, and a call in flight in an old handler is re-dispatched.
 
-use crate::modules::{HandlerAction, NativeHandler, Slot};
+use crate::lifecycle::modules::{HandlerAction, NativeHandler, Slot};
 use hilrig_device::device::{Device, DeviceError, ResetKind};
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU64, Ordering};

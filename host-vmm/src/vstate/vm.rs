@@ -1,12 +1,12 @@
 //! The VM: KVM setup, vCPU threads, exit dispatch, watchdog and verdicts.
 
-use crate::backend::Backend;
-use crate::engine::{AlarmConfig, Outcome, PolicyEngine, PolicyReport};
+use crate::devices::backend::Backend;
+use crate::devices::pci::{PciBus, Route};
+use crate::devices::plan::{DirectWindow, PagePlan, SlotRange, TrapSet};
 use crate::error::VmmError;
-use crate::layout::*;
-use crate::pci::{PciBus, Route};
-use crate::plan::{DirectWindow, PagePlan, SlotRange, TrapSet};
+use crate::policy::engine::{AlarmConfig, Outcome, PolicyEngine, PolicyReport};
 use crate::policy::Profile;
+use crate::vstate::layout::*;
 use hilrig_device::regmap::BAR0_SIZE;
 use hilrig_device::Device;
 use kvm_bindings::{kvm_run, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
@@ -143,20 +143,19 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    /// The process exit status for this verdict: 0 pass, 1 guest failure code,
-    /// 3 watchdog, 4 triple fault, 5 bad access, 6 unknown exit, 7 no verdict,
-    /// 8 internal error, 9 stopped from outside (2 is left to usage errors at the CLI edge).
-    pub fn exit_status(&self) -> u8 {
+    /// The process exit status for this verdict ([`ExitStatus`]; usage errors and a
+    /// refused device are decided at the CLI edge).
+    pub fn exit_status(&self) -> ExitStatus {
         match self {
-            Verdict::Pass => 0,
-            Verdict::Fail { .. } => 1,
-            Verdict::Timeout { .. } => 3,
-            Verdict::TripleFault { .. } => 4,
-            Verdict::BadAccess { .. } => 5,
-            Verdict::UnknownExit { .. } => 6,
-            Verdict::NoVerdict => 7,
-            Verdict::Internal(_) => 8,
-            Verdict::Stopped(_) => 9,
+            Verdict::Pass => ExitStatus::Pass,
+            Verdict::Fail { .. } => ExitStatus::Fail,
+            Verdict::Timeout { .. } => ExitStatus::Timeout,
+            Verdict::TripleFault { .. } => ExitStatus::TripleFault,
+            Verdict::BadAccess { .. } => ExitStatus::BadAccess,
+            Verdict::UnknownExit { .. } => ExitStatus::UnknownExit,
+            Verdict::NoVerdict => ExitStatus::NoVerdict,
+            Verdict::Internal(_) => ExitStatus::VmmError,
+            Verdict::Stopped(_) => ExitStatus::Stopped,
         }
     }
 
@@ -207,119 +206,7 @@ impl std::fmt::Display for Verdict {
     }
 }
 
-/// Exit counts by kind (summed over vCPUs).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub struct ExitCounts {
-    /// MMIO reads that trapped.
-    pub mmio_read: u64,
-    /// MMIO writes that trapped.
-    pub mmio_write: u64,
-    /// Port reads.
-    pub io_in: u64,
-    /// Port writes.
-    pub io_out: u64,
-    /// HLT.
-    pub hlt: u64,
-    /// Interrupted KVM_RUN (kicks).
-    pub intr: u64,
-    /// Shutdown, unknown and failed entries.
-    pub other: u64,
-    /// How long the VMM took to handle each trapped MMIO access.
-    pub trap_latency: TrapLatency,
-}
-
-/// MMIO trap handling times (from the exit reaching the VMM to the access done,
-/// policy, device and all): a log2 histogram, bucket `i` counting accesses handled
-/// in `[2^i, 2^(i+1))` ns.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub struct TrapLatency {
-    /// Counts per log2-nanosecond bucket.
-    pub log2_ns: [u64; 32],
-}
-
-impl TrapLatency {
-    /// Count one access handled in `d`.
-    #[inline]
-    pub fn record(&mut self, d: Duration) {
-        self.record_ns(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-    }
-
-    /// Count one access handled in `ns` nanoseconds.
-    #[inline]
-    pub fn record_ns(&mut self, ns: u64) {
-        let i = (63 - ns.max(1).leading_zeros() as usize).min(31);
-        self.log2_ns[i] += 1;
-    }
-
-    fn add(&mut self, o: &TrapLatency) {
-        for (a, b) in self.log2_ns.iter_mut().zip(o.log2_ns) {
-            *a += b;
-        }
-    }
-
-    /// Accesses counted.
-    pub fn count(&self) -> u64 {
-        self.log2_ns.iter().sum()
-    }
-
-    /// The upper bound (ns) of the bucket holding the `q` quantile (0..=1), or 0
-    /// with nothing counted.
-    pub fn quantile_ns(&self, q: f64) -> u64 {
-        let n = self.count();
-        if n == 0 {
-            return 0;
-        }
-        let want = ((q.clamp(0.0, 1.0) * n as f64).ceil() as u64).max(1);
-        let mut seen = 0;
-        for (i, c) in self.log2_ns.iter().enumerate() {
-            seen += c;
-            if seen >= want {
-                return 1u64 << (i + 1);
-            }
-        }
-        1u64 << 32
-    }
-}
-
-impl ExitCounts {
-    fn add(&mut self, o: &ExitCounts) {
-        self.trap_latency.add(&o.trap_latency);
-        self.mmio_read += o.mmio_read;
-        self.mmio_write += o.mmio_write;
-        self.io_in += o.io_in;
-        self.io_out += o.io_out;
-        self.hlt += o.hlt;
-        self.intr += o.intr;
-        self.other += o.other;
-    }
-
-    /// All MMIO exits.
-    pub fn mmio(&self) -> u64 {
-        self.mmio_read + self.mmio_write
-    }
-
-    /// All exits.
-    pub fn total(&self) -> u64 {
-        self.mmio() + self.io_in + self.io_out + self.hlt + self.intr + self.other
-    }
-}
-
-impl std::fmt::Display for ExitCounts {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "mmio-read {}, mmio-write {}, io-in {}, io-out {}, hlt {}, intr {}, other {} (total {})",
-            self.mmio_read,
-            self.mmio_write,
-            self.io_in,
-            self.io_out,
-            self.hlt,
-            self.intr,
-            self.other,
-            self.total()
-        )
-    }
-}
+pub use hilrig_vmm_api::{ExitCounts, ExitStatus, TrapLatency};
 
 /// What a finished run tells.
 pub struct RunReport {
@@ -348,9 +235,9 @@ pub struct RunReport {
     /// Vector features the guest was given (AVX availability).
     pub vector: VectorFeatures,
     /// The teardown record, if the tenant was torn down.
-    pub teardown: Option<crate::teardown::TeardownRecord>,
+    pub teardown: Option<crate::lifecycle::teardown::TeardownRecord>,
     /// Blackouts of pauses and patches.
-    pub blackouts: Vec<crate::quiesce::Blackout>,
+    pub blackouts: Vec<crate::lifecycle::quiesce::Blackout>,
     /// Patches applied.
     pub patches: Vec<crate::lifecycle::PatchEvent>,
 }
@@ -463,9 +350,9 @@ pub(crate) struct Shared {
     /// KVM copies the registers into `kvm_run` on every exit (for alarms' RIP).
     pub(crate) sync_regs: bool,
     /// Where vCPUs park while the VMM acts (pause, patch, teardown).
-    pub(crate) rv: Arc<crate::quiesce::Rendezvous>,
+    pub(crate) rv: Arc<crate::lifecycle::quiesce::Rendezvous>,
     /// The patchable components.
-    pub(crate) modules: crate::patch::ModuleTable,
+    pub(crate) modules: crate::lifecycle::patch::ModuleTable,
     /// Pause/patch/teardown state and settings.
     pub(crate) life: crate::lifecycle::Life,
 }
@@ -688,7 +575,7 @@ pub fn check_config(config: &VmConfig) -> Result<(), VmmError> {
 impl Vm {
     /// Create the VM: KVM, guest memory, system tables, payload, PCI, vCPUs.
     pub fn new(config: VmConfig, backend: Backend) -> Result<Vm, VmmError> {
-        crate::ticks::calibrate();
+        crate::vstate::ticks::calibrate();
         let start = Instant::now();
         check_config(&config)?;
         install_kick_handler()?;
@@ -825,15 +712,17 @@ impl Vm {
             windows: backend_windows,
             ..
         } = backend;
-        let modules =
-            crate::patch::ModuleTable::new(config.policy.clone(), crate::lifecycle::module_alarm);
-        let device: Box<dyn Device> = Box::new(crate::handled::HandledDevice::new(
+        let modules = crate::lifecycle::patch::ModuleTable::new(
+            config.policy.clone(),
+            crate::lifecycle::module_alarm,
+        );
+        let device: Box<dyn Device> = Box::new(crate::devices::handled::HandledDevice::new(
             device,
             modules.handler.clone(),
         ));
         let life = crate::lifecycle::Life::new(config.lifecycle.clone());
         let shared = Arc::new(Shared {
-            rv: Arc::new(crate::quiesce::Rendezvous::new()),
+            rv: Arc::new(crate::lifecycle::quiesce::Rendezvous::new()),
             modules,
             life,
             mem: mem.clone(),
@@ -896,13 +785,13 @@ impl Vm {
         let control_stop = Arc::new(AtomicBool::new(false));
         let control = match &self.config.control {
             Some(path) => {
-                let l = crate::control::bind(path).map_err(|e| {
+                let l = crate::lifecycle::control::bind(path).map_err(|e| {
                     VmmError::Config(format!("control socket {}: {e}", path.display()))
                 })?;
                 let ctl = Arc::new(crate::lifecycle::VmControl(Arc::downgrade(&self.shared)));
                 Some((
                     path.clone(),
-                    crate::control::serve(l, ctl, control_stop.clone()),
+                    crate::lifecycle::control::serve(l, ctl, control_stop.clone()),
                 ))
             }
             None => None,
@@ -977,7 +866,7 @@ impl Vm {
             control_stop.store(true, Ordering::Release);
             let _ = t.join();
             // A request that ended the VM (teardown) is still being answered.
-            crate::control::drain(&in_flight, Duration::from_secs(5));
+            crate::lifecycle::control::drain(&in_flight, Duration::from_secs(5));
             let _ = std::fs::remove_file(&path);
         }
         let teardown = self.shared.life.teardown_record();
@@ -1033,12 +922,12 @@ fn policy_exit(
     vcpu: &mut VcpuFd,
     shared: &Shared,
     p: Pending,
-    cache: &mut crate::fault::SiteCache,
+    cache: &mut crate::policy::fault::SiteCache,
 ) -> Result<bool, Verdict> {
     let Some(engine) = shared.policy.as_deref() else {
         return Ok(true);
     };
-    let ctx = crate::fault::Ctx {
+    let ctx = crate::policy::fault::Ctx {
         mem: &shared.mem,
         engine,
         stop: &shared.stop,
@@ -1105,11 +994,12 @@ fn split_store(
     vcpu: &mut VcpuFd,
     shared: &Shared,
     engine: &PolicyEngine,
-    ctx: &crate::fault::Ctx<'_>,
+    ctx: &crate::policy::fault::Ctx<'_>,
     p: Pending,
-    cache: &mut crate::fault::SiteCache,
+    cache: &mut crate::policy::fault::SiteCache,
 ) -> Result<Option<bool>, Verdict> {
-    let Some(size @ (16 | 32)) = crate::fault::store_size(&shared.mem, vcpu, p.addr, p.len) else {
+    let Some(size @ (16 | 32)) = crate::policy::fault::store_size(&shared.mem, vcpu, p.addr, p.len)
+    else {
         return Ok(None);
     };
     let mut pieces = [(0u64, [0u8; 8], 0usize); 4];
@@ -1215,7 +1105,7 @@ fn vcpu_loop(idx: u8, mut vcpu: VcpuFd, shared: &Shared) -> VcpuResult {
     let mut counts = ExitCounts::default();
     let mut first_exit = None;
     let mut first_mmio = None;
-    let mut site_cache = crate::fault::SiteCache::default();
+    let mut site_cache = crate::policy::fault::SiteCache::default();
     let member = shared.rv.register();
     loop {
         // Park here while the VMM acts (between exits: no access is half-decided).
@@ -1232,7 +1122,7 @@ fn vcpu_loop(idx: u8, mut vcpu: VcpuFd, shared: &Shared) -> VcpuResult {
         member.left_run();
         // A trapped access is timed from here to the end of its handling (device,
         // policy and all).
-        let t0 = crate::ticks::now();
+        let t0 = crate::vstate::ticks::now();
         let mut trapped = false;
         let next = match ran {
             Ok(exit) => {
@@ -1301,7 +1191,9 @@ fn vcpu_loop(idx: u8, mut vcpu: VcpuFd, shared: &Shared) -> VcpuResult {
             },
         }
         if trapped {
-            counts.trap_latency.record_ns(crate::ticks::ns_since(t0));
+            counts
+                .trap_latency
+                .record_ns(crate::vstate::ticks::ns_since(t0));
         }
     }
     KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
@@ -1541,31 +1433,5 @@ fn io_in(shared: &Shared, port: u16, data: &mut [u8]) {
         }
         PORT_PCI_ADDR..=0xcff => lock(&shared.pci).bus.io_read(port, data),
         _ => data.fill(0xff),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn trap_latency_buckets_and_quantiles() {
-        let mut t = TrapLatency::default();
-        assert_eq!(t.quantile_ns(0.5), 0);
-        for ns in [0u64, 1, 2, 3, 1000, 1023, 1024, 5000, u64::MAX] {
-            t.record(Duration::from_nanos(ns));
-        }
-        assert_eq!(t.log2_ns[0], 2, "0 and 1 ns");
-        assert_eq!(t.log2_ns[1], 2, "2 and 3 ns");
-        assert_eq!(t.log2_ns[9], 2, "1000 and 1023 ns");
-        assert_eq!(t.log2_ns[10], 1);
-        assert_eq!(t.log2_ns[12], 1);
-        assert_eq!(t.log2_ns[31], 1, "huge values land in the last bucket");
-        assert_eq!(t.count(), 9);
-        assert_eq!(t.quantile_ns(0.5), 1 << 10);
-        assert_eq!(t.quantile_ns(0.0), 1 << 1);
-        let mut u = t;
-        u.add(&t);
-        assert_eq!(u.count(), 18);
     }
 }

@@ -8,108 +8,104 @@
 //! the timings and the record. A failed step stops the teardown there and says which:
 //! the device is then not handed to anyone (fail closed).
 
-use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use ed25519_dalek::SigningKey;
 use hilrig_device::oob::CounterReport;
-use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
 
-/// The steps, in order.
-pub const STEPS: [&str; 7] = [
-    "pause",
-    "unmap-device",
-    "scrub-guest-memory",
-    "scrub-device-state",
-    "reset-device",
-    "read-counters",
-    "verdict",
-];
+pub use hilrig_vmm_api::teardown::{
+    RecordError, StepRecord, TeardownRecord, VerdictSummary, STEPS,
+};
+
+/// Why a teardown step failed (the record carries its words).
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// The vCPUs could be neither parked nor stopped in time.
+    #[error("{why}; {running} vCPUs still running after stopping them")]
+    Vcpus {
+        /// Why parking failed.
+        why: String,
+        /// vCPUs still in their loops.
+        running: usize,
+    },
+    /// The VMM could not change the guest's mappings.
+    #[error(transparent)]
+    Vmm(#[from] crate::VmmError),
+    /// A device access failed.
+    #[error(transparent)]
+    Device(#[from] hilrig_device::DeviceError),
+    /// Guest memory could not be scrubbed.
+    #[error("guest memory at {addr:#x}: {source}")]
+    GuestMemory {
+        /// Start of the region.
+        addr: usize,
+        /// What went wrong.
+        source: ScrubError,
+    },
+    /// Something of the tenant's is still readable after the scrub.
+    #[error("{what} reads {value:#x} after scrubbing")]
+    Residue {
+        /// The register or buffer word.
+        what: String,
+        /// What it read.
+        value: u32,
+    },
+    /// The device did not come back from its reset.
+    #[error("after FLR the ID register reads {got:#x}, not {want:#x}")]
+    NotReset {
+        /// ID read.
+        got: u32,
+        /// ID expected.
+        want: u32,
+    },
+    /// The counters could not be read out of band.
+    #[error("reading counters out of band: {0}")]
+    Oob(#[from] hilrig_device::oob::OobError),
+    /// No counters were read, so there is nothing to decide on.
+    #[error("no counters")]
+    NoCounters,
+    /// A test double's injected failure.
+    #[error("{0} failed")]
+    Injected(&'static str),
+}
+
+/// Why scrubbing a guest memory region failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ScrubError {
+    /// The region does not start on a page.
+    #[error("guest memory region is not page-aligned")]
+    Unaligned,
+    /// A system call failed.
+    #[error("{call}: {source}")]
+    Sys {
+        /// Which.
+        call: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A byte read back non-zero.
+    #[error("byte {0:#x} is not zero after scrubbing")]
+    NotZero(usize),
+    /// A page stayed resident after it was dropped.
+    #[error("page {0} is still resident after MADV_DONTNEED")]
+    Resident(usize),
+}
 
 /// What the VM provides for a teardown.
 pub trait TeardownOps {
     /// Park every vCPU (bounded: a spinning or flooding guest is kicked out).
-    fn pause(&mut self) -> Result<(), String>;
+    fn pause(&mut self) -> Result<(), StepError>;
     /// Remove every guest mapping of the device (direct pages and traps).
-    fn unmap_device(&mut self) -> Result<(), String>;
+    fn unmap_device(&mut self) -> Result<(), StepError>;
     /// Zero all guest memory and check it is zero; returns bytes scrubbed.
-    fn scrub_guest_memory(&mut self) -> Result<u64, String>;
+    fn scrub_guest_memory(&mut self) -> Result<u64, StepError>;
     /// Zero the device's tenant state (scratch, buffers) and check it; returns bytes.
-    fn scrub_device_state(&mut self) -> Result<u64, String>;
+    fn scrub_device_state(&mut self) -> Result<u64, StepError>;
     /// Function-level reset of the device, checked.
-    fn reset_device(&mut self) -> Result<(), String>;
+    fn reset_device(&mut self) -> Result<(), StepError>;
     /// Read the counters out of band.
-    fn read_counters(&mut self) -> Result<CounterReport, String>;
+    fn read_counters(&mut self) -> Result<CounterReport, StepError>;
     /// Ask the counters service for a verdict on these counters.
-    fn verdict(&mut self, counters: &CounterReport) -> Result<VerdictSummary, String>;
-}
-
-/// The counters service's answer, as recorded.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VerdictSummary {
-    /// Verdict name (trusted, accepted-update, quarantined, ...).
-    pub verdict: String,
-    /// Whether the device may go to the next tenant.
-    pub handoff_ok: bool,
-    /// Reasons.
-    pub reasons: Vec<String>,
-}
-
-/// One step's outcome.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StepRecord {
-    /// Step name.
-    pub step: String,
-    /// Duration in microseconds.
-    pub micros: u64,
-    /// Error, if the step failed (the teardown stopped there).
-    pub error: Option<String>,
-}
-
-/// The teardown record.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TeardownRecord {
-    /// Which VM / tenant.
-    pub vm: String,
-    /// Unix time (seconds) at the start.
-    pub started_unix: u64,
-    /// Steps done, in order.
-    pub steps: Vec<StepRecord>,
-    /// Whether every step succeeded.
-    pub complete: bool,
-    /// Total microseconds.
-    pub total_micros: u64,
-    /// Guest memory bytes scrubbed.
-    pub guest_bytes_scrubbed: u64,
-    /// Device tenant-state bytes scrubbed.
-    pub device_bytes_scrubbed: u64,
-    /// Counters read out of band after the reset.
-    pub counters: Option<CounterReport>,
-    /// The counters service's verdict.
-    pub verdict: Option<VerdictSummary>,
-    /// Signer's public key, hex.
-    pub signer: String,
-    /// Ed25519 signature (hex) over the record's JSON with this field empty.
-    pub signature: String,
-}
-
-impl TeardownRecord {
-    fn signing_bytes(&self) -> Vec<u8> {
-        let mut c = self.clone();
-        c.signature.clear();
-        serde_json::to_vec(&c).unwrap_or_default()
-    }
-
-    /// Verify the record's signature against `key` (and that `key` is its signer).
-    pub fn verify(&self, key: &VerifyingKey) -> Result<(), String> {
-        if hex::encode(key.as_bytes()) != self.signer {
-            return Err(format!("signed by {}, not by the given key", self.signer));
-        }
-        let sig: [u8; 64] = hex::decode(&self.signature)
-            .ok()
-            .and_then(|v| v.try_into().ok())
-            .ok_or("signature is not 128 hex digits")?;
-        key.verify_strict(&self.signing_bytes(), &Signature::from_bytes(&sig))
-            .map_err(|e| format!("signature does not verify: {e}"))
-    }
+    fn verdict(&mut self, counters: &CounterReport) -> Result<VerdictSummary, StepError>;
 }
 
 /// Run the teardown. Always returns a signed record; `complete` says whether every
@@ -135,13 +131,13 @@ pub fn run(ops: &mut dyn TeardownOps, vm: &str, key: &SigningKey) -> TeardownRec
     };
     let step = |r: &mut TeardownRecord,
                 name: &str,
-                f: &mut dyn FnMut(&mut TeardownRecord) -> Result<(), String>| {
+                f: &mut dyn FnMut(&mut TeardownRecord) -> Result<(), StepError>| {
         let t = Instant::now();
         let res = f(r);
         r.steps.push(StepRecord {
             step: name.to_string(),
             micros: micros(t.elapsed()),
-            error: res.as_ref().err().cloned(),
+            error: res.as_ref().err().map(|e| e.to_string()),
         });
         res.is_ok()
     };
@@ -159,12 +155,12 @@ pub fn run(ops: &mut dyn TeardownOps, vm: &str, key: &SigningKey) -> TeardownRec
             ops.read_counters().map(|c| r.counters = Some(c))
         })
         && step(&mut r, STEPS[6], &mut |r| {
-            let c = r.counters.ok_or("no counters")?;
+            let c = r.counters.ok_or(StepError::NoCounters)?;
             ops.verdict(&c).map(|v| r.verdict = Some(v))
         });
     r.complete = ok;
     r.total_micros = micros(start.elapsed());
-    r.signature = hex::encode(key.sign(&r.signing_bytes()).to_bytes());
+    r.sign(key);
     r
 }
 
@@ -227,17 +223,20 @@ pub unsafe fn scrub(ptr: *mut u8, len: usize) -> Result<(), usize> {
 /// # Safety
 /// As for [`scrub`]; `ptr` must be page-aligned and the start of a private anonymous
 /// mapping of at least `len` bytes.
-pub unsafe fn scrub_anonymous(ptr: *mut u8, len: usize) -> Result<u64, String> {
+pub unsafe fn scrub_anonymous(ptr: *mut u8, len: usize) -> Result<u64, ScrubError> {
     const PAGE: usize = 4096;
     if ptr as usize % PAGE != 0 {
-        return Err("guest memory region is not page-aligned".into());
+        return Err(ScrubError::Unaligned);
     }
     let t0 = std::time::Instant::now();
     let pages = len.div_ceil(PAGE);
     let mut vec = vec![0u8; pages];
     // SAFETY: a valid mapping of len bytes; vec has one byte per page.
     if unsafe { libc::mincore(ptr as *mut libc::c_void, len, vec.as_mut_ptr()) } != 0 {
-        return Err(format!("mincore: {}", std::io::Error::last_os_error()));
+        return Err(ScrubError::Sys {
+            call: "mincore",
+            source: std::io::Error::last_os_error(),
+        });
     }
     let mut zeroed = 0u64;
     let mut i = 0;
@@ -253,24 +252,26 @@ pub unsafe fn scrub_anonymous(ptr: *mut u8, len: usize) -> Result<u64, String> {
         let off = start * PAGE;
         let n = (i * PAGE).min(len) - off;
         // SAFETY: inside the mapping (caller's guarantee).
-        unsafe { scrub(ptr.add(off), n) }
-            .map_err(|at| format!("byte {:#x} is not zero after scrubbing", off + at))?;
+        unsafe { scrub(ptr.add(off), n) }.map_err(|at| ScrubError::NotZero(off + at))?;
         zeroed += n as u64;
     }
     let t_zero = t0.elapsed();
     // SAFETY: dropping pages of our own private anonymous mapping; later reads see zeros.
     if unsafe { libc::madvise(ptr as *mut libc::c_void, len, libc::MADV_DONTNEED) } != 0 {
-        return Err(format!(
-            "madvise(DONTNEED): {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(ScrubError::Sys {
+            call: "madvise(DONTNEED)",
+            source: std::io::Error::last_os_error(),
+        });
     }
     // SAFETY: as above.
     if unsafe { libc::mincore(ptr as *mut libc::c_void, len, vec.as_mut_ptr()) } != 0 {
-        return Err(format!("mincore: {}", std::io::Error::last_os_error()));
+        return Err(ScrubError::Sys {
+            call: "mincore",
+            source: std::io::Error::last_os_error(),
+        });
     }
     if let Some(p) = vec.iter().position(|&v| v & 1 != 0) {
-        return Err(format!("page {p} is still resident after MADV_DONTNEED"));
+        return Err(ScrubError::Resident(p));
     }
     tracing::debug!(len, zeroed, ?t_zero, total = ?t0.elapsed(), "guest memory scrubbed");
     Ok(zeroed)
@@ -287,10 +288,10 @@ mod tests {
     }
 
     impl Fake {
-        fn go(&mut self, s: &'static str) -> Result<(), String> {
+        fn go(&mut self, s: &'static str) -> Result<(), StepError> {
             self.calls.push(s);
             if self.fail == Some(s) {
-                Err(format!("{s} failed"))
+                Err(StepError::Injected(s))
             } else {
                 Ok(())
             }
@@ -298,22 +299,22 @@ mod tests {
     }
 
     impl TeardownOps for Fake {
-        fn pause(&mut self) -> Result<(), String> {
+        fn pause(&mut self) -> Result<(), StepError> {
             self.go("pause")
         }
-        fn unmap_device(&mut self) -> Result<(), String> {
+        fn unmap_device(&mut self) -> Result<(), StepError> {
             self.go("unmap-device")
         }
-        fn scrub_guest_memory(&mut self) -> Result<u64, String> {
+        fn scrub_guest_memory(&mut self) -> Result<u64, StepError> {
             self.go("scrub-guest-memory").map(|_| 4096)
         }
-        fn scrub_device_state(&mut self) -> Result<u64, String> {
+        fn scrub_device_state(&mut self) -> Result<u64, StepError> {
             self.go("scrub-device-state").map(|_| 64)
         }
-        fn reset_device(&mut self) -> Result<(), String> {
+        fn reset_device(&mut self) -> Result<(), StepError> {
             self.go("reset-device")
         }
-        fn read_counters(&mut self) -> Result<CounterReport, String> {
+        fn read_counters(&mut self) -> Result<CounterReport, StepError> {
             self.go("read-counters").map(|_| CounterReport {
                 counters: [1, 2, 3],
                 master: 6,
@@ -323,9 +324,9 @@ mod tests {
                 epoch: 0,
             })
         }
-        fn verdict(&mut self, _: &CounterReport) -> Result<VerdictSummary, String> {
+        fn verdict(&mut self, _: &CounterReport) -> Result<VerdictSummary, StepError> {
             self.go("verdict").map(|_| VerdictSummary {
-                verdict: "trusted".into(),
+                verdict: hilrig_device::attest::Verdict::Trusted,
                 handoff_ok: true,
                 reasons: vec![],
             })
@@ -343,7 +344,10 @@ mod tests {
             (r.guest_bytes_scrubbed, r.device_bytes_scrubbed),
             (4096, 64)
         );
-        assert_eq!(r.verdict.as_ref().unwrap().verdict, "trusted");
+        assert_eq!(
+            r.counters_verdict(),
+            Some(hilrig_device::attest::Verdict::Trusted)
+        );
         r.verify(&key.verifying_key()).unwrap();
         let mut t = r.clone();
         t.counters.as_mut().unwrap().master = 7;

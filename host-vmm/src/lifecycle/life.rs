@@ -2,17 +2,20 @@
 //! the module table, secure teardown, status and metrics — what the control socket
 //! exposes, and what the VMM does itself when a VM exits (teardown on exit).
 
-use crate::control::{Control, Request};
-use crate::modules::CallError;
-use crate::patch::{PatchAuthority, Prepared};
-use crate::quiesce::{Blackout, Paused};
-use crate::teardown::{self, TeardownOps, TeardownRecord, VerdictSummary};
-use crate::vm::Shared;
+use crate::lifecycle::control::Control;
+use crate::lifecycle::modules::CallError;
+use crate::lifecycle::patch::{PatchAuthority, Prepared};
+use crate::lifecycle::quiesce::{Blackout, Paused};
+use crate::lifecycle::teardown::{self, StepError, TeardownOps, TeardownRecord, VerdictSummary};
+use crate::vstate::vm::Shared;
 use ed25519_dalek::SigningKey;
+use hilrig_device::attest::Verdict as CountersVerdict;
 use hilrig_device::oob::{self, CounterReport};
 use hilrig_device::regmap::{Reg, BUFFER_BASE, BUFFER_SIZE, DEVICE_ID_VALUE};
 use hilrig_device::ResetKind;
-use serde_json::{json, Value};
+use hilrig_vmm_api::control::{
+    BlackoutStats, Metrics, ModuleVersions, PauseReply, Reply, Request, Response, VmState, VmStatus,
+};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -65,17 +68,57 @@ impl Default for LifecycleConfig {
     }
 }
 
-/// One applied patch.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct PatchEvent {
-    /// Component.
-    pub component: String,
-    /// Version before.
-    pub from: u64,
-    /// Version after.
-    pub to: u64,
-    /// Blackout (None when the operator already held the vCPUs paused).
-    pub blackout_us: Option<u64>,
+pub use hilrig_vmm_api::PatchEvent;
+
+/// Why a lifecycle request was refused (the control socket answers with its words).
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    /// The VM has ended.
+    #[error("the VM has finished")]
+    Finished,
+    /// The tenant was torn down: nothing more may be done to it.
+    #[error("the tenant was torn down; the VM takes no more requests")]
+    TornDown,
+    /// `pause` while paused.
+    #[error("already paused")]
+    AlreadyPaused,
+    /// `resume` while not paused.
+    #[error("not paused")]
+    NotPaused,
+    /// `quiesce` while an operator holds the VM paused.
+    #[error("paused by an operator; resume first")]
+    HeldPaused,
+    /// The vCPUs did not park.
+    #[error(transparent)]
+    Quiesce(#[from] crate::lifecycle::quiesce::QuiesceError),
+    /// The VMM was started without a patch key.
+    #[error("this VMM accepts no patches (started without a patch key)")]
+    NotPatchable,
+    /// The patch was refused before anything was touched.
+    #[error(transparent)]
+    Patch(#[from] crate::lifecycle::patch::PatchError),
+    /// A policy patch for a VM without a policy engine.
+    #[error("this VM runs without a policy engine; a policy patch has nothing to replace")]
+    NoPolicyEngine,
+    /// The new policy could not be installed.
+    #[error("replacing the policy: {0}")]
+    ReplacePolicy(crate::VmmError),
+    /// The bundle file could not be read.
+    #[error("bundle {path}: {source}")]
+    Bundle {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The bundle file is too large.
+    #[error("bundle {path} is {len} bytes; at most {MAX_BUNDLE}")]
+    BundleTooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        len: u64,
+    },
 }
 
 /// Lifecycle state of a VM.
@@ -159,62 +202,71 @@ impl Shared {
         *lock(&self.life.baseline) = c;
     }
 
-    fn pause_now(&self) -> Result<Paused, String> {
-        self.rv
-            .pause(&|| self.kick_all(), self.life.cfg.pause_bound)
-            .map_err(|e| e.to_string())
+    fn pause_now(&self) -> Result<Paused, LifecycleError> {
+        Ok(self
+            .rv
+            .pause(&|| self.kick_all(), self.life.cfg.pause_bound)?)
     }
 
     /// Park every vCPU until [`Shared::resume`] (control `pause`).
-    pub(crate) fn pause(&self) -> Result<Value, String> {
+    pub(crate) fn pause(&self) -> Result<PauseReply, LifecycleError> {
         let _op = lock(&self.life.op);
         if lock(&self.life.paused).is_some() {
-            return Err("already paused".into());
+            return Err(LifecycleError::AlreadyPaused);
         }
         let p = self.pause_now()?;
-        let v = json!({"vcpus": p.vcpus()});
+        let v = PauseReply {
+            vcpus: p.vcpus(),
+            blackout_us: None,
+            park_us: None,
+        };
         *lock(&self.life.paused) = Some(p);
         Ok(v)
     }
 
     /// Resume after [`Shared::pause`]; returns the blackout.
-    pub(crate) fn resume(&self) -> Result<Value, String> {
+    pub(crate) fn resume(&self) -> Result<PauseReply, LifecycleError> {
         let _op = lock(&self.life.op);
-        let p = lock(&self.life.paused).take().ok_or("not paused")?;
+        let p = lock(&self.life.paused)
+            .take()
+            .ok_or(LifecycleError::NotPaused)?;
         let b = p.resume();
         lock(&self.life.blackouts).push(b);
-        Ok(json!({"vcpus": b.vcpus, "blackout_us": us(b.total)}))
+        Ok(PauseReply {
+            vcpus: b.vcpus,
+            blackout_us: Some(us(b.total)),
+            park_us: None,
+        })
     }
 
     /// Pause and resume at once (the bare blackout, for measurements).
-    pub(crate) fn quiesce(&self) -> Result<Value, String> {
+    pub(crate) fn quiesce(&self) -> Result<PauseReply, LifecycleError> {
         let _op = lock(&self.life.op);
         if lock(&self.life.paused).is_some() {
-            return Err("paused by an operator; resume first".into());
+            return Err(LifecycleError::HeldPaused);
         }
         let b = self.pause_now()?.resume();
         lock(&self.life.blackouts).push(b);
-        Ok(json!({"vcpus": b.vcpus, "blackout_us": us(b.total), "park_us": us(b.park)}))
+        Ok(PauseReply {
+            vcpus: b.vcpus,
+            blackout_us: Some(us(b.total)),
+            park_us: Some(us(b.park)),
+        })
     }
 
     /// Apply a signed patch bundle: verify and prepare everything first (a refused
     /// patch leaves the VM running and unchanged), then quiesce, swap, resume.
-    pub(crate) fn patch(&self, bytes: &[u8]) -> Result<PatchEvent, String> {
+    pub(crate) fn patch(&self, bytes: &[u8]) -> Result<PatchEvent, LifecycleError> {
         let _op = lock(&self.life.op);
         let auth = self
             .life
             .cfg
             .patch
             .as_ref()
-            .ok_or("this VMM accepts no patches (started without a patch key)")?;
-        let prepared = auth
-            .prepare(bytes, &self.modules, &self.life.cfg.profile_name)
-            .map_err(|e| e.to_string())?;
+            .ok_or(LifecycleError::NotPatchable)?;
+        let prepared = auth.prepare(bytes, &self.modules, &self.life.cfg.profile_name)?;
         if matches!(prepared, Prepared::Policy { .. }) && self.policy.is_none() {
-            return Err(
-                "this VM runs without a policy engine; a policy patch has nothing to replace"
-                    .into(),
-            );
+            return Err(LifecycleError::NoPolicyEngine);
         }
         let held = lock(&self.life.paused).take();
         let was_held = held.is_some();
@@ -228,14 +280,14 @@ impl Shared {
                 let profile = Arc::new(profile);
                 if let Err(e) = self.replace_policy(profile.clone()) {
                     drop(paused);
-                    return Err(format!("replacing the policy: {e}"));
+                    return Err(LifecycleError::ReplacePolicy(e));
                 }
                 let from = self.modules.policy.replace(Some(profile), version);
-                (crate::patch::POLICY, from, version)
+                (crate::lifecycle::patch::POLICY, from, version)
             }
             Prepared::Handler { version, handler } => {
                 let from = self.modules.handler.replace(Some(handler), version);
-                (crate::patch::DEVICE_HANDLER, from, version)
+                (crate::lifecycle::patch::DEVICE_HANDLER, from, version)
             }
         };
         let blackout_us = if was_held {
@@ -269,7 +321,7 @@ impl Shared {
         {
             let mut v = lock(&self.verdict);
             if v.is_none() {
-                *v = Some(crate::vm::Verdict::Stopped("torn down".into()));
+                *v = Some(crate::vstate::vm::Verdict::Stopped("torn down".into()));
             }
         }
         let held = lock(&self.life.paused).take();
@@ -282,7 +334,7 @@ impl Shared {
         // The tenant is gone: end the VM, then let the parked vCPUs go (they see stop).
         self.stop.store(true, Ordering::SeqCst);
         drop(ops);
-        self.finish(crate::vm::Verdict::Stopped("torn down".into()));
+        self.finish(crate::vstate::vm::Verdict::Stopped("torn down".into()));
         if let Some(p) = &self.life.cfg.teardown_record {
             match serde_json::to_vec_pretty(&record) {
                 Ok(bytes) => {
@@ -297,35 +349,45 @@ impl Shared {
         record
     }
 
-    fn status(&self) -> Value {
+    fn status(&self) -> VmStatus {
         let verdict = lock(&self.verdict).as_ref().map(|v| v.to_string());
-        json!({
-            "state": if verdict.is_some() { "finished" } else { "running" },
-            "verdict": verdict,
-            "uptime_ms": self.start.elapsed().as_millis() as u64,
-            "vcpus": self.rv.live(),
-            "paused": lock(&self.life.paused).is_some(),
-            "profile": self.life.cfg.profile_name,
-            "versions": {
-                crate::patch::POLICY: self.modules.policy.version(),
-                crate::patch::DEVICE_HANDLER: self.modules.handler.version(),
+        VmStatus {
+            state: if verdict.is_some() {
+                VmState::Finished
+            } else {
+                VmState::Running
             },
-            "patchable": self.life.cfg.patch.is_some(),
-            "torn_down": lock(&self.life.teardown).is_some(),
-        })
+            verdict,
+            uptime_ms: self.start.elapsed().as_millis() as u64,
+            vcpus: self.rv.live(),
+            paused: lock(&self.life.paused).is_some(),
+            profile: self.life.cfg.profile_name.clone(),
+            versions: ModuleVersions {
+                policy: self.modules.policy.version(),
+                device_handler: self.modules.handler.version(),
+            },
+            patchable: self.life.cfg.patch.is_some(),
+            torn_down: lock(&self.life.teardown).is_some(),
+        }
     }
 
-    fn metrics(&self) -> Value {
+    fn metrics(&self) -> Metrics {
         let b = self.life.blackouts();
-        let (median, p99, max) = percentiles(&b);
-        json!({
-            "blackouts": {"count": b.len(), "median_us": median, "p99_us": p99, "max_us": max},
-            "patches": self.life.patches(),
-            "policy": self.policy.as_ref().map(|e| e.metrics()),
-            "module_alarms": MODULE_ALARMS.load(Ordering::Relaxed),
-            "module_retries": self.modules.policy.retries() + self.modules.handler.retries(),
-            "stale_module_calls": self.modules.policy.stale_calls() + self.modules.handler.stale_calls(),
-        })
+        let (median_us, p99_us, max_us) = percentiles(&b);
+        Metrics {
+            blackouts: BlackoutStats {
+                count: b.len(),
+                median_us,
+                p99_us,
+                max_us,
+            },
+            patches: self.life.patches(),
+            policy: self.policy.as_ref().map(|e| e.metrics().summary),
+            module_alarms: MODULE_ALARMS.load(Ordering::Relaxed),
+            module_retries: self.modules.policy.retries() + self.modules.handler.retries(),
+            stale_module_calls: self.modules.policy.stale_calls()
+                + self.modules.handler.stale_calls(),
+        }
     }
 }
 
@@ -341,7 +403,7 @@ impl VmTeardown<'_> {
 }
 
 impl TeardownOps for VmTeardown<'_> {
-    fn pause(&mut self) -> Result<(), String> {
+    fn pause(&mut self) -> Result<(), StepError> {
         if self.paused.is_some() {
             return Ok(());
         }
@@ -358,10 +420,10 @@ impl TeardownOps for VmTeardown<'_> {
                 let deadline = Instant::now() + 4 * self.shared.life.cfg.pause_bound;
                 while self.shared.rv.live() > 0 {
                     if Instant::now() > deadline {
-                        return Err(format!(
-                            "{e}; {} vCPUs still running after stopping them",
-                            self.shared.rv.live()
-                        ));
+                        return Err(StepError::Vcpus {
+                            why: e.to_string(),
+                            running: self.shared.rv.live(),
+                        });
                     }
                     self.shared.kick_all();
                     std::thread::sleep(Duration::from_millis(1));
@@ -371,106 +433,130 @@ impl TeardownOps for VmTeardown<'_> {
         }
     }
 
-    fn unmap_device(&mut self) -> Result<(), String> {
-        self.shared
-            .unmap_device()
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+    fn unmap_device(&mut self) -> Result<(), StepError> {
+        self.shared.unmap_device()?;
+        Ok(())
     }
 
-    fn scrub_guest_memory(&mut self) -> Result<u64, String> {
+    fn scrub_guest_memory(&mut self) -> Result<u64, StepError> {
         let mut total = 0u64;
         for (ptr, len) in self.shared.guest_ram() {
             // SAFETY: guest RAM: private anonymous mappings of this VM (vm-memory's
             // from_ranges); every vCPU is parked or stopped and the device is unmapped,
             // so nothing else uses the memory.
-            unsafe { teardown::scrub_anonymous(ptr, len) }
-                .map_err(|e| format!("guest memory at {ptr:p}: {e}"))?;
+            unsafe { teardown::scrub_anonymous(ptr, len) }.map_err(|source| {
+                StepError::GuestMemory {
+                    addr: ptr as usize,
+                    source,
+                }
+            })?;
             total += len as u64;
         }
         Ok(total)
     }
 
-    fn scrub_device_state(&mut self) -> Result<u64, String> {
+    fn scrub_device_state(&mut self) -> Result<u64, StepError> {
         let mut dev = self.dev();
-        let e = |x: hilrig_device::DeviceError| x.to_string();
         // A wedged device (the hang magic) ignores writes and reads all-ones: reset it
         // first so the scrub can act and be checked (the reset step follows anyway).
-        if dev.read32(Reg::Id.offset()).map_err(e)? != DEVICE_ID_VALUE {
-            dev.reset(ResetKind::Flr).map_err(e)?;
+        if dev.read32(Reg::Id.offset())? != DEVICE_ID_VALUE {
+            dev.reset(ResetKind::Flr)?;
         }
         let scratch = Reg::Scratch.def();
         let mut words: Vec<u32> = (0..scratch.count).map(|i| scratch.offset + 4 * i).collect();
         words.push(Reg::Doorbell.offset());
         words.push(Reg::Control.offset());
         for &w in &words {
-            dev.write32(w, 0).map_err(e)?;
+            dev.write32(w, 0)?;
         }
-        dev.write32(Reg::IrqStatus.offset(), u32::MAX).map_err(e)?;
+        dev.write32(Reg::IrqStatus.offset(), u32::MAX)?;
         for i in 0..(BUFFER_SIZE / 4) as u32 {
-            dev.write_word(BUFFER_BASE + 4 * i, 0, 0xf).map_err(e)?;
+            dev.write_word(BUFFER_BASE + 4 * i, 0, 0xf)?;
         }
         // Check: nothing of the tenant's is readable any more.
         for &w in &words {
-            let v = dev.read32(w).map_err(e)?;
+            let v = dev.read32(w)?;
             if v != 0 {
-                return Err(format!(
-                    "{} reads {v:#x} after scrubbing",
-                    crate::policy::register_name(w)
-                ));
+                return Err(StepError::Residue {
+                    what: crate::policy::register_name(w),
+                    value: v,
+                });
             }
         }
         for i in 0..(BUFFER_SIZE / 4) as u32 {
-            let v = dev.read_word(BUFFER_BASE + 4 * i, 0xf).map_err(e)?;
+            let v = dev.read_word(BUFFER_BASE + 4 * i, 0xf)?;
             if v != 0 {
-                return Err(format!("BUFFER[{i}] reads {v:#x} after scrubbing"));
+                return Err(StepError::Residue {
+                    what: format!("BUFFER[{i}]"),
+                    value: v,
+                });
             }
         }
         Ok(((words.len() + 1) * 4 + BUFFER_SIZE) as u64)
     }
 
-    fn reset_device(&mut self) -> Result<(), String> {
+    fn reset_device(&mut self) -> Result<(), StepError> {
         let mut dev = self.dev();
-        dev.reset(ResetKind::Flr).map_err(|e| e.to_string())?;
-        let id = dev.read32(Reg::Id.offset()).map_err(|e| e.to_string())?;
+        dev.reset(ResetKind::Flr)?;
+        let id = dev.read32(Reg::Id.offset())?;
         if id != DEVICE_ID_VALUE {
-            return Err(format!(
-                "after FLR the ID register reads {id:#x}, not {DEVICE_ID_VALUE:#x}"
-            ));
+            return Err(StepError::NotReset {
+                got: id,
+                want: DEVICE_ID_VALUE,
+            });
         }
         Ok(())
     }
 
-    fn read_counters(&mut self) -> Result<CounterReport, String> {
+    fn read_counters(&mut self) -> Result<CounterReport, StepError> {
         let mut dev = self.dev();
-        oob::read_counters(&mut **dev).map_err(|e| format!("reading counters out of band: {e}"))
+        Ok(oob::read_counters(&mut **dev)?)
     }
 
-    fn verdict(&mut self, counters: &CounterReport) -> Result<VerdictSummary, String> {
+    fn verdict(&mut self, counters: &CounterReport) -> Result<VerdictSummary, StepError> {
         if let Some((db, key)) = self.shared.life.cfg.counters.clone() {
             return Ok(self
                 .service_verdict(&db, &key, counters)
                 .unwrap_or_else(|e| VerdictSummary {
                     // Fail closed: an unreachable or failing service is never "trusted".
-                    verdict: "unverifiable".into(),
+                    verdict: CountersVerdict::Unverifiable,
                     handoff_ok: false,
-                    reasons: vec![e],
+                    reasons: vec![e.to_string()],
                 }));
         }
         let Some(base) = *lock(&self.shared.life.baseline) else {
             return Ok(VerdictSummary {
-                verdict: "unverifiable".into(),
+                verdict: CountersVerdict::Unverifiable,
                 handoff_ok: false,
                 reasons: vec!["no counter baseline was read at VM start".into()],
             });
         };
         let (v, reasons) = hilrig_counters::compare(&base, counters);
         Ok(VerdictSummary {
-            verdict: v.to_string(),
-            handoff_ok: v == hilrig_counters::Verdict::Trusted,
+            verdict: v,
+            handoff_ok: v == CountersVerdict::Trusted,
             reasons,
         })
     }
+}
+
+/// Why the counters service gave no verdict (recorded as `unverifiable`).
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The device did not answer out of band.
+    #[error(transparent)]
+    Oob(#[from] hilrig_device::oob::OobError),
+    /// The device answered with something else.
+    #[error("{request} answered {answer}")]
+    Unexpected {
+        /// The request.
+        request: String,
+        /// The answer.
+        answer: String,
+    },
+    /// The service failed.
+    #[error(transparent)]
+    Counters(#[from] hilrig_counters::Error),
 }
 
 impl VmTeardown<'_> {
@@ -480,35 +566,40 @@ impl VmTeardown<'_> {
         db: &str,
         key: &std::path::Path,
         counters: &CounterReport,
-    ) -> Result<VerdictSummary, String> {
+    ) -> Result<VerdictSummary, ServiceError> {
         use hilrig_device::oob::{Request, Response};
         let mut dev = self.dev();
-        let serial =
-            match oob::request_device(&mut **dev, &Request::Identify).map_err(|e| e.to_string())? {
-                Response::Identity { serial, .. } => serial,
-                other => return Err(format!("IDENTIFY answered {other:?}")),
-            };
+        let serial = match oob::request_device(&mut **dev, &Request::Identify)? {
+            Response::Identity { serial, .. } => serial,
+            other => {
+                return Err(ServiceError::Unexpected {
+                    request: "IDENTIFY".into(),
+                    answer: format!("{other:?}"),
+                })
+            }
+        };
         let mut hashes = [[0u8; 32]; 3];
         for r in hilrig_device::Region::ALL {
-            match oob::request_device(&mut **dev, &Request::ReadHash(r))
-                .map_err(|e| e.to_string())?
-            {
+            match oob::request_device(&mut **dev, &Request::ReadHash(r))? {
                 Response::Hash { sha256, .. } => hashes[r as usize] = sha256,
-                other => return Err(format!("READ_HASH {r} answered {other:?}")),
+                other => {
+                    return Err(ServiceError::Unexpected {
+                        request: format!("READ_HASH {r}"),
+                        answer: format!("{other:?}"),
+                    })
+                }
             }
         }
         drop(dev);
-        let key = hilrig_counters::mac::Key::load(key).map_err(|e| e.to_string())?;
-        let mut svc = hilrig_counters::Service::open(db, key).map_err(|e| e.to_string())?;
+        let key = hilrig_counters::mac::Key::load(key)?;
+        let mut svc = hilrig_counters::Service::open(db, key)?;
         let obs = hilrig_counters::Observation {
             report: *counters,
             hashes,
         };
-        let r = svc
-            .verify_observation(serial, Ok(obs))
-            .map_err(|e| e.to_string())?;
+        let r = svc.verify_observation(serial, Ok(obs))?;
         Ok(VerdictSummary {
-            verdict: r.decision.verdict.to_string(),
+            verdict: r.decision.verdict,
             handoff_ok: r.trusted(),
             reasons: r.decision.reasons.clone(),
         })
@@ -518,36 +609,37 @@ impl VmTeardown<'_> {
 /// The control socket's view of a VM.
 pub struct VmControl(pub(crate) Weak<Shared>);
 
-impl Control for VmControl {
-    fn handle(&self, req: Request) -> Result<Value, String> {
-        let s = self.0.upgrade().ok_or("the VM has finished")?;
-        match req {
-            Request::Status {} => Ok(s.status()),
-            Request::Metrics {} => Ok(s.metrics()),
-            Request::Pause {} => s.pause(),
-            Request::Resume {} => s.resume(),
-            Request::Quiesce {} => s.quiesce(),
+impl VmControl {
+    fn handle_typed(&self, req: Request) -> Result<Reply, LifecycleError> {
+        let s = self.0.upgrade().ok_or(LifecycleError::Finished)?;
+        Ok(match req {
+            Request::Status {} => Reply::Status(s.status()),
+            Request::Metrics {} => Reply::Metrics(Box::new(s.metrics())),
+            Request::Pause {} => Reply::Pause(s.pause()?),
+            Request::Resume {} => Reply::Resume(s.resume()?),
+            Request::Quiesce {} => Reply::Quiesce(s.quiesce()?),
             Request::Patch { bundle } => {
-                let meta = std::fs::metadata(&bundle)
-                    .map_err(|e| format!("bundle {}: {e}", bundle.display()))?;
+                let err = |source| LifecycleError::Bundle {
+                    path: bundle.clone(),
+                    source,
+                };
+                let meta = std::fs::metadata(&bundle).map_err(err)?;
                 if meta.len() > MAX_BUNDLE {
-                    return Err(format!(
-                        "bundle {} is {} bytes; at most {MAX_BUNDLE}",
-                        bundle.display(),
-                        meta.len()
-                    ));
+                    return Err(LifecycleError::BundleTooLarge {
+                        path: bundle.clone(),
+                        len: meta.len(),
+                    });
                 }
-                let bytes = std::fs::read(&bundle)
-                    .map_err(|e| format!("bundle {}: {e}", bundle.display()))?;
-                let ev = s.patch(&bytes)?;
-                serde_json::to_value(ev).map_err(|e| e.to_string())
+                let bytes = std::fs::read(&bundle).map_err(err)?;
+                Reply::Patch(s.patch(&bytes)?)
             }
-            Request::Teardown {} => {
-                let r = s.teardown();
-                serde_json::to_value(r)
-                    .map(|r| json!({"record": r}))
-                    .map_err(|e| e.to_string())
-            }
-        }
+            Request::Teardown {} => Reply::Teardown(Box::new(s.teardown())),
+        })
+    }
+}
+
+impl Control for VmControl {
+    fn handle(&self, req: Request) -> Response {
+        self.handle_typed(req).map_err(|e| e.to_string())
     }
 }

@@ -1,0 +1,410 @@
+//! [`RunSummary`]: what a VMM run tells its caller (`--json` prints it; campaigns,
+//! rollout and the rig read it back), and the records inside it.
+
+use crate::exit::ExitStatus;
+use crate::teardown::TeardownRecord;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// Exit counts by kind (summed over vCPUs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitCounts {
+    /// MMIO reads that trapped.
+    pub mmio_read: u64,
+    /// MMIO writes that trapped.
+    pub mmio_write: u64,
+    /// Port reads.
+    pub io_in: u64,
+    /// Port writes.
+    pub io_out: u64,
+    /// HLT.
+    pub hlt: u64,
+    /// Interrupted KVM_RUN (kicks).
+    pub intr: u64,
+    /// Shutdown, unknown and failed entries.
+    pub other: u64,
+    /// How long the VMM took to handle each trapped MMIO access.
+    #[serde(default)]
+    pub trap_latency: TrapLatency,
+}
+
+impl ExitCounts {
+    /// Add another vCPU's counts.
+    pub fn add(&mut self, o: &ExitCounts) {
+        self.mmio_read += o.mmio_read;
+        self.mmio_write += o.mmio_write;
+        self.io_in += o.io_in;
+        self.io_out += o.io_out;
+        self.hlt += o.hlt;
+        self.intr += o.intr;
+        self.other += o.other;
+        self.trap_latency.add(&o.trap_latency);
+    }
+
+    /// Trapped MMIO exits.
+    pub fn mmio(&self) -> u64 {
+        self.mmio_read + self.mmio_write
+    }
+
+    /// Every exit.
+    pub fn total(&self) -> u64 {
+        self.mmio() + self.io_in + self.io_out + self.hlt + self.intr + self.other
+    }
+}
+
+impl std::fmt::Display for ExitCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "mmio-read {}, mmio-write {}, io-in {}, io-out {}, hlt {}, intr {}, other {} (total {})",
+            self.mmio_read,
+            self.mmio_write,
+            self.io_in,
+            self.io_out,
+            self.hlt,
+            self.intr,
+            self.other,
+            self.total()
+        )
+    }
+}
+
+/// MMIO trap handling times (from the exit reaching the VMM to the access done,
+/// policy, device and all): a log2 histogram, bucket `i` counting accesses handled
+/// in `[2^i, 2^(i+1))` ns.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrapLatency {
+    /// Counts per log2-nanosecond bucket.
+    pub log2_ns: [u64; 32],
+}
+
+impl TrapLatency {
+    /// Count one access handled in `d`.
+    #[inline]
+    pub fn record(&mut self, d: Duration) {
+        self.record_ns(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    }
+
+    /// Count one access handled in `ns` nanoseconds.
+    #[inline]
+    pub fn record_ns(&mut self, ns: u64) {
+        let i = (63 - ns.max(1).leading_zeros() as usize).min(31);
+        self.log2_ns[i] += 1;
+    }
+
+    /// Add another histogram.
+    pub fn add(&mut self, o: &TrapLatency) {
+        for (a, b) in self.log2_ns.iter_mut().zip(o.log2_ns.iter()) {
+            *a += b;
+        }
+    }
+
+    /// Accesses counted.
+    pub fn count(&self) -> u64 {
+        self.log2_ns.iter().sum()
+    }
+
+    /// The upper bound (ns) of the bucket holding the `q` quantile (0..=1), or 0
+    /// with nothing counted.
+    pub fn quantile_ns(&self, q: f64) -> u64 {
+        let n = self.count();
+        if n == 0 {
+            return 0;
+        }
+        let want = ((q.clamp(0.0, 1.0) * n as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, c) in self.log2_ns.iter().enumerate() {
+            seen += c;
+            if seen >= want {
+                return 1u64 << (i + 1);
+            }
+        }
+        1u64 << 32
+    }
+}
+
+/// What the policy did during a run (or so far: the control socket's metrics).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PolicySummary {
+    /// Profile name.
+    pub profile: String,
+    /// Where it came from.
+    pub source: String,
+    /// Enforcement on?
+    pub enforce: bool,
+    /// Every decided register part (with or without a rule).
+    pub parts: u64,
+    /// Decided parts that matched a rule, by action taken.
+    pub allowed: u64,
+    /// Dropped parts.
+    pub dropped: u64,
+    /// Shadowed parts.
+    pub shadowed: u64,
+    /// Accesses that faulted (exceptions injected).
+    pub faults: u64,
+    /// Every alarm raised.
+    pub alarms: u64,
+    /// Alarms written to the sink.
+    pub alarms_written: u64,
+    /// Alarms the rate limit kept out of the sink (still counted per register).
+    pub alarms_suppressed: u64,
+    /// Alarms per register.
+    pub per_register: BTreeMap<String, u64>,
+    /// The sink's first write error, if any.
+    pub sink_error: Option<String>,
+}
+
+impl PolicySummary {
+    /// Alarms raised on `register` (by its table name, e.g. `HANG_TRIGGER`).
+    pub fn alarms_on(&self, register: &str) -> u64 {
+        self.per_register.get(register).copied().unwrap_or(0)
+    }
+}
+
+/// One applied live patch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PatchEvent {
+    /// Component (`policy`, `device-handler`).
+    pub component: String,
+    /// Version before.
+    pub from: u64,
+    /// Version after.
+    pub to: u64,
+    /// Blackout in microseconds (None when the operator already held the vCPUs paused).
+    pub blackout_us: Option<u64>,
+}
+
+/// The measurement of a device's VBIOS before the guest gets the device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VbiosMeasurement {
+    /// ROM window size.
+    pub size: u64,
+    /// SHA-256 of the whole ROM window, hex.
+    pub sha256: String,
+    /// Why the ROM is not a valid expansion ROM, if it is not.
+    pub invalid: Option<String>,
+    /// Revision of the first image, if valid.
+    pub revision: Option<u16>,
+    /// Which catalog knows it ("builtin factory", "counters <db> (version, approver)").
+    pub known_as: Option<String>,
+    /// The operator ran the device anyway although it was refused.
+    pub overridden: bool,
+}
+
+impl VbiosMeasurement {
+    /// Whether the device may be handed to a guest without an override.
+    pub fn acceptable(&self) -> bool {
+        self.invalid.is_none() && self.known_as.is_some()
+    }
+
+    /// One line for the run's output.
+    pub fn describe(&self) -> String {
+        let state = match (&self.invalid, &self.known_as) {
+            (Some(why), _) => format!("INVALID ({why})"),
+            (None, Some(k)) => format!("known-good: {k}"),
+            (None, None) => "NOT in the catalog".into(),
+        };
+        format!(
+            "vbios: {} bytes, sha256 {}: {state}{}",
+            self.size,
+            self.sha256,
+            if self.overridden {
+                "; handed to the guest anyway by operator override"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
+/// What one VMM run tells: the one object `hilrig vm run --json` prints on standard
+/// output, read back by every client with [`RunSummary::from_output`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunSummary {
+    /// Payload name (built-in name or file).
+    pub payload: String,
+    /// The device backend (`--device`), as given.
+    pub device: String,
+    /// How the run ended, in words (`PASS`, `TIMEOUT: ...`).
+    pub verdict: String,
+    /// Whether the guest passed.
+    pub passed: bool,
+    /// The process exit status this run ends with.
+    pub exit_status: ExitStatus,
+    /// Exits by kind (zero when the guest never ran).
+    #[serde(default)]
+    pub exits: ExitCounts,
+    /// Wall time of the whole run, milliseconds.
+    #[serde(default)]
+    pub wall_ms: f64,
+    /// From VM creation to the first exit, milliseconds.
+    #[serde(default)]
+    pub first_exit_ms: Option<f64>,
+    /// BAR0 pages mapped straight into the guest.
+    #[serde(default)]
+    pub direct_pages: u64,
+    /// What the policy engine did.
+    #[serde(default)]
+    pub policy: Option<PolicySummary>,
+    /// The device's measured VBIOS.
+    #[serde(default)]
+    pub vbios: Option<VbiosMeasurement>,
+    /// The signed teardown record, if the tenant was torn down.
+    #[serde(default)]
+    pub teardown: Option<TeardownRecord>,
+    /// Live patches applied during the run.
+    #[serde(default)]
+    pub patches: Vec<PatchEvent>,
+    /// Values the guest wrote to the result port, in order.
+    #[serde(default)]
+    pub results: Vec<u32>,
+    /// Whether the device was wedged after the run (None: not known).
+    #[serde(default)]
+    pub device_hung: Option<bool>,
+}
+
+/// Standard output of a VMM run held no run summary.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("no run summary in the VMM's output ({lines} lines; last: {last:?})")]
+pub struct NoSummary {
+    /// Lines of output.
+    pub lines: usize,
+    /// The last non-empty line, cut to 200 characters.
+    pub last: String,
+}
+
+impl RunSummary {
+    /// The summary of a run that never started: the device was refused.
+    pub fn refused(payload: &str, device: &str, vbios: VbiosMeasurement) -> RunSummary {
+        RunSummary {
+            payload: payload.to_string(),
+            device: device.to_string(),
+            verdict: "DEVICE REFUSED: measured VBIOS invalid or not in the catalog".into(),
+            passed: false,
+            exit_status: ExitStatus::DeviceRefused,
+            exits: ExitCounts::default(),
+            wall_ms: 0.0,
+            first_exit_ms: None,
+            direct_pages: 0,
+            policy: None,
+            vbios: Some(vbios),
+            teardown: None,
+            patches: Vec::new(),
+            results: Vec::new(),
+            device_hung: None,
+        }
+    }
+
+    /// The summary for a step that ran no VMM (a synthetic pass).
+    pub fn synthetic(what: &str) -> RunSummary {
+        RunSummary {
+            payload: what.to_string(),
+            device: String::new(),
+            verdict: "PASS".into(),
+            passed: true,
+            exit_status: ExitStatus::Pass,
+            exits: ExitCounts::default(),
+            wall_ms: 0.0,
+            first_exit_ms: None,
+            direct_pages: 0,
+            policy: None,
+            vbios: None,
+            teardown: None,
+            patches: Vec::new(),
+            results: Vec::new(),
+            device_hung: None,
+        }
+    }
+
+    /// One JSON line.
+    pub fn to_line(&self) -> String {
+        // A struct of plain fields always serializes.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// The summary in a VMM's standard output: the last line that parses as one
+    /// (the console may share standard output without `--console`).
+    pub fn from_output(stdout: &[u8]) -> Result<RunSummary, NoSummary> {
+        let text = String::from_utf8_lossy(stdout);
+        let found = text
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str::<RunSummary>(l.trim()).ok());
+        found.ok_or_else(|| NoSummary {
+            lines: text.lines().count(),
+            last: text
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("")
+                .chars()
+                .take(200)
+                .collect(),
+        })
+    }
+
+    /// Alarms raised (0 without a policy).
+    pub fn alarms(&self) -> u64 {
+        self.policy.as_ref().map_or(0, |p| p.alarms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trap_latency_buckets_and_quantiles() {
+        let mut t = TrapLatency::default();
+        assert_eq!(t.quantile_ns(0.5), 0);
+        for ns in [0u64, 1, 2, 3, 1000, 1023, 1024, 5000, u64::MAX] {
+            t.record(Duration::from_nanos(ns));
+        }
+        assert_eq!(t.log2_ns[0], 2, "0 and 1 ns");
+        assert_eq!(t.log2_ns[1], 2, "2 and 3 ns");
+        assert_eq!(t.log2_ns[9], 2, "1000 and 1023 ns");
+        assert_eq!(t.log2_ns[10], 1);
+        assert_eq!(t.log2_ns[12], 1);
+        assert_eq!(t.log2_ns[31], 1, "huge values land in the last bucket");
+        assert_eq!(t.count(), 9);
+        assert_eq!(t.quantile_ns(0.5), 1 << 10);
+        assert_eq!(t.quantile_ns(0.0), 1 << 1);
+        let mut u = t;
+        u.add(&t);
+        assert_eq!(u.count(), 18);
+    }
+
+    #[test]
+    fn summaries_round_trip_and_are_found_in_noisy_output() {
+        let mut s = RunSummary::synthetic("pci-enum");
+        s.results = vec![1, 2];
+        s.exits.mmio_read = 5;
+        s.policy = Some(PolicySummary {
+            alarms: 2,
+            per_register: [("HANG_TRIGGER".to_string(), 2)].into(),
+            ..Default::default()
+        });
+        let out = format!("console line\n{}\nmore console {{\"x\":1}}\n", s.to_line());
+        let back = RunSummary::from_output(out.as_bytes()).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(back.alarms(), 2);
+        assert_eq!(back.policy.unwrap().alarms_on("HANG_TRIGGER"), 2);
+        let e = RunSummary::from_output(b"hello\n{\"verdict\":1}\n").unwrap_err();
+        assert_eq!(e.lines, 2);
+        // The refused summary carries its own status.
+        let v = VbiosMeasurement {
+            size: 4,
+            sha256: "00".into(),
+            invalid: None,
+            revision: None,
+            known_as: None,
+            overridden: false,
+        };
+        let r = RunSummary::refused("p", "model", v);
+        assert_eq!(r.exit_status, ExitStatus::DeviceRefused);
+        assert!(!r.vbios.as_ref().unwrap().acceptable());
+        assert_eq!(RunSummary::from_output(r.to_line().as_bytes()).unwrap(), r);
+    }
+}
