@@ -2,7 +2,7 @@
 //! `hilrig-vmm` steps with their flags) and the outcome expected by default per
 //! policy profile. Campaign files override expectations field by field.
 
-use crate::format::{Counter, Expect, Verdict};
+use crate::expect::{Counter, Expect, Verdict};
 use hilrig_device::attest::Verdict as CountersVerdict;
 use hilrig_vmm_api::ExitStatus;
 use std::collections::BTreeMap;
@@ -358,7 +358,7 @@ pub fn default_expect(attack: &Attack, profile: &str, enforce: bool) -> Expect {
             e.teardown_complete = Some(true);
             if profile == "tenant" {
                 // Every attack touches a register the tenant may not: alarmed.
-                e.alarms = Some(crate::format::AlarmExp::Some);
+                e.alarms = Some(crate::expect::AlarmExp::Some);
                 if enforce {
                     // Blocked: the device saw none of it.
                     e.counter_delta = Some(zero_delta());

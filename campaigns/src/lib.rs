@@ -6,6 +6,7 @@ pub mod attacks;
 pub mod attempt;
 pub mod attest;
 pub mod cli;
+pub mod expect;
 pub mod format;
 pub mod runner;
 pub mod scenario;

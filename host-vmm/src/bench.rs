@@ -1,6 +1,6 @@
 //! `hilrig bench vm-exit`: exit-path figures, as ratios within one run.
 
-use crate::devices::backend::{open_backend, DeviceSpec};
+use crate::devices::{open_backend, DeviceSpec};
 use crate::error::VmmError;
 use crate::payload;
 use crate::vstate::layout::*;

@@ -2,7 +2,7 @@
 //! one run, and the decision cost alone.
 
 use crate::bench::raw_mmio_loop;
-use crate::devices::backend::{open_backend, DeviceSpec};
+use crate::devices::{open_backend, DeviceSpec};
 use crate::error::VmmError;
 use crate::payload;
 use crate::policy::engine::{AlarmConfig, PolicyEngine};

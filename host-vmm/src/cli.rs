@@ -1,6 +1,6 @@
 //! The command-line surface: `hilrig vm run` and the `hilrig-vmm` binary share it.
 
-use crate::devices::backend::open_backend;
+use crate::devices::open_backend;
 use crate::devices::plan::TrapSet;
 use crate::payload;
 use crate::policy::engine::AlarmConfig;

@@ -22,13 +22,15 @@ pub mod error;
 pub mod lifecycle;
 pub mod payload;
 pub mod policy;
+pub mod verdict;
 pub mod vstate;
 
 pub use bench::bench_vm_exit;
 pub use bench_policy::bench_policy;
 pub use cli::{run_cli, VmArgs};
-pub use devices::backend::{open_backend, Backend, DeviceSpec};
+pub use devices::backend::Backend;
 pub use devices::plan::{DirectWindow, PageMap, PagePlan, TrapSet};
+pub use devices::{open_backend, DeviceSpec};
 pub use error::VmmError;
 pub use hilrig_vmm_api as api;
 pub use vstate::vm::{

@@ -4,10 +4,12 @@
 
 use crate::lifecycle::control::Control;
 use crate::lifecycle::modules::CallError;
-use crate::lifecycle::patch::{PatchAuthority, Prepared};
-use crate::lifecycle::quiesce::{Blackout, Paused};
+use crate::lifecycle::patch::{ModuleTable, PatchAuthority, Prepared};
+use crate::lifecycle::quiesce::{Blackout, Paused, Rendezvous};
 use crate::lifecycle::teardown::{self, StepError, TeardownOps, TeardownRecord, VerdictSummary};
-use crate::vstate::vm::Shared;
+use crate::policy::engine::PolicyEngine;
+use crate::policy::Profile;
+use crate::verdict::Verdict;
 use ed25519_dalek::SigningKey;
 use hilrig_device::attest::Verdict as CountersVerdict;
 use hilrig_device::oob::{self, CounterReport};
@@ -17,7 +19,7 @@ use hilrig_vmm_api::control::{
     BlackoutStats, Metrics, ModuleVersions, PauseReply, Reply, Request, Response, VmState, VmStatus,
 };
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -194,24 +196,59 @@ pub fn percentiles(v: &[Blackout]) -> (u64, u64, u64) {
     (at(0.5), at(0.99), t[t.len() - 1])
 }
 
-impl Shared {
+/// What the lifecycle operations need of a running VM: the narrow interface the VM
+/// (`vstate::vm`) implements, so this module never names the VM's internals.
+pub trait VmHost: Send + Sync {
+    /// The VM's lifecycle state.
+    fn life(&self) -> &Life;
+    /// Where its vCPUs park.
+    fn rendezvous(&self) -> &Arc<Rendezvous>;
+    /// Kick every vCPU out of KVM_RUN.
+    fn kick_all(&self);
+    /// The patchable modules.
+    fn modules(&self) -> &ModuleTable;
+    /// The device, locked.
+    fn device(&self) -> MutexGuard<'_, Box<dyn hilrig_device::Device>>;
+    /// The policy engine, if the VM has one.
+    fn policy_engine(&self) -> Option<&PolicyEngine>;
+    /// Install a new policy profile (re-planning the BAR0 mappings).
+    fn replace_policy(&self, profile: Arc<Profile>) -> Result<Arc<Profile>, crate::VmmError>;
+    /// Guest RAM regions (host address, length).
+    fn guest_ram(&self) -> Vec<(*mut u8, usize)>;
+    /// Remove every guest mapping of the device; returns the slots removed.
+    fn unmap_device(&self) -> Result<usize, crate::VmmError>;
+    /// The run's verdict slot, locked.
+    fn verdict(&self) -> MutexGuard<'_, Option<Verdict>>;
+    /// The flag every vCPU loop checks to end.
+    fn stop_flag(&self) -> &AtomicBool;
+    /// Record a verdict (the first wins) and stop every vCPU.
+    fn finish(&self, v: Verdict);
+    /// When the VM started.
+    fn started(&self) -> Instant;
+    /// Itself, as the interface.
+    fn as_host(&self) -> &dyn VmHost;
+}
+
+/// The lifecycle operations, on any [`VmHost`].
+pub trait Lifecycle: VmHost {
     /// Read the device's counters at VM start (the teardown verdict's baseline).
-    pub(crate) fn record_baseline(&self) {
-        let mut dev = self.device.lock().unwrap_or_else(|e| e.into_inner());
+    fn record_baseline(&self) {
+        let mut dev = self.device();
         let c = oob::read_counters(&mut **dev).ok();
-        *lock(&self.life.baseline) = c;
+        *lock(&self.life().baseline) = c;
     }
 
+    /// Park every vCPU now (bounded by the configured pause bound).
     fn pause_now(&self) -> Result<Paused, LifecycleError> {
         Ok(self
-            .rv
-            .pause(&|| self.kick_all(), self.life.cfg.pause_bound)?)
+            .rendezvous()
+            .pause(&|| self.kick_all(), self.life().cfg.pause_bound)?)
     }
 
     /// Park every vCPU until [`Shared::resume`] (control `pause`).
-    pub(crate) fn pause(&self) -> Result<PauseReply, LifecycleError> {
-        let _op = lock(&self.life.op);
-        if lock(&self.life.paused).is_some() {
+    fn pause(&self) -> Result<PauseReply, LifecycleError> {
+        let _op = lock(&self.life().op);
+        if lock(&self.life().paused).is_some() {
             return Err(LifecycleError::AlreadyPaused);
         }
         let p = self.pause_now()?;
@@ -220,18 +257,18 @@ impl Shared {
             blackout_us: None,
             park_us: None,
         };
-        *lock(&self.life.paused) = Some(p);
+        *lock(&self.life().paused) = Some(p);
         Ok(v)
     }
 
     /// Resume after [`Shared::pause`]; returns the blackout.
-    pub(crate) fn resume(&self) -> Result<PauseReply, LifecycleError> {
-        let _op = lock(&self.life.op);
-        let p = lock(&self.life.paused)
+    fn resume(&self) -> Result<PauseReply, LifecycleError> {
+        let _op = lock(&self.life().op);
+        let p = lock(&self.life().paused)
             .take()
             .ok_or(LifecycleError::NotPaused)?;
         let b = p.resume();
-        lock(&self.life.blackouts).push(b);
+        lock(&self.life().blackouts).push(b);
         Ok(PauseReply {
             vcpus: b.vcpus,
             blackout_us: Some(us(b.total)),
@@ -240,13 +277,13 @@ impl Shared {
     }
 
     /// Pause and resume at once (the bare blackout, for measurements).
-    pub(crate) fn quiesce(&self) -> Result<PauseReply, LifecycleError> {
-        let _op = lock(&self.life.op);
-        if lock(&self.life.paused).is_some() {
+    fn quiesce(&self) -> Result<PauseReply, LifecycleError> {
+        let _op = lock(&self.life().op);
+        if lock(&self.life().paused).is_some() {
             return Err(LifecycleError::HeldPaused);
         }
         let b = self.pause_now()?.resume();
-        lock(&self.life.blackouts).push(b);
+        lock(&self.life().blackouts).push(b);
         Ok(PauseReply {
             vcpus: b.vcpus,
             blackout_us: Some(us(b.total)),
@@ -256,19 +293,19 @@ impl Shared {
 
     /// Apply a signed patch bundle: verify and prepare everything first (a refused
     /// patch leaves the VM running and unchanged), then quiesce, swap, resume.
-    pub(crate) fn patch(&self, bytes: &[u8]) -> Result<PatchEvent, LifecycleError> {
-        let _op = lock(&self.life.op);
+    fn patch(&self, bytes: &[u8]) -> Result<PatchEvent, LifecycleError> {
+        let _op = lock(&self.life().op);
         let auth = self
-            .life
+            .life()
             .cfg
             .patch
             .as_ref()
             .ok_or(LifecycleError::NotPatchable)?;
-        let prepared = auth.prepare(bytes, &self.modules, &self.life.cfg.profile_name)?;
-        if matches!(prepared, Prepared::Policy { .. }) && self.policy.is_none() {
+        let prepared = auth.prepare(bytes, self.modules(), &self.life().cfg.profile_name)?;
+        if matches!(prepared, Prepared::Policy { .. }) && self.policy_engine().is_none() {
             return Err(LifecycleError::NoPolicyEngine);
         }
-        let held = lock(&self.life.paused).take();
+        let held = lock(&self.life().paused).take();
         let was_held = held.is_some();
         let paused = match held {
             Some(p) => p,
@@ -282,20 +319,20 @@ impl Shared {
                     drop(paused);
                     return Err(LifecycleError::ReplacePolicy(e));
                 }
-                let from = self.modules.policy.replace(Some(profile), version);
+                let from = self.modules().policy.replace(Some(profile), version);
                 (crate::lifecycle::patch::POLICY, from, version)
             }
             Prepared::Handler { version, handler } => {
-                let from = self.modules.handler.replace(Some(handler), version);
+                let from = self.modules().handler.replace(Some(handler), version);
                 (crate::lifecycle::patch::DEVICE_HANDLER, from, version)
             }
         };
         let blackout_us = if was_held {
-            *lock(&self.life.paused) = Some(paused);
+            *lock(&self.life().paused) = Some(paused);
             None
         } else {
             let b = paused.resume();
-            lock(&self.life.blackouts).push(b);
+            lock(&self.life().blackouts).push(b);
             Some(us(b.total))
         };
         let ev = PatchEvent {
@@ -304,38 +341,38 @@ impl Shared {
             to,
             blackout_us,
         };
-        lock(&self.life.patches).push(ev.clone());
+        lock(&self.life().patches).push(ev.clone());
         tracing::info!(component, from, to, ?blackout_us, "patch applied");
         Ok(ev)
     }
 
     /// Secure teardown (see `teardown`); ends the VM. Idempotent: a second call
     /// returns the first record.
-    pub(crate) fn teardown(&self) -> TeardownRecord {
-        let _op = lock(&self.life.op);
-        if let Some(r) = lock(&self.life.teardown).clone() {
+    fn teardown(&self) -> TeardownRecord {
+        let _op = lock(&self.life().op);
+        if let Some(r) = lock(&self.life().teardown).clone() {
             return r;
         }
         // The run ends as "torn down" (unless it already had a verdict). Recorded before
         // any vCPU can leave its loop, so the run never ends without a verdict.
         {
-            let mut v = lock(&self.verdict);
+            let mut v = self.verdict();
             if v.is_none() {
-                *v = Some(crate::vstate::vm::Verdict::Stopped("torn down".into()));
+                *v = Some(Verdict::Stopped("torn down".into()));
             }
         }
-        let held = lock(&self.life.paused).take();
+        let held = lock(&self.life().paused).take();
         let mut ops = VmTeardown {
-            shared: self,
+            shared: self.as_host(),
             paused: held,
         };
         let name = format!("hilrig-vmm pid {}", std::process::id());
-        let record = teardown::run(&mut ops, &name, &self.life.key);
+        let record = teardown::run(&mut ops, &name, &self.life().key);
         // The tenant is gone: end the VM, then let the parked vCPUs go (they see stop).
-        self.stop.store(true, Ordering::SeqCst);
+        self.stop_flag().store(true, Ordering::SeqCst);
         drop(ops);
-        self.finish(crate::vstate::vm::Verdict::Stopped("torn down".into()));
-        if let Some(p) = &self.life.cfg.teardown_record {
+        self.finish(Verdict::Stopped("torn down".into()));
+        if let Some(p) = &self.life().cfg.teardown_record {
             match serde_json::to_vec_pretty(&record) {
                 Ok(bytes) => {
                     if let Err(e) = hilrig_device::state::write_atomic(p, &bytes) {
@@ -345,12 +382,13 @@ impl Shared {
                 Err(e) => tracing::error!("teardown record: {e}"),
             }
         }
-        *lock(&self.life.teardown) = Some(record.clone());
+        *lock(&self.life().teardown) = Some(record.clone());
         record
     }
 
+    /// The control socket's `status`.
     fn status(&self) -> VmStatus {
-        let verdict = lock(&self.verdict).as_ref().map(|v| v.to_string());
+        let verdict = self.verdict().as_ref().map(|v| v.to_string());
         VmStatus {
             state: if verdict.is_some() {
                 VmState::Finished
@@ -358,21 +396,22 @@ impl Shared {
                 VmState::Running
             },
             verdict,
-            uptime_ms: self.start.elapsed().as_millis() as u64,
-            vcpus: self.rv.live(),
-            paused: lock(&self.life.paused).is_some(),
-            profile: self.life.cfg.profile_name.clone(),
+            uptime_ms: self.started().elapsed().as_millis() as u64,
+            vcpus: self.rendezvous().live(),
+            paused: lock(&self.life().paused).is_some(),
+            profile: self.life().cfg.profile_name.clone(),
             versions: ModuleVersions {
-                policy: self.modules.policy.version(),
-                device_handler: self.modules.handler.version(),
+                policy: self.modules().policy.version(),
+                device_handler: self.modules().handler.version(),
             },
-            patchable: self.life.cfg.patch.is_some(),
-            torn_down: lock(&self.life.teardown).is_some(),
+            patchable: self.life().cfg.patch.is_some(),
+            torn_down: lock(&self.life().teardown).is_some(),
         }
     }
 
+    /// The control socket's `metrics`.
     fn metrics(&self) -> Metrics {
-        let b = self.life.blackouts();
+        let b = self.life().blackouts();
         let (median_us, p99_us, max_us) = percentiles(&b);
         Metrics {
             blackouts: BlackoutStats {
@@ -381,24 +420,26 @@ impl Shared {
                 p99_us,
                 max_us,
             },
-            patches: self.life.patches(),
-            policy: self.policy.as_ref().map(|e| e.metrics().summary),
+            patches: self.life().patches(),
+            policy: self.policy_engine().map(|e| e.metrics().summary),
             module_alarms: MODULE_ALARMS.load(Ordering::Relaxed),
-            module_retries: self.modules.policy.retries() + self.modules.handler.retries(),
-            stale_module_calls: self.modules.policy.stale_calls()
-                + self.modules.handler.stale_calls(),
+            module_retries: self.modules().policy.retries() + self.modules().handler.retries(),
+            stale_module_calls: self.modules().policy.stale_calls()
+                + self.modules().handler.stale_calls(),
         }
     }
 }
 
+impl<T: VmHost + ?Sized> Lifecycle for T {}
+
 struct VmTeardown<'a> {
-    shared: &'a Shared,
+    shared: &'a dyn VmHost,
     paused: Option<Paused>,
 }
 
 impl VmTeardown<'_> {
     fn dev(&self) -> MutexGuard<'_, Box<dyn hilrig_device::Device>> {
-        self.shared.device.lock().unwrap_or_else(|e| e.into_inner())
+        self.shared.device()
     }
 }
 
@@ -416,13 +457,13 @@ impl TeardownOps for VmTeardown<'_> {
                 // The tenant is going away: escalate from parking to stopping. Every
                 // vCPU is kicked until its thread has left the run loop.
                 tracing::warn!("teardown: {e}; stopping the vCPUs instead");
-                self.shared.stop.store(true, Ordering::SeqCst);
-                let deadline = Instant::now() + 4 * self.shared.life.cfg.pause_bound;
-                while self.shared.rv.live() > 0 {
+                self.shared.stop_flag().store(true, Ordering::SeqCst);
+                let deadline = Instant::now() + 4 * self.shared.life().cfg.pause_bound;
+                while self.shared.rendezvous().live() > 0 {
                     if Instant::now() > deadline {
                         return Err(StepError::Vcpus {
                             why: e.to_string(),
-                            running: self.shared.rv.live(),
+                            running: self.shared.rendezvous().live(),
                         });
                     }
                     self.shared.kick_all();
@@ -514,7 +555,7 @@ impl TeardownOps for VmTeardown<'_> {
     }
 
     fn verdict(&mut self, counters: &CounterReport) -> Result<VerdictSummary, StepError> {
-        if let Some((db, key)) = self.shared.life.cfg.counters.clone() {
+        if let Some((db, key)) = self.shared.life().cfg.counters.clone() {
             return Ok(self
                 .service_verdict(&db, &key, counters)
                 .unwrap_or_else(|e| VerdictSummary {
@@ -524,7 +565,7 @@ impl TeardownOps for VmTeardown<'_> {
                     reasons: vec![e.to_string()],
                 }));
         }
-        let Some(base) = *lock(&self.shared.life.baseline) else {
+        let Some(base) = *lock(&self.shared.life().baseline) else {
             return Ok(VerdictSummary {
                 verdict: CountersVerdict::Unverifiable,
                 handoff_ok: false,
@@ -607,7 +648,7 @@ impl VmTeardown<'_> {
 }
 
 /// The control socket's view of a VM.
-pub struct VmControl(pub(crate) Weak<Shared>);
+pub struct VmControl(pub(crate) Weak<dyn VmHost>);
 
 impl VmControl {
     fn handle_typed(&self, req: Request) -> Result<Reply, LifecycleError> {

@@ -11,7 +11,7 @@
 //! it with the registers of the remaining iterations).
 
 use crate::policy::engine::{Outcome, PolicyEngine};
-use crate::vstate::vm::Verdict;
+use crate::verdict::Verdict;
 use iced_x86::{
     Decoder, DecoderOptions, Formatter, Instruction, InstructionInfoFactory, IntelFormatter,
     OpAccess, Register,

@@ -4,6 +4,7 @@ use crate::devices::backend::Backend;
 use crate::devices::pci::{PciBus, Route};
 use crate::devices::plan::{DirectWindow, PagePlan, SlotRange, TrapSet};
 use crate::error::VmmError;
+use crate::lifecycle::Lifecycle;
 use crate::policy::engine::{AlarmConfig, Outcome, PolicyEngine, PolicyReport};
 use crate::policy::Profile;
 use crate::vstate::layout::*;
@@ -86,126 +87,7 @@ impl Default for VmConfig {
     }
 }
 
-/// How a VM run ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// The payload wrote 0 to the exit port.
-    Pass,
-    /// The payload wrote a non-zero code to the exit port.
-    Fail {
-        /// The code.
-        code: u32,
-        /// Which vCPU reported it.
-        vcpu: u8,
-    },
-    /// The watchdog stopped the guest.
-    Timeout {
-        /// The limit that was exceeded.
-        after: Duration,
-    },
-    /// KVM_EXIT_SHUTDOWN: a triple fault (or a guest-requested shutdown).
-    TripleFault {
-        /// The vCPU.
-        vcpu: u8,
-        /// RIP as KVM reports it after the shutdown.
-        rip: u64,
-    },
-    /// An MMIO access nothing claims, or one the device refused.
-    BadAccess {
-        /// The vCPU.
-        vcpu: u8,
-        /// Guest-physical address.
-        addr: u64,
-        /// Length in bytes.
-        len: usize,
-        /// Write (true) or read.
-        write: bool,
-        /// Why.
-        detail: String,
-        /// Guest RIP of the access.
-        rip: u64,
-        /// The instruction at RIP, decoded (Intel syntax), or why it could not be.
-        insn: String,
-    },
-    /// An exit the VMM does not handle.
-    UnknownExit {
-        /// The vCPU.
-        vcpu: u8,
-        /// The exit, as KVM reported it.
-        exit: String,
-    },
-    /// Every vCPU halted without a verdict.
-    NoVerdict,
-    /// The VMM itself failed while the guest ran (KVM error, device transport).
-    Internal(String),
-    /// Stopped from outside through a [`StopHandle`] (teardown, operator).
-    Stopped(String),
-}
-
-impl Verdict {
-    /// The process exit status for this verdict ([`ExitStatus`]; usage errors and a
-    /// refused device are decided at the CLI edge).
-    pub fn exit_status(&self) -> ExitStatus {
-        match self {
-            Verdict::Pass => ExitStatus::Pass,
-            Verdict::Fail { .. } => ExitStatus::Fail,
-            Verdict::Timeout { .. } => ExitStatus::Timeout,
-            Verdict::TripleFault { .. } => ExitStatus::TripleFault,
-            Verdict::BadAccess { .. } => ExitStatus::BadAccess,
-            Verdict::UnknownExit { .. } => ExitStatus::UnknownExit,
-            Verdict::NoVerdict => ExitStatus::NoVerdict,
-            Verdict::Internal(_) => ExitStatus::VmmError,
-            Verdict::Stopped(_) => ExitStatus::Stopped,
-        }
-    }
-
-    /// Whether the guest passed.
-    pub fn passed(&self) -> bool {
-        *self == Verdict::Pass
-    }
-}
-
-impl std::fmt::Display for Verdict {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Verdict::Pass => write!(f, "PASS"),
-            Verdict::Fail { code, vcpu } => {
-                write!(f, "FAIL: the payload reported code {code} (vCPU {vcpu})")
-            }
-            Verdict::Timeout { after } => write!(
-                f,
-                "TIMEOUT: the watchdog stopped the guest after {:.3} s without a verdict",
-                after.as_secs_f64()
-            ),
-            Verdict::TripleFault { vcpu, rip } => {
-                write!(
-                    f,
-                    "TRIPLE FAULT: vCPU {vcpu} shut down (KVM_EXIT_SHUTDOWN, rip {rip:#x})"
-                )
-            }
-            Verdict::BadAccess {
-                vcpu,
-                addr,
-                len,
-                write,
-                detail,
-                rip,
-                insn,
-            } => write!(
-                f,
-                "BAD ACCESS: vCPU {vcpu} {} of {len} bytes at {addr:#x} by `{insn}` at rip {rip:#x}: {detail}",
-                if *write { "write" } else { "read" }
-            ),
-            Verdict::UnknownExit { vcpu, exit } => {
-                write!(f, "UNKNOWN EXIT: vCPU {vcpu}: {exit}")
-            }
-            Verdict::NoVerdict => write!(f, "NO VERDICT: every vCPU halted without reporting"),
-            Verdict::Internal(e) => write!(f, "VMM ERROR: {e}"),
-            Verdict::Stopped(why) => write!(f, "STOPPED: {why}"),
-        }
-    }
-}
-
+pub use crate::verdict::Verdict;
 pub use hilrig_vmm_api::{ExitCounts, ExitStatus, TrapLatency};
 
 /// What a finished run tells.
@@ -355,6 +237,51 @@ pub(crate) struct Shared {
     pub(crate) modules: crate::lifecycle::patch::ModuleTable,
     /// Pause/patch/teardown state and settings.
     pub(crate) life: crate::lifecycle::Life,
+}
+
+impl crate::lifecycle::VmHost for Shared {
+    fn life(&self) -> &crate::lifecycle::Life {
+        &self.life
+    }
+    fn rendezvous(&self) -> &Arc<crate::lifecycle::quiesce::Rendezvous> {
+        &self.rv
+    }
+    fn kick_all(&self) {
+        Shared::kick_all(self)
+    }
+    fn modules(&self) -> &crate::lifecycle::patch::ModuleTable {
+        &self.modules
+    }
+    fn device(&self) -> MutexGuard<'_, Box<dyn Device>> {
+        lock(&self.device)
+    }
+    fn policy_engine(&self) -> Option<&PolicyEngine> {
+        self.policy.as_deref()
+    }
+    fn replace_policy(&self, profile: Arc<Profile>) -> Result<Arc<Profile>, VmmError> {
+        Shared::replace_policy(self, profile)
+    }
+    fn guest_ram(&self) -> Vec<(*mut u8, usize)> {
+        Shared::guest_ram(self)
+    }
+    fn unmap_device(&self) -> Result<usize, VmmError> {
+        Shared::unmap_device(self)
+    }
+    fn verdict(&self) -> MutexGuard<'_, Option<Verdict>> {
+        lock(&self.verdict)
+    }
+    fn stop_flag(&self) -> &AtomicBool {
+        &self.stop
+    }
+    fn finish(&self, v: Verdict) {
+        Shared::finish(self, v)
+    }
+    fn started(&self) -> Instant {
+        self.start
+    }
+    fn as_host(&self) -> &dyn crate::lifecycle::VmHost {
+        self
+    }
 }
 
 impl Shared {
@@ -788,7 +715,8 @@ impl Vm {
                 let l = crate::lifecycle::control::bind(path).map_err(|e| {
                     VmmError::Config(format!("control socket {}: {e}", path.display()))
                 })?;
-                let ctl = Arc::new(crate::lifecycle::VmControl(Arc::downgrade(&self.shared)));
+                let host: Arc<dyn crate::lifecycle::VmHost> = self.shared.clone();
+                let ctl = Arc::new(crate::lifecycle::VmControl(Arc::downgrade(&host)));
                 Some((
                     path.clone(),
                     crate::lifecycle::control::serve(l, ctl, control_stop.clone()),
