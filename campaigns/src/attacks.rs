@@ -20,26 +20,7 @@ pub enum Setup {
     Width(u8),
 }
 
-/// A guest payload generated for the attempt (`--payload <file>`), from the device
-/// state it will run on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Gen {
-    /// `n` PROGRAM commands on FIRMWARE with the controller locked: each one refused
-    /// and counted, flash unchanged.
-    FlashAttempts(u32),
-    /// One refused (counted) attempt, then 0 / 1 / ~0 / 0x80000000 written to every
-    /// word of the counters page at 4 and 8 bytes and the soft-reset magic; the
-    /// counters page is read before and after (results: 8 words, then 8 words).
-    CounterWrites,
-    /// An authorised-looking update: unlock, then `n` 4-byte PROGRAMs of zeros
-    /// into FIRMWARE words that are not zero, each followed by a console marker
-    /// `P<i>` and a delay (so the rig can cut power between two of them).
-    ProgramSeq(u32),
-    /// `n` locked PROGRAM attempts on FIRMWARE (past the fuse), then a correct
-    /// unlock and a PROGRAM that the blown fuse must refuse. Results: FLASH_STATUS,
-    /// FUSE, SLOTS_LEFT, MASTER.
-    FuseBurn(u32),
-}
+pub use hilrig_guest::scenario::Gen;
 
 /// What a step does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -455,7 +436,7 @@ mod tests {
 
     #[test]
     fn library_payloads_exist_in_the_vmm() {
-        let builtins: Vec<&str> = hilrig_vmm::payload::BUILTINS.iter().map(|b| b.0).collect();
+        let builtins: Vec<&str> = hilrig_guest::BUILTINS.iter().map(|b| b.0).collect();
         for a in library() {
             for s in a.steps.iter().filter(|s| s.kind == StepKind::Vmm) {
                 assert!(

@@ -32,10 +32,10 @@ const BAD_HOST: usize = 2;
 type Stop = Box<AttemptResult>;
 type StepOut = Result<RunSummary, Stop>;
 
-fn fail(o: Outcome, msg: impl Into<String>) -> Stop {
+fn fail(o: Outcome, msg: impl std::fmt::Display) -> Stop {
     Box::new(AttemptResult {
         outcome: o,
-        message: msg.into(),
+        message: msg.to_string(),
         observed: String::new(),
         metrics: Default::default(),
         artifacts: Vec::new(),
@@ -337,7 +337,7 @@ impl Att<'_> {
                 let r = tokio::task::spawn_blocking(move || {
                     let direct = scenario::oob_forge(backend, &state)?;
                     let pty = scenario::oob_forge_pty(&state)?;
-                    Ok::<_, String>((direct, pty))
+                    Ok::<_, scenario::ScenarioError>((direct, pty))
                 })
                 .await
                 .map_err(|e| fail(Outcome::Infra, format!("OOB task: {e}")))?;
@@ -663,7 +663,7 @@ impl Att<'_> {
         good: &[u8],
     ) -> Result<Vec<String>, Stop> {
         let d = self.dir;
-        let infra = |e: String| fail(Outcome::Infra, e);
+        let infra = |e: scenario::ScenarioError| fail(Outcome::Infra, e);
         let foreign = d.join("foreign-signer");
         scenario::keygen(&foreign).map_err(infra)?;
         let mut other_build = build;

@@ -6,11 +6,7 @@
 use crate::attacks::Gen;
 use hilrig_device::model::ops;
 use hilrig_device::oob::{self, Request, Response};
-use hilrig_device::regmap::{
-    Reg, BUFFER_BASE, FLASH_CMD_PROGRAM, SOFT_RESET_MAGIC, UNLOCK_KEY1, UNLOCK_KEY2,
-};
 use hilrig_device::{Device, Model, NvState, Region};
-use hilrig_vmm::payload::{Payload, Width};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -18,146 +14,45 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-type R<T> = Result<T, String>;
-
-fn asm<T>(r: Result<T, hilrig_vmm::VmmError>) -> R<T> {
-    r.map_err(|e| format!("assembling the payload: {e}"))
+/// Why a scenario step could not be done, or what it found wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    /// The generated payload could not be built.
+    #[error(transparent)]
+    Guest(#[from] hilrig_guest::GuestError),
+    /// The rig could not do the step (a file, the model, a port): infrastructure.
+    #[error("{0}")]
+    Setup(String),
+    /// The device or guest did not behave: one finding.
+    #[error("{0}")]
+    Finding(String),
+    /// The device or guest did not behave: every finding.
+    #[error("{}", .0.join("; "))]
+    Findings(Vec<String>),
 }
 
-/// MMIO reads of ID between two steps of [`Gen::ProgramSeq`] (each a trapped exit,
-/// ~10 µs here: a pause of ~20 ms the rig can cut power in).
-pub const STEP_DELAY_READS: u64 = 2000;
+type R<T> = Result<T, ScenarioError>;
 
-/// Counters-page words read before and after [`Gen::CounterWrites`]' writes:
-/// COUNTER[0..3], MASTER, FUSE, SLOTS_LEFT, WIDTH, EPOCH.
-pub const COUNTER_PAGE_WORDS: u32 = 8;
-
-fn w(p: &mut Payload, reg: Reg, v: u32) -> R<()> {
-    asm(p.guard(|p| p.mmio_write(Width::B4, reg.offset(), v as u64)))
-}
-
-/// Report the register at `off` (a faulting read reports `attacks::MARK`).
-fn report_reg(p: &mut Payload, off: u32) -> R<()> {
-    asm(p.guard(|p| {
-        p.a.mov(iced_x86::code_asm::eax, hilrig_vmm::attacks::MARK)?;
-        p.mmio_read(Width::B4, off)
-    }))?;
-    asm(p.result_eax())
-}
-
-/// One locked PROGRAM attempt on FIRMWARE: refused and counted.
-fn locked_attempt(p: &mut Payload) -> R<()> {
-    w(p, Reg::FlashRegion, Region::Firmware as u32)?;
-    w(p, Reg::FlashAddr, 0)?;
-    w(p, Reg::FlashLen, 4)?;
-    w(p, Reg::FlashSrc, 0)?;
-    w(p, Reg::FlashCmd, FLASH_CMD_PROGRAM)
-}
-
-/// The FIRMWARE words [`Gen::ProgramSeq`] programs (zeros into words that are not
-/// zero, so every step changes the image).
-pub fn program_words(nv: &NvState, n: u32) -> R<Vec<u32>> {
-    let fw = &nv.flash[Region::Firmware as usize];
-    let words: Vec<u32> = fw
-        .chunks_exact(4)
-        .enumerate()
-        .filter(|(_, c)| c.iter().any(|b| *b != 0))
-        .map(|(i, _)| 4 * i as u32)
-        .take(n as usize)
-        .collect();
-    if words.len() < n as usize {
-        return Err(format!(
-            "the FIRMWARE image has only {} non-zero words, the sequence needs {n}",
-            words.len()
-        ));
-    }
-    Ok(words)
-}
+pub use hilrig_guest::scenario::{payload, program_words, COUNTER_PAGE_WORDS, STEP_DELAY_READS};
 
 /// The FIRMWARE image after the first `k` PROGRAMs of [`Gen::ProgramSeq`]`(n)` on
 /// `nv`, as the behavioural model computes it.
 pub fn program_image(nv: &NvState, n: u32, k: u32) -> R<Vec<u8>> {
     let words = program_words(nv, n)?;
-    let mut m = Model::new(nv.clone()).map_err(|e| format!("model: {e}"))?;
+    let mut m = Model::new(nv.clone()).map_err(|e| ScenarioError::Setup(format!("model: {e}")))?;
     let d: &mut dyn Device = &mut m;
-    ops::unlock(d).map_err(|e| format!("model: {e}"))?;
+    ops::unlock(d).map_err(|e| ScenarioError::Setup(format!("model: {e}")))?;
     for addr in words.iter().take(k as usize) {
         let r = ops::program(d, Region::Firmware, *addr, 0, &[0; 4])
-            .map_err(|e| format!("model: {e}"))?;
+            .map_err(|e| ScenarioError::Setup(format!("model: {e}")))?;
         if !r.done() {
-            return Err(format!(
+            return Err(ScenarioError::Finding(format!(
                 "model refused PROGRAM at {addr:#x}: status {:#x}",
                 r.status
-            ));
+            )));
         }
     }
     Ok(m.nv().flash[Region::Firmware as usize].clone())
-}
-
-/// The generated payload `gen` for a device in state `nv`.
-pub fn payload(gen: Gen, nv: &NvState) -> R<Vec<u8>> {
-    let mut p = asm(Payload::new())?;
-    asm(p.park_secondaries())?;
-    asm(p.install_fault_handler())?;
-    let counters = Reg::Counter.offset();
-    match gen {
-        Gen::FlashAttempts(n) => {
-            for _ in 0..n {
-                locked_attempt(&mut p)?;
-            }
-        }
-        Gen::CounterWrites => {
-            locked_attempt(&mut p)?;
-            for i in 0..COUNTER_PAGE_WORDS {
-                report_reg(&mut p, counters + 4 * i)?;
-            }
-            for i in 0..COUNTER_PAGE_WORDS {
-                for v in [0u64, 1, 0xffff_ffff, 0x8000_0000] {
-                    asm(p.guard(|p| p.mmio_write(Width::B4, counters + 4 * i, v)))?;
-                }
-            }
-            for i in 0..COUNTER_PAGE_WORDS / 2 {
-                for v in [0u64, u64::MAX] {
-                    asm(p.guard(|p| p.mmio_write(Width::B8, counters + 8 * i, v)))?;
-                }
-            }
-            w(&mut p, Reg::SoftReset, SOFT_RESET_MAGIC)?;
-            for i in 0..COUNTER_PAGE_WORDS {
-                report_reg(&mut p, counters + 4 * i)?;
-            }
-        }
-        Gen::ProgramSeq(n) => {
-            let words = program_words(nv, n)?;
-            w(&mut p, Reg::FlashUnlock, UNLOCK_KEY1)?;
-            w(&mut p, Reg::FlashUnlock, UNLOCK_KEY2)?;
-            asm(p.mmio_write(Width::B4, BUFFER_BASE, 0))?;
-            w(&mut p, Reg::FlashRegion, Region::Firmware as u32)?;
-            w(&mut p, Reg::FlashLen, 4)?;
-            w(&mut p, Reg::FlashSrc, 0)?;
-            for (i, addr) in words.iter().enumerate() {
-                w(&mut p, Reg::FlashAddr, *addr)?;
-                w(&mut p, Reg::FlashCmd, FLASH_CMD_PROGRAM)?;
-                asm(p.print(&format!("P{}\n", i + 1)))?;
-                asm(p.repeat(STEP_DELAY_READS, |p| {
-                    p.mmio_read(Width::B4, Reg::Id.offset())
-                }))?;
-            }
-        }
-        Gen::FuseBurn(n) => {
-            for _ in 0..n {
-                locked_attempt(&mut p)?;
-            }
-            w(&mut p, Reg::FlashUnlock, UNLOCK_KEY1)?;
-            w(&mut p, Reg::FlashUnlock, UNLOCK_KEY2)?;
-            asm(p.mmio_write(Width::B4, BUFFER_BASE, 0))?;
-            w(&mut p, Reg::FlashCmd, FLASH_CMD_PROGRAM)?;
-            for r in [Reg::FlashStatus, Reg::Fuse, Reg::SlotsLeft, Reg::Master] {
-                report_reg(&mut p, r.offset())?;
-            }
-        }
-    }
-    asm(p.report(0))?;
-    asm(p.build())
 }
 
 /// What the guest's results must show for `gen` (the payload's own report).
@@ -166,25 +61,25 @@ pub fn check_results(gen: Gen, results: &[u64], width: u8) -> R<String> {
         Gen::CounterWrites => {
             let n = COUNTER_PAGE_WORDS as usize;
             if results.len() < 2 * n {
-                return Err(format!(
+                return Err(ScenarioError::Finding(format!(
                     "the guest reported {} words, expected {} (the counters page before and after)",
                     results.len(),
                     2 * n
-                ));
+                )));
             }
             let (before, after) = (&results[..n], &results[n..2 * n]);
             if before != after {
-                return Err(format!(
+                return Err(ScenarioError::Finding(format!(
                     "the counters page changed under the guest's writes: {before:x?} -> {after:x?}"
-                ));
+                )));
             }
             Ok(format!("guest saw the counters page unchanged {before:x?}"))
         }
         Gen::FuseBurn(_) => {
             let [status, fuse, slots, master] = results else {
-                return Err(format!(
+                return Err(ScenarioError::Finding(format!(
                     "the guest reported {results:x?}, expected FLASH_STATUS, FUSE, SLOTS_LEFT, MASTER"
-                ));
+                )));
             };
             let refused = u64::from(hilrig_device::regmap::FLASH_STATUS_REFUSED_FUSE);
             let mut bad = Vec::new();
@@ -209,7 +104,7 @@ pub fn check_results(gen: Gen, results: &[u64], width: u8) -> R<String> {
                     "guest saw FLASH_STATUS {status:#x} (fuse refused), FUSE 1, SLOTS_LEFT 0, MASTER {master}"
                 ))
             } else {
-                Err(bad.join("; "))
+                Err(ScenarioError::Findings(bad))
             }
         }
         _ => Ok(String::new()),
@@ -222,10 +117,12 @@ pub fn check_results(gen: Gen, results: &[u64], width: u8) -> R<String> {
 pub fn oob_forge(backend: hilrig_device::BackendKind, state: &Path) -> R<Vec<String>> {
     let spec = hilrig_vmm::DeviceSpec::from(backend);
     let mut b = hilrig_vmm::open_backend(&spec, Some(state))
-        .map_err(|e| format!("opening the {backend} device: {e}"))?;
+        .map_err(|e| ScenarioError::Setup(format!("opening the {backend} device: {e}")))?;
     let dev: &mut dyn Device = b.device.as_mut();
-    let before = oob::read_counters(dev).map_err(|e| format!("reading counters: {e}"))?;
-    let nv = NvState::load(state).map_err(|e| format!("reading the state: {e}"))?;
+    let before = oob::read_counters(dev)
+        .map_err(|e| ScenarioError::Setup(format!("reading counters: {e}")))?;
+    let nv = NvState::load(state)
+        .map_err(|e| ScenarioError::Setup(format!("reading the state: {e}")))?;
     let (_, other_key) = hilrig_device::state::dev_keys(nv.serial.wrapping_add(1));
     let mut one_bit = nv.reset_key;
     one_bit[31] ^= 1;
@@ -272,7 +169,8 @@ pub fn oob_forge(backend: hilrig_device::BackendKind, state: &Path) -> R<Vec<Str
             },
             Err(e) => bad.push(format!("{what}: no error frame ({e})")),
         }
-        let now = oob::read_counters(dev).map_err(|e| format!("reading counters: {e}"))?;
+        let now = oob::read_counters(dev)
+            .map_err(|e| ScenarioError::Setup(format!("reading counters: {e}")))?;
         if now != before {
             bad.push(format!("after {what}: counters {before:?} -> {now:?}"));
         }
@@ -280,7 +178,7 @@ pub fn oob_forge(backend: hilrig_device::BackendKind, state: &Path) -> R<Vec<Str
     if bad.is_empty() {
         Ok(obs)
     } else {
-        Err(bad.join("; "))
+        Err(ScenarioError::Findings(bad))
     }
 }
 
@@ -302,7 +200,7 @@ fn read_frame(port: &mut dyn serialport::SerialPort, timeout: Duration) -> R<Vec
             {
                 0
             }
-            Err(e) => return Err(format!("reading the OOB port: {e}")),
+            Err(e) => return Err(ScenarioError::Finding(format!("reading the OOB port: {e}"))),
         };
         for &b in &buf[..n] {
             if let Some(oob::StreamEvent::Frame(f)) = reader.push(b) {
@@ -310,7 +208,9 @@ fn read_frame(port: &mut dyn serialport::SerialPort, timeout: Duration) -> R<Vec
             }
         }
     }
-    Err(format!("no answer on the OOB port within {timeout:?}"))
+    Err(ScenarioError::Finding(format!(
+        "no answer on the OOB port within {timeout:?}"
+    )))
 }
 
 /// The same forgeries over the rig's OOB path: the device's OOB UART as the rig
@@ -320,7 +220,7 @@ fn read_frame(port: &mut dyn serialport::SerialPort, timeout: Duration) -> R<Vec
 /// short (answered after the inter-byte timeout). Counters read back over the
 /// same port after each.
 pub fn oob_forge_pty(state: &Path) -> R<Vec<String>> {
-    let path = hilrig_rig::sim::serve_state_oob(state)?;
+    let path = hilrig_rig::sim::serve_state_oob(state).map_err(ScenarioError::Setup)?;
     let r = forge_on(&path, state);
     hilrig_rig::sim::stop_state_oob(state);
     r
@@ -331,17 +231,20 @@ fn forge_on(path: &str, state: &Path) -> R<Vec<String>> {
     let mut port = serialport::new(path, oob::DEFAULT_BAUD)
         .timeout(Duration::from_millis(20))
         .open()
-        .map_err(|e| format!("opening the OOB port {path}: {e}"))?;
+        .map_err(|e| ScenarioError::Setup(format!("opening the OOB port {path}: {e}")))?;
     let counters = |port: &mut dyn serialport::SerialPort, seq: u8| -> R<oob::CounterReport> {
         port.write_all(&oob::encode_request(seq, &Request::ReadCounters))
-            .map_err(|e| format!("writing the OOB port: {e}"))?;
+            .map_err(|e| ScenarioError::Setup(format!("writing the OOB port: {e}")))?;
         match oob::decode_response(&read_frame(port, timeout)?) {
             Ok((_, Response::Counters(c))) => Ok(c),
-            other => Err(format!("READ_COUNTERS answered {other:?}")),
+            other => Err(ScenarioError::Finding(format!(
+                "READ_COUNTERS answered {other:?}"
+            ))),
         }
     };
     let before = counters(port.as_mut(), 0x40)?;
-    let nv = NvState::load(state).map_err(|e| format!("reading the state: {e}"))?;
+    let nv = NvState::load(state)
+        .map_err(|e| ScenarioError::Setup(format!("reading the state: {e}")))?;
     let (_, other_key) = hilrig_device::state::dev_keys(nv.serial.wrapping_add(1));
     let mut garbage_then_forged = b"\x00\xffAT+RESET\r\n".to_vec();
     garbage_then_forged.extend(oob::encode_request(
@@ -368,7 +271,7 @@ fn forge_on(path: &str, state: &Path) -> R<Vec<String>> {
     let (mut obs, mut bad) = (Vec::new(), Vec::new());
     for (i, (what, bytes)) in streams.iter().enumerate() {
         port.write_all(bytes)
-            .map_err(|e| format!("writing the OOB port: {e}"))?;
+            .map_err(|e| ScenarioError::Setup(format!("writing the OOB port: {e}")))?;
         match read_frame(port.as_mut(), timeout).map(|f| oob::decode_response(&f)) {
             Ok(Ok((_, Response::Error { code, .. }))) => {
                 obs.push(format!("{what} (over the PTY): refused ({code:?})"))
@@ -388,7 +291,7 @@ fn forge_on(path: &str, state: &Path) -> R<Vec<String>> {
     if bad.is_empty() {
         Ok(obs)
     } else {
-        Err(bad.join("; "))
+        Err(ScenarioError::Findings(bad))
     }
 }
 
@@ -399,9 +302,11 @@ pub fn file_sha256(path: &Path) -> R<[u8; 32]> {
     if let Some(h) = CACHE.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
         return Ok(*h);
     }
-    let mut f = std::fs::File::open(&key).map_err(|e| format!("{}: {e}", key.display()))?;
+    let mut f = std::fs::File::open(&key)
+        .map_err(|e| ScenarioError::Setup(format!("{}: {e}", key.display())))?;
     let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h).map_err(|e| format!("{}: {e}", key.display()))?;
+    std::io::copy(&mut f, &mut h)
+        .map_err(|e| ScenarioError::Setup(format!("{}: {e}", key.display())))?;
     let h: [u8; 32] = h.finalize().into();
     CACHE
         .lock()
@@ -426,7 +331,7 @@ pub fn policy_v2() -> Vec<u8> {
 /// `<prefix>.key`; written to `out`.
 pub fn write_bundle(prefix: &Path, version: u64, build: [u8; 32], out: &Path) -> R<Vec<u8>> {
     let key = hilrig_fw::keys::signing_key(&hilrig_fw::keys::with_ext(prefix, "key"))
-        .map_err(|e| format!("signing key: {e}"))?;
+        .map_err(|e| ScenarioError::Setup(format!("signing key: {e}")))?;
     let b = hilrig_fw::bundle::build(
         &hilrig_fw::bundle::BundleSpec {
             component: "policy",
@@ -437,14 +342,15 @@ pub fn write_bundle(prefix: &Path, version: u64, build: [u8; 32], out: &Path) ->
         },
         &key,
     )
-    .map_err(|e| format!("building the bundle: {e}"))?;
-    std::fs::write(out, &b).map_err(|e| format!("{}: {e}", out.display()))?;
+    .map_err(|e| ScenarioError::Setup(format!("building the bundle: {e}")))?;
+    std::fs::write(out, &b).map_err(|e| ScenarioError::Setup(format!("{}: {e}", out.display())))?;
     Ok(b)
 }
 
 /// A signing key pair `<prefix>.key` / `<prefix>.pub`.
 pub fn keygen(prefix: &Path) -> R<PathBuf> {
-    hilrig_fw::keys::keygen_sign(prefix).map_err(|e| format!("patch key: {e}"))?;
+    hilrig_fw::keys::keygen_sign(prefix)
+        .map_err(|e| ScenarioError::Setup(format!("patch key: {e}")))?;
     Ok(hilrig_fw::keys::with_ext(prefix, "pub"))
 }
 

@@ -2,7 +2,6 @@
 
 use crate::devices::open_backend;
 use crate::devices::plan::TrapSet;
-use crate::payload;
 use crate::policy::engine::AlarmConfig;
 use crate::policy::{load_profile, PolicyError, Profile};
 use crate::vstate::vm::{Console, Vm, VmConfig};
@@ -31,7 +30,7 @@ pub fn load_policy(args: &VmArgs) -> Result<Profile, PolicyError> {
 /// (bad payload, backend, KVM) are returned as `Err`; callers exit with 2.
 pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
     if args.list_payloads {
-        for (name, what) in payload::BUILTINS {
+        for (name, what) in hilrig_guest::BUILTINS {
             println!("{name:14} {what}");
         }
         for (name, what) in crate::attacks::ATTACKS {
@@ -41,7 +40,7 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
     }
     let t0 = Instant::now();
     let spec = args.device.clone();
-    let (name, bytes) = payload::load(&args.payload)?;
+    let (name, bytes) = hilrig_guest::load(&args.payload)?;
     let profile = Arc::new(load_policy(&args)?);
     let mut backend = open_backend(&spec, args.device_state.as_deref())?;
     // Measured VBIOS: refuse a device whose expansion ROM is invalid or unknown.

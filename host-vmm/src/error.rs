@@ -58,6 +58,9 @@ pub enum VmmError {
     /// The payload assembler refused an instruction (a bug in a payload builder).
     #[error("assembling payload: {0}")]
     Asm(String),
+    /// A payload could not be built or loaded.
+    #[error(transparent)]
+    Guest(#[from] hilrig_guest::GuestError),
     /// A vCPU thread could not be started or died.
     #[error("vCPU thread: {0}")]
     Thread(String),

@@ -7,12 +7,12 @@
 //! - [`policy`]: MMIO policy files, compiled profiles, the per-access engine, faults;
 //! - [`lifecycle`]: quiesce, live patching and its module table, secure teardown,
 //!   the measured VBIOS and the control socket;
-//! - [`payload`], [`attacks`]: guest payloads built with iced-x86;
+//! - guest code (payload builder, built-ins, attacks) is the `hilrig-guest` crate,
+//!   re-exported as [`payload`] and [`attacks`];
 //! - [`cli`]: `hilrig vm run` / `hilrig-vmm`; the typed interface every client uses
 //!   is the `hilrig-vmm-api` crate (re-exported as [`api`]).
 #![deny(missing_docs)]
 
-pub mod attacks;
 pub mod bench;
 pub mod bench_lifecycle;
 pub mod bench_policy;
@@ -20,7 +20,6 @@ pub mod cli;
 pub mod devices;
 pub mod error;
 pub mod lifecycle;
-pub mod payload;
 pub mod policy;
 pub mod verdict;
 pub mod vstate;
@@ -32,6 +31,7 @@ pub use devices::backend::Backend;
 pub use devices::plan::{DirectWindow, PageMap, PagePlan, TrapSet};
 pub use devices::{open_backend, DeviceSpec};
 pub use error::VmmError;
+pub use hilrig_guest::{attacks, payload};
 pub use hilrig_vmm_api as api;
 pub use vstate::vm::{
     Console, ExitCounts, ExitStatus, RunReport, StopHandle, Verdict, Vm, VmConfig,

@@ -25,59 +25,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// The line the idle guest prints once it runs.
-pub const BOOT_BANNER: &str = "hilrig-sim: up";
-/// Marker the idle guest leaves in SCRATCH[0] (volatile: gone after power off).
-pub const SCRATCH_MARK: u32 = 0x5A5A_5A5A;
+pub use hilrig_guest::idle::{BOOT_BANNER, SCRATCH_MARK};
 
-/// The idle guest: reads SCRATCH[0] and prints `scratch: kept` if it holds
-/// [`SCRATCH_MARK`] (volatile state survived) or `scratch: clear`, writes the mark,
-/// prints [`BOOT_BANNER`], then spins on `pause` forever. x86-64 machine code,
-/// entered with rdi = BAR0.
-pub fn idle_payload() -> Vec<u8> {
-    idle_payload_with(false)
-}
-
-/// [`idle_payload`]; with `count_boot`, every boot first makes one ERASE attempt
-/// on the CONFIG region (refused: flash stays locked, but counted, so each boot
-/// raises the CONFIG counter and MASTER by one, persisted by the VMM before the
-/// banner appears).
-pub fn idle_payload_with(count_boot: bool) -> Vec<u8> {
-    use hilrig_device::regmap::{Reg, Region, FLASH_CMD_ERASE};
-    fn store(code: &mut Vec<u8>, off: u32, v: u32) {
-        code.extend_from_slice(&[0xC7, 0x87]); // mov dword [rdi + disp32], imm32
-        code.extend_from_slice(&off.to_le_bytes());
-        code.extend_from_slice(&v.to_le_bytes());
-    }
-    fn print(code: &mut Vec<u8>, s: &str) {
-        code.extend_from_slice(&[0x66, 0xBA, 0xF8, 0x03]); // mov dx, 0x3f8
-        for b in s.bytes() {
-            code.extend_from_slice(&[0xB0, b, 0xEE]); // mov al, b; out dx, al
-        }
-    }
-    let scratch = hilrig_device::regmap::Reg::Scratch.offset() as u8;
-    let mark = SCRATCH_MARK.to_le_bytes();
-    let mut kept = Vec::new();
-    print(&mut kept, "scratch: kept\n");
-    let mut clear = Vec::new();
-    print(&mut clear, "scratch: clear\n");
-    let mut c = Vec::new();
-    if count_boot {
-        store(&mut c, Reg::FlashRegion.offset(), Region::Config as u32);
-        store(&mut c, Reg::FlashCmd.offset(), FLASH_CMD_ERASE);
-    }
-    c.extend_from_slice(&[0x8B, 0x47, scratch]); // mov eax, [rdi + SCRATCH0]
-    c.push(0x3D); // cmp eax, imm32
-    c.extend_from_slice(&mark);
-    c.extend_from_slice(&[0x75, (kept.len() + 2) as u8]); // jne clear
-    c.extend_from_slice(&kept);
-    c.extend_from_slice(&[0xEB, clear.len() as u8]); // jmp after
-    c.extend_from_slice(&clear);
-    c.extend_from_slice(&[0xC7, 0x47, scratch]); // mov dword [rdi + SCRATCH0], imm32
-    c.extend_from_slice(&mark);
-    print(&mut c, &format!("{BOOT_BANNER}\n"));
-    c.extend_from_slice(&[0xF3, 0x90, 0xEB, 0xFC]); // 1: pause; jmp 1b
-    c
+/// The idle guest ([`hilrig_guest::idle::idle`]) without boot counting.
+pub fn idle_payload() -> Result<Vec<u8>, hilrig_guest::GuestError> {
+    hilrig_guest::idle::idle(false)
 }
 
 /// Locate the `hilrig-vmm` binary: the inventory's `lab.vmm`, `HILRIG_VMM`, next
@@ -355,7 +307,9 @@ impl SimHost {
             Some(p) => p.clone(),
             None => {
                 let p = self.file("idle.bin");
-                std::fs::write(&p, idle_payload_with(self.count_boot))
+                let code = hilrig_guest::idle::idle(self.count_boot)
+                    .map_err(|e| self.infra(e.to_string()))?;
+                std::fs::write(&p, code)
                     .map_err(|e| RigError::io(format!("writing {}", p.display()), e))?;
                 p.to_string_lossy().into_owned()
             }
@@ -625,11 +579,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn idle_payload_branches_stay_in_range() {
-        let p = idle_payload();
-        assert!(p.len() < 400);
-        // The jne skips exactly the "kept" block plus the jmp.
-        assert_eq!(&p[..3], &[0x8B, 0x47, 0x10]);
-        assert_eq!(&p[p.len() - 4..], &[0xF3, 0x90, 0xEB, 0xFC]);
+    fn idle_payload_assembles() {
+        let p = idle_payload().expect("assembles");
+        assert!(!p.is_empty() && p.len() < 400);
     }
 }

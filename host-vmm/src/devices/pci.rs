@@ -8,8 +8,7 @@
 
 use hilrig_device::regmap::{BAR0_SIZE, PCI_CLASS_CODE, PCI_DEVICE_ID, PCI_VENDOR_ID};
 
-/// Device number of the reference device on bus 0.
-pub const DEVICE_SLOT: u8 = 1;
+pub use hilrig_guest::abi::DEVICE_SLOT;
 /// Host bridge IDs (Intel Q35 DRAM controller).
 pub const BRIDGE_VENDOR_ID: u16 = 0x8086;
 /// Host bridge device ID.

@@ -16,6 +16,8 @@ use crate::error::VmmError;
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+pub use hilrig_guest::abi::*;
+
 /// GDT address.
 pub const GDT_ADDR: u64 = 0x500;
 /// IDT address.
@@ -26,51 +28,19 @@ pub const PML4_ADDR: u64 = 0x9000;
 pub const PDPT_ADDR: u64 = 0xA000;
 /// First of four page directories.
 pub const PD_ADDR: u64 = 0xB000;
-/// Stack top of vCPU 0.
-pub const STACK_TOP: u64 = 0xA_0000;
-/// Stack size per vCPU.
-pub const STACK_SIZE: u64 = 0x1_0000;
 /// Most vCPUs a VM may have (the stack area fits this many).
 pub const MAX_VCPUS: u8 = 8;
-/// Where the payload is loaded and entered.
-pub const PAYLOAD_ADDR: u64 = 0x10_0000;
 /// Smallest guest RAM.
 pub const MIN_MEM: u64 = 2 << 20;
 /// Largest guest RAM (RAM stays below the 3 GiB PCI hole).
 pub const MAX_MEM: u64 = 3 << 30;
 /// Start of the PCI hole.
 pub const PCI_HOLE: u64 = 3 << 30;
-/// The address the VMM assigns BAR0 before the payload runs.
-pub const BAR0_DEFAULT: u64 = 0xE000_0000;
-/// The address the VMM assigns the expansion-ROM BAR (not enabled) before the payload runs.
-pub const ROM_DEFAULT: u64 = 0xE010_0000;
-/// CONFIG_ADDRESS of the reference device (bus 0, device 1, function 0), register 0.
-pub const DEVICE_CONFIG_BASE: u32 = 0x8000_0000 | ((crate::devices::pci::DEVICE_SLOT as u32) << 11);
 /// TSS address KVM wants for its real-mode emulation (unused in long mode).
 pub const TSS_ADDR: usize = 0xfffb_d000;
 
-/// Test-exit port: a write of any width ends the VM with the written value as the
-/// verdict code (0 = pass).
-pub const PORT_EXIT: u16 = 0xf4;
-/// Debug port: writes are logged (tracing, debug level) and otherwise ignored.
-pub const PORT_DEBUG: u16 = 0xf5;
-/// Result port: each `out` of 1, 2 or 4 bytes appends the value (zero-extended)
-/// to [`crate::RunReport::results`], in order, for tests to inspect what the guest saw.
-pub const PORT_RESULT: u16 = 0xf6;
 /// Most values the result port keeps per run (later ones are counted, not kept).
 pub const MAX_RESULTS: usize = 1 << 20;
-/// Where [`crate::payload::Payload::install_fault_handler`] builds its IDT (256 gates).
-pub const FAULT_IDT_ADDR: u64 = 0x1000;
-/// The fault area the payload library's exception handler fills (see the README's
-/// fault ABI): `+0` count (u64), `+8` last vector, `+16` last error code, `+24` last
-/// faulting RIP, `+32` resume address (0: report the fault as a verdict instead).
-pub const FAULT_AREA: u64 = 0x2000;
-/// COM1 base.
-pub const PORT_COM1: u16 = 0x3f8;
-/// PCI configuration address register.
-pub const PORT_PCI_ADDR: u16 = 0xcf8;
-/// PCI configuration data window (4 ports).
-pub const PORT_PCI_DATA: u16 = 0xcfc;
 
 const X86_CR0_PE: u64 = 1;
 const X86_CR0_MP: u64 = 1 << 1;

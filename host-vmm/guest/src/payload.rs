@@ -6,10 +6,7 @@
 //! `rdx` = vCPU count, `rcx` = RAM size, `rsp` = a private stack. A verdict is a
 //! write to port [`PORT_EXIT`] (0 = pass). The helpers below keep `rdi` intact.
 
-use crate::error::VmmError;
-use crate::vstate::layout::{
-    PAYLOAD_ADDR, PORT_COM1, PORT_EXIT, PORT_PCI_ADDR, PORT_PCI_DATA, PORT_RESULT,
-};
+use crate::abi::{PAYLOAD_ADDR, PORT_COM1, PORT_EXIT, PORT_PCI_ADDR, PORT_PCI_DATA, PORT_RESULT};
 use hilrig_device::regmap::{
     Reg, BUFFER_BASE, DEVICE_ID_VALUE, PCI_CLASS_CODE, PCI_DEVICE_ID, PCI_VENDOR_ID,
 };
@@ -49,7 +46,7 @@ pub struct Payload {
     pub a: CodeAssembler,
 }
 
-type R<T = ()> = Result<T, VmmError>;
+type R<T = ()> = crate::error::Result<T>;
 
 impl Payload {
     /// An empty 64-bit payload.
@@ -182,9 +179,9 @@ impl Payload {
 }
 
 /// Guest code's view of the fault ABI (see the README): the exception handler that
-/// [`Payload::install_fault_handler`] installs fills [`crate::vstate::layout::FAULT_AREA`].
+/// [`Payload::install_fault_handler`] installs fills [`crate::abi::FAULT_AREA`].
 pub mod fault_abi {
-    use crate::vstate::layout::FAULT_AREA;
+    use crate::abi::FAULT_AREA;
     /// Faults taken so far (u64).
     pub const COUNT: u64 = FAULT_AREA;
     /// Vector of the last fault.
@@ -201,12 +198,12 @@ pub mod fault_abi {
 }
 
 impl Payload {
-    /// Install an IDT (at [`crate::vstate::layout::FAULT_IDT_ADDR`], vectors 0..32) whose handler counts the
+    /// Install an IDT (at [`crate::abi::FAULT_IDT_ADDR`], vectors 0..32) whose handler counts the
     /// fault in the fault area, records vector, error code and RIP, and resumes at
     /// the resume address (see [`Payload::guard`]) or, when none is set, reports
     /// verdict `0xFA00 + vector`. Clobbers rax, rbx, rcx; keeps rdi.
     pub fn install_fault_handler(&mut self) -> R {
-        use crate::vstate::layout::{FAULT_AREA, FAULT_IDT_ADDR};
+        use crate::abi::{FAULT_AREA, FAULT_IDT_ADDR};
         let mut setup = self.a.create_label();
         let mut common = self.a.create_label();
         let mut fatal = self.a.create_label();
@@ -679,7 +676,7 @@ pub const BAR_MOVE_TARGET: u32 = 0xd000_0000;
 /// read the word back (mapped again: no exit) and ID (trapped) at the new address.
 /// Failure codes: 30 decode-off read not all-ones, 31 buffer word lost, 32 ID wrong.
 pub fn bar_move() -> R<Vec<u8>> {
-    let dev = crate::vstate::layout::DEVICE_CONFIG_BASE;
+    let dev = crate::abi::DEVICE_CONFIG_BASE;
     let mut p = Payload::new()?;
     p.park_secondaries()?;
     p.mmio_write(Width::B4, BUFFER_BASE, 0x1234_5678)?;
@@ -705,97 +702,10 @@ pub fn bar_move() -> R<Vec<u8>> {
     p.build()
 }
 
-/// The built-in payloads: name and description.
-pub const BUILTINS: &[(&str, &str)] = &[
-    (
-        "pci-enum",
-        "enumerate bus 0, find the device, size BAR0 and the ROM, read both",
-    ),
-    ("mmio-widths", "SCRATCH writes and reads at 1/2/4/8 bytes"),
-    (
-        "buffer-loop",
-        "100000 writes to a mapped buffer page (0 exits) and 1 to SCRATCH",
-    ),
-    (
-        "bar-move",
-        "move BAR0 with decode off/on; mapped buffer pages follow it",
-    ),
-    (
-        "smp-scratch",
-        "each vCPU writes SCRATCH[index]; vCPU 0 waits for all",
-    ),
-    ("hello", "print a line on the serial console and pass"),
-    ("triple-fault", "ud2 with no IDT: KVM_EXIT_SHUTDOWN"),
-    ("spin", "loop forever (watchdog)"),
-    (
-        "storm",
-        "every vCPU writes 1, 2, 3, ... to SCRATCH[index] forever",
-    ),
-    (
-        "canary-write",
-        "leave a canary in RAM, SCRATCH and the buffers",
-    ),
-    (
-        "canary-scan",
-        "look for the canary in RAM, SCRATCH and the buffers",
-    ),
-    ("past-bar", "read just past BAR0's end"),
-    ("straddle-bar", "8-byte read straddling BAR0's end"),
-];
-
-/// Build the built-in payload `name`, if there is one.
-pub fn builtin(name: &str) -> Option<R<Vec<u8>>> {
-    Some(match name {
-        "pci-enum" => pci_enum(),
-        "mmio-widths" => mmio_widths(),
-        "buffer-loop" => buffer_loop(100_000),
-        "bar-move" => bar_move(),
-        "smp-scratch" => smp_scratch(),
-        "hello" => hello(),
-        "triple-fault" => triple_fault(),
-        "spin" => spin(),
-        "storm" => storm(),
-        "canary-write" => canary_write(),
-        "canary-scan" => canary_scan(),
-        "past-bar" => past_bar(),
-        "straddle-bar" => straddle_bar(),
-        _ => return crate::attacks::attack(name),
-    })
-}
-
-/// Resolve `--payload`: a built-in name, else a raw binary file. Empty files are
-/// refused here; size against guest memory is checked when the VM is built.
-pub fn load(spec: &str) -> R<(String, Vec<u8>)> {
-    if let Some(p) = builtin(spec) {
-        return Ok((spec.to_string(), p?));
-    }
-    let path = std::path::Path::new(spec);
-    if !path.exists() {
-        let names: Vec<&str> = BUILTINS.iter().map(|(n, _)| *n).collect();
-        return Err(VmmError::Payload {
-            what: spec.to_string(),
-            detail: format!(
-                "is neither a file nor a built-in payload ({})",
-                names.join(", ")
-            ),
-        });
-    }
-    let bytes = std::fs::read(path).map_err(|source| VmmError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    if bytes.is_empty() {
-        return Err(VmmError::Payload {
-            what: spec.to_string(),
-            detail: "is empty (0 bytes)".into(),
-        });
-    }
-    Ok((spec.to_string(), bytes))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::builtins::{builtin, load, BUILTINS};
 
     #[test]
     fn every_builtin_assembles() {

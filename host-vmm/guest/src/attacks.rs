@@ -10,14 +10,13 @@
 //! fault count as its last result and verdict 0. A faulting read leaves its
 //! destination register with [`MARK`].
 
-use crate::error::VmmError;
 use crate::payload::{Payload, Width};
 use hilrig_device::regmap::{
     Reg, FLASH_CMD_PROGRAM, HANG_MAGIC, SOFT_RESET_MAGIC, UNLOCK_KEY1, UNLOCK_KEY2,
 };
 use iced_x86::code_asm::*;
 
-type R<T = ()> = Result<T, VmmError>;
+type R<T = ()> = crate::error::Result<T>;
 
 /// Guest RAM the attacks use as a source/destination buffer (below the page tables).
 pub const RAM_BUF: u64 = 0x4000;
