@@ -919,6 +919,197 @@ mod tests {
     }
 
     #[test]
+    fn fields_fit_do_not_overlap_and_match_the_hw_kind() {
+        for r in REGISTERS {
+            let mut seen = 0u32;
+            for f in r.fields {
+                assert!(
+                    f.width >= 1 && f.lsb as u32 + f.width as u32 <= 32,
+                    "{}.{}",
+                    r.name,
+                    f.name
+                );
+                assert_eq!(seen & f.mask(), 0, "{}.{} overlaps", r.name, f.name);
+                seen |= f.mask();
+                let ok = match f.access {
+                    FieldAccess::Ro => matches!(r.hw, Hw::Ro | Hw::Rw | Hw::W1c),
+                    FieldAccess::Rw => r.hw == Hw::Rw,
+                    FieldAccess::W1c => r.hw == Hw::W1c,
+                };
+                assert!(
+                    ok,
+                    "{}.{}: a {:?} field in a {:?} register",
+                    r.name, f.name, f.access, r.hw
+                );
+            }
+            // Masks follow the kind: only storage stores, only W1C clears.
+            assert_eq!(r.writable != 0, r.hw == Hw::Rw, "{} writable", r.name);
+            assert_eq!(r.w1c != 0, r.hw == Hw::W1c, "{} w1c", r.name);
+            assert_eq!(r.writable & r.w1c, 0, "{}", r.name);
+            // The reset value fits what the register can hold.
+            if r.hw == Hw::Rw && r.persistence == Persistence::Volatile {
+                assert_eq!(
+                    r.reset & !r.writable,
+                    0,
+                    "{} reset outside writable",
+                    r.name
+                );
+            }
+        }
+    }
+
+    /// The generated bit constants are the field masks, and keep the values the
+    /// hand-written constants had.
+    #[test]
+    fn bit_constants_come_from_the_field_lists() {
+        let field = |reg: Reg, name: &str| {
+            reg.def()
+                .fields
+                .iter()
+                .find(|f| f.name == name)
+                .map(|f| f.mask())
+                .unwrap_or_else(|| panic!("{reg:?}.{name}"))
+        };
+        for (c, reg, name, old) in [
+            (STATUS_FUSE_BLOWN, Reg::Status, "FUSE_BLOWN", 1 << 1),
+            (STATUS_FLASH_UNLOCKED, Reg::Status, "FLASH_UNLOCKED", 1 << 2),
+            (STATUS_IRQ_PENDING, Reg::Status, "IRQ_PENDING", 1 << 3),
+            (CONTROL_IRQ_ENABLE, Reg::Control, "IRQ_ENABLE", 1),
+            (IRQ_DOORBELL, Reg::IrqStatus, "DOORBELL", 1),
+            (FLASH_REGION_SELECT, Reg::FlashRegion, "REGION", 3),
+            (FLASH_STATUS_UNLOCKED, Reg::FlashStatus, "UNLOCKED", 1),
+            (FLASH_STATUS_DONE, Reg::FlashStatus, "DONE", 1 << 1),
+            (
+                FLASH_STATUS_REFUSED_LOCKED,
+                Reg::FlashStatus,
+                "REFUSED_LOCKED",
+                1 << 2,
+            ),
+            (
+                FLASH_STATUS_REFUSED_FUSE,
+                Reg::FlashStatus,
+                "REFUSED_FUSE",
+                1 << 3,
+            ),
+            (
+                FLASH_STATUS_REFUSED_ARGS,
+                Reg::FlashStatus,
+                "REFUSED_ARGS",
+                1 << 4,
+            ),
+            (FLASH_STATUS_BAD_KEY, Reg::FlashStatus, "BAD_KEY", 1 << 5),
+        ] {
+            assert_eq!(c, field(reg, name), "{reg:?}.{name}");
+            assert_eq!(c, old, "{reg:?}.{name} kept its value");
+        }
+        assert_eq!(bit_mask(0, 32), u32::MAX);
+        assert_eq!(bit_mask(4, 4), 0xf0);
+        // Masks as the model and RTL used them before they came from the table.
+        assert_eq!(Reg::Control.def().writable, 1);
+        assert_eq!(Reg::FlashRegion.def().writable, 3);
+        assert_eq!(Reg::IrqStatus.def().w1c, 1);
+        assert_eq!(Reg::Scratch.def().writable, u32::MAX);
+    }
+
+    #[test]
+    fn register_write_applies_writable_and_w1c_bits() {
+        let c = Reg::Control.def();
+        assert_eq!(c.write(0, u32::MAX, u32::MAX), 1);
+        assert_eq!(c.write(1, 0, 0xff00), 1, "byte 0 not written: kept");
+        assert_eq!(c.write(1, 0, 0xff), 0);
+        let s = Reg::Scratch.def();
+        assert_eq!(s.write(0x1122_3344, 0xaa00, 0xff00), 0x1122_aa44);
+        let i = Reg::IrqStatus.def();
+        assert_eq!(i.write(1, 0, u32::MAX), 1, "0 keeps");
+        assert_eq!(i.write(1, u32::MAX, 0xff00), 1, "byte 0 not written: kept");
+        assert_eq!(i.write(1, 1, 0xff), 0, "1 clears");
+        for r in REGISTERS.iter().filter(|r| matches!(r.hw, Hw::Ro | Hw::Wo)) {
+            assert_eq!(
+                r.write(0x5a5a_5a5a, u32::MAX, u32::MAX),
+                0x5a5a_5a5a,
+                "{}",
+                r.name
+            );
+        }
+    }
+
+    #[test]
+    fn tenant_state_is_what_teardown_scrubs() {
+        let t = tenant_state();
+        let names: Vec<_> = t.iter().map(|t| t.name).collect();
+        assert_eq!(
+            names,
+            ["CONTROL", "SCRATCH", "DOORBELL", "IRQ_STATUS", "BUFFER"],
+            "teardown scrubs these, in this order"
+        );
+        for s in &t {
+            let d = s.reg.def();
+            // A tenant can write it, so a tenant can leave something in it.
+            assert!(d.tenant.can_write(), "{}", d.name);
+            assert_eq!(d.persistence, Persistence::Volatile, "{}", d.name);
+            assert_eq!((s.offset, s.count, s.expect), (d.offset, d.count, d.reset));
+        }
+        let irq = t.iter().find(|s| s.reg == Reg::IrqStatus).unwrap();
+        assert_eq!(irq.scrub, IRQ_DOORBELL, "W1C: written with its W1C bits");
+        // DOORBELL's write sets IRQ_STATUS: it must be scrubbed before IRQ_STATUS.
+        let pos = |r| t.iter().position(|s| s.reg == r).unwrap();
+        assert!(pos(Reg::Doorbell) < pos(Reg::IrqStatus));
+        // Every register a tenant may write is tenant state.
+        for r in REGISTERS.iter().filter(|r| r.tenant.can_write()) {
+            assert!(
+                r.tenant_state,
+                "{} is tenant-writable but not scrubbed",
+                r.name
+            );
+        }
+        let bytes: u64 = t.iter().map(|s| s.bytes()).sum();
+        assert_eq!(bytes, 11 * 4 + BUFFER_SIZE as u64);
+    }
+
+    #[test]
+    fn default_rules_follow_the_permission_columns() {
+        for p in Profile::ALL {
+            assert_eq!(Profile::parse(p.name()), Some(p));
+            let rules = default_rules(p);
+            for r in REGISTERS {
+                let perm = p.perm(r);
+                let rule = rules.iter().find(|x| x.register == r.reg);
+                let want = match (perm.can_read(), perm.can_write()) {
+                    (true, true) => None,
+                    (false, false) => Some(RuleAccess::Both),
+                    (true, false) => Some(RuleAccess::Write),
+                    (false, true) => Some(RuleAccess::Read),
+                };
+                assert_eq!(rule.map(|x| x.access), want, "{p} {}", r.name);
+                if let Some(x) = rule {
+                    assert_eq!((x.action, x.alarm, x.value), (RuleAction::Drop, true, None));
+                }
+            }
+        }
+        let t = default_rules(Profile::Tenant);
+        assert!(t
+            .iter()
+            .any(|x| x.register == Reg::DeviceKey && x.access == RuleAccess::Both));
+        assert!(t.iter().any(|x| x.register == Reg::HangTrigger));
+        assert!(!t
+            .iter()
+            .any(|x| x.register == Reg::Scratch || x.register == Reg::Buffer));
+        // As a policy file: rules by profile name, each with the file's field names.
+        let j = serde_json::to_value(default_policy()).unwrap();
+        assert_eq!(j["enforce"], true);
+        let k = &j["profile"]["tenant"][0];
+        assert_eq!(k["register"], "ID");
+        assert_eq!(k["access"], "write");
+        assert_eq!(k["action"], "drop");
+        assert_eq!(k["alarm"], true);
+        assert!(k.get("value").is_none());
+        assert_eq!(
+            j["profile"]["operator"].as_array().unwrap().len(),
+            default_rules(Profile::Operator).len()
+        );
+    }
+
+    #[test]
     fn region_names_round_trip() {
         for r in Region::ALL {
             assert_eq!(Region::parse(r.name()), Some(r));
