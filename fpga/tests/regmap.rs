@@ -104,3 +104,131 @@ fn rtl_reset_values_and_access_kinds_match_the_table() {
     rtl.write32(0x0ffc, 7).unwrap();
     assert_eq!(rtl.read32(0x0ffc).unwrap(), 0);
 }
+
+/// Registers whose table reset value is what they read after reset (the others
+/// read the configuration: SERIAL, WIDTH, SLOTS_LEFT, DEVICE_KEY; or flash:
+/// FLASH_DATA).
+fn reset_is_a_value(def: &RegisterDef) -> bool {
+    !matches!(
+        def.reg,
+        Reg::Serial | Reg::Width | Reg::SlotsLeft | Reg::DeviceKey | Reg::FlashData
+    )
+}
+
+/// Every register a tenant or operator can write, dirtied with all-ones (and the
+/// doorbell rung), so a reset or scrub has something to clear.
+fn dirty(d: &mut dyn Device) {
+    for def in REGISTERS
+        .iter()
+        .filter(|d| matches!(d.hw, Hw::Rw | Hw::W1c))
+    {
+        for off in elements(def) {
+            d.write32(off, u32::MAX).unwrap();
+        }
+    }
+    d.write32(Reg::Doorbell.offset(), 1).unwrap();
+}
+
+#[test]
+fn rtl_reads_every_reset_value_of_the_table_after_each_reset() {
+    let (mut model, mut rtl) = fresh();
+    for kind in [ResetKind::Flr, ResetKind::PowerCycle] {
+        dirty(&mut rtl);
+        dirty(&mut model);
+        rtl.reset(kind).unwrap();
+        model.reset(kind).unwrap();
+        for def in REGISTERS {
+            for off in elements(def) {
+                let name = def.element_name(off);
+                let r = rtl.read32(off).unwrap();
+                assert_eq!(r, model.read32(off).unwrap(), "{name} after {kind:?}");
+                if reset_is_a_value(def) {
+                    assert_eq!(r, def.reset, "{name}: the table's reset value");
+                }
+            }
+        }
+    }
+    // SOFT_RESET clears the same volatile registers.
+    dirty(&mut rtl);
+    rtl.write32(Reg::SoftReset.offset(), SOFT_RESET_MAGIC)
+        .unwrap();
+    for def in REGISTERS.iter().filter(|d| reset_is_a_value(d)) {
+        for off in elements(def) {
+            assert_eq!(
+                rtl.read32(off).unwrap(),
+                def.reset,
+                "{} after SOFT_RESET",
+                def.element_name(off)
+            );
+        }
+    }
+}
+
+#[test]
+fn rtl_all_ones_reads_back_as_the_writable_mask() {
+    let (mut model, mut rtl) = fresh();
+    for def in REGISTERS.iter().filter(|d| d.hw == Hw::Rw) {
+        for off in elements(def) {
+            let name = def.element_name(off);
+            for d in [&mut rtl as &mut dyn Device, &mut model] {
+                d.write32(off, u32::MAX).unwrap();
+                assert_eq!(d.read32(off).unwrap(), def.writable, "{name}");
+                // Each byte alone sets only that byte's writable bits.
+                for b in 0..4u32 {
+                    d.write32(off, 0).unwrap();
+                    d.mmio_write(off as u64 + b as u64, &[0xff]).unwrap();
+                    assert_eq!(
+                        d.read32(off).unwrap(),
+                        def.writable & (0xff << (8 * b)),
+                        "{name} byte {b}"
+                    );
+                }
+                d.write32(off, 0).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn rtl_w1c_bits_clear_on_write_one() {
+    let (_, mut rtl) = fresh();
+    for def in REGISTERS.iter().filter(|d| d.hw == Hw::W1c) {
+        assert_eq!(
+            def.reg,
+            Reg::IrqStatus,
+            "a new W1C register needs a setter here"
+        );
+        rtl.write32(Reg::Doorbell.offset(), 1).unwrap();
+        assert_eq!(rtl.read32(def.offset).unwrap(), def.w1c);
+        rtl.write32(def.offset, !def.w1c).unwrap();
+        assert_eq!(rtl.read32(def.offset).unwrap(), def.w1c, "0 keeps");
+        rtl.mmio_write(def.offset as u64 + 1, &[0xff]).unwrap();
+        assert_eq!(rtl.read32(def.offset).unwrap(), def.w1c, "other bytes keep");
+        rtl.write32(def.offset, u32::MAX).unwrap();
+        assert_eq!(rtl.read32(def.offset).unwrap(), 0, "1 clears");
+    }
+    // IRQ_PENDING is IRQ_STATUS & CONTROL.IRQ_ENABLE.
+    rtl.write32(Reg::Control.offset(), CONTROL_IRQ_ENABLE)
+        .unwrap();
+    rtl.write32(Reg::Doorbell.offset(), 1).unwrap();
+    assert_ne!(
+        rtl.read32(Reg::Status.offset()).unwrap() & STATUS_IRQ_PENDING,
+        0
+    );
+    rtl.write32(Reg::IrqStatus.offset(), IRQ_DOORBELL).unwrap();
+    assert_eq!(
+        rtl.read32(Reg::Status.offset()).unwrap() & STATUS_IRQ_PENDING,
+        0
+    );
+}
+
+#[test]
+fn rtl_tenant_state_scrubs_to_the_reset_values() {
+    let (_, mut rtl) = fresh();
+    dirty(&mut rtl);
+    for off in [BUFFER_BASE + 4 * 100, BUFFER_BASE + 4 * 5000] {
+        rtl.write32(off, 0xdead_beef).unwrap();
+    }
+    let bytes = hilrig_device::device::scrub_tenant_state(&mut rtl).unwrap();
+    assert_eq!(bytes, tenant_state().iter().map(|t| t.bytes()).sum::<u64>());
+}
