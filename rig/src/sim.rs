@@ -107,7 +107,7 @@ pub enum OobServeError {
     Thread(std::io::Error),
 }
 
-/// For callers whose errors are still text (`?` into `Result<_, String>`).
+/// For callers whose errors are still text (`?` in a function whose error is a `String`).
 impl From<OobServeError> for String {
     fn from(e: OobServeError) -> String {
         e.to_string()
