@@ -204,3 +204,34 @@ fn a_hung_device_fails_the_scrub_check() {
     let e = scrub_tenant_state(&mut m).unwrap_err().to_string();
     assert!(e.contains("CONTROL reads 0xffffffff"), "{e}");
 }
+
+/// The default policy serializes as the policy file the VMM writes by hand today
+/// (`host-vmm`'s `default_policy_toml`: per profile, in name order, one
+/// `[[profile.NAME]]` table per rule with register, access, action, alarm).
+#[test]
+fn default_policy_serializes_as_the_policy_file() {
+    let generated: toml::Value =
+        toml::from_str(&toml::to_string(&default_policy()).unwrap()).unwrap();
+    let mut by_hand = String::from("enforce = true\n");
+    for p in Profile::ALL {
+        for r in default_rules(p) {
+            let access = match r.access {
+                RuleAccess::Read => "read",
+                RuleAccess::Write => "write",
+                RuleAccess::Both => "both",
+            };
+            by_hand.push_str(&format!(
+                "\n[[profile.{}]]\nregister = \"{}\"\naccess = \"{access}\"\naction = \"drop\"\nalarm = true\n",
+                p.name(),
+                r.register.def().name
+            ));
+        }
+    }
+    let by_hand: toml::Value = toml::from_str(&by_hand).unwrap();
+    assert_eq!(generated, by_hand);
+    let tenant = generated["profile"]["tenant"].as_array().unwrap();
+    assert!(tenant
+        .iter()
+        .any(|r| r["register"].as_str() == Some("DEVICE_KEY")
+            && r["access"].as_str() == Some("both")));
+}
