@@ -229,7 +229,7 @@ pub struct DeviceCore {
     pub keys: Bram<3>,
 
     // Volatile registers.
-    control: DFF<Bit>,
+    control: DFF<Bits<32>>,
     scratch0: DFF<Bits<32>>,
     scratch1: DFF<Bits<32>>,
     scratch2: DFF<Bits<32>>,
@@ -239,7 +239,7 @@ pub struct DeviceCore {
     scratch6: DFF<Bits<32>>,
     scratch7: DFF<Bits<32>>,
     doorbell: DFF<Bits<32>>,
-    irq: DFF<Bit>,
+    irq: DFF<Bits<32>>,
     hung: DFF<Bit>,
     fregion: DFF<Bits<2>>,
     faddr: DFF<Bits<32>>,
@@ -410,6 +410,26 @@ pub struct DeviceCore {
     k_serial_lo: Constant<Bits<32>>,
     k_serial_hi: Constant<Bits<32>>,
     k_bm3: Constant<Bits<32>>,
+    k_w_control: Constant<Bits<32>>,
+    k_w_scratch: Constant<Bits<32>>,
+    k_w_doorbell: Constant<Bits<32>>,
+    k_w1c_irq: Constant<Bits<32>>,
+    k_w_fregion: Constant<Bits<32>>,
+    k_w_faddr: Constant<Bits<32>>,
+    k_w_flen: Constant<Bits<32>>,
+    k_w_fsrc: Constant<Bits<32>>,
+    k_r_control: Constant<Bits<32>>,
+    k_r_scratch: Constant<Bits<32>>,
+    k_r_doorbell: Constant<Bits<32>>,
+    k_r_irq: Constant<Bits<32>>,
+    k_r_fregion: Constant<Bits<2>>,
+    k_r_faddr: Constant<Bits<32>>,
+    k_r_faddr_w: Constant<Bits<32>>,
+    k_r_flen: Constant<Bits<32>>,
+    k_r_fsrc: Constant<Bits<32>>,
+    k_r_fresult: Constant<Bits<32>>,
+    k_irq_doorbell: Constant<Bits<32>>,
+    k_irq_enable: Constant<Bits<32>>,
     k_gen_last: Constant<Bits<8>>,
     k_ones: Constant<Bits<32>>,
     k_idle: Constant<Bits<32>>,
@@ -645,6 +665,26 @@ crate::sim_block!(impl[] DeviceCore, DeviceCore {
     k_serial_lo: konst,
     k_serial_hi: konst,
     k_bm3: konst,
+    k_w_control: konst,
+    k_w_scratch: konst,
+    k_w_doorbell: konst,
+    k_w1c_irq: konst,
+    k_w_fregion: konst,
+    k_w_faddr: konst,
+    k_w_flen: konst,
+    k_w_fsrc: konst,
+    k_r_control: konst,
+    k_r_scratch: konst,
+    k_r_doorbell: konst,
+    k_r_irq: konst,
+    k_r_fregion: konst,
+    k_r_faddr: konst,
+    k_r_faddr_w: konst,
+    k_r_flen: konst,
+    k_r_fsrc: konst,
+    k_r_fresult: konst,
+    k_irq_doorbell: konst,
+    k_irq_enable: konst,
     k_gen_last: konst,
     k_ones: konst,
     k_idle: konst,
@@ -659,6 +699,28 @@ fn c32(v: u32) -> Constant<Bits<32>> {
 fn c18(v: u32) -> Constant<Bits<18>> {
     Constant::new((v as u64).into())
 }
+// The storage registers' table rows: the core masks writes with their writable
+// and W1C bits and resets them to their reset values (elaboration-time constants).
+const CONTROL: &regmap::RegisterDef = regmap::def(Reg::Control);
+const SCRATCH: &regmap::RegisterDef = regmap::def(Reg::Scratch);
+const DOORBELL: &regmap::RegisterDef = regmap::def(Reg::Doorbell);
+const IRQ_STATUS: &regmap::RegisterDef = regmap::def(Reg::IrqStatus);
+const FLASH_REGION: &regmap::RegisterDef = regmap::def(Reg::FlashRegion);
+const FLASH_ADDR: &regmap::RegisterDef = regmap::def(Reg::FlashAddr);
+const FLASH_LEN: &regmap::RegisterDef = regmap::def(Reg::FlashLen);
+const FLASH_SRC: &regmap::RegisterDef = regmap::def(Reg::FlashSrc);
+// What the core's register file can hold: FLASH_REGION is 2 bits wide, SCRATCH
+// has 8 registers, the buffer RAM stores whole bytes under byte enables.
+const _: () = assert!(
+    FLASH_REGION.writable < 4 && FLASH_REGION.reset < 4,
+    "FLASH_REGION is a 2-bit register in the RTL"
+);
+const _: () = assert!(SCRATCH.count == 8, "the RTL has 8 scratch registers");
+const _: () = assert!(
+    regmap::def(Reg::Buffer).writable == u32::MAX,
+    "the buffer RAM stores every bit a write enables"
+);
+
 /// Word address of a register's first element, from the table.
 fn start(r: Reg) -> Constant<Bits<18>> {
     c18(r.def().offset / 4)
@@ -903,6 +965,26 @@ impl DeviceCore {
             k_serial_lo: c32(p.serial as u32),
             k_serial_hi: c32((p.serial >> 32) as u32),
             k_bm3: c32(0xff00_0000),
+            k_w_control: c32(CONTROL.writable),
+            k_w_scratch: c32(SCRATCH.writable),
+            k_w_doorbell: c32(DOORBELL.writable),
+            k_w1c_irq: c32(IRQ_STATUS.w1c),
+            k_w_fregion: c32(FLASH_REGION.writable),
+            k_w_faddr: c32(FLASH_ADDR.writable),
+            k_w_flen: c32(FLASH_LEN.writable),
+            k_w_fsrc: c32(FLASH_SRC.writable),
+            k_r_control: c32(CONTROL.reset),
+            k_r_scratch: c32(SCRATCH.reset),
+            k_r_doorbell: c32(DOORBELL.reset),
+            k_r_irq: c32(IRQ_STATUS.reset),
+            k_r_fregion: Constant::new((FLASH_REGION.reset as u64).into()),
+            k_r_faddr: c32(FLASH_ADDR.reset),
+            k_r_faddr_w: c32(FLASH_ADDR.reset >> 2),
+            k_r_flen: c32(FLASH_LEN.reset),
+            k_r_fsrc: c32(FLASH_SRC.reset),
+            k_r_fresult: c32(def(Reg::FlashStatus).reset),
+            k_irq_doorbell: c32(IRQ_DOORBELL),
+            k_irq_enable: c32(CONTROL_IRQ_ENABLE),
             k_gen_last: Constant::new(255u64.into()),
             k_ones: c32(u32::MAX),
             // Two character times of silence end an OOB request on the UART.
@@ -1093,7 +1175,7 @@ impl Logic for DeviceCore {
         if self.unlocked.q.val() {
             self.st_u.next = self.k_st_unlocked.val();
         }
-        if self.irq.q.val() & self.control.q.val() {
+        if (self.irq.q.val() & self.control.q.val() & self.k_irq_enable.val()) != 0 {
             self.st_i.next = self.k_st_irq.val();
         }
         self.status_v.next = self.st_f.val() | self.st_u.val() | self.st_i.val();
@@ -1193,8 +1275,8 @@ impl Logic for DeviceCore {
         if self.s_status.val() {
             self.rd.next = self.status_v.val();
         }
-        if self.s_control.val() & self.control.q.val() {
-            self.rd.next = 1.into();
+        if self.s_control.val() {
+            self.rd.next = self.control.q.val();
         }
         if self.s_scratch.val() {
             match self.sc_idx.val().index() {
@@ -1211,8 +1293,8 @@ impl Logic for DeviceCore {
         if self.s_doorbell.val() {
             self.rd.next = self.doorbell.q.val();
         }
-        if self.s_irq.val() & self.irq.q.val() {
-            self.rd.next = 1.into();
+        if self.s_irq.val() {
+            self.rd.next = self.irq.q.val();
         }
         if self.s_serial.val() {
             if self.se_idx.val().get_bit(0) {
@@ -1361,52 +1443,66 @@ impl Logic for DeviceCore {
                 self.ack.next = true;
                 self.state.d.next = CoreState::Idle;
                 if self.q_we.q.val() & !self.q_rom.q.val() & !self.hung.q.val() {
-                    if self.s_control.val() & self.q_be.q.val().get_bit(0) {
-                        self.control.d.next = self.q_wdata.q.val().get_bit(0);
+                    // Storage registers: the written bits of the writable mask change.
+                    if self.s_control.val() {
+                        self.control.d.next = (self.control.q.val()
+                            & !(self.bmask.val() & self.k_w_control.val()))
+                            | (self.trig.val() & self.k_w_control.val());
                     }
                     if self.s_scratch.val() {
                         match self.sc_idx.val().index() {
                             0 => {
-                                self.scratch0.d.next =
-                                    (self.scratch0.q.val() & !self.bmask.val()) | self.trig.val()
+                                self.scratch0.d.next = (self.scratch0.q.val()
+                                    & !(self.bmask.val() & self.k_w_scratch.val()))
+                                    | (self.trig.val() & self.k_w_scratch.val())
                             }
                             1 => {
-                                self.scratch1.d.next =
-                                    (self.scratch1.q.val() & !self.bmask.val()) | self.trig.val()
+                                self.scratch1.d.next = (self.scratch1.q.val()
+                                    & !(self.bmask.val() & self.k_w_scratch.val()))
+                                    | (self.trig.val() & self.k_w_scratch.val())
                             }
                             2 => {
-                                self.scratch2.d.next =
-                                    (self.scratch2.q.val() & !self.bmask.val()) | self.trig.val()
+                                self.scratch2.d.next = (self.scratch2.q.val()
+                                    & !(self.bmask.val() & self.k_w_scratch.val()))
+                                    | (self.trig.val() & self.k_w_scratch.val())
                             }
                             3 => {
-                                self.scratch3.d.next =
-                                    (self.scratch3.q.val() & !self.bmask.val()) | self.trig.val()
+                                self.scratch3.d.next = (self.scratch3.q.val()
+                                    & !(self.bmask.val() & self.k_w_scratch.val()))
+                                    | (self.trig.val() & self.k_w_scratch.val())
                             }
                             4 => {
-                                self.scratch4.d.next =
-                                    (self.scratch4.q.val() & !self.bmask.val()) | self.trig.val()
+                                self.scratch4.d.next = (self.scratch4.q.val()
+                                    & !(self.bmask.val() & self.k_w_scratch.val()))
+                                    | (self.trig.val() & self.k_w_scratch.val())
                             }
                             5 => {
-                                self.scratch5.d.next =
-                                    (self.scratch5.q.val() & !self.bmask.val()) | self.trig.val()
+                                self.scratch5.d.next = (self.scratch5.q.val()
+                                    & !(self.bmask.val() & self.k_w_scratch.val()))
+                                    | (self.trig.val() & self.k_w_scratch.val())
                             }
                             6 => {
-                                self.scratch6.d.next =
-                                    (self.scratch6.q.val() & !self.bmask.val()) | self.trig.val()
+                                self.scratch6.d.next = (self.scratch6.q.val()
+                                    & !(self.bmask.val() & self.k_w_scratch.val()))
+                                    | (self.trig.val() & self.k_w_scratch.val())
                             }
                             _ => {
-                                self.scratch7.d.next =
-                                    (self.scratch7.q.val() & !self.bmask.val()) | self.trig.val()
+                                self.scratch7.d.next = (self.scratch7.q.val()
+                                    & !(self.bmask.val() & self.k_w_scratch.val()))
+                                    | (self.trig.val() & self.k_w_scratch.val())
                             }
                         }
                     }
                     if self.s_doorbell.val() {
-                        self.doorbell.d.next =
-                            (self.doorbell.q.val() & !self.bmask.val()) | self.trig.val();
-                        self.irq.d.next = true;
+                        self.doorbell.d.next = (self.doorbell.q.val()
+                            & !(self.bmask.val() & self.k_w_doorbell.val()))
+                            | (self.trig.val() & self.k_w_doorbell.val());
+                        self.irq.d.next = self.irq.q.val() | self.k_irq_doorbell.val();
                     }
-                    if self.s_irq.val() & self.trig.val().get_bit(0) {
-                        self.irq.d.next = false;
+                    // W1C: the written 1s of the W1C bits clear.
+                    if self.s_irq.val() {
+                        self.irq.d.next =
+                            self.irq.q.val() & !(self.trig.val() & self.k_w1c_irq.val());
                     }
                     if self.s_hang.val() & (self.trig.val() == self.k_hang.val()) {
                         self.hung.d.next = true;
@@ -1414,22 +1510,31 @@ impl Logic for DeviceCore {
                     if self.s_softreset.val() & (self.trig.val() == self.k_softreset.val()) {
                         self.do_clear.next = true;
                     }
-                    if self.s_fregion.val() & self.q_be.q.val().get_bit(0) {
-                        self.fregion.d.next = self.q_wdata.q.val().get_bits::<2>(0);
+                    if self.s_fregion.val() {
+                        self.fregion.d.next = bit_cast::<2, 32>(
+                            (bit_cast::<32, 2>(self.fregion.q.val())
+                                & !(self.bmask.val() & self.k_w_fregion.val()))
+                                | (self.trig.val() & self.k_w_fregion.val()),
+                        );
                     }
                     if self.s_faddr.val() {
-                        self.faddr.d.next =
-                            (self.faddr.q.val() & !self.bmask.val()) | self.trig.val();
-                        self.faddr_w.d.next =
-                            ((self.faddr.q.val() & !self.bmask.val()) | self.trig.val()) >> 2;
+                        self.faddr.d.next = (self.faddr.q.val()
+                            & !(self.bmask.val() & self.k_w_faddr.val()))
+                            | (self.trig.val() & self.k_w_faddr.val());
+                        self.faddr_w.d.next = ((self.faddr.q.val()
+                            & !(self.bmask.val() & self.k_w_faddr.val()))
+                            | (self.trig.val() & self.k_w_faddr.val()))
+                            >> 2;
                     }
                     if self.s_flen.val() {
-                        self.flen.d.next =
-                            (self.flen.q.val() & !self.bmask.val()) | self.trig.val();
+                        self.flen.d.next = (self.flen.q.val()
+                            & !(self.bmask.val() & self.k_w_flen.val()))
+                            | (self.trig.val() & self.k_w_flen.val());
                     }
                     if self.s_fsrc.val() {
-                        self.fsrc.d.next =
-                            (self.fsrc.q.val() & !self.bmask.val()) | self.trig.val();
+                        self.fsrc.d.next = (self.fsrc.q.val()
+                            & !(self.bmask.val() & self.k_w_fsrc.val()))
+                            | (self.trig.val() & self.k_w_fsrc.val());
                     }
                     if self.s_fcmd.val() {
                         if self.trig.val() == self.k_lock.val() {
@@ -1660,24 +1765,25 @@ impl Logic for DeviceCore {
                 self.gen.d.next = 0.into();
             }
             self.ptr.d.next = 0.into();
-            self.control.d.next = false;
-            self.scratch0.d.next = 0.into();
-            self.scratch1.d.next = 0.into();
-            self.scratch2.d.next = 0.into();
-            self.scratch3.d.next = 0.into();
-            self.scratch4.d.next = 0.into();
-            self.scratch5.d.next = 0.into();
-            self.scratch6.d.next = 0.into();
-            self.scratch7.d.next = 0.into();
-            self.doorbell.d.next = 0.into();
-            self.irq.d.next = false;
+            // Every volatile register to its reset value from the table.
+            self.control.d.next = self.k_r_control.val();
+            self.scratch0.d.next = self.k_r_scratch.val();
+            self.scratch1.d.next = self.k_r_scratch.val();
+            self.scratch2.d.next = self.k_r_scratch.val();
+            self.scratch3.d.next = self.k_r_scratch.val();
+            self.scratch4.d.next = self.k_r_scratch.val();
+            self.scratch5.d.next = self.k_r_scratch.val();
+            self.scratch6.d.next = self.k_r_scratch.val();
+            self.scratch7.d.next = self.k_r_scratch.val();
+            self.doorbell.d.next = self.k_r_doorbell.val();
+            self.irq.d.next = self.k_r_irq.val();
             self.hung.d.next = false;
-            self.fregion.d.next = 0.into();
-            self.faddr.d.next = 0.into();
-            self.faddr_w.d.next = 0.into();
-            self.flen.d.next = 0.into();
-            self.fsrc.d.next = 0.into();
-            self.fresult.d.next = 0.into();
+            self.fregion.d.next = self.k_r_fregion.val();
+            self.faddr.d.next = self.k_r_faddr.val();
+            self.faddr_w.d.next = self.k_r_faddr_w.val();
+            self.flen.d.next = self.k_r_flen.val();
+            self.fsrc.d.next = self.k_r_fsrc.val();
+            self.fresult.d.next = self.k_r_fresult.val();
             self.unlocked.d.next = false;
             self.ustage.d.next = false;
             self.badkey.d.next = false;

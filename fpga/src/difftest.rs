@@ -92,20 +92,52 @@ fn value(r: &mut Rng) -> u32 {
     }
 }
 
+/// Why a differential run failed. Every variant names the seed.
+#[derive(Debug, thiserror::Error)]
+pub enum DiffError {
+    /// The device pair could not be set up.
+    #[error("seed {seed}: {source}")]
+    Setup {
+        /// The seed.
+        seed: u64,
+        /// What failed.
+        source: DeviceError,
+    },
+    /// The model and the RTL disagreed.
+    #[error(
+        "differential test seed {seed} (width {width}, region sizes {region_sizes:?}) \
+         after {ops} operations: {source}"
+    )]
+    Diverged {
+        /// The seed.
+        seed: u64,
+        /// Counter width of the device.
+        width: u8,
+        /// Its region sizes.
+        region_sizes: [u32; 3],
+        /// Operations done before the divergence.
+        ops: u64,
+        /// The divergence.
+        source: DeviceError,
+    },
+}
+
 /// Run `ops` random operations with `seed` through lockstep. Errors name the seed.
-pub fn run(seed: u64, ops: u64) -> Result<DiffStats, String> {
+pub fn run(seed: u64, ops: u64) -> Result<DiffStats, DiffError> {
     let cfg = config_for(seed);
     let serial = seed & 0xffff;
-    let nv = NvState::factory(cfg, serial).map_err(|e| format!("seed {seed}: {e}"))?;
+    let setup = |source: DeviceError| DiffError::Setup { seed, source };
+    let nv = NvState::factory(cfg, serial).map_err(|e| setup(e.into()))?;
     let reset_key = nv.reset_key;
-    let mut d = Lockstep::new(nv).map_err(|e| format!("seed {seed}: {e}"))?;
+    let mut d = Lockstep::new(nv).map_err(setup)?;
     let mut r = Rng::new(seed);
     let mut st = DiffStats::default();
-    let fail = |e: DeviceError, st: &DiffStats| {
-        format!(
-            "differential test seed {seed} (width {}, region sizes {:?}) after {} operations: {e}",
-            cfg.counter_width, cfg.region_sizes, st.ops
-        )
+    let fail = |source: DeviceError, st: &DiffStats| DiffError::Diverged {
+        seed,
+        width: cfg.counter_width,
+        region_sizes: cfg.region_sizes,
+        ops: st.ops,
+        source,
     };
     let mut seq = 0u8;
     while st.ops < ops {

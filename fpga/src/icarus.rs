@@ -1,7 +1,7 @@
 //! Running a design's Verilog under Icarus Verilog (`iverilog` + `vvp`), for the
 //! test benches that check the generated Verilog against the rust-hdl simulation.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Whether `iverilog` can be run here; says loudly that `test` is skipped if not.
@@ -13,14 +13,44 @@ pub fn available(test: &str) -> bool {
     false
 }
 
+/// Why a bench could not be run under Icarus.
+#[derive(Debug, thiserror::Error)]
+pub enum IcarusError {
+    /// A source file could not be written.
+    #[error("writing {path}: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A tool could not be started.
+    #[error("running {tool}: {source}")]
+    Spawn {
+        /// `iverilog` or `vvp`.
+        tool: &'static str,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// iverilog refused the sources.
+    #[error("iverilog: {stderr}")]
+    Compile {
+        /// What iverilog printed.
+        stderr: String,
+    },
+}
+
 /// Compile the test bench `tb` with the design `design` in `dir` and run it; returns
 /// what the bench printed. Errors carry iverilog's or vvp's own messages.
-pub fn run(dir: &Path, tb: &str, design: &str) -> Result<String, String> {
+pub fn run(dir: &Path, tb: &str, design: &str) -> Result<String, IcarusError> {
     let tb_v = dir.join("tb.v");
     let design_v = dir.join("design.v");
     let exe = dir.join("sim");
     for (path, text) in [(&tb_v, tb), (&design_v, design)] {
-        std::fs::write(path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+        std::fs::write(path, text).map_err(|source| IcarusError::Write {
+            path: path.clone(),
+            source,
+        })?;
     }
     let out = Command::new("iverilog")
         .arg("-o")
@@ -28,16 +58,21 @@ pub fn run(dir: &Path, tb: &str, design: &str) -> Result<String, String> {
         .arg(&tb_v)
         .arg(&design_v)
         .output()
-        .map_err(|e| format!("running iverilog: {e}"))?;
+        .map_err(|source| IcarusError::Spawn {
+            tool: "iverilog",
+            source,
+        })?;
     if !out.status.success() {
-        return Err(format!(
-            "iverilog: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
+        return Err(IcarusError::Compile {
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
     }
     let out = Command::new("vvp")
         .arg(&exe)
         .output()
-        .map_err(|e| format!("running vvp: {e}"))?;
+        .map_err(|source| IcarusError::Spawn {
+            tool: "vvp",
+            source,
+        })?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

@@ -117,7 +117,7 @@ impl Rtl {
     pub fn with_oob_divisor(nv: NvState, divisor: u16) -> Result<Rtl, DeviceError> {
         nv.config
             .validate()
-            .map_err(|e| DeviceError::State(StateError::Config(e)))?;
+            .map_err(|e| DeviceError::State(StateError::InvalidConfig(e)))?;
         let params = CoreParams {
             oob_divisor: divisor,
             ..CoreParams::of(&nv)

@@ -47,7 +47,7 @@ pub enum Error {
         /// The file (or `<memory>`).
         path: PathBuf,
         /// What is wrong.
-        reason: String,
+        reason: InvalidRun,
     },
     /// Serialising a report failed (should not happen for valid runs).
     #[error("encoding {what}: {reason}")]
@@ -57,6 +57,30 @@ pub enum Error {
         /// The cause.
         reason: String,
     },
+}
+
+/// Why a run breaks the results model's invariants ([`crate::Run::validate`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidRun {
+    /// Written with a newer schema than this build reads.
+    #[error("schema {found} is newer than the supported {supported}")]
+    Schema {
+        /// The run's schema.
+        found: u32,
+        /// The newest this build reads.
+        supported: u32,
+    },
+    /// A case without an id.
+    #[error("case #{index} ({attack}) has an empty id")]
+    EmptyId {
+        /// Its position in the run.
+        index: usize,
+        /// Its attack.
+        attack: String,
+    },
+    /// Two cases with one id.
+    #[error("case id {0:?} appears twice")]
+    DuplicateId(String),
 }
 
 /// The library's result type.

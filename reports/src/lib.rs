@@ -15,7 +15,7 @@ pub mod svg;
 
 pub use cli::{run, ReportCmd};
 pub use diff::{diff, CaseChange, HostFlake, RunDiff};
-pub use error::{Error, Result};
+pub use error::{Error, InvalidRun, Result};
 pub use html::{to_html, HtmlOptions};
 pub use json::{to_json, to_json_report, JsonReport, RunSummary};
 pub use junit::to_junit;

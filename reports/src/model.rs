@@ -382,20 +382,24 @@ impl Run {
     }
 
     /// Check invariants: known schema, unique non-empty case ids.
-    pub fn validate(&self) -> std::result::Result<(), String> {
+    pub fn validate(&self) -> std::result::Result<(), crate::error::InvalidRun> {
+        use crate::error::InvalidRun;
         if self.schema > SCHEMA_VERSION {
-            return Err(format!(
-                "schema {} is newer than the supported {SCHEMA_VERSION}",
-                self.schema
-            ));
+            return Err(InvalidRun::Schema {
+                found: self.schema,
+                supported: SCHEMA_VERSION,
+            });
         }
         let mut seen = BTreeSet::new();
-        for (i, c) in self.cases.iter().enumerate() {
+        for (index, c) in self.cases.iter().enumerate() {
             if c.id.is_empty() {
-                return Err(format!("case #{i} ({}) has an empty id", c.attack));
+                return Err(InvalidRun::EmptyId {
+                    index,
+                    attack: c.attack.clone(),
+                });
             }
             if !seen.insert(c.id.as_str()) {
-                return Err(format!("case id {:?} appears twice", c.id));
+                return Err(InvalidRun::DuplicateId(c.id.clone()));
             }
         }
         Ok(())

@@ -143,10 +143,15 @@ pub enum RigCmd {
     },
 }
 
+/// A command-line duration that is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a duration (e.g. 10s, 500ms, 2m)")]
+pub struct DurationError(pub String);
+
 /// Parse `500ms`, `10s`, `2m`, `1h` or plain seconds.
-pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+pub fn parse_duration(s: &str) -> std::result::Result<Duration, DurationError> {
     let t = s.trim();
-    let bad = || format!("`{s}` is not a duration (e.g. 10s, 500ms, 2m)");
+    let bad = || DurationError(s.to_string());
     let (n, mult) = if let Some(n) = t.strip_suffix("ms") {
         (n, 0.001)
     } else if let Some(n) = t.strip_suffix('s') {

@@ -125,7 +125,18 @@ pub struct Capture {
     console: String,
     path: PathBuf,
     stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Result<u64, String>>,
+    thread: std::thread::JoinHandle<Result<u64, CaptureError>>,
+}
+
+/// Why a console capture stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// Reading the console failed.
+    #[error("reading: {0}")]
+    Read(std::io::Error),
+    /// Writing the capture file failed.
+    #[error("writing capture: {0}")]
+    Write(std::io::Error),
 }
 
 impl Capture {
@@ -188,12 +199,10 @@ impl Capture {
                         {
                             0
                         }
-                        Err(e) => return Err(format!("reading: {e}")),
+                        Err(e) => return Err(CaptureError::Read(e)),
                     };
                     if n > 0 {
-                        stamper
-                            .feed(&buf[..n])
-                            .map_err(|e| format!("writing capture: {e}"))?;
+                        stamper.feed(&buf[..n]).map_err(CaptureError::Write)?;
                         continue;
                     }
                     if stopping {
@@ -202,9 +211,7 @@ impl Capture {
                     std::thread::sleep(Duration::from_millis(10));
                 }
                 let lines = stamper.lines;
-                let extra = stamper
-                    .finish()
-                    .map_err(|e| format!("writing capture: {e}"));
+                let extra = stamper.finish().map_err(CaptureError::Write);
                 extra.map(|_| lines)
             })
             .map_err(|e| RigError::io("starting a console thread", e))?;
@@ -230,7 +237,7 @@ impl Capture {
             .thread
             .join()
             .map_err(|_| RigError::driver(&self.host, &label, "capture thread panicked"))?;
-        let lines = r.map_err(|e| RigError::driver(&self.host, &label, e))?;
+        let lines = r.map_err(|e| RigError::driver(&self.host, &label, e.to_string()))?;
         // Count the flushed partial line too.
         let lines = std::fs::read_to_string(&self.path)
             .map(|s| s.lines().count() as u64)

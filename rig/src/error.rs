@@ -134,6 +134,24 @@ impl RigError {
     }
 }
 
+/// Why a case failed: its expectation was not met (the code under test misbehaved,
+/// not the rig).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct CaseFailure(pub String);
+
+impl From<String> for CaseFailure {
+    fn from(reason: String) -> Self {
+        CaseFailure(reason)
+    }
+}
+
+impl From<&str> for CaseFailure {
+    fn from(reason: &str) -> Self {
+        CaseFailure(reason.to_string())
+    }
+}
+
 /// The outcome of one test case on one host, as the runner records it. An
 /// infrastructure fault is never a test failure: it is its own outcome, retried
 /// and reported apart.
@@ -151,13 +169,13 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// Classify the result of running a case: `Ok(Ok(()))` pass, `Ok(Err(reason))`
+    /// Classify the result of running a case: `Ok(Ok(()))` pass, `Ok(Err(failure))`
     /// failure of the code under test, `Err(rig error)` by kind (infra faults and
     /// configuration errors are both outcomes the case itself is not blamed for).
-    pub fn from_result(r: Result<Result<(), String>, RigError>) -> Outcome {
+    pub fn from_result(r: Result<Result<(), CaseFailure>, RigError>) -> Outcome {
         match r {
             Ok(Ok(())) => Outcome::Pass,
-            Ok(Err(reason)) => Outcome::Fail { reason },
+            Ok(Err(CaseFailure(reason))) => Outcome::Fail { reason },
             Err(e) => Outcome::Infra(e),
         }
     }

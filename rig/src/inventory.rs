@@ -581,7 +581,7 @@ fn validate_host(h: &HostSpec) -> Result<(), (String, String)> {
             ..
         } => {
             crate::power::pdudaemon::parse_url(url)
-                .map_err(|e| ("power driver `pdudaemon`".to_string(), e))?;
+                .map_err(|e| ("power driver `pdudaemon`".to_string(), e.to_string()))?;
             check_regex(on_pattern, off_pattern, "pdudaemon")?;
         }
         PowerSpec::Command {

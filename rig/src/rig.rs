@@ -11,6 +11,17 @@ use crate::power::relay::RelayPower;
 use crate::power::{Power, PowerState};
 use crate::sim::{SimHost, SimPower};
 use hilrig_device::oob::{CounterReport, OobClient, Request, Response};
+
+/// Why a simulated host could not be powered on (a health probe's detail).
+#[derive(Debug, thiserror::Error)]
+enum SimNotReady {
+    #[error("/dev/kvm: {0}")]
+    Kvm(std::io::Error),
+    #[error("{0}")]
+    Host(#[from] Box<RigError>),
+    #[error(transparent)]
+    Vmm(#[from] crate::sim::FindVmmError),
+}
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -47,8 +58,13 @@ impl Rig {
     pub fn power(&self, host: &str) -> Result<Power, RigError> {
         let h = self.host(host)?;
         let ms = Duration::from_millis;
-        let bad =
-            |e: String| RigError::driver(host, &format!("power/{}", h.power.driver_name()), e);
+        let bad = |e: crate::power::DriverConfigError| {
+            RigError::driver(
+                host,
+                &format!("power/{}", h.power.driver_name()),
+                e.to_string(),
+            )
+        };
         let backend: Box<dyn crate::power::PowerBackend> = match &h.power {
             PowerSpec::Sim {} => Box::new(SimPower(self.sim(host)?)),
             PowerSpec::SerialRelay {
@@ -325,14 +341,14 @@ impl Rig {
         };
         let mut probes = Vec::new();
         let pd = h.power.driver_name();
-        let sim_ready = || -> Result<String, String> {
+        let sim_ready = || -> Result<String, SimNotReady> {
             // A simulated host can only be powered on with KVM and the VMM binary.
             std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
                 .open("/dev/kvm")
-                .map_err(|e| format!("/dev/kvm: {e}"))?;
-            let vmm = self.sim(host).map_err(|e| e.to_string())?.vmm_path()?;
+                .map_err(SimNotReady::Kvm)?;
+            let vmm = self.sim(host).map_err(Box::new)?.vmm_path()?;
             Ok(format!("; vmm {}", vmm.display()))
         };
         probes.push(match self.power(host).and_then(|mut p| p.status()) {

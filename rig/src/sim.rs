@@ -14,7 +14,7 @@
 
 use crate::error::RigError;
 use crate::inventory::{HostSpec, Inventory};
-use crate::power::{PowerBackend, PowerState};
+use crate::power::{PowerBackend, PowerError, PowerState};
 use hilrig_device::device::{Device, DeviceError};
 use hilrig_device::model::Model;
 use hilrig_device::state::DeviceConfig;
@@ -32,15 +32,49 @@ pub fn idle_payload() -> Result<Vec<u8>, hilrig_guest::GuestError> {
     hilrig_guest::idle::idle(false)
 }
 
+/// Why the `hilrig-vmm` binary was not found.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FindVmmError {
+    /// The inventory's `lab.vmm` names no file.
+    #[error("lab.vmm {} does not exist", .0.display())]
+    Configured(PathBuf),
+    /// `HILRIG_VMM` names no file.
+    #[error("HILRIG_VMM={} does not exist", .0.display())]
+    Env(PathBuf),
+    /// In none of the places searched.
+    #[error(
+        "hilrig-vmm not found (build it: cargo build -p hilrig-vmm; or set lab.vmm / HILRIG_VMM)"
+    )]
+    NotFound,
+}
+
+/// Why the OOB PTY server of a state file could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum OobServeError {
+    /// The PTY pair could not be created.
+    #[error("creating the OOB PTY: {0}")]
+    Pty(std::io::Error),
+    /// The server thread could not be started.
+    #[error("starting the OOB PTY thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// For callers whose errors are still text (`?` in a function whose error is a `String`).
+impl From<OobServeError> for String {
+    fn from(e: OobServeError) -> String {
+        e.to_string()
+    }
+}
+
 /// Locate the `hilrig-vmm` binary: the inventory's `lab.vmm`, `HILRIG_VMM`, next
 /// to the running executable or one directory up (cargo's target/debug/deps), the
 /// workspace's target/{debug,release}, then `PATH`.
-pub fn find_vmm(configured: Option<&Path>) -> Result<PathBuf, String> {
+pub fn find_vmm(configured: Option<&Path>) -> Result<PathBuf, FindVmmError> {
     if let Some(p) = configured {
         return if p.is_file() {
             Ok(p.to_path_buf())
         } else {
-            Err(format!("lab.vmm {} does not exist", p.display()))
+            Err(FindVmmError::Configured(p.to_path_buf()))
         };
     }
     if let Some(p) = std::env::var_os("HILRIG_VMM") {
@@ -48,7 +82,7 @@ pub fn find_vmm(configured: Option<&Path>) -> Result<PathBuf, String> {
         return if p.is_file() {
             Ok(p)
         } else {
-            Err(format!("HILRIG_VMM={} does not exist", p.display()))
+            Err(FindVmmError::Env(p))
         };
     }
     let mut candidates = Vec::new();
@@ -69,10 +103,10 @@ pub fn find_vmm(configured: Option<&Path>) -> Result<PathBuf, String> {
     if let Some(path) = std::env::var_os("PATH") {
         candidates.extend(std::env::split_paths(&path).map(|d| d.join("hilrig-vmm")));
     }
-    candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
-        "hilrig-vmm not found (build it: cargo build -p hilrig-vmm; or set lab.vmm / HILRIG_VMM)"
-            .to_string()
-    })
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .ok_or(FindVmmError::NotFound)
 }
 
 /// VMM children started by this process, so they are reaped (a killed child is
@@ -170,7 +204,7 @@ impl SimHost {
     }
 
     /// The `hilrig-vmm` binary this host would start.
-    pub fn vmm_path(&self) -> Result<PathBuf, String> {
+    pub fn vmm_path(&self) -> Result<PathBuf, FindVmmError> {
         find_vmm(self.vmm.as_deref())
     }
 
@@ -302,7 +336,7 @@ impl SimHost {
         if let VmmState::Running(_) = self.vmm_state() {
             return Ok(());
         }
-        let vmm = self.vmm_path().map_err(|e| self.infra(e))?;
+        let vmm = self.vmm_path().map_err(|e| self.infra(e.to_string()))?;
         let payload = match &self.payload {
             Some(p) => p.clone(),
             None => {
@@ -444,12 +478,12 @@ impl SimHost {
     }
 }
 
-/// The error text without the host prefix ([`crate::power::Power`] adds it).
-fn sim_detail(e: RigError) -> String {
-    match e {
+/// The error without the host prefix ([`crate::power::Power`] adds it).
+fn sim_detail(e: RigError) -> PowerError {
+    PowerError::Sim(match e {
         RigError::Infra { detail, .. } => format!("infrastructure fault: {detail}"),
         e => e.to_string(),
-    }
+    })
 }
 
 /// The simulated power driver.
@@ -459,14 +493,14 @@ impl PowerBackend for SimPower {
     fn driver(&self) -> &'static str {
         "sim"
     }
-    fn set(&mut self, state: PowerState) -> Result<(), String> {
+    fn set(&mut self, state: PowerState) -> Result<(), PowerError> {
         match state {
             PowerState::On => self.0.power_on(),
             PowerState::Off => self.0.power_off(),
         }
         .map_err(sim_detail)
     }
-    fn status(&mut self) -> Result<PowerState, String> {
+    fn status(&mut self) -> Result<PowerState, PowerError> {
         self.0.status().map_err(sim_detail)
     }
     fn settle(&self) -> Duration {
@@ -534,14 +568,14 @@ fn oob_servers() -> &'static Mutex<HashMap<PathBuf, OobServer>> {
 
 /// Serve the OOB port of the device in state file `state` on a PTY (one per state
 /// file per process); returns the PTY path to open as a serial port.
-pub fn serve_state_oob(state: &Path) -> Result<String, String> {
+pub fn serve_state_oob(state: &Path) -> Result<String, OobServeError> {
     let mut servers = lock(oob_servers());
     if let Some(s) = servers.get(state) {
         if !s.thread.is_finished() {
             return Ok(s.path.clone());
         }
     }
-    let server = hilrig_device::oob::PtyServer::new().map_err(|e| e.to_string())?;
+    let server = hilrig_device::oob::PtyServer::new().map_err(OobServeError::Pty)?;
     let path = server.path().to_string();
     let stop = Arc::new(AtomicBool::new(false));
     let st = stop.clone();
@@ -554,7 +588,7 @@ pub fn serve_state_oob(state: &Path) -> Result<String, String> {
                 tracing::error!("OOB PTY server for {name} stopped: {e}");
             }
         })
-        .map_err(|e| e.to_string())?;
+        .map_err(OobServeError::Thread)?;
     servers.insert(
         state.to_path_buf(),
         OobServer {

@@ -306,6 +306,52 @@ impl<D: Device + ?Sized> Device for Box<D> {
     }
 }
 
+/// Why scrubbing a device's tenant state failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ScrubError {
+    /// The backend failed.
+    #[error("scrubbing the device's tenant state: {0}")]
+    Device(#[from] DeviceError),
+    /// An element still holds something after the scrub.
+    #[error("{element} reads {value:#x} after scrubbing, not {expect:#x}")]
+    NotScrubbed {
+        /// The element, e.g. `SCRATCH[3]` or `BUFFER[17]`.
+        element: String,
+        /// What it reads.
+        value: u32,
+        /// What it should read (its reset value).
+        expect: u32,
+    },
+}
+
+/// Scrub the tenant state ([`crate::regmap::tenant_state`]): write every element's
+/// scrub value, in table order, then check every element reads its reset value.
+/// Returns the bytes scrubbed. A wedged device (the hang magic) ignores writes and
+/// reads all-ones, so reset it first.
+pub fn scrub_tenant_state(dev: &mut dyn Device) -> Result<u64, ScrubError> {
+    let state = crate::regmap::tenant_state();
+    let mut bytes = 0;
+    for t in &state {
+        for w in t.words() {
+            dev.write_word(w, t.scrub, 0xf)?;
+        }
+        bytes += t.bytes();
+    }
+    for t in &state {
+        for w in t.words() {
+            let value = dev.read_word(w, 0xf)?;
+            if value != t.expect {
+                return Err(ScrubError::NotScrubbed {
+                    element: t.reg.def().element_name(w),
+                    value,
+                    expect: t.expect,
+                });
+            }
+        }
+    }
+    Ok(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

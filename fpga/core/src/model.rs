@@ -79,7 +79,7 @@ impl AsFd for BufferMem {
 }
 
 /// Volatile state: lost on reset, FLR, power cycle and soft reset.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 struct Volatile {
     control: u32,
     scratch: [u32; 8],
@@ -96,6 +96,43 @@ struct Volatile {
     unlock_stage: u8,
     bad_key: bool,
 }
+
+impl Default for Volatile {
+    /// The state after reset: every register at the table's reset value.
+    fn default() -> Self {
+        Volatile {
+            control: def(Reg::Control).reset,
+            scratch: [def(Reg::Scratch).reset; 8],
+            doorbell: def(Reg::Doorbell).reset,
+            irq_status: def(Reg::IrqStatus).reset,
+            hung: false,
+            flash_region: def(Reg::FlashRegion).reset,
+            flash_addr: def(Reg::FlashAddr).reset,
+            flash_len: def(Reg::FlashLen).reset,
+            flash_src: def(Reg::FlashSrc).reset,
+            flash_result: def(Reg::FlashStatus).reset,
+            unlocked: false,
+            unlock_stage: 0,
+            bad_key: false,
+        }
+    }
+}
+
+// The storage registers' table rows: writes go through `RegisterDef::write`
+// (writable mask, W1C bits).
+const CONTROL: &RegisterDef = def(Reg::Control);
+const SCRATCH: &RegisterDef = def(Reg::Scratch);
+const DOORBELL: &RegisterDef = def(Reg::Doorbell);
+const IRQ_STATUS: &RegisterDef = def(Reg::IrqStatus);
+const FLASH_REGION: &RegisterDef = def(Reg::FlashRegion);
+const FLASH_ADDR: &RegisterDef = def(Reg::FlashAddr);
+const FLASH_LEN: &RegisterDef = def(Reg::FlashLen);
+const FLASH_SRC: &RegisterDef = def(Reg::FlashSrc);
+const BUFFER: &RegisterDef = def(Reg::Buffer);
+const _: () = assert!(
+    SCRATCH.count as usize == 8,
+    "Volatile::scratch holds SCRATCH's elements"
+);
 
 /// Statistics the model keeps for tests and benchmarks (volatile, not device state).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -358,26 +395,25 @@ impl Device for Model {
         } else {
             byte_mask_bits(mask)
         };
-        let merge = |old: u32| (old & !bits) | (value & bits);
         let trig = value & bits;
         let v = &mut self.vol;
         match reg {
             Reg::Buffer => {
                 let off = i * 4;
-                let new = if bits == u32::MAX {
+                let new = if bits == u32::MAX && BUFFER.writable == u32::MAX {
                     value
                 } else {
-                    merge(self.buf.read_u32(off))
+                    BUFFER.write(self.buf.read_u32(off), value, bits)
                 };
                 self.buf.write_u32(off, new);
             }
-            Reg::Control => v.control = merge(v.control) & CONTROL_IRQ_ENABLE,
-            Reg::Scratch => v.scratch[i] = merge(v.scratch[i]),
+            Reg::Control => v.control = CONTROL.write(v.control, value, bits),
+            Reg::Scratch => v.scratch[i] = SCRATCH.write(v.scratch[i], value, bits),
             Reg::Doorbell => {
-                v.doorbell = merge(v.doorbell);
+                v.doorbell = DOORBELL.write(v.doorbell, value, bits);
                 v.irq_status |= IRQ_DOORBELL;
             }
-            Reg::IrqStatus => v.irq_status &= !trig,
+            Reg::IrqStatus => v.irq_status = IRQ_STATUS.write(v.irq_status, value, bits),
             Reg::HangTrigger => {
                 if trig == HANG_MAGIC {
                     v.hung = true;
@@ -388,10 +424,10 @@ impl Device for Model {
                     self.volatile_reset();
                 }
             }
-            Reg::FlashRegion => v.flash_region = merge(v.flash_region) & 3,
-            Reg::FlashAddr => v.flash_addr = merge(v.flash_addr),
-            Reg::FlashLen => v.flash_len = merge(v.flash_len),
-            Reg::FlashSrc => v.flash_src = merge(v.flash_src),
+            Reg::FlashRegion => v.flash_region = FLASH_REGION.write(v.flash_region, value, bits),
+            Reg::FlashAddr => v.flash_addr = FLASH_ADDR.write(v.flash_addr, value, bits),
+            Reg::FlashLen => v.flash_len = FLASH_LEN.write(v.flash_len, value, bits),
+            Reg::FlashSrc => v.flash_src = FLASH_SRC.write(v.flash_src, value, bits),
             Reg::FlashCmd => self.command(trig)?,
             Reg::FlashUnlock => self.unlock(trig),
             Reg::Id

@@ -47,30 +47,6 @@ pub const FLASH_CMD_PROGRAM: u32 = 2;
 /// FLASH_CMD: lock the flash controller again. Not an attempt.
 pub const FLASH_CMD_LOCK: u32 = 3;
 
-/// STATUS: the fuse is blown.
-pub const STATUS_FUSE_BLOWN: u32 = 1 << 1;
-/// STATUS: flash controller unlocked.
-pub const STATUS_FLASH_UNLOCKED: u32 = 1 << 2;
-/// STATUS: an enabled interrupt is pending.
-pub const STATUS_IRQ_PENDING: u32 = 1 << 3;
-/// CONTROL: interrupt enable.
-pub const CONTROL_IRQ_ENABLE: u32 = 1 << 0;
-/// IRQ_STATUS: the doorbell was rung.
-pub const IRQ_DOORBELL: u32 = 1 << 0;
-
-/// FLASH_STATUS: controller unlocked.
-pub const FLASH_STATUS_UNLOCKED: u32 = 1 << 0;
-/// FLASH_STATUS: the last command completed.
-pub const FLASH_STATUS_DONE: u32 = 1 << 1;
-/// FLASH_STATUS: the last command was refused because the controller was locked.
-pub const FLASH_STATUS_REFUSED_LOCKED: u32 = 1 << 2;
-/// FLASH_STATUS: the last command was refused because the fuse is blown.
-pub const FLASH_STATUS_REFUSED_FUSE: u32 = 1 << 3;
-/// FLASH_STATUS: the last command was refused because of bad arguments.
-pub const FLASH_STATUS_REFUSED_ARGS: u32 = 1 << 4;
-/// FLASH_STATUS: a wrong unlock key was written since the last successful unlock.
-pub const FLASH_STATUS_BAD_KEY: u32 = 1 << 5;
-
 /// Flash regions, in COUNTER array order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, PartialOrd, Ord)]
 pub enum Region {
@@ -173,7 +149,19 @@ pub enum Persistence {
     Derived,
 }
 
-/// A bit field of a register, for documentation and RTL generation.
+/// What a bit field does with writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FieldAccess {
+    /// Read-only: set by the hardware, writes are ignored.
+    Ro,
+    /// Read/write storage.
+    Rw,
+    /// Set by the hardware; writing 1 clears it, writing 0 keeps it.
+    W1c,
+}
+
+/// A bit field of a register: documentation, bit constants, masks and RTL constants.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct Field {
     /// Field name.
@@ -182,8 +170,66 @@ pub struct Field {
     pub lsb: u8,
     /// Width in bits.
     pub width: u8,
+    /// What writes do to the field.
+    pub access: FieldAccess,
     /// One-line description.
     pub doc: &'static str,
+}
+
+impl Field {
+    /// The field's bits in the register.
+    pub const fn mask(&self) -> u32 {
+        bit_mask(self.lsb, self.width)
+    }
+}
+
+/// `width` bits from bit `lsb` (a field's mask).
+pub const fn bit_mask(lsb: u8, width: u8) -> u32 {
+    if width >= 32 {
+        u32::MAX << lsb
+    } else {
+        ((1u32 << width) - 1) << lsb
+    }
+}
+
+/// The union of the masks of `fields` with access `access`.
+const fn fields_mask(fields: &[Field], access: FieldAccess) -> u32 {
+    let mut m = 0;
+    let mut i = 0;
+    while i < fields.len() {
+        let hit = matches!(
+            (fields[i].access, access),
+            (FieldAccess::Ro, FieldAccess::Ro)
+                | (FieldAccess::Rw, FieldAccess::Rw)
+                | (FieldAccess::W1c, FieldAccess::W1c)
+        );
+        if hit {
+            m |= fields[i].mask();
+        }
+        i += 1;
+    }
+    m
+}
+
+/// The writable mask of a register: the bits a write stores (and a read returns).
+/// A RW register without fields stores all 32 bits; with fields, its RW fields.
+/// Other registers store nothing (RO ignores writes, WO acts on them, W1C clears).
+pub const fn writable_mask(hw: Hw, fields: &[Field]) -> u32 {
+    match hw {
+        Hw::Rw if fields.is_empty() => u32::MAX,
+        Hw::Rw => fields_mask(fields, FieldAccess::Rw),
+        Hw::Ro | Hw::Wo | Hw::W1c => 0,
+    }
+}
+
+/// The write-1-to-clear bits of a register: all bits of a W1C register without
+/// fields, else its W1C fields.
+pub const fn w1c_mask(hw: Hw, fields: &[Field]) -> u32 {
+    match hw {
+        Hw::W1c if fields.is_empty() => u32::MAX,
+        Hw::W1c => fields_mask(fields, FieldAccess::W1c),
+        Hw::Ro | Hw::Wo | Hw::Rw => 0,
+    }
 }
 
 /// One row of the register table.
@@ -209,6 +255,14 @@ pub struct RegisterDef {
     /// Value after reset. For nonvolatile registers: the factory value. For derived
     /// registers it is computed (e.g. FLASH_DATA reads flash); the doc says from what.
     pub reset: u32,
+    /// Bits a write stores (and a read returns): [`writable_mask`] of `hw` and the
+    /// fields. The model and the RTL mask writes with it.
+    pub writable: u32,
+    /// Bits a write of 1 clears: [`w1c_mask`] of `hw` and the fields.
+    pub w1c: u32,
+    /// Tenant state: what a tenant can leave behind, scrubbed at teardown
+    /// ([`tenant_state`]).
+    pub tenant_state: bool,
     /// Volatile, nonvolatile or derived.
     pub persistence: Persistence,
     /// Register group (page name).
@@ -221,7 +275,7 @@ pub struct RegisterDef {
 
 impl RegisterDef {
     /// Byte offset one past the last element.
-    pub fn end(&self) -> u32 {
+    pub const fn end(&self) -> u32 {
         self.offset + self.count * 4
     }
     /// The page (0..=15) this register starts on.
@@ -240,52 +294,78 @@ impl RegisterDef {
             format!("{}[{}]", self.name, (offset - self.offset) / 4)
         }
     }
+    /// The value of one element after a write of `value` with the bit mask `bits`
+    /// (the written bytes, see [`crate::device::byte_mask_bits`]) over `old`, as the
+    /// table says: writable bits take the written bits, W1C bits written as 1 clear,
+    /// every other bit keeps its value. (Side effects, such as the doorbell setting
+    /// IRQ_STATUS, are the device's, not the table's.)
+    #[inline]
+    pub const fn write(&self, old: u32, value: u32, bits: u32) -> u32 {
+        let w = bits & self.writable;
+        let stored = (old & !w) | (value & w);
+        stored & !(value & bits & self.w1c)
+    }
 }
 
-macro_rules! field {
-    ($name:literal, $lsb:literal, $width:literal, $doc:literal) => {
-        Field {
-            name: $name,
-            lsb: $lsb,
-            width: $width,
-            doc: $doc,
-        }
-    };
+/// Row of the table with the register `reg` (usable in constants).
+pub const fn def(reg: Reg) -> &'static RegisterDef {
+    &REGISTERS[reg as usize]
 }
 
 macro_rules! registers {
+    (@ts scrub) => { true };
+    (@ts keep) => { false };
     ($(
         $variant:ident $name:literal @ $offset:literal x $count:literal :
         $hw:ident, tenant $tenant:ident, operator $operator:ident,
-        reset $reset:expr, $pers:ident, $group:literal, $doc:literal
-        $(, fields [$($field:expr),* $(,)?])? ;
+        reset $reset:expr, $pers:ident, $ts:ident, $group:literal, $doc:literal
+        $(, fields [$(
+            $cname:ident = $fname:literal @ $lsb:literal x $fwidth:literal $facc:ident : $fdoc:literal
+        ),* $(,)?])? ;
     )*) => {
         /// Every register of the device, in address order.
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
         pub enum Reg { $(#[doc = $doc] $variant),* }
 
+        $($($(
+            #[doc = concat!($name, ".", $fname, ": ", $fdoc)]
+            pub const $cname: u32 = bit_mask($lsb, $fwidth);
+        )*)?)*
+
         /// The register table, in address order.
         pub const REGISTERS: &[RegisterDef] = &[$(
-            RegisterDef {
-                reg: Reg::$variant,
-                name: $name,
-                offset: $offset,
-                count: $count,
-                width: 32,
-                hw: Hw::$hw,
-                tenant: Perm::$tenant,
-                operator: Perm::$operator,
-                reset: $reset,
-                persistence: Persistence::$pers,
-                group: $group,
-                doc: $doc,
-                fields: &[$($($field),*)?],
+            {
+                const FIELDS: &[Field] = &[$($(Field {
+                    name: $fname,
+                    lsb: $lsb,
+                    width: $fwidth,
+                    access: FieldAccess::$facc,
+                    doc: $fdoc,
+                }),*)?];
+                RegisterDef {
+                    reg: Reg::$variant,
+                    name: $name,
+                    offset: $offset,
+                    count: $count,
+                    width: 32,
+                    hw: Hw::$hw,
+                    tenant: Perm::$tenant,
+                    operator: Perm::$operator,
+                    reset: $reset,
+                    writable: writable_mask(Hw::$hw, FIELDS),
+                    w1c: w1c_mask(Hw::$hw, FIELDS),
+                    tenant_state: registers!(@ts $ts),
+                    persistence: Persistence::$pers,
+                    group: $group,
+                    doc: $doc,
+                    fields: FIELDS,
+                }
             }
         ),*];
 
         impl Reg {
             /// This register's table row.
-            pub fn def(self) -> &'static RegisterDef {
+            pub const fn def(self) -> &'static RegisterDef {
                 &REGISTERS[self as usize]
             }
             /// Byte offset of this register (of its first element).
@@ -296,74 +376,263 @@ macro_rules! registers {
     };
 }
 
+// Columns: variant "NAME" @ offset x count: hw, tenant perm, operator perm,
+// reset value, persistence, tenant state (`scrub`: teardown clears it; `keep`),
+// group, doc, and the fields: CONSTANT = "NAME" @ lsb x width access: doc. Each
+// field's CONSTANT (its bit mask) is generated from the same entry.
 registers! {
-    Id "ID" @ 0x0000 x 1: Ro, tenant R, operator R, reset DEVICE_ID_VALUE, Derived, "identity",
+    Id "ID" @ 0x0000 x 1: Ro, tenant R, operator R, reset DEVICE_ID_VALUE, Derived, keep, "identity",
         "Device identification, ASCII \"HILR\"";
-    Version "VERSION" @ 0x0004 x 1: Ro, tenant R, operator R, reset DEVICE_VERSION_VALUE, Derived, "identity",
+    Version "VERSION" @ 0x0004 x 1: Ro, tenant R, operator R, reset DEVICE_VERSION_VALUE, Derived, keep, "identity",
         "Register-map version: major in bits 31:16, minor in 15:0";
-    Status "STATUS" @ 0x0008 x 1: Ro, tenant R, operator R, reset 0, Derived, "identity",
+    Status "STATUS" @ 0x0008 x 1: Ro, tenant R, operator R, reset 0, Derived, keep, "identity",
         "Device status summary",
         fields [
-            field!("FUSE_BLOWN", 1, 1, "the counter budget is spent; flash is read-only for good"),
-            field!("FLASH_UNLOCKED", 2, 1, "the flash controller is unlocked"),
-            field!("IRQ_PENDING", 3, 1, "an enabled interrupt is pending (IRQ_STATUS & CONTROL.IRQ_ENABLE)"),
+            STATUS_FUSE_BLOWN = "FUSE_BLOWN" @ 1 x 1 Ro: "the counter budget is spent; flash is read-only for good",
+            STATUS_FLASH_UNLOCKED = "FLASH_UNLOCKED" @ 2 x 1 Ro: "the flash controller is unlocked",
+            STATUS_IRQ_PENDING = "IRQ_PENDING" @ 3 x 1 Ro: "an enabled interrupt is pending (IRQ_STATUS & CONTROL.IRQ_ENABLE)",
         ];
-    Control "CONTROL" @ 0x000C x 1: Rw, tenant Rw, operator Rw, reset 0, Volatile, "identity",
+    Control "CONTROL" @ 0x000C x 1: Rw, tenant Rw, operator Rw, reset 0, Volatile, scrub, "identity",
         "Device control",
-        fields [field!("IRQ_ENABLE", 0, 1, "enable the doorbell interrupt")];
-    Scratch "SCRATCH" @ 0x0010 x 8: Rw, tenant Rw, operator Rw, reset 0, Volatile, "identity",
+        fields [CONTROL_IRQ_ENABLE = "IRQ_ENABLE" @ 0 x 1 Rw: "enable the doorbell interrupt"];
+    Scratch "SCRATCH" @ 0x0010 x 8: Rw, tenant Rw, operator Rw, reset 0, Volatile, scrub, "identity",
         "Tenant scratch registers (tenant state: scrubbed at teardown)";
-    Doorbell "DOORBELL" @ 0x0030 x 1: Rw, tenant Rw, operator Rw, reset 0, Volatile, "identity",
+    Doorbell "DOORBELL" @ 0x0030 x 1: Rw, tenant Rw, operator Rw, reset 0, Volatile, scrub, "identity",
         "Doorbell: a write stores the value and sets IRQ_STATUS.DOORBELL";
-    IrqStatus "IRQ_STATUS" @ 0x0034 x 1: W1c, tenant Rw, operator Rw, reset 0, Volatile, "identity",
+    IrqStatus "IRQ_STATUS" @ 0x0034 x 1: W1c, tenant Rw, operator Rw, reset 0, Volatile, scrub, "identity",
         "Interrupt status, write 1 to clear",
-        fields [field!("DOORBELL", 0, 1, "the doorbell was rung")];
-    HangTrigger "HANG_TRIGGER" @ 0x0038 x 1: Wo, tenant None, operator W, reset 0, Volatile, "identity",
+        fields [IRQ_DOORBELL = "DOORBELL" @ 0 x 1 W1c: "the doorbell was rung"];
+    HangTrigger "HANG_TRIGGER" @ 0x0038 x 1: Wo, tenant None, operator W, reset 0, Volatile, keep, "identity",
         "Writing HANG_MAGIC (0x4841_4E47) wedges the device until reset, FLR or power cycle";
-    SoftReset "SOFT_RESET" @ 0x003C x 1: Wo, tenant None, operator W, reset 0, Volatile, "identity",
+    SoftReset "SOFT_RESET" @ 0x003C x 1: Wo, tenant None, operator W, reset 0, Volatile, keep, "identity",
         "Writing SOFT_RESET_MAGIC (0x5253_5421) resets the device's volatile state";
-    Serial "SERIAL" @ 0x0040 x 2: Ro, tenant R, operator R, reset 0, Nonvolatile, "identity",
+    Serial "SERIAL" @ 0x0040 x 2: Ro, tenant R, operator R, reset 0, Nonvolatile, keep, "identity",
         "Device serial number, low word first";
-    FlashRegion "FLASH_REGION" @ 0x1000 x 1: Rw, tenant None, operator Rw, reset 0, Volatile, "flash",
-        "Selected flash region: 0 VBIOS, 1 FIRMWARE, 2 CONFIG (bits 1:0 stored)";
-    FlashAddr "FLASH_ADDR" @ 0x1004 x 1: Rw, tenant None, operator Rw, reset 0, Volatile, "flash",
+    FlashRegion "FLASH_REGION" @ 0x1000 x 1: Rw, tenant None, operator Rw, reset 0, Volatile, keep, "flash",
+        "Selected flash region: 0 VBIOS, 1 FIRMWARE, 2 CONFIG (bits 1:0 stored)",
+        fields [FLASH_REGION_SELECT = "REGION" @ 0 x 2 Rw: "the region: 0 VBIOS, 1 FIRMWARE, 2 CONFIG (3 selects none)"];
+    FlashAddr "FLASH_ADDR" @ 0x1004 x 1: Rw, tenant None, operator Rw, reset 0, Volatile, keep, "flash",
         "Byte offset in the selected region (for FLASH_DATA and PROGRAM)";
-    FlashData "FLASH_DATA" @ 0x1008 x 1: Ro, tenant None, operator R, reset 0, Derived, "flash",
+    FlashData "FLASH_DATA" @ 0x1008 x 1: Ro, tenant None, operator R, reset 0, Derived, keep, "flash",
         "Read window: the flash word at FLASH_ADDR (rounded down to 4) in the selected region; all-ones past its end";
-    FlashLen "FLASH_LEN" @ 0x100C x 1: Rw, tenant None, operator Rw, reset 0, Volatile, "flash",
+    FlashLen "FLASH_LEN" @ 0x100C x 1: Rw, tenant None, operator Rw, reset 0, Volatile, keep, "flash",
         "PROGRAM length in bytes (multiple of 4)";
-    FlashSrc "FLASH_SRC" @ 0x1010 x 1: Rw, tenant None, operator Rw, reset 0, Volatile, "flash",
+    FlashSrc "FLASH_SRC" @ 0x1010 x 1: Rw, tenant None, operator Rw, reset 0, Volatile, keep, "flash",
         "PROGRAM source: byte offset into the data-buffer area (pages 4-15)";
-    FlashCmd "FLASH_CMD" @ 0x1014 x 1: Wo, tenant None, operator W, reset 0, Volatile, "flash",
+    FlashCmd "FLASH_CMD" @ 0x1014 x 1: Wo, tenant None, operator W, reset 0, Volatile, keep, "flash",
         "Command: 1 ERASE, 2 PROGRAM (both are counted attempts), 3 LOCK";
-    FlashStatus "FLASH_STATUS" @ 0x1018 x 1: Ro, tenant None, operator R, reset 0, Volatile, "flash",
+    FlashStatus "FLASH_STATUS" @ 0x1018 x 1: Ro, tenant None, operator R, reset 0, Volatile, keep, "flash",
         "Result of the last flash command",
         fields [
-            field!("UNLOCKED", 0, 1, "the controller is unlocked"),
-            field!("DONE", 1, 1, "the last command completed"),
-            field!("REFUSED_LOCKED", 2, 1, "the last command was refused: controller locked"),
-            field!("REFUSED_FUSE", 3, 1, "the last command was refused: fuse blown"),
-            field!("REFUSED_ARGS", 4, 1, "the last command was refused: bad region, address, length or source"),
-            field!("BAD_KEY", 5, 1, "a wrong unlock word was written since the last unlock"),
+            FLASH_STATUS_UNLOCKED = "UNLOCKED" @ 0 x 1 Ro: "the controller is unlocked",
+            FLASH_STATUS_DONE = "DONE" @ 1 x 1 Ro: "the last command completed",
+            FLASH_STATUS_REFUSED_LOCKED = "REFUSED_LOCKED" @ 2 x 1 Ro: "the last command was refused: controller locked",
+            FLASH_STATUS_REFUSED_FUSE = "REFUSED_FUSE" @ 3 x 1 Ro: "the last command was refused: fuse blown",
+            FLASH_STATUS_REFUSED_ARGS = "REFUSED_ARGS" @ 4 x 1 Ro: "the last command was refused: bad region, address, length or source",
+            FLASH_STATUS_BAD_KEY = "BAD_KEY" @ 5 x 1 Ro: "a wrong unlock word was written since the last unlock",
         ];
-    FlashUnlock "FLASH_UNLOCK" @ 0x101C x 1: Wo, tenant None, operator W, reset 0, Volatile, "flash",
+    FlashUnlock "FLASH_UNLOCK" @ 0x101C x 1: Wo, tenant None, operator W, reset 0, Volatile, keep, "flash",
         "Unlock sequence: UNLOCK_KEY1 (0x554E_4C4B) then UNLOCK_KEY2 (0x464C_5348); any other value restarts it and sets BAD_KEY";
-    Counter "COUNTER" @ 0x2000 x 3: Ro, tenant R, operator R, reset 0, Nonvolatile, "counters",
+    Counter "COUNTER" @ 0x2000 x 3: Ro, tenant R, operator R, reset 0, Nonvolatile, keep, "counters",
         "Attempt counter per region (VBIOS, FIRMWARE, CONFIG): thermometer bits set";
-    Master "MASTER" @ 0x200C x 1: Ro, tenant R, operator R, reset 0, Nonvolatile, "counters",
+    Master "MASTER" @ 0x200C x 1: Ro, tenant R, operator R, reset 0, Nonvolatile, keep, "counters",
         "Incremented whenever any region counter increments; never cleared";
-    Fuse "FUSE" @ 0x2010 x 1: Ro, tenant R, operator R, reset 0, Nonvolatile, "counters",
+    Fuse "FUSE" @ 0x2010 x 1: Ro, tenant R, operator R, reset 0, Nonvolatile, keep, "counters",
         "1 when the fuse is blown (a region counter reached WIDTH)";
-    SlotsLeft "SLOTS_LEFT" @ 0x2014 x 1: Ro, tenant R, operator R, reset 0, Derived, "counters",
+    SlotsLeft "SLOTS_LEFT" @ 0x2014 x 1: Ro, tenant R, operator R, reset 0, Derived, keep, "counters",
         "WIDTH minus the largest region counter: attempts left before the fuse blows (WIDTH on a fresh device)";
-    Width "WIDTH" @ 0x2018 x 1: Ro, tenant R, operator R, reset 0, Nonvolatile, "counters",
+    Width "WIDTH" @ 0x2018 x 1: Ro, tenant R, operator R, reset 0, Nonvolatile, keep, "counters",
         "Counter budget: thermometer width in bits (1..=64)";
-    Epoch "EPOCH" @ 0x201C x 1: Ro, tenant R, operator R, reset 0, Nonvolatile, "counters",
+    Epoch "EPOCH" @ 0x201C x 1: Ro, tenant R, operator R, reset 0, Nonvolatile, keep, "counters",
         "Number of authorised OOB physical resets; never decreases";
-    DeviceKey "DEVICE_KEY" @ 0x3000 x 8: Ro, tenant None, operator R, reset 0, Nonvolatile, "secrets",
+    DeviceKey "DEVICE_KEY" @ 0x3000 x 8: Ro, tenant None, operator R, reset 0, Nonvolatile, keep, "secrets",
         "Provisioned 256-bit device key, little-endian words; a tenant must never read it";
-    Buffer "BUFFER" @ 0x4000 x 12288: Rw, tenant Rw, operator Rw, reset 0, Volatile, "buffers",
+    Buffer "BUFFER" @ 0x4000 x 12288: Rw, tenant Rw, operator Rw, reset 0, Volatile, scrub, "buffers",
         "Data buffers (pages 4-15): plain RAM, tenant state; PROGRAM source";
+}
+
+/// One tenant-state register (or register array) and how teardown scrubs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct TenantState {
+    /// The register.
+    #[serde(skip)]
+    pub reg: Reg,
+    /// Its name.
+    pub name: &'static str,
+    /// Byte offset of the first element.
+    pub offset: u32,
+    /// Number of 32-bit elements.
+    pub count: u32,
+    /// The value to write to every element to scrub it: the W1C bits of a W1C
+    /// register, else the reset value.
+    pub scrub: u32,
+    /// What every element reads after the scrub: the reset value.
+    pub expect: u32,
+}
+
+impl TenantState {
+    /// Byte offsets of the elements, in ascending order.
+    pub fn words(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..self.count).map(move |i| self.offset + 4 * i)
+    }
+    /// Size in bytes.
+    pub fn bytes(&self) -> u64 {
+        self.count as u64 * 4
+    }
+}
+
+/// The tenant state, from the table's tenant-state column, in address order — the
+/// order to scrub it in: a write to DOORBELL sets IRQ_STATUS, which follows it.
+/// Teardown writes each element's `scrub` value and checks it reads `expect`.
+pub fn tenant_state() -> Vec<TenantState> {
+    REGISTERS
+        .iter()
+        .filter(|r| r.tenant_state)
+        .map(|r| TenantState {
+            reg: r.reg,
+            name: r.name,
+            offset: r.offset,
+            count: r.count,
+            scrub: if r.w1c != 0 { r.w1c } else { r.reset },
+            expect: r.reset,
+        })
+        .collect()
+}
+
+/// A privilege profile of the default MMIO policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    /// An operator: the rig's own access (flash updates, triggers).
+    Operator,
+    /// A tenant: the guest the device is lent to.
+    Tenant,
+}
+
+impl Profile {
+    /// Every profile, in name order.
+    pub const ALL: [Profile; 2] = [Profile::Operator, Profile::Tenant];
+
+    /// Lower-case name, as in policy files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Profile::Operator => "operator",
+            Profile::Tenant => "tenant",
+        }
+    }
+
+    /// Parse a lower-case profile name.
+    pub fn parse(s: &str) -> Option<Profile> {
+        Self::ALL.into_iter().find(|p| p.name() == s)
+    }
+
+    /// What this profile may do with `def` (its column of the table).
+    pub fn perm(self, def: &RegisterDef) -> Perm {
+        match self {
+            Profile::Operator => def.operator,
+            Profile::Tenant => def.tenant,
+        }
+    }
+}
+
+impl std::fmt::Display for Profile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Which accesses a policy rule covers (as in policy files).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleAccess {
+    /// Reads.
+    Read,
+    /// Writes.
+    Write,
+    /// Reads and writes.
+    Both,
+}
+
+/// What a policy rule does (as in policy files).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleAction {
+    /// The access reaches the device.
+    Allow,
+    /// Writes are ignored; reads return the rule's value.
+    Drop,
+    /// Reads return the guest's shadow copy; writes update only the shadow.
+    Shadow,
+    /// The guest receives an exception.
+    Fault,
+}
+
+fn ser_reg_name<S: serde::Serializer>(reg: &Reg, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(reg.def().name)
+}
+
+/// One rule of the default MMIO policy. Serializes as a rule of a policy file
+/// (`register`, `access`, `action`, `alarm`, and `value` when set).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct DefaultRule {
+    /// The register (serialized by its table name).
+    #[serde(serialize_with = "ser_reg_name")]
+    pub register: Reg,
+    /// Which accesses the rule covers.
+    pub access: RuleAccess,
+    /// What it does.
+    pub action: RuleAction,
+    /// Whether it raises an alarm.
+    pub alarm: bool,
+    /// For `drop`: the value reads return (none: 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<u32>,
+}
+
+/// The default rules of `profile`, from the table's tenant and operator columns, in
+/// address order: every access the profile may not make is dropped (reads return 0)
+/// and raises an alarm; registers it may read and write get no rule.
+pub fn default_rules(profile: Profile) -> Vec<DefaultRule> {
+    REGISTERS
+        .iter()
+        .filter_map(|r| {
+            let p = profile.perm(r);
+            let access = match (p.can_read(), p.can_write()) {
+                (true, true) => return None,
+                (false, false) => RuleAccess::Both,
+                (true, false) => RuleAccess::Write,
+                (false, true) => RuleAccess::Read,
+            };
+            Some(DefaultRule {
+                register: r.reg,
+                access,
+                action: RuleAction::Drop,
+                alarm: true,
+                value: None,
+            })
+        })
+        .collect()
+}
+
+/// The default MMIO policy: enforcing, with [`default_rules`] for every profile.
+/// Serializes as a policy file (e.g. with `toml::to_string`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DefaultPolicy {
+    /// Enforce the rules (always true here).
+    pub enforce: bool,
+    /// Rules by profile name, in name order.
+    pub profile: std::collections::BTreeMap<&'static str, Vec<DefaultRule>>,
+}
+
+/// The default MMIO policy (see [`DefaultPolicy`]).
+pub fn default_policy() -> DefaultPolicy {
+    DefaultPolicy {
+        enforce: true,
+        profile: Profile::ALL
+            .into_iter()
+            .map(|p| (p.name(), default_rules(p)))
+            .collect(),
+    }
 }
 
 /// Which register (and element) a BAR0 byte offset belongs to: a per-word
@@ -508,12 +777,15 @@ pub fn to_markdown() -> String {
     }
     let _ = writeln!(
         s,
-        "\n## Registers\n\n| offset | name | count | hw | tenant | operator | reset | persistence | description |\n|---|---|---|---|---|---|---|---|---|"
+        "\n## Registers\n\nwritable: the bits a write stores (and a read returns); W1C: the bits a \
+         write of 1 clears; tenant state: scrubbed at teardown (in this order).\n\n\
+         | offset | name | count | hw | tenant | operator | reset | writable | W1C | tenant state | persistence | description |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for r in REGISTERS {
         let _ = writeln!(
             s,
-            "| 0x{:04x} | {} | {} | {:?} | {} | {} | 0x{:08x} | {:?} | {} |",
+            "| 0x{:04x} | {} | {} | {:?} | {} | {} | 0x{:08x} | 0x{:08x} | 0x{:08x} | {} | {:?} | {} |",
             r.offset,
             r.name,
             r.count,
@@ -521,6 +793,9 @@ pub fn to_markdown() -> String {
             r.tenant.label(),
             r.operator.label(),
             r.reset,
+            r.writable,
+            r.w1c,
+            if r.tenant_state { "yes" } else { "no" },
             r.persistence,
             r.doc.replace('|', "\\|")
         );
@@ -529,7 +804,7 @@ pub fn to_markdown() -> String {
     for r in REGISTERS.iter().filter(|r| !r.fields.is_empty()) {
         let _ = writeln!(
             s,
-            "### {}\n\n| bits | name | description |\n|---|---|---|",
+            "### {}\n\n| bits | name | access | description |\n|---|---|---|---|",
             r.name
         );
         for f in r.fields {
@@ -538,7 +813,7 @@ pub fn to_markdown() -> String {
             } else {
                 format!("{}:{}", f.lsb + f.width - 1, f.lsb)
             };
-            let _ = writeln!(s, "| {bits} | {} | {} |", f.name, f.doc);
+            let _ = writeln!(s, "| {bits} | {} | {:?} | {} |", f.name, f.access, f.doc);
         }
         let _ = writeln!(s);
     }
@@ -641,6 +916,197 @@ mod tests {
             .iter()
             .filter(|r| r.group == "counters")
             .all(|r| r.tenant == Perm::R));
+    }
+
+    #[test]
+    fn fields_fit_do_not_overlap_and_match_the_hw_kind() {
+        for r in REGISTERS {
+            let mut seen = 0u32;
+            for f in r.fields {
+                assert!(
+                    f.width >= 1 && f.lsb as u32 + f.width as u32 <= 32,
+                    "{}.{}",
+                    r.name,
+                    f.name
+                );
+                assert_eq!(seen & f.mask(), 0, "{}.{} overlaps", r.name, f.name);
+                seen |= f.mask();
+                let ok = match f.access {
+                    FieldAccess::Ro => matches!(r.hw, Hw::Ro | Hw::Rw | Hw::W1c),
+                    FieldAccess::Rw => r.hw == Hw::Rw,
+                    FieldAccess::W1c => r.hw == Hw::W1c,
+                };
+                assert!(
+                    ok,
+                    "{}.{}: a {:?} field in a {:?} register",
+                    r.name, f.name, f.access, r.hw
+                );
+            }
+            // Masks follow the kind: only storage stores, only W1C clears.
+            assert_eq!(r.writable != 0, r.hw == Hw::Rw, "{} writable", r.name);
+            assert_eq!(r.w1c != 0, r.hw == Hw::W1c, "{} w1c", r.name);
+            assert_eq!(r.writable & r.w1c, 0, "{}", r.name);
+            // The reset value fits what the register can hold.
+            if r.hw == Hw::Rw && r.persistence == Persistence::Volatile {
+                assert_eq!(
+                    r.reset & !r.writable,
+                    0,
+                    "{} reset outside writable",
+                    r.name
+                );
+            }
+        }
+    }
+
+    /// The generated bit constants are the field masks, and keep the values the
+    /// hand-written constants had.
+    #[test]
+    fn bit_constants_come_from_the_field_lists() {
+        let field = |reg: Reg, name: &str| {
+            reg.def()
+                .fields
+                .iter()
+                .find(|f| f.name == name)
+                .map(|f| f.mask())
+                .unwrap_or_else(|| panic!("{reg:?}.{name}"))
+        };
+        for (c, reg, name, old) in [
+            (STATUS_FUSE_BLOWN, Reg::Status, "FUSE_BLOWN", 1 << 1),
+            (STATUS_FLASH_UNLOCKED, Reg::Status, "FLASH_UNLOCKED", 1 << 2),
+            (STATUS_IRQ_PENDING, Reg::Status, "IRQ_PENDING", 1 << 3),
+            (CONTROL_IRQ_ENABLE, Reg::Control, "IRQ_ENABLE", 1),
+            (IRQ_DOORBELL, Reg::IrqStatus, "DOORBELL", 1),
+            (FLASH_REGION_SELECT, Reg::FlashRegion, "REGION", 3),
+            (FLASH_STATUS_UNLOCKED, Reg::FlashStatus, "UNLOCKED", 1),
+            (FLASH_STATUS_DONE, Reg::FlashStatus, "DONE", 1 << 1),
+            (
+                FLASH_STATUS_REFUSED_LOCKED,
+                Reg::FlashStatus,
+                "REFUSED_LOCKED",
+                1 << 2,
+            ),
+            (
+                FLASH_STATUS_REFUSED_FUSE,
+                Reg::FlashStatus,
+                "REFUSED_FUSE",
+                1 << 3,
+            ),
+            (
+                FLASH_STATUS_REFUSED_ARGS,
+                Reg::FlashStatus,
+                "REFUSED_ARGS",
+                1 << 4,
+            ),
+            (FLASH_STATUS_BAD_KEY, Reg::FlashStatus, "BAD_KEY", 1 << 5),
+        ] {
+            assert_eq!(c, field(reg, name), "{reg:?}.{name}");
+            assert_eq!(c, old, "{reg:?}.{name} kept its value");
+        }
+        assert_eq!(bit_mask(0, 32), u32::MAX);
+        assert_eq!(bit_mask(4, 4), 0xf0);
+        // Masks as the model and RTL used them before they came from the table.
+        assert_eq!(Reg::Control.def().writable, 1);
+        assert_eq!(Reg::FlashRegion.def().writable, 3);
+        assert_eq!(Reg::IrqStatus.def().w1c, 1);
+        assert_eq!(Reg::Scratch.def().writable, u32::MAX);
+    }
+
+    #[test]
+    fn register_write_applies_writable_and_w1c_bits() {
+        let c = Reg::Control.def();
+        assert_eq!(c.write(0, u32::MAX, u32::MAX), 1);
+        assert_eq!(c.write(1, 0, 0xff00), 1, "byte 0 not written: kept");
+        assert_eq!(c.write(1, 0, 0xff), 0);
+        let s = Reg::Scratch.def();
+        assert_eq!(s.write(0x1122_3344, 0xaa00, 0xff00), 0x1122_aa44);
+        let i = Reg::IrqStatus.def();
+        assert_eq!(i.write(1, 0, u32::MAX), 1, "0 keeps");
+        assert_eq!(i.write(1, u32::MAX, 0xff00), 1, "byte 0 not written: kept");
+        assert_eq!(i.write(1, 1, 0xff), 0, "1 clears");
+        for r in REGISTERS.iter().filter(|r| matches!(r.hw, Hw::Ro | Hw::Wo)) {
+            assert_eq!(
+                r.write(0x5a5a_5a5a, u32::MAX, u32::MAX),
+                0x5a5a_5a5a,
+                "{}",
+                r.name
+            );
+        }
+    }
+
+    #[test]
+    fn tenant_state_is_what_teardown_scrubs() {
+        let t = tenant_state();
+        let names: Vec<_> = t.iter().map(|t| t.name).collect();
+        assert_eq!(
+            names,
+            ["CONTROL", "SCRATCH", "DOORBELL", "IRQ_STATUS", "BUFFER"],
+            "teardown scrubs these, in this order"
+        );
+        for s in &t {
+            let d = s.reg.def();
+            // A tenant can write it, so a tenant can leave something in it.
+            assert!(d.tenant.can_write(), "{}", d.name);
+            assert_eq!(d.persistence, Persistence::Volatile, "{}", d.name);
+            assert_eq!((s.offset, s.count, s.expect), (d.offset, d.count, d.reset));
+        }
+        let irq = t.iter().find(|s| s.reg == Reg::IrqStatus).unwrap();
+        assert_eq!(irq.scrub, IRQ_DOORBELL, "W1C: written with its W1C bits");
+        // DOORBELL's write sets IRQ_STATUS: it must be scrubbed before IRQ_STATUS.
+        let pos = |r| t.iter().position(|s| s.reg == r).unwrap();
+        assert!(pos(Reg::Doorbell) < pos(Reg::IrqStatus));
+        // Every register a tenant may write is tenant state.
+        for r in REGISTERS.iter().filter(|r| r.tenant.can_write()) {
+            assert!(
+                r.tenant_state,
+                "{} is tenant-writable but not scrubbed",
+                r.name
+            );
+        }
+        let bytes: u64 = t.iter().map(|s| s.bytes()).sum();
+        assert_eq!(bytes, 11 * 4 + BUFFER_SIZE as u64);
+    }
+
+    #[test]
+    fn default_rules_follow_the_permission_columns() {
+        for p in Profile::ALL {
+            assert_eq!(Profile::parse(p.name()), Some(p));
+            let rules = default_rules(p);
+            for r in REGISTERS {
+                let perm = p.perm(r);
+                let rule = rules.iter().find(|x| x.register == r.reg);
+                let want = match (perm.can_read(), perm.can_write()) {
+                    (true, true) => None,
+                    (false, false) => Some(RuleAccess::Both),
+                    (true, false) => Some(RuleAccess::Write),
+                    (false, true) => Some(RuleAccess::Read),
+                };
+                assert_eq!(rule.map(|x| x.access), want, "{p} {}", r.name);
+                if let Some(x) = rule {
+                    assert_eq!((x.action, x.alarm, x.value), (RuleAction::Drop, true, None));
+                }
+            }
+        }
+        let t = default_rules(Profile::Tenant);
+        assert!(t
+            .iter()
+            .any(|x| x.register == Reg::DeviceKey && x.access == RuleAccess::Both));
+        assert!(t.iter().any(|x| x.register == Reg::HangTrigger));
+        assert!(!t
+            .iter()
+            .any(|x| x.register == Reg::Scratch || x.register == Reg::Buffer));
+        // As a policy file: rules by profile name, each with the file's field names.
+        let j = serde_json::to_value(default_policy()).unwrap();
+        assert_eq!(j["enforce"], true);
+        let k = &j["profile"]["tenant"][0];
+        assert_eq!(k["register"], "ID");
+        assert_eq!(k["access"], "write");
+        assert_eq!(k["action"], "drop");
+        assert_eq!(k["alarm"], true);
+        assert!(k.get("value").is_none());
+        assert_eq!(
+            j["profile"]["operator"].as_array().unwrap().len(),
+            default_rules(Profile::Operator).len()
+        );
     }
 
     #[test]

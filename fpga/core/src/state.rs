@@ -55,9 +55,31 @@ pub enum StateError {
         /// What is wrong, with the byte offset where it applies.
         reason: String,
     },
-    /// A configuration is not valid.
+    /// A configuration is not valid (a reason from outside this crate).
     #[error("device configuration: {0}")]
     Config(String),
+    /// A configuration breaks one of [`DeviceConfig::validate`]'s rules.
+    #[error("device configuration: {0}")]
+    InvalidConfig(#[from] ConfigError),
+}
+
+/// Which rule of [`DeviceConfig::validate`] a configuration breaks.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// The counter width is outside 1..=64.
+    #[error("counter width {0} is not in 1..=64")]
+    Width(u8),
+    /// A region size is zero, not a multiple of 4, or too large.
+    #[error("{region} region size {size} must be a multiple of 4 from 4 to {MAX_REGION_SIZE}")]
+    RegionSize {
+        /// The region.
+        region: Region,
+        /// Its size in bytes.
+        size: u32,
+    },
+    /// The VBIOS size is not a power of two of at least 2 KiB.
+    #[error("vbios region size {0} must be a power of two of at least 2048")]
+    VbiosSize(u32),
 }
 
 /// Device geometry and budget, fixed when a device is created.
@@ -90,25 +112,18 @@ impl DeviceConfig {
     /// Check the configuration's rules: width 1..=64; region sizes multiples of 4,
     /// 4 bytes to 1 MiB; the VBIOS size a power of two of at least 2 KiB (it is the
     /// expansion ROM, whose BAR is sized in powers of two).
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if !(1..=64).contains(&self.counter_width) {
-            return Err(format!(
-                "counter width {} is not in 1..=64",
-                self.counter_width
-            ));
+            return Err(ConfigError::Width(self.counter_width));
         }
-        for (r, &s) in Region::ALL.iter().zip(&self.region_sizes) {
-            if s == 0 || s % 4 != 0 || s > MAX_REGION_SIZE {
-                return Err(format!(
-                    "{r} region size {s} must be a multiple of 4 from 4 to {MAX_REGION_SIZE}"
-                ));
+        for (&region, &size) in Region::ALL.iter().zip(&self.region_sizes) {
+            if size == 0 || size % 4 != 0 || size > MAX_REGION_SIZE {
+                return Err(ConfigError::RegionSize { region, size });
             }
         }
         let v = self.region_sizes[0];
         if !v.is_power_of_two() || v < 2048 {
-            return Err(format!(
-                "vbios region size {v} must be a power of two of at least 2048"
-            ));
+            return Err(ConfigError::VbiosSize(v));
         }
         Ok(())
     }
@@ -185,7 +200,7 @@ pub fn dev_keys(serial: u64) -> ([u8; 32], [u8; 32]) {
 impl NvState {
     /// A factory-fresh device: erased flash (all 0xFF), zero counters, development keys.
     pub fn factory(config: DeviceConfig, serial: u64) -> Result<NvState, StateError> {
-        config.validate().map_err(StateError::Config)?;
+        config.validate()?;
         let (device_key, reset_key) = dev_keys(serial);
         Ok(NvState {
             config,

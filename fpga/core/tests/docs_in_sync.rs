@@ -1,12 +1,17 @@
 //! docs/registers.md is generated from the register table; this fails when they differ.
 //! Regenerate with: cargo run -- device regmap --markdown > docs/registers.md
+//! (or HILRIG_BLESS=1 cargo nextest run -p hilrig-device --test docs_in_sync).
 
 #[test]
 fn docs_registers_md_matches_the_table() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/registers.md");
+    let generated = hilrig_device::regmap::to_markdown();
+    if std::env::var_os("HILRIG_BLESS").is_some() {
+        std::fs::write(&path, &generated)
+            .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    }
     let on_disk = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    let generated = hilrig_device::regmap::to_markdown();
     assert!(
         on_disk == generated,
         "{} differs from the register table; regenerate it with \

@@ -103,13 +103,34 @@ pub struct ProgramArgs {
     pub spi_khz: u32,
 }
 
-fn parse_bus_addr(s: &str) -> Result<(u8, u8), String> {
+/// A `--bus-addr` argument that is not `BUS:ADDR`.
+#[derive(Debug, thiserror::Error)]
+pub enum BusAddrError {
+    /// No colon.
+    #[error("{0:?}: expected BUS:ADDR, e.g. 001:004")]
+    Form(String),
+    /// A part is not a number from 0 to 255.
+    #[error("{input:?}: {part:?} is not a bus/address number: {source}")]
+    Number {
+        /// The whole argument.
+        input: String,
+        /// The bad part.
+        part: String,
+        /// Why.
+        source: std::num::ParseIntError,
+    },
+}
+
+fn parse_bus_addr(s: &str) -> Result<(u8, u8), BusAddrError> {
     let (b, a) = s
         .split_once(':')
-        .ok_or_else(|| format!("{s:?}: expected BUS:ADDR, e.g. 001:004"))?;
+        .ok_or_else(|| BusAddrError::Form(s.to_string()))?;
     let p = |x: &str| {
-        x.parse::<u8>()
-            .map_err(|e| format!("{s:?}: {x:?} is not a bus/address number: {e}"))
+        x.parse::<u8>().map_err(|source| BusAddrError::Number {
+            input: s.to_string(),
+            part: x.to_string(),
+            source,
+        })
     };
     Ok((p(b)?, p(a)?))
 }

@@ -721,11 +721,11 @@ pub fn synth(
         });
     }
     let netlist = read_file(&json)?;
-    let dup_input_luts = count_dup_input_luts(&netlist).map_err(|detail| FlowError::Parse {
+    let dup_input_luts = count_dup_input_luts(&netlist).map_err(|e| FlowError::Parse {
         step: "synth",
         what: "the netlist",
         path: json.clone(),
-        detail,
+        detail: e.to_string(),
     })?;
     let r = SynthReport {
         dup_input_luts,
@@ -741,13 +741,30 @@ pub fn synth(
     Ok(r)
 }
 
+/// Why a tool's JSON report or netlist could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JsonReportError {
+    /// Not JSON (serde_json's message, with line and column).
+    #[error("{0}")]
+    Json(String),
+    /// A member the report must have is missing or of the wrong type.
+    #[error("no {0}")]
+    Missing(String),
+}
+
+impl From<serde_json::Error> for JsonReportError {
+    fn from(e: serde_json::Error) -> Self {
+        JsonReportError::Json(e.to_string())
+    }
+}
+
 /// `SB_LUT4` cells of a yosys JSON netlist with the same net on two inputs.
-pub fn count_dup_input_luts(json: &str) -> Result<u64, String> {
-    let v: serde_json::Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
+pub fn count_dup_input_luts(json: &str) -> Result<u64, JsonReportError> {
+    let v: serde_json::Value = serde_json::from_str(json)?;
     let modules = v
         .get("modules")
         .and_then(serde_json::Value::as_object)
-        .ok_or("no \"modules\" object")?;
+        .ok_or_else(|| JsonReportError::Missing("\"modules\" object".into()))?;
     let mut n = 0;
     for m in modules.values() {
         let Some(cells) = m.get("cells").and_then(serde_json::Value::as_object) else {
@@ -874,19 +891,24 @@ impl PnrReport {
 pub fn parse_nextpnr_report(
     text: &str,
     default_mhz: f64,
-) -> Result<(u64, u64, u64, u64, Vec<ClockTiming>), String> {
-    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
-    let util = v.get("utilization").ok_or("no \"utilization\" object")?;
-    let used_avail = |k: &str| -> Result<(u64, u64), String> {
-        let o = util.get(k).ok_or(format!("no utilization.{k}"))?;
+) -> Result<(u64, u64, u64, u64, Vec<ClockTiming>), JsonReportError> {
+    let missing = |what: String| JsonReportError::Missing(what);
+    let v: serde_json::Value = serde_json::from_str(text)?;
+    let util = v
+        .get("utilization")
+        .ok_or_else(|| missing("\"utilization\" object".into()))?;
+    let used_avail = |k: &str| -> Result<(u64, u64), JsonReportError> {
+        let o = util
+            .get(k)
+            .ok_or_else(|| missing(format!("utilization.{k}")))?;
         let used = o
             .get("used")
             .and_then(serde_json::Value::as_u64)
-            .ok_or(format!("no utilization.{k}.used"))?;
+            .ok_or_else(|| missing(format!("utilization.{k}.used")))?;
         let avail = o
             .get("available")
             .and_then(serde_json::Value::as_u64)
-            .ok_or(format!("no utilization.{k}.available"))?;
+            .ok_or_else(|| missing(format!("utilization.{k}.available")))?;
         Ok((used, avail))
     };
     let (lc, lca) = used_avail("ICESTORM_LC")?;
@@ -897,7 +919,7 @@ pub fn parse_nextpnr_report(
             let fmax = o
                 .get("achieved")
                 .and_then(serde_json::Value::as_f64)
-                .ok_or(format!("no fmax.{net}.achieved"))?;
+                .ok_or_else(|| missing(format!("fmax.{net}.achieved")))?;
             let target = o
                 .get("constraint")
                 .and_then(serde_json::Value::as_f64)
@@ -1038,11 +1060,11 @@ pub fn place_and_route(
         Err(e) => return Err(e),
     };
     let parsed = read_file(&report).and_then(|r| {
-        parse_nextpnr_report(&r, mhz).map_err(|detail| FlowError::Parse {
+        parse_nextpnr_report(&r, mhz).map_err(|e| FlowError::Parse {
             step: "place-and-route",
             what: "utilisation and fmax",
             path: report.clone(),
-            detail,
+            detail: e.to_string(),
         })
     });
     let (logic_cells, lca, brams, ba, mut clocks) = parsed?;
@@ -1355,9 +1377,9 @@ mod tests {
         assert_eq!((lc, lca, ram, rama), (7148, 7680, 11, 32));
         assert_eq!(clocks[0].fmax_mhz, 41.5);
         assert!(!clocks[0].met());
-        assert!(parse_nextpnr_report("{}", 1.0)
-            .unwrap_err()
-            .contains("utilization"));
+        let e = parse_nextpnr_report("{}", 1.0).unwrap_err();
+        assert_eq!(e, JsonReportError::Missing("\"utilization\" object".into()));
+        assert!(e.to_string().contains("utilization"), "{e}");
         assert!(parse_nextpnr_report("not json", 1.0).is_err());
         let log = "Info: Max frequency for clock 'clock$SB_IO_IN_$glb_clk': 38.10 MHz (FAIL at 100.00 MHz)\nInfo: Max frequency for clock 'clock$SB_IO_IN_$glb_clk': 52.61 MHz (PASS at 50.00 MHz)\n";
         let c = parse_nextpnr_log_fmax(log);

@@ -3,7 +3,10 @@
 //! `{port}`; a non-zero exit or a timeout is an error; the state is parsed from
 //! the status command's standard output with the on/off regexes.
 
-use super::{parse_status, run_shell, substitute, PowerBackend, PowerState, ResetLevel};
+use super::{
+    parse_status, pattern, run_shell, substitute, DriverConfigError, PowerBackend, PowerError,
+    PowerState, ResetLevel, ShellError,
+};
 use std::time::Duration;
 
 /// The command driver.
@@ -54,8 +57,8 @@ pub struct CommandConfig {
 
 impl CommandPower {
     /// Build for `host`; bad regexes are refused.
-    pub fn new(host: &str, c: CommandConfig) -> Result<CommandPower, String> {
-        let re = |p: &str| regex::Regex::new(p).map_err(|e| format!("pattern {p:?}: {e}"));
+    pub fn new(host: &str, c: CommandConfig) -> Result<CommandPower, DriverConfigError> {
+        let re = pattern;
         Ok(CommandPower {
             host: host.to_string(),
             port: c.port.unwrap_or_default(),
@@ -73,7 +76,7 @@ impl CommandPower {
         })
     }
 
-    fn run(&self, template: &str) -> Result<String, String> {
+    fn run(&self, template: &str) -> Result<String, ShellError> {
         run_shell(
             &substitute(template, &self.host, &self.port, ""),
             self.timeout,
@@ -86,31 +89,31 @@ impl PowerBackend for CommandPower {
         "command"
     }
 
-    fn set(&mut self, state: PowerState) -> Result<(), String> {
+    fn set(&mut self, state: PowerState) -> Result<(), PowerError> {
         let t = match state {
             PowerState::On => &self.on,
             PowerState::Off => &self.off,
         };
-        self.run(t).map(|_| ())
+        Ok(self.run(t).map(|_| ())?)
     }
 
-    fn status(&mut self) -> Result<PowerState, String> {
+    fn status(&mut self) -> Result<PowerState, PowerError> {
         let out = self.run(&self.status)?;
-        parse_status(&out, &self.on_re, &self.off_re)
+        Ok(parse_status(&out, &self.on_re, &self.off_re)?)
     }
 
-    fn cycle(&mut self) -> Option<Result<(), String>> {
+    fn cycle(&mut self) -> Option<Result<(), PowerError>> {
         let t = self.cycle.clone()?;
-        Some(self.run(&t).map(|_| ()))
+        Some(self.run(&t).map(|_| ()).map_err(PowerError::from))
     }
 
-    fn reset(&mut self, level: ResetLevel) -> Result<bool, String> {
+    fn reset(&mut self, level: ResetLevel) -> Result<bool, PowerError> {
         let t = match level {
             ResetLevel::Soft => &self.soft_reset,
             ResetLevel::Hard => &self.hard_reset,
         };
         match t {
-            Some(t) => self.run(t).map(|_| true),
+            Some(t) => Ok(self.run(t).map(|_| true)?),
             None => Ok(false),
         }
     }

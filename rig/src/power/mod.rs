@@ -38,23 +38,168 @@ pub enum ResetLevel {
     Hard,
 }
 
+/// What went wrong in a power driver, without the host and driver ([`Power`] adds
+/// them).
+#[derive(Debug, thiserror::Error)]
+pub enum PowerError {
+    /// An external command failed.
+    #[error(transparent)]
+    Shell(#[from] ShellError),
+    /// A status command's output shows no single state.
+    #[error(transparent)]
+    StatusOutput(#[from] StatusOutputError),
+    /// The relay board's status reply is not a status.
+    #[error(transparent)]
+    Relay(#[from] relay::ReplyError),
+    /// A serial port could not be opened.
+    #[error("cannot open {port}: {source}")]
+    OpenPort {
+        /// The port.
+        port: String,
+        /// Why.
+        source: serialport::Error,
+    },
+    /// Reading or writing a serial port failed.
+    #[error("{what} {port}: {source}")]
+    PortIo {
+        /// `reading` or `writing to`.
+        what: &'static str,
+        /// The port.
+        port: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The relay board did not answer a status query.
+    #[error("no status reply from the relay board on {port} within {timeout:?}")]
+    NoReply {
+        /// The port.
+        port: String,
+        /// How long it was given.
+        timeout: Duration,
+    },
+    /// An HTTP request failed (pdudaemon).
+    #[error(transparent)]
+    Http(#[from] pdudaemon::HttpError),
+    /// pdudaemon refused a request.
+    #[error("pdudaemon at {url} answered {code} to {action}: {body}")]
+    Refused {
+        /// pdudaemon's URL.
+        url: String,
+        /// The HTTP status.
+        code: u16,
+        /// on, off or reboot.
+        action: String,
+        /// The start of pdudaemon's answer.
+        body: String,
+    },
+    /// A simulated host failed (see `sim::SimPower`).
+    #[error("{0}")]
+    Sim(String),
+}
+
+/// A power driver's settings are not usable (checked when the driver is built).
+#[derive(Debug, thiserror::Error)]
+pub enum DriverConfigError {
+    /// A status pattern is not a regular expression.
+    #[error("pattern {pattern:?}: {source}")]
+    Pattern {
+        /// The pattern.
+        pattern: String,
+        /// Why.
+        source: Box<regex::Error>,
+    },
+    /// pdudaemon's URL is not usable.
+    #[error(transparent)]
+    Url(#[from] pdudaemon::UrlError),
+}
+
+/// Compile a status pattern of a driver's settings.
+pub(crate) fn pattern(p: &str) -> Result<regex::Regex, DriverConfigError> {
+    regex::Regex::new(p).map_err(|e| DriverConfigError::Pattern {
+        pattern: p.to_string(),
+        source: Box::new(e),
+    })
+}
+
+/// An external command ([`run_shell`]) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ShellError {
+    /// It could not be started.
+    #[error("cannot run `{cmd}`: {source}")]
+    Spawn {
+        /// The command.
+        cmd: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// It ran past its timeout and was killed.
+    #[error("`{cmd}` timed out after {timeout:?} (killed)")]
+    Timeout {
+        /// The command.
+        cmd: String,
+        /// The timeout.
+        timeout: Duration,
+    },
+    /// Waiting for it failed.
+    #[error("waiting for `{cmd}`: {source}")]
+    Wait {
+        /// The command.
+        cmd: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// It exited unsuccessfully.
+    #[error("`{cmd}` failed ({status}): {stderr}")]
+    Failed {
+        /// The command.
+        cmd: String,
+        /// Its exit status.
+        status: std::process::ExitStatus,
+        /// The start of its stderr.
+        stderr: String,
+    },
+}
+
+/// A status command's output matches both or neither of the on/off patterns.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StatusOutputError {
+    /// Both patterns match.
+    #[error("status output matches both on and off patterns: {0:?}")]
+    Both(String),
+    /// Neither matches.
+    #[error("status output matches neither on nor off pattern: {0:?}")]
+    Neither(String),
+}
+
+/// A requested state did not show in the readback.
+#[derive(Debug, thiserror::Error)]
+enum ReadbackError {
+    #[error("asked for {want}, read back {got}")]
+    Mismatch { want: PowerState, got: PowerState },
+    #[error("asked for {want}, readback failed: {source}")]
+    Failed {
+        want: PowerState,
+        source: PowerError,
+    },
+}
+
 /// What a power driver does; raw, without readback (that is [`Power`]'s job).
-/// Errors are plain descriptions; [`Power`] adds the host and driver.
+/// Errors do not name the host and driver; [`Power`] adds them.
 pub trait PowerBackend: Send {
     /// The driver's inventory name (`sim`, `serial-relay`, ...).
     fn driver(&self) -> &'static str;
     /// Ask for a state.
-    fn set(&mut self, state: PowerState) -> Result<(), String>;
+    fn set(&mut self, state: PowerState) -> Result<(), PowerError>;
     /// Read the state back from the hardware.
-    fn status(&mut self) -> Result<PowerState, String>;
+    fn status(&mut self) -> Result<PowerState, PowerError>;
     /// Reset without removing power; `Ok(false)` when the hardware cannot.
-    fn reset(&mut self, level: ResetLevel) -> Result<bool, String> {
+    fn reset(&mut self, level: ResetLevel) -> Result<bool, PowerError> {
         let _ = level;
         Ok(false)
     }
     /// A native power cycle (e.g. a vendor tool's `cycle`), if the driver has
     /// one; `None` makes [`Power::cycle`] do off + on.
-    fn cycle(&mut self) -> Option<Result<(), String>> {
+    fn cycle(&mut self) -> Option<Result<(), PowerError>> {
         None
     }
     /// How long a requested state may take to show in the readback.
@@ -95,7 +240,7 @@ impl Power {
 
     /// Read the state back.
     pub fn status(&mut self) -> Result<PowerState, RigError> {
-        self.backend.status().map_err(|e| self.fail(e))
+        self.backend.status().map_err(|e| self.fail(e.to_string()))
     }
 
     /// Switch to `want` and read it back; retried up to the driver's bound.
@@ -111,7 +256,7 @@ impl Power {
             match self.wait_for(want) {
                 Ok(()) => return Ok(()),
                 Err(e) => {
-                    last = e;
+                    last = e.to_string();
                     tracing::warn!(host = %self.host, driver = self.backend.driver(), attempt, "{last}");
                 }
             }
@@ -119,7 +264,7 @@ impl Power {
         Err(self.fail(format!("{last} (after {attempts} attempts)")))
     }
 
-    fn wait_for(&mut self, want: PowerState) -> Result<(), String> {
+    fn wait_for(&mut self, want: PowerState) -> Result<(), ReadbackError> {
         let deadline = Instant::now() + self.backend.settle();
         loop {
             let got = self.backend.status();
@@ -127,8 +272,8 @@ impl Power {
                 Ok(s) if *s == want => return Ok(()),
                 _ if Instant::now() >= deadline => {
                     return Err(match got {
-                        Ok(s) => format!("asked for {want}, read back {s}"),
-                        Err(e) => format!("asked for {want}, readback failed: {e}"),
+                        Ok(got) => ReadbackError::Mismatch { want, got },
+                        Err(source) => ReadbackError::Failed { want, source },
                     })
                 }
                 // A readback error may be transient only while settling; the last
@@ -200,7 +345,7 @@ impl Power {
 
 /// Run `cmd` with `sh -c`, killing it after `timeout`. Returns stdout on exit
 /// status 0; otherwise a description with the status and stderr.
-pub fn run_shell(cmd: &str, timeout: Duration) -> Result<String, String> {
+pub fn run_shell(cmd: &str, timeout: Duration) -> Result<String, ShellError> {
     use std::io::Read;
     use std::process::{Command, Stdio};
     let mut child = Command::new("sh")
@@ -210,7 +355,10 @@ pub fn run_shell(cmd: &str, timeout: Duration) -> Result<String, String> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot run `{cmd}`: {e}"))?;
+        .map_err(|source| ShellError::Spawn {
+            cmd: cmd.to_string(),
+            source,
+        })?;
     let mut out = child.stdout.take();
     let mut err = child.stderr.take();
     let t_out = std::thread::spawn(move || {
@@ -234,10 +382,18 @@ pub fn run_shell(cmd: &str, timeout: Duration) -> Result<String, String> {
             Ok(None) if Instant::now() >= deadline => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("`{cmd}` timed out after {timeout:?} (killed)"));
+                return Err(ShellError::Timeout {
+                    cmd: cmd.to_string(),
+                    timeout,
+                });
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-            Err(e) => return Err(format!("waiting for `{cmd}`: {e}")),
+            Err(source) => {
+                return Err(ShellError::Wait {
+                    cmd: cmd.to_string(),
+                    source,
+                })
+            }
         }
     };
     let stdout = t_out.join().unwrap_or_default();
@@ -245,10 +401,11 @@ pub fn run_shell(cmd: &str, timeout: Duration) -> Result<String, String> {
     if status.success() {
         Ok(stdout)
     } else {
-        Err(format!(
-            "`{cmd}` failed ({status}): {}",
-            stderr.trim().chars().take(400).collect::<String>()
-        ))
+        Err(ShellError::Failed {
+            cmd: cmd.to_string(),
+            status,
+            stderr: stderr.trim().chars().take(400).collect(),
+        })
     }
 }
 
@@ -257,18 +414,12 @@ pub fn parse_status(
     out: &str,
     on: &regex::Regex,
     off: &regex::Regex,
-) -> Result<PowerState, String> {
+) -> Result<PowerState, StatusOutputError> {
     match (on.is_match(out), off.is_match(out)) {
         (true, false) => Ok(PowerState::On),
         (false, true) => Ok(PowerState::Off),
-        (true, true) => Err(format!(
-            "status output matches both on and off patterns: {:?}",
-            out.trim()
-        )),
-        (false, false) => Err(format!(
-            "status output matches neither on nor off pattern: {:?}",
-            out.trim()
-        )),
+        (true, true) => Err(StatusOutputError::Both(out.trim().to_string())),
+        (false, false) => Err(StatusOutputError::Neither(out.trim().to_string())),
     }
 }
 
@@ -293,14 +444,14 @@ mod tests {
         fn driver(&self) -> &'static str {
             "flaky"
         }
-        fn set(&mut self, s: PowerState) -> Result<(), String> {
+        fn set(&mut self, s: PowerState) -> Result<(), PowerError> {
             self.sets += 1;
             if self.sets > self.ignore_sets {
                 self.state = s;
             }
             Ok(())
         }
-        fn status(&mut self) -> Result<PowerState, String> {
+        fn status(&mut self) -> Result<PowerState, PowerError> {
             Ok(self.state)
         }
         fn settle(&self) -> Duration {
@@ -382,8 +533,11 @@ mod tests {
             "hi\n"
         );
         let e = run_shell("echo nope >&2; exit 3", Duration::from_secs(5)).unwrap_err();
+        assert!(matches!(e, ShellError::Failed { .. }), "{e}");
+        let e = e.to_string();
         assert!(e.contains("nope") && e.contains('3'), "{e}");
         let e = run_shell("sleep 5", Duration::from_millis(100)).unwrap_err();
-        assert!(e.contains("timed out"), "{e}");
+        assert!(matches!(e, ShellError::Timeout { .. }), "{e}");
+        assert!(e.to_string().contains("timed out"), "{e}");
     }
 }

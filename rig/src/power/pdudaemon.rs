@@ -8,16 +8,75 @@
 //! shows the requested state or `settle_ms` passes. A non-2xx answer is an error
 //! with pdudaemon's body in it.
 
-use super::{parse_status, run_shell, substitute, PowerBackend, PowerState};
+use super::{
+    parse_status, pattern, run_shell, substitute, DriverConfigError, PowerBackend, PowerError,
+    PowerState,
+};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
+/// A pdudaemon URL that is not `http://host[:port][/prefix]`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlError {
+    /// Not http://.
+    #[error("url `{0}`: only http:// is supported")]
+    Scheme(String),
+    /// The port is not a number.
+    #[error("url `{url}`: bad port `{port}`")]
+    Port {
+        /// The URL.
+        url: String,
+        /// The port part.
+        port: String,
+    },
+    /// No host.
+    #[error("url `{0}`: no host")]
+    NoHost(String),
+}
+
+/// A blocking HTTP GET failed. Each variant names the address.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// The URL is not usable.
+    #[error(transparent)]
+    Url(#[from] UrlError),
+    /// The address could not be resolved.
+    #[error("resolving {addr}: {source}")]
+    Resolve {
+        /// host:port.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// It resolved to nothing.
+    #[error("{0}: no address")]
+    NoAddress(String),
+    /// Connecting, sending or reading failed.
+    #[error("{what} {addr}: {source}")]
+    Io {
+        /// `connecting to pdudaemon at`, `sending to` or `reading from`.
+        what: &'static str,
+        /// host:port.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The answer is not HTTP.
+    #[error("{addr}: not an HTTP response: {head:?}")]
+    NotHttp {
+        /// host:port.
+        addr: String,
+        /// The start of the answer.
+        head: String,
+    },
+}
+
 /// Split `http://host:port[/prefix]` into (host, port, prefix without trailing slash).
-pub fn parse_url(url: &str) -> Result<(String, u16, String), String> {
+pub fn parse_url(url: &str) -> Result<(String, u16, String), UrlError> {
     let rest = url
         .strip_prefix("http://")
-        .ok_or_else(|| format!("url `{url}`: only http:// is supported"))?;
+        .ok_or_else(|| UrlError::Scheme(url.to_string()))?;
     let (hostport, prefix) = match rest.find('/') {
         Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
         None => (rest, ""),
@@ -25,13 +84,15 @@ pub fn parse_url(url: &str) -> Result<(String, u16, String), String> {
     let (host, port) = match hostport.rsplit_once(':') {
         Some((h, p)) => (
             h,
-            p.parse::<u16>()
-                .map_err(|_| format!("url `{url}`: bad port `{p}`"))?,
+            p.parse::<u16>().map_err(|_| UrlError::Port {
+                url: url.to_string(),
+                port: p.to_string(),
+            })?,
         ),
         None => (hostport, 16421),
     };
     if host.is_empty() {
-        return Err(format!("url `{url}`: no host"));
+        return Err(UrlError::NoHost(url.to_string()));
     }
     Ok((host.to_string(), port, prefix.to_string()))
 }
@@ -52,25 +113,33 @@ pub fn http_get(
     url: &str,
     path_and_query: &str,
     timeout: Duration,
-) -> Result<(u16, String), String> {
+) -> Result<(u16, String), HttpError> {
     let (host, port, prefix) = parse_url(url)?;
     let addr = format!("{host}:{port}");
+    let io = |what: &'static str, addr: &str| {
+        let addr = addr.to_string();
+        move |source| HttpError::Io { what, addr, source }
+    };
     let addrs: Vec<_> = std::net::ToSocketAddrs::to_socket_addrs(&addr)
-        .map_err(|e| format!("resolving {addr}: {e}"))?
+        .map_err(|source| HttpError::Resolve {
+            addr: addr.clone(),
+            source,
+        })?
         .collect();
-    let sa = addrs.first().ok_or_else(|| format!("{addr}: no address"))?;
-    let mut s = TcpStream::connect_timeout(sa, timeout)
-        .map_err(|e| format!("connecting to pdudaemon at {addr}: {e}"))?;
+    let sa = addrs
+        .first()
+        .ok_or_else(|| HttpError::NoAddress(addr.clone()))?;
+    let mut s =
+        TcpStream::connect_timeout(sa, timeout).map_err(io("connecting to pdudaemon at", &addr))?;
     s.set_read_timeout(Some(timeout)).ok();
     s.set_write_timeout(Some(timeout)).ok();
     let req = format!(
         "GET {prefix}{path_and_query} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: hilrig-rig\r\nAccept: */*\r\nConnection: close\r\n\r\n"
     );
     s.write_all(req.as_bytes())
-        .map_err(|e| format!("sending to {addr}: {e}"))?;
+        .map_err(io("sending to", &addr))?;
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw)
-        .map_err(|e| format!("reading from {addr}: {e}"))?;
+    s.read_to_end(&mut raw).map_err(io("reading from", &addr))?;
     let text = String::from_utf8_lossy(&raw);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let code = head
@@ -78,11 +147,9 @@ pub fn http_get(
         .next()
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|c| c.parse::<u16>().ok())
-        .ok_or_else(|| {
-            format!(
-                "{addr}: not an HTTP response: {:?}",
-                head.chars().take(80).collect::<String>()
-            )
+        .ok_or_else(|| HttpError::NotHttp {
+            addr: addr.clone(),
+            head: head.chars().take(80).collect(),
         })?;
     Ok((code, body.to_string()))
 }
@@ -129,9 +196,9 @@ pub struct PdudaemonConfig {
 
 impl PdudaemonPower {
     /// Build for `host`.
-    pub fn new(host: &str, c: PdudaemonConfig) -> Result<PdudaemonPower, String> {
+    pub fn new(host: &str, c: PdudaemonConfig) -> Result<PdudaemonPower, DriverConfigError> {
         parse_url(&c.url)?;
-        let re = |p: &str| regex::Regex::new(p).map_err(|e| format!("pattern {p:?}: {e}"));
+        let re = pattern;
         Ok(PdudaemonPower {
             host: host.to_string(),
             on_re: re(&c.on_pattern)?,
@@ -148,7 +215,7 @@ impl PdudaemonPower {
     }
 
     /// Queue `on`, `off` or `reboot` with pdudaemon.
-    pub fn request(&self, action: &str) -> Result<(), String> {
+    pub fn request(&self, action: &str) -> Result<(), PowerError> {
         let mut q = format!(
             "/power/control/{action}?hostname={}&port={}",
             encode(&self.pdu),
@@ -161,11 +228,12 @@ impl PdudaemonPower {
         if (200..300).contains(&code) {
             Ok(())
         } else {
-            Err(format!(
-                "pdudaemon at {} answered {code} to {action}: {}",
-                self.url,
-                body.trim().chars().take(200).collect::<String>()
-            ))
+            Err(PowerError::Refused {
+                url: self.url.clone(),
+                code,
+                action: action.to_string(),
+                body: body.trim().chars().take(200).collect(),
+            })
         }
     }
 }
@@ -175,17 +243,17 @@ impl PowerBackend for PdudaemonPower {
         "pdudaemon"
     }
 
-    fn set(&mut self, state: PowerState) -> Result<(), String> {
+    fn set(&mut self, state: PowerState) -> Result<(), PowerError> {
         self.request(match state {
             PowerState::On => "on",
             PowerState::Off => "off",
         })
     }
 
-    fn status(&mut self) -> Result<PowerState, String> {
+    fn status(&mut self) -> Result<PowerState, PowerError> {
         let cmd = substitute(&self.status_command, &self.host, &self.port, &self.pdu);
         let out = run_shell(&cmd, self.timeout)?;
-        parse_status(&out, &self.on_re, &self.off_re)
+        Ok(parse_status(&out, &self.on_re, &self.off_re)?)
     }
 
     fn settle(&self) -> Duration {

@@ -16,7 +16,7 @@
 //! never guessed. Boards without the status query cannot be read back and are not
 //! supported by this driver (wire them through `command` with an external sensor).
 
-use super::{PowerBackend, PowerState};
+use super::{PowerBackend, PowerError, PowerState};
 use std::time::{Duration, Instant};
 
 /// Frame start byte.
@@ -38,31 +38,68 @@ pub fn frame(channel: u8, op: u8) -> [u8; 4] {
     ]
 }
 
+/// A relay board's status reply that is not a status for the channel asked. Each
+/// variant shows the reply's bytes in hex.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplyError {
+    /// Not 4 bytes.
+    #[error("garbage status reply ({len} bytes, want 4): [{hex}]")]
+    Length {
+        /// Bytes received.
+        len: usize,
+        /// The reply.
+        hex: String,
+    },
+    /// Bad start byte or checksum.
+    #[error("garbage status reply (bad start or checksum): [{hex}]")]
+    Garbage {
+        /// The reply.
+        hex: String,
+    },
+    /// The status of another channel.
+    #[error("status reply for channel {got} while asking for {want}: [{hex}]")]
+    Channel {
+        /// The channel in the reply.
+        got: u8,
+        /// The channel asked.
+        want: u8,
+        /// The reply.
+        hex: String,
+    },
+    /// A state byte other than 0 or 1.
+    #[error("status reply with state byte {state:#04x}: [{hex}]")]
+    State {
+        /// The state byte.
+        state: u8,
+        /// The reply.
+        hex: String,
+    },
+}
+
 /// Decode a status reply for `channel`.
-pub fn parse_status(channel: u8, reply: &[u8]) -> Result<PowerState, String> {
+pub fn parse_status(channel: u8, reply: &[u8]) -> Result<PowerState, ReplyError> {
     let hex = hilrig_device::oob::hex_string(reply);
     if reply.len() != 4 {
-        return Err(format!(
-            "garbage status reply ({} bytes, want 4): [{hex}]",
-            reply.len()
-        ));
+        return Err(ReplyError::Length {
+            len: reply.len(),
+            hex,
+        });
     }
     let sum = START.wrapping_add(reply[1]).wrapping_add(reply[2]);
     if reply[0] != START || reply[3] != sum {
-        return Err(format!(
-            "garbage status reply (bad start or checksum): [{hex}]"
-        ));
+        return Err(ReplyError::Garbage { hex });
     }
     if reply[1] != channel {
-        return Err(format!(
-            "status reply for channel {} while asking for {channel}: [{hex}]",
-            reply[1]
-        ));
+        return Err(ReplyError::Channel {
+            got: reply[1],
+            want: channel,
+            hex,
+        });
     }
     match reply[2] {
         0 => Ok(PowerState::Off),
         1 => Ok(PowerState::On),
-        s => Err(format!("status reply with state byte {s:#04x}: [{hex}]")),
+        state => Err(ReplyError::State { state, hex }),
     }
 }
 
@@ -87,7 +124,7 @@ impl RelayPower {
         }
     }
 
-    fn open(&self) -> Result<Box<dyn serialport::SerialPort>, String> {
+    fn open(&self) -> Result<Box<dyn serialport::SerialPort>, PowerError> {
         serialport::new(&self.port, self.baud)
             .data_bits(serialport::DataBits::Eight)
             .parity(serialport::Parity::None)
@@ -95,17 +132,24 @@ impl RelayPower {
             .flow_control(serialport::FlowControl::None)
             .timeout(Duration::from_millis(20))
             .open()
-            .map_err(|e| format!("cannot open {}: {e}", self.port))
+            .map_err(|source| PowerError::OpenPort {
+                port: self.port.clone(),
+                source,
+            })
     }
 
-    fn send(&self, port: &mut dyn serialport::SerialPort, op: u8) -> Result<(), String> {
+    fn send(&self, port: &mut dyn serialport::SerialPort, op: u8) -> Result<(), PowerError> {
         let _ = port.clear(serialport::ClearBuffer::Input);
         port.write_all(&frame(self.channel, op))
             .and_then(|_| port.flush())
-            .map_err(|e| format!("writing to {}: {e}", self.port))
+            .map_err(|source| PowerError::PortIo {
+                what: "writing to",
+                port: self.port.clone(),
+                source,
+            })
     }
 
-    fn query(&self, port: &mut dyn serialport::SerialPort) -> Result<PowerState, String> {
+    fn query(&self, port: &mut dyn serialport::SerialPort) -> Result<PowerState, PowerError> {
         self.send(port, OP_QUERY)?;
         let mut reply = Vec::new();
         let deadline = Instant::now() + self.timeout;
@@ -133,16 +177,22 @@ impl RelayPower {
                             | std::io::ErrorKind::WouldBlock
                             | std::io::ErrorKind::Interrupted
                     ) => {}
-                Err(e) => return Err(format!("reading {}: {e}", self.port)),
+                Err(source) => {
+                    return Err(PowerError::PortIo {
+                        what: "reading",
+                        port: self.port.clone(),
+                        source,
+                    })
+                }
             }
         }
         if reply.is_empty() {
-            return Err(format!(
-                "no status reply from the relay board on {} within {:?}",
-                self.port, self.timeout
-            ));
+            return Err(PowerError::NoReply {
+                port: self.port.clone(),
+                timeout: self.timeout,
+            });
         }
-        parse_status(self.channel, &reply)
+        Ok(parse_status(self.channel, &reply)?)
     }
 }
 
@@ -151,7 +201,7 @@ impl PowerBackend for RelayPower {
         "serial-relay"
     }
 
-    fn set(&mut self, state: PowerState) -> Result<(), String> {
+    fn set(&mut self, state: PowerState) -> Result<(), PowerError> {
         let mut p = self.open()?;
         let op = match state {
             PowerState::On => OP_ON,
@@ -160,7 +210,7 @@ impl PowerBackend for RelayPower {
         self.send(p.as_mut(), op)
     }
 
-    fn status(&mut self) -> Result<PowerState, String> {
+    fn status(&mut self) -> Result<PowerState, PowerError> {
         let mut p = self.open()?;
         self.query(p.as_mut())
     }
