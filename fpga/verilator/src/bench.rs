@@ -1,0 +1,1 @@
+//! The Verilator rows of `hilrig bench rtl`.
