@@ -35,7 +35,11 @@ impl Default for BuildOptions {
 /// `$HILRIG_VERILATOR_CACHE`, else `$XDG_CACHE_HOME/hilrig/verilator`, else
 /// `$HOME/.cache/hilrig/verilator`, else under the system temporary directory.
 pub fn default_cache_dir() -> PathBuf {
-    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     if let Some(p) = env("HILRIG_VERILATOR_CACHE") {
         return p;
     }
@@ -153,7 +157,9 @@ pub fn discard(dir: &Path) -> Result<(), Error> {
     let away = parent.join(format!(
         ".stale-{}-{}",
         std::process::id(),
-        dir.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+        dir.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
     ));
     match std::fs::rename(dir, &away) {
         Ok(()) => {
@@ -178,10 +184,20 @@ pub fn build(src: &Sources<'_>, opts: &BuildOptions) -> Result<Built, Error> {
             key,
         });
     }
+    std::fs::create_dir_all(&opts.cache_dir).map_err(cache_err(&opts.cache_dir))?;
+    // One build of a key at a time across processes (the others wait, then find it
+    // in the cache); correctness does not depend on it (see the rename below).
+    let _lock = BuildLock::take(&opts.cache_dir.join(format!(".{key}.lock")))?;
+    if whole(&dir) {
+        return Ok(Built {
+            path: dir.join(ARTEFACT),
+            fresh: false,
+            key,
+        });
+    }
     if dir.exists() {
         discard(&dir)?;
     }
-    std::fs::create_dir_all(&opts.cache_dir).map_err(cache_err(&opts.cache_dir))?;
     let tmp = tempfile::Builder::new()
         .prefix(".build-")
         .tempdir_in(&opts.cache_dir)
@@ -209,6 +225,40 @@ pub fn build(src: &Sources<'_>, opts: &BuildOptions) -> Result<Built, Error> {
         fresh: true,
         key,
     })
+}
+
+/// An exclusive `flock` on a lock file, released when dropped (or when the process
+/// dies).
+struct BuildLock(std::fs::File);
+
+impl BuildLock {
+    fn take(path: &Path) -> Result<BuildLock, Error> {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(cache_err(path))?;
+        loop {
+            // SAFETY: flock on a file descriptor this function owns.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                return Ok(BuildLock(f));
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != ErrorKind::Interrupted {
+                return Err(cache_err(path)(e));
+            }
+        }
+    }
+}
+
+impl Drop for BuildLock {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: unlocking the descriptor this value owns.
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
 }
 
 /// Verilate and compile `src` in `dir`; leaves `dir/artefact` and its manifest.

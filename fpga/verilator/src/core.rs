@@ -362,7 +362,8 @@ impl Core {
     /// Words in RAM `m`.
     pub fn mem_words(&self, m: Mem) -> usize {
         // SAFETY: as in `set`; a null buffer asks for the size only.
-        let n = unsafe { (self.lib.api.mem)(self.h.as_ptr(), m as u32, 0, std::ptr::null_mut(), 0) };
+        let n =
+            unsafe { (self.lib.api.mem)(self.h.as_ptr(), m as u32, 0, std::ptr::null_mut(), 0) };
         n.max(0) as usize
     }
 

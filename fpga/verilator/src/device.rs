@@ -35,6 +35,16 @@ fn transport(detail: String) -> DeviceError {
     }
 }
 
+impl std::fmt::Debug for Verilator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verilator")
+            .field("lib", &self.core.lib().path())
+            .field("store", &self.store)
+            .field("cycles", &self.cycles)
+            .finish()
+    }
+}
+
 impl Verilator {
     /// A device of `nv` kept in memory only (no state file), built with the default
     /// [`BuildOptions`].
