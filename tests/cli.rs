@@ -493,6 +493,20 @@ fn verilator_backend_behaves_like_the_model() {
         "verilator",
     ]);
     assert_eq!(via_model, via_verilator);
+    // The counters conformance suite on a verilator target (the binary's opener).
+    let st = dir.path().join("conf.state");
+    ok(&["device", "init", p(&st), "--width", "32", "--serial", "9"]);
+    let out = ok(&[
+        "counters",
+        "conformance",
+        "--target",
+        &format!("verilator:{}", p(&st)),
+    ]);
+    assert!(out.contains("0 failed"), "{out}");
+    assert!(
+        out.contains("PASS  count-before-act") && out.contains("PASS  persistence"),
+        "{out}"
+    );
 }
 
 #[test]
