@@ -252,3 +252,30 @@ fn concurrent_builds_of_one_key_agree() {
     assert_eq!(built.iter().filter(|b| b.fresh).count(), 1, "built once");
     CoreLib::load(&built[0].path, false).unwrap();
 }
+
+#[test]
+fn a_cached_library_that_does_not_load_is_rebuilt() {
+    if !available("a_cached_library_that_does_not_load_is_rebuilt") {
+        return;
+    }
+    use sha2::{Digest, Sha256};
+    let cache = tempfile::tempdir().unwrap();
+    let opts = BuildOptions {
+        cache_dir: cache.path().to_path_buf(),
+        ..BuildOptions::default()
+    };
+    let p = CoreParams::small(4, 1);
+    let first = hilrig_verilator::build::build(&hilrig_verilator::core::sources(p), &opts).unwrap();
+    // Whole by its manifest, but not a library: a stale entry from a broken toolchain.
+    let junk = b"not an ELF shared object".to_vec();
+    std::fs::write(&first.path, &junk).unwrap();
+    std::fs::write(
+        first.path.with_file_name("artefact.sha256"),
+        hex::encode(Sha256::digest(&junk)),
+    )
+    .unwrap();
+    assert!(CoreLib::load(&first.path, false).is_err());
+    let lib = CoreLib::get(p, &opts).unwrap();
+    assert!(lib.fresh(), "the stale entry must be rebuilt");
+    assert_ne!(std::fs::read(lib.path()).unwrap(), junk);
+}
