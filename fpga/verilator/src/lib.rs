@@ -6,7 +6,8 @@
 //!   with libloading;
 //! - [`Verilator`]: `hilrig_device::Device` on the verilated core, with the `rtl`
 //!   backend's state files, persist protocol, OOB byte interface and resets;
-//! - [`open_side`], [`open_pair`]: backends by [`BackendKind`] for lockstep;
+//! - [`open_backend`], [`new_backend`]: any in-process backend by [`BackendKind`];
+//!   [`open_side`], [`open_pair`], [`pair`]: lockstep of any two;
 //! - [`bench`]: the Verilator rows of `hilrig bench rtl`.
 #![deny(missing_docs)]
 
@@ -88,6 +89,31 @@ impl From<Error> for DeviceError {
             },
         }
     }
+}
+
+/// The in-process backend `kind` on the state file at `state` (model, rtl,
+/// lockstep = model + rtl, verilator): one call for every `BackendKind`.
+pub fn open_backend(
+    kind: BackendKind,
+    state: &Path,
+) -> Result<Box<dyn hilrig_device::Device>, Error> {
+    Ok(match kind {
+        BackendKind::Model => Box::new(Model::open(state)?),
+        BackendKind::Rtl => Box::new(Rtl::open(state)?),
+        BackendKind::Lockstep => Box::new(Lockstep::open(state)?),
+        BackendKind::Verilator => Box::new(Verilator::open(state)?),
+    })
+}
+
+/// The in-process backend `kind` on `nv`, in memory (no state file).
+pub fn new_backend(
+    kind: BackendKind,
+    nv: NvState,
+) -> Result<Box<dyn hilrig_device::Device>, Error> {
+    Ok(match kind {
+        BackendKind::Lockstep => Box::new(Lockstep::new(nv)?),
+        other => Box::new(open_side(other, nv)?),
+    })
 }
 
 /// A backend of `kind` on `nv`, in memory, as a lockstep side.

@@ -89,6 +89,13 @@ fn rtl_and_verilator_in_lockstep_on_a_state_file() {
     )
     .unwrap();
     assert_eq!(NvState::load(&p).unwrap().counter_values(), [0, 1, 0]);
+    // Every backend by kind reads the state the pair left.
+    for kind in BackendKind::ALL {
+        let mut d = hilrig_verilator::open_backend(kind, &p).unwrap();
+        assert_eq!(d.read32(Reg::Counter.offset() + 4).unwrap(), 1, "{kind}");
+        let mut n = hilrig_verilator::new_backend(kind, NvState::load(&p).unwrap()).unwrap();
+        assert_eq!(n.read32(Reg::Counter.offset() + 4).unwrap(), 1, "{kind}");
+    }
     // Lockstep is not a side.
     let e = open_pair(BackendKind::Lockstep, BackendKind::Model, &p).err();
     assert!(e.is_some_and(|e| e.to_string().contains("lockstep")));
