@@ -29,7 +29,7 @@ pub trait Side: Device {
     }
     /// Write the recorded trace to `path` (and its previous window beside it);
     /// returns the files written.
-    fn write_trace(&self, path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    fn write_trace(&mut self, path: &Path) -> std::io::Result<Vec<PathBuf>> {
         let _ = path;
         Ok(Vec::new())
     }
@@ -58,7 +58,7 @@ impl Side for Rtl {
         self.trace_vcd(window);
         true
     }
-    fn write_trace(&self, path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    fn write_trace(&mut self, path: &Path) -> std::io::Result<Vec<PathBuf>> {
         self.write_vcd(path)
     }
 }
@@ -76,7 +76,7 @@ impl<S: Side + ?Sized> Side for Box<S> {
     fn start_trace(&mut self, window: u64) -> bool {
         (**self).start_trace(window)
     }
-    fn write_trace(&self, path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    fn write_trace(&mut self, path: &Path) -> std::io::Result<Vec<PathBuf>> {
         (**self).write_trace(path)
     }
 }

@@ -8,13 +8,26 @@
 #include <cstdint>
 #include <cstring>
 #include <new>
+#ifdef HV_TRACE
+// A trace build (verilator --trace): a VCD of the last cycles, in windows.
+#include "verilated_vcd_c.h"
+#include <cstdio>
+#include <string>
+#endif
 
 // Bump when the ABI below changes: the loader refuses a library of another version.
-#define HV_ABI_VERSION 1u
+#define HV_ABI_VERSION 2u
 
 struct HvCore {
     VerilatedContext* ctx;
     Vtop* top;
+#ifdef HV_TRACE
+    VerilatedVcdC* vcd = nullptr;
+    uint64_t cyc = 0;     // cycles since hv_new
+    uint64_t window = 0;  // cycles a file
+    uint64_t start = 0;   // first cycle in the current file
+    std::string path;     // current window; the one before is path + ".prev.vcd"
+#endif
 };
 
 // Ports, by number (hilrig_verilator::ffi::Port).
@@ -34,11 +47,31 @@ static inline uint64_t mask(uint64_t v, unsigned bits) {
     return bits >= 64 ? v : (v & ((1ull << bits) - 1));
 }
 
-static inline void tick1(Vtop* t) {
+// One clock period is 10 ns in the VCD (as the rtl backend's): 10,000 ps.
+static inline void tick1(HvCore* c) {
+    Vtop* t = c->top;
     t->clock = 1;
     t->eval();
+#ifdef HV_TRACE
+    if (c->vcd) c->vcd->dump(c->cyc * 10000);
+#endif
     t->clock = 0;
     t->eval();
+#ifdef HV_TRACE
+    if (c->vcd) {
+        c->vcd->dump(c->cyc * 10000 + 5000);
+        c->cyc++;
+        if (c->cyc - c->start >= c->window) {
+            c->vcd->close();
+            std::string prev = c->path + ".prev.vcd";
+            std::rename(c->path.c_str(), prev.c_str());
+            c->vcd->open(c->path.c_str());
+            c->start = c->cyc;
+        }
+    } else {
+        c->cyc++;
+    }
+#endif
 }
 
 template <typename M>
@@ -75,6 +108,12 @@ void* hv_new(void) {
 void hv_free(void* h) {
     if (!h) return;
     HvCore* c = static_cast<HvCore*>(h);
+#ifdef HV_TRACE
+    if (c->vcd) {
+        c->vcd->close();
+        delete c->vcd;
+    }
+#endif
     c->top->final();
     delete c->top;
     delete c->ctx;
@@ -154,21 +193,22 @@ void hv_eval(void* h) { static_cast<HvCore*>(h)->top->eval(); }
 
 // n clock cycles: rising edge (inputs settle first), falling edge.
 void hv_tick(void* h, uint64_t n) {
-    Vtop* t = static_cast<HvCore*>(h)->top;
-    for (uint64_t i = 0; i < n; i++) tick1(t);
+    HvCore* c = static_cast<HvCore*>(h);
+    for (uint64_t i = 0; i < n; i++) tick1(c);
 }
 
 // Run until `ready` or `persist_req`, at most `max` cycles. Returns 0 (ready),
 // 1 (persist_req raised, not ready), 2 (neither within max); *ran = cycles run.
 uint32_t hv_run_until_ready(void* h, uint64_t max, uint64_t* ran) {
-    Vtop* t = static_cast<HvCore*>(h)->top;
+    HvCore* c = static_cast<HvCore*>(h);
+    Vtop* t = c->top;
     uint64_t n = 0;
     uint32_t r;
     for (;;) {
         if (t->ready) { r = 0; break; }
         if (t->persist_req) { r = 1; break; }
         if (n >= max) { r = 2; break; }
-        tick1(t);
+        tick1(c);
         n++;
     }
     if (ran) *ran = n;
@@ -180,7 +220,8 @@ uint32_t hv_run_until_ready(void* h, uint64_t max, uint64_t* ran) {
 // done), 2 (no ack). Two cycles when it returns 0 or 2.
 uint32_t hv_access(void* h, uint32_t rom, uint32_t addr, uint32_t we, uint32_t wdata,
                    uint32_t be, uint32_t* rdata) {
-    Vtop* t = static_cast<HvCore*>(h)->top;
+    HvCore* c = static_cast<HvCore*>(h);
+    Vtop* t = c->top;
     if (!t->ready) return 1;
     t->strobe = 1;
     t->addr = (addr >> 2) & 0x3ffff;
@@ -188,12 +229,12 @@ uint32_t hv_access(void* h, uint32_t rom, uint32_t addr, uint32_t we, uint32_t w
     t->wdata = wdata;
     t->be = be & 0xf;
     t->rom_sel = rom ? 1 : 0;
-    tick1(t);
+    tick1(c);
     t->strobe = 0;
     t->rom_sel = 0;
     uint32_t ok = t->ack;
     uint32_t v = t->rdata;
-    tick1(t);
+    tick1(c);
     if (!ok) return 2;
     if (rdata) *rdata = v;
     return 0;
@@ -213,6 +254,44 @@ int64_t hv_mem(void* h, uint32_t which, uint32_t write, uint32_t* words, uint64_
     case 4: return mem_io(r->top__DOT__oob__DOT__rkey__DOT__mem, write, words, n);
     default: return -1;
     }
+}
+
+// Record a VCD of the last `window` to 2 x `window` cycles: the current window in
+// `path`, the one before in `path`.prev.vcd. Returns 0, 1 (not a trace build) or
+// 2 (the file could not be opened).
+uint32_t hv_trace_start(void* h, const char* path, uint64_t window) {
+#ifdef HV_TRACE
+    HvCore* c = static_cast<HvCore*>(h);
+    if (!path) return 2;
+    if (!c->vcd) {
+        c->ctx->traceEverOn(true);
+        c->vcd = new (std::nothrow) VerilatedVcdC;
+        if (!c->vcd) return 2;
+        c->top->trace(c->vcd, 99);
+    } else {
+        c->vcd->close();
+    }
+    c->path = path;
+    c->window = window ? window : 1;
+    c->start = c->cyc;
+    c->vcd->open(path);
+    return c->vcd->isOpen() ? 0 : 2;
+#else
+    (void)h;
+    (void)path;
+    (void)window;
+    return 1;
+#endif
+}
+
+// Write out what the VCD writer buffers.
+void hv_trace_flush(void* h) {
+#ifdef HV_TRACE
+    HvCore* c = static_cast<HvCore*>(h);
+    if (c->vcd) c->vcd->flush();
+#else
+    (void)h;
+#endif
 }
 
 }  // extern "C"

@@ -33,6 +33,7 @@ pub fn run_harness(p: CoreParams, secs: f64, opts: &BuildOptions) -> Result<Harn
         config: vec![],
         cpp: vec![("harness.cpp", HARNESS)],
         shared: false,
+        args: vec![],
     };
     let built = build::build(&src, opts)?;
     let out = Command::new(&built.path)

@@ -17,6 +17,9 @@ pub struct BuildOptions {
     pub cache_dir: PathBuf,
     /// Parallel compile jobs (default 2: this is a 2-core machine shared with others).
     pub jobs: u32,
+    /// Build the device core with VCD tracing (`verilator --trace`; a separate
+    /// library, somewhat slower): needed for `Verilator::trace_vcd`.
+    pub trace: bool,
 }
 
 impl Default for BuildOptions {
@@ -28,6 +31,7 @@ impl Default for BuildOptions {
                 .unwrap_or_else(|| PathBuf::from("verilator")),
             cache_dir: default_cache_dir(),
             jobs: 2,
+            trace: false,
         }
     }
 }
@@ -66,6 +70,8 @@ pub struct Sources<'a> {
     pub cpp: Vec<(&'a str, &'a str)>,
     /// Build a shared library (else an executable).
     pub shared: bool,
+    /// Extra arguments to verilator (e.g. `--trace`).
+    pub args: Vec<&'a str>,
 }
 
 /// The file name of the built artefact in its cache directory.
@@ -115,6 +121,9 @@ pub fn cache_key(src: &Sources<'_>, version: &str) -> String {
     part(RECIPE.as_bytes());
     part(version.as_bytes());
     part(&[src.shared as u8]);
+    for a in &src.args {
+        part(a.as_bytes());
+    }
     for (n, t) in &src.verilog {
         part(n.as_bytes());
         part(t.as_bytes());
@@ -282,6 +291,7 @@ fn compile(src: &Sources<'_>, opts: &BuildOptions, dir: &Path) -> Result<(), Err
         .args(["-j", &opts.jobs.max(1).to_string()])
         .args(["-MAKEFLAGS", "OPT_FAST=-O2 OPT_SLOW=-O1 OPT_GLOBAL=-O2"])
         .args(["-o", "artefact.out"])
+        .args(&src.args)
         .args(&files);
     if src.shared {
         cmd.args(["-CFLAGS", "-fPIC", "-LDFLAGS", "-shared -Wl,-Bsymbolic"]);

@@ -15,7 +15,7 @@ pub const WRAPPER: &str = include_str!("../cpp/wrapper.cpp");
 /// Verilator configuration: the nonvolatile RAMs made public (read/write).
 pub const MEMS_VLT: &str = include_str!("../cpp/mems.vlt");
 /// The ABI version `hv_abi_version` must return.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Ports of the core, by the numbers of `cpp/wrapper.cpp`.
 #[allow(missing_docs)]
@@ -100,6 +100,8 @@ struct Api {
     run: unsafe extern "C" fn(Handle, u64, *mut u64) -> u32,
     access: unsafe extern "C" fn(Handle, u32, u32, u32, u32, u32, *mut u32) -> u32,
     mem: unsafe extern "C" fn(Handle, u32, u32, *mut u32, u64) -> i64,
+    trace_start: unsafe extern "C" fn(Handle, *const std::ffi::c_char, u64) -> u32,
+    trace_flush: unsafe extern "C" fn(Handle),
 }
 
 /// A loaded core library.
@@ -119,12 +121,26 @@ impl std::fmt::Debug for CoreLib {
 
 /// The sources of the core library for `p`.
 pub fn sources(p: CoreParams) -> Sources<'static> {
+    sources_with(p, false)
+}
+
+/// The sources of the core library for `p`, with VCD tracing if `trace`.
+pub fn sources_with(p: CoreParams, trace: bool) -> Sources<'static> {
     Sources {
-        what: "device core",
+        what: if trace {
+            "device core (trace build)"
+        } else {
+            "device core"
+        },
         verilog: vec![("device_core.v", hilrig_fpga::core::verilog(p))],
         config: vec![("mems.vlt", MEMS_VLT)],
         cpp: vec![("wrapper.cpp", WRAPPER)],
         shared: true,
+        args: if trace {
+            vec!["--trace", "-CFLAGS", "-DHV_TRACE"]
+        } else {
+            vec![]
+        },
     }
 }
 
@@ -147,7 +163,7 @@ impl CoreLib {
         if let Some(l) = map.get(&key) {
             return Ok(l.clone());
         }
-        let src = sources(p);
+        let src = sources_with(p, opts.trace);
         let built = build::build(&src, opts)?;
         let lib = match CoreLib::load(&built.path, built.fresh) {
             Ok(l) => l,
@@ -220,6 +236,11 @@ impl CoreLib {
                 b"hv_mem\0",
                 unsafe extern "C" fn(Handle, u32, u32, *mut u32, u64) -> i64
             ),
+            trace_start: sym!(
+                b"hv_trace_start\0",
+                unsafe extern "C" fn(Handle, *const std::ffi::c_char, u64) -> u32
+            ),
+            trace_flush: sym!(b"hv_trace_flush\0", unsafe extern "C" fn(Handle)),
         };
         Ok(CoreLib {
             api,
@@ -357,6 +378,25 @@ impl Core {
             1 => AccessStop::NotReady,
             _ => AccessStop::NoAck,
         }
+    }
+
+    /// Record a VCD of the last `window` to `2 x window` cycles: the current window
+    /// in `path`, the one before in `path` + `.prev.vcd`. Returns false if this is
+    /// not a trace build or the file could not be opened.
+    pub fn trace_start(&mut self, path: &Path, window: u64) -> bool {
+        use std::os::unix::ffi::OsStrExt;
+        let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+            return false;
+        };
+        // SAFETY: as in `set`; `c` is a NUL-terminated string live for the call
+        // (the wrapper copies it).
+        unsafe { (self.lib.api.trace_start)(self.h.as_ptr(), c.as_ptr(), window) == 0 }
+    }
+
+    /// Write out the buffered trace.
+    pub fn trace_flush(&mut self) {
+        // SAFETY: as in `set`.
+        unsafe { (self.lib.api.trace_flush)(self.h.as_ptr()) }
     }
 
     /// Words in RAM `m`.

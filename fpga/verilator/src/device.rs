@@ -26,6 +26,8 @@ pub struct Verilator {
     cycles: u64,
     saves: u64,
     oob_divisor: u16,
+    /// Where the VCD windows go while tracing (see `trace_vcd`).
+    trace: Option<tempfile::TempDir>,
 }
 
 fn transport(detail: String) -> DeviceError {
@@ -85,6 +87,7 @@ impl Verilator {
             cycles: 0,
             saves: 0,
             oob_divisor: divisor,
+            trace: None,
         };
         let nv = v.nv.clone();
         v.load_nv(&nv);
@@ -157,6 +160,51 @@ impl Verilator {
         c.copy_mem(Mem::Flash1, &mut nv.flash[1]);
         c.copy_mem(Mem::Flash2, &mut nv.flash[2]);
         nv
+    }
+
+    /// Record the last `window` to `2 x window` cycles as VCD (see `write_vcd`).
+    /// Needs a trace build (`BuildOptions { trace: true, .. }`), else
+    /// `Error::NoTrace`.
+    pub fn trace_vcd(&mut self, window: u64) -> Result<(), Error> {
+        let dir = tempfile::Builder::new()
+            .prefix("hilrig-verilator-vcd-")
+            .tempdir()
+            .map_err(|source| Error::Cache {
+                path: std::env::temp_dir(),
+                source,
+            })?;
+        if !self
+            .core
+            .trace_start(&dir.path().join("trace.vcd"), window.max(1))
+        {
+            return Err(Error::NoTrace);
+        }
+        self.trace = Some(dir);
+        Ok(())
+    }
+
+    /// Write the recorded cycles: the current window to `path` and, if there is one,
+    /// the window before it to `path` with `.prev.vcd` appended. Returns the files
+    /// written (none if tracing is off).
+    pub fn write_vcd(&mut self, path: &Path) -> std::io::Result<Vec<PathBuf>> {
+        let Some(dir) = &self.trace else {
+            return Ok(Vec::new());
+        };
+        self.core.trace_flush();
+        let cur = dir.path().join("trace.vcd");
+        let mut prev_src = cur.as_os_str().to_owned();
+        prev_src.push(".prev.vcd");
+        let mut out = Vec::new();
+        hilrig_device::state::write_atomic(path, &std::fs::read(&cur)?)?;
+        out.push(path.to_path_buf());
+        if let Ok(bytes) = std::fs::read(PathBuf::from(prev_src)) {
+            let mut p = path.as_os_str().to_owned();
+            p.push(".prev.vcd");
+            let p = PathBuf::from(p);
+            hilrig_device::state::write_atomic(&p, &bytes)?;
+            out.push(p);
+        }
+        Ok(out)
     }
 
     /// One clock cycle (inputs settle before the rising edge).
@@ -317,6 +365,12 @@ impl hilrig_fpga::Side for Verilator {
     }
     fn sim_cycles(&self) -> Option<u64> {
         Some(self.cycles)
+    }
+    fn start_trace(&mut self, window: u64) -> bool {
+        self.trace_vcd(window).is_ok()
+    }
+    fn write_trace(&mut self, path: &Path) -> std::io::Result<Vec<PathBuf>> {
+        self.write_vcd(path)
     }
 }
 

@@ -68,6 +68,10 @@ pub enum Error {
         /// What went wrong.
         detail: String,
     },
+    /// VCD tracing needs a trace build (`BuildOptions { trace: true, .. }`), or the
+    /// trace file could not be opened.
+    #[error("VCD tracing needs a trace build of the core (BuildOptions::trace) and a writable temporary directory")]
+    NoTrace,
     /// The verilated core could not be instantiated.
     #[error("the verilated core could not be created (out of memory)")]
     Create,

@@ -180,6 +180,7 @@ fn missing_verilator_is_a_typed_error() {
         verilator: PathBuf::from("/nonexistent/verilator-for-this-test"),
         cache_dir: tempfile::tempdir().unwrap().path().to_path_buf(),
         jobs: 1,
+        trace: false,
     };
     let e = Verilator::with_options(small_nv(4, 1), OOB_DIVISOR, &opts).unwrap_err();
     assert!(matches!(e, Error::VerilatorMissing { .. }), "{e}");

@@ -125,3 +125,48 @@ fn a_verilator_divergence_names_the_sides_and_register() {
         "{msg}"
     );
 }
+
+#[test]
+fn a_divergence_writes_the_verilator_vcd() {
+    if !available("a_divergence_writes_the_verilator_vcd") {
+        return;
+    }
+    let cfg = DeviceConfig {
+        counter_width: 4,
+        region_sizes: [2048, 1024, 256],
+    };
+    let nv = NvState::factory(cfg, 1).unwrap();
+    let opts = hilrig_verilator::BuildOptions {
+        trace: true,
+        ..Default::default()
+    };
+    let v = Verilator::with_options(nv.clone(), hilrig_fpga::core::OOB_DIVISOR, &opts).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let vcd = dir.path().join("div.vcd");
+    let mut d = Lockstep::pair(Model::new(nv.clone()).unwrap(), v).with_vcd(vcd.clone(), 16);
+    // More than one window of cycles, then a fault the model does not see.
+    for i in 0..40 {
+        d.write32(Reg::Scratch.offset(), i).unwrap();
+    }
+    d.b_mut().write32(Reg::Scratch.offset(), 0x5a5a).unwrap();
+    let msg = d.read32(Reg::Scratch.offset()).unwrap_err().to_string();
+    assert!(
+        msg.contains("div.vcd") && msg.contains("div.vcd.prev.vcd"),
+        "{msg}"
+    );
+    let text = std::fs::read_to_string(&vcd).unwrap();
+    assert!(
+        text.contains("$enddefinitions") && text.contains("strobe"),
+        "{}",
+        &text[..text.len().min(400)]
+    );
+    assert!(std::fs::read_to_string(dir.path().join("div.vcd.prev.vcd"))
+        .unwrap()
+        .contains("$enddefinitions"));
+    // Without a trace build there is no VCD, and the backend says why.
+    let mut plain = Verilator::new(nv).unwrap();
+    assert!(matches!(
+        plain.trace_vcd(16),
+        Err(hilrig_verilator::Error::NoTrace)
+    ));
+}
