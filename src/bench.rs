@@ -27,7 +27,7 @@ pub const BENCHES: &[(&str, &str)] = &[
     ),
     (
         "rtl",
-        "RTL cycles/s and MMIO ops/s vs the model, and the simple_sim! harness rate",
+        "RTL cycles/s and MMIO ops/s vs the model, and the simple_sim! harness rate; the Verilator backend vs a bare Verilator harness",
     ),
     (
         "campaign",
@@ -53,7 +53,15 @@ pub fn run(name: &str, seconds: f64) -> Result<Vec<Figure>> {
     let figures = match name {
         "model" => bench_model(budget)?,
         "vm-exit" => hilrig_vmm::bench_vm_exit(budget)?,
-        "rtl" => hilrig_fpga::bench_rtl(budget)?,
+        "rtl" => {
+            let mut figures = hilrig_fpga::bench_rtl(budget)?;
+            // The Verilator rows (backend and bare harness, same run); loudly
+            // skipped without verilator.
+            if hilrig_verilator::available("bench rtl: the Verilator rows") {
+                hilrig_verilator::bench::append_rows(&mut figures, budget)?;
+            }
+            figures
+        }
         "board" => hilrig_board::bench::bench_board(budget)?,
         "campaign" => bench_campaign()?,
         "policy" => hilrig_vmm::bench_policy(budget)?,

@@ -37,7 +37,7 @@ enum Cmd {
         /// With --device-only: keep its files in this directory.
         #[arg(long, requires = "device_only")]
         keep: Option<PathBuf>,
-        /// With --device-only: the device backend (model, rtl or lockstep).
+        /// With --device-only: the device backend (model, rtl, lockstep or verilator).
         #[arg(long, default_value = "model")]
         backend: String,
     },
@@ -174,7 +174,7 @@ enum DeviceCmd {
         /// Response timeout in milliseconds for a serial target.
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
-        /// Backend for a state-file target: model, rtl or lockstep.
+        /// Backend for a state-file target: model, rtl, lockstep or verilator.
         #[arg(long, default_value = "model")]
         backend: String,
     },
@@ -187,7 +187,7 @@ enum DeviceCmd {
         region: String,
         /// The image file.
         image: PathBuf,
-        /// Device backend: model, rtl or lockstep.
+        /// Device backend: model, rtl, lockstep or verilator.
         #[arg(long, default_value = "model")]
         backend: String,
     },
@@ -198,7 +198,7 @@ enum DeviceCmd {
         /// Stop after this many seconds (default: run until killed).
         #[arg(long)]
         seconds: Option<f64>,
-        /// Device backend: model, rtl or lockstep.
+        /// Device backend: model, rtl, lockstep or verilator.
         #[arg(long, default_value = "model")]
         backend: String,
     },
@@ -546,15 +546,16 @@ fn rollout(
     })
 }
 
-/// Open the device in state file `state` on backend `backend` (model, rtl, lockstep).
+/// Open the device in state file `state` on backend `backend` (model, rtl, lockstep,
+/// verilator).
 pub fn open_device(backend: &str, state: &Path) -> Result<Box<dyn Device>> {
-    match backend {
-        "model" => Ok(Box::new(Model::open(state)?)),
-        other if hilrig_fpga::BACKENDS.contains(&other) => {
-            Ok(hilrig_fpga::open_backend(other, state)?)
+    Ok(match backend.parse::<hilrig_device::BackendKind>()? {
+        hilrig_device::BackendKind::Model => Box::new(Model::open(state)?),
+        hilrig_device::BackendKind::Verilator => {
+            Box::new(hilrig_verilator::Verilator::open(state)?)
         }
-        other => bail!("unknown device backend {other:?}; use model, rtl or lockstep"),
-    }
+        other => hilrig_fpga::open_backend(other.name(), state)?,
+    })
 }
 
 /// Send one OOB request to a state file (in-process device) or a serial port.

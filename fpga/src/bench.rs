@@ -11,7 +11,9 @@ use hilrig_device::state::{DeviceConfig, NvState};
 use rust_hdl::prelude::*;
 use std::time::{Duration, Instant};
 
-fn mmio_mix(d: &mut dyn Device, i: u64) -> Result<(), DeviceError> {
+/// The MMIO mix of the bench: a register write, a register read, a buffer write and a
+/// buffer read, by `i % 4` (shared with the Verilator rows).
+pub fn mmio_mix(d: &mut dyn Device, i: u64) -> Result<(), DeviceError> {
     // Alternate a register write, a register read, a buffer write and a buffer read.
     match i % 4 {
         0 => d.write32(Reg::Scratch.offset() + 4 * (i as u32 / 4 % 8), i as u32),

@@ -1,7 +1,7 @@
 //! Seeded random differential testing: random operations through `Lockstep`, so the
 //! model and the RTL must agree on every one.
 
-use crate::lockstep::Lockstep;
+use crate::lockstep::{Lockstep, Side};
 use hilrig_device::device::{Device, DeviceError, ResetKind};
 use hilrig_device::oob::{encode_request, Request};
 use hilrig_device::regmap::*;
@@ -122,14 +122,25 @@ pub enum DiffError {
     },
 }
 
-/// Run `ops` random operations with `seed` through lockstep. Errors name the seed.
+/// Run `ops` random operations with `seed` through lockstep (model and RTL).
+/// Errors name the seed.
 pub fn run(seed: u64, ops: u64) -> Result<DiffStats, DiffError> {
+    run_on(seed, ops, Lockstep::new)
+}
+
+/// [`run`] on the lockstep pair `make` builds from the seed's device state (e.g.
+/// the model and the Verilator backend); `cycles` counts the second side's cycles.
+pub fn run_on<A: Side, B: Side, E: Into<DeviceError>>(
+    seed: u64,
+    ops: u64,
+    make: impl FnOnce(NvState) -> Result<Lockstep<A, B>, E>,
+) -> Result<DiffStats, DiffError> {
     let cfg = config_for(seed);
     let serial = seed & 0xffff;
     let setup = |source: DeviceError| DiffError::Setup { seed, source };
     let nv = NvState::factory(cfg, serial).map_err(|e| setup(e.into()))?;
     let reset_key = nv.reset_key;
-    let mut d = Lockstep::new(nv).map_err(setup)?;
+    let mut d = make(nv).map_err(|e| setup(e.into()))?;
     let mut r = Rng::new(seed);
     let mut st = DiffStats::default();
     let fail = |source: DeviceError, st: &DiffStats| DiffError::Diverged {
@@ -292,6 +303,6 @@ pub fn run(seed: u64, ops: u64) -> Result<DiffStats, DiffError> {
         }
         st.ops += (d.ops() - before).max(1);
     }
-    st.cycles = d.rtl().cycles();
+    st.cycles = d.b().sim_cycles().unwrap_or(0);
     Ok(st)
 }

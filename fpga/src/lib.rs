@@ -27,7 +27,7 @@ pub mod uart;
 pub mod uartsim;
 
 pub use bench::bench_rtl;
-pub use lockstep::Lockstep;
+pub use lockstep::{DynLockstep, Lockstep, Side};
 pub use rtl::Rtl;
 
 use hilrig_device::device::{Device, DeviceError};
