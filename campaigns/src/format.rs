@@ -13,8 +13,7 @@ use hilrig_device::BackendKind;
 pub use crate::expect::{AlarmExp, Counter, Expect, Verdict};
 
 /// Device backends a simulated host can run.
-pub const BACKENDS: [BackendKind; 3] =
-    [BackendKind::Model, BackendKind::Rtl, BackendKind::Lockstep];
+pub const BACKENDS: [BackendKind; 4] = BackendKind::ALL;
 /// Policy profiles of the built-in policy.
 pub const PROFILES: &[&str] = &["tenant", "operator"];
 

@@ -323,6 +323,26 @@ fn smoke_campaign_end_to_end() {
 }
 
 #[test]
+fn verilator_cases_run_on_the_verilated_core() {
+    let Some(vmm) = kvm_and_vmm() else { return };
+    if !hilrig_verilator::available("verilator_cases_run_on_the_verilated_core") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let c = campaign(
+        t.path(),
+        "name = \"v\"\n[[case]]\nattacks = [\"attack-hang\", \"pci-enum\", \"attack-key-read\"]\nbackends = [\"verilator\"]\n",
+    );
+    let s = run_campaign(opts(t.path(), c, vmm)).unwrap();
+    assert_eq!(s.run.cases.len(), 3);
+    for c in &s.run.cases {
+        assert_eq!(c.backend, "verilator");
+        assert_eq!(c.outcome, Outcome::Pass, "{}: {}", c.id, c.message);
+    }
+    assert_eq!(s.exit_status(), 0);
+}
+
+#[test]
 fn a_broken_host_is_retried_around_and_marked_unhealthy() {
     let t = tempfile::tempdir().unwrap();
     let c = campaign(

@@ -31,9 +31,17 @@ pub fn open_backend(spec: &DeviceSpec, state: Option<&Path>) -> Result<Backend, 
             };
             Backend::model(model)
         }
-        DeviceSpec::Rtl | DeviceSpec::Lockstep => {
-            // The RTL keeps its buffers in block RAM: every BAR0 page traps.
+        DeviceSpec::Rtl | DeviceSpec::Lockstep | DeviceSpec::Verilator => {
+            // The RTL (simulated or verilated) keeps its buffers in block RAM: every
+            // BAR0 page traps.
             let name = spec.to_string();
+            let kind = spec
+                .backend_kind()
+                .ok_or_else(|| VmmError::Config(format!("{name} is not an in-process backend")))?;
+            let backend_err = |e: hilrig_verilator::Error| VmmError::Backend {
+                backend: name.clone(),
+                detail: e.to_string(),
+            };
             let dev: Box<dyn Device> = match state {
                 Some(p) => {
                     if !p.exists() {
@@ -41,26 +49,16 @@ pub fn open_backend(spec: &DeviceSpec, state: Option<&Path>) -> Result<Backend, 
                             .map_err(|e| VmmError::Device(e.into()))?;
                         drop(Model::create(p, nv)?);
                     }
-                    hilrig_fpga::open_backend(&name, p).map_err(|e| VmmError::Backend {
-                        backend: name.clone(),
-                        detail: e.to_string(),
-                    })?
+                    hilrig_verilator::open_backend(kind, p).map_err(backend_err)?
                 }
                 None => {
                     let nv = hilrig_fw::factory::device(DeviceConfig::default(), 1)
                         .map_err(|e| VmmError::Device(e.into()))?;
-                    match spec {
-                        DeviceSpec::Rtl => Box::new(hilrig_fpga::Rtl::new(nv)?),
-                        _ => Box::new(hilrig_fpga::Lockstep::new(nv)?),
-                    }
+                    hilrig_verilator::new_backend(kind, nv).map_err(backend_err)?
                 }
             };
             Ok(Backend::trapping(name, dev))
         }
-        DeviceSpec::Verilator => Err(VmmError::Backend {
-            backend: spec.to_string(),
-            detail: "the verilator backend is not built into this VMM yet".into(),
-        }),
         DeviceSpec::Vfio(path) => vfio::open(path),
         DeviceSpec::Fpga { port, oob, baud } => {
             // The board keeps its nonvolatile state itself: no state file here.

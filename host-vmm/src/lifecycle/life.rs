@@ -13,7 +13,7 @@ use crate::verdict::Verdict;
 use ed25519_dalek::SigningKey;
 use hilrig_device::attest::Verdict as CountersVerdict;
 use hilrig_device::oob::{self, CounterReport};
-use hilrig_device::regmap::{Reg, BUFFER_BASE, BUFFER_SIZE, DEVICE_ID_VALUE};
+use hilrig_device::regmap::{Reg, DEVICE_ID_VALUE};
 use hilrig_device::ResetKind;
 use hilrig_vmm_api::control::{
     BlackoutStats, Metrics, ModuleVersions, PauseReply, Reply, Request, Response, VmState, VmStatus,
@@ -503,37 +503,8 @@ impl TeardownOps for VmTeardown<'_> {
         if dev.read32(Reg::Id.offset())? != DEVICE_ID_VALUE {
             dev.reset(ResetKind::Flr)?;
         }
-        let scratch = Reg::Scratch.def();
-        let mut words: Vec<u32> = (0..scratch.count).map(|i| scratch.offset + 4 * i).collect();
-        words.push(Reg::Doorbell.offset());
-        words.push(Reg::Control.offset());
-        for &w in &words {
-            dev.write32(w, 0)?;
-        }
-        dev.write32(Reg::IrqStatus.offset(), u32::MAX)?;
-        for i in 0..(BUFFER_SIZE / 4) as u32 {
-            dev.write_word(BUFFER_BASE + 4 * i, 0, 0xf)?;
-        }
-        // Check: nothing of the tenant's is readable any more.
-        for &w in &words {
-            let v = dev.read32(w)?;
-            if v != 0 {
-                return Err(StepError::Residue {
-                    what: crate::policy::register_name(w),
-                    value: v,
-                });
-            }
-        }
-        for i in 0..(BUFFER_SIZE / 4) as u32 {
-            let v = dev.read_word(BUFFER_BASE + 4 * i, 0xf)?;
-            if v != 0 {
-                return Err(StepError::Residue {
-                    what: format!("BUFFER[{i}]"),
-                    value: v,
-                });
-            }
-        }
-        Ok(((words.len() + 1) * 4 + BUFFER_SIZE) as u64)
+        // What is tenant state, how it is scrubbed and checked: the register table.
+        Ok(hilrig_device::device::scrub_tenant_state(&mut **dev)?)
     }
 
     fn reset_device(&mut self) -> Result<(), StepError> {

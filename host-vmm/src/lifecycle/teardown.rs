@@ -41,14 +41,10 @@ pub enum StepError {
         /// What went wrong.
         source: ScrubError,
     },
-    /// Something of the tenant's is still readable after the scrub.
-    #[error("{what} reads {value:#x} after scrubbing")]
-    Residue {
-        /// The register or buffer word.
-        what: String,
-        /// What it read.
-        value: u32,
-    },
+    /// Something of the tenant's is still readable after the scrub (the register
+    /// table says what tenant state is and what it must read afterwards).
+    #[error(transparent)]
+    Residue(#[from] hilrig_device::device::ScrubError),
     /// The device did not come back from its reset.
     #[error("after FLR the ID register reads {got:#x}, not {want:#x}")]
     NotReset {

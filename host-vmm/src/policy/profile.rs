@@ -41,7 +41,7 @@
 //! Pages with no rule in the active profile are mapped straight into the guest (no
 //! exits); every access to a page with any rule traps and is decided per register.
 
-use hilrig_device::regmap::{self, Hw, Perm, Reg, RegisterDef, BAR0_SIZE, PAGES, PAGE_SIZE};
+use hilrig_device::regmap::{self, Hw, Reg, RegisterDef, BAR0_SIZE, PAGES, PAGE_SIZE};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -341,61 +341,51 @@ pub fn resolve_register(name: &str) -> Result<(u32, u32, &'static RegisterDef), 
 /// columns: every access a profile may not make is dropped (reads return 0) and
 /// raises an alarm.
 pub fn default_policy() -> PolicyFile {
-    let mut profile = BTreeMap::new();
-    for (name, perm_of) in [
-        (
-            "tenant",
-            (|r: &RegisterDef| r.tenant) as fn(&RegisterDef) -> Perm,
-        ),
-        ("operator", |r: &RegisterDef| r.operator),
-    ] {
-        let mut rules = Vec::new();
-        for r in regmap::REGISTERS {
-            let p = perm_of(r);
-            let access = match (p.can_read(), p.can_write()) {
-                (true, true) => continue,
-                (false, false) => AccessKind::Both,
-                (true, false) => AccessKind::Write,
-                (false, true) => AccessKind::Read,
-            };
-            rules.push(RuleSpec {
-                register: Some(r.name.to_string()),
-                access: Some(access),
-                action: Some(Action::Drop),
-                alarm: true,
-                ..Default::default()
-            });
-        }
-        profile.insert(name.to_string(), rules);
-    }
+    use hilrig_device::regmap::{RuleAccess, RuleAction};
+    let table = regmap::default_policy();
+    let profile = table
+        .profile
+        .iter()
+        .map(|(name, rules)| {
+            let rules = rules
+                .iter()
+                .map(|r| RuleSpec {
+                    register: Some(r.register.def().name.to_string()),
+                    access: Some(match r.access {
+                        RuleAccess::Read => AccessKind::Read,
+                        RuleAccess::Write => AccessKind::Write,
+                        RuleAccess::Both => AccessKind::Both,
+                    }),
+                    action: Some(match r.action {
+                        RuleAction::Allow => Action::Allow,
+                        RuleAction::Drop => Action::Drop,
+                        RuleAction::Shadow => Action::Shadow,
+                        RuleAction::Fault => Action::Fault,
+                    }),
+                    alarm: r.alarm,
+                    value: r.value.map(u64::from),
+                    ..Default::default()
+                })
+                .collect();
+            (name.to_string(), rules)
+        })
+        .collect();
     PolicyFile {
-        enforce: true,
+        enforce: table.enforce,
         profile,
     }
 }
 
 /// The default policy as TOML (what `hilrig vm policy --defaults` prints).
 pub fn default_policy_toml() -> String {
-    let mut s = String::from(
+    // A typed value of plain fields always serializes; were it ever to fail, the file
+    // would have no profiles and every load of it would be refused (fail closed).
+    let body = toml::to_string(&regmap::default_policy()).unwrap_or_default();
+    format!(
         "# Default MMIO policy, generated from the register table (docs/registers.md).\n\
          # Every access a profile may not make is dropped (reads return 0) with an alarm.\n\
-         enforce = true\n",
-    );
-    let p = default_policy();
-    for (name, rules) in &p.profile {
-        for r in rules {
-            let access = match r.access {
-                Some(AccessKind::Read) => "read",
-                Some(AccessKind::Write) => "write",
-                _ => "both",
-            };
-            s.push_str(&format!(
-                "\n[[profile.{name}]]\nregister = \"{}\"\naccess = \"{access}\"\naction = \"drop\"\nalarm = true\n",
-                r.register.as_deref().unwrap_or("")
-            ));
-        }
-    }
-    s
+         {body}"
+    )
 }
 
 impl PolicyFile {
