@@ -242,8 +242,12 @@ pub enum CampaignError {
     },
 }
 
-fn dur(s: &str, what: &str) -> Result<Duration, String> {
-    hilrig_vmm::cli::parse_duration(s).map_err(|e| format!("{what}: {e}"))
+/// A duration field of the file; the problem names the field.
+fn dur(s: &str, what: &str) -> Result<Duration, Problem> {
+    hilrig_vmm_api::spec::parse_duration(s).map_err(|e| Problem {
+        case: String::new(),
+        reason: format!("{what}: {e}"),
+    })
 }
 
 impl fmt::Display for Case {
@@ -296,15 +300,15 @@ pub fn expand(
     }
     let d = &file.defaults;
     let timeout = dur(&d.campaign_timeout, "defaults.campaign_timeout").unwrap_or_else(|e| {
-        top(e);
+        top(e.reason);
         Duration::from_secs(1)
     });
     let case_timeout = dur(&d.case_timeout, "defaults.case_timeout").unwrap_or_else(|e| {
-        top(e);
+        top(e.reason);
         Duration::from_secs(1)
     });
     let step_timeout = dur(&d.step_timeout, "defaults.step_timeout").unwrap_or_else(|e| {
-        top(e);
+        top(e.reason);
         Duration::from_secs(1)
     });
     if d.repeats == 0 {
@@ -395,7 +399,7 @@ pub fn expand(
         }
         let case_timeout = match &spec.timeout {
             Some(t) => dur(t, "timeout").unwrap_or_else(|e| {
-                bad(e);
+                bad(e.reason);
                 case_timeout
             }),
             None => case_timeout,

@@ -366,29 +366,63 @@ impl AttemptResult {
     }
 }
 
+/// Why a device state file could not be prepared (an infrastructure fault).
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    /// The factory image could not be built.
+    #[error("factory device of {host}: {source}")]
+    Factory {
+        /// The host.
+        host: String,
+        /// Why.
+        source: hilrig_device::state::StateError,
+    },
+    /// The foreign VBIOS could not be built or does not fit.
+    #[error("building the foreign VBIOS: {0}")]
+    ForeignVbios(String),
+    /// The state file could not be written.
+    #[error("writing {path}: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
 /// Prepare the device state file for `setup`.
-pub fn prepare_state(setup: Setup, host: &HostSpec, path: &Path) -> Result<NvState, String> {
+pub fn prepare_state(setup: Setup, host: &HostSpec, path: &Path) -> Result<NvState, PrepareError> {
     let width = match setup {
         Setup::Width(w) => w,
         _ => host.counter_width,
     };
-    let mut nv = hilrig_fw::factory::device(DeviceConfig::with_width(width), host.serial)
-        .map_err(|e| format!("factory device of {}: {e}", host.name))?;
+    let mut nv = hilrig_fw::factory::device(DeviceConfig::with_width(width), host.serial).map_err(
+        |source| PrepareError::Factory {
+            host: host.name.clone(),
+            source,
+        },
+    )?;
     if setup == Setup::ForeignVbios {
         let rom = hilrig_fw::vbios::build(&hilrig_fw::vbios::VbiosSpec::reference(
             0x7e57,
             b"hilrig campaign: a VBIOS no catalog knows\0",
         ))
-        .map_err(|e| format!("building the foreign VBIOS: {e}"))?;
+        .map_err(|e| PrepareError::ForeignVbios(e.to_string()))?;
         let flash = &mut nv.flash[Region::Vbios as usize];
         if rom.len() > flash.len() {
-            return Err("the foreign VBIOS does not fit the vbios region".into());
+            return Err(PrepareError::ForeignVbios(format!(
+                "{} bytes do not fit the {}-byte vbios region",
+                rom.len(),
+                flash.len()
+            )));
         }
         flash.fill(0xff);
         flash[..rom.len()].copy_from_slice(&rom);
     }
-    nv.save(path)
-        .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    nv.save(path).map_err(|source| PrepareError::Write {
+        path: path.to_path_buf(),
+        source,
+    })?;
     Ok(nv)
 }
 

@@ -117,7 +117,7 @@ impl Fleet for Sockets {
             }),
             Err(e) => Err(ControlError::Io {
                 path: t.socket.clone(),
-                source: std::io::Error::other(e),
+                source: std::io::Error::other(e.0),
             }),
         }
     }
@@ -142,7 +142,7 @@ fn outcome(reply: Result<Response, ControlError>) -> HostOutcome {
         Ok(Ok(other)) => HostOutcome::Failed {
             reason: format!("a patch answered with {other:?}"),
         },
-        Ok(Err(reason)) => HostOutcome::Refused { reason },
+        Ok(Err(reason)) => HostOutcome::Refused { reason: reason.0 },
     }
 }
 

@@ -177,8 +177,32 @@ pub enum Reply {
     Metrics(Box<Metrics>),
 }
 
-/// What the VMM answers: a reply, or its refusal in words.
-pub type Response = Result<Reply, String>;
+/// The VMM's refusal of a request, in its words (the wire's `error` field).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refusal(pub String);
+
+impl From<String> for Refusal {
+    fn from(s: String) -> Refusal {
+        Refusal(s)
+    }
+}
+
+impl From<&str> for Refusal {
+    fn from(s: &str) -> Refusal {
+        Refusal(s.to_string())
+    }
+}
+
+impl Refusal {
+    /// Whether the refusal's words contain `s`.
+    pub fn contains(&self, s: &str) -> bool {
+        self.0.contains(s)
+    }
+}
+
+/// What the VMM answers: a reply, or its refusal.
+pub type Response = Result<Reply, Refusal>;
 
 #[derive(Serialize, Deserialize)]
 struct Wire<T> {
@@ -198,7 +222,7 @@ pub fn encode(r: &Response) -> String {
         Ok(body) => serde_json::to_string(&Wire { ok: true, body }),
         Err(e) => serde_json::to_string(&Wire {
             ok: false,
-            body: ErrorBody { error: e.clone() },
+            body: ErrorBody { error: e.0.clone() },
         }),
     }
     .unwrap_or_else(|e| format!("{{\"ok\":false,\"error\":\"encoding the reply: {e}\"}}"))
@@ -216,7 +240,7 @@ pub fn decode(line: &str) -> Result<Response, serde_json::Error> {
         Ok(Ok(w.body))
     } else {
         let w: Wire<ErrorBody> = serde_json::from_str(line)?;
-        Ok(Err(w.body.error))
+        Ok(Err(Refusal(w.body.error)))
     }
 }
 

@@ -161,7 +161,7 @@ fn reply(s: &mut UnixStream, r: &Response) -> std::io::Result<()> {
 }
 
 fn error(msg: impl Into<String>) -> Response {
-    Err(msg.into())
+    Err(hilrig_vmm_api::control::Refusal(msg.into()))
 }
 
 fn connection(mut s: UnixStream, owner: u32, control: &dyn Control, in_flight: &InFlight) {

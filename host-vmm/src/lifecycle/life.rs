@@ -652,6 +652,7 @@ impl VmControl {
 
 impl Control for VmControl {
     fn handle(&self, req: Request) -> Response {
-        self.handle_typed(req).map_err(|e| e.to_string())
+        self.handle_typed(req)
+            .map_err(|e| hilrig_vmm_api::control::Refusal(e.to_string()))
     }
 }

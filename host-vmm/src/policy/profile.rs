@@ -311,14 +311,35 @@ impl Profile {
     }
 }
 
+/// A register name that names no register of the table.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegisterNameError {
+    /// `NAME[...]` whose index is not a number.
+    #[error("register {0:?}: index must be NAME[number]")]
+    BadIndex(String),
+    /// No register has this name.
+    #[error("unknown register {0:?} (see docs/registers.md)")]
+    Unknown(String),
+    /// The index is past the array.
+    #[error("{name} has {count} elements; index {index} is out of range")]
+    OutOfRange {
+        /// The register array.
+        name: &'static str,
+        /// Its elements.
+        count: u32,
+        /// The index asked for.
+        index: u32,
+    },
+}
+
 /// Resolve a register name (`NAME` or `NAME[i]`) to its byte range.
-pub fn resolve_register(name: &str) -> Result<(u32, u32, &'static RegisterDef), String> {
+pub fn resolve_register(name: &str) -> Result<(u32, u32, &'static RegisterDef), RegisterNameError> {
     let (base, idx) = match name.split_once('[') {
         Some((b, rest)) => {
             let i = rest
                 .strip_suffix(']')
                 .and_then(|s| s.trim().parse::<u32>().ok())
-                .ok_or_else(|| format!("register {name:?}: index must be NAME[number]"))?;
+                .ok_or_else(|| RegisterNameError::BadIndex(name.to_string()))?;
             (b.trim(), Some(i))
         }
         None => (name.trim(), None),
@@ -326,14 +347,15 @@ pub fn resolve_register(name: &str) -> Result<(u32, u32, &'static RegisterDef), 
     let def = regmap::REGISTERS
         .iter()
         .find(|r| r.name.eq_ignore_ascii_case(base))
-        .ok_or_else(|| format!("unknown register {base:?} (see docs/registers.md)"))?;
+        .ok_or_else(|| RegisterNameError::Unknown(base.to_string()))?;
     match idx {
         None => Ok((def.offset, def.end(), def)),
         Some(i) if i < def.count => Ok((def.offset + 4 * i, def.offset + 4 * i + 4, def)),
-        Some(i) => Err(format!(
-            "{} has {} elements; index {i} is out of range",
-            def.name, def.count
-        )),
+        Some(index) => Err(RegisterNameError::OutOfRange {
+            name: def.name,
+            count: def.count,
+            index,
+        }),
     }
 }
 
@@ -444,7 +466,7 @@ impl PolicyFile {
             let bad = |reason: String| perr(at.clone(), reason);
             let (start, end, def) = match (&s.register, s.offset, s.range) {
                 (Some(n), None, None) => {
-                    let (a, b, d) = resolve_register(n).map_err(bad)?;
+                    let (a, b, d) = resolve_register(n).map_err(|e| bad(e.to_string()))?;
                     (a as u64, b as u64, Some(d))
                 }
                 (None, Some(o), None) => (
