@@ -4,7 +4,7 @@
 //! they finish, and reported at the end.
 
 use crate::attacks::Setup;
-use crate::format::{self, AlarmExp, Campaign, Case, Counter, HostSpec};
+use crate::format::{self, AlarmExp, Campaign, Case, Counter, Expect, HostSpec};
 use crate::store::{RunRow, Store};
 use hilrig_device::attest::Verdict as CountersVerdict;
 use hilrig_device::state::{DeviceConfig, NvState};
@@ -509,6 +509,193 @@ impl Observed {
     }
 }
 
+/// What a check saw and what it found wrong.
+#[derive(Default)]
+struct Findings {
+    /// What was observed (the report's "observed" column).
+    obs: Vec<String>,
+    /// Every expectation that did not hold.
+    bad: Vec<String>,
+}
+
+impl Findings {
+    /// The exit status against `verdict` / `exit_status`; a TIMEOUT outcome when the
+    /// watchdog ended a run that should not have.
+    fn exit(&mut self, e: &Expect, summary: &VmSummary) -> Outcome {
+        let code = summary.exit_status;
+        self.obs.push(format!("exit {}", code.code()));
+        let want = e.verdict.map(|v| v.exit_status()).or(e.exit_status);
+        match want {
+            Some(w) if w != code => {
+                self.bad.push(format!(
+                    "exit status {} ({}), expected {}",
+                    code.code(),
+                    summary.verdict,
+                    w.code()
+                ));
+                if code == ExitStatus::Timeout {
+                    Outcome::Timeout
+                } else {
+                    Outcome::Pass
+                }
+            }
+            _ => Outcome::Pass,
+        }
+    }
+
+    /// Alarm count and the registers that must have alarmed.
+    fn alarms(&mut self, e: &Expect, summary: &VmSummary) {
+        let alarms = summary.policy.as_ref().map(|p| p.alarms);
+        if let Some(a) = alarms {
+            self.obs.push(format!("alarms {a}"));
+        }
+        if let Some(want) = e.alarms {
+            match (want, alarms.unwrap_or(0)) {
+                (AlarmExp::Some, 0) => self.bad.push("no alarm raised, expected some".into()),
+                (AlarmExp::None, n) if n > 0 => {
+                    self.bad.push(format!("{n} alarms raised, expected none"))
+                }
+                _ => {}
+            }
+        }
+        for reg in e.alarm_registers.iter().flatten() {
+            if summary.policy.as_ref().map_or(0, |p| p.alarms_on(reg)) == 0 {
+                self.bad.push(format!("no alarm on {reg}"));
+            }
+        }
+    }
+
+    /// Counter moves over the case, from the state file before and after.
+    fn counters(&mut self, e: &Expect, before: &NvState, after: &NvState) {
+        let mut delta: BTreeMap<Counter, i64> = BTreeMap::new();
+        for r in Region::ALL {
+            delta.insert(
+                Counter::of(r),
+                after.counter(r) as i64 - before.counter(r) as i64,
+            );
+        }
+        delta.insert(Counter::Master, after.master as i64 - before.master as i64);
+        let moved: Vec<String> = delta
+            .iter()
+            .filter(|(_, v)| **v != 0)
+            .map(|(k, v)| format!("{k}{v:+}"))
+            .collect();
+        self.obs.push(if moved.is_empty() {
+            "counters unchanged".into()
+        } else {
+            format!("counters {}", moved.join(" "))
+        });
+        for (k, w) in e.counter_delta.iter().flatten() {
+            let got = delta.get(k).copied().unwrap_or(0);
+            if got != *w as i64 {
+                self.bad
+                    .push(format!("counter {k} moved {got:+}, expected {w:+}"));
+            }
+        }
+    }
+
+    /// The teardown record: complete, and the counters verdict it carries.
+    fn teardown(&mut self, e: &Expect, summary: &VmSummary) {
+        let td = summary.teardown.as_ref();
+        let verdict = td.and_then(|t| t.counters_verdict());
+        if let Some(v) = verdict {
+            self.obs.push(format!("counters verdict {v}"));
+        }
+        if let Some(w) = e.counters_verdict {
+            if verdict != Some(w) {
+                self.bad.push(format!(
+                    "counters verdict {}, expected {w}",
+                    verdict.map_or("(none)".to_string(), |v| v.to_string())
+                ));
+            }
+        }
+        let complete = td.map(|t| t.complete);
+        if let Some(w) = e.teardown_complete {
+            if complete != Some(w) {
+                self.bad.push(format!(
+                    "teardown complete = {}, expected {w}",
+                    complete.map_or("(no teardown)".to_string(), |c| c.to_string())
+                ));
+            }
+        }
+    }
+
+    /// The counters service's verdict after the case.
+    fn service(&mut self, e: &Expect, service: Option<&(CountersVerdict, String)>) {
+        let Some((v, why)) = service else { return };
+        self.obs.push(format!("service verdict {v}"));
+        if let Some(w) = &e.service_verdict {
+            if v != w {
+                self.bad.push(format!(
+                    "counters service verdict {v} ({why}), expected {w}"
+                ));
+            }
+        }
+    }
+
+    /// The fuse and the flash contents after the case.
+    fn device(&mut self, e: &Expect, before: &NvState, after: &NvState) {
+        if let Some(w) = e.fuse {
+            self.obs.push(format!(
+                "fuse {}",
+                if after.fuse { "blown" } else { "intact" }
+            ));
+            if after.fuse != w {
+                self.bad
+                    .push(format!("fuse blown = {}, expected {w}", after.fuse));
+            }
+        }
+        let changed: Vec<String> = Region::ALL
+            .iter()
+            .filter(|r| before.flash[**r as usize] != after.flash[**r as usize])
+            .map(|r| format!("{r:?}").to_lowercase())
+            .collect();
+        if let Some(w) = e.flash_unchanged {
+            self.obs.push(if changed.is_empty() {
+                "flash unchanged".into()
+            } else {
+                format!("flash changed: {}", changed.join(" "))
+            });
+            if changed.is_empty() != w {
+                self.bad.push(if w {
+                    format!("flash changed ({}), expected unchanged", changed.join(", "))
+                } else {
+                    "flash unchanged, expected a change".into()
+                });
+            }
+        }
+    }
+
+    /// Live-patch and bare-quiesce blackouts, against the bound.
+    fn blackouts(&mut self, e: &Expect, seen: &Observed) {
+        let max = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
+        let patches = &seen.patch_blackouts_us;
+        if !patches.is_empty() {
+            self.obs.push(format!(
+                "{} patch blackouts, max {:.0} us",
+                patches.len(),
+                max(patches)
+            ));
+        }
+        let q = &seen.quiesce_blackouts_us;
+        if !q.is_empty() {
+            self.obs
+                .push(format!("{} bare quiesces, max {:.0} us", q.len(), max(q)));
+        }
+        if let Some(bound) = e.blackout_max_us {
+            if patches.is_empty() {
+                self.bad
+                    .push("no live-patch blackout was measured (no patch applied)".into());
+            } else if max(patches) > bound as f64 {
+                self.bad.push(format!(
+                    "blackout {:.0} us exceeds the bound of {bound} us",
+                    max(patches)
+                ));
+            }
+        }
+    }
+}
+
 /// Compare what was observed with `case.expect`.
 pub fn check(
     case: &Case,
@@ -519,175 +706,35 @@ pub fn check(
     seen: &Observed,
 ) -> AttemptResult {
     let e = &case.expect;
-    let code = summary.exit_status;
-    let mut bad: Vec<String> = Vec::new();
-    let mut obs: Vec<String> = vec![format!("exit {}", code.code())];
-    let mut outcome = Outcome::Pass;
-    let want_code = e.verdict.map(|v| v.exit_status()).or(e.exit_status);
-    if let Some(w) = want_code {
-        if w != code {
-            bad.push(format!(
-                "exit status {} ({}), expected {}",
-                code.code(),
-                summary.verdict,
-                w.code()
-            ));
-            if code == ExitStatus::Timeout {
-                outcome = Outcome::Timeout;
-            }
-        }
-    }
-    let alarms = summary.policy.as_ref().map(|p| p.alarms);
-    if let Some(a) = alarms {
-        obs.push(format!("alarms {a}"));
-    }
-    if let Some(want) = e.alarms {
-        match (want, alarms.unwrap_or(0)) {
-            (AlarmExp::Some, 0) => bad.push("no alarm raised, expected some".into()),
-            (AlarmExp::None, n) if n > 0 => bad.push(format!("{n} alarms raised, expected none")),
-            _ => {}
-        }
-    }
-    if let Some(regs) = &e.alarm_registers {
-        for reg in regs {
-            let n = summary.policy.as_ref().map_or(0, |p| p.alarms_on(reg));
-            if n == 0 {
-                bad.push(format!("no alarm on {reg}"));
-            }
-        }
-    }
-    let b = reading(before);
-    let a = reading(after);
-    let mut delta: BTreeMap<Counter, i64> = BTreeMap::new();
-    for r in Region::ALL {
-        delta.insert(
-            Counter::of(r),
-            after.counter(r) as i64 - before.counter(r) as i64,
-        );
-    }
-    delta.insert(Counter::Master, after.master as i64 - before.master as i64);
-    let moved: Vec<String> = delta
-        .iter()
-        .filter(|(_, v)| **v != 0)
-        .map(|(k, v)| format!("{k}{v:+}"))
-        .collect();
-    obs.push(if moved.is_empty() {
-        "counters unchanged".into()
-    } else {
-        format!("counters {}", moved.join(" "))
-    });
-    if let Some(want) = &e.counter_delta {
-        for (k, w) in want {
-            let got = delta.get(k).copied().unwrap_or(0);
-            if got != *w as i64 {
-                bad.push(format!("counter {k} moved {got:+}, expected {w:+}"));
-            }
-        }
-    }
-    let td = summary.teardown.as_ref();
-    let verdict = td.and_then(|t| t.counters_verdict());
-    if let Some(v) = verdict {
-        obs.push(format!("counters verdict {v}"));
-    }
-    if let Some(w) = e.counters_verdict {
-        if verdict != Some(w) {
-            bad.push(format!(
-                "counters verdict {}, expected {w}",
-                verdict.map_or("(none)".to_string(), |v| v.to_string())
-            ));
-        }
-    }
-    let complete = td.map(|t| t.complete);
-    if let Some(w) = e.teardown_complete {
-        if complete != Some(w) {
-            bad.push(format!(
-                "teardown complete = {}, expected {w}",
-                complete.map_or("(no teardown)".to_string(), |c| c.to_string())
-            ));
-        }
-    }
-    if let Some((v, why)) = service {
-        obs.push(format!("service verdict {v}"));
-        if let Some(w) = &e.service_verdict {
-            if v != w {
-                bad.push(format!(
-                    "counters service verdict {v} ({why}), expected {w}"
-                ));
-            }
-        }
-    }
-    if let Some(w) = e.fuse {
-        obs.push(format!(
-            "fuse {}",
-            if after.fuse { "blown" } else { "intact" }
-        ));
-        if after.fuse != w {
-            bad.push(format!("fuse blown = {}, expected {w}", after.fuse));
-        }
-    }
-    let changed: Vec<String> = Region::ALL
-        .iter()
-        .filter(|r| before.flash[**r as usize] != after.flash[**r as usize])
-        .map(|r| format!("{r:?}").to_lowercase())
-        .collect();
-    if let Some(w) = e.flash_unchanged {
-        obs.push(if changed.is_empty() {
-            "flash unchanged".into()
-        } else {
-            format!("flash changed: {}", changed.join(" "))
-        });
-        if changed.is_empty() != w {
-            bad.push(if w {
-                format!("flash changed ({}), expected unchanged", changed.join(", "))
-            } else {
-                "flash unchanged, expected a change".into()
-            });
-        }
-    }
-    let blackouts = &seen.patch_blackouts_us;
-    if !blackouts.is_empty() {
-        let max = blackouts.iter().cloned().fold(0.0, f64::max);
-        obs.push(format!(
-            "{} patch blackouts, max {max:.0} us",
-            blackouts.len()
-        ));
-    }
-    let q = &seen.quiesce_blackouts_us;
-    if !q.is_empty() {
-        let max = q.iter().cloned().fold(0.0, f64::max);
-        obs.push(format!("{} bare quiesces, max {max:.0} us", q.len()));
-    }
-    if let Some(bound) = e.blackout_max_us {
-        let max = blackouts.iter().cloned().fold(0.0, f64::max);
-        if blackouts.is_empty() {
-            bad.push("no live-patch blackout was measured (no patch applied)".into());
-        } else if max > bound as f64 {
-            bad.push(format!(
-                "blackout {max:.0} us exceeds the bound of {bound} us"
-            ));
-        }
-    }
-    obs.extend(seen.notes.iter().cloned());
-    if !bad.is_empty() && outcome == Outcome::Pass {
+    let mut f = Findings::default();
+    let mut outcome = f.exit(e, summary);
+    f.alarms(e, summary);
+    f.counters(e, before, after);
+    f.teardown(e, summary);
+    f.service(e, service);
+    f.device(e, before, after);
+    f.blackouts(e, seen);
+    f.obs.extend(seen.notes.iter().cloned());
+    if !f.bad.is_empty() && outcome == Outcome::Pass {
         outcome = Outcome::Fail;
     }
     let mut seen = seen.clone();
     if seen.readings.is_empty() {
-        seen.readings = vec![b, a];
+        seen.readings = vec![reading(before), reading(after)];
     }
     if seen.teardown_us.is_empty() {
-        if let Some(t) = td {
+        if let Some(t) = &summary.teardown {
             seen.teardown_us.push(t.total_micros as f64);
         }
     }
     if seen.trap_log2_ns.is_empty() {
         seen.add_trap_latency(summary);
     }
-    let metrics = seen.metrics(alarms.unwrap_or(0));
+    let metrics = seen.metrics(summary.alarms());
     AttemptResult {
         outcome,
-        message: bad.join("; "),
-        observed: obs.join(", "),
+        message: f.bad.join("; "),
+        observed: f.obs.join(", "),
         metrics,
         artifacts: Vec::new(),
     }
