@@ -274,6 +274,99 @@ pub fn parse(text: &str, path: &Path, hosts: &[HostSpec]) -> Result<Campaign, Ca
     expand(&file, path, hosts)
 }
 
+/// The attacks a case names (groups expanded, exclusions applied); unknown names are
+/// problems.
+fn resolve_attacks(spec: &CaseSpec, bad: &mut dyn FnMut(String)) -> Vec<Attack> {
+    let mut attacks_v: Vec<Attack> = Vec::new();
+    if spec.attacks.is_empty() {
+        bad("attacks is empty".into());
+    }
+    for a in &spec.attacks {
+        if let Some(g) = a.strip_prefix('@') {
+            let names = attacks::group(g);
+            if names.is_empty() {
+                bad(format!("unknown attack group `@{g}`"));
+            }
+            attacks_v.extend(names.into_iter().filter_map(attacks::find));
+        } else {
+            match attacks::find(a) {
+                Some(x) => attacks_v.push(x),
+                None => bad(format!(
+                    "unknown attack `{a}` (see `hilrig campaign list-attacks`)"
+                )),
+            }
+        }
+    }
+    for x in &spec.exclude {
+        if attacks::find(x).is_none() {
+            bad(format!("exclude names unknown attack `{x}`"));
+        }
+    }
+    attacks_v.retain(|a| !spec.exclude.iter().any(|x| x == a.name));
+    attacks_v
+}
+
+/// The backends a case names (default: the model); unknown ones are problems.
+fn resolve_backends(spec: &CaseSpec, bad: &mut dyn FnMut(String)) -> Vec<BackendKind> {
+    let mut backends = Vec::new();
+    if spec.backends.is_empty() {
+        backends.push(BackendKind::Model);
+    }
+    for b in &spec.backends {
+        match b.parse::<BackendKind>() {
+            Ok(k) if BACKENDS.contains(&k) => backends.push(k),
+            Ok(k) => bad(format!(
+                "backend `{k}` cannot run in campaigns yet (campaign backends: {})",
+                BACKENDS.map(BackendKind::name).join(", ")
+            )),
+            Err(e) => bad(e.to_string()),
+        }
+    }
+    backends
+}
+
+/// The profiles a case names (default: tenant); unknown ones are problems.
+fn resolve_profiles(spec: &CaseSpec, bad: &mut dyn FnMut(String)) -> Vec<String> {
+    let profiles = if spec.profiles.is_empty() {
+        vec!["tenant".to_string()]
+    } else {
+        spec.profiles.clone()
+    };
+    for p in &profiles {
+        if !PROFILES.contains(&p.as_str()) {
+            bad(format!(
+                "unknown profile `{p}` (known: {})",
+                PROFILES.join(", ")
+            ));
+        }
+    }
+    profiles
+}
+
+/// The host tags a case runs on (default: the campaign's); tags no host has are
+/// problems.
+fn resolve_tags(
+    spec: &CaseSpec,
+    d: &Defaults,
+    known_tags: &BTreeSet<&str>,
+    bad: &mut dyn FnMut(String),
+) -> Vec<String> {
+    let tags = if spec.tags.is_empty() {
+        d.tags.clone()
+    } else {
+        spec.tags.clone()
+    };
+    for t in &tags {
+        if !known_tags.contains(t.as_str()) {
+            bad(format!(
+                "unknown host tag `{t}` (the hosts have: {})",
+                known_tags.iter().copied().collect::<Vec<_>>().join(", ")
+            ));
+        }
+    }
+    tags
+}
+
 /// Validate `file` and expand its matrices.
 pub fn expand(
     file: &CampaignFile,
@@ -331,72 +424,10 @@ pub fn expand(
                 reason,
             })
         };
-        let mut attacks_v: Vec<Attack> = Vec::new();
-        if spec.attacks.is_empty() {
-            bad("attacks is empty".into());
-        }
-        for a in &spec.attacks {
-            if let Some(g) = a.strip_prefix('@') {
-                let names = attacks::group(g);
-                if names.is_empty() {
-                    bad(format!("unknown attack group `@{g}`"));
-                }
-                attacks_v.extend(names.into_iter().filter_map(attacks::find));
-            } else {
-                match attacks::find(a) {
-                    Some(x) => attacks_v.push(x),
-                    None => bad(format!(
-                        "unknown attack `{a}` (see `hilrig campaign list-attacks`)"
-                    )),
-                }
-            }
-        }
-        for x in &spec.exclude {
-            if attacks::find(x).is_none() {
-                bad(format!("exclude names unknown attack `{x}`"));
-            }
-        }
-        attacks_v.retain(|a| !spec.exclude.iter().any(|x| x == a.name));
-        let mut backends = Vec::new();
-        if spec.backends.is_empty() {
-            backends.push(BackendKind::Model);
-        }
-        for b in &spec.backends {
-            match b.parse::<BackendKind>() {
-                Ok(k) if BACKENDS.contains(&k) => backends.push(k),
-                Ok(k) => bad(format!(
-                    "backend `{k}` cannot run in campaigns yet (campaign backends: {})",
-                    BACKENDS.map(BackendKind::name).join(", ")
-                )),
-                Err(e) => bad(e.to_string()),
-            }
-        }
-        let profiles = if spec.profiles.is_empty() {
-            vec!["tenant".to_string()]
-        } else {
-            spec.profiles.clone()
-        };
-        for p in &profiles {
-            if !PROFILES.contains(&p.as_str()) {
-                bad(format!(
-                    "unknown profile `{p}` (known: {})",
-                    PROFILES.join(", ")
-                ));
-            }
-        }
-        let tags = if spec.tags.is_empty() {
-            d.tags.clone()
-        } else {
-            spec.tags.clone()
-        };
-        for t in &tags {
-            if !known_tags.contains(t.as_str()) {
-                bad(format!(
-                    "unknown host tag `{t}` (the hosts have: {})",
-                    known_tags.iter().copied().collect::<Vec<_>>().join(", ")
-                ));
-            }
-        }
+        let attacks_v = resolve_attacks(spec, &mut bad);
+        let backends = resolve_backends(spec, &mut bad);
+        let profiles = resolve_profiles(spec, &mut bad);
+        let tags = resolve_tags(spec, d, &known_tags, &mut bad);
         let case_timeout = match &spec.timeout {
             Some(t) => dur(t, "timeout").unwrap_or_else(|e| {
                 bad(e.reason);
