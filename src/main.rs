@@ -431,15 +431,26 @@ fn device(cmd: DeviceCmd) -> Result<()> {
             seconds,
             backend,
         } => {
-            let mut m = open_device(&backend, &state)?;
+            // Check the state file opens before printing the port.
+            drop(open_device(&backend, &state)?);
             let server = oob::PtyServer::new().context("creating a PTY")?;
             println!("{}", server.path());
             use std::io::Write;
             std::io::stdout().flush()?;
             let deadline = seconds.map(|s| std::time::Instant::now() + Duration::from_secs_f64(s));
-            server.serve(&mut *m, &|| {
-                deadline.is_some_and(|d| std::time::Instant::now() > d)
-            })?;
+            // Every request reads the state file's current contents under its lock and
+            // keeps nothing: a PHYSICAL_RESET never writes back a stale snapshot over
+            // counts or an image another process wrote since this server started.
+            let mut open = |p: &Path| {
+                open_device(&backend, p).map_err(|e| hilrig_device::DeviceError::Transport {
+                    what: p.display().to_string(),
+                    detail: format!("{e:#}"),
+                })
+            };
+            server.serve_with(
+                &mut |req| oob::serve_state_request(&state, &mut open, req),
+                &|| deadline.is_some_and(|d| std::time::Instant::now() > d),
+            )?;
         }
     }
     Ok(())

@@ -90,8 +90,12 @@ pub trait ConformanceTarget {
     /// the device must refuse (flash controller locked); `true`: a valid, unlocked
     /// command (a program of all-ones bytes, which changes no data). Returns
     /// FLASH_STATUS right after the command, if the target can read it.
-    fn attempt(&mut self, region: Region, kind: AttemptKind, accepted: bool)
-        -> TResult<Option<u32>>;
+    fn attempt(
+        &mut self,
+        region: Region,
+        kind: AttemptKind,
+        accepted: bool,
+    ) -> TResult<Option<u32>>;
     /// Reset the device.
     fn reset(&mut self, kind: ResetKind) -> TResult<()>;
     /// Issue an attempt (refused, or an accepted program) and cut power before
@@ -371,6 +375,10 @@ struct Session<'a> {
     t: &'a mut dyn ConformanceTarget,
     seq: u8,
     faults: Vec<String>,
+    /// Region hashes before the suite made any attempt.
+    baseline: Option<[[u8; 32]; 3]>,
+    /// Every keyed physical reset the suite made: (MASTER before, MASTER after).
+    resets: Vec<(u32, u32)>,
 }
 
 impl Session<'_> {
@@ -454,6 +462,18 @@ impl Session<'_> {
     fn physical_reset(&mut self, key: [u8; 32]) -> TResult<Response> {
         self.request(&Request::PhysicalReset(key))
     }
+
+    /// A keyed physical reset, with MASTER read around it (for
+    /// master-across-physical-reset).
+    fn keyed_reset(&mut self, key: [u8; 32]) -> TResult<(CounterReport, Response, CounterReport)> {
+        let a = self.counters()?;
+        let resp = self.physical_reset(key)?;
+        let b = self.counters()?;
+        if matches!(resp, Response::ResetDone { .. }) {
+            self.resets.push((a.master, b.master));
+        }
+        Ok((a, resp, b))
+    }
 }
 
 fn show(c: &CounterReport) -> String {
@@ -510,6 +530,8 @@ pub fn run(t: &mut dyn ConformanceTarget, opts: &Options) -> Report {
         t,
         seq: 0,
         faults: Vec::new(),
+        baseline: None,
+        resets: Vec::new(),
     };
     let mut plan = Vec::new();
     let mut results = Vec::new();
@@ -536,6 +558,17 @@ pub fn run(t: &mut dyn ConformanceTarget, opts: &Options) -> Report {
         }
         Err(e) => plan.push(format!("could not read the device's budget: {e}")),
     }
+    // The flash before any attempt: only refused attempts come before
+    // refused-leaves-flash-unchanged, so the flash must still hash the same there.
+    let mut base = [[0u8; 32]; 3];
+    let mut have = true;
+    for (b, r) in base.iter_mut().zip(Region::ALL) {
+        match s.hash(r) {
+            Ok(h) => *b = h,
+            Err(_) => have = false,
+        }
+    }
+    s.baseline = have.then_some(base);
     for &name in PROPERTIES {
         let r = run_one(&mut s, name, opts, &mut plan);
         let (status, mut evidence) = match r {
@@ -623,8 +656,7 @@ fn fit(
             c.slots_left
         )));
     };
-    let resp = s.physical_reset(key)?;
-    let after = s.counters()?;
+    let (_, resp, after) = s.keyed_reset(key)?;
     plan.push(format!(
         "before {name}: physical reset to restore the budget ({resp:?}): {} -> {}",
         show(&c),
@@ -708,6 +740,24 @@ fn p_attempts(s: &mut Session, accepted: bool) -> TResult<Outcome> {
 fn p_refused_unchanged(s: &mut Session) -> TResult<Outcome> {
     let mut ev = Vec::new();
     let mut bad = Vec::new();
+    if let Some(base) = s.baseline {
+        for (b, r) in base.iter().zip(Region::ALL) {
+            let now = s.hash(r)?;
+            if &now != b {
+                bad.push(format!(
+                    "{r}: READ_HASH {} before the suite's first (refused) attempt, {} now, after refused attempts only",
+                    oob::hex_string(&b[..8]),
+                    oob::hex_string(&now[..8])
+                ));
+            }
+        }
+        if bad.is_empty() {
+            ev.push(
+                "every region hashes as before the refused attempts of refused-attempts-counted"
+                    .into(),
+            );
+        }
+    }
     for r in Region::ALL {
         for k in [AttemptKind::Erase, AttemptKind::Program] {
             let before = s.hash(r)?;
@@ -728,8 +778,7 @@ fn p_refused_unchanged(s: &mut Session) -> TResult<Outcome> {
             match status {
                 Some(st)
                     if st & FLASH_STATUS_DONE != 0
-                        || st & (FLASH_STATUS_REFUSED_LOCKED | FLASH_STATUS_REFUSED_FUSE)
-                            == 0 =>
+                        || st & (FLASH_STATUS_REFUSED_LOCKED | FLASH_STATUS_REFUSED_FUSE) == 0 =>
                 {
                     bad.push(format!(
                         "refused {} {r}: FLASH_STATUS {st:#x} does not say refused",
@@ -796,7 +845,10 @@ fn p_master(s: &mut Session) -> TResult<Outcome> {
             k.name()
         );
         if d != 1 {
-            bad.push(format!("{what}: master {} -> {} (want +1)", prev.master, c.master));
+            bad.push(format!(
+                "{what}: master {} -> {} (want +1)",
+                prev.master, c.master
+            ));
         } else {
             ev.push(format!("{what}: master {} -> {}", prev.master, c.master));
         }
@@ -909,8 +961,16 @@ fn p_no_decrement(s: &mut Session, opts: &Options) -> TResult<Outcome> {
         (0x7fu8, &[][..], "unknown command"),
         (oob::cmd::READ_HASH, &[9u8][..], "READ_HASH of region 9"),
         (oob::cmd::READ_HASH, &[0u8, 0][..], "READ_HASH with 2 bytes"),
-        (oob::cmd::READ_COUNTERS, &[1u8, 2, 3][..], "READ_COUNTERS with a payload"),
-        (oob::cmd::PHYSICAL_RESET, &[0u8; 31][..], "PHYSICAL_RESET with 31 bytes"),
+        (
+            oob::cmd::READ_COUNTERS,
+            &[1u8, 2, 3][..],
+            "READ_COUNTERS with a payload",
+        ),
+        (
+            oob::cmd::PHYSICAL_RESET,
+            &[0u8; 31][..],
+            "PHYSICAL_RESET with 31 bytes",
+        ),
     ] {
         match s.raw_request(cmd, payload, what)? {
             Response::Error { .. } => {}
@@ -994,8 +1054,7 @@ fn p_fuse(s: &mut Session, opts: &Options, plan: &mut Vec<String>) -> TResult<Ou
     let mut start = s.counters()?;
     if start.fuse || start.counters != [0, 0, 0] {
         if let Some(key) = opts.reset_key {
-            let resp = s.physical_reset(key)?;
-            let after = s.counters()?;
+            let (_, resp, after) = s.keyed_reset(key)?;
             plan.push(format!(
                 "before budget-and-fuse: physical reset to start from an empty budget ({resp:?}): {} -> {}",
                 show(&start),
@@ -1095,9 +1154,7 @@ fn p_physical_reset(s: &mut Session, opts: &Options) -> TResult<Outcome> {
     let Some(key) = opts.reset_key else {
         return Ok(Outcome::Skip("no reset key given".into()));
     };
-    let a = s.counters()?;
-    let resp = s.physical_reset(key)?;
-    let b = s.counters()?;
+    let (a, resp, b) = s.keyed_reset(key)?;
     let ev = vec![format!("{:?}: {} -> {}", resp, show(&a), show(&b))];
     let ok = matches!(resp, Response::ResetDone { epoch } if epoch == a.epoch.wrapping_add(1))
         && b.epoch == a.epoch.wrapping_add(1)
@@ -1116,10 +1173,11 @@ fn p_master_reset(s: &mut Session, opts: &Options) -> TResult<Outcome> {
     };
     let mut ev = Vec::new();
     let mut bad = Vec::new();
-    let a = s.counters()?;
-    let resp = s.physical_reset(key)?;
+    let (a, resp, _) = s.keyed_reset(key)?;
     if !matches!(resp, Response::ResetDone { .. }) {
-        bad.push(format!("physical reset with the right key answered {resp:?}"));
+        bad.push(format!(
+            "physical reset with the right key answered {resp:?}"
+        ));
         return Ok(verdict(ev, bad));
     }
     s.t.reset(ResetKind::PowerCycle)?;
@@ -1130,7 +1188,10 @@ fn p_master_reset(s: &mut Session, opts: &Options) -> TResult<Outcome> {
             a.master, b.master
         ));
     } else {
-        ev.push(format!("MASTER {} kept across a physical reset and power cycle", b.master));
+        ev.push(format!(
+            "MASTER {} kept across a physical reset and power cycle",
+            b.master
+        ));
     }
     s.t.attempt(Region::Config, AttemptKind::Erase, false)?;
     let c = s.counters()?;
@@ -1141,14 +1202,31 @@ fn p_master_reset(s: &mut Session, opts: &Options) -> TResult<Outcome> {
         )),
         Err(e) => bad.push(format!("an attempt after the physical reset: {e}")),
     }
+    let lost: Vec<_> = s.resets.iter().filter(|(x, y)| x != y).collect();
+    if lost.is_empty() {
+        ev.push(format!(
+            "MASTER kept across all {} keyed physical resets of the run",
+            s.resets.len()
+        ));
+    } else {
+        bad.push(format!(
+            "MASTER changed across {} of the run's {} keyed physical resets (before, after): {lost:?}",
+            lost.len(),
+            s.resets.len()
+        ));
+    }
     Ok(verdict(ev, bad))
 }
 
 /// Makes attempts and resets on a device whose OOB port the suite reads separately.
 pub trait Actuator {
     /// See [`ConformanceTarget::attempt`].
-    fn attempt(&mut self, region: Region, kind: AttemptKind, accepted: bool)
-        -> TResult<Option<u32>>;
+    fn attempt(
+        &mut self,
+        region: Region,
+        kind: AttemptKind,
+        accepted: bool,
+    ) -> TResult<Option<u32>>;
     /// See [`ConformanceTarget::reset`].
     fn reset(&mut self, kind: ResetKind) -> TResult<()>;
     /// See [`ConformanceTarget::attempt_then_cut`].
@@ -1163,7 +1241,9 @@ pub trait Actuator {
     }
 }
 
-fn dev_attempt(
+/// Make one attempt on an in-process device (see [`ConformanceTarget::attempt`]);
+/// returns FLASH_STATUS after the command.
+pub fn device_attempt(
     d: &mut dyn Device,
     region: Region,
     kind: AttemptKind,
@@ -1182,8 +1262,13 @@ fn dev_attempt(
     Ok(r.status)
 }
 
-/// Issue the command without reading its status (the power cut follows).
-fn dev_cut_command(d: &mut dyn Device, region: Region, accepted: bool) -> Result<(), DeviceError> {
+/// Issue an attempt's command on an in-process device without reading its status
+/// (the power cut follows).
+pub fn device_cut_command(
+    d: &mut dyn Device,
+    region: Region,
+    accepted: bool,
+) -> Result<(), DeviceError> {
     if accepted {
         ops::unlock(d)?;
         // Stage all-ones, then PROGRAM: no status read, no lock.
@@ -1269,7 +1354,7 @@ impl ConformanceTarget for DeviceTarget {
         kind: AttemptKind,
         accepted: bool,
     ) -> TResult<Option<u32>> {
-        dev_attempt(&mut *self.dev, region, kind, accepted)
+        device_attempt(&mut *self.dev, region, kind, accepted)
             .map(Some)
             .map_err(terr)
     }
@@ -1283,7 +1368,7 @@ impl ConformanceTarget for DeviceTarget {
         Ok(())
     }
     fn attempt_then_cut(&mut self, region: Region, accepted: bool) -> TResult<()> {
-        dev_cut_command(&mut *self.dev, region, accepted).map_err(terr)?;
+        device_cut_command(&mut *self.dev, region, accepted).map_err(terr)?;
         self.reset(ResetKind::PowerCycle)
     }
     fn inband(&mut self) -> Option<TResult<CounterReport>> {
@@ -1319,7 +1404,7 @@ impl Actuator for DeviceActuator {
         kind: AttemptKind,
         accepted: bool,
     ) -> TResult<Option<u32>> {
-        self.with(|d| dev_attempt(d, region, kind, accepted))
+        self.with(|d| device_attempt(d, region, kind, accepted))
             .map(Some)
     }
     fn reset(&mut self, kind: ResetKind) -> TResult<()> {
@@ -1327,7 +1412,7 @@ impl Actuator for DeviceActuator {
     }
     fn attempt_then_cut(&mut self, region: Region, accepted: bool) -> TResult<()> {
         self.with(|d| {
-            dev_cut_command(d, region, accepted)?;
+            device_cut_command(d, region, accepted)?;
             d.reset(ResetKind::PowerCycle)
         })
     }

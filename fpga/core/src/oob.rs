@@ -855,7 +855,18 @@ pub fn serve_state_request(
     ) -> Result<Box<dyn crate::device::Device>, crate::device::DeviceError>,
     request: &[u8],
 ) -> Result<Vec<u8>, crate::device::DeviceError> {
-    with_state_lock(state, || open(state)?.oob(request))
+    match with_state_lock(state, || open(state)?.oob(request)) {
+        Ok(out) => Ok(out),
+        // The state file could not be read (a half-written copy by a foreign tool, a
+        // permission change): answer with an error frame and keep serving.
+        Err(_) => Ok(encode_response(
+            request.get(2).copied().unwrap_or(0),
+            &Response::Error {
+                code: ErrorCode::Internal,
+                request: request.get(3).copied().unwrap_or(0),
+            },
+        )),
+    }
 }
 
 #[cfg(test)]
