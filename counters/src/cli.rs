@@ -193,6 +193,10 @@ pub enum CountersCmd {
         /// {mode} {op}).
         #[arg(long)]
         cut_cmd: Option<String>,
+        /// Serial target: command printing the in-band counter registers as JSON
+        /// (enables oob-equals-inband).
+        #[arg(long)]
+        inband_cmd: Option<String>,
         /// Run the budget-and-fuse property (uses up the counter budget).
         #[arg(long)]
         burn_fuse: bool,
@@ -221,8 +225,13 @@ pub enum CountersCmd {
     /// the conformance suite's --attempt-cmd/--reset-cmd/--cut-cmd against
     /// `hilrig device serve-oob`); takes the state file's lock.
     Sim {
-        /// The device's state file.
+        /// The device's state file (taken under its lock), or with `--backend fpga`
+        /// the host-bridge port of a (simulated) board.
         state: PathBuf,
+        /// Backend: model (default), rtl, lockstep, or fpga (a board's host-bridge
+        /// port; what the `hilrig` binary's opener knows).
+        #[arg(long, default_value = "model")]
+        backend: String,
         #[command(subcommand)]
         action: SimAction,
     },
@@ -250,6 +259,8 @@ pub enum SimAction {
         #[arg(long)]
         kind: String,
     },
+    /// Print the in-band counter registers as JSON (for --inband-cmd).
+    Inband,
     /// An attempt whose power is cut before its status is read.
     Cut {
         /// vbios, firmware or config.
@@ -772,6 +783,7 @@ pub fn run_with(cmd: CountersCmd, open: DeviceOpener) -> Result<ExitCode> {
             attempt_cmd,
             reset_cmd,
             cut_cmd,
+            inband_cmd,
             burn_fuse,
             reset_key,
             width,
@@ -806,13 +818,16 @@ pub fn run_with(cmd: CountersCmd, open: DeviceOpener) -> Result<ExitCode> {
                     if !std::path::Path::new(&port).exists() {
                         bail!("--target {target:?}: no such port {port}");
                     }
-                    let mut t = SerialTarget::open(
+                    let mut t = SerialTarget::with_actuator(
                         &port,
                         baud,
                         Duration::from_millis(timeout_ms),
-                        a,
-                        r,
-                        cut_cmd,
+                        Box::new(conformance::CommandActuator {
+                            attempt_cmd: a,
+                            reset_cmd: r,
+                            cut_cmd,
+                            inband_cmd,
+                        }),
                     )?;
                     conformance::run(
                         &mut t,
@@ -883,8 +898,12 @@ pub fn run_with(cmd: CountersCmd, open: DeviceOpener) -> Result<ExitCode> {
             }
             return Ok(ExitCode::from(report.overall.exit_code()));
         }
-        CountersCmd::Sim { state, action } => {
-            sim(&state, action, open)?;
+        CountersCmd::Sim {
+            state,
+            backend,
+            action,
+        } => {
+            sim(&state, &backend, action, open)?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -923,16 +942,30 @@ fn tempfile_dir() -> Result<PathBuf> {
     )
 }
 
-fn sim(state: &std::path::Path, action: SimAction, open: DeviceOpener) -> Result<()> {
+fn sim(
+    state: &std::path::Path,
+    backend: &str,
+    action: SimAction,
+    open: DeviceOpener,
+) -> Result<()> {
     use hilrig_device::ResetKind;
     if !state.exists() {
-        bail!("state file {} does not exist", state.display());
+        bail!("{} does not exist", state.display());
     }
     let open_dev = |p: &std::path::Path| {
-        open("model", p).map_err(|e| hilrig_device::DeviceError::Transport {
+        open(backend, p).map_err(|e| hilrig_device::DeviceError::Transport {
             what: p.display().to_string(),
             detail: e,
         })
+    };
+    // A state file is read-modified-written under its lock; a board's port is not a
+    // file anyone else rewrites.
+    let locked = |f: &mut dyn FnMut() -> std::result::Result<(), hilrig_device::DeviceError>| {
+        if backend == "fpga" {
+            f()
+        } else {
+            hilrig_device::oob::with_state_lock(state, f)
+        }
     };
     let mode = |m: &str| -> Result<bool> {
         match m {
@@ -954,7 +987,7 @@ fn sim(state: &std::path::Path, action: SimAction, open: DeviceOpener) -> Result
                 other => bail!("--op {other:?}: program or erase"),
             };
             let accepted = mode(&m)?;
-            hilrig_device::oob::with_state_lock(state, || {
+            locked(&mut || {
                 let mut d = open_dev(state)?;
                 conformance::device_attempt(&mut *d, region, kind, accepted).map(|_| ())
             })?;
@@ -966,12 +999,21 @@ fn sim(state: &std::path::Path, action: SimAction, open: DeviceOpener) -> Result
                 "power-cycle" => ResetKind::PowerCycle,
                 other => bail!("--kind {other:?}: reset, flr or power-cycle"),
             };
-            hilrig_device::oob::with_state_lock(state, || open_dev(state)?.reset(k))?;
+            locked(&mut || open_dev(state)?.reset(k))?;
+        }
+        SimAction::Inband => {
+            let mut report = None;
+            locked(&mut || {
+                let mut d = open_dev(state)?;
+                report = Some(conformance::device_inband(&mut *d)?);
+                Ok(())
+            })?;
+            print_json(&report)?;
         }
         SimAction::Cut { region, mode: m } => {
             let region = parse_region(&region)?;
             let accepted = mode(&m)?;
-            hilrig_device::oob::with_state_lock(state, || {
+            locked(&mut || {
                 let mut d = open_dev(state)?;
                 conformance::device_cut_command(&mut *d, region, accepted)?;
                 d.reset(ResetKind::PowerCycle)

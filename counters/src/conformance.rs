@@ -82,6 +82,11 @@ pub trait ConformanceTarget {
     fn oob_send(&mut self, bytes: &[u8]) -> TResult<()> {
         self.oob_raw(bytes).map(|_| ())
     }
+    /// Read the next complete frame that arrives within the response timeout, if any
+    /// (a stream target; an in-process target answers at once and has none pending).
+    fn oob_read(&mut self) -> TResult<Option<Vec<u8>>> {
+        Ok(None)
+    }
     /// Discard input that arrived unasked; returns the number of bytes discarded.
     fn drain(&mut self) -> TResult<usize> {
         Ok(0)
@@ -1004,8 +1009,23 @@ fn p_no_decrement(s: &mut Session, opts: &Options) -> TResult<Outcome> {
     for g in &garbage {
         s.t.oob_send(g)?;
     }
-    // Answers to garbage are not stale replies to a request: drain them quietly.
-    let _ = s.t.drain()?;
+    // Answers to garbage are not stale replies to a request: skip them up to the
+    // reply to a marker request (a slow device answers a cut frame only after its
+    // inter-byte timeout, and a simulated one takes its time over the bytes).
+    let marker = s.next_seq();
+    s.t.oob_send(&oob::frame(marker, oob::cmd::IDENTIFY, &[]))?;
+    let mut skipped = 0;
+    while let Some(f) = s.t.oob_read()? {
+        if matches!(oob::decode_response(&f), Ok((q, _)) if q == marker) {
+            break;
+        }
+        skipped += 1;
+        if skipped > 4 * garbage.len() + 8 {
+            return Err(TargetError::Transport(format!(
+                "{skipped} frames after the garbage and no reply to the marker request"
+            )));
+        }
+    }
     for r in [
         Request::Identify,
         Request::ReadCounters,
@@ -1285,7 +1305,8 @@ pub fn device_cut_command(
     }
 }
 
-fn dev_inband(d: &mut dyn Device) -> Result<CounterReport, DeviceError> {
+/// The counter registers of an in-process device, read in-band.
+pub fn device_inband(d: &mut dyn Device) -> Result<CounterReport, DeviceError> {
     let c = |d: &mut dyn Device, i: u32| d.read32(Reg::Counter.offset() + 4 * i);
     Ok(CounterReport {
         counters: [c(d, 0)?, c(d, 1)?, c(d, 2)?],
@@ -1372,7 +1393,7 @@ impl ConformanceTarget for DeviceTarget {
         self.reset(ResetKind::PowerCycle)
     }
     fn inband(&mut self) -> Option<TResult<CounterReport>> {
-        Some(dev_inband(&mut *self.dev).map_err(terr))
+        Some(device_inband(&mut *self.dev).map_err(terr))
     }
     fn write_register(&mut self, offset: u32, value: u32) -> Option<TResult<()>> {
         Some(self.dev.write32(offset, value).map_err(terr))
@@ -1417,7 +1438,7 @@ impl Actuator for DeviceActuator {
         })
     }
     fn inband(&mut self) -> Option<TResult<CounterReport>> {
-        Some(self.with(dev_inband))
+        Some(self.with(device_inband))
     }
     fn write_register(&mut self, offset: u32, value: u32) -> Option<TResult<()>> {
         Some(self.with(|d| d.write32(offset, value)))
@@ -1438,6 +1459,9 @@ pub struct CommandActuator {
     pub reset_cmd: String,
     /// Attempt-then-power-cut command template.
     pub cut_cmd: Option<String>,
+    /// Command printing the in-band counter registers as JSON (a `CounterReport`:
+    /// counters, master, fuse, slots_left, width, epoch), if the device has them.
+    pub inband_cmd: Option<String>,
 }
 
 fn sh(cmd: &str) -> TResult<()> {
@@ -1454,6 +1478,26 @@ fn sh(cmd: &str) -> TResult<()> {
 }
 
 impl Actuator for CommandActuator {
+    fn inband(&mut self) -> Option<TResult<CounterReport>> {
+        let cmd = self.inband_cmd.as_ref()?;
+        let out = match std::process::Command::new("sh").arg("-c").arg(cmd).output() {
+            Ok(o) => o,
+            Err(e) => return Some(Err(TargetError::Target(format!("running {cmd:?}: {e}")))),
+        };
+        if !out.status.success() {
+            return Some(Err(TargetError::Target(format!(
+                "{cmd:?} exited with {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))));
+        }
+        Some(serde_json::from_slice(&out.stdout).map_err(|e| {
+            TargetError::Target(format!(
+                "{cmd:?} printed {:?}, not counters JSON: {e}",
+                String::from_utf8_lossy(&out.stdout)
+            ))
+        }))
+    }
     fn attempt(
         &mut self,
         region: Region,
@@ -1501,6 +1545,7 @@ pub struct SerialTarget {
     path: String,
     actuator: Box<dyn Actuator>,
     timeout: Duration,
+    reader: oob::FrameReader,
 }
 
 impl SerialTarget {
@@ -1521,6 +1566,7 @@ impl SerialTarget {
                 attempt_cmd,
                 reset_cmd,
                 cut_cmd,
+                inband_cmd: None,
             }),
         )
     }
@@ -1541,6 +1587,7 @@ impl SerialTarget {
             path: path.to_string(),
             actuator,
             timeout,
+            reader: oob::FrameReader::default(),
         })
     }
 
@@ -1609,8 +1656,21 @@ impl ConformanceTarget for SerialTarget {
     fn oob_send(&mut self, bytes: &[u8]) -> TResult<()> {
         self.write_frame(bytes)
     }
+    fn oob_read(&mut self) -> TResult<Option<Vec<u8>>> {
+        let deadline = std::time::Instant::now() + self.timeout;
+        let mut byte = [0u8; 1];
+        // One byte at a time: nothing after the frame is consumed.
+        while std::time::Instant::now() < deadline {
+            if self.read_some(&mut byte)? == 1 {
+                if let Some(oob::StreamEvent::Frame(f)) = self.reader.push(byte[0]) {
+                    return Ok(Some(f));
+                }
+            }
+        }
+        Ok(None)
+    }
     fn drain(&mut self) -> TResult<usize> {
-        let mut total = 0;
+        let mut total = self.reader.take_partial().len();
         let mut buf = [0u8; 256];
         let mut quiet_since = std::time::Instant::now();
         let hard = quiet_since + self.timeout.max(Duration::from_millis(200));
