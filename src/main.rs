@@ -312,13 +312,15 @@ fn dispatch(cmd: Cmd) -> Result<std::process::ExitCode> {
             return hilrig_counters::cli::run_with(c, |b, p| {
                 if b == "fpga" {
                     // A (simulated) board's host-bridge port.
-                    let port = p.to_str().ok_or_else(|| format!("{} is not UTF-8", p.display()))?;
+                    let port = p
+                        .to_str()
+                        .ok_or_else(|| format!("{} is not UTF-8", p.display()))?;
                     return hilrig_board::Fpga::open_serial(port, 115_200)
                         .map(|f| Box::new(f) as Box<dyn Device>)
                         .map_err(|e| format!("board host bridge {port}: {e}"));
                 }
                 open_device(b, p).map_err(|e| format!("{e:#}"))
-            })
+            });
         }
         Cmd::Bench {
             name,

@@ -95,7 +95,10 @@ fn a_correct_device_passes_over_serve_oob() {
     );
     println!("{text}");
     assert_eq!(o.status.code(), Some(0), "{text}");
-    assert!(text.contains("PASS: 11 passed, 0 failed, 0 skipped, 0 n/a, 0 transport, 0 error"), "{text}");
+    assert!(
+        text.contains("PASS: 11 passed, 0 failed, 0 skipped, 0 n/a, 0 transport, 0 error"),
+        "{text}"
+    );
     let j = std::fs::read_to_string(&junit).unwrap();
     assert_eq!(j.matches("<testcase ").count(), 11);
     assert!(!j.contains("<failure"), "{j}");
@@ -107,9 +110,11 @@ fn a_physical_reset_through_serve_oob_keeps_what_others_wrote() {
     // through it must not write its start-up snapshot back.
     let dir = tempfile::tempdir().unwrap();
     let st = dir.path().join("d.state");
-    assert!(hilrig(&["device", "init", p(&st), "--width", "8", "--serial", "3"])
-        .status
-        .success());
+    assert!(
+        hilrig(&["device", "init", p(&st), "--width", "8", "--serial", "3"])
+            .status
+            .success()
+    );
     let (_server, lines) = spawn(&["device", "serve-oob", p(&st), "--seconds", "600"], 1);
     let img = dir.path().join("cfg.bin");
     std::fs::write(&img, b"config!!").unwrap();
@@ -126,11 +131,12 @@ fn a_physical_reset_through_serve_oob_keeps_what_others_wrote() {
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let hash_after = hilrig(&["device", "oob", p(&st), "hash", "--region", "config"]);
-    assert_eq!(hash_before.stdout, hash_after.stdout, "the flashed image was undone");
-    let c = String::from_utf8_lossy(
-        &hilrig(&["device", "oob", p(&st), "counters"]).stdout,
-    )
-    .into_owned();
+    assert_eq!(
+        hash_before.stdout, hash_after.stdout,
+        "the flashed image was undone"
+    );
+    let c = String::from_utf8_lossy(&hilrig(&["device", "oob", p(&st), "counters"]).stdout)
+        .into_owned();
     // MASTER kept the flash's attempts (the stale snapshot had MASTER 0).
     assert!(!c.contains("\"master\": 0"), "{c}");
 }
@@ -139,9 +145,11 @@ fn a_physical_reset_through_serve_oob_keeps_what_others_wrote() {
 fn a_small_budget_without_a_reset_key_is_incomplete_with_its_own_exit_status() {
     let dir = tempfile::tempdir().unwrap();
     let st = dir.path().join("d.state");
-    assert!(hilrig(&["device", "init", p(&st), "--width", "6", "--serial", "9"])
-        .status
-        .success());
+    assert!(
+        hilrig(&["device", "init", p(&st), "--width", "6", "--serial", "9"])
+            .status
+            .success()
+    );
     let (_server, lines) = spawn(&["device", "serve-oob", p(&st), "--seconds", "600"], 1);
     let (o, text) = conformance(&lines[0], p(&st), "model", &["--json"]);
     assert_eq!(o.status.code(), Some(3), "{text}");
@@ -185,7 +193,10 @@ fn conformance_target_errors_are_clear() {
     ]);
     assert_eq!(o.status.code(), Some(2));
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(e.contains("does not exist") && e.contains("hilrig device init"), "{e}");
+    assert!(
+        e.contains("does not exist") && e.contains("hilrig device init"),
+        "{e}"
+    );
     // --target model: a fresh temporary device (its own development key).
     let o = hilrig(&[
         "counters",

@@ -612,12 +612,17 @@ pub fn run_with(cmd: CountersCmd, open: DeviceOpener) -> Result<ExitCode> {
         },
         CountersCmd::Verify { c, serial, s } => {
             let serial = parse_serial(&serial)?;
+            // A source that cannot be opened (a missing file, a mistyped path, no such
+            // port) is a usage error: nothing was reached, nothing is written. Only a
+            // device that was reached and did not answer correctly is unverifiable.
+            let mut src = source_of(&s).with_context(|| {
+                format!(
+                    "--source {}: cannot be opened; nothing was recorded",
+                    s.source
+                )
+            })?;
             let mut svc = c.open()?;
-            // Fail closed: a source that cannot even be opened is recorded as such.
-            let r = match source_of(&s) {
-                Ok(mut src) => svc.verify(serial, &mut *src)?,
-                Err(e) => svc.verify_observation(serial, Err(format!("{e:#}")))?,
-            };
+            let r = svc.verify(serial, &mut *src)?;
             return print_verify(&r, c.json);
         }
         CountersCmd::Status { c, serial } => {
@@ -742,8 +747,13 @@ pub fn run_with(cmd: CountersCmd, open: DeviceOpener) -> Result<ExitCode> {
             s,
         } => {
             let serial = parse_serial(&serial)?;
+            let mut src = source_of(&s).with_context(|| {
+                format!(
+                    "--source {}: cannot be opened; nothing was recorded",
+                    s.source
+                )
+            })?;
             let mut svc = c.open()?;
-            let mut src = source_of(&s)?;
             let r = svc.commit_update(serial, intent, &mut *src)?;
             return print_verify(&r, c.json);
         }
@@ -756,8 +766,14 @@ pub fn run_with(cmd: CountersCmd, open: DeviceOpener) -> Result<ExitCode> {
             s,
         } => {
             let serial = parse_serial(&serial)?;
+            let mut src = source_of(&s).with_context(|| {
+                format!(
+                    "--source {}: cannot be opened; nothing was recorded",
+                    s.source
+                )
+            })?;
             let mut svc = c.open()?;
-            let end = source_of(&s)?.counters()?;
+            let end = src.counters()?;
             let start = CounterReport {
                 master: start_master,
                 epoch: start_epoch,

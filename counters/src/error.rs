@@ -84,6 +84,18 @@ pub enum Error {
         /// Row key.
         row: String,
     },
+    /// The key file is not the one this database was initialised with.
+    #[error("the key does not match this database (key fingerprint {stored} stored at init, this key's is {given}): wrong --key / $HILRIG_COUNTERS_KEY? Refusing to read or write anything")]
+    WrongKey {
+        /// Fingerprint stored in the database.
+        stored: String,
+        /// Fingerprint of the key given.
+        given: String,
+    },
+    /// The observation is older than the stored state (another process changed the
+    /// device record after the device was read); nothing was written.
+    #[error("device {0}: the stored state changed after the device was read; read it again")]
+    Stale(String),
     /// Reading the device failed.
     #[error("reading device {source_name}: {detail}")]
     Source {

@@ -184,6 +184,47 @@ pub struct Service {
     prefetched: Option<std::collections::HashMap<String, (DeviceRecord, bool)>>,
     /// During `verify_batch`: history rows written together before the commit.
     pending_history: Option<Vec<Vec<Val>>>,
+    /// During `verify_batch`: every hold, read up front.
+    holds: Option<std::collections::HashMap<String, String>>,
+    /// The device row last read, as found (for the evidence).
+    last_raw: Option<Vec<Val>>,
+    /// During `verify`: the device record's MAC before the device was read.
+    stale_check: Option<String>,
+    /// The record changed since `stale_check`.
+    stale_seen: bool,
+}
+
+/// A key's fingerprint: a MAC of a fixed label (reveals nothing of the key).
+pub fn key_fingerprint(key: &Key) -> String {
+    let full = key.mac("key-fingerprint", &[b"hilrig-counters"]);
+    full.chars().take(32).collect()
+}
+
+fn check_fingerprint(db: &mut dyn Db, fp: &str) -> Result<()> {
+    let rows = db.query("SELECT value FROM meta WHERE name = 'key_fingerprint'", &[])?;
+    if let Some(v) = rows.first().and_then(|r| r.first()) {
+        let stored = v.text("value")?;
+        if stored != fp {
+            return Err(Error::WrongKey {
+                stored,
+                given: fp.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn row_as_found(row: &[Val]) -> String {
+    let v: Vec<serde_json::Value> = row
+        .iter()
+        .map(|x| match x {
+            Val::Null => serde_json::Value::Null,
+            Val::I64(i) => serde_json::json!(i),
+            Val::Text(t) => serde_json::json!(t),
+            Val::Blob(b) => serde_json::json!({ "hex": hex::encode(b) }),
+        })
+        .collect();
+    serde_json::to_string(&v).unwrap_or_default()
 }
 
 struct RawDevice {
@@ -198,15 +239,44 @@ impl Service {
         Service::with_db(store::open(spec)?, key)
     }
 
-    /// Use an open database; migrates it.
+    /// Use an open database; migrates it. The key is checked first: a database
+    /// initialised with another key is refused before anything is written.
     pub fn with_db(mut db: Box<dyn Db>, key: Key) -> Result<Service> {
+        let fp = key_fingerprint(&key);
+        if store::schema_version(&mut *db)? >= 3 {
+            check_fingerprint(&mut *db, &fp)?;
+        }
         store::migrate(&mut *db)?;
+        // First open since the fingerprint existed (init): store it.
+        db.begin()?;
+        let r = (|| -> Result<()> {
+            let rows = db.query("SELECT value FROM meta WHERE name = 'key_fingerprint'", &[])?;
+            if rows.is_empty() {
+                db.exec(
+                    "INSERT INTO meta (name, value) VALUES ('key_fingerprint', $1)",
+                    &[Val::Text(fp.clone())],
+                )?;
+            }
+            Ok(())
+        })();
+        match r {
+            Ok(()) => db.commit()?,
+            Err(e) => {
+                db.rollback();
+                return Err(e);
+            }
+        }
+        check_fingerprint(&mut *db, &fp)?;
         Ok(Service {
             db,
             key,
             rate_limit: RateLimit::default(),
             prefetched: None,
             pending_history: None,
+            holds: None,
+            last_raw: None,
+            stale_check: None,
+            stale_seen: false,
         })
     }
 
@@ -332,6 +402,7 @@ impl Service {
         let Some(row) = rows.first() else {
             return Ok(None);
         };
+        self.last_raw = Some(row.clone());
         match Self::parse_device(row) {
             Ok(raw) => {
                 let intact = self
@@ -435,6 +506,13 @@ impl Service {
                 return Err(Error::DuplicateDevice(key.clone()));
             }
             point("enroll: checked");
+            if exists {
+                // Re-enrolled on purpose: the operator has investigated the hold.
+                s.db.exec(
+                    "DELETE FROM holds WHERE serial = $1",
+                    &[Val::from(key.as_str())],
+                )?;
+            }
             let rec = DeviceRecord {
                 serial: key.clone(),
                 host: e.host.clone(),
@@ -999,6 +1077,33 @@ impl Service {
     /// device is recorded as `unverifiable`, never trusted. Err only when the device
     /// is not enrolled or the database itself fails (also never trusted).
     pub fn verify(&mut self, serial: u64, source: &mut dyn CounterSource) -> Result<VerifyReport> {
+        let key = serial_key(serial);
+        // Compare-and-swap on the device record: note it before reading the device;
+        // if another process changes it before our transaction and the observation
+        // then looks like a rollback, it is older than the stored state: read again.
+        for _ in 0..3 {
+            let before = match self.load_raw(&key, false)? {
+                Some((rec, true)) => Some(self.device_mac(&rec)),
+                _ => None,
+            };
+            let obs = Self::observe(serial, source);
+            self.stale_check = before;
+            self.stale_seen = false;
+            let r = self.tx(|s| s.verify_in_tx(&key, obs.map_err(|e| e.to_string())));
+            self.stale_check = None;
+            self.stale_seen = false;
+            match r {
+                Err(Error::Stale(_)) => continue,
+                other => return other,
+            }
+        }
+        self.verify_observation(
+            serial,
+            Err("the stored state changed during each of 3 reads of the device (concurrent updates): verify again".into()),
+        )
+    }
+
+    fn observe(serial: u64, source: &mut dyn CounterSource) -> Result<Observation> {
         let obs = (|| {
             let id = source.serial()?;
             if id != serial {
@@ -1014,7 +1119,7 @@ impl Service {
             source.observe()
         })();
         point("verify: observed");
-        self.verify_observation(serial, obs.map_err(|e| e.to_string()))
+        obs
     }
 
     /// Decide on an observation already read (or the error that prevented it).
@@ -1036,6 +1141,13 @@ impl Service {
             let keys: Vec<String> = items.iter().map(|(k, _)| serial_key(*k)).collect();
             let pre = s.prefetch(&keys)?;
             s.prefetched = Some(pre);
+            let mut holds = std::collections::HashMap::new();
+            for r in s.db.query("SELECT serial, reason FROM holds", &[])? {
+                if let (Ok(k), Ok(v)) = (r[0].text("serial"), r[1].text("reason")) {
+                    holds.insert(k, v);
+                }
+            }
+            s.holds = Some(holds);
             s.pending_history = Some(Vec::with_capacity(items.len()));
             let mut out = Vec::with_capacity(items.len());
             for (key, (_, obs)) in keys.iter().zip(items) {
@@ -1049,6 +1161,7 @@ impl Service {
         });
         self.prefetched = None;
         self.pending_history = None;
+        self.holds = None;
         r
     }
 
@@ -1061,6 +1174,19 @@ impl Service {
         let (mut rec, intact) = self
             .load_raw(key, true)?
             .ok_or_else(|| Error::UnknownDevice(key.to_string()))?;
+        // A hold kept outside the device row (set when the row itself could not be
+        // trusted, so it was not rewritten): a row put back afterwards stays held.
+        if intact && rec.hold.is_empty() {
+            if let Some(h) = self.hold_for(key)? {
+                rec.hold = h;
+            }
+        }
+        if let (Some(before), true) = (&self.stale_check, intact) {
+            let now = self.device_mac(&rec);
+            if &now != before {
+                self.stale_seen = true;
+            }
+        }
         let expected_before = rec.expected.clone();
         let expected_json = serde_json::to_string(&rec.expected).unwrap_or_default();
         // History keeps the observation; "same" when it equals the expected values
@@ -1127,12 +1253,29 @@ impl Service {
         } else {
             format!("{}: {}", d.verdict, d.reasons.join("; "))
         };
-        if intact || d.verdict == Verdict::Quarantined {
-            // A tampered row is rewritten with state quarantined and a hold.
-            if !intact {
-                rec.state = DeviceState::Quarantined;
-            }
+        if self.stale_seen
+            && (d.verdict == Verdict::RolledBack
+                || (d.verdict == Verdict::Quarantined && !d.recoverable))
+        {
+            // The observation was read before another process committed a change to
+            // this device (an authorised update): it is older than the stored state.
+            // Write nothing; the caller reads the device again.
+            return Err(Error::Stale(key.to_string()));
+        }
+        if intact {
             self.write_device(&rec, false)?;
+        } else {
+            // A row that fails its MAC or does not parse is never rewritten: it is
+            // kept as found in the evidence table, and the hold lives beside it.
+            self.last_raw = None;
+            let raw = self.db.query(
+                &format!("SELECT {DEV_COLS} FROM devices WHERE serial = $1"),
+                &[Val::from(key)],
+            )?;
+            let found = raw.first().map(|r| row_as_found(r)).unwrap_or_default();
+            self.keep_evidence("devices", key, &found, &rec.reason)?;
+            self.set_hold(key, &rec.reason)?;
+            rec.state = DeviceState::Quarantined;
         }
         point("verify: device written");
         if intact && !d.intents.is_empty() {
@@ -1152,6 +1295,81 @@ impl Service {
             observed: obs.ok(),
             expected: Some(expected_before),
         })
+    }
+
+    fn hold_for(&mut self, key: &str) -> Result<Option<String>> {
+        if let Some(h) = &self.holds {
+            return Ok(h.get(key).cloned());
+        }
+        let rows = self.db.query(
+            "SELECT reason FROM holds WHERE serial = $1",
+            &[Val::from(key)],
+        )?;
+        match rows.first().and_then(|r| r.first()) {
+            // Whatever the row says (even if edited), the device is held.
+            Some(v) => Ok(Some(v.text("reason").unwrap_or_else(|_| "held".into()))),
+            None => Ok(None),
+        }
+    }
+
+    fn set_hold(&mut self, key: &str, reason: &str) -> Result<()> {
+        if self.hold_for(key)?.is_some() {
+            return Ok(());
+        }
+        let at = now_ms();
+        let mac = self.key.mac(
+            "holds",
+            &[key.as_bytes(), reason.as_bytes(), at.to_string().as_bytes()],
+        );
+        self.db.exec(
+            "INSERT INTO holds (serial, reason, at, mac) VALUES ($1, $2, $3, $4)",
+            &[
+                Val::from(key),
+                Val::from(reason),
+                Val::I64(at),
+                Val::Text(mac),
+            ],
+        )?;
+        if let Some(h) = &mut self.holds {
+            h.insert(key.to_string(), reason.to_string());
+        }
+        Ok(())
+    }
+
+    fn keep_evidence(&mut self, table: &str, key: &str, found: &str, reason: &str) -> Result<()> {
+        let rows = self.db.query(
+            "SELECT id FROM evidence WHERE tbl = $1 AND row_key = $2 AND found = $3",
+            &[Val::from(table), Val::from(key), Val::from(found)],
+        )?;
+        if rows.is_empty() {
+            self.db.exec(
+                "INSERT INTO evidence (tbl, row_key, found, at, reason) VALUES ($1, $2, $3, $4, $5)",
+                &[
+                    Val::from(table),
+                    Val::from(key),
+                    Val::from(found),
+                    Val::I64(now_ms()),
+                    Val::from(reason),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Rows kept as evidence: (table, row key, the row as found, JSON), oldest first.
+    pub fn evidence(&mut self) -> Result<Vec<(String, String, String)>> {
+        let rows = self
+            .db
+            .query("SELECT tbl, row_key, found FROM evidence ORDER BY id", &[])?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r[0].text("tbl")?,
+                    r[1].text("row_key")?,
+                    r[2].text("found")?,
+                ))
+            })
+            .collect()
     }
 
     fn decide_for(&mut self, key: &str, exp: &Expected, o: &Observation) -> Result<Decision> {

@@ -473,6 +473,24 @@ pub const MIGRATIONS: &[(i64, &str)] = &[
         CREATE INDEX devices_host ON devices (host);
         CREATE INDEX devices_rack ON devices (rack);",
     ),
+    (
+        3,
+        "CREATE TABLE meta (
+            name TEXT PRIMARY KEY,
+            value TEXT NOT NULL);
+        CREATE TABLE evidence (
+            id {ID},
+            tbl TEXT NOT NULL,
+            row_key TEXT NOT NULL,
+            found TEXT NOT NULL,
+            at BIGINT NOT NULL,
+            reason TEXT NOT NULL);
+        CREATE TABLE holds (
+            serial TEXT PRIMARY KEY,
+            reason TEXT NOT NULL,
+            at BIGINT NOT NULL,
+            mac TEXT NOT NULL);",
+    ),
 ];
 
 /// The newest schema version this build knows.
