@@ -1,0 +1,135 @@
+//! The store against a hostile or racing database: a wrong key writes nothing, a
+//! stale observation never quarantines a healthy device.
+
+mod common;
+use common::*;
+use hilrig_counters::decide::DeviceState;
+use hilrig_counters::mac::Key;
+use hilrig_counters::service::{Enrollment, Service};
+use hilrig_counters::source::{CounterSource, DeviceSource};
+use hilrig_counters::{Error, Result, Verdict};
+use hilrig_device::oob::{Request, Response};
+use hilrig_device::{Model, Region};
+use std::path::{Path, PathBuf};
+
+fn enroll_from(s: &mut Service, p: &Path, serial: u64) {
+    let obs = source(p).observe().unwrap();
+    s.enroll(
+        &Enrollment {
+            serial,
+            host: "h".into(),
+            rack: "r".into(),
+            expected: obs.as_expected(),
+        },
+        false,
+    )
+    .unwrap();
+}
+
+fn files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains("counters.db"))
+        .map(|p| {
+            let b = std::fs::read(&p).unwrap();
+            (p, b)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_different_key_is_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("counters.db");
+    let spec = db.display().to_string();
+    let p = make_device(dir.path(), 0x51, 8);
+    {
+        let mut s = Service::open(&spec, key()).unwrap();
+        enroll_from(&mut s, &p, 0x51);
+        assert_eq!(
+            s.verify(0x51, &mut source(&p)).unwrap().decision.verdict,
+            Verdict::Trusted
+        );
+    }
+    let before = files(dir.path());
+    let wrong = Key::from_bytes([8u8; 32]);
+    match Service::open(&spec, wrong) {
+        Err(Error::WrongKey { stored, given }) => assert_ne!(stored, given),
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a wrong key opened the database"),
+    }
+    assert_eq!(
+        files(dir.path()),
+        before,
+        "a wrong key wrote to the database"
+    );
+    // The right key still works and the device is still trusted.
+    let mut s = Service::open(&spec, key()).unwrap();
+    assert_eq!(s.device(0x51).unwrap().state, DeviceState::Trusted);
+}
+
+/// Reads the device; once its first observation is complete, runs `hook` (another
+/// process commits an authorised update) before the verify stores anything.
+struct Racy {
+    inner: DeviceSource<Model>,
+    path: PathBuf,
+    n: usize,
+    hook: Option<Box<dyn FnOnce()>>,
+}
+
+impl CounterSource for Racy {
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+    fn request(&mut self, req: &Request) -> Result<Response> {
+        // Reopen each time: the device file changes under us.
+        self.inner = source(&self.path);
+        let r = self.inner.request(req);
+        self.n += 1;
+        // IDENTIFY, READ_COUNTERS, 3 x READ_HASH, READ_COUNTERS: the observation.
+        if self.n == 6 {
+            if let Some(h) = self.hook.take() {
+                h();
+            }
+        }
+        r
+    }
+}
+
+#[test]
+fn a_stale_observation_never_quarantines_a_healthy_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("counters.db").display().to_string();
+    let p = make_device(dir.path(), 0x52, 16);
+    let mut s = Service::open(&spec, key()).unwrap();
+    enroll_from(&mut s, &p, 0x52);
+    assert_eq!(
+        s.verify(0x52, &mut source(&p)).unwrap().decision.verdict,
+        Verdict::Trusted
+    );
+    let img = image(9, 256);
+    let h = image_hash(Region::Config, &img);
+    s.catalog_add(Region::Config, &h, "c9", "alice").unwrap();
+    let (spec2, p2, h2) = (spec.clone(), p.clone(), h.clone());
+    let mut racy = Racy {
+        inner: source(&p),
+        path: p.clone(),
+        n: 0,
+        hook: Some(Box::new(move || {
+            // Another rig controller: an authorised update, committed.
+            let mut other = Service::open(&spec2, key()).unwrap();
+            let id = other.begin_update(0x52, Region::Config, &h2).unwrap();
+            flash(&p2, Region::Config, &img);
+            let r = other.commit_update(0x52, id, &mut source(&p2)).unwrap();
+            assert!(r.trusted(), "{:?}", r.decision);
+        })),
+    };
+    let r = s.verify(0x52, &mut racy).unwrap();
+    assert_eq!(r.decision.verdict, Verdict::Trusted, "{:?}", r.decision);
+    let rec = s.device(0x52).unwrap();
+    assert_eq!(rec.state, DeviceState::Trusted);
+    assert!(rec.hold.is_empty(), "{}", rec.hold);
+}
