@@ -34,6 +34,11 @@ pub struct Common {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// Anchor file of the history chain's head, outside the database (written
+    /// atomically after every change, checked on every open: a replayed database is
+    /// refused) [default: $HILRIG_COUNTERS_ANCHOR].
+    #[arg(long)]
+    pub anchor: Option<PathBuf>,
 }
 
 /// Where the device is read from.
@@ -338,8 +343,18 @@ impl Common {
     fn open(&self) -> Result<Service> {
         let key = Key::load(&self.key_path())?;
         let spec = self.db_spec();
-        Service::open(&spec, key)
-            .with_context(|| format!("opening database {}", crate::store::redact(&spec)))
+        let mut svc = Service::open(&spec, key)
+            .with_context(|| format!("opening database {}", crate::store::redact(&spec)))?;
+        let anchor = self.anchor.clone().or_else(|| {
+            std::env::var_os("HILRIG_COUNTERS_ANCHOR")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        });
+        match anchor {
+            Some(a) => svc.set_anchor(&a)?,
+            None => eprintln!("anchor: none — replay of the whole database is not detected"),
+        }
+        Ok(svc)
     }
 }
 

@@ -96,6 +96,24 @@ pub enum Error {
     /// device record after the device was read); nothing was written.
     #[error("device {0}: the stored state changed after the device was read; read it again")]
     Stale(String),
+    /// The database is older than its external anchor (restored from a copy).
+    #[error("database replayed: head {head}, anchor {anchor} ({detail}); refusing to use it")]
+    Replayed {
+        /// The database's history chain head.
+        head: i64,
+        /// The anchor's.
+        anchor: i64,
+        /// What differs.
+        detail: String,
+    },
+    /// The anchor file could not be read or written.
+    #[error("anchor file {path}: {detail}")]
+    Anchor {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
     /// Reading the device failed.
     #[error("reading device {source_name}: {detail}")]
     Source {

@@ -50,6 +50,10 @@ pub struct DeviceRecord {
     pub hold: String,
     /// Last passing verify (ms since the Unix epoch; 0 = never).
     pub verified_at: i64,
+    /// Sequence number of the device's latest history row when the row was written
+    /// (0: written before the history chain existed). A device row older than its
+    /// history (a replayed row) is detected.
+    pub hseq: i64,
 }
 
 /// A known-good image.
@@ -172,7 +176,7 @@ pub fn parse_serial(s: &str) -> Result<u64> {
 }
 
 const DEV_COLS: &str =
-    "serial, host, rack, state, c0, c1, c2, master, epoch, h0, h1, h2, reason, hold, verified_at, mac";
+    "serial, host, rack, state, c0, c1, c2, master, epoch, h0, h1, h2, reason, hold, verified_at, mac, hseq";
 
 /// The service over a database.
 pub struct Service {
@@ -192,6 +196,49 @@ pub struct Service {
     stale_check: Option<String>,
     /// The record changed since `stale_check`.
     stale_seen: bool,
+    /// During `verify_batch`: each device's latest history seq, read up front.
+    max_seqs: Option<std::collections::HashMap<String, i64>>,
+    /// During a transaction: the history chain's head (seq, MAC), once read.
+    head: Option<(i64, String)>,
+    /// The external anchor file of the chain head.
+    anchor: Option<std::path::PathBuf>,
+}
+
+/// MAC of a history row: its fields, and for a chained row (seq > 0) its sequence
+/// number and the previous row's MAC (rows from before the chain: fields only).
+fn history_mac(key: &Key, f: [&str; 9], seq: i64, prev: &str) -> String {
+    let mut fields: Vec<&[u8]> = f.iter().map(|x| x.as_bytes()).collect();
+    let seq_s = seq.to_string();
+    if seq > 0 {
+        fields.push(seq_s.as_bytes());
+        fields.push(prev.as_bytes());
+    }
+    key.mac("history", &fields)
+}
+
+/// The history chain's head as the anchor file holds it: "SEQ MAC".
+fn read_anchor(path: &std::path::Path) -> Result<Option<(i64, String)>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(Error::Anchor {
+                path: path.to_path_buf(),
+                detail: e.to_string(),
+            })
+        }
+    };
+    let mut it = text.split_whitespace();
+    let bad = || Error::Anchor {
+        path: path.to_path_buf(),
+        detail: format!("{text:?} is not \"SEQ MAC\""),
+    };
+    let seq = it
+        .next()
+        .and_then(|x| x.parse::<i64>().ok())
+        .ok_or_else(bad)?;
+    let mac = it.next().ok_or_else(bad)?.to_string();
+    Ok(Some((seq, mac)))
 }
 
 /// A key's fingerprint: a MAC of a fixed label (reveals nothing of the key).
@@ -277,6 +324,9 @@ impl Service {
             last_raw: None,
             stale_check: None,
             stale_seen: false,
+            head: None,
+            anchor: None,
+            max_seqs: None,
         })
     }
 
@@ -293,18 +343,104 @@ impl Service {
     /// Run `f` in a transaction: committed if it returns Ok, rolled back otherwise.
     fn tx<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         self.db.begin()?;
+        self.head = None;
         match f(self) {
             Ok(v) => {
                 point("before commit");
+                let head = self.head.take();
                 self.db.commit()?;
                 point("after commit");
+                if let (Some(h), Some(a)) = (head, self.anchor.clone()) {
+                    // After the commit: a crash in between leaves the anchor behind
+                    // the database (accepted: the chain continues from it), never
+                    // ahead of it.
+                    point("anchor: before write");
+                    hilrig_device::state::write_atomic(&a, format!("{} {}\n", h.0, h.1).as_bytes())
+                        .map_err(|e| Error::Anchor {
+                            path: a.clone(),
+                            detail: format!("writing: {e}"),
+                        })?;
+                    point("anchor: written");
+                }
                 Ok(v)
             }
             Err(e) => {
                 self.db.rollback();
+                self.head = None;
                 Err(e)
             }
         }
+    }
+
+    /// The next history row's (seq, previous MAC) in this transaction.
+    fn chain_next(&mut self) -> Result<(i64, String)> {
+        if self.head.is_none() {
+            let rows = self.db.query(
+                "SELECT seq, mac FROM history WHERE seq > 0 ORDER BY seq DESC LIMIT 1",
+                &[],
+            )?;
+            self.head = Some(match rows.first() {
+                Some(r) => (r[0].i64("seq")?, r[1].text("mac")?),
+                None => (0, "genesis".into()),
+            });
+        }
+        let (seq, mac) = self.head.clone().unwrap_or((0, "genesis".into()));
+        Ok((seq + 1, mac))
+    }
+
+    /// The history chain's head in the database: (seq, MAC); (0, "genesis") if empty.
+    pub fn chain_head(&mut self) -> Result<(i64, String)> {
+        let rows = self.db.query(
+            "SELECT seq, mac FROM history WHERE seq > 0 ORDER BY seq DESC LIMIT 1",
+            &[],
+        )?;
+        Ok(match rows.first() {
+            Some(r) => (r[0].i64("seq")?, r[1].text("mac")?),
+            None => (0, "genesis".into()),
+        })
+    }
+
+    /// Check the database against the external anchor of its history chain head, and
+    /// keep it up to date after every write from now on. A database (or history)
+    /// older than the anchor is refused: "database replayed: head 41, anchor 57". A
+    /// missing anchor file is created from the current head.
+    pub fn set_anchor(&mut self, path: &std::path::Path) -> Result<()> {
+        let (hseq, hmac) = self.chain_head()?;
+        match read_anchor(path)? {
+            None => {
+                hilrig_device::state::write_atomic(path, format!("{hseq} {hmac}\n").as_bytes())
+                    .map_err(|e| Error::Anchor {
+                        path: path.to_path_buf(),
+                        detail: format!("creating: {e}"),
+                    })?;
+            }
+            Some((aseq, amac)) => {
+                if hseq < aseq {
+                    return Err(Error::Replayed {
+                        head: hseq,
+                        anchor: aseq,
+                        detail: "the database is older than the anchor".into(),
+                    });
+                }
+                if aseq > 0 {
+                    let rows = self
+                        .db
+                        .query("SELECT mac FROM history WHERE seq = $1", &[Val::I64(aseq)])?;
+                    let found = rows.first().and_then(|r| r[0].text("mac").ok());
+                    if found.as_deref() != Some(amac.as_str()) {
+                        return Err(Error::Replayed {
+                            head: hseq,
+                            anchor: aseq,
+                            detail: format!(
+                                "history row {aseq} is not the one the anchor recorded (a different database or rewritten history)"
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        self.anchor = Some(path.to_path_buf());
+        Ok(())
     }
 
     // ---- devices ---------------------------------------------------------
@@ -327,6 +463,11 @@ impl Service {
             .s(&r.reason)
             .s(&r.hold)
             .n(r.verified_at);
+        if r.hseq > 0 {
+            // Rows written since the history chain exist carry it (older rows keep
+            // their MAC; a row cannot drop it without failing its MAC).
+            i.n(r.hseq);
+        }
         i
     }
 
@@ -353,11 +494,12 @@ impl Service {
             Val::Text(r.hold.clone()),
             Val::I64(r.verified_at),
             Val::Text(self.device_mac(r)),
+            Val::I64(r.hseq),
         ]
     }
 
     fn parse_device(row: &[Val]) -> Result<RawDevice> {
-        if row.len() != 16 {
+        if row.len() != 17 {
             return Err(Error::db("reading devices", "wrong column count"));
         }
         let u = |i: usize, c: &str| -> Result<u32> {
@@ -383,6 +525,7 @@ impl Service {
                 reason: row[12].text("reason")?,
                 hold: row[13].text("hold")?,
                 verified_at: row[14].i64("verified_at")?,
+                hseq: row[16].i64("hseq")?,
             },
             mac: row[15].text("mac")?,
         })
@@ -426,6 +569,7 @@ impl Service {
                     reason: String::new(),
                     hold: String::new(),
                     verified_at: 0,
+                    hseq: 0,
                 },
                 false,
             ))),
@@ -441,7 +585,29 @@ impl Service {
                 table: "devices",
                 row: key,
             }),
-            Some((r, true)) => Ok(r),
+            Some((mut r, true)) => {
+                // A row older than its history is a replayed row.
+                let rows = self.db.query(
+                    "SELECT MAX(seq) FROM history WHERE serial = $1",
+                    &[Val::from(key.as_str())],
+                )?;
+                if let Some(Val::I64(latest)) = rows.first().and_then(|x| x.first()) {
+                    if *latest > r.hseq {
+                        return Err(Error::Tampered {
+                            table: "devices",
+                            row: key,
+                        });
+                    }
+                }
+                // A hold kept beside the row wins over what the row says.
+                if let Some(h) = self.hold_for(&key)? {
+                    r.state = DeviceState::Quarantined;
+                    if r.hold.is_empty() {
+                        r.hold = h;
+                    }
+                }
+                Ok(r)
+            }
         }
     }
 
@@ -467,17 +633,21 @@ impl Service {
     }
 
     fn write_device(&mut self, r: &DeviceRecord, insert: bool) -> Result<()> {
-        let p = self.device_params(r);
+        // The row points at the history row that follows it in this transaction (or
+        // past every row so far): a replayed older row points below its history.
+        let mut r = r.clone();
+        r.hseq = self.chain_next()?.0;
+        let p = self.device_params(&r);
         if insert {
             self.db.exec(
                 &format!(
-                    "INSERT INTO devices ({DEV_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16)"
+                    "INSERT INTO devices ({DEV_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17)"
                 ),
                 &p,
             )?;
         } else {
             let n = self.db.exec(
-                "UPDATE devices SET host=$2, rack=$3, state=$4, c0=$5, c1=$6, c2=$7, master=$8, epoch=$9, h0=$10, h1=$11, h2=$12, reason=$13, hold=$14, verified_at=$15, mac=$16 WHERE serial=$1",
+                "UPDATE devices SET host=$2, rack=$3, state=$4, c0=$5, c1=$6, c2=$7, master=$8, epoch=$9, h0=$10, h1=$11, h2=$12, reason=$13, hold=$14, verified_at=$15, mac=$16, hseq=$17 WHERE serial=$1",
                 &p,
             )?;
             if n != 1 {
@@ -522,6 +692,7 @@ impl Service {
                 reason: if exists { "re-enrolled" } else { "enrolled" }.into(),
                 hold: String::new(),
                 verified_at: 0,
+                hseq: 0,
             };
             s.write_device(&rec, !exists).map_err(|err| match err {
                 Error::Db { detail, .. }
@@ -553,6 +724,7 @@ impl Service {
                     reason: "enrolled".into(),
                     hold: String::new(),
                     verified_at: 0,
+                    hseq: 0,
                 };
                 s.write_device(&rec, true)?;
             }
@@ -707,20 +879,25 @@ impl Service {
         let verdict = d.verdict.to_string();
         let sev = d.severity.to_string();
         let rec = (d.recoverable as i64).to_string();
-        let mac = self.key.mac(
-            "history",
-            &[
-                serial.as_bytes(),
-                at.to_string().as_bytes(),
-                verdict.as_bytes(),
-                sev.as_bytes(),
-                rec.as_bytes(),
-                d.state.name().as_bytes(),
-                observed.as_bytes(),
-                expected.as_bytes(),
-                reasons.as_bytes(),
+        let (seq, prev) = self.chain_next()?;
+        let mac = history_mac(
+            &self.key,
+            [
+                serial,
+                &at.to_string(),
+                &verdict,
+                &sev,
+                &rec,
+                d.state.name(),
+                observed,
+                expected,
+                &reasons,
             ],
+            seq,
+            &prev,
         );
+        self.head = Some((seq, mac.clone()));
+        point("history: chained");
         let row = vec![
             serial.into(),
             Val::I64(at),
@@ -732,6 +909,8 @@ impl Service {
             expected.into(),
             reasons.into(),
             mac.into(),
+            Val::I64(seq),
+            prev.into(),
         ];
         if let Some(p) = &mut self.pending_history {
             p.push(row);
@@ -745,19 +924,19 @@ impl Service {
         while rows.peek().is_some() {
             let chunk: Vec<Vec<Val>> = rows.by_ref().take(100).collect();
             let mut sql = String::from(
-                "INSERT INTO history (serial, at, verdict, severity, recoverable, state, observed, expected, reasons, mac) VALUES ",
+                "INSERT INTO history (serial, at, verdict, severity, recoverable, state, observed, expected, reasons, mac, seq, prev) VALUES ",
             );
-            let mut params = Vec::with_capacity(chunk.len() * 10);
+            let mut params = Vec::with_capacity(chunk.len() * 12);
             for (r, row) in chunk.into_iter().enumerate() {
                 if r > 0 {
                     sql.push(',');
                 }
                 sql.push('(');
-                for c in 0..10 {
+                for c in 0..12 {
                     if c > 0 {
                         sql.push(',');
                     }
-                    sql.push_str(&format!("${}", r * 10 + c + 1));
+                    sql.push_str(&format!("${}", r * 12 + c + 1));
                 }
                 sql.push(')');
                 params.extend(row);
@@ -796,7 +975,7 @@ impl Service {
 
     /// Stored verdicts, newest first; `serial` filters, `limit` bounds.
     pub fn history(&mut self, serial: Option<u64>, limit: i64) -> Result<Vec<HistoryEntry>> {
-        let cols = "id, serial, at, verdict, severity, recoverable, state, observed, expected, reasons, mac";
+        let cols = "id, serial, at, verdict, severity, recoverable, state, observed, expected, reasons, mac, seq, prev";
         let rows = match serial {
             Some(s) => self.db.query(
                 &format!("SELECT {cols} FROM history WHERE serial = $1 ORDER BY id DESC LIMIT $2"),
@@ -809,9 +988,11 @@ impl Service {
         };
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
-            if r.len() != 11 {
+            if r.len() != 13 {
                 continue;
             }
+            let seq = r[11].i64("seq")?;
+            let prev = r[12].text("prev")?;
             let serial = r[1].text("serial")?;
             let at = r[2].i64("at")?;
             let verdict = r[3].text("verdict")?;
@@ -822,21 +1003,28 @@ impl Service {
             let expected = r[8].text("expected")?;
             let reasons_s = r[9].text("reasons")?;
             let mac = r[10].text("mac")?;
-            let intact = self.key.check(
-                "history",
-                &[
-                    serial.as_bytes(),
-                    at.to_string().as_bytes(),
-                    verdict.as_bytes(),
-                    severity.as_bytes(),
-                    recoverable.to_string().as_bytes(),
-                    state.as_bytes(),
-                    observed.as_bytes(),
-                    expected.as_bytes(),
-                    reasons_s.as_bytes(),
+            let want = history_mac(
+                &self.key,
+                [
+                    &serial,
+                    &at.to_string(),
+                    &verdict,
+                    &severity,
+                    &recoverable.to_string(),
+                    &state,
+                    &observed,
+                    &expected,
+                    &reasons_s,
                 ],
-                &mac,
+                seq,
+                &prev,
             );
+            let intact = want.len() == mac.len()
+                && want
+                    .bytes()
+                    .zip(mac.bytes())
+                    .fold(0u8, |a, (x, y)| a | (x ^ y))
+                    == 0;
             out.push(HistoryEntry {
                 id: r[0].i64("id")?,
                 serial,
@@ -1148,6 +1336,21 @@ impl Service {
                 }
             }
             s.holds = Some(holds);
+            let mut seqs = std::collections::HashMap::with_capacity(keys.len());
+            for chunk in keys.chunks(500) {
+                let list: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+                let sql = format!(
+                    "SELECT serial, MAX(seq) FROM history WHERE serial IN ({}) GROUP BY serial",
+                    list.join(",")
+                );
+                let params: Vec<Val> = chunk.iter().map(|k| Val::Text(k.clone())).collect();
+                for r in s.db.query(&sql, &params)? {
+                    if let (Ok(k), Val::I64(v)) = (r[0].text("serial"), &r[1]) {
+                        seqs.insert(k, *v);
+                    }
+                }
+            }
+            s.max_seqs = Some(seqs);
             s.pending_history = Some(Vec::with_capacity(items.len()));
             let mut out = Vec::with_capacity(items.len());
             for (key, (_, obs)) in keys.iter().zip(items) {
@@ -1162,6 +1365,7 @@ impl Service {
         self.prefetched = None;
         self.pending_history = None;
         self.holds = None;
+        self.max_seqs = None;
         r
     }
 
@@ -1174,6 +1378,35 @@ impl Service {
         let (mut rec, intact) = self
             .load_raw(key, true)?
             .ok_or_else(|| Error::UnknownDevice(key.to_string()))?;
+        let mut replayed_row: Option<String> = None;
+        // A device row older than its own history is a replayed row (its MAC is
+        // valid, but it is not the latest): treated as tampered.
+        let intact = if intact {
+            let latest = match self.max_seqs.as_ref() {
+                Some(m) => m.get(key).copied().unwrap_or(0),
+                None => {
+                    let rows = self.db.query(
+                        "SELECT MAX(seq) FROM history WHERE serial = $1",
+                        &[Val::from(key)],
+                    )?;
+                    match rows.first().and_then(|r| r.first()) {
+                        Some(Val::I64(v)) => *v,
+                        _ => 0,
+                    }
+                }
+            };
+            if latest > rec.hseq {
+                replayed_row = Some(format!(
+                    "device record {key} is older than its history (row written at history {}, latest history {latest}): a replayed row",
+                    rec.hseq
+                ));
+                false
+            } else {
+                true
+            }
+        } else {
+            false
+        };
         // A hold kept outside the device row (set when the row itself could not be
         // trusted, so it was not rewritten): a row put back afterwards stays held.
         if intact && rec.hold.is_empty() {
@@ -1196,7 +1429,9 @@ impl Service {
             Ok(o) => serde_json::to_string(o).unwrap_or_default(),
             Err(_) => String::new(),
         };
-        let mut d = if !intact {
+        let mut d = if let Some(why) = &replayed_row {
+            Decision::tampered(format!("{why}; held until re-enrolled"))
+        } else if !intact {
             Decision::tampered(format!(
                 "device record {key}: MAC mismatch (edited outside the service); held until re-enrolled"
             ))

@@ -491,6 +491,21 @@ pub const MIGRATIONS: &[(i64, &str)] = &[
             at BIGINT NOT NULL,
             mac TEXT NOT NULL);",
     ),
+    (
+        4,
+        "ALTER TABLE history ADD COLUMN seq BIGINT NOT NULL DEFAULT 0;
+        ALTER TABLE history ADD COLUMN prev TEXT NOT NULL DEFAULT '';
+        CREATE UNIQUE INDEX history_seq ON history (seq) WHERE seq > 0;
+        CREATE INDEX history_serial_seq ON history (serial, seq);
+        ALTER TABLE devices ADD COLUMN hseq BIGINT NOT NULL DEFAULT 0;
+        ALTER TABLE update_log ADD COLUMN prev TEXT NOT NULL DEFAULT '';
+        CREATE TABLE revoked (
+            region TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            at BIGINT NOT NULL,
+            mac TEXT NOT NULL,
+            PRIMARY KEY (region, sha256));",
+    ),
 ];
 
 /// The newest schema version this build knows.

@@ -133,3 +133,112 @@ fn a_stale_observation_never_quarantines_a_healthy_device() {
     assert_eq!(rec.state, DeviceState::Trusted);
     assert!(rec.hold.is_empty(), "{}", rec.hold);
 }
+
+fn copy_db(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        if p.to_string_lossy().contains("counters.db") {
+            std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+}
+
+fn restore_db(from: &Path, to: &Path) {
+    for e in std::fs::read_dir(to).unwrap() {
+        let p = e.unwrap().path();
+        if p.to_string_lossy().contains("counters.db") {
+            std::fs::remove_file(&p).unwrap();
+        }
+    }
+    copy_db(from, to);
+}
+
+/// An authorised update of the config region (the counters go up).
+fn update(s: &mut Service, p: &Path, serial: u64, seed: u8) {
+    let img = image(seed, 256);
+    let h = image_hash(Region::Config, &img);
+    s.catalog_add(Region::Config, &h, "v", "alice").unwrap();
+    let id = s.begin_update(serial, Region::Config, &h).unwrap();
+    flash(p, Region::Config, &img);
+    assert!(s
+        .commit_update(serial, id, &mut source(p))
+        .unwrap()
+        .trusted());
+}
+
+#[test]
+fn a_replayed_database_is_refused_with_an_anchor() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = dir.path().join("live");
+    std::fs::create_dir_all(&live).unwrap();
+    let spec = live.join("counters.db").display().to_string();
+    let anchor = dir.path().join("anchor");
+    let p = make_device(dir.path(), 0x53, 16);
+    let old_state = std::fs::read(&p).unwrap();
+    {
+        let mut s = Service::open(&spec, key()).unwrap();
+        s.set_anchor(&anchor).unwrap();
+        enroll_from(&mut s, &p, 0x53);
+        assert!(s.verify(0x53, &mut source(&p)).unwrap().trusted());
+    }
+    copy_db(&live, &dir.path().join("backup"));
+    {
+        let mut s = Service::open(&spec, key()).unwrap();
+        s.set_anchor(&anchor).unwrap();
+        update(&mut s, &p, 0x53, 1);
+        assert!(s.verify(0x53, &mut source(&p)).unwrap().trusted());
+    }
+    // The attacker restores the old database and rolls the device back.
+    restore_db(&dir.path().join("backup"), &live);
+    std::fs::write(&p, &old_state).unwrap();
+    let mut s = Service::open(&spec, key()).unwrap();
+    match s.set_anchor(&anchor) {
+        Err(e @ Error::Replayed { .. }) => {
+            let m = e.to_string();
+            assert!(m.starts_with("database replayed: head 1, anchor "), "{m}");
+        }
+        other => panic!("a replayed database was accepted: {:?}", other.err()),
+    }
+    // Without the anchor the replay is invisible (the README says so).
+    assert!(s.verify(0x53, &mut source(&p)).unwrap().trusted());
+}
+
+#[test]
+fn a_replayed_device_row_then_a_device_rollback_is_never_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("counters.db").display().to_string();
+    let p = make_device(dir.path(), 0x54, 16);
+    let old_state = std::fs::read(&p).unwrap();
+    let mut s = Service::open(&spec, key()).unwrap();
+    enroll_from(&mut s, &p, 0x54);
+    assert!(s.verify(0x54, &mut source(&p)).unwrap().trusted());
+    let old_row = s
+        .db_mut()
+        .query(
+            "SELECT state, c0, c1, c2, master, epoch, h0, h1, h2, reason, hold, verified_at, mac, hseq FROM devices",
+            &[],
+        )
+        .unwrap();
+    update(&mut s, &p, 0x54, 2);
+    // The attacker puts the old row back (its own valid MAC) and rolls the device
+    // back to match it.
+    s.db_mut()
+        .exec(
+            "UPDATE devices SET state = $1, c0 = $2, c1 = $3, c2 = $4, master = $5, epoch = $6, h0 = $7, h1 = $8, h2 = $9, reason = $10, hold = $11, verified_at = $12, mac = $13, hseq = $14",
+            &old_row[0],
+        )
+        .unwrap();
+    std::fs::write(&p, &old_state).unwrap();
+    let r = s.verify(0x54, &mut source(&p)).unwrap();
+    assert_eq!(r.decision.verdict, Verdict::Quarantined, "{:?}", r.decision);
+    assert!(!r.trusted());
+    assert!(
+        r.decision.reasons[0].contains("replayed"),
+        "{:?}",
+        r.decision
+    );
+    // Kept as evidence, held.
+    assert_eq!(s.evidence().unwrap().len(), 1);
+    assert!(!s.verify(0x54, &mut source(&p)).unwrap().trusted());
+}

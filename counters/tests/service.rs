@@ -35,7 +35,7 @@ fn migrations_apply_in_order_once() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.db");
     let mut db = store::SqliteDb::open(&path).unwrap();
-    assert_eq!(store::migrate(&mut db).unwrap(), vec![1, 2, 3]);
+    assert_eq!(store::migrate(&mut db).unwrap(), vec![1, 2, 3, 4]);
     assert_eq!(store::migrate(&mut db).unwrap(), Vec::<i64>::new());
     assert_eq!(
         store::schema_version(&mut db).unwrap(),
@@ -359,9 +359,14 @@ fn tampered_rows_quarantine_the_device() {
             .unwrap();
         let r = verify(s, &p, serial);
         assert_eq!(r.decision.verdict, Verdict::Quarantined, "{:?}", r.decision);
-        let rec = s.device(serial).unwrap();
-        assert_eq!(rec.state, DeviceState::Quarantined);
-        assert!(rec.hold.contains("MAC"), "{}", rec.hold);
+        assert_eq!(r.decision.state, DeviceState::Quarantined);
+        // The old row is older than the device's history: a replayed row.
+        assert!(
+            r.decision.reasons[0].contains("replayed"),
+            "{:?}",
+            r.decision.reasons
+        );
+        assert!(matches!(s.device(serial), Err(Error::Tampered { .. })));
         // A tampered catalog entry is ignored.
         let img = image(3, 1000);
         let h = image_hash(Region::Config, &img);
