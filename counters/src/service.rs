@@ -774,6 +774,15 @@ impl Service {
                     sha256: h.clone(),
                 });
             }
+            if s
+                .revoked(std::slice::from_ref(&h))?
+                .iter()
+                .any(|(r, _)| r == region.name())
+            {
+                return Err(Error::Input(format!(
+                    "{region} image {h} was revoked; a revoked image cannot be added again"
+                )));
+            }
             s.db.exec(
                 "INSERT INTO catalog (region, sha256, version, approved_by, added_at, mac) VALUES ($1,$2,$3,$4,$5,$6)",
                 &[
@@ -789,7 +798,8 @@ impl Service {
         })
     }
 
-    /// Remove a known-good image.
+    /// Revoke a known-good image: its catalog row is removed and a MACed tombstone
+    /// kept, so a catalog row put back (by hand or by `catalog_add`) stays revoked.
     pub fn catalog_remove(&mut self, region: Region, sha256: &str) -> Result<()> {
         let h = hex::encode(parse_hash(sha256)?);
         self.tx(|s| {
@@ -803,8 +813,43 @@ impl Service {
                     sha256: h.clone(),
                 });
             }
+            let at = now_ms();
+            let mac = s.key.mac(
+                "revoked",
+                &[
+                    region.name().as_bytes(),
+                    h.as_bytes(),
+                    at.to_string().as_bytes(),
+                ],
+            );
+            s.db.exec(
+                "INSERT INTO revoked (region, sha256, at, mac) VALUES ($1, $2, $3, $4)",
+                &[
+                    region.name().into(),
+                    h.clone().into(),
+                    Val::I64(at),
+                    mac.into(),
+                ],
+            )?;
             Ok(())
         })
+    }
+
+    /// Revoked images among `hashes` (region, sha256 hex). A tombstone counts
+    /// whatever its MAC says (fail closed: an edited tombstone still revokes).
+    fn revoked(&mut self, hashes: &[String]) -> Result<Vec<(String, String)>> {
+        let mut params: Vec<Val> = hashes.iter().map(|h| Val::Text(h.clone())).collect();
+        params.truncate(3);
+        while params.len() < 3 {
+            params.push(Val::Text(String::new()));
+        }
+        let rows = self.db.query(
+            "SELECT region, sha256 FROM revoked WHERE sha256 IN ($1, $2, $3)",
+            &params,
+        )?;
+        rows.iter()
+            .map(|r| Ok((r[0].text("region")?, r[1].text("sha256")?)))
+            .collect()
     }
 
     fn catalog_rows(&mut self, sql: &str, params: &[Val]) -> Result<Vec<CatalogEntry>> {
@@ -859,10 +904,24 @@ impl Service {
     /// Intact catalog entries for the given hashes.
     fn catalog_lookup(&mut self, hashes: &[Hash; 3]) -> Result<Vec<CatalogEntry>> {
         let hs: Vec<Val> = hashes.iter().map(|h| Val::Text(hex::encode(h))).collect();
-        self.catalog_rows(
+        let mut cat = self.catalog_rows(
             "SELECT region, sha256, version, approved_by, added_at, mac FROM catalog WHERE sha256 IN ($1, $2, $3)",
             &hs,
-        )
+        )?;
+        if !cat.is_empty() {
+            let hx: Vec<String> = hashes.iter().map(hex::encode).collect();
+            let gone = self.revoked(&hx)?;
+            // A revoked image is never known-good, even if its row came back.
+            for c in &mut cat {
+                if gone
+                    .iter()
+                    .any(|(r, h)| r == c.region.name() && *h == c.sha256)
+                {
+                    c.intact = false;
+                }
+            }
+        }
+        Ok(cat)
     }
 
     // ---- history ---------------------------------------------------------
@@ -1126,25 +1185,69 @@ impl Service {
         Ok(())
     }
 
+    fn update_log_mac(&self, f: [&str; 4], prev: &str) -> String {
+        let mut fields: Vec<&[u8]> = f.iter().map(|x| x.as_bytes()).collect();
+        if !prev.is_empty() {
+            fields.push(prev.as_bytes());
+        }
+        self.key.mac("update_log", &fields)
+    }
+
+    /// The device's rate-limit log, checked: attempts begun since `since`, plus every
+    /// entry that fails its MAC or breaks the chain (a tampered entry counts as an
+    /// attempt, whatever its time or outcome says). Returns (count, last MAC).
+    fn rate_log(&mut self, serial: &str, since: i64) -> Result<(i64, String)> {
+        let rows = self.db.query(
+            "SELECT at, region, outcome, mac, prev FROM update_log WHERE serial = $1 ORDER BY id",
+            &[Val::from(serial)],
+        )?;
+        let mut count = 0;
+        let mut last = String::new();
+        for r in rows {
+            let (at, region, outcome, mac, prev) = (
+                r[0].i64("at").unwrap_or(i64::MAX),
+                r[1].text("region").unwrap_or_default(),
+                r[2].text("outcome").unwrap_or_default(),
+                r[3].text("mac").unwrap_or_default(),
+                r[4].text("prev").unwrap_or_default(),
+            );
+            let want = self.update_log_mac([serial, &at.to_string(), &region, &outcome], &prev);
+            // Chained entries name the previous entry's MAC ("genesis" first).
+            let chained = prev.is_empty() || prev == last || (last.is_empty() && prev == "genesis");
+            if !chained {
+                // Entries are missing before this one: at least one attempt.
+                count += 1;
+            }
+            if want != mac || (at > since && outcome == "begun") {
+                count += 1;
+            }
+            last = mac;
+        }
+        Ok((count, last))
+    }
+
+    fn rate_count(&mut self, serial: &str, since: i64) -> Result<i64> {
+        Ok(self.rate_log(serial, since)?.0)
+    }
+
     fn log_update(&mut self, serial: &str, region: Region, outcome: &str) -> Result<()> {
         let at = now_ms();
-        let mac = self.key.mac(
-            "update_log",
-            &[
-                serial.as_bytes(),
-                at.to_string().as_bytes(),
-                region.name().as_bytes(),
-                outcome.as_bytes(),
-            ],
-        );
+        let (_, last) = self.rate_log(serial, i64::MAX)?;
+        let prev = if last.is_empty() {
+            "genesis".to_string()
+        } else {
+            last
+        };
+        let mac = self.update_log_mac([serial, &at.to_string(), region.name(), outcome], &prev);
         self.db.exec(
-            "INSERT INTO update_log (serial, at, region, outcome, mac) VALUES ($1,$2,$3,$4,$5)",
+            "INSERT INTO update_log (serial, at, region, outcome, mac, prev) VALUES ($1,$2,$3,$4,$5,$6)",
             &[
                 serial.into(),
                 Val::I64(at),
                 region.name().into(),
                 outcome.into(),
                 mac.into(),
+                prev.into(),
             ],
         )?;
         Ok(())
@@ -1187,14 +1290,7 @@ impl Service {
                 });
             }
             let since = now_ms().saturating_sub(limit.window_s.saturating_mul(1000));
-            let rows = s.db.query(
-                "SELECT COUNT(*) FROM update_log WHERE serial = $1 AND at > $2 AND outcome = 'begun'",
-                &[key.clone().into(), Val::I64(since)],
-            )?;
-            let count = match rows.first().and_then(|r| r.first()) {
-                Some(v) => v.i64("count")?,
-                None => 0,
-            };
+            let count = s.rate_count(&key, since)?;
             if count >= limit.max {
                 return Err(Error::RateLimited {
                     serial: key.clone(),

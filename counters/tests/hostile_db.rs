@@ -242,3 +242,76 @@ fn a_replayed_device_row_then_a_device_rollback_is_never_trusted() {
     assert_eq!(s.evidence().unwrap().len(), 1);
     assert!(!s.verify(0x54, &mut source(&p)).unwrap().trusted());
 }
+
+#[test]
+fn a_revoked_image_stays_revoked_when_its_row_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("counters.db").display().to_string();
+    let p = make_device(dir.path(), 0x55, 16);
+    let mut s = Service::open(&spec, key()).unwrap();
+    enroll_from(&mut s, &p, 0x55);
+    let img = image(7, 256);
+    let h = image_hash(Region::Config, &img);
+    s.catalog_add(Region::Config, &h, "v7", "alice").unwrap();
+    let row = s
+        .db_mut()
+        .query(
+            "SELECT region, sha256, version, approved_by, added_at, mac FROM catalog",
+            &[],
+        )
+        .unwrap();
+    s.catalog_remove(Region::Config, &h).unwrap();
+    // Re-inserted by hand, with its own valid MAC.
+    s.db_mut()
+        .exec(
+            "INSERT INTO catalog (region, sha256, version, approved_by, added_at, mac) VALUES ($1,$2,$3,$4,$5,$6)",
+            &row[0],
+        )
+        .unwrap();
+    // Through the service: refused.
+    assert!(s.catalog_add(Region::Config, &h, "v7", "alice").is_err());
+    assert!(s.begin_update(0x55, Region::Config, &h).is_err());
+    flash(&p, Region::Config, &img);
+    let r = s.verify(0x55, &mut source(&p)).unwrap();
+    assert!(!r.trusted(), "{:?}", r.decision);
+    assert_ne!(r.decision.verdict, Verdict::AcceptedUpdate);
+}
+
+#[test]
+fn a_tampered_rate_limit_entry_counts_as_an_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("counters.db").display().to_string();
+    let p = make_device(dir.path(), 0x56, 32);
+    let mut s = Service::open(&spec, key()).unwrap();
+    s.rate_limit.max = 3;
+    enroll_from(&mut s, &p, 0x56);
+    let img = image(3, 256);
+    let h = image_hash(Region::Config, &img);
+    s.catalog_add(Region::Config, &h, "v", "alice").unwrap();
+    for _ in 0..3 {
+        s.begin_update(0x56, Region::Config, &h).unwrap();
+    }
+    assert!(matches!(
+        s.begin_update(0x56, Region::Config, &h),
+        Err(Error::RateLimited { .. })
+    ));
+    // The attacker ages the log (to reopen the window) and relabels entries.
+    s.db_mut()
+        .exec("UPDATE update_log SET at = 0, outcome = 'aborted'", &[])
+        .unwrap();
+    assert!(matches!(
+        s.begin_update(0x56, Region::Config, &h),
+        Err(Error::RateLimited { count: 3, .. })
+    ));
+    // Deleting the first entry breaks the chain: the break counts too.
+    s.db_mut()
+        .exec(
+            "DELETE FROM update_log WHERE id = (SELECT MIN(id) FROM update_log)",
+            &[],
+        )
+        .unwrap();
+    assert!(matches!(
+        s.begin_update(0x56, Region::Config, &h),
+        Err(Error::RateLimited { .. })
+    ));
+}
