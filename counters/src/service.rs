@@ -188,6 +188,8 @@ pub struct Service {
     prefetched: Option<std::collections::HashMap<String, (DeviceRecord, bool)>>,
     /// During `verify_batch`: history rows written together before the commit.
     pending_history: Option<Vec<Vec<Val>>>,
+    /// During `verify_batch` on PostgreSQL: device rows written together.
+    pending_devices: Option<Vec<Vec<Val>>>,
     /// During `verify_batch`: every hold, read up front.
     holds: Option<std::collections::HashMap<String, String>>,
     /// The device row last read, as found (for the evidence).
@@ -327,6 +329,7 @@ impl Service {
             head: None,
             anchor: None,
             max_seqs: None,
+            pending_devices: None,
         })
     }
 
@@ -638,6 +641,17 @@ impl Service {
         let mut r = r.clone();
         r.hseq = self.chain_next()?.0;
         let p = self.device_params(&r);
+        if !insert {
+            if let Some(pd) = &mut self.pending_devices {
+                // verify_batch on PostgreSQL: written together before the history; a
+                // later verify of the same device in the batch reads this record.
+                pd.push(p);
+                if let Some(pf) = &mut self.prefetched {
+                    pf.insert(r.serial.clone(), (r.clone(), true));
+                }
+                return Ok(());
+            }
+        }
         if insert {
             self.db.exec(
                 &format!(
@@ -979,9 +993,16 @@ impl Service {
     }
 
     fn insert_history(&mut self, rows: Vec<Vec<Val>>) -> Result<()> {
+        // PostgreSQL: one statement per 1,000 rows (a round trip each); SQLite has no
+        // round trips and prefers smaller statements.
+        let per = if self.db.kind() == "postgresql" {
+            1000
+        } else {
+            100
+        };
         let mut rows = rows.into_iter().peekable();
         while rows.peek().is_some() {
-            let chunk: Vec<Vec<Val>> = rows.by_ref().take(100).collect();
+            let chunk: Vec<Vec<Val>> = rows.by_ref().take(per).collect();
             let mut sql = String::from(
                 "INSERT INTO history (serial, at, verdict, severity, recoverable, state, observed, expected, reasons, mac, seq, prev) VALUES ",
             );
@@ -1011,7 +1032,7 @@ impl Service {
         keys: &[String],
     ) -> Result<std::collections::HashMap<String, (DeviceRecord, bool)>> {
         let mut out = std::collections::HashMap::with_capacity(keys.len());
-        for chunk in keys.chunks(500) {
+        for chunk in keys.chunks(1000) {
             let list: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
             let sql = format!(
                 "SELECT {DEV_COLS} FROM devices WHERE serial IN ({}){}",
@@ -1433,7 +1454,7 @@ impl Service {
             }
             s.holds = Some(holds);
             let mut seqs = std::collections::HashMap::with_capacity(keys.len());
-            for chunk in keys.chunks(500) {
+            for chunk in keys.chunks(1000) {
                 let list: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
                 let sql = format!(
                     "SELECT serial, MAX(seq) FROM history WHERE serial IN ({}) GROUP BY serial",
@@ -1448,11 +1469,18 @@ impl Service {
             }
             s.max_seqs = Some(seqs);
             s.pending_history = Some(Vec::with_capacity(items.len()));
+            if s.db.kind() == "postgresql" {
+                // One round trip per 1,000 rows instead of one per device.
+                s.pending_devices = Some(Vec::with_capacity(items.len()));
+            }
             let mut out = Vec::with_capacity(items.len());
             for (key, (_, obs)) in keys.iter().zip(items) {
                 out.push(s.verify_in_tx(key, Ok(obs.clone()))?);
             }
             s.prefetched = None;
+            if let Some(devs) = s.pending_devices.take() {
+                s.update_devices(devs)?;
+            }
             let rows = s.pending_history.take().unwrap_or_default();
             s.insert_history(rows)?;
             point("verify_batch: history");
@@ -1462,7 +1490,60 @@ impl Service {
         self.pending_history = None;
         self.holds = None;
         self.max_seqs = None;
+        self.pending_devices = None;
         r
+    }
+
+    /// Update many device rows in few statements (`UPDATE ... FROM (VALUES ...)`);
+    /// each row must exist (a missing one fails the batch).
+    fn update_devices(&mut self, rows: Vec<Vec<Val>>) -> Result<()> {
+        const INT_COLS: [usize; 7] = [4, 5, 6, 7, 8, 14, 16];
+        // The last write of each device wins (a device verified twice in a batch).
+        let mut last = std::collections::HashMap::with_capacity(rows.len());
+        for (i, r) in rows.iter().enumerate() {
+            last.insert(r[0].clone(), i);
+        }
+        let rows: Vec<Vec<Val>> = rows
+            .into_iter()
+            .enumerate()
+            .filter(|(i, r)| last.get(&r[0]) == Some(i))
+            .map(|(_, r)| r)
+            .collect();
+        let mut rows = rows.into_iter().peekable();
+        while rows.peek().is_some() {
+            let chunk: Vec<Vec<Val>> = rows.by_ref().take(1000).collect();
+            let n = chunk.len() as u64;
+            let mut sql = String::from("UPDATE devices AS d SET host=v.host, rack=v.rack, state=v.state, c0=v.c0, c1=v.c1, c2=v.c2, master=v.master, epoch=v.epoch, h0=v.h0, h1=v.h1, h2=v.h2, reason=v.reason, hold=v.hold, verified_at=v.verified_at, mac=v.mac, hseq=v.hseq FROM (VALUES ");
+            let mut params = Vec::with_capacity(chunk.len() * 17);
+            for (r, row) in chunk.into_iter().enumerate() {
+                if r > 0 {
+                    sql.push(',');
+                }
+                sql.push('(');
+                for c in 0..17 {
+                    if c > 0 {
+                        sql.push(',');
+                    }
+                    let ty = if INT_COLS.contains(&c) {
+                        "BIGINT"
+                    } else {
+                        "TEXT"
+                    };
+                    sql.push_str(&format!("CAST(${} AS {ty})", r * 17 + c + 1));
+                }
+                sql.push(')');
+                params.extend(row);
+            }
+            sql.push_str(") AS v(serial, host, rack, state, c0, c1, c2, master, epoch, h0, h1, h2, reason, hold, verified_at, mac, hseq) WHERE d.serial = v.serial");
+            let done = self.db.exec(&sql, &params)?;
+            if done != n {
+                return Err(Error::db(
+                    "updating device rows",
+                    format!("{done} of {n} rows updated"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn verify_in_tx(

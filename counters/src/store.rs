@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 /// A value bound to or read from SQL.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Val {
     /// NULL (read only: the schema has no nullable columns).
     Null,
