@@ -1031,11 +1031,8 @@ fn p_no_decrement(s: &mut Session, opts: &Options) -> TResult<Outcome> {
         Request::ReadCounters,
         Request::ReadHash(Region::Config),
     ] {
-        match s.request(&r)? {
-            Response::Error { code, .. } => {
-                bad.push(format!("{r:?} after garbage answered error {code:?}"))
-            }
-            _ => {}
+        if let Response::Error { code, .. } = s.request(&r)? {
+            bad.push(format!("{r:?} after garbage answered error {code:?}"))
         }
     }
     check(s, "malformed and read-only OOB frames", &mut bad)?;

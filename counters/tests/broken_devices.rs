@@ -291,10 +291,7 @@ fn serve(dev: Arc<Mutex<Box<dyn Device>>>, link: Link) -> PtyDevice {
         let mut reader = FrameReader::default();
         let mut buf = [0u8; 256];
         while !st.load(Ordering::Relaxed) {
-            let n = match master.read(&mut buf) {
-                Ok(n) => n,
-                Err(_) => 0,
-            };
+            let n: usize = master.read(&mut buf).unwrap_or_default();
             for &b in &buf[..n] {
                 let Some(StreamEvent::Frame(f)) = reader.push(b) else {
                     continue;

@@ -678,11 +678,18 @@ pub fn serve_stream<T: std::io::Read + std::io::Write>(
     serve_stream_with(port, &mut |f| dev.oob(f), stop)
 }
 
+/// Answers one complete request frame with its response frame.
+pub type FrameAnswer<'a> = dyn FnMut(&[u8]) -> Result<Vec<u8>, crate::device::DeviceError> + 'a;
+
+/// Opens the device of a state file (a backend by name, e.g. the model).
+pub type StateOpener<'a> = dyn FnMut(&std::path::Path) -> Result<Box<dyn crate::device::Device>, crate::device::DeviceError>
+    + 'a;
+
 /// [`serve_stream`] with each complete frame answered by `answer` (e.g. one that
 /// opens a state file under its lock for every request: [`serve_state_request`]).
 pub fn serve_stream_with<T: std::io::Read + std::io::Write>(
     port: &mut T,
-    answer: &mut dyn FnMut(&[u8]) -> Result<Vec<u8>, crate::device::DeviceError>,
+    answer: &mut FrameAnswer<'_>,
     stop: &dyn Fn() -> bool,
 ) -> Result<(), crate::device::DeviceError> {
     let transport = |e: std::io::Error| crate::device::DeviceError::Transport {
@@ -788,7 +795,7 @@ impl PtyServer {
     /// Serve with each request answered by `answer` (see [`serve_stream_with`]).
     pub fn serve_with(
         mut self,
-        answer: &mut dyn FnMut(&[u8]) -> Result<Vec<u8>, crate::device::DeviceError>,
+        answer: &mut FrameAnswer<'_>,
         stop: &dyn Fn() -> bool,
     ) -> Result<(), crate::device::DeviceError> {
         serve_stream_with(&mut self.master, answer, stop)
@@ -850,9 +857,7 @@ pub fn with_state_lock<R>(
 /// nothing is kept between requests, so no stale snapshot is ever written back.
 pub fn serve_state_request(
     state: &std::path::Path,
-    open: &mut dyn FnMut(
-        &std::path::Path,
-    ) -> Result<Box<dyn crate::device::Device>, crate::device::DeviceError>,
+    open: &mut StateOpener<'_>,
     request: &[u8],
 ) -> Result<Vec<u8>, crate::device::DeviceError> {
     match with_state_lock(state, || open(state)?.oob(request)) {
