@@ -828,7 +828,7 @@ pub fn run_with(cmd: CountersCmd, open: DeviceOpener) -> Result<ExitCode> {
                 Some((k, r)) => (k, r),
                 None if target == "model" => ("model", ""),
                 None => bail!(
-                    "--target {target:?}: use model (a fresh temporary device), model:STATE_FILE, rtl:STATE_FILE, lockstep:STATE_FILE or serial:PORT"
+                    "--target {target:?}: use KIND:PATH (model:STATE_FILE, rtl:STATE_FILE, lockstep:STATE_FILE or serial:PORT), or model alone for a fresh temporary device"
                 ),
             };
             let _tmp; // keeps a fresh temporary device's directory alive
