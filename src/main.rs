@@ -310,16 +310,18 @@ fn dispatch(cmd: Cmd) -> Result<std::process::ExitCode> {
         }
         Cmd::Counters(c) => {
             return hilrig_counters::cli::run_with(c, |b, p| {
+                let err = |detail: String| hilrig_device::DeviceError::Transport {
+                    what: p.display().to_string(),
+                    detail,
+                };
                 if b == "fpga" {
                     // A (simulated) board's host-bridge port.
-                    let port = p
-                        .to_str()
-                        .ok_or_else(|| format!("{} is not UTF-8", p.display()))?;
+                    let port = p.to_str().ok_or_else(|| err("not UTF-8".into()))?;
                     return hilrig_board::Fpga::open_serial(port, 115_200)
                         .map(|f| Box::new(f) as Box<dyn Device>)
-                        .map_err(|e| format!("board host bridge {port}: {e}"));
+                        .map_err(|e| err(format!("board host bridge: {e}")));
                 }
-                open_device(b, p).map_err(|e| format!("{e:#}"))
+                open_device(b, p).map_err(|e| err(format!("{e:#}")))
             });
         }
         Cmd::Bench {

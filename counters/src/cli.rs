@@ -463,20 +463,24 @@ pub fn run(cmd: CountersCmd) -> Result<ExitCode> {
 /// Opens a simulated device by backend name on a state file (for conformance
 /// targets); the `hilrig` binary passes one that knows rtl and lockstep too.
 pub type DeviceOpener =
-    fn(&str, &std::path::Path) -> std::result::Result<Box<dyn hilrig_device::Device>, String>;
+    fn(
+        &str,
+        &std::path::Path,
+    ) -> std::result::Result<Box<dyn hilrig_device::Device>, hilrig_device::DeviceError>;
 
 /// The opener that knows the model only.
 pub fn model_only(
     backend: &str,
     path: &std::path::Path,
-) -> std::result::Result<Box<dyn hilrig_device::Device>, String> {
+) -> std::result::Result<Box<dyn hilrig_device::Device>, hilrig_device::DeviceError> {
     match backend {
-        "model" => hilrig_device::Model::open(path)
-            .map(|m| Box::new(m) as Box<dyn hilrig_device::Device>)
-            .map_err(|e| e.to_string()),
-        other => Err(format!(
-            "backend {other:?} is not available here (this build opens: model)"
-        )),
+        "model" => {
+            hilrig_device::Model::open(path).map(|m| Box::new(m) as Box<dyn hilrig_device::Device>)
+        }
+        other => Err(hilrig_device::DeviceError::Transport {
+            what: format!("backend {other:?}"),
+            detail: "not available here (this build opens: model)".into(),
+        }),
     }
 }
 
@@ -903,12 +907,7 @@ pub fn run_with(cmd: CountersCmd, open: DeviceOpener) -> Result<ExitCode> {
                     let p2 = path.clone();
                     let b2 = backend.to_string();
                     let mut t = DeviceTarget::new(dev, format!("{backend} {}", path.display()))
-                        .with_reopen(Box::new(move || {
-                            open(&b2, &p2).map_err(|e| hilrig_device::DeviceError::Transport {
-                                what: p2.display().to_string(),
-                                detail: e,
-                            })
-                        }));
+                        .with_reopen(Box::new(move || open(&b2, &p2)));
                     conformance::run(
                         &mut t,
                         &conformance::Options {
@@ -983,12 +982,7 @@ fn sim(
     if !state.exists() {
         bail!("{} does not exist", state.display());
     }
-    let open_dev = |p: &std::path::Path| {
-        open(backend, p).map_err(|e| hilrig_device::DeviceError::Transport {
-            what: p.display().to_string(),
-            detail: e,
-        })
-    };
+    let open_dev = |p: &std::path::Path| open(backend, p);
     // A state file is read-modified-written under its lock; a board's port is not a
     // file anyone else rewrites.
     let locked = |f: &mut dyn FnMut() -> std::result::Result<(), hilrig_device::DeviceError>| {

@@ -488,8 +488,13 @@ fn show(c: &CounterReport) -> String {
     )
 }
 
+/// A counting check that did not hold (what was seen).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Mismatch(String);
+
 /// Check that exactly one attempt on `region` was counted between `a` and `b`.
-fn one_counted(a: &CounterReport, b: &CounterReport, region: Region) -> Result<(), String> {
+fn one_counted(a: &CounterReport, b: &CounterReport, region: Region) -> Result<(), Mismatch> {
     let i = region as usize;
     let mut want = a.counters;
     want[i] = want[i].wrapping_add(1);
@@ -498,11 +503,11 @@ fn one_counted(a: &CounterReport, b: &CounterReport, region: Region) -> Result<(
         || b.counters != want
         || b.master != a.master.wrapping_add(1)
     {
-        return Err(format!(
+        return Err(Mismatch(format!(
             "{region}: before {}, after {}; want {region} +1 and master +1",
             show(a),
             show(b)
-        ));
+        )));
     }
     Ok(())
 }

@@ -1394,7 +1394,7 @@ impl Service {
             let obs = Self::observe(serial, source);
             self.stale_check = before;
             self.stale_seen = false;
-            let r = self.tx(|s| s.verify_in_tx(&key, obs.map_err(|e| e.to_string())));
+            let r = self.tx(|s| s.verify_in_tx(&key, obs));
             self.stale_check = None;
             self.stale_seen = false;
             match r {
@@ -1402,10 +1402,7 @@ impl Service {
                 other => return other,
             }
         }
-        self.verify_observation(
-            serial,
-            Err("the stored state changed during each of 3 reads of the device (concurrent updates): verify again".into()),
-        )
+        self.verify_observation(serial, Err(Error::Stale(key)))
     }
 
     fn observe(serial: u64, source: &mut dyn CounterSource) -> Result<Observation> {
@@ -1431,7 +1428,7 @@ impl Service {
     pub fn verify_observation(
         &mut self,
         serial: u64,
-        obs: std::result::Result<Observation, String>,
+        obs: std::result::Result<Observation, Error>,
     ) -> Result<VerifyReport> {
         let key = serial_key(serial);
         self.tx(|s| s.verify_in_tx(&key, obs))
@@ -1549,7 +1546,7 @@ impl Service {
     fn verify_in_tx(
         &mut self,
         key: &str,
-        obs: std::result::Result<Observation, String>,
+        obs: std::result::Result<Observation, Error>,
     ) -> Result<VerifyReport> {
         point("verify: start");
         let (mut rec, intact) = self

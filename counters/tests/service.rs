@@ -446,7 +446,13 @@ fn unreadable_devices_fail_closed() {
         enroll_from(s, &p, serial, "h", "r");
         assert!(verify(s, &p, serial).trusted());
         let r = s
-            .verify_observation(serial, Err("OOB timeout".into()))
+            .verify_observation(
+                serial,
+                Err(Error::Source {
+                    source_name: "oob".into(),
+                    detail: "OOB timeout".into(),
+                }),
+            )
             .unwrap();
         assert_eq!(r.decision.verdict, Verdict::Unverifiable);
         assert!(!r.trusted());
@@ -570,7 +576,7 @@ fn verify_over_a_pty_serial_port() {
         std::time::Duration::from_millis(200),
     ) {
         Ok(mut src) => s.verify(0xabc, &mut *src).unwrap(),
-        Err(e) => s.verify_observation(0xabc, Err(e.to_string())).unwrap(),
+        Err(e) => s.verify_observation(0xabc, Err(e)).unwrap(),
     };
     assert_eq!(r.decision.verdict, Verdict::Unverifiable);
     assert!(!r.trusted());
