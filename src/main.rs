@@ -326,8 +326,19 @@ fn dispatch(cmd: Cmd) -> Result<std::process::ExitCode> {
         }
         Cmd::Counters(c) => {
             return hilrig_counters::cli::run_with(c, |b, p| {
-                open_device(b, p).map_err(|e| format!("{e:#}"))
-            })
+                let err = |detail: String| hilrig_device::DeviceError::Transport {
+                    what: p.display().to_string(),
+                    detail,
+                };
+                if b == "fpga" {
+                    // A (simulated) board's host-bridge port.
+                    let port = p.to_str().ok_or_else(|| err("not UTF-8".into()))?;
+                    return hilrig_board::Fpga::open_serial(port, 115_200)
+                        .map(|f| Box::new(f) as Box<dyn Device>)
+                        .map_err(|e| err(format!("board host bridge: {e}")));
+                }
+                open_device(b, p).map_err(|e| err(format!("{e:#}")))
+            });
         }
         Cmd::Bench {
             name,
@@ -447,15 +458,26 @@ fn device(cmd: DeviceCmd) -> Result<()> {
             seconds,
             backend,
         } => {
-            let mut m = open_device(&backend, &state)?;
+            // Check the state file opens before printing the port.
+            drop(open_device(&backend, &state)?);
             let server = oob::PtyServer::new().context("creating a PTY")?;
             println!("{}", server.path());
             use std::io::Write;
             std::io::stdout().flush()?;
             let deadline = seconds.map(|s| std::time::Instant::now() + Duration::from_secs_f64(s));
-            server.serve(&mut *m, &|| {
-                deadline.is_some_and(|d| std::time::Instant::now() > d)
-            })?;
+            // Every request reads the state file's current contents under its lock and
+            // keeps nothing: a PHYSICAL_RESET never writes back a stale snapshot over
+            // counts or an image another process wrote since this server started.
+            let mut open = |p: &Path| {
+                open_device(&backend, p).map_err(|e| hilrig_device::DeviceError::Transport {
+                    what: p.display().to_string(),
+                    detail: format!("{e:#}"),
+                })
+            };
+            server.serve_with(
+                &mut |req| oob::serve_state_request(&state, &mut open, req),
+                &|| deadline.is_some_and(|d| std::time::Instant::now() > d),
+            )?;
         }
     }
     Ok(())

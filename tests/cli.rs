@@ -520,15 +520,19 @@ fn counter_conformance_passes_on_model_and_rtl() {
     for b in ["model", "rtl"] {
         let st = dir.path().join(format!("{b}.state"));
         ok(&["device", "init", p(&st), "--width", "32", "--serial", "9"]);
+        let key = hilrig_device::oob::hex_string(&hilrig_device::state::dev_keys(9).1);
         let out = ok(&[
             "counters",
             "conformance",
             "--target",
             &format!("{b}:{}", p(&st)),
+            "--burn-fuse",
+            "--reset-key",
+            &key,
         ]);
-        assert!(out.contains("0 failed"), "{b}: {out}");
+        assert!(out.contains("PASS: 11 passed, 0 failed"), "{b}: {out}");
         assert!(
-            out.contains("PASS  count-before-act") && out.contains("PASS  persistence"),
+            out.contains("PASS       count-before-act") && out.contains("PASS       persistence"),
             "{b}: {out}"
         );
     }

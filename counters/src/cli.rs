@@ -7,7 +7,7 @@
 // Flattened option groups need no docs of their own (clap shows their fields').
 #![allow(missing_docs)]
 
-use crate::conformance::{self, DeviceTarget, SerialTarget};
+use crate::conformance::{self, AttemptKind, DeviceTarget, SerialTarget};
 use crate::decide::{parse_hash, parse_region, Expected};
 use crate::mac::Key;
 use crate::service::{parse_serial, Enrollment, GroupBy, Service, VerifyReport};
@@ -34,6 +34,11 @@ pub struct Common {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// Anchor file of the history chain's head, outside the database (written
+    /// atomically after every change, checked on every open: a replayed database is
+    /// refused) [default: $HILRIG_COUNTERS_ANCHOR].
+    #[arg(long)]
+    pub anchor: Option<PathBuf>,
 }
 
 /// Where the device is read from.
@@ -174,10 +179,13 @@ pub enum CountersCmd {
         #[command(flatten)]
         s: SourceArgs,
     },
-    /// The vendor conformance suite against a simulated device or a vendor's serial device.
+    /// The vendor conformance suite against a simulated device or a vendor's serial
+    /// device. Exit status: 0 PASS, 1 FAIL, 2 usage, 3 INCOMPLETE (a property was
+    /// skipped), 4 TRANSPORT (the link failed), 5 target error.
     Conformance {
-        /// model:STATE_FILE, rtl:STATE_FILE, lockstep:STATE_FILE (simulated devices)
-        /// or serial:PORT[,BAUD] (a vendor device's OOB UART).
+        /// model (a fresh temporary device), model:STATE_FILE, rtl:STATE_FILE,
+        /// lockstep:STATE_FILE (simulated devices) or serial:PORT[,BAUD] (a device's
+        /// OOB UART or PTY).
         #[arg(long)]
         target: String,
         /// Serial target: command making one attempt ({region} {op} {mode}).
@@ -186,25 +194,86 @@ pub enum CountersCmd {
         /// Serial target: command resetting the device ({kind}).
         #[arg(long)]
         reset_cmd: Option<String>,
-        /// Serial target: command making an attempt then cutting power ({region}).
+        /// Serial target: command making an attempt then cutting power ({region}
+        /// {mode} {op}).
         #[arg(long)]
         cut_cmd: Option<String>,
+        /// Serial target: command printing the in-band counter registers as JSON
+        /// (enables oob-equals-inband).
+        #[arg(long)]
+        inband_cmd: Option<String>,
         /// Run the budget-and-fuse property (uses up the counter budget).
         #[arg(long)]
         burn_fuse: bool,
         /// OOB physical-reset key, 64 hex digits (enables the physical-reset
-        /// property; recovers the device after the fuse property).
+        /// properties; lets the suite restore the budget between properties). A fresh
+        /// temporary model uses its own development key.
         #[arg(long)]
         reset_key: Option<String>,
+        /// Counter width of a fresh temporary model (`--target model`).
+        #[arg(long, default_value_t = 8)]
+        width: u8,
         /// Baud rate of a serial target.
         #[arg(long, default_value_t = DEFAULT_BAUD)]
         baud: u32,
         /// Response timeout of a serial target, ms.
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
-        /// Print JSON.
+        /// Also write a JUnit XML report (one testcase per property) to this file.
+        #[arg(long)]
+        junit: Option<PathBuf>,
+        /// Print JSON (overall verdict, counts, properties).
         #[arg(long)]
         json: bool,
+    },
+    /// Act on a simulated device's state file as a vendor tool acts on a device (for
+    /// the conformance suite's --attempt-cmd/--reset-cmd/--cut-cmd against
+    /// `hilrig device serve-oob`); takes the state file's lock.
+    Sim {
+        /// The device's state file (taken under its lock), or with `--backend fpga`
+        /// the host-bridge port of a (simulated) board.
+        state: PathBuf,
+        /// Backend: model (default), rtl, lockstep, or fpga (a board's host-bridge
+        /// port; what the `hilrig` binary's opener knows).
+        #[arg(long, default_value = "model")]
+        backend: String,
+        #[command(subcommand)]
+        action: SimAction,
+    },
+}
+
+/// `hilrig counters sim STATE ...`.
+#[derive(Subcommand, Debug, Clone)]
+pub enum SimAction {
+    /// One program or erase attempt.
+    Attempt {
+        /// vbios, firmware or config.
+        #[arg(long)]
+        region: String,
+        /// program or erase.
+        #[arg(long)]
+        op: String,
+        /// refused (controller locked) or accepted (unlocked; a program of all-ones).
+        #[arg(long)]
+        mode: String,
+    },
+    /// A reset: reset, flr or power-cycle (a state-file device keeps nothing volatile
+    /// between commands, so each is a reopen of the file).
+    Reset {
+        /// reset, flr or power-cycle.
+        #[arg(long)]
+        kind: String,
+    },
+    /// Print the in-band counter registers as JSON (for --inband-cmd).
+    Inband,
+    /// An attempt whose power is cut before its status is read.
+    Cut {
+        /// vbios, firmware or config.
+        #[arg(long)]
+        region: String,
+        /// refused or accepted.
+        #[arg(long)]
+        mode: String,
     },
 }
 
@@ -274,8 +343,18 @@ impl Common {
     fn open(&self) -> Result<Service> {
         let key = Key::load(&self.key_path())?;
         let spec = self.db_spec();
-        Service::open(&spec, key)
-            .with_context(|| format!("opening database {}", crate::store::redact(&spec)))
+        let mut svc = Service::open(&spec, key)
+            .with_context(|| format!("opening database {}", crate::store::redact(&spec)))?;
+        let anchor = self.anchor.clone().or_else(|| {
+            std::env::var_os("HILRIG_COUNTERS_ANCHOR")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        });
+        match anchor {
+            Some(a) => svc.set_anchor(&a)?,
+            None => eprintln!("anchor: none — replay of the whole database is not detected"),
+        }
+        Ok(svc)
     }
 }
 
@@ -384,20 +463,24 @@ pub fn run(cmd: CountersCmd) -> Result<ExitCode> {
 /// Opens a simulated device by backend name on a state file (for conformance
 /// targets); the `hilrig` binary passes one that knows rtl and lockstep too.
 pub type DeviceOpener =
-    fn(&str, &std::path::Path) -> std::result::Result<Box<dyn hilrig_device::Device>, String>;
+    fn(
+        &str,
+        &std::path::Path,
+    ) -> std::result::Result<Box<dyn hilrig_device::Device>, hilrig_device::DeviceError>;
 
 /// The opener that knows the model only.
 pub fn model_only(
     backend: &str,
     path: &std::path::Path,
-) -> std::result::Result<Box<dyn hilrig_device::Device>, String> {
+) -> std::result::Result<Box<dyn hilrig_device::Device>, hilrig_device::DeviceError> {
     match backend {
-        "model" => hilrig_device::Model::open(path)
-            .map(|m| Box::new(m) as Box<dyn hilrig_device::Device>)
-            .map_err(|e| e.to_string()),
-        other => Err(format!(
-            "backend {other:?} is not available here (this build opens: model)"
-        )),
+        "model" => {
+            hilrig_device::Model::open(path).map(|m| Box::new(m) as Box<dyn hilrig_device::Device>)
+        }
+        other => Err(hilrig_device::DeviceError::Transport {
+            what: format!("backend {other:?}"),
+            detail: "not available here (this build opens: model)".into(),
+        }),
     }
 }
 
@@ -548,12 +631,17 @@ pub fn run_with(cmd: CountersCmd, open: DeviceOpener) -> Result<ExitCode> {
         },
         CountersCmd::Verify { c, serial, s } => {
             let serial = parse_serial(&serial)?;
+            // A source that cannot be opened (a missing file, a mistyped path, no such
+            // port) is a usage error: nothing was reached, nothing is written. Only a
+            // device that was reached and did not answer correctly is unverifiable.
+            let mut src = source_of(&s).with_context(|| {
+                format!(
+                    "--source {}: cannot be opened; nothing was recorded",
+                    s.source
+                )
+            })?;
             let mut svc = c.open()?;
-            // Fail closed: a source that cannot even be opened is recorded as such.
-            let r = match source_of(&s) {
-                Ok(mut src) => svc.verify(serial, &mut *src)?,
-                Err(e) => svc.verify_observation(serial, Err(format!("{e:#}")))?,
-            };
+            let r = svc.verify(serial, &mut *src)?;
             return print_verify(&r, c.json);
         }
         CountersCmd::Status { c, serial } => {
@@ -678,8 +766,13 @@ pub fn run_with(cmd: CountersCmd, open: DeviceOpener) -> Result<ExitCode> {
             s,
         } => {
             let serial = parse_serial(&serial)?;
+            let mut src = source_of(&s).with_context(|| {
+                format!(
+                    "--source {}: cannot be opened; nothing was recorded",
+                    s.source
+                )
+            })?;
             let mut svc = c.open()?;
-            let mut src = source_of(&s)?;
             let r = svc.commit_update(serial, intent, &mut *src)?;
             return print_verify(&r, c.json);
         }
@@ -692,8 +785,14 @@ pub fn run_with(cmd: CountersCmd, open: DeviceOpener) -> Result<ExitCode> {
             s,
         } => {
             let serial = parse_serial(&serial)?;
+            let mut src = source_of(&s).with_context(|| {
+                format!(
+                    "--source {}: cannot be opened; nothing was recorded",
+                    s.source
+                )
+            })?;
             let mut svc = c.open()?;
-            let end = source_of(&s)?.counters()?;
+            let end = src.counters()?;
             let start = CounterReport {
                 master: start_master,
                 epoch: start_epoch,
@@ -719,20 +818,24 @@ pub fn run_with(cmd: CountersCmd, open: DeviceOpener) -> Result<ExitCode> {
             attempt_cmd,
             reset_cmd,
             cut_cmd,
+            inband_cmd,
             burn_fuse,
             reset_key,
+            width,
             baud,
             timeout_ms,
+            junit,
             json,
         } => {
-            let reset_key = reset_key.as_deref().map(parse_hash).transpose()?;
-            let opts = conformance::Options {
-                burn_fuse,
-                reset_key,
+            let mut reset_key = reset_key.as_deref().map(parse_hash).transpose()?;
+            let (kind, rest) = match target.split_once(':') {
+                Some((k, r)) => (k, r),
+                None if target == "model" => ("model", ""),
+                None => bail!(
+                    "--target {target:?}: use KIND:PATH (model:STATE_FILE, rtl:STATE_FILE, lockstep:STATE_FILE or serial:PORT), or model alone for a fresh temporary device"
+                ),
             };
-            let (kind, rest) = target.split_once(':').with_context(|| {
-                format!("--target {target:?}: use KIND:PATH (model, rtl, lockstep or serial)")
-            })?;
+            let _tmp; // keeps a fresh temporary device's directory alive
             let report = match kind {
                 "serial" => {
                     let (port, baud) = match rest.split_once(',') {
@@ -747,44 +850,200 @@ pub fn run_with(cmd: CountersCmd, open: DeviceOpener) -> Result<ExitCode> {
                     let (Some(a), Some(r)) = (attempt_cmd, reset_cmd) else {
                         bail!("a serial target needs --attempt-cmd and --reset-cmd (see the counters README)");
                     };
-                    let mut t = SerialTarget::open(
+                    if !std::path::Path::new(&port).exists() {
+                        bail!("--target {target:?}: no such port {port}");
+                    }
+                    let mut t = SerialTarget::with_actuator(
                         &port,
                         baud,
                         Duration::from_millis(timeout_ms),
-                        a,
-                        r,
-                        cut_cmd,
+                        Box::new(conformance::CommandActuator {
+                            attempt_cmd: a,
+                            reset_cmd: r,
+                            cut_cmd,
+                            inband_cmd,
+                        }),
+                    )?;
+                    conformance::run(
+                        &mut t,
+                        &conformance::Options {
+                            burn_fuse,
+                            reset_key,
+                        },
                     )
-                    .map_err(anyhow::Error::msg)?;
-                    conformance::run(&mut t, &opts)
                 }
                 backend => {
-                    let path = PathBuf::from(rest);
+                    let path = if rest.is_empty() {
+                        if !(1..=32).contains(&width) {
+                            bail!("--width {width}: a temporary model's width is 1..=32");
+                        }
+                        let dir = tempfile_dir()?;
+                        let p = dir.join("device.state");
+                        let serial = 1;
+                        let nv = hilrig_device::NvState::factory(
+                            hilrig_device::DeviceConfig::with_width(width),
+                            serial,
+                        )
+                        .map_err(|e| anyhow::anyhow!("a fresh device of width {width}: {e}"))?;
+                        hilrig_device::Model::create(&p, nv)
+                            .map_err(|e| anyhow::anyhow!("creating {}: {e}", p.display()))?;
+                        if reset_key.is_none() {
+                            reset_key = Some(hilrig_device::state::dev_keys(serial).1);
+                        }
+                        _tmp = TempDir(dir);
+                        p
+                    } else {
+                        PathBuf::from(rest)
+                    };
+                    if !path.exists() {
+                        bail!(
+                            "--target {target:?}: state file {} does not exist; create one with `hilrig device init {} --width 8`, or use --target model for a fresh temporary device",
+                            path.display(),
+                            path.display()
+                        );
+                    }
                     let dev = open(backend, &path)
                         .map_err(|e| anyhow::anyhow!("--target {target:?}: {e}"))?;
                     let p2 = path.clone();
                     let b2 = backend.to_string();
                     let mut t = DeviceTarget::new(dev, format!("{backend} {}", path.display()))
-                        .with_reopen(Box::new(move || {
-                            open(&b2, &p2).map_err(|e| hilrig_device::DeviceError::Transport {
-                                what: p2.display().to_string(),
-                                detail: e,
-                            })
-                        }));
-                    conformance::run(&mut t, &opts)
+                        .with_reopen(Box::new(move || open(&b2, &p2)));
+                    conformance::run(
+                        &mut t,
+                        &conformance::Options {
+                            burn_fuse,
+                            reset_key,
+                        },
+                    )
                 }
             };
+            if let Some(j) = &junit {
+                hilrig_device::state::write_atomic(j, report.junit().as_bytes())
+                    .with_context(|| format!("writing JUnit report {}", j.display()))?;
+            }
             if json {
                 print_json(&report)?;
             } else {
                 print!("{}", report.text());
             }
-            return Ok(if report.passed() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            });
+            return Ok(ExitCode::from(report.overall.exit_code()));
+        }
+        CountersCmd::Sim {
+            state,
+            backend,
+            action,
+        } => {
+            sim(&state, &backend, action, open)?;
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A temporary directory removed on drop.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempfile_dir() -> Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let base = std::env::temp_dir();
+    for i in 0..100u32 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let d = base.join(format!(
+            "hilrig-conformance-{}-{nanos:x}-{i}",
+            std::process::id()
+        ));
+        match std::fs::DirBuilder::new().mode(0o700).create(&d) {
+            Ok(()) => return Ok(d),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).with_context(|| format!("creating {}", d.display())),
+        }
+    }
+    bail!(
+        "could not create a temporary directory under {}",
+        base.display()
+    )
+}
+
+fn sim(
+    state: &std::path::Path,
+    backend: &str,
+    action: SimAction,
+    open: DeviceOpener,
+) -> Result<()> {
+    use hilrig_device::ResetKind;
+    if !state.exists() {
+        bail!("{} does not exist", state.display());
+    }
+    let open_dev = |p: &std::path::Path| open(backend, p);
+    // A state file is read-modified-written under its lock; a board's port is not a
+    // file anyone else rewrites.
+    let locked = |f: &mut dyn FnMut() -> std::result::Result<(), hilrig_device::DeviceError>| {
+        if backend == "fpga" {
+            f()
+        } else {
+            hilrig_device::oob::with_state_lock(state, f)
+        }
+    };
+    let mode = |m: &str| -> Result<bool> {
+        match m {
+            "refused" => Ok(false),
+            "accepted" => Ok(true),
+            other => bail!("--mode {other:?}: refused or accepted"),
+        }
+    };
+    match action {
+        SimAction::Attempt {
+            region,
+            op,
+            mode: m,
+        } => {
+            let region = parse_region(&region)?;
+            let kind = match op.as_str() {
+                "program" => AttemptKind::Program,
+                "erase" => AttemptKind::Erase,
+                other => bail!("--op {other:?}: program or erase"),
+            };
+            let accepted = mode(&m)?;
+            locked(&mut || {
+                let mut d = open_dev(state)?;
+                conformance::device_attempt(&mut *d, region, kind, accepted).map(|_| ())
+            })?;
+        }
+        SimAction::Reset { kind } => {
+            let k = match kind.as_str() {
+                "reset" => ResetKind::Reset,
+                "flr" => ResetKind::Flr,
+                "power-cycle" => ResetKind::PowerCycle,
+                other => bail!("--kind {other:?}: reset, flr or power-cycle"),
+            };
+            locked(&mut || open_dev(state)?.reset(k))?;
+        }
+        SimAction::Inband => {
+            let mut report = None;
+            locked(&mut || {
+                let mut d = open_dev(state)?;
+                report = Some(conformance::device_inband(&mut *d)?);
+                Ok(())
+            })?;
+            print_json(&report)?;
+        }
+        SimAction::Cut { region, mode: m } => {
+            let region = parse_region(&region)?;
+            let accepted = mode(&m)?;
+            locked(&mut || {
+                let mut d = open_dev(state)?;
+                conformance::device_cut_command(&mut *d, region, accepted)?;
+                d.reset(ResetKind::PowerCycle)
+            })?;
+        }
+    }
+    Ok(())
 }

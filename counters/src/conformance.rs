@@ -1,23 +1,55 @@
 //! The vendor conformance suite: does a device's firmware-update counter follow the
 //! reference semantics (datasheet §2)?
 //!
-//! A target offers four things ([`ConformanceTarget`]): OOB frames, "make one
-//! program/erase attempt on a region (refused or accepted)", "reset (reset, FLR,
-//! power cycle)", and optionally an in-band register view. [`DeviceTarget`] adapts any
-//! `Box<dyn hilrig_device::Device>` (model now, RTL later); [`SerialTarget`] drives a
-//! vendor device over its OOB serial port with external commands for the attempts
-//! and resets (see the README for the command templates).
+//! A target offers ([`ConformanceTarget`]): OOB frames, "make one program/erase
+//! attempt on a region (refused or accepted)", "reset (reset, FLR, power cycle)", "an
+//! attempt cut by a power loss", and optionally an in-band register view.
+//! [`DeviceTarget`] adapts any `Box<dyn hilrig_device::Device>` (model, RTL);
+//! [`SerialTarget`] drives a device over its OOB serial port, with an [`Actuator`] for
+//! the attempts and resets: external commands ([`CommandActuator`], see the README
+//! for the templates) or an in-process device ([`DeviceActuator`]).
 //!
-//! Properties: attempts counted including refused ones; increment before acting
-//! (an attempt cut by a power cycle is still counted); MASTER; budget and fuse;
-//! persistence across reset/FLR/power cycle; no decrement by any register write or
-//! OOB request; OOB equals in-band; the keyed physical reset.
+//! Every OOB request carries a fresh sequence number; stale input is drained before
+//! each request; a request is retried at most [`RETRIES`] times. Timeouts, duplicated,
+//! late or corrupt replies are TRANSPORT faults, never a property failure.
+//!
+//! The suite reads the device's width and slots left first and plans each property to
+//! fit its budget (restoring the budget with the keyed physical reset when it has the
+//! key); a property that cannot run is SKIPPED with its reason, and the overall result
+//! is then INCOMPLETE, never PASS.
 
 use hilrig_device::model::ops;
-use hilrig_device::oob::{self, CounterReport, Request, Response};
-use hilrig_device::regmap::{Reg, FLASH_CMD_ERASE, FLASH_CMD_LOCK, HANG_MAGIC, SOFT_RESET_MAGIC};
+use hilrig_device::oob::{self, CounterReport, ErrorCode, Request, Response};
+use hilrig_device::regmap::{
+    Reg, FLASH_CMD_ERASE, FLASH_CMD_LOCK, FLASH_CMD_PROGRAM, FLASH_STATUS_DONE,
+    FLASH_STATUS_REFUSED_FUSE, FLASH_STATUS_REFUSED_LOCKED, HANG_MAGIC, SOFT_RESET_MAGIC,
+};
 use hilrig_device::{Device, DeviceError, Region, ResetKind};
 use serde::Serialize;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Attempts per OOB request (the first try and the retries) before a TRANSPORT fault.
+pub const RETRIES: usize = 3;
+
+/// Why a target could not do what the suite asked.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TargetError {
+    /// The link to the device failed: timeout, I/O error, corrupt, duplicated or late
+    /// frames. Not the device's counter semantics.
+    #[error("transport: {0}")]
+    Transport(String),
+    /// The target could not carry out an action (a command failed, a backend error).
+    #[error("target: {0}")]
+    Target(String),
+}
+
+/// Result with [`TargetError`].
+pub type TResult<T> = Result<T, TargetError>;
+
+fn terr(e: DeviceError) -> TargetError {
+    TargetError::Target(e.to_string())
+}
 
 /// Program or erase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -43,31 +75,57 @@ impl AttemptKind {
 pub trait ConformanceTarget {
     /// Name in the report.
     fn name(&self) -> String;
-    /// Send one raw OOB frame, return the raw response frame.
-    fn oob_raw(&mut self, frame: &[u8]) -> Result<Vec<u8>, String>;
+    /// Send one raw OOB frame and return the first complete frame that comes back
+    /// (no answer in time is a [`TargetError::Transport`]).
+    fn oob_raw(&mut self, frame: &[u8]) -> TResult<Vec<u8>>;
+    /// Send bytes and do not wait for an answer (garbage, cut frames).
+    fn oob_send(&mut self, bytes: &[u8]) -> TResult<()> {
+        self.oob_raw(bytes).map(|_| ())
+    }
+    /// Read the next complete frame that arrives within the response timeout, if any
+    /// (a stream target; an in-process target answers at once and has none pending).
+    fn oob_read(&mut self) -> TResult<Option<Vec<u8>>> {
+        Ok(None)
+    }
+    /// Discard input that arrived unasked; returns the number of bytes discarded.
+    fn drain(&mut self) -> TResult<usize> {
+        Ok(0)
+    }
     /// Make one program or erase attempt on `region`. `accepted = false`: an attempt
     /// the device must refuse (flash controller locked); `true`: a valid, unlocked
-    /// command (a program of all-ones bytes, which changes no data).
-    fn attempt(&mut self, region: Region, kind: AttemptKind, accepted: bool) -> Result<(), String>;
+    /// command (a program of all-ones bytes, which changes no data). Returns
+    /// FLASH_STATUS right after the command, if the target can read it.
+    fn attempt(
+        &mut self,
+        region: Region,
+        kind: AttemptKind,
+        accepted: bool,
+    ) -> TResult<Option<u32>>;
     /// Reset the device.
-    fn reset(&mut self, kind: ResetKind) -> Result<(), String>;
-    /// Issue an attempt and cut power before anything else (no status read); the
-    /// device comes back up. Default: a refused attempt, then a power cycle.
-    fn attempt_then_cut(&mut self, region: Region) -> Result<(), String> {
-        self.attempt(region, AttemptKind::Erase, false)?;
+    fn reset(&mut self, kind: ResetKind) -> TResult<()>;
+    /// Issue an attempt (refused, or an accepted program) and cut power before
+    /// anything else (no status read); the device comes back up. Default: the attempt,
+    /// then a power cycle.
+    fn attempt_then_cut(&mut self, region: Region, accepted: bool) -> TResult<()> {
+        let kind = if accepted {
+            AttemptKind::Program
+        } else {
+            AttemptKind::Erase
+        };
+        self.attempt(region, kind, accepted)?;
         self.reset(ResetKind::PowerCycle)
     }
     /// The counters as the in-band registers show them, if the target has them.
-    fn inband(&mut self) -> Option<Result<CounterReport, String>> {
+    fn inband(&mut self) -> Option<TResult<CounterReport>> {
         None
     }
     /// Write a BAR0 register, if the target allows it.
-    fn write_register(&mut self, _offset: u32, _value: u32) -> Option<Result<(), String>> {
+    fn write_register(&mut self, _offset: u32, _value: u32) -> Option<TResult<()>> {
         None
     }
 }
 
-/// Pass, fail or skip.
+/// Pass, fail, skip, not applicable, or could not be decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Status {
@@ -75,8 +133,69 @@ pub enum Status {
     Pass,
     /// Violated.
     Fail,
-    /// Not run (with the reason in the evidence).
+    /// Not run (with the reason in the evidence): the result is INCOMPLETE.
     Skip,
+    /// The target does not offer what the property compares (e.g. no in-band view).
+    NotApplicable,
+    /// The link to the device failed: no verdict on the property.
+    Transport,
+    /// The target could not carry out an action (a command failed).
+    Error,
+}
+
+impl Status {
+    /// Upper-case label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Status::Pass => "PASS",
+            Status::Fail => "FAIL",
+            Status::Skip => "SKIPPED",
+            Status::NotApplicable => "N/A",
+            Status::Transport => "TRANSPORT",
+            Status::Error => "ERROR",
+        }
+    }
+}
+
+/// The suite's overall verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Overall {
+    /// Every property that applies ran and held, over a clean link.
+    Pass,
+    /// At least one property was violated.
+    Fail,
+    /// No failure, but the link had faults (timeouts, duplicated, late or corrupt
+    /// frames): the run proves nothing either way.
+    Transport,
+    /// No failure, but the target could not carry out an action.
+    Error,
+    /// No failure, but a property was skipped: not a pass.
+    Incomplete,
+}
+
+impl Overall {
+    /// Upper-case label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Overall::Pass => "PASS",
+            Overall::Fail => "FAIL",
+            Overall::Transport => "TRANSPORT",
+            Overall::Error => "ERROR",
+            Overall::Incomplete => "INCOMPLETE",
+        }
+    }
+    /// Exit status of `hilrig counters conformance`: 0 pass, 1 fail, (2 usage),
+    /// 3 incomplete, 4 transport, 5 target error.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Overall::Pass => 0,
+            Overall::Fail => 1,
+            Overall::Incomplete => 3,
+            Overall::Transport => 4,
+            Overall::Error => 5,
+        }
+    }
 }
 
 /// One property's result.
@@ -90,19 +209,44 @@ pub struct PropertyResult {
     pub evidence: Vec<String>,
 }
 
+/// Counts by status.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Counts {
+    /// Passed.
+    pub passed: usize,
+    /// Failed.
+    pub failed: usize,
+    /// Skipped.
+    pub skipped: usize,
+    /// Not applicable.
+    pub not_applicable: usize,
+    /// Transport faults.
+    pub transport: usize,
+    /// Target errors.
+    pub error: usize,
+}
+
 /// The suite's report.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     /// Target name.
     pub target: String,
+    /// Overall verdict.
+    pub overall: Overall,
+    /// Counts by status.
+    pub counts: Counts,
+    /// The budget plan (width, slots left, physical resets made to restore budget).
+    pub plan: Vec<String>,
+    /// Transport faults seen (retried requests, stale input drained).
+    pub transport_faults: Vec<String>,
     /// One per property.
     pub results: Vec<PropertyResult>,
 }
 
 impl Report {
-    /// No property failed.
+    /// The overall verdict is PASS.
     pub fn passed(&self) -> bool {
-        self.results.iter().all(|r| r.status != Status::Fail)
+        self.overall == Overall::Pass
     }
     /// A property's result.
     pub fn get(&self, name: &str) -> Option<&PropertyResult> {
@@ -111,26 +255,85 @@ impl Report {
     /// Readable text.
     pub fn text(&self) -> String {
         let mut s = format!("conformance of {}\n", self.target);
+        for p in &self.plan {
+            s.push_str(&format!("plan: {p}\n"));
+        }
         for r in &self.results {
-            let st = match r.status {
-                Status::Pass => "PASS",
-                Status::Fail => "FAIL",
-                Status::Skip => "SKIP",
-            };
-            s.push_str(&format!("{st}  {}\n", r.name));
+            s.push_str(&format!("{:<10} {}\n", r.status.label(), r.name));
             for e in &r.evidence {
                 s.push_str(&format!("      {e}\n"));
             }
         }
-        let n = |st| self.results.iter().filter(|r| r.status == st).count();
+        for t in self.transport_faults.iter().take(10) {
+            s.push_str(&format!("transport fault: {t}\n"));
+        }
+        if self.transport_faults.len() > 10 {
+            s.push_str(&format!(
+                "... and {} more transport faults\n",
+                self.transport_faults.len() - 10
+            ));
+        }
+        let c = &self.counts;
         s.push_str(&format!(
-            "{} passed, {} failed, {} skipped\n",
-            n(Status::Pass),
-            n(Status::Fail),
-            n(Status::Skip)
+            "{}: {} passed, {} failed, {} skipped, {} n/a, {} transport, {} error\n",
+            self.overall.label(),
+            c.passed,
+            c.failed,
+            c.skipped,
+            c.not_applicable,
+            c.transport,
+            c.error
         ));
         s
     }
+    /// JUnit XML: one testsuite, one testcase per property.
+    pub fn junit(&self) -> String {
+        let c = &self.counts;
+        let mut s = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
+        s.push_str(&format!(
+            "<testsuites><testsuite name=\"{}\" tests=\"{}\" failures=\"{}\" errors=\"{}\" skipped=\"{}\">\n",
+            xml(&format!("conformance {}", self.target)),
+            self.results.len(),
+            c.failed,
+            c.transport + c.error,
+            c.skipped + c.not_applicable
+        ));
+        for r in &self.results {
+            let ev = xml(&r.evidence.join("\n"));
+            s.push_str(&format!(
+                "  <testcase classname=\"conformance\" name=\"{}\">",
+                r.name
+            ));
+            match r.status {
+                Status::Pass => s.push_str(&format!("<system-out>{ev}</system-out>")),
+                Status::Fail => s.push_str(&format!(
+                    "<failure message=\"property violated\">{ev}</failure>"
+                )),
+                Status::Skip | Status::NotApplicable => {
+                    s.push_str(&format!("<skipped message=\"{ev}\"/>"))
+                }
+                Status::Transport => s.push_str(&format!(
+                    "<error type=\"transport\" message=\"transport fault\">{ev}</error>"
+                )),
+                Status::Error => s.push_str(&format!(
+                    "<error type=\"target\" message=\"target error\">{ev}</error>"
+                )),
+            }
+            s.push_str("</testcase>\n");
+        }
+        s.push_str(&format!(
+            "  <system-out>overall {}</system-out>\n</testsuite></testsuites>\n",
+            self.overall.label()
+        ));
+        s
+    }
+}
+
+fn xml(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// Suite options.
@@ -138,14 +341,15 @@ impl Report {
 pub struct Options {
     /// Run the budget-and-fuse property: makes attempts until the fuse blows.
     pub burn_fuse: bool,
-    /// The OOB physical-reset key: enables the physical-reset property (and recovers
-    /// the device after the fuse property).
+    /// The OOB physical-reset key: enables the physical-reset properties and lets the
+    /// suite restore the budget between properties.
     pub reset_key: Option<[u8; 32]>,
 }
 
 /// Property names, in run order.
 pub const PROPERTIES: &[&str] = &[
     "refused-attempts-counted",
+    "refused-leaves-flash-unchanged",
     "accepted-attempts-counted",
     "count-before-act",
     "master",
@@ -154,28 +358,126 @@ pub const PROPERTIES: &[&str] = &[
     "oob-equals-inband",
     "budget-and-fuse",
     "physical-reset",
+    "master-across-physical-reset",
 ];
 
-fn request(t: &mut dyn ConformanceTarget, req: &Request) -> Result<Response, String> {
-    let out = t.oob_raw(&oob::encode_request(0x33, req))?;
-    let (seq, resp) = oob::decode_response(&out).map_err(|e| e.to_string())?;
-    if seq != 0x33 {
-        return Err(format!("response sequence {seq} for request 0x33"));
-    }
-    Ok(resp)
-}
-
-fn counters(t: &mut dyn ConformanceTarget) -> Result<CounterReport, String> {
-    match request(t, &Request::ReadCounters)? {
-        Response::Counters(c) => Ok(c),
-        other => Err(format!("READ_COUNTERS answered {other:?}")),
+/// Attempts per region (VBIOS, FIRMWARE, CONFIG) a property makes.
+fn cost(name: &str) -> [u32; 3] {
+    match name {
+        "refused-attempts-counted" | "refused-leaves-flash-unchanged" | "count-before-act" => {
+            [2, 2, 2]
+        }
+        "accepted-attempts-counted" => [1, 2, 2],
+        "master" => [1, 1, 2],
+        "persistence" => [1, 1, 1],
+        "master-across-physical-reset" => [0, 0, 1],
+        _ => [0, 0, 0],
     }
 }
 
-fn hash(t: &mut dyn ConformanceTarget, r: Region) -> Result<[u8; 32], String> {
-    match request(t, &Request::ReadHash(r))? {
-        Response::Hash { sha256, .. } => Ok(sha256),
-        other => Err(format!("READ_HASH answered {other:?}")),
+/// The OOB requester of one run: fresh sequence numbers, drain, bounded retries.
+struct Session<'a> {
+    t: &'a mut dyn ConformanceTarget,
+    seq: u8,
+    faults: Vec<String>,
+    /// Region hashes before the suite made any attempt.
+    baseline: Option<[[u8; 32]; 3]>,
+    /// Every keyed physical reset the suite made: (MASTER before, MASTER after).
+    resets: Vec<(u32, u32)>,
+}
+
+impl Session<'_> {
+    fn next_seq(&mut self) -> u8 {
+        self.seq = self.seq.wrapping_add(1);
+        if self.seq == 0 {
+            self.seq = 1;
+        }
+        self.seq
+    }
+
+    fn drain(&mut self, what: &str) -> TResult<()> {
+        let n = self.t.drain()?;
+        if n > 0 {
+            self.faults
+                .push(format!("{n} stale bytes drained before {what}"));
+        }
+        Ok(())
+    }
+
+    /// One request; error frames are returned as `Response::Error`.
+    fn raw_request(&mut self, cmd: u8, payload: &[u8], what: &str) -> TResult<Response> {
+        let mut last = String::new();
+        for attempt in 1..=RETRIES {
+            self.drain(what)?;
+            let seq = self.next_seq();
+            let f = oob::frame(seq, cmd, payload);
+            let out = match self.t.oob_raw(&f) {
+                Ok(o) => o,
+                Err(TargetError::Transport(e)) => {
+                    last = e;
+                    self.faults
+                        .push(format!("{what} (try {attempt}/{RETRIES}): {last}"));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            match oob::decode_response(&out) {
+                Ok((s, resp)) if s == seq => return Ok(resp),
+                Ok((s, _)) => last = format!("reply with sequence {s} to request {seq}"),
+                Err(e) => last = format!("corrupt reply {out:02x?}: {e}"),
+            }
+            self.faults
+                .push(format!("{what} (try {attempt}/{RETRIES}): {last}"));
+        }
+        Err(TargetError::Transport(format!(
+            "{what}: no good reply in {RETRIES} tries; last: {last}"
+        )))
+    }
+
+    fn request(&mut self, req: &Request) -> TResult<Response> {
+        let f = oob::encode_request(0, req);
+        let what = match req {
+            Request::Identify => "IDENTIFY",
+            Request::ReadCounters => "READ_COUNTERS",
+            Request::ReadHash(_) => "READ_HASH",
+            Request::PhysicalReset(_) => "PHYSICAL_RESET",
+        };
+        // payload sits between the 4-byte header and the 2-byte CRC
+        self.raw_request(f[3], &f[4..f.len() - 2], what)
+    }
+
+    fn counters(&mut self) -> TResult<CounterReport> {
+        match self.request(&Request::ReadCounters)? {
+            Response::Counters(c) => Ok(c),
+            other => Err(TargetError::Target(format!(
+                "READ_COUNTERS answered {other:?}"
+            ))),
+        }
+    }
+
+    fn hash(&mut self, r: Region) -> TResult<[u8; 32]> {
+        match self.request(&Request::ReadHash(r))? {
+            Response::Hash { sha256, region } if region == r => Ok(sha256),
+            other => Err(TargetError::Target(format!(
+                "READ_HASH {r} answered {other:?}"
+            ))),
+        }
+    }
+
+    fn physical_reset(&mut self, key: [u8; 32]) -> TResult<Response> {
+        self.request(&Request::PhysicalReset(key))
+    }
+
+    /// A keyed physical reset, with MASTER read around it (for
+    /// master-across-physical-reset).
+    fn keyed_reset(&mut self, key: [u8; 32]) -> TResult<(CounterReport, Response, CounterReport)> {
+        let a = self.counters()?;
+        let resp = self.physical_reset(key)?;
+        let b = self.counters()?;
+        if matches!(resp, Response::ResetDone { .. }) {
+            self.resets.push((a.master, b.master));
+        }
+        Ok((a, resp, b))
     }
 }
 
@@ -186,8 +488,13 @@ fn show(c: &CounterReport) -> String {
     )
 }
 
+/// A counting check that did not hold (what was seen).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Mismatch(String);
+
 /// Check that exactly one attempt on `region` was counted between `a` and `b`.
-fn one_counted(a: &CounterReport, b: &CounterReport, region: Region) -> Result<(), String> {
+fn one_counted(a: &CounterReport, b: &CounterReport, region: Region) -> Result<(), Mismatch> {
     let i = region as usize;
     let mut want = a.counters;
     want[i] = want[i].wrapping_add(1);
@@ -196,11 +503,11 @@ fn one_counted(a: &CounterReport, b: &CounterReport, region: Region) -> Result<(
         || b.counters != want
         || b.master != a.master.wrapping_add(1)
     {
-        return Err(format!(
+        return Err(Mismatch(format!(
             "{region}: before {}, after {}; want {region} +1 and master +1",
             show(a),
             show(b)
-        ));
+        )));
     }
     Ok(())
 }
@@ -213,33 +520,75 @@ fn never_lower(a: &CounterReport, b: &CounterReport) -> Option<String> {
     lower.then(|| format!("went down: {} -> {}", show(a), show(b)))
 }
 
+/// A property's outcome: Ok(evidence) holds, Err(evidence) violated.
 type Prop = Result<Vec<String>, Vec<String>>;
+
+enum Outcome {
+    Ran(Prop),
+    Skip(String),
+    NotApplicable(String),
+}
+
+fn verdict(ev: Vec<String>, bad: Vec<String>) -> Outcome {
+    Outcome::Ran(if bad.is_empty() { Ok(ev) } else { Err(bad) })
+}
 
 /// Run the suite.
 pub fn run(t: &mut dyn ConformanceTarget, opts: &Options) -> Report {
+    let target = t.name();
+    let mut s = Session {
+        t,
+        seq: 0,
+        faults: Vec::new(),
+        baseline: None,
+        resets: Vec::new(),
+    };
+    let mut plan = Vec::new();
     let mut results = Vec::new();
+    // Read the device's width and budget first.
+    let start = s.counters();
+    match &start {
+        Ok(c) => {
+            let total: u32 = PROPERTIES
+                .iter()
+                .filter(|p| wanted(p, opts))
+                .map(|p| cost(p).iter().max().copied().unwrap_or(0))
+                .sum();
+            plan.push(format!(
+                "width {}, slots left {}, fuse {}; the planned properties need up to {total} attempts per region{}",
+                c.width,
+                c.slots_left,
+                c.fuse as u8,
+                match (total <= c.slots_left, opts.reset_key.is_some()) {
+                    (true, _) => "",
+                    (false, true) => ": the keyed physical reset restores the budget between properties",
+                    (false, false) => ": properties that do not fit are skipped (give --reset-key to restore the budget)",
+                }
+            ));
+        }
+        Err(e) => plan.push(format!("could not read the device's budget: {e}")),
+    }
+    // The flash before any attempt: only refused attempts come before
+    // refused-leaves-flash-unchanged, so the flash must still hash the same there.
+    let mut base = [[0u8; 32]; 3];
+    let mut have = true;
+    for (b, r) in base.iter_mut().zip(Region::ALL) {
+        match s.hash(r) {
+            Ok(h) => *b = h,
+            Err(_) => have = false,
+        }
+    }
+    s.baseline = have.then_some(base);
     for &name in PROPERTIES {
-        let r: Result<Prop, String> = match name {
-            "refused-attempts-counted" => p_attempts(t, false),
-            "accepted-attempts-counted" => p_attempts(t, true),
-            "count-before-act" => p_before_act(t),
-            "master" => p_master(t),
-            "persistence" => p_persistence(t),
-            "no-decrement" => p_no_decrement(t, opts),
-            "oob-equals-inband" => p_inband(t),
-            "budget-and-fuse" => p_fuse(t, opts),
-            "physical-reset" => p_physical_reset(t, opts),
-            _ => Ok(Err(vec!["unknown property".into()])),
+        let r = run_one(&mut s, name, opts, &mut plan);
+        let (status, mut evidence) = match r {
+            Ok(Outcome::Ran(Ok(ev))) => (Status::Pass, ev),
+            Ok(Outcome::Ran(Err(ev))) => (Status::Fail, ev),
+            Ok(Outcome::Skip(why)) => (Status::Skip, vec![format!("skipped: {why}")]),
+            Ok(Outcome::NotApplicable(why)) => (Status::NotApplicable, vec![why]),
+            Err(TargetError::Transport(e)) => (Status::Transport, vec![format!("transport: {e}")]),
+            Err(TargetError::Target(e)) => (Status::Error, vec![format!("target error: {e}")]),
         };
-        let (status, evidence) = match r {
-            Ok(Ok(ev)) if ev.first().is_some_and(|e| e.starts_with("skipped")) => {
-                (Status::Skip, ev)
-            }
-            Ok(Ok(ev)) => (Status::Pass, ev),
-            Ok(Err(ev)) => (Status::Fail, ev),
-            Err(e) => (Status::Fail, vec![format!("target error: {e}")]),
-        };
-        let mut evidence = evidence;
         if evidence.len() > 10 {
             let more = evidence.len() - 8;
             evidence.truncate(8);
@@ -251,114 +600,288 @@ pub fn run(t: &mut dyn ConformanceTarget, opts: &Options) -> Report {
             evidence,
         });
     }
+    let n = |st| results.iter().filter(|r| r.status == st).count();
+    let counts = Counts {
+        passed: n(Status::Pass),
+        failed: n(Status::Fail),
+        skipped: n(Status::Skip),
+        not_applicable: n(Status::NotApplicable),
+        transport: n(Status::Transport),
+        error: n(Status::Error),
+    };
+    let faults = std::mem::take(&mut s.faults);
+    let overall = if counts.failed > 0 {
+        Overall::Fail
+    } else if counts.transport > 0 || !faults.is_empty() {
+        Overall::Transport
+    } else if counts.error > 0 {
+        Overall::Error
+    } else if counts.skipped > 0 {
+        Overall::Incomplete
+    } else {
+        Overall::Pass
+    };
     Report {
-        target: t.name(),
+        target,
+        overall,
+        counts,
+        plan,
+        transport_faults: faults,
         results,
     }
 }
 
-fn need_slots(t: &mut dyn ConformanceTarget, n: u32) -> Result<Option<String>, String> {
-    let c = counters(t)?;
-    if c.fuse || c.slots_left < n {
-        Ok(Some(format!(
-            "skipped: needs {n} attempts of budget, device has {} (fuse {})",
-            c.slots_left, c.fuse as u8
-        )))
-    } else {
-        Ok(None)
+fn wanted(name: &str, opts: &Options) -> bool {
+    match name {
+        "budget-and-fuse" => opts.burn_fuse,
+        "physical-reset" | "master-across-physical-reset" => opts.reset_key.is_some(),
+        _ => true,
     }
 }
 
-fn p_attempts(t: &mut dyn ConformanceTarget, accepted: bool) -> Result<Prop, String> {
-    if let Some(s) = need_slots(t, 2)? {
-        return Ok(Ok(vec![s]));
+/// Make sure the property's attempts fit the budget: restore it with the keyed
+/// physical reset if needed and possible, else say why it cannot run.
+fn fit(
+    s: &mut Session,
+    name: &str,
+    opts: &Options,
+    plan: &mut Vec<String>,
+) -> TResult<Option<String>> {
+    let need = cost(name);
+    let c = s.counters()?;
+    let w = c.width as u32;
+    let fits = |c: &CounterReport| {
+        !c.fuse
+            && (0..3).all(|i| c.counters[i].saturating_add(need[i]) < w)
+            && need.iter().max().copied().unwrap_or(0) <= c.slots_left
+    };
+    if fits(&c) {
+        return Ok(None);
     }
+    let Some(key) = opts.reset_key else {
+        return Ok(Some(format!(
+            "needs {need:?} attempts (vbios, firmware, config) below the fuse; the device has {} of width {w}, fuse {}, slots left {}; give --reset-key to let the suite restore the budget",
+            format_args!("{:?}", c.counters),
+            c.fuse as u8,
+            c.slots_left
+        )));
+    };
+    let (_, resp, after) = s.keyed_reset(key)?;
+    plan.push(format!(
+        "before {name}: physical reset to restore the budget ({resp:?}): {} -> {}",
+        show(&c),
+        show(&after)
+    ));
+    if fits(&after) {
+        Ok(None)
+    } else {
+        Ok(Some(format!(
+            "the budget did not come back after a keyed physical reset: {}",
+            show(&after)
+        )))
+    }
+}
+
+fn run_one(
+    s: &mut Session,
+    name: &str,
+    opts: &Options,
+    plan: &mut Vec<String>,
+) -> TResult<Outcome> {
+    match name {
+        "budget-and-fuse" if !opts.burn_fuse => {
+            return Ok(Outcome::Skip(
+                "pass --burn-fuse (uses up the budget; the reset key recovers the device)".into(),
+            ))
+        }
+        "physical-reset" | "master-across-physical-reset" if opts.reset_key.is_none() => {
+            return Ok(Outcome::Skip("no reset key given (--reset-key)".into()))
+        }
+        _ => {}
+    }
+    if cost(name) != [0, 0, 0] {
+        if let Some(why) = fit(s, name, opts, plan)? {
+            return Ok(Outcome::Skip(why));
+        }
+    }
+    match name {
+        "refused-attempts-counted" => p_attempts(s, false),
+        "refused-leaves-flash-unchanged" => p_refused_unchanged(s),
+        "accepted-attempts-counted" => p_attempts(s, true),
+        "count-before-act" => p_before_act(s),
+        "master" => p_master(s),
+        "persistence" => p_persistence(s),
+        "no-decrement" => p_no_decrement(s, opts),
+        "oob-equals-inband" => p_inband(s),
+        "budget-and-fuse" => p_fuse(s, opts, plan),
+        "physical-reset" => p_physical_reset(s, opts),
+        "master-across-physical-reset" => p_master_reset(s, opts),
+        other => Err(TargetError::Target(format!("unknown property {other}"))),
+    }
+}
+
+fn p_attempts(s: &mut Session, accepted: bool) -> TResult<Outcome> {
     let mut ev = Vec::new();
     let mut bad = Vec::new();
+    let label = if accepted { "accepted" } else { "refused" };
     for r in Region::ALL {
         for k in [AttemptKind::Erase, AttemptKind::Program] {
             if accepted && k == AttemptKind::Erase && r == Region::Vbios {
                 // Keep the VBIOS (expansion ROM) intact: a program of all-ones suffices.
                 continue;
             }
-            let a = counters(t)?;
-            t.attempt(r, k, accepted)?;
-            let b = counters(t)?;
+            let a = s.counters()?;
+            s.t.attempt(r, k, accepted)?;
+            let b = s.counters()?;
             match one_counted(&a, &b, r) {
                 Ok(()) => ev.push(format!(
-                    "{} {} {r}: {} -> {}",
-                    if accepted { "accepted" } else { "refused" },
+                    "{label} {} {r}: {} -> {}",
                     k.name(),
                     a.counters[r as usize],
                     b.counters[r as usize]
                 )),
-                Err(e) => bad.push(format!(
-                    "{} {} not counted: {e}",
-                    if accepted { "accepted" } else { "refused" },
+                Err(e) => bad.push(format!("{label} {} not counted: {e}", k.name())),
+            }
+        }
+    }
+    Ok(verdict(ev, bad))
+}
+
+fn p_refused_unchanged(s: &mut Session) -> TResult<Outcome> {
+    let mut ev = Vec::new();
+    let mut bad = Vec::new();
+    if let Some(base) = s.baseline {
+        for (b, r) in base.iter().zip(Region::ALL) {
+            let now = s.hash(r)?;
+            if &now != b {
+                bad.push(format!(
+                    "{r}: READ_HASH {} before the suite's first (refused) attempt, {} now, after refused attempts only",
+                    oob::hex_string(&b[..8]),
+                    oob::hex_string(&now[..8])
+                ));
+            }
+        }
+        if bad.is_empty() {
+            ev.push(
+                "every region hashes as before the refused attempts of refused-attempts-counted"
+                    .into(),
+            );
+        }
+    }
+    for r in Region::ALL {
+        for k in [AttemptKind::Erase, AttemptKind::Program] {
+            let before = s.hash(r)?;
+            let status = s.t.attempt(r, k, false)?;
+            let after = s.hash(r)?;
+            // Read it twice: a device whose READ_HASH is not a function of the flash
+            // contents shows here too.
+            let again = s.hash(r)?;
+            if before != after || after != again {
+                bad.push(format!(
+                    "refused {} {r} changed what READ_HASH reports: {} -> {} -> {}",
+                    k.name(),
+                    oob::hex_string(&before[..8]),
+                    oob::hex_string(&after[..8]),
+                    oob::hex_string(&again[..8])
+                ));
+            }
+            match status {
+                Some(st)
+                    if st & FLASH_STATUS_DONE != 0
+                        || st & (FLASH_STATUS_REFUSED_LOCKED | FLASH_STATUS_REFUSED_FUSE) == 0 =>
+                {
+                    bad.push(format!(
+                        "refused {} {r}: FLASH_STATUS {st:#x} does not say refused",
+                        k.name()
+                    ))
+                }
+                Some(st) => ev.push(format!(
+                    "refused {} {r}: FLASH_STATUS {st:#x}, hash unchanged",
+                    k.name()
+                )),
+                None => ev.push(format!(
+                    "refused {} {r}: hash unchanged (FLASH_STATUS not readable on this target)",
                     k.name()
                 )),
             }
         }
     }
-    Ok(if bad.is_empty() { Ok(ev) } else { Err(bad) })
+    Ok(verdict(ev, bad))
 }
 
-fn p_before_act(t: &mut dyn ConformanceTarget) -> Result<Prop, String> {
-    if let Some(s) = need_slots(t, 1)? {
-        return Ok(Ok(vec![s]));
-    }
+fn p_before_act(s: &mut Session) -> TResult<Outcome> {
     let mut ev = Vec::new();
     let mut bad = Vec::new();
-    for r in Region::ALL {
-        let a = counters(t)?;
-        t.attempt_then_cut(r)?;
-        let b = counters(t)?;
-        match one_counted(&a, &b, r) {
-            Ok(()) => ev.push(format!(
-                "{r}: attempt then power cut, count {} -> {} survived",
-                a.counters[r as usize], b.counters[r as usize]
-            )),
-            Err(e) => bad.push(format!("attempt cut by a power cycle was lost: {e}")),
+    for accepted in [false, true] {
+        let label = if accepted {
+            "accepted program"
+        } else {
+            "refused erase"
+        };
+        for r in Region::ALL {
+            let a = s.counters()?;
+            s.t.attempt_then_cut(r, accepted)?;
+            let b = s.counters()?;
+            match one_counted(&a, &b, r) {
+                Ok(()) => ev.push(format!(
+                    "{label} {r} then power cut: count {} -> {} survived",
+                    a.counters[r as usize], b.counters[r as usize]
+                )),
+                Err(e) => bad.push(format!("{label} cut by a power loss was lost: {e}")),
+            }
         }
     }
-    Ok(if bad.is_empty() { Ok(ev) } else { Err(bad) })
+    Ok(verdict(ev, bad))
 }
 
-fn p_master(t: &mut dyn ConformanceTarget) -> Result<Prop, String> {
-    if let Some(s) = need_slots(t, 2)? {
-        return Ok(Ok(vec![s]));
-    }
-    let a = counters(t)?;
+fn p_master(s: &mut Session) -> TResult<Outcome> {
+    let a = s.counters()?;
     let plan = [
         (Region::Config, AttemptKind::Erase, false),
         (Region::Firmware, AttemptKind::Program, false),
         (Region::Vbios, AttemptKind::Program, true),
         (Region::Config, AttemptKind::Program, true),
     ];
+    let mut ev = Vec::new();
+    let mut bad = Vec::new();
+    let mut prev = a;
     for (r, k, acc) in plan {
-        t.attempt(r, k, acc)?;
+        s.t.attempt(r, k, acc)?;
+        let c = s.counters()?;
+        let d = c.master as i64 - prev.master as i64;
+        let what = format!(
+            "{} {} {r}",
+            if acc { "accepted" } else { "refused" },
+            k.name()
+        );
+        if d != 1 {
+            bad.push(format!(
+                "{what}: master {} -> {} (want +1)",
+                prev.master, c.master
+            ));
+        } else {
+            ev.push(format!("{what}: master {} -> {}", prev.master, c.master));
+        }
+        prev = c;
     }
-    let b = counters(t)?;
     let region_delta: i64 = (0..3)
-        .map(|i| b.counters[i] as i64 - a.counters[i] as i64)
+        .map(|i| prev.counters[i] as i64 - a.counters[i] as i64)
         .sum();
-    let master_delta = b.master as i64 - a.master as i64;
-    let ev = vec![format!(
+    let master_delta = prev.master as i64 - a.master as i64;
+    let line = format!(
         "4 attempts: region deltas sum {region_delta}, master delta {master_delta} ({} -> {})",
         show(&a),
-        show(&b)
-    )];
-    Ok(if region_delta == 4 && master_delta == 4 {
-        Ok(ev)
+        show(&prev)
+    );
+    if region_delta != 4 || master_delta != 4 {
+        bad.push(line);
     } else {
-        Err(ev)
-    })
+        ev.push(line);
+    }
+    Ok(verdict(ev, bad))
 }
 
-fn p_persistence(t: &mut dyn ConformanceTarget) -> Result<Prop, String> {
-    if let Some(s) = need_slots(t, 2)? {
-        return Ok(Ok(vec![s]));
-    }
+fn p_persistence(s: &mut Session) -> TResult<Outcome> {
     let mut ev = Vec::new();
     let mut bad = Vec::new();
     for (kind, r) in [
@@ -366,37 +889,36 @@ fn p_persistence(t: &mut dyn ConformanceTarget) -> Result<Prop, String> {
         (ResetKind::Flr, Region::Firmware),
         (ResetKind::PowerCycle, Region::Config),
     ] {
-        t.attempt(r, AttemptKind::Erase, false)?;
-        let a = counters(t)?;
-        t.reset(kind)?;
-        let b = counters(t)?;
+        s.t.attempt(r, AttemptKind::Erase, false)?;
+        let a = s.counters()?;
+        s.t.reset(kind)?;
+        let b = s.counters()?;
         if a == b {
             ev.push(format!("{kind:?}: {} kept", show(&b)));
         } else {
             bad.push(format!("{kind:?}: {} -> {}", show(&a), show(&b)));
         }
     }
-    Ok(if bad.is_empty() { Ok(ev) } else { Err(bad) })
+    Ok(verdict(ev, bad))
 }
 
-fn p_no_decrement(t: &mut dyn ConformanceTarget, opts: &Options) -> Result<Prop, String> {
+fn p_no_decrement(s: &mut Session, opts: &Options) -> TResult<Outcome> {
     let mut ev = Vec::new();
     let mut bad = Vec::new();
-    let start = counters(t)?;
+    let start = s.counters()?;
     let mut writes = 0;
-    let check =
-        |t: &mut dyn ConformanceTarget, what: &str, bad: &mut Vec<String>| -> Result<(), String> {
-            let now = counters(t)?;
-            if let Some(e) = never_lower(&start, &now) {
-                bad.push(format!("after {what}: {e}"));
-            }
-            Ok(())
-        };
+    let check = |s: &mut Session, what: &str, bad: &mut Vec<String>| -> TResult<()> {
+        let now = s.counters()?;
+        if let Some(e) = never_lower(&start, &now) {
+            bad.push(format!("after {what}: {e}"));
+        }
+        Ok(())
+    };
     // Every word of the counters page, with values that would clear or lower them.
     let mut supported = true;
     'outer: for off in (0x2000u32..0x2040).step_by(4) {
         for v in [0u32, 1, 0xffff_ffff, 0x8000_0000] {
-            match t.write_register(off, v) {
+            match s.t.write_register(off, v) {
                 None => {
                     supported = false;
                     break 'outer;
@@ -405,27 +927,27 @@ fn p_no_decrement(t: &mut dyn ConformanceTarget, opts: &Options) -> Result<Prop,
             }
             writes += 1;
         }
-        check(t, &format!("writes to BAR0+{off:#x}"), &mut bad)?;
+        check(s, &format!("writes to BAR0+{off:#x}"), &mut bad)?;
     }
     if supported {
         for (off, v, what) in [
             (Reg::SoftReset.offset(), SOFT_RESET_MAGIC, "soft reset"),
             (Reg::HangTrigger.offset(), HANG_MAGIC, "hang trigger"),
         ] {
-            if let Some(r) = t.write_register(off, v) {
+            if let Some(r) = s.t.write_register(off, v) {
                 r?;
                 writes += 1;
             }
-            check(t, what, &mut bad)?;
+            check(s, what, &mut bad)?;
         }
-        t.reset(ResetKind::Flr)?;
+        s.t.reset(ResetKind::Flr)?;
         ev.push(format!(
             "{writes} register writes (counters page, soft reset, hang)"
         ));
     } else {
         ev.push("the target offers no register writes: OOB only".into());
     }
-    // OOB: a wrong physical-reset key, malformed frames, every read request.
+    // OOB: a wrong physical-reset key.
     let wrong = match opts.reset_key {
         Some(k) => {
             let mut w = k;
@@ -434,24 +956,46 @@ fn p_no_decrement(t: &mut dyn ConformanceTarget, opts: &Options) -> Result<Prop,
         }
         None => [0u8; 32],
     };
-    match request(t, &Request::PhysicalReset(wrong))? {
-        Response::Error { .. } => ev.push("physical reset with a wrong key refused".into()),
+    match s.physical_reset(wrong)? {
+        Response::Error {
+            code: ErrorCode::BadKey,
+            ..
+        } => ev.push("physical reset with a wrong key refused".into()),
         other => bad.push(format!(
             "physical reset with a wrong key answered {other:?}"
         )),
     }
-    check(t, "a wrong-key physical reset", &mut bad)?;
-    let mut frames: Vec<Vec<u8>> = vec![
-        vec![],
-        vec![0xA5],
-        vec![0xA5, 0xff, 0, 4],
-        oob::frame(1, 0x04, &[0u8; 31]),
-        oob::frame(1, 0x7f, &[]),
-        oob::frame(1, 0x05, &[1, 2, 3]),
-    ];
+    check(s, "a wrong-key physical reset", &mut bad)?;
+    // Well-framed bad requests must get error frames (with their sequence number).
+    for (cmd, payload, what) in [
+        (0x7fu8, &[][..], "unknown command"),
+        (oob::cmd::READ_HASH, &[9u8][..], "READ_HASH of region 9"),
+        (oob::cmd::READ_HASH, &[0u8, 0][..], "READ_HASH with 2 bytes"),
+        (
+            oob::cmd::READ_COUNTERS,
+            &[1u8, 2, 3][..],
+            "READ_COUNTERS with a payload",
+        ),
+        (
+            oob::cmd::PHYSICAL_RESET,
+            &[0u8; 31][..],
+            "PHYSICAL_RESET with 31 bytes",
+        ),
+    ] {
+        match s.raw_request(cmd, payload, what)? {
+            Response::Error { .. } => {}
+            other => bad.push(format!("{what} answered {other:?}, not an error frame")),
+        }
+    }
+    // Garbage: a frame with a bad CRC, one announcing an oversized payload, random
+    // bytes. Not every one has an answer (a serial line skips bytes before a SYNC),
+    // but the device must keep answering and lower nothing.
+    let mut badcrc = oob::encode_request(0x44, &Request::ReadCounters);
+    badcrc[4] ^= 0xff;
+    let mut garbage: Vec<Vec<u8>> = vec![badcrc, vec![0xA5, 0xff, 0, 4], vec![0x00, 0x13]];
     let mut x = 0x1234_5678u32;
-    for _ in 0..40 {
-        let len = (x % 40) as usize;
+    for _ in 0..20 {
+        let len = 1 + (x % 40) as usize;
         let mut f = Vec::with_capacity(len);
         for _ in 0..len {
             x ^= x << 13;
@@ -459,68 +1003,111 @@ fn p_no_decrement(t: &mut dyn ConformanceTarget, opts: &Options) -> Result<Prop,
             x ^= x << 5;
             f.push(x as u8);
         }
-        frames.push(f);
+        // Keep a SYNC out of it, so no half frame waits for more bytes.
+        f.iter_mut().for_each(|b| {
+            if *b == oob::SYNC {
+                *b = 0
+            }
+        });
+        garbage.push(f);
     }
-    for f in &frames {
-        let _ = t.oob_raw(f)?;
+    for g in &garbage {
+        s.t.oob_send(g)?;
+    }
+    // Answers to garbage are not stale replies to a request: skip them up to the
+    // reply to a marker request (a slow device answers a cut frame only after its
+    // inter-byte timeout, and a simulated one takes its time over the bytes).
+    let marker = s.next_seq();
+    s.t.oob_send(&oob::frame(marker, oob::cmd::IDENTIFY, &[]))?;
+    let mut skipped = 0;
+    while let Some(f) = s.t.oob_read()? {
+        if matches!(oob::decode_response(&f), Ok((q, _)) if q == marker) {
+            break;
+        }
+        skipped += 1;
+        if skipped > 4 * garbage.len() + 8 {
+            return Err(TargetError::Transport(format!(
+                "{skipped} frames after the garbage and no reply to the marker request"
+            )));
+        }
     }
     for r in [
         Request::Identify,
         Request::ReadCounters,
         Request::ReadHash(Region::Config),
     ] {
-        let _ = request(t, &r)?;
+        if let Response::Error { code, .. } = s.request(&r)? {
+            bad.push(format!("{r:?} after garbage answered error {code:?}"))
+        }
     }
-    check(t, "malformed and read-only OOB frames", &mut bad)?;
+    check(s, "malformed and read-only OOB frames", &mut bad)?;
     ev.push(format!(
-        "{} malformed OOB frames and the read requests: counters never lower ({})",
-        frames.len(),
+        "5 bad requests answered with error frames; {} garbage frames, then the read requests: counters never lower ({})",
+        garbage.len(),
         show(&start)
     ));
-    Ok(if bad.is_empty() { Ok(ev) } else { Err(bad) })
+    Ok(verdict(ev, bad))
 }
 
-fn p_inband(t: &mut dyn ConformanceTarget) -> Result<Prop, String> {
-    let Some(ib) = t.inband() else {
-        return Ok(Ok(vec![
-            "skipped: the target has no in-band register view".into()
-        ]));
+fn p_inband(s: &mut Session) -> TResult<Outcome> {
+    let Some(ib) = s.t.inband() else {
+        return Ok(Outcome::NotApplicable(
+            "the target has no in-band register view".into(),
+        ));
     };
     let ib = ib?;
-    let o = counters(t)?;
+    let o = s.counters()?;
+    let ib2 = match s.t.inband() {
+        Some(x) => x?,
+        None => ib,
+    };
     let ev = vec![format!("OOB {} / in-band {}", show(&o), show(&ib))];
-    Ok(if ib == o { Ok(ev) } else { Err(ev) })
+    Ok(Outcome::Ran(if ib == o && ib2 == o {
+        Ok(ev)
+    } else {
+        Err(ev)
+    }))
 }
 
-fn p_fuse(t: &mut dyn ConformanceTarget, opts: &Options) -> Result<Prop, String> {
-    if !opts.burn_fuse {
-        return Ok(Ok(vec![
-            "skipped: pass burn-fuse (uses up the budget; the reset key recovers the device)"
-                .into(),
-        ]));
-    }
+fn p_fuse(s: &mut Session, opts: &Options, plan: &mut Vec<String>) -> TResult<Outcome> {
     let mut ev = Vec::new();
     let mut bad = Vec::new();
     let r = Region::Config;
-    let start = counters(t)?;
+    let mut start = s.counters()?;
+    if start.fuse || start.counters != [0, 0, 0] {
+        if let Some(key) = opts.reset_key {
+            let (_, resp, after) = s.keyed_reset(key)?;
+            plan.push(format!(
+                "before budget-and-fuse: physical reset to start from an empty budget ({resp:?}): {} -> {}",
+                show(&start),
+                show(&after)
+            ));
+            start = after;
+        }
+    }
     if start.fuse {
-        return Ok(Err(vec![format!("fuse already blown: {}", show(&start))]));
+        return Ok(Outcome::Skip(format!(
+            "the fuse is already blown and no reset key was given: {}",
+            show(&start)
+        )));
     }
     let w = start.width as u32;
     let mut prev = start;
     let mut n = 0;
-    while !prev.fuse && n < 70 {
-        t.attempt(r, AttemptKind::Erase, false)?;
+    // At most WIDTH attempts reach the end of a region's budget; two more to see a
+    // counter that wraps or a fuse that never blows.
+    let limit = w.saturating_sub(start.counters[r as usize]) + 2;
+    while !prev.fuse && n < limit {
+        s.t.attempt(r, AttemptKind::Erase, false)?;
         n += 1;
-        let c = counters(t)?;
+        let c = s.counters()?;
         if let Err(e) = one_counted(&prev, &c, r) {
             bad.push(format!("attempt {n}: {e}"));
-            if c == prev && n >= 3 {
-                bad.push("attempts are not counted: giving up before the fuse".into());
-                return Ok(Err(bad));
-            }
         }
-        let want_slots = w.saturating_sub(*c.counters.iter().max().unwrap_or(&0));
+        if let Some(e) = never_lower(&prev, &c) {
+            bad.push(format!("attempt {n}: counter wrapped: {e}"));
+        }
+        let want_slots = w.saturating_sub(c.counters.iter().max().copied().unwrap_or(0));
         if c.slots_left != want_slots {
             bad.push(format!(
                 "attempt {n}: slots_left {} != width - max counter {want_slots}",
@@ -531,18 +1118,27 @@ fn p_fuse(t: &mut dyn ConformanceTarget, opts: &Options) -> Result<Prop, String>
         if c.fuse != want_fuse {
             bad.push(format!(
                 "attempt {n}: fuse {} but counters {:?} width {w}",
-                c.fuse, c.counters
+                c.fuse as u8, c.counters
             ));
         }
         prev = c;
     }
+    if !prev.fuse {
+        bad.push(format!(
+            "the fuse never blew after {n} attempts on {r} (width {w}): {}",
+            show(&prev)
+        ));
+        return Ok(verdict(ev, bad));
+    }
     ev.push(format!("fuse blew after {n} attempts: {}", show(&prev)));
     // Blown: every further command refused, counters saturated, no data changes.
-    let h = hash(t, Region::Firmware)?;
-    t.attempt(Region::Firmware, AttemptKind::Erase, true)?;
-    t.attempt(r, AttemptKind::Erase, true)?;
-    let after = counters(t)?;
-    let h2 = hash(t, Region::Firmware)?;
+    let h = s.hash(Region::Firmware)?;
+    s.t.attempt(Region::Firmware, AttemptKind::Erase, true)?;
+    for _ in 0..2 {
+        s.t.attempt(r, AttemptKind::Erase, true)?;
+    }
+    let after = s.counters()?;
+    let h2 = s.hash(Region::Firmware)?;
     if h != h2 {
         bad.push("an unlocked erase changed the firmware region with the fuse blown".into());
     } else {
@@ -550,13 +1146,15 @@ fn p_fuse(t: &mut dyn ConformanceTarget, opts: &Options) -> Result<Prop, String>
     }
     if after.counters[r as usize] != w || !after.fuse || after.slots_left != 0 {
         bad.push(format!(
-            "after the fuse blew: {} (want {r} at {w}, fuse 1, slots 0)",
+            "saturation: after the fuse blew and 2 more attempts: {} (want {r} at {w}, fuse 1, slots 0)",
             show(&after)
         ));
+    } else {
+        ev.push(format!("{r} saturates at its width {w}: no wrap"));
     }
-    if after.counters[Region::Firmware as usize]
-        != prev.counters[Region::Firmware as usize].wrapping_add(1)
-        && prev.counters[Region::Firmware as usize] < w
+    if prev.counters[Region::Firmware as usize] < w
+        && after.counters[Region::Firmware as usize]
+            != prev.counters[Region::Firmware as usize].wrapping_add(1)
     {
         bad.push(format!(
             "a firmware attempt with the fuse blown was not counted: {} -> {}",
@@ -564,23 +1162,21 @@ fn p_fuse(t: &mut dyn ConformanceTarget, opts: &Options) -> Result<Prop, String>
             show(&after)
         ));
     }
-    t.reset(ResetKind::PowerCycle)?;
-    let pc = counters(t)?;
+    s.t.reset(ResetKind::PowerCycle)?;
+    let pc = s.counters()?;
     if !pc.fuse {
         bad.push(format!("fuse cleared by a power cycle: {}", show(&pc)));
     } else {
         ev.push("fuse survives a power cycle".into());
     }
-    Ok(if bad.is_empty() { Ok(ev) } else { Err(bad) })
+    Ok(verdict(ev, bad))
 }
 
-fn p_physical_reset(t: &mut dyn ConformanceTarget, opts: &Options) -> Result<Prop, String> {
+fn p_physical_reset(s: &mut Session, opts: &Options) -> TResult<Outcome> {
     let Some(key) = opts.reset_key else {
-        return Ok(Ok(vec!["skipped: no reset key given".into()]));
+        return Ok(Outcome::Skip("no reset key given".into()));
     };
-    let a = counters(t)?;
-    let resp = request(t, &Request::PhysicalReset(key))?;
-    let b = counters(t)?;
+    let (a, resp, b) = s.keyed_reset(key)?;
     let ev = vec![format!("{:?}: {} -> {}", resp, show(&a), show(&b))];
     let ok = matches!(resp, Response::ResetDone { epoch } if epoch == a.epoch.wrapping_add(1))
         && b.epoch == a.epoch.wrapping_add(1)
@@ -588,7 +1184,140 @@ fn p_physical_reset(t: &mut dyn ConformanceTarget, opts: &Options) -> Result<Pro
         && !b.fuse
         && b.master == a.master
         && b.slots_left == b.width as u32;
-    Ok(if ok { Ok(ev) } else { Err(ev) })
+    Ok(Outcome::Ran(if ok { Ok(ev) } else { Err(ev) }))
+}
+
+/// MASTER is kept across a physical reset (the counters are cleared, MASTER is not),
+/// survives a power cycle after it, and keeps counting from where it was.
+fn p_master_reset(s: &mut Session, opts: &Options) -> TResult<Outcome> {
+    let Some(key) = opts.reset_key else {
+        return Ok(Outcome::Skip("no reset key given".into()));
+    };
+    let mut ev = Vec::new();
+    let mut bad = Vec::new();
+    let (a, resp, _) = s.keyed_reset(key)?;
+    if !matches!(resp, Response::ResetDone { .. }) {
+        bad.push(format!(
+            "physical reset with the right key answered {resp:?}"
+        ));
+        return Ok(verdict(ev, bad));
+    }
+    s.t.reset(ResetKind::PowerCycle)?;
+    let b = s.counters()?;
+    if b.master != a.master {
+        bad.push(format!(
+            "MASTER {} -> {} across a physical reset and power cycle (want kept)",
+            a.master, b.master
+        ));
+    } else {
+        ev.push(format!(
+            "MASTER {} kept across a physical reset and power cycle",
+            b.master
+        ));
+    }
+    s.t.attempt(Region::Config, AttemptKind::Erase, false)?;
+    let c = s.counters()?;
+    match one_counted(&b, &c, Region::Config) {
+        Ok(()) => ev.push(format!(
+            "after the reset an attempt counts on: master {} -> {}",
+            b.master, c.master
+        )),
+        Err(e) => bad.push(format!("an attempt after the physical reset: {e}")),
+    }
+    let lost: Vec<_> = s.resets.iter().filter(|(x, y)| x != y).collect();
+    if lost.is_empty() {
+        ev.push(format!(
+            "MASTER kept across all {} keyed physical resets of the run",
+            s.resets.len()
+        ));
+    } else {
+        bad.push(format!(
+            "MASTER changed across {} of the run's {} keyed physical resets (before, after): {lost:?}",
+            lost.len(),
+            s.resets.len()
+        ));
+    }
+    Ok(verdict(ev, bad))
+}
+
+/// Makes attempts and resets on a device whose OOB port the suite reads separately.
+pub trait Actuator {
+    /// See [`ConformanceTarget::attempt`].
+    fn attempt(
+        &mut self,
+        region: Region,
+        kind: AttemptKind,
+        accepted: bool,
+    ) -> TResult<Option<u32>>;
+    /// See [`ConformanceTarget::reset`].
+    fn reset(&mut self, kind: ResetKind) -> TResult<()>;
+    /// See [`ConformanceTarget::attempt_then_cut`].
+    fn attempt_then_cut(&mut self, region: Region, accepted: bool) -> TResult<()>;
+    /// See [`ConformanceTarget::inband`].
+    fn inband(&mut self) -> Option<TResult<CounterReport>> {
+        None
+    }
+    /// See [`ConformanceTarget::write_register`].
+    fn write_register(&mut self, _offset: u32, _value: u32) -> Option<TResult<()>> {
+        None
+    }
+}
+
+/// Make one attempt on an in-process device (see [`ConformanceTarget::attempt`]);
+/// returns FLASH_STATUS after the command.
+pub fn device_attempt(
+    d: &mut dyn Device,
+    region: Region,
+    kind: AttemptKind,
+    accepted: bool,
+) -> Result<u32, DeviceError> {
+    if accepted {
+        ops::unlock(d)?;
+    } else {
+        d.write32(Reg::FlashCmd.offset(), FLASH_CMD_LOCK)?;
+    }
+    let r = match kind {
+        AttemptKind::Erase => ops::erase(d, region)?,
+        AttemptKind::Program => ops::program(d, region, 0, 0, &[0xff; 8])?,
+    };
+    d.write32(Reg::FlashCmd.offset(), FLASH_CMD_LOCK)?;
+    Ok(r.status)
+}
+
+/// Issue an attempt's command on an in-process device without reading its status
+/// (the power cut follows).
+pub fn device_cut_command(
+    d: &mut dyn Device,
+    region: Region,
+    accepted: bool,
+) -> Result<(), DeviceError> {
+    if accepted {
+        ops::unlock(d)?;
+        // Stage all-ones, then PROGRAM: no status read, no lock.
+        d.mmio_write(hilrig_device::regmap::BUFFER_BASE as u64, &[0xff; 8])?;
+        d.write32(Reg::FlashRegion.offset(), region as u32)?;
+        d.write32(Reg::FlashAddr.offset(), 0)?;
+        d.write32(Reg::FlashSrc.offset(), 0)?;
+        d.write32(Reg::FlashLen.offset(), 8)?;
+        d.write32(Reg::FlashCmd.offset(), FLASH_CMD_PROGRAM)
+    } else {
+        d.write32(Reg::FlashCmd.offset(), FLASH_CMD_LOCK)?;
+        d.write32(Reg::FlashRegion.offset(), region as u32)?;
+        d.write32(Reg::FlashCmd.offset(), FLASH_CMD_ERASE)
+    }
+}
+
+/// The counter registers of an in-process device, read in-band.
+pub fn device_inband(d: &mut dyn Device) -> Result<CounterReport, DeviceError> {
+    let c = |d: &mut dyn Device, i: u32| d.read32(Reg::Counter.offset() + 4 * i);
+    Ok(CounterReport {
+        counters: [c(d, 0)?, c(d, 1)?, c(d, 2)?],
+        master: d.read32(Reg::Master.offset())?,
+        fuse: d.read32(Reg::Fuse.offset())? != 0,
+        slots_left: d.read32(Reg::SlotsLeft.offset())?,
+        width: d.read32(Reg::Width.offset())? as u8,
+        epoch: d.read32(Reg::Epoch.offset())?,
+    })
 }
 
 /// Reopens a device after a power cycle (e.g. `Model::open` on its state file).
@@ -635,186 +1364,345 @@ impl DeviceTarget {
     }
 }
 
-fn e(x: DeviceError) -> String {
-    x.to_string()
-}
-
 impl ConformanceTarget for DeviceTarget {
     fn name(&self) -> String {
         self.label.clone()
     }
-    fn oob_raw(&mut self, frame: &[u8]) -> Result<Vec<u8>, String> {
-        self.dev.oob(frame).map_err(e)
+    fn oob_raw(&mut self, frame: &[u8]) -> TResult<Vec<u8>> {
+        self.dev.oob(frame).map_err(terr)
     }
-    fn attempt(&mut self, region: Region, kind: AttemptKind, accepted: bool) -> Result<(), String> {
-        let d = &mut *self.dev;
-        if accepted {
-            ops::unlock(d).map_err(e)?;
-        } else {
-            d.write32(Reg::FlashCmd.offset(), FLASH_CMD_LOCK)
-                .map_err(e)?;
-        }
-        match kind {
-            AttemptKind::Erase => {
-                ops::erase(d, region).map_err(e)?;
-            }
-            AttemptKind::Program => {
-                ops::program(d, region, 0, 0, &[0xff; 8]).map_err(e)?;
-            }
-        }
-        d.write32(Reg::FlashCmd.offset(), FLASH_CMD_LOCK)
-            .map_err(e)?;
-        Ok(())
+    fn attempt(
+        &mut self,
+        region: Region,
+        kind: AttemptKind,
+        accepted: bool,
+    ) -> TResult<Option<u32>> {
+        device_attempt(&mut *self.dev, region, kind, accepted)
+            .map(Some)
+            .map_err(terr)
     }
-    fn reset(&mut self, kind: ResetKind) -> Result<(), String> {
-        self.dev.reset(kind).map_err(e)?;
+    fn reset(&mut self, kind: ResetKind) -> TResult<()> {
+        self.dev.reset(kind).map_err(terr)?;
         if kind == ResetKind::PowerCycle {
             if let Some(r) = &mut self.reopen {
-                self.dev = r().map_err(e)?;
+                self.dev = r().map_err(terr)?;
             }
         }
         Ok(())
     }
-    fn attempt_then_cut(&mut self, region: Region) -> Result<(), String> {
-        let d = &mut *self.dev;
-        d.write32(Reg::FlashCmd.offset(), FLASH_CMD_LOCK)
-            .map_err(e)?;
-        d.write32(Reg::FlashRegion.offset(), region as u32)
-            .map_err(e)?;
-        d.write32(Reg::FlashCmd.offset(), FLASH_CMD_ERASE)
-            .map_err(e)?;
+    fn attempt_then_cut(&mut self, region: Region, accepted: bool) -> TResult<()> {
+        device_cut_command(&mut *self.dev, region, accepted).map_err(terr)?;
         self.reset(ResetKind::PowerCycle)
     }
-    fn inband(&mut self) -> Option<Result<CounterReport, String>> {
-        let d = &mut *self.dev;
-        let r = (|| -> Result<CounterReport, DeviceError> {
-            let c = |d: &mut dyn Device, i: u32| d.read32(Reg::Counter.offset() + 4 * i);
-            Ok(CounterReport {
-                counters: [c(d, 0)?, c(d, 1)?, c(d, 2)?],
-                master: d.read32(Reg::Master.offset())?,
-                fuse: d.read32(Reg::Fuse.offset())? != 0,
-                slots_left: d.read32(Reg::SlotsLeft.offset())?,
-                width: d.read32(Reg::Width.offset())? as u8,
-                epoch: d.read32(Reg::Epoch.offset())?,
-            })
-        })();
-        Some(r.map_err(e))
+    fn inband(&mut self) -> Option<TResult<CounterReport>> {
+        Some(device_inband(&mut *self.dev).map_err(terr))
     }
-    fn write_register(&mut self, offset: u32, value: u32) -> Option<Result<(), String>> {
-        Some(self.dev.write32(offset, value).map_err(e))
+    fn write_register(&mut self, offset: u32, value: u32) -> Option<TResult<()>> {
+        Some(self.dev.write32(offset, value).map_err(terr))
     }
 }
 
-/// A vendor device over its OOB serial port; attempts and resets are made by
-/// external commands (shell templates):
+/// A device shared between its OOB server (a thread serving a PTY) and the suite's
+/// actuator: attempts, resets and in-band reads made in-process.
+#[derive(Clone)]
+pub struct DeviceActuator {
+    /// The device.
+    pub dev: Arc<Mutex<Box<dyn Device>>>,
+}
+
+impl DeviceActuator {
+    fn with<T>(&self, f: impl FnOnce(&mut dyn Device) -> Result<T, DeviceError>) -> TResult<T> {
+        let mut g = self
+            .dev
+            .lock()
+            .map_err(|_| TargetError::Target("device lock poisoned".into()))?;
+        f(&mut **g).map_err(terr)
+    }
+}
+
+impl Actuator for DeviceActuator {
+    fn attempt(
+        &mut self,
+        region: Region,
+        kind: AttemptKind,
+        accepted: bool,
+    ) -> TResult<Option<u32>> {
+        self.with(|d| device_attempt(d, region, kind, accepted))
+            .map(Some)
+    }
+    fn reset(&mut self, kind: ResetKind) -> TResult<()> {
+        self.with(|d| d.reset(kind))
+    }
+    fn attempt_then_cut(&mut self, region: Region, accepted: bool) -> TResult<()> {
+        self.with(|d| {
+            device_cut_command(d, region, accepted)?;
+            d.reset(ResetKind::PowerCycle)
+        })
+    }
+    fn inband(&mut self) -> Option<TResult<CounterReport>> {
+        Some(self.with(device_inband))
+    }
+    fn write_register(&mut self, offset: u32, value: u32) -> Option<TResult<()>> {
+        Some(self.with(|d| d.write32(offset, value)))
+    }
+}
+
+/// Attempts and resets by external commands (shell templates):
 /// - `attempt_cmd`: `{region}` (vbios|firmware|config), `{op}` (program|erase),
 ///   `{mode}` (refused|accepted); must exit 0 once the command was issued;
 /// - `reset_cmd`: `{kind}` (reset|flr|power-cycle); must exit 0 once the device is
 ///   back up and its OOB port answers;
-/// - `cut_cmd` (optional): `{region}`: issue an attempt and cut power before it
-///   completes, then restore power.
-pub struct SerialTarget {
-    port: Box<dyn serialport::SerialPort>,
-    path: String,
+/// - `cut_cmd` (optional): `{region}`, `{mode}`: issue an attempt and cut power
+///   before it completes, then restore power.
+pub struct CommandActuator {
     /// Attempt command template.
     pub attempt_cmd: String,
     /// Reset command template.
     pub reset_cmd: String,
     /// Attempt-then-power-cut command template.
     pub cut_cmd: Option<String>,
-    timeout: std::time::Duration,
+    /// Command printing the in-band counter registers as JSON (a `CounterReport`:
+    /// counters, master, fuse, slots_left, width, epoch), if the device has them.
+    pub inband_cmd: Option<String>,
 }
 
-impl SerialTarget {
-    /// Open the OOB port.
-    pub fn open(
-        path: &str,
-        baud: u32,
-        timeout: std::time::Duration,
-        attempt_cmd: String,
-        reset_cmd: String,
-        cut_cmd: Option<String>,
-    ) -> Result<SerialTarget, String> {
-        let port = serialport::new(path, baud)
-            .timeout(std::time::Duration::from_millis(20))
-            .open()
-            .map_err(|e| format!("{path}: {e}"))?;
-        Ok(SerialTarget {
-            port,
-            path: path.to_string(),
-            attempt_cmd,
-            reset_cmd,
-            cut_cmd,
-            timeout,
-        })
-    }
-
-    fn sh(&self, cmd: &str) -> Result<(), String> {
-        let st = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(cmd)
-            .status()
-            .map_err(|e| format!("running {cmd:?}: {e}"))?;
-        if st.success() {
-            Ok(())
-        } else {
-            Err(format!("{cmd:?} exited with {st}"))
-        }
+fn sh(cmd: &str) -> TResult<()> {
+    let st = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .status()
+        .map_err(|e| TargetError::Target(format!("running {cmd:?}: {e}")))?;
+    if st.success() {
+        Ok(())
+    } else {
+        Err(TargetError::Target(format!("{cmd:?} exited with {st}")))
     }
 }
 
-impl ConformanceTarget for SerialTarget {
-    fn name(&self) -> String {
-        format!("serial {}", self.path)
-    }
-    fn oob_raw(&mut self, frame: &[u8]) -> Result<Vec<u8>, String> {
-        use std::io::{Read, Write};
-        let io = |e: std::io::Error| format!("{}: {e}", self.path);
-        self.port.write_all(frame).map_err(io)?;
-        self.port.flush().map_err(io)?;
-        let deadline = std::time::Instant::now() + self.timeout;
-        let mut reader = oob::FrameReader::default();
-        let mut buf = [0u8; 64];
-        while std::time::Instant::now() < deadline {
-            let n = match self.port.read(&mut buf) {
-                Ok(n) => n,
-                Err(x) if x.kind() == std::io::ErrorKind::TimedOut => 0,
-                Err(x) => return Err(format!("{}: {x}", self.path)),
-            };
-            for &b in &buf[..n] {
-                if let Some(oob::StreamEvent::Frame(f)) = reader.push(b) {
-                    return Ok(f);
-                }
-            }
+impl Actuator for CommandActuator {
+    fn inband(&mut self) -> Option<TResult<CounterReport>> {
+        let cmd = self.inband_cmd.as_ref()?;
+        let out = match std::process::Command::new("sh").arg("-c").arg(cmd).output() {
+            Ok(o) => o,
+            Err(e) => return Some(Err(TargetError::Target(format!("running {cmd:?}: {e}")))),
+        };
+        if !out.status.success() {
+            return Some(Err(TargetError::Target(format!(
+                "{cmd:?} exited with {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))));
         }
-        Err(format!(
-            "{}: no response within {:?}",
-            self.path, self.timeout
-        ))
+        Some(serde_json::from_slice(&out.stdout).map_err(|e| {
+            TargetError::Target(format!(
+                "{cmd:?} printed {:?}, not counters JSON: {e}",
+                String::from_utf8_lossy(&out.stdout)
+            ))
+        }))
     }
-    fn attempt(&mut self, region: Region, kind: AttemptKind, accepted: bool) -> Result<(), String> {
+    fn attempt(
+        &mut self,
+        region: Region,
+        kind: AttemptKind,
+        accepted: bool,
+    ) -> TResult<Option<u32>> {
         let c = self
             .attempt_cmd
             .replace("{region}", region.name())
             .replace("{op}", kind.name())
             .replace("{mode}", if accepted { "accepted" } else { "refused" });
-        self.sh(&c)
+        sh(&c).map(|()| None)
     }
-    fn reset(&mut self, kind: ResetKind) -> Result<(), String> {
+    fn reset(&mut self, kind: ResetKind) -> TResult<()> {
         let k = match kind {
             ResetKind::Reset => "reset",
             ResetKind::Flr => "flr",
             ResetKind::PowerCycle => "power-cycle",
         };
-        self.sh(&self.reset_cmd.replace("{kind}", k))
+        sh(&self.reset_cmd.replace("{kind}", k))
     }
-    fn attempt_then_cut(&mut self, region: Region) -> Result<(), String> {
+    fn attempt_then_cut(&mut self, region: Region, accepted: bool) -> TResult<()> {
         match &self.cut_cmd {
-            Some(c) => self.sh(&c.replace("{region}", region.name())),
+            Some(c) => sh(&c
+                .replace("{region}", region.name())
+                .replace("{mode}", if accepted { "accepted" } else { "refused" })
+                .replace("{op}", if accepted { "program" } else { "erase" })),
             None => {
-                self.attempt(region, AttemptKind::Erase, false)?;
+                let kind = if accepted {
+                    AttemptKind::Program
+                } else {
+                    AttemptKind::Erase
+                };
+                self.attempt(region, kind, accepted)?;
                 self.reset(ResetKind::PowerCycle)
             }
         }
+    }
+}
+
+/// A device over its OOB serial port (a UART or a PTY), with an [`Actuator`] for
+/// attempts and resets.
+pub struct SerialTarget {
+    port: Box<dyn serialport::SerialPort>,
+    path: String,
+    actuator: Box<dyn Actuator>,
+    timeout: Duration,
+    reader: oob::FrameReader,
+}
+
+impl SerialTarget {
+    /// Open the OOB port; attempts and resets by external commands.
+    pub fn open(
+        path: &str,
+        baud: u32,
+        timeout: Duration,
+        attempt_cmd: String,
+        reset_cmd: String,
+        cut_cmd: Option<String>,
+    ) -> TResult<SerialTarget> {
+        Self::with_actuator(
+            path,
+            baud,
+            timeout,
+            Box::new(CommandActuator {
+                attempt_cmd,
+                reset_cmd,
+                cut_cmd,
+                inband_cmd: None,
+            }),
+        )
+    }
+
+    /// Open the OOB port with any actuator.
+    pub fn with_actuator(
+        path: &str,
+        baud: u32,
+        timeout: Duration,
+        actuator: Box<dyn Actuator>,
+    ) -> TResult<SerialTarget> {
+        let port = serialport::new(path, baud)
+            .timeout(Duration::from_millis(10))
+            .open()
+            .map_err(|e| TargetError::Target(format!("opening OOB port {path}: {e}")))?;
+        Ok(SerialTarget {
+            port,
+            path: path.to_string(),
+            actuator,
+            timeout,
+            reader: oob::FrameReader::default(),
+        })
+    }
+
+    fn read_some(&mut self, buf: &mut [u8]) -> TResult<usize> {
+        use std::io::Read;
+        match self.port.read(buf) {
+            Ok(n) => Ok(n),
+            Err(x)
+                if matches!(
+                    x.kind(),
+                    std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                Ok(0)
+            }
+            Err(x) => Err(TargetError::Transport(format!("{}: {x}", self.path))),
+        }
+    }
+
+    fn write_frame(&mut self, bytes: &[u8]) -> TResult<()> {
+        use std::io::Write;
+        let p = self.path.clone();
+        let io = |e: std::io::Error| TargetError::Transport(format!("{p}: {e}"));
+        self.port.write_all(bytes).map_err(io)?;
+        self.port.flush().map_err(io)
+    }
+}
+
+/// Quiet time that ends a drain.
+const DRAIN_QUIET: Duration = Duration::from_millis(30);
+
+impl ConformanceTarget for SerialTarget {
+    fn name(&self) -> String {
+        format!("serial {}", self.path)
+    }
+    fn oob_raw(&mut self, frame: &[u8]) -> TResult<Vec<u8>> {
+        self.write_frame(frame)?;
+        let deadline = std::time::Instant::now() + self.timeout;
+        let mut reader = oob::FrameReader::default();
+        let mut buf = [0u8; 64];
+        while std::time::Instant::now() < deadline {
+            let n = self.read_some(&mut buf)?;
+            for (i, &b) in buf[..n].iter().enumerate() {
+                if let Some(oob::StreamEvent::Frame(f)) = reader.push(b) {
+                    if i + 1 < n {
+                        // Bytes after the reply were not asked for: the next drain
+                        // reports them.
+                        let rest = buf[i + 1..n].to_vec();
+                        return Err(TargetError::Transport(format!(
+                            "{}: {} unexpected bytes after the reply {f:02x?}: {rest:02x?}",
+                            self.path,
+                            rest.len()
+                        )));
+                    }
+                    return Ok(f);
+                }
+            }
+        }
+        Err(TargetError::Transport(format!(
+            "{}: no response within {:?}",
+            self.path, self.timeout
+        )))
+    }
+    fn oob_send(&mut self, bytes: &[u8]) -> TResult<()> {
+        self.write_frame(bytes)
+    }
+    fn oob_read(&mut self) -> TResult<Option<Vec<u8>>> {
+        let deadline = std::time::Instant::now() + self.timeout;
+        let mut byte = [0u8; 1];
+        // One byte at a time: nothing after the frame is consumed.
+        while std::time::Instant::now() < deadline {
+            if self.read_some(&mut byte)? == 1 {
+                if let Some(oob::StreamEvent::Frame(f)) = self.reader.push(byte[0]) {
+                    return Ok(Some(f));
+                }
+            }
+        }
+        Ok(None)
+    }
+    fn drain(&mut self) -> TResult<usize> {
+        let mut total = self.reader.take_partial().len();
+        let mut buf = [0u8; 256];
+        let mut quiet_since = std::time::Instant::now();
+        let hard = quiet_since + self.timeout.max(Duration::from_millis(200));
+        while quiet_since.elapsed() < DRAIN_QUIET && std::time::Instant::now() < hard {
+            let n = self.read_some(&mut buf)?;
+            if n > 0 {
+                total += n;
+                quiet_since = std::time::Instant::now();
+            }
+        }
+        Ok(total)
+    }
+    fn attempt(
+        &mut self,
+        region: Region,
+        kind: AttemptKind,
+        accepted: bool,
+    ) -> TResult<Option<u32>> {
+        self.actuator.attempt(region, kind, accepted)
+    }
+    fn reset(&mut self, kind: ResetKind) -> TResult<()> {
+        self.actuator.reset(kind)
+    }
+    fn attempt_then_cut(&mut self, region: Region, accepted: bool) -> TResult<()> {
+        self.actuator.attempt_then_cut(region, accepted)
+    }
+    fn inband(&mut self) -> Option<TResult<CounterReport>> {
+        self.actuator.inband()
+    }
+    fn write_register(&mut self, offset: u32, value: u32) -> Option<TResult<()>> {
+        self.actuator.write_register(offset, value)
     }
 }

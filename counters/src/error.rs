@@ -84,6 +84,36 @@ pub enum Error {
         /// Row key.
         row: String,
     },
+    /// The key file is not the one this database was initialised with.
+    #[error("the key does not match this database (key fingerprint {stored} stored at init, this key's is {given}): wrong --key / $HILRIG_COUNTERS_KEY? Refusing to read or write anything")]
+    WrongKey {
+        /// Fingerprint stored in the database.
+        stored: String,
+        /// Fingerprint of the key given.
+        given: String,
+    },
+    /// The observation is older than the stored state (another process changed the
+    /// device record after the device was read); nothing was written.
+    #[error("device {0}: the stored state changed after the device was read; read it again")]
+    Stale(String),
+    /// The database is older than its external anchor (restored from a copy).
+    #[error("database replayed: head {head}, anchor {anchor} ({detail}); refusing to use it")]
+    Replayed {
+        /// The database's history chain head.
+        head: i64,
+        /// The anchor's.
+        anchor: i64,
+        /// What differs.
+        detail: String,
+    },
+    /// The anchor file could not be read or written.
+    #[error("anchor file {path}: {detail}")]
+    Anchor {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
     /// Reading the device failed.
     #[error("reading device {source_name}: {detail}")]
     Source {

@@ -50,6 +50,10 @@ pub struct DeviceRecord {
     pub hold: String,
     /// Last passing verify (ms since the Unix epoch; 0 = never).
     pub verified_at: i64,
+    /// Sequence number of the device's latest history row when the row was written
+    /// (0: written before the history chain existed). A device row older than its
+    /// history (a replayed row) is detected.
+    pub hseq: i64,
 }
 
 /// A known-good image.
@@ -172,7 +176,7 @@ pub fn parse_serial(s: &str) -> Result<u64> {
 }
 
 const DEV_COLS: &str =
-    "serial, host, rack, state, c0, c1, c2, master, epoch, h0, h1, h2, reason, hold, verified_at, mac";
+    "serial, host, rack, state, c0, c1, c2, master, epoch, h0, h1, h2, reason, hold, verified_at, mac, hseq";
 
 /// The service over a database.
 pub struct Service {
@@ -184,6 +188,92 @@ pub struct Service {
     prefetched: Option<std::collections::HashMap<String, (DeviceRecord, bool)>>,
     /// During `verify_batch`: history rows written together before the commit.
     pending_history: Option<Vec<Vec<Val>>>,
+    /// During `verify_batch` on PostgreSQL: device rows written together.
+    pending_devices: Option<Vec<Vec<Val>>>,
+    /// During `verify_batch`: every hold, read up front.
+    holds: Option<std::collections::HashMap<String, String>>,
+    /// The device row last read, as found (for the evidence).
+    last_raw: Option<Vec<Val>>,
+    /// During `verify`: the device record's MAC before the device was read.
+    stale_check: Option<String>,
+    /// The record changed since `stale_check`.
+    stale_seen: bool,
+    /// During `verify_batch`: each device's latest history seq, read up front.
+    max_seqs: Option<std::collections::HashMap<String, i64>>,
+    /// During a transaction: the history chain's head (seq, MAC), once read.
+    head: Option<(i64, String)>,
+    /// The external anchor file of the chain head.
+    anchor: Option<std::path::PathBuf>,
+}
+
+/// MAC of a history row: its fields, and for a chained row (seq > 0) its sequence
+/// number and the previous row's MAC (rows from before the chain: fields only).
+fn history_mac(key: &Key, f: [&str; 9], seq: i64, prev: &str) -> String {
+    let mut fields: Vec<&[u8]> = f.iter().map(|x| x.as_bytes()).collect();
+    let seq_s = seq.to_string();
+    if seq > 0 {
+        fields.push(seq_s.as_bytes());
+        fields.push(prev.as_bytes());
+    }
+    key.mac("history", &fields)
+}
+
+/// The history chain's head as the anchor file holds it: "SEQ MAC".
+fn read_anchor(path: &std::path::Path) -> Result<Option<(i64, String)>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(Error::Anchor {
+                path: path.to_path_buf(),
+                detail: e.to_string(),
+            })
+        }
+    };
+    let mut it = text.split_whitespace();
+    let bad = || Error::Anchor {
+        path: path.to_path_buf(),
+        detail: format!("{text:?} is not \"SEQ MAC\""),
+    };
+    let seq = it
+        .next()
+        .and_then(|x| x.parse::<i64>().ok())
+        .ok_or_else(bad)?;
+    let mac = it.next().ok_or_else(bad)?.to_string();
+    Ok(Some((seq, mac)))
+}
+
+/// A key's fingerprint: a MAC of a fixed label (reveals nothing of the key).
+pub fn key_fingerprint(key: &Key) -> String {
+    let full = key.mac("key-fingerprint", &[b"hilrig-counters"]);
+    full.chars().take(32).collect()
+}
+
+fn check_fingerprint(db: &mut dyn Db, fp: &str) -> Result<()> {
+    let rows = db.query("SELECT value FROM meta WHERE name = 'key_fingerprint'", &[])?;
+    if let Some(v) = rows.first().and_then(|r| r.first()) {
+        let stored = v.text("value")?;
+        if stored != fp {
+            return Err(Error::WrongKey {
+                stored,
+                given: fp.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn row_as_found(row: &[Val]) -> String {
+    let v: Vec<serde_json::Value> = row
+        .iter()
+        .map(|x| match x {
+            Val::Null => serde_json::Value::Null,
+            Val::I64(i) => serde_json::json!(i),
+            Val::Text(t) => serde_json::json!(t),
+            Val::Blob(b) => serde_json::json!({ "hex": hex::encode(b) }),
+        })
+        .collect();
+    serde_json::to_string(&v).unwrap_or_default()
 }
 
 struct RawDevice {
@@ -198,15 +288,48 @@ impl Service {
         Service::with_db(store::open(spec)?, key)
     }
 
-    /// Use an open database; migrates it.
+    /// Use an open database; migrates it. The key is checked first: a database
+    /// initialised with another key is refused before anything is written.
     pub fn with_db(mut db: Box<dyn Db>, key: Key) -> Result<Service> {
+        let fp = key_fingerprint(&key);
+        if store::schema_version(&mut *db)? >= 3 {
+            check_fingerprint(&mut *db, &fp)?;
+        }
         store::migrate(&mut *db)?;
+        // First open since the fingerprint existed (init): store it.
+        db.begin()?;
+        let r = (|| -> Result<()> {
+            let rows = db.query("SELECT value FROM meta WHERE name = 'key_fingerprint'", &[])?;
+            if rows.is_empty() {
+                db.exec(
+                    "INSERT INTO meta (name, value) VALUES ('key_fingerprint', $1)",
+                    &[Val::Text(fp.clone())],
+                )?;
+            }
+            Ok(())
+        })();
+        match r {
+            Ok(()) => db.commit()?,
+            Err(e) => {
+                db.rollback();
+                return Err(e);
+            }
+        }
+        check_fingerprint(&mut *db, &fp)?;
         Ok(Service {
             db,
             key,
             rate_limit: RateLimit::default(),
             prefetched: None,
             pending_history: None,
+            holds: None,
+            last_raw: None,
+            stale_check: None,
+            stale_seen: false,
+            head: None,
+            anchor: None,
+            max_seqs: None,
+            pending_devices: None,
         })
     }
 
@@ -223,18 +346,104 @@ impl Service {
     /// Run `f` in a transaction: committed if it returns Ok, rolled back otherwise.
     fn tx<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         self.db.begin()?;
+        self.head = None;
         match f(self) {
             Ok(v) => {
                 point("before commit");
+                let head = self.head.take();
                 self.db.commit()?;
                 point("after commit");
+                if let (Some(h), Some(a)) = (head, self.anchor.clone()) {
+                    // After the commit: a crash in between leaves the anchor behind
+                    // the database (accepted: the chain continues from it), never
+                    // ahead of it.
+                    point("anchor: before write");
+                    hilrig_device::state::write_atomic(&a, format!("{} {}\n", h.0, h.1).as_bytes())
+                        .map_err(|e| Error::Anchor {
+                            path: a.clone(),
+                            detail: format!("writing: {e}"),
+                        })?;
+                    point("anchor: written");
+                }
                 Ok(v)
             }
             Err(e) => {
                 self.db.rollback();
+                self.head = None;
                 Err(e)
             }
         }
+    }
+
+    /// The next history row's (seq, previous MAC) in this transaction.
+    fn chain_next(&mut self) -> Result<(i64, String)> {
+        if self.head.is_none() {
+            let rows = self.db.query(
+                "SELECT seq, mac FROM history WHERE seq > 0 ORDER BY seq DESC LIMIT 1",
+                &[],
+            )?;
+            self.head = Some(match rows.first() {
+                Some(r) => (r[0].i64("seq")?, r[1].text("mac")?),
+                None => (0, "genesis".into()),
+            });
+        }
+        let (seq, mac) = self.head.clone().unwrap_or((0, "genesis".into()));
+        Ok((seq + 1, mac))
+    }
+
+    /// The history chain's head in the database: (seq, MAC); (0, "genesis") if empty.
+    pub fn chain_head(&mut self) -> Result<(i64, String)> {
+        let rows = self.db.query(
+            "SELECT seq, mac FROM history WHERE seq > 0 ORDER BY seq DESC LIMIT 1",
+            &[],
+        )?;
+        Ok(match rows.first() {
+            Some(r) => (r[0].i64("seq")?, r[1].text("mac")?),
+            None => (0, "genesis".into()),
+        })
+    }
+
+    /// Check the database against the external anchor of its history chain head, and
+    /// keep it up to date after every write from now on. A database (or history)
+    /// older than the anchor is refused: "database replayed: head 41, anchor 57". A
+    /// missing anchor file is created from the current head.
+    pub fn set_anchor(&mut self, path: &std::path::Path) -> Result<()> {
+        let (hseq, hmac) = self.chain_head()?;
+        match read_anchor(path)? {
+            None => {
+                hilrig_device::state::write_atomic(path, format!("{hseq} {hmac}\n").as_bytes())
+                    .map_err(|e| Error::Anchor {
+                        path: path.to_path_buf(),
+                        detail: format!("creating: {e}"),
+                    })?;
+            }
+            Some((aseq, amac)) => {
+                if hseq < aseq {
+                    return Err(Error::Replayed {
+                        head: hseq,
+                        anchor: aseq,
+                        detail: "the database is older than the anchor".into(),
+                    });
+                }
+                if aseq > 0 {
+                    let rows = self
+                        .db
+                        .query("SELECT mac FROM history WHERE seq = $1", &[Val::I64(aseq)])?;
+                    let found = rows.first().and_then(|r| r[0].text("mac").ok());
+                    if found.as_deref() != Some(amac.as_str()) {
+                        return Err(Error::Replayed {
+                            head: hseq,
+                            anchor: aseq,
+                            detail: format!(
+                                "history row {aseq} is not the one the anchor recorded (a different database or rewritten history)"
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        self.anchor = Some(path.to_path_buf());
+        Ok(())
     }
 
     // ---- devices ---------------------------------------------------------
@@ -257,6 +466,11 @@ impl Service {
             .s(&r.reason)
             .s(&r.hold)
             .n(r.verified_at);
+        if r.hseq > 0 {
+            // Rows written since the history chain exist carry it (older rows keep
+            // their MAC; a row cannot drop it without failing its MAC).
+            i.n(r.hseq);
+        }
         i
     }
 
@@ -283,11 +497,12 @@ impl Service {
             Val::Text(r.hold.clone()),
             Val::I64(r.verified_at),
             Val::Text(self.device_mac(r)),
+            Val::I64(r.hseq),
         ]
     }
 
     fn parse_device(row: &[Val]) -> Result<RawDevice> {
-        if row.len() != 16 {
+        if row.len() != 17 {
             return Err(Error::db("reading devices", "wrong column count"));
         }
         let u = |i: usize, c: &str| -> Result<u32> {
@@ -313,6 +528,7 @@ impl Service {
                 reason: row[12].text("reason")?,
                 hold: row[13].text("hold")?,
                 verified_at: row[14].i64("verified_at")?,
+                hseq: row[16].i64("hseq")?,
             },
             mac: row[15].text("mac")?,
         })
@@ -332,6 +548,7 @@ impl Service {
         let Some(row) = rows.first() else {
             return Ok(None);
         };
+        self.last_raw = Some(row.clone());
         match Self::parse_device(row) {
             Ok(raw) => {
                 let intact = self
@@ -355,6 +572,7 @@ impl Service {
                     reason: String::new(),
                     hold: String::new(),
                     verified_at: 0,
+                    hseq: 0,
                 },
                 false,
             ))),
@@ -370,7 +588,29 @@ impl Service {
                 table: "devices",
                 row: key,
             }),
-            Some((r, true)) => Ok(r),
+            Some((mut r, true)) => {
+                // A row older than its history is a replayed row.
+                let rows = self.db.query(
+                    "SELECT MAX(seq) FROM history WHERE serial = $1",
+                    &[Val::from(key.as_str())],
+                )?;
+                if let Some(Val::I64(latest)) = rows.first().and_then(|x| x.first()) {
+                    if *latest > r.hseq {
+                        return Err(Error::Tampered {
+                            table: "devices",
+                            row: key,
+                        });
+                    }
+                }
+                // A hold kept beside the row wins over what the row says.
+                if let Some(h) = self.hold_for(&key)? {
+                    r.state = DeviceState::Quarantined;
+                    if r.hold.is_empty() {
+                        r.hold = h;
+                    }
+                }
+                Ok(r)
+            }
         }
     }
 
@@ -396,17 +636,32 @@ impl Service {
     }
 
     fn write_device(&mut self, r: &DeviceRecord, insert: bool) -> Result<()> {
-        let p = self.device_params(r);
+        // The row points at the history row that follows it in this transaction (or
+        // past every row so far): a replayed older row points below its history.
+        let mut r = r.clone();
+        r.hseq = self.chain_next()?.0;
+        let p = self.device_params(&r);
+        if !insert {
+            if let Some(pd) = &mut self.pending_devices {
+                // verify_batch on PostgreSQL: written together before the history; a
+                // later verify of the same device in the batch reads this record.
+                pd.push(p);
+                if let Some(pf) = &mut self.prefetched {
+                    pf.insert(r.serial.clone(), (r.clone(), true));
+                }
+                return Ok(());
+            }
+        }
         if insert {
             self.db.exec(
                 &format!(
-                    "INSERT INTO devices ({DEV_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16)"
+                    "INSERT INTO devices ({DEV_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17)"
                 ),
                 &p,
             )?;
         } else {
             let n = self.db.exec(
-                "UPDATE devices SET host=$2, rack=$3, state=$4, c0=$5, c1=$6, c2=$7, master=$8, epoch=$9, h0=$10, h1=$11, h2=$12, reason=$13, hold=$14, verified_at=$15, mac=$16 WHERE serial=$1",
+                "UPDATE devices SET host=$2, rack=$3, state=$4, c0=$5, c1=$6, c2=$7, master=$8, epoch=$9, h0=$10, h1=$11, h2=$12, reason=$13, hold=$14, verified_at=$15, mac=$16, hseq=$17 WHERE serial=$1",
                 &p,
             )?;
             if n != 1 {
@@ -435,6 +690,13 @@ impl Service {
                 return Err(Error::DuplicateDevice(key.clone()));
             }
             point("enroll: checked");
+            if exists {
+                // Re-enrolled on purpose: the operator has investigated the hold.
+                s.db.exec(
+                    "DELETE FROM holds WHERE serial = $1",
+                    &[Val::from(key.as_str())],
+                )?;
+            }
             let rec = DeviceRecord {
                 serial: key.clone(),
                 host: e.host.clone(),
@@ -444,6 +706,7 @@ impl Service {
                 reason: if exists { "re-enrolled" } else { "enrolled" }.into(),
                 hold: String::new(),
                 verified_at: 0,
+                hseq: 0,
             };
             s.write_device(&rec, !exists).map_err(|err| match err {
                 Error::Db { detail, .. }
@@ -475,6 +738,7 @@ impl Service {
                     reason: "enrolled".into(),
                     hold: String::new(),
                     verified_at: 0,
+                    hseq: 0,
                 };
                 s.write_device(&rec, true)?;
             }
@@ -524,6 +788,15 @@ impl Service {
                     sha256: h.clone(),
                 });
             }
+            if s
+                .revoked(std::slice::from_ref(&h))?
+                .iter()
+                .any(|(r, _)| r == region.name())
+            {
+                return Err(Error::Input(format!(
+                    "{region} image {h} was revoked; a revoked image cannot be added again"
+                )));
+            }
             s.db.exec(
                 "INSERT INTO catalog (region, sha256, version, approved_by, added_at, mac) VALUES ($1,$2,$3,$4,$5,$6)",
                 &[
@@ -539,7 +812,8 @@ impl Service {
         })
     }
 
-    /// Remove a known-good image.
+    /// Revoke a known-good image: its catalog row is removed and a MACed tombstone
+    /// kept, so a catalog row put back (by hand or by `catalog_add`) stays revoked.
     pub fn catalog_remove(&mut self, region: Region, sha256: &str) -> Result<()> {
         let h = hex::encode(parse_hash(sha256)?);
         self.tx(|s| {
@@ -553,8 +827,43 @@ impl Service {
                     sha256: h.clone(),
                 });
             }
+            let at = now_ms();
+            let mac = s.key.mac(
+                "revoked",
+                &[
+                    region.name().as_bytes(),
+                    h.as_bytes(),
+                    at.to_string().as_bytes(),
+                ],
+            );
+            s.db.exec(
+                "INSERT INTO revoked (region, sha256, at, mac) VALUES ($1, $2, $3, $4)",
+                &[
+                    region.name().into(),
+                    h.clone().into(),
+                    Val::I64(at),
+                    mac.into(),
+                ],
+            )?;
             Ok(())
         })
+    }
+
+    /// Revoked images among `hashes` (region, sha256 hex). A tombstone counts
+    /// whatever its MAC says (fail closed: an edited tombstone still revokes).
+    fn revoked(&mut self, hashes: &[String]) -> Result<Vec<(String, String)>> {
+        let mut params: Vec<Val> = hashes.iter().map(|h| Val::Text(h.clone())).collect();
+        params.truncate(3);
+        while params.len() < 3 {
+            params.push(Val::Text(String::new()));
+        }
+        let rows = self.db.query(
+            "SELECT region, sha256 FROM revoked WHERE sha256 IN ($1, $2, $3)",
+            &params,
+        )?;
+        rows.iter()
+            .map(|r| Ok((r[0].text("region")?, r[1].text("sha256")?)))
+            .collect()
     }
 
     fn catalog_rows(&mut self, sql: &str, params: &[Val]) -> Result<Vec<CatalogEntry>> {
@@ -609,10 +918,24 @@ impl Service {
     /// Intact catalog entries for the given hashes.
     fn catalog_lookup(&mut self, hashes: &[Hash; 3]) -> Result<Vec<CatalogEntry>> {
         let hs: Vec<Val> = hashes.iter().map(|h| Val::Text(hex::encode(h))).collect();
-        self.catalog_rows(
+        let mut cat = self.catalog_rows(
             "SELECT region, sha256, version, approved_by, added_at, mac FROM catalog WHERE sha256 IN ($1, $2, $3)",
             &hs,
-        )
+        )?;
+        if !cat.is_empty() {
+            let hx: Vec<String> = hashes.iter().map(hex::encode).collect();
+            let gone = self.revoked(&hx)?;
+            // A revoked image is never known-good, even if its row came back.
+            for c in &mut cat {
+                if gone
+                    .iter()
+                    .any(|(r, h)| r == c.region.name() && *h == c.sha256)
+                {
+                    c.intact = false;
+                }
+            }
+        }
+        Ok(cat)
     }
 
     // ---- history ---------------------------------------------------------
@@ -629,20 +952,25 @@ impl Service {
         let verdict = d.verdict.to_string();
         let sev = d.severity.to_string();
         let rec = (d.recoverable as i64).to_string();
-        let mac = self.key.mac(
-            "history",
-            &[
-                serial.as_bytes(),
-                at.to_string().as_bytes(),
-                verdict.as_bytes(),
-                sev.as_bytes(),
-                rec.as_bytes(),
-                d.state.name().as_bytes(),
-                observed.as_bytes(),
-                expected.as_bytes(),
-                reasons.as_bytes(),
+        let (seq, prev) = self.chain_next()?;
+        let mac = history_mac(
+            &self.key,
+            [
+                serial,
+                &at.to_string(),
+                &verdict,
+                &sev,
+                &rec,
+                d.state.name(),
+                observed,
+                expected,
+                &reasons,
             ],
+            seq,
+            &prev,
         );
+        self.head = Some((seq, mac.clone()));
+        point("history: chained");
         let row = vec![
             serial.into(),
             Val::I64(at),
@@ -654,6 +982,8 @@ impl Service {
             expected.into(),
             reasons.into(),
             mac.into(),
+            Val::I64(seq),
+            prev.into(),
         ];
         if let Some(p) = &mut self.pending_history {
             p.push(row);
@@ -663,23 +993,30 @@ impl Service {
     }
 
     fn insert_history(&mut self, rows: Vec<Vec<Val>>) -> Result<()> {
+        // PostgreSQL: one statement per 1,000 rows (a round trip each); SQLite has no
+        // round trips and prefers smaller statements.
+        let per = if self.db.kind() == "postgresql" {
+            1000
+        } else {
+            100
+        };
         let mut rows = rows.into_iter().peekable();
         while rows.peek().is_some() {
-            let chunk: Vec<Vec<Val>> = rows.by_ref().take(100).collect();
+            let chunk: Vec<Vec<Val>> = rows.by_ref().take(per).collect();
             let mut sql = String::from(
-                "INSERT INTO history (serial, at, verdict, severity, recoverable, state, observed, expected, reasons, mac) VALUES ",
+                "INSERT INTO history (serial, at, verdict, severity, recoverable, state, observed, expected, reasons, mac, seq, prev) VALUES ",
             );
-            let mut params = Vec::with_capacity(chunk.len() * 10);
+            let mut params = Vec::with_capacity(chunk.len() * 12);
             for (r, row) in chunk.into_iter().enumerate() {
                 if r > 0 {
                     sql.push(',');
                 }
                 sql.push('(');
-                for c in 0..10 {
+                for c in 0..12 {
                     if c > 0 {
                         sql.push(',');
                     }
-                    sql.push_str(&format!("${}", r * 10 + c + 1));
+                    sql.push_str(&format!("${}", r * 12 + c + 1));
                 }
                 sql.push(')');
                 params.extend(row);
@@ -695,7 +1032,7 @@ impl Service {
         keys: &[String],
     ) -> Result<std::collections::HashMap<String, (DeviceRecord, bool)>> {
         let mut out = std::collections::HashMap::with_capacity(keys.len());
-        for chunk in keys.chunks(500) {
+        for chunk in keys.chunks(1000) {
             let list: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
             let sql = format!(
                 "SELECT {DEV_COLS} FROM devices WHERE serial IN ({}){}",
@@ -718,7 +1055,7 @@ impl Service {
 
     /// Stored verdicts, newest first; `serial` filters, `limit` bounds.
     pub fn history(&mut self, serial: Option<u64>, limit: i64) -> Result<Vec<HistoryEntry>> {
-        let cols = "id, serial, at, verdict, severity, recoverable, state, observed, expected, reasons, mac";
+        let cols = "id, serial, at, verdict, severity, recoverable, state, observed, expected, reasons, mac, seq, prev";
         let rows = match serial {
             Some(s) => self.db.query(
                 &format!("SELECT {cols} FROM history WHERE serial = $1 ORDER BY id DESC LIMIT $2"),
@@ -731,9 +1068,11 @@ impl Service {
         };
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
-            if r.len() != 11 {
+            if r.len() != 13 {
                 continue;
             }
+            let seq = r[11].i64("seq")?;
+            let prev = r[12].text("prev")?;
             let serial = r[1].text("serial")?;
             let at = r[2].i64("at")?;
             let verdict = r[3].text("verdict")?;
@@ -744,21 +1083,28 @@ impl Service {
             let expected = r[8].text("expected")?;
             let reasons_s = r[9].text("reasons")?;
             let mac = r[10].text("mac")?;
-            let intact = self.key.check(
-                "history",
-                &[
-                    serial.as_bytes(),
-                    at.to_string().as_bytes(),
-                    verdict.as_bytes(),
-                    severity.as_bytes(),
-                    recoverable.to_string().as_bytes(),
-                    state.as_bytes(),
-                    observed.as_bytes(),
-                    expected.as_bytes(),
-                    reasons_s.as_bytes(),
+            let want = history_mac(
+                &self.key,
+                [
+                    &serial,
+                    &at.to_string(),
+                    &verdict,
+                    &severity,
+                    &recoverable.to_string(),
+                    &state,
+                    &observed,
+                    &expected,
+                    &reasons_s,
                 ],
-                &mac,
+                seq,
+                &prev,
             );
+            let intact = want.len() == mac.len()
+                && want
+                    .bytes()
+                    .zip(mac.bytes())
+                    .fold(0u8, |a, (x, y)| a | (x ^ y))
+                    == 0;
             out.push(HistoryEntry {
                 id: r[0].i64("id")?,
                 serial,
@@ -860,25 +1206,69 @@ impl Service {
         Ok(())
     }
 
+    fn update_log_mac(&self, f: [&str; 4], prev: &str) -> String {
+        let mut fields: Vec<&[u8]> = f.iter().map(|x| x.as_bytes()).collect();
+        if !prev.is_empty() {
+            fields.push(prev.as_bytes());
+        }
+        self.key.mac("update_log", &fields)
+    }
+
+    /// The device's rate-limit log, checked: attempts begun since `since`, plus every
+    /// entry that fails its MAC or breaks the chain (a tampered entry counts as an
+    /// attempt, whatever its time or outcome says). Returns (count, last MAC).
+    fn rate_log(&mut self, serial: &str, since: i64) -> Result<(i64, String)> {
+        let rows = self.db.query(
+            "SELECT at, region, outcome, mac, prev FROM update_log WHERE serial = $1 ORDER BY id",
+            &[Val::from(serial)],
+        )?;
+        let mut count = 0;
+        let mut last = String::new();
+        for r in rows {
+            let (at, region, outcome, mac, prev) = (
+                r[0].i64("at").unwrap_or(i64::MAX),
+                r[1].text("region").unwrap_or_default(),
+                r[2].text("outcome").unwrap_or_default(),
+                r[3].text("mac").unwrap_or_default(),
+                r[4].text("prev").unwrap_or_default(),
+            );
+            let want = self.update_log_mac([serial, &at.to_string(), &region, &outcome], &prev);
+            // Chained entries name the previous entry's MAC ("genesis" first).
+            let chained = prev.is_empty() || prev == last || (last.is_empty() && prev == "genesis");
+            if !chained {
+                // Entries are missing before this one: at least one attempt.
+                count += 1;
+            }
+            if want != mac || (at > since && outcome == "begun") {
+                count += 1;
+            }
+            last = mac;
+        }
+        Ok((count, last))
+    }
+
+    fn rate_count(&mut self, serial: &str, since: i64) -> Result<i64> {
+        Ok(self.rate_log(serial, since)?.0)
+    }
+
     fn log_update(&mut self, serial: &str, region: Region, outcome: &str) -> Result<()> {
         let at = now_ms();
-        let mac = self.key.mac(
-            "update_log",
-            &[
-                serial.as_bytes(),
-                at.to_string().as_bytes(),
-                region.name().as_bytes(),
-                outcome.as_bytes(),
-            ],
-        );
+        let (_, last) = self.rate_log(serial, i64::MAX)?;
+        let prev = if last.is_empty() {
+            "genesis".to_string()
+        } else {
+            last
+        };
+        let mac = self.update_log_mac([serial, &at.to_string(), region.name(), outcome], &prev);
         self.db.exec(
-            "INSERT INTO update_log (serial, at, region, outcome, mac) VALUES ($1,$2,$3,$4,$5)",
+            "INSERT INTO update_log (serial, at, region, outcome, mac, prev) VALUES ($1,$2,$3,$4,$5,$6)",
             &[
                 serial.into(),
                 Val::I64(at),
                 region.name().into(),
                 outcome.into(),
                 mac.into(),
+                prev.into(),
             ],
         )?;
         Ok(())
@@ -921,14 +1311,7 @@ impl Service {
                 });
             }
             let since = now_ms().saturating_sub(limit.window_s.saturating_mul(1000));
-            let rows = s.db.query(
-                "SELECT COUNT(*) FROM update_log WHERE serial = $1 AND at > $2 AND outcome = 'begun'",
-                &[key.clone().into(), Val::I64(since)],
-            )?;
-            let count = match rows.first().and_then(|r| r.first()) {
-                Some(v) => v.i64("count")?,
-                None => 0,
-            };
+            let count = s.rate_count(&key, since)?;
             if count >= limit.max {
                 return Err(Error::RateLimited {
                     serial: key.clone(),
@@ -999,6 +1382,30 @@ impl Service {
     /// device is recorded as `unverifiable`, never trusted. Err only when the device
     /// is not enrolled or the database itself fails (also never trusted).
     pub fn verify(&mut self, serial: u64, source: &mut dyn CounterSource) -> Result<VerifyReport> {
+        let key = serial_key(serial);
+        // Compare-and-swap on the device record: note it before reading the device;
+        // if another process changes it before our transaction and the observation
+        // then looks like a rollback, it is older than the stored state: read again.
+        for _ in 0..3 {
+            let before = match self.load_raw(&key, false)? {
+                Some((rec, true)) => Some(self.device_mac(&rec)),
+                _ => None,
+            };
+            let obs = Self::observe(serial, source);
+            self.stale_check = before;
+            self.stale_seen = false;
+            let r = self.tx(|s| s.verify_in_tx(&key, obs));
+            self.stale_check = None;
+            self.stale_seen = false;
+            match r {
+                Err(Error::Stale(_)) => continue,
+                other => return other,
+            }
+        }
+        self.verify_observation(serial, Err(Error::Stale(key)))
+    }
+
+    fn observe(serial: u64, source: &mut dyn CounterSource) -> Result<Observation> {
         let obs = (|| {
             let id = source.serial()?;
             if id != serial {
@@ -1014,14 +1421,14 @@ impl Service {
             source.observe()
         })();
         point("verify: observed");
-        self.verify_observation(serial, obs.map_err(|e| e.to_string()))
+        obs
     }
 
     /// Decide on an observation already read (or the error that prevented it).
     pub fn verify_observation(
         &mut self,
         serial: u64,
-        obs: std::result::Result<Observation, String>,
+        obs: std::result::Result<Observation, Error>,
     ) -> Result<VerifyReport> {
         let key = serial_key(serial);
         self.tx(|s| s.verify_in_tx(&key, obs))
@@ -1036,12 +1443,41 @@ impl Service {
             let keys: Vec<String> = items.iter().map(|(k, _)| serial_key(*k)).collect();
             let pre = s.prefetch(&keys)?;
             s.prefetched = Some(pre);
+            let mut holds = std::collections::HashMap::new();
+            for r in s.db.query("SELECT serial, reason FROM holds", &[])? {
+                if let (Ok(k), Ok(v)) = (r[0].text("serial"), r[1].text("reason")) {
+                    holds.insert(k, v);
+                }
+            }
+            s.holds = Some(holds);
+            let mut seqs = std::collections::HashMap::with_capacity(keys.len());
+            for chunk in keys.chunks(1000) {
+                let list: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+                let sql = format!(
+                    "SELECT serial, MAX(seq) FROM history WHERE serial IN ({}) GROUP BY serial",
+                    list.join(",")
+                );
+                let params: Vec<Val> = chunk.iter().map(|k| Val::Text(k.clone())).collect();
+                for r in s.db.query(&sql, &params)? {
+                    if let (Ok(k), Val::I64(v)) = (r[0].text("serial"), &r[1]) {
+                        seqs.insert(k, *v);
+                    }
+                }
+            }
+            s.max_seqs = Some(seqs);
             s.pending_history = Some(Vec::with_capacity(items.len()));
+            if s.db.kind() == "postgresql" {
+                // One round trip per 1,000 rows instead of one per device.
+                s.pending_devices = Some(Vec::with_capacity(items.len()));
+            }
             let mut out = Vec::with_capacity(items.len());
             for (key, (_, obs)) in keys.iter().zip(items) {
                 out.push(s.verify_in_tx(key, Ok(obs.clone()))?);
             }
             s.prefetched = None;
+            if let Some(devs) = s.pending_devices.take() {
+                s.update_devices(devs)?;
+            }
             let rows = s.pending_history.take().unwrap_or_default();
             s.insert_history(rows)?;
             point("verify_batch: history");
@@ -1049,18 +1485,115 @@ impl Service {
         });
         self.prefetched = None;
         self.pending_history = None;
+        self.holds = None;
+        self.max_seqs = None;
+        self.pending_devices = None;
         r
+    }
+
+    /// Update many device rows in few statements (`UPDATE ... FROM (VALUES ...)`);
+    /// each row must exist (a missing one fails the batch).
+    fn update_devices(&mut self, rows: Vec<Vec<Val>>) -> Result<()> {
+        const INT_COLS: [usize; 7] = [4, 5, 6, 7, 8, 14, 16];
+        // The last write of each device wins (a device verified twice in a batch).
+        let mut last = std::collections::HashMap::with_capacity(rows.len());
+        for (i, r) in rows.iter().enumerate() {
+            last.insert(r[0].clone(), i);
+        }
+        let rows: Vec<Vec<Val>> = rows
+            .into_iter()
+            .enumerate()
+            .filter(|(i, r)| last.get(&r[0]) == Some(i))
+            .map(|(_, r)| r)
+            .collect();
+        let mut rows = rows.into_iter().peekable();
+        while rows.peek().is_some() {
+            let chunk: Vec<Vec<Val>> = rows.by_ref().take(1000).collect();
+            let n = chunk.len() as u64;
+            let mut sql = String::from("UPDATE devices AS d SET host=v.host, rack=v.rack, state=v.state, c0=v.c0, c1=v.c1, c2=v.c2, master=v.master, epoch=v.epoch, h0=v.h0, h1=v.h1, h2=v.h2, reason=v.reason, hold=v.hold, verified_at=v.verified_at, mac=v.mac, hseq=v.hseq FROM (VALUES ");
+            let mut params = Vec::with_capacity(chunk.len() * 17);
+            for (r, row) in chunk.into_iter().enumerate() {
+                if r > 0 {
+                    sql.push(',');
+                }
+                sql.push('(');
+                for c in 0..17 {
+                    if c > 0 {
+                        sql.push(',');
+                    }
+                    let ty = if INT_COLS.contains(&c) {
+                        "BIGINT"
+                    } else {
+                        "TEXT"
+                    };
+                    sql.push_str(&format!("CAST(${} AS {ty})", r * 17 + c + 1));
+                }
+                sql.push(')');
+                params.extend(row);
+            }
+            sql.push_str(") AS v(serial, host, rack, state, c0, c1, c2, master, epoch, h0, h1, h2, reason, hold, verified_at, mac, hseq) WHERE d.serial = v.serial");
+            let done = self.db.exec(&sql, &params)?;
+            if done != n {
+                return Err(Error::db(
+                    "updating device rows",
+                    format!("{done} of {n} rows updated"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn verify_in_tx(
         &mut self,
         key: &str,
-        obs: std::result::Result<Observation, String>,
+        obs: std::result::Result<Observation, Error>,
     ) -> Result<VerifyReport> {
         point("verify: start");
         let (mut rec, intact) = self
             .load_raw(key, true)?
             .ok_or_else(|| Error::UnknownDevice(key.to_string()))?;
+        let mut replayed_row: Option<String> = None;
+        // A device row older than its own history is a replayed row (its MAC is
+        // valid, but it is not the latest): treated as tampered.
+        let intact = if intact {
+            let latest = match self.max_seqs.as_ref() {
+                Some(m) => m.get(key).copied().unwrap_or(0),
+                None => {
+                    let rows = self.db.query(
+                        "SELECT MAX(seq) FROM history WHERE serial = $1",
+                        &[Val::from(key)],
+                    )?;
+                    match rows.first().and_then(|r| r.first()) {
+                        Some(Val::I64(v)) => *v,
+                        _ => 0,
+                    }
+                }
+            };
+            if latest > rec.hseq {
+                replayed_row = Some(format!(
+                    "device record {key} is older than its history (row written at history {}, latest history {latest}): a replayed row",
+                    rec.hseq
+                ));
+                false
+            } else {
+                true
+            }
+        } else {
+            false
+        };
+        // A hold kept outside the device row (set when the row itself could not be
+        // trusted, so it was not rewritten): a row put back afterwards stays held.
+        if intact && rec.hold.is_empty() {
+            if let Some(h) = self.hold_for(key)? {
+                rec.hold = h;
+            }
+        }
+        if let (Some(before), true) = (&self.stale_check, intact) {
+            let now = self.device_mac(&rec);
+            if &now != before {
+                self.stale_seen = true;
+            }
+        }
         let expected_before = rec.expected.clone();
         let expected_json = serde_json::to_string(&rec.expected).unwrap_or_default();
         // History keeps the observation; "same" when it equals the expected values
@@ -1070,7 +1603,9 @@ impl Service {
             Ok(o) => serde_json::to_string(o).unwrap_or_default(),
             Err(_) => String::new(),
         };
-        let mut d = if !intact {
+        let mut d = if let Some(why) = &replayed_row {
+            Decision::tampered(format!("{why}; held until re-enrolled"))
+        } else if !intact {
             Decision::tampered(format!(
                 "device record {key}: MAC mismatch (edited outside the service); held until re-enrolled"
             ))
@@ -1127,12 +1662,29 @@ impl Service {
         } else {
             format!("{}: {}", d.verdict, d.reasons.join("; "))
         };
-        if intact || d.verdict == Verdict::Quarantined {
-            // A tampered row is rewritten with state quarantined and a hold.
-            if !intact {
-                rec.state = DeviceState::Quarantined;
-            }
+        if self.stale_seen
+            && (d.verdict == Verdict::RolledBack
+                || (d.verdict == Verdict::Quarantined && !d.recoverable))
+        {
+            // The observation was read before another process committed a change to
+            // this device (an authorised update): it is older than the stored state.
+            // Write nothing; the caller reads the device again.
+            return Err(Error::Stale(key.to_string()));
+        }
+        if intact {
             self.write_device(&rec, false)?;
+        } else {
+            // A row that fails its MAC or does not parse is never rewritten: it is
+            // kept as found in the evidence table, and the hold lives beside it.
+            self.last_raw = None;
+            let raw = self.db.query(
+                &format!("SELECT {DEV_COLS} FROM devices WHERE serial = $1"),
+                &[Val::from(key)],
+            )?;
+            let found = raw.first().map(|r| row_as_found(r)).unwrap_or_default();
+            self.keep_evidence("devices", key, &found, &rec.reason)?;
+            self.set_hold(key, &rec.reason)?;
+            rec.state = DeviceState::Quarantined;
         }
         point("verify: device written");
         if intact && !d.intents.is_empty() {
@@ -1152,6 +1704,81 @@ impl Service {
             observed: obs.ok(),
             expected: Some(expected_before),
         })
+    }
+
+    fn hold_for(&mut self, key: &str) -> Result<Option<String>> {
+        if let Some(h) = &self.holds {
+            return Ok(h.get(key).cloned());
+        }
+        let rows = self.db.query(
+            "SELECT reason FROM holds WHERE serial = $1",
+            &[Val::from(key)],
+        )?;
+        match rows.first().and_then(|r| r.first()) {
+            // Whatever the row says (even if edited), the device is held.
+            Some(v) => Ok(Some(v.text("reason").unwrap_or_else(|_| "held".into()))),
+            None => Ok(None),
+        }
+    }
+
+    fn set_hold(&mut self, key: &str, reason: &str) -> Result<()> {
+        if self.hold_for(key)?.is_some() {
+            return Ok(());
+        }
+        let at = now_ms();
+        let mac = self.key.mac(
+            "holds",
+            &[key.as_bytes(), reason.as_bytes(), at.to_string().as_bytes()],
+        );
+        self.db.exec(
+            "INSERT INTO holds (serial, reason, at, mac) VALUES ($1, $2, $3, $4)",
+            &[
+                Val::from(key),
+                Val::from(reason),
+                Val::I64(at),
+                Val::Text(mac),
+            ],
+        )?;
+        if let Some(h) = &mut self.holds {
+            h.insert(key.to_string(), reason.to_string());
+        }
+        Ok(())
+    }
+
+    fn keep_evidence(&mut self, table: &str, key: &str, found: &str, reason: &str) -> Result<()> {
+        let rows = self.db.query(
+            "SELECT id FROM evidence WHERE tbl = $1 AND row_key = $2 AND found = $3",
+            &[Val::from(table), Val::from(key), Val::from(found)],
+        )?;
+        if rows.is_empty() {
+            self.db.exec(
+                "INSERT INTO evidence (tbl, row_key, found, at, reason) VALUES ($1, $2, $3, $4, $5)",
+                &[
+                    Val::from(table),
+                    Val::from(key),
+                    Val::from(found),
+                    Val::I64(now_ms()),
+                    Val::from(reason),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Rows kept as evidence: (table, row key, the row as found, JSON), oldest first.
+    pub fn evidence(&mut self) -> Result<Vec<(String, String, String)>> {
+        let rows = self
+            .db
+            .query("SELECT tbl, row_key, found FROM evidence ORDER BY id", &[])?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r[0].text("tbl")?,
+                    r[1].text("row_key")?,
+                    r[2].text("found")?,
+                ))
+            })
+            .collect()
     }
 
     fn decide_for(&mut self, key: &str, exp: &Expected, o: &Observation) -> Result<Decision> {

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 /// A value bound to or read from SQL.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Val {
     /// NULL (read only: the schema has no nullable columns).
     Null,
@@ -472,6 +472,39 @@ pub const MIGRATIONS: &[(i64, &str)] = &[
         CREATE INDEX update_log_serial ON update_log (serial, at);
         CREATE INDEX devices_host ON devices (host);
         CREATE INDEX devices_rack ON devices (rack);",
+    ),
+    (
+        3,
+        "CREATE TABLE meta (
+            name TEXT PRIMARY KEY,
+            value TEXT NOT NULL);
+        CREATE TABLE evidence (
+            id {ID},
+            tbl TEXT NOT NULL,
+            row_key TEXT NOT NULL,
+            found TEXT NOT NULL,
+            at BIGINT NOT NULL,
+            reason TEXT NOT NULL);
+        CREATE TABLE holds (
+            serial TEXT PRIMARY KEY,
+            reason TEXT NOT NULL,
+            at BIGINT NOT NULL,
+            mac TEXT NOT NULL);",
+    ),
+    (
+        4,
+        "ALTER TABLE history ADD COLUMN seq BIGINT NOT NULL DEFAULT 0;
+        ALTER TABLE history ADD COLUMN prev TEXT NOT NULL DEFAULT '';
+        CREATE UNIQUE INDEX history_seq ON history (seq) WHERE seq > 0;
+        CREATE INDEX history_serial_seq ON history (serial, seq);
+        ALTER TABLE devices ADD COLUMN hseq BIGINT NOT NULL DEFAULT 0;
+        ALTER TABLE update_log ADD COLUMN prev TEXT NOT NULL DEFAULT '';
+        CREATE TABLE revoked (
+            region TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            at BIGINT NOT NULL,
+            mac TEXT NOT NULL,
+            PRIMARY KEY (region, sha256));",
     ),
 ];
 

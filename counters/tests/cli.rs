@@ -92,11 +92,29 @@ fn init_enroll_catalog_verify_history() {
         go2(&["verify", "0x77", "--source", &src]).unwrap(),
         ExitCode::from(1)
     );
-    // An unreadable source: not trusted, recorded.
-    assert_eq!(
-        go2(&["verify", "0x77", "--source", "model:/nonexistent/x.state"]).unwrap(),
-        ExitCode::from(1)
-    );
+    // A source that cannot be opened (a typo): a usage error, nothing written.
+    let history_rows = |db: &str| {
+        rusqlite::Connection::open(db)
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM history", [], |r| r.get::<_, i64>(0))
+            .unwrap()
+    };
+    let before = history_rows(&db);
+    for bad in [
+        "model:/nonexistent/x.state",
+        "serial:/dev/ttyNOPE0",
+        "/dev/ttyNOPE1",
+        "modle:x",
+    ] {
+        let e = go2(&["verify", "0x77", "--source", bad])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("nothing was recorded") || e.contains("use model:"),
+            "{bad}: {e}"
+        );
+    }
+    assert_eq!(history_rows(&db), before, "a typo changed the database");
     let h = image_hash(Region::Config, &image(4, 64));
     assert_eq!(
         go2(&[

@@ -34,6 +34,10 @@ fn open(dir: &Path, backend: &str) -> Service {
     };
     let mut s = Service::with_db(db, Key::from_bytes([3; 32])).unwrap();
     s.rate_limit.max = 1000;
+    // The chain head's external anchor: whatever point the process died at, the
+    // anchor is never ahead of the database (a refused open here fails the sweep).
+    s.set_anchor(&dir.join(format!("anchor-{}", backend.len())))
+        .unwrap_or_else(|e| panic!("after a crash: {e}"));
     s
 }
 

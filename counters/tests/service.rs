@@ -35,7 +35,7 @@ fn migrations_apply_in_order_once() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.db");
     let mut db = store::SqliteDb::open(&path).unwrap();
-    assert_eq!(store::migrate(&mut db).unwrap(), vec![1, 2]);
+    assert_eq!(store::migrate(&mut db).unwrap(), vec![1, 2, 3, 4]);
     assert_eq!(store::migrate(&mut db).unwrap(), Vec::<i64>::new());
     assert_eq!(
         store::schema_version(&mut db).unwrap(),
@@ -50,7 +50,7 @@ fn migrations_apply_in_order_once() {
     let e = store::migrate(&mut db).unwrap_err();
     assert!(matches!(e, Error::SchemaTooNew { found: 99, .. }), "{e}");
     if let Some((mut pg, url, schema)) = pg_db("migrations") {
-        assert_eq!(store::migrate(&mut *pg).unwrap(), vec![1, 2]);
+        assert_eq!(store::migrate(&mut *pg).unwrap(), vec![1, 2, 3, 4]);
         assert_eq!(store::migrate(&mut *pg).unwrap(), Vec::<i64>::new());
         drop(pg);
         store::PgDb::connect(&url, None)
@@ -307,23 +307,66 @@ fn tampered_rows_quarantine_the_device() {
         let p = make_device(dir, serial, 8);
         enroll_from(s, &p, serial, "h", "r");
         assert_eq!(verify(s, &p, serial).decision.verdict, Verdict::Trusted);
+        let good_row = s
+            .db_mut()
+            .query("SELECT c1, master, mac FROM devices", &[])
+            .unwrap();
         // Someone raises the expected counter by hand (to hide attempts).
         s.db_mut()
             .exec("UPDATE devices SET c1 = c1 + 5, master = master + 5", &[])
             .unwrap();
+        let tampered_row = s
+            .db_mut()
+            .query("SELECT c1, master, mac FROM devices", &[])
+            .unwrap();
         assert!(matches!(s.device(serial), Err(Error::Tampered { .. })));
         let r = verify(s, &p, serial);
         assert_eq!(r.decision.verdict, Verdict::Quarantined, "{:?}", r.decision);
+        assert_eq!(r.decision.state, DeviceState::Quarantined);
         assert!(
             r.decision.reasons[0].contains("MAC"),
             "{:?}",
             r.decision.reasons
         );
-        let rec = s.device(serial).unwrap();
-        assert_eq!(rec.state, DeviceState::Quarantined);
-        assert!(rec.hold.contains("MAC"));
-        // Stays quarantined.
+        // The row is never rewritten: still as the attacker left it (evidence), and a
+        // copy as found is in the evidence table.
+        assert_eq!(
+            s.db_mut()
+                .query("SELECT c1, master, mac FROM devices", &[])
+                .unwrap(),
+            tampered_row
+        );
+        let ev = s.evidence().unwrap();
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert_eq!(ev[0].0, "devices");
+        assert!(
+            ev[0].2.contains(
+                &format!("{:?}", tampered_row[0][2])
+                    .replace("Text(", "")
+                    .replace(')', "")
+            ),
+            "{ev:?}"
+        );
+        // Stays quarantined, no second copy of the same evidence.
         assert_eq!(verify(s, &p, serial).decision.verdict, Verdict::Quarantined);
+        assert_eq!(s.evidence().unwrap().len(), 1);
+        // Putting the old row back (valid MAC) does not lift the hold.
+        s.db_mut()
+            .exec(
+                "UPDATE devices SET c1 = $1, master = $2, mac = $3",
+                &good_row[0],
+            )
+            .unwrap();
+        let r = verify(s, &p, serial);
+        assert_eq!(r.decision.verdict, Verdict::Quarantined, "{:?}", r.decision);
+        assert_eq!(r.decision.state, DeviceState::Quarantined);
+        // The old row is older than the device's history: a replayed row.
+        assert!(
+            r.decision.reasons[0].contains("replayed"),
+            "{:?}",
+            r.decision.reasons
+        );
+        assert!(matches!(s.device(serial), Err(Error::Tampered { .. })));
         // A tampered catalog entry is ignored.
         let img = image(3, 1000);
         let h = image_hash(Region::Config, &img);
@@ -403,7 +446,13 @@ fn unreadable_devices_fail_closed() {
         enroll_from(s, &p, serial, "h", "r");
         assert!(verify(s, &p, serial).trusted());
         let r = s
-            .verify_observation(serial, Err("OOB timeout".into()))
+            .verify_observation(
+                serial,
+                Err(Error::Source {
+                    source_name: "oob".into(),
+                    detail: "OOB timeout".into(),
+                }),
+            )
             .unwrap();
         assert_eq!(r.decision.verdict, Verdict::Unverifiable);
         assert!(!r.trusted());
@@ -527,7 +576,7 @@ fn verify_over_a_pty_serial_port() {
         std::time::Duration::from_millis(200),
     ) {
         Ok(mut src) => s.verify(0xabc, &mut *src).unwrap(),
-        Err(e) => s.verify_observation(0xabc, Err(e.to_string())).unwrap(),
+        Err(e) => s.verify_observation(0xabc, Err(e)).unwrap(),
     };
     assert_eq!(r.decision.verdict, Verdict::Unverifiable);
     assert!(!r.trusted());

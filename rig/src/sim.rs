@@ -551,7 +551,9 @@ impl Device for StateFileOob {
         Err(OOB_ONLY)
     }
     fn oob(&mut self, request: &[u8]) -> Result<Vec<u8>, DeviceError> {
-        Model::open(&self.path)?.oob(request)
+        // Under the state file's lock: no other OOB server or `counters sim` command
+        // changes the file between this read and a PHYSICAL_RESET's write.
+        hilrig_device::oob::with_state_lock(&self.path, || Model::open(&self.path)?.oob(request))
     }
 }
 

@@ -675,6 +675,23 @@ pub fn serve_stream<T: std::io::Read + std::io::Write>(
     dev: &mut dyn crate::device::Device,
     stop: &dyn Fn() -> bool,
 ) -> Result<(), crate::device::DeviceError> {
+    serve_stream_with(port, &mut |f| dev.oob(f), stop)
+}
+
+/// Answers one complete request frame with its response frame.
+pub type FrameAnswer<'a> = dyn FnMut(&[u8]) -> Result<Vec<u8>, crate::device::DeviceError> + 'a;
+
+/// Opens the device of a state file (a backend by name, e.g. the model).
+pub type StateOpener<'a> = dyn FnMut(&std::path::Path) -> Result<Box<dyn crate::device::Device>, crate::device::DeviceError>
+    + 'a;
+
+/// [`serve_stream`] with each complete frame answered by `answer` (e.g. one that
+/// opens a state file under its lock for every request: [`serve_state_request`]).
+pub fn serve_stream_with<T: std::io::Read + std::io::Write>(
+    port: &mut T,
+    answer: &mut FrameAnswer<'_>,
+    stop: &dyn Fn() -> bool,
+) -> Result<(), crate::device::DeviceError> {
     let transport = |e: std::io::Error| crate::device::DeviceError::Transport {
         what: "OOB port".into(),
         detail: e.to_string(),
@@ -716,7 +733,7 @@ pub fn serve_stream<T: std::io::Read + std::io::Write>(
         last_byte = Instant::now();
         for &b in &buf[..n] {
             let out = match reader.push(b) {
-                Some(StreamEvent::Frame(f)) => dev.oob(&f)?,
+                Some(StreamEvent::Frame(f)) => answer(&f)?,
                 Some(StreamEvent::Oversized) => encode_response(
                     0,
                     &Response::Error {
@@ -773,6 +790,87 @@ impl PtyServer {
         stop: &dyn Fn() -> bool,
     ) -> Result<(), crate::device::DeviceError> {
         serve_stream(&mut self.master, dev, stop)
+    }
+
+    /// Serve with each request answered by `answer` (see [`serve_stream_with`]).
+    pub fn serve_with(
+        mut self,
+        answer: &mut FrameAnswer<'_>,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<(), crate::device::DeviceError> {
+        serve_stream_with(&mut self.master, answer, stop)
+    }
+}
+
+/// The lock file of a device state file: `.NAME.lock` beside it.
+pub fn state_lock_path(state: &std::path::Path) -> std::path::PathBuf {
+    let name = state
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "state".into());
+    let dir = match state.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    dir.join(format!(".{name}.lock"))
+}
+
+/// Run `f` holding the exclusive lock of the device state file `state` (an advisory
+/// `flock` on its lock file, released when `f` returns, or when the process dies).
+/// Every process that reads-modifies-writes the state file outside a running device
+/// (the OOB servers, `hilrig counters sim-*`) takes it, so none writes back a stale
+/// snapshot over another's change.
+pub fn with_state_lock<R>(
+    state: &std::path::Path,
+    f: impl FnOnce() -> Result<R, crate::device::DeviceError>,
+) -> Result<R, crate::device::DeviceError> {
+    use std::os::fd::AsRawFd;
+    let lp = state_lock_path(state);
+    let lock_err = |e: std::io::Error| crate::device::DeviceError::Transport {
+        what: format!("lock file {}", lp.display()),
+        detail: e.to_string(),
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lp)
+        .map_err(lock_err)?;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    loop {
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if rc == 0 {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(lock_err(e));
+        }
+    }
+    let r = f();
+    drop(file); // closing the descriptor releases the lock
+    r
+}
+
+/// Answer one OOB request for the device in state file `state`: under the state
+/// file's lock, load its current state, answer, and (for a PHYSICAL_RESET) persist;
+/// nothing is kept between requests, so no stale snapshot is ever written back.
+pub fn serve_state_request(
+    state: &std::path::Path,
+    open: &mut StateOpener<'_>,
+    request: &[u8],
+) -> Result<Vec<u8>, crate::device::DeviceError> {
+    match with_state_lock(state, || open(state)?.oob(request)) {
+        Ok(out) => Ok(out),
+        // The state file could not be read (a half-written copy by a foreign tool, a
+        // permission change): answer with an error frame and keep serving.
+        Err(_) => Ok(encode_response(
+            request.get(2).copied().unwrap_or(0),
+            &Response::Error {
+                code: ErrorCode::Internal,
+                request: request.get(3).copied().unwrap_or(0),
+            },
+        )),
     }
 }
 

@@ -1,0 +1,317 @@
+//! The store against a hostile or racing database: a wrong key writes nothing, a
+//! stale observation never quarantines a healthy device.
+
+mod common;
+use common::*;
+use hilrig_counters::decide::DeviceState;
+use hilrig_counters::mac::Key;
+use hilrig_counters::service::{Enrollment, Service};
+use hilrig_counters::source::{CounterSource, DeviceSource};
+use hilrig_counters::{Error, Result, Verdict};
+use hilrig_device::oob::{Request, Response};
+use hilrig_device::{Model, Region};
+use std::path::{Path, PathBuf};
+
+fn enroll_from(s: &mut Service, p: &Path, serial: u64) {
+    let obs = source(p).observe().unwrap();
+    s.enroll(
+        &Enrollment {
+            serial,
+            host: "h".into(),
+            rack: "r".into(),
+            expected: obs.as_expected(),
+        },
+        false,
+    )
+    .unwrap();
+}
+
+fn files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains("counters.db"))
+        .map(|p| {
+            let b = std::fs::read(&p).unwrap();
+            (p, b)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_different_key_is_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("counters.db");
+    let spec = db.display().to_string();
+    let p = make_device(dir.path(), 0x51, 8);
+    {
+        let mut s = Service::open(&spec, key()).unwrap();
+        enroll_from(&mut s, &p, 0x51);
+        assert_eq!(
+            s.verify(0x51, &mut source(&p)).unwrap().decision.verdict,
+            Verdict::Trusted
+        );
+    }
+    let before = files(dir.path());
+    let wrong = Key::from_bytes([8u8; 32]);
+    match Service::open(&spec, wrong) {
+        Err(Error::WrongKey { stored, given }) => assert_ne!(stored, given),
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a wrong key opened the database"),
+    }
+    assert_eq!(
+        files(dir.path()),
+        before,
+        "a wrong key wrote to the database"
+    );
+    // The right key still works and the device is still trusted.
+    let mut s = Service::open(&spec, key()).unwrap();
+    assert_eq!(s.device(0x51).unwrap().state, DeviceState::Trusted);
+}
+
+/// Reads the device; once its first observation is complete, runs `hook` (another
+/// process commits an authorised update) before the verify stores anything.
+struct Racy {
+    inner: DeviceSource<Model>,
+    path: PathBuf,
+    n: usize,
+    hook: Option<Box<dyn FnOnce()>>,
+}
+
+impl CounterSource for Racy {
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+    fn request(&mut self, req: &Request) -> Result<Response> {
+        // Reopen each time: the device file changes under us.
+        self.inner = source(&self.path);
+        let r = self.inner.request(req);
+        self.n += 1;
+        // IDENTIFY, READ_COUNTERS, 3 x READ_HASH, READ_COUNTERS: the observation.
+        if self.n == 6 {
+            if let Some(h) = self.hook.take() {
+                h();
+            }
+        }
+        r
+    }
+}
+
+#[test]
+fn a_stale_observation_never_quarantines_a_healthy_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("counters.db").display().to_string();
+    let p = make_device(dir.path(), 0x52, 16);
+    let mut s = Service::open(&spec, key()).unwrap();
+    enroll_from(&mut s, &p, 0x52);
+    assert_eq!(
+        s.verify(0x52, &mut source(&p)).unwrap().decision.verdict,
+        Verdict::Trusted
+    );
+    let img = image(9, 256);
+    let h = image_hash(Region::Config, &img);
+    s.catalog_add(Region::Config, &h, "c9", "alice").unwrap();
+    let (spec2, p2, h2) = (spec.clone(), p.clone(), h.clone());
+    let mut racy = Racy {
+        inner: source(&p),
+        path: p.clone(),
+        n: 0,
+        hook: Some(Box::new(move || {
+            // Another rig controller: an authorised update, committed.
+            let mut other = Service::open(&spec2, key()).unwrap();
+            let id = other.begin_update(0x52, Region::Config, &h2).unwrap();
+            flash(&p2, Region::Config, &img);
+            let r = other.commit_update(0x52, id, &mut source(&p2)).unwrap();
+            assert!(r.trusted(), "{:?}", r.decision);
+        })),
+    };
+    let r = s.verify(0x52, &mut racy).unwrap();
+    assert_eq!(r.decision.verdict, Verdict::Trusted, "{:?}", r.decision);
+    let rec = s.device(0x52).unwrap();
+    assert_eq!(rec.state, DeviceState::Trusted);
+    assert!(rec.hold.is_empty(), "{}", rec.hold);
+}
+
+fn copy_db(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        if p.to_string_lossy().contains("counters.db") {
+            std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+}
+
+fn restore_db(from: &Path, to: &Path) {
+    for e in std::fs::read_dir(to).unwrap() {
+        let p = e.unwrap().path();
+        if p.to_string_lossy().contains("counters.db") {
+            std::fs::remove_file(&p).unwrap();
+        }
+    }
+    copy_db(from, to);
+}
+
+/// An authorised update of the config region (the counters go up).
+fn update(s: &mut Service, p: &Path, serial: u64, seed: u8) {
+    let img = image(seed, 256);
+    let h = image_hash(Region::Config, &img);
+    s.catalog_add(Region::Config, &h, "v", "alice").unwrap();
+    let id = s.begin_update(serial, Region::Config, &h).unwrap();
+    flash(p, Region::Config, &img);
+    assert!(s
+        .commit_update(serial, id, &mut source(p))
+        .unwrap()
+        .trusted());
+}
+
+#[test]
+fn a_replayed_database_is_refused_with_an_anchor() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = dir.path().join("live");
+    std::fs::create_dir_all(&live).unwrap();
+    let spec = live.join("counters.db").display().to_string();
+    let anchor = dir.path().join("anchor");
+    let p = make_device(dir.path(), 0x53, 16);
+    let old_state = std::fs::read(&p).unwrap();
+    {
+        let mut s = Service::open(&spec, key()).unwrap();
+        s.set_anchor(&anchor).unwrap();
+        enroll_from(&mut s, &p, 0x53);
+        assert!(s.verify(0x53, &mut source(&p)).unwrap().trusted());
+    }
+    copy_db(&live, &dir.path().join("backup"));
+    {
+        let mut s = Service::open(&spec, key()).unwrap();
+        s.set_anchor(&anchor).unwrap();
+        update(&mut s, &p, 0x53, 1);
+        assert!(s.verify(0x53, &mut source(&p)).unwrap().trusted());
+    }
+    // The attacker restores the old database and rolls the device back.
+    restore_db(&dir.path().join("backup"), &live);
+    std::fs::write(&p, &old_state).unwrap();
+    let mut s = Service::open(&spec, key()).unwrap();
+    match s.set_anchor(&anchor) {
+        Err(e @ Error::Replayed { .. }) => {
+            let m = e.to_string();
+            assert!(m.starts_with("database replayed: head 1, anchor "), "{m}");
+        }
+        other => panic!("a replayed database was accepted: {:?}", other.err()),
+    }
+    // Without the anchor the replay is invisible (the README says so).
+    assert!(s.verify(0x53, &mut source(&p)).unwrap().trusted());
+}
+
+#[test]
+fn a_replayed_device_row_then_a_device_rollback_is_never_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("counters.db").display().to_string();
+    let p = make_device(dir.path(), 0x54, 16);
+    let old_state = std::fs::read(&p).unwrap();
+    let mut s = Service::open(&spec, key()).unwrap();
+    enroll_from(&mut s, &p, 0x54);
+    assert!(s.verify(0x54, &mut source(&p)).unwrap().trusted());
+    let old_row = s
+        .db_mut()
+        .query(
+            "SELECT state, c0, c1, c2, master, epoch, h0, h1, h2, reason, hold, verified_at, mac, hseq FROM devices",
+            &[],
+        )
+        .unwrap();
+    update(&mut s, &p, 0x54, 2);
+    // The attacker puts the old row back (its own valid MAC) and rolls the device
+    // back to match it.
+    s.db_mut()
+        .exec(
+            "UPDATE devices SET state = $1, c0 = $2, c1 = $3, c2 = $4, master = $5, epoch = $6, h0 = $7, h1 = $8, h2 = $9, reason = $10, hold = $11, verified_at = $12, mac = $13, hseq = $14",
+            &old_row[0],
+        )
+        .unwrap();
+    std::fs::write(&p, &old_state).unwrap();
+    let r = s.verify(0x54, &mut source(&p)).unwrap();
+    assert_eq!(r.decision.verdict, Verdict::Quarantined, "{:?}", r.decision);
+    assert!(!r.trusted());
+    assert!(
+        r.decision.reasons[0].contains("replayed"),
+        "{:?}",
+        r.decision
+    );
+    // Kept as evidence, held.
+    assert_eq!(s.evidence().unwrap().len(), 1);
+    assert!(!s.verify(0x54, &mut source(&p)).unwrap().trusted());
+}
+
+#[test]
+fn a_revoked_image_stays_revoked_when_its_row_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("counters.db").display().to_string();
+    let p = make_device(dir.path(), 0x55, 16);
+    let mut s = Service::open(&spec, key()).unwrap();
+    enroll_from(&mut s, &p, 0x55);
+    let img = image(7, 256);
+    let h = image_hash(Region::Config, &img);
+    s.catalog_add(Region::Config, &h, "v7", "alice").unwrap();
+    let row = s
+        .db_mut()
+        .query(
+            "SELECT region, sha256, version, approved_by, added_at, mac FROM catalog",
+            &[],
+        )
+        .unwrap();
+    s.catalog_remove(Region::Config, &h).unwrap();
+    // Re-inserted by hand, with its own valid MAC.
+    s.db_mut()
+        .exec(
+            "INSERT INTO catalog (region, sha256, version, approved_by, added_at, mac) VALUES ($1,$2,$3,$4,$5,$6)",
+            &row[0],
+        )
+        .unwrap();
+    // Through the service: refused.
+    assert!(s.catalog_add(Region::Config, &h, "v7", "alice").is_err());
+    assert!(s.begin_update(0x55, Region::Config, &h).is_err());
+    flash(&p, Region::Config, &img);
+    let r = s.verify(0x55, &mut source(&p)).unwrap();
+    assert!(!r.trusted(), "{:?}", r.decision);
+    assert_ne!(r.decision.verdict, Verdict::AcceptedUpdate);
+}
+
+#[test]
+fn a_tampered_rate_limit_entry_counts_as_an_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("counters.db").display().to_string();
+    let p = make_device(dir.path(), 0x56, 32);
+    let mut s = Service::open(&spec, key()).unwrap();
+    s.rate_limit.max = 3;
+    enroll_from(&mut s, &p, 0x56);
+    let img = image(3, 256);
+    let h = image_hash(Region::Config, &img);
+    s.catalog_add(Region::Config, &h, "v", "alice").unwrap();
+    for _ in 0..3 {
+        s.begin_update(0x56, Region::Config, &h).unwrap();
+    }
+    assert!(matches!(
+        s.begin_update(0x56, Region::Config, &h),
+        Err(Error::RateLimited { .. })
+    ));
+    // The attacker ages the log (to reopen the window) and relabels entries.
+    s.db_mut()
+        .exec("UPDATE update_log SET at = 0, outcome = 'aborted'", &[])
+        .unwrap();
+    assert!(matches!(
+        s.begin_update(0x56, Region::Config, &h),
+        Err(Error::RateLimited { count: 3, .. })
+    ));
+    // Deleting the first entry breaks the chain: the break counts too.
+    s.db_mut()
+        .exec(
+            "DELETE FROM update_log WHERE id = (SELECT MIN(id) FROM update_log)",
+            &[],
+        )
+        .unwrap();
+    assert!(matches!(
+        s.begin_update(0x56, Region::Config, &h),
+        Err(Error::RateLimited { .. })
+    ));
+}
