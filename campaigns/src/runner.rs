@@ -882,11 +882,18 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
         Some(text) => format::parse(text, &opts.campaign, &hosts)?,
         None => format::load(&opts.campaign, &hosts)?,
     };
+    let mut vmm_args = opts.vmm_args.clone();
     let vmm = match &opts.vmm {
         Some(p) => p.clone(),
-        None => hilrig_rig::sim::find_vmm(lab_vmm.as_deref()).map_err(|e| {
-            anyhow::anyhow!("finding hilrig-vmm: {e} (build it: cargo build -p hilrig-vmm)")
-        })?,
+        None => {
+            let p = hilrig_rig::sim::find_vmm(lab_vmm.as_deref())
+                .map_err(|e| anyhow::anyhow!("finding the VMM: {e}"))?;
+            let prefix = hilrig_rig::sim::vmm_prefix(&p)
+                .iter()
+                .map(|s| s.to_string());
+            vmm_args = prefix.chain(vmm_args).collect();
+            p
+        }
     };
     std::fs::create_dir_all(&opts.out_dir)
         .map_err(|e| anyhow::anyhow!("creating {}: {e}", opts.out_dir.display()))?;
@@ -965,7 +972,7 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
     let ctx = Arc::new(Ctx {
         pool: Pool::new(hosts),
         vmm,
-        vmm_args: opts.vmm_args.clone(),
+        vmm_args,
         run_dir: run_dir.clone(),
         run_id: row.id.clone(),
         store: Mutex::new(store),

@@ -43,7 +43,7 @@ pub enum FindVmmError {
     Env(PathBuf),
     /// In none of the places searched.
     #[error(
-        "hilrig-vmm not found (build it: cargo build -p hilrig-vmm; or set lab.vmm / HILRIG_VMM)"
+        "neither hilrig nor hilrig-vmm found (build it: cargo build --release; or set lab.vmm / HILRIG_VMM)"
     )]
     NotFound,
 }
@@ -87,10 +87,17 @@ pub fn find_vmm(configured: Option<&Path>) -> Result<PathBuf, FindVmmError> {
     }
     let mut candidates = Vec::new();
     if let Ok(exe) = std::env::current_exe() {
+        // The one user binary is a VMM itself (`hilrig vm run`): the same build as
+        // the rig, nothing else to install.
+        if exe.file_stem().and_then(|s| s.to_str()) == Some("hilrig") {
+            return Ok(exe);
+        }
         if let Some(d) = exe.parent() {
             candidates.push(d.join("hilrig-vmm"));
+            candidates.push(d.join("hilrig"));
             if let Some(u) = d.parent() {
                 candidates.push(u.join("hilrig-vmm"));
+                candidates.push(u.join("hilrig"));
             }
         }
     }
@@ -98,15 +105,30 @@ pub fn find_vmm(configured: Option<&Path>) -> Result<PathBuf, FindVmmError> {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| ws.join("target"));
-    candidates.push(target.join("debug/hilrig-vmm"));
-    candidates.push(target.join("release/hilrig-vmm"));
+    for profile in ["debug", "release"] {
+        candidates.push(target.join(profile).join("hilrig-vmm"));
+        candidates.push(target.join(profile).join("hilrig"));
+    }
     if let Some(path) = std::env::var_os("PATH") {
-        candidates.extend(std::env::split_paths(&path).map(|d| d.join("hilrig-vmm")));
+        for d in std::env::split_paths(&path) {
+            candidates.push(d.join("hilrig-vmm"));
+            candidates.push(d.join("hilrig"));
+        }
     }
     candidates
         .into_iter()
         .find(|p| p.is_file())
         .ok_or(FindVmmError::NotFound)
+}
+
+/// The arguments that make `vmm` (found by [`find_vmm`]) run a VM: `vm run` for the
+/// `hilrig` binary, nothing for `hilrig-vmm`.
+pub fn vmm_prefix(vmm: &Path) -> &'static [&'static str] {
+    if vmm.file_stem().and_then(|s| s.to_str()) == Some("hilrig") {
+        &["vm", "run"]
+    } else {
+        &[]
+    }
 }
 
 /// VMM children started by this process, so they are reaped (a killed child is
@@ -359,7 +381,8 @@ impl SimHost {
         let err = std::fs::File::create(&errp)
             .map_err(|e| RigError::io(format!("creating {}", errp.display()), e))?;
         let mut cmd = Command::new(&vmm);
-        cmd.arg("--payload")
+        cmd.args(vmm_prefix(&vmm))
+            .arg("--payload")
             .arg(&payload)
             .arg("--device")
             .arg(&self.device)
