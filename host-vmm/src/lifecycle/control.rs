@@ -108,7 +108,36 @@ fn rand_suffix() -> u64 {
 /// Requests being handled or answered right now (see [`serve`]).
 pub type InFlight = Arc<std::sync::atomic::AtomicUsize>;
 
-/// Serve `listener` on a thread until `stop`; each connection on its own thread.
+/// Most connections served at once; one more is answered with an error and closed.
+pub const MAX_CONNECTIONS: usize = 16;
+/// A connection that sends nothing for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A reply that cannot be written for this long closes the connection.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One connection slot of [`MAX_CONNECTIONS`], given back when dropped.
+struct Slot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Slot {
+    fn take(open: &Arc<std::sync::atomic::AtomicUsize>) -> Option<Slot> {
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < MAX_CONNECTIONS).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| Slot(open.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Serve `listener` on a thread until `stop`; each connection on its own thread, at
+/// most [`MAX_CONNECTIONS`] at once (one more gets an error reply and is closed), each
+/// closed after [`IDLE_TIMEOUT`] without a request. A thread that cannot be started
+/// costs that connection only (error reply), never the socket.
 /// The count of requests not yet answered is returned with the thread, so that the
 /// VMM can let a reply (e.g. to the teardown that ended the VM) go out before the
 /// process exits.
@@ -126,12 +155,40 @@ pub fn serve(
             tracing::error!("control socket: {e}");
             return;
         }
+        let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         while !stop.load(Ordering::Acquire) {
             match listener.accept() {
-                Ok((s, _)) => {
+                Ok((mut s, _)) => {
+                    let _ = s.set_nonblocking(false);
+                    let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
+                    let Some(slot) = Slot::take(&open) else {
+                        tracing::warn!(
+                            "control socket: {MAX_CONNECTIONS} connections open; refusing one"
+                        );
+                        let _ = reply(
+                            &mut s,
+                            &error(format!(
+                                "too many connections ({MAX_CONNECTIONS} open); try again"
+                            )),
+                        );
+                        continue;
+                    };
                     let c = control.clone();
                     let n = counter.clone();
-                    std::thread::spawn(move || connection(s, owner, &*c, &n));
+                    let spare = s.try_clone();
+                    let spawned = std::thread::Builder::new()
+                        .name("vmm-control".into())
+                        .spawn(move || {
+                            let _slot = slot;
+                            connection(s, owner, &*c, &n)
+                        });
+                    if let Err(e) = spawned {
+                        tracing::error!("control socket: no thread for a connection: {e}");
+                        if let Ok(mut s) = spare {
+                            let _ =
+                                reply(&mut s, &error(format!("the VMM is out of threads: {e}")));
+                        }
+                    }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     std::thread::sleep(Duration::from_millis(5));
@@ -166,6 +223,8 @@ fn error(msg: impl Into<String>) -> Response {
 
 fn connection(mut s: UnixStream, owner: u32, control: &dyn Control, in_flight: &InFlight) {
     let _ = s.set_nonblocking(false);
+    let _ = s.set_read_timeout(Some(IDLE_TIMEOUT));
+    let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
     match peer_uid(&s) {
         Ok(uid) if peer_allowed(uid, owner) => {}
         Ok(uid) => {

@@ -113,6 +113,12 @@ pub enum LifecycleError {
         /// The error.
         source: std::io::Error,
     },
+    /// The bundle is not a regular file (a FIFO, a device, a directory).
+    #[error("bundle {path} is not a regular file")]
+    NotAFile {
+        /// The path.
+        path: PathBuf,
+    },
     /// The bundle file is too large.
     #[error("bundle {path} is {len} bytes; at most {MAX_BUNDLE}")]
     BundleTooLarge {
@@ -618,33 +624,65 @@ impl VmTeardown<'_> {
     }
 }
 
+/// Read a bundle file named in a patch request: opened without following a symlink
+/// and without blocking (a FIFO is refused, never waited on), checked to be a regular
+/// file on the opened descriptor, and read with a bound ([`MAX_BUNDLE`]) whatever its
+/// metadata claims (`/dev/zero` and growing files are refused).
+pub fn read_bundle(path: &std::path::Path) -> Result<Vec<u8>, LifecycleError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |source| LifecycleError::Bundle {
+        path: path.to_path_buf(),
+        source,
+    };
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(err)?;
+    let meta = f.metadata().map_err(err)?;
+    if !meta.file_type().is_file() {
+        return Err(LifecycleError::NotAFile {
+            path: path.to_path_buf(),
+        });
+    }
+    let mut bytes = Vec::new();
+    f.take(MAX_BUNDLE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(err)?;
+    if bytes.len() as u64 > MAX_BUNDLE {
+        return Err(LifecycleError::BundleTooLarge {
+            path: path.to_path_buf(),
+            len: meta.len().max(bytes.len() as u64),
+        });
+    }
+    Ok(bytes)
+}
+
 /// The control socket's view of a VM.
 pub struct VmControl(pub(crate) Weak<dyn VmHost>);
 
 impl VmControl {
     fn handle_typed(&self, req: Request) -> Result<Reply, LifecycleError> {
         let s = self.0.upgrade().ok_or(LifecycleError::Finished)?;
+        // After teardown the tenant is gone: only status, metrics and the (idempotent)
+        // teardown record are answered.
+        let torn_down = lock(&s.life().teardown).is_some();
+        if torn_down
+            && !matches!(
+                req,
+                Request::Status {} | Request::Metrics {} | Request::Teardown {}
+            )
+        {
+            return Err(LifecycleError::TornDown);
+        }
         Ok(match req {
             Request::Status {} => Reply::Status(s.status()),
             Request::Metrics {} => Reply::Metrics(Box::new(s.metrics())),
             Request::Pause {} => Reply::Pause(s.pause()?),
             Request::Resume {} => Reply::Resume(s.resume()?),
             Request::Quiesce {} => Reply::Quiesce(s.quiesce()?),
-            Request::Patch { bundle } => {
-                let err = |source| LifecycleError::Bundle {
-                    path: bundle.clone(),
-                    source,
-                };
-                let meta = std::fs::metadata(&bundle).map_err(err)?;
-                if meta.len() > MAX_BUNDLE {
-                    return Err(LifecycleError::BundleTooLarge {
-                        path: bundle.clone(),
-                        len: meta.len(),
-                    });
-                }
-                let bytes = std::fs::read(&bundle).map_err(err)?;
-                Reply::Patch(s.patch(&bytes)?)
-            }
+            Request::Patch { bundle } => Reply::Patch(s.patch(&read_bundle(&bundle)?)?),
             Request::Teardown {} => Reply::Teardown(Box::new(s.teardown())),
         })
     }
