@@ -220,8 +220,8 @@ fn read_frame(port: &mut dyn serialport::SerialPort, timeout: Duration) -> R<Vec
 /// short (answered after the inter-byte timeout). Counters read back over the
 /// same port after each.
 pub fn oob_forge_pty(state: &Path) -> R<Vec<String>> {
-    let path = hilrig_rig::sim::serve_state_oob(state)
-        .map_err(|e| ScenarioError::Setup(e.to_string()))?;
+    let path =
+        hilrig_rig::sim::serve_state_oob(state).map_err(|e| ScenarioError::Setup(e.to_string()))?;
     let r = forge_on(&path, state);
     hilrig_rig::sim::stop_state_oob(state);
     r
