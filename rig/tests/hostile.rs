@@ -243,3 +243,19 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_world_writable_capture_directory_is_refused() {
+    // Attack: the artifact directory for console captures is pre-created 0777.
+    let d = tempfile::tempdir().unwrap();
+    let caps = d.path().join("caps");
+    std::fs::create_dir(&caps).unwrap();
+    chmod(&caps, 0o777);
+    let rig = hilrig_rig::Rig::new(sim_inventory(Some(&d.path().join("work"))));
+    let e = rig
+        .start_captures("h1", &caps, "case-1")
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains("caps") && e.contains("0777"), "{e}");
+}
