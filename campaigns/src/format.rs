@@ -224,6 +224,10 @@ pub enum CampaignError {
         /// Cause.
         source: std::io::Error,
     },
+    /// Refused before parsing: not a regular file, or over [`MAX_CAMPAIGN_BYTES`]
+    /// (the message names the file and the sizes).
+    #[error("campaign file {0}")]
+    Refused(hilrig_device::secure::SecureFileError),
     /// Not valid campaign TOML.
     #[error("{}: {message}", path.display())]
     Parse {
@@ -256,11 +260,16 @@ impl fmt::Display for Case {
     }
 }
 
-/// Read, validate and expand the campaign at `path` for `hosts`.
+/// Largest campaign file read (bytes); a larger one is refused before parsing.
+pub const MAX_CAMPAIGN_BYTES: u64 = 1 << 20;
+
+/// Read, validate and expand the campaign at `path` for `hosts`. The file must be
+/// a regular file of at most [`MAX_CAMPAIGN_BYTES`]; it is read with that bound.
 pub fn load(path: &Path, hosts: &[HostSpec]) -> Result<Campaign, CampaignError> {
-    let text = std::fs::read_to_string(path).map_err(|source| CampaignError::Io {
-        path: path.to_path_buf(),
-        source,
+    use hilrig_device::secure::{read_bounded, SecureFileError};
+    let text = read_bounded(path, MAX_CAMPAIGN_BYTES).map_err(|e| match e {
+        SecureFileError::Io { path, source } => CampaignError::Io { path, source },
+        e => CampaignError::Refused(e),
     })?;
     parse(&text, path, hosts)
 }

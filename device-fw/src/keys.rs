@@ -1,6 +1,7 @@
 //! Key files: Ed25519 signing keys (vendor and patch authority) and X25519 keys (bundle
 //! encryption). One line of text each: `hilrig-<kind> <64 hex digits>`. Secret key
-//! files are created with mode 0600 and never overwritten.
+//! files are created with mode 0600 and never overwritten; secret key files readable
+//! or writable by group/other are refused when read.
 
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use std::io::Write;
@@ -25,6 +26,10 @@ pub enum KeyError {
         /// What is wrong.
         reason: String,
     },
+    /// Refused before reading: a secret key file others can read or write, not a
+    /// regular file, or too large (the message names the file and its mode).
+    #[error("key file {0}")]
+    Insecure(hilrig_device::secure::SecureFileError),
     /// No randomness.
     #[error("no randomness from the OS: {0}")]
     Random(String),
@@ -79,12 +84,25 @@ pub fn write_key(path: &Path, kind: KeyKind, key: &[u8; 32]) -> Result<(), KeyEr
     f.sync_all().map_err(io)
 }
 
-/// Read a key file of `kind`.
+/// Largest key file read (one line of about 90 bytes).
+pub const MAX_KEY_FILE: u64 = 4096;
+
+/// Check a secret key file: a regular file that group and others can neither read
+/// nor write (a symlink is followed and its target's mode checked).
+pub fn check_secret_file(path: &Path) -> Result<(), KeyError> {
+    hilrig_device::secure::check_secret_file(path).map_err(KeyError::Insecure)
+}
+
+/// Read a key file of `kind`. Secret key files must be private (mode 0600 or
+/// stricter, see [`check_secret_file`]); every key file is read with a bound.
 pub fn read_key(path: &Path, kind: KeyKind) -> Result<[u8; 32], KeyError> {
-    let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let secret = matches!(kind, KeyKind::SignSecret | KeyKind::BoxSecret);
+    let text = if secret {
+        hilrig_device::secure::read_secret_file(path, MAX_KEY_FILE)
+    } else {
+        hilrig_device::secure::read_bounded(path, MAX_KEY_FILE)
+    }
+    .map_err(KeyError::Insecure)?;
     let bad = |reason: String| KeyError::Format {
         path: path.to_path_buf(),
         reason,

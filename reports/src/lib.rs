@@ -71,10 +71,12 @@ pub fn write_reports_with(
     Ok(paths)
 }
 
-/// Write `bytes` to `path` atomically: a temporary file in the same directory,
-/// flushed and synced, then renamed over `path`. A crash leaves the old file or
-/// the new one, never half of one.
+/// Write `bytes` to `path` atomically: a temporary file with a random name in the
+/// same directory, created `O_CREAT|O_EXCL` (a symlink planted at any name is never
+/// followed) mode 0644, flushed and synced, renamed over `path`, directory synced.
+/// A crash leaves the old file or the new one, never half of one.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -83,21 +85,22 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "report".into());
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
     let io = |what, source| Error::Io {
         what,
         path: path.to_path_buf(),
         source,
     };
     let res = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        let mut tmp = tempfile::Builder::new()
+            .prefix(&format!(".{name}."))
+            .suffix(".tmp")
+            .tempfile_in(dir)?;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))?;
+        tmp.write_all(bytes)?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(path).map_err(|e| e.error)?;
+        std::fs::File::open(dir)?.sync_all()
     })();
-    if let Err(e) = res {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io("writing", e));
-    }
-    Ok(())
+    res.map_err(|e| io("writing", e))
 }

@@ -225,12 +225,17 @@ pub fn run(cmd: RigCmd) -> Result<ExitCode> {
                     .map(|c| c.name.clone())
                     .with_context(|| format!("host `{host}` has no console"))?,
             };
-            let tmp;
+            // No --out: a capture file in a fresh private (0700, random name)
+            // temporary directory, removed afterwards; never a predictable path.
+            let tmpdir;
             let path = match &out {
                 Some(p) => p.clone(),
                 None => {
-                    tmp = tempfile_path(&host, &name);
-                    tmp.clone()
+                    tmpdir = tempfile::Builder::new()
+                        .prefix("hilrig-console-")
+                        .tempdir()
+                        .context("creating a temporary directory for the capture")?;
+                    tmpdir.path().join(format!("{host}-{name}.log"))
                 }
             };
             let src = rig.console_source(&host, &name)?;
@@ -334,13 +339,6 @@ pub fn run(cmd: RigCmd) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-fn tempfile_path(host: &str, console: &str) -> PathBuf {
-    std::env::temp_dir().join(format!(
-        "hilrig-console-{host}-{console}-{}.log",
-        std::process::id()
-    ))
 }
 
 /// Power a host from code the way the CLI does (for the runner).

@@ -86,6 +86,10 @@ pub enum RigError {
         #[source]
         source: std::io::Error,
     },
+    /// A directory or file a local user could have prepared against us (a work
+    /// directory owned by someone else or group/other-writable, a symlink).
+    #[error("refusing an unsafe path: {0}")]
+    UnsafePath(#[from] hilrig_device::secure::SecureFileError),
 }
 
 /// Coarse classes of [`RigError`], as a runner treats them.
@@ -104,7 +108,7 @@ impl RigError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             RigError::Inventory { .. } | RigError::UnknownHost { .. } => ErrorKind::Config,
-            RigError::Unsupported { .. } => ErrorKind::Config,
+            RigError::Unsupported { .. } | RigError::UnsafePath(_) => ErrorKind::Config,
             RigError::Leased { .. } => ErrorKind::Busy,
             RigError::Driver { .. }
             | RigError::Infra { .. }

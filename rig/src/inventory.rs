@@ -400,14 +400,64 @@ fn default_device() -> String {
     "model".to_string()
 }
 
+/// Largest inventory file read (bytes); a larger one is refused before parsing.
+pub const MAX_INVENTORY_BYTES: u64 = 1 << 20;
+/// Longest host name (bytes).
+pub const MAX_HOST_NAME: usize = 64;
+
+/// Check a host name: 1..=[`MAX_HOST_NAME`] bytes of `[A-Za-z0-9._-]`, not starting
+/// with `.` or `-`, no `..` (host names become directory names under the work
+/// directory and appear in shell command templates).
+pub fn validate_host_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("host name is empty".into());
+    }
+    if name.len() > MAX_HOST_NAME {
+        return Err(format!(
+            "host name is {} bytes long; at most {MAX_HOST_NAME} allowed",
+            name.len()
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "host name {name:?} contains {c:?}; only A-Z a-z 0-9 . _ - are allowed"
+        ));
+    }
+    if name.starts_with('.') || name.starts_with('-') {
+        return Err(format!("host name {name:?} must not start with `.` or `-`"));
+    }
+    if name.contains("..") {
+        return Err(format!("host name {name:?} must not contain `..`"));
+    }
+    Ok(())
+}
+
+/// A host name as shown in an error: at most 64 bytes of it, escaped.
+fn shown_name(name: &str) -> String {
+    if name.len() <= MAX_HOST_NAME {
+        return format!("{name:?}");
+    }
+    let mut end = MAX_HOST_NAME;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}... ({} bytes)", &name[..end], name.len())
+}
+
 impl Inventory {
-    /// Read and validate an inventory file.
+    /// Read and validate an inventory file: a regular file of at most
+    /// [`MAX_INVENTORY_BYTES`] (refused before parsing otherwise), read with a bound.
     pub fn load(path: &Path) -> Result<Inventory, RigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| RigError::Inventory {
-            file: path.to_path_buf(),
-            host: None,
-            driver: None,
-            detail: format!("cannot read: {e}"),
+        let text = hilrig_device::secure::read_bounded(path, MAX_INVENTORY_BYTES).map_err(|e| {
+            RigError::Inventory {
+                file: path.to_path_buf(),
+                host: None,
+                driver: None,
+                detail: format!("cannot read: {e}"),
+            }
         })?;
         Inventory::parse(&text, path)
     }
@@ -425,20 +475,14 @@ impl Inventory {
         let raw: RawFile = toml::from_str(text).map_err(|e| err(None, None, e.to_string()))?;
         let mut hosts: Vec<HostSpec> = Vec::new();
         for (i, t) in raw.host.into_iter().enumerate() {
-            let label = t
-                .get("name")
-                .and_then(|v| v.as_str())
-                .map(str::to_string)
-                .unwrap_or_else(|| format!("#{} (unnamed)", i + 1));
+            let label = match t.get("name").and_then(|v| v.as_str()) {
+                Some(n) if validate_host_name(n).is_ok() => n.to_string(),
+                Some(n) => format!("#{} {}", i + 1, shown_name(n)),
+                None => format!("#{} (unnamed)", i + 1),
+            };
             let h: RawHost = toml::Table::try_into(t)
                 .map_err(|e| err(Some(&label), None, one_line(&e.to_string())))?;
-            if h.name.trim().is_empty() || h.name.contains(char::is_whitespace) {
-                return Err(err(
-                    Some(&label),
-                    None,
-                    "host names must be non-empty words".into(),
-                ));
-            }
+            validate_host_name(&h.name).map_err(|m| err(Some(&label), None, m))?;
             if hosts.iter().any(|o| o.name == h.name) {
                 return Err(err(Some(&h.name), None, "duplicate host name".into()));
             }
@@ -450,6 +494,14 @@ impl Inventory {
                 let cs: ConsoleSpec = section::<RawConsole>(c, "console", CONSOLE_DRIVERS)
                     .map_err(|(d, m)| err(Some(&name), Some(d), m))?
                     .into();
+                // Console names become capture file names (`<case>.<console>.log`).
+                validate_host_name(&cs.name).map_err(|m| {
+                    err(
+                        Some(&name),
+                        Some(format!("console {}", shown_name(&cs.name))),
+                        m.replacen("host name", "console name", 2),
+                    )
+                })?;
                 if consoles.iter().any(|o| o.name == cs.name) {
                     return Err(err(
                         Some(&name),
@@ -515,13 +567,25 @@ impl Inventory {
             .unwrap_or_else(|| PathBuf::from("."))
     }
 
-    /// The simulated hosts' work directory.
+    /// The simulated hosts' work directory (not checked; see
+    /// [`Inventory::private_workdir`]).
     pub fn workdir(&self) -> PathBuf {
         match &self.lab.workdir {
             Some(p) if p.is_absolute() => p.clone(),
             Some(p) => self.base_dir().join(p),
             None => std::env::temp_dir().join("hilrig-rig"),
         }
+    }
+}
+
+impl Inventory {
+    /// The work directory, made safe to write into: created 0700 if missing; an
+    /// existing one is refused unless it is a directory (not a symlink) owned by
+    /// the current user and not writable by group or others.
+    pub fn private_workdir(&self) -> Result<PathBuf, RigError> {
+        let w = self.workdir();
+        hilrig_device::secure::ensure_private_dir(&w)?;
+        Ok(w)
     }
 }
 

@@ -246,7 +246,9 @@ impl Rig {
         })
     }
 
-    /// Start capturing every console of `host` into `dir/<case>.<console>.log`.
+    /// Start capturing every console of `host` into `dir/<case>.<console>.log`
+    /// (`dir` created 0700 if missing; refused if someone else owns it or
+    /// group/other can write it).
     /// Call before powering the host on.
     pub fn start_captures(
         &self,
@@ -254,8 +256,9 @@ impl Rig {
         dir: &Path,
         case: &str,
     ) -> Result<Vec<Capture>, RigError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| RigError::io(format!("creating {}", dir.display()), e))?;
+        // Captures are created in a directory only we can write into (0700 if new;
+        // an existing one must be ours and not group/other-writable).
+        hilrig_device::secure::ensure_private_dir(dir)?;
         let mut caps = Vec::new();
         for c in &self.host(host)?.consoles {
             let path: PathBuf = dir.join(format!("{case}.{}.log", c.name));

@@ -259,8 +259,12 @@ impl SimHost {
     /// Create the work directory, the console log and a factory-fresh state file
     /// (if missing). Idempotent.
     pub fn ensure(&self) -> Result<(), RigError> {
-        std::fs::create_dir_all(&self.dir)
-            .map_err(|e| RigError::io(format!("creating {}", self.dir.display()), e))?;
+        // The work directory and the host's directory in it: ours alone (a
+        // directory planted by another user under $TMPDIR is refused).
+        if let Some(w) = self.dir.parent() {
+            hilrig_device::secure::ensure_private_dir(w)?;
+        }
+        hilrig_device::secure::ensure_private_dir(&self.dir)?;
         if !self.state.exists() {
             // Factory-fresh: the factory VBIOS programmed (the VMM measures it).
             let nv = hilrig_fw::factory::device(

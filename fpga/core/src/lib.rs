@@ -7,6 +7,8 @@
 //! - [`device`]: the `Device` trait every backend implements, and the access rules;
 //! - [`model`]: the fast behavioural model;
 //! - [`state`]: nonvolatile state and its atomic, checksummed state file;
+//! - [`secure`]: atomic writes with random temporary names, secret-key-file and
+//!   work-directory checks, bounded reads of regular files;
 //! - [`oob`]: the framed out-of-band protocol, device and requester sides;
 //! - `testkit` (feature `testkit`): the property tests every backend runs.
 //!
@@ -21,6 +23,7 @@ pub mod device;
 pub mod model;
 pub mod oob;
 pub mod regmap;
+pub mod secure;
 pub mod state;
 #[cfg(feature = "testkit")]
 pub mod testkit;

@@ -22,12 +22,12 @@
 //! | sum of region sizes | flash contents, VBIOS then FIRMWARE then CONFIG |
 //! | 32 | SHA-256 of everything above |
 //!
-//! Saving writes a new file beside the old one, syncs it, renames it over the old one
-//! and syncs the directory: a crash leaves either the old or the new file, never half.
+//! Saving writes a new file (mode 0600, random name, `O_EXCL`) beside the old one,
+//! syncs it, renames it over the old one and syncs the directory: a crash leaves
+//! either the old or the new file, never half; a planted symlink is never followed.
 
 use crate::regmap::Region;
 use sha2::{Digest, Sha256};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"HILRIGNV";
@@ -435,31 +435,12 @@ pub fn persist(nv: &NvState, store: Option<&Path>) -> Result<bool, crate::device
     Ok(true)
 }
 
-/// Write `bytes` to `path` atomically (temporary file, fsync, rename, fsync dir).
+/// Write `bytes` to `path` atomically, mode 0600 (state files hold the device key
+/// and the OOB reset key): a temporary file with a random name created
+/// `O_CREAT|O_EXCL|O_NOFOLLOW` beside `path`, fsync, rename, fsync of the directory.
+/// A symlink planted at any name is never followed (see [`crate::secure`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| std::io::Error::other("state path has no file name"))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".{}.tmp", std::process::id()));
-    let tmp = dir.join(tmp_name);
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(&dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    crate::secure::write_atomic(path, bytes)
 }
 
 struct Reader<'a> {

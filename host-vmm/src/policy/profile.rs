@@ -410,6 +410,9 @@ pub fn default_policy_toml() -> String {
     )
 }
 
+/// Largest policy file read (bytes); a larger one is refused before parsing.
+pub const MAX_POLICY_BYTES: u64 = 1 << 20;
+
 impl PolicyFile {
     /// Parse a policy file's text; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<PolicyFile, PolicyError> {
@@ -420,13 +423,24 @@ impl PolicyFile {
         })
     }
 
-    /// Load and parse a policy file.
+    /// Load and parse a policy file: a regular file of at most
+    /// [`MAX_POLICY_BYTES`], refused before parsing otherwise, read with that bound.
     pub fn load(path: &Path) -> Result<PolicyFile, PolicyError> {
+        use hilrig_device::secure::{read_bounded, SecureFileError};
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| PolicyError {
+        let text = read_bounded(path, MAX_POLICY_BYTES).map_err(|e| PolicyError {
             file: file.clone(),
             rule: None,
-            reason: e.to_string(),
+            reason: match e {
+                SecureFileError::Io { source, .. } => source.to_string(),
+                SecureFileError::NotRegular { kind, .. } => {
+                    format!("{kind}, not a regular file")
+                }
+                SecureFileError::TooLarge { size, limit, .. } => {
+                    format!("{size} bytes is over the limit of {limit} bytes for a policy file")
+                }
+                e => e.to_string(),
+            },
         })?;
         Self::parse(&text, &file)
     }

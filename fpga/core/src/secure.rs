@@ -1,0 +1,274 @@
+//! Files and directories a hostile local user may have prepared: the shared checks
+//! of issue 16 (DESIGN.md §6, "local user → VMM / rig").
+//!
+//! - [`write_atomic`] / [`write_atomic_mode`]: a temporary file with a random name
+//!   created `O_CREAT|O_EXCL|O_NOFOLLOW` beside the target (a planted symlink is
+//!   never followed), synced, renamed into place, directory synced.
+//! - [`read_secret_file`] / [`check_secret_file`]: secret key files must be regular
+//!   files with no group/other permission bits. A symlink is resolved and the
+//!   *target's* mode is checked, on the opened file descriptor (no race between the
+//!   check and the read).
+//! - [`ensure_private_dir`]: a directory we write into is created 0700 if missing;
+//!   an existing one is refused unless it is a real directory (not a symlink),
+//!   owned by the current user and not writable by group or others.
+//! - [`read_bounded`]: a regular file read with a size limit, refusing FIFOs and
+//!   devices before opening them for reading blocks.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Why a file or directory was refused. Every variant names the path.
+#[derive(Debug, thiserror::Error)]
+pub enum SecureFileError {
+    /// An I/O error.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A secret file others may read or write.
+    #[error("{path}: mode {mode:04o} gives group/other access to a secret key file; run `chmod 600 {path}`")]
+    SecretMode {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// Not a regular file (a FIFO, device, socket or directory).
+    #[error("{path}: {kind}, not a regular file")]
+    NotRegular {
+        /// The file.
+        path: PathBuf,
+        /// What it is.
+        kind: &'static str,
+    },
+    /// Larger than the limit.
+    #[error("{path}: {size} bytes is over the limit of {limit} bytes")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size (or at least this many bytes were read).
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// A work directory that is not safe to write into.
+    #[error("directory {path}: {reason}")]
+    UnsafeDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> SecureFileError + '_ {
+    move |source| SecureFileError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn kind_of(ft: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_dir() {
+        "a directory"
+    } else if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_block_device() {
+        "a block device"
+    } else if ft.is_socket() {
+        "a socket"
+    } else if ft.is_symlink() {
+        "a symlink"
+    } else {
+        "a special file"
+    }
+}
+
+/// Write `bytes` to `path` atomically with mode 0600 (see [`write_atomic_mode`]).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomic_mode(path, bytes, 0o600)
+}
+
+/// Write `bytes` to `path` atomically: a temporary file with a random name in the
+/// same directory, created `O_CREAT|O_EXCL|O_NOFOLLOW` with `mode`, written and
+/// synced, renamed over `path` (a symlink at `path` is replaced, not followed),
+/// then the directory is synced. On error the temporary file is removed.
+pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other(format!("{} has no file name", path.display())))?;
+    let mut prefix = std::ffi::OsString::from(".");
+    prefix.push(name);
+    prefix.push(".");
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&prefix)
+        .suffix(".tmp")
+        .permissions(std::fs::Permissions::from_mode(mode))
+        .tempfile_in(&dir)?;
+    // `permissions` is subject to the umask; set the exact mode on the fd.
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(mode))?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    std::fs::File::open(&dir)?.sync_all()
+}
+
+/// Open a secret key file for reading and check it: a regular file with no
+/// group/other permission bits. A symlink is followed and the target's mode
+/// checked, on the opened descriptor.
+pub fn open_secret_file(path: &Path) -> Result<std::fs::File, SecureFileError> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc_o_nonblock())
+        .open(path)
+        .map_err(io(path))?;
+    let meta = f.metadata().map_err(io(path))?;
+    if !meta.file_type().is_file() {
+        return Err(SecureFileError::NotRegular {
+            path: path.to_path_buf(),
+            kind: kind_of(meta.file_type()),
+        });
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(SecureFileError::SecretMode {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    Ok(f)
+}
+
+/// Check a secret key file without keeping it open (see [`open_secret_file`]).
+pub fn check_secret_file(path: &Path) -> Result<(), SecureFileError> {
+    open_secret_file(path).map(drop)
+}
+
+/// Read a secret key file of at most `limit` bytes (checked as in
+/// [`open_secret_file`]), as text.
+pub fn read_secret_file(path: &Path, limit: u64) -> Result<String, SecureFileError> {
+    let f = open_secret_file(path)?;
+    read_limited(f, path, limit)
+}
+
+/// `O_NONBLOCK`, so opening a FIFO does not wait for a writer (the flag only
+/// matters for FIFOs and devices, which are refused right after the open).
+const fn libc_o_nonblock() -> i32 {
+    libc::O_NONBLOCK
+}
+
+fn read_limited(f: std::fs::File, path: &Path, limit: u64) -> Result<String, SecureFileError> {
+    let meta = f.metadata().map_err(io(path))?;
+    if meta.len() > limit {
+        return Err(SecureFileError::TooLarge {
+            path: path.to_path_buf(),
+            size: meta.len(),
+            limit,
+        });
+    }
+    let mut buf = Vec::new();
+    f.take(limit + 1).read_to_end(&mut buf).map_err(io(path))?;
+    if buf.len() as u64 > limit {
+        return Err(SecureFileError::TooLarge {
+            path: path.to_path_buf(),
+            size: buf.len() as u64,
+            limit,
+        });
+    }
+    String::from_utf8(buf).map_err(|e| SecureFileError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("not UTF-8 text (at byte {})", e.utf8_error().valid_up_to()),
+        ),
+    })
+}
+
+/// Read a regular text file of at most `limit` bytes. FIFOs, devices, sockets and
+/// directories are refused (checked on the descriptor, opened non-blocking so a
+/// FIFO cannot hang the caller); a file over the limit is refused before parsing,
+/// and the read itself is bounded (a file growing after the check cannot exceed it).
+pub fn read_bounded(path: &Path, limit: u64) -> Result<String, SecureFileError> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc_o_nonblock())
+        .open(path)
+        .map_err(io(path))?;
+    let meta = f.metadata().map_err(io(path))?;
+    if !meta.file_type().is_file() {
+        return Err(SecureFileError::NotRegular {
+            path: path.to_path_buf(),
+            kind: kind_of(meta.file_type()),
+        });
+    }
+    read_limited(f, path, limit)
+}
+
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Make sure `dir` is a directory only we can write into: created (with missing
+/// parents) mode 0700 if it does not exist; if it exists it must be a real
+/// directory (a symlink is refused), owned by the current user and not writable by
+/// group or others.
+pub fn ensure_private_dir(dir: &Path) -> Result<(), SecureFileError> {
+    let unsafe_dir = |reason: String| SecureFileError::UnsafeDir {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(parent) = dir.parent() {
+                if !parent.as_os_str().is_empty() {
+                    std::fs::create_dir_all(parent).map_err(io(parent))?;
+                }
+            }
+            match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+                Ok(()) => {}
+                // Someone made it between our look and our mkdir: check theirs.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io(dir)(e)),
+            }
+        }
+        Err(e) => return Err(io(dir)(e)),
+        Ok(_) => {}
+    }
+    let m = std::fs::symlink_metadata(dir).map_err(io(dir))?;
+    if m.file_type().is_symlink() {
+        return Err(unsafe_dir(
+            "is a symlink; refusing to write through it".into(),
+        ));
+    }
+    if !m.is_dir() {
+        return Err(unsafe_dir(format!("is {}", kind_of(m.file_type()))));
+    }
+    let me = euid();
+    if m.uid() != me {
+        return Err(unsafe_dir(format!(
+            "owned by uid {}, not by the current user (uid {me}); refusing to use a directory someone else made",
+            m.uid()
+        )));
+    }
+    let mode = m.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(unsafe_dir(format!(
+            "mode {mode:04o} lets group/other write into it; run `chmod 700 {}`",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
