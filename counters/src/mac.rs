@@ -131,20 +131,15 @@ impl Key {
             path: path.to_path_buf(),
             detail,
         };
-        use std::os::unix::fs::PermissionsExt;
-        let meta = std::fs::metadata(path).map_err(|e| {
-            err(format!(
-                "{e} (create one with `hilrig counters init --key {}`)",
-                path.display()
-            ))
-        })?;
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
+        if !path.exists() {
             return Err(err(format!(
-                "mode {mode:o} lets others read it; run chmod 600 on it"
+                "no such file (create one with `hilrig counters init --key {}`)",
+                path.display()
             )));
         }
-        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        // Regular file, not readable or writable by group/other, read with a bound.
+        let text = hilrig_device::secure::read_secret_file(path, 4096)
+            .map_err(|e| err(format!("{e}; run chmod 600 on it")))?;
         let t = text.trim();
         let v = hex::decode(t).map_err(|e| err(format!("not hex: {e}")))?;
         if v.len() != 32 {
