@@ -664,11 +664,13 @@ mod tests {
         assert!(matches!(bus.verdicts().as_slice(), [Verdict::Internal(m)] if m.contains("0x21")));
         assert_eq!(
             exit(&bus, VcpuExit::Intr),
-            (Next::Continue, {
-                let mut c = ExitCounts::default();
-                c.intr = 1;
-                c
-            })
+            (
+                Next::Continue,
+                ExitCounts {
+                    intr: 1,
+                    ..Default::default()
+                }
+            )
         );
     }
 }

@@ -18,6 +18,7 @@
 //! rather than panicking. `Parked` is the only state in which a pause can hold a
 //! vCPU: there no access is half-decided.
 
+use crate::lifecycle::quiesce::Member;
 use crate::policy::engine::Outcome;
 use crate::policy::fault::{Ctx, SiteCache};
 use crate::vstate::dispatch::{describe_insn, handle_exit, Next, Pending};
@@ -166,40 +167,8 @@ pub(crate) fn vcpu_loop(idx: u8, fd: VcpuFd, shared: &Shared) -> VcpuResult {
     let mut state = State::Parked;
     loop {
         let event = match &state {
-            State::Parked => {
-                if let Some(t0) = v.book.trapped.take() {
-                    v.book
-                        .counts
-                        .trap_latency
-                        .record_ns(crate::vstate::ticks::ns_since(t0));
-                }
-                // Park here while the VMM acts (between exits: no access is
-                // half-decided).
-                shared.rv.checkpoint();
-                if shared.stop.load(Ordering::Acquire) {
-                    Event::StopRequested
-                } else {
-                    Event::Resumed
-                }
-            }
-            State::Running => {
-                if member.enter_run() {
-                    let ran = v.fd.run();
-                    // If the VMM counted this vCPU as parked while it was in KVM_RUN,
-                    // wait here before handling the exit.
-                    member.left_run();
-                    let (event, kicked) = v.book.run_event(shared, ran);
-                    if kicked {
-                        // A kick (pause or stop): the request flag was set before the
-                        // kick, so the checkpoint sees it; clear immediate_exit or
-                        // KVM_RUN keeps failing.
-                        v.fd.set_kvm_immediate_exit(0);
-                    }
-                    event
-                } else {
-                    Event::PauseRequested
-                }
-            }
+            State::Parked => v.park(),
+            State::Running => v.run(&member),
             State::Deciding(p) => v.decide(*p),
             State::Gathering(p, size) => v.gather(*p, *size),
             State::Completing => v.complete(),
@@ -267,6 +236,44 @@ impl Book {
 }
 
 impl Vcpu<'_> {
+    /// `Parked`: record the trapped access just handled, then the rendezvous
+    /// checkpoint (parks here while the VMM acts: between exits, no access is
+    /// half-decided).
+    #[inline]
+    fn park(&mut self) -> Event {
+        if let Some(t0) = self.book.trapped.take() {
+            self.book
+                .counts
+                .trap_latency
+                .record_ns(crate::vstate::ticks::ns_since(t0));
+        }
+        self.shared.rv.checkpoint();
+        if self.shared.stop.load(Ordering::Acquire) {
+            Event::StopRequested
+        } else {
+            Event::Resumed
+        }
+    }
+
+    /// `Running`: KVM_RUN (unless a pause is requested) and the exit's dispatch.
+    #[inline]
+    fn run(&mut self, member: &Member<'_>) -> Event {
+        if !member.enter_run() {
+            return Event::PauseRequested;
+        }
+        let ran = self.fd.run();
+        // If the VMM counted this vCPU as parked while it was in KVM_RUN, wait here
+        // before handling the exit.
+        member.left_run();
+        let (event, kicked) = self.book.run_event(self.shared, ran);
+        if kicked {
+            // A kick (pause or stop): the request flag was set before the kick, so the
+            // checkpoint sees it; clear immediate_exit or KVM_RUN keeps failing.
+            self.fd.set_kvm_immediate_exit(0);
+        }
+        event
+    }
+
     /// `Stopping`: record how this vCPU ends.
     fn end(&mut self, end: &Ending) {
         let (idx, mem) = (self.book.idx, &self.shared.mem);

@@ -22,6 +22,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, Once};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -558,6 +559,119 @@ pub fn check_config(config: &VmConfig) -> Result<(), VmmError> {
     Ok(())
 }
 
+/// Allocate guest RAM, register it with KVM, write the system tables and load the
+/// payload.
+fn guest_memory(vm: &VmFd, config: &VmConfig) -> Result<GuestMemoryMmap, VmmError> {
+    let mem_size = usize::try_from(config.mem_size)
+        .map_err(|_| VmmError::Config("guest memory size".into()))?;
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size)])
+        .map_err(|e| VmmError::Memory(format!("allocating {mem_size} bytes: {e}")))?;
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| VmmError::Memory(e.to_string()))?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is owned by `mem`, which the Vm keeps until the VM fd
+        // is dropped (field order: _mem is dropped after the vCPUs and with _vm).
+        unsafe { vm.set_user_memory_region(r) }.map_err(VmmError::kvm("registering guest RAM"))?;
+    }
+    write_system_tables(&mem)?;
+    mem.write_slice(&config.payload, GuestAddress(PAYLOAD_ADDR))
+        .map_err(|e| VmmError::Memory(format!("loading the payload: {e}")))?;
+    Ok(mem)
+}
+
+/// The policy engine of the configured profile (None without a policy).
+fn policy_engine(config: &VmConfig) -> Result<Option<Arc<PolicyEngine>>, VmmError> {
+    let Some(p) = &config.policy else {
+        return Ok(None);
+    };
+    let engine = PolicyEngine::new(p.clone(), &config.alarms).map_err(|source| VmmError::Io {
+        path: config.alarms.file.clone().unwrap_or_default(),
+        source,
+    })?;
+    Ok(Some(Arc::new(
+        engine.record_decisions(config.record_decisions),
+    )))
+}
+
+type ConsoleOut = (Box<dyn Write + Send>, Option<CaptureBuf>);
+
+/// Where the UART writes, and the capture buffer with [`Console::Capture`].
+fn console_writer(console: &Console) -> Result<ConsoleOut, VmmError> {
+    Ok(match console {
+        Console::Stdout => (Box::new(std::io::stdout()), None),
+        Console::Stderr => (Box::new(std::io::stderr()), None),
+        Console::Null => (Box::new(std::io::sink()), None),
+        Console::Capture => {
+            let c = CaptureBuf::default();
+            (Box::new(c.clone()), Some(c))
+        }
+        Console::File(p) => (
+            Box::new(std::fs::File::create(p).map_err(|source| VmmError::Io {
+                path: p.clone(),
+                source,
+            })?),
+            None,
+        ),
+    })
+}
+
+/// Create vCPU `i` in long mode at the payload's entry (see the entry ABI).
+fn create_vcpu(
+    vm: &VmFd,
+    i: u8,
+    cpuid: &kvm_bindings::CpuId,
+    vector: VectorFeatures,
+    config: &VmConfig,
+    sync_regs: bool,
+) -> Result<VcpuFd, VmmError> {
+    let mut vcpu = vm
+        .create_vcpu(u64::from(i))
+        .map_err(VmmError::kvm("KVM_CREATE_VCPU"))?;
+    let mut c = cpuid.clone();
+    for e in c.as_mut_slice() {
+        if e.function == 1 {
+            e.ebx = (e.ebx & 0x00ff_ffff) | (u32::from(i) << 24);
+        }
+        if e.function == 0xb {
+            e.edx = u32::from(i);
+        }
+    }
+    vcpu.set_cpuid2(&c)
+        .map_err(VmmError::kvm("KVM_SET_CPUID2"))?;
+    let sregs = vcpu.get_sregs().map_err(VmmError::kvm("KVM_GET_SREGS"))?;
+    let mut sregs = long_mode_sregs(sregs);
+    if vector.xsave {
+        sregs.cr4 |= X86_CR4_OSXSAVE;
+    }
+    vcpu.set_sregs(&sregs)
+        .map_err(VmmError::kvm("KVM_SET_SREGS"))?;
+    if vector.xsave {
+        let mut x = kvm_bindings::kvm_xcrs {
+            nr_xcrs: 1,
+            ..Default::default()
+        };
+        x.xcrs[0].xcr = 0;
+        x.xcrs[0].value = vector.xcr0;
+        vcpu.set_xcrs(&x).map_err(VmmError::kvm("KVM_SET_XCRS"))?;
+    }
+    vcpu.set_fpu(&entry_fpu())
+        .map_err(VmmError::kvm("KVM_SET_FPU"))?;
+    vcpu.set_regs(&entry_regs(BAR0_DEFAULT, i, config.vcpus, config.mem_size))
+        .map_err(VmmError::kvm("KVM_SET_REGS"))?;
+    if sync_regs {
+        vcpu.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
+    }
+    Ok(vcpu)
+}
+
 impl Vm {
     /// Create the VM: KVM, guest memory, system tables, payload, PCI, vCPUs.
     pub fn new(config: VmConfig, backend: Backend) -> Result<Vm, VmmError> {
@@ -569,47 +683,14 @@ impl Vm {
         let vm = Arc::new(kvm.create_vm().map_err(VmmError::kvm("KVM_CREATE_VM"))?);
         vm.set_tss_address(TSS_ADDR)
             .map_err(VmmError::kvm("KVM_SET_TSS_ADDR"))?;
-        let mem_size = usize::try_from(config.mem_size)
-            .map_err(|_| VmmError::Config("guest memory size".into()))?;
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size)])
-            .map_err(|e| VmmError::Memory(format!("allocating {mem_size} bytes: {e}")))?;
-        for (slot, region) in mem.iter().enumerate() {
-            let host = mem
-                .get_host_address(region.start_addr())
-                .map_err(|e| VmmError::Memory(e.to_string()))?;
-            let r = kvm_userspace_memory_region {
-                slot: slot as u32,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-                flags: 0,
-            };
-            // SAFETY: the region is owned by `mem`, which the Vm keeps until the VM fd
-            // is dropped (field order: _mem is dropped after the vCPUs and with _vm).
-            unsafe { vm.set_user_memory_region(r) }
-                .map_err(VmmError::kvm("registering guest RAM"))?;
-        }
-        write_system_tables(&mem)?;
-        mem.write_slice(&config.payload, GuestAddress(PAYLOAD_ADDR))
-            .map_err(|e| VmmError::Memory(format!("loading the payload: {e}")))?;
-
+        let mem = guest_memory(&vm, &config)?;
+        let engine = policy_engine(&config)?;
         let mut trap = config.trap;
         if let Some(p) = &config.policy {
             for page in p.trapping_pages() {
                 trap.insert(page);
             }
         }
-        let engine = match &config.policy {
-            Some(p) => Some(Arc::new(
-                PolicyEngine::new(p.clone(), &config.alarms)
-                    .map_err(|source| VmmError::Io {
-                        path: config.alarms.file.clone().unwrap_or_default(),
-                        source,
-                    })?
-                    .record_decisions(config.record_decisions),
-            )),
-            None => None,
-        };
         let plan = PagePlan::decide(trap, &backend.windows);
         let mut bus = PciBus::new(backend.device.rom_size());
         bus.assign(BAR0_DEFAULT, ROM_DEFAULT);
@@ -620,24 +701,7 @@ impl Vm {
             mem_size: config.mem_size,
         };
         mapper.apply(bus.decode().bar0)?;
-
-        let (out, capture): (Box<dyn Write + Send>, Option<CaptureBuf>) = match &config.console {
-            Console::Stdout => (Box::new(std::io::stdout()), None),
-            Console::Stderr => (Box::new(std::io::stderr()), None),
-            Console::Null => (Box::new(std::io::sink()), None),
-            Console::Capture => {
-                let c = CaptureBuf::default();
-                (Box::new(c.clone()), Some(c))
-            }
-            Console::File(p) => (
-                Box::new(std::fs::File::create(p).map_err(|source| VmmError::Io {
-                    path: p.clone(),
-                    source,
-                })?),
-                None,
-            ),
-        };
-
+        let (out, capture) = console_writer(&config.console)?;
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(VmmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
@@ -650,52 +714,13 @@ impl Vm {
         // With a policy, have KVM copy the registers into kvm_run on every exit, so
         // an alarm's RIP costs no ioctl.
         let sync_regs = config.policy.is_some() && kvm.check_extension(kvm_ioctls::Cap::SyncRegs);
-        let mut vcpus = Vec::new();
-        for i in 0..config.vcpus {
-            let mut vcpu = vm
-                .create_vcpu(u64::from(i))
-                .map_err(VmmError::kvm("KVM_CREATE_VCPU"))?;
-            let mut c = cpuid.clone();
-            for e in c.as_mut_slice() {
-                if e.function == 1 {
-                    e.ebx = (e.ebx & 0x00ff_ffff) | (u32::from(i) << 24);
-                }
-                if e.function == 0xb {
-                    e.edx = u32::from(i);
-                }
-            }
-            vcpu.set_cpuid2(&c)
-                .map_err(VmmError::kvm("KVM_SET_CPUID2"))?;
-            let sregs = vcpu.get_sregs().map_err(VmmError::kvm("KVM_GET_SREGS"))?;
-            let mut sregs = long_mode_sregs(sregs);
-            if vector.xsave {
-                sregs.cr4 |= X86_CR4_OSXSAVE;
-            }
-            vcpu.set_sregs(&sregs)
-                .map_err(VmmError::kvm("KVM_SET_SREGS"))?;
-            if vector.xsave {
-                let mut x = kvm_bindings::kvm_xcrs {
-                    nr_xcrs: 1,
-                    ..Default::default()
-                };
-                x.xcrs[0].xcr = 0;
-                x.xcrs[0].value = vector.xcr0;
-                vcpu.set_xcrs(&x).map_err(VmmError::kvm("KVM_SET_XCRS"))?;
-            }
-            vcpu.set_fpu(&entry_fpu())
-                .map_err(VmmError::kvm("KVM_SET_FPU"))?;
-            vcpu.set_regs(&entry_regs(BAR0_DEFAULT, i, config.vcpus, config.mem_size))
-                .map_err(VmmError::kvm("KVM_SET_REGS"))?;
-            if sync_regs {
-                vcpu.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
-            }
-            vcpus.push(vcpu);
-        }
-
+        let vcpus = (0..config.vcpus)
+            .map(|i| create_vcpu(&vm, i, &cpuid, vector, &config, sync_regs))
+            .collect::<Result<Vec<_>, _>>()?;
         let Backend {
             device,
             keep,
-            windows: backend_windows,
+            windows,
             ..
         } = backend;
         let modules = crate::lifecycle::patch::ModuleTable::new(
@@ -706,18 +731,17 @@ impl Vm {
             device,
             modules.handler.clone(),
         ));
-        let life = crate::lifecycle::Life::new(config.lifecycle.clone());
         let shared = Arc::new(Shared {
             rv: Arc::new(crate::lifecycle::quiesce::Rendezvous::new()),
             modules,
-            life,
+            life: crate::lifecycle::Life::new(config.lifecycle.clone()),
             mem: mem.clone(),
             device: Mutex::new(device),
             pci: Mutex::new(PciState {
                 bus,
                 mapper,
                 base_trap: config.trap,
-                windows: backend_windows,
+                windows,
             }),
             serial: Mutex::new(vm_superio::Serial::new(NoTrigger, out)),
             stop: AtomicBool::new(false),
@@ -769,24 +793,48 @@ impl Vm {
     pub fn run(mut self) -> Result<RunReport, VmmError> {
         self.shared.record_baseline();
         let control_stop = Arc::new(AtomicBool::new(false));
-        let control = match &self.config.control {
-            Some(path) => {
-                let l = crate::lifecycle::control::bind(path).map_err(|e| {
-                    VmmError::Config(format!("control socket {}: {e}", path.display()))
-                })?;
-                let host: Arc<dyn crate::lifecycle::VmHost> = self.shared.clone();
-                let ctl = Arc::new(crate::lifecycle::VmControl(Arc::downgrade(&host)));
-                Some((
-                    path.clone(),
-                    crate::lifecycle::control::serve(l, ctl, control_stop.clone()),
-                ))
+        let control = self.start_control(&control_stop)?;
+        let (handles, rx) = self.spawn_vcpus();
+        let results = self.watch(handles.len(), &rx);
+        lock(&self.shared.threads).clear();
+        for h in handles {
+            if h.join().is_err() {
+                self.shared
+                    .finish(Verdict::Internal("a vCPU thread panicked".into()));
             }
-            None => None,
+        }
+        if self.config.lifecycle.teardown_on_exit {
+            self.shared.teardown();
+        }
+        if let Some((path, (t, in_flight))) = control {
+            control_stop.store(true, Ordering::Release);
+            let _ = t.join();
+            // A request that ended the VM (teardown) is still being answered.
+            crate::lifecycle::control::drain(&in_flight, Duration::from_secs(5));
+            let _ = std::fs::remove_file(&path);
+        }
+        Ok(self.report(&results))
+    }
+
+    /// Serve the control socket, if one is configured.
+    fn start_control(&self, stop: &Arc<AtomicBool>) -> Result<Option<Control>, VmmError> {
+        let Some(path) = &self.config.control else {
+            return Ok(None);
         };
+        let l = crate::lifecycle::control::bind(path)
+            .map_err(|e| VmmError::Config(format!("control socket {}: {e}", path.display())))?;
+        let host: Arc<dyn crate::lifecycle::VmHost> = self.shared.clone();
+        let ctl = Arc::new(crate::lifecycle::VmControl(Arc::downgrade(&host)));
+        let served = crate::lifecycle::control::serve(l, ctl, stop.clone());
+        Ok(Some((path.clone(), served)))
+    }
+
+    /// Start one thread per vCPU ([`vcpu_loop`]); each sends its result when it ends.
+    /// A thread that cannot be started ends the VM.
+    fn spawn_vcpus(&mut self) -> (Vec<JoinHandle<()>>, mpsc::Receiver<VcpuResult>) {
         let (tx, rx) = mpsc::channel::<VcpuResult>();
         let mut handles = Vec::new();
-        let vcpus = std::mem::take(&mut self.vcpus);
-        for (i, vcpu) in vcpus.into_iter().enumerate() {
+        for (i, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
             let shared = self.shared.clone();
             let tx = tx.clone();
             let h = std::thread::Builder::new()
@@ -794,8 +842,7 @@ impl Vm {
                 .spawn(move || {
                     let r = vcpu_loop(i as u8, vcpu, &shared);
                     let _ = tx.send(r);
-                })
-                .map_err(|e| VmmError::Thread(e.to_string()));
+                });
             match h {
                 Ok(h) => {
                     use std::os::unix::thread::JoinHandleExt;
@@ -803,20 +850,25 @@ impl Vm {
                     handles.push(h);
                 }
                 Err(e) => {
+                    let e = VmmError::Thread(e.to_string());
                     self.shared.finish(Verdict::Internal(e.to_string()));
                     break;
                 }
             }
         }
-        drop(tx);
-        // Wait in slices: on each slice, if the VM is stopping, kick again (a kick can
-        // race a thread's registration or its entry into KVM_RUN); past the deadline,
-        // the watchdog stops the guest. A timeout too large to represent never fires.
+        (handles, rx)
+    }
+
+    /// Collect the results of `n` vCPU threads. Waits in slices: on each slice, if
+    /// the VM is stopping, kick again (a kick can race a thread's registration or its
+    /// entry into KVM_RUN); past the deadline, the watchdog stops the guest. A
+    /// timeout too large to represent never fires.
+    fn watch(&self, n: usize, rx: &mpsc::Receiver<VcpuResult>) -> Vec<VcpuResult> {
         let deadline = self.shared.start.checked_add(self.config.timeout);
         let slice = Duration::from_millis(100);
         let mut results = Vec::new();
         let mut timed_out = false;
-        while results.len() < handles.len() {
+        while results.len() < n {
             let wait = deadline.map_or(slice, |d| {
                 d.saturating_duration_since(Instant::now()).min(slice)
             });
@@ -839,23 +891,11 @@ impl Vm {
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
         }
-        lock(&self.shared.threads).clear();
-        for h in handles {
-            if h.join().is_err() {
-                self.shared
-                    .finish(Verdict::Internal("a vCPU thread panicked".into()));
-            }
-        }
-        if self.config.lifecycle.teardown_on_exit {
-            self.shared.teardown();
-        }
-        if let Some((path, (t, in_flight))) = control {
-            control_stop.store(true, Ordering::Release);
-            let _ = t.join();
-            // A request that ended the VM (teardown) is still being answered.
-            crate::lifecycle::control::drain(&in_flight, Duration::from_secs(5));
-            let _ = std::fs::remove_file(&path);
-        }
+        results
+    }
+
+    /// The report of a finished run (takes the device back when no handle is left).
+    fn report(self, results: &[VcpuResult]) -> RunReport {
         let teardown = self.shared.life.teardown_record();
         let blackouts = self.shared.life.blackouts();
         let patches = self.shared.life.patches();
@@ -864,7 +904,7 @@ impl Vm {
         let mut first_exit: Option<Instant> = None;
         let mut first_mmio: Option<Instant> = None;
         let mut last_end: Option<Instant> = None;
-        for r in &results {
+        for r in results {
             last_end = Some(last_end.map_or(r.end, |e: Instant| e.max(r.end)));
             exits.add(&r.counts);
             first_exit = min_opt(first_exit, r.first_exit);
@@ -884,7 +924,7 @@ impl Vm {
         let device = Arc::try_unwrap(self.shared)
             .ok()
             .map(|s| s.device.into_inner().unwrap_or_else(|p| p.into_inner()));
-        Ok(RunReport {
+        RunReport {
             verdict,
             exits,
             wall: end - start,
@@ -899,9 +939,15 @@ impl Vm {
             teardown,
             blackouts,
             patches,
-        })
+        }
     }
 }
+
+/// The served control socket: its path, the server thread and its in-flight count.
+type Control = (
+    PathBuf,
+    (JoinHandle<()>, crate::lifecycle::control::InFlight),
+);
 
 fn min_opt(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     match (a, b) {
