@@ -1,7 +1,13 @@
-//! The virtual machine's state, after Firecracker's `vstate/`: the VM and its vCPU
-//! threads ([`vm`]), the guest-physical layout and long-mode entry ([`layout`]), and
-//! the cheap clock the trap path times itself with ([`ticks`]).
+//! The virtual machine's state, after Firecracker's `vstate/`: the VM ([`vm`]), its
+//! vCPU threads as a state machine ([`vcpu`]), exit dispatch against a narrow bus
+//! interface, testable without KVM ([`dispatch`]), the guest-physical layout and
+//! long-mode entry ([`layout`]), and the cheap clock the trap path times itself with
+//! ([`ticks`]).
 
+pub mod dispatch;
 pub mod layout;
 pub mod ticks;
+pub(crate) mod vcpu;
 pub mod vm;
+
+pub use crate::verdict::Verdict;

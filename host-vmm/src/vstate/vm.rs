@@ -1,22 +1,28 @@
-//! The VM: KVM setup, vCPU threads, exit dispatch, watchdog and verdicts.
+//! The VM: KVM setup, guest memory and vCPUs, the state the vCPU threads share
+//! ([`Shared`], which is their [`ExitBus`]), the kick signal, the watchdog and the
+//! run report. The vCPU thread itself is [`super::vcpu`]; exit dispatch is
+//! [`super::dispatch`].
 
 use crate::devices::backend::Backend;
 use crate::devices::pci::{PciBus, Route};
 use crate::devices::plan::{DirectWindow, PagePlan, SlotRange, TrapSet};
 use crate::error::VmmError;
 use crate::lifecycle::Lifecycle;
-use crate::policy::engine::{AlarmConfig, Outcome, PolicyEngine, PolicyReport};
+use crate::policy::engine::{AlarmConfig, PolicyEngine, PolicyReport};
 use crate::policy::Profile;
+use crate::vstate::dispatch::{ExitBus, MmioData};
 use crate::vstate::layout::*;
+use crate::vstate::vcpu::{vcpu_loop, VcpuResult};
 use hilrig_device::regmap::BAR0_SIZE;
 use hilrig_device::Device;
 use kvm_bindings::{kvm_run, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use std::cell::Cell;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, Once};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -88,6 +94,7 @@ impl Default for VmConfig {
 }
 
 pub use crate::verdict::Verdict;
+pub use crate::vstate::dispatch::{describe_insn, unknown_exit};
 pub use hilrig_vmm_api::{ExitCounts, ExitStatus, TrapLatency};
 
 /// What a finished run tells.
@@ -148,7 +155,7 @@ type SerialDev = vm_superio::Serial<NoTrigger, vm_superio::serial::NoEvents, Box
 
 /// Lock a mutex, recovering from poisoning (a panicked vCPU thread must not wedge
 /// the rest of the VMM).
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -297,6 +304,7 @@ impl Shared {
         self.kick_all();
     }
 
+    /// Kick every vCPU thread out of KVM_RUN (SIGRTMIN: `immediate_exit`).
     pub(crate) fn kick_all(&self) {
         for &t in lock(&self.threads).iter() {
             // SAFETY: the thread ids are of threads not yet joined (joins happen after
@@ -308,8 +316,60 @@ impl Shared {
     }
 }
 
+impl ExitBus for Shared {
+    #[inline]
+    fn route(&self, addr: u64) -> Route {
+        lock(&self.pci).bus.route(addr)
+    }
+    #[inline]
+    fn policy_on(&self) -> bool {
+        self.policy.is_some()
+    }
+    #[inline]
+    fn bar0(&self, off: u64, data: MmioData<'_>) -> Result<(), hilrig_device::DeviceError> {
+        let mut dev = lock(&self.device);
+        match data {
+            MmioData::Read(d) => dev.mmio_read(off, d),
+            MmioData::Write(d) => dev.mmio_write(off, d),
+        }
+    }
+    fn rom_size(&self) -> u64 {
+        lock(&self.pci).bus.rom_size()
+    }
+    fn rom_read(&self, off: u64, data: &mut [u8]) -> Result<(), hilrig_device::DeviceError> {
+        lock(&self.device).rom_read(off, data)
+    }
+    fn serial_write(&self, reg: u8, value: u8) {
+        let _ = lock(&self.serial).write(reg, value);
+    }
+    fn serial_read(&self, reg: u8) -> u8 {
+        lock(&self.serial).read(reg)
+    }
+    fn pci_write(&self, port: u16, data: &[u8]) -> Result<(), VmmError> {
+        let mut pci = lock(&self.pci);
+        if pci.bus.io_write(port, data) {
+            let d = pci.bus.decode();
+            pci.mapper.apply(d.bar0)?;
+        }
+        Ok(())
+    }
+    fn pci_read(&self, port: u16, data: &mut [u8]) {
+        lock(&self.pci).bus.io_read(port, data)
+    }
+    fn push_result(&self, value: u32) {
+        let mut r = lock(&self.results);
+        if r.len() < MAX_RESULTS {
+            r.push(value);
+        }
+    }
+    fn finish(&self, verdict: Verdict) {
+        Shared::finish(self, verdict)
+    }
+}
+
 thread_local! {
-    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+    /// This thread's `kvm_run` mapping, for the kick signal's handler.
+    pub(crate) static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
 }
 
 fn kick_signal() -> libc::c_int {
@@ -499,6 +559,119 @@ pub fn check_config(config: &VmConfig) -> Result<(), VmmError> {
     Ok(())
 }
 
+/// Allocate guest RAM, register it with KVM, write the system tables and load the
+/// payload.
+fn guest_memory(vm: &VmFd, config: &VmConfig) -> Result<GuestMemoryMmap, VmmError> {
+    let mem_size = usize::try_from(config.mem_size)
+        .map_err(|_| VmmError::Config("guest memory size".into()))?;
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size)])
+        .map_err(|e| VmmError::Memory(format!("allocating {mem_size} bytes: {e}")))?;
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| VmmError::Memory(e.to_string()))?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is owned by `mem`, which the Vm keeps until the VM fd
+        // is dropped (field order: _mem is dropped after the vCPUs and with _vm).
+        unsafe { vm.set_user_memory_region(r) }.map_err(VmmError::kvm("registering guest RAM"))?;
+    }
+    write_system_tables(&mem)?;
+    mem.write_slice(&config.payload, GuestAddress(PAYLOAD_ADDR))
+        .map_err(|e| VmmError::Memory(format!("loading the payload: {e}")))?;
+    Ok(mem)
+}
+
+/// The policy engine of the configured profile (None without a policy).
+fn policy_engine(config: &VmConfig) -> Result<Option<Arc<PolicyEngine>>, VmmError> {
+    let Some(p) = &config.policy else {
+        return Ok(None);
+    };
+    let engine = PolicyEngine::new(p.clone(), &config.alarms).map_err(|source| VmmError::Io {
+        path: config.alarms.file.clone().unwrap_or_default(),
+        source,
+    })?;
+    Ok(Some(Arc::new(
+        engine.record_decisions(config.record_decisions),
+    )))
+}
+
+type ConsoleOut = (Box<dyn Write + Send>, Option<CaptureBuf>);
+
+/// Where the UART writes, and the capture buffer with [`Console::Capture`].
+fn console_writer(console: &Console) -> Result<ConsoleOut, VmmError> {
+    Ok(match console {
+        Console::Stdout => (Box::new(std::io::stdout()), None),
+        Console::Stderr => (Box::new(std::io::stderr()), None),
+        Console::Null => (Box::new(std::io::sink()), None),
+        Console::Capture => {
+            let c = CaptureBuf::default();
+            (Box::new(c.clone()), Some(c))
+        }
+        Console::File(p) => (
+            Box::new(std::fs::File::create(p).map_err(|source| VmmError::Io {
+                path: p.clone(),
+                source,
+            })?),
+            None,
+        ),
+    })
+}
+
+/// Create vCPU `i` in long mode at the payload's entry (see the entry ABI).
+fn create_vcpu(
+    vm: &VmFd,
+    i: u8,
+    cpuid: &kvm_bindings::CpuId,
+    vector: VectorFeatures,
+    config: &VmConfig,
+    sync_regs: bool,
+) -> Result<VcpuFd, VmmError> {
+    let mut vcpu = vm
+        .create_vcpu(u64::from(i))
+        .map_err(VmmError::kvm("KVM_CREATE_VCPU"))?;
+    let mut c = cpuid.clone();
+    for e in c.as_mut_slice() {
+        if e.function == 1 {
+            e.ebx = (e.ebx & 0x00ff_ffff) | (u32::from(i) << 24);
+        }
+        if e.function == 0xb {
+            e.edx = u32::from(i);
+        }
+    }
+    vcpu.set_cpuid2(&c)
+        .map_err(VmmError::kvm("KVM_SET_CPUID2"))?;
+    let sregs = vcpu.get_sregs().map_err(VmmError::kvm("KVM_GET_SREGS"))?;
+    let mut sregs = long_mode_sregs(sregs);
+    if vector.xsave {
+        sregs.cr4 |= X86_CR4_OSXSAVE;
+    }
+    vcpu.set_sregs(&sregs)
+        .map_err(VmmError::kvm("KVM_SET_SREGS"))?;
+    if vector.xsave {
+        let mut x = kvm_bindings::kvm_xcrs {
+            nr_xcrs: 1,
+            ..Default::default()
+        };
+        x.xcrs[0].xcr = 0;
+        x.xcrs[0].value = vector.xcr0;
+        vcpu.set_xcrs(&x).map_err(VmmError::kvm("KVM_SET_XCRS"))?;
+    }
+    vcpu.set_fpu(&entry_fpu())
+        .map_err(VmmError::kvm("KVM_SET_FPU"))?;
+    vcpu.set_regs(&entry_regs(BAR0_DEFAULT, i, config.vcpus, config.mem_size))
+        .map_err(VmmError::kvm("KVM_SET_REGS"))?;
+    if sync_regs {
+        vcpu.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
+    }
+    Ok(vcpu)
+}
+
 impl Vm {
     /// Create the VM: KVM, guest memory, system tables, payload, PCI, vCPUs.
     pub fn new(config: VmConfig, backend: Backend) -> Result<Vm, VmmError> {
@@ -510,47 +683,14 @@ impl Vm {
         let vm = Arc::new(kvm.create_vm().map_err(VmmError::kvm("KVM_CREATE_VM"))?);
         vm.set_tss_address(TSS_ADDR)
             .map_err(VmmError::kvm("KVM_SET_TSS_ADDR"))?;
-        let mem_size = usize::try_from(config.mem_size)
-            .map_err(|_| VmmError::Config("guest memory size".into()))?;
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size)])
-            .map_err(|e| VmmError::Memory(format!("allocating {mem_size} bytes: {e}")))?;
-        for (slot, region) in mem.iter().enumerate() {
-            let host = mem
-                .get_host_address(region.start_addr())
-                .map_err(|e| VmmError::Memory(e.to_string()))?;
-            let r = kvm_userspace_memory_region {
-                slot: slot as u32,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-                flags: 0,
-            };
-            // SAFETY: the region is owned by `mem`, which the Vm keeps until the VM fd
-            // is dropped (field order: _mem is dropped after the vCPUs and with _vm).
-            unsafe { vm.set_user_memory_region(r) }
-                .map_err(VmmError::kvm("registering guest RAM"))?;
-        }
-        write_system_tables(&mem)?;
-        mem.write_slice(&config.payload, GuestAddress(PAYLOAD_ADDR))
-            .map_err(|e| VmmError::Memory(format!("loading the payload: {e}")))?;
-
+        let mem = guest_memory(&vm, &config)?;
+        let engine = policy_engine(&config)?;
         let mut trap = config.trap;
         if let Some(p) = &config.policy {
             for page in p.trapping_pages() {
                 trap.insert(page);
             }
         }
-        let engine = match &config.policy {
-            Some(p) => Some(Arc::new(
-                PolicyEngine::new(p.clone(), &config.alarms)
-                    .map_err(|source| VmmError::Io {
-                        path: config.alarms.file.clone().unwrap_or_default(),
-                        source,
-                    })?
-                    .record_decisions(config.record_decisions),
-            )),
-            None => None,
-        };
         let plan = PagePlan::decide(trap, &backend.windows);
         let mut bus = PciBus::new(backend.device.rom_size());
         bus.assign(BAR0_DEFAULT, ROM_DEFAULT);
@@ -561,24 +701,7 @@ impl Vm {
             mem_size: config.mem_size,
         };
         mapper.apply(bus.decode().bar0)?;
-
-        let (out, capture): (Box<dyn Write + Send>, Option<CaptureBuf>) = match &config.console {
-            Console::Stdout => (Box::new(std::io::stdout()), None),
-            Console::Stderr => (Box::new(std::io::stderr()), None),
-            Console::Null => (Box::new(std::io::sink()), None),
-            Console::Capture => {
-                let c = CaptureBuf::default();
-                (Box::new(c.clone()), Some(c))
-            }
-            Console::File(p) => (
-                Box::new(std::fs::File::create(p).map_err(|source| VmmError::Io {
-                    path: p.clone(),
-                    source,
-                })?),
-                None,
-            ),
-        };
-
+        let (out, capture) = console_writer(&config.console)?;
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(VmmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
@@ -591,52 +714,13 @@ impl Vm {
         // With a policy, have KVM copy the registers into kvm_run on every exit, so
         // an alarm's RIP costs no ioctl.
         let sync_regs = config.policy.is_some() && kvm.check_extension(kvm_ioctls::Cap::SyncRegs);
-        let mut vcpus = Vec::new();
-        for i in 0..config.vcpus {
-            let mut vcpu = vm
-                .create_vcpu(u64::from(i))
-                .map_err(VmmError::kvm("KVM_CREATE_VCPU"))?;
-            let mut c = cpuid.clone();
-            for e in c.as_mut_slice() {
-                if e.function == 1 {
-                    e.ebx = (e.ebx & 0x00ff_ffff) | (u32::from(i) << 24);
-                }
-                if e.function == 0xb {
-                    e.edx = u32::from(i);
-                }
-            }
-            vcpu.set_cpuid2(&c)
-                .map_err(VmmError::kvm("KVM_SET_CPUID2"))?;
-            let sregs = vcpu.get_sregs().map_err(VmmError::kvm("KVM_GET_SREGS"))?;
-            let mut sregs = long_mode_sregs(sregs);
-            if vector.xsave {
-                sregs.cr4 |= X86_CR4_OSXSAVE;
-            }
-            vcpu.set_sregs(&sregs)
-                .map_err(VmmError::kvm("KVM_SET_SREGS"))?;
-            if vector.xsave {
-                let mut x = kvm_bindings::kvm_xcrs {
-                    nr_xcrs: 1,
-                    ..Default::default()
-                };
-                x.xcrs[0].xcr = 0;
-                x.xcrs[0].value = vector.xcr0;
-                vcpu.set_xcrs(&x).map_err(VmmError::kvm("KVM_SET_XCRS"))?;
-            }
-            vcpu.set_fpu(&entry_fpu())
-                .map_err(VmmError::kvm("KVM_SET_FPU"))?;
-            vcpu.set_regs(&entry_regs(BAR0_DEFAULT, i, config.vcpus, config.mem_size))
-                .map_err(VmmError::kvm("KVM_SET_REGS"))?;
-            if sync_regs {
-                vcpu.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
-            }
-            vcpus.push(vcpu);
-        }
-
+        let vcpus = (0..config.vcpus)
+            .map(|i| create_vcpu(&vm, i, &cpuid, vector, &config, sync_regs))
+            .collect::<Result<Vec<_>, _>>()?;
         let Backend {
             device,
             keep,
-            windows: backend_windows,
+            windows,
             ..
         } = backend;
         let modules = crate::lifecycle::patch::ModuleTable::new(
@@ -647,18 +731,17 @@ impl Vm {
             device,
             modules.handler.clone(),
         ));
-        let life = crate::lifecycle::Life::new(config.lifecycle.clone());
         let shared = Arc::new(Shared {
             rv: Arc::new(crate::lifecycle::quiesce::Rendezvous::new()),
             modules,
-            life,
+            life: crate::lifecycle::Life::new(config.lifecycle.clone()),
             mem: mem.clone(),
             device: Mutex::new(device),
             pci: Mutex::new(PciState {
                 bus,
                 mapper,
                 base_trap: config.trap,
-                windows: backend_windows,
+                windows,
             }),
             serial: Mutex::new(vm_superio::Serial::new(NoTrigger, out)),
             stop: AtomicBool::new(false),
@@ -710,24 +793,48 @@ impl Vm {
     pub fn run(mut self) -> Result<RunReport, VmmError> {
         self.shared.record_baseline();
         let control_stop = Arc::new(AtomicBool::new(false));
-        let control = match &self.config.control {
-            Some(path) => {
-                let l = crate::lifecycle::control::bind(path).map_err(|e| {
-                    VmmError::Config(format!("control socket {}: {e}", path.display()))
-                })?;
-                let host: Arc<dyn crate::lifecycle::VmHost> = self.shared.clone();
-                let ctl = Arc::new(crate::lifecycle::VmControl(Arc::downgrade(&host)));
-                Some((
-                    path.clone(),
-                    crate::lifecycle::control::serve(l, ctl, control_stop.clone()),
-                ))
+        let control = self.start_control(&control_stop)?;
+        let (handles, rx) = self.spawn_vcpus();
+        let results = self.watch(handles.len(), &rx);
+        lock(&self.shared.threads).clear();
+        for h in handles {
+            if h.join().is_err() {
+                self.shared
+                    .finish(Verdict::Internal("a vCPU thread panicked".into()));
             }
-            None => None,
+        }
+        if self.config.lifecycle.teardown_on_exit {
+            self.shared.teardown();
+        }
+        if let Some((path, (t, in_flight))) = control {
+            control_stop.store(true, Ordering::Release);
+            let _ = t.join();
+            // A request that ended the VM (teardown) is still being answered.
+            crate::lifecycle::control::drain(&in_flight, Duration::from_secs(5));
+            let _ = std::fs::remove_file(&path);
+        }
+        Ok(self.report(&results))
+    }
+
+    /// Serve the control socket, if one is configured.
+    fn start_control(&self, stop: &Arc<AtomicBool>) -> Result<Option<Control>, VmmError> {
+        let Some(path) = &self.config.control else {
+            return Ok(None);
         };
+        let l = crate::lifecycle::control::bind(path)
+            .map_err(|e| VmmError::Config(format!("control socket {}: {e}", path.display())))?;
+        let host: Arc<dyn crate::lifecycle::VmHost> = self.shared.clone();
+        let ctl = Arc::new(crate::lifecycle::VmControl(Arc::downgrade(&host)));
+        let served = crate::lifecycle::control::serve(l, ctl, stop.clone());
+        Ok(Some((path.clone(), served)))
+    }
+
+    /// Start one thread per vCPU ([`vcpu_loop`]); each sends its result when it ends.
+    /// A thread that cannot be started ends the VM.
+    fn spawn_vcpus(&mut self) -> (Vec<JoinHandle<()>>, mpsc::Receiver<VcpuResult>) {
         let (tx, rx) = mpsc::channel::<VcpuResult>();
         let mut handles = Vec::new();
-        let vcpus = std::mem::take(&mut self.vcpus);
-        for (i, vcpu) in vcpus.into_iter().enumerate() {
+        for (i, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
             let shared = self.shared.clone();
             let tx = tx.clone();
             let h = std::thread::Builder::new()
@@ -735,8 +842,7 @@ impl Vm {
                 .spawn(move || {
                     let r = vcpu_loop(i as u8, vcpu, &shared);
                     let _ = tx.send(r);
-                })
-                .map_err(|e| VmmError::Thread(e.to_string()));
+                });
             match h {
                 Ok(h) => {
                     use std::os::unix::thread::JoinHandleExt;
@@ -744,20 +850,25 @@ impl Vm {
                     handles.push(h);
                 }
                 Err(e) => {
+                    let e = VmmError::Thread(e.to_string());
                     self.shared.finish(Verdict::Internal(e.to_string()));
                     break;
                 }
             }
         }
-        drop(tx);
-        // Wait in slices: on each slice, if the VM is stopping, kick again (a kick can
-        // race a thread's registration or its entry into KVM_RUN); past the deadline,
-        // the watchdog stops the guest. A timeout too large to represent never fires.
+        (handles, rx)
+    }
+
+    /// Collect the results of `n` vCPU threads. Waits in slices: on each slice, if
+    /// the VM is stopping, kick again (a kick can race a thread's registration or its
+    /// entry into KVM_RUN); past the deadline, the watchdog stops the guest. A
+    /// timeout too large to represent never fires.
+    fn watch(&self, n: usize, rx: &mpsc::Receiver<VcpuResult>) -> Vec<VcpuResult> {
         let deadline = self.shared.start.checked_add(self.config.timeout);
         let slice = Duration::from_millis(100);
         let mut results = Vec::new();
         let mut timed_out = false;
-        while results.len() < handles.len() {
+        while results.len() < n {
             let wait = deadline.map_or(slice, |d| {
                 d.saturating_duration_since(Instant::now()).min(slice)
             });
@@ -780,23 +891,11 @@ impl Vm {
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
         }
-        lock(&self.shared.threads).clear();
-        for h in handles {
-            if h.join().is_err() {
-                self.shared
-                    .finish(Verdict::Internal("a vCPU thread panicked".into()));
-            }
-        }
-        if self.config.lifecycle.teardown_on_exit {
-            self.shared.teardown();
-        }
-        if let Some((path, (t, in_flight))) = control {
-            control_stop.store(true, Ordering::Release);
-            let _ = t.join();
-            // A request that ended the VM (teardown) is still being answered.
-            crate::lifecycle::control::drain(&in_flight, Duration::from_secs(5));
-            let _ = std::fs::remove_file(&path);
-        }
+        results
+    }
+
+    /// The report of a finished run (takes the device back when no handle is left).
+    fn report(self, results: &[VcpuResult]) -> RunReport {
         let teardown = self.shared.life.teardown_record();
         let blackouts = self.shared.life.blackouts();
         let patches = self.shared.life.patches();
@@ -805,7 +904,7 @@ impl Vm {
         let mut first_exit: Option<Instant> = None;
         let mut first_mmio: Option<Instant> = None;
         let mut last_end: Option<Instant> = None;
-        for r in &results {
+        for r in results {
             last_end = Some(last_end.map_or(r.end, |e: Instant| e.max(r.end)));
             exits.add(&r.counts);
             first_exit = min_opt(first_exit, r.first_exit);
@@ -825,7 +924,7 @@ impl Vm {
         let device = Arc::try_unwrap(self.shared)
             .ok()
             .map(|s| s.device.into_inner().unwrap_or_else(|p| p.into_inner()));
-        Ok(RunReport {
+        RunReport {
             verdict,
             exits,
             wall: end - start,
@@ -840,526 +939,20 @@ impl Vm {
             teardown,
             blackouts,
             patches,
-        })
+        }
     }
 }
 
-/// Carry out a trapped BAR0 access through the policy engine. Ok(false): stop.
-fn policy_exit(
-    idx: u8,
-    vcpu: &mut VcpuFd,
-    shared: &Shared,
-    p: Pending,
-    cache: &mut crate::policy::fault::SiteCache,
-) -> Result<bool, Verdict> {
-    let Some(engine) = shared.policy.as_deref() else {
-        return Ok(true);
-    };
-    let ctx = crate::policy::fault::Ctx {
-        mem: &shared.mem,
-        engine,
-        stop: &shared.stop,
-        sync: shared.sync_regs,
-    };
-    if p.write && p.len == 8 && engine.write_may_fault(p.off + 8, p.off + 32) {
-        if let Some(next) = split_store(idx, vcpu, shared, engine, &ctx, p, cache)? {
-            return Ok(next);
-        }
-    }
-    let mut buf = p.buf;
-    let r = {
-        let mut dev = lock(&shared.device);
-        engine.access(&mut **dev, p.off, &mut buf[..p.len], p.write)
-    };
-    let out: Outcome = match r {
-        Ok(o) => o,
-        Err(e) => {
-            let (rip, insn) = match vcpu.get_regs() {
-                Ok(r) => (r.rip, describe_insn(&shared.mem, r.rip)),
-                Err(e) => (0, format!("(registers unavailable: {e})")),
-            };
-            return Err(Verdict::BadAccess {
-                vcpu: idx,
-                addr: p.addr,
-                len: p.len,
-                write: p.write,
-                detail: e.to_string(),
-                rip,
-                insn,
-            });
-        }
-    };
-    if !p.write {
-        // A faulting read is finished by KVM before the fault is delivered: give it
-        // zeros, never stale bytes of an earlier exit.
-        if out.fault {
-            buf = [0; 8];
-        }
-        let run = vcpu.get_kvm_run();
-        // SAFETY: the exit being answered is KVM_EXIT_MMIO, so `mmio` is the union's
-        // active member; `len` is at most 8, the size of its data array.
-        unsafe {
-            run.__bindgen_anon_1.mmio.data[..p.len].copy_from_slice(&buf[..p.len]);
-        }
-    }
-    if out.hits.iter().any(Option::is_some) {
-        ctx.raise_alarms(idx, vcpu, p.addr, p.len, p.write, &out, cache);
-    }
-    if out.fault {
-        return ctx.inject_gp(idx, vcpu);
-    }
-    Ok(true)
-}
-
-/// A 16/32-byte store reaches the VMM as 8-byte exits, the instruction already
-/// retired. When a fault rule lies just ahead, gather the remaining pieces first
-/// (KVM_RUN with `immediate_exit`: KVM hands over the next piece without running the
-/// guest) and decide them together, so a fault in a later piece keeps the earlier
-/// ones from the device too. None: not a split store (handle the exit as usual).
-#[allow(clippy::too_many_arguments)]
-fn split_store(
-    idx: u8,
-    vcpu: &mut VcpuFd,
-    shared: &Shared,
-    engine: &PolicyEngine,
-    ctx: &crate::policy::fault::Ctx<'_>,
-    p: Pending,
-    cache: &mut crate::policy::fault::SiteCache,
-) -> Result<Option<bool>, Verdict> {
-    let Some(size @ (16 | 32)) = crate::policy::fault::store_size(&shared.mem, vcpu, p.addr, p.len)
-    else {
-        return Ok(None);
-    };
-    let mut pieces = [(0u64, [0u8; 8], 0usize); 4];
-    pieces[0] = (p.off, p.buf, p.len);
-    let mut n = 1;
-    while n < size / 8 {
-        vcpu.set_kvm_immediate_exit(1);
-        let r = vcpu.run();
-        let next = match r {
-            Ok(VcpuExit::MmioWrite(addr, d)) if addr == p.addr + 8 * n as u64 && d.len() == 8 => {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(d);
-                Some(b)
-            }
-            Ok(VcpuExit::MmioWrite(addr, d)) => {
-                let e = format!(
-                    "vCPU {idx}: piece {n} of a {size}-byte store at {:#x} came as {} bytes at {addr:#x}",
-                    p.addr,
-                    d.len()
-                );
-                vcpu.set_kvm_immediate_exit(0);
-                return Err(Verdict::Internal(e));
-            }
-            // The store ended early (the rest went to RAM) or a kick: decide what came.
-            Err(_) => None,
-            Ok(other) => {
-                let e = format!("vCPU {idx}: gathering a split store: unexpected {other:?}");
-                vcpu.set_kvm_immediate_exit(0);
-                return Err(Verdict::Internal(e));
-            }
-        };
-        vcpu.set_kvm_immediate_exit(0);
-        let Some(b) = next else { break };
-        pieces[n] = (p.off + 8 * n as u64, b, 8);
-        n += 1;
-    }
-    let mut outs = [Outcome::default(); 4];
-    let r = {
-        let mut dev = lock(&shared.device);
-        engine.access_split(&mut **dev, &mut pieces[..n], &mut outs[..n])
-    };
-    let fault = r.map_err(|e| Verdict::BadAccess {
-        vcpu: idx,
-        addr: p.addr,
-        len: size,
-        write: true,
-        detail: e.to_string(),
-        rip: 0,
-        insn: String::new(),
-    })?;
-    for (i, out) in outs[..n].iter().enumerate() {
-        if out.hits.iter().any(Option::is_some) {
-            ctx.raise_alarms(idx, vcpu, p.addr + 8 * i as u64, 8, true, out, cache);
-        }
-    }
-    if fault {
-        return ctx.inject_gp(idx, vcpu).map(Some);
-    }
-    Ok(Some(true))
-}
+/// The served control socket: its path, the server thread and its in-flight count.
+type Control = (
+    PathBuf,
+    (JoinHandle<()>, crate::lifecycle::control::InFlight),
+);
 
 fn min_opt(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, None) => a,
         (None, b) => b,
-    }
-}
-
-struct VcpuResult {
-    counts: ExitCounts,
-    end: Instant,
-    first_exit: Option<Instant>,
-    first_mmio: Option<Instant>,
-}
-
-/// What the exit handler wants the loop to do next.
-enum Next {
-    Continue,
-    /// End the VM with this verdict, after filling in the guest's RIP.
-    Bad(Box<Verdict>),
-    Halt,
-    Stop,
-    Shutdown,
-    /// KVM_EXIT_INTERNAL_ERROR (usually an instruction KVM cannot emulate on MMIO).
-    Emulation,
-    /// A BAR0 access for the policy engine (needs the vCPU: read data, RIP, faults).
-    Policy(Pending),
-}
-
-/// A trapped BAR0 access copied out of `kvm_run`.
-#[derive(Clone, Copy)]
-struct Pending {
-    addr: u64,
-    off: u64,
-    len: usize,
-    write: bool,
-    buf: [u8; 8],
-}
-
-fn vcpu_loop(idx: u8, mut vcpu: VcpuFd, shared: &Shared) -> VcpuResult {
-    KVM_RUN.with(|c| c.set(vcpu.get_kvm_run() as *mut kvm_run));
-    let mut counts = ExitCounts::default();
-    let mut first_exit = None;
-    let mut first_mmio = None;
-    let mut site_cache = crate::policy::fault::SiteCache::default();
-    let member = shared.rv.register();
-    loop {
-        // Park here while the VMM acts (between exits: no access is half-decided).
-        shared.rv.checkpoint();
-        if shared.stop.load(Ordering::Acquire) {
-            break;
-        }
-        if !member.enter_run() {
-            continue;
-        }
-        let ran = vcpu.run();
-        // If the VMM counted this vCPU as parked while it was in KVM_RUN, wait here
-        // before handling the exit.
-        member.left_run();
-        // A trapped access is timed from here to the end of its handling (device,
-        // policy and all).
-        let t0 = crate::vstate::ticks::now();
-        let mut trapped = false;
-        let next = match ran {
-            Ok(exit) => {
-                if first_exit.is_none() {
-                    first_exit = Some(Instant::now());
-                }
-                trapped = matches!(exit, VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..));
-                handle_exit(idx, exit, shared, &mut counts, &mut first_mmio)
-            }
-            Err(e) if e.errno() == libc::EINTR => {
-                // A kick (pause or stop): the request flag was set before the kick, so
-                // the loop top sees it; clear immediate_exit or KVM_RUN keeps failing.
-                counts.intr += 1;
-                vcpu.set_kvm_immediate_exit(0);
-                Next::Continue
-            }
-            Err(e) if e.errno() == libc::EAGAIN => Next::Continue,
-            Err(e) => {
-                shared.finish(Verdict::Internal(format!("vCPU {idx}: KVM_RUN: {e}")));
-                Next::Stop
-            }
-        };
-        match next {
-            Next::Continue => {}
-            Next::Halt => break,
-            Next::Stop => break,
-            Next::Bad(mut v) => {
-                if let Verdict::BadAccess { rip, insn, .. } = v.as_mut() {
-                    match vcpu.get_regs() {
-                        Ok(r) => {
-                            *rip = r.rip;
-                            *insn = describe_insn(&shared.mem, r.rip);
-                        }
-                        Err(e) => *insn = format!("(registers unavailable: {e})"),
-                    }
-                }
-                shared.finish(*v);
-                break;
-            }
-            Next::Shutdown => {
-                let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
-                shared.finish(Verdict::TripleFault { vcpu: idx, rip });
-                break;
-            }
-            Next::Emulation => {
-                let at = match vcpu.get_regs() {
-                    Ok(r) => format!(
-                        " at rip {:#x}: `{}`",
-                        r.rip,
-                        describe_insn(&shared.mem, r.rip)
-                    ),
-                    Err(_) => String::new(),
-                };
-                shared.finish(Verdict::Internal(format!(
-                    "vCPU {idx}: KVM internal error{at} (often an instruction KVM cannot emulate on MMIO)"
-                )));
-                break;
-            }
-            Next::Policy(p) => match policy_exit(idx, &mut vcpu, shared, p, &mut site_cache) {
-                Ok(true) => {}
-                Ok(false) => break,
-                Err(v) => {
-                    shared.finish(v);
-                    break;
-                }
-            },
-        }
-        if trapped {
-            counts
-                .trap_latency
-                .record_ns(crate::vstate::ticks::ns_since(t0));
-        }
-    }
-    KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
-    drop(vcpu);
-    VcpuResult {
-        counts,
-        end: Instant::now(),
-        first_exit,
-        first_mmio,
-    }
-}
-
-#[inline]
-fn handle_exit(
-    idx: u8,
-    exit: VcpuExit<'_>,
-    shared: &Shared,
-    counts: &mut ExitCounts,
-    first_mmio: &mut Option<Instant>,
-) -> Next {
-    match exit {
-        VcpuExit::MmioWrite(addr, data) => {
-            counts.mmio_write += 1;
-            if first_mmio.is_none() {
-                *first_mmio = Some(Instant::now());
-            }
-            mmio(idx, shared, addr, MmioData::Write(data))
-        }
-        VcpuExit::MmioRead(addr, data) => {
-            counts.mmio_read += 1;
-            if first_mmio.is_none() {
-                *first_mmio = Some(Instant::now());
-            }
-            mmio(idx, shared, addr, MmioData::Read(data))
-        }
-        VcpuExit::IoOut(port, data) => {
-            counts.io_out += 1;
-            io_out(idx, shared, port, data)
-        }
-        VcpuExit::IoIn(port, data) => {
-            counts.io_in += 1;
-            io_in(shared, port, data);
-            Next::Continue
-        }
-        VcpuExit::Hlt => {
-            counts.hlt += 1;
-            Next::Halt
-        }
-        VcpuExit::Intr => {
-            counts.intr += 1;
-            Next::Continue
-        }
-        VcpuExit::Shutdown => {
-            counts.other += 1;
-            Next::Shutdown
-        }
-        VcpuExit::FailEntry(reason, cpu) => {
-            counts.other += 1;
-            shared.finish(Verdict::Internal(format!(
-                "vCPU {idx}: VM entry failed (hardware reason {reason:#x}, cpu {cpu})"
-            )));
-            Next::Stop
-        }
-        VcpuExit::InternalError => {
-            counts.other += 1;
-            Next::Emulation
-        }
-        other => {
-            counts.other += 1;
-            shared.finish(unknown_exit(idx, &other));
-            Next::Stop
-        }
-    }
-}
-
-/// The instruction at guest address `rip` (identity-mapped: virtual = physical),
-/// decoded in Intel syntax; a description of the problem if it cannot be read.
-pub fn describe_insn(mem: &GuestMemoryMmap, rip: u64) -> String {
-    use iced_x86::Formatter;
-    let mut buf = [0u8; 15];
-    let n = match mem.read(&mut buf, GuestAddress(rip)) {
-        Ok(n) => n,
-        Err(_) => return format!("(rip {rip:#x} is not in guest RAM)"),
-    };
-    let mut d = iced_x86::Decoder::with_ip(64, &buf[..n], rip, iced_x86::DecoderOptions::NONE);
-    let insn = d.decode();
-    if insn.is_invalid() {
-        return format!("(undecodable bytes {:02x?})", &buf[..n.min(8)]);
-    }
-    let mut out = String::new();
-    iced_x86::IntelFormatter::new().format(&insn, &mut out);
-    out
-}
-
-/// The verdict for an exit the VMM does not handle.
-pub fn unknown_exit(vcpu: u8, exit: &VcpuExit<'_>) -> Verdict {
-    Verdict::UnknownExit {
-        vcpu,
-        exit: format!("{exit:?}"),
-    }
-}
-
-enum MmioData<'a> {
-    Read(&'a mut [u8]),
-    Write(&'a [u8]),
-}
-
-#[inline]
-fn mmio(idx: u8, shared: &Shared, addr: u64, data: MmioData<'_>) -> Next {
-    let (len, write) = match &data {
-        MmioData::Read(d) => (d.len(), false),
-        MmioData::Write(d) => (d.len(), true),
-    };
-    let route = lock(&shared.pci).bus.route(addr);
-    let bad = |detail: String| {
-        Next::Bad(Box::new(Verdict::BadAccess {
-            vcpu: idx,
-            addr,
-            len,
-            write,
-            detail,
-            rip: 0,
-            insn: String::new(),
-        }))
-    };
-    match route {
-        Route::Bar0(off) if shared.policy.is_some() => {
-            let mut p = Pending {
-                addr,
-                off,
-                len: len.min(8),
-                write,
-                buf: [0; 8],
-            };
-            if let MmioData::Write(d) = &data {
-                p.buf[..p.len].copy_from_slice(&d[..p.len]);
-            }
-            Next::Policy(p)
-        }
-        Route::Bar0(off) => {
-            let r = {
-                let mut dev = lock(&shared.device);
-                match data {
-                    MmioData::Read(d) => dev.mmio_read(off, d),
-                    MmioData::Write(d) => dev.mmio_write(off, d),
-                }
-            };
-            match r {
-                Ok(()) => Next::Continue,
-                Err(e) => bad(e.to_string()),
-            }
-        }
-        Route::Rom(off) => {
-            if let MmioData::Read(d) = data {
-                let rom_size = lock(&shared.pci).bus.rom_size();
-                d.fill(0xff);
-                // Bytes of the window past the image read as all-ones.
-                let avail = rom_size.saturating_sub(off).min(d.len() as u64) as usize;
-                if avail > 0 {
-                    if let Err(e) = lock(&shared.device).rom_read(off, &mut d[..avail]) {
-                        return bad(e.to_string());
-                    }
-                }
-            }
-            Next::Continue
-        }
-        Route::Disabled => {
-            if let MmioData::Read(d) = data {
-                d.fill(0xff);
-            }
-            Next::Continue
-        }
-        Route::Unclaimed => bad("no RAM or device claims this address".into()),
-    }
-}
-
-fn io_out(idx: u8, shared: &Shared, port: u16, data: &[u8]) -> Next {
-    match port {
-        PORT_EXIT => {
-            let mut b = [0u8; 4];
-            for (d, s) in b.iter_mut().zip(data) {
-                *d = *s;
-            }
-            let code = u32::from_le_bytes(b);
-            shared.finish(if code == 0 {
-                Verdict::Pass
-            } else {
-                Verdict::Fail { code, vcpu: idx }
-            });
-            Next::Stop
-        }
-        PORT_DEBUG => {
-            tracing::debug!(vcpu = idx, ?data, "guest debug port");
-            Next::Continue
-        }
-        PORT_RESULT => {
-            let mut b = [0u8; 4];
-            for (d, s) in b.iter_mut().zip(data) {
-                *d = *s;
-            }
-            let mut r = lock(&shared.results);
-            if r.len() < MAX_RESULTS {
-                r.push(u32::from_le_bytes(b));
-            }
-            Next::Continue
-        }
-        p if (PORT_COM1..PORT_COM1 + 8).contains(&p) => {
-            if let Some(&b) = data.first() {
-                let _ = lock(&shared.serial).write((p - PORT_COM1) as u8, b);
-            }
-            Next::Continue
-        }
-        PORT_PCI_ADDR..=0xcff => {
-            let mut pci = lock(&shared.pci);
-            if pci.bus.io_write(port, data) {
-                let d = pci.bus.decode();
-                if let Err(e) = pci.mapper.apply(d.bar0) {
-                    drop(pci);
-                    shared.finish(Verdict::Internal(format!("remapping BAR0: {e}")));
-                    return Next::Stop;
-                }
-            }
-            Next::Continue
-        }
-        _ => Next::Continue,
-    }
-}
-
-fn io_in(shared: &Shared, port: u16, data: &mut [u8]) {
-    match port {
-        p if (PORT_COM1..PORT_COM1 + 8).contains(&p) => {
-            let v = lock(&shared.serial).read((p - PORT_COM1) as u8);
-            data.fill(0);
-            if let Some(d) = data.first_mut() {
-                *d = v;
-            }
-        }
-        PORT_PCI_ADDR..=0xcff => lock(&shared.pci).bus.io_read(port, data),
-        _ => data.fill(0xff),
     }
 }

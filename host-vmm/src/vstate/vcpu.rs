@@ -1,0 +1,594 @@
+//! The vCPU thread: its run loop as an explicit state machine.
+//!
+//! Each vCPU thread owns its `VcpuFd` and moves between these states; [`transition`]
+//! is the whole table (pure, unit-tested), [`vcpu_loop`] performs each state's
+//! action and feeds the resulting [`Event`] back in.
+//!
+//! | state | action | event → next state |
+//! |---|---|---|
+//! | `Parked` | the rendezvous checkpoint (parks while a pause is on) | `Resumed` → `Running`; `StopRequested` → `Stopping(Quiet)` |
+//! | `Running` | enter KVM_RUN (unless a pause is requested), dispatch the exit ([`super::dispatch`]) | `PauseRequested`, `Kicked`, `Handled(Continue)` → `Parked`; `Handled(Policy)` → `Deciding`; `Handled(Halt \| Stop)` → `Stopping(Quiet)`; `Handled(Bad)` → `Stopping(Bad)`; `Handled(Shutdown)` → `Stopping(TripleFault)`; `Handled(Emulation)` → `Stopping(Emulation)`; `Failed` → `Stopping(Finish)` |
+//! | `Deciding` | a trapped BAR0 access through the policy engine (reads answered, alarms) | `Decided` → `Parked`; `SplitStore` → `Gathering`; `Faulted` → `Completing`; `Failed` → `Stopping(Finish)` |
+//! | `Gathering` | collect the rest of a 16/32-byte store (`immediate_exit` runs), decide the pieces together | `Decided` → `Parked`; `Faulted` → `Completing`; `Failed` → `Stopping(Finish)` |
+//! | `Completing` | let KVM finish the faulting instruction without running the guest, restore, inject #GP ([`crate::policy::fault`]) | `Decided` → `Parked`; `StopRequested` → `Stopping(Quiet)`; `Failed` → `Stopping(Finish)` |
+//! | `Stopping` | record the verdict (with the guest's RIP and instruction where it names them) and stop the VM | `Ended` → `Done` |
+//! | `Done` | leave the rendezvous, hand back the counts | — |
+//!
+//! Any other pair is a bug in the loop; it ends the VM with an internal verdict
+//! rather than panicking. `Parked` is the only state in which a pause can hold a
+//! vCPU: there no access is half-decided.
+
+use crate::lifecycle::quiesce::Member;
+use crate::policy::engine::Outcome;
+use crate::policy::fault::{Ctx, SiteCache};
+use crate::vstate::dispatch::{describe_insn, handle_exit, Next, Pending};
+use crate::vstate::vm::{lock, Shared, KVM_RUN};
+use crate::vstate::Verdict;
+use hilrig_vmm_api::ExitCounts;
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+/// Where a vCPU thread is (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum State {
+    /// Between exits, at the rendezvous checkpoint.
+    Parked,
+    /// Entering or inside KVM_RUN, then dispatching the exit.
+    Running,
+    /// A trapped BAR0 access being decided by the policy engine.
+    Deciding(Pending),
+    /// Collecting the 8-byte pieces of a `size`-byte store (16 or 32).
+    Gathering(Pending, usize),
+    /// Finishing a faulting instruction, then injecting #GP.
+    Completing,
+    /// Leaving the loop.
+    Stopping(Ending),
+    /// Out of the loop.
+    Done,
+}
+
+/// How a vCPU leaves its loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Ending {
+    /// Nothing to record (halt, stop requested, verdict recorded already).
+    Quiet,
+    /// Record this verdict as it is.
+    Finish(Box<Verdict>),
+    /// Record this BAD ACCESS after filling in the guest's RIP and instruction.
+    Bad(Box<Verdict>),
+    /// A triple fault at the guest's RIP.
+    TripleFault,
+    /// KVM could not emulate the instruction at the guest's RIP.
+    Emulation,
+}
+
+/// What a state's action produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Event {
+    /// The checkpoint passed (no pause, or the pause ended) and no stop is set.
+    Resumed,
+    /// The VM is stopping.
+    StopRequested,
+    /// A pause was requested as the vCPU was about to enter KVM_RUN.
+    PauseRequested,
+    /// KVM_RUN returned early (EINTR: a kick, or EAGAIN).
+    Kicked,
+    /// The exit was dispatched.
+    Handled(Next),
+    /// The access is a 16/32-byte store near a fault rule: gather it.
+    SplitStore(usize),
+    /// The access (or instruction) is done; back to the guest.
+    Decided,
+    /// The access faults: #GP for the guest.
+    Faulted,
+    /// The vCPU cannot go on: end the VM with this verdict.
+    Failed(Box<Verdict>),
+    /// The stopping vCPU recorded its verdict.
+    Ended,
+}
+
+/// The state after `state` when its action produced `event`.
+#[inline]
+pub(crate) fn transition(state: State, event: Event) -> State {
+    use Event as E;
+    use State as S;
+    match (state, event) {
+        (S::Parked, E::Resumed) => S::Running,
+        (S::Parked | S::Completing, E::StopRequested) => S::Stopping(Ending::Quiet),
+        (S::Running, E::PauseRequested | E::Kicked) => S::Parked,
+        (S::Running, E::Handled(next)) => match next {
+            Next::Continue => S::Parked,
+            Next::Policy(p) => S::Deciding(p),
+            Next::Halt | Next::Stop => S::Stopping(Ending::Quiet),
+            Next::Bad(v) => S::Stopping(Ending::Bad(v)),
+            Next::Shutdown => S::Stopping(Ending::TripleFault),
+            Next::Emulation => S::Stopping(Ending::Emulation),
+        },
+        (S::Deciding(p), E::SplitStore(size)) => S::Gathering(p, size),
+        (S::Deciding(_) | S::Gathering(..) | S::Completing, E::Decided) => S::Parked,
+        (S::Deciding(_) | S::Gathering(..), E::Faulted) => S::Completing,
+        (S::Running | S::Deciding(_) | S::Gathering(..) | S::Completing, E::Failed(v)) => {
+            S::Stopping(Ending::Finish(v))
+        }
+        (S::Stopping(_), E::Ended) => S::Done,
+        (S::Done, _) => S::Done,
+        (s, e) => S::Stopping(Ending::Finish(Box::new(Verdict::Internal(format!(
+            "vCPU state machine: event {e:?} in state {s:?}"
+        ))))),
+    }
+}
+
+/// What a vCPU thread hands back when it ends.
+pub(crate) struct VcpuResult {
+    pub counts: ExitCounts,
+    pub end: Instant,
+    pub first_exit: Option<Instant>,
+    pub first_mmio: Option<Instant>,
+}
+
+/// A vCPU thread: its fd and its bookkeeping.
+struct Vcpu<'a> {
+    fd: VcpuFd,
+    shared: &'a Shared,
+    book: Book,
+    site_cache: SiteCache,
+}
+
+/// What a vCPU thread counts and stamps.
+struct Book {
+    idx: u8,
+    counts: ExitCounts,
+    first_exit: Option<Instant>,
+    first_mmio: Option<Instant>,
+    /// A trapped access is timed from KVM_RUN's return to the end of its handling
+    /// (device, policy and all): the tick it started at.
+    trapped: Option<crate::vstate::ticks::Tick>,
+}
+
+/// Run one vCPU until it halts or the VM stops.
+pub(crate) fn vcpu_loop(idx: u8, fd: VcpuFd, shared: &Shared) -> VcpuResult {
+    let mut fd = fd;
+    KVM_RUN.with(|c| c.set(fd.get_kvm_run() as *mut kvm_run));
+    let mut v = Vcpu {
+        fd,
+        shared,
+        book: Book {
+            idx,
+            counts: ExitCounts::default(),
+            first_exit: None,
+            first_mmio: None,
+            trapped: None,
+        },
+        site_cache: SiteCache::default(),
+    };
+    let member = shared.rv.register();
+    let mut state = State::Parked;
+    loop {
+        let event = match &state {
+            State::Parked => v.park(),
+            State::Running => v.run(&member),
+            State::Deciding(p) => v.decide(*p),
+            State::Gathering(p, size) => v.gather(*p, *size),
+            State::Completing => v.complete(),
+            State::Stopping(end) => {
+                v.end(end);
+                Event::Ended
+            }
+            State::Done => break,
+        };
+        state = transition(state, event);
+    }
+    KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+    let Vcpu { book, fd, .. } = v;
+    drop(fd);
+    let Book {
+        counts,
+        first_exit,
+        first_mmio,
+        ..
+    } = book;
+    VcpuResult {
+        counts,
+        end: Instant::now(),
+        first_exit,
+        first_mmio,
+    }
+}
+
+impl Book {
+    /// The event of a KVM_RUN return: dispatch the exit, or a kick (true: clear
+    /// `immediate_exit`), or a failure.
+    #[inline]
+    fn run_event(
+        &mut self,
+        shared: &Shared,
+        ran: Result<VcpuExit<'_>, kvm_ioctls::Error>,
+    ) -> (Event, bool) {
+        let t0 = crate::vstate::ticks::now();
+        match ran {
+            Ok(exit) => {
+                self.first_exit.get_or_insert_with(Instant::now);
+                if matches!(exit, VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..)) {
+                    self.trapped = Some(t0);
+                }
+                let next = handle_exit(
+                    self.idx,
+                    exit,
+                    shared,
+                    &mut self.counts,
+                    &mut self.first_mmio,
+                );
+                (Event::Handled(next), false)
+            }
+            Err(e) if e.errno() == libc::EINTR => {
+                self.counts.intr += 1;
+                (Event::Kicked, true)
+            }
+            Err(e) if e.errno() == libc::EAGAIN => (Event::Kicked, false),
+            Err(e) => {
+                let v = Verdict::Internal(format!("vCPU {}: KVM_RUN: {e}", self.idx));
+                (Event::Failed(Box::new(v)), false)
+            }
+        }
+    }
+}
+
+impl Vcpu<'_> {
+    /// `Parked`: record the trapped access just handled, then the rendezvous
+    /// checkpoint (parks here while the VMM acts: between exits, no access is
+    /// half-decided).
+    #[inline]
+    fn park(&mut self) -> Event {
+        if let Some(t0) = self.book.trapped.take() {
+            self.book
+                .counts
+                .trap_latency
+                .record_ns(crate::vstate::ticks::ns_since(t0));
+        }
+        self.shared.rv.checkpoint();
+        if self.shared.stop.load(Ordering::Acquire) {
+            Event::StopRequested
+        } else {
+            Event::Resumed
+        }
+    }
+
+    /// `Running`: KVM_RUN (unless a pause is requested) and the exit's dispatch.
+    #[inline]
+    fn run(&mut self, member: &Member<'_>) -> Event {
+        if !member.enter_run() {
+            return Event::PauseRequested;
+        }
+        let ran = self.fd.run();
+        // If the VMM counted this vCPU as parked while it was in KVM_RUN, wait here
+        // before handling the exit.
+        member.left_run();
+        let (event, kicked) = self.book.run_event(self.shared, ran);
+        if kicked {
+            // A kick (pause or stop): the request flag was set before the kick, so the
+            // checkpoint sees it; clear immediate_exit or KVM_RUN keeps failing.
+            self.fd.set_kvm_immediate_exit(0);
+        }
+        event
+    }
+
+    /// `Stopping`: record how this vCPU ends.
+    fn end(&mut self, end: &Ending) {
+        let (idx, mem) = (self.book.idx, &self.shared.mem);
+        let v = match end {
+            Ending::Quiet => return,
+            Ending::Finish(v) => (**v).clone(),
+            Ending::Bad(v) => {
+                let mut v = (**v).clone();
+                if let Verdict::BadAccess { rip, insn, .. } = &mut v {
+                    match self.fd.get_regs() {
+                        Ok(r) => {
+                            *rip = r.rip;
+                            *insn = describe_insn(mem, r.rip);
+                        }
+                        Err(e) => *insn = format!("(registers unavailable: {e})"),
+                    }
+                }
+                v
+            }
+            Ending::TripleFault => {
+                let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                Verdict::TripleFault { vcpu: idx, rip }
+            }
+            Ending::Emulation => {
+                let at = match self.fd.get_regs() {
+                    Ok(r) => format!(" at rip {:#x}: `{}`", r.rip, describe_insn(mem, r.rip)),
+                    Err(_) => String::new(),
+                };
+                Verdict::Internal(format!(
+                    "vCPU {idx}: KVM internal error{at} (often an instruction KVM cannot emulate on MMIO)"
+                ))
+            }
+        };
+        self.shared.finish(v);
+    }
+
+    /// `Deciding`: carry out a trapped BAR0 access through the policy engine.
+    fn decide(&mut self, p: Pending) -> Event {
+        let Some(ctx) = ctx(self.shared) else {
+            return Event::Decided;
+        };
+        if p.write && p.len == 8 && ctx.engine.write_may_fault(p.off + 8, p.off + 32) {
+            if let Some(size @ (16 | 32)) =
+                crate::policy::fault::store_size(ctx.mem, &self.fd, p.addr, p.len)
+            {
+                return Event::SplitStore(size);
+            }
+        }
+        let mut buf = p.buf;
+        let r = {
+            let mut dev = lock(&self.shared.device);
+            ctx.engine
+                .access(&mut **dev, p.off, &mut buf[..p.len], p.write)
+        };
+        let out: Outcome = match r {
+            Ok(o) => o,
+            Err(e) => {
+                let (rip, insn) = match self.fd.get_regs() {
+                    Ok(r) => (r.rip, describe_insn(ctx.mem, r.rip)),
+                    Err(e) => (0, format!("(registers unavailable: {e})")),
+                };
+                return Event::Failed(Box::new(Verdict::BadAccess {
+                    vcpu: self.book.idx,
+                    addr: p.addr,
+                    len: p.len,
+                    write: p.write,
+                    detail: e.to_string(),
+                    rip,
+                    insn,
+                }));
+            }
+        };
+        if !p.write {
+            // A faulting read is finished by KVM before the fault is delivered: give
+            // it zeros, never stale bytes of an earlier exit.
+            if out.fault {
+                buf = [0; 8];
+            }
+            let run = self.fd.get_kvm_run();
+            // SAFETY: the exit being answered is KVM_EXIT_MMIO, so `mmio` is the
+            // union's active member; `len` is at most 8, the size of its data array.
+            unsafe {
+                run.__bindgen_anon_1.mmio.data[..p.len].copy_from_slice(&buf[..p.len]);
+            }
+        }
+        if out.hits.iter().any(Option::is_some) {
+            let (idx, fd, cache) = (self.book.idx, &self.fd, &mut self.site_cache);
+            ctx.raise_alarms(idx, fd, p.addr, p.len, p.write, &out, cache);
+        }
+        if out.fault {
+            Event::Faulted
+        } else {
+            Event::Decided
+        }
+    }
+
+    /// `Gathering`: a 16/32-byte store reaches the VMM as 8-byte exits, the
+    /// instruction already retired. With a fault rule just ahead, collect the
+    /// remaining pieces first (KVM_RUN with `immediate_exit`: KVM hands over the next
+    /// piece without running the guest) and decide them together, so a fault in a
+    /// later piece keeps the earlier ones from the device too.
+    fn gather(&mut self, p: Pending, size: usize) -> Event {
+        let idx = self.book.idx;
+        let mut pieces = [(0u64, [0u8; 8], 0usize); 4];
+        pieces[0] = (p.off, p.buf, p.len);
+        let mut n = 1;
+        while n < size / 8 {
+            match self.next_piece(p.addr + 8 * n as u64) {
+                Ok(Some(b)) => {
+                    pieces[n] = (p.off + 8 * n as u64, b, 8);
+                    n += 1;
+                }
+                Ok(None) => break,
+                Err(what) => {
+                    return Event::Failed(Box::new(Verdict::Internal(format!(
+                        "vCPU {idx}: {}",
+                        what.describe(n, size, p.addr)
+                    ))))
+                }
+            }
+        }
+        let Some(ctx) = ctx(self.shared) else {
+            return Event::Decided;
+        };
+        let mut outs = [Outcome::default(); 4];
+        let r = {
+            let mut dev = lock(&self.shared.device);
+            ctx.engine
+                .access_split(&mut **dev, &mut pieces[..n], &mut outs[..n])
+        };
+        let fault = match r {
+            Ok(f) => f,
+            Err(e) => {
+                return Event::Failed(Box::new(Verdict::BadAccess {
+                    vcpu: idx,
+                    addr: p.addr,
+                    len: size,
+                    write: true,
+                    detail: e.to_string(),
+                    rip: 0,
+                    insn: String::new(),
+                }))
+            }
+        };
+        for (i, out) in outs[..n].iter().enumerate() {
+            if out.hits.iter().any(Option::is_some) {
+                let a = p.addr + 8 * i as u64;
+                ctx.raise_alarms(idx, &self.fd, a, 8, true, out, &mut self.site_cache);
+            }
+        }
+        if fault {
+            Event::Faulted
+        } else {
+            Event::Decided
+        }
+    }
+
+    /// The next 8-byte piece of a split store at `addr`; None when the store ended
+    /// early (the rest went to RAM) or a kick came: decide what came.
+    fn next_piece(&mut self, addr: u64) -> Result<Option<[u8; 8]>, OddPiece> {
+        self.fd.set_kvm_immediate_exit(1);
+        let r = match self.fd.run() {
+            Ok(VcpuExit::MmioWrite(a, d)) if a == addr && d.len() == 8 => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(d);
+                Ok(Some(b))
+            }
+            Ok(VcpuExit::MmioWrite(a, d)) => Err(OddPiece::Elsewhere(a, d.len())),
+            Err(_) => Ok(None),
+            Ok(other) => Err(OddPiece::Exit(format!("{other:?}"))),
+        };
+        self.fd.set_kvm_immediate_exit(0);
+        r
+    }
+
+    /// `Completing`: #GP for the faulting access.
+    fn complete(&mut self) -> Event {
+        let Some(ctx) = ctx(self.shared) else {
+            return Event::Decided;
+        };
+        match ctx.inject_gp(self.book.idx, &mut self.fd) {
+            Ok(true) => Event::Decided,
+            Ok(false) => Event::StopRequested,
+            Err(v) => Event::Failed(Box::new(v)),
+        }
+    }
+}
+
+/// The policy engine's context (None without a policy).
+fn ctx(shared: &Shared) -> Option<Ctx<'_>> {
+    let engine = shared.policy.as_deref()?;
+    Some(Ctx {
+        mem: &shared.mem,
+        engine,
+        stop: &shared.stop,
+        sync: shared.sync_regs,
+    })
+}
+
+/// A piece of a split store that is not what was expected.
+enum OddPiece {
+    /// A write of this many bytes at this address.
+    Elsewhere(u64, usize),
+    /// Another exit.
+    Exit(String),
+}
+
+impl OddPiece {
+    fn describe(&self, n: usize, size: usize, addr: u64) -> String {
+        match self {
+            OddPiece::Elsewhere(a, len) => format!(
+                "piece {n} of a {size}-byte store at {addr:#x} came as {len} bytes at {a:#x}"
+            ),
+            OddPiece::Exit(e) => format!("gathering a split store: unexpected {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending() -> Pending {
+        Pending {
+            addr: 0xe000_0038,
+            off: 0x38,
+            len: 8,
+            write: true,
+            buf: [1; 8],
+        }
+    }
+
+    fn stopping(s: &State) -> Option<&Ending> {
+        match s {
+            State::Stopping(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_kick_while_running_parks() {
+        assert_eq!(transition(State::Running, Event::Kicked), State::Parked);
+        assert_eq!(
+            transition(State::Running, Event::PauseRequested),
+            State::Parked
+        );
+        assert_eq!(
+            transition(State::Running, Event::Handled(Next::Continue)),
+            State::Parked
+        );
+    }
+
+    #[test]
+    fn stop_while_parked_ends() {
+        let s = transition(State::Parked, Event::StopRequested);
+        assert_eq!(stopping(&s), Some(&Ending::Quiet));
+        assert_eq!(transition(s, Event::Ended), State::Done);
+        assert_eq!(transition(State::Done, Event::Resumed), State::Done);
+    }
+
+    #[test]
+    fn parked_resumes_into_running() {
+        assert_eq!(transition(State::Parked, Event::Resumed), State::Running);
+    }
+
+    #[test]
+    fn exits_that_end_the_vcpu() {
+        let bad = Box::new(Verdict::Internal("x".into()));
+        for (next, end) in [
+            (Next::Halt, Ending::Quiet),
+            (Next::Stop, Ending::Quiet),
+            (Next::Bad(bad.clone()), Ending::Bad(bad.clone())),
+            (Next::Shutdown, Ending::TripleFault),
+            (Next::Emulation, Ending::Emulation),
+        ] {
+            let s = transition(State::Running, Event::Handled(next));
+            assert_eq!(stopping(&s), Some(&end));
+        }
+        let s = transition(State::Running, Event::Failed(bad.clone()));
+        assert_eq!(stopping(&s), Some(&Ending::Finish(bad)));
+    }
+
+    #[test]
+    fn a_policy_access_is_decided_gathered_and_completed() {
+        let p = pending();
+        let s = transition(State::Running, Event::Handled(Next::Policy(p)));
+        assert_eq!(s, State::Deciding(p));
+        assert_eq!(transition(s.clone(), Event::Decided), State::Parked);
+        assert_eq!(transition(s.clone(), Event::Faulted), State::Completing);
+        let g = transition(s, Event::SplitStore(32));
+        assert_eq!(g, State::Gathering(p, 32));
+        assert_eq!(transition(g.clone(), Event::Decided), State::Parked);
+        assert_eq!(transition(g, Event::Faulted), State::Completing);
+        assert_eq!(transition(State::Completing, Event::Decided), State::Parked);
+        let s = transition(State::Completing, Event::StopRequested);
+        assert_eq!(stopping(&s), Some(&Ending::Quiet));
+        let v = Box::new(Verdict::Internal("inject".into()));
+        let s = transition(State::Completing, Event::Failed(v.clone()));
+        assert_eq!(stopping(&s), Some(&Ending::Finish(v)));
+    }
+
+    #[test]
+    fn an_impossible_pair_ends_the_vm_instead_of_panicking() {
+        for (s, e) in [
+            (State::Parked, Event::Faulted),
+            (State::Running, Event::Resumed),
+            (State::Completing, Event::SplitStore(16)),
+            (State::Stopping(Ending::Quiet), Event::Kicked),
+        ] {
+            match transition(s, e) {
+                State::Stopping(Ending::Finish(v)) => {
+                    assert!(matches!(*v, Verdict::Internal(ref m) if m.contains("state machine")))
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+}
