@@ -163,6 +163,14 @@ fn watchdog_stops_a_spinning_guest() {
     );
     assert!(r.verdict.to_string().contains("watchdog"));
     assert_ne!(r.verdict.exit_status(), ExitStatus::Pass);
+    // Attack (issue 16): a guest that keeps spinning past the deadline must not make
+    // the VMM flood the host with kick signals. Kicks are paced (1 ms doubling to
+    // 20 ms) once the VM stops; unpaced, the loop re-kicked with a wait of 0.
+    assert!(
+        r.kicks <= 40,
+        "{} kick rounds to stop 2 spinning vCPUs",
+        r.kicks
+    );
 }
 
 #[test]

@@ -101,6 +101,9 @@ pub use hilrig_vmm_api::{ExitCounts, ExitStatus, TrapLatency};
 pub struct RunReport {
     /// How it ended.
     pub verdict: Verdict,
+    /// Kick rounds the VMM sent (watchdog, pauses, stops): bounded however the guest
+    /// behaves.
+    pub kicks: u64,
     /// Exits by kind.
     pub exits: ExitCounts,
     /// From the start of VM creation to the end of the run.
@@ -226,6 +229,8 @@ pub(crate) struct PciState {
 }
 
 pub(crate) struct Shared {
+    /// Kick rounds sent (each one signal per live vCPU thread).
+    pub(crate) kicks: std::sync::atomic::AtomicU64,
     pub(crate) mem: GuestMemoryMmap,
     pub(crate) device: Mutex<Box<dyn Device>>,
     pub(crate) pci: Mutex<PciState>,
@@ -306,6 +311,7 @@ impl Shared {
 
     /// Kick every vCPU thread out of KVM_RUN (SIGRTMIN: `immediate_exit`).
     pub(crate) fn kick_all(&self) {
+        self.kicks.fetch_add(1, Ordering::Relaxed);
         for &t in lock(&self.threads).iter() {
             // SAFETY: the thread ids are of threads not yet joined (joins happen after
             // the last kick, in `Vm::run`); the signal's handler only sets immediate_exit.
@@ -748,6 +754,7 @@ impl Vm {
             verdict: Mutex::new(None),
             threads: Mutex::new(Vec::new()),
             start,
+            kicks: std::sync::atomic::AtomicU64::new(0),
             policy: engine,
             results: Mutex::new(Vec::new()),
             sync_regs,
@@ -868,15 +875,26 @@ impl Vm {
         let slice = Duration::from_millis(100);
         let mut results = Vec::new();
         let mut timed_out = false;
+        // Once stopping, kick at a bounded, escalating interval (1 ms doubling to
+        // 20 ms): a vCPU that missed a kick is caught soon, and a guest that will not
+        // leave never floods the host with signals (a wait of 0 past the deadline
+        // used to re-kick without pause).
+        let mut kick_every = Duration::from_millis(1);
         while results.len() < n {
-            let wait = deadline.map_or(slice, |d| {
-                d.saturating_duration_since(Instant::now()).min(slice)
-            });
+            let stopping = self.shared.stop.load(Ordering::SeqCst);
+            let wait = if stopping {
+                kick_every
+            } else {
+                deadline.map_or(slice, |d| {
+                    d.saturating_duration_since(Instant::now()).min(slice)
+                })
+            };
             match rx.recv_timeout(wait) {
                 Ok(r) => results.push(r),
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if self.shared.stop.load(Ordering::SeqCst) {
+                    if stopping {
                         self.shared.kick_all();
+                        kick_every = (kick_every * 2).min(Duration::from_millis(20));
                     } else if !timed_out && deadline.is_some_and(|d| Instant::now() >= d) {
                         timed_out = true;
                         tracing::warn!(
@@ -921,6 +939,7 @@ impl Vm {
         let start = self.shared.start;
         let policy = self.shared.policy.as_ref().map(|e| e.report());
         let results = std::mem::take(&mut *lock(&self.shared.results));
+        let kicks = self.shared.kicks.load(Ordering::Relaxed);
         let device = Arc::try_unwrap(self.shared)
             .ok()
             .map(|s| s.device.into_inner().unwrap_or_else(|p| p.into_inner()));
@@ -939,6 +958,7 @@ impl Vm {
             teardown,
             blackouts,
             patches,
+            kicks,
         }
     }
 }
