@@ -20,14 +20,6 @@ pub enum VmmError {
     /// The configuration is invalid (sizes, counts, names).
     #[error("configuration: {0}")]
     Config(String),
-    /// The guest payload is unusable.
-    #[error("payload {what}: {detail}")]
-    Payload {
-        /// File name or built-in name.
-        what: String,
-        /// What is wrong with it.
-        detail: String,
-    },
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {

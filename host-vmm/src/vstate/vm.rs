@@ -547,20 +547,20 @@ pub fn check_config(config: &VmConfig) -> Result<(), VmmError> {
     }
     let room = config.mem_size - PAYLOAD_ADDR;
     if config.payload.is_empty() {
-        return Err(VmmError::Payload {
+        return Err(VmmError::Guest(hilrig_guest::GuestError::Payload {
             what: config.payload_name.clone(),
             detail: "is empty (0 bytes)".into(),
-        });
+        }));
     }
     if config.payload.len() as u64 > room {
-        return Err(VmmError::Payload {
+        return Err(VmmError::Guest(hilrig_guest::GuestError::Payload {
             what: config.payload_name.clone(),
             detail: format!(
                 "is {} bytes; guest memory of {} bytes has room for {room} bytes at {PAYLOAD_ADDR:#x}",
                 config.payload.len(),
                 config.mem_size
             ),
-        });
+        }));
     }
     Ok(())
 }
