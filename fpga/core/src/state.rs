@@ -33,6 +33,10 @@ use std::path::{Path, PathBuf};
 const MAGIC: &[u8; 8] = b"HILRIGNV";
 const FORMAT_VERSION: u16 = 1;
 const HEADER_LEN: usize = 8 + 2 + 1 + 12 + 8 + 24 + 4 + 1 + 4 + 32 + 32;
+
+/// The largest state file any valid configuration produces (every region at
+/// [`MAX_REGION_SIZE`]); a larger file is refused unread.
+pub const MAX_STATE_FILE: u64 = (HEADER_LEN + 3 * MAX_REGION_SIZE as usize + 32) as u64;
 /// Largest region a state file may describe.
 pub const MAX_REGION_SIZE: u32 = 1 << 20;
 
@@ -393,12 +397,38 @@ impl NvState {
         })
     }
 
-    /// Load a state file. A bad file is reported and left untouched.
+    /// Load a state file. A bad file is reported and left untouched. Only a regular
+    /// file is read (opened without blocking, so a FIFO is refused, never waited on),
+    /// and at most [`MAX_STATE_FILE`] bytes of it.
     pub fn load(path: &Path) -> Result<NvState, StateError> {
-        let bytes = std::fs::read(path).map_err(|source| StateError::Io {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let io = |source| StateError::Io {
             path: path.to_path_buf(),
             source,
-        })?;
+        };
+        let corrupt = |reason: String| StateError::Corrupt {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(io)?;
+        let meta = f.metadata().map_err(io)?;
+        if !meta.file_type().is_file() {
+            return Err(corrupt("not a regular file".into()));
+        }
+        let mut bytes = Vec::new();
+        f.take(MAX_STATE_FILE + 1)
+            .read_to_end(&mut bytes)
+            .map_err(io)?;
+        if bytes.len() as u64 > MAX_STATE_FILE {
+            return Err(corrupt(format!(
+                "larger than any state file can be ({MAX_STATE_FILE} bytes)"
+            )));
+        }
         Self::from_bytes(&bytes, path)
     }
 

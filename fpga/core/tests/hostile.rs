@@ -172,3 +172,38 @@ fn work_directories_are_created_0700_and_foreign_or_open_ones_refused() {
         _ => eprintln!("SKIPPED: the foreign-owner case (chown failed)"),
     }
 }
+
+#[test]
+fn a_state_file_that_is_a_fifo_or_a_device_is_refused_not_read() {
+    // Attack: point a VMM or the rig at a FIFO (nobody writes: the open would hang)
+    // or at /dev/zero (never ends) as its device state file.
+    let d = tempfile::tempdir().unwrap();
+    let fifo = d.path().join("dev.state");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid C string; mkfifo has no other preconditions.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send((
+            NvState::load(&fifo).map(|_| ()).map_err(|e| e.to_string()),
+            NvState::load(Path::new("/dev/zero"))
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        ));
+    });
+    let (a, b) = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("loading returned (did not hang)");
+    assert!(a.unwrap_err().contains("not a regular file"));
+    assert!(b.unwrap_err().contains("not a regular file"));
+}
+
+#[test]
+fn an_oversized_state_file_is_refused_unread() {
+    // Attack: a (sparse) multi-GiB file as the state file.
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("dev.state");
+    std::fs::File::create(&p).unwrap().set_len(4 << 30).unwrap();
+    let e = NvState::load(&p).unwrap_err().to_string();
+    assert!(e.contains("larger than any state file"), "{e}");
+}
