@@ -62,7 +62,13 @@ pub fn run(name: &str, seconds: f64) -> Result<Vec<Figure>> {
             }
             figures
         }
-        "board" => hilrig_board::bench::bench_board(budget)?,
+        "board" => {
+            let mut figures = hilrig_board::bench::bench_board(budget)?;
+            if hilrig_verilator::available("bench board: the verilated board rows") {
+                hilrig_verilator::bench::append_board_rows(&mut figures, budget / 3)?;
+            }
+            figures
+        }
         "campaign" => bench_campaign()?,
         "policy" => hilrig_vmm::bench_policy(budget)?,
         "patch" => hilrig_vmm::bench_lifecycle::bench_patch(budget)?,

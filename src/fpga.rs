@@ -86,7 +86,21 @@ pub enum FpgaCmd {
         /// Stop after this many seconds (default: run until killed).
         #[arg(long)]
         seconds: Option<f64>,
+        /// What simulates the board top: `rtl` (the rust-hdl circuit in-process) or
+        /// `verilator` (the board top's Verilog, the very file that is synthesised,
+        /// compiled with Verilator and cached; needs Debian's `verilator`).
+        #[arg(long, value_enum, default_value_t = Engine::Rtl)]
+        engine: Engine,
     },
+}
+
+/// What simulates the board top in `serve-sim`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Engine {
+    /// The rust-hdl circuit.
+    Rtl,
+    /// The board top's Verilog through Verilator.
+    Verilator,
 }
 
 /// Clock cycles per UART bit in the simulated board (fast; the baud rate of a PTY
@@ -219,6 +233,7 @@ pub fn run(cmd: FpgaCmd) -> Result<()> {
             width,
             serial,
             seconds,
+            engine,
         } => {
             check_width(width)?;
             let p = BoardParams::with_divisors(
@@ -232,7 +247,14 @@ pub fn run(cmd: FpgaCmd) -> Result<()> {
                 region_sizes: p.core.region_sizes,
             };
             let nv = hilrig_fw::factory::device(cfg, serial)?;
-            let board = PtyBoard::spawn(SimBoard::with_nv(p, &nv)).context("opening the PTYs")?;
+            let sim = match engine {
+                Engine::Rtl => SimBoard::with_nv(p, &nv),
+                Engine::Verilator => {
+                    hilrig_verilator::sim_board(p, &nv, &hilrig_verilator::BuildOptions::default())
+                        .context("verilating the board top")?
+                }
+            };
+            let board = PtyBoard::spawn(sim).context("opening the PTYs")?;
             println!("host {}", board.host_path());
             println!("oob {}", board.oob_path());
             let start = Instant::now();

@@ -987,11 +987,25 @@ fn fpga_program_without_a_board_says_which_device_it_looked_for() {
 /// same serial code path as a board's USB-serial ports. The OOB port answers too.
 #[test]
 fn a_guest_uses_the_device_on_the_simulated_board() {
+    guest_on_simulated_board("rtl");
+}
+
+/// The same with the board top's Verilog — the file that is synthesised — compiled
+/// by Verilator (`serve-sim --engine verilator`).
+#[test]
+fn a_guest_uses_the_device_on_the_verilated_board() {
+    if !hilrig_verilator::available("a_guest_uses_the_device_on_the_verilated_board") {
+        return;
+    }
+    guest_on_simulated_board("verilator");
+}
+
+fn guest_on_simulated_board(engine: &str) {
     if !hilrig_vmm::kvm_available() {
         return;
     }
     let mut sim = Command::new(env!("CARGO_BIN_EXE_hilrig"))
-        .args(["fpga", "serve-sim", "--seconds", "120"])
+        .args(["fpga", "serve-sim", "--seconds", "120", "--engine", engine])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 /// UART divisors of the simulated board here (cycles per bit).
 const DIVISORS: (u16, u16) = (4, 5);
 
-fn params() -> BoardParams {
+/// The board the bench simulates (width 8, serial 1, UART divisors 4 and 5).
+pub fn params() -> BoardParams {
     BoardParams::with_divisors(CoreParams::small(8, 1), DIVISORS.0, DIVISORS.1)
 }
 
@@ -47,6 +48,22 @@ fn measure(d: &mut dyn Device, budget: Duration) -> Result<f64, DeviceError> {
     err.map_or(Ok(r), Err)
 }
 
+/// SCRATCH ops/s of the `fpga` backend on `board` over the in-memory pipe, and the
+/// board's clock cycles/s meanwhile, measured for about `budget`.
+pub fn pipe_rate(board: SimBoard, budget: Duration) -> Result<(f64, f64), DeviceError> {
+    let opts = FpgaOptions {
+        timeout: Duration::from_secs(2),
+        retries: 2,
+    };
+    let pipe = SimPipe::new(board);
+    let mut f = Fpga::with_options(Box::new(pipe.host()), opts)?;
+    let c0 = pipe.with_board(|b| b.cycles()).unwrap_or(0);
+    let t = Instant::now();
+    let ops = measure(&mut f, budget)?;
+    let cycles = pipe.with_board(|b| b.cycles()).unwrap_or(0) - c0;
+    Ok((ops, cycles as f64 / t.elapsed().as_secs_f64()))
+}
+
 /// The figures, in about `budget`.
 pub fn bench_board(budget: Duration) -> Result<Vec<Figure>, DeviceError> {
     let slice = budget / 3;
@@ -60,13 +77,7 @@ pub fn bench_board(budget: Duration) -> Result<Vec<Figure>, DeviceError> {
         timeout: Duration::from_secs(2),
         retries: 2,
     };
-    let pipe = SimPipe::new(SimBoard::new(params()));
-    let mut f = Fpga::with_options(Box::new(pipe.host()), opts)?;
-    let c0 = pipe.with_board(|b| b.cycles()).unwrap_or(0);
-    let t = Instant::now();
-    let piped = measure(&mut f, slice)?;
-    let cycles = pipe.with_board(|b| b.cycles()).unwrap_or(0) - c0;
-    let board_cps = cycles as f64 / t.elapsed().as_secs_f64();
+    let (piped, board_cps) = pipe_rate(SimBoard::new(params()), slice)?;
     let pty = PtyBoard::spawn(SimBoard::new(params())).map_err(|e| DeviceError::Transport {
         what: "simulated board PTYs".into(),
         detail: e.to_string(),

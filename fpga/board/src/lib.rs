@@ -19,5 +19,5 @@ pub mod top;
 pub use hilrig_fpga::uartsim;
 
 pub use backend::{Fpga, FpgaOptions, SerialTransport, Transport};
-pub use simboard::{PtyBoard, SimBoard, SimPipe};
+pub use simboard::{BoardCircuit, PtyBoard, RtlBoard, SimBoard, SimPipe};
 pub use top::{board_top_verilog, BoardParams, BoardTop};

@@ -1,8 +1,8 @@
-//! The board simulated in-process: [`SimBoard`] runs [`BoardTop`]'s RTL driven
-//! directly (set inputs, settle, clock edges fanned out with
-//! [`Clocked`]; no `simple_sim!`), with the UART pins
-//! driven from bytes and decoded back into bytes, bit by bit at the elaborated
-//! divisors.
+//! The board simulated in-process: [`SimBoard`] runs a [`BoardCircuit`] — the board
+//! top's rust-hdl RTL driven directly ([`RtlBoard`]: set inputs, settle, clock edges
+//! fanned out with [`Clocked`]; no `simple_sim!`), or its Verilog compiled by
+//! Verilator (`hilrig_verilator::VerilatedBoard`) — with the UART pins driven from
+//! bytes and decoded back into bytes, bit by bit at the elaborated divisors.
 //!
 //! The simulation only runs while something is in flight (bits on a line, the
 //! bridge busy, an OOB exchange under way): an idle board costs nothing.
@@ -31,9 +31,134 @@ use std::time::Duration;
 /// OOB READ_HASH of a 2 KiB region takes ~2,200 cycles before the first byte).
 const OOB_SILENCE_LIMIT: u64 = 200_000;
 
-/// The simulated board.
-pub struct SimBoard {
+/// The board's circuit as the simulation drives it: the two UART receive pins in,
+/// one clock cycle, the pins and a few status signals out. [`RtlBoard`] is the
+/// rust-hdl [`BoardTop`]; `hilrig_verilator::VerilatedBoard` is the board top's
+/// Verilog compiled by Verilator. [`SimBoard`] drives either the same way.
+pub trait BoardCircuit: Send {
+    /// One clock cycle with the receive pins at `uart_rx` and `oob_rx` (idle high):
+    /// moved pins settle before the rising edge, then the falling edge.
+    fn cycle(&mut self, uart_rx: bool, oob_rx: bool);
+    /// The bridge UART's transmit pin.
+    fn uart_tx(&self) -> bool;
+    /// The OOB UART's transmit pin.
+    fn oob_tx(&self) -> bool;
+    /// The LEDs (MASTER's low byte).
+    fn leds(&self) -> u8;
+    /// Whether the host bridge hunts for a frame with nothing to send.
+    fn bridge_idle(&self) -> bool;
+    /// Whether the host bridge is inside a frame.
+    fn bridge_receiving(&self) -> bool;
+    /// Whether the device core is busy (a command running).
+    fn core_busy(&self) -> bool;
+    /// Evaluation passes run (engines that do not count them say 0).
+    fn passes(&self) -> u64 {
+        0
+    }
+    /// The rust-hdl circuit, when this is one.
+    fn rtl(&self) -> Option<&BoardTop> {
+        None
+    }
+    /// What simulates the board (`rtl`, `verilator`).
+    fn engine(&self) -> &'static str;
+}
+
+/// [`BoardTop`]'s rust-hdl RTL driven directly (set inputs, settle, clock edges fanned
+/// out with [`Clocked`]; no `simple_sim!`).
+pub struct RtlBoard {
     top: Box<BoardTop>,
+    passes: u64,
+    first: bool,
+}
+
+impl RtlBoard {
+    /// A factory-fresh board top (RAMs zero, as `board_top_verilog` configures it).
+    pub fn new(params: BoardParams) -> RtlBoard {
+        RtlBoard::from_top(Box::new(BoardTop::new(params)))
+    }
+
+    /// A board top whose bitstream holds `nv`'s flash contents, device key and OOB
+    /// reset key.
+    pub fn with_nv(params: BoardParams, nv: &NvState) -> RtlBoard {
+        let mut top = Box::new(BoardTop::new(params));
+        top.core.flash0.load_bytes(&nv.flash[0]);
+        top.core.flash1.load_bytes(&nv.flash[1]);
+        top.core.flash2.load_bytes(&nv.flash[2]);
+        top.core.keys.load_bytes(&nv.device_key);
+        top.core.oob.load_key(&nv.reset_key);
+        RtlBoard::from_top(top)
+    }
+
+    fn from_top(mut top: Box<BoardTop>) -> RtlBoard {
+        top.connect_all();
+        top.uart_rx.next = true;
+        top.oob_rx.next = true;
+        RtlBoard {
+            top,
+            passes: 0,
+            first: true,
+        }
+    }
+
+    fn settle(&mut self) {
+        loop {
+            self.top.update_all();
+            self.passes += 1;
+            if !self.top.has_changed() {
+                return;
+            }
+        }
+    }
+}
+
+impl BoardCircuit for RtlBoard {
+    #[inline]
+    fn cycle(&mut self, uart_rx: bool, oob_rx: bool) {
+        if self.top.uart_rx.val() != uart_rx || self.top.oob_rx.val() != oob_rx || self.first {
+            self.top.uart_rx.next = uart_rx;
+            self.top.oob_rx.next = oob_rx;
+            self.first = false;
+            // Only a moved pin calls for a settle before the edge: the circuit is
+            // settled after every edge.
+            self.settle();
+        }
+        self.top.clock_to(true, false);
+        self.settle();
+        self.top.clock_to(false, false);
+    }
+    fn uart_tx(&self) -> bool {
+        self.top.uart_tx.val()
+    }
+    fn oob_tx(&self) -> bool {
+        self.top.oob_tx.val()
+    }
+    fn leds(&self) -> u8 {
+        self.top.leds.val().index() as u8
+    }
+    fn bridge_idle(&self) -> bool {
+        self.top.bridge.idle.val()
+    }
+    fn bridge_receiving(&self) -> bool {
+        self.top.bridge.receiving.val()
+    }
+    fn core_busy(&self) -> bool {
+        self.top.core.busy.val()
+    }
+    fn passes(&self) -> u64 {
+        self.passes
+    }
+    fn rtl(&self) -> Option<&BoardTop> {
+        Some(&self.top)
+    }
+    fn engine(&self) -> &'static str {
+        "rtl"
+    }
+}
+
+/// The simulated board: a [`BoardCircuit`] with its UART pins driven from bytes and
+/// decoded back into bytes, bit by bit at the elaborated divisors.
+pub struct SimBoard {
+    circuit: Box<dyn BoardCircuit>,
     params: BoardParams,
     host_in: LineDriver,
     host_out: SoftRx,
@@ -47,34 +172,26 @@ pub struct SimBoard {
     oob_silent: u64,
     tail: u64,
     cycles: u64,
-    passes: u64,
 }
 
 impl SimBoard {
     /// A factory-fresh board (RAMs zero, as `board_top_verilog` configures it).
     pub fn new(params: BoardParams) -> SimBoard {
-        SimBoard::from_top(Box::new(BoardTop::new(params)), params)
+        SimBoard::with_circuit(Box::new(RtlBoard::new(params)), params)
     }
 
     /// A board whose bitstream holds `nv`'s flash contents, device key and OOB reset
     /// key (counters, MASTER, fuse and EPOCH start at zero, as after power-on).
     /// `params.core`'s geometry must match `nv`'s configuration.
     pub fn with_nv(params: BoardParams, nv: &NvState) -> SimBoard {
-        let mut top = Box::new(BoardTop::new(params));
-        top.core.flash0.load_bytes(&nv.flash[0]);
-        top.core.flash1.load_bytes(&nv.flash[1]);
-        top.core.flash2.load_bytes(&nv.flash[2]);
-        top.core.keys.load_bytes(&nv.device_key);
-        top.core.oob.load_key(&nv.reset_key);
-        SimBoard::from_top(top, params)
+        SimBoard::with_circuit(Box::new(RtlBoard::with_nv(params, nv)), params)
     }
 
-    fn from_top(mut top: Box<BoardTop>, params: BoardParams) -> SimBoard {
-        top.connect_all();
-        top.uart_rx.next = true;
-        top.oob_rx.next = true;
+    /// A board simulated by `circuit` (elaborated for `params`), taken through its
+    /// power-on reset.
+    pub fn with_circuit(circuit: Box<dyn BoardCircuit>, params: BoardParams) -> SimBoard {
         let mut b = SimBoard {
-            top,
+            circuit,
             params,
             host_in: LineDriver::new(params.bridge.divisor),
             host_out: SoftRx::new(params.bridge.divisor),
@@ -86,7 +203,6 @@ impl SimBoard {
             oob_silent: 0,
             tail: 0,
             cycles: 0,
-            passes: 0,
         };
         // Through the power-on reset.
         for _ in 0..crate::top::POR_CYCLES as u32 + 4 {
@@ -101,18 +217,24 @@ impl SimBoard {
     }
 
     /// The simulated circuit.
-    pub fn top(&self) -> &BoardTop {
-        &self.top
+    pub fn circuit(&self) -> &dyn BoardCircuit {
+        &*self.circuit
+    }
+
+    /// The rust-hdl circuit, when the board is simulated by one.
+    pub fn top(&self) -> Option<&BoardTop> {
+        self.circuit.rtl()
     }
 
     /// The LEDs (MASTER's low byte).
     pub fn leds(&self) -> u8 {
-        self.top.leds.val().index() as u8
+        self.circuit.leds()
     }
 
-    /// The Verilog of this board with its RAMs' current contents as initial values.
-    pub fn verilog(&self) -> String {
-        generate_verilog(&*self.top)
+    /// The Verilog of this board with its RAMs' current contents as initial values
+    /// (rust-hdl boards only).
+    pub fn verilog(&self) -> Option<String> {
+        self.circuit.rtl().map(generate_verilog)
     }
 
     /// Clock cycles simulated.
@@ -122,7 +244,7 @@ impl SimBoard {
 
     /// Evaluation passes run.
     pub fn passes(&self) -> u64 {
-        self.passes
+        self.circuit.passes()
     }
 
     /// Queue bytes on the bridge UART (host to board).
@@ -161,29 +283,19 @@ impl SimBoard {
     /// queued (a driver fed by a real port may wait for the rest before simulating
     /// on, which would let the bridge's inter-byte timeout drop it).
     pub fn awaiting_host_bytes(&self) -> bool {
-        self.host_in.is_idle() && self.top.bridge.receiving.val()
+        self.host_in.is_idle() && self.circuit.bridge_receiving()
     }
 
     /// Whether anything is in flight (the simulation must run on).
     pub fn is_active(&self) -> bool {
         !self.host_in.is_idle()
             || !self.oob_in.is_idle()
-            || !self.top.bridge.idle.val()
-            || self.top.core.busy.val()
+            || !self.circuit.bridge_idle()
+            || self.circuit.core_busy()
             || self.host_out.is_busy()
             || self.oob_out.is_busy()
             || self.oob_active
             || self.tail > 0
-    }
-
-    fn settle(&mut self) {
-        loop {
-            self.top.update_all();
-            self.passes += 1;
-            if !self.top.has_changed() {
-                return;
-            }
-        }
     }
 
     /// One clock cycle.
@@ -191,24 +303,15 @@ impl SimBoard {
     pub fn tick(&mut self) {
         let h = self.host_in.level();
         let o = self.oob_in.level();
-        if self.top.uart_rx.val() != h || self.top.oob_rx.val() != o || self.cycles == 0 {
-            self.top.uart_rx.next = h;
-            self.top.oob_rx.next = o;
-            // Only a moved pin calls for a settle before the edge: the circuit is
-            // settled after every edge.
-            self.settle();
-        }
-        self.top.clock_to(true, false);
-        self.settle();
-        self.top.clock_to(false, false);
+        self.circuit.cycle(h, o);
         self.host_in.advance();
         self.oob_in.advance();
-        self.host_out.sample(self.top.uart_tx.val());
-        self.oob_out.sample(self.top.oob_tx.val());
+        self.host_out.sample(self.circuit.uart_tx());
+        self.oob_out.sample(self.circuit.oob_tx());
         self.cycles += 1;
         // A little quiet tail after the lines go idle (the receivers' synchronizers
         // and stop bits).
-        if !self.host_in.is_idle() || !self.oob_in.is_idle() || !self.top.bridge.idle.val() {
+        if !self.host_in.is_idle() || !self.oob_in.is_idle() || !self.circuit.bridge_idle() {
             self.tail = 4 * self.params.bridge.divisor.max(self.params.core.oob_divisor) as u64;
         } else {
             self.tail = self.tail.saturating_sub(1);

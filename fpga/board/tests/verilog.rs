@@ -87,7 +87,7 @@ fn board_verilog_answers_uart_traffic_like_the_simulation() {
         ..params(width, 0x77)
     };
     let mut board = SimBoard::new(p);
-    let verilog = board.verilog();
+    let verilog = board.verilog().expect("an rtl board has Verilog");
     let mut steps = vec![
         Step::Host(proto::encode_request(1, &Request::Identify)),
         w(2, Reg::FlashUnlock.offset(), UNLOCK_KEY1),

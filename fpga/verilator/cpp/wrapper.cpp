@@ -1,13 +1,8 @@
-// The C ABI of a verilated device core (hilrig-verilator). Built into a shared
+// The C ABI of a verilated device core (hilrig-verilator; `common.inc` is
+// prepended). Built into a shared
 // library together with the model Verilator generates from device_core.v; loaded
 // by the Rust side with libloading. No function here trusts a pointer it was not
 // given by hv_new, and none of them exits or throws on any argument.
-#include "Vtop.h"
-#include "Vtop___024root.h"
-#include "verilated.h"
-#include <cstdint>
-#include <cstring>
-#include <new>
 #ifdef HV_TRACE
 // A trace build (verilator --trace): a VCD of the last cycles, in windows.
 #include "verilated_vcd_c.h"
@@ -74,17 +69,6 @@ static inline void tick1(HvCore* c) {
 #endif
 }
 
-template <typename M>
-static int64_t mem_io(M& m, uint32_t write, uint32_t* words, uint64_t n) {
-    const uint64_t size = sizeof(m.m_storage) / sizeof(m.m_storage[0]);
-    const uint64_t k = n < size ? n : size;
-    IData* base = &m.m_storage[0];
-    if (words) {
-        if (write) std::memcpy(base, words, k * sizeof(IData));
-        else std::memcpy(words, base, k * sizeof(IData));
-    }
-    return (int64_t)size;
-}
 
 extern "C" {
 
@@ -95,11 +79,7 @@ uint32_t hv_abi_version(void) { return HV_ABI_VERSION; }
 void* hv_new(void) {
     HvCore* c = new (std::nothrow) HvCore;
     if (!c) return nullptr;
-    c->ctx = new (std::nothrow) VerilatedContext;
-    if (!c->ctx) { delete c; return nullptr; }
-    c->ctx->fatalOnError(false);
-    c->top = new (std::nothrow) Vtop(c->ctx, "top");
-    if (!c->top) { delete c->ctx; delete c; return nullptr; }
+    if (!new_model(c)) { delete c; return nullptr; }
     c->top->clock = 0;
     c->top->eval();
     return c;
@@ -114,9 +94,7 @@ void hv_free(void* h) {
         delete c->vcd;
     }
 #endif
-    c->top->final();
-    delete c->top;
-    delete c->ctx;
+    free_model(c);
     delete c;
 }
 

@@ -175,3 +175,31 @@ pub fn append_rows(figs: &mut Vec<Figure>, budget: Duration) -> Result<(), Error
     }
     Ok(())
 }
+
+/// The verilated board top's rows of `hilrig bench board`: the `fpga` backend over
+/// the in-memory pipe on the board top's Verilog through Verilator, against the
+/// rust-hdl board's pipe row (figure 1 of `hilrig_board::bench::bench_board`).
+pub fn append_board_rows(figs: &mut Vec<Figure>, budget: Duration) -> Result<(), Error> {
+    let p = hilrig_board::bench::params();
+    let cfg = DeviceConfig {
+        counter_width: p.core.width,
+        region_sizes: p.core.region_sizes,
+    };
+    let nv = NvState::factory(cfg, p.core.serial).map_err(DeviceError::from)?;
+    let board = crate::board::sim_board(p, &nv, &BuildOptions::default())?;
+    let (ops, cps) = hilrig_board::bench::pipe_rate(board, budget)?;
+    figs.push(
+        Figure::new(
+            "fpga backend: SCRATCH ops/s via the verilated board top, in-memory pipe",
+            ops,
+            "ops/s",
+        )
+        .vs(1),
+    );
+    figs.push(Figure::new(
+        "verilated board clock cycles/s while serving the pipe",
+        cps,
+        "cycles/s",
+    ));
+    Ok(())
+}

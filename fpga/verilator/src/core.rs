@@ -11,7 +11,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// The C++ wrapper compiled into every core library.
-pub const WRAPPER: &str = include_str!("../cpp/wrapper.cpp");
+pub const WRAPPER: &str = concat!(
+    include_str!("../cpp/common.inc"),
+    include_str!("../cpp/wrapper.cpp")
+);
 /// Verilator configuration: the nonvolatile RAMs made public (read/write).
 pub const MEMS_VLT: &str = include_str!("../cpp/mems.vlt");
 /// The ABI version `hv_abi_version` must return.
@@ -86,7 +89,7 @@ pub enum Mem {
     ResetKey = 4,
 }
 
-type Handle = *mut c_void;
+pub(crate) type Handle = *mut c_void;
 
 /// The functions of one loaded library.
 #[derive(Clone, Copy)]
@@ -99,7 +102,7 @@ struct Api {
     tick: unsafe extern "C" fn(Handle, u64),
     run: unsafe extern "C" fn(Handle, u64, *mut u64) -> u32,
     access: unsafe extern "C" fn(Handle, u32, u32, u32, u32, u32, *mut u32) -> u32,
-    mem: unsafe extern "C" fn(Handle, u32, u32, *mut u32, u64) -> i64,
+    mem: MemFn,
     trace_start: unsafe extern "C" fn(Handle, *const std::ffi::c_char, u64) -> u32,
     trace_flush: unsafe extern "C" fn(Handle),
 }
@@ -164,20 +167,7 @@ impl CoreLib {
             return Ok(l.clone());
         }
         let src = sources_with(p, opts.trace);
-        let built = build::build(&src, opts)?;
-        let lib = match CoreLib::load(&built.path, built.fresh) {
-            Ok(l) => l,
-            Err(e) if !built.fresh => {
-                // A stale or broken cache entry: rebuild it.
-                let _ = e;
-                if let Some(dir) = built.path.parent() {
-                    build::discard(dir)?;
-                }
-                let again = build::build(&src, opts)?;
-                CoreLib::load(&again.path, again.fresh)?
-            }
-            Err(e) => return Err(e),
-        };
+        let lib = build_and_load(&src, opts, CoreLib::load)?;
         let lib = Arc::new(lib);
         map.insert(key, lib.clone());
         Ok(lib)
@@ -189,33 +179,15 @@ impl CoreLib {
             path: path.to_path_buf(),
             detail,
         };
-        // SAFETY: the library is one this crate built from its own wrapper (checked by
-        // its content hash); its initialisers are Verilator's and the wrapper's.
-        // RTLD_LOCAL keeps its symbols from resolving another core library's.
-        let lib = unsafe {
-            libloading::os::unix::Library::open(
-                Some(path),
-                libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_LOCAL,
-            )
-        }
-        .map_err(|e| fail(e.to_string()))?;
-        let lib: libloading::Library = lib.into();
+        let lib = open_checked(path, b"hv_abi_version\0", ABI_VERSION)?;
         macro_rules! sym {
             ($name:literal, $t:ty) => {{
                 // SAFETY: the symbol's type is the one `cpp/wrapper.cpp` declares for
-                // this ABI version (checked below before any other is called).
+                // this ABI version (checked by `open_checked`).
                 let s: libloading::Symbol<'_, $t> =
                     unsafe { lib.get($name) }.map_err(|e| fail(e.to_string()))?;
                 *s
             }};
-        }
-        let version = sym!(b"hv_abi_version\0", unsafe extern "C" fn() -> u32);
-        // SAFETY: a function of no arguments returning u32.
-        let v = unsafe { version() };
-        if v != ABI_VERSION {
-            return Err(fail(format!(
-                "ABI version {v}, this backend speaks {ABI_VERSION}"
-            )));
         }
         let api = Api {
             new: sym!(b"hv_new\0", unsafe extern "C" fn() -> Handle),
@@ -259,6 +231,92 @@ impl CoreLib {
     pub fn fresh(&self) -> bool {
         self.fresh
     }
+}
+
+/// A wrapper's RAM access function (`hv_mem`, `hb_mem`): copy words into (write
+/// != 0) or out of a RAM; returns its size in words, or -1 for an unknown RAM.
+pub(crate) type MemFn = unsafe extern "C" fn(Handle, u32, u32, *mut u32, u64) -> i64;
+
+/// Words in RAM `which`.
+///
+/// # Safety
+/// `h` is a live instance of the library `mem` belongs to.
+pub(crate) unsafe fn mem_words(mem: MemFn, h: Handle, which: u32) -> usize {
+    // SAFETY: per the caller; a null buffer asks for the size only.
+    let n = unsafe { mem(h, which, 0, std::ptr::null_mut(), 0) };
+    n.max(0) as usize
+}
+
+/// Load RAM `which` from little-endian bytes (a whole number of words; the rest of
+/// the RAM keeps its contents).
+///
+/// # Safety
+/// As [`mem_words`].
+pub(crate) unsafe fn load_mem(mem: MemFn, h: Handle, which: u32, bytes: &[u8]) {
+    let mut words: Vec<u32> = bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    // SAFETY: per the caller; the wrapper copies at most `words.len()` words.
+    unsafe { mem(h, which, 1, words.as_mut_ptr(), words.len() as u64) };
+}
+
+/// Build `src` (or take it from the cache) and load it with `load`; a cached
+/// library that does not load or is of another ABI is discarded and rebuilt once.
+pub(crate) fn build_and_load<T>(
+    src: &Sources<'_>,
+    opts: &BuildOptions,
+    load: impl Fn(&Path, bool) -> Result<T, Error>,
+) -> Result<T, Error> {
+    let built = build::build(src, opts)?;
+    match load(&built.path, built.fresh) {
+        Ok(l) => Ok(l),
+        Err(_) if !built.fresh => {
+            // A stale or broken cache entry: rebuild it.
+            if let Some(dir) = built.path.parent() {
+                build::discard(dir)?;
+            }
+            let again = build::build(src, opts)?;
+            load(&again.path, again.fresh)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Open a library this crate built and check its ABI: `version` (a function of no
+/// arguments returning u32) must return `expected`.
+pub(crate) fn open_checked(
+    path: &Path,
+    version: &[u8],
+    expected: u32,
+) -> Result<libloading::Library, Error> {
+    let fail = |detail: String| Error::Load {
+        path: path.to_path_buf(),
+        detail,
+    };
+    // SAFETY: the library is one this crate built from its own wrapper (checked by
+    // its content hash); its initialisers are Verilator's and the wrapper's.
+    // RTLD_LOCAL keeps its symbols from resolving another library's.
+    let lib = unsafe {
+        libloading::os::unix::Library::open(
+            Some(path),
+            libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_LOCAL,
+        )
+    }
+    .map_err(|e| fail(e.to_string()))?;
+    let lib: libloading::Library = lib.into();
+    // SAFETY: every wrapper of this crate exports its version function as
+    // `extern "C" fn() -> u32`.
+    let f: libloading::Symbol<'_, unsafe extern "C" fn() -> u32> =
+        unsafe { lib.get(version) }.map_err(|e| fail(e.to_string()))?;
+    // SAFETY: a function of no arguments returning u32.
+    let v = unsafe { f() };
+    if v != expected {
+        return Err(fail(format!(
+            "ABI version {v}, this backend speaks {expected}"
+        )));
+    }
+    Ok(lib)
 }
 
 /// Outcome of [`Core::run_until_ready`].
@@ -401,29 +459,15 @@ impl Core {
 
     /// Words in RAM `m`.
     pub fn mem_words(&self, m: Mem) -> usize {
-        // SAFETY: as in `set`; a null buffer asks for the size only.
-        let n =
-            unsafe { (self.lib.api.mem)(self.h.as_ptr(), m as u32, 0, std::ptr::null_mut(), 0) };
-        n.max(0) as usize
+        // SAFETY: `h` is live and came from this library's hv_new.
+        unsafe { mem_words(self.lib.api.mem, self.h.as_ptr(), m as u32) }
     }
 
     /// Load RAM `m` from little-endian bytes (a whole number of words; the rest of
     /// the RAM keeps its contents).
     pub fn load_mem(&mut self, m: Mem, bytes: &[u8]) {
-        let mut words: Vec<u32> = bytes
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        // SAFETY: as in `set`; the wrapper copies at most `words.len()` words.
-        unsafe {
-            (self.lib.api.mem)(
-                self.h.as_ptr(),
-                m as u32,
-                1,
-                words.as_mut_ptr(),
-                words.len() as u64,
-            )
-        };
+        // SAFETY: as in `mem_words`.
+        unsafe { load_mem(self.lib.api.mem, self.h.as_ptr(), m as u32, bytes) }
     }
 
     /// Copy RAM `m` as little-endian bytes into `out` (as many words as both hold).

@@ -8,14 +8,18 @@
 //!   backend's state files, persist protocol, OOB byte interface and resets;
 //! - [`open_backend`], [`new_backend`]: any in-process backend by [`BackendKind`];
 //!   [`open_side`], [`open_pair`], [`pair`]: lockstep of any two;
+//! - [`board`]: the board top (core + host bridge + OOB UART) verilated, a
+//!   `hilrig_board::BoardCircuit` for the simulated board ([`sim_board`]);
 //! - [`bench`]: the Verilator rows of `hilrig bench rtl`.
 #![deny(missing_docs)]
 
 pub mod bench;
+pub mod board;
 pub mod build;
 pub mod core;
 pub mod device;
 
+pub use board::{sim_board, VerilatedBoard};
 pub use build::BuildOptions;
 pub use device::Verilator;
 
@@ -75,6 +79,16 @@ pub enum Error {
     /// The verilated core could not be instantiated.
     #[error("the verilated core could not be created (out of memory)")]
     Create,
+    /// A state does not fit the board it is loaded into.
+    #[error("{what} is {state} bytes in the state but {board} bytes on this board build (the geometry of the state and of the board differ)")]
+    Geometry {
+        /// Which RAM.
+        what: String,
+        /// Its size on the board.
+        board: usize,
+        /// Its size in the state.
+        state: usize,
+    },
     /// A backend that is not simulated in-process cannot be a lockstep side here.
     #[error("backend {0} cannot be a lockstep side (use model, rtl or verilator)")]
     NotASide(BackendKind),
