@@ -208,9 +208,7 @@ impl DeviceDesc {
         }
         let window = d.window();
         let mut seen: BTreeMap<String, u64> = BTreeMap::new();
-        let mut regs: Vec<&Register> = d.registers.iter().collect();
-        regs.sort_by_key(|r| r.offset);
-        for (i, r) in regs.iter().enumerate() {
+        for r in &d.registers {
             let at = format!("register {}: ", r.name);
             if r.name.is_empty()
                 || !r
@@ -244,11 +242,6 @@ impl DeviceDesc {
             if r.access == Access::None {
                 return Err(err(at, "access none: leave the register out".into()));
             }
-            if let Some(n) = regs.get(i + 1) {
-                if n.offset < r.end() {
-                    return Err(err(at, format!("overlaps register {}", n.name)));
-                }
-            }
             if (r.scrub_reads.is_some() || r.scrub_mask.is_some()) && r.scrub.is_none() {
                 return Err(err(at, "scrub_reads or scrub_mask without scrub".into()));
             }
@@ -262,6 +255,16 @@ impl DeviceDesc {
                 if r.width == 4 && v > u64::from(u32::MAX) {
                     return Err(err(at, format!("scrub value {v:#x} is wider than 4 bytes")));
                 }
+            }
+        }
+        let mut regs: Vec<&Register> = d.registers.iter().collect();
+        regs.sort_by_key(|r| r.offset);
+        for pair in regs.windows(2) {
+            if pair[1].offset < pair[0].end() {
+                return Err(err(
+                    format!("register {}: ", pair[0].name),
+                    format!("overlaps register {}", pair[1].name),
+                ));
             }
         }
         let id = d
@@ -590,7 +593,7 @@ mod tests {
                 "name is",
             ),
             (
-                reg("name = \"A\"\noffset = 0xffffffffffffffff\nwidth = 4\naccess = \"rw\""),
+                reg("name = \"A\"\noffset = 0x7ffffffffffffffc\nwidth = 4\naccess = \"rw\""),
                 "outside",
             ),
             (format!("{base}colour = 1\n"), "unknown field"),
