@@ -25,6 +25,37 @@ pub fn load_policy(args: &VmArgs) -> Result<Profile, PolicyError> {
     Ok(p)
 }
 
+/// Measure the device's VBIOS: `Ok(Err(()))` when it is refused (printed, and the
+/// refusal's summary printed with `--json`), `Ok(Ok(m))` when the guest may have it.
+fn measure_vbios(
+    backend: &mut crate::devices::backend::Backend,
+    catalog: &crate::lifecycle::measured::CatalogSpec,
+    args: &VmArgs,
+    name: &str,
+    spec: &hilrig_vmm_api::DeviceSpec,
+) -> anyhow::Result<Result<hilrig_vmm_api::VbiosMeasurement, ()>> {
+    let mut vbios = crate::lifecycle::measured::measure(&mut *backend.device, catalog)
+        .map_err(|e| anyhow::anyhow!("measuring the device's VBIOS: {e}"))?;
+    if !vbios.acceptable() {
+        if !args.allow_unknown_vbios {
+            eprintln!("{}", vbios.describe());
+            eprintln!(
+                "refusing to hand the device to a guest (run anyway with --allow-unknown-vbios)"
+            );
+            if args.json {
+                println!(
+                    "{}",
+                    RunSummary::refused(name, &spec.to_string(), vbios).to_line()
+                );
+            }
+            return Ok(Err(()));
+        }
+        vbios.overridden = true;
+        tracing::warn!("{}", vbios.describe());
+    }
+    Ok(Ok(vbios))
+}
+
 /// Run a VM as the CLI does: print the verdict, exit counts by kind and wall time;
 /// the exit code is the verdict's ([`crate::Verdict::exit_status`]). Setup errors
 /// (bad payload, backend, KVM) are returned as `Err`; callers exit with 2.
@@ -41,7 +72,24 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
     let t0 = Instant::now();
     let spec = args.device.clone();
     let (name, bytes) = hilrig_guest::load(&args.payload)?;
-    let profile = Arc::new(load_policy(&args)?);
+    // A passed-through device that is not the reference device: its description
+    // names the registers the policy, alarms and teardown use.
+    let desc = match &spec {
+        hilrig_vmm_api::DeviceSpec::Vfio {
+            desc: Some(path), ..
+        } => Some(Arc::new(crate::devices::desc::DeviceDesc::load(path)?)),
+        _ => None,
+    };
+    let profile = Arc::new(match &desc {
+        Some(d) => {
+            let mut p = d.compile(args.policy.as_deref(), &args.profile)?;
+            if let Some(e) = args.enforce {
+                p.enforce = e;
+            }
+            p
+        }
+        None => load_policy(&args)?,
+    });
     let mut backend = open_backend(&spec, args.device_state.as_deref())?;
     // Measured VBIOS: refuse a device whose expansion ROM is invalid or unknown.
     let catalog = crate::lifecycle::measured::CatalogSpec {
@@ -51,25 +99,16 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
             _ => None,
         },
     };
-    let mut vbios = crate::lifecycle::measured::measure(&mut *backend.device, &catalog)
-        .map_err(|e| anyhow::anyhow!("measuring the device's VBIOS: {e}"))?;
-    if !vbios.acceptable() {
-        if !args.allow_unknown_vbios {
-            eprintln!("{}", vbios.describe());
-            eprintln!(
-                "refusing to hand the device to a guest (run anyway with --allow-unknown-vbios)"
-            );
-            if args.json {
-                println!(
-                    "{}",
-                    RunSummary::refused(&name, &spec.to_string(), vbios).to_line()
-                );
-            }
-            return Ok(ExitStatus::DeviceRefused.into());
+    // A described device without an expansion ROM has no VBIOS to measure (the
+    // measured VBIOS is the reference device's); every other device is measured.
+    let vbios = if desc.is_some() && backend.device.rom_size() == 0 {
+        None
+    } else {
+        match measure_vbios(&mut backend, &catalog, &args, &name, &spec)? {
+            Ok(v) => Some(v),
+            Err(()) => return Ok(ExitStatus::DeviceRefused.into()),
         }
-        vbios.overridden = true;
-        tracing::warn!("{}", vbios.describe());
-    }
+    };
     let config = VmConfig {
         vcpus: args.vcpus,
         mem_size: args.mem,
@@ -96,7 +135,10 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
         },
         record_decisions: false,
         control: args.control.clone(),
-        lifecycle: lifecycle_config(&args)?,
+        lifecycle: crate::lifecycle::LifecycleConfig {
+            device_desc: desc.clone(),
+            ..lifecycle_config(&args)?
+        },
     };
     let vm = Vm::new(config, backend)?;
     if args.show_plan && !args.json {
@@ -105,9 +147,12 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
     let mut report = vm.run()?;
     // Whether the device is wedged after the run (after teardown's reset, if any:
     // the teardown record says what it found).
-    let device_hung = report.device.as_mut().map(|d| {
-        d.read32(hilrig_device::Reg::Id.offset()).ok()
-            != Some(hilrig_device::regmap::DEVICE_ID_VALUE)
+    let device_hung = report.device.as_mut().map(|d| match &desc {
+        Some(desc) => desc.check_id(&mut **d).is_err(),
+        None => {
+            d.read32(hilrig_device::Reg::Id.offset()).ok()
+                != Some(hilrig_device::regmap::DEVICE_ID_VALUE)
+        }
     });
     let wall = t0.elapsed();
     if args.json {
@@ -122,7 +167,7 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
             first_exit_ms: report.first_exit.map(|d| d.as_secs_f64() * 1e3),
             direct_pages: report.plan.direct_pages() as u64,
             policy: report.policy.as_ref().map(|p| p.summary.clone()),
-            vbios: Some(vbios),
+            vbios: vbios.clone(),
             teardown: report.teardown.clone(),
             patches: report.patches.clone(),
             results: report.results.clone(),
@@ -130,7 +175,9 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
         };
         println!("{}", summary.to_line());
     } else {
-        eprintln!("{}", vbios.describe());
+        if let Some(v) = &vbios {
+            eprintln!("{}", v.describe());
+        }
         if let Some(t) = &report.teardown {
             eprintln!(
                 "teardown: {} in {} us, verdict {}",

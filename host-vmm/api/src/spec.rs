@@ -23,8 +23,15 @@ pub enum DeviceSpec {
     Lockstep,
     /// The generated Verilog compiled with Verilator, in-process.
     Verilator,
-    /// A PCI function bound to vfio-pci, by its sysfs path.
-    Vfio(PathBuf),
+    /// A PCI function bound to vfio-pci, by its sysfs path
+    /// (`vfio=PATH[,desc=FILE]`); a device that is not the reference device comes
+    /// with its description file (registers, BAR0 size, ID check).
+    Vfio {
+        /// The function's sysfs path, e.g. `/sys/bus/pci/devices/0000:00:03.0`.
+        path: PathBuf,
+        /// Its device description file (None: the reference device).
+        desc: Option<PathBuf>,
+    },
     /// The device on an FPGA board, through its host bridge on a serial port
     /// (`fpga=PORT[,oob=PORT][,baud=N]`).
     Fpga {
@@ -45,7 +52,7 @@ impl DeviceSpec {
             DeviceSpec::Rtl => Some(BackendKind::Rtl),
             DeviceSpec::Lockstep => Some(BackendKind::Lockstep),
             DeviceSpec::Verilator => Some(BackendKind::Verilator),
-            DeviceSpec::Vfio(_) | DeviceSpec::Fpga { .. } => None,
+            DeviceSpec::Vfio { .. } | DeviceSpec::Fpga { .. } => None,
         }
     }
 }
@@ -65,8 +72,16 @@ impl From<BackendKind> for DeviceSpec {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
     /// `--device` names no backend.
-    #[error("unknown device backend `{0}` (expected model, rtl, lockstep, verilator, vfio=<sysfs-path> or fpga=<serial port>[,oob=<port>][,baud=N])")]
+    #[error("unknown device backend `{0}` (expected model, rtl, lockstep, verilator, vfio=<sysfs-path>[,desc=<file>] or fpga=<serial port>[,oob=<port>][,baud=N])")]
     UnknownDevice(String),
+    /// `vfio=...` is malformed.
+    #[error("device backend `vfio={spec}`: {why}")]
+    Vfio {
+        /// What followed `vfio=`.
+        spec: String,
+        /// What is wrong.
+        why: String,
+    },
     /// `fpga=...` is malformed.
     #[error("device backend `fpga={spec}`: {why}")]
     Fpga {
@@ -84,6 +99,30 @@ pub enum SpecError {
     /// An on/off switch is malformed.
     #[error("`{0}`: expected on or off")]
     OnOff(String),
+}
+
+fn parse_vfio(rest: &str) -> Result<DeviceSpec, SpecError> {
+    let bad = |why: &str| SpecError::Vfio {
+        spec: rest.to_string(),
+        why: why.to_string(),
+    };
+    let mut parts = rest.split(',');
+    let path = parts.next().unwrap_or_default();
+    if path.is_empty() {
+        return Err(bad("no sysfs path"));
+    }
+    let mut desc = None;
+    for opt in parts {
+        match opt.split_once('=') {
+            Some(("desc", f)) if !f.is_empty() && desc.is_none() => desc = Some(PathBuf::from(f)),
+            Some(("desc", _)) => return Err(bad("desc= needs one file name")),
+            _ => return Err(bad(&format!("unknown option `{opt}` (expected desc=FILE)"))),
+        }
+    }
+    Ok(DeviceSpec::Vfio {
+        path: PathBuf::from(path),
+        desc,
+    })
 }
 
 fn parse_fpga(rest: &str) -> Result<DeviceSpec, SpecError> {
@@ -133,7 +172,7 @@ impl FromStr for DeviceSpec {
             return parse_fpga(rest);
         }
         match s.strip_prefix("vfio=") {
-            Some(p) if !p.is_empty() => Ok(DeviceSpec::Vfio(PathBuf::from(p))),
+            Some(rest) => parse_vfio(rest),
             _ => Err(SpecError::UnknownDevice(s.to_string())),
         }
     }
@@ -145,7 +184,13 @@ impl std::fmt::Display for DeviceSpec {
             return f.write_str(b.name());
         }
         match self {
-            DeviceSpec::Vfio(p) => write!(f, "vfio={}", p.display()),
+            DeviceSpec::Vfio { path, desc } => {
+                write!(f, "vfio={}", path.display())?;
+                if let Some(d) = desc {
+                    write!(f, ",desc={}", d.display())?;
+                }
+                Ok(())
+            }
             DeviceSpec::Fpga { port, oob, baud } => {
                 write!(f, "fpga={port}")?;
                 if let Some(o) = oob {
@@ -233,7 +278,7 @@ pub struct VmSpec {
     #[arg(long, default_value = "pci-enum")]
     pub payload: String,
     /// Device backend: model | rtl | lockstep | verilator | vfio=<sysfs path of a
-    /// vfio-pci function> | fpga=<bridge serial port>[,oob=<OOB serial port>][,baud=N]
+    /// vfio-pci function>[,desc=<device description file>] | fpga=<bridge serial port>[,oob=<OOB serial port>][,baud=N]
     /// (a board, see hilrig-board).
     #[arg(long, default_value = "model")]
     pub device: DeviceSpec,
@@ -503,6 +548,7 @@ mod tests {
             "lockstep",
             "verilator",
             "vfio=/sys/bus/pci/devices/0000:00:03.0",
+            "vfio=/sys/bus/pci/devices/0000:00:03.0,desc=host-vmm/devices/edu.toml",
             "fpga=/dev/ttyUSB1",
             "fpga=/dev/pts/3,oob=/dev/pts/4,baud=9600",
         ] {
@@ -521,6 +567,10 @@ mod tests {
         for bad in [
             "fpga9000",
             "vfio=",
+            "vfio=,desc=x",
+            "vfio=/p,desc=",
+            "vfio=/p,desc=a,desc=b",
+            "vfio=/p,colour=red",
             "fpga=",
             "fpga=/p,baud=0",
             "fpga=/p,speed=1",

@@ -18,6 +18,13 @@ pub struct Backend {
     pub windows: Vec<DirectWindow>,
     /// Keeps the windows' mappings alive.
     pub(crate) keep: Vec<Box<dyn Send>>,
+    /// Where guest RAM is mapped for the device's DMA (VFIO: the IOMMU); None for
+    /// backends that do not DMA.
+    pub dma: Option<std::sync::Arc<crate::devices::vfio::GuestDma>>,
+    /// The identity the guest sees in config space when it is not the reference
+    /// device's: (vendor, device, class code << 8 | revision) read from the real
+    /// device.
+    pub pci_identity: Option<(u16, u16, u32)>,
 }
 
 impl Backend {
@@ -28,6 +35,8 @@ impl Backend {
             device,
             windows: Vec::new(),
             keep: Vec::new(),
+            dma: None,
+            pci_identity: None,
         }
     }
 
@@ -83,7 +92,10 @@ mod tests {
             "vfio=/sys/bus/pci/devices/0000:01:00.0"
                 .parse::<DeviceSpec>()
                 .ok(),
-            Some(DeviceSpec::Vfio("/sys/bus/pci/devices/0000:01:00.0".into()))
+            Some(DeviceSpec::Vfio {
+                path: "/sys/bus/pci/devices/0000:01:00.0".into(),
+                desc: None
+            })
         );
         assert!("vfio=".parse::<DeviceSpec>().is_err());
         for (text, port, oob, baud) in [

@@ -3,6 +3,7 @@
 //! ([`backend`], [`vfio`]) and the patchable handler in front of them ([`handled`]).
 
 pub mod backend;
+pub mod desc;
 pub mod handled;
 pub mod pci;
 pub mod plan;
@@ -59,7 +60,14 @@ pub fn open_backend(spec: &DeviceSpec, state: Option<&Path>) -> Result<Backend, 
             };
             Ok(Backend::trapping(name, dev))
         }
-        DeviceSpec::Vfio(path) => vfio::open(path),
+        DeviceSpec::Vfio { path, desc } => {
+            let desc = desc
+                .as_deref()
+                .map(desc::DeviceDesc::load)
+                .transpose()
+                .map_err(|e| VmmError::Config(e.to_string()))?;
+            vfio::open(path, desc.as_ref())
+        }
         DeviceSpec::Fpga { port, oob, baud } => {
             // The board keeps its nonvolatile state itself: no state file here.
             if let Some(p) = state {

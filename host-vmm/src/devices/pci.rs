@@ -53,6 +53,11 @@ pub struct PciBus {
     rom_window: u32,
     rom_size: u64,
     int_line: u32,
+    /// Device:vendor ID the guest reads (the reference device's unless a
+    /// passed-through device's description gives its own).
+    ids: u32,
+    /// Class code and revision (config dword 2).
+    class_rev: u32,
 }
 
 impl PciBus {
@@ -71,7 +76,17 @@ impl PciBus {
             rom_window,
             rom_size,
             int_line: 0,
+            ids: u32::from(PCI_DEVICE_ID) << 16 | u32::from(PCI_VENDOR_ID),
+            class_rev: (PCI_CLASS_CODE << 8) | u32::from(REVISION),
         }
+    }
+
+    /// Show the guest another device's identity (a passed-through device that is
+    /// not the reference device): vendor, device, and config dword 2 (class code
+    /// and revision) as the real device has them.
+    pub fn set_identity(&mut self, vendor: u16, device: u16, class_rev: u32) {
+        self.ids = u32::from(device) << 16 | u32::from(vendor);
+        self.class_rev = class_rev;
     }
 
     /// Size of the ROM BAR window (a power of two, at least 2 KiB; 0 if none).
@@ -201,12 +216,12 @@ impl PciBus {
                 _ => 0,
             },
             DEVICE_SLOT => match reg {
-                0 => u32::from(PCI_DEVICE_ID) << 16 | u32::from(PCI_VENDOR_ID),
+                0 => self.ids,
                 1 => self.command, // status 0: no capabilities
-                2 => (PCI_CLASS_CODE << 8) | u32::from(REVISION),
+                2 => self.class_rev,
                 3 => 0, // header type 0, single function
                 4 => self.bar0,
-                11 => u32::from(PCI_DEVICE_ID) << 16 | u32::from(PCI_VENDOR_ID),
+                11 => self.ids,
                 12 => self.rom,
                 15 => self.int_line, // interrupt pin 0: none
                 _ => 0,

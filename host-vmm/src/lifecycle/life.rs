@@ -54,6 +54,10 @@ pub struct LifecycleConfig {
     /// The counters service (database, MAC key file) that gives teardown verdicts;
     /// without it the verdict compares with the counters read at VM start.
     pub counters: Option<(String, PathBuf)>,
+    /// The passed-through device's description when it is not the reference device:
+    /// teardown scrubs, resets and checks it by the description, and reads no
+    /// counters (it has none).
+    pub device_desc: Option<Arc<crate::devices::desc::DeviceDesc>>,
 }
 
 impl Default for LifecycleConfig {
@@ -66,6 +70,7 @@ impl Default for LifecycleConfig {
             pause_bound: Duration::from_millis(250),
             profile_name: "tenant".into(),
             counters: None,
+            device_desc: None,
         }
     }
 }
@@ -239,6 +244,9 @@ pub trait VmHost: Send + Sync {
 pub trait Lifecycle: VmHost {
     /// Read the device's counters at VM start (the teardown verdict's baseline).
     fn record_baseline(&self) {
+        if self.life().cfg.device_desc.is_some() {
+            return; // a described device has no out-of-band counters
+        }
         let mut dev = self.device();
         let c = oob::read_counters(&mut **dev).ok();
         *lock(&self.life().baseline) = c;
@@ -503,6 +511,9 @@ impl TeardownOps for VmTeardown<'_> {
     }
 
     fn scrub_device_state(&mut self) -> Result<u64, StepError> {
+        if let Some(d) = self.shared.life().cfg.device_desc.clone() {
+            return Ok(d.scrub(&mut **self.dev())?);
+        }
         let mut dev = self.dev();
         // A wedged device (the hang magic) ignores writes and reads all-ones: reset it
         // first so the scrub can act and be checked (the reset step follows anyway).
@@ -516,6 +527,9 @@ impl TeardownOps for VmTeardown<'_> {
     fn reset_device(&mut self) -> Result<(), StepError> {
         let mut dev = self.dev();
         dev.reset(ResetKind::Flr)?;
+        if let Some(d) = self.shared.life().cfg.device_desc.clone() {
+            return Ok(d.check_id(&mut **dev)?);
+        }
         let id = dev.read32(Reg::Id.offset())?;
         if id != DEVICE_ID_VALUE {
             return Err(StepError::NotReset {
@@ -527,6 +541,9 @@ impl TeardownOps for VmTeardown<'_> {
     }
 
     fn read_counters(&mut self) -> Result<CounterReport, StepError> {
+        if let Some(d) = &self.shared.life().cfg.device_desc {
+            return Err(StepError::NoOobCounters(d.name.clone()));
+        }
         let mut dev = self.dev();
         Ok(oob::read_counters(&mut **dev)?)
     }

@@ -56,6 +56,12 @@ pub enum StepError {
     /// The counters could not be read out of band.
     #[error("reading counters out of band: {0}")]
     Oob(#[from] hilrig_device::oob::OobError),
+    /// A described device (not the reference device) failed its scrub or ID check.
+    #[error(transparent)]
+    Described(#[from] crate::devices::desc::DescCheckError),
+    /// A described device has no out-of-band counters to read.
+    #[error("{0} has no out-of-band counters (a described device, not the reference device)")]
+    NoOobCounters(String),
     /// No counters were read, so there is nothing to decide on.
     #[error("no counters")]
     NoCounters,

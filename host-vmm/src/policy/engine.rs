@@ -14,7 +14,7 @@
 //!   file; alarms past it are counted as suppressed, the per-register counters
 //!   count every alarm.
 
-use crate::policy::{merges_writes, register_name, Action, Profile};
+use crate::policy::{merges_writes, Action, Profile};
 use hilrig_device::device::{byte_mask_bits, check_access, split_access};
 use hilrig_device::regmap::BAR0_SIZE;
 use hilrig_device::{Device, DeviceError};
@@ -568,7 +568,7 @@ impl PolicyEngine {
             rip,
             insn_rip,
             insn,
-            register: register_name(hit.offset),
+            register: p.register_name(hit.offset),
             offset: hit.offset,
             width: hit.width,
             access_len: access_len as u8,
@@ -612,7 +612,9 @@ impl PolicyEngine {
         for (i, c) in self.per_word_alarms.iter().enumerate() {
             let c = c.load(Ordering::Relaxed);
             if c > 0 {
-                *per_register.entry(register_name(i as u32 * 4)).or_insert(0) += c;
+                *per_register
+                    .entry(p.register_name(i as u32 * 4))
+                    .or_insert(0) += c;
             }
         }
         PolicyReport {

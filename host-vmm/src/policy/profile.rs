@@ -215,6 +215,9 @@ pub struct Profile {
     pages: Vec<Option<PageTable>>,
     /// Reset values of the shadowed words, in shadow-store order.
     pub shadow_init: Vec<u32>,
+    /// Register names of a described device (`devices::desc`); None: the reference
+    /// device's register table.
+    pub names: Option<std::sync::Arc<crate::devices::desc::RegisterNames>>,
 }
 
 /// The decision for one register-sized part of an access.
@@ -629,6 +632,7 @@ impl PolicyFile {
             rules,
             pages,
             shadow_init,
+            names: None,
         })
     }
 }
@@ -646,6 +650,18 @@ pub fn load_profile(path: Option<&Path>, profile: &str) -> Result<Profile, Polic
 pub fn describe(path: Option<&PathBuf>) -> String {
     path.map(|p| p.display().to_string())
         .unwrap_or_else(|| "<builtin defaults>".into())
+}
+
+impl Profile {
+    /// The register name for an offset in the device this profile is for: a
+    /// described device's names, else the reference device's ([`register_name`]).
+    pub fn register_name(&self, word: u32) -> String {
+        match self.names.as_ref().and_then(|n| n.name(word)) {
+            Some(n) => n.to_string(),
+            None if self.names.is_some() => format!("{word:#06x}"),
+            None => register_name(word),
+        }
+    }
 }
 
 /// The register name for an offset (e.g. `SCRATCH[3]`), or the hex offset.

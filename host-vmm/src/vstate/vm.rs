@@ -226,6 +226,8 @@ pub(crate) struct PciState {
     base_trap: TrapSet,
     /// The memory the backend offers for BAR0.
     windows: Vec<DirectWindow>,
+    /// Guest RAM mapped for the device's DMA (VFIO), unmapped with BAR0 at teardown.
+    dma: Option<Arc<crate::devices::vfio::GuestDma>>,
 }
 
 pub(crate) struct Shared {
@@ -498,6 +500,10 @@ impl Shared {
         let n = pci.mapper.active.len();
         pci.mapper.slots.clear();
         pci.mapper.apply(None)?;
+        // The device may no longer reach guest RAM (before the RAM is scrubbed).
+        if let Some(dma) = &pci.dma {
+            dma.unmap_all()?;
+        }
         if !pci.mapper.active.is_empty() {
             return Err(VmmError::Config(
                 "BAR0 memory slots still mapped after unmapping".into(),
@@ -690,6 +696,20 @@ impl Vm {
         vm.set_tss_address(TSS_ADDR)
             .map_err(VmmError::kvm("KVM_SET_TSS_ADDR"))?;
         let mem = guest_memory(&vm, &config)?;
+        if let Some(dma) = &backend.dma {
+            for region in mem.iter() {
+                // SAFETY: guest RAM lives as long as the VM (`_mem`, `Shared::mem`);
+                // the mapping is removed at teardown (`unmap_device`) or when the
+                // backend's DMA handle is dropped with the VM.
+                unsafe {
+                    dma.map(
+                        region.start_addr().0,
+                        region.len() as usize,
+                        region.as_ptr(),
+                    )
+                }?;
+            }
+        }
         let engine = policy_engine(&config)?;
         let mut trap = config.trap;
         if let Some(p) = &config.policy {
@@ -699,6 +719,9 @@ impl Vm {
         }
         let plan = PagePlan::decide(trap, &backend.windows);
         let mut bus = PciBus::new(backend.device.rom_size());
+        if let Some((vendor, device, class_rev)) = backend.pci_identity {
+            bus.set_identity(vendor, device, class_rev);
+        }
         bus.assign(BAR0_DEFAULT, ROM_DEFAULT);
         let mut mapper = Mapper {
             vm: vm.clone(),
@@ -727,6 +750,7 @@ impl Vm {
             device,
             keep,
             windows,
+            dma,
             ..
         } = backend;
         let modules = crate::lifecycle::patch::ModuleTable::new(
@@ -748,6 +772,7 @@ impl Vm {
                 mapper,
                 base_trap: config.trap,
                 windows,
+                dma,
             }),
             serial: Mutex::new(vm_superio::Serial::new(NoTrigger, out)),
             stop: AtomicBool::new(false),
