@@ -221,6 +221,7 @@ mod tests {
                 from: 1,
                 to: 2,
                 blackout_us: Some(80),
+                ..Default::default()
             })))
         }
         fn status(&self, t: &Target) -> Result<ModuleVersions, ControlError> {

@@ -375,6 +375,7 @@ mod tests {
                 from: 1,
                 to: 2,
                 blackout_us: Some(80),
+                ..Default::default()
             })),
             Ok(Reply::Metrics(Box::new(Metrics {
                 blackouts: BlackoutStats::default(),
@@ -396,6 +397,7 @@ mod tests {
             from: 1,
             to: 2,
             blackout_us: Some(80),
+            ..Default::default()
         })));
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["ok"], true);

@@ -313,6 +313,52 @@ pub trait Lifecycle: VmHost {
         }
         let held = lock(&self.life().paused).take();
         let was_held = held.is_some();
+        // A device handler is swapped under load, without parking the vCPUs: calls in
+        // flight in the old module are cancelled and retried in the new one, the old
+        // code is retired once drained (see `modules`).
+        let prepared = match prepared {
+            Prepared::Handler { version, handler } if !was_held => {
+                let sw = self
+                    .modules()
+                    .handler
+                    .swap(Some(handler), version, self.life().cfg.pause_bound);
+                let ev = match sw {
+                    Ok(sw) => PatchEvent {
+                        component: crate::lifecycle::patch::DEVICE_HANDLER.to_string(),
+                        from: sw.from,
+                        to: version,
+                        blackout_us: Some(us(sw.publish)),
+                        quiesced: false,
+                        swap_us: Some(us(sw.total)),
+                        inflight: sw.inflight_at_publish,
+                    },
+                    Err(e) => {
+                        // The new module is installed; the old one could not be
+                        // retired (alarmed). The patch itself took effect.
+                        MODULE_ALARMS.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!("module alarm: {e}");
+                        PatchEvent {
+                            component: crate::lifecycle::patch::DEVICE_HANDLER.to_string(),
+                            from: match e {
+                                crate::lifecycle::modules::SwapError::Drain { version, .. }
+                                | crate::lifecycle::modules::SwapError::Retire {
+                                    version, ..
+                                } => version,
+                            },
+                            to: version,
+                            blackout_us: None,
+                            quiesced: false,
+                            swap_us: None,
+                            inflight: 0,
+                        }
+                    }
+                };
+                lock(&self.life().patches).push(ev.clone());
+                tracing::info!(component = %ev.component, from = ev.from, to = ev.to, swap_us = ?ev.swap_us, "patch applied without quiesce");
+                return Ok(ev);
+            }
+            p => p,
+        };
         let paused = match held {
             Some(p) => p,
             None => self.pause_now()?,
@@ -346,6 +392,8 @@ pub trait Lifecycle: VmHost {
             from,
             to,
             blackout_us,
+            quiesced: true,
+            ..PatchEvent::default()
         };
         lock(&self.life().patches).push(ev.clone());
         tracing::info!(component, from, to, ?blackout_us, "patch applied");
@@ -428,7 +476,8 @@ pub trait Lifecycle: VmHost {
             },
             patches: self.life().patches(),
             policy: self.policy_engine().map(|e| e.metrics().summary),
-            module_alarms: MODULE_ALARMS.load(Ordering::Relaxed),
+            module_alarms: MODULE_ALARMS.load(Ordering::Relaxed)
+                + crate::lifecycle::modules::stale_address_faults(),
             module_retries: self.modules().policy.retries() + self.modules().handler.retries(),
             stale_module_calls: self.modules().policy.stale_calls()
                 + self.modules().handler.stale_calls(),
