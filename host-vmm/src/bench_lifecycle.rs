@@ -91,6 +91,7 @@ pub fn bench_patch(budget: Duration) -> Result<Vec<Figure>> {
                 target_vmm_sha256: BUILD,
                 payloads: vec![("rules.toml".into(), rules.clone())],
                 encrypt_to: None,
+                patch_path_sha256: Some(crate::lifecycle::patch_path::measure_patch_path()),
             },
             &key,
         )?;
@@ -142,6 +143,7 @@ pub fn bench_patch(budget: Duration) -> Result<Vec<Figure>> {
                         target_vmm_sha256: BUILD,
                         payloads: vec![("libdemo.so".into(), so.clone())],
                         encrypt_to: None,
+                        patch_path_sha256: Some(crate::lifecycle::patch_path::measure_patch_path()),
                     },
                     &key,
                 )?;

@@ -41,6 +41,7 @@ fn bundle(
             target_vmm_sha256: build,
             payloads: vec![(payload.0.to_string(), payload.1)],
             encrypt_to: None,
+            patch_path_sha256: Some(hilrig_vmm::lifecycle::patch_path::measure_patch_path()),
         },
         &SigningKey::from_bytes(&[key; 32]),
     )

@@ -318,10 +318,11 @@ pub trait Lifecycle: VmHost {
         // code is retired once drained (see `modules`).
         let prepared = match prepared {
             Prepared::Handler { version, handler } if !was_held => {
-                let sw = self
-                    .modules()
-                    .handler
-                    .swap(Some(handler), version, self.life().cfg.pause_bound);
+                let sw = self.modules().handler.swap(
+                    Some(handler),
+                    version,
+                    self.life().cfg.pause_bound,
+                );
                 let ev = match sw {
                     Ok(sw) => PatchEvent {
                         component: crate::lifecycle::patch::DEVICE_HANDLER.to_string(),

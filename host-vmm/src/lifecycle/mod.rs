@@ -9,6 +9,7 @@ mod life;
 pub mod measured;
 pub mod modules;
 pub mod patch;
+pub mod patch_path;
 pub mod quiesce;
 pub mod teardown;
 

@@ -512,9 +512,10 @@ pub fn last_stale_address() -> usize {
 }
 
 fn register_retired(entry: usize, ranges: &[(usize, usize)]) -> Result<(), String> {
-    let slot = RETIRED_ENTRIES
-        .iter()
-        .find(|e| e.compare_exchange(0, entry, Ordering::SeqCst, Ordering::SeqCst).is_ok());
+    let slot = RETIRED_ENTRIES.iter().find(|e| {
+        e.compare_exchange(0, entry, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    });
     if slot.is_none() {
         return Err(format!("more than {MAX_RETIRED} retired modules"));
     }
@@ -554,7 +555,12 @@ fn write_stderr(msg: &[u8]) {
 
 extern "C" fn on_segv(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
     // SAFETY: the kernel passes valid siginfo and ucontext to an SA_SIGINFO handler.
-    let (addr, uc) = unsafe { ((*info).si_addr() as usize, &mut *(ctx as *mut libc::ucontext_t)) };
+    let (addr, uc) = unsafe {
+        (
+            (*info).si_addr() as usize,
+            &mut *(ctx as *mut libc::ucontext_t),
+        )
+    };
     let rip = uc.uc_mcontext.gregs[libc::REG_RIP as usize] as usize;
     if rip == addr && in_retired(addr) {
         // An instruction fetch from retired code: a call through a stale address (a
@@ -908,7 +914,12 @@ pub(crate) mod tests {
         if let Some(w) = block_word {
             cmd.env("DEMO_BLOCK_WORD", format!("{w:#x}"));
         }
-        let st = cmd.arg("-o").arg(&out).arg(&src).status().expect("run rustc");
+        let st = cmd
+            .arg("-o")
+            .arg(&out)
+            .arg(&src)
+            .status()
+            .expect("run rustc");
         assert!(st.success(), "building the demo module");
         out
     }
@@ -978,16 +989,17 @@ pub(crate) mod tests {
         }
         // vCPUs 1..=3 storm: a write and a VERSION read per round.
         let stop = Arc::new(AtomicBool::new(false));
-        let rounds = Arc::new(AtomicU64::new(0));
+        let rounds: Vec<_> = (0..3).map(|_| Arc::new(AtomicU64::new(0))).collect();
         let storm: Vec<_> = (0..3)
             .map(|i| {
                 let mut dev = device(&slot);
-                let (stop, rounds) = (stop.clone(), rounds.clone());
+                let (stop, rounds) = (stop.clone(), rounds[i as usize].clone());
                 std::thread::spawn(move || {
                     let mut seen = Vec::new();
                     let mut issued = 0u64;
                     while !stop.load(Ordering::SeqCst) {
-                        dev.write_word(scratch + 4 * (1 + i), issued as u32, 0xf).unwrap();
+                        dev.write_word(scratch + 4 * (1 + i), issued as u32, 0xf)
+                            .unwrap();
                         issued += 1;
                         seen.push(dev.read_word(version_reg, 0xf).unwrap());
                         rounds.fetch_add(1, Ordering::SeqCst);
@@ -996,7 +1008,8 @@ pub(crate) mod tests {
                 })
             })
             .collect();
-        while rounds.load(Ordering::SeqCst) < 300 {
+        let done = |n| rounds.iter().all(|r| r.load(Ordering::SeqCst) >= n);
+        while !done(100) {
             std::thread::yield_now();
         }
         assert!(!blocked.is_finished(), "vCPU 0 is still inside v1");
@@ -1004,8 +1017,12 @@ pub(crate) mod tests {
         assert_eq!(sw.from, 1);
         assert!(sw.inflight_at_publish >= 1, "{sw:?}");
         assert!(sw.retired_bytes > 0, "{sw:?}");
-        let after = rounds.load(Ordering::SeqCst);
-        while rounds.load(Ordering::SeqCst) < after + 300 {
+        let after: Vec<u64> = rounds.iter().map(|r| r.load(Ordering::SeqCst)).collect();
+        while !rounds
+            .iter()
+            .zip(&after)
+            .all(|(r, a)| r.load(Ordering::SeqCst) >= a + 100)
+        {
             std::thread::yield_now();
         }
         stop.store(true, Ordering::SeqCst);
@@ -1013,7 +1030,12 @@ pub(crate) mod tests {
         assert_eq!(blocked.join().unwrap().unwrap(), 0x5157_0000 | scratch);
         assert!(slot.retries() >= 1);
         assert_eq!(
-            reads.lock().unwrap().iter().filter(|&&w| w == scratch).count(),
+            reads
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|&&w| w == scratch)
+                .count(),
             1,
             "the interrupted access reached the device exactly once"
         );
@@ -1024,10 +1046,20 @@ pub(crate) mod tests {
             let first_new = seen.iter().position(|&v| v == 0x0001_0002).unwrap();
             assert!(first_new > 0, "saw v1 first");
             assert!(seen[..first_new].iter().all(|&v| v == 0x0001_0001));
-            assert!(seen[first_new..].iter().all(|&v| v == 0x0001_0002), "old-then-new");
+            assert!(
+                seen[first_new..].iter().all(|&v| v == 0x0001_0002),
+                "old-then-new"
+            );
         }
-        assert_eq!(writes.load(Ordering::SeqCst), issued, "every write exactly once");
-        assert!(reads.lock().unwrap().iter().all(|&w| w == scratch), "VERSION emulated");
+        assert_eq!(
+            writes.load(Ordering::SeqCst),
+            issued,
+            "every write exactly once"
+        );
+        assert!(
+            reads.lock().unwrap().iter().all(|&w| w == scratch),
+            "VERSION emulated"
+        );
         // The old code is gone: a call through its stale address faults, is turned
         // back and counted as an alarm; it never runs.
         let before = stale_address_faults();
@@ -1039,7 +1071,11 @@ pub(crate) mod tests {
         // The kept handle is stale: an error and an alarm, no call.
         assert!(matches!(
             old_handle.call(|_| ()),
-            Err(CallError::Stale { version: 1, current: 2, .. })
+            Err(CallError::Stale {
+                version: 1,
+                current: 2,
+                ..
+            })
         ));
         // v2 is live.
         assert_eq!(
@@ -1071,7 +1107,11 @@ pub(crate) mod tests {
         assert!(matches!(e, SwapError::Drain { inflight: 1, .. }), "{e}");
         assert_eq!(slot.version(), 2, "the new module is installed anyway");
         release.store(true, Ordering::SeqCst);
-        assert_eq!(t.join().unwrap(), Ok(2), "the ignored call was retried in v2");
+        assert_eq!(
+            t.join().unwrap(),
+            Ok(2),
+            "the ignored call was retried in v2"
+        );
     }
 
     #[test]

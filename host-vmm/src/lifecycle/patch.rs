@@ -24,6 +24,19 @@ pub enum PatchError {
     /// The bundle's framing, signature or payloads are bad.
     #[error(transparent)]
     Bundle(#[from] BundleError),
+    /// The manifest carries no reference hash of the patching code.
+    #[error("the bundle carries no reference hash of the VMM's patching code (patch_path_sha256); rebuild it with `hilrig fw bundle --target-vmm-file`")]
+    NoPatchPathReference,
+    /// The patching code in memory is not the code the bundle was made for.
+    #[error(
+        "the VMM's patching code in memory hashes to {running}, the bundle expects {want}: refused"
+    )]
+    PatchPathMismatch {
+        /// The manifest's reference.
+        want: String,
+        /// What the mapped code hashes to.
+        running: String,
+    },
     /// Built for another VMM.
     #[error("the bundle targets VMM build {want}, this VMM is {running}")]
     WrongBuild {
@@ -166,6 +179,10 @@ pub fn running_build_sha256() -> std::io::Result<[u8; 32]> {
 impl PatchAuthority {
     /// Verify `bundle` completely and build the module it carries. `profile` is the
     /// profile name to compile a policy payload for. Touches nothing in `table`.
+    /// Right after the signature check the VMM hashes its own mapped patching code
+    /// (`patch_path`) and refuses on a mismatch with the manifest's reference.
+    #[link_section = "hilrig_patch_text"]
+    #[inline(never)]
     pub fn prepare(
         &self,
         bytes: &[u8],
@@ -180,6 +197,16 @@ impl PatchAuthority {
             return Err(PatchError::WrongBuild {
                 want: m.target_vmm_sha256.clone(),
                 running: hex::encode(self.build_sha256),
+            });
+        }
+        let want = b
+            .patch_path_sha256()
+            .ok_or(PatchError::NoPatchPathReference)?;
+        let running = crate::lifecycle::patch_path::measure_patch_path();
+        if want != running {
+            return Err(PatchError::PatchPathMismatch {
+                want: hex::encode(want),
+                running: hex::encode(running),
             });
         }
         let installed = table
@@ -230,6 +257,8 @@ impl PatchAuthority {
 
     /// Write a module into the private module directory and check the written file's
     /// SHA-256 against the manifest before it may be loaded.
+    #[link_section = "hilrig_patch_text"]
+    #[inline(never)]
     fn write_module(
         &self,
         name: &str,
@@ -282,6 +311,8 @@ impl PatchAuthority {
 
 /// Swap a prepared module in. Call with every vCPU parked. Returns (component, old
 /// version, new version).
+#[link_section = "hilrig_patch_text"]
+#[inline(never)]
 pub fn commit(table: &ModuleTable, p: Prepared) -> (&'static str, u64, u64) {
     match p {
         Prepared::Policy { version, profile } => (
@@ -335,6 +366,7 @@ mod tests {
                 target_vmm_sha256: build,
                 payloads: vec![(payload.0.to_string(), payload.1)],
                 encrypt_to: None,
+                patch_path_sha256: Some(crate::lifecycle::patch_path::measure_patch_path()),
             },
             &SigningKey::from_bytes(&[key; 32]),
         )
@@ -411,6 +443,45 @@ mod tests {
         let e = a.prepare(&b, &t, "tenant").err().unwrap().to_string();
         assert!(e.contains("declares \"device-handler\" v3"), "{e}");
         assert_eq!(t.handler.version(), 3);
+    }
+
+    /// Issue 21.2: patching code altered in memory, or a bundle made for other
+    /// patching code (or none), is refused after the signature check.
+    #[test]
+    fn altered_patching_code_or_reference_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let (t, a) = (table(), authority(d.path()));
+        let good = bundle(POLICY, 2, ("rules.toml", RULES.into()), 1, BUILD);
+        let spec = |pp| bundle::BundleSpec {
+            component: POLICY,
+            version: 2,
+            target_vmm_sha256: BUILD,
+            payloads: vec![("rules.toml".into(), RULES.into())],
+            encrypt_to: None,
+            patch_path_sha256: pp,
+        };
+        let key = SigningKey::from_bytes(&[1; 32]);
+        let mut wrong = crate::lifecycle::patch_path::measure_patch_path();
+        wrong[0] ^= 1;
+        for (pp, want) in [
+            (Some(wrong), "patching code in memory hashes to"),
+            (None, "no reference hash of the VMM's patching code"),
+        ] {
+            let b = bundle::build(&spec(pp), &key).unwrap();
+            let e = a.prepare(&b, &t, "tenant").err().expect(want).to_string();
+            assert!(e.contains(want), "{e}");
+        }
+        // The code itself altered in memory: refused; restored: accepted.
+        crate::lifecycle::patch_path::tamper_mapped_patch_path().unwrap();
+        let e = a
+            .prepare(&good, &t, "tenant")
+            .err()
+            .expect("tampered")
+            .to_string();
+        assert!(e.contains("patching code in memory hashes to"), "{e}");
+        assert_eq!(t.policy.version(), 1);
+        crate::lifecycle::patch_path::tamper_mapped_patch_path().unwrap();
+        assert!(a.prepare(&good, &t, "tenant").is_ok());
     }
 
     #[test]
