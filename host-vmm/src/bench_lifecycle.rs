@@ -111,6 +111,7 @@ pub fn bench_patch(budget: Duration) -> Result<Vec<Figure>> {
                 decrypt_key: None,
                 build_sha256: BUILD,
                 module_dir: dir.path().join(format!("modules-{vcpus}")),
+                applied: None,
             })),
             ..Default::default()
         };

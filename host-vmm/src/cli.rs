@@ -192,6 +192,16 @@ pub fn lifecycle_config(args: &VmArgs) -> anyhow::Result<crate::lifecycle::Lifec
             build_sha256,
             module_dir: std::env::temp_dir()
                 .join(format!("hilrig-vmm-modules-{}", std::process::id())),
+            applied: match (&args.patch_record, &args.patch_record_key) {
+                (Some(rec), Some(key)) => {
+                    Some(Arc::new(crate::lifecycle::applied::AppliedVersions::open(
+                        rec,
+                        key,
+                        &crate::lifecycle::applied::host_name(),
+                    )?))
+                }
+                _ => None,
+            },
         }))
     };
     let vmm_key = args

@@ -289,6 +289,13 @@ pub struct VmSpec {
     /// X25519 secret key file to decrypt encrypted patch bundles.
     #[arg(long)]
     pub patch_decrypt_key: Option<PathBuf>,
+    /// This host's record of applied patch versions (MACed; a restarted VMM refuses
+    /// bundles not newer than those; a record that does not verify stops the VMM).
+    #[arg(long, requires = "patch_record_key")]
+    pub patch_record: Option<PathBuf>,
+    /// MAC key file (0600, 64 hex digits) of --patch-record.
+    #[arg(long, requires = "patch_record")]
+    pub patch_record_key: Option<PathBuf>,
     /// Ed25519 secret key file that signs teardown records (default: an ephemeral key).
     #[arg(long)]
     pub vmm_key: Option<PathBuf>,
@@ -336,6 +343,8 @@ impl Default for VmSpec {
             control: None,
             patch_pubkeys: Vec::new(),
             patch_decrypt_key: None,
+            patch_record: None,
+            patch_record_key: None,
             vmm_key: None,
             teardown_on_exit: false,
             teardown_record: None,
@@ -387,6 +396,8 @@ impl VmSpec {
             ("console", path(&self.console)),
             ("control", path(&self.control)),
             ("patch-decrypt-key", path(&self.patch_decrypt_key)),
+            ("patch-record", path(&self.patch_record)),
+            ("patch-record-key", path(&self.patch_record_key)),
             ("vmm-key", path(&self.vmm_key)),
             ("teardown-record", path(&self.teardown_record)),
             ("counters-db", self.counters_db.clone().map(OsString::from)),
@@ -479,6 +490,8 @@ mod tests {
             control: Some("/run/vm.sock".into()),
             patch_pubkeys: vec!["k1.pub".into(), "k2.pub".into()],
             patch_decrypt_key: Some("x.key".into()),
+            patch_record: Some("applied.json".into()),
+            patch_record_key: Some("applied.key".into()),
             vmm_key: Some("vmm.key".into()),
             teardown_on_exit: true,
             teardown_record: Some("t.json".into()),

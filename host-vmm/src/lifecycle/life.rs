@@ -105,6 +105,9 @@ pub enum LifecycleError {
     /// The new policy could not be installed.
     #[error("replacing the policy: {0}")]
     ReplacePolicy(crate::VmmError),
+    /// The applied-versions record could not be written (nothing applied).
+    #[error(transparent)]
+    Record(#[from] crate::lifecycle::applied::AppliedError),
     /// The bundle file could not be read.
     #[error("bundle {path}: {source}")]
     Bundle {
@@ -310,6 +313,10 @@ pub trait Lifecycle: VmHost {
         let prepared = auth.prepare(bytes, self.modules(), &self.life().cfg.profile_name)?;
         if matches!(prepared, Prepared::Policy { .. }) && self.policy_engine().is_none() {
             return Err(LifecycleError::NoPolicyEngine);
+        }
+        // Recorded before it is applied, so a crash can only make the floor higher.
+        if let Some(a) = &auth.applied {
+            a.record(prepared.component(), prepared.version())?;
         }
         let held = lock(&self.life().paused).take();
         let was_held = held.is_some();

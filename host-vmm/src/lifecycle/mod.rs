@@ -4,6 +4,7 @@
 //! control socket that exposes them ([`control`]); [`Life`] holds a VM's lifecycle
 //! state and the operations on it.
 
+pub mod applied;
 pub mod control;
 mod life;
 pub mod measured;

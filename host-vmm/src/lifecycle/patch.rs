@@ -55,6 +55,16 @@ pub enum PatchError {
         /// Offered version.
         offered: u64,
     },
+    /// Not newer than a version applied on this host before (the patch record).
+    #[error("{component} v{offered} is not newer than v{applied}, applied on this host before (patch record): a downgrade, refused")]
+    Downgrade {
+        /// Component.
+        component: String,
+        /// Applied before.
+        applied: u64,
+        /// Offered version.
+        offered: u64,
+    },
     /// Not a component of this VMM.
     #[error("unknown component {0:?} (this VMM patches \"policy\" and \"device-handler\")")]
     UnknownComponent(String),
@@ -166,6 +176,8 @@ pub struct PatchAuthority {
     pub build_sha256: [u8; 32],
     /// Private directory (0700) where native modules are written before loading.
     pub module_dir: PathBuf,
+    /// Versions applied on this host before (`--patch-record`): a bundle must be newer.
+    pub applied: Option<Arc<crate::lifecycle::applied::AppliedVersions>>,
 }
 
 /// SHA-256 of the running executable.
@@ -218,6 +230,16 @@ impl PatchAuthority {
                 installed,
                 offered: m.version,
             });
+        }
+        if let Some(a) = &self.applied {
+            let applied = a.applied(&m.component);
+            if m.version <= applied {
+                return Err(PatchError::Downgrade {
+                    component: m.component.clone(),
+                    applied,
+                    offered: m.version,
+                });
+            }
         }
         let payloads = b.payloads(self.decrypt_key.as_ref())?;
         let bad = |reason: String| PatchError::Payload {
@@ -349,6 +371,7 @@ mod tests {
             decrypt_key: None,
             build_sha256: BUILD,
             module_dir: dir.join("modules"),
+            applied: None,
         }
     }
 
@@ -482,6 +505,42 @@ mod tests {
         assert_eq!(t.policy.version(), 1);
         crate::lifecycle::patch_path::tamper_mapped_patch_path().unwrap();
         assert!(a.prepare(&good, &t, "tenant").is_ok());
+    }
+
+    /// Issue 16.6: a restarted VMM (a fresh table at v1) refuses a bundle older than
+    /// one applied on this host before.
+    #[test]
+    fn a_restarted_vmm_refuses_a_downgrade_from_its_patch_record() {
+        use crate::lifecycle::applied::AppliedVersions;
+        let d = tempfile::tempdir().unwrap();
+        let key = d.path().join("k");
+        hilrig_counters::mac::Key::init(&key).unwrap();
+        let rec = d.path().join("applied.json");
+        let mut a = authority(d.path());
+        a.applied = Some(Arc::new(AppliedVersions::open(&rec, &key, "h").unwrap()));
+        let t = table();
+        let v3 = bundle(POLICY, 3, ("rules.toml", RULES.into()), 1, BUILD);
+        let p = a.prepare(&v3, &t, "tenant").unwrap();
+        a.applied.as_ref().unwrap().record(POLICY, 3).unwrap();
+        commit(&t, p);
+        // Restart: a new table (policy v1) and the record read back.
+        let t = table();
+        a.applied = Some(Arc::new(AppliedVersions::open(&rec, &key, "h").unwrap()));
+        for v in [2, 3] {
+            let b = bundle(POLICY, v, ("rules.toml", RULES.into()), 1, BUILD);
+            let e = a
+                .prepare(&b, &t, "tenant")
+                .err()
+                .expect("downgrade")
+                .to_string();
+            assert!(e.contains("applied on this host before"), "{e}");
+        }
+        let v4 = bundle(POLICY, 4, ("rules.toml", RULES.into()), 1, BUILD);
+        assert!(a.prepare(&v4, &t, "tenant").is_ok());
+        // Without the record the same VMM would have taken v2: the record is the fix.
+        a.applied = None;
+        let v2 = bundle(POLICY, 2, ("rules.toml", RULES.into()), 1, BUILD);
+        assert!(a.prepare(&v2, &t, "tenant").is_ok());
     }
 
     #[test]
