@@ -553,6 +553,7 @@ fn rollout(
                 HostOutcome::Refused { reason } => format!("REFUSED: {reason}"),
                 HostOutcome::Failed { reason } => format!("FAILED: {reason}"),
                 HostOutcome::Skipped => "skipped".into(),
+                HostOutcome::NotApplicable { reason } => format!("not applicable: {reason}"),
             };
             let versions = h
                 .versions

@@ -105,6 +105,9 @@ pub struct VmStatus {
     pub patchable: bool,
     /// Whether the tenant was torn down.
     pub torn_down: bool,
+    /// SHA-256 (hex) of the running VMM build (what bundles target).
+    #[serde(default)]
+    pub build: Option<String>,
 }
 
 /// The reply to `pause`, `resume` and `quiesce`.
@@ -359,6 +362,7 @@ mod tests {
                 },
                 patchable: true,
                 torn_down: false,
+                build: Some("ab".repeat(32)),
             })),
             Ok(Reply::Quiesce(PauseReply {
                 vcpus: 2,

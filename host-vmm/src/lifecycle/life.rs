@@ -194,6 +194,17 @@ impl Life {
     }
 }
 
+/// SHA-256 of the running executable, hashed once ([0; 32] when it cannot be read).
+fn running_build() -> [u8; 32] {
+    static BUILD: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    *BUILD.get_or_init(|| {
+        crate::lifecycle::patch::running_build_sha256().unwrap_or_else(|e| {
+            tracing::warn!("hashing the running VMM executable: {e}");
+            [0; 32]
+        })
+    })
+}
+
 /// Median and p99 of blackouts in microseconds.
 pub fn percentiles(v: &[Blackout]) -> (u64, u64, u64) {
     if v.is_empty() {
@@ -468,6 +479,10 @@ pub trait Lifecycle: VmHost {
             },
             patchable: self.life().cfg.patch.is_some(),
             torn_down: lock(&self.life().teardown).is_some(),
+            build: Some(hex::encode(match &self.life().cfg.patch {
+                Some(a) => a.build_sha256,
+                None => running_build(),
+            })),
         }
     }
 
