@@ -216,6 +216,13 @@ pub fn lifecycle_config(args: &VmArgs) -> anyhow::Result<crate::lifecycle::Lifec
         counters: args.counters_db.clone().zip(args.counters_key.clone()),
         teardown_on_exit: args.teardown_on_exit || args.teardown_record.is_some(),
         profile_name: args.profile.clone(),
+        patch_source: match (&args.patch_source, args.patch_pubkeys.is_empty()) {
+            (Some(_), true) => anyhow::bail!(
+                "--patch-source needs --patch-pubkey (who signs the bundles it applies)"
+            ),
+            (s, _) => s.clone(),
+        },
+        patch_poll: args.patch_poll.max(std::time::Duration::from_millis(10)),
         ..Default::default()
     })
 }

@@ -523,6 +523,62 @@ fn a_native_device_handler_patch_lands_in_the_running_guest() {
     );
 }
 
+/// Issue 21.3 pull mode: a bundle dropped into the patch source directory is applied
+/// to the running guest with no control request.
+#[test]
+fn a_bundle_in_the_patch_source_directory_is_applied() {
+    if !kvm_available() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let mut p = hilrig_vmm::payload::Payload::new().unwrap();
+    {
+        use iced_x86::code_asm::*;
+        let mut l = p.a.create_label();
+        p.a.set_label(&mut l).unwrap();
+        p.a.mov(eax, dword_ptr(rdi + Reg::Version.offset() as i32))
+            .unwrap();
+        p.a.cmp(eax, hilrig_device::regmap::DEVICE_VERSION_VALUE)
+            .unwrap();
+        p.a.je(l).unwrap();
+        p.a.mov(dx, hilrig_vmm::vstate::layout::PORT_RESULT as u32)
+            .unwrap();
+        p.a.out(dx, eax).unwrap();
+    }
+    p.report(0).unwrap();
+    let source = d.path().join("incoming");
+    std::fs::create_dir(&source).unwrap();
+    let life = LifecycleConfig {
+        patch: Some(authority(d.path())),
+        patch_source: Some(source.clone()),
+        patch_poll: Duration::from_millis(20),
+        ..Default::default()
+    };
+    let r = start(d.path(), p.build().unwrap(), 1, false, life, model());
+    settle(&r.sock);
+    let lib = build_demo_module(d.path(), 2, 0x0001_0002);
+    let b = bundle(
+        d.path(),
+        "h.tmp",
+        "device-handler",
+        2,
+        ("libdemo.so", std::fs::read(lib).unwrap()),
+        1,
+        BUILD,
+    );
+    // Noise the poller must ignore: another extension, a directory.
+    std::fs::write(source.join("notes.txt"), b"x").unwrap();
+    std::fs::create_dir(source.join("d.bundle")).unwrap();
+    std::fs::rename(&b, source.join("h.bundle")).unwrap();
+    let rep = r.thread.join().unwrap();
+    assert_eq!(rep.verdict, Verdict::Pass, "{}", rep.verdict);
+    assert_eq!(
+        rep.results,
+        vec![0x0001_0002],
+        "the pulled handler answered"
+    );
+}
+
 fn build_demo_module(dir: &Path, version: u64, reg: u32) -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("modules/demo_handler.rs");
     let out = dir.join(format!("libdemo_v{version}.so"));

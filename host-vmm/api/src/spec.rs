@@ -296,6 +296,13 @@ pub struct VmSpec {
     /// MAC key file (0600, 64 hex digits) of --patch-record.
     #[arg(long, requires = "patch_record")]
     pub patch_record_key: Option<PathBuf>,
+    /// Pull mode: poll this directory for `*.bundle` files and apply each new one
+    /// (needs --patch-pubkey), for hosts the control plane cannot reach.
+    #[arg(long)]
+    pub patch_source: Option<PathBuf>,
+    /// How often --patch-source is polled, e.g. 1s, 200ms.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub patch_poll: Duration,
     /// Ed25519 secret key file that signs teardown records (default: an ephemeral key).
     #[arg(long)]
     pub vmm_key: Option<PathBuf>,
@@ -345,6 +352,8 @@ impl Default for VmSpec {
             patch_decrypt_key: None,
             patch_record: None,
             patch_record_key: None,
+            patch_source: None,
+            patch_poll: Duration::from_secs(1),
             vmm_key: None,
             teardown_on_exit: false,
             teardown_record: None,
@@ -398,6 +407,7 @@ impl VmSpec {
             ("patch-decrypt-key", path(&self.patch_decrypt_key)),
             ("patch-record", path(&self.patch_record)),
             ("patch-record-key", path(&self.patch_record_key)),
+            ("patch-source", path(&self.patch_source)),
             ("vmm-key", path(&self.vmm_key)),
             ("teardown-record", path(&self.teardown_record)),
             ("counters-db", self.counters_db.clone().map(OsString::from)),
@@ -424,6 +434,9 @@ impl VmSpec {
         }
         if self.timeout != d.timeout {
             flag("timeout", duration_arg(self.timeout).into());
+        }
+        if self.patch_poll != d.patch_poll {
+            flag("patch-poll", duration_arg(self.patch_poll).into());
         }
         for k in &self.patch_pubkeys {
             flag("patch-pubkey", k.clone().into());
@@ -492,6 +505,8 @@ mod tests {
             patch_decrypt_key: Some("x.key".into()),
             patch_record: Some("applied.json".into()),
             patch_record_key: Some("applied.key".into()),
+            patch_source: Some("/srv/bundles".into()),
+            patch_poll: Duration::from_millis(250),
             vmm_key: Some("vmm.key".into()),
             teardown_on_exit: true,
             teardown_record: Some("t.json".into()),

@@ -54,6 +54,11 @@ pub struct LifecycleConfig {
     /// The counters service (database, MAC key file) that gives teardown verdicts;
     /// without it the verdict compares with the counters read at VM start.
     pub counters: Option<(String, PathBuf)>,
+    /// Pull mode: a directory polled for `*.bundle` files, each applied once as if a
+    /// `patch` request had named it (for hosts the control plane cannot reach).
+    pub patch_source: Option<PathBuf>,
+    /// How often the patch source is polled.
+    pub patch_poll: Duration,
 }
 
 impl Default for LifecycleConfig {
@@ -66,6 +71,8 @@ impl Default for LifecycleConfig {
             pause_bound: Duration::from_millis(250),
             profile_name: "tenant".into(),
             counters: None,
+            patch_source: None,
+            patch_poll: Duration::from_secs(1),
         }
     }
 }
@@ -729,6 +736,74 @@ pub fn read_bundle(path: &std::path::Path) -> Result<Vec<u8>, LifecycleError> {
         });
     }
     Ok(bytes)
+}
+
+/// Most bundle files one poll of the patch source looks at.
+pub const MAX_SOURCE_FILES: usize = 64;
+
+/// Pull mode: poll `dir` every `every` for `*.bundle` regular files (at most
+/// [`MAX_SOURCE_FILES`] per poll, by name order) and apply each new one (a file is
+/// tried once per name, size and mtime; a refusal is logged, never retried). Ends
+/// when `stop` is set or the VM is gone.
+pub fn spawn_patch_source(
+    host: Weak<dyn VmHost>,
+    dir: PathBuf,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<Vec<(PathBuf, Result<PatchEvent, String>)>>> {
+    std::thread::Builder::new()
+        .name("patch-source".into())
+        .spawn(move || {
+            let mut seen = std::collections::BTreeSet::new();
+            let mut log = Vec::new();
+            while !stop.load(Ordering::Acquire) {
+                let Some(h) = host.upgrade() else { break };
+                if lock(&h.life().teardown).is_some() {
+                    break;
+                }
+                for (path, id) in source_files(&dir) {
+                    if stop.load(Ordering::Acquire) || !seen.insert((path.clone(), id)) {
+                        continue;
+                    }
+                    let r = read_bundle(&path)
+                        .and_then(|b| h.patch(&b))
+                        .map_err(|e| e.to_string());
+                    match &r {
+                        Ok(ev) => tracing::info!(file = %path.display(), to = ev.to, "patch source: applied"),
+                        Err(e) => tracing::warn!(file = %path.display(), "patch source: refused: {e}"),
+                    }
+                    log.push((path, r));
+                }
+                drop(h);
+                let until = Instant::now() + every;
+                while Instant::now() < until && !stop.load(Ordering::Acquire) {
+                    std::thread::sleep(every.min(Duration::from_millis(10)));
+                }
+            }
+            log
+        })
+}
+
+/// The `*.bundle` regular files in `dir` (name order, bounded), with (size, mtime).
+fn source_files(dir: &std::path::Path) -> Vec<(PathBuf, (u64, i64, i64))> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut v: Vec<_> = rd
+        .filter_map(|e| e.ok())
+        .take(16 * MAX_SOURCE_FILES)
+        .filter(|e| e.path().extension().is_some_and(|x| x == "bundle"))
+        .filter_map(|e| {
+            let m = e.metadata().ok()?;
+            m.file_type()
+                .is_file()
+                .then(|| (e.path(), (m.len(), m.mtime(), m.mtime_nsec())))
+        })
+        .collect();
+    v.sort();
+    v.truncate(MAX_SOURCE_FILES);
+    v
 }
 
 /// The control socket's view of a VM.
