@@ -738,6 +738,9 @@ pub fn read_bundle(path: &std::path::Path) -> Result<Vec<u8>, LifecycleError> {
     Ok(bytes)
 }
 
+/// A bundle file the patch source tried, and how it went.
+pub type SourceOutcome = (PathBuf, Result<PatchEvent, String>);
+
 /// Most bundle files one poll of the patch source looks at.
 pub const MAX_SOURCE_FILES: usize = 64;
 
@@ -750,7 +753,7 @@ pub fn spawn_patch_source(
     dir: PathBuf,
     every: Duration,
     stop: Arc<AtomicBool>,
-) -> std::io::Result<std::thread::JoinHandle<Vec<(PathBuf, Result<PatchEvent, String>)>>> {
+) -> std::io::Result<std::thread::JoinHandle<Vec<SourceOutcome>>> {
     std::thread::Builder::new()
         .name("patch-source".into())
         .spawn(move || {
