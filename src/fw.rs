@@ -75,9 +75,14 @@ pub enum FwCmd {
         /// SHA-256 (hex) of the target VMM executable...
         #[arg(long, conflicts_with = "target_vmm_file")]
         target_vmm: Option<String>,
-        /// ...or the target VMM executable itself.
+        /// ...or the target VMM executable itself (its build hash and the hash of its
+        /// patching code are both read from it).
         #[arg(long)]
         target_vmm_file: Option<PathBuf>,
+        /// SHA-256 (hex) of the target VMM's patching code, as `hilrig vm
+        /// measure-patch-path` prints it (needed with --target-vmm).
+        #[arg(long, conflicts_with = "target_vmm_file")]
+        patch_path: Option<String>,
         /// Encrypt the payloads to this X25519 public key file.
         #[arg(long)]
         encrypt_to: Option<PathBuf>,
@@ -252,18 +257,35 @@ pub fn run(cmd: FwCmd) -> Result<()> {
             version,
             target_vmm,
             target_vmm_file,
+            patch_path,
             encrypt_to,
             output,
             payloads,
         } => {
-            let target: [u8; 32] = match (target_vmm, target_vmm_file) {
-                (Some(h), None) => hex::decode(h.trim())
+            let hex32 = |h: &str, what: &str| -> Result<[u8; 32]> {
+                hex::decode(h.trim())
                     .ok()
                     .and_then(|v| v.try_into().ok())
-                    .context("--target-vmm must be 64 hex digits (a SHA-256)")?,
-                (None, Some(f)) => sha2::Sha256::digest(read(&f)?).into(),
-                _ => bail!("give the target VMM as --target-vmm HEX or --target-vmm-file PATH"),
+                    .with_context(|| format!("{what} must be 64 hex digits (a SHA-256)"))
             };
+            let (target, patch_path): ([u8; 32], [u8; 32]) =
+                match (target_vmm, target_vmm_file, patch_path) {
+                    (Some(h), None, Some(pp)) => {
+                        (hex32(&h, "--target-vmm")?, hex32(&pp, "--patch-path")?)
+                    }
+                    (Some(_), None, None) => bail!(
+                        "--target-vmm needs --patch-path (run `hilrig vm measure-patch-path` with that build), or give --target-vmm-file"
+                    ),
+                    (None, Some(f), _) => {
+                        let exe = read(&f)?;
+                        let pp = bundle::patch_path_sha256_of_elf(&exe)
+                            .with_context(|| format!("{}", f.display()))?;
+                        (sha2::Sha256::digest(&exe).into(), pp)
+                    }
+                    _ => bail!(
+                        "give the target VMM as --target-vmm HEX --patch-path HEX or --target-vmm-file PATH"
+                    ),
+                };
             let mut pl = Vec::new();
             for p in &payloads {
                 let name = p
@@ -282,6 +304,7 @@ pub fn run(cmd: FwCmd) -> Result<()> {
                     target_vmm_sha256: target,
                     payloads: pl,
                     encrypt_to,
+                    patch_path_sha256: Some(patch_path),
                 },
                 &keys::signing_key(&key)?,
             )?;

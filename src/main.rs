@@ -132,6 +132,10 @@ enum VmCmd {
         #[arg(long, default_value_t = 30.0)]
         timeout: f64,
     },
+    /// Print the SHA-256 of this build's patching code as mapped in memory (the
+    /// reference `hilrig fw bundle --patch-path` takes; `--target-vmm-file` reads the
+    /// same value from the executable).
+    MeasurePatchPath,
 }
 
 #[derive(Subcommand)]
@@ -258,6 +262,10 @@ fn dispatch(cmd: Cmd) -> Result<std::process::ExitCode> {
         Cmd::Fw(f) => fw::run(f)?,
         Cmd::Fpga(f) => fpga::run(f)?,
         Cmd::Vm(VmCmd::Run(args)) => return hilrig_vmm::run_cli(*args),
+        Cmd::Vm(VmCmd::MeasurePatchPath) => println!(
+            "{}",
+            hex::encode(hilrig_vmm::lifecycle::patch_path::measure_patch_path())
+        ),
         Cmd::Vm(VmCmd::Ctl {
             socket,
             request,
@@ -545,6 +553,7 @@ fn rollout(
                 HostOutcome::Refused { reason } => format!("REFUSED: {reason}"),
                 HostOutcome::Failed { reason } => format!("FAILED: {reason}"),
                 HostOutcome::Skipped => "skipped".into(),
+                HostOutcome::NotApplicable { reason } => format!("not applicable: {reason}"),
             };
             let versions = h
                 .versions

@@ -296,19 +296,27 @@ fn forge_on(path: &str, state: &Path) -> R<Vec<String>> {
     }
 }
 
-/// SHA-256 of a file (the VMM executable a bundle targets), cached per path.
+/// Patching-code references of the VMM builds hashed by [`file_sha256`], by build hash.
+static PATCH_PATHS: Mutex<BTreeMap<[u8; 32], [u8; 32]>> = Mutex::new(BTreeMap::new());
+
+/// SHA-256 of a file (the VMM executable a bundle targets), cached per path; a VMM
+/// build's patching-code reference is recorded on the way for [`write_bundle`].
 pub fn file_sha256(path: &Path) -> R<[u8; 32]> {
     static CACHE: Mutex<BTreeMap<PathBuf, [u8; 32]>> = Mutex::new(BTreeMap::new());
     let key = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
     if let Some(h) = CACHE.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
         return Ok(*h);
     }
-    let mut f = std::fs::File::open(&key)
-        .map_err(|e| ScenarioError::Setup(format!("{}: {e}", key.display())))?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h)
-        .map_err(|e| ScenarioError::Setup(format!("{}: {e}", key.display())))?;
-    let h: [u8; 32] = h.finalize().into();
+    let bytes =
+        std::fs::read(&key).map_err(|e| ScenarioError::Setup(format!("{}: {e}", key.display())))?;
+    let h: [u8; 32] = Sha256::digest(&bytes).into();
+    // The build's patching-code reference (issue 21.2), for the bundles made for it.
+    if let Ok(pp) = hilrig_fw::bundle::patch_path_sha256_of_elf(&bytes) {
+        PATCH_PATHS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(h, pp);
+    }
     CACHE
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -340,6 +348,11 @@ pub fn write_bundle(prefix: &Path, version: u64, build: [u8; 32], out: &Path) ->
             target_vmm_sha256: build,
             payloads: vec![("policy.toml".to_string(), policy_v2())],
             encrypt_to: None,
+            patch_path_sha256: PATCH_PATHS
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&build)
+                .copied(),
         },
         &key,
     )

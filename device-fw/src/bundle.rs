@@ -94,6 +94,11 @@ pub struct Manifest {
     pub payloads: Vec<PayloadEntry>,
     /// Encryption, if the payloads are encrypted.
     pub encryption: Option<Encryption>,
+    /// SHA-256 of the target VMM's patch-applying code (its `hilrig_patch_text`
+    /// section, [`PATCH_PATH_SECTION`]) as the VMM maps it, hex. The VMM hashes its
+    /// own mapped code after the signature check and refuses on a mismatch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patch_path_sha256: Option<String>,
 }
 
 /// What to put in a bundle.
@@ -108,6 +113,8 @@ pub struct BundleSpec<'a> {
     pub payloads: Vec<(String, Vec<u8>)>,
     /// Encrypt to this X25519 public key.
     pub encrypt_to: Option<[u8; 32]>,
+    /// SHA-256 of the target VMM's patch-applying code ([`patch_path_sha256_of_elf`]).
+    pub patch_path_sha256: Option<[u8; 32]>,
 }
 
 fn hkdf_key(shared: &[u8; 32]) -> [u8; 32] {
@@ -182,6 +189,7 @@ pub fn build(spec: &BundleSpec<'_>, key: &SigningKey) -> Result<Vec<u8>, BundleE
         signer: hex::encode(key.verifying_key().as_bytes()),
         payloads: entries,
         encryption,
+        patch_path_sha256: spec.patch_path_sha256.map(hex::encode),
     };
     let m = serde_json::to_vec(&manifest).map_err(|e| err("manifest", None, e.to_string()))?;
     if m.len() > MAX_MANIFEST {
@@ -343,6 +351,15 @@ impl Bundle<'_> {
         decode32(&self.manifest.target_vmm_sha256)
     }
 
+    /// The reference hash of the target VMM's patch-applying code, if the manifest
+    /// carries one (None also when it is not 64 hex digits).
+    pub fn patch_path_sha256(&self) -> Option<[u8; 32]> {
+        self.manifest
+            .patch_path_sha256
+            .as_deref()
+            .and_then(decode32)
+    }
+
     /// Decrypt (when encrypted; `recipient` is the X25519 secret) and check every
     /// payload against its SHA-256. Call after `verify`.
     pub fn payloads(
@@ -425,6 +442,73 @@ fn decode32(s: &str) -> Option<[u8; 32]> {
     hex::decode(s).ok()?.try_into().ok()
 }
 
+/// The linker section that holds the VMM's patch-applying code (a C identifier, so
+/// the linker defines `__start_`/`__stop_` symbols for it).
+pub const PATCH_PATH_SECTION: &str = "hilrig_patch_text";
+
+/// SHA-256 of the [`PATCH_PATH_SECTION`] section of a VMM executable (ELF64,
+/// little-endian): the bytes the VMM maps as its patch-applying code (position-
+/// independent code has no relocations in text, so file and memory bytes agree).
+pub fn patch_path_sha256_of_elf(elf: &[u8]) -> Result<[u8; 32], BundleError> {
+    let e = |problem: String| err("VMM executable", None, problem);
+    let u16_at = |o: usize| -> Result<u16, BundleError> {
+        elf.get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .ok_or_else(|| e(format!("truncated at {o}")))
+    };
+    let u32_at = |o: usize| -> Result<u32, BundleError> {
+        elf.get(o..o + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .ok_or_else(|| e(format!("truncated at {o}")))
+    };
+    let u64_at = |o: usize| -> Result<u64, BundleError> {
+        elf.get(o..o + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+            .ok_or_else(|| e(format!("truncated at {o}")))
+    };
+    if elf.get(..6) != Some(&[0x7f, b'E', b'L', b'F', 2, 1][..]) {
+        return Err(e("not a little-endian ELF64 file".into()));
+    }
+    let shoff = u64_at(0x28)? as usize;
+    let shentsize = u16_at(0x3a)? as usize;
+    let shnum = u16_at(0x3c)? as usize;
+    let shstrndx = u16_at(0x3e)? as usize;
+    if shentsize < 64 || shnum == 0 || shstrndx >= shnum {
+        return Err(e("no usable section header table".into()));
+    }
+    let sh = |i: usize| shoff.checked_add(i.checked_mul(shentsize)?);
+    let strtab = sh(shstrndx).ok_or_else(|| e("section table out of range".into()))?;
+    let (str_off, str_size) = (
+        u64_at(strtab + 0x18)? as usize,
+        u64_at(strtab + 0x20)? as usize,
+    );
+    let names = elf
+        .get(str_off..str_off.saturating_add(str_size))
+        .ok_or_else(|| e("section names out of range".into()))?;
+    for i in 0..shnum {
+        let h = sh(i).ok_or_else(|| e("section table out of range".into()))?;
+        let name_off = u32_at(h)? as usize;
+        let name = names
+            .get(name_off..)
+            .and_then(|n| n.split(|&c| c == 0).next())
+            .unwrap_or_default();
+        if name == PATCH_PATH_SECTION.as_bytes() {
+            let (off, size) = (u64_at(h + 0x18)? as usize, u64_at(h + 0x20)? as usize);
+            let bytes = elf
+                .get(off..off.saturating_add(size))
+                .ok_or_else(|| e(format!("section {PATCH_PATH_SECTION} out of range")))?;
+            if bytes.is_empty() {
+                return Err(e(format!("section {PATCH_PATH_SECTION} is empty")));
+            }
+            return Ok(Sha256::digest(bytes).into());
+        }
+    }
+    Err(e(format!(
+        "no {PATCH_PATH_SECTION} section (not a hilrig VMM build?)"
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -440,6 +524,7 @@ mod tests {
                 ("x.bin".into(), vec![1, 2, 3]),
             ],
             encrypt_to,
+            patch_path_sha256: Some([5; 32]),
         }
     }
 
@@ -452,7 +537,22 @@ mod tests {
         let pl = p.payloads(None).unwrap();
         assert_eq!(pl[0], ("rules.toml".to_string(), b"[rules]".to_vec()));
         assert_eq!(p.target_vmm_sha256(), Some([9; 32]));
+        assert_eq!(p.patch_path_sha256(), Some([5; 32]));
         assert_eq!(p.manifest.version, 3);
+    }
+
+    #[test]
+    fn patch_path_of_elf_names_what_is_wrong() {
+        let e = patch_path_sha256_of_elf(b"nope").unwrap_err().to_string();
+        assert!(e.contains("not a little-endian ELF64"), "{e}");
+        // This test binary is ELF but no VMM: it has no patch-path section.
+        let me = std::fs::read("/proc/self/exe").unwrap();
+        let e = patch_path_sha256_of_elf(&me).unwrap_err().to_string();
+        assert!(e.contains("no hilrig_patch_text section"), "{e}");
+        // Truncated section tables are errors, never panics.
+        for n in [64, 100, me.len() / 2] {
+            let _ = patch_path_sha256_of_elf(&me[..n]);
+        }
     }
 
     #[test]

@@ -239,6 +239,16 @@ pub fn lifecycle_config(args: &VmArgs) -> anyhow::Result<crate::lifecycle::Lifec
             build_sha256,
             module_dir: std::env::temp_dir()
                 .join(format!("hilrig-vmm-modules-{}", std::process::id())),
+            applied: match (&args.patch_record, &args.patch_record_key) {
+                (Some(rec), Some(key)) => {
+                    Some(Arc::new(crate::lifecycle::applied::AppliedVersions::open(
+                        rec,
+                        key,
+                        &crate::lifecycle::applied::host_name(),
+                    )?))
+                }
+                _ => None,
+            },
         }))
     };
     let vmm_key = args
@@ -253,6 +263,13 @@ pub fn lifecycle_config(args: &VmArgs) -> anyhow::Result<crate::lifecycle::Lifec
         counters: args.counters_db.clone().zip(args.counters_key.clone()),
         teardown_on_exit: args.teardown_on_exit || args.teardown_record.is_some(),
         profile_name: args.profile.clone(),
+        patch_source: match (&args.patch_source, args.patch_pubkeys.is_empty()) {
+            (Some(_), true) => anyhow::bail!(
+                "--patch-source needs --patch-pubkey (who signs the bundles it applies)"
+            ),
+            (s, _) => s.clone(),
+        },
+        patch_poll: args.patch_poll.max(std::time::Duration::from_millis(10)),
         ..Default::default()
     })
 }

@@ -22,6 +22,7 @@ fn authority(dir: &Path) -> Arc<PatchAuthority> {
         decrypt_key: None,
         build_sha256: BUILD,
         module_dir: dir.join("modules"),
+        applied: None,
     })
 }
 
@@ -41,6 +42,7 @@ fn bundle(
             target_vmm_sha256: build,
             payloads: vec![(payload.0.to_string(), payload.1)],
             encrypt_to: None,
+            patch_path_sha256: Some(hilrig_vmm::lifecycle::patch_path::measure_patch_path()),
         },
         &SigningKey::from_bytes(&[key; 32]),
     )
@@ -518,6 +520,62 @@ fn a_native_device_handler_patch_lands_in_the_running_guest() {
         rep.results,
         vec![0x0001_0002],
         "the guest saw the new module's VERSION"
+    );
+}
+
+/// Issue 21.3 pull mode: a bundle dropped into the patch source directory is applied
+/// to the running guest with no control request.
+#[test]
+fn a_bundle_in_the_patch_source_directory_is_applied() {
+    if !kvm_available() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let mut p = hilrig_vmm::payload::Payload::new().unwrap();
+    {
+        use iced_x86::code_asm::*;
+        let mut l = p.a.create_label();
+        p.a.set_label(&mut l).unwrap();
+        p.a.mov(eax, dword_ptr(rdi + Reg::Version.offset() as i32))
+            .unwrap();
+        p.a.cmp(eax, hilrig_device::regmap::DEVICE_VERSION_VALUE)
+            .unwrap();
+        p.a.je(l).unwrap();
+        p.a.mov(dx, hilrig_vmm::vstate::layout::PORT_RESULT as u32)
+            .unwrap();
+        p.a.out(dx, eax).unwrap();
+    }
+    p.report(0).unwrap();
+    let source = d.path().join("incoming");
+    std::fs::create_dir(&source).unwrap();
+    let life = LifecycleConfig {
+        patch: Some(authority(d.path())),
+        patch_source: Some(source.clone()),
+        patch_poll: Duration::from_millis(20),
+        ..Default::default()
+    };
+    let r = start(d.path(), p.build().unwrap(), 1, false, life, model());
+    settle(&r.sock);
+    let lib = build_demo_module(d.path(), 2, 0x0001_0002);
+    let b = bundle(
+        d.path(),
+        "h.tmp",
+        "device-handler",
+        2,
+        ("libdemo.so", std::fs::read(lib).unwrap()),
+        1,
+        BUILD,
+    );
+    // Noise the poller must ignore: another extension, a directory.
+    std::fs::write(source.join("notes.txt"), b"x").unwrap();
+    std::fs::create_dir(source.join("d.bundle")).unwrap();
+    std::fs::rename(&b, source.join("h.bundle")).unwrap();
+    let rep = r.thread.join().unwrap();
+    assert_eq!(rep.verdict, Verdict::Pass, "{}", rep.verdict);
+    assert_eq!(
+        rep.results,
+        vec![0x0001_0002],
+        "the pulled handler answered"
     );
 }
 

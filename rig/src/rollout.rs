@@ -1,7 +1,8 @@
 //! Fleet rollout of a patch bundle: the rig acts as the patch authority for many VMMs.
-//! Canary hosts first, then waves; every host's result and blackout is recorded; the
-//! rollout stops at the first refused or failed patch and reports which hosts run
-//! which version.
+//! Canary hosts first, then waves; every host's result and blackout is recorded.
+//! A host whose VMM build (from its `status`) is not the build the bundle targets is
+//! skipped and listed as not applicable; the rollout stops at the first refusal or
+//! failure of a host the bundle applies to, and reports which hosts run which version.
 
 use hilrig_vmm_api::control::{self, ControlError, ModuleVersions, Reply, Request, Response};
 use serde::Serialize;
@@ -44,6 +45,11 @@ pub enum HostOutcome {
     },
     /// Not attempted: the rollout stopped before this host's wave.
     Skipped,
+    /// Not attempted: the bundle does not apply to this host (another VMM build).
+    NotApplicable {
+        /// Why.
+        reason: String,
+    },
 }
 
 /// One host's line in the report.
@@ -64,8 +70,10 @@ pub struct HostReport {
 pub struct Report {
     /// Per host, in rollout order.
     pub hosts: Vec<HostReport>,
-    /// Whether every host applied the patch.
+    /// Whether every host the bundle applies to applied the patch.
     pub complete: bool,
+    /// Hosts skipped because the bundle does not apply to them.
+    pub not_applicable: Vec<String>,
     /// Why the rollout stopped, if it did.
     pub stopped: Option<String>,
 }
@@ -92,6 +100,11 @@ pub trait Fleet {
     fn patch(&self, t: &Target, bundle: &Path) -> Result<Response, ControlError>;
     /// Installed versions.
     fn status(&self, t: &Target) -> Result<ModuleVersions, ControlError>;
+    /// The VMM build the host runs (SHA-256 hex, from its `status`); None: unknown
+    /// (then the bundle is tried, and the VMM itself refuses another build).
+    fn build(&self, _t: &Target) -> Result<Option<String>, ControlError> {
+        Ok(None)
+    }
 }
 
 /// The production fleet: VMM control sockets.
@@ -108,8 +121,17 @@ impl Fleet for Sockets {
         control::request(&t.socket, &req, self.timeout)
     }
     fn status(&self, t: &Target) -> Result<ModuleVersions, ControlError> {
+        Ok(self.vm_status(t)?.versions)
+    }
+    fn build(&self, t: &Target) -> Result<Option<String>, ControlError> {
+        Ok(self.vm_status(t)?.build)
+    }
+}
+
+impl Sockets {
+    fn vm_status(&self, t: &Target) -> Result<control::VmStatus, ControlError> {
         match control::request(&t.socket, &Request::Status {}, self.timeout)? {
-            Ok(Reply::Status(s)) => Ok(s.versions),
+            Ok(Reply::Status(s)) => Ok(s),
             Ok(_) => Err(ControlError::Mismatch {
                 path: t.socket.clone(),
                 op: "status",
@@ -165,11 +187,22 @@ pub fn rollout(
         })
         .collect();
     let mut stopped = None;
+    let target_build = bundle_target(bundle);
+    let mut not_applicable = Vec::new();
     'waves: for (w, range) in waves(targets.len(), canary, wave).into_iter().enumerate() {
         for i in range.clone() {
             hosts[i].wave = w;
         }
         for i in range {
+            if let (Some(want), Ok(Some(have))) = (&target_build, fleet.build(&targets[i])) {
+                if !want.eq_ignore_ascii_case(&have) {
+                    hosts[i].outcome = HostOutcome::NotApplicable {
+                        reason: format!("runs VMM build {have}; the bundle targets {want}"),
+                    };
+                    not_applicable.push(targets[i].name.clone());
+                    continue;
+                }
+            }
             let o = outcome(fleet.patch(&targets[i], bundle));
             let bad = !matches!(o, HostOutcome::Applied { .. });
             hosts[i].outcome = o;
@@ -190,14 +223,29 @@ pub fn rollout(
     for h in &mut hosts {
         h.versions = fleet.status(&h.target).ok();
     }
-    let complete = hosts
-        .iter()
-        .all(|h| matches!(h.outcome, HostOutcome::Applied { .. }));
+    let complete = hosts.iter().all(|h| {
+        matches!(
+            h.outcome,
+            HostOutcome::Applied { .. } | HostOutcome::NotApplicable { .. }
+        )
+    });
     Report {
         hosts,
         complete,
+        not_applicable,
         stopped,
     }
+}
+
+/// The VMM build a bundle file targets (hex), if the file reads and parses.
+fn bundle_target(bundle: &Path) -> Option<String> {
+    let text_limit =
+        hilrig_fw::bundle::MAX_PAYLOADS as u64 + hilrig_fw::bundle::MAX_MANIFEST as u64;
+    let f = std::fs::File::open(bundle).ok()?;
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(f, text_limit), &mut bytes).ok()?;
+    let b = hilrig_fw::bundle::parse(&bytes).ok()?;
+    Some(b.manifest.target_vmm_sha256.clone())
 }
 
 #[cfg(test)]
@@ -208,6 +256,7 @@ mod tests {
 
     struct Fake {
         bad: &'static str,
+        other_build: Vec<&'static str>,
         log: Mutex<Vec<String>>,
     }
     impl Fleet for Fake {
@@ -221,6 +270,7 @@ mod tests {
                 from: 1,
                 to: 2,
                 blackout_us: Some(80),
+                ..Default::default()
             })))
         }
         fn status(&self, t: &Target) -> Result<ModuleVersions, ControlError> {
@@ -230,6 +280,64 @@ mod tests {
                 device_handler: 0,
             })
         }
+        fn build(&self, t: &Target) -> Result<Option<String>, ControlError> {
+            Ok(Some(if self.other_build.contains(&t.name.as_str()) {
+                hex::encode([0xee; 32])
+            } else {
+                hex::encode(BUILD)
+            }))
+        }
+    }
+
+    const BUILD: [u8; 32] = [0xb1; 32];
+
+    fn bundle_file(dir: &Path) -> std::path::PathBuf {
+        let b = hilrig_fw::bundle::build(
+            &hilrig_fw::bundle::BundleSpec {
+                component: "policy",
+                version: 2,
+                target_vmm_sha256: BUILD,
+                payloads: vec![("rules.toml".into(), b"".to_vec())],
+                encrypt_to: None,
+                patch_path_sha256: Some([1; 32]),
+            },
+            &ed25519_dalek::SigningKey::from_bytes(&[3; 32]),
+        )
+        .unwrap();
+        let p = dir.join("p.bundle");
+        std::fs::write(&p, b).unwrap();
+        p
+    }
+
+    /// Issue 21.3: hosts running another build are skipped and listed; the rollout
+    /// halts only on a refusal by a host the bundle applies to.
+    #[test]
+    fn hosts_of_another_build_are_skipped_not_a_halt() {
+        let d = tempfile::tempdir().unwrap();
+        let b = bundle_file(d.path());
+        let f = Fake {
+            bad: "none",
+            other_build: vec!["h1", "h2"],
+            log: Mutex::new(vec![]),
+        };
+        let r = rollout(&f, &targets(5), &b, 1, 2);
+        assert_eq!(*f.log.lock().unwrap(), vec!["h0", "h3", "h4"]);
+        assert!(r.complete, "{r:?}");
+        assert!(r.stopped.is_none());
+        assert_eq!(r.not_applicable, vec!["h1", "h2"]);
+        assert!(
+            matches!(r.hosts[1].outcome, HostOutcome::NotApplicable { ref reason } if reason.contains("targets"))
+        );
+        // A refusal by an applicable host still halts.
+        let f = Fake {
+            bad: "h3",
+            other_build: vec!["h1"],
+            log: Mutex::new(vec![]),
+        };
+        let r = rollout(&f, &targets(5), &b, 1, 2);
+        assert!(!r.complete);
+        assert!(r.stopped.as_deref().unwrap().starts_with("h3"));
+        assert_eq!(r.hosts[4].outcome, HostOutcome::Skipped);
     }
 
     fn targets(n: usize) -> Vec<Target> {
@@ -253,6 +361,7 @@ mod tests {
     fn stops_at_the_first_refusal_and_reports_versions() {
         let f = Fake {
             bad: "h3",
+            other_build: vec![],
             log: Mutex::new(vec![]),
         };
         let r = rollout(&f, &targets(6), Path::new("b"), 1, 2);
@@ -268,6 +377,7 @@ mod tests {
         assert_eq!(r.hosts[5].versions.map(|v| v.policy), Some(1));
         let f = Fake {
             bad: "none",
+            other_build: vec![],
             log: Mutex::new(vec![]),
         };
         assert!(rollout(&f, &targets(4), Path::new("b"), 1, 2).complete);

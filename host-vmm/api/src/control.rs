@@ -105,6 +105,9 @@ pub struct VmStatus {
     pub patchable: bool,
     /// Whether the tenant was torn down.
     pub torn_down: bool,
+    /// SHA-256 (hex) of the running VMM build (what bundles target).
+    #[serde(default)]
+    pub build: Option<String>,
 }
 
 /// The reply to `pause`, `resume` and `quiesce`.
@@ -359,6 +362,7 @@ mod tests {
                 },
                 patchable: true,
                 torn_down: false,
+                build: Some("ab".repeat(32)),
             })),
             Ok(Reply::Quiesce(PauseReply {
                 vcpus: 2,
@@ -375,6 +379,7 @@ mod tests {
                 from: 1,
                 to: 2,
                 blackout_us: Some(80),
+                ..Default::default()
             })),
             Ok(Reply::Metrics(Box::new(Metrics {
                 blackouts: BlackoutStats::default(),
@@ -396,6 +401,7 @@ mod tests {
             from: 1,
             to: 2,
             blackout_us: Some(80),
+            ..Default::default()
         })));
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["ok"], true);

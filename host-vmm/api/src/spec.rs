@@ -334,6 +334,20 @@ pub struct VmSpec {
     /// X25519 secret key file to decrypt encrypted patch bundles.
     #[arg(long)]
     pub patch_decrypt_key: Option<PathBuf>,
+    /// This host's record of applied patch versions (MACed; a restarted VMM refuses
+    /// bundles not newer than those; a record that does not verify stops the VMM).
+    #[arg(long, requires = "patch_record_key")]
+    pub patch_record: Option<PathBuf>,
+    /// MAC key file (0600, 64 hex digits) of --patch-record.
+    #[arg(long, requires = "patch_record")]
+    pub patch_record_key: Option<PathBuf>,
+    /// Pull mode: poll this directory for `*.bundle` files and apply each new one
+    /// (needs --patch-pubkey), for hosts the control plane cannot reach.
+    #[arg(long)]
+    pub patch_source: Option<PathBuf>,
+    /// How often --patch-source is polled, e.g. 1s, 200ms.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub patch_poll: Duration,
     /// Ed25519 secret key file that signs teardown records (default: an ephemeral key).
     #[arg(long)]
     pub vmm_key: Option<PathBuf>,
@@ -381,6 +395,10 @@ impl Default for VmSpec {
             control: None,
             patch_pubkeys: Vec::new(),
             patch_decrypt_key: None,
+            patch_record: None,
+            patch_record_key: None,
+            patch_source: None,
+            patch_poll: Duration::from_secs(1),
             vmm_key: None,
             teardown_on_exit: false,
             teardown_record: None,
@@ -432,6 +450,9 @@ impl VmSpec {
             ("console", path(&self.console)),
             ("control", path(&self.control)),
             ("patch-decrypt-key", path(&self.patch_decrypt_key)),
+            ("patch-record", path(&self.patch_record)),
+            ("patch-record-key", path(&self.patch_record_key)),
+            ("patch-source", path(&self.patch_source)),
             ("vmm-key", path(&self.vmm_key)),
             ("teardown-record", path(&self.teardown_record)),
             ("counters-db", self.counters_db.clone().map(OsString::from)),
@@ -458,6 +479,9 @@ impl VmSpec {
         }
         if self.timeout != d.timeout {
             flag("timeout", duration_arg(self.timeout).into());
+        }
+        if self.patch_poll != d.patch_poll {
+            flag("patch-poll", duration_arg(self.patch_poll).into());
         }
         for k in &self.patch_pubkeys {
             flag("patch-pubkey", k.clone().into());
@@ -524,6 +548,10 @@ mod tests {
             control: Some("/run/vm.sock".into()),
             patch_pubkeys: vec!["k1.pub".into(), "k2.pub".into()],
             patch_decrypt_key: Some("x.key".into()),
+            patch_record: Some("applied.json".into()),
+            patch_record_key: Some("applied.key".into()),
+            patch_source: Some("/srv/bundles".into()),
+            patch_poll: Duration::from_millis(250),
             vmm_key: Some("vmm.key".into()),
             teardown_on_exit: true,
             teardown_record: Some("t.json".into()),

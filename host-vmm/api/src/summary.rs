@@ -164,7 +164,7 @@ impl PolicySummary {
 }
 
 /// One applied live patch.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PatchEvent {
     /// Component (`policy`, `device-handler`).
     pub component: String,
@@ -173,7 +173,18 @@ pub struct PatchEvent {
     /// Version after.
     pub to: u64,
     /// Blackout in microseconds (None when the operator already held the vCPUs paused).
+    /// For a swap without quiesce: the time new calls could wait (the publish).
     pub blackout_us: Option<u64>,
+    /// Whether the vCPUs were parked for it (policy patches; a device-handler swap is
+    /// done under load: calls in flight are cancelled and retried in the new module).
+    #[serde(default)]
+    pub quiesced: bool,
+    /// Publish to the old module drained and retired, in microseconds (swaps only).
+    #[serde(default)]
+    pub swap_us: Option<u64>,
+    /// Calls that were inside the old module when it was replaced (swaps only).
+    #[serde(default)]
+    pub inflight: u64,
 }
 
 /// The measurement of a device's VBIOS before the guest gets the device.

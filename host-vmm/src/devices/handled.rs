@@ -45,10 +45,17 @@ impl HandledDevice {
 
     /// Ask the handler; None = no handler or it failed (counted).
     fn ask(&self, word: u32, write: bool, value: u32) -> Result<Option<HandlerAction>, ()> {
-        match self
-            .handler
-            .call(|h| h.as_ref().map(|h| h.on_access(word, write, value)))
-        {
+        // A call still inside a handler that is swapped out is cancelled (the module
+        // returns RETRY at its check point, or its answer is discarded) and lands in
+        // the new handler through the table: every access is decided exactly once.
+        match self.handler.call_with(|h, cancel| match h {
+            None => Ok(None),
+            Some(h) => match h.on_access_cancellable(word, write, value, cancel) {
+                Ok(Ok(a)) => Ok(Some(Ok(a))),
+                Ok(Err(c)) => Err(c),
+                Err(code) => Ok(Some(Err(code))),
+            },
+        }) {
             Ok(None) => Ok(None),
             Ok(Some(Ok(a))) => Ok(Some(a)),
             Ok(Some(Err(code))) => {

@@ -301,6 +301,7 @@ mod tests {
                     from: 1,
                     to: 2,
                     blackout_us: None,
+                    ..Default::default()
                 })),
                 _ => Ok(Reply::Pause(PauseReply {
                     vcpus: 3,

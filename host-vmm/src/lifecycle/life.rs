@@ -58,6 +58,11 @@ pub struct LifecycleConfig {
     /// teardown scrubs, resets and checks it by the description, and reads no
     /// counters (it has none).
     pub device_desc: Option<Arc<crate::devices::desc::DeviceDesc>>,
+    /// Pull mode: a directory polled for `*.bundle` files, each applied once as if a
+    /// `patch` request had named it (for hosts the control plane cannot reach).
+    pub patch_source: Option<PathBuf>,
+    /// How often the patch source is polled.
+    pub patch_poll: Duration,
 }
 
 impl Default for LifecycleConfig {
@@ -71,6 +76,8 @@ impl Default for LifecycleConfig {
             profile_name: "tenant".into(),
             counters: None,
             device_desc: None,
+            patch_source: None,
+            patch_poll: Duration::from_secs(1),
         }
     }
 }
@@ -110,6 +117,9 @@ pub enum LifecycleError {
     /// The new policy could not be installed.
     #[error("replacing the policy: {0}")]
     ReplacePolicy(crate::VmmError),
+    /// The applied-versions record could not be written (nothing applied).
+    #[error(transparent)]
+    Record(#[from] crate::lifecycle::applied::AppliedError),
     /// The bundle file could not be read.
     #[error("bundle {path}: {source}")]
     Bundle {
@@ -194,6 +204,17 @@ impl Life {
     pub fn patches(&self) -> Vec<PatchEvent> {
         lock(&self.patches).clone()
     }
+}
+
+/// SHA-256 of the running executable, hashed once ([0; 32] when it cannot be read).
+fn running_build() -> [u8; 32] {
+    static BUILD: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    *BUILD.get_or_init(|| {
+        crate::lifecycle::patch::running_build_sha256().unwrap_or_else(|e| {
+            tracing::warn!("hashing the running VMM executable: {e}");
+            [0; 32]
+        })
+    })
 }
 
 /// Median and p99 of blackouts in microseconds.
@@ -319,8 +340,59 @@ pub trait Lifecycle: VmHost {
         if matches!(prepared, Prepared::Policy { .. }) && self.policy_engine().is_none() {
             return Err(LifecycleError::NoPolicyEngine);
         }
+        // Recorded before it is applied, so a crash can only make the floor higher.
+        if let Some(a) = &auth.applied {
+            a.record(prepared.component(), prepared.version())?;
+        }
         let held = lock(&self.life().paused).take();
         let was_held = held.is_some();
+        // A device handler is swapped under load, without parking the vCPUs: calls in
+        // flight in the old module are cancelled and retried in the new one, the old
+        // code is retired once drained (see `modules`).
+        let prepared = match prepared {
+            Prepared::Handler { version, handler } if !was_held => {
+                let sw = self.modules().handler.swap(
+                    Some(handler),
+                    version,
+                    self.life().cfg.pause_bound,
+                );
+                let ev = match sw {
+                    Ok(sw) => PatchEvent {
+                        component: crate::lifecycle::patch::DEVICE_HANDLER.to_string(),
+                        from: sw.from,
+                        to: version,
+                        blackout_us: Some(us(sw.publish)),
+                        quiesced: false,
+                        swap_us: Some(us(sw.total)),
+                        inflight: sw.inflight_at_publish,
+                    },
+                    Err(e) => {
+                        // The new module is installed; the old one could not be
+                        // retired (alarmed). The patch itself took effect.
+                        MODULE_ALARMS.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!("module alarm: {e}");
+                        PatchEvent {
+                            component: crate::lifecycle::patch::DEVICE_HANDLER.to_string(),
+                            from: match e {
+                                crate::lifecycle::modules::SwapError::Drain { version, .. }
+                                | crate::lifecycle::modules::SwapError::Retire {
+                                    version, ..
+                                } => version,
+                            },
+                            to: version,
+                            blackout_us: None,
+                            quiesced: false,
+                            swap_us: None,
+                            inflight: 0,
+                        }
+                    }
+                };
+                lock(&self.life().patches).push(ev.clone());
+                tracing::info!(component = %ev.component, from = ev.from, to = ev.to, swap_us = ?ev.swap_us, "patch applied without quiesce");
+                return Ok(ev);
+            }
+            p => p,
+        };
         let paused = match held {
             Some(p) => p,
             None => self.pause_now()?,
@@ -354,6 +426,8 @@ pub trait Lifecycle: VmHost {
             from,
             to,
             blackout_us,
+            quiesced: true,
+            ..PatchEvent::default()
         };
         lock(&self.life().patches).push(ev.clone());
         tracing::info!(component, from, to, ?blackout_us, "patch applied");
@@ -420,6 +494,10 @@ pub trait Lifecycle: VmHost {
             },
             patchable: self.life().cfg.patch.is_some(),
             torn_down: lock(&self.life().teardown).is_some(),
+            build: Some(hex::encode(match &self.life().cfg.patch {
+                Some(a) => a.build_sha256,
+                None => running_build(),
+            })),
         }
     }
 
@@ -436,7 +514,8 @@ pub trait Lifecycle: VmHost {
             },
             patches: self.life().patches(),
             policy: self.policy_engine().map(|e| e.metrics().summary),
-            module_alarms: MODULE_ALARMS.load(Ordering::Relaxed),
+            module_alarms: MODULE_ALARMS.load(Ordering::Relaxed)
+                + crate::lifecycle::modules::stale_address_faults(),
             module_retries: self.modules().policy.retries() + self.modules().handler.retries(),
             stale_module_calls: self.modules().policy.stale_calls()
                 + self.modules().handler.stale_calls(),
@@ -674,6 +753,77 @@ pub fn read_bundle(path: &std::path::Path) -> Result<Vec<u8>, LifecycleError> {
         });
     }
     Ok(bytes)
+}
+
+/// A bundle file the patch source tried, and how it went.
+pub type SourceOutcome = (PathBuf, Result<PatchEvent, String>);
+
+/// Most bundle files one poll of the patch source looks at.
+pub const MAX_SOURCE_FILES: usize = 64;
+
+/// Pull mode: poll `dir` every `every` for `*.bundle` regular files (at most
+/// [`MAX_SOURCE_FILES`] per poll, by name order) and apply each new one (a file is
+/// tried once per name, size and mtime; a refusal is logged, never retried). Ends
+/// when `stop` is set or the VM is gone.
+pub fn spawn_patch_source(
+    host: Weak<dyn VmHost>,
+    dir: PathBuf,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<Vec<SourceOutcome>>> {
+    std::thread::Builder::new()
+        .name("patch-source".into())
+        .spawn(move || {
+            let mut seen = std::collections::BTreeSet::new();
+            let mut log = Vec::new();
+            while !stop.load(Ordering::Acquire) {
+                let Some(h) = host.upgrade() else { break };
+                if lock(&h.life().teardown).is_some() {
+                    break;
+                }
+                for (path, id) in source_files(&dir) {
+                    if stop.load(Ordering::Acquire) || !seen.insert((path.clone(), id)) {
+                        continue;
+                    }
+                    let r = read_bundle(&path)
+                        .and_then(|b| h.patch(&b))
+                        .map_err(|e| e.to_string());
+                    match &r {
+                        Ok(ev) => tracing::info!(file = %path.display(), to = ev.to, "patch source: applied"),
+                        Err(e) => tracing::warn!(file = %path.display(), "patch source: refused: {e}"),
+                    }
+                    log.push((path, r));
+                }
+                drop(h);
+                let until = Instant::now() + every;
+                while Instant::now() < until && !stop.load(Ordering::Acquire) {
+                    std::thread::sleep(every.min(Duration::from_millis(10)));
+                }
+            }
+            log
+        })
+}
+
+/// The `*.bundle` regular files in `dir` (name order, bounded), with (size, mtime).
+fn source_files(dir: &std::path::Path) -> Vec<(PathBuf, (u64, i64, i64))> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut v: Vec<_> = rd
+        .filter_map(|e| e.ok())
+        .take(16 * MAX_SOURCE_FILES)
+        .filter(|e| e.path().extension().is_some_and(|x| x == "bundle"))
+        .filter_map(|e| {
+            let m = e.metadata().ok()?;
+            m.file_type()
+                .is_file()
+                .then(|| (e.path(), (m.len(), m.mtime(), m.mtime_nsec())))
+        })
+        .collect();
+    v.sort();
+    v.truncate(MAX_SOURCE_FILES);
+    v
 }
 
 /// The control socket's view of a VM.

@@ -4,11 +4,13 @@
 //! control socket that exposes them ([`control`]); [`Life`] holds a VM's lifecycle
 //! state and the operations on it.
 
+pub mod applied;
 pub mod control;
 mod life;
 pub mod measured;
 pub mod modules;
 pub mod patch;
+pub mod patch_path;
 pub mod quiesce;
 pub mod teardown;
 

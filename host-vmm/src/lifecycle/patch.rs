@@ -24,6 +24,19 @@ pub enum PatchError {
     /// The bundle's framing, signature or payloads are bad.
     #[error(transparent)]
     Bundle(#[from] BundleError),
+    /// The manifest carries no reference hash of the patching code.
+    #[error("the bundle carries no reference hash of the VMM's patching code (patch_path_sha256); rebuild it with `hilrig fw bundle --target-vmm-file`")]
+    NoPatchPathReference,
+    /// The patching code in memory is not the code the bundle was made for.
+    #[error(
+        "the VMM's patching code in memory hashes to {running}, the bundle expects {want}: refused"
+    )]
+    PatchPathMismatch {
+        /// The manifest's reference.
+        want: String,
+        /// What the mapped code hashes to.
+        running: String,
+    },
     /// Built for another VMM.
     #[error("the bundle targets VMM build {want}, this VMM is {running}")]
     WrongBuild {
@@ -39,6 +52,16 @@ pub enum PatchError {
         component: String,
         /// Installed version.
         installed: u64,
+        /// Offered version.
+        offered: u64,
+    },
+    /// Not newer than a version applied on this host before (the patch record).
+    #[error("{component} v{offered} is not newer than v{applied}, applied on this host before (patch record): a downgrade, refused")]
+    Downgrade {
+        /// Component.
+        component: String,
+        /// Applied before.
+        applied: u64,
         /// Offered version.
         offered: u64,
     },
@@ -153,6 +176,8 @@ pub struct PatchAuthority {
     pub build_sha256: [u8; 32],
     /// Private directory (0700) where native modules are written before loading.
     pub module_dir: PathBuf,
+    /// Versions applied on this host before (`--patch-record`): a bundle must be newer.
+    pub applied: Option<Arc<crate::lifecycle::applied::AppliedVersions>>,
 }
 
 /// SHA-256 of the running executable.
@@ -166,6 +191,10 @@ pub fn running_build_sha256() -> std::io::Result<[u8; 32]> {
 impl PatchAuthority {
     /// Verify `bundle` completely and build the module it carries. `profile` is the
     /// profile name to compile a policy payload for. Touches nothing in `table`.
+    /// Right after the signature check the VMM hashes its own mapped patching code
+    /// (`patch_path`) and refuses on a mismatch with the manifest's reference.
+    #[link_section = "hilrig_patch_text"]
+    #[inline(never)]
     pub fn prepare(
         &self,
         bytes: &[u8],
@@ -182,6 +211,16 @@ impl PatchAuthority {
                 running: hex::encode(self.build_sha256),
             });
         }
+        let want = b
+            .patch_path_sha256()
+            .ok_or(PatchError::NoPatchPathReference)?;
+        let running = crate::lifecycle::patch_path::measure_patch_path();
+        if want != running {
+            return Err(PatchError::PatchPathMismatch {
+                want: hex::encode(want),
+                running: hex::encode(running),
+            });
+        }
         let installed = table
             .version(&m.component)
             .ok_or_else(|| PatchError::UnknownComponent(m.component.clone()))?;
@@ -191,6 +230,16 @@ impl PatchAuthority {
                 installed,
                 offered: m.version,
             });
+        }
+        if let Some(a) = &self.applied {
+            let applied = a.applied(&m.component);
+            if m.version <= applied {
+                return Err(PatchError::Downgrade {
+                    component: m.component.clone(),
+                    applied,
+                    offered: m.version,
+                });
+            }
         }
         let payloads = b.payloads(self.decrypt_key.as_ref())?;
         let bad = |reason: String| PatchError::Payload {
@@ -230,6 +279,8 @@ impl PatchAuthority {
 
     /// Write a module into the private module directory and check the written file's
     /// SHA-256 against the manifest before it may be loaded.
+    #[link_section = "hilrig_patch_text"]
+    #[inline(never)]
     fn write_module(
         &self,
         name: &str,
@@ -282,6 +333,8 @@ impl PatchAuthority {
 
 /// Swap a prepared module in. Call with every vCPU parked. Returns (component, old
 /// version, new version).
+#[link_section = "hilrig_patch_text"]
+#[inline(never)]
 pub fn commit(table: &ModuleTable, p: Prepared) -> (&'static str, u64, u64) {
     match p {
         Prepared::Policy { version, profile } => (
@@ -318,6 +371,7 @@ mod tests {
             decrypt_key: None,
             build_sha256: BUILD,
             module_dir: dir.join("modules"),
+            applied: None,
         }
     }
 
@@ -335,6 +389,7 @@ mod tests {
                 target_vmm_sha256: build,
                 payloads: vec![(payload.0.to_string(), payload.1)],
                 encrypt_to: None,
+                patch_path_sha256: Some(crate::lifecycle::patch_path::measure_patch_path()),
             },
             &SigningKey::from_bytes(&[key; 32]),
         )
@@ -411,6 +466,81 @@ mod tests {
         let e = a.prepare(&b, &t, "tenant").err().unwrap().to_string();
         assert!(e.contains("declares \"device-handler\" v3"), "{e}");
         assert_eq!(t.handler.version(), 3);
+    }
+
+    /// Issue 21.2: patching code altered in memory, or a bundle made for other
+    /// patching code (or none), is refused after the signature check.
+    #[test]
+    fn altered_patching_code_or_reference_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let (t, a) = (table(), authority(d.path()));
+        let good = bundle(POLICY, 2, ("rules.toml", RULES.into()), 1, BUILD);
+        let spec = |pp| bundle::BundleSpec {
+            component: POLICY,
+            version: 2,
+            target_vmm_sha256: BUILD,
+            payloads: vec![("rules.toml".into(), RULES.into())],
+            encrypt_to: None,
+            patch_path_sha256: pp,
+        };
+        let key = SigningKey::from_bytes(&[1; 32]);
+        let mut wrong = crate::lifecycle::patch_path::measure_patch_path();
+        wrong[0] ^= 1;
+        for (pp, want) in [
+            (Some(wrong), "patching code in memory hashes to"),
+            (None, "no reference hash of the VMM's patching code"),
+        ] {
+            let b = bundle::build(&spec(pp), &key).unwrap();
+            let e = a.prepare(&b, &t, "tenant").err().expect(want).to_string();
+            assert!(e.contains(want), "{e}");
+        }
+        // The code itself altered in memory: refused; restored: accepted.
+        crate::lifecycle::patch_path::tamper_mapped_patch_path().unwrap();
+        let e = a
+            .prepare(&good, &t, "tenant")
+            .err()
+            .expect("tampered")
+            .to_string();
+        assert!(e.contains("patching code in memory hashes to"), "{e}");
+        assert_eq!(t.policy.version(), 1);
+        crate::lifecycle::patch_path::tamper_mapped_patch_path().unwrap();
+        assert!(a.prepare(&good, &t, "tenant").is_ok());
+    }
+
+    /// Issue 16.6: a restarted VMM (a fresh table at v1) refuses a bundle older than
+    /// one applied on this host before.
+    #[test]
+    fn a_restarted_vmm_refuses_a_downgrade_from_its_patch_record() {
+        use crate::lifecycle::applied::AppliedVersions;
+        let d = tempfile::tempdir().unwrap();
+        let key = d.path().join("k");
+        hilrig_counters::mac::Key::init(&key).unwrap();
+        let rec = d.path().join("applied.json");
+        let mut a = authority(d.path());
+        a.applied = Some(Arc::new(AppliedVersions::open(&rec, &key, "h").unwrap()));
+        let t = table();
+        let v3 = bundle(POLICY, 3, ("rules.toml", RULES.into()), 1, BUILD);
+        let p = a.prepare(&v3, &t, "tenant").unwrap();
+        a.applied.as_ref().unwrap().record(POLICY, 3).unwrap();
+        commit(&t, p);
+        // Restart: a new table (policy v1) and the record read back.
+        let t = table();
+        a.applied = Some(Arc::new(AppliedVersions::open(&rec, &key, "h").unwrap()));
+        for v in [2, 3] {
+            let b = bundle(POLICY, v, ("rules.toml", RULES.into()), 1, BUILD);
+            let e = a
+                .prepare(&b, &t, "tenant")
+                .err()
+                .expect("downgrade")
+                .to_string();
+            assert!(e.contains("applied on this host before"), "{e}");
+        }
+        let v4 = bundle(POLICY, 4, ("rules.toml", RULES.into()), 1, BUILD);
+        assert!(a.prepare(&v4, &t, "tenant").is_ok());
+        // Without the record the same VMM would have taken v2: the record is the fix.
+        a.applied = None;
+        let v2 = bundle(POLICY, 2, ("rules.toml", RULES.into()), 1, BUILD);
+        assert!(a.prepare(&v2, &t, "tenant").is_ok());
     }
 
     #[test]

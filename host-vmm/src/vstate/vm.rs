@@ -826,6 +826,21 @@ impl Vm {
         self.shared.record_baseline();
         let control_stop = Arc::new(AtomicBool::new(false));
         let control = self.start_control(&control_stop)?;
+        let poller = match &self.config.lifecycle.patch_source {
+            Some(dir) => {
+                let host: Arc<dyn crate::lifecycle::VmHost> = self.shared.clone();
+                Some(
+                    crate::lifecycle::spawn_patch_source(
+                        Arc::downgrade(&host),
+                        dir.clone(),
+                        self.config.lifecycle.patch_poll,
+                        control_stop.clone(),
+                    )
+                    .map_err(|e| VmmError::Config(format!("patch source thread: {e}")))?,
+                )
+            }
+            None => None,
+        };
         let (handles, rx) = self.spawn_vcpus();
         let results = self.watch(handles.len(), &rx);
         lock(&self.shared.threads).clear();
@@ -838,8 +853,11 @@ impl Vm {
         if self.config.lifecycle.teardown_on_exit {
             self.shared.teardown();
         }
+        control_stop.store(true, Ordering::Release);
+        if let Some(p) = poller {
+            let _ = p.join();
+        }
         if let Some((path, (t, in_flight))) = control {
-            control_stop.store(true, Ordering::Release);
             let _ = t.join();
             // A request that ended the VM (teardown) is still being answered.
             crate::lifecycle::control::drain(&in_flight, Duration::from_secs(5));
