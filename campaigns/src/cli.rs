@@ -37,6 +37,18 @@ pub enum CampaignCmd {
         /// The hilrig-vmm executable (default: HILRIG_VMM, next to this binary, target/).
         #[arg(long)]
         vmm: Option<PathBuf>,
+        /// Scale-out: join the run RUN in the PostgreSQL store `--db` (created by
+        /// the first runner that names it) and share its cases with every other
+        /// runner of it. A SQLite store has a single runner.
+        #[arg(long, value_name = "RUN")]
+        join: Option<String>,
+        /// How long a claim on a case lasts without heartbeat (a runner that dies
+        /// gives its cases back after this).
+        #[arg(long, default_value = "60s", value_parser = hilrig_rig::cli::parse_duration)]
+        claim_ttl: std::time::Duration,
+        /// This runner's name in claims (default `<hostname>:<pid>`).
+        #[arg(long)]
+        runner_name: Option<String>,
     },
     /// Check a campaign file and list the cases it expands to.
     Validate {
@@ -93,6 +105,9 @@ pub fn run(cmd: CampaignCmd) -> anyhow::Result<ExitCode> {
             db,
             resume,
             vmm,
+            join,
+            claim_ttl,
+            runner_name,
         } => {
             let mut opts = RunOptions::new(file);
             opts.hosts = hosts;
@@ -101,6 +116,9 @@ pub fn run(cmd: CampaignCmd) -> anyhow::Result<ExitCode> {
             opts.db = db;
             opts.resume = resume;
             opts.vmm = vmm;
+            opts.join = join;
+            opts.claim_ttl = claim_ttl;
+            opts.claimant = runner_name;
             self_as_vmm(&mut opts);
             let s = run_campaign(opts)?;
             print_summary(&s);
