@@ -14,7 +14,7 @@
 //! SQLite stays single-runner: [`ClaimQueue::open`] refuses anything but a
 //! `postgresql://` URL.
 
-use crate::store::{is_pg, pg_put_case, pg_schema};
+use crate::store::{is_pg, pg_migrate, pg_put_case};
 use hilrig_reports::CaseResult;
 use std::time::Duration;
 
@@ -106,21 +106,18 @@ impl ClaimQueue {
         if !is_pg(spec) {
             return Err(ClaimError::NotPostgres(name));
         }
-        let mut client =
-            postgres::Client::connect(spec, postgres::NoTls).map_err(|source| {
-                ClaimError::Postgres {
-                    db: name.clone(),
-                    what: "connecting".into(),
-                    source,
-                }
-            })?;
-        client
-            .batch_execute(pg_schema())
-            .map_err(|source| ClaimError::Postgres {
+        let mut client = postgres::Client::connect(spec, postgres::NoTls).map_err(|source| {
+            ClaimError::Postgres {
                 db: name.clone(),
-                what: "schema".into(),
+                what: "connecting".into(),
                 source,
-            })?;
+            }
+        })?;
+        pg_migrate(&mut client).map_err(|source| ClaimError::Postgres {
+            db: name.clone(),
+            what: "schema".into(),
+            source,
+        })?;
         Ok(ClaimQueue { client, name })
     }
 
@@ -131,7 +128,11 @@ impl ClaimQueue {
     /// Record the run `row` unless a runner already did (several runners started
     /// with the same `--join` id race here: exactly one inserts). Whether this call
     /// created it.
-    pub fn create_run_if_absent(&mut self, row: &crate::store::RunRow, hosts: &str) -> Result<bool> {
+    pub fn create_run_if_absent(
+        &mut self,
+        row: &crate::store::RunRow,
+        hosts: &str,
+    ) -> Result<bool> {
         let e = self.pg("creating run");
         let n = self
             .client
@@ -302,7 +303,10 @@ impl ClaimQueue {
 
     /// Every queued case of `run_id` with its state and claimant (for reports and
     /// tests): (case id, state, claimant, lost claimants), in queue order.
-    pub fn list(&mut self, run_id: &str) -> Result<Vec<(String, String, Option<String>, Vec<String>)>> {
+    pub fn list(
+        &mut self,
+        run_id: &str,
+    ) -> Result<Vec<(String, String, Option<String>, Vec<String>)>> {
         let e = self.pg("listing the queue");
         Ok(self
             .client
@@ -360,7 +364,22 @@ use hilrig_reports::{Attempt, Metrics, Outcome};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-type Queue = Arc<Mutex<ClaimQueue>>;
+/// The queue shared by a runner's workers. The synchronous PostgreSQL client
+/// must not be dropped on a tokio worker (it runs its own runtime): the last
+/// reference, wherever it goes, drops it on a plain thread.
+struct QueueCell(Option<ClaimQueue>);
+
+impl Drop for QueueCell {
+    fn drop(&mut self) {
+        if let Some(q) = self.0.take() {
+            std::thread::scope(|s| {
+                s.spawn(move || drop(q));
+            });
+        }
+    }
+}
+
+type Queue = Arc<Mutex<QueueCell>>;
 
 /// Run `f` on the queue off the tokio workers (the PostgreSQL client blocks).
 async fn blocking<T: Send + 'static>(
@@ -370,11 +389,14 @@ async fn blocking<T: Send + 'static>(
     let q = q.clone();
     let r = tokio::task::spawn_blocking(move || {
         let mut q = q.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut q)
+        match q.0.as_mut() {
+            Some(q) => f(q).map_err(anyhow::Error::from),
+            None => Err(anyhow::anyhow!("claim queue already closed")),
+        }
     })
     .await
     .map_err(|e| anyhow::anyhow!("claim queue task: {e}"))?;
-    Ok(r?)
+    r
 }
 
 /// The INFRA attempts of runners that lost their claim on a case.
@@ -433,7 +455,7 @@ pub(crate) async fn run_shared(
     claimant: String,
     ttl: Duration,
 ) -> anyhow::Result<()> {
-    let queue: Queue = Arc::new(Mutex::new(queue));
+    let queue: Queue = Arc::new(Mutex::new(QueueCell(Some(queue))));
     let cases: Arc<BTreeMap<String, Case>> =
         Arc::new(cases.into_iter().map(|c| (c.id.clone(), c)).collect());
     ctx.line(&format!(
@@ -453,7 +475,9 @@ pub(crate) async fn run_shared(
     }
     let mut first_err = None;
     while let Some(j) = set.join_next().await {
-        let r = j.map_err(|e| anyhow::anyhow!("runner worker: {e}")).and_then(|r| r);
+        let r = j
+            .map_err(|e| anyhow::anyhow!("runner worker: {e}"))
+            .and_then(|r| r);
         if let Err(e) = r {
             if first_err.is_none() {
                 first_err = Some(e);

@@ -963,9 +963,9 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
             };
             let hosts_json = serde_json::to_string(&report_hosts)?;
             q.create_run_if_absent(&row, &hosts_json)?;
-            let mut row = store
-                .run(id)?
-                .ok_or_else(|| anyhow::anyhow!("--join {id}: the run vanished from {}", db.display()))?;
+            let mut row = store.run(id)?.ok_or_else(|| {
+                anyhow::anyhow!("--join {id}: the run vanished from {}", db.display())
+            })?;
             if row.campaign != campaign.name {
                 anyhow::bail!(
                     "--join {id}: that run is of campaign `{}`, not `{}`",

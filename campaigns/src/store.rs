@@ -122,11 +122,16 @@ CREATE TABLE IF NOT EXISTS run_queue (
    lost TEXT[] NOT NULL DEFAULT '{}',
    PRIMARY KEY (run_id, case_id));";
 
-/// The PostgreSQL schema (tables `runs`, `cases`, `samples` and the scale-out
-/// claim queue `run_queue`); every statement is idempotent, so it doubles as the
-/// migration of an older store.
-pub(crate) fn pg_schema() -> &'static str {
-    PG_SCHEMA
+/// Create or migrate the PostgreSQL schema. Serialised between connections by an
+/// advisory lock: runners starting together on a fresh database would otherwise
+/// race in `CREATE TABLE IF NOT EXISTS` (a duplicate-key error on the catalog).
+pub(crate) fn pg_migrate(
+    client: &mut postgres::Client,
+) -> std::result::Result<(), postgres::Error> {
+    let mut tx = client.transaction()?;
+    tx.execute("SELECT pg_advisory_xact_lock(7202617017)", &[])?;
+    tx.batch_execute(PG_SCHEMA)?;
+    tx.commit()
 }
 
 /// Store (or replace) a finished case and its samples inside `tx` (PostgreSQL).
@@ -227,13 +232,11 @@ impl Store {
                 source,
             }
         })?;
-        client
-            .batch_execute(PG_SCHEMA)
-            .map_err(|source| StoreError::Postgres {
-                db: name.clone(),
-                what: "schema".into(),
-                source,
-            })?;
+        pg_migrate(&mut client).map_err(|source| StoreError::Postgres {
+            db: name.clone(),
+            what: "schema".into(),
+            source,
+        })?;
         Ok(Store {
             conn: Conn::Pg(Box::new(client)),
             name,
