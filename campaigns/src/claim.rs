@@ -63,6 +63,19 @@ pub struct Claim {
     pub lost: Vec<String>,
 }
 
+/// A row of a run's queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedCase {
+    /// The case id.
+    pub case_id: String,
+    /// `queued`, `claimed` or `done`.
+    pub state: String,
+    /// The runner holding (or that finished) it.
+    pub claimant: Option<String>,
+    /// Runners whose claim on it expired.
+    pub lost: Vec<String>,
+}
+
 /// The state of a run's queue.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct QueueState {
@@ -301,12 +314,8 @@ impl ClaimQueue {
         Ok(q)
     }
 
-    /// Every queued case of `run_id` with its state and claimant (for reports and
-    /// tests): (case id, state, claimant, lost claimants), in queue order.
-    pub fn list(
-        &mut self,
-        run_id: &str,
-    ) -> Result<Vec<(String, String, Option<String>, Vec<String>)>> {
+    /// Every queued case of `run_id` with its state and claimant, in queue order.
+    pub fn list(&mut self, run_id: &str) -> Result<Vec<QueuedCase>> {
         let e = self.pg("listing the queue");
         Ok(self
             .client
@@ -316,7 +325,12 @@ impl ClaimQueue {
             )
             .map_err(e)?
             .into_iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .map(|r| QueuedCase {
+                case_id: r.get(0),
+                state: r.get(1),
+                claimant: r.get(2),
+                lost: r.get(3),
+            })
             .collect())
     }
 }

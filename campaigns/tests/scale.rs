@@ -11,7 +11,7 @@ use hilrig_reports::{CaseResult, Outcome};
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 /// A verdict line as the real VMM prints it (as in tests/runner.rs).
@@ -234,12 +234,13 @@ fn three_runners_one_killed_every_case_once() {
     let mut q = ClaimQueue::open(&pg.url).unwrap();
     let rows = q.list(&run).unwrap();
     assert_eq!(rows.len(), 6);
-    for (id, state, claimant, _) in &rows {
-        assert_eq!(state, "done", "{id}");
+    for r in &rows {
+        assert_eq!(r.state, "done", "{}", r.case_id);
         assert_ne!(
-            claimant.as_deref(),
+            r.claimant.as_deref(),
             Some("r2"),
-            "{id} finished by the killed runner"
+            "{} finished by the killed runner",
+            r.case_id
         );
     }
     let lines = log_lines(&log);
