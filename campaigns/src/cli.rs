@@ -49,6 +49,22 @@ pub enum CampaignCmd {
         /// This runner's name in claims (default `<hostname>:<pid>`).
         #[arg(long)]
         runner_name: Option<String>,
+        /// Hosts from a labgrid coordinator (HOST:PORT): places reserved by
+        /// `--labgrid-tag`s and acquired, released when the run ends.
+        #[arg(long, value_name = "HOST:PORT")]
+        labgrid: Option<String>,
+        /// A tag (KEY=VALUE) every reserved place must carry; repeatable.
+        #[arg(long, value_name = "KEY=VALUE", value_parser = parse_tag)]
+        labgrid_tag: Vec<(String, String)>,
+        /// How many places to reserve (default: --hosts).
+        #[arg(long)]
+        labgrid_places: Option<usize>,
+        /// How long to wait for each place.
+        #[arg(long, default_value = "5m", value_parser = hilrig_rig::cli::parse_duration)]
+        labgrid_wait: std::time::Duration,
+        /// Our user name at the coordinator (default `<hostname>/hilrig`).
+        #[arg(long)]
+        labgrid_user: Option<String>,
     },
     /// Check a campaign file and list the cases it expands to.
     Validate {
@@ -63,6 +79,14 @@ pub enum CampaignCmd {
     },
     /// List the attack library.
     ListAttacks,
+}
+
+/// `KEY=VALUE` of `--labgrid-tag`.
+fn parse_tag(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !v.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?}: expected KEY=VALUE")),
+    }
 }
 
 /// Print a run's summary and the report path.
@@ -108,6 +132,11 @@ pub fn run(cmd: CampaignCmd) -> anyhow::Result<ExitCode> {
             join,
             claim_ttl,
             runner_name,
+            labgrid,
+            labgrid_tag,
+            labgrid_places,
+            labgrid_wait,
+            labgrid_user,
         } => {
             let mut opts = RunOptions::new(file);
             opts.hosts = hosts;
@@ -119,6 +148,13 @@ pub fn run(cmd: CampaignCmd) -> anyhow::Result<ExitCode> {
             opts.join = join;
             opts.claim_ttl = claim_ttl;
             opts.claimant = runner_name;
+            opts.labgrid = labgrid.map(|address| crate::hostsource::LabgridOptions {
+                address,
+                user: labgrid_user,
+                tags: labgrid_tag.into_iter().collect(),
+                places: labgrid_places.unwrap_or(hosts),
+                wait: labgrid_wait,
+            });
             self_as_vmm(&mut opts);
             let s = run_campaign(opts)?;
             print_summary(&s);

@@ -9,6 +9,7 @@ pub mod claim;
 pub mod cli;
 pub mod expect;
 pub mod format;
+pub mod hostsource;
 pub mod runner;
 pub mod scenario;
 pub mod store;

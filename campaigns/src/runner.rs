@@ -56,6 +56,9 @@ pub struct RunOptions {
     /// How long a claim on a case lasts without a heartbeat (renewed every
     /// third of it): a runner that dies gives its cases back after this.
     pub claim_ttl: Duration,
+    /// Hosts from a labgrid coordinator (places reserved by tags) instead of
+    /// `inventory` / `hosts` ([`crate::hostsource::LabgridSource`]).
+    pub labgrid: Option<crate::hostsource::LabgridOptions>,
 }
 
 impl RunOptions {
@@ -75,6 +78,7 @@ impl RunOptions {
             join: None,
             claimant: None,
             claim_ttl: crate::claim::DEFAULT_CLAIM_TTL,
+            labgrid: None,
         }
     }
 }
@@ -907,7 +911,16 @@ pub(crate) async fn run_case(ctx: Arc<Ctx>, case: Case) -> CaseResult {
 /// Run a campaign: validate, run (or resume), store, report.
 pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
     let t0 = Instant::now();
-    let (hosts, lab_vmm) = hosts_for(opts.inventory.as_deref(), opts.hosts)?;
+    use crate::hostsource::HostSource;
+    // Reserved labgrid places are held until this function returns (released on drop).
+    let mut labgrid = opts
+        .labgrid
+        .clone()
+        .map(crate::hostsource::LabgridSource::new);
+    let (hosts, lab_vmm) = match labgrid.as_mut() {
+        Some(l) => l.hosts()?,
+        None => hosts_for(opts.inventory.as_deref(), opts.hosts)?,
+    };
     let campaign = match &opts.campaign_text {
         Some(text) => format::parse(text, &opts.campaign, &hosts)?,
         None => format::load(&opts.campaign, &hosts)?,
