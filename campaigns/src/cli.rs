@@ -49,22 +49,9 @@ pub enum CampaignCmd {
         /// This runner's name in claims (default `<hostname>:<pid>`).
         #[arg(long)]
         runner_name: Option<String>,
-        /// Hosts from a labgrid coordinator (HOST:PORT): places reserved by
-        /// `--labgrid-tag`s and acquired, released when the run ends.
-        #[arg(long, value_name = "HOST:PORT")]
-        labgrid: Option<String>,
-        /// A tag (KEY=VALUE) every reserved place must carry; repeatable.
-        #[arg(long, value_name = "KEY=VALUE", value_parser = parse_tag)]
-        labgrid_tag: Vec<(String, String)>,
-        /// How many places to reserve (default: --hosts).
-        #[arg(long)]
-        labgrid_places: Option<usize>,
-        /// How long to wait for each place.
-        #[arg(long, default_value = "5m", value_parser = hilrig_rig::cli::parse_duration)]
-        labgrid_wait: std::time::Duration,
-        /// Our user name at the coordinator (default `<hostname>/hilrig`).
-        #[arg(long)]
-        labgrid_user: Option<String>,
+        /// labgrid: hosts from a coordinator.
+        #[command(flatten)]
+        lab: Box<LabgridArgs>,
     },
     /// Check a campaign file and list the cases it expands to.
     Validate {
@@ -79,6 +66,27 @@ pub enum CampaignCmd {
     },
     /// List the attack library.
     ListAttacks,
+}
+
+/// `campaign run --labgrid ...`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LabgridArgs {
+    /// Hosts from a labgrid coordinator (HOST:PORT): places reserved by
+    /// `--labgrid-tag`s and acquired, released when the run ends.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub labgrid: Option<String>,
+    /// A tag (KEY=VALUE) every reserved place must carry; repeatable.
+    #[arg(long, value_name = "KEY=VALUE", value_parser = parse_tag)]
+    pub labgrid_tag: Vec<(String, String)>,
+    /// How many places to reserve (default: --hosts).
+    #[arg(long)]
+    pub labgrid_places: Option<usize>,
+    /// How long to wait for each place.
+    #[arg(long, default_value = "5m", value_parser = hilrig_rig::cli::parse_duration)]
+    pub labgrid_wait: std::time::Duration,
+    /// Our user name at the coordinator (default `<hostname>/hilrig`).
+    #[arg(long)]
+    pub labgrid_user: Option<String>,
 }
 
 /// `KEY=VALUE` of `--labgrid-tag`.
@@ -132,11 +140,7 @@ pub fn run(cmd: CampaignCmd) -> anyhow::Result<ExitCode> {
             join,
             claim_ttl,
             runner_name,
-            labgrid,
-            labgrid_tag,
-            labgrid_places,
-            labgrid_wait,
-            labgrid_user,
+            lab,
         } => {
             let mut opts = RunOptions::new(file);
             opts.hosts = hosts;
@@ -148,13 +152,16 @@ pub fn run(cmd: CampaignCmd) -> anyhow::Result<ExitCode> {
             opts.join = join;
             opts.claim_ttl = claim_ttl;
             opts.claimant = runner_name;
-            opts.labgrid = labgrid.map(|address| crate::hostsource::LabgridOptions {
-                address,
-                user: labgrid_user,
-                tags: labgrid_tag.into_iter().collect(),
-                places: labgrid_places.unwrap_or(hosts),
-                wait: labgrid_wait,
-            });
+            let lab = *lab;
+            opts.labgrid = lab
+                .labgrid
+                .map(|address| crate::hostsource::LabgridOptions {
+                    address,
+                    user: lab.labgrid_user,
+                    tags: lab.labgrid_tag.into_iter().collect(),
+                    places: lab.labgrid_places.unwrap_or(hosts),
+                    wait: lab.labgrid_wait,
+                });
             self_as_vmm(&mut opts);
             let s = run_campaign(opts)?;
             print_summary(&s);
