@@ -42,6 +42,10 @@ pub const BENCHES: &[(&str, &str)] = &[
         "fpga backend ops/s through the host-bridge RTL (pipe and PTY) vs the core driven directly",
     ),
     (
+        "lab-scale",
+        "campaign scale-out: cases/min of 1 vs 3 runner processes sharing one run on one PostgreSQL",
+    ),
+    (
         "vm-exit",
         "hilrig-vmm's MMIO path vs a raw KVM exit loop; exits on an unrestricted page; VM start time",
     ),
@@ -70,6 +74,7 @@ pub fn run(name: &str, seconds: f64) -> Result<Vec<Figure>> {
             figures
         }
         "campaign" => bench_campaign()?,
+        "lab-scale" => crate::bench_scale::bench_lab_scale()?,
         "policy" => hilrig_vmm::bench_policy(budget)?,
         "patch" => hilrig_vmm::bench_lifecycle::bench_patch(budget)?,
         "teardown" => hilrig_vmm::bench_lifecycle::bench_teardown(budget)?,

@@ -1,6 +1,7 @@
 //! `hilrig`: the one command-line tool for users of the rig.
 
 mod bench;
+mod bench_scale;
 mod fpga;
 mod fw;
 mod smoke;

@@ -37,6 +37,21 @@ pub enum CampaignCmd {
         /// The hilrig-vmm executable (default: HILRIG_VMM, next to this binary, target/).
         #[arg(long)]
         vmm: Option<PathBuf>,
+        /// Scale-out: join the run RUN in the PostgreSQL store `--db` (created by
+        /// the first runner that names it) and share its cases with every other
+        /// runner of it. A SQLite store has a single runner.
+        #[arg(long, value_name = "RUN")]
+        join: Option<String>,
+        /// How long a claim on a case lasts without heartbeat (a runner that dies
+        /// gives its cases back after this).
+        #[arg(long, default_value = "60s", value_parser = hilrig_rig::cli::parse_duration)]
+        claim_ttl: std::time::Duration,
+        /// This runner's name in claims (default `<hostname>:<pid>`).
+        #[arg(long)]
+        runner_name: Option<String>,
+        /// labgrid: hosts from a coordinator.
+        #[command(flatten)]
+        lab: Box<LabgridArgs>,
     },
     /// Check a campaign file and list the cases it expands to.
     Validate {
@@ -51,6 +66,35 @@ pub enum CampaignCmd {
     },
     /// List the attack library.
     ListAttacks,
+}
+
+/// `campaign run --labgrid ...`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LabgridArgs {
+    /// Hosts from a labgrid coordinator (HOST:PORT): places reserved by
+    /// `--labgrid-tag`s and acquired, released when the run ends.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub labgrid: Option<String>,
+    /// A tag (KEY=VALUE) every reserved place must carry; repeatable.
+    #[arg(long, value_name = "KEY=VALUE", value_parser = parse_tag)]
+    pub labgrid_tag: Vec<(String, String)>,
+    /// How many places to reserve (default: --hosts).
+    #[arg(long)]
+    pub labgrid_places: Option<usize>,
+    /// How long to wait for each place.
+    #[arg(long, default_value = "5m", value_parser = hilrig_rig::cli::parse_duration)]
+    pub labgrid_wait: std::time::Duration,
+    /// Our user name at the coordinator (default `<hostname>/hilrig`).
+    #[arg(long)]
+    pub labgrid_user: Option<String>,
+}
+
+/// `KEY=VALUE` of `--labgrid-tag`.
+fn parse_tag(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !v.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?}: expected KEY=VALUE")),
+    }
 }
 
 /// Print a run's summary and the report path.
@@ -93,6 +137,10 @@ pub fn run(cmd: CampaignCmd) -> anyhow::Result<ExitCode> {
             db,
             resume,
             vmm,
+            join,
+            claim_ttl,
+            runner_name,
+            lab,
         } => {
             let mut opts = RunOptions::new(file);
             opts.hosts = hosts;
@@ -101,6 +149,19 @@ pub fn run(cmd: CampaignCmd) -> anyhow::Result<ExitCode> {
             opts.db = db;
             opts.resume = resume;
             opts.vmm = vmm;
+            opts.join = join;
+            opts.claim_ttl = claim_ttl;
+            opts.claimant = runner_name;
+            let lab = *lab;
+            opts.labgrid = lab
+                .labgrid
+                .map(|address| crate::hostsource::LabgridOptions {
+                    address,
+                    user: lab.labgrid_user,
+                    tags: lab.labgrid_tag.into_iter().collect(),
+                    places: lab.labgrid_places.unwrap_or(hosts),
+                    wait: lab.labgrid_wait,
+                });
             self_as_vmm(&mut opts);
             let s = run_campaign(opts)?;
             print_summary(&s);

@@ -5,9 +5,11 @@
 pub mod attacks;
 pub mod attempt;
 pub mod attest;
+pub mod claim;
 pub mod cli;
 pub mod expect;
 pub mod format;
+pub mod hostsource;
 pub mod runner;
 pub mod scenario;
 pub mod store;

@@ -46,6 +46,19 @@ pub struct RunOptions {
     pub vmm_args: Vec<String>,
     /// Progress: `None` = a bar on a terminal, plain lines otherwise.
     pub progress: Option<bool>,
+    /// Scale-out (PostgreSQL store only): join the run with this id, creating it
+    /// if no runner has yet; its cases are shared with every runner that joins it
+    /// (see [`crate::claim`]). `None`: a new run (still joinable by its id when
+    /// the store is PostgreSQL).
+    pub join: Option<String>,
+    /// This runner's name in claims (default `<hostname>:<pid>`).
+    pub claimant: Option<String>,
+    /// How long a claim on a case lasts without a heartbeat (renewed every
+    /// third of it): a runner that dies gives its cases back after this.
+    pub claim_ttl: Duration,
+    /// Hosts from a labgrid coordinator (places reserved by tags) instead of
+    /// `inventory` / `hosts` ([`crate::hostsource::LabgridSource`]).
+    pub labgrid: Option<crate::hostsource::LabgridOptions>,
 }
 
 impl RunOptions {
@@ -62,6 +75,10 @@ impl RunOptions {
             vmm: None,
             vmm_args: Vec::new(),
             progress: None,
+            join: None,
+            claimant: None,
+            claim_ttl: crate::claim::DEFAULT_CLAIM_TTL,
+            labgrid: None,
         }
     }
 }
@@ -741,12 +758,12 @@ pub fn check(
 }
 
 /// Shared state of one run.
-struct Ctx {
+pub(crate) struct Ctx {
     pool: Pool,
     vmm: PathBuf,
     vmm_args: Vec<String>,
     run_dir: PathBuf,
-    run_id: String,
+    pub(crate) run_id: String,
     store: Mutex<Store>,
     progress: Progress,
     deadline: Instant,
@@ -755,8 +772,25 @@ struct Ctx {
     machine: tokio::sync::RwLock<()>,
 }
 
+impl Ctx {
+    /// Print a finished case's progress line.
+    pub(crate) fn finished(&self, c: &CaseResult) {
+        self.progress.finished(c);
+    }
+
+    /// Print a line.
+    pub(crate) fn line(&self, s: &str) {
+        self.progress.line(s);
+    }
+
+    /// Hosts this runner drives (parallel cases).
+    pub(crate) fn hosts(&self) -> usize {
+        self.pool.all.len()
+    }
+}
+
 /// Run every repeat of `case` with its retries; the final verdict.
-async fn run_case(ctx: Arc<Ctx>, case: Case) -> CaseResult {
+pub(crate) async fn run_case(ctx: Arc<Ctx>, case: Case) -> CaseResult {
     let mut attempts: Vec<Attempt> = Vec::new();
     let mut rep_outcomes = Vec::new();
     let mut last: Option<AttemptResult> = None;
@@ -877,7 +911,16 @@ async fn run_case(ctx: Arc<Ctx>, case: Case) -> CaseResult {
 /// Run a campaign: validate, run (or resume), store, report.
 pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
     let t0 = Instant::now();
-    let (hosts, lab_vmm) = hosts_for(opts.inventory.as_deref(), opts.hosts)?;
+    use crate::hostsource::HostSource;
+    // Reserved labgrid places are held until this function returns (released on drop).
+    let mut labgrid = opts
+        .labgrid
+        .clone()
+        .map(crate::hostsource::LabgridSource::new);
+    let (hosts, lab_vmm) = match labgrid.as_mut() {
+        Some(l) => l.hosts()?,
+        None => hosts_for(opts.inventory.as_deref(), opts.hosts)?,
+    };
     let campaign = match &opts.campaign_text {
         Some(text) => format::parse(text, &opts.campaign, &hosts)?,
         None => format::load(&opts.campaign, &hosts)?,
@@ -902,6 +945,15 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
         .clone()
         .unwrap_or_else(|| opts.out_dir.join("results.sqlite"));
     let mut store = Store::open(&db)?;
+    // Scale-out: a PostgreSQL store shares the run's cases between runners.
+    let mut queue = if store.kind() == "postgresql" {
+        Some(crate::claim::ClaimQueue::open(&db.to_string_lossy())?)
+    } else {
+        if opts.join.is_some() {
+            return Err(crate::claim::ClaimError::NotPostgres(db.display().to_string()).into());
+        }
+        None
+    };
     let report_hosts: Vec<Host> = hosts
         .iter()
         .map(|h| Host {
@@ -910,8 +962,36 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
             simulated: true,
         })
         .collect();
-    let (row, done) = match &opts.resume {
-        Some(id) => {
+    let (row, done) = match (&opts.resume, &opts.join, queue.as_mut()) {
+        (Some(_), Some(_), _) => anyhow::bail!("--resume and --join exclude each other"),
+        (None, Some(id), Some(q)) => {
+            crate::claim::check_run_id(id)?;
+            let row = RunRow {
+                run_dir: opts.out_dir.join(id).to_string_lossy().into_owned(),
+                id: id.clone(),
+                campaign: campaign.name.clone(),
+                file: campaign.file.to_string_lossy().into_owned(),
+                started_ms: now_ms(),
+                finished_ms: None,
+            };
+            let hosts_json = serde_json::to_string(&report_hosts)?;
+            q.create_run_if_absent(&row, &hosts_json)?;
+            let mut row = store.run(id)?.ok_or_else(|| {
+                anyhow::anyhow!("--join {id}: the run vanished from {}", db.display())
+            })?;
+            if row.campaign != campaign.name {
+                anyhow::bail!(
+                    "--join {id}: that run is of campaign `{}`, not `{}`",
+                    row.campaign,
+                    campaign.name
+                );
+            }
+            // Artifacts and reports of this runner: its own directory.
+            row.run_dir = opts.out_dir.join(id).to_string_lossy().into_owned();
+            let done = store.cases(id)?;
+            (row, done)
+        }
+        (Some(id), _, _) => {
             let row = store
                 .run(id)?
                 .ok_or_else(|| anyhow::anyhow!("--resume {id}: no such run in {}", db.display()))?;
@@ -925,7 +1005,7 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
             let done = store.cases(id)?;
             (row, done)
         }
-        None => {
+        _ => {
             let started_ms = now_ms();
             let base = format!("{}-{}", campaign.name, stamp(started_ms));
             let mut id = base.clone();
@@ -969,6 +1049,10 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
         hosts.len(),
         vmm.display()
     ));
+    if let Some(q) = queue.as_mut() {
+        let ids: Vec<String> = todo.iter().map(|c| c.id.clone()).collect();
+        q.enqueue(&row.id, &ids)?;
+    }
     let ctx = Arc::new(Ctx {
         pool: Pool::new(hosts),
         vmm,
@@ -984,7 +1068,18 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(run_all(ctx.clone(), todo))?;
+    match queue {
+        Some(q) => rt.block_on(crate::claim::run_shared(
+            ctx.clone(),
+            todo,
+            q,
+            opts.claimant
+                .clone()
+                .unwrap_or_else(crate::claim::default_claimant),
+            opts.claim_ttl,
+        ))?,
+        None => rt.block_on(run_all(ctx.clone(), todo))?,
+    }
     drop(rt);
     ctx.progress.done();
     let unhealthy_hosts = ctx.pool.unhealthy();

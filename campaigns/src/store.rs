@@ -114,7 +114,52 @@ CREATE TABLE IF NOT EXISTS cases (
 CREATE TABLE IF NOT EXISTS samples (
    run_id TEXT NOT NULL, case_id TEXT NOT NULL, kind TEXT NOT NULL,
    seq INTEGER NOT NULL, value DOUBLE PRECISION NOT NULL,
-   PRIMARY KEY (run_id, case_id, kind, seq));";
+   PRIMARY KEY (run_id, case_id, kind, seq));
+CREATE TABLE IF NOT EXISTS run_queue (
+   run_id TEXT NOT NULL REFERENCES runs(id), case_id TEXT NOT NULL, ord INTEGER NOT NULL,
+   state TEXT NOT NULL DEFAULT 'queued' CHECK (state IN ('queued', 'claimed', 'done')),
+   claimant TEXT, generation BIGINT NOT NULL DEFAULT 0, lease_expires TIMESTAMPTZ,
+   lost TEXT[] NOT NULL DEFAULT '{}',
+   PRIMARY KEY (run_id, case_id));";
+
+/// Create or migrate the PostgreSQL schema. Serialised between connections by an
+/// advisory lock: runners starting together on a fresh database would otherwise
+/// race in `CREATE TABLE IF NOT EXISTS` (a duplicate-key error on the catalog).
+pub(crate) fn pg_migrate(
+    client: &mut postgres::Client,
+) -> std::result::Result<(), postgres::Error> {
+    let mut tx = client.transaction()?;
+    tx.execute("SELECT pg_advisory_xact_lock(7202617017)", &[])?;
+    tx.batch_execute(PG_SCHEMA)?;
+    tx.commit()
+}
+
+/// Store (or replace) a finished case and its samples inside `tx` (PostgreSQL).
+pub(crate) fn pg_put_case(
+    tx: &mut postgres::Transaction<'_>,
+    run_id: &str,
+    c: &CaseResult,
+    json: &str,
+) -> std::result::Result<(), postgres::Error> {
+    tx.execute(
+        "INSERT INTO cases (run_id, case_id, outcome, result) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (run_id, case_id) DO UPDATE SET outcome = EXCLUDED.outcome, result = EXCLUDED.result",
+        &[&run_id, &c.id, &c.outcome.as_str(), &json],
+    )?;
+    tx.execute(
+        "DELETE FROM samples WHERE run_id = $1 AND case_id = $2",
+        &[&run_id, &c.id],
+    )?;
+    for (kind, vals) in &samples(c) {
+        for (i, v) in vals.iter().enumerate() {
+            tx.execute(
+                "INSERT INTO samples (run_id, case_id, kind, seq, value) VALUES ($1, $2, $3, $4, $5)",
+                &[&run_id, &c.id, kind, &(i as i32), v],
+            )?;
+        }
+    }
+    Ok(())
+}
 
 /// The measurement rows of a case: (kind, values).
 fn samples(c: &CaseResult) -> Vec<(&'static str, Vec<f64>)> {
@@ -187,13 +232,11 @@ impl Store {
                 source,
             }
         })?;
-        client
-            .batch_execute(PG_SCHEMA)
-            .map_err(|source| StoreError::Postgres {
-                db: name.clone(),
-                what: "schema".into(),
-                source,
-            })?;
+        pg_migrate(&mut client).map_err(|source| StoreError::Postgres {
+            db: name.clone(),
+            what: "schema".into(),
+            source,
+        })?;
         Ok(Store {
             conn: Conn::Pg(Box::new(client)),
             name,
@@ -355,23 +398,7 @@ impl Store {
             Conn::Pg(client) => {
                 let mut run = || -> std::result::Result<(), postgres::Error> {
                     let mut tx = client.transaction()?;
-                    tx.execute(
-                        "INSERT INTO cases (run_id, case_id, outcome, result) VALUES ($1, $2, $3, $4)
-                         ON CONFLICT (run_id, case_id) DO UPDATE SET outcome = EXCLUDED.outcome, result = EXCLUDED.result",
-                        &[&run_id, &c.id, &c.outcome.as_str(), &json],
-                    )?;
-                    tx.execute(
-                        "DELETE FROM samples WHERE run_id = $1 AND case_id = $2",
-                        &[&run_id, &c.id],
-                    )?;
-                    for (kind, vals) in &rows {
-                        for (i, v) in vals.iter().enumerate() {
-                            tx.execute(
-                                "INSERT INTO samples (run_id, case_id, kind, seq, value) VALUES ($1, $2, $3, $4, $5)",
-                                &[&run_id, &c.id, kind, &(i as i32), v],
-                            )?;
-                        }
-                    }
+                    pg_put_case(&mut tx, run_id, c, &json)?;
                     tx.commit()
                 };
                 run().map_err(p)

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod console;
 pub mod error;
 pub mod inventory;
+pub mod labgrid;
 pub mod lease;
 pub mod power;
 pub mod rig;

@@ -1,0 +1,162 @@
+//! Where the runner's hosts come from ([`HostSource`]): a rig inventory (or
+//! anonymous simulated hosts), or places reserved from a labgrid coordinator
+//! ([`LabgridSource`], `campaign run --labgrid HOST:PORT`). Either way the runner
+//! gets [`HostSpec`]s and is otherwise unchanged.
+
+use crate::format::HostSpec;
+use hilrig_rig::labgrid::{Coordinator, LabgridError, PlaceHost};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A source of hosts for a run. Hosts it holds (reserved places) are given back
+/// by [`HostSource::release`] (also on drop for [`LabgridSource`]).
+pub trait HostSource {
+    /// The hosts, and a VMM the source names (an inventory's `lab.vmm`).
+    fn hosts(&mut self) -> anyhow::Result<(Vec<HostSpec>, Option<PathBuf>)>;
+    /// Give back what [`HostSource::hosts`] took.
+    fn release(&mut self) {}
+}
+
+/// The inventory's simulated hosts, or `n` anonymous simulated hosts.
+pub struct InventorySource {
+    /// The inventory (None: anonymous hosts).
+    pub inventory: Option<PathBuf>,
+    /// Anonymous hosts without an inventory.
+    pub n: usize,
+}
+
+impl HostSource for InventorySource {
+    fn hosts(&mut self) -> anyhow::Result<(Vec<HostSpec>, Option<PathBuf>)> {
+        crate::runner::hosts_for(self.inventory.as_deref(), self.n)
+    }
+}
+
+/// What to reserve from a labgrid coordinator.
+#[derive(Debug, Clone)]
+pub struct LabgridOptions {
+    /// The coordinator, `HOST:PORT`.
+    pub address: String,
+    /// Our user name there (default `<hostname>/hilrig`).
+    pub user: Option<String>,
+    /// Tags every reserved place must carry (`key=value`).
+    pub tags: BTreeMap<String, String>,
+    /// How many places (parallel hosts).
+    pub places: usize,
+    /// How long to wait for the coordinator to allocate each place.
+    pub wait: Duration,
+}
+
+/// Places reserved by tags from a labgrid coordinator and acquired; each becomes a
+/// host named after its place, tagged `labgrid`, with each labgrid tag as `value`
+/// and `key=value`. Released (and the reservations cancelled) on
+/// [`HostSource::release`] or drop. Places acquired by someone else are never
+/// touched (see `hilrig_rig::labgrid`).
+pub struct LabgridSource {
+    opts: LabgridOptions,
+    coord: Option<Coordinator>,
+    held: Vec<(String, String)>,
+    /// The places' resources as mapped for the rig's drivers.
+    pub mapped: Vec<PlaceHost>,
+}
+
+impl LabgridSource {
+    /// A source for `opts` (nothing is contacted before [`HostSource::hosts`]).
+    pub fn new(opts: LabgridOptions) -> LabgridSource {
+        LabgridSource {
+            opts,
+            coord: None,
+            held: Vec::new(),
+            mapped: Vec::new(),
+        }
+    }
+
+    fn user(&self) -> String {
+        self.opts.user.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default();
+            format!(
+                "{}/hilrig",
+                if host.is_empty() { "localhost" } else { &host }
+            )
+        })
+    }
+
+    fn take(&mut self) -> Result<Vec<HostSpec>, LabgridError> {
+        let user = self.user();
+        let mut c = Coordinator::connect(&self.opts.address, &user, Duration::from_secs(10))?;
+        let mut hosts = Vec::new();
+        for _ in 0..self.opts.places.max(1) {
+            let r = c.reserve(&self.opts.tags, self.opts.wait)?;
+            // Held from here: released/cancelled even if acquiring fails.
+            self.held.push((r.place.clone(), r.token.clone()));
+            c.acquire(&r.place)?;
+            let h = c.host(&r.place)?;
+            let mut tags = vec!["labgrid".to_string()];
+            for (k, v) in &h.tags {
+                tags.push(v.clone());
+                tags.push(format!("{k}={v}"));
+            }
+            hosts.push(HostSpec {
+                name: r.place.clone(),
+                tags,
+                backends: crate::format::BACKENDS.to_vec(),
+                counter_width: 64,
+                serial: 1,
+            });
+            self.mapped.push(h);
+        }
+        self.coord = Some(c);
+        Ok(hosts)
+    }
+}
+
+impl HostSource for LabgridSource {
+    fn hosts(&mut self) -> anyhow::Result<(Vec<HostSpec>, Option<PathBuf>)> {
+        match self.take() {
+            Ok(h) => Ok((h, None)),
+            Err(e) => {
+                self.release();
+                Err(anyhow::anyhow!("--labgrid {}: {e}", self.opts.address))
+            }
+        }
+    }
+
+    fn release(&mut self) {
+        let held = std::mem::take(&mut self.held);
+        if held.is_empty() {
+            return;
+        }
+        let c = match self.coord.as_mut() {
+            Some(c) => c,
+            None => {
+                match Coordinator::connect(
+                    &self.opts.address,
+                    &self.user(),
+                    Duration::from_secs(10),
+                ) {
+                    Ok(c) => self.coord.insert(c),
+                    Err(e) => {
+                        tracing::warn!("labgrid: releasing {held:?}: {e}");
+                        return;
+                    }
+                }
+            }
+        };
+        for (place, token) in held {
+            if let Err(e) = c.release(&place) {
+                tracing::warn!("labgrid: releasing place {place}: {e}");
+            }
+            if let Err(e) = c.cancel(&token) {
+                tracing::warn!("labgrid: cancelling reservation {token}: {e}");
+            }
+        }
+    }
+}
+
+impl Drop for LabgridSource {
+    fn drop(&mut self) {
+        self.release();
+    }
+}

@@ -1,0 +1,126 @@
+//! `campaign run --labgrid`: hosts are places reserved by tags from a real labgrid
+//! coordinator (PyPI `labgrid`, installed by scripts/test) on loopback; the run
+//! uses the free place, releases it at the end, and never touches a place
+//! acquired by someone else. Says SKIPPED loudly without labgrid.
+
+use hilrig_campaigns::hostsource::LabgridOptions;
+use hilrig_campaigns::runner::{run_campaign, RunOptions};
+use hilrig_reports::Outcome;
+use hilrig_rig::labgrid::{holder, Coordinator};
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const PASS_JSON: &str = r#"{"payload":"attack-hang","device":"model","verdict":"PASS","passed":true,"exit_status":0,"policy":{"alarms":1,"per_register":{"HANG_TRIGGER":1}},"teardown":{"vm":"fake","started_unix":0,"steps":[],"complete":true,"total_micros":10,"guest_bytes_scrubbed":0,"device_bytes_scrubbed":0,"counters":null,"verdict":{"verdict":"trusted","handoff_ok":true,"reasons":[]},"signer":"","signature":""}}"#;
+
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn have(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("--help")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn campaign_on_places_reserved_from_labgrid() {
+    for t in ["labgrid-coordinator", "labgrid-client"] {
+        if !have(t) {
+            eprintln!(
+                "SKIPPED campaign_on_places_reserved_from_labgrid: {t} not found (pip install labgrid; scripts/test does)"
+            );
+            return;
+        }
+    }
+    let t = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let _coord = Kill(
+        Command::new("labgrid-coordinator")
+            .args(["-l", &addr])
+            .current_dir(t.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let t0 = Instant::now();
+    while let Err(e) = Coordinator::connect(&addr, "testhost/probe", Duration::from_secs(5)) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no coordinator: {e}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let client = |args: &[&str], user: &str| {
+        let out = Command::new("labgrid-client")
+            .args(["-x", &addr])
+            .args(args)
+            .env("LG_USERNAME", user)
+            .env("LG_HOSTNAME", "testhost")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "labgrid-client {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // Both places carry the tag; alice holds rack-b.
+    for place in ["rack-a", "rack-b"] {
+        client(&["-p", place, "create"], "admin");
+        client(&["-p", place, "set-tags", "hilrig=sim"], "admin");
+    }
+    client(&["-p", "rack-b", "acquire"], "alice");
+
+    let vmm = t.path().join("fake-vmm");
+    std::fs::write(&vmm, format!("#!/bin/sh\necho '{PASS_JSON}'\n")).unwrap();
+    std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let file = t.path().join("c.toml");
+    std::fs::write(
+        &file,
+        "name = \"lg\"\n[defaults]\ntags = [\"sim\"]\n[[case]]\nattacks = [\"attack-hang\", \"attack-key-read\"]\n",
+    )
+    .unwrap();
+    let mut o = RunOptions::new(&file);
+    o.out_dir = t.path().join("out");
+    o.vmm = Some(vmm);
+    o.progress = Some(false);
+    o.labgrid = Some(LabgridOptions {
+        address: addr.clone(),
+        user: Some("testhost/hilrig".into()),
+        tags: [("hilrig".to_string(), "sim".to_string())].into(),
+        places: 1,
+        wait: Duration::from_secs(60),
+    });
+    let s = run_campaign(o).unwrap();
+    assert_eq!(s.run.cases.len(), 2);
+    for c in &s.run.cases {
+        assert_ne!(c.outcome, Outcome::Infra, "{}: {}", c.id, c.message);
+        assert_eq!(c.host, "rack-a", "{c:?}");
+    }
+    let mut c = Coordinator::connect(&addr, "testhost/check", Duration::from_secs(5)).unwrap();
+    assert_eq!(
+        holder(&c.place("rack-a").unwrap()),
+        None,
+        "released after the run"
+    );
+    assert_eq!(
+        holder(&c.place("rack-b").unwrap()),
+        Some("testhost/alice"),
+        "the foreign place was touched"
+    );
+}
