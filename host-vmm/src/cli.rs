@@ -160,6 +160,12 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
                 p.shadowed,
                 p.faults
             );
+            if !p.untrapped_rule_pages.is_empty() {
+                eprintln!(
+                    "         enforcement off: pages {:?} with rules mapped straight through (not trapped)",
+                    p.untrapped_rule_pages
+                );
+            }
             for (reg, n) in &p.per_register {
                 eprintln!("         {reg}: {n} alarms");
             }

@@ -134,6 +134,12 @@ pub struct PolicySummary {
     pub source: String,
     /// Enforcement on?
     pub enforce: bool,
+    /// A trapped access no rule covers is denied (fail closed; false: the profile
+    /// says `default = "allow"`, or a VMM from before the switch).
+    pub default_deny: bool,
+    /// Pages with rules that were mapped straight through, untrapped, because
+    /// enforcement was off (MMIO restriction OFF); empty when on.
+    pub untrapped_rule_pages: Vec<u32>,
     /// Every decided register part (with or without a rule).
     pub parts: u64,
     /// Decided parts that matched a rule, by action taken.

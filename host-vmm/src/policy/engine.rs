@@ -82,7 +82,8 @@ pub struct Alarm {
     pub action: Action,
     /// The profile.
     pub profile: String,
-    /// The rule (1-based, as written in the file).
+    /// The rule (1-based, as written in the file; 0: no rule covers the access and
+    /// the profile's default deny decided).
     pub rule: usize,
     /// Whether enforcement was on.
     pub enforce: bool,
@@ -576,7 +577,7 @@ impl PolicyEngine {
             value: hit.value,
             action: hit.action,
             profile: p.name.clone(),
-            rule: hit.rule as usize + 1,
+            rule: p.rule_number(hit.rule),
             enforce: p.enforce,
         }
     }
@@ -620,6 +621,12 @@ impl PolicyEngine {
                 profile: p.name.clone(),
                 source: p.source.clone(),
                 enforce: p.enforce,
+                default_deny: p.default_rule.is_some(),
+                untrapped_rule_pages: if p.enforce {
+                    Vec::new()
+                } else {
+                    p.rule_pages().into_iter().map(|x| x as u32).collect()
+                },
                 parts: self.parts.load(Ordering::Relaxed),
                 allowed: self.actions[0].load(Ordering::Relaxed),
                 dropped: self.actions[1].load(Ordering::Relaxed),

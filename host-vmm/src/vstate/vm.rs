@@ -696,6 +696,13 @@ impl Vm {
             for page in p.trapping_pages() {
                 trap.insert(page);
             }
+            if !p.enforce && !p.rule_pages().is_empty() {
+                tracing::warn!(
+                    profile = %p.name,
+                    "MMIO restriction OFF: BAR0 pages {:?} have rules but are mapped straight through (no trap, no alarm)",
+                    p.rule_pages()
+                );
+            }
         }
         let plan = PagePlan::decide(trap, &backend.windows);
         let mut bus = PciBus::new(backend.device.rom_size());
