@@ -94,6 +94,20 @@ pub struct Manifest {
     pub payloads: Vec<PayloadEntry>,
     /// Encryption, if the payloads are encrypted.
     pub encryption: Option<Encryption>,
+    /// The patch widens what a guest may do (a policy that lets through an access
+    /// the running one keeps from the device). A VMM applies such a patch only when
+    /// this is declared and it was started with `--allow-policy-widening`. Absent
+    /// (false) in bundles that do not declare it, so their signed bytes are unchanged.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub widens: bool,
+}
+
+/// Options of [`build_with`] beyond the [`BundleSpec`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BuildOptions {
+    /// Declare in the signed manifest that the patch widens a policy
+    /// ([`Manifest::widens`]).
+    pub widens: bool,
 }
 
 /// What to put in a bundle.
@@ -120,6 +134,15 @@ fn hkdf_key(shared: &[u8; 32]) -> [u8; 32] {
 
 /// Build and sign a bundle.
 pub fn build(spec: &BundleSpec<'_>, key: &SigningKey) -> Result<Vec<u8>, BundleError> {
+    build_with(spec, key, BuildOptions::default())
+}
+
+/// Build and sign a bundle with `opts` in its manifest.
+pub fn build_with(
+    spec: &BundleSpec<'_>,
+    key: &SigningKey,
+    opts: BuildOptions,
+) -> Result<Vec<u8>, BundleError> {
     let mut wire: Vec<Vec<u8>> = Vec::new();
     let mut entries = Vec::new();
     let (encryption, cipher) = match spec.encrypt_to {
@@ -182,6 +205,7 @@ pub fn build(spec: &BundleSpec<'_>, key: &SigningKey) -> Result<Vec<u8>, BundleE
         signer: hex::encode(key.verifying_key().as_bytes()),
         payloads: entries,
         encryption,
+        widens: opts.widens,
     };
     let m = serde_json::to_vec(&manifest).map_err(|e| err("manifest", None, e.to_string()))?;
     if m.len() > MAX_MANIFEST {

@@ -103,6 +103,7 @@ pub fn bench_patch(budget: Duration) -> Result<Vec<Figure>> {
                 decrypt_key: None,
                 build_sha256: BUILD,
                 module_dir: dir.path().join("modules"),
+                allow_widening: false,
             })),
             ..Default::default()
         };

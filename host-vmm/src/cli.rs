@@ -198,6 +198,7 @@ pub fn lifecycle_config(args: &VmArgs) -> anyhow::Result<crate::lifecycle::Lifec
             build_sha256,
             module_dir: std::env::temp_dir()
                 .join(format!("hilrig-vmm-modules-{}", std::process::id())),
+            allow_widening: args.allow_policy_widening,
         }))
     };
     let vmm_key = args

@@ -22,6 +22,7 @@ fn authority(dir: &Path) -> Arc<PatchAuthority> {
         decrypt_key: None,
         build_sha256: BUILD,
         module_dir: dir.join("modules"),
+        allow_widening: false,
     })
 }
 

@@ -34,7 +34,8 @@
 //! filter. Reads are filtered on the device's value.
 //!
 //! Precedence: for one register and access kind, a filtered rule that matches wins
-//! over an unfiltered one. Fail closed: on a page with rules, a register and access
+//! over an unfiltered one, and any other rule over a plain `allow` (no filter, no
+//! alarm: a listing of what the profile may do) on the same register. Fail closed: on a page with rules, a register and access
 //! kind no rule covers is denied (dropped, reads return 0, alarmed; rule number 0 in
 //! alarms) unless the profile says `default = "allow"` (a register with only a
 //! filtered rule falls back to allow when the filter does not apply). Two unfiltered rules,
@@ -833,6 +834,17 @@ impl PolicyFile {
                             && other.alarm == r.alarm
                             && other.value == r.value
                             && other.filter == r.filter;
+                        // A plain allow (no filter, no alarm) lists what a profile may
+                        // do; a restrictive rule on the same register narrows it.
+                        let plain_allow =
+                            |x: &Rule| x.action == Action::Allow && !x.alarm && x.filter.is_none();
+                        if !same && plain_allow(other) && !plain_allow(r) {
+                            *target = id as u16;
+                            continue;
+                        }
+                        if !same && plain_allow(r) {
+                            continue;
+                        }
                         if !same {
                             return Err(perr(
                                 Some(format!("profile {profile} rule {} ({})", r.index + 1, r.label)),
