@@ -33,7 +33,10 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
         for (name, what) in hilrig_guest::BUILTINS {
             println!("{name:14} {what}");
         }
-        for (name, what) in crate::attacks::ATTACKS {
+        for (name, what) in crate::attacks::ATTACKS
+            .iter()
+            .chain(crate::attacks::HOSTILE)
+        {
             println!("{name:24} {what}");
         }
         return Ok(ExitCode::SUCCESS);
@@ -97,6 +100,7 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
         record_decisions: false,
         control: args.control.clone(),
         lifecycle: lifecycle_config(&args)?,
+        on_unemulated: args.on_unemulated,
     };
     let vm = Vm::new(config, backend)?;
     if args.show_plan && !args.json {

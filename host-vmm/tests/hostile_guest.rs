@@ -281,3 +281,216 @@ fn a_signed_one_rule_policy_patch_that_widens_is_refused() {
         .expect("narrower");
     assert_eq!(commit(&t, p), (POLICY, 1, 2));
 }
+
+fn run_cfg(name: &str, p: Arc<Profile>, tweak: impl FnOnce(&mut VmConfig)) -> RunReport {
+    let code = attacks::attack(name).expect("listed").expect("asm");
+    let mut cfg = VmConfig {
+        vcpus: 1,
+        mem_size: 16 << 20,
+        payload: code,
+        payload_name: name.into(),
+        timeout: Duration::from_secs(30),
+        console: Console::Capture,
+        policy: Some(p),
+        alarms: AlarmConfig {
+            capture: true,
+            ..AlarmConfig::default()
+        },
+        ..VmConfig::default()
+    };
+    tweak(&mut cfg);
+    let backend = open_backend(&DeviceSpec::Model, None).expect("backend");
+    Vm::new(cfg, backend).expect("vm").run().expect("run")
+}
+
+fn tenant() -> Arc<Profile> {
+    Arc::new(load_profile(None, "tenant").expect("tenant"))
+}
+
+/// Attack (issue 16 item 9): 300 alarmed DEVICE_KEY reads used up the (global)
+/// alarm rate limit, so the FLASH_UNLOCK/FLASH_CMD alarms after them were never
+/// written. The limit is per (register, access, action) now; each key's first alarm
+/// is always written, and every key is aggregated with first/last/count.
+#[test]
+fn an_alarm_flood_never_hides_another_registers_first_alarm() {
+    if !kvm_available() {
+        return;
+    }
+    let r = run_cfg("attack-alarm-flood", tenant(), |c| {
+        c.alarms.rate = 10;
+        c.alarms.burst = 20;
+    });
+    assert_eq!(r.verdict, Verdict::Pass, "{}", r.verdict);
+    let pol = r.policy.expect("policy");
+    let written = |reg: &str| pol.captured.iter().filter(|a| a.register == reg).count();
+    assert!(
+        written("FLASH_UNLOCK") >= 1,
+        "FLASH_UNLOCK alarm hidden: {pol:?}"
+    );
+    assert!(written("FLASH_CMD") >= 1, "FLASH_CMD alarm hidden");
+    assert!(
+        written("DEVICE_KEY[0]") <= 25,
+        "the flood is still rate limited"
+    );
+    let g = |reg: &str| {
+        pol.alarm_groups
+            .iter()
+            .find(|g| g.register == reg)
+            .unwrap_or_else(|| panic!("no group for {reg}: {:?}", pol.alarm_groups))
+            .clone()
+    };
+    let key = g("DEVICE_KEY[0]");
+    assert_eq!(
+        (key.count, key.access.as_str(), key.action.as_str()),
+        (300, "read", "drop")
+    );
+    assert!(
+        key.written < key.count && key.first_us <= key.last_us,
+        "{key:?}"
+    );
+    let unlock = g("FLASH_UNLOCK");
+    assert_eq!((unlock.count, unlock.written), (2, 2));
+    assert!(unlock.first_us >= key.last_us, "{unlock:?} after {key:?}");
+    // Written alarms carry their key's running count.
+    let last_key = pol
+        .captured
+        .iter()
+        .rfind(|a| a.register == "DEVICE_KEY[0]")
+        .expect("some");
+    assert!(
+        last_key.count > 1 && last_key.first_us <= last_key.t_us,
+        "{last_key:?}"
+    );
+}
+
+/// Attack (issue 16 item 9): `rep insd` with a count > 1 filled only the first
+/// element (the rest read as all-ones), `rep outsd` sent only one, and the alarm of
+/// a `rep insd` into BAR0 carried no instruction. Every element is carried out now,
+/// and the alarm names `rep insd`.
+#[test]
+fn rep_ins_and_outs_carry_out_every_element_and_alarms_name_them() {
+    if !kvm_available() {
+        return;
+    }
+    let r = run_cfg("attack-rep-ins-outs", tenant(), |_| {});
+    assert_eq!(r.verdict, Verdict::Pass, "{}", r.verdict);
+    let ids = u32::from(hilrig_device::regmap::PCI_VENDOR_ID)
+        | u32::from(hilrig_device::regmap::PCI_DEVICE_ID) << 16;
+    assert_eq!(
+        &r.results[..4],
+        &[ids; 4],
+        "every rep insd element: {:x?}",
+        r.results
+    );
+    assert_eq!(
+        &r.results[4..7],
+        &[1, 2, 3],
+        "every rep outsd element: {:x?}",
+        r.results
+    );
+    assert_eq!(
+        r.results[7],
+        hilrig_device::regmap::DEVICE_ID_VALUE,
+        "not hung"
+    );
+    let pol = r.policy.expect("policy");
+    let hang: Vec<_> = pol
+        .captured
+        .iter()
+        .filter(|a| a.register == "HANG_TRIGGER")
+        .collect();
+    assert!(!hang.is_empty(), "{:?}", pol.captured);
+    for a in hang {
+        assert!(
+            a.insn.contains("insd"),
+            "alarm names the instruction: {a:?}"
+        );
+        assert!(a.insn_rip.is_some(), "{a:?}");
+    }
+}
+
+/// Attack (issue 16 item 9): a write nothing claims ends the run BAD ACCESS, and
+/// the verdict named the instruction after the write (KVM has retired it). It names
+/// the faulting write now.
+#[test]
+fn bad_access_names_the_faulting_instruction() {
+    if !kvm_available() {
+        return;
+    }
+    let r = run_cfg("attack-bad-access-write", tenant(), |_| {});
+    match &r.verdict {
+        Verdict::BadAccess { insn, write, .. } => {
+            assert!(*write);
+            assert_eq!(insn, "mov [rdi+10000h],eax", "{}", r.verdict);
+        }
+        other => panic!("{other}"),
+    }
+}
+
+/// Attack (issue 16 item 9): instructions KVM cannot emulate on MMIO ended the VM
+/// with a generic internal error. The verdict names the instruction; with
+/// `--on-unemulated ud` the guest gets #UD (vector 6) there and goes on.
+#[test]
+fn unemulated_instructions_are_named_or_get_ud() {
+    if !kvm_available() {
+        return;
+    }
+    for (name, mnemonic) in [
+        ("attack-cmpxchg16b", "cmpxchg16b"),
+        ("attack-fxsave", "fxsave"),
+        ("attack-enter-nested", "enter"),
+    ] {
+        let op = Arc::new(load_profile(None, "operator").expect("operator"));
+        let stop = run_cfg(name, op.clone(), |_| {});
+        if stop.verdict == Verdict::Pass {
+            eprintln!(
+                "NOTE: {name}: KVM emulated it here (results {:?})",
+                stop.results
+            );
+            continue;
+        }
+        let text = stop.verdict.to_string();
+        assert!(
+            text.contains(mnemonic),
+            "{name}: the verdict names it: {text}"
+        );
+        let ud = run_cfg(name, op, |c| {
+            c.on_unemulated = hilrig_vmm::api::OnUnemulated::Ud
+        });
+        assert_eq!(ud.verdict, Verdict::Pass, "{name} with ud: {}", ud.verdict);
+        assert_eq!(
+            &ud.results[..2],
+            &[1, 6],
+            "{name}: one fault, #UD: {:?}",
+            ud.results
+        );
+    }
+}
+
+/// Attack (issue 16 item 9): under a policy with fault rules, a 16-byte store at a
+/// page's last dword reaches the VMM as 4 + 8 + 4 bytes; gathering expected 8-byte
+/// pieces and ended the VM with a VMM error. Every piece is gathered and decided
+/// together now: #GP for the guest, nothing of it reaches the device.
+#[test]
+fn a_page_split_store_under_fault_rules_gets_gp() {
+    if !kvm_available() {
+        return;
+    }
+    let text = "[profile.t]\ndefault = \"allow\"\n\
+        [[profile.t.rules]]\nrange = [0x2ff0, 0x3000]\naccess = \"write\"\naction = \"drop\"\n\
+        [[profile.t.rules]]\nregister = \"DEVICE_KEY\"\naccess = \"write\"\naction = \"fault\"\nalarm = true\n";
+    let r = run_cfg(
+        "attack-split-store-page",
+        Arc::new(compile(text, "t")),
+        |_| {},
+    );
+    assert_eq!(r.verdict, Verdict::Pass, "{}", r.verdict);
+    assert_eq!(r.results, vec![1], "one #GP");
+    let pol = r.policy.expect("policy");
+    assert_eq!(pol.faults, 1, "{pol:?}");
+    assert!(
+        pol.captured.iter().any(|a| a.insn.contains("movdqu")),
+        "{:?}",
+        pol.captured
+    );
+}

@@ -72,6 +72,9 @@ pub struct VmConfig {
     pub control: Option<std::path::PathBuf>,
     /// Live patching and teardown settings.
     pub lifecycle: crate::lifecycle::LifecycleConfig,
+    /// An instruction KVM cannot emulate on MMIO: end the VM with a verdict naming
+    /// it (`Stop`), or inject #UD into the guest and go on (`Ud`).
+    pub on_unemulated: hilrig_vmm_api::OnUnemulated,
 }
 
 impl Default for VmConfig {
@@ -89,6 +92,7 @@ impl Default for VmConfig {
             record_decisions: false,
             control: None,
             lifecycle: crate::lifecycle::LifecycleConfig::default(),
+            on_unemulated: hilrig_vmm_api::OnUnemulated::Stop,
         }
     }
 }
@@ -249,6 +253,10 @@ pub(crate) struct Shared {
     pub(crate) modules: crate::lifecycle::patch::ModuleTable,
     /// Pause/patch/teardown state and settings.
     pub(crate) life: crate::lifecycle::Life,
+    /// What an instruction KVM cannot emulate on MMIO gets.
+    pub(crate) on_unemulated: hilrig_vmm_api::OnUnemulated,
+    /// #UD injected for instructions KVM could not emulate (`--on-unemulated ud`).
+    pub(crate) unemulated: std::sync::atomic::AtomicU64,
 }
 
 impl crate::lifecycle::VmHost for Shared {
@@ -765,6 +773,8 @@ impl Vm {
             policy: engine,
             results: Mutex::new(Vec::new()),
             sync_regs,
+            on_unemulated: config.on_unemulated,
+            unemulated: std::sync::atomic::AtomicU64::new(0),
         });
         Ok(Vm {
             vector,
