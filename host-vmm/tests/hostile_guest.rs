@@ -494,3 +494,24 @@ fn a_page_split_store_under_fault_rules_gets_gp() {
         pol.captured
     );
 }
+
+/// Attack (issue 16 item 9): code run from a BAR0 page mapped straight into the
+/// guest (a data buffer) made alarms without an instruction ("not mapped to guest
+/// RAM"). The fetch reads the mapped page now and the alarm names the read.
+#[test]
+fn alarms_name_code_run_from_a_bar_page() {
+    if !kvm_available() {
+        return;
+    }
+    let r = run_cfg("attack-code-on-bar", tenant(), |_| {});
+    assert_eq!(r.verdict, Verdict::Pass, "{}", r.verdict);
+    assert_eq!(r.results, vec![0, 0], "the key read was dropped");
+    let pol = r.policy.expect("policy");
+    let a = pol
+        .captured
+        .iter()
+        .find(|a| a.register == "DEVICE_KEY[0]")
+        .unwrap_or_else(|| panic!("no alarm: {:?}", pol.captured));
+    assert_eq!(a.insn, "mov eax,[rdi+3000h]", "{a:?}");
+    assert_eq!(a.rip, 0xE000_0000 + u64::from(BUFFER_BASE), "{a:?}");
+}

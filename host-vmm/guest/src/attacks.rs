@@ -54,6 +54,7 @@ pub const HOSTILE: &[(&str, &str)] = &[
     ("attack-cmpxchg16b", "cmpxchg16b on SCRATCH[0..4] (KVM cannot emulate it on MMIO); report fault vector"),
     ("attack-fxsave", "fxsave to BAR0 0x100 (512 bytes over page 0; KVM cannot emulate it on MMIO); report fault vector"),
     ("attack-enter-nested", "enter 16, 2 with rbp in BAR0 (nesting reads the frame from MMIO; KVM cannot emulate it); report fault vector"),
+    ("attack-code-on-bar", "copy `mov eax,[rdi+3000h]; ret` into the first data-buffer page (mapped straight into the guest) and call it: the DEVICE_KEY read's alarm must name it"),
     ("attack-split-store-page", "a 16-byte movdqu store at BAR0 0x2ffc: 4 bytes on page 2, 12 on page 3 (KVM: 4 + 8 + 4); report fault count"),
 ];
 
@@ -81,6 +82,7 @@ pub fn attack(name: &str) -> Option<R<Vec<u8>>> {
         "attack-fxsave" => unemulated(Unemulated::Fxsave),
         "attack-enter-nested" => unemulated(Unemulated::EnterNested),
         "attack-split-store-page" => split_store_page(),
+        "attack-code-on-bar" => code_on_bar(),
         _ => return None,
     })
 }
@@ -520,6 +522,21 @@ pub fn unemulated(which: Unemulated) -> R<Vec<u8>> {
         p.result_fault_count()?;
         p.a.mov(rbx, crate::payload::fault_abi::VECTOR)?;
         p.a.mov(rax, qword_ptr(rbx))?;
+        p.result_eax()
+    })
+}
+
+/// `attack-code-on-bar`: writes `mov eax,[rdi+3000h]` (8B 87 00 30 00 00) and
+/// `ret` (C3) to the first data-buffer page and calls it: code fetched from a BAR
+/// page reads DEVICE_KEY[0]. Results: what it read, then the fault count.
+pub fn code_on_bar() -> R<Vec<u8>> {
+    use hilrig_device::regmap::BUFFER_BASE;
+    wrap(|p| {
+        let b = BUFFER_BASE as i32;
+        p.a.mov(dword_ptr(rdi + b), 0x3000_878bu32)?;
+        p.a.mov(dword_ptr(rdi + (b + 4)), 0x00c3_0000u32)?;
+        p.a.lea(rax, ptr(rdi + b))?;
+        p.a.call(rax)?;
         p.result_eax()
     })
 }

@@ -298,7 +298,8 @@ impl Walk<'_> {
         None
     }
 
-    /// Fetch up to `out.len()` bytes at `gva` (page by page); returns how many.
+    /// Fetch up to `out.len()` bytes at `gva` (page by page; from guest RAM, or on a
+    /// vCPU thread from a BAR0 page mapped straight into the guest); returns how many.
     pub fn fetch(&self, gva: u64, out: &mut [u8]) -> usize {
         let mut n = 0;
         while n < out.len() {
@@ -310,6 +311,7 @@ impl Walk<'_> {
                 .mem
                 .read_slice(&mut out[n..n + k], GuestAddress(pa))
                 .is_err()
+                && !crate::vstate::vm::read_direct(pa, &mut out[n..n + k])
             {
                 break;
             }

@@ -152,6 +152,7 @@ struct Book {
 pub(crate) fn vcpu_loop(idx: u8, fd: VcpuFd, shared: &Shared) -> VcpuResult {
     let mut fd = fd;
     KVM_RUN.with(|c| c.set(fd.get_kvm_run() as *mut kvm_run));
+    crate::vstate::vm::VCPU_VM.with(|c| c.set(shared as *const Shared));
     let mut v = Vcpu {
         fd,
         shared,
@@ -182,6 +183,7 @@ pub(crate) fn vcpu_loop(idx: u8, fd: VcpuFd, shared: &Shared) -> VcpuResult {
         state = transition(state, event);
     }
     KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+    crate::vstate::vm::VCPU_VM.with(|c| c.set(std::ptr::null()));
     let Vcpu { book, fd, .. } = v;
     drop(fd);
     let Book {

@@ -384,6 +384,49 @@ impl ExitBus for Shared {
 thread_local! {
     /// This thread's `kvm_run` mapping, for the kick signal's handler.
     pub(crate) static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+    /// The VM this vCPU thread runs (set for the length of `vcpu_loop`), so that
+    /// instruction fetches for alarms and verdicts can read code the guest runs from
+    /// a BAR0 page mapped straight into it ([`read_direct`]).
+    pub(crate) static VCPU_VM: Cell<*const Shared> = const { Cell::new(std::ptr::null()) };
+}
+
+/// Read `out.len()` bytes at guest-physical `gpa` from a BAR0 page mapped straight
+/// into the guest of this vCPU thread's VM (code run from a data-buffer page); false
+/// if it is not one (or not on a vCPU thread).
+pub(crate) fn read_direct(gpa: u64, out: &mut [u8]) -> bool {
+    VCPU_VM.with(|c| {
+        let p = c.get();
+        // SAFETY: set by vcpu_loop to the `Shared` it borrows for its whole run and
+        // cleared before it returns.
+        !p.is_null() && unsafe { &*p }.read_direct(gpa, out)
+    })
+}
+
+impl Shared {
+    /// See [`read_direct`].
+    fn read_direct(&self, gpa: u64, out: &mut [u8]) -> bool {
+        let pci = lock(&self.pci);
+        let Some(base) = pci.bus.decode().bar0 else {
+            return false;
+        };
+        if pci.mapper.active.is_empty() {
+            return false;
+        }
+        for s in &pci.mapper.slots {
+            let start = base + s.bar_offset;
+            if gpa >= start && gpa + out.len() as u64 <= start + s.len {
+                let src = (s.host_addr + (gpa - start)) as *const u8;
+                for (i, b) in out.iter_mut().enumerate() {
+                    // SAFETY: inside a window the backend keeps mapped while the VM
+                    // lives (`Vm` holds it); the guest may write it concurrently, so
+                    // each byte is read volatile, like guest RAM.
+                    *b = unsafe { std::ptr::read_volatile(src.add(i)) };
+                }
+                return true;
+            }
+        }
+        false
+    }
 }
 
 fn kick_signal() -> libc::c_int {
