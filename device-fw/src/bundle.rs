@@ -99,6 +99,20 @@ pub struct Manifest {
     /// own mapped code after the signature check and refuses on a mismatch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub patch_path_sha256: Option<String>,
+    /// The patch widens what a guest may do (a policy that lets through an access
+    /// the running one keeps from the device). A VMM applies such a patch only when
+    /// this is declared and it was started with `--allow-policy-widening`. Absent
+    /// (false) in bundles that do not declare it, so their signed bytes are unchanged.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub widens: bool,
+}
+
+/// Options of [`build_with`] beyond the [`BundleSpec`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BuildOptions {
+    /// Declare in the signed manifest that the patch widens a policy
+    /// ([`Manifest::widens`]).
+    pub widens: bool,
 }
 
 /// What to put in a bundle.
@@ -127,6 +141,15 @@ fn hkdf_key(shared: &[u8; 32]) -> [u8; 32] {
 
 /// Build and sign a bundle.
 pub fn build(spec: &BundleSpec<'_>, key: &SigningKey) -> Result<Vec<u8>, BundleError> {
+    build_with(spec, key, BuildOptions::default())
+}
+
+/// Build and sign a bundle with `opts` in its manifest.
+pub fn build_with(
+    spec: &BundleSpec<'_>,
+    key: &SigningKey,
+    opts: BuildOptions,
+) -> Result<Vec<u8>, BundleError> {
     let mut wire: Vec<Vec<u8>> = Vec::new();
     let mut entries = Vec::new();
     let (encryption, cipher) = match spec.encrypt_to {
@@ -190,6 +213,7 @@ pub fn build(spec: &BundleSpec<'_>, key: &SigningKey) -> Result<Vec<u8>, BundleE
         payloads: entries,
         encryption,
         patch_path_sha256: spec.patch_path_sha256.map(hex::encode),
+        widens: opts.widens,
     };
     let m = serde_json::to_vec(&manifest).map_err(|e| err("manifest", None, e.to_string()))?;
     if m.len() > MAX_MANIFEST {

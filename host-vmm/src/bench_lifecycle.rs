@@ -112,6 +112,7 @@ pub fn bench_patch(budget: Duration) -> Result<Vec<Figure>> {
                 build_sha256: BUILD,
                 module_dir: dir.path().join(format!("modules-{vcpus}")),
                 applied: None,
+                allow_widening: false,
             })),
             ..Default::default()
         };

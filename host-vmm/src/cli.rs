@@ -64,7 +64,10 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
         for (name, what) in hilrig_guest::BUILTINS {
             println!("{name:14} {what}");
         }
-        for (name, what) in crate::attacks::ATTACKS {
+        for (name, what) in crate::attacks::ATTACKS
+            .iter()
+            .chain(crate::attacks::HOSTILE)
+        {
             println!("{name:24} {what}");
         }
         return Ok(ExitCode::SUCCESS);
@@ -139,6 +142,7 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
             device_desc: desc.clone(),
             ..lifecycle_config(&args)?
         },
+        on_unemulated: args.on_unemulated,
     };
     let vm = Vm::new(config, backend)?;
     if args.show_plan && !args.json {
@@ -207,6 +211,12 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
                 p.shadowed,
                 p.faults
             );
+            if !p.untrapped_rule_pages.is_empty() {
+                eprintln!(
+                    "         enforcement off: pages {:?} with rules mapped straight through (not trapped)",
+                    p.untrapped_rule_pages
+                );
+            }
             for (reg, n) in &p.per_register {
                 eprintln!("         {reg}: {n} alarms");
             }
@@ -249,6 +259,7 @@ pub fn lifecycle_config(args: &VmArgs) -> anyhow::Result<crate::lifecycle::Lifec
                 }
                 _ => None,
             },
+            allow_widening: args.allow_policy_widening,
         }))
     };
     let vmm_key = args

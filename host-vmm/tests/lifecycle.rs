@@ -23,6 +23,7 @@ fn authority(dir: &Path) -> Arc<PatchAuthority> {
         build_sha256: BUILD,
         module_dir: dir.join("modules"),
         applied: None,
+        allow_widening: false,
     })
 }
 

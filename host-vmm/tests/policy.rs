@@ -225,31 +225,35 @@ fn alarms_name_the_instruction() {
 
 const STRICT: &str = r#"
 enforce = true
-[[profile.strict]]
+# Registers without a rule are allowed here (fail open, said explicitly): the
+# suite tests the fault, shadow and drop rules beside allowed registers.
+[profile.strict]
+default = "allow"
+[[profile.strict.rules]]
 register = "HANG_TRIGGER"
 access = "write"
 action = "fault"
 alarm = true
-[[profile.strict]]
+[[profile.strict.rules]]
 register = "SOFT_RESET"
 access = "both"
 action = "fault"
 alarm = true
-[[profile.strict]]
+[[profile.strict.rules]]
 register = "DEVICE_KEY"
 access = "read"
 action = "fault"
 alarm = true
-[[profile.strict]]
+[[profile.strict.rules]]
 range = [0x1000, 0x1020]
 access = "both"
 action = "fault"
 alarm = true
-[[profile.strict]]
+[[profile.strict.rules]]
 register = "SCRATCH[1]"
 access = "both"
 action = "shadow"
-[[profile.strict]]
+[[profile.strict.rules]]
 register = "SCRATCH[2]"
 access = "read"
 action = "drop"

@@ -231,6 +231,33 @@ pub fn encode(r: &Response) -> String {
     .unwrap_or_else(|e| format!("{{\"ok\":false,\"error\":\"encoding the reply: {e}\"}}"))
 }
 
+/// Why a request line was refused (the server replies with this as its error).
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// Over [`MAX_LINE`] bytes.
+    #[error("request longer than {MAX_LINE} bytes ({0} bytes)")]
+    TooLong(usize),
+    /// Not a request: bad JSON, an unknown `op`, a missing or unknown field.
+    #[error("bad request: {0}")]
+    Bad(#[from] serde_json::Error),
+}
+
+/// Parse one request line as the server does: at most [`MAX_LINE`] bytes (checked
+/// before anything else), invalid UTF-8 replaced, surrounding whitespace and the
+/// newline trimmed; `Ok(None)` for a blank line. Never panics, on any bytes; its
+/// work is bounded by the length limit (and serde_json's nesting limit).
+pub fn parse_request(line: &[u8]) -> Result<Option<Request>, RequestError> {
+    if line.len() > MAX_LINE {
+        return Err(RequestError::TooLong(line.len()));
+    }
+    let text = String::from_utf8_lossy(line);
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(serde_json::from_str::<Request>(text)?))
+}
+
 /// Decode a response line.
 pub fn decode(line: &str) -> Result<Response, serde_json::Error> {
     #[derive(Deserialize)]

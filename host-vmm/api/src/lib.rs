@@ -22,8 +22,8 @@ pub use control::{Reply, Request, Response};
 pub use exit::ExitStatus;
 pub use hilrig_device::attest::Verdict as CountersVerdict;
 pub use hilrig_device::{BackendKind, Region};
-pub use spec::{DeviceSpec, SpecError, VmSpec};
+pub use spec::{DeviceSpec, OnUnemulated, SpecError, VmSpec};
 pub use summary::{
-    ExitCounts, PatchEvent, PolicySummary, RunSummary, TrapLatency, VbiosMeasurement,
+    AlarmGroup, ExitCounts, PatchEvent, PolicySummary, RunSummary, TrapLatency, VbiosMeasurement,
 };
 pub use teardown::{TeardownRecord, VerdictSummary};

@@ -372,6 +372,36 @@ pub struct VmSpec {
     /// List the built-in payloads and exit.
     #[arg(long)]
     pub list_payloads: bool,
+    /// Apply a signed policy patch that widens the running policy when its manifest
+    /// declares `widens = true` (refused otherwise, and always without this flag).
+    #[arg(long)]
+    pub allow_policy_widening: bool,
+    /// What an instruction KVM cannot emulate on a trapped page (cmpxchg16b,
+    /// fxsave, enter with nesting, ...) gets: `stop` ends the VM with a verdict
+    /// naming it; `ud` injects #UD into the guest and goes on.
+    #[arg(long, value_enum, default_value_t = OnUnemulated::Stop)]
+    pub on_unemulated: OnUnemulated,
+}
+
+/// What an instruction KVM cannot emulate on MMIO gets (`--on-unemulated`).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum OnUnemulated {
+    /// End the VM with a verdict naming the instruction.
+    #[default]
+    Stop,
+    /// Inject #UD (invalid opcode) into the guest and go on.
+    Ud,
 }
 
 impl Default for VmSpec {
@@ -406,6 +436,8 @@ impl Default for VmSpec {
             counters_key: None,
             allow_unknown_vbios: false,
             list_payloads: false,
+            allow_policy_widening: false,
+            on_unemulated: OnUnemulated::Stop,
         }
     }
 }
@@ -474,6 +506,9 @@ impl VmSpec {
         if let Some(e) = self.enforce {
             flag("enforce", if e { "on" } else { "off" }.into());
         }
+        if self.on_unemulated != d.on_unemulated {
+            flag("on-unemulated", "ud".into());
+        }
         if self.alarm_rate != d.alarm_rate {
             flag("alarm-rate", self.alarm_rate.to_string().into());
         }
@@ -493,6 +528,7 @@ impl VmSpec {
             ("teardown-on-exit", self.teardown_on_exit),
             ("allow-unknown-vbios", self.allow_unknown_vbios),
             ("list-payloads", self.list_payloads),
+            ("allow-policy-widening", self.allow_policy_widening),
         ] {
             if on {
                 a.push(format!("--{name}").into());
@@ -559,6 +595,8 @@ mod tests {
             counters_key: Some("mac.key".into()),
             allow_unknown_vbios: true,
             list_payloads: false,
+            allow_policy_widening: true,
+            on_unemulated: OnUnemulated::Ud,
         };
         assert_eq!(parse(&s.to_args()), s);
         let odd = VmSpec {

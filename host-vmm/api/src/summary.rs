@@ -134,6 +134,12 @@ pub struct PolicySummary {
     pub source: String,
     /// Enforcement on?
     pub enforce: bool,
+    /// A trapped access no rule covers is denied (fail closed; false: the profile
+    /// says `default = "allow"`, or a VMM from before the switch).
+    pub default_deny: bool,
+    /// Pages with rules that were mapped straight through, untrapped, because
+    /// enforcement was off (MMIO restriction OFF); empty when on.
+    pub untrapped_rule_pages: Vec<u32>,
     /// Every decided register part (with or without a rule).
     pub parts: u64,
     /// Decided parts that matched a rule, by action taken.
@@ -154,6 +160,32 @@ pub struct PolicySummary {
     pub per_register: BTreeMap<String, u64>,
     /// The sink's first write error, if any.
     pub sink_error: Option<String>,
+    /// Alarms aggregated per (register word, access, action): first/last time,
+    /// count and how many were written (the rate limit is per key, so a flood of
+    /// one never hides the first alarm of another).
+    pub alarm_groups: Vec<AlarmGroup>,
+}
+
+/// The alarms of one key — (register word, access, action) — over a run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AlarmGroup {
+    /// Register name (e.g. `DEVICE_KEY[3]`).
+    pub register: String,
+    /// BAR0 offset of the register word.
+    pub offset: u32,
+    /// `read` or `write`.
+    pub access: String,
+    /// The action taken (`allow`, `drop`, `shadow`, `fault`).
+    pub action: String,
+    /// First alarm, µs since the VM started.
+    pub first_us: u64,
+    /// Last alarm, µs since the VM started.
+    pub last_us: u64,
+    /// Alarms raised.
+    pub count: u64,
+    /// Alarms written to the sink (the rest suppressed by this key's rate limit).
+    pub written: u64,
 }
 
 impl PolicySummary {

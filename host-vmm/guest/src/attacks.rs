@@ -43,6 +43,21 @@ pub const ATTACKS: &[(&str, &str)] = &[
     ("attack-flash-program", "unlock, select FIRMWARE, program 4 bytes; report FLASH_STATUS, COUNTER[1], MASTER"),
 ];
 
+/// Attacks on the VMM itself from the guest (issue 16, guest-facing): each ends in a
+/// verdict, an exception or alarms, never a VMM error. Not in [`ATTACKS`] (the
+/// campaigns' policy library, which expects every attack to pass under every
+/// profile); `tests/hostile_guest.rs` runs them.
+pub const HOSTILE: &[(&str, &str)] = &[
+    ("attack-alarm-flood", "300 DEVICE_KEY[0] reads, then the flash unlock + program sequence (its alarms must not be hidden by the flood)"),
+    ("attack-rep-ins-outs", "rep insd of 4 PCI IDs into RAM, rep insd of 2 into BAR0 up to HANG_TRIGGER, rep outsd of 3 to the result port; report the 4 dwords, the 3 outs, ID"),
+    ("attack-bad-access-write", "a 4-byte write past BAR0 (nothing claims it) followed by other instructions: BAD ACCESS must name the write"),
+    ("attack-cmpxchg16b", "cmpxchg16b on SCRATCH[0..4] (KVM cannot emulate it on MMIO); report fault vector"),
+    ("attack-fxsave", "fxsave to BAR0 0x100 (512 bytes over page 0; KVM cannot emulate it on MMIO); report fault vector"),
+    ("attack-enter-nested", "enter 16, 2 with rbp in BAR0 (nesting reads the frame from MMIO; KVM cannot emulate it); report fault vector"),
+    ("attack-code-on-bar", "copy `mov eax,[rdi+3000h]; ret` into the first data-buffer page (mapped straight into the guest) and call it: the DEVICE_KEY read's alarm must name it"),
+    ("attack-split-store-page", "a 16-byte movdqu store at BAR0 0x2ffc: 4 bytes on page 2, 12 on page 3 (KVM: 4 + 8 + 4); report fault count"),
+];
+
 /// Build the attack `name`, if there is one.
 pub fn attack(name: &str) -> Option<R<Vec<u8>>> {
     Some(match name {
@@ -60,6 +75,14 @@ pub fn attack(name: &str) -> Option<R<Vec<u8>>> {
         "attack-vector" => vector(),
         "attack-avx" => avx(),
         "attack-flash-program" => flash_program(),
+        "attack-alarm-flood" => alarm_flood(),
+        "attack-rep-ins-outs" => rep_ins_outs(),
+        "attack-bad-access-write" => bad_access_write(),
+        "attack-cmpxchg16b" => unemulated(Unemulated::Cmpxchg16b),
+        "attack-fxsave" => unemulated(Unemulated::Fxsave),
+        "attack-enter-nested" => unemulated(Unemulated::EnterNested),
+        "attack-split-store-page" => split_store_page(),
+        "attack-code-on-bar" => code_on_bar(),
         _ => return None,
     })
 }
@@ -389,15 +412,159 @@ pub fn flash_program() -> R<Vec<u8>> {
     })
 }
 
+/// `attack-alarm-flood`: 300 guarded DEVICE_KEY[0] reads, then the
+/// [`flash_program`] sequence; results: the fault count.
+pub fn alarm_flood() -> R<Vec<u8>> {
+    wrap(|p| {
+        p.repeat(300, |p| {
+            p.guard(|p| p.mmio_read(Width::B4, Reg::DeviceKey.offset()))
+        })?;
+        for (r, v) in [
+            (Reg::FlashUnlock, UNLOCK_KEY1),
+            (Reg::FlashUnlock, UNLOCK_KEY2),
+            (Reg::FlashCmd, FLASH_CMD_PROGRAM),
+        ] {
+            p.guard(|p| p.mmio_write(Width::B4, r.offset(), v as u64))?;
+        }
+        Ok(())
+    })
+}
+
+/// `attack-rep-ins-outs`: `rep insd` of 4 elements from the PCI data port
+/// (vendor/device of 00:01.0) into [`RAM_BUF`]; `rep insd` of 2 into BAR0 at
+/// HANG_TRIGGER - 4 (the word before HANG_TRIGGER, and HANG_TRIGGER);
+/// `rep outsd` of the 3 dwords at [`RAM_BUF`]+16 (1, 2, 3) to the result port.
+/// Results: the 4 dwords, then 1, 2, 3, then ID, then the fault count.
+pub fn rep_ins_outs() -> R<Vec<u8>> {
+    use crate::abi::{PORT_PCI_ADDR, PORT_PCI_DATA, PORT_RESULT};
+    wrap(|p| {
+        fill_ram(p, &[0, 0, 0, 0, 1, 2, 3])?;
+        p.a.mov(dx, PORT_PCI_ADDR as u32)?;
+        p.a.mov(eax, 0x8000_0800u32)?;
+        p.a.out(dx, eax)?;
+        p.a.mov(r12, rdi)?;
+        p.a.mov(rdi, RAM_BUF)?;
+        p.a.mov(ecx, 4u32)?;
+        p.a.mov(dx, PORT_PCI_DATA as u32)?;
+        p.a.rep().insd()?;
+        p.a.mov(rdi, r12)?;
+        report_ram(p, 4)?;
+        p.guard(|p| {
+            p.a.lea(rdi, ptr(r12 + (off(Reg::HangTrigger) - 4)))?;
+            p.a.mov(ecx, 2u32)?;
+            p.a.mov(dx, PORT_PCI_DATA as u32)?;
+            p.a.rep().insd()?;
+            Ok(())
+        })?;
+        p.a.mov(rdi, r12)?;
+        p.a.mov(rsi, RAM_BUF + 16)?;
+        p.a.mov(ecx, 3u32)?;
+        p.a.mov(dx, PORT_RESULT as u32)?;
+        p.a.rep().outsd()?;
+        report_reg(p, off(Reg::Id))
+    })
+}
+
+/// `attack-bad-access-write`: `mov [rdi+10000h],eax` (past BAR0: nothing claims
+/// it), then `nop`s and a pass: the run must end BAD ACCESS naming the `mov`.
+pub fn bad_access_write() -> R<Vec<u8>> {
+    let mut p = Payload::new()?;
+    p.park_secondaries()?;
+    p.a.mov(eax, 0x5eed_u32)?;
+    p.a.mov(dword_ptr(rdi + 0x1_0000), eax)?;
+    p.a.nop()?;
+    p.a.inc(eax)?;
+    p.report(0)?;
+    p.build()
+}
+
+/// An instruction KVM's emulator cannot carry out on MMIO.
+#[derive(Debug, Clone, Copy)]
+pub enum Unemulated {
+    /// `cmpxchg16b` on SCRATCH[0..4].
+    Cmpxchg16b,
+    /// `fxsave` to BAR0 + 0x100.
+    Fxsave,
+    /// `enter 16, 2` with rbp in BAR0 (the nesting reads frame pointers there).
+    EnterNested,
+}
+
+/// The guarded instruction; results: fault count, then the last fault's vector
+/// (0 if none), then the fault count again (as every attack ends).
+pub fn unemulated(which: Unemulated) -> R<Vec<u8>> {
+    wrap(|p| {
+        p.guard(|p| {
+            match which {
+                Unemulated::Cmpxchg16b => {
+                    p.a.xor(eax, eax)?;
+                    p.a.xor(edx, edx)?;
+                    p.a.xor(ebx, ebx)?;
+                    p.a.xor(ecx, ecx)?;
+                    p.a.cmpxchg16b(xmmword_ptr(rdi + off(Reg::Scratch)))?;
+                }
+                Unemulated::Fxsave => p.a.fxsave(ptr(rdi + 0x100))?,
+                Unemulated::EnterNested => {
+                    p.a.mov(r12, rbp)?;
+                    p.a.mov(r13, rsp)?;
+                    p.a.lea(rbp, ptr(rdi + (off(Reg::Scratch) + 8)))?;
+                    p.a.enter(16u32, 2u32)?;
+                    p.a.mov(rsp, r13)?;
+                    p.a.mov(rbp, r12)?;
+                }
+            }
+            Ok(())
+        })?;
+        // The guard resumes with rsp/rbp as the handler left them: restore.
+        if matches!(which, Unemulated::EnterNested) {
+            p.a.mov(rsp, r13)?;
+            p.a.mov(rbp, r12)?;
+        }
+        p.result_fault_count()?;
+        p.a.mov(rbx, crate::payload::fault_abi::VECTOR)?;
+        p.a.mov(rax, qword_ptr(rbx))?;
+        p.result_eax()
+    })
+}
+
+/// `attack-code-on-bar`: writes `mov eax,[rdi+3000h]` (8B 87 00 30 00 00) and
+/// `ret` (C3) to the first data-buffer page and calls it: code fetched from a BAR
+/// page reads DEVICE_KEY[0]. Results: what it read, then the fault count.
+pub fn code_on_bar() -> R<Vec<u8>> {
+    use hilrig_device::regmap::BUFFER_BASE;
+    wrap(|p| {
+        let b = BUFFER_BASE as i32;
+        p.a.mov(dword_ptr(rdi + b), 0x3000_878bu32)?;
+        p.a.mov(dword_ptr(rdi + (b + 4)), 0x00c3_0000u32)?;
+        p.a.lea(rax, ptr(rdi + b))?;
+        p.a.call(rax)?;
+        p.result_eax()
+    })
+}
+
+/// `attack-split-store-page`: `movdqu [rdi+2FFCh],xmm0` with xmm0 = 0x11.. bytes:
+/// 4 bytes at the end of page 2, 12 at the start of page 3 (DEVICE_KEY[0..3]).
+/// Results: the fault count.
+pub fn split_store_page() -> R<Vec<u8>> {
+    wrap(|p| {
+        fill_ram(p, &[0x1111_1111; 4])?;
+        p.a.mov(rbx, RAM_BUF)?;
+        p.a.movdqu(xmm0, xmmword_ptr(rbx))?;
+        p.guard(|p| {
+            p.a.movdqu(xmmword_ptr(rdi + 0x2ffc), xmm0)?;
+            Ok(())
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn every_attack_assembles() {
-        for (name, _) in ATTACKS {
+        for (name, _) in ATTACKS.iter().chain(HOSTILE) {
             let code = attack(name).expect("listed").expect("assembles");
-            assert!(code.len() > 100, "{name}");
+            assert!(code.len() > 20, "{name}");
         }
     }
 }

@@ -257,21 +257,18 @@ fn connection(mut s: UnixStream, owner: u32, control: &dyn Control, in_flight: &
         if n == 0 {
             return;
         }
-        if buf.len() > MAX_LINE {
-            let _ = reply(
-                &mut s,
-                &error(format!("request longer than {MAX_LINE} bytes")),
-            );
-            return;
-        }
-        let text = String::from_utf8_lossy(&buf);
-        let text = text.trim();
-        if text.is_empty() {
-            continue;
-        }
+        let req = match hilrig_vmm_api::control::parse_request(&buf) {
+            Ok(None) => continue,
+            Ok(Some(req)) => Ok(req),
+            Err(e @ hilrig_vmm_api::control::RequestError::TooLong(_)) => {
+                let _ = reply(&mut s, &error(e.to_string()));
+                return;
+            }
+            Err(e) => Err(e),
+        };
         in_flight.fetch_add(1, Ordering::AcqRel);
-        let out = match serde_json::from_str::<Request>(text) {
-            Err(e) => error(format!("bad request: {e}")),
+        let out = match req {
+            Err(e) => error(e.to_string()),
             Ok(req) => control.handle(req),
         };
         let sent = reply(&mut s, &out);

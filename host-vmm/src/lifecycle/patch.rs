@@ -65,6 +65,19 @@ pub enum PatchError {
         /// Offered version.
         offered: u64,
     },
+    /// A policy that lets through what the running one keeps from the device,
+    /// without both the manifest's `widens` and the VMM's `--allow-policy-widening`.
+    #[error("{component} v{offered} widens the running policy ({why}); refused: {}", if *declared { "this VMM was not started with --allow-policy-widening" } else { "the signed manifest does not declare widens = true" })]
+    Widens {
+        /// Component.
+        component: String,
+        /// Offered version.
+        offered: u64,
+        /// The first access it would let through.
+        why: String,
+        /// Whether the manifest declared it.
+        declared: bool,
+    },
     /// Not a component of this VMM.
     #[error("unknown component {0:?} (this VMM patches \"policy\" and \"device-handler\")")]
     UnknownComponent(String),
@@ -178,6 +191,9 @@ pub struct PatchAuthority {
     pub module_dir: PathBuf,
     /// Versions applied on this host before (`--patch-record`): a bundle must be newer.
     pub applied: Option<Arc<crate::lifecycle::applied::AppliedVersions>>,
+    /// Apply policy patches that widen the running policy when their manifest
+    /// declares it (`--allow-policy-widening`); refused otherwise.
+    pub allow_widening: bool,
 }
 
 /// SHA-256 of the running executable.
@@ -259,6 +275,23 @@ impl PatchAuthority {
                     .map_err(|_| bad(format!("{name} is not UTF-8 TOML")))?;
                 let file = format!("bundle {} v{} payload {name}", m.component, m.version);
                 let profile = PolicyFile::parse(text, &file)?.compile(profile, &file)?;
+                // Fail closed: a patch may narrow the policy freely; widening it
+                // needs the signed manifest to say so and the VMM to allow it.
+                let running = table.policy.call(|p| p.clone()).ok().flatten();
+                if let Some(why) = running.and_then(|r| r.widened_by(&profile)) {
+                    if !(m.widens && self.allow_widening) {
+                        return Err(PatchError::Widens {
+                            component: m.component.clone(),
+                            offered: m.version,
+                            why,
+                            declared: m.widens,
+                        });
+                    }
+                    tracing::warn!(
+                        version = m.version,
+                        "policy patch widens the policy ({why}): declared and allowed"
+                    );
+                }
                 Ok(Prepared::Policy {
                     version: m.version,
                     profile,
@@ -372,6 +405,7 @@ mod tests {
             build_sha256: BUILD,
             module_dir: dir.join("modules"),
             applied: None,
+            allow_widening: false,
         }
     }
 
@@ -402,7 +436,10 @@ mod tests {
     fn policy_patch_applies_and_bad_bundles_are_refused_unchanged() {
         let d = tempfile::tempdir().unwrap();
         let (t, a) = (table(), authority(d.path()));
-        let good = bundle(POLICY, 2, ("rules.toml", RULES.into()), 1, BUILD);
+        // The built-in tenant rules plus one more drop: narrower, so no declaration
+        // is needed.
+        let narrower = format!("{}{RULES}", crate::policy::default_policy_toml());
+        let good = bundle(POLICY, 2, ("rules.toml", narrower.into()), 1, BUILD);
         let mut truncated = good.clone();
         truncated.truncate(good.len() - 3);
         let mut tampered = good.clone();
@@ -414,6 +451,7 @@ mod tests {
             (bundle(POLICY, 1, ("rules.toml", RULES.into()), 1, BUILD), "not newer than the installed v1"),
             (bundle("gpu", 5, ("x", vec![1]), 1, BUILD), "unknown component"),
             (bundle(POLICY, 2, ("rules.toml", b"[[profile.tenant]]\nregister = \"NOPE\"\naccess = \"read\"\naction = \"drop\"".to_vec()), 1, BUILD), "unknown register"),
+            (bundle(POLICY, 2, ("rules.toml", RULES.into()), 1, BUILD), "widens the running policy"),
             (truncated, "truncated"),
             (tampered, "SHA-256 does not match"),
         ] {

@@ -82,10 +82,18 @@ pub struct Alarm {
     pub action: Action,
     /// The profile.
     pub profile: String,
-    /// The rule (1-based, as written in the file).
+    /// The rule (1-based, as written in the file; 0: no rule covers the access and
+    /// the profile's default deny decided).
     pub rule: usize,
     /// Whether enforcement was on.
     pub enforce: bool,
+    /// Alarms of this key — (register word, access, action) — so far, this one
+    /// included (suppressed ones too: the rate limit is per key).
+    #[serde(default)]
+    pub count: u64,
+    /// When this key's first alarm was raised (µs since the VM started).
+    #[serde(default)]
+    pub first_us: u64,
 }
 
 /// An alarm the engine raised, before the vCPU adds RIP and instruction.
@@ -135,9 +143,24 @@ pub struct Decided {
     pub faulted: bool,
 }
 
-/// Rate-limited alarm sink.
+/// Rate-limited alarm sink. The rate limit is per key — (register word, access,
+/// action) — not global: a flood of one key uses up only its own tokens, so it never
+/// hides the first alarm of another (the first alarm of every key is always
+/// written). Every key is aggregated (first/last time, count, written) for the
+/// [`PolicySummary`]'s `alarm_groups`. Keys are bounded (BAR0 words x 2 x 4).
 pub struct AlarmSink {
     state: Mutex<SinkState>,
+}
+
+/// One key's bucket and aggregate.
+struct KeyState {
+    action: Action,
+    tokens: f64,
+    last: Instant,
+    first_us: u64,
+    last_us: u64,
+    count: u64,
+    written: u64,
 }
 
 struct SinkState {
@@ -145,11 +168,19 @@ struct SinkState {
     capture: Option<Vec<Alarm>>,
     rate: f64,
     burst: f64,
-    tokens: f64,
-    last: Instant,
+    keys: std::collections::HashMap<(u32, bool, usize), KeyState>,
     written: u64,
     suppressed: u64,
     error: Option<String>,
+}
+
+/// What the sink knows of an admitted alarm's key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admitted {
+    /// Alarms of this key so far, this one included (suppressed ones too).
+    pub count: u64,
+    /// When this key's first alarm was raised (µs since the VM started).
+    pub first_us: u64,
 }
 
 impl AlarmSink {
@@ -165,8 +196,7 @@ impl AlarmSink {
                 capture: cfg.capture.then(Vec::new),
                 rate: f64::from(cfg.rate),
                 burst: f64::from(cfg.burst.max(1)),
-                tokens: f64::from(cfg.burst.max(1)),
-                last: Instant::now(),
+                keys: std::collections::HashMap::new(),
                 written: 0,
                 suppressed: 0,
                 error: None,
@@ -174,20 +204,72 @@ impl AlarmSink {
         })
     }
 
-    /// Take a token: true if an alarm may be written now; false counts it suppressed.
-    pub fn admit(&self) -> bool {
-        let mut s = lock(&self.state);
+    /// Count `hit` (raised at `t_us`) under its key and take a token of that key:
+    /// Some if the alarm may be written now (always for a key's first alarm); None
+    /// counts it suppressed.
+    pub fn admit(&self, hit: &AlarmHit, t_us: u64) -> Option<Admitted> {
+        let mut guard = lock(&self.state);
+        let s = &mut *guard;
         let now = Instant::now();
-        let dt = now.saturating_duration_since(s.last).as_secs_f64();
-        s.last = now;
-        s.tokens = (s.tokens + dt * s.rate).min(s.burst);
-        if s.tokens >= 1.0 {
-            s.tokens -= 1.0;
-            true
+        let (rate, burst) = (s.rate, s.burst);
+        let k = s
+            .keys
+            .entry((hit.offset & !3, hit.write, action_index(hit.action)))
+            .or_insert(KeyState {
+                action: hit.action,
+                tokens: burst,
+                last: now,
+                first_us: t_us,
+                last_us: t_us,
+                count: 0,
+                written: 0,
+            });
+        let dt = now.saturating_duration_since(k.last).as_secs_f64();
+        k.last = now;
+        k.tokens = (k.tokens + dt * rate).min(burst);
+        k.count += 1;
+        k.last_us = t_us;
+        if k.tokens >= 1.0 || k.count == 1 {
+            k.tokens = (k.tokens - 1.0).max(0.0);
+            k.written += 1;
+            Some(Admitted {
+                count: k.count,
+                first_us: k.first_us,
+            })
         } else {
             s.suppressed += 1;
-            false
+            None
         }
+    }
+
+    /// The aggregate of every key, in register order.
+    pub fn groups(&self) -> Vec<hilrig_vmm_api::AlarmGroup> {
+        let s = lock(&self.state);
+        let mut g: Vec<_> = s
+            .keys
+            .iter()
+            .map(|(&(word, write, ai), k)| {
+                let action = k.action;
+                (
+                    (word, write, ai),
+                    hilrig_vmm_api::AlarmGroup {
+                        register: register_name(word),
+                        offset: word,
+                        access: if write { "write" } else { "read" }.into(),
+                        action: serde_json::to_value(action)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_string))
+                            .unwrap_or_default(),
+                        first_us: k.first_us,
+                        last_us: k.last_us,
+                        count: k.count,
+                        written: k.written,
+                    },
+                )
+            })
+            .collect();
+        g.sort_by_key(|(k, _)| *k);
+        g.into_iter().map(|(_, v)| v).collect()
     }
 
     /// Write an admitted alarm.
@@ -576,8 +658,10 @@ impl PolicyEngine {
             value: hit.value,
             action: hit.action,
             profile: p.name.clone(),
-            rule: hit.rule as usize + 1,
+            rule: p.rule_number(hit.rule),
             enforce: p.enforce,
+            count: 1,
+            first_us: 0,
         }
     }
 
@@ -622,6 +706,12 @@ impl PolicyEngine {
                 profile: p.name.clone(),
                 source: p.source.clone(),
                 enforce: p.enforce,
+                default_deny: p.default_rule.is_some(),
+                untrapped_rule_pages: if p.enforce {
+                    Vec::new()
+                } else {
+                    p.rule_pages().into_iter().map(|x| x as u32).collect()
+                },
                 parts: self.parts.load(Ordering::Relaxed),
                 allowed: self.actions[0].load(Ordering::Relaxed),
                 dropped: self.actions[1].load(Ordering::Relaxed),
@@ -632,6 +722,7 @@ impl PolicyEngine {
                 alarms_suppressed: suppressed,
                 per_register,
                 sink_error,
+                alarm_groups: self.alarms.groups(),
             },
             captured,
             decided,
@@ -760,7 +851,7 @@ mod tests {
                 .access(&mut *d, Reg::HangTrigger.offset() as u64, &mut b, true)
                 .expect("a");
             for h in o.hits.iter().flatten() {
-                if e.alarms.admit() {
+                if e.alarms.admit(h, 0).is_some() {
                     e.alarms
                         .push(e.alarm(0, 0x1000, Some(0x1000), "mov".into(), 4, h));
                 }

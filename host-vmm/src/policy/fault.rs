@@ -49,13 +49,17 @@ impl Ctx<'_> {
     ) {
         let mut site: Option<(u64, Option<u64>, String)> = None;
         for hit in out.hits.iter().flatten() {
-            if !self.engine.alarms.admit() {
+            let t_us = self.engine.elapsed_us();
+            let Some(key) = self.engine.alarms.admit(hit, t_us) else {
                 continue;
-            }
+            };
             let (rip, insn_rip, insn) = site
                 .get_or_insert_with(|| locate(self.mem, vcpu, self.sync, gpa, len, write, cache))
                 .clone();
-            let a = self.engine.alarm(idx, rip, insn_rip, insn, len, hit);
+            let mut a = self.engine.alarm(idx, rip, insn_rip, insn, len, hit);
+            a.t_us = t_us;
+            a.count = key.count;
+            a.first_us = key.first_us;
             self.engine.alarms.push(a);
         }
     }
@@ -119,6 +123,57 @@ pub(crate) fn store_size(
     let walk = Walk { mem, sregs: &sregs };
     find_writer(&walk, &regs, gpa, len).map(|(_, i)| i.memory_size().size())
 }
+
+/// The guest RIP and the instruction that made an access of `len` bytes at `gpa`,
+/// fetched through the guest's page tables: for a read the instruction at RIP; for a
+/// write (KVM has retired it, RIP is past it) the instruction found by decoding
+/// backwards ([`find_writer`]), else the one at RIP marked `(before)`.
+pub(crate) fn name_access(
+    mem: &GuestMemoryMmap,
+    vcpu: &VcpuFd,
+    gpa: u64,
+    len: usize,
+    write: bool,
+) -> (u64, String) {
+    let regs = match vcpu.get_regs() {
+        Ok(r) => r,
+        Err(e) => return (0, format!("(registers unavailable: {e})")),
+    };
+    let sregs = match vcpu.get_sregs() {
+        Ok(s) => s,
+        Err(e) => return (regs.rip, format!("(special registers unavailable: {e})")),
+    };
+    let walk = Walk { mem, sregs: &sregs };
+    let (found, insn) = describe_access(&walk, &regs, gpa, len, write);
+    (found.unwrap_or(regs.rip), insn)
+}
+
+/// The guest RIP and the instruction there, fetched through the guest's page tables.
+pub(crate) fn name_rip(mem: &GuestMemoryMmap, vcpu: &VcpuFd) -> (u64, String) {
+    let regs = match vcpu.get_regs() {
+        Ok(r) => r,
+        Err(e) => return (0, format!("(registers unavailable: {e})")),
+    };
+    match vcpu.get_sregs() {
+        Ok(sregs) => (regs.rip, Walk { mem, sregs: &sregs }.describe(regs.rip)),
+        Err(e) => (regs.rip, format!("(special registers unavailable: {e})")),
+    }
+}
+
+/// Deliver exception `vector` (no error code) at the guest's current RIP: for an
+/// instruction KVM could not emulate (RIP is still at it), #UD.
+pub(crate) fn inject_exception(vcpu: &VcpuFd, vector: u8) -> Result<(), kvm_ioctls::Error> {
+    let mut ev = vcpu.get_vcpu_events()?;
+    ev.exception.injected = 1;
+    ev.exception.pending = 0;
+    ev.exception.nr = vector;
+    ev.exception.has_error_code = 0;
+    ev.exception.error_code = 0;
+    vcpu.set_vcpu_events(&ev)
+}
+
+/// Invalid opcode: what `--on-unemulated ud` injects.
+pub const UD_VECTOR: u8 = 6;
 
 /// The last alarm site of a vCPU: a guest hammering one register from one
 /// instruction is described without asking KVM for the special registers or
@@ -243,7 +298,8 @@ impl Walk<'_> {
         None
     }
 
-    /// Fetch up to `out.len()` bytes at `gva` (page by page); returns how many.
+    /// Fetch up to `out.len()` bytes at `gva` (page by page; from guest RAM, or on a
+    /// vCPU thread from a BAR0 page mapped straight into the guest); returns how many.
     pub fn fetch(&self, gva: u64, out: &mut [u8]) -> usize {
         let mut n = 0;
         while n < out.len() {
@@ -255,6 +311,7 @@ impl Walk<'_> {
                 .mem
                 .read_slice(&mut out[n..n + k], GuestAddress(pa))
                 .is_err()
+                && !crate::vstate::vm::read_direct(pa, &mut out[n..n + k])
             {
                 break;
             }
@@ -389,11 +446,15 @@ fn writer_score(
         // it (16/32-byte moves into 8-byte exits, or at a page end).
         let len64 = len as u64;
         let split = (len == 8 && (size == 16 || size == 32)) || (gpa + len64) % 4096 == 0;
-        if size < len64 {
+        // KVM hands a `rep ins`/`rep movs` over as several elements in one exit.
+        let string = i.is_string_instruction();
+        let batch = string && len64 > size && len64 % size == 0;
+        if size < len64 && !batch {
             continue;
         }
+        let span = size.max(len64);
         let mut score = 1;
-        if size == len64 || split {
+        if size == len64 || split || batch {
             score += 2;
         }
         let mut addrs = [None, None];
@@ -404,12 +465,12 @@ fn writer_score(
             addrs[1] = Some(if df {
                 regs.rdi.wrapping_add(size)
             } else {
-                regs.rdi.wrapping_sub(size)
+                regs.rdi.wrapping_sub(span)
             });
         }
         for va in addrs.into_iter().flatten() {
             if let Some(pa) = walk.translate(va) {
-                if pa <= gpa && gpa + len as u64 <= pa + size {
+                if pa <= gpa && gpa + len as u64 <= pa + span {
                     score += 4;
                     break;
                 }

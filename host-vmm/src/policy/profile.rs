@@ -34,12 +34,29 @@
 //! filter. Reads are filtered on the device's value.
 //!
 //! Precedence: for one register and access kind, a filtered rule that matches wins
-//! over an unfiltered one; registers without a rule are allowed. Two unfiltered rules,
+//! over an unfiltered one, and any other rule over a plain `allow` (no filter, no
+//! alarm: a listing of what the profile may do) on the same register. Fail closed: on a page with rules, a register and access
+//! kind no rule covers is denied (dropped, reads return 0, alarmed; rule number 0 in
+//! alarms) unless the profile says `default = "allow"` (a register with only a
+//! filtered rule falls back to allow when the filter does not apply). Two unfiltered rules,
 //! or two filtered rules whose value sets can overlap, with different actions on the
 //! same register and access kind, are refused at load.
 //!
+//! A profile is an array of rules, or a table with settings:
+//!
+//! ```toml
+//! [profile.lab]
+//! default = "allow"       # or "deny" (the default)
+//! enforce = "off"         # this profile's switch (default: the file's `enforce`)
+//! [[profile.lab.rules]]
+//! register = "DEVICE_KEY"
+//! access = "read"
+//! action = "drop"
+//! ```
+//!
 //! Pages with no rule in the active profile are mapped straight into the guest (no
 //! exits); every access to a page with any rule traps and is decided per register.
+//! With enforcement off, pages with rules are mapped straight through too.
 
 use hilrig_device::regmap::{self, Hw, Reg, RegisterDef, BAR0_SIZE, PAGES, PAGE_SIZE};
 use serde::Deserialize;
@@ -139,11 +156,139 @@ pub struct PolicyFile {
     pub enforce: bool,
     /// Profiles by name.
     #[serde(default)]
-    pub profile: BTreeMap<String, Vec<RuleSpec>>,
+    pub profile: BTreeMap<String, ProfileSpec>,
 }
 
 fn yes() -> bool {
     true
+}
+
+/// What a trapped access no rule covers gets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultAction {
+    /// Denied: dropped (reads return 0) with an alarm (fail closed).
+    #[default]
+    Deny,
+    /// Allowed, no alarm (the old fail-open behaviour; say so explicitly).
+    Allow,
+}
+
+/// A per-profile enforce switch: `"on"`/`"off"` (or `true`/`false`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(into = "String")]
+pub struct OnOff(pub bool);
+
+impl From<OnOff> for String {
+    fn from(v: OnOff) -> String {
+        if v.0 { "on" } else { "off" }.into()
+    }
+}
+
+impl<'de> Deserialize<'de> for OnOff {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<OnOff, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = OnOff;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("\"on\" or \"off\" (or true/false)")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<OnOff, E> {
+                Ok(OnOff(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<OnOff, E> {
+                match v {
+                    "on" => Ok(OnOff(true)),
+                    "off" => Ok(OnOff(false)),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// One profile as written: a plain array of rules (`[[profile.tenant]]`), or a
+/// table with settings and its rules (`[profile.lab]` with `default = "allow"`,
+/// `enforce = "off"` and `[[profile.lab.rules]]`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(untagged)]
+pub enum ProfileSpec {
+    /// Just the rules (default deny, the file's enforce switch).
+    Rules(Vec<RuleSpec>),
+    /// Settings and rules.
+    Table(ProfileTable),
+}
+
+/// A profile written as a table.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileTable {
+    /// What a trapped access without a rule gets (default: deny).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<DefaultAction>,
+    /// This profile's enforce switch (default: the file's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enforce: Option<OnOff>,
+    /// The rules.
+    #[serde(default)]
+    pub rules: Vec<RuleSpec>,
+}
+
+impl ProfileSpec {
+    /// The rules.
+    pub fn rules(&self) -> &[RuleSpec] {
+        match self {
+            ProfileSpec::Rules(r) => r,
+            ProfileSpec::Table(t) => &t.rules,
+        }
+    }
+    fn default_action(&self) -> DefaultAction {
+        match self {
+            ProfileSpec::Rules(_) => DefaultAction::Deny,
+            ProfileSpec::Table(t) => t.default.unwrap_or_default(),
+        }
+    }
+    fn enforce(&self) -> Option<bool> {
+        match self {
+            ProfileSpec::Rules(_) => None,
+            ProfileSpec::Table(t) => t.enforce.map(|e| e.0),
+        }
+    }
+}
+
+impl From<Vec<RuleSpec>> for ProfileSpec {
+    fn from(r: Vec<RuleSpec>) -> ProfileSpec {
+        ProfileSpec::Rules(r)
+    }
+}
+
+// By hand rather than `untagged`, so errors inside a rule keep their message and place.
+impl<'de> Deserialize<'de> for ProfileSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ProfileSpec, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ProfileSpec;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an array of rules or a table with `rules`")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                a: A,
+            ) -> Result<ProfileSpec, A::Error> {
+                Vec::<RuleSpec>::deserialize(serde::de::value::SeqAccessDeserializer::new(a))
+                    .map(ProfileSpec::Rules)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                a: A,
+            ) -> Result<ProfileSpec, A::Error> {
+                ProfileTable::deserialize(serde::de::value::MapAccessDeserializer::new(a))
+                    .map(ProfileSpec::Table)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// A compiled value filter.
@@ -208,10 +353,17 @@ pub struct Profile {
     pub name: String,
     /// Where it came from.
     pub source: String,
-    /// Global enforce switch.
+    /// Enforce switch (the profile's, else the file's; `--enforce` overrides it).
+    /// Off: the pages with rules are mapped straight through like pages without
+    /// rules (no trap, no alarm); accesses that still trap (`VmConfig::trap`) are
+    /// allowed, alarms still counted.
     pub enforce: bool,
-    /// Rules.
+    /// What a trapped access without a rule gets.
+    pub default: DefaultAction,
+    /// Rules (with default deny, the last one is the synthetic default rule).
     pub rules: Vec<Rule>,
+    /// The synthetic rule that denies accesses no rule covers (default deny).
+    pub default_rule: Option<u16>,
     pages: Vec<Option<PageTable>>,
     /// Reset values of the shadowed words, in shadow-store order.
     pub shadow_init: Vec<u32>,
@@ -241,14 +393,65 @@ impl Decision {
 }
 
 impl Profile {
-    /// Whether any rule touches `page` (0..16): such pages trap, the others are mapped.
+    /// Whether `page` (0..16) traps: a rule touches it and enforcement is on. The
+    /// other pages are mapped straight into the guest.
     pub fn page_traps(&self, page: usize) -> bool {
+        self.enforce && self.page_has_rules(page)
+    }
+
+    /// Whether any rule touches `page` (whether or not enforcement is on).
+    pub fn page_has_rules(&self, page: usize) -> bool {
         self.pages.get(page).is_some_and(|p| p.is_some())
     }
 
-    /// The pages that trap.
+    /// The pages that trap (none with enforcement off).
     pub fn trapping_pages(&self) -> Vec<usize> {
         (0..PAGES).filter(|&p| self.page_traps(p)).collect()
+    }
+
+    /// The pages with rules (trapping or, with enforcement off, mapped).
+    pub fn rule_pages(&self) -> Vec<usize> {
+        (0..PAGES).filter(|&p| self.page_has_rules(p)).collect()
+    }
+
+    /// The alarm's rule number of rule `id`: 1-based as written, 0 for the
+    /// synthetic default-deny rule.
+    pub fn rule_number(&self, id: u16) -> usize {
+        if Some(id) == self.default_rule {
+            0
+        } else {
+            id as usize + 1
+        }
+    }
+
+    /// Whether `new` lets through an access this profile keeps from the device:
+    /// some register and access kind this profile does not always allow that `new`
+    /// always allows (or `new` turns enforcement off). Returns the first such
+    /// register and access, for the refusal.
+    pub fn widened_by(&self, new: &Profile) -> Option<String> {
+        if self.enforce && !new.enforce {
+            return Some("enforcement turned off".into());
+        }
+        for w in (0..BAR0_SIZE as u32).step_by(4) {
+            for write in [false, true] {
+                let blocks = |p: &Profile| {
+                    let (a, b) = p.lookup(w, write);
+                    p.enforce
+                        && [a, b]
+                            .iter()
+                            .any(|&id| id != NONE && p.rules[id as usize].action != Action::Allow)
+                };
+                let always_allows = |p: &Profile| !blocks(p);
+                if blocks(self) && always_allows(new) {
+                    return Some(format!(
+                        "{} of {} would reach the device",
+                        if write { "writes" } else { "reads" },
+                        register_name(w)
+                    ));
+                }
+            }
+        }
+        None
     }
 
     /// Whether deciding `(word, write)` needs the value (a filtered rule covers it).
@@ -364,15 +567,18 @@ pub fn resolve_register(name: &str) -> Result<(u32, u32, &'static RegisterDef), 
 
 /// The default profiles, generated from the register table's tenant and operator
 /// columns: every access a profile may not make is dropped (reads return 0) and
-/// raises an alarm.
+/// raises an alarm; then, on every page those rules make trap, the registers the
+/// profile may access get an explicit `allow` rule (after the restrictive ones, so
+/// their rule numbers stay), so that the default deny only meets offsets the table
+/// does not give the profile.
 pub fn default_policy() -> PolicyFile {
     use hilrig_device::regmap::{RuleAccess, RuleAction};
     let table = regmap::default_policy();
-    let profile = table
-        .profile
-        .iter()
-        .map(|(name, rules)| {
-            let rules = rules
+    let profile = regmap::Profile::ALL
+        .into_iter()
+        .map(|who| {
+            let restricted = table.profile.get(who.name()).cloned().unwrap_or_default();
+            let mut rules: Vec<RuleSpec> = restricted
                 .iter()
                 .map(|r| RuleSpec {
                     register: Some(r.register.def().name.to_string()),
@@ -392,7 +598,27 @@ pub fn default_policy() -> PolicyFile {
                     ..Default::default()
                 })
                 .collect();
-            (name.to_string(), rules)
+            let pages: Vec<usize> = restricted.iter().map(|r| r.register.def().page()).collect();
+            for def in regmap::REGISTERS {
+                let last_page = ((def.end() as u64 - 1) / PAGE_SIZE) as usize;
+                if !pages.contains(&def.page()) || !pages.contains(&last_page) {
+                    continue;
+                }
+                let perm = who.perm(def);
+                let access = match (perm.can_read(), perm.can_write()) {
+                    (true, true) => AccessKind::Both,
+                    (true, false) => AccessKind::Read,
+                    (false, true) => AccessKind::Write,
+                    (false, false) => continue,
+                };
+                rules.push(RuleSpec {
+                    register: Some(def.name.to_string()),
+                    access: Some(access),
+                    action: Some(Action::Allow),
+                    ..Default::default()
+                });
+            }
+            (who.name().to_string(), ProfileSpec::Rules(rules))
         })
         .collect();
     PolicyFile {
@@ -405,10 +631,12 @@ pub fn default_policy() -> PolicyFile {
 pub fn default_policy_toml() -> String {
     // A typed value of plain fields always serializes; were it ever to fail, the file
     // would have no profiles and every load of it would be refused (fail closed).
-    let body = toml::to_string(&regmap::default_policy()).unwrap_or_default();
+    let body = toml::to_string(&default_policy()).unwrap_or_default();
     format!(
         "# Default MMIO policy, generated from the register table (docs/registers.md).\n\
-         # Every access a profile may not make is dropped (reads return 0) with an alarm.\n\
+         # Every access a profile may not make is dropped (reads return 0) with an alarm;\n\
+         # on the pages that trap, the registers it may use are listed as `allow`, and\n\
+         # anything else there is denied (default deny).\n\
          {body}"
     )
 }
@@ -455,7 +683,7 @@ impl PolicyFile {
             rule,
             reason,
         };
-        let specs = self.profile.get(profile).ok_or_else(|| {
+        let spec = self.profile.get(profile).ok_or_else(|| {
             perr(
                 None,
                 format!(
@@ -464,10 +692,11 @@ impl PolicyFile {
                 ),
             )
         })?;
-        if specs.len() >= NONE as usize {
+        let specs = spec.rules();
+        if specs.len() + 1 >= NONE as usize {
             return Err(perr(
                 None,
-                format!("{} rules; at most {}", specs.len(), NONE - 1),
+                format!("{} rules; at most {}", specs.len(), NONE - 2),
             ));
         }
         let mut rules = Vec::with_capacity(specs.len());
@@ -608,6 +837,17 @@ impl PolicyFile {
                             && other.alarm == r.alarm
                             && other.value == r.value
                             && other.filter == r.filter;
+                        // A plain allow (no filter, no alarm) lists what a profile may
+                        // do; a restrictive rule on the same register narrows it.
+                        let plain_allow =
+                            |x: &Rule| x.action == Action::Allow && !x.alarm && x.filter.is_none();
+                        if !same && plain_allow(other) && !plain_allow(r) {
+                            *target = id as u16;
+                            continue;
+                        }
+                        if !same && plain_allow(r) {
+                            continue;
+                        }
                         if !same {
                             return Err(perr(
                                 Some(format!("profile {profile} rule {} ({})", r.index + 1, r.label)),
@@ -625,11 +865,40 @@ impl PolicyFile {
                 }
             }
         }
+        // Fail closed: on a page with rules, a register and access kind no rule
+        // covers is denied (dropped, reads 0, alarmed) by a synthetic last rule.
+        let default = spec.default_action();
+        let mut default_rule = None;
+        if default == DefaultAction::Deny && pages.iter().any(Option::is_some) {
+            let id = rules.len() as u16;
+            rules.push(Rule {
+                index: specs.len(),
+                label: "(no rule: default deny)".into(),
+                start: 0,
+                end: BAR0_SIZE as u32,
+                access: AccessKind::Both,
+                action: Action::Drop,
+                alarm: true,
+                value: 0,
+                filter: None,
+                shadow_base: 0,
+            });
+            for t in pages.iter_mut().flatten() {
+                for cell in t.words.iter_mut().flatten() {
+                    if *cell == (NONE, NONE) {
+                        cell.0 = id;
+                    }
+                }
+            }
+            default_rule = Some(id);
+        }
         Ok(Profile {
             name: profile.to_string(),
             source: file.to_string(),
-            enforce: self.enforce,
+            enforce: spec.enforce().unwrap_or(self.enforce),
+            default,
             rules,
+            default_rule,
             pages,
             shadow_init,
             names: None,
@@ -698,38 +967,40 @@ mod tests {
         let hang = Reg::HangTrigger.offset();
         assert_eq!(t.decide(hang, true, 0).action, Action::Drop);
         assert!(t.decide(hang, true, 0).alarm);
-        assert_eq!(t.decide(Reg::Scratch.offset(), true, 0), Decision::ALLOW);
+        let scratch = t.decide(Reg::Scratch.offset(), true, 0);
+        assert_eq!((scratch.action, scratch.alarm), (Action::Allow, false));
+        assert!(scratch.rule.is_some(), "listed as allowed");
         assert_eq!(
             t.decide(Reg::DeviceKey.offset() + 4, false, 0).action,
             Action::Drop
         );
-        assert_eq!(t.decide(Reg::Counter.offset(), false, 0), Decision::ALLOW);
+        assert_eq!(
+            t.decide(Reg::Counter.offset(), false, 0).action,
+            Action::Allow
+        );
         assert_eq!(
             t.decide(Reg::Counter.offset(), true, 0).action,
             Action::Drop
         );
         let o = load_profile(None, "operator").unwrap();
-        assert_eq!(o.decide(hang, true, 0), Decision::ALLOW);
-        assert_eq!(o.decide(Reg::DeviceKey.offset(), false, 0), Decision::ALLOW);
+        for (w, write) in [(hang, true), (Reg::DeviceKey.offset(), false)] {
+            let d = o.decide(w, write, 0);
+            assert_eq!((d.action, d.alarm), (Action::Allow, false));
+        }
         assert!(!o.page_traps(4));
         // The generated TOML compiles to the same thing.
         let from_toml = compile(&default_policy_toml(), "tenant").unwrap();
         assert_eq!(from_toml.rules, t.rules);
-        // Every register the tenant may not touch is covered, none that it may.
+        // Every register the tenant may not touch is denied with an alarm, every
+        // one it may is allowed (listed where its page traps).
         for r in regmap::REGISTERS {
             for w in (r.offset..r.end()).step_by(4).take(2) {
-                assert_eq!(
-                    t.decide(w, true, 0).rule.is_some(),
-                    !r.tenant.can_write(),
-                    "{}",
-                    r.name
-                );
-                assert_eq!(
-                    t.decide(w, false, 0).rule.is_some(),
-                    !r.tenant.can_read(),
-                    "{}",
-                    r.name
-                );
+                for (write, ok) in [(true, r.tenant.can_write()), (false, r.tenant.can_read())] {
+                    let d = t.decide(w, write, 0);
+                    assert_eq!(d.action == Action::Allow, ok, "{} write={write}", r.name);
+                    assert_eq!(d.alarm, !ok, "{} write={write}", r.name);
+                    assert_ne!(d.rule, t.default_rule, "{} is listed", r.name);
+                }
             }
         }
     }
@@ -756,7 +1027,9 @@ mod tests {
         assert!(p.needs_value(c, true));
         assert_eq!(p.decide(c, true, 0x3).action, Action::Fault);
         assert_eq!(p.decide(c, true, 0x2).action, Action::Shadow);
-        assert_eq!(p.decide(c, false, 0x3), Decision::ALLOW);
+        // No rule for CONTROL reads: denied (fail closed).
+        assert_eq!(p.decide(c, false, 0x3).rule, p.default_rule);
+        assert_eq!(p.decide(c, false, 0x3).action, Action::Drop);
         assert_eq!(p.shadow_init, vec![0]);
     }
 
@@ -767,6 +1040,65 @@ mod tests {
         let t = f.compile("tenant", "x").unwrap();
         let d = t.decide(Reg::HangTrigger.offset(), true, 0);
         assert_eq!((d.action, d.alarm), (Action::Allow, true));
+    }
+
+    #[test]
+    fn fail_closed_unless_the_profile_says_default_allow() {
+        // One rule on page 3: every other register and hole of page 3 is denied.
+        let one =
+            "[[profile.t]]\nregister = \"DEVICE_KEY[0]\"\naccess = \"write\"\naction = \"drop\"\n";
+        let p = compile(one, "t").unwrap();
+        let key1 = Reg::DeviceKey.offset() + 4;
+        let d = p.decide(key1, false, 0);
+        assert_eq!((d.action, d.alarm), (Action::Drop, true));
+        assert_eq!(d.rule, p.default_rule);
+        assert_eq!(p.rule_number(d.rule.unwrap()), 0);
+        assert_eq!(p.decide(0x3ffc, true, 0).action, Action::Drop, "a hole");
+        assert_eq!(p.trapping_pages(), vec![3]);
+        assert_eq!(
+            p.decide(Reg::Scratch.offset(), true, 0),
+            Decision::ALLOW,
+            "page 0 has no rule"
+        );
+        // The table form with default = "allow": the old behaviour, said explicitly.
+        let open = "[profile.t]\ndefault = \"allow\"\n[[profile.t.rules]]\nregister = \"DEVICE_KEY[0]\"\naccess = \"write\"\naction = \"drop\"\n";
+        let q = compile(open, "t").unwrap();
+        assert_eq!(q.decide(key1, false, 0), Decision::ALLOW);
+        assert_eq!(q.default, DefaultAction::Allow);
+        assert!(q.default_rule.is_none());
+        // Widening: the open profile lets the key through where the closed one did not.
+        let why = p.widened_by(&q).expect("widens");
+        assert!(why.contains("reads of DEVICE_KEY"), "{why}");
+        assert_eq!(q.widened_by(&p), None);
+        assert_eq!(p.widened_by(&p), None);
+        // The built-in tenant: a one-rule patch leaving the key readable widens it.
+        let t = load_profile(None, "tenant").unwrap();
+        let patch = compile("[profile.tenant]\ndefault = \"allow\"\n[[profile.tenant.rules]]\nregister = \"HANG_TRIGGER\"\naccess = \"write\"\naction = \"drop\"\n", "tenant").unwrap();
+        assert!(t.widened_by(&patch).is_some());
+        // An error inside a table-form rule keeps its message.
+        let e = compile("[profile.t]\n[[profile.t.rules]]\nregister = \"CONTROL\"\naccess = \"write\"\naction = \"explode\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("unknown variant"), "{e}");
+        let e = compile("[profile.t]\nenforce = \"maybe\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("\"on\" or \"off\""), "{e}");
+    }
+
+    #[test]
+    fn enforce_off_per_profile_maps_rule_pages_through() {
+        let text = "enforce = true\n[profile.t]\nenforce = \"off\"\n[[profile.t.rules]]\nregister = \"HANG_TRIGGER\"\naccess = \"write\"\naction = \"drop\"\nalarm = true\n";
+        let p = compile(text, "t").unwrap();
+        assert!(!p.enforce);
+        assert_eq!(p.trapping_pages(), Vec::<usize>::new());
+        assert_eq!(p.rule_pages(), vec![0]);
+        let on = compile(&text.replace("\"off\"", "\"on\""), "t").unwrap();
+        assert_eq!(on.trapping_pages(), vec![0]);
+        assert_eq!(on.widened_by(&p).as_deref(), Some("enforcement turned off"));
+        let mut f = default_policy();
+        f.enforce = false;
+        assert!(f
+            .compile("tenant", "x")
+            .unwrap()
+            .trapping_pages()
+            .is_empty());
     }
 
     #[test]

@@ -91,7 +91,9 @@ pub(crate) enum MmioData<'a> {
     Write(&'a [u8]),
 }
 
-/// Count the exit and carry it out against `bus`.
+/// Count the exit and carry it out against `bus`. `io_size` is the element size of a
+/// port exit (`kvm_run.io.size`; a `rep ins`/`rep outs` hands over `count` elements
+/// at once, each carried out on its own); 0 takes the data as one element.
 #[inline]
 pub(crate) fn handle_exit<B: ExitBus + ?Sized>(
     idx: u8,
@@ -99,6 +101,7 @@ pub(crate) fn handle_exit<B: ExitBus + ?Sized>(
     bus: &B,
     counts: &mut ExitCounts,
     first_mmio: &mut Option<Instant>,
+    io_size: usize,
 ) -> Next {
     match exit {
         VcpuExit::MmioWrite(addr, data) => {
@@ -113,11 +116,21 @@ pub(crate) fn handle_exit<B: ExitBus + ?Sized>(
         }
         VcpuExit::IoOut(port, data) => {
             counts.io_out += 1;
-            io_out(idx, bus, port, data)
+            let size = element(io_size, data.len());
+            for e in data.chunks(size) {
+                let next = io_out(idx, bus, port, e);
+                if next != Next::Continue {
+                    return next;
+                }
+            }
+            Next::Continue
         }
         VcpuExit::IoIn(port, data) => {
             counts.io_in += 1;
-            io_in(bus, port, data);
+            let size = element(io_size, data.len());
+            for e in data.chunks_mut(size) {
+                io_in(bus, port, e);
+            }
             Next::Continue
         }
         VcpuExit::Hlt => {
@@ -148,6 +161,15 @@ pub(crate) fn handle_exit<B: ExitBus + ?Sized>(
             bus.finish(unknown_exit(idx, &other));
             Next::Stop
         }
+    }
+}
+
+/// The element size of a port exit of `len` bytes (1, 2 or 4 dividing `len`; else
+/// the whole data as one element).
+fn element(io_size: usize, len: usize) -> usize {
+    match io_size {
+        1 | 2 | 4 if len % io_size == 0 => io_size,
+        _ => len.max(1),
     }
 }
 
@@ -419,7 +441,7 @@ mod tests {
     fn exit(bus: &Dummy, e: VcpuExit<'_>) -> (Next, ExitCounts) {
         let mut counts = ExitCounts::default();
         let mut first = None;
-        let next = handle_exit(2, e, bus, &mut counts, &mut first);
+        let next = handle_exit(2, e, bus, &mut counts, &mut first, 0);
         (next, counts)
     }
 
@@ -439,6 +461,58 @@ mod tests {
                 vcpu: 2
             }]
         );
+    }
+
+    #[test]
+    fn string_port_io_carries_out_every_element() {
+        // `rep outsd` of 3 elements to the result port; `rep insd` of 4 from the
+        // PCI data port (vendor/device of 00:01.0) and of 3 bytes from the UART.
+        let bus = Dummy::new();
+        let mut counts = ExitCounts::default();
+        let mut first = None;
+        let out = [1u8, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0];
+        let n = handle_exit(
+            0,
+            VcpuExit::IoOut(PORT_RESULT, &out),
+            &bus,
+            &mut counts,
+            &mut first,
+            4,
+        );
+        assert_eq!(n, Next::Continue);
+        assert_eq!(bus.log.borrow().results, vec![1, 2, 3]);
+        handle_exit(
+            0,
+            VcpuExit::IoOut(PORT_PCI_ADDR, &0x8000_0800u32.to_le_bytes()),
+            &bus,
+            &mut counts,
+            &mut first,
+            4,
+        );
+        let mut d = [0u8; 16];
+        handle_exit(
+            0,
+            VcpuExit::IoIn(PORT_PCI_DATA, &mut d),
+            &bus,
+            &mut counts,
+            &mut first,
+            4,
+        );
+        let ids = &d[..4];
+        assert_ne!(ids, &[0xff; 4]);
+        for e in d.chunks(4) {
+            assert_eq!(e, ids, "every element filled: {d:02x?}");
+        }
+        let mut u = [0u8; 3];
+        handle_exit(
+            0,
+            VcpuExit::IoIn(PORT_COM1 + 5, &mut u),
+            &bus,
+            &mut counts,
+            &mut first,
+            1,
+        );
+        assert_eq!(u, [0x65; 3]);
     }
 
     #[test]
@@ -528,6 +602,7 @@ mod tests {
             &bus,
             &mut counts,
             &mut first,
+            0,
         );
         assert_eq!((n, counts.mmio_read), (Next::Continue, 1));
         assert!(first.is_some(), "the first MMIO exit is stamped");
@@ -646,7 +721,7 @@ mod tests {
         let mut counts = ExitCounts::default();
         let mut first = None;
         for _ in 0..3 {
-            let n = handle_exit(0, VcpuExit::Hlt, &bus, &mut counts, &mut first);
+            let n = handle_exit(0, VcpuExit::Hlt, &bus, &mut counts, &mut first, 0);
             assert_eq!(n, Next::Halt);
         }
         assert_eq!(counts.hlt, 3);

@@ -21,9 +21,10 @@
 use crate::lifecycle::quiesce::Member;
 use crate::policy::engine::Outcome;
 use crate::policy::fault::{Ctx, SiteCache};
-use crate::vstate::dispatch::{describe_insn, handle_exit, Next, Pending};
+use crate::vstate::dispatch::{handle_exit, Next, Pending};
 use crate::vstate::vm::{lock, Shared, KVM_RUN};
 use crate::vstate::Verdict;
+use hilrig_device::regmap::BAR0_SIZE;
 use hilrig_vmm_api::ExitCounts;
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -151,6 +152,7 @@ struct Book {
 pub(crate) fn vcpu_loop(idx: u8, fd: VcpuFd, shared: &Shared) -> VcpuResult {
     let mut fd = fd;
     KVM_RUN.with(|c| c.set(fd.get_kvm_run() as *mut kvm_run));
+    crate::vstate::vm::VCPU_VM.with(|c| c.set(shared as *const Shared));
     let mut v = Vcpu {
         fd,
         shared,
@@ -181,6 +183,7 @@ pub(crate) fn vcpu_loop(idx: u8, fd: VcpuFd, shared: &Shared) -> VcpuResult {
         state = transition(state, event);
     }
     KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+    crate::vstate::vm::VCPU_VM.with(|c| c.set(std::ptr::null()));
     let Vcpu { book, fd, .. } = v;
     drop(fd);
     let Book {
@@ -213,12 +216,17 @@ impl Book {
                 if matches!(exit, VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..)) {
                     self.trapped = Some(t0);
                 }
+                let io_size = match exit {
+                    VcpuExit::IoIn(..) | VcpuExit::IoOut(..) => io_element_size(),
+                    _ => 0,
+                };
                 let next = handle_exit(
                     self.idx,
                     exit,
                     shared,
                     &mut self.counts,
                     &mut self.first_mmio,
+                    io_size,
                 );
                 (Event::Handled(next), false)
             }
@@ -265,13 +273,36 @@ impl Vcpu<'_> {
         // If the VMM counted this vCPU as parked while it was in KVM_RUN, wait here
         // before handling the exit.
         member.left_run();
-        let (event, kicked) = self.book.run_event(self.shared, ran);
+        let (mut event, kicked) = self.book.run_event(self.shared, ran);
+        if event == Event::Handled(Next::Emulation)
+            && self.shared.on_unemulated == hilrig_vmm_api::OnUnemulated::Ud
+        {
+            event = self.unemulated_ud();
+        }
         if kicked {
             // A kick (pause or stop): the request flag was set before the kick, so the
             // checkpoint sees it; clear immediate_exit or KVM_RUN keeps failing.
             self.fd.set_kvm_immediate_exit(0);
         }
         event
+    }
+
+    /// `--on-unemulated ud`: KVM could not emulate the instruction at RIP (still at
+    /// it): the guest gets #UD there and goes on; the VMM logs the instruction.
+    fn unemulated_ud(&mut self) -> Event {
+        let idx = self.book.idx;
+        let (rip, insn) = crate::policy::fault::name_rip(&self.shared.mem, &self.fd);
+        tracing::warn!(
+            vcpu = idx,
+            "KVM cannot emulate `{insn}` at rip {rip:#x}: #UD to the guest"
+        );
+        self.shared.unemulated.fetch_add(1, Ordering::Relaxed);
+        match crate::policy::fault::inject_exception(&self.fd, crate::policy::fault::UD_VECTOR) {
+            Ok(()) => Event::Handled(Next::Continue),
+            Err(e) => Event::Failed(Box::new(Verdict::Internal(format!(
+                "vCPU {idx}: injecting #UD for `{insn}` at rip {rip:#x}: {e}"
+            )))),
+        }
     }
 
     /// `Stopping`: record how this vCPU ends.
@@ -282,14 +313,18 @@ impl Vcpu<'_> {
             Ending::Finish(v) => (**v).clone(),
             Ending::Bad(v) => {
                 let mut v = (**v).clone();
-                if let Verdict::BadAccess { rip, insn, .. } = &mut v {
-                    match self.fd.get_regs() {
-                        Ok(r) => {
-                            *rip = r.rip;
-                            *insn = describe_insn(mem, r.rip);
-                        }
-                        Err(e) => *insn = format!("(registers unavailable: {e})"),
-                    }
+                if let Verdict::BadAccess {
+                    rip,
+                    insn,
+                    addr,
+                    len,
+                    write,
+                    ..
+                } = &mut v
+                {
+                    // The faulting instruction, not the next one (a write has retired).
+                    (*rip, *insn) =
+                        crate::policy::fault::name_access(mem, &self.fd, *addr, *len, *write);
                 }
                 v
             }
@@ -298,12 +333,9 @@ impl Vcpu<'_> {
                 Verdict::TripleFault { vcpu: idx, rip }
             }
             Ending::Emulation => {
-                let at = match self.fd.get_regs() {
-                    Ok(r) => format!(" at rip {:#x}: `{}`", r.rip, describe_insn(mem, r.rip)),
-                    Err(_) => String::new(),
-                };
+                let (rip, insn) = crate::policy::fault::name_rip(mem, &self.fd);
                 Verdict::Internal(format!(
-                    "vCPU {idx}: KVM internal error{at} (often an instruction KVM cannot emulate on MMIO)"
+                    "vCPU {idx}: KVM cannot emulate `{insn}` at rip {rip:#x} (KVM internal error: an instruction KVM cannot emulate on MMIO; --on-unemulated ud gives the guest #UD instead)"
                 ))
             }
         };
@@ -315,11 +347,17 @@ impl Vcpu<'_> {
         let Some(ctx) = ctx(self.shared) else {
             return Event::Decided;
         };
-        if p.write && p.len == 8 && ctx.engine.write_may_fault(p.off + 8, p.off + 32) {
-            if let Some(size @ (16 | 32)) =
-                crate::policy::fault::store_size(ctx.mem, &self.fd, p.addr, p.len)
-            {
-                return Event::SplitStore(size);
+        // A store KVM hands over in pieces (a 16/32-byte move as 8-byte exits, any
+        // store split at a page end, e.g. 4 + 8 + 4) with a fault rule within its
+        // reach: gather every piece and decide them together, before any lands.
+        if p.write
+            && (p.len == 8 || (p.addr + p.len as u64) % 4096 == 0)
+            && ctx.engine.write_may_fault(p.off + p.len as u64, p.off + 32)
+        {
+            if let Some(size) = crate::policy::fault::store_size(ctx.mem, &self.fd, p.addr, p.len) {
+                if size > p.len && size <= 32 {
+                    return Event::SplitStore(size);
+                }
             }
         }
         let mut buf = p.buf;
@@ -331,10 +369,8 @@ impl Vcpu<'_> {
         let out: Outcome = match r {
             Ok(o) => o,
             Err(e) => {
-                let (rip, insn) = match self.fd.get_regs() {
-                    Ok(r) => (r.rip, describe_insn(ctx.mem, r.rip)),
-                    Err(e) => (0, format!("(registers unavailable: {e})")),
-                };
+                let (rip, insn) =
+                    crate::policy::fault::name_access(ctx.mem, &self.fd, p.addr, p.len, p.write);
                 return Event::Failed(Box::new(Verdict::BadAccess {
                     vcpu: self.book.idx,
                     addr: p.addr,
@@ -370,27 +406,40 @@ impl Vcpu<'_> {
         }
     }
 
-    /// `Gathering`: a 16/32-byte store reaches the VMM as 8-byte exits, the
-    /// instruction already retired. With a fault rule just ahead, collect the
-    /// remaining pieces first (KVM_RUN with `immediate_exit`: KVM hands over the next
-    /// piece without running the guest) and decide them together, so a fault in a
-    /// later piece keeps the earlier ones from the device too.
+    /// `Gathering`: a 16/32-byte store reaches the VMM as 8-byte exits after the
+    /// instruction retired, and a store across a page end as one piece per page
+    /// (split again at 8 bytes: a 16-byte store at a page's last dword comes as
+    /// 4 + 8 + 4). With a fault rule within its reach, collect the remaining pieces
+    /// first (KVM_RUN with `immediate_exit`: KVM hands over the next piece without
+    /// running the guest, and returns EINTR once the instruction is complete) and
+    /// decide them together, so a fault in a later piece keeps the earlier ones
+    /// from the device too. A piece outside BAR0 faults the whole store.
     fn gather(&mut self, p: Pending, size: usize) -> Event {
         let idx = self.book.idx;
-        let mut pieces = [(0u64, [0u8; 8], 0usize); 4];
+        let bar0 = p.addr - p.off;
+        let mut pieces = [(0u64, [0u8; 8], 0usize); MAX_PIECES];
         pieces[0] = (p.off, p.buf, p.len);
-        let mut n = 1;
-        while n < size / 8 {
-            match self.next_piece(p.addr + 8 * n as u64) {
-                Ok(Some(b)) => {
-                    pieces[n] = (p.off + 8 * n as u64, b, 8);
-                    n += 1;
+        let (mut n, mut total, mut outside) = (1, p.len, false);
+        while total < size && n < MAX_PIECES {
+            match self.next_piece() {
+                Ok(Some((addr, b, len))) => {
+                    match addr
+                        .checked_sub(bar0)
+                        .filter(|o| o + len as u64 <= BAR0_SIZE)
+                    {
+                        Some(off) => {
+                            pieces[n] = (off, b, len);
+                            n += 1;
+                        }
+                        None => outside = true,
+                    }
+                    total += len;
                 }
                 Ok(None) => break,
                 Err(what) => {
                     return Event::Failed(Box::new(Verdict::Internal(format!(
-                        "vCPU {idx}: {}",
-                        what.describe(n, size, p.addr)
+                        "vCPU {idx}: gathering a {size}-byte store at {:#x}: unexpected {what}",
+                        p.addr
                     ))))
                 }
             }
@@ -398,8 +447,11 @@ impl Vcpu<'_> {
         let Some(ctx) = ctx(self.shared) else {
             return Event::Decided;
         };
-        let mut outs = [Outcome::default(); 4];
-        let r = {
+        let mut outs = [Outcome::default(); MAX_PIECES];
+        let r = if outside {
+            // Nothing of it may reach the device: decide (for alarms) as a fault.
+            Ok(true)
+        } else {
             let mut dev = lock(&self.shared.device);
             ctx.engine
                 .access_split(&mut **dev, &mut pieces[..n], &mut outs[..n])
@@ -407,21 +459,24 @@ impl Vcpu<'_> {
         let fault = match r {
             Ok(f) => f,
             Err(e) => {
+                let (rip, insn) =
+                    crate::policy::fault::name_access(ctx.mem, &self.fd, p.addr, p.len, true);
                 return Event::Failed(Box::new(Verdict::BadAccess {
                     vcpu: idx,
                     addr: p.addr,
                     len: size,
                     write: true,
                     detail: e.to_string(),
-                    rip: 0,
-                    insn: String::new(),
-                }))
+                    rip,
+                    insn,
+                }));
             }
         };
         for (i, out) in outs[..n].iter().enumerate() {
             if out.hits.iter().any(Option::is_some) {
-                let a = p.addr + 8 * i as u64;
-                ctx.raise_alarms(idx, &self.fd, a, 8, true, out, &mut self.site_cache);
+                let (off, _, len) = pieces[i];
+                let a = bar0 + off;
+                ctx.raise_alarms(idx, &self.fd, a, len, true, out, &mut self.site_cache);
             }
         }
         if fault {
@@ -431,19 +486,19 @@ impl Vcpu<'_> {
         }
     }
 
-    /// The next 8-byte piece of a split store at `addr`; None when the store ended
-    /// early (the rest went to RAM) or a kick came: decide what came.
-    fn next_piece(&mut self, addr: u64) -> Result<Option<[u8; 8]>, OddPiece> {
+    /// The next piece of a split store: (address, bytes, length). None when the
+    /// instruction is complete (the rest went to RAM) or a kick came: decide what
+    /// came.
+    fn next_piece(&mut self) -> Result<Option<(u64, [u8; 8], usize)>, String> {
         self.fd.set_kvm_immediate_exit(1);
         let r = match self.fd.run() {
-            Ok(VcpuExit::MmioWrite(a, d)) if a == addr && d.len() == 8 => {
+            Ok(VcpuExit::MmioWrite(a, d)) if d.len() <= 8 => {
                 let mut b = [0u8; 8];
-                b.copy_from_slice(d);
-                Ok(Some(b))
+                b[..d.len()].copy_from_slice(d);
+                Ok(Some((a, b, d.len())))
             }
-            Ok(VcpuExit::MmioWrite(a, d)) => Err(OddPiece::Elsewhere(a, d.len())),
             Err(_) => Ok(None),
-            Ok(other) => Err(OddPiece::Exit(format!("{other:?}"))),
+            Ok(other) => Err(format!("{other:?}")),
         };
         self.fd.set_kvm_immediate_exit(0);
         r
@@ -462,6 +517,24 @@ impl Vcpu<'_> {
     }
 }
 
+/// The element size of the port exit being handled (`kvm_run.io.size`), 0 if unknown.
+fn io_element_size() -> usize {
+    KVM_RUN.with(|c| {
+        let p = c.get();
+        if p.is_null() {
+            return 0;
+        }
+        // SAFETY: `p` is this thread's kvm_run mapping (set in vcpu_loop while the
+        // VcpuFd lives); the exit being handled is KVM_EXIT_IO, so `io` is the
+        // union's active member. Only this plain field is read.
+        unsafe {
+            usize::from(std::ptr::read_volatile(std::ptr::addr_of!(
+                (*p).__bindgen_anon_1.io.size
+            )))
+        }
+    })
+}
+
 /// The policy engine's context (None without a policy).
 fn ctx(shared: &Shared) -> Option<Ctx<'_>> {
     let engine = shared.policy.as_deref()?;
@@ -473,24 +546,8 @@ fn ctx(shared: &Shared) -> Option<Ctx<'_>> {
     })
 }
 
-/// A piece of a split store that is not what was expected.
-enum OddPiece {
-    /// A write of this many bytes at this address.
-    Elsewhere(u64, usize),
-    /// Another exit.
-    Exit(String),
-}
-
-impl OddPiece {
-    fn describe(&self, n: usize, size: usize, addr: u64) -> String {
-        match self {
-            OddPiece::Elsewhere(a, len) => format!(
-                "piece {n} of a {size}-byte store at {addr:#x} came as {len} bytes at {a:#x}"
-            ),
-            OddPiece::Exit(e) => format!("gathering a split store: unexpected {e}"),
-        }
-    }
-}
+/// Most pieces one store reaches the VMM in (32 bytes: 4 + 8 + 8 + 8 + 4).
+const MAX_PIECES: usize = 6;
 
 #[cfg(test)]
 mod tests {

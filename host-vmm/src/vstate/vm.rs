@@ -72,6 +72,9 @@ pub struct VmConfig {
     pub control: Option<std::path::PathBuf>,
     /// Live patching and teardown settings.
     pub lifecycle: crate::lifecycle::LifecycleConfig,
+    /// An instruction KVM cannot emulate on MMIO: end the VM with a verdict naming
+    /// it (`Stop`), or inject #UD into the guest and go on (`Ud`).
+    pub on_unemulated: hilrig_vmm_api::OnUnemulated,
 }
 
 impl Default for VmConfig {
@@ -89,6 +92,7 @@ impl Default for VmConfig {
             record_decisions: false,
             control: None,
             lifecycle: crate::lifecycle::LifecycleConfig::default(),
+            on_unemulated: hilrig_vmm_api::OnUnemulated::Stop,
         }
     }
 }
@@ -251,6 +255,10 @@ pub(crate) struct Shared {
     pub(crate) modules: crate::lifecycle::patch::ModuleTable,
     /// Pause/patch/teardown state and settings.
     pub(crate) life: crate::lifecycle::Life,
+    /// What an instruction KVM cannot emulate on MMIO gets.
+    pub(crate) on_unemulated: hilrig_vmm_api::OnUnemulated,
+    /// #UD injected for instructions KVM could not emulate (`--on-unemulated ud`).
+    pub(crate) unemulated: std::sync::atomic::AtomicU64,
 }
 
 impl crate::lifecycle::VmHost for Shared {
@@ -378,6 +386,49 @@ impl ExitBus for Shared {
 thread_local! {
     /// This thread's `kvm_run` mapping, for the kick signal's handler.
     pub(crate) static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+    /// The VM this vCPU thread runs (set for the length of `vcpu_loop`), so that
+    /// instruction fetches for alarms and verdicts can read code the guest runs from
+    /// a BAR0 page mapped straight into it ([`read_direct`]).
+    pub(crate) static VCPU_VM: Cell<*const Shared> = const { Cell::new(std::ptr::null()) };
+}
+
+/// Read `out.len()` bytes at guest-physical `gpa` from a BAR0 page mapped straight
+/// into the guest of this vCPU thread's VM (code run from a data-buffer page); false
+/// if it is not one (or not on a vCPU thread).
+pub(crate) fn read_direct(gpa: u64, out: &mut [u8]) -> bool {
+    VCPU_VM.with(|c| {
+        let p = c.get();
+        // SAFETY: set by vcpu_loop to the `Shared` it borrows for its whole run and
+        // cleared before it returns.
+        !p.is_null() && unsafe { &*p }.read_direct(gpa, out)
+    })
+}
+
+impl Shared {
+    /// See [`read_direct`].
+    fn read_direct(&self, gpa: u64, out: &mut [u8]) -> bool {
+        let pci = lock(&self.pci);
+        let Some(base) = pci.bus.decode().bar0 else {
+            return false;
+        };
+        if pci.mapper.active.is_empty() {
+            return false;
+        }
+        for s in &pci.mapper.slots {
+            let start = base + s.bar_offset;
+            if gpa >= start && gpa + out.len() as u64 <= start + s.len {
+                let src = (s.host_addr + (gpa - start)) as *const u8;
+                for (i, b) in out.iter_mut().enumerate() {
+                    // SAFETY: inside a window the backend keeps mapped while the VM
+                    // lives (`Vm` holds it); the guest may write it concurrently, so
+                    // each byte is read volatile, like guest RAM.
+                    *b = unsafe { std::ptr::read_volatile(src.add(i)) };
+                }
+                return true;
+            }
+        }
+        false
+    }
 }
 
 fn kick_signal() -> libc::c_int {
@@ -716,6 +767,13 @@ impl Vm {
             for page in p.trapping_pages() {
                 trap.insert(page);
             }
+            if !p.enforce && !p.rule_pages().is_empty() {
+                tracing::warn!(
+                    profile = %p.name,
+                    "MMIO restriction OFF: BAR0 pages {:?} have rules but are mapped straight through (no trap, no alarm)",
+                    p.rule_pages()
+                );
+            }
         }
         let plan = PagePlan::decide(trap, &backend.windows);
         let mut bus = PciBus::new(backend.device.rom_size());
@@ -783,6 +841,8 @@ impl Vm {
             policy: engine,
             results: Mutex::new(Vec::new()),
             sync_regs,
+            on_unemulated: config.on_unemulated,
+            unemulated: std::sync::atomic::AtomicU64::new(0),
         });
         Ok(Vm {
             vector,
