@@ -212,6 +212,7 @@ fn a_signed_one_rule_policy_patch_that_widens_is_refused() {
         decrypt_key: None,
         build_sha256: BUILD,
         module_dir: dir.path().join("modules"),
+        applied: None,
         allow_widening,
     };
     let signed = |version, rules: &str, widens| {
@@ -222,6 +223,7 @@ fn a_signed_one_rule_policy_patch_that_widens_is_refused() {
                 target_vmm_sha256: BUILD,
                 payloads: vec![("rules.toml".into(), rules.as_bytes().to_vec())],
                 encrypt_to: None,
+                patch_path_sha256: Some(hilrig_vmm::lifecycle::patch_path::measure_patch_path()),
             },
             &key,
             BuildOptions { widens },

@@ -323,7 +323,10 @@ impl DeviceDesc {
         }
         PolicyFile {
             enforce: true,
-            profile: BTreeMap::from([("tenant".into(), tenant), ("operator".into(), Vec::new())]),
+            profile: BTreeMap::from([
+                ("tenant".into(), tenant.into()),
+                ("operator".into(), Vec::new().into()),
+            ]),
         }
     }
 
@@ -340,7 +343,7 @@ impl DeviceDesc {
         };
         let window = self.window();
         for (pname, rules) in file.profile.iter_mut() {
-            for (i, s) in rules.iter_mut().enumerate() {
+            for (i, s) in rules.rules_mut().iter_mut().enumerate() {
                 let at = |what: &str| PolicyError {
                     file: source.clone(),
                     rule: Some(format!("profile {pname} rule {} ({what})", i + 1)),

@@ -242,8 +242,9 @@ impl AlarmSink {
         }
     }
 
-    /// The aggregate of every key, in register order.
-    pub fn groups(&self) -> Vec<hilrig_vmm_api::AlarmGroup> {
+    /// The aggregate of every key, in register order; `name` names a register word
+    /// (the profile's names: the reference device's, or a described device's).
+    pub fn groups(&self, name: impl Fn(u32) -> String) -> Vec<hilrig_vmm_api::AlarmGroup> {
         let s = lock(&self.state);
         let mut g: Vec<_> = s
             .keys
@@ -253,7 +254,7 @@ impl AlarmSink {
                 (
                     (word, write, ai),
                     hilrig_vmm_api::AlarmGroup {
-                        register: register_name(word),
+                        register: name(word),
                         offset: word,
                         access: if write { "write" } else { "read" }.into(),
                         action: serde_json::to_value(action)
@@ -722,7 +723,7 @@ impl PolicyEngine {
                 alarms_suppressed: suppressed,
                 per_register,
                 sink_error,
-                alarm_groups: self.alarms.groups(),
+                alarm_groups: self.alarms.groups(|w| p.register_name(w)),
             },
             captured,
             decided,

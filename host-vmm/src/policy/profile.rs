@@ -243,6 +243,14 @@ impl ProfileSpec {
             ProfileSpec::Table(t) => &t.rules,
         }
     }
+
+    /// The rules, to edit (e.g. to resolve register names against a description).
+    pub fn rules_mut(&mut self) -> &mut Vec<RuleSpec> {
+        match self {
+            ProfileSpec::Rules(r) => r,
+            ProfileSpec::Table(t) => &mut t.rules,
+        }
+    }
     fn default_action(&self) -> DefaultAction {
         match self {
             ProfileSpec::Rules(_) => DefaultAction::Deny,
