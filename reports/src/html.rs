@@ -21,6 +21,9 @@ pub struct HtmlOptions {
     /// Artifact paths (as in the run) found empty on disk: listed as `(empty)`
     /// without a link. [`crate::write_reports_with`] fills it from the run directory.
     pub empty_artifacts: std::collections::BTreeSet<String>,
+    /// When set, each case id links to `{case_link_base}{percent-encoded id}`
+    /// (the lab service's case history).
+    pub case_link_base: Option<String>,
 }
 
 /// Colour of an outcome (background, text).
@@ -589,13 +592,24 @@ fn cases_section(h: &mut String, run: &Run, opts: &HtmlOptions) {
             .then_with(|| a.id.cmp(&b.id))
     });
     for c in cases {
+        let id_html = match &opts.case_link_base {
+            Some(base) => format!(
+                r#"<a href="{}">{}</a>"#,
+                esc(&format!(
+                    "{base}{}",
+                    percent_encoding::utf8_percent_encode(&c.id, percent_encoding::NON_ALPHANUMERIC)
+                )),
+                esc(&c.id)
+            ),
+            None => esc(&c.id),
+        };
         let _ = write!(
             h,
             r#"<tr class="o-{k}" id="{anchor}"><td>{b}</td><td class="case"><span class="id" title="{attack} · {backend} · {profile}">{id}</span></td><td class="host">{host}</td><td>"#,
             k = c.outcome.as_str(),
             anchor = esc(&case_anchor(&c.id)),
             b = badge(c.outcome),
-            id = esc(&c.id),
+            id = id_html,
             attack = esc(&c.attack),
             backend = esc(&c.backend),
             profile = esc(&c.profile),

@@ -411,7 +411,8 @@ impl Run {
         // run whole: read it from there (people hand `hilrig report` either file).
         #[derive(Deserialize)]
         struct ReportProbe {
-            report_schema: u32,
+            #[serde(rename = "report_schema")]
+            _report_schema: u32,
             run: serde_json::Value,
         }
         if let Ok(ReportProbe { run, .. }) = serde_json::from_str::<ReportProbe>(text) {

@@ -1,0 +1,1 @@
+//! `hilrig bench serve` (filled in below).
