@@ -201,7 +201,8 @@ async fn run_page(State(st): State<AppState>, Path(id): Path<String>) -> PageRes
     }
     let d = prev.as_ref().map(|p| hilrig_reports::diff(p, &run));
     let opts = hilrig_reports::HtmlOptions {
-        artifact_base: format!("/runs/{}/artifacts", pages::enc(&run.id)),
+        // Raw: the report percent-encodes the whole link itself.
+        artifact_base: format!("/runs/{}/artifacts", run.id),
         case_link_base: Some("/history?case=".into()),
         ..Default::default()
     };
