@@ -42,6 +42,10 @@ pub const BENCHES: &[(&str, &str)] = &[
         "fpga backend ops/s through the host-bridge RTL (pipe and PTY) vs the core driven directly",
     ),
     (
+        "serve",
+        "lab service over a generated 1,000 nights x 100 cases store: runs index and case history median, API history p99 at 500 req/s; SQLite and PostgreSQL ($HILRIG_TEST_PG)",
+    ),
+    (
         "vm-exit",
         "hilrig-vmm's MMIO path vs a raw KVM exit loop; exits on an unrestricted page; VM start time",
     ),
@@ -64,6 +68,13 @@ pub fn run(name: &str, seconds: f64) -> Result<Vec<Figure>> {
         }
         "board" => hilrig_board::bench::bench_board(budget)?,
         "campaign" => bench_campaign()?,
+        "serve" => hilrig_serve::bench::bench_serve(
+            &hilrig_serve::bench::BenchOptions::default(),
+            std::env::var("HILRIG_TEST_PG")
+                .ok()
+                .filter(|s| !s.is_empty())
+                .as_deref(),
+        )?,
         "policy" => hilrig_vmm::bench_policy(budget)?,
         "patch" => hilrig_vmm::bench_lifecycle::bench_patch(budget)?,
         "teardown" => hilrig_vmm::bench_lifecycle::bench_teardown(budget)?,

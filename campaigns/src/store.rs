@@ -821,6 +821,81 @@ impl Store {
         Ok(out)
     }
 
+    /// Store many finished cases of one run in one transaction (bulk loads:
+    /// imports, generated bench stores); the rows are those of [`Store::put_case`].
+    pub fn put_cases_bulk(&mut self, run_id: &str, cases: &[CaseResult]) -> Result<()> {
+        let mut rows = vec![];
+        for c in cases {
+            let json =
+                serde_json::to_string(c).map_err(|e| self.data(format!("case {}: {e}", c.id)))?;
+            rows.push((c, json, samples(c)));
+        }
+        let e = self.sq("storing cases");
+        let p = self.pg_err("storing cases");
+        match &mut self.conn {
+            Conn::Sqlite(conn) => {
+                let mut run = || -> rusqlite::Result<()> {
+                    let tx = conn.transaction()?;
+                    {
+                        let mut ins = tx.prepare_cached(
+                            "INSERT OR REPLACE INTO cases (run_id, case_id, outcome, result) VALUES (?1, ?2, ?3, ?4)",
+                        )?;
+                        let mut del = tx.prepare_cached(
+                            "DELETE FROM samples WHERE run_id = ?1 AND case_id = ?2",
+                        )?;
+                        let mut smp = tx.prepare_cached(
+                            "INSERT INTO samples (run_id, case_id, kind, seq, value) VALUES (?1, ?2, ?3, ?4, ?5)",
+                        )?;
+                        for (c, json, kinds) in &rows {
+                            ins.execute(params![run_id, c.id, c.outcome.as_str(), json])?;
+                            del.execute(params![run_id, c.id])?;
+                            for (kind, vals) in kinds {
+                                for (i, v) in vals.iter().enumerate() {
+                                    smp.execute(params![run_id, c.id, kind, i as i64, v])?;
+                                }
+                            }
+                        }
+                    }
+                    tx.commit()
+                };
+                run().map_err(e)
+            }
+            Conn::Pg(client) => {
+                let mut run = || -> std::result::Result<(), postgres::Error> {
+                    let mut tx = client.transaction()?;
+                    let ins = tx.prepare(
+                        "INSERT INTO cases (run_id, case_id, outcome, result) VALUES ($1, $2, $3, $4)
+                         ON CONFLICT (run_id, case_id) DO UPDATE SET outcome = EXCLUDED.outcome, result = EXCLUDED.result",
+                    )?;
+                    let del = tx.prepare("DELETE FROM samples WHERE run_id = $1 AND case_id = $2")?;
+                    for (c, json, kinds) in &rows {
+                        tx.execute(&ins, &[&run_id, &c.id, &c.outcome.as_str(), json])?;
+                        tx.execute(&del, &[&run_id, &c.id])?;
+                        // All of a case's samples in one statement (arrays, unnested).
+                        let (mut k, mut q, mut v): (Vec<&str>, Vec<i32>, Vec<f64>) =
+                            (vec![], vec![], vec![]);
+                        for (kind, vals) in kinds {
+                            for (i, x) in vals.iter().enumerate() {
+                                k.push(kind);
+                                q.push(i as i32);
+                                v.push(*x);
+                            }
+                        }
+                        if !k.is_empty() {
+                            tx.execute(
+                                "INSERT INTO samples (run_id, case_id, kind, seq, value)
+                                 SELECT $1, $2, k, s, v FROM UNNEST($3::text[], $4::int[], $5::float8[]) AS t(k, s, v)",
+                                &[&run_id, &c.id, &k, &q, &v],
+                            )?;
+                        }
+                    }
+                    tx.commit()
+                };
+                run().map_err(p)
+            }
+        }
+    }
+
     /// The FAIL and TIMEOUT case ids of each of `run_ids`: `(run_id, case_id)`.
     pub fn failing_cases(&mut self, run_ids: &[String]) -> Result<Vec<(String, String)>> {
         let e = self.sq("reading failing cases");
