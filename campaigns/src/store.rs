@@ -551,7 +551,7 @@ impl Store {
 // stores gain the tables and the index on open; nothing above changes.
 
 const LAB_SQLITE_SCHEMA: &str = "
-CREATE INDEX IF NOT EXISTS cases_by_case ON cases(case_id);
+CREATE INDEX IF NOT EXISTS cases_by_case_run ON cases(case_id, run_id);
 CREATE TABLE IF NOT EXISTS lab_queue (
    id INTEGER PRIMARY KEY AUTOINCREMENT, campaign TEXT NOT NULL, campaign_text TEXT NOT NULL,
    submitted_by TEXT NOT NULL, submitted_ms INTEGER NOT NULL, state TEXT NOT NULL,
@@ -563,7 +563,7 @@ CREATE TABLE IF NOT EXISTS lab_webhooks (
    PRIMARY KEY (campaign, url));";
 
 const LAB_PG_SCHEMA: &str = "
-CREATE INDEX IF NOT EXISTS cases_by_case ON cases(case_id);
+CREATE INDEX IF NOT EXISTS cases_by_case_run ON cases(case_id, run_id);
 CREATE TABLE IF NOT EXISTS lab_queue (
    id BIGSERIAL PRIMARY KEY, campaign TEXT NOT NULL, campaign_text TEXT NOT NULL,
    submitted_by TEXT NOT NULL, submitted_ms BIGINT NOT NULL, state TEXT NOT NULL,
@@ -700,37 +700,9 @@ impl Store {
     }
 
     /// The last `nights` results of `case_id`, newest first, each with its run.
-    /// The one history query: the CLI, the API and the page all read this.
     pub fn case_history(&mut self, case_id: &str, nights: usize) -> Result<Vec<HistoryRow>> {
-        let limit = nights.min(i64::MAX as usize) as i64;
-        let e = self.sq("reading case history");
-        let p = self.pg_err("reading case history");
-        const Q: &str = "SELECT r.id, r.campaign, r.file, r.run_dir, r.started_ms, r.finished_ms, c.result
-             FROM cases c JOIN runs r ON r.id = c.run_id WHERE c.case_id = ";
-        let raw: Vec<(RunRow, String)> = match &mut self.conn {
-            Conn::Sqlite(c) => {
-                let run = || -> rusqlite::Result<Vec<(RunRow, String)>> {
-                    let mut st = c.prepare_cached(&format!(
-                        "{Q}?1 ORDER BY r.started_ms DESC, r.rowid DESC LIMIT ?2"
-                    ))?;
-                    let rows = st.query_map(params![case_id, limit], |r| {
-                        Ok((run_row_sq(r, 0)?, r.get(6)?))
-                    })?;
-                    rows.collect()
-                };
-                run().map_err(e)?
-            }
-            Conn::Pg(c) => c
-                .query(
-                    &format!("{Q}$1 ORDER BY r.started_ms DESC, r.seq DESC LIMIT $2"),
-                    &[&case_id, &limit],
-                )
-                .map_err(p)?
-                .iter()
-                .map(|r| (run_row_pg(r, 0), r.get(6)))
-                .collect(),
-        };
-        raw.into_iter()
+        self.case_history_json(case_id, nights)?
+            .into_iter()
             .map(|(run, json)| {
                 let case = serde_json::from_str(&json).map_err(|err| {
                     self.data(format!("case {case_id} of run {} is corrupt: {err}", run.id))
@@ -738,6 +710,54 @@ impl Store {
                 Ok(HistoryRow { run, case })
             })
             .collect()
+    }
+
+    /// [`Store::case_history`] with each result as its stored JSON, for readers
+    /// that need only some fields. The newest `nights` runs are chosen from the
+    /// `(case_id, run_id)` index before any result text is read.
+    pub fn case_history_json(
+        &mut self,
+        case_id: &str,
+        nights: usize,
+    ) -> Result<Vec<(RunRow, String)>> {
+        let limit = nights.min(i64::MAX as usize) as i64;
+        let e = self.sq("reading case history");
+        let p = self.pg_err("reading case history");
+        match &mut self.conn {
+            Conn::Sqlite(c) => {
+                let run = || -> rusqlite::Result<Vec<(RunRow, String)>> {
+                    let mut st = c.prepare_cached(
+                        "SELECT r.id, r.campaign, r.file, r.run_dir, r.started_ms, r.finished_ms, c.result
+                         FROM (SELECT r2.id AS rid, r2.started_ms AS s, r2.rowid AS o
+                               FROM cases c2 INDEXED BY cases_by_case_run JOIN runs r2 ON r2.id = c2.run_id
+                               WHERE c2.case_id = ?1 ORDER BY r2.started_ms DESC, r2.rowid DESC LIMIT ?2) top
+                         JOIN runs r ON r.id = top.rid
+                         JOIN cases c ON c.run_id = top.rid AND c.case_id = ?1
+                         ORDER BY top.s DESC, top.o DESC",
+                    )?;
+                    let rows = st.query_map(params![case_id, limit], |r| {
+                        Ok((run_row_sq(r, 0)?, r.get(6)?))
+                    })?;
+                    rows.collect()
+                };
+                run().map_err(e)
+            }
+            Conn::Pg(c) => Ok(c
+                .query(
+                    "SELECT r.id, r.campaign, r.file, r.run_dir, r.started_ms, r.finished_ms, c.result
+                     FROM (SELECT r2.id AS rid, r2.started_ms AS s, r2.seq AS o
+                           FROM cases c2 JOIN runs r2 ON r2.id = c2.run_id
+                           WHERE c2.case_id = $1 ORDER BY r2.started_ms DESC, r2.seq DESC LIMIT $2) top
+                     JOIN runs r ON r.id = top.rid
+                     JOIN cases c ON c.run_id = top.rid AND c.case_id = $1
+                     ORDER BY top.s DESC, top.o DESC",
+                    &[&case_id, &limit],
+                )
+                .map_err(p)?
+                .iter()
+                .map(|r| (run_row_pg(r, 0), r.get(6)))
+                .collect()),
+        }
     }
 
     /// Runs newest first (`limit` of them from `offset`, optionally of one

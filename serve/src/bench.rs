@@ -45,7 +45,8 @@ impl Default for BenchOptions {
 /// small metrics (a few samples each) and the sample's outcomes varying by night.
 pub fn night(k: usize, n: usize) -> Run {
     let mut run = sample_run(k as u64 + 1);
-    run.id = format!("bench-{k:05}");
+    // Unique per process: a PostgreSQL store may already hold an earlier bench.
+    run.id = format!("bench-{}-{k:05}", std::process::id());
     run.started_ms = 1_700_000_000_000 + k as u64 * 86_400_000;
     run.finished_ms = run.started_ms + 3_600_000;
     let base = run.cases.clone();

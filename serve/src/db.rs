@@ -63,3 +63,14 @@ impl Db {
             .map_err(|e| ServeError::Task(e.to_string()))?
     }
 }
+
+impl Drop for Db {
+    /// The PostgreSQL client blocks on its own runtime when dropped, which
+    /// panics on a tokio worker: drop the connections on a plain thread then.
+    fn drop(&mut self) {
+        let conns = std::mem::take(&mut self.conns);
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let _ = std::thread::spawn(move || drop(conns)).join();
+        }
+    }
+}

@@ -71,21 +71,41 @@ pub fn case_history(
     case_id: &str,
     nights: usize,
 ) -> Result<CaseHistory, StoreError> {
-    let rows = store.case_history(case_id, nights)?;
-    let nights_v: Vec<Night> = rows
-        .into_iter()
-        .map(|r| Night {
-            run_id: r.run.id,
-            campaign: r.run.campaign,
-            started_ms: r.run.started_ms,
-            outcome: r.case.outcome,
-            host: r.case.host,
-            duration_ms: r.case.duration_ms,
-            attempts: r.case.attempts.len(),
-            message: r.case.message,
-            artifacts: r.case.artifacts,
-        })
-        .collect();
+    // Only the fields a history shows are parsed (the metrics, the bulk of a
+    // stored case, are skipped).
+    #[derive(serde::Deserialize)]
+    struct Brief {
+        outcome: Outcome,
+        #[serde(default)]
+        host: String,
+        #[serde(default)]
+        duration_ms: u64,
+        #[serde(default)]
+        attempts: Vec<serde::de::IgnoredAny>,
+        #[serde(default)]
+        message: String,
+        #[serde(default)]
+        artifacts: Vec<Artifact>,
+    }
+    let rows = store.case_history_json(case_id, nights)?;
+    let mut nights_v = Vec::with_capacity(rows.len());
+    for (run, json) in rows {
+        let b: Brief = serde_json::from_str(&json).map_err(|e| StoreError::Data {
+            db: "results store".into(),
+            what: format!("case {case_id} of run {} is corrupt: {e}", run.id),
+        })?;
+        nights_v.push(Night {
+            run_id: run.id,
+            campaign: run.campaign,
+            started_ms: run.started_ms,
+            outcome: b.outcome,
+            host: b.host,
+            duration_ms: b.duration_ms,
+            attempts: b.attempts.len(),
+            message: b.message,
+            artifacts: b.artifacts,
+        });
+    }
     Ok(summarize(case_id, nights, nights_v))
 }
 
