@@ -705,7 +705,10 @@ impl Store {
             .into_iter()
             .map(|(run, json)| {
                 let case = serde_json::from_str(&json).map_err(|err| {
-                    self.data(format!("case {case_id} of run {} is corrupt: {err}", run.id))
+                    self.data(format!(
+                        "case {case_id} of run {} is corrupt: {err}",
+                        run.id
+                    ))
                 })?;
                 Ok(HistoryRow { run, case })
             })
@@ -887,7 +890,8 @@ impl Store {
                         "INSERT INTO cases (run_id, case_id, outcome, result) VALUES ($1, $2, $3, $4)
                          ON CONFLICT (run_id, case_id) DO UPDATE SET outcome = EXCLUDED.outcome, result = EXCLUDED.result",
                     )?;
-                    let del = tx.prepare("DELETE FROM samples WHERE run_id = $1 AND case_id = $2")?;
+                    let del =
+                        tx.prepare("DELETE FROM samples WHERE run_id = $1 AND case_id = $2")?;
                     for (c, json, kinds) in &rows {
                         tx.execute(&ins, &[&run_id, &c.id, &c.outcome.as_str(), json])?;
                         tx.execute(&del, &[&run_id, &c.id])?;

@@ -597,7 +597,10 @@ fn cases_section(h: &mut String, run: &Run, opts: &HtmlOptions) {
                 r#"<a href="{}">{}</a>"#,
                 esc(&format!(
                     "{base}{}",
-                    percent_encoding::utf8_percent_encode(&c.id, percent_encoding::NON_ALPHANUMERIC)
+                    percent_encoding::utf8_percent_encode(
+                        &c.id,
+                        percent_encoding::NON_ALPHANUMERIC
+                    )
                 )),
                 esc(&c.id)
             ),

@@ -132,8 +132,7 @@ pub fn rebin_groups_log10(groups: &[(String, &MergedLatency)], n: usize) -> Opti
             )
         })
         .collect();
-    let refs: Vec<(String, &MergedLatency)> =
-        logged.iter().map(|(k, v)| (k.clone(), v)).collect();
+    let refs: Vec<(String, &MergedLatency)> = logged.iter().map(|(k, v)| (k.clone(), v)).collect();
     rebin_all(&refs, n)
 }
 

@@ -319,7 +319,15 @@ pub fn histogram(
     overflow: bool,
     markers: &[Marker],
 ) -> String {
-    histogram_scaled(title, x_label, edges, groups, overflow, markers, XScale::Linear)
+    histogram_scaled(
+        title,
+        x_label,
+        edges,
+        groups,
+        overflow,
+        markers,
+        XScale::Linear,
+    )
 }
 
 /// [`histogram`] on a logarithmic x axis: `edges` are log10 of the values

@@ -114,9 +114,7 @@ pub async fn submit(st: &AppState, user: &str, text: String) -> crate::Result<i6
     let c = hilrig_campaigns::format::parse(&text, std::path::Path::new("submitted.toml"), &hosts)
         .map_err(|e| ServeError::BadRequest(e.to_string()))?;
     let user = user.to_string();
-    st.db
-        .with(move |s| s.enqueue(&c.name, &text, &user))
-        .await
+    st.db.with(move |s| s.enqueue(&c.name, &text, &user)).await
 }
 
 /// Cancel queue entry `id`; returns its new state.

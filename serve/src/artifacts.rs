@@ -70,7 +70,8 @@ pub fn check(rel: &str) -> Result<Vec<&str>, ArtifactError> {
 }
 
 fn open_at(dir: libc::c_int, name: &str, flags: libc::c_int) -> std::io::Result<OwnedFd> {
-    let c = CString::new(name).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let c =
+        CString::new(name).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
     // SAFETY: `c` is a valid NUL-terminated string and `dir` an open descriptor
     // (or AT_FDCWD); the returned descriptor is owned below.
     let fd = unsafe { libc::openat(dir, c.as_ptr(), flags | libc::O_CLOEXEC | libc::O_NOFOLLOW) };
@@ -168,6 +169,9 @@ mod tests {
             assert!(check(bad).is_err(), "{bad:?}");
         }
         assert_eq!(check("cases/x/console.txt").unwrap().len(), 3);
-        assert!(check("..hidden").is_ok(), "a name starting with dots is a name");
+        assert!(
+            check("..hidden").is_ok(),
+            "a name starting with dots is a name"
+        );
     }
 }

@@ -125,12 +125,16 @@ async fn timed(addr: std::net::SocketAddr, path: &str, n: usize) -> Result<f64, 
     let _ = get(addr, path).await;
     for _ in 0..n {
         let s = Instant::now();
-        let (st, _) = get(addr, path).await.map_err(|source| crate::ServeError::Io {
-            what: format!("GET {path}"),
-            source,
-        })?;
+        let (st, _) = get(addr, path)
+            .await
+            .map_err(|source| crate::ServeError::Io {
+                what: format!("GET {path}"),
+                source,
+            })?;
         if st != 200 {
-            return Err(crate::ServeError::BadRequest(format!("GET {path}: HTTP {st}")));
+            return Err(crate::ServeError::BadRequest(format!(
+                "GET {path}: HTTP {st}"
+            )));
         }
         t.push(s.elapsed().as_secs_f64() * 1000.0);
     }
@@ -139,7 +143,12 @@ async fn timed(addr: std::net::SocketAddr, path: &str, n: usize) -> Result<f64, 
 
 /// Open-loop load: a request every 1/rate s, each on its own connection;
 /// latency from its scheduled time. Returns (achieved req/s, p50, p99 ms, errors).
-async fn load(addr: std::net::SocketAddr, path: &str, rate: f64, time: Duration) -> (f64, f64, f64, usize) {
+async fn load(
+    addr: std::net::SocketAddr,
+    path: &str,
+    rate: f64,
+    time: Duration,
+) -> (f64, f64, f64, usize) {
     let n = (rate * time.as_secs_f64()) as usize;
     let start = tokio::time::Instant::now();
     let mut set = tokio::task::JoinSet::new();
@@ -149,7 +158,10 @@ async fn load(addr: std::net::SocketAddr, path: &str, rate: f64, time: Duration)
         set.spawn(async move {
             tokio::time::sleep_until(at).await;
             let r = get(addr, &p).await;
-            (r.map(|x| x.0 == 200).unwrap_or(false), at.elapsed().as_secs_f64() * 1000.0)
+            (
+                r.map(|x| x.0 == 200).unwrap_or(false),
+                at.elapsed().as_secs_f64() * 1000.0,
+            )
         });
     }
     let mut lat = vec![];
@@ -161,10 +173,20 @@ async fn load(addr: std::net::SocketAddr, path: &str, rate: f64, time: Duration)
         }
     }
     let wall = start.elapsed().as_secs_f64();
-    (n as f64 / wall, pct(lat.clone(), 0.5), pct(lat, 0.99), errors)
+    (
+        n as f64 / wall,
+        pct(lat.clone(), 0.5),
+        pct(lat, 0.99),
+        errors,
+    )
 }
 
-fn measure(spec: &str, label: &str, o: &BenchOptions, figures: &mut Vec<Figure>) -> Result<(), crate::ServeError> {
+fn measure(
+    spec: &str,
+    label: &str,
+    o: &BenchOptions,
+    figures: &mut Vec<Figure>,
+) -> Result<(), crate::ServeError> {
     let t0 = Instant::now();
     let case = fill(spec, o)?;
     eprintln!(
@@ -177,20 +199,31 @@ fn measure(spec: &str, label: &str, o: &BenchOptions, figures: &mut Vec<Figure>)
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(|source| crate::ServeError::Io { what: "runtime".into(), source })?;
+        .map_err(|source| crate::ServeError::Io {
+            what: "runtime".into(),
+            source,
+        })?;
     rt.block_on(async {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
-            .map_err(|source| crate::ServeError::Io { what: "bind".into(), source })?;
-        let addr = l
-            .local_addr()
-            .map_err(|source| crate::ServeError::Io { what: "addr".into(), source })?;
+            .map_err(|source| crate::ServeError::Io {
+                what: "bind".into(),
+                source,
+            })?;
+        let addr = l.local_addr().map_err(|source| crate::ServeError::Io {
+            what: "addr".into(),
+            source,
+        })?;
         tokio::spawn(crate::server::serve(l, AppState::new(db)));
         let hist = format!("/history?case={}", crate::pages::enc(&case));
         let api = format!("/api/history?case={}", crate::pages::enc(&case));
         let floor = timed(addr, "/static/live.js", o.page_requests).await?;
         let b = figures.len();
-        figures.push(Figure::new(format!("{label}: static response round trip (baseline)"), floor, "ms"));
+        figures.push(Figure::new(
+            format!("{label}: static response round trip (baseline)"),
+            floor,
+            "ms",
+        ));
         let idx = timed(addr, "/", o.page_requests).await?;
         figures.push(
             Figure::new(format!("{label}: runs index page, median"), idx, "ms")
@@ -199,27 +232,59 @@ fn measure(spec: &str, label: &str, o: &BenchOptions, figures: &mut Vec<Figure>)
         );
         let h = timed(addr, &hist, o.page_requests).await?;
         figures.push(
-            Figure::new(format!("{label}: case history page (30 nights), median"), h, "ms")
-                .vs(b)
-                .target("< 100 ms"),
+            Figure::new(
+                format!("{label}: case history page (30 nights), median"),
+                h,
+                "ms",
+            )
+            .vs(b)
+            .target("< 100 ms"),
         );
-        let h1000 = timed(addr, &format!("{hist}&nights=1000"), o.page_requests.min(10)).await?;
+        let h1000 = timed(
+            addr,
+            &format!("{hist}&nights=1000"),
+            o.page_requests.min(10),
+        )
+        .await?;
         figures.push(
-            Figure::new(format!("{label}: case history page (1000 nights), median"), h1000, "ms")
-                .vs(b),
+            Figure::new(
+                format!("{label}: case history page (1000 nights), median"),
+                h1000,
+                "ms",
+            )
+            .vs(b),
         );
         let (got, p50, p99, errors) = load(addr, &api, o.rate, o.load_time).await;
         figures.push(
-            Figure::new(format!("{label}: API case history, achieved rate"), got, "req/s")
-                .target(format!("{} req/s", o.rate)),
+            Figure::new(
+                format!("{label}: API case history, achieved rate"),
+                got,
+                "req/s",
+            )
+            .target(format!("{} req/s", o.rate)),
         );
-        figures.push(Figure::new(format!("{label}: API case history p50 at that rate"), p50, "ms").vs(b));
         figures.push(
-            Figure::new(format!("{label}: API case history p99 at that rate"), p99, "ms")
-                .vs(b)
-                .target("< 50 ms"),
+            Figure::new(
+                format!("{label}: API case history p50 at that rate"),
+                p50,
+                "ms",
+            )
+            .vs(b),
         );
-        figures.push(Figure::new(format!("{label}: API requests failed"), errors as f64, "req"));
+        figures.push(
+            Figure::new(
+                format!("{label}: API case history p99 at that rate"),
+                p99,
+                "ms",
+            )
+            .vs(b)
+            .target("< 50 ms"),
+        );
+        figures.push(Figure::new(
+            format!("{label}: API requests failed"),
+            errors as f64,
+            "req",
+        ));
         Ok::<(), crate::ServeError>(())
     })
 }

@@ -250,7 +250,9 @@ pub fn runs(cmd: RunsCmd) -> Result<ExitCode> {
                 let summary = hilrig_reports::RunSummary::of(&r, None);
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(&serde_json::json!({"summary": summary, "run": r}))?
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({"summary": summary, "run": r})
+                    )?
                 );
             } else {
                 println!("{} {} ({} cases)", r.campaign, r.id, r.cases.len());
@@ -266,8 +268,17 @@ pub fn runs(cmd: RunsCmd) -> Result<ExitCode> {
             if cmd.json {
                 println!("{}", serde_json::to_string_pretty(&h)?);
             } else {
-                let strip: String = h.nights.iter().rev().map(|n| outcome_letter(n.outcome)).collect();
-                println!("{} over {} nights (oldest → newest): {strip}", h.case_id, h.nights.len());
+                let strip: String = h
+                    .nights
+                    .iter()
+                    .rev()
+                    .map(|n| outcome_letter(n.outcome))
+                    .collect();
+                println!(
+                    "{} over {} nights (oldest → newest): {strip}",
+                    h.case_id,
+                    h.nights.len()
+                );
                 println!(
                     "flake rate {:.1} %, failure rate {:.1} %",
                     h.flake_rate * 100.0,
@@ -278,7 +289,9 @@ pub fn runs(cmd: RunsCmd) -> Result<ExitCode> {
                         "failing since {} ({}); last good: {}",
                         c.first_bad.run_id,
                         crate::pages::ts(c.first_bad.started_ms),
-                        c.last_good.as_ref().map_or("none shown".into(), |g| g.run_id.clone())
+                        c.last_good
+                            .as_ref()
+                            .map_or("none shown".into(), |g| g.run_id.clone())
                     );
                 }
                 for n in &h.nights {

@@ -46,9 +46,7 @@ impl Db {
                 return f(&mut s).map_err(ServeError::from);
             }
         }
-        let mut s = self.conns[start]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut s = self.conns[start].lock().unwrap_or_else(|p| p.into_inner());
         f(&mut s).map_err(ServeError::from)
     }
 

@@ -202,7 +202,11 @@ pub fn live_run(run: &Run) -> String {
         r#"<h1>{c} — <span class="id">{id}</span></h1><p id="live-status" class="bad" data-events="{ev}">running since {st}: <span id="done">{n}</span> cases finished</p><table class="grid" id="live-cases"><tr><th>Outcome</th><th>Case</th><th>Host</th><th>Time</th><th>Message</th></tr>"#,
         c = esc(&run.campaign),
         id = esc(&run.id),
-        ev = esc(&format!("{}/events?seen={}", run_href(&run.id), run.cases.len())),
+        ev = esc(&format!(
+            "{}/events?seen={}",
+            run_href(&run.id),
+            run.cases.len()
+        )),
         st = ts(run.started_ms),
         n = run.cases.len()
     );
@@ -219,7 +223,11 @@ pub fn live_run(run: &Run) -> String {
         );
     }
     b.push_str("</table>");
-    layout(&format!("{} (running)", run.id), &b, Some("/static/live.js"))
+    layout(
+        &format!("{} (running)", run.id),
+        &b,
+        Some("/static/live.js"),
+    )
 }
 
 /// The script of a live run page (served as `/static/live.js`).
@@ -332,7 +340,14 @@ pub fn trends(campaign: &str, runs: &[Run]) -> String {
         .map(|(i, s)| {
             let ran = s.counts.total.saturating_sub(s.counts.skipped);
             let ok = s.counts.pass + s.counts.flaky;
-            (x(i), if ran == 0 { f64::NAN } else { 100.0 * ok as f64 / ran as f64 })
+            (
+                x(i),
+                if ran == 0 {
+                    f64::NAN
+                } else {
+                    100.0 * ok as f64 / ran as f64
+                },
+            )
         })
         .collect();
     b.push_str(&svg::line_chart(
@@ -426,11 +441,7 @@ pub fn hosts(list: &[HostView], runs_looked: usize) -> String {
         r#"<h1>Hosts</h1><p class="muted">From the last {runs_looked} runs in the store.</p><table class="grid"><tr><th>Host</th><th>Attempts</th><th>INFRA</th><th>Lease holder</th></tr>"#
     );
     for h in list {
-        let infra = h
-            .attempts
-            .iter()
-            .filter(|a| a.2 == Outcome::Infra)
-            .count();
+        let infra = h.attempts.iter().filter(|a| a.2 == Outcome::Infra).count();
         let lease = match &h.lease {
             Some((holder, true, _)) => esc(holder),
             Some((_, false, _)) => "free".into(),
@@ -468,9 +479,15 @@ pub fn host(h: &HostView, runs_looked: usize) -> String {
             );
         }
         (None, Some(n)) => {
-            let _ = write!(b, r#"<p><b>Lease:</b> <span class="muted">{}</span></p>"#, esc(n));
+            let _ = write!(
+                b,
+                r#"<p><b>Lease:</b> <span class="muted">{}</span></p>"#,
+                esc(n)
+            );
         }
-        (None, None) => b.push_str(r#"<p><b>Lease:</b> <span class="muted">never leased</span></p>"#),
+        (None, None) => {
+            b.push_str(r#"<p><b>Lease:</b> <span class="muted">never leased</span></p>"#)
+        }
     }
     match &h.console {
         Some((run, path, lines)) => {
@@ -482,9 +499,15 @@ pub fn host(h: &HostView, runs_looked: usize) -> String {
                 esc(&lines.join("\n"))
             );
         }
-        None => b.push_str(r#"<h2>Last console lines</h2><p class="muted">no non-empty console artifact</p>"#),
+        None => b.push_str(
+            r#"<h2>Last console lines</h2><p class="muted">no non-empty console artifact</p>"#,
+        ),
     }
-    let infra: Vec<_> = h.attempts.iter().filter(|a| a.2 == Outcome::Infra).collect();
+    let infra: Vec<_> = h
+        .attempts
+        .iter()
+        .filter(|a| a.2 == Outcome::Infra)
+        .collect();
     let _ = write!(
         b,
         r#"<h2>INFRA history ({} of {} attempts in the last {runs_looked} runs)</h2>"#,

@@ -89,7 +89,10 @@ pub fn html(body: String) -> Response {
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
     r
 }
 
@@ -146,7 +149,10 @@ pub fn regressions(
         else {
             continue;
         };
-        let before = by_run.get(prev.run.id.as_str()).cloned().unwrap_or_default();
+        let before = by_run
+            .get(prev.run.id.as_str())
+            .cloned()
+            .unwrap_or_default();
         let now = by_run.get(r.run.id.as_str()).cloned().unwrap_or_default();
         let new: Vec<String> = now
             .into_iter()
@@ -238,10 +244,7 @@ async fn live_step(mut l: Live) -> Option<(Vec<Event>, Live)> {
     }
     l.first = false;
     let id = l.id.clone();
-    let got = l
-        .db
-        .with(move |s| Ok((s.run(&id)?, s.cases(&id)?)))
-        .await;
+    let got = l.db.with(move |s| Ok((s.run(&id)?, s.cases(&id)?))).await;
     let (row, cases) = match got {
         Ok(v) => v,
         Err(e) => {

@@ -204,7 +204,12 @@ async fn post_once(url: &str, body: &[u8], sig: &str, timeout: Duration) -> Resu
 
 /// POST `body` to `url`, signed, until a 2xx answer or the attempts run out.
 /// Returns the attempts used.
-pub async fn deliver(url: &str, secret: &str, body: &[u8], retry: Retry) -> Result<u32, WebhookError> {
+pub async fn deliver(
+    url: &str,
+    secret: &str,
+    body: &[u8],
+    retry: Retry,
+) -> Result<u32, WebhookError> {
     parse_url(url)?;
     let sig = sign(secret, body);
     let mut wait = retry.first;
@@ -270,10 +275,22 @@ mod tests {
         assert!(!verify("k", b"body", "sha256=zz"));
         assert_eq!(
             parse_url("http://127.0.0.1:8080/hook").unwrap(),
-            ("127.0.0.1:8080".into(), "127.0.0.1".into(), 8080, "/hook".into())
+            (
+                "127.0.0.1:8080".into(),
+                "127.0.0.1".into(),
+                8080,
+                "/hook".into()
+            )
         );
         assert_eq!(parse_url("http://lab/").unwrap().2, 80);
-        for bad in ["https://x/", "ftp://x", "http://", "http://u:p@x/", "http://x:99999/", "http://x/a b"] {
+        for bad in [
+            "https://x/",
+            "ftp://x",
+            "http://",
+            "http://u:p@x/",
+            "http://x:99999/",
+            "http://x/a b",
+        ] {
             assert!(parse_url(bad).is_err(), "{bad}");
         }
     }

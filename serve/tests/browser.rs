@@ -122,7 +122,12 @@ fn a_failing_case_is_three_clicks_away_and_live_runs_update() {
         c.goto(&format!("{base}/")).await.unwrap();
         shot(&c, "index.png").await;
         // Click 1: the newest run.
-        c.find(Locator::Css("#runs td.id a")).await.unwrap().click().await.unwrap();
+        c.find(Locator::Css("#runs td.id a"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
         let newest = runs.last().unwrap();
         until("the run page", || async {
             c.current_url().await.unwrap().path().starts_with("/runs/")
@@ -131,7 +136,12 @@ fn a_failing_case_is_three_clicks_away_and_live_runs_update() {
         assert!(c.source().await.unwrap().contains(&newest.id));
         shot(&c, "run.png").await;
         // Click 2: a failing case's history.
-        c.find(Locator::Css("tr.o-fail td.case a")).await.unwrap().click().await.unwrap();
+        c.find(Locator::Css("tr.o-fail td.case a"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
         until("the history page", || async {
             c.current_url().await.unwrap().path() == "/history"
         })
@@ -140,12 +150,25 @@ fn a_failing_case_is_three_clicks_away_and_live_runs_update() {
         assert_eq!(strip.find_all(Locator::Css("a")).await.unwrap().len(), 4);
         shot(&c, "history.png").await;
         // Click 3: its console log.
-        c.find(Locator::Css("#nights a[title=console]")).await.unwrap().click().await.unwrap();
+        c.find(Locator::Css("#nights a[title=console]"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
         until("the console log", || async {
-            c.source().await.map(|s| s.contains("console of")).unwrap_or(false)
+            c.source()
+                .await
+                .map(|s| s.contains("console of"))
+                .unwrap_or(false)
         })
         .await;
-        assert!(c.current_url().await.unwrap().path().contains("/artifacts/"));
+        assert!(c
+            .current_url()
+            .await
+            .unwrap()
+            .path()
+            .contains("/artifacts/"));
         shot(&c, "console.png").await;
 
         // A running run: its page grows without a reload.
@@ -165,23 +188,37 @@ fn a_failing_case_is_three_clicks_away_and_live_runs_update() {
         .unwrap();
         st.put_case("live-run", &live.cases[0]).unwrap();
         c.goto(&format!("{base}/runs/live-run")).await.unwrap();
-        c.execute("window.__noReload = 42; return 1;", vec![]).await.unwrap();
+        c.execute("window.__noReload = 42; return 1;", vec![])
+            .await
+            .unwrap();
         shot(&c, "live-before.png").await;
         st.put_case("live-run", &live.cases[1]).unwrap();
         st.put_case("live-run", &live.cases[2]).unwrap();
         until("three live rows", || async {
-            c.find(Locator::Id("done")).await.unwrap().text().await.unwrap() == "3"
+            c.find(Locator::Id("done"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+                == "3"
         })
         .await;
         let rows = c.find_all(Locator::Css("#live-cases tr")).await.unwrap();
         assert_eq!(rows.len(), 4, "header + 3 cases");
-        let kept = c.execute("return window.__noReload;", vec![]).await.unwrap();
+        let kept = c
+            .execute("return window.__noReload;", vec![])
+            .await
+            .unwrap();
         assert_eq!(kept, serde_json::json!(42), "no reload while live");
         shot(&c, "live-after.png").await;
         // The end: the page turns into the report.
         st.finish_run("live-run", live.started_ms + 60_000).unwrap();
         until("the finished report", || async {
-            c.source().await.map(|s| s.contains(r#"id="summary""#)).unwrap_or(false)
+            c.source()
+                .await
+                .map(|s| s.contains(r#"id="summary""#))
+                .unwrap_or(false)
         })
         .await;
         shot(&c, "live-finished.png").await;

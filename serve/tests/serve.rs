@@ -17,13 +17,24 @@ fn index_run_history_trends_and_hosts_pages_render() {
     for r in &runs {
         assert!(idx.body.contains(&r.id), "index lists {}", r.id);
     }
-    assert!(idx.header("content-security-policy").unwrap().contains("script-src 'self'"));
+    assert!(idx
+        .header("content-security-policy")
+        .unwrap()
+        .contains("script-src 'self'"));
     let newest = runs.last().unwrap();
     let page = get(s.addr, &format!("/runs/{}", enc(&newest.id)));
     assert_eq!(page.status, 200);
-    assert!(page.body.contains("Compared with the previous run"), "diffed");
-    assert!(page.body.contains("/history?case="), "cases link to their history");
-    assert!(page.body.contains(&format!("/runs/{}/artifacts/", enc(&newest.id))));
+    assert!(
+        page.body.contains("Compared with the previous run"),
+        "diffed"
+    );
+    assert!(
+        page.body.contains("/history?case="),
+        "cases link to their history"
+    );
+    assert!(page
+        .body
+        .contains(&format!("/runs/{}/artifacts/", enc(&newest.id))));
     let case = &newest.cases[0].id;
     let h = get(s.addr, &format!("/history?case={}", enc(case)));
     assert_eq!(h.status, 200, "{}", h.body);
@@ -57,12 +68,14 @@ fn the_api_and_the_page_give_the_same_history_as_the_function() {
         .unwrap()
         .id
         .clone();
-    let want = s
-        .db
-        .blocking(|st| hilrig_serve::case_history(st, &case, 3))
-        .unwrap();
+    let want =
+        s.db.blocking(|st| hilrig_serve::case_history(st, &case, 3))
+            .unwrap();
     assert_eq!(want.nights.len(), 3);
-    let api = get(s.addr, &format!("/api/history?case={}&nights=3", enc(&case)));
+    let api = get(
+        s.addr,
+        &format!("/api/history?case={}&nights=3", enc(&case)),
+    );
     assert_eq!(api.status, 200, "{}", api.body);
     let got: serde_json::Value = serde_json::from_str(&api.body).unwrap();
     assert_eq!(got, serde_json::to_value(&want).unwrap());
@@ -70,13 +83,25 @@ fn the_api_and_the_page_give_the_same_history_as_the_function() {
     let mut at = 0;
     for n in &want.nights {
         let i = page.body[at..].find(&format!(">{}</a></td><td>", n.run_id));
-        assert!(i.is_some(), "page has {} after the previous night", n.run_id);
+        assert!(
+            i.is_some(),
+            "page has {} after the previous night",
+            n.run_id
+        );
         at += i.unwrap();
     }
     // The OpenAPI document is served and names every route.
     let doc = get(s.addr, "/api/openapi.json");
     let v: serde_json::Value = serde_json::from_str(&doc.body).unwrap();
-    for p in ["/api/runs", "/api/runs/{id}", "/api/history", "/api/queue", "/api/campaigns", "/api/queue/{id}/cancel", "/api/webhooks"] {
+    for p in [
+        "/api/runs",
+        "/api/runs/{id}",
+        "/api/history",
+        "/api/queue",
+        "/api/campaigns",
+        "/api/queue/{id}/cancel",
+        "/api/webhooks",
+    ] {
         assert!(v["paths"].get(p).is_some(), "{p}");
     }
     let list = get(s.addr, "/api/runs?limit=2");
@@ -99,12 +124,20 @@ fn artifacts_cannot_leave_the_run_directory() {
     std::fs::write(&secret, "TOP SECRET").unwrap();
     std::os::unix::fs::symlink(&secret, run_dir.join("link.txt")).unwrap();
     std::os::unix::fs::symlink(t.path(), run_dir.join("up")).unwrap();
-    let a = &run.cases.iter().find(|c| !c.artifacts.is_empty()).unwrap().artifacts[0];
+    let a = &run
+        .cases
+        .iter()
+        .find(|c| !c.artifacts.is_empty())
+        .unwrap()
+        .artifacts[0];
     let base = format!("/runs/{}/artifacts", enc(&run.id));
     let ok = get(s.addr, &format!("{base}/{}", a.path));
     assert_eq!(ok.status, 200, "{}", ok.body);
     assert!(ok.body.contains("last line"));
-    assert_eq!(ok.header("x-content-type-options").as_deref(), Some("nosniff"));
+    assert_eq!(
+        ok.header("x-content-type-options").as_deref(),
+        Some("nosniff")
+    );
     for evil in [
         "../secret.txt",
         "..%2fsecret.txt",
@@ -130,7 +163,10 @@ fn artifacts_cannot_leave_the_run_directory() {
     // The opener on its own, too.
     assert!(hilrig_serve::artifacts::open(&run_dir, "link.txt").is_err());
     assert!(hilrig_serve::artifacts::open(&run_dir, "up/secret.txt").is_err());
-    assert!(hilrig_serve::artifacts::open(&run_dir, "cases").is_err(), "a directory");
+    assert!(
+        hilrig_serve::artifacts::open(&run_dir, "cases").is_err(),
+        "a directory"
+    );
 }
 
 fn token(s: &Server, name: &str) -> String {
@@ -150,7 +186,13 @@ fn writes_need_a_token_and_forms_need_this_origin() {
     let ct = "Content-Type: application/json";
     let r = req(s.addr, "POST", "/api/campaigns", &[ct], &body);
     assert_eq!(r.status, 401, "{}", r.body);
-    let r = req(s.addr, "POST", "/api/campaigns", &[ct, "Authorization: Bearer hlr_00"], &body);
+    let r = req(
+        s.addr,
+        "POST",
+        "/api/campaigns",
+        &[ct, "Authorization: Bearer hlr_00"],
+        &body,
+    );
     assert_eq!(r.status, 401);
     let auth = format!("Authorization: Bearer {tok}");
     let r = req(s.addr, "POST", "/api/campaigns", &[ct, &auth], &body);
@@ -165,14 +207,24 @@ fn writes_need_a_token_and_forms_need_this_origin() {
     // The token is stored hashed only.
     let conn = rusqlite::Connection::open(&db).unwrap();
     let stored: String = conn
-        .query_row("SELECT token_sha256 FROM lab_tokens WHERE name = 'alice'", [], |r| r.get(0))
+        .query_row(
+            "SELECT token_sha256 FROM lab_tokens WHERE name = 'alice'",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
     assert_ne!(stored, tok);
     assert_eq!(stored, hilrig_serve::auth::token_hash(&tok));
     // Forms: the token in the body and the Origin of this server.
     let form = format!("campaign={}&token={}", enc(CAMPAIGN), enc(&tok));
     let fct = "Content-Type: application/x-www-form-urlencoded";
-    let r = req(s.addr, "POST", "/queue", &[fct, "Origin: http://evil.example"], &form);
+    let r = req(
+        s.addr,
+        "POST",
+        "/queue",
+        &[fct, "Origin: http://evil.example"],
+        &form,
+    );
     assert_eq!(r.status, 403, "cross-site form post: {}", r.body);
     let r = req(s.addr, "POST", "/queue", &[fct], &form);
     assert_eq!(r.status, 403, "no Origin or Referer");
@@ -185,10 +237,22 @@ fn writes_need_a_token_and_forms_need_this_origin() {
     // Cancel: token needed.
     let r = req(s.addr, "POST", &format!("/api/queue/{id}/cancel"), &[], "");
     assert_eq!(r.status, 401);
-    let r = req(s.addr, "POST", &format!("/api/queue/{id}/cancel"), &[&auth], "");
+    let r = req(
+        s.addr,
+        "POST",
+        &format!("/api/queue/{id}/cancel"),
+        &[&auth],
+        "",
+    );
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(r.body.contains("cancelled"));
-    let r = req(s.addr, "POST", &format!("/api/queue/{id}/cancel"), &[&auth], "");
+    let r = req(
+        s.addr,
+        "POST",
+        &format!("/api/queue/{id}/cancel"),
+        &[&auth],
+        "",
+    );
     assert_eq!(r.status, 404, "already cancelled");
     let q = get(s.addr, "/api/queue");
     let q: serde_json::Value = serde_json::from_str(&q.body).unwrap();
@@ -206,7 +270,10 @@ fn sql_in_parameters_is_only_data() {
         assert_eq!(r.status, 200);
         let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
         assert_eq!(v["nights"].as_array().unwrap().len(), 0, "{evil}");
-        assert_eq!(get(s.addr, &format!("/?campaign={}", enc(evil))).status, 200);
+        assert_eq!(
+            get(s.addr, &format!("/?campaign={}", enc(evil))).status,
+            200
+        );
         assert_eq!(get(s.addr, &format!("/runs/{}", enc(evil))).status, 404);
     }
     let l: serde_json::Value = serde_json::from_str(&get(s.addr, "/api/runs").body).unwrap();
@@ -225,7 +292,11 @@ fn the_queue_hands_each_campaign_to_one_worker() {
     let mut other = Store::open(Path::new(&db)).unwrap();
     let t1 = st.queue_take("w1").unwrap().unwrap();
     let t2 = other.queue_take("w2").unwrap().unwrap();
-    assert_eq!((t1.id, t2.id), (a, c), "oldest first, the cancelled one skipped");
+    assert_eq!(
+        (t1.id, t2.id),
+        (a, c),
+        "oldest first, the cancelled one skipped"
+    );
     assert!(st.queue_take("w1").unwrap().is_none());
     assert_eq!(
         st.queue_cancel(a).unwrap().as_deref(),
@@ -259,7 +330,12 @@ fn a_store_from_before_the_lab_tables_opens_and_serves() {
     let c = &run.cases[0];
     conn.execute(
         "INSERT INTO cases (run_id, case_id, outcome, result) VALUES (?1, ?2, ?3, ?4)",
-        [&run.id, &c.id, &c.outcome.as_str().to_string(), &serde_json::to_string(c).unwrap()],
+        [
+            &run.id,
+            &c.id,
+            &c.outcome.as_str().to_string(),
+            &serde_json::to_string(c).unwrap(),
+        ],
     )
     .unwrap();
     drop(conn);
@@ -303,7 +379,8 @@ fn a_running_run_streams_its_cases_and_its_end() {
         enc(&run.id)
     )
     .unwrap();
-    sock.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
     let mut r = BufReader::new(sock);
     st.put_case(&run.id, &run.cases[1]).unwrap();
     let mut seen = String::new();
@@ -314,7 +391,10 @@ fn a_running_run_streams_its_cases_and_its_end() {
         seen.push_str(&line);
     }
     assert!(seen.contains("event: case"));
-    assert!(!seen.contains(&format!("\"{}\"", run.cases[0].id)), "seen=1 skips the first");
+    assert!(
+        !seen.contains(&format!("\"{}\"", run.cases[0].id)),
+        "seen=1 skips the first"
+    );
     st.finish_run(&run.id, run.finished_ms).unwrap();
     while !seen.contains("event: end") {
         line.clear();

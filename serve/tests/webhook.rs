@@ -20,7 +20,13 @@ struct Seen {
     got: Vec<(String, Vec<u8>)>,
 }
 
-fn receiver(fail_first: u32) -> (std::net::SocketAddr, Arc<Mutex<Seen>>, tokio::runtime::Runtime) {
+fn receiver(
+    fail_first: u32,
+) -> (
+    std::net::SocketAddr,
+    Arc<Mutex<Seen>>,
+    tokio::runtime::Runtime,
+) {
     use axum::body::Bytes;
     use axum::http::{HeaderMap, StatusCode};
     let seen = Arc::new(Mutex::new(Seen::default()));
@@ -50,7 +56,9 @@ fn receiver(fail_first: u32) -> (std::net::SocketAddr, Arc<Mutex<Seen>>, tokio::
         .enable_all()
         .build()
         .unwrap();
-    let l = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let l = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
     let addr = l.local_addr().unwrap();
     rt.spawn(async move {
         let _ = axum::serve(l, app).await;
@@ -75,7 +83,11 @@ fn a_worker_runs_the_queued_campaign_and_signs_its_webhook() {
     })
     .unwrap();
     let id = st
-        .enqueue("q", "name = \"q\"\n[defaults]\nretries = 0\n[[case]]\nattacks = [\"attack-hang\"]\n", "alice")
+        .enqueue(
+            "q",
+            "name = \"q\"\n[defaults]\nretries = 0\n[[case]]\nattacks = [\"attack-hang\"]\n",
+            "alice",
+        )
         .unwrap();
     drop(st);
     let dbh = hilrig_serve::Db::open(&db, 1).unwrap();
@@ -105,7 +117,10 @@ fn a_worker_runs_the_queued_campaign_and_signs_its_webhook() {
     assert!(!verify("another-secret-value", body, sig));
     let n: Notice = serde_json::from_slice(body).unwrap();
     assert_eq!(n.run_id, run_id);
-    assert_eq!(n.new_failures, vec!["attack-hang/model/tenant@sim".to_string()]);
+    assert_eq!(
+        n.new_failures,
+        vec!["attack-hang/model/tenant@sim".to_string()]
+    );
     // The queue entry knows its run; the queue is empty now.
     let q = dbh.blocking(|s| s.queue_entry(id)).unwrap().unwrap();
     assert_eq!(q.state, "done");

@@ -22,7 +22,8 @@ pub fn fill(dir: &Path, db: &str, n: u64) -> Vec<Run> {
             for a in &c.artifacts {
                 let p = run_dir.join(&a.path);
                 std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-                std::fs::write(&p, format!("console of {} night {seed}\nlast line\n", c.id)).unwrap();
+                std::fs::write(&p, format!("console of {} night {seed}\nlast line\n", c.id))
+                    .unwrap();
             }
         }
         store
@@ -63,7 +64,9 @@ pub fn start(db: &str, poll_ms: u64) -> Server {
         .unwrap();
     let mut st = AppState::new(db.clone());
     st.poll = std::time::Duration::from_millis(poll_ms);
-    let l = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let l = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
     let addr = l.local_addr().unwrap();
     rt.spawn(async move {
         let _ = hilrig_serve::serve(l, st).await;
@@ -111,8 +114,14 @@ pub fn req(addr: SocketAddr, method: &str, path: &str, extra: &[&str], body: &st
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
-    let body = if chunked { dechunk(body) } else { body.to_string() };
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
     Resp {
         status,
         head: head.to_string(),
@@ -123,7 +132,9 @@ pub fn req(addr: SocketAddr, method: &str, path: &str, extra: &[&str], body: &st
 fn dechunk(mut b: &str) -> String {
     let mut out = String::new();
     while let Some((len, rest)) = b.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(len.trim(), 16) else { break };
+        let Ok(n) = usize::from_str_radix(len.trim(), 16) else {
+            break;
+        };
         if n == 0 || rest.len() < n {
             break;
         }
