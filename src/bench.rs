@@ -46,6 +46,10 @@ pub const BENCHES: &[(&str, &str)] = &[
         "campaign scale-out: cases/min of 1 vs 3 runner processes sharing one run on one PostgreSQL",
     ),
     (
+        "serve",
+        "lab service over a generated 1,000 nights x 100 cases store: runs index and case history median, API history p99 at 500 req/s; SQLite and PostgreSQL ($HILRIG_TEST_PG)",
+    ),
+    (
         "vm-exit",
         "hilrig-vmm's MMIO path vs a raw KVM exit loop; exits on an unrestricted page; VM start time",
     ),
@@ -75,6 +79,13 @@ pub fn run(name: &str, seconds: f64) -> Result<Vec<Figure>> {
         }
         "campaign" => bench_campaign()?,
         "lab-scale" => crate::bench_scale::bench_lab_scale()?,
+        "serve" => hilrig_serve::bench::bench_serve(
+            &hilrig_serve::bench::BenchOptions::default(),
+            std::env::var("HILRIG_TEST_PG")
+                .ok()
+                .filter(|s| !s.is_empty())
+                .as_deref(),
+        )?,
         "policy" => hilrig_vmm::bench_policy(budget)?,
         "patch" => hilrig_vmm::bench_lifecycle::bench_patch(budget)?,
         "teardown" => hilrig_vmm::bench_lifecycle::bench_teardown(budget)?,

@@ -73,6 +73,11 @@ enum Cmd {
     },
     /// Render JUnit XML, JSON and HTML reports of a campaign run.
     Report(hilrig_reports::ReportCmd),
+    /// The lab service: runs, case histories, hosts, artifacts, a JSON API, the
+    /// campaign queue (`serve worker`), tokens and webhooks.
+    Serve(hilrig_serve::ServeCmd),
+    /// The results store from the command line: list, show RUN, history CASE.
+    Runs(hilrig_serve::RunsCmd),
     /// Benchmarks: figures with ratios against a baseline measured in the same run.
     Bench {
         /// Benchmark name (see --list).
@@ -313,6 +318,8 @@ fn dispatch(cmd: Cmd) -> Result<std::process::ExitCode> {
             });
         }
         Cmd::Report(r) => return hilrig_reports::run(r),
+        Cmd::Serve(c) => return hilrig_serve::cli::serve(c),
+        Cmd::Runs(c) => return hilrig_serve::cli::runs(c),
         Cmd::Rig { cmd } => return hilrig_rig::run(cmd),
         Cmd::Patch(PatchCmd::Rollout {
             inventory,

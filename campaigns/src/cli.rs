@@ -112,7 +112,8 @@ pub fn print_summary(s: &RunSummary) {
         c.flaky,
         c.skipped,
         s.wall.as_secs_f64(),
-        if mins > 0.0 { c.total as f64 / mins } else { 0.0 }
+        // Cases run now, not those a resumed run had finished before.
+        if mins > 0.0 { s.ran_now as f64 / mins } else { 0.0 }
     );
     for case in &s.run.cases {
         if case.outcome != hilrig_reports::Outcome::Pass {

@@ -100,6 +100,9 @@ pub struct RunSummary {
     pub run: Run,
     /// Wall time of this invocation.
     pub wall: Duration,
+    /// Cases run by this invocation (fewer than `counts.total` on a resume):
+    /// the rate is these over `wall`.
+    pub ran_now: usize,
     /// Hosts that ended the run unhealthy (too many INFRA attempts in a row).
     pub unhealthy_hosts: Vec<String>,
 }
@@ -1038,6 +1041,7 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
     let tty = opts
         .progress
         .unwrap_or_else(|| std::io::stderr().is_terminal());
+    let ran_now = todo.len();
     let progress = Progress::new(todo.len(), tty);
     progress.line(&format!(
         "campaign {} ({}): run {}, {} cases ({} already finished), {} hosts, vmm {}",
@@ -1084,8 +1088,16 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
     ctx.progress.done();
     let unhealthy_hosts = ctx.pool.unhealthy();
     let mut store = ctx.store.lock().unwrap_or_else(|p| p.into_inner());
-    let finished_ms = now_ms();
-    store.finish_run(&row.id, finished_ms)?;
+    // Resuming a run that had finished with nothing left to run keeps its end:
+    // its duration (and the report's) stays the run's, not the time since.
+    let finished_ms = match row.finished_ms {
+        Some(f) if ran_now == 0 => f,
+        _ => {
+            let f = now_ms();
+            store.finish_run(&row.id, f)?;
+            f
+        }
+    };
     // Campaign order, finished earlier (resume) or now.
     let stored = store.cases(&row.id)?;
     let mut cases = Vec::new();
@@ -1115,6 +1127,7 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
         counts,
         run,
         wall: t0.elapsed(),
+        ran_now,
         unhealthy_hosts,
     })
 }

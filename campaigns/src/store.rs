@@ -131,6 +131,9 @@ pub(crate) fn pg_migrate(
     let mut tx = client.transaction()?;
     tx.execute("SELECT pg_advisory_xact_lock(7202617017)", &[])?;
     tx.batch_execute(PG_SCHEMA)?;
+    // The lab service's tables too, under the same lock (runners starting together
+    // on a fresh database would race in CREATE ... IF NOT EXISTS).
+    tx.batch_execute(LAB_PG_SCHEMA)?;
     tx.commit()
 }
 
@@ -217,10 +220,12 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(sq("busy timeout"))?;
         conn.execute_batch(SQLITE_SCHEMA).map_err(sq("schema"))?;
-        Ok(Store {
+        let mut store = Store {
             conn: Conn::Sqlite(conn),
             name: s,
-        })
+        };
+        store.lab_schema()?;
+        Ok(store)
     }
 
     fn open_pg(url: &str) -> Result<Store> {
@@ -237,10 +242,12 @@ impl Store {
             what: "schema".into(),
             source,
         })?;
-        Ok(Store {
+        let mut store = Store {
             conn: Conn::Pg(Box::new(client)),
             name,
-        })
+        };
+        store.lab_schema()?;
+        Ok(store)
     }
 
     /// `sqlite` or `postgresql`.
@@ -565,6 +572,683 @@ impl Store {
         match id {
             Some(id) => self.load_run(&id),
             None => Ok(None),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The lab service's tables and queries (issue 19): additive only. Existing
+// stores gain the tables and the index on open; nothing above changes.
+
+const LAB_SQLITE_SCHEMA: &str = "
+CREATE INDEX IF NOT EXISTS cases_by_case_run ON cases(case_id, run_id);
+CREATE TABLE IF NOT EXISTS lab_queue (
+   id INTEGER PRIMARY KEY AUTOINCREMENT, campaign TEXT NOT NULL, campaign_text TEXT NOT NULL,
+   submitted_by TEXT NOT NULL, submitted_ms INTEGER NOT NULL, state TEXT NOT NULL,
+   run_id TEXT, worker TEXT, message TEXT NOT NULL DEFAULT '');
+CREATE TABLE IF NOT EXISTS lab_tokens (
+   name TEXT PRIMARY KEY, token_sha256 TEXT NOT NULL UNIQUE, created_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS lab_webhooks (
+   campaign TEXT NOT NULL, url TEXT NOT NULL, secret TEXT NOT NULL,
+   PRIMARY KEY (campaign, url));";
+
+const LAB_PG_SCHEMA: &str = "
+CREATE INDEX IF NOT EXISTS cases_by_case_run ON cases(case_id, run_id);
+CREATE TABLE IF NOT EXISTS lab_queue (
+   id BIGSERIAL PRIMARY KEY, campaign TEXT NOT NULL, campaign_text TEXT NOT NULL,
+   submitted_by TEXT NOT NULL, submitted_ms BIGINT NOT NULL, state TEXT NOT NULL,
+   run_id TEXT, worker TEXT, message TEXT NOT NULL DEFAULT '');
+CREATE TABLE IF NOT EXISTS lab_tokens (
+   name TEXT PRIMARY KEY, token_sha256 TEXT NOT NULL UNIQUE, created_ms BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS lab_webhooks (
+   campaign TEXT NOT NULL, url TEXT NOT NULL, secret TEXT NOT NULL,
+   PRIMARY KEY (campaign, url));";
+
+/// One night of a case: the run and the case's result in it.
+#[derive(Debug, Clone)]
+pub struct HistoryRow {
+    /// The run.
+    pub run: RunRow,
+    /// The case's result in that run.
+    pub case: CaseResult,
+}
+
+/// A run with its outcome counts (the runs index).
+#[derive(Debug, Clone)]
+pub struct RunIndexRow {
+    /// The run.
+    pub run: RunRow,
+    /// Finished cases per outcome (`pass`, `fail`, ...).
+    pub counts: std::collections::BTreeMap<String, u64>,
+}
+
+/// A queued campaign.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct QueueRow {
+    /// Queue id.
+    pub id: i64,
+    /// Campaign name.
+    pub campaign: String,
+    /// The campaign file's text.
+    #[serde(skip)]
+    pub campaign_text: String,
+    /// Who submitted it (token name).
+    pub submitted_by: String,
+    /// When, unix ms.
+    pub submitted_ms: u64,
+    /// `queued`, `running`, `cancelled`, `cancel-requested`, `done`, `failed`.
+    pub state: String,
+    /// The run, once a worker started it.
+    pub run_id: Option<String>,
+    /// The worker that took it.
+    pub worker: Option<String>,
+    /// Why it failed, or the run's summary.
+    pub message: String,
+}
+
+/// A webhook of a campaign.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookRow {
+    /// Campaign name.
+    pub campaign: String,
+    /// Where to POST.
+    pub url: String,
+    /// HMAC-SHA256 key of the signature header.
+    pub secret: String,
+}
+
+fn run_row_sq(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<RunRow> {
+    Ok(row_of(
+        r.get(at)?,
+        r.get(at + 1)?,
+        r.get(at + 2)?,
+        r.get(at + 3)?,
+        r.get(at + 4)?,
+        r.get(at + 5)?,
+    ))
+}
+
+fn run_row_pg(r: &postgres::Row, at: usize) -> RunRow {
+    row_of(
+        r.get(at),
+        r.get(at + 1),
+        r.get(at + 2),
+        r.get(at + 3),
+        r.get(at + 4),
+        r.get(at + 5),
+    )
+}
+
+fn queue_sq(r: &rusqlite::Row<'_>) -> rusqlite::Result<QueueRow> {
+    Ok(QueueRow {
+        id: r.get(0)?,
+        campaign: r.get(1)?,
+        campaign_text: r.get(2)?,
+        submitted_by: r.get(3)?,
+        submitted_ms: r.get::<_, i64>(4)?.max(0) as u64,
+        state: r.get(5)?,
+        run_id: r.get(6)?,
+        worker: r.get(7)?,
+        message: r.get(8)?,
+    })
+}
+
+fn queue_pg(r: &postgres::Row) -> QueueRow {
+    QueueRow {
+        id: r.get(0),
+        campaign: r.get(1),
+        campaign_text: r.get(2),
+        submitted_by: r.get(3),
+        submitted_ms: r.get::<_, i64>(4).max(0) as u64,
+        state: r.get(5),
+        run_id: r.get(6),
+        worker: r.get(7),
+        message: r.get(8),
+    }
+}
+
+const QUEUE_COLS: &str =
+    "id, campaign, campaign_text, submitted_by, submitted_ms, state, run_id, worker, message";
+
+fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Store {
+    /// Create the lab service's tables and index if missing (called on open;
+    /// additive, so stores written before them keep working).
+    fn lab_schema(&mut self) -> Result<()> {
+        let e = self.sq("lab schema");
+        let p = self.pg_err("lab schema");
+        match &mut self.conn {
+            Conn::Sqlite(c) => c.execute_batch(LAB_SQLITE_SCHEMA).map_err(e),
+            Conn::Pg(c) => pg_migrate(c).map_err(p),
+        }
+    }
+
+    /// The last `nights` results of `case_id`, newest first, each with its run.
+    pub fn case_history(&mut self, case_id: &str, nights: usize) -> Result<Vec<HistoryRow>> {
+        self.case_history_json(case_id, nights)?
+            .into_iter()
+            .map(|(run, json)| {
+                let case = serde_json::from_str(&json).map_err(|err| {
+                    self.data(format!(
+                        "case {case_id} of run {} is corrupt: {err}",
+                        run.id
+                    ))
+                })?;
+                Ok(HistoryRow { run, case })
+            })
+            .collect()
+    }
+
+    /// [`Store::case_history`] with each result as its stored JSON, for readers
+    /// that need only some fields. The newest `nights` runs are chosen from the
+    /// `(case_id, run_id)` index before any result text is read.
+    pub fn case_history_json(
+        &mut self,
+        case_id: &str,
+        nights: usize,
+    ) -> Result<Vec<(RunRow, String)>> {
+        let limit = nights.min(i64::MAX as usize) as i64;
+        let e = self.sq("reading case history");
+        let p = self.pg_err("reading case history");
+        match &mut self.conn {
+            Conn::Sqlite(c) => {
+                let run = || -> rusqlite::Result<Vec<(RunRow, String)>> {
+                    let mut st = c.prepare_cached(
+                        "SELECT r.id, r.campaign, r.file, r.run_dir, r.started_ms, r.finished_ms, c.result
+                         FROM (SELECT r2.id AS rid, r2.started_ms AS s, r2.rowid AS o
+                               FROM cases c2 INDEXED BY cases_by_case_run JOIN runs r2 ON r2.id = c2.run_id
+                               WHERE c2.case_id = ?1 ORDER BY r2.started_ms DESC, r2.rowid DESC LIMIT ?2) top
+                         JOIN runs r ON r.id = top.rid
+                         JOIN cases c ON c.run_id = top.rid AND c.case_id = ?1
+                         ORDER BY top.s DESC, top.o DESC",
+                    )?;
+                    let rows = st.query_map(params![case_id, limit], |r| {
+                        Ok((run_row_sq(r, 0)?, r.get(6)?))
+                    })?;
+                    rows.collect()
+                };
+                run().map_err(e)
+            }
+            Conn::Pg(c) => Ok(c
+                .query(
+                    "SELECT r.id, r.campaign, r.file, r.run_dir, r.started_ms, r.finished_ms, c.result
+                     FROM (SELECT r2.id AS rid, r2.started_ms AS s, r2.seq AS o
+                           FROM cases c2 JOIN runs r2 ON r2.id = c2.run_id
+                           WHERE c2.case_id = $1 ORDER BY r2.started_ms DESC, r2.seq DESC LIMIT $2) top
+                     JOIN runs r ON r.id = top.rid
+                     JOIN cases c ON c.run_id = top.rid AND c.case_id = $1
+                     ORDER BY top.s DESC, top.o DESC",
+                    &[&case_id, &limit],
+                )
+                .map_err(p)?
+                .iter()
+                .map(|r| (run_row_pg(r, 0), r.get(6)))
+                .collect()),
+        }
+    }
+
+    /// Runs newest first (`limit` of them from `offset`, optionally of one
+    /// campaign) with their outcome counts.
+    pub fn run_index(
+        &mut self,
+        campaign: Option<&str>,
+        limit: usize,
+        offset: usize,
+    ) -> Result<Vec<RunIndexRow>> {
+        let (limit, offset) = (limit.min(1 << 30) as i64, offset.min(1 << 30) as i64);
+        let e = self.sq("reading the runs index");
+        let p = self.pg_err("reading the runs index");
+        let mut out: Vec<RunIndexRow> = vec![];
+        let mut counts: Vec<(String, String, i64)> = vec![];
+        match &mut self.conn {
+            Conn::Sqlite(c) => {
+                let mut run = || -> rusqlite::Result<()> {
+                    let mut st = c.prepare_cached(
+                        "SELECT id, campaign, file, run_dir, started_ms, finished_ms FROM runs
+                         WHERE ?1 IS NULL OR campaign = ?1 ORDER BY started_ms DESC, rowid DESC
+                         LIMIT ?2 OFFSET ?3",
+                    )?;
+                    for r in st.query_map(params![campaign, limit, offset], |r| run_row_sq(r, 0))? {
+                        out.push(RunIndexRow {
+                            run: r?,
+                            counts: Default::default(),
+                        });
+                    }
+                    let mut st = c.prepare_cached(
+                        "SELECT run_id, outcome, COUNT(*) FROM cases WHERE run_id = ?1 GROUP BY run_id, outcome",
+                    )?;
+                    for row in &out {
+                        for r in st.query_map(params![row.run.id], |r| {
+                            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                        })? {
+                            counts.push(r?);
+                        }
+                    }
+                    Ok(())
+                };
+                run().map_err(e)?;
+            }
+            Conn::Pg(c) => {
+                out = c
+                    .query(
+                        "SELECT id, campaign, file, run_dir, started_ms, finished_ms FROM runs
+                         WHERE $1::text IS NULL OR campaign = $1 ORDER BY started_ms DESC, seq DESC
+                         LIMIT $2 OFFSET $3",
+                        &[&campaign, &limit, &offset],
+                    )
+                    .map_err(|x| StoreError::Postgres {
+                        db: self.name.clone(),
+                        what: "reading the runs index".into(),
+                        source: x,
+                    })?
+                    .iter()
+                    .map(|r| RunIndexRow {
+                        run: run_row_pg(r, 0),
+                        counts: Default::default(),
+                    })
+                    .collect();
+                let ids: Vec<String> = out.iter().map(|r| r.run.id.clone()).collect();
+                counts = c
+                    .query(
+                        "SELECT run_id, outcome, COUNT(*) FROM cases WHERE run_id = ANY($1)
+                         GROUP BY run_id, outcome",
+                        &[&ids],
+                    )
+                    .map_err(p)?
+                    .iter()
+                    .map(|r| (r.get(0), r.get(1), r.get(2)))
+                    .collect();
+            }
+        }
+        for (run_id, outcome, n) in counts {
+            if let Some(row) = out.iter_mut().find(|r| r.run.id == run_id) {
+                row.counts.insert(outcome, n.max(0) as u64);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Store many finished cases of one run in one transaction (bulk loads:
+    /// imports, generated bench stores); the rows are those of [`Store::put_case`].
+    pub fn put_cases_bulk(&mut self, run_id: &str, cases: &[CaseResult]) -> Result<()> {
+        let mut rows = vec![];
+        for c in cases {
+            let json =
+                serde_json::to_string(c).map_err(|e| self.data(format!("case {}: {e}", c.id)))?;
+            rows.push((c, json, samples(c)));
+        }
+        let e = self.sq("storing cases");
+        let p = self.pg_err("storing cases");
+        match &mut self.conn {
+            Conn::Sqlite(conn) => {
+                let mut run = || -> rusqlite::Result<()> {
+                    let tx = conn.transaction()?;
+                    {
+                        let mut ins = tx.prepare_cached(
+                            "INSERT OR REPLACE INTO cases (run_id, case_id, outcome, result) VALUES (?1, ?2, ?3, ?4)",
+                        )?;
+                        let mut del = tx.prepare_cached(
+                            "DELETE FROM samples WHERE run_id = ?1 AND case_id = ?2",
+                        )?;
+                        let mut smp = tx.prepare_cached(
+                            "INSERT INTO samples (run_id, case_id, kind, seq, value) VALUES (?1, ?2, ?3, ?4, ?5)",
+                        )?;
+                        for (c, json, kinds) in &rows {
+                            ins.execute(params![run_id, c.id, c.outcome.as_str(), json])?;
+                            del.execute(params![run_id, c.id])?;
+                            for (kind, vals) in kinds {
+                                for (i, v) in vals.iter().enumerate() {
+                                    smp.execute(params![run_id, c.id, kind, i as i64, v])?;
+                                }
+                            }
+                        }
+                    }
+                    tx.commit()
+                };
+                run().map_err(e)
+            }
+            Conn::Pg(client) => {
+                let mut run = || -> std::result::Result<(), postgres::Error> {
+                    let mut tx = client.transaction()?;
+                    let ins = tx.prepare(
+                        "INSERT INTO cases (run_id, case_id, outcome, result) VALUES ($1, $2, $3, $4)
+                         ON CONFLICT (run_id, case_id) DO UPDATE SET outcome = EXCLUDED.outcome, result = EXCLUDED.result",
+                    )?;
+                    let del =
+                        tx.prepare("DELETE FROM samples WHERE run_id = $1 AND case_id = $2")?;
+                    for (c, json, kinds) in &rows {
+                        tx.execute(&ins, &[&run_id, &c.id, &c.outcome.as_str(), json])?;
+                        tx.execute(&del, &[&run_id, &c.id])?;
+                        // All of a case's samples in one statement (arrays, unnested).
+                        let (mut k, mut q, mut v): (Vec<&str>, Vec<i32>, Vec<f64>) =
+                            (vec![], vec![], vec![]);
+                        for (kind, vals) in kinds {
+                            for (i, x) in vals.iter().enumerate() {
+                                k.push(kind);
+                                q.push(i as i32);
+                                v.push(*x);
+                            }
+                        }
+                        if !k.is_empty() {
+                            tx.execute(
+                                "INSERT INTO samples (run_id, case_id, kind, seq, value)
+                                 SELECT $1, $2, k, s, v FROM UNNEST($3::text[], $4::int[], $5::float8[]) AS t(k, s, v)",
+                                &[&run_id, &c.id, &k, &q, &v],
+                            )?;
+                        }
+                    }
+                    tx.commit()
+                };
+                run().map_err(p)
+            }
+        }
+    }
+
+    /// The FAIL and TIMEOUT case ids of each of `run_ids`: `(run_id, case_id)`.
+    pub fn failing_cases(&mut self, run_ids: &[String]) -> Result<Vec<(String, String)>> {
+        let e = self.sq("reading failing cases");
+        let p = self.pg_err("reading failing cases");
+        match &mut self.conn {
+            Conn::Sqlite(c) => {
+                let run = || -> rusqlite::Result<Vec<(String, String)>> {
+                    let mut st = c.prepare_cached(
+                        "SELECT run_id, case_id FROM cases WHERE run_id = ?1
+                         AND outcome IN ('fail', 'timeout')",
+                    )?;
+                    let mut out = vec![];
+                    for id in run_ids {
+                        for r in st.query_map(params![id], |r| Ok((r.get(0)?, r.get(1)?)))? {
+                            out.push(r?);
+                        }
+                    }
+                    Ok(out)
+                };
+                run().map_err(e)
+            }
+            Conn::Pg(c) => Ok(c
+                .query(
+                    "SELECT run_id, case_id FROM cases WHERE run_id = ANY($1)
+                     AND outcome IN ('fail', 'timeout')",
+                    &[&run_ids],
+                )
+                .map_err(p)?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect()),
+        }
+    }
+
+    /// Queue a campaign (its file's text); returns the queue id.
+    pub fn enqueue(&mut self, campaign: &str, text: &str, by: &str) -> Result<i64> {
+        let now = now_unix_ms();
+        let e = self.sq("queueing a campaign");
+        let p = self.pg_err("queueing a campaign");
+        match &mut self.conn {
+            Conn::Sqlite(c) => c
+                .execute(
+                    "INSERT INTO lab_queue (campaign, campaign_text, submitted_by, submitted_ms, state)
+                     VALUES (?1, ?2, ?3, ?4, 'queued')",
+                    params![campaign, text, by, now],
+                )
+                .map(|_| c.last_insert_rowid())
+                .map_err(e),
+            Conn::Pg(c) => c
+                .query_one(
+                    "INSERT INTO lab_queue (campaign, campaign_text, submitted_by, submitted_ms, state)
+                     VALUES ($1, $2, $3, $4, 'queued') RETURNING id",
+                    &[&campaign, &text, &by, &now],
+                )
+                .map(|r| r.get(0))
+                .map_err(p),
+        }
+    }
+
+    /// The queue, newest first (at most `limit`).
+    pub fn queue(&mut self, limit: usize) -> Result<Vec<QueueRow>> {
+        let limit = limit.min(1 << 30) as i64;
+        let e = self.sq("reading the queue");
+        let p = self.pg_err("reading the queue");
+        match &mut self.conn {
+            Conn::Sqlite(c) => {
+                let run = || -> rusqlite::Result<Vec<QueueRow>> {
+                    let mut st = c.prepare_cached(&format!(
+                        "SELECT {QUEUE_COLS} FROM lab_queue ORDER BY id DESC LIMIT ?1"
+                    ))?;
+                    let rows = st.query_map(params![limit], queue_sq)?;
+                    rows.collect()
+                };
+                run().map_err(e)
+            }
+            Conn::Pg(c) => Ok(c
+                .query(
+                    &format!("SELECT {QUEUE_COLS} FROM lab_queue ORDER BY id DESC LIMIT $1"),
+                    &[&limit],
+                )
+                .map_err(p)?
+                .iter()
+                .map(queue_pg)
+                .collect()),
+        }
+    }
+
+    /// One queue entry.
+    pub fn queue_entry(&mut self, id: i64) -> Result<Option<QueueRow>> {
+        let e = self.sq("reading a queue entry");
+        let p = self.pg_err("reading a queue entry");
+        match &mut self.conn {
+            Conn::Sqlite(c) => c
+                .query_row(
+                    &format!("SELECT {QUEUE_COLS} FROM lab_queue WHERE id = ?1"),
+                    params![id],
+                    queue_sq,
+                )
+                .optional()
+                .map_err(e),
+            Conn::Pg(c) => Ok(c
+                .query_opt(
+                    &format!("SELECT {QUEUE_COLS} FROM lab_queue WHERE id = $1"),
+                    &[&id],
+                )
+                .map_err(p)?
+                .as_ref()
+                .map(queue_pg)),
+        }
+    }
+
+    /// Cancel: a queued entry becomes `cancelled` (no worker will take it); a
+    /// running one `cancel-requested` (its worker stops it). Returns the new
+    /// state, or None when the entry does not exist or has ended.
+    pub fn queue_cancel(&mut self, id: i64) -> Result<Option<String>> {
+        const Q: &str = "UPDATE lab_queue SET state = CASE state WHEN 'queued' THEN 'cancelled'
+             ELSE 'cancel-requested' END
+             WHERE id = ? AND state IN ('queued', 'running') RETURNING state";
+        let e = self.sq("cancelling a queue entry");
+        let p = self.pg_err("cancelling a queue entry");
+        match &mut self.conn {
+            Conn::Sqlite(c) => c
+                .query_row(&Q.replace('?', "?1"), params![id], |r| r.get(0))
+                .optional()
+                .map_err(e),
+            Conn::Pg(c) => Ok(c
+                .query_opt(&Q.replace('?', "$1"), &[&id])
+                .map_err(p)?
+                .map(|r| r.get(0))),
+        }
+    }
+
+    /// Take the oldest queued campaign for `worker` (atomically: two workers
+    /// never take the same entry), marking it `running`.
+    pub fn queue_take(&mut self, worker: &str) -> Result<Option<QueueRow>> {
+        let e = self.sq("taking from the queue");
+        let p = self.pg_err("taking from the queue");
+        match &mut self.conn {
+            Conn::Sqlite(c) => c
+                .query_row(
+                    &format!(
+                        "UPDATE lab_queue SET state = 'running', worker = ?1
+                         WHERE id = (SELECT id FROM lab_queue WHERE state = 'queued' ORDER BY id LIMIT 1)
+                         RETURNING {QUEUE_COLS}"
+                    ),
+                    params![worker],
+                    queue_sq,
+                )
+                .optional()
+                .map_err(e),
+            Conn::Pg(c) => Ok(c
+                .query_opt(
+                    &format!(
+                        "UPDATE lab_queue SET state = 'running', worker = $1
+                         WHERE id = (SELECT id FROM lab_queue WHERE state = 'queued' ORDER BY id
+                                     LIMIT 1 FOR UPDATE SKIP LOCKED)
+                         RETURNING {QUEUE_COLS}"
+                    ),
+                    &[&worker],
+                )
+                .map_err(p)?
+                .as_ref()
+                .map(queue_pg)),
+        }
+    }
+
+    /// Record a queue entry's run, state and message.
+    pub fn queue_update(
+        &mut self,
+        id: i64,
+        state: &str,
+        run_id: Option<&str>,
+        message: &str,
+    ) -> Result<()> {
+        let e = self.sq("updating a queue entry");
+        let p = self.pg_err("updating a queue entry");
+        match &mut self.conn {
+            Conn::Sqlite(c) => c
+                .execute(
+                    "UPDATE lab_queue SET state = ?2, run_id = COALESCE(?3, run_id), message = ?4 WHERE id = ?1",
+                    params![id, state, run_id, message],
+                )
+                .map(|_| ())
+                .map_err(e),
+            Conn::Pg(c) => c
+                .execute(
+                    "UPDATE lab_queue SET state = $2, run_id = COALESCE($3, run_id), message = $4 WHERE id = $1",
+                    &[&id, &state, &run_id, &message],
+                )
+                .map(|_| ())
+                .map_err(p),
+        }
+    }
+
+    /// Store (or replace) the API token of user `name` by its SHA-256 (hex).
+    pub fn token_put(&mut self, name: &str, token_sha256: &str) -> Result<()> {
+        let now = now_unix_ms();
+        let e = self.sq("storing a token");
+        let p = self.pg_err("storing a token");
+        match &mut self.conn {
+            Conn::Sqlite(c) => c
+                .execute(
+                    "INSERT OR REPLACE INTO lab_tokens (name, token_sha256, created_ms) VALUES (?1, ?2, ?3)",
+                    params![name, token_sha256, now],
+                )
+                .map(|_| ())
+                .map_err(e),
+            Conn::Pg(c) => c
+                .execute(
+                    "INSERT INTO lab_tokens (name, token_sha256, created_ms) VALUES ($1, $2, $3)
+                     ON CONFLICT (name) DO UPDATE SET token_sha256 = EXCLUDED.token_sha256,
+                     created_ms = EXCLUDED.created_ms",
+                    &[&name, &token_sha256, &now],
+                )
+                .map(|_| ())
+                .map_err(p),
+        }
+    }
+
+    /// The user whose token has this SHA-256 (hex), if any.
+    pub fn token_user(&mut self, token_sha256: &str) -> Result<Option<String>> {
+        let e = self.sq("checking a token");
+        let p = self.pg_err("checking a token");
+        match &mut self.conn {
+            Conn::Sqlite(c) => c
+                .query_row(
+                    "SELECT name FROM lab_tokens WHERE token_sha256 = ?1",
+                    params![token_sha256],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(e),
+            Conn::Pg(c) => Ok(c
+                .query_opt(
+                    "SELECT name FROM lab_tokens WHERE token_sha256 = $1",
+                    &[&token_sha256],
+                )
+                .map_err(p)?
+                .map(|r| r.get(0))),
+        }
+    }
+
+    /// Add (or replace the secret of) a webhook of `campaign`.
+    pub fn webhook_put(&mut self, w: &WebhookRow) -> Result<()> {
+        let e = self.sq("storing a webhook");
+        let p = self.pg_err("storing a webhook");
+        match &mut self.conn {
+            Conn::Sqlite(c) => c
+                .execute(
+                    "INSERT OR REPLACE INTO lab_webhooks (campaign, url, secret) VALUES (?1, ?2, ?3)",
+                    params![w.campaign, w.url, w.secret],
+                )
+                .map(|_| ())
+                .map_err(e),
+            Conn::Pg(c) => c
+                .execute(
+                    "INSERT INTO lab_webhooks (campaign, url, secret) VALUES ($1, $2, $3)
+                     ON CONFLICT (campaign, url) DO UPDATE SET secret = EXCLUDED.secret",
+                    &[&w.campaign, &w.url, &w.secret],
+                )
+                .map(|_| ())
+                .map_err(p),
+        }
+    }
+
+    /// The webhooks of `campaign`.
+    pub fn webhooks(&mut self, campaign: &str) -> Result<Vec<WebhookRow>> {
+        let e = self.sq("reading webhooks");
+        let p = self.pg_err("reading webhooks");
+        match &mut self.conn {
+            Conn::Sqlite(c) => {
+                let run = || -> rusqlite::Result<Vec<WebhookRow>> {
+                    let mut st = c.prepare_cached(
+                        "SELECT campaign, url, secret FROM lab_webhooks WHERE campaign = ?1 ORDER BY url",
+                    )?;
+                    let rows = st.query_map(params![campaign], |r| {
+                        Ok(WebhookRow {
+                            campaign: r.get(0)?,
+                            url: r.get(1)?,
+                            secret: r.get(2)?,
+                        })
+                    })?;
+                    rows.collect()
+                };
+                run().map_err(e)
+            }
+            Conn::Pg(c) => Ok(c
+                .query(
+                    "SELECT campaign, url, secret FROM lab_webhooks WHERE campaign = $1 ORDER BY url",
+                    &[&campaign],
+                )
+                .map_err(p)?
+                .iter()
+                .map(|r| WebhookRow {
+                    campaign: r.get(0),
+                    url: r.get(1),
+                    secret: r.get(2),
+                })
+                .collect()),
         }
     }
 }

@@ -216,6 +216,34 @@ fn resume_skips_finished_cases_and_keeps_them() {
     assert!(store.run(id).unwrap().unwrap().finished_ms.is_some());
 }
 
+/// Issue 19: `--resume` of a run that had finished rewrote its end (9 s became
+/// 267.6 s) and its rate (28484 cases/min from the cases finished before).
+#[test]
+fn resuming_a_finished_run_keeps_its_duration_and_rate() {
+    let t = tempfile::tempdir().unwrap();
+    let c = campaign(t.path(), ONE_CASE);
+    let v = fake_vmm(t.path(), &format!("echo '{PASS_JSON}'"));
+    let first = run_campaign(opts(t.path(), c.clone(), v.clone())).unwrap();
+    let mut store = Store::open(&t.path().join("out/results.sqlite")).unwrap();
+    let before = store.run(&first.run_id).unwrap().unwrap();
+    let end = before.finished_ms.expect("finished");
+    drop(store);
+    // Later: resume it; nothing is left to run.
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    let mut o = opts(t.path(), c, v);
+    o.resume = Some(first.run_id.clone());
+    let again = run_campaign(o).unwrap();
+    assert_eq!(again.ran_now, 0);
+    assert_eq!(again.run.finished_ms, end, "the report's end is the run's");
+    assert_eq!(again.run.duration_ms(), first.run.duration_ms());
+    let mut store = Store::open(&t.path().join("out/results.sqlite")).unwrap();
+    assert_eq!(
+        store.run(&first.run_id).unwrap().unwrap().finished_ms,
+        Some(end),
+        "the stored end is unchanged"
+    );
+}
+
 #[test]
 fn second_run_is_diffed_against_the_first() {
     let t = tempfile::tempdir().unwrap();

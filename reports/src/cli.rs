@@ -94,6 +94,7 @@ pub fn run(cmd: ReportCmd) -> Result<ExitCode> {
         .with_context(|| format!("creating directory {}", out.display()))?;
     let opts = HtmlOptions {
         artifact_base: relative_dir(&out, &run_dir).unwrap_or_default(),
+        ..HtmlOptions::default()
     };
     let paths = write_reports_with(&run, prev.as_ref(), &out, &opts)?;
     let c = run.counts();

@@ -5,7 +5,7 @@
 use crate::diff::{host_flake_rates, CaseChange, HostFlake, RunDiff};
 use crate::json::RunSummary;
 use crate::model::{CaseResult, Outcome, Run};
-use crate::stats::{rebin_groups, trap_latency_by_backend, MergedLatency, Summary};
+use crate::stats::{rebin_groups_log10, trap_latency_by_backend, MergedLatency, Summary};
 use crate::svg::{self, esc, Marker, Series};
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 use std::collections::BTreeMap;
@@ -18,6 +18,12 @@ pub struct HtmlOptions {
     /// page works when written away from the run directory. Empty: the page sits
     /// in the run directory.
     pub artifact_base: String,
+    /// Artifact paths (as in the run) found empty on disk: listed as `(empty)`
+    /// without a link. [`crate::write_reports_with`] fills it from the run directory.
+    pub empty_artifacts: std::collections::BTreeSet<String>,
+    /// When set, each case id links to `{case_link_base}{percent-encoded id}`
+    /// (the lab service's case history).
+    pub case_link_base: Option<String>,
 }
 
 /// Colour of an outcome (background, text).
@@ -276,6 +282,19 @@ fn summary_section(h: &mut String, run: &Run, s: &RunSummary) {
 }
 
 fn change_table(h: &mut String, title: &str, id: &str, rows: &[CaseChange], empty: &str) {
+    change_table_linked(h, title, id, rows, empty, true)
+}
+
+/// `link`: the case ids link to their rows in the cases table (not for cases no
+/// longer run, which have no row).
+fn change_table_linked(
+    h: &mut String,
+    title: &str,
+    id: &str,
+    rows: &[CaseChange],
+    empty: &str,
+    link: bool,
+) {
     let _ = write!(h, r#"<h3 id="{id}">{} ({})</h3>"#, esc(title), rows.len());
     if rows.is_empty() {
         let _ = write!(h, r#"<p class="muted">{}</p>"#, esc(empty));
@@ -289,7 +308,15 @@ fn change_table(h: &mut String, title: &str, id: &str, rows: &[CaseChange], empt
         let _ = write!(
             h,
             r#"<tr><td class="id">{}</td><td>{}</td><td>{}</td><td class="msg">{}</td></tr>"#,
-            esc(&r.id),
+            if link {
+                format!(
+                    r##"<a href="#{}">{}</a>"##,
+                    esc(&case_anchor(&r.id)),
+                    esc(&r.id)
+                )
+            } else {
+                esc(&r.id)
+            },
             b(r.prev),
             b(r.cur),
             esc(&r.message)
@@ -381,38 +408,96 @@ fn diff_section(h: &mut String, run: &Run, diff: Option<&RunDiff>, prev: Option<
         change_table(h, "New cases", "added", &d.added, "none");
     }
     if !d.removed.is_empty() {
-        change_table(h, "Cases no longer run", "removed", &d.removed, "none");
+        change_table_linked(
+            h,
+            "Cases no longer run",
+            "removed",
+            &d.removed,
+            "none",
+            false,
+        );
     }
     flake_table(h, &d.host_flake_rates, true);
     h.push_str("</section>\n");
 }
 
+/// The live-patch blackout bound drawn on the blackout plot (DESIGN: 1 ms).
+pub const BLACKOUT_BOUND_US: f64 = 1000.0;
+
+/// The anchor of a case's row in the cases table (`#case-…`).
+pub fn case_anchor(id: &str) -> String {
+    format!(
+        "case-{}",
+        id.replace(|ch: char| !ch.is_ascii_alphanumeric(), "-")
+    )
+}
+
+/// The text of an artifact link: its file name (kind in the title), so a row of
+/// links reads `console.log alarms.json`, not `other other console`.
+pub fn artifact_label(a: &crate::model::Artifact) -> String {
+    let name = a
+        .path
+        .rsplit('/')
+        .find(|p| !p.is_empty())
+        .unwrap_or(a.path.as_str());
+    if name.is_empty() {
+        a.kind.as_str().to_string()
+    } else {
+        name.to_string()
+    }
+}
+
 fn plots_section(h: &mut String, run: &Run) {
     h.push_str(r#"<section id="plots"><h2>Plots</h2><div class="plots">"#);
-    // Counter timelines, one chart per host (its device's counters across the run).
-    let mut by_host: BTreeMap<&str, Vec<&crate::model::CounterReading>> = BTreeMap::new();
+    // Counter timelines, one chart per host (its device's counters across the
+    // run). Each case starts from its own state file, so each case is its own
+    // stretch of line: the line breaks between cases instead of falling from
+    // one case's counts to the next case's fresh zero (which reads as a rollback).
+    let mut by_host: BTreeMap<&str, Vec<&CaseResult>> = BTreeMap::new();
     for c in &run.cases {
         if !c.metrics.counters.is_empty() {
-            by_host
-                .entry(c.host.as_str())
-                .or_default()
-                .extend(c.metrics.counters.iter());
+            by_host.entry(c.host.as_str()).or_default().push(c);
         }
     }
     if by_host.is_empty() {
         h.push_str(&svg::no_data("Counters over the run", "no OOB readings"));
     }
     let t0 = run.started_ms as f64;
-    for (host, mut readings) in by_host {
-        readings.sort_by_key(|r| r.t_ms);
+    let span_ms = run
+        .cases
+        .iter()
+        .flat_map(|c| c.metrics.counters.iter())
+        .map(|r| r.t_ms as f64 - t0)
+        .fold(0.0, f64::max);
+    let (unit_ms, unit) = if span_ms < 120_000.0 {
+        (1000.0, "seconds since run start")
+    } else {
+        (60_000.0, "minutes since run start")
+    };
+    for (host, mut cases) in by_host {
+        cases.sort_by_key(|c| c.metrics.counters.iter().map(|r| r.t_ms).min());
         let mut series: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
-        for r in &readings {
-            let x = (r.t_ms as f64 - t0) / 60_000.0;
-            for (region, v) in &r.regions {
-                series
-                    .entry(region.clone())
-                    .or_default()
-                    .push((x, *v as f64));
+        let mut master = vec![];
+        for (k, c) in cases.iter().enumerate() {
+            let mut readings: Vec<&crate::model::CounterReading> =
+                c.metrics.counters.iter().collect();
+            readings.sort_by_key(|r| r.t_ms);
+            if k > 0 {
+                // A break: the next case's device is a fresh one.
+                for pts in series.values_mut() {
+                    pts.push((f64::NAN, f64::NAN));
+                }
+                master.push((f64::NAN, f64::NAN));
+            }
+            for r in &readings {
+                let x = (r.t_ms as f64 - t0) / unit_ms;
+                for (region, v) in &r.regions {
+                    series
+                        .entry(region.clone())
+                        .or_default()
+                        .push((x, *v as f64));
+                }
+                master.push((x, r.master as f64));
             }
         }
         let mut list: Vec<Series> = series
@@ -421,14 +506,11 @@ fn plots_section(h: &mut String, run: &Run) {
             .collect();
         list.push(Series {
             name: "master".into(),
-            points: readings
-                .iter()
-                .map(|r| ((r.t_ms as f64 - t0) / 60_000.0, r.master as f64))
-                .collect(),
+            points: master,
         });
         h.push_str(&svg::line_chart(
-            &format!("Counters on {host}"),
-            "minutes since run start",
+            &format!("Counters on {host} (one stretch per case)"),
+            unit,
             "counter value",
             &list,
             true,
@@ -454,10 +536,12 @@ fn plots_section(h: &mut String, run: &Run) {
         })
         .collect();
     let title = format!("MMIO trap latency by backend (n = {})", all.count());
-    h.push_str(&match rebin_groups(&groups, 48) {
-        Some(b) => svg::histogram(
+    // Log scale: the model's bulk sits at a few µs, the rtl's and the outliers
+    // at hundreds to thousands; a linear axis squeezes those into nothing.
+    h.push_str(&match rebin_groups_log10(&groups, 48) {
+        Some(b) => svg::histogram_log10(
             &title,
-            "µs per trapped access",
+            "µs per trapped access (log scale)",
             &b.edges,
             &b.groups,
             b.overflow,
@@ -474,11 +558,11 @@ fn plots_section(h: &mut String, run: &Run) {
             .collect()
     };
     h.push_str(&svg::dot_plot(
-        "Live-patch blackouts (each case's bound: its expected column)",
+        "Live-patch blackouts (a case's own bound: its expected column)",
         "cases",
         "µs",
         &groups(&|c| &c.metrics.blackouts_us),
-        None,
+        Some(("1 ms bound", BLACKOUT_BOUND_US)),
     ));
     let teardown_ms: Vec<(String, Vec<f64>)> = groups(&|c| &c.metrics.teardown_us)
         .into_iter()
@@ -508,13 +592,27 @@ fn cases_section(h: &mut String, run: &Run, opts: &HtmlOptions) {
             .then_with(|| a.id.cmp(&b.id))
     });
     for c in cases {
+        let id_html = match &opts.case_link_base {
+            Some(base) => format!(
+                r#"<a href="{}">{}</a>"#,
+                esc(&format!(
+                    "{base}{}",
+                    percent_encoding::utf8_percent_encode(
+                        &c.id,
+                        percent_encoding::NON_ALPHANUMERIC
+                    )
+                )),
+                esc(&c.id)
+            ),
+            None => esc(&c.id),
+        };
         let _ = write!(
             h,
-            r#"<tr class="o-{k}" id="case-{anchor}"><td>{b}</td><td class="case"><span class="id" title="{attack} · {backend} · {profile}">{id}</span></td><td class="host">{host}</td><td>"#,
+            r#"<tr class="o-{k}" id="{anchor}"><td>{b}</td><td class="case"><span class="id" title="{attack} · {backend} · {profile}">{id}</span></td><td class="host">{host}</td><td>"#,
             k = c.outcome.as_str(),
-            anchor = esc(&c.id.replace(|ch: char| !ch.is_ascii_alphanumeric(), "-")),
+            anchor = esc(&case_anchor(&c.id)),
             b = badge(c.outcome),
-            id = esc(&c.id),
+            id = id_html,
             attack = esc(&c.attack),
             backend = esc(&c.backend),
             profile = esc(&c.profile),
@@ -561,11 +659,20 @@ fn cases_section(h: &mut String, run: &Run, opts: &HtmlOptions) {
             .artifacts
             .iter()
             .map(|a| {
+                if opts.empty_artifacts.contains(&a.path) {
+                    return format!(
+                        r#"<span class="muted" title="{}: {} (empty file)">{} (empty)</span>"#,
+                        a.kind.as_str(),
+                        esc(&a.path),
+                        esc(&artifact_label(a))
+                    );
+                }
                 format!(
-                    r#"<a href="{}" title="{}">{}</a>"#,
+                    r#"<a href="{}" title="{}: {}">{}</a>"#,
                     esc(&artifact_href(&opts.artifact_base, &a.path)),
+                    a.kind.as_str(),
                     esc(&a.path),
-                    a.kind.as_str()
+                    esc(&artifact_label(a))
                 )
             })
             .collect();

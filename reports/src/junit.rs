@@ -325,6 +325,22 @@ pub fn to_junit(run: &Run) -> Result<String> {
             for c in cases {
                 t.add(c);
             }
+            // The suites of a run run side by side on the same hosts: a suite's
+            // wall time is the run's, not the sum of its cases.
+            t.ms = run.duration_ms();
+            // The hosts its cases ran on (JUnit's `hostname`).
+            let mut ran_on: Vec<&str> = cases
+                .iter()
+                .map(|c| c.host.as_str())
+                .filter(|h| !h.is_empty())
+                .collect();
+            ran_on.sort_unstable();
+            ran_on.dedup();
+            let hostname = if ran_on.is_empty() {
+                "unknown".to_string()
+            } else {
+                ran_on.join(",")
+            };
             let mut attrs: Vec<(&str, String)> = vec![
                 (
                     "name",
@@ -338,6 +354,7 @@ pub fn to_junit(run: &Run) -> Result<String> {
             ];
             attrs.extend(t.attrs());
             attrs.push(("timestamp", ts.clone()));
+            attrs.push(("hostname", hostname));
             let attrs_ref: Vec<(&str, &str)> =
                 attrs.iter().map(|(k, v)| (*k, v.as_str())).collect();
             x.start("testsuite", &attrs_ref)?;

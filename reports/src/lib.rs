@@ -60,6 +60,24 @@ pub fn write_reports_with(
         source,
     })?;
     let d = prev.map(|p| diff(p, run));
+    // Empty artifact files (a guest that printed nothing) are listed, not linked.
+    let mut opts = opts.clone();
+    let run_dir = if opts.artifact_base.starts_with('/') {
+        PathBuf::from(&opts.artifact_base)
+    } else {
+        out_dir.join(&opts.artifact_base)
+    };
+    for a in run.cases.iter().flat_map(|c| c.artifacts.iter()) {
+        let p = if a.path.starts_with('/') {
+            PathBuf::from(&a.path)
+        } else {
+            run_dir.join(&a.path)
+        };
+        if std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_file() && m.len() == 0) {
+            opts.empty_artifacts.insert(a.path.clone());
+        }
+    }
+    let opts = &opts;
     let paths = ReportPaths {
         junit: out_dir.join("junit.xml"),
         json: out_dir.join("report.json"),

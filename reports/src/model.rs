@@ -407,6 +407,20 @@ impl Run {
 
     /// Parse a run from JSON text; `origin` names the source in errors.
     pub fn from_json(text: &str, origin: &Path) -> Result<Run> {
+        // A `report.json` (`{ report_schema, summary, diff, run }`) carries the
+        // run whole: read it from there (people hand `hilrig report` either file).
+        #[derive(Deserialize)]
+        struct ReportProbe {
+            #[serde(rename = "report_schema")]
+            _report_schema: u32,
+            run: serde_json::Value,
+        }
+        if let Ok(ReportProbe { run, .. }) = serde_json::from_str::<ReportProbe>(text) {
+            if run.is_object() {
+                let inner = run.to_string();
+                return Run::from_json(&inner, origin);
+            }
+        }
         // Look at the schema first so a newer file gets the upgrade message rather
         // than a confusing field error.
         #[derive(Deserialize)]

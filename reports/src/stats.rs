@@ -108,6 +108,34 @@ impl MergedLatency {
     }
 }
 
+/// Smallest value put on a log axis, µs (zero and negative samples land here).
+pub const LOG_FLOOR_US: f64 = 0.01;
+
+/// [`rebin_groups`] in log10 space: `n` bins of equal width in log10 of the
+/// value, so the fast bulk and the slow tail (the rtl backend, outliers) both
+/// show. The returned edges are log10 values (draw with `svg::histogram_log10`).
+pub fn rebin_groups_log10(groups: &[(String, &MergedLatency)], n: usize) -> Option<Binned> {
+    let lg = |v: f64| v.max(LOG_FLOOR_US).log10();
+    let logged: Vec<(String, MergedLatency)> = groups
+        .iter()
+        .map(|(name, m)| {
+            (
+                name.clone(),
+                MergedLatency {
+                    samples: m.samples.iter().map(|v| lg(*v)).collect(),
+                    buckets: m
+                        .buckets
+                        .iter()
+                        .map(|&(lo, hi, c)| (lg(lo), lg(hi), c))
+                        .collect(),
+                },
+            )
+        })
+        .collect();
+    let refs: Vec<(String, &MergedLatency)> = logged.iter().map(|(k, v)| (k.clone(), v)).collect();
+    rebin_all(&refs, n)
+}
+
 /// Several sample sets binned on common edges.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Binned {
@@ -145,6 +173,15 @@ fn quantile(pts: &[(f64, u64)], q: f64) -> Option<f64> {
 /// density within a bucket), so coarse input does not make spikes.
 /// `None` when there is no data at all.
 pub fn rebin_groups(groups: &[(String, &MergedLatency)], n: usize) -> Option<Binned> {
+    rebin_clipped(groups, n, true)
+}
+
+/// Like [`rebin_groups`] over the whole range: nothing clipped into an overflow bin.
+fn rebin_all(groups: &[(String, &MergedLatency)], n: usize) -> Option<Binned> {
+    rebin_clipped(groups, n, false)
+}
+
+fn rebin_clipped(groups: &[(String, &MergedLatency)], n: usize, clip: bool) -> Option<Binned> {
     let all = MergedLatency::merge(groups.iter().map(|g| g.1));
     // For the range, a bucket counts at its upper edge: its samples may reach it.
     let pts: Vec<(f64, u64)> = all
@@ -165,7 +202,13 @@ pub fn rebin_groups(groups: &[(String, &MergedLatency)], n: usize) -> Option<Bin
     let max = pts.iter().map(|p| p.0).fold(f64::NEG_INFINITY, f64::max);
     let lo = lo_all.min(hi_q);
     // A little headroom so the p99.5 sample itself is not the overflow bin.
-    let mut hi = if max > hi_q { hi_q * 1.02 } else { hi_q };
+    let mut hi = if !clip {
+        max
+    } else if max > hi_q {
+        hi_q * 1.02
+    } else {
+        hi_q
+    };
     if hi - lo < 1e-9 {
         hi = lo + 1.0;
     }

@@ -69,6 +69,44 @@ pub fn fmt_num(v: f64) -> String {
     }
 }
 
+/// Decimals needed to tell ticks `step` apart (0 for whole steps).
+fn tick_decimals(step: f64) -> usize {
+    if !(step.is_finite() && step > 0.0) || step >= 1.0 {
+        return 0;
+    }
+    let mut d = 0;
+    while d < 12 {
+        let scaled = step * 10f64.powi(d as i32);
+        if (scaled - scaled.round()).abs() < 1e-6 * scaled.max(1.0) {
+            break;
+        }
+        d += 1;
+    }
+    d
+}
+
+/// Labels for a row of ticks: compact for whole numbers, otherwise with as many
+/// decimals as the step needs, so no two ticks read the same.
+pub fn tick_labels(ticks: &[f64]) -> Vec<String> {
+    let step = ticks
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .fold(f64::INFINITY, f64::min);
+    if !step.is_finite() || step >= 1.0 {
+        return ticks.iter().map(|t| fmt_num(*t)).collect();
+    }
+    let d = tick_decimals(step);
+    ticks.iter().map(|t| format!("{t:.d$}")).collect()
+}
+
+/// How the x axis maps values: linear, or values already in log10 space
+/// (labelled with their real value at each power of ten).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum XScale {
+    Linear,
+    Log10,
+}
+
 struct Frame {
     x0: f64,
     x1: f64,
@@ -111,20 +149,39 @@ pub fn no_data(title: &str, why: &str) -> String {
 }
 
 fn axes(s: &mut String, f: &Frame, x_label: &str, y_label: &str, x_ticks: bool) {
+    axes_scaled(s, f, x_label, y_label, x_ticks.then_some(XScale::Linear));
+}
+
+fn axes_scaled(s: &mut String, f: &Frame, x_label: &str, y_label: &str, x: Option<XScale>) {
     // Grid + y ticks.
-    for t in nice_ticks(f.y0, f.y1, 5) {
-        let y = f.py(t);
+    let yt = nice_ticks(f.y0, f.y1, 5);
+    for (t, l) in yt.iter().zip(tick_labels(&yt)) {
+        let y = f.py(*t);
         let _ = write!(
             s,
             r##"<line x1="{ML}" x2="{x2}" y1="{y:.1}" y2="{y:.1}" stroke="#e5e5e5"/><text x="{tx}" y="{ty:.1}" text-anchor="end" fill="#555">{l}</text>"##,
             x2 = W - MR,
             tx = ML - 6.0,
             ty = y + 4.0,
-            l = fmt_num(t)
         );
     }
-    if x_ticks {
-        for t in nice_ticks(f.x0, f.x1, 7) {
+    let xt: Vec<(f64, String)> = match x {
+        None => vec![],
+        Some(XScale::Linear) => {
+            let t = nice_ticks(f.x0, f.x1, 7);
+            let l = tick_labels(&t);
+            t.into_iter().zip(l).collect()
+        }
+        Some(XScale::Log10) => {
+            let (a, b) = (f.x0.ceil() as i32, f.x1.floor() as i32);
+            (a..=b.max(a))
+                .filter(|e| (*e as f64) <= f.x1 + 1e-9)
+                .map(|e| (e as f64, fmt_num(10f64.powi(e))))
+                .collect()
+        }
+    };
+    {
+        for (t, l) in xt {
             let x = f.px(t);
             let _ = write!(
                 s,
@@ -132,7 +189,6 @@ fn axes(s: &mut String, f: &Frame, x_label: &str, y_label: &str, x_ticks: bool) 
                 y1 = H - MB,
                 y2 = H - MB + 4.0,
                 ty = H - MB + 16.0,
-                l = fmt_num(t)
             );
         }
     }
@@ -209,11 +265,12 @@ pub fn line_chart(
         names.push((se.name.clone(), color));
         let mut d = String::new();
         let mut last: Option<(f64, f64)> = None;
-        for &(x, y) in se
-            .points
-            .iter()
-            .filter(|(x, y)| x.is_finite() && y.is_finite())
-        {
+        for &(x, y) in &se.points {
+            // A non-finite point breaks the line (e.g. a fresh device per case).
+            if !(x.is_finite() && y.is_finite()) {
+                last = None;
+                continue;
+            }
             let (px, py) = (f.px(x), f.py(y));
             match last {
                 None => {
@@ -262,6 +319,61 @@ pub fn histogram(
     overflow: bool,
     markers: &[Marker],
 ) -> String {
+    histogram_scaled(
+        title,
+        x_label,
+        edges,
+        groups,
+        overflow,
+        markers,
+        XScale::Linear,
+    )
+}
+
+/// [`histogram`] on a logarithmic x axis: `edges` are log10 of the values
+/// (e.g. from [`crate::stats::rebin_groups_log10`]); markers carry real values.
+/// Ticks sit at powers of ten and read as real values.
+pub fn histogram_log10(
+    title: &str,
+    x_label: &str,
+    log_edges: &[f64],
+    groups: &[(String, Vec<f64>)],
+    overflow: bool,
+    markers: &[Marker],
+) -> String {
+    let markers: Vec<Marker> = markers
+        .iter()
+        .filter(|m| m.value > 0.0)
+        .map(|m| Marker {
+            label: format!("{} {}", m.label, fmt_num(m.value)),
+            value: m.value.log10(),
+            color: m.color,
+        })
+        .collect();
+    histogram_scaled(
+        title,
+        x_label,
+        log_edges,
+        groups,
+        overflow,
+        &markers,
+        XScale::Log10,
+    )
+}
+
+fn histogram_scaled(
+    title: &str,
+    x_label: &str,
+    edges: &[f64],
+    groups: &[(String, Vec<f64>)],
+    overflow: bool,
+    markers: &[Marker],
+    scale: XScale,
+) -> String {
+    let real = |v: f64| match scale {
+        XScale::Linear => v,
+        XScale::Log10 => 10f64.powf(v),
+    };
     let n = edges.len().saturating_sub(1);
     let ok = n > 0 && groups.iter().all(|g| g.1.len() == n);
     let totals: Vec<f64> = (0..n)
@@ -279,7 +391,7 @@ pub fn histogram(
     };
     let mut s = String::new();
     open(&mut s, title, "hist");
-    axes(&mut s, &f, x_label, "samples", true);
+    axes_scaled(&mut s, &f, x_label, "samples", Some(scale));
     let mut names = vec![];
     for i in 0..n {
         let (xa, xb) = (f.px(edges[i]), f.px(edges[i + 1]));
@@ -306,8 +418,8 @@ pub fn histogram(
                 } else {
                     format!("{}: ", esc(name))
                 },
-                lo = fmt_num(edges[i]),
-                hi = fmt_num(edges[i + 1]),
+                lo = fmt_num(real(edges[i])),
+                hi = fmt_num(real(edges[i + 1])),
                 more = if last { " and above" } else { "" },
                 c = fmt_num(c.round()),
             );
@@ -319,7 +431,7 @@ pub fn histogram(
         }
         legend(&mut s, &names);
     }
-    marker_lines(&mut s, &f, markers, true);
+    marker_lines_labelled(&mut s, &f, markers, true, scale == XScale::Linear);
     s.push_str("</svg>");
     s
 }
@@ -347,12 +459,28 @@ impl Marker {
 }
 
 fn marker_lines(s: &mut String, f: &Frame, markers: &[Marker], vertical: bool) {
+    marker_lines_labelled(s, f, markers, vertical, true)
+}
+
+/// `with_value`: append the marker's value to its label (off when the label
+/// already carries it, as on a log axis).
+fn marker_lines_labelled(
+    s: &mut String,
+    f: &Frame,
+    markers: &[Marker],
+    vertical: bool,
+    with_value: bool,
+) {
     for (k, m) in markers.iter().enumerate() {
         let (name, v, color) = (&m.label, &m.value, m.color);
         if !v.is_finite() {
             continue;
         }
-        let label = format!("{name} {}", fmt_num(*v));
+        let label = if with_value {
+            format!("{name} {}", fmt_num(*v))
+        } else {
+            name.clone()
+        };
         if vertical {
             if *v < f.x0 || *v > f.x1 {
                 continue;
@@ -418,9 +546,13 @@ pub fn dot_plot(
     let mut s = String::new();
     open(&mut s, title, "dots");
     let x_label = if groups.len() == 1 {
-        groups[0].0.clone()
+        format!("{} ({} samples)", groups[0].0, all.len())
     } else {
-        format!("{} {group_noun} (hover a dot for details)", groups.len())
+        format!(
+            "{} samples from {} {group_noun} (hover a dot for details)",
+            all.len(),
+            groups.len()
+        )
     };
     axes(&mut s, &f, &x_label, y_label, false);
     for (gi, (name, vals)) in groups.iter().enumerate() {
