@@ -10,6 +10,7 @@ pub mod measured;
 pub mod modules;
 pub mod patch;
 pub mod quiesce;
+pub mod sealed;
 pub mod teardown;
 
 pub use life::*;

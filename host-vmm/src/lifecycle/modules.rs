@@ -133,6 +133,8 @@ pub enum LoadError {
 pub struct NativeHandler {
     // Keeps the code mapped for as long as any handle could reach it.
     _lib: Arc<libloading::Library>,
+    // The sealed memfd the library was loaded from (after `_lib`: dropped after it).
+    _sealed: Option<Arc<super::sealed::SealedModule>>,
     on_access: extern "C" fn(u32, u32, *mut u32) -> i32,
     /// Its version.
     pub version: u64,
@@ -200,8 +202,22 @@ impl NativeHandler {
         Ok(NativeHandler {
             on_access: d.on_access,
             _lib: Arc::new(lib),
+            _sealed: None,
             version,
         })
+    }
+
+    /// Load a module from its sealed memfd ([`super::sealed::SealedModule`]): the
+    /// bytes whose hash was checked are the bytes loaded. The memfd is kept open as
+    /// long as the library is loaded.
+    pub fn load_sealed(
+        module: super::sealed::SealedModule,
+        component: &str,
+        version: u64,
+    ) -> Result<NativeHandler, LoadError> {
+        let mut h = NativeHandler::load(&module.path(), component, version)?;
+        h._sealed = Some(Arc::new(module));
+        Ok(h)
     }
 
     /// Call the module's access hook.
