@@ -98,7 +98,8 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
         control: args.control.clone(),
         lifecycle: lifecycle_config(&args)?,
     };
-    let vm = Vm::new(config, backend)?;
+    let mut vm = Vm::new(config, backend)?;
+    let sandbox = sandbox(&args, &mut vm);
     if args.show_plan && !args.json {
         eprint!("{}", vm.plan().describe());
     }
@@ -127,6 +128,7 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
             patches: report.patches.clone(),
             results: report.results.clone(),
             device_hung,
+            sandbox: Some(sandbox),
         };
         println!("{}", summary.to_line());
     } else {
@@ -166,6 +168,77 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(report.verdict.exit_status().into())
+}
+
+/// The directories the VMM writes in: those of the state file, console, alarms,
+/// teardown record, control socket and a SQLite counters database.
+pub fn write_dirs(args: &VmArgs) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<std::path::PathBuf> = [
+        &args.device_state,
+        &args.console,
+        &args.alarms,
+        &args.teardown_record,
+        &args.control,
+    ]
+    .into_iter()
+    .flatten()
+    .cloned()
+    .collect();
+    if let Some(db) = &args.counters_db {
+        if !db.contains("://") {
+            files.push(db.into());
+        }
+    }
+    let mut dirs: Vec<std::path::PathBuf> = files
+        .iter()
+        .map(|f| {
+            let abs = std::path::absolute(f).unwrap_or_else(|_| f.clone());
+            abs.parent()
+                .map(|p| p.to_path_buf())
+                .unwrap_or_else(|| "/".into())
+        })
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    dirs
+}
+
+/// Confine the run as `args` say: landlock on this thread now (inherited by the
+/// VM's threads), the seccomp filters as each thread starts ([`Vm::sandbox`]).
+fn sandbox(args: &VmArgs, vm: &mut Vm) -> hilrig_vmm_api::SandboxSummary {
+    crate::seccomp::arm_probe_from_env();
+    let network = args
+        .counters_db
+        .as_deref()
+        .is_some_and(|d| d.starts_with("postgres"));
+    let mut summary = hilrig_vmm_api::SandboxSummary {
+        seccomp: args.seccomp_on(),
+        landlock: "off".into(),
+        jail: args.jail.as_ref().map(|j| j.display().to_string()),
+        // SAFETY: getuid/getgid have no preconditions.
+        uid: unsafe { libc::getuid() },
+        gid: unsafe { libc::getgid() },
+        notes: crate::jail::notes(),
+    };
+    if !args.seccomp_on() {
+        tracing::warn!("--seccomp off: no seccomp filters, no landlock (debugging only)");
+        summary
+            .notes
+            .push("seccomp and landlock off (--seccomp off)".into());
+        return summary;
+    }
+    summary.landlock = match crate::seccomp::landlock(&write_dirs(args)) {
+        Ok(st) => st,
+        Err(e) => {
+            tracing::warn!("landlock not applied: {e}");
+            format!("not applied: {e}")
+        }
+    };
+    vm.sandbox(crate::seccomp::Sandbox {
+        seccomp: true,
+        network,
+    });
+    summary
 }
 
 /// Live-patch and teardown settings from the command line.

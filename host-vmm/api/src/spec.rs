@@ -313,6 +313,21 @@ pub struct VmSpec {
     /// List the built-in payloads and exit.
     #[arg(long)]
     pub list_payloads: bool,
+    /// Per-thread seccomp filters and landlock (default on; `off` is for debugging
+    /// only: logged, and recorded in the run summary).
+    #[arg(long, value_parser = parse_on_off)]
+    pub seccomp: Option<bool>,
+    /// Run the VMM jailed under this directory: a per-VM root (pivot_root) holding
+    /// only /dev/kvm and the files it needs, new mount/pid/ipc/net namespaces, an
+    /// unprivileged uid/gid, cgroup v2 limits where available, no inherited fds.
+    #[arg(long)]
+    pub jail: Option<PathBuf>,
+    /// The uid the jailed VMM runs as (default 65534, nobody).
+    #[arg(long)]
+    pub uid: Option<u32>,
+    /// The gid the jailed VMM runs as (default: the kvm group, else 65534).
+    #[arg(long)]
+    pub gid: Option<u32>,
 }
 
 impl Default for VmSpec {
@@ -343,6 +358,10 @@ impl Default for VmSpec {
             counters_key: None,
             allow_unknown_vbios: false,
             list_payloads: false,
+            seccomp: None,
+            jail: None,
+            uid: None,
+            gid: None,
         }
     }
 }
@@ -391,6 +410,14 @@ impl VmSpec {
             ("teardown-record", path(&self.teardown_record)),
             ("counters-db", self.counters_db.clone().map(OsString::from)),
             ("counters-key", path(&self.counters_key)),
+            ("jail", path(&self.jail)),
+            (
+                "seccomp",
+                self.seccomp
+                    .map(|e| OsString::from(if e { "on" } else { "off" })),
+            ),
+            ("uid", self.uid.map(|u| OsString::from(u.to_string()))),
+            ("gid", self.gid.map(|g| OsString::from(g.to_string()))),
         ] {
             if let Some(v) = v {
                 flag(name, v);
@@ -430,6 +457,11 @@ impl VmSpec {
             }
         }
         a
+    }
+
+    /// Whether the seccomp filters are on (the default).
+    pub fn seccomp_on(&self) -> bool {
+        self.seccomp != Some(false)
     }
 
     /// Whether a teardown runs when the VM exits.
@@ -486,6 +518,10 @@ mod tests {
             counters_key: Some("mac.key".into()),
             allow_unknown_vbios: true,
             list_payloads: false,
+            seccomp: Some(false),
+            jail: Some("/srv/jail/vm1".into()),
+            uid: Some(1000),
+            gid: Some(107),
         };
         assert_eq!(parse(&s.to_args()), s);
         let odd = VmSpec {
