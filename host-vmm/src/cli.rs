@@ -39,9 +39,19 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let t0 = Instant::now();
+    let mut args = args;
     let spec = args.device.clone();
+    // Read as the caller, before any jail: payload, policy, keys.
     let (name, bytes) = hilrig_guest::load(&args.payload)?;
     let profile = Arc::new(load_policy(&args)?);
+    let lifecycle = lifecycle_config(&args)?;
+    if let Some(dir) = args.jail.clone() {
+        let jail = jail_spec(&mut args, &dir)?;
+        match crate::jail::enter(&jail)? {
+            crate::jail::Entered::Parent(code) => return Ok(code),
+            crate::jail::Entered::Child => {}
+        }
+    }
     let mut backend = open_backend(&spec, args.device_state.as_deref())?;
     // Measured VBIOS: refuse a device whose expansion ROM is invalid or unknown.
     let catalog = crate::lifecycle::measured::CatalogSpec {
@@ -96,7 +106,7 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
         },
         record_decisions: false,
         control: args.control.clone(),
-        lifecycle: lifecycle_config(&args)?,
+        lifecycle,
     };
     let mut vm = Vm::new(config, backend)?;
     let sandbox = sandbox(&args, &mut vm);
@@ -201,6 +211,47 @@ pub fn write_dirs(args: &VmArgs) -> Vec<std::path::PathBuf> {
     dirs.sort();
     dirs.dedup();
     dirs
+}
+
+/// The jail `args` ask for; makes the paths in `args` absolute (the jailed VMM
+/// sees them at the same absolute paths).
+pub fn jail_spec(
+    args: &mut VmArgs,
+    dir: &std::path::Path,
+) -> anyhow::Result<crate::jail::JailSpec> {
+    let abs = |p: &mut Option<std::path::PathBuf>| -> anyhow::Result<()> {
+        if let Some(x) = p.as_mut() {
+            *x = std::path::absolute(&*x)?;
+        }
+        Ok(())
+    };
+    abs(&mut args.device_state)?;
+    abs(&mut args.console)?;
+    abs(&mut args.alarms)?;
+    abs(&mut args.teardown_record)?;
+    abs(&mut args.control)?;
+    abs(&mut args.counters_key)?;
+    if let Some(db) = &args.counters_db {
+        if !db.contains("://") {
+            args.counters_db = Some(std::path::absolute(db)?.to_string_lossy().into_owned());
+        }
+    }
+    let mut ro_files = Vec::new();
+    if let Some(k) = &args.counters_key {
+        ro_files.push(k.clone());
+    }
+    Ok(crate::jail::JailSpec {
+        dir: std::path::absolute(dir)?,
+        uid: args.uid.unwrap_or(crate::jail::DEFAULT_UID),
+        gid: args
+            .gid
+            .or_else(crate::jail::kvm_gid)
+            .unwrap_or(crate::jail::DEFAULT_UID),
+        rw_dirs: write_dirs(args),
+        ro_files,
+        memory_max: crate::jail::DEFAULT_MEMORY_MAX,
+        pids_max: crate::jail::DEFAULT_PIDS_MAX,
+    })
 }
 
 /// Confine the run as `args` say: landlock on this thread now (inherited by the
