@@ -52,6 +52,7 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
             crate::jail::Entered::Child => {}
         }
     }
+    crate::jail::probe_from_env();
     let mut backend = open_backend(&spec, args.device_state.as_deref())?;
     // Measured VBIOS: refuse a device whose expansion ROM is invalid or unknown.
     let catalog = crate::lifecycle::measured::CatalogSpec {

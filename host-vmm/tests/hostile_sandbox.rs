@@ -5,7 +5,7 @@
 use hilrig_vmm::kvm_available;
 use hilrig_vmm::payload::Payload;
 use iced_x86::code_asm::*;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -132,6 +132,80 @@ fn a_running_vmm_shows_seccomp_2_and_no_new_privs_on_every_thread() {
     for (t, s) in statuses {
         if let Some(s) = s {
             assert_eq!(s, ("2".to_string(), "1".to_string()), "task {t}");
+        }
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    eprintln!("SKIPPED: --jail needs root");
+    false
+}
+
+#[test]
+fn a_jailed_vmm_runs_unprivileged_and_cannot_open_files_outside_its_root() {
+    // Attack: a compromised VMM reads host secrets (here a root-only file next to
+    // the VMM's own work directory, and /etc/shadow).
+    if !kvm_available() || !is_root() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let work = d.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let secret = d.path().join("secret.key");
+    std::fs::write(&secret, "host secret").unwrap();
+    let args_for = |jail: bool| {
+        let mut a: Vec<String> = vec![
+            "--payload".into(),
+            "pci-enum".into(),
+            "--json".into(),
+            "--device-state".into(),
+            work.join("dev.state").to_string_lossy().into_owned(),
+            "--console".into(),
+            work.join("console.txt").to_string_lossy().into_owned(),
+            "--teardown-record".into(),
+            work.join("teardown.json").to_string_lossy().into_owned(),
+        ];
+        if jail {
+            a.push("--jail".into());
+            a.push(d.path().join("jail").to_string_lossy().into_owned());
+        }
+        a
+    };
+    for (path, jail) in [
+        (secret.clone(), true),
+        (PathBuf::from("/etc/shadow"), true),
+        (secret.clone(), false),
+    ] {
+        let out = Command::new(VMM)
+            .args(args_for(jail))
+            .env(hilrig_vmm::jail::PROBE_ENV, &path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{err}");
+        let line = err
+            .lines()
+            .find(|l| l.starts_with("jail probe: "))
+            .unwrap_or_else(|| panic!("no probe line: {err}"));
+        if jail {
+            assert!(line.contains("No such file or directory"), "{line}");
+            let s = hilrig_vmm::api::RunSummary::from_output(&out.stdout).unwrap();
+            let sb = s.sandbox.unwrap();
+            assert_eq!((sb.uid, sb.seccomp), (65534, true), "{sb:?}");
+            assert!(sb.jail.is_some(), "{sb:?}");
+            // What the jailed VMM wrote is in the work directory, owned by root
+            // (id-mapped), and the teardown ran.
+            assert!(s.teardown.is_some_and(|t| t.complete));
+            use std::os::unix::fs::MetadataExt;
+            let m = std::fs::metadata(work.join("teardown.json")).unwrap();
+            assert_eq!(m.uid(), 0);
+        } else {
+            // Negative control: without the jail the same probe reads the file.
+            assert!(line.ends_with(": ok"), "{line}");
         }
     }
 }

@@ -45,6 +45,23 @@ pub fn notes() -> Vec<String> {
     NOTES.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
+/// The environment variable naming a file the VMM tries to open once set up
+/// (jailed or not) and reports on standard error: a test hook showing what a
+/// compromised VMM could reach.
+pub const PROBE_ENV: &str = "HILRIG_VMM_JAIL_PROBE";
+
+/// Run the probe ([`PROBE_ENV`]) if asked: prints `jail probe: open PATH: ok` or
+/// the error.
+pub fn probe_from_env() {
+    if let Some(p) = std::env::var_os(PROBE_ENV) {
+        let path = PathBuf::from(p);
+        match std::fs::File::open(&path) {
+            Ok(_) => eprintln!("jail probe: open {}: ok", path.display()),
+            Err(e) => eprintln!("jail probe: open {}: {e}", path.display()),
+        }
+    }
+}
+
 /// Default uid of a jailed VMM (nobody).
 pub const DEFAULT_UID: u32 = 65534;
 /// Default memory limit of the jail's cgroup.
@@ -229,14 +246,14 @@ struct MountAttr {
 }
 
 const OPEN_TREE_CLONE: libc::c_uint = 1;
-const AT_RECURSIVE: libc::c_uint = 0x8000;
 const MOUNT_ATTR_RDONLY: u64 = 0x1;
 const MOUNT_ATTR_NOSUID: u64 = 0x2;
 const MOUNT_ATTR_NODEV: u64 = 0x4;
 const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 
-/// Bind `src` at `target`, id-mapped through `userns` when given; read-only if `ro`.
+/// Bind `src` (not the mounts below it: a jail root inside a bound directory
+/// does not reappear in the jail) at `target`, id-mapped through `userns` when given; read-only if `ro`.
 fn bind(src: &Path, target: &Path, ro: bool, userns: Option<&OwnedFd>) -> std::io::Result<()> {
     let s = cstr(src)?;
     // SAFETY: open_tree with a valid path; the returned fd is owned below.
@@ -245,7 +262,7 @@ fn bind(src: &Path, target: &Path, ro: bool, userns: Option<&OwnedFd>) -> std::i
             libc::SYS_open_tree,
             libc::AT_FDCWD,
             s.as_ptr(),
-            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | AT_RECURSIVE,
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
         )
     })?;
     // SAFETY: a fresh fd nobody else owns.
@@ -267,7 +284,7 @@ fn bind(src: &Path, target: &Path, ro: bool, userns: Option<&OwnedFd>) -> std::i
             libc::SYS_mount_setattr,
             tree.as_raw_fd(),
             empty.as_ptr(),
-            libc::AT_EMPTY_PATH as libc::c_uint | AT_RECURSIVE,
+            libc::AT_EMPTY_PATH as libc::c_uint,
             &mut attr as *mut MountAttr,
             std::mem::size_of::<MountAttr>(),
         )
