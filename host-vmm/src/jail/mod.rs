@@ -610,6 +610,15 @@ fn drop_privileges(spec: &JailSpec) -> std::io::Result<()> {
         check(libc::setgroups(1, groups.as_ptr()))?;
         check(libc::setresgid(spec.gid, spec.gid, spec.gid))?;
         check(libc::setresuid(spec.uid, spec.uid, spec.uid))?;
+        // The id change cleared the parent-death signal: set it again, so killing
+        // the waiting parent (a power cut) kills the VMM at once.
+        check(libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        ))?;
         check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
         // The kernel cleared the capabilities with the uid change; check.
         let mut hdr = [0x2008_0522u32, 0];
