@@ -38,21 +38,20 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
+    // The fds this process inherited (a jail closes them).
+    let inherited = crate::jail::open_fds();
     let t0 = Instant::now();
     let mut args = args;
     let spec = args.device.clone();
-    // Read as the caller, before any jail: payload, policy, keys.
+    // Read as the caller, before any jail: payload, policy, keys, the device
+    // (a backend may need tools or device nodes the jail does not have).
     let (name, bytes) = hilrig_guest::load(&args.payload)?;
     let profile = Arc::new(load_policy(&args)?);
     let lifecycle = lifecycle_config(&args)?;
-    if let Some(dir) = args.jail.clone() {
-        let jail = jail_spec(&mut args, &dir)?;
-        match crate::jail::enter(&jail)? {
-            crate::jail::Entered::Parent(code) => return Ok(code),
-            crate::jail::Entered::Child => {}
-        }
-    }
-    crate::jail::probe_from_env();
+    let jail = match args.jail.clone() {
+        Some(dir) => Some(jail_spec(&mut args, &dir, inherited)?),
+        None => None,
+    };
     let mut backend = open_backend(&spec, args.device_state.as_deref())?;
     // Measured VBIOS: refuse a device whose expansion ROM is invalid or unknown.
     let catalog = crate::lifecycle::measured::CatalogSpec {
@@ -81,6 +80,13 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
         vbios.overridden = true;
         tracing::warn!("{}", vbios.describe());
     }
+    if let Some(jail) = &jail {
+        match crate::jail::enter(jail)? {
+            crate::jail::Entered::Parent(code) => return Ok(code),
+            crate::jail::Entered::Child => {}
+        }
+    }
+    crate::jail::probe_from_env();
     let config = VmConfig {
         vcpus: args.vcpus,
         mem_size: args.mem,
@@ -219,6 +225,7 @@ pub fn write_dirs(args: &VmArgs) -> Vec<std::path::PathBuf> {
 pub fn jail_spec(
     args: &mut VmArgs,
     dir: &std::path::Path,
+    close_fds: Vec<i32>,
 ) -> anyhow::Result<crate::jail::JailSpec> {
     let abs = |p: &mut Option<std::path::PathBuf>| -> anyhow::Result<()> {
         if let Some(x) = p.as_mut() {
@@ -250,6 +257,7 @@ pub fn jail_spec(
             .unwrap_or(crate::jail::DEFAULT_UID),
         rw_dirs: write_dirs(args),
         ro_files,
+        close_fds,
         memory_max: crate::jail::DEFAULT_MEMORY_MAX,
         pids_max: crate::jail::DEFAULT_PIDS_MAX,
     })

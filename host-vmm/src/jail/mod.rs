@@ -18,12 +18,16 @@
 //!    bind is used and noted;
 //! 4. `pivot_root` into it (the old root detached), the root tmpfs remounted
 //!    read-only;
-//! 5. every inherited fd but 0, 1, 2 closed (`close_range`), the uid/gid dropped
+//! 5. every fd inherited from the caller but 0, 1, 2 closed (the device backend,
+//!    opened before the jail so that it may use tools and device nodes the jail
+//!    lacks, keeps its own), the uid/gid dropped
 //!    (default 65534 and the `kvm` group; no supplementary groups, no
 //!    capabilities), NoNewPrivs.
 //!
-//! The payload, policy and keys given on the command line are read before (as the
-//! caller); everything after runs jailed.
+//! The payload, policy, keys and the device backend (with its measured VBIOS) are
+//! opened before (as the caller); the VM is created and run jailed. The fork
+//! leaves threads behind: a backend that runs a thread of its own (the simulated
+//! FPGA board) does not work jailed.
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -60,6 +64,24 @@ pub fn probe_from_env() {
             Err(e) => eprintln!("jail probe: open {}: {e}", path.display()),
         }
     }
+}
+
+/// The fds open in this process (from /proc/self/fd), but 0, 1 and 2.
+pub fn open_fds() -> Vec<i32> {
+    let mut v: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
+                .filter(|&fd| fd > 2)
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort_unstable();
+    // The directory fd read_dir used is closed again by now: drop what is no longer
+    // open.
+    // SAFETY: fcntl(F_GETFD) only queries.
+    v.retain(|&fd| unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0);
+    v
 }
 
 /// Default uid of a jailed VMM (nobody).
@@ -106,6 +128,9 @@ pub struct JailSpec {
     pub rw_dirs: Vec<PathBuf>,
     /// Files the VMM reads after the jail is entered (bound read-only), absolute.
     pub ro_files: Vec<PathBuf>,
+    /// The fds inherited from the caller ([`open_fds`] at start): closed in the
+    /// jail. Fds opened since (the device backend's) stay.
+    pub close_fds: Vec<i32>,
     /// cgroup memory.max.
     pub memory_max: u64,
     /// cgroup pids.max.
@@ -602,9 +627,10 @@ fn drop_privileges(spec: &JailSpec) -> std::io::Result<()> {
     // SAFETY: plain system calls on ids and fds; nothing borrowed.
     unsafe {
         // Every inherited fd but standard input, output and error.
-        if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) != 0 {
-            let e = std::io::Error::last_os_error();
-            note(format!("close_range: {e}"));
+        for &fd in &spec.close_fds {
+            if fd > 2 {
+                libc::close(fd);
+            }
         }
         let groups = [spec.gid];
         check(libc::setgroups(1, groups.as_ptr()))?;
