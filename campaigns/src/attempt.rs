@@ -186,7 +186,8 @@ impl Att<'_> {
             spec.teardown_record = Some(self.file(k, label, "teardown.json"));
         }
         // Every VMM runs jailed and unprivileged when the runner can jail it (root).
-        if jail_available() {
+        // (The in-process backends only: hilrig_vmm_api::DeviceSpec::jailable.)
+        if spec.device.jailable() && jail_available() {
             spec.jail = Some(self.file(k, label, "jail"));
         }
         tweak(&mut spec);

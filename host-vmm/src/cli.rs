@@ -49,6 +49,9 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
     let profile = Arc::new(load_policy(&args)?);
     let lifecycle = lifecycle_config(&args)?;
     let jail = match args.jail.clone() {
+        Some(_) if !spec.jailable() => anyhow::bail!(
+            "--jail works with the model, rtl and lockstep backends, not {spec} (it runs threads or needs host device nodes)"
+        ),
         Some(dir) => Some(jail_spec(&mut args, &dir, inherited)?),
         None => None,
     };

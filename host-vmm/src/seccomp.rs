@@ -151,6 +151,8 @@ const BASE: &[libc::c_long] = &[
 /// Main and control besides [`BASE`]: teardown (mincore), teardown records and the
 /// counters database (SQLite), the report.
 const MAIN: &[libc::c_long] = &[
+    // abort() (e.g. a C++ backend's std::terminate at exit) resets SIGABRT.
+    libc::SYS_rt_sigaction,
     libc::SYS_mincore,
     libc::SYS_readlink,
     libc::SYS_readlinkat,

@@ -229,6 +229,14 @@ impl SimHost {
             tracing::warn!("{}: not root, the VMM runs without --jail", self.name);
             return Vec::new();
         }
+        let jailable = self
+            .device
+            .parse::<hilrig_vmm_api::DeviceSpec>()
+            .is_ok_and(|d| d.jailable());
+        if !jailable {
+            tracing::warn!("{}: device {} cannot be jailed", self.name, self.device);
+            return Vec::new();
+        }
         vec!["--jail".into(), self.file("jail").into_os_string()]
     }
 

@@ -376,6 +376,19 @@ fn duration_arg(d: Duration) -> String {
     }
 }
 
+impl DeviceSpec {
+    /// Whether a VMM with this backend can run under `--jail`: the in-process
+    /// backends (model, rtl, lockstep). Verilator's generated model runs threads
+    /// (they do not survive the jail's fork); VFIO and FPGA boards need host device
+    /// nodes the jail does not bind.
+    pub fn jailable(&self) -> bool {
+        matches!(
+            self,
+            DeviceSpec::Model | DeviceSpec::Rtl | DeviceSpec::Lockstep
+        )
+    }
+}
+
 impl VmSpec {
     /// A run of `payload` with everything else at its default.
     pub fn new(payload: impl Into<String>) -> VmSpec {
