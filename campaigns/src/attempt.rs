@@ -42,6 +42,19 @@ fn fail(o: Outcome, msg: impl std::fmt::Display) -> Stop {
     })
 }
 
+/// Whether VMMs can be jailed (`--jail` needs root). Logged once when not.
+pub fn jail_available() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    if !root {
+        ONCE.call_once(|| {
+            tracing::warn!("not root: VMMs run without --jail (the jail needs root)");
+        });
+    }
+    root
+}
+
 fn synthetic() -> RunSummary {
     RunSummary::synthetic("rig step")
 }
@@ -171,6 +184,11 @@ impl Att<'_> {
         vm.apply(&mut spec);
         if spec.teardown_on_exit {
             spec.teardown_record = Some(self.file(k, label, "teardown.json"));
+        }
+        // Every VMM runs jailed and unprivileged when the runner can jail it (root).
+        // (The in-process backends only: hilrig_vmm_api::DeviceSpec::jailable.)
+        if spec.device.jailable() && jail_available() {
+            spec.jail = Some(self.file(k, label, "jail"));
         }
         tweak(&mut spec);
         spec

@@ -72,8 +72,13 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
+    // The fds this process inherited (a jail closes them).
+    let inherited = crate::jail::open_fds();
     let t0 = Instant::now();
+    let mut args = args;
     let spec = args.device.clone();
+    // Read as the caller, before any jail: payload, policy, keys, the device
+    // (a backend may need tools or device nodes the jail does not have).
     let (name, bytes) = hilrig_guest::load(&args.payload)?;
     // A passed-through device that is not the reference device: its description
     // names the registers the policy, alarms and teardown use.
@@ -93,6 +98,17 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
         }
         None => load_policy(&args)?,
     });
+    let lifecycle = crate::lifecycle::LifecycleConfig {
+        device_desc: desc.clone(),
+        ..lifecycle_config(&args)?
+    };
+    let jail = match args.jail.clone() {
+        Some(_) if !spec.jailable() => anyhow::bail!(
+            "--jail works with the model, rtl and lockstep backends, not {spec} (it runs threads or needs host device nodes)"
+        ),
+        Some(dir) => Some(jail_spec(&mut args, &dir, inherited)?),
+        None => None,
+    };
     let mut backend = open_backend(&spec, args.device_state.as_deref())?;
     // Measured VBIOS: refuse a device whose expansion ROM is invalid or unknown.
     let catalog = crate::lifecycle::measured::CatalogSpec {
@@ -112,6 +128,13 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
             Err(()) => return Ok(ExitStatus::DeviceRefused.into()),
         }
     };
+    if let Some(jail) = &jail {
+        match crate::jail::enter(jail)? {
+            crate::jail::Entered::Parent(code) => return Ok(code),
+            crate::jail::Entered::Child => {}
+        }
+    }
+    crate::jail::probe_from_env();
     let config = VmConfig {
         vcpus: args.vcpus,
         mem_size: args.mem,
@@ -138,13 +161,11 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
         },
         record_decisions: false,
         control: args.control.clone(),
-        lifecycle: crate::lifecycle::LifecycleConfig {
-            device_desc: desc.clone(),
-            ..lifecycle_config(&args)?
-        },
+        lifecycle,
         on_unemulated: args.on_unemulated,
     };
-    let vm = Vm::new(config, backend)?;
+    let mut vm = Vm::new(config, backend)?;
+    let sandbox = sandbox(&args, &mut vm);
     if args.show_plan && !args.json {
         eprint!("{}", vm.plan().describe());
     }
@@ -176,6 +197,7 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
             patches: report.patches.clone(),
             results: report.results.clone(),
             device_hung,
+            sandbox: Some(sandbox),
         };
         println!("{}", summary.to_line());
     } else {
@@ -223,6 +245,120 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(report.verdict.exit_status().into())
+}
+
+/// The directories the VMM writes in: those of the state file, console, alarms,
+/// teardown record, control socket and a SQLite counters database.
+pub fn write_dirs(args: &VmArgs) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<std::path::PathBuf> = [
+        &args.device_state,
+        &args.console,
+        &args.alarms,
+        &args.teardown_record,
+        &args.control,
+    ]
+    .into_iter()
+    .flatten()
+    .cloned()
+    .collect();
+    if let Some(db) = &args.counters_db {
+        if !db.contains("://") {
+            files.push(db.into());
+        }
+    }
+    let mut dirs: Vec<std::path::PathBuf> = files
+        .iter()
+        .map(|f| {
+            let abs = std::path::absolute(f).unwrap_or_else(|_| f.clone());
+            abs.parent()
+                .map(|p| p.to_path_buf())
+                .unwrap_or_else(|| "/".into())
+        })
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    dirs
+}
+
+/// The jail `args` ask for; makes the paths in `args` absolute (the jailed VMM
+/// sees them at the same absolute paths).
+pub fn jail_spec(
+    args: &mut VmArgs,
+    dir: &std::path::Path,
+    close_fds: Vec<i32>,
+) -> anyhow::Result<crate::jail::JailSpec> {
+    let abs = |p: &mut Option<std::path::PathBuf>| -> anyhow::Result<()> {
+        if let Some(x) = p.as_mut() {
+            *x = std::path::absolute(&*x)?;
+        }
+        Ok(())
+    };
+    abs(&mut args.device_state)?;
+    abs(&mut args.console)?;
+    abs(&mut args.alarms)?;
+    abs(&mut args.teardown_record)?;
+    abs(&mut args.control)?;
+    abs(&mut args.counters_key)?;
+    if let Some(db) = &args.counters_db {
+        if !db.contains("://") {
+            args.counters_db = Some(std::path::absolute(db)?.to_string_lossy().into_owned());
+        }
+    }
+    let mut ro_files = Vec::new();
+    if let Some(k) = &args.counters_key {
+        ro_files.push(k.clone());
+    }
+    Ok(crate::jail::JailSpec {
+        dir: std::path::absolute(dir)?,
+        uid: args.uid.unwrap_or(crate::jail::DEFAULT_UID),
+        gid: args
+            .gid
+            .or_else(crate::jail::kvm_gid)
+            .unwrap_or(crate::jail::DEFAULT_UID),
+        rw_dirs: write_dirs(args),
+        ro_files,
+        close_fds,
+        memory_max: crate::jail::DEFAULT_MEMORY_MAX,
+        pids_max: crate::jail::DEFAULT_PIDS_MAX,
+    })
+}
+
+/// Confine the run as `args` say: landlock on this thread now (inherited by the
+/// VM's threads), the seccomp filters as each thread starts ([`Vm::sandbox`]).
+fn sandbox(args: &VmArgs, vm: &mut Vm) -> hilrig_vmm_api::SandboxSummary {
+    crate::seccomp::arm_probe_from_env();
+    let network = args
+        .counters_db
+        .as_deref()
+        .is_some_and(|d| d.starts_with("postgres"));
+    let mut summary = hilrig_vmm_api::SandboxSummary {
+        seccomp: args.seccomp_on(),
+        landlock: "off".into(),
+        jail: args.jail.as_ref().map(|j| j.display().to_string()),
+        // SAFETY: getuid/getgid have no preconditions.
+        uid: unsafe { libc::getuid() },
+        gid: unsafe { libc::getgid() },
+        notes: crate::jail::notes(),
+    };
+    if !args.seccomp_on() {
+        tracing::warn!("--seccomp off: no seccomp filters, no landlock (debugging only)");
+        summary
+            .notes
+            .push("seccomp and landlock off (--seccomp off)".into());
+        return summary;
+    }
+    summary.landlock = match crate::seccomp::landlock(&write_dirs(args)) {
+        Ok(st) => st,
+        Err(e) => {
+            tracing::warn!("landlock not applied: {e}");
+            format!("not applied: {e}")
+        }
+    };
+    vm.sandbox(crate::seccomp::Sandbox {
+        seccomp: true,
+        network,
+    });
+    summary
 }
 
 /// Live-patch and teardown settings from the command line.

@@ -19,8 +19,10 @@ pub mod bench_policy;
 pub mod cli;
 pub mod devices;
 pub mod error;
+pub mod jail;
 pub mod lifecycle;
 pub mod policy;
+pub mod seccomp;
 pub mod verdict;
 pub mod vstate;
 

@@ -220,6 +220,26 @@ impl SimHost {
         }
     }
 
+    /// `--jail <host dir>/jail` when the controller can jail its VMMs (root), so
+    /// every simulated host's VMM runs jailed and unprivileged; else nothing
+    /// (logged).
+    fn jail_args(&self) -> Vec<std::ffi::OsString> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            tracing::warn!("{}: not root, the VMM runs without --jail", self.name);
+            return Vec::new();
+        }
+        let jailable = self
+            .device
+            .parse::<hilrig_vmm_api::DeviceSpec>()
+            .is_ok_and(|d| d.jailable());
+        if !jailable {
+            tracing::warn!("{}: device {} cannot be jailed", self.name, self.device);
+            return Vec::new();
+        }
+        vec!["--jail".into(), self.file("jail").into_os_string()]
+    }
+
     /// The control socket of this host's running VMM (status, pause, patch, teardown).
     pub fn control_path(&self) -> PathBuf {
         self.file("vmm.sock")
@@ -400,6 +420,7 @@ impl SimHost {
             .arg(format!("{}s", self.max_on_s))
             .arg("--control")
             .arg(self.control_path())
+            .args(self.jail_args())
             .args(&self.vmm_args)
             .stdin(Stdio::null())
             .stdout(out)

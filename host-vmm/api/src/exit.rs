@@ -29,11 +29,14 @@ pub enum ExitStatus {
     Stopped = 9,
     /// 10: the device was refused before the guest started (measured VBIOS).
     DeviceRefused = 10,
+    /// 11: a VMM thread made a syscall its seccomp filter forbids; the VMM was
+    /// killed (the message on standard error names the thread kind and syscall).
+    SeccompViolation = 11,
 }
 
 impl ExitStatus {
     /// Every status, by code.
-    pub const ALL: [ExitStatus; 11] = [
+    pub const ALL: [ExitStatus; 12] = [
         ExitStatus::Pass,
         ExitStatus::Fail,
         ExitStatus::Usage,
@@ -45,6 +48,7 @@ impl ExitStatus {
         ExitStatus::VmmError,
         ExitStatus::Stopped,
         ExitStatus::DeviceRefused,
+        ExitStatus::SeccompViolation,
     ];
 
     /// The numeric process exit status.
@@ -74,6 +78,7 @@ impl ExitStatus {
             ExitStatus::VmmError => "vmm-error",
             ExitStatus::Stopped => "stopped",
             ExitStatus::DeviceRefused => "device-refused",
+            ExitStatus::SeccompViolation => "seccomp-violation",
         }
     }
 }
@@ -92,7 +97,7 @@ impl From<ExitStatus> for std::process::ExitCode {
 
 /// A number that is not one of the VMM's exit statuses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("{0} is not a VMM exit status (0..=10)")]
+#[error("{0} is not a VMM exit status (0..=11)")]
 pub struct UnknownStatus(pub u8);
 
 impl TryFrom<u8> for ExitStatus {
@@ -122,7 +127,7 @@ mod tests {
             assert_eq!(ExitStatus::from_code(i as i32), Some(*s));
             assert_eq!(serde_json::to_string(s).unwrap(), i.to_string());
         }
-        assert_eq!(ExitStatus::from_code(11), None);
+        assert_eq!(ExitStatus::from_code(12), None);
         assert_eq!(ExitStatus::from_code(-1), None);
         assert_eq!(ExitStatus::from_code(137), None);
         assert!(serde_json::from_str::<ExitStatus>("42").is_err());

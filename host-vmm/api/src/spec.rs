@@ -381,6 +381,21 @@ pub struct VmSpec {
     /// naming it; `ud` injects #UD into the guest and goes on.
     #[arg(long, value_enum, default_value_t = OnUnemulated::Stop)]
     pub on_unemulated: OnUnemulated,
+    /// Per-thread seccomp filters and landlock (default on; `off` is for debugging
+    /// only: logged, and recorded in the run summary).
+    #[arg(long, value_parser = parse_on_off)]
+    pub seccomp: Option<bool>,
+    /// Run the VMM jailed under this directory: a per-VM root (pivot_root) holding
+    /// only /dev/kvm and the files it needs, new mount/pid/ipc/net namespaces, an
+    /// unprivileged uid/gid, cgroup v2 limits where available, no inherited fds.
+    #[arg(long)]
+    pub jail: Option<PathBuf>,
+    /// The uid the jailed VMM runs as (default 65534, nobody).
+    #[arg(long)]
+    pub uid: Option<u32>,
+    /// The gid the jailed VMM runs as (default: the kvm group, else 65534).
+    #[arg(long)]
+    pub gid: Option<u32>,
 }
 
 /// What an instruction KVM cannot emulate on MMIO gets (`--on-unemulated`).
@@ -438,6 +453,10 @@ impl Default for VmSpec {
             list_payloads: false,
             allow_policy_widening: false,
             on_unemulated: OnUnemulated::Stop,
+            seccomp: None,
+            jail: None,
+            uid: None,
+            gid: None,
         }
     }
 }
@@ -449,6 +468,19 @@ fn duration_arg(d: Duration) -> String {
         format!("{}ms", d.as_millis())
     } else {
         format!("{}.{:09}s", d.as_secs(), d.subsec_nanos())
+    }
+}
+
+impl DeviceSpec {
+    /// Whether a VMM with this backend can run under `--jail`: the in-process
+    /// backends (model, rtl, lockstep). Verilator's generated model runs threads
+    /// (they do not survive the jail's fork); VFIO and FPGA boards need host device
+    /// nodes the jail does not bind.
+    pub fn jailable(&self) -> bool {
+        matches!(
+            self,
+            DeviceSpec::Model | DeviceSpec::Rtl | DeviceSpec::Lockstep
+        )
     }
 }
 
@@ -489,6 +521,14 @@ impl VmSpec {
             ("teardown-record", path(&self.teardown_record)),
             ("counters-db", self.counters_db.clone().map(OsString::from)),
             ("counters-key", path(&self.counters_key)),
+            ("jail", path(&self.jail)),
+            (
+                "seccomp",
+                self.seccomp
+                    .map(|e| OsString::from(if e { "on" } else { "off" })),
+            ),
+            ("uid", self.uid.map(|u| OsString::from(u.to_string()))),
+            ("gid", self.gid.map(|g| OsString::from(g.to_string()))),
         ] {
             if let Some(v) = v {
                 flag(name, v);
@@ -535,6 +575,11 @@ impl VmSpec {
             }
         }
         a
+    }
+
+    /// Whether the seccomp filters are on (the default).
+    pub fn seccomp_on(&self) -> bool {
+        self.seccomp != Some(false)
     }
 
     /// Whether a teardown runs when the VM exits.
@@ -597,6 +642,10 @@ mod tests {
             list_payloads: false,
             allow_policy_widening: true,
             on_unemulated: OnUnemulated::Ud,
+            seccomp: Some(false),
+            jail: Some("/srv/jail/vm1".into()),
+            uid: Some(1000),
+            gid: Some(107),
         };
         assert_eq!(parse(&s.to_args()), s);
         let odd = VmSpec {

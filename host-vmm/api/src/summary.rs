@@ -306,6 +306,32 @@ pub struct RunSummary {
     /// Whether the device was wedged after the run (None: not known).
     #[serde(default)]
     pub device_hung: Option<bool>,
+    /// How the VMM was confined (None: not reported, e.g. an older VMM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<SandboxSummary>,
+}
+
+/// How a VMM run was confined (issue 16: jail, seccomp, landlock).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxSummary {
+    /// Per-thread seccomp filters installed (false: `--seccomp off`, debugging only).
+    pub seccomp: bool,
+    /// What landlock enforced ("fully enforced", "not enforced ...", "off").
+    #[serde(default)]
+    pub landlock: String,
+    /// The jail root (None: not jailed).
+    #[serde(default)]
+    pub jail: Option<String>,
+    /// The uid and gid the VMM ran as.
+    #[serde(default)]
+    pub uid: u32,
+    /// The gid.
+    #[serde(default)]
+    pub gid: u32,
+    /// What was not applied, and why (e.g. cgroup limits without a writable
+    /// cgroup v2 hierarchy).
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 /// Standard output of a VMM run held no run summary.
@@ -337,6 +363,7 @@ impl RunSummary {
             patches: Vec::new(),
             results: Vec::new(),
             device_hung: None,
+            sandbox: None,
         }
     }
 
@@ -358,6 +385,7 @@ impl RunSummary {
             patches: Vec::new(),
             results: Vec::new(),
             device_hung: None,
+            sandbox: None,
         }
     }
 

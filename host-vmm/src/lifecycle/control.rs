@@ -146,9 +146,25 @@ pub fn serve(
     control: Arc<dyn Control>,
     stop: Arc<AtomicBool>,
 ) -> (std::thread::JoinHandle<()>, InFlight) {
+    serve_with(listener, control, stop, || Ok(()))
+}
+
+/// As [`serve`], with `on_start` run first on the server thread (e.g. installing
+/// its seccomp filter, which its connection threads inherit). When it fails, the
+/// socket is not served (logged).
+pub fn serve_with(
+    listener: UnixListener,
+    control: Arc<dyn Control>,
+    stop: Arc<AtomicBool>,
+    on_start: impl FnOnce() -> Result<(), String> + Send + 'static,
+) -> (std::thread::JoinHandle<()>, InFlight) {
     let in_flight = InFlight::default();
     let counter = in_flight.clone();
     let handle = std::thread::spawn(move || {
+        if let Err(e) = on_start() {
+            tracing::error!("control socket not served: {e}");
+            return;
+        }
         // SAFETY: geteuid has no preconditions.
         let owner = unsafe { libc::geteuid() };
         if let Err(e) = listener.set_nonblocking(true) {

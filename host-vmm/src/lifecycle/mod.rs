@@ -12,6 +12,7 @@ pub mod modules;
 pub mod patch;
 pub mod patch_path;
 pub mod quiesce;
+pub mod sealed;
 pub mod teardown;
 
 pub use life::*;

@@ -264,6 +264,8 @@ pub struct NativeHandler {
     lib: Arc<libloading::Library>,
     hook: *const c_void,
     abi: u32,
+    // The sealed memfd the library was loaded from (after `lib`: dropped after it).
+    _sealed: Option<Arc<super::sealed::SealedModule>>,
     /// Its version.
     pub version: u64,
 }
@@ -344,9 +346,24 @@ impl NativeHandler {
             hook: d.on_access,
             abi: d.abi,
             lib: Arc::new(lib),
+            _sealed: None,
             version,
         })
     }
+
+    /// Load a module from its sealed memfd ([`super::sealed::SealedModule`]): the
+    /// bytes whose hash was checked are the bytes loaded. The memfd is kept open as
+    /// long as the library is loaded.
+    pub fn load_sealed(
+        module: super::sealed::SealedModule,
+        component: &str,
+        version: u64,
+    ) -> Result<NativeHandler, LoadError> {
+        let mut h = NativeHandler::load(&module.path(), component, version)?;
+        h._sealed = Some(Arc::new(module));
+        Ok(h)
+    }
+
 
     /// The module's ABI version (1 or 2).
     pub fn abi(&self) -> u32 {

@@ -10,7 +10,7 @@ use crate::policy::{PolicyError, PolicyFile, Profile};
 use ed25519_dalek::VerifyingKey;
 use hilrig_fw::bundle::{self, BundleError};
 use sha2::{Digest, Sha256};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 /// Component name of the policy rules (a data module).
@@ -95,6 +95,10 @@ pub enum PatchError {
     /// The native module does not load.
     #[error(transparent)]
     Load(#[from] LoadError),
+    /// The native module could not be put in a sealed memfd, or its sealed bytes
+    /// do not hash to the manifest's SHA-256.
+    #[error(transparent)]
+    Sealed(#[from] super::sealed::SealError),
     /// Writing the module file.
     #[error("module directory {path}: {source}")]
     Io {
@@ -187,7 +191,9 @@ pub struct PatchAuthority {
     pub decrypt_key: Option<[u8; 32]>,
     /// SHA-256 of the running VMM executable.
     pub build_sha256: [u8; 32],
-    /// Private directory (0700) where native modules are written before loading.
+    /// Unused: native modules are loaded from sealed memfds
+    /// ([`super::sealed::SealedModule`]), never from a file in a directory. Kept so
+    /// that existing callers still compile.
     pub module_dir: PathBuf,
     /// Versions applied on this host before (`--patch-record`): a bundle must be newer.
     pub applied: Option<Arc<crate::lifecycle::applied::AppliedVersions>>,
@@ -299,8 +305,10 @@ impl PatchAuthority {
             }
             DEVICE_HANDLER => {
                 let want = m.payloads[0].sha256.to_ascii_lowercase();
-                let path = self.write_module(name, data, &want, m.version)?;
-                let handler = NativeHandler::load(&path, DEVICE_HANDLER, m.version)?;
+                // Loaded from a sealed memfd: no path a local user could swap
+                // between the hash check and dlopen.
+                let sealed = super::sealed::SealedModule::new(name, data, &want)?;
+                let handler = NativeHandler::load_sealed(sealed, DEVICE_HANDLER, m.version)?;
                 Ok(Prepared::Handler {
                     version: m.version,
                     handler,
@@ -308,59 +316,6 @@ impl PatchAuthority {
             }
             other => Err(PatchError::UnknownComponent(other.to_string())),
         }
-    }
-
-    /// Write a module into the private module directory and check the written file's
-    /// SHA-256 against the manifest before it may be loaded.
-    #[link_section = "hilrig_patch_text"]
-    #[inline(never)]
-    fn write_module(
-        &self,
-        name: &str,
-        data: &[u8],
-        sha256: &str,
-        version: u64,
-    ) -> Result<PathBuf, PatchError> {
-        use std::io::Write;
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| PatchError::Io { path, source }
-        };
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.module_dir)
-            .map_err(io(&self.module_dir))?;
-        let safe: String = name
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric() || *c == '.' || *c == '-' || *c == '_')
-            .collect();
-        let path = self.module_dir.join(format!(
-            "v{version}-{}-{safe}",
-            &sha256[..16.min(sha256.len())]
-        ));
-        if !path.exists() {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .map_err(io(&path))?;
-            f.write_all(data).map_err(io(&path))?;
-            f.sync_all().map_err(io(&path))?;
-        }
-        let written = std::fs::read(&path).map_err(io(&path))?;
-        if hex::encode(Sha256::digest(&written)) != sha256 {
-            return Err(PatchError::Payload {
-                component: DEVICE_HANDLER.into(),
-                reason: format!(
-                    "{} does not hash to the signed manifest's SHA-256",
-                    path.display()
-                ),
-            });
-        }
-        Ok(path)
     }
 }
 
@@ -388,6 +343,7 @@ mod tests {
     use super::*;
     use crate::policy::load_profile;
     use ed25519_dalek::SigningKey;
+    use std::path::Path;
 
     const BUILD: [u8; 32] = [7; 32];
 

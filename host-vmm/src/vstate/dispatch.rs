@@ -301,6 +301,11 @@ fn io_out<B: ExitBus + ?Sized>(idx: u8, bus: &B, port: u16, data: &[u8]) -> Next
         }
         PORT_DEBUG => {
             tracing::debug!(vcpu = idx, ?data, "guest debug port");
+            // Test hook (armed only by HILRIG_VMM_SECCOMP_PROBE=1): a forbidden
+            // syscall from this vCPU thread.
+            if data == crate::seccomp::PROBE_MAGIC.to_le_bytes() {
+                crate::seccomp::probe();
+            }
             Next::Continue
         }
         PORT_RESULT => {

@@ -580,6 +580,7 @@ pub struct Vm {
     shared: Arc<Shared>,
     capture: Option<CaptureBuf>,
     plan: PagePlan,
+    sandbox: crate::seccomp::Sandbox,
     // Drop order: the VM fd before the memory it maps, the backend's mappings last.
     _vm: Arc<VmFd>,
     _mem: GuestMemoryMmap,
@@ -851,6 +852,7 @@ impl Vm {
             shared,
             capture,
             plan,
+            sandbox: crate::seccomp::Sandbox::default(),
             _vm: vm,
             _mem: mem,
             _backend_keep: keep,
@@ -874,6 +876,14 @@ impl Vm {
             .policy
             .as_ref()
             .map(|_| PolicyHandle(Arc::downgrade(&self.shared)))
+    }
+
+    /// Confine the run ([`crate::seccomp`]): each thread's seccomp filter once it is set up (the main thread's after the
+    /// vCPU and control threads are started, so `run` must be the last set-up step
+    /// of the calling thread: its filter stays). Off by default (library users and
+    /// in-process tests); the CLI turns it on.
+    pub fn sandbox(&mut self, sandbox: crate::seccomp::Sandbox) {
+        self.sandbox = sandbox;
     }
 
     /// The vector features the guest gets.
@@ -902,6 +912,13 @@ impl Vm {
             None => None,
         };
         let (handles, rx) = self.spawn_vcpus();
+        if self.sandbox.seccomp {
+            if let Err(e) =
+                crate::seccomp::install(crate::seccomp::ThreadKind::Main, self.sandbox.network)
+            {
+                self.shared.finish(Verdict::Internal(e.to_string()));
+            }
+        }
         let results = self.watch(handles.len(), &rx);
         lock(&self.shared.threads).clear();
         for h in handles {
@@ -935,7 +952,15 @@ impl Vm {
             .map_err(|e| VmmError::Config(format!("control socket {}: {e}", path.display())))?;
         let host: Arc<dyn crate::lifecycle::VmHost> = self.shared.clone();
         let ctl = Arc::new(crate::lifecycle::VmControl(Arc::downgrade(&host)));
-        let served = crate::lifecycle::control::serve(l, ctl, stop.clone());
+        let (seccomp, network) = (self.sandbox.seccomp, self.sandbox.network);
+        let served = crate::lifecycle::control::serve_with(l, ctl, stop.clone(), move || {
+            if seccomp {
+                crate::seccomp::install(crate::seccomp::ThreadKind::Control, network)
+                    .map_err(|e| e.to_string())
+            } else {
+                Ok(())
+            }
+        });
         Ok(Some((path.clone(), served)))
     }
 
@@ -947,9 +972,18 @@ impl Vm {
         for (i, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
             let shared = self.shared.clone();
             let tx = tx.clone();
+            let seccomp = self.sandbox.seccomp;
             let h = std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
                 .spawn(move || {
+                    if seccomp {
+                        if let Err(e) =
+                            crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu, false)
+                        {
+                            // Ends the VM: the loop sees the stop at once.
+                            shared.finish(Verdict::Internal(e.to_string()));
+                        }
+                    }
                     let r = vcpu_loop(i as u8, vcpu, &shared);
                     let _ = tx.send(r);
                 });
