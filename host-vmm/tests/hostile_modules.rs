@@ -60,6 +60,8 @@ fn a_module_swapped_after_the_hash_check_never_runs() {
         decrypt_key: None,
         build_sha256: BUILD,
         module_dir: module_dir.clone(),
+        applied: None,
+        allow_widening: false,
     };
     let table = ModuleTable::new(
         Some(Arc::new(load_profile(None, "tenant").unwrap())),
@@ -72,6 +74,7 @@ fn a_module_swapped_after_the_hash_check_never_runs() {
             target_vmm_sha256: BUILD,
             payloads: vec![("libdemo.so".to_string(), genuine)],
             encrypt_to: None,
+            patch_path_sha256: Some(hilrig_vmm::lifecycle::patch_path::measure_patch_path()),
         },
         &SigningKey::from_bytes(&[1; 32]),
     )

@@ -364,7 +364,6 @@ impl NativeHandler {
         Ok(h)
     }
 
-
     /// The module's ABI version (1 or 2).
     pub fn abi(&self) -> u32 {
         self.abi
