@@ -193,6 +193,12 @@ pub struct Service {
     pending_history: Option<Vec<Vec<Val>>>,
     /// During `verify_batch` on PostgreSQL: device rows written together.
     pending_devices: Option<Vec<Vec<Val>>>,
+    /// Runs inside `verify_batch` after the rows are read and before they are
+    /// written (tests: another process commits in between).
+    batch_hook: Option<Box<dyn FnMut() + Send>>,
+    /// During `verify_batch` on PostgreSQL: each device row's MAC as read (rows are
+    /// not locked; the batched UPDATE compares and swaps on it).
+    batch_macs: Option<std::collections::HashMap<String, String>>,
     /// During `verify_batch`: every hold, read up front.
     holds: Option<std::collections::HashMap<String, String>>,
     /// The device row last read, as found (for the evidence).
@@ -339,12 +345,20 @@ impl Service {
             anchor: None,
             max_seqs: None,
             pending_devices: None,
+            batch_macs: None,
+            batch_hook: None,
         })
     }
 
     /// The database's kind.
     pub fn db_kind(&self) -> &'static str {
         self.db.kind()
+    }
+
+    /// Run `f` inside every `verify_batch`, after the device rows are read and
+    /// before anything is written (tests: a concurrent commit at the worst moment).
+    pub fn set_batch_hook(&mut self, f: Option<Box<dyn FnMut() + Send>>) {
+        self.batch_hook = f;
     }
 
     /// Keep the connection's own memory small for long scans (`status`, `master`).
@@ -570,6 +584,10 @@ impl Service {
         self.last_raw = Some(row.clone());
         match Self::parse_device(row) {
             Ok(raw) => {
+                if let Some(m) = &mut self.batch_macs {
+                    m.entry(serial.to_string())
+                        .or_insert_with(|| raw.mac.clone());
+                }
                 let intact = self
                     .key
                     .check_input(&Self::device_input(&raw.rec), &raw.mac);
@@ -697,6 +715,15 @@ impl Service {
                 &p,
             )?;
         } else {
+            // Host and rack rarely change (only a re-enrolment moves a device):
+            // leaving them out of the SET list spares SQLite the index updates.
+            let n = self.db.exec(
+                "UPDATE devices SET state=$4, c0=$5, c1=$6, c2=$7, master=$8, epoch=$9, h0=$10, h1=$11, h2=$12, reason=$13, hold=$14, verified_at=$15, mac=$16, hseq=$17 WHERE serial=$1 AND host=$2 AND rack=$3",
+                &p,
+            )?;
+            if n == 1 {
+                return Ok(());
+            }
             let n = self.db.exec(
                 "UPDATE devices SET host=$2, rack=$3, state=$4, c0=$5, c1=$6, c2=$7, master=$8, epoch=$9, h0=$10, h1=$11, h2=$12, reason=$13, hold=$14, verified_at=$15, mac=$16, hseq=$17 WHERE serial=$1",
                 &p,
@@ -1143,7 +1170,16 @@ impl Service {
         for chunk in keys.chunks(1000) {
             let (sql, params) = if pg {
                 (
-                    format!("SELECT {DEV_COLS} FROM devices WHERE serial = ANY($1) FOR UPDATE"),
+                    // Not locked: the batched UPDATE compares and swaps on the MAC
+                    // read here (locking 1,000 rows costs a write to each). With
+                    // each device's latest history seq (the replayed-row check).
+                    // Its hold and the chain head come along too: one round trip
+                    // instead of four.
+                    format!("SELECT {DEV_COLS}, (SELECT MAX(h.seq) FROM history h WHERE h.serial = devices.serial), \
+                             (SELECT reason FROM holds WHERE holds.serial = devices.serial), \
+                             (SELECT seq FROM history WHERE seq > 0 ORDER BY seq DESC LIMIT 1), \
+                             (SELECT mac FROM history WHERE seq > 0 ORDER BY seq DESC LIMIT 1) \
+                             FROM devices WHERE serial = ANY($1)"),
                     vec![Val::TextArray(chunk.to_vec())],
                 )
             } else {
@@ -1157,12 +1193,39 @@ impl Service {
                     chunk.iter().map(|k| Val::Text(k.clone())).collect(),
                 )
             };
-            for row in self.db.query(&sql, &params)? {
+            for mut row in self.db.query(&sql, &params)? {
+                if row.len() == 21 {
+                    let extra = row.split_off(17);
+                    let key = match row.first() {
+                        Some(Val::Text(k)) => k.clone(),
+                        _ => String::new(),
+                    };
+                    if let (Some(seqs), Val::I64(m)) = (&mut self.max_seqs, &extra[0]) {
+                        seqs.insert(key.clone(), *m);
+                    }
+                    if let Some(h) = &mut self.holds {
+                        match &extra[1] {
+                            Val::Null => {}
+                            // Whatever the row says (even if edited), it is held.
+                            v => {
+                                h.insert(key, v.text("reason").unwrap_or_else(|_| "held".into()));
+                            }
+                        }
+                    }
+                    if self.head.is_none() {
+                        if let (Val::I64(seq), Val::Text(mac)) = (&extra[2], &extra[3]) {
+                            self.head = Some((*seq, mac.clone()));
+                        }
+                    }
+                }
                 // Rows that do not even parse are left to the one-by-one path.
                 if let Ok(raw) = Self::parse_device(&row) {
                     let intact = self
                         .key
                         .check_input(&Self::device_input(&raw.rec), &raw.mac);
+                    if let Some(m) = &mut self.batch_macs {
+                        m.insert(raw.rec.serial.clone(), raw.mac.clone());
+                    }
                     out.insert(raw.rec.serial.clone(), (raw.rec, intact));
                 }
             }
@@ -1555,37 +1618,56 @@ impl Service {
     /// Every device must be enrolled: an unknown one fails the whole batch (nothing
     /// is stored). Rows are read up front and history rows written together, so a
     /// batch costs few round trips on PostgreSQL.
+    ///
+    /// On PostgreSQL the rows are read without locks and written back in one
+    /// `UPDATE` that compares and swaps on each row's MAC as read: a row another
+    /// process changed meanwhile makes the whole batch roll back and run again
+    /// (3 tries, then [`Error::Stale`]).
     pub fn verify_batch(&mut self, items: &[(u64, Observation)]) -> Result<Vec<VerifyReport>> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.verify_batch_once(items) {
+                Err(Error::Stale(_)) if tries < 3 => continue,
+                other => return other,
+            }
+        }
+    }
+
+    fn verify_batch_once(&mut self, items: &[(u64, Observation)]) -> Result<Vec<VerifyReport>> {
+        if self.db.kind() == "postgresql" {
+            self.batch_macs = Some(std::collections::HashMap::with_capacity(items.len()));
+        }
         let r = self.tx(|s| {
             let keys: Vec<String> = items.iter().map(|(k, _)| serial_key(*k)).collect();
+            let pg = s.db.kind() == "postgresql";
+            // PostgreSQL reads each device's latest history seq with its row.
+            s.max_seqs = Some(std::collections::HashMap::with_capacity(keys.len()));
+            if pg {
+                s.holds = Some(std::collections::HashMap::new());
+            }
             let pre = s.prefetch(&keys)?;
             s.prefetched = Some(pre);
-            let mut holds = std::collections::HashMap::new();
-            for r in s.db.query("SELECT serial, reason FROM holds", &[])? {
-                if let (Ok(k), Ok(v)) = (r[0].text("serial"), r[1].text("reason")) {
-                    holds.insert(k, v);
+            if !pg {
+                let mut holds = std::collections::HashMap::new();
+                for r in s.db.query("SELECT serial, reason FROM holds", &[])? {
+                    if let (Ok(k), Ok(v)) = (r[0].text("serial"), r[1].text("reason")) {
+                        holds.insert(k, v);
+                    }
                 }
+                s.holds = Some(holds);
             }
-            s.holds = Some(holds);
-            let mut seqs = std::collections::HashMap::with_capacity(keys.len());
-            let pg = s.db.kind() == "postgresql";
+            let mut seqs = s.max_seqs.take().unwrap_or_default();
             for chunk in keys.chunks(1000) {
-                let (sql, params) = if pg {
-                    (
-                        "SELECT serial, MAX(seq) FROM history WHERE serial = ANY($1) GROUP BY serial"
-                            .to_string(),
-                        vec![Val::TextArray(chunk.to_vec())],
-                    )
-                } else {
-                    let list: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
-                    (
-                        format!(
-                            "SELECT serial, MAX(seq) FROM history WHERE serial IN ({}) GROUP BY serial",
-                            list.join(",")
-                        ),
-                        chunk.iter().map(|k| Val::Text(k.clone())).collect(),
-                    )
-                };
+                if pg {
+                    break;
+                }
+                let list: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+                let sql = format!(
+                    "SELECT serial, MAX(seq) FROM history WHERE serial IN ({}) GROUP BY serial",
+                    list.join(",")
+                );
+                let params: Vec<Val> = chunk.iter().map(|k| Val::Text(k.clone())).collect();
                 for r in s.db.query(&sql, &params)? {
                     if let (Ok(k), Val::I64(v)) = (r[0].text("serial"), &r[1]) {
                         seqs.insert(k, *v);
@@ -1594,7 +1676,7 @@ impl Service {
             }
             s.max_seqs = Some(seqs);
             s.pending_history = Some(Vec::with_capacity(items.len()));
-            if s.db.kind() == "postgresql" {
+            if pg {
                 // One round trip per 1,000 rows instead of one per device.
                 s.pending_devices = Some(Vec::with_capacity(items.len()));
             }
@@ -1603,11 +1685,17 @@ impl Service {
                 out.push(s.verify_in_tx(key, Ok(obs.clone()))?);
             }
             s.prefetched = None;
-            if let Some(devs) = s.pending_devices.take() {
-                s.update_devices(devs)?;
-            }
             let rows = s.pending_history.take().unwrap_or_default();
-            s.insert_history(rows)?;
+            if let Some(h) = &mut s.batch_hook {
+                h();
+            }
+            if let Some(devs) = s.pending_devices.take() {
+                // PostgreSQL: the device rows (compare-and-swap) and the history
+                // rows in one statement, one round trip.
+                s.update_devices(devs, rows)?;
+            } else {
+                s.insert_history(rows)?;
+            }
             point("verify_batch: history");
             Ok(out)
         });
@@ -1616,12 +1704,15 @@ impl Service {
         self.holds = None;
         self.max_seqs = None;
         self.pending_devices = None;
+        self.batch_macs = None;
         r
     }
 
-    /// Update many device rows in one statement (PostgreSQL: `UPDATE ... FROM
-    /// unnest(arrays)`); each row must exist (a missing one fails the batch).
-    fn update_devices(&mut self, rows: Vec<Vec<Val>>) -> Result<()> {
+    /// Update many device rows and append `history` rows in one statement
+    /// (PostgreSQL: `UPDATE ... FROM unnest(arrays)` and `INSERT ... SELECT
+    /// unnest(arrays)` in one `WITH`); each device row must still hold the MAC it
+    /// was read with (compare-and-swap), else nothing is kept: [`Error::Stale`].
+    fn update_devices(&mut self, rows: Vec<Vec<Val>>, history: Vec<Vec<Val>>) -> Result<()> {
         // The last write of each device wins (a device verified twice in a batch).
         let mut last = std::collections::HashMap::with_capacity(rows.len());
         for (i, r) in rows.iter().enumerate() {
@@ -1635,20 +1726,54 @@ impl Service {
             .collect();
         let n = rows.len() as u64;
         if n == 0 {
-            return Ok(());
+            return self.insert_history(history);
         }
-        let params = columns(rows, 17, &DEV_INT_COLS)?;
-        let done = self.db.exec(
-            "UPDATE devices AS d SET host=v.host, rack=v.rack, state=v.state, c0=v.c0, c1=v.c1, c2=v.c2, master=v.master, epoch=v.epoch, h0=v.h0, h1=v.h1, h2=v.h2, reason=v.reason, hold=v.hold, verified_at=v.verified_at, mac=v.mac, hseq=v.hseq \
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::bigint[], $16::text[], $17::bigint[]) \
-             AS v(serial, host, rack, state, c0, c1, c2, master, epoch, h0, h1, h2, reason, hold, verified_at, mac, hseq) WHERE d.serial = v.serial",
+        // Each row's MAC as read: the compare in the compare-and-swap.
+        let macs = self.batch_macs.take().unwrap_or_default();
+        let old: Vec<String> = rows
+            .iter()
+            .map(|r| match &r[0] {
+                Val::Text(k) => macs.get(k).cloned().unwrap_or_default(),
+                _ => String::new(),
+            })
+            .collect();
+        let mut params = columns(rows, 17, &DEV_INT_COLS)?;
+        params.push(Val::TextArray(old));
+        let nh = history.len() as i64;
+        params.extend(columns(history, 12, &[1, 4, 10])?);
+        let got = self.db.query(
+            "WITH u AS (UPDATE devices AS d SET host=v.host, rack=v.rack, state=v.state, c0=v.c0, c1=v.c1, c2=v.c2, master=v.master, epoch=v.epoch, h0=v.h0, h1=v.h1, h2=v.h2, reason=v.reason, hold=v.hold, verified_at=v.verified_at, mac=v.mac, hseq=v.hseq \
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::bigint[], $16::text[], $17::bigint[], $18::text[]) \
+             AS v(serial, host, rack, state, c0, c1, c2, master, epoch, h0, h1, h2, reason, hold, verified_at, mac, hseq, old) WHERE d.serial = v.serial AND d.mac = v.old RETURNING 1), \
+             h AS (INSERT INTO history (serial, at, verdict, severity, recoverable, state, observed, expected, reasons, mac, seq, prev) \
+             SELECT * FROM unnest($19::text[], $20::bigint[], $21::text[], $22::text[], $23::bigint[], $24::text[], $25::text[], $26::text[], $27::text[], $28::text[], $29::bigint[], $30::text[]) RETURNING 1) \
+             SELECT (SELECT COUNT(*) FROM u), (SELECT COUNT(*) FROM h)",
             &params,
-        )?;
-        if done != n {
+        ).map_err(|e| match e {
+            // Another process appended to the history chain since its head was
+            // read: our sequence numbers are taken. Run the batch again.
+            Error::Db { detail, .. } if detail.contains("history_seq") => {
+                Error::Stale("the history chain moved on during the batch".into())
+            }
+            other => other,
+        })?;
+        let (done, hdone) = match got.first() {
+            Some(r) if r.len() == 2 => (r[0].i64("updated")? as u64, r[1].i64("inserted")?),
+            _ => return Err(Error::db("writing a batch", "no counts returned")),
+        };
+        if hdone != nh {
             return Err(Error::db(
-                "updating device rows",
-                format!("{done} of {n} rows updated"),
+                "writing a batch",
+                format!("{hdone} of {nh} history rows inserted"),
             ));
+        }
+        if done != n {
+            // A row changed (or went) since it was read: nothing of this batch
+            // is kept; the caller runs it again on fresh rows.
+            return Err(Error::Stale(format!(
+                "{} of {n} devices in the batch",
+                n - done
+            )));
         }
         Ok(())
     }

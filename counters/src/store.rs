@@ -297,7 +297,7 @@ impl PgDb {
     /// work inside it (tests isolate themselves this way).
     pub fn connect(url: &str, schema: Option<&str>) -> Result<PgDb> {
         let client = postgres::Client::connect(url, postgres::NoTls)
-            .map_err(|e| Error::db(&format!("connecting to {}", redact(url)), e))?;
+            .map_err(|e| Error::db(&format!("connecting to {}", redact(url)), pg_detail(&e)))?;
         let mut db = PgDb {
             client,
             stmts: HashMap::new(),
@@ -334,7 +334,7 @@ impl PgDb {
         let s = self
             .client
             .prepare(sql)
-            .map_err(|e| Error::db(&format!("preparing {sql}"), e))?;
+            .map_err(|e| Error::db(&format!("preparing {sql}"), pg_detail(&e)))?;
         self.stmts.insert(sql.to_string(), s.clone());
         Ok(s)
     }
@@ -342,7 +342,7 @@ impl PgDb {
 
 fn pg_row(sql: &str, r: &postgres::Row) -> Result<Vec<Val>> {
     use postgres::types::Type;
-    let rd = |e: postgres::Error| Error::db(&format!("reading {sql}"), e);
+    let rd = |e: postgres::Error| Error::db(&format!("reading {sql}"), pg_detail(&e));
     let mut row = Vec::with_capacity(r.len());
     for (i, c) in r.columns().iter().enumerate() {
         let t = c.type_();
@@ -373,6 +373,29 @@ fn pg_row(sql: &str, r: &postgres::Row) -> Result<Vec<Val>> {
         row.push(v.unwrap_or(Val::Null));
     }
     Ok(row)
+}
+
+/// A PostgreSQL error with the server's message, SQLSTATE and constraint (the
+/// client's own Display says only "db error").
+fn pg_detail(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => {
+            let mut s = format!(
+                "{}: {} (SQLSTATE {})",
+                d.severity(),
+                d.message(),
+                d.code().code()
+            );
+            if let Some(c) = d.constraint() {
+                s.push_str(&format!(", constraint {c}"));
+            }
+            if let Some(x) = d.detail() {
+                s.push_str(&format!("; {x}"));
+            }
+            s
+        }
+        None => e.to_string(),
+    }
 }
 
 /// A URL with any password replaced, for messages.
@@ -435,7 +458,7 @@ impl Db for PgDb {
         let refs = pg_params(params);
         self.client
             .execute(&st, &refs)
-            .map_err(|e| Error::db(&format!("running {sql}"), e))
+            .map_err(|e| Error::db(&format!("running {sql}"), pg_detail(&e)))
     }
     fn query(&mut self, sql: &str, params: &[Val]) -> Result<Vec<Vec<Val>>> {
         let st = self.stmt(sql)?;
@@ -443,7 +466,7 @@ impl Db for PgDb {
         let rows = self
             .client
             .query(&st, &refs)
-            .map_err(|e| Error::db(&format!("running {sql}"), e))?;
+            .map_err(|e| Error::db(&format!("running {sql}"), pg_detail(&e)))?;
         rows.iter().map(|r| pg_row(sql, r)).collect()
     }
     fn query_each(
@@ -461,7 +484,7 @@ impl Db for PgDb {
         }
         let st = self.stmt(sql)?;
         let refs = pg_params(params);
-        let run = |e: postgres::Error| Error::db(&format!("running {sql}"), e);
+        let run = |e: postgres::Error| Error::db(&format!("running {sql}"), pg_detail(&e));
         let mut tx = self
             .client
             .build_transaction()
@@ -484,12 +507,12 @@ impl Db for PgDb {
     fn batch(&mut self, sql: &str) -> Result<()> {
         self.client
             .batch_execute(sql)
-            .map_err(|e| Error::db("running a batch", e))
+            .map_err(|e| Error::db("running a batch", pg_detail(&e)))
     }
     fn begin(&mut self) -> Result<()> {
         self.client
             .batch_execute("BEGIN")
-            .map_err(|e| Error::db("BEGIN", e))?;
+            .map_err(|e| Error::db("BEGIN", pg_detail(&e)))?;
         self.in_tx = true;
         Ok(())
     }
@@ -497,7 +520,7 @@ impl Db for PgDb {
         self.in_tx = false;
         self.client
             .batch_execute("COMMIT")
-            .map_err(|e| Error::db("COMMIT", e))
+            .map_err(|e| Error::db("COMMIT", pg_detail(&e)))
     }
     fn rollback(&mut self) {
         self.in_tx = false;
@@ -524,8 +547,25 @@ pub fn open(spec: &str) -> Result<Box<dyn Db>> {
     }
 }
 
+/// Keep the text of `{PG:...}` parts on PostgreSQL, drop them elsewhere.
+fn dialect(sql: &str, kind: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut rest = sql;
+    while let Some(i) = rest.find("{PG:") {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i + 4..];
+        let end = tail.find('}').unwrap_or(tail.len());
+        if kind == "postgresql" {
+            out.push_str(&tail[..end]);
+        }
+        rest = tail.get(end + 1..).unwrap_or("");
+    }
+    out.push_str(rest);
+    out
+}
+
 /// The schema migrations, applied in order. `{ID}` stands for the dialect's
-/// auto-increment key. Never edit a published migration: add a new one.
+/// auto-increment key, `{PG:...}` for text only PostgreSQL runs. Never edit a published migration: add a new one.
 pub const MIGRATIONS: &[(i64, &str)] = &[
     (
         1,
@@ -625,7 +665,9 @@ pub const MIGRATIONS: &[(i64, &str)] = &[
         "DROP INDEX devices_host;
         DROP INDEX devices_rack;
         CREATE INDEX devices_host_serial ON devices (host, serial);
-        CREATE INDEX devices_rack_serial ON devices (rack, serial);",
+        CREATE INDEX devices_rack_serial ON devices (rack, serial);
+        DROP INDEX history_serial;
+        {PG:ALTER TABLE devices SET (fillfactor = 60);}",
     ),
 ];
 
@@ -676,7 +718,7 @@ pub fn migrate(db: &mut dyn Db) -> Result<Vec<i64>> {
             if !rows.is_empty() {
                 return Ok(false);
             }
-            let sql = sql.replace("{ID}", db.auto_id());
+            let sql = dialect(&sql.replace("{ID}", db.auto_id()), db.kind());
             db.batch(&sql)?;
             db.exec(
                 "INSERT INTO schema_version (version, applied_at) VALUES ($1, $2)",
@@ -706,4 +748,14 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod dialect_tests {
+    #[test]
+    fn postgresql_only_parts() {
+        let s = "A;{PG:B;}C;{PG:D}";
+        assert_eq!(super::dialect(s, "postgresql"), "A;B;C;D");
+        assert_eq!(super::dialect(s, "sqlite"), "A;C;");
+    }
 }

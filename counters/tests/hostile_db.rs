@@ -403,3 +403,70 @@ fn a_file_anchor_that_is_a_sqlite_database_is_named() {
         "{e}"
     );
 }
+
+#[test]
+fn a_batch_racing_a_concurrent_verify_is_run_again_never_lost() {
+    // The batched PostgreSQL write reads rows without locks and compares and swaps
+    // on each row's MAC; a commit by another process in between (a device row and
+    // the history chain moved on) makes the batch run again on fresh rows.
+    each_backend("batchrace", |s, dir| {
+        let p = make_device(dir, 0x61, 16);
+        let q = make_device(dir, 0x62, 16);
+        enroll_from(s, &p, 0x61);
+        enroll_from(s, &q, 0x62);
+        let obs = |path: &Path| source(path).observe().unwrap();
+        let items = vec![(0x61, obs(&p)), (0x62, obs(&q))];
+        // The other process: a second connection to the same database.
+        let other: Option<Service> = match s.db_kind() {
+            "sqlite" => None, // SQLite locks the whole database for the batch.
+            _ => {
+                let url = pg_url().unwrap();
+                let schema: String = {
+                    let r = s.db_mut().query("SELECT current_schema()", &[]).unwrap();
+                    r[0][0].text("schema").unwrap()
+                };
+                let db = hilrig_counters::store::PgDb::connect(&url, Some(&schema)).unwrap();
+                Some(Service::with_db(Box::new(db), key()).unwrap())
+            }
+        };
+        let Some(mut other) = other else {
+            eprintln!("batchrace: sqlite serialises writers; the race is PostgreSQL's");
+            return;
+        };
+        let q2 = q.clone();
+        let fired = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let f2 = fired.clone();
+        let mut once = Some(move || {
+            // Commits a verify of 0x62: its row and the chain head change.
+            let r = other.verify(0x62, &mut source(&q2)).unwrap();
+            assert!(r.trusted());
+        });
+        s.set_batch_hook(Some(Box::new(move || {
+            f2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if let Some(mut f) = once.take() {
+                f();
+            }
+        })));
+        let reps = s.verify_batch(&items).unwrap();
+        s.set_batch_hook(None);
+        assert_eq!(
+            fired.load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "run twice"
+        );
+        assert!(reps.iter().all(|r| r.trusted()), "{reps:?}");
+        // Nothing was lost: both rows are current, the chain is whole, and a fresh
+        // verify of each is trusted (a lost update would read as a replayed row).
+        for (serial, path) in [(0x61, &p), (0x62, &q)] {
+            assert!(s.device(serial).is_ok(), "{serial:#x}");
+            assert!(s.verify(serial, &mut source(path)).unwrap().trusted());
+        }
+        let h = s.history(Some(0x62), 10).unwrap();
+        assert!(h.iter().all(|e| e.intact));
+        assert_eq!(
+            h.len(),
+            3,
+            "the concurrent verify, the batch's and the last"
+        );
+    });
+}
