@@ -7,6 +7,12 @@
 //! device row and checks its MAC, loads open intents, decides, rewrites the row with
 //! a new MAC and appends a MACed history row. Devices are verified a rack (1,000) per
 //! transaction, as the rig does after a campaign.
+//!
+//! Scale rows: at each size (`$HILRIG_BENCH_COUNTERS_SIZES`, default 1,000 and
+//! 100,000 devices), `hilrig counters status` and `master --by rack` run as child
+//! processes (time and their own peak RSS), and one `verify` call (its own
+//! transaction) is timed; each row is compared with the same row at the smallest
+//! size in the same run.
 
 use crate::decide::{decide, Expected, Observation};
 use crate::mac::Key;
@@ -15,6 +21,7 @@ use crate::store::{Db, PgDb, SqliteDb};
 use crate::{Result, Verdict};
 use hilrig_device::bench::Figure;
 use hilrig_device::oob::CounterReport;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Devices enrolled for the benchmark.
@@ -50,10 +57,11 @@ fn observation_of(e: &Expected) -> Observation {
     }
 }
 
-fn populate(svc: &mut Service) -> Result<f64> {
+/// Enrol devices `from..to` (5,000 a transaction); returns devices per second.
+fn populate(svc: &mut Service, from: u64, to: u64) -> Result<f64> {
     let t = Instant::now();
     let mut batch = Vec::with_capacity(5000);
-    for i in 0..DEVICES {
+    for i in from..to {
         batch.push(Enrollment {
             serial: 0x1_0000_0000 + i,
             host: format!("host-{}", i / 4),
@@ -68,33 +76,242 @@ fn populate(svc: &mut Service) -> Result<f64> {
     if !batch.is_empty() {
         svc.enroll_many(&batch)?;
     }
-    Ok(DEVICES as f64 / t.elapsed().as_secs_f64())
+    Ok((to - from) as f64 / t.elapsed().as_secs_f64())
 }
 
-fn verify_rate(svc: &mut Service, budget: Duration) -> Result<f64> {
-    let items: Vec<(u64, Observation)> = (0..DEVICES)
-        .map(|i| (0x1_0000_0000 + i, observation_of(&expected_of(i))))
-        .collect();
+/// Batched verification, measured in slices so two backends can take turns (the
+/// machine's load then weighs on both alike).
+struct Rater {
+    items: Vec<(u64, Observation)>,
+    off: usize,
+    n: usize,
+    secs: f64,
+}
+
+impl Rater {
+    fn new() -> Rater {
+        Rater {
+            items: (0..DEVICES)
+                .map(|i| (0x1_0000_0000 + i, observation_of(&expected_of(i))))
+                .collect(),
+            off: 0,
+            n: 0,
+            secs: 0.0,
+        }
+    }
+
+    fn run(&mut self, svc: &mut Service, budget: Duration) -> Result<()> {
+        let t = Instant::now();
+        let mut n = 0;
+        while t.elapsed() < budget || n == 0 {
+            let end = (self.off + BATCH).min(self.items.len());
+            let reps = svc.verify_batch(&self.items[self.off..end])?;
+            if let Some(r) = reps.iter().find(|r| r.decision.verdict != Verdict::Trusted) {
+                return Err(crate::Error::Input(format!(
+                    "benchmark device {} was not trusted: {:?}",
+                    r.serial, r.decision
+                )));
+            }
+            n += reps.len();
+            self.off = if end == self.items.len() { 0 } else { end };
+        }
+        self.n += n;
+        self.secs += t.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    fn rate(&self) -> f64 {
+        self.n as f64 / self.secs.max(1e-9)
+    }
+}
+
+/// Database sizes of the scale rows: `$HILRIG_BENCH_COUNTERS_SIZES` (comma-separated
+/// device counts, e.g. `1000,100000,1000000`), else 1,000 and 100,000.
+fn sizes() -> Vec<u64> {
+    let mut v: Vec<u64> = std::env::var("HILRIG_BENCH_COUNTERS_SIZES")
+        .ok()
+        .map(|s| {
+            s.split(',')
+                .filter_map(|x| x.trim().replace('_', "").parse().ok())
+                .filter(|n| *n > 0)
+                .collect()
+        })
+        .unwrap_or_default();
+    if v.is_empty() {
+        v = vec![1_000, DEVICES];
+    }
+    if !v.contains(&DEVICES) {
+        v.push(DEVICES);
+    }
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// Run `cmd` (a `hilrig counters` command) to its end; returns (seconds, its peak
+/// RSS in MiB). The peak is the child's own VmHWM, which it writes to a file named
+/// by [`crate::cli::PEAK_RSS_ENV`]: `ru_maxrss` from `wait4` would not do, as Linux
+/// starts a child's at its parent's peak RSS when it execs (`exec_mmap`), so a big
+/// parent hides a small child. Its stdout is discarded, its stderr goes to
+/// `stderr_file` and is quoted when it fails.
+pub fn run_measured(cmd: &mut std::process::Command, stderr_file: &Path) -> Result<(f64, f64)> {
+    let shown = format!("{cmd:?}");
+    let fail = |d: String| crate::Error::Input(format!("measuring {shown}: {d}"));
+    let err_file = std::fs::File::create(stderr_file)
+        .map_err(|e| fail(format!("{}: {e}", stderr_file.display())))?;
+    let rss_file = stderr_file.with_extension("peak-rss");
+    let _ = std::fs::remove_file(&rss_file);
     let t = Instant::now();
-    let mut n = 0usize;
-    let mut off = 0usize;
-    while t.elapsed() < budget || n == 0 {
-        let end = (off + BATCH).min(items.len());
-        let reps = svc.verify_batch(&items[off..end])?;
-        if let Some(r) = reps.iter().find(|r| r.decision.verdict != Verdict::Trusted) {
+    let out = cmd
+        .env(crate::cli::PEAK_RSS_ENV, &rss_file)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(err_file)
+        .status()
+        .map_err(|e| fail(e.to_string()))?;
+    let secs = t.elapsed().as_secs_f64();
+    if !out.success() {
+        let msg = std::fs::read_to_string(stderr_file).unwrap_or_default();
+        return Err(fail(format!(
+            "failed ({out}): {}",
+            msg.chars().take(2000).collect::<String>()
+        )));
+    }
+    let text = std::fs::read_to_string(&rss_file)
+        .map_err(|e| fail(format!("its peak RSS ({}): {e}", rss_file.display())))?;
+    let kib: f64 = text
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| fail(format!("its peak RSS {text:?} is not \"N kB\"")))?;
+    Ok((secs, kib / 1024.0))
+}
+
+/// Run `hilrig counters ARGS` as a child process (this executable, which embeds
+/// `counters`); returns (seconds, peak RSS in MiB).
+fn child(args: &[&str], dir: &Path) -> Result<(f64, f64)> {
+    let exe = std::env::current_exe()
+        .map_err(|e| crate::Error::Input(format!("bench: finding this executable: {e}")))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("counters").args(args);
+    run_measured(&mut cmd, &dir.join("child.stderr"))
+}
+
+/// Seconds per single `verify` call (its own transaction, as `hilrig counters
+/// verify` makes) over `n` enrolled devices.
+fn verify_per_call(svc: &mut Service, n: u64, budget: Duration) -> Result<f64> {
+    let t = Instant::now();
+    let mut calls = 0u64;
+    while t.elapsed() < budget || calls < 10 {
+        let i = (calls.wrapping_mul(7919) + 13) % n;
+        let r = svc.verify_observation(0x1_0000_0000 + i, Ok(observation_of(&expected_of(i))))?;
+        if r.decision.verdict != Verdict::Trusted {
             return Err(crate::Error::Input(format!(
                 "benchmark device {} was not trusted: {:?}",
                 r.serial, r.decision
             )));
         }
-        n += reps.len();
-        off = if end == items.len() { 0 } else { end };
+        calls += 1;
     }
-    Ok(n as f64 / t.elapsed().as_secs_f64())
+    Ok(t.elapsed().as_secs_f64() / calls as f64)
+}
+
+/// One backend under test: its service, how a child process reaches it, and its
+/// scale rows so far.
+struct Backend {
+    label: &'static str,
+    svc: Service,
+    db_arg: String,
+    have: u64,
+    first: Option<[usize; 5]>,
+    enrol: f64,
+}
+
+/// The scale rows of `b` at every size in `sizes` (growing its database): `status`
+/// and `master --by rack` as child processes (time and peak RSS) and one verify
+/// call, each compared with the first size's row.
+fn scale_rows(
+    figs: &mut Vec<Figure>,
+    b: &mut Backend,
+    sizes: &[u64],
+    key_file: &Path,
+    dir: &Path,
+    budget: Duration,
+) -> Result<()> {
+    let key_arg = key_file.display().to_string();
+    for &n in sizes {
+        let enr = populate(&mut b.svc, b.have, n)?;
+        if n == DEVICES {
+            b.enrol = enr;
+        }
+        b.have = n;
+        let db = b.db_arg.clone();
+        let (ts, rs) = child(&["status", "--db", &db, "--key", &key_arg], dir)?;
+        let (tm, rm) = child(
+            &["master", "--by", "rack", "--db", &db, "--key", &key_arg],
+            dir,
+        )?;
+        let per = verify_per_call(&mut b.svc, n, budget / 4)?;
+        let mut row = [0usize; 5];
+        for (k, (name, v, unit)) in [
+            ("status: time", ts * 1e3, "ms"),
+            ("status: peak RSS", rs, "MiB"),
+            ("master --by rack: time", tm * 1e3, "ms"),
+            ("master --by rack: peak RSS", rm, "MiB"),
+            ("verify: one call", per * 1e6, "us/call"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            row[k] = figs.len();
+            let mut f = Figure::new(format!("{}: {n} devices, {name}", b.label), v, unit);
+            if let Some(first) = b.first {
+                f = f.vs(first[k]);
+            }
+            if k == 1 || k == 3 {
+                f = f.target("flat from 1k (ratio ~1)");
+            }
+            figs.push(f);
+        }
+        if b.first.is_none() {
+            b.first = Some(row);
+        }
+    }
+    Ok(())
+}
+
+/// Where the SQLite database goes: `$HILRIG_BENCH_DIR`, else `/dev/shm` (memory:
+/// no flush cost, as the test PostgreSQL server runs with `fsync=off`, so the two
+/// rows compare the service's own work and not this machine's shared disk), else
+/// the temporary directory.
+fn bench_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("HILRIG_BENCH_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        return shm.to_path_buf();
+    }
+    std::env::temp_dir()
+}
+
+/// A database named `name` on the server of `url` (same credentials).
+fn pg_db_url(url: &str, name: &str) -> String {
+    let (main, query) = match url.split_once('?') {
+        Some((m, q)) => (m, format!("?{q}")),
+        None => (url, String::new()),
+    };
+    let after = main.find("://").map(|i| i + 3).unwrap_or(0);
+    let base = match main[after..].find('/') {
+        Some(i) => &main[..after + i],
+        None => main,
+    };
+    format!("{base}/{name}{query}")
 }
 
 /// Verifications per second on SQLite (and PostgreSQL when `pg_url` is given),
-/// against the bare in-memory decision as the baseline.
+/// against the bare in-memory decision as the baseline; and the scale rows
+/// (`status`, `master`, one verify) at each size of [`sizes`].
 pub fn bench_counters(budget: Duration, pg_url: Option<&str>) -> Result<Vec<Figure>> {
     let key = Key::from_bytes([0x42; 32]);
     let mut figs = Vec::new();
@@ -108,57 +325,127 @@ pub fn bench_counters(budget: Duration, pg_url: Option<&str>) -> Result<Vec<Figu
     });
     figs.push(Figure::new("decide() in memory (no store)", r, "verify/s"));
 
-    let dir = std::env::temp_dir().join(format!("hilrig-bench-counters-{}", std::process::id()));
+    let dir: PathBuf = bench_dir().join(format!("hilrig-bench-counters-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)
         .map_err(|e| crate::Error::db(&format!("creating {}", dir.display()), e))?;
     let result = (|| -> Result<()> {
-        let db = SqliteDb::open(&dir.join("bench.db"))?;
-        let mut svc = Service::with_db(Box::new(db), key.clone())?;
-        let enr = populate(&mut svc)?;
-        let v = verify_rate(&mut svc, budget)?;
-        let sqlite_idx = figs.len();
-        figs.push(
-            Figure::new(
-                format!("sqlite: verify over {DEVICES} devices ({BATCH}/transaction)"),
-                v,
-                "verify/s",
-            )
-            .vs(0)
-            .target(">= 50,000/s"),
-        );
-        figs.push(Figure::new(
-            "sqlite: enrol (5,000/transaction)",
-            enr,
-            "devices/s",
-        ));
-        if let Some(url) = pg_url {
-            let schema = format!("hilrig_bench_{}", std::process::id());
-            let db = PgDb::connect(url, Some(&schema))?;
-            let r = (|| -> Result<()> {
-                let mut svc = Service::with_db(Box::new(db) as Box<dyn Db>, key.clone())?;
-                let enr = populate(&mut svc)?;
-                let v = verify_rate(&mut svc, budget)?;
-                figs.push(
-                    Figure::new(
-                        format!("postgresql: verify over {DEVICES} devices ({BATCH}/transaction)"),
-                        v,
-                        "verify/s",
-                    )
-                    .vs(sqlite_idx),
-                );
-                figs.push(
-                    Figure::new("postgresql: enrol (5,000/transaction)", enr, "devices/s")
-                        .vs(sqlite_idx + 1),
-                );
-                Ok(())
-            })();
-            let _ = PgDb::connect(url, None).and_then(|mut d| d.drop_schema(&schema));
-            r?;
+        // The same key as a key file, for the child processes.
+        let key_file = dir.join("bench.key");
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&key_file)
+                .and_then(|mut f| {
+                    f.write_all(format!("{}\n", hex::encode([0x42u8; 32])).as_bytes())?;
+                    Ok(f)
+                })
+                .map_err(|e| crate::Error::Input(format!("bench: {}: {e}", key_file.display())))?;
+            let _ = f.flush();
         }
+        let db_path = dir.join("bench.db");
+        let sizes = sizes();
+        let (small, large): (Vec<u64>, Vec<u64>) = sizes.iter().partition(|&&n| n <= DEVICES);
+        let mut backends = vec![Backend {
+            label: "sqlite",
+            svc: Service::with_db(Box::new(SqliteDb::open(&db_path)?), key.clone())?,
+            db_arg: db_path.display().to_string(),
+            have: 0,
+            first: None,
+            enrol: 0.0,
+        }];
+        let pg_name = format!("hilrig_bench_{}", std::process::id());
+        let mut admin = None;
+        if let Some(url) = pg_url {
+            let mut a = PgDb::connect(url, None)?;
+            a.batch(&format!("CREATE DATABASE \"{pg_name}\""))?;
+            admin = Some(a);
+            let bench_url = pg_db_url(url, &pg_name);
+            let db = PgDb::connect(&bench_url, None)?;
+            backends.push(Backend {
+                label: "postgresql",
+                svc: Service::with_db(Box::new(db) as Box<dyn Db>, key.clone())?,
+                db_arg: bench_url,
+                have: 0,
+                first: None,
+                enrol: 0.0,
+            });
+        }
+        let r = (|| -> Result<()> {
+            for b in backends.iter_mut() {
+                scale_rows(&mut figs, b, &small, &key_file, &dir, budget)?;
+            }
+            // Batched verify at 100,000 devices: the backends take turns, 8 slices
+            // each, so a change in the machine's load weighs on both alike.
+            let mut raters: Vec<Rater> = backends.iter().map(|_| Rater::new()).collect();
+            for _ in 0..8 {
+                for (b, r) in backends.iter_mut().zip(raters.iter_mut()) {
+                    r.run(&mut b.svc, budget / 8)?;
+                }
+            }
+            let first = figs.len();
+            for (i, (b, r)) in backends.iter().zip(&raters).enumerate() {
+                let f = Figure::new(
+                    format!(
+                        "{}: verify over {DEVICES} devices ({BATCH}/transaction)",
+                        b.label
+                    ),
+                    r.rate(),
+                    "verify/s",
+                );
+                figs.push(if i == 0 {
+                    f.vs(0).target(">= 50,000/s")
+                } else {
+                    f.vs(first).target(">= 0.5 x sqlite")
+                });
+            }
+            let first = figs.len();
+            for (i, b) in backends.iter().enumerate() {
+                let f = Figure::new(
+                    format!("{}: enrol (5,000/transaction)", b.label),
+                    b.enrol,
+                    "devices/s",
+                );
+                figs.push(if i == 0 { f } else { f.vs(first) });
+            }
+            for b in backends.iter_mut() {
+                scale_rows(&mut figs, b, &large, &key_file, &dir, budget)?;
+            }
+            Ok(())
+        })();
+        drop(backends);
+        if let Some(mut a) = admin {
+            let _ = a.batch(&format!(
+                "DROP DATABASE IF EXISTS \"{pg_name}\" WITH (FORCE)"
+            ));
+        }
+        r?;
         Ok(())
     })();
     let _ = std::fs::remove_dir_all(&dir);
     result?;
     Ok(figs)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn bench_database_urls() {
+        assert_eq!(
+            super::pg_db_url("postgresql://u@h:5/postgres", "b"),
+            "postgresql://u@h:5/b"
+        );
+        assert_eq!(
+            super::pg_db_url("postgresql://u@h:5/postgres?sslmode=disable", "b"),
+            "postgresql://u@h:5/b?sslmode=disable"
+        );
+        assert_eq!(
+            super::pg_db_url("postgresql://u@h:5", "b"),
+            "postgresql://u@h:5/b"
+        );
+    }
 }

@@ -34,11 +34,12 @@ pub struct Common {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
-    /// Anchor file of the history chain's head, outside the database (written
-    /// atomically after every change, checked on every open: a replayed database is
-    /// refused) [default: $HILRIG_COUNTERS_ANCHOR].
-    #[arg(long)]
-    pub anchor: Option<PathBuf>,
+    /// Anchor of the history chain's head, outside the database (written after
+    /// every change, checked on every open: a replayed database is refused): a FILE
+    /// (written atomically), or a second database, `sqlite:PATH` or a
+    /// `postgresql://` URL [default: $HILRIG_COUNTERS_ANCHOR].
+    #[arg(long, value_name = "FILE|URL")]
+    pub anchor: Option<String>,
 }
 
 /// Where the device is read from.
@@ -70,7 +71,13 @@ pub enum CountersCmd {
         #[command(flatten)]
         c: Common,
         /// Serial (decimal or 0x-hex), as the device's OOB IDENTIFY reports it.
-        serial: String,
+        #[arg(required_unless_present = "from")]
+        serial: Option<String>,
+        /// Enrol many devices from a file: JSON lines or CSV (see the README), at
+        /// most 4096 bytes a line, one transaction per 5,000 devices; a malformed
+        /// file writes nothing.
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["serial", "source", "counters", "master", "hash", "replace"])]
+        from: Option<PathBuf>,
         /// Host the device is in.
         #[arg(long, default_value = "")]
         host: String,
@@ -346,12 +353,12 @@ impl Common {
         let mut svc = Service::open(&spec, key)
             .with_context(|| format!("opening database {}", crate::store::redact(&spec)))?;
         let anchor = self.anchor.clone().or_else(|| {
-            std::env::var_os("HILRIG_COUNTERS_ANCHOR")
+            std::env::var("HILRIG_COUNTERS_ANCHOR")
+                .ok()
                 .filter(|v| !v.is_empty())
-                .map(PathBuf::from)
         });
         match anchor {
-            Some(a) => svc.set_anchor(&a)?,
+            Some(a) => svc.set_anchor_spec(&a)?,
             None => eprintln!("anchor: none — replay of the whole database is not detected"),
         }
         Ok(svc)
@@ -455,6 +462,66 @@ fn source_of(s: &SourceArgs) -> Result<Box<dyn crate::source::CounterSource>> {
     )?)
 }
 
+fn print_status(
+    out: &mut impl std::io::Write,
+    d: &crate::service::DeviceRecord,
+    ok: bool,
+    json: bool,
+    first: bool,
+) -> std::io::Result<()> {
+    if json {
+        let v = serde_json::json!({"device": d, "intact": ok});
+        return write!(out, "{}\n  {v}", if first { "" } else { "," });
+    }
+    writeln!(
+        out,
+        "{:<20} {:<14} host {:<12} rack {:<8} counters {:?} master {} epoch {} verified {}{}",
+        d.serial,
+        if ok { d.state.name() } else { "TAMPERED" },
+        d.host,
+        d.rack,
+        d.expected.counters,
+        d.expected.master,
+        d.expected.epoch,
+        fmt_ms(d.verified_at),
+        if d.hold.is_empty() {
+            String::new()
+        } else {
+            format!(" HOLD: {}", d.hold)
+        }
+    )
+}
+
+fn print_group(
+    out: &mut impl std::io::Write,
+    g: &crate::service::MasterSum,
+    json: bool,
+    first: bool,
+) -> std::io::Result<()> {
+    if json {
+        let v = serde_json::to_value(g).map_err(std::io::Error::other)?;
+        return write!(out, "{}\n  {v}", if first { "" } else { "," });
+    }
+    writeln!(
+        out,
+        "{:<16} master {}",
+        if g.group.is_empty() {
+            "(none)"
+        } else {
+            &g.group
+        },
+        g.master
+    )?;
+    for (s, m, st, ok) in &g.devices {
+        writeln!(
+            out,
+            "    {s:<20} {m:>8} {st}{}",
+            if *ok { "" } else { " TAMPERED (not summed)" }
+        )?;
+    }
+    Ok(())
+}
+
 /// Run one `hilrig counters` command.
 pub fn run(cmd: CountersCmd) -> Result<ExitCode> {
     run_with(cmd, model_only)
@@ -484,8 +551,30 @@ pub fn model_only(
     }
 }
 
+/// With this variable naming a file, a `hilrig counters` command writes its own
+/// peak resident set (VmHWM, e.g. "9584 kB") there when it ends (the benchmark's
+/// scale rows). The rusage of a child cannot tell it: the kernel starts a child's
+/// `ru_maxrss` at its parent's peak when it execs.
+pub const PEAK_RSS_ENV: &str = "HILRIG_COUNTERS_PEAK_RSS";
+
+fn report_peak_rss() {
+    let Some(p) = std::env::var_os(PEAK_RSS_ENV) else {
+        return;
+    };
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    if let Some(l) = status.lines().find(|l| l.starts_with("VmHWM:")) {
+        let _ = std::fs::write(p, l.trim_start_matches("VmHWM:").trim());
+    }
+}
+
 /// Run a `hilrig counters` command, opening simulated conformance targets with `open`.
 pub fn run_with(cmd: CountersCmd, open: DeviceOpener) -> Result<ExitCode> {
+    let r = run_cmd(cmd, open);
+    report_peak_rss();
+    r
+}
+
+fn run_cmd(cmd: CountersCmd, open: DeviceOpener) -> Result<ExitCode> {
     match cmd {
         CountersCmd::Init { c } => {
             let kp = c.key_path();
@@ -522,6 +611,7 @@ pub fn run_with(cmd: CountersCmd, open: DeviceOpener) -> Result<ExitCode> {
         CountersCmd::Enroll {
             c,
             serial,
+            from,
             host,
             rack,
             source,
@@ -531,7 +621,20 @@ pub fn run_with(cmd: CountersCmd, open: DeviceOpener) -> Result<ExitCode> {
             hash,
             replace,
         } => {
-            let serial = parse_serial(&serial)?;
+            if let Some(file) = from {
+                let mut svc = c.open()?;
+                let n = crate::bulk::enroll_file(&mut svc, &file, crate::bulk::BATCH)?;
+                if c.json {
+                    print_json(&serde_json::json!({"enrolled": n}))?;
+                } else {
+                    println!(
+                        "enrolled {n} devices from {}; each unknown until its first verify",
+                        file.display()
+                    );
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let serial = parse_serial(serial.as_deref().context("give SERIAL or --from FILE")?)?;
             let expected = match source {
                 Some(src) => {
                     let mut s = open_source(&src, DEFAULT_BAUD, Duration::from_secs(2))?;
@@ -645,48 +748,46 @@ pub fn run_with(cmd: CountersCmd, open: DeviceOpener) -> Result<ExitCode> {
             return print_verify(&r, c.json);
         }
         CountersCmd::Status { c, serial } => {
+            use std::io::Write;
             let mut svc = c.open()?;
-            let rows = match serial {
+            svc.low_memory()?;
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            let json = c.json;
+            if json {
+                write!(out, "[").context("writing the status")?;
+            }
+            let mut first = true;
+            let mut show = |d: crate::service::DeviceRecord, ok: bool| -> crate::Result<()> {
+                print_status(&mut out, &d, ok, json, first)
+                    .map_err(|e| crate::Error::Input(format!("writing the status: {e}")))?;
+                first = false;
+                Ok(())
+            };
+            match serial {
                 Some(s) => {
                     let s = parse_serial(&s)?;
                     match svc.device(s) {
-                        Ok(d) => vec![(d, true)],
-                        Err(crate::Error::Tampered { .. }) => svc
-                            .devices()?
-                            .into_iter()
-                            .filter(|(d, _)| d.serial == crate::service::serial_key(s))
-                            .collect(),
+                        Ok(d) => show(d, true)?,
+                        Err(crate::Error::Tampered { .. }) => {
+                            let want = crate::service::serial_key(s);
+                            svc.devices_each(|d, ok| {
+                                if d.serial == want {
+                                    show(d, ok)?;
+                                }
+                                Ok(())
+                            })?
+                        }
                         Err(e) => return Err(e.into()),
                     }
                 }
-                None => svc.devices()?,
-            };
-            if c.json {
-                let v: Vec<_> = rows
-                    .iter()
-                    .map(|(d, ok)| serde_json::json!({"device": d, "intact": ok}))
-                    .collect();
-                print_json(&v)?;
-            } else {
-                for (d, ok) in rows {
-                    println!(
-                        "{:<20} {:<14} host {:<12} rack {:<8} counters {:?} master {} epoch {} verified {}{}",
-                        d.serial,
-                        if ok { d.state.name() } else { "TAMPERED" },
-                        d.host,
-                        d.rack,
-                        d.expected.counters,
-                        d.expected.master,
-                        d.expected.epoch,
-                        fmt_ms(d.verified_at),
-                        if d.hold.is_empty() {
-                            String::new()
-                        } else {
-                            format!(" HOLD: {}", d.hold)
-                        }
-                    );
-                }
+                // Streamed: one row at a time from the database to stdout.
+                None => svc.devices_each(&mut show)?,
             }
+            if json {
+                writeln!(out, "\n]").context("writing the status")?;
+            }
+            out.flush().context("writing the status")?;
         }
         CountersCmd::History { c, serial, limit } => {
             let serial = serial.as_deref().map(parse_serial).transpose()?;
@@ -721,28 +822,27 @@ pub fn run_with(cmd: CountersCmd, open: DeviceOpener) -> Result<ExitCode> {
                 "rack" => GroupBy::Rack,
                 other => bail!("--by {other:?}: use host or rack"),
             };
-            let sums = c.open()?.master_sums(by)?;
-            if c.json {
-                print_json(&sums)?;
-            } else {
-                for g in sums {
-                    println!(
-                        "{:<16} master {}",
-                        if g.group.is_empty() {
-                            "(none)"
-                        } else {
-                            &g.group
-                        },
-                        g.master
-                    );
-                    for (s, m, st, ok) in g.devices {
-                        println!(
-                            "    {s:<20} {m:>8} {st}{}",
-                            if ok { "" } else { " TAMPERED (not summed)" }
-                        );
-                    }
-                }
+            use std::io::Write;
+            let mut svc = c.open()?;
+            svc.low_memory()?;
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            let json = c.json;
+            if json {
+                write!(out, "[").context("writing the sums")?;
             }
+            let mut first = true;
+            // Streamed: one group at a time (devices come in group order).
+            svc.master_sums_each(by, |g| {
+                print_group(&mut out, &g, json, first)
+                    .map_err(|e| crate::Error::Input(format!("writing the sums: {e}")))?;
+                first = false;
+                Ok(())
+            })?;
+            if json {
+                writeln!(out, "\n]").context("writing the sums")?;
+            }
+            out.flush().context("writing the sums")?;
         }
         CountersCmd::BeginUpdate {
             c,

@@ -106,8 +106,8 @@ pub enum Error {
         /// What differs.
         detail: String,
     },
-    /// The anchor file could not be read or written.
-    #[error("anchor file {path}: {detail}")]
+    /// The anchor (a file or a second database) could not be read or written.
+    #[error("anchor {path}: {detail}")]
     Anchor {
         /// The file.
         path: PathBuf,

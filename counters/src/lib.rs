@@ -4,6 +4,9 @@
 //! - [`decide`]: the full verdict decision (counters, images, catalog, intents);
 //! - [`store`]: the database (SQLite or PostgreSQL) with schema migrations and a MAC
 //!   on every row;
+//! - [`anchor`]: the history chain head's anchor outside the database (a file or a
+//!   second database);
+//! - [`bulk`]: bulk enrolment from a JSON-lines or CSV file;
 //! - [`service`]: enrol, catalog, verify, authorised updates, history, master sums,
 //!   the VMM cross-check;
 //! - [`source`]: where observations come from (OOB serial port, model state file,
@@ -13,7 +16,9 @@
 //! - [`bench`]: verifications per second on SQLite and PostgreSQL.
 #![deny(missing_docs)]
 
+pub mod anchor;
 pub mod bench;
+pub mod bulk;
 pub mod cli;
 pub mod conformance;
 pub mod crash;

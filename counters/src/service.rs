@@ -178,6 +178,9 @@ pub fn parse_serial(s: &str) -> Result<u64> {
 const DEV_COLS: &str =
     "serial, host, rack, state, c0, c1, c2, master, epoch, h0, h1, h2, reason, hold, verified_at, mac, hseq";
 
+/// The BIGINT columns of [`DEV_COLS`] (the others are text).
+const DEV_INT_COLS: [usize; 7] = [4, 5, 6, 7, 8, 14, 16];
+
 /// The service over a database.
 pub struct Service {
     db: Box<dyn Db>,
@@ -190,6 +193,12 @@ pub struct Service {
     pending_history: Option<Vec<Vec<Val>>>,
     /// During `verify_batch` on PostgreSQL: device rows written together.
     pending_devices: Option<Vec<Vec<Val>>>,
+    /// Runs inside `verify_batch` after the rows are read and before they are
+    /// written (tests: another process commits in between).
+    batch_hook: Option<Box<dyn FnMut() + Send>>,
+    /// During `verify_batch` on PostgreSQL: each device row's MAC as read (rows are
+    /// not locked; the batched UPDATE compares and swaps on it).
+    batch_macs: Option<std::collections::HashMap<String, String>>,
     /// During `verify_batch`: every hold, read up front.
     holds: Option<std::collections::HashMap<String, String>>,
     /// The device row last read, as found (for the evidence).
@@ -202,8 +211,8 @@ pub struct Service {
     max_seqs: Option<std::collections::HashMap<String, i64>>,
     /// During a transaction: the history chain's head (seq, MAC), once read.
     head: Option<(i64, String)>,
-    /// The external anchor file of the chain head.
-    anchor: Option<std::path::PathBuf>,
+    /// The external anchor of the chain head (a file or a second database).
+    anchor: Option<crate::anchor::Anchor>,
 }
 
 /// MAC of a history row: its fields, and for a chained row (seq > 0) its sequence
@@ -216,31 +225,6 @@ fn history_mac(key: &Key, f: [&str; 9], seq: i64, prev: &str) -> String {
         fields.push(prev.as_bytes());
     }
     key.mac("history", &fields)
-}
-
-/// The history chain's head as the anchor file holds it: "SEQ MAC".
-fn read_anchor(path: &std::path::Path) -> Result<Option<(i64, String)>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => {
-            return Err(Error::Anchor {
-                path: path.to_path_buf(),
-                detail: e.to_string(),
-            })
-        }
-    };
-    let mut it = text.split_whitespace();
-    let bad = || Error::Anchor {
-        path: path.to_path_buf(),
-        detail: format!("{text:?} is not \"SEQ MAC\""),
-    };
-    let seq = it
-        .next()
-        .and_then(|x| x.parse::<i64>().ok())
-        .ok_or_else(bad)?;
-    let mac = it.next().ok_or_else(bad)?.to_string();
-    Ok(Some((seq, mac)))
 }
 
 /// A key's fingerprint: a MAC of a fixed label (reveals nothing of the key).
@@ -271,9 +255,40 @@ fn row_as_found(row: &[Val]) -> String {
             Val::I64(i) => serde_json::json!(i),
             Val::Text(t) => serde_json::json!(t),
             Val::Blob(b) => serde_json::json!({ "hex": hex::encode(b) }),
+            Val::TextArray(v) => serde_json::json!(v),
+            Val::I64Array(v) => serde_json::json!(v),
         })
         .collect();
     serde_json::to_string(&v).unwrap_or_default()
+}
+
+/// Rows as column arrays (PostgreSQL `unnest` parameters): `ints` are the BIGINT
+/// columns, the others text.
+fn columns(rows: Vec<Vec<Val>>, ncol: usize, ints: &[usize]) -> Result<Vec<Val>> {
+    let mut cols: Vec<Val> = (0..ncol)
+        .map(|c| {
+            if ints.contains(&c) {
+                Val::I64Array(Vec::with_capacity(rows.len()))
+            } else {
+                Val::TextArray(Vec::with_capacity(rows.len()))
+            }
+        })
+        .collect();
+    for row in rows {
+        for (c, v) in row.into_iter().enumerate().take(ncol) {
+            match (&mut cols[c], v) {
+                (Val::I64Array(a), Val::I64(x)) => a.push(x),
+                (Val::TextArray(a), Val::Text(x)) => a.push(x),
+                (_, other) => {
+                    return Err(Error::db(
+                        "building array parameters",
+                        format!("column {c}: unexpected {other:?}"),
+                    ))
+                }
+            }
+        }
+    }
+    Ok(cols)
 }
 
 struct RawDevice {
@@ -330,12 +345,25 @@ impl Service {
             anchor: None,
             max_seqs: None,
             pending_devices: None,
+            batch_macs: None,
+            batch_hook: None,
         })
     }
 
     /// The database's kind.
     pub fn db_kind(&self) -> &'static str {
         self.db.kind()
+    }
+
+    /// Run `f` inside every `verify_batch`, after the device rows are read and
+    /// before anything is written (tests: a concurrent commit at the worst moment).
+    pub fn set_batch_hook(&mut self, f: Option<Box<dyn FnMut() + Send>>) {
+        self.batch_hook = f;
+    }
+
+    /// Keep the connection's own memory small for long scans (`status`, `master`).
+    pub fn low_memory(&mut self) -> Result<()> {
+        self.db.low_memory()
     }
 
     /// Direct access to the database (tests: tampering from outside).
@@ -353,16 +381,12 @@ impl Service {
                 let head = self.head.take();
                 self.db.commit()?;
                 point("after commit");
-                if let (Some(h), Some(a)) = (head, self.anchor.clone()) {
+                if let (Some(h), Some(a)) = (head, self.anchor.as_mut()) {
                     // After the commit: a crash in between leaves the anchor behind
                     // the database (accepted: the chain continues from it), never
                     // ahead of it.
                     point("anchor: before write");
-                    hilrig_device::state::write_atomic(&a, format!("{} {}\n", h.0, h.1).as_bytes())
-                        .map_err(|e| Error::Anchor {
-                            path: a.clone(),
-                            detail: format!("writing: {e}"),
-                        })?;
+                    a.write(h.0, &h.1)?;
                     point("anchor: written");
                 }
                 Ok(v)
@@ -403,20 +427,29 @@ impl Service {
         })
     }
 
+    /// Check the database against the anchor file of its history chain head, and
+    /// keep it up to date after every write from now on (see
+    /// [`Service::set_anchor_to`]).
+    pub fn set_anchor(&mut self, path: &std::path::Path) -> Result<()> {
+        self.set_anchor_to(crate::anchor::Anchor::File(path.to_path_buf()))
+    }
+
+    /// The anchor named by `spec`: a file path, `sqlite:PATH` or a
+    /// `postgresql://` URL (a second database; this database's row there is named
+    /// by the key's fingerprint). See [`Service::set_anchor_to`].
+    pub fn set_anchor_spec(&mut self, spec: &str) -> Result<()> {
+        let name = key_fingerprint(&self.key);
+        self.set_anchor_to(crate::anchor::Anchor::open(spec, &name)?)
+    }
+
     /// Check the database against the external anchor of its history chain head, and
     /// keep it up to date after every write from now on. A database (or history)
-    /// older than the anchor is refused: "database replayed: head 41, anchor 57". A
-    /// missing anchor file is created from the current head.
-    pub fn set_anchor(&mut self, path: &std::path::Path) -> Result<()> {
+    /// older than the anchor is refused: "database replayed: head 41, anchor 57". An
+    /// empty anchor is created from the current head.
+    pub fn set_anchor_to(&mut self, mut anchor: crate::anchor::Anchor) -> Result<()> {
         let (hseq, hmac) = self.chain_head()?;
-        match read_anchor(path)? {
-            None => {
-                hilrig_device::state::write_atomic(path, format!("{hseq} {hmac}\n").as_bytes())
-                    .map_err(|e| Error::Anchor {
-                        path: path.to_path_buf(),
-                        detail: format!("creating: {e}"),
-                    })?;
-            }
+        match anchor.read()? {
+            None => anchor.write(hseq, &hmac)?,
             Some((aseq, amac)) => {
                 if hseq < aseq {
                     return Err(Error::Replayed {
@@ -442,7 +475,7 @@ impl Service {
                 }
             }
         }
-        self.anchor = Some(path.to_path_buf());
+        self.anchor = Some(anchor);
         Ok(())
     }
 
@@ -551,6 +584,10 @@ impl Service {
         self.last_raw = Some(row.clone());
         match Self::parse_device(row) {
             Ok(raw) => {
+                if let Some(m) = &mut self.batch_macs {
+                    m.entry(serial.to_string())
+                        .or_insert_with(|| raw.mac.clone());
+                }
                 let intact = self
                     .key
                     .check_input(&Self::device_input(&raw.rec), &raw.mac);
@@ -616,23 +653,41 @@ impl Service {
 
     /// Every device with whether its MAC is intact.
     pub fn devices(&mut self) -> Result<Vec<(DeviceRecord, bool)>> {
-        let rows = self.db.query(
-            &format!("SELECT {DEV_COLS} FROM devices ORDER BY serial"),
-            &[],
-        )?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
-            match Self::parse_device(&row) {
-                Ok(raw) => {
-                    let ok = self
-                        .key
-                        .check_input(&Self::device_input(&raw.rec), &raw.mac);
-                    out.push((raw.rec, ok));
-                }
-                Err(_) => continue,
-            }
-        }
+        let mut out = Vec::new();
+        self.devices_each(|d, ok| {
+            out.push((d, ok));
+            Ok(())
+        })?;
         Ok(out)
+    }
+
+    /// Every device, in serial order, with whether its MAC is intact, handed to `f`
+    /// one at a time: memory stays flat however many devices there are. A row that
+    /// does not even parse is skipped (as [`Service::devices`] does).
+    pub fn devices_each(
+        &mut self,
+        mut f: impl FnMut(DeviceRecord, bool) -> Result<()>,
+    ) -> Result<()> {
+        self.scan_devices("serial", &mut f)
+    }
+
+    fn scan_devices(
+        &mut self,
+        order: &str,
+        f: &mut dyn FnMut(DeviceRecord, bool) -> Result<()>,
+    ) -> Result<()> {
+        let key = &self.key;
+        self.db.query_each(
+            &format!("SELECT {DEV_COLS} FROM devices ORDER BY {order}"),
+            &[],
+            &mut |row| match Self::parse_device(&row) {
+                Ok(raw) => {
+                    let ok = key.check_input(&Self::device_input(&raw.rec), &raw.mac);
+                    f(raw.rec, ok)
+                }
+                Err(_) => Ok(()),
+            },
+        )
     }
 
     fn write_device(&mut self, r: &DeviceRecord, insert: bool) -> Result<()> {
@@ -660,6 +715,15 @@ impl Service {
                 &p,
             )?;
         } else {
+            // Host and rack rarely change (only a re-enrolment moves a device):
+            // leaving them out of the SET list spares SQLite the index updates.
+            let n = self.db.exec(
+                "UPDATE devices SET state=$4, c0=$5, c1=$6, c2=$7, master=$8, epoch=$9, h0=$10, h1=$11, h2=$12, reason=$13, hold=$14, verified_at=$15, mac=$16, hseq=$17 WHERE serial=$1 AND host=$2 AND rack=$3",
+                &p,
+            )?;
+            if n == 1 {
+                return Ok(());
+            }
             let n = self.db.exec(
                 "UPDATE devices SET host=$2, rack=$3, state=$4, c0=$5, c1=$6, c2=$7, master=$8, epoch=$9, h0=$10, h1=$11, h2=$12, reason=$13, hold=$14, verified_at=$15, mac=$16, hseq=$17 WHERE serial=$1",
                 &p,
@@ -721,26 +785,85 @@ impl Service {
         })
     }
 
-    /// Enrol many devices in one transaction: all or none (bulk provisioning).
+    /// Enrol many devices in one transaction: all or none (bulk provisioning). A
+    /// device already enrolled (or listed twice) fails the whole list.
     pub fn enroll_many(&mut self, list: &[Enrollment]) -> Result<()> {
-        self.tx(|s| {
-            for e in list {
-                let key = serial_key(e.serial);
-                if s.load_raw(&key, true)?.is_some() {
-                    return Err(Error::DuplicateDevice(key));
+        for e in list {
+            for (what, v) in [("host", &e.host), ("rack", &e.rack)] {
+                if v.len() > 256 || v.chars().any(|c| c.is_control()) {
+                    return Err(Error::Input(format!(
+                        "device {}: {what} {v:?}: at most 256 printable characters",
+                        serial_key(e.serial)
+                    )));
                 }
-                let rec = DeviceRecord {
-                    serial: key,
-                    host: e.host.clone(),
-                    rack: e.rack.clone(),
-                    state: DeviceState::Unknown,
-                    expected: e.expected.clone(),
-                    reason: "enrolled".into(),
-                    hold: String::new(),
-                    verified_at: 0,
-                    hseq: 0,
-                };
-                s.write_device(&rec, true)?;
+            }
+        }
+        let rec_of = |e: &Enrollment| DeviceRecord {
+            serial: serial_key(e.serial),
+            host: e.host.clone(),
+            rack: e.rack.clone(),
+            state: DeviceState::Unknown,
+            expected: e.expected.clone(),
+            reason: "enrolled".into(),
+            hold: String::new(),
+            verified_at: 0,
+            hseq: 0,
+        };
+        if self.db.kind() != "postgresql" {
+            return self.tx(|s| {
+                for e in list {
+                    let key = serial_key(e.serial);
+                    if s.load_raw(&key, true)?.is_some() {
+                        return Err(Error::DuplicateDevice(key));
+                    }
+                    s.write_device(&rec_of(e), true)?;
+                }
+                Ok(())
+            });
+        }
+        // PostgreSQL: a few statements of array parameters, not two round trips a
+        // device.
+        self.tx(|s| {
+            let keys: Vec<String> = list.iter().map(|e| serial_key(e.serial)).collect();
+            let mut seen = std::collections::HashSet::with_capacity(keys.len());
+            for k in &keys {
+                if !seen.insert(k.as_str()) {
+                    return Err(Error::DuplicateDevice(k.clone()));
+                }
+            }
+            for chunk in keys.chunks(5000) {
+                let rows = s.db.query(
+                    "SELECT serial FROM devices WHERE serial = ANY($1) LIMIT 1",
+                    &[Val::TextArray(chunk.to_vec())],
+                )?;
+                if let Some(r) = rows.first() {
+                    return Err(Error::DuplicateDevice(r[0].text("serial")?));
+                }
+            }
+            let hseq = s.chain_next()?.0;
+            for chunk in list.chunks(5000) {
+                let rows: Vec<Vec<Val>> = chunk
+                    .iter()
+                    .map(|e| {
+                        let mut r = rec_of(e);
+                        r.hseq = hseq;
+                        s.device_params(&r)
+                    })
+                    .collect();
+                let n = rows.len() as u64;
+                let params = columns(rows, 17, &DEV_INT_COLS)?;
+                let done = s.db.exec(
+                    &format!("INSERT INTO devices ({DEV_COLS}) SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::bigint[], $16::text[], $17::bigint[])"),
+                    &params,
+                ).map_err(|err| match err {
+                    Error::Db { detail, .. } if detail.contains("duplicate") => {
+                        Error::DuplicateDevice("(one of this batch)".into())
+                    }
+                    other => other,
+                })?;
+                if done != n {
+                    return Err(Error::db("enrolling devices", format!("{done} of {n} rows inserted")));
+                }
             }
             Ok(())
         })
@@ -993,6 +1116,17 @@ impl Service {
     }
 
     fn insert_history(&mut self, rows: Vec<Vec<Val>>) -> Result<()> {
+        if self.db.kind() == "postgresql" && rows.len() > 1 {
+            // One statement of 12 array parameters however many rows: parsed and
+            // planned once (a prepared generic plan), unlike a VALUES list.
+            let params = columns(rows, 12, &[1, 4, 10])?;
+            self.db.exec(
+                "INSERT INTO history (serial, at, verdict, severity, recoverable, state, observed, expected, reasons, mac, seq, prev) \
+                 SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::bigint[], $12::text[])",
+                &params,
+            )?;
+            return Ok(());
+        }
         // PostgreSQL: one statement per 1,000 rows (a round trip each); SQLite has no
         // round trips and prefers smaller statements.
         let per = if self.db.kind() == "postgresql" {
@@ -1032,20 +1166,66 @@ impl Service {
         keys: &[String],
     ) -> Result<std::collections::HashMap<String, (DeviceRecord, bool)>> {
         let mut out = std::collections::HashMap::with_capacity(keys.len());
+        let pg = self.db.kind() == "postgresql";
         for chunk in keys.chunks(1000) {
-            let list: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
-            let sql = format!(
-                "SELECT {DEV_COLS} FROM devices WHERE serial IN ({}){}",
-                list.join(","),
-                self.db.for_update()
-            );
-            let params: Vec<Val> = chunk.iter().map(|k| Val::Text(k.clone())).collect();
-            for row in self.db.query(&sql, &params)? {
+            let (sql, params) = if pg {
+                (
+                    // Not locked: the batched UPDATE compares and swaps on the MAC
+                    // read here (locking 1,000 rows costs a write to each). With
+                    // each device's latest history seq (the replayed-row check).
+                    // Its hold and the chain head come along too: one round trip
+                    // instead of four.
+                    format!("SELECT {DEV_COLS}, (SELECT MAX(h.seq) FROM history h WHERE h.serial = devices.serial), \
+                             (SELECT reason FROM holds WHERE holds.serial = devices.serial), \
+                             (SELECT seq FROM history WHERE seq > 0 ORDER BY seq DESC LIMIT 1), \
+                             (SELECT mac FROM history WHERE seq > 0 ORDER BY seq DESC LIMIT 1) \
+                             FROM devices WHERE serial = ANY($1)"),
+                    vec![Val::TextArray(chunk.to_vec())],
+                )
+            } else {
+                let list: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+                (
+                    format!(
+                        "SELECT {DEV_COLS} FROM devices WHERE serial IN ({}){}",
+                        list.join(","),
+                        self.db.for_update()
+                    ),
+                    chunk.iter().map(|k| Val::Text(k.clone())).collect(),
+                )
+            };
+            for mut row in self.db.query(&sql, &params)? {
+                if row.len() == 21 {
+                    let extra = row.split_off(17);
+                    let key = match row.first() {
+                        Some(Val::Text(k)) => k.clone(),
+                        _ => String::new(),
+                    };
+                    if let (Some(seqs), Val::I64(m)) = (&mut self.max_seqs, &extra[0]) {
+                        seqs.insert(key.clone(), *m);
+                    }
+                    if let Some(h) = &mut self.holds {
+                        match &extra[1] {
+                            Val::Null => {}
+                            // Whatever the row says (even if edited), it is held.
+                            v => {
+                                h.insert(key, v.text("reason").unwrap_or_else(|_| "held".into()));
+                            }
+                        }
+                    }
+                    if self.head.is_none() {
+                        if let (Val::I64(seq), Val::Text(mac)) = (&extra[2], &extra[3]) {
+                            self.head = Some((*seq, mac.clone()));
+                        }
+                    }
+                }
                 // Rows that do not even parse are left to the one-by-one path.
                 if let Ok(raw) = Self::parse_device(&row) {
                     let intact = self
                         .key
                         .check_input(&Self::device_input(&raw.rec), &raw.mac);
+                    if let Some(m) = &mut self.batch_macs {
+                        m.insert(raw.rec.serial.clone(), raw.mac.clone());
+                    }
                     out.insert(raw.rec.serial.clone(), (raw.rec, intact));
                 }
             }
@@ -1438,20 +1618,50 @@ impl Service {
     /// Every device must be enrolled: an unknown one fails the whole batch (nothing
     /// is stored). Rows are read up front and history rows written together, so a
     /// batch costs few round trips on PostgreSQL.
+    ///
+    /// On PostgreSQL the rows are read without locks and written back in one
+    /// `UPDATE` that compares and swaps on each row's MAC as read: a row another
+    /// process changed meanwhile makes the whole batch roll back and run again
+    /// (3 tries, then [`Error::Stale`]).
     pub fn verify_batch(&mut self, items: &[(u64, Observation)]) -> Result<Vec<VerifyReport>> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.verify_batch_once(items) {
+                Err(Error::Stale(_)) if tries < 3 => continue,
+                other => return other,
+            }
+        }
+    }
+
+    fn verify_batch_once(&mut self, items: &[(u64, Observation)]) -> Result<Vec<VerifyReport>> {
+        if self.db.kind() == "postgresql" {
+            self.batch_macs = Some(std::collections::HashMap::with_capacity(items.len()));
+        }
         let r = self.tx(|s| {
             let keys: Vec<String> = items.iter().map(|(k, _)| serial_key(*k)).collect();
+            let pg = s.db.kind() == "postgresql";
+            // PostgreSQL reads each device's latest history seq with its row.
+            s.max_seqs = Some(std::collections::HashMap::with_capacity(keys.len()));
+            if pg {
+                s.holds = Some(std::collections::HashMap::new());
+            }
             let pre = s.prefetch(&keys)?;
             s.prefetched = Some(pre);
-            let mut holds = std::collections::HashMap::new();
-            for r in s.db.query("SELECT serial, reason FROM holds", &[])? {
-                if let (Ok(k), Ok(v)) = (r[0].text("serial"), r[1].text("reason")) {
-                    holds.insert(k, v);
+            if !pg {
+                let mut holds = std::collections::HashMap::new();
+                for r in s.db.query("SELECT serial, reason FROM holds", &[])? {
+                    if let (Ok(k), Ok(v)) = (r[0].text("serial"), r[1].text("reason")) {
+                        holds.insert(k, v);
+                    }
                 }
+                s.holds = Some(holds);
             }
-            s.holds = Some(holds);
-            let mut seqs = std::collections::HashMap::with_capacity(keys.len());
+            let mut seqs = s.max_seqs.take().unwrap_or_default();
             for chunk in keys.chunks(1000) {
+                if pg {
+                    break;
+                }
                 let list: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
                 let sql = format!(
                     "SELECT serial, MAX(seq) FROM history WHERE serial IN ({}) GROUP BY serial",
@@ -1466,7 +1676,7 @@ impl Service {
             }
             s.max_seqs = Some(seqs);
             s.pending_history = Some(Vec::with_capacity(items.len()));
-            if s.db.kind() == "postgresql" {
+            if pg {
                 // One round trip per 1,000 rows instead of one per device.
                 s.pending_devices = Some(Vec::with_capacity(items.len()));
             }
@@ -1475,11 +1685,17 @@ impl Service {
                 out.push(s.verify_in_tx(key, Ok(obs.clone()))?);
             }
             s.prefetched = None;
-            if let Some(devs) = s.pending_devices.take() {
-                s.update_devices(devs)?;
-            }
             let rows = s.pending_history.take().unwrap_or_default();
-            s.insert_history(rows)?;
+            if let Some(h) = &mut s.batch_hook {
+                h();
+            }
+            if let Some(devs) = s.pending_devices.take() {
+                // PostgreSQL: the device rows (compare-and-swap) and the history
+                // rows in one statement, one round trip.
+                s.update_devices(devs, rows)?;
+            } else {
+                s.insert_history(rows)?;
+            }
             point("verify_batch: history");
             Ok(out)
         });
@@ -1488,13 +1704,15 @@ impl Service {
         self.holds = None;
         self.max_seqs = None;
         self.pending_devices = None;
+        self.batch_macs = None;
         r
     }
 
-    /// Update many device rows in few statements (`UPDATE ... FROM (VALUES ...)`);
-    /// each row must exist (a missing one fails the batch).
-    fn update_devices(&mut self, rows: Vec<Vec<Val>>) -> Result<()> {
-        const INT_COLS: [usize; 7] = [4, 5, 6, 7, 8, 14, 16];
+    /// Update many device rows and append `history` rows in one statement
+    /// (PostgreSQL: `UPDATE ... FROM unnest(arrays)` and `INSERT ... SELECT
+    /// unnest(arrays)` in one `WITH`); each device row must still hold the MAC it
+    /// was read with (compare-and-swap), else nothing is kept: [`Error::Stale`].
+    fn update_devices(&mut self, rows: Vec<Vec<Val>>, history: Vec<Vec<Val>>) -> Result<()> {
         // The last write of each device wins (a device verified twice in a batch).
         let mut last = std::collections::HashMap::with_capacity(rows.len());
         for (i, r) in rows.iter().enumerate() {
@@ -1506,39 +1724,56 @@ impl Service {
             .filter(|(i, r)| last.get(&r[0]) == Some(i))
             .map(|(_, r)| r)
             .collect();
-        let mut rows = rows.into_iter().peekable();
-        while rows.peek().is_some() {
-            let chunk: Vec<Vec<Val>> = rows.by_ref().take(1000).collect();
-            let n = chunk.len() as u64;
-            let mut sql = String::from("UPDATE devices AS d SET host=v.host, rack=v.rack, state=v.state, c0=v.c0, c1=v.c1, c2=v.c2, master=v.master, epoch=v.epoch, h0=v.h0, h1=v.h1, h2=v.h2, reason=v.reason, hold=v.hold, verified_at=v.verified_at, mac=v.mac, hseq=v.hseq FROM (VALUES ");
-            let mut params = Vec::with_capacity(chunk.len() * 17);
-            for (r, row) in chunk.into_iter().enumerate() {
-                if r > 0 {
-                    sql.push(',');
-                }
-                sql.push('(');
-                for c in 0..17 {
-                    if c > 0 {
-                        sql.push(',');
-                    }
-                    let ty = if INT_COLS.contains(&c) {
-                        "BIGINT"
-                    } else {
-                        "TEXT"
-                    };
-                    sql.push_str(&format!("CAST(${} AS {ty})", r * 17 + c + 1));
-                }
-                sql.push(')');
-                params.extend(row);
+        let n = rows.len() as u64;
+        if n == 0 {
+            return self.insert_history(history);
+        }
+        // Each row's MAC as read: the compare in the compare-and-swap.
+        let macs = self.batch_macs.take().unwrap_or_default();
+        let old: Vec<String> = rows
+            .iter()
+            .map(|r| match &r[0] {
+                Val::Text(k) => macs.get(k).cloned().unwrap_or_default(),
+                _ => String::new(),
+            })
+            .collect();
+        let mut params = columns(rows, 17, &DEV_INT_COLS)?;
+        params.push(Val::TextArray(old));
+        let nh = history.len() as i64;
+        params.extend(columns(history, 12, &[1, 4, 10])?);
+        let got = self.db.query(
+            "WITH u AS (UPDATE devices AS d SET host=v.host, rack=v.rack, state=v.state, c0=v.c0, c1=v.c1, c2=v.c2, master=v.master, epoch=v.epoch, h0=v.h0, h1=v.h1, h2=v.h2, reason=v.reason, hold=v.hold, verified_at=v.verified_at, mac=v.mac, hseq=v.hseq \
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::bigint[], $16::text[], $17::bigint[], $18::text[]) \
+             AS v(serial, host, rack, state, c0, c1, c2, master, epoch, h0, h1, h2, reason, hold, verified_at, mac, hseq, old) WHERE d.serial = v.serial AND d.mac = v.old RETURNING 1), \
+             h AS (INSERT INTO history (serial, at, verdict, severity, recoverable, state, observed, expected, reasons, mac, seq, prev) \
+             SELECT * FROM unnest($19::text[], $20::bigint[], $21::text[], $22::text[], $23::bigint[], $24::text[], $25::text[], $26::text[], $27::text[], $28::text[], $29::bigint[], $30::text[]) RETURNING 1) \
+             SELECT (SELECT COUNT(*) FROM u), (SELECT COUNT(*) FROM h)",
+            &params,
+        ).map_err(|e| match e {
+            // Another process appended to the history chain since its head was
+            // read: our sequence numbers are taken. Run the batch again.
+            Error::Db { detail, .. } if detail.contains("history_seq") => {
+                Error::Stale("the history chain moved on during the batch".into())
             }
-            sql.push_str(") AS v(serial, host, rack, state, c0, c1, c2, master, epoch, h0, h1, h2, reason, hold, verified_at, mac, hseq) WHERE d.serial = v.serial");
-            let done = self.db.exec(&sql, &params)?;
-            if done != n {
-                return Err(Error::db(
-                    "updating device rows",
-                    format!("{done} of {n} rows updated"),
-                ));
-            }
+            other => other,
+        })?;
+        let (done, hdone) = match got.first() {
+            Some(r) if r.len() == 2 => (r[0].i64("updated")? as u64, r[1].i64("inserted")?),
+            _ => return Err(Error::db("writing a batch", "no counts returned")),
+        };
+        if hdone != nh {
+            return Err(Error::db(
+                "writing a batch",
+                format!("{hdone} of {nh} history rows inserted"),
+            ));
+        }
+        if done != n {
+            // A row changed (or went) since it was read: nothing of this batch
+            // is kept; the caller runs it again on fresh rows.
+            return Err(Error::Stale(format!(
+                "{} of {n} devices in the batch",
+                n - done
+            )));
         }
         Ok(())
     }
@@ -1830,13 +2065,38 @@ impl Service {
 
     /// MASTER sums per host or per rack, with the devices in each.
     pub fn master_sums(&mut self, by: GroupBy) -> Result<Vec<MasterSum>> {
-        let mut groups: std::collections::BTreeMap<String, MasterSum> = Default::default();
-        for (d, intact) in self.devices()? {
+        let mut out = Vec::new();
+        self.master_sums_each(by, |g| {
+            out.push(g);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// MASTER sums per host or per rack, one group at a time in group order (the
+    /// devices streamed from the database in (group, serial) order): memory is
+    /// bounded by the largest group, not by the number of devices.
+    pub fn master_sums_each(
+        &mut self,
+        by: GroupBy,
+        mut f: impl FnMut(MasterSum) -> Result<()>,
+    ) -> Result<()> {
+        let order = match by {
+            GroupBy::Host => "host, serial",
+            GroupBy::Rack => "rack, serial",
+        };
+        let mut cur: Option<MasterSum> = None;
+        self.scan_devices(order, &mut |d, intact| {
             let g = match by {
-                GroupBy::Host => d.host.clone(),
-                GroupBy::Rack => d.rack.clone(),
+                GroupBy::Host => d.host,
+                GroupBy::Rack => d.rack,
             };
-            let e = groups.entry(g.clone()).or_insert_with(|| MasterSum {
+            if cur.as_ref().is_some_and(|c| c.group != g) {
+                if let Some(done) = cur.take() {
+                    f(done)?;
+                }
+            }
+            let e = cur.get_or_insert_with(|| MasterSum {
                 group: g,
                 master: 0,
                 devices: Vec::new(),
@@ -1850,8 +2110,12 @@ impl Service {
                 d.state.name().to_string(),
                 intact,
             ));
+            Ok(())
+        })?;
+        if let Some(done) = cur {
+            f(done)?;
         }
-        Ok(groups.into_values().collect())
+        Ok(())
     }
 
     /// Compare the VMM's count of flash-update attempts it passed to the device over

@@ -20,6 +20,10 @@ pub enum Val {
     Text(String),
     /// Bytes.
     Blob(Vec<u8>),
+    /// A text array (PostgreSQL only: `= ANY($1)`, `unnest($1::text[])`).
+    TextArray(Vec<String>),
+    /// A BIGINT array (PostgreSQL only).
+    I64Array(Vec<i64>),
 }
 
 impl Val {
@@ -66,6 +70,9 @@ impl From<String> for Val {
     }
 }
 
+/// Rows fetched per round trip when streaming a query from PostgreSQL.
+pub const STREAM_BATCH: i32 = 1000;
+
 /// A database connection the service runs on.
 pub trait Db: Send {
     /// "sqlite" or "postgresql".
@@ -74,6 +81,26 @@ pub trait Db: Send {
     fn exec(&mut self, sql: &str, params: &[Val]) -> Result<u64>;
     /// Run a query; returns its rows.
     fn query(&mut self, sql: &str, params: &[Val]) -> Result<Vec<Vec<Val>>>;
+    /// Run a query and hand its rows to `f` one at a time, never holding them all
+    /// (SQLite: stepping the statement; PostgreSQL: a portal fetched
+    /// [`STREAM_BATCH`] rows at a time in one read-only snapshot). An error from
+    /// `f` stops the query and is returned.
+    fn query_each(
+        &mut self,
+        sql: &str,
+        params: &[Val],
+        f: &mut dyn FnMut(Vec<Val>) -> Result<()>,
+    ) -> Result<()> {
+        for row in self.query(sql, params)? {
+            f(row)?;
+        }
+        Ok(())
+    }
+    /// Keep this connection's own memory small (a long scan, a report): no large
+    /// page cache or memory map. A no-op where the server holds the data.
+    fn low_memory(&mut self) -> Result<()> {
+        Ok(())
+    }
     /// Run several statements without parameters.
     fn batch(&mut self, sql: &str) -> Result<()>;
     /// Begin a write transaction.
@@ -152,6 +179,11 @@ impl rusqlite::ToSql for Val {
             Val::I64(v) => ToSqlOutput::Borrowed(ValueRef::Integer(*v)),
             Val::Text(s) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
             Val::Blob(b) => ToSqlOutput::Borrowed(ValueRef::Blob(b)),
+            Val::TextArray(_) | Val::I64Array(_) => {
+                return Err(rusqlite::Error::ToSqlConversionFailure(
+                    "array parameters are for PostgreSQL only".into(),
+                ))
+            }
         })
     }
 }
@@ -172,6 +204,19 @@ impl Db for SqliteDb {
         Ok(n as u64)
     }
     fn query(&mut self, sql: &str, params: &[Val]) -> Result<Vec<Vec<Val>>> {
+        let mut out = Vec::new();
+        self.query_each(sql, params, &mut |row| {
+            out.push(row);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+    fn query_each(
+        &mut self,
+        sql: &str,
+        params: &[Val],
+        f: &mut dyn FnMut(Vec<Val>) -> Result<()>,
+    ) -> Result<()> {
         let s = self.translate(sql);
         let mut st = self
             .conn
@@ -181,7 +226,6 @@ impl Db for SqliteDb {
         let mut rows = st
             .query(rusqlite::params_from_iter(params.iter()))
             .map_err(|e| Error::db(&format!("running {sql}"), e))?;
-        let mut out = Vec::new();
         while let Some(r) = rows
             .next()
             .map_err(|e| Error::db(&format!("reading {sql}"), e))?
@@ -200,9 +244,16 @@ impl Db for SqliteDb {
                     ValueRef::Blob(b) => Val::Blob(b.to_vec()),
                 });
             }
-            out.push(row);
+            f(row)?;
         }
-        Ok(out)
+        Ok(())
+    }
+    fn low_memory(&mut self) -> Result<()> {
+        // 2 MiB of page cache and no memory map: a scan of a million rows then
+        // costs the same memory as one of a thousand.
+        self.conn
+            .execute_batch("PRAGMA cache_size=-2048; PRAGMA mmap_size=0;")
+            .map_err(|e| Error::db("configuring a low-memory scan", e))
     }
     fn batch(&mut self, sql: &str) -> Result<()> {
         self.conn
@@ -237,6 +288,8 @@ impl Db for SqliteDb {
 pub struct PgDb {
     client: postgres::Client,
     stmts: HashMap<String, postgres::Statement>,
+    /// Inside a transaction begun by [`Db::begin`].
+    in_tx: bool,
 }
 
 impl PgDb {
@@ -244,10 +297,11 @@ impl PgDb {
     /// work inside it (tests isolate themselves this way).
     pub fn connect(url: &str, schema: Option<&str>) -> Result<PgDb> {
         let client = postgres::Client::connect(url, postgres::NoTls)
-            .map_err(|e| Error::db(&format!("connecting to {}", redact(url)), e))?;
+            .map_err(|e| Error::db(&format!("connecting to {}", redact(url)), pg_detail(&e)))?;
         let mut db = PgDb {
             client,
             stmts: HashMap::new(),
+            in_tx: false,
         };
         if let Some(s) = schema {
             if s.is_empty() || !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
@@ -280,9 +334,67 @@ impl PgDb {
         let s = self
             .client
             .prepare(sql)
-            .map_err(|e| Error::db(&format!("preparing {sql}"), e))?;
+            .map_err(|e| Error::db(&format!("preparing {sql}"), pg_detail(&e)))?;
         self.stmts.insert(sql.to_string(), s.clone());
         Ok(s)
+    }
+}
+
+fn pg_row(sql: &str, r: &postgres::Row) -> Result<Vec<Val>> {
+    use postgres::types::Type;
+    let rd = |e: postgres::Error| Error::db(&format!("reading {sql}"), pg_detail(&e));
+    let mut row = Vec::with_capacity(r.len());
+    for (i, c) in r.columns().iter().enumerate() {
+        let t = c.type_();
+        let v = if *t == Type::INT8 {
+            r.try_get::<_, Option<i64>>(i).map_err(rd)?.map(Val::I64)
+        } else if *t == Type::INT4 {
+            r.try_get::<_, Option<i32>>(i)
+                .map_err(rd)?
+                .map(|x| Val::I64(x as i64))
+        } else if *t == Type::INT2 {
+            r.try_get::<_, Option<i16>>(i)
+                .map_err(rd)?
+                .map(|x| Val::I64(x as i64))
+        } else if *t == Type::BYTEA {
+            r.try_get::<_, Option<Vec<u8>>>(i)
+                .map_err(rd)?
+                .map(Val::Blob)
+        } else if *t == Type::TEXT || *t == Type::VARCHAR || *t == Type::NAME {
+            r.try_get::<_, Option<String>>(i)
+                .map_err(rd)?
+                .map(Val::Text)
+        } else {
+            return Err(Error::db(
+                &format!("reading {sql}"),
+                format!("column {} has unsupported type {t}", c.name()),
+            ));
+        };
+        row.push(v.unwrap_or(Val::Null));
+    }
+    Ok(row)
+}
+
+/// A PostgreSQL error with the server's message, SQLSTATE and constraint (the
+/// client's own Display says only "db error").
+fn pg_detail(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => {
+            let mut s = format!(
+                "{}: {} (SQLSTATE {})",
+                d.severity(),
+                d.message(),
+                d.code().code()
+            );
+            if let Some(c) = d.constraint() {
+                s.push_str(&format!(", constraint {c}"));
+            }
+            if let Some(x) = d.detail() {
+                s.push_str(&format!("; {x}"));
+            }
+            s
+        }
+        None => e.to_string(),
     }
 }
 
@@ -300,17 +412,40 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-fn pg_params(params: &[Val]) -> Vec<Box<dyn postgres::types::ToSql + Sync>> {
+impl postgres::types::ToSql for Val {
+    fn to_sql(
+        &self,
+        ty: &postgres::types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> std::result::Result<postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>>
+    {
+        self.to_sql_checked(ty, out)
+    }
+    fn accepts(_: &postgres::types::Type) -> bool {
+        // Checked per value in `to_sql_checked` (the variant decides).
+        true
+    }
+    fn to_sql_checked(
+        &self,
+        ty: &postgres::types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> std::result::Result<postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>>
+    {
+        match self {
+            Val::Null => Ok(postgres::types::IsNull::Yes),
+            Val::I64(x) => x.to_sql_checked(ty, out),
+            Val::Text(x) => x.to_sql_checked(ty, out),
+            Val::Blob(x) => x.to_sql_checked(ty, out),
+            Val::TextArray(x) => x.to_sql_checked(ty, out),
+            Val::I64Array(x) => x.to_sql_checked(ty, out),
+        }
+    }
+}
+
+fn pg_params(params: &[Val]) -> Vec<&(dyn postgres::types::ToSql + Sync)> {
     params
         .iter()
-        .map(|v| -> Box<dyn postgres::types::ToSql + Sync> {
-            match v {
-                Val::Null => Box::new(Option::<String>::None),
-                Val::I64(x) => Box::new(*x),
-                Val::Text(s) => Box::new(s.clone()),
-                Val::Blob(b) => Box::new(b.clone()),
-            }
-        })
+        .map(|v| v as &(dyn postgres::types::ToSql + Sync))
         .collect()
 }
 
@@ -320,73 +455,75 @@ impl Db for PgDb {
     }
     fn exec(&mut self, sql: &str, params: &[Val]) -> Result<u64> {
         let st = self.stmt(sql)?;
-        let p = pg_params(params);
-        let refs: Vec<&(dyn postgres::types::ToSql + Sync)> = p.iter().map(|b| &**b).collect();
+        let refs = pg_params(params);
         self.client
             .execute(&st, &refs)
-            .map_err(|e| Error::db(&format!("running {sql}"), e))
+            .map_err(|e| Error::db(&format!("running {sql}"), pg_detail(&e)))
     }
     fn query(&mut self, sql: &str, params: &[Val]) -> Result<Vec<Vec<Val>>> {
-        use postgres::types::Type;
         let st = self.stmt(sql)?;
-        let p = pg_params(params);
-        let refs: Vec<&(dyn postgres::types::ToSql + Sync)> = p.iter().map(|b| &**b).collect();
+        let refs = pg_params(params);
         let rows = self
             .client
             .query(&st, &refs)
-            .map_err(|e| Error::db(&format!("running {sql}"), e))?;
-        let mut out = Vec::with_capacity(rows.len());
-        let rd = |e: postgres::Error| Error::db(&format!("reading {sql}"), e);
-        for r in rows {
-            let mut row = Vec::with_capacity(r.len());
-            for (i, c) in r.columns().iter().enumerate() {
-                let t = c.type_();
-                let v = if *t == Type::INT8 {
-                    r.try_get::<_, Option<i64>>(i).map_err(rd)?.map(Val::I64)
-                } else if *t == Type::INT4 {
-                    r.try_get::<_, Option<i32>>(i)
-                        .map_err(rd)?
-                        .map(|x| Val::I64(x as i64))
-                } else if *t == Type::INT2 {
-                    r.try_get::<_, Option<i16>>(i)
-                        .map_err(rd)?
-                        .map(|x| Val::I64(x as i64))
-                } else if *t == Type::BYTEA {
-                    r.try_get::<_, Option<Vec<u8>>>(i)
-                        .map_err(rd)?
-                        .map(Val::Blob)
-                } else if *t == Type::TEXT || *t == Type::VARCHAR || *t == Type::NAME {
-                    r.try_get::<_, Option<String>>(i)
-                        .map_err(rd)?
-                        .map(Val::Text)
-                } else {
-                    return Err(Error::db(
-                        &format!("reading {sql}"),
-                        format!("column {} has unsupported type {t}", c.name()),
-                    ));
-                };
-                row.push(v.unwrap_or(Val::Null));
+            .map_err(|e| Error::db(&format!("running {sql}"), pg_detail(&e)))?;
+        rows.iter().map(|r| pg_row(sql, r)).collect()
+    }
+    fn query_each(
+        &mut self,
+        sql: &str,
+        params: &[Val],
+        f: &mut dyn FnMut(Vec<Val>) -> Result<()>,
+    ) -> Result<()> {
+        if self.in_tx {
+            // Inside the caller's transaction: no portal of our own.
+            for row in self.query(sql, params)? {
+                f(row)?;
             }
-            out.push(row);
+            return Ok(());
         }
-        Ok(out)
+        let st = self.stmt(sql)?;
+        let refs = pg_params(params);
+        let run = |e: postgres::Error| Error::db(&format!("running {sql}"), pg_detail(&e));
+        let mut tx = self
+            .client
+            .build_transaction()
+            .read_only(true)
+            .isolation_level(postgres::IsolationLevel::RepeatableRead)
+            .start()
+            .map_err(run)?;
+        let portal = tx.bind(&st, &refs).map_err(run)?;
+        loop {
+            let rows = tx.query_portal(&portal, STREAM_BATCH).map_err(run)?;
+            if rows.is_empty() {
+                break;
+            }
+            for r in &rows {
+                f(pg_row(sql, r)?)?;
+            }
+        }
+        tx.commit().map_err(run)
     }
     fn batch(&mut self, sql: &str) -> Result<()> {
         self.client
             .batch_execute(sql)
-            .map_err(|e| Error::db("running a batch", e))
+            .map_err(|e| Error::db("running a batch", pg_detail(&e)))
     }
     fn begin(&mut self) -> Result<()> {
         self.client
             .batch_execute("BEGIN")
-            .map_err(|e| Error::db("BEGIN", e))
+            .map_err(|e| Error::db("BEGIN", pg_detail(&e)))?;
+        self.in_tx = true;
+        Ok(())
     }
     fn commit(&mut self) -> Result<()> {
+        self.in_tx = false;
         self.client
             .batch_execute("COMMIT")
-            .map_err(|e| Error::db("COMMIT", e))
+            .map_err(|e| Error::db("COMMIT", pg_detail(&e)))
     }
     fn rollback(&mut self) {
+        self.in_tx = false;
         let _ = self.client.batch_execute("ROLLBACK");
     }
     fn for_update(&self) -> &'static str {
@@ -410,8 +547,25 @@ pub fn open(spec: &str) -> Result<Box<dyn Db>> {
     }
 }
 
+/// Keep the text of `{PG:...}` parts on PostgreSQL, drop them elsewhere.
+fn dialect(sql: &str, kind: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut rest = sql;
+    while let Some(i) = rest.find("{PG:") {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i + 4..];
+        let end = tail.find('}').unwrap_or(tail.len());
+        if kind == "postgresql" {
+            out.push_str(&tail[..end]);
+        }
+        rest = tail.get(end + 1..).unwrap_or("");
+    }
+    out.push_str(rest);
+    out
+}
+
 /// The schema migrations, applied in order. `{ID}` stands for the dialect's
-/// auto-increment key. Never edit a published migration: add a new one.
+/// auto-increment key, `{PG:...}` for text only PostgreSQL runs. Never edit a published migration: add a new one.
 pub const MIGRATIONS: &[(i64, &str)] = &[
     (
         1,
@@ -506,6 +660,15 @@ pub const MIGRATIONS: &[(i64, &str)] = &[
             mac TEXT NOT NULL,
             PRIMARY KEY (region, sha256));",
     ),
+    (
+        5,
+        "DROP INDEX devices_host;
+        DROP INDEX devices_rack;
+        CREATE INDEX devices_host_serial ON devices (host, serial);
+        CREATE INDEX devices_rack_serial ON devices (rack, serial);
+        DROP INDEX history_serial;
+        {PG:ALTER TABLE devices SET (fillfactor = 60);}",
+    ),
 ];
 
 /// The newest schema version this build knows.
@@ -555,7 +718,7 @@ pub fn migrate(db: &mut dyn Db) -> Result<Vec<i64>> {
             if !rows.is_empty() {
                 return Ok(false);
             }
-            let sql = sql.replace("{ID}", db.auto_id());
+            let sql = dialect(&sql.replace("{ID}", db.auto_id()), db.kind());
             db.batch(&sql)?;
             db.exec(
                 "INSERT INTO schema_version (version, applied_at) VALUES ($1, $2)",
@@ -585,4 +748,14 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod dialect_tests {
+    #[test]
+    fn postgresql_only_parts() {
+        let s = "A;{PG:B;}C;{PG:D}";
+        assert_eq!(super::dialect(s, "postgresql"), "A;B;C;D");
+        assert_eq!(super::dialect(s, "sqlite"), "A;C;");
+    }
 }

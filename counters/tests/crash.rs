@@ -36,7 +36,16 @@ fn open(dir: &Path, backend: &str) -> Service {
     s.rate_limit.max = 1000;
     // The chain head's external anchor: whatever point the process died at, the
     // anchor is never ahead of the database (a refused open here fails the sweep).
-    s.set_anchor(&dir.join(format!("anchor-{}", backend.len())))
+    // SQLite runs keep it in a second (SQLite) database, PostgreSQL runs in a file,
+    // so the sweep covers both kinds of anchor writes.
+    let anchor = if backend == "sqlite" {
+        format!("sqlite:{}", dir.join("anchor.db").display())
+    } else {
+        dir.join(format!("anchor-{}", backend.len()))
+            .display()
+            .to_string()
+    };
+    s.set_anchor_spec(&anchor)
         .unwrap_or_else(|e| panic!("after a crash: {e}"));
     s
 }

@@ -315,3 +315,158 @@ fn a_tampered_rate_limit_entry_counts_as_an_attempt() {
         Err(Error::RateLimited { .. })
     ));
 }
+
+/// The replay of `a_replayed_database_is_refused_with_an_anchor`, with the anchor
+/// given as `anchor` (a file, `sqlite:PATH` or a PostgreSQL URL).
+fn replay_is_detected_with(anchor: &str, dir: &Path) {
+    let live = dir.join("live");
+    std::fs::create_dir_all(&live).unwrap();
+    let spec = live.join("counters.db").display().to_string();
+    let p = make_device(dir, 0x54, 16);
+    let old_state = std::fs::read(&p).unwrap();
+    {
+        let mut s = Service::open(&spec, key()).unwrap();
+        s.set_anchor_spec(anchor).unwrap();
+        enroll_from(&mut s, &p, 0x54);
+        assert!(s.verify(0x54, &mut source(&p)).unwrap().trusted());
+    }
+    copy_db(&live, &dir.join("backup"));
+    {
+        let mut s = Service::open(&spec, key()).unwrap();
+        s.set_anchor_spec(anchor).unwrap();
+        update(&mut s, &p, 0x54, 2);
+        assert!(s.verify(0x54, &mut source(&p)).unwrap().trusted());
+    }
+    // Another service database sharing the anchor database keeps its own row.
+    {
+        let other = dir.join("other.db").display().to_string();
+        let mut s = Service::open(&other, Key::from_bytes([9u8; 32])).unwrap();
+        s.set_anchor_spec(anchor).unwrap();
+    }
+    // The attacker restores the old database and rolls the device back.
+    restore_db(&dir.join("backup"), &live);
+    std::fs::write(&p, &old_state).unwrap();
+    let mut s = Service::open(&spec, key()).unwrap();
+    match s.set_anchor_spec(anchor) {
+        Err(e @ Error::Replayed { .. }) => {
+            let m = e.to_string();
+            assert!(m.starts_with("database replayed: head 1, anchor "), "{m}");
+        }
+        other => panic!("a replayed database was accepted: {:?}", other.err()),
+    }
+}
+
+#[test]
+fn a_replayed_database_is_refused_with_the_anchor_in_a_sqlite_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = format!("sqlite:{}", dir.path().join("anchor.db").display());
+    replay_is_detected_with(&a, dir.path());
+    // The anchor database is a SQLite file with one row per service database.
+    let conn = hilrig_counters::store::SqliteDb::open(&dir.path().join("anchor.db")).unwrap();
+    let mut db: Box<dyn hilrig_counters::store::Db> = Box::new(conn);
+    let n = db.query("SELECT COUNT(*) FROM anchor", &[]).unwrap();
+    assert_eq!(n[0][0], hilrig_counters::store::Val::I64(2));
+}
+
+#[test]
+fn a_replayed_database_is_refused_with_the_anchor_in_another_postgresql_database() {
+    let Some(url) = pg_url() else {
+        eprintln!("SKIPPED: HILRIG_TEST_PG not set (the anchor on another PostgreSQL database)");
+        return;
+    };
+    // A second database on the server: the anchor lives apart from the service's.
+    let name = fresh_schema("anchordb").to_lowercase();
+    let mut admin = hilrig_counters::store::PgDb::connect(&url, None).unwrap();
+    use hilrig_counters::store::Db;
+    admin.batch(&format!("CREATE DATABASE \"{name}\"")).unwrap();
+    let base = url.rsplit_once('/').unwrap().0;
+    let anchor_url = format!("{base}/{name}");
+    let dir = tempfile::tempdir().unwrap();
+    let r = std::panic::catch_unwind(|| replay_is_detected_with(&anchor_url, dir.path()));
+    admin
+        .batch(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+        .unwrap();
+    if let Err(p) = r {
+        std::panic::resume_unwind(p);
+    }
+}
+
+#[test]
+fn a_file_anchor_that_is_a_sqlite_database_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("anchor.db");
+    drop(hilrig_counters::anchor::Anchor::open(&format!("sqlite:{}", a.display()), "x").unwrap());
+    let mut s = Service::open(&dir.path().join("c.db").display().to_string(), key()).unwrap();
+    let e = s.set_anchor(&a).unwrap_err().to_string();
+    assert!(
+        e.contains("is a SQLite database") && e.contains("sqlite:"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_batch_racing_a_concurrent_verify_is_run_again_never_lost() {
+    // The batched PostgreSQL write reads rows without locks and compares and swaps
+    // on each row's MAC; a commit by another process in between (a device row and
+    // the history chain moved on) makes the batch run again on fresh rows.
+    each_backend("batchrace", |s, dir| {
+        let p = make_device(dir, 0x61, 16);
+        let q = make_device(dir, 0x62, 16);
+        enroll_from(s, &p, 0x61);
+        enroll_from(s, &q, 0x62);
+        let obs = |path: &Path| source(path).observe().unwrap();
+        let items = vec![(0x61, obs(&p)), (0x62, obs(&q))];
+        // The other process: a second connection to the same database.
+        let other: Option<Service> = match s.db_kind() {
+            "sqlite" => None, // SQLite locks the whole database for the batch.
+            _ => {
+                let url = pg_url().unwrap();
+                let schema: String = {
+                    let r = s.db_mut().query("SELECT current_schema()", &[]).unwrap();
+                    r[0][0].text("schema").unwrap()
+                };
+                let db = hilrig_counters::store::PgDb::connect(&url, Some(&schema)).unwrap();
+                Some(Service::with_db(Box::new(db), key()).unwrap())
+            }
+        };
+        let Some(mut other) = other else {
+            eprintln!("batchrace: sqlite serialises writers; the race is PostgreSQL's");
+            return;
+        };
+        let q2 = q.clone();
+        let fired = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let f2 = fired.clone();
+        let mut once = Some(move || {
+            // Commits a verify of 0x62: its row and the chain head change.
+            let r = other.verify(0x62, &mut source(&q2)).unwrap();
+            assert!(r.trusted());
+        });
+        s.set_batch_hook(Some(Box::new(move || {
+            f2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if let Some(mut f) = once.take() {
+                f();
+            }
+        })));
+        let reps = s.verify_batch(&items).unwrap();
+        s.set_batch_hook(None);
+        assert_eq!(
+            fired.load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "run twice"
+        );
+        assert!(reps.iter().all(|r| r.trusted()), "{reps:?}");
+        // Nothing was lost: both rows are current, the chain is whole, and a fresh
+        // verify of each is trusted (a lost update would read as a replayed row).
+        for (serial, path) in [(0x61, &p), (0x62, &q)] {
+            assert!(s.device(serial).is_ok(), "{serial:#x}");
+            assert!(s.verify(serial, &mut source(path)).unwrap().trusted());
+        }
+        let h = s.history(Some(0x62), 10).unwrap();
+        assert!(h.iter().all(|e| e.intact));
+        assert_eq!(
+            h.len(),
+            3,
+            "the concurrent verify, the batch's and the last"
+        );
+    });
+}
