@@ -85,15 +85,23 @@ pub struct RunSummary {
     pub wall: Duration,
     /// Hosts that ended the run unhealthy (too many INFRA attempts in a row).
     pub unhealthy_hosts: Vec<String>,
+    /// Hosts taken offline by a failed health check, with the reason.
+    pub offline_hosts: Vec<(String, String)>,
+    /// Setup errors met by attempts (a VMM that cannot be run, ...): CONFIG, never
+    /// retried; their cases are SKIPPED and the run exits 2.
+    pub config_errors: Vec<String>,
 }
 
 impl RunSummary {
     /// Process exit status: 0 when every case is PASS or FLAKY (flaky cases are
     /// listed loudly but do not fail the job), 1 when any case FAILed or TIMEd OUT,
-    /// 3 when none failed but some could not run (INFRA after retries, SKIPPED).
+    /// 3 when none failed but some could not run (INFRA after retries, SKIPPED);
+    /// 2 (before all of these) when an attempt met a setup error (CONFIG).
     pub fn exit_status(&self) -> u8 {
         let c = &self.counts;
-        if c.fail + c.timeout > 0 {
+        if !self.config_errors.is_empty() {
+            2
+        } else if c.fail + c.timeout > 0 {
             1
         } else if c.infra + c.skipped > 0 {
             3
@@ -206,6 +214,8 @@ struct Pool {
     all: Vec<HostSpec>,
     free: Mutex<Vec<HostSpec>>,
     infra_streak: Mutex<BTreeMap<String, u32>>,
+    /// Hosts a health check took offline, with the reason: never handed work.
+    offline: Mutex<BTreeMap<String, String>>,
     sem: tokio::sync::Semaphore,
 }
 
@@ -216,6 +226,7 @@ impl Pool {
             all: hosts.clone(),
             free: Mutex::new(hosts),
             infra_streak: Mutex::new(BTreeMap::new()),
+            offline: Mutex::new(BTreeMap::new()),
             sem: tokio::sync::Semaphore::new(n),
         }
     }
@@ -230,6 +241,42 @@ impl Pool {
             < UNHEALTHY_AFTER
     }
 
+    fn is_offline(&self, name: &str) -> bool {
+        self.offline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(name)
+    }
+
+    /// Take `name` offline (a failed health check): no more work for it.
+    fn set_offline(&self, name: &str, reason: String) {
+        tracing::warn!("host {name} offline: {reason}");
+        self.offline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), reason);
+    }
+
+    /// Hosts offline, with reasons.
+    fn offline(&self) -> Vec<(String, String)> {
+        self.offline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// INFRA attempts in a row on `name`.
+    fn streak(&self, name: &str) -> u32 {
+        self.infra_streak
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Hosts marked unhealthy.
     fn unhealthy(&self) -> Vec<String> {
         self.all
@@ -241,10 +288,14 @@ impl Pool {
 
     /// A free host for `case`: a healthy one not in `avoid` (waiting for one if
     /// there is such a host), else a healthy one; an unhealthy one only when no
-    /// healthy host can run the case at all.
-    async fn acquire(&self, case: &Case, avoid: &[String]) -> HostSpec {
-        let fits = |h: &HostSpec| h.tags.contains(&case.tag) && h.backends.contains(&case.backend);
+    /// healthy host can run the case at all; `None` when every host that could
+    /// is offline.
+    async fn acquire(&self, case: &Case, avoid: &[String]) -> Option<HostSpec> {
+        let fits = |h: &HostSpec| h.fits(case) && !self.is_offline(&h.name);
         loop {
+            if !self.all.iter().any(fits) {
+                return None;
+            }
             let any_healthy = self.all.iter().any(|h| fits(h) && self.healthy(&h.name));
             let permit = self.sem.acquire().await;
             {
@@ -266,7 +317,7 @@ impl Pool {
                     if let Ok(p) = permit {
                         p.forget();
                     }
-                    return free.remove(i);
+                    return Some(free.remove(i));
                 }
             }
             drop(permit);
@@ -447,7 +498,8 @@ pub fn rel(run_dir: &Path, p: &Path) -> String {
         .into_owned()
 }
 
-pub use crate::attempt::run_attempt;
+pub use crate::attempt::{run_attempt, run_attempt_on, Target, CONFIG_PREFIX};
+use hilrig_rig::remote::Ssh;
 
 /// What an attempt observed besides the last step's JSON: counter readings after
 /// each step, blackouts, teardown times and the steps' own notes.
@@ -753,6 +805,20 @@ struct Ctx {
     /// The machine the simulated hosts share: attempts hold it shared, exclusive
     /// cases alone.
     machine: tokio::sync::RwLock<()>,
+    /// Remote hosts: the SSH connection and the VMM build's path there.
+    remotes: BTreeMap<String, (Arc<Ssh>, String)>,
+    /// Setup errors seen (CONFIG).
+    config_errors: Mutex<Vec<String>>,
+}
+
+/// The health check of a remote host: SSH reachable, the runner's build there
+/// (copied when its SHA-256 differs) and answering `--version`. The path of the
+/// build on the host, or why the host is not healthy.
+pub fn health_check(ssh: &Ssh, vmm: &Path) -> Result<String, String> {
+    let path = ssh.ensure_hilrig(vmm).map_err(|e| e.to_string())?;
+    let v = ssh.alive().map_err(|e| e.to_string())?;
+    tracing::info!("host health: {v} at {path}");
+    Ok(path)
 }
 
 /// Run every repeat of `case` with its retries; the final verdict.
@@ -766,7 +832,23 @@ async fn run_case(ctx: Arc<Ctx>, case: Case) -> CaseResult {
         let (mut infra_used, mut retries_used) = (0u32, 0u32);
         let mut avoid: Vec<String> = Vec::new();
         loop {
-            let host = ctx.pool.acquire(&case, &avoid).await;
+            let Some(host) = ctx.pool.acquire(&case, &avoid).await else {
+                rep_outcomes.push(Outcome::Skipped);
+                last = Some(AttemptResult::new(
+                    Outcome::Skipped,
+                    format!(
+                        "no host can run the case: every host tagged `{}` is offline ({})",
+                        case.tag,
+                        ctx.pool
+                            .offline()
+                            .iter()
+                            .map(|(h, why)| format!("{h}: {why}"))
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    ),
+                ));
+                break 'reps;
+            };
             if Instant::now() >= ctx.deadline {
                 ctx.pool.release(host, Outcome::Skipped);
                 rep_outcomes.push(Outcome::Skipped);
@@ -791,8 +873,12 @@ async fn run_case(ctx: Arc<Ctx>, case: Case) -> CaseResult {
                 // The same between runners on this machine (other runs, CI jobs).
                 let _machine = machine_lock(case.exclusive).await;
                 let t = Instant::now();
-                let r =
-                    run_attempt(&case, &host, &ctx.vmm, &ctx.vmm_args, &ctx.run_dir, &dir).await;
+                let target = Target {
+                    vmm: &ctx.vmm,
+                    vmm_args: &ctx.vmm_args,
+                    remote: ctx.remotes.get(&host.name).cloned(),
+                };
+                let r = run_attempt_on(&case, &host, &target, &ctx.run_dir, &dir).await;
                 (r, t)
             };
             host_name = host.name.clone();
@@ -806,8 +892,34 @@ async fn run_case(ctx: Arc<Ctx>, case: Case) -> CaseResult {
             if outcome == Outcome::Infra {
                 avoid.push(host.name.clone());
             }
+            let config = r.message.starts_with(CONFIG_PREFIX);
+            if config {
+                ctx.config_errors
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(format!("{}: {}", case.id, r.message));
+            }
+            let recheck = outcome == Outcome::Infra
+                && ctx.pool.streak(&host.name) + 1 >= UNHEALTHY_AFTER;
+            let name = host.name.clone();
             ctx.pool.release(host, outcome);
+            if recheck {
+                // A streak of INFRA: the health check decides whether the host stays.
+                if let Some((ssh, _)) = ctx.remotes.get(&name) {
+                    let (ssh, vmm) = (ssh.clone(), ctx.vmm.clone());
+                    let r = tokio::task::spawn_blocking(move || health_check(&ssh, &vmm)).await;
+                    match r {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(why)) => ctx.pool.set_offline(&name, why),
+                        Err(e) => ctx.pool.set_offline(&name, format!("health check task: {e}")),
+                    }
+                }
+            }
             last = Some(r);
+            if config {
+                rep_outcomes.push(Outcome::Skipped);
+                break 'reps;
+            }
             match outcome {
                 Outcome::Pass => {
                     rep_outcomes.push(Outcome::Pass);
@@ -907,7 +1019,7 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
         .map(|h| Host {
             name: h.name.clone(),
             tags: h.tags.clone(),
-            simulated: true,
+            simulated: h.ssh.is_none(),
         })
         .collect();
     let (row, done) = match &opts.resume {
@@ -969,8 +1081,34 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
         hosts.len(),
         vmm.display()
     ));
+    // Health check of every remote host before the run (LAVA's health check):
+    // SSH reachable, this build there (copied when its hash differs), `--version`.
+    let pool = Pool::new(hosts.clone());
+    let mut remotes = BTreeMap::new();
+    for h in &hosts {
+        let Some(spec) = &h.ssh else { continue };
+        let ssh = match Ssh::new(&h.name, spec.clone()) {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                pool.set_offline(&h.name, e.to_string());
+                continue;
+            }
+        };
+        match health_check(&ssh, &vmm) {
+            Ok(path) => {
+                progress.line(&format!("host {}: healthy (build at {path})", h.name));
+                remotes.insert(h.name.clone(), (ssh, path));
+            }
+            Err(why) => {
+                progress.line(&format!("host {}: OFFLINE: {why}", h.name));
+                pool.set_offline(&h.name, why);
+            }
+        }
+    }
     let ctx = Arc::new(Ctx {
-        pool: Pool::new(hosts),
+        pool,
+        remotes,
+        config_errors: Mutex::new(Vec::new()),
         vmm,
         vmm_args,
         run_dir: run_dir.clone(),
@@ -988,6 +1126,12 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
     drop(rt);
     ctx.progress.done();
     let unhealthy_hosts = ctx.pool.unhealthy();
+    let offline_hosts = ctx.pool.offline();
+    let config_errors = ctx
+        .config_errors
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     let mut store = ctx.store.lock().unwrap_or_else(|p| p.into_inner());
     let finished_ms = now_ms();
     store.finish_run(&row.id, finished_ms)?;
@@ -1021,6 +1165,8 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
         run,
         wall: t0.elapsed(),
         unhealthy_hosts,
+        offline_hosts,
+        config_errors,
     })
 }
 
@@ -1066,14 +1212,14 @@ pub fn hosts_for(
     let (hosts, other) = HostSpec::from_inventory(&inv);
     if !other.is_empty() {
         tracing::warn!(
-            "inventory {}: hardware hosts {} left out (this runner drives simulated hosts only)",
+            "inventory {}: hosts {} left out (neither `[host.ssh]` nor simulated: the runner cannot start a VMM there)",
             path.display(),
             other.join(", ")
         );
     }
     if hosts.is_empty() {
         anyhow::bail!(
-            "inventory {}: no simulated host (this runner drives simulated hosts only)",
+            "inventory {}: no host the runner can reach (give hosts an `[host.ssh]` section, or simulated drivers)",
             path.display()
         );
     }

@@ -12,6 +12,7 @@ pub mod error;
 pub mod inventory;
 pub mod lease;
 pub mod power;
+pub mod remote;
 pub mod rig;
 pub mod rollout;
 pub mod sim;
