@@ -78,10 +78,11 @@ fn pass_and_fail_are_told_apart() {
 }
 
 #[test]
-fn missing_vmm_is_infra_retried_on_other_hosts() {
+fn infra_is_retried_on_other_hosts() {
     let t = tempfile::tempdir().unwrap();
     let c = campaign(t.path(), ONE_CASE);
-    let mut o = opts(t.path(), c, t.path().join("no-such-vmm"));
+    let v = fake_vmm(t.path(), "echo booting >&2; kill -9 $$");
+    let mut o = opts(t.path(), c, v);
     o.hosts = 3;
     let s = run_campaign(o).unwrap();
     let case = only(&s);
@@ -91,8 +92,33 @@ fn missing_vmm_is_infra_retried_on_other_hosts() {
     let hosts: std::collections::BTreeSet<&str> =
         case.attempts.iter().map(|a| a.host.as_str()).collect();
     assert_eq!(hosts.len(), 3, "each retry on another host: {case:?}");
-    assert!(case.message.contains("spawning"), "{}", case.message);
     assert_eq!(s.exit_status(), 3, "INFRA is not a test failure");
+}
+
+/// A setup error (the VMM binary missing, or not executable) is CONFIG: not
+/// retried as INFRA on every host, the case SKIPPED, the run exits 2.
+#[test]
+fn missing_vmm_is_config_not_retried() {
+    let t = tempfile::tempdir().unwrap();
+    let not_exec = t.path().join("not-executable");
+    std::fs::write(&not_exec, "#!/bin/sh\n").unwrap();
+    for vmm in [t.path().join("no-such-vmm"), not_exec] {
+        let c = campaign(t.path(), ONE_CASE);
+        let mut o = opts(t.path(), c, vmm.clone());
+        o.hosts = 3;
+        let s = run_campaign(o).unwrap();
+        let case = only(&s);
+        assert_eq!(case.outcome, Outcome::Skipped, "{case:?}");
+        assert_eq!(case.attempts.len(), 1, "a setup error is not retried: {case:?}");
+        assert!(case.message.starts_with("CONFIG: "), "{}", case.message);
+        assert!(
+            case.message.contains(&vmm.display().to_string()),
+            "{}",
+            case.message
+        );
+        assert_eq!(s.config_errors.len(), 1, "{:?}", s.config_errors);
+        assert_eq!(s.exit_status(), 2, "a setup error exits 2");
+    }
 }
 
 #[test]

@@ -15,6 +15,7 @@ pub mod power;
 pub mod remote;
 pub mod rig;
 pub mod rollout;
+pub mod simlab;
 pub mod sim;
 
 pub use cli::{run, RigCmd};
