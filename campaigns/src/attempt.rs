@@ -302,13 +302,15 @@ impl Att<'_> {
         }
     }
 
-    /// Run `spec` on the remote host: the device state and a generated payload
-    /// copied there, `hilrig vm run` started over SSH (its pid kept, so a timeout
-    /// kills it there), its `--json` summary read from ssh's stdout, then the
-    /// state, console, alarms and teardown record copied back.
+    /// Run `spec` on the remote host in one SSH round trip
+    /// ([`hilrig_rig::remote::STEP_SH`]): the device state and a generated payload
+    /// staged there, `hilrig vm run` started (its pid kept, so a timeout kills it
+    /// there), then its `--json` summary, stderr, the state, console, alarms and
+    /// teardown record sent back and the step's directory removed.
     async fn run_remote(&mut self, k: usize, label: &str, spec: VmSpec, r: Remote) -> StepOut {
+        use hilrig_rig::remote::{parse_step, stage_input, step_argv};
         let infra = |m: String| fail(Outcome::Infra, format!("step {k} ({label}): {m}"));
-        let rdir = r.dir.clone();
+        let rdir = format!("{}-{k}", r.dir);
         let rpath = |local: &Path| -> String {
             let name = local
                 .file_name()
@@ -339,51 +341,37 @@ impl Att<'_> {
                 *f = Some(PathBuf::from(p));
             }
         }
-        let pidfile = format!("{rdir}/{k}-{label}.pid");
-        let ssh = r.ssh.clone();
-        let clean = format!(
-            "rm -f {}; for f in {}; do rm -f \"$f\"; done",
-            shell_quote(&pidfile),
-            fetch
-                .iter()
-                .skip(1)
-                .map(|(p, _)| shell_quote(p))
-                .collect::<Vec<_>>()
-                .join(" ")
-        );
-        blocking(move || {
-            for (p, b) in &puts {
-                ssh.put(p, b, 0o600)?;
-            }
-            ssh.sh(&clean, None).map(|_| ())
-        })
-        .await
-        .map_err(|e| infra(format!("staging on the host: {e}")))?;
-        let mut argv: Vec<String> = vec![
-            "sh".into(),
-            "-c".into(),
-            "echo $$ > \"$0\"; exec \"$@\"".into(),
-            pidfile.clone(),
-            r.hilrig.clone(),
-        ];
-        argv.extend(self.vmm_args.iter().cloned());
-        argv.extend(
+        let mut cmd_argv: Vec<String> = vec![r.hilrig.clone()];
+        cmd_argv.extend(self.vmm_args.iter().cloned());
+        cmd_argv.extend(
             rs.to_args()
                 .into_iter()
                 .map(|a| a.to_string_lossy().into_owned()),
         );
+        let remote_files: Vec<String> = fetch.iter().map(|(p, _)| p.clone()).collect();
+        let argv = step_argv(&rdir, &remote_files, &cmd_argv);
         let mut cmd = tokio::process::Command::from(r.ssh.command(&argv));
-        cmd.stdin(Stdio::null())
+        cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         die_with_runner(&mut cmd);
-        let child = cmd
+        let mut child = cmd
             .spawn()
             .map_err(|e| infra(format!("starting ssh: {e}")))?;
+        let input = stage_input(&puts);
+        let stdin = child.stdin.take();
+        let feeder = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            if let Some(mut w) = stdin {
+                let _ = w.write_all(&input).await;
+            }
+        });
         let out = match tokio::time::timeout(self.left(), child.wait_with_output()).await {
             Err(_) => {
                 let ssh = r.ssh.clone();
-                let kill = format!("kill -KILL $(cat {}) 2>/dev/null; true", shell_quote(&pidfile));
+                let d = shell_quote(&rdir);
+                let kill =
+                    format!("kill -KILL $(cat {d}/.pid) 2>/dev/null; rm -rf {d}; true");
                 let _ = blocking(move || ssh.sh(&kill, None).map(|_| ())).await;
                 return Err(fail(
                     Outcome::Timeout,
@@ -396,32 +384,40 @@ impl Att<'_> {
             Ok(Err(e)) => return Err(infra(format!("waiting for ssh: {e}"))),
             Ok(Ok(out)) => out,
         };
-        let ssh = r.ssh.clone();
-        let got = blocking(move || {
-            let mut n = 0;
-            for (rp, local) in &fetch {
-                if let Some(b) = ssh.get(rp)? {
-                    std::fs::write(local, b).map_err(|source| {
-                        hilrig_rig::remote::RemoteError::Io {
-                            what: format!("writing {}", local.display()),
-                            source,
-                        }
-                    })?;
-                    n += 1;
-                }
+        let _ = feeder.await;
+        let step = match (out.status.code(), parse_step(&out.stdout, fetch.len())) {
+            (Some(0), Ok(s)) => s,
+            (code, parsed) => {
+                let why = match parsed {
+                    Err(e) => e.to_string(),
+                    Ok(_) => format!("exit {code:?}"),
+                };
+                return Err(infra(format!(
+                    "ssh to {} failed ({why}): {}",
+                    self.host.name,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
             }
-            Ok(n)
-        })
-        .await;
-        if out.status.code() == Some(255) {
-            return Err(infra(format!(
-                "ssh to {} failed: {}",
-                self.host.name,
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
+        };
+        for ((_, local), body) in fetch.iter().zip(&step.files) {
+            if let Some(b) = body {
+                std::fs::write(local, b)
+                    .map_err(|e| infra(format!("writing {}: {e}", local.display())))?;
+            }
         }
-        got.map_err(|e| infra(format!("collecting artifacts: {e}")))?;
-        self.collect(k, label, out)
+        use std::os::unix::process::ExitStatusExt;
+        // The shell's view: 128+n is the VMM killed by signal n.
+        let raw = if step.code > 128 {
+            step.code - 128
+        } else {
+            step.code << 8
+        };
+        let vm_out = std::process::Output {
+            status: std::process::ExitStatus::from_raw(raw),
+            stdout: step.stdout,
+            stderr: step.stderr,
+        };
+        self.collect(k, label, vm_out)
     }
 
     fn load(&self) -> Result<NvState, Stop> {
@@ -1199,27 +1195,20 @@ pub async fn run_attempt_on(
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "run".into());
+            // One flat directory per step (`<dir>-<k>`), removed by the step itself.
             Some(Remote {
                 ssh: ssh.clone(),
                 hilrig: hilrig.clone(),
                 dir: format!(
-                    "{}/runs/{run}/{}",
+                    "{}/att/{run}__{}",
                     spec.workdir.trim_end_matches('/'),
-                    rel(run_dir, dir)
+                    rel(run_dir, dir).replace('/', "_")
                 ),
             })
         }
         _ => None,
     };
-    let r = attempt_inner(case, host, vmm, vmm_args, run_dir, dir, remote.clone()).await;
-    if let Some(rm) = remote {
-        let line = format!("rm -rf {}", shell_quote(&rm.dir));
-        let ssh = rm.ssh.clone();
-        if let Err(e) = blocking(move || ssh.sh(&line, None).map(|_| ())).await {
-            tracing::warn!("host {}: removing {}: {e}", host.name, rm.dir);
-        }
-    }
-    r
+    attempt_inner(case, host, vmm, vmm_args, run_dir, dir, remote).await
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -499,6 +499,7 @@ pub fn rel(run_dir: &Path, p: &Path) -> String {
 }
 
 pub use crate::attempt::{run_attempt, run_attempt_on, Target, CONFIG_PREFIX};
+use hilrig_rig::hoststate::HostStates;
 use hilrig_rig::remote::Ssh;
 
 /// What an attempt observed besides the last step's JSON: counter readings after
@@ -807,8 +808,25 @@ struct Ctx {
     machine: tokio::sync::RwLock<()>,
     /// Remote hosts: the SSH connection and the VMM build's path there.
     remotes: BTreeMap<String, (Arc<Ssh>, String)>,
+    /// Recorded host states (a SQLite results database): offline hosts stay
+    /// offline for every runner until `hilrig rig host DB online NAME`.
+    states: Option<Mutex<HostStates>>,
     /// Setup errors seen (CONFIG).
     config_errors: Mutex<Vec<String>>,
+}
+
+fn is_postgres(db: &Path) -> bool {
+    let s = db.to_string_lossy();
+    s.starts_with("postgres://") || s.starts_with("postgresql://")
+}
+
+/// Record `host` offline in the host-state table (a warning if that fails).
+fn record_offline(states: Option<&HostStates>, host: &str, why: &str) {
+    if let Some(s) = states {
+        if let Err(e) = s.set_offline(host, why) {
+            tracing::warn!("recording host {host} offline: {e}");
+        }
+    }
 }
 
 /// The health check of a remote host: SSH reachable, the runner's build there
@@ -816,7 +834,7 @@ struct Ctx {
 /// build on the host, or why the host is not healthy.
 pub fn health_check(ssh: &Ssh, vmm: &Path) -> Result<String, String> {
     let path = ssh.ensure_hilrig(vmm).map_err(|e| e.to_string())?;
-    let v = ssh.alive().map_err(|e| e.to_string())?;
+    let v = ssh.alive_at(&path).map_err(|e| e.to_string())?;
     tracing::info!("host health: {v} at {path}");
     Ok(path)
 }
@@ -908,10 +926,20 @@ async fn run_case(ctx: Arc<Ctx>, case: Case) -> CaseResult {
                 if let Some((ssh, _)) = ctx.remotes.get(&name) {
                     let (ssh, vmm) = (ssh.clone(), ctx.vmm.clone());
                     let r = tokio::task::spawn_blocking(move || health_check(&ssh, &vmm)).await;
-                    match r {
-                        Ok(Ok(_)) => {}
-                        Ok(Err(why)) => ctx.pool.set_offline(&name, why),
-                        Err(e) => ctx.pool.set_offline(&name, format!("health check task: {e}")),
+                    let why = match r {
+                        Ok(Ok(_)) => None,
+                        Ok(Err(why)) => Some(why),
+                        Err(e) => Some(format!("health check task: {e}")),
+                    };
+                    if let Some(why) = why {
+                        let why = format!(
+                            "health check after {UNHEALTHY_AFTER} INFRA attempts in a row: {why}"
+                        );
+                        if let Some(m) = &ctx.states {
+                            let g = m.lock().unwrap_or_else(|p| p.into_inner());
+                            record_offline(Some(&g), &name, &why);
+                        }
+                        ctx.pool.set_offline(&name, why);
                     }
                 }
             }
@@ -1083,9 +1111,33 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
     ));
     // Health check of every remote host before the run (LAVA's health check):
     // SSH reachable, this build there (copied when its hash differs), `--version`.
+    // Hosts recorded offline (by an earlier check) stay offline until an operator
+    // brings them back.
     let pool = Pool::new(hosts.clone());
+    let states = if is_postgres(&db) {
+        None
+    } else {
+        match HostStates::open(&db.to_string_lossy()) {
+            Ok(s) => Some(s),
+            Err(e) => anyhow::bail!("host states in {}: {e}", db.display()),
+        }
+    };
     let mut remotes = BTreeMap::new();
     for h in &hosts {
+        if let Some(st) = states.as_ref().map(|s| s.get(&h.name)).transpose()?.flatten() {
+            if !st.online() {
+                let why = format!(
+                    "offline since {}: {} (bring it back: hilrig rig host {} online {})",
+                    hilrig_rig::lease::format_unix_ms(st.since_unix_ms),
+                    st.reason,
+                    db.display(),
+                    h.name
+                );
+                progress.line(&format!("host {}: OFFLINE: {why}", h.name));
+                pool.set_offline(&h.name, why);
+                continue;
+            }
+        }
         let Some(spec) = &h.ssh else { continue };
         let ssh = match Ssh::new(&h.name, spec.clone()) {
             Ok(s) => Arc::new(s),
@@ -1100,14 +1152,18 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
                 remotes.insert(h.name.clone(), (ssh, path));
             }
             Err(why) => {
+                let why = format!("health check before the run: {why}");
                 progress.line(&format!("host {}: OFFLINE: {why}", h.name));
+                record_offline(states.as_ref(), &h.name, &why);
                 pool.set_offline(&h.name, why);
             }
         }
     }
+    let states = states.map(Mutex::new);
     let ctx = Arc::new(Ctx {
         pool,
         remotes,
+        states,
         config_errors: Mutex::new(Vec::new()),
         vmm,
         vmm_args,

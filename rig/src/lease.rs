@@ -66,6 +66,30 @@ fn now_ms() -> i64 {
 
 const PG_NOW: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
+/// Unix milliseconds as an RFC 3339 UTC time (`2026-12-03T18:20:00.123Z`).
+pub fn format_unix_ms(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let milli = ms.rem_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{milli:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
 /// A default holder name: `hostname:pid:nanos` (unique per runner).
 pub fn default_holder() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -499,6 +523,18 @@ impl Drop for Heartbeat {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod format_tests {
+    #[test]
+    fn times() {
+        assert_eq!(super::format_unix_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            super::format_unix_ms(1_795_250_980_123),
+            "2026-11-21T08:49:40.123Z"
+        );
     }
 }
 

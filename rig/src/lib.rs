@@ -9,6 +9,7 @@ pub mod board;
 pub mod cli;
 pub mod console;
 pub mod error;
+pub mod hoststate;
 pub mod inventory;
 pub mod lease;
 pub mod power;

@@ -60,9 +60,20 @@ fn default_connect_timeout() -> u32 {
 impl SshSpec {
     /// The remote path of the `hilrig` build.
     pub fn hilrig_path(&self) -> String {
+        self.build_path(Path::new("hilrig"))
+    }
+
+    /// Where a copy of the local build `local` is kept on the host: `hilrig` if
+    /// set, else `<workdir>/bin/<its file name>`.
+    pub fn build_path(&self, local: &Path) -> String {
+        let name = local
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .filter(|n| !n.is_empty() && !n.starts_with('.'))
+            .unwrap_or_else(|| "hilrig".into());
         self.hilrig
             .clone()
-            .unwrap_or_else(|| format!("{}/bin/hilrig", self.workdir.trim_end_matches('/')))
+            .unwrap_or_else(|| format!("{}/bin/{name}", self.workdir.trim_end_matches('/')))
     }
 
     /// Check the fields that end up on a command line.
@@ -225,6 +236,144 @@ pub fn file_sha256(path: &Path) -> Result<String, RemoteError> {
         source,
     })?;
     Ok(hex::encode(h.finalize()))
+}
+
+/// The remote side of one step in one SSH round trip ([`step_argv`]): files
+/// staged from standard input (`<len> <path>` lines, each followed by its bytes;
+/// `end -` last), the files to fetch removed first, the command run with its
+/// pid in `<dir>/.pid`, then framed on standard output: `exit <code>`, then
+/// `out`, `err` and `f0..` (the fetched files) each as `<name> <len>` and the
+/// bytes (`<name> -1` for a missing file); the directory removed.
+pub const STEP_SH: &str = r#"set -f
+d=$1; fetch=$2; shift 2
+umask 077
+mkdir -p "$d" || exit 250
+IFS='
+'
+for f in $fetch; do rm -f "$f"; done
+while IFS=' ' read -r len path; do
+  [ "$len" = end ] && break
+  head -c "$len" > "$path" || exit 250
+done
+"$@" > "$d/.out" 2> "$d/.err" < /dev/null &
+echo $! > "$d/.pid"
+wait $!
+code=$?
+emit() { if [ -f "$2" ]; then printf '%s %s
+' "$1" "$(wc -c < "$2")"; cat "$2"; else printf '%s -1
+' "$1"; fi; }
+printf 'exit %s
+' "$code"
+emit out "$d/.out"; emit err "$d/.err"
+i=0; for f in $fetch; do emit "f$i" "$f"; i=$((i+1)); done
+rm -rf "$d"
+"#;
+
+/// The argv running `cmd` on the host through [`STEP_SH`] in `dir`, fetching
+/// `fetch` afterwards (absolute paths without newlines).
+pub fn step_argv(dir: &str, fetch: &[String], cmd: &[String]) -> Vec<String> {
+    let mut a = vec![
+        "sh".to_string(),
+        "-c".to_string(),
+        STEP_SH.to_string(),
+        "hilrig-step".to_string(),
+        dir.to_string(),
+        fetch.join("\n"),
+    ];
+    a.extend(cmd.iter().cloned());
+    a
+}
+
+/// Standard input of [`STEP_SH`]: `files` (remote path, bytes) framed.
+pub fn stage_input(files: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut v = Vec::new();
+    for (p, b) in files {
+        v.extend_from_slice(format!("{} {p}\n", b.len()).as_bytes());
+        v.extend_from_slice(b);
+    }
+    v.extend_from_slice(b"end -\n");
+    v
+}
+
+/// What [`STEP_SH`] sent back.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepOutput {
+    /// The command's exit code as the shell saw it (128+n: killed by signal n).
+    pub code: i32,
+    /// Its standard output.
+    pub stdout: Vec<u8>,
+    /// Its standard error.
+    pub stderr: Vec<u8>,
+    /// The fetched files, in order (`None`: missing).
+    pub files: Vec<Option<Vec<u8>>>,
+}
+
+/// Why [`parse_step`] refused an output.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed step output at byte {at}: {why}")]
+pub struct FrameError {
+    /// Offset in the output.
+    pub at: usize,
+    /// What is wrong.
+    pub why: String,
+}
+
+/// Parse [`STEP_SH`]'s output (bounded: no frame over [`MAX_GET_BYTES`]).
+pub fn parse_step(out: &[u8], nfiles: usize) -> Result<StepOutput, FrameError> {
+    let mut at = 0usize;
+    let bad = |at: usize, why: String| FrameError { at, why };
+    let header = |at: &mut usize, want: &str| -> Result<i64, FrameError> {
+        let rest = &out[*at..];
+        let nl = rest
+            .iter()
+            .take(64)
+            .position(|&b| b == b'\n')
+            .ok_or_else(|| bad(*at, format!("no `{want}` header line")))?;
+        let line = std::str::from_utf8(&rest[..nl])
+            .map_err(|_| bad(*at, "header is not UTF-8".into()))?;
+        let (name, n) = line
+            .split_once(' ')
+            .ok_or_else(|| bad(*at, format!("header {line:?}")))?;
+        if name != want {
+            return Err(bad(*at, format!("expected `{want}`, got {name:?}")));
+        }
+        let n: i64 = n
+            .parse()
+            .map_err(|_| bad(*at, format!("bad number in {line:?}")))?;
+        *at += nl + 1;
+        Ok(n)
+    };
+    let code = header(&mut at, "exit")?;
+    let body = |at: &mut usize, want: &str| -> Result<Option<Vec<u8>>, FrameError> {
+        let n = header(at, want)?;
+        if n < 0 {
+            return Ok(None);
+        }
+        if n as u64 > MAX_GET_BYTES {
+            return Err(bad(*at, format!("`{want}` of {n} bytes is too large")));
+        }
+        let n = n as usize;
+        let b = out
+            .get(*at..*at + n)
+            .ok_or_else(|| bad(*at, format!("`{want}` cut short ({n} bytes announced)")))?;
+        *at += n;
+        Ok(Some(b.to_vec()))
+    };
+    let stdout = body(&mut at, "out")?.unwrap_or_default();
+    let stderr = body(&mut at, "err")?.unwrap_or_default();
+    let mut files = Vec::new();
+    for i in 0..nfiles {
+        files.push(body(&mut at, &format!("f{i}"))?);
+    }
+    if at != out.len() {
+        return Err(bad(at, format!("{} bytes after the last frame", out.len() - at)));
+    }
+    Ok(StepOutput {
+        code: code.clamp(0, 255) as i32,
+        stdout,
+        stderr,
+        files,
+    })
 }
 
 /// One host's transport: this machine, or an SSH master connection.
@@ -455,7 +604,7 @@ impl Ssh {
     /// the remote file once.
     pub fn ensure_hilrig(&self, local: &Path) -> Result<String, RemoteError> {
         let want = file_sha256(local)?;
-        let path = self.spec.hilrig_path();
+        let path = self.spec.build_path(local);
         {
             let v = self.verified.lock().unwrap_or_else(|p| p.into_inner());
             if v.as_deref() == Some(want.as_str()) {
@@ -487,7 +636,14 @@ impl Ssh {
         Ok(path)
     }
 
-    /// SSH reachable and `hilrig --version` answers (after a power cycle).
+    /// SSH reachable and the build at `path` answers `--version` (the health
+    /// check, and the wait after a power cycle).
+    pub fn alive_at(&self, path: &str) -> Result<String, RemoteError> {
+        let out = self.sh(&format!("{} --version", shell_quote(path)), None)?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// [`Ssh::alive_at`] the default `hilrig` path.
     pub fn alive(&self) -> Result<String, RemoteError> {
         let h = shell_quote(&self.spec.hilrig_path());
         let out = self.sh(&format!("{h} --version"), None)?;
@@ -556,6 +712,29 @@ mod tests {
         assert_eq!(shell_quote("a b"), "'a b'");
         assert_eq!(shell_quote("it's; rm -rf /"), r"'it'\''s; rm -rf /'");
         assert_eq!(shell_quote("$(id)"), "'$(id)'");
+    }
+
+    #[test]
+    fn step_frames() {
+        let out = b"exit 3\nout 2\n{}err -1\nf0 0\nf1 -1\n";
+        let s = parse_step(out, 2).unwrap();
+        assert_eq!(s.code, 3);
+        assert_eq!(s.stdout, b"{}");
+        assert_eq!(s.files, vec![Some(vec![]), None]);
+        // Cut short, extra bytes, wrong order, huge, garbage: errors, no panic.
+        for bad in [
+            &b"exit 0\nout 5\nab"[..],
+            b"exit 0\nout 0\nerr 0\nf0 0\nf1 0\nX",
+            b"exit 0\nerr 0\nout 0\n",
+            b"exit 0\nout 99999999999\n",
+            b"\xff\xfe",
+            b"",
+            b"exit x\n",
+        ] {
+            assert!(parse_step(bad, 2).is_err(), "{bad:?}");
+        }
+        let i = stage_input(&[("/a b".into(), b"xy".to_vec())]);
+        assert_eq!(i, b"2 /a b\nxyend -\n");
     }
 
     #[test]

@@ -407,6 +407,28 @@ impl Rig {
                 Err(e) => Probe::bad("oob", drv, e.to_string()),
             });
         }
+        if h.ssh.is_some() {
+            // The transport: SSH reachable with the pinned key, and which build runs there.
+            let r = crate::remote::Remote::of(h).and_then(|r| match r {
+                crate::remote::Remote::Ssh(ssh) => {
+                    let path = ssh.spec().hilrig_path();
+                    ssh.sh(
+                        &format!(
+                            "{} --version 2>/dev/null || echo 'no hilrig build yet (the runner copies it)'",
+                            crate::remote::shell_quote(&path)
+                        ),
+                        None,
+                    )
+                    .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                    .map_err(|e| e.into_rig(host))
+                }
+                crate::remote::Remote::Local => Ok(String::new()),
+            });
+            probes.push(match r {
+                Ok(v) => Probe::ok("transport", "ssh", format!("reachable; {v}")),
+                Err(e) => Probe::bad("transport", "ssh", e.to_string()),
+            });
+        }
         match self.board(host) {
             Ok(None) => {}
             Ok(Some(b)) => probes.push(match b.probe() {
@@ -428,7 +450,7 @@ pub fn check(inv: &Inventory) -> HealthTable {
 }
 
 /// One driver probe.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Probe {
     /// What was probed (`power`, `console/com1`, `oob`, `board`).
     pub what: String,
@@ -458,7 +480,7 @@ impl Probe {
 }
 
 /// Probes of one host.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct HostHealth {
     /// The host.
     pub host: String,
@@ -474,7 +496,7 @@ impl HostHealth {
 }
 
 /// The result of [`Rig::check`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct HealthTable {
     /// One row per host, inventory order.
     pub rows: Vec<HostHealth>,
