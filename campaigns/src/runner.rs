@@ -1024,6 +1024,14 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
     };
     let mut vmm_args = opts.vmm_args.clone();
     let vmm = match &opts.vmm {
+        // `--vmm .../hilrig` alone: its VMM is `hilrig vm run`.
+        Some(p) if vmm_args.is_empty() => {
+            vmm_args = hilrig_rig::sim::vmm_prefix(p)
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            p.clone()
+        }
         Some(p) => p.clone(),
         None => {
             let p = hilrig_rig::sim::find_vmm(lab_vmm.as_deref())

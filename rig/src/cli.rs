@@ -35,10 +35,18 @@ pub enum OobAction {
 pub enum LeaseCmd {
     /// Every lease row.
     List,
-    /// Take a host (fails if someone else holds it).
+    /// Who holds a host, until when.
+    Who {
+        /// The host.
+        host: String,
+    },
+    /// Take a host (fails if someone else holds it, or the inventory has no such host).
     Acquire {
         /// The host.
         host: String,
+        /// The inventory the host must be in.
+        #[arg(long)]
+        inventory: PathBuf,
         /// Holder name (default: hostname:pid:nonce, printed).
         #[arg(long)]
         holder: Option<String>,
@@ -54,6 +62,55 @@ pub enum LeaseCmd {
         #[arg(long)]
         holder: String,
     },
+}
+
+/// Lease enforcement for power, console and OOB actions.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct LeaseArgs {
+    /// The lease database (SQLite path or postgres:// URL; default
+    /// `HILRIG_LEASES`): an action on a host someone else holds is refused.
+    #[arg(long)]
+    pub leases: Option<String>,
+    /// Who is acting (default `HILRIG_HOLDER`, else `$USER@hostname`).
+    #[arg(long)]
+    pub holder: Option<String>,
+    /// Act on a host leased by someone else anyway; the reason is logged.
+    #[arg(long, value_name = "REASON")]
+    pub force: Option<String>,
+}
+
+impl LeaseArgs {
+    /// The rig, enforcing leases when a lease database is named.
+    pub fn apply(&self, rig: Rig) -> Result<Rig> {
+        let db = self
+            .leases
+            .clone()
+            .or_else(|| std::env::var("HILRIG_LEASES").ok().filter(|s| !s.is_empty()));
+        let Some(db) = db else { return Ok(rig) };
+        if matches!(&self.force, Some(r) if r.trim().is_empty()) {
+            anyhow::bail!("--force needs a reason");
+        }
+        Ok(rig.with_leases(crate::lease::LeaseGuard {
+            store: LeaseStore::open(&db)?,
+            holder: self.holder.clone().unwrap_or_else(cli_holder),
+            force: self.force.clone(),
+        }))
+    }
+}
+
+/// The holder name of a person at the command line: `HILRIG_HOLDER`, else
+/// `$USER@hostname`.
+pub fn cli_holder() -> String {
+    if let Ok(h) = std::env::var("HILRIG_HOLDER") {
+        if !h.is_empty() {
+            return h;
+        }
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    let user = std::env::var("USER").unwrap_or_else(|_| "user".into());
+    format!("{user}@{host}")
 }
 
 /// Host device-state commands (LAVA's Good/Bad).
@@ -127,6 +184,9 @@ pub enum RigCmd {
         /// A JSON line instead of text.
         #[arg(long)]
         json: bool,
+        /// Lease enforcement.
+        #[command(flatten)]
+        lease: LeaseArgs,
     },
     /// Capture a host's console (timestamped lines) to a file or standard output.
     Console {
@@ -147,6 +207,9 @@ pub enum RigCmd {
         /// (the capture file, if any, keeps them too); `--duration` is ignored.
         #[arg(long)]
         follow: bool,
+        /// Lease enforcement.
+        #[command(flatten)]
+        lease: LeaseArgs,
     },
     /// Ask a host's device over its OOB UART.
     Oob {
@@ -156,6 +219,9 @@ pub enum RigCmd {
         host: String,
         /// Request.
         action: OobAction,
+        /// Lease enforcement.
+        #[command(flatten)]
+        lease: LeaseArgs,
     },
     /// Host leases in a results database (SQLite path or postgres:// URL).
     Lease {
@@ -273,8 +339,9 @@ pub fn run(cmd: RigCmd) -> Result<ExitCode> {
             host,
             action,
             json,
+            lease,
         } => {
-            let rig = Rig::load(&inventory)?;
+            let rig = lease.apply(Rig::load(&inventory)?)?;
             let mut p = rig.power(&host)?;
             match action {
                 PowerAction::On => p.on()?,
@@ -300,8 +367,9 @@ pub fn run(cmd: RigCmd) -> Result<ExitCode> {
             out,
             duration,
             follow,
+            lease,
         } => {
-            let rig = Rig::load(&inventory)?;
+            let rig = lease.apply(Rig::load(&inventory)?)?;
             let h = rig.host(&host)?;
             let name = match console {
                 Some(c) => c,
@@ -368,8 +436,9 @@ pub fn run(cmd: RigCmd) -> Result<ExitCode> {
             inventory,
             host,
             action,
+            lease,
         } => {
-            let rig = Rig::load(&inventory)?;
+            let rig = lease.apply(Rig::load(&inventory)?)?;
             match action {
                 OobAction::Counters => {
                     let c = rig.read_counters(&host)?;
@@ -440,9 +509,33 @@ pub fn run(cmd: RigCmd) -> Result<ExitCode> {
                     }
                     Ok(ExitCode::SUCCESS)
                 }
-                LeaseCmd::Acquire { host, holder, ttl } => {
+                LeaseCmd::Who { host } => {
+                    match store.who(&host)? {
+                        Some(r) if json => println!(
+                            "{}",
+                            serde_json::json!({"host": r.host, "holder": r.holder,
+                                "expires": crate::lease::format_unix_ms(r.expires_unix_ms),
+                                "expires_unix_ms": r.expires_unix_ms})
+                        ),
+                        Some(r) => println!(
+                            "{host}: held by {} until {}",
+                            r.holder,
+                            crate::lease::format_unix_ms(r.expires_unix_ms)
+                        ),
+                        None if json => println!("{}", serde_json::json!({"host": host, "holder": null})),
+                        None => println!("{host}: free"),
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                LeaseCmd::Acquire {
+                    host,
+                    inventory,
+                    holder,
+                    ttl,
+                } => {
                     let holder = holder.unwrap_or_else(default_holder);
-                    let l = store.acquire(&host, &holder, ttl)?;
+                    let inv = crate::inventory::Inventory::load(&inventory)?;
+                    let l = store.acquire_known(&inv, &host, &holder, ttl)?;
                     println!(
                         "{}\t{}\tgeneration {}\texpires {}",
                         l.host, l.holder, l.generation, crate::lease::format_unix_ms(l.expires_unix_ms)
@@ -518,7 +611,7 @@ mod tests {
             }
         ));
         let t =
-            T::try_parse_from(["t", "lease", "l.db", "acquire", "sim-1", "--ttl", "5m"]).unwrap();
+            T::try_parse_from(["t", "lease", "l.db", "acquire", "sim-1", "--inventory", "lab.toml", "--ttl", "5m"]).unwrap();
         assert!(
             matches!(t.cmd, RigCmd::Lease { cmd: LeaseCmd::Acquire { ttl, .. }, .. } if ttl == Duration::from_secs(300))
         );

@@ -470,6 +470,81 @@ impl LeaseStore {
     }
 }
 
+impl LeaseStore {
+    /// The active lease on `host`, if any.
+    pub fn who(&self, host: &str) -> Result<Option<LeaseRow>, RigError> {
+        Ok(self
+            .list()?
+            .into_iter()
+            .find(|r| r.host == host && r.active))
+    }
+
+    /// [`LeaseStore::acquire`] of a host `inv` knows; an unknown host is refused
+    /// (a typo must not create a lease nobody can use).
+    pub fn acquire_known(
+        &self,
+        inv: &crate::inventory::Inventory,
+        host: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Lease, RigError> {
+        inv.host(host)?;
+        self.acquire(host, holder, ttl)
+    }
+}
+
+/// Lease enforcement for actions on hosts (power, console, OOB): an action on a
+/// host leased by someone else is refused with [`RigError::Leased`], unless forced
+/// with a reason, which is logged (tracing, and standard error).
+pub struct LeaseGuard {
+    /// The lease table.
+    pub store: LeaseStore,
+    /// Who is acting.
+    pub holder: String,
+    /// `--force REASON`: act even on a host leased by someone else.
+    pub force: Option<String>,
+}
+
+impl std::fmt::Debug for LeaseGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaseGuard")
+            .field("store", &self.store.label())
+            .field("holder", &self.holder)
+            .field("force", &self.force)
+            .finish()
+    }
+}
+
+impl LeaseGuard {
+    /// May `holder` act (`what`) on `host` now?
+    pub fn check(&self, host: &str, what: &str) -> Result<(), RigError> {
+        let Some(row) = self.store.who(host)? else {
+            return Ok(());
+        };
+        if row.holder == self.holder {
+            return Ok(());
+        }
+        match &self.force {
+            Some(reason) if !reason.trim().is_empty() => {
+                let msg = format!(
+                    "FORCED {what} on host `{host}` leased by `{}` until {}: by `{}`: {reason}",
+                    row.holder,
+                    format_unix_ms(row.expires_unix_ms),
+                    self.holder
+                );
+                tracing::warn!("{msg}");
+                eprintln!("hilrig rig: {msg}");
+                Ok(())
+            }
+            _ => Err(RigError::Leased {
+                host: host.to_string(),
+                holder: row.holder,
+                expires_unix_ms: row.expires_unix_ms,
+            }),
+        }
+    }
+}
+
 /// Renews a lease in the background every `ttl / 3` until dropped or the lease
 /// is lost. A runner checks [`Heartbeat::lost`] before acting on the host (and
 /// treats a lost lease as an infrastructure fault of the case).

@@ -30,12 +30,28 @@ use std::time::Duration;
 pub struct Rig {
     /// The inventory.
     pub inv: Inventory,
+    /// Lease enforcement on power, console and OOB actions (none: not enforced).
+    guard: Option<std::sync::Arc<crate::lease::LeaseGuard>>,
 }
 
 impl Rig {
     /// A rig over a validated inventory.
     pub fn new(inv: Inventory) -> Rig {
-        Rig { inv }
+        Rig { inv, guard: None }
+    }
+
+    /// Enforce leases: power, console and OOB actions on a host leased by someone
+    /// other than `guard.holder` are refused (unless forced with a reason).
+    pub fn with_leases(mut self, guard: crate::lease::LeaseGuard) -> Rig {
+        self.guard = Some(std::sync::Arc::new(guard));
+        self
+    }
+
+    fn guard(&self, host: &str, what: &str) -> Result<(), RigError> {
+        match &self.guard {
+            Some(g) => g.check(host, what),
+            None => Ok(()),
+        }
     }
 
     /// Load an inventory file.
@@ -57,6 +73,7 @@ impl Rig {
     /// The power driver of `host`, with readback.
     pub fn power(&self, host: &str) -> Result<Power, RigError> {
         let h = self.host(host)?;
+        self.guard(host, "power")?;
         let ms = Duration::from_millis;
         let bad = |e: crate::power::DriverConfigError| {
             RigError::driver(
@@ -177,6 +194,7 @@ impl Rig {
 
     /// One OOB request to `host`'s device, over its serial port.
     pub fn oob_request(&self, host: &str, req: &Request) -> Result<Response, RigError> {
+        self.guard(host, "oob")?;
         let (path, baud, timeout) = self.oob_port(host)?;
         let label = self.oob_label(host);
         let mut c = OobClient::open_serial(&path, baud, timeout)
@@ -216,6 +234,7 @@ impl Rig {
 
     /// Where console `console` of `host` reads from.
     pub fn console_source(&self, host: &str, console: &str) -> Result<Source, RigError> {
+        self.guard(host, "console")?;
         let h = self.host(host)?;
         let c = h
             .consoles
