@@ -205,6 +205,9 @@ impl Progress {
     }
 }
 
+/// How long a run's lease on a host lasts without a heartbeat.
+pub const LEASE_TTL: Duration = Duration::from_secs(60);
+
 /// Consecutive INFRA attempts after which a host is unhealthy: not used while a
 /// healthy host could run the case.
 pub const UNHEALTHY_AFTER: u32 = 3;
@@ -1167,6 +1170,33 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
             }
         }
     }
+    // The hosts are leased to this run while it uses them (renewed by heartbeat;
+    // a host someone else holds is left out of this run, not recorded offline).
+    let mut heartbeats = Vec::new();
+    let mut leased = None;
+    if !is_postgres(&db) {
+        let leases = Arc::new(
+            hilrig_rig::lease::LeaseStore::open(&db.to_string_lossy())
+                .map_err(|e| anyhow::anyhow!("leases in {}: {e}", db.display()))?,
+        );
+        let holder = format!("run {}@{}", row.id, hilrig_rig::lease::default_holder());
+        leased = Some((leases.clone(), holder.clone()));
+        for h in &hosts {
+            if pool.is_offline(&h.name) {
+                continue;
+            }
+            match leases.acquire(&h.name, &holder, LEASE_TTL) {
+                Ok(l) => heartbeats.push((
+                    h.name.clone(),
+                    hilrig_rig::lease::Heartbeat::start(leases.clone(), l, LEASE_TTL),
+                )),
+                Err(e) => {
+                    progress.line(&format!("host {}: not used: {e}", h.name));
+                    pool.set_offline(&h.name, e.to_string());
+                }
+            }
+        }
+    }
     let states = states.map(Mutex::new);
     let ctx = Arc::new(Ctx {
         pool,
@@ -1189,6 +1219,18 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
     rt.block_on(run_all(ctx.clone(), todo))?;
     drop(rt);
     ctx.progress.done();
+    // Give the hosts back (the heartbeats stop; the leases are released).
+    for (host, hb) in heartbeats {
+        if let Some(why) = hb.lost() {
+            tracing::warn!("host {host}: its lease was lost during the run: {why}");
+        }
+        drop(hb);
+        if let Some((store, holder)) = &leased {
+            if let Err(e) = store.release_host(&host, holder, None) {
+                tracing::warn!("host {host}: releasing its lease: {e}");
+            }
+        }
+    }
     let unhealthy_hosts = ctx.pool.unhealthy();
     let offline_hosts = ctx.pool.offline();
     let config_errors = ctx

@@ -901,3 +901,29 @@ fn exclusive_cases_run_alone_on_the_machine() {
     assert_eq!(run(true), 0, "exclusive attempts overlapped");
     assert!(run(false) > 0, "2 hosts never ran 2 cases at once");
 }
+
+/// A host leased by someone else (in the run's results database) is not used;
+/// the run leases its hosts while it runs and gives them back at the end.
+#[test]
+fn hosts_leased_by_others_are_not_used() {
+    let t = tempfile::tempdir().unwrap();
+    let c = campaign(t.path(), ONE_CASE);
+    let v = fake_vmm(t.path(), &format!("echo '{PASS_JSON}'"));
+    let mut o = opts(t.path(), c, v);
+    o.hosts = 2;
+    std::fs::create_dir_all(&o.out_dir).unwrap();
+    let db = o.out_dir.join("results.sqlite");
+    let leases = hilrig_rig::lease::LeaseStore::open(&db.to_string_lossy()).unwrap();
+    leases
+        .acquire("sim-1", "alice", std::time::Duration::from_secs(600))
+        .unwrap();
+    let s = run_campaign(o).unwrap();
+    let case = only(&s);
+    assert_eq!(case.outcome, Outcome::Pass, "{case:?}");
+    assert_eq!(case.host, "sim-2", "alice's host was used: {case:?}");
+    assert!(s.offline_hosts.iter().any(|(h, why)| h == "sim-1" && why.contains("alice")));
+    let rows = leases.list().unwrap();
+    let held: Vec<_> = rows.iter().filter(|r| r.active).collect();
+    assert_eq!(held.len(), 1, "only alice's lease is left: {rows:?}");
+    assert_eq!(held[0].holder, "alice");
+}
