@@ -1276,9 +1276,43 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
     })
 }
 
+/// Where the runner gets its cases: claimed one at a time, reported back when
+/// stored. [`LocalQueue`] hands out one campaign's cases to this process; a
+/// PostgreSQL queue (`SELECT ... FOR UPDATE SKIP LOCKED`) shares them between
+/// runners.
+pub trait CaseQueue: Send + Sync {
+    /// Claim the next case for this runner; `None` when none are left.
+    fn claim(&self) -> Option<Case>;
+    /// A claimed case finished and was stored (default: nothing to do).
+    fn finished(&self, _case_id: &str) {}
+}
+
+/// The cases of one campaign, in order, for this process alone.
+pub struct LocalQueue(Mutex<std::collections::VecDeque<Case>>);
+
+impl LocalQueue {
+    /// A queue of `cases`.
+    pub fn new(cases: Vec<Case>) -> LocalQueue {
+        LocalQueue(Mutex::new(cases.into()))
+    }
+}
+
+impl CaseQueue for LocalQueue {
+    fn claim(&self) -> Option<Case> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).pop_front()
+    }
+}
+
 async fn run_all(ctx: Arc<Ctx>, todo: Vec<Case>) -> anyhow::Result<()> {
+    run_queue(ctx, Arc::new(LocalQueue::new(todo))).await
+}
+
+/// Every case the queue hands out, each waiting for a host that fits it
+/// (claimed eagerly here: with one process there is no one to share with).
+async fn run_queue(ctx: Arc<Ctx>, queue: Arc<dyn CaseQueue>) -> anyhow::Result<()> {
     let mut set = tokio::task::JoinSet::new();
-    for case in todo {
+    while let Some(case) = queue.claim() {
+        let queue = queue.clone();
         let ctx = ctx.clone();
         set.spawn(async move {
             let r = run_case(ctx.clone(), case).await;
@@ -1294,6 +1328,9 @@ async fn run_all(ctx: Arc<Ctx>, todo: Vec<Case>) -> anyhow::Result<()> {
             })
             .await
             .map_err(|e| anyhow::anyhow!("storing a case: {e}"))?;
+            if stored.is_ok() {
+                queue.finished(&r.id);
+            }
             ctx.progress.finished(&r);
             stored.map_err(anyhow::Error::from)
         });
