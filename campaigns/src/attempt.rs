@@ -11,9 +11,9 @@ use crate::scenario;
 use hilrig_device::state::NvState;
 use hilrig_device::Region;
 use hilrig_reports::{Artifact, ArtifactKind, Outcome};
+use hilrig_rig::remote::{shell_quote, Ssh};
 use hilrig_vmm_api::control::{Metrics, Reply, Request, Response, VmState};
 use hilrig_vmm_api::{ExitStatus, RunSummary, VmSpec};
-use hilrig_rig::remote::{shell_quote, Ssh};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -370,8 +370,7 @@ impl Att<'_> {
             Err(_) => {
                 let ssh = r.ssh.clone();
                 let d = shell_quote(&rdir);
-                let kill =
-                    format!("kill -KILL $(cat {d}/.pid) 2>/dev/null; rm -rf {d}; true");
+                let kill = format!("kill -KILL $(cat {d}/.pid) 2>/dev/null; rm -rf {d}; true");
                 let _ = blocking(move || ssh.sh(&kill, None).map(|_| ())).await;
                 return Err(fail(
                     Outcome::Timeout,
@@ -1050,10 +1049,7 @@ fn spawn_error(vmm: &Path, e: std::io::Error) -> Stop {
                 vmm.display()
             ),
         ),
-        _ => fail(
-            Outcome::Infra,
-            format!("spawning {}: {e}", vmm.display()),
-        ),
+        _ => fail(Outcome::Infra, format!("spawning {}: {e}", vmm.display())),
     }
 }
 

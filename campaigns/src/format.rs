@@ -186,7 +186,10 @@ pub fn needs_local(a: &Attack) -> bool {
     a.steps.iter().any(|s| {
         matches!(
             s.kind,
-            StepKind::PatchStorm | StepKind::BadBundles | StepKind::Rollout | StepKind::PowerCut { .. }
+            StepKind::PatchStorm
+                | StepKind::BadBundles
+                | StepKind::Rollout
+                | StepKind::PowerCut { .. }
         )
     })
 }

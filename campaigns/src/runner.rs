@@ -920,8 +920,8 @@ async fn run_case(ctx: Arc<Ctx>, case: Case) -> CaseResult {
                     .unwrap_or_else(|p| p.into_inner())
                     .push(format!("{}: {}", case.id, r.message));
             }
-            let recheck = outcome == Outcome::Infra
-                && ctx.pool.streak(&host.name) + 1 >= UNHEALTHY_AFTER;
+            let recheck =
+                outcome == Outcome::Infra && ctx.pool.streak(&host.name) + 1 >= UNHEALTHY_AFTER;
             let name = host.name.clone();
             ctx.pool.release(host, outcome);
             if recheck {
@@ -1135,7 +1135,12 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
     };
     let mut remotes = BTreeMap::new();
     for h in &hosts {
-        if let Some(st) = states.as_ref().map(|s| s.get(&h.name)).transpose()?.flatten() {
+        if let Some(st) = states
+            .as_ref()
+            .map(|s| s.get(&h.name))
+            .transpose()?
+            .flatten()
+        {
             if !st.online() {
                 let why = format!(
                     "offline since {}: {} (bring it back: hilrig rig host {} online {})",

@@ -92,8 +92,12 @@ fn smoke_campaign_on_ssh_hosts() {
     }
     // Local-only attacks (control socket, power cut) stayed on the local host.
     for c in &s.run.cases {
-        if ["patch-under-storm", "patch-bad-bundles", "power-cut-program"]
-            .contains(&c.attack.as_str())
+        if [
+            "patch-under-storm",
+            "patch-bad-bundles",
+            "power-cut-program",
+        ]
+        .contains(&c.attack.as_str())
         {
             assert_eq!(c.host, "local-1", "{}", c.id);
         }

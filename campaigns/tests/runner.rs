@@ -109,7 +109,11 @@ fn missing_vmm_is_config_not_retried() {
         let s = run_campaign(o).unwrap();
         let case = only(&s);
         assert_eq!(case.outcome, Outcome::Skipped, "{case:?}");
-        assert_eq!(case.attempts.len(), 1, "a setup error is not retried: {case:?}");
+        assert_eq!(
+            case.attempts.len(),
+            1,
+            "a setup error is not retried: {case:?}"
+        );
         assert!(case.message.starts_with("CONFIG: "), "{}", case.message);
         assert!(
             case.message.contains(&vmm.display().to_string()),
@@ -921,7 +925,10 @@ fn hosts_leased_by_others_are_not_used() {
     let case = only(&s);
     assert_eq!(case.outcome, Outcome::Pass, "{case:?}");
     assert_eq!(case.host, "sim-2", "alice's host was used: {case:?}");
-    assert!(s.offline_hosts.iter().any(|(h, why)| h == "sim-1" && why.contains("alice")));
+    assert!(s
+        .offline_hosts
+        .iter()
+        .any(|(h, why)| h == "sim-1" && why.contains("alice")));
     let rows = leases.list().unwrap();
     let held: Vec<_> = rows.iter().filter(|r| r.active).collect();
     assert_eq!(held.len(), 1, "only alice's lease is left: {rows:?}");

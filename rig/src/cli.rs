@@ -82,10 +82,11 @@ pub struct LeaseArgs {
 impl LeaseArgs {
     /// The rig, enforcing leases when a lease database is named.
     pub fn apply(&self, rig: Rig) -> Result<Rig> {
-        let db = self
-            .leases
-            .clone()
-            .or_else(|| std::env::var("HILRIG_LEASES").ok().filter(|s| !s.is_empty()));
+        let db = self.leases.clone().or_else(|| {
+            std::env::var("HILRIG_LEASES")
+                .ok()
+                .filter(|s| !s.is_empty())
+        });
         let Some(db) = db else { return Ok(rig) };
         if matches!(&self.force, Some(r) if r.trim().is_empty()) {
             anyhow::bail!("--force needs a reason");
@@ -522,7 +523,9 @@ pub fn run(cmd: RigCmd) -> Result<ExitCode> {
                             r.holder,
                             crate::lease::format_unix_ms(r.expires_unix_ms)
                         ),
-                        None if json => println!("{}", serde_json::json!({"host": host, "holder": null})),
+                        None if json => {
+                            println!("{}", serde_json::json!({"host": host, "holder": null}))
+                        }
                         None => println!("{host}: free"),
                     }
                     Ok(ExitCode::SUCCESS)
@@ -538,7 +541,10 @@ pub fn run(cmd: RigCmd) -> Result<ExitCode> {
                     let l = store.acquire_known(&inv, &host, &holder, ttl)?;
                     println!(
                         "{}\t{}\tgeneration {}\texpires {}",
-                        l.host, l.holder, l.generation, crate::lease::format_unix_ms(l.expires_unix_ms)
+                        l.host,
+                        l.holder,
+                        l.generation,
+                        crate::lease::format_unix_ms(l.expires_unix_ms)
                     );
                     Ok(ExitCode::SUCCESS)
                 }
@@ -610,8 +616,18 @@ mod tests {
                 ..
             }
         ));
-        let t =
-            T::try_parse_from(["t", "lease", "l.db", "acquire", "sim-1", "--inventory", "lab.toml", "--ttl", "5m"]).unwrap();
+        let t = T::try_parse_from([
+            "t",
+            "lease",
+            "l.db",
+            "acquire",
+            "sim-1",
+            "--inventory",
+            "lab.toml",
+            "--ttl",
+            "5m",
+        ])
+        .unwrap();
         assert!(
             matches!(t.cmd, RigCmd::Lease { cmd: LeaseCmd::Acquire { ttl, .. }, .. } if ttl == Duration::from_secs(300))
         );

@@ -16,8 +16,8 @@ pub mod power;
 pub mod remote;
 pub mod rig;
 pub mod rollout;
-pub mod simlab;
 pub mod sim;
+pub mod simlab;
 
 pub use cli::{run, RigCmd};
 pub use error::{ErrorKind, Outcome, RigError};

@@ -329,8 +329,8 @@ pub fn parse_step(out: &[u8], nfiles: usize) -> Result<StepOutput, FrameError> {
             .take(64)
             .position(|&b| b == b'\n')
             .ok_or_else(|| bad(*at, format!("no `{want}` header line")))?;
-        let line = std::str::from_utf8(&rest[..nl])
-            .map_err(|_| bad(*at, "header is not UTF-8".into()))?;
+        let line =
+            std::str::from_utf8(&rest[..nl]).map_err(|_| bad(*at, "header is not UTF-8".into()))?;
         let (name, n) = line
             .split_once(' ')
             .ok_or_else(|| bad(*at, format!("header {line:?}")))?;
@@ -366,7 +366,10 @@ pub fn parse_step(out: &[u8], nfiles: usize) -> Result<StepOutput, FrameError> {
         files.push(body(&mut at, &format!("f{i}"))?);
     }
     if at != out.len() {
-        return Err(bad(at, format!("{} bytes after the last frame", out.len() - at)));
+        return Err(bad(
+            at,
+            format!("{} bytes after the last frame", out.len() - at),
+        ));
     }
     Ok(StepOutput {
         code: code.clamp(0, 255) as i32,
@@ -382,7 +385,7 @@ pub enum Remote {
     /// Commands run here.
     Local,
     /// Commands run over SSH.
-    Ssh(Ssh),
+    Ssh(Box<Ssh>),
 }
 
 /// An SSH connection to one host (ControlMaster; closed on drop).
@@ -401,7 +404,7 @@ impl Remote {
     pub fn of(h: &HostSpec) -> Result<Remote, RigError> {
         match &h.ssh {
             None => Ok(Remote::Local),
-            Some(spec) => Ok(Remote::Ssh(Ssh::new(&h.name, spec.clone())?)),
+            Some(spec) => Ok(Remote::Ssh(Box::new(Ssh::new(&h.name, spec.clone())?))),
         }
     }
 
@@ -532,10 +535,12 @@ impl Ssh {
             // A write error shows as the command's failure below.
             let _ = w.write_all(data);
         }
-        let out = child.wait_with_output().map_err(|source| RemoteError::Spawn {
-            host: self.host.clone(),
-            source,
-        })?;
+        let out = child
+            .wait_with_output()
+            .map_err(|source| RemoteError::Spawn {
+                host: self.host.clone(),
+                source,
+            })?;
         match out.status.code() {
             Some(0) => Ok(out),
             Some(255) | None => Err(RemoteError::Ssh {

@@ -21,7 +21,11 @@ fn rig_as(inv: &std::path::Path, db: &str, holder: &str, force: Option<&str>) ->
 fn actions_on_a_host_leased_by_someone_else_are_refused() {
     let t = tempfile::tempdir().unwrap();
     let inv = common::sim_inventory(t.path(), 2, 16);
-    let db = t.path().join("leases.sqlite").to_string_lossy().into_owned();
+    let db = t
+        .path()
+        .join("leases.sqlite")
+        .to_string_lossy()
+        .into_owned();
     let store = LeaseStore::open(&db).unwrap();
     store
         .acquire("sim-1", "alice", Duration::from_secs(600))
@@ -30,7 +34,11 @@ fn actions_on_a_host_leased_by_someone_else_are_refused() {
     let bob = rig_as(&inv, &db, "bob", None);
     let leased = |r: Result<(), RigError>, what: &str| match r {
         Err(RigError::Leased { holder, host, .. }) => {
-            assert_eq!((holder.as_str(), host.as_str()), ("alice", "sim-1"), "{what}")
+            assert_eq!(
+                (holder.as_str(), host.as_str()),
+                ("alice", "sim-1"),
+                "{what}"
+            )
         }
         other => panic!("{what} on alice's host: {other:?}"),
     };
@@ -51,7 +59,9 @@ fn actions_on_a_host_leased_by_someone_else_are_refused() {
         .power("sim-1")
         .expect("forced");
     leased(
-        rig_as(&inv, &db, "bob", Some("  ")).power("sim-1").map(|_| ()),
+        rig_as(&inv, &db, "bob", Some("  "))
+            .power("sim-1")
+            .map(|_| ()),
         "power forced without a reason",
     );
     // Released: free again.
@@ -64,13 +74,20 @@ fn unknown_hosts_cannot_be_leased_and_who_holds_what() {
     let t = tempfile::tempdir().unwrap();
     let inv_path = common::sim_inventory(t.path(), 1, 16);
     let inv = Inventory::load(&inv_path).unwrap();
-    let db = t.path().join("leases.sqlite").to_string_lossy().into_owned();
+    let db = t
+        .path()
+        .join("leases.sqlite")
+        .to_string_lossy()
+        .into_owned();
     let store = LeaseStore::open(&db).unwrap();
     match store.acquire_known(&inv, "sim-9", "me", Duration::from_secs(60)) {
         Err(RigError::UnknownHost { host, .. }) => assert_eq!(host, "sim-9"),
         other => panic!("an unknown host was leased: {other:?}"),
     }
-    assert!(store.list().unwrap().is_empty(), "no row for an unknown host");
+    assert!(
+        store.list().unwrap().is_empty(),
+        "no row for an unknown host"
+    );
     assert_eq!(store.who("sim-1").unwrap(), None);
     let l = store
         .acquire_known(&inv, "sim-1", "me", Duration::from_secs(60))

@@ -23,7 +23,7 @@ fn lab(test: &str, n: usize) -> Option<SimLab> {
 fn ssh_of(inv: &Inventory, host: &str) -> Ssh {
     let h = inv.host(host).expect("host");
     match Remote::of(h).expect("transport") {
-        Remote::Ssh(s) => s,
+        Remote::Ssh(s) => *s,
         Remote::Local => panic!("{host} is local"),
     }
 }
@@ -45,7 +45,11 @@ fn files_and_build_over_ssh() {
     for name in ["plain.bin", "it's $(id) `x` a b;c", "-n"] {
         let p = format!("{wd}/t/{name}");
         ssh.put(&p, &data, 0o600).expect("put");
-        assert_eq!(ssh.get(&p).expect("get").as_deref(), Some(&data[..]), "{name}");
+        assert_eq!(
+            ssh.get(&p).expect("get").as_deref(),
+            Some(&data[..]),
+            "{name}"
+        );
     }
     assert_eq!(ssh.get(&format!("{wd}/none")).expect("get"), None);
 
@@ -107,4 +111,22 @@ fn power_through_the_hosts_driver() {
     ssh_of(&inv, "sim-ssh-1")
         .sh("true", None)
         .expect("reachable after power on");
+}
+
+#[test]
+fn shipped_sim_ssh_inventory_parses() {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("inventory/sim-ssh.toml");
+    let inv = Inventory::load(&p).expect("rig/inventory/sim-ssh.toml");
+    let ssh: Vec<_> = inv.hosts.iter().filter(|h| h.ssh.is_some()).collect();
+    assert_eq!(ssh.len(), 2);
+    assert_eq!(ssh[0].ssh.as_ref().unwrap().address, "127.0.0.11");
+    // A hostile [host.ssh] is refused with the host and section named.
+    let bad = "[[host]]\nname = \"h\"\n[host.power]\ndriver = \"sim\"\n[host.ssh]\naddress = \"-oProxyCommand=sh\"\nuser = \"u\"\nidentity = \"k\"\nknown_hosts = \"kh\"\nworkdir = \"/w\"\n";
+    let e = Inventory::parse(bad, std::path::Path::new("lab.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("host `h`") && e.contains("ssh") && e.contains("must not start with `-`"),
+        "{e}"
+    );
 }
