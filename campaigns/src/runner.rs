@@ -1184,7 +1184,12 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
             hilrig_rig::lease::LeaseStore::open(&db.to_string_lossy())
                 .map_err(|e| anyhow::anyhow!("leases in {}: {e}", db.display()))?,
         );
-        let holder = format!("run {}@{}", row.id, hilrig_rig::lease::default_holder());
+        // The run's own name (no pid): a resumed run (after its runner was
+        // killed) takes its own leases back instead of waiting for them to expire.
+        let machine = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into());
+        let holder = format!("run {}@{machine}", row.id);
         leased = Some((leases.clone(), holder.clone()));
         for h in &hosts {
             if pool.is_offline(&h.name) {
