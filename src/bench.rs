@@ -50,6 +50,10 @@ pub const BENCHES: &[(&str, &str)] = &[
         "lab service over a generated 1,000 nights x 100 cases store: runs index and case history median, API history p99 at 500 req/s; SQLite and PostgreSQL ($HILRIG_TEST_PG)",
     ),
     (
+        "lab",
+        "per-case rate through SSH to a loopback host (scripts/sim-lab) vs the same cases run locally, same run",
+    ),
+    (
         "vm-exit",
         "hilrig-vmm's MMIO path vs a raw KVM exit loop; exits on an unrestricted page; VM start time",
     ),
@@ -86,6 +90,7 @@ pub fn run(name: &str, seconds: f64) -> Result<Vec<Figure>> {
                 .filter(|s| !s.is_empty())
                 .as_deref(),
         )?,
+        "lab" => bench_lab()?,
         "policy" => hilrig_vmm::bench_policy(budget)?,
         "patch" => hilrig_vmm::bench_lifecycle::bench_patch(budget)?,
         "teardown" => hilrig_vmm::bench_lifecycle::bench_teardown(budget)?,
@@ -286,6 +291,67 @@ fn bench_campaign() -> Result<Vec<Figure>> {
             "controller CPU time per host-hour",
             cpu.as_secs_f64() / host_hours,
             "s/host-h",
+        ),
+    ])
+}
+
+/// The same cases (4 VM attacks x 5 repeats, one host, one at a time) on a local
+/// simulated host and on a simulated SSH host on loopback (`scripts/sim-lab`: an
+/// sshd, its own user; the build copied once by hash), in the same run.
+fn bench_lab() -> Result<Vec<Figure>> {
+    let lab = match hilrig_rig::simlab::SimLab::start(1) {
+        Ok(l) => l,
+        Err(hilrig_rig::simlab::LabError::Skipped(why)) => bail!("SKIPPED: bench lab: {why}"),
+        Err(e) => bail!("bench lab: {e}"),
+    };
+    let exe = std::env::current_exe()?;
+    let dir = tempfile::tempdir()?;
+    let campaign = |tag: &str| {
+        format!(
+            "name = \"lab-bench\"\n[defaults]\nrepeats = 5\ntags = [\"{tag}\"]\n[[case]]\nattacks = [\"pci-enum\", \"attack-key-read\", \"vbios-overwrite\", \"attack-hang\"]\n"
+        )
+    };
+    let run = |tag: &str, inventory: Option<&std::path::Path>| -> Result<(f64, usize, Duration)> {
+        let mut o = hilrig_campaigns::RunOptions::new(format!("<bench>/lab-{tag}.toml"));
+        o.campaign_text = Some(campaign(tag));
+        o.out_dir = dir.path().join(tag);
+        o.progress = Some(false);
+        o.hosts = 1;
+        o.inventory = inventory.map(std::path::Path::to_path_buf);
+        o.vmm = Some(exe.clone());
+        o.vmm_args = vec!["vm".into(), "run".into()];
+        let cpu0 = cpu_time_self();
+        let s = hilrig_campaigns::run_campaign(o)?;
+        let cpu = cpu_time_self() - cpu0;
+        if s.exit_status() != 0 {
+            bail!("bench lab ({tag}): the cases did not pass: {:?}", s.counts);
+        }
+        let attempts: usize = s.run.cases.iter().map(|c| c.attempts.len()).sum();
+        // Host time per case: the attempts' durations (not the setup before them).
+        let on_hosts: u64 = s.run.cases.iter().map(|c| c.duration_ms).sum();
+        let rate = attempts as f64 / (on_hosts.max(1) as f64 / 1000.0) * 60.0;
+        Ok((rate, attempts, cpu))
+    };
+    // Warm the SSH host once (the build's first copy is not per-case overhead).
+    run("ssh", Some(&lab.inventory))?;
+    let (local, n_local, _) = run("sim", None)?;
+    let (ssh, n_ssh, cpu_ssh) = run("ssh", Some(&lab.inventory))?;
+    Ok(vec![
+        Figure::new(
+            format!("{n_local} cases on a local simulated host, one at a time (baseline)"),
+            local,
+            "cases/min",
+        ),
+        Figure::new(
+            format!("{n_ssh} cases on an SSH host on loopback (sshd, own user)"),
+            ssh,
+            "cases/min",
+        )
+        .vs(0),
+        Figure::new(
+            "controller CPU time per SSH case",
+            cpu_ssh.as_secs_f64() * 1e3 / n_ssh.max(1) as f64,
+            "ms",
         ),
     ])
 }

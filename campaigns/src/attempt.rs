@@ -11,10 +11,12 @@ use crate::scenario;
 use hilrig_device::state::NvState;
 use hilrig_device::Region;
 use hilrig_reports::{Artifact, ArtifactKind, Outcome};
+use hilrig_rig::remote::{shell_quote, Ssh};
 use hilrig_vmm_api::control::{Metrics, Reply, Request, Response, VmState};
 use hilrig_vmm_api::{ExitStatus, RunSummary, VmSpec};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 
@@ -100,6 +102,31 @@ struct Att<'a> {
     /// A short directory for control sockets (a unix socket path must fit 108 bytes;
     /// attempt directories are deep).
     sockets: Option<tempfile::TempDir>,
+    /// The host over SSH (`None`: this machine).
+    remote: Option<Remote>,
+}
+
+/// Where an attempt's VMM runs: on a host reached over SSH, the build there and
+/// the attempt's directory there.
+#[derive(Debug, Clone)]
+pub struct Remote {
+    /// The connection.
+    pub ssh: Arc<Ssh>,
+    /// The runner's build on the host (made identical by hash).
+    pub hilrig: String,
+    /// The attempt's directory on the host.
+    pub dir: String,
+}
+
+/// Where an attempt runs.
+#[derive(Debug, Clone)]
+pub struct Target<'a> {
+    /// The VMM executable (local path).
+    pub vmm: &'a Path,
+    /// Arguments before the VMM's own (`vm run` for `hilrig`).
+    pub vmm_args: &'a [String],
+    /// The host's SSH connection and the copy of `vmm` there, if remote.
+    pub remote: Option<(Arc<Ssh>, String)>,
 }
 
 impl Att<'_> {
@@ -272,13 +299,11 @@ impl Att<'_> {
     async fn run_vmm(&mut self, k: usize, label: &str, payload: &Path, vm: StepVm) -> StepOut {
         let state = self.state.clone();
         let spec = self.spec(k, label, payload, vm, &state, |_| {});
+        if let Some(r) = self.remote.clone() {
+            return self.run_remote(k, label, spec, r).await;
+        }
         let mut cmd = self.command(&spec);
-        let child = cmd.spawn().map_err(|e| {
-            fail(
-                Outcome::Infra,
-                format!("spawning {}: {e}", self.vmm.display()),
-            )
-        })?;
+        let child = cmd.spawn().map_err(|e| spawn_error(self.vmm, e))?;
         match tokio::time::timeout(self.left(), child.wait_with_output()).await {
             Err(_) => Err(fail(
                 Outcome::Timeout,
@@ -293,6 +318,123 @@ impl Att<'_> {
             )),
             Ok(Ok(out)) => self.collect(k, label, out),
         }
+    }
+
+    /// Run `spec` on the remote host in one SSH round trip
+    /// ([`hilrig_rig::remote::STEP_SH`]): the device state and a generated payload
+    /// staged there, `hilrig vm run` started (its pid kept, so a timeout kills it
+    /// there), then its `--json` summary, stderr, the state, console, alarms and
+    /// teardown record sent back and the step's directory removed.
+    async fn run_remote(&mut self, k: usize, label: &str, spec: VmSpec, r: Remote) -> StepOut {
+        use hilrig_rig::remote::{parse_step, stage_input, step_argv};
+        let infra = |m: String| fail(Outcome::Infra, format!("step {k} ({label}): {m}"));
+        let rdir = format!("{}-{k}", r.dir);
+        let rpath = |local: &Path| -> String {
+            let name = local
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            format!("{rdir}/{name}")
+        };
+        let mut rs = spec.clone();
+        let mut puts: Vec<(String, Vec<u8>)> = Vec::new();
+        let state_r = rpath(&self.state);
+        let state_bytes = std::fs::read(&self.state)
+            .map_err(|e| infra(format!("reading {}: {e}", self.state.display())))?;
+        puts.push((state_r.clone(), state_bytes));
+        rs.device_state = Some(PathBuf::from(&state_r));
+        let payload = Path::new(&spec.payload);
+        if payload.is_absolute() && payload.is_file() {
+            let b = std::fs::read(payload)
+                .map_err(|e| infra(format!("reading {}: {e}", payload.display())))?;
+            let p = rpath(payload);
+            puts.push((p.clone(), b));
+            rs.payload = p;
+        }
+        let mut fetch: Vec<(String, PathBuf)> = vec![(state_r, self.state.clone())];
+        for f in [&mut rs.alarms, &mut rs.console, &mut rs.teardown_record] {
+            if let Some(local) = f.take() {
+                let p = rpath(&local);
+                fetch.push((p.clone(), local));
+                *f = Some(PathBuf::from(p));
+            }
+        }
+        let mut cmd_argv: Vec<String> = vec![r.hilrig.clone()];
+        cmd_argv.extend(self.vmm_args.iter().cloned());
+        cmd_argv.extend(
+            rs.to_args()
+                .into_iter()
+                .map(|a| a.to_string_lossy().into_owned()),
+        );
+        let remote_files: Vec<String> = fetch.iter().map(|(p, _)| p.clone()).collect();
+        let argv = step_argv(&rdir, &remote_files, &cmd_argv);
+        let mut cmd = tokio::process::Command::from(r.ssh.command(&argv));
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        die_with_runner(&mut cmd);
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| infra(format!("starting ssh: {e}")))?;
+        let input = stage_input(&puts);
+        let stdin = child.stdin.take();
+        let feeder = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            if let Some(mut w) = stdin {
+                let _ = w.write_all(&input).await;
+            }
+        });
+        let out = match tokio::time::timeout(self.left(), child.wait_with_output()).await {
+            Err(_) => {
+                let ssh = r.ssh.clone();
+                let d = shell_quote(&rdir);
+                let kill = format!("kill -KILL $(cat {d}/.pid) 2>/dev/null; rm -rf {d}; true");
+                let _ = blocking(move || ssh.sh(&kill, None).map(|_| ())).await;
+                return Err(fail(
+                    Outcome::Timeout,
+                    format!(
+                        "step {k} ({label}) still running on {} after the case timeout of {:?}: killed",
+                        self.host.name, self.case.timeout
+                    ),
+                ));
+            }
+            Ok(Err(e)) => return Err(infra(format!("waiting for ssh: {e}"))),
+            Ok(Ok(out)) => out,
+        };
+        let _ = feeder.await;
+        let step = match (out.status.code(), parse_step(&out.stdout, fetch.len())) {
+            (Some(0), Ok(s)) => s,
+            (code, parsed) => {
+                let why = match parsed {
+                    Err(e) => e.to_string(),
+                    Ok(_) => format!("exit {code:?}"),
+                };
+                return Err(infra(format!(
+                    "ssh to {} failed ({why}): {}",
+                    self.host.name,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+        };
+        for ((_, local), body) in fetch.iter().zip(&step.files) {
+            if let Some(b) = body {
+                std::fs::write(local, b)
+                    .map_err(|e| infra(format!("writing {}: {e}", local.display())))?;
+            }
+        }
+        use std::os::unix::process::ExitStatusExt;
+        // The shell's view: 128+n is the VMM killed by signal n.
+        let raw = if step.code > 128 {
+            step.code - 128
+        } else {
+            step.code << 8
+        };
+        let vm_out = std::process::Output {
+            status: std::process::ExitStatus::from_raw(raw),
+            stdout: step.stdout,
+            stderr: step.stderr,
+        };
+        self.collect(k, label, vm_out)
     }
 
     fn load(&self) -> Result<NvState, Stop> {
@@ -421,12 +563,7 @@ impl Att<'_> {
         let console = self.file(k, label, "console.txt");
         let spec = self.spec(k, label, &bin, StepVm::default(), &state, |_| {});
         let mut cmd = self.command(&spec);
-        let mut child = cmd.spawn().map_err(|e| {
-            fail(
-                Outcome::Infra,
-                format!("spawning {}: {e}", self.vmm.display()),
-            )
-        })?;
+        let mut child = cmd.spawn().map_err(|e| spawn_error(self.vmm, e))?;
         let markers = |p: &Path| {
             std::fs::read_to_string(p)
                 .map(|s| s.lines().filter(|l| l.starts_with('P')).count() as u32)
@@ -556,12 +693,7 @@ impl Att<'_> {
             s.teardown_record = Some(record);
         });
         let mut cmd = self.command(&spec);
-        let mut child = cmd.spawn().map_err(|e| {
-            fail(
-                Outcome::Infra,
-                format!("spawning {}: {e}", self.vmm.display()),
-            )
-        })?;
+        let mut child = cmd.spawn().map_err(|e| spawn_error(self.vmm, e))?;
         let (out_task, err_task) = drain(&mut child);
         let left = self.left();
         let case_timeout = self.case.timeout;
@@ -799,12 +931,7 @@ impl Att<'_> {
                 s.patch_pubkeys = vec![key.clone()];
             });
             let mut cmd = self.command(&spec);
-            let mut child = cmd.spawn().map_err(|e| {
-                fail(
-                    Outcome::Infra,
-                    format!("spawning {}: {e}", self.vmm.display()),
-                )
-            })?;
+            let mut child = cmd.spawn().map_err(|e| spawn_error(self.vmm, e))?;
             let pipes = drain(&mut child);
             children.push((name.clone(), child, pipes));
             targets.push(hilrig_rig::rollout::Target { name, socket: sock });
@@ -924,6 +1051,37 @@ impl Att<'_> {
 
 type Pipe = tokio::task::JoinHandle<Vec<u8>>;
 
+/// Prefix of an attempt message that is a setup (configuration) error: not
+/// retried as INFRA, the case is SKIPPED and the run exits 2.
+pub const CONFIG_PREFIX: &str = "CONFIG: ";
+
+/// A VMM that cannot be started: missing or not executable is a setup error
+/// (CONFIG), anything else an infrastructure fault.
+fn spawn_error(vmm: &Path, e: std::io::Error) -> Stop {
+    use std::io::ErrorKind as K;
+    match e.kind() {
+        K::NotFound | K::PermissionDenied => fail(
+            Outcome::Skipped,
+            format!(
+                "{CONFIG_PREFIX}the VMM {} cannot be run: {e}",
+                vmm.display()
+            ),
+        ),
+        _ => fail(Outcome::Infra, format!("spawning {}: {e}", vmm.display())),
+    }
+}
+
+/// Run blocking remote work off the tokio workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, hilrig_rig::remote::RemoteError> + Send + 'static,
+) -> Result<T, String> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(format!("task: {e}")),
+    }
+}
+
 /// Read a child's stdout and stderr to their ends in the background.
 fn drain(child: &mut tokio::process::Child) -> (Pipe, Pipe) {
     fn read<R: tokio::io::AsyncRead + Unpin + Send + 'static>(r: Option<R>) -> Pipe {
@@ -1017,7 +1175,7 @@ async fn hash_vmm(vmm: &Path) -> Result<[u8; 32], Stop> {
         .map_err(|e| fail(Outcome::Infra, format!("hashing the VMM build: {e}")))
 }
 
-/// Run one attempt of `case` on `host` in `dir` (inside `run_dir`).
+/// Run one attempt of `case` on `host` (this machine) in `dir` (inside `run_dir`).
 pub async fn run_attempt(
     case: &Case,
     host: &HostSpec,
@@ -1025,6 +1183,57 @@ pub async fn run_attempt(
     vmm_args: &[String],
     run_dir: &Path,
     dir: &Path,
+) -> AttemptResult {
+    let t = Target {
+        vmm,
+        vmm_args,
+        remote: None,
+    };
+    run_attempt_on(case, host, &t, run_dir, dir).await
+}
+
+/// Run one attempt of `case` on `host` through `target` (this machine, or the
+/// host over SSH) in `dir` (inside `run_dir`; on a remote host in the same
+/// relative place under its work directory, removed afterwards).
+pub async fn run_attempt_on(
+    case: &Case,
+    host: &HostSpec,
+    target: &Target<'_>,
+    run_dir: &Path,
+    dir: &Path,
+) -> AttemptResult {
+    let (vmm, vmm_args) = (target.vmm, target.vmm_args);
+    let remote = match (&target.remote, &host.ssh) {
+        (Some((ssh, hilrig)), Some(spec)) => {
+            let run = run_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "run".into());
+            // One flat directory per step (`<dir>-<k>`), removed by the step itself.
+            Some(Remote {
+                ssh: ssh.clone(),
+                hilrig: hilrig.clone(),
+                dir: format!(
+                    "{}/att/{run}__{}",
+                    spec.workdir.trim_end_matches('/'),
+                    rel(run_dir, dir).replace('/', "_")
+                ),
+            })
+        }
+        _ => None,
+    };
+    attempt_inner(case, host, vmm, vmm_args, run_dir, dir, remote).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn attempt_inner(
+    case: &Case,
+    host: &HostSpec,
+    vmm: &Path,
+    vmm_args: &[String],
+    run_dir: &Path,
+    dir: &Path,
+    remote: Option<Remote>,
 ) -> AttemptResult {
     if let Err(e) = std::fs::create_dir_all(dir) {
         return *fail(Outcome::Infra, format!("creating {}: {e}", dir.display()));
@@ -1049,6 +1258,7 @@ pub async fn run_attempt(
         artifacts: Vec::new(),
         seen: Observed::default(),
         sockets: None,
+        remote,
     };
     att.seen.readings.push(reading(&before));
     let n = case.attack.steps.len();

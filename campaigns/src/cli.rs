@@ -52,6 +52,10 @@ pub enum CampaignCmd {
         /// labgrid: hosts from a coordinator.
         #[command(flatten)]
         lab: Box<LabgridArgs>,
+        /// Print the summary as one JSON document on standard output (run id,
+        /// counts, exit status, reports, offline hosts, setup errors).
+        #[arg(long)]
+        json: bool,
     },
     /// Check a campaign file and list the cases it expands to.
     Validate {
@@ -127,6 +131,29 @@ pub fn print_summary(s: &RunSummary) {
     println!("{}", s.report_html.display());
 }
 
+/// A run's summary as JSON (`campaign run --json`).
+pub fn summary_json(s: &RunSummary) -> serde_json::Value {
+    serde_json::json!({
+        "run_id": s.run_id,
+        "campaign": s.run.campaign,
+        "exit_status": s.exit_status(),
+        "counts": s.counts,
+        "wall_s": s.wall.as_secs_f64(),
+        "run_dir": s.run_dir,
+        "report_html": s.report_html,
+        "junit": s.junit,
+        "cases": s.run.cases.iter().map(|c| serde_json::json!({
+            "id": c.id, "outcome": c.outcome, "host": c.host,
+            "attempts": c.attempts.len(), "message": c.message,
+        })).collect::<Vec<_>>(),
+        "unhealthy_hosts": s.unhealthy_hosts,
+        "offline_hosts": s.offline_hosts.iter()
+            .map(|(h, why)| serde_json::json!({"host": h, "reason": why}))
+            .collect::<Vec<_>>(),
+        "config_errors": s.config_errors,
+    })
+}
+
 /// Run `cmd`; the process exit code (errors are returned; the caller exits 2).
 pub fn run(cmd: CampaignCmd) -> anyhow::Result<ExitCode> {
     match cmd {
@@ -142,6 +169,7 @@ pub fn run(cmd: CampaignCmd) -> anyhow::Result<ExitCode> {
             claim_ttl,
             runner_name,
             lab,
+            json,
         } => {
             let mut opts = RunOptions::new(file);
             opts.hosts = hosts;
@@ -164,8 +192,15 @@ pub fn run(cmd: CampaignCmd) -> anyhow::Result<ExitCode> {
                     wait: lab.labgrid_wait,
                 });
             self_as_vmm(&mut opts);
+            if json {
+                opts.progress = Some(false);
+            }
             let s = run_campaign(opts)?;
-            print_summary(&s);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary_json(&s))?);
+            } else {
+                print_summary(&s);
+            }
             Ok(ExitCode::from(s.exit_status()))
         }
         CampaignCmd::Validate {

@@ -1,7 +1,7 @@
 //! The campaign file (TOML): parsing, validation against the attack library and a
 //! host set, and expansion of the matrix into concrete cases with stable ids.
 
-use crate::attacks::{self, Attack};
+use crate::attacks::{self, Attack, StepKind};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -121,9 +121,20 @@ pub struct HostSpec {
     pub counter_width: u8,
     /// Serial number of the simulated device.
     pub serial: u64,
+    /// How the runner reaches the host: `None` = this machine (`local`), else
+    /// over SSH (`[host.ssh]` of the inventory).
+    pub ssh: Option<hilrig_rig::remote::SshSpec>,
 }
 
 impl HostSpec {
+    /// True when this host can run `case`: it has the case's tag and backend, and
+    /// (for attacks driven through a VMM's local control socket) it is local.
+    pub fn fits(&self, case: &Case) -> bool {
+        self.tags.contains(&case.tag)
+            && self.backends.contains(&case.backend)
+            && (self.ssh.is_none() || !needs_local(&case.attack))
+    }
+
     /// `n` simulated hosts `sim-1..=n`, tagged `sim`, running model, rtl and lockstep.
     pub fn sim(n: usize) -> Vec<HostSpec> {
         (1..=n.max(1))
@@ -133,24 +144,32 @@ impl HostSpec {
                 backends: BACKENDS.to_vec(),
                 counter_width: 64,
                 serial: 1,
+                ssh: None,
             })
             .collect()
     }
 
-    /// The hosts of a rig inventory this runner can drive: the simulated ones
-    /// (model, rtl and lockstep; device counter width and serial from the
-    /// inventory). Hardware hosts are left out (and named in the second list):
-    /// running attacks on them needs the remote runner.
+    /// The hosts of a rig inventory this runner can drive: those reached over SSH
+    /// (`[host.ssh]`) and the local simulated ones (model, rtl and lockstep;
+    /// device counter width and serial from the inventory's `[host.sim]`). Other
+    /// hosts (hardware with no `[host.ssh]`) are left out and named in the second
+    /// list.
     pub fn from_inventory(inv: &hilrig_rig::inventory::Inventory) -> (Vec<HostSpec>, Vec<String>) {
+        Self::from_hosts(&inv.hosts)
+    }
+
+    /// [`HostSpec::from_inventory`] over any host source's hosts.
+    pub fn from_hosts(hosts: &[hilrig_rig::inventory::HostSpec]) -> (Vec<HostSpec>, Vec<String>) {
         let (mut sim, mut other) = (Vec::new(), Vec::new());
-        for h in &inv.hosts {
-            if h.is_sim() {
+        for h in hosts {
+            if h.ssh.is_some() || h.is_sim() {
                 sim.push(HostSpec {
                     name: h.name.clone(),
                     tags: h.tags.iter().cloned().collect(),
                     backends: BACKENDS.to_vec(),
                     counter_width: h.sim.counter_width,
                     serial: h.sim.serial.unwrap_or(1),
+                    ssh: h.ssh.clone(),
                 });
             } else {
                 other.push(h.name.clone());
@@ -158,6 +177,21 @@ impl HostSpec {
         }
         (sim, other)
     }
+}
+
+/// True for attacks whose steps the runner drives on this machine while the VMM
+/// runs (a control socket: live patches, the fleet rollout; the power cut watches
+/// the console and kills the VMM): they run on `local` hosts only.
+pub fn needs_local(a: &Attack) -> bool {
+    a.steps.iter().any(|s| {
+        matches!(
+            s.kind,
+            StepKind::PatchStorm
+                | StepKind::BadBundles
+                | StepKind::Rollout
+                | StepKind::PowerCut { .. }
+        )
+    })
 }
 
 /// One concrete case of an expanded campaign.
@@ -480,6 +514,16 @@ pub fn expand(
                                 .any(|h| h.tags.contains(t) && h.backends.contains(b))
                         {
                             bad(format!("{id}: no host tagged `{t}` can run backend `{b}`"));
+                        } else if known_tags.contains(t.as_str())
+                            && needs_local(a)
+                            && !hosts.iter().any(|h| {
+                                h.tags.contains(t) && h.backends.contains(b) && h.ssh.is_none()
+                            })
+                        {
+                            bad(format!(
+                                "{id}: attack `{}` drives its VMM through a local control socket or power cut; no local host tagged `{t}` (every one is reached over SSH)",
+                                a.name
+                            ));
                         }
                         if let Some(j) = seen.insert(id.clone(), i) {
                             bad(format!("{id}: duplicate of a case in case[{j}]"));
@@ -611,6 +655,7 @@ expect = { verdict = "pass", exit_status = 3 }
             backends: vec![BackendKind::Model],
             counter_width: 64,
             serial: 1,
+            ssh: None,
         }];
         let e = parse(
             "name = \"t\"\n[[case]]\nattacks = [\"pci-enum\"]\nbackends = [\"rtl\"]\n",

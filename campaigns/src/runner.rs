@@ -105,15 +105,23 @@ pub struct RunSummary {
     pub ran_now: usize,
     /// Hosts that ended the run unhealthy (too many INFRA attempts in a row).
     pub unhealthy_hosts: Vec<String>,
+    /// Hosts taken offline by a failed health check, with the reason.
+    pub offline_hosts: Vec<(String, String)>,
+    /// Setup errors met by attempts (a VMM that cannot be run, ...): CONFIG, never
+    /// retried; their cases are SKIPPED and the run exits 2.
+    pub config_errors: Vec<String>,
 }
 
 impl RunSummary {
     /// Process exit status: 0 when every case is PASS or FLAKY (flaky cases are
     /// listed loudly but do not fail the job), 1 when any case FAILed or TIMEd OUT,
-    /// 3 when none failed but some could not run (INFRA after retries, SKIPPED).
+    /// 3 when none failed but some could not run (INFRA after retries, SKIPPED);
+    /// 2 (before all of these) when an attempt met a setup error (CONFIG).
     pub fn exit_status(&self) -> u8 {
         let c = &self.counts;
-        if c.fail + c.timeout > 0 {
+        if !self.config_errors.is_empty() {
+            2
+        } else if c.fail + c.timeout > 0 {
             1
         } else if c.infra + c.skipped > 0 {
             3
@@ -217,6 +225,9 @@ impl Progress {
     }
 }
 
+/// How long a run's lease on a host lasts without a heartbeat.
+pub const LEASE_TTL: Duration = Duration::from_secs(60);
+
 /// Consecutive INFRA attempts after which a host is unhealthy: not used while a
 /// healthy host could run the case.
 pub const UNHEALTHY_AFTER: u32 = 3;
@@ -226,6 +237,8 @@ struct Pool {
     all: Vec<HostSpec>,
     free: Mutex<Vec<HostSpec>>,
     infra_streak: Mutex<BTreeMap<String, u32>>,
+    /// Hosts a health check took offline, with the reason: never handed work.
+    offline: Mutex<BTreeMap<String, String>>,
     sem: tokio::sync::Semaphore,
 }
 
@@ -236,6 +249,7 @@ impl Pool {
             all: hosts.clone(),
             free: Mutex::new(hosts),
             infra_streak: Mutex::new(BTreeMap::new()),
+            offline: Mutex::new(BTreeMap::new()),
             sem: tokio::sync::Semaphore::new(n),
         }
     }
@@ -250,6 +264,42 @@ impl Pool {
             < UNHEALTHY_AFTER
     }
 
+    fn is_offline(&self, name: &str) -> bool {
+        self.offline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(name)
+    }
+
+    /// Take `name` offline (a failed health check): no more work for it.
+    fn set_offline(&self, name: &str, reason: String) {
+        tracing::warn!("host {name} offline: {reason}");
+        self.offline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), reason);
+    }
+
+    /// Hosts offline, with reasons.
+    fn offline(&self) -> Vec<(String, String)> {
+        self.offline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// INFRA attempts in a row on `name`.
+    fn streak(&self, name: &str) -> u32 {
+        self.infra_streak
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Hosts marked unhealthy.
     fn unhealthy(&self) -> Vec<String> {
         self.all
@@ -261,10 +311,14 @@ impl Pool {
 
     /// A free host for `case`: a healthy one not in `avoid` (waiting for one if
     /// there is such a host), else a healthy one; an unhealthy one only when no
-    /// healthy host can run the case at all.
-    async fn acquire(&self, case: &Case, avoid: &[String]) -> HostSpec {
-        let fits = |h: &HostSpec| h.tags.contains(&case.tag) && h.backends.contains(&case.backend);
+    /// healthy host can run the case at all; `None` when every host that could
+    /// is offline.
+    async fn acquire(&self, case: &Case, avoid: &[String]) -> Option<HostSpec> {
+        let fits = |h: &HostSpec| h.fits(case) && !self.is_offline(&h.name);
         loop {
+            if !self.all.iter().any(fits) {
+                return None;
+            }
             let any_healthy = self.all.iter().any(|h| fits(h) && self.healthy(&h.name));
             let permit = self.sem.acquire().await;
             {
@@ -286,7 +340,7 @@ impl Pool {
                     if let Ok(p) = permit {
                         p.forget();
                     }
-                    return free.remove(i);
+                    return Some(free.remove(i));
                 }
             }
             drop(permit);
@@ -467,7 +521,9 @@ pub fn rel(run_dir: &Path, p: &Path) -> String {
         .into_owned()
 }
 
-pub use crate::attempt::run_attempt;
+pub use crate::attempt::{run_attempt, run_attempt_on, Target, CONFIG_PREFIX};
+use hilrig_rig::hoststate::HostStates;
+use hilrig_rig::remote::Ssh;
 
 /// What an attempt observed besides the last step's JSON: counter readings after
 /// each step, blackouts, teardown times and the steps' own notes.
@@ -773,6 +829,37 @@ pub(crate) struct Ctx {
     /// The machine the simulated hosts share: attempts hold it shared, exclusive
     /// cases alone.
     machine: tokio::sync::RwLock<()>,
+    /// Remote hosts: the SSH connection and the VMM build's path there.
+    remotes: BTreeMap<String, (Arc<Ssh>, String)>,
+    /// Recorded host states (a SQLite results database): offline hosts stay
+    /// offline for every runner until `hilrig rig host DB online NAME`.
+    states: Option<Mutex<HostStates>>,
+    /// Setup errors seen (CONFIG).
+    config_errors: Mutex<Vec<String>>,
+}
+
+fn is_postgres(db: &Path) -> bool {
+    let s = db.to_string_lossy();
+    s.starts_with("postgres://") || s.starts_with("postgresql://")
+}
+
+/// Record `host` offline in the host-state table (a warning if that fails).
+fn record_offline(states: Option<&HostStates>, host: &str, why: &str) {
+    if let Some(s) = states {
+        if let Err(e) = s.set_offline(host, why) {
+            tracing::warn!("recording host {host} offline: {e}");
+        }
+    }
+}
+
+/// The health check of a remote host: SSH reachable, the runner's build there
+/// (copied when its SHA-256 differs) and answering `--version`. The path of the
+/// build on the host, or why the host is not healthy.
+pub fn health_check(ssh: &Ssh, vmm: &Path) -> Result<String, String> {
+    let path = ssh.ensure_hilrig(vmm).map_err(|e| e.to_string())?;
+    let v = ssh.alive_at(&path).map_err(|e| e.to_string())?;
+    tracing::info!("host health: {v} at {path}");
+    Ok(path)
 }
 
 impl Ctx {
@@ -803,7 +890,23 @@ pub(crate) async fn run_case(ctx: Arc<Ctx>, case: Case) -> CaseResult {
         let (mut infra_used, mut retries_used) = (0u32, 0u32);
         let mut avoid: Vec<String> = Vec::new();
         loop {
-            let host = ctx.pool.acquire(&case, &avoid).await;
+            let Some(host) = ctx.pool.acquire(&case, &avoid).await else {
+                rep_outcomes.push(Outcome::Skipped);
+                last = Some(AttemptResult::new(
+                    Outcome::Skipped,
+                    format!(
+                        "no host can run the case: every host tagged `{}` is offline ({})",
+                        case.tag,
+                        ctx.pool
+                            .offline()
+                            .iter()
+                            .map(|(h, why)| format!("{h}: {why}"))
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    ),
+                ));
+                break 'reps;
+            };
             if Instant::now() >= ctx.deadline {
                 ctx.pool.release(host, Outcome::Skipped);
                 rep_outcomes.push(Outcome::Skipped);
@@ -828,8 +931,12 @@ pub(crate) async fn run_case(ctx: Arc<Ctx>, case: Case) -> CaseResult {
                 // The same between runners on this machine (other runs, CI jobs).
                 let _machine = machine_lock(case.exclusive).await;
                 let t = Instant::now();
-                let r =
-                    run_attempt(&case, &host, &ctx.vmm, &ctx.vmm_args, &ctx.run_dir, &dir).await;
+                let target = Target {
+                    vmm: &ctx.vmm,
+                    vmm_args: &ctx.vmm_args,
+                    remote: ctx.remotes.get(&host.name).cloned(),
+                };
+                let r = run_attempt_on(&case, &host, &target, &ctx.run_dir, &dir).await;
                 (r, t)
             };
             host_name = host.name.clone();
@@ -843,8 +950,44 @@ pub(crate) async fn run_case(ctx: Arc<Ctx>, case: Case) -> CaseResult {
             if outcome == Outcome::Infra {
                 avoid.push(host.name.clone());
             }
+            let config = r.message.starts_with(CONFIG_PREFIX);
+            if config {
+                ctx.config_errors
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(format!("{}: {}", case.id, r.message));
+            }
+            let recheck =
+                outcome == Outcome::Infra && ctx.pool.streak(&host.name) + 1 >= UNHEALTHY_AFTER;
+            let name = host.name.clone();
             ctx.pool.release(host, outcome);
+            if recheck {
+                // A streak of INFRA: the health check decides whether the host stays.
+                if let Some((ssh, _)) = ctx.remotes.get(&name) {
+                    let (ssh, vmm) = (ssh.clone(), ctx.vmm.clone());
+                    let r = tokio::task::spawn_blocking(move || health_check(&ssh, &vmm)).await;
+                    let why = match r {
+                        Ok(Ok(_)) => None,
+                        Ok(Err(why)) => Some(why),
+                        Err(e) => Some(format!("health check task: {e}")),
+                    };
+                    if let Some(why) = why {
+                        let why = format!(
+                            "health check after {UNHEALTHY_AFTER} INFRA attempts in a row: {why}"
+                        );
+                        if let Some(m) = &ctx.states {
+                            let g = m.lock().unwrap_or_else(|p| p.into_inner());
+                            record_offline(Some(&g), &name, &why);
+                        }
+                        ctx.pool.set_offline(&name, why);
+                    }
+                }
+            }
             last = Some(r);
+            if config {
+                rep_outcomes.push(Outcome::Skipped);
+                break 'reps;
+            }
             match outcome {
                 Outcome::Pass => {
                     rep_outcomes.push(Outcome::Pass);
@@ -930,6 +1073,14 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
     };
     let mut vmm_args = opts.vmm_args.clone();
     let vmm = match &opts.vmm {
+        // `--vmm .../hilrig` alone: its VMM is `hilrig vm run`.
+        Some(p) if vmm_args.is_empty() => {
+            vmm_args = hilrig_rig::sim::vmm_prefix(p)
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            p.clone()
+        }
         Some(p) => p.clone(),
         None => {
             let p = hilrig_rig::sim::find_vmm(lab_vmm.as_deref())
@@ -962,7 +1113,7 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
         .map(|h| Host {
             name: h.name.clone(),
             tags: h.tags.clone(),
-            simulated: true,
+            simulated: h.ssh.is_none(),
         })
         .collect();
     let (row, done) = match (&opts.resume, &opts.join, queue.as_mut()) {
@@ -1057,8 +1208,99 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
         let ids: Vec<String> = todo.iter().map(|c| c.id.clone()).collect();
         q.enqueue(&row.id, &ids)?;
     }
+    // Health check of every remote host before the run (LAVA's health check):
+    // SSH reachable, this build there (copied when its hash differs), `--version`.
+    // Hosts recorded offline (by an earlier check) stay offline until an operator
+    // brings them back.
+    let pool = Pool::new(hosts.clone());
+    let states = if is_postgres(&db) {
+        None
+    } else {
+        match HostStates::open(&db.to_string_lossy()) {
+            Ok(s) => Some(s),
+            Err(e) => anyhow::bail!("host states in {}: {e}", db.display()),
+        }
+    };
+    let mut remotes = BTreeMap::new();
+    for h in &hosts {
+        if let Some(st) = states
+            .as_ref()
+            .map(|s| s.get(&h.name))
+            .transpose()?
+            .flatten()
+        {
+            if !st.online() {
+                let why = format!(
+                    "offline since {}: {} (bring it back: hilrig rig host {} online {})",
+                    hilrig_rig::lease::format_unix_ms(st.since_unix_ms),
+                    st.reason,
+                    db.display(),
+                    h.name
+                );
+                progress.line(&format!("host {}: OFFLINE: {why}", h.name));
+                pool.set_offline(&h.name, why);
+                continue;
+            }
+        }
+        let Some(spec) = &h.ssh else { continue };
+        let ssh = match Ssh::new(&h.name, spec.clone()) {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                pool.set_offline(&h.name, e.to_string());
+                continue;
+            }
+        };
+        match health_check(&ssh, &vmm) {
+            Ok(path) => {
+                progress.line(&format!("host {}: healthy (build at {path})", h.name));
+                remotes.insert(h.name.clone(), (ssh, path));
+            }
+            Err(why) => {
+                let why = format!("health check before the run: {why}");
+                progress.line(&format!("host {}: OFFLINE: {why}", h.name));
+                record_offline(states.as_ref(), &h.name, &why);
+                pool.set_offline(&h.name, why);
+            }
+        }
+    }
+    // The hosts are leased to this run while it uses them (renewed by heartbeat;
+    // a host someone else holds is left out of this run, not recorded offline).
+    let mut heartbeats = Vec::new();
+    let mut leased = None;
+    if !is_postgres(&db) {
+        let leases = Arc::new(
+            hilrig_rig::lease::LeaseStore::open(&db.to_string_lossy())
+                .map_err(|e| anyhow::anyhow!("leases in {}: {e}", db.display()))?,
+        );
+        // The run's own name (no pid): a resumed run (after its runner was
+        // killed) takes its own leases back instead of waiting for them to expire.
+        let machine = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into());
+        let holder = format!("run {}@{machine}", row.id);
+        leased = Some((leases.clone(), holder.clone()));
+        for h in &hosts {
+            if pool.is_offline(&h.name) {
+                continue;
+            }
+            match leases.acquire(&h.name, &holder, LEASE_TTL) {
+                Ok(l) => heartbeats.push((
+                    h.name.clone(),
+                    hilrig_rig::lease::Heartbeat::start(leases.clone(), l, LEASE_TTL),
+                )),
+                Err(e) => {
+                    progress.line(&format!("host {}: not used: {e}", h.name));
+                    pool.set_offline(&h.name, e.to_string());
+                }
+            }
+        }
+    }
+    let states = states.map(Mutex::new);
     let ctx = Arc::new(Ctx {
-        pool: Pool::new(hosts),
+        pool,
+        remotes,
+        states,
+        config_errors: Mutex::new(Vec::new()),
         vmm,
         vmm_args,
         run_dir: run_dir.clone(),
@@ -1086,7 +1328,25 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
     }
     drop(rt);
     ctx.progress.done();
+    // Give the hosts back (the heartbeats stop; the leases are released).
+    for (host, hb) in heartbeats {
+        if let Some(why) = hb.lost() {
+            tracing::warn!("host {host}: its lease was lost during the run: {why}");
+        }
+        drop(hb);
+        if let Some((store, holder)) = &leased {
+            if let Err(e) = store.release_host(&host, holder, None) {
+                tracing::warn!("host {host}: releasing its lease: {e}");
+            }
+        }
+    }
     let unhealthy_hosts = ctx.pool.unhealthy();
+    let offline_hosts = ctx.pool.offline();
+    let config_errors = ctx
+        .config_errors
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     let mut store = ctx.store.lock().unwrap_or_else(|p| p.into_inner());
     // Resuming a run that had finished with nothing left to run keeps its end:
     // its duration (and the report's) stays the run's, not the time since.
@@ -1129,12 +1389,48 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
         wall: t0.elapsed(),
         ran_now,
         unhealthy_hosts,
+        offline_hosts,
+        config_errors,
     })
 }
 
+/// Where the runner gets its cases: claimed one at a time, reported back when
+/// stored. [`LocalQueue`] hands out one campaign's cases to this process; a
+/// PostgreSQL queue (`SELECT ... FOR UPDATE SKIP LOCKED`) shares them between
+/// runners.
+pub trait CaseQueue: Send + Sync {
+    /// Claim the next case for this runner; `None` when none are left.
+    fn claim(&self) -> Option<Case>;
+    /// A claimed case finished and was stored (default: nothing to do).
+    fn finished(&self, _case_id: &str) {}
+}
+
+/// The cases of one campaign, in order, for this process alone.
+pub struct LocalQueue(Mutex<std::collections::VecDeque<Case>>);
+
+impl LocalQueue {
+    /// A queue of `cases`.
+    pub fn new(cases: Vec<Case>) -> LocalQueue {
+        LocalQueue(Mutex::new(cases.into()))
+    }
+}
+
+impl CaseQueue for LocalQueue {
+    fn claim(&self) -> Option<Case> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).pop_front()
+    }
+}
+
 async fn run_all(ctx: Arc<Ctx>, todo: Vec<Case>) -> anyhow::Result<()> {
+    run_queue(ctx, Arc::new(LocalQueue::new(todo))).await
+}
+
+/// Every case the queue hands out, each waiting for a host that fits it
+/// (claimed eagerly here: with one process there is no one to share with).
+async fn run_queue(ctx: Arc<Ctx>, queue: Arc<dyn CaseQueue>) -> anyhow::Result<()> {
     let mut set = tokio::task::JoinSet::new();
-    for case in todo {
+    while let Some(case) = queue.claim() {
+        let queue = queue.clone();
         let ctx = ctx.clone();
         set.spawn(async move {
             let r = run_case(ctx.clone(), case).await;
@@ -1150,6 +1446,9 @@ async fn run_all(ctx: Arc<Ctx>, todo: Vec<Case>) -> anyhow::Result<()> {
             })
             .await
             .map_err(|e| anyhow::anyhow!("storing a case: {e}"))?;
+            if stored.is_ok() {
+                queue.finished(&r.id);
+            }
             ctx.progress.finished(&r);
             stored.map_err(anyhow::Error::from)
         });
@@ -1174,14 +1473,14 @@ pub fn hosts_for(
     let (hosts, other) = HostSpec::from_inventory(&inv);
     if !other.is_empty() {
         tracing::warn!(
-            "inventory {}: hardware hosts {} left out (this runner drives simulated hosts only)",
+            "inventory {}: hosts {} left out (neither `[host.ssh]` nor simulated: the runner cannot start a VMM there)",
             path.display(),
             other.join(", ")
         );
     }
     if hosts.is_empty() {
         anyhow::bail!(
-            "inventory {}: no simulated host (this runner drives simulated hosts only)",
+            "inventory {}: no host the runner can reach (give hosts an `[host.ssh]` section, or simulated drivers)",
             path.display()
         );
     }

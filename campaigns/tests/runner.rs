@@ -78,10 +78,11 @@ fn pass_and_fail_are_told_apart() {
 }
 
 #[test]
-fn missing_vmm_is_infra_retried_on_other_hosts() {
+fn infra_is_retried_on_other_hosts() {
     let t = tempfile::tempdir().unwrap();
     let c = campaign(t.path(), ONE_CASE);
-    let mut o = opts(t.path(), c, t.path().join("no-such-vmm"));
+    let v = fake_vmm(t.path(), "echo booting >&2; kill -9 $$");
+    let mut o = opts(t.path(), c, v);
     o.hosts = 3;
     let s = run_campaign(o).unwrap();
     let case = only(&s);
@@ -91,8 +92,37 @@ fn missing_vmm_is_infra_retried_on_other_hosts() {
     let hosts: std::collections::BTreeSet<&str> =
         case.attempts.iter().map(|a| a.host.as_str()).collect();
     assert_eq!(hosts.len(), 3, "each retry on another host: {case:?}");
-    assert!(case.message.contains("spawning"), "{}", case.message);
     assert_eq!(s.exit_status(), 3, "INFRA is not a test failure");
+}
+
+/// A setup error (the VMM binary missing, or not executable) is CONFIG: not
+/// retried as INFRA on every host, the case SKIPPED, the run exits 2.
+#[test]
+fn missing_vmm_is_config_not_retried() {
+    let t = tempfile::tempdir().unwrap();
+    let not_exec = t.path().join("not-executable");
+    std::fs::write(&not_exec, "#!/bin/sh\n").unwrap();
+    for vmm in [t.path().join("no-such-vmm"), not_exec] {
+        let c = campaign(t.path(), ONE_CASE);
+        let mut o = opts(t.path(), c, vmm.clone());
+        o.hosts = 3;
+        let s = run_campaign(o).unwrap();
+        let case = only(&s);
+        assert_eq!(case.outcome, Outcome::Skipped, "{case:?}");
+        assert_eq!(
+            case.attempts.len(),
+            1,
+            "a setup error is not retried: {case:?}"
+        );
+        assert!(case.message.starts_with("CONFIG: "), "{}", case.message);
+        assert!(
+            case.message.contains(&vmm.display().to_string()),
+            "{}",
+            case.message
+        );
+        assert_eq!(s.config_errors.len(), 1, "{:?}", s.config_errors);
+        assert_eq!(s.exit_status(), 2, "a setup error exits 2");
+    }
 }
 
 #[test]
@@ -902,4 +932,33 @@ fn exclusive_cases_run_alone_on_the_machine() {
     };
     assert_eq!(run(true), 0, "exclusive attempts overlapped");
     assert!(run(false) > 0, "2 hosts never ran 2 cases at once");
+}
+
+/// A host leased by someone else (in the run's results database) is not used;
+/// the run leases its hosts while it runs and gives them back at the end.
+#[test]
+fn hosts_leased_by_others_are_not_used() {
+    let t = tempfile::tempdir().unwrap();
+    let c = campaign(t.path(), ONE_CASE);
+    let v = fake_vmm(t.path(), &format!("echo '{PASS_JSON}'"));
+    let mut o = opts(t.path(), c, v);
+    o.hosts = 2;
+    std::fs::create_dir_all(&o.out_dir).unwrap();
+    let db = o.out_dir.join("results.sqlite");
+    let leases = hilrig_rig::lease::LeaseStore::open(&db.to_string_lossy()).unwrap();
+    leases
+        .acquire("sim-1", "alice", std::time::Duration::from_secs(600))
+        .unwrap();
+    let s = run_campaign(o).unwrap();
+    let case = only(&s);
+    assert_eq!(case.outcome, Outcome::Pass, "{case:?}");
+    assert_eq!(case.host, "sim-2", "alice's host was used: {case:?}");
+    assert!(s
+        .offline_hosts
+        .iter()
+        .any(|(h, why)| h == "sim-1" && why.contains("alice")));
+    let rows = leases.list().unwrap();
+    let held: Vec<_> = rows.iter().filter(|r| r.active).collect();
+    assert_eq!(held.len(), 1, "only alice's lease is left: {rows:?}");
+    assert_eq!(held[0].holder, "alice");
 }

@@ -35,10 +35,18 @@ pub enum OobAction {
 pub enum LeaseCmd {
     /// Every lease row.
     List,
-    /// Take a host (fails if someone else holds it).
+    /// Who holds a host, until when.
+    Who {
+        /// The host.
+        host: String,
+    },
+    /// Take a host (fails if someone else holds it, or the inventory has no such host).
     Acquire {
         /// The host.
         host: String,
+        /// The inventory the host must be in.
+        #[arg(long)]
+        inventory: PathBuf,
         /// Holder name (default: hostname:pid:nonce, printed).
         #[arg(long)]
         holder: Option<String>,
@@ -53,6 +61,79 @@ pub enum LeaseCmd {
         /// The holder that took it.
         #[arg(long)]
         holder: String,
+    },
+}
+
+/// Lease enforcement for power, console and OOB actions.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct LeaseArgs {
+    /// The lease database (SQLite path or postgres:// URL; default
+    /// `HILRIG_LEASES`): an action on a host someone else holds is refused.
+    #[arg(long)]
+    pub leases: Option<String>,
+    /// Who is acting (default `HILRIG_HOLDER`, else `$USER@hostname`).
+    #[arg(long)]
+    pub holder: Option<String>,
+    /// Act on a host leased by someone else anyway; the reason is logged.
+    #[arg(long, value_name = "REASON")]
+    pub force: Option<String>,
+}
+
+impl LeaseArgs {
+    /// The rig, enforcing leases when a lease database is named.
+    pub fn apply(&self, rig: Rig) -> Result<Rig> {
+        let db = self.leases.clone().or_else(|| {
+            std::env::var("HILRIG_LEASES")
+                .ok()
+                .filter(|s| !s.is_empty())
+        });
+        let Some(db) = db else { return Ok(rig) };
+        if matches!(&self.force, Some(r) if r.trim().is_empty()) {
+            anyhow::bail!("--force needs a reason");
+        }
+        Ok(rig.with_leases(crate::lease::LeaseGuard {
+            store: LeaseStore::open(&db)?,
+            holder: self.holder.clone().unwrap_or_else(cli_holder),
+            force: self.force.clone(),
+        }))
+    }
+}
+
+/// The holder name of a person at the command line: `HILRIG_HOLDER`, else
+/// `$USER@hostname`.
+pub fn cli_holder() -> String {
+    if let Ok(h) = std::env::var("HILRIG_HOLDER") {
+        if !h.is_empty() {
+            return h;
+        }
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    let user = std::env::var("USER").unwrap_or_else(|_| "user".into());
+    format!("{user}@{host}")
+}
+
+/// Host device-state commands (LAVA's Good/Bad).
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum HostCmd {
+    /// Every recorded host state.
+    List,
+    /// Bring a host back after a failed health check.
+    Online {
+        /// The host.
+        host: String,
+        /// Why (recorded).
+        #[arg(long, default_value = "brought back by an operator")]
+        reason: String,
+    },
+    /// Take a host out of service.
+    Offline {
+        /// The host.
+        host: String,
+        /// Why (recorded, shown to runners).
+        #[arg(long)]
+        reason: String,
     },
 }
 
@@ -78,6 +159,9 @@ pub enum RigCmd {
     Check {
         /// Inventory file (TOML).
         inventory: PathBuf,
+        /// One JSON document instead of the table.
+        #[arg(long)]
+        json: bool,
     },
     /// List hosts carrying all the given tags.
     Hosts {
@@ -86,6 +170,9 @@ pub enum RigCmd {
         /// Required tags.
         #[arg(long = "tag")]
         tags: Vec<String>,
+        /// JSON lines instead of the table.
+        #[arg(long)]
+        json: bool,
     },
     /// Power a host on/off/cycle, or read its state; every action is read back.
     Power {
@@ -95,6 +182,12 @@ pub enum RigCmd {
         host: String,
         /// Action.
         action: PowerAction,
+        /// A JSON line instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Lease enforcement.
+        #[command(flatten)]
+        lease: LeaseArgs,
     },
     /// Capture a host's console (timestamped lines) to a file or standard output.
     Console {
@@ -111,6 +204,13 @@ pub enum RigCmd {
         /// How long to capture, e.g. 10s.
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         duration: Duration,
+        /// Attach: print the timestamped lines as they come, until interrupted
+        /// (the capture file, if any, keeps them too); `--duration` is ignored.
+        #[arg(long)]
+        follow: bool,
+        /// Lease enforcement.
+        #[command(flatten)]
+        lease: LeaseArgs,
     },
     /// Ask a host's device over its OOB UART.
     Oob {
@@ -120,14 +220,33 @@ pub enum RigCmd {
         host: String,
         /// Request.
         action: OobAction,
+        /// Lease enforcement.
+        #[command(flatten)]
+        lease: LeaseArgs,
     },
     /// Host leases in a results database (SQLite path or postgres:// URL).
     Lease {
         /// Database.
         db: String,
+        /// JSON lines instead of text.
+        #[arg(long)]
+        json: bool,
         /// Command.
         #[command(subcommand)]
         cmd: LeaseCmd,
+    },
+    /// Host device states (online / offline with the reason) in a results
+    /// database (SQLite file): a host a health check took offline stays so for
+    /// every runner until `online`.
+    Host {
+        /// Database (SQLite file).
+        db: String,
+        /// JSON lines instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Command.
+        #[command(subcommand)]
+        cmd: HostCmd,
     },
     /// List attached debug probes (probe-rs).
     Probes,
@@ -173,21 +292,46 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, DurationError> {
 /// Run a `hilrig rig` command.
 pub fn run(cmd: RigCmd) -> Result<ExitCode> {
     match cmd {
-        RigCmd::Check { inventory } => {
+        RigCmd::Check { inventory, json } => {
             let rig = Rig::load(&inventory)?;
             let t = rig.check();
-            println!("{t}");
+            if json {
+                println!("{}", serde_json::to_string_pretty(&t)?);
+            } else {
+                println!("{t}");
+            }
             Ok(if t.all_healthy() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)
             })
         }
-        RigCmd::Hosts { inventory, tags } => {
+        RigCmd::Hosts {
+            inventory,
+            tags,
+            json,
+        } => {
             let rig = Rig::load(&inventory)?;
             for h in rig.inv.select(&tags) {
                 let tags: Vec<&str> = h.tags.iter().map(String::as_str).collect();
-                println!("{}\t{}\t{}", h.name, h.power.driver_name(), tags.join(","));
+                let transport = match &h.ssh {
+                    Some(s) => format!("ssh {}@{}:{}", s.user, s.address, s.port),
+                    None => "local".to_string(),
+                };
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"host": h.name, "power": h.power.driver_name(),
+                            "tags": tags, "transport": transport})
+                    );
+                } else {
+                    println!(
+                        "{}\t{}\t{}\t{transport}",
+                        h.name,
+                        h.power.driver_name(),
+                        tags.join(",")
+                    );
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -195,8 +339,10 @@ pub fn run(cmd: RigCmd) -> Result<ExitCode> {
             inventory,
             host,
             action,
+            json,
+            lease,
         } => {
-            let rig = Rig::load(&inventory)?;
+            let rig = lease.apply(Rig::load(&inventory)?)?;
             let mut p = rig.power(&host)?;
             match action {
                 PowerAction::On => p.on()?,
@@ -205,7 +351,14 @@ pub fn run(cmd: RigCmd) -> Result<ExitCode> {
                 PowerAction::Status => {}
             }
             let s = p.status()?;
-            println!("{host}: {s}");
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"host": host, "power": s.to_string()})
+                );
+            } else {
+                println!("{host}: {s}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         RigCmd::Console {
@@ -214,8 +367,10 @@ pub fn run(cmd: RigCmd) -> Result<ExitCode> {
             console,
             out,
             duration,
+            follow,
+            lease,
         } => {
-            let rig = Rig::load(&inventory)?;
+            let rig = lease.apply(Rig::load(&inventory)?)?;
             let h = rig.host(&host)?;
             let name = match console {
                 Some(c) => c,
@@ -240,6 +395,31 @@ pub fn run(cmd: RigCmd) -> Result<ExitCode> {
             };
             let src = rig.console_source(&host, &name)?;
             let cap = crate::console::Capture::start(&host, &name, src, &path)?;
+            if follow {
+                // Attached: the capture's lines as they are written, until interrupted.
+                use std::io::{Read, Seek, Write};
+                let mut f = std::fs::File::open(&path)
+                    .with_context(|| format!("opening {}", path.display()))?;
+                let mut pos = 0u64;
+                let mut buf = Vec::new();
+                let stdout = std::io::stdout();
+                loop {
+                    f.seek(std::io::SeekFrom::Start(pos))?;
+                    buf.clear();
+                    let n = f.read_to_end(&mut buf)?;
+                    if n > 0 {
+                        pos += n as u64;
+                        let mut o = stdout.lock();
+                        if o.write_all(&buf).and_then(|_| o.flush()).is_err() {
+                            // Standard output closed (e.g. `| head`): detach.
+                            break;
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                cap.stop()?;
+                return Ok(ExitCode::SUCCESS);
+            }
             let end = Instant::now() + duration;
             while Instant::now() < end {
                 std::thread::sleep(Duration::from_millis(50));
@@ -257,8 +437,9 @@ pub fn run(cmd: RigCmd) -> Result<ExitCode> {
             inventory,
             host,
             action,
+            lease,
         } => {
-            let rig = Rig::load(&inventory)?;
+            let rig = lease.apply(Rig::load(&inventory)?)?;
             match action {
                 OobAction::Counters => {
                     let c = rig.read_counters(&host)?;
@@ -274,28 +455,96 @@ pub fn run(cmd: RigCmd) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        RigCmd::Lease { db, cmd } => {
+        RigCmd::Host { db, json, cmd } => {
+            let st = crate::hoststate::HostStates::open(&db)?;
+            match cmd {
+                HostCmd::List => {
+                    for h in st.list()? {
+                        if json {
+                            println!("{}", serde_json::to_string(&h)?);
+                        } else {
+                            println!(
+                                "{}\t{}\tsince {}\t{}",
+                                h.host,
+                                h.state,
+                                crate::lease::format_unix_ms(h.since_unix_ms),
+                                h.reason
+                            );
+                        }
+                    }
+                }
+                HostCmd::Online { host, reason } => {
+                    st.set_online(&host, &reason)?;
+                    println!("{host}: online");
+                }
+                HostCmd::Offline { host, reason } => {
+                    st.set_offline(&host, &reason)?;
+                    println!("{host}: offline ({reason})");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RigCmd::Lease { db, json, cmd } => {
             let store = LeaseStore::open(&db)?;
             match cmd {
                 LeaseCmd::List => {
                     for r in store.list()? {
+                        if json {
+                            println!(
+                                "{}",
+                                serde_json::json!({"host": r.host, "held": r.active,
+                                    "holder": r.holder, "generation": r.generation,
+                                    "expires_unix_ms": r.expires_unix_ms,
+                                    "expires": crate::lease::format_unix_ms(r.expires_unix_ms)})
+                            );
+                            continue;
+                        }
                         println!(
                             "{}\t{}\t{}\tgeneration {}\texpires {}",
                             r.host,
                             if r.active { "HELD" } else { "free" },
                             if r.holder.is_empty() { "-" } else { &r.holder },
                             r.generation,
-                            r.expires_unix_ms
+                            crate::lease::format_unix_ms(r.expires_unix_ms)
                         );
                     }
                     Ok(ExitCode::SUCCESS)
                 }
-                LeaseCmd::Acquire { host, holder, ttl } => {
+                LeaseCmd::Who { host } => {
+                    match store.who(&host)? {
+                        Some(r) if json => println!(
+                            "{}",
+                            serde_json::json!({"host": r.host, "holder": r.holder,
+                                "expires": crate::lease::format_unix_ms(r.expires_unix_ms),
+                                "expires_unix_ms": r.expires_unix_ms})
+                        ),
+                        Some(r) => println!(
+                            "{host}: held by {} until {}",
+                            r.holder,
+                            crate::lease::format_unix_ms(r.expires_unix_ms)
+                        ),
+                        None if json => {
+                            println!("{}", serde_json::json!({"host": host, "holder": null}))
+                        }
+                        None => println!("{host}: free"),
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                LeaseCmd::Acquire {
+                    host,
+                    inventory,
+                    holder,
+                    ttl,
+                } => {
                     let holder = holder.unwrap_or_else(default_holder);
-                    let l = store.acquire(&host, &holder, ttl)?;
+                    let inv = crate::inventory::Inventory::load(&inventory)?;
+                    let l = store.acquire_known(&inv, &host, &holder, ttl)?;
                     println!(
                         "{}\t{}\tgeneration {}\texpires {}",
-                        l.host, l.holder, l.generation, l.expires_unix_ms
+                        l.host,
+                        l.holder,
+                        l.generation,
+                        crate::lease::format_unix_ms(l.expires_unix_ms)
                     );
                     Ok(ExitCode::SUCCESS)
                 }
@@ -367,8 +616,18 @@ mod tests {
                 ..
             }
         ));
-        let t =
-            T::try_parse_from(["t", "lease", "l.db", "acquire", "sim-1", "--ttl", "5m"]).unwrap();
+        let t = T::try_parse_from([
+            "t",
+            "lease",
+            "l.db",
+            "acquire",
+            "sim-1",
+            "--inventory",
+            "lab.toml",
+            "--ttl",
+            "5m",
+        ])
+        .unwrap();
         assert!(
             matches!(t.cmd, RigCmd::Lease { cmd: LeaseCmd::Acquire { ttl, .. }, .. } if ttl == Duration::from_secs(300))
         );

@@ -68,7 +68,7 @@ pub enum RigError {
         detail: String,
     },
     /// The host is leased by someone else.
-    #[error("host `{host}` is leased by `{holder}` until {expires_unix_ms} (unix ms)")]
+    #[error("host `{host}` is leased by `{holder}` until {} ({expires_unix_ms} unix ms)", crate::lease::format_unix_ms(*expires_unix_ms))]
     Leased {
         /// The host.
         host: String,

@@ -56,6 +56,8 @@ pub struct HostSpec {
     pub oob: Option<OobSpec>,
     /// The FPGA/MCU board, if any.
     pub board: Option<BoardSpec>,
+    /// `[host.ssh]`: the host is reached over SSH (else it is this machine, `local`).
+    pub ssh: Option<crate::remote::SshSpec>,
 }
 
 impl HostSpec {
@@ -394,6 +396,8 @@ struct RawHost {
     oob: Option<toml::Table>,
     #[serde(default)]
     board: Option<toml::Table>,
+    #[serde(default)]
+    ssh: Option<crate::remote::SshSpec>,
 }
 
 fn default_device() -> String {
@@ -523,7 +527,16 @@ impl Inventory {
                 .map(|t| section(t, "board", BOARD_DRIVERS))
                 .transpose()
                 .map_err(|(d, m)| err(Some(&name), Some(d), m))?;
+            if let Some(ssh) = &h.ssh {
+                ssh.validate()
+                    .map_err(|m| err(Some(&name), Some("ssh".into()), m))?;
+            }
+            let base = file
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("."));
             let spec = HostSpec {
+                ssh: h.ssh.map(|s| s.anchored(&base)),
                 name: h.name,
                 tags: h.tags.into_iter().collect(),
                 device: h.device,

@@ -66,6 +66,30 @@ fn now_ms() -> i64 {
 
 const PG_NOW: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
+/// Unix milliseconds as an RFC 3339 UTC time (`2026-12-03T18:20:00.123Z`).
+pub fn format_unix_ms(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let milli = ms.rem_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{milli:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
 /// A default holder name: `hostname:pid:nanos` (unique per runner).
 pub fn default_holder() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -446,6 +470,81 @@ impl LeaseStore {
     }
 }
 
+impl LeaseStore {
+    /// The active lease on `host`, if any.
+    pub fn who(&self, host: &str) -> Result<Option<LeaseRow>, RigError> {
+        Ok(self
+            .list()?
+            .into_iter()
+            .find(|r| r.host == host && r.active))
+    }
+
+    /// [`LeaseStore::acquire`] of a host `inv` knows; an unknown host is refused
+    /// (a typo must not create a lease nobody can use).
+    pub fn acquire_known(
+        &self,
+        inv: &crate::inventory::Inventory,
+        host: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Lease, RigError> {
+        inv.host(host)?;
+        self.acquire(host, holder, ttl)
+    }
+}
+
+/// Lease enforcement for actions on hosts (power, console, OOB): an action on a
+/// host leased by someone else is refused with [`RigError::Leased`], unless forced
+/// with a reason, which is logged (tracing, and standard error).
+pub struct LeaseGuard {
+    /// The lease table.
+    pub store: LeaseStore,
+    /// Who is acting.
+    pub holder: String,
+    /// `--force REASON`: act even on a host leased by someone else.
+    pub force: Option<String>,
+}
+
+impl std::fmt::Debug for LeaseGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaseGuard")
+            .field("store", &self.store.label())
+            .field("holder", &self.holder)
+            .field("force", &self.force)
+            .finish()
+    }
+}
+
+impl LeaseGuard {
+    /// May `holder` act (`what`) on `host` now?
+    pub fn check(&self, host: &str, what: &str) -> Result<(), RigError> {
+        let Some(row) = self.store.who(host)? else {
+            return Ok(());
+        };
+        if row.holder == self.holder {
+            return Ok(());
+        }
+        match &self.force {
+            Some(reason) if !reason.trim().is_empty() => {
+                let msg = format!(
+                    "FORCED {what} on host `{host}` leased by `{}` until {}: by `{}`: {reason}",
+                    row.holder,
+                    format_unix_ms(row.expires_unix_ms),
+                    self.holder
+                );
+                tracing::warn!("{msg}");
+                eprintln!("hilrig rig: {msg}");
+                Ok(())
+            }
+            _ => Err(RigError::Leased {
+                host: host.to_string(),
+                holder: row.holder,
+                expires_unix_ms: row.expires_unix_ms,
+            }),
+        }
+    }
+}
+
 /// Renews a lease in the background every `ttl / 3` until dropped or the lease
 /// is lost. A runner checks [`Heartbeat::lost`] before acting on the host (and
 /// treats a lost lease as an infrastructure fault of the case).
@@ -499,6 +598,18 @@ impl Drop for Heartbeat {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod format_tests {
+    #[test]
+    fn times() {
+        assert_eq!(super::format_unix_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            super::format_unix_ms(1_795_250_980_123),
+            "2026-11-21T08:49:40.123Z"
+        );
     }
 }
 

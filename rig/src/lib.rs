@@ -9,13 +9,16 @@ pub mod board;
 pub mod cli;
 pub mod console;
 pub mod error;
+pub mod hoststate;
 pub mod inventory;
 pub mod labgrid;
 pub mod lease;
 pub mod power;
+pub mod remote;
 pub mod rig;
 pub mod rollout;
 pub mod sim;
+pub mod simlab;
 
 pub use cli::{run, RigCmd};
 pub use error::{ErrorKind, Outcome, RigError};

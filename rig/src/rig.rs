@@ -30,12 +30,28 @@ use std::time::Duration;
 pub struct Rig {
     /// The inventory.
     pub inv: Inventory,
+    /// Lease enforcement on power, console and OOB actions (none: not enforced).
+    guard: Option<std::sync::Arc<crate::lease::LeaseGuard>>,
 }
 
 impl Rig {
     /// A rig over a validated inventory.
     pub fn new(inv: Inventory) -> Rig {
-        Rig { inv }
+        Rig { inv, guard: None }
+    }
+
+    /// Enforce leases: power, console and OOB actions on a host leased by someone
+    /// other than `guard.holder` are refused (unless forced with a reason).
+    pub fn with_leases(mut self, guard: crate::lease::LeaseGuard) -> Rig {
+        self.guard = Some(std::sync::Arc::new(guard));
+        self
+    }
+
+    fn guard(&self, host: &str, what: &str) -> Result<(), RigError> {
+        match &self.guard {
+            Some(g) => g.check(host, what),
+            None => Ok(()),
+        }
     }
 
     /// Load an inventory file.
@@ -57,6 +73,7 @@ impl Rig {
     /// The power driver of `host`, with readback.
     pub fn power(&self, host: &str) -> Result<Power, RigError> {
         let h = self.host(host)?;
+        self.guard(host, "power")?;
         let ms = Duration::from_millis;
         let bad = |e: crate::power::DriverConfigError| {
             RigError::driver(
@@ -177,6 +194,7 @@ impl Rig {
 
     /// One OOB request to `host`'s device, over its serial port.
     pub fn oob_request(&self, host: &str, req: &Request) -> Result<Response, RigError> {
+        self.guard(host, "oob")?;
         let (path, baud, timeout) = self.oob_port(host)?;
         let label = self.oob_label(host);
         let mut c = OobClient::open_serial(&path, baud, timeout)
@@ -216,6 +234,7 @@ impl Rig {
 
     /// Where console `console` of `host` reads from.
     pub fn console_source(&self, host: &str, console: &str) -> Result<Source, RigError> {
+        self.guard(host, "console")?;
         let h = self.host(host)?;
         let c = h
             .consoles
@@ -407,6 +426,28 @@ impl Rig {
                 Err(e) => Probe::bad("oob", drv, e.to_string()),
             });
         }
+        if h.ssh.is_some() {
+            // The transport: SSH reachable with the pinned key, and which build runs there.
+            let r = crate::remote::Remote::of(h).and_then(|r| match r {
+                crate::remote::Remote::Ssh(ssh) => {
+                    let path = ssh.spec().hilrig_path();
+                    ssh.sh(
+                        &format!(
+                            "{} --version 2>/dev/null || echo 'no hilrig build yet (the runner copies it)'",
+                            crate::remote::shell_quote(&path)
+                        ),
+                        None,
+                    )
+                    .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                    .map_err(|e| e.into_rig(host))
+                }
+                crate::remote::Remote::Local => Ok(String::new()),
+            });
+            probes.push(match r {
+                Ok(v) => Probe::ok("transport", "ssh", format!("reachable; {v}")),
+                Err(e) => Probe::bad("transport", "ssh", e.to_string()),
+            });
+        }
         match self.board(host) {
             Ok(None) => {}
             Ok(Some(b)) => probes.push(match b.probe() {
@@ -428,7 +469,7 @@ pub fn check(inv: &Inventory) -> HealthTable {
 }
 
 /// One driver probe.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Probe {
     /// What was probed (`power`, `console/com1`, `oob`, `board`).
     pub what: String,
@@ -458,7 +499,7 @@ impl Probe {
 }
 
 /// Probes of one host.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct HostHealth {
     /// The host.
     pub host: String,
@@ -474,7 +515,7 @@ impl HostHealth {
 }
 
 /// The result of [`Rig::check`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct HealthTable {
     /// One row per host, inventory order.
     pub rows: Vec<HostHealth>,

@@ -1,0 +1,178 @@
+//! Campaigns on simulated hosts that are real hosts on loopback (`scripts/sim-lab`:
+//! sshds on 127.0.0.11.., their own users; needs root and openssh-server, and
+//! /dev/kvm with a built VMM for the real runs; otherwise SKIPPED loudly).
+
+use hilrig_campaigns::runner::{run_campaign, RunOptions};
+use hilrig_reports::Outcome;
+use hilrig_rig::simlab::{LabError, SimLab};
+use std::path::{Path, PathBuf};
+
+fn lab(test: &str, n: usize) -> Option<SimLab> {
+    match SimLab::start(n) {
+        Ok(l) => Some(l),
+        Err(LabError::Skipped(why)) => {
+            eprintln!("SKIPPED: {test}: {why}");
+            None
+        }
+        Err(e) => panic!("{test}: {e}"),
+    }
+}
+
+fn kvm_and_vmm(test: &str) -> bool {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        eprintln!("SKIPPED: {test}: /dev/kvm not available");
+        return false;
+    }
+    if let Err(e) = hilrig_rig::sim::find_vmm(None) {
+        eprintln!("SKIPPED: {test}: {e}");
+        return false;
+    }
+    true
+}
+
+fn campaigns_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
+}
+
+fn opts(out: &Path, file: PathBuf, inventory: &Path) -> RunOptions {
+    let mut o = RunOptions::new(file);
+    o.inventory = Some(inventory.to_path_buf());
+    o.out_dir = out.to_path_buf();
+    o.progress = Some(false);
+    o
+}
+
+/// The shipped smoke campaign, unchanged, on two SSH hosts and a local one: every
+/// case passes, VMM cases run on the SSH hosts with their artifacts brought back.
+#[test]
+fn smoke_campaign_on_ssh_hosts() {
+    let test = "smoke_campaign_on_ssh_hosts";
+    if !kvm_and_vmm(test) {
+        return;
+    }
+    let Some(lab) = lab(test, 2) else { return };
+    let t = tempfile::tempdir().unwrap();
+    let s = run_campaign(opts(
+        t.path(),
+        campaigns_dir().join("smoke.toml"),
+        &lab.inventory,
+    ))
+    .expect("run");
+    for c in &s.run.cases {
+        assert_eq!(c.outcome, Outcome::Pass, "{}: {}", c.id, c.message);
+    }
+    assert_eq!(s.exit_status(), 0);
+    assert!(s.offline_hosts.is_empty(), "{:?}", s.offline_hosts);
+    let remote: Vec<_> = s
+        .run
+        .cases
+        .iter()
+        .filter(|c| c.host.starts_with("sim-ssh-"))
+        .collect();
+    assert!(remote.len() >= 4, "too few cases on SSH hosts: {remote:?}");
+    for c in &remote {
+        let kinds: Vec<String> = c.artifacts.iter().map(|a| a.path.clone()).collect();
+        assert!(
+            kinds.iter().any(|p| p.ends_with("vmm.json")),
+            "{}: {kinds:?}",
+            c.id
+        );
+        if c.attack != "attack-hang" {
+            assert!(
+                kinds.iter().any(|p| p.ends_with("teardown.json")),
+                "{}: no teardown record brought back: {kinds:?}",
+                c.id
+            );
+        }
+    }
+    // Local-only attacks (control socket, power cut) stayed on the local host.
+    for c in &s.run.cases {
+        if [
+            "patch-under-storm",
+            "patch-bad-bundles",
+            "power-cut-program",
+        ]
+        .contains(&c.attack.as_str())
+        {
+            assert_eq!(c.host, "local-1", "{}", c.id);
+        }
+    }
+}
+
+/// A host that fails its health check before the run (powered off: SSH
+/// unreachable) is taken offline with the reason and never given work; it stays
+/// offline in the results database for later runs (even once reachable again)
+/// until an operator brings it back.
+#[test]
+fn unreachable_host_goes_offline() {
+    let test = "unreachable_host_goes_offline";
+    let Some(lab) = lab(test, 1) else { return };
+    let off = std::process::Command::new(hilrig_rig::simlab::script())
+        .arg("power")
+        .arg(lab.dir())
+        .args(["1", "off"])
+        .status()
+        .unwrap();
+    assert!(off.success());
+    let t = tempfile::tempdir().unwrap();
+    let c = t.path().join("c.toml");
+    std::fs::write(
+        &c,
+        "name = \"t\"\n[defaults]\ncase_timeout = \"5s\"\n[[case]]\nattacks = [\"attack-hang\"]\ntags = [\"ssh\"]\n",
+    )
+    .unwrap();
+    // A stand-in VMM: the case must not get as far as running one.
+    let mut o = opts(t.path(), c.clone(), &lab.inventory);
+    o.vmm = Some(PathBuf::from("/bin/true"));
+    let s = run_campaign(o).expect("run");
+    assert_eq!(s.offline_hosts.len(), 1, "{:?}", s.offline_hosts);
+    assert_eq!(s.offline_hosts[0].0, "sim-ssh-1");
+    let case = &s.run.cases[0];
+    assert_eq!(case.outcome, Outcome::Skipped, "{case:?}");
+    assert!(case.attempts.is_empty(), "{case:?}");
+    assert!(
+        case.message.contains("offline") && case.message.contains("sim-ssh-1"),
+        "{}",
+        case.message
+    );
+    assert_eq!(s.exit_status(), 3);
+
+    // Powered on again, it is still offline: recorded, until an operator says so.
+    let on = std::process::Command::new(hilrig_rig::simlab::script())
+        .arg("power")
+        .arg(lab.dir())
+        .args(["1", "on"])
+        .status()
+        .unwrap();
+    assert!(on.success());
+    let mut o = opts(t.path(), c.clone(), &lab.inventory);
+    o.vmm = Some(PathBuf::from("/bin/true"));
+    let s = run_campaign(o).expect("run");
+    assert_eq!(s.offline_hosts.len(), 1, "{:?}", s.offline_hosts);
+    assert!(
+        s.offline_hosts[0].1.contains("online sim-ssh-1"),
+        "{:?}",
+        s.offline_hosts
+    );
+    assert!(s.run.cases[0].attempts.is_empty());
+    // `hilrig rig host DB online sim-ssh-1`: the host gets work again.
+    let db = t.path().join("results.sqlite");
+    hilrig_rig::hoststate::HostStates::open(&db.to_string_lossy())
+        .unwrap()
+        .set_online("sim-ssh-1", "test: operator")
+        .unwrap();
+    let mut o = opts(t.path(), c, &lab.inventory);
+    o.vmm = Some(PathBuf::from("/bin/true"));
+    let s = run_campaign(o).expect("run");
+    assert!(s.offline_hosts.is_empty(), "{:?}", s.offline_hosts);
+    assert!(!s.run.cases[0].attempts.is_empty());
+    assert!(s.run.cases[0]
+        .attempts
+        .iter()
+        .all(|a| a.host == "sim-ssh-1"));
+}

@@ -1,0 +1,98 @@
+//! Simulated hosts that are real hosts on loopback, for tests and benchmarks:
+//! `scripts/sim-lab` starts per host an sshd on 127.0.0.(10+i) with its own host
+//! key, user (group kvm), authorized key and work directory, and writes an
+//! inventory (`sim-ssh.toml`: the SSH hosts and one local simulated host).
+//! [`SimLab::start`] runs it on a free port; dropping the lab stops the sshds and
+//! removes the users.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A running simulated SSH lab.
+#[derive(Debug)]
+pub struct SimLab {
+    dir: tempfile::TempDir,
+    script: PathBuf,
+    /// The generated inventory.
+    pub inventory: PathBuf,
+    /// The sshds' port.
+    pub port: u16,
+}
+
+/// Why a lab could not be started. [`LabError::Skipped`] means the machine cannot
+/// host one (not root, no sshd): tests print it as `SKIPPED: ...`.
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    /// This machine cannot run the lab.
+    #[error("{0}")]
+    Skipped(String),
+    /// The script failed.
+    #[error("scripts/sim-lab failed: {0}")]
+    Failed(String),
+}
+
+/// The workspace's `scripts/sim-lab`.
+pub fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("scripts")
+        .join("sim-lab")
+}
+
+/// A TCP port free on 127.0.0.11.
+fn free_port() -> Result<u16, LabError> {
+    let l = std::net::TcpListener::bind(("127.0.0.11", 0))
+        .map_err(|e| LabError::Skipped(format!("cannot bind 127.0.0.11: {e}")))?;
+    l.local_addr()
+        .map(|a| a.port())
+        .map_err(|e| LabError::Failed(e.to_string()))
+}
+
+impl SimLab {
+    /// Start `n` SSH hosts (`sim-ssh-1..n`, tags sim, ssh, model) plus the local
+    /// simulated host `local-1`.
+    pub fn start(n: usize) -> Result<SimLab, LabError> {
+        let script = script();
+        if !script.is_file() {
+            return Err(LabError::Skipped(format!("{} not found", script.display())));
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("hilrig-simlab-")
+            .tempdir()
+            .map_err(|e| LabError::Failed(format!("temporary directory: {e}")))?;
+        let port = free_port()?;
+        let out = Command::new(&script)
+            .arg("start")
+            .arg(dir.path())
+            .arg(n.to_string())
+            .arg(port.to_string())
+            .output()
+            .map_err(|e| LabError::Failed(format!("running {}: {e}", script.display())))?;
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        match out.status.code() {
+            Some(0) => {}
+            Some(77) => return Err(LabError::Skipped(stderr)),
+            _ => return Err(LabError::Failed(format!("{}: {stderr}", out.status))),
+        }
+        Ok(SimLab {
+            inventory: dir.path().join("sim-ssh.toml"),
+            dir,
+            script,
+            port,
+        })
+    }
+
+    /// The lab's directory (keys, known_hosts, sshd configs).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for SimLab {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.script)
+            .arg("stop")
+            .arg(self.dir.path())
+            .output();
+    }
+}

@@ -1,0 +1,132 @@
+//! The SSH transport against real sshds on loopback (`scripts/sim-lab`; needs root
+//! and openssh-server, else SKIPPED): files moved byte for byte whatever their
+//! names, the build ensured by hash (copied when missing or different, not when
+//! equal), a host key that is not the pinned one refused, power through the
+//! host's power driver (off: SSH unreachable; on: reachable again).
+
+use hilrig_rig::remote::{file_sha256, HostSource, Remote, RemoteError, Ssh};
+use hilrig_rig::simlab::{LabError, SimLab};
+use hilrig_rig::{Inventory, PowerState, Rig};
+use std::os::unix::fs::PermissionsExt;
+
+fn lab(test: &str, n: usize) -> Option<SimLab> {
+    match SimLab::start(n) {
+        Ok(l) => Some(l),
+        Err(LabError::Skipped(why)) => {
+            eprintln!("SKIPPED: {test}: {why}");
+            None
+        }
+        Err(e) => panic!("{test}: {e}"),
+    }
+}
+
+fn ssh_of(inv: &Inventory, host: &str) -> Ssh {
+    let h = inv.host(host).expect("host");
+    match Remote::of(h).expect("transport") {
+        Remote::Ssh(s) => *s,
+        Remote::Local => panic!("{host} is local"),
+    }
+}
+
+#[test]
+fn files_and_build_over_ssh() {
+    let Some(lab) = lab("files_and_build_over_ssh", 1) else {
+        return;
+    };
+    let inv = Inventory::load(&lab.inventory).expect("generated inventory");
+    let hosts = inv.hosts().expect("hosts");
+    assert!(hosts.iter().any(|h| h.ssh.is_some()));
+    assert!(hosts.iter().any(|h| h.name == "local-1" && h.ssh.is_none()));
+    let ssh = ssh_of(&inv, "sim-ssh-1");
+    let wd = ssh.spec().workdir.clone();
+
+    // Hostile names and bytes go through unchanged (quoting), atomically put.
+    let data: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+    for name in ["plain.bin", "it's $(id) `x` a b;c", "-n"] {
+        let p = format!("{wd}/t/{name}");
+        ssh.put(&p, &data, 0o600).expect("put");
+        assert_eq!(
+            ssh.get(&p).expect("get").as_deref(),
+            Some(&data[..]),
+            "{name}"
+        );
+    }
+    assert_eq!(ssh.get(&format!("{wd}/none")).expect("get"), None);
+
+    // The build: copied when missing, not when equal, again when different.
+    let t = tempfile::tempdir().unwrap();
+    let local = t.path().join("hilrig");
+    std::fs::write(&local, "#!/bin/sh\necho hilrig 9.9.9-test\n").unwrap();
+    std::fs::set_permissions(&local, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let want = file_sha256(&local).unwrap();
+    let path = ssh.ensure_hilrig(&local).expect("copied");
+    assert_eq!(ssh.sha256(&path).unwrap().as_deref(), Some(want.as_str()));
+    assert_eq!(ssh.alive().expect("--version answers"), "hilrig 9.9.9-test");
+    // A stale copy on the host (another build): a new connection replaces it.
+    ssh.put(&path, b"#!/bin/sh\necho stale\n", 0o755).unwrap();
+    let ssh2 = ssh_of(&inv, "sim-ssh-1");
+    ssh2.ensure_hilrig(&local).expect("replaced");
+    assert_eq!(ssh2.sha256(&path).unwrap().as_deref(), Some(want.as_str()));
+    assert_eq!(ssh2.alive().unwrap(), "hilrig 9.9.9-test");
+}
+
+#[test]
+fn unpinned_host_key_is_refused() {
+    let Some(lab) = lab("unpinned_host_key_is_refused", 2) else {
+        return;
+    };
+    // Pin host 2's key for host 1's address: host 1 is not who it should be.
+    let kh = lab.dir().join("known_hosts");
+    let text = std::fs::read_to_string(&kh).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let key2 = lines[1].split_once(' ').unwrap().1;
+    let addr1 = lines[0].split_once(' ').unwrap().0;
+    std::fs::write(&kh, format!("{addr1} {key2}\n")).unwrap();
+    let inv = Inventory::load(&lab.inventory).unwrap();
+    let ssh = ssh_of(&inv, "sim-ssh-1");
+    match ssh.sh("true", None) {
+        Err(RemoteError::Ssh { detail, .. }) => {
+            assert!(detail.contains("Host key verification failed"), "{detail}")
+        }
+        other => panic!("a host with an unpinned key was used: {other:?}"),
+    }
+    // Host 2 (not in known_hosts at all now) is refused too: no trust on first use.
+    let ssh = ssh_of(&inv, "sim-ssh-2");
+    assert!(matches!(ssh.sh("true", None), Err(RemoteError::Ssh { .. })));
+}
+
+#[test]
+fn power_through_the_hosts_driver() {
+    let Some(lab) = lab("power_through_the_hosts_driver", 1) else {
+        return;
+    };
+    let rig = Rig::load(&lab.inventory).unwrap();
+    let mut p = rig.power("sim-ssh-1").unwrap();
+    assert_eq!(p.status().unwrap(), PowerState::On);
+    p.off().expect("off, read back");
+    assert_eq!(p.status().unwrap(), PowerState::Off);
+    let inv = Inventory::load(&lab.inventory).unwrap();
+    assert!(ssh_of(&inv, "sim-ssh-1").sh("true", None).is_err());
+    p.on().expect("on, read back");
+    ssh_of(&inv, "sim-ssh-1")
+        .sh("true", None)
+        .expect("reachable after power on");
+}
+
+#[test]
+fn shipped_sim_ssh_inventory_parses() {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("inventory/sim-ssh.toml");
+    let inv = Inventory::load(&p).expect("rig/inventory/sim-ssh.toml");
+    let ssh: Vec<_> = inv.hosts.iter().filter(|h| h.ssh.is_some()).collect();
+    assert_eq!(ssh.len(), 2);
+    assert_eq!(ssh[0].ssh.as_ref().unwrap().address, "127.0.0.11");
+    // A hostile [host.ssh] is refused with the host and section named.
+    let bad = "[[host]]\nname = \"h\"\n[host.power]\ndriver = \"sim\"\n[host.ssh]\naddress = \"-oProxyCommand=sh\"\nuser = \"u\"\nidentity = \"k\"\nknown_hosts = \"kh\"\nworkdir = \"/w\"\n";
+    let e = Inventory::parse(bad, std::path::Path::new("lab.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("host `h`") && e.contains("ssh") && e.contains("must not start with `-`"),
+        "{e}"
+    );
+}
