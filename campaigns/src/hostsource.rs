@@ -104,6 +104,9 @@ impl LabgridSource {
                 backends: crate::format::BACKENDS.to_vec(),
                 counter_width: 64,
                 serial: 1,
+                // The place's SSH service is mapped (`h.ssh`) but not used yet: the
+                // place's VMMs run as local simulated hosts (issue 17, left).
+                ssh: None,
             });
             self.mapped.push(h);
         }
