@@ -91,6 +91,10 @@ thread_local! {
 
 /// Syscalls every kind needs: memory, futexes, time, signals, the VMM's own files.
 const BASE: &[libc::c_long] = &[
+    // Device backends on a vCPU thread wait on their transport (the fpga
+    // backend's serial port, an OOB PTY) with poll.
+    libc::SYS_poll,
+    libc::SYS_ppoll,
     libc::SYS_read,
     libc::SYS_write,
     libc::SYS_readv,
@@ -174,6 +178,12 @@ const MAIN: &[libc::c_long] = &[
     libc::SYS_stat,
     libc::SYS_lstat,
     libc::SYS_utimensat,
+    // Teardown scrubs guest RAM on worker threads (main, or control when a
+    // request tears down).
+    libc::SYS_clone,
+    libc::SYS_clone3,
+    libc::SYS_set_robust_list,
+    libc::SYS_prctl,
 ];
 
 /// The control thread besides [`MAIN`]: connections (accept, peer credentials,
