@@ -29,11 +29,15 @@ pub enum ExitStatus {
     Stopped = 9,
     /// 10: the device was refused before the guest started (measured VBIOS).
     DeviceRefused = 10,
+    /// 11: the counters service does not vouch for the device (unknown, rolled back,
+    /// quarantined, locked, needs reflash, an unrecorded update attempt) or its
+    /// counters could not be read out of band: refused before the guest started.
+    DeviceUntrusted = 11,
 }
 
 impl ExitStatus {
     /// Every status, by code.
-    pub const ALL: [ExitStatus; 11] = [
+    pub const ALL: [ExitStatus; 12] = [
         ExitStatus::Pass,
         ExitStatus::Fail,
         ExitStatus::Usage,
@@ -45,6 +49,7 @@ impl ExitStatus {
         ExitStatus::VmmError,
         ExitStatus::Stopped,
         ExitStatus::DeviceRefused,
+        ExitStatus::DeviceUntrusted,
     ];
 
     /// The numeric process exit status.
@@ -74,6 +79,7 @@ impl ExitStatus {
             ExitStatus::VmmError => "vmm-error",
             ExitStatus::Stopped => "stopped",
             ExitStatus::DeviceRefused => "device-refused",
+            ExitStatus::DeviceUntrusted => "device-untrusted",
         }
     }
 }
@@ -92,7 +98,7 @@ impl From<ExitStatus> for std::process::ExitCode {
 
 /// A number that is not one of the VMM's exit statuses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("{0} is not a VMM exit status (0..=10)")]
+#[error("{0} is not a VMM exit status (0..=11)")]
 pub struct UnknownStatus(pub u8);
 
 impl TryFrom<u8> for ExitStatus {
@@ -122,7 +128,8 @@ mod tests {
             assert_eq!(ExitStatus::from_code(i as i32), Some(*s));
             assert_eq!(serde_json::to_string(s).unwrap(), i.to_string());
         }
-        assert_eq!(ExitStatus::from_code(11), None);
+        assert_eq!(ExitStatus::from_code(11), Some(ExitStatus::DeviceUntrusted));
+        assert_eq!(ExitStatus::from_code(12), None);
         assert_eq!(ExitStatus::from_code(-1), None);
         assert_eq!(ExitStatus::from_code(137), None);
         assert!(serde_json::from_str::<ExitStatus>("42").is_err());

@@ -24,6 +24,7 @@ pub use hilrig_device::attest::Verdict as CountersVerdict;
 pub use hilrig_device::{BackendKind, Region};
 pub use spec::{DeviceSpec, SpecError, VmSpec};
 pub use summary::{
-    ExitCounts, PatchEvent, PolicySummary, RunSummary, TrapLatency, VbiosMeasurement,
+    ExitCounts, GateOutcome, GateRecord, PatchEvent, PolicySummary, RunSummary, TrapLatency,
+    VbiosMeasurement,
 };
 pub use teardown::{TeardownRecord, VerdictSummary};
