@@ -771,6 +771,19 @@ fn an_overwritten_vbios_is_refused_until_it_is_in_the_catalog() {
         "qa",
         &hash,
     ]);
+    // With --counters-db the provisioning gate needs the device enrolled.
+    let src = format!("model:{}", p(&st));
+    ok(&[
+        "counters",
+        "enroll",
+        "1",
+        "--source",
+        &src,
+        "--db",
+        p(&db),
+        "--key",
+        p(&key),
+    ]);
     let o = hilrig(&[
         "vm",
         "run",
@@ -797,18 +810,6 @@ fn an_overwritten_vbios_is_refused_until_it_is_in_the_catalog() {
     assert!(!v.vbios.as_ref().unwrap().overridden);
     // Teardown asks the counters service for the verdict: enrolled and unchanged
     // during the tenancy, the device is trusted for the next tenant.
-    let src = format!("model:{}", p(&st));
-    ok(&[
-        "counters",
-        "enroll",
-        "1",
-        "--source",
-        &src,
-        "--db",
-        p(&db),
-        "--key",
-        p(&key),
-    ]);
     let mut a = vec![
         "vm",
         "run",
@@ -848,13 +849,19 @@ fn an_overwritten_vbios_is_refused_until_it_is_in_the_catalog() {
         "--teardown-on-exit",
         "--json",
     ]);
-    let t = summary(&o.stdout).teardown.expect("a teardown record");
-    let verdict = t.verdict.expect("a verdict");
+    // The provisioning gate refuses it before the guest runs (no teardown).
     assert_eq!(
-        verdict.verdict,
-        hilrig_vmm_api::CountersVerdict::Unverifiable
+        o.status.code(),
+        Some(i32::from(
+            hilrig_vmm_api::ExitStatus::DeviceUntrusted.code()
+        ))
     );
-    assert!(!verdict.handoff_ok);
+    let v = summary(&o.stdout);
+    assert!(v.teardown.is_none());
+    assert_eq!(
+        v.gate.expect("the gate's record").outcome,
+        hilrig_vmm_api::GateOutcome::UnknownDevice
+    );
 }
 
 #[test]

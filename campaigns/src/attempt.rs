@@ -1243,6 +1243,9 @@ async fn attempt_inner(
         Ok(nv) => nv,
         Err(e) => return *fail(Outcome::Infra, e),
     };
+    if let Err(e) = crate::attest::enroll(dir, host, &before) {
+        return *fail(Outcome::Infra, format!("enrolling the device: {e}"));
+    }
     if let Err(e) = crate::attest::provision(dir, &state, host) {
         return *fail(Outcome::Infra, format!("provisioning: {e}"));
     }

@@ -1,5 +1,6 @@
-//! The counters service around a case: the device is enrolled from its state file
-//! and must verify `trusted` before the case (provisioning gate); after the case
+//! The counters service around a case: the device is enrolled from the state the
+//! rig prepared ([`enroll`]), and before the case it must verify `trusted` against
+//! those enrolled values (provisioning gate, [`provision`]); after the case
 //! the service's verdict on the device is recorded (`service_verdict`). One service
 //! database per attempt, in the attempt directory, so cases stay independent.
 
@@ -9,6 +10,7 @@ use hilrig_counters::service::Enrollment;
 use hilrig_counters::source::{CounterSource, DeviceSource};
 use hilrig_counters::Service;
 use hilrig_device::attest::Verdict;
+use hilrig_device::NvState;
 use std::path::Path;
 
 /// Why the counters service could not be asked, or said no.
@@ -21,6 +23,12 @@ pub enum AttestError {
         what: &'static str,
         /// The service's error.
         source: hilrig_counters::Error,
+    },
+    /// The prepared device state is not a valid device.
+    #[error("the prepared device state: {detail}")]
+    Prepared {
+        /// What is wrong.
+        detail: String,
     },
     /// The device is not trusted before the case.
     #[error("device {serial} not trusted before the case: {verdict} ({reasons})")]
@@ -54,12 +62,18 @@ fn source(state: &Path) -> Result<DeviceSource<hilrig_device::Model>, AttestErro
     DeviceSource::model_file(state).map_err(ctx("reading the device"))
 }
 
-/// Enroll the device of `state` and verify it; an error unless it is trusted.
-pub fn provision(dir: &Path, state: &Path, host: &HostSpec) -> Result<(), AttestError> {
-    let mut svc = open(dir, true)?;
-    let obs = source(state)?
+/// Enrol the device as the rig prepared it: its expected values are taken from
+/// `prepared` (the state the rig wrote, read in memory), never from the device's
+/// state file, so whatever happens to the device afterwards is judged against
+/// them. Creates the attempt's key and service database.
+pub fn enroll(dir: &Path, host: &HostSpec, prepared: &NvState) -> Result<(), AttestError> {
+    let model = hilrig_device::Model::new(prepared.clone()).map_err(|e| AttestError::Prepared {
+        detail: e.to_string(),
+    })?;
+    let obs = DeviceSource::new(model, "the prepared device state")
         .observe()
-        .map_err(ctx("reading the device's counters"))?;
+        .map_err(ctx("reading the prepared device state"))?;
+    let mut svc = open(dir, true)?;
     svc.enroll(
         &Enrollment {
             serial: host.serial,
@@ -70,14 +84,33 @@ pub fn provision(dir: &Path, state: &Path, host: &HostSpec) -> Result<(), Attest
         true,
     )
     .map_err(ctx("enrolling the device"))?;
+    Ok(())
+}
+
+/// The provisioning gate before a case: the device of `state` is read out of band
+/// and verified against the values enrolled earlier ([`enroll`]); it never
+/// enrols. An error unless the service says `trusted` (or `accepted-update` closing
+/// an authorised intent): counters rolled back or advanced behind the service's
+/// back, a held, locked or needs-reflash device, an unknown one are all refused.
+pub fn provision(dir: &Path, state: &Path, host: &HostSpec) -> Result<(), AttestError> {
+    let mut svc = open(dir, false)?;
     let r = svc
         .verify(host.serial, &mut source(state)?)
         .map_err(ctx("verifying the device before the case"))?;
-    if !r.trusted() {
+    let authorised = match r.decision.verdict {
+        Verdict::Trusted => true,
+        Verdict::AcceptedUpdate => !r.decision.intents.is_empty(),
+        _ => false,
+    };
+    if !r.trusted() || !authorised {
+        let mut reasons = r.decision.reasons.clone();
+        if r.trusted() {
+            reasons.push("counters rose with no authorised update intent".into());
+        }
         return Err(AttestError::NotTrusted {
             serial: host.serial,
             verdict: r.decision.verdict,
-            reasons: r.decision.reasons.join("; "),
+            reasons: reasons.join("; "),
         });
     }
     Ok(())

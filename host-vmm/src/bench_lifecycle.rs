@@ -342,7 +342,7 @@ pub fn bench_teardown(budget: Duration) -> Result<Vec<Figure>> {
             .map(|s| s.micros as f64 / 1e3)
             .unwrap_or(0.0)
     };
-    Ok(vec![
+    let mut figures = vec![
         Figure::new("memset of 256 MiB (baseline)", gib(memset), "GiB/s"),
         Figure::new(
             "teardown scrub (zero + verify) of 256 MiB",
@@ -367,5 +367,95 @@ pub fn bench_teardown(budget: Duration) -> Result<Vec<Figure>> {
             step("reset-device") + step("read-counters") + step("verdict"),
             "ms",
         ),
-    ])
+    ];
+    gate_rows(&mut figures, budget)?;
+    Ok(figures)
+}
+
+/// The provisioning gate's cost per VM start (issue 21 item 4): the same VM start
+/// (open the model from its state file, create the VM, run a payload that passes at
+/// once) with and without the counters gate (an OOB read of counters and hashes and
+/// a verify in a SQLite service), alternating, medians.
+fn gate_rows(figures: &mut Vec<Figure>, budget: Duration) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let state = dir.path().join("dev.state");
+    hilrig_device::Model::create(
+        &state,
+        hilrig_fw::factory::device(hilrig_device::DeviceConfig::default(), 0x5eed)?,
+    )?;
+    let key = dir.path().join("counters.key");
+    hilrig_counters::mac::Key::init(&key)?;
+    let db = dir.path().join("counters.sqlite").display().to_string();
+    {
+        use hilrig_counters::source::CounterSource;
+        let obs = hilrig_counters::source::DeviceSource::model_file(&state)?.observe()?;
+        hilrig_counters::Service::open(&db, hilrig_counters::mac::Key::load(&key)?)?.enroll(
+            &hilrig_counters::service::Enrollment {
+                serial: 0x5eed,
+                host: "bench".into(),
+                rack: "bench".into(),
+                expected: obs.as_expected(),
+            },
+            false,
+        )?;
+    }
+    let pass = {
+        let mut p = payload::Payload::new()?;
+        p.report(0)?;
+        p.build()?
+    };
+    let start_vm = |gate: bool| -> Result<(u64, u64)> {
+        let t0 = Instant::now();
+        let mut backend = open_backend(&DeviceSpec::Model, Some(&state))?;
+        let mut gate_us = 0;
+        if gate {
+            let g = crate::lifecycle::gate::check(&mut *backend.device, "bench", &db, &key);
+            if !g.outcome.admits() {
+                bail!("the benchmark device was refused: {}", g.describe());
+            }
+            gate_us = g.micros;
+        }
+        let cfg = VmConfig {
+            vcpus: 1,
+            mem_size: 16 << 20,
+            payload: pass.clone(),
+            payload_name: "pass".into(),
+            timeout: Duration::from_secs(60),
+            console: Console::Capture,
+            ..VmConfig::default()
+        };
+        let report = Vm::new(cfg, backend)?.run()?;
+        if !report.verdict.passed() {
+            bail!("the benchmark VM did not pass: {}", report.verdict);
+        }
+        Ok((t0.elapsed().as_micros() as u64, gate_us))
+    };
+    let rounds = ((budget.as_secs_f64() * 20.0) as usize).clamp(5, 100);
+    let (mut without, mut with, mut alone) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        without.push(start_vm(false)?.0);
+        let (t, g) = start_vm(true)?;
+        with.push(t);
+        alone.push(g);
+    }
+    let base = figures.len();
+    figures.push(Figure::new(
+        "VM start to PASS, no counters gate (baseline, median)",
+        pct(without, 0.5) / 1e3,
+        "ms",
+    ));
+    figures.push(
+        Figure::new(
+            "VM start to PASS with the provisioning gate (median)",
+            pct(with, 0.5) / 1e3,
+            "ms",
+        )
+        .vs(base),
+    );
+    figures.push(Figure::new(
+        "  the gate alone: OOB read + verify (median)",
+        pct(alone, 0.5) / 1e3,
+        "ms",
+    ));
+    Ok(())
 }

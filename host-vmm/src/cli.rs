@@ -118,6 +118,26 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
             _ => None,
         },
     };
+    // Provisioning gate: with a counters service, the device's counters are read out
+    // of band and must be vouched for before anything else touches it.
+    let gate = match &catalog.counters {
+        Some((db, key)) if desc.is_none() => {
+            let g = crate::lifecycle::gate::check(&mut *backend.device, &spec.to_string(), db, key);
+            if !g.outcome.admits() {
+                eprintln!("{}", g.describe());
+                eprintln!("refusing to hand the device to a guest");
+                if args.json {
+                    println!(
+                        "{}",
+                        RunSummary::untrusted(&name, &spec.to_string(), g).to_line()
+                    );
+                }
+                return Ok(ExitStatus::DeviceUntrusted.into());
+            }
+            Some(g)
+        }
+        _ => None,
+    };
     // A described device without an expansion ROM has no VBIOS to measure (the
     // measured VBIOS is the reference device's); every other device is measured.
     let vbios = if desc.is_some() && backend.device.rom_size() == 0 {
@@ -198,9 +218,13 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
             results: report.results.clone(),
             device_hung,
             sandbox: Some(sandbox),
+            gate: gate.clone(),
         };
         println!("{}", summary.to_line());
     } else {
+        if let Some(g) = &gate {
+            eprintln!("{}", g.describe());
+        }
         if let Some(v) = &vbios {
             eprintln!("{}", v.describe());
         }

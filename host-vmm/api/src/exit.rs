@@ -32,11 +32,15 @@ pub enum ExitStatus {
     /// 11: a VMM thread made a syscall its seccomp filter forbids; the VMM was
     /// killed (the message on standard error names the thread kind and syscall).
     SeccompViolation = 11,
+    /// 12: the counters service does not vouch for the device (unknown, rolled back,
+    /// quarantined, locked, needs reflash, an unrecorded update attempt) or its
+    /// counters could not be read out of band: refused before the guest started.
+    DeviceUntrusted = 12,
 }
 
 impl ExitStatus {
     /// Every status, by code.
-    pub const ALL: [ExitStatus; 12] = [
+    pub const ALL: [ExitStatus; 13] = [
         ExitStatus::Pass,
         ExitStatus::Fail,
         ExitStatus::Usage,
@@ -49,6 +53,7 @@ impl ExitStatus {
         ExitStatus::Stopped,
         ExitStatus::DeviceRefused,
         ExitStatus::SeccompViolation,
+        ExitStatus::DeviceUntrusted,
     ];
 
     /// The numeric process exit status.
@@ -79,6 +84,7 @@ impl ExitStatus {
             ExitStatus::Stopped => "stopped",
             ExitStatus::DeviceRefused => "device-refused",
             ExitStatus::SeccompViolation => "seccomp-violation",
+            ExitStatus::DeviceUntrusted => "device-untrusted",
         }
     }
 }
@@ -127,7 +133,9 @@ mod tests {
             assert_eq!(ExitStatus::from_code(i as i32), Some(*s));
             assert_eq!(serde_json::to_string(s).unwrap(), i.to_string());
         }
-        assert_eq!(ExitStatus::from_code(12), None);
+        assert_eq!(ExitStatus::from_code(12), Some(ExitStatus::DeviceUntrusted));
+        assert_eq!(ExitStatus::from_code(11), Some(ExitStatus::SeccompViolation));
+        assert_eq!(ExitStatus::from_code(13), None);
         assert_eq!(ExitStatus::from_code(-1), None);
         assert_eq!(ExitStatus::from_code(137), None);
         assert!(serde_json::from_str::<ExitStatus>("42").is_err());

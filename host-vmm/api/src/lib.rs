@@ -24,7 +24,8 @@ pub use hilrig_device::attest::Verdict as CountersVerdict;
 pub use hilrig_device::{BackendKind, Region};
 pub use spec::{DeviceSpec, OnUnemulated, SpecError, VmSpec};
 pub use summary::{
-    AlarmGroup, ExitCounts, PatchEvent, PolicySummary, RunSummary, SandboxSummary, TrapLatency,
+    AlarmGroup, ExitCounts, GateOutcome, GateRecord, PatchEvent, PolicySummary, RunSummary,
+    SandboxSummary, TrapLatency,
     VbiosMeasurement,
 };
 pub use teardown::{TeardownRecord, VerdictSummary};

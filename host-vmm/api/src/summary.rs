@@ -309,6 +309,87 @@ pub struct RunSummary {
     /// How the VMM was confined (None: not reported, e.g. an older VMM).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sandbox: Option<SandboxSummary>,
+    /// The counters service's provisioning gate (with `--counters-db`): what it read
+    /// out of band and decided before the guest started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<GateRecord>,
+}
+
+/// How the provisioning gate ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GateOutcome {
+    /// The service vouches for the device: the guest may have it.
+    Trusted,
+    /// The service gave a verdict that is not trusted (see `verdict`).
+    Untrusted,
+    /// The service does not know the device (never enrolled).
+    UnknownDevice,
+    /// The device's counters could not be read out of band (the link or the OOB
+    /// interface failed): no verdict on the device, but not handed out either.
+    TransportFault,
+    /// The counters service itself failed (database, key): fail closed.
+    ServiceError,
+}
+
+impl GateOutcome {
+    /// Whether the guest may have the device.
+    pub fn admits(self) -> bool {
+        self == GateOutcome::Trusted
+    }
+}
+
+impl std::fmt::Display for GateOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GateOutcome::Trusted => "trusted",
+            GateOutcome::Untrusted => "untrusted",
+            GateOutcome::UnknownDevice => "unknown-device",
+            GateOutcome::TransportFault => "transport-fault",
+            GateOutcome::ServiceError => "service-error",
+        })
+    }
+}
+
+/// The provisioning gate's record: the device's counters read out of band, checked
+/// by the counters service against its enrolled expected values.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GateRecord {
+    /// How it ended.
+    pub outcome: GateOutcome,
+    /// The device's serial (`0x...`) as it identified itself out of band, if read.
+    #[serde(default)]
+    pub serial: Option<String>,
+    /// The service's verdict, when it gave one.
+    #[serde(default)]
+    pub verdict: Option<crate::CountersVerdict>,
+    /// Why (the service's reasons, or the fault).
+    #[serde(default)]
+    pub reasons: Vec<String>,
+    /// How long the gate took (out-of-band read and verdict), microseconds.
+    #[serde(default)]
+    pub micros: u64,
+}
+
+impl GateRecord {
+    /// One line for people.
+    pub fn describe(&self) -> String {
+        format!(
+            "counters gate: {}{}{} in {} us{}",
+            self.outcome,
+            self.serial
+                .as_deref()
+                .map_or(String::new(), |s| format!(", device {s}")),
+            self.verdict
+                .map_or(String::new(), |v| format!(", verdict {v}")),
+            self.micros,
+            if self.reasons.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", self.reasons.join("; "))
+            }
+        )
+    }
 }
 
 /// How a VMM run was confined (issue 16: jail, seccomp, landlock).
@@ -364,7 +445,27 @@ impl RunSummary {
             results: Vec::new(),
             device_hung: None,
             sandbox: None,
+            gate: None,
         }
+    }
+
+    /// The summary of a run that never started: the provisioning gate refused the
+    /// device (exit status [`ExitStatus::DeviceUntrusted`]).
+    pub fn untrusted(payload: &str, device: &str, gate: GateRecord) -> RunSummary {
+        RunSummary {
+            verdict: format!("DEVICE UNTRUSTED: {}", gate.describe()),
+            exit_status: ExitStatus::DeviceUntrusted,
+            vbios: None,
+            gate: Some(gate),
+            ..RunSummary::synthetic(payload)
+        }
+        .with_device(device)
+    }
+
+    fn with_device(mut self, device: &str) -> RunSummary {
+        self.device = device.to_string();
+        self.passed = false;
+        self
     }
 
     /// The summary for a step that ran no VMM (a synthetic pass).
@@ -386,6 +487,7 @@ impl RunSummary {
             results: Vec::new(),
             device_hung: None,
             sandbox: None,
+            gate: None,
         }
     }
 

@@ -6,6 +6,7 @@
 
 pub mod applied;
 pub mod control;
+pub mod gate;
 mod life;
 pub mod measured;
 pub mod modules;
