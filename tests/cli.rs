@@ -611,9 +611,14 @@ fn patch_rollout_across_three_vmms_stops_at_the_bad_host() {
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    // The built-in rules plus one more drop: narrower than the running policy (a
+    // widening patch would need a declaration and --allow-policy-widening).
     std::fs::write(
         d("rules.toml"),
-        "[[profile.tenant]]\nregister = \"HANG_TRIGGER\"\naccess = \"write\"\naction = \"drop\"\nalarm = true\n",
+        format!(
+            "{}\n[[profile.tenant]]\nregister = \"HANG_TRIGGER\"\naccess = \"write\"\naction = \"drop\"\nalarm = true\n",
+            hilrig_vmm::policy::default_policy_toml()
+        ),
     )
     .unwrap();
     ok(&[

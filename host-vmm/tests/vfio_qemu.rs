@@ -66,7 +66,9 @@ fn edu_through_vfio_in_a_qemu_machine() {
     let policy = dir.path().join("restrict.toml");
     std::fs::write(
         &policy,
-        "[[profile.tenant]]\nregister = \"IRQ_RAISE\"\naccess = \"write\"\naction = \"drop\"\nalarm = true\n",
+        // Fail closed: a trapped page's registers without a rule would be denied, so
+        // this one-rule policy says `default = "allow"` for the rest of the page.
+        "[profile.tenant]\ndefault = \"allow\"\n[[profile.tenant.rules]]\nregister = \"IRQ_RAISE\"\naccess = \"write\"\naction = \"drop\"\nalarm = true\n",
     )
     .expect("policy");
     let edu = repo().join("host-vmm/devices/edu.toml");

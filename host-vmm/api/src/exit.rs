@@ -134,7 +134,10 @@ mod tests {
             assert_eq!(serde_json::to_string(s).unwrap(), i.to_string());
         }
         assert_eq!(ExitStatus::from_code(12), Some(ExitStatus::DeviceUntrusted));
-        assert_eq!(ExitStatus::from_code(11), Some(ExitStatus::SeccompViolation));
+        assert_eq!(
+            ExitStatus::from_code(11),
+            Some(ExitStatus::SeccompViolation)
+        );
         assert_eq!(ExitStatus::from_code(13), None);
         assert_eq!(ExitStatus::from_code(-1), None);
         assert_eq!(ExitStatus::from_code(137), None);

@@ -25,7 +25,6 @@ pub use hilrig_device::{BackendKind, Region};
 pub use spec::{DeviceSpec, OnUnemulated, SpecError, VmSpec};
 pub use summary::{
     AlarmGroup, ExitCounts, GateOutcome, GateRecord, PatchEvent, PolicySummary, RunSummary,
-    SandboxSummary, TrapLatency,
-    VbiosMeasurement,
+    SandboxSummary, TrapLatency, VbiosMeasurement,
 };
 pub use teardown::{TeardownRecord, VerdictSummary};

@@ -386,6 +386,12 @@ mod tests {
         .unwrap()
     }
 
+    /// The built-in tenant rules plus one more drop: narrower than the running
+    /// policy, so applied without a widening declaration.
+    fn narrower() -> String {
+        format!("{}{RULES}", crate::policy::default_policy_toml())
+    }
+
     const RULES: &str = "[[profile.tenant]]\nregister = \"SCRATCH[0]\"\naccess = \"write\"\naction = \"drop\"\nalarm = true\n";
 
     #[test]
@@ -468,12 +474,12 @@ mod tests {
     fn altered_patching_code_or_reference_is_refused() {
         let d = tempfile::tempdir().unwrap();
         let (t, a) = (table(), authority(d.path()));
-        let good = bundle(POLICY, 2, ("rules.toml", RULES.into()), 1, BUILD);
+        let good = bundle(POLICY, 2, ("rules.toml", narrower().into()), 1, BUILD);
         let spec = |pp| bundle::BundleSpec {
             component: POLICY,
             version: 2,
             target_vmm_sha256: BUILD,
-            payloads: vec![("rules.toml".into(), RULES.into())],
+            payloads: vec![("rules.toml".into(), narrower().into())],
             encrypt_to: None,
             patch_path_sha256: pp,
         };
@@ -513,7 +519,7 @@ mod tests {
         let mut a = authority(d.path());
         a.applied = Some(Arc::new(AppliedVersions::open(&rec, &key, "h").unwrap()));
         let t = table();
-        let v3 = bundle(POLICY, 3, ("rules.toml", RULES.into()), 1, BUILD);
+        let v3 = bundle(POLICY, 3, ("rules.toml", narrower().into()), 1, BUILD);
         let p = a.prepare(&v3, &t, "tenant").unwrap();
         a.applied.as_ref().unwrap().record(POLICY, 3).unwrap();
         commit(&t, p);
@@ -521,7 +527,7 @@ mod tests {
         let t = table();
         a.applied = Some(Arc::new(AppliedVersions::open(&rec, &key, "h").unwrap()));
         for v in [2, 3] {
-            let b = bundle(POLICY, v, ("rules.toml", RULES.into()), 1, BUILD);
+            let b = bundle(POLICY, v, ("rules.toml", narrower().into()), 1, BUILD);
             let e = a
                 .prepare(&b, &t, "tenant")
                 .err()
@@ -529,11 +535,11 @@ mod tests {
                 .to_string();
             assert!(e.contains("applied on this host before"), "{e}");
         }
-        let v4 = bundle(POLICY, 4, ("rules.toml", RULES.into()), 1, BUILD);
+        let v4 = bundle(POLICY, 4, ("rules.toml", narrower().into()), 1, BUILD);
         assert!(a.prepare(&v4, &t, "tenant").is_ok());
         // Without the record the same VMM would have taken v2: the record is the fix.
         a.applied = None;
-        let v2 = bundle(POLICY, 2, ("rules.toml", RULES.into()), 1, BUILD);
+        let v2 = bundle(POLICY, 2, ("rules.toml", narrower().into()), 1, BUILD);
         assert!(a.prepare(&v2, &t, "tenant").is_ok());
     }
 
