@@ -212,9 +212,10 @@ impl Att<'_> {
         if spec.teardown_on_exit {
             spec.teardown_record = Some(self.file(k, label, "teardown.json"));
         }
-        // Every VMM runs jailed and unprivileged when the runner can jail it (root).
+        // Every VMM runs jailed and unprivileged when the runner can jail it (root,
+        // on this machine; a remote host's VMM runs as its SSH user, unjailed).
         // (The in-process backends only: hilrig_vmm_api::DeviceSpec::jailable.)
-        if spec.device.jailable() && jail_available() {
+        if spec.device.jailable() && self.remote.is_none() && jail_available() {
             spec.jail = Some(self.file(k, label, "jail"));
         }
         tweak(&mut spec);

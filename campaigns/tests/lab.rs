@@ -74,7 +74,18 @@ fn smoke_campaign_on_ssh_hosts() {
         .iter()
         .filter(|c| c.host.starts_with("sim-ssh-"))
         .collect();
-    assert!(remote.len() >= 4, "too few cases on SSH hosts: {remote:?}");
+    // How many cases each host gets depends on how fast each is (a local host is
+    // quicker than one over SSH); that the SSH hosts ran cases, with their
+    // artifacts brought back, is what this checks.
+    assert!(
+        !remote.is_empty(),
+        "no case ran on an SSH host; attempts: {:?}",
+        s.run
+            .cases
+            .iter()
+            .flat_map(|c| c.attempts.iter().map(|a| (&a.host, a.outcome, &a.message)))
+            .collect::<Vec<_>>()
+    );
     for c in &remote {
         let kinds: Vec<String> = c.artifacts.iter().map(|a| a.path.clone()).collect();
         assert!(
