@@ -874,8 +874,15 @@ fn the_main_job_runs_the_smoke_campaign_and_writes_the_report() {
     if !hilrig_vmm::kvm_available() {
         return;
     }
+    // Exactly as the README runs it: no options, the default relative output
+    // directory `hilrig-out` (relative paths must survive the jailed VMMs, whose
+    // working directory is their jail root).
     let dir = tempfile::tempdir().unwrap();
-    let o = hilrig(&["run", "--out", p(dir.path())]);
+    let o = Command::new(env!("CARGO_BIN_EXE_hilrig"))
+        .arg("run")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&o.stdout).to_string();
     let stderr = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(o.status.success(), "{stdout}\n{stderr}");

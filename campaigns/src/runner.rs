@@ -1094,10 +1094,16 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
     };
     std::fs::create_dir_all(&opts.out_dir)
         .map_err(|e| anyhow::anyhow!("creating {}: {e}", opts.out_dir.display()))?;
+    // Absolute from here on: every path handed to a VMM (state, console, bundles
+    // over the control socket) must mean the same in a jailed VMM, whose working
+    // directory is its jail root; stored run directories too (the lab service reads
+    // them from elsewhere).
+    let out_dir = std::path::absolute(&opts.out_dir)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", opts.out_dir.display()))?;
     let db = opts
         .db
         .clone()
-        .unwrap_or_else(|| opts.out_dir.join("results.sqlite"));
+        .unwrap_or_else(|| out_dir.join("results.sqlite"));
     let mut store = Store::open(&db)?;
     // Scale-out: a PostgreSQL store shares the run's cases between runners.
     let mut queue = if store.kind() == "postgresql" {
@@ -1121,7 +1127,7 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
         (None, Some(id), Some(q)) => {
             crate::claim::check_run_id(id)?;
             let row = RunRow {
-                run_dir: opts.out_dir.join(id).to_string_lossy().into_owned(),
+                run_dir: out_dir.join(id).to_string_lossy().into_owned(),
                 id: id.clone(),
                 campaign: campaign.name.clone(),
                 file: campaign.file.to_string_lossy().into_owned(),
@@ -1141,7 +1147,7 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
                 );
             }
             // Artifacts and reports of this runner: its own directory.
-            row.run_dir = opts.out_dir.join(id).to_string_lossy().into_owned();
+            row.run_dir = out_dir.join(id).to_string_lossy().into_owned();
             let done = store.cases(id)?;
             (row, done)
         }
@@ -1164,12 +1170,12 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
             let base = format!("{}-{}", campaign.name, stamp(started_ms));
             let mut id = base.clone();
             let mut i = 2;
-            while store.run(&id)?.is_some() || opts.out_dir.join(&id).exists() {
+            while store.run(&id)?.is_some() || out_dir.join(&id).exists() {
                 id = format!("{base}-{i}");
                 i += 1;
             }
             let row = RunRow {
-                run_dir: opts.out_dir.join(&id).to_string_lossy().into_owned(),
+                run_dir: out_dir.join(&id).to_string_lossy().into_owned(),
                 id,
                 campaign: campaign.name.clone(),
                 file: campaign.file.to_string_lossy().into_owned(),
