@@ -93,7 +93,9 @@ fn smoke_campaign_on_ssh_hosts() {
             "{}: {kinds:?}",
             c.id
         );
-        if c.attack != "attack-hang" {
+        // A hung guest and a refused VBIOS (the VMM stops before the guest) leave no
+        // teardown record.
+        if c.attack != "attack-hang" && c.attack != "vbios-overwrite" {
             assert!(
                 kinds.iter().any(|p| p.ends_with("teardown.json")),
                 "{}: no teardown record brought back: {kinds:?}",

@@ -1029,6 +1029,16 @@ pub(crate) mod tests {
             std::thread::yield_now();
         }
         assert!(!blocked.is_finished(), "vCPU 0 is still inside v1");
+        // The blocked call is inside v1 (counted) before the swap: on a loaded machine
+        // its thread may not have entered yet when the storm has made its rounds.
+        let t0 = std::time::Instant::now();
+        while slot.inflight() == 0 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "the blocked call never entered v1"
+            );
+            std::thread::yield_now();
+        }
         let sw = slot.swap(Some(h2), 2, Duration::from_secs(10)).unwrap();
         assert_eq!(sw.from, 1);
         assert!(sw.inflight_at_publish >= 1, "{sw:?}");
