@@ -1072,15 +1072,20 @@ fn spawn_error(vmm: &Path, e: std::io::Error) -> Stop {
     }
 }
 
+/// Why blocking remote work failed.
+#[derive(Debug, thiserror::Error)]
+enum BlockingError {
+    #[error(transparent)]
+    Remote(#[from] hilrig_rig::remote::RemoteError),
+    #[error("task: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
 /// Run blocking remote work off the tokio workers.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, hilrig_rig::remote::RemoteError> + Send + 'static,
-) -> Result<T, String> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(Ok(t)) => Ok(t),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(e) => Err(format!("task: {e}")),
-    }
+) -> Result<T, BlockingError> {
+    Ok(tokio::task::spawn_blocking(f).await??)
 }
 
 /// Read a child's stdout and stderr to their ends in the background.

@@ -93,11 +93,16 @@ pub struct LabgridArgs {
     pub labgrid_user: Option<String>,
 }
 
+/// A `--labgrid-tag` that is not `KEY=VALUE`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?}: expected KEY=VALUE")]
+pub struct BadTag(String);
+
 /// `KEY=VALUE` of `--labgrid-tag`.
-fn parse_tag(s: &str) -> Result<(String, String), String> {
+fn parse_tag(s: &str) -> Result<(String, String), BadTag> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() && !v.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err(format!("{s:?}: expected KEY=VALUE")),
+        _ => Err(BadTag(s.to_string())),
     }
 }
 

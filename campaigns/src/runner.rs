@@ -855,9 +855,9 @@ fn record_offline(states: Option<&HostStates>, host: &str, why: &str) {
 /// The health check of a remote host: SSH reachable, the runner's build there
 /// (copied when its SHA-256 differs) and answering `--version`. The path of the
 /// build on the host, or why the host is not healthy.
-pub fn health_check(ssh: &Ssh, vmm: &Path) -> Result<String, String> {
-    let path = ssh.ensure_hilrig(vmm).map_err(|e| e.to_string())?;
-    let v = ssh.alive_at(&path).map_err(|e| e.to_string())?;
+pub fn health_check(ssh: &Ssh, vmm: &Path) -> Result<String, hilrig_rig::remote::RemoteError> {
+    let path = ssh.ensure_hilrig(vmm)?;
+    let v = ssh.alive_at(&path)?;
     tracing::info!("host health: {v} at {path}");
     Ok(path)
 }
@@ -968,7 +968,7 @@ pub(crate) async fn run_case(ctx: Arc<Ctx>, case: Case) -> CaseResult {
                     let r = tokio::task::spawn_blocking(move || health_check(&ssh, &vmm)).await;
                     let why = match r {
                         Ok(Ok(_)) => None,
-                        Ok(Err(why)) => Some(why),
+                        Ok(Err(why)) => Some(why.to_string()),
                         Err(e) => Some(format!("health check task: {e}")),
                     };
                     if let Some(why) = why {

@@ -47,7 +47,18 @@ struct JsonHashes {
     config: String,
 }
 
-fn hashes(v: [&str; 3]) -> std::result::Result<[Hash; 3], String> {
+/// What is wrong with one line (the caller adds the file and line number).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct LineError(String);
+
+impl From<String> for LineError {
+    fn from(detail: String) -> Self {
+        LineError(detail)
+    }
+}
+
+fn hashes(v: [&str; 3]) -> std::result::Result<[Hash; 3], LineError> {
     let mut out = [[0u8; 32]; 3];
     for (o, (name, h)) in out
         .iter_mut()
@@ -59,7 +70,7 @@ fn hashes(v: [&str; 3]) -> std::result::Result<[Hash; 3], String> {
 }
 
 /// Parse one line (already trimmed, not blank, not a comment).
-fn parse_line(line: &str) -> std::result::Result<Enrollment, String> {
+fn parse_line(line: &str) -> std::result::Result<Enrollment, LineError> {
     if line.starts_with('{') {
         let j: JsonLine = serde_json::from_str(line).map_err(|e| format!("JSON: {e}"))?;
         let serial = match &j.serial {
@@ -67,7 +78,7 @@ fn parse_line(line: &str) -> std::result::Result<Enrollment, String> {
             serde_json::Value::Number(n) => n
                 .as_u64()
                 .ok_or_else(|| format!("serial {n}: not a 64-bit unsigned number"))?,
-            other => return Err(format!("serial {other}: give a number or a string")),
+            other => return Err(format!("serial {other}: give a number or a string").into()),
         };
         let hs = hashes([&j.hashes.vbios, &j.hashes.firmware, &j.hashes.config])?;
         return Ok(Enrollment {
@@ -87,12 +98,13 @@ fn parse_line(line: &str) -> std::result::Result<Enrollment, String> {
         return Err(format!(
             "CSV: {} fields; want 11: serial,host,rack,c_vbios,c_firmware,c_config,master,epoch,h_vbios,h_firmware,h_config",
             f.len()
-        ));
+        )
+        .into());
     }
     let serial = parse_serial(f[0]).map_err(|e| e.to_string())?;
-    let num = |i: usize, what: &str| -> std::result::Result<u32, String> {
+    let num = |i: usize, what: &str| -> std::result::Result<u32, LineError> {
         f[i].parse()
-            .map_err(|_| format!("{what} {:?}: not a number", f[i]))
+            .map_err(|_| LineError(format!("{what} {:?}: not a number", f[i])))
     };
     let counters = [
         num(3, "c_vbios")?,
@@ -158,7 +170,7 @@ fn each_line(path: &Path, f: &mut dyn FnMut(usize, Enrollment) -> Result<()>) ->
         if line.is_empty() || line.starts_with('#') || (n == 1 && line.starts_with("serial")) {
             continue;
         }
-        let e = parse_line(line).map_err(|d| at(n, d))?;
+        let e = parse_line(line).map_err(|d| at(n, d.0))?;
         for (what, v) in [("host", &e.host), ("rack", &e.rack)] {
             if v.len() > 256 || v.chars().any(|c| c.is_control()) {
                 return Err(at(

@@ -5,6 +5,12 @@ use std::path::PathBuf;
 /// Results of the rig library.
 pub type Result<T, E = RigError> = std::result::Result<T, E>;
 
+/// A name or field that fails a check (a host name, a console name, an SSH spec field).
+/// The message names the field and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidField(pub String);
+
 /// Everything that can go wrong in the rig. Every variant names where: the inventory
 /// file, the host, the driver.
 #[derive(Debug, thiserror::Error)]

@@ -73,7 +73,7 @@ impl HostStates {
     fn set(&self, host: &str, state: &str, reason: &str) -> Result<(), RigError> {
         crate::inventory::validate_host_name(host).map_err(|m| RigError::Lease {
             store: self.path.clone(),
-            detail: m,
+            detail: m.0,
         })?;
         self.db
             .execute(

@@ -2,7 +2,7 @@
 //! consoles, OOB port and board are reached. Campaigns never name wiring; they
 //! select hosts by tag ([`Inventory::select`]).
 
-use crate::error::RigError;
+use crate::error::{InvalidField, RigError};
 use serde::Deserialize;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -412,29 +412,33 @@ pub const MAX_HOST_NAME: usize = 64;
 /// Check a host name: 1..=[`MAX_HOST_NAME`] bytes of `[A-Za-z0-9._-]`, not starting
 /// with `.` or `-`, no `..` (host names become directory names under the work
 /// directory and appear in shell command templates).
-pub fn validate_host_name(name: &str) -> Result<(), String> {
+pub fn validate_host_name(name: &str) -> Result<(), InvalidField> {
     if name.is_empty() {
-        return Err("host name is empty".into());
+        return Err(InvalidField("host name is empty".into()));
     }
     if name.len() > MAX_HOST_NAME {
-        return Err(format!(
+        return Err(InvalidField(format!(
             "host name is {} bytes long; at most {MAX_HOST_NAME} allowed",
             name.len()
-        ));
+        )));
     }
     if let Some(c) = name
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
-        return Err(format!(
+        return Err(InvalidField(format!(
             "host name {name:?} contains {c:?}; only A-Z a-z 0-9 . _ - are allowed"
-        ));
+        )));
     }
     if name.starts_with('.') || name.starts_with('-') {
-        return Err(format!("host name {name:?} must not start with `.` or `-`"));
+        return Err(InvalidField(format!(
+            "host name {name:?} must not start with `.` or `-`"
+        )));
     }
     if name.contains("..") {
-        return Err(format!("host name {name:?} must not contain `..`"));
+        return Err(InvalidField(format!(
+            "host name {name:?} must not contain `..`"
+        )));
     }
     Ok(())
 }
@@ -486,7 +490,7 @@ impl Inventory {
             };
             let h: RawHost = toml::Table::try_into(t)
                 .map_err(|e| err(Some(&label), None, one_line(&e.to_string())))?;
-            validate_host_name(&h.name).map_err(|m| err(Some(&label), None, m))?;
+            validate_host_name(&h.name).map_err(|m| err(Some(&label), None, m.0))?;
             if hosts.iter().any(|o| o.name == h.name) {
                 return Err(err(Some(&h.name), None, "duplicate host name".into()));
             }
@@ -503,7 +507,7 @@ impl Inventory {
                     err(
                         Some(&name),
                         Some(format!("console {}", shown_name(&cs.name))),
-                        m.replacen("host name", "console name", 2),
+                        m.0.replacen("host name", "console name", 2),
                     )
                 })?;
                 if consoles.iter().any(|o| o.name == cs.name) {
@@ -529,7 +533,7 @@ impl Inventory {
                 .map_err(|(d, m)| err(Some(&name), Some(d), m))?;
             if let Some(ssh) = &h.ssh {
                 ssh.validate()
-                    .map_err(|m| err(Some(&name), Some("ssh".into()), m))?;
+                    .map_err(|m| err(Some(&name), Some("ssh".into()), m.0))?;
             }
             let base = file
                 .parent()

@@ -21,7 +21,7 @@ pub mod sim;
 pub mod simlab;
 
 pub use cli::{run, RigCmd};
-pub use error::{ErrorKind, Outcome, RigError};
+pub use error::{ErrorKind, InvalidField, Outcome, RigError};
 pub use inventory::Inventory;
 pub use power::{Power, PowerState};
 pub use rig::{check, HealthTable, Rig};

@@ -10,7 +10,7 @@
 //! [`HostSource`] is where hosts come from: an [`Inventory`] here, a labgrid
 //! coordinator's places elsewhere.
 
-use crate::error::RigError;
+use crate::error::{InvalidField, RigError};
 use crate::inventory::{HostSpec, Inventory};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -77,33 +77,39 @@ impl SshSpec {
     }
 
     /// Check the fields that end up on a command line.
-    pub fn validate(&self) -> Result<(), String> {
-        let plain = |what: &str, v: &str| -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidField> {
+        let plain = |what: &str, v: &str| -> Result<(), InvalidField> {
             if v.is_empty() {
-                return Err(format!("{what} is empty"));
+                return Err(InvalidField(format!("{what} is empty")));
             }
             if v.starts_with('-') {
-                return Err(format!("{what} {v:?} must not start with `-`"));
+                return Err(InvalidField(format!(
+                    "{what} {v:?} must not start with `-`"
+                )));
             }
             if let Some(c) = v
                 .chars()
                 .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':')))
             {
-                return Err(format!("{what} {v:?} contains {c:?}"));
+                return Err(InvalidField(format!("{what} {v:?} contains {c:?}")));
             }
             Ok(())
         };
         plain("address", &self.address)?;
         plain("user", &self.user)?;
-        let path = |what: &str, v: &str| -> Result<(), String> {
+        let path = |what: &str, v: &str| -> Result<(), InvalidField> {
             if !v.starts_with('/') {
-                return Err(format!("{what} {v:?} must be an absolute path"));
+                return Err(InvalidField(format!(
+                    "{what} {v:?} must be an absolute path"
+                )));
             }
             if v.split('/').any(|c| c == "..") {
-                return Err(format!("{what} {v:?} must not contain `..`"));
+                return Err(InvalidField(format!("{what} {v:?} must not contain `..`")));
             }
             if v.chars().any(|c| c.is_control()) {
-                return Err(format!("{what} {v:?} contains a control character"));
+                return Err(InvalidField(format!(
+                    "{what} {v:?} contains a control character"
+                )));
             }
             Ok(())
         };
@@ -112,7 +118,7 @@ impl SshSpec {
             path("hilrig", h)?;
         }
         if self.port == 0 {
-            return Err("port 0".into());
+            return Err(InvalidField("port 0".into()));
         }
         Ok(())
     }
@@ -442,7 +448,7 @@ impl Ssh {
             file: PathBuf::from("-"),
             host: Some(host.to_string()),
             driver: Some("ssh".into()),
-            detail: m,
+            detail: m.0,
         })?;
         // tempfile creates the directory 0700, under a random name.
         let dir = tempfile::Builder::new()

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Why a webhook was not delivered.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WebhookError {
     /// The URL is not `http://host[:port]/path`.
     #[error("webhook URL {url:?}: {why}")]
@@ -170,17 +170,39 @@ impl Default for Retry {
     }
 }
 
-async fn post_once(url: &str, body: &[u8], sig: &str, timeout: Duration) -> Result<u16, String> {
+/// Why one delivery attempt failed (kept as the `last` text of [`WebhookError::Failed`]).
+#[derive(Debug, thiserror::Error)]
+enum AttemptError {
+    #[error(transparent)]
+    Url(#[from] WebhookError),
+    #[error("connecting: {0}")]
+    Connect(std::io::Error),
+    #[error("handshake: {0}")]
+    Handshake(hyper::Error),
+    #[error("request: {0}")]
+    Request(hyper::http::Error),
+    #[error("sending: {0}")]
+    Send(hyper::Error),
+    #[error("no answer in {0:?}")]
+    Timeout(Duration),
+}
+
+async fn post_once(
+    url: &str,
+    body: &[u8],
+    sig: &str,
+    timeout: Duration,
+) -> Result<u16, AttemptError> {
     use axum::body::Bytes;
-    let (auth, host, port, path) = parse_url(url).map_err(|e| e.to_string())?;
+    let (auth, host, port, path) = parse_url(url)?;
     let go = async {
         let stream = tokio::net::TcpStream::connect((host.as_str(), port))
             .await
-            .map_err(|e| format!("connecting: {e}"))?;
+            .map_err(AttemptError::Connect)?;
         let io = hyper_util::rt::TokioIo::new(stream);
         let (mut send, conn) = hyper::client::conn::http1::handshake(io)
             .await
-            .map_err(|e| format!("handshake: {e}"))?;
+            .map_err(AttemptError::Handshake)?;
         tokio::spawn(conn);
         let req = hyper::Request::post(path)
             .header(hyper::header::HOST, auth)
@@ -189,16 +211,13 @@ async fn post_once(url: &str, body: &[u8], sig: &str, timeout: Duration) -> Resu
             .header(SIGNATURE_HEADER, sig)
             .header("x-hilrig-event", "run-end")
             .body(http_body_util::Full::new(Bytes::copy_from_slice(body)))
-            .map_err(|e| format!("request: {e}"))?;
-        let resp = send
-            .send_request(req)
-            .await
-            .map_err(|e| format!("sending: {e}"))?;
-        Ok::<u16, String>(resp.status().as_u16())
+            .map_err(AttemptError::Request)?;
+        let resp = send.send_request(req).await.map_err(AttemptError::Send)?;
+        Ok::<u16, AttemptError>(resp.status().as_u16())
     };
     match tokio::time::timeout(timeout, go).await {
         Ok(r) => r,
-        Err(_) => Err(format!("no answer in {timeout:?}")),
+        Err(_) => Err(AttemptError::Timeout(timeout)),
     }
 }
 
@@ -218,7 +237,7 @@ pub async fn deliver(
         match post_once(url, body, &sig, retry.timeout).await {
             Ok(s) if (200..300).contains(&s) => return Ok(k),
             Ok(s) => last = format!("HTTP {s}"),
-            Err(e) => last = e,
+            Err(e) => last = e.to_string(),
         }
         if k < retry.attempts {
             tokio::time::sleep(wait).await;

@@ -38,8 +38,8 @@ pub struct Took {
     pub state: String,
     /// Summary or error.
     pub message: String,
-    /// Webhook results: (url, Ok(attempts) or the error text).
-    pub webhooks: Vec<(String, std::result::Result<u32, String>)>,
+    /// Webhook results: (url, Ok(attempts) or why delivery failed).
+    pub webhooks: Vec<(String, std::result::Result<u32, webhook::WebhookError>)>,
 }
 
 /// Take one queued campaign and run it. `Ok(None)`: the queue is empty.
@@ -82,9 +82,7 @@ pub fn take_one(db: &Arc<Db>, o: &WorkerOptions) -> Result<Option<Took>> {
                 what: "webhook runtime".into(),
                 source,
             })?;
-        for (url, res) in rt.block_on(webhook::notify_run(db, r, o.retry))? {
-            webhooks.push((url, res.map_err(|e| e.to_string())));
-        }
+        webhooks = rt.block_on(webhook::notify_run(db, r, o.retry))?;
     }
     Ok(Some(Took {
         queue_id: q.id,

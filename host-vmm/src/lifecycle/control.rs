@@ -146,17 +146,19 @@ pub fn serve(
     control: Arc<dyn Control>,
     stop: Arc<AtomicBool>,
 ) -> (std::thread::JoinHandle<()>, InFlight) {
-    serve_with(listener, control, stop, || Ok(()))
+    serve_with(listener, control, stop, || {
+        Ok::<(), std::convert::Infallible>(())
+    })
 }
 
 /// As [`serve`], with `on_start` run first on the server thread (e.g. installing
 /// its seccomp filter, which its connection threads inherit). When it fails, the
-/// socket is not served (logged).
-pub fn serve_with(
+/// socket is not served (its error logged).
+pub fn serve_with<E: std::fmt::Display>(
     listener: UnixListener,
     control: Arc<dyn Control>,
     stop: Arc<AtomicBool>,
-    on_start: impl FnOnce() -> Result<(), String> + Send + 'static,
+    on_start: impl FnOnce() -> Result<(), E> + Send + 'static,
 ) -> (std::thread::JoinHandle<()>, InFlight) {
     let in_flight = InFlight::default();
     let counter = in_flight.clone();

@@ -756,7 +756,7 @@ pub fn read_bundle(path: &std::path::Path) -> Result<Vec<u8>, LifecycleError> {
 }
 
 /// A bundle file the patch source tried, and how it went.
-pub type SourceOutcome = (PathBuf, Result<PatchEvent, String>);
+pub type SourceOutcome = (PathBuf, Result<PatchEvent, LifecycleError>);
 
 /// Most bundle files one poll of the patch source looks at.
 pub const MAX_SOURCE_FILES: usize = 64;
@@ -785,9 +785,7 @@ pub fn spawn_patch_source(
                     if stop.load(Ordering::Acquire) || !seen.insert((path.clone(), id)) {
                         continue;
                     }
-                    let r = read_bundle(&path)
-                        .and_then(|b| h.patch(&b))
-                        .map_err(|e| e.to_string());
+                    let r = read_bundle(&path).and_then(|b| h.patch(&b));
                     match &r {
                         Ok(ev) => tracing::info!(file = %path.display(), to = ev.to, "patch source: applied"),
                         Err(e) => tracing::warn!(file = %path.display(), "patch source: refused: {e}"),

@@ -217,16 +217,21 @@ pub struct Swapped {
     pub retired_bytes: usize,
 }
 
+/// Why retiring a module's code failed (the message says which step).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct RetireError(pub String);
+
 /// What happens to a module once nothing can reach it any more.
 pub trait Retire {
     /// Make its code inaccessible (data modules: nothing). Returns the bytes retired.
-    fn retire(&self) -> Result<usize, String> {
+    fn retire(&self) -> Result<usize, RetireError> {
         Ok(0)
     }
 }
 
 impl<T: Retire> Retire for Option<T> {
-    fn retire(&self) -> Result<usize, String> {
+    fn retire(&self) -> Result<usize, RetireError> {
         self.as_ref().map_or(Ok(0), Retire::retire)
     }
 }
@@ -424,7 +429,7 @@ impl NativeHandler {
 impl Retire for NativeHandler {
     /// Make the library's executable pages inaccessible and keep it loaded for good,
     /// so its addresses fault instead of running anything.
-    fn retire(&self) -> Result<usize, String> {
+    fn retire(&self) -> Result<usize, RetireError> {
         let ranges = exec_ranges_of(self.hook_address())?;
         // Never unloaded: dlclose would run its finalisers (in PROT_NONE code) and free
         // the addresses for something else to be mapped there.
@@ -438,10 +443,10 @@ impl Retire for NativeHandler {
             // them (the swap drained every call first).
             let r = unsafe { libc::mprotect(start as *mut c_void, end - start, libc::PROT_NONE) };
             if r != 0 {
-                return Err(format!(
+                return Err(RetireError(format!(
                     "mprotect {start:#x}..{end:#x}: {}",
                     std::io::Error::last_os_error()
-                ));
+                )));
             }
             bytes += end - start;
         }
@@ -456,7 +461,7 @@ impl Retire for NativeHandler {
 
 /// The page-rounded executable segments of the shared object holding `addr`; refused
 /// for the main executable (the VMM never retires its own code).
-fn exec_ranges_of(addr: usize) -> Result<Vec<(usize, usize)>, String> {
+fn exec_ranges_of(addr: usize) -> Result<Vec<(usize, usize)>, RetireError> {
     struct Ctx {
         addr: usize,
         found: Option<(bool, Vec<(usize, usize)>)>,
@@ -498,9 +503,13 @@ fn exec_ranges_of(addr: usize) -> Result<Vec<(usize, usize)>, String> {
     // SAFETY: the callback only reads the loader's headers and writes `ctx`.
     unsafe { libc::dl_iterate_phdr(Some(each), &mut ctx as *mut Ctx as *mut c_void) };
     match ctx.found {
-        None => Err(format!("no loaded object holds {addr:#x}")),
-        Some((true, _)) => Err(format!("{addr:#x} is in the VMM's own executable")),
-        Some((false, r)) if r.is_empty() => Err(format!("no executable segment at {addr:#x}")),
+        None => Err(RetireError(format!("no loaded object holds {addr:#x}"))),
+        Some((true, _)) => Err(RetireError(format!(
+            "{addr:#x} is in the VMM's own executable"
+        ))),
+        Some((false, r)) if r.is_empty() => {
+            Err(RetireError(format!("no executable segment at {addr:#x}")))
+        }
         Some((false, r)) => Ok(r),
     }
 }
@@ -527,13 +536,15 @@ pub fn last_stale_address() -> usize {
     LAST_STALE_ADDR.load(Ordering::SeqCst)
 }
 
-fn register_retired(entry: usize, ranges: &[(usize, usize)]) -> Result<(), String> {
+fn register_retired(entry: usize, ranges: &[(usize, usize)]) -> Result<(), RetireError> {
     let slot = RETIRED_ENTRIES.iter().find(|e| {
         e.compare_exchange(0, entry, Ordering::SeqCst, Ordering::SeqCst)
             .is_ok()
     });
     if slot.is_none() {
-        return Err(format!("more than {MAX_RETIRED} retired modules"));
+        return Err(RetireError(format!(
+            "more than {MAX_RETIRED} retired modules"
+        )));
     }
     for &(s, e) in ranges {
         let free = RETIRED_RANGES.iter().find(|(a, _)| {
@@ -545,7 +556,11 @@ fn register_retired(entry: usize, ranges: &[(usize, usize)]) -> Result<(), Strin
                 b.store(e, Ordering::SeqCst);
                 a.store(s, Ordering::SeqCst);
             }
-            None => return Err(format!("more than {MAX_RETIRED_RANGES} retired ranges")),
+            None => {
+                return Err(RetireError(format!(
+                    "more than {MAX_RETIRED_RANGES} retired ranges"
+                )))
+            }
         }
     }
     Ok(())
@@ -608,7 +623,7 @@ extern "C" fn on_segv(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) 
 }
 
 /// Install the SIGSEGV handler that turns stale-address calls into alarms (once).
-pub fn install_stale_fault_handler() -> Result<(), String> {
+pub fn install_stale_fault_handler() -> Result<(), RetireError> {
     let mut h = HANDLER.lock().unwrap_or_else(|e| e.into_inner());
     if h.is_some() {
         return Ok(());
@@ -622,10 +637,10 @@ pub fn install_stale_fault_handler() -> Result<(), String> {
         libc::sigemptyset(&mut sa.sa_mask);
         let mut old: libc::sigaction = std::mem::zeroed();
         if libc::sigaction(libc::SIGSEGV, &sa, &mut old) != 0 {
-            return Err(format!(
+            return Err(RetireError(format!(
                 "installing the SIGSEGV handler: {}",
                 std::io::Error::last_os_error()
-            ));
+            )));
         }
         PREVIOUS.store(Box::into_raw(Box::new(old)), Ordering::SeqCst);
         *h = Some(sa);
@@ -851,7 +866,7 @@ impl<T: Retire> Slot<T> {
             let e = SwapError::Retire {
                 component: self.name.clone(),
                 version: old.version,
-                detail,
+                detail: detail.0,
             };
             tracing::error!("module alarm: {e}");
             e

@@ -489,7 +489,7 @@ impl Vcpu<'_> {
     /// The next piece of a split store: (address, bytes, length). None when the
     /// instruction is complete (the rest went to RAM) or a kick came: decide what
     /// came.
-    fn next_piece(&mut self) -> Result<Option<(u64, [u8; 8], usize)>, String> {
+    fn next_piece(&mut self) -> Result<Option<(u64, [u8; 8], usize)>, UnexpectedExit> {
         self.fd.set_kvm_immediate_exit(1);
         let r = match self.fd.run() {
             Ok(VcpuExit::MmioWrite(a, d)) if d.len() <= 8 => {
@@ -498,7 +498,7 @@ impl Vcpu<'_> {
                 Ok(Some((a, b, d.len())))
             }
             Err(_) => Ok(None),
-            Ok(other) => Err(format!("{other:?}")),
+            Ok(other) => Err(UnexpectedExit(format!("{other:?}"))),
         };
         self.fd.set_kvm_immediate_exit(0);
         r
@@ -516,6 +516,11 @@ impl Vcpu<'_> {
         }
     }
 }
+
+/// An exit other than the MMIO write a split store continues with (its debug form).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UnexpectedExit(String);
 
 /// The element size of the port exit being handled (`kvm_run.io.size`), 0 if unknown.
 fn io_element_size() -> usize {

@@ -956,7 +956,6 @@ impl Vm {
         let served = crate::lifecycle::control::serve_with(l, ctl, stop.clone(), move || {
             if seccomp {
                 crate::seccomp::install(crate::seccomp::ThreadKind::Control, network)
-                    .map_err(|e| e.to_string())
             } else {
                 Ok(())
             }
