@@ -1,10 +1,10 @@
 //! `hilrig`: the one command-line tool for users of the rig.
 
-mod bench;
-mod bench_scale;
 mod fpga;
 mod fw;
 mod smoke;
+
+use hilrig_bench as bench;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};

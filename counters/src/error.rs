@@ -133,7 +133,8 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn db(what: &str, e: impl std::fmt::Display) -> Error {
+    /// A database error: what was being done, and what the database said.
+    pub fn db(what: &str, e: impl std::fmt::Display) -> Error {
         Error::Db {
             what: what.to_string(),
             detail: e.to_string(),

@@ -12,12 +12,12 @@
 //! - [`source`]: where observations come from (OOB serial port, model state file,
 //!   any in-process device);
 //! - [`conformance`]: the vendor conformance suite;
-//! - [`cli`]: the `hilrig counters ...` subcommands;
-//! - [`bench`]: verifications per second on SQLite and PostgreSQL.
+//! - [`cli`]: the `hilrig counters ...` subcommands.
+//!
+//! The benchmark (`hilrig bench counters`) is in the `hilrig-bench` crate.
 #![deny(missing_docs)]
 
 pub mod anchor;
-pub mod bench;
 pub mod bulk;
 pub mod cli;
 pub mod conformance;
@@ -29,7 +29,6 @@ pub mod service;
 pub mod source;
 pub mod store;
 
-pub use bench::bench_counters;
 pub use cli::{run, CountersCmd};
 pub use decide::{decide, Decision, DeviceState, Expected, Observation, Severity};
 pub use error::{Error, Result};

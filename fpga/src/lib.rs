@@ -8,11 +8,11 @@
 //! - [`Rtl`]: the `rtl` backend, the core simulated in-process;
 //! - [`Lockstep`]: the `lockstep` backend, model and RTL compared on every operation;
 //! - [`difftest`]: seeded random differential testing through `Lockstep`;
-//! - [`icarus`]: the generated Verilog run under Icarus Verilog, for test benches;
-//! - [`bench_rtl`]: the figures of `hilrig bench rtl`.
+//! - [`icarus`]: the generated Verilog run under Icarus Verilog, for test benches.
+//!
+//! The figures of `hilrig bench rtl` are in the `hilrig-bench` crate.
 #![deny(missing_docs)]
 
-pub mod bench;
 pub mod bram;
 pub mod core;
 pub mod counter;
@@ -26,7 +26,6 @@ pub mod sim;
 pub mod uart;
 pub mod uartsim;
 
-pub use bench::bench_rtl;
 pub use lockstep::{DynLockstep, Lockstep, Side};
 pub use rtl::Rtl;
 

@@ -59,7 +59,8 @@ pub enum VmmError {
 }
 
 impl VmmError {
-    pub(crate) fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+    /// The `map_err` of a failed KVM call named `what`.
+    pub fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
         move |source| VmmError::Kvm { what, source }
     }
 }

@@ -10,12 +10,11 @@
 //! - guest code (payload builder, built-ins, attacks) is the `hilrig-guest` crate,
 //!   re-exported as [`payload`] and [`attacks`];
 //! - [`cli`]: `hilrig vm run` / `hilrig-vmm`; the typed interface every client uses
-//!   is the `hilrig-vmm-api` crate (re-exported as [`api`]).
+//!   is the `hilrig-vmm-api` crate (re-exported as [`api`]);
+//! - the benchmarks (`hilrig bench vm-exit|policy|patch|teardown`) are in the
+//!   `hilrig-bench` crate.
 #![deny(missing_docs)]
 
-pub mod bench;
-pub mod bench_lifecycle;
-pub mod bench_policy;
 pub mod cli;
 pub mod devices;
 pub mod error;
@@ -26,8 +25,6 @@ pub mod seccomp;
 pub mod verdict;
 pub mod vstate;
 
-pub use bench::bench_vm_exit;
-pub use bench_policy::bench_policy;
 pub use cli::{run_cli, VmArgs};
 pub use devices::backend::Backend;
 pub use devices::plan::{DirectWindow, PageMap, PagePlan, TrapSet};

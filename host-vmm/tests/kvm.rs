@@ -299,22 +299,6 @@ fn trapping_every_page_still_reaches_the_buffers() {
 }
 
 #[test]
-fn bench_reports_the_five_figures() {
-    if !kvm_available() {
-        return;
-    }
-    let figs = hilrig_vmm::bench_vm_exit(Duration::from_millis(300)).expect("bench");
-    assert_eq!(figs.len(), 5);
-    assert_eq!(figs[1].baseline, Some(0));
-    // The same path with the seccomp filters on, against the same baseline.
-    assert_eq!(figs[4].baseline, Some(0));
-    assert!(figs[4].value > 0.0);
-    assert!(figs[0].value > 0.0 && figs[1].value > 0.0);
-    assert_eq!(figs[2].value, 0.0, "unrestricted page must cost no exits");
-    assert_eq!(figs[3].unit, "ms");
-}
-
-#[test]
 fn every_vcpu_runs_on_its_own_thread() {
     if !kvm_available() {
         return;

@@ -951,20 +951,6 @@ fn fuzzer_oracle_catches_enforcement_off() {
     );
 }
 
-#[test]
-fn bench_policy_reports_its_figures() {
-    if !kvm_available() {
-        return;
-    }
-    let f = hilrig_vmm::bench_policy(Duration::from_millis(500)).expect("bench");
-    assert_eq!(f.len(), 6);
-    assert!(f[0].value > 0.0 && f[1].value > 0.0 && f[2].value > 0.0);
-    // Figure 1 with the seccomp filters on, same baseline.
-    assert!(f[5].value > 0.0 && f[5].baseline == Some(0), "{:?}", f[5]);
-    assert_eq!((f[1].baseline, f[2].baseline), (Some(0), Some(0)));
-    assert!(f[3].value > 0.0 && f[3].value < 10_000.0, "{:?}", f[3]);
-}
-
 /// Replacing the profile of a running VM: every access is decided by the old or the
 /// new profile, never neither, and pages the new profile traps stop being mapped.
 #[test]

@@ -10,7 +10,6 @@
 pub mod api;
 pub mod artifacts;
 pub mod auth;
-pub mod bench;
 pub mod cli;
 pub mod db;
 pub mod history;

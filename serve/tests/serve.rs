@@ -402,19 +402,3 @@ fn a_running_run_streams_its_cases_and_its_end() {
         seen.push_str(&line);
     }
 }
-
-#[test]
-fn the_bench_runs_on_a_small_store() {
-    let o = hilrig_serve::bench::BenchOptions {
-        nights: 6,
-        cases: 12,
-        page_requests: 2,
-        rate: 40.0,
-        load_time: std::time::Duration::from_millis(250),
-    };
-    let f = hilrig_serve::bench::bench_serve(&o, None).unwrap();
-    let failed = f.iter().find(|x| x.name.contains("failed")).unwrap();
-    assert_eq!(failed.value, 0.0, "no failed API requests");
-    assert!(f.iter().any(|x| x.name.contains("runs index")));
-    assert!(f[1].baseline == Some(0));
-}

@@ -4,13 +4,13 @@
 //! - [`bridge::HostBridge`]: the bridge in rust-hdl (UART, parser, bus master);
 //! - [`top::BoardTop`]: device core + bridge + OOB UART + LEDs + power-on reset;
 //! - [`backend::Fpga`]: the `fpga` device backend over a byte transport;
-//! - [`bench`]: the figures of `hilrig bench board`;
 //! - [`simboard`]: the board simulated in-process, over a pipe or a PTY;
 //! - [`uartsim`]: software UART line ends for simulation drivers (from `hilrig_fpga`).
+//!
+//! The figures of `hilrig bench board` are in the `hilrig-bench` crate.
 #![deny(missing_docs)]
 
 pub mod backend;
-pub mod bench;
 pub mod bridge;
 pub mod proto;
 pub mod simboard;

@@ -18,7 +18,6 @@
 
 pub mod attest;
 pub mod backend;
-pub mod bench;
 pub mod device;
 pub mod model;
 pub mod oob;

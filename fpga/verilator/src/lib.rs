@@ -9,11 +9,11 @@
 //! - [`open_backend`], [`new_backend`]: any in-process backend by [`BackendKind`];
 //!   [`open_side`], [`open_pair`], [`pair`]: lockstep of any two;
 //! - [`board`]: the board top (core + host bridge + OOB UART) verilated, a
-//!   `hilrig_board::BoardCircuit` for the simulated board ([`sim_board`]);
-//! - [`bench`]: the Verilator rows of `hilrig bench rtl`.
+//!   `hilrig_board::BoardCircuit` for the simulated board ([`sim_board`]).
+//!
+//! The Verilator rows of `hilrig bench rtl` are in the `hilrig-bench` crate.
 #![deny(missing_docs)]
 
-pub mod bench;
 pub mod board;
 pub mod build;
 pub mod core;

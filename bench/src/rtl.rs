@@ -1,13 +1,13 @@
 //! `hilrig bench rtl`: how fast the RTL backend runs, as ratios in one run.
 
-use crate::core::{CoreParams, DeviceCore, BUF_WORDS};
-use crate::counter;
-use crate::rtl::Rtl;
-use hilrig_device::bench::{rate, Figure};
+use crate::figure::{rate, Figure};
 use hilrig_device::device::{Device, DeviceError};
 use hilrig_device::model::Model;
 use hilrig_device::regmap::{Reg, BUFFER_BASE};
 use hilrig_device::state::{DeviceConfig, NvState};
+use hilrig_fpga::core::{CoreParams, DeviceCore, BUF_WORDS};
+use hilrig_fpga::counter;
+use hilrig_fpga::rtl::Rtl;
 use rust_hdl::prelude::*;
 use std::time::{Duration, Instant};
 
@@ -34,7 +34,7 @@ pub fn simple_sim_device(cycles: u64) -> f64 {
         region_sizes: d.region_sizes,
         serial: 1,
         buffer_words: BUF_WORDS,
-        oob_divisor: crate::core::OOB_DIVISOR,
+        oob_divisor: hilrig_fpga::core::OOB_DIVISOR,
     });
     let mut sim = simple_sim!(DeviceCore, clock, 100_000_000, ep, {
         let mut x = ep.init()?;

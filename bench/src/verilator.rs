@@ -2,13 +2,13 @@
 //! Verilator harness (`cpp/harness.cpp`, a plain C++ loop on the same
 //! `device_core.v`) built and run in the same bench as the baseline.
 
-use crate::build::{self, BuildOptions, Sources};
-use crate::{Error, Verilator};
-use hilrig_device::bench::{rate, Figure};
+use crate::figure::{rate, Figure};
 use hilrig_device::device::{Device, DeviceError};
 use hilrig_device::regmap::Reg;
 use hilrig_device::state::{DeviceConfig, NvState};
 use hilrig_fpga::core::CoreParams;
+use hilrig_verilator::build::{self, BuildOptions, Sources};
+use hilrig_verilator::{Error, Verilator};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -70,7 +70,7 @@ fn index_of(figs: &[Figure], prefix: &str) -> Option<usize> {
     figs.iter().position(|f| f.name.starts_with(prefix))
 }
 
-/// Append the Verilator rows to `figs` (the figures of `hilrig_fpga::bench_rtl`,
+/// Append the Verilator rows to `figs` (the figures of `crate::rtl::bench_rtl`,
 /// measured in the same run): the bare harness (baseline), the backend's MMIO
 /// ops/s (SCRATCH write + read, as the harness) and idle cycles/s against it, and
 /// the `rtl` backend's idle cycles/s against the harness. Builds first (cached),
@@ -145,7 +145,7 @@ pub fn append_rows(figs: &mut Vec<Figure>, budget: Duration) -> Result<(), Error
 
     let mut err: Option<DeviceError> = None;
     let mix = rate(slice, 256, |i| {
-        if let Err(e) = hilrig_fpga::bench::mmio_mix(&mut v, i) {
+        if let Err(e) = crate::rtl::mmio_mix(&mut v, i) {
             err = Some(e);
         }
     });
@@ -178,16 +178,16 @@ pub fn append_rows(figs: &mut Vec<Figure>, budget: Duration) -> Result<(), Error
 
 /// The verilated board top's rows of `hilrig bench board`: the `fpga` backend over
 /// the in-memory pipe on the board top's Verilog through Verilator, against the
-/// rust-hdl board's pipe row (figure 1 of `hilrig_board::bench::bench_board`).
+/// rust-hdl board's pipe row (figure 1 of `crate::board::bench_board`).
 pub fn append_board_rows(figs: &mut Vec<Figure>, budget: Duration) -> Result<(), Error> {
-    let p = hilrig_board::bench::params();
+    let p = crate::board::params();
     let cfg = DeviceConfig {
         counter_width: p.core.width,
         region_sizes: p.core.region_sizes,
     };
     let nv = NvState::factory(cfg, p.core.serial).map_err(DeviceError::from)?;
-    let board = crate::board::sim_board(p, &nv, &BuildOptions::default())?;
-    let (ops, cps) = hilrig_board::bench::pipe_rate(board, budget)?;
+    let board = hilrig_verilator::board::sim_board(p, &nv, &BuildOptions::default())?;
+    let (ops, cps) = crate::board::pipe_rate(board, budget)?;
     figs.push(
         Figure::new(
             "fpga backend: SCRATCH ops/s via the verilated board top, in-memory pipe",

@@ -1,7 +1,7 @@
 //! `hilrig bench <name>`: figures with ratios against a baseline measured in the same run.
 
+use crate::figure::{rate, Figure};
 use anyhow::{bail, Result};
-use hilrig_device::bench::{rate, Figure};
 use hilrig_device::regmap::{Reg, BUFFER_BASE, BUFFER_SIZE};
 use hilrig_device::{Device, DeviceConfig, Model};
 use std::hint::black_box;
@@ -64,37 +64,37 @@ pub fn run(name: &str, seconds: f64) -> Result<Vec<Figure>> {
     let budget = Duration::from_secs_f64(seconds.max(0.05));
     let figures = match name {
         "model" => bench_model(budget)?,
-        "vm-exit" => hilrig_vmm::bench_vm_exit(budget)?,
+        "vm-exit" => crate::vm_exit::bench_vm_exit(budget)?,
         "rtl" => {
-            let mut figures = hilrig_fpga::bench_rtl(budget)?;
+            let mut figures = crate::rtl::bench_rtl(budget)?;
             // The Verilator rows (backend and bare harness, same run); loudly
             // skipped without verilator.
             if hilrig_verilator::available("bench rtl: the Verilator rows") {
-                hilrig_verilator::bench::append_rows(&mut figures, budget)?;
+                crate::verilator::append_rows(&mut figures, budget)?;
             }
             figures
         }
         "board" => {
-            let mut figures = hilrig_board::bench::bench_board(budget)?;
+            let mut figures = crate::board::bench_board(budget)?;
             if hilrig_verilator::available("bench board: the verilated board rows") {
-                hilrig_verilator::bench::append_board_rows(&mut figures, budget / 3)?;
+                crate::verilator::append_board_rows(&mut figures, budget / 3)?;
             }
             figures
         }
         "campaign" => bench_campaign()?,
-        "lab-scale" => crate::bench_scale::bench_lab_scale()?,
-        "serve" => hilrig_serve::bench::bench_serve(
-            &hilrig_serve::bench::BenchOptions::default(),
+        "lab-scale" => crate::scale::bench_lab_scale()?,
+        "serve" => crate::serve::bench_serve(
+            &crate::serve::BenchOptions::default(),
             std::env::var("HILRIG_TEST_PG")
                 .ok()
                 .filter(|s| !s.is_empty())
                 .as_deref(),
         )?,
         "lab" => bench_lab()?,
-        "policy" => hilrig_vmm::bench_policy(budget)?,
-        "patch" => hilrig_vmm::bench_lifecycle::bench_patch(budget)?,
-        "teardown" => hilrig_vmm::bench_lifecycle::bench_teardown(budget)?,
-        "counters" => hilrig_counters::bench_counters(
+        "policy" => crate::policy::bench_policy(budget)?,
+        "patch" => crate::lifecycle::bench_patch(budget)?,
+        "teardown" => crate::lifecycle::bench_teardown(budget)?,
+        "counters" => crate::counters::bench_counters(
             budget,
             std::env::var("HILRIG_TEST_PG")
                 .ok()

@@ -4,8 +4,8 @@
 //! the same bench run. PostgreSQL: `HILRIG_TEST_PG`, else `scripts/pg-start` (from
 //! the source tree, stopped afterwards).
 
+use crate::figure::Figure;
 use anyhow::{bail, Context, Result};
-use hilrig_device::bench::Figure;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;

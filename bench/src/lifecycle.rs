@@ -1,13 +1,13 @@
 //! `hilrig bench patch` and `hilrig bench teardown`.
 
-use crate::lifecycle::control;
-use crate::lifecycle::patch::PatchAuthority;
-use crate::lifecycle::LifecycleConfig;
-use crate::policy::{default_policy_toml, load_profile};
-use crate::{open_backend, payload, Console, DeviceSpec, Vm, VmConfig};
+use crate::figure::Figure;
 use anyhow::{bail, Context, Result};
 use ed25519_dalek::SigningKey;
-use hilrig_device::bench::Figure;
+use hilrig_vmm::lifecycle::control;
+use hilrig_vmm::lifecycle::patch::PatchAuthority;
+use hilrig_vmm::lifecycle::LifecycleConfig;
+use hilrig_vmm::policy::{default_policy_toml, load_profile};
+use hilrig_vmm::{open_backend, payload, Console, DeviceSpec, Vm, VmConfig};
 use hilrig_vmm_api::control::{Reply, Request};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,7 +32,7 @@ fn pct(mut v: Vec<u64>, q: f64) -> f64 {
 
 struct Running {
     sock: PathBuf,
-    stop: crate::StopHandle,
+    stop: hilrig_vmm::StopHandle,
     thread: std::thread::JoinHandle<()>,
 }
 
@@ -91,7 +91,7 @@ pub fn bench_patch(budget: Duration) -> Result<Vec<Figure>> {
                 target_vmm_sha256: BUILD,
                 payloads: vec![("rules.toml".into(), rules.clone())],
                 encrypt_to: None,
-                patch_path_sha256: Some(crate::lifecycle::patch_path::measure_patch_path()),
+                patch_path_sha256: Some(hilrig_vmm::lifecycle::patch_path::measure_patch_path()),
             },
             &key,
         )?;
@@ -145,7 +145,9 @@ pub fn bench_patch(budget: Duration) -> Result<Vec<Figure>> {
                         target_vmm_sha256: BUILD,
                         payloads: vec![("libdemo.so".into(), so.clone())],
                         encrypt_to: None,
-                        patch_path_sha256: Some(crate::lifecycle::patch_path::measure_patch_path()),
+                        patch_path_sha256: Some(
+                            hilrig_vmm::lifecycle::patch_path::measure_patch_path(),
+                        ),
                     },
                     &key,
                 )?;
@@ -300,7 +302,7 @@ pub fn bench_teardown(budget: Duration) -> Result<Vec<Figure>> {
         mem[12345] = 7;
         let t = Instant::now();
         // SAFETY: our own mapping.
-        unsafe { crate::lifecycle::teardown::scrub(mem.as_mut_ptr(), SIZE) }
+        unsafe { hilrig_vmm::lifecycle::teardown::scrub(mem.as_mut_ptr(), SIZE) }
             .map_err(|at| anyhow::anyhow!("scrub left byte {at}"))?;
         scrub = scrub.min(t.elapsed().as_secs_f64());
     }
@@ -409,7 +411,7 @@ fn gate_rows(figures: &mut Vec<Figure>, budget: Duration) -> Result<()> {
         let mut backend = open_backend(&DeviceSpec::Model, Some(&state))?;
         let mut gate_us = 0;
         if gate {
-            let g = crate::lifecycle::gate::check(&mut *backend.device, "bench", &db, &key);
+            let g = hilrig_vmm::lifecycle::gate::check(&mut *backend.device, "bench", &db, &key);
             if !g.outcome.admits() {
                 bail!("the benchmark device was refused: {}", g.describe());
             }

@@ -3,10 +3,10 @@
 //! over a PTY (the serialport code path used with a board), against the same core
 //! driven directly by `Rtl` (no bridge, no UART) as the baseline.
 
-use crate::backend::{Fpga, FpgaOptions};
-use crate::simboard::{PtyBoard, SimBoard, SimPipe};
-use crate::top::BoardParams;
-use hilrig_device::bench::{rate, Figure};
+use crate::figure::{rate, Figure};
+use hilrig_board::backend::{Fpga, FpgaOptions};
+use hilrig_board::simboard::{PtyBoard, SimBoard, SimPipe};
+use hilrig_board::top::BoardParams;
 use hilrig_device::device::{Device, DeviceError};
 use hilrig_device::regmap::Reg;
 use hilrig_device::state::{DeviceConfig, NvState};

@@ -14,12 +14,12 @@
 //! transaction) is timed; each row is compared with the same row at the smallest
 //! size in the same run.
 
-use crate::decide::{decide, Expected, Observation};
-use crate::mac::Key;
-use crate::service::{Enrollment, Service};
-use crate::store::{Db, PgDb, SqliteDb};
-use crate::{Result, Verdict};
-use hilrig_device::bench::Figure;
+use crate::figure::Figure;
+use hilrig_counters::decide::{decide, Expected, Observation};
+use hilrig_counters::mac::Key;
+use hilrig_counters::service::{Enrollment, Service};
+use hilrig_counters::store::{Db, PgDb, SqliteDb};
+use hilrig_counters::{Result, Verdict};
 use hilrig_device::oob::CounterReport;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -107,7 +107,7 @@ impl Rater {
             let end = (self.off + BATCH).min(self.items.len());
             let reps = svc.verify_batch(&self.items[self.off..end])?;
             if let Some(r) = reps.iter().find(|r| r.decision.verdict != Verdict::Trusted) {
-                return Err(crate::Error::Input(format!(
+                return Err(hilrig_counters::Error::Input(format!(
                     "benchmark device {} was not trusted: {:?}",
                     r.serial, r.decision
                 )));
@@ -150,20 +150,20 @@ fn sizes() -> Vec<u64> {
 
 /// Run `cmd` (a `hilrig counters` command) to its end; returns (seconds, its peak
 /// RSS in MiB). The peak is the child's own VmHWM, which it writes to a file named
-/// by [`crate::cli::PEAK_RSS_ENV`]: `ru_maxrss` from `wait4` would not do, as Linux
+/// by [`hilrig_counters::cli::PEAK_RSS_ENV`]: `ru_maxrss` from `wait4` would not do, as Linux
 /// starts a child's at its parent's peak RSS when it execs (`exec_mmap`), so a big
 /// parent hides a small child. Its stdout is discarded, its stderr goes to
 /// `stderr_file` and is quoted when it fails.
 pub fn run_measured(cmd: &mut std::process::Command, stderr_file: &Path) -> Result<(f64, f64)> {
     let shown = format!("{cmd:?}");
-    let fail = |d: String| crate::Error::Input(format!("measuring {shown}: {d}"));
+    let fail = |d: String| hilrig_counters::Error::Input(format!("measuring {shown}: {d}"));
     let err_file = std::fs::File::create(stderr_file)
         .map_err(|e| fail(format!("{}: {e}", stderr_file.display())))?;
     let rss_file = stderr_file.with_extension("peak-rss");
     let _ = std::fs::remove_file(&rss_file);
     let t = Instant::now();
     let out = cmd
-        .env(crate::cli::PEAK_RSS_ENV, &rss_file)
+        .env(hilrig_counters::cli::PEAK_RSS_ENV, &rss_file)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(err_file)
@@ -190,8 +190,9 @@ pub fn run_measured(cmd: &mut std::process::Command, stderr_file: &Path) -> Resu
 /// Run `hilrig counters ARGS` as a child process (this executable, which embeds
 /// `counters`); returns (seconds, peak RSS in MiB).
 fn child(args: &[&str], dir: &Path) -> Result<(f64, f64)> {
-    let exe = std::env::current_exe()
-        .map_err(|e| crate::Error::Input(format!("bench: finding this executable: {e}")))?;
+    let exe = std::env::current_exe().map_err(|e| {
+        hilrig_counters::Error::Input(format!("bench: finding this executable: {e}"))
+    })?;
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("counters").args(args);
     run_measured(&mut cmd, &dir.join("child.stderr"))
@@ -206,7 +207,7 @@ fn verify_per_call(svc: &mut Service, n: u64, budget: Duration) -> Result<f64> {
         let i = (calls.wrapping_mul(7919) + 13) % n;
         let r = svc.verify_observation(0x1_0000_0000 + i, Ok(observation_of(&expected_of(i))))?;
         if r.decision.verdict != Verdict::Trusted {
-            return Err(crate::Error::Input(format!(
+            return Err(hilrig_counters::Error::Input(format!(
                 "benchmark device {} was not trusted: {:?}",
                 r.serial, r.decision
             )));
@@ -318,8 +319,8 @@ pub fn bench_counters(budget: Duration, pg_url: Option<&str>) -> Result<Vec<Figu
     // Baseline: the decision alone, no store.
     let exps: Vec<Expected> = (0..1000).map(expected_of).collect();
     let obs: Vec<Observation> = exps.iter().map(observation_of).collect();
-    let none = |_: hilrig_device::Region, _: &crate::decide::Hash| false;
-    let r = hilrig_device::bench::rate(budget, 1000, |i| {
+    let none = |_: hilrig_device::Region, _: &hilrig_counters::decide::Hash| false;
+    let r = crate::figure::rate(budget, 1000, |i| {
         let k = (i % 1000) as usize;
         std::hint::black_box(decide(&exps[k], &obs[k], &none, &[]));
     });
@@ -328,7 +329,7 @@ pub fn bench_counters(budget: Duration, pg_url: Option<&str>) -> Result<Vec<Figu
     let dir: PathBuf = bench_dir().join(format!("hilrig-bench-counters-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)
-        .map_err(|e| crate::Error::db(&format!("creating {}", dir.display()), e))?;
+        .map_err(|e| hilrig_counters::Error::db(&format!("creating {}", dir.display()), e))?;
     let result = (|| -> Result<()> {
         // The same key as a key file, for the child processes.
         let key_file = dir.join("bench.key");
@@ -344,7 +345,9 @@ pub fn bench_counters(budget: Duration, pg_url: Option<&str>) -> Result<Vec<Figu
                     f.write_all(format!("{}\n", hex::encode([0x42u8; 32])).as_bytes())?;
                     Ok(f)
                 })
-                .map_err(|e| crate::Error::Input(format!("bench: {}: {e}", key_file.display())))?;
+                .map_err(|e| {
+                    hilrig_counters::Error::Input(format!("bench: {}: {e}", key_file.display()))
+                })?;
             let _ = f.flush();
         }
         let db_path = dir.join("bench.db");

@@ -1,11 +1,11 @@
-//! Run `bench_policy` once and print the figures: `cargo run --release -p hilrig-vmm --example bench_policy [seconds]`.
+//! Run `bench_vm_exit` once and print the figures: `cargo run --release -p hilrig-bench --example bench_vm_exit [seconds]`.
 
 fn main() -> anyhow::Result<()> {
     let secs: f64 = std::env::args()
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(3.0);
-    let figs = hilrig_vmm::bench_policy(std::time::Duration::from_secs_f64(secs))?;
+    let figs = hilrig_bench::vm_exit::bench_vm_exit(std::time::Duration::from_secs_f64(secs))?;
     for f in &figs {
         let ratio = f
             .baseline

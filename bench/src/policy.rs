@@ -1,16 +1,16 @@
 //! `hilrig bench policy`: the MMIO policy path against the raw KVM exit loop, in
 //! one run, and the decision cost alone.
 
-use crate::bench::raw_mmio_loop;
-use crate::devices::{open_backend, DeviceSpec};
-use crate::error::VmmError;
-use crate::payload;
-use crate::policy::engine::{AlarmConfig, PolicyEngine};
-use crate::policy::{load_profile, PolicyFile, Profile};
-use crate::vstate::vm::{Console, Vm, VmConfig};
-use hilrig_device::bench::Figure;
+use crate::figure::Figure;
+use crate::vm_exit::raw_mmio_loop;
 use hilrig_device::regmap::{Reg, HANG_MAGIC};
 use hilrig_device::{Device, DeviceError, ResetKind};
+use hilrig_vmm::devices::{open_backend, DeviceSpec};
+use hilrig_vmm::error::VmmError;
+use hilrig_vmm::payload;
+use hilrig_vmm::policy::engine::{AlarmConfig, PolicyEngine};
+use hilrig_vmm::policy::{load_profile, PolicyFile, Profile};
+use hilrig_vmm::vstate::vm::{Console, Vm, VmConfig};
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,7 +46,7 @@ pub fn policy_mmio_loop(
     Ok((r.exits.mmio_write, r.mmio_span.unwrap_or_default()))
 }
 
-use crate::bench::rate;
+use crate::vm_exit::rate;
 
 /// A device that does nothing: isolates the policy's own cost.
 struct NullDevice;
@@ -170,7 +170,7 @@ pub fn bench_policy(budget: Duration) -> anyhow::Result<Vec<Figure>> {
     let n = ((rate(e, s) * per_run) as u64).clamp(10_000, 50_000_000);
     let (mut raw, mut allowed, mut dropped, mut filtered) = (0f64, 0f64, 0f64, 0f64);
     for _ in 0..3 {
-        let r = crate::bench::vm_run_with(
+        let r = crate::vm_exit::vm_run_with(
             "mmio-loop",
             payload::mmio_loop(n, Reg::Scratch.offset())?,
             timeout,

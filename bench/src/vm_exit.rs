@@ -1,12 +1,12 @@
 //! `hilrig bench vm-exit`: exit-path figures, as ratios within one run.
 
-use crate::devices::{open_backend, DeviceSpec};
-use crate::error::VmmError;
-use crate::payload;
-use crate::vstate::layout::*;
-use crate::vstate::vm::{Console, Vm, VmConfig};
-use hilrig_device::bench::Figure;
+use crate::figure::Figure;
 use hilrig_device::regmap::Reg;
+use hilrig_vmm::devices::{open_backend, DeviceSpec};
+use hilrig_vmm::error::VmmError;
+use hilrig_vmm::payload;
+use hilrig_vmm::vstate::layout::*;
+use hilrig_vmm::vstate::vm::{Console, Vm, VmConfig};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit};
 use std::time::{Duration, Instant};
@@ -88,7 +88,7 @@ pub fn raw_mmio_loop(n: u64) -> Result<(u64, Duration), VmmError> {
     Ok((exits, span))
 }
 
-fn vm_run(name: &str, code: Vec<u8>, timeout: Duration) -> Result<crate::RunReport, VmmError> {
+fn vm_run(name: &str, code: Vec<u8>, timeout: Duration) -> Result<hilrig_vmm::RunReport, VmmError> {
     vm_run_with(name, code, timeout, None, false)
 }
 
@@ -98,11 +98,11 @@ pub(crate) fn vm_run_with(
     name: &str,
     code: Vec<u8>,
     timeout: Duration,
-    policy: Option<std::sync::Arc<crate::policy::Profile>>,
+    policy: Option<std::sync::Arc<hilrig_vmm::policy::Profile>>,
     seccomp: bool,
-) -> Result<crate::RunReport, VmmError> {
+) -> Result<hilrig_vmm::RunReport, VmmError> {
     let name = name.to_string();
-    let run = move || -> Result<crate::RunReport, VmmError> {
+    let run = move || -> Result<hilrig_vmm::RunReport, VmmError> {
         let cfg = VmConfig {
             vcpus: 1,
             mem_size: BENCH_MEM,
@@ -115,7 +115,7 @@ pub(crate) fn vm_run_with(
         };
         let backend = open_backend(&DeviceSpec::Model, None)?;
         let mut vm = Vm::new(cfg, backend)?;
-        vm.sandbox(crate::seccomp::Sandbox {
+        vm.sandbox(hilrig_vmm::seccomp::Sandbox {
             seccomp,
             network: false,
         });

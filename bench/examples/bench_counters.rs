@@ -1,4 +1,4 @@
-//! Run the counters benchmark: `cargo run --release -p hilrig-counters --example
+//! Run the counters benchmark: `cargo run --release -p hilrig-bench --example
 //! bench_counters [SECONDS]` (PostgreSQL too when HILRIG_TEST_PG is set).
 
 use clap::Parser;
@@ -28,7 +28,7 @@ fn main() -> anyhow::Result<()> {
     let pg = std::env::var("HILRIG_TEST_PG")
         .ok()
         .filter(|s| !s.is_empty());
-    let figs = hilrig_counters::bench::bench_counters(
+    let figs = hilrig_bench::counters::bench_counters(
         std::time::Duration::from_secs_f64(secs),
         pg.as_deref(),
     )?;

@@ -4,7 +4,7 @@ fn main() {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(5.0);
-    match hilrig_fpga::bench_rtl(std::time::Duration::from_secs_f64(secs)) {
+    match hilrig_bench::rtl::bench_rtl(std::time::Duration::from_secs_f64(secs)) {
         Ok(figs) => {
             for f in &figs {
                 let ratio = f

@@ -5,11 +5,11 @@
 //! run: the round trip of a static response on the same server (the HTTP floor).
 //! SQLite always; PostgreSQL too when a URL is given ($HILRIG_TEST_PG).
 
-use crate::db::Db;
-use crate::server::AppState;
+use crate::figure::Figure;
 use hilrig_campaigns::store::{RunRow, Store};
-use hilrig_device::bench::Figure;
 use hilrig_reports::{sample_run, CaseResult, Run};
+use hilrig_serve::db::Db;
+use hilrig_serve::server::AppState;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -65,7 +65,7 @@ pub fn night(k: usize, n: usize) -> Run {
     run
 }
 
-fn fill(spec: &str, o: &BenchOptions) -> Result<String, crate::ServeError> {
+fn fill(spec: &str, o: &BenchOptions) -> Result<String, hilrig_serve::ServeError> {
     let mut s = Store::open(Path::new(spec))?;
     for k in 0..o.nights {
         let run = night(k, o.cases);
@@ -119,7 +119,11 @@ fn pct(mut v: Vec<f64>, q: f64) -> f64 {
     v[i]
 }
 
-async fn timed(addr: std::net::SocketAddr, path: &str, n: usize) -> Result<f64, crate::ServeError> {
+async fn timed(
+    addr: std::net::SocketAddr,
+    path: &str,
+    n: usize,
+) -> Result<f64, hilrig_serve::ServeError> {
     let mut t = vec![];
     // One warm-up request (page caches, prepared statements).
     let _ = get(addr, path).await;
@@ -127,12 +131,12 @@ async fn timed(addr: std::net::SocketAddr, path: &str, n: usize) -> Result<f64, 
         let s = Instant::now();
         let (st, _) = get(addr, path)
             .await
-            .map_err(|source| crate::ServeError::Io {
+            .map_err(|source| hilrig_serve::ServeError::Io {
                 what: format!("GET {path}"),
                 source,
             })?;
         if st != 200 {
-            return Err(crate::ServeError::BadRequest(format!(
+            return Err(hilrig_serve::ServeError::BadRequest(format!(
                 "GET {path}: HTTP {st}"
             )));
         }
@@ -186,7 +190,7 @@ fn measure(
     label: &str,
     o: &BenchOptions,
     figures: &mut Vec<Figure>,
-) -> Result<(), crate::ServeError> {
+) -> Result<(), hilrig_serve::ServeError> {
     let t0 = Instant::now();
     let case = fill(spec, o)?;
     eprintln!(
@@ -199,24 +203,26 @@ fn measure(
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(|source| crate::ServeError::Io {
+        .map_err(|source| hilrig_serve::ServeError::Io {
             what: "runtime".into(),
             source,
         })?;
     rt.block_on(async {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
-            .map_err(|source| crate::ServeError::Io {
+            .map_err(|source| hilrig_serve::ServeError::Io {
                 what: "bind".into(),
                 source,
             })?;
-        let addr = l.local_addr().map_err(|source| crate::ServeError::Io {
-            what: "addr".into(),
-            source,
-        })?;
-        tokio::spawn(crate::server::serve(l, AppState::new(db)));
-        let hist = format!("/history?case={}", crate::pages::enc(&case));
-        let api = format!("/api/history?case={}", crate::pages::enc(&case));
+        let addr = l
+            .local_addr()
+            .map_err(|source| hilrig_serve::ServeError::Io {
+                what: "addr".into(),
+                source,
+            })?;
+        tokio::spawn(hilrig_serve::server::serve(l, AppState::new(db)));
+        let hist = format!("/history?case={}", hilrig_serve::pages::enc(&case));
+        let api = format!("/api/history?case={}", hilrig_serve::pages::enc(&case));
         let floor = timed(addr, "/static/live.js", o.page_requests).await?;
         let b = figures.len();
         figures.push(Figure::new(
@@ -285,15 +291,18 @@ fn measure(
             errors as f64,
             "req",
         ));
-        Ok::<(), crate::ServeError>(())
+        Ok::<(), hilrig_serve::ServeError>(())
     })
 }
 
 /// Run the bench: SQLite in a temporary directory, then PostgreSQL at `pg`
 /// (an empty database is best: the bench adds 1,000 runs) when given.
-pub fn bench_serve(o: &BenchOptions, pg: Option<&str>) -> Result<Vec<Figure>, crate::ServeError> {
+pub fn bench_serve(
+    o: &BenchOptions,
+    pg: Option<&str>,
+) -> Result<Vec<Figure>, hilrig_serve::ServeError> {
     let dir = std::env::temp_dir().join(format!("hilrig-bench-serve-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|source| crate::ServeError::Io {
+    std::fs::create_dir_all(&dir).map_err(|source| hilrig_serve::ServeError::Io {
         what: format!("creating {}", dir.display()),
         source,
     })?;
