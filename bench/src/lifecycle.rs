@@ -221,7 +221,7 @@ pub fn bench_patch(budget: Duration) -> Result<Vec<Figure>> {
 
 /// Build the demo device-handler module at versions 2..=k+1 with rustc.
 fn build_handlers(dir: &Path, k: usize) -> std::result::Result<Vec<Vec<u8>>, String> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("modules/demo_handler.rs");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../host-vmm/modules/demo_handler.rs");
     if !src.exists() {
         return Err(format!("{} is not here", src.display()));
     }
