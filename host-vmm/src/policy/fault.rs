@@ -21,6 +21,41 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+/// Code fetches for alarms and verdicts from BAR0 pages mapped straight into the
+/// guest (code run from a data-buffer page). The VM implements it; a vCPU thread
+/// names its VM here for the length of its loop ([`set_direct_pages`]).
+pub(crate) trait DirectPages {
+    /// Read `out.len()` bytes at guest-physical `gpa` if they lie in a BAR0 page
+    /// mapped into the guest; false if not.
+    fn read_direct(&self, gpa: u64, out: &mut [u8]) -> bool;
+}
+
+thread_local! {
+    /// The VM this vCPU thread runs (set for the length of its loop), for [`read_direct`].
+    static DIRECT_PAGES: std::cell::Cell<Option<*const dyn DirectPages>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// Name (or, with `None`, forget) the VM whose direct BAR0 pages this thread's code
+/// fetches may read.
+///
+/// # Safety
+/// The pointee must stay alive until this thread calls `set_direct_pages(None)`.
+pub(crate) unsafe fn set_direct_pages(vm: Option<*const dyn DirectPages>) {
+    DIRECT_PAGES.with(|c| c.set(vm));
+}
+
+/// Read `out.len()` bytes at guest-physical `gpa` from a BAR0 page mapped straight
+/// into the guest of this vCPU thread's VM (code run from a data-buffer page); false
+/// if it is not one (or not on a vCPU thread).
+fn read_direct(gpa: u64, out: &mut [u8]) -> bool {
+    DIRECT_PAGES.with(|c| match c.get() {
+        // SAFETY: set_direct_pages's caller keeps the VM alive until it clears it.
+        Some(p) => unsafe { &*p }.read_direct(gpa, out),
+        None => false,
+    })
+}
+
 /// What the vCPU thread needs from the VM.
 pub(crate) struct Ctx<'a> {
     pub mem: &'a GuestMemoryMmap,
@@ -311,7 +346,7 @@ impl Walk<'_> {
                 .mem
                 .read_slice(&mut out[n..n + k], GuestAddress(pa))
                 .is_err()
-                && !crate::vstate::vm::read_direct(pa, &mut out[n..n + k])
+                && !read_direct(pa, &mut out[n..n + k])
             {
                 break;
             }

@@ -17,19 +17,53 @@
 //! Any other pair is a bug in the loop; it ends the VM with an internal verdict
 //! rather than panicking. `Parked` is the only state in which a pause can hold a
 //! vCPU: there no access is half-decided.
+//!
+//! The loop knows its VM only through [`VcpuHost`] (with [`ExitBus`] and
+//! [`DirectPages`]): this file never names the VM (`super::vm` implements the
+//! traits), so the two files do not import each other.
 
-use crate::lifecycle::quiesce::Member;
-use crate::policy::engine::Outcome;
-use crate::policy::fault::{Ctx, SiteCache};
-use crate::vstate::dispatch::{handle_exit, Next, Pending};
-use crate::vstate::vm::{lock, Shared, KVM_RUN};
+use crate::lifecycle::quiesce::{Member, Rendezvous};
+use crate::policy::engine::{Outcome, PolicyEngine};
+use crate::policy::fault::{set_direct_pages, Ctx, DirectPages, SiteCache};
+use crate::vstate::dispatch::{handle_exit, ExitBus, Next, Pending};
 use crate::vstate::Verdict;
 use hilrig_device::regmap::BAR0_SIZE;
-use hilrig_vmm_api::ExitCounts;
+use hilrig_device::Device;
+use hilrig_vmm_api::{ExitCounts, OnUnemulated};
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::MutexGuard;
 use std::time::Instant;
+use vm_memory::GuestMemoryMmap;
+
+/// What the vCPU loop needs of its VM beyond answering exits ([`ExitBus`]): the
+/// rendezvous, the stop flag, guest memory, the device and the policy engine for
+/// trapped accesses, and the `--on-unemulated` setting. The VM implements it.
+pub(crate) trait VcpuHost: ExitBus + DirectPages + Sync + 'static {
+    /// Where vCPUs park while the VMM acts.
+    fn rv(&self) -> &Rendezvous;
+    /// Set when the VM is to stop.
+    fn stop_flag(&self) -> &AtomicBool;
+    /// Guest RAM.
+    fn guest_mem(&self) -> &GuestMemoryMmap;
+    /// The device, locked (poisoning recovered).
+    fn device_lock(&self) -> MutexGuard<'_, Box<dyn Device>>;
+    /// The MMIO policy engine, if a policy is on.
+    fn policy_engine(&self) -> Option<&PolicyEngine>;
+    /// KVM copies the registers into `kvm_run` on every exit.
+    fn sync_regs(&self) -> bool;
+    /// What an instruction KVM cannot emulate on MMIO gets.
+    fn on_unemulated(&self) -> OnUnemulated;
+    /// Count one #UD injected for an instruction KVM could not emulate.
+    fn count_unemulated(&self);
+}
+
+thread_local! {
+    /// This thread's `kvm_run` mapping, for the kick signal's handler.
+    pub(crate) static KVM_RUN: std::cell::Cell<*mut kvm_run> =
+        const { std::cell::Cell::new(std::ptr::null_mut()) };
+}
 
 /// Where a vCPU thread is (see the module docs).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,9 +164,9 @@ pub(crate) struct VcpuResult {
 }
 
 /// A vCPU thread: its fd and its bookkeeping.
-struct Vcpu<'a> {
+struct Vcpu<'a, H: VcpuHost> {
     fd: VcpuFd,
-    shared: &'a Shared,
+    shared: &'a H,
     book: Book,
     site_cache: SiteCache,
 }
@@ -149,10 +183,12 @@ struct Book {
 }
 
 /// Run one vCPU until it halts or the VM stops.
-pub(crate) fn vcpu_loop(idx: u8, fd: VcpuFd, shared: &Shared) -> VcpuResult {
+pub(crate) fn vcpu_loop<H: VcpuHost>(idx: u8, fd: VcpuFd, shared: &H) -> VcpuResult {
     let mut fd = fd;
     KVM_RUN.with(|c| c.set(fd.get_kvm_run() as *mut kvm_run));
-    crate::vstate::vm::VCPU_VM.with(|c| c.set(shared as *const Shared));
+    let direct: &(dyn DirectPages + 'static) = shared;
+    // SAFETY: `shared` outlives this call; cleared below before returning.
+    unsafe { set_direct_pages(Some(direct as *const dyn DirectPages)) };
     let mut v = Vcpu {
         fd,
         shared,
@@ -165,7 +201,7 @@ pub(crate) fn vcpu_loop(idx: u8, fd: VcpuFd, shared: &Shared) -> VcpuResult {
         },
         site_cache: SiteCache::default(),
     };
-    let member = shared.rv.register();
+    let member = shared.rv().register();
     let mut state = State::Parked;
     loop {
         let event = match &state {
@@ -183,7 +219,8 @@ pub(crate) fn vcpu_loop(idx: u8, fd: VcpuFd, shared: &Shared) -> VcpuResult {
         state = transition(state, event);
     }
     KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
-    crate::vstate::vm::VCPU_VM.with(|c| c.set(std::ptr::null()));
+    // SAFETY: clearing.
+    unsafe { set_direct_pages(None) };
     let Vcpu { book, fd, .. } = v;
     drop(fd);
     let Book {
@@ -204,9 +241,9 @@ impl Book {
     /// The event of a KVM_RUN return: dispatch the exit, or a kick (true: clear
     /// `immediate_exit`), or a failure.
     #[inline]
-    fn run_event(
+    fn run_event<B: ExitBus + ?Sized>(
         &mut self,
-        shared: &Shared,
+        shared: &B,
         ran: Result<VcpuExit<'_>, kvm_ioctls::Error>,
     ) -> (Event, bool) {
         let t0 = crate::vstate::ticks::now();
@@ -243,7 +280,7 @@ impl Book {
     }
 }
 
-impl Vcpu<'_> {
+impl<H: VcpuHost> Vcpu<'_, H> {
     /// `Parked`: record the trapped access just handled, then the rendezvous
     /// checkpoint (parks here while the VMM acts: between exits, no access is
     /// half-decided).
@@ -255,8 +292,8 @@ impl Vcpu<'_> {
                 .trap_latency
                 .record_ns(crate::vstate::ticks::ns_since(t0));
         }
-        self.shared.rv.checkpoint();
-        if self.shared.stop.load(Ordering::Acquire) {
+        self.shared.rv().checkpoint();
+        if self.shared.stop_flag().load(Ordering::Acquire) {
             Event::StopRequested
         } else {
             Event::Resumed
@@ -275,7 +312,7 @@ impl Vcpu<'_> {
         member.left_run();
         let (mut event, kicked) = self.book.run_event(self.shared, ran);
         if event == Event::Handled(Next::Emulation)
-            && self.shared.on_unemulated == hilrig_vmm_api::OnUnemulated::Ud
+            && self.shared.on_unemulated() == OnUnemulated::Ud
         {
             event = self.unemulated_ud();
         }
@@ -291,12 +328,12 @@ impl Vcpu<'_> {
     /// it): the guest gets #UD there and goes on; the VMM logs the instruction.
     fn unemulated_ud(&mut self) -> Event {
         let idx = self.book.idx;
-        let (rip, insn) = crate::policy::fault::name_rip(&self.shared.mem, &self.fd);
+        let (rip, insn) = crate::policy::fault::name_rip(self.shared.guest_mem(), &self.fd);
         tracing::warn!(
             vcpu = idx,
             "KVM cannot emulate `{insn}` at rip {rip:#x}: #UD to the guest"
         );
-        self.shared.unemulated.fetch_add(1, Ordering::Relaxed);
+        self.shared.count_unemulated();
         match crate::policy::fault::inject_exception(&self.fd, crate::policy::fault::UD_VECTOR) {
             Ok(()) => Event::Handled(Next::Continue),
             Err(e) => Event::Failed(Box::new(Verdict::Internal(format!(
@@ -307,7 +344,7 @@ impl Vcpu<'_> {
 
     /// `Stopping`: record how this vCPU ends.
     fn end(&mut self, end: &Ending) {
-        let (idx, mem) = (self.book.idx, &self.shared.mem);
+        let (idx, mem) = (self.book.idx, self.shared.guest_mem());
         let v = match end {
             Ending::Quiet => return,
             Ending::Finish(v) => (**v).clone(),
@@ -362,7 +399,7 @@ impl Vcpu<'_> {
         }
         let mut buf = p.buf;
         let r = {
-            let mut dev = lock(&self.shared.device);
+            let mut dev = self.shared.device_lock();
             ctx.engine
                 .access(&mut **dev, p.off, &mut buf[..p.len], p.write)
         };
@@ -452,7 +489,7 @@ impl Vcpu<'_> {
             // Nothing of it may reach the device: decide (for alarms) as a fault.
             Ok(true)
         } else {
-            let mut dev = lock(&self.shared.device);
+            let mut dev = self.shared.device_lock();
             ctx.engine
                 .access_split(&mut **dev, &mut pieces[..n], &mut outs[..n])
         };
@@ -541,13 +578,13 @@ fn io_element_size() -> usize {
 }
 
 /// The policy engine's context (None without a policy).
-fn ctx(shared: &Shared) -> Option<Ctx<'_>> {
-    let engine = shared.policy.as_deref()?;
+fn ctx<H: VcpuHost>(shared: &H) -> Option<Ctx<'_>> {
+    let engine = shared.policy_engine()?;
     Some(Ctx {
-        mem: &shared.mem,
+        mem: shared.guest_mem(),
         engine,
-        stop: &shared.stop,
-        sync: shared.sync_regs,
+        stop: shared.stop_flag(),
+        sync: shared.sync_regs(),
     })
 }
 

@@ -1,6 +1,7 @@
 //! The VM: KVM setup, guest memory and vCPUs, the state the vCPU threads share
-//! ([`Shared`], which is their [`ExitBus`]), the kick signal, the watchdog and the
-//! run report. The vCPU thread itself is [`super::vcpu`]; exit dispatch is
+//! ([`Shared`], which is their [`ExitBus`], [`VcpuHost`] and [`DirectPages`]), the
+//! kick signal, the watchdog and the run report. The vCPU thread itself is
+//! [`super::vcpu`] (which knows the VM only through those traits); exit dispatch is
 //! [`super::dispatch`].
 
 use crate::devices::backend::Backend;
@@ -9,15 +10,15 @@ use crate::devices::plan::{DirectWindow, PagePlan, SlotRange, TrapSet};
 use crate::error::VmmError;
 use crate::lifecycle::Lifecycle;
 use crate::policy::engine::{AlarmConfig, PolicyEngine, PolicyReport};
+use crate::policy::fault::DirectPages;
 use crate::policy::Profile;
 use crate::vstate::dispatch::{ExitBus, MmioData};
 use crate::vstate::layout::*;
-use crate::vstate::vcpu::{vcpu_loop, VcpuResult};
+use crate::vstate::vcpu::{vcpu_loop, VcpuHost, VcpuResult, KVM_RUN};
 use hilrig_device::regmap::BAR0_SIZE;
 use hilrig_device::Device;
-use kvm_bindings::{kvm_run, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use std::cell::Cell;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -383,29 +384,41 @@ impl ExitBus for Shared {
     }
 }
 
-thread_local! {
-    /// This thread's `kvm_run` mapping, for the kick signal's handler.
-    pub(crate) static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
-    /// The VM this vCPU thread runs (set for the length of `vcpu_loop`), so that
-    /// instruction fetches for alarms and verdicts can read code the guest runs from
-    /// a BAR0 page mapped straight into it ([`read_direct`]).
-    pub(crate) static VCPU_VM: Cell<*const Shared> = const { Cell::new(std::ptr::null()) };
+impl VcpuHost for Shared {
+    #[inline]
+    fn rv(&self) -> &crate::lifecycle::quiesce::Rendezvous {
+        &self.rv
+    }
+    #[inline]
+    fn stop_flag(&self) -> &AtomicBool {
+        &self.stop
+    }
+    #[inline]
+    fn guest_mem(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+    #[inline]
+    fn device_lock(&self) -> MutexGuard<'_, Box<dyn Device>> {
+        lock(&self.device)
+    }
+    #[inline]
+    fn policy_engine(&self) -> Option<&PolicyEngine> {
+        self.policy.as_deref()
+    }
+    #[inline]
+    fn sync_regs(&self) -> bool {
+        self.sync_regs
+    }
+    #[inline]
+    fn on_unemulated(&self) -> hilrig_vmm_api::OnUnemulated {
+        self.on_unemulated
+    }
+    fn count_unemulated(&self) {
+        self.unemulated.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
-/// Read `out.len()` bytes at guest-physical `gpa` from a BAR0 page mapped straight
-/// into the guest of this vCPU thread's VM (code run from a data-buffer page); false
-/// if it is not one (or not on a vCPU thread).
-pub(crate) fn read_direct(gpa: u64, out: &mut [u8]) -> bool {
-    VCPU_VM.with(|c| {
-        let p = c.get();
-        // SAFETY: set by vcpu_loop to the `Shared` it borrows for its whole run and
-        // cleared before it returns.
-        !p.is_null() && unsafe { &*p }.read_direct(gpa, out)
-    })
-}
-
-impl Shared {
-    /// See [`read_direct`].
+impl DirectPages for Shared {
     fn read_direct(&self, gpa: u64, out: &mut [u8]) -> bool {
         let pci = lock(&self.pci);
         let Some(base) = pci.bus.decode().bar0 else {
@@ -983,7 +996,7 @@ impl Vm {
                             shared.finish(Verdict::Internal(e.to_string()));
                         }
                     }
-                    let r = vcpu_loop(i as u8, vcpu, &shared);
+                    let r = vcpu_loop(i as u8, vcpu, &*shared);
                     let _ = tx.send(r);
                 });
             match h {
