@@ -85,7 +85,7 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
     let desc = match &spec {
         hilrig_vmm_api::DeviceSpec::Vfio {
             desc: Some(path), ..
-        } => Some(Arc::new(crate::devices::desc::DeviceDesc::load(path)?)),
+        } => Some(Arc::new(crate::policy::desc::DeviceDesc::load(path)?)),
         _ => None,
     };
     let profile = Arc::new(match &desc {

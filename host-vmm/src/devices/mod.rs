@@ -1,9 +1,11 @@
 //! What the guest sees of the device: PCI configuration space ([`pci`]), which BAR0
 //! pages are mapped and which trap ([`plan`]), the device backends behind one type
 //! ([`backend`], [`vfio`]) and the patchable handler in front of them ([`handled`]).
+//! Device description files are [`crate::policy::desc`] (re-exported as [`desc`]).
 
 pub mod backend;
-pub mod desc;
+/// Device description files (moved to [`crate::policy::desc`]; re-exported).
+pub use crate::policy::desc;
 pub mod handled;
 pub mod pci;
 pub mod plan;
@@ -63,7 +65,7 @@ pub fn open_backend(spec: &DeviceSpec, state: Option<&Path>) -> Result<Backend, 
         DeviceSpec::Vfio { path, desc } => {
             let desc = desc
                 .as_deref()
-                .map(desc::DeviceDesc::load)
+                .map(crate::policy::desc::DeviceDesc::load)
                 .transpose()
                 .map_err(|e| VmmError::Config(e.to_string()))?;
             vfio::open(path, desc.as_ref())

@@ -22,9 +22,9 @@
 //! guest sees a BAR0 window of its first `min(BAR0, 64 KiB)` bytes.
 
 use crate::devices::backend::Backend;
-use crate::devices::desc::DeviceDesc;
 use crate::devices::plan::DirectWindow;
 use crate::error::VmmError;
+use crate::policy::desc::DeviceDesc;
 use hilrig_device::device::check_access;
 use hilrig_device::regmap::{BAR0_SIZE, PAGE_SIZE, PCI_DEVICE_ID, PCI_VENDOR_ID};
 use hilrig_device::{Device, DeviceError, ResetKind};

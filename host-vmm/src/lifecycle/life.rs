@@ -57,7 +57,7 @@ pub struct LifecycleConfig {
     /// The passed-through device's description when it is not the reference device:
     /// teardown scrubs, resets and checks it by the description, and reads no
     /// counters (it has none).
-    pub device_desc: Option<Arc<crate::devices::desc::DeviceDesc>>,
+    pub device_desc: Option<Arc<crate::policy::desc::DeviceDesc>>,
     /// Pull mode: a directory polled for `*.bundle` files, each applied once as if a
     /// `patch` request had named it (for hosts the control plane cannot reach).
     pub patch_source: Option<PathBuf>,

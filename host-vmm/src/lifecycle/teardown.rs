@@ -58,7 +58,7 @@ pub enum StepError {
     Oob(#[from] hilrig_device::oob::OobError),
     /// A described device (not the reference device) failed its scrub or ID check.
     #[error(transparent)]
-    Described(#[from] crate::devices::desc::DescCheckError),
+    Described(#[from] crate::policy::desc::DescCheckError),
     /// A described device has no out-of-band counters to read.
     #[error("{0} has no out-of-band counters (a described device, not the reference device)")]
     NoOobCounters(String),

@@ -377,7 +377,7 @@ pub struct Profile {
     pub shadow_init: Vec<u32>,
     /// Register names of a described device (`devices::desc`); None: the reference
     /// device's register table.
-    pub names: Option<std::sync::Arc<crate::devices::desc::RegisterNames>>,
+    pub names: Option<std::sync::Arc<crate::policy::desc::RegisterNames>>,
 }
 
 /// The decision for one register-sized part of an access.
