@@ -219,11 +219,22 @@ pub fn bench_patch(budget: Duration) -> Result<Vec<Figure>> {
     Ok(figs)
 }
 
+/// Why the demo device-handler module could not be built (its rows are skipped).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct BuildError(String);
+
+impl From<String> for BuildError {
+    fn from(why: String) -> Self {
+        BuildError(why)
+    }
+}
+
 /// Build the demo device-handler module at versions 2..=k+1 with rustc.
-fn build_handlers(dir: &Path, k: usize) -> std::result::Result<Vec<Vec<u8>>, String> {
+fn build_handlers(dir: &Path, k: usize) -> std::result::Result<Vec<Vec<u8>>, BuildError> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../host-vmm/modules/demo_handler.rs");
     if !src.exists() {
-        return Err(format!("{} is not here", src.display()));
+        return Err(format!("{} is not here", src.display()).into());
     }
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     (0..k)
@@ -240,9 +251,9 @@ fn build_handlers(dir: &Path, k: usize) -> std::result::Result<Vec<Vec<u8>>, Str
                 .status()
                 .map_err(|e| format!("running {rustc}: {e}"))?;
             if !st.success() {
-                return Err(format!("{rustc} failed building the demo module"));
+                return Err(format!("{rustc} failed building the demo module").into());
             }
-            std::fs::read(&out).map_err(|e| format!("{}: {e}", out.display()))
+            std::fs::read(&out).map_err(|e| BuildError(format!("{}: {e}", out.display())))
         })
         .collect()
 }
