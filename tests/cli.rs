@@ -1056,3 +1056,104 @@ fn guest_on_simulated_board(engine: &str) {
     let _ = sim.kill();
     let _ = sim.wait();
 }
+
+/// `hilrig runs list|show|history` and `hilrig serve` over a store filled by
+/// two real `hilrig campaign run`s (with a stand-in VMM): the CLI's history and
+/// the served API's history are the same document.
+#[test]
+fn runs_and_serve_over_a_store_filled_by_campaign_runs() {
+    const FAIL_JSON: &str = r#"{"payload":"attack-hang","device":"model","verdict":"FAIL: code 1","passed":false,"exit_status":1,"policy":{"alarms":0,"per_register":{}},"teardown":{"vm":"fake","started_unix":0,"steps":[],"complete":true,"total_micros":10,"guest_bytes_scrubbed":0,"device_bytes_scrubbed":0,"counters":null,"verdict":{"verdict":"trusted","handoff_ok":true,"reasons":[]},"signer":"","signature":""}}"#;
+    use std::os::unix::fs::PermissionsExt;
+    let t = tempfile::tempdir().unwrap();
+    let vmm = t.path().join("fake-vmm");
+    std::fs::write(&vmm, format!("#!/bin/sh\necho '{FAIL_JSON}'; exit 1\n")).unwrap();
+    std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let camp = t.path().join("n.toml");
+    std::fs::write(
+        &camp,
+        "name = \"n\"\n[defaults]\nretries = 0\n[[case]]\nattacks = [\"attack-hang\"]\n",
+    )
+    .unwrap();
+    let out = t.path().join("out");
+    for _ in 0..2 {
+        let o = hilrig(&[
+            "campaign", "run", p(&camp), "--hosts", "1", "--out", p(&out), "--vmm", p(&vmm),
+        ]);
+        assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let db = out.join("results.sqlite");
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(&["runs", "list", "--db", p(&db), "--json"])).unwrap();
+    let runs = list.as_array().unwrap();
+    assert_eq!(runs.len(), 2, "{list}");
+    let run = runs[0]["id"].as_str().unwrap().to_string();
+    let show = ok(&["runs", "show", &run, "--db", p(&db)]);
+    assert!(show.contains("attack-hang/model/tenant@sim"), "{show}");
+    let case = "attack-hang/model/tenant@sim";
+    let cli: serde_json::Value =
+        serde_json::from_str(&ok(&["runs", "history", case, "--db", p(&db), "--json"])).unwrap();
+    assert_eq!(cli["nights"].as_array().unwrap().len(), 2, "{cli}");
+    // A typo names the case and exits non-zero.
+    let e = fails(&["runs", "history", "no/such/case", "--db", p(&db)]);
+    assert!(e.contains("no/such/case"), "{e}");
+
+    let mut srv = Command::new(env!("CARGO_BIN_EXE_hilrig"))
+        .args(["serve", "--db", p(&db), "--listen", "127.0.0.1:0"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stderr = srv.stderr.take().unwrap();
+    let srv = Kill(srv);
+    let mut line = String::new();
+    BufReader::new(stderr).read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("hilrig serve: http://")
+        .and_then(|s| s.strip_suffix('/'))
+        .unwrap_or_else(|| panic!("serve said: {line}"))
+        .to_string();
+    let body = http_get(&addr, &format!("/api/history?case={}", case.replace('/', "%2F").replace('@', "%40")));
+    let api: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    assert_eq!(api, cli, "the API's history is the CLI's");
+    let page = http_get(&addr, "/");
+    assert!(page.contains(&run), "the index lists the run");
+    drop(srv);
+}
+
+/// A plain HTTP/1.1 GET on loopback; the body.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut r = Vec::new();
+    s.read_to_end(&mut r).unwrap();
+    let r = String::from_utf8_lossy(&r).to_string();
+    let (head, body) = r.split_once("\r\n\r\n").unwrap_or((&r, ""));
+    assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_string()
+    }
+}
+
+fn dechunk(mut b: &str) -> String {
+    let mut out = String::new();
+    while let Some((len, rest)) = b.split_once("\r\n") {
+        let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        b = &rest[n + 2..];
+    }
+    out
+}

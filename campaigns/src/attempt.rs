@@ -167,9 +167,19 @@ impl Att<'_> {
         self.dir.join(format!("{k}-{label}-{name}"))
     }
 
+    /// Record `p` as an artifact of the case. An empty file is removed instead:
+    /// it holds nothing (a payload that printed nothing, a VMM with no alarms),
+    /// and a report listing empty consoles hides the ones that matter.
     fn keep(&mut self, p: &Path, kind: ArtifactKind) {
-        if p.exists()
-            && !self
+        match std::fs::symlink_metadata(p) {
+            Ok(m) if m.is_file() && m.len() == 0 => {
+                let _ = std::fs::remove_file(p);
+                return;
+            }
+            Ok(_) => {}
+            Err(_) => return,
+        }
+        if !self
                 .artifacts
                 .iter()
                 .any(|a| a.path == rel(self.run_dir, p))
@@ -294,6 +304,7 @@ impl Att<'_> {
             self.seen.teardown_us.push(t.total_micros as f64);
         }
         self.seen.add_trap_latency(summary);
+        self.seen.add_counters_verdicts(summary);
     }
 
     /// Run a VMM to its end within the case deadline.

@@ -14,6 +14,7 @@
 //! SQLite stays single-runner: [`ClaimQueue::open`] refuses anything but a
 //! `postgresql://` URL.
 
+use crate::error::{RunError, RunResult};
 use crate::store::{is_pg, pg_migrate, pg_put_case};
 use hilrig_reports::CaseResult;
 use std::time::Duration;
@@ -399,17 +400,20 @@ type Queue = Arc<Mutex<QueueCell>>;
 async fn blocking<T: Send + 'static>(
     q: &Queue,
     f: impl FnOnce(&mut ClaimQueue) -> Result<T> + Send + 'static,
-) -> anyhow::Result<T> {
+) -> RunResult<T> {
     let q = q.clone();
     let r = tokio::task::spawn_blocking(move || {
         let mut q = q.lock().unwrap_or_else(|p| p.into_inner());
         match q.0.as_mut() {
-            Some(q) => f(q).map_err(anyhow::Error::from),
-            None => Err(anyhow::anyhow!("claim queue already closed")),
+            Some(q) => f(q).map_err(RunError::from),
+            None => Err(RunError::QueueClosed),
         }
     })
     .await
-    .map_err(|e| anyhow::anyhow!("claim queue task: {e}"))?;
+    .map_err(|source| RunError::Task {
+        what: "claim queue task",
+        source,
+    })?;
     r
 }
 
@@ -424,6 +428,7 @@ fn lost_attempts(lost: &[String]) -> Vec<Attempt> {
                 "runner {r} claimed the case and stopped renewing its claim (died or cut \
                  off); the claim expired and the case was taken over"
             ),
+            build: None,
         })
         .collect()
 }
@@ -468,7 +473,7 @@ pub(crate) async fn run_shared(
     queue: ClaimQueue,
     claimant: String,
     ttl: Duration,
-) -> anyhow::Result<()> {
+) -> RunResult<()> {
     let queue: Queue = Arc::new(Mutex::new(QueueCell(Some(queue))));
     let cases: Arc<BTreeMap<String, Case>> =
         Arc::new(cases.into_iter().map(|c| (c.id.clone(), c)).collect());
@@ -490,7 +495,10 @@ pub(crate) async fn run_shared(
     let mut first_err = None;
     while let Some(j) = set.join_next().await {
         let r = j
-            .map_err(|e| anyhow::anyhow!("runner worker: {e}"))
+            .map_err(|source| RunError::Task {
+                what: "runner worker",
+                source,
+            })
             .and_then(|r| r);
         if let Err(e) = r {
             if first_err.is_none() {
@@ -511,10 +519,14 @@ async fn worker(
     queue: Queue,
     claimant: String,
     ttl: Duration,
-) -> anyhow::Result<()> {
+) -> RunResult<()> {
     let poll = (ttl / 4).clamp(Duration::from_millis(50), Duration::from_millis(500));
     let run_id = ctx.run_id.clone();
     loop {
+        // Cancelled: this runner takes no more cases (others sharing the run go on).
+        if ctx.cancelled() {
+            return Ok(());
+        }
         let (r, c) = (run_id.clone(), claimant.clone());
         let Some(claim) = blocking(&queue, move |q| q.claim(&r, &c, ttl)).await? else {
             let r = run_id.clone();
@@ -526,11 +538,10 @@ async fn worker(
             continue;
         };
         let Some(case) = cases.get(&claim.case_id) else {
-            anyhow::bail!(
-                "run {run_id}: queued case {} is not in this campaign file (another \
-                 version of the campaign joined the run?)",
-                claim.case_id
-            );
+            return Err(RunError::UnknownQueuedCase {
+                run: run_id.clone(),
+                case: claim.case_id.clone(),
+            });
         };
         let result = if claim.lost.len() as u32 > case.infra_retries {
             given_up(case, &claim.lost)

@@ -13,7 +13,7 @@ use std::time::Duration;
 /// by [`HostSource::release`] (also on drop for [`LabgridSource`]).
 pub trait HostSource {
     /// The hosts, and a VMM the source names (an inventory's `lab.vmm`).
-    fn hosts(&mut self) -> anyhow::Result<(Vec<HostSpec>, Option<PathBuf>)>;
+    fn hosts(&mut self) -> crate::error::RunResult<(Vec<HostSpec>, Option<PathBuf>)>;
     /// Give back what [`HostSource::hosts`] took.
     fn release(&mut self) {}
 }
@@ -27,7 +27,7 @@ pub struct InventorySource {
 }
 
 impl HostSource for InventorySource {
-    fn hosts(&mut self) -> anyhow::Result<(Vec<HostSpec>, Option<PathBuf>)> {
+    fn hosts(&mut self) -> crate::error::RunResult<(Vec<HostSpec>, Option<PathBuf>)> {
         crate::runner::hosts_for(self.inventory.as_deref(), self.n)
     }
 }
@@ -116,12 +116,15 @@ impl LabgridSource {
 }
 
 impl HostSource for LabgridSource {
-    fn hosts(&mut self) -> anyhow::Result<(Vec<HostSpec>, Option<PathBuf>)> {
+    fn hosts(&mut self) -> crate::error::RunResult<(Vec<HostSpec>, Option<PathBuf>)> {
         match self.take() {
             Ok(h) => Ok((h, None)),
             Err(e) => {
                 self.release();
-                Err(anyhow::anyhow!("--labgrid {}: {e}", self.opts.address))
+                Err(crate::error::RunError::Labgrid {
+                    address: self.opts.address.clone(),
+                    source: e,
+                })
             }
         }
     }

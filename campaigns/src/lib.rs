@@ -6,6 +6,7 @@ pub mod attacks;
 pub mod attempt;
 pub mod attest;
 pub mod claim;
+pub mod error;
 pub mod cli;
 pub mod expect;
 pub mod format;
@@ -14,6 +15,7 @@ pub mod runner;
 pub mod scenario;
 pub mod store;
 
+pub use error::{RunError, RunResult};
 pub use cli::{main_job, run, CampaignCmd};
 pub use format::{load, Campaign, CampaignError, Case, Expect, HostSpec};
 pub use runner::{run_campaign, RunOptions, RunSummary};

@@ -3,6 +3,7 @@
 //! file; outcomes are classified PASS / FAIL / INFRA / TIMEOUT / FLAKY, stored as
 //! they finish, and reported at the end.
 
+use crate::error::{RunError, RunResult};
 use crate::attacks::Setup;
 use crate::format::{self, AlarmExp, Campaign, Case, Counter, Expect, HostSpec};
 use crate::store::{RunRow, Store};
@@ -59,6 +60,11 @@ pub struct RunOptions {
     /// Hosts from a labgrid coordinator (places reserved by tags) instead of
     /// `inventory` / `hosts` ([`crate::hostsource::LabgridSource`]).
     pub labgrid: Option<crate::hostsource::LabgridOptions>,
+    /// Set from outside (the lab service's worker, on a cancel request) to stop
+    /// the run: no case starts after it is set; cases not started end SKIPPED
+    /// ("run cancelled"); attempts already running finish (bounded by their
+    /// timeouts) and are kept.
+    pub cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl RunOptions {
@@ -79,6 +85,7 @@ impl RunOptions {
             claimant: None,
             claim_ttl: crate::claim::DEFAULT_CLAIM_TTL,
             labgrid: None,
+            cancel: None,
         }
     }
 }
@@ -110,6 +117,8 @@ pub struct RunSummary {
     /// Setup errors met by attempts (a VMM that cannot be run, ...): CONFIG, never
     /// retried; their cases are SKIPPED and the run exits 2.
     pub config_errors: Vec<String>,
+    /// The run was cancelled (see [`RunOptions::cancel`]) before every case ran.
+    pub cancelled: bool,
 }
 
 impl RunSummary {
@@ -544,9 +553,28 @@ pub struct Observed {
     pub trap_log2_ns: Vec<u64>,
     /// What the steps saw (for the observed column).
     pub notes: Vec<String>,
+    /// The counters service's verdicts (gate and teardown) of every VMM run.
+    pub counters_verdicts: BTreeMap<String, u64>,
 }
 
 impl Observed {
+    /// Count the counters service's verdicts a VMM run met (its provisioning
+    /// gate's and its teardown's).
+    pub fn add_counters_verdicts(&mut self, summary: &VmSummary) {
+        let gate = summary.gate.as_ref().and_then(|g| g.verdict);
+        let teardown = summary
+            .teardown
+            .as_ref()
+            .and_then(|t| t.verdict.as_ref())
+            .map(|v| v.verdict);
+        for v in gate.into_iter().chain(teardown) {
+            *self
+                .counters_verdicts
+                .entry(v.to_string())
+                .or_insert(0) += 1;
+        }
+    }
+
     /// Add a VMM run's trap-latency histogram (`exits.trap_latency.log2_ns`).
     pub fn add_trap_latency(&mut self, summary: &VmSummary) {
         let b = &summary.exits.trap_latency.log2_ns;
@@ -581,6 +609,7 @@ impl Observed {
             },
             teardown_us: self.teardown_us.clone(),
             alarms,
+            counters_verdicts: self.counters_verdicts.clone(),
         }
     }
 }
@@ -836,6 +865,11 @@ pub(crate) struct Ctx {
     states: Option<Mutex<HostStates>>,
     /// Setup errors seen (CONFIG).
     config_errors: Mutex<Vec<String>>,
+    /// Set to stop the run (see [`RunOptions::cancel`]).
+    cancel: Arc<std::sync::atomic::AtomicBool>,
+    /// The build every attempt runs: SHA-256 of the VMM executable (remote
+    /// hosts get an identical copy by this hash); `None` if it cannot be read.
+    build: Option<String>,
 }
 
 fn is_postgres(db: &Path) -> bool {
@@ -863,6 +897,10 @@ pub fn health_check(ssh: &Ssh, vmm: &Path) -> Result<String, hilrig_rig::remote:
 }
 
 impl Ctx {
+    /// Whether the run was asked to stop.
+    pub(crate) fn cancelled(&self) -> bool {
+        self.cancel.load(std::sync::atomic::Ordering::SeqCst)
+    }
     /// Print a finished case's progress line.
     pub(crate) fn finished(&self, c: &CaseResult) {
         self.progress.finished(c);
@@ -907,6 +945,15 @@ pub(crate) async fn run_case(ctx: Arc<Ctx>, case: Case) -> CaseResult {
                 ));
                 break 'reps;
             };
+            if ctx.cancelled() {
+                ctx.pool.release(host, Outcome::Skipped);
+                rep_outcomes.push(Outcome::Skipped);
+                last = Some(AttemptResult::new(
+                    Outcome::Skipped,
+                    "run cancelled before the case could run",
+                ));
+                break 'reps;
+            }
             if Instant::now() >= ctx.deadline {
                 ctx.pool.release(host, Outcome::Skipped);
                 rep_outcomes.push(Outcome::Skipped);
@@ -945,6 +992,7 @@ pub(crate) async fn run_case(ctx: Arc<Ctx>, case: Case) -> CaseResult {
                 host: host.name.clone(),
                 duration_ms: t.elapsed().as_millis() as u64,
                 message: r.message.clone(),
+                build: ctx.build.clone(),
             });
             let outcome = r.outcome;
             if outcome == Outcome::Infra {
@@ -1055,7 +1103,7 @@ pub(crate) async fn run_case(ctx: Arc<Ctx>, case: Case) -> CaseResult {
 }
 
 /// Run a campaign: validate, run (or resume), store, report.
-pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
+pub fn run_campaign(opts: RunOptions) -> RunResult<RunSummary> {
     let t0 = Instant::now();
     use crate::hostsource::HostSource;
     // Reserved labgrid places are held until this function returns (released on drop).
@@ -1084,7 +1132,7 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
         Some(p) => p.clone(),
         None => {
             let p = hilrig_rig::sim::find_vmm(lab_vmm.as_deref())
-                .map_err(|e| anyhow::anyhow!("finding the VMM: {e}"))?;
+?;
             let prefix = hilrig_rig::sim::vmm_prefix(&p)
                 .iter()
                 .map(|s| s.to_string());
@@ -1093,13 +1141,13 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
         }
     };
     std::fs::create_dir_all(&opts.out_dir)
-        .map_err(|e| anyhow::anyhow!("creating {}: {e}", opts.out_dir.display()))?;
+        .map_err(|e| RunError::io("creating", &opts.out_dir, e))?;
     // Absolute from here on: every path handed to a VMM (state, console, bundles
     // over the control socket) must mean the same in a jailed VMM, whose working
     // directory is its jail root; stored run directories too (the lab service reads
     // them from elsewhere).
     let out_dir = std::path::absolute(&opts.out_dir)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", opts.out_dir.display()))?;
+        .map_err(|e| RunError::io("making absolute", &opts.out_dir, e))?;
     let db = opts
         .db
         .clone()
@@ -1123,7 +1171,7 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
         })
         .collect();
     let (row, done) = match (&opts.resume, &opts.join, queue.as_mut()) {
-        (Some(_), Some(_), _) => anyhow::bail!("--resume and --join exclude each other"),
+        (Some(_), Some(_), _) => return Err(RunError::Options("--resume and --join exclude each other".into())),
         (None, Some(id), Some(q)) => {
             crate::claim::check_run_id(id)?;
             let row = RunRow {
@@ -1137,14 +1185,13 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
             let hosts_json = serde_json::to_string(&report_hosts)?;
             q.create_run_if_absent(&row, &hosts_json)?;
             let mut row = store.run(id)?.ok_or_else(|| {
-                anyhow::anyhow!("--join {id}: the run vanished from {}", db.display())
+                RunError::Options(format!("--join {id}: the run vanished from {}", db.display()))
             })?;
             if row.campaign != campaign.name {
-                anyhow::bail!(
+                return Err(RunError::Options(format!(
                     "--join {id}: that run is of campaign `{}`, not `{}`",
-                    row.campaign,
-                    campaign.name
-                );
+                    row.campaign, campaign.name
+                )));
             }
             // Artifacts and reports of this runner: its own directory.
             row.run_dir = out_dir.join(id).to_string_lossy().into_owned();
@@ -1154,13 +1201,14 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
         (Some(id), _, _) => {
             let row = store
                 .run(id)?
-                .ok_or_else(|| anyhow::anyhow!("--resume {id}: no such run in {}", db.display()))?;
+                .ok_or_else(|| {
+                    RunError::Options(format!("--resume {id}: no such run in {}", db.display()))
+                })?;
             if row.campaign != campaign.name {
-                anyhow::bail!(
+                return Err(RunError::Options(format!(
                     "--resume {id}: that run is of campaign `{}`, not `{}`",
-                    row.campaign,
-                    campaign.name
-                );
+                    row.campaign, campaign.name
+                )));
             }
             let done = store.cases(id)?;
             (row, done)
@@ -1188,7 +1236,7 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
     };
     let run_dir = PathBuf::from(&row.run_dir);
     std::fs::create_dir_all(&run_dir)
-        .map_err(|e| anyhow::anyhow!("creating {}: {e}", run_dir.display()))?;
+        .map_err(|e| RunError::io("creating", &run_dir, e))?;
     let todo: Vec<Case> = campaign
         .cases
         .iter()
@@ -1224,7 +1272,7 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
     } else {
         match HostStates::open(&db.to_string_lossy()) {
             Ok(s) => Some(s),
-            Err(e) => anyhow::bail!("host states in {}: {e}", db.display()),
+            Err(e) => return Err(RunError::rig(format!("host states in {}", db.display()), e)),
         }
     };
     let mut remotes = BTreeMap::new();
@@ -1232,7 +1280,8 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
         if let Some(st) = states
             .as_ref()
             .map(|s| s.get(&h.name))
-            .transpose()?
+            .transpose()
+            .map_err(|e| RunError::rig(format!("host state of {}", h.name), e))?
             .flatten()
         {
             if !st.online() {
@@ -1276,7 +1325,7 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
     if !is_postgres(&db) {
         let leases = Arc::new(
             hilrig_rig::lease::LeaseStore::open(&db.to_string_lossy())
-                .map_err(|e| anyhow::anyhow!("leases in {}: {e}", db.display()))?,
+                .map_err(|e| RunError::rig(format!("leases in {}", db.display()), e))?,
         );
         // The run's own name (no pid): a resumed run (after its runner was
         // killed) takes its own leases back instead of waiting for them to expire.
@@ -1307,6 +1356,8 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
         remotes,
         states,
         config_errors: Mutex::new(Vec::new()),
+        cancel: opts.cancel.clone().unwrap_or_default(),
+        build: hilrig_rig::remote::file_sha256(&vmm).ok(),
         vmm,
         vmm_args,
         run_dir: run_dir.clone(),
@@ -1319,7 +1370,8 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
-        .build()?;
+        .build()
+        .map_err(RunError::Runtime)?;
     match queue {
         Some(q) => rt.block_on(crate::claim::run_shared(
             ctx.clone(),
@@ -1348,6 +1400,7 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
     }
     let unhealthy_hosts = ctx.pool.unhealthy();
     let offline_hosts = ctx.pool.offline();
+    let cancelled = ctx.cancelled();
     let config_errors = ctx
         .config_errors
         .lock()
@@ -1382,8 +1435,7 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
         cases,
     };
     let prev = store.previous_run(&campaign.name, &row.id, row.started_ms)?;
-    let paths = hilrig_reports::write_reports(&run, prev.as_ref(), &run_dir)
-        .map_err(|e| anyhow::anyhow!("writing reports: {e}"))?;
+    let paths = hilrig_reports::write_reports(&run, prev.as_ref(), &run_dir)?;
     let counts = Counts::of(&run);
     Ok(RunSummary {
         run_id: row.id,
@@ -1397,6 +1449,7 @@ pub fn run_campaign(opts: RunOptions) -> anyhow::Result<RunSummary> {
         unhealthy_hosts,
         offline_hosts,
         config_errors,
+        cancelled,
     })
 }
 
@@ -1427,13 +1480,13 @@ impl CaseQueue for LocalQueue {
     }
 }
 
-async fn run_all(ctx: Arc<Ctx>, todo: Vec<Case>) -> anyhow::Result<()> {
+async fn run_all(ctx: Arc<Ctx>, todo: Vec<Case>) -> RunResult<()> {
     run_queue(ctx, Arc::new(LocalQueue::new(todo))).await
 }
 
 /// Every case the queue hands out, each waiting for a host that fits it
 /// (claimed eagerly here: with one process there is no one to share with).
-async fn run_queue(ctx: Arc<Ctx>, queue: Arc<dyn CaseQueue>) -> anyhow::Result<()> {
+async fn run_queue(ctx: Arc<Ctx>, queue: Arc<dyn CaseQueue>) -> RunResult<()> {
     let mut set = tokio::task::JoinSet::new();
     while let Some(case) = queue.claim() {
         let queue = queue.clone();
@@ -1451,16 +1504,22 @@ async fn run_queue(ctx: Arc<Ctx>, queue: Arc<dyn CaseQueue>) -> anyhow::Result<(
                 (s, r)
             })
             .await
-            .map_err(|e| anyhow::anyhow!("storing a case: {e}"))?;
+            .map_err(|source| RunError::Task {
+                what: "storing a case",
+                source,
+            })?;
             if stored.is_ok() {
                 queue.finished(&r.id);
             }
             ctx.progress.finished(&r);
-            stored.map_err(anyhow::Error::from)
+            stored.map_err(RunError::from)
         });
     }
     while let Some(j) = set.join_next().await {
-        j.map_err(|e| anyhow::anyhow!("case task: {e}"))??;
+        j.map_err(|source| RunError::Task {
+            what: "case task",
+            source,
+        })??;
     }
     Ok(())
 }
@@ -1470,12 +1529,12 @@ async fn run_queue(ctx: Arc<Ctx>, queue: Arc<dyn CaseQueue>) -> anyhow::Result<(
 pub fn hosts_for(
     inventory: Option<&Path>,
     n: usize,
-) -> anyhow::Result<(Vec<HostSpec>, Option<PathBuf>)> {
+) -> RunResult<(Vec<HostSpec>, Option<PathBuf>)> {
     let Some(path) = inventory else {
         return Ok((HostSpec::sim(n), None));
     };
     let inv = hilrig_rig::inventory::Inventory::load(path)
-        .map_err(|e| anyhow::anyhow!("inventory {}: {e}", path.display()))?;
+        .map_err(|e| RunError::rig(format!("inventory {}", path.display()), e))?;
     let (hosts, other) = HostSpec::from_inventory(&inv);
     if !other.is_empty() {
         tracing::warn!(
@@ -1485,10 +1544,7 @@ pub fn hosts_for(
         );
     }
     if hosts.is_empty() {
-        anyhow::bail!(
-            "inventory {}: no host the runner can reach (give hosts an `[host.ssh]` section, or simulated drivers)",
-            path.display()
-        );
+        return Err(RunError::NoReachableHost(path.to_path_buf()));
     }
     let vmm = inv.lab.vmm.clone().map(|v| {
         if v.is_relative() {
@@ -1501,7 +1557,7 @@ pub fn hosts_for(
 }
 
 /// Validate a campaign file against the hosts (see [`hosts_for`]); the cases.
-pub fn validate(path: &Path, inventory: Option<&Path>, hosts: usize) -> anyhow::Result<Campaign> {
+pub fn validate(path: &Path, inventory: Option<&Path>, hosts: usize) -> RunResult<Campaign> {
     let (hosts, _) = hosts_for(inventory, hosts)?;
     Ok(format::load(path, &hosts)?)
 }

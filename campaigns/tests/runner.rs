@@ -962,3 +962,33 @@ fn hosts_leased_by_others_are_not_used() {
     assert_eq!(held.len(), 1, "only alice's lease is left: {rows:?}");
     assert_eq!(held[0].holder, "alice");
 }
+
+/// Every artifact a case lists exists and holds something: a VMM that writes
+/// nothing to the console (or no alarms) leaves no empty file behind (the
+/// reports listed "console" links to empty files for most cases).
+#[test]
+fn listed_artifacts_are_never_empty_files() {
+    let t = tempfile::tempdir().unwrap();
+    let c = campaign(t.path(), ONE_CASE);
+    // Like the real VMM with a silent payload: creates its console and alarm
+    // files, writes nothing to them, prints its summary.
+    let v = fake_vmm(
+        t.path(),
+        &format!(
+            "while [ $# -gt 0 ]; do case \"$1\" in --console|--alarms) : > \"$2\";; esac; shift; done\n\
+             echo '{FAIL_JSON}'; echo oops >&2; exit 1"
+        ),
+    );
+    let s = run_campaign(opts(t.path(), c, v)).unwrap();
+    let case = only(&s);
+    let mut listed = 0;
+    for a in &case.artifacts {
+        let p = s.run_dir.join(&a.path);
+        let len = std::fs::metadata(&p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .len();
+        assert!(len > 0, "{} is listed but empty", p.display());
+        listed += 1;
+    }
+    assert!(listed >= 2, "the summary and stderr are kept: {case:?}");
+}

@@ -180,6 +180,10 @@ pub struct Attempt {
     /// Explanation (error text for INFRA, mismatch for FAIL).
     #[serde(default)]
     pub message: String,
+    /// The hilrig build that ran it: SHA-256 (hex) of the VMM executable
+    /// (on an SSH host, the copy there is made identical by this hash).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<String>,
 }
 
 /// Measurements of one case.
@@ -200,6 +204,10 @@ pub struct Metrics {
     /// Policy alarms raised.
     #[serde(default)]
     pub alarms: u64,
+    /// The counters service's verdicts met by the case (the provisioning gate's
+    /// and each teardown's), counted by verdict name (`trusted`, `rollback`, ...).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub counters_verdicts: BTreeMap<String, u64>,
 }
 
 /// One out-of-band read of a device's counters.

@@ -124,6 +124,7 @@ pub fn sample_run(seed: u64) -> Run {
                     host: host.into(),
                     duration_ms: base_ms,
                     message: String::new(),
+                    build: None,
                 });
                 observed = expected.to_string();
             }
@@ -143,6 +144,7 @@ pub fn sample_run(seed: u64) -> Run {
                     host: host.into(),
                     duration_ms: base_ms,
                     message: message.clone(),
+                    build: None,
                 });
             }
             Outcome::Flaky => {
@@ -153,6 +155,7 @@ pub fn sample_run(seed: u64) -> Run {
                         host: host.into(),
                         duration_ms: base_ms,
                         message: format!("attempt {}: alarm not seen within 500 ms", k + 1),
+                        build: None,
                     });
                 }
                 attempts.push(Attempt {
@@ -160,6 +163,7 @@ pub fn sample_run(seed: u64) -> Run {
                     host: host.into(),
                     duration_ms: base_ms,
                     message: String::new(),
+                    build: None,
                 });
                 message = format!("passed on attempt {}", fails + 1);
                 observed = expected.to_string();
@@ -175,6 +179,7 @@ pub fn sample_run(seed: u64) -> Run {
                             1 => format!("{h}: no console output within 20 s of power-on"),
                             _ => format!("{h}: lease expired while booting hilrig-vmm"),
                         },
+                        build: None,
                     });
                 }
                 message = "infrastructure fault on all 3 attempts".into();
@@ -186,6 +191,7 @@ pub fn sample_run(seed: u64) -> Run {
                     host: host.into(),
                     duration_ms: 120_000,
                     message: "guest did not write the test-exit port within 120 s".into(),
+                    build: None,
                 });
                 message = "timed out after 120 s".into();
                 observed = "no verdict".into();

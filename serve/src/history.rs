@@ -26,6 +26,10 @@ pub struct Night {
     pub message: String,
     /// Artifact paths, relative to the run directory.
     pub artifacts: Vec<Artifact>,
+    /// The build that ran the case's last attempt (SHA-256 of the VMM
+    /// executable), when the run recorded it.
+    #[serde(default)]
+    pub build: Option<String>,
 }
 
 /// Where a case changed from passing to failing.
@@ -81,11 +85,16 @@ pub fn case_history(
         #[serde(default)]
         duration_ms: u64,
         #[serde(default)]
-        attempts: Vec<serde::de::IgnoredAny>,
+        attempts: Vec<BriefAttempt>,
         #[serde(default)]
         message: String,
         #[serde(default)]
         artifacts: Vec<Artifact>,
+    }
+    #[derive(serde::Deserialize)]
+    struct BriefAttempt {
+        #[serde(default)]
+        build: Option<String>,
     }
     let rows = store.case_history_json(case_id, nights)?;
     let mut nights_v = Vec::with_capacity(rows.len());
@@ -102,6 +111,7 @@ pub fn case_history(
             host: b.host,
             duration_ms: b.duration_ms,
             attempts: b.attempts.len(),
+            build: b.attempts.last().and_then(|a| a.build.clone()),
             message: b.message,
             artifacts: b.artifacts,
         });
@@ -173,6 +183,7 @@ mod tests {
             attempts: 1,
             message: String::new(),
             artifacts: vec![],
+            build: None,
         }
     }
 

@@ -282,10 +282,17 @@ pub fn history(h: &CaseHistory) -> String {
                 Some(g) => {
                     let _ = write!(
                         b,
-                        r#"<p>Last good: <a href="{}">{}</a> ({}). The builds either side of the change are those of these two runs (the store records no build id yet).</p>"#,
+                        r#"<p>Last good: <a href="{}">{}</a> ({}). Builds either side of the change: <span id="builds"><code>{}</code> (last good) → <code>{}</code> (first failing)</span>{}.</p>"#,
                         esc(&run_href(&g.run_id)),
                         esc(&g.run_id),
-                        ts(g.started_ms)
+                        ts(g.started_ms),
+                        esc(&short_build(g.build.as_deref())),
+                        esc(&short_build(c.first_bad.build.as_deref())),
+                        if g.build.is_some() && g.build == c.first_bad.build {
+                            " — the same build: the change is not in hilrig (device, host or flake)"
+                        } else {
+                            ""
+                        }
                     );
                 }
                 None => b.push_str("<p>It failed on every night shown.</p>"),
@@ -293,7 +300,7 @@ pub fn history(h: &CaseHistory) -> String {
         }
         None => b.push_str(r#"<p id="change" class="good">Not failing on the newest night.</p>"#),
     }
-    b.push_str(r#"<table class="grid" id="nights"><tr><th>Night</th><th>Run</th><th>Outcome</th><th>Host</th><th>Attempts</th><th>Time</th><th>Message</th><th>Artifacts</th></tr>"#);
+    b.push_str(r#"<table class="grid" id="nights"><tr><th>Night</th><th>Run</th><th>Outcome</th><th>Host</th><th>Build</th><th>Attempts</th><th>Time</th><th>Message</th><th>Artifacts</th></tr>"#);
     for n in &h.nights {
         let arts: Vec<String> = n
             .artifacts
@@ -309,12 +316,14 @@ pub fn history(h: &CaseHistory) -> String {
             .collect();
         let _ = write!(
             b,
-            r#"<tr><td>{}</td><td class="id"><a href="{}">{}</a></td><td>{}</td><td>{}</td><td class="num">{}</td><td class="num">{}</td><td class="msg">{}</td><td>{}</td></tr>"#,
+            r#"<tr><td>{}</td><td class="id"><a href="{}">{}</a></td><td>{}</td><td>{}</td><td class="id" title="{}">{}</td><td class="num">{}</td><td class="num">{}</td><td class="msg">{}</td><td>{}</td></tr>"#,
             ts(n.started_ms),
             esc(&run_href(&n.run_id)),
             esc(&n.run_id),
             badge(n.outcome),
             esc(&n.host),
+            esc(n.build.as_deref().unwrap_or("")),
+            esc(&short_build(n.build.as_deref())),
             n.attempts,
             fmt_duration_ms(n.duration_ms),
             esc(&n.message),
@@ -323,6 +332,25 @@ pub fn history(h: &CaseHistory) -> String {
     }
     b.push_str("</table>");
     layout(&format!("history of {}", h.case_id), &b, None)
+}
+
+/// The counters-service verdicts of a run's cases, summed.
+fn run_verdicts(r: &Run) -> std::collections::BTreeMap<String, u64> {
+    let mut m = std::collections::BTreeMap::new();
+    for c in &r.cases {
+        for (k, n) in &c.metrics.counters_verdicts {
+            *m.entry(k.clone()).or_insert(0) += n;
+        }
+    }
+    m
+}
+
+/// A build's first 12 hex digits (git's short-hash habit), or `unknown`.
+fn short_build(b: Option<&str>) -> String {
+    match b {
+        Some(b) => b.chars().take(12).collect(),
+        None => "unknown".into(),
+    }
 }
 
 /// Trends of a campaign over its runs (oldest to newest).
@@ -394,14 +422,50 @@ pub fn trends(campaign: &str, runs: &[Run]) -> String {
             false,
         ));
     }
+    // Counters-service verdicts per night (gate and teardown of every VMM run).
+    let verdicts: Vec<std::collections::BTreeMap<String, u64>> =
+        runs.iter().map(run_verdicts).collect();
+    let mut names: Vec<String> = verdicts.iter().flat_map(|v| v.keys().cloned()).collect();
+    names.sort();
+    names.dedup();
+    if !names.is_empty() {
+        let series: Vec<Series> = names
+            .iter()
+            .map(|n| Series {
+                name: n.clone(),
+                points: verdicts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| (x(i), v.get(n).copied().unwrap_or(0) as f64))
+                    .collect(),
+            })
+            .collect();
+        b.push_str(&svg::line_chart(
+            "Counters-service verdicts per night",
+            "run (oldest → newest)",
+            "verdicts",
+            &series,
+            false,
+        ));
+    }
     b.push_str("</div>");
-    b.push_str(r#"<p class="muted">Counters-service verdicts per night: the results store keeps each case's expected/observed text, not the service verdict as a field, so they are not plotted yet.</p>"#);
-    b.push_str(r#"<table class="grid"><tr><th>Run</th><th>Start</th><th>Cases</th><th>Pass rate</th></tr>"#);
-    for (r, s) in runs.iter().zip(&sums).rev() {
+    b.push_str(r#"<table class="grid" id="trend-runs"><tr><th>Run</th><th>Start</th><th>Cases</th><th>Pass rate</th><th>Counters verdicts</th></tr>"#);
+    for ((r, s), v) in runs.iter().zip(&sums).zip(&verdicts).rev() {
         let ran = s.counts.total.saturating_sub(s.counts.skipped);
+        let vtext = if v.is_empty() {
+            r#"<span class="muted">none recorded</span>"#.to_string()
+        } else {
+            v.iter()
+                .map(|(k, n)| {
+                    let cls = if k == "trusted" || k == "accepted-update" { "good" } else { "bad" };
+                    format!(r#"<span class="{cls}">{}</span> {n}"#, esc(k))
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         let _ = write!(
             b,
-            r#"<tr><td class="id"><a href="{}">{}</a></td><td>{}</td><td class="num">{}</td><td class="num">{}</td></tr>"#,
+            r#"<tr><td class="id"><a href="{}">{}</a></td><td>{}</td><td class="num">{}</td><td class="num">{}</td><td>{vtext}</td></tr>"#,
             esc(&run_href(&r.id)),
             esc(&r.id),
             ts(r.started_ms),
@@ -433,12 +497,36 @@ pub struct HostView {
     pub lease_note: Option<String>,
     /// The last console lines: (run, path, lines).
     pub console: Option<(String, String, Vec<String>)>,
+    /// The host's recorded device state (LAVA's Good/Bad: `online`/`offline`,
+    /// reason, since), from the rig's host-state table in the same database.
+    /// `None` with no note: never recorded, i.e. online.
+    pub health: Option<hilrig_rig::hoststate::HostState>,
+    /// Why the host-state table was not read (PostgreSQL store, unreadable).
+    pub health_note: Option<String>,
+}
+
+/// The health cell/paragraph text of a host.
+fn health_html(h: &HostView) -> String {
+    match (&h.health, &h.health_note) {
+        (Some(st), _) if !st.online() => format!(
+            r#"<span class="bad">offline</span> since {}: {}"#,
+            ts(st.since_unix_ms.max(0) as u64),
+            esc(&st.reason)
+        ),
+        (Some(st), _) => format!(
+            "online (since {}: {})",
+            ts(st.since_unix_ms.max(0) as u64),
+            esc(&st.reason)
+        ),
+        (None, Some(n)) => format!(r#"<span class="muted">{}</span>"#, esc(n)),
+        (None, None) => "online (never taken offline)".into(),
+    }
 }
 
 /// The hosts list.
 pub fn hosts(list: &[HostView], runs_looked: usize) -> String {
     let mut b = format!(
-        r#"<h1>Hosts</h1><p class="muted">From the last {runs_looked} runs in the store.</p><table class="grid"><tr><th>Host</th><th>Attempts</th><th>INFRA</th><th>Lease holder</th></tr>"#
+        r#"<h1>Hosts</h1><p class="muted">From the last {runs_looked} runs in the store.</p><table class="grid"><tr><th>Host</th><th>Attempts</th><th>INFRA</th><th>Lease holder</th><th>Health</th></tr>"#
     );
     for h in list {
         let infra = h.attempts.iter().filter(|a| a.2 == Outcome::Infra).count();
@@ -449,12 +537,13 @@ pub fn hosts(list: &[HostView], runs_looked: usize) -> String {
         };
         let _ = write!(
             b,
-            r#"<tr><td><a href="/hosts/{}">{}</a></td><td class="num">{}</td><td class="num">{}</td><td>{}</td></tr>"#,
+            r#"<tr><td><a href="/hosts/{}">{}</a></td><td class="num">{}</td><td class="num">{}</td><td>{}</td><td>{}</td></tr>"#,
             enc(&h.name),
             esc(&h.name),
             h.attempts.len(),
             infra,
-            lease
+            lease,
+            health_html(h)
         );
     }
     b.push_str("</table>");
@@ -464,7 +553,7 @@ pub fn hosts(list: &[HostView], runs_looked: usize) -> String {
 /// One host's page.
 pub fn host(h: &HostView, runs_looked: usize) -> String {
     let mut b = format!(r#"<h1>Host {}</h1>"#, esc(&h.name));
-    b.push_str(r#"<p><b>Health:</b> <span class="muted">not stored — the rig keeps its health table in memory (`hilrig rig check` prints it); INFRA attempts below are the stored evidence.</span></p>"#);
+    let _ = write!(b, "<p><b>Health:</b> {}</p>", health_html(h));
     match (&h.lease, &h.lease_note) {
         (Some((holder, active, exp)), _) => {
             let _ = write!(

@@ -452,6 +452,31 @@ pub fn host_views(db: &Db, n: usize) -> Result<Vec<HostView>> {
             }
         }
     }
+    // Device states: the rig's host-state table (SQLite results databases; the
+    // runner records offline hosts there).
+    let spec = db.spec();
+    if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
+        for v in hosts.values_mut() {
+            v.health_note = Some("not recorded: host states live in the runner's SQLite database, not in PostgreSQL stores".into());
+        }
+    } else {
+        match hilrig_rig::hoststate::HostStates::open(spec).and_then(|s| s.list()) {
+            Ok(rows) => {
+                for r in rows {
+                    let v = hosts.entry(r.host.clone()).or_insert_with(|| HostView {
+                        name: r.host.clone(),
+                        ..Default::default()
+                    });
+                    v.health = Some(r);
+                }
+            }
+            Err(e) => {
+                for v in hosts.values_mut() {
+                    v.health_note = Some(format!("host-state table not readable: {e}"));
+                }
+            }
+        }
+    }
     // Leases: the rig's table, when it lives in this database.
     match hilrig_rig::lease::LeaseStore::open(db.spec()).and_then(|l| l.list()) {
         Ok(rows) => {

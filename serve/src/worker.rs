@@ -8,7 +8,12 @@ use crate::webhook::{self, Retry};
 use crate::Result;
 use hilrig_campaigns::runner::{run_campaign, RunOptions};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
+
+/// How often a running campaign's queue entry is read for a cancel request.
+const CANCEL_POLL: Duration = Duration::from_millis(250);
 
 /// How a worker runs campaigns.
 #[derive(Debug, Clone)]
@@ -34,7 +39,7 @@ pub struct Took {
     pub queue_id: i64,
     /// The run, if it started.
     pub run_id: Option<String>,
-    /// `done` or `failed`.
+    /// `done`, `cancelled` or `failed`.
     pub state: String,
     /// Summary or error.
     pub message: String,
@@ -57,7 +62,45 @@ pub fn take_one(db: &Arc<Db>, o: &WorkerOptions) -> Result<Option<Took>> {
     opts.vmm = o.vmm.clone();
     opts.vmm_args = o.vmm_args.clone();
     opts.progress = Some(false);
-    let (state, run_id, message) = match run_campaign(opts) {
+    // A cancel request while it runs (`cancel-requested` on the queue entry):
+    // a watcher sees it and tells the runner, which starts no further case.
+    let cancel = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (db, cancel, stop, id) = (db.clone(), cancel.clone(), stop.clone(), q.id);
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                match db.blocking(move |s| s.queue_entry(id)) {
+                    Ok(Some(e)) if e.state == "cancel-requested" => {
+                        cancel.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("queue entry {id}: reading its state: {e}"),
+                }
+                std::thread::sleep(CANCEL_POLL);
+            }
+        })
+    };
+    opts.cancel = Some(cancel.clone());
+    let ran = run_campaign(opts);
+    stop.store(true, Ordering::SeqCst);
+    let _ = watcher.join();
+    let (state, run_id, message) = match ran {
+        Ok(s) if s.cancelled => {
+            let c = &s.counts;
+            (
+                "cancelled",
+                Some(s.run_id.clone()),
+                format!(
+                    "cancelled while running: {} of {} cases ran ({} pass, {} fail); the rest SKIPPED",
+                    c.total - c.skipped,
+                    c.total,
+                    c.pass,
+                    c.fail
+                ),
+            )
+        }
         Ok(s) => {
             let c = &s.counts;
             (

@@ -402,3 +402,89 @@ fn a_running_run_streams_its_cases_and_its_end() {
         seen.push_str(&line);
     }
 }
+
+/// The host pages show the device state the runner recorded (offline with its
+/// reason until an operator brings the host back), not a "not stored" note.
+#[test]
+fn host_pages_show_the_recorded_health_state() {
+    let t = tempfile::tempdir().unwrap();
+    let db = tmp_db(t.path());
+    fill(t.path(), &db, 2);
+    let states = hilrig_rig::hoststate::HostStates::open(&db).unwrap();
+    states
+        .set_offline("sim-01", "health check: ssh: connection refused")
+        .unwrap();
+    let s = start(&db, 50);
+    let host = get(s.addr, "/hosts/sim-01");
+    assert_eq!(host.status, 200, "{}", host.body);
+    assert!(host.body.contains(">offline</span>"), "{}", host.body);
+    assert!(host.body.contains("ssh: connection refused"));
+    let list = get(s.addr, "/hosts");
+    assert!(list.body.contains("<th>Health</th>") && list.body.contains(">offline</span>"));
+    // Brought back: online, with the operator's words.
+    states.set_online("sim-01", "operator: cable replaced").unwrap();
+    let host = get(s.addr, "/hosts/sim-01");
+    assert!(!host.body.contains(">offline</span>"), "{}", host.body);
+    assert!(host.body.contains("operator: cable replaced"));
+}
+
+/// The history names the builds either side of a change (from the attempts'
+/// recorded build), and the trends plot the counters-service verdicts per
+/// night (from the cases' metrics).
+#[test]
+fn history_names_builds_and_trends_plot_counters_verdicts() {
+    let t = tempfile::tempdir().unwrap();
+    let db = tmp_db(t.path());
+    let runs = fill(t.path(), &db, 2);
+    let (old, new) = (&runs[0], &runs[1]);
+    let id = old.cases[0].id.clone();
+    let mut st = Store::open(Path::new(&db)).unwrap();
+    for (run, outcome, build) in [(old, Outcome::Pass, "a"), (new, Outcome::Fail, "b")] {
+        let mut c = run
+            .cases
+            .iter()
+            .find(|c| c.id == id)
+            .expect("the case every night")
+            .clone();
+        c.outcome = outcome;
+        for a in &mut c.attempts {
+            a.build = Some(build.repeat(64));
+        }
+        if c.attempts.is_empty() {
+            c.attempts.push(hilrig_reports::Attempt {
+                outcome,
+                host: "sim-01".into(),
+                duration_ms: 1,
+                message: String::new(),
+                build: Some(build.repeat(64)),
+            });
+        }
+        c.metrics
+            .counters_verdicts
+            .insert("trusted".into(), 3);
+        if outcome == Outcome::Fail {
+            c.metrics.counters_verdicts.insert("rolled-back".into(), 1);
+        }
+        st.put_case(&run.id, &c).unwrap();
+    }
+    drop(st);
+    let s = start(&db, 50);
+    let h = get(s.addr, &format!("/history?case={}", enc(&id)));
+    assert_eq!(h.status, 200, "{}", h.body);
+    assert!(
+        h.body.contains(&format!(
+            r#"<span id="builds"><code>{}</code> (last good) → <code>{}</code> (first failing)</span>"#,
+            "a".repeat(12),
+            "b".repeat(12)
+        )),
+        "{}",
+        h.body
+    );
+    let tr = get(s.addr, &format!("/campaigns/{}", enc(&new.campaign)));
+    assert_eq!(tr.status, 200);
+    assert!(tr.body.contains("Counters-service verdicts per night"), "{}", tr.body);
+    assert!(tr.body.contains(r#"<span class="bad">rolled-back</span> 1"#), "{}", tr.body);
+    // The API carries the builds too.
+    let api = get(s.addr, &format!("/api/history?case={}", enc(&id)));
+    assert!(api.body.contains(&"b".repeat(64)), "{}", api.body);
+}

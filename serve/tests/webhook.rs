@@ -152,3 +152,81 @@ fn an_unreachable_webhook_gives_up_after_its_attempts() {
     let e = r.unwrap_err().to_string();
     assert!(e.contains("3 attempt(s) failed"), "{e}");
 }
+
+/// A campaign cancelled while it runs: the worker sees `cancel-requested`, the
+/// runner starts no further case, the rest end SKIPPED and the queue entry
+/// ends `cancelled` with the run kept. (Before the runner had a stop hook, all
+/// five cases ran and the entry ended `done`.)
+#[test]
+fn a_running_campaign_is_cancelled_between_cases() {
+    let t = tempfile::tempdir().unwrap();
+    let db = tmp_db(t.path());
+    let starts = t.path().join("starts");
+    std::fs::create_dir(&starts).unwrap();
+    let vmm = t.path().join("slow-vmm");
+    // Each start leaves a file, then the case takes a while.
+    std::fs::write(
+        &vmm,
+        format!(
+            "#!/bin/sh\nmktemp -p {} >/dev/null\nsleep 1\necho '{FAIL_JSON}'; exit 1\n",
+            starts.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut st = Store::open(Path::new(&db)).unwrap();
+    let id = st
+        .enqueue(
+            "c",
+            "name = \"c\"\n[defaults]\nretries = 0\nrepeats = 1\n[[case]]\nattacks = [\"attack-hang\", \"attack-key-read\", \"attack-xchg\", \"attack-lock-rmw\", \"pci-enum\"]\n",
+            "alice",
+        )
+        .unwrap();
+    drop(st);
+    let dbh = hilrig_serve::Db::open(&db, 1).unwrap();
+    let o = WorkerOptions {
+        out_dir: t.path().join("out"),
+        hosts: 1,
+        vmm: Some(vmm),
+        vmm_args: vec![],
+        name: "w1".into(),
+        retry: Retry {
+            attempts: 1,
+            first: Duration::from_millis(10),
+            max: Duration::from_millis(10),
+            timeout: Duration::from_secs(1),
+        },
+    };
+    let worker = {
+        let (dbh, o) = (dbh.clone(), o.clone());
+        std::thread::spawn(move || take_one(&dbh, &o))
+    };
+    // Wait until the first case has started, then cancel over the store (what
+    // the API and the form call).
+    let t0 = std::time::Instant::now();
+    while std::fs::read_dir(&starts).unwrap().count() == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "no case started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let state = dbh.blocking(move |s| s.queue_cancel(id)).unwrap();
+    assert_eq!(state.as_deref(), Some("cancel-requested"));
+    let took = worker.join().unwrap().unwrap().expect("the queued campaign");
+    assert_eq!(took.state, "cancelled", "{}", took.message);
+    let started = std::fs::read_dir(&starts).unwrap().count();
+    assert!(started < 5, "{started} of 5 cases started after the cancel");
+    let q = dbh.blocking(move |s| s.queue_entry(id)).unwrap().unwrap();
+    assert_eq!(q.state, "cancelled");
+    let run_id = q.run_id.expect("the run is kept");
+    let cases = dbh
+        .blocking(move |s| s.cases(&run_id))
+        .unwrap();
+    assert_eq!(cases.len(), 5, "every case accounted for");
+    let skipped = cases
+        .iter()
+        .filter(|c| c.outcome == hilrig_reports::Outcome::Skipped)
+        .count();
+    assert_eq!(skipped, 5 - started, "the cases not started are SKIPPED");
+    assert!(cases
+        .iter()
+        .any(|c| format!("{:?}", c).contains("run cancelled")));
+}
