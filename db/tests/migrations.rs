@@ -272,6 +272,9 @@ fn schemas_share_a_database() {
 fn concurrent_openers_migrate_once() {
     for e in engines("race") {
         let e = std::sync::Arc::new(e);
+        // Make the database (PostgreSQL: its schema) first: the race is the
+        // migrations', not CREATE SCHEMA's.
+        drop(e.open());
         let threads: Vec<_> = (0..4)
             .map(|_| {
                 let e = e.clone();
