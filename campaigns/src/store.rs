@@ -147,7 +147,15 @@ pub const SCHEMA: hilrig_db::Schema<'static> = hilrig_db::Schema {
     adopt: hilrig_db::Adopt::Tables(&[
         (
             "runs",
-            &["id", "campaign", "file", "run_dir", "started_ms", "finished_ms", "hosts"],
+            &[
+                "id",
+                "campaign",
+                "file",
+                "run_dir",
+                "started_ms",
+                "finished_ms",
+                "hosts",
+            ],
         ),
         ("cases", &["run_id", "case_id", "outcome", "result"]),
         ("samples", &["run_id", "case_id", "kind", "seq", "value"]),
@@ -158,14 +166,19 @@ pub const SCHEMA: hilrig_db::Schema<'static> = hilrig_db::Schema {
 /// on SQLite, where a run has one runner).
 pub const RUN_QUEUE_SCHEMA: hilrig_db::Schema<'static> = hilrig_db::Schema {
     name: "run_queue",
-    migrations: &[hilrig_db::Migration::per_engine(
-        1,
-        "",
-        RUN_QUEUE_PG_SCHEMA,
-    )],
+    migrations: &[hilrig_db::Migration::per_engine(1, "", RUN_QUEUE_PG_SCHEMA)],
     adopt: hilrig_db::Adopt::Tables(&[(
         "run_queue",
-        &["run_id", "case_id", "ord", "state", "claimant", "generation", "lease_expires", "lost"],
+        &[
+            "run_id",
+            "case_id",
+            "ord",
+            "state",
+            "claimant",
+            "generation",
+            "lease_expires",
+            "lost",
+        ],
     )]),
 };
 

@@ -101,15 +101,21 @@ fn a_partial_old_store_is_refused_not_patched() {
     let p = d.path().join("results.sqlite");
     {
         let c = rusqlite::Connection::open(&p).unwrap();
-        c.execute_batch(
-            "CREATE TABLE runs (id TEXT PRIMARY KEY, campaign TEXT NOT NULL)",
-        )
-        .unwrap();
+        c.execute_batch("CREATE TABLE runs (id TEXT PRIMARY KEY, campaign TEXT NOT NULL)")
+            .unwrap();
     }
-    let e = Store::open(&p).err().map(|e| e.to_string()).unwrap_or_default();
+    let e = Store::open(&p)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
     assert!(e.contains("cannot adopt"), "{e}");
-    assert!(e.contains("table runs lacks column(s) file, run_dir"), "{e}");
-    let e = Store::open(Path::new("mysql://h/d")).err().map(|e| e.to_string());
+    assert!(
+        e.contains("table runs lacks column(s) file, run_dir"),
+        "{e}"
+    );
+    let e = Store::open(Path::new("mysql://h/d"))
+        .err()
+        .map(|e| e.to_string());
     assert!(e.unwrap_or_default().contains("bad database spec"));
 }
 
@@ -123,7 +129,9 @@ fn old_postgres_store_is_adopted() {
     let settings = hilrig_db::Settings::new("campaigns-test");
     let mut admin = hilrig_db::connect_pg(&url, &settings).unwrap();
     admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}"))
+        .batch_execute(&format!(
+            "DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}"
+        ))
         .unwrap();
     let (base, _) = url.rsplit_once('/').unwrap();
     let db_url = format!("{base}/{name}");

@@ -58,13 +58,17 @@ impl Anchor {
             path: PathBuf::from(&shown),
             detail: e.to_string(),
         };
-        if spec.strip_prefix("sqlite:").map(|p| p.strip_prefix("//").unwrap_or(p)) == Some("") {
+        if spec
+            .strip_prefix("sqlite:")
+            .map(|p| p.strip_prefix("//").unwrap_or(p))
+            == Some("")
+        {
             return Err(Error::Input(format!(
                 "anchor {spec:?}: give a file after sqlite: (sqlite:/var/lib/hilrig/anchor.db)"
             )));
         }
-        let url = hilrig_db::DbUrl::parse(spec)
-            .map_err(|e| Error::Input(format!("anchor: {e}")))?;
+        let url =
+            hilrig_db::DbUrl::parse(spec).map_err(|e| Error::Input(format!("anchor: {e}")))?;
         let mut db: Box<dyn Db> = match &url {
             hilrig_db::DbUrl::Sqlite(path) => Box::new(store::SqliteDb::open(path).map_err(fail)?),
             hilrig_db::DbUrl::Postgres(u) => Box::new(store::PgDb::connect(u, None).map_err(fail)?),

@@ -2,8 +2,8 @@
 //! a key file, so a row edited outside the service is detected.
 
 use crate::{Error, Result};
-pub use hilrig_db::mac::{hex32, MacInput};
 use hilrig_db::mac::RowKey;
+pub use hilrig_db::mac::{hex32, MacInput};
 use std::io::Write;
 use std::path::Path;
 

@@ -708,7 +708,14 @@ const TABLES_V1: &[(&str, &[&str])] = &[
     ),
     (
         "catalog",
-        &["region", "sha256", "version", "approved_by", "added_at", "mac"],
+        &[
+            "region",
+            "sha256",
+            "version",
+            "approved_by",
+            "added_at",
+            "mac",
+        ],
     ),
     (
         "history",
@@ -739,7 +746,10 @@ const TABLES_V1: &[(&str, &[&str])] = &[
             "mac",
         ],
     ),
-    ("update_log", &["id", "serial", "at", "region", "outcome", "mac"]),
+    (
+        "update_log",
+        &["id", "serial", "at", "region", "outcome", "mac"],
+    ),
 ];
 
 /// [`MIGRATIONS`] as each engine runs them (`{ID}` and `{PG:...}` expanded):
@@ -749,7 +759,10 @@ pub fn migration_texts() -> Vec<(String, String)> {
         .iter()
         .map(|&(_, sql)| {
             (
-                dialect(&sql.replace("{ID}", "INTEGER PRIMARY KEY AUTOINCREMENT"), "sqlite"),
+                dialect(
+                    &sql.replace("{ID}", "INTEGER PRIMARY KEY AUTOINCREMENT"),
+                    "sqlite",
+                ),
                 dialect(&sql.replace("{ID}", "BIGSERIAL PRIMARY KEY"), "postgresql"),
             )
         })

@@ -63,7 +63,9 @@ fn check(db: &mut dyn Db, upto: usize) {
         assert_eq!(*sha, m.sha256(pg), "version {v}");
     }
     assert_eq!(store::schema_version(db).unwrap(), store::latest_version());
-    let rows = db.query("SELECT value FROM meta WHERE name = 'marker'", &[]).unwrap();
+    let rows = db
+        .query("SELECT value FROM meta WHERE name = 'marker'", &[])
+        .unwrap();
     assert_eq!(rows.len(), 1, "old rows kept");
 }
 
@@ -84,7 +86,9 @@ fn old_database_is_adopted_at_its_version() {
                 .drop_schema(&schema)
                 .unwrap();
         } else {
-            eprintln!("SKIPPED: adopting an old PostgreSQL counters database: HILRIG_TEST_PG not set");
+            eprintln!(
+                "SKIPPED: adopting an old PostgreSQL counters database: HILRIG_TEST_PG not set"
+            );
         }
     }
 }

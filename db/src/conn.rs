@@ -142,8 +142,12 @@ fn setup_sqlite(
         .map_err(|e| ("setting the busy timeout", e))?;
     c.pragma_update(None, "journal_mode", "WAL")
         .map_err(|e| ("switching to WAL", e))?;
-    c.pragma_update(None, "foreign_keys", if s.foreign_keys { "ON" } else { "OFF" })
-        .map_err(|e| ("setting foreign_keys", e))?;
+    c.pragma_update(
+        None,
+        "foreign_keys",
+        if s.foreign_keys { "ON" } else { "OFF" },
+    )
+    .map_err(|e| ("setting foreign_keys", e))?;
     Ok(())
 }
 

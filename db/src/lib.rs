@@ -27,9 +27,7 @@ mod url;
 
 pub use conn::{connect_pg, open, open_sqlite, open_sqlite_memory, Conn, ConnMut, Settings};
 pub use error::{pg_detail, DbError, Result};
-pub use migrate::{
-    migrate, recorded, table_columns, Adopt, Migration, Schema, MIGRATIONS_TABLE,
-};
+pub use migrate::{migrate, recorded, table_columns, Adopt, Migration, Schema, MIGRATIONS_TABLE};
 pub use url::{redact, DbUrl};
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).

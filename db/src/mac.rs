@@ -156,11 +156,17 @@ mod tests {
         assert!(!k.check_fields("t", &[b"x"], &m[..62]));
         assert!(!RowKey::new(&[8u8; 32]).check_fields("t", &[b"x"], &m));
         // Field boundaries matter.
-        assert_ne!(k.mac_fields("t", &[b"ab", b"c"]), k.mac_fields("t", &[b"a", b"bc"]));
+        assert_ne!(
+            k.mac_fields("t", &[b"ab", b"c"]),
+            k.mac_fields("t", &[b"a", b"bc"])
+        );
         let mut a = MacInput::new("n");
         a.n(-12).n(0).n(i64::MAX).n(i64::MIN);
         let mut b = MacInput::new("n");
-        b.s("-12").s("0").s(&i64::MAX.to_string()).s(&i64::MIN.to_string());
+        b.s("-12")
+            .s("0")
+            .s(&i64::MAX.to_string())
+            .s(&i64::MIN.to_string());
         assert_eq!(a.bytes(), b.bytes(), "integers are their decimal text");
         assert_eq!(hex32(&[0xab; 32]), "ab".repeat(32));
         assert!(ct_eq(b"abc", b"abc") && !ct_eq(b"abc", b"abd") && !ct_eq(b"ab", b"abc"));

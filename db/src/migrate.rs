@@ -59,7 +59,11 @@ impl<'a> Migration<'a> {
 
     /// Different SQL per engine.
     pub const fn per_engine(version: i64, sqlite: &'a str, pg: &'a str) -> Migration<'a> {
-        Migration { version, sqlite, pg }
+        Migration {
+            version,
+            sqlite,
+            pg,
+        }
     }
 
     /// The text for an engine.
@@ -202,7 +206,9 @@ impl Exec for Sq<'_> {
             Ok(s) => s,
             Err(x) => return Err(e(x)),
         };
-        let rows = st.query_map([schema], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)));
+        let rows = st.query_map([schema], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+        });
         match rows {
             Ok(rows) => rows.collect::<std::result::Result<Vec<_>, _>>().map_err(e),
             Err(x) => Err(e(x)),
@@ -310,7 +316,11 @@ impl<G: postgres::GenericClient> Exec for Pg<'_, G> {
         if !self.has_table(table)? {
             return Ok(None);
         }
-        let q = format!("SELECT MAX({})::BIGINT FROM {}", ident(column)?, ident(table)?);
+        let q = format!(
+            "SELECT MAX({})::BIGINT FROM {}",
+            ident(column)?,
+            ident(table)?
+        );
         let e = self.err(&format!("reading {table}"));
         let row = self.c.query_one(&q, &[]).map_err(e)?;
         let e = self.err(&format!("reading {table}"));
@@ -454,7 +464,9 @@ fn adopted_version(e: &mut dyn Exec, schema: &Schema<'_>) -> Result<i64> {
                 return Err(DbError::NotAdoptable {
                     db: e.label().to_string(),
                     schema: schema.name.to_string(),
-                    detail: format!("{table} says version {v} but migration 1's tables are missing"),
+                    detail: format!(
+                        "{table} says version {v} but migration 1's tables are missing"
+                    ),
                 });
             }
             if v == 0 && tables_present(e, schema, tables)? {

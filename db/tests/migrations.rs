@@ -97,11 +97,22 @@ fn applied_once_then_reopen_is_a_no_op() {
     for e in engines("once") {
         let mut c = e.open();
         let s = schema(&[V1, V2]);
-        assert_eq!(migrate(c.as_mut(), &e.label, &s).unwrap(), vec![1, 2], "{}", e.kind);
-        assert_eq!(migrate(c.as_mut(), &e.label, &s).unwrap(), Vec::<i64>::new());
+        assert_eq!(
+            migrate(c.as_mut(), &e.label, &s).unwrap(),
+            vec![1, 2],
+            "{}",
+            e.kind
+        );
+        assert_eq!(
+            migrate(c.as_mut(), &e.label, &s).unwrap(),
+            Vec::<i64>::new()
+        );
         drop(c);
         let mut c = e.open();
-        assert_eq!(migrate(c.as_mut(), &e.label, &s).unwrap(), Vec::<i64>::new());
+        assert_eq!(
+            migrate(c.as_mut(), &e.label, &s).unwrap(),
+            Vec::<i64>::new()
+        );
         let rec = recorded(c.as_mut(), &e.label, "widgets").unwrap();
         let pg = e.kind == "postgresql";
         assert_eq!(
@@ -113,7 +124,10 @@ fn applied_once_then_reopen_is_a_no_op() {
         // A new migration in a later build: only it runs.
         let s3 = schema(&[V1, V2, V3]);
         assert_eq!(migrate(c.as_mut(), &e.label, &s3).unwrap(), vec![3]);
-        e.batch(&mut c, "INSERT INTO widgets (id, name, colour) VALUES (1, 'a', 'red')");
+        e.batch(
+            &mut c,
+            "INSERT INTO widgets (id, name, colour) VALUES (1, 'a', 'red')",
+        );
     }
 }
 
@@ -140,11 +154,17 @@ fn a_changed_migration_is_refused() {
             x => panic!("{}: {x}", e.kind),
         }
         let msg = err.to_string();
-        assert!(msg.contains("schema widgets migration 2 differs: database "), "{msg}");
+        assert!(
+            msg.contains("schema widgets migration 2 differs: database "),
+            "{msg}"
+        );
         assert!(msg.contains(", code "), "{msg}");
         // Also with the migration already applied and a new one pending.
         let err = migrate(c.as_mut(), &e.label, &schema(&[V1, other, V3])).unwrap_err();
-        assert!(matches!(err, DbError::MigrationDiffers { version: 2, .. }), "{err}");
+        assert!(
+            matches!(err, DbError::MigrationDiffers { version: 2, .. }),
+            "{err}"
+        );
         // A tampered record is refused the same way.
         e.batch(
             &mut c,
@@ -166,11 +186,20 @@ fn a_newer_database_is_refused() {
         migrate(c.as_mut(), &e.label, &schema(&[V1, V2, V3])).unwrap();
         let err = migrate(c.as_mut(), &e.label, &schema(&[V1, V2])).unwrap_err();
         assert!(
-            matches!(err, DbError::TooNew { database: 3, code: 2, .. }),
+            matches!(
+                err,
+                DbError::TooNew {
+                    database: 3,
+                    code: 2,
+                    ..
+                }
+            ),
             "{}: {err}",
             e.kind
         );
-        assert!(err.to_string().contains("schema widgets is at version 3, this build knows up to 2"));
+        assert!(err
+            .to_string()
+            .contains("schema widgets is at version 3, this build knows up to 2"));
     }
 }
 
@@ -180,8 +209,13 @@ fn a_failing_migration_leaves_nothing() {
         let mut c = e.open();
         let bad = Migration::same(2, "CREATE INDEX x ON no_such_table (y)");
         let err = migrate(c.as_mut(), &e.label, &schema(&[V1, bad])).unwrap_err();
-        assert!(matches!(err, DbError::Migration { version: 2, .. }), "{err}");
-        assert!(recorded(c.as_mut(), &e.label, "widgets").unwrap().is_empty());
+        assert!(
+            matches!(err, DbError::Migration { version: 2, .. }),
+            "{err}"
+        );
+        assert!(recorded(c.as_mut(), &e.label, "widgets")
+            .unwrap()
+            .is_empty());
         // Migration 1 was rolled back with it: a clean run works.
         assert_eq!(
             migrate(c.as_mut(), &e.label, &schema(&[V1, V2])).unwrap(),
@@ -200,7 +234,10 @@ fn an_old_database_is_adopted_when_its_tables_match() {
         // Made by code before the migrations layer (its SQL text run by hand).
         e.batch(&mut c, V1.sql(pg));
         e.batch(&mut c, "INSERT INTO widgets (id, name) VALUES (7, 'kept')");
-        assert_eq!(migrate(c.as_mut(), &e.label, &schema(&[V1, V2])).unwrap(), vec![2]);
+        assert_eq!(
+            migrate(c.as_mut(), &e.label, &schema(&[V1, V2])).unwrap(),
+            vec![2]
+        );
         assert_eq!(recorded(c.as_mut(), &e.label, "widgets").unwrap().len(), 2);
         e.batch(&mut c, "INSERT INTO widgets (id, name) VALUES (8, 'new')");
     }
@@ -219,8 +256,14 @@ fn a_database_with_other_tables_is_not_adopted() {
         assert!(msg.contains("table widgets lacks column(s) name"), "{msg}");
         // Only some of the tables.
         e.batch(&mut c, "DROP TABLE widgets");
-        let msg = migrate(c.as_mut(), &e.label, &schema(&[V1])).unwrap_err().to_string();
-        assert!(msg.contains("parts are there but widgets missing"), "{}: {msg}", e.kind);
+        let msg = migrate(c.as_mut(), &e.label, &schema(&[V1]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("parts are there but widgets missing"),
+            "{}: {msg}",
+            e.kind
+        );
     }
 }
 
@@ -238,11 +281,17 @@ fn an_old_version_table_is_adopted_at_its_version() {
     for e in engines("vtable") {
         let mut c = e.open();
         let pg = e.kind == "postgresql";
-        e.batch(&mut c, "CREATE TABLE old_version (version BIGINT PRIMARY KEY)");
+        e.batch(
+            &mut c,
+            "CREATE TABLE old_version (version BIGINT PRIMARY KEY)",
+        );
         e.batch(&mut c, V1.sql(pg));
         e.batch(&mut c, V2.sql(pg));
         e.batch(&mut c, "INSERT INTO old_version VALUES (1), (2)");
-        assert_eq!(migrate(c.as_mut(), &e.label, &s(&[V1, V2, V3])).unwrap(), vec![3]);
+        assert_eq!(
+            migrate(c.as_mut(), &e.label, &s(&[V1, V2, V3])).unwrap(),
+            vec![3]
+        );
         // Newer than the code: refused.
         e.batch(&mut c, "DELETE FROM schema_migrations");
         e.batch(&mut c, "INSERT INTO old_version VALUES (9)");
@@ -263,7 +312,10 @@ fn schemas_share_a_database() {
             adopt: Adopt::Tables(&[("gadgets", &["g"])]),
         };
         assert_eq!(migrate(c.as_mut(), &e.label, &g).unwrap(), vec![1]);
-        assert_eq!(migrate(c.as_mut(), &e.label, &schema(&[V1, V2])).unwrap(), vec![2]);
+        assert_eq!(
+            migrate(c.as_mut(), &e.label, &schema(&[V1, V2])).unwrap(),
+            vec![2]
+        );
         assert_eq!(recorded(c.as_mut(), &e.label, "gadgets").unwrap().len(), 1);
     }
 }
@@ -302,7 +354,10 @@ fn bad_specs_and_unreachable_servers_are_clear_errors() {
         .err()
         .map(|e| e.to_string())
         .unwrap_or_default();
-    assert!(e.contains("postgresql://u:***@127.0.0.1:1/d: connecting"), "{e}");
+    assert!(
+        e.contains("postgresql://u:***@127.0.0.1:1/d: connecting"),
+        "{e}"
+    );
     assert!(!e.contains("secret"), "{e}");
     let e = connect_pg("postgresql://h:port/d", &Settings::new("t"))
         .err()
@@ -311,16 +366,24 @@ fn bad_specs_and_unreachable_servers_are_clear_errors() {
     assert!(e.starts_with("bad database spec"), "{e}");
     // A SQLite path that is a directory.
     let d = tempfile::tempdir().unwrap();
-    let e = open_sqlite(d.path(), &Settings::new("t")).err().map(|e| e.to_string());
-    assert!(e.unwrap_or_default().contains(&d.path().display().to_string()));
+    let e = open_sqlite(d.path(), &Settings::new("t"))
+        .err()
+        .map(|e| e.to_string());
+    assert!(e
+        .unwrap_or_default()
+        .contains(&d.path().display().to_string()));
 }
 
 #[test]
 fn sqlite_settings_are_applied() {
     let d = tempfile::tempdir().unwrap();
     let c = open_sqlite(&d.path().join("a/b/s.db"), &Settings::new("t")).unwrap();
-    let mode: String = c.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
-    let fk: i64 = c.query_row("PRAGMA foreign_keys", [], |r| r.get(0)).unwrap();
+    let mode: String = c
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    let fk: i64 = c
+        .query_row("PRAGMA foreign_keys", [], |r| r.get(0))
+        .unwrap();
     assert_eq!((mode.as_str(), fk), ("wal", 1));
     if let Ok(url) = std::env::var("HILRIG_TEST_PG") {
         let mut c = connect_pg(&url, &Settings::new("hilrig-db-test")).unwrap();

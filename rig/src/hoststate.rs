@@ -70,7 +70,9 @@ impl HostStates {
         let file = match hilrig_db::DbUrl::parse(path).map_err(|e| err(e.to_string()))? {
             hilrig_db::DbUrl::Sqlite(p) => p,
             hilrig_db::DbUrl::Postgres(_) => {
-                return Err(err("host states are kept in a SQLite file, not PostgreSQL".into()))
+                return Err(err(
+                    "host states are kept in a SQLite file, not PostgreSQL".into()
+                ))
             }
         };
         let mut db = hilrig_db::open_sqlite(&file, &hilrig_db::Settings::new("hilrig-rig"))

@@ -75,14 +75,23 @@ fn a_changed_migration_is_refused() {
     let c = rusqlite::Connection::open(&p).unwrap();
     c.execute_batch("UPDATE schema_migrations SET sha256 = 'a1b2' WHERE schema = 'rig_leases'")
         .unwrap();
-    let e = LeaseStore::open(spec).err().map(|e| e.to_string()).unwrap_or_default();
+    let e = LeaseStore::open(spec)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
     assert!(
         e.contains("schema rig_leases migration 1 differs: database a1b2, code "),
         "{e}"
     );
-    let e = LeaseStore::open("mysql://h/d").err().map(|e| e.to_string()).unwrap_or_default();
+    let e = LeaseStore::open("mysql://h/d")
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
     assert!(e.contains("bad database spec"), "{e}");
-    let e = HostStates::open("postgresql://h/d").err().map(|e| e.to_string()).unwrap_or_default();
+    let e = HostStates::open("postgresql://h/d")
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
     assert!(e.contains("SQLite file, not PostgreSQL"), "{e}");
 }
 
@@ -96,7 +105,9 @@ fn old_postgres_database_is_adopted() {
     let settings = hilrig_db::Settings::new("rig-test");
     let mut admin = hilrig_db::connect_pg(&url, &settings).unwrap();
     admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}"))
+        .batch_execute(&format!(
+            "DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}"
+        ))
         .unwrap();
     let (base, _) = url.rsplit_once('/').unwrap();
     let db_url = format!("{base}/{name}");
