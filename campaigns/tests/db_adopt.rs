@@ -129,9 +129,11 @@ fn old_postgres_store_is_adopted() {
     let settings = hilrig_db::Settings::new("campaigns-test");
     let mut admin = hilrig_db::connect_pg(&url, &settings).unwrap();
     admin
-        .batch_execute(&format!(
-            "DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}"
-        ))
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
+        .unwrap();
+    // Not in one batch: CREATE DATABASE cannot run inside a transaction block.
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
         .unwrap();
     let (base, _) = url.rsplit_once('/').unwrap();
     let db_url = format!("{base}/{name}");
