@@ -15,7 +15,7 @@
 //! `postgresql://` URL.
 
 use crate::error::{RunError, RunResult};
-use crate::store::{is_pg, pg_migrate, pg_put_case};
+use crate::store::{is_pg, migrate_all, pg_put_case, settings};
 use hilrig_reports::CaseResult;
 use std::time::Duration;
 
@@ -38,6 +38,9 @@ pub enum ClaimError {
         /// Cause.
         source: postgres::Error,
     },
+    /// Connecting or migrating (hilrig-db).
+    #[error("claim queue: {0}")]
+    Db(#[from] hilrig_db::DbError),
     /// A value cannot be stored or a row makes no sense.
     #[error("claim queue {db}: {what}")]
     Data {
@@ -116,22 +119,12 @@ impl ClaimQueue {
     /// Connect to the store `spec` (a `postgresql://` URL; anything else is
     /// [`ClaimError::NotPostgres`]) and make sure the queue table exists.
     pub fn open(spec: &str) -> Result<ClaimQueue> {
-        let name = hilrig_counters::store::redact(spec);
+        let name = hilrig_db::redact(spec);
         if !is_pg(spec) {
             return Err(ClaimError::NotPostgres(name));
         }
-        let mut client = postgres::Client::connect(spec, postgres::NoTls).map_err(|source| {
-            ClaimError::Postgres {
-                db: name.clone(),
-                what: "connecting".into(),
-                source,
-            }
-        })?;
-        pg_migrate(&mut client).map_err(|source| ClaimError::Postgres {
-            db: name.clone(),
-            what: "schema".into(),
-            source,
-        })?;
+        let mut client = hilrig_db::connect_pg(spec, &settings())?;
+        migrate_all(hilrig_db::ConnMut::Pg(&mut client), &name)?;
         Ok(ClaimQueue { client, name })
     }
 

@@ -60,6 +60,10 @@ pub enum StoreError {
         /// What is wrong.
         what: String,
     },
+    /// Opening or migrating the database (hilrig-db): a bad spec, a connection
+    /// refused, a migration that differs from this build's or is newer.
+    #[error("results store: {0}")]
+    Db(#[from] hilrig_db::DbError),
     /// The directory of a SQLite file could not be created.
     #[error("results store: creating {path}: {source}")]
     Io {
@@ -83,12 +87,20 @@ pub struct Store {
     name: String,
 }
 
-/// Whether `spec` names a PostgreSQL database.
+/// Whether `spec` names a PostgreSQL database (see [`hilrig_db::DbUrl`]).
 pub fn is_pg(spec: &str) -> bool {
-    spec.starts_with("postgresql://") || spec.starts_with("postgres://")
+    matches!(
+        hilrig_db::DbUrl::parse(spec),
+        Ok(hilrig_db::DbUrl::Postgres(_))
+    )
 }
 
-const SQLITE_SCHEMA: &str = "PRAGMA journal_mode=WAL;
+// The results store's schemas (hilrig-db migrations). Migration 1 of each is the
+// schema as created before the migrations layer (`CREATE ... IF NOT EXISTS`), so
+// databases written by earlier builds are adopted when their tables match. Never
+// edit a published migration: add one.
+
+const SQLITE_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS runs (
    id TEXT PRIMARY KEY, campaign TEXT NOT NULL, file TEXT NOT NULL,
    run_dir TEXT NOT NULL, started_ms INTEGER NOT NULL, finished_ms INTEGER,
@@ -114,7 +126,9 @@ CREATE TABLE IF NOT EXISTS cases (
 CREATE TABLE IF NOT EXISTS samples (
    run_id TEXT NOT NULL, case_id TEXT NOT NULL, kind TEXT NOT NULL,
    seq INTEGER NOT NULL, value DOUBLE PRECISION NOT NULL,
-   PRIMARY KEY (run_id, case_id, kind, seq));
+   PRIMARY KEY (run_id, case_id, kind, seq));";
+
+const RUN_QUEUE_PG_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS run_queue (
    run_id TEXT NOT NULL REFERENCES runs(id), case_id TEXT NOT NULL, ord INTEGER NOT NULL,
    state TEXT NOT NULL DEFAULT 'queued' CHECK (state IN ('queued', 'claimed', 'done')),
@@ -122,19 +136,97 @@ CREATE TABLE IF NOT EXISTS run_queue (
    lost TEXT[] NOT NULL DEFAULT '{}',
    PRIMARY KEY (run_id, case_id));";
 
-/// Create or migrate the PostgreSQL schema. Serialised between connections by an
-/// advisory lock: runners starting together on a fresh database would otherwise
-/// race in `CREATE TABLE IF NOT EXISTS` (a duplicate-key error on the catalog).
-pub(crate) fn pg_migrate(
-    client: &mut postgres::Client,
-) -> std::result::Result<(), postgres::Error> {
-    let mut tx = client.transaction()?;
-    tx.execute("SELECT pg_advisory_xact_lock(7202617017)", &[])?;
-    tx.batch_execute(PG_SCHEMA)?;
-    // The lab service's tables too, under the same lock (runners starting together
-    // on a fresh database would race in CREATE ... IF NOT EXISTS).
-    tx.batch_execute(LAB_PG_SCHEMA)?;
-    tx.commit()
+/// Runs, their cases and samples.
+pub const SCHEMA: hilrig_db::Schema<'static> = hilrig_db::Schema {
+    name: "campaigns",
+    migrations: &[hilrig_db::Migration::per_engine(
+        1,
+        SQLITE_SCHEMA,
+        PG_SCHEMA,
+    )],
+    adopt: hilrig_db::Adopt::Tables(&[
+        (
+            "runs",
+            &[
+                "id",
+                "campaign",
+                "file",
+                "run_dir",
+                "started_ms",
+                "finished_ms",
+                "hosts",
+            ],
+        ),
+        ("cases", &["run_id", "case_id", "outcome", "result"]),
+        ("samples", &["run_id", "case_id", "kind", "seq", "value"]),
+    ]),
+};
+
+/// The claim queue of a run shared by several runners (PostgreSQL only: nothing
+/// on SQLite, where a run has one runner).
+pub const RUN_QUEUE_SCHEMA: hilrig_db::Schema<'static> = hilrig_db::Schema {
+    name: "run_queue",
+    migrations: &[hilrig_db::Migration::per_engine(1, "", RUN_QUEUE_PG_SCHEMA)],
+    adopt: hilrig_db::Adopt::Tables(&[(
+        "run_queue",
+        &[
+            "run_id",
+            "case_id",
+            "ord",
+            "state",
+            "claimant",
+            "generation",
+            "lease_expires",
+            "lost",
+        ],
+    )]),
+};
+
+/// The lab service's tables (`hilrig serve`): its queue, API tokens, webhooks,
+/// and an index on `cases` for case histories.
+pub const LAB_SCHEMA: hilrig_db::Schema<'static> = hilrig_db::Schema {
+    name: "lab",
+    migrations: &[hilrig_db::Migration::per_engine(
+        1,
+        LAB_SQLITE_SCHEMA,
+        LAB_PG_SCHEMA,
+    )],
+    adopt: hilrig_db::Adopt::Tables(&[
+        (
+            "lab_queue",
+            &[
+                "id",
+                "campaign",
+                "campaign_text",
+                "submitted_by",
+                "submitted_ms",
+                "state",
+                "run_id",
+                "worker",
+                "message",
+            ],
+        ),
+        ("lab_tokens", &["name", "token_sha256", "created_ms"]),
+        ("lab_webhooks", &["campaign", "url", "secret"]),
+    ]),
+};
+
+/// Bring every schema of the results store up to date (campaigns, the claim
+/// queue, the lab service's tables), each under hilrig-db's migration lock.
+pub(crate) fn migrate_all(
+    conn: hilrig_db::ConnMut<'_>,
+    label: &str,
+) -> std::result::Result<(), hilrig_db::DbError> {
+    let mut conn = conn;
+    for schema in [&SCHEMA, &RUN_QUEUE_SCHEMA, &LAB_SCHEMA] {
+        hilrig_db::migrate(conn.reborrow(), label, schema)?;
+    }
+    Ok(())
+}
+
+/// The connection settings of the results store.
+pub(crate) fn settings() -> hilrig_db::Settings {
+    hilrig_db::Settings::new("hilrig-campaigns")
 }
 
 /// Store (or replace) a finished case and its samples inside `tx` (PostgreSQL).
@@ -201,53 +293,17 @@ impl Store {
     /// `postgresql://` URL.
     pub fn open(spec: &Path) -> Result<Store> {
         let s = spec.to_string_lossy().into_owned();
-        if is_pg(&s) {
-            return Store::open_pg(&s);
-        }
-        if let Some(d) = spec.parent() {
-            if !d.as_os_str().is_empty() {
-                std::fs::create_dir_all(d).map_err(|source| StoreError::Io {
-                    path: d.display().to_string(),
-                    source,
-                })?;
-            }
-        }
-        let sq = |what: &str| {
-            let (db, what) = (s.clone(), what.to_string());
-            move |source| StoreError::Sqlite { db, what, source }
-        };
-        let conn = Connection::open(spec).map_err(sq("opening"))?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(sq("busy timeout"))?;
-        conn.execute_batch(SQLITE_SCHEMA).map_err(sq("schema"))?;
-        let mut store = Store {
-            conn: Conn::Sqlite(conn),
-            name: s,
-        };
-        store.lab_schema()?;
-        Ok(store)
-    }
-
-    fn open_pg(url: &str) -> Result<Store> {
-        let name = hilrig_counters::store::redact(url);
-        let mut client = postgres::Client::connect(url, postgres::NoTls).map_err(|source| {
-            StoreError::Postgres {
-                db: name.clone(),
-                what: "connecting".into(),
-                source,
-            }
-        })?;
-        pg_migrate(&mut client).map_err(|source| StoreError::Postgres {
-            db: name.clone(),
-            what: "schema".into(),
-            source,
-        })?;
-        let mut store = Store {
-            conn: Conn::Pg(Box::new(client)),
+        let url = hilrig_db::DbUrl::parse(&s)?;
+        let name = url.label();
+        let mut conn = hilrig_db::open(&url, &settings())?;
+        migrate_all(conn.as_mut(), &name)?;
+        Ok(Store {
+            conn: match conn {
+                hilrig_db::Conn::Sqlite(c) => Conn::Sqlite(c),
+                hilrig_db::Conn::Pg(c) => Conn::Pg(c),
+            },
             name,
-        };
-        store.lab_schema()?;
-        Ok(store)
+        })
     }
 
     /// `sqlite` or `postgresql`.
@@ -718,17 +774,6 @@ fn now_unix_ms() -> i64 {
 }
 
 impl Store {
-    /// Create the lab service's tables and index if missing (called on open;
-    /// additive, so stores written before them keep working).
-    fn lab_schema(&mut self) -> Result<()> {
-        let e = self.sq("lab schema");
-        let p = self.pg_err("lab schema");
-        match &mut self.conn {
-            Conn::Sqlite(c) => c.execute_batch(LAB_SQLITE_SCHEMA).map_err(e),
-            Conn::Pg(c) => pg_migrate(c).map_err(p),
-        }
-    }
-
     /// The last `nights` results of `case_id`, newest first, each with its run.
     pub fn case_history(&mut self, case_id: &str, nights: usize) -> Result<Vec<HistoryRow>> {
         self.case_history_json(case_id, nights)?

@@ -12,6 +12,17 @@ use crate::store::{self, Db, Val};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 
+/// The anchor database's schema. Migration 1 is the table as created before
+/// hilrig-db. Never edit a published migration: add one.
+pub const SCHEMA: hilrig_db::Schema<'static> = hilrig_db::Schema {
+    name: "counters_anchor",
+    migrations: &[hilrig_db::Migration::same(
+        1,
+        "CREATE TABLE IF NOT EXISTS anchor (name TEXT PRIMARY KEY, seq BIGINT NOT NULL, mac TEXT NOT NULL, at BIGINT NOT NULL)",
+    )],
+    adopt: hilrig_db::Adopt::Tables(&[("anchor", &["name", "seq", "mac", "at"])]),
+};
+
 /// Where the chain head is anchored.
 pub enum Anchor {
     /// A file holding "SEQ MAC".
@@ -47,22 +58,23 @@ impl Anchor {
             path: PathBuf::from(&shown),
             detail: e.to_string(),
         };
-        let mut db: Box<dyn Db> = match spec.strip_prefix("sqlite:") {
-            Some(path) => {
-                let path = path.strip_prefix("//").unwrap_or(path);
-                if path.is_empty() {
-                    return Err(Error::Input(format!(
-                        "anchor {spec:?}: give a file after sqlite: (sqlite:/var/lib/hilrig/anchor.db)"
-                    )));
-                }
-                Box::new(store::SqliteDb::open(Path::new(path)).map_err(fail)?)
-            }
-            None => Box::new(store::PgDb::connect(spec, None).map_err(fail)?),
+        if spec
+            .strip_prefix("sqlite:")
+            .map(|p| p.strip_prefix("//").unwrap_or(p))
+            == Some("")
+        {
+            return Err(Error::Input(format!(
+                "anchor {spec:?}: give a file after sqlite: (sqlite:/var/lib/hilrig/anchor.db)"
+            )));
+        }
+        let url =
+            hilrig_db::DbUrl::parse(spec).map_err(|e| Error::Input(format!("anchor: {e}")))?;
+        let mut db: Box<dyn Db> = match &url {
+            hilrig_db::DbUrl::Sqlite(path) => Box::new(store::SqliteDb::open(path).map_err(fail)?),
+            hilrig_db::DbUrl::Postgres(u) => Box::new(store::PgDb::connect(u, None).map_err(fail)?),
         };
-        db.batch(
-            "CREATE TABLE IF NOT EXISTS anchor (name TEXT PRIMARY KEY, seq BIGINT NOT NULL, mac TEXT NOT NULL, at BIGINT NOT NULL)",
-        )
-        .map_err(fail)?;
+        hilrig_db::migrate(db.conn(), &shown, &SCHEMA)
+            .map_err(|e| fail(Error::db("migrating the anchor table", e)))?;
         Ok(Anchor::Db {
             db,
             spec: shown,

@@ -2,77 +2,19 @@
 //! a key file, so a row edited outside the service is detected.
 
 use crate::{Error, Result};
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
+use hilrig_db::mac::RowKey;
+pub use hilrig_db::mac::{hex32, MacInput};
 use std::io::Write;
 use std::path::Path;
 
 /// The MAC key (32 bytes; the key file holds it as 64 hex digits), with the keyed
-/// HMAC state computed once.
+/// HMAC state computed once (hilrig-db's [`RowKey`]: HMAC-SHA256 over the
+/// canonical row encoding of [`MacInput`], constant-time checks).
 #[derive(Clone)]
-pub struct Key(Hmac<Sha256>);
+pub struct Key(RowKey);
 
-fn keyed(b: &[u8; 32]) -> Hmac<Sha256> {
-    // HMAC accepts keys of any length: new_from_slice cannot fail here.
-    match <Hmac<Sha256>>::new_from_slice(b) {
-        Ok(m) => m,
-        Err(_) => unreachable!("HMAC takes keys of any length"),
-    }
-}
-
-/// The bytes a row's MAC covers: the table name and each field, length-prefixed.
-pub struct MacInput(Vec<u8>);
-
-impl MacInput {
-    /// Start a row of `table`.
-    pub fn new(table: &str) -> MacInput {
-        let mut v = Vec::with_capacity(512);
-        v.extend_from_slice(&(table.len() as u32).to_le_bytes());
-        v.extend_from_slice(table.as_bytes());
-        MacInput(v)
-    }
-    /// Add a byte field.
-    pub fn b(&mut self, f: &[u8]) -> &mut Self {
-        self.0.extend_from_slice(&(f.len() as u32).to_le_bytes());
-        self.0.extend_from_slice(f);
-        self
-    }
-    /// Add a text field.
-    pub fn s(&mut self, f: &str) -> &mut Self {
-        self.b(f.as_bytes())
-    }
-    /// Add an integer field (as its decimal text).
-    pub fn n(&mut self, v: i64) -> &mut Self {
-        let mut buf = [0u8; 24];
-        let mut i = buf.len();
-        let neg = v < 0;
-        let mut u = v.unsigned_abs();
-        loop {
-            i -= 1;
-            buf[i] = b'0' + (u % 10) as u8;
-            u /= 10;
-            if u == 0 {
-                break;
-            }
-        }
-        if neg {
-            i -= 1;
-            buf[i] = b'-';
-        }
-        self.b(&buf[i..])
-    }
-}
-
-/// Lower-case hex, fast.
-pub fn hex32(h: &[u8; 32]) -> String {
-    const D: &[u8; 16] = b"0123456789abcdef";
-    let mut out = Vec::with_capacity(64);
-    for &b in h {
-        out.push(D[(b >> 4) as usize]);
-        out.push(D[(b & 15) as usize]);
-    }
-    // Only ASCII digits were pushed.
-    String::from_utf8(out).unwrap_or_default()
+fn keyed(b: &[u8; 32]) -> RowKey {
+    RowKey::new(b)
 }
 
 impl std::fmt::Debug for Key {
@@ -152,44 +94,22 @@ impl Key {
 
     /// The MAC of a row of `table` with `fields` (each length-prefixed), hex.
     pub fn mac(&self, table: &str, fields: &[&[u8]]) -> String {
-        hex32(&self.raw(table, fields))
-    }
-
-    fn raw(&self, table: &str, fields: &[&[u8]]) -> [u8; 32] {
-        let mut i = MacInput::new(table);
-        for f in fields {
-            i.b(f);
-        }
-        self.raw_input(&i)
-    }
-
-    fn raw_input(&self, i: &MacInput) -> [u8; 32] {
-        let mut m = self.0.clone();
-        m.update(&i.0);
-        m.finalize().into_bytes().into()
+        self.0.mac_fields(table, fields)
     }
 
     /// The MAC of prepared input, hex.
     pub fn mac_input(&self, i: &MacInput) -> String {
-        hex32(&self.raw_input(i))
+        self.0.mac(i)
     }
 
     /// Check a stored MAC against prepared input (constant time).
     pub fn check_input(&self, i: &MacInput, stored: &str) -> bool {
-        let Ok(v) = hex::decode(stored) else {
-            return false;
-        };
-        let want = self.raw_input(i);
-        v.len() == 32 && v.iter().zip(want.iter()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0
+        self.0.check(i, stored)
     }
 
     /// Check a stored MAC (constant time).
     pub fn check(&self, table: &str, fields: &[&[u8]], stored: &str) -> bool {
-        let mut i = MacInput::new(table);
-        for f in fields {
-            i.b(f);
-        }
-        self.check_input(&i, stored)
+        self.0.check_fields(table, fields, stored)
     }
 }
 

@@ -116,40 +116,44 @@ pub trait Db: Send {
     fn auto_id(&self) -> &'static str;
     /// Statement that serialises migrations between processes, run inside `begin`.
     fn lock_migrations(&self) -> &'static str;
+    /// The raw connection, for hilrig-db's migrations.
+    fn conn(&mut self) -> hilrig_db::ConnMut<'_>;
+    /// The database's name for messages (path, or URL without its password).
+    fn name(&self) -> &str;
 }
 
 /// SQLite through rusqlite (bundled SQLite), in WAL mode.
 pub struct SqliteDb {
     conn: rusqlite::Connection,
     sql_cache: HashMap<String, std::sync::Arc<str>>,
+    name: String,
+}
+
+/// The connection settings of the counters service (hilrig-db's: WAL, 10 s busy
+/// timeout, foreign keys; PostgreSQL connect timeout, `application_name`).
+pub fn settings() -> hilrig_db::Settings {
+    hilrig_db::Settings::new("hilrig-counters")
 }
 
 impl SqliteDb {
-    /// Open (creating) the database file at `path`.
+    /// Open (creating it and its directory) the database file at `path`.
     pub fn open(path: &Path) -> Result<SqliteDb> {
-        if let Some(d) = path.parent() {
-            if !d.as_os_str().is_empty() && !d.exists() {
-                std::fs::create_dir_all(d)
-                    .map_err(|e| Error::db(&format!("creating directory {}", d.display()), e))?;
-            }
-        }
-        let conn = rusqlite::Connection::open(path)
+        let conn = hilrig_db::open_sqlite(path, &settings())
             .map_err(|e| Error::db(&format!("opening {}", path.display()), e))?;
         Self::setup(conn, &path.display().to_string())
     }
 
     /// An in-memory database (tests).
     pub fn memory() -> Result<SqliteDb> {
-        let conn = rusqlite::Connection::open_in_memory()
+        let conn = hilrig_db::open_sqlite_memory(&settings())
             .map_err(|e| Error::db("opening an in-memory database", e))?;
         Self::setup(conn, ":memory:")
     }
 
+    /// The service's own SQLite settings on top of hilrig-db's.
     fn setup(conn: rusqlite::Connection, name: &str) -> Result<SqliteDb> {
-        conn.busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(|e| Error::db(&format!("configuring {name}"), e))?;
         conn.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; \
+            "PRAGMA synchronous=FULL; \
              PRAGMA cache_size=-65536; PRAGMA temp_store=MEMORY; PRAGMA mmap_size=268435456; \
              PRAGMA wal_autocheckpoint=8192;",
         )
@@ -158,6 +162,7 @@ impl SqliteDb {
         Ok(SqliteDb {
             conn,
             sql_cache: HashMap::new(),
+            name: name.to_string(),
         })
     }
 
@@ -282,6 +287,12 @@ impl Db for SqliteDb {
     fn lock_migrations(&self) -> &'static str {
         "SELECT 1"
     }
+    fn conn(&mut self) -> hilrig_db::ConnMut<'_> {
+        hilrig_db::ConnMut::Sqlite(&mut self.conn)
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
 }
 
 /// PostgreSQL through the synchronous `postgres` client.
@@ -290,18 +301,20 @@ pub struct PgDb {
     stmts: HashMap<String, postgres::Statement>,
     /// Inside a transaction begun by [`Db::begin`].
     in_tx: bool,
+    name: String,
 }
 
 impl PgDb {
     /// Connect to `url` (postgresql://...). With `schema`, create it if needed and
     /// work inside it (tests isolate themselves this way).
     pub fn connect(url: &str, schema: Option<&str>) -> Result<PgDb> {
-        let client = postgres::Client::connect(url, postgres::NoTls)
-            .map_err(|e| Error::db(&format!("connecting to {}", redact(url)), pg_detail(&e)))?;
+        let client = hilrig_db::connect_pg(url, &settings())
+            .map_err(|e| Error::db(&format!("connecting to {}", redact(url)), e))?;
         let mut db = PgDb {
             client,
             stmts: HashMap::new(),
             in_tx: false,
+            name: redact(url),
         };
         if let Some(s) = schema {
             if s.is_empty() || !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
@@ -378,38 +391,12 @@ fn pg_row(sql: &str, r: &postgres::Row) -> Result<Vec<Val>> {
 /// A PostgreSQL error with the server's message, SQLSTATE and constraint (the
 /// client's own Display says only "db error").
 fn pg_detail(e: &postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(d) => {
-            let mut s = format!(
-                "{}: {} (SQLSTATE {})",
-                d.severity(),
-                d.message(),
-                d.code().code()
-            );
-            if let Some(c) = d.constraint() {
-                s.push_str(&format!(", constraint {c}"));
-            }
-            if let Some(x) = d.detail() {
-                s.push_str(&format!("; {x}"));
-            }
-            s
-        }
-        None => e.to_string(),
-    }
+    hilrig_db::pg_detail(e)
 }
 
 /// A URL with any password replaced, for messages.
 pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(a), Some(b)) if b > a => {
-            let creds = &url[a + 3..b];
-            match creds.find(':') {
-                Some(c) => format!("{}{}:***{}", &url[..a + 3], &creds[..c], &url[b..]),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
-    }
+    hilrig_db::redact(url)
 }
 
 impl postgres::types::ToSql for Val {
@@ -535,15 +522,20 @@ impl Db for PgDb {
     fn lock_migrations(&self) -> &'static str {
         "LOCK TABLE schema_version IN EXCLUSIVE MODE"
     }
+    fn conn(&mut self) -> hilrig_db::ConnMut<'_> {
+        hilrig_db::ConnMut::Pg(&mut self.client)
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
 }
 
-/// Open a database named by `spec`: a `postgresql://` (or `postgres://`) URL, or a
-/// SQLite file path.
+/// Open a database named by `spec` (see [`hilrig_db::DbUrl`]): a `postgresql://`
+/// (or `postgres://`) URL, `sqlite:PATH`, or a SQLite file path.
 pub fn open(spec: &str) -> Result<Box<dyn Db>> {
-    if spec.starts_with("postgresql://") || spec.starts_with("postgres://") {
-        Ok(Box::new(PgDb::connect(spec, None)?))
-    } else {
-        Ok(Box::new(SqliteDb::open(Path::new(spec))?))
+    match hilrig_db::DbUrl::parse(spec).map_err(|e| Error::Input(e.to_string()))? {
+        hilrig_db::DbUrl::Postgres(url) => Ok(Box::new(PgDb::connect(&url, None)?)),
+        hilrig_db::DbUrl::Sqlite(path) => Ok(Box::new(SqliteDb::open(&path)?)),
     }
 }
 
@@ -691,10 +683,98 @@ pub fn schema_version(db: &mut dyn Db) -> Result<i64> {
     }
 }
 
-/// Apply every migration newer than the database's version, each in its own
-/// transaction with its `schema_version` row. Returns the versions applied.
+/// Migration 1's tables (adopting a database made before hilrig-db).
+const TABLES_V1: &[(&str, &[&str])] = &[
+    (
+        "devices",
+        &[
+            "serial",
+            "host",
+            "rack",
+            "state",
+            "c0",
+            "c1",
+            "c2",
+            "master",
+            "epoch",
+            "h0",
+            "h1",
+            "h2",
+            "reason",
+            "hold",
+            "verified_at",
+            "mac",
+        ],
+    ),
+    (
+        "catalog",
+        &[
+            "region",
+            "sha256",
+            "version",
+            "approved_by",
+            "added_at",
+            "mac",
+        ],
+    ),
+    (
+        "history",
+        &[
+            "id",
+            "serial",
+            "at",
+            "verdict",
+            "severity",
+            "recoverable",
+            "state",
+            "observed",
+            "expected",
+            "reasons",
+            "mac",
+        ],
+    ),
+    (
+        "intents",
+        &[
+            "id",
+            "serial",
+            "region",
+            "target",
+            "created_at",
+            "status",
+            "closed_at",
+            "mac",
+        ],
+    ),
+    (
+        "update_log",
+        &["id", "serial", "at", "region", "outcome", "mac"],
+    ),
+];
+
+/// [`MIGRATIONS`] as each engine runs them (`{ID}` and `{PG:...}` expanded):
+/// (sqlite, postgresql) per version.
+pub fn migration_texts() -> Vec<(String, String)> {
+    MIGRATIONS
+        .iter()
+        .map(|&(_, sql)| {
+            (
+                dialect(
+                    &sql.replace("{ID}", "INTEGER PRIMARY KEY AUTOINCREMENT"),
+                    "sqlite",
+                ),
+                dialect(&sql.replace("{ID}", "BIGSERIAL PRIMARY KEY"), "postgresql"),
+            )
+        })
+        .collect()
+}
+
+/// Apply every migration newer than the database's version through hilrig-db
+/// (schema `counters` in `schema_migrations`, all pending migrations in one locked
+/// transaction; a database from before hilrig-db is adopted at its
+/// `schema_version`). `schema_version` is kept as before, one row per version.
+/// Returns the versions applied.
 pub fn migrate(db: &mut dyn Db) -> Result<Vec<i64>> {
-    let mut applied = Vec::new();
     let current = schema_version(db)?;
     if current > latest_version() {
         return Err(Error::SchemaTooNew {
@@ -702,42 +782,36 @@ pub fn migrate(db: &mut dyn Db) -> Result<Vec<i64>> {
             supported: latest_version(),
         });
     }
-    for &(v, sql) in MIGRATIONS {
-        if v <= current {
-            continue;
-        }
-        db.begin()?;
-        let r = (|| -> Result<bool> {
-            let lock = db.lock_migrations();
-            db.batch(lock)?;
-            // Another process may have migrated while we waited for the lock.
-            let rows = db.query(
-                "SELECT version FROM schema_version WHERE version = $1",
-                &[Val::I64(v)],
-            )?;
-            if !rows.is_empty() {
-                return Ok(false);
-            }
-            let sql = dialect(&sql.replace("{ID}", db.auto_id()), db.kind());
-            db.batch(&sql)?;
-            db.exec(
-                "INSERT INTO schema_version (version, applied_at) VALUES ($1, $2)",
-                &[Val::I64(v), Val::I64(now_ms())],
-            )?;
-            Ok(true)
-        })();
-        match r {
-            Ok(did) => {
-                db.commit()?;
-                if did {
-                    applied.push(v);
-                }
-            }
-            Err(e) => {
-                db.rollback();
-                return Err(Error::db(&format!("applying schema migration {v}"), e));
-            }
-        }
+    let texts = migration_texts();
+    let migrations: Vec<hilrig_db::Migration<'_>> = MIGRATIONS
+        .iter()
+        .zip(&texts)
+        .map(|(&(v, _), (sq, pg))| hilrig_db::Migration::per_engine(v, sq, pg))
+        .collect();
+    let schema = hilrig_db::Schema {
+        name: "counters",
+        migrations: &migrations,
+        adopt: hilrig_db::Adopt::VersionTable {
+            table: "schema_version",
+            column: "version",
+            tables: TABLES_V1,
+        },
+    };
+    let name = db.name().to_string();
+    let applied = hilrig_db::migrate(db.conn(), &name, &schema).map_err(|e| match e {
+        hilrig_db::DbError::TooNew { database, code, .. } => Error::SchemaTooNew {
+            found: database,
+            supported: code,
+        },
+        e => Error::db("applying schema migrations", e),
+    })?;
+    // The old version table, kept for older builds and tools that read it; a
+    // crash between the two commits is mended here on the next open.
+    for v in schema_version(db)? + 1..=latest_version() {
+        db.exec(
+            "INSERT INTO schema_version (version, applied_at) VALUES ($1, $2) ON CONFLICT (version) DO NOTHING",
+            &[Val::I64(v), Val::I64(now_ms())],
+        )?;
     }
     Ok(applied)
 }

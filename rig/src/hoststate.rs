@@ -5,7 +5,6 @@
 //! state, reason, since_ms)` in a SQLite file (the runner's results database).
 
 use crate::error::RigError;
-use std::time::Duration;
 
 /// A host's recorded state.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -33,6 +32,24 @@ pub struct HostStates {
     path: String,
 }
 
+/// The `rig_host_states` schema. Migration 1 is the table as created before the
+/// migrations layer. Never edit a published migration: add one.
+pub const SCHEMA: hilrig_db::Schema<'static> = hilrig_db::Schema {
+    name: "rig_host_states",
+    migrations: &[hilrig_db::Migration::same(
+        1,
+        "CREATE TABLE IF NOT EXISTS rig_host_states (
+                host TEXT PRIMARY KEY,
+                state TEXT NOT NULL,
+                reason TEXT NOT NULL,
+                since_ms INTEGER NOT NULL)",
+    )],
+    adopt: hilrig_db::Adopt::Tables(&[(
+        "rig_host_states",
+        &["host", "state", "reason", "since_ms"],
+    )]),
+};
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -41,22 +58,27 @@ fn now_ms() -> i64 {
 }
 
 impl HostStates {
-    /// Open (creating the file and table if missing).
+    /// Open (creating the file and table if missing): a SQLite file path or
+    /// `sqlite:PATH` (see [`hilrig_db::DbUrl`]); the `rig_host_states` schema is
+    /// migrated. A PostgreSQL URL is refused (host states live in the runner's
+    /// SQLite results database).
     pub fn open(path: &str) -> Result<HostStates, RigError> {
-        let err = |e: rusqlite::Error| RigError::Lease {
+        let err = |d: String| RigError::Lease {
             store: path.to_string(),
-            detail: format!("host states: {e}"),
+            detail: format!("host states: {d}"),
         };
-        let db = rusqlite::Connection::open(path).map_err(err)?;
-        db.busy_timeout(Duration::from_secs(10)).map_err(err)?;
-        db.execute_batch(
-            "CREATE TABLE IF NOT EXISTS rig_host_states (
-                host TEXT PRIMARY KEY,
-                state TEXT NOT NULL,
-                reason TEXT NOT NULL,
-                since_ms INTEGER NOT NULL)",
-        )
-        .map_err(err)?;
+        let file = match hilrig_db::DbUrl::parse(path).map_err(|e| err(e.to_string()))? {
+            hilrig_db::DbUrl::Sqlite(p) => p,
+            hilrig_db::DbUrl::Postgres(_) => {
+                return Err(err(
+                    "host states are kept in a SQLite file, not PostgreSQL".into()
+                ))
+            }
+        };
+        let mut db = hilrig_db::open_sqlite(&file, &hilrig_db::Settings::new("hilrig-rig"))
+            .map_err(|e| err(e.to_string()))?;
+        hilrig_db::migrate(hilrig_db::ConnMut::Sqlite(&mut db), path, &SCHEMA)
+            .map_err(|e| err(e.to_string()))?;
         Ok(HostStates {
             db,
             path: path.to_string(),

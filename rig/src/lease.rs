@@ -104,85 +104,52 @@ pub fn default_holder() -> String {
 
 /// Hide a password in a URL for messages.
 fn redact(spec: &str) -> String {
-    match (spec.find("://"), spec.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &spec[s + 3..at];
-            match creds.split_once(':') {
-                Some((u, _)) => format!("{}{u}:***{}", &spec[..s + 3], &spec[at..]),
-                None => spec.to_string(),
-            }
-        }
-        _ => spec.to_string(),
-    }
+    hilrig_db::redact(spec)
 }
 
-fn open_sqlite(path: &str) -> rusqlite::Result<rusqlite::Connection> {
-    let c = rusqlite::Connection::open(path)?;
-    c.busy_timeout(Duration::from_secs(10))?;
-    c.pragma_update(None, "journal_mode", "WAL")?;
-    c.execute_batch(
+/// The `rig_leases` schema. Migration 1 is the table as created before the
+/// migrations layer (`CREATE TABLE IF NOT EXISTS`, so adopting an old database is
+/// harmless). Never edit a published migration: add one.
+pub const SCHEMA: hilrig_db::Schema<'static> = hilrig_db::Schema {
+    name: "rig_leases",
+    migrations: &[hilrig_db::Migration::per_engine(
+        1,
         "CREATE TABLE IF NOT EXISTS rig_leases (
             host TEXT PRIMARY KEY,
             holder TEXT NOT NULL,
             generation INTEGER NOT NULL,
             acquired_ms INTEGER NOT NULL,
             expires_ms INTEGER NOT NULL)",
-    )?;
-    Ok(c)
-}
+        "CREATE TABLE IF NOT EXISTS rig_leases (
+                    host TEXT PRIMARY KEY,
+                    holder TEXT NOT NULL,
+                    generation BIGINT NOT NULL,
+                    acquired_ms BIGINT NOT NULL,
+                    expires_ms BIGINT NOT NULL)",
+    )],
+    adopt: hilrig_db::Adopt::Tables(&[(
+        "rig_leases",
+        &["host", "holder", "generation", "acquired_ms", "expires_ms"],
+    )]),
+};
 
 impl LeaseStore {
-    /// Open `spec`: a `postgres://` / `postgresql://` URL (or a `host=... ` key-value
-    /// string containing `dbname=`), else a SQLite file path (created if missing).
+    /// Open `spec` (see [`hilrig_db::DbUrl`]): a `postgres://` / `postgresql://` URL
+    /// (or a `host=... ` key-value string containing `dbname=`), `sqlite:PATH`, else a
+    /// SQLite file path (created if missing); the `rig_leases` schema is migrated.
     pub fn open(spec: &str) -> Result<LeaseStore, RigError> {
         let label = redact(spec);
         let err = |d: String| RigError::Lease {
             store: label.clone(),
             detail: d,
         };
-        let is_pg = spec.starts_with("postgres://")
-            || spec.starts_with("postgresql://")
-            || (spec.contains("dbname=") && spec.contains('='));
-        let db = if is_pg {
-            let mut c = postgres::Client::connect(spec, postgres::NoTls)
-                .map_err(|e| err(format!("connecting: {e}")))?;
-            let mut tx = c.transaction().map_err(|e| err(e.to_string()))?;
-            // Serialise schema creation between controllers starting together.
-            tx.execute("SELECT pg_advisory_xact_lock(7468656572)", &[])
-                .map_err(|e| err(e.to_string()))?;
-            tx.batch_execute(
-                "CREATE TABLE IF NOT EXISTS rig_leases (
-                    host TEXT PRIMARY KEY,
-                    holder TEXT NOT NULL,
-                    generation BIGINT NOT NULL,
-                    acquired_ms BIGINT NOT NULL,
-                    expires_ms BIGINT NOT NULL)",
-            )
-            .map_err(|e| err(format!("creating rig_leases: {e}")))?;
-            tx.commit().map_err(|e| err(e.to_string()))?;
-            Db::Pg(Box::new(c))
-        } else {
-            // Switching to WAL and creating the table take a write lock that
-            // the busy handler does not always wait for: retry, bounded.
-            let deadline = std::time::Instant::now() + Duration::from_secs(20);
-            let c = loop {
-                match open_sqlite(spec) {
-                    Ok(c) => break c,
-                    Err(e)
-                        if matches!(
-                            e.sqlite_error_code(),
-                            Some(
-                                rusqlite::ErrorCode::DatabaseBusy
-                                    | rusqlite::ErrorCode::DatabaseLocked
-                            )
-                        ) && std::time::Instant::now() < deadline =>
-                    {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    Err(e) => return Err(err(format!("opening: {e}"))),
-                }
-            };
-            Db::Sqlite(c)
+        let url = hilrig_db::DbUrl::parse(spec).map_err(|e| err(e.to_string()))?;
+        let settings = hilrig_db::Settings::new("hilrig-rig");
+        let mut conn = hilrig_db::open(&url, &settings).map_err(|e| err(e.to_string()))?;
+        hilrig_db::migrate(conn.as_mut(), &label, &SCHEMA).map_err(|e| err(e.to_string()))?;
+        let db = match conn {
+            hilrig_db::Conn::Sqlite(c) => Db::Sqlite(c),
+            hilrig_db::Conn::Pg(c) => Db::Pg(c),
         };
         Ok(LeaseStore {
             db: Mutex::new(db),
