@@ -606,6 +606,7 @@ fn sgdt_and_sidt_to_a_trapped_page_are_named_not_left_to_the_watchdog() {
             continue;
         }
         let text = stop.verdict.to_string();
+        eprintln!("{name}: {text}");
         assert!(
             !matches!(stop.verdict, Verdict::Timeout { .. }),
             "{name}: left to the watchdog: {text}"

@@ -21,7 +21,7 @@ use iced_x86::{Decoder, DecoderOptions, InstructionInfoFactory, OpAccess};
 use kvm_bindings::kvm_regs;
 use kvm_ioctls::VcpuFd;
 use std::time::Duration;
-use vm_memory::{GuestAddress, GuestMemory};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 /// How often the watchdog loop samples every vCPU.
 pub(crate) const SAMPLE_EVERY: Duration = Duration::from_millis(100);
@@ -37,6 +37,7 @@ pub(crate) struct Stuck {
     last: Option<(kvm_regs, u64)>,
     cpu_ns: u64,
     streak: u32,
+    round: u64,
 }
 
 /// A vCPU KVM loops on: where, what, and the access it cannot complete.
@@ -97,6 +98,12 @@ impl Stuck {
         shared: &Shared,
         exits: u64,
     ) -> Option<StuckAt> {
+        // Only the watchdog's sampling kicks (not a pause's or a stop's).
+        let round = shared.sample_round.load(std::sync::atomic::Ordering::Acquire);
+        if round == self.round {
+            return None;
+        }
+        self.round = round;
         let regs = fd.get_regs().ok()?;
         let cpu = thread_cpu_ns();
         let ran = cpu.saturating_sub(self.cpu_ns) >= MIN_CPU_NS;

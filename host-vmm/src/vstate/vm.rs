@@ -259,6 +259,9 @@ pub(crate) struct Shared {
     pub(crate) on_unemulated: hilrig_vmm_api::OnUnemulated,
     /// #UD injected for instructions KVM could not emulate (`--on-unemulated ud`).
     pub(crate) unemulated: std::sync::atomic::AtomicU64,
+    /// Sampling rounds of the stuck-RIP detector (a vCPU samples itself only on a
+    /// kick of a new round, not on pause or stop kicks: `vstate::stuck`).
+    pub(crate) sample_round: std::sync::atomic::AtomicU64,
 }
 
 impl crate::lifecycle::VmHost for Shared {
@@ -847,6 +850,7 @@ impl Vm {
             sync_regs,
             on_unemulated: config.on_unemulated,
             unemulated: std::sync::atomic::AtomicU64::new(0),
+            sample_round: std::sync::atomic::AtomicU64::new(0),
         });
         Ok(Vm {
             vector,
@@ -1042,6 +1046,7 @@ impl Vm {
                         // The stuck-RIP detector's sample: one kick per vCPU per
                         // period (crate::vstate::stuck).
                         last_sample = Instant::now();
+                        self.shared.sample_round.fetch_add(1, Ordering::Release);
                         self.shared.kick_all();
                     } else if !timed_out && deadline.is_some_and(|d| Instant::now() >= d) {
                         timed_out = true;
