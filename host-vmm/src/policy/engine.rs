@@ -437,7 +437,10 @@ fn plan(
             (0, 0, false)
         };
         let mut d = p.decide(w, write, fv);
-        if d.rule.is_none() && forced & (1 << (w as u64 / PAGE_SIZE)) != 0 && !p.page_has_rules((w as u64 / PAGE_SIZE) as usize) {
+        if d.rule.is_none()
+            && forced & (1 << (w as u64 / PAGE_SIZE)) != 0
+            && !p.page_has_rules((w as u64 / PAGE_SIZE) as usize)
+        {
             d = p.default_decision();
         }
         pl.fault |= d.action == Action::Fault;

@@ -92,14 +92,11 @@ fn thread_cpu_ns() -> u64 {
 impl Stuck {
     /// Take a sample after a kick; `exits` is the number of exits this vCPU has
     /// handled so far. Some when KVM is looping on the instruction at RIP.
-    pub fn sample(
-        &mut self,
-        fd: &VcpuFd,
-        shared: &Shared,
-        exits: u64,
-    ) -> Option<StuckAt> {
+    pub fn sample(&mut self, fd: &VcpuFd, shared: &Shared, exits: u64) -> Option<StuckAt> {
         // Only the watchdog's sampling kicks (not a pause's or a stop's).
-        let round = shared.sample_round.load(std::sync::atomic::Ordering::Acquire);
+        let round = shared
+            .sample_round
+            .load(std::sync::atomic::Ordering::Acquire);
         if round == self.round {
             return None;
         }
