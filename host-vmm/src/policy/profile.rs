@@ -56,7 +56,11 @@
 //!
 //! Pages with no rule in the active profile are mapped straight into the guest (no
 //! exits); every access to a page with any rule traps and is decided per register.
-//! With enforcement off, pages with rules are mapped straight through too.
+//! With enforcement off, pages with rules are mapped straight through too. A page
+//! whose rules are all plain `allow`s covering every word both ways restricts
+//! nothing and is mapped too ([`Profile::page_restricts`]). A page without rules
+//! that traps anyway because the VM traps every page (`--trap all`) gets the
+//! profile's default ([`Profile::default_decision`]): fail closed there too.
 
 use hilrig_device::regmap::{self, Hw, Reg, RegisterDef, BAR0_SIZE, PAGES, PAGE_SIZE};
 use serde::Deserialize;
