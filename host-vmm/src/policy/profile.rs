@@ -1166,6 +1166,58 @@ mod tests {
     }
 
     #[test]
+    fn trap_all_pages_get_the_default_and_listing_pages_stay_mapped() {
+        // Default deny: a page without rules gets the default (drop, alarm, rule 0).
+        let p = compile(
+            "[[profile.t]]\nregister = \"DEVICE_KEY[0]\"\naccess = \"write\"\naction = \"drop\"\n",
+            "t",
+        )
+        .unwrap();
+        let d = p.default_decision();
+        assert_eq!(
+            (d.action, d.rule, d.alarm),
+            (Action::Drop, p.default_rule, true)
+        );
+        assert_eq!(
+            p.decide(0x4000, true, 0),
+            Decision::ALLOW,
+            "page 4 has no rules"
+        );
+        // Even with no rule at all.
+        let empty = compile("[profile.t]\nrules = []\n", "t").unwrap();
+        assert!(empty.default_rule.is_some() && empty.trapping_pages().is_empty());
+        // default = "allow": allowed.
+        let open = compile("[profile.t]\ndefault = \"allow\"\nrules = []\n", "t").unwrap();
+        assert_eq!(open.default_decision(), Decision::ALLOW);
+        // A page listed whole as allowed restricts nothing: mapped; a partial listing
+        // traps (the rest is denied).
+        let whole = compile(
+            "[[profile.t]]\nrange = [0x4000, 0x5000]\naccess = \"both\"\naction = \"allow\"\n",
+            "t",
+        )
+        .unwrap();
+        assert!(whole.page_has_rules(4) && !whole.page_traps(4));
+        assert!(whole.rule_pages().is_empty());
+        let part = compile(
+            "[[profile.t]]\nrange = [0x4000, 0x4800]\naccess = \"both\"\naction = \"allow\"\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(part.trapping_pages(), vec![4]);
+        assert_eq!(part.decide(0x4800, false, 0).rule, part.default_rule);
+        // The built-in profiles list their free pages: still mapped, allowed.
+        for who in ["tenant", "operator"] {
+            let b = default_policy().compile(who, "<builtin>").unwrap();
+            for page in 4..PAGES {
+                assert!(!b.page_traps(page), "{who} page {page}");
+                let d = b.decide((page as u64 * PAGE_SIZE) as u32, true, 0);
+                assert_eq!(d.action, Action::Allow, "{who} page {page}");
+                assert!(d.rule.is_some(), "{who} page {page} is listed");
+            }
+        }
+    }
+
+    #[test]
     fn enforce_off_per_profile_maps_rule_pages_through() {
         let text = "enforce = true\n[profile.t]\nenforce = \"off\"\n[[profile.t.rules]]\nregister = \"HANG_TRIGGER\"\naccess = \"write\"\naction = \"drop\"\nalarm = true\n";
         let p = compile(text, "t").unwrap();
