@@ -517,3 +517,170 @@ fn alarms_name_code_run_from_a_bar_page() {
     assert_eq!(a.insn, "mov eax,[rdi+3000h]", "{a:?}");
     assert_eq!(a.rip, 0xE000_0000 + u64::from(BUFFER_BASE), "{a:?}");
 }
+
+/// Attack (issue 16 item 6, `--trap all`): a page without rules that traps only
+/// because the VM traps every page passed every access undecided (fail open) — a
+/// one-rule profile let the guest write the data buffers through the engine with no
+/// alarm. Such a page gets the profile's default now: denied and alarmed (rule 0)
+/// unless the profile says `default = "allow"`; the built-in tenant profile lists
+/// the pages it may use, so its buffers still work under `--trap all`.
+#[test]
+fn trap_all_denies_pages_without_rules_unless_the_profile_allows() {
+    if !kvm_available() {
+        eprintln!("SKIPPED: /dev/kvm not available");
+        return;
+    }
+    use hilrig_vmm::attacks::BUFFER_MAGIC;
+    let one =
+        "[[profile.t]]\nregister = \"DEVICE_KEY[0]\"\naccess = \"write\"\naction = \"drop\"\n";
+    let deny = Arc::new(compile(one, "t"));
+    let trap_all = |c: &mut VmConfig| c.trap = hilrig_vmm::TrapSet::all();
+    let buffer = |r: &mut RunReport| {
+        r.device
+            .as_mut()
+            .expect("device back")
+            .read32(BUFFER_BASE)
+            .expect("buffer")
+    };
+    // Default deny, every page trapped: the buffer write is dropped, the read gives
+    // 0, both alarmed by the default rule.
+    let mut r = run_cfg("attack-buffer-write", deny.clone(), trap_all);
+    assert_eq!(r.verdict, Verdict::Pass, "{}", r.verdict);
+    assert_eq!(r.results, vec![0, 0], "read back, faults");
+    assert_ne!(buffer(&mut r), BUFFER_MAGIC, "the write reached the device");
+    let pol = r.policy.expect("policy");
+    let on_buffer: Vec<_> = pol
+        .captured
+        .iter()
+        .filter(|a| a.offset == BUFFER_BASE)
+        .collect();
+    assert_eq!(on_buffer.len(), 2, "{:?}", pol.captured);
+    assert!(on_buffer.iter().all(|a| a.rule == 0), "{on_buffer:?}");
+    // The same profile without --trap all: the page is mapped (no rules), the
+    // write lands.
+    let mut r = run_cfg("attack-buffer-write", deny, |_| {});
+    assert_eq!(r.results, vec![BUFFER_MAGIC, 0]);
+    assert_eq!(buffer(&mut r), BUFFER_MAGIC);
+    // `default = "allow"` says so explicitly: allowed under --trap all, no alarm.
+    let open = "[profile.t]\ndefault = \"allow\"\n[[profile.t.rules]]\nregister = \"DEVICE_KEY[0]\"\naccess = \"write\"\naction = \"drop\"\n";
+    let mut r = run_cfg(
+        "attack-buffer-write",
+        Arc::new(compile(open, "t")),
+        trap_all,
+    );
+    assert_eq!(r.results, vec![BUFFER_MAGIC, 0]);
+    assert_eq!(buffer(&mut r), BUFFER_MAGIC);
+    assert_eq!(r.policy.expect("policy").alarms, 0);
+    // The built-in tenant lists its buffers: usable under --trap all, and they
+    // stay mapped without it.
+    let mut r = run_cfg("attack-buffer-write", tenant(), trap_all);
+    assert_eq!(r.results, vec![BUFFER_MAGIC, 0]);
+    assert_eq!(buffer(&mut r), BUFFER_MAGIC);
+    assert_eq!(r.exits.mmio_write, 1, "trapped under --trap all");
+    let r = run_cfg("attack-buffer-write", tenant(), |_| {});
+    assert_eq!(r.results, vec![BUFFER_MAGIC, 0]);
+    assert_eq!(r.exits.mmio_write + r.exits.mmio_read, 0, "mapped");
+}
+
+/// Attack (issue 16 item 9): `sgdt`/`sidt` with a trapped BAR0 page as operand:
+/// KVM loops on the instruction inside KVM_RUN and no exit ever reaches the VMM,
+/// so the vCPU was held until the watchdog (TIMEOUT, and the guest learnt nothing
+/// was wrong with its instruction). The stuck-RIP detector (the watchdog samples
+/// every vCPU at a bounded rate) ends the VM with a verdict naming the instruction
+/// and the address; with `--on-unemulated ud` the guest gets #UD there and goes on.
+#[test]
+fn sgdt_and_sidt_to_a_trapped_page_are_named_not_left_to_the_watchdog() {
+    if !kvm_available() {
+        eprintln!("SKIPPED: /dev/kvm not available");
+        return;
+    }
+    let long = |c: &mut VmConfig| c.timeout = Duration::from_secs(20);
+    for (name, mnemonic) in [("attack-sgdt", "sgdt"), ("attack-sidt", "sidt")] {
+        let op = Arc::new(load_profile(None, "operator").expect("operator"));
+        let stop = run_cfg(name, op.clone(), long);
+        if stop.verdict == Verdict::Pass {
+            eprintln!(
+                "NOTE: {name}: KVM emulated it here (results {:?})",
+                stop.results
+            );
+            continue;
+        }
+        let text = stop.verdict.to_string();
+        eprintln!("{name}: {text}");
+        assert!(
+            !matches!(stop.verdict, Verdict::Timeout { .. }),
+            "{name}: left to the watchdog: {text}"
+        );
+        assert!(
+            text.contains(mnemonic) && text.contains("stuck") && text.contains("BAR0"),
+            "{name}: the verdict names it: {text}"
+        );
+        let ud = run_cfg(name, op, |c| {
+            long(c);
+            c.on_unemulated = hilrig_vmm::api::OnUnemulated::Ud
+        });
+        assert_eq!(ud.verdict, Verdict::Pass, "{name} with ud: {}", ud.verdict);
+        assert_eq!(
+            &ud.results[..2],
+            &[1, 6],
+            "{name}: one fault, #UD: {:?}",
+            ud.results
+        );
+    }
+}
+
+/// Attack (issue 16 item 9), pinned: a faulting store that crosses from memory
+/// mapped into the guest (RAM, or a BAR0 page mapped straight through) onto a
+/// trapped page, or from a trapped page onto such memory. KVM's emulator writes
+/// the part on mapped memory itself, while emulating (`emulator_read_write` does
+/// one page after the other: a RAM page is written with `kvm_vcpu_write_guest` at
+/// once, an MMIO page is queued as a fragment), and only then exits to the VMM
+/// with the MMIO part — in both orders, before the VMM can decide anything. The
+/// VMM cannot restore those bytes: it never saw them (no exit precedes the
+/// write), and nothing in stock KVM makes a guest RAM write exit first except a
+/// read-only memslot on that very page, which would need the VMM to know every
+/// RAM page the guest maps next to a trapped page in *linear* space — its page
+/// tables are RAM it writes without exits (userspace shadow paging). See the
+/// README ("Stores across a trapped page's edge"). What the guest gains: nothing
+/// — the bytes that land are its own data in memory it may write anyway; the
+/// trapped part never reaches the device, and the guest gets #GP. This test pins
+/// exactly that: the mapped halves land, nothing reaches page 3, one #GP each.
+#[test]
+fn a_store_across_a_trapped_pages_edge_gets_gp_and_only_its_mapped_half_lands() {
+    if !kvm_available() {
+        eprintln!("SKIPPED: /dev/kvm not available");
+        return;
+    }
+    use hilrig_vmm::attacks::SPLIT_VALUE;
+    let text = "[profile.t]\ndefault = \"allow\"\n\
+        [[profile.t.rules]]\nrange = [0x3000, 0x4000]\naccess = \"write\"\naction = \"fault\"\nalarm = true\n";
+    let mut r = run_cfg(
+        "attack-split-store-ram",
+        Arc::new(compile(text, "t")),
+        |_| {},
+    );
+    assert_eq!(r.verdict, Verdict::Pass, "{}", r.verdict);
+    let half = SPLIT_VALUE as u32;
+    assert_eq!(
+        r.results,
+        vec![half, half, half, 3],
+        "the mapped halves landed (RAM before, RAM after, the buffer), three #GP"
+    );
+    let pol = r.policy.take().expect("policy");
+    assert_eq!(pol.faults, 3, "{pol:?}");
+    let dev = r.device.as_mut().expect("device back");
+    let key = device_key();
+    assert_eq!(
+        dev.read32(Reg::DeviceKey.offset()).expect("key"),
+        key[0],
+        "nothing reached page 3"
+    );
+    if let Ok(v) = dev.read32(0x3ffc) {
+        assert_eq!(v, 0, "nothing reached page 3's end");
+    }
+    assert!(
+        pol.captured.iter().all(|a| a.insn.starts_with("mov [r")),
+        "alarms name the store: {:?}",
+        pol.captured
+    );
+}

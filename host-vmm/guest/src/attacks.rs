@@ -54,8 +54,12 @@ pub const HOSTILE: &[(&str, &str)] = &[
     ("attack-cmpxchg16b", "cmpxchg16b on SCRATCH[0..4] (KVM cannot emulate it on MMIO); report fault vector"),
     ("attack-fxsave", "fxsave to BAR0 0x100 (512 bytes over page 0; KVM cannot emulate it on MMIO); report fault vector"),
     ("attack-enter-nested", "enter 16, 2 with rbp in BAR0 (nesting reads the frame from MMIO; KVM cannot emulate it); report fault vector"),
+    ("attack-sgdt", "sgdt to SCRATCH[0] (a trapped page: KVM loops on it inside KVM_RUN, no exit reaches the VMM); report fault vector"),
+    ("attack-sidt", "sidt to SCRATCH[0] (the same); report fault vector"),
     ("attack-code-on-bar", "copy `mov eax,[rdi+3000h]; ret` into the first data-buffer page (mapped straight into the guest) and call it: the DEVICE_KEY read's alarm must name it"),
     ("attack-split-store-page", "a 16-byte movdqu store at BAR0 0x2ffc: 4 bytes on page 2, 12 on page 3 (KVM: 4 + 8 + 4); report fault count"),
+    ("attack-split-store-ram", "8-byte stores across a RAM page and the key page (linear pages: RAM, BAR0 page 3, RAM) both ways, and from page 3 onto the data buffers; report the RAM/buffer dwords and the fault count"),
+    ("attack-buffer-write", "write BUFFER_MAGIC to the first data-buffer word and read it back (a page without rules: under --trap all the profile's default decides); report the value read"),
 ];
 
 /// Build the attack `name`, if there is one.
@@ -81,8 +85,12 @@ pub fn attack(name: &str) -> Option<R<Vec<u8>>> {
         "attack-cmpxchg16b" => unemulated(Unemulated::Cmpxchg16b),
         "attack-fxsave" => unemulated(Unemulated::Fxsave),
         "attack-enter-nested" => unemulated(Unemulated::EnterNested),
+        "attack-sgdt" => unemulated(Unemulated::Sgdt),
+        "attack-sidt" => unemulated(Unemulated::Sidt),
         "attack-split-store-page" => split_store_page(),
         "attack-code-on-bar" => code_on_bar(),
+        "attack-buffer-write" => buffer_write(),
+        "attack-split-store-ram" => split_store_ram(),
         _ => return None,
     })
 }
@@ -487,6 +495,10 @@ pub enum Unemulated {
     Fxsave,
     /// `enter 16, 2` with rbp in BAR0 (the nesting reads frame pointers there).
     EnterNested,
+    /// `sgdt` to SCRATCH[0] (KVM loops on it inside KVM_RUN: no exit at all).
+    Sgdt,
+    /// `sidt` to SCRATCH[0] (the same).
+    Sidt,
 }
 
 /// The guarded instruction; results: fault count, then the last fault's vector
@@ -503,6 +515,8 @@ pub fn unemulated(which: Unemulated) -> R<Vec<u8>> {
                     p.a.cmpxchg16b(xmmword_ptr(rdi + off(Reg::Scratch)))?;
                 }
                 Unemulated::Fxsave => p.a.fxsave(ptr(rdi + 0x100))?,
+                Unemulated::Sgdt => p.a.sgdt(ptr(rdi + off(Reg::Scratch)))?,
+                Unemulated::Sidt => p.a.sidt(ptr(rdi + off(Reg::Scratch)))?,
                 Unemulated::EnterNested => {
                     p.a.mov(r12, rbp)?;
                     p.a.mov(r13, rsp)?;
@@ -538,6 +552,74 @@ pub fn code_on_bar() -> R<Vec<u8>> {
         p.a.lea(rax, ptr(rdi + b))?;
         p.a.call(rax)?;
         p.result_eax()
+    })
+}
+
+/// Where `attack-split-store-ram` maps its pages: linear `SPLIT_LINEAR` = RAM page
+/// 0x61_0000, `+0x1000` = BAR0 page 3 (DEVICE_KEY), `+0x2000` = RAM page 0x62_0000
+/// (through a page table at 0x60_0000 in place of the 2 MiB mapping of 1 GiB).
+pub const SPLIT_LINEAR: u64 = 0x4000_0000;
+/// What `attack-split-store-ram` stores (8 bytes).
+pub const SPLIT_VALUE: u64 = 0x2222_2222_2222_2222;
+
+/// `attack-split-store-ram`: three 8-byte stores of [`SPLIT_VALUE`], each half on a
+/// page that faults (BAR0 page 3) and half on memory mapped into the guest: RAM →
+/// page 3 (linear), page 3 → RAM (linear), page 3 → the first data-buffer page
+/// (BAR0 0x3ffc, physical). Before them the RAM dwords hold 0x1111_1111 and
+/// 0x3333_3333. Results: the RAM dword before page 3, the RAM dword after it, the
+/// first buffer dword, then the fault count.
+pub fn split_store_ram() -> R<Vec<u8>> {
+    const PT: u64 = 0x60_0000;
+    const PD_1G: u64 = 0xC000;
+    wrap(|p| {
+        p.a.mov(rbx, PT)?;
+        p.a.mov(rax, 0x61_0000u64 | 3)?;
+        p.a.mov(qword_ptr(rbx), rax)?;
+        p.a.lea(rax, ptr(rdi + (0x3000 | 0x1b)))?;
+        p.a.mov(qword_ptr(rbx + 8), rax)?;
+        p.a.mov(rax, 0x62_0000u64 | 3)?;
+        p.a.mov(qword_ptr(rbx + 16), rax)?;
+        p.a.mov(rax, PT | 3)?;
+        p.a.mov(rcx, PD_1G)?;
+        p.a.mov(qword_ptr(rcx), rax)?;
+        p.a.mov(rax, cr3)?;
+        p.a.mov(cr3, rax)?;
+        p.a.mov(rcx, SPLIT_LINEAR)?;
+        p.a.mov(dword_ptr(rcx + 0xffc), 0x1111_1111u32)?;
+        p.a.mov(dword_ptr(rcx + 0x2000), 0x3333_3333u32)?;
+        for at in [0xffc_i32, 0x1ffc] {
+            p.guard(|p| {
+                p.a.mov(rcx, SPLIT_LINEAR)?;
+                p.a.mov(rax, SPLIT_VALUE)?;
+                p.a.mov(qword_ptr(rcx + at), rax)?;
+                Ok(())
+            })?;
+        }
+        p.guard(|p| {
+            p.a.mov(rax, SPLIT_VALUE)?;
+            p.a.mov(qword_ptr(rdi + 0x3ffc), rax)?;
+            Ok(())
+        })?;
+        p.a.mov(rcx, SPLIT_LINEAR)?;
+        p.a.mov(eax, dword_ptr(rcx + 0xffc))?;
+        p.result_eax()?;
+        p.a.mov(rcx, SPLIT_LINEAR)?;
+        p.a.mov(eax, dword_ptr(rcx + 0x2000))?;
+        p.result_eax()?;
+        report_reg(p, hilrig_device::regmap::BUFFER_BASE as i32)
+    })
+}
+
+/// What `attack-buffer-write` writes to the first data-buffer word.
+pub const BUFFER_MAGIC: u32 = 0x5151_5151;
+
+/// `attack-buffer-write`: BUFFER_MAGIC to the first data-buffer word, read back.
+/// Results: the value read, then the fault count.
+pub fn buffer_write() -> R<Vec<u8>> {
+    use hilrig_device::regmap::BUFFER_BASE;
+    wrap(|p| {
+        p.a.mov(dword_ptr(rdi + BUFFER_BASE as i32), BUFFER_MAGIC)?;
+        report_reg(p, BUFFER_BASE as i32)
     })
 }
 

@@ -16,7 +16,7 @@
 
 use crate::policy::{merges_writes, Action, Profile};
 use hilrig_device::device::{byte_mask_bits, check_access, split_access};
-use hilrig_device::regmap::BAR0_SIZE;
+use hilrig_device::regmap::{BAR0_SIZE, PAGE_SIZE};
 use hilrig_device::{Device, DeviceError};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -349,6 +349,9 @@ pub struct PolicyEngine {
     faults: AtomicU64,
     record: Option<Mutex<Vec<Decided>>>,
     start: Instant,
+    /// BAR0 pages (bit per page) the VM traps whatever the profile says
+    /// (`--trap all`): there a page without rules gets the profile's default.
+    forced: u16,
 }
 
 fn action_index(a: Action) -> usize {
@@ -401,6 +404,7 @@ struct Plan {
 #[inline(always)]
 fn plan(
     p: &Profile,
+    forced: u16,
     dev: &mut dyn Device,
     off: u64,
     data: &[u8],
@@ -432,7 +436,13 @@ fn plan(
         } else {
             (0, 0, false)
         };
-        let d = p.decide(w, write, fv);
+        let mut d = p.decide(w, write, fv);
+        if d.rule.is_none()
+            && forced & (1 << (w as u64 / PAGE_SIZE)) != 0
+            && !p.page_has_rules((w as u64 / PAGE_SIZE) as usize)
+        {
+            d = p.default_decision();
+        }
         pl.fault |= d.action == Action::Fault;
         pl.parts[pl.n] = (w, part.mask, part.byte_in_word, part.data_start, part.len);
         pl.decs[pl.n] = d;
@@ -455,7 +465,21 @@ impl PolicyEngine {
             faults: AtomicU64::new(0),
             record: None,
             start: Instant::now(),
+            forced: 0,
         })
+    }
+
+    /// The BAR0 pages the VM traps whatever the profile says (`VmConfig::trap`, e.g.
+    /// `--trap all`): an access there on a page without rules gets the profile's
+    /// default (deny unless `default = "allow"`) instead of passing undecided.
+    pub fn forced_pages(mut self, pages: impl IntoIterator<Item = usize>) -> Self {
+        self.forced = 0;
+        for p in pages {
+            if p < 16 {
+                self.forced |= 1 << p;
+            }
+        }
+        self
     }
 
     /// Record every decided part (for tests and oracles; allocates per access).
@@ -508,7 +532,7 @@ impl PolicyEngine {
     ) -> Result<Outcome, DeviceError> {
         check_access(off, data.len())?;
         let active = self.active.read().unwrap_or_else(|p| p.into_inner());
-        let plan = plan(&active.profile, dev, off, data, write)?;
+        let plan = plan(&active.profile, self.forced, dev, off, data, write)?;
         if plan.fault {
             self.faults.fetch_add(1, Ordering::Relaxed);
         }
@@ -530,13 +554,13 @@ impl PolicyEngine {
         let active = self.active.read().unwrap_or_else(|p| p.into_inner());
         let mut fault = false;
         for (off, buf, len) in pieces.iter() {
-            fault |= plan(&active.profile, dev, *off, &buf[..*len], true)?.fault;
+            fault |= plan(&active.profile, self.forced, dev, *off, &buf[..*len], true)?.fault;
         }
         if fault {
             self.faults.fetch_add(1, Ordering::Relaxed);
         }
         for ((off, buf, len), out) in pieces.iter_mut().zip(outs.iter_mut()) {
-            let plan = plan(&active.profile, dev, *off, &buf[..*len], true)?;
+            let plan = plan(&active.profile, self.forced, dev, *off, &buf[..*len], true)?;
             *out = self.apply(&active, &plan, dev, &mut buf[..*len], true, fault)?;
         }
         Ok(fault)

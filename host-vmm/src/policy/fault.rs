@@ -295,7 +295,7 @@ fn describe_access(
     }
 }
 
-fn format_insn(i: &Instruction) -> String {
+pub(crate) fn format_insn(i: &Instruction) -> String {
     let mut s = String::new();
     IntelFormatter::new().format(i, &mut s);
     s
@@ -371,7 +371,7 @@ impl Walk<'_> {
     }
 }
 
-fn reg_value(regs: &kvm_regs, r: Register) -> Option<u64> {
+pub(crate) fn reg_value(regs: &kvm_regs, r: Register) -> Option<u64> {
     let full = r.full_register();
     let v = match full {
         Register::RAX => regs.rax,

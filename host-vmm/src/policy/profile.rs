@@ -56,7 +56,11 @@
 //!
 //! Pages with no rule in the active profile are mapped straight into the guest (no
 //! exits); every access to a page with any rule traps and is decided per register.
-//! With enforcement off, pages with rules are mapped straight through too.
+//! With enforcement off, pages with rules are mapped straight through too. A page
+//! whose rules are all plain `allow`s covering every word both ways restricts
+//! nothing and is mapped too ([`Profile::page_restricts`]). A page without rules
+//! that traps anyway because the VM traps every page (`--trap all`) gets the
+//! profile's default ([`Profile::default_decision`]): fail closed there too.
 
 use hilrig_device::regmap::{self, Hw, Reg, RegisterDef, BAR0_SIZE, PAGES, PAGE_SIZE};
 use serde::Deserialize;
@@ -373,6 +377,8 @@ pub struct Profile {
     /// The synthetic rule that denies accesses no rule covers (default deny).
     pub default_rule: Option<u16>,
     pages: Vec<Option<PageTable>>,
+    /// Pages whose every word is plainly allowed both ways ([`Profile::page_restricts`]).
+    open_pages: Vec<bool>,
     /// Reset values of the shadowed words, in shadow-store order.
     pub shadow_init: Vec<u32>,
     /// Register names of a described device (`devices::desc`); None: the reference
@@ -404,7 +410,15 @@ impl Profile {
     /// Whether `page` (0..16) traps: a rule touches it and enforcement is on. The
     /// other pages are mapped straight into the guest.
     pub fn page_traps(&self, page: usize) -> bool {
-        self.enforce && self.page_has_rules(page)
+        self.enforce && self.page_restricts(page)
+    }
+
+    /// Whether `page` has rules that restrict something: rules, and not only plain
+    /// `allow` rules covering every word both ways (such a page, a listing of what
+    /// the profile may do, is mapped like a page without rules; it is decided by
+    /// its rules only where it traps anyway, e.g. `--trap all`).
+    pub fn page_restricts(&self, page: usize) -> bool {
+        self.page_has_rules(page) && !self.open_pages.get(page).copied().unwrap_or(false)
     }
 
     /// Whether any rule touches `page` (whether or not enforcement is on).
@@ -417,9 +431,29 @@ impl Profile {
         (0..PAGES).filter(|&p| self.page_traps(p)).collect()
     }
 
-    /// The pages with rules (trapping or, with enforcement off, mapped).
+    /// The pages with restricting rules (trapping or, with enforcement off, mapped).
     pub fn rule_pages(&self) -> Vec<usize> {
-        (0..PAGES).filter(|&p| self.page_has_rules(p)).collect()
+        (0..PAGES).filter(|&p| self.page_restricts(p)).collect()
+    }
+
+    /// The decision for an access on a page without rules that traps only because
+    /// the VM traps every page (`--trap all`): the profile's default — denied
+    /// (dropped, reads 0, alarmed, rule 0) unless the profile says
+    /// `default = "allow"` (fail closed).
+    #[inline]
+    pub fn default_decision(&self) -> Decision {
+        match self.default_rule {
+            None => Decision::ALLOW,
+            Some(id) => Decision {
+                action: if self.enforce {
+                    self.rules[id as usize].action
+                } else {
+                    Action::Allow
+                },
+                rule: Some(id),
+                alarm: true,
+            },
+        }
     }
 
     /// The alarm's rule number of rule `id`: 1-based as written, 0 for the
@@ -622,6 +656,26 @@ pub fn default_policy() -> PolicyFile {
                 rules.push(RuleSpec {
                     register: Some(def.name.to_string()),
                     access: Some(access),
+                    action: Some(Action::Allow),
+                    ..Default::default()
+                });
+            }
+            // The pages it has no restriction on are the profile's to use: listed as
+            // allowed (whole pages; such pages stay mapped), so that where they trap
+            // anyway (`--trap all`) the default deny does not meet them.
+            let mut p = 0;
+            while p < PAGES {
+                if pages.contains(&p) {
+                    p += 1;
+                    continue;
+                }
+                let start = p;
+                while p < PAGES && !pages.contains(&p) {
+                    p += 1;
+                }
+                rules.push(RuleSpec {
+                    range: Some([start as u64 * PAGE_SIZE, p as u64 * PAGE_SIZE]),
+                    access: Some(AccessKind::Both),
                     action: Some(Action::Allow),
                     ..Default::default()
                 });
@@ -873,11 +927,31 @@ impl PolicyFile {
                 }
             }
         }
+        // A page whose every word both ways falls to a plain allow restricts nothing.
+        let plain_allow = |id: u16| {
+            id != NONE && {
+                let r = &rules[id as usize];
+                r.action == Action::Allow && !r.alarm && r.filter.is_none()
+            }
+        };
+        let open_pages: Vec<bool> = pages
+            .iter()
+            .map(|t| {
+                t.as_ref().is_some_and(|t| {
+                    t.words
+                        .iter()
+                        .flatten()
+                        .all(|&(plain, filtered)| filtered == NONE && plain_allow(plain))
+                })
+            })
+            .collect();
         // Fail closed: on a page with rules, a register and access kind no rule
-        // covers is denied (dropped, reads 0, alarmed) by a synthetic last rule.
+        // covers is denied (dropped, reads 0, alarmed) by a synthetic last rule;
+        // on a page without rules that traps anyway (`--trap all`) too
+        // ([`Profile::default_decision`]).
         let default = spec.default_action();
         let mut default_rule = None;
-        if default == DefaultAction::Deny && pages.iter().any(Option::is_some) {
+        if default == DefaultAction::Deny {
             let id = rules.len() as u16;
             rules.push(Rule {
                 index: specs.len(),
@@ -908,6 +982,7 @@ impl PolicyFile {
             rules,
             default_rule,
             pages,
+            open_pages,
             shadow_init,
             names: None,
         })
@@ -1088,6 +1163,58 @@ mod tests {
         assert!(e.to_string().contains("unknown variant"), "{e}");
         let e = compile("[profile.t]\nenforce = \"maybe\"\n", "t").unwrap_err();
         assert!(e.to_string().contains("\"on\" or \"off\""), "{e}");
+    }
+
+    #[test]
+    fn trap_all_pages_get_the_default_and_listing_pages_stay_mapped() {
+        // Default deny: a page without rules gets the default (drop, alarm, rule 0).
+        let p = compile(
+            "[[profile.t]]\nregister = \"DEVICE_KEY[0]\"\naccess = \"write\"\naction = \"drop\"\n",
+            "t",
+        )
+        .unwrap();
+        let d = p.default_decision();
+        assert_eq!(
+            (d.action, d.rule, d.alarm),
+            (Action::Drop, p.default_rule, true)
+        );
+        assert_eq!(
+            p.decide(0x4000, true, 0),
+            Decision::ALLOW,
+            "page 4 has no rules"
+        );
+        // Even with no rule at all.
+        let empty = compile("[profile.t]\nrules = []\n", "t").unwrap();
+        assert!(empty.default_rule.is_some() && empty.trapping_pages().is_empty());
+        // default = "allow": allowed.
+        let open = compile("[profile.t]\ndefault = \"allow\"\nrules = []\n", "t").unwrap();
+        assert_eq!(open.default_decision(), Decision::ALLOW);
+        // A page listed whole as allowed restricts nothing: mapped; a partial listing
+        // traps (the rest is denied).
+        let whole = compile(
+            "[[profile.t]]\nrange = [0x4000, 0x5000]\naccess = \"both\"\naction = \"allow\"\n",
+            "t",
+        )
+        .unwrap();
+        assert!(whole.page_has_rules(4) && !whole.page_traps(4));
+        assert!(whole.rule_pages().is_empty());
+        let part = compile(
+            "[[profile.t]]\nrange = [0x4000, 0x4800]\naccess = \"both\"\naction = \"allow\"\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(part.trapping_pages(), vec![4]);
+        assert_eq!(part.decide(0x4800, false, 0).rule, part.default_rule);
+        // The built-in profiles list their free pages: still mapped, allowed.
+        for who in ["tenant", "operator"] {
+            let b = default_policy().compile(who, "<builtin>").unwrap();
+            for page in 4..PAGES {
+                assert!(!b.page_traps(page), "{who} page {page}");
+                let d = b.decide((page as u64 * PAGE_SIZE) as u32, true, 0);
+                assert_eq!(d.action, Action::Allow, "{who} page {page}");
+                assert!(d.rule.is_some(), "{who} page {page} is listed");
+            }
+        }
     }
 
     #[test]

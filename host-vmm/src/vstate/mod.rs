@@ -6,6 +6,7 @@
 
 pub mod dispatch;
 pub mod layout;
+pub(crate) mod stuck;
 pub mod ticks;
 pub(crate) mod vcpu;
 pub mod vm;

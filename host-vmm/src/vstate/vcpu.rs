@@ -169,6 +169,8 @@ struct Vcpu<'a, H: VcpuHost> {
     shared: &'a H,
     book: Book,
     site_cache: SiteCache,
+    /// The stuck-RIP detector's samples ([`crate::vstate::stuck`]).
+    stuck: crate::vstate::stuck::Stuck,
 }
 
 /// What a vCPU thread counts and stamps.
@@ -200,6 +202,7 @@ pub(crate) fn vcpu_loop<H: VcpuHost>(idx: u8, fd: VcpuFd, shared: &H) -> VcpuRes
             trapped: None,
         },
         site_cache: SiteCache::default(),
+        stuck: crate::vstate::stuck::Stuck::default(),
     };
     let member = shared.rv().register();
     let mut state = State::Parked;
@@ -320,8 +323,36 @@ impl<H: VcpuHost> Vcpu<'_, H> {
             // A kick (pause or stop): the request flag was set before the kick, so the
             // checkpoint sees it; clear immediate_exit or KVM_RUN keeps failing.
             self.fd.set_kvm_immediate_exit(0);
+            if !self.shared.stop.load(Ordering::Acquire) {
+                if let Some(e) = self.sample() {
+                    event = e;
+                }
+            }
         }
         event
+    }
+
+    /// After a kick: the stuck-RIP detector's sample ([`crate::vstate::stuck`]). An
+    /// instruction KVM loops on ends the VM with a verdict naming it, or gets #UD
+    /// with `--on-unemulated ud`.
+    fn sample(&mut self) -> Option<Event> {
+        let c = &self.book.counts;
+        let exits = c.mmio_read + c.mmio_write + c.io_in + c.io_out + c.hlt + c.other;
+        let at = self.stuck.sample(&self.fd, self.shared, exits)?;
+        let idx = self.book.idx;
+        if self.shared.on_unemulated != hilrig_vmm_api::OnUnemulated::Ud {
+            return Some(Event::Failed(Box::new(Verdict::Internal(at.describe(idx)))));
+        }
+        tracing::warn!(vcpu = idx, "{}: #UD to the guest", at.describe(idx));
+        self.shared.unemulated.fetch_add(1, Ordering::Relaxed);
+        let ud = crate::policy::fault::inject_exception(&self.fd, crate::policy::fault::UD_VECTOR);
+        Some(match ud {
+            Ok(()) => Event::Kicked,
+            Err(e) => Event::Failed(Box::new(Verdict::Internal(format!(
+                "vCPU {idx}: injecting #UD for `{}` at rip {:#x}: {e}",
+                at.insn, at.rip
+            )))),
+        })
     }
 
     /// `--on-unemulated ud`: KVM could not emulate the instruction at RIP (still at

@@ -260,6 +260,9 @@ pub(crate) struct Shared {
     pub(crate) on_unemulated: hilrig_vmm_api::OnUnemulated,
     /// #UD injected for instructions KVM could not emulate (`--on-unemulated ud`).
     pub(crate) unemulated: std::sync::atomic::AtomicU64,
+    /// Sampling rounds of the stuck-RIP detector (a vCPU samples itself only on a
+    /// kick of a new round, not on pause or stop kicks: `vstate::stuck`).
+    pub(crate) sample_round: std::sync::atomic::AtomicU64,
 }
 
 impl crate::lifecycle::VmHost for Shared {
@@ -673,8 +676,11 @@ fn policy_engine(config: &VmConfig) -> Result<Option<Arc<PolicyEngine>>, VmmErro
         path: config.alarms.file.clone().unwrap_or_default(),
         source,
     })?;
+    let forced = (0..hilrig_device::regmap::PAGES).filter(|&p| config.trap.contains(p));
     Ok(Some(Arc::new(
-        engine.record_decisions(config.record_decisions),
+        engine
+            .record_decisions(config.record_decisions)
+            .forced_pages(forced),
     )))
 }
 
@@ -857,6 +863,7 @@ impl Vm {
             sync_regs,
             on_unemulated: config.on_unemulated,
             unemulated: std::sync::atomic::AtomicU64::new(0),
+            sample_round: std::sync::atomic::AtomicU64::new(0),
         });
         Ok(Vm {
             vector,
@@ -1021,7 +1028,7 @@ impl Vm {
     /// timeout too large to represent never fires.
     fn watch(&self, n: usize, rx: &mpsc::Receiver<VcpuResult>) -> Vec<VcpuResult> {
         let deadline = self.shared.start.checked_add(self.config.timeout);
-        let slice = Duration::from_millis(100);
+        let slice = crate::vstate::stuck::SAMPLE_EVERY;
         let mut results = Vec::new();
         let mut timed_out = false;
         // Once stopping, kick at a bounded, escalating interval (1 ms doubling to
@@ -1029,6 +1036,7 @@ impl Vm {
         // leave never floods the host with signals (a wait of 0 past the deadline
         // used to re-kick without pause).
         let mut kick_every = Duration::from_millis(1);
+        let mut last_sample = Instant::now();
         while results.len() < n {
             let stopping = self.shared.stop.load(Ordering::SeqCst);
             let wait = if stopping {
@@ -1044,6 +1052,14 @@ impl Vm {
                     if stopping {
                         self.shared.kick_all();
                         kick_every = (kick_every * 2).min(Duration::from_millis(20));
+                    } else if last_sample.elapsed() >= crate::vstate::stuck::SAMPLE_EVERY
+                        && deadline.is_none_or(|d| Instant::now() < d)
+                    {
+                        // The stuck-RIP detector's sample: one kick per vCPU per
+                        // period (crate::vstate::stuck).
+                        last_sample = Instant::now();
+                        self.shared.sample_round.fetch_add(1, Ordering::Release);
+                        self.shared.kick_all();
                     } else if !timed_out && deadline.is_some_and(|d| Instant::now() >= d) {
                         timed_out = true;
                         tracing::warn!(
