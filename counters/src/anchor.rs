@@ -126,17 +126,13 @@ impl Anchor {
         }
     }
 
-    /// Record the head (after the database committed it). A database anchor never
-    /// moves back: a head older than the one stored leaves it as it is.
+    /// Record the head (after the database committed it). An anchor never moves
+    /// back: a head older than (or as old as) the one stored leaves it as it is. A
+    /// file anchor is compared and advanced under an exclusive lock on its lock file
+    /// (`.NAME.lock` beside it), so two writers cannot interleave read and rename.
     pub fn write(&mut self, seq: i64, mac: &str) -> Result<()> {
         match self {
-            Anchor::File(path) => {
-                hilrig_device::state::write_atomic(path, format!("{seq} {mac}\n").as_bytes())
-                    .map_err(|e| Error::Anchor {
-                        path: path.clone(),
-                        detail: format!("writing: {e}"),
-                    })
-            }
+            Anchor::File(path) => write_file_forward(path, seq, mac),
             Anchor::Db { db, name, .. } => {
                 let r = db.exec(
                     "INSERT INTO anchor (name, seq, mac, at) VALUES ($1, $2, $3, $4) \
@@ -153,6 +149,66 @@ impl Anchor {
             }
         }
     }
+}
+
+/// The lock file of an anchor file: `.NAME.lock` beside it (the anchor itself is
+/// replaced by a rename on every write, so a lock on it would not be shared).
+pub fn file_lock_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "anchor".into());
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    dir.join(format!(".{name}.lock"))
+}
+
+/// Compare-and-advance of a file anchor: under an exclusive `flock` on its lock
+/// file, read the stored head and write `seq mac` only when `seq` is newer. A writer
+/// holding an older head (it committed before another process that anchored after
+/// it) leaves the newer head in place.
+fn write_file_forward(path: &Path, seq: i64, mac: &str) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let lp = file_lock_path(path);
+    let fail = |what: &str, e: std::io::Error| Error::Anchor {
+        path: path.to_path_buf(),
+        detail: format!("{what} {}: {e}", lp.display()),
+    };
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&lp)
+        .map_err(|e| fail("opening its lock file", e))?;
+    loop {
+        // SAFETY: flock on a descriptor we own; no memory is involved.
+        let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+        if rc == 0 {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(fail("locking", e));
+        }
+    }
+    if let Some((stored, _)) = read_file(path)? {
+        if stored >= seq {
+            return Ok(()); // never back, never rewritten at the same sequence
+        }
+    }
+    let r = hilrig_device::state::write_atomic(path, format!("{seq} {mac}\n").as_bytes()).map_err(
+        |e| Error::Anchor {
+            path: path.to_path_buf(),
+            detail: format!("writing: {e}"),
+        },
+    );
+    drop(lock); // closing the descriptor releases the lock
+    r
 }
 
 /// The history chain's head as an anchor file holds it: "SEQ MAC".

@@ -116,6 +116,47 @@ pub enum CountersCmd {
         serial: String,
         #[command(flatten)]
         s: SourceArgs,
+        /// Require an authorised intent for every counted attempt (as the
+        /// provisioning gate and rig leases do): counters that rose without one
+        /// are not accepted; the device is held `needs-review`.
+        #[arg(long)]
+        require_intent: bool,
+    },
+    /// Holds: a device held (quarantine, review) stays refused until an operator
+    /// acts.
+    Hold {
+        #[command(subcommand)]
+        cmd: HoldCmd,
+    },
+    /// Act on a device the service does not vouch for: reflash exactly the regions
+    /// whose counters rose (needs-reflash, or an image not in the catalog) from
+    /// catalog images through the authorised-update path; page a human for a
+    /// locked or held device. Exit 0 when the device ends trusted or a human was
+    /// paged.
+    Remediate {
+        #[command(flatten)]
+        c: Common,
+        /// Serial.
+        serial: String,
+        /// The device, in band and out of band: model:STATE_FILE (or another
+        /// backend the binary knows: rtl:, lockstep:, fpga:PORT).
+        #[arg(long)]
+        target: String,
+        /// A known-good image file for a region, REGION=FILE (repeatable); used only
+        /// if its hash is in the catalog.
+        #[arg(long, value_name = "REGION=FILE")]
+        image: Vec<String>,
+        /// Page a human with this command (whitespace-separated argv, no shell; the
+        /// page as JSON on its standard input).
+        #[arg(long)]
+        page_cmd: Option<String>,
+        /// Page a human by POSTing the page to this http:// URL.
+        #[arg(long, requires = "webhook_key")]
+        webhook: Option<String>,
+        /// The webhook's HMAC-SHA256 key file (mode 0600): header
+        /// `X-Hilrig-Signature: sha256=HEX` over the body.
+        #[arg(long)]
+        webhook_key: Option<PathBuf>,
     },
     /// Show enrolled devices and their states.
     Status {
@@ -281,6 +322,26 @@ pub enum SimAction {
         /// refused or accepted.
         #[arg(long)]
         mode: String,
+    },
+}
+
+/// `hilrig counters hold ...`.
+#[derive(Subcommand, Debug, Clone)]
+pub enum HoldCmd {
+    /// Lift a device's hold after review: the reason and the hold it lifts are
+    /// logged in the history chain with the verdict of a fresh reading (catalog
+    /// rule). A rollback or tampered-record hold comes straight back (re-enrol
+    /// those with `enroll --replace`).
+    Clear {
+        #[command(flatten)]
+        c: Common,
+        /// Serial.
+        serial: String,
+        /// Why (logged).
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        s: SourceArgs,
     },
 }
 
@@ -732,7 +793,12 @@ fn run_cmd(cmd: CountersCmd, open: DeviceOpener) -> Result<ExitCode> {
                 println!("removed {r} image {}", sha256.trim());
             }
         },
-        CountersCmd::Verify { c, serial, s } => {
+        CountersCmd::Verify {
+            c,
+            serial,
+            s,
+            require_intent,
+        } => {
             let serial = parse_serial(&serial)?;
             // A source that cannot be opened (a missing file, a mistyped path, no such
             // port) is a usage error: nothing was reached, nothing is written. Only a
@@ -744,8 +810,100 @@ fn run_cmd(cmd: CountersCmd, open: DeviceOpener) -> Result<ExitCode> {
                 )
             })?;
             let mut svc = c.open()?;
+            svc.require_intents = require_intent;
             let r = svc.verify(serial, &mut *src)?;
             return print_verify(&r, c.json);
+        }
+        CountersCmd::Hold {
+            cmd:
+                HoldCmd::Clear {
+                    c,
+                    serial,
+                    reason,
+                    s,
+                },
+        } => {
+            let serial = parse_serial(&serial)?;
+            let mut src = source_of(&s).with_context(|| {
+                format!(
+                    "--source {}: cannot be opened; nothing was recorded",
+                    s.source
+                )
+            })?;
+            let mut svc = c.open()?;
+            let r = svc.hold_clear(serial, &reason, &mut *src)?;
+            return print_verify(&r, c.json);
+        }
+        CountersCmd::Remediate {
+            c,
+            serial,
+            target,
+            image,
+            page_cmd,
+            webhook,
+            webhook_key,
+        } => {
+            use crate::remediate::{ImageFile, Outcome, Pager};
+            let serial = parse_serial(&serial)?;
+            let images = image
+                .iter()
+                .map(|s| ImageFile::parse(s))
+                .collect::<crate::Result<Vec<_>>>()?;
+            let pager = match (page_cmd, webhook, webhook_key) {
+                (Some(cmd), _, _) => {
+                    let argv: Vec<String> = cmd.split_whitespace().map(str::to_string).collect();
+                    if argv.is_empty() {
+                        bail!("--page-cmd is empty");
+                    }
+                    Some(Pager::Command(argv))
+                }
+                (None, Some(url), Some(k)) => Some(Pager::Webhook {
+                    url,
+                    key: crate::remediate::load_webhook_key(&k)?,
+                }),
+                _ => None,
+            };
+            let (backend, path) = target.split_once(':').with_context(|| {
+                format!("--target {target:?}: give BACKEND:PATH, e.g. model:dev.state")
+            })?;
+            let path = std::path::Path::new(path);
+            let mut dev = open(backend, path).with_context(|| {
+                format!("--target {target}: cannot be opened; nothing was recorded")
+            })?;
+            let mut svc = c.open()?;
+            let out = crate::remediate::remediate(
+                &mut svc,
+                serial,
+                &mut *dev,
+                &target,
+                &images,
+                pager.as_ref(),
+            )?;
+            if c.json {
+                print_json(&out)?;
+            } else {
+                match &out {
+                    Outcome::Trusted { report } => {
+                        println!("device {}: trusted; nothing to do", report.serial)
+                    }
+                    Outcome::Reflashed {
+                        regions,
+                        intents,
+                        report,
+                    } => println!(
+                        "device {}: reflashed {} (intents {:?}) through the authorised-update path: {}",
+                        report.serial,
+                        regions.join(", "),
+                        intents,
+                        report.decision.verdict
+                    ),
+                    Outcome::Paged { to, page } => println!(
+                        "device {}: {} ({}): paged through {to}",
+                        page.serial, page.verdict, page.state
+                    ),
+                }
+            }
+            return Ok(ExitCode::SUCCESS);
         }
         CountersCmd::Status { c, serial } => {
             use std::io::Write;

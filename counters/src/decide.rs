@@ -136,6 +136,9 @@ pub enum DeviceState {
     Locked,
     /// Not verified since enrolment, an update, or a failed read.
     Unknown,
+    /// Counters rose with no authorised update intent (in a service that requires
+    /// intents): held until an operator clears the hold.
+    NeedsReview,
 }
 
 impl DeviceState {
@@ -147,6 +150,7 @@ impl DeviceState {
             DeviceState::Quarantined => "quarantined",
             DeviceState::Locked => "locked",
             DeviceState::Unknown => "unknown",
+            DeviceState::NeedsReview => "needs-review",
         }
     }
 
@@ -158,6 +162,7 @@ impl DeviceState {
             "quarantined" => DeviceState::Quarantined,
             "locked" => DeviceState::Locked,
             "unknown" => DeviceState::Unknown,
+            "needs-review" => DeviceState::NeedsReview,
             _ => return None,
         })
     }
@@ -250,6 +255,20 @@ impl Decision {
         d
     }
 
+    /// Counters rose with no authorised update intent, in a service that requires
+    /// one (the provisioning gate): not accepted as the new expected values; the
+    /// device is held for an operator's review.
+    pub fn needs_review(reason: impl Into<String>) -> Decision {
+        let mut d = Decision::new(
+            Verdict::Changed,
+            DeviceState::NeedsReview,
+            Severity::Error,
+            false,
+        );
+        d.reasons.push(reason.into());
+        d
+    }
+
     /// Quarantine because a stored record was tampered with.
     pub fn tampered(reason: impl Into<String>) -> Decision {
         let mut d = Decision::new(
@@ -261,6 +280,48 @@ impl Decision {
         d.reasons.push(reason.into());
         d
     }
+}
+
+/// Require an authorised intent for every counted attempt: an `accepted-update`
+/// in which a region's counter rose without an intent on that region that this
+/// observation commits becomes [`Decision::needs_review`] (nothing re-baselined,
+/// no intent closed). Any other decision is returned as it is.
+pub fn require_intents(
+    d: Decision,
+    exp: &Expected,
+    obs: &Observation,
+    intents: &[Intent],
+) -> Decision {
+    if d.verdict != Verdict::AcceptedUpdate {
+        return d;
+    }
+    let mut uncovered = Vec::new();
+    for (i, r) in Region::ALL.iter().enumerate() {
+        if obs.report.counters[i] == exp.counters[i] {
+            continue;
+        }
+        let covered = d.intents.iter().any(|(id, outcome)| {
+            *outcome == IntentOutcome::Committed
+                && intents.iter().any(|it| it.id == *id && it.region == *r)
+        });
+        if !covered {
+            uncovered.push(format!(
+                "{r} counter {} -> {}",
+                exp.counters[i], obs.report.counters[i]
+            ));
+        }
+    }
+    if uncovered.is_empty() {
+        return d;
+    }
+    let mut n = Decision::needs_review(format!(
+        "counters rose with no authorised update intent ({}): not accepted as the new expected values",
+        uncovered.join(", ")
+    ));
+    n.reasons.push(
+        "held for review: clear with `hilrig counters hold clear SERIAL --reason ...` or reflash with `hilrig counters remediate`".into(),
+    );
+    n
 }
 
 /// Decide a verdict for a device expected to be `exp` that was observed as `obs`.

@@ -122,6 +122,14 @@ pub enum Error {
         /// What went wrong.
         detail: String,
     },
+    /// Paging a human failed (the command, the webhook).
+    #[error("paging through {to}: {detail}")]
+    Page {
+        /// The page command or webhook.
+        to: String,
+        /// What went wrong.
+        detail: String,
+    },
     /// An update could not be committed as asked.
     #[error("update of device {serial}: {detail}")]
     Update {

@@ -25,6 +25,7 @@ pub mod crash;
 pub mod decide;
 mod error;
 pub mod mac;
+pub mod remediate;
 pub mod service;
 pub mod source;
 pub mod store;

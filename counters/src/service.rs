@@ -187,6 +187,12 @@ pub struct Service {
     key: Key,
     /// Update rate limit.
     pub rate_limit: RateLimit,
+    /// Every counted attempt needs an authorised intent (the provisioning gate, rig
+    /// leases, `verify --require-intent`): counters that rose without one are not
+    /// accepted as the new expected values; the device is held `needs-review`
+    /// until an operator clears the hold ([`Service::hold_clear`]). Off by default
+    /// (the design's catalog rule: known-good images re-baseline).
+    pub require_intents: bool,
     /// During `verify_batch`: device rows read up front (taken once each).
     prefetched: Option<std::collections::HashMap<String, (DeviceRecord, bool)>>,
     /// During `verify_batch`: history rows written together before the commit.
@@ -213,6 +219,8 @@ pub struct Service {
     head: Option<(i64, String)>,
     /// The external anchor of the chain head (a file or a second database).
     anchor: Option<crate::anchor::Anchor>,
+    /// During `hold_clear`: the operator's note, first reason of the history row.
+    clear_note: Option<String>,
 }
 
 /// MAC of a history row: its fields, and for a chained row (seq > 0) its sequence
@@ -335,6 +343,7 @@ impl Service {
             db,
             key,
             rate_limit: RateLimit::default(),
+            require_intents: false,
             prefetched: None,
             pending_history: None,
             holds: None,
@@ -347,6 +356,7 @@ impl Service {
             pending_devices: None,
             batch_macs: None,
             batch_hook: None,
+            clear_note: None,
         })
     }
 
@@ -641,7 +651,9 @@ impl Service {
                 }
                 // A hold kept beside the row wins over what the row says.
                 if let Some(h) = self.hold_for(&key)? {
-                    r.state = DeviceState::Quarantined;
+                    if r.state != DeviceState::NeedsReview {
+                        r.state = DeviceState::Quarantined;
+                    }
                     if r.hold.is_empty() {
                         r.hold = h;
                     }
@@ -1844,6 +1856,11 @@ impl Service {
             Decision::tampered(format!(
                 "device record {key}: MAC mismatch (edited outside the service); held until re-enrolled"
             ))
+        } else if !rec.hold.is_empty() && rec.state == DeviceState::NeedsReview {
+            Decision::needs_review(format!(
+                "held for review: {}; clear with `hilrig counters hold clear {key} --reason ...` or reflash with `hilrig counters remediate {key}`",
+                rec.hold
+            ))
         } else if !rec.hold.is_empty() {
             let mut d = Decision::tampered(format!("held in quarantine: {}", rec.hold));
             d.reasons
@@ -1861,6 +1878,9 @@ impl Service {
                 },
             }
         };
+        if let Some(note) = &self.clear_note {
+            d.reasons.insert(0, note.clone());
+        }
         point("verify: decided");
         // Apply.
         let old_state = rec.state;
@@ -1873,12 +1893,19 @@ impl Service {
         {
             rec.hold = d.reasons.join("; ");
         }
+        // Counters that rose with no authorised intent (require_intents): held for
+        // review, the hold also kept beside the row, the observation as evidence.
+        let review_hold = d.state == DeviceState::NeedsReview && rec.hold.is_empty() && intact;
+        if review_hold {
+            rec.hold = d.reasons.join("; ");
+        }
         rec.state = match d.verdict {
             // Fail closed, but never soften a worse state.
             Verdict::Unverifiable => match old_state {
-                DeviceState::Quarantined | DeviceState::Locked | DeviceState::NeedsReflash => {
-                    old_state
-                }
+                DeviceState::Quarantined
+                | DeviceState::Locked
+                | DeviceState::NeedsReflash
+                | DeviceState::NeedsReview => old_state,
                 _ => DeviceState::Unknown,
             },
             _ => d.state,
@@ -1908,6 +1935,10 @@ impl Service {
         }
         if intact {
             self.write_device(&rec, false)?;
+            if review_hold {
+                self.set_hold(key, &rec.hold)?;
+                self.keep_evidence("observation", key, &observed_json, &rec.reason)?;
+            }
         } else {
             // A row that fails its MAC or does not parse is never rewritten: it is
             // kept as found in the evidence table, and the hold lives beside it.
@@ -2048,8 +2079,79 @@ impl Service {
                 .any(|c| c.intact && c.region == r && c.sha256 == hs)
         };
         let mut d = decide(exp, o, &lookup, &intents);
+        if self.require_intents {
+            d = crate::decide::require_intents(d, exp, o, &intents);
+        }
         d.reasons.extend(tampered_cat);
         Ok(d)
+    }
+
+    /// An operator clears a device's hold after reviewing it: `reason` (required)
+    /// and the hold it lifts are logged in the history chain with the verdict of a
+    /// fresh reading through `source`, decided by the catalog rule (counters that
+    /// rose with known-good images become the new expected values). A hold for a
+    /// rollback or a tampered record comes straight back (the same verdict holds
+    /// it again): those need `enroll --replace`. A device row that fails its MAC is
+    /// refused (re-enrol it). Not held: [`Error::Input`].
+    pub fn hold_clear(
+        &mut self,
+        serial: u64,
+        reason: &str,
+        source: &mut dyn CounterSource,
+    ) -> Result<VerifyReport> {
+        let key = serial_key(serial);
+        let reason = reason.trim();
+        if reason.is_empty() || reason.len() > 1024 || reason.chars().any(|c| c.is_control()) {
+            return Err(Error::Input(
+                "--reason: say why the hold is cleared (1 to 1,024 printable characters)".into(),
+            ));
+        }
+        // Read first: a device that cannot be read keeps its hold.
+        let obs = Self::observe(serial, source)?;
+        let strict = std::mem::replace(&mut self.require_intents, false);
+        let r = self.tx(|s| {
+            let (mut rec, intact) = s
+                .load_raw(&key, true)?
+                .ok_or_else(|| Error::UnknownDevice(key.clone()))?;
+            if !intact {
+                return Err(Error::Tampered {
+                    table: "devices",
+                    row: key.clone(),
+                });
+            }
+            let beside = s.hold_for(&key)?;
+            let was = match (rec.hold.is_empty(), beside) {
+                (false, _) => rec.hold.clone(),
+                (true, Some(h)) => h,
+                (true, None) => {
+                    return Err(Error::Input(format!("device {key} is not held")));
+                }
+            };
+            s.db.exec(
+                "DELETE FROM holds WHERE serial = $1",
+                &[Val::from(key.as_str())],
+            )?;
+            if let Some(h) = &mut s.holds {
+                h.remove(&key);
+            }
+            rec.hold = String::new();
+            if matches!(
+                rec.state,
+                DeviceState::NeedsReview | DeviceState::Quarantined
+            ) {
+                rec.state = DeviceState::Unknown;
+            }
+            s.write_device(&rec, false)?;
+            point("hold_clear: lifted");
+            s.clear_note = Some(format!(
+                "hold cleared by an operator: {reason} (was held: {was})"
+            ));
+            let r = s.verify_in_tx(&key, Ok(obs));
+            s.clear_note = None;
+            r
+        });
+        self.require_intents = strict;
+        r
     }
 
     /// Whether a device is trusted now: its last verify passed and is no older than

@@ -470,3 +470,86 @@ fn a_batch_racing_a_concurrent_verify_is_run_again_never_lost() {
         );
     });
 }
+
+/// Issue 15: a writer holding an older head (it committed before another process
+/// that anchored after it) must never move a file anchor back, and writers racing
+/// from several threads leave the newest head they wrote.
+#[test]
+fn a_file_anchor_is_never_moved_back_by_a_writer_with_an_older_head() {
+    use hilrig_counters::anchor::Anchor;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("anchor");
+    Anchor::File(path.clone()).write(10, "mac10").unwrap();
+    // The late writer with head 5: the anchor stays at 10.
+    Anchor::File(path.clone()).write(5, "mac5").unwrap();
+    assert_eq!(
+        Anchor::File(path.clone()).read().unwrap(),
+        Some((10, "mac10".to_string()))
+    );
+    // The same sequence with another MAC never rewrites it either.
+    Anchor::File(path.clone()).write(10, "other").unwrap();
+    assert_eq!(
+        Anchor::File(path.clone()).read().unwrap(),
+        Some((10, "mac10".to_string()))
+    );
+    // Four threads write interleaved heads 11..=410 out of order; at every moment
+    // the anchor only moves forward, and it ends at the newest.
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let mut seen = 0;
+                for i in 0..100i64 {
+                    let seq = if t % 2 == 0 {
+                        11 + i * 4 + t
+                    } else {
+                        410 - i * 4 - (t - 1)
+                    };
+                    Anchor::File(path.clone())
+                        .write(seq, &format!("mac{seq}"))
+                        .unwrap();
+                    let (now, mac) = Anchor::File(path.clone()).read().unwrap().unwrap();
+                    assert!(now >= seen, "anchor moved back from {seen} to {now}");
+                    assert!(now >= seq, "anchor {now} behind a head {seq} just written");
+                    assert_eq!(mac, format!("mac{now}"));
+                    seen = now;
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(
+        Anchor::File(path.clone()).read().unwrap(),
+        Some((410, "mac410".to_string()))
+    );
+    // Two processes: a child that anchors an older head leaves the newer one.
+    if let Ok(exe) = std::env::current_exe() {
+        if std::env::var_os("HILRIG_ANCHOR_CHILD").is_none() {
+            let st = std::process::Command::new(exe)
+                .args([
+                    "--exact",
+                    "a_file_anchor_written_by_a_child_process",
+                    "--nocapture",
+                ])
+                .env("HILRIG_ANCHOR_CHILD", &path)
+                .status()
+                .unwrap();
+            assert!(st.success());
+            assert_eq!(
+                Anchor::File(path.clone()).read().unwrap(),
+                Some((410, "mac410".to_string()))
+            );
+        }
+    }
+}
+
+/// The child half of the test above (does nothing when run on its own).
+#[test]
+fn a_file_anchor_written_by_a_child_process() {
+    use hilrig_counters::anchor::Anchor;
+    if let Some(p) = std::env::var_os("HILRIG_ANCHOR_CHILD") {
+        Anchor::File(PathBuf::from(p)).write(7, "mac7").unwrap();
+    }
+}

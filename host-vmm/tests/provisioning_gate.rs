@@ -136,6 +136,72 @@ fn an_unrecorded_update_attempt_is_refused() {
     );
 }
 
+/// Issue 21.4: the refusal sticks. The counters that rose with no authorised
+/// intent are not made the new expected values: the device is held for review
+/// (hold + the observation as evidence), the VMM with `--counters-db` refuses it
+/// twice in a row, and so does a plain `verify`, until an operator clears the
+/// hold (logged in the history chain).
+#[test]
+fn an_unrecorded_update_attempt_is_refused_twice_in_a_row_until_cleared() {
+    let rig = Rig::new();
+    let st = rig.device(0x5eed);
+    rig.enroll(0x5eed, &st);
+    let before = rig.svc().device(0x5eed).unwrap().expected;
+    attempt_behind_the_back(&st);
+    for round in 0..2 {
+        let g = rig.refused(&st);
+        assert_eq!(g.outcome, GateOutcome::Untrusted, "round {round}: {g:?}");
+        assert_eq!(
+            g.verdict,
+            Some(CountersVerdict::Changed),
+            "round {round}: {g:?}"
+        );
+        assert!(
+            g.reasons.iter().any(|r| r.contains("needs-review")),
+            "round {round}: {g:?}"
+        );
+    }
+    let mut svc = rig.svc();
+    let d = svc.device(0x5eed).unwrap();
+    assert_eq!(d.expected, before, "not re-baselined");
+    assert_eq!(d.state.name(), "needs-review");
+    assert!(!d.hold.is_empty());
+    assert!(
+        svc.evidence()
+            .unwrap()
+            .iter()
+            .any(|(t, k, _)| t == "observation" && k == "0x5eed"),
+        "the observation is kept as evidence"
+    );
+    // An operator's plain verify (the catalog rule) does not lift it either.
+    let r = svc
+        .verify(0x5eed, &mut DeviceSource::model_file(&st).unwrap())
+        .unwrap();
+    assert!(!r.trusted(), "{:?}", r.decision);
+    // Cleared by an operator with a reason: logged, then trusted (the factory
+    // images are unchanged: a refused erase), and the gate admits it again.
+    assert!(svc
+        .hold_clear(0x5eed, "", &mut DeviceSource::model_file(&st).unwrap())
+        .is_err());
+    let r = svc
+        .hold_clear(
+            0x5eed,
+            "ticket 7: the lab's locked-erase test",
+            &mut DeviceSource::model_file(&st).unwrap(),
+        )
+        .unwrap();
+    assert!(r.trusted(), "{:?}", r.decision);
+    let h = svc.history(Some(0x5eed), 1).unwrap();
+    assert!(
+        h[0].reasons[0].starts_with("hold cleared by an operator: ticket 7"),
+        "{:?}",
+        h[0]
+    );
+    assert!(h[0].intact);
+    drop(svc);
+    assert_eq!(rig.gate(&st).outcome, GateOutcome::Trusted);
+}
+
 #[test]
 fn a_rolled_back_then_quarantined_device_is_refused() {
     let rig = Rig::new();

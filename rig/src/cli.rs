@@ -53,6 +53,18 @@ pub enum LeaseCmd {
         /// Lease time, e.g. 60s, 10m.
         #[arg(long, default_value = "60s", value_parser = parse_duration)]
         ttl: Duration,
+        /// The counters service to consult (SQLite path or postgresql:// URL;
+        /// default: the inventory's `[counters] db`): a host whose device it does
+        /// not vouch for (quarantined, locked, held, needs-reflash, unknown) is
+        /// refused with the verdict.
+        #[arg(long, requires = "counters_key")]
+        counters_db: Option<String>,
+        /// The counters service's MAC key file.
+        #[arg(long)]
+        counters_key: Option<PathBuf>,
+        /// The counters service's anchor (file, sqlite:PATH or URL).
+        #[arg(long)]
+        counters_anchor: Option<String>,
     },
     /// Give a host back.
     Release {
@@ -535,10 +547,27 @@ pub fn run(cmd: RigCmd) -> Result<ExitCode> {
                     inventory,
                     holder,
                     ttl,
+                    counters_db,
+                    counters_key,
+                    counters_anchor,
                 } => {
                     let holder = holder.unwrap_or_else(default_holder);
                     let inv = crate::inventory::Inventory::load(&inventory)?;
-                    let l = store.acquire_known(&inv, &host, &holder, ttl)?;
+                    let gate = match (counters_db, counters_key, &inv.counters) {
+                        (Some(db), Some(key), _) => Some(crate::lease::CountersGate {
+                            db,
+                            key,
+                            anchor: counters_anchor,
+                        }),
+                        (_, _, Some(c)) => Some(crate::lease::CountersGate {
+                            db: c.db.clone(),
+                            key: c.key.clone(),
+                            anchor: counters_anchor.or_else(|| c.anchor.clone()),
+                        }),
+                        _ => None,
+                    };
+                    let rig = Rig::new(inv);
+                    let l = store.acquire_gated(&rig, &host, &holder, ttl, gate.as_ref())?;
                     println!(
                         "{}\t{}\tgeneration {}\texpires {}",
                         l.host,

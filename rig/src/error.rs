@@ -83,6 +83,19 @@ pub enum RigError {
         /// Expiry of the holder's lease.
         expires_unix_ms: i64,
     },
+    /// The counters service does not vouch for the host's device (quarantined,
+    /// locked, held, needs-reflash, unknown, or it could not be read): the host is
+    /// not handed out.
+    #[error("host `{host}`: device refused by the counters service: {verdict}: {detail}")]
+    Untrusted {
+        /// The host.
+        host: String,
+        /// The verdict (or what failed: `unknown-device`, `transport-fault`,
+        /// `service-error`).
+        verdict: String,
+        /// Why.
+        detail: String,
+    },
     /// Local I/O (work directories, capture files).
     #[error("{what}: {source}")]
     Io {
@@ -115,7 +128,7 @@ impl RigError {
         match self {
             RigError::Inventory { .. } | RigError::UnknownHost { .. } => ErrorKind::Config,
             RigError::Unsupported { .. } | RigError::UnsafePath(_) => ErrorKind::Config,
-            RigError::Leased { .. } => ErrorKind::Busy,
+            RigError::Leased { .. } | RigError::Untrusted { .. } => ErrorKind::Busy,
             RigError::Driver { .. }
             | RigError::Infra { .. }
             | RigError::Lease { .. }

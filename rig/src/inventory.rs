@@ -16,6 +16,33 @@ pub struct Inventory {
     pub lab: LabSpec,
     /// Hosts, in file order.
     pub hosts: Vec<HostSpec>,
+    /// `[counters]`: the counters service leases consult, and whom to page.
+    pub counters: Option<CountersSpec>,
+}
+
+/// `[counters]`: the counters attestation service of the lab. With it, `rig lease
+/// acquire` verifies a host's device out of band and refuses a device that is not
+/// trusted; `page`/`webhook` say whom `hilrig counters remediate` pages for a
+/// locked device. Relative paths are relative to the inventory file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CountersSpec {
+    /// The database: a SQLite path or a postgresql:// URL.
+    pub db: String,
+    /// The MAC key file.
+    pub key: PathBuf,
+    /// The anchor (file, `sqlite:PATH` or URL).
+    #[serde(default)]
+    pub anchor: Option<String>,
+    /// A command run to page a human (argv; the page as JSON on its standard input).
+    #[serde(default)]
+    pub page: Vec<String>,
+    /// A webhook URL (http://) POSTed the page as JSON, signed with `webhook_key`.
+    #[serde(default)]
+    pub webhook: Option<String>,
+    /// The webhook's HMAC key file.
+    #[serde(default)]
+    pub webhook_key: Option<PathBuf>,
 }
 
 /// `[lab]`: settings shared by all hosts.
@@ -377,6 +404,8 @@ struct RawFile {
     lab: Option<LabSpec>,
     #[serde(default)]
     host: Vec<toml::Table>,
+    #[serde(default)]
+    counters: Option<CountersSpec>,
 }
 
 #[derive(Deserialize)]
@@ -557,6 +586,22 @@ impl Inventory {
             file: file.to_path_buf(),
             lab: raw.lab.unwrap_or_default(),
             hosts,
+            counters: raw.counters.map(|mut c| {
+                let base = file.parent().unwrap_or(Path::new("."));
+                let rel = |p: &Path| {
+                    if p.is_relative() {
+                        base.join(p)
+                    } else {
+                        p.to_path_buf()
+                    }
+                };
+                if !(c.db.contains("://") || c.db.contains("dbname=")) {
+                    c.db = rel(Path::new(&c.db)).display().to_string();
+                }
+                c.key = rel(&c.key);
+                c.webhook_key = c.webhook_key.as_deref().map(rel);
+                c
+            }),
         })
     }
 

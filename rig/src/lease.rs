@@ -458,6 +458,130 @@ impl LeaseStore {
         inv.host(host)?;
         self.acquire(host, holder, ttl)
     }
+
+    /// [`LeaseStore::acquire_known`], then, with a counters `gate`, the host's
+    /// device verified out of band through `rig` while the lease is held: a device
+    /// the counters service does not vouch for gives the lease back and is
+    /// [`RigError::Untrusted`] with the verdict.
+    pub fn acquire_gated(
+        &self,
+        rig: &crate::Rig,
+        host: &str,
+        holder: &str,
+        ttl: Duration,
+        gate: Option<&CountersGate>,
+    ) -> Result<Lease, RigError> {
+        let lease = self.acquire_known(&rig.inv, host, holder, ttl)?;
+        if let Some(g) = gate {
+            if let Err(e) = g.check(rig, host) {
+                let _ = self.release(&lease);
+                return Err(e);
+            }
+        }
+        Ok(lease)
+    }
+}
+
+/// The counters service a lease consults (`--counters-db`/`--counters-key`, or the
+/// inventory's `[counters]`): a host whose device is not trusted is not leased.
+#[derive(Debug, Clone)]
+pub struct CountersGate {
+    /// The counters database (SQLite path or postgresql:// URL).
+    pub db: String,
+    /// Its MAC key file.
+    pub key: std::path::PathBuf,
+    /// Its anchor (file, `sqlite:PATH` or URL), if any.
+    pub anchor: Option<String>,
+}
+
+/// A host's device through the rig's OOB driver, as a counters source.
+struct RigOob<'a> {
+    rig: &'a crate::Rig,
+    host: &'a str,
+}
+
+impl hilrig_counters::source::CounterSource for RigOob<'_> {
+    fn name(&self) -> String {
+        format!("host `{}` (OOB)", self.host)
+    }
+    fn request(
+        &mut self,
+        req: &hilrig_device::oob::Request,
+    ) -> hilrig_counters::Result<hilrig_device::oob::Response> {
+        self.rig
+            .oob_request(self.host, req)
+            .map_err(|e| hilrig_counters::Error::Source {
+                source_name: self.name(),
+                detail: e.to_string(),
+            })
+    }
+}
+
+impl CountersGate {
+    /// Verify `host`'s device out of band through `rig` (IDENTIFY, counters, region
+    /// hashes) against the enrolled values, requiring an authorised intent for every
+    /// counted attempt. Ok only when the device is trusted; every other outcome
+    /// (quarantined, locked, held for review, needs-reflash, not enrolled, an OOB
+    /// fault, a service error) is [`RigError::Untrusted`] naming the verdict.
+    pub fn check(&self, rig: &crate::Rig, host: &str) -> Result<(), RigError> {
+        use hilrig_counters::source::CounterSource;
+        let refuse = |verdict: &str, detail: String| RigError::Untrusted {
+            host: host.to_string(),
+            verdict: verdict.to_string(),
+            detail,
+        };
+        let mut src = RigOob { rig, host };
+        let serial = src
+            .serial()
+            .map_err(|e| refuse("transport-fault", e.to_string()))?;
+        let obs = src
+            .observe()
+            .map_err(|e| refuse("transport-fault", e.to_string()))?;
+        let key = hilrig_counters::mac::Key::load(&self.key)
+            .map_err(|e| refuse("service-error", format!("counters key: {e}")))?;
+        let mut svc = hilrig_counters::Service::open(&self.db, key).map_err(|e| {
+            refuse(
+                "service-error",
+                format!(
+                    "counters service {}: {e}",
+                    hilrig_counters::store::redact(&self.db)
+                ),
+            )
+        })?;
+        if let Some(a) = &self.anchor {
+            svc.set_anchor_spec(a)
+                .map_err(|e| refuse("service-error", format!("anchor: {e}")))?;
+        }
+        svc.require_intents = true;
+        let r = match svc.verify_observation(serial, Ok(obs)) {
+            Ok(r) => r,
+            Err(hilrig_counters::Error::UnknownDevice(s)) => {
+                return Err(refuse(
+                    "unknown-device",
+                    format!("device {s} is not enrolled with the counters service"),
+                ))
+            }
+            Err(e) => return Err(refuse("service-error", e.to_string())),
+        };
+        let admitted = r.trusted()
+            && match r.decision.verdict {
+                hilrig_device::attest::Verdict::Trusted => true,
+                hilrig_device::attest::Verdict::AcceptedUpdate => !r.decision.intents.is_empty(),
+                _ => false,
+            };
+        if admitted {
+            return Ok(());
+        }
+        Err(refuse(
+            &r.decision.verdict.to_string(),
+            format!(
+                "device {} is {}: {}",
+                r.serial,
+                r.decision.state,
+                r.decision.reasons.join("; ")
+            ),
+        ))
+    }
 }
 
 /// Lease enforcement for actions on hosts (power, console, OOB): an action on a

@@ -7,7 +7,11 @@
 //! `accepted-update` closing an authorised update intent. Everything else is
 //! refused: an unknown device, a rollback, a quarantined/held, locked or
 //! needs-reflash device, and counters that rose with no authorised intent (an
-//! update attempt made behind the service's back). A fault on the OOB read is a
+//! update attempt made behind the service's back). The gate runs the service with
+//! `require_intents`: such counters are NOT made the new expected values; the
+//! device is held `needs-review` (a hold, the observation kept as evidence) and
+//! every later start is refused too, until an operator clears the hold
+//! (`hilrig counters hold clear SERIAL --reason ...`). A fault on the OOB read is a
 //! transport fault (no verdict on the device, nothing written to the service), and
 //! the device is refused all the same (fail closed).
 
@@ -118,6 +122,7 @@ fn check_inner(dev: &mut dyn Device, label: &str, db: &str, key: &Path) -> GateR
             )
         }
     };
+    svc.require_intents = true;
     match svc.verify_observation(serial, Ok(obs)) {
         Ok(r) => {
             let ok = admits(&r);
@@ -127,6 +132,9 @@ fn check_inner(dev: &mut dyn Device, label: &str, db: &str, key: &Path) -> GateR
                     "counters rose with no authorised update intent: refused at provisioning"
                         .into(),
                 );
+            }
+            if !ok {
+                reasons.push(format!("device state: {}", r.decision.state));
             }
             GateRecord {
                 outcome: if ok {
