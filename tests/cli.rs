@@ -1089,7 +1089,17 @@ fn device_init_makes_a_random_owner_only_reset_key_read_only_from_files() {
     let ka = dir.path().join("a.state.reset-key");
     assert!(out.contains(p(&ka)), "{out}");
     let kb = dir.path().join("b.key");
-    ok(&["device", "init", p(&b), "--width", "4", "--serial", "9", "--reset-key-file", p(&kb)]);
+    ok(&[
+        "device",
+        "init",
+        p(&b),
+        "--width",
+        "4",
+        "--serial",
+        "9",
+        "--reset-key-file",
+        p(&kb),
+    ]);
     // State files and key files: owner-only.
     for f in [&a, &b, &ka, &kb] {
         assert_eq!(mode(f), 0o600, "{}", f.display());
@@ -1117,7 +1127,14 @@ fn device_init_makes_a_random_owner_only_reset_key_read_only_from_files() {
     // A key file others can read is refused, naming the file and its mode.
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&ka, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let e = fails(&["device", "oob", p(&a), "physical-reset", "--reset-key-file", p(&ka)]);
+    let e = fails(&[
+        "device",
+        "oob",
+        p(&a),
+        "physical-reset",
+        "--reset-key-file",
+        p(&ka),
+    ]);
     assert!(e.contains("a.state.reset-key") && e.contains("0644"), "{e}");
     std::fs::set_permissions(&ka, std::fs::Permissions::from_mode(0o600)).unwrap();
     // The device's own key file works.
@@ -1158,7 +1175,16 @@ fn a_second_vmm_on_a_held_state_file_is_refused_and_oob_reads_still_work() {
     ok(&["device", "init", p(&st), "--width", "8", "--serial", "5"]);
     let key = dir.path().join("d.state.reset-key");
     let first = Command::new(env!("CARGO_BIN_EXE_hilrig"))
-        .args(["vm", "run", "--payload", "spin", "--mem", "8M", "--timeout", "120s"])
+        .args([
+            "vm",
+            "run",
+            "--payload",
+            "spin",
+            "--mem",
+            "8M",
+            "--timeout",
+            "120s",
+        ])
         .args(["--device", "model", "--device-state", p(&st)])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -1171,7 +1197,15 @@ fn a_second_vmm_on_a_held_state_file_is_refused_and_oob_reads_still_work() {
 
     // A second VMM: refused before it reads or writes anything, naming file and pid.
     let e = fails(&[
-        "vm", "run", "--payload", "hello", "--mem", "8M", "--device", "model", "--device-state",
+        "vm",
+        "run",
+        "--payload",
+        "hello",
+        "--mem",
+        "8M",
+        "--device",
+        "model",
+        "--device-state",
         p(&st),
     ]);
     assert!(
@@ -1211,7 +1245,14 @@ fn a_second_vmm_on_a_held_state_file_is_refused_and_oob_reads_still_work() {
     let over_pty: serde_json::Value =
         serde_json::from_str(&ok(&["device", "oob", &pty, "counters"])).unwrap();
     assert_eq!(over_pty, c);
-    let e = fails(&["device", "oob", &pty, "physical-reset", "--reset-key-file", p(&key)]);
+    let e = fails(&[
+        "device",
+        "oob",
+        &pty,
+        "physical-reset",
+        "--reset-key-file",
+        p(&key),
+    ]);
     assert!(e.contains("Busy"), "{e}");
     assert_eq!(std::fs::read(&st).unwrap(), before, "nothing was written");
 
@@ -1242,8 +1283,17 @@ fn the_residue_of_a_tenant_without_teardown_is_found_by_the_next_process() {
     ok(&["device", "init", p(&st)]);
     let run = |payload: &str, teardown: bool| {
         let mut args = vec![
-            "vm", "run", "--payload", payload, "--mem", "16M", "--device", "model",
-            "--device-state", p(&st), "--json",
+            "vm",
+            "run",
+            "--payload",
+            payload,
+            "--mem",
+            "16M",
+            "--device",
+            "model",
+            "--device-state",
+            p(&st),
+            "--json",
         ];
         if teardown {
             args.push("--teardown-on-exit");
@@ -1254,7 +1304,11 @@ fn the_residue_of_a_tenant_without_teardown_is_found_by_the_next_process() {
     // device's data buffers (the device stays powered between tenants).
     assert!(run("canary-write", false).passed);
     let scan = run("canary-scan", false);
-    assert!(!scan.passed && scan.verdict.contains("code 14"), "{}", scan.verdict);
+    assert!(
+        !scan.passed && scan.verdict.contains("code 14"),
+        "{}",
+        scan.verdict
+    );
     // With teardown it does not.
     assert!(run("canary-write", true).passed);
     let scan = run("canary-scan", false);

@@ -44,12 +44,8 @@ pub(crate) fn bound_record(
     binding: &hilrig_vmm_api::RunBinding,
 ) -> StepOut {
     if let Some(t) = &summary.teardown {
-        t.check_binding(binding).map_err(|e| {
-            fail(
-                Outcome::Fail,
-                format!("step {k} ({label}): {e}"),
-            )
-        })?;
+        t.check_binding(binding)
+            .map_err(|e| fail(Outcome::Fail, format!("step {k} ({label}): {e}")))?;
     }
     Ok(summary)
 }

@@ -605,9 +605,8 @@ impl Device for StateFileOob {
         // Reads load the file's current contents without a lock (the VMM holding it
         // only ever replaces it whole); a PHYSICAL_RESET is answered under the state
         // file's lock, and refused with a BUSY error frame while the VMM holds it.
-        let mut open = |p: &Path| -> Result<Box<dyn Device>, DeviceError> {
-            Ok(Box::new(Model::open(p)?))
-        };
+        let mut open =
+            |p: &Path| -> Result<Box<dyn Device>, DeviceError> { Ok(Box::new(Model::open(p)?)) };
         hilrig_device::oob::serve_state_request(&self.path, &mut open, request)
     }
 }

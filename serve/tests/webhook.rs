@@ -79,7 +79,11 @@ fn a_worker_runs_the_queued_campaign_and_signs_its_webhook() {
     let t = tempfile::tempdir().unwrap();
     let db = tmp_db(t.path());
     let vmm = t.path().join("fake-vmm");
-    std::fs::write(&vmm, format!("#!/bin/sh\n{BIND}echo '{FAIL_JSON}'; exit 1\n")).unwrap();
+    std::fs::write(
+        &vmm,
+        format!("#!/bin/sh\n{BIND}echo '{FAIL_JSON}'; exit 1\n"),
+    )
+    .unwrap();
     std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).unwrap();
     let (addr, seen, _rt) = receiver(2);
     let secret = "a-secret-of-some-length";

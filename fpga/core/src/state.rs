@@ -719,7 +719,10 @@ mod tests {
         drop(first);
         let again = StateLock::acquire(&p).unwrap();
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(again.lock_file()).unwrap().permissions().mode();
+        let mode = std::fs::metadata(again.lock_file())
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 

@@ -260,12 +260,31 @@ mod tests {
         let old = record("case-1-step-0", 42, n1);
         old.verify(&key).unwrap();
         let e = old.check_binding(&run).unwrap_err();
-        assert!(matches!(e, RecordError::OtherRun { field: "nonce", .. }), "{e}");
+        assert!(
+            matches!(e, RecordError::OtherRun { field: "nonce", .. }),
+            "{e}"
+        );
         // Another device's record with this run's nonce.
-        let e = record("case-1-step-0", 43, n2).check_binding(&run).unwrap_err();
-        assert!(matches!(e, RecordError::OtherRun { field: "serial", .. }), "{e}");
-        let e = record("case-2-step-0", 42, n2).check_binding(&run).unwrap_err();
-        assert!(matches!(e, RecordError::OtherRun { field: "vm", .. }), "{e}");
+        let e = record("case-1-step-0", 43, n2)
+            .check_binding(&run)
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                RecordError::OtherRun {
+                    field: "serial",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = record("case-2-step-0", 42, n2)
+            .check_binding(&run)
+            .unwrap_err();
+        assert!(
+            matches!(e, RecordError::OtherRun { field: "vm", .. }),
+            "{e}"
+        );
         // A record without binding fields (an old VMM) is refused too.
         let mut bare = record("case-1-step-0", 42, n2);
         bare.nonce = None;

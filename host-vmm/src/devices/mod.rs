@@ -25,9 +25,13 @@ pub use hilrig_vmm_api::spec::{DeviceSpec, FPGA_BAUD};
 /// error naming the file and this VMM's pid, before it reads or writes anything.
 pub fn open_backend(spec: &DeviceSpec, state: Option<&Path>) -> Result<Backend, VmmError> {
     let lock = match (spec, state) {
-        (DeviceSpec::Model | DeviceSpec::Rtl | DeviceSpec::Lockstep | DeviceSpec::Verilator, Some(p)) => {
-            Some(hilrig_device::state::StateLock::acquire(p).map_err(hilrig_device::DeviceError::from)?)
-        }
+        (
+            DeviceSpec::Model | DeviceSpec::Rtl | DeviceSpec::Lockstep | DeviceSpec::Verilator,
+            Some(p),
+        ) => Some(
+            hilrig_device::state::StateLock::acquire(p)
+                .map_err(hilrig_device::DeviceError::from)?,
+        ),
         _ => None,
     };
     let mut backend = open_unlocked(spec, state)?;

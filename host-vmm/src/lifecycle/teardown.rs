@@ -415,7 +415,10 @@ mod tests {
         let nonce = hilrig_vmm_api::Nonce([9; 32]);
         let r = run(&mut f, "vm1", nonce, &key);
         assert_eq!(f.calls, STEPS.to_vec());
-        assert_eq!((r.vm.as_str(), r.serial, r.nonce), ("vm1", Some(77), Some(nonce)));
+        assert_eq!(
+            (r.vm.as_str(), r.serial, r.nonce),
+            ("vm1", Some(77), Some(nonce))
+        );
         assert!(r.complete);
         assert_eq!(
             (r.guest_bytes_scrubbed, r.device_bytes_scrubbed),
