@@ -165,6 +165,12 @@ enum DeviceCmd {
         /// Serial number.
         #[arg(long, default_value_t = 1)]
         serial: u64,
+        /// Where to write the device's OOB reset key (random, 64 hex digits, mode
+        /// 0600, never replaced); default: the state file's path + `.reset-key`.
+        /// Give this file to the counters service at enrolment and to
+        /// `device oob ... physical-reset --reset-key-file`.
+        #[arg(long)]
+        reset_key_file: Option<PathBuf>,
     },
     /// Send an OOB request to a device: a state file (in-process model) or a serial port.
     Oob {
@@ -175,9 +181,14 @@ enum DeviceCmd {
         /// Region for `hash`: vbios, firmware, config.
         #[arg(long)]
         region: Option<String>,
-        /// Key for `physical-reset`, 64 hex digits.
-        #[arg(long)]
+        /// Refused: a key on the command line is visible to every local user (ps,
+        /// /proc, shell history). Use --reset-key-file.
+        #[arg(long, hide = true)]
         key: Option<String>,
+        /// For `physical-reset`: the file holding the OOB reset key (64 hex digits,
+        /// mode 0600; group/other access is refused), as `device init` wrote it.
+        #[arg(long)]
+        reset_key_file: Option<PathBuf>,
         /// Baud rate for a serial target.
         #[arg(long, default_value_t = oob::DEFAULT_BAUD)]
         baud: u32,
@@ -391,12 +402,14 @@ fn device(cmd: DeviceCmd) -> Result<()> {
             state,
             width,
             serial,
+            reset_key_file,
         } => {
-            let nv = hilrig_fw::factory::device(DeviceConfig::with_width(width), serial)?;
-            Model::create(&state, nv)?;
+            let key_file = reset_key_file.unwrap_or_else(|| default_reset_key_file(&state));
+            init_device(&state, &key_file, width, serial)?;
             println!(
-                "created {} (serial {serial}, counter width {width})",
-                state.display()
+                "created {} (serial {serial}, counter width {width}); OOB reset key in {} (mode 0600)",
+                state.display(),
+                key_file.display()
             );
         }
         DeviceCmd::Oob {
@@ -404,10 +417,14 @@ fn device(cmd: DeviceCmd) -> Result<()> {
             request,
             region,
             key,
+            reset_key_file,
             baud,
             timeout_ms,
             backend,
         } => {
+            if key.is_some() {
+                bail!("--key is refused: a key on the command line is visible to every local user (ps, /proc, shell history); put the 64 hex digits in a file only you can read (chmod 600) and give --reset-key-file FILE");
+            }
             let req = match request.as_str() {
                 "identify" => Request::Identify,
                 "counters" => Request::ReadCounters,
@@ -415,12 +432,10 @@ fn device(cmd: DeviceCmd) -> Result<()> {
                     region.as_deref().context("`hash` needs --region")?,
                 )?),
                 "physical-reset" => {
-                    let k = key.context("`physical-reset` needs --key (64 hex digits)")?;
-                    let bytes = hex::decode(k.trim()).context("--key is not hex")?;
-                    let arr: [u8; 32] = bytes.try_into().map_err(|b: Vec<u8>| {
-                        anyhow::anyhow!("--key has {} bytes, needs 32", b.len())
-                    })?;
-                    Request::PhysicalReset(arr)
+                    let f = reset_key_file.context(
+                        "`physical-reset` needs --reset-key-file FILE (the key file `device init` wrote)",
+                    )?;
+                    Request::PhysicalReset(read_reset_key(&f)?)
                 }
                 other => bail!(
                     "unknown OOB request {other:?}; use identify, counters, hash or physical-reset"
@@ -447,6 +462,8 @@ fn device(cmd: DeviceCmd) -> Result<()> {
             let size = hilrig_device::NvState::load(&state)?
                 .config
                 .region_size(region);
+            // A writer: hold the state file (refused while a VMM runs on it).
+            let _lock = hilrig_device::state::StateLock::acquire(&state)?;
             let mut m = open_device(&backend, &state)?;
             if img.is_empty() || img.len() > size as usize {
                 bail!(
@@ -613,7 +630,52 @@ fn oob_request(
         let mut c = OobClient::open_serial(path, baud, timeout)?;
         Ok(c.request(req)?)
     } else {
+        // Reads take no lock; a PHYSICAL_RESET writes the state file and holds it
+        // (refused while a VMM runs on it, naming its pid).
+        let _lock = match req {
+            Request::PhysicalReset(_) => Some(hilrig_device::state::StateLock::acquire(target)?),
+            _ => None,
+        };
         let mut dev = open_device(backend, target)?;
         Ok(oob::request_device(&mut *dev, req)?)
     }
+}
+
+/// The reset-key file `device init` writes by default: `STATE.reset-key`.
+fn default_reset_key_file(state: &Path) -> PathBuf {
+    let mut s = state.as_os_str().to_owned();
+    s.push(".reset-key");
+    PathBuf::from(s)
+}
+
+/// Create a factory-fresh device in `state` with a random OOB reset key (from the
+/// kernel's CSPRNG, not derived from the serial), written to `key_file` first
+/// (0600, `O_EXCL|O_NOFOLLOW`): an existing state or key file is never replaced.
+fn init_device(state: &Path, key_file: &Path, width: u8, serial: u64) -> Result<()> {
+    hilrig_device::state::refuse_existing(state)?;
+    let mut nv = hilrig_fw::factory::device(DeviceConfig::with_width(width), serial)?;
+    nv.reset_key = hilrig_device::secure::random_key().context("reading random bytes")?;
+    let text = format!("{}\n", hex::encode(nv.reset_key));
+    hilrig_device::secure::create_secret_file(key_file, text.as_bytes())
+        .context("writing the OOB reset key")?;
+    if let Err(e) = Model::create(state, nv) {
+        let _ = std::fs::remove_file(key_file);
+        return Err(e.into());
+    }
+    Ok(())
+}
+
+/// Read an OOB reset key file: 64 hex digits, the file owner-only (a key readable
+/// by group/other is refused, naming the file and its mode).
+fn read_reset_key(path: &Path) -> Result<[u8; 32]> {
+    let text = hilrig_device::secure::read_secret_file(path, 4096)?;
+    let bytes = hex::decode(text.trim())
+        .with_context(|| format!("reset key file {}: not hex", path.display()))?;
+    bytes.try_into().map_err(|b: Vec<u8>| {
+        anyhow::anyhow!(
+            "reset key file {}: {} bytes, a reset key has 32 (64 hex digits)",
+            path.display(),
+            b.len()
+        )
+    })
 }

@@ -33,6 +33,18 @@ fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
+/// Write a secret key file, owner-only.
+fn secret(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
 /// The VMM's run summary in a `vm run --json` output.
 fn summary(stdout: &[u8]) -> hilrig_vmm_api::RunSummary {
     hilrig_vmm_api::RunSummary::from_output(stdout).expect("a run summary")
@@ -100,16 +112,26 @@ fn bad_input_is_named_and_nothing_is_lost() {
             .contains("unknown region")
     );
     assert!(fails(&["device", "oob", p(&st), "frobnicate"]).contains("unknown OOB request"));
-    assert!(
-        fails(&["device", "oob", p(&st), "physical-reset", "--key", "00"]).contains("needs 32")
-    );
+    let short = dir.path().join("short.key");
+    secret(&short, "00");
     let e = fails(&[
         "device",
         "oob",
         p(&st),
         "physical-reset",
-        "--key",
-        &"00".repeat(32),
+        "--reset-key-file",
+        p(&short),
+    ]);
+    assert!(e.contains("short.key") && e.contains("32"), "{e}");
+    let zero = dir.path().join("zero.key");
+    secret(&zero, &"00".repeat(32));
+    let e = fails(&[
+        "device",
+        "oob",
+        p(&st),
+        "physical-reset",
+        "--reset-key-file",
+        p(&zero),
     ]);
     assert!(e.contains("BadKey"), "{e}");
     // A corrupt state file: a clear error naming it, and the file is left as it was.
@@ -146,13 +168,15 @@ fn oob_over_a_pty_reads_the_same_as_the_state_file() {
     assert!(pty.starts_with("/dev/pts/"), "serve-oob printed {pty:?}");
     let over_serial = ok(&["device", "oob", &pty, "counters"]);
     let hash_serial = ok(&["device", "oob", &pty, "hash", "--region", "config"]);
+    let wrong = dir.path().join("wrong.key");
+    secret(&wrong, &"ab".repeat(32));
     let e = fails(&[
         "device",
         "oob",
         &pty,
         "physical-reset",
-        "--key",
-        &"ab".repeat(32),
+        "--reset-key-file",
+        p(&wrong),
     ]);
     server.kill().unwrap();
     server.wait().unwrap();
@@ -1062,11 +1086,16 @@ fn guest_on_simulated_board(engine: &str) {
 /// the served API's history are the same document.
 #[test]
 fn runs_and_serve_over_a_store_filled_by_campaign_runs() {
-    const FAIL_JSON: &str = r#"{"payload":"attack-hang","device":"model","verdict":"FAIL: code 1","passed":false,"exit_status":1,"policy":{"alarms":0,"per_register":{}},"teardown":{"vm":"fake","started_unix":0,"steps":[],"complete":true,"total_micros":10,"guest_bytes_scrubbed":0,"device_bytes_scrubbed":0,"counters":null,"verdict":{"verdict":"trusted","handoff_ok":true,"reasons":[]},"signer":"","signature":""}}"#;
+    // Echoes the run's binding (VM id, teardown nonce, serial) as the real VMM does.
+    const BIND: &str = r#"VMID=; NONCE=; STATE=; prev=
+for a in "$@"; do case "$prev" in --vm-id) VMID=$a;; --teardown-nonce) NONCE=$a;; --device-state) STATE=$a;; esac; prev=$a; done
+SERIAL=$(od -An -tu8 -j23 -N8 "$STATE" 2>/dev/null | tr -d ' '); SERIAL=${SERIAL:-0}
+"#;
+    const FAIL_JSON: &str = r#"{"payload":"attack-hang","device":"model","verdict":"FAIL: code 1","passed":false,"exit_status":1,"policy":{"alarms":0,"per_register":{}},"teardown":{"vm":"'"$VMID"'","serial":'"$SERIAL"',"nonce":"'"$NONCE"'","started_unix":0,"steps":[],"complete":true,"total_micros":10,"guest_bytes_scrubbed":0,"device_bytes_scrubbed":0,"counters":null,"verdict":{"verdict":"trusted","handoff_ok":true,"reasons":[]},"signer":"","signature":""}}"#;
     use std::os::unix::fs::PermissionsExt;
     let t = tempfile::tempdir().unwrap();
     let vmm = t.path().join("fake-vmm");
-    std::fs::write(&vmm, format!("#!/bin/sh\necho '{FAIL_JSON}'; exit 1\n")).unwrap();
+    std::fs::write(&vmm, format!("#!/bin/sh\n{BIND}echo '{FAIL_JSON}'; exit 1\n")).unwrap();
     std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).unwrap();
     let camp = t.path().join("n.toml");
     std::fs::write(
@@ -1156,4 +1185,287 @@ fn dechunk(mut b: &str) -> String {
         b = &rest[n + 2..];
     }
     out
+#[test]
+fn device_init_makes_a_random_owner_only_reset_key_read_only_from_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.state"), dir.path().join("b.state"));
+    let out = ok(&["device", "init", p(&a), "--width", "4", "--serial", "9"]);
+    let ka = dir.path().join("a.state.reset-key");
+    assert!(out.contains(p(&ka)), "{out}");
+    let kb = dir.path().join("b.key");
+    ok(&[
+        "device",
+        "init",
+        p(&b),
+        "--width",
+        "4",
+        "--serial",
+        "9",
+        "--reset-key-file",
+        p(&kb),
+    ]);
+    // State files and key files: owner-only.
+    for f in [&a, &b, &ka, &kb] {
+        assert_eq!(mode(f), 0o600, "{}", f.display());
+    }
+    // Random, not derived from the serial: two devices with the same serial differ.
+    let (ta, tb) = (
+        std::fs::read_to_string(&ka).unwrap(),
+        std::fs::read_to_string(&kb).unwrap(),
+    );
+    assert_ne!(ta.trim(), tb.trim());
+    let derived = hex::encode(hilrig_device::state::dev_keys(9).1);
+    assert_ne!(ta.trim(), derived);
+    assert_eq!(
+        hilrig_device::NvState::load(&a).unwrap().reset_key.to_vec(),
+        hex::decode(ta.trim()).unwrap()
+    );
+    // An existing key file is never replaced (and no state file is made).
+    let c = dir.path().join("c.state");
+    let e = fails(&["device", "init", p(&c), "--reset-key-file", p(&kb)]);
+    assert!(e.contains("b.key"), "{e}");
+    assert!(!c.exists());
+    // A key on the command line is refused, pointing to the file flag.
+    let e = fails(&["device", "oob", p(&a), "physical-reset", "--key", ta.trim()]);
+    assert!(e.contains("--reset-key-file"), "{e}");
+    // A key file others can read is refused, naming the file and its mode.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&ka, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = fails(&[
+        "device",
+        "oob",
+        p(&a),
+        "physical-reset",
+        "--reset-key-file",
+        p(&ka),
+    ]);
+    assert!(e.contains("a.state.reset-key") && e.contains("0644"), "{e}");
+    std::fs::set_permissions(&ka, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // The device's own key file works.
+    let r: serde_json::Value = serde_json::from_str(&ok(&[
+        "device",
+        "oob",
+        p(&a),
+        "physical-reset",
+        "--reset-key-file",
+        p(&ka),
+    ]))
+    .unwrap();
+    assert_eq!(r["epoch"], 1, "{r}");
+}
+
+/// Wait until the state file's lock records `pid` as its holder.
+fn wait_for_holder(state: &Path, pid: u32, vmm: &mut std::process::Child) {
+    let lock = hilrig_device::state::lock_path(state);
+    loop {
+        if std::fs::read_to_string(&lock).is_ok_and(|t| t.trim() == pid.to_string()) {
+            return;
+        }
+        if let Ok(Some(st)) = vmm.try_wait() {
+            panic!("the first VMM ended ({st}) before taking the state file");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_second_vmm_on_a_held_state_file_is_refused_and_oob_reads_still_work() {
+    if !hilrig_vmm::kvm_available() {
+        eprintln!("SKIPPED: /dev/kvm not available");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let st = dir.path().join("d.state");
+    ok(&["device", "init", p(&st), "--width", "8", "--serial", "5"]);
+    let key = dir.path().join("d.state.reset-key");
+    let first = Command::new(env!("CARGO_BIN_EXE_hilrig"))
+        .args([
+            "vm",
+            "run",
+            "--payload",
+            "spin",
+            "--mem",
+            "8M",
+            "--timeout",
+            "120s",
+        ])
+        .args(["--device", "model", "--device-state", p(&st)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = first.id();
+    let mut held = Kill(vec![first]);
+    wait_for_holder(&st, pid, &mut held.0[0]);
+    let before = std::fs::read(&st).unwrap();
+
+    // A second VMM: refused before it reads or writes anything, naming file and pid.
+    let e = fails(&[
+        "vm",
+        "run",
+        "--payload",
+        "hello",
+        "--mem",
+        "8M",
+        "--device",
+        "model",
+        "--device-state",
+        p(&st),
+    ]);
+    assert!(
+        e.contains("d.state") && e.contains(&format!("pid {pid}")),
+        "{e}"
+    );
+    // Rig actions that write: refused the same way.
+    let img = dir.path().join("cfg.bin");
+    std::fs::write(&img, b"config!!").unwrap();
+    let e = fails(&["device", "flash", p(&st), "--region", "config", p(&img)]);
+    assert!(e.contains(&format!("pid {pid}")), "{e}");
+    let e = fails(&[
+        "device",
+        "oob",
+        p(&st),
+        "physical-reset",
+        "--reset-key-file",
+        p(&key),
+    ]);
+    assert!(e.contains(&format!("pid {pid}")), "{e}");
+    // Reads work while the VMM holds the file: directly and over an OOB server's PTY,
+    // whose PHYSICAL_RESET is answered BUSY.
+    let c: serde_json::Value =
+        serde_json::from_str(&ok(&["device", "oob", p(&st), "counters"])).unwrap();
+    assert_eq!(c["master"], 0, "{c}");
+    let mut server = Command::new(env!("CARGO_BIN_EXE_hilrig"))
+        .args(["device", "serve-oob", p(&st), "--seconds", "60"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    held.0.push(server);
+    let pty = line.trim().to_string();
+    let over_pty: serde_json::Value =
+        serde_json::from_str(&ok(&["device", "oob", &pty, "counters"])).unwrap();
+    assert_eq!(over_pty, c);
+    let e = fails(&[
+        "device",
+        "oob",
+        &pty,
+        "physical-reset",
+        "--reset-key-file",
+        p(&key),
+    ]);
+    assert!(e.contains("Busy"), "{e}");
+    assert_eq!(std::fs::read(&st).unwrap(), before, "nothing was written");
+
+    // Once the VMM is gone, the same reset goes through the same server.
+    let mut vmm = held.0.remove(0);
+    vmm.kill().unwrap();
+    vmm.wait().unwrap();
+    let r: serde_json::Value = serde_json::from_str(&ok(&[
+        "device",
+        "oob",
+        &pty,
+        "physical-reset",
+        "--reset-key-file",
+        p(&key),
+    ]))
+    .unwrap();
+    assert_eq!(r["epoch"], 1, "{r}");
+}
+
+#[test]
+fn the_residue_of_a_tenant_without_teardown_is_found_by_the_next_process() {
+    if !hilrig_vmm::kvm_available() {
+        eprintln!("SKIPPED: /dev/kvm not available");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let st = dir.path().join("d.state");
+    ok(&["device", "init", p(&st)]);
+    let run = |payload: &str, teardown: bool| {
+        let mut args = vec![
+            "vm",
+            "run",
+            "--payload",
+            payload,
+            "--mem",
+            "16M",
+            "--device",
+            "model",
+            "--device-state",
+            p(&st),
+            "--json",
+        ];
+        if teardown {
+            args.push("--teardown-on-exit");
+        }
+        summary(&hilrig(&args).stdout)
+    };
+    // Negative control: no teardown; the next VMM process finds the canary in the
+    // device's data buffers (the device stays powered between tenants).
+    assert!(run("canary-write", false).passed);
+    let scan = run("canary-scan", false);
+    assert!(
+        !scan.passed && scan.verdict.contains("code 14"),
+        "{}",
+        scan.verdict
+    );
+    // With teardown it does not.
+    assert!(run("canary-write", true).passed);
+    let scan = run("canary-scan", false);
+    assert!(scan.passed, "{}", scan.verdict);
+}
+
+#[test]
+fn the_vmm_refuses_secret_key_files_others_can_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n);
+    ok(&["fw", "keygen", p(&d("vmm"))]);
+    ok(&["fw", "keygen", p(&d("box")), "--encryption"]);
+    ok(&["fw", "keygen", p(&d("auth"))]);
+    secret(&d("mac.key"), &"11".repeat(32));
+    use std::os::unix::fs::PermissionsExt;
+    let open = |f: &Path| {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o640)).unwrap();
+    };
+    let close = |f: &Path| {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    };
+    let (vmm, bx, mac) = (d("vmm.key"), d("box.key"), d("mac.key"));
+    let rec = d("applied.json");
+    let auth = d("auth.pub");
+    // Ed25519 (teardown signing), X25519 (bundle decryption), MAC (patch record).
+    let cases: [(&Path, Vec<&str>); 3] = [
+        (&vmm, vec!["--vmm-key", p(&vmm)]),
+        (
+            &bx,
+            vec!["--patch-pubkey", p(&auth), "--patch-decrypt-key", p(&bx)],
+        ),
+        (
+            &mac,
+            vec![
+                "--patch-pubkey",
+                p(&auth),
+                "--patch-record",
+                p(&rec),
+                "--patch-record-key",
+                p(&mac),
+            ],
+        ),
+    ];
+    for (file, flags) in &cases {
+        open(file);
+        let mut args = vec!["vm", "run", "--payload", "hello", "--mem", "8M"];
+        args.extend(flags.iter().copied());
+        let e = fails(&args);
+        let name = file.file_name().unwrap().to_str().unwrap();
+        assert!(
+            e.contains(name) && e.contains("0640") && e.contains("chmod 600"),
+            "{flags:?}: {e}"
+        );
+        close(file);
+    }
 }

@@ -34,6 +34,22 @@ const BAD_HOST: usize = 2;
 type Stop = Box<AttemptResult>;
 type StepOut = Result<RunSummary, Stop>;
 
+/// The step's summary if its teardown record (when it has one) belongs to this run
+/// (`binding`: the VM id and nonce the runner gave it, the device's serial); a record
+/// replayed from another run, or about another device, fails the step.
+pub(crate) fn bound_record(
+    k: usize,
+    label: &str,
+    summary: RunSummary,
+    binding: &hilrig_vmm_api::RunBinding,
+) -> StepOut {
+    if let Some(t) = &summary.teardown {
+        t.check_binding(binding)
+            .map_err(|e| fail(Outcome::Fail, format!("step {k} ({label}): {e}")))?;
+    }
+    Ok(summary)
+}
+
 fn fail(o: Outcome, msg: impl std::fmt::Display) -> Stop {
     Box::new(AttemptResult {
         outcome: o,
@@ -307,10 +323,29 @@ impl Att<'_> {
         self.seen.add_counters_verdicts(summary);
     }
 
-    /// Run a VMM to its end within the case deadline.
+    /// Run a VMM to its end within the case deadline. A step that tears down gets a
+    /// VM id and a fresh nonce, and its teardown record must carry them and the
+    /// device's serial ([`bound_record`]): a record of another run is refused.
     async fn run_vmm(&mut self, k: usize, label: &str, payload: &Path, vm: StepVm) -> StepOut {
         let state = self.state.clone();
-        let spec = self.spec(k, label, payload, vm, &state, |_| {});
+        let serial = self.load()?.serial;
+        let nonce = hilrig_vmm_api::Nonce::random()
+            .map_err(|e| fail(Outcome::Infra, format!("a random teardown nonce: {e}")))?;
+        let vm_id = format!("{}-{k}-{label}", self.case.id);
+        let spec = self.spec(k, label, payload, vm, &state, |s| {
+            s.teardown_nonce = Some(nonce);
+            s.vm_id = Some(vm_id.clone());
+        });
+        let binding = hilrig_vmm_api::RunBinding {
+            vm: vm_id,
+            serial,
+            nonce,
+        };
+        let out = self.run_vmm_spec(k, label, spec).await?;
+        bound_record(k, label, out, &binding)
+    }
+
+    async fn run_vmm_spec(&mut self, k: usize, label: &str, spec: VmSpec) -> StepOut {
         if let Some(r) = self.remote.clone() {
             return self.run_remote(k, label, spec, r).await;
         }
@@ -1335,4 +1370,52 @@ async fn attempt_inner(
     let mut r = check(case, &summary, &before, &after, Some(&service), &att.seen);
     r.artifacts = att.artifacts;
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hilrig_vmm_api::{Nonce, RunBinding, TeardownRecord};
+
+    fn with_record(vm: &str, serial: u64, nonce: Nonce) -> RunSummary {
+        let rec = TeardownRecord {
+            vm: vm.into(),
+            serial: Some(serial),
+            nonce: Some(nonce),
+            started_unix: 0,
+            steps: Vec::new(),
+            complete: true,
+            total_micros: 1,
+            guest_bytes_scrubbed: 0,
+            device_bytes_scrubbed: 0,
+            counters: None,
+            verdict: None,
+            signer: String::new(),
+            signature: String::new(),
+        };
+        RunSummary {
+            teardown: Some(rec),
+            ..RunSummary::synthetic("canary-scan")
+        }
+    }
+
+    #[test]
+    fn a_teardown_record_replayed_from_another_run_fails_the_step() {
+        let run = RunBinding {
+            vm: "residue-0-canary-write".into(),
+            serial: 9,
+            nonce: Nonce::random().unwrap(),
+        };
+        // A complete, clean record of an earlier run of the same case and device.
+        let replayed = with_record(&run.vm, 9, Nonce::random().unwrap());
+        let e = bound_record(0, "canary-write", replayed, &run).unwrap_err();
+        assert_eq!(e.outcome, Outcome::Fail);
+        assert!(e.message.contains("nonce"), "{}", e.message);
+        // Another device's record.
+        let other = with_record(&run.vm, 10, run.nonce);
+        assert!(bound_record(0, "canary-write", other, &run).is_err());
+        // This run's own record, and a step without teardown, pass.
+        assert!(bound_record(0, "canary-write", with_record(&run.vm, 9, run.nonce), &run).is_ok());
+        assert!(bound_record(0, "x", RunSummary::synthetic("x"), &run).is_ok());
+    }
 }

@@ -506,6 +506,8 @@ pub fn prepare_state(setup: Setup, host: &HostSpec, path: &Path) -> Result<NvSta
         path: path.to_path_buf(),
         source,
     })?;
+    // A freshly powered device: no buffers kept from an earlier one.
+    hilrig_device::model::power_cycle_buffers(path);
     Ok(nv)
 }
 

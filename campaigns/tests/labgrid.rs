@@ -11,7 +11,15 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const PASS_JSON: &str = r#"{"payload":"attack-hang","device":"model","verdict":"PASS","passed":true,"exit_status":0,"policy":{"alarms":1,"per_register":{"HANG_TRIGGER":1}},"teardown":{"vm":"fake","started_unix":0,"steps":[],"complete":true,"total_micros":10,"guest_bytes_scrubbed":0,"device_bytes_scrubbed":0,"counters":null,"verdict":{"verdict":"trusted","handoff_ok":true,"reasons":[]},"signer":"","signature":""}}"#;
+/// The stand-in VMM reads the run's binding from its flags (VM id, teardown nonce,
+/// the device serial from the state file) and echoes it in its teardown record, as
+/// the real VMM does: the runner refuses a record of another run.
+const BIND: &str = r#"VMID=; NONCE=; STATE=; prev=
+for a in "$@"; do case "$prev" in --vm-id) VMID=$a;; --teardown-nonce) NONCE=$a;; --device-state) STATE=$a;; esac; prev=$a; done
+SERIAL=$(od -An -tu8 -j23 -N8 "$STATE" 2>/dev/null | tr -d ' '); SERIAL=${SERIAL:-0}
+"#;
+
+const PASS_JSON: &str = r#"{"payload":"attack-hang","device":"model","verdict":"PASS","passed":true,"exit_status":0,"policy":{"alarms":1,"per_register":{"HANG_TRIGGER":1}},"teardown":{"vm":"'"$VMID"'","serial":'"$SERIAL"',"nonce":"'"$NONCE"'","started_unix":0,"steps":[],"complete":true,"total_micros":10,"guest_bytes_scrubbed":0,"device_bytes_scrubbed":0,"counters":null,"verdict":{"verdict":"trusted","handoff_ok":true,"reasons":[]},"signer":"","signature":""}}"#;
 
 struct Kill(Child);
 
@@ -87,7 +95,7 @@ fn campaign_on_places_reserved_from_labgrid() {
     client(&["-p", "rack-b", "acquire"], "alice");
 
     let vmm = t.path().join("fake-vmm");
-    std::fs::write(&vmm, format!("#!/bin/sh\necho '{PASS_JSON}'\n")).unwrap();
+    std::fs::write(&vmm, format!("#!/bin/sh\n{BIND}echo '{PASS_JSON}'\n")).unwrap();
     std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).unwrap();
     let file = t.path().join("c.toml");
     std::fs::write(

@@ -14,8 +14,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+/// The stand-in VMM reads the run's binding from its flags (VM id, teardown nonce,
+/// the device serial from the state file) and echoes it in its teardown record, as
+/// the real VMM does: the runner refuses a record of another run.
+const BIND: &str = r#"VMID=; NONCE=; STATE=; prev=
+for a in "$@"; do case "$prev" in --vm-id) VMID=$a;; --teardown-nonce) NONCE=$a;; --device-state) STATE=$a;; esac; prev=$a; done
+SERIAL=$(od -An -tu8 -j23 -N8 "$STATE" 2>/dev/null | tr -d ' '); SERIAL=${SERIAL:-0}
+"#;
+
 /// A verdict line as the real VMM prints it (as in tests/runner.rs).
-const PASS_JSON: &str = r#"{"payload":"attack-hang","device":"model","verdict":"PASS","passed":true,"exit_status":0,"policy":{"alarms":1,"per_register":{"HANG_TRIGGER":1}},"teardown":{"vm":"fake","started_unix":0,"steps":[],"complete":true,"total_micros":10,"guest_bytes_scrubbed":0,"device_bytes_scrubbed":0,"counters":null,"verdict":{"verdict":"trusted","handoff_ok":true,"reasons":[]},"signer":"","signature":""}}"#;
+const PASS_JSON: &str = r#"{"payload":"attack-hang","device":"model","verdict":"PASS","passed":true,"exit_status":0,"policy":{"alarms":1,"per_register":{"HANG_TRIGGER":1}},"teardown":{"vm":"'"$VMID"'","serial":'"$SERIAL"',"nonce":"'"$NONCE"'","started_unix":0,"steps":[],"complete":true,"total_micros":10,"guest_bytes_scrubbed":0,"device_bytes_scrubbed":0,"counters":null,"verdict":{"verdict":"trusted","handoff_ok":true,"reasons":[]},"signer":"","signature":""}}"#;
 
 /// A PostgreSQL server for the test: `HILRIG_TEST_PG`, or one started with
 /// `scripts/pg-start` (stopped on drop).
@@ -154,7 +162,7 @@ fn three_runners_one_killed_every_case_once() {
     std::fs::write(
         &vmm,
         format!(
-            "#!/bin/sh\necho \"$HILRIG_TEST_RUNNER $*\" >> {log}\n\
+            "#!/bin/sh\n{BIND}echo \"$HILRIG_TEST_RUNNER $*\" >> {log}\n\
              if [ \"$HILRIG_TEST_RUNNER\" = r2 ]; then exec sleep 600; fi\n\
              sleep 0.2\necho '{PASS_JSON}'\n",
             log = log.display()

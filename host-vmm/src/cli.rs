@@ -441,6 +441,8 @@ pub fn lifecycle_config(args: &VmArgs) -> anyhow::Result<crate::lifecycle::Lifec
             (s, _) => s.clone(),
         },
         patch_poll: args.patch_poll.max(std::time::Duration::from_millis(10)),
+        teardown_nonce: args.teardown_nonce,
+        vm_id: args.vm_id.clone(),
         ..Default::default()
     })
 }

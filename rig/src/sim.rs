@@ -506,6 +506,8 @@ impl SimHost {
             }
         }
         let _ = std::fs::remove_file(self.file("vmm.pid"));
+        // Power is cut: the device's volatile data buffers are gone.
+        hilrig_device::model::power_cycle_buffers(&self.state);
         Ok(())
     }
 
@@ -562,8 +564,9 @@ impl PowerBackend for SimPower {
 /// A device whose only path is OOB, answered by the state file's current
 /// contents: each request re-reads the file, so it sees what the running VMM
 /// persisted (and serves while the host is off, as a real OOB UART on standby
-/// power does). A PHYSICAL_RESET writes the file; do not issue one while the
-/// host's VMM runs (the VMM would later persist its older view).
+/// power does). Reads take no lock; a PHYSICAL_RESET writes the file under its
+/// [`hilrig_device::state::StateLock`], so while the host's VMM runs (and holds
+/// the lock) it is refused with a BUSY error frame and nothing changes.
 pub struct StateFileOob {
     path: PathBuf,
 }
@@ -599,9 +602,12 @@ impl Device for StateFileOob {
         Err(OOB_ONLY)
     }
     fn oob(&mut self, request: &[u8]) -> Result<Vec<u8>, DeviceError> {
-        // Under the state file's lock: no other OOB server or `counters sim` command
-        // changes the file between this read and a PHYSICAL_RESET's write.
-        hilrig_device::oob::with_state_lock(&self.path, || Model::open(&self.path)?.oob(request))
+        // Reads load the file's current contents without a lock (the VMM holding it
+        // only ever replaces it whole); a PHYSICAL_RESET is answered under the state
+        // file's lock, and refused with a BUSY error frame while the VMM holds it.
+        let mut open =
+            |p: &Path| -> Result<Box<dyn Device>, DeviceError> { Ok(Box::new(Model::open(p)?)) };
+        hilrig_device::oob::serve_state_request(&self.path, &mut open, request)
     }
 }
 

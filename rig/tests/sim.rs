@@ -153,3 +153,47 @@ unsafe fn libc_kill(pid: i32) {
     }
     kill(pid, 9);
 }
+
+#[test]
+fn oob_reads_work_while_the_vmm_holds_the_state_and_a_reset_waits_for_power_off() {
+    if common::skip_without_vmm(
+        "oob_reads_work_while_the_vmm_holds_the_state_and_a_reset_waits_for_power_off",
+    ) {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let rig = Rig::load(&common::sim_inventory(d.path(), 1, 8)).unwrap();
+    let _off = common::OffOnDrop(&rig, vec!["sim-1"]);
+    let sim = rig.sim("sim-1").unwrap();
+    sim.ensure().unwrap();
+    let key = hilrig_device::NvState::load(sim.state_path())
+        .unwrap()
+        .reset_key;
+    let before = std::fs::read(sim.state_path()).unwrap();
+    let mut power = rig.power("sim-1").unwrap();
+    power.on().unwrap();
+    let VmmState::Running(pid) = sim.vmm_state() else {
+        panic!("not running: {:?}", sim.vmm_state());
+    };
+    // The VMM holds the state file.
+    let e = hilrig_device::state::StateLock::acquire(sim.state_path()).unwrap_err();
+    assert!(e.to_string().contains(&format!("pid {pid}")), "{e}");
+    // Reads over the OOB port work while it runs.
+    let c = rig.read_counters("sim-1").unwrap();
+    assert_eq!(c.master, 0);
+    // A keyed PHYSICAL_RESET is refused BUSY; nothing is written.
+    let e = rig
+        .oob_request("sim-1", &oob::Request::PhysicalReset(key))
+        .unwrap_err();
+    assert!(e.to_string().contains("Busy"), "{e}");
+    assert_eq!(std::fs::read(sim.state_path()).unwrap(), before);
+    // Powered off, the same request goes through.
+    power.off().unwrap();
+    match rig
+        .oob_request("sim-1", &oob::Request::PhysicalReset(key))
+        .unwrap()
+    {
+        oob::Response::ResetDone { epoch } => assert_eq!(epoch, 1),
+        other => panic!("{other:?}"),
+    }
+}

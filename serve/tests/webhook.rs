@@ -12,7 +12,15 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-const FAIL_JSON: &str = r#"{"payload":"attack-hang","device":"model","verdict":"FAIL: code 1","passed":false,"exit_status":1,"policy":{"alarms":0,"per_register":{}},"teardown":{"vm":"fake","started_unix":0,"steps":[],"complete":true,"total_micros":10,"guest_bytes_scrubbed":0,"device_bytes_scrubbed":0,"counters":null,"verdict":{"verdict":"trusted","handoff_ok":true,"reasons":[]},"signer":"","signature":""}}"#;
+/// The stand-in VMM reads the run's binding from its flags (VM id, teardown nonce,
+/// the device serial from the state file) and echoes it in its teardown record, as
+/// the real VMM does: the runner refuses a record of another run.
+const BIND: &str = r#"VMID=; NONCE=; STATE=; prev=
+for a in "$@"; do case "$prev" in --vm-id) VMID=$a;; --teardown-nonce) NONCE=$a;; --device-state) STATE=$a;; esac; prev=$a; done
+SERIAL=$(od -An -tu8 -j23 -N8 "$STATE" 2>/dev/null | tr -d ' '); SERIAL=${SERIAL:-0}
+"#;
+
+const FAIL_JSON: &str = r#"{"payload":"attack-hang","device":"model","verdict":"FAIL: code 1","passed":false,"exit_status":1,"policy":{"alarms":0,"per_register":{}},"teardown":{"vm":"'"$VMID"'","serial":'"$SERIAL"',"nonce":"'"$NONCE"'","started_unix":0,"steps":[],"complete":true,"total_micros":10,"guest_bytes_scrubbed":0,"device_bytes_scrubbed":0,"counters":null,"verdict":{"verdict":"trusted","handoff_ok":true,"reasons":[]},"signer":"","signature":""}}"#;
 
 #[derive(Default)]
 struct Seen {
@@ -71,7 +79,11 @@ fn a_worker_runs_the_queued_campaign_and_signs_its_webhook() {
     let t = tempfile::tempdir().unwrap();
     let db = tmp_db(t.path());
     let vmm = t.path().join("fake-vmm");
-    std::fs::write(&vmm, format!("#!/bin/sh\necho '{FAIL_JSON}'; exit 1\n")).unwrap();
+    std::fs::write(
+        &vmm,
+        format!("#!/bin/sh\n{BIND}echo '{FAIL_JSON}'; exit 1\n"),
+    )
+    .unwrap();
     std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).unwrap();
     let (addr, seen, _rt) = receiver(2);
     let secret = "a-secret-of-some-length";
@@ -168,7 +180,7 @@ fn a_running_campaign_is_cancelled_between_cases() {
     std::fs::write(
         &vmm,
         format!(
-            "#!/bin/sh\nmktemp -p {} >/dev/null\nsleep 1\necho '{FAIL_JSON}'; exit 1\n",
+            "#!/bin/sh\n{BIND}mktemp -p {} >/dev/null\nsleep 1\necho '{FAIL_JSON}'; exit 1\n",
             starts.display()
         ),
     )

@@ -31,6 +31,33 @@ impl BufferMem {
         Ok(BufferMem { file, map })
     }
 
+    /// The buffer area kept in the file `path` (created 0600, `O_NOFOLLOW`, sized
+    /// `BUFFER_SIZE`; an existing one keeps its contents): the data buffers of a
+    /// simulated device that stays powered while VMM processes come and go, so what
+    /// one tenant leaves there is what the next one finds unless teardown scrubs it.
+    pub fn open_file(path: &Path) -> std::io::Result<BufferMem> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+            .open(path)?;
+        let meta = file.metadata()?;
+        if !meta.file_type().is_file() {
+            return Err(std::io::Error::other("not a regular file"));
+        }
+        if meta.len() != BUFFER_SIZE as u64 {
+            file.set_len(BUFFER_SIZE as u64)?;
+        }
+        let map = memmap2::MmapOptions::new()
+            .len(BUFFER_SIZE)
+            .map_raw(&file)?;
+        Ok(BufferMem { file, map })
+    }
+
     /// Read the 32-bit word at byte offset `off` (4-aligned, < BUFFER_SIZE).
     #[inline]
     pub fn read_u32(&self, off: usize) -> u32 {
@@ -76,6 +103,25 @@ impl AsFd for BufferMem {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.file.as_fd()
     }
+}
+
+/// The file that holds the data buffers of the device in state file `state` while
+/// it stays powered ([`Model::keep_buffers_beside_state`]): `.NAME.buffers` beside it.
+pub fn buffers_path(state: &Path) -> PathBuf {
+    let name = state
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "state".into());
+    let dir = match state.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    dir.join(format!(".{name}.buffers"))
+}
+
+/// The device in state file `state` loses power: its kept data buffers are gone.
+pub fn power_cycle_buffers(state: &Path) {
+    let _ = std::fs::remove_file(buffers_path(state));
 }
 
 /// Volatile state: lost on reset, FLR, power cycle and soft reset.
@@ -183,10 +229,29 @@ impl Model {
     /// an existing file.
     pub fn create(path: &Path, nv: NvState) -> Result<Model, DeviceError> {
         crate::state::refuse_existing(path)?;
+        // A new device: nothing of an earlier one's buffers.
+        power_cycle_buffers(path);
         let mut m = Model::new(nv)?;
         m.store = Some(path.to_path_buf());
         m.persist()?;
         Ok(m)
+    }
+
+    /// Keep the data buffers in the file beside the state file
+    /// ([`buffers_path`]) instead of process memory: the device stays powered
+    /// between VMM processes (as a real device does between tenants), so the next
+    /// process sees what the last one left unless teardown scrubbed it. A power
+    /// cycle or a new device removes the file ([`power_cycle_buffers`]).
+    pub fn keep_buffers_beside_state(&mut self) -> Result<(), DeviceError> {
+        let Some(state) = self.store.clone() else {
+            return Ok(());
+        };
+        let p = buffers_path(&state);
+        self.buf = BufferMem::open_file(&p).map_err(|e| DeviceError::Transport {
+            what: format!("device buffer file {}", p.display()),
+            detail: e.to_string(),
+        })?;
+        Ok(())
     }
 
     /// The nonvolatile state.

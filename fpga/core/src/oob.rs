@@ -76,6 +76,9 @@ pub enum ErrorCode {
     BadRegion = 8,
     /// The device could not persist the change (PHYSICAL_RESET); nothing changed.
     Internal = 9,
+    /// PHYSICAL_RESET while another process holds the device's state file (a
+    /// simulated device whose VMM runs); nothing changed.
+    Busy = 10,
 }
 
 impl ErrorCode {
@@ -92,6 +95,7 @@ impl ErrorCode {
             7 => BadKey,
             8 => BadRegion,
             9 => Internal,
+            10 => Busy,
             _ => return None,
         })
     }
@@ -802,76 +806,84 @@ impl PtyServer {
     }
 }
 
-/// The lock file of a device state file: `.NAME.lock` beside it.
+/// The lock file of a device state file: `.NAME.lock` beside it
+/// ([`crate::state::lock_path`]).
 pub fn state_lock_path(state: &std::path::Path) -> std::path::PathBuf {
-    let name = state
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "state".into());
-    let dir = match state.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    dir.join(format!(".{name}.lock"))
+    crate::state::lock_path(state)
 }
 
-/// Run `f` holding the exclusive lock of the device state file `state` (an advisory
-/// `flock` on its lock file, released when `f` returns, or when the process dies).
-/// Every process that reads-modifies-writes the state file outside a running device
-/// (the OOB servers, `hilrig counters sim-*`) takes it, so none writes back a stale
-/// snapshot over another's change.
+/// How long [`with_state_lock`] waits for a short-lived holder (another rig action)
+/// before it reports the holder.
+pub const STATE_LOCK_WAIT: Duration = Duration::from_secs(2);
+
+/// Run `f` holding the exclusive lock of the device state file `state`
+/// ([`crate::state::StateLock`]), released when `f` returns, or when the process
+/// dies. Every process that reads-modifies-writes the state file outside a running
+/// device (an OOB PHYSICAL_RESET, `hilrig counters sim-*`, `hilrig device flash`)
+/// takes it, so none writes back a stale snapshot over another's change. A
+/// short-lived holder is waited for up to [`STATE_LOCK_WAIT`]; a long-lived one (a
+/// running VMM) makes this fail with [`crate::state::StateError::Locked`], naming the
+/// file and the holder's pid, before anything is read or written.
 pub fn with_state_lock<R>(
     state: &std::path::Path,
     f: impl FnOnce() -> Result<R, crate::device::DeviceError>,
 ) -> Result<R, crate::device::DeviceError> {
-    use std::os::fd::AsRawFd;
-    let lp = state_lock_path(state);
-    let lock_err = |e: std::io::Error| crate::device::DeviceError::Transport {
-        what: format!("lock file {}", lp.display()),
-        detail: e.to_string(),
-    };
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lp)
-        .map_err(lock_err)?;
-    // SAFETY: flock on a file descriptor we own; no memory is involved.
-    loop {
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-        if rc == 0 {
-            break;
-        }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(lock_err(e));
-        }
-    }
+    let lock = crate::state::StateLock::acquire_within(state, STATE_LOCK_WAIT)?;
     let r = f();
-    drop(file); // closing the descriptor releases the lock
+    drop(lock);
     r
 }
 
-/// Answer one OOB request for the device in state file `state`: under the state
-/// file's lock, load its current state, answer, and (for a PHYSICAL_RESET) persist;
-/// nothing is kept between requests, so no stale snapshot is ever written back.
+/// Whether OOB request frame `request` may change the device's nonvolatile state
+/// (PHYSICAL_RESET): such a request needs the state file's lock; every other request
+/// (and a malformed one, which only gets an error frame) only reads.
+pub fn writes_state(request: &[u8]) -> bool {
+    matches!(decode_request(request), Ok((_, Request::PhysicalReset(_))))
+}
+
+/// Answer one OOB request for the device in state file `state`, keeping nothing
+/// between requests (no stale snapshot is ever written back).
+///
+/// Reads (IDENTIFY, READ_COUNTERS, READ_HASH) take no lock: they load the file's
+/// current contents, which a holder only ever replaces whole, so they work while a
+/// VMM runs on the device and see what it persisted. A PHYSICAL_RESET (a write) is
+/// answered under the state file's lock ([`with_state_lock`]); while another process
+/// holds it (a running VMM) the request gets a [`ErrorCode::Busy`] error frame and
+/// nothing changes.
 pub fn serve_state_request(
     state: &std::path::Path,
     open: &mut StateOpener<'_>,
     request: &[u8],
 ) -> Result<Vec<u8>, crate::device::DeviceError> {
-    match with_state_lock(state, || open(state)?.oob(request)) {
-        Ok(out) => Ok(out),
-        // The state file could not be read (a half-written copy by a foreign tool, a
-        // permission change): answer with an error frame and keep serving.
-        Err(_) => Ok(encode_response(
-            request.get(2).copied().unwrap_or(0),
-            &Response::Error {
-                code: ErrorCode::Internal,
-                request: request.get(3).copied().unwrap_or(0),
-            },
-        )),
-    }
+    let result = if writes_state(request) {
+        with_state_lock(state, || open(state)?.oob(request))
+    } else {
+        open(state).and_then(|mut d| d.oob(request))
+    };
+    Ok(match result {
+        Ok(out) => out,
+        Err(e) => error_frame_for(request, &e),
+    })
+}
+
+/// The error frame answering `request` when the device behind it failed with `e`:
+/// [`ErrorCode::Busy`] when another process holds the state file, else
+/// [`ErrorCode::Internal`] (the state file could not be read: a half-written copy by
+/// a foreign tool, a permission change). The server keeps serving either way.
+pub fn error_frame_for(request: &[u8], e: &crate::device::DeviceError) -> Vec<u8> {
+    let code = match e {
+        crate::device::DeviceError::State(crate::state::StateError::Locked { .. }) => {
+            ErrorCode::Busy
+        }
+        _ => ErrorCode::Internal,
+    };
+    encode_response(
+        request.get(2).copied().unwrap_or(0),
+        &Response::Error {
+            code,
+            request: request.get(3).copied().unwrap_or(0),
+        },
+    )
 }
 
 #[cfg(test)]

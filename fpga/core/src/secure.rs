@@ -125,6 +125,48 @@ pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Resul
     std::fs::File::open(&dir)?.sync_all()
 }
 
+/// 32 random bytes from the kernel's CSPRNG (`getrandom(2)`), for keys and nonces.
+pub fn random_key() -> std::io::Result<[u8; 32]> {
+    let mut k = [0u8; 32];
+    let mut filled = 0;
+    while filled < k.len() {
+        // SAFETY: the pointer and length describe the unfilled tail of `k`.
+        let n = unsafe {
+            libc::getrandom(
+                k[filled..].as_mut_ptr() as *mut libc::c_void,
+                k.len() - filled,
+                0,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        filled += n as usize;
+    }
+    Ok(k)
+}
+
+/// Create the secret file `path` holding `bytes`: `O_CREAT|O_EXCL|O_NOFOLLOW`, mode
+/// 0600 (set on the descriptor, whatever the umask), synced. An existing file or a
+/// planted symlink is refused, never replaced or followed.
+pub fn create_secret_file(path: &Path, bytes: &[u8]) -> Result<(), SecureFileError> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io(path))?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(io(path))?;
+    f.write_all(bytes).map_err(io(path))?;
+    f.sync_all().map_err(io(path))
+}
+
 /// Open a secret key file for reading and check it: a regular file with no
 /// group/other permission bits. A symlink is followed and the target's mode
 /// checked, on the opened descriptor.

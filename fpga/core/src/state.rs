@@ -65,6 +65,17 @@ pub enum StateError {
     /// A configuration breaks one of [`DeviceConfig::validate`]'s rules.
     #[error("device configuration: {0}")]
     InvalidConfig(#[from] ConfigError),
+    /// Another process holds the state file (a running VMM, an OOB server, a rig
+    /// action): see [`StateLock`].
+    #[error("state file {path} is in use by {} (lock file {lock}); stop that process first", match .holder { Some(pid) => format!("pid {pid}"), None => "another process".to_string() })]
+    Locked {
+        /// The state file.
+        path: PathBuf,
+        /// Its lock file.
+        lock: PathBuf,
+        /// The holder's pid, as it recorded it in the lock file (if readable).
+        holder: Option<u32>,
+    },
 }
 
 /// Which rule of [`DeviceConfig::validate`] a configuration breaks.
@@ -473,6 +484,119 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     crate::secure::write_atomic(path, bytes)
 }
 
+/// The lock file of state file `state`: `.NAME.lock` in the same directory.
+pub fn lock_path(state: &Path) -> PathBuf {
+    let name = state
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "state".into());
+    let dir = match state.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    dir.join(format!(".{name}.lock"))
+}
+
+/// An exclusive hold on a state file: whoever writes a device's state holds one
+/// for as long as it may write (a VMM with a model/rtl device for its whole life; a
+/// rig action or an OOB physical reset around its read-modify-write). A second
+/// holder is refused with [`StateError::Locked`], naming the file and the holder's
+/// pid, before it reads or writes anything.
+///
+/// The lock is `flock(LOCK_EX)` on the lock file ([`lock_path`]; created
+/// `O_NOFOLLOW`, mode 0600), which records the holder's pid. It is released when the
+/// `StateLock` is dropped or the holder dies (the kernel drops it with the last
+/// descriptor: a killed VMM never leaves a stale lock behind).
+///
+/// Readers do not lock: the state file is only ever replaced whole (rename), so a
+/// reader sees either the old or the new file, never half of one. This is how the
+/// rig's simulated OOB port answers IDENTIFY / READ_COUNTERS / READ_HASH while the
+/// host's VMM runs; only PHYSICAL_RESET (a write) needs the lock, and is refused
+/// while the VMM holds it.
+#[derive(Debug)]
+pub struct StateLock {
+    file: std::fs::File,
+    lock: PathBuf,
+}
+
+impl StateLock {
+    /// Take the lock of `state` now, or fail with [`StateError::Locked`].
+    pub fn acquire(state: &Path) -> Result<StateLock, StateError> {
+        Self::acquire_within(state, std::time::Duration::ZERO)
+    }
+
+    /// Take the lock of `state`, waiting up to `wait` for a short-lived holder (a
+    /// concurrent rig action) to finish; then fail with [`StateError::Locked`].
+    pub fn acquire_within(
+        state: &Path,
+        wait: std::time::Duration,
+    ) -> Result<StateLock, StateError> {
+        use std::io::{Read, Seek, Write};
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        let lock = lock_path(state);
+        let io = |source| StateError::Io {
+            path: lock.clone(),
+            source,
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+            .open(&lock)
+            .map_err(io)?;
+        if !file.metadata().map_err(io)?.file_type().is_file() {
+            return Err(io(std::io::Error::other("not a regular file")));
+        }
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            // SAFETY: flock on a descriptor we own; no memory is involved.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if rc == 0 {
+                break;
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EWOULDBLOCK) => {
+                    if std::time::Instant::now() < deadline {
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                        continue;
+                    }
+                    let mut text = String::new();
+                    let _ = (&file).take(32).read_to_string(&mut text);
+                    return Err(StateError::Locked {
+                        path: state.to_path_buf(),
+                        lock,
+                        holder: text.trim().parse().ok(),
+                    });
+                }
+                _ => return Err(io(e)),
+            }
+        }
+        // Ours: record who holds it.
+        file.set_len(0).map_err(io)?;
+        file.rewind().map_err(io)?;
+        writeln!(file, "{}", std::process::id()).map_err(io)?;
+        Ok(StateLock { file, lock })
+    }
+
+    /// The lock file.
+    pub fn lock_file(&self) -> &Path {
+        &self.lock
+    }
+}
+
+impl Drop for StateLock {
+    fn drop(&mut self) {
+        // The pid is no longer the holder's; closing the descriptor releases the lock.
+        let _ = self.file.set_len(0);
+    }
+}
+
 struct Reader<'a> {
     b: &'a [u8],
     pos: usize,
@@ -568,6 +692,51 @@ mod tests {
             (s.fuse, s.epoch, s.master, s.slots_left()),
             (false, 1, 3, 3)
         );
+    }
+
+    #[test]
+    fn a_second_holder_is_refused_naming_the_file_and_the_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("dev.state");
+        NvState::factory(DeviceConfig::default(), 3)
+            .unwrap()
+            .save(&p)
+            .unwrap();
+        let first = StateLock::acquire(&p).unwrap();
+        let e = StateLock::acquire(&p).unwrap_err();
+        match &e {
+            StateError::Locked { path, holder, .. } => {
+                assert_eq!(path, &p);
+                assert_eq!(*holder, Some(std::process::id()));
+            }
+            other => panic!("{other:?}"),
+        }
+        let text = e.to_string();
+        assert!(
+            text.contains("dev.state") && text.contains(&format!("pid {}", std::process::id())),
+            "{text}"
+        );
+        drop(first);
+        let again = StateLock::acquire(&p).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(again.lock_file())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn state_files_are_created_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("dev.state");
+        NvState::factory(DeviceConfig::default(), 3)
+            .unwrap()
+            .save(&p)
+            .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
     }
 
     proptest! {

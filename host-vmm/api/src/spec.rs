@@ -357,6 +357,14 @@ pub struct VmSpec {
     /// Write the teardown record (JSON) here.
     #[arg(long)]
     pub teardown_record: Option<PathBuf>,
+    /// The nonce (64 hex digits) the teardown record must carry: whoever starts the
+    /// VMM makes a fresh one and checks it in the record (a replayed record of
+    /// another run carries another). Default: a fresh random one.
+    #[arg(long)]
+    pub teardown_nonce: Option<crate::teardown::Nonce>,
+    /// The VM id the teardown record names (default: `hilrig-vmm pid N`).
+    #[arg(long)]
+    pub vm_id: Option<String>,
     /// The counters service's database (SQLite path or postgresql:// URL; needs
     /// --counters-key): its catalog also vouches for VBIOS hashes (the factory VBIOS
     /// is always known), and teardown asks it for the verdict on the device.
@@ -447,6 +455,8 @@ impl Default for VmSpec {
             vmm_key: None,
             teardown_on_exit: false,
             teardown_record: None,
+            teardown_nonce: None,
+            vm_id: None,
             counters_db: None,
             counters_key: None,
             allow_unknown_vbios: false,
@@ -519,6 +529,11 @@ impl VmSpec {
             ("patch-source", path(&self.patch_source)),
             ("vmm-key", path(&self.vmm_key)),
             ("teardown-record", path(&self.teardown_record)),
+            (
+                "teardown-nonce",
+                self.teardown_nonce.map(|n| OsString::from(n.to_string())),
+            ),
+            ("vm-id", self.vm_id.clone().map(OsString::from)),
             ("counters-db", self.counters_db.clone().map(OsString::from)),
             ("counters-key", path(&self.counters_key)),
             ("jail", path(&self.jail)),
@@ -636,6 +651,8 @@ mod tests {
             vmm_key: Some("vmm.key".into()),
             teardown_on_exit: true,
             teardown_record: Some("t.json".into()),
+            teardown_nonce: Some(crate::teardown::Nonce([0x5a; 32])),
+            vm_id: Some("case 3 step 1".into()),
             counters_db: Some("postgresql://u@127.0.0.1/db".into()),
             counters_key: Some("mac.key".into()),
             allow_unknown_vbios: true,

@@ -39,11 +39,84 @@ pub struct StepRecord {
     pub error: Option<String>,
 }
 
+/// A fresh random 256-bit value that binds a teardown record to the run that asked
+/// for it (`--teardown-nonce`): whoever starts a VMM makes one, and a record carrying
+/// another run's nonce is a replay ([`TeardownRecord::check_binding`]). Hex in JSON
+/// and on the command line.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Nonce(pub [u8; 32]);
+
+impl Nonce {
+    /// A fresh nonce from the kernel's CSPRNG.
+    pub fn random() -> std::io::Result<Nonce> {
+        hilrig_device::secure::random_key().map(Nonce)
+    }
+}
+
+impl std::fmt::Debug for Nonce {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Nonce({self})")
+    }
+}
+
+impl std::fmt::Display for Nonce {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+/// Why a string is not a [`Nonce`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a nonce is 64 hex digits, not {0:?}")]
+pub struct NonceError(pub String);
+
+impl std::str::FromStr for Nonce {
+    type Err = NonceError;
+    fn from_str(s: &str) -> Result<Nonce, NonceError> {
+        let short = || NonceError(s.chars().take(80).collect());
+        let v = hex::decode(s.trim()).map_err(|_| short())?;
+        Ok(Nonce(v.try_into().map_err(|_| short())?))
+    }
+}
+
+impl Serialize for Nonce {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Nonce {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Nonce, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// What a record must say to belong to the run that asked for it: the VM id and
+/// nonce the runner gave the VMM, and the device serial it prepared.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunBinding {
+    /// The VM id given with `--vm-id`.
+    pub vm: String,
+    /// The device's serial.
+    pub serial: u64,
+    /// The nonce given with `--teardown-nonce`.
+    pub nonce: Nonce,
+}
+
 /// The teardown record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TeardownRecord {
-    /// Which VM / tenant.
+    /// Which VM / tenant (`--vm-id`, else `hilrig-vmm pid N`).
     pub vm: String,
+    /// The device's serial, read out of band at teardown (None: no reference device,
+    /// or the read failed).
+    #[serde(default)]
+    pub serial: Option<u64>,
+    /// The run's nonce (`--teardown-nonce`, else a fresh random one): a record from
+    /// another run carries another nonce.
+    #[serde(default)]
+    pub nonce: Option<Nonce>,
     /// Unix time (seconds) at the start.
     pub started_unix: u64,
     /// Steps done, in order.
@@ -78,6 +151,16 @@ pub enum RecordError {
     /// The signature does not match the record.
     #[error("signature does not verify: {0}")]
     Bad(String),
+    /// A signed record of another run (replayed) or another device.
+    #[error("teardown record of another run: {field} is {got}, this run's is {want}")]
+    OtherRun {
+        /// Which field differs: `vm`, `serial` or `nonce`.
+        field: &'static str,
+        /// This run's value.
+        want: String,
+        /// The record's value.
+        got: String,
+    },
 }
 
 impl TeardownRecord {
@@ -107,8 +190,122 @@ impl TeardownRecord {
             .map_err(|e| RecordError::Bad(e.to_string()))
     }
 
+    /// Check that the record belongs to the run `want` describes: the same VM id,
+    /// device serial and nonce (check the signature with [`Self::verify`] too). A
+    /// record replayed from another run, or about another device, is refused.
+    pub fn check_binding(&self, want: &RunBinding) -> Result<(), RecordError> {
+        let other = |field, want: String, got: String| RecordError::OtherRun { field, want, got };
+        let show = |v: Option<String>| v.unwrap_or_else(|| "missing".into());
+        if self.nonce != Some(want.nonce) {
+            return Err(other(
+                "nonce",
+                want.nonce.to_string(),
+                show(self.nonce.map(|n| n.to_string())),
+            ));
+        }
+        if self.serial != Some(want.serial) {
+            return Err(other(
+                "serial",
+                want.serial.to_string(),
+                show(self.serial.map(|s| s.to_string())),
+            ));
+        }
+        if self.vm != want.vm {
+            return Err(other("vm", want.vm.clone(), self.vm.clone()));
+        }
+        Ok(())
+    }
+
     /// The verdict, if the teardown got that far.
     pub fn counters_verdict(&self) -> Option<Verdict> {
         self.verdict.as_ref().map(|v| v.verdict)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(vm: &str, serial: u64, nonce: Nonce) -> TeardownRecord {
+        let mut r = TeardownRecord {
+            vm: vm.into(),
+            serial: Some(serial),
+            nonce: Some(nonce),
+            started_unix: 1,
+            steps: Vec::new(),
+            complete: true,
+            total_micros: 5,
+            guest_bytes_scrubbed: 0,
+            device_bytes_scrubbed: 0,
+            counters: None,
+            verdict: None,
+            signer: String::new(),
+            signature: String::new(),
+        };
+        r.sign(&SigningKey::from_bytes(&[7; 32]));
+        r
+    }
+
+    #[test]
+    fn a_record_replayed_from_another_run_is_refused() {
+        let key = SigningKey::from_bytes(&[7; 32]).verifying_key();
+        let (n1, n2) = (Nonce::random().unwrap(), Nonce::random().unwrap());
+        assert_ne!(n1, n2, "fresh nonces differ");
+        let run = RunBinding {
+            vm: "case-1-step-0".into(),
+            serial: 42,
+            nonce: n2,
+        };
+        // Yesterday's record: validly signed, same VM id and device, other nonce.
+        let old = record("case-1-step-0", 42, n1);
+        old.verify(&key).unwrap();
+        let e = old.check_binding(&run).unwrap_err();
+        assert!(
+            matches!(e, RecordError::OtherRun { field: "nonce", .. }),
+            "{e}"
+        );
+        // Another device's record with this run's nonce.
+        let e = record("case-1-step-0", 43, n2)
+            .check_binding(&run)
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                RecordError::OtherRun {
+                    field: "serial",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = record("case-2-step-0", 42, n2)
+            .check_binding(&run)
+            .unwrap_err();
+        assert!(
+            matches!(e, RecordError::OtherRun { field: "vm", .. }),
+            "{e}"
+        );
+        // A record without binding fields (an old VMM) is refused too.
+        let mut bare = record("case-1-step-0", 42, n2);
+        bare.nonce = None;
+        assert!(bare.check_binding(&run).is_err());
+        // This run's own record.
+        let mine = record("case-1-step-0", 42, n2);
+        mine.verify(&key).unwrap();
+        mine.check_binding(&run).unwrap();
+        // The binding is signed: editing the nonce breaks the signature.
+        let mut forged = old.clone();
+        forged.nonce = Some(n2);
+        assert!(forged.verify(&key).is_err());
+    }
+
+    #[test]
+    fn nonces_round_trip_as_hex() {
+        let n = Nonce::random().unwrap();
+        assert_eq!(n.to_string().parse::<Nonce>().unwrap(), n);
+        let j = serde_json::to_string(&n).unwrap();
+        assert_eq!(serde_json::from_str::<Nonce>(&j).unwrap(), n);
+        assert!("abc".parse::<Nonce>().is_err());
+        assert!("zz".repeat(32).parse::<Nonce>().is_err());
     }
 }

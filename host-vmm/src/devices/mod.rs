@@ -20,10 +20,33 @@ pub use hilrig_vmm_api::spec::{DeviceSpec, FPGA_BAUD};
 
 /// Open the backend `spec`. For the model, `state` names a device state file to use
 /// (created factory-fresh if missing); without it the model lives in memory.
+///
+/// A state file is held exclusively for the backend's whole life
+/// ([`hilrig_device::state::StateLock`], kept in the returned [`Backend`]): a second
+/// VMM, a rig action or an OOB physical reset on the same file is refused with an
+/// error naming the file and this VMM's pid, before it reads or writes anything.
 pub fn open_backend(spec: &DeviceSpec, state: Option<&Path>) -> Result<Backend, VmmError> {
+    let lock = match (spec, state) {
+        (
+            DeviceSpec::Model | DeviceSpec::Rtl | DeviceSpec::Lockstep | DeviceSpec::Verilator,
+            Some(p),
+        ) => Some(
+            hilrig_device::state::StateLock::acquire(p)
+                .map_err(hilrig_device::DeviceError::from)?,
+        ),
+        _ => None,
+    };
+    let mut backend = open_unlocked(spec, state)?;
+    if let Some(l) = lock {
+        backend.keep.push(Box::new(l));
+    }
+    Ok(backend)
+}
+
+fn open_unlocked(spec: &DeviceSpec, state: Option<&Path>) -> Result<Backend, VmmError> {
     match spec {
         DeviceSpec::Model => {
-            let model = match state {
+            let mut model = match state {
                 Some(p) if p.exists() => Model::open(p)?,
                 Some(p) => {
                     let nv = hilrig_fw::factory::device(DeviceConfig::default(), 1)
@@ -32,6 +55,9 @@ pub fn open_backend(spec: &DeviceSpec, state: Option<&Path>) -> Result<Backend, 
                 }
                 None => fresh_model(1)?,
             };
+            // The device stays powered between VMM processes: its data buffers are
+            // where the next tenant finds them, unless teardown scrubs them.
+            model.keep_buffers_beside_state()?;
             Backend::model(model)
         }
         DeviceSpec::Rtl | DeviceSpec::Lockstep | DeviceSpec::Verilator => {

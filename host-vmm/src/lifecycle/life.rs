@@ -63,6 +63,10 @@ pub struct LifecycleConfig {
     pub patch_source: Option<PathBuf>,
     /// How often the patch source is polled.
     pub patch_poll: Duration,
+    /// The nonce the teardown record carries (`--teardown-nonce`; None: a fresh one).
+    pub teardown_nonce: Option<hilrig_vmm_api::Nonce>,
+    /// The VM id the teardown record names (`--vm-id`; None: `hilrig-vmm pid N`).
+    pub vm_id: Option<String>,
 }
 
 impl Default for LifecycleConfig {
@@ -78,6 +82,8 @@ impl Default for LifecycleConfig {
             device_desc: None,
             patch_source: None,
             patch_poll: Duration::from_secs(1),
+            teardown_nonce: None,
+            vm_id: None,
         }
     }
 }
@@ -454,8 +460,20 @@ pub trait Lifecycle: VmHost {
             shared: self.as_host(),
             paused: held,
         };
-        let name = format!("hilrig-vmm pid {}", std::process::id());
-        let record = teardown::run(&mut ops, &name, &self.life().key);
+        let cfg = &self.life().cfg;
+        let name = cfg
+            .vm_id
+            .clone()
+            .unwrap_or_else(|| format!("hilrig-vmm pid {}", std::process::id()));
+        // The run's nonce, else a fresh one (a record is never without one).
+        let nonce = match cfg.teardown_nonce {
+            Some(n) => n,
+            None => hilrig_vmm_api::Nonce::random().unwrap_or_else(|e| {
+                tracing::error!("no random nonce for the teardown record: {e}");
+                hilrig_vmm_api::Nonce([0; 32])
+            }),
+        };
+        let record = teardown::run(&mut ops, &name, nonce, &self.life().key);
         // The tenant is gone: end the VM, then let the parked vCPUs go (they see stop).
         self.stop_flag().store(true, Ordering::SeqCst);
         drop(ops);
@@ -625,6 +643,17 @@ impl TeardownOps for VmTeardown<'_> {
         }
         let mut dev = self.dev();
         Ok(oob::read_counters(&mut **dev)?)
+    }
+
+    fn device_serial(&mut self) -> Option<u64> {
+        if self.shared.life().cfg.device_desc.is_some() {
+            return None;
+        }
+        let mut dev = self.dev();
+        match oob::request_device(&mut **dev, &oob::Request::Identify) {
+            Ok(oob::Response::Identity { serial, .. }) => Some(serial),
+            _ => None,
+        }
     }
 
     fn verdict(&mut self, counters: &CounterReport) -> Result<VerdictSummary, StepError> {

@@ -108,11 +108,23 @@ pub trait TeardownOps {
     fn read_counters(&mut self) -> Result<CounterReport, StepError>;
     /// Ask the counters service for a verdict on these counters.
     fn verdict(&mut self, counters: &CounterReport) -> Result<VerdictSummary, StepError>;
+    /// The device's serial, read out of band (IDENTIFY) for the record; None when the
+    /// device has no OOB port or does not answer.
+    fn device_serial(&mut self) -> Option<u64> {
+        None
+    }
 }
 
 /// Run the teardown. Always returns a signed record; `complete` says whether every
-/// step succeeded (the failed step carries its error).
-pub fn run(ops: &mut dyn TeardownOps, vm: &str, key: &SigningKey) -> TeardownRecord {
+/// step succeeded (the failed step carries its error). The record names the VM
+/// (`vm`), the device's serial and the run's `nonce`, under the signature, so a
+/// checker can tell it from a record of another run ([`TeardownRecord::check_binding`]).
+pub fn run(
+    ops: &mut dyn TeardownOps,
+    vm: &str,
+    nonce: hilrig_vmm_api::Nonce,
+    key: &SigningKey,
+) -> TeardownRecord {
     let start = Instant::now();
     let started_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -120,6 +132,8 @@ pub fn run(ops: &mut dyn TeardownOps, vm: &str, key: &SigningKey) -> TeardownRec
         .unwrap_or(0);
     let mut r = TeardownRecord {
         vm: vm.to_string(),
+        serial: None,
+        nonce: Some(nonce),
         started_unix,
         steps: Vec::new(),
         complete: false,
@@ -161,6 +175,7 @@ pub fn run(ops: &mut dyn TeardownOps, vm: &str, key: &SigningKey) -> TeardownRec
             ops.verdict(&c).map(|v| r.verdict = Some(v))
         });
     r.complete = ok;
+    r.serial = ops.device_serial();
     r.total_micros = micros(start.elapsed());
     r.sign(key);
     r
@@ -388,14 +403,22 @@ mod tests {
                 reasons: vec![],
             })
         }
+        fn device_serial(&mut self) -> Option<u64> {
+            Some(77)
+        }
     }
 
     #[test]
     fn steps_run_in_order_and_the_record_is_signed() {
         let key = SigningKey::from_bytes(&[3; 32]);
         let mut f = Fake::default();
-        let r = run(&mut f, "vm1", &key);
+        let nonce = hilrig_vmm_api::Nonce([9; 32]);
+        let r = run(&mut f, "vm1", nonce, &key);
         assert_eq!(f.calls, STEPS.to_vec());
+        assert_eq!(
+            (r.vm.as_str(), r.serial, r.nonce),
+            ("vm1", Some(77), Some(nonce))
+        );
         assert!(r.complete);
         assert_eq!(
             (r.guest_bytes_scrubbed, r.device_bytes_scrubbed),
@@ -424,7 +447,7 @@ mod tests {
             fail: Some("scrub-device-state"),
             ..Default::default()
         };
-        let r = run(&mut f, "vm1", &key);
+        let r = run(&mut f, "vm1", hilrig_vmm_api::Nonce([9; 32]), &key);
         assert_eq!(
             f.calls,
             STEPS[..4].to_vec(),
