@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod desc;
 pub mod handled;
+pub mod irq;
 pub mod pci;
 pub mod plan;
 pub mod vfio;
