@@ -8,7 +8,9 @@
 //! where the source re-arms (VFIO unmasks INTx; a line still asserted fires again).
 
 use crate::error::VmmError;
-use std::sync::Mutex;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use vmm_sys_util::eventfd::EventFd;
 
 /// A device's level-triggered interrupt line.
@@ -22,45 +24,89 @@ pub trait IntxSource: Send + Sync {
 }
 
 /// A simulated interrupt source for tests on a host without a device that
-/// interrupts: a device with one interrupt pending from the start. It signals
-/// `trigger` once, as soon as it is connected, and counts the guest's EOIs (the
-/// resample eventfd) for the test to read.
+/// interrupts: a level-triggered line stuck asserted. It signals `trigger` when
+/// connected and again after every resample (KVM signals one when the guest unmasks
+/// the IOAPIC input with the line pending — KVM then drops the pending state and
+/// expects the source to fire again if still asserted, as VFIO does — and one at
+/// every EOI), from a thread of its own, at most [`SimulatedIntx::MAX_FIRES`] times.
 #[derive(Default)]
-pub struct PendingOnce {
-    resample: Mutex<Option<EventFd>>,
+pub struct SimulatedIntx {
+    resamples: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
-impl PendingOnce {
+impl SimulatedIntx {
+    /// Re-assertions after resamples, at most (a guest looping on EOIs cannot make
+    /// it spin for ever).
+    pub const MAX_FIRES: u64 = 1000;
+
     /// Not yet connected.
-    pub fn new() -> PendingOnce {
-        PendingOnce::default()
+    pub fn new() -> SimulatedIntx {
+        SimulatedIntx::default()
     }
 
-    /// How many times the guest has ended the interrupt (EOI) since the last call:
-    /// KVM's resample signals. 0 when not connected.
-    pub fn eois(&self) -> u64 {
-        let g = self.resample.lock().unwrap_or_else(|p| p.into_inner());
-        // A nonblocking eventfd (the VM creates it EFD_NONBLOCK): EAGAIN is 0.
-        g.as_ref().and_then(|fd| fd.read().ok()).unwrap_or(0)
+    /// Resamples seen so far (the guest's unmask of a pending input, its EOIs).
+    pub fn resamples(&self) -> u64 {
+        self.resamples.load(Ordering::SeqCst)
     }
 }
 
-impl IntxSource for PendingOnce {
+fn irq_err(what: &str) -> impl FnOnce(std::io::Error) -> VmmError + '_ {
+    move |e| VmmError::Irq {
+        what: what.into(),
+        detail: e.to_string(),
+    }
+}
+
+impl IntxSource for SimulatedIntx {
     fn connect(&self, trigger: &EventFd, resample: &EventFd) -> Result<(), VmmError> {
-        let r = resample.try_clone().map_err(|e| VmmError::Irq {
-            what: "cloning the resample eventfd of the simulated interrupt".into(),
-            detail: e.to_string(),
-        })?;
-        *self.resample.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
-        trigger.write(1).map_err(|e| VmmError::Irq {
-            what: "raising the simulated interrupt (eventfd write)".into(),
-            detail: e.to_string(),
-        })
+        let trigger = trigger
+            .try_clone()
+            .map_err(irq_err("cloning the simulated line's trigger eventfd"))?;
+        let resample = resample
+            .try_clone()
+            .map_err(irq_err("cloning the simulated line's resample eventfd"))?;
+        trigger
+            .write(1)
+            .map_err(irq_err("raising the simulated line (eventfd write)"))?;
+        let (count, stop) = (self.resamples.clone(), self.stop.clone());
+        let t = std::thread::Builder::new()
+            .name("sim-intx".into())
+            .spawn(move || {
+                let mut pfd = libc::pollfd {
+                    fd: resample.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                while !stop.load(Ordering::SeqCst) {
+                    // SAFETY: one pollfd we own, for 50 ms.
+                    let n = unsafe { libc::poll(&mut pfd, 1, 50) };
+                    if n <= 0 {
+                        continue;
+                    }
+                    // Nonblocking (the VM creates it EFD_NONBLOCK): EAGAIN is none.
+                    let Ok(k) = resample.read() else { continue };
+                    let seen = count.fetch_add(k, Ordering::SeqCst) + k;
+                    if seen <= SimulatedIntx::MAX_FIRES {
+                        let _ = trigger.write(1);
+                    }
+                }
+            })
+            .map_err(irq_err("starting the simulated line's thread"))?;
+        *self.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(t);
+        Ok(())
     }
 
-    fn disconnect(&self) {}
+    fn disconnect(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let t = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = t {
+            let _ = t.join();
+        }
+    }
 
     fn name(&self) -> String {
-        "simulated INTx (pending once)".into()
+        "simulated INTx (stuck asserted)".into()
     }
 }
