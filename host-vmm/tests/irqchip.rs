@@ -6,12 +6,12 @@
 //! up an IDT, the LAPIC and the IOAPIC input config space names, and `hlt`s until
 //! the vector arrives. Each test skips loudly when /dev/kvm is absent.
 
+use hilrig_guest::intx;
 use hilrig_vmm::api::Irqchip;
 use hilrig_vmm::devices::irq::SimulatedIntx;
 use hilrig_vmm::{
     kvm_available, open_backend, Console, DeviceSpec, RunReport, Verdict, Vm, VmConfig,
 };
-use hilrig_guest::intx;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,7 +43,10 @@ fn pending_interrupt_reaches_the_payload_through_an_irqfd() {
     }
     let src = Arc::new(SimulatedIntx::new());
     let (r, chip, wired) = run(Some(src.clone()), Irqchip::Auto, 1);
-    assert!(chip && wired, "auto: an irqchip because the device has a line");
+    assert!(
+        chip && wired,
+        "auto: an irqchip because the device has a line"
+    );
     assert!(
         matches!(r.verdict, Verdict::Pass),
         "{} {:?} {}",

@@ -175,7 +175,11 @@ fn edu_through_vfio_in_a_qemu_machine() {
     let r = &s.results;
     assert_eq!(r.len(), 9, "{r:?}");
     assert_eq!(r[0], 16, "IOAPIC input from config space");
-    assert_eq!((r[1], r[2]), (0x40, 0x5a), "vector, IRQ_STATUS in the handler");
+    assert_eq!(
+        (r[1], r[2]),
+        (0x40, 0x5a),
+        "vector, IRQ_STATUS in the handler"
+    );
     assert_eq!(r[4], 0, "IRQ_STATUS after the acknowledgement");
     assert_eq!((r[5], r[6]), (0x40, 1), "factorial-done interrupt");
     assert_eq!(r[8], 120, "5!");

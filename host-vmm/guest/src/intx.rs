@@ -225,7 +225,11 @@ pub fn setup(p: &mut Payload, ack: Option<Ack>) -> Result<()> {
 /// ran (interrupts disabled again, the timer stopped, results: vector, status,
 /// latency; `eax` = the status) or the timeout fired (the failure path in the module
 /// doc). Clobbers rax, rbx, rcx, rdx, r12.
-pub fn wait(p: &mut Payload, ack: Option<Ack>, raise: impl FnOnce(&mut Payload) -> Result<()>) -> Result<()> {
+pub fn wait(
+    p: &mut Payload,
+    ack: Option<Ack>,
+    raise: impl FnOnce(&mut Payload) -> Result<()>,
+) -> Result<()> {
     let mut top = p.a.create_label();
     let mut got = p.a.create_label();
     let mut timeout = p.a.create_label();
