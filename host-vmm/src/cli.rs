@@ -183,8 +183,23 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
         control: args.control.clone(),
         lifecycle,
         on_unemulated: args.on_unemulated,
+        irqchip: args.irqchip,
     };
+    let has_intx = backend.intx.is_some();
     let mut vm = Vm::new(config, backend)?;
+    if vm.irqchip() {
+        eprintln!(
+            "interrupts: in-kernel irqchip; {}",
+            match (has_intx, vm.interrupt_wired()) {
+                (_, true) => format!(
+                    "the device's INTx wired to IOAPIC input {}",
+                    crate::vstate::vm::INTX_GSI
+                ),
+                (true, false) => "the device's INTx NOT wired (--irqchip unwired)".into(),
+                (false, false) => "the device has no interrupt line".into(),
+            }
+        );
+    }
     let sandbox = sandbox(&args, &mut vm);
     if args.show_plan && !args.json {
         eprint!("{}", vm.plan().describe());

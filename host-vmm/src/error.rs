@@ -47,6 +47,14 @@ pub enum VmmError {
         /// Why it failed.
         detail: String,
     },
+    /// Wiring a device's interrupt to the guest failed (the ioctl or step named).
+    #[error("interrupt {what}: {detail}")]
+    Irq {
+        /// What was being done (the ioctl).
+        what: String,
+        /// Why it failed.
+        detail: String,
+    },
     /// The payload assembler refused an instruction (a bug in a payload builder).
     #[error("assembling payload: {0}")]
     Asm(String),

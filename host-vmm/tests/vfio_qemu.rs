@@ -80,6 +80,8 @@ fn edu_through_vfio_in_a_qemu_machine() {
         format!("{base} --payload edu-factorial"),
         format!("{base} --payload edu-dma"),
         format!("{base} --payload edu-irq"),
+        // Negative control: the irqchip, but edu's INTx left unconnected.
+        format!("{base} --payload edu-irq --irqchip unwired"),
         format!("{base} --payload edu-restricted {restrict} --teardown-on-exit"),
         // Negative control: the same write with enforcement off reaches edu.
         format!("{base} --payload edu-restricted {restrict} --enforce off"),
@@ -151,15 +153,59 @@ fn edu_through_vfio_in_a_qemu_machine() {
     let s = summary(&blocks[3], &ctx(3));
     assert!(s.passed, "{}: {} {:?}", ctx(3), s.verdict, s.results);
     assert_eq!(s.results, vec![0xD0A0_0000, 0xD0A0_0000 + 0x800 / 4 - 1]);
-    // 5. Interrupt status raised and acknowledged.
+    // 5. edu's interrupt delivered: INTx through VFIO's eventfd, a KVM irqfd on
+    //    IOAPIC input 16, the payload's handler on vector 0x40 (raised through
+    //    IRQ_RAISE, acknowledged in the handler), then the factorial-done one.
     let s = summary(&blocks[4], &ctx(4));
-    assert!(s.passed, "{}: {} {:?}", ctx(4), s.verdict, s.results);
-    assert_eq!(s.results, vec![0x5a, 0]);
-    // 6. The restricted register: dropped, one alarm naming edu's register; then
+    assert!(
+        s.passed,
+        "{}: {} {:?}\n{}",
+        ctx(4),
+        s.verdict,
+        s.results,
+        blocks[4].err
+    );
+    assert!(
+        blocks[4]
+            .err
+            .contains("the device's INTx wired to IOAPIC input 16"),
+        "{}",
+        blocks[4].err
+    );
+    let r = &s.results;
+    assert_eq!(r.len(), 9, "{r:?}");
+    assert_eq!(r[0], 16, "IOAPIC input from config space");
+    assert_eq!(
+        (r[1], r[2]),
+        (0x40, 0x5a),
+        "vector, IRQ_STATUS in the handler"
+    );
+    assert_eq!(r[4], 0, "IRQ_STATUS after the acknowledgement");
+    assert_eq!((r[5], r[6]), (0x40, 1), "factorial-done interrupt");
+    assert_eq!(r[8], 120, "5!");
+    eprintln!(
+        "vfio_qemu: edu interrupt latency (IRQ_RAISE write to handler): {} TSC ticks; factorial start to its interrupt: {} TSC ticks",
+        r[3], r[7]
+    );
+    // 6. Negative control: the same payload with the line not wired: no interrupt,
+    //     edu's IRQ_STATUS shows it was raised all the same.
+    let b = &blocks[5];
+    let s = summary(b, &ctx(5));
+    assert_eq!(s.exit_status, ExitStatus::Fail, "{}: {}", ctx(5), s.verdict);
+    let code = hilrig_guest::intx::codes::NO_INTERRUPT;
+    assert!(
+        s.verdict.contains(&format!("code {code} ")),
+        "{}",
+        s.verdict
+    );
+    assert_eq!(s.results, vec![16, 0, 0x5a], "{}", b.err);
+    assert!(b.err.contains("no interrupt"), "{}", b.err);
+    assert!(b.err.contains("INTx NOT wired"), "{}", b.err);
+    // 7. The restricted register: dropped, one alarm naming edu's register; then
     //    teardown: DMA unmapped with BAR0, RAM and edu's tenant state scrubbed, a
     //    bus reset through VFIO checked by edu's ID; edu has no counters to read.
-    let s = summary(&blocks[5], &ctx(5));
-    assert!(s.passed, "{}: {} {:?}", ctx(5), s.verdict, s.results);
+    let s = summary(&blocks[6], &ctx(6));
+    assert!(s.passed, "{}: {} {:?}", ctx(6), s.verdict, s.results);
     assert_eq!(s.results, vec![0]);
     let p = s.policy.as_ref().expect("policy summary");
     assert_eq!((p.dropped, p.alarms), (1, 1), "{p:?}");
@@ -191,11 +237,11 @@ fn edu_through_vfio_in_a_qemu_machine() {
         "{steps:?}"
     );
     assert_eq!(s.device_hung, Some(false));
-    // 7. Negative control: enforcement off, the write reaches edu and the payload
+    // 8. Negative control: enforcement off, the write reaches edu and the payload
     //    sees the interrupt raised (and fails); the rule's page is mapped straight
     //    through (issue 21.6: off really switches trapping), so no alarm.
-    let s = summary(&blocks[6], &ctx(6));
-    assert_eq!(s.exit_status, ExitStatus::Fail, "{}: {}", ctx(6), s.verdict);
+    let s = summary(&blocks[7], &ctx(7));
+    assert_eq!(s.exit_status, ExitStatus::Fail, "{}: {}", ctx(7), s.verdict);
     assert_eq!(s.results, vec![0x5a]);
     assert_eq!(s.policy.as_ref().map(|p| p.alarms), Some(0));
     assert!(
@@ -205,14 +251,14 @@ fn edu_through_vfio_in_a_qemu_machine() {
         "{:?}",
         s.policy
     );
-    // 8. No description: the 1 MiB BAR0 is not the reference device's; usage error.
-    assert_eq!(blocks[7].rc, 2, "{}: {}", ctx(7), blocks[7].err);
+    // 9. No description: the 1 MiB BAR0 is not the reference device's; usage error.
+    assert_eq!(blocks[8].rc, 2, "{}: {}", ctx(8), blocks[8].err);
     assert!(
-        blocks[7]
+        blocks[8]
             .err
             .contains("is 0x100000 bytes; the reference device's BAR0 is 0x10000"),
         "{}",
-        blocks[7].err
+        blocks[8].err
     );
     eprintln!(
         "vfio_qemu: whole test (initramfs, boot, bind, {} runs, power-off) {} ms",

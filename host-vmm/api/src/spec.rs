@@ -393,6 +393,15 @@ pub struct VmSpec {
     /// only: logged, and recorded in the run summary).
     #[arg(long, value_parser = parse_on_off)]
     pub seccomp: Option<bool>,
+    /// The in-kernel interrupt controller (LAPIC/IOAPIC/PIC, `KVM_CREATE_IRQCHIP`):
+    /// `auto` creates it only when the device has an interrupt to deliver (a VFIO
+    /// function with INTx), wired to the guest's IOAPIC through a KVM irqfd; `on`
+    /// always; `off` never (the device's interrupts are not delivered); `unwired`
+    /// creates it but leaves the device's interrupt unconnected (a negative control:
+    /// the guest sees an interrupt line that never fires). Without it `hlt` stops a
+    /// vCPU for good; with it `hlt` waits for an interrupt inside KVM.
+    #[arg(long, value_enum, default_value_t = Irqchip::Auto)]
+    pub irqchip: Irqchip,
     /// Run the VMM jailed under this directory: a per-VM root (pivot_root) holding
     /// only /dev/kvm and the files it needs, new mount/pid/ipc/net namespaces, an
     /// unprivileged uid/gid, cgroup v2 limits where available, no inherited fds.
@@ -425,6 +434,43 @@ pub enum OnUnemulated {
     Stop,
     /// Inject #UD (invalid opcode) into the guest and go on.
     Ud,
+}
+
+/// The in-kernel interrupt controller (`--irqchip`).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Irqchip {
+    /// Only when the device has an interrupt to deliver (then wired).
+    #[default]
+    Auto,
+    /// Always (the device's interrupt wired when it has one).
+    On,
+    /// Never: no interrupt is ever delivered.
+    Off,
+    /// Created, but the device's interrupt left unconnected (negative control).
+    Unwired,
+}
+
+impl Irqchip {
+    /// The flag's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Irqchip::Auto => "auto",
+            Irqchip::On => "on",
+            Irqchip::Off => "off",
+            Irqchip::Unwired => "unwired",
+        }
+    }
 }
 
 impl Default for VmSpec {
@@ -463,6 +509,7 @@ impl Default for VmSpec {
             list_payloads: false,
             allow_policy_widening: false,
             on_unemulated: OnUnemulated::Stop,
+            irqchip: Irqchip::Auto,
             seccomp: None,
             jail: None,
             uid: None,
@@ -564,6 +611,9 @@ impl VmSpec {
         if self.on_unemulated != d.on_unemulated {
             flag("on-unemulated", "ud".into());
         }
+        if self.irqchip != d.irqchip {
+            flag("irqchip", self.irqchip.as_str().into());
+        }
         if self.alarm_rate != d.alarm_rate {
             flag("alarm-rate", self.alarm_rate.to_string().into());
         }
@@ -659,6 +709,7 @@ mod tests {
             list_payloads: false,
             allow_policy_widening: true,
             on_unemulated: OnUnemulated::Ud,
+            irqchip: Irqchip::Unwired,
             seccomp: Some(false),
             jail: Some("/srv/jail/vm1".into()),
             uid: Some(1000),

@@ -40,6 +40,10 @@ pub const BUILTINS: &[(&str, &str)] = &[
         "look for the canary in RAM, SCRATCH and the buffers",
     ),
     ("past-bar", "read just past BAR0's end"),
+    (
+        "intx-wait",
+        "set up IDT/LAPIC/IOAPIC from config space, hlt until the device's (pending) interrupt",
+    ),
     ("straddle-bar", "8-byte read straddling BAR0's end"),
     (
         "edu-id",
@@ -52,7 +56,7 @@ pub const BUILTINS: &[(&str, &str)] = &[
     ),
     (
         "edu-irq",
-        "QEMU edu: raise and acknowledge an interrupt, IRQ_STATUS checked",
+        "QEMU edu: receive its interrupt (IDT, LAPIC, IOAPIC; raise, hlt, ack) and the factorial-done one",
     ),
     (
         "edu-restricted",
@@ -75,6 +79,7 @@ pub fn builtin(name: &str) -> Option<Result<Vec<u8>>> {
         "canary-write" => canary_write(),
         "canary-scan" => canary_scan(),
         "past-bar" => past_bar(),
+        "intx-wait" => crate::intx::intx_wait(),
         "straddle-bar" => straddle_bar(),
         "edu-id" => edu::id(),
         "edu-factorial" => edu::factorial(),
@@ -176,6 +181,8 @@ pub mod edu {
         pub const IRQ_RAISED: u32 = 0xED31;
         /// IRQ_STATUS not clear after the acknowledgement.
         pub const IRQ_ACKED: u32 = 0xED32;
+        /// The factorial-done interrupt's IRQ_STATUS is not FACT_IRQ.
+        pub const FACT_IRQ: u32 = 0xED33;
         /// The restricted write reached the device.
         pub const RESTRICTED: u32 = 0xED41;
     }
@@ -291,19 +298,48 @@ pub mod edu {
         p.build()
     }
 
-    /// Raise cause [`CAUSE`] through IRQ_RAISE, check IRQ_STATUS, acknowledge it,
-    /// check it clears. Results: IRQ_STATUS after raising, after acknowledging.
+    /// The handler's acknowledgement: read IRQ_STATUS, write it to IRQ_ACK.
+    pub const ACK: crate::intx::Ack = crate::intx::Ack {
+        status: IRQ_STATUS,
+        ack: IRQ_ACK,
+    };
+
+    /// STATUS bit: raise an interrupt when a factorial is done.
+    pub const STATUS_IRQ_FACT: u32 = 0x80;
+    /// IRQ_STATUS bit of the factorial-done interrupt.
+    pub const FACT_IRQ: u32 = 0x1;
+
+    /// Receive edu's interrupt (needs the VMM's irqchip, automatic for VFIO with
+    /// INTx): IDT, LAPIC, IOAPIC input from config space ([`crate::intx`]); raise
+    /// cause [`CAUSE`] through IRQ_RAISE and `hlt` until the vector arrives (the
+    /// handler reads IRQ_STATUS and acknowledges it); check IRQ_STATUS is clear;
+    /// then the factorial-done interrupt (STATUS bit 0x80, 5!). Results: IOAPIC
+    /// input; vector, IRQ_STATUS in the handler, latency (TSC ticks, raise to
+    /// handler); IRQ_STATUS after; vector, IRQ_STATUS, latency of the factorial
+    /// interrupt; the factorial. No interrupt within the timeout: `no interrupt`
+    /// on the console, results vector 0 and IRQ_STATUS, verdict
+    /// [`crate::intx::codes::NO_INTERRUPT`].
     pub fn irq() -> Result<Vec<u8>> {
+        use crate::intx;
         let mut p = Payload::new()?;
         p.park_secondaries()?;
-        p.mmio_write(Width::B4, IRQ_RAISE, u64::from(CAUSE))?;
-        p.mmio_read(Width::B4, IRQ_STATUS)?;
-        p.result_eax()?;
+        intx::setup(&mut p, Some(ACK))?;
+        intx::wait(&mut p, Some(ACK), |p| {
+            p.mmio_write(Width::B4, IRQ_RAISE, u64::from(CAUSE))
+        })?;
         p.expect_rax(u64::from(CAUSE), codes::IRQ_RAISED)?;
-        p.mmio_write(Width::B4, IRQ_ACK, u64::from(CAUSE))?;
         p.mmio_read(Width::B4, IRQ_STATUS)?;
         p.result_eax()?;
         p.expect_rax(0, codes::IRQ_ACKED)?;
+        intx::wait(&mut p, Some(ACK), |p| {
+            p.mmio_write(Width::B4, STATUS, u64::from(STATUS_IRQ_FACT))?;
+            p.mmio_write(Width::B4, FACTORIAL, 5)
+        })?;
+        p.expect_rax(u64::from(FACT_IRQ), codes::FACT_IRQ)?;
+        p.mmio_write(Width::B4, STATUS, 0)?;
+        p.mmio_read(Width::B4, FACTORIAL)?;
+        p.result_eax()?;
+        p.expect_rax(120, codes::FACTORIAL)?;
         p.report(0)?;
         p.build()
     }

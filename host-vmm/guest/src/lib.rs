@@ -10,6 +10,7 @@ pub mod attacks;
 pub mod builtins;
 pub mod error;
 pub mod idle;
+pub mod intx;
 pub mod payload;
 pub mod scenario;
 

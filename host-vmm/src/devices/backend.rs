@@ -25,6 +25,9 @@ pub struct Backend {
     /// device's: (vendor, device, class code << 8 | revision) read from the real
     /// device.
     pub pci_identity: Option<(u16, u16, u32)>,
+    /// The device's interrupt line (VFIO INTx; a simulated one in tests), wired to
+    /// the guest's IOAPIC when the VM has an in-kernel irqchip; None: it has none.
+    pub intx: Option<std::sync::Arc<dyn crate::devices::irq::IntxSource>>,
 }
 
 impl Backend {
@@ -37,6 +40,7 @@ impl Backend {
             keep: Vec::new(),
             dma: None,
             pci_identity: None,
+            intx: None,
         }
     }
 

@@ -7,6 +7,7 @@ pub mod backend;
 /// Device description files (moved to [`crate::policy::desc`]; re-exported).
 pub use crate::policy::desc;
 pub mod handled;
+pub mod irq;
 pub mod pci;
 pub mod plan;
 pub mod vfio;

@@ -53,6 +53,8 @@ pub struct PciBus {
     rom_window: u32,
     rom_size: u64,
     int_line: u32,
+    /// Interrupt pin (config byte 0x3d: 0 none, 1 INTA); read-only.
+    int_pin: u8,
     /// Device:vendor ID the guest reads (the reference device's unless a
     /// passed-through device's description gives its own).
     ids: u32,
@@ -76,6 +78,7 @@ impl PciBus {
             rom_window,
             rom_size,
             int_line: 0,
+            int_pin: 0,
             ids: u32::from(PCI_DEVICE_ID) << 16 | u32::from(PCI_VENDOR_ID),
             class_rev: (PCI_CLASS_CODE << 8) | u32::from(REVISION),
         }
@@ -87,6 +90,13 @@ impl PciBus {
     pub fn set_identity(&mut self, vendor: u16, device: u16, class_rev: u32) {
         self.ids = u32::from(device) << 16 | u32::from(vendor);
         self.class_rev = class_rev;
+    }
+
+    /// Give the device an interrupt: pin `pin` (1 = INTA) routed to the IOAPIC
+    /// input `line` (config bytes 0x3d and 0x3c, as firmware would set them).
+    pub fn set_interrupt(&mut self, pin: u8, line: u8) {
+        self.int_pin = pin;
+        self.int_line = u32::from(line);
     }
 
     /// Size of the ROM BAR window (a power of two, at least 2 KiB; 0 if none).
@@ -223,7 +233,8 @@ impl PciBus {
                 4 => self.bar0,
                 11 => self.ids,
                 12 => self.rom,
-                15 => self.int_line, // interrupt pin 0: none
+                // Interrupt line, pin (0: none unless `set_interrupt`).
+                15 => self.int_line | u32::from(self.int_pin) << 8,
                 _ => 0,
             },
             _ => u32::MAX,
@@ -269,6 +280,17 @@ mod tests {
     fn wr(bus: &mut PciBus, dev: u8, off: u8, v: u32) -> bool {
         bus.io_write(0xcf8, &config_address(dev, off).to_le_bytes());
         bus.io_write(0xcfc, &v.to_le_bytes())
+    }
+
+    #[test]
+    fn interrupt_pin_and_line() {
+        let mut bus = PciBus::new(0);
+        assert_eq!(rd(&mut bus, 1, 0x3c), 0, "no interrupt by default");
+        bus.set_interrupt(1, 16);
+        assert_eq!(rd(&mut bus, 1, 0x3c), 0x0110);
+        // The line is the guest's to write, the pin is read-only.
+        wr(&mut bus, 1, 0x3c, 0xffff_ff05);
+        assert_eq!(rd(&mut bus, 1, 0x3c), 0x0105);
     }
 
     #[test]

@@ -17,6 +17,11 @@
 //!   [`GuestDma`], so a device that DMAs (QEMU's edu) reaches the guest's memory and
 //!   nothing else; the mapping is removed when the backend is dropped.
 //!
+//! - the function's INTx line (when VFIO reports one: `VFIO_DEVICE_GET_IRQ_INFO`) is
+//!   offered as a [`VfioIntx`] interrupt source: `VFIO_DEVICE_SET_IRQS` with a trigger
+//!   eventfd (which the VM registers as a KVM irqfd on the guest IOAPIC's GSI) and an
+//!   unmask eventfd (KVM's resample fd: the guest's EOI re-enables the line).
+//!
 //! A device that is not the reference device comes with a description file
 //! ([`crate::devices::desc`]): its IDs and BAR0 size are checked against it, and the
 //! guest sees a BAR0 window of its first `min(BAR0, 64 KiB)` bytes.
@@ -33,7 +38,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use vfio_bindings::bindings::vfio::{
     vfio_device_info, VFIO_BASE, VFIO_DEVICE_FLAGS_RESET, VFIO_PCI_BAR0_REGION_INDEX,
-    VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_ROM_REGION_INDEX, VFIO_REGION_INFO_FLAG_MMAP, VFIO_TYPE,
+    VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_ROM_REGION_INDEX,
+    VFIO_REGION_INFO_FLAG_MMAP, VFIO_TYPE,
 };
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps, VfioRegionInfoCap};
 
@@ -97,6 +103,55 @@ impl Drop for GuestDma {
         if let Err(e) = self.unmap_all() {
             tracing::warn!("{e}");
         }
+    }
+}
+
+/// A VFIO function's INTx line as an interrupt source (see the module doc).
+pub struct VfioIntx {
+    device: Arc<VfioDevice>,
+    name: String,
+}
+
+impl VfioIntx {
+    fn set_irqs_error(&self, what: &str) -> VmmError {
+        // vfio-ioctls drops the errno; the ioctl was the last call that set it.
+        let os = std::io::Error::last_os_error();
+        VmmError::Irq {
+            what: format!("VFIO_DEVICE_SET_IRQS ({what}) on {}", self.name),
+            detail: os.to_string(),
+        }
+    }
+}
+
+impl crate::devices::irq::IntxSource for VfioIntx {
+    fn connect(
+        &self,
+        trigger: &vmm_sys_util::eventfd::EventFd,
+        resample: &vmm_sys_util::eventfd::EventFd,
+    ) -> Result<(), VmmError> {
+        self.device
+            .enable_irq(VFIO_PCI_INTX_IRQ_INDEX, vec![trigger])
+            .map_err(|_| self.set_irqs_error("INTx, ACTION_TRIGGER with an eventfd"))?;
+        if self
+            .device
+            .set_irq_resample_fd(VFIO_PCI_INTX_IRQ_INDEX, vec![resample])
+            .is_err()
+        {
+            let e = self.set_irqs_error("INTx, ACTION_UNMASK with an eventfd");
+            self.disconnect();
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn disconnect(&self) {
+        if self.device.disable_irq(VFIO_PCI_INTX_IRQ_INDEX).is_err() {
+            tracing::warn!("{}", self.set_irqs_error("INTx, disabling"));
+        }
+    }
+
+    fn name(&self) -> String {
+        format!("INTx of {}", self.name)
     }
 }
 
@@ -508,6 +563,17 @@ pub fn open(sysfs: &Path, desc: Option<&DeviceDesc>) -> Result<Backend, VmmError
     let mut b = Backend::trapping(label, Box::new(be));
     b.windows = windows;
     b.pci_identity = identity;
+    // INTx: vfio-pci reports one when the function has an interrupt pin and the
+    // kernel gave it an IRQ (edu: pin A).
+    if device
+        .get_irq_info(VFIO_PCI_INTX_IRQ_INDEX)
+        .is_some_and(|i| i.count > 0)
+    {
+        b.intx = Some(Arc::new(VfioIntx {
+            device: device.clone(),
+            name: name.clone(),
+        }));
+    }
     b.dma = Some(Arc::new(GuestDma {
         container,
         mapped: Mutex::new(Vec::new()),

@@ -76,6 +76,9 @@ pub struct VmConfig {
     /// An instruction KVM cannot emulate on MMIO: end the VM with a verdict naming
     /// it (`Stop`), or inject #UD into the guest and go on (`Ud`).
     pub on_unemulated: hilrig_vmm_api::OnUnemulated,
+    /// The in-kernel interrupt controller (`--irqchip`): with `Auto` only when the
+    /// backend has an interrupt line ([`Backend::intx`]).
+    pub irqchip: hilrig_vmm_api::Irqchip,
 }
 
 impl Default for VmConfig {
@@ -94,6 +97,68 @@ impl Default for VmConfig {
             control: None,
             lifecycle: crate::lifecycle::LifecycleConfig::default(),
             on_unemulated: hilrig_vmm_api::OnUnemulated::Stop,
+            irqchip: hilrig_vmm_api::Irqchip::Auto,
+        }
+    }
+}
+
+/// The GSI (IOAPIC input) a device's INTx is wired to: above the 16 inputs KVM's
+/// default routing shares with the PIC, so only the IOAPIC sees it. The guest reads
+/// it from config byte 0x3c (interrupt line).
+pub const INTX_GSI: u32 = 16;
+
+/// A device's interrupt line wired to the in-kernel IOAPIC: the trigger and resample
+/// eventfds registered with `KVM_IRQFD` and handed to the source. Dropping it
+/// disconnects the source and removes the irqfd.
+struct IrqWiring {
+    vm: Arc<VmFd>,
+    source: Arc<dyn crate::devices::irq::IntxSource>,
+    trigger: vmm_sys_util::eventfd::EventFd,
+    gsi: u32,
+    _resample: vmm_sys_util::eventfd::EventFd,
+}
+
+impl IrqWiring {
+    fn connect(
+        vm: &Arc<VmFd>,
+        source: Arc<dyn crate::devices::irq::IntxSource>,
+        gsi: u32,
+    ) -> Result<IrqWiring, VmmError> {
+        use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+        let efd = |what: &str| {
+            EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Irq {
+                what: format!("eventfd for the {what} of {}", source.name()),
+                detail: e.to_string(),
+            })
+        };
+        let trigger = efd("trigger")?;
+        let resample = efd("resample")?;
+        vm.register_irqfd_with_resample(&trigger, &resample, gsi)
+            .map_err(|e| VmmError::Irq {
+                what: format!(
+                    "KVM_IRQFD (GSI {gsi}, KVM_IRQFD_FLAG_RESAMPLE) for {}",
+                    source.name()
+                ),
+                detail: e.to_string(),
+            })?;
+        let w = IrqWiring {
+            vm: vm.clone(),
+            source,
+            trigger,
+            gsi,
+            _resample: resample,
+        };
+        w.source.connect(&w.trigger, &w._resample)?;
+        tracing::debug!(gsi, "{} wired to the IOAPIC", w.source.name());
+        Ok(w)
+    }
+}
+
+impl Drop for IrqWiring {
+    fn drop(&mut self) {
+        self.source.disconnect();
+        if let Err(e) = self.vm.unregister_irqfd(&self.trigger, self.gsi) {
+            tracing::warn!("KVM_IRQFD (deassign GSI {}): {e}", self.gsi);
         }
     }
 }
@@ -597,6 +662,10 @@ pub struct Vm {
     capture: Option<CaptureBuf>,
     plan: PagePlan,
     sandbox: crate::seccomp::Sandbox,
+    /// The device's interrupt wiring (dropped first: the source stops signalling).
+    _irq: Option<IrqWiring>,
+    /// Whether the VM has the in-kernel irqchip.
+    irqchip: bool,
     // Drop order: the VM fd before the memory it maps, the backend's mappings last.
     _vm: Arc<VmFd>,
     _mem: GuestMemoryMmap,
@@ -766,6 +835,17 @@ impl Vm {
         let vm = Arc::new(kvm.create_vm().map_err(VmmError::kvm("KVM_CREATE_VM"))?);
         vm.set_tss_address(TSS_ADDR)
             .map_err(VmmError::kvm("KVM_SET_TSS_ADDR"))?;
+        // The in-kernel LAPIC/IOAPIC/PIC, before any vCPU (KVM requires it).
+        use hilrig_vmm_api::Irqchip;
+        let irqchip = match config.irqchip {
+            Irqchip::Off => false,
+            Irqchip::Auto => backend.intx.is_some(),
+            Irqchip::On | Irqchip::Unwired => true,
+        };
+        if irqchip {
+            vm.create_irq_chip()
+                .map_err(VmmError::kvm("KVM_CREATE_IRQCHIP"))?;
+        }
         let mem = guest_memory(&vm, &config)?;
         if let Some(dma) = &backend.dma {
             for region in mem.iter() {
@@ -801,6 +881,23 @@ impl Vm {
             bus.set_identity(vendor, device, class_rev);
         }
         bus.assign(BAR0_DEFAULT, ROM_DEFAULT);
+        // The device's INTx: pin A on the IOAPIC's input INTX_GSI (told to the guest
+        // in config space), wired unless the negative control asks otherwise.
+        let irq = match &backend.intx {
+            Some(src) if irqchip => {
+                bus.set_interrupt(1, INTX_GSI as u8);
+                if config.irqchip == Irqchip::Unwired {
+                    tracing::warn!(
+                        "--irqchip unwired: {} is not connected; the guest's interrupt line never fires",
+                        src.name()
+                    );
+                    None
+                } else {
+                    Some(IrqWiring::connect(&vm, src.clone(), INTX_GSI)?)
+                }
+            }
+            _ => None,
+        };
         let mut mapper = Mapper {
             vm: vm.clone(),
             slots: plan.slots(),
@@ -824,6 +921,16 @@ impl Vm {
         let vcpus = (0..config.vcpus)
             .map(|i| create_vcpu(&vm, i, &cpuid, vector, &config, sync_regs))
             .collect::<Result<Vec<_>, _>>()?;
+        if irqchip {
+            // With an in-kernel LAPIC the other vCPUs would wait for INIT/SIPI: the
+            // entry ABI starts every vCPU at the payload.
+            for v in vcpus.iter().skip(1) {
+                v.set_mp_state(kvm_bindings::kvm_mp_state {
+                    mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+                })
+                .map_err(VmmError::kvm("KVM_SET_MP_STATE"))?;
+            }
+        }
         let Backend {
             device,
             keep,
@@ -873,6 +980,8 @@ impl Vm {
             capture,
             plan,
             sandbox: crate::seccomp::Sandbox::default(),
+            _irq: irq,
+            irqchip,
             _vm: vm,
             _mem: mem,
             _backend_keep: keep,
@@ -904,6 +1013,16 @@ impl Vm {
     /// in-process tests); the CLI turns it on.
     pub fn sandbox(&mut self, sandbox: crate::seccomp::Sandbox) {
         self.sandbox = sandbox;
+    }
+
+    /// Whether the VM has the in-kernel interrupt controller (`--irqchip`).
+    pub fn irqchip(&self) -> bool {
+        self.irqchip
+    }
+
+    /// Whether a device interrupt line is wired to the guest's IOAPIC.
+    pub fn interrupt_wired(&self) -> bool {
+        self._irq.is_some()
     }
 
     /// The vector features the guest gets.
