@@ -1095,7 +1095,11 @@ SERIAL=$(od -An -tu8 -j23 -N8 "$STATE" 2>/dev/null | tr -d ' '); SERIAL=${SERIAL
     use std::os::unix::fs::PermissionsExt;
     let t = tempfile::tempdir().unwrap();
     let vmm = t.path().join("fake-vmm");
-    std::fs::write(&vmm, format!("#!/bin/sh\n{BIND}echo '{FAIL_JSON}'; exit 1\n")).unwrap();
+    std::fs::write(
+        &vmm,
+        format!("#!/bin/sh\n{BIND}echo '{FAIL_JSON}'; exit 1\n"),
+    )
+    .unwrap();
     std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).unwrap();
     let camp = t.path().join("n.toml");
     std::fs::write(
@@ -1106,9 +1110,22 @@ SERIAL=$(od -An -tu8 -j23 -N8 "$STATE" 2>/dev/null | tr -d ' '); SERIAL=${SERIAL
     let out = t.path().join("out");
     for _ in 0..2 {
         let o = hilrig(&[
-            "campaign", "run", p(&camp), "--hosts", "1", "--out", p(&out), "--vmm", p(&vmm),
+            "campaign",
+            "run",
+            p(&camp),
+            "--hosts",
+            "1",
+            "--out",
+            p(&out),
+            "--vmm",
+            p(&vmm),
         ]);
-        assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(
+            o.status.code(),
+            Some(1),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
     let db = out.join("results.sqlite");
     let list: serde_json::Value =
@@ -1149,8 +1166,15 @@ SERIAL=$(od -An -tu8 -j23 -N8 "$STATE" 2>/dev/null | tr -d ' '); SERIAL=${SERIAL
         .and_then(|s| s.strip_suffix('/'))
         .unwrap_or_else(|| panic!("serve said: {line}"))
         .to_string();
-    let body = http_get(&addr, &format!("/api/history?case={}", case.replace('/', "%2F").replace('@', "%40")));
-    let api: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    let body = http_get(
+        &addr,
+        &format!(
+            "/api/history?case={}",
+            case.replace('/', "%2F").replace('@', "%40")
+        ),
+    );
+    let api: serde_json::Value =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
     assert_eq!(api, cli, "the API's history is the CLI's");
     let page = http_get(&addr, "/");
     assert!(page.contains(&run), "the index lists the run");
@@ -1161,13 +1185,20 @@ SERIAL=$(od -An -tu8 -j23 -N8 "$STATE" 2>/dev/null | tr -d ' '); SERIAL=${SERIAL
 fn http_get(addr: &str, path: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut r = Vec::new();
     s.read_to_end(&mut r).unwrap();
     let r = String::from_utf8_lossy(&r).to_string();
     let (head, body) = r.split_once("\r\n\r\n").unwrap_or((&r, ""));
     assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
-    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         dechunk(body)
     } else {
         body.to_string()
@@ -1185,6 +1216,8 @@ fn dechunk(mut b: &str) -> String {
         b = &rest[n + 2..];
     }
     out
+}
+
 #[test]
 fn device_init_makes_a_random_owner_only_reset_key_read_only_from_files() {
     let dir = tempfile::tempdir().unwrap();

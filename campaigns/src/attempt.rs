@@ -196,9 +196,9 @@ impl Att<'_> {
             Err(_) => return,
         }
         if !self
-                .artifacts
-                .iter()
-                .any(|a| a.path == rel(self.run_dir, p))
+            .artifacts
+            .iter()
+            .any(|a| a.path == rel(self.run_dir, p))
         {
             self.artifacts.push(Artifact {
                 kind,

@@ -6,8 +6,8 @@ pub mod attacks;
 pub mod attempt;
 pub mod attest;
 pub mod claim;
-pub mod error;
 pub mod cli;
+pub mod error;
 pub mod expect;
 pub mod format;
 pub mod hostsource;
@@ -15,7 +15,7 @@ pub mod runner;
 pub mod scenario;
 pub mod store;
 
-pub use error::{RunError, RunResult};
 pub use cli::{main_job, run, CampaignCmd};
+pub use error::{RunError, RunResult};
 pub use format::{load, Campaign, CampaignError, Case, Expect, HostSpec};
 pub use runner::{run_campaign, RunOptions, RunSummary};

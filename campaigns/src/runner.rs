@@ -3,8 +3,8 @@
 //! file; outcomes are classified PASS / FAIL / INFRA / TIMEOUT / FLAKY, stored as
 //! they finish, and reported at the end.
 
-use crate::error::{RunError, RunResult};
 use crate::attacks::Setup;
+use crate::error::{RunError, RunResult};
 use crate::format::{self, AlarmExp, Campaign, Case, Counter, Expect, HostSpec};
 use crate::store::{RunRow, Store};
 use hilrig_device::attest::Verdict as CountersVerdict;
@@ -570,10 +570,7 @@ impl Observed {
             .and_then(|t| t.verdict.as_ref())
             .map(|v| v.verdict);
         for v in gate.into_iter().chain(teardown) {
-            *self
-                .counters_verdicts
-                .entry(v.to_string())
-                .or_insert(0) += 1;
+            *self.counters_verdicts.entry(v.to_string()).or_insert(0) += 1;
         }
     }
 
@@ -1133,8 +1130,7 @@ pub fn run_campaign(opts: RunOptions) -> RunResult<RunSummary> {
         }
         Some(p) => p.clone(),
         None => {
-            let p = hilrig_rig::sim::find_vmm(lab_vmm.as_deref())
-?;
+            let p = hilrig_rig::sim::find_vmm(lab_vmm.as_deref())?;
             let prefix = hilrig_rig::sim::vmm_prefix(&p)
                 .iter()
                 .map(|s| s.to_string());
@@ -1173,7 +1169,11 @@ pub fn run_campaign(opts: RunOptions) -> RunResult<RunSummary> {
         })
         .collect();
     let (row, done) = match (&opts.resume, &opts.join, queue.as_mut()) {
-        (Some(_), Some(_), _) => return Err(RunError::Options("--resume and --join exclude each other".into())),
+        (Some(_), Some(_), _) => {
+            return Err(RunError::Options(
+                "--resume and --join exclude each other".into(),
+            ))
+        }
         (None, Some(id), Some(q)) => {
             crate::claim::check_run_id(id)?;
             let row = RunRow {
@@ -1187,7 +1187,10 @@ pub fn run_campaign(opts: RunOptions) -> RunResult<RunSummary> {
             let hosts_json = serde_json::to_string(&report_hosts)?;
             q.create_run_if_absent(&row, &hosts_json)?;
             let mut row = store.run(id)?.ok_or_else(|| {
-                RunError::Options(format!("--join {id}: the run vanished from {}", db.display()))
+                RunError::Options(format!(
+                    "--join {id}: the run vanished from {}",
+                    db.display()
+                ))
             })?;
             if row.campaign != campaign.name {
                 return Err(RunError::Options(format!(
@@ -1201,11 +1204,9 @@ pub fn run_campaign(opts: RunOptions) -> RunResult<RunSummary> {
             (row, done)
         }
         (Some(id), _, _) => {
-            let row = store
-                .run(id)?
-                .ok_or_else(|| {
-                    RunError::Options(format!("--resume {id}: no such run in {}", db.display()))
-                })?;
+            let row = store.run(id)?.ok_or_else(|| {
+                RunError::Options(format!("--resume {id}: no such run in {}", db.display()))
+            })?;
             if row.campaign != campaign.name {
                 return Err(RunError::Options(format!(
                     "--resume {id}: that run is of campaign `{}`, not `{}`",
@@ -1237,8 +1238,7 @@ pub fn run_campaign(opts: RunOptions) -> RunResult<RunSummary> {
         }
     };
     let run_dir = PathBuf::from(&row.run_dir);
-    std::fs::create_dir_all(&run_dir)
-        .map_err(|e| RunError::io("creating", &run_dir, e))?;
+    std::fs::create_dir_all(&run_dir).map_err(|e| RunError::io("creating", &run_dir, e))?;
     let todo: Vec<Case> = campaign
         .cases
         .iter()

@@ -457,7 +457,11 @@ pub fn trends(campaign: &str, runs: &[Run]) -> String {
         } else {
             v.iter()
                 .map(|(k, n)| {
-                    let cls = if k == "trusted" || k == "accepted-update" { "good" } else { "bad" };
+                    let cls = if k == "trusted" || k == "accepted-update" {
+                        "good"
+                    } else {
+                        "bad"
+                    };
                     format!(r#"<span class="{cls}">{}</span> {n}"#, esc(k))
                 })
                 .collect::<Vec<_>>()

@@ -422,7 +422,9 @@ fn host_pages_show_the_recorded_health_state() {
     let list = get(s.addr, "/hosts");
     assert!(list.body.contains("<th>Health</th>") && list.body.contains(">offline</span>"));
     // Brought back: online, with the operator's words.
-    states.set_online("sim-01", "operator: cable replaced").unwrap();
+    states
+        .set_online("sim-01", "operator: cable replaced")
+        .unwrap();
     let host = get(s.addr, "/hosts/sim-01");
     assert!(!host.body.contains(">offline</span>"), "{}", host.body);
     assert!(host.body.contains("operator: cable replaced"));
@@ -459,9 +461,7 @@ fn history_names_builds_and_trends_plot_counters_verdicts() {
                 build: Some(build.repeat(64)),
             });
         }
-        c.metrics
-            .counters_verdicts
-            .insert("trusted".into(), 3);
+        c.metrics.counters_verdicts.insert("trusted".into(), 3);
         if outcome == Outcome::Fail {
             c.metrics.counters_verdicts.insert("rolled-back".into(), 1);
         }
@@ -482,8 +482,17 @@ fn history_names_builds_and_trends_plot_counters_verdicts() {
     );
     let tr = get(s.addr, &format!("/campaigns/{}", enc(&new.campaign)));
     assert_eq!(tr.status, 200);
-    assert!(tr.body.contains("Counters-service verdicts per night"), "{}", tr.body);
-    assert!(tr.body.contains(r#"<span class="bad">rolled-back</span> 1"#), "{}", tr.body);
+    assert!(
+        tr.body.contains("Counters-service verdicts per night"),
+        "{}",
+        tr.body
+    );
+    assert!(
+        tr.body
+            .contains(r#"<span class="bad">rolled-back</span> 1"#),
+        "{}",
+        tr.body
+    );
     // The API carries the builds too.
     let api = get(s.addr, &format!("/api/history?case={}", enc(&id)));
     assert!(api.body.contains(&"b".repeat(64)), "{}", api.body);

@@ -222,16 +222,18 @@ fn a_running_campaign_is_cancelled_between_cases() {
     }
     let state = dbh.blocking(move |s| s.queue_cancel(id)).unwrap();
     assert_eq!(state.as_deref(), Some("cancel-requested"));
-    let took = worker.join().unwrap().unwrap().expect("the queued campaign");
+    let took = worker
+        .join()
+        .unwrap()
+        .unwrap()
+        .expect("the queued campaign");
     assert_eq!(took.state, "cancelled", "{}", took.message);
     let started = std::fs::read_dir(&starts).unwrap().count();
     assert!(started < 5, "{started} of 5 cases started after the cancel");
     let q = dbh.blocking(move |s| s.queue_entry(id)).unwrap().unwrap();
     assert_eq!(q.state, "cancelled");
     let run_id = q.run_id.expect("the run is kept");
-    let cases = dbh
-        .blocking(move |s| s.cases(&run_id))
-        .unwrap();
+    let cases = dbh.blocking(move |s| s.cases(&run_id)).unwrap();
     assert_eq!(cases.len(), 5, "every case accounted for");
     let skipped = cases
         .iter()

@@ -16,7 +16,7 @@
 //! gets #UD there. A vCPU spinning on anything else (`jmp $`) is left to the
 //! watchdog.
 
-use crate::vstate::vm::Shared;
+use crate::vstate::vcpu::VcpuHost;
 use iced_x86::{Decoder, DecoderOptions, InstructionInfoFactory, OpAccess};
 use kvm_bindings::kvm_regs;
 use kvm_ioctls::VcpuFd;
@@ -92,11 +92,14 @@ fn thread_cpu_ns() -> u64 {
 impl Stuck {
     /// Take a sample after a kick; `exits` is the number of exits this vCPU has
     /// handled so far. Some when KVM is looping on the instruction at RIP.
-    pub fn sample(&mut self, fd: &VcpuFd, shared: &Shared, exits: u64) -> Option<StuckAt> {
+    pub(crate) fn sample<H: VcpuHost>(
+        &mut self,
+        fd: &VcpuFd,
+        shared: &H,
+        exits: u64,
+    ) -> Option<StuckAt> {
         // Only the watchdog's sampling kicks (not a pause's or a stop's).
-        let round = shared
-            .sample_round
-            .load(std::sync::atomic::Ordering::Acquire);
+        let round = shared.sample_round();
         if round == self.round {
             return None;
         }
@@ -130,10 +133,10 @@ impl Stuck {
 
 /// The memory operand of the instruction at RIP that lies on memory every access
 /// of which must exit (not RAM, not a mapped BAR0 page), if any.
-fn looping_on(fd: &VcpuFd, shared: &Shared, regs: &kvm_regs) -> Option<StuckAt> {
+fn looping_on<H: VcpuHost>(fd: &VcpuFd, shared: &H, regs: &kvm_regs) -> Option<StuckAt> {
     let sregs = fd.get_sregs().ok()?;
     let walk = crate::policy::fault::Walk {
-        mem: &shared.mem,
+        mem: shared.guest_mem(),
         sregs: &sregs,
     };
     let mut b = [0u8; 15];
@@ -177,9 +180,8 @@ fn looping_on(fd: &VcpuFd, shared: &Shared, regs: &kvm_regs) -> Option<StuckAt> 
 
 /// What `gpa` is if every access to it exits to the VMM (neither guest RAM nor a
 /// BAR0 page mapped into the guest).
-fn exiting_memory(shared: &Shared, gpa: u64) -> Option<String> {
-    if shared.mem.address_in_range(GuestAddress(gpa))
-        || crate::vstate::vm::read_direct(gpa, &mut [0u8])
+fn exiting_memory<H: VcpuHost>(shared: &H, gpa: u64) -> Option<String> {
+    if shared.guest_mem().address_in_range(GuestAddress(gpa)) || shared.read_direct(gpa, &mut [0u8])
     {
         return None;
     }

@@ -57,6 +57,8 @@ pub(crate) trait VcpuHost: ExitBus + DirectPages + Sync + 'static {
     fn on_unemulated(&self) -> OnUnemulated;
     /// Count one #UD injected for an instruction KVM could not emulate.
     fn count_unemulated(&self);
+    /// The watchdog's sampling round (bumped before its sampling kicks).
+    fn sample_round(&self) -> u64;
 }
 
 thread_local! {
@@ -323,7 +325,7 @@ impl<H: VcpuHost> Vcpu<'_, H> {
             // A kick (pause or stop): the request flag was set before the kick, so the
             // checkpoint sees it; clear immediate_exit or KVM_RUN keeps failing.
             self.fd.set_kvm_immediate_exit(0);
-            if !self.shared.stop.load(Ordering::Acquire) {
+            if !self.shared.stop_flag().load(Ordering::Acquire) {
                 if let Some(e) = self.sample() {
                     event = e;
                 }
@@ -340,11 +342,11 @@ impl<H: VcpuHost> Vcpu<'_, H> {
         let exits = c.mmio_read + c.mmio_write + c.io_in + c.io_out + c.hlt + c.other;
         let at = self.stuck.sample(&self.fd, self.shared, exits)?;
         let idx = self.book.idx;
-        if self.shared.on_unemulated != hilrig_vmm_api::OnUnemulated::Ud {
+        if self.shared.on_unemulated() != hilrig_vmm_api::OnUnemulated::Ud {
             return Some(Event::Failed(Box::new(Verdict::Internal(at.describe(idx)))));
         }
         tracing::warn!(vcpu = idx, "{}: #UD to the guest", at.describe(idx));
-        self.shared.unemulated.fetch_add(1, Ordering::Relaxed);
+        self.shared.count_unemulated();
         let ud = crate::policy::fault::inject_exception(&self.fd, crate::policy::fault::UD_VECTOR);
         Some(match ud {
             Ok(()) => Event::Kicked,

@@ -484,6 +484,9 @@ impl VcpuHost for Shared {
     fn count_unemulated(&self) {
         self.unemulated.fetch_add(1, Ordering::Relaxed);
     }
+    fn sample_round(&self) -> u64 {
+        self.sample_round.load(Ordering::Acquire)
+    }
 }
 
 impl DirectPages for Shared {
