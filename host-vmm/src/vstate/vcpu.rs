@@ -15,8 +15,15 @@
 //! | `Done` | leave the rendezvous, hand back the counts | — |
 //!
 //! Any other pair is a bug in the loop; it ends the VM with an internal verdict
-//! rather than panicking. `Parked` is the only state in which a pause can hold a
-//! vCPU: there no access is half-decided.
+//! rather than panicking.
+//!
+//! Each vCPU publishes where it is to the rendezvous ([`crate::lifecycle::quiesce`]):
+//! idle in `Parked`, in KVM_RUN inside `Running`, busy from KVM_RUN's return through
+//! `Deciding`/`Gathering`/`Completing` back to `Parked`. A pause claims idle and
+//! in-KVM_RUN vCPUs by that state, without their threads having to run, and waits
+//! only for busy ones; a claimed vCPU waits before handling its next exit (and, in a
+//! stopping pause, before entering KVM_RUN). So no access is ever half-decided when
+//! the VMM acts.
 
 use crate::lifecycle::quiesce::Member;
 use crate::policy::engine::Outcome;
@@ -169,7 +176,7 @@ pub(crate) fn vcpu_loop(idx: u8, fd: VcpuFd, shared: &Shared) -> VcpuResult {
     let mut state = State::Parked;
     loop {
         let event = match &state {
-            State::Parked => v.park(),
+            State::Parked => v.park(&member),
             State::Running => v.run(&member),
             State::Deciding(p) => v.decide(*p),
             State::Gathering(p, size) => v.gather(*p, *size),
@@ -245,17 +252,19 @@ impl Book {
 
 impl Vcpu<'_> {
     /// `Parked`: record the trapped access just handled, then the rendezvous
-    /// checkpoint (parks here while the VMM acts: between exits, no access is
-    /// half-decided).
+    /// checkpoint: the vCPU leaves device and policy code (its published state goes
+    /// from busy to idle, so a pause parks it by state from here until its next
+    /// exit) and waits here while a stopping pause holds it.
     #[inline]
-    fn park(&mut self) -> Event {
+    fn park(&mut self, member: &Member<'_>) -> Event {
         if let Some(t0) = self.book.trapped.take() {
             self.book
                 .counts
                 .trap_latency
                 .record_ns(crate::vstate::ticks::ns_since(t0));
         }
-        self.shared.rv.checkpoint();
+        member.checkpoint();
+        member.test_hold_point(self.book.idx, &self.shared.stop);
         if self.shared.stop.load(Ordering::Acquire) {
             Event::StopRequested
         } else {
@@ -270,8 +279,9 @@ impl Vcpu<'_> {
             return Event::PauseRequested;
         }
         let ran = self.fd.run();
-        // If the VMM counted this vCPU as parked while it was in KVM_RUN, wait here
-        // before handling the exit.
+        // Into device and policy code (busy) until the next `Parked`; if a pause
+        // claimed this vCPU while it was in KVM_RUN, wait here before handling the
+        // exit.
         member.left_run();
         let (mut event, kicked) = self.book.run_event(self.shared, ran);
         if event == Event::Handled(Next::Emulation)
