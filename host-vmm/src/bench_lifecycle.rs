@@ -176,7 +176,9 @@ pub fn bench_patch(budget: Duration) -> Result<Vec<Figure>> {
         ));
         figs.push(
             Figure::new(
-                format!("{vcpus} vCPU: policy patch blackout (gate, parked by state), median of {n}"),
+                format!(
+                    "{vcpus} vCPU: policy patch blackout (gate, parked by state), median of {n}"
+                ),
                 pct(patches.clone(), 0.5),
                 "us",
             )
@@ -382,7 +384,9 @@ fn teardown_rows(figures: &mut Vec<Figure>, size: usize, budget: Duration) -> Re
         .vs(base)
         .target(">= 0.5 x memset"),
         Figure::new(
-            format!("whole teardown of a {label} guest that touched all its RAM (2 vCPUs storming)"),
+            format!(
+                "whole teardown of a {label} guest that touched all its RAM (2 vCPUs storming)"
+            ),
             gib(rec.total_micros.max(1) as f64 / 1e6),
             "GiB/s",
         )

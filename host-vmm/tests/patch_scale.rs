@@ -194,7 +194,11 @@ fn a_patch_with_8_vcpus_does_not_wait_for_vcpus_held_outside_kvm_run() {
             .filter(|x| x.write && x.word == word)
             .collect();
         for (i, w) in writes.iter().enumerate() {
-            assert_eq!(w.bits, i as u32 + 1, "vCPU {vcpu}: access {i} out of order or twice");
+            assert_eq!(
+                w.bits,
+                i as u32 + 1,
+                "vCPU {vcpu}: access {i} out of order or twice"
+            );
         }
         let switch = writes
             .iter()

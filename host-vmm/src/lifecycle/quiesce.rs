@@ -213,7 +213,8 @@ impl Member<'_> {
     #[inline]
     pub fn checkpoint(&self) -> bool {
         if let Some(i) = self.slot {
-            let _ = self.rv.slots[i].compare_exchange(BUSY, IDLE, Ordering::SeqCst, Ordering::SeqCst);
+            let _ =
+                self.rv.slots[i].compare_exchange(BUSY, IDLE, Ordering::SeqCst, Ordering::SeqCst);
         }
         if !self.rv.requested.load(Ordering::SeqCst) {
             return false;
@@ -240,8 +241,7 @@ impl Member<'_> {
         let slot = &self.rv.slots[i];
         if s.mode == Mode::Stop {
             // Claim ourselves: the guest stays stopped until the release.
-            let _ =
-                slot.compare_exchange(IDLE, CLAIMED_IDLE, Ordering::SeqCst, Ordering::SeqCst);
+            let _ = slot.compare_exchange(IDLE, CLAIMED_IDLE, Ordering::SeqCst, Ordering::SeqCst);
         }
         // The controller may count us now.
         self.rv.cv.notify_all();

@@ -501,6 +501,33 @@ mod tests {
     }
 
     #[test]
+    fn a_fully_touched_mapping_is_zeroed_and_left_for_the_unmap() {
+        let len = 48 << 20;
+        let mut m = memmap2::MmapMut::map_anon(len).unwrap();
+        m.fill(0x5a);
+        // SAFETY: our own anonymous mapping.
+        let zeroed = unsafe { scrub_anonymous(m.as_mut_ptr(), len) }.unwrap();
+        assert_eq!(zeroed, len as u64, "every resident page zeroed");
+        assert!(m.iter().all(|&b| b == 0), "a byte of the canary is left");
+    }
+
+    #[test]
+    fn scattered_resident_pages_are_zeroed_and_the_part_dropped_whole() {
+        let len = 8 << 20;
+        let mut m = memmap2::MmapMut::map_anon(len).unwrap();
+        // Every other page: far more runs of non-resident pages than MAX_DROP_RUNS.
+        for p in (0..len / 4096).step_by(2) {
+            m[p * 4096 + 7] = 0xc3;
+        }
+        // SAFETY: our own anonymous mapping.
+        unsafe { scrub_anonymous(m.as_mut_ptr(), len) }.unwrap();
+        let mut v = vec![0u8; len / 4096];
+        mincore(m.as_mut_ptr(), len, &mut v).unwrap();
+        assert!(v.iter().all(|&r| r & 1 == 0), "dropped whole");
+        assert!(m.iter().all(|&b| b == 0));
+    }
+
+    #[test]
     fn scrub_zeroes_and_checks() {
         let mut v = vec![0xabu8; 10_007];
         // SAFETY: our own buffer.
