@@ -165,9 +165,9 @@ fn a_patch_with_8_vcpus_does_not_wait_for_vcpus_held_outside_kvm_run() {
     // The patch is done while the held vCPUs are still held: it did not wait for them.
     assert_eq!(held_after, HELD, "a held vCPU had to run for the patch");
     let held_progress = progress(&sock);
-    for i in 4..8 {
+    for (i, (now, was)) in held_progress.iter().zip(&before).enumerate().skip(4) {
         assert_eq!(
-            held_progress[i], before[i],
+            now, was,
             "vCPU {i} ran while held: {held_progress:?} {before:?}"
         );
     }
