@@ -19,11 +19,11 @@ pub const BENCHES: &[(&str, &str)] = &[
     ),
     (
         "patch",
-        "live-patch blackout median/p99 over >= 100 patches under an MMIO storm, 1/2/4 vCPUs",
+        "live-patch blackout median/p99 over >= 100 patches under an MMIO storm, 1/2/4/8 vCPUs (vs a bare stopping pause)",
     ),
     (
         "teardown",
-        "scrub bandwidth vs memset (256 MiB); total teardown of a 256 MiB guest",
+        "whole teardown of a 256 MiB and a 1 GiB guest that touched all its RAM vs memset of the same size; provisioning-gate cost",
     ),
     (
         "rtl",

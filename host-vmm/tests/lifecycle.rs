@@ -78,6 +78,26 @@ fn start(
     life: LifecycleConfig,
     backend: hilrig_vmm::Backend,
 ) -> Running {
+    start_with(
+        dir,
+        payload,
+        vcpus,
+        record,
+        life,
+        backend,
+        load_profile(None, "tenant").unwrap(),
+    )
+}
+
+fn start_with(
+    dir: &Path,
+    payload: Vec<u8>,
+    vcpus: u8,
+    record: bool,
+    life: LifecycleConfig,
+    backend: hilrig_vmm::Backend,
+    profile: hilrig_vmm::policy::Profile,
+) -> Running {
     let sock = dir.join("vm.sock");
     let cfg = VmConfig {
         vcpus,
@@ -86,7 +106,7 @@ fn start(
         payload_name: "test".into(),
         timeout: Duration::from_secs(60),
         console: Console::Capture,
-        policy: Some(Arc::new(load_profile(None, "tenant").unwrap())),
+        policy: Some(Arc::new(profile)),
         record_decisions: record,
         control: Some(sock.clone()),
         lifecycle: life,
@@ -146,6 +166,46 @@ fn settle(sock: &Path) {
     }
 }
 
+/// The default tenant policy plus: writes to SCRATCH[0] and SCRATCH[1] allowed with
+/// an alarm (so each vCPU's own progress shows in the per-register alarm counts).
+fn policy_v1_alarmed() -> hilrig_vmm::policy::Profile {
+    let mut t = default_policy_toml();
+    for i in 0..2 {
+        t.push_str(&format!(
+            "\n[[profile.tenant]]\nregister = \"SCRATCH[{i}]\"\naccess = \"write\"\naction = \"allow\"\nalarm = true\n"
+        ));
+    }
+    hilrig_vmm::policy::PolicyFile::parse(&t, "v1")
+        .unwrap()
+        .compile("tenant", "v1")
+        .unwrap()
+}
+
+/// Alarms raised so far on each of `regs` (the metrics' per-register counts).
+fn alarms_per(sock: &Path, regs: &[&str]) -> Vec<u64> {
+    let m = ask(sock, r#"{"op":"metrics"}"#);
+    regs.iter()
+        .map(|r| m["policy"]["per_register"][*r].as_u64().unwrap_or(0))
+        .collect()
+}
+
+/// Wait (bounded) until every register in `regs` has `n` more alarms than `from`:
+/// each vCPU's own progress, not a total one vCPU could make alone.
+fn wait_each(sock: &Path, regs: &[&str], from: &[u64], n: u64, what: &str) {
+    let t0 = Instant::now();
+    loop {
+        let now = alarms_per(sock, regs);
+        if now.iter().zip(from).all(|(a, b)| *a >= b + n) {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{what}: per-register alarms {now:?}, from {from:?}, want +{n} each"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn policy_patch_under_an_mmio_storm_is_atomic_per_access() {
     if !kvm_available() {
@@ -156,8 +216,18 @@ fn policy_patch_under_an_mmio_storm_is_atomic_per_access() {
         patch: Some(authority(d.path())),
         ..Default::default()
     };
-    let r = start(d.path(), payload::storm().unwrap(), 2, true, life, model());
-    settle(&r.sock);
+    let r = start_with(
+        d.path(),
+        payload::storm().unwrap(),
+        2,
+        true,
+        life,
+        model(),
+        policy_v1_alarmed(),
+    );
+    // Both vCPUs (each writes its own SCRATCH word) have made progress under v1.
+    let regs = ["SCRATCH[0]", "SCRATCH[1]"];
+    wait_each(&r.sock, &regs, &[0, 0], 20, "before the patch");
     let b = bundle(
         d.path(),
         "p2.bundle",
@@ -174,22 +244,10 @@ fn policy_patch_under_an_mmio_storm_is_atomic_per_access() {
         (Some(1), Some(2))
     );
     assert!(reply["blackout_us"].as_u64().is_some(), "{reply}");
-    // Let the storm run under the new rules, then stop.
-    let before = ask(&r.sock, r#"{"op":"metrics"}"#)["policy"]["dropped"]
-        .as_u64()
-        .unwrap_or(0);
-    let t0 = Instant::now();
-    while ask(&r.sock, r#"{"op":"metrics"}"#)["policy"]["dropped"]
-        .as_u64()
-        .unwrap_or(0)
-        < before + 20
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "no access decided by the new rules"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // Let the storm run under the new rules until each vCPU has had 20 of its own
+    // writes dropped (alarmed), then stop.
+    let after = alarms_per(&r.sock, &regs);
+    wait_each(&r.sock, &regs, &after, 20, "after the patch");
     r.stop.stop("test done");
     let mut rep = r.thread.join().unwrap();
     assert!(

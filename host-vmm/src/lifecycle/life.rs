@@ -399,9 +399,14 @@ pub trait Lifecycle: VmHost {
             }
             p => p,
         };
+        // Not held by an operator: close only the device and policy code (the
+        // guests run on; see `quiesce::Rendezvous::gate`).
         let paused = match held {
             Some(p) => p,
-            None => self.pause_now()?,
+            None => self
+                .rendezvous()
+                .gate(self.life().cfg.pause_bound)
+                .map_err(LifecycleError::from)?,
         };
         // Every vCPU is parked between exits: swap.
         let (component, from, to) = match prepared {

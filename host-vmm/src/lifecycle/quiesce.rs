@@ -1,35 +1,57 @@
-//! Quiescing: every vCPU is kicked out of KVM_RUN and parks at a rendezvous, the
-//! controller acts, then all resume. The blackout — first kick to last resume — is
-//! measured every time.
+//! Quiescing: the VMM parks its vCPUs at a rendezvous, acts, then lets them go. The
+//! blackout — first request to last resume — is measured every time.
 //!
-//! vCPU threads [`Rendezvous::register`] when they start and call
-//! [`Rendezvous::checkpoint`] between exits (after KVM_RUN returns, before the next
-//! one). A parked vCPU is between two exits, so no MMIO access is half-decided while
-//! the controller acts: every access is decided entirely before or entirely after.
-//! A vCPU that leaves its loop (halt, stop) deregisters and no longer counts.
+//! Every vCPU thread [`Rendezvous::register`]s when it starts and publishes where it
+//! is in an atomic slot state:
 //!
-//! A vCPU thread that is inside KVM_RUN when the pause is requested counts as parked
-//! without having to run: it was kicked, so the guest stops at the next instruction
-//! boundary the signal reaches, and the thread touches no VMM state before KVM_RUN
-//! returns. The controller claims it (IN_RUN -> CLAIMED); on return the thread sees
-//! the claim and parks before handling its exit ([`Member::left_run`]). This keeps the
-//! blackout independent of the host scheduler when there are more vCPUs than cores.
+//! | state | where the thread is | a pause |
+//! |---|---|---|
+//! | `IDLE` | in the VMM between exits, touching no device, policy or PCI state | claims it by state |
+//! | `RUN` | inside KVM_RUN | claims it by state |
+//! | `BUSY` | handling an exit (device, policy engine, PCI, faults) | waits for it to leave (short) |
+//! | `CLAIMED_IDLE` / `CLAIMED_RUN` | counted as parked by the pause | — |
 //!
-//! The kick is the caller's (immediate_exit + a real-time signal, as Firecracker and
-//! cloud-hypervisor do); it is repeated every [`REKICK`] until all have parked, so a
-//! kick that races a vCPU entering KVM_RUN cannot be lost. A vCPU that does not arrive
-//! within the bound aborts the pause: everyone is released, nothing was done.
+//! The controller claims every `IDLE` and `RUN` slot with a compare-and-swap and waits
+//! only for `BUSY` ones; a vCPU enters `BUSY` only by a compare-and-swap from `RUN`
+//! ([`Member::left_run`]), so once claimed it cannot reach device or policy code
+//! until the pause ends: it waits there instead. A vCPU that is preempted in KVM_RUN
+//! or between exits is parked without having to run, so when vCPU threads outnumber
+//! cores the pause does not wait for the host scheduler.
+//!
+//! Two kinds of pause:
+//!
+//! - [`Rendezvous::pause`] (operator `pause`, `quiesce`, teardown): the guest stops.
+//!   Every vCPU is kicked (immediate_exit + a real-time signal, as Firecracker and
+//!   cloud-hypervisor do; repeated every [`REKICK`] so a kick that races a vCPU
+//!   entering KVM_RUN is not lost); a claimed vCPU neither handles an exit nor
+//!   enters KVM_RUN again until released.
+//! - [`Rendezvous::gate`] (live patches): only the device and policy code is closed.
+//!   Nobody is kicked; vCPUs in KVM_RUN keep running guest code and a claimed idle
+//!   vCPU may enter KVM_RUN; a claimed vCPU that returns with an exit waits before
+//!   handling it. The patch needs only that no access is half-decided while it acts:
+//!   every access is decided entirely before or entirely after it.
+//!
+//! A vCPU that does not arrive within the bound aborts the pause: everyone is
+//! released, nothing was done. A vCPU that leaves its loop (halt, stop) deregisters
+//! and no longer counts.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// Most vCPUs a rendezvous tracks.
+/// Most vCPUs a rendezvous tracks by state (more register, but are parked only at
+/// their checkpoints, by a [`Rendezvous::pause`]).
 pub const MAX_MEMBERS: usize = 64;
-const USER: u8 = 0;
-const IN_RUN: u8 = 1;
-const CLAIMED: u8 = 2;
-const FREE: u8 = 3;
+const FREE: u8 = 0;
+const IDLE: u8 = 1;
+const RUN: u8 = 2;
+const BUSY: u8 = 3;
+const CLAIMED_IDLE: u8 = 4;
+const CLAIMED_RUN: u8 = 5;
+
+fn claimed(s: u8) -> bool {
+    s == CLAIMED_IDLE || s == CLAIMED_RUN
+}
 
 /// How often the kick is repeated while waiting for vCPUs to park.
 pub const REKICK: Duration = Duration::from_millis(2);
@@ -54,27 +76,42 @@ pub enum QuiesceError {
     Busy,
 }
 
+/// What a pause holds back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Mode {
+    /// The guest stops: vCPUs are kicked and none enters KVM_RUN.
+    #[default]
+    Stop,
+    /// Only device and policy code is closed; guests run on.
+    Gate,
+}
+
 #[derive(Debug, Default)]
 struct State {
     live: usize,
+    /// Members without a slot parked at their checkpoint.
     parked: usize,
-    /// When the last vCPU parked / resumed, stamped by the vCPUs themselves (so the
+    /// Claimed vCPUs blocked until the pause ends (they wanted to handle an exit, or
+    /// to run the guest during a stopping pause).
+    waiting: usize,
+    /// When the last held vCPU resumed, stamped by the vCPUs themselves (so the
     /// controller's own scheduling delay is not counted as blackout).
-    last_parked: Option<Instant>,
     last_resumed: Option<Instant>,
-    /// Incremented on every release, so parked vCPUs know to leave.
+    /// Incremented on every release.
     generation: u64,
     pausing: bool,
+    mode: Mode,
 }
 
 /// The rendezvous every vCPU of a VM shares.
 #[derive(Debug)]
 pub struct Rendezvous {
     requested: AtomicBool,
+    /// The running pause is a [`Mode::Stop`] one (read by vCPUs without the lock).
+    stopping: AtomicBool,
     state: Mutex<State>,
     cv: Condvar,
-    /// Per member: USER (in the VMM), IN_RUN (in KVM_RUN), CLAIMED (in KVM_RUN and
-    /// counted as parked by the controller), FREE (slot unused).
+    /// Per member: FREE, IDLE, RUN, BUSY, CLAIMED_IDLE, CLAIMED_RUN (module docs).
     slots: Box<[AtomicU8]>,
 }
 
@@ -82,6 +119,7 @@ impl Default for Rendezvous {
     fn default() -> Self {
         Rendezvous {
             requested: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             state: Mutex::new(State::default()),
             cv: Condvar::new(),
             slots: (0..MAX_MEMBERS).map(|_| AtomicU8::new(FREE)).collect(),
@@ -107,51 +145,151 @@ impl Drop for Member<'_> {
 }
 
 impl Member<'_> {
-    /// Call right before KVM_RUN. Returns false if a pause is requested: then do not
-    /// enter KVM_RUN; go back to the checkpoint.
+    /// Call right before KVM_RUN. Returns false if a stopping pause holds this vCPU:
+    /// then do not enter KVM_RUN; go back to the checkpoint (which waits).
     #[inline]
     pub fn enter_run(&self) -> bool {
-        let Some(i) = self.slot else { return true };
-        self.rv.slots[i].store(IN_RUN, Ordering::SeqCst);
-        if self.rv.requested.load(Ordering::SeqCst) {
-            // Back out unless the controller already claimed us (then we must wait).
-            if self.rv.slots[i]
-                .compare_exchange(IN_RUN, USER, Ordering::SeqCst, Ordering::SeqCst)
-                .is_err()
-            {
-                self.left_run();
+        let Some(i) = self.slot else {
+            return !(self.rv.requested.load(Ordering::SeqCst)
+                && self.rv.stopping.load(Ordering::SeqCst));
+        };
+        let slot = &self.rv.slots[i];
+        loop {
+            match slot.compare_exchange(IDLE, RUN, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => return true,
+                Err(CLAIMED_IDLE) => {
+                    if self.rv.stopping.load(Ordering::SeqCst) {
+                        return false;
+                    }
+                    // A gate: the guest may run on; the exit it comes back with waits.
+                    if slot
+                        .compare_exchange(
+                            CLAIMED_IDLE,
+                            CLAIMED_RUN,
+                            Ordering::SeqCst,
+                            Ordering::SeqCst,
+                        )
+                        .is_ok()
+                    {
+                        return true;
+                    }
+                }
+                // Not from the checkpoint (a loop bug): publish the truth.
+                Err(BUSY | RUN) => {
+                    slot.store(IDLE, Ordering::SeqCst);
+                }
+                Err(_) => return true,
             }
-            return false;
         }
-        true
     }
 
-    /// Call right after KVM_RUN returns, before handling the exit. If the controller
-    /// counted this vCPU as parked while it was in KVM_RUN, wait here until the
-    /// pause ends.
+    /// Call right after KVM_RUN returns, before handling the exit: the vCPU enters
+    /// device and policy code (`BUSY`). If a pause claimed it while it was in
+    /// KVM_RUN, it waits here until the pause ends.
     #[inline]
     pub fn left_run(&self) {
         let Some(i) = self.slot else { return };
-        if self.rv.slots[i]
-            .compare_exchange(IN_RUN, USER, Ordering::SeqCst, Ordering::SeqCst)
-            .is_ok()
-        {
+        let slot = &self.rv.slots[i];
+        loop {
+            match slot.compare_exchange(RUN, BUSY, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => return,
+                Err(CLAIMED_RUN | CLAIMED_IDLE) => self.rv.wait_unclaimed(i),
+                Err(_) => {
+                    // Not from KVM_RUN (a loop bug): never claimable while busy.
+                    if slot
+                        .compare_exchange(IDLE, RUN, Ordering::SeqCst, Ordering::SeqCst)
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Called by the vCPU between exits, when it has finished handling one (it
+    /// leaves `BUSY`). Holds the vCPU while a stopping pause is on; returns true if
+    /// it was held (the caller then clears its immediate_exit before KVM_RUN).
+    #[inline]
+    pub fn checkpoint(&self) -> bool {
+        if let Some(i) = self.slot {
+            let _ =
+                self.rv.slots[i].compare_exchange(BUSY, IDLE, Ordering::SeqCst, Ordering::SeqCst);
+        }
+        if !self.rv.requested.load(Ordering::SeqCst) {
+            return false;
+        }
+        let mut s = self.rv.lock();
+        if !s.pausing {
+            return false;
+        }
+        let Some(i) = self.slot else {
+            if s.mode == Mode::Gate {
+                return false;
+            }
+            let generation = s.generation;
+            s.parked += 1;
+            self.rv.cv.notify_all();
+            while s.generation == generation {
+                s = self.rv.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+            }
+            s.parked -= 1;
+            s.last_resumed = Some(Instant::now());
+            self.rv.cv.notify_all();
+            return true;
+        };
+        let slot = &self.rv.slots[i];
+        if s.mode == Mode::Stop {
+            // Claim ourselves: the guest stays stopped until the release.
+            let _ = slot.compare_exchange(IDLE, CLAIMED_IDLE, Ordering::SeqCst, Ordering::SeqCst);
+        }
+        // The controller may count us now.
+        self.rv.cv.notify_all();
+        if s.mode == Mode::Stop && claimed(slot.load(Ordering::SeqCst)) {
+            self.rv.wait_unclaimed_locked(s, i);
+            return true;
+        }
+        false
+    }
+
+    /// Test hook ([`hold_vcpus_for_test`]): while vCPU `idx` is held, wait here
+    /// (between exits, outside KVM_RUN and outside any handler, like a thread the
+    /// host stopped) until released or `stop` is set.
+    #[doc(hidden)]
+    pub fn test_hold_point(&self, idx: u8, stop: &AtomicBool) {
+        let bit = 1u64 << (idx % 64);
+        if TEST_HOLD.load(Ordering::Relaxed) & bit == 0 {
             return;
         }
-        // CLAIMED: park until the pause that claimed us is over.
-        let mut s = self.rv.lock();
-        while s.pausing {
-            s = self.rv.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+        TEST_HELD.fetch_or(bit, Ordering::SeqCst);
+        while TEST_HOLD.load(Ordering::SeqCst) & bit != 0 && !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
         }
-        self.rv.slots[i].store(USER, Ordering::SeqCst);
-        s.last_resumed = Some(Instant::now());
-        self.rv.cv.notify_all();
+        TEST_HELD.fetch_and(!bit, Ordering::SeqCst);
     }
 }
 
-/// Proof that every vCPU is parked. Resume with [`Paused::resume`]; dropping it
-/// resumes too. It owns a reference to the rendezvous, so a pause can outlive the
-/// request that made it (a control-socket `pause` followed by `resume`).
+static TEST_HOLD: AtomicU64 = AtomicU64::new(0);
+static TEST_HELD: AtomicU64 = AtomicU64::new(0);
+
+/// Test hook (process-wide): hold the vCPUs whose indices are set in `mask` between
+/// exits, outside KVM_RUN and outside any handler, as if the host had stopped their
+/// threads; 0 releases them. Use it in a test binary of its own.
+#[doc(hidden)]
+pub fn hold_vcpus_for_test(mask: u64) {
+    TEST_HOLD.store(mask, Ordering::SeqCst);
+}
+
+/// Test hook: the vCPUs (by index bit) sitting in the hold right now.
+#[doc(hidden)]
+pub fn held_vcpus_for_test() -> u64 {
+    TEST_HELD.load(Ordering::SeqCst)
+}
+
+/// Proof that no vCPU is inside device or policy code, and none can enter it until
+/// [`Paused::resume`] (after [`Rendezvous::pause`] also: the guest is stopped).
+/// Dropping it resumes too. It owns a reference to the rendezvous, so a pause can
+/// outlive the request that made it (a control-socket `pause` followed by `resume`).
 pub struct Paused {
     rv: Arc<Rendezvous>,
     first_kick: Instant,
@@ -165,9 +303,9 @@ pub struct Paused {
 pub struct Blackout {
     /// vCPUs that were parked.
     pub vcpus: usize,
-    /// First kick to the last vCPU parked.
+    /// First kick (request) to the last vCPU parked.
     pub park: Duration,
-    /// First kick to the last vCPU resumed.
+    /// First kick (request) to the last vCPU resumed.
     pub total: Duration,
 }
 
@@ -181,27 +319,73 @@ impl Rendezvous {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Register the calling vCPU.
+    /// Register the calling vCPU (it starts `IDLE`, between exits).
     pub fn register(&self) -> Member<'_> {
         let mut s = self.lock();
         s.live += 1;
         let slot = self.slots.iter().position(|x| {
-            x.compare_exchange(FREE, USER, Ordering::SeqCst, Ordering::SeqCst)
+            x.compare_exchange(FREE, IDLE, Ordering::SeqCst, Ordering::SeqCst)
                 .is_ok()
         });
         Member { rv: self, slot }
     }
 
-    /// Claim every member that is in KVM_RUN; returns how many are claimed now.
+    /// Claim every member that is idle or in KVM_RUN; returns how many are claimed.
     fn claim(&self) -> usize {
         let mut n = 0;
         for x in self.slots.iter() {
-            let _ = x.compare_exchange(IN_RUN, CLAIMED, Ordering::SeqCst, Ordering::SeqCst);
-            if x.load(Ordering::SeqCst) == CLAIMED {
-                n += 1;
+            let mut v = x.load(Ordering::SeqCst);
+            loop {
+                let to = match v {
+                    IDLE => CLAIMED_IDLE,
+                    RUN => CLAIMED_RUN,
+                    _ => break,
+                };
+                match x.compare_exchange(v, to, Ordering::SeqCst, Ordering::SeqCst) {
+                    Ok(_) => v = to,
+                    Err(now) => v = now,
+                }
             }
+            n += claimed(v) as usize;
         }
         n
+    }
+
+    /// Undo every claim (under the state lock, so a vCPU waiting for its claim to end
+    /// cannot miss it).
+    fn unclaim(&self) {
+        for x in self.slots.iter() {
+            let mut v = x.load(Ordering::SeqCst);
+            loop {
+                let to = match v {
+                    CLAIMED_IDLE => IDLE,
+                    CLAIMED_RUN => RUN,
+                    _ => break,
+                };
+                match x.compare_exchange(v, to, Ordering::SeqCst, Ordering::SeqCst) {
+                    Ok(_) => break,
+                    Err(now) => v = now,
+                }
+            }
+        }
+    }
+
+    /// Block the calling vCPU (slot `i`) while its slot is claimed.
+    fn wait_unclaimed(&self, i: usize) {
+        let s = self.lock();
+        if claimed(self.slots[i].load(Ordering::SeqCst)) {
+            self.wait_unclaimed_locked(s, i);
+        }
+    }
+
+    fn wait_unclaimed_locked(&self, mut s: MutexGuard<'_, State>, i: usize) {
+        s.waiting += 1;
+        while claimed(self.slots[i].load(Ordering::SeqCst)) {
+            s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        s.waiting -= 1;
+        s.last_resumed = Some(Instant::now());
+        self.cv.notify_all();
     }
 
     /// vCPUs registered.
@@ -209,34 +393,28 @@ impl Rendezvous {
         self.lock().live
     }
 
-    /// Called by a vCPU between exits; parks while a pause is requested. Returns true
-    /// if it parked (the caller then clears its immediate_exit before KVM_RUN).
-    #[inline]
-    pub fn checkpoint(&self) -> bool {
-        if !self.requested.load(Ordering::Acquire) {
-            return false;
-        }
-        let mut s = self.lock();
-        if !s.pausing {
-            return false;
-        }
-        let generation = s.generation;
-        s.parked += 1;
-        s.last_parked = Some(Instant::now());
-        self.cv.notify_all();
-        while s.generation == generation {
-            s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
-        }
-        s.parked -= 1;
-        s.last_resumed = Some(Instant::now());
-        self.cv.notify_all();
-        true
-    }
-
-    /// Park every vCPU: request, `kick()` (repeated every [`REKICK`]), and wait up to
-    /// `bound` for all registered vCPUs to arrive. On timeout everyone is released.
+    /// Stop the guest: request, `kick()` (repeated every [`REKICK`]), claim every
+    /// vCPU that is idle or in KVM_RUN and wait up to `bound` for those handling an
+    /// exit. On timeout everyone is released.
     pub fn pause(
         self: &Arc<Self>,
+        kick: &dyn Fn(),
+        bound: Duration,
+    ) -> Result<Paused, QuiesceError> {
+        self.hold(Mode::Stop, kick, bound)
+    }
+
+    /// Close the device and policy code without stopping the guest (live patches):
+    /// claim every vCPU that is idle or in KVM_RUN (nobody is kicked: they run on,
+    /// and wait only if they come back with an exit to handle) and wait up to
+    /// `bound` for those handling an exit. On timeout everyone is released.
+    pub fn gate(self: &Arc<Self>, bound: Duration) -> Result<Paused, QuiesceError> {
+        self.hold(Mode::Gate, &|| {}, bound)
+    }
+
+    fn hold(
+        self: &Arc<Self>,
+        mode: Mode,
         kick: &dyn Fn(),
         bound: Duration,
     ) -> Result<Paused, QuiesceError> {
@@ -247,31 +425,30 @@ impl Rendezvous {
                 return Err(QuiesceError::Busy);
             }
             s.pausing = true;
-            s.last_parked = None;
+            s.mode = mode;
             s.last_resumed = None;
+            self.stopping.store(mode == Mode::Stop, Ordering::SeqCst);
         }
         self.requested.store(true, Ordering::SeqCst);
-        kick();
+        if mode == Mode::Stop {
+            kick();
+        }
         let deadline = first_kick + bound;
         let mut s = self.lock();
         loop {
             let claimed = self.claim();
-            if s.parked + claimed >= s.live {
-                if claimed > 0 {
-                    s.last_parked = Some(Instant::now());
-                }
-                let vcpus = s.parked + claimed;
+            if claimed + s.parked >= s.live {
                 return Ok(Paused {
                     rv: self.clone(),
                     first_kick,
-                    parked_at: s.last_parked.unwrap_or_else(Instant::now),
-                    vcpus,
+                    parked_at: Instant::now(),
+                    vcpus: claimed + s.parked,
                     done: false,
                 });
             }
             let now = Instant::now();
             if now >= deadline {
-                let (parked, live) = (s.parked + self.claim(), s.live);
+                let (parked, live) = (claimed + s.parked, s.live);
                 drop(s);
                 self.release();
                 return Err(QuiesceError::Timeout {
@@ -286,7 +463,7 @@ impl Rendezvous {
                 .wait_timeout(s, wait)
                 .map(|(g, _)| g)
                 .unwrap_or_else(|e| e.into_inner().0);
-            if s.parked + self.claim() < s.live {
+            if mode == Mode::Stop && self.claim() + s.parked < s.live {
                 drop(s);
                 kick();
                 s = self.lock();
@@ -295,8 +472,9 @@ impl Rendezvous {
     }
 
     fn release(&self) {
-        self.requested.store(false, Ordering::Release);
         let mut s = self.lock();
+        self.requested.store(false, Ordering::SeqCst);
+        self.unclaim();
         s.pausing = false;
         s.generation += 1;
         self.cv.notify_all();
@@ -309,8 +487,8 @@ impl Paused {
         self.vcpus
     }
 
-    /// Release every vCPU and wait (briefly) until all have left the rendezvous;
-    /// returns the blackout.
+    /// Release every vCPU and wait (briefly) until those held have left the
+    /// rendezvous; returns the blackout.
     pub fn resume(mut self) -> Blackout {
         self.finish()
     }
@@ -321,7 +499,7 @@ impl Paused {
         let released = Instant::now();
         let bound = released + Duration::from_secs(1);
         let mut s = self.rv.lock();
-        while s.parked > 0 && Instant::now() < bound {
+        while (s.parked > 0 || s.waiting > 0) && Instant::now() < bound {
             s = self
                 .rv
                 .cv
@@ -329,11 +507,11 @@ impl Paused {
                 .map(|(g, _)| g)
                 .unwrap_or_else(|e| e.into_inner().0);
         }
-        // The last vCPU's own resume stamp; with none parked, the release itself.
+        // The last held vCPU's own resume stamp; with none held, the release itself.
         let last = match s.last_resumed {
-            Some(t) if s.parked == 0 && t >= released => t,
-            _ if self.vcpus == 0 => released,
-            _ => Instant::now(),
+            _ if s.parked > 0 || s.waiting > 0 => Instant::now(),
+            Some(t) if t >= released => t,
+            _ => released,
         };
         Blackout {
             vcpus: self.vcpus,
@@ -357,70 +535,106 @@ mod tests {
     use std::sync::atomic::AtomicU64;
     use std::sync::Arc;
 
-    /// Threads that "run" (increment a counter) and checkpoint, like vCPUs.
-    fn spawn(
-        rv: &Arc<Rendezvous>,
-        n: usize,
-        stop: &Arc<AtomicBool>,
-        work: &Arc<AtomicU64>,
-    ) -> Vec<std::thread::JoinHandle<()>> {
-        (0..n)
+    /// Threads shaped like vCPU loops: checkpoint, "KVM_RUN" (`guest` counts guest
+    /// progress there), then "handle the exit" (`handled` counts, `inside` says a
+    /// thread is in device code).
+    struct Loops {
+        stop: Arc<AtomicBool>,
+        guest: Arc<AtomicU64>,
+        handled: Arc<AtomicU64>,
+        inside: Arc<AtomicU64>,
+        hs: Vec<std::thread::JoinHandle<()>>,
+    }
+
+    fn spawn(rv: &Arc<Rendezvous>, n: usize, run_for: Duration) -> Loops {
+        let base = rv.live();
+        let stop = Arc::new(AtomicBool::new(false));
+        let guest = Arc::new(AtomicU64::new(0));
+        let handled = Arc::new(AtomicU64::new(0));
+        let inside = Arc::new(AtomicU64::new(0));
+        let hs = (0..n)
             .map(|_| {
-                let (rv, stop, work) = (rv.clone(), stop.clone(), work.clone());
+                let (rv, stop, guest, handled, inside) = (
+                    rv.clone(),
+                    stop.clone(),
+                    guest.clone(),
+                    handled.clone(),
+                    inside.clone(),
+                );
                 std::thread::spawn(move || {
-                    let _m = rv.register();
+                    let m = rv.register();
                     while !stop.load(Ordering::Acquire) {
-                        work.fetch_add(1, Ordering::Relaxed);
-                        rv.checkpoint();
+                        m.checkpoint();
+                        if !m.enter_run() {
+                            continue;
+                        }
+                        guest.fetch_add(1, Ordering::SeqCst);
+                        if !run_for.is_zero() {
+                            std::thread::sleep(run_for);
+                        }
+                        m.left_run();
+                        inside.fetch_add(1, Ordering::SeqCst);
+                        handled.fetch_add(1, Ordering::SeqCst);
+                        inside.fetch_sub(1, Ordering::SeqCst);
                     }
                 })
             })
-            .collect()
+            .collect();
+        while rv.live() < base + n {
+            std::thread::yield_now();
+        }
+        Loops {
+            stop,
+            guest,
+            handled,
+            inside,
+            hs,
+        }
+    }
+
+    impl Loops {
+        fn wait_progress(&self) {
+            let before = self.handled.load(Ordering::SeqCst);
+            while self.handled.load(Ordering::SeqCst) == before {
+                std::thread::yield_now();
+            }
+        }
+        fn end(self) {
+            self.stop.store(true, Ordering::Release);
+            for h in self.hs {
+                h.join().unwrap();
+            }
+        }
     }
 
     #[test]
     fn nothing_runs_while_paused_and_all_resume() {
         let rv = Arc::new(Rendezvous::new());
-        let stop = Arc::new(AtomicBool::new(false));
-        let work = Arc::new(AtomicU64::new(0));
-        let hs = spawn(&rv, 4, &stop, &work);
-        while rv.live() < 4 {
-            std::thread::yield_now();
-        }
+        let l = spawn(&rv, 4, Duration::ZERO);
         for _ in 0..50 {
             let p = rv.pause(&|| {}, Duration::from_secs(5)).unwrap();
             assert_eq!(p.vcpus(), 4);
-            let before = work.load(Ordering::SeqCst);
+            assert_eq!(l.inside.load(Ordering::SeqCst), 0, "a vCPU is in a handler");
+            // (Stopping the guest itself is the kick's job, not simulated here.)
+            let h = l.handled.load(Ordering::SeqCst);
             std::thread::sleep(Duration::from_millis(1));
-            assert_eq!(
-                work.load(Ordering::SeqCst),
-                before,
-                "a vCPU ran while paused"
-            );
+            assert_eq!(l.handled.load(Ordering::SeqCst), h, "an exit was handled");
             let b = p.resume();
             assert!(b.total >= b.park);
         }
-        let before = work.load(Ordering::SeqCst);
-        while work.load(Ordering::SeqCst) == before {
-            std::thread::yield_now();
-        }
-        stop.store(true, Ordering::Release);
-        for h in hs {
-            h.join().unwrap();
-        }
+        l.wait_progress();
+        l.end();
         assert_eq!(rv.live(), 0);
     }
 
     #[test]
-    fn a_vcpu_that_never_arrives_aborts_the_pause() {
+    fn a_vcpu_that_stays_in_a_handler_aborts_the_pause() {
         let rv = Arc::new(Rendezvous::new());
-        let _stuck = rv.register(); // registered, never checkpoints
-        let stop = Arc::new(AtomicBool::new(false));
-        let work = Arc::new(AtomicU64::new(0));
-        let hs = spawn(&rv, 2, &stop, &work);
-        while rv.live() < 3 {
-            std::thread::yield_now();
-        }
+        let stuck = rv.register();
+        // Into KVM_RUN and out with an exit it never finishes handling.
+        assert!(stuck.enter_run());
+        stuck.left_run();
+        let l = spawn(&rv, 2, Duration::ZERO);
         let kicks = AtomicU64::new(0);
         let e = rv
             .pause(
@@ -433,56 +647,25 @@ mod tests {
             .unwrap();
         assert!(matches!(e, QuiesceError::Timeout { live: 3, .. }), "{e}");
         assert!(kicks.load(Ordering::Relaxed) > 1, "the kick is repeated");
-        // Released: the others run again, and a later pause without the stuck one works.
-        let before = work.load(Ordering::SeqCst);
-        while work.load(Ordering::SeqCst) == before {
-            std::thread::yield_now();
-        }
-        drop(_stuck);
+        assert!(matches!(
+            rv.gate(Duration::from_millis(30)).err(),
+            Some(QuiesceError::Timeout { live: 3, .. })
+        ));
+        // Released: the others run again; once it has handled its exit, a pause works.
+        l.wait_progress();
+        assert!(!stuck.checkpoint());
         rv.pause(&|| {}, Duration::from_secs(5)).unwrap().resume();
-        stop.store(true, Ordering::Release);
-        for h in hs {
-            h.join().unwrap();
-        }
+        drop(stuck);
+        rv.pause(&|| {}, Duration::from_secs(5)).unwrap().resume();
+        l.end();
     }
 
     #[test]
     fn vcpus_inside_kvm_run_are_claimed_without_running() {
         let rv = Arc::new(Rendezvous::new());
-        let stop = Arc::new(AtomicBool::new(false));
-        let handled = Arc::new(AtomicU64::new(0));
         // Each "vCPU" spends 200 ms in "KVM_RUN" (as if descheduled), then handles
         // an exit: the handling must never happen while a pause holds.
-        let paused_flag = Arc::new(AtomicBool::new(false));
-        let hs: Vec<_> = (0..3)
-            .map(|_| {
-                let (rv, stop, handled, pf) = (
-                    rv.clone(),
-                    stop.clone(),
-                    handled.clone(),
-                    paused_flag.clone(),
-                );
-                std::thread::spawn(move || {
-                    let m = rv.register();
-                    while !stop.load(Ordering::Acquire) {
-                        rv.checkpoint();
-                        if !m.enter_run() {
-                            continue;
-                        }
-                        std::thread::sleep(Duration::from_millis(200));
-                        m.left_run();
-                        assert!(
-                            !pf.load(Ordering::SeqCst),
-                            "an exit was handled during a pause"
-                        );
-                        handled.fetch_add(1, Ordering::SeqCst);
-                    }
-                })
-            })
-            .collect();
-        while rv.live() < 3 {
-            std::thread::yield_now();
-        }
+        let l = spawn(&rv, 3, Duration::from_millis(200));
         std::thread::sleep(Duration::from_millis(20));
         let t = std::time::Instant::now();
         let p = rv.pause(&|| {}, Duration::from_secs(5)).unwrap();
@@ -492,23 +675,103 @@ mod tests {
             t.elapsed()
         );
         assert_eq!(p.vcpus(), 3);
-        paused_flag.store(true, Ordering::SeqCst);
-        let before = handled.load(Ordering::SeqCst);
+        let before = l.handled.load(Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(450));
         assert_eq!(
-            handled.load(Ordering::SeqCst),
+            l.handled.load(Ordering::SeqCst),
             before,
             "no exit handled while paused"
         );
-        paused_flag.store(false, Ordering::SeqCst);
         p.resume();
-        while handled.load(Ordering::SeqCst) == before {
+        l.wait_progress();
+        l.end();
+    }
+
+    #[test]
+    fn a_gate_lets_guests_run_and_holds_only_exits() {
+        let rv = Arc::new(Rendezvous::new());
+        let l = spawn(&rv, 3, Duration::from_millis(2));
+        l.wait_progress();
+        let p = rv.gate(Duration::from_secs(5)).unwrap();
+        assert_eq!(p.vcpus(), 3);
+        assert_eq!(l.inside.load(Ordering::SeqCst), 0);
+        let (g, h) = (
+            l.guest.load(Ordering::SeqCst),
+            l.handled.load(Ordering::SeqCst),
+        );
+        std::thread::sleep(Duration::from_millis(50));
+        // vCPUs coming back with an exit wait: none is handled.
+        assert_eq!(l.handled.load(Ordering::SeqCst), h, "an exit was handled");
+        assert!(
+            l.guest.load(Ordering::SeqCst) >= g,
+            "guest progress counter went backwards"
+        );
+        let b = p.resume();
+        assert_eq!(b.vcpus, 3);
+        l.wait_progress();
+        l.end();
+    }
+
+    #[test]
+    fn idle_vcpus_are_parked_by_state_without_running() {
+        // Registered vCPUs that never run again (their threads stopped by the host
+        // between exits): both kinds of pause complete without them.
+        let rv = Arc::new(Rendezvous::new());
+        let idle: Vec<_> = (0..3).map(|_| rv.register()).collect();
+        let l = spawn(&rv, 2, Duration::ZERO);
+        let p = rv.gate(Duration::from_secs(5)).unwrap();
+        assert_eq!(p.vcpus(), 5);
+        p.resume();
+        let p = rv.pause(&|| {}, Duration::from_secs(5)).unwrap();
+        assert_eq!(p.vcpus(), 5);
+        // Held idle by a stopping pause: may not enter KVM_RUN.
+        assert!(!idle[0].enter_run());
+        p.resume();
+        // Released: it runs; a gate lets it enter KVM_RUN, the exit it brings back
+        // waits until the gate opens.
+        let p = rv.gate(Duration::from_secs(5)).unwrap();
+        assert!(idle[0].enter_run());
+        drop(p);
+        idle[0].left_run();
+        assert!(!idle[0].checkpoint());
+        drop(idle);
+        l.wait_progress();
+        l.end();
+        assert_eq!(rv.live(), 0);
+    }
+
+    #[test]
+    fn a_claimed_exit_waits_for_the_gate_to_open() {
+        let rv = Arc::new(Rendezvous::new());
+        let handled = Arc::new(AtomicBool::new(false));
+        let in_run = Arc::new(AtomicBool::new(false));
+        let go = Arc::new(AtomicBool::new(false));
+        let t = {
+            let (rv, handled, in_run, go) =
+                (rv.clone(), handled.clone(), in_run.clone(), go.clone());
+            std::thread::spawn(move || {
+                let m = rv.register();
+                assert!(m.enter_run());
+                in_run.store(true, Ordering::SeqCst);
+                while !go.load(Ordering::SeqCst) {
+                    std::thread::yield_now();
+                }
+                m.left_run();
+                handled.store(true, Ordering::SeqCst);
+                m.checkpoint();
+            })
+        };
+        while !in_run.load(Ordering::SeqCst) {
             std::thread::yield_now();
         }
-        stop.store(true, Ordering::Release);
-        for h in hs {
-            h.join().unwrap();
-        }
+        let p = rv.gate(Duration::from_secs(5)).unwrap();
+        go.store(true, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(!handled.load(Ordering::SeqCst), "handled during the gate");
+        let b = p.resume();
+        t.join().unwrap();
+        assert!(handled.load(Ordering::SeqCst));
+        assert!(b.total >= Duration::from_millis(30), "{b:?}");
     }
 
     #[test]
@@ -517,6 +780,10 @@ mod tests {
         let p = rv.pause(&|| {}, Duration::from_millis(10)).unwrap();
         assert_eq!(
             rv.pause(&|| {}, Duration::from_millis(10)).err(),
+            Some(QuiesceError::Busy)
+        );
+        assert_eq!(
+            rv.gate(Duration::from_millis(10)).err(),
             Some(QuiesceError::Busy)
         );
         assert_eq!(p.resume().vcpus, 0);

@@ -15,8 +15,15 @@
 //! | `Done` | leave the rendezvous, hand back the counts | — |
 //!
 //! Any other pair is a bug in the loop; it ends the VM with an internal verdict
-//! rather than panicking. `Parked` is the only state in which a pause can hold a
-//! vCPU: there no access is half-decided.
+//! rather than panicking.
+//!
+//! Each vCPU publishes where it is to the rendezvous ([`crate::lifecycle::quiesce`]):
+//! idle in `Parked`, in KVM_RUN inside `Running`, busy from KVM_RUN's return through
+//! `Deciding`/`Gathering`/`Completing` back to `Parked`. A pause claims idle and
+//! in-KVM_RUN vCPUs by that state, without their threads having to run, and waits
+//! only for busy ones; a claimed vCPU waits before handling its next exit (and, in a
+//! stopping pause, before entering KVM_RUN). So no access is ever half-decided when
+//! the VMM acts.
 //!
 //! The loop knows its VM only through [`VcpuHost`] (with [`ExitBus`] and
 //! [`DirectPages`]): this file never names the VM (`super::vm` implements the
@@ -210,7 +217,7 @@ pub(crate) fn vcpu_loop<H: VcpuHost>(idx: u8, fd: VcpuFd, shared: &H) -> VcpuRes
     let mut state = State::Parked;
     loop {
         let event = match &state {
-            State::Parked => v.park(),
+            State::Parked => v.park(&member),
             State::Running => v.run(&member),
             State::Deciding(p) => v.decide(*p),
             State::Gathering(p, size) => v.gather(*p, *size),
@@ -287,17 +294,19 @@ impl Book {
 
 impl<H: VcpuHost> Vcpu<'_, H> {
     /// `Parked`: record the trapped access just handled, then the rendezvous
-    /// checkpoint (parks here while the VMM acts: between exits, no access is
-    /// half-decided).
+    /// checkpoint: the vCPU leaves device and policy code (its published state goes
+    /// from busy to idle, so a pause parks it by state from here until its next
+    /// exit) and waits here while a stopping pause holds it.
     #[inline]
-    fn park(&mut self) -> Event {
+    fn park(&mut self, member: &Member<'_>) -> Event {
         if let Some(t0) = self.book.trapped.take() {
             self.book
                 .counts
                 .trap_latency
                 .record_ns(crate::vstate::ticks::ns_since(t0));
         }
-        self.shared.rv().checkpoint();
+        member.checkpoint();
+        member.test_hold_point(self.book.idx, self.shared.stop_flag());
         if self.shared.stop_flag().load(Ordering::Acquire) {
             Event::StopRequested
         } else {
@@ -312,8 +321,9 @@ impl<H: VcpuHost> Vcpu<'_, H> {
             return Event::PauseRequested;
         }
         let ran = self.fd.run();
-        // If the VMM counted this vCPU as parked while it was in KVM_RUN, wait here
-        // before handling the exit.
+        // Into device and policy code (busy) until the next `Parked`; if a pause
+        // claimed this vCPU while it was in KVM_RUN, wait here before handling the
+        // exit.
         member.left_run();
         let (mut event, kicked) = self.book.run_event(self.shared, ran);
         if event == Event::Handled(Next::Emulation)
