@@ -40,6 +40,14 @@ pub const BUILTINS: &[(&str, &str)] = &[
         "look for the canary in RAM, SCRATCH and the buffers",
     ),
     ("past-bar", "read just past BAR0's end"),
+    (
+        "detach-wait",
+        "use the device, wait until it is detached (vendor ID 0xffff), run on, pass",
+    ),
+    (
+        "detach-alarms",
+        "detach-wait with 3 HANG_TRIGGER writes (3 alarms for a tenant) before waiting",
+    ),
     ("straddle-bar", "8-byte read straddling BAR0's end"),
     (
         "edu-id",
@@ -75,6 +83,8 @@ pub fn builtin(name: &str) -> Option<Result<Vec<u8>>> {
         "canary-write" => canary_write(),
         "canary-scan" => canary_scan(),
         "past-bar" => past_bar(),
+        "detach-wait" => crate::detach::detach_wait(0),
+        "detach-alarms" => crate::detach::detach_wait(3),
         "straddle-bar" => straddle_bar(),
         "edu-id" => edu::id(),
         "edu-factorial" => edu::factorial(),

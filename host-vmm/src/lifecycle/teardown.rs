@@ -13,7 +13,7 @@ use hilrig_device::oob::CounterReport;
 use std::time::{Duration, Instant};
 
 pub use hilrig_vmm_api::teardown::{
-    RecordError, StepRecord, TeardownRecord, VerdictSummary, STEPS,
+    BreachTrigger, RecordError, StepRecord, TeardownRecord, VerdictSummary, DETACH_STEPS, STEPS,
 };
 
 /// Why a teardown step failed (the record carries its words).
@@ -113,6 +113,18 @@ pub trait TeardownOps {
 /// Run the teardown. Always returns a signed record; `complete` says whether every
 /// step succeeded (the failed step carries its error).
 pub fn run(ops: &mut dyn TeardownOps, vm: &str, key: &SigningKey) -> TeardownRecord {
+    run_with(ops, vm, key, false, None)
+}
+
+/// [`run`], or with `detach` the steps of a detach ([`DETACH_STEPS`]: guest memory is
+/// not scrubbed, the guest keeps running); `trigger` is named in the record.
+pub fn run_with(
+    ops: &mut dyn TeardownOps,
+    vm: &str,
+    key: &SigningKey,
+    detach: bool,
+    trigger: Option<BreachTrigger>,
+) -> TeardownRecord {
     let start = Instant::now();
     let started_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -128,6 +140,8 @@ pub fn run(ops: &mut dyn TeardownOps, vm: &str, key: &SigningKey) -> TeardownRec
         device_bytes_scrubbed: 0,
         counters: None,
         verdict: None,
+        trigger,
+        detached: detach,
         signer: hex::encode(key.verifying_key().as_bytes()),
         signature: String::new(),
     };
@@ -145,9 +159,10 @@ pub fn run(ops: &mut dyn TeardownOps, vm: &str, key: &SigningKey) -> TeardownRec
     };
     let ok = step(&mut r, STEPS[0], &mut |_| ops.pause())
         && step(&mut r, STEPS[1], &mut |_| ops.unmap_device())
-        && step(&mut r, STEPS[2], &mut |r| {
-            ops.scrub_guest_memory().map(|b| r.guest_bytes_scrubbed = b)
-        })
+        && (detach
+            || step(&mut r, STEPS[2], &mut |r| {
+                ops.scrub_guest_memory().map(|b| r.guest_bytes_scrubbed = b)
+            }))
         && step(&mut r, STEPS[3], &mut |r| {
             ops.scrub_device_state()
                 .map(|b| r.device_bytes_scrubbed = b)

@@ -2,6 +2,7 @@
 //! per-access engine with its shadow store and alarm sink ([`engine`]), and the
 //! exception injection for `fault` rules (`fault`).
 
+pub mod breach;
 pub mod engine;
 pub(crate) mod fault;
 pub mod profile;
