@@ -29,7 +29,7 @@ fn skip() -> bool {
 
 /// The built-in policy plus `breach` (a `[breach]` table), compiled for `profile`.
 fn profile_with(breach: &str, profile: &str) -> Arc<Profile> {
-    let text = format!("{breach}\n{}", default_policy_toml());
+    let text = format!("{}\n{breach}", default_policy_toml());
     Arc::new(
         PolicyFile::parse(&text, "breach.toml")
             .and_then(|f| f.compile(profile, "breach.toml"))
@@ -260,6 +260,11 @@ fn detach_by_request_then_teardown_and_detach_again_get_clear_replies() {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
+    // Held paused by an operator across the requests below (so the guest cannot
+    // see its device go and end the run before they are answered); the detach
+    // leaves it paused.
+    let paused = ask(&sock, r#"{"op":"pause"}"#);
+    assert_eq!(paused["ok"], true, "{paused}");
     let reply = ask(&sock, r#"{"op":"detach"}"#);
     assert_eq!(
         (&reply["ok"], &reply["op"]),
@@ -288,6 +293,14 @@ fn detach_by_request_then_teardown_and_detach_again_get_clear_replies() {
         td["error"].as_str().unwrap().contains("already detached"),
         "{td}"
     );
+    let st = ask(&sock, r#"{"op":"status"}"#);
+    assert_eq!(
+        (&st["detached"], &st["paused"]),
+        (&Value::Bool(true), &Value::Bool(true)),
+        "{st}"
+    );
+    let resumed = ask(&sock, r#"{"op":"resume"}"#);
+    assert_eq!(resumed["ok"], true, "{resumed}");
     let rep = t.join().unwrap();
     assert_eq!(
         rep.verdict,

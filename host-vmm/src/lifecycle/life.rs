@@ -640,6 +640,11 @@ pub trait Lifecycle: VmHost {
     /// The control socket's `status`.
     fn status(&self) -> VmStatus {
         let verdict = self.verdict().as_ref().map(|v| v.to_string());
+        // One lock at a time (a guard in a struct field lives to the statement's end).
+        let (torn_down, detached) = {
+            let t = lock(&self.life().teardown);
+            (t.is_some(), t.as_ref().is_some_and(|r| r.detached))
+        };
         VmStatus {
             state: if verdict.is_some() {
                 VmState::Finished
@@ -656,10 +661,8 @@ pub trait Lifecycle: VmHost {
                 device_handler: self.modules().handler.version(),
             },
             patchable: self.life().cfg.patch.is_some(),
-            torn_down: lock(&self.life().teardown).is_some(),
-            detached: lock(&self.life().teardown)
-                .as_ref()
-                .is_some_and(|r| r.detached),
+            torn_down,
+            detached,
             build: Some(hex::encode(match &self.life().cfg.patch {
                 Some(a) => a.build_sha256,
                 None => running_build(),
