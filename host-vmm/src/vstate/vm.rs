@@ -509,13 +509,12 @@ impl PolicyHandle {
         s.policy.as_ref().map(|e| e.metrics())
     }
 
-    /// Replace the active profile. Atomic for the guest: while the engine's write
-    /// lock is held no trapped access can be decided (vCPUs wait), the BAR0 memory
-    /// slots are re-planned for the new profile's trapping pages (a page that is
-    /// about to gain rules stops being mapped before the new profile is visible),
-    /// then the profile and a fresh shadow store take effect. Every access is
-    /// decided entirely by the old or entirely by the new profile. Returns the old
-    /// one. Safe with vCPUs running; issue 9 calls it with them quiesced.
+    /// Replace the active profile, with vCPUs running: the BAR0 memory slots are
+    /// re-planned for the new profile's trapping pages (a page that is about to
+    /// gain rules stops being mapped before the new profile is visible), then the
+    /// profile and a fresh shadow store are published as the next version of the
+    /// module table's policy slot. Every access is decided entirely by the old or
+    /// entirely by the new profile, exactly once. Returns the old one.
     pub fn replace(&self, profile: Arc<Profile>) -> Result<Arc<Profile>, VmmError> {
         let s = self
             .0
