@@ -541,7 +541,7 @@ impl PolicyEngine {
 
     /// The figures of the last swap (None: none yet, or it could not drain).
     pub fn last_swap(&self) -> Option<crate::lifecycle::modules::Swapped> {
-        lock(&self.last_swap).clone()
+        *lock(&self.last_swap)
     }
 
     /// The policy slot the engine decides through.
@@ -586,7 +586,7 @@ impl PolicyEngine {
         let old = self.profile();
         during();
         let sw = self.swap(profile, version, crate::lifecycle::modules::DRAIN_BOUND);
-        *lock(&self.last_swap) = sw.as_ref().ok().cloned();
+        *lock(&self.last_swap) = sw.as_ref().ok().copied();
         if let Err(e) = sw {
             // Published; the old version could not be drained in time (alarmed).
             crate::lifecycle::MODULE_ALARMS.fetch_add(1, Ordering::Relaxed);
