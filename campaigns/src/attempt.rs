@@ -1390,6 +1390,8 @@ mod tests {
             device_bytes_scrubbed: 0,
             counters: None,
             verdict: None,
+            trigger: None,
+            detached: false,
             signer: String::new(),
             signature: String::new(),
         };

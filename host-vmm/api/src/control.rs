@@ -34,6 +34,9 @@ pub enum Request {
     },
     /// Secure teardown of the tenant.
     Teardown {},
+    /// Take the device away from the guest and let the guest run on: unmapped,
+    /// removed from its PCI bus, scrubbed, reset and verified.
+    Detach {},
     /// Exit counts, alarms, blackouts.
     Metrics {},
 }
@@ -48,6 +51,7 @@ impl Request {
             Request::Quiesce {} => "quiesce",
             Request::Patch { .. } => "patch",
             Request::Teardown {} => "teardown",
+            Request::Detach {} => "detach",
             Request::Metrics {} => "metrics",
         }
     }
@@ -103,8 +107,11 @@ pub struct VmStatus {
     pub versions: ModuleVersions,
     /// Whether the VMM accepts patches (it has a trusted key).
     pub patchable: bool,
-    /// Whether the tenant was torn down.
+    /// Whether the tenant was torn down (or its device detached).
     pub torn_down: bool,
+    /// Whether the device was detached (the guest runs on without it).
+    #[serde(default)]
+    pub detached: bool,
     /// SHA-256 (hex) of the running VMM build (what bundles target).
     #[serde(default)]
     pub build: Option<String>,
@@ -176,6 +183,8 @@ pub enum Reply {
     Patch(PatchEvent),
     /// To `teardown`: the signed record (the VM then ends).
     Teardown(Box<TeardownRecord>),
+    /// To `detach`: the signed record (`detached: true`; the guest runs on).
+    Detach(Box<TeardownRecord>),
     /// To `metrics`.
     Metrics(Box<Metrics>),
 }
@@ -350,6 +359,7 @@ fn reply_op(r: &Reply) -> &'static str {
         Reply::Quiesce(_) => "quiesce",
         Reply::Patch(_) => "patch",
         Reply::Teardown(_) => "teardown",
+        Reply::Detach(_) => "detach",
         Reply::Metrics(_) => "metrics",
     }
 }
@@ -369,6 +379,7 @@ mod tests {
                 bundle: "/b".into(),
             },
             Request::Teardown {},
+            Request::Detach {},
             Request::Metrics {},
         ] {
             let line = r.to_line();
@@ -389,6 +400,7 @@ mod tests {
                 },
                 patchable: true,
                 torn_down: false,
+                detached: false,
                 build: Some("ab".repeat(32)),
             })),
             Ok(Reply::Quiesce(PauseReply {

@@ -27,4 +27,4 @@ pub use summary::{
     AlarmGroup, ExitCounts, GateOutcome, GateRecord, PatchEvent, PolicySummary, RunSummary,
     SandboxSummary, TrapLatency, VbiosMeasurement,
 };
-pub use teardown::{Nonce, RunBinding, TeardownRecord, VerdictSummary};
+pub use teardown::{BreachTrigger, Nonce, RunBinding, TeardownRecord, VerdictSummary};

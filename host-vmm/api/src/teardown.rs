@@ -6,6 +6,16 @@ use hilrig_device::attest::Verdict;
 use hilrig_device::oob::CounterReport;
 use serde::{Deserialize, Serialize};
 
+/// The steps of a detach, in order (the guest keeps its memory).
+pub const DETACH_STEPS: [&str; 6] = [
+    "pause",
+    "unmap-device",
+    "scrub-device-state",
+    "reset-device",
+    "read-counters",
+    "verdict",
+];
+
 /// The teardown steps, in order.
 pub const STEPS: [&str; 7] = [
     "pause",
@@ -104,6 +114,69 @@ pub struct RunBinding {
     pub nonce: Nonce,
 }
 
+/// What started a teardown or a detach (issue 21.5): an operator's request, the end
+/// of the run, or a breach trigger configured in the policy file's `[breach]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum BreachTrigger {
+    /// A `teardown` or `detach` request on the control socket.
+    Request {
+        /// The request's op.
+        op: String,
+    },
+    /// The VM ended and `--teardown-on-exit` tore the tenant down.
+    Exit {},
+    /// A register's alarms crossed their threshold: `count` alarms within `within_ms`.
+    Alarms {
+        /// The register (as the policy file names it).
+        register: String,
+        /// Alarms counted in the window.
+        count: u64,
+        /// The window, milliseconds.
+        within_ms: u64,
+    },
+    /// The device's counters, read out of band while the guest ran, gave a verdict
+    /// the policy lists (bypassed-trap, undercount, rolled-back, ...).
+    Counters {
+        /// The verdict.
+        verdict: Verdict,
+        /// Why.
+        reasons: Vec<String>,
+    },
+    /// The module table caught calls into a retired module (stale handles or stale
+    /// code addresses).
+    StaleModuleCall {
+        /// Stale calls seen since the VM started.
+        calls: u64,
+    },
+}
+
+impl BreachTrigger {
+    /// One line naming the trigger.
+    pub fn describe(&self) -> String {
+        match self {
+            BreachTrigger::Request { op } => format!("control request {op}"),
+            BreachTrigger::Exit {} => "end of the run".into(),
+            BreachTrigger::Alarms {
+                register,
+                count,
+                within_ms,
+            } => format!("{count} alarms on {register} within {within_ms} ms"),
+            BreachTrigger::Counters { verdict, reasons } => {
+                format!("counters verdict {verdict}: {}", reasons.join("; "))
+            }
+            BreachTrigger::StaleModuleCall { calls } => {
+                format!("{calls} calls into a retired module")
+            }
+        }
+    }
+
+    /// Whether this is a breach (not an operator's request or the end of the run).
+    pub fn is_breach(&self) -> bool {
+        !matches!(self, BreachTrigger::Request { .. } | BreachTrigger::Exit {})
+    }
+}
+
 /// The teardown record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TeardownRecord {
@@ -133,6 +206,14 @@ pub struct TeardownRecord {
     pub counters: Option<CounterReport>,
     /// The counters service's verdict.
     pub verdict: Option<VerdictSummary>,
+    /// What started it (None: an older VMM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<BreachTrigger>,
+    /// A detach: the device was taken from the guest (unmapped, removed from its PCI
+    /// bus), scrubbed, reset and verified while the guest kept running; guest memory
+    /// was not scrubbed (the guest still uses it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub detached: bool,
     /// Signer's public key, hex.
     pub signer: String,
     /// Ed25519 signature (hex) over the record's JSON with this field empty.
@@ -239,6 +320,8 @@ mod tests {
             device_bytes_scrubbed: 0,
             counters: None,
             verdict: None,
+            trigger: None,
+            detached: false,
             signer: String::new(),
             signature: String::new(),
         };

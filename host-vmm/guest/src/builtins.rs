@@ -44,6 +44,14 @@ pub const BUILTINS: &[(&str, &str)] = &[
         "intx-wait",
         "set up IDT/LAPIC/IOAPIC from config space, hlt until the device's (pending) interrupt",
     ),
+    (
+        "detach-wait",
+        "use the device, wait until it is detached (vendor ID 0xffff), run on, pass",
+    ),
+    (
+        "detach-alarms",
+        "detach-wait with 3 HANG_TRIGGER writes (3 alarms for a tenant) before waiting",
+    ),
     ("straddle-bar", "8-byte read straddling BAR0's end"),
     (
         "edu-id",
@@ -80,6 +88,8 @@ pub fn builtin(name: &str) -> Option<Result<Vec<u8>>> {
         "canary-scan" => canary_scan(),
         "past-bar" => past_bar(),
         "intx-wait" => crate::intx::intx_wait(),
+        "detach-wait" => crate::detach::detach_wait(0),
+        "detach-alarms" => crate::detach::detach_wait(3),
         "straddle-bar" => straddle_bar(),
         "edu-id" => edu::id(),
         "edu-factorial" => edu::factorial(),

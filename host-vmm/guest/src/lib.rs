@@ -8,6 +8,7 @@
 pub mod abi;
 pub mod attacks;
 pub mod builtins;
+pub mod detach;
 pub mod error;
 pub mod idle;
 pub mod intx;

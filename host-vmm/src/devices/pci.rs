@@ -60,6 +60,9 @@ pub struct PciBus {
     ids: u32,
     /// Class code and revision (config dword 2).
     class_rev: u32,
+    /// The function was removed from the bus (detach): its config space reads all
+    /// ones, writes are dropped, and its BARs decode nothing.
+    detached: bool,
 }
 
 impl PciBus {
@@ -81,7 +84,23 @@ impl PciBus {
             int_pin: 0,
             ids: u32::from(PCI_DEVICE_ID) << 16 | u32::from(PCI_VENDOR_ID),
             class_rev: (PCI_CLASS_CODE << 8) | u32::from(REVISION),
+            detached: false,
         }
+    }
+
+    /// Remove the device function from the bus (a detach, the guest running on):
+    /// from now on its configuration space reads all ones (vendor ID 0xffff: no
+    /// function there), writes to it are dropped, and its BAR0 and ROM decode
+    /// nothing (an access where they were reads all ones and drops writes, as a
+    /// master abort does; it never reaches the device). There is no way back.
+    pub fn detach(&mut self) {
+        self.detached = true;
+        self.command = 0;
+    }
+
+    /// Whether the device function was removed ([`PciBus::detach`]).
+    pub fn detached(&self) -> bool {
+        self.detached
     }
 
     /// Show the guest another device's identity (a passed-through device that is
@@ -127,7 +146,7 @@ impl PciBus {
 
     /// Current decode state.
     pub fn decode(&self) -> Decode {
-        let mem = self.command & CMD_MEM != 0;
+        let mem = self.command & CMD_MEM != 0 && !self.detached;
         Decode {
             bar0: mem.then_some(u64::from(self.bar0)),
             rom: (mem && self.rom & ROM_ENABLE != 0 && self.rom_window != 0)
@@ -225,6 +244,7 @@ impl PciBus {
                 2 => 0x0600_0000, // host bridge, revision 0
                 _ => 0,
             },
+            DEVICE_SLOT if self.detached => u32::MAX,
             DEVICE_SLOT => match reg {
                 0 => self.ids,
                 1 => self.command, // status 0: no capabilities
@@ -243,7 +263,7 @@ impl PciBus {
 
     /// Write `value` under byte-bit `mask` to dword register `reg` of `dev`.
     pub fn config_write(&mut self, dev: u8, reg: u8, value: u32, mask: u32) {
-        if dev != DEVICE_SLOT {
+        if dev != DEVICE_SLOT || self.detached {
             return;
         }
         let merge = |old: u32| (old & !mask) | (value & mask);
@@ -340,6 +360,39 @@ mod tests {
         wr(&mut bus, 1, 4, 0);
         assert_eq!(bus.route(0xe000_0000), Route::Disabled);
         assert_eq!(bus.decode().bar0, None);
+    }
+
+    #[test]
+    fn a_detached_function_reads_all_ones_and_decodes_nothing() {
+        let mut bus = PciBus::new(16 * 1024);
+        bus.assign(0xe000_0000, 0xe010_0000);
+        wr(&mut bus, 1, 0x30, 0xe010_0001);
+        assert_eq!(bus.route(0xe000_0010), Route::Bar0(0x10));
+        bus.detach();
+        assert!(bus.detached());
+        for off in (0..0x40).step_by(4) {
+            assert_eq!(rd(&mut bus, 1, off), u32::MAX, "config {off:#x}");
+        }
+        // Sub-dword: the vendor ID alone reads 0xffff.
+        bus.io_write(0xcf8, &config_address(1, 0).to_le_bytes());
+        let mut b = [0u8; 2];
+        bus.io_read(0xcfc, &mut b);
+        assert_eq!(u16::from_le_bytes(b), 0xffff);
+        // Writes do nothing: decode stays off, the BARs stay all ones.
+        assert!(!wr(&mut bus, 1, 4, 2));
+        wr(&mut bus, 1, 0x10, 0xd000_0000);
+        assert_eq!(rd(&mut bus, 1, 0x10), u32::MAX);
+        assert_eq!(
+            bus.decode(),
+            Decode {
+                bar0: None,
+                rom: None
+            }
+        );
+        assert_eq!(bus.route(0xe000_0010), Route::Disabled);
+        assert_eq!(bus.route(0xe010_0000), Route::Disabled);
+        // The host bridge is still there.
+        assert_eq!(rd(&mut bus, 0, 0) & 0xffff, u32::from(BRIDGE_VENDOR_ID));
     }
 
     #[test]

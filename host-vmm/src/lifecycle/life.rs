@@ -18,6 +18,7 @@ use hilrig_device::ResetKind;
 use hilrig_vmm_api::control::{
     BlackoutStats, Metrics, ModuleVersions, PauseReply, Reply, Request, Response, VmState, VmStatus,
 };
+use hilrig_vmm_api::teardown::BreachTrigger;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -140,6 +141,13 @@ pub enum LifecycleError {
         /// The path.
         path: PathBuf,
     },
+    /// The device was detached: there is nothing of the tenant's left on it to tear
+    /// down, and no device to patch.
+    #[error("the device was already detached (the guest runs on without it); {op} refused")]
+    Detached {
+        /// The refused request.
+        op: &'static str,
+    },
     /// The bundle file is too large.
     #[error("bundle {path} is {len} bytes; at most {MAX_BUNDLE}")]
     BundleTooLarge {
@@ -160,6 +168,8 @@ pub struct Life {
     patches: Mutex<Vec<PatchEvent>>,
     teardown: Mutex<Option<TeardownRecord>>,
     baseline: Mutex<Option<CounterReport>>,
+    /// The breach monitor, when the policy arms any trigger.
+    breach: Mutex<Option<Arc<crate::lifecycle::breach::Monitor>>>,
     /// Serialises pause/patch/teardown.
     op: Mutex<()>,
 }
@@ -192,6 +202,7 @@ impl Life {
             patches: Mutex::new(Vec::new()),
             teardown: Mutex::new(None),
             baseline: Mutex::new(None),
+            breach: Mutex::new(None),
             op: Mutex::new(()),
         }
     }
@@ -209,6 +220,16 @@ impl Life {
     /// Patches applied.
     pub fn patches(&self) -> Vec<PatchEvent> {
         lock(&self.patches).clone()
+    }
+
+    /// Whether the tenant was torn down or its device detached.
+    pub fn torn_down(&self) -> bool {
+        lock(&self.teardown).is_some()
+    }
+
+    /// The breach monitor, if the policy arms any trigger.
+    pub fn breach_monitor(&self) -> Option<Arc<crate::lifecycle::breach::Monitor>> {
+        lock(&self.breach).clone()
     }
 }
 
@@ -249,12 +270,22 @@ pub trait VmHost: Send + Sync {
     fn device(&self) -> MutexGuard<'_, Box<dyn hilrig_device::Device>>;
     /// The policy engine, if the VM has one.
     fn policy_engine(&self) -> Option<&PolicyEngine>;
-    /// Install a new policy profile (re-planning the BAR0 mappings).
-    fn replace_policy(&self, profile: Arc<Profile>) -> Result<Arc<Profile>, crate::VmmError>;
+    /// Install a new policy profile as policy `version` through the module table's
+    /// policy slot, without a quiesce (re-planning the BAR0 mappings).
+    fn replace_policy(
+        &self,
+        profile: Arc<Profile>,
+        version: u64,
+    ) -> Result<Arc<Profile>, crate::VmmError>;
     /// Guest RAM regions (host address, length).
     fn guest_ram(&self) -> Vec<(*mut u8, usize)>;
     /// Remove every guest mapping of the device; returns the slots removed.
     fn unmap_device(&self) -> Result<usize, crate::VmmError>;
+    /// Take the device away from a guest that runs on: every mapping removed as by
+    /// [`VmHost::unmap_device`] (memory slots, traps, DMA), and the function removed
+    /// from the guest's PCI bus (its config space reads all ones, its BARs decode
+    /// nothing). Returns the slots removed.
+    fn detach_device(&self) -> Result<usize, crate::VmmError>;
     /// The run's verdict slot, locked.
     fn verdict(&self) -> MutexGuard<'_, Option<Verdict>>;
     /// The flag every vCPU loop checks to end.
@@ -269,14 +300,49 @@ pub trait VmHost: Send + Sync {
 
 /// The lifecycle operations, on any [`VmHost`].
 pub trait Lifecycle: VmHost {
-    /// Read the device's counters at VM start (the teardown verdict's baseline).
+    /// Read the device's counters at VM start (the teardown verdict's baseline) and
+    /// arm the policy's breach triggers (`[breach]`).
     fn record_baseline(&self) {
+        if let Some(engine) = self.policy_engine() {
+            let cfg = engine.profile().breach.clone();
+            if cfg.armed() && lock(&self.life().breach).is_none() {
+                let m = Arc::new(crate::lifecycle::breach::Monitor::new(cfg));
+                engine.observe_alarms(m.clone());
+                *lock(&self.life().breach) = Some(m);
+            }
+        }
         if self.life().cfg.device_desc.is_some() {
             return; // a described device has no out-of-band counters
         }
         let mut dev = self.device();
         let c = oob::read_counters(&mut **dev).ok();
         *lock(&self.life().baseline) = c;
+    }
+
+    /// The counters verdict of the running tenancy: counters read out of band now
+    /// against those read at VM start, cross-checked with the program/erase attempts
+    /// the policy engine passed ([`crate::lifecycle::breach::counters_verdict`]).
+    /// None when there is no baseline, the device has no OOB counters, or the read
+    /// failed (logged).
+    fn running_counters_verdict(&self) -> Option<(CountersVerdict, Vec<String>)> {
+        if self.life().cfg.device_desc.is_some() {
+            return None;
+        }
+        let base = (*lock(&self.life().baseline))?;
+        let now = {
+            let mut dev = self.device();
+            match oob::read_counters(&mut **dev) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("breach: reading counters out of band: {e}");
+                    return None;
+                }
+            }
+        };
+        let attempts = self.policy_engine().map(|e| e.flash_attempts());
+        Some(crate::lifecycle::breach::counters_verdict(
+            &base, &now, attempts,
+        ))
     }
 
     /// Park every vCPU now (bounded by the configured pause bound).
@@ -397,6 +463,35 @@ pub trait Lifecycle: VmHost {
                 tracing::info!(component = %ev.component, from = ev.from, to = ev.to, swap_us = ?ev.swap_us, "patch applied without quiesce");
                 return Ok(ev);
             }
+            // The policy module too is swapped under load, through its slot: every
+            // access is decided by the old or the new version, exactly once.
+            Prepared::Policy { version, profile } if !was_held => {
+                let Some(engine) = self.policy_engine() else {
+                    return Err(LifecycleError::NoPolicyEngine);
+                };
+                let profile = Arc::new(profile);
+                let from = self.modules().policy.version();
+                let t0 = Instant::now();
+                self.replace_policy(profile.clone(), version)
+                    .map_err(LifecycleError::ReplacePolicy)?;
+                let total = t0.elapsed();
+                if let Some(m) = self.life().breach_monitor() {
+                    m.configure(profile.breach.clone());
+                }
+                let sw = engine.last_swap();
+                let ev = PatchEvent {
+                    component: crate::lifecycle::patch::POLICY.to_string(),
+                    from,
+                    to: version,
+                    blackout_us: Some(us(sw.as_ref().map_or(total, |s| s.publish))),
+                    quiesced: false,
+                    swap_us: Some(us(total)),
+                    inflight: sw.map_or(0, |s| s.inflight_at_publish),
+                };
+                lock(&self.life().patches).push(ev.clone());
+                tracing::info!(component = %ev.component, from, to = version, swap_us = ?ev.swap_us, "policy patch applied without quiesce");
+                return Ok(ev);
+            }
             p => p,
         };
         // Not held by an operator: close only the device and policy code (the
@@ -412,11 +507,14 @@ pub trait Lifecycle: VmHost {
         let (component, from, to) = match prepared {
             Prepared::Policy { version, profile } => {
                 let profile = Arc::new(profile);
-                if let Err(e) = self.replace_policy(profile.clone()) {
+                let from = self.modules().policy.version();
+                if let Err(e) = self.replace_policy(profile.clone(), version) {
                     drop(paused);
                     return Err(LifecycleError::ReplacePolicy(e));
                 }
-                let from = self.modules().policy.replace(Some(profile), version);
+                if let Some(m) = self.life().breach_monitor() {
+                    m.configure(profile.breach.clone());
+                }
                 (crate::lifecycle::patch::POLICY, from, version)
             }
             Prepared::Handler { version, handler } => {
@@ -445,9 +543,81 @@ pub trait Lifecycle: VmHost {
         Ok(ev)
     }
 
-    /// Secure teardown (see `teardown`); ends the VM. Idempotent: a second call
-    /// returns the first record.
+    /// Secure teardown at the end of the run (see [`Lifecycle::teardown_for`]).
     fn teardown(&self) -> TeardownRecord {
+        self.teardown_for(BreachTrigger::Exit {})
+    }
+
+    /// Take the device away from the guest and let the guest run on (control
+    /// `detach`, or `[breach] action = "detach"`): pause → detach the device
+    /// (unmapped, traps dropped, off the guest's PCI bus) → scrub its tenant state →
+    /// reset → counters → verdict → signed record (`detached: true`, the trigger
+    /// named) → resume. Guest memory stays (the guest still uses it). Idempotent: a
+    /// second detach returns the first record; after a teardown it is refused.
+    fn detach_for(&self, trigger: BreachTrigger) -> Result<TeardownRecord, LifecycleError> {
+        let _op = lock(&self.life().op);
+        if let Some(r) = lock(&self.life().teardown).clone() {
+            return if r.detached {
+                Ok(r)
+            } else {
+                Err(LifecycleError::TornDown)
+            };
+        }
+        let held = lock(&self.life().paused).take();
+        let was_held = held.is_some();
+        let mut ops = VmTeardown {
+            shared: self.as_host(),
+            paused: held,
+            detach: true,
+        };
+        let (name, nonce) = record_identity(&self.life().cfg);
+        let record = teardown::run_with(
+            &mut ops,
+            &name,
+            nonce,
+            &self.life().key,
+            true,
+            Some(trigger.clone()),
+        );
+        match ops.paused.take() {
+            Some(p) if was_held => *lock(&self.life().paused) = Some(p),
+            Some(p) => {
+                let b = p.resume();
+                lock(&self.life().blackouts).push(b);
+            }
+            // The vCPUs would not park and were stopped: the guest cannot run on.
+            None if self.stop_flag().load(Ordering::SeqCst) => self.finish(Verdict::Stopped(
+                "detach: the vCPUs had to be stopped".into(),
+            )),
+            None => {}
+        }
+        self.save_record(&record);
+        tracing::warn!(
+            trigger = %trigger.describe(),
+            complete = record.complete,
+            "device detached; the guest runs on without it"
+        );
+        Ok(record)
+    }
+
+    /// Write the record where configured and keep it.
+    fn save_record(&self, record: &TeardownRecord) {
+        if let Some(p) = &self.life().cfg.teardown_record {
+            match serde_json::to_vec_pretty(record) {
+                Ok(bytes) => {
+                    if let Err(e) = hilrig_device::state::write_atomic(p, &bytes) {
+                        tracing::error!("writing the teardown record {}: {e}", p.display());
+                    }
+                }
+                Err(e) => tracing::error!("teardown record: {e}"),
+            }
+        }
+        *lock(&self.life().teardown) = Some(record.clone());
+    }
+
+    /// Secure teardown (see `teardown`) for `trigger` (named in the record); ends the
+    /// VM. Idempotent: a second call returns the first record (also after a detach).
+    fn teardown_for(&self, trigger: BreachTrigger) -> TeardownRecord {
         let _op = lock(&self.life().op);
         if let Some(r) = lock(&self.life().teardown).clone() {
             return r;
@@ -464,42 +634,36 @@ pub trait Lifecycle: VmHost {
         let mut ops = VmTeardown {
             shared: self.as_host(),
             paused: held,
+            detach: false,
         };
-        let cfg = &self.life().cfg;
-        let name = cfg
-            .vm_id
-            .clone()
-            .unwrap_or_else(|| format!("hilrig-vmm pid {}", std::process::id()));
-        // The run's nonce, else a fresh one (a record is never without one).
-        let nonce = match cfg.teardown_nonce {
-            Some(n) => n,
-            None => hilrig_vmm_api::Nonce::random().unwrap_or_else(|e| {
-                tracing::error!("no random nonce for the teardown record: {e}");
-                hilrig_vmm_api::Nonce([0; 32])
-            }),
-        };
-        let record = teardown::run(&mut ops, &name, nonce, &self.life().key);
+        let (name, nonce) = record_identity(&self.life().cfg);
+        if trigger.is_breach() {
+            tracing::error!(trigger = %trigger.describe(), "breach: tearing the tenant down");
+        }
+        let record = teardown::run_with(
+            &mut ops,
+            &name,
+            nonce,
+            &self.life().key,
+            false,
+            Some(trigger),
+        );
         // The tenant is gone: end the VM, then let the parked vCPUs go (they see stop).
         self.stop_flag().store(true, Ordering::SeqCst);
         drop(ops);
         self.finish(Verdict::Stopped("torn down".into()));
-        if let Some(p) = &self.life().cfg.teardown_record {
-            match serde_json::to_vec_pretty(&record) {
-                Ok(bytes) => {
-                    if let Err(e) = hilrig_device::state::write_atomic(p, &bytes) {
-                        tracing::error!("writing the teardown record {}: {e}", p.display());
-                    }
-                }
-                Err(e) => tracing::error!("teardown record: {e}"),
-            }
-        }
-        *lock(&self.life().teardown) = Some(record.clone());
+        self.save_record(&record);
         record
     }
 
     /// The control socket's `status`.
     fn status(&self) -> VmStatus {
         let verdict = self.verdict().as_ref().map(|v| v.to_string());
+        // One lock at a time (a guard in a struct field lives to the statement's end).
+        let (torn_down, detached) = {
+            let t = lock(&self.life().teardown);
+            (t.is_some(), t.as_ref().is_some_and(|r| r.detached))
+        };
         VmStatus {
             state: if verdict.is_some() {
                 VmState::Finished
@@ -516,7 +680,8 @@ pub trait Lifecycle: VmHost {
                 device_handler: self.modules().handler.version(),
             },
             patchable: self.life().cfg.patch.is_some(),
-            torn_down: lock(&self.life().teardown).is_some(),
+            torn_down,
+            detached,
             build: Some(hex::encode(match &self.life().cfg.patch {
                 Some(a) => a.build_sha256,
                 None => running_build(),
@@ -551,6 +716,8 @@ impl<T: VmHost + ?Sized> Lifecycle for T {}
 struct VmTeardown<'a> {
     shared: &'a dyn VmHost,
     paused: Option<Paused>,
+    /// Detach (the guest runs on): the device leaves the guest's PCI bus too.
+    detach: bool,
 }
 
 impl VmTeardown<'_> {
@@ -591,7 +758,11 @@ impl TeardownOps for VmTeardown<'_> {
     }
 
     fn unmap_device(&mut self) -> Result<(), StepError> {
-        self.shared.unmap_device()?;
+        if self.detach {
+            self.shared.detach_device()?;
+        } else {
+            self.shared.unmap_device()?;
+        }
         Ok(())
     }
 
@@ -865,8 +1036,13 @@ impl VmControl {
     fn handle_typed(&self, req: Request) -> Result<Reply, LifecycleError> {
         let s = self.0.upgrade().ok_or(LifecycleError::Finished)?;
         // After teardown the tenant is gone: only status, metrics and the (idempotent)
-        // teardown record are answered.
-        let torn_down = lock(&s.life().teardown).is_some();
+        // teardown record are answered. After a detach the guest runs on: it may be
+        // paused and resumed; a second detach answers the first record; teardown and
+        // patches are refused (no device).
+        let (torn_down, detached) = match &*lock(&s.life().teardown) {
+            Some(r) => (!r.detached, r.detached),
+            None => (false, false),
+        };
         if torn_down
             && !matches!(
                 req,
@@ -875,6 +1051,9 @@ impl VmControl {
         {
             return Err(LifecycleError::TornDown);
         }
+        if detached && matches!(req, Request::Teardown {} | Request::Patch { .. }) {
+            return Err(LifecycleError::Detached { op: req.op() });
+        }
         Ok(match req {
             Request::Status {} => Reply::Status(s.status()),
             Request::Metrics {} => Reply::Metrics(Box::new(s.metrics())),
@@ -882,7 +1061,16 @@ impl VmControl {
             Request::Resume {} => Reply::Resume(s.resume()?),
             Request::Quiesce {} => Reply::Quiesce(s.quiesce()?),
             Request::Patch { bundle } => Reply::Patch(s.patch(&read_bundle(&bundle)?)?),
-            Request::Teardown {} => Reply::Teardown(Box::new(s.teardown())),
+            Request::Teardown {} => {
+                Reply::Teardown(Box::new(s.teardown_for(BreachTrigger::Request {
+                    op: "teardown".into(),
+                })))
+            }
+            Request::Detach {} => {
+                Reply::Detach(Box::new(s.detach_for(BreachTrigger::Request {
+                    op: "detach".into(),
+                })?))
+            }
         })
     }
 }
@@ -892,4 +1080,22 @@ impl Control for VmControl {
         self.handle_typed(req)
             .map_err(|e| hilrig_vmm_api::control::Refusal(e.to_string()))
     }
+}
+
+/// The VM id (`--vm-id`, else this process) and the run's nonce
+/// (`--teardown-nonce`, else a fresh one: a record is never without one) that a
+/// teardown or detach record carries.
+fn record_identity(cfg: &LifecycleConfig) -> (String, hilrig_vmm_api::Nonce) {
+    let name = cfg
+        .vm_id
+        .clone()
+        .unwrap_or_else(|| format!("hilrig-vmm pid {}", std::process::id()));
+    let nonce = match cfg.teardown_nonce {
+        Some(n) => n,
+        None => hilrig_vmm_api::Nonce::random().unwrap_or_else(|e| {
+            tracing::error!("no random nonce for the teardown record: {e}");
+            hilrig_vmm_api::Nonce([0; 32])
+        }),
+    };
+    (name, nonce)
 }

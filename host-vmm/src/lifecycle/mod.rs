@@ -5,6 +5,7 @@
 //! state and the operations on it.
 
 pub mod applied;
+pub mod breach;
 pub mod control;
 pub mod gate;
 mod life;

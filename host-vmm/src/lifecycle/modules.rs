@@ -60,8 +60,8 @@
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The newest native module ABI this VMM speaks (it also loads version 1).
@@ -689,9 +689,17 @@ impl<T> Installed<T> {
 }
 
 /// A patchable component's slot in the table.
+///
+/// The current version is an atomic pointer: a call costs one atomic load and the
+/// in-flight count's increment and decrement, no lock (the policy is decided through
+/// its slot on every trapped access). Every version ever installed stays allocated
+/// while the slot lives (`all`; a native module's code is never unloaded anyway), so
+/// a pointer loaded just before a swap still points at a live, cancelled version.
 pub struct Slot<T> {
     name: String,
-    current: RwLock<Arc<Installed<T>>>,
+    current: AtomicPtr<Installed<T>>,
+    /// Every version installed, the current one last (keeps them alive).
+    all: Mutex<Vec<Arc<Installed<T>>>>,
     /// The installed version, readable without the lock (the hot trap path asks
     /// whether any device handler is installed on every access).
     version: AtomicU64,
@@ -715,9 +723,11 @@ impl<T> Slot<T> {
         version: u64,
         alarm: Box<dyn Fn(&CallError) + Send + Sync>,
     ) -> Arc<Slot<T>> {
+        let first = Arc::new(Installed::new(module, version));
         Arc::new(Slot {
             name: name.to_string(),
-            current: RwLock::new(Arc::new(Installed::new(module, version))),
+            current: AtomicPtr::new(Arc::as_ptr(&first).cast_mut()),
+            all: Mutex::new(vec![first]),
             version: AtomicU64::new(version),
             stale_calls: AtomicU64::new(0),
             retries: AtomicU64::new(0),
@@ -730,11 +740,23 @@ impl<T> Slot<T> {
         &self.name
     }
 
+    /// The current version (no lock, no reference count).
+    #[inline]
+    fn current(&self) -> &Installed<T> {
+        // SAFETY: `current` always points into an `Arc` held by `all`, which only
+        // grows while the slot lives; the reference does not outlive `self`.
+        unsafe { &*self.current.load(Ordering::SeqCst) }
+    }
+
+    /// The current version, counted.
     fn load(&self) -> Arc<Installed<T>> {
-        self.current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        let all = self.all.lock().unwrap_or_else(|e| e.into_inner());
+        let cur = self.current.load(Ordering::SeqCst).cast_const();
+        all.iter()
+            .rev()
+            .find(|m| Arc::as_ptr(m) == cur)
+            .cloned()
+            .unwrap_or_else(|| all[all.len() - 1].clone())
     }
 
     /// The installed version.
@@ -745,7 +767,7 @@ impl<T> Slot<T> {
 
     /// Calls inside the installed version right now.
     pub fn inflight(&self) -> u64 {
-        self.load().inflight.load(Ordering::SeqCst)
+        self.current().inflight.load(Ordering::SeqCst)
     }
 
     /// A handle to the current version.
@@ -759,10 +781,19 @@ impl<T> Slot<T> {
     /// Publish `module` and cancel the old version; returns the old one.
     fn publish(&self, module: T, version: u64) -> Arc<Installed<T>> {
         let new = Arc::new(Installed::new(module, version));
-        let mut cur = self.current.write().unwrap_or_else(|e| e.into_inner());
-        let old = std::mem::replace(&mut *cur, new);
+        let mut all = self.all.lock().unwrap_or_else(|e| e.into_inner());
+        let cur = self.current.load(Ordering::SeqCst).cast_const();
+        let old = all
+            .iter()
+            .rev()
+            .find(|m| Arc::as_ptr(m) == cur)
+            .cloned()
+            .unwrap_or_else(|| all[all.len() - 1].clone());
+        self.current
+            .store(Arc::as_ptr(&new).cast_mut(), Ordering::SeqCst);
+        all.push(new);
         self.version.store(version, Ordering::Release);
-        drop(cur);
+        drop(all);
         old.valid.store(false, Ordering::SeqCst);
         old.cancel.set();
         old
@@ -790,7 +821,7 @@ impl<T> Slot<T> {
         f: impl Fn(&T, &Cancel) -> Result<R, Cancelled>,
     ) -> Result<R, CallError> {
         for _ in 0..MAX_TRIES {
-            let m = self.load();
+            let m = self.current();
             if !m.enter() {
                 continue;
             }
@@ -808,6 +839,48 @@ impl<T> Slot<T> {
                     tracing::debug!("{e}");
                 }
             }
+        }
+        Err(CallError::Unstable {
+            component: self.name.clone(),
+            tries: MAX_TRIES,
+        })
+    }
+
+    /// The current module, uncounted (for reads that decide nothing: names,
+    /// settings). Every version stays allocated while the slot lives.
+    #[inline]
+    pub fn peek(&self) -> &T {
+        &self.current().module
+    }
+
+    /// Decide through the current module without a lock (the per-access policy
+    /// path): `f` runs inside it, counted in flight; if the module was replaced
+    /// while `f` ran, `f`'s result is discarded (the injected retry) and `f` runs
+    /// again in the new one. Returns the module that decided — alive as long as the
+    /// slot — with its result, so the caller carries out a decision made entirely
+    /// by one version, exactly once. `f` must be a pure decision (it may run more
+    /// than once).
+    #[inline]
+    pub fn decide<R>(&self, mut f: impl FnMut(&T) -> R) -> Result<(&T, R), CallError> {
+        for _ in 0..MAX_TRIES {
+            let m = self.current();
+            if !m.enter() {
+                continue;
+            }
+            let r = f(&m.module);
+            let replaced = m.cancel.is_set();
+            m.exit();
+            if !replaced {
+                return Ok((&m.module, r));
+            }
+            self.retries.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                "{}",
+                CallError::Retry {
+                    component: self.name.clone(),
+                    version: m.version,
+                }
+            );
         }
         Err(CallError::Unstable {
             component: self.name.clone(),
@@ -1226,5 +1299,29 @@ pub(crate) mod tests {
         assert_eq!(slot.stale_calls(), 1);
         assert_eq!(alarms.lock().unwrap().len(), 1);
         assert_eq!(slot.handle().call(|m| *m), Ok("new"));
+    }
+
+    #[test]
+    fn a_decision_overtaken_by_a_swap_is_made_again_by_the_new_module() {
+        let slot = Slot::new("policy", "old", 1, Box::new(|_| {}));
+        let mut calls = Vec::new();
+        let (m, r) = slot
+            .decide(|m| {
+                calls.push(*m);
+                if *m == "old" {
+                    // A swap lands while this decision is inside the old module.
+                    assert_eq!(slot.inflight(), 1);
+                    slot.replace("new", 2);
+                }
+                m.len()
+            })
+            .unwrap();
+        assert_eq!(calls, ["old", "new"], "retried once, in the new module");
+        assert_eq!((*m, r), ("new", 3));
+        assert_eq!(slot.retries(), 1);
+        assert_eq!(slot.inflight(), 0);
+        // The old version stays allocated; a peek sees the new one, no lock taken.
+        assert_eq!(*slot.peek(), "new");
+        assert_eq!(slot.version(), 2);
     }
 }

@@ -6,6 +6,7 @@
 //! which is a pointer exchange. A refused patch leaves the VM running and unchanged.
 
 use crate::lifecycle::modules::{LoadError, NativeHandler, Slot};
+use crate::policy::engine::{PolicyModule, PolicySlot};
 use crate::policy::{PolicyError, PolicyFile, Profile};
 use ed25519_dalek::VerifyingKey;
 use hilrig_fw::bundle::{self, BundleError};
@@ -111,8 +112,10 @@ pub enum PatchError {
 
 /// The patchable components.
 pub struct ModuleTable {
-    /// The MMIO policy rules (None: the VM runs without a policy engine, v0).
-    pub policy: Arc<Slot<Option<Arc<Profile>>>>,
+    /// The MMIO policy module: the compiled rules and their shadow store (None:
+    /// the VM runs without a policy engine, v0). The VM's policy engine decides
+    /// every trapped access through this slot.
+    pub policy: Arc<PolicySlot>,
     /// The native device handler (None: no handler installed, v0).
     pub handler: Arc<Slot<Option<NativeHandler>>>,
 }
@@ -124,8 +127,21 @@ impl ModuleTable {
         alarm: impl Fn(&crate::lifecycle::modules::CallError) + Send + Sync + Clone + 'static,
     ) -> ModuleTable {
         let v = profile.is_some() as u64;
+        let module = profile.map(|p| Arc::new(PolicyModule::new(p)));
         ModuleTable {
-            policy: Slot::new(POLICY, profile, v, Box::new(alarm.clone())),
+            policy: Slot::new(POLICY, module, v, Box::new(alarm.clone())),
+            handler: Slot::new(DEVICE_HANDLER, None, 0, Box::new(alarm)),
+        }
+    }
+
+    /// A table whose policy slot is `policy` (the VM's policy engine's; None: no
+    /// policy, v0) and no device handler (v0).
+    pub fn with_policy(
+        policy: Option<Arc<PolicySlot>>,
+        alarm: impl Fn(&crate::lifecycle::modules::CallError) + Send + Sync + Clone + 'static,
+    ) -> ModuleTable {
+        ModuleTable {
+            policy: policy.unwrap_or_else(|| Slot::new(POLICY, None, 0, Box::new(alarm.clone()))),
             handler: Slot::new(DEVICE_HANDLER, None, 0, Box::new(alarm)),
         }
     }
@@ -283,7 +299,11 @@ impl PatchAuthority {
                 let profile = PolicyFile::parse(text, &file)?.compile(profile, &file)?;
                 // Fail closed: a patch may narrow the policy freely; widening it
                 // needs the signed manifest to say so and the VMM to allow it.
-                let running = table.policy.call(|p| p.clone()).ok().flatten();
+                let running = table
+                    .policy
+                    .call(|p| p.as_ref().map(|m| m.profile.clone()))
+                    .ok()
+                    .flatten();
                 if let Some(why) = running.and_then(|r| r.widened_by(&profile)) {
                     if !(m.widens && self.allow_widening) {
                         return Err(PatchError::Widens {
@@ -327,7 +347,10 @@ pub fn commit(table: &ModuleTable, p: Prepared) -> (&'static str, u64, u64) {
     match p {
         Prepared::Policy { version, profile } => (
             POLICY,
-            table.policy.replace(Some(Arc::new(profile)), version),
+            table.policy.replace(
+                Some(Arc::new(PolicyModule::new(Arc::new(profile)))),
+                version,
+            ),
             version,
         ),
         Prepared::Handler { version, handler } => (
@@ -426,7 +449,10 @@ mod tests {
         let scratch0 = hilrig_device::Reg::Scratch.offset();
         let action = t
             .policy
-            .call(|p| p.as_ref().map(|p| p.decide(scratch0, true, 0).action))
+            .call(|p| {
+                p.as_ref()
+                    .map(|p| p.profile.decide(scratch0, true, 0).action)
+            })
             .unwrap();
         assert_eq!(action, Some(crate::policy::Action::Drop));
         // The same bundle again is now "not newer".

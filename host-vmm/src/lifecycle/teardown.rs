@@ -13,7 +13,7 @@ use hilrig_device::oob::CounterReport;
 use std::time::{Duration, Instant};
 
 pub use hilrig_vmm_api::teardown::{
-    RecordError, StepRecord, TeardownRecord, VerdictSummary, STEPS,
+    BreachTrigger, RecordError, StepRecord, TeardownRecord, VerdictSummary, DETACH_STEPS, STEPS,
 };
 
 /// Why a teardown step failed (the record carries its words).
@@ -125,6 +125,19 @@ pub fn run(
     nonce: hilrig_vmm_api::Nonce,
     key: &SigningKey,
 ) -> TeardownRecord {
+    run_with(ops, vm, nonce, key, false, None)
+}
+
+/// [`run`], or with `detach` the steps of a detach ([`DETACH_STEPS`]: guest memory is
+/// not scrubbed, the guest keeps running); `trigger` is named in the record.
+pub fn run_with(
+    ops: &mut dyn TeardownOps,
+    vm: &str,
+    nonce: hilrig_vmm_api::Nonce,
+    key: &SigningKey,
+    detach: bool,
+    trigger: Option<BreachTrigger>,
+) -> TeardownRecord {
     let start = Instant::now();
     let started_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -142,6 +155,8 @@ pub fn run(
         device_bytes_scrubbed: 0,
         counters: None,
         verdict: None,
+        trigger,
+        detached: detach,
         signer: hex::encode(key.verifying_key().as_bytes()),
         signature: String::new(),
     };
@@ -159,9 +174,10 @@ pub fn run(
     };
     let ok = step(&mut r, STEPS[0], &mut |_| ops.pause())
         && step(&mut r, STEPS[1], &mut |_| ops.unmap_device())
-        && step(&mut r, STEPS[2], &mut |r| {
-            ops.scrub_guest_memory().map(|b| r.guest_bytes_scrubbed = b)
-        })
+        && (detach
+            || step(&mut r, STEPS[2], &mut |r| {
+                ops.scrub_guest_memory().map(|b| r.guest_bytes_scrubbed = b)
+            }))
         && step(&mut r, STEPS[3], &mut |r| {
             ops.scrub_device_state()
                 .map(|b| r.device_bytes_scrubbed = b)

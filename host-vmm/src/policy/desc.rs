@@ -327,6 +327,7 @@ impl DeviceDesc {
                 ("tenant".into(), tenant.into()),
                 ("operator".into(), Vec::new().into()),
             ]),
+            breach: None,
         }
     }
 

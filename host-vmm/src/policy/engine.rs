@@ -3,26 +3,30 @@
 //! decision carried out (allow, drop, shadow, fault), with alarms counted per
 //! register and written, rate-limited, to a JSON-lines sink.
 //!
-//! - [`PolicyEngine`] holds the active profile and its shadow store behind one
-//!   lock: [`PolicyEngine::replace`] (and `vm::PolicyHandle::replace`, which also
-//!   re-plans the BAR0 mappings) swaps both at once, and an access in flight
-//!   holds the read side for its whole decision and effect, so no access is ever
-//!   decided by no policy (or half by the old and half by the new one).
+//! - The policy is a module in the module table (issue 21.1): a [`PolicyModule`]
+//!   (compiled profile + its shadow store) in a [`PolicySlot`]. Every access is
+//!   decided through the slot ([`Slot::decide`]: one atomic load and the version's
+//!   in-flight count, no lock): all its parts by one version; a decision that a
+//!   swap overtook is discarded and made again by the new version, then carried
+//!   out once. [`PolicyEngine::swap`] replaces the module without a quiesce
+//!   (publish, cancel, drain the old version's in-flight count);
+//!   `vm::PolicyHandle::replace` also re-plans the BAR0 mappings around it.
 //! - [`PolicyEngine::access`] is the per-access path: it allocates nothing. A
 //!   fault anywhere in an access means no part of it reaches the device.
 //! - [`AlarmSink`]: a token bucket (`rate` per second, `burst`) in front of the
 //!   file; alarms past it are counted as suppressed, the per-register counters
 //!   count every alarm.
 
+use crate::lifecycle::modules::Slot;
 use crate::policy::{merges_writes, Action, Profile};
 use hilrig_device::device::{byte_mask_bits, check_access, split_access};
-use hilrig_device::regmap::{BAR0_SIZE, PAGE_SIZE};
+use hilrig_device::regmap::{self, BAR0_SIZE, PAGE_SIZE};
 use hilrig_device::{Device, DeviceError};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// Where alarms go and how fast.
@@ -318,28 +322,68 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The active profile with its shadow store.
-struct Active {
-    profile: Arc<Profile>,
+/// One installed version of the policy module: a compiled profile and its shadow
+/// store (fresh at install: the reset values).
+pub struct PolicyModule {
+    /// The compiled profile.
+    pub profile: Arc<Profile>,
     shadow: Box<[AtomicU32]>,
 }
 
-impl Active {
-    fn new(profile: Arc<Profile>) -> Active {
+impl PolicyModule {
+    /// The module for `profile`.
+    pub fn new(profile: Arc<Profile>) -> PolicyModule {
         let shadow = profile
             .shadow_init
             .iter()
             .map(|&v| AtomicU32::new(v))
             .collect();
-        Active { profile, shadow }
+        PolicyModule { profile, shadow }
     }
 }
 
+impl std::fmt::Debug for PolicyModule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyModule")
+            .field("profile", &self.profile.name)
+            .field("source", &self.profile.source)
+            .finish()
+    }
+}
+
+/// The module table's policy slot (None: no policy module installed; an engine then
+/// drops every trapped access, fail closed).
+pub type PolicySlot = Slot<Option<Arc<PolicyModule>>>;
+
+type Active = PolicyModule;
+
+/// Most pieces of one split store (a 32-byte store split at a page end: 5).
+const MAX_PIECES: usize = 8;
+
 const WORDS: usize = (BAR0_SIZE / 4) as usize;
+const FLASH_CMD_WORD: u32 = hilrig_device::regmap::Reg::FlashCmd.offset();
+const FLASH_REGION_WORD: u32 = hilrig_device::regmap::Reg::FlashRegion.offset();
+
+/// Told of every alarm the engine raises (the breach monitor's alarm thresholds,
+/// `lifecycle::breach`). Called on the vCPU thread: must not block for long.
+pub trait AlarmObserver: Send + Sync {
+    /// An alarm on the register word at BAR0 offset `word`.
+    fn alarm(&self, word: u32);
+}
 
 /// The policy engine of one VM.
 pub struct PolicyEngine {
-    active: RwLock<Active>,
+    /// The policy module's slot (the module table's, when the VM has one).
+    slot: Arc<PolicySlot>,
+    /// The profile the engine started with.
+    initial: Arc<Profile>,
+    /// The last swap's figures.
+    last_swap: Mutex<Option<crate::lifecycle::modules::Swapped>>,
+    /// Told of every alarm (set once, by the breach monitor).
+    observer: std::sync::OnceLock<Arc<dyn AlarmObserver>>,
+    /// FLASH_CMD program/erase commands passed to the device with a region selected
+    /// (what the hardware counts as attempts: the breach monitor's cross-check).
+    flash_attempts: AtomicU64,
     /// The alarm sink.
     pub alarms: AlarmSink,
     per_word_alarms: Box<[AtomicU64]>,
@@ -391,6 +435,7 @@ impl std::ops::DerefMut for PolicyReport {
 pub use hilrig_vmm_api::PolicySummary;
 
 /// Phase 1 of an access: every register-sized part decided, nothing done yet.
+#[derive(Clone, Copy)]
 struct Plan {
     /// (word, byte mask, byte in word, data start, len)
     parts: [(u32, u8, usize, usize, usize); 3],
@@ -399,6 +444,16 @@ struct Plan {
     vals: [(u32, u32, bool); 3],
     n: usize,
     fault: bool,
+}
+
+impl Plan {
+    const EMPTY: Plan = Plan {
+        parts: [(0, 0, 0, 0, 0); 3],
+        decs: [crate::policy::Decision::ALLOW; 3],
+        vals: [(0, 0, false); 3],
+        n: 0,
+        fault: false,
+    };
 }
 
 #[inline(always)]
@@ -453,10 +508,30 @@ fn plan(
 }
 
 impl PolicyEngine {
-    /// An engine running `profile`, alarms per `alarms`.
+    /// An engine running `profile` (v1 in a slot of its own), alarms per `alarms`.
     pub fn new(profile: Arc<Profile>, alarms: &AlarmConfig) -> std::io::Result<PolicyEngine> {
+        let slot = Slot::new(
+            crate::lifecycle::patch::POLICY,
+            Some(Arc::new(PolicyModule::new(profile))),
+            1,
+            Box::new(|_| {}),
+        );
+        PolicyEngine::in_slot(slot, alarms)
+    }
+
+    /// An engine deciding through `slot` (the module table's policy slot).
+    pub fn in_slot(slot: Arc<PolicySlot>, alarms: &AlarmConfig) -> std::io::Result<PolicyEngine> {
+        let initial = slot
+            .peek()
+            .as_ref()
+            .map(|m| m.profile.clone())
+            .ok_or_else(|| std::io::Error::other("the policy slot holds no policy module"))?;
         Ok(PolicyEngine {
-            active: RwLock::new(Active::new(profile)),
+            slot,
+            initial,
+            last_swap: Mutex::new(None),
+            observer: std::sync::OnceLock::new(),
+            flash_attempts: AtomicU64::new(0),
             alarms: AlarmSink::new(alarms)?,
             per_word_alarms: (0..WORDS).map(|_| AtomicU64::new(0)).collect(),
             actions: Default::default(),
@@ -488,30 +563,85 @@ impl PolicyEngine {
         self
     }
 
-    /// The active profile.
-    pub fn profile(&self) -> Arc<Profile> {
-        self.active
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .profile
-            .clone()
+    /// The figures of the last swap (None: none yet, or it could not drain).
+    pub fn last_swap(&self) -> Option<crate::lifecycle::modules::Swapped> {
+        *lock(&self.last_swap)
     }
 
-    /// Replace the active profile (and its shadow store) atomically: accesses in
-    /// flight finish under the old profile, every later one is decided by the new.
-    /// The caller keeps the page plan in step (pages the new profile traps must trap
-    /// before it takes effect; see `Vm` / issue 9). Returns the old profile.
+    /// The policy slot the engine decides through.
+    pub fn slot(&self) -> &Arc<PolicySlot> {
+        &self.slot
+    }
+
+    /// The active profile (None: no policy module installed).
+    pub fn try_profile(&self) -> Option<Arc<Profile>> {
+        self.slot.peek().as_ref().map(|m| m.profile.clone())
+    }
+
+    /// The active profile (the first one, for names, when no module is installed).
+    pub fn profile(&self) -> Arc<Profile> {
+        self.try_profile().unwrap_or_else(|| self.initial.clone())
+    }
+
+    /// Replace the active profile (and its shadow store) without stopping anyone:
+    /// accesses decided by the old version are carried out as decided, a decision
+    /// the swap overtook is made again by the new one, every later one is decided
+    /// by the new (see [`PolicyEngine::swap`]). The caller keeps the page plan in
+    /// step (pages the new profile traps must trap before it takes effect; see `Vm`
+    /// / issue 9). Returns the old profile.
     pub fn replace(&self, profile: Arc<Profile>) -> Arc<Profile> {
         self.replace_with(profile, || {})
     }
 
-    /// [`PolicyEngine::replace`], running `during` while no access can be decided
-    /// (the caller re-plans the page mappings there).
+    /// [`PolicyEngine::replace`], running `during` just before the new version is
+    /// published (the caller re-plans the page mappings there).
     pub fn replace_with(&self, profile: Arc<Profile>, during: impl FnOnce()) -> Arc<Profile> {
-        let new = Active::new(profile);
-        let mut g = self.active.write().unwrap_or_else(|p| p.into_inner());
+        let v = self.slot.version() + 1;
+        self.replace_at(profile, v, during)
+    }
+
+    /// [`PolicyEngine::replace_with`] as policy `version`.
+    pub fn replace_at(
+        &self,
+        profile: Arc<Profile>,
+        version: u64,
+        during: impl FnOnce(),
+    ) -> Arc<Profile> {
+        let old = self.profile();
         during();
-        std::mem::replace(&mut *g, new).profile
+        let sw = self.swap(profile, version, crate::lifecycle::modules::DRAIN_BOUND);
+        *lock(&self.last_swap) = sw.as_ref().ok().copied();
+        if let Err(e) = sw {
+            // Published; the old version could not be drained in time (alarmed).
+            crate::lifecycle::MODULE_ALARMS.fetch_add(1, Ordering::Relaxed);
+            tracing::error!("module alarm: {e}");
+        }
+        old
+    }
+
+    /// Install `profile` as policy `version` through the slot without a quiesce:
+    /// publish, cancel the old version (decisions inside it are retried in the new),
+    /// wait up to `bound` for its in-flight count to drain.
+    pub fn swap(
+        &self,
+        profile: Arc<Profile>,
+        version: u64,
+        bound: std::time::Duration,
+    ) -> Result<crate::lifecycle::modules::Swapped, crate::lifecycle::modules::SwapError> {
+        self.slot
+            .swap(Some(Arc::new(PolicyModule::new(profile))), version, bound)
+    }
+
+    /// Tell `o` of every alarm from now on. Only one observer per engine: false if
+    /// one was already set.
+    pub fn observe_alarms(&self, o: Arc<dyn AlarmObserver>) -> bool {
+        self.observer.set(o).is_ok()
+    }
+
+    /// FLASH_CMD program/erase commands the engine let reach the device with a flash
+    /// region selected (the attempts the hardware should have counted).
+    pub fn flash_attempts(&self) -> u64 {
+        self.flash_attempts.load(Ordering::Relaxed)
     }
 
     /// Microseconds since the engine started.
@@ -531,12 +661,24 @@ impl PolicyEngine {
         write: bool,
     ) -> Result<Outcome, DeviceError> {
         check_access(off, data.len())?;
-        let active = self.active.read().unwrap_or_else(|p| p.into_inner());
-        let plan = plan(&active.profile, self.forced, dev, off, data, write)?;
+        let (module, plan) = match self.slot.decide(|m| match m {
+            Some(m) => plan(&m.profile, self.forced, dev, off, data, write),
+            None => Ok(Plan::EMPTY),
+        }) {
+            Ok((Some(m), p)) => (m, p?),
+            // No policy module, or one that kept changing: drop the access (reads
+            // return 0), fail closed.
+            Ok((None, _)) | Err(_) => {
+                if !write {
+                    data.fill(0);
+                }
+                return Ok(Outcome::default());
+            }
+        };
         if plan.fault {
             self.faults.fetch_add(1, Ordering::Relaxed);
         }
-        self.apply(&active, &plan, dev, data, write, plan.fault)
+        self.apply(module, &plan, dev, data, write, plan.fault)
     }
 
     /// Carry out the pieces of one store that KVM split into several exits
@@ -551,17 +693,33 @@ impl PolicyEngine {
         for (off, _, len) in pieces.iter() {
             check_access(*off, *len)?;
         }
-        let active = self.active.read().unwrap_or_else(|p| p.into_inner());
-        let mut fault = false;
-        for (off, buf, len) in pieces.iter() {
-            fault |= plan(&active.profile, self.forced, dev, *off, &buf[..*len], true)?.fault;
+        if pieces.len() > MAX_PIECES {
+            return Err(DeviceError::Access {
+                offset: pieces.first().map_or(0, |p| p.0),
+                len: pieces.iter().map(|p| p.2).sum(),
+                reason: hilrig_device::device::AccessFault::BadWidth,
+            });
         }
+        // Every piece decided by one version of the policy module.
+        let decided = self.slot.decide(|m| {
+            let mut plans = [Plan::EMPTY; MAX_PIECES];
+            if let Some(m) = m {
+                for (i, (off, buf, len)) in pieces.iter().enumerate() {
+                    plans[i] = plan(&m.profile, self.forced, dev, *off, &buf[..*len], true)?;
+                }
+            }
+            Ok::<_, DeviceError>(plans)
+        });
+        let (module, plans) = match decided {
+            Ok((Some(m), p)) => (m, p?),
+            Ok((None, _)) | Err(_) => return Ok(false), // dropped, fail closed
+        };
+        let fault = plans[..pieces.len()].iter().any(|p| p.fault);
         if fault {
             self.faults.fetch_add(1, Ordering::Relaxed);
         }
-        for ((off, buf, len), out) in pieces.iter_mut().zip(outs.iter_mut()) {
-            let plan = plan(&active.profile, self.forced, dev, *off, &buf[..*len], true)?;
-            *out = self.apply(&active, &plan, dev, &mut buf[..*len], true, fault)?;
+        for (((_, buf, len), out), plan) in pieces.iter_mut().zip(outs.iter_mut()).zip(&plans) {
+            *out = self.apply(module, plan, dev, &mut buf[..*len], true, fault)?;
         }
         Ok(fault)
     }
@@ -569,8 +727,10 @@ impl PolicyEngine {
     /// Whether a write fault rule covers any word in `start..end` (cheap; decides
     /// whether a split store must be gathered before deciding).
     pub fn write_may_fault(&self, start: u64, end: u64) -> bool {
-        let active = self.active.read().unwrap_or_else(|p| p.into_inner());
-        let p = &active.profile;
+        let Some(m) = self.slot.peek() else {
+            return false;
+        };
+        let p = &m.profile;
         p.enforce
             && (start & !3..end.min(BAR0_SIZE))
                 .step_by(4)
@@ -602,7 +762,19 @@ impl PolicyEngine {
             if !fault {
                 if write {
                     match d.action {
-                        Action::Allow => dev.write_word(w, bits, mask)?,
+                        Action::Allow => {
+                            if w == FLASH_CMD_WORD
+                                && mask & 1 != 0
+                                && matches!(
+                                    bits & 0xff,
+                                    regmap::FLASH_CMD_ERASE | regmap::FLASH_CMD_PROGRAM
+                                )
+                                && dev.read_word(FLASH_REGION_WORD, 0xf)? & 3 != 3
+                            {
+                                self.flash_attempts.fetch_add(1, Ordering::Relaxed);
+                            }
+                            dev.write_word(w, bits, mask)?
+                        }
                         Action::Drop | Action::Fault => {}
                         Action::Shadow => {
                             if let Some(rule) = d.rule {
@@ -631,6 +803,9 @@ impl PolicyEngine {
                 self.actions[ai].fetch_add(1, Ordering::Relaxed);
             }
             if d.alarm {
+                if let Some(o) = self.observer.get() {
+                    o.alarm(w);
+                }
                 self.alarms_total.fetch_add(1, Ordering::Relaxed);
                 self.per_word_alarms[(w / 4) as usize].fetch_add(1, Ordering::Relaxed);
                 out.hits[i] = d.rule.map(|rule| AlarmHit {
@@ -891,5 +1066,119 @@ mod tests {
         assert_eq!(first.register, "HANG_TRIGGER");
         assert_eq!(first.action, Action::Drop);
         assert_eq!(first.profile, "tenant");
+    }
+
+    /// Counts the SCRATCH[0] writes that reach it.
+    struct Spy(Arc<AtomicU64>);
+    impl Device for Spy {
+        fn read_word(&mut self, _: u32, _: u8) -> Result<u32, DeviceError> {
+            Ok(0)
+        }
+        fn write_word(&mut self, word: u32, _: u32, _: u8) -> Result<(), DeviceError> {
+            if word == Reg::Scratch.offset() {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(())
+        }
+        fn rom_size(&self) -> u64 {
+            0
+        }
+        fn rom_read(&mut self, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+            hilrig_device::device::check_rom(offset, data.len(), 0)
+        }
+        fn reset(&mut self, _: hilrig_device::ResetKind) -> Result<(), DeviceError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_policy_swap_under_an_mmio_storm_decides_every_access_exactly_once_by_old_or_new() {
+        // Old: the tenant may write SCRATCH[0] (it reaches the device, no alarm).
+        // New: SCRATCH[0] writes are dropped with an alarm. Swapped back and forth
+        // through the module table's slot while 4 threads write SCRATCH[0].
+        let open = Arc::new(load_profile(None, "tenant").unwrap());
+        let text = format!(
+            "{}\n[[profile.tenant]]\nregister = \"SCRATCH[0]\"\naccess = \"write\"\naction = \"drop\"\nalarm = true\n",
+            crate::policy::default_policy_toml()
+        );
+        let closed = Arc::new(
+            PolicyFile::parse(&text, "t")
+                .unwrap()
+                .compile("tenant", "t")
+                .unwrap(),
+        );
+        let table = crate::lifecycle::patch::ModuleTable::new(Some(open.clone()), |_| {});
+        let e = Arc::new(
+            PolicyEngine::in_slot(table.policy.clone(), &AlarmConfig::default())
+                .unwrap()
+                .record_decisions(true),
+        );
+        const THREADS: usize = 4;
+        const EACH: usize = 20_000;
+        let reached = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let storm: Vec<_> = (0..THREADS)
+            .map(|_| {
+                let (e, reached) = (e.clone(), reached.clone());
+                std::thread::spawn(move || {
+                    let mut d = Spy(reached);
+                    let (mut allowed, mut dropped) = (0u64, 0u64);
+                    for i in 0..EACH {
+                        let mut b = (i as u32).to_le_bytes();
+                        let o = e
+                            .access(&mut d, Reg::Scratch.offset() as u64, &mut b, true)
+                            .unwrap();
+                        match o.hits[0] {
+                            None => allowed += 1,
+                            Some(h) => {
+                                assert_eq!(h.action, Action::Drop);
+                                dropped += 1;
+                            }
+                        }
+                    }
+                    (allowed, dropped)
+                })
+            })
+            .collect();
+        let swapper = {
+            let (e, stop) = (e.clone(), stop.clone());
+            let (open, closed) = (open.clone(), closed.clone());
+            std::thread::spawn(move || {
+                let mut v = 1;
+                loop {
+                    v += 1;
+                    let p = if v % 2 == 0 { &closed } else { &open };
+                    e.swap(p.clone(), v, std::time::Duration::from_secs(5))
+                        .expect("drains");
+                    if stop.load(Ordering::SeqCst) {
+                        return v;
+                    }
+                    std::thread::yield_now();
+                }
+            })
+        };
+        let (mut allowed, mut dropped) = (0, 0);
+        for t in storm {
+            let (a, d) = t.join().unwrap();
+            allowed += a;
+            dropped += d;
+        }
+        stop.store(true, Ordering::SeqCst);
+        let last = swapper.join().unwrap();
+        let total = (THREADS * EACH) as u64;
+        // Exactly once: every access either reached the device (decided by the open
+        // version) or was dropped with an alarm (the closed one), never both or none.
+        assert_eq!(allowed + dropped, total);
+        assert_eq!(reached.load(Ordering::SeqCst), allowed);
+        let r = e.report();
+        assert_eq!(r.alarms, dropped);
+        assert_eq!(r.decided.len() as u64, total, "one decision per access");
+        for d in &r.decided {
+            assert!(matches!(d.action, Action::Allow | Action::Drop), "{d:?}");
+        }
+        // The engine decided through the module table's slot.
+        assert_eq!(table.policy.version(), last);
+        assert_eq!(table.policy.inflight(), 0);
+        assert!(last >= 2, "at least one swap");
     }
 }

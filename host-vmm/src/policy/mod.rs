@@ -4,6 +4,7 @@
 //! ([`desc`]: register names, tenant access and scrub values of a passed-through
 //! device, from which its default policy is built).
 
+pub mod breach;
 pub mod desc;
 pub mod engine;
 pub(crate) mod fault;

@@ -161,6 +161,10 @@ pub struct PolicyFile {
     /// Profiles by name.
     #[serde(default)]
     pub profile: BTreeMap<String, ProfileSpec>,
+    /// What a breach does and what triggers one (`[breach]`, see [`super::breach`]);
+    /// the same for every profile of the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub breach: Option<super::breach::BreachSpec>,
 }
 
 fn yes() -> bool {
@@ -384,6 +388,8 @@ pub struct Profile {
     /// Register names of a described device (`devices::desc`); None: the reference
     /// device's register table.
     pub names: Option<std::sync::Arc<crate::policy::desc::RegisterNames>>,
+    /// The file's `[breach]` table, compiled (empty: no breach triggers).
+    pub breach: std::sync::Arc<super::breach::BreachConfig>,
 }
 
 /// The decision for one register-sized part of an access.
@@ -686,6 +692,7 @@ pub fn default_policy() -> PolicyFile {
     PolicyFile {
         enforce: table.enforce,
         profile,
+        breach: None,
     }
 }
 
@@ -974,7 +981,12 @@ impl PolicyFile {
             }
             default_rule = Some(id);
         }
+        let breach = match &self.breach {
+            Some(b) => std::sync::Arc::new(b.compile(file)?),
+            None => Default::default(),
+        };
         Ok(Profile {
+            breach,
             name: profile.to_string(),
             source: file.to_string(),
             enforce: spec.enforce().unwrap_or(self.enforce),

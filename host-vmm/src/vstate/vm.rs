@@ -349,13 +349,22 @@ impl crate::lifecycle::VmHost for Shared {
     fn policy_engine(&self) -> Option<&PolicyEngine> {
         self.policy.as_deref()
     }
-    fn replace_policy(&self, profile: Arc<Profile>) -> Result<Arc<Profile>, VmmError> {
-        Shared::replace_policy(self, profile)
+    fn replace_policy(
+        &self,
+        profile: Arc<Profile>,
+        version: u64,
+    ) -> Result<Arc<Profile>, VmmError> {
+        Shared::replace_policy_at(self, profile, Some(version))
     }
     fn guest_ram(&self) -> Vec<(*mut u8, usize)> {
         Shared::guest_ram(self)
     }
     fn unmap_device(&self) -> Result<usize, VmmError> {
+        Shared::unmap_device(self)
+    }
+    fn detach_device(&self) -> Result<usize, VmmError> {
+        // Off the bus first (config space all ones, nothing decodes), then unmapped.
+        lock(&self.pci).bus.detach();
         Shared::unmap_device(self)
     }
     fn verdict(&self) -> MutexGuard<'_, Option<Verdict>> {
@@ -584,13 +593,12 @@ impl PolicyHandle {
         s.policy.as_ref().map(|e| e.metrics())
     }
 
-    /// Replace the active profile. Atomic for the guest: while the engine's write
-    /// lock is held no trapped access can be decided (vCPUs wait), the BAR0 memory
-    /// slots are re-planned for the new profile's trapping pages (a page that is
-    /// about to gain rules stops being mapped before the new profile is visible),
-    /// then the profile and a fresh shadow store take effect. Every access is
-    /// decided entirely by the old or entirely by the new profile. Returns the old
-    /// one. Safe with vCPUs running; issue 9 calls it with them quiesced.
+    /// Replace the active profile, with vCPUs running: the BAR0 memory slots are
+    /// re-planned for the new profile's trapping pages (a page that is about to
+    /// gain rules stops being mapped before the new profile is visible), then the
+    /// profile and a fresh shadow store are published as the next version of the
+    /// module table's policy slot. Every access is decided entirely by the old or
+    /// entirely by the new profile, exactly once. Returns the old one.
     pub fn replace(&self, profile: Arc<Profile>) -> Result<Arc<Profile>, VmmError> {
         let s = self
             .0
@@ -603,6 +611,18 @@ impl PolicyHandle {
 impl Shared {
     /// Replace the active policy profile (see [`PolicyHandle::replace`]).
     pub(crate) fn replace_policy(&self, profile: Arc<Profile>) -> Result<Arc<Profile>, VmmError> {
+        self.replace_policy_at(profile, None)
+    }
+
+    /// Install `profile` as policy `version` (None: the next version) through the
+    /// module table's policy slot, without a quiesce: the BAR0 memory slots are
+    /// re-planned for the new trapping pages first, then the new module is
+    /// published (decisions the swap overtakes are made again by it).
+    pub(crate) fn replace_policy_at(
+        &self,
+        profile: Arc<Profile>,
+        version: Option<u64>,
+    ) -> Result<Arc<Profile>, VmmError> {
         let engine = self
             .policy
             .as_ref()
@@ -619,7 +639,8 @@ impl Shared {
         // Re-map only when the trapping pages change: memslot ioctls are the expensive
         // part of a swap (tens of microseconds each under nested virtualisation).
         let remap = slots != pci.mapper.slots;
-        let old = engine.replace_with(profile, || {
+        let version = version.unwrap_or_else(|| engine.slot().version() + 1);
+        let old = engine.replace_at(profile, version, || {
             if remap {
                 pci.mapper.slots = slots;
                 result = pci.mapper.apply(bar0);
@@ -941,8 +962,9 @@ impl Vm {
             dma,
             ..
         } = backend;
-        let modules = crate::lifecycle::patch::ModuleTable::new(
-            config.policy.clone(),
+        // The policy engine decides through the module table's policy slot.
+        let modules = crate::lifecycle::patch::ModuleTable::with_policy(
+            engine.as_ref().map(|e| e.slot().clone()),
             crate::lifecycle::module_alarm,
         );
         let device: Box<dyn Device> = Box::new(crate::devices::handled::HandledDevice::new(
@@ -1053,6 +1075,21 @@ impl Vm {
             }
             None => None,
         };
+        // Breach triggers of the policy's `[breach]` table (issue 21.5).
+        let breach = match self.shared.life.breach_monitor() {
+            Some(m) => {
+                let host: Arc<dyn crate::lifecycle::VmHost> = self.shared.clone();
+                Some(
+                    crate::lifecycle::breach::spawn_watch(
+                        Arc::downgrade(&host),
+                        m,
+                        control_stop.clone(),
+                    )
+                    .map_err(|e| VmmError::Config(format!("breach watch thread: {e}")))?,
+                )
+            }
+            None => None,
+        };
         let (handles, rx) = self.spawn_vcpus();
         if self.sandbox.seccomp {
             if let Err(e) =
@@ -1075,6 +1112,9 @@ impl Vm {
         control_stop.store(true, Ordering::Release);
         if let Some(p) = poller {
             let _ = p.join();
+        }
+        if let Some(b) = breach {
+            let _ = b.join();
         }
         if let Some((path, (t, in_flight))) = control {
             let _ = t.join();
