@@ -300,6 +300,7 @@ fn dispatch(cmd: Cmd) -> Result<std::process::ExitCode> {
                     "resume" => Request::Resume {},
                     "quiesce" => Request::Quiesce {},
                     "teardown" => Request::Teardown {},
+                    "detach" => Request::Detach {},
                     "metrics" => Request::Metrics {},
                     "patch" => {
                         let b = bundle.context("`patch` needs --bundle FILE")?;
@@ -308,7 +309,7 @@ fn dispatch(cmd: Cmd) -> Result<std::process::ExitCode> {
                         Request::Patch { bundle }
                     }
                     other => anyhow::bail!(
-                        "unknown request `{other}` (status, pause, resume, quiesce, patch, teardown, metrics)"
+                        "unknown request `{other}` (status, pause, resume, quiesce, patch, teardown, detach, metrics)"
                     ),
                 }
             };

@@ -525,7 +525,11 @@ fn verilator_backend_behaves_like_the_model() {
     // The counters conformance suite on a verilator target (the binary's opener).
     let st = dir.path().join("conf.state");
     ok(&["device", "init", p(&st), "--width", "32", "--serial", "9"]);
-    let key = hilrig_device::oob::hex_string(&hilrig_device::state::dev_keys(9).1);
+    // The random reset key `device init` wrote beside the state file.
+    let key = std::fs::read_to_string(dir.path().join("conf.state.reset-key"))
+        .unwrap()
+        .trim()
+        .to_string();
     let out = ok(&[
         "counters",
         "conformance",
@@ -551,7 +555,11 @@ fn counter_conformance_passes_on_model_and_rtl() {
     for b in ["model", "rtl"] {
         let st = dir.path().join(format!("{b}.state"));
         ok(&["device", "init", p(&st), "--width", "32", "--serial", "9"]);
-        let key = hilrig_device::oob::hex_string(&hilrig_device::state::dev_keys(9).1);
+        // The random reset key `device init` wrote beside the state file.
+        let key = std::fs::read_to_string(dir.path().join(format!("{b}.state.reset-key")))
+            .unwrap()
+            .trim()
+            .to_string();
         let out = ok(&[
             "counters",
             "conformance",

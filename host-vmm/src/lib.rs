@@ -20,6 +20,7 @@ pub mod devices;
 pub mod error;
 pub mod jail;
 pub mod lifecycle;
+pub mod modtable;
 pub mod policy;
 pub mod seccomp;
 pub mod verdict;

@@ -170,6 +170,25 @@ fn a_failing_case_is_three_clicks_away_and_live_runs_update() {
             .path()
             .contains("/artifacts/"));
         shot(&c, "console.png").await;
+        // The other page kinds: a campaign's trends, the hosts list and a host.
+        c.goto(&format!("{base}/campaigns/{}", newest.campaign))
+            .await
+            .unwrap();
+        assert!(c.source().await.unwrap().contains("Pass rate"));
+        shot(&c, "trends.png").await;
+        c.goto(&format!("{base}/hosts")).await.unwrap();
+        c.find(Locator::Css("table.grid td a"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        until("a host page", || async {
+            c.current_url().await.unwrap().path().starts_with("/hosts/")
+        })
+        .await;
+        assert!(c.source().await.unwrap().contains("Health:"));
+        shot(&c, "host.png").await;
 
         // A running run: its page grows without a reload.
         let live = hilrig_reports::sample_run(40);

@@ -828,7 +828,21 @@ pub fn with_state_lock<R>(
     state: &std::path::Path,
     f: impl FnOnce() -> Result<R, crate::device::DeviceError>,
 ) -> Result<R, crate::device::DeviceError> {
-    let lock = crate::state::StateLock::acquire_within(state, STATE_LOCK_WAIT)?;
+    with_state_lock_within(state, STATE_LOCK_WAIT, f)
+}
+
+/// How long an OOB *server* waits for the state file's lock before answering
+/// [`ErrorCode::Busy`]: well inside a client's reply timeout (2 s), so a client
+/// gets the BUSY frame rather than a transport timeout.
+pub const SERVE_LOCK_WAIT: Duration = Duration::from_millis(300);
+
+/// [`with_state_lock`] waiting at most `wait` for a short-lived holder.
+pub fn with_state_lock_within<R>(
+    state: &std::path::Path,
+    wait: Duration,
+    f: impl FnOnce() -> Result<R, crate::device::DeviceError>,
+) -> Result<R, crate::device::DeviceError> {
+    let lock = crate::state::StateLock::acquire_within(state, wait)?;
     let r = f();
     drop(lock);
     r
@@ -856,7 +870,7 @@ pub fn serve_state_request(
     request: &[u8],
 ) -> Result<Vec<u8>, crate::device::DeviceError> {
     let result = if writes_state(request) {
-        with_state_lock(state, || open(state)?.oob(request))
+        with_state_lock_within(state, SERVE_LOCK_WAIT, || open(state)?.oob(request))
     } else {
         open(state).and_then(|mut d| d.oob(request))
     };

@@ -20,15 +20,14 @@ use hilrig_vmm_api::control::{
 };
 use hilrig_vmm_api::teardown::BreachTrigger;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 /// Largest bundle file a patch request may name.
 pub const MAX_BUNDLE: u64 = 64 << 20;
 
-/// Stale-module-handle alarms raised in this process.
-pub static MODULE_ALARMS: AtomicU64 = AtomicU64::new(0);
+pub use crate::modtable::MODULE_ALARMS;
 
 /// The module table's alarm: a stale handle was called.
 pub fn module_alarm(e: &CallError) {

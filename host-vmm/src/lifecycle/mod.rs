@@ -10,11 +10,10 @@ pub mod control;
 pub mod gate;
 mod life;
 pub mod measured;
-pub mod modules;
 pub mod patch;
 pub mod patch_path;
 pub mod quiesce;
-pub mod sealed;
 pub mod teardown;
 
+pub use crate::modtable::{modules, sealed};
 pub use life::*;

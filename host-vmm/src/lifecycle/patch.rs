@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 /// Component name of the policy rules (a data module).
-pub const POLICY: &str = "policy";
+pub use crate::modtable::POLICY;
 /// Component name of the native device handler routines.
 pub const DEVICE_HANDLER: &str = "device-handler";
 

@@ -17,7 +17,7 @@
 //!   file; alarms past it are counted as suppressed, the per-register counters
 //!   count every alarm.
 
-use crate::lifecycle::modules::Slot;
+use crate::modtable::modules::Slot;
 use crate::policy::{merges_writes, Action, Profile};
 use hilrig_device::device::{byte_mask_bits, check_access, split_access};
 use hilrig_device::regmap::{self, BAR0_SIZE, PAGE_SIZE};
@@ -378,7 +378,7 @@ pub struct PolicyEngine {
     /// The profile the engine started with.
     initial: Arc<Profile>,
     /// The last swap's figures.
-    last_swap: Mutex<Option<crate::lifecycle::modules::Swapped>>,
+    last_swap: Mutex<Option<crate::modtable::modules::Swapped>>,
     /// Told of every alarm (set once, by the breach monitor).
     observer: std::sync::OnceLock<Arc<dyn AlarmObserver>>,
     /// FLASH_CMD program/erase commands passed to the device with a region selected
@@ -511,7 +511,7 @@ impl PolicyEngine {
     /// An engine running `profile` (v1 in a slot of its own), alarms per `alarms`.
     pub fn new(profile: Arc<Profile>, alarms: &AlarmConfig) -> std::io::Result<PolicyEngine> {
         let slot = Slot::new(
-            crate::lifecycle::patch::POLICY,
+            crate::modtable::POLICY,
             Some(Arc::new(PolicyModule::new(profile))),
             1,
             Box::new(|_| {}),
@@ -564,7 +564,7 @@ impl PolicyEngine {
     }
 
     /// The figures of the last swap (None: none yet, or it could not drain).
-    pub fn last_swap(&self) -> Option<crate::lifecycle::modules::Swapped> {
+    pub fn last_swap(&self) -> Option<crate::modtable::modules::Swapped> {
         *lock(&self.last_swap)
     }
 
@@ -609,11 +609,11 @@ impl PolicyEngine {
     ) -> Arc<Profile> {
         let old = self.profile();
         during();
-        let sw = self.swap(profile, version, crate::lifecycle::modules::DRAIN_BOUND);
+        let sw = self.swap(profile, version, crate::modtable::modules::DRAIN_BOUND);
         *lock(&self.last_swap) = sw.as_ref().ok().copied();
         if let Err(e) = sw {
             // Published; the old version could not be drained in time (alarmed).
-            crate::lifecycle::MODULE_ALARMS.fetch_add(1, Ordering::Relaxed);
+            crate::modtable::MODULE_ALARMS.fetch_add(1, Ordering::Relaxed);
             tracing::error!("module alarm: {e}");
         }
         old
@@ -627,7 +627,7 @@ impl PolicyEngine {
         profile: Arc<Profile>,
         version: u64,
         bound: std::time::Duration,
-    ) -> Result<crate::lifecycle::modules::Swapped, crate::lifecycle::modules::SwapError> {
+    ) -> Result<crate::modtable::modules::Swapped, crate::modtable::modules::SwapError> {
         self.slot
             .swap(Some(Arc::new(PolicyModule::new(profile))), version, bound)
     }
