@@ -128,3 +128,35 @@ fn a_module_swapped_after_the_hash_check_never_runs() {
         )))
     );
 }
+
+/// Successive versions of a handler, each loaded from its own sealed memfd while
+/// the one before is retired (its code PROT_NONE, kept loaded): each new version
+/// answers as itself. Before the retired module's memfd was kept open, its fd
+/// number was reused by the next memfd and dlopen("/proc/self/fd/N") handed back
+/// the retired library: the new version's first call faulted as a stale call.
+#[test]
+fn successive_versions_each_load_their_own_code_after_a_retire() {
+    use hilrig_vmm::lifecycle::modules::{HandlerAction, NativeHandler, Retire};
+    use hilrig_vmm::lifecycle::sealed::SealedModule;
+    use sha2::Digest;
+    let d = tempfile::tempdir().unwrap();
+    let mut prev: Option<NativeHandler> = None;
+    for version in 2..6u64 {
+        let reg = 0x0001_0000 + version as u32;
+        let bytes = std::fs::read(build_demo_module(d.path(), version, reg)).unwrap();
+        let sha = hex::encode(sha2::Sha256::digest(&bytes));
+        let sealed = SealedModule::new("demo", &bytes, &sha).unwrap();
+        let h = NativeHandler::load_sealed(sealed, "device-handler", version)
+            .unwrap_or_else(|e| panic!("version {version}: {e}"));
+        assert_eq!(
+            h.on_access(0x4, false, 0),
+            Ok(HandlerAction::Complete(reg)),
+            "version {version} answers as itself"
+        );
+        if let Some(old) = prev.take() {
+            old.retire().unwrap();
+            drop(old);
+        }
+        prev = Some(h);
+    }
+}

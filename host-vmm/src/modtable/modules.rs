@@ -434,6 +434,12 @@ impl Retire for NativeHandler {
         // Never unloaded: dlclose would run its finalisers (in PROT_NONE code) and free
         // the addresses for something else to be mapped there.
         std::mem::forget(self.lib.clone());
+        // Its sealed memfd stays open for good too: the library was opened as
+        // `/proc/self/fd/N`, and the dynamic loader matches an already loaded object
+        // by that name. Were N closed and reused by the next version's memfd, dlopen
+        // would hand back this retired library (its code PROT_NONE) instead of loading
+        // the new one.
+        std::mem::forget(self._sealed.clone());
         install_stale_fault_handler()?;
         register_retired(self.hook_address(), &ranges)?;
         let mut bytes = 0;
