@@ -4,7 +4,7 @@
 
 #[test]
 fn docs_registers_md_matches_the_table() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/registers.md");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/registers.md");
     let generated = hilrig_device::regmap::to_markdown();
     if std::env::var_os("HILRIG_BLESS").is_some() {
         std::fs::write(&path, &generated)
