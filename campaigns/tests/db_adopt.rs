@@ -125,18 +125,9 @@ fn old_postgres_store_is_adopted() {
         eprintln!("SKIPPED: old PostgreSQL results store: HILRIG_TEST_PG not set");
         return;
     };
-    let name = format!("campaigns_adopt_{}", std::process::id());
     let settings = hilrig_db::Settings::new("campaigns-test");
-    let mut admin = hilrig_db::connect_pg(&url, &settings).unwrap();
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
-        .unwrap();
-    // Not in one batch: CREATE DATABASE cannot run inside a transaction block.
-    admin
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .unwrap();
-    let (base, _) = url.rsplit_once('/').unwrap();
-    let db_url = format!("{base}/{name}");
+    let scratch = hilrig_db::ScratchPg::create(&url, "campaigns_adopt", &settings).unwrap();
+    let db_url = scratch.url().to_string();
     {
         let mut c = hilrig_db::connect_pg(&db_url, &settings).unwrap();
         c.batch_execute(OLD_PG).unwrap();
@@ -154,5 +145,4 @@ fn old_postgres_store_is_adopted() {
         let mut c = hilrig_db::connect_pg(&db_url, &settings).unwrap();
         check_recorded(hilrig_db::ConnMut::Pg(&mut c), true);
     }
-    let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
 }

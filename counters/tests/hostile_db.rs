@@ -375,20 +375,11 @@ fn a_replayed_database_is_refused_with_the_anchor_in_another_postgresql_database
         return;
     };
     // A second database on the server: the anchor lives apart from the service's.
-    let name = fresh_schema("anchordb").to_lowercase();
-    let mut admin = hilrig_counters::store::PgDb::connect(&url, None).unwrap();
-    use hilrig_counters::store::Db;
-    admin.batch(&format!("CREATE DATABASE \"{name}\"")).unwrap();
-    let base = url.rsplit_once('/').unwrap().0;
-    let anchor_url = format!("{base}/{name}");
+    let scratch =
+        hilrig_db::ScratchPg::create(&url, "anchordb", &hilrig_db::Settings::new("counters-test"))
+            .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let r = std::panic::catch_unwind(|| replay_is_detected_with(&anchor_url, dir.path()));
-    admin
-        .batch(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-        .unwrap();
-    if let Err(p) = r {
-        std::panic::resume_unwind(p);
-    }
+    replay_is_detected_with(scratch.url(), dir.path());
 }
 
 #[test]

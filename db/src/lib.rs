@@ -14,7 +14,8 @@
 //!   that is newer than the code, is refused; a database made before this layer
 //!   (no `schema_migrations`) is adopted when its tables match;
 //! - [`mac`]: HMAC-SHA256 over a canonical (length-prefixed) row encoding, a
-//!   constant-time compare and a key fingerprint.
+//!   constant-time compare and a key fingerprint;
+//! - [`ScratchPg`]: a fresh PostgreSQL database for a test or bench, dropped on drop.
 //!
 //! Queries stay with their crates (as SQL text on the raw `rusqlite` / `postgres`
 //! connection): this crate owns how a database is named, opened and migrated.
@@ -23,11 +24,13 @@ mod conn;
 mod error;
 pub mod mac;
 mod migrate;
+mod scratch;
 mod url;
 
 pub use conn::{connect_pg, open, open_sqlite, open_sqlite_memory, Conn, ConnMut, Settings};
 pub use error::{pg_detail, DbError, Result};
 pub use migrate::{migrate, recorded, table_columns, Adopt, Migration, Schema, MIGRATIONS_TABLE};
+pub use scratch::{database_url, ScratchPg};
 pub use url::{redact, DbUrl};
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).

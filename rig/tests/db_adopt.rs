@@ -101,18 +101,9 @@ fn old_postgres_database_is_adopted() {
         eprintln!("SKIPPED: old PostgreSQL lease database: HILRIG_TEST_PG not set");
         return;
     };
-    let name = format!("rig_adopt_{}", std::process::id());
     let settings = hilrig_db::Settings::new("rig-test");
-    let mut admin = hilrig_db::connect_pg(&url, &settings).unwrap();
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
-        .unwrap();
-    // Not in one batch: CREATE DATABASE cannot run inside a transaction block.
-    admin
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .unwrap();
-    let (base, _) = url.rsplit_once('/').unwrap();
-    let db_url = format!("{base}/{name}");
+    let scratch = hilrig_db::ScratchPg::create(&url, "rig_adopt", &settings).unwrap();
+    let db_url = scratch.url().to_string();
     {
         let mut c = hilrig_db::connect_pg(&db_url, &settings).unwrap();
         c.batch_execute(OLD_PG_LEASES).unwrap();
@@ -136,5 +127,4 @@ fn old_postgres_database_is_adopted() {
         );
     }
     LeaseStore::open(&db_url).unwrap();
-    let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
 }
