@@ -1094,21 +1094,9 @@ fn guest_on_simulated_board(engine: &str) {
 /// the served API's history are the same document.
 #[test]
 fn runs_and_serve_over_a_store_filled_by_campaign_runs() {
-    // Echoes the run's binding (VM id, teardown nonce, serial) as the real VMM does.
-    const BIND: &str = r#"VMID=; NONCE=; STATE=; prev=
-for a in "$@"; do case "$prev" in --vm-id) VMID=$a;; --teardown-nonce) NONCE=$a;; --device-state) STATE=$a;; esac; prev=$a; done
-SERIAL=$(od -An -tu8 -j23 -N8 "$STATE" 2>/dev/null | tr -d ' '); SERIAL=${SERIAL:-0}
-"#;
-    const FAIL_JSON: &str = r#"{"payload":"attack-hang","device":"model","verdict":"FAIL: code 1","passed":false,"exit_status":1,"policy":{"alarms":0,"per_register":{}},"teardown":{"vm":"'"$VMID"'","serial":'"$SERIAL"',"nonce":"'"$NONCE"'","started_unix":0,"steps":[],"complete":true,"total_micros":10,"guest_bytes_scrubbed":0,"device_bytes_scrubbed":0,"counters":null,"verdict":{"verdict":"trusted","handoff_ok":true,"reasons":[]},"signer":"","signature":""}}"#;
-    use std::os::unix::fs::PermissionsExt;
+    use hilrig_campaigns::testkit::{stand_in_vmm, FAIL_JSON};
     let t = tempfile::tempdir().unwrap();
-    let vmm = t.path().join("fake-vmm");
-    std::fs::write(
-        &vmm,
-        format!("#!/bin/sh\n{BIND}echo '{FAIL_JSON}'; exit 1\n"),
-    )
-    .unwrap();
-    std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let vmm = stand_in_vmm(t.path(), &format!("echo '{FAIL_JSON}'; exit 1")).unwrap();
     let camp = t.path().join("n.toml");
     std::fs::write(
         &camp,

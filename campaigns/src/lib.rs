@@ -14,6 +14,8 @@ pub mod hostsource;
 pub mod runner;
 pub mod scenario;
 pub mod store;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 pub use cli::{main_job, run, CampaignCmd};
 pub use error::{RunError, RunResult};

@@ -5,40 +5,13 @@
 use hilrig_campaigns::runner::{run_campaign, RunOptions};
 use hilrig_campaigns::store::{RunRow, Store};
 use hilrig_reports::{CaseResult, Outcome};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-/// The stand-in VMM reads the run's binding from its flags (VM id, teardown nonce,
-/// the device serial from the state file) and echoes it in its teardown record, as
-/// the real VMM does: the runner refuses a record of another run.
-const BIND: &str = r#"VMID=; NONCE=; STATE=; prev=
-for a in "$@"; do case "$prev" in --vm-id) VMID=$a;; --teardown-nonce) NONCE=$a;; --device-state) STATE=$a;; esac; prev=$a; done
-SERIAL=$(od -An -tu8 -j23 -N8 "$STATE" 2>/dev/null | tr -d ' '); SERIAL=${SERIAL:-0}
-"#;
-
-/// A verdict line as the real VMM prints it (pass, alarms, trusted teardown).
-/// (`hilrig_vmm_api::RunSummary`; the test `fake_lines_are_run_summaries` keeps them so.)
-const PASS_JSON: &str = r#"{"payload":"attack-hang","device":"model","verdict":"PASS","passed":true,"exit_status":0,"policy":{"alarms":1,"per_register":{"HANG_TRIGGER":1}},"teardown":{"vm":"'"$VMID"'","serial":'"$SERIAL"',"nonce":"'"$NONCE"'","started_unix":0,"steps":[],"complete":true,"total_micros":10,"guest_bytes_scrubbed":0,"device_bytes_scrubbed":0,"counters":null,"verdict":{"verdict":"trusted","handoff_ok":true,"reasons":[]},"signer":"","signature":""}}"#;
-const FAIL_JSON: &str = r#"{"payload":"attack-hang","device":"model","verdict":"FAIL: code 1","passed":false,"exit_status":1,"policy":{"alarms":0,"per_register":{}},"teardown":{"vm":"'"$VMID"'","serial":'"$SERIAL"',"nonce":"'"$NONCE"'","started_unix":0,"steps":[],"complete":true,"total_micros":10,"guest_bytes_scrubbed":0,"device_bytes_scrubbed":0,"counters":null,"verdict":{"verdict":"trusted","handoff_ok":true,"reasons":[]},"signer":"","signature":""}}"#;
-
-#[test]
-fn fake_lines_are_run_summaries() {
-    for l in [PASS_JSON, FAIL_JSON] {
-        // As the shell expands it.
-        let l = l
-            .replace("'\"$VMID\"'", "case-0-x")
-            .replace("'\"$SERIAL\"'", "1")
-            .replace("'\"$NONCE\"'", &"5a".repeat(32));
-        hilrig_vmm_api::RunSummary::from_output(l.as_bytes()).expect("a RunSummary line");
-    }
-}
+use hilrig_campaigns::testkit::{FAIL_JSON, PASS_JSON};
 
 /// Write an executable stand-in VMM running `body` (sh; "$@" are the VMM flags).
 fn fake_vmm(dir: &Path, body: &str) -> PathBuf {
-    let p = dir.join("fake-vmm");
-    std::fs::write(&p, format!("#!/bin/sh\n{BIND}{body}\n")).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-    p
+    hilrig_campaigns::testkit::stand_in_vmm(dir, body).unwrap()
 }
 
 fn campaign(dir: &Path, body: &str) -> PathBuf {

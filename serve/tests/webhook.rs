@@ -7,20 +7,11 @@ use common::*;
 use hilrig_campaigns::store::{Store, WebhookRow};
 use hilrig_serve::webhook::{verify, Notice, Retry, SIGNATURE_HEADER};
 use hilrig_serve::worker::{take_one, WorkerOptions};
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// The stand-in VMM reads the run's binding from its flags (VM id, teardown nonce,
-/// the device serial from the state file) and echoes it in its teardown record, as
-/// the real VMM does: the runner refuses a record of another run.
-const BIND: &str = r#"VMID=; NONCE=; STATE=; prev=
-for a in "$@"; do case "$prev" in --vm-id) VMID=$a;; --teardown-nonce) NONCE=$a;; --device-state) STATE=$a;; esac; prev=$a; done
-SERIAL=$(od -An -tu8 -j23 -N8 "$STATE" 2>/dev/null | tr -d ' '); SERIAL=${SERIAL:-0}
-"#;
-
-const FAIL_JSON: &str = r#"{"payload":"attack-hang","device":"model","verdict":"FAIL: code 1","passed":false,"exit_status":1,"policy":{"alarms":0,"per_register":{}},"teardown":{"vm":"'"$VMID"'","serial":'"$SERIAL"',"nonce":"'"$NONCE"'","started_unix":0,"steps":[],"complete":true,"total_micros":10,"guest_bytes_scrubbed":0,"device_bytes_scrubbed":0,"counters":null,"verdict":{"verdict":"trusted","handoff_ok":true,"reasons":[]},"signer":"","signature":""}}"#;
+use hilrig_campaigns::testkit::{stand_in_vmm, FAIL_JSON};
 
 #[derive(Default)]
 struct Seen {
@@ -78,13 +69,7 @@ fn receiver(
 fn a_worker_runs_the_queued_campaign_and_signs_its_webhook() {
     let t = tempfile::tempdir().unwrap();
     let db = tmp_db(t.path());
-    let vmm = t.path().join("fake-vmm");
-    std::fs::write(
-        &vmm,
-        format!("#!/bin/sh\n{BIND}echo '{FAIL_JSON}'; exit 1\n"),
-    )
-    .unwrap();
-    std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let vmm = stand_in_vmm(t.path(), &format!("echo '{FAIL_JSON}'; exit 1")).unwrap();
     let (addr, seen, _rt) = receiver(2);
     let secret = "a-secret-of-some-length";
     let mut st = Store::open(Path::new(&db)).unwrap();
@@ -175,17 +160,15 @@ fn a_running_campaign_is_cancelled_between_cases() {
     let db = tmp_db(t.path());
     let starts = t.path().join("starts");
     std::fs::create_dir(&starts).unwrap();
-    let vmm = t.path().join("slow-vmm");
     // Each start leaves a file, then the case takes a while.
-    std::fs::write(
-        &vmm,
-        format!(
-            "#!/bin/sh\n{BIND}mktemp -p {} >/dev/null\nsleep 1\necho '{FAIL_JSON}'; exit 1\n",
+    let vmm = stand_in_vmm(
+        t.path(),
+        &format!(
+            "mktemp -p {} >/dev/null\nsleep 1\necho '{FAIL_JSON}'; exit 1",
             starts.display()
         ),
     )
     .unwrap();
-    std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).unwrap();
     let mut st = Store::open(Path::new(&db)).unwrap();
     let id = st
         .enqueue(
