@@ -952,7 +952,10 @@ impl PolicyEngine {
 
     /// A per-access counter summed over the shards.
     fn stat(&self, f: impl Fn(&StatShard) -> &AtomicU64) -> u64 {
-        self.stats.iter().map(|s| f(s).load(Ordering::Relaxed)).sum()
+        self.stats
+            .iter()
+            .map(|s| f(s).load(Ordering::Relaxed))
+            .sum()
     }
 
     fn build_report(

@@ -732,6 +732,10 @@ pub fn check_config(config: &VmConfig) -> Result<(), VmmError> {
     Ok(())
 }
 
+/// Whether a policy VM has KVM copy the registers into `kvm_run` on every exit (see
+/// `Vm::new`).
+const SYNC_REGS_ON_EXITS: bool = false;
+
 /// Ask for transparent huge pages on guest RAM (as QEMU does): the guest's first
 /// touches fault in 2 MiB at a time, KVM maps it with large pages, and teardown
 /// zeroes, checks and hands back 512 times fewer pages (issue 21.7: the scrub of a
@@ -956,10 +960,13 @@ impl Vm {
                 .iter()
                 .map(|e| (e.function, e.index, e.eax, e.ecx)),
         );
-        // With a policy, have KVM copy the registers into kvm_run on every exit, so
-        // an alarm's RIP costs no ioctl.
-        let sync_regs = config.policy.is_some()
-            && std::env::var_os("HILRIG_TMP_SYNC_REGS").is_some()
+        // KVM could copy the registers into kvm_run on every exit (KVM_CAP_SYNC_REGS)
+        // so an alarm's RIP costs no ioctl; that copy is paid on every exit of a
+        // policy VM, while alarms are written at most at the sink's rate (1000/s by
+        // default) and suppressed ones need no RIP: off (issue 14/16: the policy
+        // path's exit rate). `policy::fault` reads the registers with KVM_GET_REGS.
+        let sync_regs = SYNC_REGS_ON_EXITS
+            && config.policy.is_some()
             && kvm.check_extension(kvm_ioctls::Cap::SyncRegs);
         let vcpus = (0..config.vcpus)
             .map(|i| create_vcpu(&vm, i, &cpuid, vector, &config, sync_regs))
