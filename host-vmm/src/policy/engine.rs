@@ -1108,6 +1108,63 @@ mod tests {
     }
 
     #[test]
+    fn sink_buckets_refill_by_the_alarms_time_and_keys_stay_apart() {
+        let s = AlarmSink::new(&AlarmConfig {
+            file: None,
+            capture: false,
+            rate: 10,
+            burst: 2,
+        })
+        .expect("sink");
+        let hit = |offset, write, action| AlarmHit {
+            offset,
+            width: 4,
+            write,
+            value: 0,
+            action,
+            rule: 0,
+        };
+        let a = hit(0x38, true, Action::Drop);
+        assert!(s.admit(&a, 0).is_some());
+        assert!(s.admit(&a, 0).is_some());
+        assert!(s.admit(&a, 0).is_none(), "burst used up");
+        assert!(
+            s.admit(&a, 50_000).is_none(),
+            "half a token after 50 ms at 10/s"
+        );
+        assert!(s.admit(&a, 100_000).is_some(), "a token after 100 ms");
+        assert!(
+            s.admit(&hit(0x39, true, Action::Drop), 100_000).is_none(),
+            "a byte of the same word is the same key"
+        );
+        // Another access, action or word is another key: its first alarm is written.
+        for k in [
+            hit(0x38, false, Action::Drop),
+            hit(0x38, true, Action::Fault),
+            hit(0x3c, true, Action::Drop),
+        ] {
+            assert_eq!(s.admit(&k, 100_000).map(|a| a.count), Some(1), "{k:?}");
+        }
+        let g: Vec<_> = s
+            .groups(|w| format!("{w:#x}"))
+            .into_iter()
+            .map(|g| (g.offset, g.access, g.action, g.count, g.written))
+            .collect();
+        let row = |o: u32, acc: &str, act: &str, c: u64, w: u64| {
+            (o, acc.to_string(), act.to_string(), c, w)
+        };
+        assert_eq!(
+            g,
+            vec![
+                row(0x38, "read", "drop", 1, 1),
+                row(0x38, "write", "drop", 6, 3),
+                row(0x38, "write", "fault", 1, 1),
+                row(0x3c, "write", "drop", 1, 1),
+            ]
+        );
+    }
+
+    #[test]
     fn sink_rate_limits_and_counts_suppressed() {
         let dir = tempfile::tempdir().expect("tmp");
         let path = dir.path().join("alarms.jsonl");
