@@ -160,7 +160,8 @@ pub struct AlarmSink {
 struct KeyState {
     action: Action,
     tokens: f64,
-    last: Instant,
+    /// When the bucket was last refilled (µs since the VM started: the alarm's time).
+    last_refill_us: u64,
     first_us: u64,
     last_us: u64,
     count: u64,
@@ -172,7 +173,7 @@ struct SinkState {
     capture: Option<Vec<Alarm>>,
     rate: f64,
     burst: f64,
-    keys: std::collections::HashMap<(u32, bool, usize), KeyState>,
+    keys: std::collections::HashMap<u32, KeyState, KeyHash>,
     written: u64,
     suppressed: u64,
     error: Option<String>,
@@ -200,7 +201,7 @@ impl AlarmSink {
                 capture: cfg.capture.then(Vec::new),
                 rate: f64::from(cfg.rate),
                 burst: f64::from(cfg.burst.max(1)),
-                keys: std::collections::HashMap::new(),
+                keys: std::collections::HashMap::default(),
                 written: 0,
                 suppressed: 0,
                 error: None,
@@ -212,24 +213,25 @@ impl AlarmSink {
     /// Some if the alarm may be written now (always for a key's first alarm); None
     /// counts it suppressed.
     pub fn admit(&self, hit: &AlarmHit, t_us: u64) -> Option<Admitted> {
+        // The bucket refills by the alarm's own time (no second clock read); the key
+        // is one u32 with a multiplicative hash (no SipHash on the alarm path).
         let mut guard = lock(&self.state);
         let s = &mut *guard;
-        let now = Instant::now();
         let (rate, burst) = (s.rate, s.burst);
         let k = s
             .keys
-            .entry((hit.offset & !3, hit.write, action_index(hit.action)))
+            .entry(alarm_key(hit.offset, hit.write, hit.action))
             .or_insert(KeyState {
                 action: hit.action,
                 tokens: burst,
-                last: now,
+                last_refill_us: t_us,
                 first_us: t_us,
                 last_us: t_us,
                 count: 0,
                 written: 0,
             });
-        let dt = now.saturating_duration_since(k.last).as_secs_f64();
-        k.last = now;
+        let dt = t_us.saturating_sub(k.last_refill_us) as f64 / 1e6;
+        k.last_refill_us = k.last_refill_us.max(t_us);
         k.tokens = (k.tokens + dt * rate).min(burst);
         k.count += 1;
         k.last_us = t_us;
@@ -253,15 +255,15 @@ impl AlarmSink {
         let mut g: Vec<_> = s
             .keys
             .iter()
-            .map(|(&(word, write, ai), k)| {
-                let action = k.action;
+            .map(|(&key, k)| {
+                let (word, write, ai) = (key >> 3, key & 4 != 0, key & 3);
                 (
                     (word, write, ai),
                     hilrig_vmm_api::AlarmGroup {
                         register: name(word),
                         offset: word,
                         access: if write { "write" } else { "read" }.into(),
-                        action: serde_json::to_value(action)
+                        action: serde_json::to_value(k.action)
                             .ok()
                             .and_then(|v| v.as_str().map(str::to_string))
                             .unwrap_or_default(),
@@ -317,6 +319,36 @@ impl AlarmSink {
         )
     }
 }
+
+/// An alarm key — (register word, access, action) — as one number (BAR0 offsets
+/// fit in 16 bits), ordered as (word, write, action).
+#[inline]
+fn alarm_key(offset: u32, write: bool, action: Action) -> u32 {
+    ((offset & !3) << 3) | (u32::from(write) << 2) | action_index(action) as u32
+}
+
+/// Hashes an alarm key with one multiplication (keys are bounded and not chosen by
+/// anyone who gains from collisions beyond a slower alarm of their own).
+#[derive(Default, Clone, Copy)]
+struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        // The product's high half depends on every bit of the key: fold it into the
+        // low bits the table indexes by.
+        self.0 ^ (self.0 >> 32)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.0 = u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type KeyHash = std::hash::BuildHasherDefault<KeyHasher>;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -387,15 +419,47 @@ pub struct PolicyEngine {
     /// The alarm sink.
     pub alarms: AlarmSink,
     per_word_alarms: Box<[AtomicU64]>,
-    actions: [AtomicU64; 4],
-    parts: AtomicU64,
+    /// Per-access counters, one shard per vCPU thread (round robin past
+    /// [`STAT_SHARDS`]), summed for reports.
+    stats: Box<[StatShard]>,
     alarms_total: AtomicU64,
-    faults: AtomicU64,
     record: Option<Mutex<Vec<Decided>>>,
     start: Instant,
     /// BAR0 pages (bit per page) the VM traps whatever the profile says
     /// (`--trap all`): there a page without rules gets the profile's default.
     forced: u16,
+}
+
+/// Shards of the per-access counters.
+const STAT_SHARDS: usize = 8;
+
+/// One shard of the per-access counters: its own cache lines, so vCPUs counting
+/// their accesses do not pull one line back and forth between cores.
+#[repr(align(128))]
+#[derive(Default)]
+struct StatShard {
+    parts: AtomicU64,
+    actions: [AtomicU64; 4],
+    faults: AtomicU64,
+}
+
+/// This thread's counter shard (assigned on first use, round robin).
+#[inline]
+fn stat_shard() -> usize {
+    use std::sync::atomic::AtomicUsize;
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SHARD: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+    }
+    SHARD.with(|c| {
+        let v = c.get();
+        if v != usize::MAX {
+            return v;
+        }
+        let v = NEXT.fetch_add(1, Ordering::Relaxed) % STAT_SHARDS;
+        c.set(v);
+        v
+    })
 }
 
 fn action_index(a: Action) -> usize {
@@ -534,10 +598,8 @@ impl PolicyEngine {
             flash_attempts: AtomicU64::new(0),
             alarms: AlarmSink::new(alarms)?,
             per_word_alarms: (0..WORDS).map(|_| AtomicU64::new(0)).collect(),
-            actions: Default::default(),
-            parts: AtomicU64::new(0),
+            stats: (0..STAT_SHARDS).map(|_| StatShard::default()).collect(),
             alarms_total: AtomicU64::new(0),
-            faults: AtomicU64::new(0),
             record: None,
             start: Instant::now(),
             forced: 0,
@@ -676,7 +738,9 @@ impl PolicyEngine {
             }
         };
         if plan.fault {
-            self.faults.fetch_add(1, Ordering::Relaxed);
+            self.stats[stat_shard()]
+                .faults
+                .fetch_add(1, Ordering::Relaxed);
         }
         self.apply(module, &plan, dev, data, write, plan.fault)
     }
@@ -716,7 +780,9 @@ impl PolicyEngine {
         };
         let fault = plans[..pieces.len()].iter().any(|p| p.fault);
         if fault {
-            self.faults.fetch_add(1, Ordering::Relaxed);
+            self.stats[stat_shard()]
+                .faults
+                .fetch_add(1, Ordering::Relaxed);
         }
         for (((_, buf, len), out), plan) in pieces.iter_mut().zip(outs.iter_mut()).zip(&plans) {
             *out = self.apply(module, plan, dev, &mut buf[..*len], true, fault)?;
@@ -753,6 +819,8 @@ impl PolicyEngine {
             fault,
             hits: [None; 3],
         };
+        let st = &self.stats[stat_shard()];
+        st.parts.fetch_add(plan.n as u64, Ordering::Relaxed);
         for i in 0..plan.n {
             let (w, mask, biw, ds, len) = plan.parts[i];
             let d = plan.decs[i];
@@ -797,10 +865,9 @@ impl PolicyEngine {
                     shown = v;
                 }
             }
-            self.parts.fetch_add(1, Ordering::Relaxed);
             if d.rule.is_some() {
                 let ai = if fault { 3 } else { action_index(d.action) };
-                self.actions[ai].fetch_add(1, Ordering::Relaxed);
+                st.actions[ai].fetch_add(1, Ordering::Relaxed);
             }
             if d.alarm {
                 if let Some(o) = self.observer.get() {
@@ -883,6 +950,14 @@ impl PolicyEngine {
         self.build_report(written, suppressed, captured, sink_error, decided)
     }
 
+    /// A per-access counter summed over the shards.
+    fn stat(&self, f: impl Fn(&StatShard) -> &AtomicU64) -> u64 {
+        self.stats
+            .iter()
+            .map(|s| f(s).load(Ordering::Relaxed))
+            .sum()
+    }
+
     fn build_report(
         &self,
         written: u64,
@@ -912,11 +987,11 @@ impl PolicyEngine {
                 } else {
                     p.rule_pages().into_iter().map(|x| x as u32).collect()
                 },
-                parts: self.parts.load(Ordering::Relaxed),
-                allowed: self.actions[0].load(Ordering::Relaxed),
-                dropped: self.actions[1].load(Ordering::Relaxed),
-                shadowed: self.actions[2].load(Ordering::Relaxed),
-                faults: self.faults.load(Ordering::Relaxed),
+                parts: self.stat(|s| &s.parts),
+                allowed: self.stat(|s| &s.actions[0]),
+                dropped: self.stat(|s| &s.actions[1]),
+                shadowed: self.stat(|s| &s.actions[2]),
+                faults: self.stat(|s| &s.faults),
                 alarms: self.alarms_total.load(Ordering::Relaxed),
                 alarms_written: written,
                 alarms_suppressed: suppressed,
@@ -1030,6 +1105,63 @@ mod tests {
         e.access(&mut *d, s0 as u64, &mut r, false).expect("r");
         assert_eq!(u32::from_le_bytes(r), 0);
         assert_eq!(e.report().faults, 1);
+    }
+
+    #[test]
+    fn sink_buckets_refill_by_the_alarms_time_and_keys_stay_apart() {
+        let s = AlarmSink::new(&AlarmConfig {
+            file: None,
+            capture: false,
+            rate: 10,
+            burst: 2,
+        })
+        .expect("sink");
+        let hit = |offset, write, action| AlarmHit {
+            offset,
+            width: 4,
+            write,
+            value: 0,
+            action,
+            rule: 0,
+        };
+        let a = hit(0x38, true, Action::Drop);
+        assert!(s.admit(&a, 0).is_some());
+        assert!(s.admit(&a, 0).is_some());
+        assert!(s.admit(&a, 0).is_none(), "burst used up");
+        assert!(
+            s.admit(&a, 50_000).is_none(),
+            "half a token after 50 ms at 10/s"
+        );
+        assert!(s.admit(&a, 100_000).is_some(), "a token after 100 ms");
+        assert!(
+            s.admit(&hit(0x39, true, Action::Drop), 100_000).is_none(),
+            "a byte of the same word is the same key"
+        );
+        // Another access, action or word is another key: its first alarm is written.
+        for k in [
+            hit(0x38, false, Action::Drop),
+            hit(0x38, true, Action::Fault),
+            hit(0x3c, true, Action::Drop),
+        ] {
+            assert_eq!(s.admit(&k, 100_000).map(|a| a.count), Some(1), "{k:?}");
+        }
+        let g: Vec<_> = s
+            .groups(|w| format!("{w:#x}"))
+            .into_iter()
+            .map(|g| (g.offset, g.access, g.action, g.count, g.written))
+            .collect();
+        let row = |o: u32, acc: &str, act: &str, c: u64, w: u64| {
+            (o, acc.to_string(), act.to_string(), c, w)
+        };
+        assert_eq!(
+            g,
+            vec![
+                row(0x38, "read", "drop", 1, 1),
+                row(0x38, "write", "drop", 6, 3),
+                row(0x38, "write", "fault", 1, 1),
+                row(0x3c, "write", "drop", 1, 1),
+            ]
+        );
     }
 
     #[test]
