@@ -250,8 +250,19 @@ fn idle_window(
                 };
                 // The guests spin on `pause`: niced, so the controller is measured,
                 // not starved.
-                let mut argv = vec!["nice".into(), "-n".into(), "19".into(), b, "vm".into(), "run".into()];
-                argv.extend(spec.to_args().into_iter().map(|a| a.to_string_lossy().into_owned()));
+                let mut argv = vec![
+                    "nice".into(),
+                    "-n".into(),
+                    "19".into(),
+                    b,
+                    "vm".into(),
+                    "run".into(),
+                ];
+                argv.extend(
+                    spec.to_args()
+                        .into_iter()
+                        .map(|a| a.to_string_lossy().into_owned()),
+                );
                 let req = StepRequest {
                     dir: dir.clone(),
                     argv,
@@ -317,7 +328,10 @@ pub fn bench_lab_hosts(window: std::time::Duration) -> Result<Vec<Figure>> {
         ssh.push(s);
     }
     if ssh.len() != n {
-        bail!("bench lab-hosts: {} SSH hosts in the lab, wanted {n}", ssh.len());
+        bail!(
+            "bench lab-hosts: {} SSH hosts in the lab, wanted {n}",
+            ssh.len()
+        );
     }
     let one = idle_window(&ssh[..1], &builds[..1], window)?;
     let all = idle_window(&ssh, &builds, window)?;

@@ -449,7 +449,10 @@ impl Att<'_> {
         };
         let step = match step {
             Some(s) => s,
-            None => self.run_step_sh(k, label, &r, &rdir, &remote_files, &cmd_argv, &puts).await?,
+            None => {
+                self.run_step_sh(k, label, &r, &rdir, &remote_files, &cmd_argv, &puts)
+                    .await?
+            }
         };
         for ((_, local), body) in fetch.iter().zip(&step.files) {
             if let Some(b) = body {
@@ -522,7 +525,10 @@ impl Att<'_> {
             Ok(Ok(out)) => out,
         };
         let _ = feeder.await;
-        match (out.status.code(), parse_step(&out.stdout, remote_files.len())) {
+        match (
+            out.status.code(),
+            parse_step(&out.stdout, remote_files.len()),
+        ) {
             (Some(0), Ok(s)) => Ok(s),
             (code, parsed) => {
                 let why = match parsed {

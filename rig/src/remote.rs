@@ -701,7 +701,8 @@ fn agent_step(q: &StepRequest, running: &Mutex<Option<u32>>) -> Result<Vec<u8>, 
     for (p, b) in &q.puts {
         let path = Path::new(p);
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("creating {}: {e}", parent.display()))?;
         }
         create(path)?
             .write_all(b)
@@ -729,7 +730,10 @@ fn agent_step(q: &StepRequest, running: &Mutex<Option<u32>>) -> Result<Vec<u8>, 
         match std::fs::symlink_metadata(p) {
             Ok(m) if m.is_file() => {
                 if m.len() > MAX_GET_BYTES {
-                    return Err(format!("{} is larger than {MAX_GET_BYTES} bytes", p.display()));
+                    return Err(format!(
+                        "{} is larger than {MAX_GET_BYTES} bytes",
+                        p.display()
+                    ));
                 }
                 let b = std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()))?;
                 v.extend_from_slice(format!("{name} {}\n", b.len()).as_bytes());
@@ -1459,7 +1463,10 @@ mod tests {
         assert!(!Path::new(&d1).exists(), "step directory left behind");
         to_agent.write_all(&q2.encode()).unwrap();
         let e = read_step(&mut r, 0).expect_err("reply 2 is an error frame");
-        assert!(e.why.starts_with("host: starting /nonexistent/hilrig"), "{e}");
+        assert!(
+            e.why.starts_with("host: starting /nonexistent/hilrig"),
+            "{e}"
+        );
         // The runner goes away while a command runs: the agent kills it.
         let d3 = format!("{base}/s3");
         let q3 = StepRequest {
@@ -1481,10 +1488,20 @@ mod tests {
         drop(to_agent);
         let reply = read_step(&mut r, 0).expect("the killed command's reply");
         assert_eq!(reply.code, 128 + libc::SIGKILL);
-        server.join().unwrap().expect("agent ends cleanly at the end of its input");
+        server
+            .join()
+            .unwrap()
+            .expect("agent ends cleanly at the end of its input");
         // SAFETY: signal 0 only checks whether the pid exists.
-        assert_eq!(unsafe { libc::kill(pid, 0) }, -1, "the command outlived its runner");
-        assert!(r.header().unwrap().is_none(), "nothing after the last reply");
+        assert_eq!(
+            unsafe { libc::kill(pid, 0) },
+            -1,
+            "the command outlived its runner"
+        );
+        assert!(
+            r.header().unwrap().is_none(),
+            "nothing after the last reply"
+        );
 
         // Requests that are not: relative paths, `..`, no command, cut short,
         // unknown frames, oversized bodies.

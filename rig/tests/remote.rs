@@ -146,11 +146,13 @@ fn step_agent_frames_from_the_host_are_checked() {
     let ssh = ssh_of(&inv, "sim-ssh-1");
     let wd = ssh.spec().workdir.clone();
     // Each fake reads the request up to its `run 0` line, then answers.
-    let read_req = "while IFS= read -r l; do [ \"$l\" = 'run 0' ] && break; done";
+    // (A body is not newline-terminated: `run 0` ends the last line.)
+    let read_req = "while IFS= read -r l; do case \"$l\" in *'run 0') break;; esac; done";
     let fake = |name: &str, body: &str| -> String {
         let p = format!("{wd}/fake/{name}");
         let script = format!("#!/bin/sh\necho '{AGENT_HELLO}'\n{read_req}\n{body}\n");
-        ssh.put(&p, script.as_bytes(), 0o755).expect("put fake agent");
+        ssh.put(&p, script.as_bytes(), 0o755)
+            .expect("put fake agent");
         p
     };
     let req = StepRequest {
@@ -162,7 +164,11 @@ fn step_agent_frames_from_the_host_are_checked() {
     let t = std::time::Duration::from_secs(20);
     for (name, body, want) in [
         ("cut", "printf 'exit 0\\nout 10\\n{\"a\"'", "cut short"),
-        ("huge", "printf 'exit 0\\nout 99999999999\\n'; sleep 2", "too large"),
+        (
+            "huge",
+            "printf 'exit 0\\nout 99999999999\\n'; sleep 2",
+            "too large",
+        ),
         ("garbage", "printf 'PASS\\n'; sleep 2", "header"),
         ("silent", "exit 0", "exit"),
         ("nofile", "printf 'exit 0\\nout 2\\n{}err 0\\n'", "f0"),
@@ -188,8 +194,12 @@ fn step_agent_frames_from_the_host_are_checked() {
     assert_eq!((s.code, s.files.clone()), (7, vec![None]));
     // No agent in the build (usage on stderr, exit 2): unsupported, remembered.
     let none = format!("{wd}/fake/none");
-    ssh.put(&none, b"#!/bin/sh\necho 'usage: no such command' >&2\nexit 2\n", 0o755)
-        .unwrap();
+    ssh.put(
+        &none,
+        b"#!/bin/sh\necho 'usage: no such command' >&2\nexit 2\n",
+        0o755,
+    )
+    .unwrap();
     let ssh2 = ssh_of(&inv, "sim-ssh-1");
     for _ in 0..2 {
         match ssh2.step(&none, &req, t) {
