@@ -143,23 +143,20 @@ pub fn bench_lab_scale() -> Result<Vec<Figure>> {
     ])
 }
 
-/// CPU seconds (user + system) and resident bytes of process `pid` from /proc
-/// (`None`: gone).
+/// CPU seconds and resident bytes of process `pid` from /proc (`None`: gone).
+/// CPU from `schedstat` (nanoseconds; the ssh processes are single-threaded);
+/// this process's own from `getrusage` (every thread, microseconds).
 fn proc_usage(pid: u32) -> Option<(f64, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces) in parentheses.
-    let rest = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let tick = {
-        // SAFETY: sysconf reads a constant.
-        let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-        if t > 0 {
-            t as f64
-        } else {
-            100.0
-        }
+    let cpu = if pid == std::process::id() {
+        // SAFETY: getrusage fills the struct we pass.
+        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        tv(u.ru_utime) + tv(u.ru_stime)
+    } else {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).ok()?;
+        s.split_whitespace().next()?.parse::<f64>().ok()? / 1e9
     };
-    let cpu = (f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / tick;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let rss_kb: u64 = status
         .lines()
