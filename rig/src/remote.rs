@@ -1450,7 +1450,7 @@ mod tests {
         let server = std::thread::spawn(move || serve_steps(agent_in, agent_out));
         let mut r = FrameReader::new(BufReader::new(from_agent));
         let mut hello = Vec::new();
-        (&mut r.inner).read_until(b'\n', &mut hello).unwrap();
+        r.inner.read_until(b'\n', &mut hello).unwrap();
         assert_eq!(hello, format!("{AGENT_HELLO}\n").as_bytes());
         to_agent.write_all(&q1.encode()).unwrap();
         let s = read_step(&mut r, 3).expect("reply 1");
@@ -1507,7 +1507,7 @@ mod tests {
         // unknown frames, oversized bodies.
         for bad in [
             b"dir 3\nrelarg 1\nxrun 0\n".to_vec(),
-            format!("dir 7\n/a/../barg 1\nxrun 0\n").into_bytes(),
+            b"dir 7\n/a/../barg 1\nxrun 0\n".to_vec(),
             b"dir 2\n/arun 0\n".to_vec(),
             b"dir 2\n/aarg 1\nx".to_vec(),
             b"dir 2\n/azzz 0\nrun 0\n".to_vec(),
