@@ -54,6 +54,10 @@ pub const BENCHES: &[(&str, &str)] = &[
         "per-case rate through SSH to a loopback host (scripts/sim-lab) vs the same cases run locally, same run",
     ),
     (
+        "lab-hosts",
+        "32 simulated SSH hosts (HILRIG_BENCH_HOSTS) running idle guests vs 1: controller CPU per host-hour, memory per host",
+    ),
+    (
         "vm-exit",
         "hilrig-vmm's MMIO path vs a raw KVM exit loop; exits on an unrestricted page; VM start time",
     ),
@@ -91,6 +95,7 @@ pub fn run(name: &str, seconds: f64) -> Result<Vec<Figure>> {
                 .as_deref(),
         )?,
         "lab" => bench_lab()?,
+        "lab-hosts" => crate::scale::bench_lab_hosts(budget.max(Duration::from_secs(10)))?,
         "policy" => crate::policy::bench_policy(budget)?,
         "patch" => crate::lifecycle::bench_patch(budget)?,
         "teardown" => crate::lifecycle::bench_teardown(budget)?,

@@ -367,13 +367,14 @@ impl Att<'_> {
         }
     }
 
-    /// Run `spec` on the remote host in one SSH round trip
-    /// ([`hilrig_rig::remote::STEP_SH`]): the device state and a generated payload
+    /// Run `spec` on the remote host in one round trip through its step agent
+    /// ([`hilrig_rig::remote::Ssh::step`]; a build without one:
+    /// [`hilrig_rig::remote::STEP_SH`]): the device state and a generated payload
     /// staged there, `hilrig vm run` started (its pid kept, so a timeout kills it
     /// there), then its `--json` summary, stderr, the state, console, alarms and
     /// teardown record sent back and the step's directory removed.
     async fn run_remote(&mut self, k: usize, label: &str, spec: VmSpec, r: Remote) -> StepOut {
-        use hilrig_rig::remote::{parse_step, stage_input, step_argv};
+        use hilrig_rig::remote::{StepError, StepRequest};
         let infra = |m: String| fail(Outcome::Infra, format!("step {k} ({label}): {m}"));
         let rdir = format!("{}-{k}", r.dir);
         let rpath = |local: &Path| -> String {
@@ -414,29 +415,28 @@ impl Att<'_> {
                 .map(|a| a.to_string_lossy().into_owned()),
         );
         let remote_files: Vec<String> = fetch.iter().map(|(p, _)| p.clone()).collect();
-        let argv = step_argv(&rdir, &remote_files, &cmd_argv);
-        let mut cmd = tokio::process::Command::from(r.ssh.command(&argv));
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        die_with_runner(&mut cmd);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| infra(format!("starting ssh: {e}")))?;
-        let input = stage_input(&puts);
-        let stdin = child.stdin.take();
-        let feeder = tokio::spawn(async move {
-            use tokio::io::AsyncWriteExt;
-            if let Some(mut w) = stdin {
-                let _ = w.write_all(&input).await;
+        // The host's step agent first: one framed request and reply over a
+        // standing session; a build without it goes through STEP_SH.
+        let req = StepRequest {
+            dir: rdir.clone(),
+            argv: cmd_argv.clone(),
+            puts: std::mem::take(&mut puts),
+            fetch: remote_files.clone(),
+        };
+        let (ssh, hilrig, left) = (r.ssh.clone(), r.hilrig.clone(), self.left());
+        let agent = tokio::task::spawn_blocking(move || {
+            let out = ssh.step(&hilrig, &req, left);
+            (out, req)
+        })
+        .await
+        .map_err(|e| infra(format!("step task: {e}")))?;
+        let step = match agent {
+            (Ok(s), _) => Some(s),
+            (Err(StepError::Unsupported { .. }), req) => {
+                puts = req.puts;
+                None
             }
-        });
-        let out = match tokio::time::timeout(self.left(), child.wait_with_output()).await {
-            Err(_) => {
-                let ssh = r.ssh.clone();
-                let d = shell_quote(&rdir);
-                let kill = format!("kill -KILL $(cat {d}/.pid) 2>/dev/null; rm -rf {d}; true");
-                let _ = blocking(move || ssh.sh(&kill, None).map(|_| ())).await;
+            (Err(StepError::Timeout { .. }), _) => {
                 return Err(fail(
                     Outcome::Timeout,
                     format!(
@@ -445,22 +445,13 @@ impl Att<'_> {
                     ),
                 ));
             }
-            Ok(Err(e)) => return Err(infra(format!("waiting for ssh: {e}"))),
-            Ok(Ok(out)) => out,
+            (Err(e), _) => return Err(infra(e.to_string())),
         };
-        let _ = feeder.await;
-        let step = match (out.status.code(), parse_step(&out.stdout, fetch.len())) {
-            (Some(0), Ok(s)) => s,
-            (code, parsed) => {
-                let why = match parsed {
-                    Err(e) => e.to_string(),
-                    Ok(_) => format!("exit {code:?}"),
-                };
-                return Err(infra(format!(
-                    "ssh to {} failed ({why}): {}",
-                    self.host.name,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                )));
+        let step = match step {
+            Some(s) => s,
+            None => {
+                self.run_step_sh(k, label, &r, &rdir, &remote_files, &cmd_argv, &puts)
+                    .await?
             }
         };
         for ((_, local), body) in fetch.iter().zip(&step.files) {
@@ -482,6 +473,75 @@ impl Att<'_> {
             stderr: step.stderr,
         };
         self.collect(k, label, vm_out)
+    }
+
+    /// One step through [`hilrig_rig::remote::STEP_SH`] (a build without the
+    /// step agent): its own SSH round trip.
+    #[allow(clippy::too_many_arguments)]
+    async fn run_step_sh(
+        &mut self,
+        k: usize,
+        label: &str,
+        r: &Remote,
+        rdir: &str,
+        remote_files: &[String],
+        cmd_argv: &[String],
+        puts: &[(String, Vec<u8>)],
+    ) -> Result<hilrig_rig::remote::StepOutput, Stop> {
+        use hilrig_rig::remote::{parse_step, stage_input, step_argv};
+        let infra = |m: String| fail(Outcome::Infra, format!("step {k} ({label}): {m}"));
+        let argv = step_argv(rdir, remote_files, cmd_argv);
+        let mut cmd = tokio::process::Command::from(r.ssh.command(&argv));
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        die_with_runner(&mut cmd);
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| infra(format!("starting ssh: {e}")))?;
+        let input = stage_input(puts);
+        let stdin = child.stdin.take();
+        let feeder = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            if let Some(mut w) = stdin {
+                let _ = w.write_all(&input).await;
+            }
+        });
+        let out = match tokio::time::timeout(self.left(), child.wait_with_output()).await {
+            Err(_) => {
+                let ssh = r.ssh.clone();
+                let d = shell_quote(rdir);
+                let kill = format!("kill -KILL $(cat {d}/.pid) 2>/dev/null; rm -rf {d}; true");
+                let _ = blocking(move || ssh.sh(&kill, None).map(|_| ())).await;
+                return Err(fail(
+                    Outcome::Timeout,
+                    format!(
+                        "step {k} ({label}) still running on {} after the case timeout of {:?}: killed",
+                        self.host.name, self.case.timeout
+                    ),
+                ));
+            }
+            Ok(Err(e)) => return Err(infra(format!("waiting for ssh: {e}"))),
+            Ok(Ok(out)) => out,
+        };
+        let _ = feeder.await;
+        match (
+            out.status.code(),
+            parse_step(&out.stdout, remote_files.len()),
+        ) {
+            (Some(0), Ok(s)) => Ok(s),
+            (code, parsed) => {
+                let why = match parsed {
+                    Err(e) => e.to_string(),
+                    Ok(_) => format!("exit {code:?}"),
+                };
+                Err(infra(format!(
+                    "ssh to {} failed ({why}): {}",
+                    self.host.name,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )))
+            }
+        }
     }
 
     fn load(&self) -> Result<NvState, Stop> {

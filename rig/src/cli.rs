@@ -272,6 +272,10 @@ pub enum RigCmd {
         #[command(subcommand)]
         cmd: BoardCmd,
     },
+    /// The host side of a runner's SSH steps: framed step requests on standard
+    /// input, framed results on standard output (`remote::serve_steps`).
+    #[command(hide = true)]
+    StepAgent,
 }
 
 /// A command-line duration that is not one.
@@ -587,6 +591,10 @@ pub fn run(cmd: RigCmd) -> Result<ExitCode> {
                     }
                 }
             }
+        }
+        RigCmd::StepAgent => {
+            crate::remote::serve_steps(std::io::stdin(), std::io::stdout().lock())?;
+            Ok(ExitCode::SUCCESS)
         }
         RigCmd::Probes => {
             for p in crate::board::list_probes()? {

@@ -15,7 +15,7 @@ use crate::inventory::{HostSpec, Inventory};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::ffi::OsString;
-use std::io::Write;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
@@ -230,18 +230,48 @@ fn tail(b: &[u8]) -> String {
     t.into_iter().rev().collect::<Vec<_>>().join(" | ")
 }
 
-/// SHA-256 of a file, hex.
+/// SHA-256 of a file, hex. Remembered per process by the file's identity
+/// (device, inode, size, modification and change times), so a run hashes its
+/// build once however many hosts and attempts ask; a file that changed is hashed
+/// again.
 pub fn file_sha256(path: &Path) -> Result<String, RemoteError> {
-    let mut f = std::fs::File::open(path).map_err(|source| RemoteError::Io {
+    use std::os::unix::fs::MetadataExt;
+    type Key = (PathBuf, u64, u64, u64, i64, i64, i64, i64);
+    static CACHE: Mutex<Vec<(Key, String)>> = Mutex::new(Vec::new());
+    let io = |source| RemoteError::Io {
         what: format!("reading {}", path.display()),
         source,
-    })?;
+    };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let m = f.metadata().map_err(io)?;
+    let key: Key = (
+        path.to_path_buf(),
+        m.dev(),
+        m.ino(),
+        m.len(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+    );
+    if let Some((_, h)) = CACHE
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .find(|(k, _)| *k == key)
+    {
+        return Ok(h.clone());
+    }
     let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h).map_err(|source| RemoteError::Io {
-        what: format!("reading {}", path.display()),
-        source,
-    })?;
-    Ok(hex::encode(h.finalize()))
+    std::io::copy(&mut f, &mut h).map_err(io)?;
+    let hex = hex::encode(h.finalize());
+    let mut c = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    c.retain(|(k, _)| k.0 != key.0);
+    if c.len() >= 64 {
+        c.remove(0);
+    }
+    c.push((key, hex.clone()));
+    Ok(hex)
 }
 
 /// The remote side of one step in one SSH round trip ([`step_argv`]): files
@@ -256,7 +286,7 @@ umask 077
 mkdir -p "$d" || exit 250
 IFS='
 '
-for f in $fetch; do rm -f "$f"; done
+[ -z "$fetch" ] || rm -f $fetch
 while IFS=' ' read -r len path; do
   [ "$len" = end ] && break
   head -c "$len" > "$path" || exit 250
@@ -326,56 +356,142 @@ pub struct FrameError {
 
 /// Parse [`STEP_SH`]'s output (bounded: no frame over [`MAX_GET_BYTES`]).
 pub fn parse_step(out: &[u8], nfiles: usize) -> Result<StepOutput, FrameError> {
-    let mut at = 0usize;
-    let bad = |at: usize, why: String| FrameError { at, why };
-    let header = |at: &mut usize, want: &str| -> Result<i64, FrameError> {
-        let rest = &out[*at..];
-        let nl = rest
-            .iter()
-            .take(64)
-            .position(|&b| b == b'\n')
-            .ok_or_else(|| bad(*at, format!("no `{want}` header line")))?;
-        let line =
-            std::str::from_utf8(&rest[..nl]).map_err(|_| bad(*at, "header is not UTF-8".into()))?;
-        let (name, n) = line
-            .split_once(' ')
-            .ok_or_else(|| bad(*at, format!("header {line:?}")))?;
-        if name != want {
-            return Err(bad(*at, format!("expected `{want}`, got {name:?}")));
+    let mut r = FrameReader::new(out);
+    let s = read_step(&mut r, nfiles)?;
+    if r.at != out.len() {
+        return Err(FrameError {
+            at: r.at,
+            why: format!("{} bytes after the last frame", out.len() - r.at),
+        });
+    }
+    Ok(s)
+}
+
+/// A bounded reader of `<name> <len>` framed streams (the step output of
+/// [`STEP_SH`] and of the step agent, the agent's requests), counting bytes so
+/// errors say where. A stream that ends inside a frame is a [`FrameError`].
+pub struct FrameReader<R> {
+    inner: R,
+    /// Bytes consumed so far.
+    pub at: usize,
+}
+
+impl<R: Read> FrameReader<R> {
+    /// Read frames from `inner`.
+    pub fn new(inner: R) -> FrameReader<R> {
+        FrameReader { inner, at: 0 }
+    }
+
+    fn bad(&self, why: String) -> FrameError {
+        FrameError { at: self.at, why }
+    }
+
+    /// One header line `<name> <number>` (at most 64 bytes); `None` at a clean
+    /// end of stream before its first byte.
+    pub fn header(&mut self) -> Result<Option<(String, i64)>, FrameError> {
+        let start = self.at;
+        let mut line = Vec::with_capacity(32);
+        loop {
+            let mut b = [0u8; 1];
+            match self.inner.read(&mut b) {
+                Ok(0) if line.is_empty() => return Ok(None),
+                Ok(0) => {
+                    return Err(FrameError {
+                        at: start,
+                        why: format!(
+                            "stream ends inside a header ({:?})",
+                            String::from_utf8_lossy(&line)
+                        ),
+                    })
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(self.bad(format!("reading: {e}"))),
+            }
+            self.at += 1;
+            if b[0] == b'\n' {
+                break;
+            }
+            line.push(b[0]);
+            if line.len() > 64 {
+                return Err(FrameError {
+                    at: start,
+                    why: "header line longer than 64 bytes".into(),
+                });
+            }
         }
-        let n: i64 = n
-            .parse()
-            .map_err(|_| bad(*at, format!("bad number in {line:?}")))?;
-        *at += nl + 1;
-        Ok(n)
-    };
-    let code = header(&mut at, "exit")?;
-    let body = |at: &mut usize, want: &str| -> Result<Option<Vec<u8>>, FrameError> {
-        let n = header(at, want)?;
-        if n < 0 {
-            return Ok(None);
+        let line = std::str::from_utf8(&line).map_err(|_| FrameError {
+            at: start,
+            why: "header is not UTF-8".into(),
+        })?;
+        let (name, n) = line.split_once(' ').ok_or_else(|| FrameError {
+            at: start,
+            why: format!("header {line:?}"),
+        })?;
+        let n: i64 = n.parse().map_err(|_| FrameError {
+            at: start,
+            why: format!("bad number in {line:?}"),
+        })?;
+        Ok(Some((name.to_string(), n)))
+    }
+
+    /// A header that must be `want`; its number.
+    pub fn expect(&mut self, want: &str) -> Result<i64, FrameError> {
+        match self.header()? {
+            Some((name, n)) if name == want => Ok(n),
+            Some((name, _)) => Err(self.bad(format!("expected `{want}`, got {name:?}"))),
+            None => Err(self.bad(format!("stream ends before `{want}`"))),
         }
-        if n as u64 > MAX_GET_BYTES {
-            return Err(bad(*at, format!("`{want}` of {n} bytes is too large")));
+    }
+
+    /// `n` bytes of a body named `what` (refused over [`MAX_GET_BYTES`]).
+    pub fn body(&mut self, what: &str, n: i64) -> Result<Vec<u8>, FrameError> {
+        if n < 0 || n as u64 > MAX_GET_BYTES {
+            return Err(self.bad(format!("`{what}` of {n} bytes is too large")));
         }
         let n = n as usize;
-        let b = out
-            .get(*at..*at + n)
-            .ok_or_else(|| bad(*at, format!("`{want}` cut short ({n} bytes announced)")))?;
-        *at += n;
-        Ok(Some(b.to_vec()))
-    };
-    let stdout = body(&mut at, "out")?.unwrap_or_default();
-    let stderr = body(&mut at, "err")?.unwrap_or_default();
-    let mut files = Vec::new();
-    for i in 0..nfiles {
-        files.push(body(&mut at, &format!("f{i}"))?);
+        let mut b = Vec::with_capacity(n.min(1 << 20));
+        let got = (&mut self.inner)
+            .take(n as u64)
+            .read_to_end(&mut b)
+            .map_err(|e| self.bad(format!("reading `{what}`: {e}")))?;
+        if got < n {
+            return Err(self.bad(format!(
+                "`{what}` cut short ({n} bytes announced, {got} sent)"
+            )));
+        }
+        self.at += n;
+        Ok(b)
     }
-    if at != out.len() {
-        return Err(bad(
-            at,
-            format!("{} bytes after the last frame", out.len() - at),
-        ));
+
+    /// A body frame named `want` (`None`: announced missing, `-1`).
+    fn file(&mut self, want: &str) -> Result<Option<Vec<u8>>, FrameError> {
+        let n = self.expect(want)?;
+        if n == -1 {
+            return Ok(None);
+        }
+        self.body(want, n).map(Some)
+    }
+}
+
+/// Read one step output (`exit`, `out`, `err`, `f0..`) from a stream; an agent's
+/// `error <len>` frame in place of `exit` is [`StepError::Remote`]-worthy and
+/// returned as a [`FrameError`] whose `why` starts with `host: `.
+pub fn read_step<R: Read>(r: &mut FrameReader<R>, nfiles: usize) -> Result<StepOutput, FrameError> {
+    let code = match r.header()? {
+        Some((name, n)) if name == "exit" => n,
+        Some((name, n)) if name == "error" => {
+            let m = r.body("error", n)?;
+            return Err(r.bad(format!("host: {}", String::from_utf8_lossy(&m))));
+        }
+        Some((name, _)) => return Err(r.bad(format!("expected `exit`, got {name:?}"))),
+        None => return Err(r.bad("no `exit` header line (empty output)".into())),
+    };
+    let stdout = r.file("out")?.unwrap_or_default();
+    let stderr = r.file("err")?.unwrap_or_default();
+    let mut files = Vec::with_capacity(nfiles);
+    for i in 0..nfiles {
+        files.push(r.file(&format!("f{i}"))?);
     }
     Ok(StepOutput {
         code: code.clamp(0, 255) as i32,
@@ -383,6 +499,340 @@ pub fn parse_step(out: &[u8], nfiles: usize) -> Result<StepOutput, FrameError> {
         stderr,
         files,
     })
+}
+
+/// The first line a step agent (`hilrig rig step-agent`) writes.
+pub const AGENT_HELLO: &str = "hilrig-step-agent 1";
+/// Most arguments, files to put and files to fetch of one agent request.
+pub const MAX_REQUEST_ITEMS: usize = 4096;
+
+/// One VMM step for a step agent: like [`step_argv`] + [`stage_input`], but sent
+/// as one framed request over the agent's standing SSH session.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepRequest {
+    /// The step's directory on the host (created 0700, removed afterwards).
+    pub dir: String,
+    /// The command (program first).
+    pub argv: Vec<String>,
+    /// Files written before the command runs (path, bytes).
+    pub puts: Vec<(String, Vec<u8>)>,
+    /// Files removed before and sent back after the command (in order).
+    pub fetch: Vec<String>,
+}
+
+impl StepRequest {
+    /// The request as a stream of `<tag> <len>` frames ending with `run 0`.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::new();
+        let mut rec = |tag: &str, b: &[u8]| {
+            v.extend_from_slice(format!("{tag} {}\n", b.len()).as_bytes());
+            v.extend_from_slice(b);
+        };
+        rec("dir", self.dir.as_bytes());
+        for a in &self.argv {
+            rec("arg", a.as_bytes());
+        }
+        for (p, b) in &self.puts {
+            rec("put", p.as_bytes());
+            rec("data", b);
+        }
+        for f in &self.fetch {
+            rec("fetch", f.as_bytes());
+        }
+        v.extend_from_slice(b"run 0\n");
+        v
+    }
+
+    /// Read one request; `None` at a clean end of stream.
+    pub fn decode<R: Read>(r: &mut FrameReader<R>) -> Result<Option<StepRequest>, FrameError> {
+        let mut q = StepRequest::default();
+        let mut first = true;
+        let text = |r: &mut FrameReader<R>, what: &str, n: i64| -> Result<String, FrameError> {
+            let b = r.body(what, n)?;
+            String::from_utf8(b).map_err(|_| r.bad(format!("`{what}` is not UTF-8")))
+        };
+        loop {
+            let Some((tag, n)) = r.header()? else {
+                if first {
+                    return Ok(None);
+                }
+                return Err(r.bad("request cut short (no `run`)".into()));
+            };
+            first = false;
+            if q.argv.len() + q.puts.len() + q.fetch.len() > MAX_REQUEST_ITEMS {
+                return Err(r.bad("too many items in one request".into()));
+            }
+            match tag.as_str() {
+                "dir" => q.dir = text(r, "dir", n)?,
+                "arg" => {
+                    let a = text(r, "arg", n)?;
+                    q.argv.push(a);
+                }
+                "put" => {
+                    let p = text(r, "put", n)?;
+                    let m = r.expect("data")?;
+                    let b = r.body("data", m)?;
+                    q.puts.push((p, b));
+                }
+                "fetch" => {
+                    let f = text(r, "fetch", n)?;
+                    q.fetch.push(f);
+                }
+                "run" if n == 0 => break,
+                other => return Err(r.bad(format!("unknown request frame {other:?}"))),
+            }
+        }
+        let abs = |what: &str, p: &str| -> Result<(), FrameError> {
+            if !p.starts_with('/') || p.split('/').any(|c| c == "..") {
+                return Err(FrameError {
+                    at: 0,
+                    why: format!("{what} {p:?} must be absolute, without `..`"),
+                });
+            }
+            Ok(())
+        };
+        abs("dir", &q.dir)?;
+        for (p, _) in &q.puts {
+            abs("put", p)?;
+        }
+        for f in &q.fetch {
+            abs("fetch", f)?;
+        }
+        if q.argv.is_empty() {
+            return Err(r.bad("request without a command".into()));
+        }
+        Ok(Some(q))
+    }
+}
+
+/// Why the step agent (the host side) stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// A malformed request: the agent stops (the runner sees a transport error).
+    #[error("step agent: {0}")]
+    Frame(#[from] FrameError),
+    /// Writing a reply failed (the runner went away).
+    #[error("step agent: writing the reply: {0}")]
+    Write(std::io::Error),
+}
+
+/// The host side of the step protocol (`hilrig rig step-agent`): writes
+/// [`AGENT_HELLO`], then serves [`StepRequest`]s from `input` one at a time,
+/// answering each on `output` in [`STEP_SH`]'s format (`exit`, `out`, `err`,
+/// `f0..`), or `error <len>` when the step could not be set up. The command's
+/// pid is kept in `<dir>/.pid` (a runner that times out kills it there); when
+/// `input` ends (the runner or its SSH session went away) a running command is
+/// killed. Files are created 0600 and the step directory 0700.
+pub fn serve_steps<R, W>(input: R, mut output: W) -> Result<(), AgentError>
+where
+    R: Read + Send + 'static,
+    W: Write,
+{
+    // SAFETY: umask only changes this process's file creation mask.
+    unsafe { libc::umask(0o077) };
+    writeln!(output, "{AGENT_HELLO}").map_err(AgentError::Write)?;
+    output.flush().map_err(AgentError::Write)?;
+    let running: std::sync::Arc<Mutex<Option<u32>>> = Default::default();
+    let (tx, rx) = std::sync::mpsc::channel::<Result<Option<StepRequest>, FrameError>>();
+    let watch = running.clone();
+    std::thread::spawn(move || {
+        let mut r = FrameReader::new(BufReader::new(input));
+        loop {
+            let q = StepRequest::decode(&mut r);
+            let stop = !matches!(q, Ok(Some(_)));
+            if stop {
+                // The runner is gone (or spoke nonsense): nothing of ours runs on.
+                if let Some(pid) = *watch.lock().unwrap_or_else(|p| p.into_inner()) {
+                    // SAFETY: kill(2) on our own child's pid.
+                    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                }
+            }
+            if tx.send(q).is_err() || stop {
+                return;
+            }
+        }
+    });
+    while let Ok(q) = rx.recv() {
+        let q = match q? {
+            Some(q) => q,
+            None => return Ok(()),
+        };
+        let reply = match agent_step(&q, &running) {
+            Ok(b) => b,
+            Err(m) => {
+                let mut v = format!("error {}\n", m.len()).into_bytes();
+                v.extend_from_slice(m.as_bytes());
+                v
+            }
+        };
+        let _ = std::fs::remove_dir_all(&q.dir);
+        output.write_all(&reply).map_err(AgentError::Write)?;
+        output.flush().map_err(AgentError::Write)?;
+    }
+    Ok(())
+}
+
+/// Run one request; the framed reply, or why the step could not be set up.
+fn agent_step(q: &StepRequest, running: &Mutex<Option<u32>>) -> Result<Vec<u8>, String> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    use std::os::unix::process::ExitStatusExt;
+    let dir = Path::new(&q.dir);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("creating {}: {e}", q.dir))?;
+    for f in &q.fetch {
+        match std::fs::remove_file(f) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("removing {f}: {e}")),
+        }
+    }
+    let create = |p: &Path| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(p)
+            .map_err(|e| format!("creating {}: {e}", p.display()))
+    };
+    for (p, b) in &q.puts {
+        let path = Path::new(p);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("creating {}: {e}", parent.display()))?;
+        }
+        create(path)?
+            .write_all(b)
+            .map_err(|e| format!("writing {p}: {e}"))?;
+    }
+    let (out_p, err_p) = (dir.join(".out"), dir.join(".err"));
+    let mut child = Command::new(&q.argv[0])
+        .args(&q.argv[1..])
+        .stdin(Stdio::null())
+        .stdout(create(&out_p)?)
+        .stderr(create(&err_p)?)
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", q.argv[0]))?;
+    *running.lock().unwrap_or_else(|p| p.into_inner()) = Some(child.id());
+    let _ = std::fs::write(dir.join(".pid"), format!("{}\n", child.id()));
+    let status = child.wait();
+    *running.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    let status = status.map_err(|e| format!("waiting for {}: {e}", q.argv[0]))?;
+    // The shell's convention (as STEP_SH): 128+n for a command killed by signal n.
+    let code = status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    let mut v = format!("exit {code}\n").into_bytes();
+    let mut emit = |name: &str, p: &Path| -> Result<(), String> {
+        match std::fs::symlink_metadata(p) {
+            Ok(m) if m.is_file() => {
+                if m.len() > MAX_GET_BYTES {
+                    return Err(format!(
+                        "{} is larger than {MAX_GET_BYTES} bytes",
+                        p.display()
+                    ));
+                }
+                let b = std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()))?;
+                v.extend_from_slice(format!("{name} {}\n", b.len()).as_bytes());
+                v.extend_from_slice(&b);
+            }
+            _ => v.extend_from_slice(format!("{name} -1\n").as_bytes()),
+        }
+        Ok(())
+    };
+    emit("out", &out_p)?;
+    emit("err", &err_p)?;
+    for (i, f) in q.fetch.iter().enumerate() {
+        emit(&format!("f{i}"), Path::new(f))?;
+    }
+    Ok(v)
+}
+
+/// Why a step through the agent did not produce an output.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// The host's build has no step agent (another VMM program): use [`STEP_SH`].
+    #[error("host `{host}`: no step agent: {why}")]
+    Unsupported {
+        /// The host.
+        host: String,
+        /// What it answered instead of the hello.
+        why: String,
+    },
+    /// The step ran past its time: the command was killed on the host.
+    #[error("host `{host}`: step still running after {after:?}: killed there")]
+    Timeout {
+        /// The host.
+        host: String,
+        /// The time it had.
+        after: std::time::Duration,
+    },
+    /// The agent, its SSH session or its reply failed (a transport fault, never a
+    /// device verdict).
+    #[error("host `{host}`: step agent transport: {why}")]
+    Transport {
+        /// The host.
+        host: String,
+        /// What went wrong (a [`FrameError`], ssh's last words).
+        why: String,
+    },
+    /// The host could not set the step up (directory, files, starting the command).
+    #[error("host `{host}`: step agent: {why}")]
+    Remote {
+        /// The host.
+        host: String,
+        /// The agent's message.
+        why: String,
+    },
+}
+
+/// A running step agent: `ssh ... <hilrig> rig step-agent` over the master
+/// connection, and a thread reading its replies.
+struct Agent {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    want: std::sync::mpsc::Sender<usize>,
+    replies: std::sync::mpsc::Receiver<Result<StepOutput, FrameError>>,
+    stderr: std::sync::Arc<Mutex<Vec<u8>>>,
+    stderr_thread: Option<std::thread::JoinHandle<()>>,
+    /// The build it runs.
+    hilrig: String,
+}
+
+impl Agent {
+    fn stderr_tail(&self) -> String {
+        tail(&self.stderr.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The step agent slot of a connection.
+#[derive(Default)]
+enum AgentSlot {
+    #[default]
+    None,
+    Up(Box<Agent>),
+    /// The build has no agent: every step goes through [`STEP_SH`].
+    Unsupported(String),
+}
+
+impl std::fmt::Debug for AgentSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AgentSlot::None => f.write_str("None"),
+            AgentSlot::Up(a) => write!(f, "Up({})", a.hilrig),
+            AgentSlot::Unsupported(w) => write!(f, "Unsupported({w:?})"),
+        }
+    }
 }
 
 /// One host's transport: this machine, or an SSH master connection.
@@ -403,6 +853,8 @@ pub struct Ssh {
     dir: tempfile::TempDir,
     /// Hash of the build last verified on the host.
     verified: Mutex<Option<String>>,
+    /// The standing step agent session ([`Ssh::step`]).
+    agent: Mutex<AgentSlot>,
 }
 
 impl Remote {
@@ -460,6 +912,7 @@ impl Ssh {
             spec,
             dir,
             verified: Mutex::new(None),
+            agent: Mutex::new(AgentSlot::None),
         })
     }
 
@@ -647,6 +1100,208 @@ impl Ssh {
         Ok(path)
     }
 
+    /// Run one step through the host's step agent (`<hilrig> rig step-agent`,
+    /// started over the master connection at the first step and kept for the
+    /// next ones): one framed request in, one framed reply out, no process
+    /// started on the host but the command itself. Past `timeout` the command is
+    /// killed on the host and the agent session dropped. A build without the
+    /// agent is remembered ([`StepError::Unsupported`]: use [`STEP_SH`]).
+    pub fn step(
+        &self,
+        hilrig: &str,
+        req: &StepRequest,
+        timeout: std::time::Duration,
+    ) -> Result<StepOutput, StepError> {
+        use std::sync::mpsc::RecvTimeoutError;
+        let deadline = std::time::Instant::now() + timeout;
+        let mut slot = self.agent.lock().unwrap_or_else(|p| p.into_inner());
+        if let AgentSlot::Unsupported(why) = &*slot {
+            return Err(StepError::Unsupported {
+                host: self.host.clone(),
+                why: why.clone(),
+            });
+        }
+        if matches!(&*slot, AgentSlot::Up(a) if a.hilrig != hilrig) {
+            *slot = AgentSlot::None;
+        }
+        if matches!(*slot, AgentSlot::None) {
+            match self.start_agent(hilrig, deadline) {
+                Ok(a) => *slot = AgentSlot::Up(Box::new(a)),
+                Err(e @ StepError::Unsupported { .. }) => {
+                    *slot = AgentSlot::Unsupported(e.to_string());
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let AgentSlot::Up(agent) = &mut *slot else {
+            return Err(self.transport("no agent".into()));
+        };
+        let sent = agent
+            .want
+            .send(req.fetch.len())
+            .map_err(|_| "the reply reader is gone".to_string())
+            .and_then(|_| {
+                agent
+                    .stdin
+                    .write_all(&req.encode())
+                    .and_then(|_| agent.stdin.flush())
+                    .map_err(|e| format!("sending the request: {e}"))
+            });
+        if let Err(why) = sent {
+            let why = format!("{why}; {}", agent.stderr_tail());
+            *slot = AgentSlot::None;
+            return Err(self.transport(why));
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match agent.replies.recv_timeout(left) {
+            Ok(Ok(out)) => Ok(out),
+            Ok(Err(e)) => {
+                let why = e.why.strip_prefix("host: ").map(str::to_string);
+                // An `error` frame leaves the agent in step; anything else does not.
+                match why {
+                    Some(why) if e.why.starts_with("host: ") => Err(StepError::Remote {
+                        host: self.host.clone(),
+                        why,
+                    }),
+                    _ => {
+                        let why = format!("{e}; {}", agent.stderr_tail());
+                        *slot = AgentSlot::None;
+                        Err(self.transport(why))
+                    }
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                let why = agent.stderr_tail();
+                *slot = AgentSlot::None;
+                Err(self.transport(format!("the agent session ended: {why}")))
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                // Kill the command there (its pid file), then drop the session
+                // (the agent kills whatever still runs when its input ends).
+                let d = shell_quote(&req.dir);
+                let _ = self.sh(
+                    &format!("kill -KILL $(cat {d}/.pid) 2>/dev/null; rm -rf {d}; true"),
+                    None,
+                );
+                *slot = AgentSlot::None;
+                Err(StepError::Timeout {
+                    host: self.host.clone(),
+                    after: timeout,
+                })
+            }
+        }
+    }
+
+    /// The pid of the local `ssh` process of the running step agent, if any.
+    pub fn agent_pid(&self) -> Option<u32> {
+        match &*self.agent.lock().unwrap_or_else(|p| p.into_inner()) {
+            AgentSlot::Up(a) => Some(a.child.id()),
+            _ => None,
+        }
+    }
+
+    fn transport(&self, why: String) -> StepError {
+        StepError::Transport {
+            host: self.host.clone(),
+            why,
+        }
+    }
+
+    /// Start `<hilrig> rig step-agent` and read its hello.
+    fn start_agent(&self, hilrig: &str, deadline: std::time::Instant) -> Result<Agent, StepError> {
+        let mut c = self.command(&[hilrig.to_string(), "rig".into(), "step-agent".into()]);
+        c.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c
+            .spawn()
+            .map_err(|e| self.transport(format!("starting ssh: {e}")))?;
+        let (Some(stdin), Some(stdout), Some(err)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            return Err(self.transport("ssh without pipes".into()));
+        };
+        let stderr: std::sync::Arc<Mutex<Vec<u8>>> = Default::default();
+        let sink = stderr.clone();
+        let stderr_thread = std::thread::spawn(move || {
+            let mut err = err;
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let mut s = sink.lock().unwrap_or_else(|p| p.into_inner());
+                s.extend_from_slice(&buf[..n]);
+                // Keep the last 16 KiB.
+                let over = s.len().saturating_sub(16 << 10);
+                s.drain(..over);
+            }
+        });
+        let (want_tx, want_rx) = std::sync::mpsc::channel::<usize>();
+        let (reply_tx, reply_rx) = std::sync::mpsc::channel();
+        let (hello_tx, hello_rx) = std::sync::mpsc::channel::<Result<String, String>>();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(stdout);
+            let mut hello = Vec::new();
+            let h = (&mut r)
+                .take(64)
+                .read_until(b'\n', &mut hello)
+                .map(|_| String::from_utf8_lossy(&hello).trim_end().to_string())
+                .map_err(|e| e.to_string());
+            let ok = matches!(&h, Ok(l) if l == AGENT_HELLO);
+            if hello_tx.send(h).is_err() || !ok {
+                return;
+            }
+            let mut fr = FrameReader::new(r);
+            while let Ok(n) = want_rx.recv() {
+                let r = read_step(&mut fr, n);
+                let fatal = matches!(&r, Err(e) if !e.why.starts_with("host: "));
+                if reply_tx.send(r).is_err() || fatal {
+                    return;
+                }
+            }
+        });
+        let agent = Agent {
+            child,
+            stdin,
+            want: want_tx,
+            replies: reply_rx,
+            stderr,
+            hilrig: hilrig.to_string(),
+            stderr_thread: Some(stderr_thread),
+        };
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match hello_rx.recv_timeout(left) {
+            Ok(Ok(l)) if l == AGENT_HELLO => Ok(agent),
+            Ok(Ok(l)) => {
+                // Give ssh a moment to say why (exit 255: the connection itself).
+                let mut agent = agent;
+                let code = wait_briefly(&mut agent.child);
+                if code.is_some() {
+                    // ssh has exited: its stderr is complete.
+                    if let Some(t) = agent.stderr_thread.take() {
+                        let _ = t.join();
+                    }
+                }
+                let why = format!("answered {l:?}; {}", agent.stderr_tail());
+                if code == Some(255) {
+                    Err(self.transport(why))
+                } else {
+                    Err(StepError::Unsupported {
+                        host: self.host.clone(),
+                        why,
+                    })
+                }
+            }
+            Ok(Err(e)) => Err(self.transport(format!("reading the agent's hello: {e}"))),
+            Err(_) => Err(self.transport(format!(
+                "no hello from the step agent in time; {}",
+                agent.stderr_tail()
+            ))),
+        }
+    }
+
     /// SSH reachable and the build at `path` answers `--version` (the health
     /// check, and the wait after a power cycle).
     pub fn alive_at(&self, path: &str) -> Result<String, RemoteError> {
@@ -674,6 +1329,18 @@ impl Drop for Ssh {
             .stderr(Stdio::null())
             .status();
     }
+}
+
+/// The exit code of a child that ends within a second (`None`: still running,
+/// or killed by a signal).
+fn wait_briefly(child: &mut std::process::Child) -> Option<i32> {
+    for _ in 0..100 {
+        if let Ok(Some(s)) = child.try_wait() {
+            return s.code();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    None
 }
 
 /// Where hosts come from: an inventory file, or (elsewhere) a labgrid
@@ -746,6 +1413,125 @@ mod tests {
         }
         let i = stage_input(&[("/a b".into(), b"xy".to_vec())]);
         assert_eq!(i, b"2 /a b\nxyend -\n");
+    }
+
+    /// The step agent over in-memory pipes: hostile names and bytes put and
+    /// fetched unchanged, exit codes and missing files framed, the directory
+    /// removed; a malformed request stops it with an error, never a reply.
+    #[test]
+    fn step_agent_serves_framed_requests() {
+        let t = tempfile::tempdir().unwrap();
+        let base = t.path().to_string_lossy().into_owned();
+        let d1 = format!("{base}/s 1");
+        let hostile = format!("{d1}/it's $(id) `x`\nline;c");
+        let data: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+        let out_f = format!("{d1}/out.bin");
+        let q1 = StepRequest {
+            dir: d1.clone(),
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                "cat \"$1\" > \"$2\"; printf '{}'; echo oops >&2; exit 3".into(),
+                "x".into(),
+                hostile.clone(),
+                out_f.clone(),
+            ],
+            puts: vec![(hostile.clone(), data.clone())],
+            fetch: vec![out_f, format!("{d1}/none"), hostile.clone()],
+        };
+        let q2 = StepRequest {
+            dir: format!("{base}/s2"),
+            argv: vec!["/nonexistent/hilrig".into()],
+            ..StepRequest::default()
+        };
+        use std::os::unix::net::UnixStream;
+        let (agent_in, mut to_agent) = UnixStream::pair().unwrap();
+        let (agent_out, from_agent) = UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || serve_steps(agent_in, agent_out));
+        let mut r = FrameReader::new(BufReader::new(from_agent));
+        let mut hello = Vec::new();
+        r.inner.read_until(b'\n', &mut hello).unwrap();
+        assert_eq!(hello, format!("{AGENT_HELLO}\n").as_bytes());
+        to_agent.write_all(&q1.encode()).unwrap();
+        let s = read_step(&mut r, 3).expect("reply 1");
+        assert_eq!(s.code, 3);
+        assert_eq!(s.stdout, b"{}");
+        assert_eq!(s.stderr, b"oops\n");
+        assert_eq!(s.files[0].as_deref(), Some(&data[..]));
+        assert_eq!(s.files[1], None);
+        assert_eq!(s.files[2].as_deref(), Some(&data[..]));
+        assert!(!Path::new(&d1).exists(), "step directory left behind");
+        to_agent.write_all(&q2.encode()).unwrap();
+        let e = read_step(&mut r, 0).expect_err("reply 2 is an error frame");
+        assert!(
+            e.why.starts_with("host: starting /nonexistent/hilrig"),
+            "{e}"
+        );
+        // The runner goes away while a command runs: the agent kills it.
+        let d3 = format!("{base}/s3");
+        let q3 = StepRequest {
+            dir: d3.clone(),
+            argv: vec!["sleep".into(), "600".into()],
+            ..StepRequest::default()
+        };
+        to_agent.write_all(&q3.encode()).unwrap();
+        let pid_file = Path::new(&d3).join(".pid");
+        let pid: i32 = loop {
+            if let Some(p) = std::fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+            {
+                break p;
+            }
+            std::thread::yield_now();
+        };
+        drop(to_agent);
+        let reply = read_step(&mut r, 0).expect("the killed command's reply");
+        assert_eq!(reply.code, 128 + libc::SIGKILL);
+        server
+            .join()
+            .unwrap()
+            .expect("agent ends cleanly at the end of its input");
+        // SAFETY: signal 0 only checks whether the pid exists.
+        assert_eq!(
+            unsafe { libc::kill(pid, 0) },
+            -1,
+            "the command outlived its runner"
+        );
+        assert!(
+            r.header().unwrap().is_none(),
+            "nothing after the last reply"
+        );
+
+        // Requests that are not: relative paths, `..`, no command, cut short,
+        // unknown frames, oversized bodies.
+        for bad in [
+            b"dir 3\nrelarg 1\nxrun 0\n".to_vec(),
+            b"dir 7\n/a/../barg 1\nxrun 0\n".to_vec(),
+            b"dir 2\n/arun 0\n".to_vec(),
+            b"dir 2\n/aarg 1\nx".to_vec(),
+            b"dir 2\n/azzz 0\nrun 0\n".to_vec(),
+            b"dir 2\n/aput 2\n/bdata 99999999999\n".to_vec(),
+            b"dir 99999999999\n".to_vec(),
+        ] {
+            let mut out = Vec::new();
+            let e = serve_steps(std::io::Cursor::new(bad.clone()), &mut out);
+            assert!(matches!(e, Err(AgentError::Frame(_))), "{bad:?}: {e:?}");
+            assert_eq!(out, format!("{AGENT_HELLO}\n").as_bytes(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn file_hash_is_cached_until_the_file_changes() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("build");
+        std::fs::write(&p, b"one").unwrap();
+        let a = file_sha256(&p).unwrap();
+        assert_eq!(file_sha256(&p).unwrap(), a);
+        std::fs::write(&p, b"two, longer").unwrap();
+        let b = file_sha256(&p).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(b, hex::encode(Sha256::digest(b"two, longer")));
     }
 
     #[test]

@@ -52,6 +52,12 @@ impl SimLab {
     /// Start `n` SSH hosts (`sim-ssh-1..n`, tags sim, ssh, model) plus the local
     /// simulated host `local-1`.
     pub fn start(n: usize) -> Result<SimLab, LabError> {
+        SimLab::start_with_build(n, None)
+    }
+
+    /// [`SimLab::start`], every host sharing one root-owned copy of `build` as
+    /// its `hilrig` (`SIM_LAB_BUILD`: many hosts without a copy each).
+    pub fn start_with_build(n: usize, build: Option<&Path>) -> Result<SimLab, LabError> {
         let script = script();
         if !script.is_file() {
             return Err(LabError::Skipped(format!("{} not found", script.display())));
@@ -61,7 +67,11 @@ impl SimLab {
             .tempdir()
             .map_err(|e| LabError::Failed(format!("temporary directory: {e}")))?;
         let port = free_port()?;
-        let out = Command::new(&script)
+        let mut c = Command::new(&script);
+        if let Some(b) = build {
+            c.env("SIM_LAB_BUILD", b);
+        }
+        let out = c
             .arg("start")
             .arg(dir.path())
             .arg(n.to_string())

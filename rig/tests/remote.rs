@@ -130,3 +130,81 @@ fn shipped_sim_ssh_inventory_parses() {
         "{e}"
     );
 }
+
+/// The step agent over SSH, against fake agents on a real sshd: a reply cut
+/// short, an oversized frame, garbage and a silent exit are transport errors
+/// (never a step output, so never a device verdict); a build without the agent
+/// is `Unsupported` (the runner falls back to the step script); an `error`
+/// frame is the host's own message and the session stays usable.
+#[test]
+fn step_agent_frames_from_the_host_are_checked() {
+    use hilrig_rig::remote::{StepError, StepRequest, AGENT_HELLO};
+    let Some(lab) = lab("step_agent_frames_from_the_host_are_checked", 1) else {
+        return;
+    };
+    let inv = Inventory::load(&lab.inventory).unwrap();
+    let ssh = ssh_of(&inv, "sim-ssh-1");
+    let wd = ssh.spec().workdir.clone();
+    // Each fake reads the request up to its `run 0` line, then answers.
+    // (A body is not newline-terminated: `run 0` ends the last line.)
+    let read_req = "while IFS= read -r l; do case \"$l\" in *'run 0') break;; esac; done";
+    let fake = |name: &str, body: &str| -> String {
+        let p = format!("{wd}/fake/{name}");
+        let script = format!("#!/bin/sh\necho '{AGENT_HELLO}'\n{read_req}\n{body}\n");
+        ssh.put(&p, script.as_bytes(), 0o755)
+            .expect("put fake agent");
+        p
+    };
+    let req = StepRequest {
+        dir: format!("{wd}/att/s-0"),
+        argv: vec!["true".into()],
+        puts: vec![],
+        fetch: vec![format!("{wd}/att/s-0/state.bin")],
+    };
+    let t = std::time::Duration::from_secs(20);
+    for (name, body, want) in [
+        ("cut", "printf 'exit 0\\nout 10\\n{\"a\"'", "cut short"),
+        (
+            "huge",
+            "printf 'exit 0\\nout 99999999999\\n'; sleep 2",
+            "too large",
+        ),
+        ("garbage", "printf 'PASS\\n'; sleep 2", "header"),
+        ("silent", "exit 0", "exit"),
+        ("nofile", "printf 'exit 0\\nout 2\\n{}err 0\\n'", "f0"),
+    ] {
+        let p = fake(name, body);
+        match ssh.step(&p, &req, t) {
+            Err(StepError::Transport { why, .. }) => {
+                assert!(why.contains(want), "{name}: {why}")
+            }
+            other => panic!("{name}: a broken reply was taken: {other:?}"),
+        }
+    }
+    // An error frame: the host's message; the next request is served.
+    let p = fake(
+        "err",
+        &format!("printf 'error 4\\nnope'\n{read_req}\nprintf 'exit 7\\nout 0\\nerr 0\\nf0 -1\\n'; sleep 2"),
+    );
+    match ssh.step(&p, &req, t) {
+        Err(StepError::Remote { why, .. }) => assert_eq!(why, "nope"),
+        other => panic!("error frame: {other:?}"),
+    }
+    let s = ssh.step(&p, &req, t).expect("the session stays usable");
+    assert_eq!((s.code, s.files.clone()), (7, vec![None]));
+    // No agent in the build (usage on stderr, exit 2): unsupported, remembered.
+    let none = format!("{wd}/fake/none");
+    ssh.put(
+        &none,
+        b"#!/bin/sh\necho 'usage: no such command' >&2\nexit 2\n",
+        0o755,
+    )
+    .unwrap();
+    let ssh2 = ssh_of(&inv, "sim-ssh-1");
+    for _ in 0..2 {
+        match ssh2.step(&none, &req, t) {
+            Err(StepError::Unsupported { why, .. }) => assert!(why.contains("usage"), "{why}"),
+            other => panic!("no agent: {other:?}"),
+        }
+    }
+}
