@@ -203,22 +203,6 @@ pub fn parse_serial(s: &str) -> Result<u64> {
 const DEV_COLS: &str =
     "serial, host, rack, state, c0, c1, c2, master, epoch, h0, h1, h2, reason, hold, verified_at, mac, hseq";
 
-/// The columns of a history row as the service writes them.
-const HISTORY_COLS: [&str; 12] = [
-    "serial",
-    "at",
-    "verdict",
-    "severity",
-    "recoverable",
-    "state",
-    "observed",
-    "expected",
-    "reasons",
-    "mac",
-    "seq",
-    "prev",
-];
-
 /// The BIGINT columns of [`DEV_COLS`] (the others are text).
 const DEV_INT_COLS: [usize; 7] = [4, 5, 6, 7, 8, 14, 16];
 
