@@ -419,7 +419,7 @@ pub fn bench_counters(budget: Duration, pg_url: Option<&str>) -> Result<Vec<Figu
                     ("  of which parse + MAC check", p.read_check),
                     ("decide + MAC new rows", p.decide),
                     ("write rows + history", p.write),
-                    ("  of which history", p.write_history),
+                    ("  of which history (a separate statement)", p.write_history),
                     ("COMMIT", p.commit),
                 ] {
                     figs.push(Figure::new(

@@ -75,7 +75,8 @@ pub struct BatchProfile {
     pub decide: std::time::Duration,
     /// Writing the device rows and history rows.
     pub write: std::time::Duration,
-    /// Of `write`: the history rows.
+    /// Of `write`: the history rows (SQLite; PostgreSQL writes both in one
+    /// statement: 0).
     pub write_history: std::time::Duration,
     /// `COMMIT`.
     pub commit: std::time::Duration,
@@ -1739,6 +1740,7 @@ impl Service {
         // round trips unless a device needs another write (a hold, evidence, a
         // closed intent), which then sends BEGIN first.
         let deferred = self.db.kind() == "postgresql";
+        self.history_time = std::time::Duration::ZERO;
         let r = self.tx_as(deferred, |s| {
             let t_read = std::time::Instant::now();
             let keys: Vec<String> = items.iter().map(|(k, _)| serial_key(*k)).collect();
