@@ -385,6 +385,9 @@ pub fn bench_counters(budget: Duration, pg_url: Option<&str>) -> Result<Vec<Figu
             // Batched verify at 100,000 devices: the backends take turns, 8 slices
             // each, so a change in the machine's load weighs on both alike.
             let mut raters: Vec<Rater> = backends.iter().map(|_| Rater::new()).collect();
+            for b in backends.iter_mut() {
+                b.svc.reset_batch_profile();
+            }
             for _ in 0..8 {
                 for (b, r) in backends.iter_mut().zip(raters.iter_mut()) {
                     r.run(&mut b.svc, budget / 8)?;
@@ -405,6 +408,26 @@ pub fn bench_counters(budget: Duration, pg_url: Option<&str>) -> Result<Vec<Figu
                 } else {
                     f.vs(first).target(">= 0.5 x sqlite")
                 });
+            }
+            // Where a batch's time goes, per engine (ms per batch of 1,000).
+            for b in backends.iter() {
+                let p = b.svc.batch_profile();
+                let per = |d: Duration| d.as_secs_f64() * 1e6 / p.batches.max(1) as f64;
+                for (name, d) in [
+                    ("BEGIN", p.begin),
+                    ("read rows (queries + decode + MAC check)", p.read),
+                    ("  of which parse + MAC check", p.read_check),
+                    ("decide + MAC new rows", p.decide),
+                    ("write rows + history", p.write),
+                    ("  of which history (a separate statement)", p.write_history),
+                    ("COMMIT", p.commit),
+                ] {
+                    figs.push(Figure::new(
+                        format!("{}: per batch of {BATCH}: {name}", b.label),
+                        per(d),
+                        "us",
+                    ));
+                }
             }
             let first = figs.len();
             for (i, b) in backends.iter().enumerate() {

@@ -56,6 +56,32 @@ pub struct DeviceRecord {
     pub hseq: i64,
 }
 
+/// Where [`Service::verify_batch`] spent its time (wall clock, summed over the
+/// batches since [`Service::reset_batch_profile`]): the benchmark's breakdown.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct BatchProfile {
+    /// Batches run (a batch run again after a lost race counts again).
+    pub batches: u64,
+    /// Devices verified.
+    pub devices: u64,
+    /// `BEGIN` (a round trip on PostgreSQL).
+    pub begin: std::time::Duration,
+    /// Reading the rows, holds, latest seqs and chain head: queries and decoding.
+    pub read: std::time::Duration,
+    /// Of `read`: parsing the rows and checking their MACs (client side).
+    pub read_check: std::time::Duration,
+    /// Deciding, MACing the new rows and history (client side; SQLite: with the
+    /// device row updates, which run in-process).
+    pub decide: std::time::Duration,
+    /// Writing the device rows and history rows.
+    pub write: std::time::Duration,
+    /// Of `write`: the history rows (SQLite; PostgreSQL writes both in one
+    /// statement: 0).
+    pub write_history: std::time::Duration,
+    /// `COMMIT`.
+    pub commit: std::time::Duration,
+}
+
 /// A known-good image.
 #[derive(Debug, Clone, Serialize)]
 pub struct CatalogEntry {
@@ -198,13 +224,14 @@ pub struct Service {
     /// During `verify_batch`: history rows written together before the commit.
     pending_history: Option<Vec<Vec<Val>>>,
     /// During `verify_batch` on PostgreSQL: device rows written together.
-    pending_devices: Option<Vec<Vec<Val>>>,
+    pending_devices: Option<Vec<(DeviceRecord, String)>>,
     /// Runs inside `verify_batch` after the rows are read and before they are
     /// written (tests: another process commits in between).
     batch_hook: Option<Box<dyn FnMut() + Send>>,
-    /// During `verify_batch` on PostgreSQL: each device row's MAC as read (rows are
-    /// not locked; the batched UPDATE compares and swaps on it).
-    batch_macs: Option<std::collections::HashMap<String, String>>,
+    /// During `verify_batch` on PostgreSQL: each device row's MAC (rows are not
+    /// locked; the batched UPDATE compares and swaps on it) and region hashes as
+    /// read (an unchanged hash is not sent back).
+    batch_macs: Option<std::collections::HashMap<String, (String, [Hash; 3])>>,
     /// During `verify_batch`: every hold, read up front.
     holds: Option<std::collections::HashMap<String, String>>,
     /// The device row last read, as found (for the evidence).
@@ -221,6 +248,12 @@ pub struct Service {
     anchor: Option<crate::anchor::Anchor>,
     /// During `hold_clear`: the operator's note, first reason of the history row.
     clear_note: Option<String>,
+    /// Where `verify_batch` spent its time.
+    profile: BatchProfile,
+    /// The last batch's time spent writing its history rows.
+    history_time: std::time::Duration,
+    /// The last transaction's `BEGIN` and `COMMIT` times.
+    tx_times: (std::time::Duration, std::time::Duration),
 }
 
 /// MAC of a history row: its fields, and for a chained row (seq > 0) its sequence
@@ -357,6 +390,9 @@ impl Service {
             batch_macs: None,
             batch_hook: None,
             clear_note: None,
+            profile: BatchProfile::default(),
+            tx_times: Default::default(),
+            history_time: Default::default(),
         })
     }
 
@@ -371,6 +407,16 @@ impl Service {
         self.batch_hook = f;
     }
 
+    /// Where `verify_batch` spent its time since the last reset.
+    pub fn batch_profile(&self) -> BatchProfile {
+        self.profile
+    }
+
+    /// Start the `verify_batch` profile again.
+    pub fn reset_batch_profile(&mut self) {
+        self.profile = BatchProfile::default();
+    }
+
     /// Keep the connection's own memory small for long scans (`status`, `master`).
     pub fn low_memory(&mut self) -> Result<()> {
         self.db.low_memory()
@@ -383,13 +429,27 @@ impl Service {
 
     /// Run `f` in a transaction: committed if it returns Ok, rolled back otherwise.
     fn tx<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
-        self.db.begin()?;
+        self.tx_as(false, f)
+    }
+
+    /// [`Service::tx`]; `deferred`: the `BEGIN` waits until a statement writes
+    /// (see [`Db::begin_deferred`]).
+    fn tx_as<T>(&mut self, deferred: bool, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        let t = std::time::Instant::now();
+        if deferred {
+            self.db.begin_deferred()?;
+        } else {
+            self.db.begin()?;
+        }
+        self.tx_times = (t.elapsed(), Default::default());
         self.head = None;
         match f(self) {
             Ok(v) => {
                 point("before commit");
                 let head = self.head.take();
+                let t = std::time::Instant::now();
                 self.db.commit()?;
+                self.tx_times.1 = t.elapsed();
                 point("after commit");
                 if let (Some(h), Some(a)) = (head, self.anchor.as_mut()) {
                     // After the commit: a crash in between leaves the anchor behind
@@ -596,7 +656,7 @@ impl Service {
             Ok(raw) => {
                 if let Some(m) = &mut self.batch_macs {
                     m.entry(serial.to_string())
-                        .or_insert_with(|| raw.mac.clone());
+                        .or_insert_with(|| (raw.mac.clone(), raw.rec.expected.hashes));
                 }
                 let intact = self
                     .key
@@ -707,18 +767,19 @@ impl Service {
         // past every row so far): a replayed older row points below its history.
         let mut r = r.clone();
         r.hseq = self.chain_next()?.0;
-        let p = self.device_params(&r);
-        if !insert {
-            if let Some(pd) = &mut self.pending_devices {
-                // verify_batch on PostgreSQL: written together before the history; a
-                // later verify of the same device in the batch reads this record.
-                pd.push(p);
-                if let Some(pf) = &mut self.prefetched {
-                    pf.insert(r.serial.clone(), (r.clone(), true));
-                }
-                return Ok(());
+        if !insert && self.pending_devices.is_some() {
+            // verify_batch on PostgreSQL: written together before the history; a
+            // later verify of the same device in the batch reads this record.
+            let mac = self.device_mac(&r);
+            if let Some(pf) = &mut self.prefetched {
+                pf.insert(r.serial.clone(), (r.clone(), true));
             }
+            if let Some(pd) = &mut self.pending_devices {
+                pd.push((r, mac));
+            }
+            return Ok(());
         }
+        let p = self.device_params(&r);
         if insert {
             self.db.exec(
                 &format!(
@@ -1128,6 +1189,13 @@ impl Service {
     }
 
     fn insert_history(&mut self, rows: Vec<Vec<Val>>) -> Result<()> {
+        let t = std::time::Instant::now();
+        let r = self.insert_history_rows(rows);
+        self.history_time = t.elapsed();
+        r
+    }
+
+    fn insert_history_rows(&mut self, rows: Vec<Vec<Val>>) -> Result<()> {
         if self.db.kind() == "postgresql" && rows.len() > 1 {
             // One statement of 12 array parameters however many rows: parsed and
             // planned once (a prepared generic plan), unlike a VALUES list.
@@ -1173,10 +1241,16 @@ impl Service {
     }
 
     /// Read many device rows (locked for the transaction) in a few queries.
+    /// Also returns the time spent parsing and MAC-checking the rows.
+    #[allow(clippy::type_complexity)]
     fn prefetch(
         &mut self,
         keys: &[String],
-    ) -> Result<std::collections::HashMap<String, (DeviceRecord, bool)>> {
+    ) -> Result<(
+        std::collections::HashMap<String, (DeviceRecord, bool)>,
+        std::time::Duration,
+    )> {
+        let mut check = std::time::Duration::ZERO;
         let mut out = std::collections::HashMap::with_capacity(keys.len());
         let pg = self.db.kind() == "postgresql";
         for chunk in keys.chunks(1000) {
@@ -1205,7 +1279,9 @@ impl Service {
                     chunk.iter().map(|k| Val::Text(k.clone())).collect(),
                 )
             };
-            for mut row in self.db.query(&sql, &params)? {
+            let rows = self.db.query(&sql, &params)?;
+            let t = std::time::Instant::now();
+            for mut row in rows {
                 if row.len() == 21 {
                     let extra = row.split_off(17);
                     let key = match row.first() {
@@ -1236,13 +1312,17 @@ impl Service {
                         .key
                         .check_input(&Self::device_input(&raw.rec), &raw.mac);
                     if let Some(m) = &mut self.batch_macs {
-                        m.insert(raw.rec.serial.clone(), raw.mac.clone());
+                        m.insert(
+                            raw.rec.serial.clone(),
+                            (raw.mac.clone(), raw.rec.expected.hashes),
+                        );
                     }
                     out.insert(raw.rec.serial.clone(), (raw.rec, intact));
                 }
             }
+            check += t.elapsed();
         }
-        Ok(out)
+        Ok((out, check))
     }
 
     /// Stored verdicts, newest first; `serial` filters, `limit` bounds.
@@ -1650,7 +1730,19 @@ impl Service {
         if self.db.kind() == "postgresql" {
             self.batch_macs = Some(std::collections::HashMap::with_capacity(items.len()));
         }
-        let r = self.tx(|s| {
+        let mut prof = BatchProfile {
+            batches: 1,
+            devices: items.len() as u64,
+            ..BatchProfile::default()
+        };
+        // PostgreSQL: the rows are read without locks and written back in one
+        // statement that compares and swaps (atomic by itself): no BEGIN/COMMIT
+        // round trips unless a device needs another write (a hold, evidence, a
+        // closed intent), which then sends BEGIN first.
+        let deferred = self.db.kind() == "postgresql";
+        self.history_time = std::time::Duration::ZERO;
+        let r = self.tx_as(deferred, |s| {
+            let t_read = std::time::Instant::now();
             let keys: Vec<String> = items.iter().map(|(k, _)| serial_key(*k)).collect();
             let pg = s.db.kind() == "postgresql";
             // PostgreSQL reads each device's latest history seq with its row.
@@ -1658,7 +1750,8 @@ impl Service {
             if pg {
                 s.holds = Some(std::collections::HashMap::new());
             }
-            let pre = s.prefetch(&keys)?;
+            let (pre, check) = s.prefetch(&keys)?;
+            prof.read_check = check;
             s.prefetched = Some(pre);
             if !pg {
                 let mut holds = std::collections::HashMap::new();
@@ -1692,15 +1785,19 @@ impl Service {
                 // One round trip per 1,000 rows instead of one per device.
                 s.pending_devices = Some(Vec::with_capacity(items.len()));
             }
+            prof.read = t_read.elapsed();
+            let t_decide = std::time::Instant::now();
             let mut out = Vec::with_capacity(items.len());
             for (key, (_, obs)) in keys.iter().zip(items) {
                 out.push(s.verify_in_tx(key, Ok(obs.clone()))?);
             }
             s.prefetched = None;
             let rows = s.pending_history.take().unwrap_or_default();
+            prof.decide = t_decide.elapsed();
             if let Some(h) = &mut s.batch_hook {
                 h();
             }
+            let t_write = std::time::Instant::now();
             if let Some(devs) = s.pending_devices.take() {
                 // PostgreSQL: the device rows (compare-and-swap) and the history
                 // rows in one statement, one round trip.
@@ -1708,9 +1805,22 @@ impl Service {
             } else {
                 s.insert_history(rows)?;
             }
+            prof.write = t_write.elapsed();
             point("verify_batch: history");
             Ok(out)
         });
+        prof.begin = self.tx_times.0;
+        prof.commit = self.tx_times.1;
+        let p = &mut self.profile;
+        p.batches += prof.batches;
+        p.devices += prof.devices;
+        p.begin += prof.begin;
+        p.read += prof.read;
+        p.read_check += prof.read_check;
+        p.decide += prof.decide;
+        p.write += prof.write;
+        p.write_history += self.history_time;
+        p.commit += prof.commit;
         self.prefetched = None;
         self.pending_history = None;
         self.holds = None;
@@ -1720,72 +1830,140 @@ impl Service {
         r
     }
 
-    /// Update many device rows and append `history` rows in one statement
-    /// (PostgreSQL: `UPDATE ... FROM unnest(arrays)` and `INSERT ... SELECT
-    /// unnest(arrays)` in one `WITH`); each device row must still hold the MAC it
-    /// was read with (compare-and-swap), else nothing is kept: [`Error::Stale`].
-    fn update_devices(&mut self, rows: Vec<Vec<Val>>, history: Vec<Vec<Val>>) -> Result<()> {
+    /// Update many device rows and append `history` rows (PostgreSQL) in one
+    /// statement: the device rows by `UPDATE ... FROM unnest(arrays)`, comparing
+    /// and swapping on each row's MAC as read, the history rows by `INSERT ...
+    /// SELECT unnest(arrays)`, in one `WITH`. A row another process changed
+    /// since it was read, or a history chain that moved on, keeps nothing:
+    /// [`Error::Stale`].
+    ///
+    /// Host and rack are not written (a verify never changes them; the
+    /// compare-and-swap on the MAC, which covers them, guarantees the stored ones
+    /// are those read), nor a region hash equal to the one read (sent as '', a
+    /// hash is never empty): less to send and to unpack per row.
+    fn update_devices(
+        &mut self,
+        rows: Vec<(DeviceRecord, String)>,
+        history: Vec<Vec<Val>>,
+    ) -> Result<()> {
         // The last write of each device wins (a device verified twice in a batch).
         let mut last = std::collections::HashMap::with_capacity(rows.len());
-        for (i, r) in rows.iter().enumerate() {
-            last.insert(r[0].clone(), i);
+        for (i, (r, _)) in rows.iter().enumerate() {
+            last.insert(r.serial.clone(), i);
         }
-        let rows: Vec<Vec<Val>> = rows
+        let macs = self.batch_macs.take().unwrap_or_default();
+        let n = last.len();
+        let mut serial = Vec::with_capacity(n);
+        let mut state = Vec::with_capacity(n);
+        let mut ints: [Vec<i64>; 5] = Default::default();
+        let mut hs: [Vec<String>; 3] = Default::default();
+        let mut reason = Vec::with_capacity(n);
+        let mut hold = Vec::with_capacity(n);
+        let mut verified_at = Vec::with_capacity(n);
+        let mut mac = Vec::with_capacity(n);
+        let mut hseq = Vec::with_capacity(n);
+        let mut old = Vec::with_capacity(n);
+        for (i, (r, m)) in rows.into_iter().enumerate() {
+            if last.get(&r.serial) != Some(&i) {
+                continue;
+            }
+            // Each row's MAC as read: the compare in the compare-and-swap (a row
+            // not read in this batch matches nothing: Stale).
+            let (was_mac, was_h) = match macs.get(&r.serial) {
+                Some((m, h)) => (m.clone(), Some(*h)),
+                None => (String::new(), None),
+            };
+            let e = &r.expected;
+            for (k, v) in [
+                e.counters[0],
+                e.counters[1],
+                e.counters[2],
+                e.master,
+                e.epoch,
+            ]
             .into_iter()
             .enumerate()
-            .filter(|(i, r)| last.get(&r[0]) == Some(i))
-            .map(|(_, r)| r)
-            .collect();
-        let n = rows.len() as u64;
-        if n == 0 {
-            return self.insert_history(history);
-        }
-        // Each row's MAC as read: the compare in the compare-and-swap.
-        let macs = self.batch_macs.take().unwrap_or_default();
-        let old: Vec<String> = rows
-            .iter()
-            .map(|r| match &r[0] {
-                Val::Text(k) => macs.get(k).cloned().unwrap_or_default(),
-                _ => String::new(),
-            })
-            .collect();
-        let mut params = columns(rows, 17, &DEV_INT_COLS)?;
-        params.push(Val::TextArray(old));
-        let nh = history.len() as i64;
-        params.extend(columns(history, 12, &[1, 4, 10])?);
-        let got = self.db.query(
-            "WITH u AS (UPDATE devices AS d SET host=v.host, rack=v.rack, state=v.state, c0=v.c0, c1=v.c1, c2=v.c2, master=v.master, epoch=v.epoch, h0=v.h0, h1=v.h1, h2=v.h2, reason=v.reason, hold=v.hold, verified_at=v.verified_at, mac=v.mac, hseq=v.hseq \
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::bigint[], $16::text[], $17::bigint[], $18::text[]) \
-             AS v(serial, host, rack, state, c0, c1, c2, master, epoch, h0, h1, h2, reason, hold, verified_at, mac, hseq, old) WHERE d.serial = v.serial AND d.mac = v.old RETURNING 1), \
-             h AS (INSERT INTO history (serial, at, verdict, severity, recoverable, state, observed, expected, reasons, mac, seq, prev) \
-             SELECT * FROM unnest($19::text[], $20::bigint[], $21::text[], $22::text[], $23::bigint[], $24::text[], $25::text[], $26::text[], $27::text[], $28::text[], $29::bigint[], $30::text[]) RETURNING 1) \
-             SELECT (SELECT COUNT(*) FROM u), (SELECT COUNT(*) FROM h)",
-            &params,
-        ).map_err(|e| match e {
-            // Another process appended to the history chain since its head was
-            // read: our sequence numbers are taken. Run the batch again.
-            Error::Db { detail, .. } if detail.contains("history_seq") => {
-                Error::Stale("the history chain moved on during the batch".into())
+            {
+                ints[k].push(v as i64);
             }
-            other => other,
-        })?;
+            for (k, h) in e.hashes.iter().enumerate() {
+                hs[k].push(if was_h.map(|w| w[k]) == Some(*h) {
+                    String::new()
+                } else {
+                    hex32(h)
+                });
+            }
+            state.push(r.state.name().to_string());
+            verified_at.push(r.verified_at);
+            hseq.push(r.hseq);
+            reason.push(r.reason);
+            hold.push(r.hold);
+            serial.push(r.serial);
+            mac.push(m);
+            old.push(was_mac);
+        }
+        let [c0, c1, c2, master, epoch] = ints;
+        let [h0, h1, h2] = hs;
+        let nh = history.len() as i64;
+        let mut params = vec![
+            Val::TextArray(serial),
+            Val::TextArray(state),
+            Val::I64Array(c0),
+            Val::I64Array(c1),
+            Val::I64Array(c2),
+            Val::I64Array(master),
+            Val::I64Array(epoch),
+            Val::TextArray(h0),
+            Val::TextArray(h1),
+            Val::TextArray(h2),
+            Val::TextArray(reason),
+            Val::TextArray(hold),
+            Val::I64Array(verified_at),
+            Val::TextArray(mac),
+            Val::I64Array(hseq),
+            Val::TextArray(old),
+            Val::I64(n as i64),
+        ];
+        params.extend(columns(history, 12, &[1, 4, 10])?);
+        // One statement: atomic by itself (it may run outside BEGIN/COMMIT), so a
+        // lost compare-and-swap must fail it whole: the cast of the "stale batch"
+        // text raises an error and nothing of it is kept.
+        let got = self
+            .db
+            .query(
+                "WITH u AS (UPDATE devices AS d SET state=v.state, c0=v.c0, c1=v.c1, c2=v.c2, master=v.master, epoch=v.epoch, \
+                 h0=CASE WHEN v.h0 = '' THEN d.h0 ELSE v.h0 END, h1=CASE WHEN v.h1 = '' THEN d.h1 ELSE v.h1 END, h2=CASE WHEN v.h2 = '' THEN d.h2 ELSE v.h2 END, \
+                 reason=v.reason, hold=v.hold, verified_at=v.verified_at, mac=v.mac, hseq=v.hseq \
+                 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::bigint[], $14::text[], $15::bigint[], $16::text[]) \
+                 AS v(serial, state, c0, c1, c2, master, epoch, h0, h1, h2, reason, hold, verified_at, mac, hseq, old) WHERE d.serial = v.serial AND d.mac = v.old RETURNING 1), \
+                 h AS (INSERT INTO history (serial, at, verdict, severity, recoverable, state, observed, expected, reasons, mac, seq, prev) \
+                 SELECT * FROM unnest($18::text[], $19::bigint[], $20::text[], $21::text[], $22::bigint[], $23::text[], $24::text[], $25::text[], $26::text[], $27::text[], $28::bigint[], $29::text[]) RETURNING 1), \
+                 c AS (SELECT (SELECT COUNT(*) FROM u) AS nu, (SELECT COUNT(*) FROM h) AS nh) \
+                 SELECT nu, nh, CASE WHEN nu = $17::bigint THEN 0 ELSE ('stale batch: ' || ($17::bigint - nu) || ' of ' || $17::bigint || ' device rows changed since they were read')::int END FROM c",
+                &params,
+            )
+            .map_err(|e| match e {
+                Error::Db { detail, .. } if detail.contains("stale batch") => {
+                    // A row changed (or went) since it was read: nothing of this
+                    // batch is kept; the caller runs it again on fresh rows.
+                    Error::Stale(detail)
+                }
+                // Another process appended to the history chain since its head
+                // was read: our sequence numbers are taken. Run the batch again.
+                Error::Db { detail, .. } if detail.contains("history_seq") => {
+                    Error::Stale("the history chain moved on during the batch".into())
+                }
+                other => other,
+            })?;
         let (done, hdone) = match got.first() {
-            Some(r) if r.len() == 2 => (r[0].i64("updated")? as u64, r[1].i64("inserted")?),
+            Some(r) if r.len() == 3 => (r[0].i64("updated")?, r[1].i64("inserted")?),
             _ => return Err(Error::db("writing a batch", "no counts returned")),
         };
-        if hdone != nh {
+        if done != n as i64 || hdone != nh {
             return Err(Error::db(
                 "writing a batch",
-                format!("{hdone} of {nh} history rows inserted"),
+                format!("{done} of {n} device rows and {hdone} of {nh} history rows written"),
             ));
-        }
-        if done != n {
-            // A row changed (or went) since it was read: nothing of this batch
-            // is kept; the caller runs it again on fresh rows.
-            return Err(Error::Stale(format!(
-                "{} of {n} devices in the batch",
-                n - done
-            )));
         }
         Ok(())
     }

@@ -105,6 +105,21 @@ pub trait Db: Send {
     fn batch(&mut self, sql: &str) -> Result<()>;
     /// Begin a write transaction.
     fn begin(&mut self) -> Result<()>;
+    /// Begin a transaction whose `BEGIN` may wait until it is needed
+    /// (PostgreSQL: sent before the first [`Db::exec`], [`Db::batch`] or locking
+    /// `FOR UPDATE` query; a plain [`Db::query`] before it runs on its own, in
+    /// one snapshot, as it would inside a READ COMMITTED transaction). While no
+    /// `BEGIN` was sent ([`Db::tx_open`] false), a query that writes commits on
+    /// its own: the caller may only use that for one final statement that is
+    /// atomic by itself. [`Db::commit`] then has nothing to send.
+    fn begin_deferred(&mut self) -> Result<()> {
+        self.begin()
+    }
+    /// Whether the transaction begun has really begun (false only while a
+    /// deferred `BEGIN` is still unsent).
+    fn tx_open(&self) -> bool {
+        true
+    }
     /// Commit it.
     fn commit(&mut self) -> Result<()>;
     /// Roll it back (errors are ignored: the connection may be gone).
@@ -299,8 +314,10 @@ impl Db for SqliteDb {
 pub struct PgDb {
     client: postgres::Client,
     stmts: HashMap<String, postgres::Statement>,
-    /// Inside a transaction begun by [`Db::begin`].
+    /// Inside a transaction begun by [`Db::begin`] or [`Db::begin_deferred`].
     in_tx: bool,
+    /// `BEGIN` was sent (false while a deferred one waits).
+    begun: bool,
     name: String,
 }
 
@@ -314,6 +331,7 @@ impl PgDb {
             client,
             stmts: HashMap::new(),
             in_tx: false,
+            begun: false,
             name: redact(url),
         };
         if let Some(s) = schema {
@@ -338,6 +356,17 @@ impl PgDb {
             return Err(Error::Input(format!("schema name {schema:?}")));
         }
         self.batch(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+    }
+
+    /// Send a deferred `BEGIN` before a statement that writes or locks.
+    fn ensure_begun(&mut self) -> Result<()> {
+        if self.in_tx && !self.begun {
+            self.client
+                .batch_execute("BEGIN")
+                .map_err(|e| Error::db("BEGIN", pg_detail(&e)))?;
+            self.begun = true;
+        }
+        Ok(())
     }
 
     fn stmt(&mut self, sql: &str) -> Result<postgres::Statement> {
@@ -441,6 +470,7 @@ impl Db for PgDb {
         "postgresql"
     }
     fn exec(&mut self, sql: &str, params: &[Val]) -> Result<u64> {
+        self.ensure_begun()?;
         let st = self.stmt(sql)?;
         let refs = pg_params(params);
         self.client
@@ -448,6 +478,9 @@ impl Db for PgDb {
             .map_err(|e| Error::db(&format!("running {sql}"), pg_detail(&e)))
     }
     fn query(&mut self, sql: &str, params: &[Val]) -> Result<Vec<Vec<Val>>> {
+        if sql.contains("FOR UPDATE") {
+            self.ensure_begun()?;
+        }
         let st = self.stmt(sql)?;
         let refs = pg_params(params);
         let rows = self
@@ -492,6 +525,7 @@ impl Db for PgDb {
         tx.commit().map_err(run)
     }
     fn batch(&mut self, sql: &str) -> Result<()> {
+        self.ensure_begun()?;
         self.client
             .batch_execute(sql)
             .map_err(|e| Error::db("running a batch", pg_detail(&e)))
@@ -501,17 +535,31 @@ impl Db for PgDb {
             .batch_execute("BEGIN")
             .map_err(|e| Error::db("BEGIN", pg_detail(&e)))?;
         self.in_tx = true;
+        self.begun = true;
         Ok(())
+    }
+    fn begin_deferred(&mut self) -> Result<()> {
+        self.in_tx = true;
+        self.begun = false;
+        Ok(())
+    }
+    fn tx_open(&self) -> bool {
+        self.begun
     }
     fn commit(&mut self) -> Result<()> {
         self.in_tx = false;
+        if !std::mem::replace(&mut self.begun, false) {
+            return Ok(());
+        }
         self.client
             .batch_execute("COMMIT")
             .map_err(|e| Error::db("COMMIT", pg_detail(&e)))
     }
     fn rollback(&mut self) {
         self.in_tx = false;
-        let _ = self.client.batch_execute("ROLLBACK");
+        if std::mem::replace(&mut self.begun, false) {
+            let _ = self.client.batch_execute("ROLLBACK");
+        }
     }
     fn for_update(&self) -> &'static str {
         " FOR UPDATE"
