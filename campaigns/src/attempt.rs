@@ -439,10 +439,8 @@ impl Att<'_> {
                 // Bounded: a wedged host must not hang the runner. A host that
                 // cannot be reached to kill its VMM is an infrastructure fault
                 // (the runner then recovers it), not the case's timeout.
-                if let Err(e) = blocking(move || {
-                    ssh.sh_within(&kill, KILL_TIMEOUT).map(|_| ())
-                })
-                .await
+                if let Err(e) =
+                    blocking(move || ssh.sh_within(&kill, KILL_TIMEOUT).map(|_| ())).await
                 {
                     return Err(infra(format!(
                         "still running on {} after the case timeout of {:?}, and the VMM could not be killed there (host wedged?): {e}",

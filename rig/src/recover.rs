@@ -175,6 +175,9 @@ mod tests {
     #[test]
     fn kill_line_quotes_the_workdir() {
         let l = kill_vmms_line("/w/it's here/");
-        assert!(l.starts_with("for p in '/w/it'\\''s here/att'/*/.pid;"), "{l}");
+        assert!(
+            l.starts_with("for p in '/w/it'\\''s here/att'/*/.pid;"),
+            "{l}"
+        );
     }
 }
