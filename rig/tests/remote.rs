@@ -198,7 +198,10 @@ fn wedged_host_recovered_through_the_power_driver() {
     let e = recover_host(&ssh, "true", Some(rig.power("sim-ssh-1").unwrap()), opts).unwrap_err();
     let m = e.to_string();
     assert!(
-        m.contains("sim-ssh-1") && m.contains("soft") && m.contains("hard") && m.contains("power cycle"),
+        m.contains("sim-ssh-1")
+            && m.contains("soft")
+            && m.contains("hard")
+            && m.contains("power cycle"),
         "{m}"
     );
 }
