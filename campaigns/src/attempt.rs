@@ -512,7 +512,17 @@ impl Att<'_> {
                 let ssh = r.ssh.clone();
                 let d = shell_quote(rdir);
                 let kill = format!("kill -KILL $(cat {d}/.pid) 2>/dev/null; rm -rf {d}; true");
-                let _ = blocking(move || ssh.sh(&kill, None).map(|_| ())).await;
+                // Bounded: a wedged host must not hang the runner. A host that
+                // cannot be reached to kill its VMM is an infrastructure fault
+                // (the runner then recovers it), not the case's timeout.
+                if let Err(e) =
+                    blocking(move || ssh.sh_within(&kill, KILL_TIMEOUT).map(|_| ())).await
+                {
+                    return Err(infra(format!(
+                        "still running on {} after the case timeout of {:?}, and the VMM could not be killed there (host wedged?): {e}",
+                        self.host.name, self.case.timeout
+                    )));
+                }
                 return Err(fail(
                     Outcome::Timeout,
                     format!(
@@ -1177,6 +1187,9 @@ fn spawn_error(vmm: &Path, e: std::io::Error) -> Stop {
         _ => fail(Outcome::Infra, format!("spawning {}: {e}", vmm.display())),
     }
 }
+
+/// Bound on killing a timed-out VMM on a remote host over SSH.
+const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why blocking remote work failed.
 #[derive(Debug, thiserror::Error)]

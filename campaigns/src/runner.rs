@@ -65,6 +65,10 @@ pub struct RunOptions {
     /// ("run cancelled"); attempts already running finish (bounded by their
     /// timeouts) and are kept.
     pub cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// Bounds of the recovery of a wedged SSH host after an INFRA attempt
+    /// (soft -> hard -> power cycle through the inventory's power driver, then
+    /// the wait for SSH and `hilrig --version`): see [`hilrig_rig::recover`].
+    pub recover: hilrig_rig::recover::RecoverOptions,
 }
 
 impl RunOptions {
@@ -86,6 +90,7 @@ impl RunOptions {
             claim_ttl: crate::claim::DEFAULT_CLAIM_TTL,
             labgrid: None,
             cancel: None,
+            recover: hilrig_rig::recover::RecoverOptions::default(),
         }
     }
 }
@@ -859,6 +864,11 @@ pub(crate) struct Ctx {
     machine: tokio::sync::RwLock<()>,
     /// Remote hosts: the SSH connection and the VMM build's path there.
     remotes: BTreeMap<String, (Arc<Ssh>, String)>,
+    /// The inventory's drivers (power for the recovery of a wedged host); `None`
+    /// for hosts without an inventory (anonymous, labgrid places).
+    rig: Option<Arc<hilrig_rig::Rig>>,
+    /// Bounds of a host recovery.
+    recover: hilrig_rig::recover::RecoverOptions,
     /// Recorded host states (a SQLite results database): offline hosts stay
     /// offline for every runner until `hilrig rig host DB online NAME`.
     states: Option<Mutex<HostStates>>,
@@ -893,6 +903,51 @@ pub fn health_check(ssh: &Ssh, vmm: &Path) -> Result<String, hilrig_rig::remote:
     let v = ssh.alive_at(&path)?;
     tracing::info!("host health: {v} at {path}");
     Ok(path)
+}
+
+/// After an INFRA attempt on a remote host: if it does not answer (SSH and
+/// `hilrig --version`, bounded), recover it soft -> hard -> power cycle through
+/// its inventory power driver and wait for it ([`hilrig_rig::recover`]); a host
+/// that does not come back goes offline with the reason (recorded). What to add
+/// to the attempt's message; `None` when the host answered at once.
+async fn recover_after_infra(ctx: &Arc<Ctx>, name: &str) -> Option<String> {
+    let (ssh, hilrig) = ctx.remotes.get(name).cloned()?;
+    let rig = ctx.rig.clone();
+    let opts = ctx.recover;
+    let host = name.to_string();
+    let r = tokio::task::spawn_blocking(move || {
+        if ssh.alive_within(&hilrig, opts.ssh_timeout).is_ok() {
+            return Ok(None);
+        }
+        let power = match rig.as_ref().map(|r| r.power(&host)) {
+            Some(Ok(p)) => Some(p),
+            Some(Err(e)) => {
+                tracing::warn!("host {host}: no power driver for its recovery: {e}");
+                None
+            }
+            None => None,
+        };
+        hilrig_rig::recover::recover_host(&ssh, &hilrig, power, opts).map(Some)
+    })
+    .await;
+    let why = match r {
+        Ok(Ok(None)) => return None,
+        Ok(Ok(Some(step))) => {
+            let m = format!("host {name} did not answer; recovered by {step}");
+            ctx.line(&m);
+            return Some(m);
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => format!("recovery task: {e}"),
+    };
+    let why = format!("recovery after an INFRA attempt: {why}");
+    ctx.line(&format!("host {name}: OFFLINE: {why}"));
+    if let Some(m) = &ctx.states {
+        let g = m.lock().unwrap_or_else(|p| p.into_inner());
+        record_offline(Some(&g), name, &why);
+    }
+    ctx.pool.set_offline(name, why.clone());
+    Some(why)
 }
 
 impl Ctx {
@@ -996,6 +1051,13 @@ pub(crate) async fn run_case(ctx: Arc<Ctx>, case: Case) -> CaseResult {
             let outcome = r.outcome;
             if outcome == Outcome::Infra {
                 avoid.push(host.name.clone());
+                // A wedged host is recovered (or taken offline) before anyone
+                // else is given it.
+                if let Some(note) = recover_after_infra(&ctx, &host.name).await {
+                    if let Some(a) = attempts.last_mut() {
+                        a.message = format!("{}; {note}", a.message);
+                    }
+                }
             }
             let config = r.message.starts_with(CONFIG_PREFIX);
             if config {
@@ -1353,9 +1415,23 @@ pub fn run_campaign(opts: RunOptions) -> RunResult<RunSummary> {
         }
     }
     let states = states.map(Mutex::new);
+    // The inventory's drivers, for recovering a wedged host (labgrid places and
+    // anonymous hosts have none here).
+    let rig = match (&opts.inventory, &opts.labgrid) {
+        (Some(inv), None) if !remotes.is_empty() => match hilrig_rig::Rig::load(inv) {
+            Ok(r) => Some(Arc::new(r)),
+            Err(e) => {
+                tracing::warn!("inventory {}: no drivers for recovery: {e}", inv.display());
+                None
+            }
+        },
+        _ => None,
+    };
     let ctx = Arc::new(Ctx {
         pool,
         remotes,
+        rig,
+        recover: opts.recover,
         states,
         config_errors: Mutex::new(Vec::new()),
         cancel: opts.cancel.clone().unwrap_or_default(),

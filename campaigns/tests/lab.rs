@@ -189,3 +189,120 @@ fn unreachable_host_goes_offline() {
         .iter()
         .all(|a| a.host == "sim-ssh-1"));
 }
+
+/// A stand-in VMM for the wedge tests: `--version` answers (the health check);
+/// its first run marks the host for the test to wedge and then never finishes;
+/// later runs fail at once (no verdict: INFRA, on a host that answers).
+fn wedging_vmm(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join("wedge-vmm");
+    std::fs::write(
+        &p,
+        "#!/bin/sh\ncase \"$1\" in --version) echo 'wedge stand-in 1'; exit 0;; esac\n\
+         w=$(dirname \"$0\")/..\n\
+         if [ ! -e \"$w/wedged-once\" ]; then touch \"$w/wedged-once\" \"$w/wedge-me\"; exec sleep 600; fi\n\
+         echo 'stand-in: second run, no verdict' >&2; exit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+/// Run a one-case campaign on `sim-ssh-1` with the wedging stand-in; once its
+/// first attempt is running there, `scripts/sim-lab fault DIR 1 <fault>`.
+fn run_wedged(lab: &SimLab, t: &Path, fault: &'static str) -> hilrig_campaigns::runner::RunSummary {
+    let inv = hilrig_rig::Inventory::load(&lab.inventory).unwrap();
+    let workdir = inv.host("sim-ssh-1").unwrap().ssh.clone().unwrap().workdir;
+    let marker = PathBuf::from(&workdir).join("wedge-me");
+    let c = t.join("c.toml");
+    std::fs::write(
+        &c,
+        "name = \"t\"\n[defaults]\ncase_timeout = \"20s\"\ninfra_retries = 1\n[[case]]\nattacks = [\"attack-hang\"]\ntags = [\"ssh\"]\n",
+    )
+    .unwrap();
+    let mut o = opts(t, c, &lab.inventory);
+    o.vmm = Some(wedging_vmm(t));
+    o.recover = hilrig_rig::recover::RecoverOptions {
+        ssh_timeout: std::time::Duration::from_secs(5),
+        wait: std::time::Duration::from_secs(20),
+    };
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (d, labdir) = (done.clone(), lab.dir().to_path_buf());
+    let watcher = std::thread::spawn(move || {
+        while !d.load(std::sync::atomic::Ordering::SeqCst) {
+            if marker.exists() {
+                let st = std::process::Command::new(hilrig_rig::simlab::script())
+                    .arg("fault")
+                    .arg(&labdir)
+                    .args(["1", fault])
+                    .status()
+                    .unwrap();
+                assert!(st.success());
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        false
+    });
+    let s = run_campaign(o).expect("run");
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(watcher.join().unwrap(), "the first attempt never started");
+    s
+}
+
+/// A host that wedges during an attempt (its sshd and processes stopped: SSH
+/// hangs) is recovered soft -> hard -> power cycle through its power driver and
+/// waited for; the attempt is INFRA and retried on it; it stays online.
+#[test]
+fn wedged_host_is_recovered_by_power_cycle() {
+    let test = "wedged_host_is_recovered_by_power_cycle";
+    let Some(lab) = lab(test, 1) else { return };
+    let t = tempfile::tempdir().unwrap();
+    let s = run_wedged(&lab, t.path(), "hang");
+    let case = &s.run.cases[0];
+    assert_eq!(case.attempts.len(), 2, "{case:?}");
+    let a0 = &case.attempts[0];
+    assert_eq!(a0.outcome, Outcome::Infra, "{a0:?}");
+    assert!(
+        a0.message.contains("recovered by power cycle"),
+        "{}",
+        a0.message
+    );
+    // Retried on the recovered host, which answered (its stand-in fails at once).
+    assert_eq!(case.attempts[1].host, "sim-ssh-1");
+    assert!(
+        case.attempts[1].message.contains("no verdict"),
+        "{}",
+        case.attempts[1].message
+    );
+    assert!(s.offline_hosts.is_empty(), "{:?}", s.offline_hosts);
+}
+
+/// A wedged host that does not power on again goes offline with the reason
+/// (the recovery steps tried); the case is not run elsewhere (no other host).
+#[test]
+fn wedged_host_that_never_comes_back_goes_offline() {
+    let test = "wedged_host_that_never_comes_back_goes_offline";
+    let Some(lab) = lab(test, 1) else { return };
+    let t = tempfile::tempdir().unwrap();
+    let s = run_wedged(&lab, t.path(), "dead");
+    let case = &s.run.cases[0];
+    assert_eq!(case.attempts.len(), 1, "{case:?}");
+    assert_eq!(case.attempts[0].outcome, Outcome::Infra);
+    assert_eq!(s.offline_hosts.len(), 1, "{:?}", s.offline_hosts);
+    let (h, why) = &s.offline_hosts[0];
+    assert_eq!(h, "sim-ssh-1");
+    assert!(
+        why.contains("does not come back") && why.contains("power cycle"),
+        "{why}"
+    );
+    assert!(case.attempts[0].message.contains("offline") || why.contains("recovery"));
+    // Recorded: the next run does not give it work either.
+    let db = t.path().join("results.sqlite");
+    let st = hilrig_rig::hoststate::HostStates::open(&db.to_string_lossy())
+        .unwrap()
+        .get("sim-ssh-1")
+        .unwrap()
+        .unwrap();
+    assert!(!st.online(), "{st:?}");
+}

@@ -14,6 +14,7 @@ pub mod inventory;
 pub mod labgrid;
 pub mod lease;
 pub mod power;
+pub mod recover;
 pub mod remote;
 pub mod rig;
 pub mod rollout;

@@ -19,6 +19,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// Largest file fetched from a host with [`Remote::get`] (bytes).
 pub const MAX_GET_BYTES: u64 = 64 << 20;
@@ -188,6 +189,16 @@ pub enum RemoteError {
         /// The local build's hash.
         want: String,
     },
+    /// A bounded command did not finish in time (the host may be wedged).
+    #[error("host `{host}`: `{what}` did not finish within {timeout:?} (killed)")]
+    Timeout {
+        /// The host.
+        host: String,
+        /// What was run.
+        what: String,
+        /// The bound.
+        timeout: Duration,
+    },
     /// A fetched file is larger than [`MAX_GET_BYTES`].
     #[error("host `{host}`: {path} is larger than {MAX_GET_BYTES} bytes")]
     TooLarge {
@@ -228,6 +239,51 @@ fn tail(b: &[u8]) -> String {
     let s = String::from_utf8_lossy(b);
     let t: Vec<&str> = s.lines().rev().take(3).collect();
     t.into_iter().rev().collect::<Vec<_>>().join(" | ")
+}
+
+/// Run `c` (stdout/stderr piped) for at most `timeout`; `Err(None)` when it was
+/// killed at the timeout, `Err(Some(e))` when it could not be run.
+fn run_within(mut c: Command, timeout: Duration) -> Result<Output, Option<std::io::Error>> {
+    use std::io::Read;
+    let mut child = c.spawn().map_err(Some)?;
+    let mut out = child.stdout.take();
+    let mut err = child.stderr.take();
+    let t_out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        if let Some(o) = out.as_mut() {
+            let _ = o.take(MAX_GET_BYTES).read_to_end(&mut v);
+        }
+        v
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        if let Some(o) = err.as_mut() {
+            let _ = o.take(1 << 20).read_to_end(&mut v);
+        }
+        v
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break s,
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(None);
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Some(e));
+            }
+        }
+    };
+    Ok(Output {
+        status,
+        stdout: t_out.join().unwrap_or_default(),
+        stderr: t_err.join().unwrap_or_default(),
+    })
 }
 
 /// SHA-256 of a file, hex. Remembered per process by the file's identity
@@ -1179,12 +1235,20 @@ impl Ssh {
             Err(RecvTimeoutError::Timeout) => {
                 // Kill the command there (its pid file), then drop the session
                 // (the agent kills whatever still runs when its input ends).
+                // Bounded: a wedged host must not hang the runner; a VMM that
+                // cannot be killed there is a transport fault (the runner then
+                // recovers the host), not the case's timeout.
                 let d = shell_quote(&req.dir);
-                let _ = self.sh(
+                let killed = self.sh_within(
                     &format!("kill -KILL $(cat {d}/.pid) 2>/dev/null; rm -rf {d}; true"),
-                    None,
+                    Duration::from_secs(10),
                 );
                 *slot = AgentSlot::None;
+                if let Err(e) = killed {
+                    return Err(self.transport(format!(
+                        "the step outlived its timeout of {timeout:?} and its VMM could not be killed there (host wedged?): {e}"
+                    )));
+                }
                 Err(StepError::Timeout {
                     host: self.host.clone(),
                     after: timeout,
@@ -1314,6 +1378,68 @@ impl Ssh {
         let h = shell_quote(&self.spec.hilrig_path());
         let out = self.sh(&format!("{h} --version"), None)?;
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// The inventory host's name.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// [`Ssh::sh`] (no input) bounded by `timeout`: the ssh client is killed after
+    /// it ([`RemoteError::Timeout`]), so a wedged host cannot hang the caller.
+    pub fn sh_within(&self, line: &str, timeout: Duration) -> Result<Output, RemoteError> {
+        let mut c = self.command(&["sh".into(), "-c".into(), line.into()]);
+        c.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let out = run_within(c, timeout).map_err(|e| match e {
+            None => RemoteError::Timeout {
+                host: self.host.clone(),
+                what: line.chars().take(120).collect(),
+                timeout,
+            },
+            Some(source) => RemoteError::Spawn {
+                host: self.host.clone(),
+                source,
+            },
+        })?;
+        match out.status.code() {
+            Some(0) => Ok(out),
+            Some(255) | None => Err(RemoteError::Ssh {
+                host: self.host.clone(),
+                address: self.address(),
+                detail: tail(&out.stderr),
+            }),
+            code => Err(RemoteError::Command {
+                host: self.host.clone(),
+                what: line.chars().take(120).collect(),
+                code,
+                stderr: tail(&out.stderr),
+            }),
+        }
+    }
+
+    /// [`Ssh::alive_at`] bounded by `timeout`.
+    pub fn alive_within(&self, path: &str, timeout: Duration) -> Result<String, RemoteError> {
+        let out = self.sh_within(&format!("{} --version", shell_quote(path)), timeout)?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// Close the master connection (`ssh -O exit`, bounded by `timeout`; a hung
+    /// master is left to its `ServerAliveInterval`): the next command opens a
+    /// fresh one. Used after a host was reset or power cycled.
+    pub fn close_master(&self, timeout: Duration) {
+        let mut c = Command::new("ssh");
+        c.args(self.options())
+            .args(["-O", "exit"])
+            .arg(&self.spec.address)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let _ = run_within(c, timeout);
+        // A master that did not answer holds the socket: remove it so the next
+        // command does not queue behind it.
+        let _ = std::fs::remove_file(self.dir.path().join("cm"));
     }
 }
 

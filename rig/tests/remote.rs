@@ -208,3 +208,78 @@ fn step_agent_frames_from_the_host_are_checked() {
         }
     }
 }
+
+/// The sim lab's power is a real pdudaemon (`localcmdline`) when pdudaemon is
+/// installed (else SKIPPED: the lab falls back to the command driver).
+#[test]
+fn sim_lab_power_is_pdudaemon() {
+    let test = "sim_lab_power_is_pdudaemon";
+    let have = std::process::Command::new("pdudaemon")
+        .arg("--help")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have {
+        eprintln!("SKIPPED: {test}: pdudaemon not installed (pip install pdudaemon==1.1.1)");
+        return;
+    }
+    let Some(lab) = lab(test, 1) else { return };
+    let inv = Inventory::load(&lab.inventory).unwrap();
+    assert_eq!(
+        inv.host("sim-ssh-1").unwrap().power.driver_name(),
+        "pdudaemon"
+    );
+}
+
+/// A wedged host (sshd and the user's processes stopped) is brought back by the
+/// recovery ladder: soft and hard do not help, the power cycle through its power
+/// driver does; a host that does not power on again is an error naming the steps.
+#[test]
+fn wedged_host_recovered_through_the_power_driver() {
+    use hilrig_rig::recover::{recover_host, RecoverError, RecoverOptions, Recovered};
+    let test = "wedged_host_recovered_through_the_power_driver";
+    let Some(lab) = lab(test, 1) else { return };
+    let rig = Rig::load(&lab.inventory).unwrap();
+    let inv = Inventory::load(&lab.inventory).unwrap();
+    let ssh = ssh_of(&inv, "sim-ssh-1");
+    let fault = |what: &str| {
+        let st = std::process::Command::new(hilrig_rig::simlab::script())
+            .arg("fault")
+            .arg(lab.dir())
+            .args(["1", what])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    let opts = RecoverOptions {
+        ssh_timeout: std::time::Duration::from_secs(5),
+        wait: std::time::Duration::from_secs(20),
+    };
+    // `true --version` stands in for the build's version check.
+    ssh.sh("true", None).expect("reachable");
+    fault("hang");
+    assert!(ssh.alive_within("true", opts.ssh_timeout).is_err());
+    let step = recover_host(&ssh, "true", Some(rig.power("sim-ssh-1").unwrap()), opts)
+        .expect("back after a power cycle");
+    assert_eq!(step, Recovered::PowerCycle);
+    ssh.sh("true", None).expect("reachable after the recovery");
+    // A host that answers is recovered by the soft step alone.
+    let step = recover_host(&ssh, "true", Some(rig.power("sim-ssh-1").unwrap()), opts).unwrap();
+    assert_eq!(step, Recovered::Soft);
+    // Never powers on again: an error naming every step; without a power driver
+    // the ladder stops after the hard step.
+    fault("dead");
+    let e = recover_host(&ssh, "true", None, opts).unwrap_err();
+    let RecoverError::NotBack { tried, .. } = &e;
+    assert!(tried.contains("no power driver"), "{e}");
+    let e = recover_host(&ssh, "true", Some(rig.power("sim-ssh-1").unwrap()), opts).unwrap_err();
+    let m = e.to_string();
+    assert!(
+        m.contains("sim-ssh-1")
+            && m.contains("soft")
+            && m.contains("hard")
+            && m.contains("power cycle"),
+        "{m}"
+    );
+}

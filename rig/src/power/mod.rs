@@ -307,6 +307,14 @@ impl Power {
         self.on()
     }
 
+    /// The driver's own reset at `level`, if it has one: `Ok(false)` when it
+    /// cannot (no reset line, no reset command).
+    pub fn reset(&mut self, level: ResetLevel) -> Result<bool, RigError> {
+        self.backend
+            .reset(level)
+            .map_err(|e| self.fail(format!("{level:?} reset failed: {e}")))
+    }
+
     /// Bring a wedged host back, escalating: soft reset -> hard reset -> power
     /// cycle. `alive` says whether the host answers again after a step (e.g. the
     /// console shows a boot banner, the OOB port answers). Returns the step that
