@@ -29,7 +29,7 @@
 //! [`DirectPages`]): this file never names the VM (`super::vm` implements the
 //! traits), so the two files do not import each other.
 
-use crate::lifecycle::quiesce::{Member, Rendezvous};
+use crate::lifecycle::quiesce::{HandlerProbe, Member, Rendezvous};
 use crate::policy::engine::{Outcome, PolicyEngine};
 use crate::policy::fault::{set_direct_pages, Ctx, DirectPages, SiteCache};
 use crate::vstate::dispatch::{handle_exit, ExitBus, Next, Pending};
@@ -325,6 +325,7 @@ impl<H: VcpuHost> Vcpu<'_, H> {
         // claimed this vCPU while it was in KVM_RUN, wait here before handling the
         // exit.
         member.left_run();
+        let _probe = HandlerProbe::enter();
         let (mut event, kicked) = self.book.run_event(self.shared, ran);
         if event == Event::Handled(Next::Emulation)
             && self.shared.on_unemulated() == OnUnemulated::Ud
@@ -424,6 +425,7 @@ impl<H: VcpuHost> Vcpu<'_, H> {
 
     /// `Deciding`: carry out a trapped BAR0 access through the policy engine.
     fn decide(&mut self, p: Pending) -> Event {
+        let _probe = HandlerProbe::enter();
         let Some(ctx) = ctx(self.shared) else {
             return Event::Decided;
         };
@@ -495,6 +497,7 @@ impl<H: VcpuHost> Vcpu<'_, H> {
     /// decide them together, so a fault in a later piece keeps the earlier ones
     /// from the device too. A piece outside BAR0 faults the whole store.
     fn gather(&mut self, p: Pending, size: usize) -> Event {
+        let _probe = HandlerProbe::enter();
         let idx = self.book.idx;
         let bar0 = p.addr - p.off;
         let mut pieces = [(0u64, [0u8; 8], 0usize); MAX_PIECES];
@@ -586,6 +589,7 @@ impl<H: VcpuHost> Vcpu<'_, H> {
 
     /// `Completing`: #GP for the faulting access.
     fn complete(&mut self) -> Event {
+        let _probe = HandlerProbe::enter();
         let Some(ctx) = ctx(self.shared) else {
             return Event::Decided;
         };
