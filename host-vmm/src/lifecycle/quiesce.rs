@@ -56,6 +56,12 @@ fn claimed(s: u8) -> bool {
 /// How often the kick is repeated while waiting for vCPUs to park.
 pub const REKICK: Duration = Duration::from_millis(2);
 
+/// How long the controller, and a claimed vCPU waiting for the release, yield in a
+/// loop before they sleep: a hold that ends within it costs the waiting vCPU no
+/// wake-up (its thread keeps its CPU), and the yields let a preempted busy vCPU
+/// thread on the same CPU finish its handler.
+pub const SPIN: Duration = Duration::from_micros(50);
+
 /// Why a pause failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum QuiesceError {
@@ -344,6 +350,59 @@ impl Member<'_> {
         false
     }
 
+    /// Leave the busy section without waiting (the vCPU goes on handling its exit
+    /// outside patchable code, e.g. waits for the device's lock): a pause claims it
+    /// by state from here. Re-enter with [`Member::try_busy`].
+    #[inline]
+    pub fn leave_busy(&self) {
+        let Some(i) = self.slot else { return };
+        let slot = &self.rv.slots[i];
+        if TRACE.load(Ordering::Relaxed)
+            && self.rv.requested.load(Ordering::SeqCst)
+            && slot.load(Ordering::SeqCst) == BUSY
+        {
+            let st = &self.rv.stamps[i];
+            st.left.store(self.rv.now_ns(), Ordering::SeqCst);
+            st.left_cpu.store(thread_cpu_ns(), Ordering::SeqCst);
+        }
+        if slot
+            .compare_exchange(BUSY, IDLE, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+            && self.rv.requested.load(Ordering::SeqCst)
+        {
+            // A controller may be waiting for this vCPU.
+            let _s = self.rv.lock();
+            self.rv.cv.notify_all();
+        }
+    }
+
+    /// Re-enter the busy section (after [`Member::leave_busy`]). False if a pause
+    /// claimed this vCPU meanwhile: then it must not touch patchable code; call
+    /// [`Member::wait_released`] (holding no lock a controller may need) and try again.
+    #[inline]
+    pub fn try_busy(&self) -> bool {
+        let Some(i) = self.slot else { return true };
+        let slot = &self.rv.slots[i];
+        match slot.compare_exchange(IDLE, BUSY, Ordering::SeqCst, Ordering::SeqCst) {
+            Ok(_) => {
+                if TRACE.load(Ordering::Relaxed) {
+                    let st = &self.rv.stamps[i];
+                    st.since.store(self.rv.now_ns(), Ordering::Relaxed);
+                    st.since_cpu.store(thread_cpu_ns(), Ordering::Relaxed);
+                }
+                true
+            }
+            Err(s) => !claimed(s),
+        }
+    }
+
+    /// Wait while a pause holds this vCPU (see [`Member::try_busy`]).
+    pub fn wait_released(&self) {
+        if let Some(i) = self.slot {
+            self.rv.wait_unclaimed(i);
+        }
+    }
+
     /// Test hook ([`hold_vcpus_for_test`]): while vCPU `idx` is held, wait here
     /// (between exits, outside KVM_RUN and outside any handler, like a thread the
     /// host stopped) until released or `stop` is set.
@@ -569,6 +628,14 @@ impl Rendezvous {
 
     /// Block the calling vCPU (slot `i`) while its slot is claimed.
     fn wait_unclaimed(&self, i: usize) {
+        // Yield first: a short hold ends without this thread leaving its CPU.
+        let t0 = Instant::now();
+        while claimed(self.slots[i].load(Ordering::SeqCst)) {
+            if t0.elapsed() >= SPIN {
+                break;
+            }
+            std::thread::yield_now();
+        }
         let s = self.lock();
         if claimed(self.slots[i].load(Ordering::SeqCst)) {
             self.wait_unclaimed_locked(s, i);
@@ -661,6 +728,14 @@ impl Rendezvous {
                     live,
                     bound,
                 });
+            }
+            if now < first_kick + SPIN {
+                // Busy vCPUs leave their handlers within microseconds when they
+                // run: yield (without the lock) rather than sleep and be woken.
+                drop(s);
+                std::thread::yield_now();
+                s = self.lock();
+                continue;
             }
             let wait = REKICK.min(deadline - now);
             s = self
