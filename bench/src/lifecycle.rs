@@ -209,7 +209,12 @@ pub fn bench_patch(budget: Duration) -> Result<Vec<Figure>> {
         let rep = r.end().context("the quiesced-patch VM gave no report")?;
         // The same patches' blackouts to the release (the reply carries the time to
         // the last held vCPU running again).
-        let released: Vec<u64> = rep.blackouts.iter().take(n).map(|b| us(b.released)).collect();
+        let released: Vec<u64> = rep
+            .blackouts
+            .iter()
+            .take(n)
+            .map(|b| us(b.released))
+            .collect();
         let base = figs.len();
         figs.push(Figure::new(
             format!("{vcpus} vCPU: bare quiesce (stopping pause: kick, park, resume), median (baseline)"),

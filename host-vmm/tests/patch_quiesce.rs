@@ -152,7 +152,11 @@ fn no_quiesced_patch_runs_while_a_vcpu_is_inside_a_handler() {
     }
     let (checks, violations) = handler_probe_for_test();
     probe_handlers_for_test(false, Duration::ZERO);
-    assert_eq!(checks, 2 * PATCHES, "each patch checked before and after its swap");
+    assert_eq!(
+        checks,
+        2 * PATCHES,
+        "each patch checked before and after its swap"
+    );
     assert_eq!(
         violations, 0,
         "a quiesced patch swapped while a vCPU was inside a handler"

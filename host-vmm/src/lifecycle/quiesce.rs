@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | `IDLE` | in the VMM between exits, touching no device, policy or PCI state | claims it by state |
 //! | `RUN` | inside KVM_RUN | claims it by state |
-//! | `BUSY` | handling an exit (device, policy engine, PCI, faults) | waits for it to leave (short) |
+//! | `BUSY` | handling an exit (device, policy engine, PCI, faults); not while waiting for the device's lock ([`Member::leave_busy`], [`Member::try_busy`]) | waits for it to leave (short; yields for [`SPIN`], then sleeps) |
 //! | `CLAIMED_IDLE` / `CLAIMED_RUN` | counted as parked by the pause | — |
 //!
 //! The controller claims every `IDLE` and `RUN` slot with a compare-and-swap and waits

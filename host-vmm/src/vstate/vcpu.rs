@@ -19,7 +19,9 @@
 //!
 //! Each vCPU publishes where it is to the rendezvous ([`crate::lifecycle::quiesce`]):
 //! idle in `Parked`, in KVM_RUN inside `Running`, busy from KVM_RUN's return through
-//! `Deciding`/`Gathering`/`Completing` back to `Parked`. A pause claims idle and
+//! `Deciding`/`Gathering`/`Completing` back to `Parked` — except while a trapped
+//! access waits for the device's lock (idle: `Deciding` re-enters busy holding the
+//! lock, or, claimed meanwhile, drops it, waits and routes the access again). A pause claims idle and
 //! in-KVM_RUN vCPUs by that state, without their threads having to run, and waits
 //! only for busy ones; a claimed vCPU waits before handling its next exit (and, in a
 //! stopping pause, before entering KVM_RUN). So no access is ever half-decided when
@@ -325,13 +327,14 @@ impl<H: VcpuHost> Vcpu<'_, H> {
         // claimed this vCPU while it was in KVM_RUN, wait here before handling the
         // exit.
         member.left_run();
-        let _probe = HandlerProbe::enter();
+        let probe = HandlerProbe::enter();
         let (mut event, kicked) = self.book.run_event(self.shared, ran);
         if event == Event::Handled(Next::Emulation)
             && self.shared.on_unemulated() == OnUnemulated::Ud
         {
             event = self.unemulated_ud();
         }
+        drop(probe);
         if let Event::Handled(Next::Policy(_)) = event {
             // Out of the busy section while the access waits for the device's lock
             // (a preempted lock holder must not make every vCPU behind it hold up a
