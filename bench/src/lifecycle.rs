@@ -33,7 +33,15 @@ fn pct(mut v: Vec<u64>, q: f64) -> f64 {
 struct Running {
     sock: PathBuf,
     stop: hilrig_vmm::StopHandle,
-    thread: std::thread::JoinHandle<()>,
+    thread: std::thread::JoinHandle<Option<hilrig_vmm::RunReport>>,
+}
+
+impl Running {
+    /// Stop the VM; its report (None if it failed).
+    fn end(self) -> Option<hilrig_vmm::RunReport> {
+        self.stop.stop("benchmark done");
+        self.thread.join().ok().flatten()
+    }
 }
 
 fn start(
@@ -43,7 +51,10 @@ fn start(
     payload: Vec<u8>,
     life: LifecycleConfig,
 ) -> Result<Running> {
-    let sock = dir.join(format!("bench-{vcpus}.sock"));
+    let sock = dir.join(format!(
+        "bench-{vcpus}-{}.sock",
+        if life.quiesce_patches { "q" } else { "s" }
+    ));
     let cfg = VmConfig {
         vcpus,
         mem_size: mem,
@@ -58,9 +69,7 @@ fn start(
     };
     let vm = Vm::new(cfg, open_backend(&DeviceSpec::Model, None)?)?;
     let stop = vm.stop_handle();
-    let thread = std::thread::spawn(move || {
-        let _ = vm.run();
-    });
+    let thread = std::thread::spawn(move || vm.run().ok());
     let t0 = Instant::now();
     while !sock.exists() {
         if t0.elapsed() > Duration::from_secs(10) {
@@ -71,20 +80,44 @@ fn start(
     Ok(Running { sock, stop, thread })
 }
 
-/// Blackout of live policy patches (quiesced: the device and policy code gated, vCPUs
-/// parked by their published state) under an MMIO storm (every vCPU writing to a
-/// trapped page), with 1, 2, 4 and 8 vCPUs on however many cores; baseline: a bare
-/// stopping pause/resume (`quiesce`: every vCPU kicked) of the same VM. Then device-handler swaps under the same storm WITHOUT quiesce: their
-/// blackout (new calls wait only for the publish) and the time until the old code is
-/// drained and retired.
+/// Send every bundle as a `patch` request; the replies' blackouts (us).
+fn patch_all(sock: &Path, bundles: &[PathBuf], quiesced: bool) -> Result<Vec<u64>> {
+    let mut out = Vec::with_capacity(bundles.len());
+    for b in bundles {
+        match ask(sock, Request::Patch { bundle: b.clone() })? {
+            Reply::Patch(ev) if ev.quiesced == quiesced => {
+                out.push(ev.blackout_us.context("patch reply without blackout")?)
+            }
+            other => bail!("policy patch (quiesced: {quiesced}) answered {other:?}"),
+        }
+    }
+    Ok(out)
+}
+
+fn us(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Blackout of live patches under an MMIO storm (every vCPU writing to a trapped
+/// page), with 1, 2, 4 and 8 vCPUs on however many cores. Baseline: a bare stopping
+/// pause/resume (`quiesce`: every vCPU kicked, parked, resumed) of the same VM.
+/// Rows: policy patches as a slot swap (no quiesce: the publish); QUIESCED policy
+/// patches (a VM with `quiesce_patches`: every vCPU claimed by state without a kick,
+/// the busy ones waited for, swap, release), their blackout to the release and to
+/// the last held vCPU running again; device-handler swaps WITHOUT quiesce (the
+/// publish, and until the old code is drained and retired).
+///
+/// `HILRIG_BENCH_TRACE=1` adds a diagnostic pass per vCPU count (not timed: the
+/// vCPUs stamp their busy sections) and prints what the holds waited for.
 pub fn bench_patch(budget: Duration) -> Result<Vec<Figure>> {
     let dir = tempfile::tempdir()?;
     let key = SigningKey::from_bytes(&[0x42; 32]);
     let n = ((budget.as_secs_f64() * 200.0) as usize).clamp(100, 1000);
-    // Bundles v2..=v(n+1), built before anything is measured.
+    let trace = std::env::var_os("HILRIG_BENCH_TRACE").is_some_and(|v| v != "0");
+    // Bundles v2..=v(2n+1), built before anything is measured.
     let rules = default_policy_toml().into_bytes();
-    let mut bundles = Vec::with_capacity(n);
-    for v in 0..n as u64 {
+    let mut bundles = Vec::with_capacity(2 * n);
+    for v in 0..2 * n as u64 {
         let b = hilrig_fw::bundle::build(
             &hilrig_fw::bundle::BundleSpec {
                 component: "policy",
@@ -106,7 +139,7 @@ pub fn bench_patch(budget: Duration) -> Result<Vec<Figure>> {
     let handlers = build_handlers(dir.path(), k);
     let mut figs = Vec::new();
     for vcpus in [1u8, 2, 4, 8] {
-        let life = LifecycleConfig {
+        let life = |quiesce_patches| LifecycleConfig {
             patch: Some(Arc::new(PatchAuthority {
                 trusted: vec![key.verifying_key()],
                 decrypt_key: None,
@@ -115,9 +148,11 @@ pub fn bench_patch(budget: Duration) -> Result<Vec<Figure>> {
                 applied: None,
                 allow_widening: false,
             })),
+            quiesce_patches,
             ..Default::default()
         };
-        let r = start(dir.path(), vcpus, 8 << 20, payload::storm()?, life)?;
+        // A VM whose patches swap modules under load.
+        let r = start(dir.path(), vcpus, 8 << 20, payload::storm()?, life(false))?;
         std::thread::sleep(Duration::from_millis(100));
         let mut pauses = Vec::with_capacity(n);
         for _ in 0..n {
@@ -127,14 +162,7 @@ pub fn bench_patch(budget: Duration) -> Result<Vec<Figure>> {
             };
             pauses.push(v.context("quiesce reply without blackout")?);
         }
-        let mut patches = Vec::with_capacity(n);
-        for b in &bundles {
-            let v = match ask(&r.sock, Request::Patch { bundle: b.clone() })? {
-                Reply::Patch(ev) => ev.blackout_us,
-                _ => None,
-            };
-            patches.push(v.context("patch reply without blackout")?);
-        }
+        let swaps_policy = patch_all(&r.sock, &bundles[..n], false)?;
         // Device-handler swaps under the storm, without quiesce.
         let (mut swap_blackouts, mut swaps) = (Vec::new(), Vec::new());
         if let Ok(h) = &handlers {
@@ -163,8 +191,30 @@ pub fn bench_patch(budget: Duration) -> Result<Vec<Figure>> {
                 }
             }
         }
-        r.stop.stop("benchmark done");
-        let _ = r.thread.join();
+        r.end();
+        // A VM whose patches are quiesced.
+        let r = start(dir.path(), vcpus, 8 << 20, payload::storm()?, life(true))?;
+        std::thread::sleep(Duration::from_millis(100));
+        let quiesced = patch_all(&r.sock, &bundles[..n], true)?;
+        if trace {
+            hilrig_vmm::lifecycle::quiesce::trace_holds(true);
+            let _ = hilrig_vmm::lifecycle::quiesce::take_hold_traces();
+            patch_all(&r.sock, &bundles[n..], true)?;
+            for _ in 0..n {
+                ask(&r.sock, Request::Quiesce {})?;
+            }
+            hilrig_vmm::lifecycle::quiesce::trace_holds(false);
+            print_traces(vcpus, &hilrig_vmm::lifecycle::quiesce::take_hold_traces());
+        }
+        let rep = r.end().context("the quiesced-patch VM gave no report")?;
+        // The same patches' blackouts to the release (the reply carries the time to
+        // the last held vCPU running again).
+        let released: Vec<u64> = rep
+            .blackouts
+            .iter()
+            .take(n)
+            .map(|b| us(b.released))
+            .collect();
         let base = figs.len();
         figs.push(Figure::new(
             format!("{vcpus} vCPU: bare quiesce (stopping pause: kick, park, resume), median (baseline)"),
@@ -179,9 +229,24 @@ pub fn bench_patch(budget: Duration) -> Result<Vec<Figure>> {
         figs.push(
             Figure::new(
                 format!(
-                    "{vcpus} vCPU: policy patch blackout (gate, parked by state), median of {n}"
+                    "{vcpus} vCPU: policy patch as a slot swap (no quiesce): blackout (publish), median of {n}"
                 ),
-                pct(patches.clone(), 0.5),
+                pct(swaps_policy.clone(), 0.5),
+                "us",
+            )
+            .vs(base),
+        );
+        figs.push(Figure::new(
+            format!("{vcpus} vCPU: policy patch as a slot swap, p99"),
+            pct(swaps_policy, 0.99),
+            "us",
+        ));
+        figs.push(
+            Figure::new(
+                format!(
+                    "{vcpus} vCPU: QUIESCED policy patch (claimed by state, no kick): blackout to the last vCPU running again, median of {n}"
+                ),
+                pct(quiesced.clone(), 0.5),
                 "us",
             )
             .vs(base)
@@ -189,13 +254,26 @@ pub fn bench_patch(budget: Duration) -> Result<Vec<Figure>> {
         );
         figs.push(
             Figure::new(
-                format!("{vcpus} vCPU: policy patch blackout, p99"),
-                pct(patches, 0.99),
+                format!("{vcpus} vCPU: QUIESCED policy patch: blackout, p99"),
+                pct(quiesced, 0.99),
                 "us",
             )
-            .vs(base)
+            .vs(base + 1)
             .target("< 1000 us"),
         );
+        figs.push(
+            Figure::new(
+                format!("{vcpus} vCPU: QUIESCED policy patch: request to release, median"),
+                pct(released.clone(), 0.5),
+                "us",
+            )
+            .vs(base),
+        );
+        figs.push(Figure::new(
+            format!("{vcpus} vCPU: QUIESCED policy patch: request to release, p99"),
+            pct(released, 0.99),
+            "us",
+        ));
         match &handlers {
             Ok(_) => {
                 figs.push(
@@ -225,6 +303,45 @@ pub fn bench_patch(budget: Duration) -> Result<Vec<Figure>> {
         }
     }
     Ok(figs)
+}
+
+/// Print what the traced holds waited for (`HILRIG_BENCH_TRACE`).
+fn print_traces(vcpus: u8, traces: &[hilrig_vmm::lifecycle::quiesce::HoldTrace]) {
+    for stopping in [false, true] {
+        let t: Vec<_> = traces.iter().filter(|t| t.stopping == stopping).collect();
+        if t.is_empty() {
+            continue;
+        }
+        let col = |f: &dyn Fn(&hilrig_vmm::lifecycle::quiesce::HoldTrace) -> u64| {
+            let v: Vec<u64> = t.iter().map(|x| f(x)).collect();
+            format!(
+                "{:.0}/{:.0}/{:.0}",
+                pct(v.clone(), 0.5),
+                pct(v.clone(), 0.99),
+                pct(v, 1.0)
+            )
+        };
+        let waited: Vec<_> = t.iter().filter(|x| x.busy_at_start > 0).collect();
+        let off_cpu: Vec<u64> = waited
+            .iter()
+            .map(|x| us(x.slowest_busy_wall.saturating_sub(x.slowest_busy_cpu)))
+            .collect();
+        eprintln!(
+            "trace {vcpus} vCPU {} x{}: busy at first claim (med/p99/max) {}; holds that waited for a busy vCPU {}; park us {}; slowest busy wall us {}, its CPU us {}, off-CPU us (waited holds) {:.0}/{:.0}; waiters {}; request to release us {}; resume lag us {}",
+            if stopping { "stopping pause" } else { "quiesced patch (gate)" },
+            t.len(),
+            col(&|x| x.busy_at_start as u64),
+            waited.len(),
+            col(&|x| us(x.park)),
+            col(&|x| us(x.slowest_busy_wall)),
+            col(&|x| us(x.slowest_busy_cpu)),
+            pct(off_cpu.clone(), 0.5),
+            pct(off_cpu, 0.99),
+            col(&|x| x.waiters as u64),
+            col(&|x| us(x.released)),
+            col(&|x| us(x.resume_lag)),
+        );
+    }
 }
 
 /// Why the demo device-handler module could not be built (its rows are skipped).

@@ -67,6 +67,12 @@ pub struct LifecycleConfig {
     pub teardown_nonce: Option<hilrig_vmm_api::Nonce>,
     /// The VM id the teardown record names (`--vm-id`; None: `hilrig-vmm pid N`).
     pub vm_id: Option<String>,
+    /// Apply patches quiesced (every vCPU parked for the swap) instead of swapping
+    /// the module under load. A patch that changes only userspace code and data
+    /// (a handler module, a policy with the same trapping pages) claims the vCPUs
+    /// without kicking them ([`Rendezvous::gate`]); one that changes the BAR0
+    /// memory slots stops the guest ([`Rendezvous::pause`]).
+    pub quiesce_patches: bool,
 }
 
 impl Default for LifecycleConfig {
@@ -84,6 +90,7 @@ impl Default for LifecycleConfig {
             patch_poll: Duration::from_secs(1),
             teardown_nonce: None,
             vm_id: None,
+            quiesce_patches: false,
         }
     }
 }
@@ -417,11 +424,12 @@ pub trait Lifecycle: VmHost {
         }
         let held = lock(&self.life().paused).take();
         let was_held = held.is_some();
+        let swap = !was_held && !self.life().cfg.quiesce_patches;
         // A device handler is swapped under load, without parking the vCPUs: calls in
         // flight in the old module are cancelled and retried in the new one, the old
         // code is retired once drained (see `modules`).
         let prepared = match prepared {
-            Prepared::Handler { version, handler } if !was_held => {
+            Prepared::Handler { version, handler } if swap => {
                 let sw = self.modules().handler.swap(
                     Some(handler),
                     version,
@@ -464,7 +472,7 @@ pub trait Lifecycle: VmHost {
             }
             // The policy module too is swapped under load, through its slot: every
             // access is decided by the old or the new version, exactly once.
-            Prepared::Policy { version, profile } if !was_held => {
+            Prepared::Policy { version, profile } if swap => {
                 let Some(engine) = self.policy_engine() else {
                     return Err(LifecycleError::NoPolicyEngine);
                 };
@@ -493,15 +501,20 @@ pub trait Lifecycle: VmHost {
             }
             p => p,
         };
-        // Not held by an operator: close only the device and policy code (the
-        // guests run on; see `quiesce::Rendezvous::gate`).
+        // Quiesced. Not held by an operator: a patch of userspace code and data only
+        // closes the device and policy code (vCPUs inside KVM_RUN run only guest
+        // code: claimed by state, not kicked; see `quiesce::Rendezvous::gate`); a
+        // policy that traps other pages re-plans the BAR0 memory slots: the guest
+        // stops for that.
         let paused = match held {
             Some(p) => p,
+            None if self.changes_memslots(&prepared) => self.pause_now()?,
             None => self
                 .rendezvous()
                 .gate(self.life().cfg.pause_bound)
                 .map_err(LifecycleError::from)?,
         };
+        crate::lifecycle::quiesce::probe_no_handler_running();
         // Every vCPU is parked between exits: swap.
         let (component, from, to) = match prepared {
             Prepared::Policy { version, profile } => {
@@ -521,6 +534,7 @@ pub trait Lifecycle: VmHost {
                 (crate::lifecycle::patch::DEVICE_HANDLER, from, version)
             }
         };
+        crate::lifecycle::quiesce::probe_no_handler_running();
         let blackout_us = if was_held {
             *lock(&self.life().paused) = Some(paused);
             None
@@ -540,6 +554,21 @@ pub trait Lifecycle: VmHost {
         lock(&self.life().patches).push(ev.clone());
         tracing::info!(component, from, to, ?blackout_us, "patch applied");
         Ok(ev)
+    }
+
+    /// Whether applying `p` changes the guest's memory slots (a policy whose
+    /// trapping pages differ from the running one's re-plans BAR0's mappings).
+    fn changes_memslots(&self, p: &Prepared) -> bool {
+        let Prepared::Policy { profile, .. } = p else {
+            return false;
+        };
+        let running = self
+            .modules()
+            .policy
+            .call(|m| m.as_ref().map(|m| m.profile.trapping_pages()))
+            .ok()
+            .flatten();
+        running.is_none_or(|pages| pages != profile.trapping_pages())
     }
 
     /// Secure teardown at the end of the run (see [`Lifecycle::teardown_for`]).

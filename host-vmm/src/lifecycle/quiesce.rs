@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | `IDLE` | in the VMM between exits, touching no device, policy or PCI state | claims it by state |
 //! | `RUN` | inside KVM_RUN | claims it by state |
-//! | `BUSY` | handling an exit (device, policy engine, PCI, faults) | waits for it to leave (short) |
+//! | `BUSY` | handling an exit (device, policy engine, PCI, faults); not while waiting for the device's lock ([`Member::leave_busy`], [`Member::try_busy`]) | waits for it to leave (short; yields for [`SPIN`], then sleeps) |
 //! | `CLAIMED_IDLE` / `CLAIMED_RUN` | counted as parked by the pause | — |
 //!
 //! The controller claims every `IDLE` and `RUN` slot with a compare-and-swap and waits
@@ -56,6 +56,12 @@ fn claimed(s: u8) -> bool {
 /// How often the kick is repeated while waiting for vCPUs to park.
 pub const REKICK: Duration = Duration::from_millis(2);
 
+/// How long the controller, and a claimed vCPU waiting for the release, yield in a
+/// loop before they sleep: a hold that ends within it costs the waiting vCPU no
+/// wake-up (its thread keeps its CPU), and the yields let a preempted busy vCPU
+/// thread on the same CPU finish its handler.
+pub const SPIN: Duration = Duration::from_micros(50);
+
 /// Why a pause failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum QuiesceError {
@@ -99,6 +105,8 @@ struct State {
     last_resumed: Option<Instant>,
     /// Incremented on every release.
     generation: u64,
+    /// vCPUs that waited during the current hold (diagnostics).
+    waited: usize,
     pausing: bool,
     mode: Mode,
 }
@@ -113,6 +121,19 @@ pub struct Rendezvous {
     cv: Condvar,
     /// Per member: FREE, IDLE, RUN, BUSY, CLAIMED_IDLE, CLAIMED_RUN (module docs).
     slots: Box<[AtomicU8]>,
+    /// Diagnostics ([`trace_holds`]): per member, when it last became busy and when
+    /// it left busy during a hold, wall and thread CPU time (ns since `epoch`).
+    stamps: Box<[BusyStamps]>,
+    epoch: Instant,
+}
+
+/// A member's busy-section stamps (written only while [`trace_holds`] is on).
+#[derive(Debug, Default)]
+struct BusyStamps {
+    since: AtomicU64,
+    since_cpu: AtomicU64,
+    left: AtomicU64,
+    left_cpu: AtomicU64,
 }
 
 impl Default for Rendezvous {
@@ -123,8 +144,69 @@ impl Default for Rendezvous {
             state: Mutex::new(State::default()),
             cv: Condvar::new(),
             slots: (0..MAX_MEMBERS).map(|_| AtomicU8::new(FREE)).collect(),
+            stamps: (0..MAX_MEMBERS).map(|_| BusyStamps::default()).collect(),
+            epoch: Instant::now(),
         }
     }
+}
+
+static TRACE: AtomicBool = AtomicBool::new(false);
+static TRACES: Mutex<Vec<HoldTrace>> = Mutex::new(Vec::new());
+/// Most traces kept (the oldest are dropped).
+const MAX_TRACES: usize = 10_000;
+
+/// Diagnostics (issue 21.7), process-wide: while on, every pause or gate records a
+/// [`HoldTrace`] of what it waited for ([`take_hold_traces`]). vCPUs then stamp their
+/// busy sections (a clock read and a thread-CPU-time read per exit), so leave it off
+/// when measuring blackouts.
+pub fn trace_holds(on: bool) {
+    TRACE.store(on, Ordering::SeqCst);
+}
+
+/// The hold traces recorded since the last call (see [`trace_holds`]).
+pub fn take_hold_traces() -> Vec<HoldTrace> {
+    std::mem::take(&mut *TRACES.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+/// What one pause or gate waited for (diagnostics, [`trace_holds`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct HoldTrace {
+    /// A stopping pause (true) or a gate.
+    pub stopping: bool,
+    /// vCPUs registered.
+    pub live: usize,
+    /// vCPUs claimed by state at the first claim (idle, or inside KVM_RUN).
+    pub claimed_at_once: usize,
+    /// vCPUs busy (handling an exit) at the first claim: the ones the hold waited for.
+    pub busy_at_start: usize,
+    /// First request to every vCPU claimed.
+    pub park: Duration,
+    /// Of the vCPUs waited for, the one that left its busy section last: how long it
+    /// had been busy when it left (wall time) ...
+    pub slowest_busy_wall: Duration,
+    /// ... and how much CPU time its thread got in that time (the rest it was not
+    /// running: preempted, or blocked on a lock).
+    pub slowest_busy_cpu: Duration,
+    /// Claimed vCPUs that came back with an exit (or wanted to run, in a stopping
+    /// pause) and waited for the release.
+    pub waiters: usize,
+    /// First request to the release (every vCPU free to go on).
+    pub released: Duration,
+    /// The release to the last waiter running again (its own stamp): the host
+    /// scheduler's wake-up latency.
+    pub resume_lag: Duration,
+}
+
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
 }
 
 /// A vCPU's membership; dropping it deregisters the vCPU.
@@ -192,7 +274,14 @@ impl Member<'_> {
         let slot = &self.rv.slots[i];
         loop {
             match slot.compare_exchange(RUN, BUSY, Ordering::SeqCst, Ordering::SeqCst) {
-                Ok(_) => return,
+                Ok(_) => {
+                    if TRACE.load(Ordering::Relaxed) {
+                        let st = &self.rv.stamps[i];
+                        st.since.store(self.rv.now_ns(), Ordering::Relaxed);
+                        st.since_cpu.store(thread_cpu_ns(), Ordering::Relaxed);
+                    }
+                    return;
+                }
                 Err(CLAIMED_RUN | CLAIMED_IDLE) => self.rv.wait_unclaimed(i),
                 Err(_) => {
                     // Not from KVM_RUN (a loop bug): never claimable while busy.
@@ -213,8 +302,16 @@ impl Member<'_> {
     #[inline]
     pub fn checkpoint(&self) -> bool {
         if let Some(i) = self.slot {
-            let _ =
-                self.rv.slots[i].compare_exchange(BUSY, IDLE, Ordering::SeqCst, Ordering::SeqCst);
+            let slot = &self.rv.slots[i];
+            if TRACE.load(Ordering::Relaxed)
+                && self.rv.requested.load(Ordering::SeqCst)
+                && slot.load(Ordering::SeqCst) == BUSY
+            {
+                let st = &self.rv.stamps[i];
+                st.left.store(self.rv.now_ns(), Ordering::SeqCst);
+                st.left_cpu.store(thread_cpu_ns(), Ordering::SeqCst);
+            }
+            let _ = slot.compare_exchange(BUSY, IDLE, Ordering::SeqCst, Ordering::SeqCst);
         }
         if !self.rv.requested.load(Ordering::SeqCst) {
             return false;
@@ -229,6 +326,7 @@ impl Member<'_> {
             }
             let generation = s.generation;
             s.parked += 1;
+            s.waited += 1;
             self.rv.cv.notify_all();
             while s.generation == generation {
                 s = self.rv.cv.wait(s).unwrap_or_else(|e| e.into_inner());
@@ -252,6 +350,59 @@ impl Member<'_> {
         false
     }
 
+    /// Leave the busy section without waiting (the vCPU goes on handling its exit
+    /// outside patchable code, e.g. waits for the device's lock): a pause claims it
+    /// by state from here. Re-enter with [`Member::try_busy`].
+    #[inline]
+    pub fn leave_busy(&self) {
+        let Some(i) = self.slot else { return };
+        let slot = &self.rv.slots[i];
+        if TRACE.load(Ordering::Relaxed)
+            && self.rv.requested.load(Ordering::SeqCst)
+            && slot.load(Ordering::SeqCst) == BUSY
+        {
+            let st = &self.rv.stamps[i];
+            st.left.store(self.rv.now_ns(), Ordering::SeqCst);
+            st.left_cpu.store(thread_cpu_ns(), Ordering::SeqCst);
+        }
+        if slot
+            .compare_exchange(BUSY, IDLE, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+            && self.rv.requested.load(Ordering::SeqCst)
+        {
+            // A controller may be waiting for this vCPU.
+            let _s = self.rv.lock();
+            self.rv.cv.notify_all();
+        }
+    }
+
+    /// Re-enter the busy section (after [`Member::leave_busy`]). False if a pause
+    /// claimed this vCPU meanwhile: then it must not touch patchable code; call
+    /// [`Member::wait_released`] (holding no lock a controller may need) and try again.
+    #[inline]
+    pub fn try_busy(&self) -> bool {
+        let Some(i) = self.slot else { return true };
+        let slot = &self.rv.slots[i];
+        match slot.compare_exchange(IDLE, BUSY, Ordering::SeqCst, Ordering::SeqCst) {
+            Ok(_) => {
+                if TRACE.load(Ordering::Relaxed) {
+                    let st = &self.rv.stamps[i];
+                    st.since.store(self.rv.now_ns(), Ordering::Relaxed);
+                    st.since_cpu.store(thread_cpu_ns(), Ordering::Relaxed);
+                }
+                true
+            }
+            Err(s) => !claimed(s),
+        }
+    }
+
+    /// Wait while a pause holds this vCPU (see [`Member::try_busy`]).
+    pub fn wait_released(&self) {
+        if let Some(i) = self.slot {
+            self.rv.wait_unclaimed(i);
+        }
+    }
+
     /// Test hook ([`hold_vcpus_for_test`]): while vCPU `idx` is held, wait here
     /// (between exits, outside KVM_RUN and outside any handler, like a thread the
     /// host stopped) until released or `stop` is set.
@@ -266,6 +417,88 @@ impl Member<'_> {
             std::thread::sleep(Duration::from_millis(1));
         }
         TEST_HELD.fetch_and(!bit, Ordering::SeqCst);
+    }
+}
+
+static PROBE: AtomicBool = AtomicBool::new(false);
+static PROBE_INSIDE: AtomicU64 = AtomicU64::new(0);
+static PROBE_CHECKS: AtomicU64 = AtomicU64::new(0);
+static PROBE_VIOLATIONS: AtomicU64 = AtomicU64::new(0);
+static PROBE_DAWDLE_NS: AtomicU64 = AtomicU64::new(0);
+
+/// Test probe (issue 21.7), process-wide: while on, vCPU threads count themselves
+/// inside exit handlers (device, policy engine, PCI, fault injection: every call the
+/// vCPU loop makes to handle an exit), each handler call lasts at least `dawdle` (a
+/// slow or preempted handler), and every quiesced patch checks, throughout its swap
+/// and for `dawdle` before it, that no vCPU is inside one ([`handler_probe_for_test`]
+/// counts the checks and the violations). Use it in a test binary of its own.
+#[doc(hidden)]
+pub fn probe_handlers_for_test(on: bool, dawdle: Duration) {
+    PROBE_DAWDLE_NS.store(
+        u64::try_from(dawdle.as_nanos()).unwrap_or(u64::MAX),
+        Ordering::SeqCst,
+    );
+    PROBE.store(on, Ordering::SeqCst);
+}
+
+/// Test probe: (patches checked, times a vCPU was inside a handler during a patch).
+#[doc(hidden)]
+pub fn handler_probe_for_test() -> (u64, u64) {
+    (
+        PROBE_CHECKS.load(Ordering::SeqCst),
+        PROBE_VIOLATIONS.load(Ordering::SeqCst),
+    )
+}
+
+/// A vCPU inside an exit handler, for the test probe ([`probe_handlers_for_test`]);
+/// a relaxed load when the probe is off.
+#[doc(hidden)]
+pub struct HandlerProbe(Option<Instant>);
+
+impl HandlerProbe {
+    /// The vCPU enters a handler.
+    #[inline]
+    pub fn enter() -> HandlerProbe {
+        if !PROBE.load(Ordering::Relaxed) {
+            return HandlerProbe(None);
+        }
+        PROBE_INSIDE.fetch_add(1, Ordering::SeqCst);
+        HandlerProbe(Some(Instant::now()))
+    }
+}
+
+impl Drop for HandlerProbe {
+    fn drop(&mut self) {
+        if let Some(t0) = self.0 {
+            let dawdle = Duration::from_nanos(PROBE_DAWDLE_NS.load(Ordering::Relaxed));
+            while t0.elapsed() < dawdle {
+                std::hint::spin_loop();
+            }
+            PROBE_INSIDE.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Called by a quiesced patch right before and right after its swap: with the test
+/// probe on, counts a violation if any vCPU is inside a handler (watching for the
+/// probe's `dawdle` before the swap, so a handler entered late is caught too).
+#[doc(hidden)]
+pub fn probe_no_handler_running() {
+    if !PROBE.load(Ordering::Relaxed) {
+        return;
+    }
+    PROBE_CHECKS.fetch_add(1, Ordering::SeqCst);
+    let t0 = Instant::now();
+    let dawdle = Duration::from_nanos(PROBE_DAWDLE_NS.load(Ordering::Relaxed));
+    loop {
+        if PROBE_INSIDE.load(Ordering::SeqCst) != 0 {
+            PROBE_VIOLATIONS.fetch_add(1, Ordering::SeqCst);
+            return;
+        }
+        if t0.elapsed() >= dawdle {
+            return;
+        }
+        std::hint::spin_loop();
     }
 }
 
@@ -296,6 +529,11 @@ pub struct Paused {
     parked_at: Instant,
     vcpus: usize,
     done: bool,
+    /// Diagnostics: a stopping pause; vCPUs claimed at once; busy ones at the first
+    /// claim (slot bits).
+    stopping: bool,
+    claimed_at_once: usize,
+    busy_mask: u64,
 }
 
 /// What a completed pause measured.
@@ -305,14 +543,32 @@ pub struct Blackout {
     pub vcpus: usize,
     /// First kick (request) to the last vCPU parked.
     pub park: Duration,
-    /// First kick (request) to the last vCPU resumed.
+    /// First kick (request) to the last vCPU resumed, stamped by the vCPUs
+    /// themselves: the release plus the host scheduler's latency in running each
+    /// held vCPU thread again.
     pub total: Duration,
+    /// First kick (request) to the release: the time the VMM held vCPUs back (every
+    /// vCPU is free to go on from here).
+    pub released: Duration,
 }
 
 impl Rendezvous {
     /// A rendezvous with no members.
     pub fn new() -> Rendezvous {
         Rendezvous::default()
+    }
+
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Slots busy right now (bits).
+    fn busy_mask(&self) -> u64 {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, x)| x.load(Ordering::SeqCst) == BUSY)
+            .fold(0, |m, (i, _)| m | 1u64 << i)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -372,6 +628,14 @@ impl Rendezvous {
 
     /// Block the calling vCPU (slot `i`) while its slot is claimed.
     fn wait_unclaimed(&self, i: usize) {
+        // Yield first: a short hold ends without this thread leaving its CPU.
+        let t0 = Instant::now();
+        while claimed(self.slots[i].load(Ordering::SeqCst)) {
+            if t0.elapsed() >= SPIN {
+                break;
+            }
+            std::thread::yield_now();
+        }
         let s = self.lock();
         if claimed(self.slots[i].load(Ordering::SeqCst)) {
             self.wait_unclaimed_locked(s, i);
@@ -380,6 +644,7 @@ impl Rendezvous {
 
     fn wait_unclaimed_locked(&self, mut s: MutexGuard<'_, State>, i: usize) {
         s.waiting += 1;
+        s.waited += 1;
         while claimed(self.slots[i].load(Ordering::SeqCst)) {
             s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
         }
@@ -427,6 +692,7 @@ impl Rendezvous {
             s.pausing = true;
             s.mode = mode;
             s.last_resumed = None;
+            s.waited = 0;
             self.stopping.store(mode == Mode::Stop, Ordering::SeqCst);
         }
         self.requested.store(true, Ordering::SeqCst);
@@ -435,8 +701,11 @@ impl Rendezvous {
         }
         let deadline = first_kick + bound;
         let mut s = self.lock();
+        let mut first: Option<(usize, u64)> = None;
         loop {
             let claimed = self.claim();
+            let (claimed_at_once, busy_mask) =
+                *first.get_or_insert_with(|| (claimed, self.busy_mask()));
             if claimed + s.parked >= s.live {
                 return Ok(Paused {
                     rv: self.clone(),
@@ -444,6 +713,9 @@ impl Rendezvous {
                     parked_at: Instant::now(),
                     vcpus: claimed + s.parked,
                     done: false,
+                    stopping: mode == Mode::Stop,
+                    claimed_at_once,
+                    busy_mask,
                 });
             }
             let now = Instant::now();
@@ -456,6 +728,14 @@ impl Rendezvous {
                     live,
                     bound,
                 });
+            }
+            if now < first_kick + SPIN {
+                // Busy vCPUs leave their handlers within microseconds when they
+                // run: yield (without the lock) rather than sleep and be woken.
+                drop(s);
+                std::thread::yield_now();
+                s = self.lock();
+                continue;
             }
             let wait = REKICK.min(deadline - now);
             s = self
@@ -471,13 +751,16 @@ impl Rendezvous {
         }
     }
 
-    fn release(&self) {
+    /// Release everyone; returns when.
+    fn release(&self) -> Instant {
         let mut s = self.lock();
         self.requested.store(false, Ordering::SeqCst);
         self.unclaim();
+        let at = Instant::now();
         s.pausing = false;
         s.generation += 1;
         self.cv.notify_all();
+        at
     }
 }
 
@@ -495,8 +778,7 @@ impl Paused {
 
     fn finish(&mut self) -> Blackout {
         self.done = true;
-        self.rv.release();
-        let released = Instant::now();
+        let released = self.rv.release();
         let bound = released + Duration::from_secs(1);
         let mut s = self.rv.lock();
         while (s.parked > 0 || s.waiting > 0) && Instant::now() < bound {
@@ -513,11 +795,58 @@ impl Paused {
             Some(t) if t >= released => t,
             _ => released,
         };
-        Blackout {
+        let waited = s.waited;
+        drop(s);
+        let b = Blackout {
             vcpus: self.vcpus,
             park: self.parked_at.saturating_duration_since(self.first_kick),
             total: last.saturating_duration_since(self.first_kick),
+            released: released.saturating_duration_since(self.first_kick),
+        };
+        if TRACE.load(Ordering::Relaxed) {
+            self.trace(&b, waited, last.saturating_duration_since(released));
         }
+        b
+    }
+
+    /// Record what this hold waited for ([`trace_holds`]).
+    fn trace(&self, b: &Blackout, waiters: usize, resume_lag: Duration) {
+        let (mut wall, mut cpu, mut left_last) = (0u64, 0u64, 0u64);
+        for i in 0..MAX_MEMBERS.min(64) {
+            if self.busy_mask & (1u64 << i) == 0 {
+                continue;
+            }
+            let st = &self.rv.stamps[i];
+            let (since, left) = (
+                st.since.load(Ordering::SeqCst),
+                st.left.load(Ordering::SeqCst),
+            );
+            if left >= since && left >= left_last {
+                left_last = left;
+                wall = left - since;
+                cpu = st
+                    .left_cpu
+                    .load(Ordering::SeqCst)
+                    .saturating_sub(st.since_cpu.load(Ordering::SeqCst));
+            }
+        }
+        let t = HoldTrace {
+            stopping: self.stopping,
+            live: self.vcpus,
+            claimed_at_once: self.claimed_at_once,
+            busy_at_start: self.busy_mask.count_ones() as usize,
+            park: b.park,
+            slowest_busy_wall: Duration::from_nanos(wall),
+            slowest_busy_cpu: Duration::from_nanos(cpu),
+            waiters,
+            released: b.released,
+            resume_lag,
+        };
+        let mut v = TRACES.lock().unwrap_or_else(|e| e.into_inner());
+        if v.len() >= MAX_TRACES {
+            v.remove(0);
+        }
+        v.push(t);
     }
 }
 

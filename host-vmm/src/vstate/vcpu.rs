@@ -19,7 +19,9 @@
 //!
 //! Each vCPU publishes where it is to the rendezvous ([`crate::lifecycle::quiesce`]):
 //! idle in `Parked`, in KVM_RUN inside `Running`, busy from KVM_RUN's return through
-//! `Deciding`/`Gathering`/`Completing` back to `Parked`. A pause claims idle and
+//! `Deciding`/`Gathering`/`Completing` back to `Parked` — except while a trapped
+//! access waits for the device's lock (idle: `Deciding` re-enters busy holding the
+//! lock, or, claimed meanwhile, drops it, waits and routes the access again). A pause claims idle and
 //! in-KVM_RUN vCPUs by that state, without their threads having to run, and waits
 //! only for busy ones; a claimed vCPU waits before handling its next exit (and, in a
 //! stopping pause, before entering KVM_RUN). So no access is ever half-decided when
@@ -29,7 +31,7 @@
 //! [`DirectPages`]): this file never names the VM (`super::vm` implements the
 //! traits), so the two files do not import each other.
 
-use crate::lifecycle::quiesce::{Member, Rendezvous};
+use crate::lifecycle::quiesce::{HandlerProbe, Member, Rendezvous};
 use crate::policy::engine::{Outcome, PolicyEngine};
 use crate::policy::fault::{set_direct_pages, Ctx, DirectPages, SiteCache};
 use crate::vstate::dispatch::{handle_exit, ExitBus, Next, Pending};
@@ -219,7 +221,7 @@ pub(crate) fn vcpu_loop<H: VcpuHost>(idx: u8, fd: VcpuFd, shared: &H) -> VcpuRes
         let event = match &state {
             State::Parked => v.park(&member),
             State::Running => v.run(&member),
-            State::Deciding(p) => v.decide(*p),
+            State::Deciding(p) => v.decide(*p, &member),
             State::Gathering(p, size) => v.gather(*p, *size),
             State::Completing => v.complete(),
             State::Stopping(end) => {
@@ -325,11 +327,19 @@ impl<H: VcpuHost> Vcpu<'_, H> {
         // claimed this vCPU while it was in KVM_RUN, wait here before handling the
         // exit.
         member.left_run();
+        let probe = HandlerProbe::enter();
         let (mut event, kicked) = self.book.run_event(self.shared, ran);
         if event == Event::Handled(Next::Emulation)
             && self.shared.on_unemulated() == OnUnemulated::Ud
         {
             event = self.unemulated_ud();
+        }
+        drop(probe);
+        if let Event::Handled(Next::Policy(_)) = event {
+            // Out of the busy section while the access waits for the device's lock
+            // (a preempted lock holder must not make every vCPU behind it hold up a
+            // pause); `decide` re-enters it holding the lock.
+            member.leave_busy();
         }
         if kicked {
             // A kick (pause or stop): the request flag was set before the kick, so the
@@ -423,10 +433,38 @@ impl<H: VcpuHost> Vcpu<'_, H> {
     }
 
     /// `Deciding`: carry out a trapped BAR0 access through the policy engine.
-    fn decide(&mut self, p: Pending) -> Event {
+    fn decide(&mut self, p: Pending, member: &Member<'_>) -> Event {
         let Some(ctx) = ctx(self.shared) else {
+            // (Never: a policy access comes only with an engine.)
             return Event::Decided;
         };
+        // The device's lock first, outside the busy section; then busy again. A
+        // pause that claimed this vCPU meanwhile is waited out without the lock.
+        let mut p = p;
+        let mut dev = loop {
+            let dev = self.shared.device_lock();
+            if member.try_busy() {
+                break dev;
+            }
+            drop(dev);
+            member.wait_released();
+            if self.shared.stop_flag().load(Ordering::Acquire) {
+                return Event::Decided;
+            }
+            // A hold came between the exit's dispatch and its access: route it again
+            // (the device may have left the guest meanwhile: reads all ones, writes
+            // dropped, as for a disabled BAR).
+            match self.shared.route(p.addr) {
+                crate::devices::pci::Route::Bar0(off) => p.off = off,
+                _ => {
+                    if !p.write {
+                        self.answer_read(&[0xff; 8][..p.len]);
+                    }
+                    return Event::Decided;
+                }
+            }
+        };
+        let _probe = HandlerProbe::enter();
         // A store KVM hands over in pieces (a 16/32-byte move as 8-byte exits, any
         // store split at a page end, e.g. 4 + 8 + 4) with a fault rule within its
         // reach: gather every piece and decide them together, before any lands.
@@ -436,16 +474,16 @@ impl<H: VcpuHost> Vcpu<'_, H> {
         {
             if let Some(size) = crate::policy::fault::store_size(ctx.mem, &self.fd, p.addr, p.len) {
                 if size > p.len && size <= 32 {
+                    // Gathered busy (`gather` takes the device's lock itself).
                     return Event::SplitStore(size);
                 }
             }
         }
         let mut buf = p.buf;
-        let r = {
-            let mut dev = self.shared.device_lock();
-            ctx.engine
-                .access(&mut **dev, p.off, &mut buf[..p.len], p.write)
-        };
+        let r = ctx
+            .engine
+            .access(&mut **dev, p.off, &mut buf[..p.len], p.write);
+        drop(dev);
         let out: Outcome = match r {
             Ok(o) => o,
             Err(e) => {
@@ -468,12 +506,7 @@ impl<H: VcpuHost> Vcpu<'_, H> {
             if out.fault {
                 buf = [0; 8];
             }
-            let run = self.fd.get_kvm_run();
-            // SAFETY: the exit being answered is KVM_EXIT_MMIO, so `mmio` is the
-            // union's active member; `len` is at most 8, the size of its data array.
-            unsafe {
-                run.__bindgen_anon_1.mmio.data[..p.len].copy_from_slice(&buf[..p.len]);
-            }
+            self.answer_read(&buf[..p.len]);
         }
         if out.hits.iter().any(Option::is_some) {
             let (idx, fd, cache) = (self.book.idx, &self.fd, &mut self.site_cache);
@@ -486,6 +519,17 @@ impl<H: VcpuHost> Vcpu<'_, H> {
         }
     }
 
+    /// Answer the MMIO read being handled with `data` (at most 8 bytes).
+    fn answer_read(&mut self, data: &[u8]) {
+        let run = self.fd.get_kvm_run();
+        let n = data.len().min(8);
+        // SAFETY: the exit being answered is KVM_EXIT_MMIO, so `mmio` is the
+        // union's active member; `n` is at most 8, the size of its data array.
+        unsafe {
+            run.__bindgen_anon_1.mmio.data[..n].copy_from_slice(&data[..n]);
+        }
+    }
+
     /// `Gathering`: a 16/32-byte store reaches the VMM as 8-byte exits after the
     /// instruction retired, and a store across a page end as one piece per page
     /// (split again at 8 bytes: a 16-byte store at a page's last dword comes as
@@ -495,6 +539,7 @@ impl<H: VcpuHost> Vcpu<'_, H> {
     /// decide them together, so a fault in a later piece keeps the earlier ones
     /// from the device too. A piece outside BAR0 faults the whole store.
     fn gather(&mut self, p: Pending, size: usize) -> Event {
+        let _probe = HandlerProbe::enter();
         let idx = self.book.idx;
         let bar0 = p.addr - p.off;
         let mut pieces = [(0u64, [0u8; 8], 0usize); MAX_PIECES];
@@ -586,6 +631,7 @@ impl<H: VcpuHost> Vcpu<'_, H> {
 
     /// `Completing`: #GP for the faulting access.
     fn complete(&mut self) -> Event {
+        let _probe = HandlerProbe::enter();
         let Some(ctx) = ctx(self.shared) else {
             return Event::Decided;
         };
