@@ -74,7 +74,7 @@ pub fn enroll(dir: &Path, host: &HostSpec, prepared: &NvState) -> Result<(), Att
         .observe()
         .map_err(ctx("reading the prepared device state"))?;
     let mut svc = open(dir, true)?;
-    svc.enroll(
+    svc.enroll_with_reset_key(
         &Enrollment {
             serial: host.serial,
             host: host.name.clone(),
@@ -82,6 +82,7 @@ pub fn enroll(dir: &Path, host: &HostSpec, prepared: &NvState) -> Result<(), Att
             expected: obs.as_expected(),
         },
         true,
+        &prepared.reset_key,
     )
     .map_err(ctx("enrolling the device"))?;
     Ok(())
