@@ -911,6 +911,15 @@ fn run_cmd(cmd: CountersCmd, open: DeviceOpener) -> Result<ExitCode> {
             let mut dev = open(backend, path).with_context(|| {
                 format!("--target {target}: cannot be opened; nothing was recorded")
             })?;
+            // Image hashes at the device's own region sizes (its state file's
+            // geometry), not the defaults: READ_HASH covers the whole region.
+            let sizes = hilrig_device::NvState::load(path)
+                .map(|nv| nv.config.region_sizes)
+                .with_context(|| format!("--target {target}: reading its region sizes"))?;
+            let images = images
+                .iter()
+                .map(|f| f.sized(sizes[f.region as usize]))
+                .collect::<crate::Result<Vec<_>>>()?;
             let mut svc = c.open()?;
             let out = crate::remediate::remediate(
                 &mut svc,
