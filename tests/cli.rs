@@ -593,7 +593,10 @@ fn counter_conformance_passes_on_model_and_rtl() {
         outs.push(run(&["counters", "status"]));
         // The key never appears in any output, nor in the database.
         for o in &outs {
-            assert!(!o.to_lowercase().contains(&key), "{b}: the reset key in {o}");
+            assert!(
+                !o.to_lowercase().contains(&key),
+                "{b}: the reset key in {o}"
+            );
         }
         let dbtext = String::from_utf8_lossy(&std::fs::read(&db).unwrap()).to_lowercase();
         assert!(!dbtext.contains(&key), "{b}: the reset key in the database");

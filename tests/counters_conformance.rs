@@ -95,7 +95,13 @@ fn a_correct_device_passes_over_serve_oob() {
         &lines[0],
         p(&st),
         "model",
-        &["--burn-fuse", "--reset-key-file", &key, "--junit", p(&junit)],
+        &[
+            "--burn-fuse",
+            "--reset-key-file",
+            &key,
+            "--junit",
+            p(&junit),
+        ],
     );
     println!("{text}");
     assert_eq!(o.status.code(), Some(0), "{text}");
@@ -181,8 +187,7 @@ fn a_correct_simulated_board_passes_over_serve_sim() {
     let oob = lines[1].strip_prefix("oob ").unwrap().to_string();
     // `fpga serve-sim` boards carry the documented development keys.
     let kf = dir.path().join("board.reset-key");
-    hilrig_device::secure::write_reset_key_file(&kf, &hilrig_device::state::dev_keys(5).1)
-        .unwrap();
+    hilrig_device::secure::write_reset_key_file(&kf, &hilrig_device::state::dev_keys(5).1).unwrap();
     let (o, text) = conformance(
         &oob,
         &host,

@@ -1492,11 +1492,8 @@ mod tests {
             serial: 9,
             nonce: Nonce::random().unwrap(),
         };
-        let rec = |vm: &str, serial, nonce| {
-            with_record(vm, serial, nonce)
-                .teardown
-                .expect("a record")
-        };
+        let rec =
+            |vm: &str, serial, nonce| with_record(vm, serial, nonce).teardown.expect("a record");
         // Replayed from another run (another nonce), another device, another VM,
         // a record with no binding at all: each fails the step, naming the field.
         for (r, field) in [

@@ -36,11 +36,9 @@ fn an_unrecorded_update_attempt_between_cases_is_refused_until_the_hold_is_clear
     }
     // The counters service holds the prepared device's reset key, by serial.
     let key = hilrig_counters::mac::Key::load(&dir.path().join("counters.key")).unwrap();
-    let mut svc = hilrig_counters::Service::open(
-        &dir.path().join("counters.sqlite").to_string_lossy(),
-        key,
-    )
-    .unwrap();
+    let mut svc =
+        hilrig_counters::Service::open(&dir.path().join("counters.sqlite").to_string_lossy(), key)
+            .unwrap();
     assert_eq!(svc.reset_key(host.serial).unwrap(), nv.reset_key);
     // An operator reviews it and clears the hold: admitted again.
     let mut src = hilrig_counters::source::DeviceSource::model_file(&state).unwrap();

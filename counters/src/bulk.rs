@@ -89,17 +89,20 @@ fn parse_line(line: &str) -> std::result::Result<(Enrollment, Option<String>), L
         };
         let hs = hashes([&j.hashes.vbios, &j.hashes.firmware, &j.hashes.config])?;
         let kf = j.reset_key_file;
-        return Ok((Enrollment {
-            serial,
-            host: j.host,
-            rack: j.rack,
-            expected: Expected {
-                counters: j.counters,
-                master: j.master.unwrap_or_else(|| j.counters.iter().sum()),
-                epoch: j.epoch,
-                hashes: hs,
+        return Ok((
+            Enrollment {
+                serial,
+                host: j.host,
+                rack: j.rack,
+                expected: Expected {
+                    counters: j.counters,
+                    master: j.master.unwrap_or_else(|| j.counters.iter().sum()),
+                    epoch: j.epoch,
+                    hashes: hs,
+                },
             },
-        }, kf));
+            kf,
+        ));
     }
     let f: Vec<&str> = line.split(',').map(str::trim).collect();
     if f.len() != 11 && f.len() != 12 {
@@ -125,17 +128,20 @@ fn parse_line(line: &str) -> std::result::Result<(Enrollment, Option<String>), L
         num(6, "master")?
     };
     let kf = f.get(11).filter(|k| !k.is_empty()).map(|k| k.to_string());
-    Ok((Enrollment {
-        serial,
-        host: f[1].to_string(),
-        rack: f[2].to_string(),
-        expected: Expected {
-            counters,
-            master,
-            epoch: num(7, "epoch")?,
-            hashes: hashes([f[8], f[9], f[10]])?,
+    Ok((
+        Enrollment {
+            serial,
+            host: f[1].to_string(),
+            rack: f[2].to_string(),
+            expected: Expected {
+                counters,
+                master,
+                epoch: num(7, "epoch")?,
+                hashes: hashes([f[8], f[9], f[10]])?,
+            },
         },
-    }, kf))
+        kf,
+    ))
 }
 
 /// One enrolment and its reset key (read from the key file the line names).

@@ -695,7 +695,9 @@ fn run_one(
             ))
         }
         "physical-reset" | "master-across-physical-reset" if opts.reset_key.is_none() => {
-            return Ok(Outcome::Skip("no reset key given (--reset-key-file or --reset-key-from-service)".into()))
+            return Ok(Outcome::Skip(
+                "no reset key given (--reset-key-file or --reset-key-from-service)".into(),
+            ))
         }
         _ => {}
     }

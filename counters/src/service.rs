@@ -849,13 +849,7 @@ impl Service {
         let nonce = chacha20poly1305::Nonce::from_slice(&rnd[..12]);
         let aad = Self::reset_key_aad(serial);
         let ct = cipher
-            .encrypt(
-                nonce,
-                Payload {
-                    msg: rk,
-                    aad: &aad,
-                },
-            )
+            .encrypt(nonce, Payload { msg: rk, aad: &aad })
             .map_err(|_| Error::ResetKey {
                 serial: serial.to_string(),
                 detail: "sealing failed".into(),

@@ -110,7 +110,10 @@ fn a_reset_with_the_key_from_the_service_works_and_a_wrong_or_absent_key_is_refu
             )
             .unwrap();
         let e = s.reset_key(0x5e2).unwrap_err().to_string();
-        assert!(e.contains("MAC mismatch") || e.contains("does not open"), "{e}");
+        assert!(
+            e.contains("MAC mismatch") || e.contains("does not open"),
+            "{e}"
+        );
         // The error never quotes the key.
         assert!(!e.contains(&hex::encode(rk)), "{e}");
     });
@@ -136,9 +139,8 @@ fn enrolment_takes_the_key_file_and_conformance_takes_the_key_from_the_service()
     let key = dir.path().join("k").display().to_string();
     let (p, kf, rk) = device_with_key_file(dir.path(), 0x7a);
     let c = ["--db", db.as_str(), "--key", key.as_str()];
-    let with = |a: &[&str]| -> Vec<String> {
-        a.iter().chain(c.iter()).map(|s| s.to_string()).collect()
-    };
+    let with =
+        |a: &[&str]| -> Vec<String> { a.iter().chain(c.iter()).map(|s| s.to_string()).collect() };
     let go2 = |a: &[&str]| {
         let v = with(a);
         let r: Vec<&str> = v.iter().map(|s| s.as_str()).collect();
@@ -187,7 +189,10 @@ fn enrolment_takes_the_key_file_and_conformance_takes_the_key_from_the_service()
         .unwrap(),
         ExitCode::SUCCESS
     );
-    assert!(NvState::load(&p).unwrap().epoch >= 1, "keyed resets happened");
+    assert!(
+        NvState::load(&p).unwrap().epoch >= 1,
+        "keyed resets happened"
+    );
     // Status, history and the database file never hold the key in the clear.
     let mut s = hilrig_counters::Service::open(
         &db,
@@ -213,7 +218,11 @@ fn enrolment_takes_the_key_file_and_conformance_takes_the_key_from_the_service()
             f.display()
         );
         let text = String::from_utf8_lossy(&bytes).to_lowercase();
-        assert!(!text.contains(&hexkey), "{} holds the hex reset key", f.display());
+        assert!(
+            !text.contains(&hexkey),
+            "{} holds the hex reset key",
+            f.display()
+        );
         let mode = std::fs::metadata(f).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{}", f.display());
     }

@@ -186,12 +186,11 @@ impl Rtl {
             return Ok(());
         };
         let p = hilrig_device::model::buffers_path(&state);
-        let mem = hilrig_device::model::BufferMem::open_file(&p).map_err(|e| {
-            DeviceError::Transport {
+        let mem =
+            hilrig_device::model::BufferMem::open_file(&p).map_err(|e| DeviceError::Transport {
                 what: format!("device buffer file {}", p.display()),
                 detail: e.to_string(),
-            }
-        })?;
+            })?;
         let words = self.core.bufram.words();
         let mut bytes = vec![0u8; (words * 4).min(BUFFER_SIZE)];
         mem.read_bytes(0, &mut bytes);
@@ -206,7 +205,7 @@ impl Rtl {
         let Some(mem) = &self.kept else {
             return Ok(());
         };
-        let Some(off) = (word as u64).checked_sub(BUFFER_BASE) else {
+        let Some(off) = word.checked_sub(BUFFER_BASE) else {
             return Ok(());
         };
         let off = off as usize;
@@ -215,7 +214,13 @@ impl Rtl {
         }
         // A written word carries the current generation's tag, so the RAM word
         // is what the device shows.
-        let v = self.core.bufram.contents().get(off / 4).copied().unwrap_or(0);
+        let v = self
+            .core
+            .bufram
+            .contents()
+            .get(off / 4)
+            .copied()
+            .unwrap_or(0);
         mem.write_u32(off, v);
         Ok(())
     }
@@ -457,7 +462,7 @@ impl Device for Rtl {
     fn write_word(&mut self, word: u32, value: u32, mask: u8) -> Result<(), DeviceError> {
         debug_assert!((word as u64) < BAR0_SIZE && word % 4 == 0);
         self.access(false, word, true, value, mask)?;
-        if self.kept.is_some() && (word as u64) >= BUFFER_BASE {
+        if self.kept.is_some() && word >= BUFFER_BASE {
             self.write_through(word)?;
         }
         Ok(())

@@ -150,7 +150,7 @@ fn rtl_buffers_kept_beside_the_state_outlive_the_process_until_reset_or_power_of
     let p = dir.path().join("d.state");
     drop(Rtl::create(&p, factory(8)).unwrap());
     let canary = 0xc0ffee11u32;
-    let word = BUFFER_BASE as u32 + 0x40;
+    let word = BUFFER_BASE + 0x40;
     {
         let mut r = Rtl::open(&p).unwrap();
         r.keep_buffers_beside_state().unwrap();

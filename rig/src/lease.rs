@@ -578,7 +578,12 @@ impl CountersGate {
             replace,
             &rk,
         )
-        .map_err(|e| fail("service-error", format!("enrolling device {serial:#x}: {e}")))?;
+        .map_err(|e| {
+            fail(
+                "service-error",
+                format!("enrolling device {serial:#x}: {e}"),
+            )
+        })?;
         Ok(serial)
     }
 

@@ -179,8 +179,11 @@ pub fn counters_verdict(
         }
         // A counter at the end of its budget (the fuse blows there) counts no
         // more: attempts refused for good past it are not an undercount.
-        let saturated =
-            now.fuse || now.counters.iter().any(|&c| now.width > 0 && c >= u32::from(now.width));
+        let saturated = now.fuse
+            || now
+                .counters
+                .iter()
+                .any(|&c| now.width > 0 && c >= u32::from(now.width));
         if hw < vmm && !saturated {
             return (
                 Verdict::Undercount,
