@@ -526,18 +526,15 @@ fn verilator_backend_behaves_like_the_model() {
     let st = dir.path().join("conf.state");
     ok(&["device", "init", p(&st), "--width", "32", "--serial", "9"]);
     // The random reset key `device init` wrote beside the state file.
-    let key = std::fs::read_to_string(dir.path().join("conf.state.reset-key"))
-        .unwrap()
-        .trim()
-        .to_string();
+    let key = dir.path().join("conf.state.reset-key");
     let out = ok(&[
         "counters",
         "conformance",
         "--target",
         &format!("verilator:{}", p(&st)),
         "--burn-fuse",
-        "--reset-key",
-        &key,
+        "--reset-key-file",
+        p(&key),
     ]);
     assert!(out.contains("PASS: 11 passed, 0 failed"), "{out}");
     for prop in ["count-before-act", "persistence"] {
@@ -554,21 +551,55 @@ fn counter_conformance_passes_on_model_and_rtl() {
     let dir = tempfile::tempdir().unwrap();
     for b in ["model", "rtl"] {
         let st = dir.path().join(format!("{b}.state"));
-        ok(&["device", "init", p(&st), "--width", "32", "--serial", "9"]);
-        // The random reset key `device init` wrote beside the state file.
+        let init = ok(&["device", "init", p(&st), "--width", "32", "--serial", "9"]);
+        // The random reset key `device init` wrote beside the state file goes to
+        // the counters service at enrolment; the suite takes it from there.
         let key = std::fs::read_to_string(dir.path().join(format!("{b}.state.reset-key")))
             .unwrap()
             .trim()
             .to_string();
-        let out = ok(&[
+        let db = dir.path().join(format!("{b}.db"));
+        let ck = dir.path().join(format!("{b}.key"));
+        let c = ["--db", p(&db), "--key", p(&ck)];
+        let mut outs = vec![init];
+        let with = |a: &[&str]| -> Vec<String> {
+            a.iter().chain(c.iter()).map(|s| s.to_string()).collect()
+        };
+        let run = |a: &[&str]| {
+            let v = with(a);
+            let r: Vec<&str> = v.iter().map(|s| s.as_str()).collect();
+            ok(&r)
+        };
+        outs.push(run(&["counters", "init"]));
+        outs.push(run(&[
+            "counters",
+            "enroll",
+            "9",
+            "--source",
+            &format!("model:{}", p(&st)),
+        ]));
+        let out = run(&[
             "counters",
             "conformance",
             "--target",
             &format!("{b}:{}", p(&st)),
             "--burn-fuse",
-            "--reset-key",
-            &key,
+            "--reset-key-from-service",
+            "9",
         ]);
+        outs.push(out.clone());
+        outs.push(run(&["counters", "status", "--json"]));
+        outs.push(run(&["counters", "history", "--json"]));
+        outs.push(run(&["counters", "status"]));
+        // The key never appears in any output, nor in the database.
+        for o in &outs {
+            assert!(
+                !o.to_lowercase().contains(&key),
+                "{b}: the reset key in {o}"
+            );
+        }
+        let dbtext = String::from_utf8_lossy(&std::fs::read(&db).unwrap()).to_lowercase();
+        assert!(!dbtext.contains(&key), "{b}: the reset key in the database");
         assert!(out.contains("PASS: 11 passed, 0 failed"), "{b}: {out}");
         assert!(
             out.contains("PASS       count-before-act") && out.contains("PASS       persistence"),

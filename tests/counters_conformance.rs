@@ -41,14 +41,8 @@ fn spawn(args: &[&str], lines: usize) -> (Server, Vec<String>) {
     (Server(c), out)
 }
 
-/// The OOB reset key `device init` wrote for the device in `state` (random; in
+/// The OOB reset-key file `device init` wrote for the device in `state` (random;
 /// `STATE.reset-key`).
-fn key_hex(state: &Path) -> String {
-    let mut k = state.as_os_str().to_owned();
-    k.push(".reset-key");
-    std::fs::read_to_string(k).unwrap().trim().to_string()
-}
-
 fn key_file(state: &Path) -> String {
     let mut k = state.as_os_str().to_owned();
     k.push(".reset-key");
@@ -96,12 +90,18 @@ fn a_correct_device_passes_over_serve_oob() {
     assert!(o.status.success());
     let (_server, lines) = spawn(&["device", "serve-oob", p(&st), "--seconds", "600"], 1);
     let junit = dir.path().join("junit.xml");
-    let key = key_hex(&st);
+    let key = key_file(&st);
     let (o, text) = conformance(
         &lines[0],
         p(&st),
         "model",
-        &["--burn-fuse", "--reset-key", &key, "--junit", p(&junit)],
+        &[
+            "--burn-fuse",
+            "--reset-key-file",
+            &key,
+            "--junit",
+            p(&junit),
+        ],
     );
     println!("{text}");
     assert_eq!(o.status.code(), Some(0), "{text}");
@@ -186,8 +186,14 @@ fn a_correct_simulated_board_passes_over_serve_sim() {
     let host = lines[0].strip_prefix("host ").unwrap().to_string();
     let oob = lines[1].strip_prefix("oob ").unwrap().to_string();
     // `fpga serve-sim` boards carry the documented development keys.
-    let key = hilrig_device::oob::hex_string(&hilrig_device::state::dev_keys(5).1);
-    let (o, text) = conformance(&oob, &host, "fpga", &["--burn-fuse", "--reset-key", &key]);
+    let kf = dir.path().join("board.reset-key");
+    hilrig_device::secure::write_reset_key_file(&kf, &hilrig_device::state::dev_keys(5).1).unwrap();
+    let (o, text) = conformance(
+        &oob,
+        &host,
+        "fpga",
+        &["--burn-fuse", "--reset-key-file", p(&kf)],
+    );
     println!("{text}");
     assert_eq!(o.status.code(), Some(0), "{text}");
 }

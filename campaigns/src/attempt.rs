@@ -50,6 +50,31 @@ pub(crate) fn bound_record(
     Ok(summary)
 }
 
+/// A teardown record a control-socket `teardown` request answered with (patch,
+/// rollout and detach steps driven by the runner): it must belong to this run
+/// (`binding`), as a VMM-exit record must ([`bound_record`]); one replayed from
+/// another run fails the step.
+pub(crate) fn socket_record(
+    k: usize,
+    label: &str,
+    rec: &hilrig_vmm_api::TeardownRecord,
+    binding: &hilrig_vmm_api::RunBinding,
+) -> Result<(), Stop> {
+    rec.check_binding(binding).map_err(|e| {
+        fail(
+            Outcome::Fail,
+            format!("step {k} ({label}): the control socket's teardown record: {e}"),
+        )
+    })
+}
+
+/// Give a VMM's spec the run's binding: its VM id and teardown nonce (the serial
+/// is the device's own).
+pub(crate) fn bind_spec(s: &mut VmSpec, b: &hilrig_vmm_api::RunBinding) {
+    s.teardown_nonce = Some(b.nonce);
+    s.vm_id = Some(b.vm.clone());
+}
+
 fn fail(o: Outcome, msg: impl std::fmt::Display) -> Stop {
     Box::new(AttemptResult {
         outcome: o,
@@ -321,6 +346,28 @@ impl Att<'_> {
         }
         self.seen.add_trap_latency(summary);
         self.seen.add_counters_verdicts(summary);
+    }
+
+    /// A fresh binding for a VMM this step starts as `name`: a random nonce, a VM id
+    /// naming the case, step and VMM, and the serial of the device in `state`
+    /// (set on the VMM's spec with [`bind_spec`]; its teardown records, over the
+    /// control socket and in its summary, must carry all three).
+    fn binding(
+        &mut self,
+        k: usize,
+        name: &str,
+        state: &Path,
+    ) -> Result<hilrig_vmm_api::RunBinding, Stop> {
+        let serial = NvState::load(state)
+            .map_err(|e| fail(Outcome::Infra, format!("reading {}: {e}", state.display())))?
+            .serial;
+        let nonce = hilrig_vmm_api::Nonce::random()
+            .map_err(|e| fail(Outcome::Infra, format!("a random teardown nonce: {e}")))?;
+        Ok(hilrig_vmm_api::RunBinding {
+            vm: format!("{}-{k}-{name}", self.case.id),
+            serial,
+            nonce,
+        })
     }
 
     /// Run a VMM to its end within the case deadline. A step that tears down gets a
@@ -803,11 +850,13 @@ impl Att<'_> {
         let sock = self.socket(label)?;
         let record = self.file(k, label, "teardown.json");
         let state = self.state.clone();
+        let binding = self.binding(k, label, &state)?;
         let spec = self.spec(k, label, "storm".as_ref(), StepVm::default(), &state, |s| {
             s.vcpus = STORM_VCPUS as u8;
             s.control = Some(sock.clone());
             s.patch_pubkeys = vec![pubkey];
             s.teardown_record = Some(record);
+            bind_spec(s, &binding);
         });
         let mut cmd = self.command(&spec);
         let mut child = cmd.spawn().map_err(|e| spawn_error(self.vmm, e))?;
@@ -880,7 +929,8 @@ impl Att<'_> {
                 }
             }
             match ask(&sock, Request::Teardown {}).await? {
-                Ok(Reply::Teardown(_)) => {}
+                // The record the socket hands back is this run's.
+                Ok(Reply::Teardown(rec)) => socket_record(k, label, &rec, &binding)?,
                 other => {
                     return Err(fail(
                         Outcome::Fail,
@@ -919,7 +969,8 @@ impl Att<'_> {
             stdout: out_task.await.unwrap_or_default(),
             stderr: err_task.await.unwrap_or_default(),
         };
-        self.collect(k, label, out)
+        let summary = self.collect(k, label, out)?;
+        bound_record(k, label, summary, &binding)
     }
 
     async fn bad_bundles(
@@ -1036,6 +1087,7 @@ impl Att<'_> {
         scenario::write_bundle(&prefix, 2, build, &bundle).map_err(|e| fail(Outcome::Infra, e))?;
         let mut children = Vec::new();
         let mut targets = Vec::new();
+        let mut bindings = Vec::new();
         for i in 0..FLEET {
             let name = format!("fleet-{i}");
             let state = self.dir.join(format!("{name}.state"));
@@ -1043,10 +1095,13 @@ impl Att<'_> {
                 .map_err(|e| fail(Outcome::Infra, e))?;
             let sock = self.socket(&name)?;
             let key = if i == BAD_HOST { &other } else { &pubkey };
+            let binding = self.binding(k, &name, &state)?;
             let spec = self.spec(k, &name, "spin".as_ref(), StepVm::default(), &state, |s| {
                 s.control = Some(sock.clone());
                 s.patch_pubkeys = vec![key.clone()];
+                bind_spec(s, &binding);
             });
+            bindings.push(binding);
             let mut cmd = self.command(&spec);
             let mut child = cmd.spawn().map_err(|e| spawn_error(self.vmm, e))?;
             let pipes = drain(&mut child);
@@ -1118,9 +1173,15 @@ impl Att<'_> {
             }
         }
         // Tear the fleet down.
-        for ((name, mut child, (o, e)), t) in children.into_iter().zip(&targets) {
+        for (((name, mut child, (o, e)), t), binding) in
+            children.into_iter().zip(&targets).zip(&bindings)
+        {
             match ask(&t.socket, Request::Teardown {}).await {
-                Ok(Ok(Reply::Teardown(_))) => {}
+                Ok(Ok(Reply::Teardown(rec))) => {
+                    if let Err(e) = socket_record(k, &name, &rec, binding) {
+                        bad.push(e.message);
+                    }
+                }
                 Ok(r) => bad.push(format!("{name}: teardown refused: {r:?}")),
                 Err(e) => bad.push(format!("{name}: teardown: {}", e.message)),
             }
@@ -1139,7 +1200,10 @@ impl Att<'_> {
                 stdout: o.await.unwrap_or_default(),
                 stderr: e.await.unwrap_or_default(),
             };
-            match self.collect(k, &name, out) {
+            match self
+                .collect(k, &name, out)
+                .and_then(|sm| bound_record(k, &name, sm, binding))
+            {
                 Err(e) => bad.push(format!("{name}: {}", e.message)),
                 Ok(summary) => {
                     let complete = summary.teardown.as_ref().map(|t| t.complete);
@@ -1492,5 +1556,36 @@ mod tests {
         // This run's own record, and a step without teardown, pass.
         assert!(bound_record(0, "canary-write", with_record(&run.vm, 9, run.nonce), &run).is_ok());
         assert!(bound_record(0, "x", RunSummary::synthetic("x"), &run).is_ok());
+    }
+
+    #[test]
+    fn a_control_socket_teardown_record_of_another_run_fails_the_step() {
+        let run = RunBinding {
+            vm: "patch-0-storm".into(),
+            serial: 9,
+            nonce: Nonce::random().unwrap(),
+        };
+        let rec =
+            |vm: &str, serial, nonce| with_record(vm, serial, nonce).teardown.expect("a record");
+        // Replayed from another run (another nonce), another device, another VM,
+        // a record with no binding at all: each fails the step, naming the field.
+        for (r, field) in [
+            (rec(&run.vm, 9, Nonce::random().unwrap()), "nonce"),
+            (rec(&run.vm, 10, run.nonce), "serial"),
+            (rec("patch-0-fleet-1", 9, run.nonce), "vm"),
+        ] {
+            let e = socket_record(0, "storm", &r, &run).unwrap_err();
+            assert_eq!(e.outcome, Outcome::Fail);
+            assert!(
+                e.message.contains("control socket") && e.message.contains(field),
+                "{}",
+                e.message
+            );
+        }
+        let mut unbound = rec(&run.vm, 9, run.nonce);
+        unbound.nonce = None;
+        assert!(socket_record(0, "storm", &unbound, &run).is_err());
+        // This run's own record passes.
+        assert!(socket_record(0, "storm", &rec(&run.vm, 9, run.nonce), &run).is_ok());
     }
 }

@@ -74,7 +74,7 @@ pub fn enroll(dir: &Path, host: &HostSpec, prepared: &NvState) -> Result<(), Att
         .observe()
         .map_err(ctx("reading the prepared device state"))?;
     let mut svc = open(dir, true)?;
-    svc.enroll(
+    svc.enroll_with_reset_key(
         &Enrollment {
             serial: host.serial,
             host: host.name.clone(),
@@ -82,6 +82,7 @@ pub fn enroll(dir: &Path, host: &HostSpec, prepared: &NvState) -> Result<(), Att
             expected: obs.as_expected(),
         },
         true,
+        &prepared.reset_key,
     )
     .map_err(ctx("enrolling the device"))?;
     Ok(())
@@ -94,6 +95,10 @@ pub fn enroll(dir: &Path, host: &HostSpec, prepared: &NvState) -> Result<(), Att
 /// back, a held, locked or needs-reflash device, an unknown one are all refused.
 pub fn provision(dir: &Path, state: &Path, host: &HostSpec) -> Result<(), AttestError> {
     let mut svc = open(dir, false)?;
+    // As the VMM's gate and rig leases: counters that rose with no committed
+    // intent are not re-baselined; the device is held for review and stays
+    // refused until `counters hold clear`.
+    svc.require_intents = true;
     let r = svc
         .verify(host.serial, &mut source(state)?)
         .map_err(ctx("verifying the device before the case"))?;

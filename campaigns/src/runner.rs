@@ -490,6 +490,12 @@ pub fn prepare_state(setup: Setup, host: &HostSpec, path: &Path) -> Result<NvSta
             source,
         },
     )?;
+    // A random OOB reset key (never the serial-derived development key); the
+    // attempt's enrolment hands it to the counters service.
+    nv.reset_key = hilrig_device::secure::random_key().map_err(|source| PrepareError::Write {
+        path: path.to_path_buf(),
+        source,
+    })?;
     if setup == Setup::ForeignVbios {
         let rom = hilrig_fw::vbios::build(&hilrig_fw::vbios::VbiosSpec::reference(
             0x7e57,

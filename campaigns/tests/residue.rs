@@ -3,7 +3,8 @@
 //! `teardown-residue` runs `canary-write` then `canary-scan` as two VMM processes on
 //! the same device. On the model backend the device's data buffers stay where the
 //! next process finds them (the device stays powered between tenants: a buffer file
-//! beside the state file), so the check means something: run as the campaign runs
+//! beside the state file; the rtl backend's buffer RAM is kept there too), so the
+//! check means something: run as the campaign runs
 //! it, the case passes; the same case with the teardown step switched off finds the
 //! canary and fails. (Needs /dev/kvm and the built VMM; skips loudly otherwise.)
 
@@ -33,10 +34,23 @@ fn kvm_and_vmm() -> Option<PathBuf> {
 
 #[test]
 fn the_residue_check_finds_the_canary_without_teardown_and_not_with_it() {
+    residue_check_can_fail("model");
+}
+
+/// The same on `rtl`: the RTL backend's buffer RAM is kept beside the state file
+/// too (without it the next process starts with an empty RAM and the negative
+/// control passes: the check could not fail).
+#[test]
+fn the_residue_check_can_fail_on_rtl_too() {
+    residue_check_can_fail("rtl");
+}
+
+fn residue_check_can_fail(backend: &str) {
     let Some(vmm) = kvm_and_vmm() else { return };
     let hosts = HostSpec::sim(1);
     let camp = hilrig_campaigns::format::parse(
-        r#"
+        &format!(
+            r#"
 name = "residue"
 [defaults]
 case_timeout = "120s"
@@ -44,9 +58,10 @@ step_timeout = "60s"
 tags = ["sim"]
 [[case]]
 attacks = ["teardown-residue"]
-backends = ["model"]
+backends = ["{backend}"]
 profiles = ["tenant"]
-"#,
+"#
+        ),
         Path::new("residue.toml"),
         &hosts,
     )
@@ -75,7 +90,7 @@ profiles = ["tenant"]
     assert_eq!(
         r.outcome,
         Outcome::Fail,
-        "without teardown the scan must find the canary: {} | {}",
+        "{backend}: without teardown the scan must find the canary: {} | {}",
         r.message,
         r.observed
     );
@@ -90,7 +105,7 @@ profiles = ["tenant"]
     assert_eq!(
         r.outcome,
         Outcome::Pass,
-        "with teardown: {} | {}",
+        "{backend}: with teardown: {} | {}",
         r.message,
         r.observed
     );

@@ -8,6 +8,11 @@
 //!   (an empty `master` is the counters' sum); a first line starting with `serial`
 //!   is a header.
 //!
+//! - Either form may name the device's OOB reset-key file (`"reset_key_file":
+//!   "keys/5eed.reset-key"` in JSON; a 12th CSV field), relative to the list's
+//!   directory: read (0600, 64 hex digits) while the file is checked, stored sealed
+//!   with the batch.
+//!
 //! Blank lines and lines starting with `#` are skipped. A line is at most
 //! [`MAX_LINE`] bytes. The whole file is checked first, so a malformed file writes
 //! nothing; then devices are enrolled in transactions of `batch` devices. Every
@@ -37,6 +42,8 @@ struct JsonLine {
     #[serde(default)]
     epoch: u32,
     hashes: JsonHashes,
+    #[serde(default)]
+    reset_key_file: Option<String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -70,7 +77,7 @@ fn hashes(v: [&str; 3]) -> std::result::Result<[Hash; 3], LineError> {
 }
 
 /// Parse one line (already trimmed, not blank, not a comment).
-fn parse_line(line: &str) -> std::result::Result<Enrollment, LineError> {
+fn parse_line(line: &str) -> std::result::Result<(Enrollment, Option<String>), LineError> {
     if line.starts_with('{') {
         let j: JsonLine = serde_json::from_str(line).map_err(|e| format!("JSON: {e}"))?;
         let serial = match &j.serial {
@@ -81,22 +88,26 @@ fn parse_line(line: &str) -> std::result::Result<Enrollment, LineError> {
             other => return Err(format!("serial {other}: give a number or a string").into()),
         };
         let hs = hashes([&j.hashes.vbios, &j.hashes.firmware, &j.hashes.config])?;
-        return Ok(Enrollment {
-            serial,
-            host: j.host,
-            rack: j.rack,
-            expected: Expected {
-                counters: j.counters,
-                master: j.master.unwrap_or_else(|| j.counters.iter().sum()),
-                epoch: j.epoch,
-                hashes: hs,
+        let kf = j.reset_key_file;
+        return Ok((
+            Enrollment {
+                serial,
+                host: j.host,
+                rack: j.rack,
+                expected: Expected {
+                    counters: j.counters,
+                    master: j.master.unwrap_or_else(|| j.counters.iter().sum()),
+                    epoch: j.epoch,
+                    hashes: hs,
+                },
             },
-        });
+            kf,
+        ));
     }
     let f: Vec<&str> = line.split(',').map(str::trim).collect();
-    if f.len() != 11 {
+    if f.len() != 11 && f.len() != 12 {
         return Err(format!(
-            "CSV: {} fields; want 11: serial,host,rack,c_vbios,c_firmware,c_config,master,epoch,h_vbios,h_firmware,h_config",
+            "CSV: {} fields; want 11 or 12: serial,host,rack,c_vbios,c_firmware,c_config,master,epoch,h_vbios,h_firmware,h_config[,reset_key_file]",
             f.len()
         )
         .into());
@@ -116,21 +127,28 @@ fn parse_line(line: &str) -> std::result::Result<Enrollment, LineError> {
     } else {
         num(6, "master")?
     };
-    Ok(Enrollment {
-        serial,
-        host: f[1].to_string(),
-        rack: f[2].to_string(),
-        expected: Expected {
-            counters,
-            master,
-            epoch: num(7, "epoch")?,
-            hashes: hashes([f[8], f[9], f[10]])?,
+    let kf = f.get(11).filter(|k| !k.is_empty()).map(|k| k.to_string());
+    Ok((
+        Enrollment {
+            serial,
+            host: f[1].to_string(),
+            rack: f[2].to_string(),
+            expected: Expected {
+                counters,
+                master,
+                epoch: num(7, "epoch")?,
+                hashes: hashes([f[8], f[9], f[10]])?,
+            },
         },
-    })
+        kf,
+    ))
 }
 
+/// One enrolment and its reset key (read from the key file the line names).
+type Keyed = (Enrollment, Option<[u8; 32]>);
+
 /// Read `path` line by line (bounded), calling `f(line_no, enrollment)`.
-fn each_line(path: &Path, f: &mut dyn FnMut(usize, Enrollment) -> Result<()>) -> Result<()> {
+fn each_line(path: &Path, f: &mut dyn FnMut(usize, Keyed) -> Result<()>) -> Result<()> {
     let at = |n: usize, detail: String| Error::Input(format!("{}:{n}: {detail}", path.display()));
     let file = std::fs::File::open(path)
         .map_err(|e| Error::Input(format!("enroll --from {}: {e}", path.display())))?;
@@ -170,7 +188,17 @@ fn each_line(path: &Path, f: &mut dyn FnMut(usize, Enrollment) -> Result<()>) ->
         if line.is_empty() || line.starts_with('#') || (n == 1 && line.starts_with("serial")) {
             continue;
         }
-        let e = parse_line(line).map_err(|d| at(n, d.0))?;
+        let (e, kf) = parse_line(line).map_err(|d| at(n, d.0))?;
+        let rk = match kf {
+            Some(k) => {
+                let kp = path.parent().unwrap_or(Path::new(".")).join(k);
+                Some(
+                    hilrig_device::secure::read_reset_key_file(&kp)
+                        .map_err(|err| at(n, format!("reset key: {err}")))?,
+                )
+            }
+            None => None,
+        };
         for (what, v) in [("host", &e.host), ("rack", &e.rack)] {
             if v.len() > 256 || v.chars().any(|c| c.is_control()) {
                 return Err(at(
@@ -179,7 +207,7 @@ fn each_line(path: &Path, f: &mut dyn FnMut(usize, Enrollment) -> Result<()>) ->
                 ));
             }
         }
-        f(n, e)?;
+        f(n, (e, rk))?;
     }
 }
 
@@ -198,8 +226,12 @@ pub fn enroll_file(svc: &mut Service, path: &Path, batch: usize) -> Result<u64> 
     // Pass 2: enrol, a transaction per batch.
     let mut done = 0u64;
     let mut pending: Vec<Enrollment> = Vec::with_capacity(batch.min(total as usize));
+    let mut keys: Vec<(u64, [u8; 32])> = Vec::new();
     let mut lines: Vec<usize> = Vec::with_capacity(batch.min(total as usize));
-    let mut flush = |pending: &mut Vec<Enrollment>, lines: &mut Vec<usize>| -> Result<()> {
+    let mut flush = |pending: &mut Vec<Enrollment>,
+                     lines: &mut Vec<usize>,
+                     keys: &mut Vec<(u64, [u8; 32])>|
+     -> Result<()> {
         if pending.is_empty() {
             return Ok(());
         }
@@ -219,19 +251,31 @@ pub fn enroll_file(svc: &mut Service, path: &Path, batch: usize) -> Result<u64> 
                 lines.last().copied().unwrap_or(0),
             ))
         })?;
+        svc.set_reset_keys(keys).map_err(|e| {
+            Error::Input(format!(
+                "{}: lines {}-{} enrolled, but storing their reset keys failed: {e}; store them with `enroll SERIAL --replace --reset-key-file`",
+                path.display(),
+                lines.first().copied().unwrap_or(0),
+                lines.last().copied().unwrap_or(0),
+            ))
+        })?;
         done += pending.len() as u64;
         pending.clear();
         lines.clear();
+        keys.clear();
         Ok(())
     };
-    each_line(path, &mut |n, e| {
+    each_line(path, &mut |n, (e, rk)| {
+        if let Some(k) = rk {
+            keys.push((e.serial, k));
+        }
         pending.push(e);
         lines.push(n);
         if pending.len() >= batch {
-            flush(&mut pending, &mut lines)?;
+            flush(&mut pending, &mut lines, &mut keys)?;
         }
         Ok(())
     })?;
-    flush(&mut pending, &mut lines)?;
+    flush(&mut pending, &mut lines, &mut keys)?;
     Ok(done)
 }

@@ -102,6 +102,12 @@ pub enum CountersCmd {
         /// Re-baseline an enrolled device on purpose (clears a quarantine hold).
         #[arg(long)]
         replace: bool,
+        /// The device's OOB reset-key file (64 hex digits, mode 0600, as `hilrig
+        /// device init` writes it), stored sealed in the service [default: with
+        /// `--source model:STATE`, `STATE.reset-key` if it exists]. Never a value on
+        /// the command line.
+        #[arg(long, value_name = "FILE", conflicts_with = "from")]
+        reset_key_file: Option<PathBuf>,
     },
     /// The catalog of known-good images.
     Catalog {
@@ -253,11 +259,29 @@ pub enum CountersCmd {
         /// Run the budget-and-fuse property (uses up the counter budget).
         #[arg(long)]
         burn_fuse: bool,
-        /// OOB physical-reset key, 64 hex digits (enables the physical-reset
-        /// properties; lets the suite restore the budget between properties). A fresh
-        /// temporary model uses its own development key.
-        #[arg(long)]
+        /// Refused: a key on the command line is visible to every local user. Use
+        /// --reset-key-file or --reset-key-from-service.
+        #[arg(long, hide = true)]
         reset_key: Option<String>,
+        /// OOB physical-reset key file (64 hex digits, mode 0600; enables the
+        /// physical-reset properties and lets the suite restore the budget between
+        /// properties). A fresh temporary model uses its own key.
+        #[arg(long, value_name = "FILE", conflicts_with = "reset_key_from_service")]
+        reset_key_file: Option<PathBuf>,
+        /// Take the OOB physical-reset key of device SERIAL from the counters
+        /// service (stored at enrolment); with --db/--key/--anchor.
+        #[arg(long, value_name = "SERIAL")]
+        reset_key_from_service: Option<String>,
+        /// The counters database for --reset-key-from-service [default as for every
+        /// counters command].
+        #[arg(long)]
+        db: Option<String>,
+        /// The MAC key file for --reset-key-from-service.
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// The anchor for --reset-key-from-service.
+        #[arg(long, value_name = "FILE|URL")]
+        anchor: Option<String>,
         /// Counter width of a fresh temporary model (`--target model`).
         #[arg(long, default_value_t = 8)]
         width: u8,
@@ -681,6 +705,7 @@ fn run_cmd(cmd: CountersCmd, open: DeviceOpener) -> Result<ExitCode> {
             epoch,
             hash,
             replace,
+            reset_key_file,
         } => {
             if let Some(file) = from {
                 let mut svc = c.open()?;
@@ -696,6 +721,15 @@ fn run_cmd(cmd: CountersCmd, open: DeviceOpener) -> Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             let serial = parse_serial(serial.as_deref().context("give SERIAL or --from FILE")?)?;
+            let reset_key_file = reset_key_file.or_else(|| {
+                let state = source.as_deref()?.strip_prefix("model:")?;
+                let p = hilrig_device::secure::reset_key_path(std::path::Path::new(state));
+                p.exists().then_some(p)
+            });
+            let reset_key = reset_key_file
+                .as_deref()
+                .map(hilrig_device::secure::read_reset_key_file)
+                .transpose()?;
             let expected = match source {
                 Some(src) => {
                     let mut s = open_source(&src, DEFAULT_BAUD, Duration::from_secs(2))?;
@@ -732,21 +766,28 @@ fn run_cmd(cmd: CountersCmd, open: DeviceOpener) -> Result<ExitCode> {
                 }
             };
             let mut svc = c.open()?;
-            svc.enroll(
-                &Enrollment {
-                    serial,
-                    host,
-                    rack,
-                    expected: expected.clone(),
-                },
-                replace,
-            )?;
+            let e = Enrollment {
+                serial,
+                host,
+                rack,
+                expected: expected.clone(),
+            };
+            match &reset_key {
+                Some(k) => svc.enroll_with_reset_key(&e, replace, k)?,
+                None => svc.enroll(&e, replace)?,
+            }
             if c.json {
                 print_json(&svc.device(serial)?)?;
             } else {
                 println!(
-                    "enrolled {serial:#x}: counters {:?} master {} epoch {}; state unknown until its first verify",
-                    expected.counters, expected.master, expected.epoch
+                    "enrolled {serial:#x}: counters {:?} master {} epoch {}; OOB reset key {}; state unknown until its first verify",
+                    expected.counters,
+                    expected.master,
+                    expected.epoch,
+                    match &reset_key_file {
+                        Some(f) => format!("stored sealed (from {})", f.display()),
+                        None => "not given (no keyed reset through the service)".into(),
+                    }
                 );
             }
         }
@@ -870,6 +911,15 @@ fn run_cmd(cmd: CountersCmd, open: DeviceOpener) -> Result<ExitCode> {
             let mut dev = open(backend, path).with_context(|| {
                 format!("--target {target}: cannot be opened; nothing was recorded")
             })?;
+            // Image hashes at the device's own region sizes (its state file's
+            // geometry), not the defaults: READ_HASH covers the whole region.
+            let sizes = hilrig_device::NvState::load(path)
+                .map(|nv| nv.config.region_sizes)
+                .with_context(|| format!("--target {target}: reading its region sizes"))?;
+            let images = images
+                .iter()
+                .map(|f| f.sized(sizes[f.region as usize]))
+                .collect::<crate::Result<Vec<_>>>()?;
             let mut svc = c.open()?;
             let out = crate::remediate::remediate(
                 &mut svc,
@@ -1079,13 +1129,34 @@ fn run_cmd(cmd: CountersCmd, open: DeviceOpener) -> Result<ExitCode> {
             inband_cmd,
             burn_fuse,
             reset_key,
+            reset_key_file,
+            reset_key_from_service,
+            db,
+            key,
+            anchor,
             width,
             baud,
             timeout_ms,
             junit,
             json,
         } => {
-            let mut reset_key = reset_key.as_deref().map(parse_hash).transpose()?;
+            if reset_key.is_some() {
+                bail!("--reset-key is refused: a key on the command line is visible to every local user (ps, /proc, shell history); give --reset-key-file FILE (0600) or --reset-key-from-service SERIAL (the key stored at enrolment)");
+            }
+            let mut reset_key = match (reset_key_file, reset_key_from_service) {
+                (Some(f), _) => Some(hilrig_device::secure::read_reset_key_file(&f)?),
+                (None, Some(serial)) => {
+                    let serial = parse_serial(&serial)?;
+                    let c = Common {
+                        db,
+                        key,
+                        json: false,
+                        anchor,
+                    };
+                    Some(c.open()?.reset_key(serial)?)
+                }
+                (None, None) => None,
+            };
             let (kind, rest) = match target.split_once(':') {
                 Some((k, r)) => (k, r),
                 None if target == "model" => ("model", ""),
@@ -1138,16 +1209,20 @@ fn run_cmd(cmd: CountersCmd, open: DeviceOpener) -> Result<ExitCode> {
                         let dir = tempfile_dir()?;
                         let p = dir.join("device.state");
                         let serial = 1;
-                        let nv = hilrig_device::NvState::factory(
+                        let mut nv = hilrig_device::NvState::factory(
                             hilrig_device::DeviceConfig::with_width(width),
                             serial,
                         )
                         .map_err(|e| anyhow::anyhow!("a fresh device of width {width}: {e}"))?;
+                        // Its own random key (or the one given).
+                        nv.reset_key = match reset_key {
+                            Some(k) => k,
+                            None => hilrig_device::secure::random_key()
+                                .context("reading random bytes")?,
+                        };
+                        reset_key = Some(nv.reset_key);
                         hilrig_device::Model::create(&p, nv)
                             .map_err(|e| anyhow::anyhow!("creating {}: {e}", p.display()))?;
-                        if reset_key.is_none() {
-                            reset_key = Some(hilrig_device::state::dev_keys(serial).1);
-                        }
                         _tmp = TempDir(dir);
                         p
                     } else {

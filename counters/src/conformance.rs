@@ -562,7 +562,7 @@ pub fn run(t: &mut dyn ConformanceTarget, opts: &Options) -> Report {
                 match (total <= c.slots_left, opts.reset_key.is_some()) {
                     (true, _) => "",
                     (false, true) => ": the keyed physical reset restores the budget between properties",
-                    (false, false) => ": properties that do not fit are skipped (give --reset-key to restore the budget)",
+                    (false, false) => ": properties that do not fit are skipped (give --reset-key-file or --reset-key-from-service to restore the budget)",
                 }
             ));
         }
@@ -660,7 +660,7 @@ fn fit(
     }
     let Some(key) = opts.reset_key else {
         return Ok(Some(format!(
-            "needs {need:?} attempts (vbios, firmware, config) below the fuse; the device has {} of width {w}, fuse {}, slots left {}; give --reset-key to let the suite restore the budget",
+            "needs {need:?} attempts (vbios, firmware, config) below the fuse; the device has {} of width {w}, fuse {}, slots left {}; give --reset-key-file or --reset-key-from-service to let the suite restore the budget",
             format_args!("{:?}", c.counters),
             c.fuse as u8,
             c.slots_left
@@ -695,7 +695,9 @@ fn run_one(
             ))
         }
         "physical-reset" | "master-across-physical-reset" if opts.reset_key.is_none() => {
-            return Ok(Outcome::Skip("no reset key given (--reset-key)".into()))
+            return Ok(Outcome::Skip(
+                "no reset key given (--reset-key-file or --reset-key-from-service)".into(),
+            ))
         }
         _ => {}
     }

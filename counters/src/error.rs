@@ -34,6 +34,19 @@ pub enum Error {
     /// Bad input from the caller (a wrong-length hash, an unknown region ...).
     #[error("{0}")]
     Input(String),
+    /// No reset key stored for the device.
+    #[error("device {0}: the counters service holds no OOB reset key for it (enrol it with --reset-key-file)")]
+    NoResetKey(String),
+
+    /// A stored reset key that fails to open (tampered, moved, wrong key).
+    #[error("device {serial}: stored OOB reset key: {detail}")]
+    ResetKey {
+        /// The device.
+        serial: String,
+        /// What is wrong (never the key).
+        detail: String,
+    },
+
     /// The device is not enrolled.
     #[error("device {0} is not enrolled")]
     UnknownDevice(String),

@@ -254,10 +254,39 @@ impl ImageFile {
         ImageFile::read(region, Path::new(p))
     }
 
-    /// Read an image file for `region`.
+    /// Read an image file for `region`, hashed at the default region size (use
+    /// [`ImageFile::read_sized`] or [`ImageFile::sized`] with the device's own).
     pub fn read(region: Region, path: &Path) -> Result<ImageFile> {
+        ImageFile::read_sized(region, path, DeviceConfig::default().region_size(region))
+    }
+
+    /// The same image hashed as a device whose `region` is `size` bytes shows it
+    /// once flashed (READ_HASH covers the whole region, padded with 0xff).
+    pub fn sized(&self, size: u32) -> Result<ImageFile> {
+        let size = size as usize;
+        if self.bytes.len() > size {
+            return Err(Error::Input(format!(
+                "image {}: {} bytes do not fit the device's {} region ({size} bytes)",
+                self.path.display(),
+                self.bytes.len(),
+                self.region
+            )));
+        }
+        let mut v = self.bytes.clone();
+        v.resize(size, 0xff);
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(&Sha256::digest(&v));
+        Ok(ImageFile {
+            hash,
+            ..self.clone()
+        })
+    }
+
+    /// Read an image file for a `region` of `size` bytes (the device's own region
+    /// size: its hash is what the device's READ_HASH shows once flashed).
+    pub fn read_sized(region: Region, path: &Path, size: u32) -> Result<ImageFile> {
         let bad = |d: String| Error::Input(format!("image {}: {d}", path.display()));
-        let size = DeviceConfig::default().region_size(region) as usize;
+        let size = size as usize;
         let f = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
         let mut bytes = Vec::new();
         f.take(MAX_IMAGE + 1)

@@ -812,6 +812,28 @@ impl Service {
     /// re-baselining a device on purpose, e.g. after investigating a quarantine).
     /// The device is `unknown` until its first passing verify.
     pub fn enroll(&mut self, e: &Enrollment, replace: bool) -> Result<()> {
+        self.enroll_keyed(e, replace, None)
+    }
+
+    /// Enrol a device and store its OOB reset key (read by the caller from the
+    /// key file `device init` wrote), sealed, in the same transaction. Who needs
+    /// the key later (the conformance suite's reset properties, the rig's OOB
+    /// power-cycle, remediation) takes it from [`Service::reset_key`].
+    pub fn enroll_with_reset_key(
+        &mut self,
+        e: &Enrollment,
+        replace: bool,
+        reset_key: &[u8; 32],
+    ) -> Result<()> {
+        self.enroll_keyed(e, replace, Some(reset_key))
+    }
+
+    fn enroll_keyed(
+        &mut self,
+        e: &Enrollment,
+        replace: bool,
+        reset_key: Option<&[u8; 32]>,
+    ) -> Result<()> {
         let key = serial_key(e.serial);
         for (what, v) in [("host", &e.host), ("rack", &e.rack)] {
             if v.len() > 256 || v.chars().any(|c| c.is_control()) {
@@ -854,8 +876,152 @@ impl Service {
                 other => other,
             })?;
             point("enroll: written");
+            if let Some(rk) = reset_key {
+                s.write_reset_key(&key, rk)?;
+            }
             Ok(())
         })
+    }
+
+    /// The key sealing stored reset keys: derived from the MAC key (a PRF output
+    /// under a label of its own), so it lives nowhere but in the key file.
+    fn seal_key(&self) -> Result<[u8; 32]> {
+        let h = self.key.mac(
+            "reset_keys.seal",
+            &[b"hilrig-counters OOB reset-key sealing v1"],
+        );
+        let v = hex::decode(h).map_err(|e| Error::Input(format!("seal key: {e}")))?;
+        v.try_into()
+            .map_err(|_| Error::Input("seal key: not 32 bytes".into()))
+    }
+
+    fn reset_key_aad(serial: &str) -> Vec<u8> {
+        let mut a = b"hilrig-counters reset key v1\0".to_vec();
+        a.extend_from_slice(serial.as_bytes());
+        a
+    }
+
+    /// Seal and store (replacing) a device's reset key, inside a transaction.
+    fn write_reset_key(&mut self, serial: &str, rk: &[u8; 32]) -> Result<()> {
+        use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+        let cipher = chacha20poly1305::ChaCha20Poly1305::new(&self.seal_key()?.into());
+        let rnd = hilrig_device::secure::random_key()
+            .map_err(|e| Error::Input(format!("random nonce: {e}")))?;
+        let nonce = chacha20poly1305::Nonce::from_slice(&rnd[..12]);
+        let aad = Self::reset_key_aad(serial);
+        let ct = cipher
+            .encrypt(nonce, Payload { msg: rk, aad: &aad })
+            .map_err(|_| Error::ResetKey {
+                serial: serial.to_string(),
+                detail: "sealing failed".into(),
+            })?;
+        let mut sealed = rnd[..12].to_vec();
+        sealed.extend_from_slice(&ct);
+        let sealed = hex::encode(sealed);
+        let at = now_ms();
+        let mac = self.key.mac(
+            "reset_keys",
+            &[serial.as_bytes(), sealed.as_bytes(), &at.to_le_bytes()],
+        );
+        self.db.exec(
+            "DELETE FROM reset_keys WHERE serial = $1",
+            &[Val::from(serial)],
+        )?;
+        self.db.exec(
+            "INSERT INTO reset_keys (serial, sealed, at, mac) VALUES ($1, $2, $3, $4)",
+            &[
+                Val::from(serial),
+                Val::Text(sealed),
+                Val::I64(at),
+                Val::Text(mac),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Store (or replace) the OOB reset key of an enrolled device, sealed
+    /// (ChaCha20-Poly1305 under a key derived from the MAC key, bound to the
+    /// serial) and MACed. Never printed, never in `status`, history or exports.
+    pub fn set_reset_key(&mut self, serial: u64, rk: &[u8; 32]) -> Result<()> {
+        let key = serial_key(serial);
+        self.tx(|s| {
+            if s.load_raw(&key, false)?.is_none() {
+                return Err(Error::UnknownDevice(key.clone()));
+            }
+            s.write_reset_key(&key, rk)
+        })
+    }
+
+    /// Store the reset keys of several enrolled devices in one transaction.
+    pub fn set_reset_keys(&mut self, keys: &[(u64, [u8; 32])]) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.tx(|s| {
+            for (serial, rk) in keys {
+                let key = serial_key(*serial);
+                if s.load_raw(&key, false)?.is_none() {
+                    return Err(Error::UnknownDevice(key));
+                }
+                s.write_reset_key(&key, rk)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Whether the service holds a reset key for the device.
+    pub fn has_reset_key(&mut self, serial: u64) -> Result<bool> {
+        let key = serial_key(serial);
+        let rows = self.db.query(
+            "SELECT serial FROM reset_keys WHERE serial = $1",
+            &[Val::from(key.as_str())],
+        )?;
+        Ok(!rows.is_empty())
+    }
+
+    /// The OOB reset key of a device, unsealed: for the keyed physical reset
+    /// (conformance, the rig's OOB power-cycle, remediation). A row edited
+    /// outside the service, or a sealed key moved to another serial, is refused.
+    pub fn reset_key(&mut self, serial: u64) -> Result<[u8; 32]> {
+        use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+        let key = serial_key(serial);
+        let rows = self.db.query(
+            "SELECT sealed, at, mac FROM reset_keys WHERE serial = $1",
+            &[Val::from(key.as_str())],
+        )?;
+        let Some(r) = rows.first() else {
+            return Err(Error::NoResetKey(key));
+        };
+        let bad = |detail: &str| Error::ResetKey {
+            serial: key.clone(),
+            detail: detail.into(),
+        };
+        let sealed = r[0].text("sealed")?;
+        let at = r[1].i64("at")?;
+        let mac = r[2].text("mac")?;
+        if !self.key.check(
+            "reset_keys",
+            &[key.as_bytes(), sealed.as_bytes(), &at.to_le_bytes()],
+            &mac,
+        ) {
+            return Err(bad("MAC mismatch (edited outside the service)"));
+        }
+        let raw = hex::decode(&sealed).map_err(|_| bad("not hex"))?;
+        if raw.len() != 12 + 32 + 16 {
+            return Err(bad("wrong length"));
+        }
+        let cipher = chacha20poly1305::ChaCha20Poly1305::new(&self.seal_key()?.into());
+        let aad = Self::reset_key_aad(&key);
+        let pt = cipher
+            .decrypt(
+                chacha20poly1305::Nonce::from_slice(&raw[..12]),
+                Payload {
+                    msg: &raw[12..],
+                    aad: &aad,
+                },
+            )
+            .map_err(|_| bad("does not open (sealed for another device or key)"))?;
+        pt.try_into().map_err(|_| bad("not 32 bytes"))
     }
 
     /// Enrol many devices in one transaction: all or none (bulk provisioning). A

@@ -153,9 +153,26 @@ pub fn settings() -> hilrig_db::Settings {
 impl SqliteDb {
     /// Open (creating it and its directory) the database file at `path`.
     pub fn open(path: &Path) -> Result<SqliteDb> {
+        owner_only_db_file(path)?;
         let conn = hilrig_db::open_sqlite(path, &settings())
             .map_err(|e| Error::db(&format!("opening {}", path.display()), e))?;
-        Self::setup(conn, &path.display().to_string())
+        let db = Self::setup(conn, &path.display().to_string())?;
+        // The database holds sealed secrets (reset keys): owner-only, its WAL
+        // and shared-memory files too (SQLite creates them with the main file's
+        // mode, but an older database may have been made 0644).
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = path.as_os_str().to_owned();
+            p.push(suffix);
+            let p = std::path::PathBuf::from(p);
+            if let Ok(m) = std::fs::symlink_metadata(&p) {
+                use std::os::unix::fs::PermissionsExt;
+                if m.is_file() && m.permissions().mode() & 0o077 != 0 {
+                    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
+                        .map_err(|e| Error::db(&format!("chmod 600 {}", p.display()), e))?;
+                }
+            }
+        }
+        Ok(db)
     }
 
     /// An in-memory database (tests).
@@ -587,6 +604,33 @@ pub fn open(spec: &str) -> Result<Box<dyn Db>> {
     }
 }
 
+/// Create a new SQLite database file owner-only (0600, `O_EXCL|O_NOFOLLOW`) before
+/// SQLite opens it, so it never exists with a wider mode; an existing file is
+/// left to the open (and tightened after it).
+fn owner_only_db_file(path: &Path) -> Result<()> {
+    if path.as_os_str().is_empty() || path.exists() {
+        return Ok(());
+    }
+    if let Some(d) = path.parent() {
+        if !d.as_os_str().is_empty() && !d.exists() {
+            std::fs::create_dir_all(d)
+                .map_err(|e| Error::db(&format!("creating {}", d.display()), e))?;
+        }
+    }
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(Error::db(&format!("creating {}", path.display()), e)),
+    }
+}
+
 /// Keep the text of `{PG:...}` parts on PostgreSQL, drop them elsewhere.
 fn dialect(sql: &str, kind: &str) -> String {
     let mut out = String::with_capacity(sql.len());
@@ -708,6 +752,14 @@ pub const MIGRATIONS: &[(i64, &str)] = &[
         CREATE INDEX devices_rack_serial ON devices (rack, serial);
         DROP INDEX history_serial;
         {PG:ALTER TABLE devices SET (fillfactor = 60);}",
+    ),
+    (
+        6,
+        "CREATE TABLE reset_keys (
+            serial TEXT PRIMARY KEY,
+            sealed TEXT NOT NULL,
+            at BIGINT NOT NULL,
+            mac TEXT NOT NULL);",
     ),
 ];
 

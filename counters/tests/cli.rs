@@ -162,15 +162,20 @@ fn init_enroll_catalog_verify_history() {
     );
     // Conformance on a fresh model.
     let q = make_device(dir.path(), 0x79, 24);
-    let key_hex = hex::encode(hilrig_device::state::dev_keys(0x79).1);
+    let kf = dir.path().join("q.reset-key");
+    hilrig_device::secure::write_reset_key_file(
+        &kf,
+        &hilrig_device::NvState::load(&q).unwrap().reset_key,
+    )
+    .unwrap();
     assert_eq!(
         go(&[
             "conformance",
             "--target",
             &format!("model:{}", q.display()),
             "--burn-fuse",
-            "--reset-key",
-            &key_hex
+            "--reset-key-file",
+            kf.to_str().unwrap(),
         ])
         .unwrap(),
         ExitCode::SUCCESS

@@ -55,6 +55,14 @@ pub enum SecureFileError {
         /// The limit.
         limit: u64,
     },
+    /// A key file whose contents are not a key.
+    #[error("key file {path}: {detail}")]
+    BadKey {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong (never the key's bytes).
+        detail: String,
+    },
     /// A work directory that is not safe to write into.
     #[error("directory {path}: {reason}")]
     UnsafeDir {
@@ -165,6 +173,51 @@ pub fn create_secret_file(path: &Path, bytes: &[u8]) -> Result<(), SecureFileErr
         .map_err(io(path))?;
     f.write_all(bytes).map_err(io(path))?;
     f.sync_all().map_err(io(path))
+}
+
+/// The OOB reset-key file `device init` writes beside a state file by default:
+/// `STATE.reset-key`.
+pub fn reset_key_path(state: &Path) -> PathBuf {
+    let mut s = state.as_os_str().to_owned();
+    s.push(".reset-key");
+    PathBuf::from(s)
+}
+
+/// Write a new OOB reset-key file (64 hex digits and a newline; 0600,
+/// `O_EXCL|O_NOFOLLOW`: an existing file is never replaced).
+pub fn write_reset_key_file(path: &Path, key: &[u8; 32]) -> Result<(), SecureFileError> {
+    let mut text = String::with_capacity(65);
+    for b in key {
+        text.push_str(&format!("{b:02x}"));
+    }
+    text.push('\n');
+    create_secret_file(path, text.as_bytes())
+}
+
+/// Read an OOB reset-key file: 64 hex digits, the file owner-only (a key file
+/// group/other can read is refused, naming the file and its mode). Errors never
+/// quote the file's contents.
+pub fn read_reset_key_file(path: &Path) -> Result<[u8; 32], SecureFileError> {
+    let text = read_secret_file(path, 4096)?;
+    let t = text.trim();
+    let bad = |detail: String| SecureFileError::BadKey {
+        path: path.to_path_buf(),
+        detail,
+    };
+    if t.len() != 64 {
+        return Err(bad(format!(
+            "{} characters, a reset key is 64 hex digits",
+            t.len()
+        )));
+    }
+    let mut k = [0u8; 32];
+    for (i, b) in k.iter_mut().enumerate() {
+        *b = t
+            .get(2 * i..2 * i + 2)
+            .and_then(|h| u8::from_str_radix(h, 16).ok())
+            .ok_or_else(|| bad("not hex (a reset key is 64 hex digits)".into()))?;
+    }
+    Ok(k)
 }
 
 /// Open a secret key file for reading and check it: a regular file with no

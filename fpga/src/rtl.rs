@@ -4,7 +4,7 @@
 use crate::core::{CoreParams, DeviceCore};
 use crate::uartsim::{LineDriver, SoftRx};
 use hilrig_device::device::{Device, DeviceError, ResetKind};
-use hilrig_device::regmap::{Region, BAR0_SIZE};
+use hilrig_device::regmap::{Region, BAR0_SIZE, BUFFER_BASE, BUFFER_SIZE};
 use hilrig_device::state::{NvState, StateError};
 use rust_hdl::prelude::*;
 use std::io::Write;
@@ -104,6 +104,10 @@ pub struct Rtl {
     inputs_dirty: bool,
     tracer: Option<Box<Tracer>>,
     oob_divisor: u16,
+    /// The data buffers' file beside the state file while the device stays
+    /// powered ([`Rtl::keep_buffers_beside_state`]): written through on every
+    /// buffer write, cleared on every reset.
+    kept: Option<hilrig_device::model::BufferMem>,
 }
 
 impl Rtl {
@@ -142,6 +146,7 @@ impl Rtl {
             inputs_dirty: true,
             tracer: None,
             oob_divisor: divisor,
+            kept: None,
         };
         rtl.settle_inputs();
         let nv = rtl.nv.clone();
@@ -166,6 +171,58 @@ impl Rtl {
         r.store = Some(path.to_path_buf());
         r.persist()?;
         Ok(r)
+    }
+
+    /// Keep the data buffers in the file beside the state file
+    /// ([`hilrig_device::model::buffers_path`], as the model does) as well as in the
+    /// core's block RAM: the device stays powered between VMM processes, so the
+    /// next process starts with what the last one left there unless teardown
+    /// scrubbed it. The file's contents are loaded into the buffer RAM now; every
+    /// buffer write is written through; a reset (the RAM's generation bump makes
+    /// every word read 0) clears it; a power cycle or a new device removes it
+    /// ([`hilrig_device::model::power_cycle_buffers`]).
+    pub fn keep_buffers_beside_state(&mut self) -> Result<(), DeviceError> {
+        let Some(state) = self.store.clone() else {
+            return Ok(());
+        };
+        let p = hilrig_device::model::buffers_path(&state);
+        let mem =
+            hilrig_device::model::BufferMem::open_file(&p).map_err(|e| DeviceError::Transport {
+                what: format!("device buffer file {}", p.display()),
+                detail: e.to_string(),
+            })?;
+        let words = self.core.bufram.words();
+        let mut bytes = vec![0u8; (words * 4).min(BUFFER_SIZE)];
+        mem.read_bytes(0, &mut bytes);
+        self.core.bufram.load_bytes(&bytes);
+        self.kept = Some(mem);
+        Ok(())
+    }
+
+    /// Write buffer word `word` (a BAR0 offset in the buffer area) through to the
+    /// kept file: the word as the device now shows it.
+    fn write_through(&self, word: u32) -> Result<(), DeviceError> {
+        let Some(mem) = &self.kept else {
+            return Ok(());
+        };
+        let Some(off) = word.checked_sub(BUFFER_BASE) else {
+            return Ok(());
+        };
+        let off = off as usize;
+        if off + 4 > BUFFER_SIZE {
+            return Ok(());
+        }
+        // A written word carries the current generation's tag, so the RAM word
+        // is what the device shows.
+        let v = self
+            .core
+            .bufram
+            .contents()
+            .get(off / 4)
+            .copied()
+            .unwrap_or(0);
+        mem.write_u32(off, v);
+        Ok(())
     }
 
     /// Clock cycles simulated so far.
@@ -404,7 +461,11 @@ impl Device for Rtl {
 
     fn write_word(&mut self, word: u32, value: u32, mask: u8) -> Result<(), DeviceError> {
         debug_assert!((word as u64) < BAR0_SIZE && word % 4 == 0);
-        self.access(false, word, true, value, mask).map(|_| ())
+        self.access(false, word, true, value, mask)?;
+        if self.kept.is_some() && word >= BUFFER_BASE {
+            self.write_through(word)?;
+        }
+        Ok(())
     }
 
     fn rom_size(&self) -> u64 {
@@ -429,7 +490,12 @@ impl Device for Rtl {
         self.core.reset.next = false;
         self.inputs_dirty = true;
         self.tick();
-        self.run_until_ready()
+        self.run_until_ready()?;
+        // Every buffer word now reads 0: so does the kept file.
+        if let Some(mem) = &self.kept {
+            mem.clear();
+        }
+        Ok(())
     }
 
     /// Served entirely by the RTL OOB engine (`crate::oob::OobEngine`) through the

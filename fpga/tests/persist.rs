@@ -139,3 +139,52 @@ fn hang_wedges_until_reset_and_rom_reads_all_ones() {
     rtl.reset(hilrig_device::ResetKind::Flr).unwrap();
     assert_eq!(rtl.read32(Reg::Id.offset()).unwrap(), DEVICE_ID_VALUE);
 }
+
+/// The rtl backend's data buffers outlive the process as a powered device's do
+/// (issue 16: without this the residue check could not fail on rtl): kept in
+/// `.NAME.buffers` beside the state file, written through, cleared by a reset,
+/// gone after a power cycle.
+#[test]
+fn rtl_buffers_kept_beside_the_state_outlive_the_process_until_reset_or_power_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("d.state");
+    drop(Rtl::create(&p, factory(8)).unwrap());
+    let canary = 0xc0ffee11u32;
+    let word = BUFFER_BASE + 0x40;
+    {
+        let mut r = Rtl::open(&p).unwrap();
+        r.keep_buffers_beside_state().unwrap();
+        r.write_word(word, canary, 0xf).unwrap();
+        r.write_word(word + 4, 0x1234_5678, 0x3).unwrap();
+        assert_eq!(r.read_word(word, 0xf).unwrap(), canary);
+    }
+    let file = hilrig_device::model::buffers_path(&p);
+    assert!(file.exists(), "{} kept", file.display());
+    // The next process on the powered device finds what the last one left.
+    let mut r = Rtl::open(&p).unwrap();
+    r.keep_buffers_beside_state().unwrap();
+    assert_eq!(r.read_word(word, 0xf).unwrap(), canary);
+    assert_eq!(r.read_word(word + 4, 0xf).unwrap(), 0x5678);
+    // The model, on the same kept file, sees the same bytes.
+    {
+        let mut m = Model::open(&p).unwrap();
+        m.keep_buffers_beside_state().unwrap();
+        assert_eq!(m.read_word(word, 0xf).unwrap(), canary);
+    }
+    // A process that does not keep them (the old rtl backend) starts empty.
+    assert_eq!(Rtl::open(&p).unwrap().read_word(word, 0xf).unwrap(), 0);
+    // A reset clears them, for the next process too.
+    r.reset(hilrig_device::device::ResetKind::Flr).unwrap();
+    assert_eq!(r.read_word(word, 0xf).unwrap(), 0);
+    drop(r);
+    let mut r = Rtl::open(&p).unwrap();
+    r.keep_buffers_beside_state().unwrap();
+    assert_eq!(r.read_word(word, 0xf).unwrap(), 0);
+    r.write_word(word, canary, 0xf).unwrap();
+    drop(r);
+    // Power off: gone.
+    hilrig_device::model::power_cycle_buffers(&p);
+    let mut r = Rtl::open(&p).unwrap();
+    r.keep_buffers_beside_state().unwrap();
+    assert_eq!(r.read_word(word, 0xf).unwrap(), 0);
+}

@@ -518,6 +518,103 @@ impl hilrig_counters::source::CounterSource for RigOob<'_> {
 }
 
 impl CountersGate {
+    /// Open the counters service (key checked, anchor set). Failures are
+    /// [`RigError::Untrusted`] with verdict `service-error`.
+    pub fn open_service(&self, host: &str) -> Result<hilrig_counters::Service, RigError> {
+        let refuse = |detail: String| RigError::Untrusted {
+            host: host.to_string(),
+            verdict: "service-error".into(),
+            detail,
+        };
+        let key = hilrig_counters::mac::Key::load(&self.key)
+            .map_err(|e| refuse(format!("counters key: {e}")))?;
+        let mut svc = hilrig_counters::Service::open(&self.db, key).map_err(|e| {
+            refuse(format!(
+                "counters service {}: {e}",
+                hilrig_counters::store::redact(&self.db)
+            ))
+        })?;
+        if let Some(a) = &self.anchor {
+            svc.set_anchor_spec(a)
+                .map_err(|e| refuse(format!("anchor: {e}")))?;
+        }
+        Ok(svc)
+    }
+
+    /// Enrol `host`'s device with the counters service: its expected values read
+    /// out of band through the rig (IDENTIFY, counters, region hashes), and its OOB
+    /// reset key from `reset_key_file` (0600; for a simulated host
+    /// [`crate::sim::SimHost::reset_key_path`]), stored sealed. Returns the serial.
+    pub fn enroll(
+        &self,
+        rig: &crate::Rig,
+        host: &str,
+        reset_key_file: &std::path::Path,
+        replace: bool,
+    ) -> Result<u64, RigError> {
+        use hilrig_counters::source::CounterSource;
+        let fail = |verdict: &str, detail: String| RigError::Untrusted {
+            host: host.to_string(),
+            verdict: verdict.to_string(),
+            detail,
+        };
+        let rk = hilrig_device::secure::read_reset_key_file(reset_key_file)?;
+        let mut src = RigOob { rig, host };
+        let serial = src
+            .serial()
+            .map_err(|e| fail("transport-fault", e.to_string()))?;
+        let obs = src
+            .observe()
+            .map_err(|e| fail("transport-fault", e.to_string()))?;
+        let rack = String::new();
+        let mut svc = self.open_service(host)?;
+        svc.enroll_with_reset_key(
+            &hilrig_counters::service::Enrollment {
+                serial,
+                host: host.to_string(),
+                rack,
+                expected: obs.as_expected(),
+            },
+            replace,
+            &rk,
+        )
+        .map_err(|e| {
+            fail(
+                "service-error",
+                format!("enrolling device {serial:#x}: {e}"),
+            )
+        })?;
+        Ok(serial)
+    }
+
+    /// The keyed OOB physical reset of `host`'s device, with the reset key the
+    /// counters service holds for the serial the device identifies as (never a
+    /// key derived from the serial, never one on a command line). Returns the new
+    /// EPOCH. A device that refuses the key is an error naming its reply.
+    pub fn physical_reset(&self, rig: &crate::Rig, host: &str) -> Result<u32, RigError> {
+        use hilrig_counters::source::CounterSource;
+        use hilrig_device::oob::{Request, Response};
+        let fail = |verdict: &str, detail: String| RigError::Untrusted {
+            host: host.to_string(),
+            verdict: verdict.to_string(),
+            detail,
+        };
+        let serial = RigOob { rig, host }
+            .serial()
+            .map_err(|e| fail("transport-fault", e.to_string()))?;
+        let rk = self
+            .open_service(host)?
+            .reset_key(serial)
+            .map_err(|e| fail("service-error", e.to_string()))?;
+        match rig.oob_request(host, &Request::PhysicalReset(rk))? {
+            Response::ResetDone { epoch } => Ok(epoch),
+            other => Err(fail(
+                "reset-refused",
+                format!("device {serial:#x} answered the keyed physical reset with {other:?}"),
+            )),
+        }
+    }
+
     /// Verify `host`'s device out of band through `rig` (IDENTIFY, counters, region
     /// hashes) against the enrolled values, requiring an authorised intent for every
     /// counted attempt. Ok only when the device is trusted; every other outcome
@@ -537,21 +634,7 @@ impl CountersGate {
         let obs = src
             .observe()
             .map_err(|e| refuse("transport-fault", e.to_string()))?;
-        let key = hilrig_counters::mac::Key::load(&self.key)
-            .map_err(|e| refuse("service-error", format!("counters key: {e}")))?;
-        let mut svc = hilrig_counters::Service::open(&self.db, key).map_err(|e| {
-            refuse(
-                "service-error",
-                format!(
-                    "counters service {}: {e}",
-                    hilrig_counters::store::redact(&self.db)
-                ),
-            )
-        })?;
-        if let Some(a) = &self.anchor {
-            svc.set_anchor_spec(a)
-                .map_err(|e| refuse("service-error", format!("anchor: {e}")))?;
-        }
+        let mut svc = self.open_service(host)?;
         svc.require_intents = true;
         let r = match svc.verify_observation(serial, Ok(obs)) {
             Ok(r) => r,

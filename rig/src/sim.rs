@@ -260,6 +260,12 @@ impl SimHost {
         &self.state
     }
 
+    /// The device's OOB reset-key file (`STATE.reset-key`, 0600), written when the
+    /// state file is made.
+    pub fn reset_key_path(&self) -> PathBuf {
+        hilrig_device::secure::reset_key_path(&self.state)
+    }
+
     /// The console log (COM1 of every boot, appended).
     pub fn console_path(&self) -> PathBuf {
         self.dir.join("console.log")
@@ -286,12 +292,25 @@ impl SimHost {
         }
         hilrig_device::secure::ensure_private_dir(&self.dir)?;
         if !self.state.exists() {
-            // Factory-fresh: the factory VBIOS programmed (the VMM measures it).
-            let nv = hilrig_fw::factory::device(
+            // Factory-fresh: the factory VBIOS programmed (the VMM measures it), a
+            // random OOB reset key (never derived from the serial) written first to
+            // `STATE.reset-key` (0600, never replaced), as `hilrig device init` does;
+            // enrolment hands it to the counters service.
+            let mut nv = hilrig_fw::factory::device(
                 DeviceConfig::with_width(self.counter_width),
                 self.serial,
             )
             .map_err(|e| self.infra(format!("factory state: {e}")))?;
+            nv.reset_key = hilrig_device::secure::random_key()
+                .map_err(|e| self.infra(format!("random reset key: {e}")))?;
+            let kf = self.reset_key_path();
+            if kf.exists() {
+                // A key file left from a state file removed by hand: a new device
+                // gets a new key; the old one goes.
+                std::fs::remove_file(&kf)
+                    .map_err(|e| RigError::io(format!("removing {}", kf.display()), e))?;
+            }
+            hilrig_device::secure::write_reset_key_file(&kf, &nv.reset_key)?;
             Model::create(&self.state, nv)
                 .map_err(|e| self.infra(format!("creating {}: {e}", self.state.display())))?;
         }

@@ -123,6 +123,30 @@ pub fn open_backend(
     })
 }
 
+/// The in-process backend `kind` on the device in `state`, powered as a VMM's
+/// device is: the model and the RTL keep their data buffers in the file beside the
+/// state file (they outlive the process, as a powered device's do; a power cycle
+/// removes them), so the next process finds what the last one left unless
+/// teardown scrubbed it.
+pub fn open_powered_backend(
+    kind: BackendKind,
+    state: &Path,
+) -> Result<Box<dyn hilrig_device::Device>, Error> {
+    Ok(match kind {
+        BackendKind::Model => {
+            let mut m = Model::open(state)?;
+            m.keep_buffers_beside_state()?;
+            Box::new(m)
+        }
+        BackendKind::Rtl => {
+            let mut r = Rtl::open(state)?;
+            r.keep_buffers_beside_state()?;
+            Box::new(r)
+        }
+        other => open_backend(other, state)?,
+    })
+}
+
 /// The in-process backend `kind` on `nv`, in memory (no state file).
 pub fn new_backend(
     kind: BackendKind,

@@ -62,8 +62,8 @@ fn open_unlocked(spec: &DeviceSpec, state: Option<&Path>) -> Result<Backend, Vmm
             Backend::model(model)
         }
         DeviceSpec::Rtl | DeviceSpec::Lockstep | DeviceSpec::Verilator => {
-            // The RTL (simulated or verilated) keeps its buffers in block RAM: every
-            // BAR0 page traps.
+            // The RTL (simulated or verilated) keeps its buffers in block RAM (the
+            // rtl backend also in the file beside the state): every BAR0 page traps.
             let name = spec.to_string();
             let kind = spec
                 .backend_kind()
@@ -79,7 +79,9 @@ fn open_unlocked(spec: &DeviceSpec, state: Option<&Path>) -> Result<Backend, Vmm
                             .map_err(|e| VmmError::Device(e.into()))?;
                         drop(Model::create(p, nv)?);
                     }
-                    hilrig_verilator::open_backend(kind, p).map_err(backend_err)?
+                    // Powered: the rtl backend's data buffers outlive the
+                    // process in `.NAME.buffers`, as the model's do.
+                    hilrig_verilator::open_powered_backend(kind, p).map_err(backend_err)?
                 }
                 None => {
                     let nv = hilrig_fw::factory::device(DeviceConfig::default(), 1)

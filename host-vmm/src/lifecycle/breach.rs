@@ -177,7 +177,14 @@ pub fn counters_verdict(
                 )],
             );
         }
-        if hw < vmm {
+        // A counter at the end of its budget (the fuse blows there) counts no
+        // more: attempts refused for good past it are not an undercount.
+        let saturated = now.fuse
+            || now
+                .counters
+                .iter()
+                .any(|&c| now.width > 0 && c >= u32::from(now.width));
+        if hw < vmm && !saturated {
             return (
                 Verdict::Undercount,
                 vec![format!(
@@ -333,6 +340,25 @@ mod tests {
             Verdict::Undercount
         );
         assert_eq!(counters_verdict(&base, &more, Some(1)).0, Verdict::Changed);
+        // A counter at its maximum counts no more: not a false undercount.
+        let mut full = base;
+        full.counters[1] = 8;
+        full.master = 9;
+        full.fuse = true;
+        full.slots_left = 0;
+        let (v, r) = counters_verdict(&base, &full, Some(10));
+        assert_ne!(v, Verdict::Undercount, "{r:?}");
+        let mut full_no_fuse = full;
+        full_no_fuse.fuse = false;
+        assert_ne!(
+            counters_verdict(&base, &full_no_fuse, Some(10)).0,
+            Verdict::Undercount
+        );
+        // Below the budget, fewer counted than passed is still an undercount.
+        assert_eq!(
+            counters_verdict(&base, &more, Some(5)).0,
+            Verdict::Undercount
+        );
         let mut less = base;
         less.counters[0] = 0;
         less.master = 1;
