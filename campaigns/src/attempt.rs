@@ -1421,7 +1421,7 @@ async fn fpga_device(
         Setup::Width(w) => w,
         _ => host.counter_width,
     };
-    let (host_c, dir_p) = (host.clone(), dir.to_path_buf());
+    let (host_c, dir_p, case_timeout) = (host.clone(), dir.to_path_buf(), case.timeout);
     let sim = match &host.fpga {
         FpgaTarget::Unavailable(why) => {
             return Err(fail(
@@ -1459,7 +1459,8 @@ async fn fpga_device(
                         format!("{CONFIG_PREFIX}{} (for `fpga serve-sim`) does not exist", h.display()),
                     ));
                 }
-                let b = BoardSession::start_sim(&h, &args, width, host_c.serial, &dir_p.join("serve-sim.txt"))
+                let life = case_timeout + Duration::from_secs(60);
+                let b = BoardSession::start_sim(&h, &args, width, host_c.serial, life, &dir_p.join("serve-sim.txt"))
                     .map_err(|e| infra("the simulated board", &e))?;
                 let exp = crate::attest::observation_of(&b.factory)
                     .map_err(|e| infra("the simulated board's factory state", &e))?;

@@ -18,7 +18,6 @@ use hilrig_counters::source::{CounterSource, SerialSource};
 use hilrig_device::oob::{CounterReport, Request, Response};
 use hilrig_device::{DeviceConfig, NvState};
 use std::io::BufRead;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -112,12 +111,17 @@ impl Drop for BoardSession {
 
 impl BoardSession {
     /// Start `hilrig fpga serve-sim` (`extra` arguments appended) for a fresh
-    /// simulated board of `width` and `serial`; its stderr goes to `log`.
+    /// simulated board of `width` and `serial`; its stderr goes to `log`. It is
+    /// killed when the session ends, and stops by itself after `life` (unless
+    /// `extra` sets `--seconds`), so a runner killed outright leaks no board for
+    /// long. (Not PR_SET_PDEATHSIG: that fires when the spawning *thread* ends,
+    /// and the runner spawns from short-lived blocking threads.)
     pub fn start_sim(
         hilrig: &Path,
         extra: &[String],
         width: u8,
         serial: u64,
+        life: Duration,
         log: &Path,
     ) -> Result<BoardSession, BoardError> {
         let sim_err = |detail: String| BoardError::Sim {
@@ -131,28 +135,14 @@ impl BoardSession {
         cmd.args(["fpga", "serve-sim", "--width"])
             .arg(width.to_string())
             .arg("--serial")
-            .arg(serial.to_string())
-            .args(extra)
+            .arg(serial.to_string());
+        if !extra.iter().any(|a| a == "--seconds") {
+            cmd.arg("--seconds").arg(life.as_secs().max(1).to_string());
+        }
+        cmd.args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr);
-        // SAFETY: only async-signal-safe prctl between fork and exec: the simulated
-        // board dies with the runner.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(
-                    libc::PR_SET_PDEATHSIG,
-                    libc::SIGKILL as libc::c_ulong,
-                    0,
-                    0,
-                    0,
-                ) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
         let mut child = cmd.spawn().map_err(|e| sim_err(e.to_string()))?;
         let Some(out) = child.stdout.take() else {
             let _ = child.kill();
@@ -208,7 +198,8 @@ impl BoardSession {
     /// The host's board: identified over OOB, its counter width checked against
     /// `width` (a board's is fixed by its bitstream), then made a fresh device
     /// with the keyed PHYSICAL_RESET (its serial's documented development key, as
-    /// the bitstream carries it): counters and fuse must read cleared.
+    /// the bitstream carries it): region counters and fuse must read cleared
+    /// (MASTER is not cleared by the reset; deltas are taken from here).
     pub fn open_board(board: &Board, width: u8) -> Result<BoardSession, BoardError> {
         let placeholder = factory(width, 1).map_err(|e| BoardError::Setup {
             port: board.port.clone(),
@@ -240,7 +231,7 @@ impl BoardSession {
             }
         }
         let c = s.counters()?;
-        if c.counters != [0; 3] || c.master != 0 || c.fuse {
+        if c.counters != [0; 3] || c.fuse {
             return Err(s.setup(format!(
                 "after the keyed PHYSICAL_RESET its counters read {c:?}"
             )));

@@ -925,6 +925,83 @@ expect = { verdict = "pass", exit_status = 3 }
     }
 
     #[test]
+    fn fpga_cases_expand_and_what_a_board_cannot_do_is_refused() {
+        let c = p("name = \"t\"\n[[case]]\nattacks = [\"pci-enum\", \"fuse-exhaustion\"]\nbackends = [\"fpga\"]\nprofiles = [\"operator\"]\n")
+            .unwrap();
+        let ids: Vec<&str> = c.cases.iter().map(|k| k.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            ["pci-enum/fpga/operator@sim", "fuse-exhaustion/fpga/operator@sim"]
+        );
+        assert_eq!(c.cases[0].backend, Backend::Fpga);
+        // A board has no state file to restore or write a VBIOS into; the power cut
+        // and live patching drive the VMM.
+        let e = p("name = \"t\"\n[[case]]\nattacks = [\"rollback-state-file\", \"vbios-overwrite\", \"power-cut-program\", \"patch-under-storm\"]\nbackends = [\"fpga\"]\nprofiles = [\"operator\"]\n")
+            .unwrap_err();
+        let pr = problems(e);
+        for a in [
+            "rollback-state-file",
+            "vbios-overwrite",
+            "power-cut-program",
+            "patch-under-storm",
+        ] {
+            assert!(
+                pr.iter().any(|p| p.reason.contains(&format!("{a}/fpga/"))
+                    && p.reason.contains("cannot run on the fpga backend")),
+                "{a}: {pr:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_tag_whose_hosts_cannot_run_fpga_is_a_matrix_error() {
+        let ssh = HostSpec {
+            name: "far".into(),
+            tags: vec!["lab".into()],
+            backends: BACKENDS.to_vec(),
+            fpga: FpgaTarget::of_inventory("model", true),
+            counter_width: 64,
+            serial: 1,
+            ssh: None,
+        };
+        let e = parse(
+            "name = \"t\"\ntags = [\"lab\"]\n[[case]]\nattacks = [\"pci-enum\"]\nbackends = [\"fpga\"]\n",
+            Path::new("t.toml"),
+            &[ssh],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("pci-enum/fpga/tenant@lab: no host tagged `lab` can run backend `fpga` (far: reached over SSH"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_inventory_device_names_the_board() {
+        assert_eq!(
+            FpgaTarget::of_inventory("fpga=/dev/ttyUSB1,oob=/dev/ttyUSB2", false),
+            FpgaTarget::Board(Board {
+                port: "/dev/ttyUSB1".into(),
+                oob: "/dev/ttyUSB2".into(),
+                baud: 115_200
+            })
+        );
+        assert_eq!(FpgaTarget::of_inventory("model", false), FpgaTarget::Sim);
+        // No OOB port: the counters cannot be read out of band.
+        let FpgaTarget::Unavailable(why) = FpgaTarget::of_inventory("fpga=/dev/ttyUSB1", false)
+        else {
+            panic!("a board without oob= was accepted")
+        };
+        assert!(why.contains("oob=PORT"), "{why}");
+        let FpgaTarget::Unavailable(why) = FpgaTarget::of_inventory("fpga=/dev/x,baud=0", false)
+        else {
+            panic!("a bad baud rate was accepted")
+        };
+        assert!(why.contains("baud"), "{why}");
+    }
+
+    #[test]
     fn shipped_campaigns_validate() {
         for f in ["smoke.toml", "nightly.toml"] {
             let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
