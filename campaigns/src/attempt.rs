@@ -380,13 +380,17 @@ impl Att<'_> {
         let mut cmd = self.command(&spec);
         let child = cmd.spawn().map_err(|e| spawn_error(self.vmm, e))?;
         match tokio::time::timeout(self.left(), child.wait_with_output()).await {
-            Err(_) => Err(fail(
-                Outcome::Timeout,
-                format!(
-                    "step {k} ({label}) still running after the case timeout of {:?}: killed",
-                    self.case.timeout
-                ),
-            )),
+            Err(_) => {
+                // A VMM stuck retrying a dead board is the transport's fault.
+                self.board_check(k, label, &Ok(synthetic()), "")?;
+                Err(fail(
+                    Outcome::Timeout,
+                    format!(
+                        "step {k} ({label}) still running after the case timeout of {:?}: killed",
+                        self.case.timeout
+                    ),
+                ))
+            }
             Ok(Err(e)) => Err(fail(
                 Outcome::Infra,
                 format!("waiting for {}: {e}", self.vmm.display()),
@@ -403,7 +407,13 @@ impl Att<'_> {
     /// After a VMM step on a board: a transport fault (the VMM says its device
     /// transport failed, serve-sim ended, the OOB port no longer answers) is
     /// INFRA, whatever verdict the guest reached without its device.
-    fn board_check(&mut self, k: usize, label: &str, r: &StepOut, stderr: &str) -> Result<(), Stop> {
+    fn board_check(
+        &mut self,
+        k: usize,
+        label: &str,
+        r: &StepOut,
+        stderr: &str,
+    ) -> Result<(), Stop> {
         let Some(b) = &mut self.board else {
             return Ok(());
         };
@@ -625,7 +635,11 @@ impl Att<'_> {
             }
             StepKind::OobForge if self.board.is_some() => self.oob_forge_board(k, label).await,
             StepKind::OobForge => {
-                let backend = self.case.backend.in_process().unwrap_or(hilrig_device::BackendKind::Model);
+                let backend = self
+                    .case
+                    .backend
+                    .in_process()
+                    .unwrap_or(hilrig_device::BackendKind::Model);
                 let state = self.state.clone();
                 let r = tokio::task::spawn_blocking(move || {
                     let direct = scenario::oob_forge(backend, &state)?;
@@ -1444,7 +1458,8 @@ async fn fpga_device(
         }
     };
     let r = tokio::task::spawn_blocking(move || -> Result<BoardSession, Stop> {
-        let infra = |what: &str, e: &dyn std::fmt::Display| fail(Outcome::Infra, format!("{what}: {e}"));
+        let infra =
+            |what: &str, e: &dyn std::fmt::Display| fail(Outcome::Infra, format!("{what}: {e}"));
         let (mut b, expected) = match (&host_c.fpga, sim) {
             (FpgaTarget::Board(board), _) => {
                 let mut b = BoardSession::open_board(board, width)
@@ -1456,12 +1471,22 @@ async fn fpga_device(
                 if !h.is_file() {
                     return Err(fail(
                         Outcome::Skipped,
-                        format!("{CONFIG_PREFIX}{} (for `fpga serve-sim`) does not exist", h.display()),
+                        format!(
+                            "{CONFIG_PREFIX}{} (for `fpga serve-sim`) does not exist",
+                            h.display()
+                        ),
                     ));
                 }
                 let life = case_timeout + Duration::from_secs(60);
-                let b = BoardSession::start_sim(&h, &args, width, host_c.serial, life, &dir_p.join("serve-sim.txt"))
-                    .map_err(|e| infra("the simulated board", &e))?;
+                let b = BoardSession::start_sim(
+                    &h,
+                    &args,
+                    width,
+                    host_c.serial,
+                    life,
+                    &dir_p.join("serve-sim.txt"),
+                )
+                .map_err(|e| infra("the simulated board", &e))?;
                 let exp = crate::attest::observation_of(&b.factory)
                     .map_err(|e| infra("the simulated board's factory state", &e))?;
                 (b, exp)
@@ -1544,7 +1569,12 @@ async fn attempt_inner(
             Ok(Some(x)) => att.seen.readings.push(x),
             Ok(None) => {}
             // The board stopped answering: whatever the step saw, a transport fault.
-            Err(e) => r = Err(e),
+            Err(mut e) => {
+                if let Err(step) = &r {
+                    e.message = format!("{} (step {k} had ended: {})", e.message, step.message);
+                }
+                r = Err(e)
+            }
         }
         let summary = match r {
             Ok(x) => x,

@@ -224,11 +224,7 @@ impl BoardSession {
         let key = s.factory.reset_key;
         match s.request(&Request::PhysicalReset(key))? {
             Response::ResetDone { .. } => {}
-            other => {
-                return Err(s.setup(format!(
-                    "the keyed PHYSICAL_RESET answered {other:?}"
-                )))
-            }
+            other => return Err(s.setup(format!("the keyed PHYSICAL_RESET answered {other:?}"))),
         }
         let c = s.counters()?;
         if c.counters != [0; 3] || c.fuse {

@@ -931,7 +931,10 @@ expect = { verdict = "pass", exit_status = 3 }
         let ids: Vec<&str> = c.cases.iter().map(|k| k.id.as_str()).collect();
         assert_eq!(
             ids,
-            ["pci-enum/fpga/operator@sim", "fuse-exhaustion/fpga/operator@sim"]
+            [
+                "pci-enum/fpga/operator@sim",
+                "fuse-exhaustion/fpga/operator@sim"
+            ]
         );
         assert_eq!(c.cases[0].backend, Backend::Fpga);
         // A board has no state file to restore or write a VBIOS into; the power cut

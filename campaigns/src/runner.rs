@@ -7,10 +7,10 @@ use crate::attacks::Setup;
 use crate::error::{RunError, RunResult};
 use crate::format::{self, AlarmExp, Campaign, Case, Counter, Expect, HostSpec};
 use crate::store::{RunRow, Store};
+use hilrig_counters::decide::Observation;
 use hilrig_device::attest::Verdict as CountersVerdict;
 use hilrig_device::state::{DeviceConfig, NvState};
 use hilrig_device::Region;
-use hilrig_counters::decide::Observation;
 use hilrig_reports::{
     Artifact, Attempt, CaseResult, CounterReading, Counts, Host, Metrics, Outcome, Run,
 };
@@ -759,10 +759,8 @@ impl Findings {
     fn device(&mut self, e: &Expect, before: &Observation, after: &Observation) {
         let fuse = after.report.fuse;
         if let Some(w) = e.fuse {
-            self.obs.push(format!(
-                "fuse {}",
-                if fuse { "blown" } else { "intact" }
-            ));
+            self.obs
+                .push(format!("fuse {}", if fuse { "blown" } else { "intact" }));
             if fuse != w {
                 self.bad.push(format!("fuse blown = {fuse}, expected {w}"));
             }
