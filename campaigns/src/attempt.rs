@@ -1457,7 +1457,7 @@ async fn fpga_device(
             Some((h, target.fpga_sim_args.to_vec()))
         }
     };
-    let r = tokio::task::spawn_blocking(move || -> Result<BoardSession, Stop> {
+    tokio::task::spawn_blocking(move || -> Result<BoardSession, Stop> {
         let infra =
             |what: &str, e: &dyn std::fmt::Display| fail(Outcome::Infra, format!("{what}: {e}"));
         let (mut b, expected) = match (&host_c.fpga, sim) {
@@ -1503,8 +1503,7 @@ async fn fpga_device(
         Ok(b)
     })
     .await
-    .map_err(|e| fail(Outcome::Infra, format!("board task: {e}")))?;
-    r
+    .map_err(|e| fail(Outcome::Infra, format!("board task: {e}")))?
 }
 
 #[allow(clippy::too_many_arguments)]
