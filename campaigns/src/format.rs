@@ -968,7 +968,7 @@ expect = { verdict = "pass", exit_status = 3 }
             ssh: None,
         };
         let e = parse(
-            "name = \"t\"\ntags = [\"lab\"]\n[[case]]\nattacks = [\"pci-enum\"]\nbackends = [\"fpga\"]\n",
+            "name = \"t\"\n[defaults]\ntags = [\"lab\"]\n[[case]]\nattacks = [\"pci-enum\"]\nbackends = [\"fpga\"]\n",
             Path::new("t.toml"),
             &[ssh],
         )
