@@ -5,8 +5,11 @@
 //! fleet rollout — then the expectations checked against what was observed.
 
 use crate::attacks::{Gen, Setup, Step, StepKind, StepVm};
-use crate::format::{Case, HostSpec};
-use crate::runner::{check, prepare_state, reading, rel, AttemptResult, Observed};
+use crate::board::BoardSession;
+use crate::format::{Backend, Case, FpgaTarget, HostSpec};
+use crate::runner::{
+    check_observed, prepare_state, reading, reading_of, rel, AttemptResult, Observed,
+};
 use crate::scenario;
 use hilrig_device::state::NvState;
 use hilrig_device::Region;
@@ -145,6 +148,9 @@ struct Att<'a> {
     sockets: Option<tempfile::TempDir>,
     /// The host over SSH (`None`: this machine).
     remote: Option<Remote>,
+    /// The `fpga` backend's board (a host's, or serve-sim's): the device is there,
+    /// read out of band; `state` is not used.
+    board: Option<BoardSession>,
 }
 
 /// Where an attempt's VMM runs: on a host reached over SSH, the build there and
@@ -168,6 +174,12 @@ pub struct Target<'a> {
     pub vmm_args: &'a [String],
     /// The host's SSH connection and the copy of `vmm` there, if remote.
     pub remote: Option<(Arc<Ssh>, String)>,
+    /// The `hilrig` executable whose `fpga serve-sim` simulates a board for an
+    /// `fpga` case on a host without one (`None`: the VMM if it is `hilrig`, else
+    /// `hilrig` beside it; see [`crate::board::find_hilrig`]).
+    pub fpga_sim: Option<&'a Path>,
+    /// Arguments appended to `hilrig fpga serve-sim` (e.g. `--engine verilator`).
+    pub fpga_sim_args: &'a [String],
 }
 
 impl Att<'_> {
@@ -249,8 +261,21 @@ impl Att<'_> {
     ) -> VmSpec {
         let mut spec = VmSpec {
             payload: payload.to_string_lossy().into_owned(),
-            device: self.case.backend.into(),
-            device_state: Some(state.to_path_buf()),
+            device: match &self.board {
+                Some(b) => hilrig_vmm_api::DeviceSpec::Fpga {
+                    port: b.port.clone(),
+                    oob: Some(b.oob.clone()),
+                    baud: b.baud,
+                },
+                None => self
+                    .case
+                    .backend
+                    .in_process()
+                    .unwrap_or(hilrig_device::BackendKind::Model)
+                    .into(),
+            },
+            // A board keeps its own nonvolatile state.
+            device_state: self.board.is_none().then(|| state.to_path_buf()),
             profile: self.case.profile.clone(),
             enforce: Some(self.case.enforce),
             alarms: Some(self.file(k, label, "alarms.jsonl")),
@@ -375,7 +400,10 @@ impl Att<'_> {
     /// device's serial ([`bound_record`]): a record of another run is refused.
     async fn run_vmm(&mut self, k: usize, label: &str, payload: &Path, vm: StepVm) -> StepOut {
         let state = self.state.clone();
-        let serial = self.load()?.serial;
+        let serial = match &self.board {
+            Some(b) => b.serial,
+            None => self.load()?.serial,
+        };
         let nonce = hilrig_vmm_api::Nonce::random()
             .map_err(|e| fail(Outcome::Infra, format!("a random teardown nonce: {e}")))?;
         let vm_id = format!("{}-{k}-{label}", self.case.id);
@@ -399,18 +427,78 @@ impl Att<'_> {
         let mut cmd = self.command(&spec);
         let child = cmd.spawn().map_err(|e| spawn_error(self.vmm, e))?;
         match tokio::time::timeout(self.left(), child.wait_with_output()).await {
-            Err(_) => Err(fail(
-                Outcome::Timeout,
-                format!(
-                    "step {k} ({label}) still running after the case timeout of {:?}: killed",
-                    self.case.timeout
-                ),
-            )),
+            Err(_) => {
+                // A VMM stuck retrying a dead board is the transport's fault.
+                self.board_check(k, label, &Ok(synthetic()), "")?;
+                Err(fail(
+                    Outcome::Timeout,
+                    format!(
+                        "step {k} ({label}) still running after the case timeout of {:?}: killed",
+                        self.case.timeout
+                    ),
+                ))
+            }
             Ok(Err(e)) => Err(fail(
                 Outcome::Infra,
                 format!("waiting for {}: {e}", self.vmm.display()),
             )),
-            Ok(Ok(out)) => self.collect(k, label, out),
+            Ok(Ok(out)) => {
+                let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+                let r = self.collect(k, label, out);
+                self.board_check(k, label, &r, &stderr)?;
+                r
+            }
+        }
+    }
+
+    /// After a VMM step on a board: a transport fault (the VMM says its device
+    /// transport failed, serve-sim ended, the OOB port no longer answers) is
+    /// INFRA, whatever verdict the guest reached without its device.
+    fn board_check(
+        &mut self,
+        k: usize,
+        label: &str,
+        r: &StepOut,
+        stderr: &str,
+    ) -> Result<(), Stop> {
+        let Some(b) = &mut self.board else {
+            return Ok(());
+        };
+        let infra = |why: String| {
+            fail(
+                Outcome::Infra,
+                format!("step {k} ({label}): the board's transport failed, not the device: {why}"),
+            )
+        };
+        b.alive().map_err(|e| infra(e.to_string()))?;
+        let said = match r {
+            Ok(s) => format!("{} {stderr}", s.verdict),
+            Err(_) => stderr.to_string(),
+        };
+        if let Some(at) = said.find("device transport") {
+            let line = said[at..].lines().next().unwrap_or_default();
+            return Err(infra(line.to_string()));
+        }
+        Ok(())
+    }
+
+    /// The device's state for generated payloads: the state file, or the
+    /// board's state as the rig brought it up (keys, geometry).
+    fn nv(&self) -> Result<NvState, Stop> {
+        match &self.board {
+            Some(b) => Ok(b.factory.clone()),
+            None => self.load(),
+        }
+    }
+
+    /// A counter reading now (out of band on a board; a failure there is INFRA).
+    fn read_now(&mut self) -> Result<Option<hilrig_reports::CounterReading>, Stop> {
+        match &mut self.board {
+            Some(b) => b
+                .counters()
+                .map(|c| Some(reading_of(&c)))
+                .map_err(|e| fail(Outcome::Infra, format!("the board's transport failed: {e}"))),
+            None => Ok(NvState::load(&self.state).ok().map(|nv| reading(&nv))),
         }
     }
 
@@ -611,7 +699,7 @@ impl Att<'_> {
         match step.kind {
             StepKind::Vmm => self.run_vmm(k, label, label.as_ref(), step.vm).await,
             StepKind::Gen(g) => {
-                let nv = self.load()?;
+                let nv = self.nv()?;
                 let bin = self.file(k, label, "payload.bin");
                 let code = scenario::payload(g, &nv).map_err(|e| fail(Outcome::Infra, e))?;
                 std::fs::write(&bin, code)
@@ -645,8 +733,14 @@ impl Att<'_> {
                 Ok(synthetic())
             }
             StepKind::Verify(want) => {
-                let (v, why) = crate::attest::verdict_after(self.dir, &self.state, self.host)
-                    .map_err(|e| fail(Outcome::Infra, e.to_string()))?;
+                let (v, why) = match &self.board {
+                    Some(b) => {
+                        let mut src = b.source().map_err(|e| fail(Outcome::Infra, e))?;
+                        crate::attest::verdict_from(self.dir, b.serial, &mut src)
+                    }
+                    None => crate::attest::verdict_after(self.dir, &self.state, self.host),
+                }
+                .map_err(|e| fail(Outcome::Infra, e.to_string()))?;
                 if v != want {
                     return Err(fail(
                         Outcome::Fail,
@@ -656,8 +750,14 @@ impl Att<'_> {
                 self.seen.notes.push(format!("service {v} after step {k}"));
                 Ok(synthetic())
             }
+            StepKind::OobForge if self.board.is_some() => self.oob_forge_board(k, label).await,
             StepKind::OobForge => {
-                let (backend, state) = (self.case.backend, self.state.clone());
+                let backend = self
+                    .case
+                    .backend
+                    .in_process()
+                    .unwrap_or(hilrig_device::BackendKind::Model);
+                let state = self.state.clone();
                 let r = tokio::task::spawn_blocking(move || {
                     let direct = scenario::oob_forge(backend, &state)?;
                     let pty = scenario::oob_forge_pty(&state)?;
@@ -707,6 +807,38 @@ impl Att<'_> {
             StepKind::BadBundles => self.patch_storm(k, label, true).await,
             StepKind::Rollout => self.rollout(k, label).await,
         }
+    }
+
+    /// Forged and malformed OOB requests on the board's OOB port (serialport, as
+    /// the rig reaches it); a port that stops answering is INFRA.
+    async fn oob_forge_board(&mut self, k: usize, label: &str) -> StepOut {
+        let Some(b) = &self.board else {
+            return Err(fail(Outcome::Infra, "no board"));
+        };
+        let (path, baud, nv) = (b.oob.clone(), b.baud, b.factory.clone());
+        let r = tokio::task::spawn_blocking(move || scenario::oob_forge_port(&path, baud, &nv))
+            .await
+            .map_err(|e| fail(Outcome::Infra, format!("OOB task: {e}")))?;
+        let obs = match r {
+            Ok(o) => o,
+            Err(e) => {
+                // A board that stopped answering is a transport fault, not a finding.
+                self.board_check(k, label, &Ok(synthetic()), "")?;
+                let o = match e {
+                    scenario::ScenarioError::Setup(_) => Outcome::Infra,
+                    _ => Outcome::Fail,
+                };
+                return Err(fail(o, format!("step {k} ({label}): {e}")));
+            }
+        };
+        let log = self.file(k, label, "oob.txt");
+        let _ = std::fs::write(&log, obs.join("\n") + "\n");
+        self.keep(&log, ArtifactKind::Oob);
+        self.seen.notes.push(format!(
+            "{} forged/malformed OOB requests refused on the board's OOB port",
+            obs.len()
+        ));
+        Ok(synthetic())
     }
 
     /// The program sequence, power cut (SIGKILL) once the guest has announced
@@ -1377,6 +1509,8 @@ pub async fn run_attempt(
         vmm,
         vmm_args,
         remote: None,
+        fpga_sim: None,
+        fpga_sim_args: &[],
     };
     run_attempt_on(case, host, &t, run_dir, dir).await
 }
@@ -1411,7 +1545,102 @@ pub async fn run_attempt_on(
         }
         _ => None,
     };
-    attempt_inner(case, host, vmm, vmm_args, run_dir, dir, remote).await
+    if case.backend == Backend::Fpga {
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            return *fail(Outcome::Infra, format!("creating {}: {e}", dir.display()));
+        }
+        let board = match fpga_device(case, host, target, dir).await {
+            Ok(b) => b,
+            Err(e) => return *e,
+        };
+        return attempt_inner(case, host, vmm, vmm_args, run_dir, dir, remote, Some(board)).await;
+    }
+    attempt_inner(case, host, vmm, vmm_args, run_dir, dir, remote, None).await
+}
+
+/// The device of an `fpga` attempt, fresh and enrolled: the host's board after
+/// the keyed OOB PHYSICAL_RESET (enrolled from what its OOB port then reads), or
+/// a new `hilrig fpga serve-sim` (enrolled from the state the rig configured it
+/// with); then the provisioning gate, read out of band.
+async fn fpga_device(
+    case: &Case,
+    host: &HostSpec,
+    target: &Target<'_>,
+    dir: &Path,
+) -> Result<BoardSession, Stop> {
+    let width = match case.attack.setup {
+        Setup::Width(w) => w,
+        _ => host.counter_width,
+    };
+    let (host_c, dir_p, case_timeout) = (host.clone(), dir.to_path_buf(), case.timeout);
+    let sim = match &host.fpga {
+        FpgaTarget::Unavailable(why) => {
+            return Err(fail(
+                Outcome::Skipped,
+                format!("{CONFIG_PREFIX}host {} cannot run fpga: {why}", host.name),
+            ))
+        }
+        FpgaTarget::Board(_) => None,
+        FpgaTarget::Sim => {
+            let Some(h) = crate::board::find_hilrig(target.fpga_sim, target.vmm) else {
+                return Err(fail(
+                    Outcome::Skipped,
+                    format!(
+                        "{CONFIG_PREFIX}no `hilrig` executable to run `fpga serve-sim` (none beside the VMM {}; RunOptions::fpga_sim)",
+                        target.vmm.display()
+                    ),
+                ));
+            };
+            Some((h, target.fpga_sim_args.to_vec()))
+        }
+    };
+    tokio::task::spawn_blocking(move || -> Result<BoardSession, Stop> {
+        let infra =
+            |what: &str, e: &dyn std::fmt::Display| fail(Outcome::Infra, format!("{what}: {e}"));
+        let (mut b, expected) = match (&host_c.fpga, sim) {
+            (FpgaTarget::Board(board), _) => {
+                let mut b = BoardSession::open_board(board, width)
+                    .map_err(|e| infra("preparing the board", &e))?;
+                let exp = b.observe().map_err(|e| infra("reading the board", &e))?;
+                (b, exp)
+            }
+            (_, Some((h, args))) => {
+                if !h.is_file() {
+                    return Err(fail(
+                        Outcome::Skipped,
+                        format!(
+                            "{CONFIG_PREFIX}{} (for `fpga serve-sim`) does not exist",
+                            h.display()
+                        ),
+                    ));
+                }
+                let life = case_timeout + Duration::from_secs(60);
+                let b = BoardSession::start_sim(
+                    &h,
+                    &args,
+                    width,
+                    host_c.serial,
+                    life,
+                    &dir_p.join("serve-sim.txt"),
+                )
+                .map_err(|e| infra("the simulated board", &e))?;
+                let exp = crate::attest::observation_of(&b.factory)
+                    .map_err(|e| infra("the simulated board's factory state", &e))?;
+                (b, exp)
+            }
+            _ => return Err(fail(Outcome::Infra, "no board")),
+        };
+        crate::attest::enroll_observation(&dir_p, &host_c, b.serial, &expected)
+            .map_err(|e| infra("enrolling the device", &e))?;
+        let mut src = b.source().map_err(|e| infra("provisioning", &e))?;
+        crate::attest::provision_from(&dir_p, b.serial, &mut src)
+            .map_err(|e| infra("provisioning", &e))?;
+        drop(src);
+        b.alive().map_err(|e| infra("the board", &e))?;
+        Ok(b)
+    })
+    .await
+    .map_err(|e| fail(Outcome::Infra, format!("board task: {e}")))?
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1423,21 +1652,35 @@ async fn attempt_inner(
     run_dir: &Path,
     dir: &Path,
     remote: Option<Remote>,
+    board: Option<BoardSession>,
 ) -> AttemptResult {
     if let Err(e) = std::fs::create_dir_all(dir) {
         return *fail(Outcome::Infra, format!("creating {}: {e}", dir.display()));
     }
     let state = dir.join("state.bin");
-    let before = match prepare_state(case.attack.setup, host, &state) {
-        Ok(nv) => nv,
-        Err(e) => return *fail(Outcome::Infra, e),
+    let mut board = board;
+    let before = match &mut board {
+        Some(b) => match b.observe() {
+            Ok(o) => o,
+            Err(e) => return *fail(Outcome::Infra, format!("reading the board: {e}")),
+        },
+        None => {
+            let nv = match prepare_state(case.attack.setup, host, &state) {
+                Ok(nv) => nv,
+                Err(e) => return *fail(Outcome::Infra, e),
+            };
+            if let Err(e) = crate::attest::enroll(dir, host, &nv) {
+                return *fail(Outcome::Infra, format!("enrolling the device: {e}"));
+            }
+            if let Err(e) = crate::attest::provision(dir, &state, host) {
+                return *fail(Outcome::Infra, format!("provisioning: {e}"));
+            }
+            match crate::attest::observation_of(&nv) {
+                Ok(o) => o,
+                Err(e) => return *fail(Outcome::Infra, e),
+            }
+        }
     };
-    if let Err(e) = crate::attest::enroll(dir, host, &before) {
-        return *fail(Outcome::Infra, format!("enrolling the device: {e}"));
-    }
-    if let Err(e) = crate::attest::provision(dir, &state, host) {
-        return *fail(Outcome::Infra, format!("provisioning: {e}"));
-    }
     let mut att = Att {
         case,
         host,
@@ -1451,14 +1694,23 @@ async fn attempt_inner(
         seen: Observed::default(),
         sockets: None,
         remote,
+        board,
     };
-    att.seen.readings.push(reading(&before));
+    att.seen.readings.push(reading_of(&before.report));
     let n = case.attack.steps.len();
     let mut last: Option<RunSummary> = None;
     for (k, step) in case.attack.steps.iter().enumerate() {
-        let r = att.step(k, step).await;
-        if let Ok(nv) = NvState::load(&att.state) {
-            att.seen.readings.push(reading(&nv));
+        let mut r = att.step(k, step).await;
+        match att.read_now() {
+            Ok(Some(x)) => att.seen.readings.push(x),
+            Ok(None) => {}
+            // The board stopped answering: whatever the step saw, a transport fault.
+            Err(mut e) => {
+                if let Err(step) = &r {
+                    e.message = format!("{} (step {k} had ended: {})", e.message, step.message);
+                }
+                r = Err(e)
+            }
         }
         let summary = match r {
             Ok(x) => x,
@@ -1485,18 +1737,32 @@ async fn attempt_inner(
     let Some(summary) = last else {
         return *fail(Outcome::Infra, "the attack has no steps");
     };
-    let after = match NvState::load(&att.state) {
-        Ok(nv) => nv,
+    let after = match &mut att.board {
+        Some(b) => b
+            .observe()
+            .map_err(|e| format!("reading the board after the case: {e}")),
+        None => NvState::load(&att.state)
+            .map_err(|e| format!("reading the device state after the case: {e}"))
+            .and_then(|nv| crate::attest::observation_of(&nv).map_err(|e| e.to_string())),
+    };
+    let after = match after {
+        Ok(o) => o,
         Err(e) => {
-            let mut r = *fail(
-                Outcome::Infra,
-                format!("reading the device state after the case: {e}"),
-            );
+            let mut r = *fail(Outcome::Infra, e);
             r.artifacts = att.artifacts;
             return r;
         }
     };
-    let service = match crate::attest::verdict_after(dir, &att.state, host) {
+    let service = match &att.board {
+        Some(b) => b
+            .source()
+            .map_err(|e| crate::attest::AttestError::Prepared {
+                detail: e.to_string(),
+            })
+            .and_then(|mut src| crate::attest::verdict_from(dir, b.serial, &mut src)),
+        None => crate::attest::verdict_after(dir, &att.state, host),
+    };
+    let service = match service {
         Ok(v) => v,
         Err(e) => {
             let mut r = *fail(Outcome::Infra, e.to_string());
@@ -1504,7 +1770,7 @@ async fn attempt_inner(
             return r;
         }
     };
-    let mut r = check(case, &summary, &before, &after, Some(&service), &att.seen);
+    let mut r = check_observed(case, &summary, &before, &after, Some(&service), &att.seen);
     r.artifacts = att.artifacts;
     r
 }

@@ -62,6 +62,40 @@ fn source(state: &Path) -> Result<DeviceSource<hilrig_device::Model>, AttestErro
     DeviceSource::model_file(state).map_err(ctx("reading the device"))
 }
 
+/// Enrol device `serial` of `host` with the expected values `expected` (an
+/// observation the rig computed for the device it prepared, e.g. a board's
+/// factory state, or read right after the rig's keyed physical reset).
+pub fn enroll_observation(
+    dir: &Path,
+    host: &HostSpec,
+    serial: u64,
+    expected: &hilrig_counters::decide::Observation,
+) -> Result<(), AttestError> {
+    let mut svc = open(dir, true)?;
+    svc.enroll(
+        &Enrollment {
+            serial,
+            host: host.name.clone(),
+            rack: "sim".into(),
+            expected: expected.as_expected(),
+        },
+        true,
+    )
+    .map_err(ctx("enrolling the device"))?;
+    Ok(())
+}
+
+/// The observation (counters and region hashes, as the OOB port reports them)
+/// of a device in state `nv`, computed in memory.
+pub fn observation_of(nv: &NvState) -> Result<hilrig_counters::decide::Observation, AttestError> {
+    let model = hilrig_device::Model::new(nv.clone()).map_err(|e| AttestError::Prepared {
+        detail: e.to_string(),
+    })?;
+    DeviceSource::new(model, "the prepared device state")
+        .observe()
+        .map_err(ctx("reading the prepared device state"))
+}
+
 /// Enrol the device as the rig prepared it: its expected values are taken from
 /// `prepared` (the state the rig wrote, read in memory), never from the device's
 /// state file, so whatever happens to the device afterwards is judged against
@@ -94,13 +128,24 @@ pub fn enroll(dir: &Path, host: &HostSpec, prepared: &NvState) -> Result<(), Att
 /// an authorised intent): counters rolled back or advanced behind the service's
 /// back, a held, locked or needs-reflash device, an unknown one are all refused.
 pub fn provision(dir: &Path, state: &Path, host: &HostSpec) -> Result<(), AttestError> {
+    provision_from(dir, host.serial, &mut source(state)?)
+}
+
+/// [`provision`] of device `serial` read out of band through `src` (a board's OOB
+/// port).
+pub fn provision_from(
+    dir: &Path,
+    serial: u64,
+    src: &mut dyn CounterSource,
+) -> Result<(), AttestError> {
+    let host_serial = serial;
     let mut svc = open(dir, false)?;
     // As the VMM's gate and rig leases: counters that rose with no committed
     // intent are not re-baselined; the device is held for review and stays
     // refused until `counters hold clear`.
     svc.require_intents = true;
     let r = svc
-        .verify(host.serial, &mut source(state)?)
+        .verify(serial, src)
         .map_err(ctx("verifying the device before the case"))?;
     let authorised = match r.decision.verdict {
         Verdict::Trusted => true,
@@ -113,7 +158,7 @@ pub fn provision(dir: &Path, state: &Path, host: &HostSpec) -> Result<(), Attest
             reasons.push("counters rose with no authorised update intent".into());
         }
         return Err(AttestError::NotTrusted {
-            serial: host.serial,
+            serial: host_serial,
             verdict: r.decision.verdict,
             reasons: reasons.join("; "),
         });
@@ -127,9 +172,18 @@ pub fn verdict_after(
     state: &Path,
     host: &HostSpec,
 ) -> Result<(Verdict, String), AttestError> {
+    verdict_from(dir, host.serial, &mut source(state)?)
+}
+
+/// [`verdict_after`] of device `serial` read out of band through `src`.
+pub fn verdict_from(
+    dir: &Path,
+    serial: u64,
+    src: &mut dyn CounterSource,
+) -> Result<(Verdict, String), AttestError> {
     let mut svc = open(dir, false)?;
     let r = svc
-        .verify(host.serial, &mut source(state)?)
+        .verify(serial, src)
         .map_err(ctx("verifying the device after the case"))?;
     Ok((r.decision.verdict, r.decision.reasons.join("; ")))
 }

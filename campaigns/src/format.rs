@@ -12,8 +12,170 @@ use hilrig_device::BackendKind;
 
 pub use crate::expect::{AlarmExp, Counter, Expect, Verdict};
 
-/// Device backends a simulated host can run.
+/// In-process device backends every host can run (a simulated device in its VMM).
 pub const BACKENDS: [BackendKind; 4] = BackendKind::ALL;
+
+/// A case's device backend: one of the in-process backends ([`BACKENDS`]), or
+/// `fpga`: the device on an FPGA board over its host bridge (a board named by
+/// the host's inventory, or `hilrig fpga serve-sim` in simulation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Backend {
+    /// The behavioural model.
+    Model,
+    /// The rust-hdl RTL in-process.
+    Rtl,
+    /// Model and RTL side by side.
+    Lockstep,
+    /// The generated Verilog through Verilator.
+    Verilator,
+    /// A board (or its simulation) over serial ports: `--device fpga=PORT,oob=PORT`.
+    Fpga,
+}
+
+impl Backend {
+    /// Every campaign backend, in the order help texts list them.
+    pub const ALL: [Backend; 5] = [
+        Backend::Model,
+        Backend::Rtl,
+        Backend::Lockstep,
+        Backend::Verilator,
+        Backend::Fpga,
+    ];
+
+    /// The in-process backend this is (`None` for `fpga`).
+    pub fn in_process(self) -> Option<BackendKind> {
+        match self {
+            Backend::Model => Some(BackendKind::Model),
+            Backend::Rtl => Some(BackendKind::Rtl),
+            Backend::Lockstep => Some(BackendKind::Lockstep),
+            Backend::Verilator => Some(BackendKind::Verilator),
+            Backend::Fpga => None,
+        }
+    }
+
+    /// The name in campaign files and case ids.
+    pub fn name(self) -> &'static str {
+        match self.in_process() {
+            Some(k) => k.name(),
+            None => "fpga",
+        }
+    }
+}
+
+impl From<BackendKind> for Backend {
+    fn from(k: BackendKind) -> Backend {
+        match k {
+            BackendKind::Model => Backend::Model,
+            BackendKind::Rtl => Backend::Rtl,
+            BackendKind::Lockstep => Backend::Lockstep,
+            BackendKind::Verilator => Backend::Verilator,
+        }
+    }
+}
+
+impl PartialEq<BackendKind> for Backend {
+    fn eq(&self, other: &BackendKind) -> bool {
+        self.in_process() == Some(*other)
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Backend::ALL
+            .into_iter()
+            .find(|b| b.name() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown device backend `{s}` (campaign backends: {})",
+                    Backend::ALL.map(Backend::name).join(", ")
+                )
+            })
+    }
+}
+
+/// A board's serial ports, from a host's inventory `device = "fpga=PORT,oob=PORT"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Board {
+    /// The host bridge's serial port (the board's FTDI UART).
+    pub port: String,
+    /// The board's OOB serial port (counters, hashes, the keyed physical reset).
+    pub oob: String,
+    /// Baud rate of both.
+    pub baud: u32,
+}
+
+/// How a host runs the `fpga` backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FpgaTarget {
+    /// No board: the runner starts `hilrig fpga serve-sim` (the board top's RTL
+    /// behind two PTYs) for each attempt, on this machine.
+    Sim,
+    /// The host's board (its inventory names the ports).
+    Board(Board),
+    /// The host cannot run `fpga` (why).
+    Unavailable(String),
+}
+
+impl FpgaTarget {
+    /// The `fpga` target of an inventory host: its board when `device` names one
+    /// (`fpga=PORT,oob=PORT[,baud=N]`), the simulated board for a local host
+    /// without one; none for a host reached over SSH (its ports are on that host).
+    pub fn of_inventory(device: &str, ssh: bool) -> FpgaTarget {
+        use hilrig_vmm_api::DeviceSpec;
+        if ssh {
+            return FpgaTarget::Unavailable(
+                "reached over SSH: a board's or serve-sim's ports there are not wired to the runner yet"
+                    .into(),
+            );
+        }
+        if !device.starts_with("fpga=") {
+            return FpgaTarget::Sim;
+        }
+        match device.parse::<DeviceSpec>() {
+            Ok(DeviceSpec::Fpga {
+                port,
+                oob: Some(oob),
+                baud,
+            }) => FpgaTarget::Board(Board { port, oob, baud }),
+            Ok(_) => FpgaTarget::Unavailable(format!(
+                "device `{device}` names no OOB port (oob=PORT): its counters cannot be read out of band"
+            )),
+            Err(e) => FpgaTarget::Unavailable(e.to_string()),
+        }
+    }
+}
+
+/// Why `attack` cannot run on the `fpga` backend, if it cannot: a board has no
+/// state file to write, snapshot or restore, and live patching and the power cut
+/// drive the VMM, not the device.
+pub fn fpga_unsupported(a: &Attack) -> Option<&'static str> {
+    if a.setup == crate::attacks::Setup::ForeignVbios {
+        return Some("it writes a VBIOS straight into the device's state file (a board has none)");
+    }
+    for s in &a.steps {
+        let why = match s.kind {
+            StepKind::Snapshot | StepKind::Restore => {
+                "it copies the device's state file back (a board has none; only a simulation allows it)"
+            }
+            StepKind::PowerCut { .. } | StepKind::BeginUpdate(_) => {
+                "its power cut kills the VMM, which a board's nonvolatile state outlives"
+            }
+            StepKind::PatchStorm | StepKind::BadBundles | StepKind::Rollout => {
+                "it patches the VMM live (run it on model or rtl)"
+            }
+            _ => continue,
+        };
+        return Some(why);
+    }
+    None
+}
 /// Policy profiles of the built-in policy.
 pub const PROFILES: &[&str] = &["tenant", "operator"];
 
@@ -115,8 +277,10 @@ pub struct HostSpec {
     pub name: String,
     /// Tags campaigns select hosts by.
     pub tags: Vec<String>,
-    /// Backends the host can run.
+    /// In-process backends the host can run.
     pub backends: Vec<BackendKind>,
+    /// How it runs the `fpga` backend (a board, serve-sim, or not at all).
+    pub fpga: FpgaTarget,
     /// Counter width of the simulated device (factory state of each attempt).
     pub counter_width: u8,
     /// Serial number of the simulated device.
@@ -131,17 +295,27 @@ impl HostSpec {
     /// (for attacks driven through a VMM's local control socket) it is local.
     pub fn fits(&self, case: &Case) -> bool {
         self.tags.contains(&case.tag)
-            && self.backends.contains(&case.backend)
+            && self.runs(case.backend)
             && (self.ssh.is_none() || !needs_local(&case.attack))
     }
 
-    /// `n` simulated hosts `sim-1..=n`, tagged `sim`, running model, rtl and lockstep.
+    /// True when this host can run backend `b`.
+    pub fn runs(&self, b: Backend) -> bool {
+        match b.in_process() {
+            Some(k) => self.backends.contains(&k),
+            None => !matches!(self.fpga, FpgaTarget::Unavailable(_)),
+        }
+    }
+
+    /// `n` simulated hosts `sim-1..=n`, tagged `sim`, running model, rtl, lockstep,
+    /// verilator and fpga (on `hilrig fpga serve-sim`).
     pub fn sim(n: usize) -> Vec<HostSpec> {
         (1..=n.max(1))
             .map(|i| HostSpec {
                 name: format!("sim-{i}"),
                 tags: vec!["sim".into()],
                 backends: BACKENDS.to_vec(),
+                fpga: FpgaTarget::Sim,
                 counter_width: 64,
                 serial: 1,
                 ssh: None,
@@ -167,6 +341,7 @@ impl HostSpec {
                     name: h.name.clone(),
                     tags: h.tags.iter().cloned().collect(),
                     backends: BACKENDS.to_vec(),
+                    fpga: FpgaTarget::of_inventory(&h.device, h.ssh.is_some()),
                     counter_width: h.sim.counter_width,
                     serial: h.sim.serial.unwrap_or(1),
                     ssh: h.ssh.clone(),
@@ -202,7 +377,7 @@ pub struct Case {
     /// The attack.
     pub attack: Attack,
     /// Device backend.
-    pub backend: BackendKind,
+    pub backend: Backend,
     /// Policy profile.
     pub profile: String,
     /// Enforcement.
@@ -350,22 +525,37 @@ fn resolve_attacks(spec: &CaseSpec, bad: &mut dyn FnMut(String)) -> Vec<Attack> 
 }
 
 /// The backends a case names (default: the model); unknown ones are problems.
-fn resolve_backends(spec: &CaseSpec, bad: &mut dyn FnMut(String)) -> Vec<BackendKind> {
+fn resolve_backends(spec: &CaseSpec, bad: &mut dyn FnMut(String)) -> Vec<Backend> {
     let mut backends = Vec::new();
     if spec.backends.is_empty() {
-        backends.push(BackendKind::Model);
+        backends.push(Backend::Model);
     }
     for b in &spec.backends {
-        match b.parse::<BackendKind>() {
-            Ok(k) if BACKENDS.contains(&k) => backends.push(k),
-            Ok(k) => bad(format!(
-                "backend `{k}` cannot run in campaigns yet (campaign backends: {})",
-                BACKENDS.map(BackendKind::name).join(", ")
-            )),
-            Err(e) => bad(e.to_string()),
+        match b.parse::<Backend>() {
+            Ok(k) => backends.push(k),
+            Err(e) => bad(e),
         }
     }
     backends
+}
+
+/// Why no host tagged `tag` runs `b` (for the matrix error).
+fn cannot_run(hosts: &[HostSpec], tag: &str, b: Backend) -> String {
+    let mut s = format!("no host tagged `{tag}` can run backend `{b}`");
+    if b == Backend::Fpga {
+        let why: Vec<String> = hosts
+            .iter()
+            .filter(|h| h.tags.iter().any(|t| t == tag))
+            .filter_map(|h| match &h.fpga {
+                FpgaTarget::Unavailable(w) => Some(format!("{}: {w}", h.name)),
+                _ => None,
+            })
+            .collect();
+        if !why.is_empty() {
+            s.push_str(&format!(" ({})", why.join("; ")));
+        }
+    }
+    s
 }
 
 /// The profiles a case names (default: tenant); unknown ones are problems.
@@ -508,17 +698,23 @@ pub fn expand(
                         for c in expect.contradictions() {
                             bad(format!("{id}: contradictory expectations: {c}"));
                         }
+                        if *b == Backend::Fpga {
+                            if let Some(why) = fpga_unsupported(a) {
+                                bad(format!(
+                                    "{id}: attack `{}` cannot run on the fpga backend: {why}",
+                                    a.name
+                                ));
+                            }
+                        }
                         if known_tags.contains(t.as_str())
-                            && !hosts
-                                .iter()
-                                .any(|h| h.tags.contains(t) && h.backends.contains(b))
+                            && !hosts.iter().any(|h| h.tags.contains(t) && h.runs(*b))
                         {
-                            bad(format!("{id}: no host tagged `{t}` can run backend `{b}`"));
+                            bad(format!("{id}: {}", cannot_run(hosts, t, *b)));
                         } else if known_tags.contains(t.as_str())
                             && needs_local(a)
-                            && !hosts.iter().any(|h| {
-                                h.tags.contains(t) && h.backends.contains(b) && h.ssh.is_none()
-                            })
+                            && !hosts
+                                .iter()
+                                .any(|h| h.tags.contains(t) && h.runs(*b) && h.ssh.is_none())
                         {
                             bad(format!(
                                 "{id}: attack `{}` drives its VMM through a local control socket or power cut; no local host tagged `{t}` (every one is reached over SSH)",
@@ -653,6 +849,7 @@ expect = { verdict = "pass", exit_status = 3 }
             name: "h".into(),
             tags: vec!["sim".into()],
             backends: vec![BackendKind::Model],
+            fpga: FpgaTarget::Unavailable("no board".into()),
             counter_width: 64,
             serial: 1,
             ssh: None,
@@ -725,6 +922,86 @@ expect = { verdict = "pass", exit_status = 3 }
                 ("patch-under-storm/model/operator@sim", false),
             ]
         );
+    }
+
+    #[test]
+    fn fpga_cases_expand_and_what_a_board_cannot_do_is_refused() {
+        let c = p("name = \"t\"\n[[case]]\nattacks = [\"pci-enum\", \"fuse-exhaustion\"]\nbackends = [\"fpga\"]\nprofiles = [\"operator\"]\n")
+            .unwrap();
+        let ids: Vec<&str> = c.cases.iter().map(|k| k.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [
+                "pci-enum/fpga/operator@sim",
+                "fuse-exhaustion/fpga/operator@sim"
+            ]
+        );
+        assert_eq!(c.cases[0].backend, Backend::Fpga);
+        // A board has no state file to restore or write a VBIOS into; the power cut
+        // and live patching drive the VMM.
+        let e = p("name = \"t\"\n[[case]]\nattacks = [\"rollback-state-file\", \"vbios-overwrite\", \"power-cut-program\", \"patch-under-storm\"]\nbackends = [\"fpga\"]\nprofiles = [\"operator\"]\n")
+            .unwrap_err();
+        let pr = problems(e);
+        for a in [
+            "rollback-state-file",
+            "vbios-overwrite",
+            "power-cut-program",
+            "patch-under-storm",
+        ] {
+            assert!(
+                pr.iter().any(|p| p.reason.contains(&format!("{a}/fpga/"))
+                    && p.reason.contains("cannot run on the fpga backend")),
+                "{a}: {pr:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_tag_whose_hosts_cannot_run_fpga_is_a_matrix_error() {
+        let ssh = HostSpec {
+            name: "far".into(),
+            tags: vec!["lab".into()],
+            backends: BACKENDS.to_vec(),
+            fpga: FpgaTarget::of_inventory("model", true),
+            counter_width: 64,
+            serial: 1,
+            ssh: None,
+        };
+        let e = parse(
+            "name = \"t\"\n[defaults]\ntags = [\"lab\"]\n[[case]]\nattacks = [\"pci-enum\"]\nbackends = [\"fpga\"]\n",
+            Path::new("t.toml"),
+            &[ssh],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("pci-enum/fpga/tenant@lab: no host tagged `lab` can run backend `fpga` (far: reached over SSH"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_inventory_device_names_the_board() {
+        assert_eq!(
+            FpgaTarget::of_inventory("fpga=/dev/ttyUSB1,oob=/dev/ttyUSB2", false),
+            FpgaTarget::Board(Board {
+                port: "/dev/ttyUSB1".into(),
+                oob: "/dev/ttyUSB2".into(),
+                baud: 115_200
+            })
+        );
+        assert_eq!(FpgaTarget::of_inventory("model", false), FpgaTarget::Sim);
+        // No OOB port: the counters cannot be read out of band.
+        let FpgaTarget::Unavailable(why) = FpgaTarget::of_inventory("fpga=/dev/ttyUSB1", false)
+        else {
+            panic!("a board without oob= was accepted")
+        };
+        assert!(why.contains("oob=PORT"), "{why}");
+        let FpgaTarget::Unavailable(why) = FpgaTarget::of_inventory("fpga=/dev/x,baud=0", false)
+        else {
+            panic!("a bad baud rate was accepted")
+        };
+        assert!(why.contains("baud"), "{why}");
     }
 
     #[test]

@@ -102,6 +102,7 @@ impl LabgridSource {
                 name: r.place.clone(),
                 tags,
                 backends: crate::format::BACKENDS.to_vec(),
+                fpga: crate::format::FpgaTarget::Sim,
                 counter_width: 64,
                 serial: 1,
                 // The place's SSH service is mapped (`h.ssh`) but not used yet: the

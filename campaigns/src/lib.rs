@@ -5,6 +5,7 @@
 pub mod attacks;
 pub mod attempt;
 pub mod attest;
+pub mod board;
 pub mod claim;
 pub mod cli;
 pub mod error;

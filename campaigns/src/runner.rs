@@ -7,6 +7,7 @@ use crate::attacks::Setup;
 use crate::error::{RunError, RunResult};
 use crate::format::{self, AlarmExp, Campaign, Case, Counter, Expect, HostSpec};
 use crate::store::{RunRow, Store};
+use hilrig_counters::decide::Observation;
 use hilrig_device::attest::Verdict as CountersVerdict;
 use hilrig_device::state::{DeviceConfig, NvState};
 use hilrig_device::Region;
@@ -69,6 +70,12 @@ pub struct RunOptions {
     /// (soft -> hard -> power cycle through the inventory's power driver, then
     /// the wait for SSH and `hilrig --version`): see [`hilrig_rig::recover`].
     pub recover: hilrig_rig::recover::RecoverOptions,
+    /// The `hilrig` executable whose `fpga serve-sim` simulates a board for `fpga`
+    /// cases on hosts without one; default: the VMM when it is `hilrig`, else
+    /// `hilrig` beside it.
+    pub fpga_sim: Option<PathBuf>,
+    /// Arguments appended to `hilrig fpga serve-sim` (e.g. `--engine verilator`).
+    pub fpga_sim_args: Vec<String>,
 }
 
 impl RunOptions {
@@ -91,6 +98,8 @@ impl RunOptions {
             labgrid: None,
             cancel: None,
             recover: hilrig_rig::recover::RecoverOptions::default(),
+            fpga_sim: None,
+            fpga_sim_args: Vec::new(),
         }
     }
 }
@@ -524,14 +533,19 @@ pub fn prepare_state(setup: Setup, host: &HostSpec, path: &Path) -> Result<NvSta
 
 /// A counter reading of a device state.
 pub fn reading(nv: &NvState) -> CounterReading {
-    let c = nv.counter_values();
+    reading_of(&hilrig_device::oob::CounterReport::of(nv))
+}
+
+/// A counter reading of an OOB counters report.
+pub fn reading_of(r: &hilrig_device::oob::CounterReport) -> CounterReading {
+    let c = r.counters;
     CounterReading {
         t_ms: now_ms(),
         regions: [("vbios", c[0]), ("firmware", c[1]), ("config", c[2])]
             .into_iter()
             .map(|(k, v)| (k.to_string(), u64::from(v)))
             .collect(),
-        master: u64::from(nv.master),
+        master: u64::from(r.master),
     }
 }
 
@@ -680,16 +694,20 @@ impl Findings {
         }
     }
 
-    /// Counter moves over the case, from the state file before and after.
-    fn counters(&mut self, e: &Expect, before: &NvState, after: &NvState) {
+    /// Counter moves over the case, from the device before and after (out of band).
+    fn counters(&mut self, e: &Expect, before: &Observation, after: &Observation) {
         let mut delta: BTreeMap<Counter, i64> = BTreeMap::new();
         for r in Region::ALL {
+            let i = r as usize;
             delta.insert(
                 Counter::of(r),
-                after.counter(r) as i64 - before.counter(r) as i64,
+                i64::from(after.report.counters[i]) - i64::from(before.report.counters[i]),
             );
         }
-        delta.insert(Counter::Master, after.master as i64 - before.master as i64);
+        delta.insert(
+            Counter::Master,
+            i64::from(after.report.master) - i64::from(before.report.master),
+        );
         let moved: Vec<String> = delta
             .iter()
             .filter(|(_, v)| **v != 0)
@@ -748,21 +766,19 @@ impl Findings {
         }
     }
 
-    /// The fuse and the flash contents after the case.
-    fn device(&mut self, e: &Expect, before: &NvState, after: &NvState) {
+    /// The fuse and the flash contents (region hashes) after the case.
+    fn device(&mut self, e: &Expect, before: &Observation, after: &Observation) {
+        let fuse = after.report.fuse;
         if let Some(w) = e.fuse {
-            self.obs.push(format!(
-                "fuse {}",
-                if after.fuse { "blown" } else { "intact" }
-            ));
-            if after.fuse != w {
-                self.bad
-                    .push(format!("fuse blown = {}, expected {w}", after.fuse));
+            self.obs
+                .push(format!("fuse {}", if fuse { "blown" } else { "intact" }));
+            if fuse != w {
+                self.bad.push(format!("fuse blown = {fuse}, expected {w}"));
             }
         }
         let changed: Vec<String> = Region::ALL
             .iter()
-            .filter(|r| before.flash[**r as usize] != after.flash[**r as usize])
+            .filter(|r| before.hashes[**r as usize] != after.hashes[**r as usize])
             .map(|r| format!("{r:?}").to_lowercase())
             .collect();
         if let Some(w) = e.flash_unchanged {
@@ -811,12 +827,31 @@ impl Findings {
     }
 }
 
-/// Compare what was observed with `case.expect`.
+/// Compare what was observed with `case.expect` (device states before and after).
 pub fn check(
     case: &Case,
     summary: &VmSummary,
     before: &NvState,
     after: &NvState,
+    service: Option<&(CountersVerdict, String)>,
+    seen: &Observed,
+) -> AttemptResult {
+    match (
+        crate::attest::observation_of(before),
+        crate::attest::observation_of(after),
+    ) {
+        (Ok(b), Ok(a)) => check_observed(case, summary, &b, &a, service, seen),
+        (Err(e), _) | (_, Err(e)) => AttemptResult::new(Outcome::Infra, e.to_string()),
+    }
+}
+
+/// [`check`] against the device's counters and region hashes as read out of
+/// band (a board's OOB port; a state file's device's OOB answers) before and after.
+pub fn check_observed(
+    case: &Case,
+    summary: &VmSummary,
+    before: &Observation,
+    after: &Observation,
     service: Option<&(CountersVerdict, String)>,
     seen: &Observed,
 ) -> AttemptResult {
@@ -835,7 +870,7 @@ pub fn check(
     }
     let mut seen = seen.clone();
     if seen.readings.is_empty() {
-        seen.readings = vec![reading(before), reading(after)];
+        seen.readings = vec![reading_of(&before.report), reading_of(&after.report)];
     }
     if seen.teardown_us.is_empty() {
         if let Some(t) = &summary.teardown {
@@ -875,6 +910,9 @@ pub(crate) struct Ctx {
     rig: Option<Arc<hilrig_rig::Rig>>,
     /// Bounds of a host recovery.
     recover: hilrig_rig::recover::RecoverOptions,
+    /// `hilrig` for `fpga serve-sim` ([`RunOptions::fpga_sim`]) and its extra arguments.
+    fpga_sim: Option<PathBuf>,
+    fpga_sim_args: Vec<String>,
     /// Recorded host states (a SQLite results database): offline hosts stay
     /// offline for every runner until `hilrig rig host DB online NAME`.
     states: Option<Mutex<HostStates>>,
@@ -1042,6 +1080,8 @@ pub(crate) async fn run_case(ctx: Arc<Ctx>, case: Case) -> CaseResult {
                     vmm: &ctx.vmm,
                     vmm_args: &ctx.vmm_args,
                     remote: ctx.remotes.get(&host.name).cloned(),
+                    fpga_sim: ctx.fpga_sim.as_deref(),
+                    fpga_sim_args: &ctx.fpga_sim_args,
                 };
                 let r = run_attempt_on(&case, &host, &target, &ctx.run_dir, &dir).await;
                 (r, t)
@@ -1438,6 +1478,8 @@ pub fn run_campaign(opts: RunOptions) -> RunResult<RunSummary> {
         remotes,
         rig,
         recover: opts.recover,
+        fpga_sim: opts.fpga_sim.clone(),
+        fpga_sim_args: opts.fpga_sim_args.clone(),
         states,
         config_errors: Mutex::new(Vec::new()),
         cancel: opts.cancel.clone().unwrap_or_default(),

@@ -123,6 +123,36 @@ pub fn oob_forge(backend: hilrig_device::BackendKind, state: &Path) -> R<Vec<Str
         .map_err(|e| ScenarioError::Setup(format!("reading counters: {e}")))?;
     let nv = NvState::load(state)
         .map_err(|e| ScenarioError::Setup(format!("reading the state: {e}")))?;
+    let frames = forged_frames(&nv);
+    let mut obs = Vec::new();
+    let mut bad = Vec::new();
+    for (what, f) in &frames {
+        match dev.oob(f) {
+            Ok(reply) => match oob::decode_response(&reply) {
+                Ok((_, Response::Error { code, .. })) => {
+                    obs.push(format!("{what}: refused ({code:?})"))
+                }
+                Ok((_, other)) => bad.push(format!("{what}: answered {other:?}, not an error")),
+                Err(e) => bad.push(format!("{what}: undecodable reply ({e})")),
+            },
+            Err(e) => bad.push(format!("{what}: no error frame ({e})")),
+        }
+        let now = oob::read_counters(dev)
+            .map_err(|e| ScenarioError::Setup(format!("reading counters: {e}")))?;
+        if now != before {
+            bad.push(format!("after {what}: counters {before:?} -> {now:?}"));
+        }
+    }
+    if bad.is_empty() {
+        Ok(obs)
+    } else {
+        Err(ScenarioError::Findings(bad))
+    }
+}
+
+/// Forged and malformed OOB frames for the device `nv` describes (its keys): keyed
+/// resets with wrong keys, bad CRCs, an unknown command, a short key.
+fn forged_frames(nv: &NvState) -> Vec<(&'static str, Vec<u8>)> {
     let (_, other_key) = hilrig_device::state::dev_keys(nv.serial.wrapping_add(1));
     let mut one_bit = nv.reset_key;
     one_bit[31] ^= 1;
@@ -156,30 +186,7 @@ pub fn oob_forge(backend: hilrig_device::BackendKind, state: &Path) -> R<Vec<Str
             oob::frame(5, oob::cmd::PHYSICAL_RESET, &[0xa5; 16]),
         ),
     ];
-    let mut obs = Vec::new();
-    let mut bad = Vec::new();
-    for (what, f) in &frames {
-        match dev.oob(f) {
-            Ok(reply) => match oob::decode_response(&reply) {
-                Ok((_, Response::Error { code, .. })) => {
-                    obs.push(format!("{what}: refused ({code:?})"))
-                }
-                Ok((_, other)) => bad.push(format!("{what}: answered {other:?}, not an error")),
-                Err(e) => bad.push(format!("{what}: undecodable reply ({e})")),
-            },
-            Err(e) => bad.push(format!("{what}: no error frame ({e})")),
-        }
-        let now = oob::read_counters(dev)
-            .map_err(|e| ScenarioError::Setup(format!("reading counters: {e}")))?;
-        if now != before {
-            bad.push(format!("after {what}: counters {before:?} -> {now:?}"));
-        }
-    }
-    if bad.is_empty() {
-        Ok(obs)
-    } else {
-        Err(ScenarioError::Findings(bad))
-    }
+    frames
 }
 
 /// Read one frame from a byte stream within `timeout`.
@@ -222,14 +229,29 @@ fn read_frame(port: &mut dyn serialport::SerialPort, timeout: Duration) -> R<Vec
 pub fn oob_forge_pty(state: &Path) -> R<Vec<String>> {
     let path =
         hilrig_rig::sim::serve_state_oob(state).map_err(|e| ScenarioError::Setup(e.to_string()))?;
-    let r = forge_on(&path, state);
+    let r = NvState::load(state)
+        .map_err(|e| ScenarioError::Setup(format!("reading the state: {e}")))
+        .and_then(|nv| forge_on(&path, oob::DEFAULT_BAUD, &nv, Vec::new()));
     hilrig_rig::sim::stop_state_oob(state);
     r
 }
 
-fn forge_on(path: &str, state: &Path) -> R<Vec<String>> {
+/// Every forgery of [`oob_forge`] and [`oob_forge_pty`] on a board's OOB port
+/// (`path` at `baud`, a real UART or serve-sim's PTY) through serialport: each
+/// must be answered with an error frame, the counters (read back over the same
+/// port) must not move. `nv`: the board's state as the rig brought it up (its keys).
+pub fn oob_forge_port(path: &str, baud: u32, nv: &NvState) -> R<Vec<String>> {
+    forge_on(path, baud, nv, forged_frames(nv))
+}
+
+fn forge_on(
+    path: &str,
+    baud: u32,
+    nv: &NvState,
+    frames: Vec<(&'static str, Vec<u8>)>,
+) -> R<Vec<String>> {
     let timeout = Duration::from_secs(3);
-    let mut port = serialport::new(path, oob::DEFAULT_BAUD)
+    let mut port = serialport::new(path, baud)
         .timeout(Duration::from_millis(20))
         .open()
         .map_err(|e| ScenarioError::Setup(format!("opening the OOB port {path}: {e}")))?;
@@ -244,8 +266,6 @@ fn forge_on(path: &str, state: &Path) -> R<Vec<String>> {
         }
     };
     let before = counters(port.as_mut(), 0x40)?;
-    let nv = NvState::load(state)
-        .map_err(|e| ScenarioError::Setup(format!("reading the state: {e}")))?;
     let (_, other_key) = hilrig_device::state::dev_keys(nv.serial.wrapping_add(1));
     let mut garbage_then_forged = b"\x00\xffAT+RESET\r\n".to_vec();
     garbage_then_forged.extend(oob::encode_request(
@@ -257,7 +277,8 @@ fn forge_on(path: &str, state: &Path) -> R<Vec<String>> {
         *last ^= 1;
     }
     let full = oob::encode_request(0x43, &Request::PhysicalReset([0; 32]));
-    let streams: Vec<(&str, Vec<u8>)> = vec![
+    let mut streams: Vec<(&str, Vec<u8>)> = frames;
+    streams.extend([
         (
             "garbage, then PHYSICAL_RESET with another device's key",
             garbage_then_forged,
@@ -268,24 +289,24 @@ fn forge_on(path: &str, state: &Path) -> R<Vec<String>> {
             vec![oob::SYNC, 200, 0x44, oob::cmd::PHYSICAL_RESET],
         ),
         ("PHYSICAL_RESET cut short", full[..full.len() / 2].to_vec()),
-    ];
+    ]);
     let (mut obs, mut bad) = (Vec::new(), Vec::new());
     for (i, (what, bytes)) in streams.iter().enumerate() {
         port.write_all(bytes)
             .map_err(|e| ScenarioError::Setup(format!("writing the OOB port: {e}")))?;
         match read_frame(port.as_mut(), timeout).map(|f| oob::decode_response(&f)) {
             Ok(Ok((_, Response::Error { code, .. }))) => {
-                obs.push(format!("{what} (over the PTY): refused ({code:?})"))
+                obs.push(format!("{what} (over the serial port): refused ({code:?})"))
             }
             Ok(other) => bad.push(format!(
-                "{what} (over the PTY): answered {other:?}, not an error"
+                "{what} (over the serial port): answered {other:?}, not an error"
             )),
-            Err(e) => bad.push(format!("{what} (over the PTY): {e}")),
+            Err(e) => bad.push(format!("{what} (over the serial port): {e}")),
         }
-        let now = counters(port.as_mut(), 0x50 + i as u8)?;
+        let now = counters(port.as_mut(), 0x50u8.wrapping_add(i as u8))?;
         if now != before {
             bad.push(format!(
-                "after {what} (over the PTY): counters {before:?} -> {now:?}"
+                "after {what} (over the serial port): counters {before:?} -> {now:?}"
             ));
         }
     }
