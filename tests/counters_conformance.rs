@@ -186,6 +186,7 @@ fn a_correct_simulated_board_passes_over_serve_sim() {
     let host = lines[0].strip_prefix("host ").unwrap().to_string();
     let oob = lines[1].strip_prefix("oob ").unwrap().to_string();
     // `fpga serve-sim` boards carry the documented development keys.
+    let dir = tempfile::tempdir().unwrap();
     let kf = dir.path().join("board.reset-key");
     hilrig_device::secure::write_reset_key_file(&kf, &hilrig_device::state::dev_keys(5).1).unwrap();
     let (o, text) = conformance(
