@@ -15,6 +15,7 @@ pub mod labgrid;
 pub mod lease;
 pub mod power;
 pub mod remote;
+pub mod rfc2217;
 pub mod rig;
 pub mod rollout;
 pub mod sim;

@@ -18,6 +18,9 @@
 //! The client is blocking (it owns a small tokio runtime): do not create or drop
 //! it on a tokio worker thread.
 
+pub mod map;
+pub use map::{places_inventory, LabgridConfig, LabgridPower, LabgridSsh};
+
 pub mod proto {
     //! Generated from `rig/proto/labgrid-coordinator.proto`.
     #![allow(missing_docs, clippy::all, clippy::pedantic)]
@@ -250,6 +253,24 @@ pub struct PlaceHost {
 /// free place).
 pub fn holder(place: &proto::Place) -> Option<&str> {
     place.acquired.as_deref().filter(|s| !s.is_empty())
+}
+
+/// The user name labgrid-client would use here: `LG_HOSTNAME` (else the host
+/// name) `/` `LG_USERNAME` (else `$USER`), so a place acquired with
+/// labgrid-client by the same person counts as ours.
+pub fn default_user() -> String {
+    let env = |k: &str| std::env::var(k).ok().filter(|s| !s.is_empty());
+    let host = env("LG_HOSTNAME").unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .ok()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "localhost".into())
+    });
+    let user = env("LG_USERNAME")
+        .or_else(|| env("USER"))
+        .unwrap_or_else(|| "hilrig".into());
+    format!("{host}/{user}")
 }
 
 /// fnmatch-style `*` / `?` match (labgrid's place match patterns).
