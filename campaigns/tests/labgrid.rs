@@ -113,6 +113,7 @@ fn campaign_on_places_reserved_from_labgrid() {
         tags: [("hilrig".to_string(), "sim".to_string())].into(),
         places: 1,
         wait: Duration::from_secs(60),
+        config: None,
     });
     let s = run_campaign(o).unwrap();
     assert_eq!(s.run.cases.len(), 2);

@@ -108,6 +108,15 @@ pub enum LabgridError {
     /// The client runtime could not start.
     #[error("labgrid client runtime: {0}")]
     Runtime(std::io::Error),
+    /// A place could not be turned into rig drivers, or the labgrid config is bad.
+    #[error(transparent)]
+    Rig(Box<crate::error::RigError>),
+}
+
+impl From<crate::error::RigError> for LabgridError {
+    fn from(e: crate::error::RigError) -> LabgridError {
+        LabgridError::Rig(Box::new(e))
+    }
 }
 
 type Result<T> = std::result::Result<T, LabgridError>;
