@@ -178,9 +178,9 @@ fn campaign_runs_over_ssh_on_a_labgrid_place() {
         .expect("an SSH host in the sim lab");
     let ssh = h.ssh.clone().unwrap();
     let (on, off, status) = match &h.power {
-        hilrig_rig::inventory::PowerSpec::Command { on, off, status, .. } => {
-            (on.clone(), off.clone(), status.clone())
-        }
+        hilrig_rig::inventory::PowerSpec::Command {
+            on, off, status, ..
+        } => (on.clone(), off.clone(), status.clone()),
         other => panic!("sim-lab power: {other:?}"),
     };
     let t = tempfile::tempdir().unwrap();
@@ -201,7 +201,10 @@ fn campaign_runs_over_ssh_on_a_labgrid_place() {
     );
     let t0 = Instant::now();
     while let Err(e) = Coordinator::connect(&addr, "testhost/probe", Duration::from_secs(5)) {
-        assert!(t0.elapsed() < Duration::from_secs(60), "no coordinator: {e}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no coordinator: {e}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     // The place's resources: the sim host's sshd, a power port, a serial port.
@@ -229,7 +232,10 @@ fn campaign_runs_over_ssh_on_a_labgrid_place() {
         if c.resource_count() >= 3 {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(60), "the exporter never published");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the exporter never published"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let client = |args: &[&str], user: &str| {
@@ -240,7 +246,11 @@ fn campaign_runs_over_ssh_on_a_labgrid_place() {
             .env("LG_HOSTNAME", "testhost")
             .output()
             .unwrap();
-        assert!(out.status.success(), "labgrid-client {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "labgrid-client {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
     client(&["-p", "rack-ssh", "create"], "admin");
     client(&["-p", "rack-ssh", "add-match", "exp1/rack-ssh/*"], "admin");
@@ -294,7 +304,14 @@ fn campaign_runs_over_ssh_on_a_labgrid_place() {
         );
     }
     let mut c = Coordinator::connect(&addr, "testhost/check", Duration::from_secs(5)).unwrap();
-    assert_eq!(holder(&c.place("rack-ssh").unwrap()), None, "released after the run");
-    assert_eq!(holder(&c.place("rack-busy").unwrap()), Some("testhost/alice"));
+    assert_eq!(
+        holder(&c.place("rack-ssh").unwrap()),
+        None,
+        "released after the run"
+    );
+    assert_eq!(
+        holder(&c.place("rack-busy").unwrap()),
+        Some("testhost/alice")
+    );
     drop(lab);
 }

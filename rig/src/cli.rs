@@ -409,7 +409,10 @@ fn with_place<T>(
     match crate::labgrid::holder(&p) {
         Some(by) if by != c.user() => match force {
             Some(r) if !r.trim().is_empty() => {
-                tracing::warn!("labgrid place {place} is acquired by {by}: forced by {}: {r}", c.user());
+                tracing::warn!(
+                    "labgrid place {place} is acquired by {by}: forced by {}: {r}",
+                    c.user()
+                );
                 eprintln!("WARNING: labgrid place {place} is acquired by {by}; acting anyway (forced: {r})");
             }
             Some(_) => anyhow::bail!("--force needs a reason"),
@@ -453,7 +456,10 @@ fn run_labgrid(
     };
     let user = user.unwrap_or_else(crate::labgrid::default_user);
     let mut c = crate::labgrid::Coordinator::connect(addr, &user, Duration::from_secs(10))?;
-    let select = |c: &mut crate::labgrid::Coordinator, names: &[String], tags: &[String]| -> Result<Vec<crate::labgrid::proto::Place>> {
+    let select = |c: &mut crate::labgrid::Coordinator,
+                  names: &[String],
+                  tags: &[String]|
+     -> Result<Vec<crate::labgrid::proto::Place>> {
         let want = parse_tags(tags)?;
         let mut out = Vec::new();
         for p in c.places()? {
@@ -494,7 +500,12 @@ fn run_labgrid(
                             .map(|s| format!("ssh {}@{}:{}", s.username, s.address, s.port))
                             .unwrap_or_else(|| "local".into()),
                     ),
-                    Err(e) => (format!("error: {e}"), String::new(), String::new(), String::new()),
+                    Err(e) => (
+                        format!("error: {e}"),
+                        String::new(),
+                        String::new(),
+                        String::new(),
+                    ),
                 };
                 let tags: Vec<String> = p.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 if json {
@@ -560,7 +571,10 @@ fn run_labgrid(
                 Ok(p.status()?)
             })?;
             if json {
-                println!("{}", serde_json::json!({"place": place, "power": s.to_string()}));
+                println!(
+                    "{}",
+                    serde_json::json!({"place": place, "power": s.to_string()})
+                );
             } else {
                 println!("{place}: {s}");
             }
@@ -580,7 +594,9 @@ fn run_labgrid(
                         .consoles
                         .first()
                         .map(|c| c.name.clone())
-                        .with_context(|| format!("place `{place}` has no NetworkSerialPort console"))?,
+                        .with_context(|| {
+                            format!("place `{place}` has no NetworkSerialPort console")
+                        })?,
                 };
                 let dir = tempfile::Builder::new()
                     .prefix("hilrig-console-")

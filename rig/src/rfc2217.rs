@@ -559,10 +559,9 @@ impl NetSerialPort {
                 } else {
                     "the peer closed the connection"
                 };
-                return Err(self.io_err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    what,
-                )));
+                return Err(
+                    self.io_err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, what))
+                );
             }
             Ok(n) => n,
             Err(e)
@@ -720,8 +719,25 @@ mod tests {
         let mut data = Vec::new();
         let mut ev = Vec::new();
         let wire = [
-            1, IAC, IAC, 2, IAC, DO, OPT_COM_PORT, IAC, SB, OPT_COM_PORT, 101, 0, 1, IAC, IAC,
-            0, IAC, SE, 3,
+            1,
+            IAC,
+            IAC,
+            2,
+            IAC,
+            DO,
+            OPT_COM_PORT,
+            IAC,
+            SB,
+            OPT_COM_PORT,
+            101,
+            0,
+            1,
+            IAC,
+            IAC,
+            0,
+            IAC,
+            SE,
+            3,
         ];
         // Byte by byte: every split point.
         for b in wire {

@@ -280,12 +280,18 @@ fn ser2net_serial_ports_power_and_rig_labgrid_on_places() {
     use std::sync::Arc;
     let test = "ser2net_serial_ports_power_and_rig_labgrid_on_places";
     if !std::path::Path::new("/usr/sbin/ser2net").exists() && !have("ser2net") {
-        eprintln!("SKIPPED {test}: ser2net not installed (apt-get install ser2net; scripts/test does)");
+        eprintln!(
+            "SKIPPED {test}: ser2net not installed (apt-get install ser2net; scripts/test does)"
+        );
         return;
     }
     let d = tempfile::tempdir().unwrap();
     let state = d.path().join("dev.state");
-    let mut m = Model::create(&state, NvState::factory(DeviceConfig::with_width(6), 77).unwrap()).unwrap();
+    let mut m = Model::create(
+        &state,
+        NvState::factory(DeviceConfig::with_width(6), 77).unwrap(),
+    )
+    .unwrap();
     ops::unlock(&mut m).unwrap();
     ops::erase(&mut m, Region::Firmware).unwrap();
     let server = hilrig_device::oob::PtyServer::new().unwrap();
@@ -319,10 +325,15 @@ fn ser2net_serial_ports_power_and_rig_labgrid_on_places() {
     )
     .unwrap();
     // The mapping: the oob port is the exporter's ser2net on 127.0.0.1.
-    let mut c = Coordinator::connect(&lab.addr, "testhost/hilrig", Duration::from_secs(10)).unwrap();
+    let mut c =
+        Coordinator::connect(&lab.addr, "testhost/hilrig", Duration::from_secs(10)).unwrap();
     let h = c.host("lab-3").unwrap();
     let oob = h.oob.clone().expect("oob port published by the exporter");
-    assert_eq!((oob.host.as_str(), oob.protocol.as_str()), ("127.0.0.1", "rfc2217"), "{h:?}");
+    assert_eq!(
+        (oob.host.as_str(), oob.protocol.as_str()),
+        ("127.0.0.1", "rfc2217"),
+        "{h:?}"
+    );
     let run = |cmd: LabgridCmd| {
         hilrig_rig::run(RigCmd::Labgrid {
             address: lab.addr.clone(),
@@ -340,26 +351,76 @@ fn ser2net_serial_ports_power_and_rig_labgrid_on_places() {
     .unwrap();
     let rig = hilrig_rig::Rig::new(inv);
     let counters = rig.read_counters("lab-3").unwrap();
-    assert_eq!((counters.counters, counters.master, counters.width), ([0, 1, 0], 1, 6));
-    run(LabgridCmd::Oob { place: "lab-3".into(), action: OobAction::Identify, force: None }).unwrap();
+    assert_eq!(
+        (counters.counters, counters.master, counters.width),
+        ([0, 1, 0], 1, 6)
+    );
+    run(LabgridCmd::Oob {
+        place: "lab-3".into(),
+        action: OobAction::Identify,
+        force: None,
+    })
+    .unwrap();
     // Power through the CLI: the free place is acquired for the action, released after.
-    run(LabgridCmd::Power { place: "lab-3".into(), action: PowerAction::On, json: false, force: None }).unwrap();
-    assert_eq!(std::fs::read_to_string(power_dir.join("4")).unwrap().trim(), "on");
-    assert_eq!(holder(&c.place("lab-3").unwrap()), None, "released after the action");
+    run(LabgridCmd::Power {
+        place: "lab-3".into(),
+        action: PowerAction::On,
+        json: false,
+        force: None,
+    })
+    .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(power_dir.join("4")).unwrap().trim(),
+        "on"
+    );
+    assert_eq!(
+        holder(&c.place("lab-3").unwrap()),
+        None,
+        "released after the action"
+    );
     // Someone else's place: refused, untouched; forced only with a reason.
     lab.client(&["-p", "lab-4", "acquire"], "alice");
-    let e = run(LabgridCmd::Power { place: "lab-4".into(), action: PowerAction::On, json: false, force: None })
-        .unwrap_err()
-        .to_string();
+    let e = run(LabgridCmd::Power {
+        place: "lab-4".into(),
+        action: PowerAction::On,
+        json: false,
+        force: None,
+    })
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("lab-4") && e.contains("testhost/alice"), "{e}");
     assert!(!power_dir.join("5").exists(), "a foreign place was powered");
-    assert!(run(LabgridCmd::Power { place: "lab-4".into(), action: PowerAction::On, json: false, force: Some(" ".into()) }).is_err());
+    assert!(run(LabgridCmd::Power {
+        place: "lab-4".into(),
+        action: PowerAction::On,
+        json: false,
+        force: Some(" ".into())
+    })
+    .is_err());
     assert!(!power_dir.join("5").exists());
-    run(LabgridCmd::Power { place: "lab-4".into(), action: PowerAction::On, json: false, force: Some("PDU maintenance".into()) }).unwrap();
-    assert_eq!(std::fs::read_to_string(power_dir.join("5")).unwrap().trim(), "on");
-    assert_eq!(holder(&c.place("lab-4").unwrap()), Some("testhost/alice"), "still alice's");
+    run(LabgridCmd::Power {
+        place: "lab-4".into(),
+        action: PowerAction::On,
+        json: false,
+        force: Some("PDU maintenance".into()),
+    })
+    .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(power_dir.join("5")).unwrap().trim(),
+        "on"
+    );
+    assert_eq!(
+        holder(&c.place("lab-4").unwrap()),
+        Some("testhost/alice"),
+        "still alice's"
+    );
     // check: lab-3 probed (healthy), lab-4 left alone.
-    run(LabgridCmd::Check { places: vec![], tags: vec![], json: true }).unwrap();
+    run(LabgridCmd::Check {
+        places: vec![],
+        tags: vec![],
+        json: true,
+    })
+    .unwrap();
     stop.store(true, Ordering::Relaxed);
     drop(lab);
     let _ = srv.join();

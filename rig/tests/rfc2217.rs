@@ -118,9 +118,25 @@ impl Peer {
     fn negotiate(&mut self, baud_answer: Option<u32>) {
         self.until(|s| s.options.contains(&(WILL, OPT_COM_PORT)));
         self.send(&[
-            IAC, DO, OPT_BINARY, IAC, WILL, OPT_BINARY, IAC, DO, OPT_SGA, IAC, WILL, OPT_SGA,
+            IAC,
+            DO,
+            OPT_BINARY,
+            IAC,
+            WILL,
+            OPT_BINARY,
+            IAC,
+            DO,
+            OPT_SGA,
+            IAC,
+            WILL,
+            OPT_SGA,
             // Something nobody asked for: the client must refuse it.
-            IAC, DO, 24, IAC, DO, OPT_COM_PORT,
+            IAC,
+            DO,
+            24,
+            IAC,
+            DO,
+            OPT_COM_PORT,
         ]);
         self.until(|s| s.subs.iter().filter(|x| x.first() == Some(&44)).count() >= 4);
         let subs = self.seen.subs.clone();
@@ -250,7 +266,10 @@ fn a_refused_com_port_option_is_a_clear_error() {
     });
     let e = connect(port, 115_200).unwrap_err();
     let s = e.to_string();
-    assert!(matches!(e, NetSerialError::Refused { option: 44, .. }), "{s}");
+    assert!(
+        matches!(e, NetSerialError::Refused { option: 44, .. }),
+        "{s}"
+    );
     assert!(
         s.contains(&format!("127.0.0.1:{port}")) && s.contains("COM-PORT-OPTION"),
         "{s}"
@@ -267,7 +286,10 @@ fn a_refused_binary_mode_is_a_clear_error() {
         p.until(|_| false);
     });
     let e = connect(port, 115_200).unwrap_err();
-    assert!(matches!(e, NetSerialError::Refused { option: 0, .. }), "{e}");
+    assert!(
+        matches!(e, NetSerialError::Refused { option: 0, .. }),
+        "{e}"
+    );
     t.join().unwrap();
 }
 
@@ -436,16 +458,25 @@ fn oob_over_rfc2217_reads_the_device_and_a_cut_frame_is_a_transport_fault() {
     let s = e.to_string();
     assert_eq!(e.kind(), ErrorKind::Infra, "{s}");
     assert!(
-        s.contains("net-1") && s.contains("oob/rfc2217") && s.contains(&format!("127.0.0.1:{port}")),
+        s.contains("net-1")
+            && s.contains("oob/rfc2217")
+            && s.contains(&format!("127.0.0.1:{port}")),
         "{s}"
     );
-    assert!(s.contains("closed the connection"), "a transport fault: {s}");
+    assert!(
+        s.contains("closed the connection"),
+        "a transport fault: {s}"
+    );
 
     // The client's own error for the same cut: Io (transport), not a refusal or
     // a malformed answer from the device.
     let d3 = tempfile::tempdir().unwrap();
     let (port, t) = oob_server(d3.path(), true);
-    let mut o = OobClient::new(connect(port, 115_200).unwrap(), "net", Duration::from_secs(10));
+    let mut o = OobClient::new(
+        connect(port, 115_200).unwrap(),
+        "net",
+        Duration::from_secs(10),
+    );
     let e = o.request(&Request::ReadCounters).unwrap_err();
     t.join().unwrap();
     assert!(matches!(e, OobError::Io { .. }), "{e}");

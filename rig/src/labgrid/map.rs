@@ -345,20 +345,34 @@ mod tests {
         assert!(h.tags.contains("hilrig=sim") && h.tags.contains("labgrid"));
         match &h.power {
             PowerSpec::Pdudaemon { url, pdu, port, .. } => {
-                assert_eq!((url.as_str(), pdu.as_str(), port.as_str()), ("http://127.0.0.1:16421", "pdu-a", "3"))
+                assert_eq!(
+                    (url.as_str(), pdu.as_str(), port.as_str()),
+                    ("http://127.0.0.1:16421", "pdu-a", "3")
+                )
             }
             other => panic!("{other:?}"),
         }
         assert!(matches!(
             &h.consoles[0].driver,
-            ConsoleDriver::Rfc2217 { port: 40001, raw: false, .. }
+            ConsoleDriver::Rfc2217 {
+                port: 40001,
+                raw: false,
+                ..
+            }
         ));
         assert!(matches!(
             &h.oob,
-            Some(OobSpec::Rfc2217 { port: 40002, raw: true, .. })
+            Some(OobSpec::Rfc2217 {
+                port: 40002,
+                raw: true,
+                ..
+            })
         ));
         let ssh = h.ssh.as_ref().unwrap();
-        assert_eq!((ssh.address.as_str(), ssh.port, ssh.user.as_str()), ("127.0.0.11", 2222, "hls-1"));
+        assert_eq!(
+            (ssh.address.as_str(), ssh.port, ssh.user.as_str()),
+            ("127.0.0.11", 2222, "hls-1")
+        );
     }
 
     #[test]
@@ -367,14 +381,20 @@ mod tests {
         let e = places_inventory("127.0.0.1:1", &[place()], &LabgridConfig::default())
             .unwrap_err()
             .to_string();
-        assert!(e.contains("labgrid://127.0.0.1:1") && e.contains("lab-1") && e.contains("[ssh]"), "{e}");
+        assert!(
+            e.contains("labgrid://127.0.0.1:1") && e.contains("lab-1") && e.contains("[ssh]"),
+            "{e}"
+        );
         // A pdudaemon port without a readback: power fails with the reason.
         let mut p = place();
         p.ssh = None;
         let inv = places_inventory("127.0.0.1:1", &[p.clone()], &LabgridConfig::default()).unwrap();
         match &inv.host("lab-1").unwrap().power {
             PowerSpec::Command { status, .. } => {
-                assert!(status.contains("status_command") && status.contains("exit 1"), "{status}")
+                assert!(
+                    status.contains("status_command") && status.contains("exit 1"),
+                    "{status}"
+                )
             }
             other => panic!("{other:?}"),
         }
