@@ -107,8 +107,11 @@ impl LabgridSource {
             let h = c.host(&r.place)?;
             // The place as rig drivers: its SSH service is how the runner reaches
             // it (the same path as an inventory's `[host.ssh]`).
-            let inv =
-                hilrig_rig::labgrid::places_inventory(&self.opts.address, &[h.clone()], &cfg)?;
+            let inv = hilrig_rig::labgrid::places_inventory(
+                &self.opts.address,
+                std::slice::from_ref(&h),
+                &cfg,
+            )?;
             let ssh = inv.hosts.first().and_then(|x| x.ssh.clone());
             let mut tags = vec!["labgrid".to_string()];
             for (k, v) in &h.tags {

@@ -327,7 +327,22 @@ fn ser2net_serial_ports_power_and_rig_labgrid_on_places() {
     // The mapping: the oob port is the exporter's ser2net on 127.0.0.1.
     let mut c =
         Coordinator::connect(&lab.addr, "testhost/hilrig", Duration::from_secs(10)).unwrap();
-    let h = c.host("lab-3").unwrap();
+    // The exporter publishes the port first, then its TCP port once ser2net runs.
+    let t0 = Instant::now();
+    let h = loop {
+        match c.host("lab-3") {
+            Ok(h) if h.oob.is_some() => break h,
+            other => {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(60),
+                    "ser2net port never published ({other:?}): {}",
+                    std::fs::read_to_string(lab.dir.path().join("exporter.err"))
+                        .unwrap_or_default()
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    };
     let oob = h.oob.clone().expect("oob port published by the exporter");
     assert_eq!(
         (oob.host.as_str(), oob.protocol.as_str()),

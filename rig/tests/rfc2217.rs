@@ -364,12 +364,15 @@ fn a_peer_closing_mid_command_is_a_transport_error() {
 fn an_oversized_subnegotiation_is_a_protocol_error_not_a_hang() {
     let (port, t) = serve(|mut p| {
         p.negotiate(None);
+        // Only once the client is past negotiation (it says so with a byte).
+        p.until(|s| s.data == b"go");
         let mut f = vec![IAC, SB, OPT_COM_PORT];
         f.extend(std::iter::repeat_n(7u8, 10_000));
         p.send(&f);
         p.until(|_| false);
     });
     let mut c = connect(port, 115_200).unwrap();
+    c.write_all(b"go").unwrap();
     let e = read_n(&mut c, 1).unwrap_err();
     assert!(e.to_string().contains("longer than"), "{e}");
     drop(c);
