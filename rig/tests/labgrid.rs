@@ -327,7 +327,10 @@ fn ser2net_serial_ports_power_and_rig_labgrid_on_places() {
     // The mapping: the oob port is the exporter's ser2net on 127.0.0.1.
     let mut c =
         Coordinator::connect(&lab.addr, "testhost/hilrig", Duration::from_secs(10)).unwrap();
-    // The exporter publishes the port first, then its TCP port once ser2net runs.
+    // The exporter starts ser2net (and publishes its TCP port) only while the
+    // place is acquired: hilrig holds lab-3 for the test (the CLI, same user,
+    // then acts on it as ours).
+    c.acquire("lab-3").unwrap();
     let t0 = Instant::now();
     let h = loop {
         match c.host("lab-3") {
@@ -390,8 +393,8 @@ fn ser2net_serial_ports_power_and_rig_labgrid_on_places() {
     );
     assert_eq!(
         holder(&c.place("lab-3").unwrap()),
-        None,
-        "released after the action"
+        Some("testhost/hilrig"),
+        "ours stays ours"
     );
     // Someone else's place: refused, untouched; forced only with a reason.
     lab.client(&["-p", "lab-4", "acquire"], "alice");
@@ -436,6 +439,7 @@ fn ser2net_serial_ports_power_and_rig_labgrid_on_places() {
         json: true,
     })
     .unwrap();
+    c.release("lab-3").unwrap();
     stop.store(true, Ordering::Relaxed);
     drop(lab);
     let _ = srv.join();
