@@ -91,6 +91,10 @@ pub struct LabgridArgs {
     /// Our user name at the coordinator (default `<hostname>/hilrig`).
     #[arg(long)]
     pub labgrid_user: Option<String>,
+    /// The lab's labgrid config (TOML: `[ssh]` key and pinned host keys for the
+    /// places' SSH services, `[power]` readback); see rig/README.md.
+    #[arg(long, value_name = "FILE")]
+    pub labgrid_config: Option<std::path::PathBuf>,
 }
 
 /// A `--labgrid-tag` that is not `KEY=VALUE`.
@@ -195,6 +199,7 @@ pub fn run(cmd: CampaignCmd) -> anyhow::Result<ExitCode> {
                     tags: lab.labgrid_tag.into_iter().collect(),
                     places: lab.labgrid_places.unwrap_or(hosts),
                     wait: lab.labgrid_wait,
+                    config: lab.labgrid_config,
                 });
             self_as_vmm(&mut opts);
             if json {

@@ -45,6 +45,10 @@ pub struct LabgridOptions {
     pub places: usize,
     /// How long to wait for the coordinator to allocate each place.
     pub wait: Duration,
+    /// The lab's labgrid config (SSH key and pinned host keys for the places'
+    /// `NetworkService`, power readback); see rig/README.md. Without it a
+    /// place that publishes an SSH service is refused.
+    pub config: Option<PathBuf>,
 }
 
 /// Places reserved by tags from a labgrid coordinator and acquired; each becomes a
@@ -58,6 +62,9 @@ pub struct LabgridSource {
     held: Vec<(String, String)>,
     /// The places' resources as mapped for the rig's drivers.
     pub mapped: Vec<PlaceHost>,
+    /// The places as a rig inventory (power, consoles and OOB over RFC 2217, SSH):
+    /// set by [`HostSource::hosts`].
+    pub inventory: Option<hilrig_rig::Inventory>,
 }
 
 impl LabgridSource {
@@ -68,6 +75,7 @@ impl LabgridSource {
             coord: None,
             held: Vec::new(),
             mapped: Vec::new(),
+            inventory: None,
         }
     }
 
@@ -85,6 +93,10 @@ impl LabgridSource {
 
     fn take(&mut self) -> Result<Vec<HostSpec>, LabgridError> {
         let user = self.user();
+        let cfg = match &self.opts.config {
+            Some(p) => hilrig_rig::labgrid::LabgridConfig::load(p)?,
+            None => hilrig_rig::labgrid::LabgridConfig::default(),
+        };
         let mut c = Coordinator::connect(&self.opts.address, &user, Duration::from_secs(10))?;
         let mut hosts = Vec::new();
         for _ in 0..self.opts.places.max(1) {
@@ -93,6 +105,14 @@ impl LabgridSource {
             self.held.push((r.place.clone(), r.token.clone()));
             c.acquire(&r.place)?;
             let h = c.host(&r.place)?;
+            // The place as rig drivers: its SSH service is how the runner reaches
+            // it (the same path as an inventory's `[host.ssh]`).
+            let inv = hilrig_rig::labgrid::places_inventory(
+                &self.opts.address,
+                std::slice::from_ref(&h),
+                &cfg,
+            )?;
+            let ssh = inv.hosts.first().and_then(|x| x.ssh.clone());
             let mut tags = vec!["labgrid".to_string()];
             for (k, v) in &h.tags {
                 tags.push(v.clone());
@@ -105,12 +125,16 @@ impl LabgridSource {
                 fpga: crate::format::FpgaTarget::Sim,
                 counter_width: 64,
                 serial: 1,
-                // The place's SSH service is mapped (`h.ssh`) but not used yet: the
-                // place's VMMs run as local simulated hosts (issue 17, left).
-                ssh: None,
+                // No NetworkService: a local simulated host named after the place.
+                ssh,
             });
             self.mapped.push(h);
         }
+        self.inventory = Some(hilrig_rig::labgrid::places_inventory(
+            &self.opts.address,
+            &self.mapped,
+            &cfg,
+        )?);
         self.coord = Some(c);
         Ok(hosts)
     }

@@ -113,6 +113,7 @@ fn campaign_on_places_reserved_from_labgrid() {
         tags: [("hilrig".to_string(), "sim".to_string())].into(),
         places: 1,
         wait: Duration::from_secs(60),
+        config: None,
     });
     let s = run_campaign(o).unwrap();
     assert_eq!(s.run.cases.len(), 2);
@@ -131,4 +132,186 @@ fn campaign_on_places_reserved_from_labgrid() {
         Some("testhost/alice"),
         "the foreign place was touched"
     );
+}
+
+/// A place whose exporter publishes a loopback sshd of the simulated SSH lab
+/// (`scripts/sim-lab`: its own user, key and pinned host key), its power port
+/// (driven by the lab's power commands) and a serial port: the campaign's cases
+/// run over SSH on the place's `NetworkService`, the place is released after,
+/// and a place acquired by someone else stays untouched. Needs root, sshd,
+/// /dev/kvm and a built VMM, and labgrid; else SKIPPED loudly.
+#[test]
+fn campaign_runs_over_ssh_on_a_labgrid_place() {
+    let test = "campaign_runs_over_ssh_on_a_labgrid_place";
+    for t in ["labgrid-coordinator", "labgrid-client", "labgrid-exporter"] {
+        if !have(t) {
+            eprintln!("SKIPPED {test}: {t} not found (pip install labgrid; scripts/test does)");
+            return;
+        }
+    }
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        eprintln!("SKIPPED {test}: /dev/kvm not available");
+        return;
+    }
+    if let Err(e) = hilrig_rig::sim::find_vmm(None) {
+        eprintln!("SKIPPED {test}: {e}");
+        return;
+    }
+    let lab = match hilrig_rig::simlab::SimLab::start(1) {
+        Ok(l) => l,
+        Err(hilrig_rig::simlab::LabError::Skipped(why)) => {
+            eprintln!("SKIPPED {test}: {why}");
+            return;
+        }
+        Err(e) => panic!("{test}: {e}"),
+    };
+    let inv = hilrig_rig::Inventory::load(&lab.inventory).unwrap();
+    let h = inv
+        .hosts
+        .iter()
+        .find(|h| h.ssh.is_some())
+        .expect("an SSH host in the sim lab");
+    let ssh = h.ssh.clone().unwrap();
+    let (on, off, status) = match &h.power {
+        hilrig_rig::inventory::PowerSpec::Command {
+            on, off, status, ..
+        } => (on.clone(), off.clone(), status.clone()),
+        other => panic!("sim-lab power: {other:?}"),
+    };
+    let t = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let _coord = Kill(
+        Command::new("labgrid-coordinator")
+            .args(["-l", &addr])
+            .current_dir(t.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let t0 = Instant::now();
+    while let Err(e) = Coordinator::connect(&addr, "testhost/probe", Duration::from_secs(5)) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no coordinator: {e}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The place's resources: the sim host's sshd, a power port, a serial port.
+    let yaml = format!(
+        "{name}:\n  NetworkService:\n    address: {a}\n    username: {u}\n    port: {p}\n  NetworkPowerPort:\n    model: gude\n    host: 127.0.0.1\n    index: \"1\"\n  NetworkSerialPort:\n    host: 127.0.0.1\n    port: 1\n",
+        name = "rack-ssh",
+        a = ssh.address,
+        u = ssh.user,
+        p = ssh.port
+    );
+    std::fs::write(t.path().join("exporter.yaml"), yaml).unwrap();
+    let _exporter = Kill(
+        Command::new("labgrid-exporter")
+            .args(["-c", &addr, "-n", "exp1", "exporter.yaml"])
+            .current_dir(t.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let t0 = Instant::now();
+    loop {
+        let mut c = Coordinator::connect(&addr, "testhost/probe", Duration::from_secs(5)).unwrap();
+        c.sync().unwrap();
+        if c.resource_count() >= 3 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the exporter never published"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let client = |args: &[&str], user: &str| {
+        let out = Command::new("labgrid-client")
+            .args(["-x", &addr])
+            .args(args)
+            .env("LG_USERNAME", user)
+            .env("LG_HOSTNAME", "testhost")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "labgrid-client {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    client(&["-p", "rack-ssh", "create"], "admin");
+    client(&["-p", "rack-ssh", "add-match", "exp1/rack-ssh/*"], "admin");
+    client(&["-p", "rack-ssh", "set-tags", "hilrig=sim"], "admin");
+    client(&["-p", "rack-busy", "create"], "admin");
+    client(&["-p", "rack-busy", "set-tags", "hilrig=sim"], "admin");
+    client(&["-p", "rack-busy", "acquire"], "alice");
+    // The lab's labgrid config: the runner's key and the pinned host key, the
+    // sim lab's power commands.
+    let cfg = t.path().join("labgrid.toml");
+    let q = |s: &str| toml::Value::String(s.to_string()).to_string();
+    std::fs::write(
+        &cfg,
+        format!(
+            "[ssh]\nidentity = {}\nknown_hosts = {}\nworkdir = {}\n[power]\non = {}\noff = {}\nstatus = {}\n",
+            q(&ssh.identity.display().to_string()),
+            q(&ssh.known_hosts.display().to_string()),
+            q(&ssh.workdir),
+            q(&on),
+            q(&off),
+            q(&status)
+        ),
+    )
+    .unwrap();
+    let file = t.path().join("c.toml");
+    std::fs::write(
+        &file,
+        "name = \"lg-ssh\"\n[defaults]\ntags = [\"sim\"]\n[[case]]\nattacks = [\"attack-key-read\", \"attack-hang\"]\n",
+    )
+    .unwrap();
+    let mut o = RunOptions::new(&file);
+    o.out_dir = t.path().join("out");
+    o.progress = Some(false);
+    o.labgrid = Some(LabgridOptions {
+        address: addr.clone(),
+        user: Some("testhost/hilrig".into()),
+        tags: [("hilrig".to_string(), "sim".to_string())].into(),
+        places: 1,
+        wait: Duration::from_secs(60),
+        config: Some(cfg),
+    });
+    let s = run_campaign(o).unwrap();
+    assert_eq!(s.run.cases.len(), 2);
+    for c in &s.run.cases {
+        assert_eq!(c.outcome, Outcome::Pass, "{}: {}", c.id, c.message);
+        assert_eq!(c.host, "rack-ssh", "{c:?}");
+        assert!(
+            c.artifacts.iter().any(|a| a.path.ends_with("vmm.json")),
+            "{}: no artifacts brought back over SSH",
+            c.id
+        );
+    }
+    let mut c = Coordinator::connect(&addr, "testhost/check", Duration::from_secs(5)).unwrap();
+    assert_eq!(
+        holder(&c.place("rack-ssh").unwrap()),
+        None,
+        "released after the run"
+    );
+    assert_eq!(
+        holder(&c.place("rack-busy").unwrap()),
+        Some("testhost/alice")
+    );
+    drop(lab);
 }

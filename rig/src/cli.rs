@@ -163,9 +163,92 @@ pub enum BoardCmd {
     Reset,
 }
 
+/// `hilrig rig --labgrid HOST:PORT ...`: the same commands on labgrid places.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum LabgridCmd {
+    /// Places carrying all the given tags (`key=value`), with their holder and
+    /// mapped drivers.
+    Hosts {
+        /// Required tags, `key=value`.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// JSON lines instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Probe the drivers of places (named, or by tag; default all). A place
+    /// acquired by someone else is not probed (listed as left alone).
+    Check {
+        /// Places.
+        places: Vec<String>,
+        /// Required tags, `key=value`.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// One JSON document instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Power a place on/off/cycle, or read its state back.
+    Power {
+        /// Place.
+        place: String,
+        /// Action.
+        action: PowerAction,
+        /// A JSON line instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Act on a place acquired by someone else anyway; the reason is logged.
+        #[arg(long, value_name = "REASON")]
+        force: Option<String>,
+    },
+    /// Capture a place's console (RFC 2217) for a while.
+    Console {
+        /// Place.
+        place: String,
+        /// Console (resource) name; default the first.
+        #[arg(long)]
+        console: Option<String>,
+        /// How long to capture, e.g. 10s.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        duration: Duration,
+        /// Act on a place acquired by someone else anyway; the reason is logged.
+        #[arg(long, value_name = "REASON")]
+        force: Option<String>,
+    },
+    /// Ask a place's device over its `oob` serial port.
+    Oob {
+        /// Place.
+        place: String,
+        /// Request.
+        action: OobAction,
+        /// Act on a place acquired by someone else anyway; the reason is logged.
+        #[arg(long, value_name = "REASON")]
+        force: Option<String>,
+    },
+}
+
 /// `hilrig rig` subcommands.
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum RigCmd {
+    /// Hosts from a labgrid coordinator (`hilrig rig --labgrid HOST:PORT
+    /// hosts|check|power|console|oob ...`): places by name or tags, acquired for
+    /// the action when free, refused when acquired by someone else.
+    #[command(long_flag = "labgrid")]
+    Labgrid {
+        /// The coordinator, HOST:PORT.
+        address: String,
+        /// Lab settings labgrid does not publish (SSH key, pinned host keys,
+        /// power readback), TOML; see rig/README.md.
+        #[arg(long)]
+        labgrid_config: Option<PathBuf>,
+        /// Our user name at the coordinator (default LG_HOSTNAME/LG_USERNAME,
+        /// as labgrid-client).
+        #[arg(long)]
+        user: Option<String>,
+        /// Command.
+        #[command(subcommand)]
+        cmd: LabgridCmd,
+    },
     /// Probe every driver of every host and print a health table (exit 1 if any
     /// host is unhealthy).
     Check {
@@ -305,9 +388,269 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, DurationError> {
     Ok(Duration::from_secs_f64(v * mult))
 }
 
+fn parse_tags(tags: &[String]) -> Result<std::collections::BTreeMap<String, String>> {
+    tags.iter()
+        .map(|t| {
+            t.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("tag {t:?}: expected key=value"))
+        })
+        .collect()
+}
+
+/// A place acted on: acquired for the action when it was free (released after),
+/// ours already, or someone else's and forced (logged).
+fn with_place<T>(
+    c: &mut crate::labgrid::Coordinator,
+    addr: &str,
+    cfg: &crate::labgrid::LabgridConfig,
+    place: &str,
+    force: &Option<String>,
+    act: impl FnOnce(&Rig) -> Result<T>,
+) -> Result<T> {
+    let p = c.place(place)?;
+    let mut acquired = false;
+    match crate::labgrid::holder(&p) {
+        Some(by) if by != c.user() => match force {
+            Some(r) if !r.trim().is_empty() => {
+                tracing::warn!(
+                    "labgrid place {place} is acquired by {by}: forced by {}: {r}",
+                    c.user()
+                );
+                eprintln!("WARNING: labgrid place {place} is acquired by {by}; acting anyway (forced: {r})");
+            }
+            Some(_) => anyhow::bail!("--force needs a reason"),
+            None => {
+                return Err(crate::labgrid::LabgridError::AcquiredByOther {
+                    place: place.to_string(),
+                    by: by.to_string(),
+                    us: c.user().to_string(),
+                }
+                .into())
+            }
+        },
+        Some(_) => {}
+        None => {
+            c.acquire(place)?;
+            acquired = true;
+        }
+    }
+    let r = c
+        .host(place)
+        .map_err(anyhow::Error::from)
+        .and_then(|h| Ok(crate::labgrid::places_inventory(addr, &[h], cfg)?))
+        .and_then(|inv| act(&Rig::new(inv)));
+    if acquired {
+        if let Err(e) = c.release(place) {
+            eprintln!("labgrid: releasing {place}: {e}");
+        }
+    }
+    r
+}
+
+fn run_labgrid(
+    addr: &str,
+    config: Option<PathBuf>,
+    user: Option<String>,
+    cmd: LabgridCmd,
+) -> Result<ExitCode> {
+    let cfg = match &config {
+        Some(p) => crate::labgrid::LabgridConfig::load(p)?,
+        None => crate::labgrid::LabgridConfig::default(),
+    };
+    let user = user.unwrap_or_else(crate::labgrid::default_user);
+    let mut c = crate::labgrid::Coordinator::connect(addr, &user, Duration::from_secs(10))?;
+    let select = |c: &mut crate::labgrid::Coordinator,
+                  names: &[String],
+                  tags: &[String]|
+     -> Result<Vec<crate::labgrid::proto::Place>> {
+        let want = parse_tags(tags)?;
+        let mut out = Vec::new();
+        for p in c.places()? {
+            let ok_tags = want.iter().all(|(k, v)| p.tags.get(k) == Some(v));
+            if ok_tags && (names.is_empty() || names.contains(&p.name)) {
+                out.push(p);
+            }
+        }
+        for n in names {
+            if !out.iter().any(|p| &p.name == n) {
+                return Err(crate::labgrid::LabgridError::NoPlace(n.clone()).into());
+            }
+        }
+        Ok(out)
+    };
+    match cmd {
+        LabgridCmd::Hosts { tags, json } => {
+            for p in select(&mut c, &[], &tags)? {
+                let holder = crate::labgrid::holder(&p).unwrap_or("free").to_string();
+                let mapped = c.host(&p.name);
+                let (power, consoles, oob, transport) = match &mapped {
+                    Ok(h) => (
+                        h.power
+                            .as_ref()
+                            .map(|p| format!("{} {} {}", p.model, p.host, p.index))
+                            .unwrap_or_else(|| "-".into()),
+                        h.consoles
+                            .iter()
+                            .map(|s| format!("{}={}:{}", s.name, s.host, s.port))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        h.oob
+                            .as_ref()
+                            .map(|s| format!("{}:{}", s.host, s.port))
+                            .unwrap_or_else(|| "-".into()),
+                        h.ssh
+                            .as_ref()
+                            .map(|s| format!("ssh {}@{}:{}", s.username, s.address, s.port))
+                            .unwrap_or_else(|| "local".into()),
+                    ),
+                    Err(e) => (
+                        format!("error: {e}"),
+                        String::new(),
+                        String::new(),
+                        String::new(),
+                    ),
+                };
+                let tags: Vec<String> = p.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"place": p.name, "acquired": holder, "tags": tags,
+                            "power": power, "consoles": consoles, "oob": oob, "transport": transport})
+                    );
+                } else {
+                    println!(
+                        "{}\t{holder}\t{}\tpower {power}\tconsoles {consoles}\toob {oob}\t{transport}",
+                        p.name,
+                        tags.join(",")
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        LabgridCmd::Check { places, tags, json } => {
+            let mut mine = Vec::new();
+            let mut foreign = Vec::new();
+            for p in select(&mut c, &places, &tags)? {
+                match crate::labgrid::holder(&p) {
+                    Some(by) if by != c.user() => foreign.push((p.name.clone(), by.to_string())),
+                    _ => mine.push(c.host(&p.name)?),
+                }
+            }
+            let rig = Rig::new(crate::labgrid::places_inventory(addr, &mine, &cfg)?);
+            let t = rig.check();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"table": t, "left_alone": foreign.iter()
+                        .map(|(p, by)| serde_json::json!({"place": p, "acquired": by}))
+                        .collect::<Vec<_>>()})
+                );
+            } else {
+                println!("{t}");
+                for (p, by) in &foreign {
+                    println!("{p}: acquired by {by}: left alone (not probed)");
+                }
+            }
+            Ok(if t.all_healthy() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        LabgridCmd::Power {
+            place,
+            action,
+            json,
+            force,
+        } => {
+            let s = with_place(&mut c, addr, &cfg, &place, &force, |rig| {
+                let mut p = rig.power(&place)?;
+                match action {
+                    PowerAction::On => p.on()?,
+                    PowerAction::Off => p.off()?,
+                    PowerAction::Cycle => p.cycle()?,
+                    PowerAction::Status => {}
+                }
+                Ok(p.status()?)
+            })?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"place": place, "power": s.to_string()})
+                );
+            } else {
+                println!("{place}: {s}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        LabgridCmd::Console {
+            place,
+            console,
+            duration,
+            force,
+        } => {
+            let text = with_place(&mut c, addr, &cfg, &place, &force, |rig| {
+                let h = rig.host(&place)?;
+                let name = match &console {
+                    Some(n) => n.clone(),
+                    None => h
+                        .consoles
+                        .first()
+                        .map(|c| c.name.clone())
+                        .with_context(|| {
+                            format!("place `{place}` has no NetworkSerialPort console")
+                        })?,
+                };
+                let dir = tempfile::Builder::new()
+                    .prefix("hilrig-console-")
+                    .tempdir()
+                    .context("creating a temporary directory for the capture")?;
+                let path = dir.path().join("capture.log");
+                let src = rig.console_source(&place, &name)?;
+                let cap = crate::console::Capture::start(&place, &name, src, &path)?;
+                std::thread::sleep(duration);
+                let sum = cap.stop()?;
+                Ok(std::fs::read_to_string(&sum.path)?)
+            })?;
+            print!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
+        LabgridCmd::Oob {
+            place,
+            action,
+            force,
+        } => {
+            let line = with_place(&mut c, addr, &cfg, &place, &force, |rig| {
+                Ok(match action {
+                    OobAction::Counters => {
+                        let c = rig.read_counters(&place)?;
+                        serde_json::json!({"place": place, "counters": c.counters,
+                            "master": c.master, "fuse": c.fuse, "slots_left": c.slots_left,
+                            "width": c.width, "epoch": c.epoch})
+                        .to_string()
+                    }
+                    OobAction::Identify => {
+                        let (id, version, serial, width) = rig.identify(&place)?;
+                        format!("{place}: id {id:#010x} version {version:#010x} serial {serial} width {width}")
+                    }
+                })
+            })?;
+            println!("{line}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
 /// Run a `hilrig rig` command.
 pub fn run(cmd: RigCmd) -> Result<ExitCode> {
     match cmd {
+        RigCmd::Labgrid {
+            address,
+            labgrid_config,
+            user,
+            cmd,
+        } => run_labgrid(&address, labgrid_config, user, cmd),
         RigCmd::Check { inventory, json } => {
             let rig = Rig::load(&inventory)?;
             let t = rig.check();

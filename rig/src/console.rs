@@ -24,6 +24,18 @@ pub enum Source {
     /// A file another process appends to (a simulated host's COM1), read from
     /// its length at capture start onwards.
     Tail(PathBuf),
+    /// A serial port served over the network (RFC 2217, or raw TCP), connected
+    /// and set up when the capture starts.
+    Net {
+        /// Host.
+        host: String,
+        /// TCP port.
+        port: u16,
+        /// Baud rate.
+        baud: u32,
+        /// Raw TCP instead of RFC 2217.
+        raw: bool,
+    },
 }
 
 /// UTC timestamp `YYYY-MM-DDTHH:MM:SS.ffffffZ`.
@@ -163,6 +175,28 @@ impl Capture {
                         RigError::driver(host, &label, format!("cannot open {dev}: {e}"))
                     })?,
             ),
+            Source::Net {
+                host: h,
+                port,
+                baud,
+                raw,
+            } => {
+                let protocol = if raw {
+                    crate::rfc2217::Protocol::Raw
+                } else {
+                    crate::rfc2217::Protocol::Rfc2217
+                };
+                Box::new(
+                    crate::rfc2217::NetSerialPort::connect(
+                        &h,
+                        port,
+                        protocol,
+                        crate::rfc2217::LineSettings::n81(baud),
+                        Duration::from_secs(5),
+                    )
+                    .map_err(|e| RigError::driver(host, &label, e.to_string()))?,
+                )
+            }
             Source::Tail(p) => {
                 let mut f = std::fs::OpenOptions::new()
                     .read(true)

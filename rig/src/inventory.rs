@@ -301,9 +301,9 @@ impl PowerSpec {
 /// Known power drivers.
 pub const POWER_DRIVERS: &[&str] = &["sim", "serial-relay", "pdudaemon", "command"];
 /// Known console drivers.
-pub const CONSOLE_DRIVERS: &[&str] = &["sim", "serial"];
+pub const CONSOLE_DRIVERS: &[&str] = &["sim", "serial", "rfc2217"];
 /// Known OOB drivers.
-pub const OOB_DRIVERS: &[&str] = &["sim", "serial"];
+pub const OOB_DRIVERS: &[&str] = &["sim", "serial", "rfc2217"];
 /// Known board drivers.
 pub const BOARD_DRIVERS: &[&str] = &["none", "probe-rs"];
 
@@ -328,6 +328,15 @@ enum RawConsole {
         #[serde(default = "default_oob_baud")]
         baud: u32,
     },
+    Rfc2217 {
+        name: String,
+        host: String,
+        port: u16,
+        #[serde(default = "default_oob_baud")]
+        baud: u32,
+        #[serde(default)]
+        raw: bool,
+    },
 }
 
 impl From<RawConsole> for ConsoleSpec {
@@ -340,6 +349,21 @@ impl From<RawConsole> for ConsoleSpec {
             RawConsole::Serial { name, path, baud } => ConsoleSpec {
                 name,
                 driver: ConsoleDriver::Serial { path, baud },
+            },
+            RawConsole::Rfc2217 {
+                name,
+                host,
+                port,
+                baud,
+                raw,
+            } => ConsoleSpec {
+                name,
+                driver: ConsoleDriver::Rfc2217 {
+                    host,
+                    port,
+                    baud,
+                    raw,
+                },
             },
         }
     }
@@ -356,6 +380,18 @@ pub enum ConsoleDriver {
         path: String,
         /// Baud rate.
         baud: u32,
+    },
+    /// A serial port served over the network (RFC 2217, e.g. by ser2net for a
+    /// labgrid exporter's `NetworkSerialPort`).
+    Rfc2217 {
+        /// Host serving the port.
+        host: String,
+        /// TCP port.
+        port: u16,
+        /// Baud rate set through COM-PORT-OPTION.
+        baud: u32,
+        /// Plain TCP bytes instead of telnet/RFC 2217 (labgrid's `protocol: raw`).
+        raw: bool,
     },
 }
 
@@ -375,6 +411,22 @@ pub enum OobSpec {
         /// Reply timeout, milliseconds.
         #[serde(default = "default_timeout_ms")]
         timeout_ms: u64,
+    },
+    /// A device's OOB UART served over the network (RFC 2217).
+    Rfc2217 {
+        /// Host serving the port.
+        host: String,
+        /// TCP port.
+        port: u16,
+        /// Baud rate set through COM-PORT-OPTION.
+        #[serde(default = "default_oob_baud")]
+        baud: u32,
+        /// Reply timeout, milliseconds (also the connect/negotiation timeout).
+        #[serde(default = "default_timeout_ms")]
+        timeout_ms: u64,
+        /// Plain TCP bytes instead of telnet/RFC 2217.
+        #[serde(default)]
+        raw: bool,
     },
 }
 
@@ -731,6 +783,32 @@ fn validate_host(h: &HostSpec) -> Result<(), (String, String)> {
         if path.trim().is_empty() {
             return Err(("oob driver `serial`".into(), "missing path".into()));
         }
+    }
+    let net = |host: &str, port: u16, baud: u32| {
+        if host.trim().is_empty() || host.starts_with('-') {
+            Err("bad or missing host".to_string())
+        } else if port == 0 {
+            Err("port 0".to_string())
+        } else if baud == 0 {
+            Err("baud 0".to_string())
+        } else {
+            Ok(())
+        }
+    };
+    for c in &h.consoles {
+        if let ConsoleDriver::Rfc2217 {
+            host, port, baud, ..
+        } = &c.driver
+        {
+            net(host, *port, *baud)
+                .map_err(|m| (format!("console `{}` driver `rfc2217`", c.name), m))?;
+        }
+    }
+    if let Some(OobSpec::Rfc2217 {
+        host, port, baud, ..
+    }) = &h.oob
+    {
+        net(host, *port, *baud).map_err(|m| ("oob driver `rfc2217`".to_string(), m))?;
     }
     if h.sim.max_on_s == 0 || h.sim.max_on_s > 86_400 {
         return Err(("sim".into(), "max_on_s must be 1..=86400".into()));

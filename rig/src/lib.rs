@@ -16,6 +16,7 @@ pub mod lease;
 pub mod power;
 pub mod recover;
 pub mod remote;
+pub mod rfc2217;
 pub mod rig;
 pub mod rollout;
 pub mod sim;

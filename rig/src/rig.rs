@@ -182,12 +182,25 @@ impl Rig {
                 baud,
                 timeout_ms,
             }) => Ok((path.clone(), *baud, Duration::from_millis(*timeout_ms))),
+            // Not a device path: `oob_request` connects it (RFC 2217).
+            Some(OobSpec::Rfc2217 {
+                host: h,
+                port,
+                baud,
+                timeout_ms,
+                ..
+            }) => Ok((
+                format!("rfc2217://{h}:{port}"),
+                *baud,
+                Duration::from_millis(*timeout_ms),
+            )),
         }
     }
 
     fn oob_label(&self, host: &str) -> String {
         match self.inv.host(host).ok().and_then(|h| h.oob.as_ref()) {
             Some(OobSpec::Sim {}) => "oob/sim".into(),
+            Some(OobSpec::Rfc2217 { .. }) => "oob/rfc2217".into(),
             _ => "oob/serial".into(),
         }
     }
@@ -195,8 +208,38 @@ impl Rig {
     /// One OOB request to `host`'s device, over its serial port.
     pub fn oob_request(&self, host: &str, req: &Request) -> Result<Response, RigError> {
         self.guard(host, "oob")?;
-        let (path, baud, timeout) = self.oob_port(host)?;
         let label = self.oob_label(host);
+        if let Some(OobSpec::Rfc2217 {
+            host: h,
+            port,
+            baud,
+            timeout_ms,
+            raw,
+        }) = &self.host(host)?.oob
+        {
+            // Over the network: a transport fault (refused option, closed peer) is
+            // the rig's driver error, never a device fault.
+            let t = Duration::from_millis(*timeout_ms);
+            let protocol = if *raw {
+                crate::rfc2217::Protocol::Raw
+            } else {
+                crate::rfc2217::Protocol::Rfc2217
+            };
+            let p = crate::rfc2217::NetSerialPort::connect(
+                h,
+                *port,
+                protocol,
+                crate::rfc2217::LineSettings::n81(*baud),
+                t,
+            )
+            .map_err(|e| RigError::driver(host, &label, e.to_string()))?;
+            let name = format!("rfc2217://{}", p.addr());
+            let mut c = OobClient::new(p, &name, t);
+            return c
+                .request(req)
+                .map_err(|e| RigError::driver(host, &label, e.to_string()));
+        }
+        let (path, baud, timeout) = self.oob_port(host)?;
         let mut c = OobClient::open_serial(&path, baud, timeout)
             .map_err(|e| RigError::driver(host, &label, e.to_string()))?;
         c.request(req)
@@ -261,6 +304,17 @@ impl Rig {
             ConsoleDriver::Serial { path, baud } => Source::Serial {
                 path: path.clone(),
                 baud: *baud,
+            },
+            ConsoleDriver::Rfc2217 {
+                host: h,
+                port,
+                baud,
+                raw,
+            } => Source::Net {
+                host: h.clone(),
+                port: *port,
+                baud: *baud,
+                raw: *raw,
             },
         })
     }
@@ -390,6 +444,7 @@ impl Rig {
             let drv = match c.driver {
                 ConsoleDriver::Sim {} => "sim",
                 ConsoleDriver::Serial { .. } => "serial",
+                ConsoleDriver::Rfc2217 { .. } => "rfc2217",
             };
             let r = self
                 .console_source(host, &c.name)
@@ -401,6 +456,24 @@ impl Rig {
                         .map_err(|e| {
                             RigError::driver(host, &what, format!("cannot open {path}: {e}"))
                         }),
+                    Source::Net {
+                        host: h,
+                        port,
+                        baud,
+                        raw,
+                    } => crate::rfc2217::NetSerialPort::connect(
+                        &h,
+                        port,
+                        if raw {
+                            crate::rfc2217::Protocol::Raw
+                        } else {
+                            crate::rfc2217::Protocol::Rfc2217
+                        },
+                        crate::rfc2217::LineSettings::n81(baud),
+                        Duration::from_secs(5),
+                    )
+                    .map(|p| format!("{} connects at {baud} 8N1", p.addr()))
+                    .map_err(|e| RigError::driver(host, &what, e.to_string())),
                     Source::Tail(p) => std::fs::File::open(&p)
                         .map(|_| format!("{} opens", p.display()))
                         .map_err(|e| {
@@ -416,6 +489,7 @@ impl Rig {
             let drv = match o {
                 OobSpec::Sim {} => "sim",
                 OobSpec::Serial { .. } => "serial",
+                OobSpec::Rfc2217 { .. } => "rfc2217",
             };
             probes.push(match self.identify(host) {
                 Ok((id, version, serial, width)) => Probe::ok(

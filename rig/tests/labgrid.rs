@@ -86,6 +86,22 @@ impl Lab {
     }
 
     fn start(test: &str) -> Option<Lab> {
+        Lab::start_with(
+            test,
+            EXPORTER,
+            6,
+            &[("lab-1", "hilrig=sim"), ("lab-2", "hilrig=busy")],
+            &[],
+        )
+    }
+
+    fn start_with(
+        test: &str,
+        exporter_yaml: &str,
+        min_resources: usize,
+        places: &[(&str, &str)],
+        exporter_args: &[&str],
+    ) -> Option<Lab> {
         for t in ["labgrid-coordinator", "labgrid-exporter", "labgrid-client"] {
             if !have(t) {
                 eprintln!("SKIPPED {test}: {t} not found (pip install labgrid; scripts/test does)");
@@ -109,7 +125,7 @@ impl Lab {
             kids: vec![coord],
             dir,
         };
-        std::fs::write(lab.dir.path().join("exporter.yaml"), EXPORTER).unwrap();
+        std::fs::write(lab.dir.path().join("exporter.yaml"), exporter_yaml).unwrap();
         // Wait (bounded) for the coordinator to accept a session.
         let t0 = Instant::now();
         while let Err(e) = Coordinator::connect(&lab.addr, "testhost/probe", Duration::from_secs(5))
@@ -122,7 +138,9 @@ impl Lab {
             std::thread::sleep(Duration::from_millis(200));
         }
         let exporter = Command::new("labgrid-exporter")
-            .args(["-c", &lab.addr, "-n", "exp1", "exporter.yaml"])
+            .args(["-c", &lab.addr, "-n", "exp1"])
+            .args(exporter_args)
+            .arg("exporter.yaml")
             .current_dir(lab.dir.path())
             .stdout(log("exporter.log"))
             .stderr(log("exporter.err"))
@@ -136,7 +154,7 @@ impl Lab {
                 Coordinator::connect(&lab.addr, "testhost/probe", Duration::from_secs(5)).unwrap();
             c.sync().unwrap();
             let n = c.resource_count();
-            if n >= 6 {
+            if n >= min_resources {
                 break;
             }
             assert!(
@@ -146,7 +164,7 @@ impl Lab {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
-        for (place, tag) in [("lab-1", "hilrig=sim"), ("lab-2", "hilrig=busy")] {
+        for &(place, tag) in places {
             lab.client(&["-p", place, "create"], "admin");
             lab.client(
                 &["-p", place, "add-match", &format!("exp1/{place}/*")],
@@ -243,4 +261,186 @@ fn unreachable_coordinator_is_a_clear_error() {
         Coordinator::connect("nonsense", "u", Duration::from_secs(1)),
         Err(LabgridError::BadAddress(_))
     ));
+}
+
+/// labgrid's exporter publishes a PTY through ser2net (`RawSerialPort` ->
+/// `NetworkSerialPort`, RFC 2217): the place's `oob` port answers the rig's OOB
+/// driver with the device model's counters, its console is captured, its power
+/// goes through the configured commands; `hilrig rig --labgrid` acts on a free
+/// place (acquiring it for the action and releasing it after) and refuses a place
+/// acquired by someone else unless forced with a reason.
+#[test]
+fn ser2net_serial_ports_power_and_rig_labgrid_on_places() {
+    use hilrig_device::model::{ops, Model};
+    use hilrig_device::regmap::Region;
+    use hilrig_device::state::{DeviceConfig, NvState};
+    use hilrig_rig::cli::{LabgridCmd, OobAction, PowerAction};
+    use hilrig_rig::RigCmd;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let test = "ser2net_serial_ports_power_and_rig_labgrid_on_places";
+    if !std::path::Path::new("/usr/sbin/ser2net").exists() && !have("ser2net") {
+        eprintln!(
+            "SKIPPED {test}: ser2net not installed (apt-get install ser2net; scripts/test does)"
+        );
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let state = d.path().join("dev.state");
+    let mut m = Model::create(
+        &state,
+        NvState::factory(DeviceConfig::with_width(6), 77).unwrap(),
+    )
+    .unwrap();
+    ops::unlock(&mut m).unwrap();
+    ops::erase(&mut m, Region::Firmware).unwrap();
+    let server = hilrig_device::oob::PtyServer::new().unwrap();
+    let oob_pty = server.path().to_string();
+    let stop = Arc::new(AtomicBool::new(false));
+    let st = stop.clone();
+    let srv = std::thread::spawn(move || server.serve(&mut m, &|| st.load(Ordering::Relaxed)));
+    let power_dir = d.path().join("power");
+    std::fs::create_dir(&power_dir).unwrap();
+    let exporter = format!(
+        "lab-3:\n  NetworkPowerPort:\n    model: gude\n    host: 127.0.0.1\n    index: \"4\"\n  oob:\n    cls: RawSerialPort\n    port: {oob_pty}\n    speed: 115200\n\
+         lab-4:\n  NetworkPowerPort:\n    model: gude\n    host: 127.0.0.1\n    index: \"5\"\n"
+    );
+    let Some(lab) = Lab::start_with(
+        test,
+        &exporter,
+        3,
+        &[("lab-3", "hilrig=net"), ("lab-4", "hilrig=other")],
+        &["--hostname", "127.0.0.1"],
+    ) else {
+        stop.store(true, Ordering::Relaxed);
+        return;
+    };
+    let cfg = d.path().join("labgrid.toml");
+    let pd = power_dir.display();
+    std::fs::write(
+        &cfg,
+        format!(
+            "[power]\non = \"echo on > {pd}/{{port}}\"\noff = \"echo off > {pd}/{{port}}\"\nstatus = \"cat {pd}/{{port}} 2>/dev/null || echo off\"\nsettle_ms = 2000\n"
+        ),
+    )
+    .unwrap();
+    // The mapping: the oob port is the exporter's ser2net on 127.0.0.1.
+    let mut c =
+        Coordinator::connect(&lab.addr, "testhost/hilrig", Duration::from_secs(10)).unwrap();
+    // The exporter starts ser2net (and publishes its TCP port) only while the
+    // place is acquired: hilrig holds lab-3 for the test (the CLI, same user,
+    // then acts on it as ours).
+    c.acquire("lab-3").unwrap();
+    let t0 = Instant::now();
+    let h = loop {
+        match c.host("lab-3") {
+            Ok(h) if h.oob.is_some() => break h,
+            other => {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(60),
+                    "ser2net port never published ({other:?}): {}",
+                    std::fs::read_to_string(lab.dir.path().join("exporter.err"))
+                        .unwrap_or_default()
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    };
+    let oob = h.oob.clone().expect("oob port published by the exporter");
+    assert_eq!(
+        (oob.host.as_str(), oob.protocol.as_str()),
+        ("127.0.0.1", "rfc2217"),
+        "{h:?}"
+    );
+    let run = |cmd: LabgridCmd| {
+        hilrig_rig::run(RigCmd::Labgrid {
+            address: lab.addr.clone(),
+            labgrid_config: Some(cfg.clone()),
+            user: Some("testhost/hilrig".into()),
+            cmd,
+        })
+    };
+    // OOB through ser2net (RFC 2217) reads the model: one FIRMWARE attempt.
+    let inv = hilrig_rig::labgrid::places_inventory(
+        &lab.addr,
+        &[h],
+        &hilrig_rig::labgrid::LabgridConfig::load(&cfg).unwrap(),
+    )
+    .unwrap();
+    let rig = hilrig_rig::Rig::new(inv);
+    let counters = rig.read_counters("lab-3").unwrap();
+    assert_eq!(
+        (counters.counters, counters.master, counters.width),
+        ([0, 1, 0], 1, 6)
+    );
+    run(LabgridCmd::Oob {
+        place: "lab-3".into(),
+        action: OobAction::Identify,
+        force: None,
+    })
+    .unwrap();
+    // Power through the CLI: the free place is acquired for the action, released after.
+    run(LabgridCmd::Power {
+        place: "lab-3".into(),
+        action: PowerAction::On,
+        json: false,
+        force: None,
+    })
+    .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(power_dir.join("4")).unwrap().trim(),
+        "on"
+    );
+    assert_eq!(
+        holder(&c.place("lab-3").unwrap()),
+        Some("testhost/hilrig"),
+        "ours stays ours"
+    );
+    // Someone else's place: refused, untouched; forced only with a reason.
+    lab.client(&["-p", "lab-4", "acquire"], "alice");
+    let e = run(LabgridCmd::Power {
+        place: "lab-4".into(),
+        action: PowerAction::On,
+        json: false,
+        force: None,
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("lab-4") && e.contains("testhost/alice"), "{e}");
+    assert!(!power_dir.join("5").exists(), "a foreign place was powered");
+    assert!(run(LabgridCmd::Power {
+        place: "lab-4".into(),
+        action: PowerAction::On,
+        json: false,
+        force: Some(" ".into())
+    })
+    .is_err());
+    assert!(!power_dir.join("5").exists());
+    run(LabgridCmd::Power {
+        place: "lab-4".into(),
+        action: PowerAction::On,
+        json: false,
+        force: Some("PDU maintenance".into()),
+    })
+    .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(power_dir.join("5")).unwrap().trim(),
+        "on"
+    );
+    assert_eq!(
+        holder(&c.place("lab-4").unwrap()),
+        Some("testhost/alice"),
+        "still alice's"
+    );
+    // check: lab-3 probed (healthy), lab-4 left alone.
+    run(LabgridCmd::Check {
+        places: vec![],
+        tags: vec![],
+        json: true,
+    })
+    .unwrap();
+    c.release("lab-3").unwrap();
+    stop.store(true, Ordering::Relaxed);
+    drop(lab);
+    let _ = srv.join();
 }

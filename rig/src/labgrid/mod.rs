@@ -18,6 +18,9 @@
 //! The client is blocking (it owns a small tokio runtime): do not create or drop
 //! it on a tokio worker thread.
 
+pub mod map;
+pub use map::{places_inventory, LabgridConfig, LabgridPower, LabgridSsh};
+
 pub mod proto {
     //! Generated from `rig/proto/labgrid-coordinator.proto`.
     #![allow(missing_docs, clippy::all, clippy::pedantic)]
@@ -105,6 +108,15 @@ pub enum LabgridError {
     /// The client runtime could not start.
     #[error("labgrid client runtime: {0}")]
     Runtime(std::io::Error),
+    /// A place could not be turned into rig drivers, or the labgrid config is bad.
+    #[error(transparent)]
+    Rig(Box<crate::error::RigError>),
+}
+
+impl From<crate::error::RigError> for LabgridError {
+    fn from(e: crate::error::RigError) -> LabgridError {
+        LabgridError::Rig(Box::new(e))
+    }
 }
 
 type Result<T> = std::result::Result<T, LabgridError>;
@@ -250,6 +262,24 @@ pub struct PlaceHost {
 /// free place).
 pub fn holder(place: &proto::Place) -> Option<&str> {
     place.acquired.as_deref().filter(|s| !s.is_empty())
+}
+
+/// The user name labgrid-client would use here: `LG_HOSTNAME` (else the host
+/// name) `/` `LG_USERNAME` (else `$USER`), so a place acquired with
+/// labgrid-client by the same person counts as ours.
+pub fn default_user() -> String {
+    let env = |k: &str| std::env::var(k).ok().filter(|s| !s.is_empty());
+    let host = env("LG_HOSTNAME").unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .ok()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "localhost".into())
+    });
+    let user = env("LG_USERNAME")
+        .or_else(|| env("USER"))
+        .unwrap_or_else(|| "hilrig".into());
+    format!("{host}/{user}")
 }
 
 /// fnmatch-style `*` / `?` match (labgrid's place match patterns).
