@@ -177,12 +177,17 @@ fn campaign_runs_over_ssh_on_a_labgrid_place() {
         .find(|h| h.ssh.is_some())
         .expect("an SSH host in the sim lab");
     let ssh = h.ssh.clone().unwrap();
-    let (on, off, status) = match &h.power {
-        hilrig_rig::inventory::PowerSpec::Command {
-            on, off, status, ..
-        } => (on.clone(), off.clone(), status.clone()),
-        other => panic!("sim-lab power: {other:?}"),
+    // The place's power: the sim lab's own power script for that host (whatever
+    // driver the lab's inventory uses for it: pdudaemon or the command driver).
+    let host_no = h.name.rsplit('-').next().unwrap_or("1").to_string();
+    let cmd = |what: &str| {
+        format!(
+            "{} power {} {host_no} {what}",
+            hilrig_rig::simlab::script().display(),
+            lab.dir().display()
+        )
     };
+    let (on, off, status) = (cmd("on"), cmd("off"), cmd("status"));
     let t = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
