@@ -1,7 +1,7 @@
 //! `hilrig bench policy`: the MMIO policy path against the raw KVM exit loop, in
 //! one run, and the decision cost alone.
 
-use crate::figure::Figure;
+use crate::figure::{paired_rounds, Figure};
 use crate::vm_exit::raw_mmio_loop;
 use hilrig_device::regmap::{Reg, HANG_MAGIC};
 use hilrig_device::{Device, DeviceError, ResetKind};
@@ -156,7 +156,7 @@ pub fn decision_ns(budget: Duration) -> Result<(f64, f64), VmmError> {
 ///    by the tenant profile (exits/s, vs 0; target >= 0.95);
 /// 2. trapped writes of the hang magic to HANG_TRIGGER: dropped, alarm raised and
 ///    rate-limited (exits/s, vs 0; target >= 0.95);
-///    1, 2 and 5 best of five runs alternating with 0;
+///    1, 2 and 5 as their median ratio to 0 over paired rounds ([`paired_rounds`]);
 /// 3. the policy engine's cost per access (decision + drop/shadow handling,
 ///    in-process, do-nothing device; target < 100 ns);
 /// 4. `Profile::decide` alone (ns).
@@ -166,19 +166,22 @@ pub fn bench_policy(budget: Duration) -> anyhow::Result<Vec<Figure>> {
         .saturating_add(Duration::from_secs(30));
     let tenant = Arc::new(load_profile(None, "tenant")?);
     let (e, s) = raw_mmio_loop(20_000)?;
-    // Five alternating rounds, each path keeping its best (a neighbour's burst on a
-    // shared machine hurts a round, never the best of five of either path).
-    const ROUNDS: usize = 5;
-    let per_run = budget.as_secs_f64() / 16.0;
+    // Paired rounds: every round runs the raw loop and each policy arm back to back
+    // (order alternating), and each arm's figure is its median ratio to the raw loop
+    // of the same round (a neighbour's burst or the host's paging drifting over the
+    // run hits both sides of a pair alike).
+    const ROUNDS: usize = 9;
+    let per_run = budget.as_secs_f64() / 24.0;
     let n = ((rate(e, s) * per_run) as u64).clamp(10_000, 50_000_000);
-    let (mut raw, mut allowed, mut dropped, mut filtered) = (0f64, 0f64, 0f64, 0f64);
-    for _ in 0..ROUNDS {
-        // The two arms of the filter A/B (off, on) run back to back, after the raw
-        // loop, in every round: neither gets a colder or hotter slot than the other.
+    let mut raw_arm = || -> anyhow::Result<f64> {
         let (e, s) = raw_mmio_loop(n)?;
-        raw = raw.max(rate(e, s));
+        Ok(rate(e, s))
+    };
+    let mut allowed_arm = || -> anyhow::Result<f64> {
         let (e, s) = policy_mmio_loop(n, Reg::Scratch.offset(), tenant.clone(), timeout)?;
-        allowed = allowed.max(rate(e, s));
+        Ok(rate(e, s))
+    };
+    let mut filtered_arm = || -> anyhow::Result<f64> {
         let r = crate::vm_exit::vm_run_with(
             "mmio-loop",
             payload::mmio_loop(n, Reg::Scratch.offset())?,
@@ -189,14 +192,28 @@ pub fn bench_policy(budget: Duration) -> anyhow::Result<Vec<Figure>> {
         if !r.verdict.passed() {
             anyhow::bail!("policy benchmark guest (seccomp): {}", r.verdict);
         }
-        filtered = filtered.max(rate(r.exits.mmio_write, r.mmio_span.unwrap_or_default()));
+        Ok(rate(r.exits.mmio_write, r.mmio_span.unwrap_or_default()))
+    };
+    let mut dropped_arm = || -> anyhow::Result<f64> {
         let (e, s) = policy_mmio_loop(n, Reg::HangTrigger.offset(), tenant.clone(), timeout)?;
-        dropped = dropped.max(rate(e, s));
-    }
+        Ok(rate(e, s))
+    };
+    let r = paired_rounds(
+        ROUNDS,
+        &mut [
+            &mut raw_arm,
+            &mut allowed_arm,
+            &mut filtered_arm,
+            &mut dropped_arm,
+        ],
+    )?;
+    let (raw, allowed, filtered, dropped) = (r[0], r[1], r[2], r[3]);
     let (engine_ns, decide_ns) = decision_ns((budget / 10).max(Duration::from_millis(100)))?;
     Ok(vec![
         Figure::new(
-            format!("raw KVM MMIO exit loop ({n} writes, unbacked address)"),
+            format!(
+                "raw KVM MMIO exit loop ({n} writes, unbacked address; median of {ROUNDS} rounds)"
+            ),
             raw,
             "exits/s",
         ),

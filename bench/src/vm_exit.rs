@@ -176,7 +176,7 @@ pub(crate) fn rate(exits: u64, span: Duration) -> f64 {
 /// Measure the VM exit figures within about `budget`:
 /// 0. raw KVM MMIO exit loop (exits/s, baseline);
 /// 1. hilrig-vmm's MMIO path into the model (exits/s, vs 0; target ≥ 0.95);
-///    both best of three alternating runs;
+///    as its median ratio to 0 over paired rounds ([`crate::figure::paired_rounds`]);
 /// 2. MMIO exits of a guest writing an unrestricted buffer page (target 0);
 /// 3. VM start to first guest instruction (ms, median of 5);
 /// 4. figure 1 with the per-thread seccomp filters on (vs 0, target ≥ 0.95).
@@ -184,23 +184,29 @@ pub fn bench_vm_exit(budget: Duration) -> anyhow::Result<Vec<Figure>> {
     let timeout = budget
         .saturating_mul(10)
         .saturating_add(Duration::from_secs(30));
-    // Calibrate the loop length so each measured run takes about budget / 8; the
-    // two paths alternate three times and each keeps its best run, so a noisy
-    // neighbour hurts both alike.
+    // Calibrate the loop length so each measured run takes about budget / 16; the
+    // paths run in paired rounds (order alternating) and each figure is its median
+    // ratio to the raw loop of the same round, so a noisy neighbour or the host's
+    // paging drifting over the run hits both sides of a pair alike.
+    const ROUNDS: usize = 7;
     let (e, s) = raw_mmio_loop(20_000)?;
-    let per_run = budget.as_secs_f64() / 8.0;
+    let per_run = budget.as_secs_f64() / 16.0;
     let n = ((rate(e, s) * per_run) as u64).clamp(10_000, 50_000_000);
-    let mut raw: f64 = 0.0;
-    let mut vmm: f64 = 0.0;
-    let mut filtered: f64 = 0.0;
-    for _ in 0..3 {
+    let mut raw_arm = || -> Result<f64, VmmError> {
         let (e, s) = raw_mmio_loop(n)?;
-        raw = raw.max(rate(e, s));
+        Ok(rate(e, s))
+    };
+    let mut vmm_arm = || -> Result<f64, VmmError> {
         let (e, s) = vmm_mmio_loop(n, timeout)?;
-        vmm = vmm.max(rate(e, s));
+        Ok(rate(e, s))
+    };
+    let mut filtered_arm = || -> Result<f64, VmmError> {
         let (e, s) = vmm_mmio_loop_seccomp(n, timeout)?;
-        filtered = filtered.max(rate(e, s));
-    }
+        Ok(rate(e, s))
+    };
+    let r =
+        crate::figure::paired_rounds(ROUNDS, &mut [&mut raw_arm, &mut vmm_arm, &mut filtered_arm])?;
+    let (raw, vmm, filtered) = (r[0], r[1], r[2]);
     let writes = (n * 10).clamp(100_000, 100_000_000);
     let r = vm_run(
         "buffer-writes",
@@ -222,7 +228,9 @@ pub fn bench_vm_exit(budget: Duration) -> anyhow::Result<Vec<Figure>> {
     let start_ms = starts.get(starts.len() / 2).copied().unwrap_or(f64::NAN);
     Ok(vec![
         Figure::new(
-            format!("raw KVM MMIO exit loop ({n} writes, unbacked address)"),
+            format!(
+                "raw KVM MMIO exit loop ({n} writes, unbacked address; median of {ROUNDS} rounds)"
+            ),
             raw,
             "exits/s",
         ),
