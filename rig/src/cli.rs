@@ -388,7 +388,10 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, DurationError> {
     Ok(Duration::from_secs_f64(v * mult))
 }
 
-fn parse_tags(tags: &[String]) -> Result<std::collections::BTreeMap<String, String>> {
+/// `key=value` tags.
+type Tags = std::collections::BTreeMap<String, String>;
+
+fn parse_tags(tags: &[String]) -> Result<Tags> {
     tags.iter()
         .map(|t| {
             t.split_once('=')

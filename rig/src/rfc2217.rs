@@ -106,6 +106,17 @@ pub enum Protocol {
     Raw,
 }
 
+/// A telnet stream the decoder cannot follow.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// A subnegotiation longer than [`MAX_SUBNEG`] bytes.
+    #[error("subnegotiation longer than {MAX_SUBNEG} bytes")]
+    LongSubnegotiation,
+    /// `IAC` followed by something other than `SE` or `IAC` inside a subnegotiation.
+    #[error("IAC {0} inside a subnegotiation (expected IAC SE or IAC IAC)")]
+    InSubnegotiation(u8),
+}
+
 /// Errors of a network serial port; every one names `host:port`.
 #[derive(Debug, thiserror::Error)]
 pub enum NetSerialError {
@@ -248,7 +259,7 @@ impl Decoder {
         bytes: &[u8],
         data: &mut dyn FnMut(u8),
         events: &mut Vec<Event>,
-    ) -> Result<(), String> {
+    ) -> Result<(), WireError> {
         for &b in bytes {
             self.state = match (self.state, b) {
                 (State::Data, IAC) => State::Iac,
@@ -284,19 +295,15 @@ impl Decoder {
                     events.push(Event::Sub(std::mem::take(&mut self.sub)));
                     State::Data
                 }
-                (State::SbIac, other) => {
-                    return Err(format!(
-                        "IAC {other} inside a subnegotiation (expected IAC SE or IAC IAC)"
-                    ))
-                }
+                (State::SbIac, other) => return Err(WireError::InSubnegotiation(other)),
             };
         }
         Ok(())
     }
 
-    fn push_sub(&mut self, b: u8) -> Result<(), String> {
+    fn push_sub(&mut self, b: u8) -> Result<(), WireError> {
         if self.sub.len() >= MAX_SUBNEG {
-            return Err(format!("subnegotiation longer than {MAX_SUBNEG} bytes"));
+            return Err(WireError::LongSubnegotiation);
         }
         self.sub.push(b);
         Ok(())
@@ -591,7 +598,7 @@ impl NetSerialPort {
         };
         let res = self.decoder.feed(&buf[..n], &mut data, &mut events);
         if let Err(what) = res {
-            return Err(self.proto_err(what));
+            return Err(self.proto_err(what.to_string()));
         }
         for ev in events {
             self.handle(ev)?;
@@ -760,12 +767,12 @@ mod tests {
         let mut long = vec![IAC, SB];
         long.extend(std::iter::repeat_n(7u8, MAX_SUBNEG + 1));
         let e = d.feed(&long, &mut |_| {}, &mut ev).unwrap_err();
-        assert!(e.contains("longer than"), "{e}");
+        assert!(e.to_string().contains("longer than"), "{e}");
         let mut d = Decoder::new();
         let e = d
             .feed(&[IAC, SB, 44, IAC, 1], &mut |_| {}, &mut ev)
             .unwrap_err();
-        assert!(e.contains("inside a subnegotiation"), "{e}");
+        assert!(e.to_string().contains("inside a subnegotiation"), "{e}");
     }
 
     #[test]
