@@ -171,7 +171,8 @@ pub fn bench_policy(budget: Duration) -> anyhow::Result<Vec<Figure>> {
     // of the same round (a neighbour's burst or the host's paging drifting over the
     // run hits both sides of a pair alike).
     const ROUNDS: usize = 9;
-    let per_run = budget.as_secs_f64() / 24.0;
+    // At least 200 ms a run: shorter runs are dominated by the host's jitter.
+    let per_run = (budget.as_secs_f64() / 24.0).max(crate::vm_exit::MIN_RUN_S);
     let n = ((rate(e, s) * per_run) as u64).clamp(10_000, 50_000_000);
     let mut raw_arm = || -> anyhow::Result<f64> {
         let (e, s) = raw_mmio_loop(n)?;
