@@ -306,3 +306,143 @@ fn wedged_host_that_never_comes_back_goes_offline() {
         .unwrap();
     assert!(!st.online(), "{st:?}");
 }
+
+/// The host's device as the lab made it: its state file on the host, its OOB
+/// server's pid and its OOB port on the controller (`None`: the lab has no
+/// per-host devices, e.g. no `hilrig` build to run them).
+fn host_device(lab: &SimLab, host: &str) -> Option<(PathBuf, PathBuf)> {
+    let inv = hilrig_rig::Inventory::load(&lab.inventory).unwrap();
+    let h = inv.host(host).unwrap();
+    let state = h.sim.state.clone()?;
+    let i = host.trim_start_matches("sim-ssh-");
+    Some((state, lab.dir().join(format!("h{i}")).join("oob.pid")))
+}
+
+const PROGRAM_CASE: &str = "name = \"t\"\n[defaults]\ncase_timeout = \"60s\"\nstep_timeout = \"20s\"\n\
+     retries = 0\ninfra_retries = 0\n[[case]]\nattacks = [\"attack-flash-program\"]\n\
+     backends = [\"model\"]\nprofiles = [\"operator\"]\ntags = [\"ssh\"]\n\
+     expect = { counter_delta = { firmware = 1, master = 1 }, service_verdict = \"quarantined\" }\n";
+
+/// Negative control for the OOB path: the counters the runner judges are the
+/// host's, read through its OOB port. A counted flash program on the SSH host
+/// passes with the expected deltas, while the controller's copy of the state
+/// (the one the rig prepared) never moved: had the runner read it, the deltas
+/// would be zero and the case would fail. The console came through the host's
+/// console line.
+#[test]
+fn counters_come_from_the_hosts_oob_port() {
+    let test = "counters_come_from_the_hosts_oob_port";
+    if !kvm_and_vmm(test) {
+        return;
+    }
+    let Some(lab) = lab(test, 1) else { return };
+    let Some((host_state, _)) = host_device(&lab, "sim-ssh-1") else {
+        eprintln!("SKIPPED: {test}: the lab has no per-host devices (no hilrig build)");
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let c = t.path().join("c.toml");
+    // And a case whose guest prints on its console.
+    let pci = "[[case]]\nattacks = [\"pci-enum\"]\nbackends = [\"model\"]\n\
+               profiles = [\"tenant\"]\ntags = [\"ssh\"]\n";
+    std::fs::write(&c, format!("{PROGRAM_CASE}{pci}")).unwrap();
+    let s = run_campaign(opts(t.path(), c, &lab.inventory)).expect("run");
+    for c in &s.run.cases {
+        assert_eq!(c.host, "sim-ssh-1");
+        assert_eq!(c.outcome, Outcome::Pass, "{}: {}", c.id, c.message);
+    }
+    // The device the runner read is the one in the host's own state file.
+    let nv = hilrig_device::state::NvState::load(&host_state).unwrap();
+    assert_eq!(nv.serial, 2001);
+    // The controller's copy is the prepared, factory state: never consulted.
+    let local: Vec<PathBuf> = walk(t.path())
+        .into_iter()
+        .filter(|p| p.file_name().is_some_and(|n| n == "state.bin"))
+        .collect();
+    assert!(!local.is_empty());
+    for p in local {
+        let nv = hilrig_device::state::NvState::load(&p).unwrap();
+        assert_eq!(
+            hilrig_device::oob::CounterReport::of(&nv).counters,
+            [0, 0, 0],
+            "{}",
+            p.display()
+        );
+    }
+    // The console: captured on the controller through the console driver
+    // (timestamped lines), not a file fetched back.
+    let pci = s.run.cases.iter().find(|c| c.attack == "pci-enum").unwrap();
+    let console: Vec<_> = pci
+        .artifacts
+        .iter()
+        .filter(|a| a.path.ends_with("console.txt"))
+        .collect();
+    assert!(!console.is_empty(), "{:?}", pci.artifacts);
+    let text = std::fs::read_to_string(t.path().join(&console[0].path))
+        .or_else(|_| {
+            walk(t.path())
+                .into_iter()
+                .find(|p| p.ends_with(&console[0].path))
+                .map(std::fs::read_to_string)
+                .unwrap()
+        })
+        .unwrap();
+    assert!(
+        text.lines().count() > 0
+            && text
+                .lines()
+                .all(|l| l.starts_with('[') && l.contains("Z +")),
+        "{text}"
+    );
+}
+
+/// Adversarial: the host's OOB line is broken (its server hung: the port is
+/// there but never answers; a killed server's PTY number may be reused by
+/// another lab's line while tests run in parallel). The case cannot be judged:
+/// INFRA naming the OOB line, never a counters FAIL (nor a PASS judged from a
+/// state file on the controller).
+#[test]
+fn broken_oob_line_is_infra() {
+    let test = "broken_oob_line_is_infra";
+    let Some(lab) = lab(test, 1) else { return };
+    let Some((_, oob_pid)) = host_device(&lab, "sim-ssh-1") else {
+        eprintln!("SKIPPED: {test}: the lab has no per-host devices (no hilrig build)");
+        return;
+    };
+    if !kvm_and_vmm(test) {
+        return;
+    }
+    let pid = std::fs::read_to_string(&oob_pid).unwrap();
+    let st = std::process::Command::new("kill")
+        .args(["-STOP", pid.trim()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let t = tempfile::tempdir().unwrap();
+    let c = t.path().join("c.toml");
+    std::fs::write(&c, PROGRAM_CASE).unwrap();
+    let s = run_campaign(opts(t.path(), c, &lab.inventory)).expect("run");
+    let case = &s.run.cases[0];
+    assert!(!case.attempts.is_empty(), "{case:?}");
+    for a in &case.attempts {
+        assert_eq!(a.outcome, Outcome::Infra, "{a:?}");
+        assert!(a.message.contains("OOB line"), "{}", a.message);
+    }
+    assert_ne!(case.outcome, Outcome::Fail, "{case:?}");
+    assert_ne!(case.outcome, Outcome::Pass, "{case:?}");
+}
+
+fn walk(d: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(d) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
