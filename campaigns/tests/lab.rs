@@ -86,8 +86,21 @@ fn smoke_campaign_on_ssh_hosts() {
             .flat_map(|c| c.attempts.iter().map(|a| (&a.host, a.outcome, &a.message)))
             .collect::<Vec<_>>()
     );
+    let run_dir = t.path().join(&s.run.id);
     for c in &remote {
         let kinds: Vec<String> = c.artifacts.iter().map(|a| a.path.clone()).collect();
+        // A console, where the guest printed one, is the controller's capture
+        // of the host's console line (timestamped lines), not a fetched file.
+        for p in kinds.iter().filter(|p| p.ends_with("console.txt")) {
+            if let Ok(text) = std::fs::read_to_string(run_dir.join(p)) {
+                assert!(
+                    text.lines()
+                        .all(|l| l.starts_with('[') && l.contains("Z +")),
+                    "{}: {p}: {text}",
+                    c.id
+                );
+            }
+        }
         assert!(
             kinds.iter().any(|p| p.ends_with("vmm.json")),
             "{}: {kinds:?}",
@@ -396,28 +409,20 @@ fn counters_come_from_the_hosts_oob_port() {
     );
 }
 
-/// Adversarial: the host's OOB line is broken (its server hung: the port is
-/// there but never answers; a killed server's PTY number may be reused by
-/// another lab's line while tests run in parallel). The case cannot be judged:
-/// INFRA naming the OOB line, never a counters FAIL (nor a PASS judged from a
-/// state file on the controller).
-#[test]
-fn broken_oob_line_is_infra() {
-    let test = "broken_oob_line_is_infra";
+/// Run the one-case program campaign on `sim-ssh-1` after `breaking` its OOB
+/// line (given the lab and the line's path on the controller): every attempt
+/// is INFRA naming the OOB line, never a counters FAIL (nor a PASS judged from
+/// a state file on the controller).
+fn oob_broken_case_is_infra(test: &str, breaking: impl FnOnce(&SimLab, &Path)) {
     let Some(lab) = lab(test, 1) else { return };
-    let Some((_, oob_pid)) = host_device(&lab, "sim-ssh-1") else {
+    if host_device(&lab, "sim-ssh-1").is_none() {
         eprintln!("SKIPPED: {test}: the lab has no per-host devices (no hilrig build)");
         return;
-    };
+    }
     if !kvm_and_vmm(test) {
         return;
     }
-    let pid = std::fs::read_to_string(&oob_pid).unwrap();
-    let st = std::process::Command::new("kill")
-        .args(["-STOP", pid.trim()])
-        .status()
-        .unwrap();
-    assert!(st.success());
+    breaking(&lab, &lab.dir().join("h1").join("oob"));
     let t = tempfile::tempdir().unwrap();
     let c = t.path().join("c.toml");
     std::fs::write(&c, PROGRAM_CASE).unwrap();
@@ -430,6 +435,63 @@ fn broken_oob_line_is_infra() {
     }
     assert_ne!(case.outcome, Outcome::Fail, "{case:?}");
     assert_ne!(case.outcome, Outcome::Pass, "{case:?}");
+}
+
+/// Adversarial: the host's OOB server hung (the port is there but never
+/// answers; a killed server's PTY number may be reused by another lab's line
+/// while tests run in parallel, so it is stopped, not killed).
+#[test]
+fn broken_oob_line_is_infra() {
+    oob_broken_case_is_infra("broken_oob_line_is_infra", |lab, _| {
+        let (_, pid_file) = host_device(lab, "sim-ssh-1").unwrap();
+        let pid = std::fs::read_to_string(pid_file).unwrap();
+        let st = std::process::Command::new("kill")
+            .args(["-STOP", pid.trim()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    });
+}
+
+/// Adversarial: garbage on the host's OOB line (the controller's end of it
+/// now a PTY whose other side answers every byte with noise).
+#[test]
+fn garbage_on_the_oob_line_is_infra() {
+    let noise = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let keep = noise.clone();
+    oob_broken_case_is_infra("garbage_on_the_oob_line_is_infra", move |_, line| {
+        let mut child = std::process::Command::new("/usr/bin/python3")
+            .args([
+                "-c",
+                "import os,sys\nm,s=os.openpty()\nimport tty\ntty.setraw(s)\n\
+                 print(os.ttyname(s),flush=True)\nwhile True:\n    os.read(m,4096)\n    \
+                 os.write(m,b'\\x7e\\x00\\xffnoise\\r\\n'*8)\n",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut first,
+        )
+        .unwrap();
+        let _ = std::fs::remove_file(line);
+        std::os::unix::fs::symlink(first.trim(), line).unwrap();
+        *keep.lock().unwrap() = Some(Killed(child));
+    });
+    // Ended when the guard drops, also when the test panics.
+    drop(noise);
+}
+
+/// A child process killed when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn walk(d: &Path) -> Vec<PathBuf> {
