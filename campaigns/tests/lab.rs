@@ -130,21 +130,15 @@ fn smoke_campaign_on_ssh_hosts() {
     }
 }
 
-/// A host that fails its health check before the run (powered off: SSH
-/// unreachable) is taken offline with the reason and never given work; it stays
-/// offline in the results database for later runs (even once reachable again)
-/// until an operator brings it back.
+/// A host that fails its health check before the run and does not come back
+/// from recovery (wedged, and it never powers on again) is taken offline with
+/// the reason and never given work; it stays offline in the results database
+/// for later runs (even once reachable again) until an operator brings it back.
 #[test]
 fn unreachable_host_goes_offline() {
     let test = "unreachable_host_goes_offline";
     let Some(lab) = lab(test, 1) else { return };
-    let off = std::process::Command::new(hilrig_rig::simlab::script())
-        .arg("power")
-        .arg(lab.dir())
-        .args(["1", "off"])
-        .status()
-        .unwrap();
-    assert!(off.success());
+    assert!(lab.host("fault", 1, "dead"));
     let t = tempfile::tempdir().unwrap();
     let c = t.path().join("c.toml");
     std::fs::write(
@@ -153,11 +147,23 @@ fn unreachable_host_goes_offline() {
     )
     .unwrap();
     // A stand-in VMM: the case must not get as far as running one.
+    let quick = hilrig_rig::recover::RecoverOptions {
+        ssh_timeout: std::time::Duration::from_secs(3),
+        wait: std::time::Duration::from_secs(5),
+    };
     let mut o = opts(t.path(), c.clone(), &lab.inventory);
     o.vmm = Some(PathBuf::from("/bin/true"));
+    o.recover = quick;
     let s = run_campaign(o).expect("run");
     assert_eq!(s.offline_hosts.len(), 1, "{:?}", s.offline_hosts);
     assert_eq!(s.offline_hosts[0].0, "sim-ssh-1");
+    // Marked Bad only after the recovery was tried.
+    assert!(
+        s.offline_hosts[0].1.contains("recovery before the run")
+            && s.offline_hosts[0].1.contains("power cycle"),
+        "{:?}",
+        s.offline_hosts
+    );
     let case = &s.run.cases[0];
     assert_eq!(case.outcome, Outcome::Skipped, "{case:?}");
     assert!(case.attempts.is_empty(), "{case:?}");
@@ -167,15 +173,10 @@ fn unreachable_host_goes_offline() {
         case.message
     );
     assert_eq!(s.exit_status(), 3);
+    assert!(lab.host("fault", 1, "fix"));
 
     // Powered on again, it is still offline: recorded, until an operator says so.
-    let on = std::process::Command::new(hilrig_rig::simlab::script())
-        .arg("power")
-        .arg(lab.dir())
-        .args(["1", "on"])
-        .status()
-        .unwrap();
-    assert!(on.success());
+    assert!(lab.host("power", 1, "on"));
     let mut o = opts(t.path(), c.clone(), &lab.inventory);
     o.vmm = Some(PathBuf::from("/bin/true"));
     let s = run_campaign(o).expect("run");
@@ -201,6 +202,34 @@ fn unreachable_host_goes_offline() {
         .attempts
         .iter()
         .all(|a| a.host == "sim-ssh-1"));
+}
+
+/// LAVA-style health check: a host that fails it before the run (powered off:
+/// SSH unreachable) is first recovered through its power driver and checked
+/// again; back, it stays online and gets work.
+#[test]
+fn powered_off_host_is_recovered_before_the_run() {
+    let test = "powered_off_host_is_recovered_before_the_run";
+    let Some(lab) = lab(test, 1) else { return };
+    assert!(lab.host("power", 1, "off"));
+    let t = tempfile::tempdir().unwrap();
+    let c = t.path().join("c.toml");
+    std::fs::write(
+        &c,
+        "name = \"t\"\n[defaults]\ncase_timeout = \"5s\"\ninfra_retries = 0\n[[case]]\nattacks = [\"attack-hang\"]\ntags = [\"ssh\"]\n",
+    )
+    .unwrap();
+    let mut o = opts(t.path(), c, &lab.inventory);
+    o.vmm = Some(PathBuf::from("/bin/true"));
+    o.recover = hilrig_rig::recover::RecoverOptions {
+        ssh_timeout: std::time::Duration::from_secs(3),
+        wait: std::time::Duration::from_secs(20),
+    };
+    let s = run_campaign(o).expect("run");
+    assert!(s.offline_hosts.is_empty(), "{:?}", s.offline_hosts);
+    let case = &s.run.cases[0];
+    assert!(!case.attempts.is_empty(), "{case:?}");
+    assert!(case.attempts.iter().all(|a| a.host == "sim-ssh-1"));
 }
 
 /// A stand-in VMM for the wedge tests: `--version` answers (the health check);

@@ -121,6 +121,18 @@ impl SimLab {
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+
+    /// `scripts/sim-lab CMD DIR I WHAT` on host `i` (e.g. `power`, `1`, `off`;
+    /// `fault`, `1`, `hang`): whether it succeeded.
+    pub fn host(&self, cmd: &str, i: usize, what: &str) -> bool {
+        Command::new(&self.script)
+            .arg(cmd)
+            .arg(self.dir.path())
+            .arg(i.to_string())
+            .arg(what)
+            .status()
+            .is_ok_and(|s| s.success())
+    }
 }
 
 impl Drop for SimLab {
