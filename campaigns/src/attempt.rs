@@ -6,11 +6,12 @@
 
 use crate::attacks::{Gen, Setup, Step, StepKind, StepVm};
 use crate::board::BoardSession;
-use crate::format::{Backend, Case, FpgaTarget, HostSpec};
+use crate::format::{Backend, Case, FpgaTarget, HostDevice, HostSpec};
 use crate::runner::{
     check_observed, prepare_state, reading, reading_of, rel, AttemptResult, Observed,
 };
 use crate::scenario;
+use hilrig_counters::source::CounterSource;
 use hilrig_device::state::NvState;
 use hilrig_device::Region;
 use hilrig_reports::{Artifact, ArtifactKind, Outcome};
@@ -151,6 +152,66 @@ struct Att<'a> {
     /// The `fpga` backend's board (a host's, or serve-sim's): the device is there,
     /// read out of band; `state` is not used.
     board: Option<BoardSession>,
+    /// An SSH host's own device: its state file stays on the host, read out of
+    /// band through its OOB port; `state` keeps the state the rig prepared.
+    dev: Option<HostDevice>,
+}
+
+/// The host's OOB port (a transport fault there is INFRA, never the device's).
+fn host_oob(d: &HostDevice) -> Result<hilrig_counters::source::SerialSource, Stop> {
+    hilrig_counters::source::SerialSource::open(&d.oob, d.oob_baud, d.oob_timeout).map_err(|e| {
+        fail(
+            Outcome::Infra,
+            format!("the host's OOB line failed, not the device: {e}"),
+        )
+    })
+}
+
+/// An OOB read of the host's device; a fault is INFRA.
+fn oob_read<T>(
+    d: &HostDevice,
+    f: impl FnOnce(&mut hilrig_counters::source::SerialSource) -> Result<T, hilrig_counters::Error>,
+) -> Result<T, Stop> {
+    let mut src = host_oob(d)?;
+    f(&mut src).map_err(|e| {
+        fail(
+            Outcome::Infra,
+            format!("the host's OOB line failed, not the device: {e}"),
+        )
+    })
+}
+
+/// Put the state the rig prepared for the case in place on the host (its
+/// device's state file, atomically; its kept buffers gone, as at power-on).
+async fn install_device(ssh: Arc<Ssh>, d: &HostDevice, state: &Path) -> Result<(), Stop> {
+    let bytes = std::fs::read(state)
+        .map_err(|e| fail(Outcome::Infra, format!("reading {}: {e}", state.display())))?;
+    let st = Path::new(&d.state);
+    let buffers = hilrig_device::model::buffers_path(st);
+    let (p, b) = (
+        shell_quote(&d.state),
+        shell_quote(&buffers.to_string_lossy()),
+    );
+    let line = format!(
+        "set -e; umask 077; t=$(mktemp {p}.XXXXXX); cat > \"$t\"; mv -f \"$t\" {p}; rm -f {b}"
+    );
+    blocking(move || ssh.sh(&line, Some(&bytes)).map(|_| ()))
+        .await
+        .map_err(|e| {
+            fail(
+                Outcome::Infra,
+                format!("putting the case's device state on the host: {e}"),
+            )
+        })
+}
+
+/// One VMM step on a remote host: the host, the step's directory there, the
+/// files fetched back and the command.
+struct StepCall<'a> {
+    r: &'a Remote,
+    rdir: &'a str,
+    files: &'a [String],
+    argv: &'a [String],
 }
 
 /// Where an attempt's VMM runs: on a host reached over SSH, the build there and
@@ -498,7 +559,10 @@ impl Att<'_> {
                 .counters()
                 .map(|c| Some(reading_of(&c)))
                 .map_err(|e| fail(Outcome::Infra, format!("the board's transport failed: {e}"))),
-            None => Ok(NvState::load(&self.state).ok().map(|nv| reading(&nv))),
+            None => match &self.dev {
+                Some(d) => oob_read(d, |s| s.counters()).map(|c| Some(reading_of(&c))),
+                None => Ok(NvState::load(&self.state).ok().map(|nv| reading(&nv))),
+            },
         }
     }
 
@@ -509,7 +573,7 @@ impl Att<'_> {
     /// there), then its `--json` summary, stderr, the state, console, alarms and
     /// teardown record sent back and the step's directory removed.
     async fn run_remote(&mut self, k: usize, label: &str, spec: VmSpec, r: Remote) -> StepOut {
-        use hilrig_rig::remote::{StepError, StepRequest};
+        use hilrig_rig::remote::StepRequest;
         let infra = |m: String| fail(Outcome::Infra, format!("step {k} ({label}): {m}"));
         let rdir = format!("{}-{k}", r.dir);
         let rpath = |local: &Path| -> String {
@@ -521,11 +585,28 @@ impl Att<'_> {
         };
         let mut rs = spec.clone();
         let mut puts: Vec<(String, Vec<u8>)> = Vec::new();
-        let state_r = rpath(&self.state);
-        let state_bytes = std::fs::read(&self.state)
-            .map_err(|e| infra(format!("reading {}: {e}", self.state.display())))?;
-        puts.push((state_r.clone(), state_bytes));
-        rs.device_state = Some(PathBuf::from(&state_r));
+        let mut fetch: Vec<(String, PathBuf)> = Vec::new();
+        // The host's own device: its state file stays there. Otherwise the state
+        // goes there and comes back with the step.
+        match &self.dev {
+            Some(d) => rs.device_state = Some(PathBuf::from(&d.state)),
+            None => {
+                let state_r = rpath(&self.state);
+                let state_bytes = std::fs::read(&self.state)
+                    .map_err(|e| infra(format!("reading {}: {e}", self.state.display())))?;
+                puts.push((state_r.clone(), state_bytes));
+                rs.device_state = Some(PathBuf::from(&state_r));
+                fetch.push((state_r, self.state.clone()));
+            }
+        }
+        // The host's console line: the VMM writes its tty, the controller
+        // captures the other end through the rig's console driver.
+        let line = self.dev.as_ref().and_then(|d| d.console.clone());
+        let mut capture_to = None;
+        if let Some(c) = &line {
+            capture_to = rs.console.take();
+            rs.console = Some(PathBuf::from(&c.tty));
+        }
         let payload = Path::new(&spec.payload);
         if payload.is_absolute() && payload.is_file() {
             let b = std::fs::read(payload)
@@ -534,8 +615,11 @@ impl Att<'_> {
             puts.push((p.clone(), b));
             rs.payload = p;
         }
-        let mut fetch: Vec<(String, PathBuf)> = vec![(state_r, self.state.clone())];
-        for f in [&mut rs.alarms, &mut rs.console, &mut rs.teardown_record] {
+        let mut fetched = vec![&mut rs.alarms, &mut rs.teardown_record];
+        if line.is_none() {
+            fetched.push(&mut rs.console);
+        }
+        for f in fetched {
             if let Some(local) = f.take() {
                 let p = rpath(&local);
                 fetch.push((p.clone(), local));
@@ -558,37 +642,41 @@ impl Att<'_> {
             puts: std::mem::take(&mut puts),
             fetch: remote_files.clone(),
         };
-        let (ssh, hilrig, left) = (r.ssh.clone(), r.hilrig.clone(), self.left());
-        let agent = tokio::task::spawn_blocking(move || {
-            let out = ssh.step(&hilrig, &req, left);
-            (out, req)
-        })
-        .await
-        .map_err(|e| infra(format!("step task: {e}")))?;
-        let step = match agent {
-            (Ok(s), _) => Some(s),
-            (Err(StepError::Unsupported { .. }), req) => {
-                puts = req.puts;
-                None
-            }
-            (Err(StepError::Timeout { .. }), _) => {
-                return Err(fail(
-                    Outcome::Timeout,
-                    format!(
-                        "step {k} ({label}) still running on {} after the case timeout of {:?}: killed",
-                        self.host.name, self.case.timeout
-                    ),
-                ));
-            }
-            (Err(e), _) => return Err(infra(e.to_string())),
+        let capture = match (&line, &capture_to) {
+            (Some(c), Some(to)) => Some(
+                hilrig_rig::console::Capture::start(
+                    &self.host.name,
+                    &c.name,
+                    hilrig_rig::console::Source::Serial {
+                        path: c.path.clone(),
+                        baud: c.baud,
+                    },
+                    to,
+                )
+                .map_err(|e| infra(format!("the host's console line: {e}")))?,
+            ),
+            _ => None,
         };
-        let step = match step {
-            Some(s) => s,
-            None => {
-                self.run_step_sh(k, label, &r, &rdir, &remote_files, &cmd_argv, &puts)
-                    .await?
-            }
+        let call = StepCall {
+            r: &r,
+            rdir: &rdir,
+            files: &remote_files,
+            argv: &cmd_argv,
         };
+        let step = self.remote_step(k, label, &call, req).await;
+        if let Some(c) = capture {
+            // The line's last bytes still on their way through it.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let stopped = tokio::task::spawn_blocking(move || c.stop()).await;
+            if step.is_ok() {
+                match stopped {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return Err(infra(format!("the host's console line: {e}"))),
+                    Err(e) => return Err(infra(format!("console task: {e}"))),
+                }
+            }
+        }
+        let step = step?;
         for ((_, local), body) in fetch.iter().zip(&step.files) {
             if let Some(b) = body {
                 std::fs::write(local, b)
@@ -610,19 +698,51 @@ impl Att<'_> {
         self.collect(k, label, vm_out)
     }
 
+    /// One step on the host through its step agent, or [`Att::run_step_sh`] for a
+    /// build without one.
+    async fn remote_step(
+        &mut self,
+        k: usize,
+        label: &str,
+        call: &StepCall<'_>,
+        req: hilrig_rig::remote::StepRequest,
+    ) -> Result<hilrig_rig::remote::StepOutput, Stop> {
+        use hilrig_rig::remote::StepError;
+        let r = call.r;
+        let infra = |m: String| fail(Outcome::Infra, format!("step {k} ({label}): {m}"));
+        let (ssh, hilrig, left) = (r.ssh.clone(), r.hilrig.clone(), self.left());
+        let agent = tokio::task::spawn_blocking(move || {
+            let out = ssh.step(&hilrig, &req, left);
+            (out, req)
+        })
+        .await
+        .map_err(|e| infra(format!("step task: {e}")))?;
+        match agent {
+            (Ok(s), _) => Ok(s),
+            (Err(StepError::Unsupported { .. }), req) => {
+                self.run_step_sh(k, label, call, &req.puts).await
+            }
+            (Err(StepError::Timeout { .. }), _) => Err(fail(
+                Outcome::Timeout,
+                format!(
+                    "step {k} ({label}) still running on {} after the case timeout of {:?}: killed",
+                    self.host.name, self.case.timeout
+                ),
+            )),
+            (Err(e), _) => Err(infra(e.to_string())),
+        }
+    }
+
     /// One step through [`hilrig_rig::remote::STEP_SH`] (a build without the
     /// step agent): its own SSH round trip.
-    #[allow(clippy::too_many_arguments)]
     async fn run_step_sh(
         &mut self,
         k: usize,
         label: &str,
-        r: &Remote,
-        rdir: &str,
-        remote_files: &[String],
-        cmd_argv: &[String],
+        call: &StepCall<'_>,
         puts: &[(String, Vec<u8>)],
     ) -> Result<hilrig_rig::remote::StepOutput, Stop> {
+        let (r, rdir, remote_files, cmd_argv) = (call.r, call.rdir, call.files, call.argv);
         use hilrig_rig::remote::{parse_step, stage_input, step_argv};
         let infra = |m: String| fail(Outcome::Infra, format!("step {k} ({label}): {m}"));
         let argv = step_argv(rdir, remote_files, cmd_argv);
@@ -715,6 +835,9 @@ impl Att<'_> {
                 }
                 Ok(summary)
             }
+            StepKind::Snapshot | StepKind::Restore if self.dev.is_some() => {
+                self.host_snapshot(step.kind == StepKind::Restore).await
+            }
             StepKind::Snapshot => {
                 let snap = self.dir.join("snapshot.bin");
                 std::fs::copy(&self.state, &snap)
@@ -733,12 +856,15 @@ impl Att<'_> {
                 Ok(synthetic())
             }
             StepKind::Verify(want) => {
-                let (v, why) = match &self.board {
-                    Some(b) => {
+                let (v, why) = match (&self.board, &self.dev) {
+                    (Some(b), _) => {
                         let mut src = b.source().map_err(|e| fail(Outcome::Infra, e))?;
                         crate::attest::verdict_from(self.dir, b.serial, &mut src)
                     }
-                    None => crate::attest::verdict_after(self.dir, &self.state, self.host),
+                    (None, Some(d)) => {
+                        crate::attest::verdict_from(self.dir, self.host.serial, &mut host_oob(d)?)
+                    }
+                    (None, None) => crate::attest::verdict_after(self.dir, &self.state, self.host),
                 }
                 .map_err(|e| fail(Outcome::Infra, e.to_string()))?;
                 if v != want {
@@ -750,7 +876,9 @@ impl Att<'_> {
                 self.seen.notes.push(format!("service {v} after step {k}"));
                 Ok(synthetic())
             }
-            StepKind::OobForge if self.board.is_some() => self.oob_forge_board(k, label).await,
+            StepKind::OobForge if self.board.is_some() || self.dev.is_some() => {
+                self.oob_forge_board(k, label).await
+            }
             StepKind::OobForge => {
                 let backend = self
                     .case
@@ -809,13 +937,44 @@ impl Att<'_> {
         }
     }
 
+    /// The rollback attack on a host's own device: the state file copied aside
+    /// there (`restore`: the copy put back in place, as a file copy would).
+    async fn host_snapshot(&mut self, restore: bool) -> StepOut {
+        let (Some(d), Some(r)) = (&self.dev, &self.remote) else {
+            return Err(fail(Outcome::Infra, "no host device"));
+        };
+        let (p, snap) = (
+            shell_quote(&d.state),
+            shell_quote(&format!("{}.snapshot", d.state)),
+        );
+        let line = if restore {
+            format!("set -e; t=$(mktemp {p}.XXXXXX); cat {snap} > \"$t\"; mv -f \"$t\" {p}")
+        } else {
+            format!("set -e; umask 077; cat {p} > {snap}")
+        };
+        let ssh = r.ssh.clone();
+        blocking(move || ssh.sh_within(&line, KILL_TIMEOUT).map(|_| ()))
+            .await
+            .map_err(|e| fail(Outcome::Infra, format!("the host's state file: {e}")))?;
+        self.seen.notes.push(
+            if restore {
+                "old state file restored on the host"
+            } else {
+                "state snapshot taken on the host"
+            }
+            .into(),
+        );
+        Ok(synthetic())
+    }
+
     /// Forged and malformed OOB requests on the board's OOB port (serialport, as
     /// the rig reaches it); a port that stops answering is INFRA.
     async fn oob_forge_board(&mut self, k: usize, label: &str) -> StepOut {
-        let Some(b) = &self.board else {
-            return Err(fail(Outcome::Infra, "no board"));
+        let (path, baud, nv) = match (&self.board, &self.dev) {
+            (Some(b), _) => (b.oob.clone(), b.baud, b.factory.clone()),
+            (None, Some(d)) => (d.oob.clone(), d.oob_baud, self.load()?),
+            (None, None) => return Err(fail(Outcome::Infra, "no board")),
         };
-        let (path, baud, nv) = (b.oob.clone(), b.baud, b.factory.clone());
         let r = tokio::task::spawn_blocking(move || scenario::oob_forge_port(&path, baud, &nv))
             .await
             .map_err(|e| fail(Outcome::Infra, format!("OOB task: {e}")))?;
@@ -824,6 +983,9 @@ impl Att<'_> {
             Err(e) => {
                 // A board that stopped answering is a transport fault, not a finding.
                 self.board_check(k, label, &Ok(synthetic()), "")?;
+                if let Some(d) = &self.dev {
+                    oob_read(d, |s| s.counters())?;
+                }
                 let o = match e {
                     scenario::ScenarioError::Setup(_) => Outcome::Infra,
                     _ => Outcome::Fail,
@@ -835,8 +997,13 @@ impl Att<'_> {
         let _ = std::fs::write(&log, obs.join("\n") + "\n");
         self.keep(&log, ArtifactKind::Oob);
         self.seen.notes.push(format!(
-            "{} forged/malformed OOB requests refused on the board's OOB port",
-            obs.len()
+            "{} forged/malformed OOB requests refused on the {}'s OOB port",
+            obs.len(),
+            if self.board.is_some() {
+                "board"
+            } else {
+                "host"
+            }
         ));
         Ok(synthetic())
     }
@@ -1659,12 +1826,60 @@ async fn attempt_inner(
     }
     let state = dir.join("state.bin");
     let mut board = board;
-    let before = match &mut board {
-        Some(b) => match b.observe() {
+    // An SSH host's own device (an fpga case uses its board instead).
+    let dev = match (&remote, &board) {
+        (Some(_), None) => host.device.clone(),
+        _ => None,
+    };
+    let before = match (&mut board, &dev, &remote) {
+        (Some(b), _, _) => match b.observe() {
             Ok(o) => o,
             Err(e) => return *fail(Outcome::Infra, format!("reading the board: {e}")),
         },
-        None => {
+        // The case's device prepared here and put in place on the host; from
+        // then on it is read only through the host's OOB port.
+        (None, Some(d), Some(r)) => {
+            let nv = match prepare_state(case.attack.setup, host, &state) {
+                Ok(nv) => nv,
+                Err(e) => return *fail(Outcome::Infra, e),
+            };
+            // The line reaches this host's device (a PTY path whose server died
+            // may name another device's line by now).
+            match oob_read(d, |s| s.request(&hilrig_device::oob::Request::Identify)) {
+                Ok(hilrig_device::oob::Response::Identity { serial, .. })
+                    if serial == host.serial => {}
+                Ok(other) => {
+                    return *fail(
+                        Outcome::Infra,
+                        format!(
+                            "the host's OOB line failed, not the device: {} answered IDENTIFY with {other:?}, expected serial {}",
+                            d.oob, host.serial
+                        ),
+                    )
+                }
+                Err(e) => return *e,
+            }
+            if let Err(e) = install_device(r.ssh.clone(), d, &state).await {
+                return *e;
+            }
+            if let Err(e) = crate::attest::enroll(dir, host, &nv) {
+                return *fail(Outcome::Infra, format!("enrolling the device: {e}"));
+            }
+            let mut src = match host_oob(d) {
+                Ok(s) => s,
+                Err(e) => return *e,
+            };
+            if let Err(e) = crate::attest::provision_from(dir, host.serial, &mut src) {
+                return *fail(Outcome::Infra, format!("provisioning: {e}"));
+            }
+            // One opener at a time: the port is opened exclusively.
+            drop(src);
+            match oob_read(d, |s| s.observe()) {
+                Ok(o) => o,
+                Err(e) => return *e,
+            }
+        }
+        _ => {
             let nv = match prepare_state(case.attack.setup, host, &state) {
                 Ok(nv) => nv,
                 Err(e) => return *fail(Outcome::Infra, e),
@@ -1695,6 +1910,7 @@ async fn attempt_inner(
         sockets: None,
         remote,
         board,
+        dev,
     };
     att.seen.readings.push(reading_of(&before.report));
     let n = case.attack.steps.len();
@@ -1737,11 +1953,12 @@ async fn attempt_inner(
     let Some(summary) = last else {
         return *fail(Outcome::Infra, "the attack has no steps");
     };
-    let after = match &mut att.board {
-        Some(b) => b
+    let after = match (&mut att.board, &att.dev) {
+        (Some(b), _) => b
             .observe()
             .map_err(|e| format!("reading the board after the case: {e}")),
-        None => NvState::load(&att.state)
+        (None, Some(d)) => oob_read(d, |s| s.observe()).map_err(|e| e.message),
+        (None, None) => NvState::load(&att.state)
             .map_err(|e| format!("reading the device state after the case: {e}"))
             .and_then(|nv| crate::attest::observation_of(&nv).map_err(|e| e.to_string())),
     };
@@ -1753,14 +1970,17 @@ async fn attempt_inner(
             return r;
         }
     };
-    let service = match &att.board {
-        Some(b) => b
+    let service = match (&att.board, &att.dev) {
+        (None, Some(d)) => host_oob(d)
+            .map_err(|e| crate::attest::AttestError::Prepared { detail: e.message })
+            .and_then(|mut src| crate::attest::verdict_from(dir, host.serial, &mut src)),
+        (Some(b), _) => b
             .source()
             .map_err(|e| crate::attest::AttestError::Prepared {
                 detail: e.to_string(),
             })
             .and_then(|mut src| crate::attest::verdict_from(dir, b.serial, &mut src)),
-        None => crate::attest::verdict_after(dir, &att.state, host),
+        (None, None) => crate::attest::verdict_after(dir, &att.state, host),
     };
     let service = match service {
         Ok(v) => v,

@@ -288,6 +288,78 @@ pub struct HostSpec {
     /// How the runner reaches the host: `None` = this machine (`local`), else
     /// over SSH (`[host.ssh]` of the inventory).
     pub ssh: Option<hilrig_rig::remote::SshSpec>,
+    /// An SSH host's own device, reached through the rig's drivers (`None`: the
+    /// runner stages the device state with each step).
+    pub device: Option<HostDevice>,
+}
+
+/// An SSH host's own device: its state file stays on the host (`[host.sim]
+/// state`), its counters are read through its OOB port (`[host.oob]`, serial)
+/// and its VMM's console is captured through its console driver (`[host.ssh]
+/// console` is the tty the VMM writes, wired to a serial `[[host.console]]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostDevice {
+    /// The device state file on the host.
+    pub state: String,
+    /// The OOB port as the controller opens it (a serial device or PTY).
+    pub oob: String,
+    /// Its baud rate.
+    pub oob_baud: u32,
+    /// Reply timeout per OOB request.
+    pub oob_timeout: Duration,
+    /// The console line, if the host has one.
+    pub console: Option<HostConsole>,
+}
+
+/// A lab host's console line: the VMM writes `tty` on the host, the controller
+/// reads `path` (the rig's serial console driver).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostConsole {
+    /// The console's name in the inventory (e.g. `com1`).
+    pub name: String,
+    /// The controller's end (serial device or PTY).
+    pub path: String,
+    /// Its baud rate.
+    pub baud: u32,
+    /// The host's end, which the VMM's `--console` names.
+    pub tty: String,
+}
+
+impl HostDevice {
+    /// The device of inventory host `h`: an SSH host with a `[host.sim] state`
+    /// and a serial `[host.oob]`; its console when `[host.ssh] console` is set
+    /// and it has a serial `[[host.console]]`.
+    pub fn of_inventory(h: &hilrig_rig::inventory::HostSpec) -> Option<HostDevice> {
+        use hilrig_rig::inventory::{ConsoleDriver, OobSpec};
+        let ssh = h.ssh.as_ref()?;
+        let state = h.sim.state.as_ref()?.to_string_lossy().into_owned();
+        let Some(OobSpec::Serial {
+            path,
+            baud,
+            timeout_ms,
+        }) = &h.oob
+        else {
+            return None;
+        };
+        let console = ssh.console.as_ref().and_then(|tty| {
+            h.consoles.iter().find_map(|c| match &c.driver {
+                ConsoleDriver::Serial { path, baud } => Some(HostConsole {
+                    name: c.name.clone(),
+                    path: path.clone(),
+                    baud: *baud,
+                    tty: tty.clone(),
+                }),
+                _ => None,
+            })
+        });
+        Some(HostDevice {
+            state,
+            oob: path.clone(),
+            oob_baud: *baud,
+            oob_timeout: Duration::from_millis(*timeout_ms),
+            console,
+        })
+    }
 }
 
 impl HostSpec {
@@ -319,6 +391,7 @@ impl HostSpec {
                 counter_width: 64,
                 serial: 1,
                 ssh: None,
+                device: None,
             })
             .collect()
     }
@@ -345,6 +418,7 @@ impl HostSpec {
                     counter_width: h.sim.counter_width,
                     serial: h.sim.serial.unwrap_or(1),
                     ssh: h.ssh.clone(),
+                    device: HostDevice::of_inventory(h),
                 });
             } else {
                 other.push(h.name.clone());
@@ -853,6 +927,7 @@ expect = { verdict = "pass", exit_status = 3 }
             counter_width: 64,
             serial: 1,
             ssh: None,
+            device: None,
         }];
         let e = parse(
             "name = \"t\"\n[[case]]\nattacks = [\"pci-enum\"]\nbackends = [\"rtl\"]\n",
@@ -966,6 +1041,7 @@ expect = { verdict = "pass", exit_status = 3 }
             counter_width: 64,
             serial: 1,
             ssh: None,
+            device: None,
         };
         let e = parse(
             "name = \"t\"\n[defaults]\ntags = [\"lab\"]\n[[case]]\nattacks = [\"pci-enum\"]\nbackends = [\"fpga\"]\n",

@@ -127,6 +127,7 @@ impl LabgridSource {
                 serial: 1,
                 // No NetworkService: a local simulated host named after the place.
                 ssh,
+                device: None,
             });
             self.mapped.push(h);
         }

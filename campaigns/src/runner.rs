@@ -949,6 +949,39 @@ pub fn health_check(ssh: &Ssh, vmm: &Path) -> Result<String, hilrig_rig::remote:
     Ok(path)
 }
 
+/// A host that failed its health check before the run, recovered soft -> hard
+/// -> power cycle through its inventory power driver ([`hilrig_rig::recover`]):
+/// the step that brought it back, for a second health check. `Err(None)`: no
+/// power driver (nothing tried); `Err(Some(why))`: it did not come back. A host
+/// whose build is not there yet answers no `--version`: reachable again after
+/// the recovery, it is what the second health check judges.
+fn recover_before_run(
+    rig: Option<&hilrig_rig::Rig>,
+    ssh: &Ssh,
+    vmm: &Path,
+    opts: hilrig_rig::recover::RecoverOptions,
+) -> Result<String, Option<String>> {
+    let host = ssh.host().to_string();
+    let power = match rig.map(|r| r.power(&host)) {
+        Some(Ok(p)) => p,
+        Some(Err(e)) => {
+            tracing::warn!("host {host}: no power driver for its recovery: {e}");
+            return Err(None);
+        }
+        None => return Err(None),
+    };
+    let hilrig = ssh.spec().build_path(vmm);
+    match hilrig_rig::recover::recover_host(ssh, &hilrig, Some(power), opts) {
+        Ok(step) => Ok(step.to_string()),
+        // Up again but without this build yet: the health check copies it.
+        Err(e) if ssh.alive_within("true", opts.ssh_timeout).is_ok() => {
+            tracing::info!("host {host}: reachable after recovery ({e})");
+            Ok("its recovery steps (reachable again)".into())
+        }
+        Err(e) => Err(Some(format!("recovery before the run: {e}"))),
+    }
+}
+
 /// After an INFRA attempt on a remote host: if it does not answer (SSH and
 /// `hilrig --version`, bounded), recover it soft -> hard -> power cycle through
 /// its inventory power driver and wait for it ([`hilrig_rig::recover`]); a host
@@ -1385,6 +1418,20 @@ pub fn run_campaign(opts: RunOptions) -> RunResult<RunSummary> {
             Err(e) => return Err(RunError::rig(format!("host states in {}", db.display()), e)),
         }
     };
+    // The inventory's drivers, for recovering a host that fails its health check
+    // or wedges (labgrid places and anonymous hosts have none here).
+    let rig = match (&opts.inventory, &opts.labgrid) {
+        (Some(inv), None) if hosts.iter().any(|h| h.ssh.is_some()) => {
+            match hilrig_rig::Rig::load(inv) {
+                Ok(r) => Some(Arc::new(r)),
+                Err(e) => {
+                    tracing::warn!("inventory {}: no drivers for recovery: {e}", inv.display());
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
     let mut remotes = BTreeMap::new();
     for h in &hosts {
         if let Some(st) = states
@@ -1415,9 +1462,25 @@ pub fn run_campaign(opts: RunOptions) -> RunResult<RunSummary> {
                 continue;
             }
         };
-        match health_check(&ssh, &vmm) {
-            Ok(path) => {
-                progress.line(&format!("host {}: healthy (build at {path})", h.name));
+        let checked = match health_check(&ssh, &vmm) {
+            Ok(path) => Ok((path, String::new())),
+            // LAVA-style: a failing host is recovered (soft -> hard -> power
+            // cycle through its power driver) and checked again before it is
+            // marked Bad.
+            Err(why) => match recover_before_run(rig.as_deref(), &ssh, &vmm, opts.recover) {
+                Ok(step) => health_check(&ssh, &vmm)
+                    .map(|path| (path, format!("; recovered by {step}")))
+                    .map_err(|again| format!("{why}; after recovery by {step}: {again}")),
+                Err(Some(failed)) => Err(format!("{why}; {failed}")),
+                Err(None) => Err(why.to_string()),
+            },
+        };
+        match checked {
+            Ok((path, recovered)) => {
+                progress.line(&format!(
+                    "host {}: healthy (build at {path}){recovered}",
+                    h.name
+                ));
                 remotes.insert(h.name.clone(), (ssh, path));
             }
             Err(why) => {
@@ -1461,18 +1524,6 @@ pub fn run_campaign(opts: RunOptions) -> RunResult<RunSummary> {
         }
     }
     let states = states.map(Mutex::new);
-    // The inventory's drivers, for recovering a wedged host (labgrid places and
-    // anonymous hosts have none here).
-    let rig = match (&opts.inventory, &opts.labgrid) {
-        (Some(inv), None) if !remotes.is_empty() => match hilrig_rig::Rig::load(inv) {
-            Ok(r) => Some(Arc::new(r)),
-            Err(e) => {
-                tracing::warn!("inventory {}: no drivers for recovery: {e}", inv.display());
-                None
-            }
-        },
-        _ => None,
-    };
     let ctx = Arc::new(Ctx {
         pool,
         remotes,

@@ -86,8 +86,21 @@ fn smoke_campaign_on_ssh_hosts() {
             .flat_map(|c| c.attempts.iter().map(|a| (&a.host, a.outcome, &a.message)))
             .collect::<Vec<_>>()
     );
+    let run_dir = t.path().join(&s.run.id);
     for c in &remote {
         let kinds: Vec<String> = c.artifacts.iter().map(|a| a.path.clone()).collect();
+        // A console, where the guest printed one, is the controller's capture
+        // of the host's console line (timestamped lines), not a fetched file.
+        for p in kinds.iter().filter(|p| p.ends_with("console.txt")) {
+            if let Ok(text) = std::fs::read_to_string(run_dir.join(p)) {
+                assert!(
+                    text.lines()
+                        .all(|l| l.starts_with('[') && l.contains("Z +")),
+                    "{}: {p}: {text}",
+                    c.id
+                );
+            }
+        }
         assert!(
             kinds.iter().any(|p| p.ends_with("vmm.json")),
             "{}: {kinds:?}",
@@ -117,21 +130,15 @@ fn smoke_campaign_on_ssh_hosts() {
     }
 }
 
-/// A host that fails its health check before the run (powered off: SSH
-/// unreachable) is taken offline with the reason and never given work; it stays
-/// offline in the results database for later runs (even once reachable again)
-/// until an operator brings it back.
+/// A host that fails its health check before the run and does not come back
+/// from recovery (wedged, and it never powers on again) is taken offline with
+/// the reason and never given work; it stays offline in the results database
+/// for later runs (even once reachable again) until an operator brings it back.
 #[test]
 fn unreachable_host_goes_offline() {
     let test = "unreachable_host_goes_offline";
     let Some(lab) = lab(test, 1) else { return };
-    let off = std::process::Command::new(hilrig_rig::simlab::script())
-        .arg("power")
-        .arg(lab.dir())
-        .args(["1", "off"])
-        .status()
-        .unwrap();
-    assert!(off.success());
+    assert!(lab.host("fault", 1, "dead"));
     let t = tempfile::tempdir().unwrap();
     let c = t.path().join("c.toml");
     std::fs::write(
@@ -140,11 +147,23 @@ fn unreachable_host_goes_offline() {
     )
     .unwrap();
     // A stand-in VMM: the case must not get as far as running one.
+    let quick = hilrig_rig::recover::RecoverOptions {
+        ssh_timeout: std::time::Duration::from_secs(3),
+        wait: std::time::Duration::from_secs(5),
+    };
     let mut o = opts(t.path(), c.clone(), &lab.inventory);
     o.vmm = Some(PathBuf::from("/bin/true"));
+    o.recover = quick;
     let s = run_campaign(o).expect("run");
     assert_eq!(s.offline_hosts.len(), 1, "{:?}", s.offline_hosts);
     assert_eq!(s.offline_hosts[0].0, "sim-ssh-1");
+    // Marked Bad only after the recovery was tried.
+    assert!(
+        s.offline_hosts[0].1.contains("recovery before the run")
+            && s.offline_hosts[0].1.contains("power cycle"),
+        "{:?}",
+        s.offline_hosts
+    );
     let case = &s.run.cases[0];
     assert_eq!(case.outcome, Outcome::Skipped, "{case:?}");
     assert!(case.attempts.is_empty(), "{case:?}");
@@ -154,15 +173,10 @@ fn unreachable_host_goes_offline() {
         case.message
     );
     assert_eq!(s.exit_status(), 3);
+    assert!(lab.host("fault", 1, "fix"));
 
     // Powered on again, it is still offline: recorded, until an operator says so.
-    let on = std::process::Command::new(hilrig_rig::simlab::script())
-        .arg("power")
-        .arg(lab.dir())
-        .args(["1", "on"])
-        .status()
-        .unwrap();
-    assert!(on.success());
+    assert!(lab.host("power", 1, "on"));
     let mut o = opts(t.path(), c.clone(), &lab.inventory);
     o.vmm = Some(PathBuf::from("/bin/true"));
     let s = run_campaign(o).expect("run");
@@ -188,6 +202,34 @@ fn unreachable_host_goes_offline() {
         .attempts
         .iter()
         .all(|a| a.host == "sim-ssh-1"));
+}
+
+/// LAVA-style health check: a host that fails it before the run (powered off:
+/// SSH unreachable) is first recovered through its power driver and checked
+/// again; back, it stays online and gets work.
+#[test]
+fn powered_off_host_is_recovered_before_the_run() {
+    let test = "powered_off_host_is_recovered_before_the_run";
+    let Some(lab) = lab(test, 1) else { return };
+    assert!(lab.host("power", 1, "off"));
+    let t = tempfile::tempdir().unwrap();
+    let c = t.path().join("c.toml");
+    std::fs::write(
+        &c,
+        "name = \"t\"\n[defaults]\ncase_timeout = \"5s\"\ninfra_retries = 0\n[[case]]\nattacks = [\"attack-hang\"]\ntags = [\"ssh\"]\n",
+    )
+    .unwrap();
+    let mut o = opts(t.path(), c, &lab.inventory);
+    o.vmm = Some(PathBuf::from("/bin/true"));
+    o.recover = hilrig_rig::recover::RecoverOptions {
+        ssh_timeout: std::time::Duration::from_secs(3),
+        wait: std::time::Duration::from_secs(20),
+    };
+    let s = run_campaign(o).expect("run");
+    assert!(s.offline_hosts.is_empty(), "{:?}", s.offline_hosts);
+    let case = &s.run.cases[0];
+    assert!(!case.attempts.is_empty(), "{case:?}");
+    assert!(case.attempts.iter().all(|a| a.host == "sim-ssh-1"));
 }
 
 /// A stand-in VMM for the wedge tests: `--version` answers (the health check);
@@ -305,4 +347,193 @@ fn wedged_host_that_never_comes_back_goes_offline() {
         .unwrap()
         .unwrap();
     assert!(!st.online(), "{st:?}");
+}
+
+/// The host's device as the lab made it: its state file on the host, its OOB
+/// server's pid and its OOB port on the controller (`None`: the lab has no
+/// per-host devices, e.g. no `hilrig` build to run them).
+fn host_device(lab: &SimLab, host: &str) -> Option<(PathBuf, PathBuf)> {
+    let inv = hilrig_rig::Inventory::load(&lab.inventory).unwrap();
+    let h = inv.host(host).unwrap();
+    let state = h.sim.state.clone()?;
+    let i = host.trim_start_matches("sim-ssh-");
+    Some((state, lab.dir().join(format!("h{i}")).join("oob.pid")))
+}
+
+const PROGRAM_CASE: &str = "name = \"t\"\n[defaults]\ncase_timeout = \"60s\"\nstep_timeout = \"20s\"\n\
+     retries = 0\ninfra_retries = 0\n[[case]]\nattacks = [\"attack-flash-program\"]\n\
+     backends = [\"model\"]\nprofiles = [\"operator\"]\ntags = [\"ssh\"]\n\
+     expect = { counter_delta = { firmware = 1, master = 1 }, service_verdict = \"quarantined\" }\n";
+
+/// Negative control for the OOB path: the counters the runner judges are the
+/// host's, read through its OOB port. A counted flash program on the SSH host
+/// passes with the expected deltas, while the controller's copy of the state
+/// (the one the rig prepared) never moved: had the runner read it, the deltas
+/// would be zero and the case would fail. The console came through the host's
+/// console line.
+#[test]
+fn counters_come_from_the_hosts_oob_port() {
+    let test = "counters_come_from_the_hosts_oob_port";
+    if !kvm_and_vmm(test) {
+        return;
+    }
+    let Some(lab) = lab(test, 1) else { return };
+    let Some((host_state, _)) = host_device(&lab, "sim-ssh-1") else {
+        eprintln!("SKIPPED: {test}: the lab has no per-host devices (no hilrig build)");
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let c = t.path().join("c.toml");
+    // And a case whose guest prints on its console.
+    let pci = "[[case]]\nattacks = [\"pci-enum\"]\nbackends = [\"model\"]\n\
+               profiles = [\"tenant\"]\ntags = [\"ssh\"]\n";
+    std::fs::write(&c, format!("{PROGRAM_CASE}{pci}")).unwrap();
+    let s = run_campaign(opts(t.path(), c, &lab.inventory)).expect("run");
+    for c in &s.run.cases {
+        assert_eq!(c.host, "sim-ssh-1");
+        assert_eq!(c.outcome, Outcome::Pass, "{}: {}", c.id, c.message);
+    }
+    // The device the runner read is the one in the host's own state file.
+    let nv = hilrig_device::state::NvState::load(&host_state).unwrap();
+    assert_eq!(nv.serial, 2001);
+    // The controller's copy is the prepared, factory state: never consulted.
+    let local: Vec<PathBuf> = walk(t.path())
+        .into_iter()
+        .filter(|p| p.file_name().is_some_and(|n| n == "state.bin"))
+        .collect();
+    assert!(!local.is_empty());
+    for p in local {
+        let nv = hilrig_device::state::NvState::load(&p).unwrap();
+        assert_eq!(
+            hilrig_device::oob::CounterReport::of(&nv).counters,
+            [0, 0, 0],
+            "{}",
+            p.display()
+        );
+    }
+    // The console: captured on the controller through the console driver
+    // (timestamped lines), not a file fetched back.
+    let pci = s.run.cases.iter().find(|c| c.attack == "pci-enum").unwrap();
+    let console: Vec<_> = pci
+        .artifacts
+        .iter()
+        .filter(|a| a.path.ends_with("console.txt"))
+        .collect();
+    assert!(!console.is_empty(), "{:?}", pci.artifacts);
+    let text = std::fs::read_to_string(t.path().join(&console[0].path))
+        .or_else(|_| {
+            walk(t.path())
+                .into_iter()
+                .find(|p| p.ends_with(&console[0].path))
+                .map(std::fs::read_to_string)
+                .unwrap()
+        })
+        .unwrap();
+    assert!(
+        text.lines().count() > 0
+            && text
+                .lines()
+                .all(|l| l.starts_with('[') && l.contains("Z +")),
+        "{text}"
+    );
+}
+
+/// Run the one-case program campaign on `sim-ssh-1` after `breaking` its OOB
+/// line (given the lab and the line's path on the controller): every attempt
+/// is INFRA naming the OOB line, never a counters FAIL (nor a PASS judged from
+/// a state file on the controller).
+fn oob_broken_case_is_infra(test: &str, breaking: impl FnOnce(&SimLab, &Path)) {
+    let Some(lab) = lab(test, 1) else { return };
+    if host_device(&lab, "sim-ssh-1").is_none() {
+        eprintln!("SKIPPED: {test}: the lab has no per-host devices (no hilrig build)");
+        return;
+    }
+    if !kvm_and_vmm(test) {
+        return;
+    }
+    breaking(&lab, &lab.dir().join("h1").join("oob"));
+    let t = tempfile::tempdir().unwrap();
+    let c = t.path().join("c.toml");
+    std::fs::write(&c, PROGRAM_CASE).unwrap();
+    let s = run_campaign(opts(t.path(), c, &lab.inventory)).expect("run");
+    let case = &s.run.cases[0];
+    assert!(!case.attempts.is_empty(), "{case:?}");
+    for a in &case.attempts {
+        assert_eq!(a.outcome, Outcome::Infra, "{a:?}");
+        assert!(a.message.contains("OOB line"), "{}", a.message);
+    }
+    assert_ne!(case.outcome, Outcome::Fail, "{case:?}");
+    assert_ne!(case.outcome, Outcome::Pass, "{case:?}");
+}
+
+/// Adversarial: the host's OOB server hung (the port is there but never
+/// answers; a killed server's PTY number may be reused by another lab's line
+/// while tests run in parallel, so it is stopped, not killed).
+#[test]
+fn broken_oob_line_is_infra() {
+    oob_broken_case_is_infra("broken_oob_line_is_infra", |lab, _| {
+        let (_, pid_file) = host_device(lab, "sim-ssh-1").unwrap();
+        let pid = std::fs::read_to_string(pid_file).unwrap();
+        let st = std::process::Command::new("kill")
+            .args(["-STOP", pid.trim()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    });
+}
+
+/// Adversarial: garbage on the host's OOB line (the controller's end of it
+/// now a PTY whose other side answers every byte with noise).
+#[test]
+fn garbage_on_the_oob_line_is_infra() {
+    let noise = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let keep = noise.clone();
+    oob_broken_case_is_infra("garbage_on_the_oob_line_is_infra", move |_, line| {
+        let mut child = std::process::Command::new("/usr/bin/python3")
+            .args([
+                "-c",
+                "import os,sys\nm,s=os.openpty()\nimport tty\ntty.setraw(s)\n\
+                 print(os.ttyname(s),flush=True)\nwhile True:\n    os.read(m,4096)\n    \
+                 os.write(m,b'\\x7e\\x00\\xffnoise\\r\\n'*8)\n",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut first,
+        )
+        .unwrap();
+        let _ = std::fs::remove_file(line);
+        std::os::unix::fs::symlink(first.trim(), line).unwrap();
+        *keep.lock().unwrap() = Some(Killed(child));
+    });
+    // Ended when the guard drops, also when the test panics.
+    drop(noise);
+}
+
+/// A child process killed when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn walk(d: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(d) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
 }

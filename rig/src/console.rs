@@ -167,14 +167,19 @@ impl Capture {
         let stop = Arc::new(AtomicBool::new(false));
         let st = stop.clone();
         let mut reader: Box<dyn Read + Send> = match source {
-            Source::Serial { path: dev, baud } => Box::new(
-                serialport::new(&dev, baud)
+            Source::Serial { path: dev, baud } => {
+                let p = serialport::new(&dev, baud)
                     .timeout(Duration::from_millis(20))
                     .open()
                     .map_err(|e| {
                         RigError::driver(host, &label, format!("cannot open {dev}: {e}"))
-                    })?,
-            ),
+                    })?;
+                // What the line held before this capture (an earlier run's tail)
+                // is not this capture's.
+                p.clear(serialport::ClearBuffer::Input)
+                    .map_err(|e| RigError::driver(host, &label, format!("flushing {dev}: {e}")))?;
+                Box::new(p)
+            }
             Source::Net {
                 host: h,
                 port,

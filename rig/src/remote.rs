@@ -49,6 +49,12 @@ pub struct SshSpec {
     /// Seconds to wait for a connection.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_s: u32,
+    /// The path on the host its VMM writes its serial console (COM1) to: a tty
+    /// wired to the host's `[[host.console]]`, which the controller captures
+    /// through the rig's console driver. Default: the console is a file fetched
+    /// back with the step's artifacts.
+    #[serde(default)]
+    pub console: Option<String>,
 }
 
 fn default_port() -> u16 {
@@ -1671,6 +1677,7 @@ mod tests {
             workdir: "/var/lib/x".into(),
             hilrig: None,
             connect_timeout_s: 5,
+            console: None,
         };
         assert!(s.validate().is_ok());
         assert_eq!(s.hilrig_path(), "/var/lib/x/bin/hilrig");

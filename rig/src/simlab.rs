@@ -58,6 +58,28 @@ impl SimLab {
     /// [`SimLab::start`], every host sharing one root-owned copy of `build` as
     /// its `hilrig` (`SIM_LAB_BUILD`: many hosts without a copy each).
     pub fn start_with_build(n: usize, build: Option<&Path>) -> Result<SimLab, LabError> {
+        // Each host's own device (state file, OOB server, console line) needs a
+        // `hilrig` build to run there; without one the lab has none.
+        let device = crate::sim::find_vmm(None).ok().and_then(|v| {
+            if v.file_stem().and_then(|s| s.to_str()) == Some("hilrig") {
+                return Some(v);
+            }
+            let beside = v.with_file_name("hilrig");
+            beside.is_file().then_some(beside)
+        });
+        SimLab::start_with(n, build, device.as_deref())
+    }
+
+    /// [`SimLab::start_with_build`]; `device`: the `hilrig` build each host runs
+    /// its own device with (`SIM_LAB_DEVICE`: a state file in its work
+    /// directory, `hilrig device serve-oob` on it as the OOB port, a console
+    /// line), so the inventory gets `[host.oob]` and `[[host.console]]` through
+    /// the rig's serial drivers.
+    pub fn start_with(
+        n: usize,
+        build: Option<&Path>,
+        device: Option<&Path>,
+    ) -> Result<SimLab, LabError> {
         let script = script();
         if !script.is_file() {
             return Err(LabError::Skipped(format!("{} not found", script.display())));
@@ -70,6 +92,9 @@ impl SimLab {
         let mut c = Command::new(&script);
         if let Some(b) = build {
             c.env("SIM_LAB_BUILD", b);
+        }
+        if let Some(d) = device {
+            c.env("SIM_LAB_DEVICE", d);
         }
         let out = c
             .arg("start")
@@ -95,6 +120,18 @@ impl SimLab {
     /// The lab's directory (keys, known_hosts, sshd configs).
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// `scripts/sim-lab CMD DIR I WHAT` on host `i` (e.g. `power`, `1`, `off`;
+    /// `fault`, `1`, `hang`): whether it succeeded.
+    pub fn host(&self, cmd: &str, i: usize, what: &str) -> bool {
+        Command::new(&self.script)
+            .arg(cmd)
+            .arg(self.dir.path())
+            .arg(i.to_string())
+            .arg(what)
+            .status()
+            .is_ok_and(|s| s.success())
     }
 }
 

@@ -2,7 +2,8 @@
 //! and openssh-server, else SKIPPED): files moved byte for byte whatever their
 //! names, the build ensured by hash (copied when missing or different, not when
 //! equal), a host key that is not the pinned one refused, power through the
-//! host's power driver (off: SSH unreachable; on: reachable again).
+//! host's power driver (off: SSH unreachable; on: reachable again), each host's
+//! own device through the rig's OOB and console drivers.
 
 use hilrig_rig::remote::{file_sha256, HostSource, Remote, RemoteError, Ssh};
 use hilrig_rig::simlab::{LabError, SimLab};
@@ -120,6 +121,21 @@ fn shipped_sim_ssh_inventory_parses() {
     let ssh: Vec<_> = inv.hosts.iter().filter(|h| h.ssh.is_some()).collect();
     assert_eq!(ssh.len(), 2);
     assert_eq!(ssh[0].ssh.as_ref().unwrap().address, "127.0.0.11");
+    // Each SSH host's own device: state on the host, OOB and console as serial
+    // lines on the controller, the VMM's end of the console on the host.
+    for h in &ssh {
+        assert!(h.sim.state.is_some(), "{}", h.name);
+        assert!(
+            matches!(h.oob, Some(hilrig_rig::inventory::OobSpec::Serial { .. })),
+            "{}",
+            h.name
+        );
+        assert!(h.ssh.as_ref().unwrap().console.is_some(), "{}", h.name);
+        assert!(h.consoles.iter().any(|c| matches!(
+            c.driver,
+            hilrig_rig::inventory::ConsoleDriver::Serial { .. }
+        )));
+    }
     // A hostile [host.ssh] is refused with the host and section named.
     let bad = "[[host]]\nname = \"h\"\n[host.power]\ndriver = \"sim\"\n[host.ssh]\naddress = \"-oProxyCommand=sh\"\nuser = \"u\"\nidentity = \"k\"\nknown_hosts = \"kh\"\nworkdir = \"/w\"\n";
     let e = Inventory::parse(bad, std::path::Path::new("lab.toml"))
@@ -282,4 +298,53 @@ fn wedged_host_recovered_through_the_power_driver() {
             && m.contains("power cycle"),
         "{m}"
     );
+}
+
+/// Each sim-lab host's own device through the rig's drivers: its OOB port (a
+/// PTY served by `hilrig device serve-oob` as the host's user on the state file
+/// in its work directory) answers IDENTIFY with the host's serial and the
+/// counters of that file, also while the host is powered off (a BMC's port);
+/// what the host writes on its console tty is captured on the controller by the
+/// serial console driver, and what the line held before the capture is not.
+#[test]
+fn hosts_own_device_through_oob_and_console_drivers() {
+    let test = "hosts_own_device_through_oob_and_console_drivers";
+    let Some(lab) = lab(test, 1) else { return };
+    let inv = Inventory::load(&lab.inventory).unwrap();
+    let h = inv.host("sim-ssh-1").unwrap();
+    if h.oob.is_none() {
+        eprintln!("SKIPPED: {test}: the lab has no per-host devices (no hilrig build)");
+        return;
+    }
+    let rig = Rig::load(&lab.inventory).unwrap();
+    let (_, _, serial, width) = rig.identify("sim-ssh-1").expect("identify over OOB");
+    assert_eq!((serial, width), (2001, 16));
+    assert_eq!(rig.read_counters("sim-ssh-1").unwrap().counters, [0, 0, 0]);
+    let tty = h.ssh.as_ref().unwrap().console.clone().unwrap();
+    let ssh = ssh_of(&inv, "sim-ssh-1");
+    // Before the capture: held by the line, not captured.
+    ssh.sh(&format!("echo stale-line > {tty}"), None).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("com1.log");
+    let src = rig.console_source("sim-ssh-1", "com1").unwrap();
+    let cap = hilrig_rig::console::Capture::start("sim-ssh-1", "com1", src, &out).unwrap();
+    ssh.sh(
+        &format!("printf 'boot banner\\nsecond line\\n' > {tty}"),
+        None,
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let sum = cap.stop().unwrap();
+    let text = std::fs::read_to_string(&sum.path).unwrap();
+    assert!(
+        text.contains("] boot banner") && text.contains("] second line"),
+        "{text}"
+    );
+    assert!(!text.contains("stale-line"), "{text}");
+    // Powered off: SSH gone, the OOB port still answers.
+    let mut p = rig.power("sim-ssh-1").unwrap();
+    p.off().expect("off");
+    assert_eq!(rig.identify("sim-ssh-1").unwrap().2, 2001);
+    p.on().expect("on");
 }
