@@ -13,7 +13,7 @@
 //! naming every step tried and the last reason: the runner takes it offline with it.
 
 use crate::power::{Power, ResetLevel};
-use crate::remote::{shell_quote, Ssh};
+use crate::remote::{shell_quote, RemoteError, Ssh};
 use std::time::{Duration, Instant};
 
 /// How long each step may take.
@@ -94,19 +94,18 @@ pub fn recover_host(
 ) -> Result<Recovered, RecoverError> {
     let host = ssh.host().to_string();
     let mut tried: Vec<&str> = Vec::new();
-    let alive = |what: &str| -> Result<(), String> {
+    let alive = |what: &str| -> Result<(), RemoteError> {
         // A hung master connection must not make every later command hang.
         ssh.close_master(opts.ssh_timeout);
         ssh.alive_within(hilrig, opts.ssh_timeout)
             .map(|v| tracing::info!("host {host}: answers after {what}: {v}"))
-            .map_err(|e| e.to_string())
     };
     // 1. soft
     tried.push("soft (kill the VMM over SSH)");
     let mut last = match ssh.sh_within(&kill_vmms_line(&ssh.spec().workdir), opts.ssh_timeout) {
         Ok(_) => match alive("the soft step") {
             Ok(()) => return Ok(Recovered::Soft),
-            Err(e) => e,
+            Err(e) => e.to_string(),
         },
         Err(e) => e.to_string(),
     };
@@ -132,7 +131,7 @@ pub fn recover_host(
     }
     match alive("the hard step") {
         Ok(()) => return Ok(Recovered::Hard),
-        Err(e) => last = e,
+        Err(e) => last = e.to_string(),
     }
     tracing::warn!("host {host}: hard recovery failed: {last}");
     // 3. power cycle, then wait
@@ -155,7 +154,7 @@ pub fn recover_host(
     loop {
         match alive("the power cycle") {
             Ok(()) => return Ok(Recovered::PowerCycle),
-            Err(e) => last = e,
+            Err(e) => last = e.to_string(),
         }
         if Instant::now() >= deadline {
             return Err(RecoverError::NotBack {

@@ -722,6 +722,7 @@ where
         let reply = match agent_step(&q, &running) {
             Ok(b) => b,
             Err(m) => {
+                let m = m.to_string();
                 let mut v = format!("error {}\n", m.len()).into_bytes();
                 v.extend_from_slice(m.as_bytes());
                 v
@@ -734,8 +735,32 @@ where
     Ok(())
 }
 
+/// Why the step agent could not set a step up or send its files back (sent to the
+/// runner as the step's `error` frame).
+#[derive(Debug, thiserror::Error)]
+enum SetupError {
+    /// A file or directory operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done, naming the path.
+        what: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A file to send back is over the reply bound.
+    #[error("{path} is larger than {MAX_GET_BYTES} bytes")]
+    TooLarge {
+        /// The file.
+        path: String,
+    },
+}
+
+fn io_err(what: String) -> impl FnOnce(std::io::Error) -> SetupError {
+    move |source| SetupError::Io { what, source }
+}
+
 /// Run one request; the framed reply, or why the step could not be set up.
-fn agent_step(q: &StepRequest, running: &Mutex<Option<u32>>) -> Result<Vec<u8>, String> {
+fn agent_step(q: &StepRequest, running: &Mutex<Option<u32>>) -> Result<Vec<u8>, SetupError> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     use std::os::unix::process::ExitStatusExt;
     let dir = Path::new(&q.dir);
@@ -743,12 +768,12 @@ fn agent_step(q: &StepRequest, running: &Mutex<Option<u32>>) -> Result<Vec<u8>, 
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(|e| format!("creating {}: {e}", q.dir))?;
+        .map_err(io_err(format!("creating {}", q.dir)))?;
     for f in &q.fetch {
         match std::fs::remove_file(f) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("removing {f}: {e}")),
+            Err(e) => return Err(io_err(format!("removing {f}"))(e)),
         }
     }
     let create = |p: &Path| {
@@ -758,17 +783,17 @@ fn agent_step(q: &StepRequest, running: &Mutex<Option<u32>>) -> Result<Vec<u8>, 
             .truncate(true)
             .mode(0o600)
             .open(p)
-            .map_err(|e| format!("creating {}: {e}", p.display()))
+            .map_err(io_err(format!("creating {}", p.display())))
     };
     for (p, b) in &q.puts {
         let path = Path::new(p);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)
-                .map_err(|e| format!("creating {}: {e}", parent.display()))?;
+                .map_err(io_err(format!("creating {}", parent.display())))?;
         }
         create(path)?
             .write_all(b)
-            .map_err(|e| format!("writing {p}: {e}"))?;
+            .map_err(io_err(format!("writing {p}")))?;
     }
     let (out_p, err_p) = (dir.join(".out"), dir.join(".err"));
     let mut child = Command::new(&q.argv[0])
@@ -777,27 +802,26 @@ fn agent_step(q: &StepRequest, running: &Mutex<Option<u32>>) -> Result<Vec<u8>, 
         .stdout(create(&out_p)?)
         .stderr(create(&err_p)?)
         .spawn()
-        .map_err(|e| format!("starting {}: {e}", q.argv[0]))?;
+        .map_err(io_err(format!("starting {}", q.argv[0])))?;
     *running.lock().unwrap_or_else(|p| p.into_inner()) = Some(child.id());
     let _ = std::fs::write(dir.join(".pid"), format!("{}\n", child.id()));
     let status = child.wait();
     *running.lock().unwrap_or_else(|p| p.into_inner()) = None;
-    let status = status.map_err(|e| format!("waiting for {}: {e}", q.argv[0]))?;
+    let status = status.map_err(io_err(format!("waiting for {}", q.argv[0])))?;
     // The shell's convention (as STEP_SH): 128+n for a command killed by signal n.
     let code = status
         .code()
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
     let mut v = format!("exit {code}\n").into_bytes();
-    let mut emit = |name: &str, p: &Path| -> Result<(), String> {
+    let mut emit = |name: &str, p: &Path| -> Result<(), SetupError> {
         match std::fs::symlink_metadata(p) {
             Ok(m) if m.is_file() => {
                 if m.len() > MAX_GET_BYTES {
-                    return Err(format!(
-                        "{} is larger than {MAX_GET_BYTES} bytes",
-                        p.display()
-                    ));
+                    return Err(SetupError::TooLarge {
+                        path: p.display().to_string(),
+                    });
                 }
-                let b = std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()))?;
+                let b = std::fs::read(p).map_err(io_err(format!("reading {}", p.display())))?;
                 v.extend_from_slice(format!("{name} {}\n", b.len()).as_bytes());
                 v.extend_from_slice(&b);
             }
@@ -1310,15 +1334,14 @@ impl Ssh {
         });
         let (want_tx, want_rx) = std::sync::mpsc::channel::<usize>();
         let (reply_tx, reply_rx) = std::sync::mpsc::channel();
-        let (hello_tx, hello_rx) = std::sync::mpsc::channel::<Result<String, String>>();
+        let (hello_tx, hello_rx) = std::sync::mpsc::channel::<std::io::Result<String>>();
         std::thread::spawn(move || {
             let mut r = BufReader::new(stdout);
             let mut hello = Vec::new();
             let h = (&mut r)
                 .take(64)
                 .read_until(b'\n', &mut hello)
-                .map(|_| String::from_utf8_lossy(&hello).trim_end().to_string())
-                .map_err(|e| e.to_string());
+                .map(|_| String::from_utf8_lossy(&hello).trim_end().to_string());
             let ok = matches!(&h, Ok(l) if l == AGENT_HELLO);
             if hello_tx.send(h).is_err() || !ok {
                 return;
