@@ -381,8 +381,8 @@ pub struct VmSpec {
     pub counters_key: Option<PathBuf>,
     /// Page a human when the provisioning gate refuses a locked or quarantined
     /// device: this command (argv split on whitespace, no shell) gets the page as
-    /// JSON on its standard input (with --counters-db; the rig passes its
-    /// inventory's `[counters] page`).
+    /// JSON on its standard input, `HILRIG_PAGE_SERIAL`/`HILRIG_PAGE_VERDICT` in its
+    /// environment (with --counters-db).
     #[arg(long, requires = "counters_db")]
     pub page_cmd: Option<String>,
     /// Hand the device to the guest even if its measured VBIOS is invalid or unknown
