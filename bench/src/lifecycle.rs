@@ -602,7 +602,8 @@ fn gate_rows(figures: &mut Vec<Figure>, budget: Duration) -> Result<()> {
         let mut backend = open_backend(&DeviceSpec::Model, Some(&state))?;
         let mut gate_us = 0;
         if gate {
-            let g = hilrig_vmm::lifecycle::gate::check(&mut *backend.device, "bench", &db, &key);
+            let g =
+                hilrig_vmm::lifecycle::gate::check(&mut *backend.device, "bench", &db, &key, None);
             if !g.outcome.admits() {
                 bail!("the benchmark device was refused: {}", g.describe());
             }

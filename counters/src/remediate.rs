@@ -363,6 +363,35 @@ fn pager_name(p: &Pager) -> String {
     }
 }
 
+/// What an operator must do for a device in `state` that no command remediates.
+fn human_action(state: DeviceState) -> &'static str {
+    match state {
+        DeviceState::Locked => "fuse blown: only the keyed OOB physical reset clears it; replace or reset the device, then re-enrol it",
+        DeviceState::NeedsReview => "counters rose with no authorised intent: find out who flashed it, then `hilrig counters hold clear` (or reflash after clearing)",
+        _ => "held: investigate (rollback, tampering, bypassed counter), then `hilrig counters enroll --replace`",
+    }
+}
+
+/// A gate's remediation (VMM provisioning, rig lease, campaign): a device the gate
+/// refused whose verify report `r` says it is locked or quarantined is paged to a
+/// human through `pager` (the inventory's `page` command or webhook), with the
+/// serial, verdict, state, reasons and evidence. Ok(Some(whom)) once paged,
+/// Ok(None) when the report needs no human (trusted, needs-reflash, ...).
+pub fn page_refused(pager: &Pager, r: &VerifyReport) -> Result<Option<String>> {
+    let needs_human = matches!(
+        r.decision.state,
+        DeviceState::Locked | DeviceState::Quarantined
+    ) || matches!(
+        r.decision.verdict,
+        crate::Verdict::Locked | crate::Verdict::Quarantined
+    );
+    if r.trusted() || !needs_human {
+        return Ok(None);
+    }
+    send_page(pager, &Page::of(r, human_action(r.decision.state)))?;
+    Ok(Some(pager_name(pager)))
+}
+
 /// Remediate device `serial`, reachable in band and out of band as `dev`
 /// (labelled `label`): see the module docs. `images` are the known-good image
 /// files the operator offers (each must be in the catalog to be used); `pager`
@@ -411,11 +440,7 @@ fn remediate_inner(
                 detail: format!("the device could not be read: {}", d.reasons.join("; ")),
             });
         }
-        let action = match d.state {
-            DeviceState::Locked => "fuse blown: only the keyed OOB physical reset clears it; replace or reset the device, then re-enrol it",
-            DeviceState::NeedsReview => "counters rose with no authorised intent: find out who flashed it, then `hilrig counters hold clear` (or reflash after clearing)",
-            _ => "held: investigate (rollback, tampering, bypassed counter), then `hilrig counters enroll --replace`",
-        };
+        let action = human_action(d.state);
         let page = Page::of(&report, action);
         let Some(p) = pager else {
             return Err(Error::Update {

@@ -122,7 +122,23 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
     // of band and must be vouched for before anything else touches it.
     let gate = match &catalog.counters {
         Some((db, key)) if desc.is_none() => {
-            let g = crate::lifecycle::gate::check(&mut *backend.device, &spec.to_string(), db, key);
+            let pager = match args.page_cmd.as_deref().map(str::split_whitespace) {
+                Some(argv) => {
+                    let argv: Vec<String> = argv.map(str::to_string).collect();
+                    if argv.is_empty() {
+                        anyhow::bail!("--page-cmd is empty");
+                    }
+                    Some(hilrig_counters::remediate::Pager::Command(argv))
+                }
+                None => None,
+            };
+            let g = crate::lifecycle::gate::check(
+                &mut *backend.device,
+                &spec.to_string(),
+                db,
+                key,
+                pager.as_ref(),
+            );
             if !g.outcome.admits() {
                 eprintln!("{}", g.describe());
                 eprintln!("refusing to hand the device to a guest");
@@ -458,6 +474,7 @@ pub fn lifecycle_config(args: &VmArgs) -> anyhow::Result<crate::lifecycle::Lifec
         patch_poll: args.patch_poll.max(std::time::Duration::from_millis(10)),
         teardown_nonce: args.teardown_nonce,
         vm_id: args.vm_id.clone(),
+        quiesce_patches: args.quiesce_patches,
         ..Default::default()
     })
 }

@@ -98,6 +98,17 @@ fn assert_no_residue(dev: &mut dyn Device) {
     }
 }
 
+/// The run ended by a breach teardown: its record.
+fn torn_down(r: RunReport) -> TeardownRecord {
+    assert_eq!(
+        r.verdict,
+        Verdict::Stopped("torn down".into()),
+        "{}",
+        r.verdict
+    );
+    r.teardown.expect("a teardown record")
+}
+
 const ALARMS3: &str =
     "[[breach.alarms]]\nregister = \"HANG_TRIGGER\"\ncount = 3\nwithin = \"30s\"\n";
 
@@ -389,13 +400,7 @@ fn a_counters_verdict_read_out_of_band_during_the_run_is_a_breach() {
             swallow: false,
         }),
     );
-    assert_eq!(
-        r.verdict,
-        Verdict::Stopped("torn down".into()),
-        "{}",
-        r.verdict
-    );
-    let rec = r.teardown.expect("record");
+    let rec = torn_down(r);
     match &rec.trigger {
         Some(BreachTrigger::Counters { verdict, reasons }) => {
             assert_eq!(*verdict, CountersVerdict::BypassedTrap, "{reasons:?}");
@@ -418,13 +423,7 @@ fn a_counters_verdict_read_out_of_band_during_the_run_is_a_breach() {
             swallow: true,
         }),
     );
-    assert_eq!(
-        r.verdict,
-        Verdict::Stopped("torn down".into()),
-        "{}",
-        r.verdict
-    );
-    let rec = r.teardown.expect("record");
+    let rec = torn_down(r);
     assert!(
         matches!(
             rec.trigger,
@@ -465,4 +464,86 @@ fn a_counters_verdict_read_out_of_band_during_the_run_is_a_breach() {
     );
     assert_eq!(r.verdict, Verdict::Pass, "{}", r.verdict);
     assert!(r.teardown.is_none());
+}
+
+/// A counters service (SQLite, real MAC key) with the model device enrolled;
+/// `ahead`: enrolled one CONFIG erase ahead of what the device holds (its counters
+/// were rolled back after the service last saw it, before this run).
+fn service_with_model(dir: &Path, ahead: bool) -> (String, PathBuf) {
+    use hilrig_counters::source::{CounterSource, DeviceSource};
+    let key = dir.join("counters.key");
+    hilrig_counters::mac::Key::init(&key).unwrap();
+    let db = dir.join("counters.sqlite").display().to_string();
+    let mut src = DeviceSource::new(model(), "model");
+    let serial = src.serial().unwrap();
+    let mut expected = src.observe().unwrap().as_expected();
+    if ahead {
+        expected.counters[2] += 1;
+        expected.master += 1;
+    }
+    hilrig_counters::Service::open(&db, hilrig_counters::mac::Key::load(&key).unwrap())
+        .unwrap()
+        .enroll(
+            &hilrig_counters::service::Enrollment {
+                serial,
+                host: "h1".into(),
+                rack: "r1".into(),
+                expected,
+            },
+            false,
+        )
+        .unwrap();
+    (db, key)
+}
+
+/// Issue 21.5 against the service: the in-run counters check compares with the
+/// values the counters service ENROLLED, not with what the run read at its own
+/// start. A device rolled back before the run (its counters below the enrolled
+/// ones, unchanged during the run) is a `rolled-back` breach; the same device
+/// enrolled at its true values is no breach (negative control).
+#[test]
+fn counters_rolled_back_before_the_run_are_caught_against_the_enrolled_values() {
+    if skip() {
+        return;
+    }
+    let table = "[breach]\ncounters = [\"bypassed-trap\", \"undercount\", \"rolled-back\"]\ncounters_poll = \"10ms\"\n";
+    for ahead in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let service = service_with_model(dir.path(), ahead);
+        // The guest waits forever: a breach ends the run, else the watchdog (after
+        // some 50 polls).
+        let mut cfg = config(
+            write_then_wait(&[(Reg::Scratch.offset(), 1)]),
+            profile_with(table, "tenant"),
+            None,
+        );
+        cfg.lifecycle.counters = Some(service);
+        if !ahead {
+            cfg.timeout = Duration::from_millis(500);
+        }
+        let r = Vm::new(cfg, Backend::trapping("model", model()))
+            .expect("vm")
+            .run()
+            .expect("run");
+        if ahead {
+            let rec = torn_down(r);
+            match &rec.trigger {
+                Some(BreachTrigger::Counters { verdict, reasons }) => {
+                    assert_eq!(*verdict, CountersVerdict::RolledBack, "{reasons:?}");
+                    assert!(
+                        reasons.iter().any(|r| r.contains("< expected")),
+                        "{reasons:?}"
+                    );
+                }
+                other => panic!("trigger {other:?}"),
+            }
+        } else {
+            assert!(
+                matches!(r.verdict, Verdict::Timeout { .. }),
+                "no breach: the watchdog ends it: {}",
+                r.verdict
+            );
+            assert!(r.teardown.is_none(), "{:?}", r.teardown);
+        }
+    }
 }

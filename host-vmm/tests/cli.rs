@@ -177,3 +177,98 @@ fn alarms_go_to_a_json_lines_file() {
     assert_eq!(v["policy"]["enforce"], false);
     assert_eq!(v["policy"]["alarms"], 1);
 }
+
+/// `--quiesce-patches` (issue 21): a live patch applied to a VMM started with it parks
+/// the vCPUs for the swap, and the run summary's patch event says so; without it the
+/// same patch is swapped under load (`quiesced: false`).
+#[test]
+fn quiesce_patches_flag_reaches_the_patch_and_the_run_summary() {
+    use hilrig_vmm_api::control::{request, Reply, Request};
+    use sha2::{Digest, Sha256};
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = |n: &str| dir.path().join(n);
+    let key = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+    hilrig_fw::keys::write_key(
+        &d("authority.pub"),
+        hilrig_fw::keys::KeyKind::SignPublic,
+        key.verifying_key().as_bytes(),
+    )
+    .expect("public key");
+    // A policy bundle for this very executable: build hash and patching-code hash.
+    let exe = std::fs::read(env!("CARGO_BIN_EXE_hilrig-vmm")).expect("the VMM binary");
+    let mut rules = hilrig_vmm::policy::default_policy_toml();
+    rules.push_str(
+        "\n[[profile.tenant]]\nregister = \"HANG_TRIGGER\"\naccess = \"write\"\naction = \"drop\"\nalarm = true\n",
+    );
+    let bundle = hilrig_fw::bundle::build(
+        &hilrig_fw::bundle::BundleSpec {
+            component: "policy",
+            version: 2,
+            target_vmm_sha256: Sha256::digest(&exe).into(),
+            payloads: vec![("rules.toml".to_string(), rules.into_bytes())],
+            encrypt_to: None,
+            patch_path_sha256: Some(
+                hilrig_fw::bundle::patch_path_sha256_of_elf(&exe).expect("patch path"),
+            ),
+        },
+        &key,
+    )
+    .expect("bundle");
+    std::fs::write(d("p.bundle"), bundle).unwrap();
+    for quiesce in [false, true] {
+        let sock = d(&format!("vm-{quiesce}.sock"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hilrig-vmm"));
+        cmd.args([
+            "--payload",
+            "spin",
+            "--mem",
+            "8M",
+            "--timeout",
+            "60s",
+            "--json",
+        ])
+        .arg("--control")
+        .arg(&sock)
+        .arg("--patch-pubkey")
+        .arg(d("authority.pub"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        if quiesce {
+            cmd.arg("--quiesce-patches");
+        }
+        let child = cmd.spawn().expect("spawn hilrig-vmm");
+        let t0 = Instant::now();
+        while !sock.exists() {
+            assert!(t0.elapsed() < Duration::from_secs(20), "no control socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let ask = |req: &Request| {
+            request(&sock, req, Duration::from_secs(20))
+                .expect("control socket")
+                .expect("accepted")
+        };
+        match ask(&Request::Patch {
+            bundle: d("p.bundle"),
+        }) {
+            Reply::Patch(ev) => assert_eq!(ev.quiesced, quiesce, "{ev:?}"),
+            other => panic!("patch answered {other:?}"),
+        }
+        ask(&Request::Teardown {});
+        let out = child.wait_with_output().expect("VMM exits");
+        let s = hilrig_vmm_api::RunSummary::from_output(&out.stdout).unwrap_or_else(|e| {
+            panic!("no summary ({e}): {}", String::from_utf8_lossy(&out.stderr))
+        });
+        assert_eq!(s.patches.len(), 1, "{:?}", s.patches);
+        assert_eq!(s.patches[0].to, 2);
+        assert_eq!(
+            s.patches[0].quiesced, quiesce,
+            "--quiesce-patches {quiesce}: {:?}",
+            s.patches[0]
+        );
+    }
+}

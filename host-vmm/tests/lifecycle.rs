@@ -68,7 +68,11 @@ struct Running {
     sock: PathBuf,
     thread: std::thread::JoinHandle<RunReport>,
     stop: hilrig_vmm::StopHandle,
+    handler: Arc<HandlerSlot>,
 }
+
+type HandlerSlot =
+    hilrig_vmm::lifecycle::modules::Slot<Option<hilrig_vmm::lifecycle::modules::NativeHandler>>;
 
 fn start(
     dir: &Path,
@@ -114,6 +118,7 @@ fn start_with(
     };
     let vm = Vm::new(cfg, backend).expect("vm");
     let stop = vm.stop_handle();
+    let handler = vm.handler_slot();
     let thread = std::thread::spawn(move || vm.run().expect("run"));
     let t0 = Instant::now();
     while !sock.exists() {
@@ -123,7 +128,12 @@ fn start_with(
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    Running { sock, thread, stop }
+    Running {
+        sock,
+        thread,
+        stop,
+        handler,
+    }
 }
 
 /// One raw request line, its raw reply: these tests check the wire format itself.
@@ -638,6 +648,112 @@ fn a_bundle_in_the_patch_source_directory_is_applied() {
         vec![0x0001_0002],
         "the pulled handler answered"
     );
+}
+
+/// Issue 21.5, the module table's trigger end to end: a VM runs, its device handler
+/// is swapped (v2 → v3, under load: v2's code retired), a call through v2's stale
+/// code address faults and is turned back, and the policy file's
+/// `[breach] stale_module_calls = true` tears the tenant down with the trigger named.
+/// Negative control: the same stale call under a policy without the trigger is an
+/// alarm only; the VM runs on.
+#[test]
+fn a_stale_module_call_is_a_breach_that_tears_the_tenant_down() {
+    use hilrig_vmm::lifecycle::modules::STALE_CODE;
+    use hilrig_vmm_api::teardown::BreachTrigger;
+    if !kvm_available() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let libs: Vec<Vec<u8>> = [2u64, 3]
+        .iter()
+        .map(|&v| std::fs::read(build_demo_module(d.path(), v, 0x0001_0000 + v as u32)).unwrap())
+        .collect();
+    for armed in [true, false] {
+        let dir = d.path().join(format!("armed-{armed}"));
+        std::fs::create_dir(&dir).unwrap();
+        let breach = if armed {
+            "[breach]\naction = \"teardown\"\nstale_module_calls = true\n"
+        } else {
+            ""
+        };
+        let text = format!("{}\n{breach}", default_policy_toml());
+        let profile = hilrig_vmm::policy::PolicyFile::parse(&text, "breach.toml")
+            .and_then(|f| f.compile("tenant", "breach.toml"))
+            .expect("policy");
+        let life = LifecycleConfig {
+            patch: Some(authority(&dir)),
+            ..Default::default()
+        };
+        let r = start_with(
+            &dir,
+            payload::storm().unwrap(),
+            1,
+            false,
+            life,
+            model(),
+            profile,
+        );
+        let mut kept = None;
+        for (i, lib) in libs.iter().enumerate() {
+            let version = 2 + i as u64;
+            let b = bundle(
+                &dir,
+                &format!("h{version}.bundle"),
+                "device-handler",
+                version,
+                ("libdemo.so", lib.clone()),
+                1,
+                BUILD,
+            );
+            let reply = patch(&r.sock, &b);
+            assert_eq!(reply["ok"], true, "{reply}");
+            if version == 2 {
+                // A caller that keeps v2's code address across the next swap.
+                kept = Some(r.handler.handle());
+            }
+        }
+        let kept = kept.unwrap();
+        let old = kept
+            .module_unchecked()
+            .as_ref()
+            .expect("v2 is a native module");
+        assert_eq!(
+            old.on_access(Reg::Version.offset(), false, 0),
+            Err(STALE_CODE),
+            "v2's retired code must fault, not run"
+        );
+        if armed {
+            let rep = r.thread.join().unwrap();
+            assert_eq!(
+                rep.verdict,
+                Verdict::Stopped("torn down".into()),
+                "{}",
+                rep.verdict
+            );
+            let rec = rep.teardown.expect("a teardown record");
+            assert!(rec.complete, "{rec:?}");
+            assert!(
+                matches!(rec.trigger, Some(BreachTrigger::StaleModuleCall { calls }) if calls >= 1),
+                "{:?}",
+                rec.trigger
+            );
+        } else {
+            // Not a breach here: the VM runs on (well past the watcher's tick).
+            std::thread::sleep(Duration::from_millis(300));
+            let st = ask(&r.sock, r#"{"op":"status"}"#);
+            assert_eq!(st["ok"], true, "the VM runs on: {st}");
+            let m = ask(&r.sock, r#"{"op":"metrics"}"#);
+            assert!(m["module_alarms"].as_u64().unwrap() >= 1, "{m}");
+            r.stop.stop("test done");
+            let rep = r.thread.join().unwrap();
+            assert!(rep.teardown.is_none(), "{:?}", rep.teardown);
+            assert!(
+                matches!(rep.verdict, Verdict::Stopped(ref w) if w != "torn down"),
+                "{}",
+                rep.verdict
+            );
+        }
+    }
 }
 
 fn build_demo_module(dir: &Path, version: u64, reg: u32) -> PathBuf {

@@ -60,11 +60,16 @@ impl Rig {
 
     fn gate(&self, state: &Path) -> hilrig_vmm_api::GateRecord {
         let mut m = Model::open(state).unwrap();
-        gate::check(&mut m, "model", &self.db, &self.key)
+        gate::check(&mut m, "model", &self.db, &self.key, None)
     }
 
     fn vmm(&self, state: &Path) -> (i32, Option<RunSummary>, String) {
+        self.vmm_with(state, &[])
+    }
+
+    fn vmm_with(&self, state: &Path, extra: &[&str]) -> (i32, Option<RunSummary>, String) {
         let out = Command::new(env!("CARGO_BIN_EXE_hilrig-vmm"))
+            .args(extra)
             .args(["--payload", "pci-enum", "--mem", "16M", "--device-state"])
             .arg(state)
             .args(["--counters-db", &self.db, "--counters-key"])
@@ -243,9 +248,15 @@ fn a_missing_or_foreign_key_is_a_service_error_not_trusted() {
     let other_key = rig.dir.path().join("other.key");
     Key::init(&other_key).unwrap();
     let mut m = Model::open(&st).unwrap();
-    let g = gate::check(&mut m, "model", &rig.db, &other_key);
+    let g = gate::check(&mut m, "model", &rig.db, &other_key, None);
     assert_eq!(g.outcome, GateOutcome::ServiceError, "{g:?}");
-    let g = gate::check(&mut m, "model", &rig.db, &rig.dir.path().join("nope.key"));
+    let g = gate::check(
+        &mut m,
+        "model",
+        &rig.db,
+        &rig.dir.path().join("nope.key"),
+        None,
+    );
     assert_eq!(g.outcome, GateOutcome::ServiceError, "{g:?}");
 }
 
@@ -318,7 +329,7 @@ fn a_transport_fault_on_the_oob_read_is_reported_as_such() {
             inner: Model::open(&st).unwrap(),
             fault,
         };
-        let g = gate::check(&mut d, "faulty", &rig.db, &rig.key);
+        let g = gate::check(&mut d, "faulty", &rig.db, &rig.key, None);
         assert_eq!(g.outcome, GateOutcome::TransportFault, "{what}: {g:?}");
         assert_eq!(g.verdict, None, "{what}: no verdict on the device");
         assert!(!g.outcome.admits());
@@ -371,6 +382,54 @@ fn the_gate_reads_out_of_band_not_the_in_band_registers() {
     rig.enroll(0x5eed, &st);
     attempt_behind_the_back(&st);
     let mut d = LyingInBand(Model::open(&st).unwrap());
-    let g = gate::check(&mut d, "lying", &rig.db, &rig.key);
+    let g = gate::check(&mut d, "lying", &rig.db, &rig.key, None);
     assert_eq!(g.outcome, GateOutcome::Untrusted, "{g:?}");
+}
+
+/// Remediation at the VMM's gate: a refused quarantined (rolled back) device pages
+/// a human through `--page-cmd` with its serial and verdict; a trusted device
+/// starts and pages nobody (negative control).
+#[test]
+fn a_quarantined_device_at_the_vmm_gate_pages_the_command() {
+    use std::os::unix::fs::PermissionsExt;
+    let rig = Rig::new();
+    let script = rig.dir.path().join("page.sh");
+    let paged = rig.dir.path().join("paged.json");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\nprintf '%s %s\\n' \"$HILRIG_PAGE_SERIAL\" \"$HILRIG_PAGE_VERDICT\" >> \"$1.env\"\ncat > \"$1\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let cmd = format!("{} {}", script.display(), paged.display());
+    let page = ["--page-cmd", cmd.as_str()];
+    if hilrig_vmm::kvm_available() {
+        let good = rig.device(0x600d);
+        rig.enroll(0x600d, &good);
+        let (code, _, err) = rig.vmm_with(&good, &page);
+        assert_eq!(code, 0, "{err}");
+        assert!(!paged.exists(), "a trusted device paged someone");
+    }
+    let st = rig.device(0x5eed);
+    let before = std::fs::read(&st).unwrap();
+    attempt_behind_the_back(&st);
+    rig.enroll(0x5eed, &st);
+    std::fs::write(&st, &before).unwrap();
+    let (code, s, err) = rig.vmm_with(&st, &page);
+    assert_eq!(code, i32::from(ExitStatus::DeviceUntrusted.code()), "{err}");
+    let g = s.expect("a run summary").gate.expect("the gate's record");
+    assert_eq!(g.verdict, Some(CountersVerdict::RolledBack), "{g:?}");
+    assert!(
+        g.reasons
+            .iter()
+            .any(|r| r.starts_with("paged: page command")),
+        "{g:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(format!("{}.env", paged.display())).unwrap(),
+        "0x5eed rolled-back\n"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&paged).unwrap()).unwrap();
+    assert_eq!(v["serial"], "0x5eed");
+    assert_eq!(v["state"], "quarantined");
 }

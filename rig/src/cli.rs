@@ -903,16 +903,22 @@ pub fn run(cmd: RigCmd) -> Result<ExitCode> {
                 } => {
                     let holder = holder.unwrap_or_else(default_holder);
                     let inv = crate::inventory::Inventory::load(&inventory)?;
-                    let gate = match (counters_db, counters_key, &inv.counters) {
-                        (Some(db), Some(key), _) => Some(crate::lease::CountersGate {
+                    // Whom to page comes from the inventory's `[counters]` either way.
+                    let from_inv = inv
+                        .counters
+                        .as_ref()
+                        .map(crate::lease::CountersGate::from_spec)
+                        .transpose()?;
+                    let gate = match (counters_db, counters_key, from_inv) {
+                        (Some(db), Some(key), inv_gate) => Some(crate::lease::CountersGate {
                             db,
                             key,
                             anchor: counters_anchor,
+                            pager: inv_gate.and_then(|g| g.pager),
                         }),
-                        (_, _, Some(c)) => Some(crate::lease::CountersGate {
-                            db: c.db.clone(),
-                            key: c.key.clone(),
-                            anchor: counters_anchor.or_else(|| c.anchor.clone()),
+                        (_, _, Some(g)) => Some(crate::lease::CountersGate {
+                            anchor: counters_anchor.or(g.anchor.clone()),
+                            ..g
                         }),
                         _ => None,
                     };

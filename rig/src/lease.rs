@@ -492,6 +492,9 @@ pub struct CountersGate {
     pub key: std::path::PathBuf,
     /// Its anchor (file, `sqlite:PATH` or URL), if any.
     pub anchor: Option<String>,
+    /// Whom a refused locked or quarantined device is paged to (the inventory's
+    /// `[counters] page` command or `webhook`).
+    pub pager: Option<hilrig_counters::remediate::Pager>,
 }
 
 /// A host's device through the rig's OOB driver, as a counters source.
@@ -518,6 +521,39 @@ impl hilrig_counters::source::CounterSource for RigOob<'_> {
 }
 
 impl CountersGate {
+    /// The gate of an inventory's `[counters]` table, its pager included (a
+    /// `page` command wins over a `webhook`; a webhook needs its `webhook_key`).
+    pub fn from_spec(c: &crate::inventory::CountersSpec) -> Result<CountersGate, RigError> {
+        use hilrig_counters::remediate::{load_webhook_key, Pager};
+        let pager = match (&c.page, &c.webhook, &c.webhook_key) {
+            (argv, _, _) if !argv.is_empty() => Some(Pager::Command(argv.clone())),
+            (_, Some(url), Some(k)) => Some(Pager::Webhook {
+                url: url.clone(),
+                key: load_webhook_key(k).map_err(|e| RigError::Inventory {
+                    file: k.clone(),
+                    host: None,
+                    driver: Some("[counters] webhook_key".into()),
+                    detail: e.to_string(),
+                })?,
+            }),
+            (_, Some(_), None) => {
+                return Err(RigError::Inventory {
+                    file: c.key.clone(),
+                    host: None,
+                    driver: Some("[counters]".into()),
+                    detail: "a webhook needs its webhook_key".into(),
+                })
+            }
+            _ => None,
+        };
+        Ok(CountersGate {
+            db: c.db.clone(),
+            key: c.key.clone(),
+            anchor: c.anchor.clone(),
+            pager,
+        })
+    }
+
     /// Open the counters service (key checked, anchor set). Failures are
     /// [`RigError::Untrusted`] with verdict `service-error`.
     pub fn open_service(&self, host: &str) -> Result<hilrig_counters::Service, RigError> {
@@ -655,15 +691,24 @@ impl CountersGate {
         if admitted {
             return Ok(());
         }
-        Err(refuse(
-            &r.decision.verdict.to_string(),
-            format!(
-                "device {} is {}: {}",
-                r.serial,
-                r.decision.state,
-                r.decision.reasons.join("; ")
-            ),
-        ))
+        let mut detail = format!(
+            "device {} is {}: {}",
+            r.serial,
+            r.decision.state,
+            r.decision.reasons.join("; ")
+        );
+        // Locked or quarantined: a human is paged (the lease is refused either way).
+        if let Some(p) = &self.pager {
+            match hilrig_counters::remediate::page_refused(p, &r) {
+                Ok(Some(to)) => detail.push_str(&format!(" (paged: {to})")),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!("host `{host}`: paging a human failed: {e}");
+                    detail.push_str(&format!(" (paging a human FAILED: {e})"));
+                }
+            }
+        }
+        Err(refuse(&r.decision.verdict.to_string(), detail))
     }
 }
 

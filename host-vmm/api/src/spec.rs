@@ -348,6 +348,12 @@ pub struct VmSpec {
     /// How often --patch-source is polled, e.g. 1s, 200ms.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub patch_poll: Duration,
+    /// Apply live patches quiesced: every vCPU parked for the swap (claimed by state
+    /// for a handler or same-pages policy patch; the guest stopped when the BAR0
+    /// memory slots change) instead of swapping the module under load. The run
+    /// summary's patch events say `quiesced: true`.
+    #[arg(long)]
+    pub quiesce_patches: bool,
     /// Ed25519 secret key file that signs teardown records (default: an ephemeral key).
     #[arg(long)]
     pub vmm_key: Option<PathBuf>,
@@ -373,6 +379,12 @@ pub struct VmSpec {
     /// MAC key file of the counters service (with --counters-db).
     #[arg(long)]
     pub counters_key: Option<PathBuf>,
+    /// Page a human when the provisioning gate refuses a locked or quarantined
+    /// device: this command (argv split on whitespace, no shell) gets the page as
+    /// JSON on its standard input, `HILRIG_PAGE_SERIAL`/`HILRIG_PAGE_VERDICT` in its
+    /// environment (with --counters-db).
+    #[arg(long, requires = "counters_db")]
+    pub page_cmd: Option<String>,
     /// Hand the device to the guest even if its measured VBIOS is invalid or unknown
     /// (recorded in the output).
     #[arg(long)]
@@ -498,6 +510,7 @@ impl Default for VmSpec {
             patch_record_key: None,
             patch_source: None,
             patch_poll: Duration::from_secs(1),
+            quiesce_patches: false,
             vmm_key: None,
             teardown_on_exit: false,
             teardown_record: None,
@@ -505,6 +518,7 @@ impl Default for VmSpec {
             vm_id: None,
             counters_db: None,
             counters_key: None,
+            page_cmd: None,
             allow_unknown_vbios: false,
             list_payloads: false,
             allow_policy_widening: false,
@@ -583,6 +597,7 @@ impl VmSpec {
             ("vm-id", self.vm_id.clone().map(OsString::from)),
             ("counters-db", self.counters_db.clone().map(OsString::from)),
             ("counters-key", path(&self.counters_key)),
+            ("page-cmd", self.page_cmd.clone().map(OsString::from)),
             ("jail", path(&self.jail)),
             (
                 "seccomp",
@@ -631,6 +646,7 @@ impl VmSpec {
             ("show-plan", self.show_plan),
             ("json", self.json),
             ("teardown-on-exit", self.teardown_on_exit),
+            ("quiesce-patches", self.quiesce_patches),
             ("allow-unknown-vbios", self.allow_unknown_vbios),
             ("list-payloads", self.list_payloads),
             ("allow-policy-widening", self.allow_policy_widening),
@@ -698,6 +714,7 @@ mod tests {
             patch_record_key: Some("applied.key".into()),
             patch_source: Some("/srv/bundles".into()),
             patch_poll: Duration::from_millis(250),
+            quiesce_patches: true,
             vmm_key: Some("vmm.key".into()),
             teardown_on_exit: true,
             teardown_record: Some("t.json".into()),
@@ -705,6 +722,7 @@ mod tests {
             vm_id: Some("case 3 step 1".into()),
             counters_db: Some("postgresql://u@127.0.0.1/db".into()),
             counters_key: Some("mac.key".into()),
+            page_cmd: Some("pager --team lab".into()),
             allow_unknown_vbios: true,
             list_payloads: false,
             allow_policy_widening: true,

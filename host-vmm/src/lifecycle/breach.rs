@@ -7,8 +7,10 @@
 //!   once, on the vCPU thread that raised the last one (it only records the trigger
 //!   and wakes the watcher: a vCPU cannot park itself).
 //! - **Counters verdicts**: every `counters_poll` the watcher reads the device's
-//!   counters out of band (IDENTIFY-free READ_COUNTERS, never the in-band registers)
-//!   and compares them with those read at VM start: lower counters are
+//!   counters out of band (READ_COUNTERS, never the in-band registers) and
+//!   compares them with the expected values: with a counters service those it has
+//!   enrolled for the device (asked every poll, so counters rolled back before the
+//!   run started are caught), without one those read at VM start. Lower counters are
 //!   `rolled-back`; a MASTER that rose by more program/erase attempts than the
 //!   policy engine passed to the device is `bypassed-trap`, by fewer `undercount`
 //!   (the cross-check the counters service does at the end of a tenancy, while the

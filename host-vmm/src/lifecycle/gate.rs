@@ -15,6 +15,7 @@
 //! transport fault (no verdict on the device, nothing written to the service), and
 //! the device is refused all the same (fail closed).
 
+use hilrig_counters::remediate::Pager;
 use hilrig_counters::source::CounterSource;
 use hilrig_counters::{Error as CountersError, Service};
 use hilrig_device::attest::Verdict;
@@ -57,11 +58,24 @@ fn admits(r: &hilrig_counters::service::VerifyReport) -> bool {
 }
 
 /// Run the gate on `dev` (labelled `label` in messages) against the counters
-/// service at `db` with the MAC key file `key`. Never panics; every failure is a
-/// refusing [`GateRecord`].
-pub fn check(dev: &mut dyn Device, label: &str, db: &str, key: &Path) -> GateRecord {
+/// service at `db` with the MAC key file `key`; a refused locked or quarantined
+/// device is paged to a human through `pager` (`--page-cmd`; the reasons say whom
+/// it paged, or that paging failed: the device is refused either way). Never
+/// panics; every failure is a refusing [`GateRecord`].
+pub fn check(
+    dev: &mut dyn Device,
+    label: &str,
+    db: &str,
+    key: &Path,
+    pager: Option<&Pager>,
+) -> GateRecord {
     let t0 = Instant::now();
-    let mut rec = check_inner(dev, label, db, key);
+    // Read the device first, out of band: identity, counters, region hashes.
+    let mut src = OobSource {
+        dev,
+        label: format!("{label} (OOB)"),
+    };
+    let mut rec = check_inner(&mut src, db, key, pager);
     rec.micros = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
     rec
 }
@@ -76,12 +90,7 @@ fn record(outcome: GateOutcome, serial: Option<u64>, reasons: Vec<String>) -> Ga
     }
 }
 
-fn check_inner(dev: &mut dyn Device, label: &str, db: &str, key: &Path) -> GateRecord {
-    // Read the device first, out of band: identity, counters, region hashes.
-    let mut src = OobSource {
-        dev,
-        label: format!("{label} (OOB)"),
-    };
+fn check_inner(src: &mut OobSource, db: &str, key: &Path, pager: Option<&Pager>) -> GateRecord {
     let serial = match src.serial() {
         Ok(s) => s,
         Err(e) => {
@@ -135,6 +144,16 @@ fn check_inner(dev: &mut dyn Device, label: &str, db: &str, key: &Path) -> GateR
             }
             if !ok {
                 reasons.push(format!("device state: {}", r.decision.state));
+                if let Some(p) = pager {
+                    match hilrig_counters::remediate::page_refused(p, &r) {
+                        Ok(Some(to)) => reasons.push(format!("paged: {to}")),
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::error!("paging a human failed: {e}");
+                            reasons.push(format!("paging a human FAILED: {e}"));
+                        }
+                    }
+                }
             }
             GateRecord {
                 outcome: if ok {

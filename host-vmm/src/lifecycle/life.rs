@@ -326,24 +326,45 @@ pub trait Lifecycle: VmHost {
     }
 
     /// The counters verdict of the running tenancy: counters read out of band now
-    /// against those read at VM start, cross-checked with the program/erase attempts
-    /// the policy engine passed ([`crate::lifecycle::breach::counters_verdict`]).
-    /// None when there is no baseline, the device has no OOB counters, or the read
-    /// failed (logged).
+    /// against the expected values — with a counters service (`--counters-db`) the
+    /// values it has ENROLLED for the device (asked on every poll, so a device rolled
+    /// back before the run started is caught too), without one those read at VM
+    /// start — cross-checked with the program/erase attempts the policy engine passed
+    /// ([`crate::lifecycle::breach::counters_verdict`]). A service that cannot answer
+    /// gives `unverifiable` (logged). None when there is no baseline, the device has
+    /// no OOB counters, or the read failed (logged).
     fn running_counters_verdict(&self) -> Option<(CountersVerdict, Vec<String>)> {
         if self.life().cfg.device_desc.is_some() {
             return None;
         }
-        let base = (*lock(&self.life().baseline))?;
-        let now = {
+        // The device is locked only for the out-of-band reads, not while the
+        // service is asked.
+        let counters = self.life().cfg.counters.clone();
+        let (now, serial) = {
             let mut dev = self.device();
-            match oob::read_counters(&mut **dev) {
+            let now = match oob::read_counters(&mut **dev) {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!("breach: reading counters out of band: {e}");
                     return None;
                 }
+            };
+            (now, counters.as_ref().map(|_| oob_serial(&mut **dev)))
+        };
+        let base = match (counters, serial) {
+            (Some((db, key)), Some(serial)) => {
+                match serial.and_then(|s| enrolled_counters(s, &db, &key, &now)) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::warn!("breach: the counters service gave no expected values: {e}");
+                        return Some((
+                            CountersVerdict::Unverifiable,
+                            vec![format!("counters service: {e}")],
+                        ));
+                    }
+                }
             }
+            _ => (*lock(&self.life().baseline))?,
         };
         let attempts = self.policy_engine().map(|e| e.flash_attempts());
         Some(crate::lifecycle::breach::counters_verdict(
@@ -906,6 +927,37 @@ pub enum ServiceError {
     Counters(#[from] hilrig_counters::Error),
 }
 
+/// The device's serial, asked out of band (IDENTIFY).
+fn oob_serial(dev: &mut dyn hilrig_device::Device) -> Result<u64, ServiceError> {
+    use hilrig_device::oob::{Request, Response};
+    match oob::request_device(dev, &Request::Identify)? {
+        Response::Identity { serial, .. } => Ok(serial),
+        other => Err(ServiceError::Unexpected {
+            request: "IDENTIFY".into(),
+            answer: format!("{other:?}"),
+        }),
+    }
+}
+
+/// The counters the service has enrolled for device `serial` as a report to compare
+/// `now` with: the expected region counters, MASTER and EPOCH (MAC-checked by the
+/// service), the rest as read now.
+fn enrolled_counters(
+    serial: u64,
+    db: &str,
+    key: &std::path::Path,
+    now: &CounterReport,
+) -> Result<CounterReport, ServiceError> {
+    let key = hilrig_counters::mac::Key::load(key)?;
+    let rec = hilrig_counters::Service::open(db, key)?.device(serial)?;
+    Ok(CounterReport {
+        counters: rec.expected.counters,
+        master: rec.expected.master,
+        epoch: rec.expected.epoch,
+        ..*now
+    })
+}
+
 impl VmTeardown<'_> {
     /// Ask the counters service: identity and region hashes out of band, then verify.
     fn service_verdict(
@@ -916,15 +968,7 @@ impl VmTeardown<'_> {
     ) -> Result<VerdictSummary, ServiceError> {
         use hilrig_device::oob::{Request, Response};
         let mut dev = self.dev();
-        let serial = match oob::request_device(&mut **dev, &Request::Identify)? {
-            Response::Identity { serial, .. } => serial,
-            other => {
-                return Err(ServiceError::Unexpected {
-                    request: "IDENTIFY".into(),
-                    answer: format!("{other:?}"),
-                })
-            }
-        };
+        let serial = oob_serial(&mut **dev)?;
         let mut hashes = [[0u8; 32]; 3];
         for r in hilrig_device::Region::ALL {
             match oob::request_device(&mut **dev, &Request::ReadHash(r))? {

@@ -982,6 +982,15 @@ impl<T> Handle<T> {
     pub fn version(&self) -> u64 {
         self.installed.version
     }
+
+    /// The module this handle refers to, without the staleness check: what a caller
+    /// that kept a raw pointer across a swap would reach. A retired native module's
+    /// code is inaccessible, so a call through it faults and is turned back as a
+    /// stale-address alarm ([`stale_address_faults`]); for adversarial tests.
+    #[doc(hidden)]
+    pub fn module_unchecked(&self) -> &T {
+        &self.installed.module
+    }
 }
 
 #[cfg(test)]

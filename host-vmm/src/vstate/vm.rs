@@ -1049,6 +1049,13 @@ impl Vm {
         &self.plan
     }
 
+    /// The module table's device-handler slot (live patches swap the handler in it).
+    pub fn handler_slot(
+        &self,
+    ) -> Arc<crate::modtable::modules::Slot<Option<crate::modtable::modules::NativeHandler>>> {
+        self.shared.modules.handler.clone()
+    }
+
     /// A handle on the policy (None without a policy): read or replace the active
     /// profile while the VM runs.
     pub fn policy_handle(&self) -> Option<PolicyHandle> {
