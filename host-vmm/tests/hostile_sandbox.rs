@@ -91,8 +91,36 @@ fn a_running_vmm_shows_seccomp_2_and_no_new_privs_on_every_thread() {
     }
     let d = tempfile::tempdir().unwrap();
     let sock = d.path().join("vmm.sock");
+    // A pull-mode patch source and a `[breach]` table: their watcher threads start
+    // before the main thread's filter and must install their own.
+    let policy = d.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "{}\n[breach]\naction = \"teardown\"\n[[breach.alarms]]\nregister = \"HANG_TRIGGER\"\ncount = 3\nwithin = \"30s\"\n",
+            hilrig_vmm::policy::default_policy_toml()
+        ),
+    )
+    .unwrap();
+    let bundles = d.path().join("bundles");
+    std::fs::create_dir(&bundles).unwrap();
+    let authority = d.path().join("authority.pub");
+    let key = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+    hilrig_fw::keys::write_key(
+        &authority,
+        hilrig_fw::keys::KeyKind::SignPublic,
+        key.verifying_key().as_bytes(),
+    )
+    .unwrap();
     let mut child = Command::new(VMM)
         .args(["--payload", "spin", "--vcpus", "2", "--timeout", "30s"])
+        .arg("--policy")
+        .arg(&policy)
+        .args(["--profile", "tenant"])
+        .arg("--patch-source")
+        .arg(&bundles)
+        .arg("--patch-pubkey")
+        .arg(&authority)
         .arg("--control")
         .arg(&sock)
         .stdout(Stdio::null())
@@ -127,8 +155,8 @@ fn a_running_vmm_shows_seccomp_2_and_no_new_privs_on_every_thread() {
         "stderr: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // main, the control thread and two vCPUs at least.
-    assert!(tasks.len() >= 4, "{tasks:?}");
+    // main, the control thread, two vCPUs, the patch source and the breach watcher.
+    assert!(tasks.len() >= 6, "{tasks:?}");
     for (t, s) in statuses {
         if let Some(s) = s {
             assert_eq!(s, ("2".to_string(), "1".to_string()), "task {t}");

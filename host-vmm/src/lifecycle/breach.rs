@@ -209,15 +209,22 @@ fn stale_calls(host: &dyn VmHost) -> u64 {
 /// table every few milliseconds and the counters every `counters_poll`, and acts on
 /// the first trigger (the configured action, once). Ends when `stop` is set, the VM
 /// is gone or the tenant was torn down or detached.
+///
+/// `confine` runs first on the new thread (its seccomp filter); when it fails the
+/// watcher ends at once (the caller ends the VM: a breach must not go unwatched).
 pub fn spawn_watch(
     host: Weak<dyn VmHost>,
     monitor: Arc<Monitor>,
     stop: Arc<AtomicBool>,
+    confine: impl FnOnce() -> bool + Send + 'static,
 ) -> std::io::Result<std::thread::JoinHandle<Option<BreachTrigger>>> {
     let stale_base = host.upgrade().map_or(0, |h| stale_calls(&*h));
     std::thread::Builder::new()
         .name("breach-watch".into())
         .spawn(move || {
+            if !confine() {
+                return None;
+            }
             let mut next_counters = Instant::now();
             loop {
                 let fired = monitor.wait(TICK);

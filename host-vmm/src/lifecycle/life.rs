@@ -1042,17 +1042,25 @@ pub const MAX_SOURCE_FILES: usize = 64;
 /// [`MAX_SOURCE_FILES`] per poll, by name order) and apply each new one (a file is
 /// tried once per name, size and mtime; a refusal is logged, never retried). Ends
 /// when `stop` is set or the VM is gone.
+///
+/// `confine` runs first on the new thread (its seccomp filter: the thread is
+/// started before the main thread's filter, so it inherits none); when it fails the
+/// thread ends at once and applies nothing.
 pub fn spawn_patch_source(
     host: Weak<dyn VmHost>,
     dir: PathBuf,
     every: Duration,
     stop: Arc<AtomicBool>,
+    confine: impl FnOnce() -> bool + Send + 'static,
 ) -> std::io::Result<std::thread::JoinHandle<Vec<SourceOutcome>>> {
     std::thread::Builder::new()
         .name("patch-source".into())
         .spawn(move || {
             let mut seen = std::collections::BTreeSet::new();
             let mut log = Vec::new();
+            if !confine() {
+                return log;
+            }
             while !stop.load(Ordering::Acquire) {
                 let Some(h) = host.upgrade() else { break };
                 if lock(&h.life().teardown).is_some() {

@@ -1093,6 +1093,25 @@ impl Vm {
         self.shared.record_baseline();
         let control_stop = Arc::new(AtomicBool::new(false));
         let control = self.start_control(&control_stop)?;
+        // The watcher threads start before the main thread's filter (they would
+        // inherit none): each installs the control thread's filter (patches,
+        // teardown, the counters service) first, and a failure ends the VM.
+        let confine = |what: &'static str| {
+            let (seccomp, network) = (self.sandbox.seccomp, self.sandbox.network);
+            let shared = self.shared.clone();
+            move || {
+                if !seccomp {
+                    return true;
+                }
+                match crate::seccomp::install(crate::seccomp::ThreadKind::Control, network) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        shared.finish(Verdict::Internal(format!("{what} thread: {e}")));
+                        false
+                    }
+                }
+            }
+        };
         let poller = match &self.config.lifecycle.patch_source {
             Some(dir) => {
                 let host: Arc<dyn crate::lifecycle::VmHost> = self.shared.clone();
@@ -1102,6 +1121,7 @@ impl Vm {
                         dir.clone(),
                         self.config.lifecycle.patch_poll,
                         control_stop.clone(),
+                        confine("patch source"),
                     )
                     .map_err(|e| VmmError::Config(format!("patch source thread: {e}")))?,
                 )
@@ -1117,6 +1137,7 @@ impl Vm {
                         Arc::downgrade(&host),
                         m,
                         control_stop.clone(),
+                        confine("breach watch"),
                     )
                     .map_err(|e| VmmError::Config(format!("breach watch thread: {e}")))?,
                 )
