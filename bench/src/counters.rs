@@ -105,7 +105,12 @@ impl Rater {
         let mut n = 0;
         while t.elapsed() < budget || n == 0 {
             let end = (self.off + BATCH).min(self.items.len());
-            let reps = svc.verify_batch(&self.items[self.off..end])?;
+            // The batch after this one (read ahead while this one writes, where
+            // the backend has a read-ahead connection).
+            let next = if end == self.items.len() { 0 } else { end };
+            let next_end = (next + BATCH).min(self.items.len());
+            let reps =
+                svc.verify_batch_ahead(&self.items[self.off..end], &self.items[next..next_end])?;
             if let Some(r) = reps.iter().find(|r| r.decision.verdict != Verdict::Trusted) {
                 return Err(hilrig_counters::Error::Input(format!(
                     "benchmark device {} was not trusted: {:?}",
@@ -369,9 +374,13 @@ pub fn bench_counters(budget: Duration, pg_url: Option<&str>) -> Result<Vec<Figu
             admin = Some(a);
             let bench_url = pg_db_url(url, &pg_name);
             let db = PgDb::connect(&bench_url, None)?;
+            let mut svc = Service::with_db(Box::new(db) as Box<dyn Db>, key.clone())?;
+            // The next batch's rows are read on a second connection while a
+            // batch writes (`Service::verify_batch_ahead`).
+            svc.set_read_ahead(Box::new(PgDb::connect(&bench_url, None)?))?;
             backends.push(Backend {
                 label: "postgresql",
-                svc: Service::with_db(Box::new(db) as Box<dyn Db>, key.clone())?,
+                svc,
                 db_arg: bench_url,
                 have: 0,
                 first: None,

@@ -254,6 +254,110 @@ pub struct Service {
     history_time: std::time::Duration,
     /// The last transaction's `BEGIN` and `COMMIT` times.
     tx_times: (std::time::Duration, std::time::Duration),
+    /// A second connection to the same database: [`Service::verify_batch_ahead`]
+    /// reads the next batch's rows on it while the current batch writes.
+    read_ahead: Option<Box<dyn Db>>,
+    /// The next batch's rows, read ahead (its serials and what was read); used by
+    /// the very next batch only if its serials are these and no transaction ran
+    /// in between.
+    ahead: Option<(Vec<String>, BatchRead)>,
+}
+
+/// Device rows read for a batch by [`read_batch`].
+#[derive(Default)]
+struct BatchRead {
+    /// Each row, parsed, and whether its MAC holds.
+    rows: std::collections::HashMap<String, (DeviceRecord, bool)>,
+    /// PostgreSQL: each row's MAC and region hashes as read (the batched UPDATE
+    /// compares and swaps on the MAC).
+    macs: std::collections::HashMap<String, (String, [Hash; 3])>,
+    /// PostgreSQL: each device's latest history seq.
+    max_seqs: std::collections::HashMap<String, i64>,
+    /// PostgreSQL: each device's hold.
+    holds: std::collections::HashMap<String, String>,
+    /// PostgreSQL: the history chain head.
+    head: Option<(i64, String)>,
+    /// Time spent parsing and MAC-checking the rows.
+    check: std::time::Duration,
+}
+
+/// Read many device rows in a few queries (SQLite: locked for the transaction;
+/// PostgreSQL: not locked, with each device's latest history seq and hold and the
+/// chain head, one round trip per 1,000 devices). Rows that do not even parse are
+/// left out (the one-by-one path reads them again and keeps the evidence).
+fn read_batch(db: &mut dyn Db, key: &Key, keys: &[String]) -> Result<BatchRead> {
+    let mut out = BatchRead {
+        rows: std::collections::HashMap::with_capacity(keys.len()),
+        ..BatchRead::default()
+    };
+    let pg = db.kind() == "postgresql";
+    for chunk in keys.chunks(1000) {
+        let (sql, params) = if pg {
+            (
+                // Not locked: the batched UPDATE compares and swaps on the MAC
+                // read here (locking 1,000 rows costs a write to each). With
+                // each device's latest history seq (the replayed-row check).
+                // Its hold and the chain head come along too: one round trip
+                // instead of four.
+                format!("SELECT {DEV_COLS}, (SELECT MAX(h.seq) FROM history h WHERE h.serial = devices.serial), \
+                         (SELECT reason FROM holds WHERE holds.serial = devices.serial), \
+                         (SELECT seq FROM history WHERE seq > 0 ORDER BY seq DESC LIMIT 1), \
+                         (SELECT mac FROM history WHERE seq > 0 ORDER BY seq DESC LIMIT 1) \
+                         FROM devices WHERE serial = ANY($1)"),
+                vec![Val::TextArray(chunk.to_vec())],
+            )
+        } else {
+            let list: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            (
+                format!(
+                    "SELECT {DEV_COLS} FROM devices WHERE serial IN ({}){}",
+                    list.join(","),
+                    db.for_update()
+                ),
+                chunk.iter().map(|k| Val::Text(k.clone())).collect(),
+            )
+        };
+        let rows = db.query(&sql, &params)?;
+        let t = std::time::Instant::now();
+        for mut row in rows {
+            if row.len() == 21 {
+                let extra = row.split_off(17);
+                let k = match row.first() {
+                    Some(Val::Text(k)) => k.clone(),
+                    _ => String::new(),
+                };
+                if let Val::I64(m) = &extra[0] {
+                    out.max_seqs.insert(k.clone(), *m);
+                }
+                match &extra[1] {
+                    Val::Null => {}
+                    // Whatever the row says (even if edited), it is held.
+                    v => {
+                        out.holds
+                            .insert(k, v.text("reason").unwrap_or_else(|_| "held".into()));
+                    }
+                }
+                if out.head.is_none() {
+                    if let (Val::I64(seq), Val::Text(mac)) = (&extra[2], &extra[3]) {
+                        out.head = Some((*seq, mac.clone()));
+                    }
+                }
+            }
+            // Rows that do not even parse are left to the one-by-one path.
+            if let Ok(raw) = Service::parse_device(&row) {
+                let intact = key.check_input(&Service::device_input(&raw.rec), &raw.mac);
+                if pg {
+                    out.macs.insert(
+                        raw.rec.serial.clone(),
+                        (raw.mac.clone(), raw.rec.expected.hashes),
+                    );
+                }
+                out.rows.insert(raw.rec.serial.clone(), (raw.rec, intact));
+            }
+        }
+        out.check += t.elapsed();
+    }
+    Ok(out)
 }
 
 /// MAC of a history row: its fields, and for a chained row (seq > 0) its sequence
@@ -393,6 +497,8 @@ impl Service {
             profile: BatchProfile::default(),
             tx_times: Default::default(),
             history_time: Default::default(),
+            read_ahead: None,
+            ahead: None,
         })
     }
 
@@ -443,6 +549,9 @@ impl Service {
         }
         self.tx_times = (t.elapsed(), Default::default());
         self.head = None;
+        // Rows read ahead serve only the batch right after the one that read
+        // them (it takes them before its transaction).
+        self.ahead = None;
         match f(self) {
             Ok(v) => {
                 point("before commit");
@@ -1406,8 +1515,10 @@ impl Service {
         Ok(())
     }
 
-    /// Read many device rows (locked for the transaction) in a few queries.
-    /// Also returns the time spent parsing and MAC-checking the rows.
+    /// Read many device rows (locked for the transaction) in a few queries, and
+    /// on PostgreSQL each one's latest history seq and hold and the chain head
+    /// (kept for the batch). Also returns the time spent parsing and MAC-checking
+    /// the rows.
     #[allow(clippy::type_complexity)]
     fn prefetch(
         &mut self,
@@ -1416,79 +1527,35 @@ impl Service {
         std::collections::HashMap<String, (DeviceRecord, bool)>,
         std::time::Duration,
     )> {
-        let mut check = std::time::Duration::ZERO;
-        let mut out = std::collections::HashMap::with_capacity(keys.len());
-        let pg = self.db.kind() == "postgresql";
-        for chunk in keys.chunks(1000) {
-            let (sql, params) = if pg {
-                (
-                    // Not locked: the batched UPDATE compares and swaps on the MAC
-                    // read here (locking 1,000 rows costs a write to each). With
-                    // each device's latest history seq (the replayed-row check).
-                    // Its hold and the chain head come along too: one round trip
-                    // instead of four.
-                    format!("SELECT {DEV_COLS}, (SELECT MAX(h.seq) FROM history h WHERE h.serial = devices.serial), \
-                             (SELECT reason FROM holds WHERE holds.serial = devices.serial), \
-                             (SELECT seq FROM history WHERE seq > 0 ORDER BY seq DESC LIMIT 1), \
-                             (SELECT mac FROM history WHERE seq > 0 ORDER BY seq DESC LIMIT 1) \
-                             FROM devices WHERE serial = ANY($1)"),
-                    vec![Val::TextArray(chunk.to_vec())],
-                )
-            } else {
-                let list: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
-                (
-                    format!(
-                        "SELECT {DEV_COLS} FROM devices WHERE serial IN ({}){}",
-                        list.join(","),
-                        self.db.for_update()
-                    ),
-                    chunk.iter().map(|k| Val::Text(k.clone())).collect(),
-                )
-            };
-            let rows = self.db.query(&sql, &params)?;
-            let t = std::time::Instant::now();
-            for mut row in rows {
-                if row.len() == 21 {
-                    let extra = row.split_off(17);
-                    let key = match row.first() {
-                        Some(Val::Text(k)) => k.clone(),
-                        _ => String::new(),
-                    };
-                    if let (Some(seqs), Val::I64(m)) = (&mut self.max_seqs, &extra[0]) {
-                        seqs.insert(key.clone(), *m);
-                    }
-                    if let Some(h) = &mut self.holds {
-                        match &extra[1] {
-                            Val::Null => {}
-                            // Whatever the row says (even if edited), it is held.
-                            v => {
-                                h.insert(key, v.text("reason").unwrap_or_else(|_| "held".into()));
-                            }
-                        }
-                    }
-                    if self.head.is_none() {
-                        if let (Val::I64(seq), Val::Text(mac)) = (&extra[2], &extra[3]) {
-                            self.head = Some((*seq, mac.clone()));
-                        }
-                    }
-                }
-                // Rows that do not even parse are left to the one-by-one path.
-                if let Ok(raw) = Self::parse_device(&row) {
-                    let intact = self
-                        .key
-                        .check_input(&Self::device_input(&raw.rec), &raw.mac);
-                    if let Some(m) = &mut self.batch_macs {
-                        m.insert(
-                            raw.rec.serial.clone(),
-                            (raw.mac.clone(), raw.rec.expected.hashes),
-                        );
-                    }
-                    out.insert(raw.rec.serial.clone(), (raw.rec, intact));
-                }
-            }
-            check += t.elapsed();
+        let read = read_batch(&mut *self.db, &self.key, keys)?;
+        Ok(self.take_read(read, true))
+    }
+
+    /// Keep what a [`read_batch`] found for this batch; returns its rows and
+    /// check time. `head`: also take its chain head (a read ahead leaves the head
+    /// to be read in the batch's own turn, after the batch before it wrote).
+    #[allow(clippy::type_complexity)]
+    fn take_read(
+        &mut self,
+        read: BatchRead,
+        head: bool,
+    ) -> (
+        std::collections::HashMap<String, (DeviceRecord, bool)>,
+        std::time::Duration,
+    ) {
+        if let Some(seqs) = &mut self.max_seqs {
+            seqs.extend(read.max_seqs);
         }
-        Ok((out, check))
+        if let Some(h) = &mut self.holds {
+            h.extend(read.holds);
+        }
+        if head && self.head.is_none() {
+            self.head = read.head;
+        }
+        if let Some(m) = &mut self.batch_macs {
+            m.extend(read.macs);
+        }
+        (read.rows, read.check)
     }
 
     /// Stored verdicts, newest first; `serial` filters, `limit` bounds.
@@ -1882,17 +1949,69 @@ impl Service {
     /// process changed meanwhile makes the whole batch roll back and run again
     /// (3 tries, then [`Error::Stale`]).
     pub fn verify_batch(&mut self, items: &[(u64, Observation)]) -> Result<Vec<VerifyReport>> {
+        self.verify_batch_ahead(items, &[])
+    }
+
+    /// Give the service a second connection to the same PostgreSQL database (the
+    /// same URL and schema), on which [`Service::verify_batch_ahead`] reads the
+    /// next batch's rows while the current batch writes. Rows read there are
+    /// trusted no more than rows read on the main connection: MAC-checked, and
+    /// written back only by compare-and-swap on the MAC as read.
+    pub fn set_read_ahead(&mut self, db: Box<dyn Db>) -> Result<()> {
+        if self.db.kind() != "postgresql" || db.kind() != "postgresql" {
+            return Err(Error::Input(
+                "reading ahead needs a second connection to the same PostgreSQL database".into(),
+            ));
+        }
+        self.read_ahead = Some(db);
+        self.ahead = None;
+        Ok(())
+    }
+
+    /// [`Service::verify_batch`] of `items`; with a read-ahead connection
+    /// ([`Service::set_read_ahead`]), `next` (the batch the caller verifies
+    /// next, none of its serials in `items`) has its rows read on that connection
+    /// while this batch writes, and the next call with those serials starts from
+    /// them. Its chain head is read in its own turn, and its rows are written
+    /// back by compare-and-swap: a row another process changed meanwhile makes
+    /// that batch run again on fresh rows, as in [`Service::verify_batch`].
+    pub fn verify_batch_ahead(
+        &mut self,
+        items: &[(u64, Observation)],
+        next: &[(u64, Observation)],
+    ) -> Result<Vec<VerifyReport>> {
         let mut tries = 0;
         loop {
             tries += 1;
-            match self.verify_batch_once(items) {
+            match self.verify_batch_once(items, next) {
                 Err(Error::Stale(_)) if tries < 3 => continue,
                 other => return other,
             }
         }
     }
 
-    fn verify_batch_once(&mut self, items: &[(u64, Observation)]) -> Result<Vec<VerifyReport>> {
+    fn verify_batch_once(
+        &mut self,
+        items: &[(u64, Observation)],
+        next: &[(u64, Observation)],
+    ) -> Result<Vec<VerifyReport>> {
+        let keys: Vec<String> = items.iter().map(|(k, _)| serial_key(*k)).collect();
+        // Rows read ahead for exactly this batch (taken once: a run again after a
+        // lost race reads afresh).
+        let mut ahead = self.ahead.take().filter(|(k, _)| *k == keys).map(|a| a.1);
+        // The next batch is read ahead only if it shares no device with this one
+        // (this batch's writes would make its rows stale).
+        let next_keys: Vec<String> = if self.read_ahead.is_some() && !next.is_empty() {
+            let mine: std::collections::HashSet<&String> = keys.iter().collect();
+            let nk: Vec<String> = next.iter().map(|(k, _)| serial_key(*k)).collect();
+            if nk.iter().any(|k| mine.contains(k)) {
+                Vec::new()
+            } else {
+                nk
+            }
+        } else {
+            Vec::new()
+        };
         if self.db.kind() == "postgresql" {
             self.batch_macs = Some(std::collections::HashMap::with_capacity(items.len()));
         }
@@ -1907,16 +2026,19 @@ impl Service {
         // closed intent), which then sends BEGIN first.
         let deferred = self.db.kind() == "postgresql";
         self.history_time = std::time::Duration::ZERO;
+        let mut next_ahead = None;
         let r = self.tx_as(deferred, |s| {
             let t_read = std::time::Instant::now();
-            let keys: Vec<String> = items.iter().map(|(k, _)| serial_key(*k)).collect();
             let pg = s.db.kind() == "postgresql";
             // PostgreSQL reads each device's latest history seq with its row.
             s.max_seqs = Some(std::collections::HashMap::with_capacity(keys.len()));
             if pg {
                 s.holds = Some(std::collections::HashMap::new());
             }
-            let (pre, check) = s.prefetch(&keys)?;
+            let (pre, check) = match ahead.take() {
+                Some(read) => s.take_read(read, false),
+                None => s.prefetch(&keys)?,
+            };
             prof.read_check = check;
             s.prefetched = Some(pre);
             if !pg {
@@ -1966,8 +2088,29 @@ impl Service {
             let t_write = std::time::Instant::now();
             if let Some(devs) = s.pending_devices.take() {
                 // PostgreSQL: the device rows (compare-and-swap) and the history
-                // rows in one statement, one round trip.
-                s.update_devices(devs, rows)?;
+                // rows in one statement, one round trip; meanwhile the next
+                // batch's rows are read on the read-ahead connection.
+                match s.read_ahead.take() {
+                    Some(mut db) if !next_keys.is_empty() => {
+                        let key = s.key.clone();
+                        let (w, r) = std::thread::scope(|sc| {
+                            let h = sc.spawn(|| read_batch(&mut *db, &key, &next_keys));
+                            let w = s.update_devices(devs, rows);
+                            (w, h.join())
+                        });
+                        s.read_ahead = Some(db);
+                        w?;
+                        // A failed read ahead costs nothing: the next batch
+                        // reads its rows itself.
+                        if let Ok(Ok(read)) = r {
+                            next_ahead = Some((next_keys, read));
+                        }
+                    }
+                    db => {
+                        s.read_ahead = db;
+                        s.update_devices(devs, rows)?;
+                    }
+                }
             } else {
                 s.insert_history(rows)?;
             }
@@ -1993,6 +2136,9 @@ impl Service {
         self.max_seqs = None;
         self.pending_devices = None;
         self.batch_macs = None;
+        if r.is_ok() {
+            self.ahead = next_ahead;
+        }
         r
     }
 

@@ -761,6 +761,18 @@ pub const MIGRATIONS: &[(i64, &str)] = &[
             at BIGINT NOT NULL,
             mac TEXT NOT NULL);",
     ),
+    (
+        7,
+        // Serials compared byte by byte on PostgreSQL (SQLite's default already
+        // is): index lookups and inserts on the verify path skip the locale's
+        // collation. Serials are ASCII hex, so their order is unchanged.
+        "{PG:ALTER TABLE devices ALTER COLUMN serial TYPE TEXT COLLATE \"C\";
+        ALTER TABLE history ALTER COLUMN serial TYPE TEXT COLLATE \"C\";
+        ALTER TABLE holds ALTER COLUMN serial TYPE TEXT COLLATE \"C\";
+        ALTER TABLE intents ALTER COLUMN serial TYPE TEXT COLLATE \"C\";
+        ALTER TABLE update_log ALTER COLUMN serial TYPE TEXT COLLATE \"C\";
+        ALTER TABLE reset_keys ALTER COLUMN serial TYPE TEXT COLLATE \"C\";}",
+    ),
 ];
 
 /// The newest schema version this build knows.

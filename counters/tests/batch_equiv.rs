@@ -262,3 +262,52 @@ fn postgresql_batch_equivalence_runs_or_says_skipped() {
         eprintln!("a_batch_stores_exactly_what_one_by_one_stores: postgresql SKIPPED: HILRIG_TEST_PG not set");
     }
 }
+
+/// `verify_batch_ahead` reads the next batch's rows on a second connection while
+/// a batch writes. A device another process quarantines after that read must not
+/// come out trusted from the stale rows: the batch's compare-and-swap on the MAC
+/// as read makes it run again on fresh rows.
+#[test]
+fn rows_read_ahead_then_changed_by_another_process_are_not_trusted() {
+    let Some(url) = pg_url() else {
+        eprintln!("rows_read_ahead_then_changed_by_another_process_are_not_trusted: postgresql SKIPPED: HILRIG_TEST_PG not set");
+        return;
+    };
+    let schema = common::fresh_schema("read_ahead");
+    let open = || PgDb::connect(&url, Some(&schema)).unwrap();
+    {
+        let mut s = Service::with_db(Box::new(open()) as Box<dyn Db>, key()).unwrap();
+        s.set_read_ahead(Box::new(open())).unwrap();
+        setup(&mut s, &[]);
+        let batch = |devs: &[u64]| -> Vec<(u64, Observation)> {
+            devs.iter()
+                .map(|&d| (0x300 + d, observe(d, &Change::Same)))
+                .collect()
+        };
+        let (a, b) = (batch(&[0, 1]), batch(&[2, 3]));
+        // A, with B's rows read ahead.
+        for r in s.verify_batch_ahead(&a, &b).unwrap() {
+            assert!(r.trusted(), "{r:?}");
+        }
+        // Another process: device 2 rolled back (quarantined, held).
+        let mut other = Service::with_db(Box::new(open()) as Box<dyn Db>, key()).unwrap();
+        let r = other
+            .verify_observation(0x302, Ok(observe(2, &Change::Rollback(0))))
+            .unwrap();
+        assert!(!r.trusted(), "{r:?}");
+        // B starts from the rows read ahead: device 2 must not be trusted.
+        let got = s.verify_batch_ahead(&b, &[]).unwrap();
+        assert!(!got[0].trusted(), "{:?}", got[0]);
+        assert!(got[1].trusted(), "{:?}", got[1]);
+        assert_eq!(s.device(0x302).unwrap().state.name(), "quarantined");
+        // Reading ahead is refused on SQLite (no second connection to it).
+        let dir = tempfile::tempdir().unwrap();
+        let mut q = sqlite(dir.path(), "q.db");
+        let db = SqliteDb::open(&dir.path().join("q.db")).unwrap();
+        assert!(q.set_read_ahead(Box::new(db)).is_err());
+    }
+    PgDb::connect(&url, None)
+        .unwrap()
+        .drop_schema(&schema)
+        .unwrap();
+}
