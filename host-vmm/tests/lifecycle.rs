@@ -777,3 +777,56 @@ fn build_demo_module(dir: &Path, version: u64, reg: u32) -> PathBuf {
     assert!(st.success());
     out
 }
+
+/// Issue 16.5 (attack: act on a tenant after its teardown): once torn down, the
+/// VM answers only status, metrics and the teardown record; pause, resume, quiesce,
+/// patch and detach are refused — asked on the same connection right after the
+/// teardown reply, while the VMM is still winding down.
+#[test]
+fn requests_after_teardown_are_refused() {
+    use std::io::{BufRead, Write};
+    if !kvm_available() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let r = start(
+        d.path(),
+        payload::storm().unwrap(),
+        1,
+        false,
+        LifecycleConfig::default(),
+        model(),
+    );
+    let s = std::os::unix::net::UnixStream::connect(&r.sock).expect("control socket");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut rd = std::io::BufReader::new(s);
+    let mut line = |req: &str| -> Option<Value> {
+        w.write_all(format!("{req}\n").as_bytes()).ok()?;
+        let mut out = String::new();
+        rd.read_line(&mut out).ok()?;
+        serde_json::from_str(&out).ok()
+    };
+    let rec = line(r#"{"op":"teardown"}"#).expect("teardown reply");
+    assert_eq!(rec["ok"], true, "{rec}");
+    let bundle = d.path().join("p.bundle");
+    std::fs::write(&bundle, b"not a bundle").unwrap();
+    for req in [
+        r#"{"op":"pause"}"#.to_string(),
+        r#"{"op":"quiesce"}"#.to_string(),
+        r#"{"op":"detach"}"#.to_string(),
+        serde_json::json!({"op": "patch", "bundle": bundle}).to_string(),
+    ] {
+        // A reply refuses; no reply means the VMM is already gone (also nothing done).
+        if let Some(v) = line(&req) {
+            assert_eq!(v["ok"], false, "{req} after teardown: {v}");
+            let e = v["error"].as_str().unwrap_or_default().to_string();
+            assert!(
+                e.contains("torn down") || e.contains("finished"),
+                "{req}: {e}"
+            );
+        }
+    }
+    let rep = r.thread.join().unwrap();
+    assert_eq!(rep.verdict, Verdict::Stopped("torn down".into()));
+}
