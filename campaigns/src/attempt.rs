@@ -241,6 +241,9 @@ pub struct Target<'a> {
     pub fpga_sim: Option<&'a Path>,
     /// Arguments appended to `hilrig fpga serve-sim` (e.g. `--engine verilator`).
     pub fpga_sim_args: &'a [String],
+    /// Whom the provisioning gate pages about a locked or quarantined device it
+    /// refuses (the inventory's `[counters]` `page`/`webhook`); `None`: nobody.
+    pub pager: Option<&'a hilrig_counters::remediate::Pager>,
 }
 
 impl Att<'_> {
@@ -1678,6 +1681,7 @@ pub async fn run_attempt(
         remote: None,
         fpga_sim: None,
         fpga_sim_args: &[],
+        pager: None,
     };
     run_attempt_on(case, host, &t, run_dir, dir).await
 }
@@ -1692,7 +1696,6 @@ pub async fn run_attempt_on(
     run_dir: &Path,
     dir: &Path,
 ) -> AttemptResult {
-    let (vmm, vmm_args) = (target.vmm, target.vmm_args);
     let remote = match (&target.remote, &host.ssh) {
         (Some((ssh, hilrig)), Some(spec)) => {
             let run = run_dir
@@ -1720,9 +1723,9 @@ pub async fn run_attempt_on(
             Ok(b) => b,
             Err(e) => return *e,
         };
-        return attempt_inner(case, host, vmm, vmm_args, run_dir, dir, remote, Some(board)).await;
+        return attempt_inner(case, host, target, run_dir, dir, remote, Some(board)).await;
     }
-    attempt_inner(case, host, vmm, vmm_args, run_dir, dir, remote, None).await
+    attempt_inner(case, host, target, run_dir, dir, remote, None).await
 }
 
 /// The device of an `fpga` attempt, fresh and enrolled: the host's board after
@@ -1740,6 +1743,7 @@ async fn fpga_device(
         _ => host.counter_width,
     };
     let (host_c, dir_p, case_timeout) = (host.clone(), dir.to_path_buf(), case.timeout);
+    let pager = target.pager.cloned();
     let sim = match &host.fpga {
         FpgaTarget::Unavailable(why) => {
             return Err(fail(
@@ -1800,7 +1804,7 @@ async fn fpga_device(
         crate::attest::enroll_observation(&dir_p, &host_c, b.serial, &expected)
             .map_err(|e| infra("enrolling the device", &e))?;
         let mut src = b.source().map_err(|e| infra("provisioning", &e))?;
-        crate::attest::provision_from(&dir_p, b.serial, &mut src)
+        crate::attest::provision_from_paging(&dir_p, b.serial, &mut src, pager.as_ref())
             .map_err(|e| infra("provisioning", &e))?;
         drop(src);
         b.alive().map_err(|e| infra("the board", &e))?;
@@ -1814,8 +1818,7 @@ async fn fpga_device(
 async fn attempt_inner(
     case: &Case,
     host: &HostSpec,
-    vmm: &Path,
-    vmm_args: &[String],
+    target: &Target<'_>,
     run_dir: &Path,
     dir: &Path,
     remote: Option<Remote>,
@@ -1869,7 +1872,9 @@ async fn attempt_inner(
                 Ok(s) => s,
                 Err(e) => return *e,
             };
-            if let Err(e) = crate::attest::provision_from(dir, host.serial, &mut src) {
+            if let Err(e) =
+                crate::attest::provision_from_paging(dir, host.serial, &mut src, target.pager)
+            {
                 return *fail(Outcome::Infra, format!("provisioning: {e}"));
             }
             // One opener at a time: the port is opened exclusively.
@@ -1887,7 +1892,7 @@ async fn attempt_inner(
             if let Err(e) = crate::attest::enroll(dir, host, &nv) {
                 return *fail(Outcome::Infra, format!("enrolling the device: {e}"));
             }
-            if let Err(e) = crate::attest::provision(dir, &state, host) {
+            if let Err(e) = crate::attest::provision_paging(dir, &state, host, target.pager) {
                 return *fail(Outcome::Infra, format!("provisioning: {e}"));
             }
             match crate::attest::observation_of(&nv) {
@@ -1899,8 +1904,8 @@ async fn attempt_inner(
     let mut att = Att {
         case,
         host,
-        vmm,
-        vmm_args,
+        vmm: target.vmm,
+        vmm_args: target.vmm_args,
         run_dir,
         dir,
         state,

@@ -6,6 +6,7 @@
 
 use crate::format::HostSpec;
 use hilrig_counters::mac::Key;
+use hilrig_counters::remediate::Pager;
 use hilrig_counters::service::Enrollment;
 use hilrig_counters::source::{CounterSource, DeviceSource};
 use hilrig_counters::Service;
@@ -31,7 +32,7 @@ pub enum AttestError {
         detail: String,
     },
     /// The device is not trusted before the case.
-    #[error("device {serial} not trusted before the case: {verdict} ({reasons})")]
+    #[error("device {serial} not trusted before the case: {verdict} ({reasons}){paged}")]
     NotTrusted {
         /// Its serial number.
         serial: u64,
@@ -39,7 +40,31 @@ pub enum AttestError {
         verdict: Verdict,
         /// Why.
         reasons: String,
+        /// Whether a human was paged about it.
+        paged: Paged,
     },
+}
+
+/// Whether a refusal at the gate paged a human (the inventory's `[counters]`
+/// `page` command or `webhook`): only a locked or quarantined device is paged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Paged {
+    /// Nobody: no pager, or a verdict no human needs to see.
+    Nobody,
+    /// Paged (whom).
+    Sent(String),
+    /// Paging failed (why); the device is refused all the same.
+    Failed(String),
+}
+
+impl std::fmt::Display for Paged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Paged::Nobody => Ok(()),
+            Paged::Sent(to) => write!(f, " (paged: {to})"),
+            Paged::Failed(e) => write!(f, " (paging a human FAILED: {e})"),
+        }
+    }
 }
 
 fn ctx(what: &'static str) -> impl FnOnce(hilrig_counters::Error) -> AttestError {
@@ -128,7 +153,19 @@ pub fn enroll(dir: &Path, host: &HostSpec, prepared: &NvState) -> Result<(), Att
 /// an authorised intent): counters rolled back or advanced behind the service's
 /// back, a held, locked or needs-reflash device, an unknown one are all refused.
 pub fn provision(dir: &Path, state: &Path, host: &HostSpec) -> Result<(), AttestError> {
-    provision_from(dir, host.serial, &mut source(state)?)
+    provision_paging(dir, state, host, None)
+}
+
+/// [`provision`], and a locked or quarantined device refused is paged to a human
+/// through `pager` (the inventory's `[counters]` `page`/`webhook`); the error
+/// says whether the page went out ([`Paged`]).
+pub fn provision_paging(
+    dir: &Path,
+    state: &Path,
+    host: &HostSpec,
+    pager: Option<&Pager>,
+) -> Result<(), AttestError> {
+    provision_from_paging(dir, host.serial, &mut source(state)?, pager)
 }
 
 /// [`provision`] of device `serial` read out of band through `src` (a board's OOB
@@ -137,6 +174,16 @@ pub fn provision_from(
     dir: &Path,
     serial: u64,
     src: &mut dyn CounterSource,
+) -> Result<(), AttestError> {
+    provision_from_paging(dir, serial, src, None)
+}
+
+/// [`provision_from`] paging through `pager` (see [`provision_paging`]).
+pub fn provision_from_paging(
+    dir: &Path,
+    serial: u64,
+    src: &mut dyn CounterSource,
+    pager: Option<&Pager>,
 ) -> Result<(), AttestError> {
     let host_serial = serial;
     let mut svc = open(dir, false)?;
@@ -157,10 +204,20 @@ pub fn provision_from(
         if r.trusted() {
             reasons.push("counters rose with no authorised update intent".into());
         }
+        // Locked or quarantined: a human is paged (refused either way).
+        let paged = match pager.map(|p| hilrig_counters::remediate::page_refused(p, &r)) {
+            Some(Ok(Some(to))) => Paged::Sent(to),
+            Some(Err(e)) => {
+                tracing::error!("device {host_serial}: paging a human failed: {e}");
+                Paged::Failed(e.to_string())
+            }
+            Some(Ok(None)) | None => Paged::Nobody,
+        };
         return Err(AttestError::NotTrusted {
             serial: host_serial,
             verdict: r.decision.verdict,
             reasons: reasons.join("; "),
+            paged,
         });
     }
     Ok(())

@@ -913,6 +913,9 @@ pub(crate) struct Ctx {
     /// `hilrig` for `fpga serve-sim` ([`RunOptions::fpga_sim`]) and its extra arguments.
     fpga_sim: Option<PathBuf>,
     fpga_sim_args: Vec<String>,
+    /// Whom the provisioning gate pages about a locked or quarantined device (the
+    /// inventory's `[counters]` `page`/`webhook`).
+    pager: Option<hilrig_counters::remediate::Pager>,
     /// Recorded host states (a SQLite results database): offline hosts stay
     /// offline for every runner until `hilrig rig host DB online NAME`.
     states: Option<Mutex<HostStates>>,
@@ -1115,6 +1118,7 @@ pub(crate) async fn run_case(ctx: Arc<Ctx>, case: Case) -> CaseResult {
                     remote: ctx.remotes.get(&host.name).cloned(),
                     fpga_sim: ctx.fpga_sim.as_deref(),
                     fpga_sim_args: &ctx.fpga_sim_args,
+                    pager: ctx.pager.as_ref(),
                 };
                 let r = run_attempt_on(&case, &host, &target, &ctx.run_dir, &dir).await;
                 (r, t)
@@ -1432,6 +1436,12 @@ pub fn run_campaign(opts: RunOptions) -> RunResult<RunSummary> {
         }
         _ => None,
     };
+    // Whom the gate pages (the inventory's `[counters]`); a pager configured
+    // wrongly (a webhook without its key) stops the run rather than page nobody.
+    let pager = match &opts.inventory {
+        Some(inv) => gate_pager(inv)?,
+        None => None,
+    };
     let mut remotes = BTreeMap::new();
     for h in &hosts {
         if let Some(st) = states
@@ -1531,6 +1541,7 @@ pub fn run_campaign(opts: RunOptions) -> RunResult<RunSummary> {
         recover: opts.recover,
         fpga_sim: opts.fpga_sim.clone(),
         fpga_sim_args: opts.fpga_sim_args.clone(),
+        pager,
         states,
         config_errors: Mutex::new(Vec::new()),
         cancel: opts.cancel.clone().unwrap_or_default(),
@@ -1731,6 +1742,21 @@ pub fn hosts_for(
         }
     });
     Ok((hosts, vmm))
+}
+
+/// Whom the campaign's provisioning gate pages about a locked or quarantined
+/// device it refuses: the `[counters]` `page` command or `webhook` of
+/// `inventory` (see `hilrig_rig::inventory::CountersSpec::pager`); `None` without
+/// a `[counters]` table or a pager in it.
+pub fn gate_pager(inventory: &Path) -> RunResult<Option<hilrig_counters::remediate::Pager>> {
+    let inv = hilrig_rig::inventory::Inventory::load(inventory)
+        .map_err(|e| RunError::rig(format!("inventory {}", inventory.display()), e))?;
+    match &inv.counters {
+        Some(c) => c
+            .pager()
+            .map_err(|e| RunError::rig(format!("inventory {} [counters]", inventory.display()), e)),
+        None => Ok(None),
+    }
 }
 
 /// Validate a campaign file against the hosts (see [`hosts_for`]); the cases.

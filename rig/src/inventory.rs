@@ -45,6 +45,35 @@ pub struct CountersSpec {
     pub webhook_key: Option<PathBuf>,
 }
 
+impl CountersSpec {
+    /// Whom a refused locked or quarantined device is paged to: the `page` command
+    /// (it wins over a `webhook`), or the `webhook` with its `webhook_key` (a
+    /// webhook without its key, or a key others can read, is an error); `None` if
+    /// neither is set. Shared by rig leases and the campaign gate.
+    pub fn pager(&self) -> Result<Option<hilrig_counters::remediate::Pager>, RigError> {
+        use hilrig_counters::remediate::{load_webhook_key, Pager};
+        match (&self.page, &self.webhook, &self.webhook_key) {
+            (argv, _, _) if !argv.is_empty() => Ok(Some(Pager::Command(argv.clone()))),
+            (_, Some(url), Some(k)) => Ok(Some(Pager::Webhook {
+                url: url.clone(),
+                key: load_webhook_key(k).map_err(|e| RigError::Inventory {
+                    file: k.clone(),
+                    host: None,
+                    driver: Some("[counters] webhook_key".into()),
+                    detail: e.to_string(),
+                })?,
+            })),
+            (_, Some(_), None) => Err(RigError::Inventory {
+                file: self.key.clone(),
+                host: None,
+                driver: Some("[counters]".into()),
+                detail: "a webhook needs its webhook_key".into(),
+            }),
+            _ => Ok(None),
+        }
+    }
+}
+
 /// `[lab]`: settings shared by all hosts.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -524,28 +524,7 @@ impl CountersGate {
     /// The gate of an inventory's `[counters]` table, its pager included (a
     /// `page` command wins over a `webhook`; a webhook needs its `webhook_key`).
     pub fn from_spec(c: &crate::inventory::CountersSpec) -> Result<CountersGate, RigError> {
-        use hilrig_counters::remediate::{load_webhook_key, Pager};
-        let pager = match (&c.page, &c.webhook, &c.webhook_key) {
-            (argv, _, _) if !argv.is_empty() => Some(Pager::Command(argv.clone())),
-            (_, Some(url), Some(k)) => Some(Pager::Webhook {
-                url: url.clone(),
-                key: load_webhook_key(k).map_err(|e| RigError::Inventory {
-                    file: k.clone(),
-                    host: None,
-                    driver: Some("[counters] webhook_key".into()),
-                    detail: e.to_string(),
-                })?,
-            }),
-            (_, Some(_), None) => {
-                return Err(RigError::Inventory {
-                    file: c.key.clone(),
-                    host: None,
-                    driver: Some("[counters]".into()),
-                    detail: "a webhook needs its webhook_key".into(),
-                })
-            }
-            _ => None,
-        };
+        let pager = c.pager()?;
         Ok(CountersGate {
             db: c.db.clone(),
             key: c.key.clone(),
