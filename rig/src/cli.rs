@@ -1048,4 +1048,27 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert!(parse_duration("soon").is_err());
     }
+
+    #[test]
+    fn labgrid_wait_parses_with_a_default_and_zero() {
+        let wait = |args: &[&str]| {
+            let mut v = vec!["t", "--labgrid", "127.0.0.1:20408"];
+            v.extend_from_slice(args);
+            v.push("hosts");
+            match T::try_parse_from(v).map(|t| t.cmd) {
+                Ok(RigCmd::Labgrid { labgrid_wait, .. }) => Ok(labgrid_wait),
+                Ok(other) => panic!("{other:?}"),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        assert_eq!(wait(&[]), Ok(Duration::from_secs(10)));
+        assert_eq!(wait(&["--labgrid-wait", "0"]), Ok(Duration::ZERO));
+        assert_eq!(
+            wait(&["--labgrid-wait", "2m"]),
+            Ok(Duration::from_secs(120))
+        );
+        for bad in ["-1", "soon", "30d"] {
+            assert!(wait(&["--labgrid-wait", bad]).is_err(), "{bad}");
+        }
+    }
 }
