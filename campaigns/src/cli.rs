@@ -85,7 +85,9 @@ pub struct LabgridArgs {
     /// How many places to reserve (default: --hosts).
     #[arg(long)]
     pub labgrid_places: Option<usize>,
-    /// How long to wait for each place.
+    /// How long to wait for each place: allocated by the coordinator, then
+    /// every resource its matches name published by its exporter and available
+    /// (not in time: an error naming the place and what is missing).
     #[arg(long, default_value = "5m", value_parser = hilrig_rig::cli::parse_duration)]
     pub labgrid_wait: std::time::Duration,
     /// Our user name at the coordinator (default `<hostname>/hilrig`).

@@ -43,7 +43,9 @@ pub struct LabgridOptions {
     pub tags: BTreeMap<String, String>,
     /// How many places (parallel hosts).
     pub places: usize,
-    /// How long to wait for the coordinator to allocate each place.
+    /// How long to wait for each place: the coordinator allocating it, then its
+    /// exporter publishing every resource its matches name (and marking them
+    /// available); not in time: `LabgridError::NotPublished`, a CONFIG error.
     pub wait: Duration,
     /// The lab's labgrid config (SSH key and pinned host keys for the places'
     /// `NetworkService`, power readback); see rig/README.md. Without it a
@@ -100,10 +102,14 @@ impl LabgridSource {
         let mut c = Coordinator::connect(&self.opts.address, &user, Duration::from_secs(10))?;
         let mut hosts = Vec::new();
         for _ in 0..self.opts.places.max(1) {
+            let t0 = std::time::Instant::now();
             let r = c.reserve(&self.opts.tags, self.opts.wait)?;
             // Held from here: released/cancelled even if acquiring fails.
             self.held.push((r.place.clone(), r.token.clone()));
             c.acquire(&r.place)?;
+            // The rest of the place's wait: its exporter may not have published
+            // everything yet (or only does once the place is acquired).
+            c.wait_published(&r.place, self.opts.wait.saturating_sub(t0.elapsed()))?;
             let h = c.host(&r.place)?;
             // The place as rig drivers: its SSH service is how the runner reaches
             // it (the same path as an inventory's `[host.ssh]`).

@@ -39,27 +39,19 @@ fn have(tool: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-#[test]
-fn campaign_on_places_reserved_from_labgrid() {
-    for t in ["labgrid-coordinator", "labgrid-client"] {
-        if !have(t) {
-            eprintln!(
-                "SKIPPED campaign_on_places_reserved_from_labgrid: {t} not found (pip install labgrid; scripts/test does)"
-            );
-            return;
-        }
-    }
-    let t = tempfile::tempdir().unwrap();
+/// A labgrid coordinator on a free loopback port, working in `dir` (it keeps
+/// places.yaml there), once it accepts a session: (the process, its address).
+fn coordinator(dir: &std::path::Path) -> (Kill, String) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
     let addr = format!("127.0.0.1:{port}");
-    let _coord = Kill(
+    let coord = Kill(
         Command::new("labgrid-coordinator")
             .args(["-l", &addr])
-            .current_dir(t.path())
+            .current_dir(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -73,20 +65,69 @@ fn campaign_on_places_reserved_from_labgrid() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let client = |args: &[&str], user: &str| {
-        let out = Command::new("labgrid-client")
-            .args(["-x", &addr])
-            .args(args)
-            .env("LG_USERNAME", user)
-            .env("LG_HOSTNAME", "testhost")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "labgrid-client {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    (coord, addr)
+}
+
+/// `labgrid-client -x addr ARGS` as `testhost/<user>`; must succeed.
+fn client(addr: &str, args: &[&str], user: &str) {
+    let out = Command::new("labgrid-client")
+        .args(["-x", addr])
+        .args(args)
+        .env("LG_USERNAME", user)
+        .env("LG_HOSTNAME", "testhost")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "labgrid-client {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A campaign of `attacks` (TOML array items) on `sim` hosts, run with `vmm` on
+/// one place tagged `hilrig=sim` reserved from the coordinator at `addr`
+/// (`--labgrid-wait wait`), its files in `dir`.
+fn sim_run(
+    dir: &std::path::Path,
+    attacks: &str,
+    vmm: std::path::PathBuf,
+    addr: &str,
+    wait: Duration,
+) -> RunOptions {
+    let file = dir.join("c.toml");
+    std::fs::write(
+        &file,
+        format!("name = \"lg\"\n[defaults]\ntags = [\"sim\"]\n[[case]]\nattacks = [{attacks}]\n"),
+    )
+    .unwrap();
+    let mut o = RunOptions::new(&file);
+    o.out_dir = dir.join("out");
+    o.vmm = Some(vmm);
+    o.progress = Some(false);
+    o.labgrid = Some(LabgridOptions {
+        address: addr.to_string(),
+        user: Some("testhost/hilrig".into()),
+        tags: [("hilrig".to_string(), "sim".to_string())].into(),
+        places: 1,
+        wait,
+        config: None,
+    });
+    o
+}
+
+#[test]
+fn campaign_on_places_reserved_from_labgrid() {
+    for t in ["labgrid-coordinator", "labgrid-client"] {
+        if !have(t) {
+            eprintln!(
+                "SKIPPED campaign_on_places_reserved_from_labgrid: {t} not found (pip install labgrid; scripts/test does)"
+            );
+            return;
+        }
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (_coord, addr) = coordinator(t.path());
+    let client = |args: &[&str], user: &str| client(&addr, args, user);
     // Both places carry the tag; alice holds rack-b.
     for place in ["rack-a", "rack-b"] {
         client(&["-p", place, "create"], "admin");
@@ -97,24 +138,13 @@ fn campaign_on_places_reserved_from_labgrid() {
     let vmm = t.path().join("fake-vmm");
     std::fs::write(&vmm, format!("#!/bin/sh\n{BIND}echo '{PASS_JSON}'\n")).unwrap();
     std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let file = t.path().join("c.toml");
-    std::fs::write(
-        &file,
-        "name = \"lg\"\n[defaults]\ntags = [\"sim\"]\n[[case]]\nattacks = [\"attack-hang\", \"attack-key-read\"]\n",
-    )
-    .unwrap();
-    let mut o = RunOptions::new(&file);
-    o.out_dir = t.path().join("out");
-    o.vmm = Some(vmm);
-    o.progress = Some(false);
-    o.labgrid = Some(LabgridOptions {
-        address: addr.clone(),
-        user: Some("testhost/hilrig".into()),
-        tags: [("hilrig".to_string(), "sim".to_string())].into(),
-        places: 1,
-        wait: Duration::from_secs(60),
-        config: None,
-    });
+    let o = sim_run(
+        t.path(),
+        "\"attack-hang\", \"attack-key-read\"",
+        vmm,
+        &addr,
+        Duration::from_secs(60),
+    );
     let s = run_campaign(o).unwrap();
     assert_eq!(s.run.cases.len(), 2);
     for c in &s.run.cases {
@@ -189,29 +219,7 @@ fn campaign_runs_over_ssh_on_a_labgrid_place() {
     };
     let (on, off, status) = (cmd("on"), cmd("off"), cmd("status"));
     let t = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let _coord = Kill(
-        Command::new("labgrid-coordinator")
-            .args(["-l", &addr])
-            .current_dir(t.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let t0 = Instant::now();
-    while let Err(e) = Coordinator::connect(&addr, "testhost/probe", Duration::from_secs(5)) {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "no coordinator: {e}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let (_coord, addr) = coordinator(t.path());
     // The place's resources: the sim host's sshd, a power port, a serial port.
     let yaml = format!(
         "{name}:\n  NetworkService:\n    address: {a}\n    username: {u}\n    port: {p}\n  NetworkPowerPort:\n    model: gude\n    host: 127.0.0.1\n    index: \"1\"\n  NetworkSerialPort:\n    host: 127.0.0.1\n    port: 1\n",
@@ -243,20 +251,7 @@ fn campaign_runs_over_ssh_on_a_labgrid_place() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let client = |args: &[&str], user: &str| {
-        let out = Command::new("labgrid-client")
-            .args(["-x", &addr])
-            .args(args)
-            .env("LG_USERNAME", user)
-            .env("LG_HOSTNAME", "testhost")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "labgrid-client {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let client = |args: &[&str], user: &str| client(&addr, args, user);
     client(&["-p", "rack-ssh", "create"], "admin");
     client(&["-p", "rack-ssh", "add-match", "exp1/rack-ssh/*"], "admin");
     client(&["-p", "rack-ssh", "set-tags", "hilrig=sim"], "admin");
@@ -319,4 +314,56 @@ fn campaign_runs_over_ssh_on_a_labgrid_place() {
         Some("testhost/alice")
     );
     drop(lab);
+}
+
+/// A reserved place whose exporter never publishes: the run does not start on
+/// it (without the wait it ran the cases on a place with none of its resources)
+/// but fails within `--labgrid-wait` with a CONFIG error naming the place and
+/// the match nothing satisfies; the place is released, the reservation
+/// cancelled.
+#[test]
+fn campaign_fails_naming_a_place_its_exporter_never_published() {
+    let test = "campaign_fails_naming_a_place_its_exporter_never_published";
+    for t in ["labgrid-coordinator", "labgrid-client"] {
+        if !have(t) {
+            eprintln!("SKIPPED {test}: {t} not found (pip install labgrid; scripts/test does)");
+            return;
+        }
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (_coord, addr) = coordinator(t.path());
+    client(&addr, &["-p", "rack-x", "create"], "admin");
+    client(
+        &addr,
+        &["-p", "rack-x", "add-match", "exp1/rack-x/*"],
+        "admin",
+    );
+    client(&addr, &["-p", "rack-x", "set-tags", "hilrig=sim"], "admin");
+    let o = sim_run(
+        t.path(),
+        "\"attack-hang\"",
+        t.path().join("no-vmm-needed"),
+        &addr,
+        Duration::from_secs(1),
+    );
+    let e = match run_campaign(o) {
+        Err(e) => e,
+        Ok(s) => panic!(
+            "ran on a place nothing was published for: {:?}",
+            s.run.cases
+        ),
+    };
+    let s = e.to_string();
+    assert!(
+        s.contains("place `rack-x`") && s.contains("exp1/rack-x/*: not published"),
+        "{s}"
+    );
+    match &e {
+        hilrig_campaigns::error::RunError::Labgrid { source, .. } => {
+            assert_eq!(source.kind(), hilrig_rig::ErrorKind::Config, "{source}")
+        }
+        other => panic!("not a labgrid error: {other}"),
+    }
+    let mut c = Coordinator::connect(&addr, "testhost/check", Duration::from_secs(5)).unwrap();
+    assert_eq!(holder(&c.place("rack-x").unwrap()), None, "not released");
 }

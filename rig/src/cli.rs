@@ -245,6 +245,12 @@ pub enum RigCmd {
         /// as labgrid-client).
         #[arg(long)]
         user: Option<String>,
+        /// How long to wait for a place's exporter to publish every resource
+        /// the place's matches name (and mark it available) before acting on
+        /// it, e.g. 10s; 0: do not wait. Not in time: an error naming the place
+        /// and what is missing.
+        #[arg(long, default_value = "10s", value_parser = parse_wait)]
+        labgrid_wait: Duration,
         /// Command.
         #[command(subcommand)]
         cmd: LabgridCmd,
@@ -366,6 +372,14 @@ pub enum RigCmd {
 #[error("`{0}` is not a duration (e.g. 10s, 500ms, 2m)")]
 pub struct DurationError(pub String);
 
+/// `--labgrid-wait`: a duration as [`parse_duration`], or `0` (no wait).
+pub fn parse_wait(s: &str) -> std::result::Result<Duration, DurationError> {
+    match s.trim() {
+        "0" | "0s" | "0ms" => Ok(Duration::ZERO),
+        _ => parse_duration(s),
+    }
+}
+
 /// Parse `500ms`, `10s`, `2m`, `1h` or plain seconds.
 pub fn parse_duration(s: &str) -> std::result::Result<Duration, DurationError> {
     let t = s.trim();
@@ -403,9 +417,11 @@ fn parse_tags(tags: &[String]) -> Result<Tags> {
 
 /// A place acted on: acquired for the action when it was free (released after),
 /// ours already, or someone else's and forced (logged).
+/// The place's resources are waited for (`wait`) once it is held: an exporter
+/// may publish some only while the place is acquired.
 fn with_place<T>(
     c: &mut crate::labgrid::Coordinator,
-    addr: &str,
+    (addr, wait): (&str, Duration),
     cfg: &crate::labgrid::LabgridConfig,
     place: &str,
     force: &Option<String>,
@@ -439,7 +455,8 @@ fn with_place<T>(
         }
     }
     let r = c
-        .host(place)
+        .wait_published(place, wait)
+        .and_then(|()| c.host(place))
         .map_err(anyhow::Error::from)
         .and_then(|h| Ok(crate::labgrid::places_inventory(addr, &[h], cfg)?))
         .and_then(|inv| act(&Rig::new(inv)));
@@ -455,6 +472,7 @@ fn run_labgrid(
     addr: &str,
     config: Option<PathBuf>,
     user: Option<String>,
+    wait: Duration,
     cmd: LabgridCmd,
 ) -> Result<ExitCode> {
     let cfg = match &config {
@@ -534,10 +552,15 @@ fn run_labgrid(
         LabgridCmd::Check { places, tags, json } => {
             let mut mine = Vec::new();
             let mut foreign = Vec::new();
+            // One deadline for all the places.
+            let t0 = std::time::Instant::now();
             for p in select(&mut c, &places, &tags)? {
                 match crate::labgrid::holder(&p) {
                     Some(by) if by != c.user() => foreign.push((p.name.clone(), by.to_string())),
-                    _ => mine.push(c.host(&p.name)?),
+                    _ => {
+                        c.wait_published(&p.name, wait.saturating_sub(t0.elapsed()))?;
+                        mine.push(c.host(&p.name)?)
+                    }
                 }
             }
             let rig = Rig::new(crate::labgrid::places_inventory(addr, &mine, &cfg)?);
@@ -567,7 +590,7 @@ fn run_labgrid(
             json,
             force,
         } => {
-            let s = with_place(&mut c, addr, &cfg, &place, &force, |rig| {
+            let s = with_place(&mut c, (addr, wait), &cfg, &place, &force, |rig| {
                 let mut p = rig.power(&place)?;
                 match action {
                     PowerAction::On => p.on()?,
@@ -593,7 +616,7 @@ fn run_labgrid(
             duration,
             force,
         } => {
-            let text = with_place(&mut c, addr, &cfg, &place, &force, |rig| {
+            let text = with_place(&mut c, (addr, wait), &cfg, &place, &force, |rig| {
                 let h = rig.host(&place)?;
                 let name = match &console {
                     Some(n) => n.clone(),
@@ -624,7 +647,7 @@ fn run_labgrid(
             action,
             force,
         } => {
-            let line = with_place(&mut c, addr, &cfg, &place, &force, |rig| {
+            let line = with_place(&mut c, (addr, wait), &cfg, &place, &force, |rig| {
                 Ok(match action {
                     OobAction::Counters => {
                         let c = rig.read_counters(&place)?;
@@ -652,8 +675,9 @@ pub fn run(cmd: RigCmd) -> Result<ExitCode> {
             address,
             labgrid_config,
             user,
+            labgrid_wait,
             cmd,
-        } => run_labgrid(&address, labgrid_config, user, cmd),
+        } => run_labgrid(&address, labgrid_config, user, labgrid_wait, cmd),
         RigCmd::Check { inventory, json } => {
             let rig = Rig::load(&inventory)?;
             let t = rig.check();
@@ -1023,5 +1047,28 @@ mod tests {
         assert!(T::try_parse_from(["t", "power", "lab.toml", "sim-1", "explode"]).is_err());
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn labgrid_wait_parses_with_a_default_and_zero() {
+        let wait = |args: &[&str]| {
+            let mut v = vec!["t", "--labgrid", "127.0.0.1:20408"];
+            v.extend_from_slice(args);
+            v.push("hosts");
+            match T::try_parse_from(v).map(|t| t.cmd) {
+                Ok(RigCmd::Labgrid { labgrid_wait, .. }) => Ok(labgrid_wait),
+                Ok(other) => panic!("{other:?}"),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        assert_eq!(wait(&[]), Ok(Duration::from_secs(10)));
+        assert_eq!(wait(&["--labgrid-wait", "0"]), Ok(Duration::ZERO));
+        assert_eq!(
+            wait(&["--labgrid-wait", "2m"]),
+            Ok(Duration::from_secs(120))
+        );
+        for bad in ["-1", "soon", "30d"] {
+            assert!(wait(&["--labgrid-wait", bad]).is_err(), "{bad}");
+        }
     }
 }

@@ -102,6 +102,15 @@ impl Lab {
         places: &[(&str, &str)],
         exporter_args: &[&str],
     ) -> Option<Lab> {
+        let mut lab = Lab::coordinator(test)?;
+        lab.exporter(exporter_yaml, exporter_args);
+        lab.wait_published(min_resources);
+        lab.places(places);
+        Some(lab)
+    }
+
+    /// A coordinator alone (no exporter yet); `None` (SKIPPED said) without labgrid.
+    fn coordinator(test: &str) -> Option<Lab> {
         for t in ["labgrid-coordinator", "labgrid-exporter", "labgrid-client"] {
             if !have(t) {
                 eprintln!("SKIPPED {test}: {t} not found (pip install labgrid; scripts/test does)");
@@ -110,22 +119,19 @@ impl Lab {
         }
         let dir = tempfile::tempdir().unwrap();
         let addr = format!("127.0.0.1:{}", free_port());
-        let logdir = dir.path().to_path_buf();
-        let log = move |n: &str| std::fs::File::create(logdir.join(n)).unwrap();
         // The coordinator keeps places.yaml in its working directory.
         let coord = Command::new("labgrid-coordinator")
             .args(["-l", &addr])
             .current_dir(dir.path())
-            .stdout(log("coordinator.log"))
-            .stderr(log("coordinator.err"))
+            .stdout(log(dir.path(), "coordinator.log"))
+            .stderr(log(dir.path(), "coordinator.err"))
             .spawn()
             .unwrap();
-        let mut lab = Lab {
+        let lab = Lab {
             addr,
             kids: vec![coord],
             dir,
         };
-        std::fs::write(lab.dir.path().join("exporter.yaml"), exporter_yaml).unwrap();
         // Wait (bounded) for the coordinator to accept a session.
         let t0 = Instant::now();
         while let Err(e) = Coordinator::connect(&lab.addr, "testhost/probe", Duration::from_secs(5))
@@ -137,21 +143,30 @@ impl Lab {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
+        Some(lab)
+    }
+
+    /// Start the exporter `exp1` serving `exporter_yaml`.
+    fn exporter(&mut self, exporter_yaml: &str, exporter_args: &[&str]) {
+        std::fs::write(self.dir.path().join("exporter.yaml"), exporter_yaml).unwrap();
         let exporter = Command::new("labgrid-exporter")
-            .args(["-c", &lab.addr, "-n", "exp1"])
+            .args(["-c", &self.addr, "-n", "exp1"])
             .args(exporter_args)
             .arg("exporter.yaml")
-            .current_dir(lab.dir.path())
-            .stdout(log("exporter.log"))
-            .stderr(log("exporter.err"))
+            .current_dir(self.dir.path())
+            .stdout(log(self.dir.path(), "exporter.log"))
+            .stderr(log(self.dir.path(), "exporter.err"))
             .spawn()
             .unwrap();
-        lab.kids.push(exporter);
-        // Wait (bounded) until the exporter published its resources.
+        self.kids.push(exporter);
+    }
+
+    /// Wait (bounded) until the exporter published `min_resources` resources.
+    fn wait_published(&self, min_resources: usize) {
         let t0 = Instant::now();
         loop {
             let mut c =
-                Coordinator::connect(&lab.addr, "testhost/probe", Duration::from_secs(5)).unwrap();
+                Coordinator::connect(&self.addr, "testhost/probe", Duration::from_secs(5)).unwrap();
             c.sync().unwrap();
             let n = c.resource_count();
             if n >= min_resources {
@@ -160,20 +175,27 @@ impl Lab {
             assert!(
                 t0.elapsed() < Duration::from_secs(60),
                 "the exporter never published: {}",
-                std::fs::read_to_string(lab.dir.path().join("exporter.err")).unwrap_or_default()
+                std::fs::read_to_string(self.dir.path().join("exporter.err")).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// Create the places (`name`, `tag`), each matching `exp1/<name>/*`.
+    fn places(&self, places: &[(&str, &str)]) {
         for &(place, tag) in places {
-            lab.client(&["-p", place, "create"], "admin");
-            lab.client(
+            self.client(&["-p", place, "create"], "admin");
+            self.client(
                 &["-p", place, "add-match", &format!("exp1/{place}/*")],
                 "admin",
             );
-            lab.client(&["-p", place, "set-tags", tag], "admin");
+            self.client(&["-p", place, "set-tags", tag], "admin");
         }
-        Some(lab)
     }
+}
+
+fn log(dir: &std::path::Path, name: &str) -> std::fs::File {
+    std::fs::File::create(dir.join(name)).unwrap()
 }
 
 fn tags(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -357,6 +379,7 @@ fn ser2net_serial_ports_power_and_rig_labgrid_on_places() {
             address: lab.addr.clone(),
             labgrid_config: Some(cfg.clone()),
             user: Some("testhost/hilrig".into()),
+            labgrid_wait: Duration::from_secs(10),
             cmd,
         })
     };
@@ -443,4 +466,80 @@ fn ser2net_serial_ports_power_and_rig_labgrid_on_places() {
     stop.store(true, Ordering::Relaxed);
     drop(lab);
     let _ = srv.join();
+}
+
+/// `hilrig rig --labgrid ... power` on a place whose exporter is not up yet: with
+/// `--labgrid-wait` the command waits (bounded) until the exporter has published
+/// the place's resources, then powers it through them; with `--labgrid-wait 0`
+/// (the negative control: the behaviour without the wait) it fails at once with
+/// a CONFIG error naming the place and the match nothing satisfies, and the
+/// place it acquired for the action is released.
+#[test]
+fn rig_labgrid_waits_for_the_exporter_to_publish() {
+    use hilrig_rig::cli::{LabgridCmd, PowerAction};
+    use hilrig_rig::error::ErrorKind;
+    use hilrig_rig::RigCmd;
+    let test = "rig_labgrid_waits_for_the_exporter_to_publish";
+    let Some(mut lab) = Lab::coordinator(test) else {
+        return;
+    };
+    lab.places(&[("lab-1", "hilrig=sim")]);
+    let d = tempfile::tempdir().unwrap();
+    let pd = d.path().display();
+    let cfg = d.path().join("labgrid.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[power]\non = \"echo on > {pd}/{{port}}\"\noff = \"echo off > {pd}/{{port}}\"\nstatus = \"cat {pd}/{{port}} 2>/dev/null || echo off\"\n"
+        ),
+    )
+    .unwrap();
+    let addr = lab.addr.clone();
+    let power_on = |wait: Duration| {
+        hilrig_rig::run(RigCmd::Labgrid {
+            address: addr.clone(),
+            labgrid_config: Some(cfg.clone()),
+            user: Some("testhost/hilrig".into()),
+            labgrid_wait: wait,
+            cmd: LabgridCmd::Power {
+                place: "lab-1".into(),
+                action: PowerAction::On,
+                json: false,
+                force: None,
+            },
+        })
+    };
+    let mut c = Coordinator::connect(&lab.addr, "testhost/check", Duration::from_secs(10)).unwrap();
+
+    // Negative control: no wait, no exporter yet: a clear CONFIG error.
+    let e = power_on(Duration::ZERO).unwrap_err();
+    let s = format!("{e:#}");
+    assert!(
+        s.contains("place `lab-1`") && s.contains("exp1/lab-1/*: not published"),
+        "{s}"
+    );
+    let lg = e.downcast_ref::<LabgridError>().expect("a labgrid error");
+    assert!(matches!(lg, LabgridError::NotPublished { .. }), "{lg:?}");
+    assert_eq!(lg.kind(), ErrorKind::Config);
+    assert!(!d.path().join("1").exists(), "powered without a power port");
+    assert_eq!(holder(&c.place("lab-1").unwrap()), None, "not released");
+
+    // The command starts waiting first; the exporter comes up after.
+    let waiting = std::thread::scope(|sc| {
+        let h = sc.spawn(|| power_on(Duration::from_secs(30)));
+        std::thread::sleep(Duration::from_millis(700));
+        assert!(!h.is_finished(), "did not wait for the exporter");
+        lab.exporter(
+            "lab-1:\n  NetworkPowerPort:\n    model: gude\n    host: 127.0.0.1\n    index: \"1\"\n\
+             \x20 NetworkSerialPort:\n    host: 127.0.0.1\n    port: 40001\n",
+            &[],
+        );
+        h.join().unwrap()
+    });
+    waiting.unwrap();
+    assert_eq!(
+        std::fs::read_to_string(d.path().join("1")).unwrap().trim(),
+        "on"
+    );
+    assert_eq!(holder(&c.place("lab-1").unwrap()), None, "not released");
 }

@@ -105,6 +105,23 @@ pub enum LabgridError {
         /// What is wrong.
         what: String,
     },
+    /// The place's resources were not all published and available in time
+    /// (`--labgrid-wait`): the exporter is not running, or serves something else
+    /// than the place's matches name. A setup error, not an infrastructure fault.
+    #[error(
+        "labgrid place `{place}`: not published by its exporter within {after:?}: {}",
+        .missing.join(", ")
+    )]
+    NotPublished {
+        /// The place.
+        place: String,
+        /// What is missing: a match no published resource satisfies
+        /// (`exporter/group/class[/name]: not published`), or a matched resource
+        /// that is not available (`exporter/group/class/name: not available`).
+        missing: Vec<String>,
+        /// How long was waited.
+        after: Duration,
+    },
     /// The client runtime could not start.
     #[error("labgrid client runtime: {0}")]
     Runtime(std::io::Error),
@@ -116,6 +133,31 @@ pub enum LabgridError {
 impl From<crate::error::RigError> for LabgridError {
     fn from(e: crate::error::RigError) -> LabgridError {
         LabgridError::Rig(Box::new(e))
+    }
+}
+
+impl LabgridError {
+    /// The class of this error, as a runner treats it: a place that does not
+    /// exist, whose resources are not published or make no sense, or a bad
+    /// address or config is [`ErrorKind::Config`](crate::error::ErrorKind::Config);
+    /// a place acquired by someone else is `Busy`; the rest (the coordinator
+    /// unreachable or failing) is `Infra`.
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
+        match self {
+            LabgridError::BadAddress(_)
+            | LabgridError::NoPlace(_)
+            | LabgridError::NotPublished { .. }
+            | LabgridError::Resource { .. } => ErrorKind::Config,
+            LabgridError::AcquiredByOther { .. } => ErrorKind::Busy,
+            LabgridError::Rig(e) => e.kind(),
+            LabgridError::Connect { .. }
+            | LabgridError::Call { .. }
+            | LabgridError::Timeout { .. }
+            | LabgridError::NotAcquired(_)
+            | LabgridError::Reservation { .. }
+            | LabgridError::Runtime(_) => ErrorKind::Infra,
+        }
     }
 }
 
@@ -327,6 +369,55 @@ fn param_int(r: &proto::Resource, key: &str) -> Option<i128> {
     }
 }
 
+fn matches(
+    m: &proto::ResourceMatch,
+    (exporter, group, name): &(String, String, String),
+    r: &proto::Resource,
+) -> bool {
+    glob(&m.exporter, exporter)
+        && glob(&m.group, group)
+        && glob(&m.cls, &r.cls)
+        && m.name.as_deref().is_none_or(|n| glob(n, name))
+}
+
+/// What `place` still lacks among `resources`: each of its matches that no
+/// published resource satisfies (`exporter/group/class[/name]: not published`),
+/// and each matched resource that is not available (`avail` false:
+/// `exporter/group/class/name: not available`). Empty: every resource the
+/// place's matches name is published and available. A place without matches
+/// lacks nothing.
+pub fn missing(
+    place: &proto::Place,
+    resources: &BTreeMap<(String, String, String), proto::Resource>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for m in &place.matches {
+        let mut any = false;
+        for (k, r) in resources {
+            if matches(m, k, r) {
+                any = true;
+                if !r.avail {
+                    out.push(format!("{}/{}/{}/{}: not available", k.0, k.1, r.cls, k.2));
+                }
+            }
+        }
+        if !any {
+            let name = m
+                .name
+                .as_deref()
+                .map(|n| format!("/{n}"))
+                .unwrap_or_default();
+            out.push(format!(
+                "{}/{}/{}{name}: not published",
+                m.exporter, m.group, m.cls
+            ));
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// Map the resources matched by `place` to a [`PlaceHost`].
 pub fn place_host(
     place: &proto::Place,
@@ -340,16 +431,11 @@ pub fn place_host(
         oob: None,
         ssh: None,
     };
-    for ((exporter, group, name), r) in resources {
-        let matched = place.matches.iter().any(|m| {
-            glob(&m.exporter, exporter)
-                && glob(&m.group, group)
-                && glob(&m.cls, &r.cls)
-                && m.name.as_deref().is_none_or(|n| glob(n, name))
-        });
-        if !matched {
+    for (key, r) in resources {
+        if !place.matches.iter().any(|m| matches(m, key, r)) {
             continue;
         }
+        let (exporter, group, name) = key;
         let rid = format!("{exporter}/{group}/{}/{name}", r.cls);
         let bad = |what: String| LabgridError::Resource {
             place: place.name.clone(),
@@ -796,6 +882,34 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Wait up to `wait` (polling the coordinator) until every resource the
+    /// matches of the place `name` name is published and available (see
+    /// [`missing`]). Zero: look once. Not in time:
+    /// [`LabgridError::NotPublished`] naming the place and what is still missing.
+    pub fn wait_published(&mut self, name: &str, wait: Duration) -> Result<()> {
+        let t0 = Instant::now();
+        loop {
+            self.sync()?;
+            let p = self.place(name)?;
+            let lacking = {
+                let v = self.view.lock().unwrap_or_else(|p| p.into_inner());
+                missing(&p, &v.resources)
+            };
+            if lacking.is_empty() {
+                return Ok(());
+            }
+            let waited = t0.elapsed();
+            if waited >= wait {
+                return Err(LabgridError::NotPublished {
+                    place: name.to_string(),
+                    missing: lacking,
+                    after: wait,
+                });
+            }
+            std::thread::sleep((wait - waited).min(Duration::from_millis(200)));
+        }
+    }
+
     /// The place `name` mapped to hilrig's drivers (resources as last published
     /// by the exporters, after a sync).
     pub fn host(&mut self, name: &str) -> Result<PlaceHost> {
@@ -943,5 +1057,58 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn missing_names_unmatched_matches_and_unavailable_resources() {
+        let m = |group: &str, cls: &str, name: Option<&str>| proto::ResourceMatch {
+            exporter: "e".into(),
+            group: group.into(),
+            cls: cls.into(),
+            name: name.map(Into::into),
+            rename: None,
+        };
+        let place = proto::Place {
+            name: "p".into(),
+            matches: vec![
+                m("g", "NetworkPowerPort", None),
+                m("g", "NetworkSerialPort", Some("oob")),
+                m("h", "*", None),
+            ],
+            ..Default::default()
+        };
+        let key = |g: &str, n: &str| ("e".to_string(), g.to_string(), n.to_string());
+        let mut rs = BTreeMap::new();
+        // Nothing published: each match named.
+        assert_eq!(
+            missing(&place, &rs),
+            [
+                "e/g/NetworkPowerPort: not published",
+                "e/g/NetworkSerialPort/oob: not published",
+                "e/h/*: not published",
+            ]
+        );
+        rs.insert(key("g", "NetworkPowerPort"), res("NetworkPowerPort", &[]));
+        rs.insert(key("g", "console"), res("NetworkSerialPort", &[]));
+        let mut oob = res("NetworkSerialPort", &[]);
+        oob.avail = false;
+        rs.insert(key("g", "oob"), oob);
+        rs.insert(key("h", "x"), res("NetworkService", &[]));
+        // Published but not available: named as such (a console does not
+        // satisfy the `oob` match).
+        assert_eq!(
+            missing(&place, &rs),
+            ["e/g/NetworkSerialPort/oob: not available"]
+        );
+        if let Some(r) = rs.get_mut(&key("g", "oob")) {
+            r.avail = true;
+        }
+        assert!(missing(&place, &rs).is_empty());
+        // A resource of another group never satisfies a match.
+        rs.remove(&key("h", "x"));
+        rs.insert(key("hh", "x"), res("NetworkService", &[]));
+        assert_eq!(missing(&place, &rs), ["e/h/*: not published"]);
+        // A place without matches lacks nothing.
+        assert!(missing(&proto::Place::default(), &rs).is_empty());
     }
 }
