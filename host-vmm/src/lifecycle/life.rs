@@ -174,6 +174,9 @@ pub struct Life {
     patches: Mutex<Vec<PatchEvent>>,
     teardown: Mutex<Option<TeardownRecord>>,
     baseline: Mutex<Option<CounterReport>>,
+    /// The in-run counters check's device serial (read once out of band) and its
+    /// open counters service (opened once, reopened after a failure).
+    enrolled: Mutex<Option<(u64, hilrig_counters::Service)>>,
     /// The breach monitor, when the policy arms any trigger.
     breach: Mutex<Option<Arc<crate::lifecycle::breach::Monitor>>>,
     /// Serialises pause/patch/teardown.
@@ -208,6 +211,7 @@ impl Life {
             patches: Mutex::new(Vec::new()),
             teardown: Mutex::new(None),
             baseline: Mutex::new(None),
+            enrolled: Mutex::new(None),
             breach: Mutex::new(None),
             op: Mutex::new(()),
         }
@@ -338,8 +342,10 @@ pub trait Lifecycle: VmHost {
             return None;
         }
         // The device is locked only for the out-of-band reads, not while the
-        // service is asked.
+        // service is asked. The serial is read and the service opened once per
+        // run (again only after a failure); the enrolled values are asked every poll.
         let counters = self.life().cfg.counters.clone();
+        let open = lock(&self.life().enrolled).is_some();
         let (now, serial) = {
             let mut dev = self.device();
             let now = match oob::read_counters(&mut **dev) {
@@ -349,13 +355,35 @@ pub trait Lifecycle: VmHost {
                     return None;
                 }
             };
-            (now, counters.as_ref().map(|_| oob_serial(&mut **dev)))
+            let serial = (counters.is_some() && !open).then(|| oob_serial(&mut **dev));
+            (now, serial)
         };
-        let base = match (counters, serial) {
-            (Some((db, key)), Some(serial)) => {
-                match serial.and_then(|s| enrolled_counters(s, &db, &key, &now)) {
+        let base = match counters {
+            Some((db, key)) => {
+                let mut cache = lock(&self.life().enrolled);
+                let asked = (|| {
+                    if cache.is_none() {
+                        let serial = serial.unwrap_or_else(|| {
+                            Err(ServiceError::Unexpected {
+                                request: "IDENTIFY".into(),
+                                answer: "not read (the service was reset meanwhile)".into(),
+                            })
+                        })?;
+                        let key = hilrig_counters::mac::Key::load(&key)?;
+                        *cache = Some((serial, hilrig_counters::Service::open(&db, key)?));
+                    }
+                    match cache.as_mut() {
+                        Some((serial, svc)) => enrolled_counters(svc, *serial, &now),
+                        None => Err(ServiceError::Unexpected {
+                            request: "the counters service".into(),
+                            answer: "not open".into(),
+                        }),
+                    }
+                })();
+                match asked {
                     Ok(b) => b,
                     Err(e) => {
+                        *cache = None;
                         tracing::warn!("breach: the counters service gave no expected values: {e}");
                         return Some((
                             CountersVerdict::Unverifiable,
@@ -364,7 +392,7 @@ pub trait Lifecycle: VmHost {
                     }
                 }
             }
-            _ => (*lock(&self.life().baseline))?,
+            None => (*lock(&self.life().baseline))?,
         };
         let attempts = self.policy_engine().map(|e| e.flash_attempts());
         Some(crate::lifecycle::breach::counters_verdict(
@@ -943,13 +971,11 @@ fn oob_serial(dev: &mut dyn hilrig_device::Device) -> Result<u64, ServiceError> 
 /// `now` with: the expected region counters, MASTER and EPOCH (MAC-checked by the
 /// service), the rest as read now.
 fn enrolled_counters(
+    svc: &mut hilrig_counters::Service,
     serial: u64,
-    db: &str,
-    key: &std::path::Path,
     now: &CounterReport,
 ) -> Result<CounterReport, ServiceError> {
-    let key = hilrig_counters::mac::Key::load(key)?;
-    let rec = hilrig_counters::Service::open(db, key)?.device(serial)?;
+    let rec = svc.device(serial)?;
     Ok(CounterReport {
         counters: rec.expected.counters,
         master: rec.expected.master,
