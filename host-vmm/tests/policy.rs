@@ -458,6 +458,82 @@ fn alarm_flood_is_rate_limited() {
     assert_eq!(lines, pol.alarms_written);
 }
 
+/// An alarm flood that moves from one instruction to another: every written alarm
+/// names the instruction that made its access. (In a flood KVM copies a vCPU's
+/// registers out at an exit only when an alarm is due there; a copy asked for at the
+/// wrong exit, or read when not asked for, names the wrong instruction.) At
+/// several alarm rates: nearly every alarm admitted, one in a few, the default.
+#[test]
+fn alarms_in_a_flood_name_the_instruction_of_each_access() {
+    if !kvm_available() {
+        return;
+    }
+    use hilrig_vmm::payload::Payload;
+    use iced_x86::code_asm::{dword_ptr, eax, r15, r15d, rdi};
+    let off = Reg::HangTrigger.offset() as i32;
+    let n = 3000u64;
+    const SECOND: u32 = 0x10000;
+    let mut p = Payload::new().expect("asm");
+    p.repeat(n, |p| {
+        p.a.mov(dword_ptr(rdi + off), r15d)?;
+        Ok(())
+    })
+    .expect("first site");
+    p.repeat(n, |p| {
+        p.a.lea(eax, dword_ptr(r15 + SECOND as i32))?;
+        p.a.mov(dword_ptr(rdi + off), eax)?;
+        Ok(())
+    })
+    .expect("second site");
+    p.report(0).expect("report");
+    let code = p.build().expect("build");
+    for (rate, burst) in [(1_000_000, 1), (20_000, 1), (1000, 100)] {
+        let cfg = VmConfig {
+            vcpus: 1,
+            mem_size: 16 << 20,
+            payload: code.clone(),
+            payload_name: "two-site-flood".into(),
+            timeout: Duration::from_secs(30),
+            console: Console::Capture,
+            policy: Some(profile("tenant", true)),
+            alarms: AlarmConfig {
+                file: None,
+                capture: true,
+                rate,
+                burst,
+            },
+            ..VmConfig::default()
+        };
+        let backend = open_backend(&DeviceSpec::Model, None).expect("model");
+        let r = Vm::new(cfg, backend).expect("vm").run().expect("run");
+        assert_eq!(r.verdict, Verdict::Pass, "{}", r.verdict);
+        let pol = r.policy.expect("policy");
+        assert_eq!(pol.alarms, 2 * n, "rate {rate}");
+        let (first, second): (Vec<_>, Vec<_>) = pol.captured.iter().partition(|a| a.value < SECOND);
+        assert!(
+            first.len() > 1 && second.len() > 1,
+            "rate {rate}: {} + {} alarms written",
+            first.len(),
+            second.len()
+        );
+        let site = |v: &[&hilrig_vmm::policy::engine::Alarm], reg: &str| {
+            let rip = v[0].insn_rip;
+            for a in v {
+                assert!(
+                    a.insn.contains(reg) && a.insn_rip == rip && rip.is_some(),
+                    "rate {rate}: value {:#x} named `{}` at {:?}, expected `{reg}` at {rip:?}",
+                    a.value,
+                    a.insn,
+                    a.insn_rip
+                );
+            }
+            rip
+        };
+        let (a, b) = (site(&first, "r15d"), site(&second, "eax"));
+        assert_ne!(a, b, "rate {rate}: two sites, one address");
+    }
+}
+
 // ---------------------------------------------------------------------------------
 // Policy fuzzer: seeded random guest code touching the restricted pages with random
 // instruction forms, widths and offsets. The device is wrapped in a spy that logs

@@ -154,6 +154,9 @@ pub struct Decided {
 /// [`PolicySummary`]'s `alarm_groups`. Keys are bounded (BAR0 words x 2 x 4).
 pub struct AlarmSink {
     state: Mutex<SinkState>,
+    /// When (µs since the VM started) the key that last raised an alarm has a
+    /// token again ([`AlarmSink::token_due`]; `u64::MAX`: never).
+    next_token_us: AtomicU64,
 }
 
 /// One key's bucket and aggregate.
@@ -206,7 +209,17 @@ impl AlarmSink {
                 suppressed: 0,
                 error: None,
             }),
+            next_token_us: AtomicU64::new(0),
         })
+    }
+
+    /// Whether an alarm raised at `now_us` by the key that last raised one would be
+    /// admitted: a vCPU in an alarm flood asks KVM for the registers at its next
+    /// exit only then (`vstate::vcpu`). A hint, never a decision: a wrong answer
+    /// costs a KVM_GET_REGS, or a register copy nobody reads.
+    #[inline]
+    pub fn token_due(&self, now_us: u64) -> bool {
+        now_us >= self.next_token_us.load(Ordering::Relaxed)
     }
 
     /// Count `hit` (raised at `t_us`) under its key and take a token of that key:
@@ -235,8 +248,19 @@ impl AlarmSink {
         k.tokens = (k.tokens + dt * rate).min(burst);
         k.count += 1;
         k.last_us = t_us;
-        if k.tokens >= 1.0 || k.count == 1 {
+        let admit = k.tokens >= 1.0 || k.count == 1;
+        if admit {
             k.tokens = (k.tokens - 1.0).max(0.0);
+        }
+        let due = if k.tokens >= 1.0 {
+            t_us
+        } else if rate > 0.0 {
+            t_us.saturating_add(((1.0 - k.tokens) / rate * 1e6).ceil() as u64)
+        } else {
+            u64::MAX
+        };
+        self.next_token_us.store(due, Ordering::Relaxed);
+        if admit {
             k.written += 1;
             Some(Admitted {
                 count: k.count,
@@ -1125,12 +1149,22 @@ mod tests {
             rule: 0,
         };
         let a = hit(0x38, true, Action::Drop);
+        assert!(s.token_due(0), "nothing raised yet");
         assert!(s.admit(&a, 0).is_some());
+        assert!(s.token_due(0), "a second token in the burst");
         assert!(s.admit(&a, 0).is_some());
+        assert!(
+            !s.token_due(99_999) && s.token_due(100_000),
+            "next token at 100 ms"
+        );
         assert!(s.admit(&a, 0).is_none(), "burst used up");
         assert!(
             s.admit(&a, 50_000).is_none(),
             "half a token after 50 ms at 10/s"
+        );
+        assert!(
+            !s.token_due(99_999) && s.token_due(100_000),
+            "still at 100 ms"
         );
         assert!(s.admit(&a, 100_000).is_some(), "a token after 100 ms");
         assert!(

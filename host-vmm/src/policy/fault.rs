@@ -61,8 +61,6 @@ pub(crate) struct Ctx<'a> {
     pub mem: &'a GuestMemoryMmap,
     pub engine: &'a PolicyEngine,
     pub stop: &'a AtomicBool,
-    /// `kvm_run` carries the registers on every exit (KVM_CAP_SYNC_REGS).
-    pub sync: bool,
 }
 
 /// General-purpose exception: the vector the engine injects.
@@ -70,12 +68,15 @@ pub const GP_VECTOR: u8 = 13;
 
 impl Ctx<'_> {
     /// Record the alarms of `out` that the sink admits (RIP and instruction are
-    /// looked up once, only when an alarm is admitted).
+    /// looked up once, only when an alarm is admitted). `synced`: KVM copied the
+    /// registers into `kvm_run` at this exit (the run asked for them), so RIP
+    /// costs no ioctl.
     #[allow(clippy::too_many_arguments)]
     pub fn raise_alarms(
         &self,
         idx: u8,
         vcpu: &VcpuFd,
+        synced: bool,
         gpa: u64,
         len: usize,
         write: bool,
@@ -89,7 +90,7 @@ impl Ctx<'_> {
                 continue;
             };
             let (rip, insn_rip, insn) = site
-                .get_or_insert_with(|| locate(self.mem, vcpu, self.sync, gpa, len, write, cache))
+                .get_or_insert_with(|| locate(self.mem, vcpu, synced, gpa, len, write, cache))
                 .clone();
             let mut a = self.engine.alarm(idx, rip, insn_rip, insn, len, hit);
             a.t_us = t_us;
@@ -225,7 +226,7 @@ pub(crate) struct SiteCache {
 }
 
 /// (RIP, address of the accessing instruction if found, the instruction decoded).
-/// `sync`: KVM copies the registers into `kvm_run` on every exit (KVM_CAP_SYNC_REGS),
+/// `sync`: KVM copied the registers into `kvm_run` at this exit (KVM_CAP_SYNC_REGS),
 /// so RIP costs no ioctl.
 fn locate(
     mem: &GuestMemoryMmap,

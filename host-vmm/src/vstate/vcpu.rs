@@ -60,7 +60,8 @@ pub(crate) trait VcpuHost: ExitBus + DirectPages + Sync + 'static {
     fn device_lock(&self) -> MutexGuard<'_, Box<dyn Device>>;
     /// The MMIO policy engine, if a policy is on.
     fn policy_engine(&self) -> Option<&PolicyEngine>;
-    /// KVM copies the registers into `kvm_run` on every exit.
+    /// KVM can copy the registers into `kvm_run` at an exit (KVM_CAP_SYNC_REGS; asked
+    /// for run by run).
     fn sync_regs(&self) -> bool;
     /// What an instruction KVM cannot emulate on MMIO gets.
     fn on_unemulated(&self) -> OnUnemulated;
@@ -182,6 +183,12 @@ struct Vcpu<'a, H: VcpuHost> {
     site_cache: SiteCache,
     /// The stuck-RIP detector's samples ([`crate::vstate::stuck`]).
     stuck: crate::vstate::stuck::Stuck,
+    /// The last decided access raised an alarm (a guest in an alarm flood).
+    alarm_streak: bool,
+    /// The current KVM_RUN has KVM copy the registers into `kvm_run` at its exit.
+    regs_synced: bool,
+    /// When (policy engine µs) [`Vcpu::ask_registers`] last looked.
+    asked_us: u64,
 }
 
 /// What a vCPU thread counts and stamps.
@@ -214,6 +221,9 @@ pub(crate) fn vcpu_loop<H: VcpuHost>(idx: u8, fd: VcpuFd, shared: &H) -> VcpuRes
         },
         site_cache: SiteCache::default(),
         stuck: crate::vstate::stuck::Stuck::default(),
+        alarm_streak: false,
+        regs_synced: false,
+        asked_us: 0,
     };
     let member = shared.rv().register();
     let mut state = State::Parked;
@@ -321,6 +331,9 @@ impl<H: VcpuHost> Vcpu<'_, H> {
     fn run(&mut self, member: &Member<'_>) -> Event {
         if !member.enter_run() {
             return Event::PauseRequested;
+        }
+        if self.alarm_streak || self.regs_synced {
+            self.ask_registers();
         }
         let ran = self.fd.run();
         // Into device and policy code (busy) until the next `Parked`; if a pause
@@ -432,6 +445,32 @@ impl<H: VcpuHost> Vcpu<'_, H> {
         self.shared.finish(v);
     }
 
+    /// In an alarm flood, have KVM copy the registers into `kvm_run` at the next
+    /// exit when the sink would admit its alarm (its RIP then costs no
+    /// KVM_GET_REGS); otherwise stop asking (the copy is paid on every exit). The
+    /// exit comes later than the asking: look ahead by two of this vCPU's recent
+    /// exit intervals (at most 1 ms).
+    #[cold]
+    fn ask_registers(&mut self) {
+        let mut want = false;
+        if self.alarm_streak && self.shared.sync_regs() {
+            if let Some(e) = self.shared.policy_engine() {
+                let now = e.elapsed_us();
+                let gap = now.saturating_sub(self.asked_us).min(1000);
+                self.asked_us = now;
+                want = e.alarms.token_due(now + 2 * gap);
+            }
+        }
+        if want != self.regs_synced {
+            if want {
+                self.fd.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
+            } else {
+                self.fd.clear_sync_valid_reg(kvm_ioctls::SyncReg::Register);
+            }
+            self.regs_synced = want;
+        }
+    }
+
     /// `Deciding`: carry out a trapped BAR0 access through the policy engine.
     fn decide(&mut self, p: Pending, member: &Member<'_>) -> Event {
         let Some(ctx) = ctx(self.shared) else {
@@ -508,9 +547,19 @@ impl<H: VcpuHost> Vcpu<'_, H> {
             }
             self.answer_read(&buf[..p.len]);
         }
-        if out.hits.iter().any(Option::is_some) {
+        self.alarm_streak = out.hits.iter().any(Option::is_some);
+        if self.alarm_streak {
             let (idx, fd, cache) = (self.book.idx, &self.fd, &mut self.site_cache);
-            ctx.raise_alarms(idx, fd, p.addr, p.len, p.write, &out, cache);
+            ctx.raise_alarms(
+                idx,
+                fd,
+                self.regs_synced,
+                p.addr,
+                p.len,
+                p.write,
+                &out,
+                cache,
+            );
         }
         if out.fault {
             Event::Faulted
@@ -597,11 +646,14 @@ impl<H: VcpuHost> Vcpu<'_, H> {
                 }));
             }
         };
+        self.alarm_streak = false;
         for (i, out) in outs[..n].iter().enumerate() {
             if out.hits.iter().any(Option::is_some) {
+                self.alarm_streak = true;
                 let (off, _, len) = pieces[i];
                 let a = bar0 + off;
-                ctx.raise_alarms(idx, &self.fd, a, len, true, out, &mut self.site_cache);
+                let (fd, synced) = (&self.fd, self.regs_synced);
+                ctx.raise_alarms(idx, fd, synced, a, len, true, out, &mut self.site_cache);
             }
         }
         if fault {
@@ -673,7 +725,6 @@ fn ctx<H: VcpuHost>(shared: &H) -> Option<Ctx<'_>> {
         mem: shared.guest_mem(),
         engine,
         stop: shared.stop_flag(),
-        sync: shared.sync_regs(),
     })
 }
 

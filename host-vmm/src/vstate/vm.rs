@@ -313,7 +313,8 @@ pub(crate) struct Shared {
     pub(crate) start: Instant,
     pub(crate) policy: Option<Arc<PolicyEngine>>,
     pub(crate) results: Mutex<Vec<u32>>,
-    /// KVM copies the registers into `kvm_run` on every exit (for alarms' RIP).
+    /// KVM can copy the registers into `kvm_run` at an exit (KVM_CAP_SYNC_REGS; a
+    /// vCPU asks for it run by run, for alarms' RIP).
     pub(crate) sync_regs: bool,
     /// Where vCPUs park while the VMM acts (pause, patch, teardown).
     pub(crate) rv: Arc<crate::lifecycle::quiesce::Rendezvous>,
@@ -732,10 +733,6 @@ pub fn check_config(config: &VmConfig) -> Result<(), VmmError> {
     Ok(())
 }
 
-/// Whether a policy VM has KVM copy the registers into `kvm_run` on every exit (see
-/// `Vm::new`).
-const SYNC_REGS_ON_EXITS: bool = false;
-
 /// Ask for transparent huge pages on guest RAM (as QEMU does): the guest's first
 /// touches fault in 2 MiB at a time, KVM maps it with large pages, and teardown
 /// zeroes, checks and hands back 512 times fewer pages (issue 21.7: the scrub of a
@@ -827,9 +824,8 @@ fn create_vcpu(
     cpuid: &kvm_bindings::CpuId,
     vector: VectorFeatures,
     config: &VmConfig,
-    sync_regs: bool,
 ) -> Result<VcpuFd, VmmError> {
-    let mut vcpu = vm
+    let vcpu = vm
         .create_vcpu(u64::from(i))
         .map_err(VmmError::kvm("KVM_CREATE_VCPU"))?;
     let mut c = cpuid.clone();
@@ -863,9 +859,6 @@ fn create_vcpu(
         .map_err(VmmError::kvm("KVM_SET_FPU"))?;
     vcpu.set_regs(&entry_regs(BAR0_DEFAULT, i, config.vcpus, config.mem_size))
         .map_err(VmmError::kvm("KVM_SET_REGS"))?;
-    if sync_regs {
-        vcpu.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
-    }
     Ok(vcpu)
 }
 
@@ -960,16 +953,16 @@ impl Vm {
                 .iter()
                 .map(|e| (e.function, e.index, e.eax, e.ecx)),
         );
-        // KVM could copy the registers into kvm_run on every exit (KVM_CAP_SYNC_REGS)
-        // so an alarm's RIP costs no ioctl; that copy is paid on every exit of a
-        // policy VM, while alarms are written at most at the sink's rate (1000/s by
-        // default) and suppressed ones need no RIP: off (issue 14/16: the policy
-        // path's exit rate). `policy::fault` reads the registers with KVM_GET_REGS.
-        let sync_regs = SYNC_REGS_ON_EXITS
-            && config.policy.is_some()
-            && kvm.check_extension(kvm_ioctls::Cap::SyncRegs);
+        // KVM can copy the registers into kvm_run at an exit (KVM_CAP_SYNC_REGS), so
+        // an alarm's RIP costs no KVM_GET_REGS (on this host any vCPU ioctl costs
+        // about as much as an exit). Paid on every exit it is asked for, so a vCPU
+        // asks only for the KVM_RUN after an alarm-raising exit when the sink would
+        // admit another alarm (`AlarmSink::token_due`): in a flood, about one run
+        // in (exit rate / alarm rate). Other alarms read the registers with
+        // KVM_GET_REGS (`policy::fault`).
+        let sync_regs = config.policy.is_some() && kvm.check_extension(kvm_ioctls::Cap::SyncRegs);
         let vcpus = (0..config.vcpus)
-            .map(|i| create_vcpu(&vm, i, &cpuid, vector, &config, sync_regs))
+            .map(|i| create_vcpu(&vm, i, &cpuid, vector, &config))
             .collect::<Result<Vec<_>, _>>()?;
         if irqchip {
             // With an in-kernel LAPIC the other vCPUs would wait for INIT/SIPI: the
