@@ -103,9 +103,11 @@ impl std::str::FromStr for Backend {
 /// A board's serial ports, from a host's inventory `device = "fpga=PORT,oob=PORT"`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Board {
-    /// The host bridge's serial port (the board's FTDI UART).
+    /// The host bridge's serial port (the board's FTDI UART), on the machine
+    /// the VMM runs on (the lab host, for a host reached over SSH).
     pub port: String,
-    /// The board's OOB serial port (counters, hashes, the keyed physical reset).
+    /// The board's OOB serial port (counters, hashes, the keyed physical reset),
+    /// on the controller (the rig reads it).
     pub oob: String,
     /// Baud rate of both.
     pub baud: u32,
@@ -117,7 +119,8 @@ pub enum FpgaTarget {
     /// No board: the runner starts `hilrig fpga serve-sim` (the board top's RTL
     /// behind two PTYs) for each attempt, on this machine.
     Sim,
-    /// The host's board (its inventory names the ports).
+    /// The host's board (its inventory names the ports; on an SSH host `port`
+    /// is on the host, `oob` on the controller).
     Board(Board),
     /// The host cannot run `fpga` (why).
     Unavailable(String),
@@ -126,16 +129,20 @@ pub enum FpgaTarget {
 impl FpgaTarget {
     /// The `fpga` target of an inventory host: its board when `device` names one
     /// (`fpga=PORT,oob=PORT[,baud=N]`), the simulated board for a local host
-    /// without one; none for a host reached over SSH (its ports are on that host).
+    /// without one. On a host reached over SSH (`ssh`), `fpga=PORT` is the
+    /// board's host bridge on that host (the VMM's port there) and `oob=PORT` the
+    /// board's OOB port on the controller's end (read by the rig, lent to the
+    /// host's VMM for its teardown reads through `hilrig fpga relay-oob`); an SSH
+    /// host without a board cannot run `fpga`.
     pub fn of_inventory(device: &str, ssh: bool) -> FpgaTarget {
         use hilrig_vmm_api::DeviceSpec;
-        if ssh {
-            return FpgaTarget::Unavailable(
-                "reached over SSH: a board's or serve-sim's ports there are not wired to the runner yet"
-                    .into(),
-            );
-        }
         if !device.starts_with("fpga=") {
+            if ssh {
+                return FpgaTarget::Unavailable(
+                    "reached over SSH, and its inventory names no board (device = \"fpga=PORT,oob=PORT\": the bridge port on the host, the OOB port on the controller)"
+                        .into(),
+                );
+            }
             return FpgaTarget::Sim;
         }
         match device.parse::<DeviceSpec>() {
@@ -1051,9 +1058,27 @@ expect = { verdict = "pass", exit_status = 3 }
         .unwrap_err()
         .to_string();
         assert!(
-            e.contains("pci-enum/fpga/tenant@lab: no host tagged `lab` can run backend `fpga` (far: reached over SSH"),
+            e.contains("pci-enum/fpga/tenant@lab: no host tagged `lab` can run backend `fpga` (far: reached over SSH, and its inventory names no board"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn an_ssh_hosts_board_has_its_bridge_there_and_its_oob_here() {
+        assert_eq!(
+            FpgaTarget::of_inventory("fpga=/home/u/fpga-bridge,oob=/lab/h1/fpga-oob", true),
+            FpgaTarget::Board(Board {
+                port: "/home/u/fpga-bridge".into(),
+                oob: "/lab/h1/fpga-oob".into(),
+                baud: 115_200
+            })
+        );
+        // Without the controller's end of the OOB line the rig cannot read it.
+        let FpgaTarget::Unavailable(why) = FpgaTarget::of_inventory("fpga=/dev/ttyUSB1", true)
+        else {
+            panic!("an SSH host's board without oob= was accepted")
+        };
+        assert!(why.contains("oob=PORT"), "{why}");
     }
 
     #[test]
