@@ -375,7 +375,18 @@ impl HostSpec {
     pub fn fits(&self, case: &Case) -> bool {
         self.tags.contains(&case.tag)
             && self.runs(case.backend)
+            && (case.backend != Backend::Fpga || self.board_width_fits(&case.attack))
             && (self.ssh.is_none() || !needs_local(&case.attack))
+    }
+
+    /// False when this host's board cannot serve `a`: a board's counter width is
+    /// its bitstream's (the host's `counter_width`), and `a` needs another
+    /// (`fuse-exhaustion`: width 4). A simulated board is started with any width.
+    pub fn board_width_fits(&self, a: &Attack) -> bool {
+        match (&self.fpga, a.setup) {
+            (FpgaTarget::Board(_), crate::attacks::Setup::Width(w)) => w == self.counter_width,
+            _ => true,
+        }
     }
 
     /// True when this host can run backend `b`.
@@ -787,10 +798,17 @@ pub fn expand(
                                 ));
                             }
                         }
-                        if known_tags.contains(t.as_str())
-                            && !hosts.iter().any(|h| h.tags.contains(t) && h.runs(*b))
-                        {
+                        let tagged = |h: &&HostSpec| h.tags.contains(t) && h.runs(*b);
+                        if known_tags.contains(t.as_str()) && !hosts.iter().any(|h| tagged(&h)) {
                             bad(format!("{id}: {}", cannot_run(hosts, t, *b)));
+                        } else if known_tags.contains(t.as_str())
+                            && *b == Backend::Fpga
+                            && !hosts.iter().filter(tagged).any(|h| h.board_width_fits(a))
+                        {
+                            bad(format!(
+                                "{id}: attack `{}` needs a device of another counter width than every board tagged `{t}` has (a board's width is its bitstream's)",
+                                a.name
+                            ));
                         } else if known_tags.contains(t.as_str())
                             && needs_local(a)
                             && !hosts
@@ -1061,6 +1079,34 @@ expect = { verdict = "pass", exit_status = 3 }
             e.contains("pci-enum/fpga/tenant@lab: no host tagged `lab` can run backend `fpga` (far: reached over SSH, and its inventory names no board"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_board_of_another_width_gets_no_case_needing_one() {
+        let board = HostSpec {
+            name: "bench".into(),
+            tags: vec!["lab".into()],
+            backends: BACKENDS.to_vec(),
+            fpga: FpgaTarget::of_inventory("fpga=/dev/ttyUSB1,oob=/dev/ttyUSB2", false),
+            counter_width: 16,
+            serial: 1,
+            ssh: None,
+            device: None,
+        };
+        let text = "name = \"t\"\n[defaults]\ntags = [\"lab\"]\n[[case]]\nattacks = [\"fuse-exhaustion\"]\nbackends = [\"fpga\"]\nprofiles = [\"operator\"]\n";
+        let e = parse(text, Path::new("t.toml"), std::slice::from_ref(&board))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("fuse-exhaustion/fpga/operator@lab") && e.contains("counter width"),
+            "{e}"
+        );
+        // With a simulated board beside it the case runs, never on the board.
+        let mut sim = board.clone();
+        sim.name = "sim".into();
+        sim.fpga = FpgaTarget::Sim;
+        let c = parse(text, Path::new("t.toml"), &[board.clone(), sim.clone()]).unwrap();
+        assert!(!board.fits(&c.cases[0]) && sim.fits(&c.cases[0]));
     }
 
     #[test]
