@@ -532,18 +532,6 @@ impl Att<'_> {
         let Some(b) = &self.board else {
             return Err(fail(Outcome::Infra, "no board"));
         };
-        // The relay is `hilrig fpga relay-oob`: the build on the host must be
-        // `hilrig` itself (as `hilrig campaign run` runs it), not a bare VMM.
-        if hilrig_rig::sim::vmm_prefix(self.vmm).is_empty() {
-            return Err(fail(
-                Outcome::Skipped,
-                format!(
-                    "{CONFIG_PREFIX}host {} has a board: its OOB port is lent to the host through `hilrig fpga relay-oob`, so the VMM must be `hilrig` itself, not {}",
-                    self.host.name,
-                    self.vmm.display()
-                ),
-            ));
-        }
         let mut argv = vec![r.hilrig.clone(), "fpga".into(), "relay-oob".into()];
         argv.extend([
             "--seconds".into(),
@@ -1825,6 +1813,22 @@ async fn fpga_device(
                 Outcome::Skipped,
                 format!("{CONFIG_PREFIX}host {} cannot run fpga: {why}", host.name),
             ))
+        }
+        // A lab host's board: its OOB port is lent to the host's VMM through
+        // `hilrig fpga relay-oob`, so the build there must be `hilrig` itself (as
+        // `hilrig campaign run` runs it), not a bare VMM. Checked before the
+        // board is touched.
+        FpgaTarget::Board(_)
+            if host.ssh.is_some() && hilrig_rig::sim::vmm_prefix(target.vmm).is_empty() =>
+        {
+            return Err(fail(
+                Outcome::Skipped,
+                format!(
+                    "{CONFIG_PREFIX}host {} has a board: its OOB port is lent to the host through `hilrig fpga relay-oob`, so the VMM must be `hilrig` itself, not {}",
+                    host.name,
+                    target.vmm.display()
+                ),
+            ));
         }
         FpgaTarget::Board(_) => None,
         FpgaTarget::Sim => {

@@ -538,6 +538,11 @@ fn walk(d: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// One fpga case on the hosts with a board, no retries.
+const FPGA_KEY_READ: &str = "name = \"t\"\n[defaults]\nretries = 0\ninfra_retries = 0\n\
+     case_timeout = \"60s\"\ntags = [\"fpga\"]\n[[case]]\nattacks = [\"attack-key-read\"]\n\
+     backends = [\"fpga\"]\n";
+
 /// The `hilrig` build (the VMM as `hilrig vm run`, and `hilrig fpga relay-oob`).
 fn hilrig_build() -> PathBuf {
     let vmm = hilrig_rig::sim::find_vmm(None).unwrap();
@@ -609,11 +614,28 @@ fn fpga_cases_run_on_an_ssh_hosts_board() {
 /// Negative control: the board's OOB line on the controller's end dead (the
 /// host's serve-sim stopped: its ports there but never answering): the board
 /// fails its check before the case, INFRA naming the board, never a device
-/// verdict.
+/// verdict. And a runner whose VMM is a bare `hilrig-vmm` (no `hilrig fpga
+/// relay-oob` on the host) is a CONFIG error before the board is touched.
 #[test]
 fn an_ssh_hosts_board_with_a_dead_oob_line_is_infra() {
     let test = "an_ssh_hosts_board_with_a_dead_oob_line_is_infra";
     let Some(lab) = fpga_lab(test) else { return };
+    let bare = hilrig_rig::sim::find_vmm(None).unwrap();
+    if hilrig_rig::sim::vmm_prefix(&bare).is_empty() {
+        let t = tempfile::tempdir().unwrap();
+        let c = t.path().join("c.toml");
+        std::fs::write(&c, FPGA_KEY_READ).unwrap();
+        let mut o = opts(t.path(), c, &lab.inventory);
+        o.vmm = Some(bare);
+        let s = run_campaign(o).expect("run");
+        let case = &s.run.cases[0];
+        assert_eq!(case.outcome, Outcome::Skipped, "{case:?}");
+        assert!(
+            case.message.contains("CONFIG") && case.message.contains("relay-oob"),
+            "{}",
+            case.message
+        );
+    }
     let pid = std::fs::read_to_string(lab.dir().join("h1").join("fpga.pid")).unwrap();
     let st = std::process::Command::new("kill")
         .args(["-STOP", pid.trim()])
@@ -622,13 +644,10 @@ fn an_ssh_hosts_board_with_a_dead_oob_line_is_infra() {
     assert!(st.success());
     let t = tempfile::tempdir().unwrap();
     let c = t.path().join("c.toml");
-    std::fs::write(
-        &c,
-        "name = \"t\"\n[defaults]\nretries = 0\ninfra_retries = 0\ncase_timeout = \"60s\"\n\
-         tags = [\"fpga\"]\n[[case]]\nattacks = [\"attack-key-read\"]\nbackends = [\"fpga\"]\n",
-    )
-    .unwrap();
-    let s = run_campaign(opts(t.path(), c, &lab.inventory)).expect("run");
+    std::fs::write(&c, FPGA_KEY_READ).unwrap();
+    let mut o = opts(t.path(), c, &lab.inventory);
+    o.vmm = Some(hilrig_build());
+    let s = run_campaign(o).expect("run");
     let case = &s.run.cases[0];
     assert!(!case.attempts.is_empty(), "{case:?}");
     for a in &case.attempts {
