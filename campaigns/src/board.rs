@@ -15,7 +15,7 @@
 use crate::format::Board;
 use hilrig_counters::decide::Observation;
 use hilrig_counters::source::{CounterSource, SerialSource};
-use hilrig_device::oob::{CounterReport, Request, Response};
+use hilrig_device::oob::{encode_response, CounterReport, ErrorCode, Request, Response};
 use hilrig_device::{DeviceConfig, NvState};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -308,15 +308,19 @@ const RELAY_START: Duration = Duration::from_secs(20);
 /// The board's OOB port lent to a lab host for one VMM step: the host's
 /// `hilrig fpga relay-oob` (its PTY there is the VMM's `oob=`) sends each OOB
 /// frame the VMM writes over the SSH session; the runner puts it on the board's
-/// OOB port on the controller's end and sends the board's answer back. The rig's
-/// own readings never go through it (nor through the VMM). Ended when dropped:
+/// OOB port on the controller's end and sends the board's answer back. Reads
+/// only (IDENTIFY, READ_COUNTERS, READ_HASH): a PHYSICAL_RESET from the host is
+/// refused without reaching the board (and recorded as a fault), a malformed
+/// frame answered as a device would. The rig's own readings never go through
+/// it (nor through the VMM). Ended when dropped:
 /// the session is killed (the host's relay sees the end of its input).
 pub struct OobRelay {
     child: Child,
     /// The PTY on the host (the VMM's `oob=`).
     pub host_path: String,
     pump: Option<std::thread::JoinHandle<()>>,
-    /// Why a frame found no answer on the controller's end (for messages).
+    /// Why a frame found no answer on the controller's end, or was refused
+    /// (for messages).
     faults: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
@@ -335,6 +339,11 @@ impl Drop for OobRelay {
             let _ = p.join();
         }
     }
+}
+
+/// The sequence number of a request frame (0 if it has none).
+fn seq_of(f: &[u8]) -> u8 {
+    f.get(2).copied().unwrap_or(0)
 }
 
 /// One OOB frame on the board's port (opened for this frame only: the runner
@@ -413,7 +422,30 @@ pub fn relay(oob: &str, baud: u32, mut relay: Command) -> Result<OobRelay, Board
                 let Some(StreamEvent::Frame(f)) = reader.push(b) else {
                     continue;
                 };
-                match board_frame(&path, baud, &f) {
+                let refuse = |code, request, why: Option<String>| {
+                    if let (Some(w), Ok(mut v)) = (why, seen.lock()) {
+                        v.push(w);
+                    }
+                    Ok(encode_response(
+                        seq_of(&f),
+                        &Response::Error { code, request },
+                    ))
+                };
+                let answer = match hilrig_device::oob::decode_request(&f) {
+                    // Reads only: a host's VMM never resets the board.
+                    Ok((_, Request::PhysicalReset(_))) => refuse(
+                        ErrorCode::UnknownCommand,
+                        hilrig_device::oob::cmd::PHYSICAL_RESET,
+                        Some(
+                            "the host sent PHYSICAL_RESET through the OOB relay: refused (it lends reads only)"
+                                .into(),
+                        ),
+                    ),
+                    Ok(_) => board_frame(&path, baud, &f),
+                    // Malformed: answered as a device would, never put on the line.
+                    Err((_, code, request)) => refuse(code, request, None),
+                };
+                match answer {
                     Ok(answer) => {
                         if input
                             .write_all(&answer)

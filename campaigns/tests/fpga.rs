@@ -254,9 +254,10 @@ repeats = 2
 /// The OOB relay a lab host's VMM reads its board through (`hilrig fpga
 /// relay-oob`, here run locally instead of over SSH): a request written to the
 /// relay's PTY is answered by the board on the controller's end (serve-sim's OOB
-/// port). Adversarial: a board port that never answers gets no made-up answer
-/// through the relay (the client times out) and the fault is recorded for the
-/// runner (which makes the step INFRA).
+/// port). Adversarial: the host cannot reset the board through it (a keyed
+/// PHYSICAL_RESET is refused there, EPOCH unchanged, recorded); a board port
+/// that never answers gets no made-up answer through the relay (the client times
+/// out) and the fault is recorded for the runner (which makes the step INFRA).
 #[test]
 fn the_oob_relay_answers_from_the_board_and_makes_nothing_up() {
     use hilrig_counters::source::{CounterSource, SerialSource};
@@ -277,6 +278,11 @@ fn the_oob_relay_answers_from_the_board_and_makes_nothing_up() {
     let mut client = SerialSource::open(&relay.host_path, baud, timeout).unwrap();
     let id = client.request(&Request::Identify);
     let counters = client.counters();
+    // Reads only: the board's own reset key, sent from the host, never reaches it.
+    let (_, key) = hilrig_device::state::dev_keys(4243);
+    let reset = client.request(&Request::PhysicalReset(key));
+    let epoch = client.counters().map(|c| c.epoch);
+    let faults = relay.faults();
     drop(client);
     drop(relay);
     let _ = sim.kill();
@@ -287,7 +293,21 @@ fn the_oob_relay_answers_from_the_board_and_makes_nothing_up() {
         }
         other => panic!("IDENTIFY through the relay: {other:?}"),
     }
-    assert_eq!(counters.unwrap().counters, [0, 0, 0]);
+    let before = counters.unwrap();
+    assert_eq!(before.counters, [0, 0, 0]);
+    assert!(
+        matches!(
+            reset,
+            Ok(hilrig_device::oob::Response::Error { .. }) | Err(_)
+        ),
+        "{reset:?}"
+    );
+    assert_eq!(
+        epoch.unwrap(),
+        before.epoch,
+        "the relay let a reset through"
+    );
+    assert!(faults.iter().any(|f| f.contains("refused")), "{faults:?}");
 
     // A board OOB port nobody answers on.
     let dead = hilrig_device::oob::PtyServer::new().unwrap();
