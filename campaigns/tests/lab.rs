@@ -661,3 +661,56 @@ fn an_ssh_hosts_board_with_a_dead_oob_line_is_infra() {
     }
     assert_eq!(case.outcome, Outcome::Infra, "{case:?}");
 }
+
+/// Adversarial: the board stops answering while the VMM runs on the host (its
+/// serve-sim stopped once the step's OOB relay is up): whatever the VMM makes of
+/// a dead device, the runner finds the board gone after the step: INFRA naming
+/// the board's transport, never FAIL.
+#[test]
+fn an_ssh_hosts_board_dying_mid_step_is_infra_not_fail() {
+    let test = "an_ssh_hosts_board_dying_mid_step_is_infra_not_fail";
+    let Some(lab) = fpga_lab(test) else { return };
+    let inv = hilrig_rig::Inventory::load(&lab.inventory).unwrap();
+    let user = inv.host("sim-ssh-1").unwrap().ssh.clone().unwrap().user;
+    let pid = std::fs::read_to_string(lab.dir().join("h1").join("fpga.pid")).unwrap();
+    let pid = pid.trim().to_string();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let d = done.clone();
+    let watcher = std::thread::spawn(move || {
+        while !d.load(std::sync::atomic::Ordering::SeqCst) {
+            let relay_up = std::process::Command::new("pgrep")
+                .args(["-u", &user, "-f", "fpga relay-oob"])
+                .stdout(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if relay_up {
+                let st = std::process::Command::new("kill")
+                    .args(["-STOP", &pid])
+                    .status()
+                    .unwrap();
+                return st.success();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        false
+    });
+    let t = tempfile::tempdir().unwrap();
+    let c = t.path().join("c.toml");
+    std::fs::write(&c, FPGA_KEY_READ).unwrap();
+    let mut o = opts(t.path(), c, &lab.inventory);
+    o.vmm = Some(hilrig_build());
+    let s = run_campaign(o).expect("run");
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(watcher.join().unwrap(), "the step's relay never came up");
+    let case = &s.run.cases[0];
+    assert!(!case.attempts.is_empty(), "{case:?}");
+    for a in &case.attempts {
+        assert_eq!(a.outcome, Outcome::Infra, "{a:?}");
+        assert!(
+            a.message.contains("transport") || a.message.contains("OOB"),
+            "{}",
+            a.message
+        );
+    }
+    assert_eq!(case.outcome, Outcome::Infra, "{case:?}");
+}
