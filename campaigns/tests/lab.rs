@@ -543,6 +543,32 @@ const FPGA_KEY_READ: &str = "name = \"t\"\n[defaults]\nretries = 0\ninfra_retrie
      case_timeout = \"60s\"\ntags = [\"fpga\"]\n[[case]]\nattacks = [\"attack-key-read\"]\n\
      backends = [\"fpga\"]\n";
 
+/// Run [`FPGA_KEY_READ`] on `lab` with `vmm`.
+fn key_read_on_board(lab: &SimLab, vmm: PathBuf) -> hilrig_campaigns::runner::RunSummary {
+    let t = tempfile::tempdir().unwrap();
+    let c = t.path().join("c.toml");
+    std::fs::write(&c, FPGA_KEY_READ).unwrap();
+    let mut o = opts(t.path(), c, &lab.inventory);
+    o.vmm = Some(vmm);
+    run_campaign(o).expect("run")
+}
+
+/// Every attempt of the run's one case, and the case, INFRA on `sim-ssh-1` with
+/// a message naming one of `words`.
+fn all_infra(s: &hilrig_campaigns::runner::RunSummary, words: &[&str]) {
+    let case = &s.run.cases[0];
+    assert!(!case.attempts.is_empty(), "{case:?}");
+    for a in &case.attempts {
+        assert_eq!(
+            (a.outcome, a.host.as_str()),
+            (Outcome::Infra, "sim-ssh-1"),
+            "{a:?}"
+        );
+        assert!(words.iter().any(|w| a.message.contains(w)), "{}", a.message);
+    }
+    assert_eq!(case.outcome, Outcome::Infra, "{case:?}");
+}
+
 /// The `hilrig` build (the VMM as `hilrig vm run`, and `hilrig fpga relay-oob`).
 fn hilrig_build() -> PathBuf {
     let vmm = hilrig_rig::sim::find_vmm(None).unwrap();
@@ -622,12 +648,7 @@ fn an_ssh_hosts_board_with_a_dead_oob_line_is_infra() {
     let Some(lab) = fpga_lab(test) else { return };
     let bare = hilrig_rig::sim::find_vmm(None).unwrap();
     if hilrig_rig::sim::vmm_prefix(&bare).is_empty() {
-        let t = tempfile::tempdir().unwrap();
-        let c = t.path().join("c.toml");
-        std::fs::write(&c, FPGA_KEY_READ).unwrap();
-        let mut o = opts(t.path(), c, &lab.inventory);
-        o.vmm = Some(bare);
-        let s = run_campaign(o).expect("run");
+        let s = key_read_on_board(&lab, bare);
         let case = &s.run.cases[0];
         assert_eq!(case.outcome, Outcome::Skipped, "{case:?}");
         assert!(
@@ -642,24 +663,8 @@ fn an_ssh_hosts_board_with_a_dead_oob_line_is_infra() {
         .status()
         .unwrap();
     assert!(st.success());
-    let t = tempfile::tempdir().unwrap();
-    let c = t.path().join("c.toml");
-    std::fs::write(&c, FPGA_KEY_READ).unwrap();
-    let mut o = opts(t.path(), c, &lab.inventory);
-    o.vmm = Some(hilrig_build());
-    let s = run_campaign(o).expect("run");
-    let case = &s.run.cases[0];
-    assert!(!case.attempts.is_empty(), "{case:?}");
-    for a in &case.attempts {
-        assert_eq!(a.outcome, Outcome::Infra, "{a:?}");
-        assert_eq!(a.host, "sim-ssh-1");
-        assert!(
-            a.message.contains("board") && a.message.contains("OOB"),
-            "{}",
-            a.message
-        );
-    }
-    assert_eq!(case.outcome, Outcome::Infra, "{case:?}");
+    let s = key_read_on_board(&lab, hilrig_build());
+    all_infra(&s, &["the board's OOB port"]);
 }
 
 /// Adversarial: the board stops answering while the VMM runs on the host (its
@@ -694,23 +699,8 @@ fn an_ssh_hosts_board_dying_mid_step_is_infra_not_fail() {
         }
         false
     });
-    let t = tempfile::tempdir().unwrap();
-    let c = t.path().join("c.toml");
-    std::fs::write(&c, FPGA_KEY_READ).unwrap();
-    let mut o = opts(t.path(), c, &lab.inventory);
-    o.vmm = Some(hilrig_build());
-    let s = run_campaign(o).expect("run");
+    let s = key_read_on_board(&lab, hilrig_build());
     done.store(true, std::sync::atomic::Ordering::SeqCst);
     assert!(watcher.join().unwrap(), "the step's relay never came up");
-    let case = &s.run.cases[0];
-    assert!(!case.attempts.is_empty(), "{case:?}");
-    for a in &case.attempts {
-        assert_eq!(a.outcome, Outcome::Infra, "{a:?}");
-        assert!(
-            a.message.contains("transport") || a.message.contains("OOB"),
-            "{}",
-            a.message
-        );
-    }
-    assert_eq!(case.outcome, Outcome::Infra, "{case:?}");
+    all_infra(&s, &["transport", "OOB"]);
 }
