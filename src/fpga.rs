@@ -92,6 +92,18 @@ pub enum FpgaCmd {
         #[arg(long, value_enum, default_value_t = Engine::Rtl)]
         engine: Engine,
     },
+    /// Relay a board's OOB port to this machine for a VMM here (a lab host whose
+    /// board's OOB UART is wired to the rig controller): a new PTY, its path
+    /// printed as `oob PATH`; each OOB frame written to it goes out on standard
+    /// output, and the next frame read from standard input is its answer (the
+    /// campaign runner reads the board on the controller's end and writes the
+    /// board's answer back). No answer within 5 s: the request gets none (the
+    /// VMM's own OOB timeout reports it). Ends at end of input.
+    RelayOob {
+        /// Stop after this many seconds (default: at end of input only).
+        #[arg(long)]
+        seconds: Option<f64>,
+    },
 }
 
 /// What simulates the board top in `serve-sim`.
@@ -263,7 +275,64 @@ pub fn run(cmd: FpgaCmd) -> Result<()> {
             }
             board.stop();
         }
+        FpgaCmd::RelayOob { seconds } => relay_oob(seconds)?,
     }
+    Ok(())
+}
+
+/// How long the relay waits for the controller's answer to one OOB frame.
+const RELAY_REPLY: Duration = Duration::from_secs(5);
+
+/// `hilrig fpga relay-oob`: OOB frames from a PTY out on standard output, their
+/// answers in from standard input.
+fn relay_oob(seconds: Option<f64>) -> Result<()> {
+    use hilrig_device::oob::{FrameReader, PtyServer, StreamEvent};
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let server = PtyServer::new().context("creating a PTY")?;
+    println!("oob {}", server.path());
+    std::io::stdout().flush()?;
+    let ended = std::sync::Arc::new(AtomicBool::new(false));
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let end = ended.clone();
+    std::thread::spawn(move || {
+        let mut input = std::io::stdin().lock();
+        let mut reader = FrameReader::default();
+        let mut buf = [0u8; 512];
+        loop {
+            match input.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    for &b in &buf[..n] {
+                        if let Some(StreamEvent::Frame(f)) = reader.push(b) {
+                            if tx.send(f).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        end.store(true, Ordering::SeqCst);
+    });
+    let deadline = seconds.map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
+    server.serve_with(
+        &mut |req| {
+            // An answer that came too late for an earlier request is not this one's.
+            while rx.try_recv().is_ok() {}
+            let mut out = std::io::stdout().lock();
+            let sent = out.write_all(req).and_then(|_| out.flush());
+            if let Err(e) = sent {
+                return Err(hilrig_device::DeviceError::Transport {
+                    what: "the relay's standard output".into(),
+                    detail: e.to_string(),
+                });
+            }
+            // No answer in time (or the input ended): none is made up.
+            Ok(rx.recv_timeout(RELAY_REPLY).unwrap_or_default())
+        },
+        &|| ended.load(Ordering::SeqCst) || deadline.is_some_and(|d| Instant::now() > d),
+    )?;
     Ok(())
 }
 

@@ -486,6 +486,9 @@ impl Att<'_> {
 
     async fn run_vmm_spec(&mut self, k: usize, label: &str, spec: VmSpec) -> StepOut {
         if let Some(r) = self.remote.clone() {
+            if self.board.is_some() {
+                return self.run_remote_board(k, label, spec, r).await;
+            }
             return self.run_remote(k, label, spec, r).await;
         }
         let mut cmd = self.command(&spec);
@@ -513,6 +516,64 @@ impl Att<'_> {
                 r
             }
         }
+    }
+
+    /// A VMM step on a lab host's board: the board's bridge port is on the host
+    /// (`fpga=PORT`), its OOB port on the controller, lent to the VMM for the
+    /// step through the host's `hilrig fpga relay-oob` ([`crate::board::relay`]);
+    /// then the board checked as after a local step ([`Att::board_check`]).
+    async fn run_remote_board(
+        &mut self,
+        k: usize,
+        label: &str,
+        mut spec: VmSpec,
+        r: Remote,
+    ) -> StepOut {
+        let Some(b) = &self.board else {
+            return Err(fail(Outcome::Infra, "no board"));
+        };
+        let mut argv = vec![r.hilrig.clone(), "fpga".into(), "relay-oob".into()];
+        argv.extend([
+            "--seconds".into(),
+            (self.left() + Duration::from_secs(60))
+                .as_secs()
+                .to_string(),
+        ]);
+        let cmd = r.ssh.command(&argv);
+        let (port, baud) = (b.port.clone(), b.baud);
+        // The session: a short-lived blocking start (SSH, the relay's first line).
+        let oob = b.oob.clone();
+        let started = tokio::task::spawn_blocking(move || crate::board::relay(&oob, baud, cmd))
+            .await
+            .map_err(|e| fail(Outcome::Infra, format!("relay task: {e}")))?;
+        let relay = started.map_err(|e| {
+            fail(
+                Outcome::Infra,
+                format!("step {k} ({label}): the board's transport failed, not the device: {e}"),
+            )
+        })?;
+        spec.device = hilrig_vmm_api::DeviceSpec::Fpga {
+            port,
+            oob: Some(relay.host_path.clone()),
+            baud,
+        };
+        let r = self.run_remote(k, label, spec, r).await;
+        let faults = relay.faults();
+        drop(relay);
+        let stderr = std::fs::read_to_string(self.file(k, label, "stderr.txt")).unwrap_or_default();
+        self.board_check(k, label, &r, &stderr)?;
+        if !faults.is_empty() {
+            // The VMM's OOB reads found no answer on the controller's end: its
+            // teardown record is the transport's, not the device's.
+            return Err(fail(
+                Outcome::Infra,
+                format!(
+                    "step {k} ({label}): the board's OOB line failed, not the device: {}",
+                    faults.join("; ")
+                ),
+            ));
+        }
+        r
     }
 
     /// After a VMM step on a board: a transport fault (the VMM says its device
@@ -591,9 +652,11 @@ impl Att<'_> {
         let mut fetch: Vec<(String, PathBuf)> = Vec::new();
         // The host's own device: its state file stays there. Otherwise the state
         // goes there and comes back with the step.
-        match &self.dev {
-            Some(d) => rs.device_state = Some(PathBuf::from(&d.state)),
-            None => {
+        match (&self.dev, &self.board) {
+            (Some(d), _) => rs.device_state = Some(PathBuf::from(&d.state)),
+            // A board keeps its own state.
+            (None, Some(_)) => rs.device_state = None,
+            (None, None) => {
                 let state_r = rpath(&self.state);
                 let state_bytes = std::fs::read(&self.state)
                     .map_err(|e| infra(format!("reading {}: {e}", self.state.display())))?;
@@ -1750,6 +1813,22 @@ async fn fpga_device(
                 Outcome::Skipped,
                 format!("{CONFIG_PREFIX}host {} cannot run fpga: {why}", host.name),
             ))
+        }
+        // A lab host's board: its OOB port is lent to the host's VMM through
+        // `hilrig fpga relay-oob`, so the build there must be `hilrig` itself (as
+        // `hilrig campaign run` runs it), not a bare VMM. Checked before the
+        // board is touched.
+        FpgaTarget::Board(_)
+            if host.ssh.is_some() && hilrig_rig::sim::vmm_prefix(target.vmm).is_empty() =>
+        {
+            return Err(fail(
+                Outcome::Skipped,
+                format!(
+                    "{CONFIG_PREFIX}host {} has a board: its OOB port is lent to the host through `hilrig fpga relay-oob`, so the VMM must be `hilrig` itself, not {}",
+                    host.name,
+                    target.vmm.display()
+                ),
+            ));
         }
         FpgaTarget::Board(_) => None,
         FpgaTarget::Sim => {

@@ -15,9 +15,9 @@
 use crate::format::Board;
 use hilrig_counters::decide::Observation;
 use hilrig_counters::source::{CounterSource, SerialSource};
-use hilrig_device::oob::{CounterReport, Request, Response};
+use hilrig_device::oob::{encode_response, CounterReport, ErrorCode, Request, Response};
 use hilrig_device::{DeviceConfig, NvState};
-use std::io::BufRead;
+use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -300,4 +300,192 @@ impl BoardSession {
         }
         Ok(())
     }
+}
+
+/// How long the runner waits for a host's `hilrig fpga relay-oob` to print its PTY.
+const RELAY_START: Duration = Duration::from_secs(20);
+
+/// The board's OOB port lent to a lab host for one VMM step: the host's
+/// `hilrig fpga relay-oob` (its PTY there is the VMM's `oob=`) sends each OOB
+/// frame the VMM writes over the SSH session; the runner puts it on the board's
+/// OOB port on the controller's end and sends the board's answer back. Reads
+/// only (IDENTIFY, READ_COUNTERS, READ_HASH): a PHYSICAL_RESET from the host is
+/// refused without reaching the board (and recorded as a fault), a malformed
+/// frame answered as a device would. The rig's own readings never go through
+/// it (nor through the VMM). Ended when dropped:
+/// the session is killed (the host's relay sees the end of its input).
+pub struct OobRelay {
+    child: Child,
+    /// The PTY on the host (the VMM's `oob=`).
+    pub host_path: String,
+    pump: Option<std::thread::JoinHandle<()>>,
+    /// Why a frame found no answer on the controller's end, or was refused
+    /// (for messages).
+    faults: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl OobRelay {
+    /// What failed on the controller's end while the relay ran (empty: nothing).
+    pub fn faults(&self) -> Vec<String> {
+        self.faults.lock().map(|f| f.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for OobRelay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(p) = self.pump.take() {
+            let _ = p.join();
+        }
+    }
+}
+
+/// The sequence number of a request frame (0 if it has none).
+fn seq_of(f: &[u8]) -> u8 {
+    f.get(2).copied().unwrap_or(0)
+}
+
+/// One OOB frame on the board's port (opened for this frame only: the runner
+/// opens the same port between steps), its answer frame.
+fn board_frame(path: &str, baud: u32, frame: &[u8]) -> Result<Vec<u8>, String> {
+    let mut port = serialport::new(path, baud)
+        .timeout(Duration::from_millis(20))
+        .open()
+        .map_err(|e| format!("opening {path}: {e}"))?;
+    port.write_all(frame)
+        .map_err(|e| format!("writing {path}: {e}"))?;
+    crate::scenario::read_frame(port.as_mut(), OOB_TIMEOUT).map_err(|e| format!("{path}: {e}"))
+}
+
+/// Lend a board's OOB port (`oob` at `baud`, on this machine) to a host through
+/// `relay` (the host's `hilrig fpga relay-oob`, run over its SSH connection):
+/// started, its PTY path read, then every frame it sends answered from the
+/// board's OOB port here until the relay is dropped.
+pub fn relay(oob: &str, baud: u32, mut relay: Command) -> Result<OobRelay, BoardError> {
+    let err = |detail: String| BoardError::Oob {
+        port: oob.to_string(),
+        detail: format!("relaying it to the host: {detail}"),
+    };
+    let mut child = relay
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| err(e.to_string()))?;
+    let (Some(out), Some(mut input), Some(stderr)) =
+        (child.stdout.take(), child.stdin.take(), child.stderr.take())
+    else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(err("no pipes".into()));
+    };
+    // Its standard error drained (its tail kept for the message if it fails).
+    let errors = std::thread::spawn(move || {
+        let mut tail = Vec::new();
+        let mut buf = [0u8; 1024];
+        let mut stderr = stderr;
+        while let Ok(n) = std::io::Read::read(&mut stderr, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            tail.extend_from_slice(&buf[..n]);
+            let cut = tail.len().saturating_sub(4096);
+            tail.drain(..cut);
+        }
+        String::from_utf8_lossy(&tail).into_owned()
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    let faults = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (path, seen) = (oob.to_string(), faults.clone());
+    let pump = std::thread::spawn(move || {
+        use hilrig_device::oob::{FrameReader, StreamEvent};
+        use std::io::{BufRead, Read, Write};
+        let mut out = std::io::BufReader::new(out);
+        let mut first = String::new();
+        let ok = out.read_line(&mut first).is_ok();
+        let _ = tx.send(
+            first
+                .trim_end()
+                .strip_prefix("oob ")
+                .filter(|_| ok)
+                .map(str::to_string),
+        );
+        let mut reader = FrameReader::default();
+        let mut buf = [0u8; 512];
+        loop {
+            let n = match out.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            for &b in &buf[..n] {
+                let Some(StreamEvent::Frame(f)) = reader.push(b) else {
+                    continue;
+                };
+                let refuse = |code, request, why: Option<String>| {
+                    if let (Some(w), Ok(mut v)) = (why, seen.lock()) {
+                        v.push(w);
+                    }
+                    Ok(encode_response(
+                        seq_of(&f),
+                        &Response::Error { code, request },
+                    ))
+                };
+                let answer = match hilrig_device::oob::decode_request(&f) {
+                    // Reads only: a host's VMM never resets the board.
+                    Ok((_, Request::PhysicalReset(_))) => refuse(
+                        ErrorCode::UnknownCommand,
+                        hilrig_device::oob::cmd::PHYSICAL_RESET,
+                        Some(
+                            "the host sent PHYSICAL_RESET through the OOB relay: refused (it lends reads only)"
+                                .into(),
+                        ),
+                    ),
+                    Ok(_) => board_frame(&path, baud, &f),
+                    // Malformed: answered as a device would, never put on the line.
+                    Err((_, code, request)) => refuse(code, request, None),
+                };
+                match answer {
+                    Ok(answer) => {
+                        if input
+                            .write_all(&answer)
+                            .and_then(|_| input.flush())
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    // No answer is made up: the VMM's OOB request times out.
+                    Err(e) => {
+                        if let Ok(mut v) = seen.lock() {
+                            v.push(e);
+                        }
+                    }
+                }
+            }
+        }
+    });
+    let host_path = match rx.recv_timeout(RELAY_START) {
+        Ok(Some(p)) if !p.is_empty() => p,
+        other => {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = pump.join();
+            let why = errors.join().unwrap_or_default();
+            return Err(err(format!(
+                "the host's `hilrig fpga relay-oob` printed no `oob PTY` line ({}){}",
+                if other.is_err() { "timed out" } else { "ended" },
+                match why.trim() {
+                    "" => String::new(),
+                    w => format!(": {w}"),
+                }
+            )));
+        }
+    };
+    Ok(OobRelay {
+        child,
+        host_path,
+        pump: Some(pump),
+        faults,
+    })
 }

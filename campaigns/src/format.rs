@@ -103,9 +103,11 @@ impl std::str::FromStr for Backend {
 /// A board's serial ports, from a host's inventory `device = "fpga=PORT,oob=PORT"`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Board {
-    /// The host bridge's serial port (the board's FTDI UART).
+    /// The host bridge's serial port (the board's FTDI UART), on the machine
+    /// the VMM runs on (the lab host, for a host reached over SSH).
     pub port: String,
-    /// The board's OOB serial port (counters, hashes, the keyed physical reset).
+    /// The board's OOB serial port (counters, hashes, the keyed physical reset),
+    /// on the controller (the rig reads it).
     pub oob: String,
     /// Baud rate of both.
     pub baud: u32,
@@ -117,7 +119,8 @@ pub enum FpgaTarget {
     /// No board: the runner starts `hilrig fpga serve-sim` (the board top's RTL
     /// behind two PTYs) for each attempt, on this machine.
     Sim,
-    /// The host's board (its inventory names the ports).
+    /// The host's board (its inventory names the ports; on an SSH host `port`
+    /// is on the host, `oob` on the controller).
     Board(Board),
     /// The host cannot run `fpga` (why).
     Unavailable(String),
@@ -126,16 +129,20 @@ pub enum FpgaTarget {
 impl FpgaTarget {
     /// The `fpga` target of an inventory host: its board when `device` names one
     /// (`fpga=PORT,oob=PORT[,baud=N]`), the simulated board for a local host
-    /// without one; none for a host reached over SSH (its ports are on that host).
+    /// without one. On a host reached over SSH (`ssh`), `fpga=PORT` is the
+    /// board's host bridge on that host (the VMM's port there) and `oob=PORT` the
+    /// board's OOB port on the controller's end (read by the rig, lent to the
+    /// host's VMM for its teardown reads through `hilrig fpga relay-oob`); an SSH
+    /// host without a board cannot run `fpga`.
     pub fn of_inventory(device: &str, ssh: bool) -> FpgaTarget {
         use hilrig_vmm_api::DeviceSpec;
-        if ssh {
-            return FpgaTarget::Unavailable(
-                "reached over SSH: a board's or serve-sim's ports there are not wired to the runner yet"
-                    .into(),
-            );
-        }
         if !device.starts_with("fpga=") {
+            if ssh {
+                return FpgaTarget::Unavailable(
+                    "reached over SSH, and its inventory names no board (device = \"fpga=PORT,oob=PORT\": the bridge port on the host, the OOB port on the controller)"
+                        .into(),
+                );
+            }
             return FpgaTarget::Sim;
         }
         match device.parse::<DeviceSpec>() {
@@ -368,7 +375,18 @@ impl HostSpec {
     pub fn fits(&self, case: &Case) -> bool {
         self.tags.contains(&case.tag)
             && self.runs(case.backend)
+            && (case.backend != Backend::Fpga || self.board_width_fits(&case.attack))
             && (self.ssh.is_none() || !needs_local(&case.attack))
+    }
+
+    /// False when this host's board cannot serve `a`: a board's counter width is
+    /// its bitstream's (the host's `counter_width`), and `a` needs another
+    /// (`fuse-exhaustion`: width 4). A simulated board is started with any width.
+    pub fn board_width_fits(&self, a: &Attack) -> bool {
+        match (&self.fpga, a.setup) {
+            (FpgaTarget::Board(_), crate::attacks::Setup::Width(w)) => w == self.counter_width,
+            _ => true,
+        }
     }
 
     /// True when this host can run backend `b`.
@@ -780,10 +798,17 @@ pub fn expand(
                                 ));
                             }
                         }
-                        if known_tags.contains(t.as_str())
-                            && !hosts.iter().any(|h| h.tags.contains(t) && h.runs(*b))
-                        {
+                        let tagged = |h: &&HostSpec| h.tags.contains(t) && h.runs(*b);
+                        if known_tags.contains(t.as_str()) && !hosts.iter().any(|h| tagged(&h)) {
                             bad(format!("{id}: {}", cannot_run(hosts, t, *b)));
+                        } else if known_tags.contains(t.as_str())
+                            && *b == Backend::Fpga
+                            && !hosts.iter().filter(tagged).any(|h| h.board_width_fits(a))
+                        {
+                            bad(format!(
+                                "{id}: attack `{}` needs a device of another counter width than every board tagged `{t}` has (a board's width is its bitstream's)",
+                                a.name
+                            ));
                         } else if known_tags.contains(t.as_str())
                             && needs_local(a)
                             && !hosts
@@ -1051,9 +1076,55 @@ expect = { verdict = "pass", exit_status = 3 }
         .unwrap_err()
         .to_string();
         assert!(
-            e.contains("pci-enum/fpga/tenant@lab: no host tagged `lab` can run backend `fpga` (far: reached over SSH"),
+            e.contains("pci-enum/fpga/tenant@lab: no host tagged `lab` can run backend `fpga` (far: reached over SSH, and its inventory names no board"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_board_of_another_width_gets_no_case_needing_one() {
+        let board = HostSpec {
+            name: "bench".into(),
+            tags: vec!["lab".into()],
+            backends: BACKENDS.to_vec(),
+            fpga: FpgaTarget::of_inventory("fpga=/dev/ttyUSB1,oob=/dev/ttyUSB2", false),
+            counter_width: 16,
+            serial: 1,
+            ssh: None,
+            device: None,
+        };
+        let text = "name = \"t\"\n[defaults]\ntags = [\"lab\"]\n[[case]]\nattacks = [\"fuse-exhaustion\"]\nbackends = [\"fpga\"]\nprofiles = [\"operator\"]\n";
+        let e = parse(text, Path::new("t.toml"), std::slice::from_ref(&board))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("fuse-exhaustion/fpga/operator@lab") && e.contains("counter width"),
+            "{e}"
+        );
+        // With a simulated board beside it the case runs, never on the board.
+        let mut sim = board.clone();
+        sim.name = "sim".into();
+        sim.fpga = FpgaTarget::Sim;
+        let c = parse(text, Path::new("t.toml"), &[board.clone(), sim.clone()]).unwrap();
+        assert!(!board.fits(&c.cases[0]) && sim.fits(&c.cases[0]));
+    }
+
+    #[test]
+    fn an_ssh_hosts_board_has_its_bridge_there_and_its_oob_here() {
+        assert_eq!(
+            FpgaTarget::of_inventory("fpga=/home/u/fpga-bridge,oob=/lab/h1/fpga-oob", true),
+            FpgaTarget::Board(Board {
+                port: "/home/u/fpga-bridge".into(),
+                oob: "/lab/h1/fpga-oob".into(),
+                baud: 115_200
+            })
+        );
+        // Without the controller's end of the OOB line the rig cannot read it.
+        let FpgaTarget::Unavailable(why) = FpgaTarget::of_inventory("fpga=/dev/ttyUSB1", true)
+        else {
+            panic!("an SSH host's board without oob= was accepted")
+        };
+        assert!(why.contains("oob=PORT"), "{why}");
     }
 
     #[test]

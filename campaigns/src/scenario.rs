@@ -190,7 +190,8 @@ fn forged_frames(nv: &NvState) -> Vec<(&'static str, Vec<u8>)> {
 }
 
 /// Read one frame from a byte stream within `timeout`.
-fn read_frame(port: &mut dyn serialport::SerialPort, timeout: Duration) -> R<Vec<u8>> {
+/// The next OOB frame on `port` within `timeout`.
+pub(crate) fn read_frame(port: &mut dyn serialport::SerialPort, timeout: Duration) -> R<Vec<u8>> {
     let deadline = Instant::now() + timeout;
     let mut reader = oob::FrameReader::default();
     let mut buf = [0u8; 64];

@@ -42,6 +42,25 @@ fn tools(test: &str) -> Option<(PathBuf, PathBuf)> {
     }
 }
 
+/// `hilrig fpga serve-sim` (width 16, `serial`) standing in for a board's
+/// USB-serial ports: the process, its bridge port and its OOB port.
+fn serve_sim(hilrig: &Path, serial: u64) -> (std::process::Child, String, String) {
+    let mut sim = Command::new(hilrig)
+        .args(["fpga", "serve-sim", "--width", "16", "--serial"])
+        .arg(serial.to_string())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(sim.stdout.take().unwrap()).lines();
+    let mut next = |want: &str| {
+        let l = lines.next().unwrap().unwrap();
+        l.strip_prefix(want).unwrap().to_string()
+    };
+    let host = next("host ");
+    let oob = next("oob ");
+    (sim, host, oob)
+}
+
 fn opts(dir: &Path, body: &str, vmm: PathBuf) -> RunOptions {
     let file = dir.join("c.toml");
     std::fs::write(&file, body).unwrap();
@@ -171,16 +190,7 @@ fn an_inventory_board_is_used_and_reset_between_attempts() {
         return;
     };
     let t = tempfile::tempdir().unwrap();
-    let mut sim = Command::new(&hilrig)
-        .args(["fpga", "serve-sim", "--width", "16", "--serial", "4242"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(sim.stdout.take().unwrap()).lines();
-    let host = lines.next().unwrap().unwrap();
-    let oob = lines.next().unwrap().unwrap();
-    let host = host.strip_prefix("host ").unwrap().to_string();
-    let oob = oob.strip_prefix("oob ").unwrap().to_string();
+    let (mut sim, host, oob) = serve_sim(&hilrig, 4242);
     let inv = t.path().join("inv.toml");
     std::fs::write(
         &inv,
@@ -239,4 +249,75 @@ repeats = 2
     // The last attempt started from cleared counters (the reset), not from +1.
     let first = c.metrics.counters.first().unwrap();
     assert_eq!(first.regions["firmware"], 0, "{:?}", c.metrics.counters);
+}
+
+/// The OOB relay a lab host's VMM reads its board through (`hilrig fpga
+/// relay-oob`, here run locally instead of over SSH): a request written to the
+/// relay's PTY is answered by the board on the controller's end (serve-sim's OOB
+/// port). Adversarial: the host cannot reset the board through it (a keyed
+/// PHYSICAL_RESET is refused there, EPOCH unchanged, recorded); a board port
+/// that never answers gets no made-up answer through the relay (the client times
+/// out) and the fault is recorded for the runner (which makes the step INFRA).
+#[test]
+fn the_oob_relay_answers_from_the_board_and_makes_nothing_up() {
+    use hilrig_counters::source::{CounterSource, SerialSource};
+    use hilrig_device::oob::Request;
+    let Some((_, hilrig)) = tools("the_oob_relay_answers_from_the_board_and_makes_nothing_up")
+    else {
+        return;
+    };
+    let relay_cmd = || {
+        let mut c = Command::new(&hilrig);
+        c.args(["fpga", "relay-oob", "--seconds", "60"]);
+        c
+    };
+    let (mut sim, _, oob) = serve_sim(&hilrig, 4243);
+    let baud = hilrig_vmm_api::spec::FPGA_BAUD;
+    let timeout = std::time::Duration::from_secs(4);
+    let relay = hilrig_campaigns::board::relay(&oob, baud, relay_cmd()).unwrap();
+    let mut client = SerialSource::open(&relay.host_path, baud, timeout).unwrap();
+    let id = client.request(&Request::Identify);
+    let counters = client.counters();
+    // Reads only: the board's own reset key, sent from the host, never reaches it.
+    let (_, key) = hilrig_device::state::dev_keys(4243);
+    let reset = client.request(&Request::PhysicalReset(key));
+    let epoch = client.counters().map(|c| c.epoch);
+    let faults = relay.faults();
+    drop(client);
+    drop(relay);
+    let _ = sim.kill();
+    let _ = sim.wait();
+    match id {
+        Ok(hilrig_device::oob::Response::Identity { serial, width, .. }) => {
+            assert_eq!((serial, width), (4243, 16))
+        }
+        other => panic!("IDENTIFY through the relay: {other:?}"),
+    }
+    let before = counters.unwrap();
+    assert_eq!(before.counters, [0, 0, 0]);
+    assert!(
+        matches!(
+            reset,
+            Ok(hilrig_device::oob::Response::Error { .. }) | Err(_)
+        ),
+        "{reset:?}"
+    );
+    assert_eq!(
+        epoch.unwrap(),
+        before.epoch,
+        "the relay let a reset through"
+    );
+    assert!(faults.iter().any(|f| f.contains("refused")), "{faults:?}");
+
+    // A board OOB port nobody answers on.
+    let dead = hilrig_device::oob::PtyServer::new().unwrap();
+    let relay = hilrig_campaigns::board::relay(dead.path(), baud, relay_cmd()).unwrap();
+    let mut client = SerialSource::open(&relay.host_path, baud, timeout).unwrap();
+    let got = client.request(&Request::Identify);
+    assert!(
+        got.is_err(),
+        "an answer through the relay from a dead port: {got:?}"
+    );
+    let faults = relay.faults();
+    assert!(faults.iter().any(|f| f.contains("no answer")), "{faults:?}");
 }

@@ -537,3 +537,170 @@ fn walk(d: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// One fpga case on the hosts with a board, no retries.
+const FPGA_KEY_READ: &str = "name = \"t\"\n[defaults]\nretries = 0\ninfra_retries = 0\n\
+     case_timeout = \"60s\"\ntags = [\"fpga\"]\n[[case]]\nattacks = [\"attack-key-read\"]\n\
+     backends = [\"fpga\"]\n";
+
+/// Run [`FPGA_KEY_READ`] on `lab` with `vmm`.
+fn key_read_on_board(lab: &SimLab, vmm: PathBuf) -> hilrig_campaigns::runner::RunSummary {
+    let t = tempfile::tempdir().unwrap();
+    let c = t.path().join("c.toml");
+    std::fs::write(&c, FPGA_KEY_READ).unwrap();
+    let mut o = opts(t.path(), c, &lab.inventory);
+    o.vmm = Some(vmm);
+    run_campaign(o).expect("run")
+}
+
+/// Every attempt of the run's one case, and the case, INFRA on `sim-ssh-1` with
+/// a message naming one of `words`.
+fn all_infra(s: &hilrig_campaigns::runner::RunSummary, words: &[&str]) {
+    let case = &s.run.cases[0];
+    assert!(!case.attempts.is_empty(), "{case:?}");
+    for a in &case.attempts {
+        assert_eq!(
+            (a.outcome, a.host.as_str()),
+            (Outcome::Infra, "sim-ssh-1"),
+            "{a:?}"
+        );
+        assert!(words.iter().any(|w| a.message.contains(w)), "{}", a.message);
+    }
+    assert_eq!(case.outcome, Outcome::Infra, "{case:?}");
+}
+
+/// The `hilrig` build (the VMM as `hilrig vm run`, and `hilrig fpga relay-oob`).
+fn hilrig_build() -> PathBuf {
+    let vmm = hilrig_rig::sim::find_vmm(None).unwrap();
+    hilrig_campaigns::board::find_hilrig(None, &vmm).expect("a hilrig build beside the VMM")
+}
+
+/// A lab whose SSH hosts each have a board (`scripts/sim-lab` with
+/// `SIM_LAB_FPGA=1`: `hilrig fpga serve-sim` as the host's user), or SKIPPED.
+fn fpga_lab(test: &str) -> Option<SimLab> {
+    if !kvm_and_vmm(test) {
+        return None;
+    }
+    match SimLab::start_with_fpga(1) {
+        Ok(l) => Some(l),
+        Err(LabError::Skipped(why)) => {
+            eprintln!("SKIPPED: {test}: {why}");
+            None
+        }
+        Err(e) => panic!("{test}: {e}"),
+    }
+}
+
+/// The smoke campaign's fpga case, and the counted operator flash program, on
+/// the board of an SSH host (tag `fpga`: only the SSH host has a board in the
+/// inventory). The VMM runs there with `--device fpga=PORT` on the board's
+/// bridge port on the host; the board's OOB port is on the controller: the rig
+/// resets and reads it there (the program's FIRMWARE +1 and the service's
+/// quarantine come from it), and lends it to the VMM for its teardown through
+/// the host's `hilrig fpga relay-oob` (a complete teardown record with a
+/// trusted counters verdict). No serve-sim of the runner's own is used.
+#[test]
+fn fpga_cases_run_on_an_ssh_hosts_board() {
+    let test = "fpga_cases_run_on_an_ssh_hosts_board";
+    let Some(lab) = fpga_lab(test) else { return };
+    let inv = hilrig_rig::Inventory::load(&lab.inventory).unwrap();
+    let h = inv.host("sim-ssh-1").unwrap();
+    assert!(h.device.starts_with("fpga="), "{}", h.device);
+    let t = tempfile::tempdir().unwrap();
+    let c = t.path().join("c.toml");
+    std::fs::write(
+        &c,
+        "name = \"smoke-fpga\"\n[defaults]\nretries = 0\ninfra_retries = 0\n\
+         case_timeout = \"240s\"\nstep_timeout = \"120s\"\ntags = [\"fpga\"]\n\
+         [[case]]\nattacks = [\"attack-key-read\"]\nbackends = [\"fpga\"]\nprofiles = [\"tenant\"]\n\
+         [[case]]\nattacks = [\"attack-flash-program\"]\nbackends = [\"fpga\"]\nprofiles = [\"operator\"]\n\
+         expect = { counter_delta = { firmware = 1, master = 1 }, service_verdict = \"quarantined\" }\n",
+    )
+    .unwrap();
+    let mut o = opts(t.path(), c, &lab.inventory);
+    // `hilrig` itself (as `hilrig campaign run`): its `fpga relay-oob` on the host.
+    o.vmm = Some(hilrig_build());
+    // Any serve-sim the runner started would fail: the board must be the host's.
+    o.fpga_sim = Some(t.path().join("no-such-hilrig"));
+    let s = run_campaign(o).expect("run");
+    for c in &s.run.cases {
+        let on = (c.outcome, c.host.as_str());
+        assert_eq!(on, (Outcome::Pass, "sim-ssh-1"), "{}: {}", c.id, c.message);
+        // The tenant's VMM read the board through the relay for its teardown;
+        // the operator's program was counted on the board, read here.
+        let want = match c.profile.as_str() {
+            "tenant" => "counters verdict trusted",
+            _ => "firmware+1",
+        };
+        assert!(c.observed.contains(want), "{}: {}", c.id, c.observed);
+    }
+    assert_eq!(s.exit_status(), 0);
+}
+
+/// Negative control: the board's OOB line on the controller's end dead (the
+/// host's serve-sim stopped: its ports there but never answering): the board
+/// fails its check before the case, INFRA naming the board, never a device
+/// verdict. And a runner whose VMM is a bare `hilrig-vmm` (no `hilrig fpga
+/// relay-oob` on the host) is a CONFIG error before the board is touched.
+#[test]
+fn an_ssh_hosts_board_with_a_dead_oob_line_is_infra() {
+    let test = "an_ssh_hosts_board_with_a_dead_oob_line_is_infra";
+    let Some(lab) = fpga_lab(test) else { return };
+    let bare = hilrig_rig::sim::find_vmm(None).unwrap();
+    if hilrig_rig::sim::vmm_prefix(&bare).is_empty() {
+        let s = key_read_on_board(&lab, bare);
+        let case = &s.run.cases[0];
+        assert_eq!(case.outcome, Outcome::Skipped, "{case:?}");
+        assert!(
+            case.message.contains("CONFIG") && case.message.contains("relay-oob"),
+            "{}",
+            case.message
+        );
+    }
+    let pid = std::fs::read_to_string(lab.dir().join("h1").join("fpga.pid")).unwrap();
+    let st = std::process::Command::new("kill")
+        .args(["-STOP", pid.trim()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let s = key_read_on_board(&lab, hilrig_build());
+    all_infra(&s, &["the board's OOB port"]);
+}
+
+/// Adversarial: the board stops answering while the VMM runs on the host (its
+/// serve-sim stopped once the step's OOB relay is up): whatever the VMM makes of
+/// a dead device, the runner finds the board gone after the step: INFRA naming
+/// the board's transport, never FAIL.
+#[test]
+fn an_ssh_hosts_board_dying_mid_step_is_infra_not_fail() {
+    let test = "an_ssh_hosts_board_dying_mid_step_is_infra_not_fail";
+    let Some(lab) = fpga_lab(test) else { return };
+    let inv = hilrig_rig::Inventory::load(&lab.inventory).unwrap();
+    let user = inv.host("sim-ssh-1").unwrap().ssh.clone().unwrap().user;
+    let pid = std::fs::read_to_string(lab.dir().join("h1").join("fpga.pid")).unwrap();
+    let pid = pid.trim().to_string();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let d = done.clone();
+    let watcher = std::thread::spawn(move || {
+        while !d.load(std::sync::atomic::Ordering::SeqCst) {
+            let relay_up = std::process::Command::new("pgrep")
+                .args(["-u", &user, "-f", "fpga relay-oob"])
+                .stdout(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if relay_up {
+                let st = std::process::Command::new("kill")
+                    .args(["-STOP", &pid])
+                    .status()
+                    .unwrap();
+                return st.success();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        false
+    });
+    let s = key_read_on_board(&lab, hilrig_build());
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(watcher.join().unwrap(), "the step's relay never came up");
+    all_infra(&s, &["transport", "OOB"]);
+}

@@ -839,11 +839,36 @@ fn validate_host(h: &HostSpec) -> Result<(), (String, String)> {
     {
         net(host, *port, *baud).map_err(|m| ("oob driver `rfc2217`".to_string(), m))?;
     }
+    check_device(h)?;
     if h.sim.max_on_s == 0 || h.sim.max_on_s > 86_400 {
         return Err(("sim".into(), "max_on_s must be 1..=86400".into()));
     }
     if h.sim.vcpus == 0 || h.sim.vcpus > 8 {
         return Err(("sim".into(), "vcpus must be 1..=8".into()));
+    }
+    Ok(())
+}
+
+/// `device`: a backend the VMM knows (`model`, `rtl`, `vfio=...`, `fpga=...`).
+/// A board (`fpga=PORT,oob=PORT`) on a host reached over SSH has its bridge port
+/// on that host and its OOB port on the controller: the OOB port is required
+/// (the rig reads the board's counters there, never through the VMM).
+fn check_device(h: &HostSpec) -> Result<(), (String, String)> {
+    use hilrig_vmm_api::DeviceSpec;
+    let spec: DeviceSpec = h
+        .device
+        .parse()
+        .map_err(|e: hilrig_vmm_api::spec::SpecError| ("device".to_string(), e.to_string()))?;
+    if let DeviceSpec::Fpga { oob: None, .. } = spec {
+        if h.ssh.is_some() {
+            return Err((
+                "device".into(),
+                format!(
+                    "`{}`: a board on a host reached over SSH needs oob=PORT, its OOB port on the controller (fpga=PORT is its bridge port on the host)",
+                    h.device
+                ),
+            ));
+        }
     }
     Ok(())
 }
@@ -922,6 +947,33 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("host `f`") && e.contains("on_pattern"), "{e}");
+
+        let e = parse(
+            "[[host]]\nname = \"h\"\ndevice = \"fpga9000\"\n[host.power]\ndriver = \"sim\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("host `h`") && e.contains("device") && e.contains("fpga9000"),
+            "{e}"
+        );
+
+        // A board on an SSH host: its bridge port there, its OOB port here.
+        let ssh = "[host.ssh]\naddress = \"127.0.0.11\"\nuser = \"u\"\nidentity = \"/k\"\nknown_hosts = \"/kh\"\nworkdir = \"/w\"\n[host.power]\ndriver = \"sim\"\n";
+        let e = parse(&format!(
+            "[[host]]\nname = \"i\"\ndevice = \"fpga=/dev/ttyUSB1\"\n{ssh}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("host `i`") && e.contains("device") && e.contains("oob=PORT"),
+            "{e}"
+        );
+        let inv = parse(&format!(
+            "[[host]]\nname = \"j\"\ndevice = \"fpga=/dev/ttyUSB1,oob=/dev/ttyUSB7\"\n{ssh}"
+        ))
+        .unwrap();
+        assert_eq!(inv.hosts[0].device, "fpga=/dev/ttyUSB1,oob=/dev/ttyUSB7");
 
         let e = parse("[[host]]\nname = \"g\"\n[host.power]\ndriver = \"sim\"\nspeed = 3\n")
             .unwrap_err()

@@ -39,6 +39,18 @@ pub fn script() -> PathBuf {
         .join("sim-lab")
 }
 
+/// The `hilrig` build the hosts run their devices with: the VMM when it is
+/// `hilrig`, else `hilrig` beside it (none: the lab's hosts have no devices).
+fn device_build() -> Option<PathBuf> {
+    crate::sim::find_vmm(None).ok().and_then(|v| {
+        if v.file_stem().and_then(|s| s.to_str()) == Some("hilrig") {
+            return Some(v);
+        }
+        let beside = v.with_file_name("hilrig");
+        beside.is_file().then_some(beside)
+    })
+}
+
 /// A TCP port free on 127.0.0.11.
 fn free_port() -> Result<u16, LabError> {
     let l = std::net::TcpListener::bind(("127.0.0.11", 0))
@@ -58,16 +70,21 @@ impl SimLab {
     /// [`SimLab::start`], every host sharing one root-owned copy of `build` as
     /// its `hilrig` (`SIM_LAB_BUILD`: many hosts without a copy each).
     pub fn start_with_build(n: usize, build: Option<&Path>) -> Result<SimLab, LabError> {
-        // Each host's own device (state file, OOB server, console line) needs a
-        // `hilrig` build to run there; without one the lab has none.
-        let device = crate::sim::find_vmm(None).ok().and_then(|v| {
-            if v.file_stem().and_then(|s| s.to_str()) == Some("hilrig") {
-                return Some(v);
-            }
-            let beside = v.with_file_name("hilrig");
-            beside.is_file().then_some(beside)
-        });
-        SimLab::start_with(n, build, device.as_deref())
+        SimLab::start_with(n, build, device_build().as_deref())
+    }
+
+    /// [`SimLab::start`], each SSH host with a board too (`SIM_LAB_FPGA=1`):
+    /// `hilrig fpga serve-sim` run there as the host's user, its bridge PTY on
+    /// the host, its OOB PTY linked for the controller, the inventory's
+    /// `device = "fpga=PORT,oob=PORT"` and tag `fpga`. Skipped without a
+    /// `hilrig` build to run it.
+    pub fn start_with_fpga(n: usize) -> Result<SimLab, LabError> {
+        let Some(device) = device_build() else {
+            return Err(LabError::Skipped(
+                "no `hilrig` build for the hosts' boards (cargo build -p hilrig)".into(),
+            ));
+        };
+        SimLab::start_inner(n, None, Some(&device), true)
     }
 
     /// [`SimLab::start_with_build`]; `device`: the `hilrig` build each host runs
@@ -79,6 +96,15 @@ impl SimLab {
         n: usize,
         build: Option<&Path>,
         device: Option<&Path>,
+    ) -> Result<SimLab, LabError> {
+        SimLab::start_inner(n, build, device, false)
+    }
+
+    fn start_inner(
+        n: usize,
+        build: Option<&Path>,
+        device: Option<&Path>,
+        fpga: bool,
     ) -> Result<SimLab, LabError> {
         let script = script();
         if !script.is_file() {
@@ -95,6 +121,9 @@ impl SimLab {
         }
         if let Some(d) = device {
             c.env("SIM_LAB_DEVICE", d);
+        }
+        if fpga {
+            c.env("SIM_LAB_FPGA", "1");
         }
         let out = c
             .arg("start")
