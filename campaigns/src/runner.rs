@@ -141,15 +141,16 @@ impl RunSummary {
     /// 3 when none failed but some could not run (INFRA after retries, SKIPPED);
     /// 2 (before all of these) when an attempt met a setup error (CONFIG).
     pub fn exit_status(&self) -> u8 {
+        use crate::error::exit;
         let c = &self.counts;
         if !self.config_errors.is_empty() {
-            2
+            exit::CONFIG
         } else if c.fail + c.timeout > 0 {
-            1
+            exit::FAILED
         } else if c.infra + c.skipped > 0 {
-            3
+            exit::INFRA
         } else {
-            0
+            exit::PASSED
         }
     }
 }

@@ -391,6 +391,9 @@ fn campaign_fails_naming_a_place_its_exporter_never_published() {
         }
         other => panic!("not a labgrid error: {other}"),
     }
+    // Reported with its class, exiting as the run's setup errors do.
+    assert!(s.contains(": CONFIG: "), "{s}");
+    assert_eq!(e.exit_code(), hilrig_campaigns::error::exit::CONFIG);
     let mut c = Coordinator::connect(&addr, "testhost/check", Duration::from_secs(5)).unwrap();
     assert_eq!(holder(&c.place("rack-x").unwrap()), None, "not released");
 }

@@ -524,7 +524,8 @@ pub struct Probe {
 }
 
 impl Probe {
-    fn ok(what: &str, driver: &str, detail: impl Into<String>) -> Probe {
+    /// A passed probe.
+    pub fn ok(what: &str, driver: &str, detail: impl Into<String>) -> Probe {
         Probe {
             what: what.into(),
             driver: driver.into(),
@@ -532,7 +533,8 @@ impl Probe {
             detail: detail.into(),
         }
     }
-    fn bad(what: &str, driver: &str, detail: impl Into<String>) -> Probe {
+    /// A failed probe.
+    pub fn bad(what: &str, driver: &str, detail: impl Into<String>) -> Probe {
         Probe {
             ok: false,
             ..Probe::ok(what, driver, detail)

@@ -920,6 +920,60 @@ impl Coordinator {
     }
 }
 
+/// `hilrig rig --labgrid ADDR check`: probe the drivers of `places` (as the
+/// coordinator listed them). A place acquired by someone else is not probed
+/// (returned as `(place, holder)`, left alone). A place that cannot be used as
+/// it stands (its exporter never published within `wait` — one deadline for
+/// all —, a resource that makes no sense, a mapping the labgrid config
+/// refuses) is an UNHEALTHY row naming the reason's class
+/// (`CONFIG: ...`), and the other places are still checked. The coordinator
+/// failing stops the check (its error).
+pub fn check_places(
+    c: &mut Coordinator,
+    addr: &str,
+    cfg: &LabgridConfig,
+    places: Vec<proto::Place>,
+    wait: Duration,
+) -> Result<(crate::rig::HealthTable, Vec<(String, String)>)> {
+    use crate::error::ErrorKind;
+    use crate::rig::{HostHealth, Probe};
+    let t0 = Instant::now();
+    let (mut usable, mut unusable, mut foreign) = (Vec::new(), Vec::new(), Vec::new());
+    let mut order = Vec::new();
+    for p in places {
+        if let Some(by) = holder(&p).filter(|by| *by != c.user()) {
+            foreign.push((p.name.clone(), by.to_string()));
+            continue;
+        }
+        order.push(p.name.clone());
+        let mapped = c
+            .wait_published(&p.name, wait.saturating_sub(t0.elapsed()))
+            .and_then(|()| c.host(&p.name))
+            .and_then(|h| Ok(places_inventory(addr, std::slice::from_ref(&h), cfg).map(|_| h)?));
+        match mapped {
+            Ok(h) => usable.push(h),
+            Err(e) if e.kind() != ErrorKind::Infra => {
+                let class = match e.kind() {
+                    ErrorKind::Busy => "BUSY",
+                    _ => "CONFIG",
+                };
+                unusable.push(HostHealth {
+                    host: p.name.clone(),
+                    probes: vec![Probe::bad("place", "labgrid", format!("{class}: {e}"))],
+                });
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let mut rows = crate::rig::Rig::new(places_inventory(addr, &usable, cfg)?)
+        .check()
+        .rows;
+    rows.append(&mut unusable);
+    // The places' order, as the coordinator listed them.
+    rows.sort_by_key(|r| order.iter().position(|n| *n == r.host));
+    Ok((crate::rig::HealthTable { rows }, foreign))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
