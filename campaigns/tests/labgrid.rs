@@ -463,8 +463,8 @@ const PROGRAM_CASE: &str = "[[case]]\nattacks = [\"attack-flash-program\"]\nback
 /// - the console through the network console (timestamped capture lines, and
 ///   ser2net's trace of the `console` connection).
 ///
-/// Then ser2net is stopped: the same case is INFRA naming the OOB line, never
-/// a device verdict.
+/// Then ser2net is stopped (hung, then gone): the same case is INFRA naming the
+/// OOB line, never a device verdict.
 #[test]
 fn places_network_oob_and_console_carry_the_campaign() {
     let test = "places_network_oob_and_console_carry_the_campaign";
@@ -608,19 +608,30 @@ fn places_network_oob_and_console_carry_the_campaign() {
     common::captured_console(&s, &t.path().join("lg-dev"), "pci-enum");
     assert!(traced("console") > 0, "no console traffic through ser2net");
 
-    // ser2net stopped: the place's OOB port refuses; INFRA, never a verdict.
+    // A broken network OOB is INFRA, never a verdict: ser2net hung (SIGSTOP:
+    // the port still accepts, nothing answers), then gone (the port refuses).
+    let broken = |name: &str| {
+        let s = run(name, PROGRAM_CASE);
+        let case = &s.run.cases[0];
+        assert!(!case.attempts.is_empty(), "{case:?}");
+        for a in &case.attempts {
+            assert_eq!(a.outcome, Outcome::Infra, "{name}: {a:?}");
+            assert!(
+                a.message.contains("OOB line") && a.message.contains("oob/rfc2217"),
+                "{name}: {}",
+                a.message
+            );
+        }
+        assert_ne!(case.outcome, Outcome::Fail, "{case:?}");
+        assert_ne!(case.outcome, Outcome::Pass, "{case:?}");
+    };
+    let pid = serial.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    broken("lg-hung");
     drop(serial);
-    let s = run("lg-broken", PROGRAM_CASE);
-    let case = &s.run.cases[0];
-    assert!(!case.attempts.is_empty(), "{case:?}");
-    for a in &case.attempts {
-        assert_eq!(a.outcome, Outcome::Infra, "{a:?}");
-        assert!(
-            a.message.contains("OOB line") && a.message.contains("oob/rfc2217"),
-            "{}",
-            a.message
-        );
-    }
-    assert_ne!(case.outcome, Outcome::Fail, "{case:?}");
-    assert_ne!(case.outcome, Outcome::Pass, "{case:?}");
+    broken("lg-refused");
 }
