@@ -398,14 +398,19 @@ fn campaign_fails_naming_a_place_its_exporter_never_published() {
     assert_eq!(holder(&c.place("rack-x").unwrap()), None, "not released");
 }
 
-/// ser2net (Debian's, as labgrid's exporter runs it) serving two PTYs over
-/// RFC 2217 on loopback, each connection traced to `dir/NAME.trace`: the
-/// process, once both ports accept.
-fn ser2net(dir: &std::path::Path, ports: &[(&str, &str, u16)]) -> Kill {
+/// ser2net (Debian's, as labgrid's exporter runs it) serving PTYs on loopback
+/// (`(name, pty, port, raw)`: RFC 2217, or plain TCP when raw), each
+/// connection traced to `dir/NAME.trace`: the process, once every port accepts.
+fn ser2net(dir: &std::path::Path, ports: &[(&str, &str, u16, bool)]) -> Kill {
     let mut cfg = String::new();
-    for (name, pty, port) in ports {
+    for (name, pty, port, raw) in ports {
+        let accepter = if *raw {
+            "tcp"
+        } else {
+            "telnet(rfc2217,mode=server),tcp"
+        };
         cfg.push_str(&format!(
-            "connection: &{name}\n  accepter: telnet(rfc2217,mode=server),tcp,127.0.0.1,{port}\n  \
+            "connection: &{name}\n  accepter: {accepter},127.0.0.1,{port}\n  \
              connector: serialdev(nouucplock=true),{pty},115200n81,local\n  options:\n    \
              kickolduser: true\n    trace-both: {}\n",
             dir.join(format!("{name}.trace")).display()
@@ -425,7 +430,7 @@ fn ser2net(dir: &std::path::Path, ports: &[(&str, &str, u16)]) -> Kill {
             .unwrap(),
     );
     let t0 = Instant::now();
-    for (_, _, port) in ports {
+    for (_, _, port, _) in ports {
         while std::net::TcpStream::connect(("127.0.0.1", *port)).is_err() {
             assert!(
                 t0.elapsed() < Duration::from_secs(20),
@@ -453,7 +458,8 @@ const PROGRAM_CASE: &str = "[[case]]\nattacks = [\"attack-flash-program\"]\nback
 /// Issue 17 end to end on a labgrid place: labgrid's exporter publishes the sim
 /// host's sshd (`NetworkService`), its power (`NetworkPowerPort`, pdudaemon when
 /// the lab has it) and its console and OOB lines as `NetworkSerialPort`s served
-/// by ser2net over the host's PTYs; the labgrid config's `[device.rack-dev]`
+/// by ser2net over the host's PTYs (the OOB over RFC 2217, the console as raw
+/// TCP: labgrid's `protocol: raw`); the labgrid config's `[device.rack-dev]`
 /// says where the host keeps its device. A counted flash program passes with
 /// the expected deltas and a guest's console is captured:
 /// - counters through the place's network OOB port: ser2net's trace of the
@@ -493,8 +499,8 @@ fn places_network_oob_and_console_carry_the_campaign() {
     let serial = ser2net(
         t.path(),
         &[
-            ("oob", &pty("oob"), p_oob),
-            ("console", &pty("console"), p_con),
+            ("oob", &pty("oob"), p_oob, false),
+            ("console", &pty("console"), p_con, true),
         ],
     );
     let (_coord, addr) = coordinator(t.path());
@@ -534,7 +540,7 @@ fn places_network_oob_and_console_carry_the_campaign() {
     let yaml = format!(
         "rack-dev:\n  NetworkService:\n    address: {a}\n    username: {u}\n    port: {p}\n  \
          NetworkPowerPort:\n    {power_yaml}\n  \
-         console:\n    cls: NetworkSerialPort\n    host: 127.0.0.1\n    port: {p_con}\n    speed: 115200\n  \
+         console:\n    cls: NetworkSerialPort\n    host: 127.0.0.1\n    port: {p_con}\n    speed: 115200\n    protocol: raw\n  \
          oob:\n    cls: NetworkSerialPort\n    host: 127.0.0.1\n    port: {p_oob}\n    speed: 115200\n",
         a = ssh.address,
         u = ssh.user,
