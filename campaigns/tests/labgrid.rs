@@ -641,3 +641,43 @@ fn places_network_oob_and_console_carry_the_campaign() {
     drop(serial);
     broken("lg-refused");
 }
+
+/// `campaign run --labgrid` with tags no place carries (a typo): a CONFIG error
+/// at once naming the tags and the places there are, exit code 2 — not a
+/// reservation that waits all of `--labgrid-wait` (labgrid never allocates it)
+/// and then fails as INFRA (try again), as before.
+#[test]
+fn campaign_on_tags_no_place_carries_is_config_at_once() {
+    let test = "campaign_on_tags_no_place_carries_is_config_at_once";
+    for t in ["labgrid-coordinator", "labgrid-client"] {
+        if !have(t) {
+            eprintln!("SKIPPED {test}: {t} not found (pip install labgrid; scripts/test does)");
+            return;
+        }
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (_coord, addr) = coordinator(t.path());
+    client(&addr, &["-p", "rack-a", "create"], "admin");
+    client(&addr, &["-p", "rack-a", "set-tags", "hilrig=x86"], "admin");
+    let o = sim_run(
+        t.path(),
+        "\"attack-hang\"",
+        t.path().join("no-vmm-needed"),
+        &addr,
+        Duration::from_secs(60),
+    );
+    let t0 = Instant::now();
+    let e = match run_campaign(o) {
+        Err(e) => e,
+        Ok(s) => panic!("ran on {:?}", s.run.cases),
+    };
+    assert!(t0.elapsed() < Duration::from_secs(20), "waited for a place");
+    let s = e.to_string();
+    assert!(
+        s.contains(": CONFIG: ")
+            && s.contains("no labgrid place carries the tags hilrig=sim")
+            && s.contains("rack-a [hilrig=x86]"),
+        "{s}"
+    );
+    assert_eq!(e.exit_code(), hilrig_campaigns::error::exit::CONFIG);
+}
