@@ -41,6 +41,17 @@ fn have(tool: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// Whether `tools` are all installed; else SKIPPED said for `test`.
+fn labgrid_tools(test: &str, tools: &[&str]) -> bool {
+    match tools.iter().find(|t| !have(t)) {
+        Some(t) => {
+            eprintln!("SKIPPED {test}: {t} not found (pip install labgrid; scripts/test does)");
+            false
+        }
+        None => true,
+    }
+}
+
 /// A labgrid coordinator on a free loopback port, working in `dir` (it keeps
 /// places.yaml there), once it accepts a session: (the process, its address).
 fn coordinator(dir: &std::path::Path) -> (Kill, String) {
@@ -164,13 +175,11 @@ fn sim_run(
 
 #[test]
 fn campaign_on_places_reserved_from_labgrid() {
-    for t in ["labgrid-coordinator", "labgrid-client"] {
-        if !have(t) {
-            eprintln!(
-                "SKIPPED campaign_on_places_reserved_from_labgrid: {t} not found (pip install labgrid; scripts/test does)"
-            );
-            return;
-        }
+    if !labgrid_tools(
+        "campaign_on_places_reserved_from_labgrid",
+        &["labgrid-coordinator", "labgrid-client"],
+    ) {
+        return;
     }
     let t = tempfile::tempdir().unwrap();
     let (_coord, addr) = coordinator(t.path());
@@ -214,11 +223,11 @@ fn campaign_on_places_reserved_from_labgrid() {
 /// A simulated SSH lab of one host (scripts/sim-lab), when labgrid, /dev/kvm,
 /// a built VMM, root and sshd are all there; else `None`, SKIPPED said.
 fn ssh_lab(test: &str) -> Option<hilrig_rig::simlab::SimLab> {
-    for t in ["labgrid-coordinator", "labgrid-client", "labgrid-exporter"] {
-        if !have(t) {
-            eprintln!("SKIPPED {test}: {t} not found (pip install labgrid; scripts/test does)");
-            return None;
-        }
+    if !labgrid_tools(
+        test,
+        &["labgrid-coordinator", "labgrid-client", "labgrid-exporter"],
+    ) {
+        return None;
     }
     if std::fs::OpenOptions::new()
         .read(true)
@@ -351,11 +360,8 @@ fn campaign_runs_over_ssh_on_a_labgrid_place() {
 #[test]
 fn campaign_fails_naming_a_place_its_exporter_never_published() {
     let test = "campaign_fails_naming_a_place_its_exporter_never_published";
-    for t in ["labgrid-coordinator", "labgrid-client"] {
-        if !have(t) {
-            eprintln!("SKIPPED {test}: {t} not found (pip install labgrid; scripts/test does)");
-            return;
-        }
+    if !labgrid_tools(test, &["labgrid-coordinator", "labgrid-client"]) {
+        return;
     }
     let t = tempfile::tempdir().unwrap();
     let (_coord, addr) = coordinator(t.path());
@@ -649,11 +655,8 @@ fn places_network_oob_and_console_carry_the_campaign() {
 #[test]
 fn campaign_on_tags_no_place_carries_is_config_at_once() {
     let test = "campaign_on_tags_no_place_carries_is_config_at_once";
-    for t in ["labgrid-coordinator", "labgrid-client"] {
-        if !have(t) {
-            eprintln!("SKIPPED {test}: {t} not found (pip install labgrid; scripts/test does)");
-            return;
-        }
+    if !labgrid_tools(test, &["labgrid-coordinator", "labgrid-client"]) {
+        return;
     }
     let t = tempfile::tempdir().unwrap();
     let (_coord, addr) = coordinator(t.path());
