@@ -461,124 +461,148 @@ const PROGRAM_CASE: &str = "[[case]]\nattacks = [\"attack-flash-program\"]\nback
      profiles = [\"operator\"]\ntags = [\"sim\"]\n\
      expect = { counter_delta = { firmware = 1, master = 1 }, service_verdict = \"quarantined\" }\n";
 
-/// Issue 17 end to end on a labgrid place: labgrid's exporter publishes the sim
-/// host's sshd (`NetworkService`), its power (`NetworkPowerPort`, pdudaemon when
-/// the lab has it) and its console and OOB lines as `NetworkSerialPort`s served
+/// The labgrid place `rack-dev` over the sim lab's host 1 and its own device:
+/// labgrid's exporter publishes the host's sshd (`NetworkService`), its power
+/// (`NetworkPowerPort`: the lab's pdudaemon outlet when it has one, else its
+/// power commands) and its console and OOB lines as `NetworkSerialPort`s served
 /// by ser2net over the host's PTYs (the OOB over RFC 2217, the console as raw
 /// TCP: labgrid's `protocol: raw`); the labgrid config's `[device.rack-dev]`
-/// says where the host keeps its device. A counted flash program passes with
-/// the expected deltas and a guest's console is captured:
-/// - counters through the place's network OOB port: ser2net's trace of the
-///   `oob` connection carries the traffic, and the controller's copy of the
-///   device (the state the rig prepared) never moved — had the runner read it
-///   instead of the port, the deltas would be zero and the case would FAIL;
-/// - the console through the network console (timestamped capture lines, and
-///   ser2net's trace of the `console` connection).
-///
-/// Then ser2net is stopped (hung, then gone): the same case is INFRA naming the
-/// OOB line, never a device verdict.
-#[test]
-fn places_network_oob_and_console_carry_the_campaign() {
-    let test = "places_network_oob_and_console_carry_the_campaign";
-    if !std::path::Path::new("/usr/sbin/ser2net").exists() && !have("ser2net") {
-        eprintln!(
-            "SKIPPED {test}: ser2net not installed (apt-get install ser2net; scripts/test does)"
-        );
-        return;
-    }
-    let Some(lab) = ssh_lab(test) else { return };
-    let inv = hilrig_rig::Inventory::load(&lab.inventory).unwrap();
-    let h = inv.host("sim-ssh-1").unwrap();
-    let Some(state) = h.sim.state.clone() else {
-        eprintln!("SKIPPED {test}: the lab has no per-host devices (no hilrig build)");
-        return;
-    };
-    let ssh = h.ssh.clone().unwrap();
-    let pty = |n: &str| {
-        std::fs::canonicalize(lab.dir().join("h1").join(n))
-            .unwrap()
-            .display()
-            .to_string()
-    };
-    let t = tempfile::tempdir().unwrap();
-    let (p_oob, p_con) = (free_port(), free_port());
-    let serial = ser2net(
-        t.path(),
-        &[
-            ("oob", &pty("oob"), p_oob, false),
-            ("console", &pty("console"), p_con, true),
-        ],
-    );
-    let (_coord, addr) = coordinator(t.path());
-    // The place's power: the lab's pdudaemon outlet, read back with the lab's
-    // status command; without pdudaemon its power commands.
-    let q = |s: &str| toml::Value::String(s.to_string()).to_string();
-    let (power_yaml, power_cfg) = match &h.power {
-        hilrig_rig::inventory::PowerSpec::Pdudaemon {
-            url,
-            pdu,
-            port,
-            status_command,
-            ..
-        } => (
-            format!("model: pdudaemon\n    host: {url}/{pdu}\n    index: \"{port}\""),
-            format!("status_command = {}\n", q(status_command)),
-        ),
-        _ => {
-            let cmd = |what: &str| {
-                format!(
-                    "{} power {} 1 {what}",
-                    hilrig_rig::simlab::script().display(),
-                    lab.dir().display()
-                )
-            };
-            (
-                "model: gude\n    host: 127.0.0.1\n    index: \"1\"".to_string(),
-                format!(
-                    "on = {}\noff = {}\nstatus = {}\n",
-                    q(&cmd("on")),
-                    q(&cmd("off")),
-                    q(&cmd("status"))
-                ),
-            )
+/// says where the host keeps its device.
+struct DevPlace {
+    addr: String,
+    cfg: std::path::PathBuf,
+    /// The device's state file on the host.
+    state: std::path::PathBuf,
+    /// ser2net (`None` once stopped).
+    serial: std::cell::RefCell<Option<Kill>>,
+    _exporter: Kill,
+    _coord: Kill,
+    t: tempfile::TempDir,
+    lab: hilrig_rig::simlab::SimLab,
+}
+
+impl DevPlace {
+    /// The place, or `None` (SKIPPED said) without ser2net, labgrid, the sim
+    /// lab or its per-host devices.
+    fn start(test: &str) -> Option<DevPlace> {
+        if !std::path::Path::new("/usr/sbin/ser2net").exists() && !have("ser2net") {
+            eprintln!(
+                "SKIPPED {test}: ser2net not installed (apt-get install ser2net; scripts/test does)"
+            );
+            return None;
         }
-    };
-    let yaml = format!(
-        "rack-dev:\n  NetworkService:\n    address: {a}\n    username: {u}\n    port: {p}\n  \
-         NetworkPowerPort:\n    {power_yaml}\n  \
-         console:\n    cls: NetworkSerialPort\n    host: 127.0.0.1\n    port: {p_con}\n    speed: 115200\n    protocol: raw\n  \
-         oob:\n    cls: NetworkSerialPort\n    host: 127.0.0.1\n    port: {p_oob}\n    speed: 115200\n",
-        a = ssh.address,
-        u = ssh.user,
-        p = ssh.port
-    );
-    let _exporter = exporter(t.path(), &addr, &yaml, 4);
-    client(&addr, &["-p", "rack-dev", "create"], "admin");
-    client(
-        &addr,
-        &["-p", "rack-dev", "add-match", "exp1/rack-dev/*"],
-        "admin",
-    );
-    client(
-        &addr,
-        &["-p", "rack-dev", "set-tags", "hilrig=sim"],
-        "admin",
-    );
-    let cfg = t.path().join("labgrid.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[ssh]\nidentity = {}\nknown_hosts = {}\nworkdir = {}\n[power]\n{power_cfg}\
-             [device.rack-dev]\nstate = {}\nserial = 2001\ncounter_width = 16\nconsole = \"console.tty\"\n",
-            q(&ssh.identity.display().to_string()),
-            q(&ssh.known_hosts.display().to_string()),
-            q(&ssh.workdir),
-            q(&state.display().to_string()),
-        ),
-    )
-    .unwrap();
-    let run = |name: &str, cases: &str| {
-        let file = t.path().join(format!("{name}.toml"));
+        let lab = ssh_lab(test)?;
+        let inv = hilrig_rig::Inventory::load(&lab.inventory).unwrap();
+        let h = inv.host("sim-ssh-1").unwrap();
+        let Some(state) = h.sim.state.clone() else {
+            eprintln!("SKIPPED {test}: the lab has no per-host devices (no hilrig build)");
+            return None;
+        };
+        let ssh = h.ssh.clone().unwrap();
+        let pty = |n: &str| {
+            std::fs::canonicalize(lab.dir().join("h1").join(n))
+                .unwrap()
+                .display()
+                .to_string()
+        };
+        let t = tempfile::tempdir().unwrap();
+        let (p_oob, p_con) = (free_port(), free_port());
+        let serial = ser2net(
+            t.path(),
+            &[
+                ("oob", &pty("oob"), p_oob, false),
+                ("console", &pty("console"), p_con, true),
+            ],
+        );
+        let (coord, addr) = coordinator(t.path());
+        // The place's power: the lab's pdudaemon outlet, read back with the lab's
+        // status command; without pdudaemon its power commands.
+        let q = |s: &str| toml::Value::String(s.to_string()).to_string();
+        let (power_yaml, power_cfg) = match &h.power {
+            hilrig_rig::inventory::PowerSpec::Pdudaemon {
+                url,
+                pdu,
+                port,
+                status_command,
+                ..
+            } => (
+                format!("model: pdudaemon\n    host: {url}/{pdu}\n    index: \"{port}\""),
+                format!("status_command = {}\n", q(status_command)),
+            ),
+            _ => {
+                let cmd = |what: &str| {
+                    format!(
+                        "{} power {} 1 {what}",
+                        hilrig_rig::simlab::script().display(),
+                        lab.dir().display()
+                    )
+                };
+                (
+                    "model: gude\n    host: 127.0.0.1\n    index: \"1\"".to_string(),
+                    format!(
+                        "on = {}\noff = {}\nstatus = {}\n",
+                        q(&cmd("on")),
+                        q(&cmd("off")),
+                        q(&cmd("status"))
+                    ),
+                )
+            }
+        };
+        let yaml = format!(
+            "rack-dev:\n  NetworkService:\n    address: {a}\n    username: {u}\n    port: {p}\n  \
+             NetworkPowerPort:\n    {power_yaml}\n  \
+             console:\n    cls: NetworkSerialPort\n    host: 127.0.0.1\n    port: {p_con}\n    speed: 115200\n    protocol: raw\n  \
+             oob:\n    cls: NetworkSerialPort\n    host: 127.0.0.1\n    port: {p_oob}\n    speed: 115200\n",
+            a = ssh.address,
+            u = ssh.user,
+            p = ssh.port
+        );
+        let exporter = exporter(t.path(), &addr, &yaml, 4);
+        client(&addr, &["-p", "rack-dev", "create"], "admin");
+        client(
+            &addr,
+            &["-p", "rack-dev", "add-match", "exp1/rack-dev/*"],
+            "admin",
+        );
+        client(
+            &addr,
+            &["-p", "rack-dev", "set-tags", "hilrig=sim"],
+            "admin",
+        );
+        let cfg = t.path().join("labgrid.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[ssh]\nidentity = {}\nknown_hosts = {}\nworkdir = {}\n[power]\n{power_cfg}settle_ms = 5000\n\
+                 [device.rack-dev]\nstate = {}\nserial = 2001\ncounter_width = 16\nconsole = \"console.tty\"\n",
+                q(&ssh.identity.display().to_string()),
+                q(&ssh.known_hosts.display().to_string()),
+                q(&ssh.workdir),
+                q(&state.display().to_string()),
+            ),
+        )
+        .unwrap();
+        Some(DevPlace {
+            addr,
+            cfg,
+            state,
+            serial: std::cell::RefCell::new(Some(serial)),
+            _exporter: exporter,
+            _coord: coord,
+            t,
+            lab,
+        })
+    }
+
+    /// Run campaign `name` of `cases` (TOML `[[case]]`s; no retries) on the
+    /// place, `tweak` applied to its options; results under `dir()/name`.
+    fn run(
+        &self,
+        name: &str,
+        cases: &str,
+        tweak: impl FnOnce(&mut RunOptions),
+    ) -> hilrig_campaigns::runner::RunSummary {
+        let file = self.dir().join(format!("{name}.toml"));
         std::fs::write(
             &file,
             format!(
@@ -587,15 +611,42 @@ fn places_network_oob_and_console_carry_the_campaign() {
             ),
         )
         .unwrap();
-        let o = lg_opts(
+        let mut o = lg_opts(
             &file,
-            t.path().join(name),
-            &addr,
+            self.dir().join(name),
+            &self.addr,
             Duration::from_secs(30),
-            Some(cfg.clone()),
+            Some(self.cfg.clone()),
         );
+        tweak(&mut o);
         run_campaign(o).unwrap()
+    }
+
+    fn dir(&self) -> &std::path::Path {
+        self.t.path()
+    }
+}
+
+/// Issue 17 end to end on a labgrid place ([`DevPlace`]). A counted flash
+/// program passes with the expected deltas and a guest's console is captured:
+/// - counters through the place's network OOB port: ser2net's trace of the
+///   `oob` connection carries the traffic, and the controller's copy of the
+///   device (the state the rig prepared) never moved — had the runner read it
+///   instead of the port, the deltas would be zero and the case would FAIL;
+/// - the console through the network console (timestamped capture lines, and
+///   ser2net's trace of the `console` connection);
+/// - forged and malformed OOB frames through the network port are refused.
+///
+/// Then ser2net is stopped (hung, then gone): the same case is INFRA naming the
+/// OOB line, never a device verdict.
+#[test]
+fn places_network_oob_and_console_carry_the_campaign() {
+    let Some(place) = DevPlace::start("places_network_oob_and_console_carry_the_campaign") else {
+        return;
     };
+    let t = place.dir().to_path_buf();
+    let state = place.state.clone();
+    let run = |name: &str, cases: &str| place.run(name, cases, |_| {});
     let pci = "[[case]]\nattacks = [\"pci-enum\"]\nbackends = [\"model\"]\n\
                profiles = [\"tenant\"]\ntags = [\"sim\"]\n";
     // And forged and malformed OOB frames through the network OOB port.
@@ -610,14 +661,13 @@ fn places_network_oob_and_console_carry_the_campaign() {
     // The device the runner judged is the host's own, reached through ser2net.
     let nv = hilrig_device::state::NvState::load(&state).unwrap();
     assert_eq!(nv.serial, 2001);
-    let traced =
-        |n: &str| std::fs::metadata(t.path().join(format!("{n}.trace"))).map_or(0, |m| m.len());
+    let traced = |n: &str| std::fs::metadata(t.join(format!("{n}.trace"))).map_or(0, |m| m.len());
     assert!(traced("oob") > 0, "no OOB traffic through ser2net");
     // Negative control: the controller's copies (what the rig prepared) are
     // factory-fresh; read instead of the port, the deltas would be zero.
-    common::controller_copies_never_moved(&t.path().join("lg-dev"));
+    common::controller_copies_never_moved(&t.join("lg-dev"));
     // The console: the controller's capture of the network console.
-    common::captured_console(&s, &t.path().join("lg-dev"), "pci-enum");
+    common::captured_console(&s, &t.join("lg-dev"), "pci-enum");
     assert!(traced("console") > 0, "no console traffic through ser2net");
 
     // A broken network OOB is INFRA, never a verdict: ser2net hung (SIGSTOP:
@@ -637,14 +687,19 @@ fn places_network_oob_and_console_carry_the_campaign() {
         assert_ne!(case.outcome, Outcome::Fail, "{case:?}");
         assert_ne!(case.outcome, Outcome::Pass, "{case:?}");
     };
-    let pid = serial.0.id().to_string();
+    let pid = place
+        .serial
+        .borrow()
+        .as_ref()
+        .map(|k| k.0.id().to_string())
+        .unwrap();
     assert!(Command::new("kill")
         .args(["-STOP", &pid])
         .status()
         .unwrap()
         .success());
     broken("lg-hung");
-    drop(serial);
+    drop(place.serial.borrow_mut().take());
     broken("lg-refused");
 }
 
@@ -683,4 +738,35 @@ fn campaign_on_tags_no_place_carries_is_config_at_once() {
         "{s}"
     );
     assert_eq!(e.exit_code(), hilrig_campaigns::error::exit::CONFIG);
+}
+
+/// Power through the place's `NetworkPowerPort`: the place's host is powered
+/// off before the run (SSH unreachable), so it fails its health check; the
+/// runner recovers it through the place's power driver (pdudaemon's outlet,
+/// read back by the lab's status command) and checks it again; back, it gets
+/// its case, which passes on its own device. Before, a labgrid place had no
+/// drivers for recovery and went offline.
+#[test]
+fn a_powered_off_place_is_recovered_through_its_power_port() {
+    let Some(place) = DevPlace::start("a_powered_off_place_is_recovered_through_its_power_port")
+    else {
+        return;
+    };
+    assert!(place.lab.host("power", 1, "off"));
+    let s = place.run(
+        "lg-power",
+        "[[case]]\nattacks = [\"attack-key-read\"]\nbackends = [\"model\"]\n\
+         profiles = [\"tenant\"]\ntags = [\"sim\"]\n",
+        |o| {
+            o.recover = hilrig_rig::recover::RecoverOptions {
+                ssh_timeout: Duration::from_secs(3),
+                wait: Duration::from_secs(20),
+            }
+        },
+    );
+    assert!(s.offline_hosts.is_empty(), "{:?}", s.offline_hosts);
+    let c = &s.run.cases[0];
+    assert_eq!(c.host, "rack-dev");
+    assert_eq!(c.outcome, Outcome::Pass, "{}: {}", c.id, c.message);
+    assert!(place.lab.host("power", 1, "status"));
 }
