@@ -237,7 +237,12 @@ fn main() -> std::process::ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", error_chain(&e));
-            std::process::ExitCode::from(2)
+            // A campaign run that could not start exits by its class (CONFIG 2,
+            // INFRA 3), as a run's own setup errors and faults do; anything else 2.
+            std::process::ExitCode::from(
+                e.downcast_ref::<hilrig_campaigns::RunError>()
+                    .map_or(2, hilrig_campaigns::RunError::exit_code),
+            )
         }
     }
 }

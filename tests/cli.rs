@@ -1529,3 +1529,35 @@ fn the_vmm_refuses_secret_key_files_others_can_read() {
         close(file);
     }
 }
+
+/// `campaign run --labgrid`: a labgrid failure before the run is reported with
+/// its class and exits as the run's own errors of that class do (the codes of
+/// `hilrig_campaigns::error::exit`): a coordinator that is down is INFRA (3,
+/// try again), an address that cannot name one CONFIG (2, fix it). Before,
+/// both exited 2 with no class.
+#[test]
+fn campaign_run_labgrid_failures_exit_by_class() {
+    use hilrig_campaigns::error::exit;
+    let smoke = concat!(env!("CARGO_MANIFEST_DIR"), "/campaigns/smoke.toml");
+    let out = tempfile::tempdir().unwrap();
+    let out = out.path().to_str().unwrap();
+    // A loopback port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let down = format!("127.0.0.1:{port}");
+    for (addr, class, code) in [
+        (down.as_str(), "INFRA", exit::INFRA),
+        ("no-port-here", "CONFIG", exit::CONFIG),
+    ] {
+        let o = hilrig(&["campaign", "run", smoke, "--out", out, "--labgrid", addr]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(code.into()), "{addr}: {err}");
+        assert!(
+            err.contains(&format!("--labgrid {addr}: {class}: ")),
+            "{addr}: {err}"
+        );
+    }
+}

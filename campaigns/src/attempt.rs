@@ -157,9 +157,10 @@ struct Att<'a> {
     dev: Option<HostDevice>,
 }
 
-/// The host's OOB port (a transport fault there is INFRA, never the device's).
-fn host_oob(d: &HostDevice) -> Result<hilrig_counters::source::SerialSource, Stop> {
-    hilrig_counters::source::SerialSource::open(&d.oob, d.oob_baud, d.oob_timeout).map_err(|e| {
+/// The host's OOB port, opened through the rig's OOB driver (serial, RFC 2217
+/// or raw TCP); a transport fault there is INFRA, never the device's.
+fn host_oob(host: &str, d: &HostDevice) -> Result<hilrig_rig::oob::OobPort, Stop> {
+    hilrig_rig::oob::OobPort::open(host, &d.oob).map_err(|e| {
         fail(
             Outcome::Infra,
             format!("the host's OOB line failed, not the device: {e}"),
@@ -169,10 +170,11 @@ fn host_oob(d: &HostDevice) -> Result<hilrig_counters::source::SerialSource, Sto
 
 /// An OOB read of the host's device; a fault is INFRA.
 fn oob_read<T>(
+    host: &str,
     d: &HostDevice,
-    f: impl FnOnce(&mut hilrig_counters::source::SerialSource) -> Result<T, hilrig_counters::Error>,
+    f: impl FnOnce(&mut hilrig_rig::oob::OobPort) -> Result<T, hilrig_counters::Error>,
 ) -> Result<T, Stop> {
-    let mut src = host_oob(d)?;
+    let mut src = host_oob(host, d)?;
     f(&mut src).map_err(|e| {
         fail(
             Outcome::Infra,
@@ -624,7 +626,9 @@ impl Att<'_> {
                 .map(|c| Some(reading_of(&c)))
                 .map_err(|e| fail(Outcome::Infra, format!("the board's transport failed: {e}"))),
             None => match &self.dev {
-                Some(d) => oob_read(d, |s| s.counters()).map(|c| Some(reading_of(&c))),
+                Some(d) => {
+                    oob_read(&self.host.name, d, |s| s.counters()).map(|c| Some(reading_of(&c)))
+                }
                 None => Ok(NvState::load(&self.state).ok().map(|nv| reading(&nv))),
             },
         }
@@ -710,16 +714,8 @@ impl Att<'_> {
         };
         let capture = match (&line, &capture_to) {
             (Some(c), Some(to)) => Some(
-                hilrig_rig::console::Capture::start(
-                    &self.host.name,
-                    &c.name,
-                    hilrig_rig::console::Source::Serial {
-                        path: c.path.clone(),
-                        baud: c.baud,
-                    },
-                    to,
-                )
-                .map_err(|e| infra(format!("the host's console line: {e}")))?,
+                hilrig_rig::console::Capture::start(&self.host.name, &c.name, c.source.clone(), to)
+                    .map_err(|e| infra(format!("the host's console line: {e}")))?,
             ),
             _ => None,
         };
@@ -927,9 +923,11 @@ impl Att<'_> {
                         let mut src = b.source().map_err(|e| fail(Outcome::Infra, e))?;
                         crate::attest::verdict_from(self.dir, b.serial, &mut src)
                     }
-                    (None, Some(d)) => {
-                        crate::attest::verdict_from(self.dir, self.host.serial, &mut host_oob(d)?)
-                    }
+                    (None, Some(d)) => crate::attest::verdict_from(
+                        self.dir,
+                        self.host.serial,
+                        &mut host_oob(&self.host.name, d)?,
+                    ),
                     (None, None) => crate::attest::verdict_after(self.dir, &self.state, self.host),
                 }
                 .map_err(|e| fail(Outcome::Infra, e.to_string()))?;
@@ -1036,12 +1034,20 @@ impl Att<'_> {
     /// Forged and malformed OOB requests on the board's OOB port (serialport, as
     /// the rig reaches it); a port that stops answering is INFRA.
     async fn oob_forge_board(&mut self, k: usize, label: &str) -> StepOut {
-        let (path, baud, nv) = match (&self.board, &self.dev) {
-            (Some(b), _) => (b.oob.clone(), b.baud, b.factory.clone()),
-            (None, Some(d)) => (d.oob.clone(), d.oob_baud, self.load()?),
+        let (spec, nv) = match (&self.board, &self.dev) {
+            (Some(b), _) => (
+                hilrig_rig::inventory::OobSpec::Serial {
+                    path: b.oob.clone(),
+                    baud: b.baud,
+                    timeout_ms: 3000,
+                },
+                b.factory.clone(),
+            ),
+            (None, Some(d)) => (d.oob.clone(), self.load()?),
             (None, None) => return Err(fail(Outcome::Infra, "no board")),
         };
-        let r = tokio::task::spawn_blocking(move || scenario::oob_forge_port(&path, baud, &nv))
+        let host = self.host.name.clone();
+        let r = tokio::task::spawn_blocking(move || scenario::oob_forge_port(&host, &spec, &nv))
             .await
             .map_err(|e| fail(Outcome::Infra, format!("OOB task: {e}")))?;
         let obs = match r {
@@ -1050,7 +1056,7 @@ impl Att<'_> {
                 // A board that stopped answering is a transport fault, not a finding.
                 self.board_check(k, label, &Ok(synthetic()), "")?;
                 if let Some(d) = &self.dev {
-                    oob_read(d, |s| s.counters())?;
+                    oob_read(&self.host.name, d, |s| s.counters())?;
                 }
                 let o = match e {
                     scenario::ScenarioError::Setup(_) => Outcome::Infra,
@@ -1927,7 +1933,9 @@ async fn attempt_inner(
             };
             // The line reaches this host's device (a PTY path whose server died
             // may name another device's line by now).
-            match oob_read(d, |s| s.request(&hilrig_device::oob::Request::Identify)) {
+            match oob_read(&host.name, d, |s| {
+                s.request(&hilrig_device::oob::Request::Identify)
+            }) {
                 Ok(hilrig_device::oob::Response::Identity { serial, .. })
                     if serial == host.serial => {}
                 Ok(other) => {
@@ -1935,7 +1943,8 @@ async fn attempt_inner(
                         Outcome::Infra,
                         format!(
                             "the host's OOB line failed, not the device: {} answered IDENTIFY with {other:?}, expected serial {}",
-                            d.oob, host.serial
+                            hilrig_rig::oob::describe(&d.oob),
+                            host.serial
                         ),
                     )
                 }
@@ -1947,7 +1956,7 @@ async fn attempt_inner(
             if let Err(e) = crate::attest::enroll(dir, host, &nv) {
                 return *fail(Outcome::Infra, format!("enrolling the device: {e}"));
             }
-            let mut src = match host_oob(d) {
+            let mut src = match host_oob(&host.name, d) {
                 Ok(s) => s,
                 Err(e) => return *e,
             };
@@ -1958,7 +1967,7 @@ async fn attempt_inner(
             }
             // One opener at a time: the port is opened exclusively.
             drop(src);
-            match oob_read(d, |s| s.observe()) {
+            match oob_read(&host.name, d, |s| s.observe()) {
                 Ok(o) => o,
                 Err(e) => return *e,
             }
@@ -2041,7 +2050,7 @@ async fn attempt_inner(
         (Some(b), _) => b
             .observe()
             .map_err(|e| format!("reading the board after the case: {e}")),
-        (None, Some(d)) => oob_read(d, |s| s.observe()).map_err(|e| e.message),
+        (None, Some(d)) => oob_read(&host.name, d, |s| s.observe()).map_err(|e| e.message),
         (None, None) => NvState::load(&att.state)
             .map_err(|e| format!("reading the device state after the case: {e}"))
             .and_then(|nv| crate::attest::observation_of(&nv).map_err(|e| e.to_string())),
@@ -2055,7 +2064,7 @@ async fn attempt_inner(
         }
     };
     let service = match (&att.board, &att.dev) {
-        (None, Some(d)) => host_oob(d)
+        (None, Some(d)) => host_oob(&host.name, d)
             .map_err(|e| crate::attest::AttestError::Prepared { detail: e.message })
             .and_then(|mut src| crate::attest::verdict_from(dir, host.serial, &mut src)),
         (Some(b), _) => b

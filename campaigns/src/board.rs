@@ -355,7 +355,7 @@ fn board_frame(path: &str, baud: u32, frame: &[u8]) -> Result<Vec<u8>, String> {
         .map_err(|e| format!("opening {path}: {e}"))?;
     port.write_all(frame)
         .map_err(|e| format!("writing {path}: {e}"))?;
-    crate::scenario::read_frame(port.as_mut(), OOB_TIMEOUT).map_err(|e| format!("{path}: {e}"))
+    crate::scenario::read_frame(&mut port, OOB_TIMEOUT).map_err(|e| format!("{path}: {e}"))
 }
 
 /// Lend a board's OOB port (`oob` at `baud`, on this machine) to a host through

@@ -39,8 +39,9 @@ pub enum RunError {
     /// No VMM executable was found.
     #[error("finding the VMM: {0}")]
     FindVmm(#[from] hilrig_rig::sim::FindVmmError),
-    /// The labgrid coordinator at `address`.
-    #[error("--labgrid {address}: {source}")]
+    /// The labgrid coordinator at `address` (its class named: a place unknown
+    /// or not published is CONFIG, the coordinator down INFRA).
+    #[error("--labgrid {address}: {}: {source}", source.kind())]
     Labgrid {
         /// The coordinator's address.
         address: String,
@@ -88,7 +89,63 @@ pub enum RunError {
     QueueClosed,
 }
 
+/// Exit statuses of `campaign run` (and `hilrig run`), defined once: the run's
+/// ([`crate::runner::RunSummary::exit_status`]) and a run that could not start
+/// ([`RunError::exit_code`]).
+pub mod exit {
+    /// Every case PASS or FLAKY.
+    pub const PASSED: u8 = 0;
+    /// A case FAILed or TIMEd OUT.
+    pub const FAILED: u8 = 1;
+    /// A setup error (CONFIG): fix the campaign, inventory or lab; not retried.
+    pub const CONFIG: u8 = 2;
+    /// Cases could not run (INFRA after retries, SKIPPED), or the run could not
+    /// start for an infrastructure fault: try again.
+    pub const INFRA: u8 = 3;
+}
+
 impl RunError {
+    /// The class of this error: an infrastructure fault (the labgrid
+    /// coordinator down, a store or file that failed, a task that died: try
+    /// again) or a setup error (a bad campaign, inventory, option or place:
+    /// fix it first). A place busy with someone else counts as INFRA (it may
+    /// be free later).
+    pub fn kind(&self) -> hilrig_rig::ErrorKind {
+        use hilrig_rig::ErrorKind;
+        let infra_or_config = |k: ErrorKind| match k {
+            ErrorKind::Config => ErrorKind::Config,
+            ErrorKind::Infra | ErrorKind::Busy => ErrorKind::Infra,
+        };
+        match self {
+            RunError::Labgrid { source, .. } => infra_or_config(source.kind()),
+            RunError::Rig { source, .. } => infra_or_config(source.kind()),
+            RunError::Io { .. }
+            | RunError::Store(_)
+            | RunError::Claim(_)
+            | RunError::Json(_)
+            | RunError::Reports(_)
+            | RunError::Task { .. }
+            | RunError::Runtime(_)
+            | RunError::QueueClosed => ErrorKind::Infra,
+            RunError::Campaign(_)
+            | RunError::FindVmm(_)
+            | RunError::Options(_)
+            | RunError::BadRunId(_)
+            | RunError::NoReachableHost(_)
+            | RunError::UnknownQueuedCase { .. } => ErrorKind::Config,
+        }
+    }
+
+    /// The process exit status of a run that failed with this error:
+    /// [`exit::CONFIG`] or [`exit::INFRA`] by [`RunError::kind`], as the run's
+    /// own setup errors and infrastructure faults exit.
+    pub fn exit_code(&self) -> u8 {
+        match self.kind() {
+            hilrig_rig::ErrorKind::Config => exit::CONFIG,
+            _ => exit::INFRA,
+        }
+    }
+
     /// An I/O error at `path`.
     pub fn io(what: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> RunError {
         RunError::Io {

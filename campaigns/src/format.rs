@@ -301,69 +301,59 @@ pub struct HostSpec {
 }
 
 /// An SSH host's own device: its state file stays on the host (`[host.sim]
-/// state`), its counters are read through its OOB port (`[host.oob]`, serial)
-/// and its VMM's console is captured through its console driver (`[host.ssh]
-/// console` is the tty the VMM writes, wired to a serial `[[host.console]]`).
+/// state`), its counters are read through its OOB port (`[host.oob]`: a serial
+/// port, or a network serial port over RFC 2217 or raw TCP, as a labgrid
+/// place's `oob` NetworkSerialPort maps to) and its VMM's console is captured
+/// through its console driver (`[host.ssh] console` is the tty the VMM writes,
+/// wired to a serial or network `[[host.console]]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostDevice {
     /// The device state file on the host.
     pub state: String,
-    /// The OOB port as the controller opens it (a serial device or PTY).
-    pub oob: String,
-    /// Its baud rate.
-    pub oob_baud: u32,
-    /// Reply timeout per OOB request.
-    pub oob_timeout: Duration,
+    /// The OOB port as the controller reaches it (the rig's OOB driver:
+    /// `serial` or `rfc2217`).
+    pub oob: hilrig_rig::inventory::OobSpec,
     /// The console line, if the host has one.
     pub console: Option<HostConsole>,
 }
 
 /// A lab host's console line: the VMM writes `tty` on the host, the controller
-/// reads `path` (the rig's serial console driver).
+/// reads `source` (the rig's serial or network console driver).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostConsole {
     /// The console's name in the inventory (e.g. `com1`).
     pub name: String,
-    /// The controller's end (serial device or PTY).
-    pub path: String,
-    /// Its baud rate.
-    pub baud: u32,
+    /// The controller's end (serial device or PTY, or a network serial port).
+    pub source: hilrig_rig::console::Source,
     /// The host's end, which the VMM's `--console` names.
     pub tty: String,
 }
 
 impl HostDevice {
     /// The device of inventory host `h`: an SSH host with a `[host.sim] state`
-    /// and a serial `[host.oob]`; its console when `[host.ssh] console` is set
-    /// and it has a serial `[[host.console]]`.
+    /// and a `serial` or `rfc2217` `[host.oob]`; its console when `[host.ssh]
+    /// console` is set and it has a `serial` or `rfc2217` `[[host.console]]`
+    /// (the first).
     pub fn of_inventory(h: &hilrig_rig::inventory::HostSpec) -> Option<HostDevice> {
-        use hilrig_rig::inventory::{ConsoleDriver, OobSpec};
+        use hilrig_rig::inventory::OobSpec;
         let ssh = h.ssh.as_ref()?;
         let state = h.sim.state.as_ref()?.to_string_lossy().into_owned();
-        let Some(OobSpec::Serial {
-            path,
-            baud,
-            timeout_ms,
-        }) = &h.oob
-        else {
-            return None;
+        let oob = match h.oob.as_ref()? {
+            OobSpec::Sim {} => return None,
+            o => o.clone(),
         };
         let console = ssh.console.as_ref().and_then(|tty| {
-            h.consoles.iter().find_map(|c| match &c.driver {
-                ConsoleDriver::Serial { path, baud } => Some(HostConsole {
+            h.consoles.iter().find_map(|c| {
+                c.driver.source().map(|source| HostConsole {
                     name: c.name.clone(),
-                    path: path.clone(),
-                    baud: *baud,
+                    source,
                     tty: tty.clone(),
-                }),
-                _ => None,
+                })
             })
         });
         Some(HostDevice {
             state,
-            oob: path.clone(),
-            oob_baud: *baud,
-            oob_timeout: Duration::from_millis(*timeout_ms),
+            oob,
             console,
         })
     }

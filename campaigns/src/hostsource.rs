@@ -118,7 +118,8 @@ impl LabgridSource {
                 std::slice::from_ref(&h),
                 &cfg,
             )?;
-            let ssh = inv.hosts.first().and_then(|x| x.ssh.clone());
+            let ih = inv.hosts.first();
+            let ssh = ih.and_then(|x| x.ssh.clone());
             let mut tags = vec!["labgrid".to_string()];
             for (k, v) in &h.tags {
                 tags.push(v.clone());
@@ -129,11 +130,20 @@ impl LabgridSource {
                 tags,
                 backends: crate::format::BACKENDS.to_vec(),
                 fpga: crate::format::FpgaTarget::Sim,
-                counter_width: 64,
-                serial: 1,
+                // The place's own device (the labgrid config's `[device.PLACE]`):
+                // its serial and width, its state on the host, read through the
+                // place's `oob` port and console.
+                counter_width: ih.map_or(64, |x| {
+                    if x.sim.serial.is_some() {
+                        x.sim.counter_width
+                    } else {
+                        64
+                    }
+                }),
+                serial: ih.and_then(|x| x.sim.serial).unwrap_or(1),
                 // No NetworkService: a local simulated host named after the place.
                 ssh,
-                device: None,
+                device: ih.and_then(crate::format::HostDevice::of_inventory),
             });
             self.mapped.push(h);
         }

@@ -141,15 +141,16 @@ impl RunSummary {
     /// 3 when none failed but some could not run (INFRA after retries, SKIPPED);
     /// 2 (before all of these) when an attempt met a setup error (CONFIG).
     pub fn exit_status(&self) -> u8 {
+        use crate::error::exit;
         let c = &self.counts;
         if !self.config_errors.is_empty() {
-            2
+            exit::CONFIG
         } else if c.fail + c.timeout > 0 {
-            1
+            exit::FAILED
         } else if c.infra + c.skipped > 0 {
-            3
+            exit::INFRA
         } else {
-            0
+            exit::PASSED
         }
     }
 }
@@ -1422,9 +1423,14 @@ pub fn run_campaign(opts: RunOptions) -> RunResult<RunSummary> {
             Err(e) => return Err(RunError::rig(format!("host states in {}", db.display()), e)),
         }
     };
-    // The inventory's drivers, for recovering a host that fails its health check
-    // or wedges (labgrid places and anonymous hosts have none here).
+    // The inventory's drivers (a labgrid place's: its power port, consoles and
+    // OOB as mapped), for recovering a host that fails its health check or
+    // wedges (anonymous hosts have none).
     let rig = match (&opts.inventory, &opts.labgrid) {
+        (_, Some(_)) if hosts.iter().any(|h| h.ssh.is_some()) => labgrid
+            .as_ref()
+            .and_then(|l| l.inventory.clone())
+            .map(|inv| Arc::new(hilrig_rig::Rig::new(inv))),
         (Some(inv), None) if hosts.iter().any(|h| h.ssh.is_some()) => {
             match hilrig_rig::Rig::load(inv) {
                 Ok(r) => Some(Arc::new(r)),

@@ -190,8 +190,10 @@ fn forged_frames(nv: &NvState) -> Vec<(&'static str, Vec<u8>)> {
 }
 
 /// Read one frame from a byte stream within `timeout`.
-/// The next OOB frame on `port` within `timeout`.
-pub(crate) fn read_frame(port: &mut dyn serialport::SerialPort, timeout: Duration) -> R<Vec<u8>> {
+pub(crate) fn read_frame(
+    port: &mut dyn hilrig_rig::oob::Transport,
+    timeout: Duration,
+) -> R<Vec<u8>> {
     let deadline = Instant::now() + timeout;
     let mut reader = oob::FrameReader::default();
     let mut buf = [0u8; 64];
@@ -230,33 +232,41 @@ pub(crate) fn read_frame(port: &mut dyn serialport::SerialPort, timeout: Duratio
 pub fn oob_forge_pty(state: &Path) -> R<Vec<String>> {
     let path =
         hilrig_rig::sim::serve_state_oob(state).map_err(|e| ScenarioError::Setup(e.to_string()))?;
+    let spec = hilrig_rig::inventory::OobSpec::Serial {
+        path,
+        baud: oob::DEFAULT_BAUD,
+        timeout_ms: 3000,
+    };
     let r = NvState::load(state)
         .map_err(|e| ScenarioError::Setup(format!("reading the state: {e}")))
-        .and_then(|nv| forge_on(&path, oob::DEFAULT_BAUD, &nv, Vec::new()));
+        .and_then(|nv| forge_on("sim", &spec, &nv, Vec::new()));
     hilrig_rig::sim::stop_state_oob(state);
     r
 }
 
-/// Every forgery of [`oob_forge`] and [`oob_forge_pty`] on a board's OOB port
-/// (`path` at `baud`, a real UART or serve-sim's PTY) through serialport: each
-/// must be answered with an error frame, the counters (read back over the same
-/// port) must not move. `nv`: the board's state as the rig brought it up (its keys).
-pub fn oob_forge_port(path: &str, baud: u32, nv: &NvState) -> R<Vec<String>> {
-    forge_on(path, baud, nv, forged_frames(nv))
+/// Every forgery of [`oob_forge`] and [`oob_forge_pty`] on a device's OOB port
+/// as the rig's OOB driver reaches it (`spec`: a board's UART or serve-sim's
+/// PTY, or an SSH host's serial or network OOB port of `host`): each must be
+/// answered with an error frame, the counters (read back over the same port)
+/// must not move. `nv`: the device's state as the rig brought it up (its keys).
+pub fn oob_forge_port(
+    host: &str,
+    spec: &hilrig_rig::inventory::OobSpec,
+    nv: &NvState,
+) -> R<Vec<String>> {
+    forge_on(host, spec, nv, forged_frames(nv))
 }
 
 fn forge_on(
-    path: &str,
-    baud: u32,
+    host: &str,
+    spec: &hilrig_rig::inventory::OobSpec,
     nv: &NvState,
     frames: Vec<(&'static str, Vec<u8>)>,
 ) -> R<Vec<String>> {
     let timeout = Duration::from_secs(3);
-    let mut port = serialport::new(path, baud)
-        .timeout(Duration::from_millis(20))
-        .open()
-        .map_err(|e| ScenarioError::Setup(format!("opening the OOB port {path}: {e}")))?;
-    let counters = |port: &mut dyn serialport::SerialPort, seq: u8| -> R<oob::CounterReport> {
+    let (mut port, _, _) = hilrig_rig::oob::open_transport(host, spec)
+        .map_err(|e| ScenarioError::Setup(format!("opening the OOB port: {e}")))?;
+    let counters = |port: &mut dyn hilrig_rig::oob::Transport, seq: u8| -> R<oob::CounterReport> {
         port.write_all(&oob::encode_request(seq, &Request::ReadCounters))
             .map_err(|e| ScenarioError::Setup(format!("writing the OOB port: {e}")))?;
         match oob::decode_response(&read_frame(port, timeout)?) {

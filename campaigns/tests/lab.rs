@@ -7,6 +7,8 @@ use hilrig_reports::Outcome;
 use hilrig_rig::simlab::{LabError, SimLab};
 use std::path::{Path, PathBuf};
 
+mod common;
+
 fn lab(test: &str, n: usize) -> Option<SimLab> {
     match SimLab::start(n) {
         Ok(l) => Some(l),
@@ -397,45 +399,10 @@ fn counters_come_from_the_hosts_oob_port() {
     let nv = hilrig_device::state::NvState::load(&host_state).unwrap();
     assert_eq!(nv.serial, 2001);
     // The controller's copy is the prepared, factory state: never consulted.
-    let local: Vec<PathBuf> = walk(t.path())
-        .into_iter()
-        .filter(|p| p.file_name().is_some_and(|n| n == "state.bin"))
-        .collect();
-    assert!(!local.is_empty());
-    for p in local {
-        let nv = hilrig_device::state::NvState::load(&p).unwrap();
-        assert_eq!(
-            hilrig_device::oob::CounterReport::of(&nv).counters,
-            [0, 0, 0],
-            "{}",
-            p.display()
-        );
-    }
+    common::controller_copies_never_moved(t.path());
     // The console: captured on the controller through the console driver
     // (timestamped lines), not a file fetched back.
-    let pci = s.run.cases.iter().find(|c| c.attack == "pci-enum").unwrap();
-    let console: Vec<_> = pci
-        .artifacts
-        .iter()
-        .filter(|a| a.path.ends_with("console.txt"))
-        .collect();
-    assert!(!console.is_empty(), "{:?}", pci.artifacts);
-    let text = std::fs::read_to_string(t.path().join(&console[0].path))
-        .or_else(|_| {
-            walk(t.path())
-                .into_iter()
-                .find(|p| p.ends_with(&console[0].path))
-                .map(std::fs::read_to_string)
-                .unwrap()
-        })
-        .unwrap();
-    assert!(
-        text.lines().count() > 0
-            && text
-                .lines()
-                .all(|l| l.starts_with('[') && l.contains("Z +")),
-        "{text}"
-    );
+    common::captured_console(&s, t.path(), "pci-enum");
 }
 
 /// Run the one-case program campaign on `sim-ssh-1` after `breaking` its OOB
@@ -522,22 +489,6 @@ impl Drop for Killed {
         let _ = self.0.wait();
     }
 }
-
-fn walk(d: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(d) {
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(walk(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
 /// One fpga case on the hosts with a board, no retries.
 const FPGA_KEY_READ: &str = "name = \"t\"\n[defaults]\nretries = 0\ninfra_retries = 0\n\
      case_timeout = \"60s\"\ntags = [\"fpga\"]\n[[case]]\nattacks = [\"attack-key-read\"]\n\

@@ -11,6 +11,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
 /// The stand-in VMM reads the run's binding from its flags (VM id, teardown nonce,
 /// the device serial from the state file) and echoes it in its teardown record, as
 /// the real VMM does: the runner refuses a record of another run.
@@ -37,6 +39,17 @@ fn have(tool: &str) -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
+}
+
+/// Whether `tools` are all installed; else SKIPPED said for `test`.
+fn labgrid_tools(test: &str, tools: &[&str]) -> bool {
+    match tools.iter().find(|t| !have(t)) {
+        Some(t) => {
+            eprintln!("SKIPPED {test}: {t} not found (pip install labgrid; scripts/test does)");
+            false
+        }
+        None => true,
+    }
 }
 
 /// A labgrid coordinator on a free loopback port, working in `dir` (it keeps
@@ -68,6 +81,37 @@ fn coordinator(dir: &std::path::Path) -> (Kill, String) {
     (coord, addr)
 }
 
+/// labgrid's exporter `exp1` publishing `yaml` (written to `dir/exporter.yaml`)
+/// to the coordinator at `addr`, once the coordinator has at least `n`
+/// resources.
+fn exporter(dir: &std::path::Path, addr: &str, yaml: &str, n: usize) -> Kill {
+    std::fs::write(dir.join("exporter.yaml"), yaml).unwrap();
+    let err = std::fs::File::create(dir.join("exporter.err")).unwrap();
+    let k = Kill(
+        Command::new("labgrid-exporter")
+            .args(["-c", addr, "-n", "exp1", "exporter.yaml"])
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .unwrap(),
+    );
+    let t0 = Instant::now();
+    loop {
+        let mut c = Coordinator::connect(addr, "testhost/probe", Duration::from_secs(5)).unwrap();
+        c.sync().unwrap();
+        if c.resource_count() >= n {
+            return k;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the exporter never published: {}",
+            std::fs::read_to_string(dir.join("exporter.err")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// `labgrid-client -x addr ARGS` as `testhost/<user>`; must succeed.
 fn client(addr: &str, args: &[&str], user: &str) {
     let out = Command::new("labgrid-client")
@@ -82,6 +126,30 @@ fn client(addr: &str, args: &[&str], user: &str) {
         "labgrid-client {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Campaign file `file` run on one place tagged `hilrig=sim` reserved from the
+/// coordinator at `addr` (`--labgrid-wait wait`, `--labgrid-config config`),
+/// its results in `out`.
+fn lg_opts(
+    file: &std::path::Path,
+    out: std::path::PathBuf,
+    addr: &str,
+    wait: Duration,
+    config: Option<std::path::PathBuf>,
+) -> RunOptions {
+    let mut o = RunOptions::new(file);
+    o.out_dir = out;
+    o.progress = Some(false);
+    o.labgrid = Some(LabgridOptions {
+        address: addr.to_string(),
+        user: Some("testhost/hilrig".into()),
+        tags: [("hilrig".to_string(), "sim".to_string())].into(),
+        places: 1,
+        wait,
+        config,
+    });
+    o
 }
 
 /// A campaign of `attacks` (TOML array items) on `sim` hosts, run with `vmm` on
@@ -100,30 +168,18 @@ fn sim_run(
         format!("name = \"lg\"\n[defaults]\ntags = [\"sim\"]\n[[case]]\nattacks = [{attacks}]\n"),
     )
     .unwrap();
-    let mut o = RunOptions::new(&file);
-    o.out_dir = dir.join("out");
+    let mut o = lg_opts(&file, dir.join("out"), addr, wait, None);
     o.vmm = Some(vmm);
-    o.progress = Some(false);
-    o.labgrid = Some(LabgridOptions {
-        address: addr.to_string(),
-        user: Some("testhost/hilrig".into()),
-        tags: [("hilrig".to_string(), "sim".to_string())].into(),
-        places: 1,
-        wait,
-        config: None,
-    });
     o
 }
 
 #[test]
 fn campaign_on_places_reserved_from_labgrid() {
-    for t in ["labgrid-coordinator", "labgrid-client"] {
-        if !have(t) {
-            eprintln!(
-                "SKIPPED campaign_on_places_reserved_from_labgrid: {t} not found (pip install labgrid; scripts/test does)"
-            );
-            return;
-        }
+    if !labgrid_tools(
+        "campaign_on_places_reserved_from_labgrid",
+        &["labgrid-coordinator", "labgrid-client"],
+    ) {
+        return;
     }
     let t = tempfile::tempdir().unwrap();
     let (_coord, addr) = coordinator(t.path());
@@ -164,6 +220,38 @@ fn campaign_on_places_reserved_from_labgrid() {
     );
 }
 
+/// A simulated SSH lab of one host (scripts/sim-lab), when labgrid, /dev/kvm,
+/// a built VMM, root and sshd are all there; else `None`, SKIPPED said.
+fn ssh_lab(test: &str) -> Option<hilrig_rig::simlab::SimLab> {
+    if !labgrid_tools(
+        test,
+        &["labgrid-coordinator", "labgrid-client", "labgrid-exporter"],
+    ) {
+        return None;
+    }
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        eprintln!("SKIPPED {test}: /dev/kvm not available");
+        return None;
+    }
+    if let Err(e) = hilrig_rig::sim::find_vmm(None) {
+        eprintln!("SKIPPED {test}: {e}");
+        return None;
+    }
+    match hilrig_rig::simlab::SimLab::start(1) {
+        Ok(l) => Some(l),
+        Err(hilrig_rig::simlab::LabError::Skipped(why)) => {
+            eprintln!("SKIPPED {test}: {why}");
+            None
+        }
+        Err(e) => panic!("{test}: {e}"),
+    }
+}
+
 /// A place whose exporter publishes a loopback sshd of the simulated SSH lab
 /// (`scripts/sim-lab`: its own user, key and pinned host key), its power port
 /// (driven by the lab's power commands) and a serial port: the campaign's cases
@@ -173,33 +261,7 @@ fn campaign_on_places_reserved_from_labgrid() {
 #[test]
 fn campaign_runs_over_ssh_on_a_labgrid_place() {
     let test = "campaign_runs_over_ssh_on_a_labgrid_place";
-    for t in ["labgrid-coordinator", "labgrid-client", "labgrid-exporter"] {
-        if !have(t) {
-            eprintln!("SKIPPED {test}: {t} not found (pip install labgrid; scripts/test does)");
-            return;
-        }
-    }
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        eprintln!("SKIPPED {test}: /dev/kvm not available");
-        return;
-    }
-    if let Err(e) = hilrig_rig::sim::find_vmm(None) {
-        eprintln!("SKIPPED {test}: {e}");
-        return;
-    }
-    let lab = match hilrig_rig::simlab::SimLab::start(1) {
-        Ok(l) => l,
-        Err(hilrig_rig::simlab::LabError::Skipped(why)) => {
-            eprintln!("SKIPPED {test}: {why}");
-            return;
-        }
-        Err(e) => panic!("{test}: {e}"),
-    };
+    let Some(lab) = ssh_lab(test) else { return };
     let inv = hilrig_rig::Inventory::load(&lab.inventory).unwrap();
     let h = inv
         .hosts
@@ -228,29 +290,7 @@ fn campaign_runs_over_ssh_on_a_labgrid_place() {
         u = ssh.user,
         p = ssh.port
     );
-    std::fs::write(t.path().join("exporter.yaml"), yaml).unwrap();
-    let _exporter = Kill(
-        Command::new("labgrid-exporter")
-            .args(["-c", &addr, "-n", "exp1", "exporter.yaml"])
-            .current_dir(t.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let t0 = Instant::now();
-    loop {
-        let mut c = Coordinator::connect(&addr, "testhost/probe", Duration::from_secs(5)).unwrap();
-        c.sync().unwrap();
-        if c.resource_count() >= 3 {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "the exporter never published"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let _exporter = exporter(t.path(), &addr, &yaml, 3);
     let client = |args: &[&str], user: &str| client(&addr, args, user);
     client(&["-p", "rack-ssh", "create"], "admin");
     client(&["-p", "rack-ssh", "add-match", "exp1/rack-ssh/*"], "admin");
@@ -281,17 +321,13 @@ fn campaign_runs_over_ssh_on_a_labgrid_place() {
         "name = \"lg-ssh\"\n[defaults]\ntags = [\"sim\"]\n[[case]]\nattacks = [\"attack-key-read\", \"attack-hang\"]\n",
     )
     .unwrap();
-    let mut o = RunOptions::new(&file);
-    o.out_dir = t.path().join("out");
-    o.progress = Some(false);
-    o.labgrid = Some(LabgridOptions {
-        address: addr.clone(),
-        user: Some("testhost/hilrig".into()),
-        tags: [("hilrig".to_string(), "sim".to_string())].into(),
-        places: 1,
-        wait: Duration::from_secs(60),
-        config: Some(cfg),
-    });
+    let o = lg_opts(
+        &file,
+        t.path().join("out"),
+        &addr,
+        Duration::from_secs(60),
+        Some(cfg),
+    );
     let s = run_campaign(o).unwrap();
     assert_eq!(s.run.cases.len(), 2);
     for c in &s.run.cases {
@@ -324,11 +360,8 @@ fn campaign_runs_over_ssh_on_a_labgrid_place() {
 #[test]
 fn campaign_fails_naming_a_place_its_exporter_never_published() {
     let test = "campaign_fails_naming_a_place_its_exporter_never_published";
-    for t in ["labgrid-coordinator", "labgrid-client"] {
-        if !have(t) {
-            eprintln!("SKIPPED {test}: {t} not found (pip install labgrid; scripts/test does)");
-            return;
-        }
+    if !labgrid_tools(test, &["labgrid-coordinator", "labgrid-client"]) {
+        return;
     }
     let t = tempfile::tempdir().unwrap();
     let (_coord, addr) = coordinator(t.path());
@@ -364,6 +397,376 @@ fn campaign_fails_naming_a_place_its_exporter_never_published() {
         }
         other => panic!("not a labgrid error: {other}"),
     }
+    // Reported with its class, exiting as the run's setup errors do.
+    assert!(s.contains(": CONFIG: "), "{s}");
+    assert_eq!(e.exit_code(), hilrig_campaigns::error::exit::CONFIG);
     let mut c = Coordinator::connect(&addr, "testhost/check", Duration::from_secs(5)).unwrap();
     assert_eq!(holder(&c.place("rack-x").unwrap()), None, "not released");
+}
+
+/// ser2net (Debian's, as labgrid's exporter runs it) serving PTYs on loopback
+/// (`(name, pty, port, raw)`: RFC 2217, or plain TCP when raw), each
+/// connection traced to `dir/NAME.trace`: the process, once every port accepts.
+fn ser2net(dir: &std::path::Path, ports: &[(&str, &str, u16, bool)]) -> Kill {
+    let mut cfg = String::new();
+    for (name, pty, port, raw) in ports {
+        let accepter = if *raw {
+            "tcp"
+        } else {
+            "telnet(rfc2217,mode=server),tcp"
+        };
+        cfg.push_str(&format!(
+            "connection: &{name}\n  accepter: {accepter},127.0.0.1,{port}\n  \
+             connector: serialdev(nouucplock=true),{pty},115200n81,local\n  options:\n    \
+             kickolduser: true\n    trace-both: {}\n",
+            dir.join(format!("{name}.trace")).display()
+        ));
+    }
+    std::fs::write(dir.join("ser2net.yaml"), cfg).unwrap();
+    let err = std::fs::File::create(dir.join("ser2net.err")).unwrap();
+    let k = Kill(
+        Command::new("ser2net")
+            .args(["-n", "-u", "-c"])
+            .arg(dir.join("ser2net.yaml"))
+            .arg("-P")
+            .arg(dir.join("ser2net.pid"))
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .unwrap(),
+    );
+    let t0 = Instant::now();
+    for (_, _, port, _) in ports {
+        while std::net::TcpStream::connect(("127.0.0.1", *port)).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "ser2net never listened on {port}: {}",
+                std::fs::read_to_string(dir.join("ser2net.err")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    k
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+const PROGRAM_CASE: &str = "[[case]]\nattacks = [\"attack-flash-program\"]\nbackends = [\"model\"]\n\
+     profiles = [\"operator\"]\ntags = [\"sim\"]\n\
+     expect = { counter_delta = { firmware = 1, master = 1 }, service_verdict = \"quarantined\" }\n";
+
+/// The labgrid place `rack-dev` over the sim lab's host 1 and its own device:
+/// labgrid's exporter publishes the host's sshd (`NetworkService`), its power
+/// (`NetworkPowerPort`: the lab's pdudaemon outlet when it has one, else its
+/// power commands) and its console and OOB lines as `NetworkSerialPort`s served
+/// by ser2net over the host's PTYs (the OOB over RFC 2217, the console as raw
+/// TCP: labgrid's `protocol: raw`); the labgrid config's `[device.rack-dev]`
+/// says where the host keeps its device.
+struct DevPlace {
+    addr: String,
+    cfg: std::path::PathBuf,
+    /// The device's state file on the host.
+    state: std::path::PathBuf,
+    /// ser2net (`None` once stopped).
+    serial: std::cell::RefCell<Option<Kill>>,
+    _exporter: Kill,
+    _coord: Kill,
+    t: tempfile::TempDir,
+    lab: hilrig_rig::simlab::SimLab,
+}
+
+impl DevPlace {
+    /// The place, or `None` (SKIPPED said) without ser2net, labgrid, the sim
+    /// lab or its per-host devices.
+    fn start(test: &str) -> Option<DevPlace> {
+        if !std::path::Path::new("/usr/sbin/ser2net").exists() && !have("ser2net") {
+            eprintln!(
+                "SKIPPED {test}: ser2net not installed (apt-get install ser2net; scripts/test does)"
+            );
+            return None;
+        }
+        let lab = ssh_lab(test)?;
+        let inv = hilrig_rig::Inventory::load(&lab.inventory).unwrap();
+        let h = inv.host("sim-ssh-1").unwrap();
+        let Some(state) = h.sim.state.clone() else {
+            eprintln!("SKIPPED {test}: the lab has no per-host devices (no hilrig build)");
+            return None;
+        };
+        let ssh = h.ssh.clone().unwrap();
+        let pty = |n: &str| {
+            std::fs::canonicalize(lab.dir().join("h1").join(n))
+                .unwrap()
+                .display()
+                .to_string()
+        };
+        let t = tempfile::tempdir().unwrap();
+        let (p_oob, p_con) = (free_port(), free_port());
+        let serial = ser2net(
+            t.path(),
+            &[
+                ("oob", &pty("oob"), p_oob, false),
+                ("console", &pty("console"), p_con, true),
+            ],
+        );
+        let (coord, addr) = coordinator(t.path());
+        // The place's power: the lab's pdudaemon outlet, read back with the lab's
+        // status command; without pdudaemon its power commands.
+        let q = |s: &str| toml::Value::String(s.to_string()).to_string();
+        let (power_yaml, power_cfg) = match &h.power {
+            hilrig_rig::inventory::PowerSpec::Pdudaemon {
+                url,
+                pdu,
+                port,
+                status_command,
+                ..
+            } => (
+                format!("model: pdudaemon\n    host: {url}/{pdu}\n    index: \"{port}\""),
+                format!("status_command = {}\n", q(status_command)),
+            ),
+            _ => {
+                let cmd = |what: &str| {
+                    format!(
+                        "{} power {} 1 {what}",
+                        hilrig_rig::simlab::script().display(),
+                        lab.dir().display()
+                    )
+                };
+                (
+                    "model: gude\n    host: 127.0.0.1\n    index: \"1\"".to_string(),
+                    format!(
+                        "on = {}\noff = {}\nstatus = {}\n",
+                        q(&cmd("on")),
+                        q(&cmd("off")),
+                        q(&cmd("status"))
+                    ),
+                )
+            }
+        };
+        let yaml = format!(
+            "rack-dev:\n  NetworkService:\n    address: {a}\n    username: {u}\n    port: {p}\n  \
+             NetworkPowerPort:\n    {power_yaml}\n  \
+             console:\n    cls: NetworkSerialPort\n    host: 127.0.0.1\n    port: {p_con}\n    speed: 115200\n    protocol: raw\n  \
+             oob:\n    cls: NetworkSerialPort\n    host: 127.0.0.1\n    port: {p_oob}\n    speed: 115200\n",
+            a = ssh.address,
+            u = ssh.user,
+            p = ssh.port
+        );
+        let exporter = exporter(t.path(), &addr, &yaml, 4);
+        client(&addr, &["-p", "rack-dev", "create"], "admin");
+        client(
+            &addr,
+            &["-p", "rack-dev", "add-match", "exp1/rack-dev/*"],
+            "admin",
+        );
+        client(
+            &addr,
+            &["-p", "rack-dev", "set-tags", "hilrig=sim"],
+            "admin",
+        );
+        let cfg = t.path().join("labgrid.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[ssh]\nidentity = {}\nknown_hosts = {}\nworkdir = {}\n[power]\n{power_cfg}settle_ms = 5000\n\
+                 [device.rack-dev]\nstate = {}\nserial = 2001\ncounter_width = 16\nconsole = \"console.tty\"\n",
+                q(&ssh.identity.display().to_string()),
+                q(&ssh.known_hosts.display().to_string()),
+                q(&ssh.workdir),
+                q(&state.display().to_string()),
+            ),
+        )
+        .unwrap();
+        Some(DevPlace {
+            addr,
+            cfg,
+            state,
+            serial: std::cell::RefCell::new(Some(serial)),
+            _exporter: exporter,
+            _coord: coord,
+            t,
+            lab,
+        })
+    }
+
+    /// Run campaign `name` of `cases` (TOML `[[case]]`s; no retries) on the
+    /// place, `tweak` applied to its options; results under `dir()/name`.
+    fn run(
+        &self,
+        name: &str,
+        cases: &str,
+        tweak: impl FnOnce(&mut RunOptions),
+    ) -> hilrig_campaigns::runner::RunSummary {
+        let file = self.dir().join(format!("{name}.toml"));
+        std::fs::write(
+            &file,
+            format!(
+                "name = \"{name}\"\n[defaults]\ncase_timeout = \"60s\"\nstep_timeout = \"20s\"\n\
+                 retries = 0\ninfra_retries = 0\n{cases}"
+            ),
+        )
+        .unwrap();
+        let mut o = lg_opts(
+            &file,
+            self.dir().join(name),
+            &self.addr,
+            Duration::from_secs(30),
+            Some(self.cfg.clone()),
+        );
+        tweak(&mut o);
+        run_campaign(o).unwrap()
+    }
+
+    fn dir(&self) -> &std::path::Path {
+        self.t.path()
+    }
+}
+
+/// Issue 17 end to end on a labgrid place ([`DevPlace`]). A counted flash
+/// program passes with the expected deltas and a guest's console is captured:
+/// - counters through the place's network OOB port: ser2net's trace of the
+///   `oob` connection carries the traffic, and the controller's copy of the
+///   device (the state the rig prepared) never moved — had the runner read it
+///   instead of the port, the deltas would be zero and the case would FAIL;
+/// - the console through the network console (timestamped capture lines, and
+///   ser2net's trace of the `console` connection);
+/// - forged and malformed OOB frames through the network port are refused.
+///
+/// Then ser2net is stopped (hung, then gone): the same case is INFRA naming the
+/// OOB line, never a device verdict.
+#[test]
+fn places_network_oob_and_console_carry_the_campaign() {
+    let Some(place) = DevPlace::start("places_network_oob_and_console_carry_the_campaign") else {
+        return;
+    };
+    let t = place.dir().to_path_buf();
+    let state = place.state.clone();
+    let run = |name: &str, cases: &str| place.run(name, cases, |_| {});
+    let pci = "[[case]]\nattacks = [\"pci-enum\"]\nbackends = [\"model\"]\n\
+               profiles = [\"tenant\"]\ntags = [\"sim\"]\n";
+    // And forged and malformed OOB frames through the network OOB port.
+    let forge = "[[case]]\nattacks = [\"rollback-oob\"]\nbackends = [\"model\"]\n\
+                 profiles = [\"operator\"]\ntags = [\"sim\"]\n";
+    let s = run("lg-dev", &format!("{PROGRAM_CASE}{pci}{forge}"));
+    assert_eq!(s.run.cases.len(), 3);
+    for c in &s.run.cases {
+        assert_eq!(c.host, "rack-dev");
+        assert_eq!(c.outcome, Outcome::Pass, "{}: {}", c.id, c.message);
+    }
+    // The device the runner judged is the host's own, reached through ser2net.
+    let nv = hilrig_device::state::NvState::load(&state).unwrap();
+    assert_eq!(nv.serial, 2001);
+    let traced = |n: &str| std::fs::metadata(t.join(format!("{n}.trace"))).map_or(0, |m| m.len());
+    assert!(traced("oob") > 0, "no OOB traffic through ser2net");
+    // Negative control: the controller's copies (what the rig prepared) are
+    // factory-fresh; read instead of the port, the deltas would be zero.
+    common::controller_copies_never_moved(&t.join("lg-dev"));
+    // The console: the controller's capture of the network console.
+    common::captured_console(&s, &t.join("lg-dev"), "pci-enum");
+    assert!(traced("console") > 0, "no console traffic through ser2net");
+
+    // A broken network OOB is INFRA, never a verdict: ser2net hung (SIGSTOP:
+    // the port still accepts, nothing answers), then gone (the port refuses).
+    let broken = |name: &str| {
+        let s = run(name, PROGRAM_CASE);
+        let case = &s.run.cases[0];
+        assert!(!case.attempts.is_empty(), "{case:?}");
+        for a in &case.attempts {
+            assert_eq!(a.outcome, Outcome::Infra, "{name}: {a:?}");
+            assert!(
+                a.message.contains("OOB line") && a.message.contains("oob/rfc2217"),
+                "{name}: {}",
+                a.message
+            );
+        }
+        assert_ne!(case.outcome, Outcome::Fail, "{case:?}");
+        assert_ne!(case.outcome, Outcome::Pass, "{case:?}");
+    };
+    let pid = place
+        .serial
+        .borrow()
+        .as_ref()
+        .map(|k| k.0.id().to_string())
+        .unwrap();
+    assert!(Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    broken("lg-hung");
+    drop(place.serial.borrow_mut().take());
+    broken("lg-refused");
+}
+
+/// `campaign run --labgrid` with tags no place carries (a typo): a CONFIG error
+/// at once naming the tags and the places there are, exit code 2 — not a
+/// reservation that waits all of `--labgrid-wait` (labgrid never allocates it)
+/// and then fails as INFRA (try again), as before.
+#[test]
+fn campaign_on_tags_no_place_carries_is_config_at_once() {
+    let test = "campaign_on_tags_no_place_carries_is_config_at_once";
+    if !labgrid_tools(test, &["labgrid-coordinator", "labgrid-client"]) {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (_coord, addr) = coordinator(t.path());
+    client(&addr, &["-p", "rack-a", "create"], "admin");
+    client(&addr, &["-p", "rack-a", "set-tags", "hilrig=x86"], "admin");
+    let o = sim_run(
+        t.path(),
+        "\"attack-hang\"",
+        t.path().join("no-vmm-needed"),
+        &addr,
+        Duration::from_secs(60),
+    );
+    let t0 = Instant::now();
+    let e = match run_campaign(o) {
+        Err(e) => e,
+        Ok(s) => panic!("ran on {:?}", s.run.cases),
+    };
+    assert!(t0.elapsed() < Duration::from_secs(20), "waited for a place");
+    let s = e.to_string();
+    assert!(
+        s.contains(": CONFIG: ")
+            && s.contains("no labgrid place carries the tags hilrig=sim")
+            && s.contains("rack-a [hilrig=x86]"),
+        "{s}"
+    );
+    assert_eq!(e.exit_code(), hilrig_campaigns::error::exit::CONFIG);
+}
+
+/// Power through the place's `NetworkPowerPort`: the place's host is powered
+/// off before the run (SSH unreachable), so it fails its health check; the
+/// runner recovers it through the place's power driver (pdudaemon's outlet,
+/// read back by the lab's status command) and checks it again; back, it gets
+/// its case, which passes on its own device. Before, a labgrid place had no
+/// drivers for recovery and went offline.
+#[test]
+fn a_powered_off_place_is_recovered_through_its_power_port() {
+    let Some(place) = DevPlace::start("a_powered_off_place_is_recovered_through_its_power_port")
+    else {
+        return;
+    };
+    assert!(place.lab.host("power", 1, "off"));
+    let s = place.run(
+        "lg-power",
+        "[[case]]\nattacks = [\"attack-key-read\"]\nbackends = [\"model\"]\n\
+         profiles = [\"tenant\"]\ntags = [\"sim\"]\n",
+        |o| {
+            o.recover = hilrig_rig::recover::RecoverOptions {
+                ssh_timeout: Duration::from_secs(3),
+                wait: Duration::from_secs(20),
+            }
+        },
+    );
+    assert!(s.offline_hosts.is_empty(), "{:?}", s.offline_hosts);
+    let c = &s.run.cases[0];
+    assert_eq!(c.host, "rack-dev");
+    assert_eq!(c.outcome, Outcome::Pass, "{}: {}", c.id, c.message);
+    assert!(place.lab.host("power", 1, "status"));
 }

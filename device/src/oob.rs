@@ -549,21 +549,29 @@ pub struct OobClient<T: std::io::Read + std::io::Write> {
     timeout: Duration,
 }
 
+/// Open an OOB serial port (or PTY) at `baud`, 8N1, no flow control, reads
+/// timing out every 20 ms.
+pub fn open_serial_port(
+    path: &str,
+    baud: u32,
+) -> Result<Box<dyn serialport::SerialPort>, OobError> {
+    serialport::new(path, baud)
+        .data_bits(serialport::DataBits::Eight)
+        .parity(serialport::Parity::None)
+        .stop_bits(serialport::StopBits::One)
+        .flow_control(serialport::FlowControl::None)
+        .timeout(Duration::from_millis(20))
+        .open()
+        .map_err(|e| OobError::Io {
+            port: path.to_string(),
+            source: std::io::Error::other(e.to_string()),
+        })
+}
+
 impl OobClient<Box<dyn serialport::SerialPort>> {
-    /// Open a serial port (or PTY) at `baud`, 8N1.
+    /// Open a serial port (or PTY) at `baud`, 8N1 ([`open_serial_port`]).
     pub fn open_serial(path: &str, baud: u32, timeout: Duration) -> Result<Self, OobError> {
-        let port = serialport::new(path, baud)
-            .data_bits(serialport::DataBits::Eight)
-            .parity(serialport::Parity::None)
-            .stop_bits(serialport::StopBits::One)
-            .flow_control(serialport::FlowControl::None)
-            .timeout(Duration::from_millis(20))
-            .open()
-            .map_err(|e| OobError::Io {
-                port: path.to_string(),
-                source: std::io::Error::other(e.to_string()),
-            })?;
-        Ok(Self::new(port, path, timeout))
+        Ok(Self::new(open_serial_port(path, baud)?, path, timeout))
     }
 }
 

@@ -550,21 +550,8 @@ fn run_labgrid(
             Ok(ExitCode::SUCCESS)
         }
         LabgridCmd::Check { places, tags, json } => {
-            let mut mine = Vec::new();
-            let mut foreign = Vec::new();
-            // One deadline for all the places.
-            let t0 = std::time::Instant::now();
-            for p in select(&mut c, &places, &tags)? {
-                match crate::labgrid::holder(&p) {
-                    Some(by) if by != c.user() => foreign.push((p.name.clone(), by.to_string())),
-                    _ => {
-                        c.wait_published(&p.name, wait.saturating_sub(t0.elapsed()))?;
-                        mine.push(c.host(&p.name)?)
-                    }
-                }
-            }
-            let rig = Rig::new(crate::labgrid::places_inventory(addr, &mine, &cfg)?);
-            let t = rig.check();
+            let selected = select(&mut c, &places, &tags)?;
+            let (t, foreign) = crate::labgrid::check_places(&mut c, addr, &cfg, selected, wait)?;
             if json {
                 println!(
                     "{}",

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 /// Where console bytes come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
     /// A serial port (opened when the capture starts).
     Serial {

@@ -122,6 +122,17 @@ pub enum ErrorKind {
     Busy,
 }
 
+impl std::fmt::Display for ErrorKind {
+    /// `CONFIG`, `INFRA` or `BUSY` (as results and messages name the class).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ErrorKind::Config => "CONFIG",
+            ErrorKind::Infra => "INFRA",
+            ErrorKind::Busy => "BUSY",
+        })
+    }
+}
+
 impl RigError {
     /// The class of this error.
     pub fn kind(&self) -> ErrorKind {

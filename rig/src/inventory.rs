@@ -424,8 +424,34 @@ pub enum ConsoleDriver {
     },
 }
 
+impl ConsoleDriver {
+    /// Where a real console driver reads from (a serial port, or a network
+    /// serial port); `None` for `sim` (a simulated host's COM1, which a rig
+    /// serves from its work directory).
+    pub fn source(&self) -> Option<crate::console::Source> {
+        match self {
+            ConsoleDriver::Sim {} => None,
+            ConsoleDriver::Serial { path, baud } => Some(crate::console::Source::Serial {
+                path: path.clone(),
+                baud: *baud,
+            }),
+            ConsoleDriver::Rfc2217 {
+                host,
+                port,
+                baud,
+                raw,
+            } => Some(crate::console::Source::Net {
+                host: host.clone(),
+                port: *port,
+                baud: *baud,
+                raw: *raw,
+            }),
+        }
+    }
+}
+
 /// `[host.oob]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(tag = "driver", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum OobSpec {
     /// The simulated device's OOB UART, served on a PTY from its state file.

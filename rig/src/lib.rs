@@ -13,6 +13,7 @@ pub mod hoststate;
 pub mod inventory;
 pub mod labgrid;
 pub mod lease;
+pub mod oob;
 pub mod power;
 pub mod recover;
 pub mod remote;

@@ -10,7 +10,7 @@ use crate::power::pdudaemon::{PdudaemonConfig, PdudaemonPower};
 use crate::power::relay::RelayPower;
 use crate::power::{Power, PowerState};
 use crate::sim::{SimHost, SimPower};
-use hilrig_device::oob::{CounterReport, OobClient, Request, Response};
+use hilrig_device::oob::{CounterReport, Request, Response};
 
 /// Why a simulated host could not be powered on (a health probe's detail).
 #[derive(Debug, thiserror::Error)]
@@ -199,51 +199,33 @@ impl Rig {
 
     fn oob_label(&self, host: &str) -> String {
         match self.inv.host(host).ok().and_then(|h| h.oob.as_ref()) {
-            Some(OobSpec::Sim {}) => "oob/sim".into(),
-            Some(OobSpec::Rfc2217 { .. }) => "oob/rfc2217".into(),
-            _ => "oob/serial".into(),
+            Some(o) => crate::oob::label(o).into(),
+            None => "oob/serial".into(),
         }
     }
 
-    /// One OOB request to `host`'s device, over its serial port.
-    pub fn oob_request(&self, host: &str, req: &Request) -> Result<Response, RigError> {
+    /// Open `host`'s OOB port through its OOB driver (serial, RFC 2217 or raw
+    /// TCP; a simulated host's PTY served from its state file): a counters
+    /// source whose transport faults are the driver's errors (INFRA).
+    pub fn open_oob(&self, host: &str) -> Result<crate::oob::OobPort, RigError> {
         self.guard(host, "oob")?;
-        let label = self.oob_label(host);
-        if let Some(OobSpec::Rfc2217 {
-            host: h,
-            port,
-            baud,
-            timeout_ms,
-            raw,
-        }) = &self.host(host)?.oob
-        {
-            // Over the network: a transport fault (refused option, closed peer) is
-            // the rig's driver error, never a device fault.
-            let t = Duration::from_millis(*timeout_ms);
-            let protocol = if *raw {
-                crate::rfc2217::Protocol::Raw
-            } else {
-                crate::rfc2217::Protocol::Rfc2217
-            };
-            let p = crate::rfc2217::NetSerialPort::connect(
-                h,
-                *port,
-                protocol,
-                crate::rfc2217::LineSettings::n81(*baud),
-                t,
-            )
-            .map_err(|e| RigError::driver(host, &label, e.to_string()))?;
-            let name = format!("rfc2217://{}", p.addr());
-            let mut c = OobClient::new(p, &name, t);
-            return c
-                .request(req)
-                .map_err(|e| RigError::driver(host, &label, e.to_string()));
+        match &self.host(host)?.oob {
+            Some(OobSpec::Sim {}) => {
+                let (path, baud, timeout) = self.oob_port(host)?;
+                crate::oob::OobPort::open_serial(host, &path, baud, timeout)
+            }
+            Some(spec) => crate::oob::OobPort::open(host, spec),
+            None => Err(RigError::Unsupported {
+                host: host.into(),
+                driver: "oob".into(),
+                detail: "no [host.oob] in the inventory".into(),
+            }),
         }
-        let (path, baud, timeout) = self.oob_port(host)?;
-        let mut c = OobClient::open_serial(&path, baud, timeout)
-            .map_err(|e| RigError::driver(host, &label, e.to_string()))?;
-        c.request(req)
-            .map_err(|e| RigError::driver(host, &label, e.to_string()))
+    }
+
+    /// One OOB request to `host`'s device, through its OOB driver.
+    pub fn oob_request(&self, host: &str, req: &Request) -> Result<Response, RigError> {
+        self.open_oob(host)?.send(req)
     }
 
     /// Read `host`'s counters out of band.
@@ -295,28 +277,14 @@ impl Rig {
                         .join(", ")
                 ),
             })?;
-        Ok(match &c.driver {
-            ConsoleDriver::Sim {} => {
+        match c.driver.source() {
+            Some(src) => Ok(src),
+            None => {
                 let s = self.sim(host)?;
                 s.ensure()?;
-                Source::Tail(s.console_path())
+                Ok(Source::Tail(s.console_path()))
             }
-            ConsoleDriver::Serial { path, baud } => Source::Serial {
-                path: path.clone(),
-                baud: *baud,
-            },
-            ConsoleDriver::Rfc2217 {
-                host: h,
-                port,
-                baud,
-                raw,
-            } => Source::Net {
-                host: h.clone(),
-                port: *port,
-                baud: *baud,
-                raw: *raw,
-            },
-        })
+        }
     }
 
     /// Start capturing every console of `host` into `dir/<case>.<console>.log`
@@ -556,7 +524,8 @@ pub struct Probe {
 }
 
 impl Probe {
-    fn ok(what: &str, driver: &str, detail: impl Into<String>) -> Probe {
+    /// A passed probe.
+    pub fn ok(what: &str, driver: &str, detail: impl Into<String>) -> Probe {
         Probe {
             what: what.into(),
             driver: driver.into(),
@@ -564,7 +533,8 @@ impl Probe {
             detail: detail.into(),
         }
     }
-    fn bad(what: &str, driver: &str, detail: impl Into<String>) -> Probe {
+    /// A failed probe.
+    pub fn bad(what: &str, driver: &str, detail: impl Into<String>) -> Probe {
         Probe {
             ok: false,
             ..Probe::ok(what, driver, detail)

@@ -194,6 +194,21 @@ impl Lab {
     }
 }
 
+/// A labgrid config whose power commands keep each outlet's state in
+/// `dir/<index>` (`on`/`off`; none: off).
+fn file_power_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let pd = dir.display();
+    let cfg = dir.join("labgrid.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[power]\non = \"echo on > {pd}/{{port}}\"\noff = \"echo off > {pd}/{{port}}\"\nstatus = \"cat {pd}/{{port}} 2>/dev/null || echo off\"\n"
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
 fn log(dir: &std::path::Path, name: &str) -> std::fs::File {
     std::fs::File::create(dir.join(name)).unwrap()
 }
@@ -485,15 +500,7 @@ fn rig_labgrid_waits_for_the_exporter_to_publish() {
     };
     lab.places(&[("lab-1", "hilrig=sim")]);
     let d = tempfile::tempdir().unwrap();
-    let pd = d.path().display();
-    let cfg = d.path().join("labgrid.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[power]\non = \"echo on > {pd}/{{port}}\"\noff = \"echo off > {pd}/{{port}}\"\nstatus = \"cat {pd}/{{port}} 2>/dev/null || echo off\"\n"
-        ),
-    )
-    .unwrap();
+    let cfg = file_power_config(d.path());
     let addr = lab.addr.clone();
     let power_on = |wait: Duration| {
         hilrig_rig::run(RigCmd::Labgrid {
@@ -542,4 +549,64 @@ fn rig_labgrid_waits_for_the_exporter_to_publish() {
         "on"
     );
     assert_eq!(holder(&c.place("lab-1").unwrap()), None, "not released");
+}
+
+/// `hilrig rig --labgrid ADDR check` when one place's exporter never publishes:
+/// that place is an UNHEALTHY row with the reason (CONFIG: not published,
+/// naming the match), the other place is still probed (healthy: its power
+/// reads back), and the command exits 1 as check does for an unhealthy host.
+/// Before, the whole command failed on the first such place.
+#[test]
+fn rig_labgrid_check_lists_an_unpublished_place_and_checks_the_others() {
+    use hilrig_rig::cli::LabgridCmd;
+    use hilrig_rig::RigCmd;
+    let test = "rig_labgrid_check_lists_an_unpublished_place_and_checks_the_others";
+    let Some(lab) = Lab::start_with(
+        test,
+        "lab-1:\n  NetworkPowerPort:\n    model: gude\n    host: 127.0.0.1\n    index: \"1\"\n",
+        1,
+        &[("lab-1", "hilrig=sim"), ("lab-x", "hilrig=sim")],
+        &[],
+    ) else {
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let cfg = file_power_config(d.path());
+    let mut c =
+        Coordinator::connect(&lab.addr, "testhost/hilrig", Duration::from_secs(10)).unwrap();
+    let places = c.places().unwrap();
+    let (t, foreign) = hilrig_rig::labgrid::check_places(
+        &mut c,
+        &lab.addr,
+        &hilrig_rig::labgrid::LabgridConfig::load(&cfg).unwrap(),
+        places,
+        Duration::from_secs(1),
+    )
+    .unwrap();
+    assert!(foreign.is_empty());
+    let names: Vec<&str> = t.rows.iter().map(|r| r.host.as_str()).collect();
+    assert_eq!(names, ["lab-1", "lab-x"], "{t}");
+    assert!(t.is_healthy("lab-1"), "{t}");
+    assert!(!t.is_healthy("lab-x"), "{t}");
+    let why = &t.rows[1].probes[0].detail;
+    assert!(
+        why.starts_with("CONFIG: ")
+            && why.contains("place `lab-x`")
+            && why.contains("exp1/lab-x/*: not published"),
+        "{why}"
+    );
+    // The command: the table printed, exit 1 (an unhealthy place).
+    let code = hilrig_rig::run(RigCmd::Labgrid {
+        address: lab.addr.clone(),
+        labgrid_config: Some(cfg.clone()),
+        user: Some("testhost/hilrig".into()),
+        labgrid_wait: Duration::from_secs(1),
+        cmd: LabgridCmd::Check {
+            places: vec![],
+            tags: vec![],
+            json: true,
+        },
+    })
+    .expect("check runs through an unpublished place");
+    assert_eq!(code, std::process::ExitCode::from(1));
 }

@@ -11,6 +11,7 @@
 //! | `NetworkSerialPort` (not `oob`) | console driver `rfc2217` (or raw TCP) |
 //! | `NetworkSerialPort` named `oob` | OOB driver `rfc2217` |
 //! | `NetworkService` | `[host.ssh]`: address, port, username + `[ssh]` of the config |
+//! | (config `[device.PLACE]`) | `[host.sim]` state, serial, counter_width + `[host.ssh] console`: the host's own device, read through the `oob` port, console captured through the first other `NetworkSerialPort` |
 //!
 //! The inventory is built as TOML and parsed by [`Inventory::parse`], so a place
 //! gets exactly the validation of an inventory file; errors name
@@ -39,6 +40,40 @@ pub struct LabgridConfig {
     /// OOB reply timeout, ms (default 1000).
     #[serde(default)]
     pub oob_timeout_ms: Option<u64>,
+    /// Each place's own device (`[device.PLACE]`), which labgrid does not
+    /// describe: its state file on the host, its serial number (checked over
+    /// the OOB port before each use), and the tty its VMM writes the console to.
+    #[serde(default)]
+    pub device: std::collections::BTreeMap<String, LabgridDevice>,
+}
+
+/// `[device.PLACE]` of a labgrid config: the device of a place whose host keeps
+/// it (its counters read through the place's `oob` NetworkSerialPort, its
+/// console captured through the place's first other NetworkSerialPort).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabgridDevice {
+    /// The device state file on the host (relative: under `[ssh] workdir`).
+    pub state: String,
+    /// The device's serial number (IDENTIFY over the OOB port must answer it).
+    pub serial: u64,
+    /// Its counter width (default 16, as an inventory's `[host.sim]`).
+    #[serde(default)]
+    pub counter_width: Option<u8>,
+    /// The tty on the host the VMM writes its console to, wired to the place's
+    /// console NetworkSerialPort (relative: under `[ssh] workdir`). Without it
+    /// the console is a file fetched back with each step.
+    #[serde(default)]
+    pub console: Option<String>,
+}
+
+/// `path` on a host: absolute as given, else under `workdir`.
+fn on_host(workdir: &str, path: &str) -> String {
+    if path.starts_with('/') {
+        path.to_string()
+    } else {
+        format!("{}/{path}", workdir.trim_end_matches('/'))
+    }
 }
 
 /// `[ssh]` of a labgrid config: the runner's side of every place's SSH service.
@@ -115,6 +150,19 @@ impl LabgridConfig {
             .count();
         if n != 0 && n != 3 {
             return Err(err("[power]: give on, off and status together".into()));
+        }
+        for (place, d) in &c.device {
+            let paths = std::iter::once(&d.state).chain(d.console.as_ref());
+            for p in paths {
+                if p.trim().is_empty() || p.contains('\0') || p.contains('\n') {
+                    return Err(err(format!("[device.{place}]: bad path {p:?}")));
+                }
+                if !p.starts_with('/') && c.ssh.is_none() {
+                    return Err(err(format!(
+                        "[device.{place}]: {p:?} is relative but there is no [ssh] workdir"
+                    )));
+                }
+            }
         }
         Ok(c)
     }
@@ -248,7 +296,23 @@ pub fn host_table(h: &PlaceHost, cfg: &LabgridConfig) -> toml::Table {
         if let Some(n) = c.connect_timeout_s {
             st.insert("connect_timeout_s".into(), toml::Value::Integer(n.into()));
         }
+        if let Some(tty) = cfg.device.get(&h.place).and_then(|d| d.console.as_ref()) {
+            st.insert("console".into(), s(on_host(&c.workdir, tty)));
+        }
         t.insert("ssh".into(), toml::Value::Table(st));
+    }
+    if let Some(d) = cfg.device.get(&h.place) {
+        let workdir = cfg.ssh.as_ref().map(|c| c.workdir.as_str()).unwrap_or("/");
+        let mut sim = toml::Table::new();
+        sim.insert("state".into(), s(on_host(workdir, &d.state)));
+        sim.insert(
+            "serial".into(),
+            toml::Value::Integer(i64::try_from(d.serial).unwrap_or(i64::MAX)),
+        );
+        if let Some(w) = d.counter_width {
+            sim.insert("counter_width".into(), toml::Value::Integer(w.into()));
+        }
+        t.insert("sim".into(), toml::Value::Table(sim));
     }
     t
 }
@@ -339,6 +403,16 @@ mod tests {
                 ..Default::default()
             },
             oob_timeout_ms: None,
+            device: [(
+                "lab-1".to_string(),
+                LabgridDevice {
+                    state: "device.state".into(),
+                    serial: 2001,
+                    counter_width: None,
+                    console: Some("/dev/pts/9".into()),
+                },
+            )]
+            .into(),
         };
         let inv = places_inventory("127.0.0.1:1", &[place()], &cfg).unwrap();
         let h = inv.host("lab-1").unwrap();
@@ -373,6 +447,35 @@ mod tests {
             (ssh.address.as_str(), ssh.port, ssh.user.as_str()),
             ("127.0.0.11", 2222, "hls-1")
         );
+        // The place's own device ([device.lab-1]): state under the workdir,
+        // serial, the VMM's console tty.
+        assert_eq!(
+            h.sim.state.as_deref(),
+            Some(std::path::Path::new("/w/device.state"))
+        );
+        assert_eq!((h.sim.serial, h.sim.counter_width), (Some(2001), 16));
+        assert_eq!(ssh.console.as_deref(), Some("/dev/pts/9"));
+    }
+
+    #[test]
+    fn device_sections_are_checked_when_loaded() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("lg.toml");
+        for (bad, why) in [
+            (
+                "[device.p]\nstate = \"s\"\nserial = 1\n",
+                "no [ssh] workdir",
+            ),
+            ("[device.p]\nstate = \"\"\nserial = 1\n", "bad path"),
+            ("[device.p]\nstate = \"/s\"\n", "serial"),
+            ("[device.p]\nstate = \"/s\"\nserial = 1\nfoo = 2\n", "foo"),
+        ] {
+            std::fs::write(&f, bad).unwrap();
+            let e = LabgridConfig::load(&f).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        std::fs::write(&f, "[device.p]\nstate = \"/s\"\nserial = 1\n").unwrap();
+        assert_eq!(LabgridConfig::load(&f).unwrap().device["p"].serial, 1);
     }
 
     #[test]

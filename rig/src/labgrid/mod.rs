@@ -72,6 +72,15 @@ pub enum LabgridError {
     /// The place does not exist.
     #[error("labgrid place `{0}` does not exist")]
     NoPlace(String),
+    /// No place carries the tags a reservation asks for (a typo, a place not
+    /// created or tagged yet): nothing to wait for.
+    #[error("no labgrid place carries the tags {filter} (places: {places})")]
+    NoTaggedPlace {
+        /// The tag filter (`k=v ...`).
+        filter: String,
+        /// The places there are, with their tags.
+        places: String,
+    },
     /// The place is held by another user: hilrig does not touch it.
     #[error("labgrid place `{place}` is acquired by {by}, not by us ({us}): left alone")]
     AcquiredByOther {
@@ -147,6 +156,7 @@ impl LabgridError {
         match self {
             LabgridError::BadAddress(_)
             | LabgridError::NoPlace(_)
+            | LabgridError::NoTaggedPlace { .. }
             | LabgridError::NotPublished { .. }
             | LabgridError::Resource { .. } => ErrorKind::Config,
             LabgridError::AcquiredByOther { .. } => ErrorKind::Busy,
@@ -298,6 +308,13 @@ pub struct PlaceHost {
     pub oob: Option<NetSerial>,
     /// SSH.
     pub ssh: Option<SshService>,
+}
+
+/// True when `place` satisfies a reservation filter of `tags`, as labgrid's
+/// scheduler matches one: each `k=v` is a tag of the place, or `name=` its name.
+pub fn carries(place: &proto::Place, tags: &BTreeMap<String, String>) -> bool {
+    tags.iter()
+        .all(|(k, v)| place.tags.get(k) == Some(v) || (k == "name" && place.name == *v))
 }
 
 /// Who holds `place` (`None`: free; the coordinator sends an empty string for a
@@ -789,13 +806,30 @@ impl Coordinator {
     /// Reserve a place whose tags include `tags`; wait up to `wait` for the
     /// coordinator to allocate one (polling the reservation, which also keeps it
     /// alive). Not allocated in time: the reservation is cancelled and an error
-    /// returned.
+    /// returned (INFRA: the places are busy). No place carries the tags at all:
+    /// [`LabgridError::NoTaggedPlace`] at once (CONFIG), nothing reserved.
     pub fn reserve(&mut self, tags: &BTreeMap<String, String>, wait: Duration) -> Result<Reserved> {
         let filter = tags
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect::<Vec<_>>()
             .join(" ");
+        // A filter no place satisfies waits forever in labgrid: a setup error.
+        let places = self.places()?;
+        if !places.iter().any(|p| carries(p, tags)) {
+            return Err(LabgridError::NoTaggedPlace {
+                filter,
+                places: places
+                    .iter()
+                    .map(|p| {
+                        let t: Vec<String> =
+                            p.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                        format!("{} [{}]", p.name, t.join(" "))
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
         let mut c = self.client.clone();
         let req = proto::CreateReservationRequest {
             filters: [(
@@ -920,6 +954,60 @@ impl Coordinator {
     }
 }
 
+/// `hilrig rig --labgrid ADDR check`: probe the drivers of `places` (as the
+/// coordinator listed them). A place acquired by someone else is not probed
+/// (returned as `(place, holder)`, left alone). A place that cannot be used as
+/// it stands (its exporter never published within `wait` — one deadline for
+/// all —, a resource that makes no sense, a mapping the labgrid config
+/// refuses) is an UNHEALTHY row naming the reason's class
+/// (`CONFIG: ...`), and the other places are still checked. The coordinator
+/// failing stops the check (its error).
+pub fn check_places(
+    c: &mut Coordinator,
+    addr: &str,
+    cfg: &LabgridConfig,
+    places: Vec<proto::Place>,
+    wait: Duration,
+) -> Result<(crate::rig::HealthTable, Vec<(String, String)>)> {
+    use crate::error::ErrorKind;
+    use crate::rig::{HostHealth, Probe};
+    let t0 = Instant::now();
+    let (mut usable, mut unusable, mut foreign) = (Vec::new(), Vec::new(), Vec::new());
+    let mut order = Vec::new();
+    for p in places {
+        if let Some(by) = holder(&p).filter(|by| *by != c.user()) {
+            foreign.push((p.name.clone(), by.to_string()));
+            continue;
+        }
+        order.push(p.name.clone());
+        let mapped = c
+            .wait_published(&p.name, wait.saturating_sub(t0.elapsed()))
+            .and_then(|()| c.host(&p.name))
+            .and_then(|h| Ok(places_inventory(addr, std::slice::from_ref(&h), cfg).map(|_| h)?));
+        match mapped {
+            Ok(h) => usable.push(h),
+            Err(e) if e.kind() != ErrorKind::Infra => {
+                let class = match e.kind() {
+                    ErrorKind::Busy => "BUSY",
+                    _ => "CONFIG",
+                };
+                unusable.push(HostHealth {
+                    host: p.name.clone(),
+                    probes: vec![Probe::bad("place", "labgrid", format!("{class}: {e}"))],
+                });
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let mut rows = crate::rig::Rig::new(places_inventory(addr, &usable, cfg)?)
+        .check()
+        .rows;
+    rows.append(&mut unusable);
+    // The places' order, as the coordinator listed them.
+    rows.sort_by_key(|r| order.iter().position(|n| *n == r.host));
+    Ok((crate::rig::HealthTable { rows }, foreign))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -937,6 +1025,26 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn a_place_carries_its_tags_and_its_name() {
+        let p = proto::Place {
+            name: "rack-a".into(),
+            tags: [("hilrig".to_string(), "sim".to_string())].into(),
+            ..Default::default()
+        };
+        let f = |kv: &[(&str, &str)]| -> BTreeMap<String, String> {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert!(carries(&p, &f(&[])));
+        assert!(carries(&p, &f(&[("hilrig", "sim")])));
+        assert!(carries(&p, &f(&[("hilrig", "sim"), ("name", "rack-a")])));
+        assert!(!carries(&p, &f(&[("hilrig", "x86")])));
+        assert!(!carries(&p, &f(&[("name", "rack-b")])));
+        assert!(!carries(&p, &f(&[("hilrig", "sim"), ("board", "x")])));
     }
 
     #[test]
