@@ -346,16 +346,44 @@ fn seq_of(f: &[u8]) -> u8 {
     f.get(2).copied().unwrap_or(0)
 }
 
+/// Why the OOB relay has no answer from the board (the host's request times out).
+#[derive(Debug, thiserror::Error)]
+enum RelayError {
+    #[error("opening {path}: {source}")]
+    Open {
+        path: String,
+        source: serialport::Error,
+    },
+    #[error("writing {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Read {
+        path: String,
+        source: crate::scenario::ScenarioError,
+    },
+}
+
 /// One OOB frame on the board's port (opened for this frame only: the runner
 /// opens the same port between steps), its answer frame.
-fn board_frame(path: &str, baud: u32, frame: &[u8]) -> Result<Vec<u8>, String> {
+fn board_frame(path: &str, baud: u32, frame: &[u8]) -> Result<Vec<u8>, RelayError> {
     let mut port = serialport::new(path, baud)
         .timeout(Duration::from_millis(20))
         .open()
-        .map_err(|e| format!("opening {path}: {e}"))?;
-    port.write_all(frame)
-        .map_err(|e| format!("writing {path}: {e}"))?;
-    crate::scenario::read_frame(&mut port, OOB_TIMEOUT).map_err(|e| format!("{path}: {e}"))
+        .map_err(|source| RelayError::Open {
+            path: path.into(),
+            source,
+        })?;
+    port.write_all(frame).map_err(|source| RelayError::Write {
+        path: path.into(),
+        source,
+    })?;
+    crate::scenario::read_frame(&mut port, OOB_TIMEOUT).map_err(|source| RelayError::Read {
+        path: path.into(),
+        source,
+    })
 }
 
 /// Lend a board's OOB port (`oob` at `baud`, on this machine) to a host through
@@ -458,7 +486,7 @@ pub fn relay(oob: &str, baud: u32, mut relay: Command) -> Result<OobRelay, Board
                     // No answer is made up: the VMM's OOB request times out.
                     Err(e) => {
                         if let Ok(mut v) = seen.lock() {
-                            v.push(e);
+                            v.push(e.to_string());
                         }
                     }
                 }

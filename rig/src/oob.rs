@@ -80,7 +80,7 @@ pub fn open_transport(
             timeout_ms,
         } => serial(path, *baud)
             .map(|p| (p, path.clone(), Duration::from_millis(*timeout_ms)))
-            .map_err(drv),
+            .map_err(|e| drv(e.to_string())),
         OobSpec::Rfc2217 {
             host: h,
             port,
@@ -109,8 +109,8 @@ pub fn open_transport(
 }
 
 /// A serial port (or PTY) at `baud`, 8N1, reads timing out every 20 ms.
-fn serial(path: &str, baud: u32) -> Result<Box<dyn Transport>, String> {
-    let port = hilrig_device::oob::open_serial_port(path, baud).map_err(|e| e.to_string())?;
+fn serial(path: &str, baud: u32) -> Result<Box<dyn Transport>, hilrig_device::oob::OobError> {
+    let port = hilrig_device::oob::open_serial_port(path, baud)?;
     Ok(Box::new(port))
 }
 
@@ -134,7 +134,7 @@ impl OobPort {
         baud: u32,
         timeout: Duration,
     ) -> Result<OobPort, RigError> {
-        let t = serial(path, baud).map_err(|e| RigError::driver(host, "oob/sim", e))?;
+        let t = serial(path, baud).map_err(|e| RigError::driver(host, "oob/sim", e.to_string()))?;
         Ok(OobPort {
             client: OobClient::new(t, path, timeout),
             host: host.into(),
