@@ -130,7 +130,12 @@ impl LabgridSource {
                 name: r.place.clone(),
                 tags,
                 backends: crate::format::BACKENDS.to_vec(),
-                fpga: crate::format::FpgaTarget::Sim,
+                // As an inventory's host: no `fpga` cases over SSH (they would
+                // look for the simulated board's state here and fail as INFRA).
+                fpga: crate::format::FpgaTarget::of_inventory(
+                    inv.hosts.first().map_or("", |x| x.device.as_str()),
+                    ssh.is_some(),
+                ),
                 counter_width: 64,
                 serial: 1,
                 // No NetworkService: a local simulated host named after the place.
