@@ -76,7 +76,8 @@ pub enum CampaignCmd {
 #[derive(Debug, Clone, clap::Args)]
 pub struct LabgridArgs {
     /// Hosts from a labgrid coordinator (HOST:PORT): places reserved by
-    /// `--labgrid-tag`s and acquired, released when the run ends.
+    /// `--labgrid-tag`s and acquired, released when the run ends. With
+    /// `--inventory`, its hosts run beside the places (names must not clash).
     #[arg(long, value_name = "HOST:PORT")]
     pub labgrid: Option<String>,
     /// A tag (KEY=VALUE) every reserved place must carry; repeatable.

@@ -49,6 +49,17 @@ pub enum RunError {
         #[source]
         source: hilrig_rig::labgrid::LabgridError,
     },
+    /// `--inventory` with `--labgrid`: an inventory host and a reserved place
+    /// share a name (a setup error: rename one).
+    #[error("--inventory {} and --labgrid {address}: host `{name}` is both an inventory host and a reserved place (names must be unique: rename one)", inventory.display())]
+    HostNameClash {
+        /// The clashing name.
+        name: String,
+        /// The inventory.
+        inventory: PathBuf,
+        /// The coordinator's address.
+        address: String,
+    },
     /// Options that cannot be used together or that name something absent.
     #[error("{0}")]
     Options(String),
@@ -132,7 +143,8 @@ impl RunError {
             | RunError::Options(_)
             | RunError::BadRunId(_)
             | RunError::NoReachableHost(_)
-            | RunError::UnknownQueuedCase { .. } => ErrorKind::Config,
+            | RunError::UnknownQueuedCase { .. }
+            | RunError::HostNameClash { .. } => ErrorKind::Config,
         }
     }
 

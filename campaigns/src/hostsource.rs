@@ -1,7 +1,9 @@
 //! Where the runner's hosts come from ([`HostSource`]): a rig inventory (or
-//! anonymous simulated hosts), or places reserved from a labgrid coordinator
-//! ([`LabgridSource`], `campaign run --labgrid HOST:PORT`). Either way the runner
-//! gets [`HostSpec`]s and is otherwise unchanged.
+//! anonymous simulated hosts), places reserved from a labgrid coordinator
+//! ([`LabgridSource`], `campaign run --labgrid HOST:PORT`), or both
+//! ([`MixedSource`], `--labgrid` with `--inventory`: the inventory's hosts plus
+//! the places). Either way the runner gets [`HostSpec`]s and is otherwise
+//! unchanged.
 
 use crate::format::HostSpec;
 use hilrig_rig::labgrid::{Coordinator, LabgridError, PlaceHost};
@@ -129,7 +131,13 @@ impl LabgridSource {
                 name: r.place.clone(),
                 tags,
                 backends: crate::format::BACKENDS.to_vec(),
-                fpga: crate::format::FpgaTarget::Sim,
+                // As an inventory's host: a place reached over SSH takes `fpga`
+                // cases only with a board of its own (else they would look for
+                // the simulated board here and fail as INFRA).
+                fpga: crate::format::FpgaTarget::of_inventory(
+                    ih.map_or("", |x| x.device.as_str()),
+                    ssh.is_some(),
+                ),
                 // The place's own device (the labgrid config's `[device.PLACE]`):
                 // its serial and width, its state on the host, read through the
                 // place's `oob` port and console.
@@ -200,6 +208,45 @@ impl HostSource for LabgridSource {
                 tracing::warn!("labgrid: cancelling reservation {token}: {e}");
             }
         }
+    }
+}
+
+/// `--inventory` together with `--labgrid`: the inventory's hosts (e.g. the local
+/// host that runs the cases a place cannot: `crate::format::needs_local`) plus the
+/// places reserved from the coordinator. Names must not clash: a host and a place
+/// of the same name is [`crate::error::RunError::HostNameClash`] (CONFIG; the
+/// places are released).
+pub struct MixedSource<'a> {
+    /// The inventory's hosts.
+    pub inventory: InventorySource,
+    /// The reserved places (held by the caller: they stay reserved until it
+    /// releases or drops them).
+    pub labgrid: &'a mut LabgridSource,
+}
+
+impl HostSource for MixedSource<'_> {
+    fn hosts(&mut self) -> crate::error::RunResult<(Vec<HostSpec>, Option<PathBuf>)> {
+        // The inventory first: a bad inventory reserves nothing.
+        let (mut hosts, vmm) = self.inventory.hosts()?;
+        let (places, _) = self.labgrid.hosts()?;
+        if let Some(p) = places
+            .iter()
+            .find(|p| hosts.iter().any(|h| h.name == p.name))
+        {
+            let name = p.name.clone();
+            self.labgrid.release();
+            return Err(crate::error::RunError::HostNameClash {
+                name,
+                inventory: self.inventory.inventory.clone().unwrap_or_default(),
+                address: self.labgrid.opts.address.clone(),
+            });
+        }
+        hosts.extend(places);
+        Ok((hosts, vmm))
+    }
+
+    fn release(&mut self) {
+        self.labgrid.release();
     }
 }
 

@@ -59,7 +59,8 @@ pub struct RunOptions {
     /// third of it): a runner that dies gives its cases back after this.
     pub claim_ttl: Duration,
     /// Hosts from a labgrid coordinator (places reserved by tags) instead of
-    /// `inventory` / `hosts` ([`crate::hostsource::LabgridSource`]).
+    /// `hosts` ([`crate::hostsource::LabgridSource`]); with `inventory` too, the
+    /// inventory's hosts plus the places ([`crate::hostsource::MixedSource`]).
     pub labgrid: Option<crate::hostsource::LabgridOptions>,
     /// Set from outside (the lab service's worker, on a cancel request) to stop
     /// the run: no case starts after it is set; cases not started end SKIPPED
@@ -1251,14 +1252,23 @@ pub(crate) async fn run_case(ctx: Arc<Ctx>, case: Case) -> CaseResult {
 pub fn run_campaign(opts: RunOptions) -> RunResult<RunSummary> {
     let t0 = Instant::now();
     use crate::hostsource::HostSource;
-    // Reserved labgrid places are held until this function returns (released on drop).
+    // Reserved labgrid places are held until this function returns (released on
+    // drop); with an inventory too, its hosts run beside them.
     let mut labgrid = opts
         .labgrid
         .clone()
         .map(crate::hostsource::LabgridSource::new);
-    let (hosts, lab_vmm) = match labgrid.as_mut() {
-        Some(l) => l.hosts()?,
-        None => hosts_for(opts.inventory.as_deref(), opts.hosts)?,
+    let (hosts, lab_vmm) = match (labgrid.as_mut(), &opts.inventory) {
+        (Some(l), Some(inv)) => crate::hostsource::MixedSource {
+            inventory: crate::hostsource::InventorySource {
+                inventory: Some(inv.clone()),
+                n: 0,
+            },
+            labgrid: l,
+        }
+        .hosts()?,
+        (Some(l), None) => l.hosts()?,
+        (None, _) => hosts_for(opts.inventory.as_deref(), opts.hosts)?,
     };
     let campaign = match &opts.campaign_text {
         Some(text) => format::parse(text, &opts.campaign, &hosts)?,

@@ -770,3 +770,101 @@ fn a_powered_off_place_is_recovered_through_its_power_port() {
     assert_eq!(c.outcome, Outcome::Pass, "{}: {}", c.id, c.message);
     assert!(place.lab.host("power", 1, "status"));
 }
+
+/// A stand-in VMM in `dir` whose every step passes (bound to its run).
+fn passing_vmm(dir: &std::path::Path) -> std::path::PathBuf {
+    let vmm = dir.join("passing-vmm");
+    std::fs::write(&vmm, format!("#!/bin/sh\n{BIND}echo '{PASS_JSON}'\n")).unwrap();
+    std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).unwrap();
+    vmm
+}
+
+/// `--labgrid` with `--inventory`: the run's hosts are the inventory's (here a
+/// local simulated host) plus the reserved place; each case runs where its tag
+/// sends it (the `labgrid` case on the place, the `bench` case on the
+/// inventory's host), and the place is released after. Negative control: an
+/// inventory host named like the place is a CONFIG error naming it, nothing
+/// runs, the place is released.
+#[test]
+fn campaign_on_inventory_hosts_plus_labgrid_places() {
+    if !labgrid_tools(
+        "campaign_on_inventory_hosts_plus_labgrid_places",
+        &["labgrid-coordinator", "labgrid-client"],
+    ) {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (_coord, addr) = coordinator(t.path());
+    client(&addr, &["-p", "rack-a", "create"], "admin");
+    client(&addr, &["-p", "rack-a", "set-tags", "hilrig=sim"], "admin");
+    let inventory = |name: &str| {
+        let f = t.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &f,
+            format!(
+                "[lab]\nname = \"mixed\"\nworkdir = \"{}\"\n[[host]]\nname = \"{name}\"\ntags = [\"bench\"]\ndevice = \"model\"\n[host.sim]\ncounter_width = 16\nserial = 2100\n[host.power]\ndriver = \"sim\"\n[[host.console]]\nname = \"com1\"\ndriver = \"sim\"\n[host.oob]\ndriver = \"sim\"\n",
+                t.path().join("work").display()
+            ),
+        )
+        .unwrap();
+        f
+    };
+    let vmm = passing_vmm(t.path());
+    let file = t.path().join("mixed.toml");
+    std::fs::write(
+        &file,
+        "name = \"mixed\"\n[[case]]\nattacks = [\"attack-hang\"]\ntags = [\"labgrid\"]\n[[case]]\nattacks = [\"attack-key-read\"]\ntags = [\"bench\"]\n",
+    )
+    .unwrap();
+    let opts = |inv: std::path::PathBuf, out: &str| {
+        let mut o = sim_run(t.path(), "", vmm.clone(), &addr, Duration::from_secs(60));
+        o.campaign = file.clone();
+        o.out_dir = t.path().join(out);
+        o.inventory = Some(inv);
+        o
+    };
+    let released = || {
+        let mut c = Coordinator::connect(&addr, "testhost/check", Duration::from_secs(5)).unwrap();
+        holder(&c.place("rack-a").unwrap()).is_none()
+    };
+
+    let s = run_campaign(opts(inventory("bench-1"), "out")).unwrap();
+    let mut ran: Vec<(String, String)> = s
+        .run
+        .cases
+        .iter()
+        .map(|c| {
+            assert_eq!(c.outcome, Outcome::Pass, "{}: {}", c.id, c.message);
+            (c.id.clone(), c.host.clone())
+        })
+        .collect();
+    ran.sort();
+    assert_eq!(
+        ran,
+        [
+            ("attack-hang/model/tenant@labgrid".into(), "rack-a".into()),
+            (
+                "attack-key-read/model/tenant@bench".into(),
+                "bench-1".into()
+            ),
+        ]
+    );
+    assert!(released(), "rack-a not released after the run");
+
+    // Negative control: the inventory has a host named like the place.
+    let e = match run_campaign(opts(inventory("rack-a"), "out2")) {
+        Err(e) => e,
+        Ok(s) => panic!("ran with two hosts named rack-a: {:?}", s.run.cases),
+    };
+    assert!(
+        matches!(
+            &e,
+            hilrig_campaigns::error::RunError::HostNameClash { name, .. } if name == "rack-a"
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("host `rack-a`"), "{e}");
+    assert_eq!(e.exit_code(), hilrig_campaigns::error::exit::CONFIG, "a setup error");
+    assert!(!t.path().join("out2").exists(), "the run started: {e}");
+    assert!(released(), "rack-a not released after the clash");
+}

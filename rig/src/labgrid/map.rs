@@ -84,9 +84,12 @@ pub struct LabgridSsh {
     pub identity: PathBuf,
     /// The pinned known_hosts holding the places' host keys.
     pub known_hosts: PathBuf,
-    /// Work directory on the hosts (absolute).
+    /// Work directory on the hosts (absolute); `{user}` is replaced by the
+    /// place's `NetworkService` user name (hosts whose users each own their
+    /// own directory, e.g. `/home/{user}/hilrig`).
     pub workdir: String,
-    /// Where the runner's build is kept there (default `<workdir>/bin/hilrig`).
+    /// Where the runner's build is kept there (default `<workdir>/bin/hilrig`;
+    /// `{user}` as in `workdir`).
     #[serde(default)]
     pub hilrig: Option<String>,
     /// Seconds to wait for a connection.
@@ -289,9 +292,10 @@ pub fn host_table(h: &PlaceHost, cfg: &LabgridConfig) -> toml::Table {
         st.insert("user".into(), s(&svc.username));
         st.insert("identity".into(), s(c.identity.display().to_string()));
         st.insert("known_hosts".into(), s(c.known_hosts.display().to_string()));
-        st.insert("workdir".into(), s(&c.workdir));
+        let for_user = |p: &str| p.replace("{user}", &svc.username);
+        st.insert("workdir".into(), s(for_user(&c.workdir)));
         if let Some(p) = &c.hilrig {
-            st.insert("hilrig".into(), s(p));
+            st.insert("hilrig".into(), s(for_user(p)));
         }
         if let Some(n) = c.connect_timeout_s {
             st.insert("connect_timeout_s".into(), toml::Value::Integer(n.into()));
@@ -507,5 +511,32 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("labgrid://"), "{e}");
+    }
+
+    #[test]
+    fn workdir_and_build_per_service_user() {
+        let cfg = |workdir: &str| LabgridConfig {
+            ssh: Some(LabgridSsh {
+                identity: "/k/id".into(),
+                known_hosts: "/k/kh".into(),
+                workdir: workdir.into(),
+                hilrig: Some("/opt/{user}/hilrig".into()),
+                connect_timeout_s: None,
+            }),
+            ..Default::default()
+        };
+        let inv = places_inventory("127.0.0.1:1", &[place()], &cfg("/home/{user}/w")).unwrap();
+        let ssh = inv.host("lab-1").unwrap().ssh.clone().unwrap();
+        assert_eq!(ssh.workdir, "/home/hls-1/w");
+        assert_eq!(ssh.hilrig.as_deref(), Some("/opt/hls-1/hilrig"));
+        // A user name that would climb out of the directory is refused.
+        let mut p = place();
+        if let Some(svc) = p.ssh.as_mut() {
+            svc.username = "..".into();
+        }
+        let e = places_inventory("127.0.0.1:1", &[p], &cfg("/home/{user}/w"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lab-1"), "{e}");
     }
 }
