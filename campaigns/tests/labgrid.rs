@@ -864,7 +864,11 @@ fn campaign_on_inventory_hosts_plus_labgrid_places() {
         "{e}"
     );
     assert!(e.to_string().contains("host `rack-a`"), "{e}");
-    assert_eq!(e.exit_code(), hilrig_campaigns::error::exit::CONFIG, "a setup error");
+    assert_eq!(
+        e.exit_code(),
+        hilrig_campaigns::error::exit::CONFIG,
+        "a setup error"
+    );
     assert!(!t.path().join("out2").exists(), "the run started: {e}");
     assert!(released(), "rack-a not released after the clash");
 }

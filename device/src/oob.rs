@@ -549,23 +549,33 @@ pub struct OobClient<T: std::io::Read + std::io::Write> {
     timeout: Duration,
 }
 
+/// Open a serial port (or PTY) at `baud`, 8N1, no flow control, reads timing
+/// out after `read_timeout`: how every serial line of the rig is opened (OOB
+/// ports, relay boards, FPGA bridges).
+pub fn serial_8n1(
+    path: &str,
+    baud: u32,
+    read_timeout: Duration,
+) -> Result<Box<dyn serialport::SerialPort>, serialport::Error> {
+    serialport::new(path, baud)
+        .data_bits(serialport::DataBits::Eight)
+        .parity(serialport::Parity::None)
+        .stop_bits(serialport::StopBits::One)
+        .flow_control(serialport::FlowControl::None)
+        .timeout(read_timeout)
+        .open()
+}
+
 /// Open an OOB serial port (or PTY) at `baud`, 8N1, no flow control, reads
 /// timing out every 20 ms.
 pub fn open_serial_port(
     path: &str,
     baud: u32,
 ) -> Result<Box<dyn serialport::SerialPort>, OobError> {
-    serialport::new(path, baud)
-        .data_bits(serialport::DataBits::Eight)
-        .parity(serialport::Parity::None)
-        .stop_bits(serialport::StopBits::One)
-        .flow_control(serialport::FlowControl::None)
-        .timeout(Duration::from_millis(20))
-        .open()
-        .map_err(|e| OobError::Io {
-            port: path.to_string(),
-            source: std::io::Error::other(e.to_string()),
-        })
+    serial_8n1(path, baud, Duration::from_millis(20)).map_err(|e| OobError::Io {
+        port: path.to_string(),
+        source: std::io::Error::other(e.to_string()),
+    })
 }
 
 impl OobClient<Box<dyn serialport::SerialPort>> {

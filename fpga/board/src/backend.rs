@@ -54,16 +54,12 @@ pub struct SerialTransport {
 impl SerialTransport {
     /// Open `path` at `baud`.
     pub fn open(path: &str, baud: u32) -> Result<SerialTransport, DeviceError> {
-        let port = serialport::new(path, baud)
-            .data_bits(serialport::DataBits::Eight)
-            .parity(serialport::Parity::None)
-            .stop_bits(serialport::StopBits::One)
-            .flow_control(serialport::FlowControl::None)
-            .timeout(Duration::from_millis(50))
-            .open()
-            .map_err(|e| DeviceError::Transport {
-                what: path.to_string(),
-                detail: format!("cannot open the serial port at {baud} baud: {e}"),
+        let port =
+            hilrig_device::oob::serial_8n1(path, baud, Duration::from_millis(50)).map_err(|e| {
+                DeviceError::Transport {
+                    what: path.to_string(),
+                    detail: format!("cannot open the serial port at {baud} baud: {e}"),
+                }
             })?;
         Ok(SerialTransport {
             port,

@@ -125,17 +125,12 @@ impl RelayPower {
     }
 
     fn open(&self) -> Result<Box<dyn serialport::SerialPort>, PowerError> {
-        serialport::new(&self.port, self.baud)
-            .data_bits(serialport::DataBits::Eight)
-            .parity(serialport::Parity::None)
-            .stop_bits(serialport::StopBits::One)
-            .flow_control(serialport::FlowControl::None)
-            .timeout(Duration::from_millis(20))
-            .open()
-            .map_err(|source| PowerError::OpenPort {
+        hilrig_device::oob::serial_8n1(&self.port, self.baud, Duration::from_millis(20)).map_err(
+            |source| PowerError::OpenPort {
                 port: self.port.clone(),
                 source,
-            })
+            },
+        )
     }
 
     fn send(&self, port: &mut dyn serialport::SerialPort, op: u8) -> Result<(), PowerError> {
