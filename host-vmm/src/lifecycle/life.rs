@@ -555,23 +555,34 @@ pub trait Lifecycle: VmHost {
         // code: claimed by state, not kicked; see `quiesce::Rendezvous::gate`); a
         // policy that traps other pages re-plans the BAR0 memory slots: the guest
         // stops for that.
+        let gated = held.is_none() && !self.changes_memslots(&prepared);
         let paused = match held {
             Some(p) => p,
-            None if self.changes_memslots(&prepared) => self.pause_now()?,
+            None if !gated => self.pause_now()?,
             None => self
                 .rendezvous()
                 .gate(self.life().cfg.pause_bound)
                 .map_err(LifecycleError::from)?,
         };
         crate::lifecycle::quiesce::probe_no_handler_running();
-        // Every vCPU is parked between exits: swap.
+        // No vCPU is committing an access and none can until the release: swap.
         let (component, from, to) = match prepared {
             Prepared::Policy { version, profile } => {
                 let profile = Arc::new(profile);
                 let from = self.modules().policy.version();
-                if let Err(e) = self.replace_policy(profile.clone(), version) {
-                    drop(paused);
-                    return Err(LifecycleError::ReplacePolicy(e));
+                match self.policy_engine() {
+                    // The same trapping pages: nothing to re-map (no PCI lock, which
+                    // a claimed vCPU routing its access may hold), nothing to drain
+                    // (a claimed vCPU may be inside a decision: it is made again).
+                    Some(engine) if gated => {
+                        engine.replace_quiesced(profile.clone(), version);
+                    }
+                    _ => {
+                        if let Err(e) = self.replace_policy(profile.clone(), version) {
+                            drop(paused);
+                            return Err(LifecycleError::ReplacePolicy(e));
+                        }
+                    }
                 }
                 if let Some(m) = self.life().breach_monitor() {
                     m.configure(profile.breach.clone());

@@ -681,6 +681,16 @@ impl PolicyEngine {
         old
     }
 
+    /// Install `profile` as policy `version` while every vCPU is claimed by a
+    /// quiesce (`lifecycle::quiesce`): publish and cancel the old version; nothing
+    /// is drained or retired (a claimed vCPU may still be inside a decision of the
+    /// old version: [`Slot::decide`] makes it again in the new one, and the vCPU
+    /// voids it at its commit point anyway). Returns the old version.
+    pub fn replace_quiesced(&self, profile: Arc<Profile>, version: u64) -> u64 {
+        self.slot
+            .replace(Some(Arc::new(PolicyModule::new(profile))), version)
+    }
+
     /// Install `profile` as policy `version` through the slot without a quiesce:
     /// publish, cancel the old version (decisions inside it are retried in the new),
     /// wait up to `bound` for its in-flight count to drain.
@@ -722,20 +732,43 @@ impl PolicyEngine {
         data: &mut [u8],
         write: bool,
     ) -> Result<Outcome, DeviceError> {
+        self.access_committing(dev, off, data, write, || true)
+            .map(Option::unwrap_or_default)
+    }
+
+    /// [`PolicyEngine::access`] with a commit point: once the access is decided
+    /// (reads only: the device's current value where a filter needs it, the policy
+    /// module), `commit` is called right before the first side effect (counters,
+    /// the device access, the shadow store, the decision record). If it returns
+    /// false nothing is done and `Ok(None)` comes back: the decision is void (a
+    /// pause claimed the vCPU; see `lifecycle::quiesce`), make it again later.
+    #[inline]
+    pub fn access_committing(
+        &self,
+        dev: &mut dyn Device,
+        off: u64,
+        data: &mut [u8],
+        write: bool,
+        commit: impl FnOnce() -> bool,
+    ) -> Result<Option<Outcome>, DeviceError> {
         check_access(off, data.len())?;
-        let (module, plan) = match self.slot.decide(|m| match m {
+        let decided = match self.slot.decide(|m| match m {
             Some(m) => plan(&m.profile, self.forced, dev, off, data, write),
             None => Ok(Plan::EMPTY),
         }) {
-            Ok((Some(m), p)) => (m, p?),
+            Ok((Some(m), p)) => Some((m, p?)),
             // No policy module, or one that kept changing: drop the access (reads
             // return 0), fail closed.
-            Ok((None, _)) | Err(_) => {
-                if !write {
-                    data.fill(0);
-                }
-                return Ok(Outcome::default());
+            Ok((None, _)) | Err(_) => None,
+        };
+        if !commit() {
+            return Ok(None);
+        }
+        let Some((module, plan)) = decided else {
+            if !write {
+                data.fill(0);
             }
+            return Ok(Some(Outcome::default()));
         };
         if plan.fault {
             self.stats[stat_shard()]
@@ -743,6 +776,7 @@ impl PolicyEngine {
                 .fetch_add(1, Ordering::Relaxed);
         }
         self.apply(module, &plan, dev, data, write, plan.fault)
+            .map(Some)
     }
 
     /// Carry out the pieces of one store that KVM split into several exits
