@@ -9,7 +9,7 @@
 //! | `IDLE` | in the VMM between exits, touching no device, policy or PCI state | claims it by state |
 //! | `RUN` | inside KVM_RUN | claims it by state |
 //! | `DECIDING` | handling a trapped BAR0 access before its commit point: routing it, waiting for the device's lock, the policy decision (reads only: nothing it did is seen by anyone) | claims it by state (`CLAIMED_DECIDING`); the decision is void |
-//! | `BUSY` | committing: from the commit point (before the first side effect: the device access, the shadow store, the decision record) to the end of the access; any other exit's handling (port I/O, PCI, split stores, #GP injection) | waits for it to leave (short; yields for [`SPIN`], then sleeps) |
+//! | `BUSY` | committing: from the commit point (before the first side effect: the device access, the shadow store, the decision record) to the end of the access; any other exit's handling (port I/O, PCI, split stores, #GP injection) | waits for it to leave (short; spins for 10 µs, then sleeps until it leaves) |
 //! | `CLAIMED_IDLE` / `CLAIMED_RUN` / `CLAIMED_DECIDING` | counted as parked by the pause | — |
 //! | `ABORTED` | released from `CLAIMED_DECIDING`: the decision it was making must be made again | claims it by state |
 //!
@@ -44,13 +44,17 @@
 //!   needs only that no access is half-decided while it acts: every access is
 //!   decided entirely before or entirely after it.
 //!
-//! How a blackout ends: a claimed vCPU that must wait yields for [`SPIN`] first; if
-//! the pause is over by then it goes on without having slept and without a stamp
-//! (it was runnable all along: if the host then runs it late, that is the host's
-//! oversubscription, which delays it as much without any pause). One that slept is
-//! counted until it runs again and stamps its resume: its wake-up latency is the
-//! pause's doing, so the blackout (`total`) runs to the last such stamp; `released`
-//! is the release itself.
+//! How a blackout ends (decided for issue 21.7). The release is stamped by the
+//! controller (`Blackout::released`); the blackout (`total`) runs on to the last
+//! resume stamped by a vCPU that *slept* in the hold: its wake-up latency is the
+//! pause's doing (it had to be woken), so it counts until its thread runs again. A
+//! claimed vCPU that must wait spins for [`SPIN_FIRST`] (a pause that swaps a
+//! pointer is over by then, and the thread never left its CPU), then yields, up to
+//! [`SPIN`], and only then sleeps. One that finds the pause over before it would
+//! sleep goes on without a stamp and is not waited for: it was runnable throughout,
+//! and if the host runs it late that is the host's oversubscription, which delays a
+//! runnable thread as much without any pause (counted as before this was written
+//! down; the spin makes the case rare: a short hold costs a waiter no yield).
 //!
 //! A vCPU that does not arrive within the bound aborts the pause: everyone is
 //! released, nothing was done. A vCPU that leaves its loop (halt, stop) deregisters
@@ -80,11 +84,15 @@ fn claimed(s: u8) -> bool {
 /// How often the kick is repeated while waiting for vCPUs to park.
 pub const REKICK: Duration = Duration::from_millis(2);
 
-/// How long the controller, and a claimed vCPU waiting for the release, yield in a
-/// loop before they sleep: a hold that ends within it costs the waiting vCPU no
-/// wake-up (its thread keeps its CPU), and the yields let a preempted busy vCPU
-/// thread on the same CPU finish its handler.
+/// How long a claimed vCPU waiting for the release spins (for [`SPIN_FIRST`]), then
+/// yields, before it sleeps: a hold that ends within it costs the waiting vCPU no
+/// wake-up, and the yields let the controller (or a preempted busy vCPU) on the
+/// same CPU go on.
 pub const SPIN: Duration = Duration::from_micros(50);
+
+/// How long the controller spins (keeping its CPU) for a committing vCPU before it
+/// sleeps until that vCPU wakes it, and a claimed vCPU spins before it yields.
+pub const SPIN_FIRST: Duration = Duration::from_micros(10);
 
 /// Why a pause failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -740,13 +748,22 @@ impl Rendezvous {
 
     /// Block the calling vCPU (slot `i`) while its slot is claimed.
     fn wait_unclaimed(&self, i: usize) {
-        // Yield first: a short hold ends without this thread leaving its CPU.
+        // Spin first: a hold of a pointer exchange ends within microseconds, and
+        // this thread keeps its CPU. Then yield (the controller may need this
+        // CPU), then sleep.
         let t0 = Instant::now();
         while claimed(self.slots[i].load(Ordering::SeqCst)) {
-            if t0.elapsed() >= SPIN {
+            let t = t0.elapsed();
+            if t >= SPIN {
                 break;
             }
-            std::thread::yield_now();
+            if t < SPIN_FIRST {
+                for _ in 0..64 {
+                    std::hint::spin_loop();
+                }
+            } else {
+                std::thread::yield_now();
+            }
         }
         let s = self.lock();
         if claimed(self.slots[i].load(Ordering::SeqCst)) {
@@ -843,14 +860,21 @@ impl Rendezvous {
                     bound,
                 });
             }
-            if now < first_kick + SPIN {
-                // Busy vCPUs leave their handlers within microseconds when they
-                // run: yield (without the lock) rather than sleep and be woken.
+            if now < first_kick + SPIN_FIRST {
+                // A committing vCPU that is running leaves its section within a
+                // microsecond or two: spin (without the lock, keeping this CPU)
+                // rather than sleep. Not yield: that gives this CPU to every
+                // runnable thread before the controller gets it back (time slices,
+                // when vCPU threads outnumber cores).
                 drop(s);
-                std::thread::yield_now();
+                for _ in 0..64 {
+                    std::hint::spin_loop();
+                }
                 s = self.lock();
                 continue;
             }
+            // Sleep: the vCPU leaving its section wakes us (a woken sleeper is
+            // scheduled ahead of threads that have been running).
             let wait = REKICK.min(deadline - now);
             s = self
                 .cv

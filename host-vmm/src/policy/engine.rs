@@ -686,9 +686,10 @@ impl PolicyEngine {
     /// is drained or retired (a claimed vCPU may still be inside a decision of the
     /// old version: [`Slot::decide`] makes it again in the new one, and the vCPU
     /// voids it at its commit point anyway). Returns the old version.
-    pub fn replace_quiesced(&self, profile: Arc<Profile>, version: u64) -> u64 {
-        self.slot
-            .replace(Some(Arc::new(PolicyModule::new(profile))), version)
+    /// `module` is built by the caller before the quiesce (nothing is allocated
+    /// while the vCPUs are held but the slot's own record).
+    pub fn replace_quiesced(&self, module: Arc<PolicyModule>, version: u64) -> u64 {
+        self.slot.replace(Some(module), version)
     }
 
     /// Install `profile` as policy `version` through the slot without a quiesce:
