@@ -24,7 +24,7 @@
 //! point (right before the first side effect) to the end of the access — before the
 //! device's lock is dropped, unless it faults or alarms (then to `Parked`); any
 //! other exit is busy from KVM_RUN's return through `Gathering`/`Completing` back to
-//! `Parked`. A pause claims idle, in-KVM_RUN and deciding vCPUs by that state,
+//! `Parked`; a KVM_RUN that returns without an exit (a kick) is idle at once. A pause claims idle, in-KVM_RUN and deciding vCPUs by that state,
 //! without their threads having to run, and waits only for busy ones; a claimed vCPU
 //! waits before handling its next exit (and, in a stopping pause, before entering
 //! KVM_RUN); one claimed while deciding fails its commit, drops the lock, waits, and
@@ -336,10 +336,14 @@ impl<H: VcpuHost> Vcpu<'_, H> {
             && matches!(&ran, Ok(VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..)));
         if deciding {
             member.left_run_deciding();
+        } else if ran.is_err() {
+            // No exit to handle (a kick: the watchdog's sample reads only this
+            // vCPU's registers).
+            member.left_run_idle();
         } else {
             member.left_run();
         }
-        let probe = (!deciding).then(HandlerProbe::enter);
+        let probe = (!deciding && ran.is_ok()).then(HandlerProbe::enter);
         let (mut event, kicked) = self.book.run_event(self.shared, ran);
         if event == Event::Handled(Next::Emulation)
             && self.shared.on_unemulated() == OnUnemulated::Ud
