@@ -25,9 +25,11 @@
 //! only for vCPUs inside the short committing section. A vCPU that is preempted in
 //! KVM_RUN, between exits, or anywhere in its decision (holding the device's lock
 //! included) is parked without having to run, so when vCPU threads outnumber cores
-//! the pause does not wait for the host scheduler. The committing section of a plain
-//! access ends before the device's lock is dropped ([`Member::leave_busy`]): a vCPU
-//! preempted by the waiter its unlock wakes is already out of it.
+//! the pause does not wait for the host scheduler. The committing section of an
+//! access that does not fault ends before the device's lock is dropped
+//! ([`Member::leave_busy`]): a vCPU preempted by the waiter its unlock wakes is
+//! already out of it; its alarms are raised after, naming the rules of the version
+//! that decided (`policy::engine::Outcome::decided_by`).
 //!
 //! Two kinds of pause:
 //!

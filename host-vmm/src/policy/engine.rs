@@ -118,12 +118,15 @@ pub struct AlarmHit {
 }
 
 /// What an access came to.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Outcome {
     /// The access faults: the guest gets an exception, nothing reached the device.
     pub fault: bool,
     /// Alarms raised (at most 3 parts per access).
     pub hits: [Option<AlarmHit>; 3],
+    /// With hits: the profile that decided them, so their alarms name its rules
+    /// even if a patch replaced it before they are raised ([`PolicyEngine::alarm_for`]).
+    pub decided_by: Option<Arc<Profile>>,
 }
 
 /// One decided part, for an oracle (recorded only with [`PolicyEngine::record_decisions`]).
@@ -853,6 +856,7 @@ impl PolicyEngine {
         let mut out = Outcome {
             fault,
             hits: [None; 3],
+            decided_by: None,
         };
         let st = &self.stats[stat_shard()];
         st.parts.fetch_add(plan.n as u64, Ordering::Relaxed);
@@ -919,6 +923,9 @@ impl PolicyEngine {
                     rule,
                 });
             }
+            if out.decided_by.is_none() && out.hits[i].is_some() {
+                out.decided_by = Some(active.profile.clone());
+            }
             if let Some(rec) = &self.record {
                 lock(rec).push(Decided {
                     word: w,
@@ -935,7 +942,8 @@ impl PolicyEngine {
         Ok(out)
     }
 
-    /// Build the alarm for `hit` (RIP and instruction supplied by the vCPU).
+    /// Build the alarm for `hit` (RIP and instruction supplied by the vCPU), naming
+    /// the rules of the active profile.
     pub fn alarm(
         &self,
         vcpu: u8,
@@ -945,7 +953,23 @@ impl PolicyEngine {
         access_len: usize,
         hit: &AlarmHit,
     ) -> Alarm {
-        let p = self.profile();
+        self.alarm_for(None, vcpu, rip, insn_rip, insn, access_len, hit)
+    }
+
+    /// [`PolicyEngine::alarm`] naming the rules of `decided_by` (the profile that
+    /// decided the hit: [`Outcome::decided_by`]), the active one if None.
+    #[allow(clippy::too_many_arguments)]
+    pub fn alarm_for(
+        &self,
+        decided_by: Option<&Arc<Profile>>,
+        vcpu: u8,
+        rip: u64,
+        insn_rip: Option<u64>,
+        insn: String,
+        access_len: usize,
+        hit: &AlarmHit,
+    ) -> Alarm {
+        let p = decided_by.cloned().unwrap_or_else(|| self.profile());
         Alarm {
             t_us: self.elapsed_us(),
             vcpu,
@@ -1090,6 +1114,38 @@ mod tests {
         assert_eq!(r.per_register.get("HANG_TRIGGER"), Some(&1));
         assert_eq!(r.per_register.get("DEVICE_KEY[0]"), Some(&1));
         assert_eq!(r.per_register.get("DEVICE_KEY[2]"), Some(&1));
+    }
+
+    /// Issue 21.7: a vCPU raises an access's alarms after its committing section
+    /// (a quiesce may swap the policy in between): the alarm names the rule of the
+    /// version that decided, not of the one installed by then.
+    #[test]
+    fn an_alarm_raised_after_a_swap_names_the_rule_that_decided() {
+        let prof = |name: &str, text: &str| {
+            Arc::new(
+                PolicyFile::parse(text, "t.toml")
+                    .expect("parse")
+                    .compile(name, "t.toml")
+                    .expect("compile"),
+            )
+        };
+        let rule = |name: &str| {
+            format!("[[profile.{name}]]\nregister = \"SCRATCH[0]\"\naccess = \"write\"\naction = \"drop\"\nalarm = true\n")
+        };
+        let e =
+            PolicyEngine::new(prof("old", &rule("old")), &AlarmConfig::default()).expect("engine");
+        let mut d = model();
+        let off = u64::from(Reg::Scratch.offset());
+        let out = e
+            .access(&mut *d, off, &mut 7u32.to_le_bytes(), true)
+            .expect("access");
+        let hit = out.hits[0].expect("alarmed");
+        e.replace_quiesced(Arc::new(PolicyModule::new(prof("new", &rule("new")))), 2);
+        let a = e.alarm_for(out.decided_by.as_ref(), 0, 0, None, String::new(), 4, &hit);
+        assert_eq!(a.profile, "old", "named by the version that decided");
+        assert_eq!(a.rule, 1);
+        // (Named by the installed version it would be wrong: the difference is real.)
+        assert_eq!(e.alarm(0, 0, None, String::new(), 4, &hit).profile, "new");
     }
 
     #[test]

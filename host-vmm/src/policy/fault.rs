@@ -91,7 +91,10 @@ impl Ctx<'_> {
             let (rip, insn_rip, insn) = site
                 .get_or_insert_with(|| locate(self.mem, vcpu, self.sync, gpa, len, write, cache))
                 .clone();
-            let mut a = self.engine.alarm(idx, rip, insn_rip, insn, len, hit);
+            let by = out.decided_by.as_ref();
+            let mut a = self
+                .engine
+                .alarm_for(by, idx, rip, insn_rip, insn, len, hit);
             a.t_us = t_us;
             a.count = key.count;
             a.first_us = key.first_us;

@@ -22,7 +22,8 @@
 //! engine is *deciding* from KVM_RUN's return through its dispatch, the wait for the
 //! device's lock and the policy decision, and *busy* (committing) from its commit
 //! point (right before the first side effect) to the end of the access — before the
-//! device's lock is dropped, unless it faults or alarms (then to `Parked`); any
+//! device's lock is dropped (its alarms are raised after it), unless it faults
+//! (then through `Completing` to `Parked`); any
 //! other exit is busy from KVM_RUN's return through `Gathering`/`Completing` back to
 //! `Parked`; a KVM_RUN that returns without an exit (a kick) is idle at once. A pause claims idle, in-KVM_RUN and deciding vCPUs by that state,
 //! without their threads having to run, and waits only for busy ones; a claimed vCPU
@@ -568,9 +569,10 @@ impl<H: VcpuHost> Vcpu<'_, H> {
             }
         };
         let alarms = out.hits.iter().any(Option::is_some);
-        if !out.fault && !alarms {
+        if !out.fault {
             // Carried out: out of the committing section before the unlock wakes a
-            // waiter that may preempt this thread.
+            // waiter that may preempt this thread. (Its alarms name the rules of the
+            // version that decided: `Outcome::decided_by`.)
             drop(probe.take());
             member.leave_busy();
         }
@@ -584,7 +586,6 @@ impl<H: VcpuHost> Vcpu<'_, H> {
             self.answer_read(&buf[..p.len]);
         }
         if alarms {
-            // Still committing: the alarm names the rule of the version that decided.
             let (fd, cache) = (&self.fd, &mut self.site_cache);
             ctx.raise_alarms(idx, fd, p.addr, p.len, p.write, &out, cache);
         }
@@ -649,7 +650,7 @@ impl<H: VcpuHost> Vcpu<'_, H> {
         let Some(ctx) = ctx(self.shared) else {
             return Event::Decided;
         };
-        let mut outs = [Outcome::default(); MAX_PIECES];
+        let mut outs: [Outcome; MAX_PIECES] = Default::default();
         let r = if outside {
             // Nothing of it may reach the device: decide (for alarms) as a fault.
             Ok(true)
