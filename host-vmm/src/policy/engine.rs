@@ -125,7 +125,7 @@ pub struct Outcome {
     /// Alarms raised (at most 3 parts per access).
     pub hits: [Option<AlarmHit>; 3],
     /// With hits: the profile that decided them, so their alarms name its rules
-    /// even if a patch replaced it before they are raised ([`PolicyEngine::alarm_for`]).
+    /// even if a patch replaced it before they are raised ([`PolicyEngine::alarm`]).
     pub decided_by: Option<Arc<Profile>>,
 }
 
@@ -943,23 +943,10 @@ impl PolicyEngine {
     }
 
     /// Build the alarm for `hit` (RIP and instruction supplied by the vCPU), naming
-    /// the rules of the active profile.
-    pub fn alarm(
-        &self,
-        vcpu: u8,
-        rip: u64,
-        insn_rip: Option<u64>,
-        insn: String,
-        access_len: usize,
-        hit: &AlarmHit,
-    ) -> Alarm {
-        self.alarm_for(None, vcpu, rip, insn_rip, insn, access_len, hit)
-    }
-
-    /// [`PolicyEngine::alarm`] naming the rules of `decided_by` (the profile that
-    /// decided the hit: [`Outcome::decided_by`]), the active one if None.
+    /// the rules of `decided_by` (the profile that decided the hit:
+    /// [`Outcome::decided_by`]), of the active profile if None.
     #[allow(clippy::too_many_arguments)]
-    pub fn alarm_for(
+    pub fn alarm(
         &self,
         decided_by: Option<&Arc<Profile>>,
         vcpu: u8,
@@ -1141,11 +1128,14 @@ mod tests {
             .expect("access");
         let hit = out.hits[0].expect("alarmed");
         e.replace_quiesced(Arc::new(PolicyModule::new(prof("new", &rule("new")))), 2);
-        let a = e.alarm_for(out.decided_by.as_ref(), 0, 0, None, String::new(), 4, &hit);
+        let a = e.alarm(out.decided_by.as_ref(), 0, 0, None, String::new(), 4, &hit);
         assert_eq!(a.profile, "old", "named by the version that decided");
         assert_eq!(a.rule, 1);
         // (Named by the installed version it would be wrong: the difference is real.)
-        assert_eq!(e.alarm(0, 0, None, String::new(), 4, &hit).profile, "new");
+        assert_eq!(
+            e.alarm(None, 0, 0, None, String::new(), 4, &hit).profile,
+            "new"
+        );
     }
 
     #[test]
@@ -1276,7 +1266,7 @@ mod tests {
             for h in o.hits.iter().flatten() {
                 if e.alarms.admit(h, 0).is_some() {
                     e.alarms
-                        .push(e.alarm(0, 0x1000, Some(0x1000), "mov".into(), 4, h));
+                        .push(e.alarm(None, 0, 0x1000, Some(0x1000), "mov".into(), 4, h));
                 }
             }
         }

@@ -92,9 +92,7 @@ impl Ctx<'_> {
                 .get_or_insert_with(|| locate(self.mem, vcpu, self.sync, gpa, len, write, cache))
                 .clone();
             let by = out.decided_by.as_ref();
-            let mut a = self
-                .engine
-                .alarm_for(by, idx, rip, insn_rip, insn, len, hit);
+            let mut a = self.engine.alarm(by, idx, rip, insn_rip, insn, len, hit);
             a.t_us = t_us;
             a.count = key.count;
             a.first_us = key.first_us;
