@@ -118,15 +118,16 @@ pub struct AlarmHit {
 }
 
 /// What an access came to.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Outcome {
     /// The access faults: the guest gets an exception, nothing reached the device.
     pub fault: bool,
     /// Alarms raised (at most 3 parts per access).
     pub hits: [Option<AlarmHit>; 3],
-    /// With hits: the profile that decided them, so their alarms name its rules
-    /// even if a patch replaced it before they are raised ([`PolicyEngine::alarm`]).
-    pub decided_by: Option<Arc<Profile>>,
+    /// With hits: the policy version that decided them, so their alarms name its
+    /// rules even if a patch replaced it before they are raised
+    /// ([`PolicyEngine::alarm`]).
+    pub decided_by: Option<u64>,
 }
 
 /// One decided part, for an oracle (recorded only with [`PolicyEngine::record_decisions`]).
@@ -756,19 +757,19 @@ impl PolicyEngine {
         commit: impl FnOnce() -> bool,
     ) -> Result<Option<Outcome>, DeviceError> {
         check_access(off, data.len())?;
-        let decided = match self.slot.decide(|m| match m {
+        let (module, version, plan) = match self.slot.decide_versioned(|m| match m {
             Some(m) => plan(&m.profile, self.forced, dev, off, data, write),
             None => Ok(Plan::EMPTY),
         }) {
-            Ok((Some(m), p)) => Some((m, p?)),
+            Ok((Some(m), v, p)) => (Some(m), v, p?),
             // No policy module, or one that kept changing: drop the access (reads
             // return 0), fail closed.
-            Ok((None, _)) | Err(_) => None,
+            Ok((None, ..)) | Err(_) => (None, 0, Plan::EMPTY),
         };
         if !commit() {
             return Ok(None);
         }
-        let Some((module, plan)) = decided else {
+        let Some(module) = module else {
             if !write {
                 data.fill(0);
             }
@@ -779,7 +780,7 @@ impl PolicyEngine {
                 .faults
                 .fetch_add(1, Ordering::Relaxed);
         }
-        self.apply(module, &plan, dev, data, write, plan.fault)
+        self.apply(module, version, &plan, dev, data, write, plan.fault)
             .map(Some)
     }
 
@@ -803,7 +804,7 @@ impl PolicyEngine {
             });
         }
         // Every piece decided by one version of the policy module.
-        let decided = self.slot.decide(|m| {
+        let decided = self.slot.decide_versioned(|m| {
             let mut plans = [Plan::EMPTY; MAX_PIECES];
             if let Some(m) = m {
                 for (i, (off, buf, len)) in pieces.iter().enumerate() {
@@ -812,9 +813,9 @@ impl PolicyEngine {
             }
             Ok::<_, DeviceError>(plans)
         });
-        let (module, plans) = match decided {
-            Ok((Some(m), p)) => (m, p?),
-            Ok((None, _)) | Err(_) => return Ok(false), // dropped, fail closed
+        let (module, version, plans) = match decided {
+            Ok((Some(m), v, p)) => (m, v, p?),
+            Ok((None, ..)) | Err(_) => return Ok(false), // dropped, fail closed
         };
         let fault = plans[..pieces.len()].iter().any(|p| p.fault);
         if fault {
@@ -823,7 +824,7 @@ impl PolicyEngine {
                 .fetch_add(1, Ordering::Relaxed);
         }
         for (((_, buf, len), out), plan) in pieces.iter_mut().zip(outs.iter_mut()).zip(&plans) {
-            *out = self.apply(module, plan, dev, &mut buf[..*len], true, fault)?;
+            *out = self.apply(module, version, plan, dev, &mut buf[..*len], true, fault)?;
         }
         Ok(fault)
     }
@@ -843,9 +844,11 @@ impl PolicyEngine {
 
     /// Phase 2: carry out the decided parts (none if `fault`), count, alarm, record.
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     fn apply(
         &self,
         active: &Active,
+        version: u64,
         plan: &Plan,
         dev: &mut dyn Device,
         data: &mut [u8],
@@ -923,8 +926,8 @@ impl PolicyEngine {
                     rule,
                 });
             }
-            if out.decided_by.is_none() && out.hits[i].is_some() {
-                out.decided_by = Some(active.profile.clone());
+            if out.hits[i].is_some() {
+                out.decided_by = Some(version);
             }
             if let Some(rec) = &self.record {
                 lock(rec).push(Decided {
@@ -943,12 +946,12 @@ impl PolicyEngine {
     }
 
     /// Build the alarm for `hit` (RIP and instruction supplied by the vCPU), naming
-    /// the rules of `decided_by` (the profile that decided the hit:
+    /// the rules of policy version `decided_by` (the one that decided the hit:
     /// [`Outcome::decided_by`]), of the active profile if None.
     #[allow(clippy::too_many_arguments)]
     pub fn alarm(
         &self,
-        decided_by: Option<&Arc<Profile>>,
+        decided_by: Option<u64>,
         vcpu: u8,
         rip: u64,
         insn_rip: Option<u64>,
@@ -956,7 +959,10 @@ impl PolicyEngine {
         access_len: usize,
         hit: &AlarmHit,
     ) -> Alarm {
-        let p = decided_by.cloned().unwrap_or_else(|| self.profile());
+        let p = decided_by
+            .and_then(|v| self.slot.installed(v))
+            .and_then(|m| m.module.as_ref().map(|m| m.profile.clone()))
+            .unwrap_or_else(|| self.profile());
         Alarm {
             t_us: self.elapsed_us(),
             vcpu,
@@ -1128,7 +1134,7 @@ mod tests {
             .expect("access");
         let hit = out.hits[0].expect("alarmed");
         e.replace_quiesced(Arc::new(PolicyModule::new(prof("new", &rule("new")))), 2);
-        let a = e.alarm(out.decided_by.as_ref(), 0, 0, None, String::new(), 4, &hit);
+        let a = e.alarm(out.decided_by, 0, 0, None, String::new(), 4, &hit);
         assert_eq!(a.profile, "old", "named by the version that decided");
         assert_eq!(a.rule, 1);
         // (Named by the installed version it would be wrong: the difference is real.)

@@ -91,7 +91,7 @@ impl Ctx<'_> {
             let (rip, insn_rip, insn) = site
                 .get_or_insert_with(|| locate(self.mem, vcpu, self.sync, gpa, len, write, cache))
                 .clone();
-            let by = out.decided_by.as_ref();
+            let by = out.decided_by;
             let mut a = self.engine.alarm(by, idx, rip, insn_rip, insn, len, hit);
             a.t_us = t_us;
             a.count = key.count;

@@ -650,7 +650,7 @@ impl<H: VcpuHost> Vcpu<'_, H> {
         let Some(ctx) = ctx(self.shared) else {
             return Event::Decided;
         };
-        let mut outs: [Outcome; MAX_PIECES] = Default::default();
+        let mut outs = [Outcome::default(); MAX_PIECES];
         let r = if outside {
             // Nothing of it may reach the device: decide (for alarms) as a fault.
             Ok(true)
