@@ -747,7 +747,7 @@ impl PolicyEngine {
     /// the device access, the shadow store, the decision record). If it returns
     /// false nothing is done and `Ok(None)` comes back: the decision is void (a
     /// pause claimed the vCPU; see `lifecycle::quiesce`), make it again later.
-    #[inline]
+    #[inline(always)]
     pub fn access_committing(
         &self,
         dev: &mut dyn Device,
