@@ -1,11 +1,13 @@
 //! Live patching and secure teardown on real KVM, driven through the control socket.
 //! Each test skips loudly when /dev/kvm is absent.
 
+mod common;
+
 use ed25519_dalek::SigningKey;
 use hilrig_device::regmap::Reg;
 use hilrig_vmm::lifecycle::patch::PatchAuthority;
 use hilrig_vmm::lifecycle::LifecycleConfig;
-use hilrig_vmm::policy::{default_policy_toml, load_profile, Action};
+use hilrig_vmm::policy::{default_policy_toml, load_profile};
 use hilrig_vmm::{open_backend, payload, Console, DeviceSpec, RunReport, Verdict, Vm, VmConfig};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -265,37 +267,7 @@ fn policy_patch_under_an_mmio_storm_is_atomic_per_access() {
         "the guest saw no fault: {}",
         rep.verdict
     );
-    let pol = rep.policy.take().unwrap();
-    for vcpu in 0..2u32 {
-        let word = Reg::Scratch.offset() + 4 * vcpu;
-        let writes: Vec<_> = pol
-            .decided
-            .iter()
-            .filter(|x| x.write && x.word == word)
-            .collect();
-        // Every value 1..=n decided exactly once, in order: none lost, none twice.
-        for (i, w) in writes.iter().enumerate() {
-            assert_eq!(
-                w.bits,
-                i as u32 + 1,
-                "vCPU {vcpu}: access {i} decided out of order or twice"
-            );
-        }
-        // Allowed by the old rules up to a point, dropped by the new ones after it.
-        let switch = writes
-            .iter()
-            .position(|w| w.action == Action::Drop)
-            .expect("the new rules decided some");
-        assert!(switch > 0, "the old rules decided some");
-        assert!(writes[..switch].iter().all(|w| w.action == Action::Allow));
-        assert!(writes[switch..]
-            .iter()
-            .all(|w| w.action == Action::Drop && w.rule.is_some()));
-        // The device holds the last value the old rules let through.
-        let mut dev = rep.device.take().unwrap();
-        assert_eq!(dev.read32(word).unwrap(), switch as u32, "vCPU {vcpu}");
-        rep.device = Some(dev);
-    }
+    common::old_then_new(&mut rep, 2);
     assert_eq!(rep.patches.len(), 1);
     // The policy is a module-table slot: swapped without parking the vCPUs.
     assert!(!rep.patches[0].quiesced, "{:?}", rep.patches[0]);

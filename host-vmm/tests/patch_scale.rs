@@ -6,12 +6,13 @@
 //! A test binary of its own: the hold hook is process-wide. Skips loudly without
 //! /dev/kvm.
 
+mod common;
+
 use ed25519_dalek::SigningKey;
-use hilrig_device::regmap::Reg;
 use hilrig_vmm::lifecycle::patch::PatchAuthority;
 use hilrig_vmm::lifecycle::quiesce::{held_vcpus_for_test, hold_vcpus_for_test};
 use hilrig_vmm::lifecycle::LifecycleConfig;
-use hilrig_vmm::policy::{default_policy_toml, Action, PolicyFile, Profile};
+use hilrig_vmm::policy::{default_policy_toml, PolicyFile, Profile};
 use hilrig_vmm::{
     kvm_available, open_backend, payload, Console, DeviceSpec, RunReport, Verdict, Vm, VmConfig,
 };
@@ -194,29 +195,5 @@ fn a_patch_with_8_vcpus_does_not_wait_for_vcpus_held_outside_kvm_run() {
     );
     assert_eq!(rep.blackouts.len(), 1);
     assert_eq!(rep.blackouts[0].vcpus, VCPUS as usize);
-    let pol = rep.policy.take().unwrap();
-    let mut dev = rep.device.take().unwrap();
-    for vcpu in 0..VCPUS as u32 {
-        let word = Reg::Scratch.offset() + 4 * vcpu;
-        let writes: Vec<_> = pol
-            .decided
-            .iter()
-            .filter(|x| x.write && x.word == word)
-            .collect();
-        for (i, w) in writes.iter().enumerate() {
-            assert_eq!(
-                w.bits,
-                i as u32 + 1,
-                "vCPU {vcpu}: access {i} out of order or twice"
-            );
-        }
-        let switch = writes
-            .iter()
-            .position(|w| w.action == Action::Drop)
-            .unwrap_or_else(|| panic!("vCPU {vcpu}: the new rules decided none"));
-        assert!(switch > 0, "vCPU {vcpu}: the old rules decided none");
-        assert!(writes[..switch].iter().all(|w| w.action == Action::Allow));
-        assert!(writes[switch..].iter().all(|w| w.action == Action::Drop));
-        assert_eq!(dev.read32(word).unwrap(), switch as u32, "vCPU {vcpu}");
-    }
+    common::old_then_new(&mut rep, VCPUS);
 }

@@ -7,7 +7,7 @@ use crate::lifecycle::modules::CallError;
 use crate::lifecycle::patch::{ModuleTable, PatchAuthority, Prepared};
 use crate::lifecycle::quiesce::{Blackout, Paused, Rendezvous};
 use crate::lifecycle::teardown::{self, StepError, TeardownOps, TeardownRecord, VerdictSummary};
-use crate::policy::engine::PolicyEngine;
+use crate::policy::engine::{PolicyEngine, PolicyModule};
 use crate::policy::Profile;
 use crate::verdict::Verdict;
 use ed25519_dalek::SigningKey;
@@ -555,23 +555,45 @@ pub trait Lifecycle: VmHost {
         // code: claimed by state, not kicked; see `quiesce::Rendezvous::gate`); a
         // policy that traps other pages re-plans the BAR0 memory slots: the guest
         // stops for that.
+        let gated = held.is_none() && !self.changes_memslots(&prepared);
+        // Built before the vCPUs are held (only the pointer exchange happens under
+        // the gate).
+        let module = match &prepared {
+            Prepared::Policy { profile, .. } if gated => {
+                Some(Arc::new(PolicyModule::new(Arc::new(profile.clone()))))
+            }
+            _ => None,
+        };
         let paused = match held {
             Some(p) => p,
-            None if self.changes_memslots(&prepared) => self.pause_now()?,
+            None if !gated => self.pause_now()?,
             None => self
                 .rendezvous()
                 .gate(self.life().cfg.pause_bound)
                 .map_err(LifecycleError::from)?,
         };
         crate::lifecycle::quiesce::probe_no_handler_running();
-        // Every vCPU is parked between exits: swap.
+        // No vCPU is committing an access and none can until the release: swap.
         let (component, from, to) = match prepared {
             Prepared::Policy { version, profile } => {
-                let profile = Arc::new(profile);
                 let from = self.modules().policy.version();
-                if let Err(e) = self.replace_policy(profile.clone(), version) {
-                    drop(paused);
-                    return Err(LifecycleError::ReplacePolicy(e));
+                let profile = match &module {
+                    Some(m) => m.profile.clone(),
+                    None => Arc::new(profile),
+                };
+                match (self.policy_engine(), module) {
+                    // The same trapping pages: nothing to re-map (no PCI lock, which
+                    // a claimed vCPU routing its access may hold), nothing to drain
+                    // (a claimed vCPU may be inside a decision: it is made again).
+                    (Some(engine), Some(module)) => {
+                        engine.replace_quiesced(module, version);
+                    }
+                    _ => {
+                        if let Err(e) = self.replace_policy(profile.clone(), version) {
+                            drop(paused);
+                            return Err(LifecycleError::ReplacePolicy(e));
+                        }
+                    }
                 }
                 if let Some(m) = self.life().breach_monitor() {
                     m.configure(profile.breach.clone());

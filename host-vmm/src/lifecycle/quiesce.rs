@@ -6,30 +6,57 @@
 //!
 //! | state | where the thread is | a pause |
 //! |---|---|---|
-//! | `IDLE` | in the VMM between exits, touching no device, policy or PCI state | claims it by state |
+//! | `IDLE` | in the VMM between exits (or back from a KVM_RUN without an exit: a kick), touching no device, policy or PCI state | claims it by state |
 //! | `RUN` | inside KVM_RUN | claims it by state |
-//! | `BUSY` | handling an exit (device, policy engine, PCI, faults); not while waiting for the device's lock ([`Member::leave_busy`], [`Member::try_busy`]) | waits for it to leave (short; yields for [`SPIN`], then sleeps) |
-//! | `CLAIMED_IDLE` / `CLAIMED_RUN` | counted as parked by the pause | — |
+//! | `DECIDING` | handling a trapped BAR0 access before its commit point: routing it, waiting for the device's lock, the policy decision (reads only: nothing it did is seen by anyone) | claims it by state (`CLAIMED_DECIDING`); the decision is void |
+//! | `BUSY` | committing: from the commit point (before the first side effect: the device access, the shadow store, the decision record) to the end of the access; any other exit's handling (port I/O, PCI, split stores, #GP injection) | waits for it to leave (short; spins for 10 µs, then sleeps until it leaves) |
+//! | `CLAIMED_IDLE` / `CLAIMED_RUN` / `CLAIMED_DECIDING` | counted as parked by the pause | — |
+//! | `ABORTED` | released from `CLAIMED_DECIDING`: the decision it was making must be made again | claims it by state |
 //!
-//! The controller claims every `IDLE` and `RUN` slot with a compare-and-swap and waits
-//! only for `BUSY` ones; a vCPU enters `BUSY` only by a compare-and-swap from `RUN`
-//! ([`Member::left_run`]), so once claimed it cannot reach device or policy code
-//! until the pause ends: it waits there instead. A vCPU that is preempted in KVM_RUN
-//! or between exits is parked without having to run, so when vCPU threads outnumber
-//! cores the pause does not wait for the host scheduler.
+//! The controller claims every `IDLE`, `RUN`, `DECIDING` and `ABORTED` slot with a
+//! compare-and-swap and waits only for `BUSY` ones. A vCPU enters `BUSY` only by a
+//! compare-and-swap, from `RUN` ([`Member::left_run`]) or from `DECIDING` at its
+//! commit point ([`Member::commit`]), so once claimed it cannot reach a side effect
+//! until the pause ends. A vCPU claimed while deciding finds out at its commit point:
+//! it discards its decision, drops the device's lock, waits for the release
+//! ([`Member::decide_again`]) and handles the exit again from the start (the MMIO
+//! exit's data is still in `kvm_run`; nothing was done). So every access is decided
+//! and carried out entirely before or entirely after the pause, and the pause waits
+//! only for vCPUs inside the short committing section. A vCPU that is preempted in
+//! KVM_RUN, between exits, or anywhere in its decision (holding the device's lock
+//! included) is parked without having to run, so when vCPU threads outnumber cores
+//! the pause does not wait for the host scheduler. The committing section of an
+//! access that does not fault ends before the device's lock is dropped
+//! ([`Member::leave_busy`]): a vCPU preempted by the waiter its unlock wakes is
+//! already out of it; its alarms are raised after, naming the rules of the version
+//! that decided (`policy::engine::Outcome::decided_by`).
 //!
 //! Two kinds of pause:
 //!
 //! - [`Rendezvous::pause`] (operator `pause`, `quiesce`, teardown): the guest stops.
 //!   Every vCPU is kicked (immediate_exit + a real-time signal, as Firecracker and
 //!   cloud-hypervisor do; repeated every [`REKICK`] so a kick that races a vCPU
-//!   entering KVM_RUN is not lost); a claimed vCPU neither handles an exit nor
-//!   enters KVM_RUN again until released.
+//!   entering KVM_RUN is not lost); a claimed vCPU neither commits an access nor
+//!   enters KVM_RUN again until released. (A vCPU claimed inside its decision may
+//!   still finish reading what it decides on: reads whose result is discarded.)
 //! - [`Rendezvous::gate`] (live patches): only the device and policy code is closed.
 //!   Nobody is kicked; vCPUs in KVM_RUN keep running guest code and a claimed idle
 //!   vCPU may enter KVM_RUN; a claimed vCPU that returns with an exit waits before
-//!   handling it. The patch needs only that no access is half-decided while it acts:
-//!   every access is decided entirely before or entirely after it.
+//!   handling it, one claimed in its decision waits at its commit point. The patch
+//!   needs only that no access is half-decided while it acts: every access is
+//!   decided entirely before or entirely after it.
+//!
+//! How a blackout ends (decided for issue 21.7). The release is stamped by the
+//! controller (`Blackout::released`); the blackout (`total`) runs on to the last
+//! resume stamped by a vCPU that *slept* in the hold: its wake-up latency is the
+//! pause's doing (it had to be woken), so it counts until its thread runs again. A
+//! claimed vCPU that must wait spins for [`SPIN_FIRST`] (a pause that swaps a
+//! pointer is over by then, and the thread never left its CPU), then yields, up to
+//! [`SPIN`], and only then sleeps. One that finds the pause over before it would
+//! sleep goes on without a stamp and is not waited for: it was runnable throughout,
+//! and if the host runs it late that is the host's oversubscription, which delays a
+//! runnable thread as much without any pause (counted as before this was written
+//! down; the spin makes the case rare: a short hold costs a waiter no yield).
 //!
 //! A vCPU that does not arrive within the bound aborts the pause: everyone is
 //! released, nothing was done. A vCPU that leaves its loop (halt, stop) deregisters
@@ -48,19 +75,26 @@ const RUN: u8 = 2;
 const BUSY: u8 = 3;
 const CLAIMED_IDLE: u8 = 4;
 const CLAIMED_RUN: u8 = 5;
+const DECIDING: u8 = 6;
+const CLAIMED_DECIDING: u8 = 7;
+const ABORTED: u8 = 8;
 
 fn claimed(s: u8) -> bool {
-    s == CLAIMED_IDLE || s == CLAIMED_RUN
+    s == CLAIMED_IDLE || s == CLAIMED_RUN || s == CLAIMED_DECIDING
 }
 
 /// How often the kick is repeated while waiting for vCPUs to park.
 pub const REKICK: Duration = Duration::from_millis(2);
 
-/// How long the controller, and a claimed vCPU waiting for the release, yield in a
-/// loop before they sleep: a hold that ends within it costs the waiting vCPU no
-/// wake-up (its thread keeps its CPU), and the yields let a preempted busy vCPU
-/// thread on the same CPU finish its handler.
+/// How long a claimed vCPU waiting for the release spins (for [`SPIN_FIRST`]), then
+/// yields, before it sleeps: a hold that ends within it costs the waiting vCPU no
+/// wake-up, and the yields let the controller (or a preempted busy vCPU) on the
+/// same CPU go on.
 pub const SPIN: Duration = Duration::from_micros(50);
+
+/// How long the controller spins (keeping its CPU) for a committing vCPU before it
+/// sleeps until that vCPU wakes it, and a claimed vCPU spins before it yields.
+pub const SPIN_FIRST: Duration = Duration::from_micros(10);
 
 /// Why a pause failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -119,7 +153,8 @@ pub struct Rendezvous {
     stopping: AtomicBool,
     state: Mutex<State>,
     cv: Condvar,
-    /// Per member: FREE, IDLE, RUN, BUSY, CLAIMED_IDLE, CLAIMED_RUN (module docs).
+    /// Per member: FREE, IDLE, RUN, DECIDING, BUSY, ABORTED and the CLAIMED_ states
+    /// (module docs).
     slots: Box<[AtomicU8]>,
     /// Diagnostics ([`trace_holds`]): per member, when it last became busy and when
     /// it left busy during a hold, wall and thread CPU time (ns since `epoch`).
@@ -257,7 +292,7 @@ impl Member<'_> {
                     }
                 }
                 // Not from the checkpoint (a loop bug): publish the truth.
-                Err(BUSY | RUN) => {
+                Err(BUSY | RUN | DECIDING | ABORTED) => {
                     slot.store(IDLE, Ordering::SeqCst);
                 }
                 Err(_) => return true,
@@ -270,19 +305,50 @@ impl Member<'_> {
     /// KVM_RUN, it waits here until the pause ends.
     #[inline]
     pub fn left_run(&self) {
+        self.left_run_to(BUSY);
+    }
+
+    /// [`Member::left_run`] for a trapped BAR0 access whose handling up to its
+    /// commit point only reads (route, device lock, policy decision): the vCPU
+    /// enters `DECIDING`, where a pause claims it by state. Call [`Member::commit`]
+    /// before the access's first side effect.
+    #[inline]
+    pub fn left_run_deciding(&self) {
+        self.left_run_to(DECIDING);
+    }
+
+    /// [`Member::left_run`] for a KVM_RUN that returned without an exit to handle
+    /// (a kick, EAGAIN, an error): the vCPU touches no device, policy or PCI state
+    /// before its next checkpoint (the stuck-RIP sample reads only its own
+    /// registers), so it is `IDLE` at once, claimed or not (a claim stays: the
+    /// checkpoint holds it in a stopping pause).
+    #[inline]
+    pub fn left_run_idle(&self) {
+        let Some(i) = self.slot else { return };
+        let slot = &self.rv.slots[i];
+        for (from, to) in [(RUN, IDLE), (CLAIMED_RUN, CLAIMED_IDLE), (RUN, IDLE)] {
+            if slot
+                .compare_exchange(from, to, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                return;
+            }
+        }
+    }
+
+    #[inline]
+    fn left_run_to(&self, to: u8) {
         let Some(i) = self.slot else { return };
         let slot = &self.rv.slots[i];
         loop {
-            match slot.compare_exchange(RUN, BUSY, Ordering::SeqCst, Ordering::SeqCst) {
+            match slot.compare_exchange(RUN, to, Ordering::SeqCst, Ordering::SeqCst) {
                 Ok(_) => {
-                    if TRACE.load(Ordering::Relaxed) {
-                        let st = &self.rv.stamps[i];
-                        st.since.store(self.rv.now_ns(), Ordering::Relaxed);
-                        st.since_cpu.store(thread_cpu_ns(), Ordering::Relaxed);
+                    if to == BUSY {
+                        self.stamp_busy(i);
                     }
                     return;
                 }
-                Err(CLAIMED_RUN | CLAIMED_IDLE) => self.rv.wait_unclaimed(i),
+                Err(CLAIMED_RUN | CLAIMED_IDLE | CLAIMED_DECIDING) => self.rv.wait_unclaimed(i),
                 Err(_) => {
                     // Not from KVM_RUN (a loop bug): never claimable while busy.
                     if slot
@@ -296,22 +362,98 @@ impl Member<'_> {
         }
     }
 
+    #[inline]
+    fn stamp_busy(&self, i: usize) {
+        if TRACE.load(Ordering::Relaxed) {
+            let st = &self.rv.stamps[i];
+            st.since.store(self.rv.now_ns(), Ordering::Relaxed);
+            st.since_cpu.store(thread_cpu_ns(), Ordering::Relaxed);
+        }
+    }
+
+    #[inline]
+    fn stamp_left(&self, i: usize) {
+        if TRACE.load(Ordering::Relaxed)
+            && self.rv.requested.load(Ordering::SeqCst)
+            && self.rv.slots[i].load(Ordering::SeqCst) == BUSY
+        {
+            let st = &self.rv.stamps[i];
+            st.left.store(self.rv.now_ns(), Ordering::SeqCst);
+            st.left_cpu.store(thread_cpu_ns(), Ordering::SeqCst);
+        }
+    }
+
+    /// The commit point of a decided access (after [`Member::left_run_deciding`]),
+    /// right before its first side effect: `DECIDING` becomes `BUSY` and true is
+    /// returned. False if a pause claimed this vCPU during its decision: the
+    /// decision is void (it may have been made by the code the pause replaces);
+    /// carry out nothing, drop every lock, call [`Member::decide_again`] and
+    /// handle the exit again from the start. True without a slot, or when already
+    /// committed.
+    #[inline]
+    pub fn commit(&self) -> bool {
+        let Some(i) = self.slot else { return true };
+        match self.rv.slots[i].compare_exchange(DECIDING, BUSY, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            Ok(_) => {
+                self.stamp_busy(i);
+                true
+            }
+            Err(s) => s == BUSY,
+        }
+    }
+
+    /// Whether this vCPU may still commit the decision it is making (false: a pause
+    /// claimed it; stop deciding and call [`Member::decide_again`]). A hint to save
+    /// work: only [`Member::commit`] decides.
+    #[inline]
+    pub fn still_deciding(&self) -> bool {
+        self.slot
+            .is_none_or(|i| self.rv.slots[i].load(Ordering::SeqCst) == DECIDING)
+    }
+
+    /// After a failed [`Member::commit`] (holding no lock): wait while a pause
+    /// holds this vCPU, then start deciding again (`DECIDING`).
+    pub fn decide_again(&self) {
+        let Some(i) = self.slot else { return };
+        let slot = &self.rv.slots[i];
+        loop {
+            match slot.load(Ordering::SeqCst) {
+                DECIDING => return,
+                s if claimed(s) => self.rv.wait_unclaimed(i),
+                s => {
+                    if slot
+                        .compare_exchange(s, DECIDING, Ordering::SeqCst, Ordering::SeqCst)
+                        .is_ok()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
     /// Called by the vCPU between exits, when it has finished handling one (it
-    /// leaves `BUSY`). Holds the vCPU while a stopping pause is on; returns true if
-    /// it was held (the caller then clears its immediate_exit before KVM_RUN).
+    /// leaves `BUSY`, or a decision that carried out nothing). Holds the vCPU while
+    /// a stopping pause is on; returns true if it was held (the caller then clears
+    /// its immediate_exit before KVM_RUN).
     #[inline]
     pub fn checkpoint(&self) -> bool {
         if let Some(i) = self.slot {
             let slot = &self.rv.slots[i];
-            if TRACE.load(Ordering::Relaxed)
-                && self.rv.requested.load(Ordering::SeqCst)
-                && slot.load(Ordering::SeqCst) == BUSY
-            {
-                let st = &self.rv.stamps[i];
-                st.left.store(self.rv.now_ns(), Ordering::SeqCst);
-                st.left_cpu.store(thread_cpu_ns(), Ordering::SeqCst);
+            self.stamp_left(i);
+            let mut v = slot.load(Ordering::SeqCst);
+            loop {
+                let to = match v {
+                    BUSY | DECIDING | ABORTED => IDLE,
+                    CLAIMED_DECIDING => CLAIMED_IDLE,
+                    _ => break,
+                };
+                match slot.compare_exchange(v, to, Ordering::SeqCst, Ordering::SeqCst) {
+                    Ok(_) => break,
+                    Err(now) => v = now,
+                }
             }
-            let _ = slot.compare_exchange(BUSY, IDLE, Ordering::SeqCst, Ordering::SeqCst);
         }
         if !self.rv.requested.load(Ordering::SeqCst) {
             return false;
@@ -350,21 +492,16 @@ impl Member<'_> {
         false
     }
 
-    /// Leave the busy section without waiting (the vCPU goes on handling its exit
-    /// outside patchable code, e.g. waits for the device's lock): a pause claims it
-    /// by state from here. Re-enter with [`Member::try_busy`].
+    /// End the committing section early: the access is carried out and what is
+    /// left of the exit's handling touches no device, policy or PCI state (call it
+    /// before dropping the device's lock, so a vCPU preempted by the waiter its
+    /// unlock wakes is out of the section already). A pause claims it by state from
+    /// here.
     #[inline]
     pub fn leave_busy(&self) {
         let Some(i) = self.slot else { return };
         let slot = &self.rv.slots[i];
-        if TRACE.load(Ordering::Relaxed)
-            && self.rv.requested.load(Ordering::SeqCst)
-            && slot.load(Ordering::SeqCst) == BUSY
-        {
-            let st = &self.rv.stamps[i];
-            st.left.store(self.rv.now_ns(), Ordering::SeqCst);
-            st.left_cpu.store(thread_cpu_ns(), Ordering::SeqCst);
-        }
+        self.stamp_left(i);
         if slot
             .compare_exchange(BUSY, IDLE, Ordering::SeqCst, Ordering::SeqCst)
             .is_ok()
@@ -376,48 +513,33 @@ impl Member<'_> {
         }
     }
 
-    /// Re-enter the busy section (after [`Member::leave_busy`]). False if a pause
-    /// claimed this vCPU meanwhile: then it must not touch patchable code; call
-    /// [`Member::wait_released`] (holding no lock a controller may need) and try again.
-    #[inline]
-    pub fn try_busy(&self) -> bool {
-        let Some(i) = self.slot else { return true };
-        let slot = &self.rv.slots[i];
-        match slot.compare_exchange(IDLE, BUSY, Ordering::SeqCst, Ordering::SeqCst) {
-            Ok(_) => {
-                if TRACE.load(Ordering::Relaxed) {
-                    let st = &self.rv.stamps[i];
-                    st.since.store(self.rv.now_ns(), Ordering::Relaxed);
-                    st.since_cpu.store(thread_cpu_ns(), Ordering::Relaxed);
-                }
-                true
-            }
-            Err(s) => !claimed(s),
-        }
-    }
-
-    /// Wait while a pause holds this vCPU (see [`Member::try_busy`]).
-    pub fn wait_released(&self) {
-        if let Some(i) = self.slot {
-            self.rv.wait_unclaimed(i);
-        }
-    }
-
     /// Test hook ([`hold_vcpus_for_test`]): while vCPU `idx` is held, wait here
     /// (between exits, outside KVM_RUN and outside any handler, like a thread the
     /// host stopped) until released or `stop` is set.
     #[doc(hidden)]
     pub fn test_hold_point(&self, idx: u8, stop: &AtomicBool) {
-        let bit = 1u64 << (idx % 64);
-        if TEST_HOLD.load(Ordering::Relaxed) & bit == 0 {
-            return;
-        }
-        TEST_HELD.fetch_or(bit, Ordering::SeqCst);
-        while TEST_HOLD.load(Ordering::SeqCst) & bit != 0 && !stop.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        TEST_HELD.fetch_and(!bit, Ordering::SeqCst);
+        hold_at(0, idx, stop);
     }
+
+    /// Test hook ([`hold_deciding_for_test`]): while vCPU `idx` is held, wait here
+    /// (inside a trapped access's decision, right before its commit point, holding
+    /// the device's lock, like a thread the host preempted there).
+    #[doc(hidden)]
+    pub fn test_hold_deciding(&self, idx: u8, stop: &AtomicBool) {
+        hold_at(1, idx, stop);
+    }
+}
+
+fn hold_at(at: usize, idx: u8, stop: &AtomicBool) {
+    let bit = 1u64 << (idx % 64);
+    if TEST_HOLD[at].load(Ordering::Relaxed) & bit == 0 {
+        return;
+    }
+    TEST_HELD[at].fetch_or(bit, Ordering::SeqCst);
+    while TEST_HOLD[at].load(Ordering::SeqCst) & bit != 0 && !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    TEST_HELD[at].fetch_and(!bit, Ordering::SeqCst);
 }
 
 static PROBE: AtomicBool = AtomicBool::new(false);
@@ -502,21 +624,36 @@ pub fn probe_no_handler_running() {
     }
 }
 
-static TEST_HOLD: AtomicU64 = AtomicU64::new(0);
-static TEST_HELD: AtomicU64 = AtomicU64::new(0);
+/// Test holds (vCPU index bits): [between exits, inside a decision].
+static TEST_HOLD: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+static TEST_HELD: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
 
 /// Test hook (process-wide): hold the vCPUs whose indices are set in `mask` between
 /// exits, outside KVM_RUN and outside any handler, as if the host had stopped their
 /// threads; 0 releases them. Use it in a test binary of its own.
 #[doc(hidden)]
 pub fn hold_vcpus_for_test(mask: u64) {
-    TEST_HOLD.store(mask, Ordering::SeqCst);
+    TEST_HOLD[0].store(mask, Ordering::SeqCst);
 }
 
 /// Test hook: the vCPUs (by index bit) sitting in the hold right now.
 #[doc(hidden)]
 pub fn held_vcpus_for_test() -> u64 {
-    TEST_HELD.load(Ordering::SeqCst)
+    TEST_HELD[0].load(Ordering::SeqCst)
+}
+
+/// Test hook (process-wide): hold the vCPUs in `mask` inside their next trapped
+/// access's decision (made, not yet committed, device lock held), as if the host
+/// had preempted them there; 0 releases them. Use it in a test binary of its own.
+#[doc(hidden)]
+pub fn hold_deciding_for_test(mask: u64) {
+    TEST_HOLD[1].store(mask, Ordering::SeqCst);
+}
+
+/// Test hook: the vCPUs (by index bit) held inside a decision right now.
+#[doc(hidden)]
+pub fn held_deciding_for_test() -> u64 {
+    TEST_HELD[1].load(Ordering::SeqCst)
 }
 
 /// Proof that no vCPU is inside device or policy code, and none can enter it until
@@ -586,7 +723,8 @@ impl Rendezvous {
         Member { rv: self, slot }
     }
 
-    /// Claim every member that is idle or in KVM_RUN; returns how many are claimed.
+    /// Claim every member that is idle, in KVM_RUN or deciding (not committed);
+    /// returns how many are claimed.
     fn claim(&self) -> usize {
         let mut n = 0;
         for x in self.slots.iter() {
@@ -595,6 +733,7 @@ impl Rendezvous {
                 let to = match v {
                     IDLE => CLAIMED_IDLE,
                     RUN => CLAIMED_RUN,
+                    DECIDING | ABORTED => CLAIMED_DECIDING,
                     _ => break,
                 };
                 match x.compare_exchange(v, to, Ordering::SeqCst, Ordering::SeqCst) {
@@ -616,6 +755,8 @@ impl Rendezvous {
                 let to = match v {
                     CLAIMED_IDLE => IDLE,
                     CLAIMED_RUN => RUN,
+                    // Its decision may predate what the pause did: made again.
+                    CLAIMED_DECIDING => ABORTED,
                     _ => break,
                 };
                 match x.compare_exchange(v, to, Ordering::SeqCst, Ordering::SeqCst) {
@@ -628,13 +769,22 @@ impl Rendezvous {
 
     /// Block the calling vCPU (slot `i`) while its slot is claimed.
     fn wait_unclaimed(&self, i: usize) {
-        // Yield first: a short hold ends without this thread leaving its CPU.
+        // Spin first: a hold of a pointer exchange ends within microseconds, and
+        // this thread keeps its CPU. Then yield (the controller may need this
+        // CPU), then sleep.
         let t0 = Instant::now();
         while claimed(self.slots[i].load(Ordering::SeqCst)) {
-            if t0.elapsed() >= SPIN {
+            let t = t0.elapsed();
+            if t >= SPIN {
                 break;
             }
-            std::thread::yield_now();
+            if t < SPIN_FIRST {
+                for _ in 0..64 {
+                    std::hint::spin_loop();
+                }
+            } else {
+                std::thread::yield_now();
+            }
         }
         let s = self.lock();
         if claimed(self.slots[i].load(Ordering::SeqCst)) {
@@ -659,8 +809,9 @@ impl Rendezvous {
     }
 
     /// Stop the guest: request, `kick()` (repeated every [`REKICK`]), claim every
-    /// vCPU that is idle or in KVM_RUN and wait up to `bound` for those handling an
-    /// exit. On timeout everyone is released.
+    /// vCPU that is idle, in KVM_RUN or deciding and wait up to `bound` for those
+    /// committing an access (or handling another exit). On timeout everyone is
+    /// released.
     pub fn pause(
         self: &Arc<Self>,
         kick: &dyn Fn(),
@@ -670,9 +821,10 @@ impl Rendezvous {
     }
 
     /// Close the device and policy code without stopping the guest (live patches):
-    /// claim every vCPU that is idle or in KVM_RUN (nobody is kicked: they run on,
-    /// and wait only if they come back with an exit to handle) and wait up to
-    /// `bound` for those handling an exit. On timeout everyone is released.
+    /// claim every vCPU that is idle, in KVM_RUN or deciding (nobody is kicked: they
+    /// run on, and wait only if they come back with an exit to handle or reach a
+    /// commit point) and wait up to `bound` for those committing an access (or
+    /// handling another exit). On timeout everyone is released.
     pub fn gate(self: &Arc<Self>, bound: Duration) -> Result<Paused, QuiesceError> {
         self.hold(Mode::Gate, &|| {}, bound)
     }
@@ -729,14 +881,21 @@ impl Rendezvous {
                     bound,
                 });
             }
-            if now < first_kick + SPIN {
-                // Busy vCPUs leave their handlers within microseconds when they
-                // run: yield (without the lock) rather than sleep and be woken.
+            if now < first_kick + SPIN_FIRST {
+                // A committing vCPU that is running leaves its section within a
+                // microsecond or two: spin (without the lock, keeping this CPU)
+                // rather than sleep. Not yield: that gives this CPU to every
+                // runnable thread before the controller gets it back (time slices,
+                // when vCPU threads outnumber cores).
                 drop(s);
-                std::thread::yield_now();
+                for _ in 0..64 {
+                    std::hint::spin_loop();
+                }
                 s = self.lock();
                 continue;
             }
+            // Sleep: the vCPU leaving its section wakes us (a woken sleeper is
+            // scheduled ahead of threads that have been running).
             let wait = REKICK.min(deadline - now);
             s = self
                 .cv
@@ -1101,6 +1260,52 @@ mod tests {
         t.join().unwrap();
         assert!(handled.load(Ordering::SeqCst));
         assert!(b.total >= Duration::from_millis(30), "{b:?}");
+    }
+
+    #[test]
+    fn a_vcpu_claimed_while_deciding_decides_again_after_the_release() {
+        let rv = Arc::new(Rendezvous::new());
+        let m = rv.register();
+        assert!(m.enter_run());
+        m.left_run_deciding();
+        // Deciding (it never runs here): both kinds of pause claim it by state.
+        let p = rv.gate(Duration::from_millis(100)).unwrap();
+        assert_eq!(p.vcpus(), 1);
+        assert!(!m.still_deciding());
+        assert!(!m.commit(), "committed during the gate");
+        let released = AtomicBool::new(false);
+        std::thread::scope(|t| {
+            let w = t.spawn(|| {
+                m.decide_again();
+                assert!(
+                    released.load(Ordering::SeqCst),
+                    "went on before the release"
+                );
+            });
+            std::thread::sleep(Duration::from_millis(20));
+            released.store(true, Ordering::SeqCst);
+            drop(p);
+            w.join().unwrap();
+        });
+        assert!(m.still_deciding());
+        assert!(m.commit());
+        // Committing: waited for (here it never leaves: the pause times out).
+        assert!(matches!(
+            rv.gate(Duration::from_millis(20)).err(),
+            Some(QuiesceError::Timeout { live: 1, .. })
+        ));
+        m.leave_busy();
+        rv.pause(&|| {}, Duration::from_secs(5)).unwrap().resume();
+        // A decision the release found void stays void: made again, then committed.
+        assert!(!m.checkpoint());
+        assert!(m.enter_run());
+        m.left_run_deciding();
+        let p = rv.pause(&|| {}, Duration::from_millis(100)).unwrap();
+        p.resume();
+        assert!(!m.commit(), "a decision a pause overtook was committed");
+        m.decide_again();
+        assert!(m.commit());
+        assert!(!m.checkpoint());
     }
 
     #[test]

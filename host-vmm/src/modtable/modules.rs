@@ -867,7 +867,16 @@ impl<T> Slot<T> {
     /// by one version, exactly once. `f` must be a pure decision (it may run more
     /// than once).
     #[inline]
-    pub fn decide<R>(&self, mut f: impl FnMut(&T) -> R) -> Result<(&T, R), CallError> {
+    pub fn decide<R>(&self, f: impl FnMut(&T) -> R) -> Result<(&T, R), CallError> {
+        self.decide_versioned(f).map(|(m, _, r)| (m, r))
+    }
+
+    /// [`Slot::decide`], also returning the deciding module's version.
+    #[inline]
+    pub fn decide_versioned<R>(
+        &self,
+        mut f: impl FnMut(&T) -> R,
+    ) -> Result<(&T, u64, R), CallError> {
         for _ in 0..MAX_TRIES {
             let m = self.current();
             if !m.enter() {
@@ -877,7 +886,7 @@ impl<T> Slot<T> {
             let replaced = m.cancel.is_set();
             m.exit();
             if !replaced {
-                return Ok((&m.module, r));
+                return Ok((&m.module, m.version, r));
             }
             self.retries.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(
@@ -892,6 +901,13 @@ impl<T> Slot<T> {
             component: self.name.clone(),
             tries: MAX_TRIES,
         })
+    }
+
+    /// The module installed as `version` (every version stays allocated while the
+    /// slot lives), if any; takes the slot's lock.
+    pub fn installed(&self, version: u64) -> Option<Arc<Installed<T>>> {
+        let all = self.all.lock().unwrap_or_else(|e| e.into_inner());
+        all.iter().rev().find(|m| m.version == version).cloned()
     }
 
     /// Calls re-dispatched because their module was replaced mid-call.

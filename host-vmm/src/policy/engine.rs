@@ -124,6 +124,10 @@ pub struct Outcome {
     pub fault: bool,
     /// Alarms raised (at most 3 parts per access).
     pub hits: [Option<AlarmHit>; 3],
+    /// With hits: the policy version that decided them, so their alarms name its
+    /// rules even if a patch replaced it before they are raised
+    /// ([`PolicyEngine::alarm`]).
+    pub decided_by: Option<u64>,
 }
 
 /// One decided part, for an oracle (recorded only with [`PolicyEngine::record_decisions`]).
@@ -705,6 +709,17 @@ impl PolicyEngine {
         old
     }
 
+    /// Install `profile` as policy `version` while every vCPU is claimed by a
+    /// quiesce (`lifecycle::quiesce`): publish and cancel the old version; nothing
+    /// is drained or retired (a claimed vCPU may still be inside a decision of the
+    /// old version: [`Slot::decide`] makes it again in the new one, and the vCPU
+    /// voids it at its commit point anyway). Returns the old version.
+    /// `module` is built by the caller before the quiesce (nothing is allocated
+    /// while the vCPUs are held but the slot's own record).
+    pub fn replace_quiesced(&self, module: Arc<PolicyModule>, version: u64) -> u64 {
+        self.slot.replace(Some(module), version)
+    }
+
     /// Install `profile` as policy `version` through the slot without a quiesce:
     /// publish, cancel the old version (decisions inside it are retried in the new),
     /// wait up to `bound` for its in-flight count to drain.
@@ -746,27 +761,51 @@ impl PolicyEngine {
         data: &mut [u8],
         write: bool,
     ) -> Result<Outcome, DeviceError> {
+        self.access_committing(dev, off, data, write, || true)
+            .map(Option::unwrap_or_default)
+    }
+
+    /// [`PolicyEngine::access`] with a commit point: once the access is decided
+    /// (reads only: the device's current value where a filter needs it, the policy
+    /// module), `commit` is called right before the first side effect (counters,
+    /// the device access, the shadow store, the decision record). If it returns
+    /// false nothing is done and `Ok(None)` comes back: the decision is void (a
+    /// pause claimed the vCPU; see `lifecycle::quiesce`), make it again later.
+    #[inline(always)]
+    pub fn access_committing(
+        &self,
+        dev: &mut dyn Device,
+        off: u64,
+        data: &mut [u8],
+        write: bool,
+        commit: impl FnOnce() -> bool,
+    ) -> Result<Option<Outcome>, DeviceError> {
         check_access(off, data.len())?;
-        let (module, plan) = match self.slot.decide(|m| match m {
+        let (module, version, plan) = match self.slot.decide_versioned(|m| match m {
             Some(m) => plan(&m.profile, self.forced, dev, off, data, write),
             None => Ok(Plan::EMPTY),
         }) {
-            Ok((Some(m), p)) => (m, p?),
+            Ok((Some(m), v, p)) => (Some(m), v, p?),
             // No policy module, or one that kept changing: drop the access (reads
             // return 0), fail closed.
-            Ok((None, _)) | Err(_) => {
-                if !write {
-                    data.fill(0);
-                }
-                return Ok(Outcome::default());
+            Ok((None, ..)) | Err(_) => (None, 0, Plan::EMPTY),
+        };
+        if !commit() {
+            return Ok(None);
+        }
+        let Some(module) = module else {
+            if !write {
+                data.fill(0);
             }
+            return Ok(Some(Outcome::default()));
         };
         if plan.fault {
             self.stats[stat_shard()]
                 .faults
                 .fetch_add(1, Ordering::Relaxed);
         }
-        self.apply(module, &plan, dev, data, write, plan.fault)
+        self.apply(module, version, &plan, dev, data, write, plan.fault)
+            .map(Some)
     }
 
     /// Carry out the pieces of one store that KVM split into several exits
@@ -789,7 +828,7 @@ impl PolicyEngine {
             });
         }
         // Every piece decided by one version of the policy module.
-        let decided = self.slot.decide(|m| {
+        let decided = self.slot.decide_versioned(|m| {
             let mut plans = [Plan::EMPTY; MAX_PIECES];
             if let Some(m) = m {
                 for (i, (off, buf, len)) in pieces.iter().enumerate() {
@@ -798,9 +837,9 @@ impl PolicyEngine {
             }
             Ok::<_, DeviceError>(plans)
         });
-        let (module, plans) = match decided {
-            Ok((Some(m), p)) => (m, p?),
-            Ok((None, _)) | Err(_) => return Ok(false), // dropped, fail closed
+        let (module, version, plans) = match decided {
+            Ok((Some(m), v, p)) => (m, v, p?),
+            Ok((None, ..)) | Err(_) => return Ok(false), // dropped, fail closed
         };
         let fault = plans[..pieces.len()].iter().any(|p| p.fault);
         if fault {
@@ -809,7 +848,7 @@ impl PolicyEngine {
                 .fetch_add(1, Ordering::Relaxed);
         }
         for (((_, buf, len), out), plan) in pieces.iter_mut().zip(outs.iter_mut()).zip(&plans) {
-            *out = self.apply(module, plan, dev, &mut buf[..*len], true, fault)?;
+            *out = self.apply(module, version, plan, dev, &mut buf[..*len], true, fault)?;
         }
         Ok(fault)
     }
@@ -829,9 +868,11 @@ impl PolicyEngine {
 
     /// Phase 2: carry out the decided parts (none if `fault`), count, alarm, record.
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     fn apply(
         &self,
         active: &Active,
+        version: u64,
         plan: &Plan,
         dev: &mut dyn Device,
         data: &mut [u8],
@@ -842,6 +883,7 @@ impl PolicyEngine {
         let mut out = Outcome {
             fault,
             hits: [None; 3],
+            decided_by: None,
         };
         let st = &self.stats[stat_shard()];
         st.parts.fetch_add(plan.n as u64, Ordering::Relaxed);
@@ -908,6 +950,9 @@ impl PolicyEngine {
                     rule,
                 });
             }
+            if out.hits[i].is_some() {
+                out.decided_by = Some(version);
+            }
             if let Some(rec) = &self.record {
                 lock(rec).push(Decided {
                     word: w,
@@ -924,9 +969,13 @@ impl PolicyEngine {
         Ok(out)
     }
 
-    /// Build the alarm for `hit` (RIP and instruction supplied by the vCPU).
+    /// Build the alarm for `hit` (RIP and instruction supplied by the vCPU), naming
+    /// the rules of policy version `decided_by` (the one that decided the hit:
+    /// [`Outcome::decided_by`]), of the active profile if None.
+    #[allow(clippy::too_many_arguments)]
     pub fn alarm(
         &self,
+        decided_by: Option<u64>,
         vcpu: u8,
         rip: u64,
         insn_rip: Option<u64>,
@@ -934,7 +983,10 @@ impl PolicyEngine {
         access_len: usize,
         hit: &AlarmHit,
     ) -> Alarm {
-        let p = self.profile();
+        let p = decided_by
+            .and_then(|v| self.slot.installed(v))
+            .and_then(|m| m.module.as_ref().map(|m| m.profile.clone()))
+            .unwrap_or_else(|| self.profile());
         Alarm {
             t_us: self.elapsed_us(),
             vcpu,
@@ -1081,6 +1133,41 @@ mod tests {
         assert_eq!(r.per_register.get("DEVICE_KEY[2]"), Some(&1));
     }
 
+    /// Issue 21.7: a vCPU raises an access's alarms after its committing section
+    /// (a quiesce may swap the policy in between): the alarm names the rule of the
+    /// version that decided, not of the one installed by then.
+    #[test]
+    fn an_alarm_raised_after_a_swap_names_the_rule_that_decided() {
+        let prof = |name: &str, text: &str| {
+            Arc::new(
+                PolicyFile::parse(text, "t.toml")
+                    .expect("parse")
+                    .compile(name, "t.toml")
+                    .expect("compile"),
+            )
+        };
+        let rule = |name: &str| {
+            format!("[[profile.{name}]]\nregister = \"SCRATCH[0]\"\naccess = \"write\"\naction = \"drop\"\nalarm = true\n")
+        };
+        let e =
+            PolicyEngine::new(prof("old", &rule("old")), &AlarmConfig::default()).expect("engine");
+        let mut d = model();
+        let off = u64::from(Reg::Scratch.offset());
+        let out = e
+            .access(&mut *d, off, &mut 7u32.to_le_bytes(), true)
+            .expect("access");
+        let hit = out.hits[0].expect("alarmed");
+        e.replace_quiesced(Arc::new(PolicyModule::new(prof("new", &rule("new")))), 2);
+        let a = e.alarm(out.decided_by, 0, 0, None, String::new(), 4, &hit);
+        assert_eq!(a.profile, "old", "named by the version that decided");
+        assert_eq!(a.rule, 1);
+        // (Named by the installed version it would be wrong: the difference is real.)
+        assert_eq!(
+            e.alarm(None, 0, 0, None, String::new(), 4, &hit).profile,
+            "new"
+        );
+    }
+
     #[test]
     fn shadow_and_fault_rules() {
         let f = PolicyFile::parse(
@@ -1219,7 +1306,7 @@ mod tests {
             for h in o.hits.iter().flatten() {
                 if e.alarms.admit(h, 0).is_some() {
                     e.alarms
-                        .push(e.alarm(0, 0x1000, Some(0x1000), "mov".into(), 4, h));
+                        .push(e.alarm(None, 0, 0x1000, Some(0x1000), "mov".into(), 4, h));
                 }
             }
         }

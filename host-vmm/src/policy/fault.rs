@@ -92,7 +92,8 @@ impl Ctx<'_> {
             let (rip, insn_rip, insn) = site
                 .get_or_insert_with(|| locate(self.mem, vcpu, synced, gpa, len, write, cache))
                 .clone();
-            let mut a = self.engine.alarm(idx, rip, insn_rip, insn, len, hit);
+            let by = out.decided_by;
+            let mut a = self.engine.alarm(by, idx, rip, insn_rip, insn, len, hit);
             a.t_us = t_us;
             a.count = key.count;
             a.first_us = key.first_us;

@@ -18,13 +18,18 @@
 //! rather than panicking.
 //!
 //! Each vCPU publishes where it is to the rendezvous ([`crate::lifecycle::quiesce`]):
-//! idle in `Parked`, in KVM_RUN inside `Running`, busy from KVM_RUN's return through
-//! `Deciding`/`Gathering`/`Completing` back to `Parked` — except while a trapped
-//! access waits for the device's lock (idle: `Deciding` re-enters busy holding the
-//! lock, or, claimed meanwhile, drops it, waits and routes the access again). A pause claims idle and
-//! in-KVM_RUN vCPUs by that state, without their threads having to run, and waits
-//! only for busy ones; a claimed vCPU waits before handling its next exit (and, in a
-//! stopping pause, before entering KVM_RUN). So no access is ever half-decided when
+//! idle in `Parked`, in KVM_RUN inside `Running`; a trapped access for the policy
+//! engine is *deciding* from KVM_RUN's return through its dispatch, the wait for the
+//! device's lock and the policy decision, and *busy* (committing) from its commit
+//! point (right before the first side effect) to the end of the access — before the
+//! device's lock is dropped (its alarms are raised after it), unless it faults
+//! (then through `Completing` to `Parked`); any
+//! other exit is busy from KVM_RUN's return through `Gathering`/`Completing` back to
+//! `Parked`; a KVM_RUN that returns without an exit (a kick) is idle at once. A pause claims idle, in-KVM_RUN and deciding vCPUs by that state,
+//! without their threads having to run, and waits only for busy ones; a claimed vCPU
+//! waits before handling its next exit (and, in a stopping pause, before entering
+//! KVM_RUN); one claimed while deciding fails its commit, drops the lock, waits, and
+//! handles the access again from the start. So no access is ever half-decided when
 //! the VMM acts.
 //!
 //! The loop knows its VM only through [`VcpuHost`] (with [`ExitBus`] and
@@ -336,11 +341,23 @@ impl<H: VcpuHost> Vcpu<'_, H> {
             self.ask_registers();
         }
         let ran = self.fd.run();
-        // Into device and policy code (busy) until the next `Parked`; if a pause
-        // claimed this vCPU while it was in KVM_RUN, wait here before handling the
-        // exit.
-        member.left_run();
-        let probe = HandlerProbe::enter();
+        // A trapped access for the policy engine is handled up to its commit point
+        // without a side effect (route, device lock, decision: `DECIDING`, where a
+        // pause claims it by state; `decide` commits); any other exit goes into
+        // device and policy code at once (busy). If a pause claimed this vCPU while
+        // it was in KVM_RUN, it waits here before handling the exit.
+        let deciding = self.shared.policy_on()
+            && matches!(&ran, Ok(VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..)));
+        if deciding {
+            member.left_run_deciding();
+        } else if ran.is_err() {
+            // No exit to handle (a kick: the watchdog's sample reads only this
+            // vCPU's registers).
+            member.left_run_idle();
+        } else {
+            member.left_run();
+        }
+        let probe = (!deciding && ran.is_ok()).then(HandlerProbe::enter);
         let (mut event, kicked) = self.book.run_event(self.shared, ran);
         if event == Event::Handled(Next::Emulation)
             && self.shared.on_unemulated() == OnUnemulated::Ud
@@ -348,11 +365,12 @@ impl<H: VcpuHost> Vcpu<'_, H> {
             event = self.unemulated_ud();
         }
         drop(probe);
-        if let Event::Handled(Next::Policy(_)) = event {
-            // Out of the busy section while the access waits for the device's lock
-            // (a preempted lock holder must not make every vCPU behind it hold up a
-            // pause); `decide` re-enters it holding the lock.
-            member.leave_busy();
+        // A trapped access the policy engine does not decide (expansion ROM, BAR
+        // disabled, nothing there) only read to be answered; if a pause claimed the
+        // vCPU meanwhile, answer it again after the release.
+        while deciding && !matches!(event, Event::Handled(Next::Policy(_))) && !member.commit() {
+            member.decide_again();
+            event = self.mmio_again();
         }
         if kicked {
             // A kick (pause or stop): the request flag was set before the kick, so the
@@ -471,26 +489,54 @@ impl<H: VcpuHost> Vcpu<'_, H> {
         }
     }
 
-    /// `Deciding`: carry out a trapped BAR0 access through the policy engine.
+    /// The MMIO exit being handled, dispatched again from `kvm_run` (its data is
+    /// still there: nothing consumed it), without counting it again.
+    fn mmio_again(&mut self) -> Event {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: called only while handling a KVM_EXIT_MMIO exit, so `mmio` is the
+        // union's active member; `len` is clamped to its 8-byte data array.
+        let m = unsafe { &mut run.__bindgen_anon_1.mmio };
+        let (addr, len) = (m.phys_addr, (m.len as usize).min(8));
+        let exit = if m.is_write != 0 {
+            VcpuExit::MmioWrite(addr, &m.data[..len])
+        } else {
+            VcpuExit::MmioRead(addr, &mut m.data[..len])
+        };
+        let next = handle_exit(
+            self.book.idx,
+            exit,
+            self.shared,
+            &mut ExitCounts::default(),
+            &mut None,
+            0,
+        );
+        Event::Handled(next)
+    }
+
+    /// `Deciding`: carry out a trapped BAR0 access through the policy engine. The
+    /// vCPU decides (`DECIDING`: a pause claims it by state) and commits right
+    /// before the first side effect; claimed meanwhile, it drops the device's lock,
+    /// waits for the release and decides again from the start.
     fn decide(&mut self, p: Pending, member: &Member<'_>) -> Event {
         let Some(ctx) = ctx(self.shared) else {
             // (Never: a policy access comes only with an engine.)
             return Event::Decided;
         };
-        // The device's lock first, outside the busy section; then busy again. A
-        // pause that claimed this vCPU meanwhile is waited out without the lock.
         let mut p = p;
-        let mut dev = loop {
+        loop {
             let dev = self.shared.device_lock();
-            if member.try_busy() {
-                break dev;
+            if member.still_deciding() {
+                if let Some(ev) = self.decide_locked(&ctx, dev, p, member) {
+                    return ev;
+                }
+            } else {
+                drop(dev);
             }
-            drop(dev);
-            member.wait_released();
+            member.decide_again();
             if self.shared.stop_flag().load(Ordering::Acquire) {
                 return Event::Decided;
             }
-            // A hold came between the exit's dispatch and its access: route it again
+            // A hold came between the exit's dispatch and its commit: route it again
             // (the device may have left the guest meanwhile: reads all ones, writes
             // dropped, as for a disabled BAR).
             match self.shared.route(p.addr) {
@@ -502,8 +548,19 @@ impl<H: VcpuHost> Vcpu<'_, H> {
                     return Event::Decided;
                 }
             }
-        };
-        let _probe = HandlerProbe::enter();
+        }
+    }
+
+    /// One try at [`Vcpu::decide`] holding the device's lock: None if a pause
+    /// claimed the vCPU before its commit point (nothing was done; the lock is
+    /// dropped).
+    fn decide_locked(
+        &mut self,
+        ctx: &Ctx<'_>,
+        mut dev: MutexGuard<'_, Box<dyn Device>>,
+        p: Pending,
+        member: &Member<'_>,
+    ) -> Option<Event> {
         // A store KVM hands over in pieces (a 16/32-byte move as 8-byte exits, any
         // store split at a page end, e.g. 4 + 8 + 4) with a fault rule within its
         // reach: gather every piece and decide them together, before any lands.
@@ -513,32 +570,52 @@ impl<H: VcpuHost> Vcpu<'_, H> {
         {
             if let Some(size) = crate::policy::fault::store_size(ctx.mem, &self.fd, p.addr, p.len) {
                 if size > p.len && size <= 32 {
-                    // Gathered busy (`gather` takes the device's lock itself).
-                    return Event::SplitStore(size);
+                    // Gathered committed (the pieces leave KVM as they are read;
+                    // `gather` takes the device's lock itself).
+                    return member.commit().then_some(Event::SplitStore(size));
                 }
             }
         }
         let mut buf = p.buf;
+        let (idx, stop) = (self.book.idx, self.shared.stop_flag());
+        let mut probe = None;
         let r = ctx
             .engine
-            .access(&mut **dev, p.off, &mut buf[..p.len], p.write);
-        drop(dev);
+            .access_committing(&mut **dev, p.off, &mut buf[..p.len], p.write, || {
+                member.test_hold_deciding(idx, stop);
+                let ok = member.commit();
+                if ok {
+                    probe = Some(HandlerProbe::enter());
+                }
+                ok
+            });
         let out: Outcome = match r {
-            Ok(o) => o,
+            Ok(Some(o)) => o,
+            Ok(None) => return None,
             Err(e) => {
+                drop(dev);
                 let (rip, insn) =
                     crate::policy::fault::name_access(ctx.mem, &self.fd, p.addr, p.len, p.write);
-                return Event::Failed(Box::new(Verdict::BadAccess {
-                    vcpu: self.book.idx,
+                return Some(Event::Failed(Box::new(Verdict::BadAccess {
+                    vcpu: idx,
                     addr: p.addr,
                     len: p.len,
                     write: p.write,
                     detail: e.to_string(),
                     rip,
                     insn,
-                }));
+                })));
             }
         };
+        let alarms = out.hits.iter().any(Option::is_some);
+        if !out.fault {
+            // Carried out: out of the committing section before the unlock wakes a
+            // waiter that may preempt this thread. (Its alarms name the rules of the
+            // version that decided: `Outcome::decided_by`.)
+            drop(probe.take());
+            member.leave_busy();
+        }
+        drop(dev);
         if !p.write {
             // A faulting read is finished by KVM before the fault is delivered: give
             // it zeros, never stale bytes of an earlier exit.
@@ -547,25 +624,17 @@ impl<H: VcpuHost> Vcpu<'_, H> {
             }
             self.answer_read(&buf[..p.len]);
         }
-        self.alarm_streak = out.hits.iter().any(Option::is_some);
-        if self.alarm_streak {
-            let (idx, fd, cache) = (self.book.idx, &self.fd, &mut self.site_cache);
-            ctx.raise_alarms(
-                idx,
-                fd,
-                self.regs_synced,
-                p.addr,
-                p.len,
-                p.write,
-                &out,
-                cache,
-            );
+        self.alarm_streak = alarms;
+        if alarms {
+            let (fd, synced, cache) = (&self.fd, self.regs_synced, &mut self.site_cache);
+            ctx.raise_alarms(idx, fd, synced, p.addr, p.len, p.write, &out, cache);
         }
-        if out.fault {
+        drop(probe);
+        Some(if out.fault {
             Event::Faulted
         } else {
             Event::Decided
-        }
+        })
     }
 
     /// Answer the MMIO read being handled with `data` (at most 8 bytes).
