@@ -315,7 +315,10 @@ fn relay_oob(seconds: Option<f64>) -> Result<()> {
         }
         end.store(true, Ordering::SeqCst);
     });
-    let deadline = seconds.map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
+    // (Seconds too large for a Duration, or infinite: no deadline.)
+    let deadline = seconds
+        .and_then(|s| Duration::try_from_secs_f64(s.max(0.0)).ok())
+        .and_then(|d| Instant::now().checked_add(d));
     server.serve_with(
         &mut |req| {
             // An answer that came too late for an earlier request is not this one's.

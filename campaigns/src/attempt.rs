@@ -560,8 +560,7 @@ impl Att<'_> {
             baud,
         };
         let r = self.run_remote(k, label, spec, r).await;
-        let faults = relay.faults();
-        drop(relay);
+        let faults = relay.finish();
         let stderr = std::fs::read_to_string(self.file(k, label, "stderr.txt")).unwrap_or_default();
         self.board_check(k, label, &r, &stderr)?;
         if !faults.is_empty() {

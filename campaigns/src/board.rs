@@ -15,7 +15,7 @@
 use crate::format::Board;
 use hilrig_counters::decide::Observation;
 use hilrig_counters::source::{CounterSource, SerialSource};
-use hilrig_device::oob::{encode_response, CounterReport, ErrorCode, Request, Response};
+use hilrig_device::oob::{CounterReport, Request, Response};
 use hilrig_device::{DeviceConfig, NvState};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -309,9 +309,9 @@ const RELAY_START: Duration = Duration::from_secs(20);
 /// `hilrig fpga relay-oob` (its PTY there is the VMM's `oob=`) sends each OOB
 /// frame the VMM writes over the SSH session; the runner puts it on the board's
 /// OOB port on the controller's end and sends the board's answer back. Reads
-/// only (IDENTIFY, READ_COUNTERS, READ_HASH): a PHYSICAL_RESET from the host is
-/// refused without reaching the board (and recorded as a fault), a malformed
-/// frame answered as a device would. The rig's own readings never go through
+/// only (IDENTIFY, READ_COUNTERS, READ_HASH): a PHYSICAL_RESET from the host, a
+/// malformed frame or any other request is refused without reaching the board
+/// and without an answer (recorded as a fault: the step is INFRA). The rig's own readings never go through
 /// it (nor through the VMM). Ended when dropped:
 /// the session is killed (the host's relay sees the end of its input).
 pub struct OobRelay {
@@ -325,14 +325,15 @@ pub struct OobRelay {
 }
 
 impl OobRelay {
-    /// What failed on the controller's end while the relay ran (empty: nothing).
-    pub fn faults(&self) -> Vec<String> {
+    /// End the relay (the session killed, its pump joined, so a board read
+    /// still in flight is accounted for) and say what failed on the
+    /// controller's end while it ran (empty: nothing).
+    pub fn finish(mut self) -> Vec<String> {
+        self.stop();
         self.faults.lock().map(|f| f.clone()).unwrap_or_default()
     }
-}
 
-impl Drop for OobRelay {
-    fn drop(&mut self) {
+    fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if let Some(p) = self.pump.take() {
@@ -341,9 +342,10 @@ impl Drop for OobRelay {
     }
 }
 
-/// The sequence number of a request frame (0 if it has none).
-fn seq_of(f: &[u8]) -> u8 {
-    f.get(2).copied().unwrap_or(0)
+impl Drop for OobRelay {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 /// Why the OOB relay has no answer from the board (the host's request times out).
@@ -364,6 +366,9 @@ enum RelayError {
         path: String,
         source: crate::scenario::ScenarioError,
     },
+    /// Not put on the line (recorded as a fault where it was refused).
+    #[error("refused")]
+    Refused,
 }
 
 /// One OOB frame on the board's port (opened for this frame only: the runner
@@ -431,7 +436,8 @@ pub fn relay(oob: &str, baud: u32, mut relay: Command) -> Result<OobRelay, Board
         use std::io::{BufRead, Read, Write};
         let mut out = std::io::BufReader::new(out);
         let mut first = String::new();
-        let ok = out.read_line(&mut first).is_ok();
+        // The host's first line names its PTY: bounded like every reply.
+        let ok = (&mut out).take(4096).read_line(&mut first).is_ok();
         let _ = tx.send(
             first
                 .trim_end()
@@ -450,28 +456,27 @@ pub fn relay(oob: &str, baud: u32, mut relay: Command) -> Result<OobRelay, Board
                 let Some(StreamEvent::Frame(f)) = reader.push(b) else {
                     continue;
                 };
-                let refuse = |code, request, why: Option<String>| {
-                    if let (Some(w), Ok(mut v)) = (why, seen.lock()) {
-                        v.push(w);
+                let refuse = |why: String| -> Result<Vec<u8>, RelayError> {
+                    if let Ok(mut v) = seen.lock() {
+                        v.push(why);
                     }
-                    Ok(encode_response(
-                        seq_of(&f),
-                        &Response::Error { code, request },
-                    ))
+                    Err(RelayError::Refused)
                 };
                 let answer = match hilrig_device::oob::decode_request(&f) {
-                    // Reads only: a host's VMM never resets the board.
+                    // Reads only, named one by one (a request added later does
+                    // not reach the board by default).
+                    Ok((_, Request::Identify | Request::ReadCounters | Request::ReadHash(_))) => {
+                        board_frame(&path, baud, &f)
+                    }
+                    // A host's VMM never resets the board.
                     Ok((_, Request::PhysicalReset(_))) => refuse(
-                        ErrorCode::UnknownCommand,
-                        hilrig_device::oob::cmd::PHYSICAL_RESET,
-                        Some(
-                            "the host sent PHYSICAL_RESET through the OOB relay: refused (it lends reads only)"
-                                .into(),
-                        ),
+                        "the host sent PHYSICAL_RESET through the OOB relay: refused, not answered (it lends reads only)"
+                            .into(),
                     ),
-                    Ok(_) => board_frame(&path, baud, &f),
-                    // Malformed: answered as a device would, never put on the line.
-                    Err((_, code, request)) => refuse(code, request, None),
+                    // Malformed: never put on the line, and no answer made up.
+                    Err((_, code, request)) => refuse(format!(
+                        "the host sent a malformed OOB frame through the relay ({code:?}, request {request:#04x}): not answered"
+                    )),
                 };
                 match answer {
                     Ok(answer) => {
@@ -484,6 +489,7 @@ pub fn relay(oob: &str, baud: u32, mut relay: Command) -> Result<OobRelay, Board
                         }
                     }
                     // No answer is made up: the VMM's OOB request times out.
+                    Err(RelayError::Refused) => {}
                     Err(e) => {
                         if let Ok(mut v) = seen.lock() {
                             v.push(e.to_string());

@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | `IDLE` | in the VMM between exits (or back from a KVM_RUN without an exit: a kick), touching no device, policy or PCI state | claims it by state |
 //! | `RUN` | inside KVM_RUN | claims it by state |
-//! | `DECIDING` | handling a trapped BAR0 access before its commit point: routing it, waiting for the device's lock, the policy decision (reads only: nothing it did is seen by anyone) | claims it by state (`CLAIMED_DECIDING`); the decision is void |
+//! | `DECIDING` | handling a trapped BAR0 access before its commit point: routing it, waiting for the device's lock, the policy decision (nothing it did is seen by anyone: an access whose decision must read the device, a rule filtering on the value, commits before that read) | claims it by state (`CLAIMED_DECIDING`); the decision is void |
 //! | `BUSY` | committing: from the commit point (before the first side effect: the device access, the shadow store, the decision record) to the end of the access; any other exit's handling (port I/O, PCI, split stores, #GP injection) | waits for it to leave (short; spins for 10 µs, then sleeps until it leaves) |
 //! | `CLAIMED_IDLE` / `CLAIMED_RUN` / `CLAIMED_DECIDING` | counted as parked by the pause | — |
 //! | `ABORTED` | released from `CLAIMED_DECIDING`: the decision it was making must be made again | claims it by state |
@@ -315,25 +315,6 @@ impl Member<'_> {
     #[inline]
     pub fn left_run_deciding(&self) {
         self.left_run_to(DECIDING);
-    }
-
-    /// [`Member::left_run`] for a KVM_RUN that returned without an exit to handle
-    /// (a kick, EAGAIN, an error): the vCPU touches no device, policy or PCI state
-    /// before its next checkpoint (the stuck-RIP sample reads only its own
-    /// registers), so it is `IDLE` at once, claimed or not (a claim stays: the
-    /// checkpoint holds it in a stopping pause).
-    #[inline]
-    pub fn left_run_idle(&self) {
-        let Some(i) = self.slot else { return };
-        let slot = &self.rv.slots[i];
-        for (from, to) in [(RUN, IDLE), (CLAIMED_RUN, CLAIMED_IDLE), (RUN, IDLE)] {
-            if slot
-                .compare_exchange(from, to, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok()
-            {
-                return;
-            }
-        }
     }
 
     #[inline]

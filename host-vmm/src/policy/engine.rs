@@ -780,19 +780,32 @@ impl PolicyEngine {
         write: bool,
         commit: impl FnOnce() -> bool,
     ) -> Result<Option<Outcome>, DeviceError> {
-        check_access(off, data.len())?;
-        let (module, version, plan) = match self.slot.decide_versioned(|m| match m {
-            Some(m) => plan(&m.profile, self.forced, dev, off, data, write),
-            None => Ok(Plan::EMPTY),
-        }) {
-            Ok((Some(m), v, p)) => (Some(m), v, p?),
-            // No policy module, or one that kept changing: drop the access (reads
-            // return 0), fail closed.
-            Ok((None, ..)) | Err(_) => (None, 0, Plan::EMPTY),
-        };
-        if !commit() {
+        let mut commit = Some(commit);
+        // Committed already, or now (false: a pause claimed the vCPU).
+        let mut committed = || commit.take().is_none_or(|c| c());
+        // A rule that filters on the register's value reads the device to decide
+        // (a read-to-clear register must not be read twice): such an access
+        // commits before it decides, and is decided in the busy section.
+        if self.reads_to_decide(off, data.len(), write) && !committed() {
             return Ok(None);
         }
+        let decided = check_access(off, data.len()).and_then(|()| {
+            match self.slot.decide_versioned(|m| match m {
+                Some(m) => plan(&m.profile, self.forced, dev, off, data, write),
+                None => Ok(Plan::EMPTY),
+            }) {
+                Ok((Some(m), v, p)) => p.map(|p| (Some(m), v, p)),
+                // No policy module, or one that kept changing: drop the access
+                // (reads return 0), fail closed.
+                Ok((None, ..)) | Err(_) => Ok((None, 0, Plan::EMPTY)),
+            }
+        });
+        // A bad access is reported only when committed: claimed meanwhile, it is
+        // decided again (perhaps by another version) after the pause.
+        if !committed() {
+            return Ok(None);
+        }
+        let (module, version, plan) = decided?;
         let Some(module) = module else {
             if !write {
                 data.fill(0);
@@ -851,6 +864,20 @@ impl PolicyEngine {
             *out = self.apply(module, version, plan, dev, &mut buf[..*len], true, fault)?;
         }
         Ok(fault)
+    }
+
+    /// Whether deciding an access of `len` bytes at `off` reads the device (a
+    /// rule of the installed policy filters on the value of a word it touches).
+    #[inline]
+    fn reads_to_decide(&self, off: u64, len: usize, write: bool) -> bool {
+        let Some(m) = self.slot.peek() else {
+            return false;
+        };
+        let p = &m.profile;
+        let end = (off + len as u64).min(BAR0_SIZE);
+        (off & !3..end)
+            .step_by(4)
+            .any(|w| p.needs_value(w as u32, write) && (!write || merges_writes(w as u32)))
     }
 
     /// Whether a write fault rule covers any word in `start..end` (cheap; decides
@@ -1216,6 +1243,65 @@ mod tests {
         e.access(&mut *d, s0 as u64, &mut r, false).expect("r");
         assert_eq!(u32::from_le_bytes(r), 0);
         assert_eq!(e.report().faults, 1);
+    }
+
+    /// A device counting the reads that reach it.
+    struct CountingReads(u32);
+
+    impl Device for CountingReads {
+        fn read_word(&mut self, _word: u32, _mask: u8) -> Result<u32, DeviceError> {
+            self.0 += 1;
+            Ok(1)
+        }
+        fn write_word(&mut self, _word: u32, _value: u32, _mask: u8) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn rom_size(&self) -> u64 {
+            0
+        }
+        fn rom_read(&mut self, _offset: u64, _data: &mut [u8]) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn reset(&mut self, _kind: hilrig_device::ResetKind) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn oob(&mut self, _request: &[u8]) -> Result<Vec<u8>, DeviceError> {
+            Ok(Vec::new())
+        }
+    }
+
+    /// A decision voided by a pause (`commit` false) leaves no trace on the device,
+    /// even when a rule filtering on the value needs the register read to decide:
+    /// such an access commits before it reads (a read-to-clear register read while
+    /// deciding, then again when decided anew after the pause, would lose data).
+    #[test]
+    fn a_voided_decision_never_read_the_device() {
+        let f = PolicyFile::parse(
+            "[[profile.t]]\nregister = \"SCRATCH[1]\"\naccess = \"read\"\n\
+             filter = { deny = [1], mask = 1 }\naction = \"drop\"\n",
+            "<test>",
+        )
+        .and_then(|f| f.compile("t", "<test>"))
+        .expect("profile");
+        let e = PolicyEngine::new(Arc::new(f), &AlarmConfig::default()).expect("engine");
+        let scratch = Reg::Scratch.offset() as u64;
+        let mut dev = CountingReads(0);
+        let mut buf = [0u8; 4];
+        // Filtered: the pause claimed the vCPU before the read, nothing was read.
+        let r = e.access_committing(&mut dev, scratch + 4, &mut buf, false, || false);
+        assert_eq!((r.ok().flatten().is_none(), dev.0), (true, 0));
+        // Committed: read once, to decide (denied value 1: dropped, reads 0).
+        let r = e.access_committing(&mut dev, scratch + 4, &mut buf, false, || true);
+        assert!(r.is_ok_and(|o| o.is_some()), "decided");
+        assert_eq!(dev.0, 1, "one read, to decide");
+        // Unfiltered: decided without the device; voided, nothing read.
+        let r = e.access_committing(&mut dev, scratch + 8, &mut buf, false, || false);
+        assert_eq!((r.ok().flatten().is_none(), dev.0), (true, 1));
+        // A bad access is reported only when committed.
+        let r = e.access_committing(&mut dev, 0x1_0000, &mut buf, false, || false);
+        assert!(matches!(r, Ok(None)), "{r:?}");
+        let r = e.access_committing(&mut dev, 0x1_0000, &mut buf, false, || true);
+        assert!(r.is_err(), "{r:?}");
     }
 
     #[test]

@@ -350,14 +350,13 @@ impl<H: VcpuHost> Vcpu<'_, H> {
             && matches!(&ran, Ok(VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..)));
         if deciding {
             member.left_run_deciding();
-        } else if ran.is_err() {
-            // No exit to handle (a kick: the watchdog's sample reads only this
-            // vCPU's registers).
-            member.left_run_idle();
         } else {
+            // Any other exit, and a kicked run too: the watchdog's stuck-RIP sample
+            // routes the RIP (PCI state), reads guest memory and may inject #UD or
+            // end the VM, so it is busy like a handler.
             member.left_run();
         }
-        let probe = (!deciding && ran.is_ok()).then(HandlerProbe::enter);
+        let probe = (!deciding).then(HandlerProbe::enter);
         let (mut event, kicked) = self.book.run_event(self.shared, ran);
         if event == Event::Handled(Next::Emulation)
             && self.shared.on_unemulated() == OnUnemulated::Ud
