@@ -25,9 +25,8 @@ use hilrig_device::{Device, DeviceError};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 /// Where alarms go and how fast.
 #[derive(Debug, Clone)]
@@ -259,7 +258,10 @@ impl AlarmSink {
         let due = if k.tokens >= 1.0 {
             t_us
         } else if rate > 0.0 {
-            t_us.saturating_add(((1.0 - k.tokens) / rate * 1e6).ceil() as u64)
+            // Rounded up without a libm call on the alarm path.
+            let wait = (1.0 - k.tokens) / rate * 1e6;
+            let whole = wait as u64;
+            t_us.saturating_add(whole + u64::from((whole as f64) < wait))
         } else {
             u64::MAX
         };
@@ -447,19 +449,25 @@ pub struct PolicyEngine {
     /// The alarm sink.
     pub alarms: AlarmSink,
     per_word_alarms: Box<[AtomicU64]>,
-    /// Per-access counters, one shard per vCPU thread (round robin past
-    /// [`STAT_SHARDS`]), summed for reports.
+    /// Per-access counters, a shard per thread that owns one (the vCPUs), the
+    /// last shared by the rest ([`stat_shard`]), summed for reports.
     stats: Box<[StatShard]>,
     alarms_total: AtomicU64,
     record: Option<Mutex<Vec<Decided>>>,
-    start: Instant,
+    /// The engine's clock origin (alarm times): the TSC, no system call on the
+    /// alarm path ([`crate::vstate::ticks`]).
+    start: crate::vstate::ticks::Tick,
     /// BAR0 pages (bit per page) the VM traps whatever the profile says
     /// (`--trap all`): there a page without rules gets the profile's default.
     forced: u16,
 }
 
-/// Shards of the per-access counters.
-const STAT_SHARDS: usize = 8;
+/// Shards of the per-access counters: one per thread that holds a claim (at
+/// most [`OWNED_SHARDS`] threads at a time, e.g. the vCPUs), and the last one
+/// shared by every other thread.
+const STAT_SHARDS: usize = OWNED_SHARDS + 1;
+/// Shards a thread can own.
+const OWNED_SHARDS: usize = 8;
 
 /// One shard of the per-access counters: its own cache lines, so vCPUs counting
 /// their accesses do not pull one line back and forth between cores.
@@ -471,23 +479,73 @@ struct StatShard {
     faults: AtomicU64,
 }
 
-/// This thread's counter shard (assigned on first use, round robin).
-#[inline]
-fn stat_shard() -> usize {
-    use std::sync::atomic::AtomicUsize;
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static SHARD: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
-    }
-    SHARD.with(|c| {
-        let v = c.get();
-        if v != usize::MAX {
-            return v;
+/// A thread's counter shard: owned (only this thread writes it, in every engine,
+/// while the thread lives), or the shared one.
+#[derive(Clone, Copy)]
+struct ShardRef {
+    index: usize,
+    owned: bool,
+}
+
+impl ShardRef {
+    /// Add `n` to `counter` of this shard: an owned shard has one writer, so a
+    /// plain load and store (no locked instruction on the per-access path); the
+    /// shared shard adds atomically.
+    #[inline(always)]
+    fn add(self, counter: &AtomicU64, n: u64) {
+        if self.owned {
+            counter.store(counter.load(Ordering::Relaxed) + n, Ordering::Relaxed);
+        } else {
+            counter.fetch_add(n, Ordering::Relaxed);
         }
-        let v = NEXT.fetch_add(1, Ordering::Relaxed) % STAT_SHARDS;
-        c.set(v);
-        v
-    })
+    }
+}
+
+/// Which threads own which shard, process-wide (a claim is released when its
+/// thread ends, with release ordering, so the next owner's plain loads see every
+/// count its predecessor stored).
+static SHARD_OWNED: [AtomicBool; OWNED_SHARDS] = [const { AtomicBool::new(false) }; OWNED_SHARDS];
+
+/// A thread's claim on a shard, released when the thread ends.
+struct ShardClaim(ShardRef);
+
+impl Drop for ShardClaim {
+    fn drop(&mut self) {
+        if self.0.owned {
+            SHARD_OWNED[self.0.index].store(false, Ordering::Release);
+        }
+    }
+}
+
+/// This thread's counter shard (claimed on first use; the shared one when every
+/// owned shard is taken).
+#[inline]
+fn stat_shard() -> ShardRef {
+    thread_local! {
+        static SHARD: ShardClaim = ShardClaim(claim_shard());
+    }
+    SHARD
+        .try_with(|c| c.0)
+        // Asked while the thread's locals are being destroyed: the shared shard.
+        .unwrap_or(ShardRef {
+            index: OWNED_SHARDS,
+            owned: false,
+        })
+}
+
+#[cold]
+fn claim_shard() -> ShardRef {
+    for (index, o) in SHARD_OWNED.iter().enumerate() {
+        if o.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+        {
+            return ShardRef { index, owned: true };
+        }
+    }
+    ShardRef {
+        index: OWNED_SHARDS,
+        owned: false,
+    }
 }
 
 fn action_index(a: Action) -> usize {
@@ -526,21 +584,40 @@ impl std::ops::DerefMut for PolicyReport {
 
 pub use hilrig_vmm_api::PolicySummary;
 
+/// One register-sized part of a planned access (bytes within an 8-byte access fit
+/// a byte each; the plan stays small enough to be copied inline, no `memcpy`).
+#[derive(Clone, Copy)]
+struct Part {
+    word: u32,
+    /// Byte mask within the word.
+    mask: u8,
+    /// First byte within the word.
+    biw: u8,
+    /// First byte within the access's data.
+    ds: u8,
+    len: u8,
+}
+
 /// Phase 1 of an access: every register-sized part decided, nothing done yet.
 #[derive(Clone, Copy)]
 struct Plan {
-    /// (word, byte mask, byte in word, data start, len)
-    parts: [(u32, u8, usize, usize, usize); 3],
+    parts: [Part; 3],
     decs: [crate::policy::Decision; 3],
     /// (bits written in place / device value, filter value, device value known)
     vals: [(u32, u32, bool); 3],
-    n: usize,
+    n: u8,
     fault: bool,
 }
 
 impl Plan {
     const EMPTY: Plan = Plan {
-        parts: [(0, 0, 0, 0, 0); 3],
+        parts: [Part {
+            word: 0,
+            mask: 0,
+            biw: 0,
+            ds: 0,
+            len: 0,
+        }; 3],
         decs: [crate::policy::Decision::ALLOW; 3],
         vals: [(0, 0, false); 3],
         n: 0,
@@ -549,21 +626,17 @@ impl Plan {
 }
 
 #[inline(always)]
-fn plan(
+#[allow(clippy::too_many_arguments)]
+fn plan_into(
     p: &Profile,
     forced: u16,
     dev: &mut dyn Device,
     off: u64,
     data: &[u8],
     write: bool,
-) -> Result<Plan, DeviceError> {
-    let mut pl = Plan {
-        parts: [(0, 0, 0, 0, 0); 3],
-        decs: [crate::policy::Decision::ALLOW; 3],
-        vals: [(0, 0, false); 3],
-        n: 0,
-        fault: false,
-    };
+    pl: &mut Plan,
+) -> Result<(), DeviceError> {
+    *pl = Plan::EMPTY;
     for part in split_access(off, data.len()) {
         let (w, m) = (part.word, byte_mask_bits(part.mask));
         let (bits, fv, known) = if write {
@@ -591,12 +664,19 @@ fn plan(
             d = p.default_decision();
         }
         pl.fault |= d.action == Action::Fault;
-        pl.parts[pl.n] = (w, part.mask, part.byte_in_word, part.data_start, part.len);
-        pl.decs[pl.n] = d;
-        pl.vals[pl.n] = (bits, fv, known);
+        let i = usize::from(pl.n);
+        pl.parts[i] = Part {
+            word: w,
+            mask: part.mask,
+            biw: part.byte_in_word as u8,
+            ds: part.data_start as u8,
+            len: part.len as u8,
+        };
+        pl.decs[i] = d;
+        pl.vals[i] = (bits, fv, known);
         pl.n += 1;
     }
-    Ok(pl)
+    Ok(())
 }
 
 impl PolicyEngine {
@@ -629,7 +709,7 @@ impl PolicyEngine {
             stats: (0..STAT_SHARDS).map(|_| StatShard::default()).collect(),
             alarms_total: AtomicU64::new(0),
             record: None,
-            start: Instant::now(),
+            start: crate::vstate::ticks::now(),
             forced: 0,
         })
     }
@@ -746,8 +826,9 @@ impl PolicyEngine {
     }
 
     /// Microseconds since the engine started.
+    #[inline]
     pub fn elapsed_us(&self) -> u64 {
-        self.start.elapsed().as_micros() as u64
+        crate::vstate::ticks::ns_since(self.start) / 1000
     }
 
     /// Carry out one trapped access of `data.len()` bytes at BAR0 offset `off`:
@@ -761,16 +842,19 @@ impl PolicyEngine {
         data: &mut [u8],
         write: bool,
     ) -> Result<Outcome, DeviceError> {
-        self.access_committing(dev, off, data, write, || true)
-            .map(Option::unwrap_or_default)
+        let mut out = Outcome::default();
+        self.access_committing(dev, off, data, write, || true, &mut out)?;
+        Ok(out)
     }
 
     /// [`PolicyEngine::access`] with a commit point: once the access is decided
     /// (reads only: the device's current value where a filter needs it, the policy
     /// module), `commit` is called right before the first side effect (counters,
     /// the device access, the shadow store, the decision record). If it returns
-    /// false nothing is done and `Ok(None)` comes back: the decision is void (a
+    /// false nothing is done and `Ok(false)` comes back: the decision is void (a
     /// pause claimed the vCPU; see `lifecycle::quiesce`), make it again later.
+    /// Otherwise the outcome is written to `out` (in place: no copy of it on the
+    /// per-access path) and `Ok(true)` comes back.
     #[inline(always)]
     pub fn access_committing(
         &self,
@@ -779,7 +863,8 @@ impl PolicyEngine {
         data: &mut [u8],
         write: bool,
         commit: impl FnOnce() -> bool,
-    ) -> Result<Option<Outcome>, DeviceError> {
+        out: &mut Outcome,
+    ) -> Result<bool, DeviceError> {
         let mut commit = Some(commit);
         // Committed already, or now (false: a pause claimed the vCPU).
         let mut committed = || commit.take().is_none_or(|c| c());
@@ -787,38 +872,43 @@ impl PolicyEngine {
         // (a read-to-clear register must not be read twice): such an access
         // commits before it decides, and is decided in the busy section.
         if self.reads_to_decide(off, data.len(), write) && !committed() {
-            return Ok(None);
+            return Ok(false);
         }
+        // Decided in place (the plan is not copied on the per-access path).
+        let mut plan = Plan::EMPTY;
         let decided = check_access(off, data.len()).and_then(|()| {
             match self.slot.decide_versioned(|m| match m {
-                Some(m) => plan(&m.profile, self.forced, dev, off, data, write),
-                None => Ok(Plan::EMPTY),
+                Some(m) => plan_into(&m.profile, self.forced, dev, off, data, write, &mut plan),
+                None => {
+                    plan = Plan::EMPTY;
+                    Ok(())
+                }
             }) {
-                Ok((Some(m), v, p)) => p.map(|p| (Some(m), v, p)),
+                Ok((Some(m), v, r)) => r.map(|()| (Some(m), v)),
                 // No policy module, or one that kept changing: drop the access
                 // (reads return 0), fail closed.
-                Ok((None, ..)) | Err(_) => Ok((None, 0, Plan::EMPTY)),
+                Ok((None, ..)) | Err(_) => Ok((None, 0)),
             }
         });
         // A bad access is reported only when committed: claimed meanwhile, it is
         // decided again (perhaps by another version) after the pause.
         if !committed() {
-            return Ok(None);
+            return Ok(false);
         }
-        let (module, version, plan) = decided?;
+        let (module, version) = decided?;
         let Some(module) = module else {
             if !write {
                 data.fill(0);
             }
-            return Ok(Some(Outcome::default()));
+            *out = Outcome::default();
+            return Ok(true);
         };
         if plan.fault {
-            self.stats[stat_shard()]
-                .faults
-                .fetch_add(1, Ordering::Relaxed);
+            let sh = stat_shard();
+            sh.add(&self.stats[sh.index].faults, 1);
         }
-        self.apply(module, version, &plan, dev, data, write, plan.fault)
-            .map(Some)
+        self.apply(module, version, &plan, dev, data, write, plan.fault, out)?;
+        Ok(true)
     }
 
     /// Carry out the pieces of one store that KVM split into several exits
@@ -845,7 +935,15 @@ impl PolicyEngine {
             let mut plans = [Plan::EMPTY; MAX_PIECES];
             if let Some(m) = m {
                 for (i, (off, buf, len)) in pieces.iter().enumerate() {
-                    plans[i] = plan(&m.profile, self.forced, dev, *off, &buf[..*len], true)?;
+                    plan_into(
+                        &m.profile,
+                        self.forced,
+                        dev,
+                        *off,
+                        &buf[..*len],
+                        true,
+                        &mut plans[i],
+                    )?;
                 }
             }
             Ok::<_, DeviceError>(plans)
@@ -856,12 +954,20 @@ impl PolicyEngine {
         };
         let fault = plans[..pieces.len()].iter().any(|p| p.fault);
         if fault {
-            self.stats[stat_shard()]
-                .faults
-                .fetch_add(1, Ordering::Relaxed);
+            let sh = stat_shard();
+            sh.add(&self.stats[sh.index].faults, 1);
         }
         for (((_, buf, len), out), plan) in pieces.iter_mut().zip(outs.iter_mut()).zip(&plans) {
-            *out = self.apply(module, version, plan, dev, &mut buf[..*len], true, fault)?;
+            self.apply(
+                module,
+                version,
+                plan,
+                dev,
+                &mut buf[..*len],
+                true,
+                fault,
+                out,
+            )?;
         }
         Ok(fault)
     }
@@ -875,9 +981,14 @@ impl PolicyEngine {
         };
         let p = &m.profile;
         let end = (off + len as u64).min(BAR0_SIZE);
-        (off & !3..end)
-            .step_by(4)
-            .any(|w| p.needs_value(w as u32, write) && (!write || merges_writes(w as u32)))
+        let mut w = off & !3;
+        while w < end {
+            if p.needs_value(w as u32, write) && (!write || merges_writes(w as u32)) {
+                return true;
+            }
+            w += 4;
+        }
+        false
     }
 
     /// Whether a write fault rule covers any word in `start..end` (cheap; decides
@@ -905,17 +1016,26 @@ impl PolicyEngine {
         data: &mut [u8],
         write: bool,
         fault: bool,
-    ) -> Result<Outcome, DeviceError> {
+        out: &mut Outcome,
+    ) -> Result<(), DeviceError> {
         let p = &*active.profile;
-        let mut out = Outcome {
+        *out = Outcome {
             fault,
             hits: [None; 3],
             decided_by: None,
         };
-        let st = &self.stats[stat_shard()];
-        st.parts.fetch_add(plan.n as u64, Ordering::Relaxed);
-        for i in 0..plan.n {
-            let (w, mask, biw, ds, len) = plan.parts[i];
+        let sh = stat_shard();
+        let st = &self.stats[sh.index];
+        sh.add(&st.parts, u64::from(plan.n));
+        for i in 0..usize::from(plan.n) {
+            let Part {
+                word: w,
+                mask,
+                biw,
+                ds,
+                len,
+            } = plan.parts[i];
+            let (biw, ds, len) = (usize::from(biw), usize::from(ds), usize::from(len));
             let d = plan.decs[i];
             let m = byte_mask_bits(mask);
             let (bits, fv, known) = plan.vals[i];
@@ -960,7 +1080,7 @@ impl PolicyEngine {
             }
             if d.rule.is_some() {
                 let ai = if fault { 3 } else { action_index(d.action) };
-                st.actions[ai].fetch_add(1, Ordering::Relaxed);
+                sh.add(&st.actions[ai], 1);
             }
             if d.alarm {
                 if let Some(o) = self.observer.get() {
@@ -993,7 +1113,7 @@ impl PolicyEngine {
                 });
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Build the alarm for `hit` (RIP and instruction supplied by the vCPU), naming
@@ -1245,6 +1365,44 @@ mod tests {
         assert_eq!(e.report().faults, 1);
     }
 
+    /// Per-access counters lose nothing: more threads than owned shards count at
+    /// once (the rest share the atomic shard), and threads that end hand their
+    /// shard to the next wave, whose plain stores start from every count the
+    /// last owner stored.
+    #[test]
+    fn counters_are_exact_across_owned_and_shared_shards_and_thread_waves() {
+        let e = Arc::new(
+            PolicyEngine::new(
+                Arc::new(load_profile(None, "tenant").expect("tenant")),
+                &AlarmConfig::default(),
+            )
+            .expect("engine"),
+        );
+        let scratch = Reg::Scratch.offset() as u64;
+        const PER_THREAD: u64 = 2_000;
+        let threads = OWNED_SHARDS + 4;
+        for _wave in 0..3 {
+            let hs: Vec<_> = (0..threads)
+                .map(|_| {
+                    let e = e.clone();
+                    std::thread::spawn(move || {
+                        let mut dev = CountingReads(0);
+                        for i in 0..PER_THREAD {
+                            // An 8-byte write: two parts, SCRATCH[0] and [1].
+                            let mut b = i.to_le_bytes();
+                            e.access(&mut dev, scratch, &mut b, true).expect("access");
+                        }
+                    })
+                })
+                .collect();
+            for h in hs {
+                h.join().expect("thread");
+            }
+        }
+        let parts = e.report().parts;
+        assert_eq!(parts, 3 * threads as u64 * PER_THREAD * 2, "parts counted");
+    }
+
     /// A device counting the reads that reach it.
     struct CountingReads(u32);
 
@@ -1288,19 +1446,20 @@ mod tests {
         let mut dev = CountingReads(0);
         let mut buf = [0u8; 4];
         // Filtered: the pause claimed the vCPU before the read, nothing was read.
-        let r = e.access_committing(&mut dev, scratch + 4, &mut buf, false, || false);
-        assert_eq!((r.ok().flatten().is_none(), dev.0), (true, 0));
+        let mut out = Outcome::default();
+        let r = e.access_committing(&mut dev, scratch + 4, &mut buf, false, || false, &mut out);
+        assert_eq!((r.ok(), dev.0), (Some(false), 0));
         // Committed: read once, to decide (denied value 1: dropped, reads 0).
-        let r = e.access_committing(&mut dev, scratch + 4, &mut buf, false, || true);
-        assert!(r.is_ok_and(|o| o.is_some()), "decided");
+        let r = e.access_committing(&mut dev, scratch + 4, &mut buf, false, || true, &mut out);
+        assert!(r.is_ok_and(|o| o), "decided");
         assert_eq!(dev.0, 1, "one read, to decide");
         // Unfiltered: decided without the device; voided, nothing read.
-        let r = e.access_committing(&mut dev, scratch + 8, &mut buf, false, || false);
-        assert_eq!((r.ok().flatten().is_none(), dev.0), (true, 1));
+        let r = e.access_committing(&mut dev, scratch + 8, &mut buf, false, || false, &mut out);
+        assert_eq!((r.ok(), dev.0), (Some(false), 1));
         // A bad access is reported only when committed.
-        let r = e.access_committing(&mut dev, 0x1_0000, &mut buf, false, || false);
-        assert!(matches!(r, Ok(None)), "{r:?}");
-        let r = e.access_committing(&mut dev, 0x1_0000, &mut buf, false, || true);
+        let r = e.access_committing(&mut dev, 0x1_0000, &mut buf, false, || false, &mut out);
+        assert!(matches!(r, Ok(false)), "{r:?}");
+        let r = e.access_committing(&mut dev, 0x1_0000, &mut buf, false, || true, &mut out);
         assert!(r.is_err(), "{r:?}");
     }
 

@@ -578,19 +578,25 @@ impl<H: VcpuHost> Vcpu<'_, H> {
         let mut buf = p.buf;
         let (idx, stop) = (self.book.idx, self.shared.stop_flag());
         let mut probe = None;
-        let r = ctx
-            .engine
-            .access_committing(&mut **dev, p.off, &mut buf[..p.len], p.write, || {
+        let mut out = Outcome::default();
+        let r = ctx.engine.access_committing(
+            &mut **dev,
+            p.off,
+            &mut buf[..p.len],
+            p.write,
+            || {
                 member.test_hold_deciding(idx, stop);
                 let ok = member.commit();
                 if ok {
                     probe = Some(HandlerProbe::enter());
                 }
                 ok
-            });
-        let out: Outcome = match r {
-            Ok(Some(o)) => o,
-            Ok(None) => return None,
+            },
+            &mut out,
+        );
+        match r {
+            Ok(true) => {}
+            Ok(false) => return None,
             Err(e) => {
                 drop(dev);
                 let (rip, insn) =
@@ -605,7 +611,7 @@ impl<H: VcpuHost> Vcpu<'_, H> {
                     insn,
                 })));
             }
-        };
+        }
         let alarms = out.hits.iter().any(Option::is_some);
         if !out.fault {
             // Carried out: out of the committing section before the unlock wakes a
