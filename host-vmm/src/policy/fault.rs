@@ -72,6 +72,7 @@ impl Ctx<'_> {
     /// registers into `kvm_run` at this exit (the run asked for them), so RIP
     /// costs no ioctl.
     #[allow(clippy::too_many_arguments)]
+    #[inline(never)]
     pub fn raise_alarms(
         &self,
         idx: u8,

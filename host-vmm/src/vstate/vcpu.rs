@@ -387,6 +387,8 @@ impl<H: VcpuHost> Vcpu<'_, H> {
     /// After a kick: the stuck-RIP detector's sample ([`crate::vstate::stuck`]). An
     /// instruction KVM loops on ends the VM with a verdict naming it, or gets #UD
     /// with `--on-unemulated ud`.
+    #[cold]
+    #[inline(never)]
     fn sample(&mut self) -> Option<Event> {
         let c = &self.book.counts;
         let exits = c.mmio_read + c.mmio_write + c.io_in + c.io_out + c.hlt + c.other;
@@ -409,6 +411,8 @@ impl<H: VcpuHost> Vcpu<'_, H> {
 
     /// `--on-unemulated ud`: KVM could not emulate the instruction at RIP (still at
     /// it): the guest gets #UD there and goes on; the VMM logs the instruction.
+    #[cold]
+    #[inline(never)]
     fn unemulated_ud(&mut self) -> Event {
         let idx = self.book.idx;
         let (rip, insn) = crate::policy::fault::name_rip(self.shared.guest_mem(), &self.fd);
@@ -426,6 +430,8 @@ impl<H: VcpuHost> Vcpu<'_, H> {
     }
 
     /// `Stopping`: record how this vCPU ends.
+    #[cold]
+    #[inline(never)]
     fn end(&mut self, end: &Ending) {
         let (idx, mem) = (self.book.idx, self.shared.guest_mem());
         let v = match end {
@@ -490,6 +496,8 @@ impl<H: VcpuHost> Vcpu<'_, H> {
 
     /// The MMIO exit being handled, dispatched again from `kvm_run` (its data is
     /// still there: nothing consumed it), without counting it again.
+    #[cold]
+    #[inline(never)]
     fn mmio_again(&mut self) -> Event {
         let run = self.fd.get_kvm_run();
         // SAFETY: called only while handling a KVM_EXIT_MMIO exit, so `mmio` is the
@@ -661,6 +669,8 @@ impl<H: VcpuHost> Vcpu<'_, H> {
     /// running the guest, and returns EINTR once the instruction is complete) and
     /// decide them together, so a fault in a later piece keeps the earlier ones
     /// from the device too. A piece outside BAR0 faults the whole store.
+    #[cold]
+    #[inline(never)]
     fn gather(&mut self, p: Pending, size: usize) -> Event {
         let _probe = HandlerProbe::enter();
         let idx = self.book.idx;
@@ -756,6 +766,8 @@ impl<H: VcpuHost> Vcpu<'_, H> {
     }
 
     /// `Completing`: #GP for the faulting access.
+    #[cold]
+    #[inline(never)]
     fn complete(&mut self) -> Event {
         let _probe = HandlerProbe::enter();
         let Some(ctx) = ctx(self.shared) else {
