@@ -9,7 +9,7 @@
 //! | `IDLE` | in the VMM between exits (or back from a KVM_RUN without an exit: a kick), touching no device, policy or PCI state | claims it by state |
 //! | `RUN` | inside KVM_RUN | claims it by state |
 //! | `DECIDING` | handling a trapped BAR0 access before its commit point: routing it, waiting for the device's lock, the policy decision (nothing it did is seen by anyone: an access whose decision must read the device, a rule filtering on the value, commits before that read) | claims it by state (`CLAIMED_DECIDING`); the decision is void |
-//! | `BUSY` | committing: from the commit point (before the first side effect: the device access, the shadow store, the decision record) to the end of the access; any other exit's handling (port I/O, PCI, split stores, #GP injection) | waits for it to leave (short; spins for 10 µs, then sleeps until it leaves) |
+//! | `BUSY` | committing: from the commit point (before the first side effect: the device access, the shadow store, the decision record) to the end of the access; any other exit's handling (port I/O, PCI, split stores, #GP injection) | waits for it to leave (short; spins for 10 µs, then a gate backs off and tries again, holding nobody, for up to 50 ms; then, or in a stopping pause at once, sleeps until it leaves) |
 //! | `CLAIMED_IDLE` / `CLAIMED_RUN` / `CLAIMED_DECIDING` | counted as parked by the pause | — |
 //! | `ABORTED` | released from `CLAIMED_DECIDING`: the decision it was making must be made again | claims it by state |
 //!
