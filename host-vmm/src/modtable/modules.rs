@@ -269,8 +269,9 @@ pub struct NativeHandler {
     lib: Arc<libloading::Library>,
     hook: *const c_void,
     abi: u32,
-    // The sealed memfd the library was loaded from (after `lib`: dropped after it).
-    _sealed: Option<Arc<super::sealed::SealedModule>>,
+    // The sealed memfd the library was loaded from (after `lib`: dropped after it;
+    // closed when the module is retired: its mappings keep the bytes).
+    _sealed: Mutex<Option<Arc<super::sealed::SealedModule>>>,
     /// Its version.
     pub version: u64,
 }
@@ -351,21 +352,42 @@ impl NativeHandler {
             hook: d.on_access,
             abi: d.abi,
             lib: Arc::new(lib),
-            _sealed: None,
+            _sealed: Mutex::new(None),
             version,
         })
     }
 
     /// Load a module from its sealed memfd ([`super::sealed::SealedModule`]): the
-    /// bytes whose hash was checked are the bytes loaded. The memfd is kept open as
-    /// long as the library is loaded.
+    /// bytes whose hash was checked are the bytes loaded. The memfd is kept open
+    /// until the module is retired.
+    ///
+    /// The dynamic loader hands back an already loaded object whose name matches,
+    /// and a retired library stays loaded for good (its code `PROT_NONE`); so each
+    /// load goes through a name no load in this process had before:
+    /// `/proc/self/task/TID/fd/N`, from a thread of its own (thread ids are not
+    /// reused until the kernel's pid space wraps), not `/proc/self/fd/N` (N is
+    /// reused once a retired module's memfd is closed: dlopen would return the
+    /// retired library instead of loading the new one).
     pub fn load_sealed(
         module: super::sealed::SealedModule,
         component: &str,
         version: u64,
     ) -> Result<NativeHandler, LoadError> {
-        let mut h = NativeHandler::load(&module.path(), component, version)?;
-        h._sealed = Some(Arc::new(module));
+        let fd = module.raw_fd();
+        let loaded = std::thread::scope(|t| {
+            t.spawn(|| {
+                // SAFETY: gettid has no preconditions.
+                let tid = unsafe { libc::gettid() };
+                let path = std::path::PathBuf::from(format!("/proc/self/task/{tid}/fd/{fd}"));
+                NativeHandler::load(&path, component, version)
+            })
+            .join()
+        });
+        let h = loaded.map_err(|_| LoadError::Load {
+            path: module.path().display().to_string(),
+            detail: "the loading thread panicked".into(),
+        })??;
+        *h._sealed.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(module));
         Ok(h)
     }
 
@@ -434,12 +456,6 @@ impl Retire for NativeHandler {
         // Never unloaded: dlclose would run its finalisers (in PROT_NONE code) and free
         // the addresses for something else to be mapped there.
         std::mem::forget(self.lib.clone());
-        // Its sealed memfd stays open for good too: the library was opened as
-        // `/proc/self/fd/N`, and the dynamic loader matches an already loaded object
-        // by that name. Were N closed and reused by the next version's memfd, dlopen
-        // would hand back this retired library (its code PROT_NONE) instead of loading
-        // the new one.
-        std::mem::forget(self._sealed.clone());
         install_stale_fault_handler()?;
         register_retired(&ranges);
         let mut bytes = 0;
@@ -456,6 +472,15 @@ impl Retire for NativeHandler {
             }
             bytes += end - start;
         }
+        // Its memfd is closed (the mappings keep its bytes): a VMM patched many
+        // times holds no descriptor per retired module. Its name stays unique
+        // (`load_sealed`), so the number's reuse cannot hand this library back.
+        drop(
+            self._sealed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
         tracing::info!(
             version = self.version,
             bytes,
