@@ -327,7 +327,7 @@ fn print_traces(vcpus: u8, traces: &[hilrig_vmm::lifecycle::quiesce::HoldTrace])
             .map(|x| us(x.slowest_busy_wall.saturating_sub(x.slowest_busy_cpu)))
             .collect();
         eprintln!(
-            "trace {vcpus} vCPU {} x{}: busy at first claim (med/p99/max) {}; holds that waited for a busy vCPU {}; park us {}; slowest busy wall us {}, its CPU us {}, off-CPU us (waited holds) {:.0}/{:.0}; waiters {}; request to release us {}; resume lag us {}",
+            "trace {vcpus} vCPU {} x{}: busy at first claim (med/p99/max) {}; holds that waited for a busy vCPU {}; park us {}; slowest busy wall us {}, its CPU us {}, off-CPU us (waited holds) {:.0}/{:.0}; waiters {}; request to release us {}; resume lag us {}; tries {}; backed off (nobody held) us {}",
             if stopping { "stopping pause" } else { "quiesced patch (gate)" },
             t.len(),
             col(&|x| x.busy_at_start as u64),
@@ -340,6 +340,8 @@ fn print_traces(vcpus: u8, traces: &[hilrig_vmm::lifecycle::quiesce::HoldTrace])
             col(&|x| x.waiters as u64),
             col(&|x| us(x.released)),
             col(&|x| us(x.resume_lag)),
+            col(&|x| u64::from(x.tries)),
+            col(&|x| us(x.backoff)),
         );
     }
 }

@@ -728,6 +728,96 @@ fn a_stale_module_call_is_a_breach_that_tears_the_tenant_down() {
     }
 }
 
+/// Issue 21.7: a long-running VMM patched many times never runs out of room for
+/// its retired code. One VM takes more than 64 device-handler patches (each swap
+/// retires the version before it); every swap retires its old code (the reply
+/// carries the swap's duration: no retire failed), and calls through the stale code
+/// of the first and of the last retired versions both fault and are counted. Fails
+/// with a fixed table of 64 retired modules: the 65th retire failed and left that
+/// version's code executable. (Quick: one module build, its declared version
+/// rewritten per patch; a 1-vCPU guest.) Retired modules' memfds are closed: the
+/// descriptors do not pile up either.
+#[test]
+fn more_than_64_handler_patches_in_one_vmm_still_fault_stale_calls() {
+    use hilrig_vmm::lifecycle::modules::{stale_address_faults, STALE_CODE};
+    if !kvm_available() {
+        eprintln!("SKIPPED: no /dev/kvm");
+        return;
+    }
+    const PATCHES: u64 = 70;
+    const MAGIC: u64 = 0x7e57_ab1e_0000_0000;
+    let d = tempfile::tempdir().unwrap();
+    let lib = std::fs::read(build_demo_module(d.path(), MAGIC, 0x0001_0000)).unwrap();
+    // The descriptor's version: the one place the magic sits in the library.
+    let at: Vec<usize> = lib
+        .windows(8)
+        .enumerate()
+        .filter(|(_, w)| *w == MAGIC.to_le_bytes())
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(at.len(), 1, "the module's version word is unique");
+    let life = LifecycleConfig {
+        patch: Some(authority(d.path())),
+        ..Default::default()
+    };
+    let r = start(d.path(), payload::storm().unwrap(), 1, false, life, model());
+    let mut kept = Vec::new();
+    for version in 2..2 + PATCHES {
+        let mut so = lib.clone();
+        so[at[0]..at[0] + 8].copy_from_slice(&version.to_le_bytes());
+        let b = bundle(
+            d.path(),
+            &format!("h{version}.bundle"),
+            "device-handler",
+            version,
+            ("libdemo.so", so),
+            1,
+            BUILD,
+        );
+        let reply = patch(&r.sock, &b);
+        assert_eq!(reply["ok"], true, "v{version}: {reply}");
+        if version > 2 {
+            assert!(
+                reply["swap_us"].is_u64(),
+                "v{version}: the old code was not retired: {reply}"
+            );
+        }
+        kept.push(r.handler.handle());
+    }
+    // Every version but the last is retired: its code faults, it never runs.
+    let version_reg = Reg::Version.offset();
+    for (i, h) in [(0, &kept[0]), (kept.len() - 2, &kept[kept.len() - 2])] {
+        let before = stale_address_faults();
+        let old = h.module_unchecked().as_ref().expect("a native module");
+        assert_eq!(
+            old.on_access(version_reg, false, 0),
+            Err(STALE_CODE),
+            "v{}: retired code must fault, not run",
+            i + 2
+        );
+        assert!(stale_address_faults() > before, "counted");
+    }
+    // Retired modules hold no descriptor (their memfds are closed; the mappings
+    // keep the bytes): a long-running VMM does not run out of fds either.
+    let memfds = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|l| l.to_string_lossy().contains("memfd:hilrig-module-"))
+        .count();
+    assert!(
+        memfds < 20,
+        "{memfds} module memfds open after {PATCHES} patches"
+    );
+    // The installed one runs.
+    let last = kept[kept.len() - 1]
+        .module_unchecked()
+        .as_ref()
+        .expect("a native module");
+    assert!(last.on_access(version_reg, false, 0).is_ok());
+    r.stop.stop("test done");
+    r.thread.join().unwrap();
+}
+
 fn build_demo_module(dir: &Path, version: u64, reg: u32) -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("modules/demo_handler.rs");
     let out = dir.join(format!("libdemo_v{version}.so"));

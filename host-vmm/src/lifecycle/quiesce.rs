@@ -9,7 +9,7 @@
 //! | `IDLE` | in the VMM between exits (or back from a KVM_RUN without an exit: a kick), touching no device, policy or PCI state | claims it by state |
 //! | `RUN` | inside KVM_RUN | claims it by state |
 //! | `DECIDING` | handling a trapped BAR0 access before its commit point: routing it, waiting for the device's lock, the policy decision (nothing it did is seen by anyone: an access whose decision must read the device, a rule filtering on the value, commits before that read) | claims it by state (`CLAIMED_DECIDING`); the decision is void |
-//! | `BUSY` | committing: from the commit point (before the first side effect: the device access, the shadow store, the decision record) to the end of the access; any other exit's handling (port I/O, PCI, split stores, #GP injection) | waits for it to leave (short; spins for 10 µs, then sleeps until it leaves) |
+//! | `BUSY` | committing: from the commit point (before the first side effect: the device access, the shadow store, the decision record) to the end of the access; any other exit's handling (port I/O, PCI, split stores, #GP injection) | waits for it to leave (short; spins for 10 µs, then a gate backs off and tries again, holding nobody, for up to 50 ms; then, or in a stopping pause at once, sleeps until it leaves) |
 //! | `CLAIMED_IDLE` / `CLAIMED_RUN` / `CLAIMED_DECIDING` | counted as parked by the pause | — |
 //! | `ABORTED` | released from `CLAIMED_DECIDING`: the decision it was making must be made again | claims it by state |
 //!
@@ -45,6 +45,21 @@
 //!   handling it, one claimed in its decision waits at its commit point. The patch
 //!   needs only that no access is half-decided while it acts: every access is
 //!   decided entirely before or entirely after it.
+//!
+//! How a gate waits (issue 21.7). A committing vCPU that is running leaves its
+//! section within a microsecond or two; one still committing after [`SPIN_FIRST`]
+//! is off its CPU (preempted inside the section: vCPU threads outnumber cores), and
+//! holding everyone until the host scheduler runs it again was the whole tail of
+//! the blackout (milliseconds, at time-slice granularity). So a gate that finds a
+//! vCPU still committing after [`SPIN_FIRST`] backs off: it releases every claim
+//! (a claimed decision is made again, as after any release), drops its request
+//! (nothing on the vCPUs' path looks at the rendezvous then), polls until the
+//! vCPUs that were committing have left their sections, and tries again. For at
+//! most [`BACKOFF_MAX`] (and half its bound): after that it waits, as a stopping
+//! pause does (a handler that is slow, not preempted, is waited for).
+//! Nobody is held between tries, so that time is not blackout: a gate's
+//! [`Blackout`] leaves it out ([`Blackout::backoff`]) and counts every try's hold
+//! (a failed try's ends when the last vCPU that slept in it runs again).
 //!
 //! How a blackout ends (decided for issue 21.7). The release is stamped by the
 //! controller (`Blackout::released`); the blackout (`total`) runs on to the last
@@ -95,6 +110,14 @@ pub const SPIN: Duration = Duration::from_micros(50);
 /// How long the controller spins (keeping its CPU) for a committing vCPU before it
 /// sleeps until that vCPU wakes it, and a claimed vCPU spins before it yields.
 pub const SPIN_FIRST: Duration = Duration::from_micros(10);
+
+/// How long a gate backs off at most (holding nobody) while a vCPU stays in its
+/// committing section, before it holds everyone and waits for it (module docs).
+pub const BACKOFF_MAX: Duration = Duration::from_millis(50);
+
+/// How often a gate backing off looks whether the committing vCPU it gave way to
+/// has left its section.
+pub const BACKOFF_POLL: Duration = Duration::from_micros(20);
 
 /// Why a pause failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -230,6 +253,11 @@ pub struct HoldTrace {
     /// The release to the last waiter running again (its own stamp): the host
     /// scheduler's wake-up latency.
     pub resume_lag: Duration,
+    /// Tries a gate made (1: held at the first; more: it backed off while a vCPU
+    /// preempted in its committing section could not leave it).
+    pub tries: u32,
+    /// Time between tries, when nobody was held (not blackout).
+    pub backoff: Duration,
 }
 
 fn thread_cpu_ns() -> u64 {
@@ -652,6 +680,10 @@ pub struct Paused {
     stopping: bool,
     claimed_at_once: usize,
     busy_mask: u64,
+    /// Tries a gate made (1: no back-off) and the time between them, when nobody
+    /// was held (not blackout).
+    tries: u32,
+    backoff: Duration,
 }
 
 /// What a completed pause measured.
@@ -668,6 +700,10 @@ pub struct Blackout {
     /// First kick (request) to the release: the time the VMM held vCPUs back (every
     /// vCPU is free to go on from here).
     pub released: Duration,
+    /// Of the request to the end, the time a gate spent between tries, holding
+    /// nobody (see [`Rendezvous::gate`]); left out of `park`, `total` and
+    /// `released`. Zero for a stopping pause.
+    pub backoff: Duration,
 }
 
 impl Rendezvous {
@@ -805,7 +841,10 @@ impl Rendezvous {
     /// claim every vCPU that is idle, in KVM_RUN or deciding (nobody is kicked: they
     /// run on, and wait only if they come back with an exit to handle or reach a
     /// commit point) and wait up to `bound` for those committing an access (or
-    /// handling another exit). On timeout everyone is released.
+    /// handling another exit): a few microseconds, then, for up to [`BACKOFF_MAX`],
+    /// it backs off and tries again rather than hold everyone for a vCPU
+    /// preempted in its committing section (module docs). On timeout everyone is
+    /// released.
     pub fn gate(self: &Arc<Self>, bound: Duration) -> Result<Paused, QuiesceError> {
         self.hold(Mode::Gate, &|| {}, bound)
     }
@@ -833,8 +872,14 @@ impl Rendezvous {
             kick();
         }
         let deadline = first_kick + bound;
+        // A gate backs off (below) for at most BACKOFF_MAX (and half its bound);
+        // then it waits for committing vCPUs however long they take, up to the
+        // bound (handlers that are slow rather than preempted).
+        let backoff_until = first_kick + (bound / 2).min(BACKOFF_MAX);
         let mut s = self.lock();
         let mut first: Option<(usize, u64)> = None;
+        // The current try started here; tries made; time between tries (nobody held).
+        let (mut tried, mut tries, mut backoff) = (first_kick, 1u32, Duration::ZERO);
         loop {
             let claimed = self.claim();
             let (claimed_at_once, busy_mask) =
@@ -849,6 +894,8 @@ impl Rendezvous {
                     stopping: mode == Mode::Stop,
                     claimed_at_once,
                     busy_mask,
+                    tries,
+                    backoff,
                 });
             }
             let now = Instant::now();
@@ -862,7 +909,7 @@ impl Rendezvous {
                     bound,
                 });
             }
-            if now < first_kick + SPIN_FIRST {
+            if now < tried + SPIN_FIRST {
                 // A committing vCPU that is running leaves its section within a
                 // microsecond or two: spin (without the lock, keeping this CPU)
                 // rather than sleep. Not yield: that gives this CPU to every
@@ -873,6 +920,16 @@ impl Rendezvous {
                     std::hint::spin_loop();
                 }
                 s = self.lock();
+                continue;
+            }
+            if mode == Mode::Gate && now < backoff_until {
+                // Still committing after SPIN_FIRST: that vCPU is off its CPU
+                // (preempted inside its short section, when vCPU threads outnumber
+                // cores). Holding everyone until the host scheduler runs it again is
+                // the blackout's whole tail: let everyone go, wait (holding nobody)
+                // until it has left its section, and try again.
+                s = self.back_off(s, &mut tried, &mut backoff, backoff_until);
+                tries += 1;
                 continue;
             }
             // Sleep: the vCPU leaving its section wakes us (a woken sleeper is
@@ -889,6 +946,46 @@ impl Rendezvous {
                 s = self.lock();
             }
         }
+    }
+
+    /// A gate's try failed (a vCPU still committing after [`SPIN_FIRST`]): release
+    /// every claim, drop the request (the vCPUs run at full speed, nothing on their
+    /// path looks at the rendezvous), poll until every vCPU that was committing has
+    /// left its section (or `until`), then raise the request again for the next
+    /// try. Adds to `backoff` the time nobody was held: from the later of the
+    /// release and the last held vCPU's own resume stamp to the next try.
+    fn back_off<'a>(
+        &'a self,
+        mut s: MutexGuard<'a, State>,
+        tried: &mut Instant,
+        backoff: &mut Duration,
+        until: Instant,
+    ) -> MutexGuard<'a, State> {
+        let busy = self.busy_mask();
+        self.requested.store(false, Ordering::SeqCst);
+        self.unclaim();
+        let off = Instant::now();
+        s.last_resumed = None;
+        self.cv.notify_all();
+        drop(s);
+        // Poll (a timed sleep gives the CPU to the preempted vCPU; no wake-up is
+        // asked of the vCPUs, whose path stays as it is without a request).
+        while self.busy_mask() & busy != 0 && Instant::now() < until {
+            std::thread::sleep(BACKOFF_POLL);
+        }
+        let mut s = self.lock();
+        let now = Instant::now();
+        // A claimed vCPU that slept in the failed try is held until it runs again.
+        let held_until = if s.waiting > 0 {
+            now
+        } else {
+            s.last_resumed.filter(|t| *t > off).unwrap_or(off)
+        };
+        *backoff += now.saturating_duration_since(held_until);
+        s.last_resumed = None;
+        *tried = now;
+        self.requested.store(true, Ordering::SeqCst);
+        s
     }
 
     /// Release everyone; returns when.
@@ -939,9 +1036,17 @@ impl Paused {
         drop(s);
         let b = Blackout {
             vcpus: self.vcpus,
-            park: self.parked_at.saturating_duration_since(self.first_kick),
-            total: last.saturating_duration_since(self.first_kick),
-            released: released.saturating_duration_since(self.first_kick),
+            park: self
+                .parked_at
+                .saturating_duration_since(self.first_kick)
+                .saturating_sub(self.backoff),
+            total: last
+                .saturating_duration_since(self.first_kick)
+                .saturating_sub(self.backoff),
+            released: released
+                .saturating_duration_since(self.first_kick)
+                .saturating_sub(self.backoff),
+            backoff: self.backoff,
         };
         if TRACE.load(Ordering::Relaxed) {
             self.trace(&b, waited, last.saturating_duration_since(released));
@@ -981,6 +1086,8 @@ impl Paused {
             waiters,
             released: b.released,
             resume_lag,
+            tries: self.tries,
+            backoff: b.backoff,
         };
         let mut v = TRACES.lock().unwrap_or_else(|e| e.into_inner());
         if v.len() >= MAX_TRACES {
@@ -1061,6 +1168,14 @@ mod tests {
         }
     }
 
+    /// A registered vCPU back from KVM_RUN with an exit it is handling (busy).
+    fn committing(rv: &Rendezvous) -> Member<'_> {
+        let m = rv.register();
+        assert!(m.enter_run());
+        m.left_run();
+        m
+    }
+
     impl Loops {
         fn wait_progress(&self) {
             let before = self.handled.load(Ordering::SeqCst);
@@ -1099,10 +1214,8 @@ mod tests {
     #[test]
     fn a_vcpu_that_stays_in_a_handler_aborts_the_pause() {
         let rv = Arc::new(Rendezvous::new());
-        let stuck = rv.register();
         // Into KVM_RUN and out with an exit it never finishes handling.
-        assert!(stuck.enter_run());
-        stuck.left_run();
+        let stuck = committing(&rv);
         let l = spawn(&rv, 2, Duration::ZERO);
         let kicks = AtomicU64::new(0);
         let e = rv
@@ -1287,6 +1400,55 @@ mod tests {
         m.decide_again();
         assert!(m.commit());
         assert!(!m.checkpoint());
+    }
+
+    /// Issue 21.7: a vCPU that stays in its committing section (preempted there:
+    /// here it does not run for 40 ms) does not hold the others up: the gate backs
+    /// off, they go on handling exits, and once it has left, the gate holds every
+    /// vCPU for microseconds, not for those 40 ms. (Before, a gate held every vCPU
+    /// from its first claim until the committing one ran again: the blackout's tail
+    /// was the host scheduler's delay.)
+    #[test]
+    fn a_gate_backs_off_from_a_vcpu_preempted_while_committing() {
+        let rv = Arc::new(Rendezvous::new());
+        let busy = committing(&rv);
+        let l = spawn(&rv, 2, Duration::ZERO);
+        l.wait_progress();
+        std::thread::scope(|t| {
+            let g = t.spawn(|| rv.gate(Duration::from_secs(5)));
+            std::thread::sleep(Duration::from_millis(10));
+            let h = l.handled.load(Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(20));
+            assert!(
+                l.handled.load(Ordering::SeqCst) > h,
+                "the gate held the other vCPUs while one was committing"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+            busy.leave_busy();
+            let p = g.join().unwrap().unwrap();
+            assert_eq!(p.vcpus(), 3);
+            let b = p.resume();
+            assert!(b.backoff >= Duration::from_millis(30), "{b:?}");
+            assert!(
+                b.total < Duration::from_millis(20),
+                "held every vCPU for the committing one: {b:?}"
+            );
+        });
+        l.end();
+        // One that stays past BACKOFF_MAX is waited for, up to the bound (here it
+        // never leaves: the gate times out, everyone released).
+        assert!(!busy.checkpoint());
+        assert!(busy.enter_run());
+        busy.left_run();
+        let bound = BACKOFF_MAX + Duration::from_millis(30);
+        let t0 = Instant::now();
+        assert!(matches!(
+            rv.gate(bound).err(),
+            Some(QuiesceError::Timeout { live: 1, .. })
+        ));
+        assert!(t0.elapsed() >= bound);
+        busy.leave_busy();
+        rv.gate(bound).unwrap().resume();
     }
 
     #[test]

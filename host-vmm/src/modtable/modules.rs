@@ -269,8 +269,9 @@ pub struct NativeHandler {
     lib: Arc<libloading::Library>,
     hook: *const c_void,
     abi: u32,
-    // The sealed memfd the library was loaded from (after `lib`: dropped after it).
-    _sealed: Option<Arc<super::sealed::SealedModule>>,
+    // The sealed memfd the library was loaded from (after `lib`: dropped after it;
+    // closed when the module is retired: its mappings keep the bytes).
+    _sealed: Mutex<Option<Arc<super::sealed::SealedModule>>>,
     /// Its version.
     pub version: u64,
 }
@@ -351,21 +352,42 @@ impl NativeHandler {
             hook: d.on_access,
             abi: d.abi,
             lib: Arc::new(lib),
-            _sealed: None,
+            _sealed: Mutex::new(None),
             version,
         })
     }
 
     /// Load a module from its sealed memfd ([`super::sealed::SealedModule`]): the
-    /// bytes whose hash was checked are the bytes loaded. The memfd is kept open as
-    /// long as the library is loaded.
+    /// bytes whose hash was checked are the bytes loaded. The memfd is kept open
+    /// until the module is retired.
+    ///
+    /// The dynamic loader hands back an already loaded object whose name matches,
+    /// and a retired library stays loaded for good (its code `PROT_NONE`); so each
+    /// load goes through a name no load in this process had before:
+    /// `/proc/self/task/TID/fd/N`, from a thread of its own (thread ids are not
+    /// reused until the kernel's pid space wraps), not `/proc/self/fd/N` (N is
+    /// reused once a retired module's memfd is closed: dlopen would return the
+    /// retired library instead of loading the new one).
     pub fn load_sealed(
         module: super::sealed::SealedModule,
         component: &str,
         version: u64,
     ) -> Result<NativeHandler, LoadError> {
-        let mut h = NativeHandler::load(&module.path(), component, version)?;
-        h._sealed = Some(Arc::new(module));
+        let fd = module.raw_fd();
+        let loaded = std::thread::scope(|t| {
+            t.spawn(|| {
+                // SAFETY: gettid has no preconditions.
+                let tid = unsafe { libc::gettid() };
+                let path = std::path::PathBuf::from(format!("/proc/self/task/{tid}/fd/{fd}"));
+                NativeHandler::load(&path, component, version)
+            })
+            .join()
+        });
+        let h = loaded.map_err(|_| LoadError::Load {
+            path: module.path().display().to_string(),
+            detail: "the loading thread panicked".into(),
+        })??;
+        *h._sealed.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(module));
         Ok(h)
     }
 
@@ -434,14 +456,8 @@ impl Retire for NativeHandler {
         // Never unloaded: dlclose would run its finalisers (in PROT_NONE code) and free
         // the addresses for something else to be mapped there.
         std::mem::forget(self.lib.clone());
-        // Its sealed memfd stays open for good too: the library was opened as
-        // `/proc/self/fd/N`, and the dynamic loader matches an already loaded object
-        // by that name. Were N closed and reused by the next version's memfd, dlopen
-        // would hand back this retired library (its code PROT_NONE) instead of loading
-        // the new one.
-        std::mem::forget(self._sealed.clone());
         install_stale_fault_handler()?;
-        register_retired(self.hook_address(), &ranges)?;
+        register_retired(&ranges);
         let mut bytes = 0;
         for &(start, end) in &ranges {
             // SAFETY: `start..end` are whole pages of the module's own executable
@@ -456,6 +472,15 @@ impl Retire for NativeHandler {
             }
             bytes += end - start;
         }
+        // Its memfd is closed (the mappings keep its bytes): a VMM patched many
+        // times holds no descriptor per retired module. Its name stays unique
+        // (`load_sealed`), so the number's reuse cannot hand this library back.
+        drop(
+            self._sealed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
         tracing::info!(
             version = self.version,
             bytes,
@@ -521,11 +546,46 @@ fn exec_ranges_of(addr: usize) -> Result<Vec<(usize, usize)>, RetireError> {
 }
 
 // Retired code, as the SIGSEGV handler sees it (async-signal-safe: atomics only).
-const MAX_RETIRED: usize = 64;
-const MAX_RETIRED_RANGES: usize = 256;
-static RETIRED_ENTRIES: [AtomicUsize; MAX_RETIRED] = [const { AtomicUsize::new(0) }; MAX_RETIRED];
-static RETIRED_RANGES: [(AtomicUsize, AtomicUsize); MAX_RETIRED_RANGES] =
-    [const { (AtomicUsize::new(0), AtomicUsize::new(0)) }; MAX_RETIRED_RANGES];
+//
+// Retired code stays reserved for good (the library is never unloaded, its
+// executable pages stay PROT_NONE), so its ranges are never forgotten either: they
+// live in an append-only list of fixed-size chunks, the first static and the rest
+// leaked, linked by atomic pointers. Registration (rare: one per retired module)
+// takes a lock, coalesces a range with one it touches or overlaps, and links a new
+// chunk when every entry is taken; the handler walks the chunks lock-free. There is
+// no limit on how many modules a long-running VMM retires (once one was a fixed
+// table of 64: the 65th retire failed and left the old code executable).
+const RETIRED_CHUNK: usize = 128;
+
+/// A chunk of retired ranges: `(start, end)`, start 0 when free; written only
+/// under [`RETIRED_LOCK`], `end` before `start` (a reader seeing a start sees its
+/// end; a coalesced range only grows).
+struct RetiredChunk {
+    ranges: [(AtomicUsize, AtomicUsize); RETIRED_CHUNK],
+    next: AtomicPtr<RetiredChunk>,
+}
+
+impl RetiredChunk {
+    const fn new() -> RetiredChunk {
+        RetiredChunk {
+            ranges: [const { (AtomicUsize::new(0), AtomicUsize::new(0)) }; RETIRED_CHUNK],
+            next: AtomicPtr::new(std::ptr::null_mut()),
+        }
+    }
+
+    /// This chunk and every one linked after it.
+    fn chain(&'static self) -> impl Iterator<Item = &'static RetiredChunk> {
+        std::iter::successors(Some(self), |c| {
+            // SAFETY: `next` is null or a leaked chunk, never freed.
+            unsafe { c.next.load(Ordering::Acquire).as_ref() }
+        })
+    }
+}
+
+static RETIRED: RetiredChunk = RetiredChunk::new();
+static RETIRED_LOCK: Mutex<()> = Mutex::new(());
+/// Modules retired since the process started.
+static RETIRED_MODULES: AtomicU64 = AtomicU64::new(0);
 static STALE_FAULTS: AtomicU64 = AtomicU64::new(0);
 static LAST_STALE_ADDR: AtomicUsize = AtomicUsize::new(0);
 static HANDLER: std::sync::Mutex<Option<libc::sigaction>> = std::sync::Mutex::new(None);
@@ -542,34 +602,69 @@ pub fn last_stale_address() -> usize {
     LAST_STALE_ADDR.load(Ordering::SeqCst)
 }
 
-fn register_retired(entry: usize, ranges: &[(usize, usize)]) -> Result<(), RetireError> {
-    let slot = RETIRED_ENTRIES.iter().find(|e| {
-        e.compare_exchange(0, entry, Ordering::SeqCst, Ordering::SeqCst)
-            .is_ok()
-    });
-    if slot.is_none() {
-        return Err(RetireError(format!(
-            "more than {MAX_RETIRED} retired modules"
-        )));
-    }
+/// Native modules retired since the process started.
+pub fn retired_modules() -> u64 {
+    RETIRED_MODULES.load(Ordering::SeqCst)
+}
+
+/// Entries the retired-code list holds (coalesced ranges; diagnostics and tests).
+#[doc(hidden)]
+pub fn retired_ranges() -> usize {
+    RETIRED
+        .chain()
+        .flat_map(|c| c.ranges.iter())
+        .filter(|(a, _)| a.load(Ordering::SeqCst) != 0)
+        .count()
+}
+
+/// Record `ranges` as retired code (before they are made inaccessible, so the
+/// handler knows them by the time a call can fault there). Never fails for want of
+/// room: a full list grows by a chunk.
+fn register_retired(ranges: &[(usize, usize)]) {
+    let _g = RETIRED_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     for &(s, e) in ranges {
-        let free = RETIRED_RANGES.iter().find(|(a, _)| {
-            a.compare_exchange(0, usize::MAX, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok()
-        });
-        match free {
-            Some((a, b)) => {
+        if s == 0 || e <= s {
+            continue;
+        }
+        // A range it touches or overlaps grows to cover it (its start only falls,
+        // its end only rises: a reader sees the old range or the new one, both
+        // retired code).
+        let touching = RETIRED
+            .chain()
+            .flat_map(|c| c.ranges.iter())
+            .find(|(a, b)| {
+                let (a, b) = (a.load(Ordering::SeqCst), b.load(Ordering::SeqCst));
+                a != 0 && s <= b && a <= e
+            });
+        if let Some((a, b)) = touching {
+            if e > b.load(Ordering::SeqCst) {
                 b.store(e, Ordering::SeqCst);
+            }
+            if s < a.load(Ordering::SeqCst) {
                 a.store(s, Ordering::SeqCst);
             }
-            None => {
-                return Err(RetireError(format!(
-                    "more than {MAX_RETIRED_RANGES} retired ranges"
-                )))
-            }
+            continue;
         }
+        let free = RETIRED
+            .chain()
+            .flat_map(|c| c.ranges.iter())
+            .find(|(a, _)| a.load(Ordering::SeqCst) == 0);
+        let (a, b) = match free {
+            Some(x) => x,
+            None => {
+                let last = RETIRED.chain().last().unwrap_or(&RETIRED);
+                let chunk: &'static RetiredChunk = Box::leak(Box::new(RetiredChunk::new()));
+                last.next.store(
+                    chunk as *const RetiredChunk as *mut RetiredChunk,
+                    Ordering::Release,
+                );
+                &chunk.ranges[0]
+            }
+        };
+        b.store(e, Ordering::SeqCst);
+        a.store(s, Ordering::SeqCst);
     }
-    Ok(())
+    RETIRED_MODULES.fetch_add(1, Ordering::SeqCst);
 }
 
 /// The function a faulting stale call is turned into: it returns [`STALE_CODE`] to the
@@ -579,9 +674,10 @@ extern "C" fn stale_call_stub() -> i32 {
 }
 
 fn in_retired(addr: usize) -> bool {
-    RETIRED_RANGES.iter().any(|(a, b)| {
+    // Lock-free (the SIGSEGV handler): atomics and leaked chunks only.
+    RETIRED.chain().flat_map(|c| c.ranges.iter()).any(|(a, b)| {
         let s = a.load(Ordering::SeqCst);
-        s != 0 && s != usize::MAX && addr >= s && addr < b.load(Ordering::SeqCst)
+        s != 0 && addr >= s && addr < b.load(Ordering::SeqCst)
     })
 }
 

@@ -52,9 +52,9 @@ pub enum SealError {
     },
 }
 
-/// A module's bytes in a sealed memfd. Keep it alive as long as the library
-/// loaded from it: its fd number is the library's name (`/proc/self/fd/N`) and must
-/// not be reused by another module while this one is loaded.
+/// A module's bytes in a sealed memfd. `NativeHandler::load_sealed` keeps it open
+/// until the module is retired, and loads it through a name no other load had
+/// (`/proc/self/task/TID/fd/N`), so the fd number may be reused afterwards.
 #[derive(Debug)]
 pub struct SealedModule {
     fd: OwnedFd,
