@@ -23,6 +23,7 @@ pub mod lifecycle;
 pub mod modtable;
 pub mod policy;
 pub mod seccomp;
+pub mod ticks;
 pub mod verdict;
 pub mod vstate;
 

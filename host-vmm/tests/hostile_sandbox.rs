@@ -138,15 +138,38 @@ fn a_running_vmm_shows_seccomp_2_and_no_new_privs_on_every_thread() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    let statuses: Vec<_> = tasks
-        .iter()
-        .map(|t| (t.clone(), status_of(pid, t)))
-        .collect();
+    // Every thread installs its own filter as it starts (a vCPU thread first
+    // thing, before its first KVM_RUN): wait (bounded, not a timing assertion)
+    // until each has, then look; a thread that never does still shows 0.
+    type Statuses = Vec<(String, Option<(String, String)>)>;
+    let snapshot = || -> (Vec<String>, Statuses) {
+        let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let statuses = tasks
+            .iter()
+            .map(|t| {
+                let name = std::fs::read_to_string(format!("/proc/{pid}/task/{t}/comm"))
+                    .unwrap_or_default();
+                (format!("{t} ({})", name.trim()), status_of(pid, t))
+            })
+            .collect();
+        (tasks, statuses)
+    };
+    let t = Instant::now();
+    let (mut tasks, mut statuses) = snapshot();
+    while t.elapsed() < Duration::from_secs(10)
+        && statuses
+            .iter()
+            .any(|(_, s)| s.as_ref().is_some_and(|s| s.0 != "2"))
+    {
+        std::thread::sleep(Duration::from_millis(20));
+        (tasks, statuses) = snapshot();
+    }
     let _ = child.kill();
     let out = child.wait_with_output().unwrap();
     assert_eq!(

@@ -455,8 +455,8 @@ pub struct PolicyEngine {
     alarms_total: AtomicU64,
     record: Option<Mutex<Vec<Decided>>>,
     /// The engine's clock origin (alarm times): the TSC, no system call on the
-    /// alarm path ([`crate::vstate::ticks`]).
-    start: crate::vstate::ticks::Tick,
+    /// alarm path ([`crate::ticks`]).
+    start: crate::ticks::Tick,
     /// BAR0 pages (bit per page) the VM traps whatever the profile says
     /// (`--trap all`): there a page without rules gets the profile's default.
     forced: u16,
@@ -625,12 +625,79 @@ impl Plan {
     };
 }
 
+/// The device as a decision sees it: each (word, byte mask) read at most once per
+/// access. A decision runs again when its policy module is replaced mid-call (the
+/// module table's retry) and must then see the values the first run read, not
+/// read again: reading a register may change it (read-to-clear).
+struct ReadOnce<'d, const N: usize> {
+    dev: &'d mut dyn Device,
+    got: [(u32, u8, u32); N],
+    n: usize,
+}
+
+impl<'d, const N: usize> ReadOnce<'d, N> {
+    #[inline(always)]
+    fn new(dev: &'d mut dyn Device) -> Self {
+        ReadOnce {
+            dev,
+            got: [(0, 0, 0); N],
+            n: 0,
+        }
+    }
+
+    #[inline]
+    fn read_word(&mut self, word: u32, mask: u8) -> Result<u32, DeviceError> {
+        if let Some(&(.., v)) = self.got[..self.n]
+            .iter()
+            .find(|&&(w, m, _)| w == word && m == mask)
+        {
+            return Ok(v);
+        }
+        let v = self.dev.read_word(word, mask)?;
+        if self.n < N {
+            self.got[self.n] = (word, mask, v);
+            self.n += 1;
+        }
+        Ok(v)
+    }
+}
+
+/// Whether deciding an access of `len` bytes at `off` under `p` reads the device
+/// (a rule of `p` filters on the value of a word the access touches).
+#[inline]
+fn reads_to_decide(p: &Profile, off: u64, len: usize, write: bool) -> bool {
+    let end = (off + len as u64).min(BAR0_SIZE);
+    let mut w = off & !3;
+    while w < end {
+        if p.needs_value(w as u32, write) && (!write || merges_writes(w as u32)) {
+            return true;
+        }
+        w += 4;
+    }
+    false
+}
+
+/// Why a decision produced no plan.
+enum NoPlan {
+    /// The deciding module must read the device to decide, and the access could
+    /// not commit first (a pause claimed the vCPU): decide again later.
+    Void,
+    /// The device failed a read.
+    Device(DeviceError),
+}
+
+impl From<DeviceError> for NoPlan {
+    fn from(e: DeviceError) -> Self {
+        NoPlan::Device(e)
+    }
+}
+
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn plan_into(
+fn plan_into<const N: usize>(
     p: &Profile,
     forced: u16,
-    dev: &mut dyn Device,
+    dev: &mut ReadOnce<'_, N>,
     off: u64,
     data: &[u8],
     write: bool,
@@ -709,7 +776,7 @@ impl PolicyEngine {
             stats: (0..STAT_SHARDS).map(|_| StatShard::default()).collect(),
             alarms_total: AtomicU64::new(0),
             record: None,
-            start: crate::vstate::ticks::now(),
+            start: crate::ticks::now(),
             forced: 0,
         })
     }
@@ -828,7 +895,7 @@ impl PolicyEngine {
     /// Microseconds since the engine started.
     #[inline]
     pub fn elapsed_us(&self) -> u64 {
-        crate::vstate::ticks::ns_since(self.start) / 1000
+        crate::ticks::ns_since(self.start) / 1000
     }
 
     /// Carry out one trapped access of `data.len()` bytes at BAR0 offset `off`:
@@ -868,34 +935,52 @@ impl PolicyEngine {
         let mut commit = Some(commit);
         // Committed already, or now (false: a pause claimed the vCPU).
         let mut committed = || commit.take().is_none_or(|c| c());
-        // A rule that filters on the register's value reads the device to decide
-        // (a read-to-clear register must not be read twice): such an access
-        // commits before it decides, and is decided in the busy section.
-        if self.reads_to_decide(off, data.len(), write) && !committed() {
-            return Ok(false);
-        }
-        // Decided in place (the plan is not copied on the per-access path).
+        // Decided in place (the plan is not copied on the per-access path), by the
+        // module the slot runs: if *its* rules filter on a value this access
+        // touches, deciding reads the device, so the access commits first (a
+        // decision a pause voids must not have read a read-to-clear register). A
+        // rerun in a newer module reads nothing twice ([`ReadOnce`]).
         let mut plan = Plan::EMPTY;
-        let decided = check_access(off, data.len()).and_then(|()| {
-            match self.slot.decide_versioned(|m| match m {
-                Some(m) => plan_into(&m.profile, self.forced, dev, off, data, write, &mut plan),
-                None => {
-                    plan = Plan::EMPTY;
-                    Ok(())
+        let mut view = ReadOnce::<3>::new(dev);
+        let decided = check_access(off, data.len())
+            .map_err(NoPlan::Device)
+            .and_then(|()| {
+                match self.slot.decide_versioned(|m| match m {
+                    Some(m) => {
+                        if reads_to_decide(&m.profile, off, data.len(), write) && !committed() {
+                            return Err(NoPlan::Void);
+                        }
+                        plan_into(
+                            &m.profile,
+                            self.forced,
+                            &mut view,
+                            off,
+                            data,
+                            write,
+                            &mut plan,
+                        )
+                        .map_err(NoPlan::Device)
+                    }
+                    None => {
+                        plan = Plan::EMPTY;
+                        Ok(())
+                    }
+                }) {
+                    Ok((Some(m), v, r)) => r.map(|()| (Some(m), v)),
+                    // No policy module, or one that kept changing: drop the access
+                    // (reads return 0), fail closed.
+                    Ok((None, ..)) | Err(_) => Ok((None, 0)),
                 }
-            }) {
-                Ok((Some(m), v, r)) => r.map(|()| (Some(m), v)),
-                // No policy module, or one that kept changing: drop the access
-                // (reads return 0), fail closed.
-                Ok((None, ..)) | Err(_) => Ok((None, 0)),
-            }
-        });
+            });
+        let dev = view.dev;
         // A bad access is reported only when committed: claimed meanwhile, it is
         // decided again (perhaps by another version) after the pause.
-        if !committed() {
-            return Ok(false);
-        }
-        let (module, version) = decided?;
+        let (module, version) = match decided {
+            Err(NoPlan::Void) => return Ok(false),
+            _ if !committed() => return Ok(false),
+            Err(NoPlan::Device(e)) => return Err(e),
+            Ok(d) => d,
+        };
         let Some(module) = module else {
             if !write {
                 data.fill(0);
@@ -931,6 +1016,7 @@ impl PolicyEngine {
             });
         }
         // Every piece decided by one version of the policy module.
+        let mut view = ReadOnce::<{ 3 * MAX_PIECES }>::new(dev);
         let decided = self.slot.decide_versioned(|m| {
             let mut plans = [Plan::EMPTY; MAX_PIECES];
             if let Some(m) = m {
@@ -938,7 +1024,7 @@ impl PolicyEngine {
                     plan_into(
                         &m.profile,
                         self.forced,
-                        dev,
+                        &mut view,
                         *off,
                         &buf[..*len],
                         true,
@@ -948,6 +1034,7 @@ impl PolicyEngine {
             }
             Ok::<_, DeviceError>(plans)
         });
+        let dev = view.dev;
         let (module, version, plans) = match decided {
             Ok((Some(m), v, p)) => (m, v, p?),
             Ok((None, ..)) | Err(_) => return Ok(false), // dropped, fail closed
@@ -970,25 +1057,6 @@ impl PolicyEngine {
             )?;
         }
         Ok(fault)
-    }
-
-    /// Whether deciding an access of `len` bytes at `off` reads the device (a
-    /// rule of the installed policy filters on the value of a word it touches).
-    #[inline]
-    fn reads_to_decide(&self, off: u64, len: usize, write: bool) -> bool {
-        let Some(m) = self.slot.peek() else {
-            return false;
-        };
-        let p = &m.profile;
-        let end = (off + len as u64).min(BAR0_SIZE);
-        let mut w = off & !3;
-        while w < end {
-            if p.needs_value(w as u32, write) && (!write || merges_writes(w as u32)) {
-                return true;
-            }
-            w += 4;
-        }
-        false
     }
 
     /// Whether a write fault rule covers any word in `start..end` (cheap; decides
@@ -1386,7 +1454,7 @@ mod tests {
                 .map(|_| {
                     let e = e.clone();
                     std::thread::spawn(move || {
-                        let mut dev = CountingReads(0);
+                        let mut dev = CountingReads(0, None);
                         for i in 0..PER_THREAD {
                             // An 8-byte write: two parts, SCRATCH[0] and [1].
                             let mut b = i.to_le_bytes();
@@ -1403,12 +1471,16 @@ mod tests {
         assert_eq!(parts, 3 * threads as u64 * PER_THREAD * 2, "parts counted");
     }
 
-    /// A device counting the reads that reach it.
-    struct CountingReads(u32);
+    /// A device counting the reads that reach it (every read gives 1), running
+    /// its hook once, at its first read.
+    struct CountingReads(u32, Option<Box<dyn FnOnce() + Send>>);
 
     impl Device for CountingReads {
         fn read_word(&mut self, _word: u32, _mask: u8) -> Result<u32, DeviceError> {
             self.0 += 1;
+            if let Some(hook) = self.1.take() {
+                hook();
+            }
             Ok(1)
         }
         fn write_word(&mut self, _word: u32, _value: u32, _mask: u8) -> Result<(), DeviceError> {
@@ -1443,7 +1515,7 @@ mod tests {
         .expect("profile");
         let e = PolicyEngine::new(Arc::new(f), &AlarmConfig::default()).expect("engine");
         let scratch = Reg::Scratch.offset() as u64;
-        let mut dev = CountingReads(0);
+        let mut dev = CountingReads(0, None);
         let mut buf = [0u8; 4];
         // Filtered: the pause claimed the vCPU before the read, nothing was read.
         let mut out = Outcome::default();
@@ -1461,6 +1533,50 @@ mod tests {
         assert!(matches!(r, Ok(false)), "{r:?}");
         let r = e.access_committing(&mut dev, 0x1_0000, &mut buf, false, || true, &mut out);
         assert!(r.is_err(), "{r:?}");
+    }
+
+    /// A decision that read a register and is then rerun in the module that
+    /// replaced its own mid-call (the module table's retry) reads nothing again: a
+    /// read-to-clear register is read once per access, whatever the patches do.
+    #[test]
+    fn a_decision_rerun_in_a_new_module_does_not_read_the_device_again() {
+        let filtered = |deny: u32| {
+            let f = PolicyFile::parse(
+                &format!(
+                    "[[profile.t]]\nregister = \"SCRATCH[1]\"\naccess = \"read\"\n\
+                     filter = {{ deny = [{deny}], mask = 1 }}\naction = \"drop\"\n"
+                ),
+                "<test>",
+            )
+            .and_then(|f| f.compile("t", "<test>"))
+            .expect("profile");
+            Arc::new(f)
+        };
+        let e = Arc::new(PolicyEngine::new(filtered(0), &AlarmConfig::default()).expect("engine"));
+        let scratch = Reg::Scratch.offset() as u64;
+        // The device swaps the engine's policy (no quiesce) at its first read, i.e.
+        // while the deciding module reads it to decide: published and the old
+        // version cancelled; it cannot drain (the call is in it), so the bound
+        // runs out: fine, it is retired late.
+        let (swapper, next) = (e.clone(), filtered(1));
+        let mut dev = CountingReads(
+            0,
+            Some(Box::new(move || {
+                let _ = swapper.swap(next, 2, std::time::Duration::from_millis(1));
+            })),
+        );
+        let mut buf = [0xffu8; 4];
+        let o = e
+            .access(&mut dev, scratch + 4, &mut buf, false)
+            .expect("access");
+        assert_eq!(dev.0, 1, "the register was read once");
+        // Decided by the new version (value 1 denied: dropped, the rule's 0).
+        assert_eq!((buf, o.fault), ([0; 4], false));
+        assert_eq!(
+            e.slot.retries(),
+            1,
+            "the decision was rerun in the new module"
+        );
     }
 
     #[test]

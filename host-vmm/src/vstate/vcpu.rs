@@ -204,7 +204,7 @@ struct Book {
     first_mmio: Option<Instant>,
     /// A trapped access is timed from KVM_RUN's return to the end of its handling
     /// (device, policy and all): the tick it started at.
-    trapped: Option<crate::vstate::ticks::Tick>,
+    trapped: Option<crate::ticks::Tick>,
 }
 
 /// Run one vCPU until it halts or the VM stops.
@@ -275,7 +275,7 @@ impl Book {
         shared: &B,
         ran: Result<VcpuExit<'_>, kvm_ioctls::Error>,
     ) -> (Event, bool) {
-        let t0 = crate::vstate::ticks::now();
+        let t0 = crate::ticks::now();
         match ran {
             Ok(exit) => {
                 self.first_exit.get_or_insert_with(Instant::now);
@@ -320,7 +320,7 @@ impl<H: VcpuHost> Vcpu<'_, H> {
             self.book
                 .counts
                 .trap_latency
-                .record_ns(crate::vstate::ticks::ns_since(t0));
+                .record_ns(crate::ticks::ns_since(t0));
         }
         member.checkpoint();
         member.test_hold_point(self.book.idx, self.shared.stop_flag());

@@ -865,7 +865,7 @@ fn create_vcpu(
 impl Vm {
     /// Create the VM: KVM, guest memory, system tables, payload, PCI, vCPUs.
     pub fn new(config: VmConfig, backend: Backend) -> Result<Vm, VmmError> {
-        crate::vstate::ticks::calibrate();
+        crate::ticks::calibrate();
         let start = Instant::now();
         check_config(&config)?;
         install_kick_handler()?;
