@@ -274,7 +274,9 @@ pub struct NetSerial {
     pub name: String,
     /// Host.
     pub host: String,
-    /// TCP port.
+    /// TCP port. 0 only in a listing of a place nobody holds ([`place_listing`]):
+    /// labgrid's exporter starts ser2net, and publishes its port, only while
+    /// the place is acquired.
     pub port: u16,
     /// Baud rate.
     pub speed: u32,
@@ -415,6 +417,16 @@ pub fn missing(
                 any = true;
                 if !r.avail {
                     out.push(format!("{}/{}/{}/{}: not available", k.0, k.1, r.cls, k.2));
+                } else if holder(place).is_some()
+                    && r.cls == "NetworkSerialPort"
+                    && param_int(r, "port").is_none()
+                {
+                    // Acquired, but its exporter has not started ser2net (and
+                    // published the port) yet.
+                    out.push(format!(
+                        "{}/{}/{}/{}: no TCP port served yet",
+                        k.0, k.1, r.cls, k.2
+                    ));
                 }
             }
         }
@@ -439,6 +451,24 @@ pub fn missing(
 pub fn place_host(
     place: &proto::Place,
     resources: &BTreeMap<(String, String, String), proto::Resource>,
+) -> Result<PlaceHost> {
+    map_place(place, resources, false)
+}
+
+/// [`place_host`] for a listing: a `NetworkSerialPort` without a TCP port (a
+/// place nobody holds: its exporter serves the port only while the place is
+/// acquired) is listed with port 0, not refused.
+pub fn place_listing(
+    place: &proto::Place,
+    resources: &BTreeMap<(String, String, String), proto::Resource>,
+) -> Result<PlaceHost> {
+    map_place(place, resources, true)
+}
+
+fn map_place(
+    place: &proto::Place,
+    resources: &BTreeMap<(String, String, String), proto::Resource>,
+    listing: bool,
 ) -> Result<PlaceHost> {
     let mut h = PlaceHost {
         place: place.name.clone(),
@@ -472,10 +502,19 @@ pub fn place_host(
                 });
             }
             "NetworkSerialPort" => {
-                let port = param_int(r, "port")
-                    .and_then(|p| u16::try_from(p).ok())
-                    .filter(|p| *p > 0)
-                    .ok_or_else(|| bad("`port` missing or not a TCP port".into()))?;
+                let port = match param_int(r, "port") {
+                    None if listing
+                        && !r.params.get("port").is_some_and(|v| {
+                            matches!(v.kind, Some(map_value::Kind::StringValue(_)))
+                        }) =>
+                    {
+                        0
+                    }
+                    p => p
+                        .and_then(|p| u16::try_from(p).ok())
+                        .filter(|p| *p > 0)
+                        .ok_or_else(|| bad("`port` missing or not a TCP port".into()))?,
+                };
                 let speed = match param_int(r, "speed") {
                     None => 115_200,
                     Some(s) => u32::try_from(s)
@@ -952,6 +991,15 @@ impl Coordinator {
         let v = self.view.lock().unwrap_or_else(|p| p.into_inner());
         place_host(&p, &v.resources)
     }
+
+    /// [`Coordinator::host`] for a listing ([`place_listing`]: serial ports not
+    /// served yet are port 0).
+    pub fn listing(&mut self, name: &str) -> Result<PlaceHost> {
+        self.sync()?;
+        let p = self.place(name)?;
+        let v = self.view.lock().unwrap_or_else(|p| p.into_inner());
+        place_listing(&p, &v.resources)
+    }
 }
 
 /// `hilrig rig --labgrid ADDR check`: probe the drivers of `places` (as the
@@ -1100,10 +1148,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn hostile_resources_are_errors_naming_place_and_resource() {
-        use map_value::Kind::{IntValue, StringValue};
-        let place = proto::Place {
+    /// Place `p` matching every resource of exporter `e`, group `g`.
+    fn place_matching_e_g() -> proto::Place {
+        proto::Place {
             name: "p".into(),
             matches: vec![proto::ResourceMatch {
                 exporter: "e".into(),
@@ -1113,7 +1160,13 @@ mod tests {
                 rename: None,
             }],
             ..Default::default()
-        };
+        }
+    }
+
+    #[test]
+    fn hostile_resources_are_errors_naming_place_and_resource() {
+        use map_value::Kind::{IntValue, StringValue};
+        let place = place_matching_e_g();
         let one = |r: proto::Resource| {
             let mut m = BTreeMap::new();
             m.insert(("e".into(), "g".into(), "x".into()), r);
@@ -1212,11 +1265,61 @@ mod tests {
             r.avail = true;
         }
         assert!(missing(&place, &rs).is_empty());
+        // Acquired, its serial ports without TCP ports (ser2net not started
+        // by the exporter yet): still missing, named.
+        let held = proto::Place {
+            acquired: Some("host/me".into()),
+            ..place.clone()
+        };
+        assert_eq!(
+            missing(&held, &rs),
+            ["e/g/NetworkSerialPort/oob: no TCP port served yet"]
+        );
+        if let Some(r) = rs.get_mut(&key("g", "oob")) {
+            *r = res(
+                "NetworkSerialPort",
+                &[("port", map_value::Kind::IntValue(4001))],
+            );
+        }
+        assert!(missing(&held, &rs).is_empty());
         // A resource of another group never satisfies a match.
         rs.remove(&key("h", "x"));
         rs.insert(key("hh", "x"), res("NetworkService", &[]));
         assert_eq!(missing(&place, &rs), ["e/h/*: not published"]);
         // A place without matches lacks nothing.
         assert!(missing(&proto::Place::default(), &rs).is_empty());
+    }
+
+    /// A place nobody holds: its exporter publishes its serial ports without
+    /// TCP ports (ser2net runs only while the place is acquired). A listing
+    /// shows it (port 0); the drivers' mapping refuses it; a port that is not
+    /// a port is refused by both.
+    #[test]
+    fn a_free_places_serial_ports_are_listed_before_they_are_served() {
+        use map_value::Kind;
+        let place = place_matching_e_g();
+        let key = |n: &str| ("e".to_string(), "g".to_string(), n.to_string());
+        let host = ("host", Kind::StringValue("127.0.0.1".into()));
+        let mut rs = BTreeMap::new();
+        rs.insert(
+            key("oob"),
+            res("NetworkSerialPort", std::slice::from_ref(&host)),
+        );
+        rs.insert(
+            key("console"),
+            res("NetworkSerialPort", std::slice::from_ref(&host)),
+        );
+        let listed = place_listing(&place, &rs).expect("listed");
+        assert_eq!(listed.oob.as_ref().map(|s| s.port), Some(0));
+        assert_eq!(listed.consoles.len(), 1);
+        assert!(place_host(&place, &rs).is_err(), "mapped without a port");
+        rs.insert(
+            key("oob"),
+            res(
+                "NetworkSerialPort",
+                &[host.clone(), ("port", Kind::StringValue("x".into()))],
+            ),
+        );
+        assert!(place_listing(&place, &rs).is_err());
     }
 }
