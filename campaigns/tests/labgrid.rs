@@ -973,3 +973,57 @@ fn places_are_released_over_a_fresh_connection_when_the_first_broke() {
         "the place stayed acquired"
     );
 }
+
+/// A place whose exporter went away (crashed) after this session saw its
+/// resources published: the place's resources are withdrawn, the lab's fault
+/// (INFRA: retried, the host marked), not a setup error; a session that never
+/// saw them published cannot tell it from a place never configured (CONFIG).
+#[test]
+fn a_place_whose_exporter_went_away_is_infra_not_config() {
+    let test = "a_place_whose_exporter_went_away_is_infra_not_config";
+    if !labgrid_tools(
+        test,
+        &["labgrid-coordinator", "labgrid-client", "labgrid-exporter"],
+    ) {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (_coord, addr) = coordinator(t.path());
+    client(&addr, &["-p", "rack-e", "create"], "admin");
+    client(
+        &addr,
+        &["-p", "rack-e", "add-match", "exp1/rack-e/*"],
+        "admin",
+    );
+    let exp = exporter(
+        t.path(),
+        &addr,
+        "rack-e:\n  NetworkPowerPort:\n    model: gude\n    host: 127.0.0.1\n    index: \"1\"\n",
+        1,
+    );
+    let mut c = Coordinator::connect(&addr, "testhost/hilrig", Duration::from_secs(5)).unwrap();
+    c.wait_published("rack-e", Duration::from_secs(10))
+        .expect("published");
+    drop(exp); // killed
+    let t0 = Instant::now();
+    let e = loop {
+        match c.wait_published("rack-e", Duration::ZERO) {
+            Err(e) => break e,
+            Ok(()) => {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(30),
+                    "the coordinator never withdrew the exporter's resources"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    assert_eq!(e.kind(), hilrig_rig::ErrorKind::Infra, "{e}");
+    assert!(e.to_string().contains("withdrawn"), "{e}");
+    // Negative control: a session that never saw them published.
+    let mut fresh = Coordinator::connect(&addr, "testhost/other", Duration::from_secs(5)).unwrap();
+    let e = fresh
+        .wait_published("rack-e", Duration::ZERO)
+        .expect_err("nothing published");
+    assert_eq!(e.kind(), hilrig_rig::ErrorKind::Config, "{e}");
+}

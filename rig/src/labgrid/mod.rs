@@ -115,21 +115,30 @@ pub enum LabgridError {
         what: String,
     },
     /// The place's resources were not all published and available in time
-    /// (`--labgrid-wait`): the exporter is not running, or serves something else
-    /// than the place's matches name. A setup error, not an infrastructure fault.
+    /// (`--labgrid-wait`). When a match was never satisfied by anything this
+    /// session saw published, the exporter is not running or serves something
+    /// else than the place's matches name: a setup error (CONFIG). When the
+    /// exporter publishes them but cannot serve them now (not available, no
+    /// TCP port), or withdrew resources this session saw (it crashed or was
+    /// stopped): the lab's fault (`lab_fault`, INFRA).
     #[error(
-        "labgrid place `{place}`: not published by its exporter within {after:?}: {}",
-        .missing.join(", ")
+        "labgrid place `{place}`: not published by its exporter within {after:?}: {}{}",
+        .missing.join(", "),
+        if *.lab_fault { " (the exporter published them before, or cannot serve them now: the lab's fault)" } else { "" }
     )]
     NotPublished {
         /// The place.
         place: String,
         /// What is missing: a match no published resource satisfies
-        /// (`exporter/group/class[/name]: not published`), or a matched resource
+        /// (`exporter/group/class[/name]: not published`, `... withdrawn` when
+        /// it was published earlier in the session), or a matched resource
         /// that is not available (`exporter/group/class/name: not available`).
         missing: Vec<String>,
         /// How long was waited.
         after: Duration,
+        /// Every missing item is one the exporter published (now withdrawn,
+        /// not available, or without its port): INFRA, not CONFIG.
+        lab_fault: bool,
     },
     /// The client runtime could not start.
     #[error("labgrid client runtime: {0}")]
@@ -157,8 +166,13 @@ impl LabgridError {
             LabgridError::BadAddress(_)
             | LabgridError::NoPlace(_)
             | LabgridError::NoTaggedPlace { .. }
-            | LabgridError::NotPublished { .. }
+            | LabgridError::NotPublished {
+                lab_fault: false, ..
+            }
             | LabgridError::Resource { .. } => ErrorKind::Config,
+            LabgridError::NotPublished {
+                lab_fault: true, ..
+            } => ErrorKind::Infra,
             LabgridError::AcquiredByOther { .. } => ErrorKind::Busy,
             LabgridError::Rig(e) => e.kind(),
             LabgridError::Connect { .. }
@@ -211,6 +225,9 @@ pub mod reservation_state {
 #[derive(Default)]
 struct View {
     resources: BTreeMap<(String, String, String), proto::Resource>,
+    /// Resources this session saw published and then deleted (their exporter
+    /// went away or unpublished them); published again: no longer listed.
+    withdrawn: BTreeMap<(String, String, String), proto::Resource>,
     synced: u64,
     closed: Option<String>,
 }
@@ -642,15 +659,19 @@ impl Coordinator {
                                             p.group_name.clone(),
                                             p.resource_name.clone(),
                                         );
+                                        v.withdrawn.remove(&key);
                                         v.resources.insert(key, r);
                                     }
                                 }
                                 Some(update_response::Kind::DelResource(p)) => {
-                                    v.resources.remove(&(
+                                    let key = (
                                         p.exporter_name.unwrap_or_default(),
                                         p.group_name,
                                         p.resource_name,
-                                    ));
+                                    );
+                                    if let Some(r) = v.resources.remove(&key) {
+                                        v.withdrawn.insert(key, r);
+                                    }
                                 }
                                 _ => {}
                             }
@@ -964,9 +985,24 @@ impl Coordinator {
         loop {
             self.sync()?;
             let p = self.place(name)?;
-            let lacking = {
+            let (lacking, never) = {
                 let v = self.view.lock().unwrap_or_else(|p| p.into_inner());
-                missing(&p, &v.resources)
+                let lacking = missing(&p, &v.resources);
+                // What is not published now but was earlier in this session.
+                let mut seen = v.resources.clone();
+                seen.extend(v.withdrawn.iter().map(|(k, r)| (k.clone(), r.clone())));
+                let never: Vec<String> = missing(&p, &seen)
+                    .into_iter()
+                    .filter(|m| m.ends_with(": not published"))
+                    .collect();
+                let lacking: Vec<String> = lacking
+                    .into_iter()
+                    .map(|m| match m.strip_suffix(": not published") {
+                        Some(k) if !never.contains(&m) => format!("{k}: withdrawn"),
+                        _ => m,
+                    })
+                    .collect();
+                (lacking, never)
             };
             if lacking.is_empty() {
                 return Ok(());
@@ -977,6 +1013,7 @@ impl Coordinator {
                     place: name.to_string(),
                     missing: lacking,
                     after: wait,
+                    lab_fault: never.is_empty(),
                 });
             }
             std::thread::sleep((wait - waited).min(Duration::from_millis(200)));
@@ -1034,9 +1071,16 @@ pub fn check_places(
             .and_then(|h| Ok(places_inventory(addr, std::slice::from_ref(&h), cfg).map(|_| h)?));
         match mapped {
             Ok(h) => usable.push(h),
-            Err(e) if e.kind() != ErrorKind::Infra => {
+            // A place that cannot be used is a row (its exporter's resources
+            // not published or withdrawn included); the coordinator failing
+            // stops the check.
+            Err(e)
+                if e.kind() != ErrorKind::Infra
+                    || matches!(e, LabgridError::NotPublished { .. }) =>
+            {
                 let class = match e.kind() {
                     ErrorKind::Busy => "BUSY",
+                    ErrorKind::Infra => "INFRA",
                     _ => "CONFIG",
                 };
                 unusable.push(HostHealth {
