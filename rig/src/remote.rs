@@ -868,8 +868,11 @@ fn agent_step(q: &StepRequest, running: &Mutex<Option<u32>>) -> Result<Vec<u8>, 
     let status = status.map_err(io_err(format!("waiting for {}", q.argv[0])))?;
     // After the command's last output: the marks (a tty, an existing file).
     for (p, b) in &q.marks {
+        // Never blocking on a line nobody drains (the runner then waits its
+        // bound), never becoming the agent's controlling terminal.
         let written = std::fs::OpenOptions::new()
             .append(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
             .open(p)
             .and_then(|mut f| f.write_all(b));
         if let Err(e) = written {
