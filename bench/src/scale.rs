@@ -264,7 +264,7 @@ fn idle_window(
                     dir: dir.clone(),
                     argv,
                     puts: vec![(format!("{dir}/idle.bin"), payload)],
-                    fetch: vec![],
+                    ..StepRequest::default()
                 };
                 s.step(&build, &req, window + std::time::Duration::from_secs(60))
             })

@@ -184,27 +184,54 @@ fn oob_read<T>(
 }
 
 /// Put the state the rig prepared for the case in place on the host (its
-/// device's state file, atomically; its kept buffers gone, as at power-on).
-async fn install_device(ssh: Arc<Ssh>, d: &HostDevice, state: &Path) -> Result<(), Stop> {
+/// device's state file, atomically; its kept buffers gone, as at power-on):
+/// one staging request through the host's standing step agent (no process
+/// started there), or a shell over SSH for a build without the agent.
+async fn install_device(
+    r: &Remote,
+    d: &HostDevice,
+    state: &Path,
+    within: Duration,
+) -> Result<(), Stop> {
+    use hilrig_rig::remote::{StepError, StepRequest};
     let bytes = std::fs::read(state)
         .map_err(|e| fail(Outcome::Infra, format!("reading {}: {e}", state.display())))?;
-    let st = Path::new(&d.state);
-    let buffers = hilrig_device::model::buffers_path(st);
-    let (p, b) = (
-        shell_quote(&d.state),
-        shell_quote(&buffers.to_string_lossy()),
-    );
+    let buffers = hilrig_device::model::buffers_path(Path::new(&d.state))
+        .to_string_lossy()
+        .into_owned();
+    let infra = |e: &dyn std::fmt::Display| {
+        fail(
+            Outcome::Infra,
+            format!("putting the case's device state on the host: {e}"),
+        )
+    };
+    if d.state.starts_with('/') {
+        let req = StepRequest {
+            dir: format!("{}-install", r.dir),
+            puts: vec![(d.state.clone(), bytes.clone())],
+            remove: vec![buffers.clone()],
+            stage_only: true,
+            ..StepRequest::default()
+        };
+        let (ssh, hilrig) = (r.ssh.clone(), r.hilrig.clone());
+        let out = tokio::task::spawn_blocking(move || ssh.step(&hilrig, &req, within))
+            .await
+            .map_err(|e| infra(&e))?;
+        match out {
+            Ok(s) if s.code == 0 => return Ok(()),
+            Ok(s) => return Err(infra(&format!("the step agent answered exit {}", s.code))),
+            Err(StepError::Unsupported { .. }) => {}
+            Err(e) => return Err(infra(&e)),
+        }
+    }
+    let (p, b) = (shell_quote(&d.state), shell_quote(&buffers));
     let line = format!(
         "set -e; umask 077; t=$(mktemp {p}.XXXXXX); cat > \"$t\"; mv -f \"$t\" {p}; rm -f {b}"
     );
+    let ssh = r.ssh.clone();
     blocking(move || ssh.sh(&line, Some(&bytes)).map(|_| ()))
         .await
-        .map_err(|e| {
-            fail(
-                Outcome::Infra,
-                format!("putting the case's device state on the host: {e}"),
-            )
-        })
+        .map_err(|e| infra(&e))
 }
 
 /// One VMM step on a remote host: the host, the step's directory there, the
@@ -705,19 +732,38 @@ impl Att<'_> {
         let remote_files: Vec<String> = fetch.iter().map(|(p, _)| p.clone()).collect();
         // The host's step agent first: one framed request and reply over a
         // standing session; a build without it goes through STEP_SH.
-        let req = StepRequest {
+        let mut req = StepRequest {
             dir: rdir.clone(),
             argv: cmd_argv.clone(),
             puts: std::mem::take(&mut puts),
             fetch: remote_files.clone(),
+            ..StepRequest::default()
         };
+        // The console capture ends at a fresh marker the step agent writes on
+        // the line once the VMM has exited: everything the VMM wrote is ahead of
+        // it on the line, and nothing the guest prints can end the capture early.
         let capture = match (&line, &capture_to) {
-            (Some(c), Some(to)) => Some(
-                hilrig_rig::console::Capture::start(&self.host.name, &c.name, c.source.clone(), to)
+            (Some(c), Some(to)) => {
+                let nonce = hilrig_vmm_api::Nonce::random()
+                    .map_err(|e| infra(format!("a console end marker: {e}")))?;
+                let marker = format!("HILRIG-CONSOLE-END-{nonce}").into_bytes();
+                if c.tty.starts_with('/') {
+                    req.marks.push((c.tty.clone(), marker.clone()));
+                }
+                Some(
+                    hilrig_rig::console::Capture::start_until(
+                        &self.host.name,
+                        &c.name,
+                        c.source.clone(),
+                        to,
+                        &marker,
+                    )
                     .map_err(|e| infra(format!("the host's console line: {e}")))?,
-            ),
+                )
+            }
             _ => None,
         };
+        let marked = !req.marks.is_empty();
         let call = StepCall {
             r: &r,
             rdir: &rdir,
@@ -726,18 +772,32 @@ impl Att<'_> {
         };
         let step = self.remote_step(k, label, &call, req).await;
         if let Some(c) = capture {
-            // The line's last bytes still on their way through it.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let stopped = tokio::task::spawn_blocking(move || c.stop()).await;
+            // The line's last bytes still on their way through it: up to the
+            // marker when the agent wrote one, else a settle.
+            let marked = marked && matches!(step, Ok((_, true)));
+            let wait = if marked {
+                CONSOLE_END_WAIT
+            } else {
+                CONSOLE_SETTLE
+            };
+            let stopped = tokio::task::spawn_blocking(move || c.finish(wait)).await;
             if step.is_ok() {
                 match stopped {
-                    Ok(Ok(_)) => {}
+                    Ok(Ok((_, seen))) => {
+                        if marked && !seen {
+                            let m = format!(
+                                "step {k} ({label}): no console end marker within {CONSOLE_END_WAIT:?}: the console may be cut short"
+                            );
+                            tracing::warn!("host {}: {m}", self.host.name);
+                            self.seen.notes.push(m);
+                        }
+                    }
                     Ok(Err(e)) => return Err(infra(format!("the host's console line: {e}"))),
                     Err(e) => return Err(infra(format!("console task: {e}"))),
                 }
             }
         }
-        let step = step?;
+        let (step, _) = step?;
         for ((_, local), body) in fetch.iter().zip(&step.files) {
             if let Some(b) = body {
                 std::fs::write(local, b)
@@ -760,14 +820,14 @@ impl Att<'_> {
     }
 
     /// One step on the host through its step agent, or [`Att::run_step_sh`] for a
-    /// build without one.
+    /// build without one; whether the agent ran it (and wrote the request's marks).
     async fn remote_step(
         &mut self,
         k: usize,
         label: &str,
         call: &StepCall<'_>,
         req: hilrig_rig::remote::StepRequest,
-    ) -> Result<hilrig_rig::remote::StepOutput, Stop> {
+    ) -> Result<(hilrig_rig::remote::StepOutput, bool), Stop> {
         use hilrig_rig::remote::StepError;
         let r = call.r;
         let infra = |m: String| fail(Outcome::Infra, format!("step {k} ({label}): {m}"));
@@ -779,10 +839,11 @@ impl Att<'_> {
         .await
         .map_err(|e| infra(format!("step task: {e}")))?;
         match agent {
-            (Ok(s), _) => Ok(s),
-            (Err(StepError::Unsupported { .. }), req) => {
-                self.run_step_sh(k, label, call, &req.puts).await
-            }
+            (Ok(s), _) => Ok((s, true)),
+            (Err(StepError::Unsupported { .. }), req) => self
+                .run_step_sh(k, label, call, &req.puts)
+                .await
+                .map(|s| (s, false)),
             (Err(StepError::Timeout { .. }), _) => Err(fail(
                 Outcome::Timeout,
                 format!(
@@ -1622,6 +1683,14 @@ fn spawn_error(vmm: &Path, e: std::io::Error) -> Stop {
     }
 }
 
+/// Longest wait for the console end marker after a remote step (it follows the
+/// VMM's last byte on the line; a real serial line at a low baud rate may take a
+/// while to carry what was still queued).
+const CONSOLE_END_WAIT: Duration = Duration::from_secs(3);
+/// The console's settle after a remote step without a marker (a build without
+/// the step agent, or a step that failed).
+const CONSOLE_SETTLE: Duration = Duration::from_millis(100);
+
 /// Bound on killing a timed-out VMM on a remote host over SSH.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -1930,11 +1999,15 @@ async fn attempt_inner(
                 Ok(nv) => nv,
                 Err(e) => return *fail(Outcome::Infra, e),
             };
-            // The line reaches this host's device (a PTY path whose server died
-            // may name another device's line by now).
-            match oob_read(&host.name, d, |s| {
-                s.request(&hilrig_device::oob::Request::Identify)
-            }) {
+            // One open of the host's OOB port for the case's start (opened
+            // exclusively: one opener at a time). The line reaches this host's
+            // device (a PTY path whose server died may name another device's
+            // line by now).
+            let mut src = match host_oob(&host.name, d) {
+                Ok(s) => s,
+                Err(e) => return *e,
+            };
+            match src.request(&hilrig_device::oob::Request::Identify) {
                 Ok(hilrig_device::oob::Response::Identity { serial, .. })
                     if serial == host.serial => {}
                 Ok(other) => {
@@ -1947,28 +2020,30 @@ async fn attempt_inner(
                         ),
                     )
                 }
-                Err(e) => return *e,
+                Err(e) => {
+                    return *fail(
+                        Outcome::Infra,
+                        format!("the host's OOB line failed, not the device: {e}"),
+                    )
+                }
             }
-            if let Err(e) = install_device(r.ssh.clone(), d, &state).await {
+            if let Err(e) = install_device(r, d, &state, case.timeout).await {
                 return *e;
             }
             if let Err(e) = crate::attest::enroll(dir, host, &nv) {
                 return *fail(Outcome::Infra, format!("enrolling the device: {e}"));
             }
-            let mut src = match host_oob(&host.name, d) {
-                Ok(s) => s,
-                Err(e) => return *e,
-            };
-            if let Err(e) =
-                crate::attest::provision_from_paging(dir, host.serial, &mut src, target.pager)
-            {
-                return *fail(Outcome::Infra, format!("provisioning: {e}"));
-            }
-            // One opener at a time: the port is opened exclusively.
+            // The provisioning gate reads the device out of band; what it read
+            // is the device as the case starts on it.
+            let gate = crate::attest::provision_observed(dir, host.serial, &mut src, target.pager);
             drop(src);
-            match oob_read(&host.name, d, |s| s.observe()) {
-                Ok(o) => o,
-                Err(e) => return *e,
+            match gate {
+                Ok(Some(o)) => o,
+                Ok(None) => match oob_read(&host.name, d, |s| s.observe()) {
+                    Ok(o) => o,
+                    Err(e) => return *e,
+                },
+                Err(e) => return *fail(Outcome::Infra, format!("provisioning: {e}")),
             }
         }
         _ => {
@@ -2007,9 +2082,17 @@ async fn attempt_inner(
     att.seen.readings.push(reading_of(&before.report));
     let n = case.attack.steps.len();
     let mut last: Option<RunSummary> = None;
+    // An SSH host's device after its last step: its reading is the one the
+    // service's verdict takes after the case (one OOB read, not two).
+    let after_reads = att.board.is_none() && att.dev.is_some();
     for (k, step) in case.attack.steps.iter().enumerate() {
         let mut r = att.step(k, step).await;
-        match att.read_now() {
+        let reading = if after_reads && k + 1 == n && r.is_ok() {
+            Ok(None)
+        } else {
+            att.read_now()
+        };
+        match reading {
             Ok(Some(x)) => att.seen.readings.push(x),
             Ok(None) => {}
             // The board stopped answering: whatever the step saw, a transport fault.
@@ -2045,39 +2128,50 @@ async fn attempt_inner(
     let Some(summary) = last else {
         return *fail(Outcome::Infra, "the attack has no steps");
     };
-    let after = match (&mut att.board, &att.dev) {
+    // The device after the case and the service's verdict on it: read out of
+    // band (an SSH host's device: one open of its OOB port, the verdict's own
+    // reading as the after one).
+    let read = match (&mut att.board, &att.dev) {
         (Some(b), _) => b
             .observe()
-            .map_err(|e| format!("reading the board after the case: {e}")),
-        (None, Some(d)) => oob_read(&host.name, d, |s| s.observe()).map_err(|e| e.message),
+            .map_err(|e| format!("reading the board after the case: {e}"))
+            .and_then(|after| {
+                b.source()
+                    .map_err(|e| crate::attest::AttestError::Prepared {
+                        detail: e.to_string(),
+                    })
+                    .and_then(|mut src| crate::attest::verdict_from(dir, b.serial, &mut src))
+                    .map(|v| (after, v))
+                    .map_err(|e| e.to_string())
+            }),
+        (None, Some(d)) => host_oob(&host.name, d)
+            .map_err(|e| e.message)
+            .and_then(|mut src| {
+                let (v, why, obs) = crate::attest::verdict_observed(dir, host.serial, &mut src)
+                    .map_err(|e| {
+                        format!("the service's verdict after the case, read through the host's OOB line: {e}")
+                    })?;
+                drop(src);
+                let after = match obs {
+                    Some(o) => o,
+                    None => oob_read(&host.name, d, |s| s.observe()).map_err(|e| e.message)?,
+                };
+                Ok((after, (v, why)))
+            })
+            .inspect(|(after, _)| att.seen.readings.push(reading_of(&after.report))),
         (None, None) => NvState::load(&att.state)
             .map_err(|e| format!("reading the device state after the case: {e}"))
-            .and_then(|nv| crate::attest::observation_of(&nv).map_err(|e| e.to_string())),
+            .and_then(|nv| crate::attest::observation_of(&nv).map_err(|e| e.to_string()))
+            .and_then(|after| {
+                crate::attest::verdict_after(dir, &att.state, host)
+                    .map(|v| (after, v))
+                    .map_err(|e| e.to_string())
+            }),
     };
-    let after = match after {
-        Ok(o) => o,
+    let (after, service) = match read {
+        Ok(x) => x,
         Err(e) => {
             let mut r = *fail(Outcome::Infra, e);
-            r.artifacts = att.artifacts;
-            return r;
-        }
-    };
-    let service = match (&att.board, &att.dev) {
-        (None, Some(d)) => host_oob(&host.name, d)
-            .map_err(|e| crate::attest::AttestError::Prepared { detail: e.message })
-            .and_then(|mut src| crate::attest::verdict_from(dir, host.serial, &mut src)),
-        (Some(b), _) => b
-            .source()
-            .map_err(|e| crate::attest::AttestError::Prepared {
-                detail: e.to_string(),
-            })
-            .and_then(|mut src| crate::attest::verdict_from(dir, b.serial, &mut src)),
-        (None, None) => crate::attest::verdict_after(dir, &att.state, host),
-    };
-    let service = match service {
-        Ok(v) => v,
-        Err(e) => {
-            let mut r = *fail(Outcome::Infra, e.to_string());
             r.artifacts = att.artifacts;
             return r;
         }

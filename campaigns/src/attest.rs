@@ -185,6 +185,17 @@ pub fn provision_from_paging(
     src: &mut dyn CounterSource,
     pager: Option<&Pager>,
 ) -> Result<(), AttestError> {
+    provision_observed(dir, serial, src, pager).map(|_| ())
+}
+
+/// [`provision_from_paging`], returning what the gate read out of band (the
+/// device as the case starts on it; `None` if the service kept no reading).
+pub fn provision_observed(
+    dir: &Path,
+    serial: u64,
+    src: &mut dyn CounterSource,
+    pager: Option<&Pager>,
+) -> Result<Option<hilrig_counters::decide::Observation>, AttestError> {
     let host_serial = serial;
     let mut svc = open(dir, false)?;
     // As the VMM's gate and rig leases: counters that rose with no committed
@@ -220,7 +231,7 @@ pub fn provision_from_paging(
             paged,
         });
     }
-    Ok(())
+    Ok(r.observed)
 }
 
 /// The service's verdict on the device after the case, with its reasons.
@@ -238,11 +249,32 @@ pub fn verdict_from(
     serial: u64,
     src: &mut dyn CounterSource,
 ) -> Result<(Verdict, String), AttestError> {
+    verdict_observed(dir, serial, src).map(|(v, why, _)| (v, why))
+}
+
+/// [`verdict_from`], with what the service read out of band for it (`None` if
+/// it kept no reading).
+pub fn verdict_observed(
+    dir: &Path,
+    serial: u64,
+    src: &mut dyn CounterSource,
+) -> Result<
+    (
+        Verdict,
+        String,
+        Option<hilrig_counters::decide::Observation>,
+    ),
+    AttestError,
+> {
     let mut svc = open(dir, false)?;
     let r = svc
         .verify(serial, src)
         .map_err(ctx("verifying the device after the case"))?;
-    Ok((r.decision.verdict, r.decision.reasons.join("; ")))
+    Ok((
+        r.decision.verdict,
+        r.decision.reasons.join("; "),
+        r.observed,
+    ))
 }
 
 /// An authorised update as the rig records it before flashing: `image` (the whole

@@ -180,32 +180,63 @@ impl HostSource for LabgridSource {
     }
 
     fn release(&mut self) {
-        let held = std::mem::take(&mut self.held);
-        if held.is_empty() {
-            return;
-        }
-        let c = match self.coord.as_mut() {
-            Some(c) => c,
-            None => {
+        use hilrig_rig::ErrorKind;
+        // (place, reservation, place released, reservation cancelled)
+        let mut left: Vec<(String, String, bool, bool)> = std::mem::take(&mut self.held)
+            .into_iter()
+            .map(|(p, t)| (p, t, false, false))
+            .collect();
+        // The connection the places were taken on may have broken during the
+        // run (a coordinator restart, a dropped TCP session): a transport
+        // failure is retried once on a fresh connection.
+        for round in 0..2 {
+            if left.iter().all(|(_, _, p, t)| *p && *t) {
+                return;
+            }
+            if round == 1 || self.coord.is_none() {
                 match Coordinator::connect(
                     &self.opts.address,
                     &self.user(),
                     Duration::from_secs(10),
                 ) {
-                    Ok(c) => self.coord.insert(c),
+                    Ok(c) => self.coord = Some(c),
                     Err(e) => {
-                        tracing::warn!("labgrid: releasing {held:?}: {e}");
+                        tracing::warn!("labgrid: releasing {left:?}: {e}");
                         return;
                     }
                 }
             }
-        };
-        for (place, token) in held {
-            if let Err(e) = c.release(&place) {
-                tracing::warn!("labgrid: releasing place {place}: {e}");
-            }
-            if let Err(e) = c.cancel(&token) {
-                tracing::warn!("labgrid: cancelling reservation {token}: {e}");
+            let Some(c) = self.coord.as_mut() else {
+                return;
+            };
+            let transport = |e: &LabgridError| {
+                e.kind() == ErrorKind::Infra && !matches!(e, LabgridError::NotAcquired(_))
+            };
+            'items: for (place, token, released, cancelled) in left.iter_mut() {
+                if !*released {
+                    match c.release(place) {
+                        Ok(()) | Err(LabgridError::NotAcquired(_)) => {}
+                        Err(e) if transport(&e) && round == 0 => {
+                            tracing::info!("labgrid: releasing place {place}: {e}; reconnecting");
+                            break 'items;
+                        }
+                        Err(e) => tracing::warn!("labgrid: releasing place {place}: {e}"),
+                    }
+                    *released = true;
+                }
+                if !*cancelled {
+                    match c.cancel(token) {
+                        Ok(()) => {}
+                        Err(e) if transport(&e) && round == 0 => {
+                            tracing::info!(
+                                "labgrid: cancelling reservation {token}: {e}; reconnecting"
+                            );
+                            break 'items;
+                        }
+                        Err(e) => tracing::warn!("labgrid: cancelling reservation {token}: {e}"),
+                    }
+                    *cancelled = true;
+                }
             }
         }
     }

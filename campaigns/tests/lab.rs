@@ -655,3 +655,64 @@ fn an_ssh_hosts_board_dying_mid_step_is_infra_not_fail() {
     assert!(watcher.join().unwrap(), "the step's relay never came up");
     all_infra(&s, &["transport", "OOB"]);
 }
+
+/// The console of a case on an SSH host is complete: a last line written on
+/// the host's console line right before its VMM exits (after the guest's own
+/// output, with no newline) is in the controller's capture, and the capture's
+/// end marker is not. The stand-in build on the host is `hilrig` itself with
+/// that one line added after `vm run`.
+#[test]
+fn console_keeps_the_last_line_before_the_vmm_exits() {
+    use std::os::unix::fs::PermissionsExt;
+    let test = "console_keeps_the_last_line_before_the_vmm_exits";
+    if !kvm_and_vmm(test) {
+        return;
+    }
+    let Some(lab) = lab(test, 1) else { return };
+    let Ok(build) = std::fs::read_to_string(lab.dir().join("device-build")) else {
+        eprintln!("SKIPPED: {test}: the lab has no per-host devices (no hilrig build)");
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let bin = t.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let vmm = bin.join("hilrig");
+    let last = "stand-in: the last words before the VMM exits";
+    std::fs::write(
+        &vmm,
+        format!(
+            "#!/bin/sh\nH='{}'\ncase \"$1\" in vm) ;; *) exec \"$H\" \"$@\";; esac\n\
+             tty=; prev=\nfor a in \"$@\"; do [ \"$prev\" = --console ] && tty=$a; prev=$a; done\n\
+             \"$H\" \"$@\"; c=$?\nprintf '\\n{last}' >> \"$tty\"\nexit $c\n",
+            build.trim()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let c = t.path().join("c.toml");
+    std::fs::write(
+        &c,
+        "name = \"t\"\n[defaults]\nretries = 0\ninfra_retries = 0\n[[case]]\nattacks = [\"pci-enum\"]\n\
+         backends = [\"model\"]\nprofiles = [\"tenant\"]\ntags = [\"ssh\"]\n",
+    )
+    .unwrap();
+    let mut o = opts(t.path(), c, &lab.inventory);
+    o.vmm = Some(vmm);
+    let s = run_campaign(o).expect("run");
+    let case = &s.run.cases[0];
+    assert_eq!(
+        (case.outcome, case.host.as_str()),
+        (Outcome::Pass, "sim-ssh-1"),
+        "{}",
+        case.message
+    );
+    let text = common::captured_console(&s, t.path(), "pci-enum");
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.len() > 1, "the guest's own output is missing: {text}");
+    assert!(
+        lines
+            .last()
+            .is_some_and(|l| l.ends_with(&format!("] {last}"))),
+        "the last line is not the capture's last: {text}"
+    );
+}

@@ -872,3 +872,158 @@ fn campaign_on_inventory_hosts_plus_labgrid_places() {
     assert!(!t.path().join("out2").exists(), "the run started: {e}");
     assert!(released(), "rack-a not released after the clash");
 }
+
+/// A TCP relay to `upstream`: the connections made so far can be made to go
+/// dead (nothing forwarded any more, the sockets left open: a session through a
+/// NAT or firewall that dropped it), new ones pass.
+struct Relay {
+    addr: String,
+    /// Connections with a lower number are dead.
+    cut: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Connections accepted so far.
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Relay {
+    fn start(upstream: String) -> Relay {
+        use std::sync::atomic::Ordering;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (c, acc) = (cut.clone(), accepted.clone());
+        std::thread::spawn(move || {
+            for (n, a) in l.incoming().enumerate() {
+                acc.store(n + 1, Ordering::SeqCst);
+                let (Ok(a), Ok(b)) = (a, std::net::TcpStream::connect(&upstream)) else {
+                    continue;
+                };
+                for (mut from, mut to) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)]
+                {
+                    let c = c.clone();
+                    std::thread::spawn(move || {
+                        use std::io::{Read, Write};
+                        let mut buf = [0u8; 16384];
+                        while let Ok(k) = from.read(&mut buf) {
+                            if k == 0 {
+                                break;
+                            }
+                            while n < c.load(Ordering::SeqCst) {
+                                // Dead: hold the sockets, forward nothing.
+                                std::thread::sleep(Duration::from_secs(1));
+                            }
+                            if to.write_all(&buf[..k]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        Relay {
+            addr,
+            cut,
+            accepted,
+        }
+    }
+
+    /// The connections made so far go dead.
+    fn cut(&self) {
+        use std::sync::atomic::Ordering;
+        self.cut
+            .store(self.accepted.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+}
+
+/// The coordinator connection the places were taken on breaks during the run:
+/// releasing them reconnects once and releases them (before, the release went
+/// over the broken connection, failed, and the place stayed acquired).
+#[test]
+fn places_are_released_over_a_fresh_connection_when_the_first_broke() {
+    use hilrig_campaigns::hostsource::{HostSource, LabgridSource};
+    let test = "places_are_released_over_a_fresh_connection_when_the_first_broke";
+    if !labgrid_tools(test, &["labgrid-coordinator", "labgrid-client"]) {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (_coord, addr) = coordinator(t.path());
+    // A place with no resources to wait for: a local simulated host.
+    client(&addr, &["-p", "rack-r", "create"], "admin");
+    client(&addr, &["-p", "rack-r", "set-tags", "hilrig=sim"], "admin");
+    let relay = Relay::start(addr.clone());
+    let mut src = LabgridSource::new(LabgridOptions {
+        address: relay.addr.clone(),
+        user: Some("testhost/hilrig".into()),
+        tags: [("hilrig".to_string(), "sim".to_string())].into(),
+        places: 1,
+        wait: Duration::from_secs(10),
+        config: None,
+    });
+    let (hosts, _) = src.hosts().expect("a place reserved");
+    assert_eq!(hosts[0].name, "rack-r");
+    let mut c = Coordinator::connect(&addr, "testhost/check", Duration::from_secs(5)).unwrap();
+    assert_eq!(holder(&c.place("rack-r").unwrap()), Some("testhost/hilrig"));
+    // The connection the place was taken on goes dead.
+    relay.cut();
+    src.release();
+    assert_eq!(
+        holder(&c.place("rack-r").unwrap()),
+        None,
+        "the place stayed acquired"
+    );
+}
+
+/// A place whose exporter went away (crashed) after this session saw its
+/// resources published: the place's resources are withdrawn, the lab's fault
+/// (INFRA: retried, the host marked), not a setup error; a session that never
+/// saw them published cannot tell it from a place never configured (CONFIG).
+#[test]
+fn a_place_whose_exporter_went_away_is_infra_not_config() {
+    let test = "a_place_whose_exporter_went_away_is_infra_not_config";
+    if !labgrid_tools(
+        test,
+        &["labgrid-coordinator", "labgrid-client", "labgrid-exporter"],
+    ) {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (_coord, addr) = coordinator(t.path());
+    client(&addr, &["-p", "rack-e", "create"], "admin");
+    client(
+        &addr,
+        &["-p", "rack-e", "add-match", "exp1/rack-e/*"],
+        "admin",
+    );
+    let exp = exporter(
+        t.path(),
+        &addr,
+        "rack-e:\n  NetworkPowerPort:\n    model: gude\n    host: 127.0.0.1\n    index: \"1\"\n",
+        1,
+    );
+    let mut c = Coordinator::connect(&addr, "testhost/hilrig", Duration::from_secs(5)).unwrap();
+    c.wait_published("rack-e", Duration::from_secs(10))
+        .expect("published");
+    drop(exp); // killed
+    let t0 = Instant::now();
+    let e = loop {
+        match c.wait_published("rack-e", Duration::ZERO) {
+            Err(e) => break e,
+            Ok(()) => {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(30),
+                    "the coordinator never withdrew the exporter's resources"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    assert_eq!(e.kind(), hilrig_rig::ErrorKind::Infra, "{e}");
+    assert!(e.to_string().contains("withdrawn"), "{e}");
+    // Negative control: a session that never saw them published.
+    let mut fresh = Coordinator::connect(&addr, "testhost/other", Duration::from_secs(5)).unwrap();
+    let e = fresh
+        .wait_published("rack-e", Duration::ZERO)
+        .expect_err("nothing published");
+    assert_eq!(e.kind(), hilrig_rig::ErrorKind::Config, "{e}");
+}

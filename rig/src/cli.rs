@@ -504,7 +504,13 @@ fn run_labgrid(
         LabgridCmd::Hosts { tags, json } => {
             for p in select(&mut c, &[], &tags)? {
                 let holder = crate::labgrid::holder(&p).unwrap_or("free").to_string();
-                let mapped = c.host(&p.name);
+                // A free place's serial ports have no TCP port yet (served
+                // while acquired): listed as such, not an error.
+                let mapped = c.listing(&p.name);
+                let port = |s: &crate::labgrid::NetSerial| match s.port {
+                    0 => "(served when acquired)".to_string(),
+                    n => n.to_string(),
+                };
                 let (power, consoles, oob, transport) = match &mapped {
                     Ok(h) => (
                         h.power
@@ -513,12 +519,12 @@ fn run_labgrid(
                             .unwrap_or_else(|| "-".into()),
                         h.consoles
                             .iter()
-                            .map(|s| format!("{}={}:{}", s.name, s.host, s.port))
+                            .map(|s| format!("{}={}:{}", s.name, s.host, port(s)))
                             .collect::<Vec<_>>()
                             .join(","),
                         h.oob
                             .as_ref()
-                            .map(|s| format!("{}:{}", s.host, s.port))
+                            .map(|s| format!("{}:{}", s.host, port(s)))
                             .unwrap_or_else(|| "-".into()),
                         h.ssh
                             .as_ref()

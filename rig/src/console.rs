@@ -138,7 +138,53 @@ pub struct Capture {
     console: String,
     path: PathBuf,
     stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Result<u64, CaptureError>>,
+    thread: std::thread::JoinHandle<Result<(u64, bool), CaptureError>>,
+    /// Disconnected when the capture thread has ended (its sender dropped).
+    ended: std::sync::mpsc::Receiver<()>,
+}
+
+/// Splits a console stream at an end marker: the bytes before it are the
+/// console's, the marker and whatever follows it are not. Bytes that could be
+/// the start of the marker are held back until the next bytes tell.
+#[derive(Debug, Clone)]
+pub struct EndMarker {
+    marker: Vec<u8>,
+    held: Vec<u8>,
+}
+
+impl EndMarker {
+    /// Watch for `marker` (not empty).
+    pub fn new(marker: &[u8]) -> EndMarker {
+        EndMarker {
+            marker: marker.to_vec(),
+            held: Vec::new(),
+        }
+    }
+
+    /// Feed `data`: the bytes now known to be console text, and whether the
+    /// marker has been seen (nothing after it is returned).
+    pub fn push(&mut self, data: &[u8]) -> (Vec<u8>, bool) {
+        self.held.extend_from_slice(data);
+        let m = &self.marker;
+        if !m.is_empty() {
+            if let Some(i) = self.held.windows(m.len()).position(|w| w == &m[..]) {
+                self.held.truncate(i);
+                return (std::mem::take(&mut self.held), true);
+            }
+        }
+        // Keep the longest tail that is a proper prefix of the marker.
+        let keep = (1..m.len())
+            .rev()
+            .find(|&k| self.held.ends_with(&m[..k]))
+            .unwrap_or(0);
+        let out = self.held.drain(..self.held.len() - keep).collect();
+        (out, false)
+    }
+
+    /// The bytes held back (the stream ended without the marker).
+    pub fn rest(self) -> Vec<u8> {
+        self.held
+    }
 }
 
 /// Why a console capture stopped.
@@ -162,11 +208,40 @@ impl Capture {
         source: Source,
         path: &Path,
     ) -> Result<Capture, RigError> {
+        Capture::start_inner(host, console, source, path, None)
+    }
+
+    /// [`Capture::start`], ending by itself at `marker`: what the line carried
+    /// before it is kept, the marker and anything after it are not. Whoever
+    /// writes on the line after its last output (the step agent, after the VMM
+    /// exited) writes the marker; [`Capture::finish`] waits for it. Make the
+    /// marker unguessable (a fresh nonce), so nothing printed before it can
+    /// end the capture early.
+    pub fn start_until(
+        host: &str,
+        console: &str,
+        source: Source,
+        path: &Path,
+        marker: &[u8],
+    ) -> Result<Capture, RigError> {
+        Capture::start_inner(host, console, source, path, Some(EndMarker::new(marker)))
+    }
+
+    fn start_inner(
+        host: &str,
+        console: &str,
+        source: Source,
+        path: &Path,
+        mut until: Option<EndMarker>,
+    ) -> Result<Capture, RigError> {
         let label = format!("console/{console}");
         let file = std::fs::File::create(path)
             .map_err(|e| RigError::io(format!("creating capture {}", path.display()), e))?;
         let stop = Arc::new(AtomicBool::new(false));
         let st = stop.clone();
+        // A file at its end reads nothing at once: poll it. A port's read waits
+        // for bytes itself (its timeout), so the next bytes are taken at once.
+        let polled = matches!(source, Source::Tail(_));
         let mut reader: Box<dyn Read + Send> = match source {
             Source::Serial { path: dev, baud } => {
                 let p = serialport::new(&dev, baud)
@@ -218,15 +293,20 @@ impl Capture {
                 Box::new(f)
             }
         };
+        let (ended_tx, ended) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name(format!("console-{host}-{console}"))
             .spawn(move || {
+                // Dropped when the thread ends: `ended` then disconnects.
+                let _ended = ended_tx;
                 let mut stamper = LineStamper::new(std::io::BufWriter::new(file));
                 let mut buf = [0u8; 4096];
+                let mut seen = false;
                 loop {
                     // Drain what is there before honouring stop, so bytes written
                     // before stop() are kept.
                     let stopping = st.load(Ordering::Relaxed);
+                    let t0 = Instant::now();
                     let n = match reader.read(&mut buf) {
                         Ok(n) => n,
                         Err(e)
@@ -242,17 +322,33 @@ impl Capture {
                         Err(e) => return Err(CaptureError::Read(e)),
                     };
                     if n > 0 {
-                        stamper.feed(&buf[..n]).map_err(CaptureError::Write)?;
+                        let (text, end) = match &mut until {
+                            Some(u) => u.push(&buf[..n]),
+                            None => (buf[..n].to_vec(), false),
+                        };
+                        stamper.feed(&text).map_err(CaptureError::Write)?;
+                        if end {
+                            seen = true;
+                            break;
+                        }
                         continue;
                     }
                     if stopping {
                         break;
                     }
-                    std::thread::sleep(Duration::from_millis(10));
+                    if polled {
+                        std::thread::sleep(Duration::from_millis(10));
+                    } else if t0.elapsed() < Duration::from_millis(1) {
+                        // A port that returned at once without bytes: no spin.
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+                if let Some(u) = until.take() {
+                    stamper.feed(&u.rest()).map_err(CaptureError::Write)?;
                 }
                 let lines = stamper.lines;
                 let extra = stamper.finish().map_err(CaptureError::Write);
-                extra.map(|_| lines)
+                extra.map(|_| (lines, seen))
             })
             .map_err(|e| RigError::io("starting a console thread", e))?;
         Ok(Capture {
@@ -261,6 +357,7 @@ impl Capture {
             path: path.to_path_buf(),
             stop,
             thread,
+            ended,
         })
     }
 
@@ -271,21 +368,36 @@ impl Capture {
 
     /// Stop, flush and close; errors name the host and console.
     pub fn stop(self) -> Result<CaptureSummary, RigError> {
+        self.finish(Duration::ZERO).map(|(s, _)| s)
+    }
+
+    /// Wait at most `max` for the end marker of [`Capture::start_until`] (the
+    /// line's last bytes on their way through it), then stop, flush and close.
+    /// Whether the marker came: without it the capture holds what the line
+    /// carried until `max` ran out.
+    pub fn finish(self, max: Duration) -> Result<(CaptureSummary, bool), RigError> {
+        if !max.is_zero() {
+            // Ok(()) is never sent: this returns when the thread has ended, or at `max`.
+            let _ = self.ended.recv_timeout(max);
+        }
         self.stop.store(true, Ordering::Relaxed);
         let label = format!("console/{}", self.console);
         let r = self
             .thread
             .join()
             .map_err(|_| RigError::driver(&self.host, &label, "capture thread panicked"))?;
-        let lines = r.map_err(|e| RigError::driver(&self.host, &label, e.to_string()))?;
+        let (lines, seen) = r.map_err(|e| RigError::driver(&self.host, &label, e.to_string()))?;
         // Count the flushed partial line too.
         let lines = std::fs::read_to_string(&self.path)
             .map(|s| s.lines().count() as u64)
             .unwrap_or(lines);
-        Ok(CaptureSummary {
-            path: self.path,
-            lines,
-        })
+        Ok((
+            CaptureSummary {
+                path: self.path,
+                lines,
+            },
+            seen,
+        ))
     }
 }
 
@@ -342,5 +454,76 @@ mod tests {
         assert_eq!(sum.lines, 3, "{text}");
         assert!(!text.contains("old boot"));
         assert!(text.contains("] first") && text.contains("] no newline"));
+    }
+
+    #[test]
+    fn end_marker_splits_the_stream_across_reads() {
+        let mut m = EndMarker::new(b"END-42");
+        // A prefix of the marker is held back until the next bytes tell.
+        assert_eq!(m.push(b"last line\nEN"), (b"last line\n".to_vec(), false));
+        // Not the marker after all (another nonce): it is console text.
+        assert_eq!(m.push(b"D-41 x E"), (b"END-41 x ".to_vec(), false));
+        // The marker across two reads: the text before it kept, nothing after.
+        assert_eq!(m.push(b"ND"), (Vec::new(), false));
+        assert_eq!(m.push(b"-42tail"), (Vec::new(), true));
+        let mut m = EndMarker::new(b"END-42");
+        assert_eq!(m.push(b"abc END-4"), (b"abc ".to_vec(), false));
+        assert_eq!(m.rest(), b"END-4");
+        // An empty marker never ends anything and holds nothing back.
+        let mut m = EndMarker::new(b"");
+        assert_eq!(m.push(b"x"), (b"x".to_vec(), false));
+    }
+
+    /// The capture ends at the marker written after the last output: the last
+    /// line, written right before the marker without a newline, is kept; a
+    /// marker with another nonce printed earlier does not end it.
+    #[test]
+    fn capture_until_its_marker_keeps_the_last_line() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("com1");
+        std::fs::write(&src, "").unwrap();
+        let marker = b"HILRIG-CONSOLE-END-00ff";
+        let cap = Capture::start_until(
+            "h",
+            "com1",
+            Source::Tail(src.clone()),
+            &d.path().join("case.log"),
+            marker,
+        )
+        .unwrap();
+        let mut f = std::fs::OpenOptions::new().append(true).open(&src).unwrap();
+        f.write_all(b"boot\nHILRIG-CONSOLE-END-00fe\nlast words")
+            .unwrap();
+        f.write_all(marker).unwrap();
+        f.write_all(b"\nafter the end\n").unwrap();
+        let t0 = Instant::now();
+        let (sum, seen) = cap.finish(Duration::from_secs(20)).unwrap();
+        assert!(seen, "the marker was not seen");
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        let text = std::fs::read_to_string(&sum.path).unwrap();
+        let lines: Vec<&str> = text
+            .lines()
+            .map(|l| l.split_once("] ").unwrap().1)
+            .collect();
+        assert_eq!(
+            lines,
+            ["boot", "HILRIG-CONSOLE-END-00fe", "last words"],
+            "{text}"
+        );
+        // No marker at all: the capture ends at the bound with what came.
+        let cap = Capture::start_until(
+            "h",
+            "com1",
+            Source::Tail(src.clone()),
+            &d.path().join("case2.log"),
+            marker,
+        )
+        .unwrap();
+        f.write_all(b"more\n").unwrap();
+        let (sum, seen) = cap.finish(Duration::from_millis(200)).unwrap();
+        assert!(!seen);
+        assert!(std::fs::read_to_string(&sum.path)
+            .unwrap()
+            .ends_with("] more\n"));
     }
 }

@@ -576,10 +576,21 @@ pub struct StepRequest {
     pub dir: String,
     /// The command (program first).
     pub argv: Vec<String>,
-    /// Files written before the command runs (path, bytes).
+    /// Files written before the command runs (path, bytes), each atomically
+    /// (a temporary name in its directory, then renamed over the path).
     pub puts: Vec<(String, Vec<u8>)>,
     /// Files removed before and sent back after the command (in order).
     pub fetch: Vec<String>,
+    /// Files removed after the puts, before the command (a device's kept
+    /// buffers when its state file is replaced).
+    pub remove: Vec<String>,
+    /// Bytes written after the command ended to paths that exist (opened for
+    /// appending, never created): the end marker on the host's console line,
+    /// after the VMM's last output ([`crate::console::Capture::start_until`]).
+    pub marks: Vec<(String, Vec<u8>)>,
+    /// No command: the files are staged (and removed) and the reply is
+    /// `exit 0` with empty output (`stage 0` ends the request, not `run 0`).
+    pub stage_only: bool,
 }
 
 impl StepRequest {
@@ -601,7 +612,18 @@ impl StepRequest {
         for f in &self.fetch {
             rec("fetch", f.as_bytes());
         }
-        v.extend_from_slice(b"run 0\n");
+        for f in &self.remove {
+            rec("rm", f.as_bytes());
+        }
+        for (p, b) in &self.marks {
+            rec("mark", p.as_bytes());
+            rec("data", b);
+        }
+        v.extend_from_slice(if self.stage_only {
+            b"stage 0\n"
+        } else {
+            b"run 0\n"
+        });
         v
     }
 
@@ -621,7 +643,9 @@ impl StepRequest {
                 return Err(r.bad("request cut short (no `run`)".into()));
             };
             first = false;
-            if q.argv.len() + q.puts.len() + q.fetch.len() > MAX_REQUEST_ITEMS {
+            if q.argv.len() + q.puts.len() + q.fetch.len() + q.remove.len() + q.marks.len()
+                > MAX_REQUEST_ITEMS
+            {
                 return Err(r.bad("too many items in one request".into()));
             }
             match tag.as_str() {
@@ -640,7 +664,21 @@ impl StepRequest {
                     let f = text(r, "fetch", n)?;
                     q.fetch.push(f);
                 }
+                "rm" => {
+                    let f = text(r, "rm", n)?;
+                    q.remove.push(f);
+                }
+                "mark" => {
+                    let p = text(r, "mark", n)?;
+                    let m = r.expect("data")?;
+                    let b = r.body("data", m)?;
+                    q.marks.push((p, b));
+                }
                 "run" if n == 0 => break,
+                "stage" if n == 0 => {
+                    q.stage_only = true;
+                    break;
+                }
                 other => return Err(r.bad(format!("unknown request frame {other:?}"))),
             }
         }
@@ -657,11 +695,19 @@ impl StepRequest {
         for (p, _) in &q.puts {
             abs("put", p)?;
         }
-        for f in &q.fetch {
-            abs("fetch", f)?;
+        for f in q.fetch.iter().chain(&q.remove) {
+            abs("fetch/rm", f)?;
         }
-        if q.argv.is_empty() {
-            return Err(r.bad("request without a command".into()));
+        for (p, _) in &q.marks {
+            abs("mark", p)?;
+        }
+        match (q.stage_only, q.argv.is_empty()) {
+            (false, true) => return Err(r.bad("request without a command".into())),
+            (true, false) => return Err(r.bad("a staging request with a command".into())),
+            _ => {}
+        }
+        if q.stage_only && !(q.fetch.is_empty() && q.marks.is_empty()) {
+            return Err(r.bad("a staging request fetches and marks nothing".into()));
         }
         Ok(Some(q))
     }
@@ -769,13 +815,12 @@ fn agent_step(q: &StepRequest, running: &Mutex<Option<u32>>) -> Result<Vec<u8>, 
         .mode(0o700)
         .create(dir)
         .map_err(io_err(format!("creating {}", q.dir)))?;
-    for f in &q.fetch {
-        match std::fs::remove_file(f) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err(format!("removing {f}"))(e)),
-        }
-    }
+    let remove = |f: &String| match std::fs::remove_file(f) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(format!("removing {f}"))(e)),
+    };
+    q.fetch.iter().try_for_each(remove)?;
     let create = |p: &Path| {
         std::fs::OpenOptions::new()
             .write(true)
@@ -787,13 +832,26 @@ fn agent_step(q: &StepRequest, running: &Mutex<Option<u32>>) -> Result<Vec<u8>, 
     };
     for (p, b) in &q.puts {
         let path = Path::new(p);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(io_err(format!("creating {}", parent.display())))?;
-        }
-        create(path)?
-            .write_all(b)
-            .map_err(io_err(format!("writing {p}")))?;
+        let parent = path.parent().unwrap_or(Path::new("/"));
+        std::fs::create_dir_all(parent)
+            .map_err(io_err(format!("creating {}", parent.display())))?;
+        // Atomically: a reader of the path sees the old file or the new one.
+        let mut t = tempfile::Builder::new()
+            .prefix(".put.")
+            .tempfile_in(parent)
+            .map_err(io_err(format!(
+                "creating a temporary file in {}",
+                parent.display()
+            )))?;
+        t.write_all(b).map_err(io_err(format!("writing {p}")))?;
+        t.persist(path).map_err(|e| SetupError::Io {
+            what: format!("renaming into {p}"),
+            source: e.error,
+        })?;
+    }
+    q.remove.iter().try_for_each(remove)?;
+    if q.stage_only {
+        return Ok(b"exit 0\nout 0\nerr 0\n".to_vec());
     }
     let (out_p, err_p) = (dir.join(".out"), dir.join(".err"));
     let mut child = Command::new(&q.argv[0])
@@ -808,6 +866,20 @@ fn agent_step(q: &StepRequest, running: &Mutex<Option<u32>>) -> Result<Vec<u8>, 
     let status = child.wait();
     *running.lock().unwrap_or_else(|p| p.into_inner()) = None;
     let status = status.map_err(io_err(format!("waiting for {}", q.argv[0])))?;
+    // After the command's last output: the marks (a tty, an existing file).
+    for (p, b) in &q.marks {
+        // Never blocking on a line nobody drains (the runner then waits its
+        // bound), never becoming the agent's controlling terminal.
+        let written = std::fs::OpenOptions::new()
+            .append(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(p)
+            .and_then(|mut f| f.write_all(b));
+        if let Err(e) = written {
+            // The runner then waits its bound for the marker; say why here.
+            eprintln!("step agent: writing the mark on {p}: {e}");
+        }
+    }
     // The shell's convention (as STEP_SH): 128+n for a command killed by signal n.
     let code = status
         .code()
@@ -1593,6 +1665,7 @@ mod tests {
             ],
             puts: vec![(hostile.clone(), data.clone())],
             fetch: vec![out_f, format!("{d1}/none"), hostile.clone()],
+            ..StepRequest::default()
         };
         let q2 = StepRequest {
             dir: format!("{base}/s2"),
@@ -1622,6 +1695,47 @@ mod tests {
             e.why.starts_with("host: starting /nonexistent/hilrig"),
             "{e}"
         );
+        // Staging only (a device's state put in place): the file replaced
+        // atomically, the buffers removed, no command run.
+        let (st, bufs) = (format!("{base}/dev/state"), format!("{base}/dev/bufs"));
+        std::fs::create_dir_all(format!("{base}/dev")).unwrap();
+        std::fs::write(&st, b"old").unwrap();
+        std::fs::write(&bufs, b"kept").unwrap();
+        let stage = StepRequest {
+            dir: format!("{base}/stage"),
+            puts: vec![(st.clone(), b"new state".to_vec())],
+            remove: vec![bufs.clone(), format!("{base}/dev/none")],
+            stage_only: true,
+            ..StepRequest::default()
+        };
+        to_agent.write_all(&stage.encode()).unwrap();
+        let s = read_step(&mut r, 0).expect("the staging reply");
+        assert_eq!((s.code, s.stdout.len(), s.stderr.len()), (0, 0, 0));
+        assert_eq!(std::fs::read(&st).unwrap(), b"new state");
+        assert!(!Path::new(&bufs).exists(), "buffers kept");
+        // A mark is written after the command's own output, on a path that
+        // exists; a missing one is not created.
+        let (line, nowhere) = (format!("{base}/dev/line"), format!("{base}/dev/nowhere"));
+        std::fs::write(&line, b"").unwrap();
+        let marked = StepRequest {
+            dir: format!("{base}/m"),
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                "printf 'last words' >> \"$1\"".into(),
+                "x".into(),
+                line.clone(),
+            ],
+            marks: vec![
+                (line.clone(), b"END".to_vec()),
+                (nowhere.clone(), b"E".to_vec()),
+            ],
+            ..StepRequest::default()
+        };
+        to_agent.write_all(&marked.encode()).unwrap();
+        assert_eq!(read_step(&mut r, 0).expect("the marked reply").code, 0);
+        assert_eq!(std::fs::read(&line).unwrap(), b"last wordsEND");
+        assert!(!Path::new(&nowhere).exists());
         // The runner goes away while a command runs: the agent kills it.
         let d3 = format!("{base}/s3");
         let q3 = StepRequest {
@@ -1664,6 +1778,10 @@ mod tests {
             b"dir 3\nrelarg 1\nxrun 0\n".to_vec(),
             b"dir 7\n/a/../barg 1\nxrun 0\n".to_vec(),
             b"dir 2\n/arun 0\n".to_vec(),
+            b"dir 2\n/aarg 1\nxstage 0\n".to_vec(),
+            b"dir 2\n/afetch 2\n/bstage 0\n".to_vec(),
+            b"dir 2\n/arm 1\nbstage 0\n".to_vec(),
+            b"dir 2\n/amark 2\n/bdata 1\nxstage 0\n".to_vec(),
             b"dir 2\n/aarg 1\nx".to_vec(),
             b"dir 2\n/azzz 0\nrun 0\n".to_vec(),
             b"dir 2\n/aput 2\n/bdata 99999999999\n".to_vec(),

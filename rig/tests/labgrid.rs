@@ -367,7 +367,23 @@ fn ser2net_serial_ports_power_and_rig_labgrid_on_places() {
     // The exporter starts ser2net (and publishes its TCP port) only while the
     // place is acquired: hilrig holds lab-3 for the test (the CLI, same user,
     // then acts on it as ours).
+    // Free, its ser2net port not served yet: listed (`rig --labgrid hosts`),
+    // port 0, not an error; the drivers' mapping needs the acquisition.
+    let listed = c.listing("lab-3").expect("a free place is listed");
+    assert_eq!(
+        listed.oob.as_ref().map(|s| (s.host.as_str(), s.port)),
+        Some(("127.0.0.1", 0)),
+        "{listed:?}"
+    );
+    assert!(c.host("lab-3").is_err(), "mapped without a served port");
     c.acquire("lab-3").unwrap();
+    // Acquired: waiting for the place's resources includes the served port.
+    c.wait_published("lab-3", Duration::from_secs(60)).unwrap();
+    assert!(
+        c.host("lab-3")
+            .is_ok_and(|h| h.oob.is_some_and(|s| s.port > 0)),
+        "published without its port"
+    );
     let t0 = Instant::now();
     let h = loop {
         match c.host("lab-3") {

@@ -176,6 +176,7 @@ fn step_agent_frames_from_the_host_are_checked() {
         argv: vec!["true".into()],
         puts: vec![],
         fetch: vec![format!("{wd}/att/s-0/state.bin")],
+        ..StepRequest::default()
     };
     let t = std::time::Duration::from_secs(20);
     for (name, body, want) in [

@@ -60,5 +60,12 @@ pub fn captured_console(s: &RunSummary, out: &Path, attack: &str) -> String {
                 .all(|l| l.starts_with('[') && l.contains("Z +")),
         "{text}"
     );
+    // It ended at its end marker (not kept), not at the bound.
+    assert!(!text.contains("HILRIG-CONSOLE-END"), "{text}");
+    assert!(
+        !case.observed.contains("console end marker"),
+        "{}",
+        case.observed
+    );
     text
 }

@@ -115,21 +115,30 @@ pub enum LabgridError {
         what: String,
     },
     /// The place's resources were not all published and available in time
-    /// (`--labgrid-wait`): the exporter is not running, or serves something else
-    /// than the place's matches name. A setup error, not an infrastructure fault.
+    /// (`--labgrid-wait`). When a match was never satisfied by anything this
+    /// session saw published, the exporter is not running or serves something
+    /// else than the place's matches name: a setup error (CONFIG). When the
+    /// exporter publishes them but cannot serve them now (not available, no
+    /// TCP port), or withdrew resources this session saw (it crashed or was
+    /// stopped): the lab's fault (`lab_fault`, INFRA).
     #[error(
-        "labgrid place `{place}`: not published by its exporter within {after:?}: {}",
-        .missing.join(", ")
+        "labgrid place `{place}`: not published by its exporter within {after:?}: {}{}",
+        .missing.join(", "),
+        if *.lab_fault { " (the exporter published them before, or cannot serve them now: the lab's fault)" } else { "" }
     )]
     NotPublished {
         /// The place.
         place: String,
         /// What is missing: a match no published resource satisfies
-        /// (`exporter/group/class[/name]: not published`), or a matched resource
+        /// (`exporter/group/class[/name]: not published`, `... withdrawn` when
+        /// it was published earlier in the session), or a matched resource
         /// that is not available (`exporter/group/class/name: not available`).
         missing: Vec<String>,
         /// How long was waited.
         after: Duration,
+        /// Every missing item is one the exporter published (now withdrawn,
+        /// not available, or without its port): INFRA, not CONFIG.
+        lab_fault: bool,
     },
     /// The client runtime could not start.
     #[error("labgrid client runtime: {0}")]
@@ -157,8 +166,13 @@ impl LabgridError {
             LabgridError::BadAddress(_)
             | LabgridError::NoPlace(_)
             | LabgridError::NoTaggedPlace { .. }
-            | LabgridError::NotPublished { .. }
+            | LabgridError::NotPublished {
+                lab_fault: false, ..
+            }
             | LabgridError::Resource { .. } => ErrorKind::Config,
+            LabgridError::NotPublished {
+                lab_fault: true, ..
+            } => ErrorKind::Infra,
             LabgridError::AcquiredByOther { .. } => ErrorKind::Busy,
             LabgridError::Rig(e) => e.kind(),
             LabgridError::Connect { .. }
@@ -211,6 +225,9 @@ pub mod reservation_state {
 #[derive(Default)]
 struct View {
     resources: BTreeMap<(String, String, String), proto::Resource>,
+    /// Resources this session saw published and then deleted (their exporter
+    /// went away or unpublished them); published again: no longer listed.
+    withdrawn: BTreeMap<(String, String, String), proto::Resource>,
     synced: u64,
     closed: Option<String>,
 }
@@ -274,7 +291,9 @@ pub struct NetSerial {
     pub name: String,
     /// Host.
     pub host: String,
-    /// TCP port.
+    /// TCP port. 0 only in a listing of a place nobody holds ([`place_listing`]):
+    /// labgrid's exporter starts ser2net, and publishes its port, only while
+    /// the place is acquired.
     pub port: u16,
     /// Baud rate.
     pub speed: u32,
@@ -415,6 +434,16 @@ pub fn missing(
                 any = true;
                 if !r.avail {
                     out.push(format!("{}/{}/{}/{}: not available", k.0, k.1, r.cls, k.2));
+                } else if holder(place).is_some()
+                    && r.cls == "NetworkSerialPort"
+                    && param_int(r, "port").is_none()
+                {
+                    // Acquired, but its exporter has not started ser2net (and
+                    // published the port) yet.
+                    out.push(format!(
+                        "{}/{}/{}/{}: no TCP port served yet",
+                        k.0, k.1, r.cls, k.2
+                    ));
                 }
             }
         }
@@ -439,6 +468,24 @@ pub fn missing(
 pub fn place_host(
     place: &proto::Place,
     resources: &BTreeMap<(String, String, String), proto::Resource>,
+) -> Result<PlaceHost> {
+    map_place(place, resources, false)
+}
+
+/// [`place_host`] for a listing: a `NetworkSerialPort` without a TCP port (a
+/// place nobody holds: its exporter serves the port only while the place is
+/// acquired) is listed with port 0, not refused.
+pub fn place_listing(
+    place: &proto::Place,
+    resources: &BTreeMap<(String, String, String), proto::Resource>,
+) -> Result<PlaceHost> {
+    map_place(place, resources, true)
+}
+
+fn map_place(
+    place: &proto::Place,
+    resources: &BTreeMap<(String, String, String), proto::Resource>,
+    listing: bool,
 ) -> Result<PlaceHost> {
     let mut h = PlaceHost {
         place: place.name.clone(),
@@ -472,10 +519,19 @@ pub fn place_host(
                 });
             }
             "NetworkSerialPort" => {
-                let port = param_int(r, "port")
-                    .and_then(|p| u16::try_from(p).ok())
-                    .filter(|p| *p > 0)
-                    .ok_or_else(|| bad("`port` missing or not a TCP port".into()))?;
+                let port = match param_int(r, "port") {
+                    None if listing
+                        && !r.params.get("port").is_some_and(|v| {
+                            matches!(v.kind, Some(map_value::Kind::StringValue(_)))
+                        }) =>
+                    {
+                        0
+                    }
+                    p => p
+                        .and_then(|p| u16::try_from(p).ok())
+                        .filter(|p| *p > 0)
+                        .ok_or_else(|| bad("`port` missing or not a TCP port".into()))?,
+                };
                 let speed = match param_int(r, "speed") {
                     None => 115_200,
                     Some(s) => u32::try_from(s)
@@ -603,15 +659,19 @@ impl Coordinator {
                                             p.group_name.clone(),
                                             p.resource_name.clone(),
                                         );
+                                        v.withdrawn.remove(&key);
                                         v.resources.insert(key, r);
                                     }
                                 }
                                 Some(update_response::Kind::DelResource(p)) => {
-                                    v.resources.remove(&(
+                                    let key = (
                                         p.exporter_name.unwrap_or_default(),
                                         p.group_name,
                                         p.resource_name,
-                                    ));
+                                    );
+                                    if let Some(r) = v.resources.remove(&key) {
+                                        v.withdrawn.insert(key, r);
+                                    }
                                 }
                                 _ => {}
                             }
@@ -925,9 +985,24 @@ impl Coordinator {
         loop {
             self.sync()?;
             let p = self.place(name)?;
-            let lacking = {
+            let (lacking, never) = {
                 let v = self.view.lock().unwrap_or_else(|p| p.into_inner());
-                missing(&p, &v.resources)
+                let lacking = missing(&p, &v.resources);
+                // What is not published now but was earlier in this session.
+                let mut seen = v.resources.clone();
+                seen.extend(v.withdrawn.iter().map(|(k, r)| (k.clone(), r.clone())));
+                let never: Vec<String> = missing(&p, &seen)
+                    .into_iter()
+                    .filter(|m| m.ends_with(": not published"))
+                    .collect();
+                let lacking: Vec<String> = lacking
+                    .into_iter()
+                    .map(|m| match m.strip_suffix(": not published") {
+                        Some(k) if !never.contains(&m) => format!("{k}: withdrawn"),
+                        _ => m,
+                    })
+                    .collect();
+                (lacking, never)
             };
             if lacking.is_empty() {
                 return Ok(());
@@ -938,6 +1013,7 @@ impl Coordinator {
                     place: name.to_string(),
                     missing: lacking,
                     after: wait,
+                    lab_fault: never.is_empty(),
                 });
             }
             std::thread::sleep((wait - waited).min(Duration::from_millis(200)));
@@ -951,6 +1027,15 @@ impl Coordinator {
         let p = self.place(name)?;
         let v = self.view.lock().unwrap_or_else(|p| p.into_inner());
         place_host(&p, &v.resources)
+    }
+
+    /// [`Coordinator::host`] for a listing ([`place_listing`]: serial ports not
+    /// served yet are port 0).
+    pub fn listing(&mut self, name: &str) -> Result<PlaceHost> {
+        self.sync()?;
+        let p = self.place(name)?;
+        let v = self.view.lock().unwrap_or_else(|p| p.into_inner());
+        place_listing(&p, &v.resources)
     }
 }
 
@@ -986,9 +1071,16 @@ pub fn check_places(
             .and_then(|h| Ok(places_inventory(addr, std::slice::from_ref(&h), cfg).map(|_| h)?));
         match mapped {
             Ok(h) => usable.push(h),
-            Err(e) if e.kind() != ErrorKind::Infra => {
+            // A place that cannot be used is a row (its exporter's resources
+            // not published or withdrawn included); the coordinator failing
+            // stops the check.
+            Err(e)
+                if e.kind() != ErrorKind::Infra
+                    || matches!(e, LabgridError::NotPublished { .. }) =>
+            {
                 let class = match e.kind() {
                     ErrorKind::Busy => "BUSY",
+                    ErrorKind::Infra => "INFRA",
                     _ => "CONFIG",
                 };
                 unusable.push(HostHealth {
@@ -1100,10 +1192,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn hostile_resources_are_errors_naming_place_and_resource() {
-        use map_value::Kind::{IntValue, StringValue};
-        let place = proto::Place {
+    /// Place `p` matching every resource of exporter `e`, group `g`.
+    fn place_matching_e_g() -> proto::Place {
+        proto::Place {
             name: "p".into(),
             matches: vec![proto::ResourceMatch {
                 exporter: "e".into(),
@@ -1113,7 +1204,13 @@ mod tests {
                 rename: None,
             }],
             ..Default::default()
-        };
+        }
+    }
+
+    #[test]
+    fn hostile_resources_are_errors_naming_place_and_resource() {
+        use map_value::Kind::{IntValue, StringValue};
+        let place = place_matching_e_g();
         let one = |r: proto::Resource| {
             let mut m = BTreeMap::new();
             m.insert(("e".into(), "g".into(), "x".into()), r);
@@ -1212,11 +1309,61 @@ mod tests {
             r.avail = true;
         }
         assert!(missing(&place, &rs).is_empty());
+        // Acquired, its serial ports without TCP ports (ser2net not started
+        // by the exporter yet): still missing, named.
+        let held = proto::Place {
+            acquired: Some("host/me".into()),
+            ..place.clone()
+        };
+        assert_eq!(
+            missing(&held, &rs),
+            ["e/g/NetworkSerialPort/oob: no TCP port served yet"]
+        );
+        if let Some(r) = rs.get_mut(&key("g", "oob")) {
+            *r = res(
+                "NetworkSerialPort",
+                &[("port", map_value::Kind::IntValue(4001))],
+            );
+        }
+        assert!(missing(&held, &rs).is_empty());
         // A resource of another group never satisfies a match.
         rs.remove(&key("h", "x"));
         rs.insert(key("hh", "x"), res("NetworkService", &[]));
         assert_eq!(missing(&place, &rs), ["e/h/*: not published"]);
         // A place without matches lacks nothing.
         assert!(missing(&proto::Place::default(), &rs).is_empty());
+    }
+
+    /// A place nobody holds: its exporter publishes its serial ports without
+    /// TCP ports (ser2net runs only while the place is acquired). A listing
+    /// shows it (port 0); the drivers' mapping refuses it; a port that is not
+    /// a port is refused by both.
+    #[test]
+    fn a_free_places_serial_ports_are_listed_before_they_are_served() {
+        use map_value::Kind;
+        let place = place_matching_e_g();
+        let key = |n: &str| ("e".to_string(), "g".to_string(), n.to_string());
+        let host = ("host", Kind::StringValue("127.0.0.1".into()));
+        let mut rs = BTreeMap::new();
+        rs.insert(
+            key("oob"),
+            res("NetworkSerialPort", std::slice::from_ref(&host)),
+        );
+        rs.insert(
+            key("console"),
+            res("NetworkSerialPort", std::slice::from_ref(&host)),
+        );
+        let listed = place_listing(&place, &rs).expect("listed");
+        assert_eq!(listed.oob.as_ref().map(|s| s.port), Some(0));
+        assert_eq!(listed.consoles.len(), 1);
+        assert!(place_host(&place, &rs).is_err(), "mapped without a port");
+        rs.insert(
+            key("oob"),
+            res(
+                "NetworkSerialPort",
+                &[host.clone(), ("port", Kind::StringValue("x".into()))],
+            ),
+        );
+        assert!(place_listing(&place, &rs).is_err());
     }
 }
