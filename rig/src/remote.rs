@@ -874,7 +874,7 @@ fn agent_step(q: &StepRequest, running: &Mutex<Option<u32>>) -> Result<Vec<u8>, 
             .append(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
             .open(p)
-            .and_then(|mut f| f.write_all(b));
+            .and_then(|mut f| write_all_within(&mut f, b, MARK_WRITE_BOUND));
         if let Err(e) = written {
             // The runner then waits its bound for the marker; say why here.
             eprintln!("step agent: writing the mark on {p}: {e}");
@@ -1606,9 +1606,109 @@ impl HostSource for Inventory {
     }
 }
 
+/// How long the step agent waits for room on a console line to write its end
+/// mark (a slow line still draining the command's last output).
+const MARK_WRITE_BOUND: Duration = Duration::from_secs(2);
+
+/// Write all of `b` to the non-blocking `f`, waiting for room (poll) and resuming
+/// partial writes, for at most `bound`; a line that stays full is a `TimedOut`.
+fn write_all_within(f: &mut std::fs::File, b: &[u8], bound: Duration) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let until = Instant::now() + bound;
+    let mut off = 0;
+    while off < b.len() {
+        match f.write(&b[off..]) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => off += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "the line stayed full for {bound:?} ({off} of {} bytes written)",
+                            b.len()
+                        ),
+                    ));
+                }
+                let mut pfd = libc::pollfd {
+                    fd: f.as_raw_fd(),
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                let ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
+                // SAFETY: one valid pollfd for the duration of the call.
+                unsafe { libc::poll(&mut pfd, 1, ms) };
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The end mark waits for room on a full line and resumes a partial write;
+    /// a line nobody drains is a bounded `TimedOut`, not a hang.
+    #[test]
+    fn a_mark_waits_for_room_on_a_full_line_and_gives_up_in_bounds() {
+        use std::os::fd::FromRawFd;
+        let mut fds = [0; 2];
+        // SAFETY: a two-int array for pipe2 to fill.
+        assert_eq!(
+            unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK) },
+            0
+        );
+        // SAFETY: the descriptors were just created and are owned here only.
+        let (mut r, mut w) = unsafe {
+            (
+                std::fs::File::from_raw_fd(fds[0]),
+                std::fs::File::from_raw_fd(fds[1]),
+            )
+        };
+        // Fill the line.
+        let mut filled = 0usize;
+        while let Ok(n) = w.write(&[b'x'; 4096]) {
+            filled += n;
+        }
+        while let Ok(n) = w.write(b"x") {
+            filled += n;
+        }
+        let mark = vec![b'm'; 10_000];
+        let e = write_all_within(&mut w, &mark, Duration::from_millis(100)).expect_err("full");
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+        // Drained by a slow reader meanwhile: the whole mark arrives, in order.
+        let reader = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            let mut got = Vec::new();
+            let mut buf = [0u8; 8192];
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(5) {
+                match r.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                }
+            }
+            got
+        });
+        write_all_within(&mut w, &mark, Duration::from_secs(5)).expect("drained");
+        drop(w);
+        let got = reader.join().expect("reader");
+        assert!(got.len() >= filled, "{} < {filled}", got.len());
+        assert!(
+            got.ends_with(&mark[mark.len() - 100..]),
+            "the mark's end arrived last"
+        );
+        assert_eq!(
+            got.iter().filter(|&&c| c == b'm').count(),
+            mark.len(),
+            "the whole mark"
+        );
+    }
 
     #[test]
     fn quoting() {

@@ -374,19 +374,32 @@ impl NativeHandler {
         version: u64,
     ) -> Result<NativeHandler, LoadError> {
         let fd = module.raw_fd();
-        let loaded = std::thread::scope(|t| {
-            t.spawn(|| {
-                // SAFETY: gettid has no preconditions.
-                let tid = unsafe { libc::gettid() };
-                let path = std::path::PathBuf::from(format!("/proc/self/task/{tid}/fd/{fd}"));
-                NativeHandler::load(&path, component, version)
-            })
-            .join()
-        });
-        let h = loaded.map_err(|_| LoadError::Load {
+        let failed = |detail: String| LoadError::Load {
             path: module.path().display().to_string(),
-            detail: "the loading thread panicked".into(),
-        })??;
+            detail,
+        };
+        let loaded = std::thread::scope(|t| {
+            std::thread::Builder::new()
+                .name("module-load".into())
+                .spawn_scoped(t, || {
+                    // SAFETY: gettid has no preconditions.
+                    let tid = unsafe { libc::gettid() };
+                    let path = std::path::PathBuf::from(format!("/proc/self/task/{tid}/fd/{fd}"));
+                    NativeHandler::load(&path, component, version)
+                })
+                .map_err(|e| failed(format!("starting the loading thread: {e}")))?
+                .join()
+                .map_err(|_| failed("the loading thread panicked".into()))
+        });
+        let h = loaded??;
+        // A thread id reused after the pid space wrapped, with the same fd number,
+        // names a retired library again, and the loader would hand that back:
+        // never run it (its code is PROT_NONE; a call would fault as stale).
+        if in_retired(h.hook_address()) {
+            return Err(failed(
+                "the dynamic loader returned a retired version (a load name reused after the thread ids wrapped); load it again".into(),
+            ));
+        }
         *h._sealed.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(module));
         Ok(h)
     }

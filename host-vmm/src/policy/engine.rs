@@ -933,8 +933,10 @@ impl PolicyEngine {
         out: &mut Outcome,
     ) -> Result<bool, DeviceError> {
         let mut commit = Some(commit);
-        // Committed already, or now (false: a pause claimed the vCPU).
-        let mut committed = || commit.take().is_none_or(|c| c());
+        // Committed, or not (a pause claimed the vCPU): asked once, the answer
+        // kept (a decision rerun in a newer module after a void one stays void).
+        let mut verdict: Option<bool> = None;
+        let mut committed = || *verdict.get_or_insert_with(|| commit.take().is_none_or(|c| c()));
         // Decided in place (the plan is not copied on the per-access path), by the
         // module the slot runs: if *its* rules filter on a value this access
         // touches, deciding reads the device, so the access commits first (a
@@ -1447,14 +1449,17 @@ mod tests {
             .expect("engine"),
         );
         let scratch = Reg::Scratch.offset() as u64;
-        const PER_THREAD: u64 = 2_000;
+        const PER_THREAD: u64 = 20_000;
         let threads = OWNED_SHARDS + 4;
         for _wave in 0..3 {
+            // All at once: owners and sharers count side by side.
+            let start = Arc::new(std::sync::Barrier::new(threads));
             let hs: Vec<_> = (0..threads)
                 .map(|_| {
-                    let e = e.clone();
+                    let (e, start) = (e.clone(), start.clone());
                     std::thread::spawn(move || {
                         let mut dev = CountingReads(0, None);
+                        start.wait();
                         for i in 0..PER_THREAD {
                             // An 8-byte write: two parts, SCRATCH[0] and [1].
                             let mut b = i.to_le_bytes();
@@ -1577,6 +1582,49 @@ mod tests {
             1,
             "the decision was rerun in the new module"
         );
+    }
+
+    /// A decision voided at its commit point (a pause claimed the vCPU) stays void
+    /// when the module that made it is replaced meanwhile and the slot reruns it
+    /// in the new one: nothing read, nothing carried out.
+    #[test]
+    fn a_void_decision_stays_void_when_rerun_in_a_new_module() {
+        let filtered = || {
+            let f = PolicyFile::parse(
+                "[[profile.t]]\nregister = \"SCRATCH[1]\"\naccess = \"read\"\n\
+                 filter = { deny = [1], mask = 1 }\naction = \"drop\"\n",
+                "<test>",
+            )
+            .and_then(|f| f.compile("t", "<test>"))
+            .expect("profile");
+            Arc::new(f)
+        };
+        let e = Arc::new(PolicyEngine::new(filtered(), &AlarmConfig::default()).expect("engine"));
+        let scratch = Reg::Scratch.offset() as u64;
+        let mut dev = CountingReads(0, None);
+        let mut buf = [0xffu8; 4];
+        let mut out = Outcome::default();
+        let (swapper, next) = (e.clone(), filtered());
+        // The pause claims the vCPU and the patch it makes replaces the module
+        // without quiesce (publish, cancel) before the vCPU looks at the cancel.
+        let r = e.access_committing(
+            &mut dev,
+            scratch + 4,
+            &mut buf,
+            false,
+            || {
+                let _ = swapper.swap(next, 2, std::time::Duration::from_millis(1));
+                false
+            },
+            &mut out,
+        );
+        assert!(matches!(r, Ok(false)), "{r:?}");
+        assert_eq!(
+            (dev.0, buf),
+            (0, [0xff; 4]),
+            "nothing read, nothing answered"
+        );
+        assert_eq!(e.report().parts, 0, "nothing carried out");
     }
 
     #[test]

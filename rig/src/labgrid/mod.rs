@@ -124,7 +124,7 @@ pub enum LabgridError {
     #[error(
         "labgrid place `{place}`: not published by its exporter within {after:?}: {}{}",
         .missing.join(", "),
-        if *.lab_fault { " (the exporter published them before, or cannot serve them now: the lab's fault)" } else { "" }
+        if *.lab_fault { " (the exporter published them before, or cannot serve them now: the lab's fault)" } else { " (never seen published in this session: check the place's matches and the exporter's config; an exporter that went down before this session started looks the same)" }
     )]
     NotPublished {
         /// The place.
