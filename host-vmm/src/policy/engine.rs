@@ -1505,20 +1505,29 @@ mod tests {
         }
     }
 
+    /// A profile that drops reads of SCRATCH[1] whose bit 0 is `deny`: deciding
+    /// such a read reads the register.
+    fn scratch1_read_filter(deny: u32) -> Arc<Profile> {
+        let f = PolicyFile::parse(
+            &format!(
+                "[[profile.t]]\nregister = \"SCRATCH[1]\"\naccess = \"read\"\n\
+                 filter = {{ deny = [{deny}], mask = 1 }}\naction = \"drop\"\n"
+            ),
+            "<test>",
+        )
+        .and_then(|f| f.compile("t", "<test>"))
+        .expect("profile");
+        Arc::new(f)
+    }
+
     /// A decision voided by a pause (`commit` false) leaves no trace on the device,
     /// even when a rule filtering on the value needs the register read to decide:
     /// such an access commits before it reads (a read-to-clear register read while
     /// deciding, then again when decided anew after the pause, would lose data).
     #[test]
     fn a_voided_decision_never_read_the_device() {
-        let f = PolicyFile::parse(
-            "[[profile.t]]\nregister = \"SCRATCH[1]\"\naccess = \"read\"\n\
-             filter = { deny = [1], mask = 1 }\naction = \"drop\"\n",
-            "<test>",
-        )
-        .and_then(|f| f.compile("t", "<test>"))
-        .expect("profile");
-        let e = PolicyEngine::new(Arc::new(f), &AlarmConfig::default()).expect("engine");
+        let e =
+            PolicyEngine::new(scratch1_read_filter(1), &AlarmConfig::default()).expect("engine");
         let scratch = Reg::Scratch.offset() as u64;
         let mut dev = CountingReads(0, None);
         let mut buf = [0u8; 4];
@@ -1545,25 +1554,15 @@ mod tests {
     /// read-to-clear register is read once per access, whatever the patches do.
     #[test]
     fn a_decision_rerun_in_a_new_module_does_not_read_the_device_again() {
-        let filtered = |deny: u32| {
-            let f = PolicyFile::parse(
-                &format!(
-                    "[[profile.t]]\nregister = \"SCRATCH[1]\"\naccess = \"read\"\n\
-                     filter = {{ deny = [{deny}], mask = 1 }}\naction = \"drop\"\n"
-                ),
-                "<test>",
-            )
-            .and_then(|f| f.compile("t", "<test>"))
-            .expect("profile");
-            Arc::new(f)
-        };
-        let e = Arc::new(PolicyEngine::new(filtered(0), &AlarmConfig::default()).expect("engine"));
+        let e = Arc::new(
+            PolicyEngine::new(scratch1_read_filter(0), &AlarmConfig::default()).expect("engine"),
+        );
         let scratch = Reg::Scratch.offset() as u64;
         // The device swaps the engine's policy (no quiesce) at its first read, i.e.
         // while the deciding module reads it to decide: published and the old
         // version cancelled; it cannot drain (the call is in it), so the bound
         // runs out: fine, it is retired late.
-        let (swapper, next) = (e.clone(), filtered(1));
+        let (swapper, next) = (e.clone(), scratch1_read_filter(1));
         let mut dev = CountingReads(
             0,
             Some(Box::new(move || {
@@ -1589,22 +1588,14 @@ mod tests {
     /// in the new one: nothing read, nothing carried out.
     #[test]
     fn a_void_decision_stays_void_when_rerun_in_a_new_module() {
-        let filtered = || {
-            let f = PolicyFile::parse(
-                "[[profile.t]]\nregister = \"SCRATCH[1]\"\naccess = \"read\"\n\
-                 filter = { deny = [1], mask = 1 }\naction = \"drop\"\n",
-                "<test>",
-            )
-            .and_then(|f| f.compile("t", "<test>"))
-            .expect("profile");
-            Arc::new(f)
-        };
-        let e = Arc::new(PolicyEngine::new(filtered(), &AlarmConfig::default()).expect("engine"));
+        let e = Arc::new(
+            PolicyEngine::new(scratch1_read_filter(1), &AlarmConfig::default()).expect("engine"),
+        );
         let scratch = Reg::Scratch.offset() as u64;
         let mut dev = CountingReads(0, None);
         let mut buf = [0xffu8; 4];
         let mut out = Outcome::default();
-        let (swapper, next) = (e.clone(), filtered());
+        let (swapper, next) = (e.clone(), scratch1_read_filter(1));
         // The pause claims the vCPU and the patch it makes replaces the module
         // without quiesce (publish, cancel) before the vCPU looks at the cancel.
         let r = e.access_committing(
