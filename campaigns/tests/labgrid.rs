@@ -449,12 +449,9 @@ fn ser2net(dir: &std::path::Path, ports: &[(&str, &str, u16, bool)]) -> Kill {
     k
 }
 
+/// A free TCP port on 127.0.0.1.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    hilrig_rig::simlab::free_port_on("127.0.0.1").expect("a free port on 127.0.0.1")
 }
 
 const PROGRAM_CASE: &str = "[[case]]\nattacks = [\"attack-flash-program\"]\nbackends = [\"model\"]\n\

@@ -31,9 +31,10 @@ fn paired() -> (Instant, u64, u64) {
 const WINDOWS: usize = 3;
 const MAX_BRACKET: u64 = 20_000;
 
-/// The rate from the median of [`WINDOWS`] windows of 0.5 ms whose end readings
+/// The rate from the median of [`WINDOWS`] windows of 0.3 ms whose end readings
 /// were not preempted (up to 4 × as many tries); 0 (use `Instant`) when the TSC
-/// does not advance or no window is clean. About 1.5 ms once a process.
+/// does not advance or no window is clean. About 1 ms once a process (as the
+/// single 1 ms window it replaced).
 fn calibrate_rate() -> u64 {
     let mut rates = [0u64; WINDOWS];
     let mut n = 0;
@@ -42,7 +43,7 @@ fn calibrate_rate() -> u64 {
             break;
         }
         let (i0, c0, w0) = paired();
-        std::thread::sleep(Duration::from_micros(500));
+        std::thread::sleep(Duration::from_micros(300));
         let (i1, c1, w1) = paired();
         let (dt, dc) = (i1.duration_since(i0).as_nanos(), c1.wrapping_sub(c0));
         if w0 > MAX_BRACKET || w1 > MAX_BRACKET || dc == 0 || dt == 0 {
@@ -72,7 +73,7 @@ fn tsc() -> u64 {
     }
 }
 
-/// Calibrate now (once a process; about 1.5 ms) rather than on the first timed
+/// Calibrate now (once a process; about 1 ms) rather than on the first timed
 /// access.
 pub fn calibrate() {
     ns_per_tick_q32();
@@ -119,7 +120,7 @@ mod tests {
         let i = Instant::now();
         std::thread::sleep(Duration::from_millis(20));
         let (ns, want) = (ns_since(t), i.elapsed().as_nanos() as u64);
-        // Within 10% (the calibration takes the median of three 0.5 ms windows whose
+        // Within 10% (the calibration takes the median of three 0.3 ms windows whose
         // end readings are bracketed, so a preempted reading cannot skew it).
         assert!(
             ns.abs_diff(want) < want / 10,

@@ -635,6 +635,13 @@ impl StepRequest {
             let b = r.body(what, n)?;
             String::from_utf8(b).map_err(|_| r.bad(format!("`{what}` is not UTF-8")))
         };
+        // A path, then its `data` item.
+        let with_data =
+            |r: &mut FrameReader<R>, what: &str, n: i64| -> Result<(String, Vec<u8>), FrameError> {
+                let p = text(r, what, n)?;
+                let m = r.expect("data")?;
+                Ok((p, r.body("data", m)?))
+            };
         loop {
             let Some((tag, n)) = r.header()? else {
                 if first {
@@ -654,12 +661,7 @@ impl StepRequest {
                     let a = text(r, "arg", n)?;
                     q.argv.push(a);
                 }
-                "put" => {
-                    let p = text(r, "put", n)?;
-                    let m = r.expect("data")?;
-                    let b = r.body("data", m)?;
-                    q.puts.push((p, b));
-                }
+                "put" => q.puts.push(with_data(r, "put", n)?),
                 "fetch" => {
                     let f = text(r, "fetch", n)?;
                     q.fetch.push(f);
@@ -668,12 +670,7 @@ impl StepRequest {
                     let f = text(r, "rm", n)?;
                     q.remove.push(f);
                 }
-                "mark" => {
-                    let p = text(r, "mark", n)?;
-                    let m = r.expect("data")?;
-                    let b = r.body("data", m)?;
-                    q.marks.push((p, b));
-                }
+                "mark" => q.marks.push(with_data(r, "mark", n)?),
                 "run" if n == 0 => break,
                 "stage" if n == 0 => {
                     q.stage_only = true;

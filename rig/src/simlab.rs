@@ -51,13 +51,19 @@ fn device_build() -> Option<PathBuf> {
     })
 }
 
+/// A TCP port free (when asked) on the loopback address `ip`: the kernel's pick
+/// for a listener bound to port 0, closed again. Labs and tests start their
+/// servers on it.
+pub fn free_port_on(ip: &str) -> std::io::Result<u16> {
+    std::net::TcpListener::bind((ip, 0))?
+        .local_addr()
+        .map(|a| a.port())
+}
+
 /// A TCP port free on 127.0.0.11.
 fn free_port() -> Result<u16, LabError> {
-    let l = std::net::TcpListener::bind(("127.0.0.11", 0))
-        .map_err(|e| LabError::Skipped(format!("cannot bind 127.0.0.11: {e}")))?;
-    l.local_addr()
-        .map(|a| a.port())
-        .map_err(|e| LabError::Failed(e.to_string()))
+    free_port_on("127.0.0.11")
+        .map_err(|e| LabError::Skipped(format!("cannot bind 127.0.0.11: {e}")))
 }
 
 impl SimLab {

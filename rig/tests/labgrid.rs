@@ -17,12 +17,9 @@ fn have(tool: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// A free TCP port on 127.0.0.1.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    hilrig_rig::simlab::free_port_on("127.0.0.1").expect("a free port on 127.0.0.1")
 }
 
 /// A coordinator and an exporter on loopback, killed on drop.

@@ -218,12 +218,9 @@ fn command_driver_with_scripts() {
     assert_eq!(t.healthy_hosts(), vec!["ipmi-1", "liar"], "{t}");
 }
 
+/// A free TCP port on 127.0.0.1.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    hilrig_rig::simlab::free_port_on("127.0.0.1").expect("a free port on 127.0.0.1")
 }
 
 struct Daemon(std::process::Child);

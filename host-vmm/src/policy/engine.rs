@@ -686,12 +686,6 @@ enum NoPlan {
     Device(DeviceError),
 }
 
-impl From<DeviceError> for NoPlan {
-    fn from(e: DeviceError) -> Self {
-        NoPlan::Device(e)
-    }
-}
-
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn plan_into<const N: usize>(
