@@ -2,20 +2,15 @@
 //! one run, and the decision cost alone.
 
 use crate::figure::{paired_rounds, Figure};
-use crate::vm_exit::raw_mmio_loop;
+use crate::vm_exit::{raw_mmio_loop, vmm_mmio_arm};
 use hilrig_device::regmap::{Reg, HANG_MAGIC};
 use hilrig_device::{Device, DeviceError, ResetKind};
-use hilrig_vmm::devices::{open_backend, DeviceSpec};
 use hilrig_vmm::error::VmmError;
-use hilrig_vmm::payload;
 use hilrig_vmm::policy::engine::{AlarmConfig, PolicyEngine};
 use hilrig_vmm::policy::{load_profile, PolicyFile, Profile};
-use hilrig_vmm::vstate::vm::{Console, Vm, VmConfig};
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-const BENCH_MEM: u64 = 16 << 20;
 
 /// `n` trapped 4-byte writes to BAR0 + `offset` through the policy engine running
 /// `profile`. Returns (exits, span from the first MMIO exit to the end).
@@ -25,25 +20,20 @@ pub fn policy_mmio_loop(
     profile: Arc<Profile>,
     timeout: Duration,
 ) -> Result<(u64, Duration), VmmError> {
-    let cfg = VmConfig {
-        vcpus: 1,
-        mem_size: BENCH_MEM,
-        payload: payload::mmio_loop(n, offset)?,
-        payload_name: "mmio-loop".into(),
-        timeout,
-        console: Console::Null,
-        policy: Some(profile),
-        ..VmConfig::default()
-    };
-    let backend = open_backend(&DeviceSpec::Model, None)?;
-    let r = Vm::new(cfg, backend)?.run()?;
-    if !r.verdict.passed() {
-        return Err(VmmError::Config(format!(
-            "policy benchmark guest: {}",
-            r.verdict
-        )));
-    }
-    Ok((r.exits.mmio_write, r.mmio_span.unwrap_or_default()))
+    let what = "policy benchmark guest";
+    vmm_mmio_arm(what, n, offset, Some(profile), false, timeout)
+}
+
+/// As [`policy_mmio_loop`], with the per-thread seccomp filters on (the VM runs on
+/// a thread of its own, so the filter its main thread installs ends with it).
+pub fn policy_mmio_loop_seccomp(
+    n: u64,
+    offset: u32,
+    profile: Arc<Profile>,
+    timeout: Duration,
+) -> Result<(u64, Duration), VmmError> {
+    let what = "policy benchmark guest (seccomp)";
+    vmm_mmio_arm(what, n, offset, Some(profile), true, timeout)
 }
 
 use crate::vm_exit::rate;
@@ -183,17 +173,8 @@ pub fn bench_policy(budget: Duration) -> anyhow::Result<Vec<Figure>> {
         Ok(rate(e, s))
     };
     let mut filtered_arm = || -> anyhow::Result<f64> {
-        let r = crate::vm_exit::vm_run_with(
-            "mmio-loop",
-            payload::mmio_loop(n, Reg::Scratch.offset())?,
-            timeout,
-            Some(tenant.clone()),
-            true,
-        )?;
-        if !r.verdict.passed() {
-            anyhow::bail!("policy benchmark guest (seccomp): {}", r.verdict);
-        }
-        Ok(rate(r.exits.mmio_write, r.mmio_span.unwrap_or_default()))
+        let (e, s) = policy_mmio_loop_seccomp(n, Reg::Scratch.offset(), tenant.clone(), timeout)?;
+        Ok(rate(e, s))
     };
     let mut dropped_arm = || -> anyhow::Result<f64> {
         let (e, s) = policy_mmio_loop(n, Reg::HangTrigger.offset(), tenant.clone(), timeout)?;

@@ -133,39 +133,42 @@ pub(crate) fn vm_run_with(
         .map_err(|_| VmmError::Thread("the sandboxed benchmark VM's thread panicked".into()))?
 }
 
-/// As [`vmm_mmio_loop`], under the per-thread seccomp filters.
-pub fn vmm_mmio_loop_seccomp(n: u64, timeout: Duration) -> Result<(u64, Duration), VmmError> {
+/// `n` 4-byte MMIO writes to BAR0 + `offset` by the mmio-loop guest through the
+/// VMM, with `policy` (None: no policy) and, with `seccomp`, the per-thread seccomp
+/// filters. Returns (exits, span from the first MMIO exit to the end); a guest
+/// without a passing verdict is an error naming `what`.
+pub fn vmm_mmio_arm(
+    what: &str,
+    n: u64,
+    offset: u32,
+    policy: Option<std::sync::Arc<hilrig_vmm::policy::Profile>>,
+    seccomp: bool,
+    timeout: Duration,
+) -> Result<(u64, Duration), VmmError> {
     let r = vm_run_with(
         "mmio-loop",
-        payload::mmio_loop(n, Reg::Scratch.offset())?,
+        payload::mmio_loop(n, offset)?,
         timeout,
-        None,
-        true,
+        policy,
+        seccomp,
     )?;
     if !r.verdict.passed() {
-        return Err(VmmError::Config(format!(
-            "mmio-loop benchmark guest (seccomp): {}",
-            r.verdict
-        )));
+        return Err(VmmError::Config(format!("{what}: {}", r.verdict)));
     }
     Ok((r.exits.mmio_write, r.mmio_span.unwrap_or_default()))
+}
+
+/// As [`vmm_mmio_loop`], under the per-thread seccomp filters.
+pub fn vmm_mmio_loop_seccomp(n: u64, timeout: Duration) -> Result<(u64, Duration), VmmError> {
+    let what = "mmio-loop benchmark guest (seccomp)";
+    vmm_mmio_arm(what, n, Reg::Scratch.offset(), None, true, timeout)
 }
 
 /// The same guest as [`raw_mmio_loop`], through hilrig-vmm's full MMIO path
 /// (vCPU thread, PCI routing, the model). Returns (exits, span).
 pub fn vmm_mmio_loop(n: u64, timeout: Duration) -> Result<(u64, Duration), VmmError> {
-    let r = vm_run(
-        "mmio-loop",
-        payload::mmio_loop(n, Reg::Scratch.offset())?,
-        timeout,
-    )?;
-    if !r.verdict.passed() {
-        return Err(VmmError::Config(format!(
-            "mmio-loop benchmark guest: {}",
-            r.verdict
-        )));
-    }
-    Ok((r.exits.mmio_write, r.mmio_span.unwrap_or_default()))
+    let what = "mmio-loop benchmark guest";
+    vmm_mmio_arm(what, n, Reg::Scratch.offset(), None, false, timeout)
 }
 
 /// Exits per second over `span` (0 for an empty span).
