@@ -638,17 +638,11 @@ impl Service {
                     });
                 }
                 if aseq > 0 {
-                    let rows = self
-                        .db
-                        .query("SELECT mac FROM history WHERE seq = $1", &[Val::I64(aseq)])?;
-                    let found = rows.first().and_then(|r| r[0].text("mac").ok());
-                    if found.as_deref() != Some(amac.as_str()) {
+                    if let Some(detail) = self.anchored_row_fault(aseq, &amac)? {
                         return Err(Error::Replayed {
                             head: hseq,
                             anchor: aseq,
-                            detail: format!(
-                                "history row {aseq} is not the one the anchor recorded (a different database or rewritten history)"
-                            ),
+                            detail,
                         });
                     }
                 }
@@ -656,6 +650,65 @@ impl Service {
         }
         self.anchor = Some(anchor);
         Ok(())
+    }
+
+    /// What is wrong with the history row the anchor recorded at `aseq` (with
+    /// MAC `amac`), or None: it must be there with that MAC, pass its own MAC
+    /// check (so a forged row carrying the anchored MAC, copied from the anchor
+    /// or the live database, is refused), and chain onto the row before it (so
+    /// the genuine anchored row copied alone into an older database is refused).
+    fn anchored_row_fault(&mut self, aseq: i64, amac: &str) -> Result<Option<String>> {
+        let rows = self.db.query(
+            "SELECT serial, at, verdict, severity, recoverable, state, observed, expected, reasons, mac, prev FROM history WHERE seq = $1",
+            &[Val::I64(aseq)],
+        )?;
+        let Some(r) = rows.first().filter(|r| r.len() == 11) else {
+            return Ok(Some(format!(
+                "history row {aseq} is not the one the anchor recorded (a different database or rewritten history)"
+            )));
+        };
+        let text = |i: usize| match &r[i] {
+            Val::Text(t) => t.clone(),
+            Val::I64(n) => n.to_string(),
+            other => format!("{other:?}"),
+        };
+        if text(9) != amac {
+            return Ok(Some(format!(
+                "history row {aseq} is not the one the anchor recorded (a different database or rewritten history)"
+            )));
+        }
+        let f: Vec<String> = (0..9).map(text).collect();
+        let prev = text(10);
+        let want = history_mac(
+            &self.key,
+            [
+                &f[0], &f[1], &f[2], &f[3], &f[4], &f[5], &f[6], &f[7], &f[8],
+            ],
+            aseq,
+            &prev,
+        );
+        if !hilrig_db::mac::ct_eq(want.as_bytes(), amac.as_bytes()) {
+            return Ok(Some(format!(
+                "history row {aseq} carries the anchored MAC but fails its own MAC check (a forged or edited row)"
+            )));
+        }
+        if aseq > 1 {
+            let rows = self.db.query(
+                "SELECT mac FROM history WHERE seq = $1",
+                &[Val::I64(aseq - 1)],
+            )?;
+            let before = rows
+                .first()
+                .and_then(|r| r.first())
+                .and_then(|v| v.text("mac").ok());
+            if before.as_deref() != Some(prev.as_str()) {
+                return Ok(Some(format!(
+                    "history row {} (the one the anchored row {aseq} chains onto) is missing or not the one it was chained to (rows deleted, or an older database with newer rows copied in)",
+                    aseq - 1
+                )));
+            }
+        }
+        Ok(None)
     }
 
     // ---- devices ---------------------------------------------------------
