@@ -1712,13 +1712,29 @@ impl Service {
             if r.len() != 7 {
                 continue;
             }
-            let id = r[0].i64("id")?;
-            let region_s = r[1].text("region")?;
-            let target_s = r[2].text("target")?;
-            let created = r[3].i64("created_at")?;
-            let status = r[4].text("status")?;
-            let closed = r[5].i64("closed_at")?;
-            let mac = r[6].text("mac")?;
+            // A row whose columns do not even parse (SQLite keeps any type in
+            // any column) was edited outside the service: tampered, as one that
+            // fails its MAC (never an error that leaves the device as it was).
+            let parsed = (|| -> Result<_> {
+                Ok((
+                    r[0].i64("id")?,
+                    r[1].text("region")?,
+                    r[2].text("target")?,
+                    r[3].i64("created_at")?,
+                    r[4].text("status")?,
+                    r[5].i64("closed_at")?,
+                    r[6].text("mac")?,
+                ))
+            })();
+            let Ok((id, region_s, target_s, created, status, closed, mac)) = parsed else {
+                return Err(Error::Tampered {
+                    table: "intents",
+                    row: match &r[0] {
+                        Val::I64(id) => id.to_string(),
+                        other => format!("{other:?}"),
+                    },
+                });
+            };
             let want = self.intent_mac(
                 [serial, &region_s, &target_s, &status],
                 [id, created, closed],

@@ -573,3 +573,78 @@ fn dressed_up_replays_are_refused_on_each_backend() {
         }
     });
 }
+
+/// Malformed rows in the other tables (SQLite keeps any type in any column): an
+/// open intent whose time is text, a hold whose reason is a blob, history rows
+/// whose reasons are not JSON or whose flag is text, a catalog row whose time is
+/// text. No panic; the device is never trusted while its intent or hold is
+/// malformed, and the malformed intent, once the update it covers is counted,
+/// quarantines it like a tampered one.
+#[test]
+fn malformed_intent_hold_history_and_catalog_rows_fail_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("counters.db").display().to_string();
+    let mut s = Service::open(&spec, key()).unwrap();
+    let p = make_device(dir.path(), 0x91, 16);
+    enroll_from(&mut s, &p, 0x91);
+    assert!(s.verify(0x91, &mut source(&p)).unwrap().trusted());
+    let img = image(3, 256);
+    let h = image_hash(hilrig_device::Region::Config, &img);
+    s.catalog_add(hilrig_device::Region::Config, &h, "v", "alice")
+        .unwrap();
+    let id = s
+        .begin_update(0x91, hilrig_device::Region::Config, &h)
+        .unwrap();
+    // Nothing flashed yet: trusted, the intent stays open.
+    assert!(s.verify(0x91, &mut source(&p)).unwrap().trusted());
+    s.db_mut()
+        .exec(
+            "UPDATE intents SET created_at = 'yesterday' WHERE id = $1",
+            &[Val::I64(id)],
+        )
+        .unwrap();
+    // The intent matters once the update is counted (an unchanged device does
+    // not read its intents).
+    flash(&p, hilrig_device::Region::Config, &img);
+    let r = s.verify(0x91, &mut source(&p));
+    match &r {
+        Ok(r) => {
+            assert_eq!(r.decision.verdict, Verdict::Quarantined, "{r:?}");
+            assert!(
+                r.decision.reasons[0].contains(&format!("intents row {id}")),
+                "{:?}",
+                r.decision.reasons
+            );
+        }
+        Err(e) => panic!("a malformed intent row made verify fail instead of quarantining: {e}"),
+    }
+    assert!(!s
+        .device(0x91)
+        .unwrap()
+        .state
+        .eq(&hilrig_counters::decide::DeviceState::Trusted));
+    // A hold whose reason is a blob still holds.
+    let q = make_device(dir.path(), 0x92, 16);
+    enroll_from(&mut s, &q, 0x92);
+    s.db_mut()
+        .exec(
+            "INSERT INTO holds (serial, reason, at, mac) VALUES ('0x92', x'00ff', 0, '')",
+            &[],
+        )
+        .unwrap();
+    assert!(!s.verify(0x92, &mut source(&q)).unwrap().trusted());
+    // History and catalog rows that do not parse: shown, never a panic.
+    s.db_mut()
+        .exec(
+            "UPDATE history SET reasons = '{', recoverable = 'yes' WHERE serial = '0x92'",
+            &[],
+        )
+        .unwrap();
+    s.db_mut()
+        .exec("UPDATE catalog SET added_at = 'soon'", &[])
+        .unwrap();
+    let _ = s.history(None, 100);
+    let _ = s.history(Some(0x92), 100);
+    let _ = s.catalog_list();
+    let _ = s.devices();
+}
