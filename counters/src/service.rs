@@ -246,6 +246,10 @@ pub struct Service {
     head: Option<(i64, String)>,
     /// The external anchor of the chain head (a file or a second database).
     anchor: Option<crate::anchor::Anchor>,
+    /// The newest head this service checked against or wrote to the anchor:
+    /// that history row must still be in the database at every commit (a
+    /// database replayed under a running service is refused).
+    anchored: Option<(i64, String)>,
     /// During `hold_clear`: the operator's note, first reason of the history row.
     clear_note: Option<String>,
     /// Where `verify_batch` spent its time.
@@ -489,6 +493,7 @@ impl Service {
             stale_seen: false,
             head: None,
             anchor: None,
+            anchored: None,
             max_seqs: None,
             pending_devices: None,
             batch_macs: None,
@@ -554,6 +559,13 @@ impl Service {
         self.ahead = None;
         match f(self) {
             Ok(v) => {
+                if self.head.is_some() {
+                    if let Err(e) = self.still_anchored() {
+                        self.db.rollback();
+                        self.head = None;
+                        return Err(e);
+                    }
+                }
                 point("before commit");
                 let head = self.head.take();
                 let t = std::time::Instant::now();
@@ -567,6 +579,9 @@ impl Service {
                     point("anchor: before write");
                     a.write(h.0, &h.1)?;
                     point("anchor: written");
+                    if self.anchored.as_ref().is_none_or(|f| f.0 < h.0) {
+                        self.anchored = Some(h);
+                    }
                 }
                 Ok(v)
             }
@@ -576,6 +591,36 @@ impl Service {
                 Err(e)
             }
         }
+    }
+
+    /// Before a commit that appends history: the newest head this service
+    /// anchored must still be in the database, as it was (history rows are never
+    /// rewritten or deleted by the service). Otherwise the database was replayed
+    /// or its history rewritten under this running service: refused, nothing of
+    /// this transaction kept (a PostgreSQL batch whose single write statement ran
+    /// without `BEGIN` is already stored: it is refused all the same, and the
+    /// anchor is not moved).
+    fn still_anchored(&mut self) -> Result<()> {
+        let Some((seq, mac)) = self.anchored.clone().filter(|a| a.0 > 0) else {
+            return Ok(());
+        };
+        let rows = self
+            .db
+            .query("SELECT mac FROM history WHERE seq = $1", &[Val::I64(seq)])?;
+        let found = rows
+            .first()
+            .and_then(|r| r.first())
+            .and_then(|v| v.text("mac").ok());
+        if found.as_deref() == Some(mac.as_str()) {
+            return Ok(());
+        }
+        Err(Error::Replayed {
+            head: self.head.as_ref().map(|h| h.0).unwrap_or(0),
+            anchor: seq,
+            detail: format!(
+                "history row {seq}, anchored by this service, is gone or different: the database was replayed or its history rewritten while the service ran"
+            ),
+        })
     }
 
     /// The next history row's (seq, previous MAC) in this transaction.
@@ -627,8 +672,11 @@ impl Service {
     /// empty anchor is created from the current head.
     pub fn set_anchor_to(&mut self, mut anchor: crate::anchor::Anchor) -> Result<()> {
         let (hseq, hmac) = self.chain_head()?;
-        match anchor.read()? {
-            None => anchor.write(hseq, &hmac)?,
+        let checked = match anchor.read()? {
+            None => {
+                anchor.write(hseq, &hmac)?;
+                (hseq, hmac)
+            }
             Some((aseq, amac)) => {
                 if hseq < aseq {
                     return Err(Error::Replayed {
@@ -646,8 +694,10 @@ impl Service {
                         });
                     }
                 }
+                (aseq, amac)
             }
-        }
+        };
+        self.anchored = Some(checked);
         self.anchor = Some(anchor);
         Ok(())
     }

@@ -648,3 +648,60 @@ fn malformed_intent_hold_history_and_catalog_rows_fail_closed() {
     let _ = s.catalog_list();
     let _ = s.devices();
 }
+
+/// The database replayed under a running service (one open, many commands: the
+/// lab service, a rig controller): the older database is emulated in SQL on the
+/// service's own connection (newer history and the newer device deleted, the
+/// device's older row put back, the device rolled back). The anchor is only
+/// read at open and never moved back, so the next verify must see that the
+/// head it anchored is gone.
+#[test]
+fn a_database_replayed_under_a_running_service_is_refused() {
+    each_backend("replayed_under_service", |s, dir| {
+        let anchor = dir.join("anchor");
+        s.set_anchor(&anchor).unwrap();
+        let dev = make_device(dir, 0x61, 16);
+        let old_state = std::fs::read(&dev).unwrap();
+        enroll_from(s, &dev, 0x61);
+        assert!(s.verify(0x61, &mut source(&dev)).unwrap().trusted());
+        let cols =
+            "state, c0, c1, c2, master, epoch, h0, h1, h2, reason, hold, verified_at, mac, hseq";
+        let mut old_row = s
+            .db_mut()
+            .query(&format!("SELECT {cols} FROM devices"), &[])
+            .unwrap()
+            .remove(0);
+        let (h_old, _) = s.chain_head().unwrap();
+        update(s, &dev, 0x61, 1);
+        let d2 = make_device(dir, 0x62, 16);
+        enroll_from(s, &d2, 0x62);
+        assert!(s.verify(0x62, &mut source(&d2)).unwrap().trusted());
+        let db = s.db_mut();
+        db.exec("DELETE FROM history WHERE seq > $1", &[Val::I64(h_old)])
+            .unwrap();
+        db.exec("DELETE FROM devices WHERE serial = '0x62'", &[])
+            .unwrap();
+        old_row.push("0x61".into());
+        db.exec(
+            "UPDATE devices SET state = $1, c0 = $2, c1 = $3, c2 = $4, master = $5, epoch = $6, h0 = $7, h1 = $8, h2 = $9, reason = $10, hold = $11, verified_at = $12, mac = $13, hseq = $14 WHERE serial = $15",
+            &old_row,
+        )
+        .unwrap();
+        std::fs::write(&dev, &old_state).unwrap();
+        for _ in 0..2 {
+            match s.verify(0x61, &mut source(&dev)) {
+                Err(e @ Error::Replayed { .. }) => {
+                    let m = e.to_string();
+                    assert!(m.contains("while the service ran"), "{m}");
+                }
+                Err(e) => panic!("refused, but not as a replay: {e}"),
+                Ok(r) => panic!(
+                    "a database replayed under the running service was used: {:?} {:?}",
+                    r.decision.verdict, r.decision.reasons
+                ),
+            }
+        }
+        // Nothing was written: the history is as the attacker left it.
+        assert_eq!(s.chain_head().unwrap().0, h_old);
+    });
+}
