@@ -515,46 +515,55 @@ fn a_truncated_database_or_a_garbage_anchor_is_an_error_naming_the_file() {
     }
 }
 
+/// On one open service with a file anchor: device 0x61 enrolled and verified,
+/// updated; 0x62 enrolled and verified (the chain's head). Then the older
+/// database is emulated in SQL on the service's own connection (the newer
+/// history rows and 0x62 deleted, 0x61's older row put back) and the device
+/// rolled back. Returns (anchor, 0x61's state file, the older head, the
+/// genuine history row at the anchor's sequence, the anchored MAC).
+fn replay_in_sql(s: &mut Service, dir: &Path) -> (PathBuf, PathBuf, i64, Vec<Val>, String) {
+    let anchor = dir.join("anchor");
+    s.set_anchor(&anchor).unwrap();
+    let dev = make_device(dir, 0x61, 16);
+    let old_state = std::fs::read(&dev).unwrap();
+    enroll_from(s, &dev, 0x61);
+    assert!(s.verify(0x61, &mut source(&dev)).unwrap().trusted());
+    let cols = "state, c0, c1, c2, master, epoch, h0, h1, h2, reason, hold, verified_at, mac, hseq";
+    let mut old_row = s
+        .db_mut()
+        .query(&format!("SELECT {cols} FROM devices"), &[])
+        .unwrap()
+        .remove(0);
+    let (h_old, _) = s.chain_head().unwrap();
+    update(s, &dev, 0x61, 1);
+    let d2 = make_device(dir, 0x62, 16);
+    enroll_from(s, &d2, 0x62);
+    assert!(s.verify(0x62, &mut source(&d2)).unwrap().trusted());
+    let (aseq, amac) = anchor_head(&anchor);
+    let genuine = history_rows(s, aseq, aseq).remove(0);
+    let db = s.db_mut();
+    db.exec("DELETE FROM history WHERE seq > $1", &[Val::I64(h_old)])
+        .unwrap();
+    db.exec("DELETE FROM devices WHERE serial = '0x62'", &[])
+        .unwrap();
+    old_row.push("0x61".into());
+    db.exec(
+        "UPDATE devices SET state = $1, c0 = $2, c1 = $3, c2 = $4, master = $5, epoch = $6, h0 = $7, h1 = $8, h2 = $9, reason = $10, hold = $11, verified_at = $12, mac = $13, hseq = $14 WHERE serial = $15",
+        &old_row,
+    )
+    .unwrap();
+    std::fs::write(&dev, &old_state).unwrap();
+    (anchor, dev, h_old, genuine, amac)
+}
+
 /// The two dressed-up replays on each backend (PostgreSQL too): the older
-/// database is emulated in SQL (the newer history rows and the newer device
-/// deleted, the device's older row put back), then a row at the anchor's
-/// sequence is added: forged with the anchored MAC, then the genuine one.
+/// database emulated by [`replay_in_sql`], then a row at the anchor's sequence
+/// is added: forged with the anchored MAC, then the genuine one.
 #[test]
 fn dressed_up_replays_are_refused_on_each_backend() {
     each_backend("dressed_up_replay", |s, dir| {
-        let anchor = dir.join("anchor");
-        s.set_anchor(&anchor).unwrap();
-        let dev = make_device(dir, 0x61, 16);
-        let old_state = std::fs::read(&dev).unwrap();
-        enroll_from(s, &dev, 0x61);
-        assert!(s.verify(0x61, &mut source(&dev)).unwrap().trusted());
-        let cols =
-            "state, c0, c1, c2, master, epoch, h0, h1, h2, reason, hold, verified_at, mac, hseq";
-        let mut old_row = s
-            .db_mut()
-            .query(&format!("SELECT {cols} FROM devices"), &[])
-            .unwrap()
-            .remove(0);
-        let (h_old, _) = s.chain_head().unwrap();
-        update(s, &dev, 0x61, 1);
-        let d2 = make_device(dir, 0x62, 16);
-        enroll_from(s, &d2, 0x62);
-        assert!(s.verify(0x62, &mut source(&d2)).unwrap().trusted());
-        let (aseq, amac) = anchor_head(&anchor);
-        let genuine = history_rows(s, aseq, aseq).remove(0);
-        // The older database, emulated.
-        let db = s.db_mut();
-        db.exec("DELETE FROM history WHERE seq > $1", &[Val::I64(h_old)])
-            .unwrap();
-        db.exec("DELETE FROM devices WHERE serial = '0x62'", &[])
-            .unwrap();
-        old_row.push("0x61".into());
-        db.exec(
-            "UPDATE devices SET state = $1, c0 = $2, c1 = $3, c2 = $4, master = $5, epoch = $6, h0 = $7, h1 = $8, h2 = $9, reason = $10, hold = $11, verified_at = $12, mac = $13, hseq = $14 WHERE serial = $15",
-            &old_row,
-        )
-        .unwrap();
-        std::fs::write(&dev, &old_state).unwrap();
+        let (anchor, _, _, genuine, amac) = replay_in_sql(s, dir);
+        let (aseq, _) = anchor_head(&anchor);
         let mut forged = genuine.clone();
         forged[0] = "0x99".into();
         forged[9] = Val::Text(amac);
@@ -650,44 +659,14 @@ fn malformed_intent_hold_history_and_catalog_rows_fail_closed() {
 }
 
 /// The database replayed under a running service (one open, many commands: the
-/// lab service, a rig controller): the older database is emulated in SQL on the
-/// service's own connection (newer history and the newer device deleted, the
-/// device's older row put back, the device rolled back). The anchor is only
+/// lab service, a rig controller), emulated by [`replay_in_sql`] on the
+/// service's own connection. The anchor is only
 /// read at open and never moved back, so the next verify must see that the
 /// head it anchored is gone.
 #[test]
 fn a_database_replayed_under_a_running_service_is_refused() {
     each_backend("replayed_under_service", |s, dir| {
-        let anchor = dir.join("anchor");
-        s.set_anchor(&anchor).unwrap();
-        let dev = make_device(dir, 0x61, 16);
-        let old_state = std::fs::read(&dev).unwrap();
-        enroll_from(s, &dev, 0x61);
-        assert!(s.verify(0x61, &mut source(&dev)).unwrap().trusted());
-        let cols =
-            "state, c0, c1, c2, master, epoch, h0, h1, h2, reason, hold, verified_at, mac, hseq";
-        let mut old_row = s
-            .db_mut()
-            .query(&format!("SELECT {cols} FROM devices"), &[])
-            .unwrap()
-            .remove(0);
-        let (h_old, _) = s.chain_head().unwrap();
-        update(s, &dev, 0x61, 1);
-        let d2 = make_device(dir, 0x62, 16);
-        enroll_from(s, &d2, 0x62);
-        assert!(s.verify(0x62, &mut source(&d2)).unwrap().trusted());
-        let db = s.db_mut();
-        db.exec("DELETE FROM history WHERE seq > $1", &[Val::I64(h_old)])
-            .unwrap();
-        db.exec("DELETE FROM devices WHERE serial = '0x62'", &[])
-            .unwrap();
-        old_row.push("0x61".into());
-        db.exec(
-            "UPDATE devices SET state = $1, c0 = $2, c1 = $3, c2 = $4, master = $5, epoch = $6, h0 = $7, h1 = $8, h2 = $9, reason = $10, hold = $11, verified_at = $12, mac = $13, hseq = $14 WHERE serial = $15",
-            &old_row,
-        )
-        .unwrap();
-        std::fs::write(&dev, &old_state).unwrap();
+        let (_, dev, h_old, _, _) = replay_in_sql(s, dir);
         for _ in 0..2 {
             match s.verify(0x61, &mut source(&dev)) {
                 Err(e @ Error::Replayed { .. }) => {
@@ -704,4 +683,34 @@ fn a_database_replayed_under_a_running_service_is_refused() {
         // Nothing was written: the history is as the attacker left it.
         assert_eq!(s.chain_head().unwrap().0, h_old);
     });
+}
+
+/// The negative control of the check above: two services open on one database
+/// and one anchor, taking turns (each sees the other's newer rows, and its own
+/// anchor write is then older than the stored one), are never refused.
+#[test]
+fn two_running_services_on_one_database_and_anchor_are_never_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("counters.db").display().to_string();
+    let anchor = dir.path().join("anchor");
+    let mut a = Service::open(&spec, key()).unwrap();
+    a.set_anchor(&anchor).unwrap();
+    let mut b = Service::open(&spec, key()).unwrap();
+    b.set_anchor(&anchor).unwrap();
+    let pa = make_device(dir.path(), 0xa1, 16);
+    let pb = make_device(dir.path(), 0xb1, 16);
+    enroll_from(&mut a, &pa, 0xa1);
+    enroll_from(&mut b, &pb, 0xb1);
+    for round in 0..3u8 {
+        assert!(a.verify(0xa1, &mut source(&pa)).unwrap().trusted());
+        assert!(b.verify(0xb1, &mut source(&pb)).unwrap().trusted());
+        update(&mut b, &pb, 0xb1, round);
+        assert!(a.verify(0xb1, &mut source(&pb)).unwrap().trusted());
+        update(&mut a, &pa, 0xa1, 10 + round);
+        assert!(b.verify(0xa1, &mut source(&pa)).unwrap().trusted());
+    }
+    let head = a.chain_head().unwrap();
+    let mut c = Service::open(&spec, key()).unwrap();
+    c.set_anchor(&anchor).unwrap();
+    assert_eq!(head.0, c.chain_head().unwrap().0);
 }
