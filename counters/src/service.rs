@@ -246,6 +246,10 @@ pub struct Service {
     head: Option<(i64, String)>,
     /// The external anchor of the chain head (a file or a second database).
     anchor: Option<crate::anchor::Anchor>,
+    /// The newest head this service checked against or wrote to the anchor:
+    /// that history row must still be in the database at every commit (a
+    /// database replayed under a running service is refused).
+    anchored: Option<(i64, String)>,
     /// During `hold_clear`: the operator's note, first reason of the history row.
     clear_note: Option<String>,
     /// Where `verify_batch` spent its time.
@@ -489,6 +493,7 @@ impl Service {
             stale_seen: false,
             head: None,
             anchor: None,
+            anchored: None,
             max_seqs: None,
             pending_devices: None,
             batch_macs: None,
@@ -554,6 +559,13 @@ impl Service {
         self.ahead = None;
         match f(self) {
             Ok(v) => {
+                if self.head.is_some() {
+                    if let Err(e) = self.still_anchored() {
+                        self.db.rollback();
+                        self.head = None;
+                        return Err(e);
+                    }
+                }
                 point("before commit");
                 let head = self.head.take();
                 let t = std::time::Instant::now();
@@ -567,6 +579,9 @@ impl Service {
                     point("anchor: before write");
                     a.write(h.0, &h.1)?;
                     point("anchor: written");
+                    if self.anchored.as_ref().is_none_or(|f| f.0 < h.0) {
+                        self.anchored = Some(h);
+                    }
                 }
                 Ok(v)
             }
@@ -576,6 +591,36 @@ impl Service {
                 Err(e)
             }
         }
+    }
+
+    /// Before a commit that appends history: the newest head this service
+    /// anchored must still be in the database, as it was (history rows are never
+    /// rewritten or deleted by the service). Otherwise the database was replayed
+    /// or its history rewritten under this running service: refused, nothing of
+    /// this transaction kept (a PostgreSQL batch whose single write statement ran
+    /// without `BEGIN` is already stored: it is refused all the same, and the
+    /// anchor is not moved).
+    fn still_anchored(&mut self) -> Result<()> {
+        let Some((seq, mac)) = self.anchored.clone().filter(|a| a.0 > 0) else {
+            return Ok(());
+        };
+        let rows = self
+            .db
+            .query("SELECT mac FROM history WHERE seq = $1", &[Val::I64(seq)])?;
+        let found = rows
+            .first()
+            .and_then(|r| r.first())
+            .and_then(|v| v.text("mac").ok());
+        if found.as_deref() == Some(mac.as_str()) {
+            return Ok(());
+        }
+        Err(Error::Replayed {
+            head: self.head.as_ref().map(|h| h.0).unwrap_or(0),
+            anchor: seq,
+            detail: format!(
+                "history row {seq}, anchored by this service, is gone or different: the database was replayed or its history rewritten while the service ran"
+            ),
+        })
     }
 
     /// The next history row's (seq, previous MAC) in this transaction.
@@ -627,8 +672,11 @@ impl Service {
     /// empty anchor is created from the current head.
     pub fn set_anchor_to(&mut self, mut anchor: crate::anchor::Anchor) -> Result<()> {
         let (hseq, hmac) = self.chain_head()?;
-        match anchor.read()? {
-            None => anchor.write(hseq, &hmac)?,
+        let checked = match anchor.read()? {
+            None => {
+                anchor.write(hseq, &hmac)?;
+                (hseq, hmac)
+            }
             Some((aseq, amac)) => {
                 if hseq < aseq {
                     return Err(Error::Replayed {
@@ -638,24 +686,79 @@ impl Service {
                     });
                 }
                 if aseq > 0 {
-                    let rows = self
-                        .db
-                        .query("SELECT mac FROM history WHERE seq = $1", &[Val::I64(aseq)])?;
-                    let found = rows.first().and_then(|r| r[0].text("mac").ok());
-                    if found.as_deref() != Some(amac.as_str()) {
+                    if let Some(detail) = self.anchored_row_fault(aseq, &amac)? {
                         return Err(Error::Replayed {
                             head: hseq,
                             anchor: aseq,
-                            detail: format!(
-                                "history row {aseq} is not the one the anchor recorded (a different database or rewritten history)"
-                            ),
+                            detail,
                         });
                     }
                 }
+                (aseq, amac)
             }
-        }
+        };
+        self.anchored = Some(checked);
         self.anchor = Some(anchor);
         Ok(())
+    }
+
+    /// What is wrong with the history row the anchor recorded at `aseq` (with
+    /// MAC `amac`), or None: it must be there with that MAC, pass its own MAC
+    /// check (so a forged row carrying the anchored MAC, copied from the anchor
+    /// or the live database, is refused), and chain onto the row before it (so
+    /// the genuine anchored row copied alone into an older database is refused).
+    fn anchored_row_fault(&mut self, aseq: i64, amac: &str) -> Result<Option<String>> {
+        let rows = self.db.query(
+            "SELECT serial, at, verdict, severity, recoverable, state, observed, expected, reasons, mac, prev FROM history WHERE seq = $1",
+            &[Val::I64(aseq)],
+        )?;
+        let Some(r) = rows.first().filter(|r| r.len() == 11) else {
+            return Ok(Some(format!(
+                "history row {aseq} is not the one the anchor recorded (a different database or rewritten history)"
+            )));
+        };
+        let text = |i: usize| match &r[i] {
+            Val::Text(t) => t.clone(),
+            Val::I64(n) => n.to_string(),
+            other => format!("{other:?}"),
+        };
+        if text(9) != amac {
+            return Ok(Some(format!(
+                "history row {aseq} is not the one the anchor recorded (a different database or rewritten history)"
+            )));
+        }
+        let f: Vec<String> = (0..9).map(text).collect();
+        let prev = text(10);
+        let want = history_mac(
+            &self.key,
+            [
+                &f[0], &f[1], &f[2], &f[3], &f[4], &f[5], &f[6], &f[7], &f[8],
+            ],
+            aseq,
+            &prev,
+        );
+        if !hilrig_db::mac::ct_eq(want.as_bytes(), amac.as_bytes()) {
+            return Ok(Some(format!(
+                "history row {aseq} carries the anchored MAC but fails its own MAC check (a forged or edited row)"
+            )));
+        }
+        if aseq > 1 {
+            let rows = self.db.query(
+                "SELECT mac FROM history WHERE seq = $1",
+                &[Val::I64(aseq - 1)],
+            )?;
+            let before = rows
+                .first()
+                .and_then(|r| r.first())
+                .and_then(|v| v.text("mac").ok());
+            if before.as_deref() != Some(prev.as_str()) {
+                return Ok(Some(format!(
+                    "history row {} (the one the anchored row {aseq} chains onto) is missing or not the one it was chained to (rows deleted, or an older database with newer rows copied in)",
+                    aseq - 1
+                )));
+            }
+        }
+        Ok(None)
     }
 
     // ---- devices ---------------------------------------------------------
@@ -1659,13 +1762,29 @@ impl Service {
             if r.len() != 7 {
                 continue;
             }
-            let id = r[0].i64("id")?;
-            let region_s = r[1].text("region")?;
-            let target_s = r[2].text("target")?;
-            let created = r[3].i64("created_at")?;
-            let status = r[4].text("status")?;
-            let closed = r[5].i64("closed_at")?;
-            let mac = r[6].text("mac")?;
+            // A row whose columns do not even parse (SQLite keeps any type in
+            // any column) was edited outside the service: tampered, as one that
+            // fails its MAC (never an error that leaves the device as it was).
+            let parsed = (|| -> Result<_> {
+                Ok((
+                    r[0].i64("id")?,
+                    r[1].text("region")?,
+                    r[2].text("target")?,
+                    r[3].i64("created_at")?,
+                    r[4].text("status")?,
+                    r[5].i64("closed_at")?,
+                    r[6].text("mac")?,
+                ))
+            })();
+            let Ok((id, region_s, target_s, created, status, closed, mac)) = parsed else {
+                return Err(Error::Tampered {
+                    table: "intents",
+                    row: match &r[0] {
+                        Val::I64(id) => id.to_string(),
+                        other => format!("{other:?}"),
+                    },
+                });
+            };
             let want = self.intent_mac(
                 [serial, &region_s, &target_s, &status],
                 [id, created, closed],

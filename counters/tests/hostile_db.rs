@@ -5,26 +5,12 @@ mod common;
 use common::*;
 use hilrig_counters::decide::DeviceState;
 use hilrig_counters::mac::Key;
-use hilrig_counters::service::{Enrollment, Service};
+use hilrig_counters::service::Service;
 use hilrig_counters::source::{CounterSource, DeviceSource};
 use hilrig_counters::{Error, Result, Verdict};
 use hilrig_device::oob::{Request, Response};
 use hilrig_device::{Model, Region};
 use std::path::{Path, PathBuf};
-
-fn enroll_from(s: &mut Service, p: &Path, serial: u64) {
-    let obs = source(p).observe().unwrap();
-    s.enroll(
-        &Enrollment {
-            serial,
-            host: "h".into(),
-            rack: "r".into(),
-            expected: obs.as_expected(),
-        },
-        false,
-    )
-    .unwrap();
-}
 
 fn files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut v: Vec<_> = std::fs::read_dir(dir)
@@ -132,39 +118,6 @@ fn a_stale_observation_never_quarantines_a_healthy_device() {
     let rec = s.device(0x52).unwrap();
     assert_eq!(rec.state, DeviceState::Trusted);
     assert!(rec.hold.is_empty(), "{}", rec.hold);
-}
-
-fn copy_db(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let p = e.unwrap().path();
-        if p.to_string_lossy().contains("counters.db") {
-            std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
-        }
-    }
-}
-
-fn restore_db(from: &Path, to: &Path) {
-    for e in std::fs::read_dir(to).unwrap() {
-        let p = e.unwrap().path();
-        if p.to_string_lossy().contains("counters.db") {
-            std::fs::remove_file(&p).unwrap();
-        }
-    }
-    copy_db(from, to);
-}
-
-/// An authorised update of the config region (the counters go up).
-fn update(s: &mut Service, p: &Path, serial: u64, seed: u8) {
-    let img = image(seed, 256);
-    let h = image_hash(Region::Config, &img);
-    s.catalog_add(Region::Config, &h, "v", "alice").unwrap();
-    let id = s.begin_update(serial, Region::Config, &h).unwrap();
-    flash(p, Region::Config, &img);
-    assert!(s
-        .commit_update(serial, id, &mut source(p))
-        .unwrap()
-        .trusted());
 }
 
 #[test]

@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use hilrig_counters::decide::DeviceState;
 use hilrig_counters::remediate::{self, ImageFile, Outcome, Pager};
-use hilrig_counters::service::{Enrollment, Service};
+use hilrig_counters::service::Service;
 use hilrig_counters::source::CounterSource;
 use hilrig_counters::{Error, Verdict};
 use hilrig_device::model::ops;
@@ -17,17 +17,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 
 fn enroll_from(s: &mut Service, p: &Path, serial: u64) {
-    let obs = source(p).observe().unwrap();
-    s.enroll(
-        &Enrollment {
-            serial,
-            host: "h".into(),
-            rack: "r".into(),
-            expected: obs.as_expected(),
-        },
-        false,
-    )
-    .unwrap();
+    common::enroll_from(s, p, serial);
     assert!(s.verify(serial, &mut source(p)).unwrap().trusted());
 }
 

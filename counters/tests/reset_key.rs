@@ -29,18 +29,8 @@ fn device_with_key_file(dir: &Path, serial: u64) -> (PathBuf, PathBuf, [u8; 32])
 }
 
 fn enrol(s: &mut hilrig_counters::Service, p: &Path, serial: u64, rk: &[u8; 32]) {
-    let obs = source(p).observe().unwrap();
-    s.enroll_with_reset_key(
-        &Enrollment {
-            serial,
-            host: "h".into(),
-            rack: "r".into(),
-            expected: obs.as_expected(),
-        },
-        false,
-        rk,
-    )
-    .unwrap();
+    s.enroll_with_reset_key(&enrollment(p, serial), false, rk)
+        .unwrap();
 }
 
 #[test]

@@ -386,17 +386,7 @@ fn tampered_rows_quarantine_the_device() {
             .iter()
             .any(|h| !h.intact));
         // Re-enrol, then an image approved by a tampered catalog row is not accepted.
-        let obs = source(&p).observe().unwrap();
-        s.enroll(
-            &Enrollment {
-                serial,
-                host: "h".into(),
-                rack: "r".into(),
-                expected: obs.as_expected(),
-            },
-            true,
-        )
-        .unwrap();
+        s.enroll(&enrollment(&p, serial), true).unwrap();
         flash(&p, Region::Config, &img);
         let r = verify(s, &p, serial);
         assert_eq!(r.decision.verdict, Verdict::Quarantined, "{:?}", r.decision);
@@ -406,17 +396,7 @@ fn tampered_rows_quarantine_the_device() {
             .iter()
             .any(|x| x.contains("fails its MAC")));
         // A tampered open intent is detected too.
-        let obs = source(&p).observe().unwrap();
-        s.enroll(
-            &Enrollment {
-                serial,
-                host: "h".into(),
-                rack: "r".into(),
-                expected: obs.as_expected(),
-            },
-            true,
-        )
-        .unwrap();
+        s.enroll(&enrollment(&p, serial), true).unwrap();
         s.db_mut().exec("DELETE FROM catalog", &[]).unwrap();
         s.catalog_add(Region::Config, &h, "c1", "alice").unwrap();
         s.begin_update(serial, Region::Config, &h).unwrap();

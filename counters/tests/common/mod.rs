@@ -2,7 +2,8 @@
 //! Shared test helpers: both backends, model devices, images.
 
 use hilrig_counters::mac::Key;
-use hilrig_counters::service::Service;
+use hilrig_counters::service::{Enrollment, Service};
+use hilrig_counters::source::CounterSource;
 use hilrig_counters::source::DeviceSource;
 use hilrig_counters::store::{Db, PgDb, SqliteDb};
 use hilrig_device::model::ops;
@@ -98,4 +99,57 @@ pub fn image_hash(region: Region, image: &[u8]) -> String {
 pub fn flash(p: &Path, region: Region, img: &[u8]) {
     let mut m = Model::open(p).unwrap();
     ops::flash_region(&mut m, region, img).unwrap();
+}
+
+/// Enrol `serial` at the values its device shows now (not verified yet).
+pub fn enroll_from(s: &mut Service, p: &Path, serial: u64) {
+    s.enroll(&enrollment(p, serial), false).unwrap();
+}
+
+/// `serial` on host "h", rack "r", at the values its device shows now.
+pub fn enrollment(p: &Path, serial: u64) -> Enrollment {
+    Enrollment {
+        serial,
+        host: "h".into(),
+        rack: "r".into(),
+        expected: source(p).observe().unwrap().as_expected(),
+    }
+}
+
+/// An authorised update of the config region (the counters go up).
+pub fn update(s: &mut Service, p: &Path, serial: u64, seed: u8) {
+    let img = image(seed, 256);
+    let h = image_hash(Region::Config, &img);
+    s.catalog_add(Region::Config, &h, "v", "alice").unwrap();
+    let id = s.begin_update(serial, Region::Config, &h).unwrap();
+    flash(p, Region::Config, &img);
+    assert!(s
+        .commit_update(serial, id, &mut source(p))
+        .unwrap()
+        .trusted());
+}
+
+/// The database files (main, WAL, shared memory) in `dir`.
+pub fn db_files(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains("counters.db"))
+        .collect()
+}
+
+/// Copy the database files of `from` into `to` (a backup).
+pub fn copy_db(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for p in db_files(from) {
+        std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+    }
+}
+
+/// Put the backup `from` in place of the database files in `to`.
+pub fn restore_db(from: &Path, to: &Path) {
+    for p in db_files(to) {
+        std::fs::remove_file(&p).unwrap();
+    }
+    copy_db(from, to);
 }

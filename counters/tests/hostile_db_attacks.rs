@@ -1,0 +1,716 @@
+//! More attacks on the database → counters service boundary (design brief §6):
+//! a replayed database dressed up to match its anchor, deleted and reordered
+//! history, edited and malformed device rows, a truncated file. Each must fail
+//! closed with an error naming what and where, keep what it found, never panic.
+
+mod common;
+use common::*;
+use hilrig_counters::service::Service;
+use hilrig_counters::source::CounterSource;
+use hilrig_counters::store::Val;
+use hilrig_counters::{Error, Verdict};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+
+const HIST_COLS: &str =
+    "serial, at, verdict, severity, recoverable, state, observed, expected, reasons, mac, seq, prev";
+
+/// A live database with a file anchor: device 0x61 enrolled and verified (the
+/// copy in `backup` is taken then), then updated and verified again.
+struct Lab {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    spec: String,
+    anchor: PathBuf,
+    dev: PathBuf,
+    old_state: Vec<u8>,
+}
+
+fn lab() -> Lab {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let live = root.join("live");
+    std::fs::create_dir_all(&live).unwrap();
+    let spec = live.join("counters.db").display().to_string();
+    let anchor = root.join("anchor");
+    let dev = make_device(&root, 0x61, 16);
+    let old_state = std::fs::read(&dev).unwrap();
+    {
+        let mut s = Service::open(&spec, key()).unwrap();
+        s.set_anchor(&anchor).unwrap();
+        enroll_from(&mut s, &dev, 0x61);
+        assert!(s.verify(0x61, &mut source(&dev)).unwrap().trusted());
+    }
+    copy_db(&live, &root.join("backup"));
+    {
+        let mut s = Service::open(&spec, key()).unwrap();
+        s.set_anchor(&anchor).unwrap();
+        update(&mut s, &dev, 0x61, 1);
+        assert!(s.verify(0x61, &mut source(&dev)).unwrap().trusted());
+        // The chain's head is another device's (not in the older copy).
+        let d2 = make_device(&root, 0x62, 16);
+        enroll_from(&mut s, &d2, 0x62);
+        assert!(s.verify(0x62, &mut source(&d2)).unwrap().trusted());
+    }
+    Lab {
+        _dir: dir,
+        root,
+        spec,
+        anchor,
+        dev,
+        old_state,
+    }
+}
+
+fn anchor_head(p: &Path) -> (i64, String) {
+    let t = std::fs::read_to_string(p).unwrap();
+    let mut it = t.split_whitespace();
+    (
+        it.next().unwrap().parse().unwrap(),
+        it.next().unwrap().to_string(),
+    )
+}
+
+fn history_rows(s: &mut Service, from_seq: i64, to_seq: i64) -> Vec<Vec<Val>> {
+    s.db_mut()
+        .query(
+            &format!("SELECT {HIST_COLS} FROM history WHERE seq >= $1 AND seq <= $2 ORDER BY seq"),
+            &[Val::I64(from_seq), Val::I64(to_seq)],
+        )
+        .unwrap()
+}
+
+fn insert_history(s: &mut Service, row: &[Val]) {
+    s.db_mut()
+        .exec(
+            &format!(
+                "INSERT INTO history ({HIST_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)"
+            ),
+            row,
+        )
+        .unwrap();
+}
+
+/// After the dressed-up replay: the open must be refused as replayed, naming the
+/// anchored row; if it were not, the rolled-back device would be trusted.
+fn assert_replay_refused(l: &Lab, what: &str) {
+    std::fs::write(&l.dev, &l.old_state).unwrap();
+    let mut s = Service::open(&l.spec, key()).unwrap();
+    match s.set_anchor(&l.anchor) {
+        Err(e @ Error::Replayed { .. }) => {
+            let m = e.to_string();
+            assert!(m.contains("history row"), "{what}: {m}");
+        }
+        Err(e) => panic!("{what}: refused, but not as a replay: {e}"),
+        Ok(()) => {
+            let r = s.verify(0x61, &mut source(&l.dev)).unwrap();
+            panic!(
+                "{what}: the replayed database was accepted; the rolled-back device: {:?} {:?}",
+                r.decision.verdict, r.decision.reasons
+            );
+        }
+    }
+}
+
+/// The attacker restores the older database and adds one history row at the
+/// anchor's sequence carrying the anchored MAC (read from the anchor file, or
+/// from the live database): its content is forged.
+#[test]
+fn a_replay_with_a_forged_row_carrying_the_anchored_mac_is_refused() {
+    let l = lab();
+    let (aseq, amac) = anchor_head(&l.anchor);
+    restore_db(&l.root.join("backup"), &l.root.join("live"));
+    {
+        let mut s = Service::open(&l.spec, key()).unwrap();
+        insert_history(
+            &mut s,
+            &[
+                "nobody".into(),
+                Val::I64(0),
+                "trusted".into(),
+                "info".into(),
+                Val::I64(1),
+                "trusted".into(),
+                "".into(),
+                "".into(),
+                "[]".into(),
+                Val::Text(amac),
+                Val::I64(aseq),
+                "x".into(),
+            ],
+        );
+    }
+    assert_replay_refused(&l, "forged anchored row");
+}
+
+/// The same with the genuine anchored row copied from the live database into the
+/// older copy (its MAC is valid; the rows before it are missing).
+#[test]
+fn a_replay_with_the_genuine_anchored_row_copied_in_is_refused() {
+    let l = lab();
+    let (aseq, _) = anchor_head(&l.anchor);
+    let row = {
+        let mut s = Service::open(&l.spec, key()).unwrap();
+        history_rows(&mut s, aseq, aseq).remove(0)
+    };
+    restore_db(&l.root.join("backup"), &l.root.join("live"));
+    {
+        let mut s = Service::open(&l.spec, key()).unwrap();
+        insert_history(&mut s, &row);
+    }
+    assert_replay_refused(&l, "genuine anchored row copied");
+}
+
+/// The genuine rows from the anchored one down to two before it copied in (the
+/// gap below them stays): only a walk of the whole chain would see it.
+#[test]
+#[ignore = "defect: a replayed database with the newest genuine history rows copied in passes the anchor check when the copied rows are not the rolled-back device's (only the anchored row and its predecessor are checked at open; the chain below is not walked)"]
+fn a_replay_with_other_devices_genuine_rows_copied_in_is_refused() {
+    // Device 0x62 makes the newest history; 0x61's rows stay in the gap.
+    let l = lab();
+    let dev2 = l.root.join("dev-62.state");
+    {
+        let mut s = Service::open(&l.spec, key()).unwrap();
+        s.set_anchor(&l.anchor).unwrap();
+        for _ in 0..3 {
+            assert!(s.verify(0x62, &mut source(&dev2)).unwrap().trusted());
+        }
+    }
+    let (aseq, _) = anchor_head(&l.anchor);
+    let rows = {
+        let mut s = Service::open(&l.spec, key()).unwrap();
+        history_rows(&mut s, aseq - 2, aseq)
+    };
+    assert!(rows.iter().all(|r| r[0] == Val::Text("0x62".into())));
+    restore_db(&l.root.join("backup"), &l.root.join("live"));
+    {
+        let mut s = Service::open(&l.spec, key()).unwrap();
+        for r in &rows {
+            insert_history(&mut s, r);
+        }
+    }
+    assert_replay_refused(&l, "other devices' genuine rows copied");
+}
+
+/// Deleting the newest history rows puts the head behind the anchor.
+#[test]
+fn deleting_the_newest_history_rows_is_refused_as_a_replay() {
+    let l = lab();
+    let (aseq, _) = anchor_head(&l.anchor);
+    {
+        let mut s = Service::open(&l.spec, key()).unwrap();
+        s.db_mut()
+            .exec("DELETE FROM history WHERE seq > $1", &[Val::I64(aseq - 2)])
+            .unwrap();
+    }
+    let mut s = Service::open(&l.spec, key()).unwrap();
+    let e = s.set_anchor(&l.anchor).unwrap_err().to_string();
+    assert!(
+        e.starts_with(&format!(
+            "database replayed: head {}, anchor {aseq}",
+            aseq - 2
+        )),
+        "{e}"
+    );
+}
+
+/// The device's older row (valid MAC) put back after its newer history rows were
+/// hidden by `hide` (run with $1 = the old row's history seq); the chain's head
+/// (another device's) and the anchor are untouched. The rolled-back device must
+/// not be trusted.
+fn replayed_row_with_newer_history_hidden(hide: &str) {
+    let l = lab();
+    let dev2 = l.root.join("dev-62.state");
+    let mut s = Service::open(&l.spec, key()).unwrap();
+    s.set_anchor(&l.anchor).unwrap();
+    let old_row = {
+        let mut b = Service::open(
+            &l.root.join("backup/counters.db").display().to_string(),
+            key(),
+        )
+        .unwrap();
+        b.db_mut()
+            .query(
+                "SELECT state, c0, c1, c2, master, epoch, h0, h1, h2, reason, hold, verified_at, mac, hseq FROM devices",
+                &[],
+            )
+            .unwrap()
+            .remove(0)
+    };
+    let Val::I64(old_hseq) = old_row[13] else {
+        panic!("{old_row:?}")
+    };
+    assert!(s.verify(0x62, &mut source(&dev2)).unwrap().trusted());
+    let mut p = old_row.clone();
+    p.push("0x61".into());
+    s.db_mut()
+        .exec(
+            "UPDATE devices SET state = $1, c0 = $2, c1 = $3, c2 = $4, master = $5, epoch = $6, h0 = $7, h1 = $8, h2 = $9, reason = $10, hold = $11, verified_at = $12, mac = $13, hseq = $14 WHERE serial = $15",
+            &p,
+        )
+        .unwrap();
+    s.db_mut().exec(hide, &[Val::I64(old_hseq)]).unwrap();
+    drop(s);
+    std::fs::write(&l.dev, &l.old_state).unwrap();
+    let mut s = Service::open(&l.spec, key()).unwrap();
+    if s.set_anchor(&l.anchor).is_err() {
+        return; // refused at open: fine
+    }
+    let r = s.verify(0x61, &mut source(&l.dev)).unwrap();
+    assert!(!r.trusted(), "{:?}", r.decision);
+}
+
+/// Rows below the anchored head are not checked: deleting the device's newer
+/// (middle) history rows makes its older row look current.
+#[test]
+#[ignore = "defect: deleting a device's history rows below the chain head and putting its older row (valid MAC) back is not detected: the replayed-row check compares the row with the device's latest remaining history row, and nothing checks the chain below the anchored head is contiguous"]
+fn a_replayed_row_with_its_newer_history_deleted_is_never_trusted() {
+    replayed_row_with_newer_history_hidden(
+        "DELETE FROM history WHERE serial = '0x61' AND seq > $1",
+    );
+}
+
+/// The same without a gap: the device's newer history rows are moved to a serial
+/// nobody has (their MACs fail, but only `history` shows it).
+#[test]
+#[ignore = "defect: moving a device's newer history rows to another serial (their MACs then fail, seen only by `history`) and putting its older row back is not detected: the replayed-row check trusts the serial column of history rows without checking their MACs"]
+fn a_replayed_row_with_its_newer_history_moved_to_another_serial_is_never_trusted() {
+    replayed_row_with_newer_history_hidden(
+        "UPDATE history SET serial = '0x6100' WHERE serial = '0x61' AND seq > $1",
+    );
+}
+
+/// A restored older database together with an older anchor file is accepted:
+/// the anchor is the trust root, it must live where the database's attacker
+/// cannot write (README, threat model). Pinned here so a change is noticed.
+#[test]
+fn an_older_database_with_an_older_anchor_is_the_documented_limit() {
+    let l = lab();
+    let live = l.root.join("live");
+    // The attacker kept both from the same moment.
+    let older_anchor = l.root.join("older-anchor");
+    {
+        let b = l.root.join("backup2");
+        copy_db(&live, &b);
+        std::fs::copy(&l.anchor, &older_anchor).unwrap();
+        let mut s = Service::open(&l.spec, key()).unwrap();
+        s.set_anchor(&l.anchor).unwrap();
+        update(&mut s, &l.dev, 0x61, 2);
+        restore_db(&b, &live);
+    }
+    std::fs::copy(&older_anchor, &l.anchor).unwrap();
+    let mut s = Service::open(&l.spec, key()).unwrap();
+    assert!(s.set_anchor(&l.anchor).is_ok());
+}
+
+/// Editing a counter and recomputing an unkeyed SHA-256 as the "MAC", or moving a
+/// row to another serial, or swapping two rows' contents: each is quarantined,
+/// held, kept as found and never rewritten.
+#[test]
+fn edited_moved_and_swapped_device_rows_are_quarantined_and_kept_as_found() {
+    each_backend("edited_rows", |s, dir| {
+        let a = make_device(dir, 0x71, 16);
+        let b = make_device(dir, 0x72, 16);
+        let c = make_device(dir, 0x73, 16);
+        for (p, n) in [(&a, 0x71), (&b, 0x72), (&c, 0x73)] {
+            enroll_from(s, p, n);
+            assert!(s.verify(n, &mut source(p)).unwrap().trusted());
+        }
+        let row = |s: &mut Service, serial: &str| {
+            s.db_mut()
+                .query(
+                    "SELECT serial, host, rack, state, c0, c1, c2, master, epoch, h0, h1, h2, reason, hold, verified_at, mac, hseq FROM devices WHERE serial = $1",
+                    &[serial.into()],
+                )
+                .unwrap()
+                .remove(0)
+        };
+        // 0x71: c0 raised, "MAC" an unkeyed SHA-256 of the row.
+        let r = row(s, "0x71");
+        let forged = hex::encode(Sha256::digest(format!("{r:?}+1").as_bytes()));
+        s.db_mut()
+            .exec(
+                "UPDATE devices SET c0 = c0 + 1, mac = $1 WHERE serial = '0x71'",
+                &[Val::Text(forged)],
+            )
+            .unwrap();
+        // 0x72's row and 0x73's row swap contents (each keeps its serial).
+        let r2 = row(s, "0x72");
+        let r3 = row(s, "0x73");
+        for (target, from) in [("0x72", &r3), ("0x73", &r2)] {
+            let mut p: Vec<Val> = from[1..].to_vec();
+            p.push(target.into());
+            s.db_mut()
+                .exec(
+                    "UPDATE devices SET host=$1, rack=$2, state=$3, c0=$4, c1=$5, c2=$6, master=$7, epoch=$8, h0=$9, h1=$10, h2=$11, reason=$12, hold=$13, verified_at=$14, mac=$15, hseq=$16 WHERE serial = $17",
+                    &p,
+                )
+                .unwrap();
+        }
+        let before: Vec<_> = ["0x71", "0x72", "0x73"].iter().map(|k| row(s, k)).collect();
+        for (p, n) in [(&a, 0x71u64), (&b, 0x72), (&c, 0x73)] {
+            for _ in 0..2 {
+                let r = s.verify(n, &mut source(p)).unwrap();
+                assert_eq!(r.decision.verdict, Verdict::Quarantined, "{n:x}");
+                assert!(
+                    r.decision.reasons[0].contains(&format!("{n:#x}")),
+                    "{:?}",
+                    r.decision.reasons
+                );
+            }
+        }
+        let after: Vec<_> = ["0x71", "0x72", "0x73"].iter().map(|k| row(s, k)).collect();
+        assert_eq!(before, after, "tampered rows are never rewritten");
+        let ev = s.evidence().unwrap();
+        assert_eq!(ev.len(), 3, "{ev:?}");
+        // Moving a row to another serial: the moved row fails its MAC too.
+        s.db_mut()
+            .exec(
+                "UPDATE devices SET serial = '0x74' WHERE serial = '0x71'",
+                &[],
+            )
+            .unwrap();
+        let d = make_device(dir, 0x74, 16);
+        let r = s.verify(0x74, &mut source(&d)).unwrap();
+        assert_eq!(r.decision.verdict, Verdict::Quarantined);
+        assert!(matches!(s.device(0x74), Err(Error::Tampered { .. })));
+    });
+}
+
+/// A device row whose columns do not parse (text in a counter, a hash that is
+/// not hex, a negative counter): quarantined, kept as found byte for byte, never
+/// rewritten, no panic — on every read path.
+#[test]
+fn a_malformed_device_row_is_kept_as_found_and_never_trusted() {
+    each_backend("malformed_row", malformed_rows);
+}
+
+fn malformed_rows(s: &mut Service, dir: &Path) {
+    let mut edits = vec![
+        (
+            0x81u64,
+            "UPDATE devices SET c0 = 5000000000 WHERE serial = $1",
+        ),
+        (0x82, "UPDATE devices SET h1 = 'zz' WHERE serial = $1"),
+        (0x83, "UPDATE devices SET master = -1 WHERE serial = $1"),
+    ];
+    if s.db_kind() == "sqlite" {
+        // SQLite keeps whatever type it is given.
+        edits.push((0x84, "UPDATE devices SET c1 = 'many' WHERE serial = $1"));
+        edits.push((0x85, "UPDATE devices SET hseq = x'00ff' WHERE serial = $1"));
+    }
+    let mut devs = Vec::new();
+    for (n, sql) in edits {
+        let p = make_device(dir, n, 16);
+        enroll_from(s, &p, n);
+        assert!(s.verify(n, &mut source(&p)).unwrap().trusted());
+        s.db_mut()
+            .exec(sql, &[Val::Text(format!("{n:#x}"))])
+            .unwrap();
+        devs.push((n, p));
+    }
+    let all = |s: &mut Service| {
+        s.db_mut()
+            .query("SELECT * FROM devices ORDER BY serial", &[])
+            .unwrap()
+    };
+    let before = all(s);
+    for (n, p) in &devs {
+        for _ in 0..2 {
+            let r = s.verify(*n, &mut source(p)).unwrap();
+            assert_eq!(r.decision.verdict, Verdict::Quarantined, "{n:x}: {r:?}");
+            assert!(!r.trusted());
+        }
+        assert!(s.device(*n).is_err(), "{n:x}");
+        assert!(!matches!(
+            s.is_trusted(*n, std::time::Duration::from_secs(60)),
+            Ok(true)
+        ));
+    }
+    // The batch path too.
+    let obs: Vec<_> = devs
+        .iter()
+        .map(|(n, p)| (*n, source(p).observe().unwrap()))
+        .collect();
+    for r in s.verify_batch(&obs).unwrap() {
+        assert_eq!(r.decision.verdict, Verdict::Quarantined);
+    }
+    assert_eq!(before, all(s), "malformed rows are never rewritten");
+    let ev = s.evidence().unwrap();
+    for (n, _) in &devs {
+        assert!(
+            ev.iter()
+                .any(|(t, k, _)| t == "devices" && k == &format!("{n:#x}")),
+            "{n:x} kept as evidence: {ev:?}"
+        );
+    }
+    let _ = s.devices().unwrap();
+    let _ = s.history(None, 100).unwrap();
+}
+
+/// Swapping two history rows' sequence numbers (reordering the chain): both
+/// show as not intact, and an anchored one refuses the open.
+#[test]
+fn reordered_history_rows_are_shown_and_an_anchored_one_refuses_the_open() {
+    let l = lab();
+    let (aseq, _) = anchor_head(&l.anchor);
+    {
+        let mut s = Service::open(&l.spec, key()).unwrap();
+        for (from, to) in [(aseq, -1), (aseq - 1, aseq), (-1, aseq - 1)] {
+            s.db_mut()
+                .exec(
+                    "UPDATE history SET seq = $2 WHERE seq = $1",
+                    &[Val::I64(from), Val::I64(to)],
+                )
+                .unwrap();
+        }
+        let h = s.history(None, 2).unwrap();
+        assert!(h.iter().all(|e| !e.intact), "{h:?}");
+    }
+    let mut s = Service::open(&l.spec, key()).unwrap();
+    let e = s.set_anchor(&l.anchor).unwrap_err();
+    assert!(matches!(e, Error::Replayed { .. }), "{e}");
+}
+
+/// A truncated database file or a garbage anchor file: an error naming the file,
+/// no panic, nothing trusted.
+#[test]
+fn a_truncated_database_or_a_garbage_anchor_is_an_error_naming_the_file() {
+    let l = lab();
+    let live = l.root.join("live");
+    // Fold the WAL in first, so the main file holds the data.
+    {
+        let mut s = Service::open(&l.spec, key()).unwrap();
+        s.db_mut().batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
+    }
+    let db = live.join("counters.db");
+    let len = std::fs::metadata(&db).unwrap().len();
+    for keep in [len / 2, 100, 0] {
+        let bytes = std::fs::read(&db).unwrap();
+        let trunc = l.root.join(format!("t{keep}"));
+        std::fs::create_dir_all(&trunc).unwrap();
+        let p = trunc.join("counters.db");
+        std::fs::write(&p, &bytes[..keep as usize]).unwrap();
+        let spec = p.display().to_string();
+        match Service::open(&spec, key()) {
+            Err(e) => assert!(e.to_string().contains(&spec), "{keep}: {e}"),
+            Ok(mut s) => {
+                // A zero-length file is a new empty database: the anchor says
+                // otherwise.
+                let e = s.set_anchor(&l.anchor).unwrap_err();
+                assert!(matches!(e, Error::Replayed { .. }), "{keep}: {e}");
+            }
+        }
+    }
+    for garbage in [&b"\xff\xfe"[..], b"", b"12", b"99999999999999999999 ab"] {
+        std::fs::write(&l.anchor, garbage).unwrap();
+        let mut s = Service::open(&l.spec, key()).unwrap();
+        match s.set_anchor(&l.anchor) {
+            Err(e) => assert!(
+                e.to_string().contains(&l.anchor.display().to_string()),
+                "{garbage:?}: {e}"
+            ),
+            Ok(()) => panic!("{garbage:?}: a garbage anchor was accepted"),
+        }
+    }
+}
+
+/// On one open service with a file anchor: device 0x61 enrolled and verified,
+/// updated; 0x62 enrolled and verified (the chain's head). Then the older
+/// database is emulated in SQL on the service's own connection (the newer
+/// history rows and 0x62 deleted, 0x61's older row put back) and the device
+/// rolled back. Returns (anchor, 0x61's state file, the older head, the
+/// genuine history row at the anchor's sequence, the anchored MAC).
+fn replay_in_sql(s: &mut Service, dir: &Path) -> (PathBuf, PathBuf, i64, Vec<Val>, String) {
+    let anchor = dir.join("anchor");
+    s.set_anchor(&anchor).unwrap();
+    let dev = make_device(dir, 0x61, 16);
+    let old_state = std::fs::read(&dev).unwrap();
+    enroll_from(s, &dev, 0x61);
+    assert!(s.verify(0x61, &mut source(&dev)).unwrap().trusted());
+    let cols = "state, c0, c1, c2, master, epoch, h0, h1, h2, reason, hold, verified_at, mac, hseq";
+    let mut old_row = s
+        .db_mut()
+        .query(&format!("SELECT {cols} FROM devices"), &[])
+        .unwrap()
+        .remove(0);
+    let (h_old, _) = s.chain_head().unwrap();
+    update(s, &dev, 0x61, 1);
+    let d2 = make_device(dir, 0x62, 16);
+    enroll_from(s, &d2, 0x62);
+    assert!(s.verify(0x62, &mut source(&d2)).unwrap().trusted());
+    let (aseq, amac) = anchor_head(&anchor);
+    let genuine = history_rows(s, aseq, aseq).remove(0);
+    let db = s.db_mut();
+    db.exec("DELETE FROM history WHERE seq > $1", &[Val::I64(h_old)])
+        .unwrap();
+    db.exec("DELETE FROM devices WHERE serial = '0x62'", &[])
+        .unwrap();
+    old_row.push("0x61".into());
+    db.exec(
+        "UPDATE devices SET state = $1, c0 = $2, c1 = $3, c2 = $4, master = $5, epoch = $6, h0 = $7, h1 = $8, h2 = $9, reason = $10, hold = $11, verified_at = $12, mac = $13, hseq = $14 WHERE serial = $15",
+        &old_row,
+    )
+    .unwrap();
+    std::fs::write(&dev, &old_state).unwrap();
+    (anchor, dev, h_old, genuine, amac)
+}
+
+/// The two dressed-up replays on each backend (PostgreSQL too): the older
+/// database emulated by [`replay_in_sql`], then a row at the anchor's sequence
+/// is added: forged with the anchored MAC, then the genuine one.
+#[test]
+fn dressed_up_replays_are_refused_on_each_backend() {
+    each_backend("dressed_up_replay", |s, dir| {
+        let (anchor, _, _, genuine, amac) = replay_in_sql(s, dir);
+        let (aseq, _) = anchor_head(&anchor);
+        let mut forged = genuine.clone();
+        forged[0] = "0x99".into();
+        forged[9] = Val::Text(amac);
+        for (what, row) in [("forged", forged), ("genuine", genuine)] {
+            s.db_mut()
+                .exec("DELETE FROM history WHERE seq = $1", &[Val::I64(aseq)])
+                .unwrap();
+            insert_history(s, &row);
+            match s.set_anchor(&anchor) {
+                Err(e @ Error::Replayed { .. }) => {
+                    let m = e.to_string();
+                    assert!(m.contains("history row"), "{what}: {m}");
+                }
+                other => panic!("{what}: the replayed database was accepted: {other:?}"),
+            }
+        }
+    });
+}
+
+/// Malformed rows in the other tables (SQLite keeps any type in any column): an
+/// open intent whose time is text, a hold whose reason is a blob, history rows
+/// whose reasons are not JSON or whose flag is text, a catalog row whose time is
+/// text. No panic; the device is never trusted while its intent or hold is
+/// malformed, and the malformed intent, once the update it covers is counted,
+/// quarantines it like a tampered one.
+#[test]
+fn malformed_intent_hold_history_and_catalog_rows_fail_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("counters.db").display().to_string();
+    let mut s = Service::open(&spec, key()).unwrap();
+    let p = make_device(dir.path(), 0x91, 16);
+    enroll_from(&mut s, &p, 0x91);
+    assert!(s.verify(0x91, &mut source(&p)).unwrap().trusted());
+    let img = image(3, 256);
+    let h = image_hash(hilrig_device::Region::Config, &img);
+    s.catalog_add(hilrig_device::Region::Config, &h, "v", "alice")
+        .unwrap();
+    let id = s
+        .begin_update(0x91, hilrig_device::Region::Config, &h)
+        .unwrap();
+    // Nothing flashed yet: trusted, the intent stays open.
+    assert!(s.verify(0x91, &mut source(&p)).unwrap().trusted());
+    s.db_mut()
+        .exec(
+            "UPDATE intents SET created_at = 'yesterday' WHERE id = $1",
+            &[Val::I64(id)],
+        )
+        .unwrap();
+    // The intent matters once the update is counted (an unchanged device does
+    // not read its intents).
+    flash(&p, hilrig_device::Region::Config, &img);
+    let r = s.verify(0x91, &mut source(&p));
+    match &r {
+        Ok(r) => {
+            assert_eq!(r.decision.verdict, Verdict::Quarantined, "{r:?}");
+            assert!(
+                r.decision.reasons[0].contains(&format!("intents row {id}")),
+                "{:?}",
+                r.decision.reasons
+            );
+        }
+        Err(e) => panic!("a malformed intent row made verify fail instead of quarantining: {e}"),
+    }
+    assert!(!s
+        .device(0x91)
+        .unwrap()
+        .state
+        .eq(&hilrig_counters::decide::DeviceState::Trusted));
+    // A hold whose reason is a blob still holds.
+    let q = make_device(dir.path(), 0x92, 16);
+    enroll_from(&mut s, &q, 0x92);
+    s.db_mut()
+        .exec(
+            "INSERT INTO holds (serial, reason, at, mac) VALUES ('0x92', x'00ff', 0, '')",
+            &[],
+        )
+        .unwrap();
+    assert!(!s.verify(0x92, &mut source(&q)).unwrap().trusted());
+    // History and catalog rows that do not parse: shown, never a panic.
+    s.db_mut()
+        .exec(
+            "UPDATE history SET reasons = '{', recoverable = 'yes' WHERE serial = '0x92'",
+            &[],
+        )
+        .unwrap();
+    s.db_mut()
+        .exec("UPDATE catalog SET added_at = 'soon'", &[])
+        .unwrap();
+    let _ = s.history(None, 100);
+    let _ = s.history(Some(0x92), 100);
+    let _ = s.catalog_list();
+    let _ = s.devices();
+}
+
+/// The database replayed under a running service (one open, many commands: the
+/// lab service, a rig controller), emulated by [`replay_in_sql`] on the
+/// service's own connection. The anchor is only
+/// read at open and never moved back, so the next verify must see that the
+/// head it anchored is gone.
+#[test]
+fn a_database_replayed_under_a_running_service_is_refused() {
+    each_backend("replayed_under_service", |s, dir| {
+        let (_, dev, h_old, _, _) = replay_in_sql(s, dir);
+        for _ in 0..2 {
+            match s.verify(0x61, &mut source(&dev)) {
+                Err(e @ Error::Replayed { .. }) => {
+                    let m = e.to_string();
+                    assert!(m.contains("while the service ran"), "{m}");
+                }
+                Err(e) => panic!("refused, but not as a replay: {e}"),
+                Ok(r) => panic!(
+                    "a database replayed under the running service was used: {:?} {:?}",
+                    r.decision.verdict, r.decision.reasons
+                ),
+            }
+        }
+        // Nothing was written: the history is as the attacker left it.
+        assert_eq!(s.chain_head().unwrap().0, h_old);
+    });
+}
+
+/// The negative control of the check above: two services open on one database
+/// and one anchor, taking turns (each sees the other's newer rows, and its own
+/// anchor write is then older than the stored one), are never refused.
+#[test]
+fn two_running_services_on_one_database_and_anchor_are_never_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("counters.db").display().to_string();
+    let anchor = dir.path().join("anchor");
+    let mut a = Service::open(&spec, key()).unwrap();
+    a.set_anchor(&anchor).unwrap();
+    let mut b = Service::open(&spec, key()).unwrap();
+    b.set_anchor(&anchor).unwrap();
+    let pa = make_device(dir.path(), 0xa1, 16);
+    let pb = make_device(dir.path(), 0xb1, 16);
+    enroll_from(&mut a, &pa, 0xa1);
+    enroll_from(&mut b, &pb, 0xb1);
+    for round in 0..3u8 {
+        assert!(a.verify(0xa1, &mut source(&pa)).unwrap().trusted());
+        assert!(b.verify(0xb1, &mut source(&pb)).unwrap().trusted());
+        update(&mut b, &pb, 0xb1, round);
+        assert!(a.verify(0xb1, &mut source(&pb)).unwrap().trusted());
+        update(&mut a, &pa, 0xa1, 10 + round);
+        assert!(b.verify(0xa1, &mut source(&pa)).unwrap().trusted());
+    }
+    let head = a.chain_head().unwrap();
+    let mut c = Service::open(&spec, key()).unwrap();
+    c.set_anchor(&anchor).unwrap();
+    assert_eq!(head.0, c.chain_head().unwrap().0);
+}
