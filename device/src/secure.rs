@@ -13,6 +13,9 @@
 //!   owned by the current user and not writable by group or others.
 //! - [`read_bounded`]: a regular file read with a size limit, refusing FIFOs and
 //!   devices before opening them for reading blocks.
+//! - [`create_output_file`]: an output file (console, alarms) opened without
+//!   following a symlink or waiting on a FIFO, and refused unless it is a regular
+//!   file with a single link, before it is truncated.
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -256,6 +259,51 @@ pub fn check_secret_file(path: &Path) -> Result<(), SecureFileError> {
 pub fn read_secret_file(path: &Path, limit: u64) -> Result<String, SecureFileError> {
     let f = open_secret_file(path)?;
     read_limited(f, path, limit)
+}
+
+/// Open the output file `path` (a console capture, an alarm log) for writing from
+/// its start, as a VMM run as root may be asked to in a directory others can write:
+/// created mode 0600 if missing; opened `O_NOFOLLOW` (a planted symlink is refused,
+/// never followed) and non-blocking (a planted FIFO cannot hang the caller), then
+/// checked on the descriptor: a regular file with one link (a planted hard link to
+/// another file is refused). Only then is it truncated.
+pub fn create_output_file(path: &Path) -> Result<std::fs::File, SecureFileError> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc_o_nonblock())
+        .open(path)
+        .map_err(|e| match std::fs::symlink_metadata(path) {
+            // ELOOP (a symlink) or ENXIO (a FIFO nobody reads): say what is there.
+            Ok(m) if m.file_type().is_symlink() => SecureFileError::NotRegular {
+                path: path.to_path_buf(),
+                kind: "a symlink (not followed)",
+            },
+            Ok(m) if !m.file_type().is_file() => SecureFileError::NotRegular {
+                path: path.to_path_buf(),
+                kind: kind_of(m.file_type()),
+            },
+            _ => io(path)(e),
+        })?;
+    let meta = f.metadata().map_err(io(path))?;
+    if !meta.file_type().is_file() {
+        return Err(SecureFileError::NotRegular {
+            path: path.to_path_buf(),
+            kind: kind_of(meta.file_type()),
+        });
+    }
+    if meta.nlink() != 1 {
+        return Err(SecureFileError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(format!(
+                "has {} hard links; refusing to overwrite a file linked elsewhere",
+                meta.nlink()
+            )),
+        });
+    }
+    f.set_len(0).map_err(io(path))?;
+    Ok(f)
 }
 
 /// `O_NONBLOCK`, so opening a FIFO does not wait for a writer (the flag only
