@@ -5,9 +5,9 @@
 //!   created `O_CREAT|O_EXCL|O_NOFOLLOW` beside the target (a planted symlink is
 //!   never followed), synced, renamed into place, directory synced.
 //! - [`read_secret_file`] / [`check_secret_file`]: secret key files must be regular
-//!   files with no group/other permission bits. A symlink is resolved and the
-//!   *target's* mode is checked, on the opened file descriptor (no race between the
-//!   check and the read).
+//!   files with no group/other permission bits, owned by the current user or root.
+//!   A symlink is resolved and the *target's* mode and owner are checked, on the
+//!   opened file descriptor (no race between the check and the read).
 //! - [`ensure_private_dir`]: a directory we write into is created 0700 if missing;
 //!   an existing one is refused unless it is a real directory (not a symlink),
 //!   owned by the current user and not writable by group or others.
@@ -39,6 +39,18 @@ pub enum SecureFileError {
         path: PathBuf,
         /// Its permission bits.
         mode: u32,
+    },
+    /// A secret file owned by someone other than us or root: its owner may have
+    /// put a key there they know (a symlink to it, or a swap in a directory they
+    /// can write), so it is not ours to trust.
+    #[error("{path}: owned by uid {owner}, not by the current user (uid {me}) or root; refusing a secret key file someone else controls")]
+    SecretOwner {
+        /// The file.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// The current (effective) user.
+        me: u32,
     },
     /// Not a regular file (a FIFO, device, socket or directory).
     #[error("{path}: {kind}, not a regular file")]
@@ -224,8 +236,8 @@ pub fn read_reset_key_file(path: &Path) -> Result<[u8; 32], SecureFileError> {
 }
 
 /// Open a secret key file for reading and check it: a regular file with no
-/// group/other permission bits. A symlink is followed and the target's mode
-/// checked, on the opened descriptor.
+/// group/other permission bits, owned by the current user or root. A symlink is
+/// followed and the target's mode and owner checked, on the opened descriptor.
 pub fn open_secret_file(path: &Path) -> Result<std::fs::File, SecureFileError> {
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -244,6 +256,14 @@ pub fn open_secret_file(path: &Path) -> Result<std::fs::File, SecureFileError> {
         return Err(SecureFileError::SecretMode {
             path: path.to_path_buf(),
             mode,
+        });
+    }
+    let me = euid();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(SecureFileError::SecretOwner {
+            path: path.to_path_buf(),
+            owner: meta.uid(),
+            me,
         });
     }
     Ok(f)
