@@ -8,6 +8,8 @@
 //!   files with no group/other permission bits, owned by the current user or root.
 //!   A symlink is resolved and the *target's* mode and owner are checked, on the
 //!   opened file descriptor (no race between the check and the read).
+//! - [`read_trusted_file`]: trusted (public) key files must be regular files owned
+//!   by the current user or root and not writable by group or others.
 //! - [`ensure_private_dir`]: a directory we write into is created 0700 if missing;
 //!   an existing one is refused unless it is a real directory (not a symlink),
 //!   owned by the current user and not writable by group or others.
@@ -40,17 +42,30 @@ pub enum SecureFileError {
         /// Its permission bits.
         mode: u32,
     },
-    /// A secret file owned by someone other than us or root: its owner may have
-    /// put a key there they know (a symlink to it, or a swap in a directory they
-    /// can write), so it is not ours to trust.
-    #[error("{path}: owned by uid {owner}, not by the current user (uid {me}) or root; refusing a secret key file someone else controls")]
-    SecretOwner {
+    /// A secret or trusted file (a key, a trust anchor) owned by someone other
+    /// than us or root: its owner may have put a key there they know (a symlink
+    /// to it, or a swap in a directory they can write), so it is not ours to trust.
+    #[error("{path}: owned by uid {owner}, not by the current user (uid {me}) or root; refusing a {what} someone else controls")]
+    ForeignOwner {
         /// The file.
         path: PathBuf,
         /// Its owner.
         owner: u32,
         /// The current (effective) user.
         me: u32,
+        /// What the file is ("secret key file", "trusted key file").
+        what: &'static str,
+    },
+    /// A trusted (public) key file group or others may write: anyone who can
+    /// write it can make us trust their key.
+    #[error(
+        "{path}: mode {mode:04o} lets group/other write a trusted key file; run `chmod 644 {path}`"
+    )]
+    TrustedWritable {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
     },
     /// Not a regular file (a FIFO, device, socket or directory).
     #[error("{path}: {kind}, not a regular file")]
@@ -235,10 +250,9 @@ pub fn read_reset_key_file(path: &Path) -> Result<[u8; 32], SecureFileError> {
     Ok(k)
 }
 
-/// Open a secret key file for reading and check it: a regular file with no
-/// group/other permission bits, owned by the current user or root. A symlink is
-/// followed and the target's mode and owner checked, on the opened descriptor.
-pub fn open_secret_file(path: &Path) -> Result<std::fs::File, SecureFileError> {
+/// Open `path` for reading without blocking (a FIFO cannot hang us) and check on
+/// the descriptor that it is a regular file; with its metadata.
+fn open_regular(path: &Path) -> Result<(std::fs::File, std::fs::Metadata), SecureFileError> {
     let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc_o_nonblock())
@@ -251,6 +265,14 @@ pub fn open_secret_file(path: &Path) -> Result<std::fs::File, SecureFileError> {
             kind: kind_of(meta.file_type()),
         });
     }
+    Ok((f, meta))
+}
+
+/// Open a secret key file for reading and check it: a regular file with no
+/// group/other permission bits, owned by the current user or root. A symlink is
+/// followed and the target's mode and owner checked, on the opened descriptor.
+pub fn open_secret_file(path: &Path) -> Result<std::fs::File, SecureFileError> {
+    let (f, meta) = open_regular(path)?;
     let mode = meta.permissions().mode() & 0o7777;
     if mode & 0o077 != 0 {
         return Err(SecureFileError::SecretMode {
@@ -258,15 +280,44 @@ pub fn open_secret_file(path: &Path) -> Result<std::fs::File, SecureFileError> {
             mode,
         });
     }
+    ours_or_roots(&meta, path, "secret key file")?;
+    Ok(f)
+}
+
+/// A file we trust must be owned by us or root.
+fn ours_or_roots(
+    meta: &std::fs::Metadata,
+    path: &Path,
+    what: &'static str,
+) -> Result<(), SecureFileError> {
     let me = euid();
     if meta.uid() != me && meta.uid() != 0 {
-        return Err(SecureFileError::SecretOwner {
+        return Err(SecureFileError::ForeignOwner {
             path: path.to_path_buf(),
             owner: meta.uid(),
             me,
+            what,
         });
     }
-    Ok(f)
+    Ok(())
+}
+
+/// Read a trusted (public) key file of at most `limit` bytes, as text: a regular
+/// file (opened non-blocking; a FIFO or device refused), owned by us or root and
+/// not writable by group or others, checked on the opened descriptor (a symlink is
+/// followed and its target checked). Whoever can write a trust anchor (a patch or
+/// firmware signing key) can make us accept what they sign.
+pub fn read_trusted_file(path: &Path, limit: u64) -> Result<String, SecureFileError> {
+    let (f, meta) = open_regular(path)?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(SecureFileError::TrustedWritable {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    ours_or_roots(&meta, path, "trusted key file")?;
+    read_limited(f, path, limit)
 }
 
 /// Check a secret key file without keeping it open (see [`open_secret_file`]).
@@ -364,18 +415,7 @@ fn read_limited(f: std::fs::File, path: &Path, limit: u64) -> Result<String, Sec
 /// FIFO cannot hang the caller); a file over the limit is refused before parsing,
 /// and the read itself is bounded (a file growing after the check cannot exceed it).
 pub fn read_bounded(path: &Path, limit: u64) -> Result<String, SecureFileError> {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc_o_nonblock())
-        .open(path)
-        .map_err(io(path))?;
-    let meta = f.metadata().map_err(io(path))?;
-    if !meta.file_type().is_file() {
-        return Err(SecureFileError::NotRegular {
-            path: path.to_path_buf(),
-            kind: kind_of(meta.file_type()),
-        });
-    }
+    let (f, _) = open_regular(path)?;
     read_limited(f, path, limit)
 }
 

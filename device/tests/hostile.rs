@@ -231,7 +231,7 @@ fn a_secret_key_file_another_user_owns_is_refused() {
     for p in [&theirs, &link] {
         let e = secure::read_reset_key_file(p).unwrap_err();
         assert!(
-            matches!(e, SecureFileError::SecretOwner { owner: 65534, .. }),
+            matches!(e, SecureFileError::ForeignOwner { owner: 65534, .. }),
             "{e}"
         );
         let msg = e.to_string();
