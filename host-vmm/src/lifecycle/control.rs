@@ -1,6 +1,7 @@
 //! The control socket: a unix socket, owner-only (mode 0600, created without a window
 //! in which it has other permissions), every connection checked with SO_PEERCRED (the
-//! VMM's own uid or root, else refused and logged). JSON lines: one request object per
+//! VMM's own uid, or for a jailed VMM the uid that launched it, or root; else refused
+//! and logged). JSON lines: one request object per
 //! line, one reply object per line.
 //!
 //! Requests: `{"op":"status"}`, `{"op":"pause"}`, `{"op":"resume"}`, `{"op":"quiesce"}`,
@@ -222,8 +223,9 @@ pub fn serve_with<E: std::fmt::Display>(
             tracing::error!("control socket not served: {e}");
             return;
         }
-        // SAFETY: geteuid has no preconditions.
-        let owner = unsafe { libc::geteuid() };
+        // A jailed VMM answers root and its launcher, never its own (shared,
+        // unprivileged) uid.
+        let owner = crate::jail::control_owner();
         if let Err(e) = listener.set_nonblocking(true) {
             tracing::error!("control socket: {e}");
             return;
