@@ -1294,8 +1294,17 @@ pub fn run_campaign(opts: RunOptions) -> RunResult<RunSummary> {
             p
         }
     };
-    std::fs::create_dir_all(&opts.out_dir)
-        .map_err(|e| RunError::io("creating", &opts.out_dir, e))?;
+    // Everything of the run is written under it (VMM state, consoles, records, the
+    // results database): created 0700; an existing one must be a real directory of
+    // ours that others cannot write, so no local user can plant a symlink or swap a
+    // file there (DESIGN §6).
+    hilrig_device::secure::ensure_private_dir(&opts.out_dir).map_err(|e| {
+        RunError::io(
+            "refusing the output directory",
+            &opts.out_dir,
+            std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string()),
+        )
+    })?;
     // Absolute from here on: every path handed to a VMM (state, console, bundles
     // over the control socket) must mean the same in a jailed VMM, whose working
     // directory is its jail root; stored run directories too (the lab service reads

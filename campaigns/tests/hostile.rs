@@ -1,5 +1,5 @@
-//! Attacks on the campaign runner through its campaign file (issue 16). Each test
-//! names its attack in its first comment.
+//! Attacks on the campaign runner through its campaign file and its output
+//! directory (issue 16). Each test names its attack in its first comment.
 
 use hilrig_campaigns::format::{load, CampaignError, MAX_CAMPAIGN_BYTES};
 use std::path::Path;
@@ -47,4 +47,62 @@ fn a_missing_campaign_file_is_still_an_io_error_naming_it() {
     let e = load(Path::new("/nonexistent/c.toml"), &[]).unwrap_err();
     assert!(matches!(e, CampaignError::Io { .. }), "{e}");
     assert!(e.to_string().contains("/nonexistent/c.toml"));
+}
+
+#[test]
+fn an_output_directory_another_user_owns_or_all_can_write_is_refused() {
+    // Attack: a local user pre-creates the run's output directory (a predictable
+    // path such as /tmp/campaign-out) or it is world-writable: they could plant
+    // symlinks at the case files the runner (often root) writes there.
+    use std::os::unix::fs::PermissionsExt;
+    let t = tempfile::tempdir().unwrap();
+    let c = t.path().join("c.toml");
+    std::fs::write(&c, "name = \"t\"\n[[case]]\nattacks = [\"attack-hang\"]\n").unwrap();
+    let v = hilrig_campaigns::testkit::stand_in_vmm(
+        t.path(),
+        &format!("echo '{}'", hilrig_campaigns::testkit::PASS_JSON),
+    )
+    .unwrap();
+    let run = |out: &Path| {
+        let mut o = hilrig_campaigns::runner::RunOptions::new(c.clone());
+        o.out_dir = out.to_path_buf();
+        o.vmm = Some(v.clone());
+        o.progress = Some(false);
+        hilrig_campaigns::runner::run_campaign(o).map_err(|e| e.to_string())
+    };
+    let open = t.path().join("open-out");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let msg = run(&open).unwrap_err();
+    assert!(
+        msg.contains(open.to_str().unwrap()) && msg.contains("group/other write"),
+        "{msg}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&open).unwrap().count(),
+        0,
+        "nothing written"
+    );
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let theirs = t.path().join("their-out");
+        std::fs::create_dir(&theirs).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+        let msg = run(&theirs).unwrap_err();
+        assert!(
+            msg.contains(theirs.to_str().unwrap()) && msg.contains("owned by uid 65534"),
+            "{msg}"
+        );
+        assert_eq!(std::fs::read_dir(&theirs).unwrap().count(), 0);
+    } else {
+        eprintln!("SKIPPED: the other-owner case needs root");
+    }
+    // Negative control: a fresh directory is made 0700 and the run goes ahead.
+    let fresh = t.path().join("fresh-out");
+    let s = run(&fresh).unwrap();
+    assert_eq!(s.exit_status(), 0);
+    assert_eq!(
+        std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
 }

@@ -94,13 +94,16 @@ pub fn check_secret_file(path: &Path) -> Result<(), KeyError> {
 }
 
 /// Read a key file of `kind`. Secret key files must be private (mode 0600 or
-/// stricter, see [`check_secret_file`]); every key file is read with a bound.
+/// stricter, see [`check_secret_file`]); public ones (trust anchors) must be
+/// owned by us or root and not group/other-writable
+/// ([`hilrig_device::secure::read_trusted_file`]); every key file is read with a
+/// bound.
 pub fn read_key(path: &Path, kind: KeyKind) -> Result<[u8; 32], KeyError> {
     let secret = matches!(kind, KeyKind::SignSecret | KeyKind::BoxSecret);
     let text = if secret {
         hilrig_device::secure::read_secret_file(path, MAX_KEY_FILE)
     } else {
-        hilrig_device::secure::read_bounded(path, MAX_KEY_FILE)
+        hilrig_device::secure::read_trusted_file(path, MAX_KEY_FILE)
     }
     .map_err(KeyError::Insecure)?;
     let bad = |reason: String| KeyError::Format {

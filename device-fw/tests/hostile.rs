@@ -68,3 +68,39 @@ fn a_key_file_that_is_a_device_is_refused_without_reading_it() {
         "{e}"
     );
 }
+
+#[test]
+fn a_trusted_public_key_others_can_write_or_own_is_refused() {
+    // Attack: the patch signing public key (`--patch-pubkey`, a trust anchor) is
+    // group/other-writable, or a file another user owns (their own key, reached
+    // through a symlink or swapped into a directory they write): they put their key
+    // in and sign a native patch module, which the VMM (often root) then loads.
+    let d = tempfile::tempdir().unwrap();
+    let prefix = d.path().join("patch");
+    let pk = keys::keygen_sign(&prefix).unwrap();
+    let public = keys::with_ext(&prefix, "pub");
+    // Negative control: root's (our) 0644 public key is trusted.
+    assert_eq!(keys::verifying_key(&public).unwrap(), pk);
+    chmod(&public, 0o666);
+    let msg = keys::verifying_key(&public).unwrap_err().to_string();
+    assert!(
+        msg.contains(public.to_str().unwrap()) && msg.contains("0666") && msg.contains("write"),
+        "{msg}"
+    );
+    chmod(&public, 0o644);
+    // We own what we just made: root only if its uid is 0.
+    if std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&public).unwrap()) != 0 {
+        eprintln!("SKIPPED: the foreign-owner case (needs root to chown)");
+        return;
+    }
+    std::os::unix::fs::chown(&public, Some(65534), Some(65534)).unwrap();
+    let link = d.path().join("trusted.pub");
+    std::os::unix::fs::symlink(&public, &link).unwrap();
+    for p in [&public, &link] {
+        let msg = keys::verifying_key(p).unwrap_err().to_string();
+        assert!(
+            msg.contains(p.to_str().unwrap()) && msg.contains("owned by uid 65534"),
+            "{msg}"
+        );
+    }
+}

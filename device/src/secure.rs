@@ -5,14 +5,19 @@
 //!   created `O_CREAT|O_EXCL|O_NOFOLLOW` beside the target (a planted symlink is
 //!   never followed), synced, renamed into place, directory synced.
 //! - [`read_secret_file`] / [`check_secret_file`]: secret key files must be regular
-//!   files with no group/other permission bits. A symlink is resolved and the
-//!   *target's* mode is checked, on the opened file descriptor (no race between the
-//!   check and the read).
+//!   files with no group/other permission bits, owned by the current user or root.
+//!   A symlink is resolved and the *target's* mode and owner are checked, on the
+//!   opened file descriptor (no race between the check and the read).
+//! - [`read_trusted_file`]: trusted (public) key files must be regular files owned
+//!   by the current user or root and not writable by group or others.
 //! - [`ensure_private_dir`]: a directory we write into is created 0700 if missing;
 //!   an existing one is refused unless it is a real directory (not a symlink),
 //!   owned by the current user and not writable by group or others.
 //! - [`read_bounded`]: a regular file read with a size limit, refusing FIFOs and
 //!   devices before opening them for reading blocks.
+//! - [`create_output_file`]: an output file (console, alarms) opened without
+//!   following a symlink or waiting on a FIFO, and refused unless it is a regular
+//!   file with a single link, before it is truncated.
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -32,6 +37,31 @@ pub enum SecureFileError {
     /// A secret file others may read or write.
     #[error("{path}: mode {mode:04o} gives group/other access to a secret key file; run `chmod 600 {path}`")]
     SecretMode {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// A secret or trusted file (a key, a trust anchor) owned by someone other
+    /// than us or root: its owner may have put a key there they know (a symlink
+    /// to it, or a swap in a directory they can write), so it is not ours to trust.
+    #[error("{path}: owned by uid {owner}, not by the current user (uid {me}) or root; refusing a {what} someone else controls")]
+    ForeignOwner {
+        /// The file.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// The current (effective) user.
+        me: u32,
+        /// What the file is ("secret key file", "trusted key file").
+        what: &'static str,
+    },
+    /// A trusted (public) key file group or others may write: anyone who can
+    /// write it can make us trust their key.
+    #[error(
+        "{path}: mode {mode:04o} lets group/other write a trusted key file; run `chmod 644 {path}`"
+    )]
+    TrustedWritable {
         /// The file.
         path: PathBuf,
         /// Its permission bits.
@@ -220,10 +250,9 @@ pub fn read_reset_key_file(path: &Path) -> Result<[u8; 32], SecureFileError> {
     Ok(k)
 }
 
-/// Open a secret key file for reading and check it: a regular file with no
-/// group/other permission bits. A symlink is followed and the target's mode
-/// checked, on the opened descriptor.
-pub fn open_secret_file(path: &Path) -> Result<std::fs::File, SecureFileError> {
+/// Open `path` for reading without blocking (a FIFO cannot hang us) and check on
+/// the descriptor that it is a regular file; with its metadata.
+fn open_regular(path: &Path) -> Result<(std::fs::File, std::fs::Metadata), SecureFileError> {
     let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc_o_nonblock())
@@ -236,6 +265,14 @@ pub fn open_secret_file(path: &Path) -> Result<std::fs::File, SecureFileError> {
             kind: kind_of(meta.file_type()),
         });
     }
+    Ok((f, meta))
+}
+
+/// Open a secret key file for reading and check it: a regular file with no
+/// group/other permission bits, owned by the current user or root. A symlink is
+/// followed and the target's mode and owner checked, on the opened descriptor.
+pub fn open_secret_file(path: &Path) -> Result<std::fs::File, SecureFileError> {
+    let (f, meta) = open_regular(path)?;
     let mode = meta.permissions().mode() & 0o7777;
     if mode & 0o077 != 0 {
         return Err(SecureFileError::SecretMode {
@@ -243,7 +280,44 @@ pub fn open_secret_file(path: &Path) -> Result<std::fs::File, SecureFileError> {
             mode,
         });
     }
+    ours_or_roots(&meta, path, "secret key file")?;
     Ok(f)
+}
+
+/// A file we trust must be owned by us or root.
+fn ours_or_roots(
+    meta: &std::fs::Metadata,
+    path: &Path,
+    what: &'static str,
+) -> Result<(), SecureFileError> {
+    let me = euid();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(SecureFileError::ForeignOwner {
+            path: path.to_path_buf(),
+            owner: meta.uid(),
+            me,
+            what,
+        });
+    }
+    Ok(())
+}
+
+/// Read a trusted (public) key file of at most `limit` bytes, as text: a regular
+/// file (opened non-blocking; a FIFO or device refused), owned by us or root and
+/// not writable by group or others, checked on the opened descriptor (a symlink is
+/// followed and its target checked). Whoever can write a trust anchor (a patch or
+/// firmware signing key) can make us accept what they sign.
+pub fn read_trusted_file(path: &Path, limit: u64) -> Result<String, SecureFileError> {
+    let (f, meta) = open_regular(path)?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(SecureFileError::TrustedWritable {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    ours_or_roots(&meta, path, "trusted key file")?;
+    read_limited(f, path, limit)
 }
 
 /// Check a secret key file without keeping it open (see [`open_secret_file`]).
@@ -256,6 +330,51 @@ pub fn check_secret_file(path: &Path) -> Result<(), SecureFileError> {
 pub fn read_secret_file(path: &Path, limit: u64) -> Result<String, SecureFileError> {
     let f = open_secret_file(path)?;
     read_limited(f, path, limit)
+}
+
+/// Open the output file `path` (a console capture, an alarm log) for writing from
+/// its start, as a VMM run as root may be asked to in a directory others can write:
+/// created mode 0600 if missing; opened `O_NOFOLLOW` (a planted symlink is refused,
+/// never followed) and non-blocking (a planted FIFO cannot hang the caller), then
+/// checked on the descriptor: a regular file with one link (a planted hard link to
+/// another file is refused). Only then is it truncated.
+pub fn create_output_file(path: &Path) -> Result<std::fs::File, SecureFileError> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc_o_nonblock())
+        .open(path)
+        .map_err(|e| match std::fs::symlink_metadata(path) {
+            // ELOOP (a symlink) or ENXIO (a FIFO nobody reads): say what is there.
+            Ok(m) if m.file_type().is_symlink() => SecureFileError::NotRegular {
+                path: path.to_path_buf(),
+                kind: "a symlink (not followed)",
+            },
+            Ok(m) if !m.file_type().is_file() => SecureFileError::NotRegular {
+                path: path.to_path_buf(),
+                kind: kind_of(m.file_type()),
+            },
+            _ => io(path)(e),
+        })?;
+    let meta = f.metadata().map_err(io(path))?;
+    if !meta.file_type().is_file() {
+        return Err(SecureFileError::NotRegular {
+            path: path.to_path_buf(),
+            kind: kind_of(meta.file_type()),
+        });
+    }
+    if meta.nlink() != 1 {
+        return Err(SecureFileError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(format!(
+                "has {} hard links; refusing to overwrite a file linked elsewhere",
+                meta.nlink()
+            )),
+        });
+    }
+    f.set_len(0).map_err(io(path))?;
+    Ok(f)
 }
 
 /// `O_NONBLOCK`, so opening a FIFO does not wait for a writer (the flag only
@@ -296,18 +415,7 @@ fn read_limited(f: std::fs::File, path: &Path, limit: u64) -> Result<String, Sec
 /// FIFO cannot hang the caller); a file over the limit is refused before parsing,
 /// and the read itself is bounded (a file growing after the check cannot exceed it).
 pub fn read_bounded(path: &Path, limit: u64) -> Result<String, SecureFileError> {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc_o_nonblock())
-        .open(path)
-        .map_err(io(path))?;
-    let meta = f.metadata().map_err(io(path))?;
-    if !meta.file_type().is_file() {
-        return Err(SecureFileError::NotRegular {
-            path: path.to_path_buf(),
-            kind: kind_of(meta.file_type()),
-        });
-    }
+    let (f, _) = open_regular(path)?;
     read_limited(f, path, limit)
 }
 

@@ -207,3 +207,38 @@ fn an_oversized_state_file_is_refused_unread() {
     let e = NvState::load(&p).unwrap_err().to_string();
     assert!(e.contains("larger than any state file"), "{e}");
 }
+
+#[test]
+fn a_secret_key_file_another_user_owns_is_refused() {
+    // Attack: a local user makes their own 0600 key file and gets root to use it (a
+    // symlink from the expected key path, or a swap in a directory they can write):
+    // root then MACs counters rows, signs teardown records or resets devices with a
+    // key the attacker knows.
+    let d = tempfile::tempdir().unwrap();
+    let theirs = d.path().join("theirs.key");
+    secure::write_reset_key_file(&theirs, &[7u8; 32]).unwrap();
+    let link = d.path().join("reset.key");
+    std::os::unix::fs::symlink(&theirs, &link).unwrap();
+    // Negative control: our own 0600 key, directly or through the symlink, is fine.
+    assert_eq!(secure::read_reset_key_file(&link).unwrap(), [7u8; 32]);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: the foreign-owner case (needs root to chown)");
+        return;
+    }
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+    assert_eq!(mode(&theirs), 0o600);
+    for p in [&theirs, &link] {
+        let e = secure::read_reset_key_file(p).unwrap_err();
+        assert!(
+            matches!(e, SecureFileError::ForeignOwner { owner: 65534, .. }),
+            "{e}"
+        );
+        let msg = e.to_string();
+        assert!(
+            msg.contains(p.to_str().unwrap()) && msg.contains("owned by uid 65534"),
+            "{msg}"
+        );
+    }
+    assert!(secure::check_secret_file(&link).is_err());
+}

@@ -10,6 +10,13 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hilrig_vmm::kvm_available;
+use hilrig_vmm::policy::engine::{AlarmConfig, AlarmSink};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
 /// Run `f` on a thread and give up after `limit` (a hang is a failure, not a stuck run).
 fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
     let (tx, rx) = std::sync::mpsc::channel();
@@ -128,4 +135,285 @@ fn a_connection_flood_is_capped_and_the_socket_keeps_serving() {
     }
     stop.store(true, std::sync::atomic::Ordering::Release);
     t.join().unwrap();
+}
+
+// Output files and the control socket's directory, planted or prepared by a local
+// user (uid 65534, nobody) where a VMM run as root writes; each checks the victim
+// is untouched.
+
+const VMM: &str = env!("CARGO_BIN_EXE_hilrig-vmm");
+const NOBODY: u32 = 65534;
+const PRECIOUS: &str = "precious: root's file\n";
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Whether we are root (needed to plant files as another user); says so loudly if not.
+fn rooted() -> bool {
+    is_root() || {
+        eprintln!("SKIPPED: needs root to plant files as, or for, another user");
+        false
+    }
+}
+
+/// The scene: a root-owned victim file (0644) somewhere else, and a directory owned
+/// by nobody where root is asked to write (as a user's own run directory).
+struct Scene {
+    _keep: tempfile::TempDir,
+    victim: PathBuf,
+    attacker_dir: PathBuf,
+}
+
+fn scene() -> Scene {
+    let keep = tempfile::tempdir().unwrap();
+    let victim = keep.path().join("victim.conf");
+    std::fs::write(&victim, PRECIOUS).unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let attacker_dir = keep.path().join("users-run");
+    std::fs::create_dir(&attacker_dir).unwrap();
+    std::fs::set_permissions(&attacker_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(&attacker_dir, Some(NOBODY), Some(NOBODY)).unwrap();
+    // nobody must reach its directory through the tempdir.
+    std::fs::set_permissions(keep.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    Scene {
+        _keep: keep,
+        victim,
+        attacker_dir,
+    }
+}
+
+/// Run `argv` as nobody (the attacker plants its file).
+fn as_nobody(argv: &[&str]) {
+    let st = Command::new(argv[0])
+        .args(&argv[1..])
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .status()
+        .unwrap();
+    assert!(st.success(), "{argv:?} as nobody: {st}");
+}
+
+fn plant_symlink(s: &Scene, name: &str) -> PathBuf {
+    let link = s.attacker_dir.join(name);
+    as_nobody(&[
+        "ln",
+        "-s",
+        s.victim.to_str().unwrap(),
+        link.to_str().unwrap(),
+    ]);
+    assert_eq!(std::fs::symlink_metadata(&link).unwrap().uid(), NOBODY);
+    link
+}
+
+fn plant_fifo(s: &Scene, name: &str) -> PathBuf {
+    let fifo = s.attacker_dir.join(name);
+    as_nobody(&["mkfifo", fifo.to_str().unwrap()]);
+    fifo
+}
+
+fn victim_intact(s: &Scene) {
+    assert_eq!(
+        std::fs::read_to_string(&s.victim).unwrap(),
+        PRECIOUS,
+        "the victim file was written through the planted path"
+    );
+}
+
+fn alarms_at(p: &Path) -> AlarmConfig {
+    AlarmConfig {
+        file: Some(p.to_path_buf()),
+        ..AlarmConfig::default()
+    }
+}
+
+/// Why an alarm sink at `p` was refused ("" if it was not).
+fn alarm_error(p: &Path) -> String {
+    AlarmSink::new(&alarms_at(p)).map_or_else(|e| e.to_string(), |_| String::new())
+}
+
+#[test]
+fn a_symlink_planted_at_the_alarm_file_is_not_followed() {
+    // Attack: nobody plants alarms.jsonl -> root's file; root's VMM would truncate it.
+    if !rooted() {
+        return;
+    }
+    let s = scene();
+    let link = plant_symlink(&s, "alarms.jsonl");
+    let msg = alarm_error(&link);
+    victim_intact(&s);
+    assert!(
+        msg.contains(link.to_str().unwrap()) && msg.contains("symlink"),
+        "{msg}"
+    );
+    // Negative control: a fresh path and an existing regular file are fine (the
+    // latter truncated).
+    let fresh = s.attacker_dir.join("fresh.jsonl");
+    AlarmSink::new(&alarms_at(&fresh)).unwrap();
+    std::fs::write(&fresh, "old alarms\n").unwrap();
+    AlarmSink::new(&alarms_at(&fresh)).unwrap();
+    assert_eq!(std::fs::metadata(&fresh).unwrap().len(), 0);
+}
+
+#[test]
+fn a_fifo_planted_at_the_alarm_file_is_refused_not_waited_on() {
+    // Attack: nobody plants a FIFO no one reads; opening it for writing blocks forever.
+    if !rooted() {
+        return;
+    }
+    let s = scene();
+    let fifo = plant_fifo(&s, "alarms.jsonl");
+    let f2 = fifo.clone();
+    let msg = within(Duration::from_secs(5), move || alarm_error(&f2));
+    assert!(
+        msg.contains(fifo.to_str().unwrap()) && msg.contains("FIFO"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_hard_link_planted_at_the_alarm_file_is_not_truncated() {
+    // Attack: a hard link to root's file at the alarm path (planted by root here: with
+    // fs.protected_hardlinks=1 nobody cannot link a file it does not own, but hosts
+    // with it off exist).
+    if !rooted() {
+        return;
+    }
+    let s = scene();
+    let link = s.attacker_dir.join("alarms.jsonl");
+    std::fs::hard_link(&s.victim, &link).unwrap();
+    let msg = alarm_error(&link);
+    victim_intact(&s);
+    assert!(
+        msg.contains(link.to_str().unwrap()) && msg.contains("hard links"),
+        "{msg}"
+    );
+}
+
+/// Run the VMM binary; killed (and reported as a hang) after `limit`.
+fn vmm_within(args: &[&str], limit: Duration) -> (i32, String) {
+    let mut c = Command::new(VMM)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    loop {
+        if c.try_wait().unwrap().is_some() {
+            let out = c.wait_with_output().unwrap();
+            return (
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            );
+        }
+        if t0.elapsed() > limit {
+            let _ = c.kill();
+            let _ = c.wait();
+            panic!("hilrig-vmm {args:?} hung for {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Root runs `hilrig-vmm --console PLANTED`: refused (exit 2) within bounds, the
+/// error naming the path and `what` it found there.
+fn console_refused(planted: &Path, what: &str) {
+    let (code, err) = vmm_within(
+        &["--payload", "hello", "--console", planted.to_str().unwrap()],
+        Duration::from_secs(30),
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(planted.to_str().unwrap()) && err.contains(what),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_symlink_planted_at_the_console_file_is_not_followed() {
+    // Attack: nobody plants console.log -> root's file before root runs
+    // `hilrig-vmm --console DIR/console.log`; the guest's output would replace it.
+    if !is_root() || !kvm_available() {
+        eprintln!("SKIPPED: needs root and /dev/kvm");
+        return;
+    }
+    let s = scene();
+    let link = plant_symlink(&s, "console.log");
+    console_refused(&link, "symlink");
+    victim_intact(&s);
+}
+
+#[test]
+fn a_fifo_planted_at_the_console_file_is_refused_not_waited_on() {
+    // Attack: nobody plants a FIFO at the console path: the VMM would block in open
+    // forever (nobody reads), holding the device it opened.
+    if !is_root() || !kvm_available() {
+        eprintln!("SKIPPED: needs root and /dev/kvm");
+        return;
+    }
+    let s = scene();
+    console_refused(&plant_fifo(&s, "console.log"), "FIFO");
+}
+
+fn bind_error(path: &Path) -> String {
+    match hilrig_vmm::lifecycle::control::bind(path) {
+        Ok(_) => String::new(),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn a_control_socket_in_a_directory_others_can_write_is_refused() {
+    // Attack: the control socket's directory (or one above it) is world-writable and
+    // not sticky: nobody renames root's socket away and binds its own at the path,
+    // so `vm ctl` clients talk to the attacker (or swaps the temporary name for a
+    // symlink between bind and chmod).
+    let d = tempfile::tempdir().unwrap();
+    let open = d.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let sock = open.join("vm.sock");
+    let msg = bind_error(&sock);
+    assert!(
+        msg.contains(open.to_str().unwrap()) && msg.contains("writable by group or others"),
+        "{msg}"
+    );
+    assert!(!sock.exists(), "nothing bound");
+    // An ancestor others can write in: they could rename the whole subtree.
+    let inner = open.join("mine");
+    std::fs::create_dir(&inner).unwrap();
+    std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let msg = bind_error(&inner.join("vm.sock"));
+    assert!(
+        msg.contains(&format!("directory {} ", open.display())),
+        "{msg}"
+    );
+    // Negative control: a 0700 directory of our own (under the sticky /tmp) binds,
+    // and a sticky world-writable one too (others cannot swap our entries).
+    let mine = d.path().join("private");
+    std::fs::create_dir(&mine).unwrap();
+    std::fs::set_permissions(&mine, std::fs::Permissions::from_mode(0o700)).unwrap();
+    hilrig_vmm::lifecycle::control::bind(&mine.join("vm.sock")).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    hilrig_vmm::lifecycle::control::bind(&sock).unwrap();
+}
+
+#[test]
+fn a_control_socket_in_a_directory_another_user_owns_is_refused() {
+    // Attack: root is pointed at a directory nobody owns (0755): its owner can replace
+    // the socket root binds there at will.
+    if !rooted() {
+        return;
+    }
+    let s = scene();
+    let sock = s.attacker_dir.join("vm.sock");
+    let msg = bind_error(&sock);
+    assert!(
+        msg.contains(s.attacker_dir.to_str().unwrap())
+            && msg.contains(&format!("owned by uid {NOBODY}")),
+        "{msg}"
+    );
+    assert!(!sock.exists(), "nothing bound");
 }

@@ -5,6 +5,7 @@
 use hilrig_vmm::kvm_available;
 use hilrig_vmm::payload::Payload;
 use iced_x86::code_asm::*;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -259,4 +260,78 @@ fn a_jailed_vmm_runs_unprivileged_and_cannot_open_files_outside_its_root() {
             assert!(line.ends_with(": ok"), "{line}");
         }
     }
+}
+
+/// Send one JSON line to the control socket at `sock` as `uid` (python3, as the
+/// control tests do) and return the reply line; `None` without python3.
+fn request_as(uid: u32, sock: &Path, line: &str) -> Option<String> {
+    use std::os::unix::process::CommandExt;
+    let py = ["/usr/bin/python3", "/usr/local/bin/python3"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())?;
+    let out = Command::new(py)
+        .uid(uid)
+        .gid(uid)
+        .arg("-c")
+        .arg(format!(
+            "import socket;s=socket.socket(socket.AF_UNIX);s.connect({:?});s.sendall({:?}.encode()+b'\\n');print(s.makefile().readline())",
+            sock.to_str().unwrap(),
+            line
+        ))
+        .output()
+        .unwrap();
+    Some(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
+
+#[test]
+fn another_process_running_as_the_jail_uid_cannot_use_a_jailed_vmms_control_socket() {
+    // Attack: every jailed VMM runs as uid 65534 (nobody), as do other unprivileged
+    // processes and every other jail. Where the socket is reachable as that uid (a
+    // directory shared by two jails' id-mapped binds, or a plain bind where the
+    // filesystem cannot id-map: simulated here by handing the socket file to 65534),
+    // such a process passed the peer check (the VMM's own uid) and could tear down,
+    // pause or detach another tenant's VM.
+    if !kvm_available() || !is_root() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let work = d.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let sock = work.join("vm.sock");
+    let mut child = Command::new(VMM)
+        .args(["--payload", "spin", "--timeout", "30s", "--control"])
+        .arg(&sock)
+        .arg("--jail")
+        .arg(d.path().join("jail"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !sock.exists() && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(sock.exists(), "the jailed VMM never bound its socket");
+    std::os::unix::fs::chown(&sock, Some(65534), Some(65534)).unwrap();
+    let reply = request_as(65534, &sock, r#"{"op":"teardown"}"#);
+    // Negative control: root (the launcher) is answered, and ends the run.
+    let root = request_as(0, &sock, r#"{"op":"teardown"}"#);
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let (Some(reply), Some(root)) = (reply, root) else {
+        eprintln!("SKIPPED: needs python3 to connect as another uid");
+        return;
+    };
+    assert!(
+        reply.contains("permission denied: uid 65534"),
+        "{reply}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(root.contains(r#""ok":true,"op":"teardown""#), "{root}");
 }

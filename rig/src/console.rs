@@ -200,7 +200,7 @@ pub enum CaptureError {
 
 impl Capture {
     /// Start capturing `source` (console `console` of `host`) into `path`
-    /// (created/truncated). Returns once the source is open and reading, so a
+    /// (created/truncated; a symlink, FIFO or hard link there is refused). Returns once the source is open and reading, so a
     /// power-on after this call is captured from its first byte.
     pub fn start(
         host: &str,
@@ -235,8 +235,8 @@ impl Capture {
         mut until: Option<EndMarker>,
     ) -> Result<Capture, RigError> {
         let label = format!("console/{console}");
-        let file = std::fs::File::create(path)
-            .map_err(|e| RigError::io(format!("creating capture {}", path.display()), e))?;
+        // A symlink, FIFO or hard link planted at the path is refused.
+        let file = hilrig_device::secure::create_output_file(path)?;
         let stop = Arc::new(AtomicBool::new(false));
         let st = stop.clone();
         // A file at its end reads nothing at once: poll it. A port's read waits

@@ -259,3 +259,51 @@ fn a_world_writable_capture_directory_is_refused() {
         .to_string();
     assert!(e.contains("caps") && e.contains("0777"), "{e}");
 }
+
+#[test]
+fn a_symlink_or_fifo_planted_at_a_console_capture_path_is_refused() {
+    // Attack: `hilrig rig console --out PATH` (or a capture directory's file) with a
+    // symlink to another file planted at PATH (the capture would truncate it) or a
+    // FIFO nobody reads (the capture would hang in open).
+    use hilrig_rig::console::{Capture, Source};
+    let d = tempfile::tempdir().unwrap();
+    let com1 = d.path().join("com1");
+    std::fs::write(&com1, "").unwrap();
+    let victim = d.path().join("victim.conf");
+    std::fs::write(&victim, "precious\n").unwrap();
+    let link = d.path().join("case.com1.log");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    let msg = match Capture::start("h", "com1", Source::Tail(com1.clone()), &link) {
+        Ok(_) => String::new(),
+        Err(e) => e.to_string(),
+    };
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    assert!(
+        msg.contains(link.to_str().unwrap()) && msg.contains("symlink"),
+        "{msg}"
+    );
+    let fifo = d.path().join("fifo.log");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid C string; mkfifo has no other preconditions.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (src, f2) = (com1.clone(), fifo.clone());
+    std::thread::spawn(move || {
+        let r = Capture::start("h", "com1", Source::Tail(src), &f2).map(|c| c.stop());
+        let _ = tx.send(r.err().map(|e| e.to_string()).unwrap_or_default());
+    });
+    let msg = rx
+        .recv_timeout(std::time::Duration::from_secs(5))
+        .expect("the capture hung opening a FIFO");
+    assert!(
+        msg.contains(fifo.to_str().unwrap()) && msg.contains("FIFO"),
+        "{msg}"
+    );
+    // Negative control: a fresh path captures.
+    let ok = d.path().join("ok.log");
+    Capture::start("h", "com1", Source::Tail(com1), &ok)
+        .unwrap()
+        .stop()
+        .unwrap();
+    assert!(ok.is_file());
+}

@@ -623,7 +623,27 @@ fn pivot(root: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The uid that launched a jailed VMM (before it dropped to the jail's uid);
+/// `u32::MAX` when not jailed.
+static LAUNCHER_UID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(u32::MAX);
+
+/// Who may use this VMM's control socket besides root: the uid that launched it
+/// (a jailed VMM's own uid is shared by every jail and by other unprivileged
+/// processes, so it must not count), or the current uid when not jailed.
+pub fn control_owner() -> u32 {
+    match LAUNCHER_UID.load(std::sync::atomic::Ordering::Acquire) {
+        // SAFETY: geteuid has no preconditions.
+        u32::MAX => unsafe { libc::geteuid() },
+        uid => uid,
+    }
+}
+
 fn drop_privileges(spec: &JailSpec) -> std::io::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    LAUNCHER_UID.store(
+        unsafe { libc::geteuid() },
+        std::sync::atomic::Ordering::Release,
+    );
     // SAFETY: plain system calls on ids and fds; nothing borrowed.
     unsafe {
         // Every inherited fd but standard input, output and error.

@@ -1,6 +1,7 @@
 //! The control socket: a unix socket, owner-only (mode 0600, created without a window
 //! in which it has other permissions), every connection checked with SO_PEERCRED (the
-//! VMM's own uid or root, else refused and logged). JSON lines: one request object per
+//! VMM's own uid, or for a jailed VMM the uid that launched it, or root; else refused
+//! and logged). JSON lines: one request object per
 //! line, one reply object per line.
 //!
 //! Requests: `{"op":"status"}`, `{"op":"pause"}`, `{"op":"resume"}`, `{"op":"quiesce"}`,
@@ -54,11 +55,66 @@ pub fn peer_uid(s: &UnixStream) -> std::io::Result<u32> {
     Ok(cred.uid)
 }
 
+/// Refuse a control socket whose directory, or any directory above it, another
+/// local user could rename or replace entries in: each must be owned by us or root
+/// and not writable by group or others unless sticky (as /tmp). Otherwise someone
+/// could swap the socket (clients would talk to theirs) or the temporary name
+/// between bind and chmod (the chmod would follow their symlink).
+pub fn check_socket_dirs(path: &Path) -> std::io::Result<()> {
+    let abs = std::path::absolute(path)?;
+    let parent = abs.parent().unwrap_or(Path::new("/"));
+    check_dir_chain(path, parent)?;
+    // The directories a symlink in the path leads through.
+    let real = std::fs::canonicalize(parent)?;
+    if real != parent {
+        check_dir_chain(path, &real)?;
+    }
+    Ok(())
+}
+
+fn check_dir_chain(socket: &Path, first: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    for dir in first.ancestors() {
+        let m = std::fs::symlink_metadata(dir)?;
+        let refuse = |why: String| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "control socket {}: directory {} {why}; use a directory only you can write (mode 0700)",
+                    socket.display(),
+                    dir.display()
+                ),
+            ))
+        };
+        if m.file_type().is_symlink() {
+            // Checked where it leads (the canonical path) by the caller.
+            continue;
+        }
+        if m.uid() != me && m.uid() != 0 {
+            return refuse(format!(
+                "is owned by uid {}, not by uid {me} or root",
+                m.uid()
+            ));
+        }
+        if m.mode() & 0o022 != 0 && m.mode() & 0o1000 == 0 {
+            return refuse(format!(
+                "is writable by group or others (mode {:04o}, not sticky)",
+                m.mode() & 0o7777
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Bind the control socket at `path` with mode 0600: bound under a temporary name in
 /// the same directory, chmod'ed, then renamed into place, so it never exists at
-/// `path` with wider permissions. Refuses to replace anything but a stale socket.
+/// `path` with wider permissions. Refuses to replace anything but a stale socket, and
+/// a directory others could write in ([`check_socket_dirs`]).
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    check_socket_dirs(path)?;
     if let Ok(m) = std::fs::symlink_metadata(path) {
         if !m.file_type().is_socket() {
             return Err(std::io::Error::new(
@@ -167,8 +223,9 @@ pub fn serve_with<E: std::fmt::Display>(
             tracing::error!("control socket not served: {e}");
             return;
         }
-        // SAFETY: geteuid has no preconditions.
-        let owner = unsafe { libc::geteuid() };
+        // A jailed VMM answers root and its launcher, never its own (shared,
+        // unprivileged) uid.
+        let owner = crate::jail::control_owner();
         if let Err(e) = listener.set_nonblocking(true) {
             tracing::error!("control socket: {e}");
             return;
@@ -416,7 +473,8 @@ mod tests {
         };
         let d = tempfile::tempdir().unwrap();
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        // Sticky, as /tmp: others may enter, not swap entries (bind refuses 0777).
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
         let p = d.path().join("vm.sock");
         let l = bind(&p).unwrap();
         // Open the file permissions so only SO_PEERCRED stands in the way.

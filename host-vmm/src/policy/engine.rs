@@ -195,10 +195,18 @@ pub struct Admitted {
 }
 
 impl AlarmSink {
-    /// A sink per `cfg` (creates the file).
+    /// A sink per `cfg` (creates the file, refusing a planted symlink, FIFO or hard
+    /// link: [`hilrig_device::secure::create_output_file`]; the error names it).
     pub fn new(cfg: &AlarmConfig) -> std::io::Result<AlarmSink> {
         let file = match &cfg.file {
-            Some(p) => Some(std::io::BufWriter::new(std::fs::File::create(p)?)),
+            Some(p) => Some(std::io::BufWriter::new(
+                hilrig_device::secure::create_output_file(p).map_err(|e| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        format!("alarm file refused: {e}"),
+                    )
+                })?,
+            )),
             None => None,
         };
         Ok(AlarmSink {

@@ -808,10 +808,16 @@ fn console_writer(console: &Console) -> Result<ConsoleOut, VmmError> {
             (Box::new(c.clone()), Some(c))
         }
         Console::File(p) => (
-            Box::new(std::fs::File::create(p).map_err(|source| VmmError::Io {
-                path: p.clone(),
-                source,
-            })?),
+            // A symlink, FIFO or hard link planted at the path is refused.
+            Box::new(
+                hilrig_device::secure::create_output_file(p).map_err(|e| VmmError::Io {
+                    path: p.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        format!("console file refused: {e}"),
+                    ),
+                })?,
+            ),
             None,
         ),
     })
