@@ -354,6 +354,7 @@ pub fn jail_spec(
     abs(&mut args.teardown_record)?;
     abs(&mut args.control)?;
     abs(&mut args.counters_key)?;
+    abs(&mut args.patch_source)?;
     if let Some(db) = &args.counters_db {
         if !db.contains("://") {
             args.counters_db = Some(std::path::absolute(db)?.to_string_lossy().into_owned());
@@ -372,6 +373,8 @@ pub fn jail_spec(
             .unwrap_or(crate::jail::DEFAULT_UID),
         rw_dirs: write_dirs(args),
         ro_files,
+        // The pull-mode patch source: its poller lists and reads it in the jail.
+        ro_dirs: args.patch_source.iter().cloned().collect(),
         close_fds,
         memory_max: crate::jail::DEFAULT_MEMORY_MAX,
         pids_max: crate::jail::DEFAULT_PIDS_MAX,

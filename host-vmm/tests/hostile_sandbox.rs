@@ -237,12 +237,7 @@ fn a_jailed_vmm_runs_unprivileged_and_cannot_open_files_outside_its_root() {
             .env(hilrig_vmm::jail::PROBE_ENV, &path)
             .output()
             .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(0), "{err}");
-        let line = err
-            .lines()
-            .find(|l| l.starts_with("jail probe: "))
-            .unwrap_or_else(|| panic!("no probe line: {err}"));
+        let (_, line) = jail_probe_line(&out);
         if jail {
             assert!(line.contains("No such file or directory"), "{line}");
             let s = hilrig_vmm::api::RunSummary::from_output(&out.stdout).unwrap();
@@ -258,6 +253,75 @@ fn a_jailed_vmm_runs_unprivileged_and_cannot_open_files_outside_its_root() {
         } else {
             // Negative control: without the jail the same probe reads the file.
             assert!(line.ends_with(": ok"), "{line}");
+        }
+    }
+}
+
+/// A VMM run that exited 0: its stderr and the jail probe's line in it.
+fn jail_probe_line(out: &std::process::Output) -> (String, String) {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("jail probe: "))
+        .unwrap_or_else(|| panic!("no probe line: {err}"))
+        .to_string();
+    (err, line)
+}
+
+/// A jailed VMM's pull-mode patch source is bound read-only into its jail: its
+/// poller can list and read the bundles dropped there (before, the directory did not
+/// exist inside the jail and the poller, seeing nothing, applied nothing, silently).
+/// The jail probe opens a bundle in it as the jailed VMM; the negative control is
+/// the same file in a sibling directory the VMM was not given.
+#[test]
+fn a_jailed_vmm_can_read_its_patch_source_and_nothing_beside_it() {
+    if !kvm_available() || !is_root() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let work = d.path().join("work");
+    let bundles = d.path().join("bundles");
+    let beside = d.path().join("beside");
+    for dir in [&work, &bundles, &beside] {
+        std::fs::create_dir(dir).unwrap();
+    }
+    std::fs::write(bundles.join("next.bundle"), b"not checked by the probe").unwrap();
+    std::fs::write(beside.join("next.bundle"), b"not given to the VMM").unwrap();
+    let authority = d.path().join("authority.pub");
+    let key = ed25519_dalek::SigningKey::from_bytes(&[4; 32]);
+    hilrig_fw::keys::write_key(
+        &authority,
+        hilrig_fw::keys::KeyKind::SignPublic,
+        key.verifying_key().as_bytes(),
+    )
+    .unwrap();
+    for (probe, readable) in [
+        (bundles.join("next.bundle"), true),
+        (beside.join("next.bundle"), false),
+    ] {
+        let out = Command::new(VMM)
+            .args(["--payload", "pci-enum", "--json"])
+            .arg("--device-state")
+            .arg(work.join("dev.state"))
+            .arg("--patch-source")
+            .arg(&bundles)
+            .arg("--patch-pubkey")
+            .arg(&authority)
+            .arg("--jail")
+            .arg(d.path().join("jail"))
+            .env(hilrig_vmm::jail::PROBE_ENV, &probe)
+            .output()
+            .unwrap();
+        let (err, line) = jail_probe_line(&out);
+        if readable {
+            assert!(line.ends_with(": ok"), "{line}");
+            assert!(
+                !err.contains("patch source: cannot list"),
+                "the poller could not list its directory: {err}"
+            );
+        } else {
+            assert!(line.contains("No such file or directory"), "{line}");
         }
     }
 }

@@ -128,6 +128,9 @@ pub struct JailSpec {
     pub rw_dirs: Vec<PathBuf>,
     /// Files the VMM reads after the jail is entered (bound read-only), absolute.
     pub ro_files: Vec<PathBuf>,
+    /// Directories the VMM reads after the jail is entered (bound read-only),
+    /// absolute: the `--patch-source` directory its poller lists and reads.
+    pub ro_dirs: Vec<PathBuf>,
     /// The fds inherited from the caller ([`open_fds`] at start): closed in the
     /// jail. Fds opened since (the device backend's) stay.
     pub close_fds: Vec<i32>,
@@ -556,6 +559,15 @@ fn build_root(spec: &JailSpec, root: &Path, userns: Option<&OwnedFd>) -> std::io
         let t = inside(root, d);
         mkdirs(&t)?;
         bind_or_plain(d, &t, false, userns)?;
+        bound.push(d.clone());
+    }
+    for d in &spec.ro_dirs {
+        if bound.iter().any(|b| d.starts_with(b)) {
+            continue;
+        }
+        let t = inside(root, d);
+        mkdirs(&t)?;
+        bind_or_plain(d, &t, true, userns)?;
         bound.push(d.clone());
     }
     for f in &spec.ro_files {

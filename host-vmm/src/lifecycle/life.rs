@@ -1086,10 +1086,15 @@ pub type SourceOutcome = (PathBuf, Result<PatchEvent, LifecycleError>);
 /// Most bundle files one poll of the patch source looks at.
 pub const MAX_SOURCE_FILES: usize = 64;
 
+/// Most outcomes the patch source's poller keeps for the run's report (the newest).
+pub const MAX_SOURCE_LOG: usize = 1024;
+
 /// Pull mode: poll `dir` every `every` for `*.bundle` regular files (at most
 /// [`MAX_SOURCE_FILES`] per poll, by name order) and apply each new one (a file is
-/// tried once per name, size and mtime; a refusal is logged, never retried). Ends
-/// when `stop` is set or the VM is gone.
+/// tried once per name, size and mtime while it stays in the directory; a refusal
+/// is logged, not retried). A directory that cannot be listed is said once, at
+/// warn level, until it can be again. Ends when `stop` is set or the VM is gone;
+/// returns the newest [`MAX_SOURCE_LOG`] outcomes.
 ///
 /// `confine` runs first on the new thread (its seccomp filter: the thread is
 /// started before the main thread's filter, so it inherits none); when it fails the
@@ -1109,12 +1114,32 @@ pub fn spawn_patch_source(
             if !confine() {
                 return log;
             }
+            let mut unreadable = false;
             while !stop.load(Ordering::Acquire) {
                 let Some(h) = host.upgrade() else { break };
                 if lock(&h.life().teardown).is_some() {
                     break;
                 }
-                for (path, id) in source_files(&dir) {
+                let files = match source_files(&dir) {
+                    Ok(f) => {
+                        if std::mem::take(&mut unreadable) {
+                            tracing::info!(dir = %dir.display(), "patch source: readable again");
+                        }
+                        f
+                    }
+                    Err(e) => {
+                        // Said once per stretch of failures (not every poll): the
+                        // poller applies nothing while the directory cannot be read.
+                        if !std::mem::replace(&mut unreadable, true) {
+                            tracing::warn!(dir = %dir.display(), "patch source: cannot list the directory: {e}");
+                        }
+                        Vec::new()
+                    }
+                };
+                // Only what is in the directory now is remembered (a poller fed
+                // ever new names or mtimes keeps a bounded set).
+                seen.retain(|k| files.contains(k));
+                for (path, id) in files {
                     if stop.load(Ordering::Acquire) || !seen.insert((path.clone(), id)) {
                         continue;
                     }
@@ -1122,6 +1147,9 @@ pub fn spawn_patch_source(
                     match &r {
                         Ok(ev) => tracing::info!(file = %path.display(), to = ev.to, "patch source: applied"),
                         Err(e) => tracing::warn!(file = %path.display(), "patch source: refused: {e}"),
+                    }
+                    if log.len() == MAX_SOURCE_LOG {
+                        drop(log.remove(0));
                     }
                     log.push((path, r));
                 }
@@ -1135,12 +1163,14 @@ pub fn spawn_patch_source(
         })
 }
 
-/// The `*.bundle` regular files in `dir` (name order, bounded), with (size, mtime).
-fn source_files(dir: &std::path::Path) -> Vec<(PathBuf, (u64, i64, i64))> {
+/// A bundle file the patch source saw: its path and (size, mtime s, mtime ns).
+type SourceFile = (PathBuf, (u64, i64, i64));
+
+/// The `*.bundle` regular files in `dir` (name order, bounded), with (size, mtime),
+/// or why the directory cannot be listed.
+fn source_files(dir: &std::path::Path) -> std::io::Result<Vec<SourceFile>> {
     use std::os::unix::fs::MetadataExt;
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
+    let rd = std::fs::read_dir(dir)?;
     let mut v: Vec<_> = rd
         .filter_map(|e| e.ok())
         .take(16 * MAX_SOURCE_FILES)
@@ -1154,7 +1184,7 @@ fn source_files(dir: &std::path::Path) -> Vec<(PathBuf, (u64, i64, i64))> {
         .collect();
     v.sort();
     v.truncate(MAX_SOURCE_FILES);
-    v
+    Ok(v)
 }
 
 /// The control socket's view of a VM.
