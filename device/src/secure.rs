@@ -377,6 +377,46 @@ pub fn create_output_file(path: &Path) -> Result<std::fs::File, SecureFileError>
     Ok(f)
 }
 
+/// Open a VMM's console output `path`: a terminal (a host's serial line, a pty),
+/// directly or through a symlink (`/dev/serial/by-id/...`, a lab's `console.tty`
+/// link), is opened for writing as it is, never truncated; anything else must be a
+/// regular file and is opened by [`create_output_file`] (no symlink followed, no
+/// FIFO waited on, no hard link truncated). A symlink to anything but a terminal is
+/// refused, so a link planted at the path cannot have root truncate or write its
+/// target. The terminal is checked on the open descriptor (`isatty`), so a swap
+/// between the look and the open is caught; its open does not wait for a carrier
+/// (`O_NONBLOCK`, cleared after the checks) nor make it our controlling terminal.
+pub fn open_console_output(path: &Path) -> Result<std::fs::File, SecureFileError> {
+    use std::os::unix::fs::FileTypeExt;
+    use std::os::unix::io::AsRawFd;
+    let is_char = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_char_device());
+    if !is_char {
+        return create_output_file(path);
+    }
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC | libc_o_nonblock())
+        .open(path)
+        .map_err(io(path))?;
+    // SAFETY: isatty on a descriptor we own.
+    if unsafe { libc::isatty(f.as_raw_fd()) } != 1 {
+        return Err(SecureFileError::NotRegular {
+            path: path.to_path_buf(),
+            kind: "a character device that is not a terminal",
+        });
+    }
+    // Blocking writes from here, as to any console.
+    // SAFETY: F_GETFL/F_SETFL on a descriptor we own.
+    let cleared = unsafe {
+        let fl = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+        fl >= 0 && libc::fcntl(f.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK) == 0
+    };
+    if !cleared {
+        return Err(io(path)(std::io::Error::last_os_error()));
+    }
+    Ok(f)
+}
+
 /// `O_NONBLOCK`, so opening a FIFO does not wait for a writer (the flag only
 /// matters for FIFOs and devices, which are refused right after the open).
 const fn libc_o_nonblock() -> i32 {

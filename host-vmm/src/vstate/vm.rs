@@ -808,9 +808,10 @@ fn console_writer(console: &Console) -> Result<ConsoleOut, VmmError> {
             (Box::new(c.clone()), Some(c))
         }
         Console::File(p) => (
-            // A symlink, FIFO or hard link planted at the path is refused.
+            // A terminal (directly or through a symlink) as it is; otherwise a
+            // regular file: a symlink, FIFO or hard link planted there is refused.
             Box::new(
-                hilrig_device::secure::create_output_file(p).map_err(|e| VmmError::Io {
+                hilrig_device::secure::open_console_output(p).map_err(|e| VmmError::Io {
                     path: p.clone(),
                     source: std::io::Error::new(
                         std::io::ErrorKind::InvalidInput,
