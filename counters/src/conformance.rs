@@ -371,6 +371,7 @@ fn cost(name: &str) -> [u32; 3] {
         "master" => [1, 1, 2],
         "persistence" => [1, 1, 1],
         "master-across-physical-reset" => [0, 0, 1],
+        "oob-equals-inband" => [1, 1, 1],
         _ => [0, 0, 0],
     }
 }
@@ -701,6 +702,11 @@ fn run_one(
         }
         _ => {}
     }
+    if name == "oob-equals-inband" && s.t.inband().is_none() {
+        return Ok(Outcome::NotApplicable(
+            "the target has no in-band register view".into(),
+        ));
+    }
     if cost(name) != [0, 0, 0] {
         if let Some(why) = fit(s, name, opts, plan)? {
             return Ok(Outcome::Skip(why));
@@ -1016,6 +1022,7 @@ fn p_no_decrement(s: &mut Session, opts: &Options) -> TResult<Outcome> {
     for g in &garbage {
         s.t.oob_send(g)?;
     }
+    let garbage_bytes: usize = garbage.iter().map(Vec::len).sum();
     // Answers to garbage are not stale replies to a request: skip them up to the
     // reply to a marker request (a slow device answers a cut frame only after its
     // inter-byte timeout, and a simulated one takes its time over the bytes).
@@ -1027,7 +1034,8 @@ fn p_no_decrement(s: &mut Session, opts: &Options) -> TResult<Outcome> {
             break;
         }
         skipped += 1;
-        if skipped > 4 * garbage.len() + 8 {
+        // A device may answer every garbage byte with its own BAD_SYNC error frame.
+        if skipped > garbage_bytes + 4 * garbage.len() + 8 {
             return Err(TargetError::Transport(format!(
                 "{skipped} frames after the garbage and no reply to the marker request"
             )));
@@ -1057,18 +1065,44 @@ fn p_inband(s: &mut Session) -> TResult<Outcome> {
             "the target has no in-band register view".into(),
         ));
     };
-    let ib = ib?;
-    let o = s.counters()?;
-    let ib2 = match s.t.inband() {
-        Some(x) => x?,
-        None => ib,
-    };
-    let ev = vec![format!("OOB {} / in-band {}", show(&o), show(&ib))];
-    Ok(Outcome::Ran(if ib == o && ib2 == o {
-        Ok(ev)
-    } else {
-        Err(ev)
-    }))
+    let mut ev = Vec::new();
+    let mut bad = Vec::new();
+    let mut first = Some(ib);
+    // At rest, then after a refused attempt on each region: in-band registers that
+    // only catch up at a reset agree at rest and lag after an attempt.
+    for step in [
+        None,
+        Some(Region::Vbios),
+        Some(Region::Firmware),
+        Some(Region::Config),
+    ] {
+        if let Some(r) = step {
+            s.t.attempt(r, AttemptKind::Erase, false)?;
+        }
+        let what = match step {
+            None => "at rest".to_string(),
+            Some(r) => format!("after a refused erase of {r}"),
+        };
+        let ib = match first.take() {
+            Some(x) => x?,
+            None => match s.t.inband() {
+                Some(x) => x?,
+                None => break,
+            },
+        };
+        let o = s.counters()?;
+        let ib2 = match s.t.inband() {
+            Some(x) => x?,
+            None => ib,
+        };
+        let line = format!("{what}: OOB {} / in-band {}", show(&o), show(&ib));
+        if ib == o && ib2 == o {
+            ev.push(line);
+        } else {
+            bad.push(line);
+        }
+    }
+    Ok(verdict(ev, bad))
 }
 
 fn p_fuse(s: &mut Session, opts: &Options, plan: &mut Vec<String>) -> TResult<Outcome> {
@@ -1634,10 +1668,31 @@ impl ConformanceTarget for SerialTarget {
         let deadline = std::time::Instant::now() + self.timeout;
         let mut reader = oob::FrameReader::default();
         let mut buf = [0u8; 64];
+        // Bytes that belong to no frame (noise, an oversized frame's header) before
+        // the reply: the line is not clean, even if a good reply follows.
+        let mut noise = 0usize;
         while std::time::Instant::now() < deadline {
             let n = self.read_some(&mut buf)?;
             for (i, &b) in buf[..n].iter().enumerate() {
-                if let Some(oob::StreamEvent::Frame(f)) = reader.push(b) {
+                let f = match reader.push(b) {
+                    Some(oob::StreamEvent::Frame(f)) => f,
+                    Some(oob::StreamEvent::Garbage(k)) => {
+                        noise += k;
+                        continue;
+                    }
+                    Some(oob::StreamEvent::Oversized) => {
+                        noise += 2;
+                        continue;
+                    }
+                    None => continue,
+                };
+                {
+                    if noise > 0 {
+                        return Err(TargetError::Transport(format!(
+                            "{}: {noise} bytes that belong to no frame before the reply {f:02x?}",
+                            self.path
+                        )));
+                    }
                     if i + 1 < n {
                         // Bytes after the reply were not asked for: the next drain
                         // reports them.
