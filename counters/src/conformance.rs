@@ -32,6 +32,11 @@ use std::time::Duration;
 /// Attempts per OOB request (the first try and the retries) before a TRANSPORT fault.
 pub const RETRIES: usize = 3;
 
+/// How many times a PHYSICAL_RESET answered BUSY is asked in all.
+pub const BUSY_TRIES: usize = 5;
+/// The pause before a PHYSICAL_RESET answered BUSY is asked again.
+pub const BUSY_WAIT: Duration = Duration::from_millis(100);
+
 /// Why a target could not do what the suite asked.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum TargetError {
@@ -465,8 +470,28 @@ impl Session<'_> {
         }
     }
 
+    /// A PHYSICAL_RESET. BUSY (the device cannot act now; nothing changed) is asked
+    /// again after [`BUSY_WAIT`], at most [`BUSY_TRIES`] times in all: a device that
+    /// stays busy is a target error, not a property violation.
     fn physical_reset(&mut self, key: [u8; 32]) -> TResult<Response> {
-        self.request(&Request::PhysicalReset(key))
+        for _ in 1..BUSY_TRIES {
+            match self.request(&Request::PhysicalReset(key))? {
+                Response::Error {
+                    code: ErrorCode::Busy,
+                    ..
+                } => std::thread::sleep(BUSY_WAIT),
+                other => return Ok(other),
+            }
+        }
+        match self.request(&Request::PhysicalReset(key))? {
+            Response::Error {
+                code: ErrorCode::Busy,
+                ..
+            } => Err(TargetError::Target(format!(
+                "PHYSICAL_RESET: the device answered BUSY {BUSY_TRIES} times, {BUSY_WAIT:?} apart"
+            ))),
+            other => Ok(other),
+        }
     }
 
     /// A keyed physical reset, with MASTER read around it (for

@@ -30,6 +30,11 @@ enum Shape {
     /// has been idle for the given time: the replies to back-to-back frames arrive
     /// together, the end of one with the start of the next.
     Coalesce(Duration),
+    /// Every other PHYSICAL_RESET is answered BUSY (nothing changed; the protocol's
+    /// error code for a device that cannot act now) and must be asked again.
+    BusyEveryOtherReset,
+    /// Every PHYSICAL_RESET is answered BUSY.
+    AlwaysBusy,
     /// Every byte outside a frame is answered with a BAD_SYNC error frame (the
     /// datasheet: a malformed request, bad sync included, gets an error frame).
     BadSyncPerByte,
@@ -71,6 +76,7 @@ fn serve(dev: Arc<Mutex<Box<dyn Device>>>, shape: Shape) -> PtyDevice {
         let mut buf = [0u8; 256];
         let mut replies = 0usize;
         let mut counter_reads = 0usize;
+        let mut resets = 0usize;
         let mut held: Vec<u8> = Vec::new();
         let mut last_in = Instant::now();
         let put = |m: &mut serialport::TTYPort, bytes: &[u8]| {
@@ -101,6 +107,20 @@ fn serve(dev: Arc<Mutex<Box<dyn Device>>>, shape: Shape) -> PtyDevice {
             for &b in &buf[..n] {
                 let (req, mut out) = match reader.push(b) {
                     Some(StreamEvent::Frame(f)) => {
+                        let reset = f.get(3) == Some(&oob::cmd::PHYSICAL_RESET);
+                        if reset {
+                            resets += 1;
+                        }
+                        let busy = match shape {
+                            Shape::BusyEveryOtherReset => resets % 2 == 1,
+                            Shape::AlwaysBusy => true,
+                            _ => false,
+                        };
+                        if reset && busy {
+                            let out = error_frame(f[2], ErrorCode::Busy, f[3]);
+                            put(&mut master, &out);
+                            continue;
+                        }
                         let out = match dev.lock().unwrap().oob(&f) {
                             Ok(o) => o,
                             Err(_) => continue,
@@ -121,7 +141,10 @@ fn serve(dev: Arc<Mutex<Box<dyn Device>>>, shape: Shape) -> PtyDevice {
                     counter_reads += 1;
                 }
                 match shape {
-                    Shape::Plain | Shape::BadSyncPerByte => put(&mut master, &out),
+                    Shape::Plain
+                    | Shape::BadSyncPerByte
+                    | Shape::BusyEveryOtherReset
+                    | Shape::AlwaysBusy => put(&mut master, &out),
                     Shape::Split { piece, gap } => {
                         for (i, c) in out.chunks(piece).enumerate() {
                             if i > 0 {
@@ -285,6 +308,32 @@ fn a_device_near_the_end_of_its_budget_with_history_passes() {
 #[test]
 fn a_device_answering_every_garbage_byte_with_bad_sync_passes() {
     assert_pass(&run(Shape::BadSyncPerByte, Duration::from_millis(1000)));
+}
+
+#[test]
+fn a_device_busy_at_a_physical_reset_then_ready_passes() {
+    assert_pass(&run(
+        Shape::BusyEveryOtherReset,
+        Duration::from_millis(1000),
+    ));
+}
+
+#[test]
+fn a_device_always_busy_at_a_physical_reset_is_an_error_not_a_fail() {
+    let r = run(Shape::AlwaysBusy, Duration::from_millis(1000));
+    assert_eq!(r.overall, Overall::Error, "{}", r.text());
+    assert_eq!(r.counts.failed, 0, "{}", r.text());
+}
+
+#[test]
+#[ignore = "defect: a correct device of counter width 1 or 2 (the datasheet allows 1..=64) can never PASS: properties need 2 attempts on a region below the fuse, so they are SKIPPED even with the reset key (INCOMPLETE)"]
+fn a_correct_device_of_width_2_passes() {
+    assert_pass(&run_with(
+        model(2),
+        Shape::Plain,
+        Duration::from_millis(1000),
+        &opts(),
+    ));
 }
 
 // ---------------------------------------------------------------- link faults
