@@ -47,6 +47,12 @@ pub enum TargetError {
     /// The target could not carry out an action (a command failed, a backend error).
     #[error("target: {0}")]
     Target(String),
+    /// The device answered a request with a reply that came over the link intact
+    /// (right sequence number, good CRC) but is not an answer to it: a reply of
+    /// another kind, another region's hash, a payload that does not decode. The
+    /// device's fault, not the link's: the property it happened in FAILS.
+    #[error("device: {0}")]
+    Device(String),
 }
 
 /// Result with [`TargetError`].
@@ -430,6 +436,13 @@ impl Session<'_> {
             match oob::decode_response(&out) {
                 Ok((s, resp)) if s == seq => return Ok(resp),
                 Ok((s, _)) => last = format!("reply with sequence {s} to request {seq}"),
+                // Framing and CRC hold, the sequence is this request's: the device
+                // built this reply, the link delivered it intact.
+                Err(e) if matches!(oob::parse_frame(&out), Ok((s, _, _)) if s == seq) => {
+                    return Err(TargetError::Device(format!(
+                        "{what}: an intact reply that does not decode {out:02x?}: {e}"
+                    )))
+                }
                 Err(e) => last = format!("corrupt reply {out:02x?}: {e}"),
             }
             self.faults
@@ -455,7 +468,10 @@ impl Session<'_> {
     fn counters(&mut self) -> TResult<CounterReport> {
         match self.request(&Request::ReadCounters)? {
             Response::Counters(c) => Ok(c),
-            other => Err(TargetError::Target(format!(
+            other @ Response::Error { .. } => Err(TargetError::Target(format!(
+                "READ_COUNTERS answered {other:?}"
+            ))),
+            other => Err(TargetError::Device(format!(
                 "READ_COUNTERS answered {other:?}"
             ))),
         }
@@ -464,7 +480,10 @@ impl Session<'_> {
     fn hash(&mut self, r: Region) -> TResult<[u8; 32]> {
         match self.request(&Request::ReadHash(r))? {
             Response::Hash { sha256, region } if region == r => Ok(sha256),
-            other => Err(TargetError::Target(format!(
+            other @ Response::Error { .. } => Err(TargetError::Target(format!(
+                "READ_HASH {r} answered {other:?}"
+            ))),
+            other => Err(TargetError::Device(format!(
                 "READ_HASH {r} answered {other:?}"
             ))),
         }
@@ -614,6 +633,7 @@ pub fn run(t: &mut dyn ConformanceTarget, opts: &Options) -> Report {
             Ok(Outcome::NotApplicable(why)) => (Status::NotApplicable, vec![why]),
             Err(TargetError::Transport(e)) => (Status::Transport, vec![format!("transport: {e}")]),
             Err(TargetError::Target(e)) => (Status::Error, vec![format!("target error: {e}")]),
+            Err(TargetError::Device(e)) => (Status::Fail, vec![format!("device: {e}")]),
         };
         if evidence.len() > 10 {
             let more = evidence.len() - 8;

@@ -50,6 +50,10 @@ enum Shape {
     // --- device lies on the OOB port ---
     /// Every `n`-th READ_COUNTERS reports the counters and MASTER one lower.
     GlitchLow(usize),
+    /// READ_HASH answered with another region's hash (and that region's number).
+    OtherRegionHash,
+    /// READ_COUNTERS answered with a fuse byte of 2 (intact frame, right sequence).
+    BadFuseByte,
     /// READ_COUNTERS is answered twice with the same sequence number, the second
     /// time with MASTER one higher (two different answers to one question).
     ConflictingDuplicate,
@@ -193,6 +197,26 @@ fn serve(dev: Arc<Mutex<Box<dyn Device>>>, shape: Shape) -> PtyDevice {
                         }
                         put(&mut master, &out);
                     }
+                    Shape::OtherRegionHash => {
+                        if let Ok((seq, Response::Hash { region, .. })) = oob::decode_response(&out)
+                        {
+                            let other = hilrig_device::Region::ALL[(region as usize + 1) % 3];
+                            let nv = dev
+                                .lock()
+                                .unwrap()
+                                .oob(&oob::encode_request(seq, &oob::Request::ReadHash(other)));
+                            out = nv.unwrap_or(out);
+                        }
+                        put(&mut master, &out);
+                    }
+                    Shape::BadFuseByte => {
+                        if let Ok((seq, Response::Counters(_))) = oob::decode_response(&out) {
+                            let mut p = out[4..out.len() - 2].to_vec();
+                            p[16] = 2;
+                            out = oob::frame(seq, out[3], &p);
+                        }
+                        put(&mut master, &out);
+                    }
                     Shape::ConflictingDuplicate => {
                         put(&mut master, &out);
                         if cmd == oob::cmd::READ_COUNTERS {
@@ -273,7 +297,7 @@ fn a_slow_read_hash_within_the_timeout_passes() {
     assert_pass(&run(
         Shape::Slow {
             cmd: oob::cmd::READ_HASH,
-            delay: Duration::from_millis(140),
+            delay: Duration::from_millis(120),
         },
         Duration::from_millis(200),
     ));
@@ -367,6 +391,19 @@ fn oversized_reply_frames_are_transport() {
 fn counters_that_sometimes_read_lower_fail() {
     let r = run(Shape::GlitchLow(7), Duration::from_millis(1000));
     assert_eq!(r.overall, Overall::Fail, "{}", r.text());
+}
+
+#[test]
+fn read_hash_answered_with_another_regions_hash_fails() {
+    let r = run(Shape::OtherRegionHash, Duration::from_millis(1000));
+    assert_eq!(r.overall, Overall::Fail, "{}", r.text());
+}
+
+#[test]
+fn an_intact_reply_that_does_not_decode_fails() {
+    let r = run(Shape::BadFuseByte, Duration::from_millis(1000));
+    assert_eq!(r.overall, Overall::Fail, "{}", r.text());
+    assert!(r.transport_faults.is_empty(), "{}", r.text());
 }
 
 #[test]
