@@ -102,6 +102,11 @@ pub trait ConformanceTarget {
     fn drain(&mut self) -> TResult<usize> {
         Ok(0)
     }
+    /// The complete frames among the bytes the last [`drain`](Self::drain) discarded
+    /// (a stream target; none by default).
+    fn drained_frames(&mut self) -> Vec<Vec<u8>> {
+        Vec::new()
+    }
     /// Make one program or erase attempt on `region`. `accepted = false`: an attempt
     /// the device must refuse (flash controller locked); `true`: a valid, unlocked
     /// command (a program of all-ones bytes, which changes no data). Returns
@@ -396,6 +401,8 @@ struct Session<'a> {
     baseline: Option<[[u8; 32]; 3]>,
     /// Every keyed physical reset the suite made: (MASTER before, MASTER after).
     resets: Vec<(u32, u32)>,
+    /// The last request's sequence number and its reply frame.
+    last_reply: Option<(u8, Vec<u8>)>,
 }
 
 impl Session<'_> {
@@ -412,6 +419,18 @@ impl Session<'_> {
         if n > 0 {
             self.faults
                 .push(format!("{n} stale bytes drained before {what}"));
+        }
+        // A second, intact reply to the last request that says something else: the
+        // link can repeat a frame, it cannot write a new one with a good CRC.
+        let last = self.last_reply.take();
+        if let Some((seq, reply)) = &last {
+            for f in self.t.drained_frames() {
+                if f != *reply && matches!(oob::parse_frame(&f), Ok((q, _, _)) if q == *seq) {
+                    return Err(TargetError::Device(format!(
+                        "the request with sequence {seq} was answered twice, differently: {reply:02x?}, then {f:02x?}"
+                    )));
+                }
+            }
         }
         Ok(())
     }
@@ -434,7 +453,10 @@ impl Session<'_> {
                 Err(e) => return Err(e),
             };
             match oob::decode_response(&out) {
-                Ok((s, resp)) if s == seq => return Ok(resp),
+                Ok((s, resp)) if s == seq => {
+                    self.last_reply = Some((seq, out));
+                    return Ok(resp);
+                }
                 Ok((s, _)) => last = format!("reply with sequence {s} to request {seq}"),
                 // Framing and CRC hold, the sequence is this request's: the device
                 // built this reply, the link delivered it intact.
@@ -587,6 +609,7 @@ pub fn run(t: &mut dyn ConformanceTarget, opts: &Options) -> Report {
         faults: Vec::new(),
         baseline: None,
         resets: Vec::new(),
+        last_reply: None,
     };
     let mut plan = Vec::new();
     let mut results = Vec::new();
@@ -1629,6 +1652,8 @@ pub struct SerialTarget {
     actuator: Box<dyn Actuator>,
     timeout: Duration,
     reader: oob::FrameReader,
+    /// Complete frames among the bytes the last drain discarded.
+    drained: Vec<Vec<u8>>,
 }
 
 impl SerialTarget {
@@ -1671,6 +1696,7 @@ impl SerialTarget {
             actuator,
             timeout,
             reader: oob::FrameReader::default(),
+            drained: Vec::new(),
         })
     }
 
@@ -1778,14 +1804,27 @@ impl ConformanceTarget for SerialTarget {
         let mut buf = [0u8; 256];
         let mut quiet_since = std::time::Instant::now();
         let hard = quiet_since + self.timeout.max(Duration::from_millis(200));
+        let mut frames = oob::FrameReader::default();
+        self.drained.clear();
         while quiet_since.elapsed() < DRAIN_QUIET && std::time::Instant::now() < hard {
             let n = self.read_some(&mut buf)?;
             if n > 0 {
                 total += n;
                 quiet_since = std::time::Instant::now();
+                for &b in &buf[..n] {
+                    if let Some(oob::StreamEvent::Frame(f)) = frames.push(b) {
+                        // Bounded: a drain lasts at most its hard limit.
+                        if self.drained.len() < 64 {
+                            self.drained.push(f);
+                        }
+                    }
+                }
             }
         }
         Ok(total)
+    }
+    fn drained_frames(&mut self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.drained)
     }
     fn attempt(
         &mut self,

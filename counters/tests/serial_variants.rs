@@ -407,7 +407,14 @@ fn an_intact_reply_that_does_not_decode_fails() {
 }
 
 #[test]
-fn two_different_answers_to_one_request_are_not_pass() {
+fn two_different_answers_to_one_request_fail() {
     let r = run(Shape::ConflictingDuplicate, Duration::from_millis(1000));
-    assert_ne!(r.overall, Overall::Pass, "{}", r.text());
+    assert_eq!(r.overall, Overall::Fail, "{}", r.text());
+    assert!(
+        r.results
+            .iter()
+            .any(|p| p.evidence.iter().any(|e| e.contains("answered twice"))),
+        "{}",
+        r.text()
+    );
 }
