@@ -304,6 +304,17 @@ fn a_slow_read_hash_within_the_timeout_passes() {
 }
 
 #[test]
+fn a_device_slow_on_every_request_within_the_timeout_passes() {
+    assert_pass(&run(
+        Shape::Slow {
+            cmd: 0,
+            delay: Duration::from_millis(60),
+        },
+        Duration::from_millis(150),
+    ));
+}
+
+#[test]
 fn a_device_at_the_widest_budget_passes() {
     assert_pass(&run_with(
         model(64),
