@@ -32,6 +32,11 @@ use std::time::Duration;
 /// Attempts per OOB request (the first try and the retries) before a TRANSPORT fault.
 pub const RETRIES: usize = 3;
 
+/// How many times a PHYSICAL_RESET answered BUSY is asked in all.
+pub const BUSY_TRIES: usize = 5;
+/// The pause before a PHYSICAL_RESET answered BUSY is asked again.
+pub const BUSY_WAIT: Duration = Duration::from_millis(100);
+
 /// Why a target could not do what the suite asked.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum TargetError {
@@ -42,6 +47,12 @@ pub enum TargetError {
     /// The target could not carry out an action (a command failed, a backend error).
     #[error("target: {0}")]
     Target(String),
+    /// The device answered a request with a reply that came over the link intact
+    /// (right sequence number, good CRC) but is not an answer to it: a reply of
+    /// another kind, another region's hash, a payload that does not decode. The
+    /// device's fault, not the link's: the property it happened in FAILS.
+    #[error("device: {0}")]
+    Device(String),
 }
 
 /// Result with [`TargetError`].
@@ -90,6 +101,11 @@ pub trait ConformanceTarget {
     /// Discard input that arrived unasked; returns the number of bytes discarded.
     fn drain(&mut self) -> TResult<usize> {
         Ok(0)
+    }
+    /// The complete frames among the bytes the last [`drain`](Self::drain) discarded
+    /// (a stream target; none by default).
+    fn drained_frames(&mut self) -> Vec<Vec<u8>> {
+        Vec::new()
     }
     /// Make one program or erase attempt on `region`. `accepted = false`: an attempt
     /// the device must refuse (flash controller locked); `true`: a valid, unlocked
@@ -371,6 +387,7 @@ fn cost(name: &str) -> [u32; 3] {
         "master" => [1, 1, 2],
         "persistence" => [1, 1, 1],
         "master-across-physical-reset" => [0, 0, 1],
+        "oob-equals-inband" => [1, 1, 1],
         _ => [0, 0, 0],
     }
 }
@@ -384,6 +401,8 @@ struct Session<'a> {
     baseline: Option<[[u8; 32]; 3]>,
     /// Every keyed physical reset the suite made: (MASTER before, MASTER after).
     resets: Vec<(u32, u32)>,
+    /// The last request's sequence number and its reply frame.
+    last_reply: Option<(u8, Vec<u8>)>,
 }
 
 impl Session<'_> {
@@ -400,6 +419,18 @@ impl Session<'_> {
         if n > 0 {
             self.faults
                 .push(format!("{n} stale bytes drained before {what}"));
+        }
+        // A second, intact reply to the last request that says something else: the
+        // link can repeat a frame, it cannot write a new one with a good CRC.
+        let last = self.last_reply.take();
+        if let Some((seq, reply)) = &last {
+            for f in self.t.drained_frames() {
+                if f != *reply && matches!(oob::parse_frame(&f), Ok((q, _, _)) if q == *seq) {
+                    return Err(TargetError::Device(format!(
+                        "the request with sequence {seq} was answered twice, differently: {reply:02x?}, then {f:02x?}"
+                    )));
+                }
+            }
         }
         Ok(())
     }
@@ -422,8 +453,18 @@ impl Session<'_> {
                 Err(e) => return Err(e),
             };
             match oob::decode_response(&out) {
-                Ok((s, resp)) if s == seq => return Ok(resp),
+                Ok((s, resp)) if s == seq => {
+                    self.last_reply = Some((seq, out));
+                    return Ok(resp);
+                }
                 Ok((s, _)) => last = format!("reply with sequence {s} to request {seq}"),
+                // Framing and CRC hold, the sequence is this request's: the device
+                // built this reply, the link delivered it intact.
+                Err(e) if matches!(oob::parse_frame(&out), Ok((s, _, _)) if s == seq) => {
+                    return Err(TargetError::Device(format!(
+                        "{what}: an intact reply that does not decode {out:02x?}: {e}"
+                    )))
+                }
                 Err(e) => last = format!("corrupt reply {out:02x?}: {e}"),
             }
             self.faults
@@ -449,7 +490,10 @@ impl Session<'_> {
     fn counters(&mut self) -> TResult<CounterReport> {
         match self.request(&Request::ReadCounters)? {
             Response::Counters(c) => Ok(c),
-            other => Err(TargetError::Target(format!(
+            other @ Response::Error { .. } => Err(TargetError::Target(format!(
+                "READ_COUNTERS answered {other:?}"
+            ))),
+            other => Err(TargetError::Device(format!(
                 "READ_COUNTERS answered {other:?}"
             ))),
         }
@@ -458,14 +502,37 @@ impl Session<'_> {
     fn hash(&mut self, r: Region) -> TResult<[u8; 32]> {
         match self.request(&Request::ReadHash(r))? {
             Response::Hash { sha256, region } if region == r => Ok(sha256),
-            other => Err(TargetError::Target(format!(
+            other @ Response::Error { .. } => Err(TargetError::Target(format!(
+                "READ_HASH {r} answered {other:?}"
+            ))),
+            other => Err(TargetError::Device(format!(
                 "READ_HASH {r} answered {other:?}"
             ))),
         }
     }
 
+    /// A PHYSICAL_RESET. BUSY (the device cannot act now; nothing changed) is asked
+    /// again after [`BUSY_WAIT`], at most [`BUSY_TRIES`] times in all: a device that
+    /// stays busy is a target error, not a property violation.
     fn physical_reset(&mut self, key: [u8; 32]) -> TResult<Response> {
-        self.request(&Request::PhysicalReset(key))
+        for _ in 1..BUSY_TRIES {
+            match self.request(&Request::PhysicalReset(key))? {
+                Response::Error {
+                    code: ErrorCode::Busy,
+                    ..
+                } => std::thread::sleep(BUSY_WAIT),
+                other => return Ok(other),
+            }
+        }
+        match self.request(&Request::PhysicalReset(key))? {
+            Response::Error {
+                code: ErrorCode::Busy,
+                ..
+            } => Err(TargetError::Target(format!(
+                "PHYSICAL_RESET: the device answered BUSY {BUSY_TRIES} times, {BUSY_WAIT:?} apart"
+            ))),
+            other => Ok(other),
+        }
     }
 
     /// A keyed physical reset, with MASTER read around it (for
@@ -542,6 +609,7 @@ pub fn run(t: &mut dyn ConformanceTarget, opts: &Options) -> Report {
         faults: Vec::new(),
         baseline: None,
         resets: Vec::new(),
+        last_reply: None,
     };
     let mut plan = Vec::new();
     let mut results = Vec::new();
@@ -588,6 +656,7 @@ pub fn run(t: &mut dyn ConformanceTarget, opts: &Options) -> Report {
             Ok(Outcome::NotApplicable(why)) => (Status::NotApplicable, vec![why]),
             Err(TargetError::Transport(e)) => (Status::Transport, vec![format!("transport: {e}")]),
             Err(TargetError::Target(e)) => (Status::Error, vec![format!("target error: {e}")]),
+            Err(TargetError::Device(e)) => (Status::Fail, vec![format!("device: {e}")]),
         };
         if evidence.len() > 10 {
             let more = evidence.len() - 8;
@@ -700,6 +769,11 @@ fn run_one(
             ))
         }
         _ => {}
+    }
+    if name == "oob-equals-inband" && s.t.inband().is_none() {
+        return Ok(Outcome::NotApplicable(
+            "the target has no in-band register view".into(),
+        ));
     }
     if cost(name) != [0, 0, 0] {
         if let Some(why) = fit(s, name, opts, plan)? {
@@ -1016,6 +1090,7 @@ fn p_no_decrement(s: &mut Session, opts: &Options) -> TResult<Outcome> {
     for g in &garbage {
         s.t.oob_send(g)?;
     }
+    let garbage_bytes: usize = garbage.iter().map(Vec::len).sum();
     // Answers to garbage are not stale replies to a request: skip them up to the
     // reply to a marker request (a slow device answers a cut frame only after its
     // inter-byte timeout, and a simulated one takes its time over the bytes).
@@ -1027,7 +1102,8 @@ fn p_no_decrement(s: &mut Session, opts: &Options) -> TResult<Outcome> {
             break;
         }
         skipped += 1;
-        if skipped > 4 * garbage.len() + 8 {
+        // A device may answer every garbage byte with its own BAD_SYNC error frame.
+        if skipped > garbage_bytes + 4 * garbage.len() + 8 {
             return Err(TargetError::Transport(format!(
                 "{skipped} frames after the garbage and no reply to the marker request"
             )));
@@ -1057,18 +1133,44 @@ fn p_inband(s: &mut Session) -> TResult<Outcome> {
             "the target has no in-band register view".into(),
         ));
     };
-    let ib = ib?;
-    let o = s.counters()?;
-    let ib2 = match s.t.inband() {
-        Some(x) => x?,
-        None => ib,
-    };
-    let ev = vec![format!("OOB {} / in-band {}", show(&o), show(&ib))];
-    Ok(Outcome::Ran(if ib == o && ib2 == o {
-        Ok(ev)
-    } else {
-        Err(ev)
-    }))
+    let mut ev = Vec::new();
+    let mut bad = Vec::new();
+    let mut first = Some(ib);
+    // At rest, then after a refused attempt on each region: in-band registers that
+    // only catch up at a reset agree at rest and lag after an attempt.
+    for step in [
+        None,
+        Some(Region::Vbios),
+        Some(Region::Firmware),
+        Some(Region::Config),
+    ] {
+        if let Some(r) = step {
+            s.t.attempt(r, AttemptKind::Erase, false)?;
+        }
+        let what = match step {
+            None => "at rest".to_string(),
+            Some(r) => format!("after a refused erase of {r}"),
+        };
+        let ib = match first.take() {
+            Some(x) => x?,
+            None => match s.t.inband() {
+                Some(x) => x?,
+                None => break,
+            },
+        };
+        let o = s.counters()?;
+        let ib2 = match s.t.inband() {
+            Some(x) => x?,
+            None => ib,
+        };
+        let line = format!("{what}: OOB {} / in-band {}", show(&o), show(&ib));
+        if ib == o && ib2 == o {
+            ev.push(line);
+        } else {
+            bad.push(line);
+        }
+    }
+    Ok(verdict(ev, bad))
 }
 
 fn p_fuse(s: &mut Session, opts: &Options, plan: &mut Vec<String>) -> TResult<Outcome> {
@@ -1550,6 +1652,8 @@ pub struct SerialTarget {
     actuator: Box<dyn Actuator>,
     timeout: Duration,
     reader: oob::FrameReader,
+    /// Complete frames among the bytes the last drain discarded.
+    drained: Vec<Vec<u8>>,
 }
 
 impl SerialTarget {
@@ -1592,6 +1696,7 @@ impl SerialTarget {
             actuator,
             timeout,
             reader: oob::FrameReader::default(),
+            drained: Vec::new(),
         })
     }
 
@@ -1634,10 +1739,31 @@ impl ConformanceTarget for SerialTarget {
         let deadline = std::time::Instant::now() + self.timeout;
         let mut reader = oob::FrameReader::default();
         let mut buf = [0u8; 64];
+        // Bytes that belong to no frame (noise, an oversized frame's header) before
+        // the reply: the line is not clean, even if a good reply follows.
+        let mut noise = 0usize;
         while std::time::Instant::now() < deadline {
             let n = self.read_some(&mut buf)?;
             for (i, &b) in buf[..n].iter().enumerate() {
-                if let Some(oob::StreamEvent::Frame(f)) = reader.push(b) {
+                let f = match reader.push(b) {
+                    Some(oob::StreamEvent::Frame(f)) => f,
+                    Some(oob::StreamEvent::Garbage(k)) => {
+                        noise += k;
+                        continue;
+                    }
+                    Some(oob::StreamEvent::Oversized) => {
+                        noise += 2;
+                        continue;
+                    }
+                    None => continue,
+                };
+                {
+                    if noise > 0 {
+                        return Err(TargetError::Transport(format!(
+                            "{}: {noise} bytes that belong to no frame before the reply {f:02x?}",
+                            self.path
+                        )));
+                    }
                     if i + 1 < n {
                         // Bytes after the reply were not asked for: the next drain
                         // reports them.
@@ -1678,14 +1804,27 @@ impl ConformanceTarget for SerialTarget {
         let mut buf = [0u8; 256];
         let mut quiet_since = std::time::Instant::now();
         let hard = quiet_since + self.timeout.max(Duration::from_millis(200));
+        let mut frames = oob::FrameReader::default();
+        self.drained.clear();
         while quiet_since.elapsed() < DRAIN_QUIET && std::time::Instant::now() < hard {
             let n = self.read_some(&mut buf)?;
             if n > 0 {
                 total += n;
                 quiet_since = std::time::Instant::now();
+                for &b in &buf[..n] {
+                    if let Some(oob::StreamEvent::Frame(f)) = frames.push(b) {
+                        // Bounded: a drain lasts at most its hard limit.
+                        if self.drained.len() < 64 {
+                            self.drained.push(f);
+                        }
+                    }
+                }
             }
         }
         Ok(total)
+    }
+    fn drained_frames(&mut self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.drained)
     }
     fn attempt(
         &mut self,

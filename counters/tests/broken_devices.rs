@@ -3,32 +3,20 @@
 //! suite must FAIL it on the named property, or end as TRANSPORT for a link fault,
 //! and must PASS the correct device.
 
-use hilrig_counters::conformance::{
-    self, DeviceActuator, Options, Overall, Report, SerialTarget, Status,
-};
+mod pty;
+
+use hilrig_counters::conformance::{self, Options, Overall, Report, Status};
 use hilrig_device::oob::{self, FrameReader, Request, Response, StreamEvent};
 use hilrig_device::regmap::{
     Reg, FLASH_CMD_ERASE, FLASH_CMD_PROGRAM, FLASH_STATUS_DONE, FLASH_STATUS_UNLOCKED, UNLOCK_KEY1,
     UNLOCK_KEY2,
 };
-use hilrig_device::{Device, DeviceConfig, DeviceError, Model, NvState, ResetKind};
+use hilrig_device::{Device, DeviceError, Model, NvState, ResetKind};
+use pty::{nv, opts, spawn_pty, PtyDevice};
 use std::io::{Read, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-const SERIAL: u64 = 0xc0f;
-
-fn nv(width: u8) -> NvState {
-    NvState::factory(DeviceConfig::with_width(width), SERIAL).unwrap()
-}
-
-fn opts() -> Options {
-    Options {
-        burn_fuse: true,
-        reset_key: Some(hilrig_device::state::dev_keys(SERIAL).1),
-    }
-}
 
 /// How a device is broken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +47,9 @@ enum Class {
     ClearedByRegisterWrite,
     /// A physical reset with a wrong key is carried out.
     AcceptsWrongResetKey,
+    /// The in-band counters page is a copy taken at the last reset: the OOB port is
+    /// right, the registers lag after an attempt and agree again after a reset.
+    StaleInband,
 }
 
 struct Broken {
@@ -68,6 +59,7 @@ struct Broken {
     lie: [bool; 3],
     pending: Option<NvState>,
     cache: Option<Vec<u8>>,
+    inband_cache: Option<[u32; 4]>,
     durable: NvState,
 }
 
@@ -81,6 +73,7 @@ impl Broken {
             lie: [false; 3],
             pending: None,
             cache: None,
+            inband_cache: None,
             durable: n,
         }
     }
@@ -109,6 +102,20 @@ impl Device for Broken {
     fn read_word(&mut self, w: u32, m: u8) -> Result<u32, DeviceError> {
         if w == Reg::FlashStatus.offset() {
             self.pending = None; // the command completed: counted now
+        }
+        let page = Reg::Counter.offset()..Reg::Counter.offset() + 16;
+        if self.class == Class::StaleInband && page.contains(&w) {
+            let snap = match self.inband_cache {
+                Some(s) => s,
+                None => {
+                    let mut s = [0u32; 4];
+                    for (i, x) in (0u32..).zip(s.iter_mut()) {
+                        *x = self.inner.read_word(page.start + 4 * i, 0xf)?;
+                    }
+                    *self.inband_cache.insert(s)
+                }
+            };
+            return Ok(snap[((w - page.start) / 4) as usize]);
         }
         self.inner.read_word(w, m)
     }
@@ -189,6 +196,7 @@ impl Device for Broken {
 
     fn reset(&mut self, k: ResetKind) -> Result<(), DeviceError> {
         self.cache = None;
+        self.inband_cache = None;
         if k == ResetKind::PowerCycle {
             if let Some(pre) = self.pending.take() {
                 // Acted, never counted.
@@ -263,31 +271,8 @@ enum Link {
     Corrupt,
 }
 
-/// The device's OOB port on a PTY, served by a thread.
-struct PtyDevice {
-    path: String,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for PtyDevice {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 fn serve(dev: Arc<Mutex<Box<dyn Device>>>, link: Link) -> PtyDevice {
-    use serialport::SerialPort;
-    let (mut master, slave) = serialport::TTYPort::pair().expect("a PTY pair");
-    master.set_timeout(Duration::from_millis(5)).unwrap();
-    let path = slave.name().expect("the PTY's path");
-    let stop = Arc::new(AtomicBool::new(false));
-    let st = stop.clone();
-    let thread = std::thread::spawn(move || {
-        let _slave = slave;
+    spawn_pty(Duration::from_millis(5), move |mut master, st| {
         let mut reader = FrameReader::default();
         let mut buf = [0u8; 256];
         while !st.load(Ordering::Relaxed) {
@@ -323,27 +308,13 @@ fn serve(dev: Arc<Mutex<Box<dyn Device>>>, link: Link) -> PtyDevice {
                 let _ = master.flush();
             }
         }
-    });
-    PtyDevice {
-        path,
-        stop,
-        thread: Some(thread),
-    }
+    })
 }
 
 fn run_over_pty(dev: Box<dyn Device>, link: Link, timeout: Duration, o: &Options) -> Report {
     let dev = Arc::new(Mutex::new(dev));
     let pty = serve(dev.clone(), link);
-    let mut t = SerialTarget::with_actuator(
-        &pty.path,
-        115_200,
-        timeout,
-        Box::new(DeviceActuator { dev }),
-    )
-    .unwrap();
-    let r = conformance::run(&mut t, o);
-    println!("{}", r.text());
-    r
+    pty::run_suite(dev, &pty, timeout, o, &format!("{link:?}"))
 }
 
 fn broken(class: Class, width: u8) -> Report {
@@ -481,6 +452,11 @@ fn counters_cleared_by_a_register_write() {
 #[test]
 fn a_physical_reset_with_a_wrong_key_is_carried_out() {
     assert_caught(Class::AcceptsWrongResetKey, "no-decrement");
+}
+
+#[test]
+fn in_band_registers_that_lag_the_oob_port() {
+    assert_caught(Class::StaleInband, "oob-equals-inband");
 }
 
 fn transport(link: Link, timeout: Duration) {

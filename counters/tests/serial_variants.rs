@@ -1,0 +1,431 @@
+//! Device variants over a PTY, as an independent tester would bring them: byte-level
+//! peers that answer the suite's OOB requests with the reference model, shaped the way
+//! a real vendor device (or its USB-serial bridge) may legitimately shape them, and
+//! hostile or broken ones. A correct device must PASS; a device that lies must FAIL;
+//! a link fault must be TRANSPORT (never FAIL); nothing may panic or hang.
+
+mod pty;
+
+use hilrig_counters::conformance::{Options, Overall, Report};
+use hilrig_device::oob::{self, CounterReport, ErrorCode, FrameReader, Response, StreamEvent};
+use hilrig_device::{Device, Model};
+use pty::{nv, opts, spawn_pty, PtyDevice};
+use std::io::{Read, Write};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How the peer puts its replies on the line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// One write per reply, at once.
+    Plain,
+    /// Each reply in pieces of `piece` bytes with `gap` between them (a slow MCU
+    /// writing its UART FIFO, a USB-serial bridge's latency timer).
+    Split { piece: usize, gap: Duration },
+    /// Replies to requests with command `cmd` (0: every request) come after `delay`
+    /// (hashing a flash region on a slow MCU), within the suite's timeout.
+    Slow { cmd: u8, delay: Duration },
+    /// Replies are held while input keeps coming and sent in one burst once the line
+    /// has been idle for the given time: the replies to back-to-back frames arrive
+    /// together, the end of one with the start of the next.
+    Coalesce(Duration),
+    /// Every other PHYSICAL_RESET is answered BUSY (nothing changed; the protocol's
+    /// error code for a device that cannot act now) and must be asked again.
+    BusyEveryOtherReset,
+    /// Every PHYSICAL_RESET is answered BUSY.
+    AlwaysBusy,
+    /// Every byte outside a frame is answered with a BAD_SYNC error frame (the
+    /// datasheet: a malformed request, bad sync included, gets an error frame).
+    BadSyncPerByte,
+    // --- link faults ---
+    /// Line noise (and an oversized frame header) before every reply.
+    NoiseBefore,
+    /// Every `n`-th reply stops half way: the device goes silent mid-reply.
+    SilentMidReply(usize),
+    /// After `n` replies the device never answers again.
+    SilentAfter(usize),
+    /// Every `n`-th reply is replaced by a frame announcing a 200-byte payload.
+    OversizedReply(usize),
+    // --- device lies on the OOB port ---
+    /// Every `n`-th READ_COUNTERS reports the counters and MASTER one lower.
+    GlitchLow(usize),
+    /// READ_HASH answered with another region's hash (and that region's number).
+    OtherRegionHash,
+    /// READ_COUNTERS answered with a fuse byte of 2 (intact frame, right sequence).
+    BadFuseByte,
+    /// READ_COUNTERS is answered twice with the same sequence number, the second
+    /// time with MASTER one higher (two different answers to one question).
+    ConflictingDuplicate,
+}
+
+fn error_frame(seq: u8, code: ErrorCode, request: u8) -> Vec<u8> {
+    oob::encode_response(seq, &Response::Error { code, request })
+}
+
+/// A READ_COUNTERS reply with its report changed by `f` (other replies unchanged).
+fn edit_counters(out: &[u8], f: impl FnOnce(&mut CounterReport)) -> Vec<u8> {
+    match oob::decode_response(out) {
+        Ok((seq, Response::Counters(mut c))) => {
+            f(&mut c);
+            oob::encode_response(seq, &Response::Counters(c))
+        }
+        _ => out.to_vec(),
+    }
+}
+
+fn serve(dev: Arc<Mutex<Box<dyn Device>>>, shape: Shape) -> PtyDevice {
+    spawn_pty(Duration::from_millis(2), move |mut master, st| {
+        let mut reader = FrameReader::default();
+        let mut buf = [0u8; 256];
+        let mut replies = 0usize;
+        let mut counter_reads = 0usize;
+        let mut resets = 0usize;
+        let mut held: Vec<u8> = Vec::new();
+        let mut last_in = Instant::now();
+        let put = |m: &mut serialport::TTYPort, bytes: &[u8]| {
+            let _ = m.write_all(bytes);
+            let _ = m.flush();
+        };
+        while !st.load(Ordering::Relaxed) {
+            let n: usize = master.read(&mut buf).unwrap_or_default();
+            if n == 0 {
+                if let Shape::Coalesce(idle) = shape {
+                    if !held.is_empty() && last_in.elapsed() >= idle {
+                        let b = std::mem::take(&mut held);
+                        put(&mut master, &b);
+                    }
+                }
+                if reader.pending() > 0 && last_in.elapsed() > oob::INTER_BYTE_TIMEOUT {
+                    let p = reader.take_partial();
+                    let f = error_frame(
+                        p.get(2).copied().unwrap_or(0),
+                        ErrorCode::Truncated,
+                        p.get(3).copied().unwrap_or(0),
+                    );
+                    put(&mut master, &f);
+                }
+                continue;
+            }
+            last_in = Instant::now();
+            for &b in &buf[..n] {
+                let (req, mut out) = match reader.push(b) {
+                    Some(StreamEvent::Frame(f)) => {
+                        let reset = f.get(3) == Some(&oob::cmd::PHYSICAL_RESET);
+                        if reset {
+                            resets += 1;
+                        }
+                        let busy = match shape {
+                            Shape::BusyEveryOtherReset => resets % 2 == 1,
+                            Shape::AlwaysBusy => true,
+                            _ => false,
+                        };
+                        if reset && busy {
+                            let out = error_frame(f[2], ErrorCode::Busy, f[3]);
+                            put(&mut master, &out);
+                            continue;
+                        }
+                        let out = match dev.lock().unwrap().oob(&f) {
+                            Ok(o) => o,
+                            Err(_) => continue,
+                        };
+                        (f, out)
+                    }
+                    Some(StreamEvent::Oversized) => {
+                        (Vec::new(), error_frame(0, ErrorCode::Oversized, 0))
+                    }
+                    Some(StreamEvent::Garbage(_)) if shape == Shape::BadSyncPerByte => {
+                        (Vec::new(), error_frame(0, ErrorCode::BadSync, 0))
+                    }
+                    Some(StreamEvent::Garbage(_)) | None => continue,
+                };
+                let cmd = req.get(3).copied().unwrap_or(0);
+                replies += 1;
+                if cmd == oob::cmd::READ_COUNTERS {
+                    counter_reads += 1;
+                }
+                match shape {
+                    Shape::Plain
+                    | Shape::BadSyncPerByte
+                    | Shape::BusyEveryOtherReset
+                    | Shape::AlwaysBusy => put(&mut master, &out),
+                    Shape::Split { piece, gap } => {
+                        for (i, c) in out.chunks(piece).enumerate() {
+                            if i > 0 {
+                                std::thread::sleep(gap);
+                            }
+                            put(&mut master, c);
+                        }
+                    }
+                    Shape::Slow { cmd: c, delay } => {
+                        if c == 0 || c == cmd {
+                            std::thread::sleep(delay);
+                        }
+                        put(&mut master, &out);
+                    }
+                    Shape::Coalesce(_) => held.extend_from_slice(&out),
+                    Shape::NoiseBefore => {
+                        put(&mut master, &[0x00, 0x13, 0xff, oob::SYNC, 0xc8, 0x00]);
+                        put(&mut master, &out);
+                    }
+                    Shape::SilentMidReply(k) => {
+                        if replies % k == 0 {
+                            out.truncate(out.len() / 2);
+                        }
+                        put(&mut master, &out);
+                    }
+                    Shape::SilentAfter(k) => {
+                        if replies <= k {
+                            put(&mut master, &out);
+                        }
+                    }
+                    Shape::OversizedReply(k) => {
+                        if replies % k == 0 {
+                            out = vec![oob::SYNC, 200];
+                            out.extend_from_slice(&[0x5a; 204]);
+                        }
+                        put(&mut master, &out);
+                    }
+                    Shape::GlitchLow(k) => {
+                        if cmd == oob::cmd::READ_COUNTERS && counter_reads % k == 0 {
+                            out = edit_counters(&out, |c| {
+                                for x in c.counters.iter_mut() {
+                                    *x = x.saturating_sub(1);
+                                }
+                                c.master = c.master.saturating_sub(1);
+                            });
+                        }
+                        put(&mut master, &out);
+                    }
+                    Shape::OtherRegionHash => {
+                        if let Ok((seq, Response::Hash { region, .. })) = oob::decode_response(&out)
+                        {
+                            let other = hilrig_device::Region::ALL[(region as usize + 1) % 3];
+                            let nv = dev
+                                .lock()
+                                .unwrap()
+                                .oob(&oob::encode_request(seq, &oob::Request::ReadHash(other)));
+                            out = nv.unwrap_or(out);
+                        }
+                        put(&mut master, &out);
+                    }
+                    Shape::BadFuseByte => {
+                        if let Ok((seq, Response::Counters(_))) = oob::decode_response(&out) {
+                            let mut p = out[4..out.len() - 2].to_vec();
+                            p[16] = 2;
+                            out = oob::frame(seq, out[3], &p);
+                        }
+                        put(&mut master, &out);
+                    }
+                    Shape::ConflictingDuplicate => {
+                        put(&mut master, &out);
+                        if cmd == oob::cmd::READ_COUNTERS {
+                            let other = edit_counters(&out, |c| c.master += 1);
+                            std::thread::sleep(Duration::from_millis(5));
+                            put(&mut master, &other);
+                        }
+                    }
+                }
+            }
+        }
+    })
+}
+
+fn run_with(dev: Box<dyn Device>, shape: Shape, timeout: Duration, o: &Options) -> Report {
+    let dev = Arc::new(Mutex::new(dev));
+    let peer = serve(dev.clone(), shape);
+    pty::run_suite(dev, &peer, timeout, o, &format!("{shape:?}"))
+}
+
+fn model(width: u8) -> Box<dyn Device> {
+    Box::new(Model::new(nv(width)).unwrap())
+}
+
+fn run(shape: Shape, timeout: Duration) -> Report {
+    run_with(model(8), shape, timeout, &opts())
+}
+
+fn assert_pass(r: &Report) {
+    assert_eq!(r.overall, Overall::Pass, "{}", r.text());
+    assert!(r.transport_faults.is_empty(), "{}", r.text());
+}
+
+fn assert_transport(r: &Report) {
+    assert_eq!(r.overall, Overall::Transport, "{}", r.text());
+    assert_eq!(
+        r.counts.failed,
+        0,
+        "a link fault is not a FAIL\n{}",
+        r.text()
+    );
+}
+
+// ---------------------------------------------------------------- correct devices
+
+#[test]
+fn replies_split_into_pieces_with_gaps_pass() {
+    assert_pass(&run(
+        Shape::Split {
+            piece: 5,
+            gap: Duration::from_millis(4),
+        },
+        Duration::from_millis(1000),
+    ));
+}
+
+#[test]
+fn replies_byte_by_byte_pass() {
+    assert_pass(&run(
+        Shape::Split {
+            piece: 1,
+            gap: Duration::from_millis(1),
+        },
+        Duration::from_millis(1000),
+    ));
+}
+
+#[test]
+fn replies_coalesced_into_one_burst_pass() {
+    assert_pass(&run(
+        Shape::Coalesce(Duration::from_millis(20)),
+        Duration::from_millis(1000),
+    ));
+}
+
+#[test]
+fn a_slow_read_hash_within_the_timeout_passes() {
+    assert_pass(&run(
+        Shape::Slow {
+            cmd: oob::cmd::READ_HASH,
+            delay: Duration::from_millis(120),
+        },
+        Duration::from_millis(200),
+    ));
+}
+
+#[test]
+fn a_device_slow_on_every_request_within_the_timeout_passes() {
+    assert_pass(&run(
+        Shape::Slow {
+            cmd: 0,
+            delay: Duration::from_millis(60),
+        },
+        Duration::from_millis(150),
+    ));
+}
+
+#[test]
+fn a_device_at_the_widest_budget_passes() {
+    assert_pass(&run_with(
+        model(64),
+        Shape::Plain,
+        Duration::from_millis(1000),
+        &opts(),
+    ));
+}
+
+#[test]
+fn a_device_near_the_end_of_its_budget_with_history_passes() {
+    // A device from the field: several physical resets behind it, MASTER large, one
+    // slot left on FIRMWARE.
+    let mut n = nv(8);
+    n.epoch = 1_000_000;
+    n.master = 3_000_000_000;
+    n.counters = [0b11, (1 << 7) - 1, 0];
+    assert_pass(&run_with(
+        Box::new(Model::new(n).unwrap()),
+        Shape::Plain,
+        Duration::from_millis(1000),
+        &opts(),
+    ));
+}
+
+#[test]
+fn a_device_answering_every_garbage_byte_with_bad_sync_passes() {
+    assert_pass(&run(Shape::BadSyncPerByte, Duration::from_millis(1000)));
+}
+
+#[test]
+fn a_device_busy_at_a_physical_reset_then_ready_passes() {
+    assert_pass(&run(
+        Shape::BusyEveryOtherReset,
+        Duration::from_millis(1000),
+    ));
+}
+
+#[test]
+fn a_device_always_busy_at_a_physical_reset_is_an_error_not_a_fail() {
+    let r = run(Shape::AlwaysBusy, Duration::from_millis(1000));
+    assert_eq!(r.overall, Overall::Error, "{}", r.text());
+    assert_eq!(r.counts.failed, 0, "{}", r.text());
+}
+
+#[test]
+#[ignore = "defect: a correct device of counter width 1 or 2 (the datasheet allows 1..=64) can never PASS: properties need 2 attempts on a region below the fuse, so they are SKIPPED even with the reset key (INCOMPLETE)"]
+fn a_correct_device_of_width_2_passes() {
+    assert_pass(&run_with(
+        model(2),
+        Shape::Plain,
+        Duration::from_millis(1000),
+        &opts(),
+    ));
+}
+
+// ---------------------------------------------------------------- link faults
+
+#[test]
+fn noise_before_every_reply_is_transport() {
+    assert_transport(&run(Shape::NoiseBefore, Duration::from_millis(300)));
+}
+
+#[test]
+fn a_device_silent_mid_reply_is_transport() {
+    assert_transport(&run(Shape::SilentMidReply(17), Duration::from_millis(150)));
+}
+
+#[test]
+fn a_device_that_goes_silent_is_transport_in_bounded_time() {
+    let t0 = Instant::now();
+    let r = run(Shape::SilentAfter(20), Duration::from_millis(100));
+    assert_transport(&r);
+    assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
+}
+
+#[test]
+fn oversized_reply_frames_are_transport() {
+    assert_transport(&run(Shape::OversizedReply(13), Duration::from_millis(150)));
+}
+
+// ---------------------------------------------------------------- lying devices
+
+#[test]
+fn counters_that_sometimes_read_lower_fail() {
+    let r = run(Shape::GlitchLow(7), Duration::from_millis(1000));
+    assert_eq!(r.overall, Overall::Fail, "{}", r.text());
+}
+
+#[test]
+fn read_hash_answered_with_another_regions_hash_fails() {
+    let r = run(Shape::OtherRegionHash, Duration::from_millis(1000));
+    assert_eq!(r.overall, Overall::Fail, "{}", r.text());
+}
+
+#[test]
+fn an_intact_reply_that_does_not_decode_fails() {
+    let r = run(Shape::BadFuseByte, Duration::from_millis(1000));
+    assert_eq!(r.overall, Overall::Fail, "{}", r.text());
+    assert!(r.transport_faults.is_empty(), "{}", r.text());
+}
+
+#[test]
+fn two_different_answers_to_one_request_fail() {
+    let r = run(Shape::ConflictingDuplicate, Duration::from_millis(1000));
+    assert_eq!(r.overall, Overall::Fail, "{}", r.text());
+    assert!(
+        r.results
+            .iter()
+            .any(|p| p.evidence.iter().any(|e| e.contains("answered twice"))),
+        "{}",
+        r.text()
+    );
+}
