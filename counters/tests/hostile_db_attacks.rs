@@ -782,3 +782,40 @@ fn a_replay_past_another_services_head_is_refused_on_each_backend() {
         .drop_schema(&schema)
         .unwrap();
 }
+
+/// The anchored row's own MAC check, alone: the content of the anchored history
+/// row is edited in the live database, its `mac` and `prev` and the row before
+/// it kept (so the anchored MAC matches and the chain check passes). The open
+/// must be refused by the row's own MAC check.
+#[test]
+fn an_edited_anchored_row_fails_its_own_mac_check() {
+    each_backend("edited_anchored_row", |s, dir| {
+        let anchor = dir.join("anchor");
+        s.set_anchor(&anchor).unwrap();
+        let d = make_device(dir, 0x65, 16);
+        enroll_from(s, &d, 0x65);
+        assert!(s.verify(0x65, &mut source(&d)).unwrap().trusted());
+        assert!(s.verify(0x65, &mut source(&d)).unwrap().trusted());
+        let (aseq, amac) = anchor_head(&anchor);
+        assert!(aseq > 1, "{aseq}");
+        let before = history_rows(s, aseq - 1, aseq);
+        s.db_mut()
+            .exec(
+                "UPDATE history SET reasons = '[\"edited\"]', verdict = 'quarantined' WHERE seq = $1",
+                &[Val::I64(aseq)],
+            )
+            .unwrap();
+        let after = history_rows(s, aseq - 1, aseq);
+        assert_eq!(before[0], after[0], "the row before is kept");
+        assert_eq!(before[1][9..], after[1][9..], "mac, seq and prev are kept");
+        assert_eq!(after[1][9], Val::Text(amac));
+        assert_ne!(before[1], after[1], "the content is edited");
+        match s.set_anchor(&anchor) {
+            Err(e @ Error::Replayed { .. }) => {
+                let m = e.to_string();
+                assert!(m.contains("fails its own MAC check"), "{m}");
+            }
+            other => panic!("the edited anchored row was accepted: {other:?}"),
+        }
+    });
+}
