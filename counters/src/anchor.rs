@@ -127,7 +127,10 @@ impl Anchor {
     }
 
     /// Record the head (after the database committed it). An anchor never moves
-    /// back: a head older than (or as old as) the one stored leaves it as it is. A
+    /// back: a head older than (or as old as) the one stored leaves it as it is —
+    /// at the same sequence the stored MAC is kept even when `mac` differs (file
+    /// and database alike; a database whose row at that sequence is the other one
+    /// is then refused by the anchor check at its next commit or open). A
     /// file anchor is compared and advanced under an exclusive lock on its lock file
     /// (`.NAME.lock` beside it), so two writers cannot interleave read and rename.
     pub fn write(&mut self, seq: i64, mac: &str) -> Result<()> {
@@ -137,7 +140,7 @@ impl Anchor {
                 let r = db.exec(
                     "INSERT INTO anchor (name, seq, mac, at) VALUES ($1, $2, $3, $4) \
                      ON CONFLICT (name) DO UPDATE SET seq = excluded.seq, mac = excluded.mac, at = excluded.at \
-                     WHERE anchor.seq <= excluded.seq",
+                     WHERE anchor.seq < excluded.seq",
                     &[
                         Val::Text(name.clone()),
                         Val::I64(seq),

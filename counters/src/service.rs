@@ -593,15 +593,25 @@ impl Service {
         }
     }
 
-    /// Before a commit that appends history: the newest head this service
-    /// anchored must still be in the database, as it was (history rows are never
-    /// rewritten or deleted by the service). Otherwise the database was replayed
-    /// or its history rewritten under this running service: refused, nothing of
-    /// this transaction kept (a PostgreSQL batch whose single write statement ran
-    /// without `BEGIN` is already stored: it is refused all the same, and the
-    /// anchor is not moved).
+    /// Before a commit that appends history: the newer of the anchor's current
+    /// head (read now: another service on the same database may have moved it on)
+    /// and the newest head this service anchored must still be in the database,
+    /// as it was (history rows are never rewritten or deleted by the service).
+    /// Otherwise the database was replayed or its history rewritten under this
+    /// running service: refused, nothing of this transaction kept (a PostgreSQL
+    /// batch whose single write statement ran without `BEGIN` is already stored:
+    /// it is refused all the same, and the anchor is not moved). An anchor that
+    /// cannot be read refuses the commit too (fail closed).
     fn still_anchored(&mut self) -> Result<()> {
-        let Some((seq, mac)) = self.anchored.clone().filter(|a| a.0 > 0) else {
+        let current = match self.anchor.as_mut() {
+            Some(a) => a.read()?,
+            None => None,
+        };
+        let newest = match (current, self.anchored.clone()) {
+            (Some(c), Some(o)) => Some(if c.0 > o.0 { c } else { o }),
+            (c, o) => c.or(o),
+        };
+        let Some((seq, mac)) = newest.filter(|a| a.0 > 0) else {
             return Ok(());
         };
         let rows = self
@@ -618,7 +628,7 @@ impl Service {
             head: self.head.as_ref().map(|h| h.0).unwrap_or(0),
             anchor: seq,
             detail: format!(
-                "history row {seq}, anchored by this service, is gone or different: the database was replayed or its history rewritten while the service ran"
+                "history row {seq}, anchored by this or another service, is gone or different: the database was replayed or its history rewritten while the service ran"
             ),
         })
     }

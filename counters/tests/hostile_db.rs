@@ -497,3 +497,27 @@ fn a_file_anchor_written_by_a_child_process() {
         Anchor::File(PathBuf::from(p)).write(7, "mac7").unwrap();
     }
 }
+
+/// A database anchor (SQLite and PostgreSQL), like a file anchor: a head at the
+/// stored sequence with another MAC never replaces the stored one (the stored
+/// head is kept; a database holding the other head at that sequence is then
+/// refused by the anchor check), an older head never moves it back, a newer one
+/// moves it on.
+#[test]
+fn a_database_anchor_keeps_its_head_against_the_same_sequence_with_another_mac() {
+    use hilrig_counters::anchor::Anchor;
+    let dir = tempfile::tempdir().unwrap();
+    let mut specs = vec![format!("sqlite:{}", dir.path().join("anchor.db").display())];
+    specs.extend(pg_url());
+    let name = fresh_schema("anchor_same_seq");
+    for spec in &specs {
+        let mut a = Anchor::open(spec, &name).unwrap();
+        a.write(10, "mac10").unwrap();
+        a.write(10, "other").unwrap();
+        assert_eq!(a.read().unwrap(), Some((10, "mac10".to_string())), "{spec}");
+        a.write(9, "mac9").unwrap();
+        assert_eq!(a.read().unwrap(), Some((10, "mac10".to_string())), "{spec}");
+        a.write(11, "mac11").unwrap();
+        assert_eq!(a.read().unwrap(), Some((11, "mac11".to_string())), "{spec}");
+    }
+}

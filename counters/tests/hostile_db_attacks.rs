@@ -714,3 +714,108 @@ fn two_running_services_on_one_database_and_anchor_are_never_refused() {
     c.set_anchor(&anchor).unwrap();
     assert_eq!(head.0, c.chain_head().unwrap().0);
 }
+
+/// Services A and B on one database and one anchor: A verifies (its last
+/// anchored head), B moves the chain and the anchor on, then the database is
+/// replayed to between the two heads (B's newer rows gone, A's row still
+/// there). A's own anchored head is intact, but the anchor's is gone: A's next
+/// commit must be refused (the anchor never moves back, so its write would be
+/// dropped and the replay go unseen).
+fn replayed_between_two_services(a: &mut Service, b: &mut Service, dir: &Path) {
+    let anchor = dir.join("anchor");
+    a.set_anchor(&anchor).unwrap();
+    b.set_anchor(&anchor).unwrap();
+    let pa = make_device(dir, 0xa1, 16);
+    let pb = make_device(dir, 0xb1, 16);
+    enroll_from(a, &pa, 0xa1);
+    assert!(a.verify(0xa1, &mut source(&pa)).unwrap().trusted());
+    let (h_a, _) = a.chain_head().unwrap();
+    enroll_from(b, &pb, 0xb1);
+    assert!(b.verify(0xb1, &mut source(&pb)).unwrap().trusted());
+    let (aseq, _) = anchor_head(&anchor);
+    assert!(aseq > h_a, "B moved the anchor on: {aseq} > {h_a}");
+    let db = b.db_mut();
+    db.exec("DELETE FROM history WHERE seq > $1", &[Val::I64(h_a)])
+        .unwrap();
+    db.exec("DELETE FROM devices WHERE serial = '0xb1'", &[])
+        .unwrap();
+    for _ in 0..2 {
+        match a.verify(0xa1, &mut source(&pa)) {
+            Err(e @ Error::Replayed { .. }) => {
+                let m = e.to_string();
+                assert!(m.contains(&format!("history row {aseq}")), "{m}");
+            }
+            Err(e) => panic!("refused, but not as a replay: {e}"),
+            Ok(r) => panic!(
+                "the database replayed past B's head was used by A: {:?}",
+                r.decision.verdict
+            ),
+        }
+    }
+    assert_eq!(a.chain_head().unwrap().0, h_a, "nothing was written");
+    assert_eq!(anchor_head(&anchor).0, aseq, "the anchor never moves back");
+}
+
+#[test]
+fn a_replay_past_another_services_head_is_refused_on_each_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("counters.db").display().to_string();
+    let mut a = Service::open(&spec, key()).unwrap();
+    let mut b = Service::open(&spec, key()).unwrap();
+    replayed_between_two_services(&mut a, &mut b, dir.path());
+    let Some(url) = pg_url() else {
+        eprintln!("postgresql SKIPPED: HILRIG_TEST_PG not set");
+        return;
+    };
+    let schema = fresh_schema("replay_two_services");
+    let open = || {
+        let db = hilrig_counters::store::PgDb::connect(&url, Some(&schema)).unwrap();
+        Service::with_db(Box::new(db), key()).unwrap()
+    };
+    let (mut a, mut b) = (open(), open());
+    let pgdir = dir.path().join("pg");
+    std::fs::create_dir_all(&pgdir).unwrap();
+    replayed_between_two_services(&mut a, &mut b, &pgdir);
+    drop((a, b));
+    hilrig_counters::store::PgDb::connect(&url, None)
+        .unwrap()
+        .drop_schema(&schema)
+        .unwrap();
+}
+
+/// The anchored row's own MAC check, alone: the content of the anchored history
+/// row is edited in the live database, its `mac` and `prev` and the row before
+/// it kept (so the anchored MAC matches and the chain check passes). The open
+/// must be refused by the row's own MAC check.
+#[test]
+fn an_edited_anchored_row_fails_its_own_mac_check() {
+    each_backend("edited_anchored_row", |s, dir| {
+        let anchor = dir.join("anchor");
+        s.set_anchor(&anchor).unwrap();
+        let d = make_device(dir, 0x65, 16);
+        enroll_from(s, &d, 0x65);
+        assert!(s.verify(0x65, &mut source(&d)).unwrap().trusted());
+        assert!(s.verify(0x65, &mut source(&d)).unwrap().trusted());
+        let (aseq, amac) = anchor_head(&anchor);
+        assert!(aseq > 1, "{aseq}");
+        let before = history_rows(s, aseq - 1, aseq);
+        s.db_mut()
+            .exec(
+                "UPDATE history SET reasons = '[\"edited\"]', verdict = 'quarantined' WHERE seq = $1",
+                &[Val::I64(aseq)],
+            )
+            .unwrap();
+        let after = history_rows(s, aseq - 1, aseq);
+        assert_eq!(before[0], after[0], "the row before is kept");
+        assert_eq!(before[1][9..], after[1][9..], "mac, seq and prev are kept");
+        assert_eq!(after[1][9], Val::Text(amac));
+        assert_ne!(before[1], after[1], "the content is edited");
+        match s.set_anchor(&anchor) {
+            Err(e @ Error::Replayed { .. }) => {
+                let m = e.to_string();
+                assert!(m.contains("fails its own MAC check"), "{m}");
+            }
+            other => panic!("the edited anchored row was accepted: {other:?}"),
+        }
+    });
+}
