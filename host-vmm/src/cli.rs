@@ -109,6 +109,11 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
         Some(dir) => Some(jail_spec(&mut args, &dir, inherited)?),
         None => None,
     };
+    // A jailed VMM binds its control socket inside the jail, where the host's real
+    // directories above it are out of sight: check them here, as the caller.
+    if let (Some(_), Some(sock)) = (&jail, &args.control) {
+        crate::lifecycle::control::check_socket_dirs(sock)?;
+    }
     let mut backend = open_backend(&spec, args.device_state.as_deref())?;
     // Measured VBIOS: refuse a device whose expansion ROM is invalid or unknown.
     let catalog = crate::lifecycle::measured::CatalogSpec {

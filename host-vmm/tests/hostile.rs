@@ -425,6 +425,67 @@ fn a_control_socket_in_a_directory_another_user_owns_is_refused() {
 }
 
 #[test]
+fn a_jailed_vmms_control_socket_under_a_directory_others_own_or_can_write_is_refused() {
+    // Attack: root runs `hilrig-vmm --jail J --control D/mine/vm.sock` where D is owned
+    // by nobody (or is 0777, not sticky): D's owner renames `mine` away and puts their
+    // own socket at the path. The jailed VMM binds inside its jail, where only `mine`
+    // is bound and D is out of sight, so its own check passed; the launcher must check
+    // the real chain before entering the jail.
+    if !is_root() || !kvm_available() {
+        eprintln!("SKIPPED: needs root and /dev/kvm");
+        return;
+    }
+    let s = scene();
+    let jailed = |sock: &Path| {
+        vmm_within(
+            &[
+                "--payload",
+                "hello",
+                "--timeout",
+                "20s",
+                "--control",
+                sock.to_str().unwrap(),
+                "--jail",
+                s._keep.path().join("jail").to_str().unwrap(),
+            ],
+            Duration::from_secs(60),
+        )
+    };
+    let mine = s.attacker_dir.join("mine");
+    std::fs::create_dir(&mine).unwrap();
+    std::fs::set_permissions(&mine, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let sock = mine.join("vm.sock");
+    let (code, err) = jailed(&sock);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!("directory {} ", s.attacker_dir.display()))
+            && err.contains(&format!("owned by uid {NOBODY}")),
+        "{err}"
+    );
+    // A parent all can write (not sticky).
+    let open = s._keep.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let inner = open.join("mine");
+    std::fs::create_dir(&inner).unwrap();
+    std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (code, err) = jailed(&inner.join("vm.sock"));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!("directory {} ", open.display()))
+            && err.contains("writable by group or others"),
+        "{err}"
+    );
+    // Negative control: the same jailed run with its socket under a chain of root's
+    // own directories runs to its end.
+    let ours = s._keep.path().join("ours");
+    std::fs::create_dir(&ours).unwrap();
+    std::fs::set_permissions(&ours, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (code, err) = jailed(&ours.join("vm.sock"));
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
 fn a_control_socket_check_names_the_directory_it_could_not_check() {
     // A directory on the way that cannot be looked at (not a directory, a symlink
     // loop) must be named, not reported as a bare OS error.
