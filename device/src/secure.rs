@@ -25,6 +25,7 @@
 //!   following a symlink or waiting on a FIFO, and refused unless it is a regular
 //!   file with a single link owned by us or root, under a directory chain that
 //!   passes [`check_dir_chain`]; made 0600 before it is truncated.
+//!   [`check_output_path`]: its checks by name, for a caller handing the path on.
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -391,6 +392,19 @@ pub fn create_output_file(path: &Path) -> Result<std::fs::File, SecureFileError>
         .map_err(io(path))?;
     f.set_len(0).map_err(io(path))?;
     Ok(f)
+}
+
+/// What [`create_output_file`] checks of `path` by name, for a caller about to hand
+/// the path to a process that will see it otherwise (a jailed VMM: its directories
+/// above are out of sight, and other uids may look like its own): the directory
+/// chain passes [`check_dir_chain`], and an existing entry is owned by us or root.
+pub fn check_output_path(path: &Path) -> Result<(), SecureFileError> {
+    check_dir_chain(parent_dir(path))?;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) => ours_or_roots(&m, path, "output file"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(path)(e)),
+    }
 }
 
 /// `O_NONBLOCK`, so opening a FIFO does not wait for a writer (the flag only

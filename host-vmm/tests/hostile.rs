@@ -424,6 +424,23 @@ fn a_control_socket_in_a_directory_another_user_owns_is_refused() {
     assert!(!sock.exists(), "nothing bound");
 }
 
+/// Root runs the hello guest in a VMM jailed at `jail`, with `flag path`.
+fn hello_jailed(jail: &Path, flag: &str, path: &Path) -> (i32, String) {
+    vmm_within(
+        &[
+            "--payload",
+            "hello",
+            "--timeout",
+            "20s",
+            flag,
+            path.to_str().unwrap(),
+            "--jail",
+            jail.to_str().unwrap(),
+        ],
+        Duration::from_secs(60),
+    )
+}
+
 #[test]
 fn a_jailed_vmms_control_socket_under_a_directory_others_own_or_can_write_is_refused() {
     // Attack: root runs `hilrig-vmm --jail J --control D/mine/vm.sock` where D is owned
@@ -436,21 +453,8 @@ fn a_jailed_vmms_control_socket_under_a_directory_others_own_or_can_write_is_ref
         return;
     }
     let s = scene();
-    let jailed = |sock: &Path| {
-        vmm_within(
-            &[
-                "--payload",
-                "hello",
-                "--timeout",
-                "20s",
-                "--control",
-                sock.to_str().unwrap(),
-                "--jail",
-                s._keep.path().join("jail").to_str().unwrap(),
-            ],
-            Duration::from_secs(60),
-        )
-    };
+    let jail = s._keep.path().join("jail");
+    let jailed = |sock: &Path| hello_jailed(&jail, "--control", sock);
     let mine = s.attacker_dir.join("mine");
     std::fs::create_dir(&mine).unwrap();
     std::fs::set_permissions(&mine, std::fs::Permissions::from_mode(0o700)).unwrap();
@@ -554,4 +558,38 @@ fn an_output_file_another_user_owns_is_refused_and_ours_made_private() {
     AlarmSink::new(&alarms_at(&own)).unwrap();
     let m = std::fs::metadata(&own).unwrap();
     assert_eq!((m.len(), m.mode() & 0o777), (0, 0o600));
+}
+
+#[test]
+fn a_jailed_vmms_console_or_alarm_file_another_user_owns_is_refused() {
+    // Attack: nobody's 0666 console.log (or alarms.jsonl) where root runs a jailed VMM.
+    // The jailed VMM opens it inside the jail as uid 65534, where a file nobody
+    // (65534) owns looks like its own, and the directories above are out of sight:
+    // the launcher must check the real path as the caller.
+    if !is_root() || !kvm_available() {
+        eprintln!("SKIPPED: needs root and /dev/kvm");
+        return;
+    }
+    let s = scene();
+    let dir = s._keep.path().join("run");
+    std::fs::create_dir(&dir).unwrap();
+    let jail = s._keep.path().join("jail");
+    for flag in ["--console", "--alarms"] {
+        let p = dir.join(format!("theirs{flag}"));
+        std::fs::write(&p, "theirs\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666)).unwrap();
+        std::os::unix::fs::chown(&p, Some(NOBODY), Some(NOBODY)).unwrap();
+        let (code, err) = hello_jailed(&jail, flag, &p);
+        assert_eq!(code, 2, "{flag}: {err}");
+        assert!(
+            err.contains(p.to_str().unwrap()) && err.contains(&format!("owned by uid {NOBODY}")),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "theirs\n");
+    }
+    // Negative control: a console file of root's own is written by the jailed VMM.
+    let own = dir.join("console.log");
+    let (code, err) = hello_jailed(&jail, "--console", &own);
+    assert_eq!(code, 0, "{err}");
+    assert!(std::fs::metadata(&own).unwrap().len() > 0);
 }
