@@ -49,6 +49,25 @@ fn a_missing_campaign_file_is_still_an_io_error_naming_it() {
     assert!(e.to_string().contains("/nonexistent/c.toml"));
 }
 
+/// A one-case campaign in `dir` run by a stand-in VMM that passes; the closure runs
+/// it with its output under the directory it is given.
+fn runner_in(dir: &Path) -> impl Fn(&Path) -> Result<hilrig_campaigns::runner::RunSummary, String> {
+    let c = dir.join("c.toml");
+    std::fs::write(&c, "name = \"t\"\n[[case]]\nattacks = [\"attack-hang\"]\n").unwrap();
+    let v = hilrig_campaigns::testkit::stand_in_vmm(
+        dir,
+        &format!("echo '{}'", hilrig_campaigns::testkit::PASS_JSON),
+    )
+    .unwrap();
+    move |out: &Path| {
+        let mut o = hilrig_campaigns::runner::RunOptions::new(c.clone());
+        o.out_dir = out.to_path_buf();
+        o.vmm = Some(v.clone());
+        o.progress = Some(false);
+        hilrig_campaigns::runner::run_campaign(o).map_err(|e| e.to_string())
+    }
+}
+
 #[test]
 fn an_output_directory_another_user_owns_or_all_can_write_is_refused() {
     // Attack: a local user pre-creates the run's output directory (a predictable
@@ -56,20 +75,7 @@ fn an_output_directory_another_user_owns_or_all_can_write_is_refused() {
     // symlinks at the case files the runner (often root) writes there.
     use std::os::unix::fs::PermissionsExt;
     let t = tempfile::tempdir().unwrap();
-    let c = t.path().join("c.toml");
-    std::fs::write(&c, "name = \"t\"\n[[case]]\nattacks = [\"attack-hang\"]\n").unwrap();
-    let v = hilrig_campaigns::testkit::stand_in_vmm(
-        t.path(),
-        &format!("echo '{}'", hilrig_campaigns::testkit::PASS_JSON),
-    )
-    .unwrap();
-    let run = |out: &Path| {
-        let mut o = hilrig_campaigns::runner::RunOptions::new(c.clone());
-        o.out_dir = out.to_path_buf();
-        o.vmm = Some(v.clone());
-        o.progress = Some(false);
-        hilrig_campaigns::runner::run_campaign(o).map_err(|e| e.to_string())
-    };
+    let run = runner_in(t.path());
     let open = t.path().join("open-out");
     std::fs::create_dir(&open).unwrap();
     std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
@@ -105,4 +111,47 @@ fn an_output_directory_another_user_owns_or_all_can_write_is_refused() {
         std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777,
         0o700
     );
+}
+
+#[test]
+fn an_output_directory_under_a_directory_another_user_owns_is_refused() {
+    // Attack: a local user pre-creates /tmp/hilrig (theirs, 0755), then root runs a
+    // campaign with `--out /tmp/hilrig/nightly`: the runner made `nightly` itself
+    // (0700, root's) and went ahead, but the parent's owner can rename it away
+    // later and put a symlink in its place, so the runner's next write lands where
+    // they chose.
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: needs root to make a directory another user owns");
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let run = runner_in(t.path());
+    let theirs = t.path().join("hilrig");
+    std::fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+    for out in [theirs.join("nightly"), theirs.join("a/b/nightly")] {
+        let msg = run(&out).unwrap_err();
+        assert!(
+            msg.contains(&format!("directory {}:", theirs.display()))
+                && msg.contains("owned by uid 65534"),
+            "{msg}"
+        );
+        assert_eq!(
+            std::fs::read_dir(&theirs).unwrap().count(),
+            0,
+            "nothing made"
+        );
+    }
+    // Also when the leaf exists already (made earlier, before they took the parent).
+    let ours = t.path().join("ours");
+    std::fs::create_dir(&ours).unwrap();
+    let leaf = ours.join("nightly");
+    std::fs::create_dir(&leaf).unwrap();
+    std::os::unix::fs::chown(&ours, Some(65534), Some(65534)).unwrap();
+    let msg = run(&leaf).unwrap_err();
+    assert!(msg.contains("owned by uid 65534"), "{msg}");
+    // Negative control: the same under a parent of our own runs.
+    std::os::unix::fs::chown(&ours, Some(0), Some(0)).unwrap();
+    assert_eq!(run(&leaf).unwrap().exit_status(), 0);
 }

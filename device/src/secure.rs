@@ -10,14 +10,22 @@
 //!   opened file descriptor (no race between the check and the read).
 //! - [`read_trusted_file`]: trusted (public) key files must be regular files owned
 //!   by the current user or root and not writable by group or others.
-//! - [`ensure_private_dir`]: a directory we write into is created 0700 if missing;
-//!   an existing one is refused unless it is a real directory (not a symlink),
-//!   owned by the current user and not writable by group or others.
+//! - [`check_dir_chain`]: a directory and every one above it must be owned by us
+//!   or root and not group/other-writable unless sticky; a symlink on the way is
+//!   checked where it leads. Used for output files, private directories and the
+//!   VMM's control socket.
+//! - [`ensure_private_dir`]: a directory we write into is created 0700 if missing
+//!   (once the nearest existing directory above passes [`check_dir_chain`]); an
+//!   existing one is refused unless it is a real directory (not a symlink), owned
+//!   by the current user and not writable by group or others, under a chain that
+//!   passes [`check_dir_chain`].
 //! - [`read_bounded`]: a regular file read with a size limit, refusing FIFOs and
 //!   devices before opening them for reading blocks.
 //! - [`create_output_file`]: an output file (console, alarms) opened without
 //!   following a symlink or waiting on a FIFO, and refused unless it is a regular
-//!   file with a single link, before it is truncated.
+//!   file with a single link owned by us or root, under a directory chain that
+//!   passes [`check_dir_chain`]; made 0600 before it is truncated.
+//!   [`check_output_path`]: its checks by name, for a caller handing the path on.
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -114,6 +122,8 @@ fn kind_of(ft: std::fs::FileType) -> &'static str {
     use std::os::unix::fs::FileTypeExt;
     if ft.is_dir() {
         "a directory"
+    } else if ft.is_file() {
+        "a regular file"
     } else if ft.is_fifo() {
         "a FIFO"
     } else if ft.is_char_device() {
@@ -337,8 +347,12 @@ pub fn read_secret_file(path: &Path, limit: u64) -> Result<String, SecureFileErr
 /// created mode 0600 if missing; opened `O_NOFOLLOW` (a planted symlink is refused,
 /// never followed) and non-blocking (a planted FIFO cannot hang the caller), then
 /// checked on the descriptor: a regular file with one link (a planted hard link to
-/// another file is refused). Only then is it truncated.
+/// another file is refused), owned by us or root (a file another user made keeps
+/// their access to it), then made 0600 on the descriptor. Only then is it
+/// truncated. The directories above it must pass [`check_dir_chain`] (`O_NOFOLLOW`
+/// covers only the last component).
 pub fn create_output_file(path: &Path) -> Result<std::fs::File, SecureFileError> {
+    check_dir_chain(parent_dir(path))?;
     let f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -373,6 +387,9 @@ pub fn create_output_file(path: &Path) -> Result<std::fs::File, SecureFileError>
             )),
         });
     }
+    ours_or_roots(&meta, path, "output file")?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(io(path))?;
     f.set_len(0).map_err(io(path))?;
     Ok(f)
 }
@@ -384,8 +401,10 @@ pub fn create_output_file(path: &Path) -> Result<std::fs::File, SecureFileError>
 /// FIFO waited on, no hard link truncated). A symlink to anything but a terminal is
 /// refused, so a link planted at the path cannot have root truncate or write its
 /// target. The terminal is checked on the open descriptor (`isatty`), so a swap
-/// between the look and the open is caught; its open does not wait for a carrier
-/// (`O_NONBLOCK`, cleared after the checks) nor make it our controlling terminal.
+/// between the look and the open is caught; it must be ours or root's, and the
+/// directories above the path pass [`check_dir_chain`]. Its open does not wait for
+/// a carrier (`O_NONBLOCK`, cleared after the checks) nor make it our controlling
+/// terminal.
 pub fn open_console_output(path: &Path) -> Result<std::fs::File, SecureFileError> {
     use std::os::unix::fs::FileTypeExt;
     use std::os::unix::io::AsRawFd;
@@ -393,6 +412,10 @@ pub fn open_console_output(path: &Path) -> Result<std::fs::File, SecureFileError
     if !is_char {
         return create_output_file(path);
     }
+    // The link (or the device's own entry) must be where only we or root can
+    // change it, and the terminal ours or root's: a link planted to a terminal
+    // another user holds would hand them the console.
+    check_dir_chain(parent_dir(path))?;
     let f = std::fs::OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC | libc_o_nonblock())
@@ -405,6 +428,7 @@ pub fn open_console_output(path: &Path) -> Result<std::fs::File, SecureFileError
             kind: "a character device that is not a terminal",
         });
     }
+    ours_or_roots(&f.metadata().map_err(io(path))?, path, "console terminal")?;
     // Blocking writes from here, as to any console.
     // SAFETY: F_GETFL/F_SETFL on a descriptor we own.
     let cleared = unsafe {
@@ -415,6 +439,19 @@ pub fn open_console_output(path: &Path) -> Result<std::fs::File, SecureFileError
         return Err(io(path)(std::io::Error::last_os_error()));
     }
     Ok(f)
+}
+
+/// What [`create_output_file`] checks of `path` by name, for a caller about to hand
+/// the path to a process that will see it otherwise (a jailed VMM: its directories
+/// above are out of sight, and other uids may look like its own): the directory
+/// chain passes [`check_dir_chain`], and an existing entry is owned by us or root.
+pub fn check_output_path(path: &Path) -> Result<(), SecureFileError> {
+    check_dir_chain(parent_dir(path))?;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) => ours_or_roots(&m, path, "output file"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(path)(e)),
+    }
 }
 
 /// `O_NONBLOCK`, so opening a FIFO does not wait for a writer (the flag only
@@ -464,23 +501,96 @@ fn euid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
+/// Check `dir` and every directory above it: each must be owned by the current
+/// user or root and not writable by group or others unless sticky (as /tmp), so no
+/// other local user can rename, replace or plant entries along the way. A symlink
+/// on the path is checked where it leads (the canonical path's chain too). Every
+/// error names the directory it is about.
+pub fn check_dir_chain(dir: &Path) -> Result<(), SecureFileError> {
+    let abs = std::path::absolute(dir).map_err(io(dir))?;
+    check_ancestors(&abs)?;
+    // The directories a symlink in the path leads through.
+    let real = std::fs::canonicalize(&abs).map_err(io(&abs))?;
+    if real != abs {
+        check_ancestors(&real)?;
+    }
+    Ok(())
+}
+
+fn check_ancestors(first: &Path) -> Result<(), SecureFileError> {
+    let me = euid();
+    for dir in first.ancestors() {
+        let m = std::fs::symlink_metadata(dir).map_err(io(dir))?;
+        let refuse = |reason: String| {
+            Err(SecureFileError::UnsafeDir {
+                path: dir.to_path_buf(),
+                reason,
+            })
+        };
+        if m.file_type().is_symlink() {
+            // Checked where it leads (the canonical path) by the caller.
+            continue;
+        }
+        if !m.is_dir() {
+            return refuse(format!("is {}", kind_of(m.file_type())));
+        }
+        if m.uid() != me && m.uid() != 0 {
+            return refuse(format!(
+                "is owned by uid {}, not by uid {me} or root",
+                m.uid()
+            ));
+        }
+        if m.mode() & 0o022 != 0 && m.mode() & 0o1000 == 0 {
+            return refuse(format!(
+                "is writable by group or others (mode {:04o}, not sticky)",
+                m.mode() & 0o7777
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The directory `path` is in (`.` for a bare name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
 /// Make sure `dir` is a directory only we can write into: created (with missing
-/// parents) mode 0700 if it does not exist; if it exists it must be a real
-/// directory (a symlink is refused), owned by the current user and not writable by
-/// group or others.
+/// parents, each 0700) if it does not exist, once the nearest existing directory
+/// above it passes [`check_dir_chain`]; if it exists it must be a real directory (a
+/// symlink is refused), owned by the current user and not writable by group or
+/// others, and every directory above it must pass [`check_dir_chain`] (whoever
+/// owns or can write a parent could swap it for a symlink later).
 pub fn ensure_private_dir(dir: &Path) -> Result<(), SecureFileError> {
     let unsafe_dir = |reason: String| SecureFileError::UnsafeDir {
         path: dir.to_path_buf(),
         reason,
     };
-    match std::fs::symlink_metadata(dir) {
+    let abs = std::path::absolute(dir).map_err(io(dir))?;
+    match std::fs::symlink_metadata(&abs) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if let Some(parent) = dir.parent() {
-                if !parent.as_os_str().is_empty() {
-                    std::fs::create_dir_all(parent).map_err(io(parent))?;
+            // The nearest existing directory above must be safe before we create
+            // anything in it.
+            let mut existing = None;
+            for a in abs.ancestors().skip(1) {
+                match std::fs::symlink_metadata(a) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io(a)(e)),
+                    Ok(_) => {
+                        existing = Some(a);
+                        break;
+                    }
                 }
             }
-            match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+            check_dir_chain(existing.unwrap_or(Path::new("/")))?;
+            match std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&abs)
+            {
                 Ok(()) => {}
                 // Someone made it between our look and our mkdir: check theirs.
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -490,7 +600,7 @@ pub fn ensure_private_dir(dir: &Path) -> Result<(), SecureFileError> {
         Err(e) => return Err(io(dir)(e)),
         Ok(_) => {}
     }
-    let m = std::fs::symlink_metadata(dir).map_err(io(dir))?;
+    let m = std::fs::symlink_metadata(&abs).map_err(io(dir))?;
     if m.file_type().is_symlink() {
         return Err(unsafe_dir(
             "is a symlink; refusing to write through it".into(),
@@ -513,5 +623,5 @@ pub fn ensure_private_dir(dir: &Path) -> Result<(), SecureFileError> {
             dir.display()
         )));
     }
-    Ok(())
+    check_dir_chain(parent_dir(&abs))
 }

@@ -242,3 +242,44 @@ fn a_secret_key_file_another_user_owns_is_refused() {
     }
     assert!(secure::check_secret_file(&link).is_err());
 }
+
+#[test]
+fn a_directory_chain_through_a_symlink_is_checked_where_it_leads() {
+    // Attack: a path of our own directories that passes through a symlink into a
+    // directory all can write (0777, not sticky): the chain at the path looks fine,
+    // but whoever can write where it leads can swap what is under it.
+    let d = tempfile::tempdir().unwrap();
+    let open = d.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    chmod(&open, 0o777);
+    let inner = open.join("inner");
+    std::fs::create_dir(&inner).unwrap();
+    chmod(&inner, 0o700);
+    let mine = d.path().join("mine");
+    std::fs::create_dir(&mine).unwrap();
+    chmod(&mine, 0o700);
+    std::os::unix::fs::symlink(&inner, mine.join("link")).unwrap();
+    let e = secure::check_dir_chain(&mine.join("link")).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        matches!(&e, SecureFileError::UnsafeDir { path, .. } if path == &open)
+            && msg.contains("writable by group or others"),
+        "{msg}"
+    );
+    // Output files and private directories under it are refused too.
+    let msg = secure::create_output_file(&mine.join("link/out.log"))
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains(open.to_str().unwrap()), "{msg}");
+    assert!(!inner.join("out.log").exists());
+    let msg = secure::ensure_private_dir(&mine.join("link/work"))
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains(open.to_str().unwrap()), "{msg}");
+    assert!(!inner.join("work").exists());
+    // Negative control: sticky, it passes (as /tmp), and so does the chain at `mine`.
+    chmod(&open, 0o1777);
+    secure::check_dir_chain(&mine.join("link")).unwrap();
+    secure::create_output_file(&mine.join("link/out.log")).unwrap();
+    secure::ensure_private_dir(&mine.join("link/work")).unwrap();
+}

@@ -109,6 +109,18 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
         Some(dir) => Some(jail_spec(&mut args, &dir, inherited)?),
         None => None,
     };
+    // A jailed VMM binds its control socket and opens its console and alarm files
+    // inside the jail, where the host's real directories above them are out of sight
+    // (and another user's file may look like the jail uid's own): check them here,
+    // as the caller.
+    if jail.is_some() {
+        if let Some(sock) = &args.control {
+            crate::lifecycle::control::check_socket_dirs(sock)?;
+        }
+        for f in [&args.console, &args.alarms].into_iter().flatten() {
+            hilrig_device::secure::check_output_path(f)?;
+        }
+    }
     let mut backend = open_backend(&spec, args.device_state.as_deref())?;
     // Measured VBIOS: refuse a device whose expansion ROM is invalid or unknown.
     let catalog = crate::lifecycle::measured::CatalogSpec {

@@ -158,12 +158,14 @@ fn rooted() -> bool {
     }
 }
 
-/// The scene: a root-owned victim file (0644) somewhere else, and a directory owned
-/// by nobody where root is asked to write (as a user's own run directory).
+/// The scene: a root-owned victim file (0644) somewhere else, a directory owned by
+/// nobody where root is asked to write (as a user's own run directory), and a
+/// root-owned sticky directory all can write (as /tmp) where nobody plants files.
 struct Scene {
     _keep: tempfile::TempDir,
     victim: PathBuf,
     attacker_dir: PathBuf,
+    shared: PathBuf,
 }
 
 fn scene() -> Scene {
@@ -175,12 +177,16 @@ fn scene() -> Scene {
     std::fs::create_dir(&attacker_dir).unwrap();
     std::fs::set_permissions(&attacker_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::os::unix::fs::chown(&attacker_dir, Some(NOBODY), Some(NOBODY)).unwrap();
+    let shared = keep.path().join("tmp");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
     // nobody must reach its directory through the tempdir.
     std::fs::set_permissions(keep.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     Scene {
         _keep: keep,
         victim,
         attacker_dir,
+        shared,
     }
 }
 
@@ -196,7 +202,7 @@ fn as_nobody(argv: &[&str]) {
 }
 
 fn plant_symlink(s: &Scene, name: &str) -> PathBuf {
-    let link = s.attacker_dir.join(name);
+    let link = s.shared.join(name);
     as_nobody(&[
         "ln",
         "-s",
@@ -208,7 +214,7 @@ fn plant_symlink(s: &Scene, name: &str) -> PathBuf {
 }
 
 fn plant_fifo(s: &Scene, name: &str) -> PathBuf {
-    let fifo = s.attacker_dir.join(name);
+    let fifo = s.shared.join(name);
     as_nobody(&["mkfifo", fifo.to_str().unwrap()]);
     fifo
 }
@@ -249,7 +255,7 @@ fn a_symlink_planted_at_the_alarm_file_is_not_followed() {
     );
     // Negative control: a fresh path and an existing regular file are fine (the
     // latter truncated).
-    let fresh = s.attacker_dir.join("fresh.jsonl");
+    let fresh = s.shared.join("fresh.jsonl");
     AlarmSink::new(&alarms_at(&fresh)).unwrap();
     std::fs::write(&fresh, "old alarms\n").unwrap();
     AlarmSink::new(&alarms_at(&fresh)).unwrap();
@@ -281,7 +287,7 @@ fn a_hard_link_planted_at_the_alarm_file_is_not_truncated() {
         return;
     }
     let s = scene();
-    let link = s.attacker_dir.join("alarms.jsonl");
+    let link = s.shared.join("alarms.jsonl");
     std::fs::hard_link(&s.victim, &link).unwrap();
     let msg = alarm_error(&link);
     victim_intact(&s);
@@ -416,4 +422,174 @@ fn a_control_socket_in_a_directory_another_user_owns_is_refused() {
         "{msg}"
     );
     assert!(!sock.exists(), "nothing bound");
+}
+
+/// Root runs the hello guest in a VMM jailed at `jail`, with `flag path`.
+fn hello_jailed(jail: &Path, flag: &str, path: &Path) -> (i32, String) {
+    vmm_within(
+        &[
+            "--payload",
+            "hello",
+            "--timeout",
+            "20s",
+            flag,
+            path.to_str().unwrap(),
+            "--jail",
+            jail.to_str().unwrap(),
+        ],
+        Duration::from_secs(60),
+    )
+}
+
+#[test]
+fn a_jailed_vmms_control_socket_under_a_directory_others_own_or_can_write_is_refused() {
+    // Attack: root runs `hilrig-vmm --jail J --control D/mine/vm.sock` where D is owned
+    // by nobody (or is 0777, not sticky): D's owner renames `mine` away and puts their
+    // own socket at the path. The jailed VMM binds inside its jail, where only `mine`
+    // is bound and D is out of sight, so its own check passed; the launcher must check
+    // the real chain before entering the jail.
+    if !is_root() || !kvm_available() {
+        eprintln!("SKIPPED: needs root and /dev/kvm");
+        return;
+    }
+    let s = scene();
+    let jail = s._keep.path().join("jail");
+    let jailed = |sock: &Path| hello_jailed(&jail, "--control", sock);
+    let mine = s.attacker_dir.join("mine");
+    std::fs::create_dir(&mine).unwrap();
+    std::fs::set_permissions(&mine, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let sock = mine.join("vm.sock");
+    let (code, err) = jailed(&sock);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!("directory {} ", s.attacker_dir.display()))
+            && err.contains(&format!("owned by uid {NOBODY}")),
+        "{err}"
+    );
+    // A parent all can write (not sticky).
+    let open = s._keep.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let inner = open.join("mine");
+    std::fs::create_dir(&inner).unwrap();
+    std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (code, err) = jailed(&inner.join("vm.sock"));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!("directory {} ", open.display()))
+            && err.contains("writable by group or others"),
+        "{err}"
+    );
+    // Negative control: the same jailed run with its socket under a chain of root's
+    // own directories runs to its end.
+    let ours = s._keep.path().join("ours");
+    std::fs::create_dir(&ours).unwrap();
+    std::fs::set_permissions(&ours, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (code, err) = jailed(&ours.join("vm.sock"));
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn a_control_socket_check_names_the_directory_it_could_not_check() {
+    // A directory on the way that cannot be looked at (not a directory, a symlink
+    // loop) must be named, not reported as a bare OS error.
+    let d = tempfile::tempdir().unwrap();
+    let file = d.path().join("plain");
+    std::fs::write(&file, "x").unwrap();
+    let msg = bind_error(&file.join("sub").join("vm.sock"));
+    assert!(
+        msg.contains(&format!("directory {}:", file.join("sub").display())),
+        "{msg}"
+    );
+    let lp = d.path().join("loop");
+    std::os::unix::fs::symlink(&lp, &lp).unwrap();
+    let msg = bind_error(&lp.join("vm.sock"));
+    assert!(
+        msg.contains(&format!("directory {}:", lp.display())),
+        "{msg}"
+    );
+}
+
+#[test]
+fn an_output_file_another_user_owns_is_refused_and_ours_made_private() {
+    // Attack: nobody's 0666 alarms.jsonl (or console.log) sits where root's VMM will
+    // write (made by them earlier, or left by a run as them): opened as it is, it
+    // keeps its owner and mode, so nobody reads every alarm and console line as it is
+    // written, and erases them after.
+    if !rooted() {
+        return;
+    }
+    let s = scene();
+    let dir = s._keep.path().join("run");
+    std::fs::create_dir(&dir).unwrap();
+    let plant = |name: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, "theirs\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666)).unwrap();
+        std::os::unix::fs::chown(&p, Some(NOBODY), Some(NOBODY)).unwrap();
+        p
+    };
+    let alarms = plant("alarms.jsonl");
+    let msg = alarm_error(&alarms);
+    assert!(
+        msg.contains(alarms.to_str().unwrap()) && msg.contains(&format!("owned by uid {NOBODY}")),
+        "{msg}"
+    );
+    assert_eq!(std::fs::read_to_string(&alarms).unwrap(), "theirs\n");
+    if kvm_available() {
+        let console = plant("console.log");
+        console_refused(&console, &format!("owned by uid {NOBODY}"));
+        assert_eq!(std::fs::read_to_string(&console).unwrap(), "theirs\n");
+    } else {
+        eprintln!("SKIPPED: the console case needs /dev/kvm");
+    }
+    // A fresh file in a directory nobody owns: the directory is refused.
+    let msg = alarm_error(&s.attacker_dir.join("alarms.jsonl"));
+    assert!(
+        msg.contains(s.attacker_dir.to_str().unwrap())
+            && msg.contains(&format!("owned by uid {NOBODY}")),
+        "{msg}"
+    );
+    assert!(!s.attacker_dir.join("alarms.jsonl").exists());
+    // Negative control: our own 0666 file is used, truncated and made 0600.
+    let own = dir.join("own.jsonl");
+    std::fs::write(&own, "old\n").unwrap();
+    std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o666)).unwrap();
+    AlarmSink::new(&alarms_at(&own)).unwrap();
+    let m = std::fs::metadata(&own).unwrap();
+    assert_eq!((m.len(), m.mode() & 0o777), (0, 0o600));
+}
+
+#[test]
+fn a_jailed_vmms_console_or_alarm_file_another_user_owns_is_refused() {
+    // Attack: nobody's 0666 console.log (or alarms.jsonl) where root runs a jailed VMM.
+    // The jailed VMM opens it inside the jail as uid 65534, where a file nobody
+    // (65534) owns looks like its own, and the directories above are out of sight:
+    // the launcher must check the real path as the caller.
+    if !is_root() || !kvm_available() {
+        eprintln!("SKIPPED: needs root and /dev/kvm");
+        return;
+    }
+    let s = scene();
+    let dir = s._keep.path().join("run");
+    std::fs::create_dir(&dir).unwrap();
+    let jail = s._keep.path().join("jail");
+    for flag in ["--console", "--alarms"] {
+        let p = dir.join(format!("theirs{flag}"));
+        std::fs::write(&p, "theirs\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666)).unwrap();
+        std::os::unix::fs::chown(&p, Some(NOBODY), Some(NOBODY)).unwrap();
+        let (code, err) = hello_jailed(&jail, flag, &p);
+        assert_eq!(code, 2, "{flag}: {err}");
+        assert!(
+            err.contains(p.to_str().unwrap()) && err.contains(&format!("owned by uid {NOBODY}")),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "theirs\n");
+    }
+    // Negative control: a console file of root's own is written by the jailed VMM.
+    let own = dir.join("console.log");
+    let (code, err) = hello_jailed(&jail, "--console", &own);
+    assert_eq!(code, 0, "{err}");
+    assert!(std::fs::metadata(&own).unwrap().len() > 0);
 }

@@ -57,55 +57,38 @@ pub fn peer_uid(s: &UnixStream) -> std::io::Result<u32> {
 
 /// Refuse a control socket whose directory, or any directory above it, another
 /// local user could rename or replace entries in: each must be owned by us or root
-/// and not writable by group or others unless sticky (as /tmp). Otherwise someone
-/// could swap the socket (clients would talk to theirs) or the temporary name
-/// between bind and chmod (the chmod would follow their symlink).
+/// and not writable by group or others unless sticky (as /tmp), checked by
+/// [`hilrig_device::secure::check_dir_chain`]. Otherwise someone could swap the
+/// socket (clients would talk to theirs) or the temporary name between bind and
+/// chmod (the chmod would follow their symlink). A jailed VMM's launcher calls this
+/// on the real path before entering the jail (inside it the host's directories are
+/// out of sight). The error names the socket and the directory.
 pub fn check_socket_dirs(path: &Path) -> std::io::Result<()> {
+    use hilrig_device::secure::SecureFileError;
     let abs = std::path::absolute(path)?;
     let parent = abs.parent().unwrap_or(Path::new("/"));
-    check_dir_chain(path, parent)?;
-    // The directories a symlink in the path leads through.
-    let real = std::fs::canonicalize(parent)?;
-    if real != parent {
-        check_dir_chain(path, &real)?;
-    }
-    Ok(())
-}
-
-fn check_dir_chain(socket: &Path, first: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
-    for dir in first.ancestors() {
-        let m = std::fs::symlink_metadata(dir)?;
-        let refuse = |why: String| {
-            Err(std::io::Error::new(
-                std::io::ErrorKind::PermissionDenied,
-                format!(
-                    "control socket {}: directory {} {why}; use a directory only you can write (mode 0700)",
-                    socket.display(),
-                    dir.display()
-                ),
-            ))
-        };
-        if m.file_type().is_symlink() {
-            // Checked where it leads (the canonical path) by the caller.
-            continue;
-        }
-        if m.uid() != me && m.uid() != 0 {
-            return refuse(format!(
-                "is owned by uid {}, not by uid {me} or root",
-                m.uid()
-            ));
-        }
-        if m.mode() & 0o022 != 0 && m.mode() & 0o1000 == 0 {
-            return refuse(format!(
-                "is writable by group or others (mode {:04o}, not sticky)",
-                m.mode() & 0o7777
-            ));
-        }
-    }
-    Ok(())
+    hilrig_device::secure::check_dir_chain(parent).map_err(|e| match e {
+        SecureFileError::UnsafeDir { path: dir, reason } => std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "control socket {}: directory {} {reason}; use a directory only you can write (mode 0700)",
+                path.display(),
+                dir.display()
+            ),
+        ),
+        SecureFileError::Io { path: dir, source } => std::io::Error::new(
+            source.kind(),
+            format!(
+                "control socket {}: directory {}: {source}",
+                path.display(),
+                dir.display()
+            ),
+        ),
+        e => std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("control socket {}: {e}", path.display()),
+        ),
+    })
 }
 
 /// Bind the control socket at `path` with mode 0600: bound under a temporary name in
