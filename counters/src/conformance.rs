@@ -420,14 +420,16 @@ impl Session<'_> {
             self.faults
                 .push(format!("{n} stale bytes drained before {what}"));
         }
-        // A second, intact reply to the last request that says something else: the
-        // link can repeat a frame, it cannot write a new one with a good CRC.
+        // A second, intact reply to the last request that says something else.
+        // Never a PASS; not a device fault either: a request the link delivered
+        // twice is answered twice, before and after what the suite did in between
+        // (a transport fault is never a device fault, DESIGN §6).
         let last = self.last_reply.take();
         if let Some((seq, reply)) = &last {
             for f in self.t.drained_frames() {
                 if f != *reply && matches!(oob::parse_frame(&f), Ok((q, _, _)) if q == *seq) {
-                    return Err(TargetError::Device(format!(
-                        "the request with sequence {seq} was answered twice, differently: {reply:02x?}, then {f:02x?}"
+                    return Err(TargetError::Transport(format!(
+                        "the request with sequence {seq} was answered twice, differently (a device answering twice, or a request the link delivered twice): {reply:02x?}, then {f:02x?}"
                     )));
                 }
             }
@@ -453,6 +455,17 @@ impl Session<'_> {
                 Err(e) => return Err(e),
             };
             match oob::decode_response(&out) {
+                // The device saw this request corrupted (a frame the suite built
+                // has a good CRC and sync): the link's fault, asked again.
+                Ok((
+                    s,
+                    Response::Error {
+                        code: code @ (ErrorCode::BadCrc | ErrorCode::BadSync),
+                        ..
+                    },
+                )) if s == seq => {
+                    last = format!("the device received the request corrupted ({code:?})");
+                }
                 Ok((s, resp)) if s == seq => {
                     self.last_reply = Some((seq, out));
                     return Ok(resp);

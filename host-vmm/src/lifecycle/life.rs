@@ -1125,6 +1125,10 @@ pub fn spawn_patch_source(
                         if std::mem::take(&mut unreadable) {
                             tracing::info!(dir = %dir.display(), "patch source: readable again");
                         }
+                        // Only what is in the directory now is remembered (a poller
+                        // fed ever new names or mtimes keeps a bounded set); not
+                        // forgotten while the directory cannot be listed.
+                        seen.retain(|k| f.contains(k));
                         f
                     }
                     Err(e) => {
@@ -1136,9 +1140,6 @@ pub fn spawn_patch_source(
                         Vec::new()
                     }
                 };
-                // Only what is in the directory now is remembered (a poller fed
-                // ever new names or mtimes keeps a bounded set).
-                seen.retain(|k| files.contains(k));
                 for (path, id) in files {
                     if stop.load(Ordering::Acquire) || !seen.insert((path.clone(), id)) {
                         continue;
