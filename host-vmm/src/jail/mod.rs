@@ -546,29 +546,14 @@ fn build_root(spec: &JailSpec, root: &Path, userns: Option<&OwnedFd>) -> std::io
             }
         }
     }
-    // Read-write directories, shortest first (a nested one lands inside its parent's
-    // bind, where it already exists).
-    let mut rw = spec.rw_dirs.clone();
-    rw.sort_by_key(|p| p.components().count());
-    rw.dedup();
+    // Directories, shortest first (a nested one lands inside its parent's bind,
+    // where it already exists): [`bind_plan`].
     let mut bound: Vec<PathBuf> = Vec::new();
-    for d in &rw {
-        if bound.iter().any(|b| d.starts_with(b)) {
-            continue;
-        }
-        let t = inside(root, d);
+    for (d, ro) in bind_plan(&spec.rw_dirs, &spec.ro_dirs) {
+        let t = inside(root, &d);
         mkdirs(&t)?;
-        bind_or_plain(d, &t, false, userns)?;
-        bound.push(d.clone());
-    }
-    for d in &spec.ro_dirs {
-        if bound.iter().any(|b| d.starts_with(b)) {
-            continue;
-        }
-        let t = inside(root, d);
-        mkdirs(&t)?;
-        bind_or_plain(d, &t, true, userns)?;
-        bound.push(d.clone());
+        bind_or_plain(&d, &t, ro, userns)?;
+        bound.push(d);
     }
     for f in &spec.ro_files {
         if bound.iter().any(|b| f.starts_with(b)) {
@@ -593,6 +578,33 @@ fn build_root(spec: &JailSpec, root: &Path, userns: Option<&OwnedFd>) -> std::io
         None,
     )?;
     Ok(())
+}
+
+/// The directory binds of a jail, in order: every directory (read-only or not),
+/// shortest path first, so a nested one lands inside its parent's bind. A
+/// directory already visible through an earlier bind is left out, unless it must
+/// be writable and that bind is read-only (a writable directory under the
+/// read-only patch source still gets its own read-write bind, on top).
+fn bind_plan(rw: &[PathBuf], ro: &[PathBuf]) -> Vec<(PathBuf, bool)> {
+    let mut all: Vec<(PathBuf, bool)> = rw
+        .iter()
+        .map(|d| (d.clone(), false))
+        .chain(ro.iter().map(|d| (d.clone(), true)))
+        .collect();
+    // Shortest first; at equal paths the writable one first (it serves both).
+    all.sort_by(|a, b| {
+        (a.0.components().count(), &a.0, a.1).cmp(&(b.0.components().count(), &b.0, b.1))
+    });
+    let mut plan: Vec<(PathBuf, bool)> = Vec::new();
+    for (d, ro) in all {
+        let covered = plan
+            .iter()
+            .any(|(b, b_ro)| d.starts_with(b) && (ro || !b_ro));
+        if !covered {
+            plan.push((d, ro));
+        }
+    }
+    plan
 }
 
 fn bind_or_plain(src: &Path, t: &Path, ro: bool, userns: Option<&OwnedFd>) -> std::io::Result<()> {
@@ -695,6 +707,28 @@ fn drop_privileges(spec: &JailSpec) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn binds_go_shortest_first_and_a_writable_dir_under_a_read_only_one_keeps_its_own() {
+        let p = |s: &str| PathBuf::from(s);
+        let plan = bind_plan(
+            &[
+                p("/w/out/dev"),
+                p("/w/out"),
+                p("/src/bundles/logs"),
+                p("/w/out"),
+            ],
+            &[p("/src/bundles"), p("/w/out/ro"), p("/w/out")],
+        );
+        assert_eq!(
+            plan,
+            vec![
+                (p("/src/bundles"), true),
+                (p("/w/out"), false),
+                (p("/src/bundles/logs"), false),
+            ]
+        );
+    }
 
     #[test]
     fn paths_map_under_the_root() {
