@@ -195,7 +195,7 @@ pub fn bench_vm_exit(budget: Duration) -> anyhow::Result<Vec<Figure>> {
     // paths run in paired rounds (order alternating) and each figure is its median
     // ratio to the raw loop of the same round, so a noisy neighbour or the host's
     // paging drifting over the run hits both sides of a pair alike.
-    const ROUNDS: usize = 7;
+    const ROUNDS: usize = 15;
     let (e, s) = raw_mmio_loop(20_000)?;
     let per_run = (budget.as_secs_f64() / 16.0).max(MIN_RUN_S);
     let n = ((rate(e, s) * per_run) as u64).clamp(10_000, 50_000_000);
