@@ -10,6 +10,9 @@
 //!   opened file descriptor (no race between the check and the read).
 //! - [`read_trusted_file`]: trusted (public) key files must be regular files owned
 //!   by the current user or root and not writable by group or others.
+//! - [`check_trusted_program`]: a program we run (the VMM a rig starts) must be a
+//!   regular file owned by us or root, not group/other-writable, under directory
+//!   chains (its path's and its symlinks') that pass [`check_dir_chain`].
 //! - [`check_dir_chain`]: a directory and every one above it must be owned by us
 //!   or root and not group/other-writable unless sticky; a symlink on the way is
 //!   checked where it leads. Used for output files, private directories and the
@@ -26,6 +29,10 @@
 //!   file with a single link owned by us or root, under a directory chain that
 //!   passes [`check_dir_chain`]; made 0600 before it is truncated.
 //!   [`check_output_path`]: its checks by name, for a caller handing the path on.
+//! - [`open_console_output`]: a VMM's console, a terminal through a chain of at most
+//!   [`MAX_CONSOLE_LINKS`] symlinks, each link's directories (and the terminal's)
+//!   passing [`check_dir_chain`]; the terminal ours, root's or a named console
+//!   service user's (ser2net, labgrid); anything else an output file.
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -66,14 +73,14 @@ pub enum SecureFileError {
     },
     /// A trusted (public) key file group or others may write: anyone who can
     /// write it can make us trust their key.
-    #[error(
-        "{path}: mode {mode:04o} lets group/other write a trusted key file; run `chmod 644 {path}`"
-    )]
+    #[error("{path}: mode {mode:04o} lets group/other write a {what}; run `chmod go-w {path}`")]
     TrustedWritable {
         /// The file.
         path: PathBuf,
         /// Its permission bits.
         mode: u32,
+        /// What the file is ("trusted key file", "program").
+        what: &'static str,
     },
     /// Not a regular file (a FIFO, device, socket or directory).
     #[error("{path}: {kind}, not a regular file")]
@@ -100,6 +107,14 @@ pub enum SecureFileError {
         path: PathBuf,
         /// What is wrong (never the key's bytes).
         detail: String,
+    },
+    /// A console path whose symlinks go on for more than the limit (or loop).
+    #[error("{path}: more than {limit} symlinks on the way to a terminal")]
+    TooManyLinks {
+        /// The console path.
+        path: PathBuf,
+        /// The most links followed.
+        limit: usize,
     },
     /// A work directory that is not safe to write into.
     #[error("directory {path}: {reason}")]
@@ -324,10 +339,40 @@ pub fn read_trusted_file(path: &Path, limit: u64) -> Result<String, SecureFileEr
         return Err(SecureFileError::TrustedWritable {
             path: path.to_path_buf(),
             mode,
+            what: "trusted key file",
         });
     }
     ours_or_roots(&meta, path, "trusted key file")?;
     read_limited(f, path, limit)
+}
+
+/// Check a program we are about to run (as root, say: the VMM a rig starts) and
+/// return the path to run it by, with every symlink resolved: the file and the
+/// directories above it (where the path says and where its links lead) must be
+/// where only we or root can change them ([`check_dir_chain`]), and the file a
+/// regular file owned by us or root that group and others cannot write. Whoever can
+/// replace a program we run runs their code as us.
+pub fn check_trusted_program(path: &Path) -> Result<PathBuf, SecureFileError> {
+    check_dir_chain(parent_dir(path))?;
+    let real = std::fs::canonicalize(path).map_err(io(path))?;
+    check_dir_chain(parent_dir(&real))?;
+    let meta = std::fs::metadata(&real).map_err(io(&real))?;
+    if !meta.file_type().is_file() {
+        return Err(SecureFileError::NotRegular {
+            path: real,
+            kind: kind_of(meta.file_type()),
+        });
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(SecureFileError::TrustedWritable {
+            path: real,
+            mode,
+            what: "program",
+        });
+    }
+    ours_or_roots(&meta, &real, "program")?;
+    Ok(real)
 }
 
 /// Check a secret key file without keeping it open (see [`open_secret_file`]).
@@ -394,41 +439,57 @@ pub fn create_output_file(path: &Path) -> Result<std::fs::File, SecureFileError>
     Ok(f)
 }
 
+/// Most symlinks [`open_console_output`] follows from the console path to its
+/// terminal (a lab's `console.tty` -> `/dev/serial/by-id/...` -> `../../ttyUSB0` is
+/// two).
+pub const MAX_CONSOLE_LINKS: usize = 8;
+
 /// Open a VMM's console output `path`: a terminal (a host's serial line, a pty),
-/// directly or through a symlink (`/dev/serial/by-id/...`, a lab's `console.tty`
+/// directly or through symlinks (`/dev/serial/by-id/...`, a lab's `console.tty`
 /// link), is opened for writing as it is, never truncated; anything else must be a
 /// regular file and is opened by [`create_output_file`] (no symlink followed, no
 /// FIFO waited on, no hard link truncated). A symlink to anything but a terminal is
 /// refused, so a link planted at the path cannot have root truncate or write its
-/// target. The terminal is checked on the open descriptor (`isatty`), so a swap
-/// between the look and the open is caught; it must be ours or root's, and the
-/// directories above the path pass [`check_dir_chain`]. Its open does not wait for
-/// a carrier (`O_NONBLOCK`, cleared after the checks) nor make it our controlling
+/// target.
+///
+/// The links are followed one at a time (at most [`MAX_CONSOLE_LINKS`]), and the
+/// directories above every one of them, and above the terminal, must pass
+/// [`check_dir_chain`]: a link in a directory another user can write would let them
+/// point the console at a terminal of theirs. The terminal itself is opened
+/// `O_NOFOLLOW` at the path the links led to and checked on the open descriptor (a
+/// character device, `isatty`), so a swap between the look and the open is caught.
+///
+/// Its owner must be us, root, or one of `owners`: the uids the caller names as
+/// the lab's console services (a ser2net or labgrid exporter user holding the pty
+/// it serves; `hilrig-vmm --console-owner UID`). A terminal anyone else owns is
+/// refused (its owner would read the console), so a pty number an attacker grabbed
+/// after the service's pty closed is not written to. Its open does not wait for a
+/// carrier (`O_NONBLOCK`, cleared after the checks) nor make it our controlling
 /// terminal.
-pub fn open_console_output(path: &Path) -> Result<std::fs::File, SecureFileError> {
+pub fn open_console_output(path: &Path, owners: &[u32]) -> Result<std::fs::File, SecureFileError> {
     use std::os::unix::fs::FileTypeExt;
     use std::os::unix::io::AsRawFd;
     let is_char = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_char_device());
     if !is_char {
         return create_output_file(path);
     }
-    // The link (or the device's own entry) must be where only we or root can
-    // change it, and the terminal ours or root's: a link planted to a terminal
-    // another user holds would hand them the console.
-    check_dir_chain(parent_dir(path))?;
+    let terminal = console_link_target(path)?;
     let f = std::fs::OpenOptions::new()
         .write(true)
-        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC | libc_o_nonblock())
-        .open(path)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_CLOEXEC | libc_o_nonblock())
+        .open(&terminal)
         .map_err(io(path))?;
+    let meta = f.metadata().map_err(io(path))?;
     // SAFETY: isatty on a descriptor we own.
-    if unsafe { libc::isatty(f.as_raw_fd()) } != 1 {
+    if !meta.file_type().is_char_device() || unsafe { libc::isatty(f.as_raw_fd()) } != 1 {
         return Err(SecureFileError::NotRegular {
             path: path.to_path_buf(),
             kind: "a character device that is not a terminal",
         });
     }
-    ours_or_roots(&f.metadata().map_err(io(path))?, path, "console terminal")?;
+    if !owners.contains(&meta.uid()) {
+        ours_or_roots(&meta, path, "console terminal")?;
+    }
     // Blocking writes from here, as to any console.
     // SAFETY: F_GETFL/F_SETFL on a descriptor we own.
     let cleared = unsafe {
@@ -439,6 +500,28 @@ pub fn open_console_output(path: &Path) -> Result<std::fs::File, SecureFileError
         return Err(io(path)(std::io::Error::last_os_error()));
     }
     Ok(f)
+}
+
+/// Follow the symlinks from `path` one at a time (at most [`MAX_CONSOLE_LINKS`]),
+/// checking the directories above each link and above where they end with
+/// [`check_dir_chain`]; the path they end at (not a symlink).
+fn console_link_target(path: &Path) -> Result<PathBuf, SecureFileError> {
+    let mut at = std::path::absolute(path).map_err(io(path))?;
+    for _ in 0..=MAX_CONSOLE_LINKS {
+        check_dir_chain(parent_dir(&at))?;
+        let m = std::fs::symlink_metadata(&at).map_err(io(&at))?;
+        if !m.file_type().is_symlink() {
+            return Ok(at);
+        }
+        let to = std::fs::read_link(&at).map_err(io(&at))?;
+        // A relative target is relative to the link's directory; an absolute one
+        // replaces the path.
+        at = parent_dir(&at).join(to);
+    }
+    Err(SecureFileError::TooManyLinks {
+        path: path.to_path_buf(),
+        limit: MAX_CONSOLE_LINKS,
+    })
 }
 
 /// What [`create_output_file`] checks of `path` by name, for a caller about to hand

@@ -112,13 +112,17 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
     // A jailed VMM binds its control socket and opens its console and alarm files
     // inside the jail, where the host's real directories above them are out of sight
     // (and another user's file may look like the jail uid's own): check them here,
-    // as the caller.
-    if jail.is_some() {
+    // as the caller. The console and alarm files are bound into the jail by
+    // themselves: made here (0600, ours) when missing, so there is a file to bind.
+    if let Some(jail) = &jail {
         if let Some(sock) = &args.control {
             crate::lifecycle::control::check_socket_dirs(sock)?;
         }
-        for f in [&args.console, &args.alarms].into_iter().flatten() {
+        for f in &jail.rw_files {
             hilrig_device::secure::check_output_path(f)?;
+            if std::fs::symlink_metadata(f).is_err() {
+                hilrig_device::secure::create_output_file(f)?;
+            }
         }
     }
     let mut backend = open_backend(&spec, args.device_state.as_deref())?;
@@ -195,6 +199,7 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
             None if args.json => Console::Stderr,
             None => Console::Stdout,
         },
+        console_owners: args.console_owners.clone(),
         trap: if args.trap_all {
             TrapSet::all()
         } else {
@@ -317,22 +322,40 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
 /// The directories the VMM writes in: those of the state file, console, alarms,
 /// teardown record, control socket and a SQLite counters database.
 pub fn write_dirs(args: &VmArgs) -> Vec<std::path::PathBuf> {
-    let mut files: Vec<std::path::PathBuf> = [
-        &args.device_state,
-        &args.console,
-        &args.alarms,
-        &args.teardown_record,
-        &args.control,
-    ]
-    .into_iter()
-    .flatten()
-    .cloned()
-    .collect();
+    let mut files = written_in_place(args);
+    files.extend(written_by_rename(args));
+    dirs_of(&files)
+}
+
+/// The files the VMM opens and writes in place: console and alarms.
+pub fn written_in_place(args: &VmArgs) -> Vec<std::path::PathBuf> {
+    [&args.console, &args.alarms]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect()
+}
+
+/// The files the VMM creates or renames into place, so it needs their
+/// directories: state file, teardown record, control socket and a SQLite
+/// counters database (with its journal).
+fn written_by_rename(args: &VmArgs) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<std::path::PathBuf> =
+        [&args.device_state, &args.teardown_record, &args.control]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
     if let Some(db) = &args.counters_db {
         if !db.contains("://") {
             files.push(db.into());
         }
     }
+    files
+}
+
+/// The directories `files` are in (absolute, sorted, once each).
+fn dirs_of(files: &[std::path::PathBuf]) -> Vec<std::path::PathBuf> {
     let mut dirs: Vec<std::path::PathBuf> = files
         .iter()
         .map(|f| {
@@ -383,7 +406,10 @@ pub fn jail_spec(
             .gid
             .or_else(crate::jail::kvm_gid)
             .unwrap_or(crate::jail::DEFAULT_UID),
-        rw_dirs: write_dirs(args),
+        // The console and alarm files by themselves (another VMM's files may share
+        // their directory); the directories of what is created or renamed.
+        rw_dirs: dirs_of(&written_by_rename(args)),
+        rw_files: written_in_place(args),
         ro_files,
         // The pull-mode patch source: its poller lists and reads it in the jail.
         ro_dirs: args.patch_source.iter().cloned().collect(),

@@ -145,18 +145,8 @@ const VMM: &str = env!("CARGO_BIN_EXE_hilrig-vmm");
 const NOBODY: u32 = 65534;
 const PRECIOUS: &str = "precious: root's file\n";
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// Whether we are root (needed to plant files as another user); says so loudly if not.
-fn rooted() -> bool {
-    is_root() || {
-        eprintln!("SKIPPED: needs root to plant files as, or for, another user");
-        false
-    }
-}
+#[path = "common/skip.rs"]
+mod skip;
 
 /// The scene: a root-owned victim file (0644) somewhere else, a directory owned by
 /// nobody where root is asked to write (as a user's own run directory), and a
@@ -242,7 +232,7 @@ fn alarm_error(p: &Path) -> String {
 #[test]
 fn a_symlink_planted_at_the_alarm_file_is_not_followed() {
     // Attack: nobody plants alarms.jsonl -> root's file; root's VMM would truncate it.
-    if !rooted() {
+    if !skip::rooted("a_symlink_planted_at_the_alarm_file_is_not_followed") {
         return;
     }
     let s = scene();
@@ -265,7 +255,7 @@ fn a_symlink_planted_at_the_alarm_file_is_not_followed() {
 #[test]
 fn a_fifo_planted_at_the_alarm_file_is_refused_not_waited_on() {
     // Attack: nobody plants a FIFO no one reads; opening it for writing blocks forever.
-    if !rooted() {
+    if !skip::rooted("a_fifo_planted_at_the_alarm_file_is_refused_not_waited_on") {
         return;
     }
     let s = scene();
@@ -283,7 +273,7 @@ fn a_hard_link_planted_at_the_alarm_file_is_not_truncated() {
     // Attack: a hard link to root's file at the alarm path (planted by root here: with
     // fs.protected_hardlinks=1 nobody cannot link a file it does not own, but hosts
     // with it off exist).
-    if !rooted() {
+    if !skip::rooted("a_hard_link_planted_at_the_alarm_file_is_not_truncated") {
         return;
     }
     let s = scene();
@@ -341,8 +331,10 @@ fn console_refused(planted: &Path, what: &str) {
 fn a_symlink_planted_at_the_console_file_is_not_followed() {
     // Attack: nobody plants console.log -> root's file before root runs
     // `hilrig-vmm --console DIR/console.log`; the guest's output would replace it.
-    if !is_root() || !kvm_available() {
-        eprintln!("SKIPPED: needs root and /dev/kvm");
+    if !skip::runnable(
+        "a_symlink_planted_at_the_console_file_is_not_followed",
+        true,
+    ) {
         return;
     }
     let s = scene();
@@ -355,8 +347,10 @@ fn a_symlink_planted_at_the_console_file_is_not_followed() {
 fn a_fifo_planted_at_the_console_file_is_refused_not_waited_on() {
     // Attack: nobody plants a FIFO at the console path: the VMM would block in open
     // forever (nobody reads), holding the device it opened.
-    if !is_root() || !kvm_available() {
-        eprintln!("SKIPPED: needs root and /dev/kvm");
+    if !skip::runnable(
+        "a_fifo_planted_at_the_console_file_is_refused_not_waited_on",
+        true,
+    ) {
         return;
     }
     let s = scene();
@@ -410,7 +404,7 @@ fn a_control_socket_in_a_directory_others_can_write_is_refused() {
 fn a_control_socket_in_a_directory_another_user_owns_is_refused() {
     // Attack: root is pointed at a directory nobody owns (0755): its owner can replace
     // the socket root binds there at will.
-    if !rooted() {
+    if !skip::rooted("a_control_socket_in_a_directory_another_user_owns_is_refused") {
         return;
     }
     let s = scene();
@@ -448,8 +442,10 @@ fn a_jailed_vmms_control_socket_under_a_directory_others_own_or_can_write_is_ref
     // own socket at the path. The jailed VMM binds inside its jail, where only `mine`
     // is bound and D is out of sight, so its own check passed; the launcher must check
     // the real chain before entering the jail.
-    if !is_root() || !kvm_available() {
-        eprintln!("SKIPPED: needs root and /dev/kvm");
+    if !skip::runnable(
+        "a_jailed_vmms_control_socket_under_a_directory_others_own_or_can_write_is_refused",
+        true,
+    ) {
         return;
     }
     let s = scene();
@@ -516,7 +512,7 @@ fn an_output_file_another_user_owns_is_refused_and_ours_made_private() {
     // write (made by them earlier, or left by a run as them): opened as it is, it
     // keeps its owner and mode, so nobody reads every alarm and console line as it is
     // written, and erases them after.
-    if !rooted() {
+    if !skip::rooted("an_output_file_another_user_owns_is_refused_and_ours_made_private") {
         return;
     }
     let s = scene();
@@ -566,8 +562,10 @@ fn a_jailed_vmms_console_or_alarm_file_another_user_owns_is_refused() {
     // The jailed VMM opens it inside the jail as uid 65534, where a file nobody
     // (65534) owns looks like its own, and the directories above are out of sight:
     // the launcher must check the real path as the caller.
-    if !is_root() || !kvm_available() {
-        eprintln!("SKIPPED: needs root and /dev/kvm");
+    if !skip::runnable(
+        "a_jailed_vmms_console_or_alarm_file_another_user_owns_is_refused",
+        true,
+    ) {
         return;
     }
     let s = scene();
@@ -592,4 +590,32 @@ fn a_jailed_vmms_console_or_alarm_file_another_user_owns_is_refused() {
     let (code, err) = hello_jailed(&jail, "--console", &own);
     assert_eq!(code, 0, "{err}");
     assert!(std::fs::metadata(&own).unwrap().len() > 0);
+}
+
+#[test]
+fn a_refused_control_socket_is_named_once() {
+    // The refusal said "control socket X: control socket X: directory ..." (the VM
+    // named the socket again around `bind`'s own message).
+    if !skip::runnable("a_refused_control_socket_is_named_once", false) {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let open = d.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let sock = open.join("vm.sock");
+    let (code, err) = vmm_within(
+        &["--payload", "hello", "--control", sock.to_str().unwrap()],
+        Duration::from_secs(30),
+    );
+    assert_eq!(code, 2, "{err}");
+    let named = format!("control socket {}", sock.display());
+    assert_eq!(err.matches(&named).count(), 1, "{err}");
+    assert!(err.contains("writable by group or others"), "{err}");
+    // `bind`'s own refusals name it once too.
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::write(&sock, "not a socket").unwrap();
+    let msg = bind_error(&sock);
+    assert_eq!(msg.matches(&named).count(), 1, "{msg}");
+    assert!(msg.contains("exists and is not a socket"), "{msg}");
 }

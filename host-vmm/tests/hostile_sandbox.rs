@@ -1,8 +1,10 @@
 //! The VMM's confinement (issue 16 items 1 and 2): seccomp filters per thread kind,
 //! NoNewPrivs, landlock, and the jail. Each test boots the `hilrig-vmm` binary and
-//! skips loudly without /dev/kvm.
+//! skips loudly without /dev/kvm (or root, for the jail): `skip::runnable`, which
+//! fails instead in CI.
 
-use hilrig_vmm::kvm_available;
+#[path = "common/skip.rs"]
+mod skip;
 use hilrig_vmm::payload::Payload;
 use iced_x86::code_asm::*;
 use std::os::unix::fs::PermissionsExt;
@@ -45,7 +47,10 @@ fn run(args: &[&str], probe: bool) -> (i32, String, String) {
 #[test]
 fn a_forbidden_syscall_from_a_vcpu_thread_kills_the_vmm() {
     // Attack: code running on a vCPU thread (a guest escape) opens a socket.
-    if !kvm_available() {
+    if !skip::runnable(
+        "a_forbidden_syscall_from_a_vcpu_thread_kills_the_vmm",
+        false,
+    ) {
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -87,7 +92,10 @@ fn status_of(pid: u32, task: &str) -> Option<(String, String)> {
 
 #[test]
 fn a_running_vmm_shows_seccomp_2_and_no_new_privs_on_every_thread() {
-    if !kvm_available() {
+    if !skip::runnable(
+        "a_running_vmm_shows_seccomp_2_and_no_new_privs_on_every_thread",
+        false,
+    ) {
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -188,20 +196,14 @@ fn a_running_vmm_shows_seccomp_2_and_no_new_privs_on_every_thread() {
     }
 }
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    eprintln!("SKIPPED: --jail needs root");
-    false
-}
-
 #[test]
 fn a_jailed_vmm_runs_unprivileged_and_cannot_open_files_outside_its_root() {
     // Attack: a compromised VMM reads host secrets (here a root-only file next to
     // the VMM's own work directory, and /etc/shadow).
-    if !kvm_available() || !is_root() {
+    if !skip::runnable(
+        "a_jailed_vmm_runs_unprivileged_and_cannot_open_files_outside_its_root",
+        true,
+    ) {
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -276,7 +278,10 @@ fn jail_probe_line(out: &std::process::Output) -> (String, String) {
 /// the same file in a sibling directory the VMM was not given.
 #[test]
 fn a_jailed_vmm_can_read_its_patch_source_and_nothing_beside_it() {
-    if !kvm_available() || !is_root() {
+    if !skip::runnable(
+        "a_jailed_vmm_can_read_its_patch_source_and_nothing_beside_it",
+        true,
+    ) {
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -359,7 +364,10 @@ fn another_process_running_as_the_jail_uid_cannot_use_a_jailed_vmms_control_sock
     // filesystem cannot id-map: simulated here by handing the socket file to 65534),
     // such a process passed the peer check (the VMM's own uid) and could tear down,
     // pause or detach another tenant's VM.
-    if !kvm_available() || !is_root() {
+    if !skip::runnable(
+        "another_process_running_as_the_jail_uid_cannot_use_a_jailed_vmms_control_socket",
+        true,
+    ) {
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -398,4 +406,67 @@ fn another_process_running_as_the_jail_uid_cannot_use_a_jailed_vmms_control_sock
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(root.contains(r#""ok":true,"op":"teardown""#), "{root}");
+}
+
+#[test]
+fn a_jailed_vmm_cannot_create_or_change_files_beside_its_console_and_alarms() {
+    // Attack: two VMMs keep their consoles and alarm logs in one directory. The
+    // jail bound that directory read-write into each, so a compromised jailed VMM
+    // could rewrite the other's console (erase what its guest did) or plant files
+    // there. Now only its own two files are bound. The write probe runs as the
+    // jailed VMM once the jail is set up.
+    if !skip::runnable(
+        "a_jailed_vmm_cannot_create_or_change_files_beside_its_console_and_alarms",
+        true,
+    ) {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let work = d.path().join("work");
+    let logs = d.path().join("logs");
+    for dir in [&work, &logs] {
+        std::fs::create_dir(dir).unwrap();
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    let others = logs.join("other-vm.console");
+    std::fs::write(&others, "the other VM's console\n").unwrap();
+    std::fs::set_permissions(&others, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let console = logs.join("vm.console");
+    let alarms = logs.join("vm.alarms");
+    let planted = logs.join("planted");
+    for (probe, allowed) in [
+        (others.clone(), false),
+        (planted.clone(), false),
+        (console.clone(), true),
+        (alarms.clone(), true),
+    ] {
+        let out = Command::new(VMM)
+            .args(["--payload", "hello", "--json"])
+            .arg("--device-state")
+            .arg(work.join("dev.state"))
+            .arg("--console")
+            .arg(&console)
+            .arg("--alarms")
+            .arg(&alarms)
+            .arg("--jail")
+            .arg(d.path().join("jail"))
+            .env(hilrig_vmm::jail::PROBE_WRITE_ENV, &probe)
+            .output()
+            .unwrap();
+        let (err, line) = jail_probe_line(&out);
+        if allowed {
+            // Negative control: its own files are writable in the jail.
+            assert!(line.ends_with(": ok"), "{line}");
+        } else {
+            assert!(!line.ends_with(": ok"), "{line}\n{err}");
+        }
+        // The VMM's own console was written (after the probe), whatever the probe.
+        let own = std::fs::read_to_string(&console).unwrap();
+        assert!(!own.is_empty() && !own.contains("jail probe"), "{own}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(&others).unwrap(),
+        "the other VM's console\n"
+    );
+    assert!(!planted.exists());
 }

@@ -32,7 +32,7 @@ pub fn idle_payload() -> Result<Vec<u8>, hilrig_guest::GuestError> {
     hilrig_guest::idle::idle(false)
 }
 
-/// Why the `hilrig-vmm` binary was not found.
+/// Why the `hilrig-vmm` binary was not found, or not trusted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FindVmmError {
     /// The inventory's `lab.vmm` names no file.
@@ -41,11 +41,22 @@ pub enum FindVmmError {
     /// `HILRIG_VMM` names no file.
     #[error("HILRIG_VMM={} does not exist", .0.display())]
     Env(PathBuf),
-    /// In none of the places searched.
+    /// Neither beside the running executable nor configured.
     #[error(
-        "neither hilrig nor hilrig-vmm found (build it: cargo build --release; or set lab.vmm / HILRIG_VMM)"
+        "neither hilrig nor hilrig-vmm beside {} (build it: cargo build --release; or set lab.vmm / HILRIG_VMM)",
+        .0.display()
     )]
-    NotFound,
+    NotFound(PathBuf),
+    /// Found, but a user other than us or root could replace it (the file, or a
+    /// directory above it or above where its links lead, is theirs or writable by
+    /// them): the rig would run their program, as root where it runs as root.
+    #[error("refusing to run {}: {reason}", .path.display())]
+    Untrusted {
+        /// The binary.
+        path: PathBuf,
+        /// Why (the file or directory and what is wrong with it).
+        reason: String,
+    },
 }
 
 /// Why the OOB PTY server of a state file could not be started.
@@ -66,13 +77,33 @@ impl From<OobServeError> for String {
     }
 }
 
-/// Locate the `hilrig-vmm` binary: the inventory's `lab.vmm`, `HILRIG_VMM`, next
-/// to the running executable or one directory up (cargo's target/debug/deps), the
-/// workspace's target/{debug,release}, then `PATH`.
+/// Locate the `hilrig-vmm` binary: the inventory's `lab.vmm`, else `HILRIG_VMM`,
+/// else beside the running executable ([`find_vmm_beside`]). Never `PATH` nor a
+/// build directory: a directory a user can write there would have the rig run
+/// their program. Whichever is found must pass
+/// [`hilrig_device::secure::check_trusted_program`] (owned by us or root, not
+/// group/other-writable, in directories only we or root can change); the path
+/// returned has its symlinks resolved.
 pub fn find_vmm(configured: Option<&Path>) -> Result<PathBuf, FindVmmError> {
+    let exe = std::env::current_exe().map_err(|_| FindVmmError::NotFound(PathBuf::new()))?;
+    find_vmm_beside(&exe, configured)
+}
+
+/// [`find_vmm`] for a program at `exe`: `configured` (`lab.vmm`), `HILRIG_VMM`,
+/// `exe` itself when it is the `hilrig` binary (a VMM too: `hilrig vm run`), else
+/// `hilrig-vmm` or `hilrig` beside it or one directory up (cargo's
+/// `target/debug/deps` for tests). The first that exists is checked and used;
+/// one that is not trusted is refused, not skipped.
+pub fn find_vmm_beside(exe: &Path, configured: Option<&Path>) -> Result<PathBuf, FindVmmError> {
+    let trusted = |p: &Path| {
+        hilrig_device::secure::check_trusted_program(p).map_err(|e| FindVmmError::Untrusted {
+            path: p.to_path_buf(),
+            reason: e.to_string(),
+        })
+    };
     if let Some(p) = configured {
         return if p.is_file() {
-            Ok(p.to_path_buf())
+            trusted(p)
         } else {
             Err(FindVmmError::Configured(p.to_path_buf()))
         };
@@ -80,45 +111,29 @@ pub fn find_vmm(configured: Option<&Path>) -> Result<PathBuf, FindVmmError> {
     if let Some(p) = std::env::var_os("HILRIG_VMM") {
         let p = PathBuf::from(p);
         return if p.is_file() {
-            Ok(p)
+            trusted(&p)
         } else {
             Err(FindVmmError::Env(p))
         };
     }
+    if exe.file_stem().and_then(|s| s.to_str()) == Some("hilrig") {
+        return trusted(exe);
+    }
     let mut candidates = Vec::new();
-    if let Ok(exe) = std::env::current_exe() {
-        // The one user binary is a VMM itself (`hilrig vm run`): the same build as
-        // the rig, nothing else to install.
-        if exe.file_stem().and_then(|s| s.to_str()) == Some("hilrig") {
-            return Ok(exe);
-        }
-        if let Some(d) = exe.parent() {
-            candidates.push(d.join("hilrig-vmm"));
-            candidates.push(d.join("hilrig"));
-            if let Some(u) = d.parent() {
-                candidates.push(u.join("hilrig-vmm"));
-                candidates.push(u.join("hilrig"));
-            }
+    if let Some(d) = exe.parent() {
+        candidates.push(d.join("hilrig-vmm"));
+        candidates.push(d.join("hilrig"));
+        if let Some(u) = d.parent() {
+            candidates.push(u.join("hilrig-vmm"));
+            candidates.push(u.join("hilrig"));
         }
     }
-    let ws = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| ws.join("target"));
-    for profile in ["debug", "release"] {
-        candidates.push(target.join(profile).join("hilrig-vmm"));
-        candidates.push(target.join(profile).join("hilrig"));
+    match candidates.into_iter().find(|p| p.is_file()) {
+        Some(p) => trusted(&p),
+        None => Err(FindVmmError::NotFound(
+            exe.parent().unwrap_or(Path::new("/")).to_path_buf(),
+        )),
     }
-    if let Some(path) = std::env::var_os("PATH") {
-        for d in std::env::split_paths(&path) {
-            candidates.push(d.join("hilrig-vmm"));
-            candidates.push(d.join("hilrig"));
-        }
-    }
-    candidates
-        .into_iter()
-        .find(|p| p.is_file())
-        .ok_or(FindVmmError::NotFound)
 }
 
 /// The arguments that make `vmm` (found by [`find_vmm`]) run a VM: `vm run` for the

@@ -307,3 +307,73 @@ fn a_symlink_or_fifo_planted_at_a_console_capture_path_is_refused() {
         .unwrap();
     assert!(ok.is_file());
 }
+
+/// A program file at `p` (a shell script), mode `mode`.
+fn program(p: &Path, mode: u32) {
+    std::fs::write(p, "#!/bin/sh\necho planted\n").unwrap();
+    chmod(p, mode);
+}
+
+#[test]
+fn a_vmm_on_a_path_entry_others_can_write_is_never_run() {
+    // Attack: root's PATH holds a directory a user can write (0777, not sticky);
+    // the user drops a `hilrig-vmm` there. A rig whose executable has no VMM beside
+    // it (a program linking the rig library, or `hilrig` copied alone) fell back to
+    // PATH and would start the user's program as root for every simulated host.
+    use hilrig_rig::sim::{find_vmm_beside, FindVmmError};
+    let d = tempfile::tempdir().unwrap();
+    let hostile = d.path().join("hostile-bin");
+    std::fs::create_dir(&hostile).unwrap();
+    chmod(&hostile, 0o777);
+    program(&hostile.join("hilrig-vmm"), 0o755);
+    // The running program, with nothing beside it.
+    let bin = d.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    chmod(&bin, 0o755);
+    let exe = bin.join("lab-tool");
+    program(&exe, 0o755);
+    let path = std::env::join_paths(
+        std::iter::once(hostile.clone()).chain(std::env::split_paths(
+            &std::env::var_os("PATH").unwrap_or_default(),
+        )),
+    )
+    .unwrap();
+    // The finder reads no PATH now; set it as an attacker's would be, for this
+    // process (its own process under nextest), without a HILRIG_VMM that would
+    // be used first.
+    std::env::set_var("PATH", &path);
+    std::env::remove_var("HILRIG_VMM");
+    let r = find_vmm_beside(&exe, None);
+    assert!(
+        matches!(&r, Err(FindVmmError::NotFound(dir)) if dir == &bin),
+        "{r:?}"
+    );
+    // A VMM beside the executable, in a directory others can write: refused, not
+    // run and not skipped for another.
+    program(&bin.join("hilrig-vmm"), 0o755);
+    chmod(&bin, 0o777);
+    let r = find_vmm_beside(&exe, None);
+    assert!(
+        matches!(&r, Err(FindVmmError::Untrusted { reason, .. })
+            if reason.contains(bin.to_str().unwrap()) && reason.contains("writable by group or others")),
+        "{r:?}"
+    );
+    // A VMM others can write itself (the directory fine): refused.
+    chmod(&bin, 0o755);
+    chmod(&bin.join("hilrig-vmm"), 0o757);
+    let r = find_vmm_beside(&exe, None);
+    assert!(
+        matches!(&r, Err(FindVmmError::Untrusted { reason, .. }) if reason.contains("0757")),
+        "{r:?}"
+    );
+    // A configured one (lab.vmm) in the hostile directory: refused too.
+    let r = find_vmm_beside(&exe, Some(&hostile.join("hilrig-vmm")));
+    assert!(matches!(&r, Err(FindVmmError::Untrusted { .. })), "{r:?}");
+    // Negative control: the VMM beside the executable, ours and not writable by
+    // others, in directories only we can change.
+    chmod(&bin.join("hilrig-vmm"), 0o755);
+    assert_eq!(
+        find_vmm_beside(&exe, None).unwrap(),
+        std::fs::canonicalize(bin.join("hilrig-vmm")).unwrap()
+    );
+}

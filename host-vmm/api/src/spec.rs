@@ -312,6 +312,12 @@ pub struct VmSpec {
     /// Serial console (COM1) output file; default: standard output (standard error with --json).
     #[arg(long)]
     pub console: Option<PathBuf>,
+    /// A user (uid) besides us and root whose terminal may be the console
+    /// (repeatable): the lab's console service (ser2net, a labgrid exporter) that
+    /// holds the pty it serves. A terminal anyone else owns is refused; every
+    /// symlink on the way must be in directories only us or root can write.
+    #[arg(long = "console-owner")]
+    pub console_owners: Vec<u32>,
     /// Wall-clock watchdog, e.g. 10s, 500ms, 2m.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub timeout: Duration,
@@ -499,6 +505,7 @@ impl Default for VmSpec {
             alarms: None,
             alarm_rate: 1000,
             console: None,
+            console_owners: Vec::new(),
             timeout: Duration::from_secs(10),
             trap_all: false,
             show_plan: false,
@@ -641,6 +648,9 @@ impl VmSpec {
         for k in &self.patch_pubkeys {
             flag("patch-pubkey", k.clone().into());
         }
+        for u in &self.console_owners {
+            flag("console-owner", u.to_string().into());
+        }
         for (name, on) in [
             ("trap-all", self.trap_all),
             ("show-plan", self.show_plan),
@@ -703,6 +713,7 @@ mod tests {
             alarms: Some("a.jsonl".into()),
             alarm_rate: 7,
             console: Some("c.txt".into()),
+            console_owners: vec![110, 111],
             timeout: Duration::from_millis(1500),
             trap_all: true,
             show_plan: true,

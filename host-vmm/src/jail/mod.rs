@@ -10,12 +10,15 @@
 //!    run summary's `sandbox.notes`);
 //! 3. a fresh tmpfs at `DIR/root` holding only `/dev/kvm`, `/dev/null`,
 //!    `/dev/urandom`, a new `/proc`, and bind mounts of what the VMM needs at their
-//!    own absolute paths: the directories it writes in (device state, console,
-//!    alarms, teardown record, control socket, SQLite counters database) and the
-//!    files it reads later (counters MAC key). The binds are id-mapped (host uid 0
-//!    is the jail's uid) so the unprivileged VMM owns what root owns outside and
-//!    what it creates is root's outside; where the filesystem cannot id-map, a plain
-//!    bind is used and noted;
+//!    own absolute paths: the files it writes in place (console, alarms: each file
+//!    bound by itself, made by the launcher first, so a jailed VMM cannot create or
+//!    change anything else in their directory, such as another VMM's console),
+//!    the directories it writes in by creating and renaming (device state,
+//!    teardown record, control socket, SQLite counters database: give each VMM
+//!    its own, as the rig does) and the files it reads later (counters MAC key).
+//!    The binds are id-mapped (host uid 0 is the jail's uid) so the unprivileged
+//!    VMM owns what root owns outside and what it creates is root's outside; where
+//!    the filesystem cannot id-map, a plain bind is used and noted;
 //! 4. `pivot_root` into it (the old root detached), the root tmpfs remounted
 //!    read-only;
 //! 5. every fd inherited from the caller but 0, 1, 2 closed (the device backend,
@@ -54,14 +57,31 @@ pub fn notes() -> Vec<String> {
 /// compromised VMM could reach.
 pub const PROBE_ENV: &str = "HILRIG_VMM_JAIL_PROBE";
 
-/// Run the probe ([`PROBE_ENV`]) if asked: prints `jail probe: open PATH: ok` or
-/// the error.
+/// As [`PROBE_ENV`], for writing: the VMM opens the file named (created if
+/// missing, appended to) and writes a line to it.
+pub const PROBE_WRITE_ENV: &str = "HILRIG_VMM_JAIL_PROBE_WRITE";
+
+/// Run the probes ([`PROBE_ENV`], [`PROBE_WRITE_ENV`]) if asked: each prints
+/// `jail probe: open PATH: ok` (`write PATH`) or the error.
 pub fn probe_from_env() {
     if let Some(p) = std::env::var_os(PROBE_ENV) {
         let path = PathBuf::from(p);
         match std::fs::File::open(&path) {
             Ok(_) => eprintln!("jail probe: open {}: ok", path.display()),
             Err(e) => eprintln!("jail probe: open {}: {e}", path.display()),
+        }
+    }
+    if let Some(p) = std::env::var_os(PROBE_WRITE_ENV) {
+        use std::io::Write;
+        let path = PathBuf::from(p);
+        let r = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(b"written by the jail probe\n"));
+        match r {
+            Ok(()) => eprintln!("jail probe: write {}: ok", path.display()),
+            Err(e) => eprintln!("jail probe: write {}: {e}", path.display()),
         }
     }
 }
@@ -124,8 +144,13 @@ pub struct JailSpec {
     pub uid: u32,
     /// gid to run as.
     pub gid: u32,
-    /// Directories the VMM writes in (bound read-write), absolute.
+    /// Directories the VMM writes in by creating or renaming files (bound
+    /// read-write), absolute.
     pub rw_dirs: Vec<PathBuf>,
+    /// Files the VMM writes in place (console, alarms): each bound read-write by
+    /// itself (not its directory), absolute; they must exist (the launcher makes
+    /// them). A symlink is bound as it is, never followed.
+    pub rw_files: Vec<PathBuf>,
     /// Files the VMM reads after the jail is entered (bound read-only), absolute.
     pub ro_files: Vec<PathBuf>,
     /// Directories the VMM reads after the jail is entered (bound read-only),
@@ -282,15 +307,27 @@ const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 
 /// Bind `src` (not the mounts below it: a jail root inside a bound directory
 /// does not reappear in the jail) at `target`, id-mapped through `userns` when given; read-only if `ro`.
-fn bind(src: &Path, target: &Path, ro: bool, userns: Option<&OwnedFd>) -> std::io::Result<()> {
+/// With `nofollow` a symlink at `src` is bound itself, not where it leads.
+fn bind(
+    src: &Path,
+    target: &Path,
+    ro: bool,
+    nofollow: bool,
+    userns: Option<&OwnedFd>,
+) -> std::io::Result<()> {
     let s = cstr(src)?;
+    let nofollow = if nofollow {
+        libc::AT_SYMLINK_NOFOLLOW as libc::c_uint
+    } else {
+        0
+    };
     // SAFETY: open_tree with a valid path; the returned fd is owned below.
     let fd = check_long(unsafe {
         libc::syscall(
             libc::SYS_open_tree,
             libc::AT_FDCWD,
             s.as_ptr(),
-            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | nofollow,
         )
     })?;
     // SAFETY: a fresh fd nobody else owns.
@@ -548,27 +585,23 @@ fn build_root(spec: &JailSpec, root: &Path, userns: Option<&OwnedFd>) -> std::io
     }
     // Directories, shortest first (a nested one lands inside its parent's bind,
     // where it already exists): [`bind_plan`].
-    let mut bound: Vec<PathBuf> = Vec::new();
-    for (d, ro) in bind_plan(&spec.rw_dirs, &spec.ro_dirs) {
-        let t = inside(root, &d);
+    let plan = bind_plan(&spec.rw_dirs, &spec.ro_dirs);
+    for (d, ro) in &plan {
+        let t = inside(root, d);
         mkdirs(&t)?;
-        bind_or_plain(&d, &t, ro, userns)?;
-        bound.push(d);
+        bind_or_plain(d, &t, *ro, false, userns)?;
     }
-    for f in &spec.ro_files {
-        if bound.iter().any(|b| f.starts_with(b)) {
-            continue;
+    // Files, each by itself: a writable one unless a writable directory bind
+    // already shows it, a read-only one unless any directory bind does.
+    for (files, ro) in [(&spec.rw_files, false), (&spec.ro_files, true)] {
+        for f in files {
+            if !plan
+                .iter()
+                .any(|(d, d_ro)| f.starts_with(d) && (ro || !d_ro))
+            {
+                bind_file(f, root, ro, userns)?;
+            }
         }
-        let t = inside(root, f);
-        if let Some(p) = t.parent() {
-            mkdirs(p)?;
-        }
-        std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&t)?;
-        bind_or_plain(f, &t, true, userns)?;
     }
     mount(
         Some("proc"),
@@ -578,6 +611,29 @@ fn build_root(spec: &JailSpec, root: &Path, userns: Option<&OwnedFd>) -> std::io
         None,
     )?;
     Ok(())
+}
+
+/// Bind the file `f` (absolute) at its own path under `root`: an empty file made
+/// there as the mount point (in the jail's tmpfs, or already there in a directory
+/// bind), then `f` bound onto it. A writable file's symlink is bound as it is, not
+/// followed.
+fn bind_file(f: &Path, root: &Path, ro: bool, userns: Option<&OwnedFd>) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let t = inside(root, f);
+    if let Some(p) = t.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(p)?;
+    }
+    if std::fs::symlink_metadata(&t).is_err() {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&t)?;
+    }
+    bind_or_plain(f, &t, ro, !ro, userns)
 }
 
 /// The directory binds of a jail, in order: every directory (read-only or not),
@@ -607,15 +663,21 @@ fn bind_plan(rw: &[PathBuf], ro: &[PathBuf]) -> Vec<(PathBuf, bool)> {
     plan
 }
 
-fn bind_or_plain(src: &Path, t: &Path, ro: bool, userns: Option<&OwnedFd>) -> std::io::Result<()> {
-    match bind(src, t, ro, userns) {
+fn bind_or_plain(
+    src: &Path,
+    t: &Path,
+    ro: bool,
+    nofollow: bool,
+    userns: Option<&OwnedFd>,
+) -> std::io::Result<()> {
+    match bind(src, t, ro, nofollow, userns) {
         Ok(()) => Ok(()),
         Err(e) if userns.is_some() => {
             note(format!(
                 "{} bound without id-mapping ({e}): the jailed uid needs access to it",
                 src.display()
             ));
-            bind(src, t, ro, None)
+            bind(src, t, ro, nofollow, None)
         }
         Err(e) => Err(e),
     }

@@ -94,21 +94,29 @@ pub fn check_socket_dirs(path: &Path) -> std::io::Result<()> {
 /// Bind the control socket at `path` with mode 0600: bound under a temporary name in
 /// the same directory, chmod'ed, then renamed into place, so it never exists at
 /// `path` with wider permissions. Refuses to replace anything but a stale socket, and
-/// a directory others could write in ([`check_socket_dirs`]).
+/// a directory others could write in ([`check_socket_dirs`]). Every error names the
+/// socket once (`control socket PATH: ...`), as [`check_socket_dirs`]'s do.
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     check_socket_dirs(path)?;
+    bind_checked(path).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("control socket {}: {e}", path.display()))
+    })
+}
+
+/// [`bind`] once the directories have passed.
+fn bind_checked(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     if let Ok(m) = std::fs::symlink_metadata(path) {
         if !m.file_type().is_socket() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::AlreadyExists,
-                format!("{} exists and is not a socket", path.display()),
+                "exists and is not a socket",
             ));
         }
         if UnixStream::connect(path).is_ok() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::AddrInUse,
-                format!("{} is in use by a running VMM", path.display()),
+                "in use by a running VMM",
             ));
         }
         std::fs::remove_file(path)?;

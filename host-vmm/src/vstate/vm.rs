@@ -58,6 +58,10 @@ pub struct VmConfig {
     pub timeout: Duration,
     /// Serial console destination.
     pub console: Console,
+    /// Users besides us and root whose terminal may be the console (a lab's
+    /// ser2net or labgrid exporter user holding the pty it serves; see
+    /// [`hilrig_device::secure::open_console_output`]).
+    pub console_owners: Vec<u32>,
     /// Pages of BAR0 that must trap besides those the policy traps (e.g. all, for
     /// a debug run).
     pub trap: TrapSet,
@@ -90,6 +94,7 @@ impl Default for VmConfig {
             payload_name: String::new(),
             timeout: Duration::from_secs(10),
             console: Console::Stdout,
+            console_owners: Vec::new(),
             trap: TrapSet::none(),
             policy: None,
             alarms: AlarmConfig::default(),
@@ -798,7 +803,7 @@ fn policy_engine(config: &VmConfig) -> Result<Option<Arc<PolicyEngine>>, VmmErro
 type ConsoleOut = (Box<dyn Write + Send>, Option<CaptureBuf>);
 
 /// Where the UART writes, and the capture buffer with [`Console::Capture`].
-fn console_writer(console: &Console) -> Result<ConsoleOut, VmmError> {
+fn console_writer(console: &Console, owners: &[u32]) -> Result<ConsoleOut, VmmError> {
     Ok(match console {
         Console::Stdout => (Box::new(std::io::stdout()), None),
         Console::Stderr => (Box::new(std::io::stderr()), None),
@@ -811,12 +816,14 @@ fn console_writer(console: &Console) -> Result<ConsoleOut, VmmError> {
             // A terminal (directly or through a symlink) as it is; otherwise a
             // regular file: a symlink, FIFO or hard link planted there is refused.
             Box::new(
-                hilrig_device::secure::open_console_output(p).map_err(|e| VmmError::Io {
-                    path: p.clone(),
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::InvalidInput,
-                        format!("console file refused: {e}"),
-                    ),
+                hilrig_device::secure::open_console_output(p, owners).map_err(|e| {
+                    VmmError::Io {
+                        path: p.clone(),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::InvalidInput,
+                            format!("console file refused: {e}"),
+                        ),
+                    }
                 })?,
             ),
             None,
@@ -950,7 +957,7 @@ impl Vm {
             mem_size: config.mem_size,
         };
         mapper.apply(bus.decode().bar0)?;
-        let (out, capture) = console_writer(&config.console)?;
+        let (out, capture) = console_writer(&config.console, &config.console_owners)?;
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(VmmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
@@ -1184,8 +1191,9 @@ impl Vm {
         let Some(path) = &self.config.control else {
             return Ok(None);
         };
-        let l = crate::lifecycle::control::bind(path)
-            .map_err(|e| VmmError::Config(format!("control socket {}: {e}", path.display())))?;
+        // The error names the socket (once).
+        let l =
+            crate::lifecycle::control::bind(path).map_err(|e| VmmError::Config(e.to_string()))?;
         let host: Arc<dyn crate::lifecycle::VmHost> = self.shared.clone();
         let ctl = Arc::new(crate::lifecycle::VmControl(Arc::downgrade(&host)));
         let (seccomp, network) = (self.sandbox.seccomp, self.sandbox.network);
