@@ -450,6 +450,11 @@ enum Fault {
     /// With the fuse blown an unlocked erase still acts and FLASH_STATUS says done
     /// (the controller forgets to check the fuse).
     FuseLetsEraseThrough,
+    /// Not a fault: the keyed physical reset rewrites the CONFIG region with its
+    /// defaults (the datasheet does not say a physical reset leaves the flash alone).
+    ResetRewritesConfig,
+    /// A refused erase of CONFIG (counted, FLASH_STATUS refused) scribbles zeros on it.
+    RefusedEraseScribblesConfig,
 }
 
 /// The reference model with one [`Fault`].
@@ -459,6 +464,8 @@ struct Narrow {
     region: u32,
     /// An erase went through with the fuse blown: FLASH_STATUS says done.
     let_through: bool,
+    /// FLASH_STATUS of the last command, kept across a rebuild.
+    status: Option<u32>,
 }
 
 impl Narrow {
@@ -475,6 +482,11 @@ impl Device for Narrow {
         if w == Reg::FlashStatus.offset() && self.let_through {
             return Ok(FLASH_STATUS_DONE | FLASH_STATUS_UNLOCKED);
         }
+        if w == Reg::FlashStatus.offset() {
+            if let Some(st) = self.status {
+                return Ok(st);
+            }
+        }
         self.inner.read_word(w, m)
     }
     fn write_word(&mut self, w: u32, v: u32, m: u8) -> Result<(), DeviceError> {
@@ -485,6 +497,7 @@ impl Device for Narrow {
             return self.inner.write_word(w, v, m);
         }
         self.let_through = false;
+        self.status = None;
         let pre = self.inner.nv().clone();
         let unlocked =
             self.inner.read_word(Reg::FlashStatus.offset(), 0xf)? & FLASH_STATUS_UNLOCKED != 0;
@@ -506,6 +519,14 @@ impl Device for Narrow {
                 self.let_through = true;
                 Ok(())
             }
+            Fault::RefusedEraseScribblesConfig
+                if !unlocked && v == FLASH_CMD_ERASE && r == Region::Config as usize =>
+            {
+                let st = self.inner.read_word(Reg::FlashStatus.offset(), 0xf)?;
+                self.rebuild(|n| n.flash[r].fill(0))?;
+                self.status = Some(st);
+                Ok(())
+            }
             _ => Ok(()),
         }
     }
@@ -517,28 +538,44 @@ impl Device for Narrow {
     }
     fn reset(&mut self, k: ResetKind) -> Result<(), DeviceError> {
         self.let_through = false;
+        self.status = None;
         self.inner.reset(k)
     }
     fn oob(&mut self, req: &[u8]) -> Result<Vec<u8>, DeviceError> {
-        self.inner.oob(req)
+        let out = self.inner.oob(req)?;
+        if self.fault == Fault::ResetRewritesConfig
+            && matches!(
+                oob::decode_response(&out),
+                Ok((_, Response::ResetDone { .. }))
+            )
+        {
+            self.rebuild(|n| n.flash[Region::Config as usize].fill(0x5a))?;
+        }
+        Ok(out)
     }
 }
 
-/// A broken narrow device over the same plain PTY peer, with every property and the
-/// key: FAIL, on `property` among others.
-fn narrow_fails(fault: Fault, w: u8, property: &str) {
+/// A narrow device with `fault` over the same plain PTY peer, with every property
+/// and the key.
+fn run_narrow(fault: Fault, w: u8) -> Report {
     let dev = Narrow {
         fault,
         inner: Model::new(nv(w)).unwrap(),
         region: 0,
         let_through: false,
+        status: None,
     };
-    let r = run_with(
+    run_with(
         Box::new(dev),
         Shape::Plain,
         Duration::from_millis(1000),
         &opts(),
-    );
+    )
+}
+
+/// A broken narrow device: FAIL, on `property` among others.
+fn narrow_fails(fault: Fault, w: u8, property: &str) -> Report {
+    let r = run_narrow(fault, w);
     assert_eq!(
         r.overall,
         Overall::Fail,
@@ -549,6 +586,50 @@ fn narrow_fails(fault: Fault, w: u8, property: &str) {
         r.get(property).unwrap().status,
         Status::Fail,
         "{fault:?} width {w} must fail {property}\n{}",
+        r.text()
+    );
+    r
+}
+
+/// refused-leaves-flash-unchanged's reference hashes are taken again after each
+/// physical reset the suite makes before it (at width 1 one before every attempt):
+/// a device whose physical reset rewrites a region PASSES (before: FAIL, "READ_HASH
+/// ... before the suite's first (refused) attempt, ... now").
+#[test]
+fn a_physical_reset_that_rewrites_flash_is_not_taken_for_a_refused_attempt() {
+    let r = run_narrow(Fault::ResetRewritesConfig, 1);
+    assert_pass(&r);
+    let ev = r
+        .get("refused-leaves-flash-unchanged")
+        .unwrap()
+        .evidence
+        .join("\n");
+    assert!(
+        ev.contains("after the physical reset before"),
+        "{}",
+        r.text()
+    );
+}
+
+/// Negative control: a refused erase that scribbles on CONFIG in
+/// refused-attempts-counted, followed by a physical reset, is still caught (compared
+/// just before the reset); the region is already scribbled by then, so the
+/// property's own attempts see no change.
+#[test]
+fn a_refused_attempt_that_changes_flash_before_a_physical_reset_fails() {
+    let r = narrow_fails(
+        Fault::RefusedEraseScribblesConfig,
+        1,
+        "refused-leaves-flash-unchanged",
+    );
+    let ev = r
+        .get("refused-leaves-flash-unchanged")
+        .unwrap()
+        .evidence
+        .join("\n");
+    assert!(
+        ev.contains("just before the physical reset"),
+        "{}",
         r.text()
     );
 }
