@@ -637,23 +637,31 @@ fn a_refused_attempt_that_changes_flash_before_a_physical_reset_fails() {
     );
 }
 
-#[test]
-fn a_narrow_counter_that_misses_an_attempt_fails() {
-    narrow_fails(Fault::MissesRefusedConfig, 1, "refused-attempts-counted");
-    narrow_fails(Fault::MissesRefusedConfig, 2, "refused-attempts-counted");
+/// `fault` at width 1 and at width 2: FAIL, on the property named for each width.
+fn narrow_fails_at_1_and_2(fault: Fault, property: [&str; 2]) {
+    narrow_fails(fault, 1, property[0]);
+    narrow_fails(fault, 2, property[1]);
 }
 
 #[test]
+fn a_narrow_counter_that_misses_an_attempt_fails() {
+    let p = "refused-attempts-counted";
+    narrow_fails_at_1_and_2(Fault::MissesRefusedConfig, [p, p]);
+}
+
+/// Seen at the first attempt that fills the last slot, and by budget-and-fuse.
+#[test]
 fn a_narrow_counter_that_wraps_instead_of_fusing_fails() {
-    // Seen at the first attempt that fills the last slot, and by budget-and-fuse.
-    narrow_fails(Fault::Wraps, 1, "refused-attempts-counted");
-    narrow_fails(Fault::Wraps, 2, "budget-and-fuse");
+    narrow_fails_at_1_and_2(
+        Fault::Wraps,
+        ["refused-attempts-counted", "budget-and-fuse"],
+    );
 }
 
 #[test]
 fn a_narrow_fuse_that_lets_an_erase_through_fails() {
-    narrow_fails(Fault::FuseLetsEraseThrough, 1, "budget-and-fuse");
-    narrow_fails(Fault::FuseLetsEraseThrough, 2, "budget-and-fuse");
+    let p = "budget-and-fuse";
+    narrow_fails_at_1_and_2(Fault::FuseLetsEraseThrough, [p, p]);
 }
 
 /// A reply later than --timeout-ms is TRANSPORT, and the report says the timeout
