@@ -288,7 +288,10 @@ pub enum CountersCmd {
         /// Baud rate of a serial target.
         #[arg(long, default_value_t = DEFAULT_BAUD)]
         baud: u32,
-        /// Response timeout of a serial target, ms.
+        /// Response timeout of a serial target, ms: how long the suite waits for one
+        /// reply. Set it above the device's slowest answer (a READ_HASH of the largest
+        /// region, a PHYSICAL_RESET, a BUSY): a reply later than this is a TRANSPORT
+        /// fault (the report names this value), not a FAIL.
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
         /// Also write a JUnit XML report (one testcase per property) to this file.

@@ -13,10 +13,15 @@
 //! each request; a request is retried at most [`RETRIES`] times. Timeouts, duplicated,
 //! late or corrupt replies are TRANSPORT faults, never a property failure.
 //!
-//! The suite reads the device's width and slots left first and plans each property to
-//! fit its budget (restoring the budget with the keyed physical reset when it has the
-//! key); a property that cannot run is SKIPPED with its reason, and the overall result
-//! is then INCOMPLETE, never PASS.
+//! The suite reads the device's width and slots left first. Every attempt is a step of
+//! its own: before it the suite reads the counters, and if the attempt would not fit
+//! the budget (the fuse blown, or the region's counter at its width) it restores the
+//! budget with the keyed physical reset, when it has the key. The attempt that fills
+//! a region's last slot is made too (the datasheet: it is counted, blows the fuse and
+//! is still acted on), so a device of any width 1..=64 can be checked in full with the
+//! key. Without the key a property runs only if all its attempts fit below the fuse;
+//! a property that cannot run is SKIPPED with its reason, and the overall result is
+//! then INCOMPLETE, never PASS.
 
 use hilrig_device::model::ops;
 use hilrig_device::oob::{self, CounterReport, ErrorCode, Request, Response};
@@ -386,10 +391,23 @@ fn cost(name: &str) -> [u32; 3] {
         "accepted-attempts-counted" => [1, 2, 2],
         "master" => [1, 1, 2],
         "persistence" => [1, 1, 1],
-        "master-across-physical-reset" => [0, 0, 1],
         "oob-equals-inband" => [1, 1, 1],
         _ => [0, 0, 0],
     }
+}
+
+/// The region hashes that only refused attempts may follow until
+/// refused-leaves-flash-unchanged checks them. Taken before the suite's first attempt
+/// and taken again after every physical reset the suite makes before that property
+/// (the datasheet does not say a physical reset leaves the flash alone); just before
+/// each such reset the flash is compared with the reference, so a refused attempt that
+/// changed it is still caught.
+struct Baseline {
+    hashes: [[u8; 32]; 3],
+    /// When the reference was taken.
+    taken: String,
+    /// Differences seen just before a physical reset, after refused attempts only.
+    changed: Vec<String>,
 }
 
 /// The OOB requester of one run: fresh sequence numbers, drain, bounded retries.
@@ -397,8 +415,13 @@ struct Session<'a> {
     t: &'a mut dyn ConformanceTarget,
     seq: u8,
     faults: Vec<String>,
-    /// Region hashes before the suite made any attempt.
-    baseline: Option<[[u8; 32]; 3]>,
+    /// The reference region hashes for refused-leaves-flash-unchanged, while it has
+    /// not run yet (see [`Baseline`]).
+    baseline: Option<Baseline>,
+    /// The OOB physical-reset key, if given: restores the budget between attempts.
+    key: Option<[u8; 32]>,
+    /// The budget plan and the physical resets made to restore the budget.
+    plan: Vec<String>,
     /// Every keyed physical reset the suite made: (MASTER before, MASTER after).
     resets: Vec<(u32, u32)>,
     /// The last request's sequence number and its reply frame.
@@ -548,6 +571,71 @@ impl Session<'_> {
         }
     }
 
+    /// The region hashes (VBIOS, FIRMWARE, CONFIG).
+    fn hashes(&mut self) -> TResult<[[u8; 32]; 3]> {
+        let mut h = [[0u8; 32]; 3];
+        for (x, r) in h.iter_mut().zip(Region::ALL) {
+            *x = self.hash(r)?;
+        }
+        Ok(h)
+    }
+
+    /// The counters before property `name` makes one attempt on `region`: if the
+    /// attempt would not fit the budget (fuse blown, or the region's counter at the
+    /// width), read after a keyed physical reset that restores it, when the suite has
+    /// the key; `Err(why)` if there is no room.
+    fn room_for(&mut self, name: &str, region: Region) -> TResult<Result<CounterReport, String>> {
+        let c = self.counters()?;
+        if room_for_one(&c, region) {
+            return Ok(Ok(c));
+        }
+        let Some(key) = self.key else {
+            return Ok(Err(format!(
+                "no room for an attempt on {region} below the end of the budget: {}; give --reset-key-file or --reset-key-from-service to let the suite restore it",
+                show(&c)
+            )));
+        };
+        let at = format!("the physical reset before {name}'s attempt on {region}");
+        // Refused attempts only since the reference hashes: compare before the
+        // reset, take the reference again after it.
+        if let Some(reference) = self.baseline.as_ref().map(|b| b.hashes) {
+            let now = self.hashes()?;
+            if let Some(b) = &mut self.baseline {
+                for ((r, x), y) in Region::ALL.iter().zip(&reference).zip(&now) {
+                    if x != y {
+                        b.changed.push(format!(
+                            "{r}: READ_HASH {} {}, {} just before {at}, after refused attempts only",
+                            oob::hex_string(&x[..8]),
+                            b.taken,
+                            oob::hex_string(&y[..8])
+                        ));
+                    }
+                }
+            }
+        }
+        let (_, resp, after) = self.keyed_reset(key)?;
+        self.plan.push(format!(
+            "{name}: physical reset before an attempt on {region} ({resp:?}): {} -> {}",
+            show(&c),
+            show(&after)
+        ));
+        if self.baseline.is_some() {
+            let hashes = self.hashes()?;
+            if let Some(b) = &mut self.baseline {
+                b.hashes = hashes;
+                b.taken = format!("after {at}");
+            }
+        }
+        if room_for_one(&after, region) {
+            Ok(Ok(after))
+        } else {
+            Ok(Err(format!(
+                "the budget did not come back after a keyed physical reset: {}",
+                show(&after)
+            )))
+        }
+    }
+
     /// A keyed physical reset, with MASTER read around it (for
     /// master-across-physical-reset).
     fn keyed_reset(&mut self, key: [u8; 32]) -> TResult<(CounterReport, Response, CounterReport)> {
@@ -578,13 +666,20 @@ fn one_counted(a: &CounterReport, b: &CounterReport, region: Region) -> Result<(
     let i = region as usize;
     let mut want = a.counters;
     want[i] = want[i].wrapping_add(1);
+    // The datasheet: the fuse blows when a counter reaches the end of the budget (the
+    // attempt that fills the last slot), and only a physical reset clears it, with the
+    // counters; so it is blown exactly when a counter is at the width.
+    let w = b.width as u32;
+    let fuse = b.counters.iter().any(|&x| x >= w);
     if a.counters[i] == u32::MAX
         || a.master == u32::MAX
         || b.counters != want
         || b.master != a.master.wrapping_add(1)
+        || b.width != a.width
+        || b.fuse != fuse
     {
         return Err(Mismatch(format!(
-            "{region}: before {}, after {}; want {region} +1 and master +1",
+            "{region}: before {}, after {}; want {region} +1 and master +1, and the fuse blown exactly when a counter is at the width {w}",
             show(a),
             show(b)
         )));
@@ -613,6 +708,23 @@ fn verdict(ev: Vec<String>, bad: Vec<String>) -> Outcome {
     Outcome::Ran(if bad.is_empty() { Ok(ev) } else { Err(bad) })
 }
 
+/// A property that could not make its next attempt (`why`): FAIL if it has already
+/// seen a violation, else SKIPPED.
+fn cut_short(mut bad: Vec<String>, why: String) -> Outcome {
+    if bad.is_empty() {
+        Outcome::Skip(why)
+    } else {
+        bad.push(format!("then stopped: {why}"));
+        Outcome::Ran(Err(bad))
+    }
+}
+
+/// Whether one more attempt on `region` fits the budget: the fuse intact and the
+/// region's counter below the width (the attempt may fill the last slot).
+fn room_for_one(c: &CounterReport, region: Region) -> bool {
+    !c.fuse && c.counters[region as usize] < c.width as u32 && c.slots_left > 0
+}
+
 /// Run the suite.
 pub fn run(t: &mut dyn ConformanceTarget, opts: &Options) -> Report {
     let target = t.name();
@@ -621,10 +733,11 @@ pub fn run(t: &mut dyn ConformanceTarget, opts: &Options) -> Report {
         seq: 0,
         faults: Vec::new(),
         baseline: None,
+        key: opts.reset_key,
+        plan: Vec::new(),
         resets: Vec::new(),
         last_reply: None,
     };
-    let mut plan = Vec::new();
     let mut results = Vec::new();
     // Read the device's width and budget first.
     let start = s.counters();
@@ -635,33 +748,31 @@ pub fn run(t: &mut dyn ConformanceTarget, opts: &Options) -> Report {
                 .filter(|p| wanted(p, opts))
                 .map(|p| cost(p).iter().max().copied().unwrap_or(0))
                 .sum();
-            plan.push(format!(
+            s.plan.push(format!(
                 "width {}, slots left {}, fuse {}; the planned properties need up to {total} attempts per region{}",
                 c.width,
                 c.slots_left,
                 c.fuse as u8,
                 match (total <= c.slots_left, opts.reset_key.is_some()) {
                     (true, _) => "",
-                    (false, true) => ": the keyed physical reset restores the budget between properties",
+                    (false, true) => ": the keyed physical reset restores the budget whenever the next attempt would not fit",
                     (false, false) => ": properties that do not fit are skipped (give --reset-key-file or --reset-key-from-service to restore the budget)",
                 }
             ));
         }
-        Err(e) => plan.push(format!("could not read the device's budget: {e}")),
+        Err(e) => s
+            .plan
+            .push(format!("could not read the device's budget: {e}")),
     }
     // The flash before any attempt: only refused attempts come before
     // refused-leaves-flash-unchanged, so the flash must still hash the same there.
-    let mut base = [[0u8; 32]; 3];
-    let mut have = true;
-    for (b, r) in base.iter_mut().zip(Region::ALL) {
-        match s.hash(r) {
-            Ok(h) => *b = h,
-            Err(_) => have = false,
-        }
-    }
-    s.baseline = have.then_some(base);
+    s.baseline = s.hashes().ok().map(|hashes| Baseline {
+        hashes,
+        taken: "before the suite's first (refused) attempt".into(),
+        changed: Vec::new(),
+    });
     for &name in PROPERTIES {
-        let r = run_one(&mut s, name, opts, &mut plan);
+        let r = run_one(&mut s, name, opts);
         let (status, mut evidence) = match r {
             Ok(Outcome::Ran(Ok(ev))) => (Status::Pass, ev),
             Ok(Outcome::Ran(Err(ev))) => (Status::Fail, ev),
@@ -692,6 +803,7 @@ pub fn run(t: &mut dyn ConformanceTarget, opts: &Options) -> Report {
         error: n(Status::Error),
     };
     let faults = std::mem::take(&mut s.faults);
+    let plan = std::mem::take(&mut s.plan);
     let overall = if counts.failed > 0 {
         Overall::Fail
     } else if counts.transport > 0 || !faults.is_empty() {
@@ -721,55 +833,27 @@ fn wanted(name: &str, opts: &Options) -> bool {
     }
 }
 
-/// Make sure the property's attempts fit the budget: restore it with the keyed
-/// physical reset if needed and possible, else say why it cannot run.
-fn fit(
-    s: &mut Session,
-    name: &str,
-    opts: &Options,
-    plan: &mut Vec<String>,
-) -> TResult<Option<String>> {
+/// Without the reset key a property runs only if all its attempts fit below the fuse
+/// as the device stands: the reason it cannot, if not.
+fn fits_without_key(s: &mut Session, name: &str) -> TResult<Option<String>> {
     let need = cost(name);
     let c = s.counters()?;
     let w = c.width as u32;
-    let fits = |c: &CounterReport| {
-        !c.fuse
-            && (0..3).all(|i| c.counters[i].saturating_add(need[i]) < w)
-            && need.iter().max().copied().unwrap_or(0) <= c.slots_left
-    };
-    if fits(&c) {
+    if !c.fuse
+        && (0..3).all(|i| c.counters[i].saturating_add(need[i]) < w)
+        && need.iter().max().copied().unwrap_or(0) <= c.slots_left
+    {
         return Ok(None);
     }
-    let Some(key) = opts.reset_key else {
-        return Ok(Some(format!(
-            "needs {need:?} attempts (vbios, firmware, config) below the fuse; the device has {} of width {w}, fuse {}, slots left {}; give --reset-key-file or --reset-key-from-service to let the suite restore the budget",
-            format_args!("{:?}", c.counters),
-            c.fuse as u8,
-            c.slots_left
-        )));
-    };
-    let (_, resp, after) = s.keyed_reset(key)?;
-    plan.push(format!(
-        "before {name}: physical reset to restore the budget ({resp:?}): {} -> {}",
-        show(&c),
-        show(&after)
-    ));
-    if fits(&after) {
-        Ok(None)
-    } else {
-        Ok(Some(format!(
-            "the budget did not come back after a keyed physical reset: {}",
-            show(&after)
-        )))
-    }
+    Ok(Some(format!(
+        "needs {need:?} attempts (vbios, firmware, config) below the fuse; the device has {} of width {w}, fuse {}, slots left {}; give --reset-key-file or --reset-key-from-service to let the suite restore the budget",
+        format_args!("{:?}", c.counters),
+        c.fuse as u8,
+        c.slots_left
+    )))
 }
 
-fn run_one(
-    s: &mut Session,
-    name: &str,
-    opts: &Options,
-    plan: &mut Vec<String>,
-) -> TResult<Outcome> {
+fn run_one(s: &mut Session, name: &str, opts: &Options) -> TResult<Outcome> {
     match name {
         "budget-and-fuse" if !opts.burn_fuse => {
             return Ok(Outcome::Skip(
@@ -788,28 +872,29 @@ fn run_one(
             "the target has no in-band register view".into(),
         ));
     }
-    if cost(name) != [0, 0, 0] {
-        if let Some(why) = fit(s, name, opts, plan)? {
+    // With the key, every attempt makes its own room (Session::room_for).
+    if s.key.is_none() && cost(name) != [0, 0, 0] {
+        if let Some(why) = fits_without_key(s, name)? {
             return Ok(Outcome::Skip(why));
         }
     }
     match name {
-        "refused-attempts-counted" => p_attempts(s, false),
-        "refused-leaves-flash-unchanged" => p_refused_unchanged(s),
-        "accepted-attempts-counted" => p_attempts(s, true),
-        "count-before-act" => p_before_act(s),
-        "master" => p_master(s),
-        "persistence" => p_persistence(s),
+        "refused-attempts-counted" => p_attempts(s, name, false),
+        "refused-leaves-flash-unchanged" => p_refused_unchanged(s, name),
+        "accepted-attempts-counted" => p_attempts(s, name, true),
+        "count-before-act" => p_before_act(s, name),
+        "master" => p_master(s, name),
+        "persistence" => p_persistence(s, name),
         "no-decrement" => p_no_decrement(s, opts),
-        "oob-equals-inband" => p_inband(s),
-        "budget-and-fuse" => p_fuse(s, opts, plan),
+        "oob-equals-inband" => p_inband(s, name),
+        "budget-and-fuse" => p_fuse(s, opts),
         "physical-reset" => p_physical_reset(s, opts),
         "master-across-physical-reset" => p_master_reset(s, opts),
         other => Err(TargetError::Target(format!("unknown property {other}"))),
     }
 }
 
-fn p_attempts(s: &mut Session, accepted: bool) -> TResult<Outcome> {
+fn p_attempts(s: &mut Session, name: &str, accepted: bool) -> TResult<Outcome> {
     let mut ev = Vec::new();
     let mut bad = Vec::new();
     let label = if accepted { "accepted" } else { "refused" };
@@ -819,7 +904,10 @@ fn p_attempts(s: &mut Session, accepted: bool) -> TResult<Outcome> {
                 // Keep the VBIOS (expansion ROM) intact: a program of all-ones suffices.
                 continue;
             }
-            let a = s.counters()?;
+            let a = match s.room_for(name, r)? {
+                Ok(a) => a,
+                Err(why) => return Ok(cut_short(bad, why)),
+            };
             s.t.attempt(r, k, accepted)?;
             let b = s.counters()?;
             match one_counted(&a, &b, r) {
@@ -836,29 +924,35 @@ fn p_attempts(s: &mut Session, accepted: bool) -> TResult<Outcome> {
     Ok(verdict(ev, bad))
 }
 
-fn p_refused_unchanged(s: &mut Session) -> TResult<Outcome> {
+fn p_refused_unchanged(s: &mut Session, name: &str) -> TResult<Outcome> {
     let mut ev = Vec::new();
     let mut bad = Vec::new();
-    if let Some(base) = s.baseline {
-        for (b, r) in base.iter().zip(Region::ALL) {
+    // The reference is closed here: from now on each attempt is checked on its own.
+    if let Some(base) = s.baseline.take() {
+        bad.extend(base.changed);
+        for (b, r) in base.hashes.iter().zip(Region::ALL) {
             let now = s.hash(r)?;
             if &now != b {
                 bad.push(format!(
-                    "{r}: READ_HASH {} before the suite's first (refused) attempt, {} now, after refused attempts only",
+                    "{r}: READ_HASH {} {}, {} now, after refused attempts only",
                     oob::hex_string(&b[..8]),
+                    base.taken,
                     oob::hex_string(&now[..8])
                 ));
             }
         }
         if bad.is_empty() {
-            ev.push(
-                "every region hashes as before the refused attempts of refused-attempts-counted"
-                    .into(),
-            );
+            ev.push(format!(
+                "every region hashes as {}, after the refused attempts of refused-attempts-counted",
+                base.taken
+            ));
         }
     }
     for r in Region::ALL {
         for k in [AttemptKind::Erase, AttemptKind::Program] {
+            if let Err(why) = s.room_for(name, r)? {
+                return Ok(cut_short(bad, why));
+            }
             let before = s.hash(r)?;
             let status = s.t.attempt(r, k, false)?;
             let after = s.hash(r)?;
@@ -898,7 +992,7 @@ fn p_refused_unchanged(s: &mut Session) -> TResult<Outcome> {
     Ok(verdict(ev, bad))
 }
 
-fn p_before_act(s: &mut Session) -> TResult<Outcome> {
+fn p_before_act(s: &mut Session, name: &str) -> TResult<Outcome> {
     let mut ev = Vec::new();
     let mut bad = Vec::new();
     for accepted in [false, true] {
@@ -908,7 +1002,10 @@ fn p_before_act(s: &mut Session) -> TResult<Outcome> {
             "refused erase"
         };
         for r in Region::ALL {
-            let a = s.counters()?;
+            let a = match s.room_for(name, r)? {
+                Ok(a) => a,
+                Err(why) => return Ok(cut_short(bad, why)),
+            };
             s.t.attempt_then_cut(r, accepted)?;
             let b = s.counters()?;
             match one_counted(&a, &b, r) {
@@ -923,8 +1020,7 @@ fn p_before_act(s: &mut Session) -> TResult<Outcome> {
     Ok(verdict(ev, bad))
 }
 
-fn p_master(s: &mut Session) -> TResult<Outcome> {
-    let a = s.counters()?;
+fn p_master(s: &mut Session, name: &str) -> TResult<Outcome> {
     let plan = [
         (Region::Config, AttemptKind::Erase, false),
         (Region::Firmware, AttemptKind::Program, false),
@@ -933,11 +1029,21 @@ fn p_master(s: &mut Session) -> TResult<Outcome> {
     ];
     let mut ev = Vec::new();
     let mut bad = Vec::new();
-    let mut prev = a;
+    // Summed over the attempts (a physical reset between two of them clears the
+    // region counters; MASTER it keeps, which master-across-physical-reset checks).
+    let (mut region_delta, mut master_delta) = (0i64, 0i64);
     for (r, k, acc) in plan {
+        let prev = match s.room_for(name, r)? {
+            Ok(a) => a,
+            Err(why) => return Ok(cut_short(bad, why)),
+        };
         s.t.attempt(r, k, acc)?;
         let c = s.counters()?;
         let d = c.master as i64 - prev.master as i64;
+        region_delta += (0..3)
+            .map(|i| c.counters[i] as i64 - prev.counters[i] as i64)
+            .sum::<i64>();
+        master_delta += d;
         let what = format!(
             "{} {} {r}",
             if acc { "accepted" } else { "refused" },
@@ -951,17 +1057,8 @@ fn p_master(s: &mut Session) -> TResult<Outcome> {
         } else {
             ev.push(format!("{what}: master {} -> {}", prev.master, c.master));
         }
-        prev = c;
     }
-    let region_delta: i64 = (0..3)
-        .map(|i| prev.counters[i] as i64 - a.counters[i] as i64)
-        .sum();
-    let master_delta = prev.master as i64 - a.master as i64;
-    let line = format!(
-        "4 attempts: region deltas sum {region_delta}, master delta {master_delta} ({} -> {})",
-        show(&a),
-        show(&prev)
-    );
+    let line = format!("4 attempts: region deltas sum {region_delta}, master delta {master_delta}");
     if region_delta != 4 || master_delta != 4 {
         bad.push(line);
     } else {
@@ -970,7 +1067,7 @@ fn p_master(s: &mut Session) -> TResult<Outcome> {
     Ok(verdict(ev, bad))
 }
 
-fn p_persistence(s: &mut Session) -> TResult<Outcome> {
+fn p_persistence(s: &mut Session, name: &str) -> TResult<Outcome> {
     let mut ev = Vec::new();
     let mut bad = Vec::new();
     for (kind, r) in [
@@ -978,6 +1075,9 @@ fn p_persistence(s: &mut Session) -> TResult<Outcome> {
         (ResetKind::Flr, Region::Firmware),
         (ResetKind::PowerCycle, Region::Config),
     ] {
+        if let Err(why) = s.room_for(name, r)? {
+            return Ok(cut_short(bad, why));
+        }
         s.t.attempt(r, AttemptKind::Erase, false)?;
         let a = s.counters()?;
         s.t.reset(kind)?;
@@ -1110,8 +1210,10 @@ fn p_no_decrement(s: &mut Session, opts: &Options) -> TResult<Outcome> {
     let marker = s.next_seq();
     s.t.oob_send(&oob::frame(marker, oob::cmd::IDENTIFY, &[]))?;
     let mut skipped = 0;
+    // The marker's reply by its sequence number AND its kind: an error frame that
+    // answers garbage may carry any sequence byte, the marker's included.
     while let Some(f) = s.t.oob_read()? {
-        if matches!(oob::decode_response(&f), Ok((q, _)) if q == marker) {
+        if matches!(oob::decode_response(&f), Ok((q, Response::Identity { .. })) if q == marker) {
             break;
         }
         skipped += 1;
@@ -1140,7 +1242,7 @@ fn p_no_decrement(s: &mut Session, opts: &Options) -> TResult<Outcome> {
     Ok(verdict(ev, bad))
 }
 
-fn p_inband(s: &mut Session) -> TResult<Outcome> {
+fn p_inband(s: &mut Session, name: &str) -> TResult<Outcome> {
     let Some(ib) = s.t.inband() else {
         return Ok(Outcome::NotApplicable(
             "the target has no in-band register view".into(),
@@ -1158,6 +1260,9 @@ fn p_inband(s: &mut Session) -> TResult<Outcome> {
         Some(Region::Config),
     ] {
         if let Some(r) = step {
+            if let Err(why) = s.room_for(name, r)? {
+                return Ok(cut_short(bad, why));
+            }
             s.t.attempt(r, AttemptKind::Erase, false)?;
         }
         let what = match step {
@@ -1186,7 +1291,7 @@ fn p_inband(s: &mut Session) -> TResult<Outcome> {
     Ok(verdict(ev, bad))
 }
 
-fn p_fuse(s: &mut Session, opts: &Options, plan: &mut Vec<String>) -> TResult<Outcome> {
+fn p_fuse(s: &mut Session, opts: &Options) -> TResult<Outcome> {
     let mut ev = Vec::new();
     let mut bad = Vec::new();
     let r = Region::Config;
@@ -1194,7 +1299,7 @@ fn p_fuse(s: &mut Session, opts: &Options, plan: &mut Vec<String>) -> TResult<Ou
     if start.fuse || start.counters != [0, 0, 0] {
         if let Some(key) = opts.reset_key {
             let (_, resp, after) = s.keyed_reset(key)?;
-            plan.push(format!(
+            s.plan.push(format!(
                 "before budget-and-fuse: physical reset to start from an empty budget ({resp:?}): {} -> {}",
                 show(&start),
                 show(&after)
@@ -1250,9 +1355,23 @@ fn p_fuse(s: &mut Session, opts: &Options, plan: &mut Vec<String>) -> TResult<Ou
     ev.push(format!("fuse blew after {n} attempts: {}", show(&prev)));
     // Blown: every further command refused, counters saturated, no data changes.
     let h = s.hash(Region::Firmware)?;
-    s.t.attempt(Region::Firmware, AttemptKind::Erase, true)?;
+    let mut statuses = vec![(
+        Region::Firmware,
+        s.t.attempt(Region::Firmware, AttemptKind::Erase, true)?,
+    )];
     for _ in 0..2 {
-        s.t.attempt(r, AttemptKind::Erase, true)?;
+        statuses.push((r, s.t.attempt(r, AttemptKind::Erase, true)?));
+    }
+    // A blank region does not change when erased: FLASH_STATUS, where the target
+    // reads it, must say the fuse refused the command.
+    for (region, st) in statuses {
+        if let Some(st) = st {
+            if st & FLASH_STATUS_DONE != 0 || st & FLASH_STATUS_REFUSED_FUSE == 0 {
+                bad.push(format!(
+                    "unlocked erase of {region} with the fuse blown: FLASH_STATUS {st:#x} does not say refused by the fuse"
+                ));
+            }
+        }
     }
     let after = s.counters()?;
     let h2 = s.hash(Region::Firmware)?;
@@ -1792,8 +1911,10 @@ impl ConformanceTarget for SerialTarget {
             }
         }
         Err(TargetError::Transport(format!(
-            "{}: no response within {:?}",
-            self.path, self.timeout
+            "{}: no response within {:?} (the response timeout, --timeout-ms {}: it may be below this device's latency for the request; a device that answers later needs a larger --timeout-ms)",
+            self.path,
+            self.timeout,
+            self.timeout.as_millis()
         )))
     }
     fn oob_send(&mut self, bytes: &[u8]) -> TResult<()> {

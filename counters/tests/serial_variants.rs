@@ -6,9 +6,12 @@
 
 mod pty;
 
-use hilrig_counters::conformance::{Options, Overall, Report};
+use hilrig_counters::conformance::{Options, Overall, Report, Status};
 use hilrig_device::oob::{self, CounterReport, ErrorCode, FrameReader, Response, StreamEvent};
-use hilrig_device::{Device, Model};
+use hilrig_device::regmap::{
+    Reg, FLASH_CMD_ERASE, FLASH_CMD_PROGRAM, FLASH_STATUS_DONE, FLASH_STATUS_UNLOCKED,
+};
+use hilrig_device::{Device, DeviceError, Model, NvState, Region, ResetKind};
 use pty::{nv, opts, spawn_pty, PtyDevice};
 use std::io::{Read, Write};
 use std::sync::atomic::Ordering;
@@ -38,6 +41,10 @@ enum Shape {
     /// Every byte outside a frame is answered with a BAD_SYNC error frame (the
     /// datasheet: a malformed request, bad sync included, gets an error frame).
     BadSyncPerByte,
+    /// Like `BadSyncPerByte`, but each error frame carries the sequence number the
+    /// device expects next (the last request's plus one): garbage has no sequence of
+    /// its own, and the protocol does not say which one an error frame for it has.
+    BadSyncNumberedAhead,
     // --- link faults ---
     /// Line noise (and an oversized frame header) before every reply.
     NoiseBefore,
@@ -93,6 +100,7 @@ fn serve(dev: Arc<Mutex<Box<dyn Device>>>, shape: Shape) -> PtyDevice {
             let _ = m.flush();
         };
         let mut requests = 0usize;
+        let mut last_seq = 0u8;
         while !st.load(Ordering::Relaxed) {
             let n: usize = master.read(&mut buf).unwrap_or_default();
             if n == 0 {
@@ -118,6 +126,10 @@ fn serve(dev: Arc<Mutex<Box<dyn Device>>>, shape: Shape) -> PtyDevice {
                 let (req, mut out) = match reader.push(b) {
                     Some(StreamEvent::Frame(f)) => {
                         requests += 1;
+                        // A request with a good CRC (the garbage has a bad one).
+                        if let Ok((q, _, _)) = oob::parse_frame(&f) {
+                            last_seq = q;
+                        }
                         if let Shape::CorruptedRequest(k) = shape {
                             if requests % k == 0 {
                                 let out = error_frame(f[2], ErrorCode::BadCrc, 0);
@@ -151,6 +163,10 @@ fn serve(dev: Arc<Mutex<Box<dyn Device>>>, shape: Shape) -> PtyDevice {
                     Some(StreamEvent::Garbage(_)) if shape == Shape::BadSyncPerByte => {
                         (Vec::new(), error_frame(0, ErrorCode::BadSync, 0))
                     }
+                    Some(StreamEvent::Garbage(_)) if shape == Shape::BadSyncNumberedAhead => (
+                        Vec::new(),
+                        error_frame(last_seq.wrapping_add(1), ErrorCode::BadSync, 0),
+                    ),
                     Some(StreamEvent::Garbage(_)) | None => continue,
                 };
                 let cmd = req.get(3).copied().unwrap_or(0);
@@ -162,6 +178,7 @@ fn serve(dev: Arc<Mutex<Box<dyn Device>>>, shape: Shape) -> PtyDevice {
                     Shape::Plain
                     | Shape::CorruptedRequest(_)
                     | Shape::BadSyncPerByte
+                    | Shape::BadSyncNumberedAhead
                     | Shape::BusyEveryOtherReset
                     | Shape::AlwaysBusy => put(&mut master, &out),
                     Shape::Split { piece, gap } => {
@@ -375,15 +392,293 @@ fn a_device_always_busy_at_a_physical_reset_is_an_error_not_a_fail() {
     assert_eq!(r.counts.failed, 0, "{}", r.text());
 }
 
+/// The marker request after the garbage is recognised by its sequence number and its
+/// kind (an IDENTIFY reply): before, the first error frame for garbage that carried
+/// the marker's sequence number was taken for its reply, and the real reply was then
+/// drained as stale input (TRANSPORT).
 #[test]
-#[ignore = "defect: a correct device of counter width 1 or 2 (the datasheet allows 1..=64) can never PASS: properties need 2 attempts on a region below the fuse, so they are SKIPPED even with the reset key (INCOMPLETE)"]
+fn an_error_frame_for_garbage_with_the_markers_sequence_is_not_its_reply() {
+    assert_pass(&run(
+        Shape::BadSyncNumberedAhead,
+        Duration::from_millis(1000),
+    ));
+}
+
+/// A correct device of width `w`, over the plain PTY peer, with the reset key: every
+/// property runs (none SKIPPED) and holds; the keyed physical reset restores the
+/// budget between attempts.
+fn narrow_passes(w: u8) {
+    let r = run_with(model(w), Shape::Plain, Duration::from_millis(1000), &opts());
+    assert_pass(&r);
+    assert_eq!(r.counts.skipped, 0, "{}", r.text());
+    assert!(
+        r.plan.iter().any(|p| p.contains("physical reset")),
+        "{}",
+        r.text()
+    );
+}
+
+#[test]
+fn a_correct_device_of_width_1_passes() {
+    narrow_passes(1);
+}
+
+#[test]
 fn a_correct_device_of_width_2_passes() {
-    assert_pass(&run_with(
-        model(2),
+    narrow_passes(2);
+}
+
+/// Without the reset key a narrow device cannot have its budget restored: the
+/// counting properties are SKIPPED with the reason, and the run is INCOMPLETE.
+#[test]
+fn a_narrow_device_without_the_reset_key_is_incomplete_with_reasons() {
+    let o = Options {
+        burn_fuse: false,
+        reset_key: None,
+    };
+    let r = run_with(model(2), Shape::Plain, Duration::from_millis(1000), &o);
+    assert_eq!(r.overall, Overall::Incomplete, "{}", r.text());
+    let s = r.get("refused-attempts-counted").unwrap();
+    assert_eq!(s.status, Status::Skip, "{}", r.text());
+    assert!(s.evidence[0].contains("width 2"), "{}", r.text());
+}
+
+/// How a narrow device is broken at the end of its budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// Refused attempts on CONFIG are refused but never counted.
+    MissesRefusedConfig,
+    /// The counter that fills its last slot wraps to 0 and the fuse stays intact.
+    Wraps,
+    /// With the fuse blown an unlocked erase still acts and FLASH_STATUS says done
+    /// (the controller forgets to check the fuse).
+    FuseLetsEraseThrough,
+    /// Not a fault: the keyed physical reset rewrites the CONFIG region with its
+    /// defaults (the datasheet does not say a physical reset leaves the flash alone).
+    ResetRewritesConfig,
+    /// A refused erase of CONFIG (counted, FLASH_STATUS refused) scribbles zeros on it.
+    RefusedEraseScribblesConfig,
+}
+
+/// The reference model with one [`Fault`].
+struct Narrow {
+    fault: Fault,
+    inner: Model,
+    region: u32,
+    /// An erase went through with the fuse blown: FLASH_STATUS says done.
+    let_through: bool,
+    /// FLASH_STATUS of the last command, kept across a rebuild.
+    status: Option<u32>,
+}
+
+impl Narrow {
+    fn rebuild(&mut self, f: impl FnOnce(&mut NvState)) -> Result<(), DeviceError> {
+        let mut n = self.inner.nv().clone();
+        f(&mut n);
+        self.inner = Model::new(n)?;
+        Ok(())
+    }
+}
+
+impl Device for Narrow {
+    fn read_word(&mut self, w: u32, m: u8) -> Result<u32, DeviceError> {
+        if w == Reg::FlashStatus.offset() && self.let_through {
+            return Ok(FLASH_STATUS_DONE | FLASH_STATUS_UNLOCKED);
+        }
+        if w == Reg::FlashStatus.offset() {
+            if let Some(st) = self.status {
+                return Ok(st);
+            }
+        }
+        self.inner.read_word(w, m)
+    }
+    fn write_word(&mut self, w: u32, v: u32, m: u8) -> Result<(), DeviceError> {
+        if w == Reg::FlashRegion.offset() {
+            self.region = v;
+        }
+        if w != Reg::FlashCmd.offset() || !(v == FLASH_CMD_ERASE || v == FLASH_CMD_PROGRAM) {
+            return self.inner.write_word(w, v, m);
+        }
+        self.let_through = false;
+        self.status = None;
+        let pre = self.inner.nv().clone();
+        let unlocked =
+            self.inner.read_word(Reg::FlashStatus.offset(), 0xf)? & FLASH_STATUS_UNLOCKED != 0;
+        let r = (self.region as usize).min(2);
+        self.inner.write_word(w, v, m)?;
+        match self.fault {
+            Fault::MissesRefusedConfig if !unlocked && r == Region::Config as usize => self
+                .rebuild(|n| {
+                    n.counters = pre.counters;
+                    n.master = pre.master;
+                    n.fuse = pre.fuse;
+                }),
+            Fault::Wraps if self.inner.nv().fuse && !pre.fuse => self.rebuild(|n| {
+                n.fuse = false;
+                n.counters[r] = 0;
+            }),
+            Fault::FuseLetsEraseThrough if pre.fuse && unlocked && v == FLASH_CMD_ERASE => {
+                self.rebuild(|n| n.flash[r].fill(0xff))?;
+                self.let_through = true;
+                Ok(())
+            }
+            Fault::RefusedEraseScribblesConfig
+                if !unlocked && v == FLASH_CMD_ERASE && r == Region::Config as usize =>
+            {
+                let st = self.inner.read_word(Reg::FlashStatus.offset(), 0xf)?;
+                self.rebuild(|n| n.flash[r].fill(0))?;
+                self.status = Some(st);
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+    fn rom_size(&self) -> u64 {
+        self.inner.rom_size()
+    }
+    fn rom_read(&mut self, o: u64, d: &mut [u8]) -> Result<(), DeviceError> {
+        self.inner.rom_read(o, d)
+    }
+    fn reset(&mut self, k: ResetKind) -> Result<(), DeviceError> {
+        self.let_through = false;
+        self.status = None;
+        self.inner.reset(k)
+    }
+    fn oob(&mut self, req: &[u8]) -> Result<Vec<u8>, DeviceError> {
+        let out = self.inner.oob(req)?;
+        if self.fault == Fault::ResetRewritesConfig
+            && matches!(
+                oob::decode_response(&out),
+                Ok((_, Response::ResetDone { .. }))
+            )
+        {
+            self.rebuild(|n| n.flash[Region::Config as usize].fill(0x5a))?;
+        }
+        Ok(out)
+    }
+}
+
+/// A narrow device with `fault` over the same plain PTY peer, with every property
+/// and the key.
+fn run_narrow(fault: Fault, w: u8) -> Report {
+    let dev = Narrow {
+        fault,
+        inner: Model::new(nv(w)).unwrap(),
+        region: 0,
+        let_through: false,
+        status: None,
+    };
+    run_with(
+        Box::new(dev),
         Shape::Plain,
         Duration::from_millis(1000),
         &opts(),
-    ));
+    )
+}
+
+/// A broken narrow device: FAIL, on `property` among others.
+fn narrow_fails(fault: Fault, w: u8, property: &str) -> Report {
+    let r = run_narrow(fault, w);
+    assert_eq!(
+        r.overall,
+        Overall::Fail,
+        "{fault:?} width {w}\n{}",
+        r.text()
+    );
+    assert_eq!(
+        r.get(property).unwrap().status,
+        Status::Fail,
+        "{fault:?} width {w} must fail {property}\n{}",
+        r.text()
+    );
+    r
+}
+
+/// refused-leaves-flash-unchanged's reference hashes are taken again after each
+/// physical reset the suite makes before it (at width 1 one before every attempt):
+/// a device whose physical reset rewrites a region PASSES (before: FAIL, "READ_HASH
+/// ... before the suite's first (refused) attempt, ... now").
+#[test]
+fn a_physical_reset_that_rewrites_flash_is_not_taken_for_a_refused_attempt() {
+    let r = run_narrow(Fault::ResetRewritesConfig, 1);
+    assert_pass(&r);
+    let ev = r
+        .get("refused-leaves-flash-unchanged")
+        .unwrap()
+        .evidence
+        .join("\n");
+    assert!(
+        ev.contains("after the physical reset before"),
+        "{}",
+        r.text()
+    );
+}
+
+/// Negative control: a refused erase that scribbles on CONFIG in
+/// refused-attempts-counted, followed by a physical reset, is still caught (compared
+/// just before the reset); the region is already scribbled by then, so the
+/// property's own attempts see no change.
+#[test]
+fn a_refused_attempt_that_changes_flash_before_a_physical_reset_fails() {
+    let r = narrow_fails(
+        Fault::RefusedEraseScribblesConfig,
+        1,
+        "refused-leaves-flash-unchanged",
+    );
+    let ev = r
+        .get("refused-leaves-flash-unchanged")
+        .unwrap()
+        .evidence
+        .join("\n");
+    assert!(
+        ev.contains("just before the physical reset"),
+        "{}",
+        r.text()
+    );
+}
+
+/// `fault` at width 1 and at width 2: FAIL, on the property named for each width.
+fn narrow_fails_at_1_and_2(fault: Fault, property: [&str; 2]) {
+    narrow_fails(fault, 1, property[0]);
+    narrow_fails(fault, 2, property[1]);
+}
+
+#[test]
+fn a_narrow_counter_that_misses_an_attempt_fails() {
+    let p = "refused-attempts-counted";
+    narrow_fails_at_1_and_2(Fault::MissesRefusedConfig, [p, p]);
+}
+
+/// Seen at the first attempt that fills the last slot, and by budget-and-fuse.
+#[test]
+fn a_narrow_counter_that_wraps_instead_of_fusing_fails() {
+    narrow_fails_at_1_and_2(
+        Fault::Wraps,
+        ["refused-attempts-counted", "budget-and-fuse"],
+    );
+}
+
+#[test]
+fn a_narrow_fuse_that_lets_an_erase_through_fails() {
+    let p = "budget-and-fuse";
+    narrow_fails_at_1_and_2(Fault::FuseLetsEraseThrough, [p, p]);
+}
+
+/// A reply later than --timeout-ms is TRANSPORT, and the report says the timeout
+/// (named with its value) may be below the device's latency.
+#[test]
+fn a_timeout_below_the_devices_latency_is_transport_and_says_so() {
+    let r = run(
+        Shape::Slow {
+            cmd: oob::cmd::PHYSICAL_RESET,
+            delay: Duration::from_millis(250),
+        },
+        Duration::from_millis(100),
+    );
+    assert_transport(&r);
+    let t = r.text();
+    assert!(t.contains("--timeout-ms 100"), "{t}");
+    assert!(t.contains("may be below this device's latency"), "{t}");
 }
 
 // ---------------------------------------------------------------- link faults
