@@ -126,7 +126,7 @@ impl Anchor {
     /// The anchored head (seq, MAC); None when nothing was anchored yet.
     pub fn read(&mut self) -> Result<Option<(i64, String)>> {
         match self {
-            Anchor::File(path) => Ok(read_file(path)?.0),
+            Anchor::File(path) => Ok(read_file_as(path, Lines::Head)?.0),
             Anchor::Db { db, name, .. } => {
                 let rows = db
                     .query(
@@ -176,12 +176,9 @@ impl Anchor {
         }
         match self {
             Anchor::File(path) => {
-                let mut all = read_file(path)?.1;
-                for s in serials {
-                    if let Some(e) = all.remove(s) {
-                        out.insert(s.clone(), e);
-                    }
-                }
+                let want: std::collections::HashSet<&str> =
+                    serials.iter().map(|s| s.as_str()).collect();
+                out.extend(read_file_as(path, Lines::Only(&want))?.1);
                 Ok(out)
             }
             Anchor::Db { db, name, .. } => {
@@ -403,9 +400,25 @@ fn write_file_forward(path: &Path, seq: i64, mac: &str, devices: &[DeviceHead]) 
     r
 }
 
+/// Which device lines [`read_file_as`] parses.
+enum Lines<'a> {
+    /// None: the head only.
+    Head,
+    /// Those of these serials.
+    Only(&'a std::collections::HashSet<&'a str>),
+    /// All of them.
+    All,
+}
+
 /// The history chain's head as an anchor file holds it: "SEQ MAC" on the first
 /// line, then "SERIAL SEQ MAC" per device (none in a file from before).
 fn read_file(path: &Path) -> Result<FileAnchor> {
+    read_file_as(path, Lines::All)
+}
+
+/// [`read_file`], parsing only the device lines `lines` names (the head is always
+/// parsed; a device line that is parsed and malformed is an error).
+fn read_file_as(path: &Path, lines: Lines<'_>) -> Result<FileAnchor> {
     let bytes = match std::fs::read(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -435,15 +448,24 @@ fn read_file(path: &Path) -> Result<FileAnchor> {
         ),
     };
     let text = std::str::from_utf8(&bytes).map_err(|_| bad())?;
-    let mut lines = text.lines();
-    let mut it = lines.next().unwrap_or("").split_whitespace();
+    let mut it = text.lines().next().unwrap_or("").split_whitespace();
     let seq = it
         .next()
         .and_then(|x| x.parse::<i64>().ok())
         .ok_or_else(bad)?;
     let mac = it.next().ok_or_else(bad)?.to_string();
     let mut devices = std::collections::BTreeMap::new();
-    for (n, line) in lines.enumerate() {
+    for (n, line) in text.lines().skip(1).enumerate() {
+        match &lines {
+            Lines::Head => break,
+            Lines::Only(want) => {
+                let first = line.split_whitespace().next().unwrap_or("");
+                if !want.contains(first) {
+                    continue;
+                }
+            }
+            Lines::All => {}
+        }
         let f: Vec<&str> = line.split_whitespace().collect();
         let entry = match f.as_slice() {
             [] => continue,

@@ -808,14 +808,16 @@ impl Service {
         for chunk in seqs.chunks(500) {
             let (sql, params) = if self.db.kind() == "postgresql" {
                 (
-                    "SELECT seq, serial, mac FROM history WHERE seq = ANY($1)".to_string(),
+                    "SELECT seq, serial, mac FROM history WHERE seq > 0 AND seq = ANY($1)"
+                        .to_string(),
                     vec![Val::I64Array(chunk.to_vec())],
                 )
             } else {
                 let list: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
                 (
+                    // `seq > 0`: the partial index `history_seq` serves it.
                     format!(
-                        "SELECT seq, serial, mac FROM history WHERE seq IN ({})",
+                        "SELECT seq, serial, mac FROM history WHERE seq > 0 AND seq IN ({})",
                         list.join(",")
                     ),
                     chunk.iter().map(|q| Val::I64(*q)).collect(),
