@@ -638,9 +638,10 @@ impl Service {
         let Some((seq, mac)) = newest.filter(|a| a.0 > 0) else {
             return Ok(());
         };
-        let rows = self
-            .db
-            .query("SELECT mac FROM history WHERE seq = $1", &[Val::I64(seq)])?;
+        let rows = self.db.query(
+            "SELECT mac FROM history WHERE seq > 0 AND seq = $1",
+            &[Val::I64(seq)],
+        )?;
         let found = rows
             .first()
             .and_then(|r| r.first())
@@ -743,7 +744,7 @@ impl Service {
     /// the genuine anchored row copied alone into an older database is refused).
     fn anchored_row_fault(&mut self, aseq: i64, amac: &str) -> Result<Option<String>> {
         let rows = self.db.query(
-            "SELECT serial, at, verdict, severity, recoverable, state, observed, expected, reasons, mac, prev FROM history WHERE seq = $1",
+            "SELECT serial, at, verdict, severity, recoverable, state, observed, expected, reasons, mac, prev FROM history WHERE seq > 0 AND seq = $1",
             &[Val::I64(aseq)],
         )?;
         let Some(r) = rows.first().filter(|r| r.len() == 11) else {
@@ -778,7 +779,7 @@ impl Service {
         }
         if aseq > 1 {
             let rows = self.db.query(
-                "SELECT mac FROM history WHERE seq = $1",
+                "SELECT mac FROM history WHERE seq > 0 AND seq = $1",
                 &[Val::I64(aseq - 1)],
             )?;
             let before = rows
