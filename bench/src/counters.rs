@@ -418,6 +418,55 @@ pub fn bench_counters(budget: Duration, pg_url: Option<&str>) -> Result<Vec<Figu
                     f.vs(first).target(">= 0.5 x sqlite")
                 });
             }
+            // The anchor's cost (SQLite): the same batched verify and one verify
+            // call with a file anchor and with a SQLite anchor database, as
+            // ratios against the unanchored rows of this run. Each commit reads
+            // the device entries and writes the head and the entries of the
+            // devices it verified; a file anchor is rewritten whole (one line per
+            // device anchored so far).
+            let batched = first;
+            let per0 = verify_per_call(&mut backends[0].svc, DEVICES, budget / 4)?;
+            let call0 = figs.len();
+            figs.push(Figure::new(
+                format!("sqlite: one verify call over {DEVICES} devices, no anchor"),
+                per0 * 1e6,
+                "us/call",
+            ));
+            let anchors = [
+                ("file anchor", dir.join("anchor").display().to_string()),
+                (
+                    "anchor database (sqlite:)",
+                    format!("sqlite:{}", dir.join("anchor.db").display()),
+                ),
+            ];
+            for (label, spec) in anchors {
+                let mut svc = Service::with_db(Box::new(SqliteDb::open(&db_path)?), key.clone())?;
+                svc.set_anchor_spec(&spec)?;
+                let mut r = Rater::new();
+                r.run(&mut svc, budget / 4)?;
+                figs.push(
+                    Figure::new(
+                        format!(
+                            "sqlite: verify over {DEVICES} devices ({BATCH}/transaction), {label}"
+                        ),
+                        r.rate(),
+                        "verify/s",
+                    )
+                    .vs(batched),
+                );
+                let per = verify_per_call(&mut svc, DEVICES, budget / 4)?;
+                figs.push(
+                    Figure::new(
+                        format!(
+                            "sqlite: one verify call over {DEVICES} devices, {label} ({} devices anchored)",
+                            r.n.min(DEVICES as usize)
+                        ),
+                        per * 1e6,
+                        "us/call",
+                    )
+                    .vs(call0),
+                );
+            }
             // Where a batch's time goes, per engine (ms per batch of 1,000).
             for b in backends.iter() {
                 let p = b.svc.batch_profile();

@@ -2,11 +2,22 @@
 //! was replayed (restored from an older copy) or rolled back.
 //!
 //! It lives outside the service's database, where that database's attacker cannot
-//! write: a small file (`SEQ MAC`, written atomically with fsync), or a second
-//! database given by URL — a SQLite file (`sqlite:PATH`) or a PostgreSQL database
-//! (`postgresql://...`). A database anchor holds one row per service database,
-//! named by the key's fingerprint, and only ever moves forward (a writer that
-//! committed an older head never moves it back).
+//! write: a small file (`SEQ MAC` on its first line, written atomically with
+//! fsync), or a second database given by URL — a SQLite file (`sqlite:PATH`) or a
+//! PostgreSQL database (`postgresql://...`). A database anchor holds one row per
+//! service database, named by the key's fingerprint, and only ever moves forward
+//! (a writer that committed an older head never moves it back).
+//!
+//! Besides the head it keeps each device's newest history row (serial → seq and
+//! MAC): a file anchor one `SERIAL SEQ MAC` line per device after the head, a
+//! database anchor one `anchor_devices` row per (service database, serial). Each
+//! entry also only moves forward, on its own (a writer whose head is older than
+//! the stored one still records a device row newer than that device's entry).
+//! Verify checks a device against its entry (see `Service::verify`), so a
+//! device's history rolled back below the head is caught at the cost of one
+//! lookup per device, whatever the size of the history. An anchor file from
+//! before (the head alone) reads as one with no device entries and gains them on
+//! its next write.
 
 use crate::store::{self, Db, Val};
 use crate::{Error, Result};
@@ -16,12 +27,27 @@ use std::path::{Path, PathBuf};
 /// hilrig-db. Never edit a published migration: add one.
 pub const SCHEMA: hilrig_db::Schema<'static> = hilrig_db::Schema {
     name: "counters_anchor",
-    migrations: &[hilrig_db::Migration::same(
-        1,
-        "CREATE TABLE IF NOT EXISTS anchor (name TEXT PRIMARY KEY, seq BIGINT NOT NULL, mac TEXT NOT NULL, at BIGINT NOT NULL)",
-    )],
+    migrations: &[
+        hilrig_db::Migration::same(
+            1,
+            "CREATE TABLE IF NOT EXISTS anchor (name TEXT PRIMARY KEY, seq BIGINT NOT NULL, mac TEXT NOT NULL, at BIGINT NOT NULL)",
+        ),
+        hilrig_db::Migration::same(
+            2,
+            "CREATE TABLE anchor_devices (name TEXT NOT NULL, serial TEXT NOT NULL, seq BIGINT NOT NULL, mac TEXT NOT NULL, PRIMARY KEY (name, serial))",
+        ),
+    ],
     adopt: hilrig_db::Adopt::Tables(&[("anchor", &["name", "seq", "mac", "at"])]),
 };
+
+/// A device's newest history row as the anchor keeps it: (serial, seq, MAC).
+pub type DeviceHead = (String, i64, String);
+
+/// What an anchor file holds: the head, and each device's newest history row.
+type FileAnchor = (
+    Option<(i64, String)>,
+    std::collections::BTreeMap<String, (i64, String)>,
+);
 
 /// Where the chain head is anchored.
 pub enum Anchor {
@@ -100,7 +126,7 @@ impl Anchor {
     /// The anchored head (seq, MAC); None when nothing was anchored yet.
     pub fn read(&mut self) -> Result<Option<(i64, String)>> {
         match self {
-            Anchor::File(path) => read_file(path),
+            Anchor::File(path) => Ok(read_file_as(path, Lines::Head)?.0),
             Anchor::Db { db, name, .. } => {
                 let rows = db
                     .query(
@@ -134,24 +160,164 @@ impl Anchor {
     /// file anchor is compared and advanced under an exclusive lock on its lock file
     /// (`.NAME.lock` beside it), so two writers cannot interleave read and rename.
     pub fn write(&mut self, seq: i64, mac: &str) -> Result<()> {
+        self.write_with(seq, mac, &[])
+    }
+
+    /// Each of `serials`' newest history row as anchored: (seq, MAC) by serial;
+    /// a serial with no entry (never written since the anchor kept devices) is
+    /// left out.
+    pub fn devices(
+        &mut self,
+        serials: &[String],
+    ) -> Result<std::collections::HashMap<String, (i64, String)>> {
+        let mut out = std::collections::HashMap::with_capacity(serials.len());
+        if serials.is_empty() {
+            return Ok(out);
+        }
         match self {
-            Anchor::File(path) => write_file_forward(path, seq, mac),
+            Anchor::File(path) => {
+                let want: std::collections::HashSet<&str> =
+                    serials.iter().map(|s| s.as_str()).collect();
+                out.extend(read_file_as(path, Lines::Only(&want))?.1);
+                Ok(out)
+            }
             Anchor::Db { db, name, .. } => {
-                let r = db.exec(
-                    "INSERT INTO anchor (name, seq, mac, at) VALUES ($1, $2, $3, $4) \
-                     ON CONFLICT (name) DO UPDATE SET seq = excluded.seq, mac = excluded.mac, at = excluded.at \
-                     WHERE anchor.seq < excluded.seq",
-                    &[
-                        Val::Text(name.clone()),
-                        Val::I64(seq),
-                        Val::Text(mac.to_string()),
-                        Val::I64(store::now_ms()),
-                    ],
-                );
-                r.map(|_| ()).map_err(|e| self.err(format!("writing: {e}")))
+                let got = (|| -> Result<()> {
+                    for chunk in serials.chunks(500) {
+                        let (sql, mut params) = if db.kind() == "postgresql" {
+                            (
+                                "SELECT serial, seq, mac FROM anchor_devices WHERE name = $1 AND serial = ANY($2)".to_string(),
+                                vec![Val::TextArray(chunk.to_vec())],
+                            )
+                        } else {
+                            let list: Vec<String> =
+                                (2..chunk.len() + 2).map(|i| format!("${i}")).collect();
+                            (
+                                format!(
+                                    "SELECT serial, seq, mac FROM anchor_devices WHERE name = $1 AND serial IN ({})",
+                                    list.join(",")
+                                ),
+                                chunk.iter().map(|k| Val::Text(k.clone())).collect(),
+                            )
+                        };
+                        params.insert(0, Val::Text(name.clone()));
+                        for r in db.query(&sql, &params)? {
+                            if r.len() != 3 {
+                                return Err(Error::db(
+                                    "reading a device entry",
+                                    "3 columns expected",
+                                ));
+                            }
+                            out.insert(r[0].text("serial")?, (r[1].i64("seq")?, r[2].text("mac")?));
+                        }
+                    }
+                    Ok(())
+                })();
+                match got {
+                    Ok(()) => Ok(out),
+                    Err(e) => Err(self.err(format!("reading device entries: {e}"))),
+                }
             }
         }
     }
+
+    /// [`Anchor::write`] of the head, and of `devices`' newest history rows
+    /// (each device's entry moves forward only, on its own, whatever the head
+    /// does: at the same sequence the stored MAC is kept).
+    pub fn write_with(&mut self, seq: i64, mac: &str, devices: &[DeviceHead]) -> Result<()> {
+        match self {
+            Anchor::File(path) => write_file_forward(path, seq, mac, devices),
+            Anchor::Db { db, name, .. } => {
+                let r = write_db(&mut **db, name, seq, mac, devices);
+                r.map_err(|e| self.err(format!("writing: {e}")))
+            }
+        }
+    }
+}
+
+/// Record the head and device entries in an anchor database, each moving
+/// forward only (SQLite: one transaction; PostgreSQL: the device entries in one
+/// statement of array parameters, then the head).
+fn write_db(
+    db: &mut dyn Db,
+    name: &str,
+    seq: i64,
+    mac: &str,
+    devices: &[DeviceHead],
+) -> Result<()> {
+    let head = |db: &mut dyn Db| {
+        db.exec(
+            "INSERT INTO anchor (name, seq, mac, at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (name) DO UPDATE SET seq = excluded.seq, mac = excluded.mac, at = excluded.at \
+             WHERE anchor.seq < excluded.seq",
+            &[
+                Val::Text(name.to_string()),
+                Val::I64(seq),
+                Val::Text(mac.to_string()),
+                Val::I64(store::now_ms()),
+            ],
+        )
+        .map(|_| ())
+    };
+    if devices.is_empty() {
+        return head(db);
+    }
+    // The newest row of each device only (a batch may verify one twice).
+    let mut newest: std::collections::HashMap<&str, (i64, &str)> =
+        std::collections::HashMap::with_capacity(devices.len());
+    for (s, q, m) in devices {
+        let e = newest.entry(s.as_str()).or_insert((*q, m.as_str()));
+        if *q > e.0 {
+            *e = (*q, m.as_str());
+        }
+    }
+    const UPSERT: &str =
+        "ON CONFLICT (name, serial) DO UPDATE SET seq = excluded.seq, mac = excluded.mac \
+                          WHERE anchor_devices.seq < excluded.seq";
+    if db.kind() == "postgresql" {
+        let (mut ss, mut qs, mut ms) = (Vec::new(), Vec::new(), Vec::new());
+        for (s, (q, m)) in newest {
+            ss.push(s.to_string());
+            qs.push(q);
+            ms.push(m.to_string());
+        }
+        db.exec(
+            &format!(
+                "INSERT INTO anchor_devices (name, serial, seq, mac) \
+                 SELECT $1, * FROM unnest($2::text[], $3::bigint[], $4::text[]) {UPSERT}"
+            ),
+            &[
+                Val::Text(name.to_string()),
+                Val::TextArray(ss),
+                Val::I64Array(qs),
+                Val::TextArray(ms),
+            ],
+        )?;
+        return head(db);
+    }
+    db.begin()?;
+    let sql = format!(
+        "INSERT INTO anchor_devices (name, serial, seq, mac) VALUES ($1, $2, $3, $4) {UPSERT}"
+    );
+    for (s, (q, m)) in newest {
+        if let Err(e) = db.exec(
+            &sql,
+            &[
+                Val::Text(name.to_string()),
+                Val::Text(s.to_string()),
+                Val::I64(q),
+                Val::Text(m.to_string()),
+            ],
+        ) {
+            db.rollback();
+            return Err(e);
+        }
+    }
+    if let Err(e) = head(db) {
+        db.rollback();
+        return Err(e);
+    }
+    db.commit()
 }
 
 /// The lock file of an anchor file: `.NAME.lock` beside it (the anchor itself is
@@ -169,10 +335,11 @@ pub fn file_lock_path(path: &Path) -> PathBuf {
 }
 
 /// Compare-and-advance of a file anchor: under an exclusive `flock` on its lock
-/// file, read the stored head and write `seq mac` only when `seq` is newer. A writer
-/// holding an older head (it committed before another process that anchored after
-/// it) leaves the newer head in place.
-fn write_file_forward(path: &Path, seq: i64, mac: &str) -> Result<()> {
+/// file, read the stored head and device entries, move forward those that
+/// `seq mac` and `devices` are newer than, and write the file again (only if
+/// anything moved). A writer holding an older head (it committed before another
+/// process that anchored after it) leaves the newer head in place.
+fn write_file_forward(path: &Path, seq: i64, mac: &str, devices: &[DeviceHead]) -> Result<()> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
     let lp = file_lock_path(path);
@@ -199,26 +366,64 @@ fn write_file_forward(path: &Path, seq: i64, mac: &str) -> Result<()> {
             return Err(fail("locking", e));
         }
     }
-    if let Some((stored, _)) = read_file(path)? {
-        if stored >= seq {
-            return Ok(()); // never back, never rewritten at the same sequence
+    let (head, mut entries) = read_file(path)?;
+    let mut moved = false;
+    // Never back, never rewritten at the same sequence: the head and each device.
+    let head = match head {
+        Some((stored, smac)) if stored >= seq => (stored, smac),
+        _ => {
+            moved = true;
+            (seq, mac.to_string())
+        }
+    };
+    for (s, q, m) in devices {
+        match entries.get(s) {
+            Some((stored, _)) if stored >= q => {}
+            _ => {
+                entries.insert(s.clone(), (*q, m.clone()));
+                moved = true;
+            }
         }
     }
-    let r = hilrig_device::state::write_atomic(path, format!("{seq} {mac}\n").as_bytes()).map_err(
-        |e| Error::Anchor {
-            path: path.to_path_buf(),
-            detail: format!("writing: {e}"),
-        },
-    );
+    if !moved {
+        return Ok(());
+    }
+    let mut text = format!("{} {}\n", head.0, head.1);
+    for (s, (q, m)) in &entries {
+        text.push_str(&format!("{s} {q} {m}\n"));
+    }
+    let r = hilrig_device::state::write_atomic(path, text.as_bytes()).map_err(|e| Error::Anchor {
+        path: path.to_path_buf(),
+        detail: format!("writing: {e}"),
+    });
     drop(lock); // closing the descriptor releases the lock
     r
 }
 
-/// The history chain's head as an anchor file holds it: "SEQ MAC".
-fn read_file(path: &Path) -> Result<Option<(i64, String)>> {
+/// Which device lines [`read_file_as`] parses.
+enum Lines<'a> {
+    /// None: the head only.
+    Head,
+    /// Those of these serials.
+    Only(&'a std::collections::HashSet<&'a str>),
+    /// All of them.
+    All,
+}
+
+/// The history chain's head as an anchor file holds it: "SEQ MAC" on the first
+/// line, then "SERIAL SEQ MAC" per device (none in a file from before).
+fn read_file(path: &Path) -> Result<FileAnchor> {
+    read_file_as(path, Lines::All)
+}
+
+/// [`read_file`], parsing only the device lines `lines` names (the head is always
+/// parsed; a device line that is parsed and malformed is an error).
+fn read_file_as(path: &Path, lines: Lines<'_>) -> Result<FileAnchor> {
     let bytes = match std::fs::read(path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok((None, Default::default()))
+        }
         Err(e) => {
             return Err(Error::Anchor {
                 path: path.to_path_buf(),
@@ -243,11 +448,44 @@ fn read_file(path: &Path) -> Result<Option<(i64, String)>> {
         ),
     };
     let text = std::str::from_utf8(&bytes).map_err(|_| bad())?;
-    let mut it = text.split_whitespace();
+    let mut it = text.lines().next().unwrap_or("").split_whitespace();
     let seq = it
         .next()
         .and_then(|x| x.parse::<i64>().ok())
         .ok_or_else(bad)?;
     let mac = it.next().ok_or_else(bad)?.to_string();
-    Ok(Some((seq, mac)))
+    let mut devices = std::collections::BTreeMap::new();
+    for (n, line) in text.lines().skip(1).enumerate() {
+        match &lines {
+            Lines::Head => break,
+            Lines::Only(want) => {
+                let first = line.split_whitespace().next().unwrap_or("");
+                if !want.contains(first) {
+                    continue;
+                }
+            }
+            Lines::All => {}
+        }
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let entry = match f.as_slice() {
+            [] => continue,
+            [s, q, m] => q
+                .parse::<i64>()
+                .ok()
+                .map(|q| (s.to_string(), q, m.to_string())),
+            _ => None,
+        };
+        let Some((s, q, m)) = entry else {
+            return Err(Error::Anchor {
+                path: path.to_path_buf(),
+                detail: format!(
+                    "line {}: {:?} is not \"SERIAL SEQ MAC\"",
+                    n + 2,
+                    line.chars().take(200).collect::<String>()
+                ),
+            });
+        };
+        devices.insert(s, (q, m));
+    }
+    Ok((Some((seq, mac)), devices))
 }

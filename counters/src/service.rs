@@ -250,6 +250,17 @@ pub struct Service {
     /// that history row must still be in the database at every commit (a
     /// database replayed under a running service is refused).
     anchored: Option<(i64, String)>,
+    /// During a transaction, with an anchor: the history rows written, for the
+    /// anchor's device entries (serial, seq, MAC).
+    anchor_rows: Vec<crate::anchor::DeviceHead>,
+    /// During `verify_batch`, with an anchor: each device's anchor entry, read
+    /// before its row, and the history rows those entries name (seq → serial,
+    /// MAC).
+    anchor_entries: Option<AnchorEntries>,
+    /// During `verify_batch`: the device rows were read ahead, before the anchor
+    /// (a row behind its anchor entry may be one another process moved on since:
+    /// the batch runs again on fresh rows instead of quarantining it).
+    rows_read_ahead: bool,
     /// During `hold_clear`: the operator's note, first reason of the history row.
     clear_note: Option<String>,
     /// Where `verify_batch` spent its time.
@@ -265,6 +276,14 @@ pub struct Service {
     /// the very next batch only if its serials are these and no transaction ran
     /// in between.
     ahead: Option<(Vec<String>, BatchRead)>,
+}
+
+/// Anchor entries read for a batch: each device's (seq, MAC), and the history
+/// rows at those sequences (seq → serial, MAC).
+#[derive(Default)]
+struct AnchorEntries {
+    devices: std::collections::HashMap<String, (i64, String)>,
+    rows: std::collections::HashMap<i64, (String, String)>,
 }
 
 /// Device rows read for a batch by [`read_batch`].
@@ -494,6 +513,9 @@ impl Service {
             head: None,
             anchor: None,
             anchored: None,
+            anchor_rows: Vec::new(),
+            anchor_entries: None,
+            rows_read_ahead: false,
             max_seqs: None,
             pending_devices: None,
             batch_macs: None,
@@ -554,6 +576,7 @@ impl Service {
         }
         self.tx_times = (t.elapsed(), Default::default());
         self.head = None;
+        self.anchor_rows.clear();
         // Rows read ahead serve only the batch right after the one that read
         // them (it takes them before its transaction).
         self.ahead = None;
@@ -577,7 +600,8 @@ impl Service {
                     // the database (accepted: the chain continues from it), never
                     // ahead of it.
                     point("anchor: before write");
-                    a.write(h.0, &h.1)?;
+                    let rows = std::mem::take(&mut self.anchor_rows);
+                    a.write_with(h.0, &h.1, &rows)?;
                     point("anchor: written");
                     if self.anchored.as_ref().is_none_or(|f| f.0 < h.0) {
                         self.anchored = Some(h);
@@ -614,9 +638,10 @@ impl Service {
         let Some((seq, mac)) = newest.filter(|a| a.0 > 0) else {
             return Ok(());
         };
-        let rows = self
-            .db
-            .query("SELECT mac FROM history WHERE seq = $1", &[Val::I64(seq)])?;
+        let rows = self.db.query(
+            "SELECT mac FROM history WHERE seq > 0 AND seq = $1",
+            &[Val::I64(seq)],
+        )?;
         let found = rows
             .first()
             .and_then(|r| r.first())
@@ -719,7 +744,7 @@ impl Service {
     /// the genuine anchored row copied alone into an older database is refused).
     fn anchored_row_fault(&mut self, aseq: i64, amac: &str) -> Result<Option<String>> {
         let rows = self.db.query(
-            "SELECT serial, at, verdict, severity, recoverable, state, observed, expected, reasons, mac, prev FROM history WHERE seq = $1",
+            "SELECT serial, at, verdict, severity, recoverable, state, observed, expected, reasons, mac, prev FROM history WHERE seq > 0 AND seq = $1",
             &[Val::I64(aseq)],
         )?;
         let Some(r) = rows.first().filter(|r| r.len() == 11) else {
@@ -754,7 +779,7 @@ impl Service {
         }
         if aseq > 1 {
             let rows = self.db.query(
-                "SELECT mac FROM history WHERE seq = $1",
+                "SELECT mac FROM history WHERE seq > 0 AND seq = $1",
                 &[Val::I64(aseq - 1)],
             )?;
             let before = rows
@@ -769,6 +794,69 @@ impl Service {
             }
         }
         Ok(None)
+    }
+
+    /// Each of `keys`' anchor entry and the history rows they name (empty
+    /// without an anchor). Read before the device rows: an entry is never newer
+    /// than what was committed when it was read.
+    fn read_anchor_entries(&mut self, keys: &[String]) -> Result<AnchorEntries> {
+        let Some(a) = self.anchor.as_mut() else {
+            return Ok(AnchorEntries::default());
+        };
+        let devices = a.devices(keys)?;
+        let mut rows = std::collections::HashMap::with_capacity(devices.len());
+        let seqs: Vec<i64> = devices.values().map(|e| e.0).collect();
+        for chunk in seqs.chunks(500) {
+            let (sql, params) = if self.db.kind() == "postgresql" {
+                (
+                    "SELECT seq, serial, mac FROM history WHERE seq > 0 AND seq = ANY($1)"
+                        .to_string(),
+                    vec![Val::I64Array(chunk.to_vec())],
+                )
+            } else {
+                let list: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+                (
+                    // `seq > 0`: the partial index `history_seq` serves it.
+                    format!(
+                        "SELECT seq, serial, mac FROM history WHERE seq > 0 AND seq IN ({})",
+                        list.join(",")
+                    ),
+                    chunk.iter().map(|q| Val::I64(*q)).collect(),
+                )
+            };
+            for r in self.db.query(&sql, &params)? {
+                // A row that does not read as (seq, serial, mac) matches nothing.
+                if let (Some(Val::I64(q)), Some(Val::Text(k)), Some(Val::Text(m))) =
+                    (r.first(), r.get(1), r.get(2))
+                {
+                    rows.insert(*q, (k.clone(), m.clone()));
+                }
+            }
+        }
+        Ok(AnchorEntries { devices, rows })
+    }
+
+    /// What is wrong with device `key`'s record (written at history `hseq`)
+    /// against its anchor entry, or None: the record must be at least as new as
+    /// the device's newest history row the anchor names, and that row must be in
+    /// the database with the anchored MAC. Either fails when the device's state
+    /// was rolled back below the chain head (an older row put back, its newer
+    /// history deleted, moved to another serial, or an older database restored
+    /// with other rows copied in). A device with no entry (none written since the
+    /// anchor kept devices) is not checked.
+    fn anchored_device_fault(&self, key: &str, hseq: i64, e: &AnchorEntries) -> Option<String> {
+        let (aseq, amac) = e.devices.get(key)?;
+        if hseq < *aseq {
+            return Some(format!(
+                "device record {key} is older than its anchored history (row written at history {hseq}, the anchor names history {aseq}): a replayed row"
+            ));
+        }
+        match e.rows.get(aseq) {
+            Some((k, m)) if k == key && m == amac => None,
+            _ => Some(format!(
+                "history row {aseq}, the anchor's newest for {key}, is gone or different: its history was rolled back or rewritten"
+            )),
+        }
     }
 
     // ---- devices ---------------------------------------------------------
@@ -911,6 +999,7 @@ impl Service {
     /// A device record, MAC-checked.
     pub fn device(&mut self, serial: u64) -> Result<DeviceRecord> {
         let key = serial_key(serial);
+        let anchored = self.read_anchor_entries(std::slice::from_ref(&key))?;
         match self.load_raw(&key, false)? {
             None => Err(Error::UnknownDevice(key)),
             Some((_, false)) => Err(Error::Tampered {
@@ -930,6 +1019,16 @@ impl Service {
                             row: key,
                         });
                     }
+                }
+                // Or older than its anchored history.
+                if self
+                    .anchored_device_fault(&key, r.hseq, &anchored)
+                    .is_some()
+                {
+                    return Err(Error::Tampered {
+                        table: "devices",
+                        row: key,
+                    });
                 }
                 // A hold kept beside the row wins over what the row says.
                 if let Some(h) = self.hold_for(&key)? {
@@ -1554,6 +1653,10 @@ impl Service {
             &prev,
         );
         self.head = Some((seq, mac.clone()));
+        if self.anchor.is_some() {
+            self.anchor_rows
+                .push((serial.to_string(), seq, mac.clone()));
+        }
         point("history: chained");
         let row = vec![
             serial.into(),
@@ -2164,6 +2267,12 @@ impl Service {
             if pg {
                 s.holds = Some(std::collections::HashMap::new());
             }
+            // The anchor's entries before the rows (rows read ahead came
+            // before them: see `rows_read_ahead`).
+            s.rows_read_ahead = ahead.is_some();
+            if s.anchor.is_some() {
+                s.anchor_entries = Some(s.read_anchor_entries(&keys)?);
+            }
             let (pre, check) = match ahead.take() {
                 Some(read) => s.take_read(read, false),
                 None => s.prefetch(&keys)?,
@@ -2265,6 +2374,8 @@ impl Service {
         self.max_seqs = None;
         self.pending_devices = None;
         self.batch_macs = None;
+        self.anchor_entries = None;
+        self.rows_read_ahead = false;
         if r.is_ok() {
             self.ahead = next_ahead;
         }
@@ -2415,6 +2526,24 @@ impl Service {
         obs: std::result::Result<Observation, Error>,
     ) -> Result<VerifyReport> {
         point("verify: start");
+        // The anchor entry before the row (a batch read them all before its rows).
+        let (anchored, batch) = match self.anchor_entries.take() {
+            Some(e) => (e, true),
+            None => (self.read_anchor_entries(&[key.to_string()])?, false),
+        };
+        let r = self.verify_anchored(key, obs, &anchored);
+        if batch {
+            self.anchor_entries = Some(anchored);
+        }
+        r
+    }
+
+    fn verify_anchored(
+        &mut self,
+        key: &str,
+        obs: std::result::Result<Observation, Error>,
+        anchored: &AnchorEntries,
+    ) -> Result<VerifyReport> {
         let (mut rec, intact) = self
             .load_raw(key, true)?
             .ok_or_else(|| Error::UnknownDevice(key.to_string()))?;
@@ -2440,6 +2569,13 @@ impl Service {
                     "device record {key} is older than its history (row written at history {}, latest history {latest}): a replayed row",
                     rec.hseq
                 ));
+                false
+            } else if let Some(why) = self.anchored_device_fault(key, rec.hseq, anchored) {
+                if self.rows_read_ahead {
+                    // Read before the anchor entry: maybe only stale.
+                    return Err(Error::Stale(key.to_string()));
+                }
+                replayed_row = Some(why);
                 false
             } else {
                 true
