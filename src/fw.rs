@@ -95,8 +95,54 @@ pub enum FwCmd {
     },
 }
 
+/// Largest firmware file read: a bundle's header, largest manifest, signature
+/// and payloads (images and ROMs are far smaller).
+pub const MAX_FW_FILE: u64 = (12 + bundle::MAX_MANIFEST + 64 + bundle::MAX_PAYLOADS) as u64;
+
 fn read(p: &Path) -> Result<Vec<u8>> {
-    std::fs::read(p).with_context(|| format!("reading {}", p.display()))
+    read_bounded(p, MAX_FW_FILE)
+}
+
+/// Read the regular file `p`, at most `limit` bytes: opened without blocking and
+/// checked on the descriptor (a FIFO is refused, never waited on; `/dev/zero` and
+/// other devices are refused, never read), the read itself bounded (a file that
+/// grows past `limit` is refused, not read whole).
+pub fn read_bounded(p: &Path, limit: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(p)
+        .with_context(|| format!("reading {}", p.display()))?;
+    let meta = f
+        .metadata()
+        .with_context(|| format!("reading {}", p.display()))?;
+    if !meta.is_file() {
+        bail!(
+            "{}: not a regular file ({:?}); refused without reading it",
+            p.display(),
+            meta.file_type()
+        );
+    }
+    if meta.len() > limit {
+        bail!(
+            "{}: {} bytes, at most {limit}; refused without reading it",
+            p.display(),
+            meta.len()
+        );
+    }
+    let mut b = Vec::new();
+    f.take(limit + 1)
+        .read_to_end(&mut b)
+        .with_context(|| format!("reading {}", p.display()))?;
+    if b.len() as u64 > limit {
+        bail!(
+            "{}: more than {limit} bytes (it grew while read); refused",
+            p.display()
+        );
+    }
+    Ok(b)
 }
 
 fn write_new(p: &Path, bytes: &[u8]) -> Result<()> {

@@ -463,11 +463,12 @@ fn device(cmd: DeviceCmd) -> Result<()> {
             backend,
         } => {
             let region = parse_region(&region)?;
-            let img = std::fs::read(&image)
-                .with_context(|| format!("reading image {}", image.display()))?;
             let size = hilrig_device::NvState::load(&state)?
                 .config
                 .region_size(region);
+            // Never more than the region holds (+1 to tell "too large").
+            let img = fw::read_bounded(&image, u64::from(size) + 1)
+                .with_context(|| format!("image for the {region} region ({size} bytes)"))?;
             // A writer: hold the state file (refused while a VMM runs on it).
             let _lock = hilrig_device::state::StateLock::acquire(&state)?;
             let mut m = open_device(&backend, &state)?;

@@ -32,15 +32,23 @@ pub struct AppState {
     pub poll: Duration,
     /// Runs the host pages look at.
     pub host_runs: usize,
+    /// Time a client has to send a request's headers (a slowloris client that
+    /// trickles them, or connects and sends nothing, is dropped after it).
+    pub header_timeout: Duration,
+    /// Connections served at once; further clients wait in the listen backlog.
+    pub max_connections: usize,
 }
 
 impl AppState {
-    /// State over `db` with the default poll (500 ms) and 30 runs for hosts.
+    /// State over `db` with the default poll (500 ms), 30 runs for hosts,
+    /// [`HEADER_TIMEOUT`] and [`MAX_CONNECTIONS`].
     pub fn new(db: Arc<Db>) -> AppState {
         AppState {
             db,
             poll: Duration::from_millis(500),
             host_runs: 30,
+            header_timeout: HEADER_TIMEOUT,
+            max_connections: MAX_CONNECTIONS,
         }
     }
 }
@@ -114,14 +122,47 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serve on `listener` until the process ends.
+/// Default time a client has to send a request's headers.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default most connections served at once.
+pub const MAX_CONNECTIONS: usize = 512;
+
+/// Serve on `listener` until the process ends: HTTP/1.1, each request's headers
+/// within `state.header_timeout` (`axum::serve` sets no timer, so a client that
+/// never finished its headers held its connection for ever), at most
+/// `state.max_connections` connections at once (the next ones wait in the
+/// listen backlog until one ends).
 pub async fn serve(listener: tokio::net::TcpListener, state: AppState) -> Result<()> {
-    axum::serve(listener, router(state))
-        .await
-        .map_err(|source| ServeError::Io {
-            what: "serving".into(),
-            source,
-        })
+    let header_timeout = state.header_timeout;
+    let slots = Arc::new(tokio::sync::Semaphore::new(state.max_connections.max(1)));
+    let app = router(state);
+    loop {
+        let permit = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| ServeError::Task(e.to_string()))?;
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // Out of descriptors and the like: wait, as axum::serve does.
+                tracing::warn!("accepting a connection: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                tracing::debug!("connection: {e}");
+            }
+        });
+    }
 }
 
 #[derive(Deserialize)]

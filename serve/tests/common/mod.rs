@@ -26,26 +26,31 @@ pub fn fill(dir: &Path, db: &str, n: u64) -> Vec<Run> {
                     .unwrap();
             }
         }
-        store
-            .create_run(
-                &RunRow {
-                    id: run.id.clone(),
-                    campaign: run.campaign.clone(),
-                    file: "nightly.toml".into(),
-                    run_dir: run_dir.to_string_lossy().into(),
-                    started_ms: run.started_ms,
-                    finished_ms: None,
-                },
-                &run.hosts,
-            )
-            .unwrap();
-        for c in &run.cases {
-            store.put_case(&run.id, c).unwrap();
-        }
-        store.finish_run(&run.id, run.finished_ms).unwrap();
+        put_run(&mut store, &run, &run_dir);
         runs.push(run);
     }
     runs
+}
+
+/// Record the finished `run` (its directory `run_dir`) in `store`.
+pub fn put_run(store: &mut Store, run: &Run, run_dir: &Path) {
+    store
+        .create_run(
+            &RunRow {
+                id: run.id.clone(),
+                campaign: run.campaign.clone(),
+                file: "nightly.toml".into(),
+                run_dir: run_dir.to_string_lossy().into(),
+                started_ms: run.started_ms,
+                finished_ms: None,
+            },
+            &run.hosts,
+        )
+        .unwrap();
+    for c in &run.cases {
+        store.put_case(&run.id, c).unwrap();
+    }
+    store.finish_run(&run.id, run.finished_ms).unwrap();
 }
 
 /// A server on 127.0.0.1:0 over `db`, in its own runtime thread.
@@ -56,6 +61,11 @@ pub struct Server {
 }
 
 pub fn start(db: &str, poll_ms: u64) -> Server {
+    start_with(db, |st| st.poll = std::time::Duration::from_millis(poll_ms))
+}
+
+/// A server whose state `f` adjusts (timeouts, connection cap).
+pub fn start_with(db: &str, f: impl FnOnce(&mut AppState)) -> Server {
     let db = Db::open(db, 4).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -63,7 +73,7 @@ pub fn start(db: &str, poll_ms: u64) -> Server {
         .build()
         .unwrap();
     let mut st = AppState::new(db.clone());
-    st.poll = std::time::Duration::from_millis(poll_ms);
+    f(&mut st);
     let l = rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .unwrap();
