@@ -473,7 +473,7 @@ pub fn open_console_output(path: &Path, owners: &[u32]) -> Result<std::fs::File,
     if !is_char {
         return create_output_file(path);
     }
-    let terminal = console_link_target(path)?;
+    let terminal = console_link_target(path, owners)?;
     let f = std::fs::OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_CLOEXEC | libc_o_nonblock())
@@ -504,14 +504,20 @@ pub fn open_console_output(path: &Path, owners: &[u32]) -> Result<std::fs::File,
 
 /// Follow the symlinks from `path` one at a time (at most [`MAX_CONSOLE_LINKS`]),
 /// checking the directories above each link and above where they end with
-/// [`check_dir_chain`]; the path they end at (not a symlink).
-fn console_link_target(path: &Path) -> Result<PathBuf, SecureFileError> {
+/// [`check_dir_chain`], and that each link is ours, root's or one of `owners`' (a
+/// sticky directory such as /tmp passes the chain check, and another user's link
+/// there is theirs to point anywhere: read_link does not apply the kernel's
+/// protected_symlinks rule); the path they end at (not a symlink).
+fn console_link_target(path: &Path, owners: &[u32]) -> Result<PathBuf, SecureFileError> {
     let mut at = std::path::absolute(path).map_err(io(path))?;
     for _ in 0..=MAX_CONSOLE_LINKS {
         check_dir_chain(parent_dir(&at))?;
         let m = std::fs::symlink_metadata(&at).map_err(io(&at))?;
         if !m.file_type().is_symlink() {
             return Ok(at);
+        }
+        if !owners.contains(&m.uid()) {
+            ours_or_roots(&m, &at, "console link")?;
         }
         let to = std::fs::read_link(&at).map_err(io(&at))?;
         // A relative target is relative to the link's directory; an absolute one

@@ -189,3 +189,39 @@ fn a_console_services_pty_is_accepted_when_its_owner_is_named_and_no_other_users
     let e = open_console_output(&planted, &[SERVICE]).unwrap_err();
     assert!(matches!(e, SecureFileError::UnsafeDir { .. }), "{e}");
 }
+
+#[test]
+fn another_users_link_in_a_sticky_directory_on_the_console_chain_is_refused() {
+    // Attack: our console link leads through a link in a sticky directory others
+    // can write (/tmp-like, 1777: it passes the directory check). That second link
+    // belongs to another user, who can point it at any terminal (read_link does not
+    // apply the kernel's protected_symlinks rule): refused unless its owner is named.
+    if !rooted("another_users_link_in_a_sticky_directory_on_the_console_chain_is_refused") {
+        return;
+    }
+    const OTHER: u32 = 65534;
+    let d = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (_controller, tty) = pty();
+    let sticky = dir(d.path(), "sticky", 0o1777);
+    let theirs = sticky.join("theirs.tty");
+    std::os::unix::fs::symlink(&tty, &theirs).unwrap();
+    std::os::unix::fs::lchown(&theirs, Some(OTHER), Some(OTHER)).unwrap();
+    let mine = dir(d.path(), "mine", 0o700);
+    let first = mine.join("console.tty");
+    std::os::unix::fs::symlink(&theirs, &first).unwrap();
+    let e = open_console_output(&first, &[]).unwrap_err();
+    assert!(
+        matches!(&e, SecureFileError::ForeignOwner { owner: OTHER, path, .. } if path == &theirs),
+        "{e}"
+    );
+    // Named as a console service, its link is followed.
+    open_console_output(&first, &[OTHER]).unwrap();
+    // Negative control: our own link in the same sticky directory (nobody else may
+    // replace it there) leads to the terminal.
+    let ours = sticky.join("ours.tty");
+    std::os::unix::fs::symlink(&tty, &ours).unwrap();
+    let good = mine.join("good.tty");
+    std::os::unix::fs::symlink(&ours, &good).unwrap();
+    open_console_output(&good, &[]).unwrap();
+}

@@ -119,6 +119,18 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
             crate::lifecycle::control::check_socket_dirs(sock)?;
         }
         for f in &jail.rw_files {
+            // A terminal cannot be reached from inside the jail (device nodes and
+            // /dev/pts are not there): say so instead of a refusal that blames its
+            // owner or a bind that leads nowhere.
+            if std::fs::metadata(f).is_ok_and(|m| {
+                use std::os::unix::fs::FileTypeExt;
+                m.file_type().is_char_device()
+            }) {
+                anyhow::bail!(
+                    "{}: a terminal cannot be a jailed VMM's console or alarm file (device nodes are not reachable inside the jail): write to a file, or run without --jail",
+                    f.display()
+                );
+            }
             hilrig_device::secure::check_output_path(f)?;
             if std::fs::symlink_metadata(f).is_err() {
                 hilrig_device::secure::create_output_file(f)?;

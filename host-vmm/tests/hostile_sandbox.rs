@@ -7,6 +7,7 @@
 mod skip;
 use hilrig_vmm::payload::Payload;
 use iced_x86::code_asm::*;
+use std::os::fd::FromRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -469,4 +470,42 @@ fn a_jailed_vmm_cannot_create_or_change_files_beside_its_console_and_alarms() {
         "the other VM's console\n"
     );
     assert!(!planted.exists());
+}
+
+#[test]
+fn a_terminal_console_for_a_jailed_vmm_is_refused_saying_why() {
+    // A terminal is not reachable inside the jail (no device nodes there): the
+    // launcher says so at start, rather than blaming the terminal's owner or
+    // binding a link whose target the jail cannot see.
+    if !skip::runnable(
+        "a_terminal_console_for_a_jailed_vmm_is_refused_saying_why",
+        true,
+    ) {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    // SAFETY: plain libc calls; the controller fd is closed when `_controller` drops.
+    let (_controller, tty) = unsafe {
+        let m = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY);
+        assert!(m >= 0 && libc::grantpt(m) == 0 && libc::unlockpt(m) == 0);
+        let name = std::ffi::CStr::from_ptr(libc::ptsname(m))
+            .to_str()
+            .unwrap()
+            .to_string();
+        (std::os::fd::OwnedFd::from_raw_fd(m), PathBuf::from(name))
+    };
+    let out = Command::new(VMM)
+        .args(["--payload", "hello"])
+        .arg("--console")
+        .arg(&tty)
+        .arg("--jail")
+        .arg(d.path().join("jail"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("a terminal cannot be a jailed VMM's console"),
+        "{err}"
+    );
 }

@@ -50,7 +50,10 @@ pub enum FindVmmError {
     /// Found, but a user other than us or root could replace it (the file, or a
     /// directory above it or above where its links lead, is theirs or writable by
     /// them): the rig would run their program, as root where it runs as root.
-    #[error("refusing to run {}: {reason}", .path.display())]
+    #[error(
+        "refusing to run {}: {reason} (a build under a umask of 002 leaves group-writable directories: chmod g-w them, or set lab.vmm / HILRIG_VMM to a copy only you or root can change)",
+        .path.display()
+    )]
     Untrusted {
         /// The binary.
         path: PathBuf,
