@@ -10,7 +10,6 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hilrig_vmm::kvm_available;
 use hilrig_vmm::policy::engine::{AlarmConfig, AlarmSink};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
@@ -532,12 +531,10 @@ fn an_output_file_another_user_owns_is_refused_and_ours_made_private() {
         "{msg}"
     );
     assert_eq!(std::fs::read_to_string(&alarms).unwrap(), "theirs\n");
-    if kvm_available() {
+    if skip::kvm!() {
         let console = plant("console.log");
         console_refused(&console, &format!("owned by uid {NOBODY}"));
         assert_eq!(std::fs::read_to_string(&console).unwrap(), "theirs\n");
-    } else {
-        eprintln!("SKIPPED: the console case needs /dev/kvm");
     }
     // A fresh file in a directory nobody owns: the directory is refused.
     let msg = alarm_error(&s.attacker_dir.join("alarms.jsonl"));
