@@ -1,6 +1,9 @@
 //! The `hilrig` binary end to end: the main job, device state files, OOB over a
 //! state file and over a real PTY, flashing, firmware images, bad input.
 
+#[path = "../host-vmm/tests/common/skip.rs"]
+mod skip;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -612,7 +615,7 @@ fn counter_conformance_passes_on_model_and_rtl() {
 
 #[test]
 fn rig_check_of_the_sample_inventory_is_all_healthy() {
-    if !hilrig_vmm::kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let inv = Path::new(env!("CARGO_MANIFEST_DIR")).join("rig/inventory/sim.toml");
@@ -633,7 +636,7 @@ impl Drop for Kill {
 
 #[test]
 fn patch_rollout_across_three_vmms_stops_at_the_bad_host() {
-    if !hilrig_vmm::kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -763,7 +766,7 @@ fn patch_rollout_across_three_vmms_stops_at_the_bad_host() {
 
 #[test]
 fn an_overwritten_vbios_is_refused_until_it_is_in_the_catalog() {
-    if !hilrig_vmm::kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -934,7 +937,7 @@ fn an_overwritten_vbios_is_refused_until_it_is_in_the_catalog() {
 
 #[test]
 fn the_main_job_runs_the_smoke_campaign_and_writes_the_report() {
-    if !hilrig_vmm::kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     // Exactly as the README runs it: no options, the default relative output
@@ -1083,7 +1086,7 @@ fn a_guest_uses_the_device_on_the_verilated_board() {
 }
 
 fn guest_on_simulated_board(engine: &str) {
-    if !hilrig_vmm::kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let mut sim = Command::new(env!("CARGO_BIN_EXE_hilrig"))
@@ -1330,8 +1333,7 @@ fn wait_for_holder(state: &Path, pid: u32, vmm: &mut std::process::Child) {
 
 #[test]
 fn a_second_vmm_on_a_held_state_file_is_refused_and_oob_reads_still_work() {
-    if !hilrig_vmm::kvm_available() {
-        eprintln!("SKIPPED: /dev/kvm not available");
+    if !skip::kvm!() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -1438,8 +1440,7 @@ fn a_second_vmm_on_a_held_state_file_is_refused_and_oob_reads_still_work() {
 
 #[test]
 fn the_residue_of_a_tenant_without_teardown_is_found_by_the_next_process() {
-    if !hilrig_vmm::kvm_available() {
-        eprintln!("SKIPPED: /dev/kvm not available");
+    if !skip::kvm!() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

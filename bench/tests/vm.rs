@@ -1,12 +1,14 @@
 //! The VMM's benchmarks report their figures (moved from host-vmm/tests/kvm.rs and
 //! host-vmm/tests/policy.rs). Without /dev/kvm they return at once.
 
-use hilrig_vmm::kvm_available;
+#[path = "../../host-vmm/tests/common/skip.rs"]
+mod skip;
+
 use std::time::Duration;
 
 #[test]
 fn bench_reports_the_five_figures() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let figs = hilrig_bench::vm_exit::bench_vm_exit(Duration::from_millis(300)).expect("bench");
@@ -22,7 +24,7 @@ fn bench_reports_the_five_figures() {
 
 #[test]
 fn bench_policy_reports_its_figures() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let f = hilrig_bench::policy::bench_policy(Duration::from_millis(500)).expect("bench");

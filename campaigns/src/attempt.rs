@@ -700,8 +700,7 @@ impl Att<'_> {
         let line = self.dev.as_ref().and_then(|d| d.console.clone());
         let mut capture_to = None;
         if let Some(c) = &line {
-            capture_to = rs.console.take();
-            rs.console = Some(PathBuf::from(&c.tty));
+            capture_to = c.wire(&mut rs);
         }
         let payload = Path::new(&spec.payload);
         if payload.is_absolute() && payload.is_file() {

@@ -327,6 +327,19 @@ pub struct HostConsole {
     pub source: hilrig_rig::console::Source,
     /// The host's end, which the VMM's `--console` names.
     pub tty: String,
+    /// Who owns `tty` on the host besides the SSH user and root (`[host.ssh]
+    /// console_owner`): the VMM's `--console-owner`, resolved there.
+    pub owner: Option<hilrig_vmm_api::ConsoleOwner>,
+}
+
+impl HostConsole {
+    /// Point `spec`'s console at this line's tty on the host, its owner named
+    /// (`--console-owner`, resolved there); returns where the spec's console
+    /// went before (the controller's capture file).
+    pub fn wire(&self, spec: &mut hilrig_vmm_api::VmSpec) -> Option<std::path::PathBuf> {
+        spec.console_owners.extend(self.owner.iter().cloned());
+        spec.console.replace(std::path::PathBuf::from(&self.tty))
+    }
 }
 
 impl HostDevice {
@@ -348,6 +361,7 @@ impl HostDevice {
                     name: c.name.clone(),
                     source,
                     tty: tty.clone(),
+                    owner: ssh.console_owner.clone(),
                 })
             })
         });
@@ -1115,6 +1129,46 @@ expect = { verdict = "pass", exit_status = 3 }
             panic!("an SSH host's board without oob= was accepted")
         };
         assert!(why.contains("oob=PORT"), "{why}");
+    }
+
+    /// `[host.ssh] console_owner` reaches the step's VMM as `--console-owner`
+    /// with the host's console tty (a name, resolved on the host).
+    #[test]
+    fn a_console_owner_in_the_inventory_reaches_the_vmm_spec() {
+        let text = "[[host]]\nname = \"h1\"\n[host.sim]\nstate = \"/w/device.state\"\n[host.ssh]\naddress = \"127.0.0.11\"\nuser = \"u\"\nidentity = \"/k\"\nknown_hosts = \"/kh\"\nworkdir = \"/w\"\nconsole = \"/w/console.tty\"\nconsole_owner = \"ser2net\"\n[[host.console]]\nname = \"com1\"\ndriver = \"serial\"\npath = \"/tmp/c\"\n[host.oob]\ndriver = \"serial\"\npath = \"/tmp/o\"\n[host.power]\ndriver = \"sim\"\n";
+        let inv = hilrig_rig::inventory::Inventory::parse(text, std::path::Path::new("lab.toml"))
+            .unwrap();
+        let dev = HostDevice::of_inventory(&inv.hosts[0]).unwrap();
+        let line = dev.console.unwrap();
+        let mut spec = hilrig_vmm_api::VmSpec {
+            console: Some("/out/console.txt".into()),
+            ..hilrig_vmm_api::VmSpec::default()
+        };
+        assert_eq!(line.wire(&mut spec), Some("/out/console.txt".into()));
+        assert_eq!(spec.console, Some("/w/console.tty".into()));
+        let args: Vec<String> = spec
+            .to_args()
+            .into_iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            args.windows(2)
+                .any(|w| w[0] == "--console-owner" && w[1] == "ser2net"),
+            "{args:?}"
+        );
+        // Without it: no owner named, the VMM refuses another user's terminal.
+        let inv = hilrig_rig::inventory::Inventory::parse(
+            &text.replace("console_owner = \"ser2net\"\n", ""),
+            std::path::Path::new("lab.toml"),
+        )
+        .unwrap();
+        let mut spec = hilrig_vmm_api::VmSpec::default();
+        HostDevice::of_inventory(&inv.hosts[0])
+            .unwrap()
+            .console
+            .unwrap()
+            .wire(&mut spec);
+        assert!(spec.console_owners.is_empty());
     }
 
     #[test]

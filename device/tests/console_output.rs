@@ -3,9 +3,11 @@
 //! `/dev/serial/by-id/...`); a symlink to anything else, or a character device that
 //! is not a terminal, is refused, and a regular file is opened as an output file.
 
+#[path = "common/pty.rs"]
+mod pty;
 use hilrig_device::secure::{open_console_output, SecureFileError};
+use pty::pty;
 use std::io::{Read, Write};
-use std::os::fd::FromRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -24,24 +26,6 @@ fn rooted(test: &str) -> bool {
     use std::io::Write;
     let _ = writeln!(std::io::stderr().lock(), "{msg}");
     false
-}
-
-/// A pty pair: the controller side as a File and the terminal's path.
-fn pty() -> (std::fs::File, std::path::PathBuf) {
-    // SAFETY: posix_openpt/grantpt/unlockpt/ptsname_r on a descriptor we own.
-    unsafe {
-        let m = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY);
-        assert!(m >= 0);
-        assert_eq!(libc::grantpt(m), 0);
-        assert_eq!(libc::unlockpt(m), 0);
-        let mut buf = [0 as libc::c_char; 128];
-        assert_eq!(libc::ptsname_r(m, buf.as_mut_ptr(), buf.len()), 0);
-        let name = std::ffi::CStr::from_ptr(buf.as_ptr())
-            .to_str()
-            .unwrap()
-            .to_string();
-        (std::fs::File::from_raw_fd(m), name.into())
-    }
 }
 
 #[test]

@@ -98,6 +98,9 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
         }
         None => load_policy(&args)?,
     });
+    // Console owners by name: looked up here, as the caller, before any jail
+    // (whose root has no user database).
+    let console_owners = resolve_console_owners(&args.console_owners)?;
     let lifecycle = crate::lifecycle::LifecycleConfig {
         device_desc: desc.clone(),
         ..lifecycle_config(&args)?
@@ -211,7 +214,7 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
             None if args.json => Console::Stderr,
             None => Console::Stdout,
         },
-        console_owners: args.console_owners.clone(),
+        console_owners,
         trap: if args.trap_all {
             TrapSet::all()
         } else {
@@ -329,6 +332,74 @@ pub fn run_cli(args: VmArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(report.verdict.exit_status().into())
+}
+
+/// The uids of `owners` (`--console-owner`): a uid as it is, a user name looked
+/// up in this host's user database. A name that does not resolve is an error
+/// naming it and this host (uids are per host: a name is resolved where the VMM
+/// runs), never skipped.
+pub fn resolve_console_owners(owners: &[hilrig_vmm_api::ConsoleOwner]) -> anyhow::Result<Vec<u32>> {
+    use hilrig_vmm_api::ConsoleOwner;
+    owners
+        .iter()
+        .map(|o| match o {
+            ConsoleOwner::Uid(u) => Ok(*u),
+            ConsoleOwner::User(name) => match uid_of_user(name) {
+                Ok(Some(uid)) => Ok(uid),
+                Ok(None) => anyhow::bail!(
+                    "--console-owner {name:?}: no such user on host {} (a console owner's name is looked up on the host where the VMM runs)",
+                    host_name()
+                ),
+                Err(e) => anyhow::bail!(
+                    "--console-owner {name:?}: looking the user up on host {}: {e}",
+                    host_name()
+                ),
+            },
+        })
+        .collect()
+}
+
+/// The uid of user `name` in this host's user database (`getpwnam_r`).
+fn uid_of_user(name: &str) -> std::io::Result<Option<u32>> {
+    let c = std::ffi::CString::new(name)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        // SAFETY: a zeroed passwd is a valid out-parameter for getpwnam_r.
+        let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: name is NUL-terminated, buf is writable for its length, and
+        // pw/found are valid out-pointers for the call.
+        let rc = unsafe {
+            libc::getpwnam_r(
+                c.as_ptr(),
+                &mut pw,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut found,
+            )
+        };
+        match rc {
+            0 if found.is_null() => return Ok(None),
+            0 => return Ok(Some(pw.pw_uid)),
+            libc::ERANGE if buf.len() < 1 << 20 => buf.resize(buf.len() * 2, 0),
+            // Not found, as some C libraries report it.
+            libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM => return Ok(None),
+            e => return Err(std::io::Error::from_raw_os_error(e)),
+        }
+    }
+}
+
+/// This host's name, for messages (`?` if it cannot be had).
+fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: buf is writable for its length.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "?".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
 /// The directories the VMM writes in: those of the state file, console, alarms,

@@ -4,6 +4,9 @@
 //! and control request, and what a guest sees when its device goes away. Each test
 //! skips loudly when /dev/kvm is absent.
 
+#[path = "common/skip.rs"]
+mod skip;
+
 use ed25519_dalek::SigningKey;
 use hilrig_device::attest::Verdict as CountersVerdict;
 use hilrig_device::regmap::{Reg, BUFFER_BASE, BUFFER_SIZE};
@@ -12,20 +15,12 @@ use hilrig_guest::detach::{MARKER, SECRET, SURVIVED};
 use hilrig_vmm::lifecycle::teardown::{TeardownRecord, DETACH_STEPS, STEPS};
 use hilrig_vmm::lifecycle::LifecycleConfig;
 use hilrig_vmm::policy::{default_policy_toml, PolicyFile, Profile};
-use hilrig_vmm::{kvm_available, Backend, Console, RunReport, Verdict, Vm, VmConfig};
+use hilrig_vmm::{Backend, Console, RunReport, Verdict, Vm, VmConfig};
 use hilrig_vmm_api::teardown::BreachTrigger;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-fn skip() -> bool {
-    if kvm_available() {
-        return false;
-    }
-    eprintln!("SKIPPED: /dev/kvm not available");
-    true
-}
 
 /// The built-in policy plus `breach` (a `[breach]` table), compiled for `profile`.
 fn profile_with(breach: &str, profile: &str) -> Arc<Profile> {
@@ -114,7 +109,7 @@ const ALARMS3: &str =
 
 #[test]
 fn an_alarm_threshold_tears_the_tenant_down_with_the_trigger_named() {
-    if skip() {
+    if !skip::kvm!() {
         return;
     }
     // The guest writes HANG_TRIGGER 3 times (dropped, alarmed for a tenant), then
@@ -160,7 +155,7 @@ fn an_alarm_threshold_tears_the_tenant_down_with_the_trigger_named() {
 
 #[test]
 fn alarms_below_the_threshold_or_too_slow_are_no_breach() {
-    if skip() {
+    if !skip::kvm!() {
         return;
     }
     // 3 alarms, but the threshold asks for 4: the guest's own verdict ends the run.
@@ -188,7 +183,7 @@ fn alarms_below_the_threshold_or_too_slow_are_no_breach() {
 
 #[test]
 fn detach_on_a_breach_lets_the_guest_run_on_without_its_device() {
-    if skip() {
+    if !skip::kvm!() {
         return;
     }
     let p = profile_with(
@@ -242,7 +237,7 @@ fn ask(sock: &Path, line: &str) -> Value {
 
 #[test]
 fn detach_by_request_then_teardown_and_detach_again_get_clear_replies() {
-    if skip() {
+    if !skip::kvm!() {
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -387,7 +382,7 @@ fn write_then_wait(writes: &[(u32, u32)]) -> Vec<u8> {
 
 #[test]
 fn a_counters_verdict_read_out_of_band_during_the_run_is_a_breach() {
-    if skip() {
+    if !skip::kvm!() {
         return;
     }
     let table = "[breach]\ncounters = [\"bypassed-trap\", \"undercount\", \"rolled-back\"]\ncounters_poll = \"10ms\"\n";
@@ -503,7 +498,7 @@ fn service_with_model(dir: &Path, ahead: bool) -> (String, PathBuf) {
 /// enrolled at its true values is no breach (negative control).
 #[test]
 fn counters_rolled_back_before_the_run_are_caught_against_the_enrolled_values() {
-    if skip() {
+    if !skip::kvm!() {
         return;
     }
     let table = "[breach]\ncounters = [\"bypassed-trap\", \"undercount\", \"rolled-back\"]\ncounters_poll = \"10ms\"\n";

@@ -1,8 +1,9 @@
 //! The `hilrig-vmm` binary: exit statuses and messages.
 
-use std::process::Command;
+#[path = "common/skip.rs"]
+mod skip;
 
-use hilrig_vmm::kvm_available;
+use std::process::Command;
 
 fn vmm(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_hilrig-vmm"))
@@ -18,7 +19,7 @@ fn vmm(args: &[&str]) -> (i32, String, String) {
 
 #[test]
 fn pci_enum_exits_zero_and_prints_the_summary() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let (code, out, err) = vmm(&["--payload", "pci-enum", "--mem", "16M"]);
@@ -31,7 +32,7 @@ fn pci_enum_exits_zero_and_prints_the_summary() {
 
 #[test]
 fn guest_faults_give_distinct_nonzero_statuses() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let (code, _, err) = vmm(&["--payload", "triple-fault"]);
@@ -46,7 +47,7 @@ fn guest_faults_give_distinct_nonzero_statuses() {
 
 #[test]
 fn console_goes_to_a_file() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let dir = tempfile::tempdir().expect("tmp");
@@ -140,7 +141,7 @@ fn bad_policies_are_refused_before_any_vm_starts() {
 
 #[test]
 fn alarms_go_to_a_json_lines_file() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let dir = tempfile::tempdir().expect("tmp");
@@ -187,7 +188,7 @@ fn quiesce_patches_flag_reaches_the_patch_and_the_run_summary() {
     use sha2::{Digest, Sha256};
     use std::process::Stdio;
     use std::time::{Duration, Instant};
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let dir = tempfile::tempdir().expect("tmp");

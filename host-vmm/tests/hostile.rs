@@ -10,7 +10,6 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hilrig_vmm::kvm_available;
 use hilrig_vmm::policy::engine::{AlarmConfig, AlarmSink};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
@@ -147,6 +146,9 @@ const PRECIOUS: &str = "precious: root's file\n";
 
 #[path = "common/skip.rs"]
 mod skip;
+
+#[path = "../../device/tests/common/pty.rs"]
+mod pty;
 
 /// The scene: a root-owned victim file (0644) somewhere else, a directory owned by
 /// nobody where root is asked to write (as a user's own run directory), and a
@@ -532,12 +534,10 @@ fn an_output_file_another_user_owns_is_refused_and_ours_made_private() {
         "{msg}"
     );
     assert_eq!(std::fs::read_to_string(&alarms).unwrap(), "theirs\n");
-    if kvm_available() {
+    if skip::kvm!() {
         let console = plant("console.log");
         console_refused(&console, &format!("owned by uid {NOBODY}"));
         assert_eq!(std::fs::read_to_string(&console).unwrap(), "theirs\n");
-    } else {
-        eprintln!("SKIPPED: the console case needs /dev/kvm");
     }
     // A fresh file in a directory nobody owns: the directory is refused.
     let msg = alarm_error(&s.attacker_dir.join("alarms.jsonl"));
@@ -618,4 +618,48 @@ fn a_refused_control_socket_is_named_once() {
     let msg = bind_error(&sock);
     assert_eq!(msg.matches(&named).count(), 1, "{msg}");
     assert!(msg.contains("exists and is not a socket"), "{msg}");
+}
+
+#[test]
+fn a_console_owner_named_by_user_name_is_resolved_here_and_an_unknown_name_is_refused() {
+    // The lab's console service holds the pty (here: nobody's). Named by its user
+    // name (an inventory's `[host.ssh] console_owner`), it is looked up on this
+    // host and accepted; a name this host does not know must fail the run naming
+    // it and the host, never be dropped (the pty refused without saying why, or
+    // worse, a typo silently widening nothing and a later fix widening the wrong uid).
+    if !skip::rooted(
+        "a_console_owner_named_by_user_name_is_resolved_here_and_an_unknown_name_is_refused",
+    ) || !skip::kvm!()
+    {
+        return;
+    }
+    let (mut controller, tty) = pty::pty();
+    std::os::unix::fs::chown(&tty, Some(NOBODY), Some(NOBODY)).unwrap();
+    let tty_s = tty.to_str().unwrap();
+    let run = |owner: &[&str]| {
+        let mut a = vec!["--payload", "hello", "--console", tty_s];
+        a.extend(owner);
+        vmm_within(&a, Duration::from_secs(30))
+    };
+    // Negative control: nobody's pty, not named, is refused.
+    let (code, err) = run(&[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains(&format!("owned by uid {NOBODY}")), "{err}");
+    // Named by user name: resolved here to 65534, the guest's output written.
+    let (code, err) = run(&["--console-owner", "nobody"]);
+    assert_eq!(code, 0, "{err}");
+    let mut got = [0u8; 4096];
+    let n = std::io::Read::read(&mut controller, &mut got).unwrap();
+    assert!(n > 0, "nothing on the console line");
+    // A name this host does not know: refused, naming it and the host.
+    let (code, err) = run(&["--console-owner", "no-such-user-hlrg"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("\"no-such-user-hlrg\"") && err.contains("no such user on host"),
+        "{err}"
+    );
+    // Not a name at all: refused when the arguments are read.
+    let (code, err) = run(&["--console-owner", "ser2net;id"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("console owner \"ser2net;id\""), "{err}");
 }

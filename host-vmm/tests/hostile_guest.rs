@@ -2,14 +2,15 @@
 //! guest → VMM; issue 16 items 5, 6, 9; issue 21 item 6). Each test names the attack
 //! and shows it gets nothing. Tests that boot a VM skip loudly without /dev/kvm.
 
+#[path = "common/skip.rs"]
+mod skip;
+
 use hilrig_device::regmap::{Reg, BUFFER_BASE};
 use hilrig_vmm::api::control::{parse_request, RequestError, MAX_LINE};
 use hilrig_vmm::attacks;
 use hilrig_vmm::policy::engine::AlarmConfig;
 use hilrig_vmm::policy::{load_profile, PolicyFile, Profile};
-use hilrig_vmm::{
-    kvm_available, open_backend, Console, DeviceSpec, RunReport, Verdict, Vm, VmConfig,
-};
+use hilrig_vmm::{open_backend, Console, DeviceSpec, RunReport, Verdict, Vm, VmConfig};
 use proptest::prelude::*;
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,7 +57,7 @@ fn device_key() -> Vec<u32> {
 /// 0), and the guest sees no key word.
 #[test]
 fn a_one_rule_policy_leaves_no_key_word_readable() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let one =
@@ -103,7 +104,7 @@ fn a_one_rule_policy_leaves_no_key_word_readable() {
 /// with enforcement on every write traps.
 #[test]
 fn enforcement_off_maps_rule_pages_straight_through() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let off = BUFFER_BASE; // the first data-buffer page: the model offers its memory
@@ -315,7 +316,7 @@ fn tenant() -> Arc<Profile> {
 /// is always written, and every key is aggregated with first/last/count.
 #[test]
 fn an_alarm_flood_never_hides_another_registers_first_alarm() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let r = run_cfg("attack-alarm-flood", tenant(), |c| {
@@ -371,7 +372,7 @@ fn an_alarm_flood_never_hides_another_registers_first_alarm() {
 /// and the alarm names `rep insd`.
 #[test]
 fn rep_ins_and_outs_carry_out_every_element_and_alarms_name_them() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let r = run_cfg("attack-rep-ins-outs", tenant(), |_| {});
@@ -416,7 +417,7 @@ fn rep_ins_and_outs_carry_out_every_element_and_alarms_name_them() {
 /// the faulting write now.
 #[test]
 fn bad_access_names_the_faulting_instruction() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let r = run_cfg("attack-bad-access-write", tenant(), |_| {});
@@ -434,7 +435,7 @@ fn bad_access_names_the_faulting_instruction() {
 /// `--on-unemulated ud` the guest gets #UD (vector 6) there and goes on.
 #[test]
 fn unemulated_instructions_are_named_or_get_ud() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     for (name, mnemonic) in [
@@ -475,7 +476,7 @@ fn unemulated_instructions_are_named_or_get_ud() {
 /// together now: #GP for the guest, nothing of it reaches the device.
 #[test]
 fn a_page_split_store_under_fault_rules_gets_gp() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let text = "[profile.t]\ndefault = \"allow\"\n\
@@ -502,7 +503,7 @@ fn a_page_split_store_under_fault_rules_gets_gp() {
 /// RAM"). The fetch reads the mapped page now and the alarm names the read.
 #[test]
 fn alarms_name_code_run_from_a_bar_page() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let r = run_cfg("attack-code-on-bar", tenant(), |_| {});
@@ -526,8 +527,7 @@ fn alarms_name_code_run_from_a_bar_page() {
 /// the pages it may use, so its buffers still work under `--trap all`.
 #[test]
 fn trap_all_denies_pages_without_rules_unless_the_profile_allows() {
-    if !kvm_available() {
-        eprintln!("SKIPPED: /dev/kvm not available");
+    if !skip::kvm!() {
         return;
     }
     use hilrig_vmm::attacks::BUFFER_MAGIC;
@@ -590,8 +590,7 @@ fn trap_all_denies_pages_without_rules_unless_the_profile_allows() {
 /// and the address; with `--on-unemulated ud` the guest gets #UD there and goes on.
 #[test]
 fn sgdt_and_sidt_to_a_trapped_page_are_named_not_left_to_the_watchdog() {
-    if !kvm_available() {
-        eprintln!("SKIPPED: /dev/kvm not available");
+    if !skip::kvm!() {
         return;
     }
     let long = |c: &mut VmConfig| c.timeout = Duration::from_secs(20);
@@ -647,8 +646,7 @@ fn sgdt_and_sidt_to_a_trapped_page_are_named_not_left_to_the_watchdog() {
 /// exactly that: the mapped halves land, nothing reaches page 3, one #GP each.
 #[test]
 fn a_store_across_a_trapped_pages_edge_gets_gp_and_only_its_mapped_half_lands() {
-    if !kvm_available() {
-        eprintln!("SKIPPED: /dev/kvm not available");
+    if !skip::kvm!() {
         return;
     }
     use hilrig_vmm::attacks::SPLIT_VALUE;

@@ -3,11 +3,12 @@
 //! skips loudly without /dev/kvm (or root, for the jail): `skip::runnable`, which
 //! fails instead in CI.
 
+#[path = "../../device/tests/common/pty.rs"]
+mod pty;
 #[path = "common/skip.rs"]
 mod skip;
 use hilrig_vmm::payload::Payload;
 use iced_x86::code_asm::*;
-use std::os::fd::FromRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -332,29 +333,57 @@ fn a_jailed_vmm_can_read_its_patch_source_and_nothing_beside_it() {
     }
 }
 
-/// Send one JSON line to the control socket at `sock` as `uid` (python3, as the
-/// control tests do) and return the reply line; `None` without python3.
-fn request_as(uid: u32, sock: &Path, line: &str) -> Option<String> {
+/// Send one JSON line to the control socket at `sock` as `uid` and return the
+/// reply line. No interpreter needed: the child of the fork connects once it
+/// runs as `uid` (`pre_exec` runs after std's setgid/setuid), writes the reply
+/// to its standard output and then execs `/bin/sh -c :`.
+fn request_as(uid: u32, sock: &Path, line: &str) -> String {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
     use std::os::unix::process::CommandExt;
-    let py = ["/usr/bin/python3", "/usr/local/bin/python3"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())?;
-    let out = Command::new(py)
-        .uid(uid)
-        .gid(uid)
-        .arg("-c")
-        .arg(format!(
-            "import socket;s=socket.socket(socket.AF_UNIX);s.connect({:?});s.sendall({:?}.encode()+b'\\n');print(s.makefile().readline())",
-            sock.to_str().unwrap(),
-            line
-        ))
-        .output()
-        .unwrap();
-    Some(format!(
+    let sock = sock.to_path_buf();
+    let msg = format!("{line}\n").into_bytes();
+    let mut c = Command::new("/bin/sh");
+    c.args(["-c", ":"]).uid(uid).gid(uid);
+    // SAFETY: between fork and exec the closure only makes system calls
+    // (socket, connect, write, read) on buffers made before the fork, and
+    // allocates nothing.
+    unsafe {
+        c.pre_exec(move || {
+            let say = |b: &[u8]| {
+                libc::write(1, b.as_ptr().cast(), b.len());
+            };
+            let Ok(mut s) = UnixStream::connect(&sock) else {
+                say(b"connect: refused\n");
+                return Ok(());
+            };
+            if s.write_all(&msg).is_err() {
+                say(b"write: failed\n");
+                return Ok(());
+            }
+            let mut buf = [0u8; 4096];
+            let mut n = 0;
+            while n < buf.len() {
+                match s.read(&mut buf[n..]) {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => {
+                        n += k;
+                        if buf[..n].contains(&b'\n') {
+                            break;
+                        }
+                    }
+                }
+            }
+            say(&buf[..n]);
+            Ok(())
+        });
+    }
+    let out = c.output().unwrap();
+    format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
-    ))
+    )
 }
 
 #[test]
@@ -397,10 +426,6 @@ fn another_process_running_as_the_jail_uid_cannot_use_a_jailed_vmms_control_sock
     let root = request_as(0, &sock, r#"{"op":"teardown"}"#);
     let _ = child.kill();
     let out = child.wait_with_output().unwrap();
-    let (Some(reply), Some(root)) = (reply, root) else {
-        eprintln!("SKIPPED: needs python3 to connect as another uid");
-        return;
-    };
     assert!(
         reply.contains("permission denied: uid 65534"),
         "{reply}\n{}",
@@ -484,16 +509,7 @@ fn a_terminal_console_for_a_jailed_vmm_is_refused_saying_why() {
         return;
     }
     let d = tempfile::tempdir().unwrap();
-    // SAFETY: plain libc calls; the controller fd is closed when `_controller` drops.
-    let (_controller, tty) = unsafe {
-        let m = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY);
-        assert!(m >= 0 && libc::grantpt(m) == 0 && libc::unlockpt(m) == 0);
-        let name = std::ffi::CStr::from_ptr(libc::ptsname(m))
-            .to_str()
-            .unwrap()
-            .to_string();
-        (std::os::fd::OwnedFd::from_raw_fd(m), PathBuf::from(name))
-    };
+    let (_controller, tty) = pty::pty();
     let out = Command::new(VMM)
         .args(["--payload", "hello"])
         .arg("--console")

@@ -6,12 +6,13 @@
 //! up an IDT, the LAPIC and the IOAPIC input config space names, and `hlt`s until
 //! the vector arrives. Each test skips loudly when /dev/kvm is absent.
 
+#[path = "common/skip.rs"]
+mod skip;
+
 use hilrig_guest::intx;
 use hilrig_vmm::api::Irqchip;
 use hilrig_vmm::devices::irq::SimulatedIntx;
-use hilrig_vmm::{
-    kvm_available, open_backend, Console, DeviceSpec, RunReport, Verdict, Vm, VmConfig,
-};
+use hilrig_vmm::{open_backend, Console, DeviceSpec, RunReport, Verdict, Vm, VmConfig};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,7 +39,7 @@ fn run(source: Option<Arc<SimulatedIntx>>, irqchip: Irqchip, vcpus: u8) -> (RunR
 
 #[test]
 fn pending_interrupt_reaches_the_payload_through_an_irqfd() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let src = Arc::new(SimulatedIntx::new());
@@ -64,7 +65,7 @@ fn pending_interrupt_reaches_the_payload_through_an_irqfd() {
 
 #[test]
 fn secondary_vcpus_run_with_an_irqchip() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     // With an in-kernel LAPIC the other vCPUs would wait for INIT/SIPI; the VMM
@@ -76,7 +77,7 @@ fn secondary_vcpus_run_with_an_irqchip() {
 
 #[test]
 fn unwired_line_gives_no_interrupt() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     // Negative control: the same payload and source, the irqchip present but the
@@ -96,7 +97,7 @@ fn unwired_line_gives_no_interrupt() {
 
 #[test]
 fn no_line_no_irqchip_unless_asked() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     // The model has no interrupt line: `auto` makes no irqchip (every existing

@@ -1,12 +1,13 @@
 //! VM tests on real KVM. Each skips loudly when /dev/kvm is absent.
 
+#[path = "common/skip.rs"]
+mod skip;
+
 use hilrig_device::regmap::Reg;
 use hilrig_device::Device;
 use hilrig_vmm::payload;
 use hilrig_vmm::{open_backend, Console, DeviceSpec, ExitStatus, RunReport, Verdict, Vm, VmConfig};
 use std::time::Duration;
-
-use hilrig_vmm::kvm_available;
 
 fn run(name: &str, bytes: Vec<u8>, vcpus: u8, timeout: Duration) -> RunReport {
     let cfg = VmConfig {
@@ -25,7 +26,7 @@ fn run(name: &str, bytes: Vec<u8>, vcpus: u8, timeout: Duration) -> RunReport {
 
 #[test]
 fn hello_prints_and_passes() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let r = run(
@@ -44,7 +45,7 @@ fn hello_prints_and_passes() {
 
 #[test]
 fn pci_enum_passes_on_model() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let r = run(
@@ -59,7 +60,7 @@ fn pci_enum_passes_on_model() {
 
 #[test]
 fn pci_enum_passes_with_several_vcpus() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let r = run(
@@ -73,7 +74,7 @@ fn pci_enum_passes_with_several_vcpus() {
 
 #[test]
 fn mmio_widths_reach_the_model() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let r = run(
@@ -103,7 +104,7 @@ fn mmio_widths_reach_the_model() {
 
 #[test]
 fn unrestricted_buffer_page_costs_no_exits() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let n = 10_000;
@@ -128,7 +129,7 @@ fn unrestricted_buffer_page_costs_no_exits() {
 
 #[test]
 fn triple_fault_is_a_verdict() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let r = run(
@@ -147,7 +148,7 @@ fn triple_fault_is_a_verdict() {
 
 #[test]
 fn watchdog_stops_a_spinning_guest() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let r = run(
@@ -175,7 +176,7 @@ fn watchdog_stops_a_spinning_guest() {
 
 #[test]
 fn access_past_bar0_is_a_verdict() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     for (name, p) in [
@@ -194,7 +195,7 @@ fn access_past_bar0_is_a_verdict() {
 
 #[test]
 fn failure_code_is_reported() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let r = run(
@@ -209,7 +210,7 @@ fn failure_code_is_reported() {
 
 #[test]
 fn halting_without_verdict_is_no_verdict() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let mut p = payload::Payload::new().expect("asm");
@@ -250,7 +251,7 @@ fn empty_and_oversized_payloads_are_refused() {
 
 #[test]
 fn guest_moves_bar0_and_mappings_follow() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let r = run(
@@ -277,7 +278,7 @@ fn unknown_exit_is_a_verdict() {
 
 #[test]
 fn trapping_every_page_still_reaches_the_buffers() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let n = 500;
@@ -300,7 +301,7 @@ fn trapping_every_page_still_reaches_the_buffers() {
 
 #[test]
 fn every_vcpu_runs_on_its_own_thread() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let r = run(
@@ -321,7 +322,7 @@ fn every_vcpu_runs_on_its_own_thread() {
 
 #[test]
 fn watchdog_stops_a_guest_flooding_exits() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let code = payload::mmio_loop(u64::MAX, Reg::Scratch.offset()).expect("asm");
@@ -336,7 +337,7 @@ fn watchdog_stops_a_guest_flooding_exits() {
 
 #[test]
 fn stop_handle_ends_a_running_vm() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let cfg = VmConfig {

@@ -1,6 +1,9 @@
 //! Live patching and secure teardown on real KVM, driven through the control socket.
 //! Each test skips loudly when /dev/kvm is absent.
 
+#[path = "common/skip.rs"]
+mod skip;
+
 mod common;
 
 use ed25519_dalek::SigningKey;
@@ -15,8 +18,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const BUILD: [u8; 32] = [7; 32];
-
-use hilrig_vmm::kvm_available;
 
 fn authority(dir: &Path) -> Arc<PatchAuthority> {
     Arc::new(PatchAuthority {
@@ -220,7 +221,7 @@ fn wait_each(sock: &Path, regs: &[&str], from: &[u64], n: u64, what: &str) {
 
 #[test]
 fn policy_patch_under_an_mmio_storm_is_atomic_per_access() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -277,7 +278,7 @@ fn policy_patch_under_an_mmio_storm_is_atomic_per_access() {
 
 #[test]
 fn bad_bundles_are_refused_and_the_vm_runs_on_unchanged() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -416,7 +417,7 @@ fn run_tenant(payload: Vec<u8>, backend: hilrig_vmm::Backend, teardown: bool) ->
 
 #[test]
 fn no_canary_survives_teardown_for_the_next_tenant() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     // Negative control: without teardown the next tenant finds the first one's data.
@@ -477,7 +478,7 @@ fn no_canary_survives_teardown_for_the_next_tenant() {
 
 #[test]
 fn teardown_under_a_flooding_or_spinning_guest_finishes_within_its_bound() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     // A storm of trapped writes on 2 vCPUs, and a guest spinning with interrupts off.
@@ -519,7 +520,7 @@ fn teardown_under_a_flooding_or_spinning_guest_finishes_within_its_bound() {
 
 #[test]
 fn a_native_device_handler_patch_lands_in_the_running_guest() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -570,7 +571,7 @@ fn a_native_device_handler_patch_lands_in_the_running_guest() {
 /// to the running guest with no control request.
 #[test]
 fn a_bundle_in_the_patch_source_directory_is_applied() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -632,7 +633,7 @@ fn a_bundle_in_the_patch_source_directory_is_applied() {
 fn a_stale_module_call_is_a_breach_that_tears_the_tenant_down() {
     use hilrig_vmm::lifecycle::modules::STALE_CODE;
     use hilrig_vmm_api::teardown::BreachTrigger;
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -740,8 +741,7 @@ fn a_stale_module_call_is_a_breach_that_tears_the_tenant_down() {
 #[test]
 fn more_than_64_handler_patches_in_one_vmm_still_fault_stale_calls() {
     use hilrig_vmm::lifecycle::modules::{stale_address_faults, STALE_CODE};
-    if !kvm_available() {
-        eprintln!("SKIPPED: no /dev/kvm");
+    if !skip::kvm!() {
         return;
     }
     const PATCHES: u64 = 70;
@@ -847,7 +847,7 @@ fn build_demo_module(dir: &Path, version: u64, reg: u32) -> PathBuf {
 #[test]
 fn requests_after_teardown_are_refused() {
     use std::io::{BufRead, Write};
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let d = tempfile::tempdir().unwrap();

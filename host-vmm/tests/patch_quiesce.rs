@@ -11,6 +11,9 @@
 //! A test binary of its own: the probe and the hold are process-wide (the tests
 //! here take turns). Skips loudly without /dev/kvm.
 
+#[path = "common/skip.rs"]
+mod skip;
+
 mod common;
 
 use common::old_then_new;
@@ -21,9 +24,7 @@ use hilrig_vmm::lifecycle::quiesce::{
 };
 use hilrig_vmm::lifecycle::LifecycleConfig;
 use hilrig_vmm::policy::{default_policy_toml, PolicyFile, Profile};
-use hilrig_vmm::{
-    kvm_available, open_backend, payload, Console, DeviceSpec, RunReport, Verdict, Vm, VmConfig,
-};
+use hilrig_vmm::{open_backend, payload, Console, DeviceSpec, RunReport, Verdict, Vm, VmConfig};
 use serde_json::Value;
 use std::path::Path;
 use std::path::PathBuf;
@@ -191,8 +192,7 @@ impl Storm {
 #[test]
 fn no_quiesced_patch_runs_while_a_vcpu_is_inside_a_handler() {
     let _turn = serial();
-    if !kvm_available() {
-        eprintln!("SKIPPED: /dev/kvm not available");
+    if !skip::kvm!() {
         return;
     }
     let vm = storm(VCPUS);
@@ -236,8 +236,7 @@ fn no_quiesced_patch_runs_while_a_vcpu_is_inside_a_handler() {
 #[test]
 fn a_vcpu_held_inside_its_decision_does_not_hold_up_a_quiesced_patch() {
     let _turn = serial();
-    if !kvm_available() {
-        eprintln!("SKIPPED: /dev/kvm not available");
+    if !skip::kvm!() {
         return;
     }
     const N: u8 = 2;

@@ -6,6 +6,9 @@
 //! A test binary of its own: the hold hook is process-wide. Skips loudly without
 //! /dev/kvm.
 
+#[path = "common/skip.rs"]
+mod skip;
+
 mod common;
 
 use ed25519_dalek::SigningKey;
@@ -13,9 +16,7 @@ use hilrig_vmm::lifecycle::patch::PatchAuthority;
 use hilrig_vmm::lifecycle::quiesce::{held_vcpus_for_test, hold_vcpus_for_test};
 use hilrig_vmm::lifecycle::LifecycleConfig;
 use hilrig_vmm::policy::{default_policy_toml, PolicyFile, Profile};
-use hilrig_vmm::{
-    kvm_available, open_backend, payload, Console, DeviceSpec, RunReport, Verdict, Vm, VmConfig,
-};
+use hilrig_vmm::{open_backend, payload, Console, DeviceSpec, RunReport, Verdict, Vm, VmConfig};
 use serde_json::Value;
 use std::path::Path;
 use std::sync::Arc;
@@ -87,8 +88,7 @@ fn wait_each(sock: &Path, which: u64, from: &[u64], n: u64, what: &str) {
 
 #[test]
 fn a_patch_with_8_vcpus_does_not_wait_for_vcpus_held_outside_kvm_run() {
-    if !kvm_available() {
-        eprintln!("SKIPPED: /dev/kvm not available");
+    if !skip::kvm!() {
         return;
     }
     let d = tempfile::tempdir().unwrap();

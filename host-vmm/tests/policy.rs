@@ -2,6 +2,9 @@
 //! profiles and with enforcement off, fault injection, alarms, and a fuzzer. Each
 //! test skips loudly when /dev/kvm is absent.
 
+#[path = "common/skip.rs"]
+mod skip;
+
 use hilrig_device::regmap::Reg;
 use hilrig_device::Device;
 use hilrig_vmm::attacks;
@@ -10,8 +13,6 @@ use hilrig_vmm::policy::{load_profile, PolicyFile, Profile};
 use hilrig_vmm::{open_backend, Console, DeviceSpec, RunReport, Verdict, Vm, VmConfig};
 use std::sync::Arc;
 use std::time::Duration;
-
-use hilrig_vmm::kvm_available;
 
 fn profile(name: &str, enforce: bool) -> Arc<Profile> {
     let mut p = load_profile(None, name).expect("builtin profile");
@@ -124,7 +125,7 @@ fn expected(name: &str, key: &[u32; 8]) -> (Vec<u32>, Vec<u32>) {
 /// saw, what the device saw, and the alarms.
 #[test]
 fn attacks_under_each_profile() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let (key, fresh_counters) = fresh();
@@ -193,7 +194,7 @@ fn attacks_under_each_profile() {
 /// Alarms name the instruction that made the access, whatever its form.
 #[test]
 fn alarms_name_the_instruction() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     for (name, needle) in [
@@ -273,7 +274,7 @@ fn strict() -> Arc<Profile> {
 /// faulting read leaves its destination untouched, nothing reaches the device.
 #[test]
 fn fault_rules_inject_exceptions_the_guest_sees() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let (key, fresh_counters) = fresh();
@@ -350,7 +351,7 @@ fn fault_rules_inject_exceptions_the_guest_sees() {
 /// the handler but no guard, the handler reports verdict 0xFA0D.
 #[test]
 fn unguarded_faults_end_the_run() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     use hilrig_vmm::payload::{fault_abi, Payload, Width};
@@ -382,7 +383,7 @@ fn unguarded_faults_end_the_run() {
 /// a value: reads return the rule's value.
 #[test]
 fn shadow_and_drop_values_are_invisible_to_the_guest() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     use hilrig_vmm::payload::{Payload, Width};
@@ -418,7 +419,7 @@ fn shadow_and_drop_values_are_invisible_to_the_guest() {
 /// A guest flooding restricted accesses cannot grow the alarm sink without bound.
 #[test]
 fn alarm_flood_is_rate_limited() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let dir = tempfile::tempdir().expect("tmp");
@@ -465,7 +466,7 @@ fn alarm_flood_is_rate_limited() {
 /// several alarm rates: nearly every alarm admitted, one in a few, the default.
 #[test]
 fn alarms_in_a_flood_name_the_instruction_of_each_access() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     use hilrig_vmm::payload::Payload;
@@ -970,7 +971,7 @@ fn fuzz_on(spec: &DeviceSpec, seed: u64, ops: usize, prof: Arc<Profile>) -> Fuzz
 /// with fault and shadow rules.
 #[test]
 fn policy_fuzzer() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let t = std::time::Instant::now();
@@ -998,7 +999,7 @@ fn policy_fuzzer() {
 #[test]
 #[ignore]
 fn policy_fuzzer_long() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let mut total = 0;
@@ -1017,7 +1018,7 @@ fn policy_fuzzer_long() {
 /// writes reaching the device or key bytes reaching the guest.
 #[test]
 fn fuzzer_oracle_catches_enforcement_off() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let caught = std::panic::catch_unwind(|| fuzz(0x5eed_0001, 2000, profile("tenant", false)));
@@ -1031,7 +1032,7 @@ fn fuzzer_oracle_catches_enforcement_off() {
 /// new profile, never neither, and pages the new profile traps stop being mapped.
 #[test]
 fn policy_replaced_while_running() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     use hilrig_vmm::payload::Payload;
@@ -1107,7 +1108,7 @@ fn policy_replaced_while_running() {
 /// all of them; nothing reaches the device, every alarm is counted.
 #[test]
 fn smp_guests_are_all_decided() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     use hilrig_vmm::payload::Payload;

@@ -2,6 +2,9 @@
 //! device's counters out of band and the counters service must vouch for it before
 //! the guest starts. Real model state files and a real SQLite service database.
 
+#[path = "common/skip.rs"]
+mod skip;
+
 use hilrig_counters::mac::Key;
 use hilrig_counters::service::{Enrollment, Service};
 use hilrig_counters::source::{CounterSource, DeviceSource};
@@ -114,8 +117,7 @@ fn an_enrolled_untouched_device_is_trusted_and_starts() {
     assert_eq!(g.outcome, GateOutcome::Trusted, "{g:?}");
     assert_eq!(g.verdict, Some(CountersVerdict::Trusted));
     assert_eq!(g.serial.as_deref(), Some("0x5eed"));
-    if !hilrig_vmm::kvm_available() {
-        eprintln!("SKIPPED: the VM start half (no usable /dev/kvm)");
+    if !skip::kvm!() {
         return;
     }
     let (code, s, err) = rig.vmm(&st);
@@ -403,7 +405,7 @@ fn a_quarantined_device_at_the_vmm_gate_pages_the_command() {
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o700)).unwrap();
     let cmd = format!("{} {}", script.display(), paged.display());
     let page = ["--page-cmd", cmd.as_str()];
-    if hilrig_vmm::kvm_available() {
+    if skip::kvm!() {
         let good = rig.device(0x600d);
         rig.enroll(0x600d, &good);
         let (code, _, err) = rig.vmm_with(&good, &page);

@@ -932,6 +932,74 @@ mod tests {
         assert!(!inv.select(&["fast"]).is_empty());
     }
 
+    /// `[host.ssh] console_owner`: a user name or a uid (integer or digits),
+    /// typed; anything else, or an owner without a console, refused naming the
+    /// host and the value.
+    #[test]
+    fn console_owner_is_a_user_name_or_a_uid() {
+        use hilrig_vmm_api::ConsoleOwner;
+        let host = |owner: &str| {
+            format!(
+                "[[host]]\nname = \"k\"\n[host.ssh]\naddress = \"127.0.0.11\"\nuser = \"u\"\nidentity = \"/k\"\nknown_hosts = \"/kh\"\nworkdir = \"/w\"\nconsole = \"/dev/pts/9\"\n{owner}[host.power]\ndriver = \"sim\"\n"
+            )
+        };
+        let owner_of = |line: &str| {
+            parse(&host(line)).unwrap().hosts[0]
+                .ssh
+                .as_ref()
+                .unwrap()
+                .console_owner
+                .clone()
+        };
+        assert_eq!(owner_of(""), None);
+        assert_eq!(
+            owner_of("console_owner = \"ser2net\"\n"),
+            Some(ConsoleOwner::User("ser2net".into()))
+        );
+        assert_eq!(
+            owner_of("console_owner = \"_labgrid-exp.1\"\n"),
+            Some(ConsoleOwner::User("_labgrid-exp.1".into()))
+        );
+        assert_eq!(
+            owner_of("console_owner = 110\n"),
+            Some(ConsoleOwner::Uid(110))
+        );
+        assert_eq!(
+            owner_of("console_owner = \"110\"\n"),
+            Some(ConsoleOwner::Uid(110))
+        );
+        for bad in [
+            "\"-oProxy\"",
+            "\"ser 2net\"",
+            "\"ser2net;id\"",
+            "\"\"",
+            "\"1x\"",
+            "-1",
+            "4294967296",
+            "\"99999999999\"",
+            "\"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"",
+            "true",
+        ] {
+            let e = parse(&host(&format!("console_owner = {bad}\n")))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("host `k`")
+                    && (e.contains("console owner") || e.contains("console_owner")),
+                "{bad}: {e}"
+            );
+        }
+        // An owner without the console it owns.
+        let e =
+            parse(&host("console_owner = \"ser2net\"\n").replace("console = \"/dev/pts/9\"\n", ""))
+                .unwrap_err()
+                .to_string();
+        assert!(
+            e.contains("host `k`") && e.contains("console_owner") && e.contains("without console"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn errors_name_file_host_and_driver() {
         let e = parse("[[host]]\nname = \"a\"\n[host.power]\ndriver = \"telepathy\"\n")

@@ -55,6 +55,14 @@ pub struct SshSpec {
     /// back with the step's artifacts.
     #[serde(default)]
     pub console: Option<String>,
+    /// Who owns `console` on the host when it is not the SSH user or root: the
+    /// console service holding the pty (`"ser2net"`, a labgrid exporter's
+    /// user), a user name or a numeric uid, passed to the VMM as its
+    /// `--console-owner` and resolved on the host (uids are per host; a name
+    /// the host does not know fails the step, naming it and the host). Without
+    /// it the VMM refuses a console terminal another user owns.
+    #[serde(default)]
+    pub console_owner: Option<hilrig_vmm_api::ConsoleOwner>,
 }
 
 fn default_port() -> u16 {
@@ -126,6 +134,12 @@ impl SshSpec {
         }
         if self.port == 0 {
             return Err(InvalidField("port 0".into()));
+        }
+        if let (Some(o), None) = (&self.console_owner, &self.console) {
+            return Err(InvalidField(format!(
+                "console_owner {:?} without console (the tty it owns)",
+                o.to_string()
+            )));
         }
         Ok(())
     }
@@ -1916,6 +1930,7 @@ mod tests {
             hilrig: None,
             connect_timeout_s: 5,
             console: None,
+            console_owner: None,
         };
         assert!(s.validate().is_ok());
         assert_eq!(s.hilrig_path(), "/var/lib/x/bin/hilrig");

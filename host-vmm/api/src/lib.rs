@@ -22,7 +22,7 @@ pub use control::{Reply, Request, Response};
 pub use exit::ExitStatus;
 pub use hilrig_device::attest::Verdict as CountersVerdict;
 pub use hilrig_device::{BackendKind, Region};
-pub use spec::{DeviceSpec, Irqchip, OnUnemulated, SpecError, VmSpec};
+pub use spec::{ConsoleOwner, DeviceSpec, Irqchip, OnUnemulated, SpecError, VmSpec};
 pub use summary::{
     AlarmGroup, ExitCounts, GateOutcome, GateRecord, PatchEvent, PolicySummary, RunSummary,
     SandboxSummary, TrapLatency, VbiosMeasurement,

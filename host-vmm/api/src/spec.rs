@@ -99,6 +99,89 @@ pub enum SpecError {
     /// An on/off switch is malformed.
     #[error("`{0}`: expected on or off")]
     OnOff(String),
+    /// A console owner is neither a uid nor a user name.
+    #[error("console owner {0:?}: expected a uid (e.g. 110) or a user name (e.g. ser2net: letters, digits, `_`, `.`, `-`, at most 32, not starting with `-` or a digit)")]
+    ConsoleOwner(String),
+}
+
+/// Longest user name a [`ConsoleOwner`] takes (as useradd's limit).
+pub const MAX_USER_NAME: usize = 32;
+
+/// Whose terminal may be the console besides us and root (`--console-owner`):
+/// a uid, or a user name resolved on the host where the VMM runs (uids are per
+/// host; a name that does not resolve there is an error, never ignored).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ConsoleOwner {
+    /// A numeric uid, taken as it is.
+    Uid(u32),
+    /// A user name, looked up in the host's user database when the VMM starts.
+    User(String),
+}
+
+impl FromStr for ConsoleOwner {
+    type Err = SpecError;
+    fn from_str(s: &str) -> Result<Self, SpecError> {
+        let bad = || SpecError::ConsoleOwner(s.to_string());
+        if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+            return s.parse().map(ConsoleOwner::Uid).map_err(|_| bad());
+        }
+        let mut b = s.bytes();
+        let first_ok = b
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == b'_');
+        if !first_ok
+            || s.len() > MAX_USER_NAME
+            || !b.all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+        {
+            return Err(bad());
+        }
+        Ok(ConsoleOwner::User(s.to_string()))
+    }
+}
+
+impl std::fmt::Display for ConsoleOwner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConsoleOwner::Uid(u) => write!(f, "{u}"),
+            ConsoleOwner::User(n) => f.write_str(n),
+        }
+    }
+}
+
+impl serde::Serialize for ConsoleOwner {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            ConsoleOwner::Uid(u) => s.serialize_u32(*u),
+            ConsoleOwner::User(n) => s.serialize_str(n),
+        }
+    }
+}
+
+/// A uid (an integer) or a user name (a string; a string of digits is a uid).
+impl<'de> serde::Deserialize<'de> for ConsoleOwner {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = ConsoleOwner;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a uid (e.g. 110) or a user name (e.g. \"ser2net\")")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ConsoleOwner, E> {
+                u32::try_from(v)
+                    .map(ConsoleOwner::Uid)
+                    .map_err(|_| E::custom(SpecError::ConsoleOwner(v.to_string())))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ConsoleOwner, E> {
+                u32::try_from(v)
+                    .map(ConsoleOwner::Uid)
+                    .map_err(|_| E::custom(SpecError::ConsoleOwner(v.to_string())))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ConsoleOwner, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 fn parse_vfio(rest: &str) -> Result<DeviceSpec, SpecError> {
@@ -312,12 +395,13 @@ pub struct VmSpec {
     /// Serial console (COM1) output file; default: standard output (standard error with --json).
     #[arg(long)]
     pub console: Option<PathBuf>,
-    /// A user (uid) besides us and root whose terminal may be the console
-    /// (repeatable): the lab's console service (ser2net, a labgrid exporter) that
-    /// holds the pty it serves. A terminal anyone else owns is refused; every
+    /// A user (uid or name, the name resolved on this host) besides us and root
+    /// whose terminal may be the console (repeatable): the lab's console service
+    /// (ser2net, a labgrid exporter) that holds the pty it serves; a name that
+    /// does not resolve is an error. A terminal anyone else owns is refused; every
     /// symlink on the way must be in directories only us or root can write.
     #[arg(long = "console-owner")]
-    pub console_owners: Vec<u32>,
+    pub console_owners: Vec<ConsoleOwner>,
     /// Wall-clock watchdog, e.g. 10s, 500ms, 2m.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub timeout: Duration,
@@ -713,7 +797,7 @@ mod tests {
             alarms: Some("a.jsonl".into()),
             alarm_rate: 7,
             console: Some("c.txt".into()),
-            console_owners: vec![110, 111],
+            console_owners: vec![ConsoleOwner::Uid(110), ConsoleOwner::User("ser2net".into())],
             timeout: Duration::from_millis(1500),
             trap_all: true,
             show_plan: true,
@@ -750,6 +834,34 @@ mod tests {
             ..VmSpec::default()
         };
         assert_eq!(parse(&odd.to_args()), odd);
+    }
+
+    #[test]
+    fn console_owners_are_uids_or_user_names() {
+        for (s, o) in [
+            ("110", ConsoleOwner::Uid(110)),
+            ("0", ConsoleOwner::Uid(0)),
+            ("ser2net", ConsoleOwner::User("ser2net".into())),
+            ("_lg-exp.2", ConsoleOwner::User("_lg-exp.2".into())),
+        ] {
+            assert_eq!(s.parse::<ConsoleOwner>().unwrap(), o);
+            assert_eq!(o.to_string(), s);
+        }
+        for bad in [
+            "",
+            "-1",
+            "4294967296",
+            "1x",
+            "-oX",
+            "a b",
+            "a/b",
+            "a$",
+            "é",
+            "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+        ] {
+            let e = bad.parse::<ConsoleOwner>().unwrap_err();
+            assert_eq!(e, SpecError::ConsoleOwner(bad.into()), "{bad}");
+        }
     }
 
     #[test]

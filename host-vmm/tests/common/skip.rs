@@ -1,4 +1,8 @@
-//! Whether a sandbox or jail test can run here (`#[path = "common/skip.rs"] mod skip;`).
+//! Whether a test that needs /dev/kvm or root can run here
+//! (`#[path = "common/skip.rs"] mod skip;` at the test crate's root; the
+//! workspace's and the bench's KVM tests include this same file). A test that
+//! cannot run says `SKIPPED <test>: needs ...` where it is seen, and fails in
+//! CI (`CI=true`), never returns quietly.
 
 use std::io::Write;
 
@@ -31,6 +35,28 @@ pub fn rooted(test: &str) -> bool {
     skipped(test, if root { &[] } else { &["root"] })
 }
 
+/// The enclosing function's path, e.g. `kvm::a_vm_boots`: the test's name for
+/// [`runnable`]'s message.
+#[allow(unused_macros)] // not every test file uses it
+macro_rules! test_name {
+    () => {{
+        fn here() {}
+        let n = std::any::type_name_of_val(&here);
+        n.strip_suffix("::here").unwrap_or(n)
+    }};
+}
+
+/// `skip::kvm!()`: whether the enclosing test can run, i.e. /dev/kvm opens
+/// ([`runnable`] named after the test: SKIPPED where it cannot, a failure in CI).
+#[allow(unused_macros)] // not every test file uses it
+macro_rules! kvm {
+    () => {
+        crate::skip::runnable(crate::skip::test_name!(), false)
+    };
+}
+#[allow(unused_imports)] // not every test file uses both
+pub(crate) use {kvm, test_name};
+
 /// True when nothing is `missing`; else says SKIPPED (or fails in CI) as
 /// [`runnable`] does.
 fn skipped(test: &str, missing: &[&str]) -> bool {
@@ -39,7 +65,7 @@ fn skipped(test: &str, missing: &[&str]) -> bool {
     }
     let msg = format!("SKIPPED {test}: needs {}", missing.join(" and "));
     if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{msg}; CI (CI=true) has both, so this is a failure, not a skip");
+        panic!("{msg}; CI (CI=true) has it, so this is a failure, not a skip");
     }
     let _ = writeln!(std::io::stderr().lock(), "{msg}");
     false

@@ -65,6 +65,10 @@ pub struct LabgridDevice {
     /// the console is a file fetched back with each step.
     #[serde(default)]
     pub console: Option<String>,
+    /// Who owns `console` on the host (the exporter's or ser2net's user, a name
+    /// or a uid): `[host.ssh] console_owner`.
+    #[serde(default)]
+    pub console_owner: Option<hilrig_vmm_api::ConsoleOwner>,
 }
 
 /// `path` on a host: absolute as given, else under `workdir`.
@@ -300,8 +304,19 @@ pub fn host_table(h: &PlaceHost, cfg: &LabgridConfig) -> toml::Table {
         if let Some(n) = c.connect_timeout_s {
             st.insert("connect_timeout_s".into(), toml::Value::Integer(n.into()));
         }
-        if let Some(tty) = cfg.device.get(&h.place).and_then(|d| d.console.as_ref()) {
-            st.insert("console".into(), s(on_host(&c.workdir, tty)));
+        if let Some(d) = cfg.device.get(&h.place) {
+            if let Some(tty) = &d.console {
+                st.insert("console".into(), s(on_host(&c.workdir, tty)));
+            }
+            match &d.console_owner {
+                Some(hilrig_vmm_api::ConsoleOwner::Uid(u)) => {
+                    st.insert("console_owner".into(), toml::Value::Integer((*u).into()));
+                }
+                Some(o) => {
+                    st.insert("console_owner".into(), s(o.to_string()));
+                }
+                None => {}
+            }
         }
         t.insert("ssh".into(), toml::Value::Table(st));
     }
@@ -414,6 +429,7 @@ mod tests {
                     serial: 2001,
                     counter_width: None,
                     console: Some("/dev/pts/9".into()),
+                    console_owner: Some(hilrig_vmm_api::ConsoleOwner::User("ser2net".into())),
                 },
             )]
             .into(),
@@ -459,6 +475,10 @@ mod tests {
         );
         assert_eq!((h.sim.serial, h.sim.counter_width), (Some(2001), 16));
         assert_eq!(ssh.console.as_deref(), Some("/dev/pts/9"));
+        assert_eq!(
+            ssh.console_owner,
+            Some(hilrig_vmm_api::ConsoleOwner::User("ser2net".into()))
+        );
     }
 
     #[test]
