@@ -290,7 +290,38 @@ fn describe_access(
     write: bool,
 ) -> (Option<u64>, String) {
     if !write {
-        return (Some(regs.rip), walk.describe(regs.rip));
+        // KVM exits on a read before retiring it: the instruction is at RIP — unless
+        // another vCPU rewrote the bytes since the access (guest memory is read
+        // after the exit). An instruction that reads no memory did not make it.
+        let mut b = [0u8; 15];
+        let n = walk.fetch(regs.rip, &mut b);
+        let i = Decoder::with_ip(64, &b[..n], regs.rip, DecoderOptions::NONE).decode();
+        let reads = !i.is_invalid()
+            && InstructionInfoFactory::new()
+                .info(&i)
+                .used_memory()
+                .iter()
+                .any(|m| {
+                    !matches!(
+                        m.access(),
+                        OpAccess::Write | OpAccess::CondWrite | OpAccess::NoMemAccess
+                    )
+                });
+        if n > 0 && !i.is_invalid() && !reads {
+            return (
+                None,
+                format!(
+                    "(changed since the access: `{}` at RIP now reads no memory)",
+                    format_insn(&i)
+                ),
+            );
+        }
+        if n == 0 || i.is_invalid() {
+            return (Some(regs.rip), walk.describe(regs.rip));
+        }
+        // Named from the same bytes that were checked (a second fetch could see
+        // other bytes again).
+        return (Some(regs.rip), format_insn(&i));
     }
     match find_writer(walk, regs, gpa, len) {
         Some((at, insn)) => (Some(at), format_insn(&insn)),
