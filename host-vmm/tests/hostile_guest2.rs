@@ -5,14 +5,15 @@
 //! right verdict, in bounded time, naming what happened. Attacks already covered by
 //! `hostile_guest.rs`, `policy.rs` and `kvm.rs` are not repeated.
 
+#[path = "common/skip.rs"]
+mod skip;
+
 use hilrig_device::regmap::{Reg, DEVICE_ID_VALUE};
 use hilrig_guest::abi::{DEVICE_CONFIG_BASE, PORT_COM1, PORT_PCI_ADDR, PORT_PCI_DATA};
 use hilrig_vmm::payload::{Payload, Width};
 use hilrig_vmm::policy::engine::AlarmConfig;
 use hilrig_vmm::policy::{load_profile, Profile};
-use hilrig_vmm::{
-    kvm_available, open_backend, Console, DeviceSpec, RunReport, Verdict, Vm, VmConfig,
-};
+use hilrig_vmm::{open_backend, Console, DeviceSpec, RunReport, Verdict, Vm, VmConfig};
 use iced_x86::code_asm::*;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -84,7 +85,7 @@ fn id_check(p: &mut Payload, code: u32) -> R {
 /// the key never in a result.
 #[test]
 fn unusual_instruction_forms_on_bar0_are_decided() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let key_off = Reg::DeviceKey.offset() as i32;
@@ -155,7 +156,7 @@ fn unusual_instruction_forms_on_bar0_are_decided() {
 /// register 0xFC) read all-ones and change nothing. With the in-kernel irqchip on.
 #[test]
 fn bar0_moved_anywhere_and_bogus_config_addresses_end_in_a_verdict() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     for irq in [hilrig_vmm::api::Irqchip::Off, hilrig_vmm::api::Irqchip::On] {
@@ -224,7 +225,7 @@ impl Restore for Payload {
 /// port and 20 000 bytes to the serial port. The run passes in bounded time.
 #[test]
 fn floods_are_counted_and_bounded() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     const N: u64 = 100_000;
@@ -281,7 +282,7 @@ fn floods_are_counted_and_bounded() {
 /// ends PASS promptly (the spinner is kicked).
 #[test]
 fn halts_with_interrupts_off_and_a_spinner_beside_a_flooder_end_promptly() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let code = build(|p| {
@@ -323,7 +324,7 @@ fn halts_with_interrupts_off_and_a_spinner_beside_a_flooder_end_promptly() {
 /// TRIPLE FAULT, promptly.
 #[test]
 fn exception_storms_without_an_idt_are_a_triple_fault() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let code = build(|p| {
@@ -351,7 +352,7 @@ fn exception_storms_without_an_idt_are_a_triple_fault() {
 /// sees — never a bare internal error, a timeout or a VMM error.
 #[test]
 fn xsave_and_reads_across_bar0s_end_are_named() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let cases: Vec<(&str, &str, Vec<u8>)> = vec![
@@ -400,7 +401,7 @@ fn xsave_and_reads_across_bar0s_end_are_named() {
 /// disabled), and the run passes in bounded time.
 #[test]
 fn decode_toggled_from_another_vcpu_mid_access_is_decided() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     const FLAG: u64 = 0x5000;
@@ -457,7 +458,7 @@ fn decode_toggled_from_another_vcpu_mid_access_is_decided() {
 /// the instruction changed — never the other direction's instruction.
 #[test]
 fn an_alarm_never_names_an_instruction_swapped_in_after_the_access() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     const FLAG: u64 = 0x5000;
@@ -526,7 +527,7 @@ fn an_alarm_never_names_an_instruction_swapped_in_after_the_access() {
 #[test]
 #[ignore = "defect: an EVEX instruction without ZMM state ends the run VMM ERROR (KVM cannot emulate ... on MMIO) instead of #UD to the guest"]
 fn an_evex_instruction_without_zmm_state_gets_ud_not_a_vmm_error() {
-    if !kvm_available() {
+    if !skip::kvm!() {
         return;
     }
     let scratch = Reg::Scratch.offset() as i32;
