@@ -4,6 +4,9 @@ use std::process::Command;
 
 use hilrig_vmm::kvm_available;
 
+#[path = "common/record.rs"]
+mod record;
+
 fn vmm(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_hilrig-vmm"))
         .args(args)
@@ -236,6 +239,7 @@ fn quiesce_patches_flag_reaches_the_patch_and_the_run_summary() {
         .arg(&sock)
         .arg("--patch-pubkey")
         .arg(d("authority.pub"))
+        .args(record::args(dir.path(), &format!("applied-{quiesce}")))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
         if quiesce {
