@@ -491,8 +491,9 @@ pub fn lifecycle_config(args: &VmArgs) -> anyhow::Result<crate::lifecycle::Lifec
             // re-open every downgrade (a validly signed older bundle applied).
             applied: match (&args.patch_record, &args.patch_record_key) {
                 (Some(rec), Some(key)) => {
+                    // Absolute: it is rewritten later, perhaps inside a jail.
                     Some(Arc::new(crate::lifecycle::applied::AppliedVersions::open(
-                        rec,
+                        &std::path::absolute(rec)?,
                         key,
                         &crate::lifecycle::applied::host_name(),
                     )?))
