@@ -8,6 +8,9 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
+#[path = "../host-vmm/tests/common/record.rs"]
+mod record;
+
 fn hilrig(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_hilrig"))
         .args(args)
@@ -663,6 +666,7 @@ fn patch_rollout_across_three_vmms_stops_at_the_bad_host() {
                     "120s",
                 ])
                 .args(["--control", p(&sock), "--patch-pubkey", p(&d(key))])
+                .args(record::args(dir.path(), &format!("vm{i}-applied")))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -1503,7 +1507,16 @@ fn the_vmm_refuses_secret_key_files_others_can_read() {
         (&vmm, vec!["--vmm-key", p(&vmm)]),
         (
             &bx,
-            vec!["--patch-pubkey", p(&auth), "--patch-decrypt-key", p(&bx)],
+            vec![
+                "--patch-pubkey",
+                p(&auth),
+                "--patch-decrypt-key",
+                p(&bx),
+                "--patch-record",
+                p(&rec),
+                "--patch-record-key",
+                p(&mac),
+            ],
         ),
         (
             &mac,

@@ -313,6 +313,15 @@ impl Att<'_> {
         self.dir.join(format!("{k}-{label}-{name}"))
     }
 
+    /// A fresh record of applied patch versions and its 0600 MAC key, in this
+    /// attempt's directory, for a patchable VMM (`--patch-record`,
+    /// `--patch-record-key`: the VMM refuses `--patch-pubkey` without them).
+    fn patch_record(&self, k: usize, label: &str) -> Result<(PathBuf, PathBuf), Stop> {
+        let key = self.file(k, label, "patch-record.key");
+        hilrig_counters::mac::Key::init(&key).map_err(|e| fail(Outcome::Infra, e))?;
+        Ok((self.file(k, label, "patch-record.json"), key))
+    }
+
     /// Record `p` as an artifact of the case. An empty file is removed instead:
     /// it holds nothing (a payload that printed nothing, a VMM with no alarms),
     /// and a report listing empty consoles hides the ones that matter.
@@ -1279,12 +1288,15 @@ impl Att<'_> {
             .map_err(|e| fail(Outcome::Infra, e))?;
         let sock = self.socket(label)?;
         let record = self.file(k, label, "teardown.json");
+        let (applied, applied_key) = self.patch_record(k, label)?;
         let state = self.state.clone();
         let binding = self.binding(k, label, &state)?;
         let spec = self.spec(k, label, "storm".as_ref(), StepVm::default(), &state, |s| {
             s.vcpus = STORM_VCPUS as u8;
             s.control = Some(sock.clone());
             s.patch_pubkeys = vec![pubkey];
+            s.patch_record = Some(applied);
+            s.patch_record_key = Some(applied_key);
             s.teardown_record = Some(record);
             bind_spec(s, &binding);
         });
@@ -1526,9 +1538,13 @@ impl Att<'_> {
             let sock = self.socket(&name)?;
             let key = if i == BAD_HOST { &other } else { &pubkey };
             let binding = self.binding(k, &name, &state)?;
+            // Each host its own record of applied versions.
+            let (applied, applied_key) = self.patch_record(k, &name)?;
             let spec = self.spec(k, &name, "spin".as_ref(), StepVm::default(), &state, |s| {
                 s.control = Some(sock.clone());
                 s.patch_pubkeys = vec![key.clone()];
+                s.patch_record = Some(applied);
+                s.patch_record_key = Some(applied_key);
                 bind_spec(s, &binding);
             });
             bindings.push(binding);

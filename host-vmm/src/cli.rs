@@ -420,15 +420,20 @@ pub fn written_in_place(args: &VmArgs) -> Vec<std::path::PathBuf> {
 }
 
 /// The files the VMM creates or renames into place, so it needs their
-/// directories: state file, teardown record, control socket and a SQLite
+/// directories: state file, teardown record, control socket, patch record and a SQLite
 /// counters database (with its journal).
 fn written_by_rename(args: &VmArgs) -> Vec<std::path::PathBuf> {
-    let mut files: Vec<std::path::PathBuf> =
-        [&args.device_state, &args.teardown_record, &args.control]
-            .into_iter()
-            .flatten()
-            .cloned()
-            .collect();
+    let mut files: Vec<std::path::PathBuf> = [
+        &args.device_state,
+        &args.teardown_record,
+        &args.control,
+        // Rewritten (atomically) before each live patch is applied.
+        &args.patch_record,
+    ]
+    .into_iter()
+    .flatten()
+    .cloned()
+    .collect();
     if let Some(db) = &args.counters_db {
         if !db.contains("://") {
             files.push(db.into());
@@ -473,6 +478,7 @@ pub fn jail_spec(
     abs(&mut args.control)?;
     abs(&mut args.counters_key)?;
     abs(&mut args.patch_source)?;
+    abs(&mut args.patch_record)?;
     if let Some(db) = &args.counters_db {
         if !db.contains("://") {
             args.counters_db = Some(std::path::absolute(db)?.to_string_lossy().into_owned());
@@ -564,15 +570,29 @@ pub fn lifecycle_config(args: &VmArgs) -> anyhow::Result<crate::lifecycle::Lifec
             build_sha256,
             module_dir: std::env::temp_dir()
                 .join(format!("hilrig-vmm-modules-{}", std::process::id())),
+            // Fail closed: without a record of applied versions a restart would
+            // re-open every downgrade (a validly signed older bundle applied).
             applied: match (&args.patch_record, &args.patch_record_key) {
                 (Some(rec), Some(key)) => {
+                    // Absolute: it is rewritten later, perhaps inside a jail.
                     Some(Arc::new(crate::lifecycle::applied::AppliedVersions::open(
-                        rec,
+                        &std::path::absolute(rec)?,
                         key,
                         &crate::lifecycle::applied::host_name(),
                     )?))
                 }
-                _ => None,
+                (rec, key) => anyhow::bail!(
+                    "a patchable VMM (--patch-pubkey) needs a record of applied patch versions: \
+                     missing {}; without it a restart re-opens downgrades",
+                    [
+                        rec.is_none().then_some("--patch-record FILE"),
+                        key.is_none().then_some("--patch-record-key KEY"),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+                ),
             },
             allow_widening: args.allow_policy_widening,
         }))

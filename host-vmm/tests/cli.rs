@@ -5,6 +5,9 @@ mod skip;
 
 use std::process::Command;
 
+#[path = "common/record.rs"]
+mod record;
+
 fn vmm(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_hilrig-vmm"))
         .args(args)
@@ -237,6 +240,7 @@ fn quiesce_patches_flag_reaches_the_patch_and_the_run_summary() {
         .arg(&sock)
         .arg("--patch-pubkey")
         .arg(d("authority.pub"))
+        .args(record::args(dir.path(), &format!("applied-{quiesce}")))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
         if quiesce {

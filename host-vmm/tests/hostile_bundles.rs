@@ -9,9 +9,9 @@ use hilrig_vmm::VmArgs;
 /// restart its module table is back at v1 and an older, validly signed bundle
 /// (v2 after v3 was applied) is taken. Expected: patching without a record of
 /// applied versions is refused at start (fail closed), or the floor is kept
-/// elsewhere. Got: `lifecycle_config` accepts it with `applied: None`.
+/// elsewhere. Before the fix `lifecycle_config` accepted it with `applied: None`;
+/// now it is refused naming `--patch-record`.
 #[test]
-#[ignore = "defect: --patch-pubkey without --patch-record starts a patchable VMM whose applied versions do not survive a restart; a validly signed older bundle is applied after one (the record is opt-in; campaigns/src/attempt.rs passes --patch-pubkey without it)"]
 fn a_patchable_vmm_without_a_patch_record_is_refused() {
     let d = tempfile::tempdir().unwrap();
     hilrig_fw::keys::keygen_sign(&d.path().join("patch")).unwrap();
@@ -38,7 +38,7 @@ fn a_patchable_vmm_without_a_patch_record_is_refused() {
 /// deleting the record: v1). Expected: refused (the floor anchored outside the
 /// file, e.g. in the counters service). Got: the old record is accepted.
 #[test]
-#[ignore = "defect: the applied-versions record is MACed but not anchored: restoring an older copy of it (or deleting it) after a restart lowers the downgrade floor again; applied.rs says rolling the record back cannot re-open a downgrade"]
+#[ignore = "defect: the applied-versions record is MACed but not anchored: restoring an older copy of it (or deleting it) after a restart lowers the downgrade floor again (applied.rs documents this as not covered)"]
 fn a_rolled_back_patch_record_is_refused() {
     use hilrig_vmm::lifecycle::applied::AppliedVersions;
     let d = tempfile::tempdir().unwrap();

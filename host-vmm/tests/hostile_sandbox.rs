@@ -5,6 +5,8 @@
 
 #[path = "../../device/tests/common/pty.rs"]
 mod pty;
+#[path = "common/record.rs"]
+mod record;
 #[path = "common/skip.rs"]
 mod skip;
 use hilrig_vmm::payload::Payload;
@@ -132,6 +134,7 @@ fn a_running_vmm_shows_seccomp_2_and_no_new_privs_on_every_thread() {
         .arg(&bundles)
         .arg("--patch-pubkey")
         .arg(&authority)
+        .args(record::args(d.path(), "applied"))
         .arg("--control")
         .arg(&sock)
         .stdout(Stdio::null())
@@ -315,6 +318,7 @@ fn a_jailed_vmm_can_read_its_patch_source_and_nothing_beside_it() {
             .arg(&bundles)
             .arg("--patch-pubkey")
             .arg(&authority)
+            .args(record::args(&work, &format!("applied-{readable}")))
             .arg("--jail")
             .arg(d.path().join("jail"))
             .env(hilrig_vmm::jail::PROBE_ENV, &probe)

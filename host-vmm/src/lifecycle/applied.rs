@@ -6,8 +6,16 @@
 //! through `hilrig_device::secure`). A restarted VMM reads the record first and refuses
 //! any bundle not newer than what was applied on this host before. A record that does
 //! not verify (edited, truncated, another host's, another key's) is refused — the VMM
-//! does not start — and left exactly as found: never reset, so rolling the record back
-//! cannot re-open a downgrade.
+//! does not start — and left exactly as found: never reset by the VMM. A patchable VMM
+//! must have a record (`hilrig_vmm::cli::lifecycle_config` refuses `--patch-pubkey`
+//! without one).
+//!
+//! What it does not protect against: the MAC binds the record to a host and key, not to
+//! a moment. An older copy of the record, put back, verifies, and a missing record
+//! starts empty, so whoever can write the record's directory can lower the floor again
+//! (roll back, or delete) and re-open a downgrade. Anchoring the floor outside the file
+//! (e.g. in the counters service) is not done (ignored test
+//! `a_rolled_back_patch_record_is_refused`).
 
 use hilrig_counters::mac::Key;
 use std::collections::BTreeMap;

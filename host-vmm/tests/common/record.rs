@@ -1,0 +1,19 @@
+//! A record of applied patch versions for a patchable test VMM
+//! (`#[path = "common/record.rs"] mod record;`): a VMM given `--patch-pubkey`
+//! refuses to start without `--patch-record` and `--patch-record-key`.
+
+use std::ffi::OsString;
+use std::path::Path;
+
+/// `--patch-record DIR/NAME.json --patch-record-key DIR/NAME.key`, the key made
+/// fresh (0600). Each VMM its own `name`: a record remembers the versions applied.
+pub fn args(dir: &Path, name: &str) -> [OsString; 4] {
+    let key = dir.join(format!("{name}.key"));
+    hilrig_counters::mac::Key::init(&key).expect("patch record key");
+    [
+        "--patch-record".into(),
+        dir.join(format!("{name}.json")).into(),
+        "--patch-record-key".into(),
+        key.into(),
+    ]
+}
