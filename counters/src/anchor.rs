@@ -262,9 +262,11 @@ fn write_db(
     if devices.is_empty() {
         return head(db);
     }
-    // The newest row of each device only (a batch may verify one twice).
-    let mut newest: std::collections::HashMap<&str, (i64, &str)> =
-        std::collections::HashMap::with_capacity(devices.len());
+    // The newest row of each device only (a batch may verify one twice), in
+    // serial order: two writers lock the rows they share in the same order, so
+    // they cannot deadlock (PostgreSQL locks them row by row as it inserts).
+    let mut newest: std::collections::BTreeMap<&str, (i64, &str)> =
+        std::collections::BTreeMap::new();
     for (s, q, m) in devices {
         let e = newest.entry(s.as_str()).or_insert((*q, m.as_str()));
         if *q > e.0 {
@@ -317,7 +319,8 @@ fn write_db(
         db.rollback();
         return Err(e);
     }
-    db.commit()
+    // A COMMIT that fails (busy, disk full) leaves the transaction open.
+    db.commit().inspect_err(|_| db.rollback())
 }
 
 /// The lock file of an anchor file: `.NAME.lock` beside it (the anchor itself is
