@@ -262,9 +262,11 @@ fn write_db(
     if devices.is_empty() {
         return head(db);
     }
-    // The newest row of each device only (a batch may verify one twice).
-    let mut newest: std::collections::HashMap<&str, (i64, &str)> =
-        std::collections::HashMap::with_capacity(devices.len());
+    // The newest row of each device only (a batch may verify one twice), in
+    // serial order: two writers lock the rows they share in the same order, so
+    // they cannot deadlock (PostgreSQL locks them row by row as it inserts).
+    let mut newest: std::collections::BTreeMap<&str, (i64, &str)> =
+        std::collections::BTreeMap::new();
     for (s, q, m) in devices {
         let e = newest.entry(s.as_str()).or_insert((*q, m.as_str()));
         if *q > e.0 {
@@ -317,7 +319,8 @@ fn write_db(
         db.rollback();
         return Err(e);
     }
-    db.commit()
+    // A COMMIT that fails (busy, disk full) leaves the transaction open.
+    db.commit().inspect_err(|_| db.rollback())
 }
 
 /// The lock file of an anchor file: `.NAME.lock` beside it (the anchor itself is
@@ -416,46 +419,98 @@ fn read_file(path: &Path) -> Result<FileAnchor> {
     read_file_as(path, Lines::All)
 }
 
-/// [`read_file`], parsing only the device lines `lines` names (the head is always
-/// parsed; a device line that is parsed and malformed is an error).
-fn read_file_as(path: &Path, lines: Lines<'_>) -> Result<FileAnchor> {
-    let bytes = match std::fs::read(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok((None, Default::default()))
-        }
-        Err(e) => {
-            return Err(Error::Anchor {
-                path: path.to_path_buf(),
-                detail: e.to_string(),
-            })
-        }
+/// The largest anchor file read: 64 MiB, some 600,000 device lines of
+/// `SERIAL SEQ MAC`. A larger one is refused before it is read.
+pub const MAX_ANCHOR_FILE: u64 = 64 << 20;
+
+/// The anchor file's text, read bounded: a regular file only (opened
+/// non-blocking and checked on the descriptor: a FIFO is refused, never waited
+/// on; `/dev/zero` is refused, never read), at most [`MAX_ANCHOR_FILE`] bytes;
+/// None when there is none. Text that is not UTF-8 is refused naming the line
+/// (or as a SQLite database given as a file).
+fn read_text(path: &Path) -> Result<Option<String>> {
+    use hilrig_device::secure::{read_bounded, SecureFileError};
+    let fail = |detail: String| Error::Anchor {
+        path: path.to_path_buf(),
+        detail,
     };
+    match read_bounded(path, MAX_ANCHOR_FILE) {
+        Ok(t) => Ok(Some(t)),
+        Err(SecureFileError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Ok(None)
+        }
+        Err(SecureFileError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::InvalidData =>
+        {
+            Err(fail(not_text(path)))
+        }
+        Err(e) => Err(fail(format!("{e}; refused without reading it"))),
+    }
+}
+
+/// Why the anchor file (a regular file just read whole, not UTF-8) is not
+/// text: a SQLite database, or the line of the first byte that is not UTF-8
+/// (read again, bounded, for the message only).
+fn not_text(path: &Path) -> String {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut bytes = Vec::new();
+    let read = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .and_then(|f| f.take(MAX_ANCHOR_FILE).read_to_end(&mut bytes));
+    if read.is_err() {
+        return "not UTF-8 text".into();
+    }
     if bytes.starts_with(b"SQLite format 3\0") {
+        return format!(
+            "is a SQLite database, not an anchor file: give it as sqlite:{}",
+            path.display()
+        );
+    }
+    let at = std::str::from_utf8(&bytes)
+        .err()
+        .map_or(0, |e| e.valid_up_to());
+    let line = 1 + bytes[..at].iter().filter(|b| **b == b'\n').count();
+    format!("line {line}: not UTF-8 text (at byte {at})")
+}
+
+/// [`read_file`], parsing only the device lines `lines` names (the head is always
+/// parsed; a device line that is parsed and malformed is an error, naming its
+/// line). A negative sequence is refused. A serial on two lines keeps the
+/// higher sequence; two lines of one serial at the same sequence with different
+/// MACs are refused.
+fn read_file_as(path: &Path, lines: Lines<'_>) -> Result<FileAnchor> {
+    let Some(text) = read_text(path)? else {
+        return Ok((None, Default::default()));
+    };
+    if text.starts_with("SQLite format 3\0") {
         return Err(Error::Anchor {
             path: path.to_path_buf(),
-            detail: format!(
-                "is a SQLite database, not an anchor file: give it as sqlite:{}",
-                path.display()
-            ),
+            detail: not_text(path),
         });
     }
-    let bad = || Error::Anchor {
+    let bad = |n: usize, line: &str, want: &str| Error::Anchor {
         path: path.to_path_buf(),
         detail: format!(
-            "{:?} is not \"SEQ MAC\"",
-            String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
+            "line {n}: {:?} is not \"{want}\" (SEQ a whole number, 0 or more)",
+            line.chars().take(200).collect::<String>()
         ),
     };
-    let text = std::str::from_utf8(&bytes).map_err(|_| bad())?;
-    let mut it = text.lines().next().unwrap_or("").split_whitespace();
-    let seq = it
-        .next()
-        .and_then(|x| x.parse::<i64>().ok())
-        .ok_or_else(bad)?;
-    let mac = it.next().ok_or_else(bad)?.to_string();
-    let mut devices = std::collections::BTreeMap::new();
-    for (n, line) in text.lines().skip(1).enumerate() {
+    let seq_of = |q: &str| q.parse::<i64>().ok().filter(|q| *q >= 0);
+    let head = text.lines().next().unwrap_or("");
+    let (seq, mac) = match head.split_whitespace().collect::<Vec<_>>().as_slice() {
+        [q, m] => match seq_of(q) {
+            Some(q) => (q, m.to_string()),
+            None => return Err(bad(1, head, "SEQ MAC")),
+        },
+        _ => return Err(bad(1, head, "SEQ MAC")),
+    };
+    let mut devices: std::collections::BTreeMap<String, (i64, String)> = Default::default();
+    for (n, line) in text.lines().enumerate().skip(1) {
         match &lines {
             Lines::Head => break,
             Lines::Only(want) => {
@@ -467,25 +522,29 @@ fn read_file_as(path: &Path, lines: Lines<'_>) -> Result<FileAnchor> {
             Lines::All => {}
         }
         let f: Vec<&str> = line.split_whitespace().collect();
-        let entry = match f.as_slice() {
+        let (s, q, m) = match f.as_slice() {
             [] => continue,
-            [s, q, m] => q
-                .parse::<i64>()
-                .ok()
-                .map(|q| (s.to_string(), q, m.to_string())),
-            _ => None,
+            [s, q, m] => match seq_of(q) {
+                Some(q) => (*s, q, *m),
+                None => return Err(bad(n + 1, line, "SERIAL SEQ MAC")),
+            },
+            _ => return Err(bad(n + 1, line, "SERIAL SEQ MAC")),
         };
-        let Some((s, q, m)) = entry else {
-            return Err(Error::Anchor {
-                path: path.to_path_buf(),
-                detail: format!(
-                    "line {}: {:?} is not \"SERIAL SEQ MAC\"",
-                    n + 2,
-                    line.chars().take(200).collect::<String>()
-                ),
-            });
-        };
-        devices.insert(s, (q, m));
+        match devices.get(s) {
+            Some((stored, smac)) if *stored == q && smac != m => {
+                return Err(Error::Anchor {
+                    path: path.to_path_buf(),
+                    detail: format!(
+                        "line {}: device {s} is on an earlier line at the same sequence {q} with another MAC",
+                        n + 1
+                    ),
+                })
+            }
+            Some((stored, _)) if *stored >= q => {}
+            _ => {
+                devices.insert(s.to_string(), (q, m.to_string()));
+            }
+        }
     }
     Ok((Some((seq, mac)), devices))
 }

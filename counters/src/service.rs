@@ -996,7 +996,19 @@ impl Service {
         }
     }
 
-    /// A device record, MAC-checked.
+    /// Whether device `key`'s record (written at history `hseq`) is older than
+    /// its newest history row in the database: a replayed row.
+    fn older_than_history(&mut self, key: &str, hseq: i64) -> Result<bool> {
+        let rows = self.db.query(
+            "SELECT MAX(seq) FROM history WHERE serial = $1",
+            &[Val::from(key)],
+        )?;
+        Ok(matches!(rows.first().and_then(|x| x.first()), Some(Val::I64(latest)) if *latest > hseq))
+    }
+
+    /// A device record, MAC-checked. A record older than its history is
+    /// [`Error::Tampered`]; one that fails its anchor entry is [`Error::Anchor`]
+    /// naming the anchor and what is wrong.
     pub fn device(&mut self, serial: u64) -> Result<DeviceRecord> {
         let key = serial_key(serial);
         let anchored = self.read_anchor_entries(std::slice::from_ref(&key))?;
@@ -1008,26 +1020,22 @@ impl Service {
             }),
             Some((mut r, true)) => {
                 // A row older than its history is a replayed row.
-                let rows = self.db.query(
-                    "SELECT MAX(seq) FROM history WHERE serial = $1",
-                    &[Val::from(key.as_str())],
-                )?;
-                if let Some(Val::I64(latest)) = rows.first().and_then(|x| x.first()) {
-                    if *latest > r.hseq {
-                        return Err(Error::Tampered {
-                            table: "devices",
-                            row: key,
-                        });
-                    }
-                }
-                // Or older than its anchored history.
-                if self
-                    .anchored_device_fault(&key, r.hseq, &anchored)
-                    .is_some()
-                {
+                if self.older_than_history(&key, r.hseq)? {
                     return Err(Error::Tampered {
                         table: "devices",
                         row: key,
+                    });
+                }
+                // Or older than its anchored history.
+                if let Some(why) = self.anchored_device_fault(&key, r.hseq, &anchored) {
+                    let path = self
+                        .anchor
+                        .as_ref()
+                        .map(|a| a.describe())
+                        .unwrap_or_default();
+                    return Err(Error::Anchor {
+                        path: path.into(),
+                        detail: why,
                     });
                 }
                 // A hold kept beside the row wins over what the row says.
@@ -2846,8 +2854,9 @@ impl Service {
     /// fresh reading through `source`, decided by the catalog rule (counters that
     /// rose with known-good images become the new expected values). A hold for a
     /// rollback or a tampered record comes straight back (the same verdict holds
-    /// it again): those need `enroll --replace`. A device row that fails its MAC is
-    /// refused (re-enrol it). Not held: [`Error::Input`].
+    /// it again): those need `enroll --replace`. A device row that fails its MAC,
+    /// or is older than its history or its anchor entry (a replayed row), is
+    /// refused before anything is written (re-enrol it). Not held: [`Error::Input`].
     pub fn hold_clear(
         &mut self,
         serial: u64,
@@ -2865,10 +2874,16 @@ impl Service {
         let obs = Self::observe(serial, source)?;
         let strict = std::mem::replace(&mut self.require_intents, false);
         let r = self.tx(|s| {
+            let anchored = s.read_anchor_entries(std::slice::from_ref(&key))?;
             let (mut rec, intact) = s
                 .load_raw(&key, true)?
                 .ok_or_else(|| Error::UnknownDevice(key.clone()))?;
-            if !intact {
+            // A replayed row (older than its history or its anchor entry) is
+            // refused as one that fails its MAC, before anything is rewritten.
+            if !intact
+                || s.older_than_history(&key, rec.hseq)?
+                || s.anchored_device_fault(&key, rec.hseq, &anchored).is_some()
+            {
                 return Err(Error::Tampered {
                     table: "devices",
                     row: key.clone(),
@@ -3036,6 +3051,9 @@ impl Service {
             } else {
                 // Agreement does not establish trust by itself: keep the state.
                 d.state = if intact {
+                    // Rewritten as it is, so that it points at the history row
+                    // below (a row older than its history reads as replayed).
+                    s.write_device(&rec, false)?;
                     rec.state
                 } else {
                     DeviceState::Quarantined

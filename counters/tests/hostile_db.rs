@@ -521,3 +521,115 @@ fn a_database_anchor_keeps_its_head_against_the_same_sequence_with_another_mac()
         assert_eq!(a.read().unwrap(), Some((11, "mac11".to_string())), "{spec}");
     }
 }
+
+/// Two services anchoring overlapping devices at once in a PostgreSQL anchor
+/// database do not deadlock: each writes its device entries in serial order
+/// (in hash order, the two statements locked the shared rows in different
+/// orders and PostgreSQL aborted one with a deadlock).
+#[test]
+fn concurrent_anchor_writes_of_overlapping_devices_do_not_deadlock() {
+    use hilrig_counters::anchor::Anchor;
+    let Some(url) = pg_url() else {
+        eprintln!("postgresql SKIPPED: HILRIG_TEST_PG not set");
+        return;
+    };
+    let name = fresh_schema("anchor_deadlock");
+    drop(Anchor::open(&url, &name).unwrap());
+    let threads: Vec<_> = (0..2i64)
+        .map(|t| {
+            let (url, name) = (url.clone(), name.clone());
+            std::thread::spawn(move || {
+                let mut a = Anchor::open(&url, &name).unwrap();
+                for round in 0..30i64 {
+                    let mut devices: Vec<_> = (0..300)
+                        .map(|i| (format!("0x{i:x}"), round * 2 + t + 1, format!("m{t}")))
+                        .collect();
+                    if t == 1 {
+                        devices.reverse();
+                    }
+                    a.write_with(round * 2 + t + 1, "head", &devices).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let mut a = Anchor::open(&url, &name).unwrap();
+    let got = a.devices(&["0x0".to_string()]).unwrap();
+    assert_eq!(got.get("0x0").map(|e| e.0), Some(60));
+}
+
+/// An anchor file is read bounded: a FIFO (it waited for ever), a link to
+/// /dev/zero (read until memory ran out) and a file over the limit are refused
+/// without being read, naming the file.
+#[test]
+fn an_anchor_file_that_is_a_fifo_a_device_or_too_large_is_refused_unread() {
+    use hilrig_counters::anchor::{Anchor, MAX_ANCHOR_FILE};
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let zero = dir.path().join("zero");
+    std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+    let big = dir.path().join("big");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(MAX_ANCHOR_FILE + 1)
+        .unwrap();
+    for (p, why) in [
+        (&fifo, "not a regular file"),
+        (&zero, "not a regular file"),
+        (&big, "over the limit"),
+    ] {
+        let e = Anchor::File(p.clone()).read().unwrap_err().to_string();
+        assert!(
+            e.contains(why) && e.contains(&p.display().to_string()),
+            "{e}"
+        );
+        let e = Anchor::File(p.clone())
+            .devices(&["0x1".to_string()])
+            .unwrap_err();
+        assert!(e.to_string().contains(why), "{e}");
+    }
+}
+
+/// An anchor file's lines: an error names the line (a byte that is not UTF-8
+/// on a device line named the head); a negative sequence is refused; a serial on
+/// two lines keeps the higher sequence whatever the order (the last line won),
+/// and two lines at one sequence with different MACs are refused.
+#[test]
+fn an_anchor_files_lines_are_checked_one_by_one() {
+    use hilrig_counters::anchor::Anchor;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("anchor");
+    let one = ["0x1".to_string()];
+    let with = |bytes: &[u8]| {
+        std::fs::write(&p, bytes).unwrap();
+        Anchor::File(p.clone()).devices(&one)
+    };
+    let e = with(b"5 h\n0x1 3 a\n0x2 4 \xff\n").unwrap_err().to_string();
+    assert!(e.contains("line 3") && e.contains("UTF-8"), "{e}");
+    let e = with(b"-5 h\n").unwrap_err().to_string();
+    assert!(e.contains("line 1"), "{e}");
+    let e = with(b"5 h\n0x1 -3 a\n").unwrap_err().to_string();
+    assert!(e.contains("line 2"), "{e}");
+    for text in ["5 h\n0x1 3 a\n0x1 2 b\n", "5 h\n0x1 2 b\n0x1 3 a\n"] {
+        let got = with(text.as_bytes()).unwrap();
+        assert_eq!(got.get("0x1"), Some(&(3, "a".to_string())), "{text:?}");
+    }
+    let e = with(b"5 h\n0x1 3 a\n0x1 3 b\n").unwrap_err().to_string();
+    assert!(e.contains("line 3") && e.contains("same sequence"), "{e}");
+    // Negative control: a well-formed file reads.
+    assert_eq!(
+        with(b"5 h\n0x1 3 a\n0x2 4 b\n").unwrap().get("0x1"),
+        Some(&(3, "a".to_string()))
+    );
+    assert_eq!(
+        Anchor::File(p.clone()).read().unwrap(),
+        Some((5, "h".to_string()))
+    );
+}

@@ -257,7 +257,7 @@ fn deleting_the_newest_history_rows_is_refused_as_a_replay() {
 /// hidden by `hide` (run with $1 = the old row's history seq); the chain's head
 /// (another device's) and the anchor are untouched. The rolled-back device must
 /// not be trusted.
-fn replayed_row_with_newer_history_hidden(hide: &str) {
+fn replayed_row_with_newer_history_hidden(hide: &str) -> Lab {
     let l = lab();
     let dev2 = l.root.join("dev-62.state");
     let mut s = Service::open(&l.spec, key()).unwrap();
@@ -289,9 +289,16 @@ fn replayed_row_with_newer_history_hidden(hide: &str) {
         )
         .unwrap();
     s.db_mut().exec(hide, &[Val::I64(old_hseq)]).unwrap();
+    // device() names the anchor, not a MAC mismatch.
+    let e = s.device(0x61).unwrap_err();
+    assert!(
+        matches!(e, Error::Anchor { .. }) && e.to_string().contains("anchored history"),
+        "{e}"
+    );
     drop(s);
     std::fs::write(&l.dev, &l.old_state).unwrap();
     assert_rolled_back_device_caught(&l, hide);
+    l
 }
 
 /// Deleting the device's newer (middle) history rows below the head makes its
@@ -301,6 +308,28 @@ fn a_replayed_row_with_its_newer_history_deleted_is_never_trusted() {
     replayed_row_with_newer_history_hidden(
         "DELETE FROM history WHERE serial = '0x61' AND seq > $1",
     );
+}
+
+/// Clearing the hold of a replayed row is refused before anything is written
+/// (it rewrote the row with a fresh sequence, so the replay checks no longer
+/// fired and the older record was trusted); the device stays held.
+#[test]
+fn clearing_the_hold_of_a_replayed_row_is_refused() {
+    let l = replayed_row_with_newer_history_hidden(
+        "DELETE FROM history WHERE serial = '0x61' AND seq > $1",
+    );
+    let mut s = Service::open(&l.spec, key()).unwrap();
+    s.set_anchor(&l.anchor).unwrap();
+    let e = s
+        .hold_clear(0x61, "reviewed", &mut source(&l.dev))
+        .unwrap_err();
+    assert!(matches!(e, Error::Tampered { .. }), "{e}");
+    let r = s.verify(0x61, &mut source(&l.dev)).unwrap();
+    assert_eq!(r.decision.verdict, Verdict::Quarantined, "{r:?}");
+    assert!(!matches!(
+        s.is_trusted(0x61, std::time::Duration::from_secs(60)),
+        Ok(true)
+    ));
 }
 
 /// The same without a gap: the device's newer history rows are moved to a serial

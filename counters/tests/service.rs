@@ -507,6 +507,36 @@ fn rate_limit_master_sums_and_cross_check() {
     });
 }
 
+/// A cross-check where the VMM and the hardware agree rewrites the device row
+/// with its history row: the next verify and `device()` do not take the row for
+/// a replayed one (they did: the row was older than that history row).
+#[test]
+fn an_agreeing_cross_check_leaves_the_device_trusted() {
+    each_backend("agreeing_cross_check", |s, dir| {
+        for (serial, anchored) in [(0x51u64, false), (0x52, true)] {
+            if anchored {
+                s.set_anchor(&dir.join("anchor")).unwrap();
+            }
+            let p = make_device(dir, serial, 8);
+            enroll_from(s, &p, serial, "h1", "r1");
+            assert!(verify(s, &p, serial).trusted());
+            // A tenancy without flash updates: both counted none.
+            let start = source(&p).counters().unwrap();
+            let d = s.cross_check(serial, &start, &start, 0).unwrap();
+            assert_eq!(d.verdict, Verdict::Trusted, "{d:?}");
+            let r = s.device(serial).unwrap();
+            assert!(r.hold.is_empty(), "anchored {anchored}: {r:?}");
+            assert_eq!(r.state, DeviceState::Trusted, "anchored {anchored}");
+            let r = verify(s, &p, serial);
+            assert!(r.trusted(), "anchored {anchored}: {r:?}");
+            assert!(
+                s.device(serial).unwrap().hold.is_empty(),
+                "anchored {anchored}"
+            );
+        }
+    });
+}
+
 #[test]
 fn verify_over_a_pty_serial_port() {
     use std::sync::atomic::{AtomicBool, Ordering};
