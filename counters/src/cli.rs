@@ -980,11 +980,16 @@ fn run_cmd(cmd: CountersCmd, open: DeviceOpener) -> Result<ExitCode> {
                     let s = parse_serial(&s)?;
                     match svc.device(s) {
                         Ok(d) => show(d, true)?,
-                        Err(crate::Error::Tampered { .. }) => {
+                        // Kept as found: a row that fails its MAC, or that its
+                        // anchor entry says was replayed, is listed as not intact,
+                        // with the reason on stderr.
+                        Err(e @ (crate::Error::Tampered { .. } | crate::Error::Anchor { .. })) => {
+                            eprintln!("device {s:#x}: {e}");
+                            let replayed = matches!(e, crate::Error::Anchor { .. });
                             let want = crate::service::serial_key(s);
                             svc.devices_each(|d, ok| {
                                 if d.serial == want {
-                                    show(d, ok)?;
+                                    show(d, ok && !replayed)?;
                                 }
                                 Ok(())
                             })?
