@@ -313,13 +313,17 @@ impl Att<'_> {
         self.dir.join(format!("{k}-{label}-{name}"))
     }
 
-    /// A fresh record of applied patch versions and its 0600 MAC key, in this
-    /// attempt's directory, for a patchable VMM (`--patch-record`,
-    /// `--patch-record-key`: the VMM refuses `--patch-pubkey` without them).
+    /// A fresh record of applied patch versions and its 0600 MAC key, for a
+    /// patchable VMM (`--patch-record`, `--patch-record-key`: the VMM refuses
+    /// `--patch-pubkey` without them). The record sits in a 0700 directory of its
+    /// own, the key beside that directory: a jailed VMM gets the record's directory
+    /// writable, and must not find the key (it could forge records) there.
     fn patch_record(&self, k: usize, label: &str) -> Result<(PathBuf, PathBuf), Stop> {
         let key = self.file(k, label, "patch-record.key");
         hilrig_counters::mac::Key::init(&key).map_err(|e| fail(Outcome::Infra, e))?;
-        Ok((self.file(k, label, "patch-record.json"), key))
+        let dir = self.file(k, label, "patch-record");
+        hilrig_device::secure::ensure_private_dir(&dir).map_err(|e| fail(Outcome::Infra, e))?;
+        Ok((dir.join("applied.json"), key))
     }
 
     /// Record `p` as an artifact of the case. An empty file is removed instead:

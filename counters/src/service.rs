@@ -3035,19 +3035,40 @@ impl Service {
         let obs = serde_json::json!({"start": start, "end": end, "vmm_attempts": vmm_attempts})
             .to_string();
         self.tx(|s| {
-            let (mut rec, intact) = s
+            let anchored = s.read_anchor_entries(std::slice::from_ref(&key))?;
+            let (mut rec, mac_ok) = s
                 .load_raw(&key, true)?
                 .ok_or_else(|| Error::UnknownDevice(key.clone()))?;
+            // A replayed row (older than its history or its anchor entry) is not
+            // intact either: never rewritten (that would point it at the new
+            // history row and hide the replay), quarantined with the reason.
+            let replayed = if mac_ok {
+                match s.anchored_device_fault(&key, rec.hseq, &anchored) {
+                    Some(why) => Some(why),
+                    None if s.older_than_history(&key, rec.hseq)? => Some(format!(
+                        "device record {key} is older than its own history: a replayed row"
+                    )),
+                    None => None,
+                }
+            } else {
+                None
+            };
+            let intact = mac_ok && replayed.is_none();
+            if let Some(why) = &replayed {
+                d.reasons.push(why.clone());
+            }
             let exp = serde_json::to_string(&rec.expected).unwrap_or_default();
             if d.verdict != Verdict::Trusted {
                 rec.state = DeviceState::Quarantined;
                 rec.hold = d.reasons.join("; ");
                 rec.reason = format!("{}: {}", d.verdict, rec.hold);
-                if !intact {
+                if !mac_ok {
                     d.reasons
                         .push(format!("device record {key} also fails its MAC"));
                 }
-                s.write_device(&rec, false)?;
+                if replayed.is_none() {
+                    s.write_device(&rec, false)?;
+                }
             } else {
                 // Agreement does not establish trust by itself: keep the state.
                 d.state = if intact {

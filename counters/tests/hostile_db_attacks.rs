@@ -8,6 +8,7 @@ use common::*;
 use hilrig_counters::service::Service;
 use hilrig_counters::source::CounterSource;
 use hilrig_counters::store::Val;
+use hilrig_counters::DeviceState;
 use hilrig_counters::{Error, Verdict};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -976,4 +977,49 @@ fn an_edited_anchored_row_fails_its_own_mac_check() {
             other => panic!("the edited anchored row was accepted: {other:?}"),
         }
     });
+}
+
+/// An agreeing cross-check (VMM and hardware counted the same) on a replayed row
+/// (the older row put back; its history and anchor entry left as they are) must
+/// not rewrite it: that pointed it at the new history row and moved its anchor
+/// entry on, hiding the replay for good.
+#[test]
+fn an_agreeing_cross_check_never_hides_a_replayed_row() {
+    let l = lab();
+    let mut s = Service::open(&l.spec, key()).unwrap();
+    s.set_anchor(&l.anchor).unwrap();
+    let old_row = {
+        let mut b = Service::open(
+            &l.root.join("backup/counters.db").display().to_string(),
+            key(),
+        )
+        .unwrap();
+        b.db_mut()
+            .query(
+                "SELECT state, c0, c1, c2, master, epoch, h0, h1, h2, reason, hold, verified_at, mac, hseq FROM devices",
+                &[],
+            )
+            .unwrap()
+            .remove(0)
+    };
+    let mut p = old_row;
+    p.push("0x61".into());
+    s.db_mut()
+        .exec(
+            "UPDATE devices SET state = $1, c0 = $2, c1 = $3, c2 = $4, master = $5, epoch = $6, h0 = $7, h1 = $8, h2 = $9, reason = $10, hold = $11, verified_at = $12, mac = $13, hseq = $14 WHERE serial = $15",
+            &p,
+        )
+        .unwrap();
+    let start = source(&l.dev).counters().unwrap();
+    let d = s.cross_check(0x61, &start, &start, 0).unwrap();
+    assert_eq!(d.state, DeviceState::Quarantined, "{d:?}");
+    assert!(d.reasons.iter().any(|r| r.contains("replayed")), "{d:?}");
+    // Still caught afterwards, by every reader.
+    assert!(s.device(0x61).is_err());
+    assert!(!matches!(
+        s.is_trusted(0x61, std::time::Duration::from_secs(60)),
+        Ok(true)
+    ));
+    let r = s.verify(0x61, &mut source(&l.dev)).unwrap();
+    assert!(!r.trusted(), "{r:?}");
 }

@@ -59,6 +59,23 @@ pub enum AppliedError {
         /// This host.
         host: String,
     },
+    /// Another live VMM holds this record (its lock file is locked): two VMMs
+    /// writing one record each from its own copy could lower each other's floor.
+    #[error("the patch record {path} is in use by another VMM (its lock {lock} is held): give each VMM its own --patch-record")]
+    InUse {
+        /// The record.
+        path: PathBuf,
+        /// Its lock file.
+        lock: PathBuf,
+    },
+    /// The record's lock file could not be made or locked.
+    #[error("locking the patch record {path}: {detail}")]
+    Lock {
+        /// The lock file.
+        path: PathBuf,
+        /// What failed.
+        detail: String,
+    },
     /// Writing the record failed (the patch is then not applied).
     #[error("writing the patch record {path}: {source}")]
     Write {
@@ -83,6 +100,8 @@ pub struct AppliedVersions {
     key: Key,
     host: String,
     versions: Mutex<BTreeMap<String, u64>>,
+    /// `<record>.lock`, locked (flock, exclusive) for as long as this VMM lives.
+    _lock: std::fs::File,
 }
 
 impl std::fmt::Debug for AppliedVersions {
@@ -101,6 +120,36 @@ pub fn host_name() -> String {
         .unwrap_or_else(|_| "localhost".into())
 }
 
+/// Lock `<record>.lock` (made 0600 if missing, never through a link) for this
+/// VMM's lifetime: the record itself is replaced on every write, so it cannot carry
+/// the lock. Held by another VMM: [`AppliedError::InUse`].
+fn lock_record(path: &Path) -> Result<std::fs::File, AppliedError> {
+    use std::os::fd::AsRawFd;
+    let mut name = path.as_os_str().to_os_string();
+    name.push(".lock");
+    let lock = PathBuf::from(name);
+    let f = hilrig_device::secure::create_output_file(&lock).map_err(|e| AppliedError::Lock {
+        path: lock.clone(),
+        detail: e.to_string(),
+    })?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            AppliedError::InUse {
+                path: path.to_path_buf(),
+                lock,
+            }
+        } else {
+            AppliedError::Lock {
+                path: lock,
+                detail: e.to_string(),
+            }
+        });
+    }
+    Ok(f)
+}
+
 fn mac(key: &Key, host: &str, versions: &BTreeMap<String, u64>) -> String {
     let mut i = hilrig_counters::mac::MacInput::new(TABLE);
     i.s(host);
@@ -115,6 +164,7 @@ impl AppliedVersions {
     /// `key`, for host `host`. A record that does not verify is an error.
     pub fn open(path: &Path, key: &Path, host: &str) -> Result<AppliedVersions, AppliedError> {
         let key = Key::load(key)?;
+        let lock = lock_record(path)?;
         let versions = match std::fs::symlink_metadata(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             _ => {
@@ -148,6 +198,7 @@ impl AppliedVersions {
             key,
             host: host.to_string(),
             versions: Mutex::new(versions),
+            _lock: lock,
         })
     }
 
@@ -192,6 +243,24 @@ mod tests {
         let k = dir.join("record.key");
         Key::init(&k).unwrap();
         k
+    }
+
+    #[test]
+    fn a_record_another_live_vmm_holds_is_refused() {
+        // Two VMMs on one record each wrote their own copy back: B (floor 0)
+        // recording policy 2 after A recorded 3 left {policy: 2}, and a restart
+        // took the downgrade. Now the second VMM is refused while the first lives.
+        let d = tempfile::tempdir().unwrap();
+        let (k, rec) = (key(d.path()), d.path().join("applied.json"));
+        let a = AppliedVersions::open(&rec, &k, "h1").unwrap();
+        a.record("policy", 3).unwrap();
+        let e = AppliedVersions::open(&rec, &k, "h1").unwrap_err();
+        assert!(matches!(e, AppliedError::InUse { .. }), "{e}");
+        assert!(e.to_string().contains("its own --patch-record"), "{e}");
+        // Negative control: once A is gone, the next VMM opens it, floor kept.
+        drop(a);
+        let b = AppliedVersions::open(&rec, &k, "h1").unwrap();
+        assert_eq!(b.applied("policy"), 3);
     }
 
     #[test]

@@ -549,8 +549,10 @@ mod tests {
         let p = a.prepare(&v3, &t, "tenant").unwrap();
         a.applied.as_ref().unwrap().record(POLICY, 3).unwrap();
         commit(&t, p);
-        // Restart: a new table (policy v1) and the record read back.
+        // Restart: a new table (policy v1) and the record read back (the old
+        // VMM's hold on the record gone first).
         let t = table();
+        a.applied = None;
         a.applied = Some(Arc::new(AppliedVersions::open(&rec, &key, "h").unwrap()));
         for v in [2, 3] {
             let b = bundle(POLICY, v, ("rules.toml", narrower().into()), 1, BUILD);

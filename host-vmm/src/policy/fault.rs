@@ -182,7 +182,9 @@ pub(crate) fn name_access(
         Err(e) => return (regs.rip, format!("(special registers unavailable: {e})")),
     };
     let walk = Walk { mem, sregs: &sregs };
-    let (found, insn) = describe_access(&walk, &regs, gpa, len, write);
+    let mut at_rip = [0u8; 15];
+    let n = walk.fetch(regs.rip, &mut at_rip);
+    let (found, insn) = describe_access(&walk, &regs, &at_rip[..n], gpa, len, write);
     (found.unwrap_or(regs.rip), insn)
 }
 
@@ -269,8 +271,12 @@ fn locate(
         }
     };
     let walk = Walk { mem, sregs: &sregs };
-    let n = walk.fetch(regs.rip.saturating_sub(15), &mut bytes);
-    let (found, insn) = describe_access(&walk, &regs, gpa, len, write);
+    let start = regs.rip.saturating_sub(15);
+    let n = walk.fetch(start, &mut bytes);
+    // The description is made from these same bytes (cached with them below): a
+    // second fetch could see other bytes, and the cache would pair the two.
+    let at_rip = ((regs.rip - start) as usize).min(n);
+    let (found, insn) = describe_access(&walk, &regs, &bytes[at_rip..n], gpa, len, write);
     *cache = SiteCache {
         site: Some(site),
         sregs: Some(sregs),
@@ -282,9 +288,11 @@ fn locate(
     (regs.rip, found, insn)
 }
 
+/// `at_rip`: the guest's bytes from RIP on, as fetched once by the caller.
 fn describe_access(
     walk: &Walk<'_>,
     regs: &kvm_regs,
+    at_rip: &[u8],
     gpa: u64,
     len: usize,
     write: bool,
@@ -293,9 +301,9 @@ fn describe_access(
         // KVM exits on a read before retiring it: the instruction is at RIP — unless
         // another vCPU rewrote the bytes since the access (guest memory is read
         // after the exit). An instruction that reads no memory did not make it.
-        let mut b = [0u8; 15];
-        let n = walk.fetch(regs.rip, &mut b);
-        let i = Decoder::with_ip(64, &b[..n], regs.rip, DecoderOptions::NONE).decode();
+        let b = &at_rip[..at_rip.len().min(15)];
+        let n = b.len();
+        let i = Decoder::with_ip(64, b, regs.rip, DecoderOptions::NONE).decode();
         let reads = !i.is_invalid()
             && InstructionInfoFactory::new()
                 .info(&i)
