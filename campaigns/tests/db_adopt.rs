@@ -121,7 +121,7 @@ fn a_partial_old_store_is_refused_not_patched() {
 
 #[test]
 fn old_postgres_store_is_adopted() {
-    let Ok(url) = std::env::var("HILRIG_TEST_PG") else {
+    let Some(url) = hilrig_db::test_server().unwrap_or_else(|e| panic!("{e}")) else {
         eprintln!("SKIPPED: old PostgreSQL results store: HILRIG_TEST_PG not set");
         return;
     };

@@ -819,10 +819,7 @@ expect = { service_verdict = "trusted" }
 
 #[test]
 fn results_store_on_postgresql() {
-    let Some(url) = std::env::var("HILRIG_TEST_PG")
-        .ok()
-        .filter(|s| !s.is_empty())
-    else {
+    let Some(url) = hilrig_db::test_server().unwrap_or_else(|e| panic!("{e}")) else {
         eprintln!("SKIPPED results_store_on_postgresql: HILRIG_TEST_PG not set");
         return;
     };

@@ -45,10 +45,7 @@ fn scripts() -> PathBuf {
 }
 
 fn pg(test: &str) -> Option<Pg> {
-    if let Some(url) = std::env::var("HILRIG_TEST_PG")
-        .ok()
-        .filter(|s| !s.is_empty())
-    {
+    if let Some(url) = hilrig_db::test_server().unwrap_or_else(|e| panic!("{e}")) {
         return Some(Pg { url, dir: None });
     }
     let out = Command::new(scripts().join("pg-start")).output();

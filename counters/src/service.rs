@@ -996,6 +996,18 @@ impl Service {
         }
     }
 
+    /// Why device `key`'s MAC-valid record (written at history `hseq`) is a
+    /// replayed row, or None: it fails its anchor entry, or it is older than its
+    /// own history in the database.
+    fn replay_fault(&mut self, key: &str, hseq: i64, e: &AnchorEntries) -> Result<Option<String>> {
+        if let Some(why) = self.anchored_device_fault(key, hseq, e) {
+            return Ok(Some(why));
+        }
+        Ok(self
+            .older_than_history(key, hseq)?
+            .then(|| format!("device record {key} is older than its own history: a replayed row")))
+    }
+
     /// Whether device `key`'s record (written at history `hseq`) is older than
     /// its newest history row in the database: a replayed row.
     fn older_than_history(&mut self, key: &str, hseq: i64) -> Result<bool> {
@@ -2703,16 +2715,7 @@ impl Service {
                 self.keep_evidence("observation", key, &observed_json, &rec.reason)?;
             }
         } else {
-            // A row that fails its MAC or does not parse is never rewritten: it is
-            // kept as found in the evidence table, and the hold lives beside it.
-            self.last_raw = None;
-            let raw = self.db.query(
-                &format!("SELECT {DEV_COLS} FROM devices WHERE serial = $1"),
-                &[Val::from(key)],
-            )?;
-            let found = raw.first().map(|r| row_as_found(r)).unwrap_or_default();
-            self.keep_evidence("devices", key, &found, &rec.reason)?;
-            self.set_hold(key, &rec.reason)?;
+            self.keep_row_as_found(key, &rec.reason)?;
             rec.state = DeviceState::Quarantined;
         }
         point("verify: device written");
@@ -2733,6 +2736,20 @@ impl Service {
             observed: obs.ok(),
             expected: Some(expected_before),
         })
+    }
+
+    /// A device row that fails its MAC, does not parse or is replayed is never
+    /// rewritten: it is kept as found in the evidence table, and the hold (with
+    /// `reason`) lives beside it.
+    fn keep_row_as_found(&mut self, key: &str, reason: &str) -> Result<()> {
+        self.last_raw = None;
+        let raw = self.db.query(
+            &format!("SELECT {DEV_COLS} FROM devices WHERE serial = $1"),
+            &[Val::from(key)],
+        )?;
+        let found = raw.first().map(|r| row_as_found(r)).unwrap_or_default();
+        self.keep_evidence("devices", key, &found, reason)?;
+        self.set_hold(key, reason)
     }
 
     fn hold_for(&mut self, key: &str) -> Result<Option<String>> {
@@ -2880,10 +2897,7 @@ impl Service {
                 .ok_or_else(|| Error::UnknownDevice(key.clone()))?;
             // A replayed row (older than its history or its anchor entry) is
             // refused as one that fails its MAC, before anything is rewritten.
-            if !intact
-                || s.older_than_history(&key, rec.hseq)?
-                || s.anchored_device_fault(&key, rec.hseq, &anchored).is_some()
-            {
+            if !intact || s.replay_fault(&key, rec.hseq, &anchored)?.is_some() {
                 return Err(Error::Tampered {
                     table: "devices",
                     row: key.clone(),
@@ -3040,48 +3054,56 @@ impl Service {
                 .load_raw(&key, true)?
                 .ok_or_else(|| Error::UnknownDevice(key.clone()))?;
             // A replayed row (older than its history or its anchor entry) is not
-            // intact either: never rewritten (that would point it at the new
-            // history row and hide the replay), quarantined with the reason.
-            let replayed = if mac_ok {
-                match s.anchored_device_fault(&key, rec.hseq, &anchored) {
-                    Some(why) => Some(why),
-                    None if s.older_than_history(&key, rec.hseq)? => Some(format!(
-                        "device record {key} is older than its own history: a replayed row"
-                    )),
-                    None => None,
-                }
+            // intact either. A row that is not intact is never rewritten, whatever
+            // the counts say (a fresh MAC would launder its edited values; pointing
+            // it at the new history row would hide the replay): it is kept as
+            // found, held and quarantined with the reason, as `verify` does.
+            let fault = if mac_ok {
+                s.replay_fault(&key, rec.hseq, &anchored)?
             } else {
-                None
+                Some(format!(
+                    "device record {key}: MAC mismatch (edited outside the service)"
+                ))
             };
-            let intact = mac_ok && replayed.is_none();
-            if let Some(why) = &replayed {
-                d.reasons.push(why.clone());
-            }
             let exp = serde_json::to_string(&rec.expected).unwrap_or_default();
-            if d.verdict != Verdict::Trusted {
-                rec.state = DeviceState::Quarantined;
-                rec.hold = d.reasons.join("; ");
-                rec.reason = format!("{}: {}", d.verdict, rec.hold);
-                if !mac_ok {
-                    d.reasons
-                        .push(format!("device record {key} also fails its MAC"));
+            if let Some(why) = fault {
+                if d.verdict == Verdict::Trusted {
+                    // The counts agree, but the stored row cannot be trusted.
+                    d.verdict = Verdict::Quarantined;
+                    d.severity = Severity::Critical;
+                    d.recoverable = false;
                 }
-                if replayed.is_none() {
-                    s.write_device(&rec, false)?;
-                }
-            } else {
-                // Agreement does not establish trust by itself: keep the state.
-                d.state = if intact {
-                    // Rewritten as it is, so that it points at the history row
-                    // below (a row older than its history reads as replayed).
-                    s.write_device(&rec, false)?;
-                    rec.state
-                } else {
-                    DeviceState::Quarantined
-                };
-            }
-            if d.verdict != Verdict::Trusted {
+                d.reasons.push(format!("{why}; held until re-enrolled"));
                 d.state = DeviceState::Quarantined;
+                let reason = format!("{}: {}", d.verdict, d.reasons.join("; "));
+                s.keep_row_as_found(&key, &reason)?;
+            } else if d.verdict != Verdict::Trusted {
+                rec.state = DeviceState::Quarantined;
+                // An earlier hold's reason is kept (as `verify` keeps it).
+                if rec.hold.is_empty() {
+                    rec.hold = d.reasons.join("; ");
+                }
+                rec.reason = format!("{}: {}", d.verdict, d.reasons.join("; "));
+                s.write_device(&rec, false)?;
+                d.state = DeviceState::Quarantined;
+            } else {
+                // Agreement does not establish trust by itself: keep the state,
+                // and a held device stays held and is not reported trusted.
+                let held = if rec.hold.is_empty() {
+                    s.hold_for(&key)?
+                } else {
+                    Some(rec.hold.clone())
+                };
+                if let Some(h) = held {
+                    d.verdict = Verdict::Quarantined;
+                    d.severity = Severity::Critical;
+                    d.recoverable = false;
+                    d.reasons.push(format!("the device is held: {h}"));
+                }
+                // Rewritten as it is, so that it points at the history row below
+                // (a row older than its history reads as replayed).
+                s.write_device(&rec, false)?;
+                d.state = rec.state;
             }
             s.record_history(&key, &d, &obs, &exp)?;
             Ok(())

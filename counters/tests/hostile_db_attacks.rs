@@ -63,6 +63,34 @@ fn lab() -> Lab {
     }
 }
 
+/// The columns of a device row that a replay puts back (all but the serial).
+const ROW_COLS: &str =
+    "state, c0, c1, c2, master, epoch, h0, h1, h2, reason, hold, verified_at, mac, hseq";
+
+/// Device 0x61's row in the lab's older copy of the database (valid MAC).
+fn backup_row(l: &Lab) -> Vec<Val> {
+    let mut b = Service::open(
+        &l.root.join("backup/counters.db").display().to_string(),
+        key(),
+    )
+    .unwrap();
+    b.db_mut()
+        .query(&format!("SELECT {ROW_COLS} FROM devices"), &[])
+        .unwrap()
+        .remove(0)
+}
+
+/// Put `row` (the [`ROW_COLS`] of an older row) back as device `serial`'s row.
+fn put_row_back(db: &mut dyn hilrig_counters::store::Db, row: &[Val], serial: &str) {
+    let mut p = row.to_vec();
+    p.push(serial.into());
+    db.exec(
+        "UPDATE devices SET state = $1, c0 = $2, c1 = $3, c2 = $4, master = $5, epoch = $6, h0 = $7, h1 = $8, h2 = $9, reason = $10, hold = $11, verified_at = $12, mac = $13, hseq = $14 WHERE serial = $15",
+        &p,
+    )
+    .unwrap();
+}
+
 fn anchor_head(p: &Path) -> (i64, String) {
     let t = std::fs::read_to_string(p).unwrap();
     let mut it = t.split_whitespace();
@@ -263,32 +291,12 @@ fn replayed_row_with_newer_history_hidden(hide: &str) -> Lab {
     let dev2 = l.root.join("dev-62.state");
     let mut s = Service::open(&l.spec, key()).unwrap();
     s.set_anchor(&l.anchor).unwrap();
-    let old_row = {
-        let mut b = Service::open(
-            &l.root.join("backup/counters.db").display().to_string(),
-            key(),
-        )
-        .unwrap();
-        b.db_mut()
-            .query(
-                "SELECT state, c0, c1, c2, master, epoch, h0, h1, h2, reason, hold, verified_at, mac, hseq FROM devices",
-                &[],
-            )
-            .unwrap()
-            .remove(0)
-    };
+    let old_row = backup_row(&l);
     let Val::I64(old_hseq) = old_row[13] else {
         panic!("{old_row:?}")
     };
     assert!(s.verify(0x62, &mut source(&dev2)).unwrap().trusted());
-    let mut p = old_row.clone();
-    p.push("0x61".into());
-    s.db_mut()
-        .exec(
-            "UPDATE devices SET state = $1, c0 = $2, c1 = $3, c2 = $4, master = $5, epoch = $6, h0 = $7, h1 = $8, h2 = $9, reason = $10, hold = $11, verified_at = $12, mac = $13, hseq = $14 WHERE serial = $15",
-            &p,
-        )
-        .unwrap();
+    put_row_back(s.db_mut(), &old_row, "0x61");
     s.db_mut().exec(hide, &[Val::I64(old_hseq)]).unwrap();
     // device() names the anchor, not a MAC mismatch.
     let e = s.device(0x61).unwrap_err();
@@ -591,10 +599,9 @@ fn replay_in_sql(s: &mut Service, dir: &Path) -> (PathBuf, PathBuf, i64, Vec<Val
     let old_state = std::fs::read(&dev).unwrap();
     enroll_from(s, &dev, 0x61);
     assert!(s.verify(0x61, &mut source(&dev)).unwrap().trusted());
-    let cols = "state, c0, c1, c2, master, epoch, h0, h1, h2, reason, hold, verified_at, mac, hseq";
-    let mut old_row = s
+    let old_row = s
         .db_mut()
-        .query(&format!("SELECT {cols} FROM devices"), &[])
+        .query(&format!("SELECT {ROW_COLS} FROM devices"), &[])
         .unwrap()
         .remove(0);
     let (h_old, _) = s.chain_head().unwrap();
@@ -609,12 +616,7 @@ fn replay_in_sql(s: &mut Service, dir: &Path) -> (PathBuf, PathBuf, i64, Vec<Val
         .unwrap();
     db.exec("DELETE FROM devices WHERE serial = '0x62'", &[])
         .unwrap();
-    old_row.push("0x61".into());
-    db.exec(
-        "UPDATE devices SET state = $1, c0 = $2, c1 = $3, c2 = $4, master = $5, epoch = $6, h0 = $7, h1 = $8, h2 = $9, reason = $10, hold = $11, verified_at = $12, mac = $13, hseq = $14 WHERE serial = $15",
-        &old_row,
-    )
-    .unwrap();
+    put_row_back(db, &old_row, "0x61");
     std::fs::write(&dev, &old_state).unwrap();
     (anchor, dev, h_old, genuine, amac)
 }
@@ -988,32 +990,31 @@ fn an_agreeing_cross_check_never_hides_a_replayed_row() {
     let l = lab();
     let mut s = Service::open(&l.spec, key()).unwrap();
     s.set_anchor(&l.anchor).unwrap();
-    let old_row = {
-        let mut b = Service::open(
-            &l.root.join("backup/counters.db").display().to_string(),
-            key(),
-        )
-        .unwrap();
-        b.db_mut()
-            .query(
-                "SELECT state, c0, c1, c2, master, epoch, h0, h1, h2, reason, hold, verified_at, mac, hseq FROM devices",
-                &[],
-            )
-            .unwrap()
-            .remove(0)
-    };
-    let mut p = old_row;
-    p.push("0x61".into());
-    s.db_mut()
-        .exec(
-            "UPDATE devices SET state = $1, c0 = $2, c1 = $3, c2 = $4, master = $5, epoch = $6, h0 = $7, h1 = $8, h2 = $9, reason = $10, hold = $11, verified_at = $12, mac = $13, hseq = $14 WHERE serial = $15",
-            &p,
-        )
-        .unwrap();
+    let old_row = backup_row(&l);
+    put_row_back(s.db_mut(), &old_row, "0x61");
     let start = source(&l.dev).counters().unwrap();
+    let found = device_row(&mut s, "0x61");
     let d = s.cross_check(0x61, &start, &start, 0).unwrap();
+    assert_eq!(
+        device_row(&mut s, "0x61"),
+        found,
+        "a replayed row is never rewritten"
+    );
     assert_eq!(d.state, DeviceState::Quarantined, "{d:?}");
+    // The verdict says so too (the CLI's exit code follows it), and the row is
+    // kept as found and held, as `verify` does.
+    assert_eq!(d.verdict, Verdict::Quarantined, "{d:?}");
     assert!(d.reasons.iter().any(|r| r.contains("replayed")), "{d:?}");
+    let ev = s.evidence().unwrap();
+    assert!(
+        ev.iter().any(|(t, k, _)| t == "devices" && k == "0x61"),
+        "{ev:?}"
+    );
+    let held = s
+        .db_mut()
+        .query("SELECT reason FROM holds WHERE serial = '0x61'", &[])
+        .unwrap();
+    assert_eq!(held.len(), 1, "the hold lives beside the row");
     // Still caught afterwards, by every reader.
     assert!(s.device(0x61).is_err());
     assert!(!matches!(
@@ -1022,4 +1023,123 @@ fn an_agreeing_cross_check_never_hides_a_replayed_row() {
     ));
     let r = s.verify(0x61, &mut source(&l.dev)).unwrap();
     assert!(!r.trusted(), "{r:?}");
+}
+
+/// A cross-check on a device row that fails its MAC (its expected values edited
+/// outside the service) never rewrites it, whether the counts agree or not: a
+/// fresh MAC would launder the edit. It is kept as found and held, and an
+/// agreeing count does not make the verdict trusted (the CLI exits 1).
+#[test]
+fn a_cross_check_never_rewrites_a_row_that_fails_its_mac() {
+    each_backend("cross_check_edited_row", |s, dir| {
+        let d = make_device(dir, 0x75, 16);
+        enroll_from(s, &d, 0x75);
+        assert!(s.verify(0x75, &mut source(&d)).unwrap().trusted());
+        s.db_mut()
+            .exec("UPDATE devices SET c0 = c0 + 5 WHERE serial = '0x75'", &[])
+            .unwrap();
+        let row = |s: &mut Service| {
+            s.db_mut()
+                .query("SELECT * FROM devices WHERE serial = '0x75'", &[])
+                .unwrap()
+        };
+        let found = row(s);
+        let start = source(&d).counters().unwrap();
+        let mut end = start;
+        end.master += 2;
+        // Disagreeing: the hardware counted two attempts the VMM never saw.
+        let r = s.cross_check(0x75, &start, &end, 0).unwrap();
+        assert_eq!(r.verdict, Verdict::BypassedTrap, "{r:?}");
+        assert_eq!(r.state, DeviceState::Quarantined, "{r:?}");
+        assert!(
+            r.reasons.iter().any(|x| x.contains("MAC mismatch")),
+            "{r:?}"
+        );
+        assert_eq!(row(s), found, "a row that fails its MAC is never rewritten");
+        assert!(matches!(s.device(0x75), Err(Error::Tampered { .. })));
+        let ev = s.evidence().unwrap();
+        assert!(
+            ev.iter().any(|(t, k, _)| t == "devices" && k == "0x75"),
+            "{ev:?}"
+        );
+        let held = s
+            .db_mut()
+            .query("SELECT reason FROM holds WHERE serial = '0x75'", &[])
+            .unwrap();
+        assert_eq!(held.len(), 1, "the hold lives beside the row");
+        // Agreeing: still not trusted, still not rewritten.
+        let r = s.cross_check(0x75, &start, &start, 0).unwrap();
+        assert_eq!(r.verdict, Verdict::Quarantined, "{r:?}");
+        assert_eq!(r.state, DeviceState::Quarantined, "{r:?}");
+        assert_eq!(row(s), found, "a row that fails its MAC is never rewritten");
+        let v = s.verify(0x75, &mut source(&d)).unwrap();
+        assert!(!v.trusted(), "{v:?}");
+    });
+}
+
+/// Device `serial`'s whole row, as stored.
+fn device_row(s: &mut Service, serial: &str) -> Vec<Vec<Val>> {
+    s.db_mut()
+        .query("SELECT * FROM devices WHERE serial = $1", &[serial.into()])
+        .unwrap()
+}
+
+/// Without an anchor, a replayed row (its own older row put back, valid MAC) is
+/// caught by its history alone: an agreeing cross-check quarantines it and never
+/// rewrites it. A row that does not parse is kept as found the same way. A held
+/// device with an intact row is not reported trusted by an agreeing count.
+#[test]
+fn an_agreeing_cross_check_on_a_replayed_unparsable_or_held_row_is_not_trusted() {
+    each_backend("cross_check_rows", |s, dir| {
+        let devs: Vec<_> = [0x76u64, 0x77, 0x78]
+            .iter()
+            .map(|&n| (n, make_device(dir, n, 16)))
+            .collect();
+        for (n, d) in &devs {
+            enroll_from(s, d, *n);
+            assert!(s.verify(*n, &mut source(d)).unwrap().trusted());
+        }
+        // 0x76: its older row put back after a newer verify.
+        let old = s
+            .db_mut()
+            .query(
+                &format!("SELECT {ROW_COLS} FROM devices WHERE serial = '0x76'"),
+                &[],
+            )
+            .unwrap()
+            .remove(0);
+        assert!(s.verify(0x76, &mut source(&devs[0].1)).unwrap().trusted());
+        put_row_back(s.db_mut(), &old, "0x76");
+        // 0x77: a counter that does not parse.
+        s.db_mut()
+            .exec("UPDATE devices SET c0 = -1 WHERE serial = '0x77'", &[])
+            .unwrap();
+        // 0x78: intact, held beside its row.
+        s.db_mut()
+            .exec(
+                "INSERT INTO holds (serial, reason, at, mac) VALUES ('0x78', 'held by the test', 0, 'x')",
+                &[],
+            )
+            .unwrap();
+        for (n, d, why) in [
+            (0x76u64, &devs[0].1, "older than its own history"),
+            (0x77, &devs[1].1, "MAC mismatch"),
+            (0x78, &devs[2].1, "held by the test"),
+        ] {
+            let key = format!("{n:#x}");
+            let found = device_row(s, &key);
+            let start = source(d).counters().unwrap();
+            let r = s.cross_check(n, &start, &start, 0).unwrap();
+            assert_eq!(r.verdict, Verdict::Quarantined, "{key}: {r:?}");
+            assert!(r.reasons.iter().any(|x| x.contains(why)), "{key}: {r:?}");
+            if n != 0x78 {
+                assert_eq!(device_row(s, &key), found, "{key} is never rewritten");
+                let ev = s.evidence().unwrap();
+                assert!(
+                    ev.iter().any(|(t, k, _)| t == "devices" && *k == key),
+                    "{ev:?}"
+                );
+            }
+        }
+    });
 }

@@ -107,6 +107,13 @@ pub enum DbError {
         /// Cause.
         source: Box<DbError>,
     },
+    /// `HILRIG_TEST_PG` is not set where it must be (under CI, `scripts/test`
+    /// starts a server and sets it: a missing one is a broken install step).
+    #[error(
+        "HILRIG_TEST_PG is not set under CI=true: scripts/test starts a PostgreSQL \
+         server on loopback and sets it, so its absence is an install failure, not a skip"
+    )]
+    NoTestServer,
 }
 
 /// Result of this crate.

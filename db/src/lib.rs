@@ -15,7 +15,8 @@
 //!   (no `schema_migrations`) is adopted when its tables match;
 //! - [`mac`]: HMAC-SHA256 over a canonical (length-prefixed) row encoding, a
 //!   constant-time compare and a key fingerprint;
-//! - [`ScratchPg`]: a fresh PostgreSQL database for a test or bench, dropped on drop.
+//! - [`ScratchPg`]: a fresh PostgreSQL database for a test or bench, dropped on drop;
+//!   [`test_server`]: the server tests use (`HILRIG_TEST_PG`; required under CI).
 //!
 //! Queries stay with their crates (as SQL text on the raw `rusqlite` / `postgres`
 //! connection): this crate owns how a database is named, opened and migrated.
@@ -30,7 +31,7 @@ mod url;
 pub use conn::{connect_pg, open, open_sqlite, open_sqlite_memory, Conn, ConnMut, Settings};
 pub use error::{pg_detail, DbError, Result};
 pub use migrate::{migrate, recorded, table_columns, Adopt, Migration, Schema, MIGRATIONS_TABLE};
-pub use scratch::{database_url, ScratchPg};
+pub use scratch::{database_url, test_server, ScratchPg};
 pub use url::{redact, DbUrl};
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).

@@ -88,8 +88,30 @@ pub fn database_url(url: &str, name: &str) -> String {
     format!("{base}/{name}{query}")
 }
 
+/// The PostgreSQL server tests and benches use: `HILRIG_TEST_PG` (a server URL),
+/// `Ok(None)` when it is unset or empty (the caller says SKIPPED). Under CI
+/// (`CI=true`, exported by `.ci/run`) an unset variable is
+/// [`DbError::NoTestServer`]: `scripts/test` starts a server, so a test that
+/// skipped its PostgreSQL half there would pass without checking anything.
+pub fn test_server() -> Result<Option<String>> {
+    test_server_of(
+        std::env::var("HILRIG_TEST_PG").ok(),
+        std::env::var("CI").ok(),
+    )
+}
+
+fn test_server_of(pg: Option<String>, ci: Option<String>) -> Result<Option<String>> {
+    match pg {
+        Some(u) if !u.is_empty() => Ok(Some(u)),
+        _ if ci.as_deref() == Some("true") => Err(DbError::NoTestServer),
+        _ => Ok(None),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn the_database_is_replaced_and_the_query_kept() {
         use super::database_url as u;
@@ -99,5 +121,19 @@ mod tests {
             u("postgres://u@h/db?sslmode=disable", "x"),
             "postgres://u@h/x?sslmode=disable"
         );
+    }
+
+    #[test]
+    fn a_missing_test_server_is_a_skip_here_and_an_error_under_ci() {
+        let s = |v: &str| Some(v.to_string());
+        assert_eq!(test_server_of(s("pg://x"), None).unwrap(), s("pg://x"));
+        assert_eq!(test_server_of(s("pg://x"), s("true")).unwrap(), s("pg://x"));
+        assert_eq!(test_server_of(None, None).unwrap(), None);
+        assert_eq!(test_server_of(s(""), s("false")).unwrap(), None);
+        for pg in [None, s("")] {
+            let e = test_server_of(pg, s("true")).unwrap_err();
+            assert!(matches!(e, DbError::NoTestServer), "{e}");
+            assert!(e.to_string().contains("HILRIG_TEST_PG"), "{e}");
+        }
     }
 }

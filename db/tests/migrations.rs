@@ -76,8 +76,8 @@ fn engines(test: &str) -> Vec<Fresh> {
         pg: None,
         _dir: dir,
     }];
-    match std::env::var("HILRIG_TEST_PG") {
-        Ok(url) if !url.is_empty() => {
+    match hilrig_db::test_server().unwrap_or_else(|e| panic!("{e}")) {
+        Some(url) => {
             let schema = format!("dbt_{test}_{}", std::process::id());
             v.push(Fresh {
                 label: "pg".into(),
@@ -385,7 +385,7 @@ fn sqlite_settings_are_applied() {
         .query_row("PRAGMA foreign_keys", [], |r| r.get(0))
         .unwrap();
     assert_eq!((mode.as_str(), fk), ("wal", 1));
-    if let Ok(url) = std::env::var("HILRIG_TEST_PG") {
+    if let Some(url) = hilrig_db::test_server().unwrap_or_else(|e| panic!("{e}")) {
         let mut c = connect_pg(&url, &Settings::new("hilrig-db-test")).unwrap();
         let r = c.query_one("SHOW application_name", &[]).unwrap();
         assert_eq!(r.get::<_, String>(0), "hilrig-db-test");

@@ -549,39 +549,60 @@ fn sandbox(args: &VmArgs, vm: &mut Vm) -> hilrig_vmm_api::SandboxSummary {
 /// Live-patch and teardown settings from the command line.
 pub fn lifecycle_config(args: &VmArgs) -> anyhow::Result<crate::lifecycle::LifecycleConfig> {
     use anyhow::Context;
-    let patch = if args.patch_pubkeys.is_empty() {
-        None
-    } else {
-        let trusted = args
-            .patch_pubkeys
-            .iter()
-            .map(|p| hilrig_fw::keys::verifying_key(p))
-            .collect::<Result<Vec<_>, _>>()?;
-        let decrypt_key = args
-            .patch_decrypt_key
-            .as_deref()
-            .map(|p| hilrig_fw::keys::read_key(p, hilrig_fw::keys::KeyKind::BoxSecret))
-            .transpose()?;
-        let build_sha256 = crate::lifecycle::patch::running_build_sha256()
-            .context("hashing the running VMM executable (/proc/self/exe)")?;
-        Some(Arc::new(crate::lifecycle::patch::PatchAuthority {
-            trusted,
-            decrypt_key,
-            build_sha256,
-            module_dir: std::env::temp_dir()
-                .join(format!("hilrig-vmm-modules-{}", std::process::id())),
-            // Fail closed: without a record of applied versions a restart would
-            // re-open every downgrade (a validly signed older bundle applied).
-            applied: match (&args.patch_record, &args.patch_record_key) {
-                (Some(rec), Some(key)) => {
-                    // Absolute: it is rewritten later, perhaps inside a jail.
-                    Some(Arc::new(crate::lifecycle::applied::AppliedVersions::open(
-                        &std::path::absolute(rec)?,
-                        key,
-                        &crate::lifecycle::applied::host_name(),
-                    )?))
-                }
-                (rec, key) => anyhow::bail!(
+    let patch =
+        if args.patch_pubkeys.is_empty() {
+            // A patch setting without a key that signs patches does nothing: say so
+            // rather than run a VMM its operator believes is patchable (a key flag
+            // mistyped or lost on the way).
+            let stray = [
+                args.patch_record.as_ref().map(|_| "--patch-record"),
+                args.patch_record_key.as_ref().map(|_| "--patch-record-key"),
+                args.patch_decrypt_key
+                    .as_ref()
+                    .map(|_| "--patch-decrypt-key"),
+            ];
+            let stray: Vec<_> = stray.into_iter().flatten().collect();
+            if !stray.is_empty() {
+                anyhow::bail!(
+                "{} given without --patch-pubkey: this VMM would accept no patch, so {} nothing; \
+                 add --patch-pubkey KEY or drop {}",
+                stray.join(" and "),
+                if stray.len() == 1 { "it does" } else { "they do" },
+                if stray.len() == 1 { "it" } else { "them" },
+            );
+            }
+            None
+        } else {
+            let trusted = args
+                .patch_pubkeys
+                .iter()
+                .map(|p| hilrig_fw::keys::verifying_key(p))
+                .collect::<Result<Vec<_>, _>>()?;
+            let decrypt_key = args
+                .patch_decrypt_key
+                .as_deref()
+                .map(|p| hilrig_fw::keys::read_key(p, hilrig_fw::keys::KeyKind::BoxSecret))
+                .transpose()?;
+            let build_sha256 = crate::lifecycle::patch::running_build_sha256()
+                .context("hashing the running VMM executable (/proc/self/exe)")?;
+            Some(Arc::new(crate::lifecycle::patch::PatchAuthority {
+                trusted,
+                decrypt_key,
+                build_sha256,
+                module_dir: std::env::temp_dir()
+                    .join(format!("hilrig-vmm-modules-{}", std::process::id())),
+                // Fail closed: without a record of applied versions a restart would
+                // re-open every downgrade (a validly signed older bundle applied).
+                applied: match (&args.patch_record, &args.patch_record_key) {
+                    (Some(rec), Some(key)) => {
+                        // Absolute: it is rewritten later, perhaps inside a jail.
+                        Some(Arc::new(crate::lifecycle::applied::AppliedVersions::open(
+                            &std::path::absolute(rec)?,
+                            key,
+                            &crate::lifecycle::applied::host_name(),
+                        )?))
+                    }
+                    (rec, key) => anyhow::bail!(
                     "a patchable VMM (--patch-pubkey) needs a record of applied patch versions: \
                      missing {}; without it a restart re-opens downgrades",
                     [
@@ -593,10 +614,10 @@ pub fn lifecycle_config(args: &VmArgs) -> anyhow::Result<crate::lifecycle::Lifec
                     .collect::<Vec<_>>()
                     .join(" and ")
                 ),
-            },
-            allow_widening: args.allow_policy_widening,
-        }))
-    };
+                },
+                allow_widening: args.allow_policy_widening,
+            }))
+        };
     let vmm_key = args
         .vmm_key
         .as_deref()

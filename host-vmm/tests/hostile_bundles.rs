@@ -32,6 +32,40 @@ fn a_patchable_vmm_without_a_patch_record_is_refused() {
     }
 }
 
+/// A patch record (or decrypt key) without `--patch-pubkey` does nothing: the VMM
+/// would accept no patch while its operator believes it patchable (a key flag
+/// mistyped or lost). Refused at start, naming what was given; a VMM with
+/// neither starts.
+#[test]
+fn patch_settings_without_a_patch_key_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let spec = VmArgs {
+        patch_record: Some(d.path().join("applied.json")),
+        patch_record_key: Some(d.path().join("applied.key")),
+        ..VmArgs::default()
+    };
+    let e = hilrig_vmm::cli::lifecycle_config(&spec)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("--patch-record and --patch-record-key given without --patch-pubkey"),
+        "{e}"
+    );
+    let spec = VmArgs {
+        patch_decrypt_key: Some(d.path().join("box")),
+        ..VmArgs::default()
+    };
+    let e = hilrig_vmm::cli::lifecycle_config(&spec)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("--patch-decrypt-key given without --patch-pubkey"),
+        "{e}"
+    );
+    let cfg = hilrig_vmm::cli::lifecycle_config(&VmArgs::default()).unwrap();
+    assert!(cfg.patch.is_none());
+}
+
 /// Attack: the record rolled back. The MAC binds the record to the host and key,
 /// not to a moment: a copy of the record taken at v2, put back after v3 was
 /// applied, verifies, and the floor is v2 again (v3 with other content, or

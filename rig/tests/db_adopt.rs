@@ -97,7 +97,7 @@ fn a_changed_migration_is_refused() {
 
 #[test]
 fn old_postgres_database_is_adopted() {
-    let Ok(url) = std::env::var("HILRIG_TEST_PG") else {
+    let Some(url) = hilrig_db::test_server().unwrap_or_else(|e| panic!("{e}")) else {
         eprintln!("SKIPPED: old PostgreSQL lease database: HILRIG_TEST_PG not set");
         return;
     };

@@ -12,10 +12,7 @@ use std::time::{Duration, Instant};
 const CHILD_ENV: &str = "HILRIG_RIG_LEASE_CHILD";
 
 fn pg() -> Option<String> {
-    match std::env::var("HILRIG_TEST_PG") {
-        Ok(u) if !u.is_empty() => Some(u),
-        _ => None,
-    }
+    hilrig_db::test_server().unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn unique(prefix: &str) -> String {

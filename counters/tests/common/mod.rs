@@ -44,10 +44,9 @@ pub fn each_backend(test: &str, f: impl Fn(&mut Service, &Path)) {
     }
 }
 
+/// `HILRIG_TEST_PG`, or None (the test says SKIPPED); required under CI.
 pub fn pg_url() -> Option<String> {
-    std::env::var("HILRIG_TEST_PG")
-        .ok()
-        .filter(|s| !s.is_empty())
+    hilrig_db::test_server().unwrap_or_else(|e| panic!("{e}"))
 }
 
 pub fn fresh_schema(test: &str) -> String {

@@ -422,13 +422,14 @@ pub struct VmSpec {
     /// Needs --patch-record and --patch-record-key (refused at start without them).
     #[arg(long = "patch-pubkey")]
     pub patch_pubkeys: Vec<PathBuf>,
-    /// X25519 secret key file to decrypt encrypted patch bundles.
+    /// X25519 secret key file to decrypt encrypted patch bundles (needs
+    /// --patch-pubkey: refused at start without it).
     #[arg(long)]
     pub patch_decrypt_key: Option<PathBuf>,
     /// This host's record of applied patch versions (MACed; a restarted VMM refuses
     /// bundles not newer than those; a record that does not verify stops the VMM).
-    /// Required with --patch-pubkey. Created if missing: it does not protect against
-    /// someone who can restore an older copy of it or delete it.
+    /// Required with --patch-pubkey, refused without it. Created if missing: it does
+    /// not protect against someone who can restore an older copy of it or delete it.
     #[arg(long, requires = "patch_record_key")]
     pub patch_record: Option<PathBuf>,
     /// MAC key file (0600, 64 hex digits) of --patch-record.
